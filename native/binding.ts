@@ -1,0 +1,255 @@
+/**
+ * The whole JavaScript <-> native contract of the `freekv` addon, typed in one place.
+ * Nothing else in the project touches the raw addon: import from here.
+ *
+ * The addon is loaded from `native/build/Release/freekv.node` (or FREEKV_ADDON). It always has
+ * the CPU backend; when it was built with nvcc it also has the CUDA backend, which reports
+ * "no CUDA device" cleanly on machines without one (`backendInfo().cuda.reason`).
+ */
+import { createRequire } from "node:module";
+import { existsSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+// ---------------------------------------------------------------------------------------------
+// Device probe
+
+export interface CudaInfo {
+  available: boolean;
+  deviceCount: number;
+  runtimeVersion?: number;
+  driverVersion?: number;
+  name?: string;
+  computeCapability?: string;
+  totalMemory?: number;
+  smCount?: number;
+  /** Why CUDA is unavailable, starting with "no CUDA device". */
+  reason?: string;
+}
+
+export interface BackendInfo {
+  /** Whether this build contains the CUDA backend. */
+  cudaBuilt: boolean;
+  cuda: CudaInfo;
+  /** Backends usable on this machine now: always "cpu", plus "cuda" when a device is there. */
+  backends: Array<"cpu" | "cuda">;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared memory
+
+/** A POSIX shared-memory segment mapped into this process. */
+export interface ShmSegment {
+  readonly name: string;
+  readonly size: number;
+  /** The whole mapping as an ArrayBuffer (no copy). Detached by close(). */
+  buffer(): ArrayBuffer;
+  /** Unmaps; buffers handed out are detached. The name stays until unlink(). */
+  close(): void;
+}
+
+export interface ShmSegmentStatic {
+  /** Creates a new segment (exclusive, mode 0600). Name: "/something". */
+  create(name: string, size: number): ShmSegment;
+  /** Maps an existing segment. */
+  open(name: string): ShmSegment;
+  /** Removes the name; returns false when it did not exist. */
+  unlink(name: string): boolean;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Engine (numeric enums match native/src/engine/Engine.h and freekv.v1)
+
+export const enum KvDType { F32 = 1, BF16 = 2, F16 = 3 }
+export const enum SummaryKind { MaxMin = 1, CuboidMean = 2 }
+export const enum GroupCombine { SoftmaxMean = 1, Mean = 2, Max = 3 }
+export const enum Mode { FreeKV = 1, Dense = 2, Oracle = 3, Speculative = 4, SinkWindow = 5 }
+export const enum RecallMode { Gather = 1, DoubleBuffer = 2 }
+
+export interface Geometry {
+  layers: number;
+  qHeads: number;
+  kvHeads: number;
+  headDim: number;
+  kvDtype: KvDType;
+}
+
+export interface Retrieval {
+  pageSize: number;
+  sinkTokens: number;
+  windowTokens: number;
+  selectTokens: number;
+  tau: number;
+  summary: SummaryKind;
+  combine: GroupCombine;
+  mode: Mode;
+  recall: RecallMode;
+  denseLayers: number[];
+}
+
+export interface NativeLayout {
+  headPageBytes: number;
+  pageBytes: number;
+  layerStride: number;
+  storeBytes: number;
+  stagingBufferBytes: number;
+  tailLayerBytes: number;
+  tailBytes: number;
+  manifestBytes: number;
+}
+
+/** The kvstore's segments of one session, mapped in this process. */
+export interface HostSegments {
+  store: ShmSegment;
+  staging: ShmSegment;
+  tail: ShmSegment;
+  manifest: ShmSegment;
+  capacityPages: number;
+}
+
+export interface EngineStats {
+  decodeSteps: number;
+  selections: number;
+  corrections: number;
+  pagesSelected: number;
+  pagesHit: number;
+  pagesRecalled: number;
+  recallBytes: number;
+  pagesOffloaded: number;
+  offloadBytes: number;
+  contextTokens: number;
+  residentPages: number;
+}
+
+export interface DecodeInput {
+  session: number;
+  /** [qHeads * headDim] */
+  q: Float32Array;
+  /** [kvHeads * headDim] */
+  k: Float32Array;
+  v: Float32Array;
+}
+
+export interface EngineOptions {
+  backend: "cpu" | "cuda";
+  /** CPU worker threads (default: all cores). */
+  threads?: number;
+  /** CUDA device ordinal (default 0). */
+  device?: number;
+}
+
+/**
+ * The FreeKV engine. All methods that compute return promises (native work runs off the event
+ * loop); calls on one engine are serialised natively. Invalid arguments throw TypeError /
+ * RangeError synchronously or reject with an Error whose message names the argument.
+ */
+export interface Engine {
+  readonly backend: "cpu" | "cuda";
+  createSession(geometry: Geometry, retrieval: Retrieval, host: HostSegments, reattach: boolean): number;
+  closeSession(session: number): void;
+  /** Appends n tokens: k, v are [n][kvHeads][headDim] float32. */
+  prefill(session: number, layer: number, k: Float32Array, v: Float32Array, n: number): Promise<void>;
+  /** Appends n tokens and returns exact causal attention of q ([n][qHeads][headDim]). */
+  prefillAttend(session: number, layer: number, q: Float32Array, k: Float32Array, v: Float32Array, n: number): Promise<Float32Array>;
+  /** One decode step of one layer for a batch of sessions; one output [qHeads*headDim] per item. */
+  decode(layer: number, items: DecodeInput[]): Promise<Float32Array[]>;
+  /** Waits for a session's background recalls. */
+  sync(session: number): Promise<void>;
+  stats(session: number): EngineStats;
+  contextTokens(session: number): number;
+  /** Token positions attended at the latest decode step of (layer, kvHead), sorted. */
+  lastAttendedTokens(session: number, layer: number, kvHead: number): Int32Array;
+}
+
+export interface EngineStatic {
+  new (options: EngineOptions): Engine;
+  /** Byte layout of a session's segments (mirrors services/kvstore/layout.ts). */
+  layout(geometry: Geometry, retrieval: Retrieval, capacityPages: number): NativeLayout;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model runner
+
+export interface ModelConfigNative {
+  /** "llama" | "mistral" | "qwen2" (all decoder-only, RMSNorm, RoPE, SwiGLU, GQA). */
+  architecture: string;
+  vocabSize: number;
+  hiddenSize: number;
+  intermediateSize: number;
+  layers: number;
+  qHeads: number;
+  kvHeads: number;
+  headDim: number;
+  rmsNormEps: number;
+  ropeTheta: number;
+  /** Llama-3 style scaling ("llama3"), "linear", or none. */
+  ropeScaling?: { type: "llama3" | "linear"; factor: number; lowFreqFactor?: number; highFreqFactor?: number; originalMaxPositionEmbeddings?: number };
+  tieWordEmbeddings: boolean;
+  /** q/k/v projections carry a bias (Qwen2). */
+  attentionBias: boolean;
+}
+
+/** Where one weight tensor lies in a safetensors file (the native side maps the file). */
+export interface TensorRef {
+  name: string;
+  file: string;
+  /** Absolute byte offset of the data in the file. */
+  offset: number;
+  byteLength: number;
+  dtype: "F32" | "F16" | "BF16";
+  shape: number[];
+}
+
+export interface ModelOptions {
+  config: ModelConfigNative;
+  tensors: TensorRef[];
+  engine: Engine;
+  threads?: number;
+}
+
+export interface Model {
+  /**
+   * Runs a prompt chunk through all layers (prefill attention is exact and causal over the
+   * session's whole context) and returns logits: for the last position ([vocab]), or for every
+   * position ([n][vocab]) when `allLogits`.
+   */
+  prefill(session: number, tokens: Int32Array, startPosition: number, allLogits: boolean): Promise<Float32Array>;
+  /** One decode step over all layers for a batch: one token per session; logits [batch][vocab]. */
+  decode(sessions: Int32Array, tokens: Int32Array, positions: Int32Array): Promise<Float32Array>;
+  readonly vocabSize: number;
+}
+
+export interface ModelStatic {
+  new (options: ModelOptions): Model;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+export interface Addon {
+  backendInfo(): BackendInfo;
+  ShmSegment: ShmSegmentStatic;
+  Engine: EngineStatic;
+  Model: ModelStatic;
+}
+
+let cached: Addon | undefined;
+
+/** Loads the addon once. Throws with the paths tried when it is not built. */
+export function loadAddon(): Addon {
+  if (cached) return cached;
+  const require = createRequire(import.meta.url);
+  const here = dirname(fileURLToPath(import.meta.url));
+  const candidates = [
+    process.env.FREEKV_ADDON,
+    // from native/ (tsx, vitest) and from dist/native/ (compiled)
+    join(here, "build", "Release", "freekv.node"),
+    join(here, "..", "..", "native", "build", "Release", "freekv.node"),
+  ].filter((p): p is string => !!p);
+  for (const p of candidates) {
+    if (existsSync(p)) {
+      cached = require(p) as Addon;
+      return cached;
+    }
+  }
+  throw new Error(`freekv native addon not found (tried ${candidates.join(", ")}); run \`npm run build:native\``);
+}

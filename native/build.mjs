@@ -1,0 +1,60 @@
+// Builds the native addon. CPU backend always; the CUDA backend too when nvcc is found
+// (FREEKV_CUDA=0 turns it off, FREEKV_CUDA=1 makes a missing nvcc an error).
+//   1. nvcc compiles native/cuda/*.cu (sm_90a + PTX) into build/cuda/libfreekv_cuda.a
+//   2. node-gyp builds build/Release/freekv.node, linking that archive and libcudart_static.
+import { execFileSync, spawnSync } from "node:child_process";
+import { existsSync, mkdirSync, readdirSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { createRequire } from "node:module";
+
+const here = new URL(".", import.meta.url).pathname;
+const require = createRequire(import.meta.url);
+const want = process.env.FREEKV_CUDA ?? "auto";
+const cudaHome = process.env.CUDA_HOME ?? "/usr/local/cuda";
+const nvcc = [join(cudaHome, "bin", "nvcc"), "nvcc"].find((c) => spawnSync(c, ["--version"]).status === 0);
+const useCuda = want !== "0" && !!nvcc && existsSync(join(cudaHome, "lib64", "libcudart_static.a"));
+if (want === "1" && !useCuda) {
+  console.error("FREEKV_CUDA=1 but nvcc or libcudart_static.a was not found under " + cudaHome);
+  process.exit(1);
+}
+const log = (m) => console.log(`[native] ${m}`);
+
+if (useCuda) {
+  const outDir = join(here, "build", "cuda");
+  mkdirSync(outDir, { recursive: true });
+  const cuDir = join(here, "cuda");
+  const sources = readdirSync(cuDir).filter((f) => f.endsWith(".cu"));
+  const objs = [];
+  for (const f of sources) {
+    const src = join(cuDir, f);
+    const obj = join(outDir, f.replace(/\.cu$/, ".o"));
+    objs.push(obj);
+    if (existsSync(obj) && statSync(obj).mtimeMs > newestInput(cuDir, src)) continue;
+    log(`nvcc ${f}`);
+    execFileSync(nvcc, ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
+      "-gencode", "arch=compute_90a,code=sm_90a", "-gencode", "arch=compute_90,code=compute_90",
+      "-I", join(here, "src"), "-I", cuDir, "-c", src, "-o", obj], { stdio: "inherit" });
+  }
+  const lib = join(outDir, "libfreekv_cuda.a");
+  execFileSync("ar", ["rcs", lib, ...objs], { stdio: "inherit" });
+  log(`CUDA backend: ${sources.length} kernel files`);
+} else {
+  log(want === "0" ? "CUDA backend off (FREEKV_CUDA=0)" : "nvcc not found: CPU backend only");
+}
+
+const gyp = join(require.resolve("node-gyp/package.json"), "..", "bin", "node-gyp.js");
+// configure regenerates the Makefile (source list, CUDA switch); build is incremental.
+// Build against the local Node headers when they are installed (no header download).
+const nodedir = process.env.npm_config_nodedir || (existsSync("/usr/include/node/node_api.h") ? "/usr" : undefined);
+const dirArgs = nodedir ? [`--nodedir=${nodedir}`] : [];
+for (const step of [["configure", ...dirArgs, `--cuda=${useCuda ? 1 : 0}`, `--cuda_home=${cudaHome}`], ["build", "-j", "max"]]) {
+  const r = spawnSync(process.execPath, [gyp, ...step], { cwd: here, stdio: "inherit" });
+  if (r.status !== 0) process.exit(r.status ?? 1);
+}
+log("built native/build/Release/freekv.node" + (useCuda ? " (CPU + CUDA)" : " (CPU)"));
+
+function newestInput(dir, src) {
+  let t = statSync(src).mtimeMs;
+  for (const f of readdirSync(dir)) if (f.endsWith(".cuh") || f.endsWith(".h")) t = Math.max(t, statSync(join(dir, f)).mtimeMs);
+  return t;
+}

@@ -1,0 +1,21 @@
+// The freekv native addon: registers each module's classes and functions.
+// One module per folder: shm/ (shared-memory segments), engine/ (the FreeKV engine and its
+// backends), model/ (the model runner), cuda/ (device probe; kernels live in native/cuda/).
+#include <napi.h>
+
+namespace freekv::addon {
+void InitShm(Napi::Env env, Napi::Object exports);
+void InitDevice(Napi::Env env, Napi::Object exports);
+void InitEngine(Napi::Env env, Napi::Object exports);
+void InitModel(Napi::Env env, Napi::Object exports);
+}  // namespace freekv::addon
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  freekv::addon::InitShm(env, exports);
+  freekv::addon::InitDevice(env, exports);
+  freekv::addon::InitEngine(env, exports);
+  freekv::addon::InitModel(env, exports);
+  return exports;
+}
+
+NODE_API_MODULE(freekv, Init)

@@ -1,0 +1,159 @@
+// The FreeKV engine contract shared by every backend (CPU in engine/cpu/, CUDA in native/cuda/)
+// and by every caller (the JS binding in AddonEngine.cpp, the model runner in model/).
+//
+// Terms (DESIGN.md section 2): page = P tokens; sink = first S/P pages; window = the partial page
+// plus the W/P - 1 most recent full pages; the selected pages are the top sel/P of the full pages
+// in between, per KV head. Device tier = NHD budget cache + summaries of every page; host tier =
+// the kvstore's shared-memory HND page store.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace freekv {
+
+enum class DType : int { F32 = 1, BF16 = 2, F16 = 3 };
+enum class SummaryKind : int { MaxMin = 1, CuboidMean = 2 };
+enum class GroupCombine : int { SoftmaxMean = 1, Mean = 2, Max = 3 };
+enum class Mode : int { FreeKV = 1, Dense = 2, Oracle = 3, Speculative = 4, SinkWindow = 5 };
+enum class RecallMode : int { Gather = 1, DoubleBuffer = 2 };
+
+inline size_t DTypeBytes(DType t) { return t == DType::F32 ? 4 : 2; }
+
+struct Geometry {
+  int layers = 0;
+  int q_heads = 0;
+  int kv_heads = 0;
+  int head_dim = 0;
+  DType kv_dtype = DType::F32;  // storage type of K/V (device tier and host store)
+};
+
+struct RetrievalConfig {
+  int page_size = 32;
+  int sink_tokens = 512;
+  int window_tokens = 512;
+  int select_tokens = 1024;
+  float tau = 0.9f;
+  SummaryKind summary = SummaryKind::MaxMin;
+  GroupCombine combine = GroupCombine::SoftmaxMean;
+  Mode mode = Mode::FreeKV;
+  RecallMode recall = RecallMode::Gather;
+  std::vector<int> dense_layers;
+};
+
+// The host tier of one session: the kvstore's shared segments, mapped in this process.
+// Layout (bytes), matching freekv.v1.SegmentLayout:
+//   store:    [layers][capacity_pages] HND pages; page = [kv_heads][2 (K,V)][page_size][head_dim]
+//   staging:  two buffers of staging_buffer_bytes (double-buffered recall)
+//   tail:     [layers] NHD partial page = [page_size][2 (K,V)][kv_heads][head_dim], written
+//             through every step so a restarted compute loses nothing
+//   manifest: ManifestHeader then per layer uint32 committed full pages, uint32 tail tokens
+struct HostStore {
+  uint8_t* store = nullptr;
+  size_t store_bytes = 0;
+  uint8_t* staging = nullptr;
+  size_t staging_bytes = 0;
+  uint8_t* tail = nullptr;
+  size_t tail_bytes = 0;
+  uint8_t* manifest = nullptr;
+  size_t manifest_bytes = 0;
+  int capacity_pages = 0;
+};
+
+struct ManifestHeader {
+  uint32_t magic;  // 'FKV1' = 0x31564b46
+  uint32_t layers;
+  uint64_t context_tokens;  // tokens appended to every layer so far
+};
+constexpr uint32_t kManifestMagic = 0x31564b46u;
+
+// Per-session counters (summed over layers). Mirrors freekv.v1.RetrievalStats.
+struct Stats {
+  uint64_t decode_steps = 0;
+  uint64_t selections = 0;   // (layer, kv head) selections
+  uint64_t corrections = 0;  // of which corrected synchronously
+  uint64_t pages_selected = 0;
+  uint64_t pages_hit = 0;
+  uint64_t pages_recalled = 0;
+  uint64_t recall_bytes = 0;
+  uint64_t pages_offloaded = 0;
+  uint64_t offload_bytes = 0;
+  uint64_t context_tokens = 0;
+  // Resident pages of the device tier right now (sink + window + selected slots in use).
+  uint64_t resident_pages = 0;
+};
+
+// One session's input to a batched decode step of one layer. Pointers are in the backend's
+// memory space for `*Device` calls and in host memory otherwise; all float32.
+struct DecodeItem {
+  int session = -1;
+  const float* q = nullptr;  // [q_heads][head_dim]
+  const float* k = nullptr;  // [kv_heads][head_dim], appended before attention
+  const float* v = nullptr;  // [kv_heads][head_dim]
+  float* out = nullptr;      // [q_heads][head_dim]
+};
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  virtual std::string backend() const = 0;
+
+  // Creates a session over an attached host store. With `reattach`, the committed pages and the
+  // tail in the store are loaded back (summaries rebuilt, window and sink made resident) and the
+  // session continues where the previous process left off. Throws std::invalid_argument on bad
+  // geometry/config. Returns the session handle.
+  virtual int CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) = 0;
+  virtual void CloseSession(int session) = 0;
+
+  // Appends n tokens of (post-RoPE) keys and values to a layer: k, v are [n][kv_heads][head_dim].
+  // Filled pages are summarised and offloaded (NHD -> HND) to the host store.
+  virtual void Prefill(int session, int layer, const float* k, const float* v, int n) = 0;
+
+  // Like Prefill, and also computes exact causal attention for the n new queries over the whole
+  // context (earlier tokens included): q, out are [n][q_heads][head_dim]. Scale 1/sqrt(head_dim).
+  // The last query is kept for the first decode step's blocking selection.
+  virtual void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
+                             float* out) = 0;
+
+  // One decode step of one layer for a batch of sessions (each appears at most once). Appends
+  // each item's k/v, then attends with the session's mode; in freekv/speculative modes it starts
+  // the speculative selection + recall for the next step of this layer before returning or in the
+  // background. Items' sessions must all have geometry compatible with the batch (same shapes).
+  virtual void Decode(int layer, const std::vector<DecodeItem>& items) = 0;
+
+  // Waits for all background work (recalls) of a session; needed before CloseSession or before
+  // reading the host store from another process.
+  virtual void Sync(int session) = 0;
+
+  virtual Stats GetStats(int session) const = 0;
+  virtual uint64_t ContextTokens(int session) const = 0;
+
+  // For tests and the fidelity harness: for (layer, kv head), the token positions attended at the
+  // most recent decode step (sink + selected + window, sorted).
+  virtual std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const = 0;
+};
+
+// Factories. `threads` <= 0 means hardware concurrency.
+std::unique_ptr<Engine> MakeCpuEngine(int threads);
+#ifdef FREEKV_WITH_CUDA
+// Throws std::runtime_error("no CUDA device: ...") when no device is usable.
+std::unique_ptr<Engine> MakeCudaEngine(int device);
+#endif
+
+// Layout helpers shared by the kvstore sizing (TS mirrors these in services/kvstore/layout.ts).
+struct Layout {
+  size_t head_page_bytes;  // [2][P][D]
+  size_t page_bytes;       // [Hkv][2][P][D]
+  size_t layer_stride;     // capacity_pages * page_bytes
+  size_t store_bytes;
+  size_t staging_buffer_bytes;
+  size_t tail_layer_bytes;  // [P][2][Hkv][D]
+  size_t tail_bytes;
+  size_t manifest_bytes;
+};
+Layout ComputeLayout(const Geometry& g, const RetrievalConfig& c, int capacity_pages);
+
+}  // namespace freekv

@@ -1,0 +1,5 @@
+#include <napi.h>
+namespace freekv::addon {
+// Filled in by the model module.
+void InitModel(Napi::Env env, Napi::Object exports) {}
+}

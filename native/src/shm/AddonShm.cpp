@@ -1,0 +1,117 @@
+// JS class `ShmSegment`: create/open a segment and expose it as an external ArrayBuffer.
+// The mapping lives as long as the JS object or until close(); buffers handed out earlier are
+// detached on close() so JS can never touch an unmapped page.
+#include <napi.h>
+
+#include <memory>
+
+#include "shm/ShmSegment.h"
+
+namespace freekv::addon {
+
+class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
+ public:
+  static Napi::FunctionReference* ctor;
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "ShmSegment",
+                       {StaticMethod("create", &AddonShmSegment::Create), StaticMethod("open", &AddonShmSegment::Open),
+                        StaticMethod("unlink", &AddonShmSegment::Unlink),
+                        InstanceAccessor("name", &AddonShmSegment::Name, nullptr),
+                        InstanceAccessor("size", &AddonShmSegment::Size, nullptr),
+                        InstanceMethod("buffer", &AddonShmSegment::Buffer), InstanceMethod("close", &AddonShmSegment::Close)});
+  }
+  explicit AddonShmSegment(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AddonShmSegment>(info) {
+    if (info.Length() != 1 || !info[0].IsExternal())
+      throw Napi::TypeError::New(info.Env(), "use ShmSegment.create() or ShmSegment.open()");
+    seg_.reset(info[0].As<Napi::External<ShmSegment>>().Data());
+  }
+  ShmSegment* segment() const { return seg_.get(); }
+
+ private:
+  static Napi::Value Wrap(Napi::Env env, ShmSegment* s) { return ctor->New({Napi::External<ShmSegment>::New(env, s)}); }
+  static std::string NameArg(const Napi::CallbackInfo& info) {
+    if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(info.Env(), "name must be a string");
+    std::string n = info[0].As<Napi::String>();
+    if (n.size() < 2 || n[0] != '/' || n.find('/', 1) != std::string::npos || n.size() > 250)
+      throw Napi::TypeError::New(info.Env(), "segment name must look like '/name' (no other slashes, <= 250 chars)");
+    return n;
+  }
+  static Napi::Value Create(const Napi::CallbackInfo& info) {
+    auto name = NameArg(info);
+    if (info.Length() < 2 || !info[1].IsNumber()) throw Napi::TypeError::New(info.Env(), "size must be a number");
+    double bytes = info[1].As<Napi::Number>().DoubleValue();
+    if (!(bytes > 0) || bytes > 1e15) throw Napi::RangeError::New(info.Env(), "size must be > 0");
+    try {
+      return Wrap(info.Env(), ShmSegment::Create(name, static_cast<size_t>(bytes)));
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
+  }
+  static Napi::Value Open(const Napi::CallbackInfo& info) {
+    auto name = NameArg(info);
+    try {
+      return Wrap(info.Env(), ShmSegment::Open(name));
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
+  }
+  static Napi::Value Unlink(const Napi::CallbackInfo& info) {
+    auto name = NameArg(info);
+    try {
+      return Napi::Boolean::New(info.Env(), ShmSegment::Unlink(name));
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
+  }
+  void Check(Napi::Env env) const {
+    if (!seg_) throw Napi::Error::New(env, "segment is closed");
+  }
+  Napi::Value Name(const Napi::CallbackInfo& info) {
+    Check(info.Env());
+    return Napi::String::New(info.Env(), seg_->name());
+  }
+  Napi::Value Size(const Napi::CallbackInfo& info) {
+    Check(info.Env());
+    return Napi::Number::New(info.Env(), static_cast<double>(seg_->size()));
+  }
+  // buffer(): an ArrayBuffer over the whole mapping (no copy).
+  Napi::Value Buffer(const Napi::CallbackInfo& info) {
+    Check(info.Env());
+    auto ab = Napi::ArrayBuffer::New(info.Env(), seg_->data(), seg_->size());
+    buffers_.emplace_back(Napi::Persistent(ab));
+    return ab;
+  }
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    for (auto& r : buffers_) {
+      if (!r.IsEmpty()) {
+        auto ab = r.Value();
+        if (!ab.IsDetached()) ab.Detach();
+      }
+    }
+    buffers_.clear();
+    seg_.reset();
+    return info.Env().Undefined();
+  }
+  std::unique_ptr<ShmSegment> seg_;
+  std::vector<Napi::Reference<Napi::ArrayBuffer>> buffers_;
+};
+
+Napi::FunctionReference* AddonShmSegment::ctor = nullptr;
+
+// Lets other modules (engine) get the mapping behind a JS ShmSegment.
+ShmSegment* UnwrapShm(Napi::Value v) {
+  if (!v.IsObject()) throw Napi::TypeError::New(v.Env(), "expected a ShmSegment");
+  auto obj = v.As<Napi::Object>();
+  if (!obj.InstanceOf(AddonShmSegment::ctor->Value())) throw Napi::TypeError::New(v.Env(), "expected a ShmSegment");
+  auto* s = AddonShmSegment::Unwrap(obj)->segment();
+  if (!s) throw Napi::Error::New(v.Env(), "segment is closed");
+  return s;
+}
+
+void InitShm(Napi::Env env, Napi::Object exports) {
+  auto fn = AddonShmSegment::Define(env);
+  AddonShmSegment::ctor = new Napi::FunctionReference(Napi::Persistent(fn));
+  exports.Set("ShmSegment", fn);
+}
+
+}  // namespace freekv::addon

@@ -1,0 +1,68 @@
+#include "shm/ShmSegment.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <stdexcept>
+
+namespace freekv {
+
+static std::runtime_error SysError(const std::string& what, const std::string& name) {
+  return std::runtime_error(what + " '" + name + "': " + std::strerror(errno));
+}
+
+ShmSegment* ShmSegment::Create(const std::string& name, size_t bytes) {
+  if (bytes == 0) throw std::invalid_argument("shared-memory segment size must be > 0");
+  int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  if (fd < 0) throw SysError("shm_open(create)", name);
+  if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+    auto err = SysError("ftruncate", name);
+    close(fd);
+    shm_unlink(name.c_str());
+    throw err;
+  }
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (p == MAP_FAILED) {
+    auto err = SysError("mmap", name);
+    shm_unlink(name.c_str());
+    throw err;
+  }
+  return new ShmSegment(name, p, bytes);
+}
+
+ShmSegment* ShmSegment::Open(const std::string& name) {
+  int fd = shm_open(name.c_str(), O_RDWR, 0600);
+  if (fd < 0) throw SysError("shm_open(open)", name);
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    auto err = SysError("fstat", name);
+    close(fd);
+    throw err;
+  }
+  size_t bytes = static_cast<size_t>(st.st_size);
+  if (bytes == 0) {
+    close(fd);
+    throw std::runtime_error("shared-memory segment '" + name + "' is empty");
+  }
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (p == MAP_FAILED) throw SysError("mmap", name);
+  return new ShmSegment(name, p, bytes);
+}
+
+bool ShmSegment::Unlink(const std::string& name) {
+  if (shm_unlink(name.c_str()) == 0) return true;
+  if (errno == ENOENT) return false;
+  throw SysError("shm_unlink", name);
+}
+
+ShmSegment::~ShmSegment() {
+  if (data_) munmap(data_, size_);
+}
+
+}  // namespace freekv

@@ -1,0 +1,29 @@
+// POSIX shared-memory segments (/dev/shm) mapped into this process.
+#pragma once
+#include <cstddef>
+#include <string>
+
+namespace freekv {
+
+// One mapped segment. Owns the mapping (not the name: unlink() removes the name).
+class ShmSegment {
+ public:
+  // Creates a new segment (O_EXCL, mode 0600) of `bytes` and maps it. Throws on failure.
+  static ShmSegment* Create(const std::string& name, size_t bytes);
+  // Maps an existing segment with its current size. Throws on failure.
+  static ShmSegment* Open(const std::string& name);
+  // Removes the name; existing mappings stay valid. Returns false if it did not exist.
+  static bool Unlink(const std::string& name);
+  ~ShmSegment();
+  void* data() const { return data_; }
+  size_t size() const { return size_; }
+  const std::string& name() const { return name_; }
+
+ private:
+  ShmSegment(std::string name, void* data, size_t size) : name_(std::move(name)), data_(data), size_(size) {}
+  std::string name_;
+  void* data_;
+  size_t size_;
+};
+
+}  // namespace freekv
