@@ -1,0 +1,12 @@
+import { defineConfig } from "vitest/config";
+
+// Suites load the native addon and start real processes: run them in forked workers.
+export default defineConfig({
+  test: {
+    include: ["test/**/*.test.ts"],
+    pool: "forks",
+    maxWorkers: 2,
+    testTimeout: 120_000,
+    hookTimeout: 120_000,
+  },
+});
