@@ -1,0 +1,183 @@
+// cuBLASLt bf16 GEMM opened with dlopen; see gemm_cublaslt.cuh for why and for the layout.
+#include <dlfcn.h>
+#include <library_types.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include "gemm_cublaslt.cuh"
+
+namespace freekv::cuda {
+namespace {
+
+// ---- the part of cublasLt.h we use, declared by hand (values from cuBLAS 12/13 headers) ----
+using LtStatus = int;  // cublasStatus_t, 0 = CUBLAS_STATUS_SUCCESS
+using LtHandle = void*;
+using LtMatmulDesc = void*;
+using LtLayout = void*;
+using LtPref = void*;
+struct LtAlgo {
+  uint64_t data[8];
+};
+struct LtHeuristic {
+  LtAlgo algo;
+  size_t workspaceSize;
+  LtStatus state;
+  float wavesCount;
+  int reserved[4];
+};
+constexpr int kComputeF32 = 68;             // CUBLAS_COMPUTE_32F
+constexpr int kDescTransA = 3;              // CUBLASLT_MATMUL_DESC_TRANSA
+constexpr int kDescTransB = 4;              // CUBLASLT_MATMUL_DESC_TRANSB
+constexpr int kPrefMaxWorkspace = 1;        // CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES
+constexpr int kOpN = 0, kOpT = 1;           // CUBLAS_OP_N / CUBLAS_OP_T
+
+struct Api {
+  void* lib = nullptr;
+  std::string reason;
+  LtStatus (*create)(LtHandle*) = nullptr;
+  LtStatus (*descCreate)(LtMatmulDesc*, int, cudaDataType_t) = nullptr;
+  LtStatus (*descSet)(LtMatmulDesc, int, const void*, size_t) = nullptr;
+  LtStatus (*descDestroy)(LtMatmulDesc) = nullptr;
+  LtStatus (*layoutCreate)(LtLayout*, cudaDataType_t, uint64_t, uint64_t, int64_t) = nullptr;
+  LtStatus (*layoutDestroy)(LtLayout) = nullptr;
+  LtStatus (*prefCreate)(LtPref*) = nullptr;
+  LtStatus (*prefSet)(LtPref, int, const void*, size_t) = nullptr;
+  LtStatus (*prefDestroy)(LtPref) = nullptr;
+  LtStatus (*heuristic)(LtHandle, LtMatmulDesc, LtLayout, LtLayout, LtLayout, LtLayout, LtPref, int,
+                        LtHeuristic*, int*) = nullptr;
+  LtStatus (*matmul)(LtHandle, LtMatmulDesc, const void*, const void*, LtLayout, const void*, LtLayout,
+                     const void*, const void*, LtLayout, void*, LtLayout, const LtAlgo*, void*, size_t,
+                     cudaStream_t) = nullptr;
+  LtHandle handle = nullptr;
+};
+
+template <typename F>
+bool Resolve(Api& a, F& fn, const char* name) {
+  fn = reinterpret_cast<F>(dlsym(a.lib, name));
+  if (!fn) a.reason = std::string("cuBLASLt unavailable: symbol ") + name + " not found";
+  return fn != nullptr;
+}
+
+Api& Lt() {
+  static Api api;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const char* names[] = {"libcublasLt.so.13", "/usr/local/cuda/lib64/libcublasLt.so.13",
+                           "/usr/local/cuda/targets/x86_64-linux/lib/libcublasLt.so.13"};
+    for (const char* n : names) {
+      api.lib = dlopen(n, RTLD_NOW | RTLD_LOCAL);
+      if (api.lib) break;
+    }
+    if (!api.lib) {
+      const char* e = dlerror();
+      api.reason = std::string("cuBLASLt unavailable: dlopen(libcublasLt.so.13) failed: ") + (e ? e : "?");
+      return;
+    }
+    bool ok = Resolve(api, api.create, "cublasLtCreate") &&
+              Resolve(api, api.descCreate, "cublasLtMatmulDescCreate") &&
+              Resolve(api, api.descSet, "cublasLtMatmulDescSetAttribute") &&
+              Resolve(api, api.descDestroy, "cublasLtMatmulDescDestroy") &&
+              Resolve(api, api.layoutCreate, "cublasLtMatrixLayoutCreate") &&
+              Resolve(api, api.layoutDestroy, "cublasLtMatrixLayoutDestroy") &&
+              Resolve(api, api.prefCreate, "cublasLtMatmulPreferenceCreate") &&
+              Resolve(api, api.prefSet, "cublasLtMatmulPreferenceSetAttribute") &&
+              Resolve(api, api.prefDestroy, "cublasLtMatmulPreferenceDestroy") &&
+              Resolve(api, api.heuristic, "cublasLtMatmulAlgoGetHeuristic") &&
+              Resolve(api, api.matmul, "cublasLtMatmul");
+    if (!ok) return;
+    LtStatus s = api.create(&api.handle);
+    if (s != 0) {
+      api.reason = "cuBLASLt unavailable: cublasLtCreate returned status " + std::to_string(s);
+      api.handle = nullptr;
+    }
+  });
+  return api;
+}
+
+void Check(LtStatus s, const char* what) {
+  if (s != 0) throw std::runtime_error(std::string("cuBLASLt: ") + what + " failed with status " + std::to_string(s));
+}
+
+// One cached plan per (M, N, K, beta != 0): descriptors and the heuristic's algorithm.
+struct Plan {
+  LtMatmulDesc desc = nullptr;
+  LtLayout a = nullptr, b = nullptr, c = nullptr;
+  LtAlgo algo{};
+  size_t workspace = 0;
+};
+
+std::mutex g_mu;
+std::map<std::tuple<int, int, int, bool>, Plan> g_plans;
+std::map<cudaStream_t, void*> g_workspaces;  // one workspace per stream: concurrent GEMMs never share one
+
+Plan& GetPlan(Api& api, int M, int N, int K, bool accumulate) {
+  auto key = std::make_tuple(M, N, K, accumulate);
+  auto it = g_plans.find(key);
+  if (it != g_plans.end()) return it->second;
+  Plan p;
+  // Row-major Y[M][N] = X[M][K] W[N][K]^T is column-major Y^T[N][M] = W^T... i.e.
+  // D(N x M, ld N) = op_T(A = W as col-major K x N, ld K) * (B = X as col-major K x M, ld K).
+  Check(api.descCreate(&p.desc, kComputeF32, CUDA_R_32F), "MatmulDescCreate");
+  int ta = kOpT, tb = kOpN;
+  Check(api.descSet(p.desc, kDescTransA, &ta, sizeof ta), "set TRANSA");
+  Check(api.descSet(p.desc, kDescTransB, &tb, sizeof tb), "set TRANSB");
+  Check(api.layoutCreate(&p.a, CUDA_R_16BF, K, N, K), "layout A");
+  Check(api.layoutCreate(&p.b, CUDA_R_16BF, K, M, K), "layout B");
+  Check(api.layoutCreate(&p.c, CUDA_R_16BF, N, M, N), "layout C");
+  LtPref pref = nullptr;
+  Check(api.prefCreate(&pref), "PreferenceCreate");
+  size_t ws = kCublasLtWorkspaceBytes;
+  Check(api.prefSet(pref, kPrefMaxWorkspace, &ws, sizeof ws), "set max workspace");
+  LtHeuristic h[4];
+  int n = 0;
+  LtStatus s = api.heuristic(api.handle, p.desc, p.a, p.b, p.c, p.c, pref, 4, h, &n);
+  api.prefDestroy(pref);
+  Check(s, "AlgoGetHeuristic");
+  if (n < 1)
+    throw std::runtime_error("cuBLASLt: no algorithm for bf16 GEMM M=" + std::to_string(M) + " N=" +
+                             std::to_string(N) + " K=" + std::to_string(K));
+  p.algo = h[0].algo;
+  p.workspace = h[0].workspaceSize;
+  return g_plans.emplace(key, p).first->second;
+}
+
+}  // namespace
+
+bool CublasLtAvailable(std::string* reason) {
+  Api& api = Lt();
+  if (reason) *reason = api.reason;
+  return api.handle != nullptr;
+}
+
+void GemmBf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, int M, int N, int K,
+              cudaStream_t stream, float alpha, float beta) {
+  if (M <= 0 || N <= 0 || K <= 0)
+    throw std::invalid_argument("GemmBf16: M, N, K must be positive (got " + std::to_string(M) + ", " +
+                                std::to_string(N) + ", " + std::to_string(K) + ")");
+  if (K % 8 || N % 8) throw std::invalid_argument("GemmBf16: K and N must be multiples of 8");
+  if (!x || !w || !y) throw std::invalid_argument("GemmBf16: null pointer for x, w or y");
+  if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(y)) & 15)
+    throw std::invalid_argument("GemmBf16: x, w and y must be 16-byte aligned");
+  Api& api = Lt();
+  if (!api.handle) throw std::runtime_error(api.reason);
+  std::lock_guard<std::mutex> lock(g_mu);
+  Plan& p = GetPlan(api, M, N, K, beta != 0.0f);
+  void*& ws = g_workspaces[stream];
+  if (!ws) {
+    cudaError_t e = cudaMalloc(&ws, kCublasLtWorkspaceBytes);
+    if (e != cudaSuccess) {
+      ws = nullptr;
+      throw std::runtime_error(std::string("GemmBf16: workspace cudaMalloc failed: ") + cudaGetErrorString(e));
+    }
+  }
+  Check(api.matmul(api.handle, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo, ws, p.workspace,
+                   stream),
+        "Matmul");
+}
+
+}  // namespace freekv::cuda

@@ -1,0 +1,36 @@
+// bf16 GEMMs through cuBLASLt, opened at run time.
+//
+// Why dlopen: the machines that build the addon have nvcc and cudart but no cuBLAS headers or
+// libraries; the GPU machine has libcublasLt.so.13. So the library is opened with
+// dlopen("libcublasLt.so.13") on first use and the dozen entry points we need are declared by
+// hand (gemm_cublaslt.cu). A build without cuBLAS still links and loads; GemmBf16 then throws
+// "cuBLASLt unavailable: ..." instead of aborting.
+//
+// Layout: the model's linear layers are stored like PyTorch's nn.Linear, W = [N out][K in]
+// row-major, activations X = [M tokens][K] row-major. GemmBf16 computes, in fp32 accumulation,
+//     Y[M][N] = alpha * X · W^T + beta * Y
+// so beta = 1 folds the residual add of o_proj / down_proj into the GEMM.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <string>
+
+namespace freekv::cuda {
+
+// True when libcublasLt.so.13 was found and every entry point resolved. Never throws.
+bool CublasLtAvailable(std::string* reason = nullptr);
+
+// Y = alpha * X W^T + beta * Y on `stream`. M, N, K > 0; pointers 16-byte aligned, K and N
+// multiples of 8. The first call for a shape picks an algorithm with cuBLASLt's heuristic and
+// caches it; call once per shape before capturing a CUDA graph (the heuristic and the one-time
+// workspace allocation must not happen inside a capture). Throws std::runtime_error on bad
+// arguments, a missing library or a failed call.
+void GemmBf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, int M, int N, int K,
+              cudaStream_t stream, float alpha = 1.0f, float beta = 0.0f);
+
+// Workspace handed to cuBLASLt (allocated once, on first use, with cudaMalloc).
+constexpr size_t kCublasLtWorkspaceBytes = size_t(32) << 20;
+
+}  // namespace freekv::cuda
