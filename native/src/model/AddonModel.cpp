@@ -1,5 +1,267 @@
+// JS class `Model` (native/binding.ts): the model runner over mapped safetensors weights.
+// Attention goes through the FreeKV engine passed as `options.engine`; without one the model keeps
+// its own dense KV cache per session (DenseAttention), which the tests use as the reference.
+// prefill/decode copy their inputs into C++ vectors and run as AsyncWorkers (promises).
 #include <napi.h>
+#include <omp.h>
+
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "model/Attention.h"
+#include "model/Forward.h"
+
 namespace freekv::addon {
-// Filled in by the model module.
-void InitModel(Napi::Env env, Napi::Object exports) {}
+
+// Defined by the engine module (AddonEngine.cpp) next to its JS class, like UnwrapShm. Declared
+// weak so that this module links and loads on its own; null means the engine module has none.
+Engine* UnwrapEngine(Napi::Value value) __attribute__((weak));
+
+namespace {
+
+using model::AttentionBackend;
+using model::DenseAttention;
+using model::EngineAttention;
+using model::Forward;
+using model::ModelConfig;
+using model::TensorRef;
+using model::WeightDType;
+
+int IntField(const Napi::Object& o, const char* key, const char* path) {
+  auto v = o.Get(key);
+  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), std::string(path) + "." + key + " must be a number");
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (d != static_cast<double>(static_cast<int64_t>(d)) || d < 0 || d > 2147483647.0)
+    throw Napi::RangeError::New(o.Env(), std::string(path) + "." + key + " must be a non-negative integer");
+  return static_cast<int>(d);
 }
+
+double NumberField(const Napi::Object& o, const char* key, const char* path) {
+  auto v = o.Get(key);
+  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), std::string(path) + "." + key + " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+std::vector<int> Int32Arg(const Napi::Value& v, const char* name) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+    throw Napi::TypeError::New(v.Env(), std::string(name) + " must be an Int32Array");
+  auto a = v.As<Napi::Int32Array>();
+  return std::vector<int>(a.Data(), a.Data() + a.ElementLength());
+}
+
+ModelConfig ParseConfig(const Napi::Object& o) {
+  ModelConfig c;
+  auto arch = o.Get("architecture");
+  if (!arch.IsString()) throw Napi::TypeError::New(o.Env(), "config.architecture must be a string");
+  c.architecture = arch.As<Napi::String>();
+  if (c.architecture != "llama" && c.architecture != "mistral" && c.architecture != "qwen2")
+    throw Napi::TypeError::New(o.Env(), "config.architecture '" + c.architecture + "' is not one of llama, mistral, qwen2");
+  c.vocab_size = IntField(o, "vocabSize", "config");
+  c.hidden_size = IntField(o, "hiddenSize", "config");
+  c.intermediate_size = IntField(o, "intermediateSize", "config");
+  c.layers = IntField(o, "layers", "config");
+  c.q_heads = IntField(o, "qHeads", "config");
+  c.kv_heads = IntField(o, "kvHeads", "config");
+  c.head_dim = IntField(o, "headDim", "config");
+  c.rms_norm_eps = static_cast<float>(NumberField(o, "rmsNormEps", "config"));
+  c.tie_word_embeddings = o.Get("tieWordEmbeddings").ToBoolean();
+  c.attention_bias = o.Get("attentionBias").ToBoolean();
+  auto f = o.Get("ropeInvFreq");
+  if (f.IsTypedArray() && f.As<Napi::TypedArray>().TypedArrayType() == napi_float32_array) {
+    auto a = f.As<Napi::Float32Array>();
+    c.rope_inv_freq.assign(a.Data(), a.Data() + a.ElementLength());
+  } else if (f.IsArray()) {
+    auto a = f.As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); i++) {
+      auto e = a.Get(i);
+      if (!e.IsNumber()) throw Napi::TypeError::New(o.Env(), "config.ropeInvFreq must hold numbers");
+      c.rope_inv_freq.push_back(e.As<Napi::Number>().FloatValue());
+    }
+  } else {
+    throw Napi::TypeError::New(o.Env(), "config.ropeInvFreq must be a Float32Array or number[] (headDim / 2 values)");
+  }
+  try {
+    model::ValidateConfig(c);
+  } catch (const std::exception& e) {
+    throw Napi::RangeError::New(o.Env(), e.what());
+  }
+  return c;
+}
+
+std::vector<TensorRef> ParseTensors(const Napi::Value& v) {
+  if (!v.IsArray()) throw Napi::TypeError::New(v.Env(), "tensors must be an array of TensorRef");
+  auto a = v.As<Napi::Array>();
+  std::vector<TensorRef> out;
+  for (uint32_t i = 0; i < a.Length(); i++) {
+    const std::string path = "tensors[" + std::to_string(i) + "]";
+    auto e = a.Get(i);
+    if (!e.IsObject()) throw Napi::TypeError::New(v.Env(), path + " must be an object");
+    auto o = e.As<Napi::Object>();
+    TensorRef r;
+    if (!o.Get("name").IsString() || !o.Get("file").IsString() || !o.Get("dtype").IsString())
+      throw Napi::TypeError::New(v.Env(), path + " needs string name, file and dtype");
+    r.name = o.Get("name").As<Napi::String>();
+    r.file = o.Get("file").As<Napi::String>();
+    std::string dt = o.Get("dtype").As<Napi::String>();
+    if (dt == "F32") r.dtype = WeightDType::F32;
+    else if (dt == "F16") r.dtype = WeightDType::F16;
+    else if (dt == "BF16") r.dtype = WeightDType::BF16;
+    else throw Napi::TypeError::New(v.Env(), path + ".dtype '" + dt + "' is not F32, F16 or BF16");
+    double off = NumberField(o, "offset", path.c_str()), len = NumberField(o, "byteLength", path.c_str());
+    if (!(off >= 0) || !(len >= 0)) throw Napi::RangeError::New(v.Env(), path + ": offset and byteLength must be >= 0");
+    r.offset = static_cast<uint64_t>(off);
+    r.byte_length = static_cast<uint64_t>(len);
+    auto shape = o.Get("shape");
+    if (!shape.IsArray()) throw Napi::TypeError::New(v.Env(), path + ".shape must be an array");
+    auto s = shape.As<Napi::Array>();
+    for (uint32_t j = 0; j < s.Length(); j++) {
+      auto d = s.Get(j);
+      if (!d.IsNumber()) throw Napi::TypeError::New(v.Env(), path + ".shape must hold numbers");
+      r.shape.push_back(d.As<Napi::Number>().Int64Value());
+    }
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+Napi::Float32Array ToFloat32Array(Napi::Env env, const std::vector<float>& v) {
+  auto arr = Napi::Float32Array::New(env, v.size());
+  if (!v.empty()) std::memcpy(arr.Data(), v.data(), v.size() * sizeof(float));
+  return arr;
+}
+
+// Runs fn() off the event loop and resolves with its logits.
+class ForwardWorker : public Napi::AsyncWorker {
+ public:
+  ForwardWorker(Napi::Env env, int threads, std::function<std::vector<float>()> fn, Napi::ObjectReference keep)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), threads_(threads), fn_(std::move(fn)),
+        keep_(std::move(keep)) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override {
+    try {
+      if (threads_ > 0) omp_set_num_threads(threads_);
+      out_ = fn_();
+    } catch (const std::exception& e) {
+      SetError(e.what());
+    } catch (...) {
+      SetError("unknown native error in the model runner");
+    }
+  }
+  void OnOK() override { deferred_.Resolve(ToFloat32Array(Env(), out_)); }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  int threads_;
+  std::function<std::vector<float>()> fn_;
+  Napi::ObjectReference keep_;  // the Model stays alive while its work runs
+  std::vector<float> out_;
+};
+
+class AddonModel : public Napi::ObjectWrap<AddonModel> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "Model",
+                       {InstanceMethod("prefill", &AddonModel::Prefill), InstanceMethod("decode", &AddonModel::Decode),
+                        InstanceMethod("releaseSession", &AddonModel::ReleaseSession),
+                        InstanceAccessor("vocabSize", &AddonModel::VocabSize, nullptr),
+                        InstanceAccessor("attention", &AddonModel::AttentionKind, nullptr)});
+  }
+
+  explicit AddonModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AddonModel>(info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "options must be an object");
+    auto opts = info[0].As<Napi::Object>();
+    if (!opts.Get("config").IsObject()) throw Napi::TypeError::New(env, "options.config must be an object");
+    ModelConfig config = ParseConfig(opts.Get("config").As<Napi::Object>());
+    auto tensors = ParseTensors(opts.Get("tensors"));
+    auto th = opts.Get("threads");
+    if (th.IsNumber()) threads_ = th.As<Napi::Number>().Int32Value();
+    auto eng = opts.Get("engine");
+    if (eng.IsUndefined() || eng.IsNull()) {
+      dense_ = std::make_unique<DenseAttention>(config.layers, config.q_heads, config.kv_heads, config.head_dim);
+      backend_ = dense_.get();
+    } else {
+      if (!UnwrapEngine) throw Napi::Error::New(env, "options.engine: this build's engine module cannot hand its engine to the model");
+      Engine* e = UnwrapEngine(eng);
+      engine_ = std::make_unique<EngineAttention>(e);
+      backend_ = engine_.get();
+      engine_ref_ = Napi::Persistent(eng.As<Napi::Object>());
+    }
+    try {
+      auto weights = model::LoadWeights(config, tensors);
+      forward_ = std::make_unique<Forward>(std::move(config), std::move(weights), backend_);
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+  }
+
+ private:
+  Napi::Value Prefill(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 4) throw Napi::TypeError::New(env, "prefill(session, tokens, startPosition, allLogits)");
+    if (!info[0].IsNumber()) throw Napi::TypeError::New(env, "session must be a number");
+    if (!info[2].IsNumber()) throw Napi::TypeError::New(env, "startPosition must be a number");
+    int session = info[0].As<Napi::Number>().Int32Value();
+    auto tokens = Int32Arg(info[1], "tokens");
+    if (tokens.empty()) throw Napi::RangeError::New(env, "tokens must not be empty");
+    int start = info[2].As<Napi::Number>().Int32Value();
+    bool all = info[3].ToBoolean();
+    Forward* f = forward_.get();
+    auto* w = new ForwardWorker(env, threads_, [f, session, tokens = std::move(tokens), start, all]() {
+      return f->Prefill(session, tokens, start, all);
+    }, Napi::Persistent(Value()));
+    auto p = w->Promise();
+    w->Queue();
+    return p;
+  }
+
+  Napi::Value Decode(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 3) throw Napi::TypeError::New(env, "decode(sessions, tokens, positions)");
+    auto sessions = Int32Arg(info[0], "sessions");
+    auto tokens = Int32Arg(info[1], "tokens");
+    auto positions = Int32Arg(info[2], "positions");
+    if (sessions.empty()) throw Napi::RangeError::New(env, "sessions must not be empty");
+    if (tokens.size() != sessions.size() || positions.size() != sessions.size())
+      throw Napi::RangeError::New(env, "sessions, tokens and positions must have the same length");
+    Forward* f = forward_.get();
+    auto* w = new ForwardWorker(env, threads_, [f, s = std::move(sessions), t = std::move(tokens), p = std::move(positions)]() {
+      return f->Decode(s, t, p);
+    }, Napi::Persistent(Value()));
+    auto p = w->Promise();
+    w->Queue();
+    return p;
+  }
+
+  // Dense fallback only: forgets a session's KV cache. With an engine, close the engine session.
+  Napi::Value ReleaseSession(const Napi::CallbackInfo& info) {
+    if (info.Length() < 1 || !info[0].IsNumber()) throw Napi::TypeError::New(info.Env(), "session must be a number");
+    bool r = dense_ ? dense_->Release(info[0].As<Napi::Number>().Int32Value()) : false;
+    return Napi::Boolean::New(info.Env(), r);
+  }
+
+  Napi::Value VocabSize(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), forward_->config().vocab_size);
+  }
+  Napi::Value AttentionKind(const Napi::CallbackInfo& info) {
+    return Napi::String::New(info.Env(), dense_ ? "dense" : "engine");
+  }
+
+  int threads_ = 0;
+  std::unique_ptr<DenseAttention> dense_;
+  std::unique_ptr<EngineAttention> engine_;
+  AttentionBackend* backend_ = nullptr;
+  Napi::ObjectReference engine_ref_;
+  std::unique_ptr<Forward> forward_;
+};
+
+}  // namespace
+
+void InitModel(Napi::Env env, Napi::Object exports) { exports.Set("Model", AddonModel::Define(env)); }
+
+}  // namespace freekv::addon

@@ -1,0 +1,61 @@
+// Where the forward pass gets attention from. The shipped path is the FreeKV engine
+// (EngineAttention: PrefillAttend for prompt chunks, Decode for a batch). DenseAttention keeps a
+// plain in-memory KV cache per session: the reference for the engine in the model tests and the
+// fallback for a Model constructed without an engine.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "engine/Engine.h"
+
+namespace freekv::model {
+
+class AttentionBackend {
+ public:
+  virtual ~AttentionBackend() = default;
+  // Tokens already in the session's cache (the position of the next token).
+  virtual uint64_t ContextTokens(int session) const = 0;
+  // Appends n tokens' post-RoPE k/v to a layer and returns exact causal attention of q.
+  virtual void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) = 0;
+  // One decode step of one layer for a batch (each item appends its k/v first).
+  virtual void Decode(int layer, const std::vector<DecodeItem>& items) = 0;
+};
+
+class EngineAttention final : public AttentionBackend {
+ public:
+  explicit EngineAttention(Engine* engine) : engine_(engine) {}
+  uint64_t ContextTokens(int session) const override { return engine_->ContextTokens(session); }
+  void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) override {
+    engine_->PrefillAttend(session, layer, q, k, v, n, out);
+  }
+  void Decode(int layer, const std::vector<DecodeItem>& items) override { engine_->Decode(layer, items); }
+
+ private:
+  Engine* engine_;
+};
+
+class DenseAttention final : public AttentionBackend {
+ public:
+  DenseAttention(int layers, int q_heads, int kv_heads, int head_dim)
+      : layers_(layers), q_heads_(q_heads), kv_heads_(kv_heads), head_dim_(head_dim) {}
+  uint64_t ContextTokens(int session) const override;
+  void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) override;
+  void Decode(int layer, const std::vector<DecodeItem>& items) override;
+  // Forgets a session's cache; returns false when there was none.
+  bool Release(int session);
+
+ private:
+  struct Cache {
+    std::vector<std::vector<float>> k, v;  // per layer [tokens][kv_heads][head_dim]
+    std::vector<uint64_t> tokens;          // per layer
+  };
+  Cache& Get(int session);
+  int layers_, q_heads_, kv_heads_, head_dim_;
+  mutable std::mutex mu_;
+  std::map<int, std::unique_ptr<Cache>> caches_;
+};
+
+}  // namespace freekv::model

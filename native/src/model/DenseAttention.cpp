@@ -1,0 +1,47 @@
+#include <stdexcept>
+#include <string>
+
+#include "model/Attention.h"
+#include "model/Kernels.h"
+
+namespace freekv::model {
+
+DenseAttention::Cache& DenseAttention::Get(int session) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto& c = caches_[session];
+  if (!c) {
+    c = std::make_unique<Cache>();
+    c->k.resize(layers_);
+    c->v.resize(layers_);
+    c->tokens.assign(layers_, 0);
+  }
+  return *c;
+}
+
+uint64_t DenseAttention::ContextTokens(int session) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = caches_.find(session);
+  return it == caches_.end() ? 0 : it->second->tokens.back();
+}
+
+bool DenseAttention::Release(int session) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return caches_.erase(session) > 0;
+}
+
+void DenseAttention::PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) {
+  if (layer < 0 || layer >= layers_) throw std::invalid_argument("layer " + std::to_string(layer) + " out of range");
+  Cache& c = Get(session);
+  const size_t row = static_cast<size_t>(kv_heads_) * head_dim_;
+  c.k[layer].insert(c.k[layer].end(), k, k + n * row);
+  c.v[layer].insert(c.v[layer].end(), v, v + n * row);
+  c.tokens[layer] += n;
+  CausalAttention(q, n, c.k[layer].data(), c.v[layer].data(), static_cast<int>(c.tokens[layer]), q_heads_, kv_heads_,
+                  head_dim_, out);
+}
+
+void DenseAttention::Decode(int layer, const std::vector<DecodeItem>& items) {
+  for (const auto& it : items) PrefillAttend(it.session, layer, it.q, it.k, it.v, 1, it.out);
+}
+
+}  // namespace freekv::model

@@ -1,0 +1,122 @@
+#include "model/Forward.h"
+
+#include <cstring>
+#include <set>
+#include <stdexcept>
+#include <string>
+
+#include "model/Kernels.h"
+
+namespace freekv::model {
+
+Forward::Forward(ModelConfig config, Weights weights, AttentionBackend* attention)
+    : config_(std::move(config)), w_(std::move(weights)), attention_(attention) {}
+
+void Forward::CheckTokens(const std::vector<int>& tokens, const char* what) const {
+  for (size_t i = 0; i < tokens.size(); i++)
+    if (tokens[i] < 0 || tokens[i] >= config_.vocab_size)
+      throw std::invalid_argument(std::string(what) + "[" + std::to_string(i) + "] = " + std::to_string(tokens[i]) +
+                                  " is out of range [0, " + std::to_string(config_.vocab_size) + ")");
+}
+
+template <typename Attend>
+void Forward::Layers(float* x, int n, const int* positions, Attend attend) {
+  const ModelConfig& c = config_;
+  const int H = c.hidden_size, I = c.intermediate_size, Q = c.q_dim(), K = c.kv_dim();
+  std::vector<float> h(static_cast<size_t>(n) * H), q(static_cast<size_t>(n) * Q), k(static_cast<size_t>(n) * K),
+      v(static_cast<size_t>(n) * K), a(static_cast<size_t>(n) * Q), o(static_cast<size_t>(n) * H),
+      g(static_cast<size_t>(n) * I), u(static_cast<size_t>(n) * I);
+  for (int l = 0; l < c.layers; l++) {
+    const LayerWeights& L = w_.layers[l];
+    RmsNorm(x, n, H, L.input_norm.data(), c.rms_norm_eps, h.data());
+    Linear(h.data(), n, H, L.wq.data(), L.bq.empty() ? nullptr : L.bq.data(), Q, q.data());
+    Linear(h.data(), n, H, L.wk.data(), L.bk.empty() ? nullptr : L.bk.data(), K, k.data());
+    Linear(h.data(), n, H, L.wv.data(), L.bv.empty() ? nullptr : L.bv.data(), K, v.data());
+    Rope(q.data(), n, c.q_heads, c.head_dim, positions, c.rope_inv_freq.data());
+    Rope(k.data(), n, c.kv_heads, c.head_dim, positions, c.rope_inv_freq.data());
+    attend(l, q.data(), k.data(), v.data(), a.data());
+    Linear(a.data(), n, Q, L.wo.data(), nullptr, H, o.data());
+    AddInPlace(x, o.data(), static_cast<long>(n) * H);
+    RmsNorm(x, n, H, L.post_attention_norm.data(), c.rms_norm_eps, h.data());
+    Linear(h.data(), n, H, L.w_gate.data(), nullptr, I, g.data());
+    Linear(h.data(), n, H, L.w_up.data(), nullptr, I, u.data());
+    SwiGlu(g.data(), u.data(), static_cast<long>(n) * I);
+    Linear(g.data(), n, I, L.w_down.data(), nullptr, H, o.data());
+    AddInPlace(x, o.data(), static_cast<long>(n) * H);
+  }
+}
+
+void Forward::Head(const float* x, int n, float* logits) {
+  const int H = config_.hidden_size;
+  std::vector<float> h(static_cast<size_t>(n) * H);
+  RmsNorm(x, n, H, w_.final_norm.data(), config_.rms_norm_eps, h.data());
+  Linear(h.data(), n, H, w_.head(), nullptr, config_.vocab_size, logits);
+}
+
+std::vector<float> Forward::Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits, int chunk) {
+  if (tokens.empty()) throw std::invalid_argument("tokens must not be empty");
+  CheckTokens(tokens, "tokens");
+  if (start < 0) throw std::invalid_argument("startPosition must be >= 0");
+  const uint64_t ctx = attention_->ContextTokens(session);
+  if (ctx != static_cast<uint64_t>(start))
+    throw std::invalid_argument("startPosition " + std::to_string(start) + " does not match the session's context of " +
+                                std::to_string(ctx) + " tokens");
+  const int H = config_.hidden_size, V = config_.vocab_size, total = static_cast<int>(tokens.size());
+  std::vector<float> logits(static_cast<size_t>(all_logits ? total : 1) * V);
+  for (int c0 = 0; c0 < total; c0 += chunk) {
+    const int n = std::min(chunk, total - c0);
+    std::vector<float> x(static_cast<size_t>(n) * H);
+    std::vector<int> pos(n);
+    for (int i = 0; i < n; i++) {
+      pos[i] = start + c0 + i;
+      std::memcpy(&x[static_cast<size_t>(i) * H], &w_.embed[static_cast<size_t>(tokens[c0 + i]) * H], H * sizeof(float));
+    }
+    Layers(x.data(), n, pos.data(), [&](int layer, const float* q, const float* k, const float* v, float* out) {
+      attention_->PrefillAttend(session, layer, q, k, v, n, out);
+    });
+    if (all_logits) {
+      Head(x.data(), n, &logits[static_cast<size_t>(c0) * V]);
+    } else if (c0 + n == total) {
+      Head(&x[static_cast<size_t>(n - 1) * H], 1, logits.data());
+    }
+  }
+  return logits;
+}
+
+std::vector<float> Forward::Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
+                                   const std::vector<int>& positions) {
+  const int B = static_cast<int>(sessions.size());
+  if (B == 0) throw std::invalid_argument("sessions must not be empty");
+  if (static_cast<int>(tokens.size()) != B || static_cast<int>(positions.size()) != B)
+    throw std::invalid_argument("sessions, tokens and positions must have the same length");
+  CheckTokens(tokens, "tokens");
+  std::set<int> seen;
+  for (int b = 0; b < B; b++) {
+    if (!seen.insert(sessions[b]).second)
+      throw std::invalid_argument("sessions[" + std::to_string(b) + "] appears twice in one decode step");
+    const uint64_t ctx = attention_->ContextTokens(sessions[b]);
+    if (positions[b] < 0 || ctx != static_cast<uint64_t>(positions[b]))
+      throw std::invalid_argument("positions[" + std::to_string(b) + "] = " + std::to_string(positions[b]) +
+                                  " does not match the session's context of " + std::to_string(ctx) + " tokens");
+  }
+  const int H = config_.hidden_size, Q = config_.q_dim(), K = config_.kv_dim();
+  std::vector<float> x(static_cast<size_t>(B) * H);
+  for (int b = 0; b < B; b++)
+    std::memcpy(&x[static_cast<size_t>(b) * H], &w_.embed[static_cast<size_t>(tokens[b]) * H], H * sizeof(float));
+  std::vector<DecodeItem> items(B);
+  Layers(x.data(), B, positions.data(), [&](int layer, const float* q, const float* k, const float* v, float* out) {
+    for (int b = 0; b < B; b++) {
+      items[b].session = sessions[b];
+      items[b].q = q + static_cast<size_t>(b) * Q;
+      items[b].k = k + static_cast<size_t>(b) * K;
+      items[b].v = v + static_cast<size_t>(b) * K;
+      items[b].out = out + static_cast<size_t>(b) * Q;
+    }
+    attention_->Decode(layer, items);
+  });
+  std::vector<float> logits(static_cast<size_t>(B) * config_.vocab_size);
+  Head(x.data(), B, logits.data());
+  return logits;
+}
+
+}  // namespace freekv::model

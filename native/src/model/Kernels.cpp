@@ -1,0 +1,114 @@
+#include "model/Kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace freekv::model {
+
+namespace {
+inline float Dot(const float* a, const float* b, int n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int i = 0; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+}  // namespace
+
+void Linear(const float* x, int n, int in, const float* w, const float* bias, int out, float* y) {
+  // Tiles of 4 rows x 1 output keep a weight row in cache while it serves several tokens.
+  const long total = static_cast<long>(out) * ((n + 3) / 4);
+#pragma omp parallel for schedule(static)
+  for (long t = 0; t < total; t++) {
+    const int o = static_cast<int>(t % out);
+    const int r0 = static_cast<int>(t / out) * 4;
+    const float* wr = w + static_cast<long>(o) * in;
+    const float b = bias ? bias[o] : 0.f;
+    const int r1 = std::min(n, r0 + 4);
+    for (int r = r0; r < r1; r++) y[static_cast<long>(r) * out + o] = Dot(x + static_cast<long>(r) * in, wr, in) + b;
+  }
+}
+
+void RmsNorm(const float* x, int n, int h, const float* weight, float eps, float* y) {
+#pragma omp parallel for schedule(static) if (n > 8)
+  for (int r = 0; r < n; r++) {
+    const float* xr = x + static_cast<long>(r) * h;
+    float* yr = y + static_cast<long>(r) * h;
+    float ss = Dot(xr, xr, h);
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + eps);
+#pragma omp simd
+    for (int i = 0; i < h; i++) yr[i] = weight[i] * (xr[i] * inv);
+  }
+}
+
+void Rope(float* x, int n, int heads, int head_dim, const int* positions, const float* inv_freq) {
+  const int half = head_dim / 2;
+#pragma omp parallel for schedule(static) if (n > 8)
+  for (int r = 0; r < n; r++) {
+    std::vector<float> c(half), s(half);
+    const float pos = static_cast<float>(positions[r]);
+    for (int i = 0; i < half; i++) {
+      const float angle = inv_freq[i] * pos;  // float32 product, as transformers forms it
+      c[i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+      s[i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+    }
+    for (int h = 0; h < heads; h++) {
+      float* v = x + (static_cast<long>(r) * heads + h) * head_dim;
+      for (int i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i] + a * s[i];
+      }
+    }
+  }
+}
+
+void SwiGlu(float* gate, const float* up, long count) {
+#pragma omp parallel for simd schedule(static) if (count > 65536)
+  for (long i = 0; i < count; i++) {
+    const float g = gate[i];
+    gate[i] = g / (1.f + std::exp(-g)) * up[i];
+  }
+}
+
+void AddInPlace(float* x, const float* y, long count) {
+#pragma omp parallel for simd schedule(static) if (count > 65536)
+  for (long i = 0; i < count; i++) x[i] += y[i];
+}
+
+void CausalAttention(const float* q, int n, const float* k, const float* v, int ctx, int q_heads, int kv_heads,
+                     int head_dim, float* out) {
+  const int group = q_heads / kv_heads;
+  const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+  const int first = ctx - n;
+  const long kv_stride = static_cast<long>(kv_heads) * head_dim;
+#pragma omp parallel for collapse(2) schedule(dynamic, 4)
+  for (int r = 0; r < n; r++) {
+    for (int h = 0; h < q_heads; h++) {
+      const int kvh = h / group;
+      const int len = first + r + 1;
+      const float* qr = q + (static_cast<long>(r) * q_heads + h) * head_dim;
+      std::vector<float> p(len);
+      float mx = -INFINITY;
+      for (int t = 0; t < len; t++) {
+        p[t] = Dot(qr, k + t * kv_stride + static_cast<long>(kvh) * head_dim, head_dim) * scale;
+        mx = std::max(mx, p[t]);
+      }
+      float sum = 0.f;
+      for (int t = 0; t < len; t++) {
+        p[t] = std::exp(p[t] - mx);
+        sum += p[t];
+      }
+      float* o = out + (static_cast<long>(r) * q_heads + h) * head_dim;
+      std::fill(o, o + head_dim, 0.f);
+      for (int t = 0; t < len; t++) {
+        const float* vr = v + t * kv_stride + static_cast<long>(kvh) * head_dim;
+        const float wgt = p[t] / sum;
+#pragma omp simd
+        for (int d = 0; d < head_dim; d++) o[d] += wgt * vr[d];
+      }
+    }
+  }
+}
+
+}  // namespace freekv::model
