@@ -184,6 +184,11 @@ export interface ModelConfigNative {
   ropeTheta: number;
   /** Llama-3 style scaling ("llama3"), "linear", or none. */
   ropeScaling?: { type: "llama3" | "linear"; factor: number; lowFreqFactor?: number; highFreqFactor?: number; originalMaxPositionEmbeddings?: number };
+  /**
+   * Rotary frequencies after scaling, headDim / 2 values (services/compute/model/rope.ts computes
+   * them from ropeTheta and ropeScaling; the native side uses them as given).
+   */
+  ropeInvFreq: Float32Array | number[];
   tieWordEmbeddings: boolean;
   /** q/k/v projections carry a bias (Qwen2). */
   attentionBias: boolean;
@@ -203,7 +208,11 @@ export interface TensorRef {
 export interface ModelOptions {
   config: ModelConfigNative;
   tensors: TensorRef[];
-  engine: Engine;
+  /**
+   * Attention runs through this engine's sessions. Without it the model keeps a dense KV cache
+   * per session number itself (the reference path of the tests; releaseSession frees it).
+   */
+  engine?: Engine;
   threads?: number;
 }
 
@@ -211,15 +220,20 @@ export interface Model {
   /**
    * Runs a prompt chunk through all layers (prefill attention is exact and causal over the
    * session's whole context) and returns logits: for the last position ([vocab]), or for every
-   * position ([n][vocab]) when `allLogits`.
+   * position ([n][vocab]) when `allLogits`. startPosition must equal the session's context length.
    */
   prefill(session: number, tokens: Int32Array, startPosition: number, allLogits: boolean): Promise<Float32Array>;
   /** One decode step over all layers for a batch: one token per session; logits [batch][vocab]. */
   decode(sessions: Int32Array, tokens: Int32Array, positions: Int32Array): Promise<Float32Array>;
+  /** Dense fallback only: forgets a session's KV cache (false when there was none or with an engine). */
+  releaseSession(session: number): boolean;
   readonly vocabSize: number;
+  /** "engine" (FreeKV engine sessions) or "dense" (the model's own KV cache). */
+  readonly attention: "engine" | "dense";
 }
 
 export interface ModelStatic {
+  /** Maps and converts the weights (synchronously). Throws naming the tensor or config field. */
   new (options: ModelOptions): Model;
 }
 

@@ -1,0 +1,118 @@
+/**
+ * config.json of a Hugging Face checkpoint -> the runner's model configuration. Reads both the
+ * transformers 4 spelling (`rope_theta` + `rope_scaling`, `torch_dtype`) and the transformers 5
+ * one (`rope_parameters`, `dtype`). Everything the native forward pass cannot run is refused here
+ * with a message naming the field.
+ */
+import type { ModelConfigNative } from "../../../native/binding.js";
+import { ropeInvFreq, type RopeScaling } from "./rope.js";
+
+export class ModelConfigError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "ModelConfigError";
+  }
+}
+
+const ARCHITECTURES: Record<string, "llama" | "mistral" | "qwen2"> = {
+  LlamaForCausalLM: "llama",
+  MistralForCausalLM: "mistral",
+  Qwen2ForCausalLM: "qwen2",
+};
+
+export interface ModelSpec {
+  /** What the native Model takes (with the rotary frequencies already scaled). */
+  native: ModelConfigNative & { ropeInvFreq: Float32Array };
+  /** The architectures entry of config.json, e.g. "LlamaForCausalLM". */
+  architectureName: string;
+  maxPositionEmbeddings: number;
+  /** Weight dtype declared by the checkpoint (informational; tensors carry their own). */
+  dtype?: string;
+  bosTokenId?: number;
+  eosTokenIds: number[];
+}
+
+type Json = Record<string, unknown>;
+
+function int(cfg: Json, key: string, fallback?: number): number {
+  const v = cfg[key] ?? fallback;
+  if (typeof v !== "number" || !Number.isInteger(v) || v <= 0) throw new ModelConfigError(`config.json: ${key} must be a positive integer, got ${JSON.stringify(cfg[key])}`);
+  return v;
+}
+
+function num(v: unknown, key: string): number {
+  if (typeof v !== "number" || !Number.isFinite(v)) throw new ModelConfigError(`config.json: ${key} must be a number, got ${JSON.stringify(v)}`);
+  return v;
+}
+
+function ids(v: unknown): number[] {
+  if (typeof v === "number") return [v];
+  if (Array.isArray(v)) return v.filter((x): x is number => typeof x === "number");
+  return [];
+}
+
+/** Rope theta and scaling from either spelling. */
+export function parseRope(cfg: Json): { theta: number; scaling?: RopeScaling } {
+  const params = (cfg.rope_parameters ?? undefined) as Json | undefined;
+  const legacy = (cfg.rope_scaling ?? undefined) as Json | undefined;
+  const theta = num(params?.rope_theta ?? cfg.rope_theta ?? 10000, "rope_theta");
+  const src = params ?? legacy;
+  const type = (src?.rope_type ?? src?.type ?? "default") as string;
+  if (type === "default") return { theta };
+  if (type !== "llama3" && type !== "linear")
+    throw new ModelConfigError(`config.json: rope type '${type}' is not supported (default, linear, llama3)`);
+  const scaling: RopeScaling = { type, factor: num(src!.factor, "rope scaling factor") };
+  if (type === "llama3") {
+    scaling.lowFreqFactor = num(src!.low_freq_factor ?? 1, "low_freq_factor");
+    scaling.highFreqFactor = num(src!.high_freq_factor ?? 4, "high_freq_factor");
+    scaling.originalMaxPositionEmbeddings = num(
+      src!.original_max_position_embeddings ?? cfg.original_max_position_embeddings ?? 8192,
+      "original_max_position_embeddings",
+    );
+  }
+  return { theta, scaling };
+}
+
+export function parseModelConfig(cfg: Json, generationConfig?: Json): ModelSpec {
+  const archs = cfg.architectures;
+  const name = Array.isArray(archs) && typeof archs[0] === "string" ? archs[0] : undefined;
+  if (!name) throw new ModelConfigError("config.json: architectures is missing");
+  const architecture = ARCHITECTURES[name];
+  if (!architecture)
+    throw new ModelConfigError(`config.json: unknown architecture '${name}' (supported: ${Object.keys(ARCHITECTURES).join(", ")})`);
+  const hiddenSize = int(cfg, "hidden_size");
+  const qHeads = int(cfg, "num_attention_heads");
+  const kvHeads = int(cfg, "num_key_value_heads", qHeads);
+  const headDim = cfg.head_dim == null ? hiddenSize / qHeads : int(cfg, "head_dim");
+  if (!Number.isInteger(headDim)) throw new ModelConfigError("config.json: hidden_size is not a multiple of num_attention_heads and head_dim is absent");
+  if (qHeads % kvHeads) throw new ModelConfigError(`config.json: num_attention_heads (${qHeads}) is not a multiple of num_key_value_heads (${kvHeads})`);
+  if (cfg.mlp_bias === true) throw new ModelConfigError("config.json: mlp_bias is not supported");
+  if (cfg.hidden_act != null && cfg.hidden_act !== "silu") throw new ModelConfigError(`config.json: hidden_act '${String(cfg.hidden_act)}' is not supported (silu)`);
+  const { theta, scaling } = parseRope(cfg);
+  const attentionBias = architecture === "qwen2" ? true : cfg.attention_bias === true;
+  const eos = ids(generationConfig?.eos_token_id ?? cfg.eos_token_id);
+  const bos = typeof cfg.bos_token_id === "number" ? cfg.bos_token_id : undefined;
+  return {
+    native: {
+      architecture,
+      vocabSize: int(cfg, "vocab_size"),
+      hiddenSize,
+      intermediateSize: int(cfg, "intermediate_size"),
+      layers: int(cfg, "num_hidden_layers"),
+      qHeads,
+      kvHeads,
+      headDim,
+      rmsNormEps: num(cfg.rms_norm_eps ?? 1e-6, "rms_norm_eps"),
+      ropeTheta: theta,
+      ropeScaling: scaling,
+      ropeInvFreq: ropeInvFreq(headDim, theta, scaling),
+      tieWordEmbeddings: cfg.tie_word_embeddings === true,
+      attentionBias,
+    },
+    architectureName: name,
+    maxPositionEmbeddings: typeof cfg.max_position_embeddings === "number" ? cfg.max_position_embeddings : 4096,
+    dtype: (cfg.dtype ?? cfg.torch_dtype) as string | undefined,
+    bosTokenId: bos,
+    eosTokenIds: eos,
+  };
+}

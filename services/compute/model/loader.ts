@@ -1,0 +1,67 @@
+/**
+ * Loads a Hugging Face model folder (config.json, safetensors weights, optional tokenizer) and
+ * builds the native Model over it. The weights never pass through JavaScript: the native side maps
+ * the files the TensorRefs point into.
+ */
+import { existsSync, readFileSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { loadAddon, type Engine, type Model, type TensorRef } from "../../../native/binding.js";
+import { ModelConfigError, parseModelConfig, type ModelSpec } from "./config.js";
+import { loadTextCodec, type TextCodec } from "./tokenizer.js";
+import { collectTensorRefs } from "./weights.js";
+
+export interface ModelFolder {
+  dir: string;
+  spec: ModelSpec;
+  tensors: TensorRef[];
+  codec?: TextCodec;
+}
+
+export function readModelFolder(dir: string): ModelFolder {
+  const abs = resolve(dir);
+  const cfgFile = join(abs, "config.json");
+  if (!existsSync(cfgFile)) throw new ModelConfigError(`${abs}: no config.json (not a Hugging Face model folder)`);
+  let cfg: Record<string, unknown>;
+  try {
+    cfg = JSON.parse(readFileSync(cfgFile, "utf8"));
+  } catch (e) {
+    throw new ModelConfigError(`${cfgFile}: not JSON (${(e as Error).message})`);
+  }
+  const genFile = join(abs, "generation_config.json");
+  const gen = existsSync(genFile) ? (JSON.parse(readFileSync(genFile, "utf8")) as Record<string, unknown>) : undefined;
+  const spec = parseModelConfig(cfg, gen);
+  const tensors = collectTensorRefs(abs, spec.native);
+  return { dir: abs, spec, tensors, codec: loadTextCodec(abs) };
+}
+
+export interface LoadedModel extends ModelFolder {
+  model: Model;
+}
+
+/**
+ * The folder's model on the native side. With an engine, attention runs through FreeKV sessions
+ * of that engine; without one, the model keeps a dense KV cache per session (reference runs).
+ */
+export function loadModel(dir: string, options: { engine?: Engine; threads?: number } = {}): LoadedModel {
+  const folder = readModelFolder(dir);
+  const { Model } = loadAddon();
+  const model = new Model({ config: folder.spec.native, tensors: folder.tensors, engine: options.engine, threads: options.threads });
+  return { ...folder, model };
+}
+
+/** The built-in model's folder (made by scripts/make-builtin-model.mjs), from the repo root. */
+export function builtinModelDir(): string {
+  const here = fileURLToPath(new URL(".", import.meta.url));
+  // services/compute/model (tsx) or dist/services/compute/model (compiled)
+  for (const up of ["../../..", "../../../.."]) {
+    const d = resolve(here, up, "models", "builtin");
+    if (existsSync(join(d, "config.json"))) return d;
+  }
+  return resolve(here, "../../..", "models", "builtin");
+}
+
+/** FREEKV_MODEL_DIR, or the built-in model. */
+export function defaultModelDir(): string {
+  return process.env.FREEKV_MODEL_DIR || builtinModelDir();
+}

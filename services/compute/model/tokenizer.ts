@@ -1,0 +1,66 @@
+/**
+ * Text <-> token ids for a checkpoint folder: tokenizer.json through @huggingface/tokenizers and
+ * the chat template of tokenizer_config.json through @huggingface/jinja. A folder without
+ * tokenizer.json is served with token ids only.
+ */
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { Tokenizer } from "@huggingface/tokenizers";
+import { Template } from "@huggingface/jinja";
+
+export interface ChatMessage {
+  role: string;
+  content: string;
+}
+
+export class TextCodec {
+  private readonly template?: Template;
+  constructor(
+    private readonly tokenizer: Tokenizer,
+    private readonly config: Record<string, unknown>,
+  ) {
+    const t = config.chat_template;
+    if (typeof t === "string") this.template = new Template(t);
+  }
+
+  get hasChatTemplate(): boolean {
+    return !!this.template;
+  }
+
+  /** Token ids of raw text; special tokens of the post-processor (BOS) are added when asked. */
+  encode(text: string, addSpecialTokens = false): number[] {
+    return this.tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids;
+  }
+
+  decode(ids: number[], skipSpecialTokens = true): string {
+    return this.tokenizer.decode(ids, { skip_special_tokens: skipSpecialTokens });
+  }
+
+  /** Renders messages with the chat template (generation prompt appended) and encodes them. */
+  encodeChat(messages: ChatMessage[]): number[] {
+    if (!this.template) throw new Error("the model has no chat template (tokenizer_config.json chat_template)");
+    const text = this.template.render({
+      messages,
+      add_generation_prompt: true,
+      bos_token: tokenText(this.config.bos_token),
+      eos_token: tokenText(this.config.eos_token),
+    });
+    return this.encode(text, false);
+  }
+}
+
+function tokenText(v: unknown): string {
+  if (typeof v === "string") return v;
+  if (v && typeof v === "object" && typeof (v as { content?: unknown }).content === "string") return (v as { content: string }).content;
+  return "";
+}
+
+/** Loads the folder's tokenizer, or undefined when it has no tokenizer.json. */
+export function loadTextCodec(dir: string): TextCodec | undefined {
+  const file = join(dir, "tokenizer.json");
+  if (!existsSync(file)) return undefined;
+  const tokenizerJson = JSON.parse(readFileSync(file, "utf8"));
+  const cfgFile = join(dir, "tokenizer_config.json");
+  const config = existsSync(cfgFile) ? JSON.parse(readFileSync(cfgFile, "utf8")) : {};
+  return new TextCodec(new Tokenizer(tokenizerJson, config), config);
+}
