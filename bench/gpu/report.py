@@ -1,0 +1,159 @@
+"""Merges the GPU benchmark's JSON with the HF anchor's and prints the table.
+
+Every figure is printed next to its ceiling (the ceilings measured in the same run), and the
+targets of issue 5 are checked with how far each figure is from its target.
+Usage: python3 bench/gpu/report.py --bench bench.json --anchor anchor.json --out gpu-<date>.json
+"""
+
+import argparse
+import json
+import os
+
+
+def load(path):
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def fmt(v, digits=3):
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.1f}"
+    if a >= 10:
+        return f"{v:.2f}"
+    return f"{v:.{digits}f}"
+
+
+def table(rows, headers):
+    w = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"
+    out = [line(headers), "|" + "|".join("-" * (x + 2) for x in w) + "|"]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def step_lookup(bench):
+    cases = ((bench or {}).get("step") or {}).get("cases") or []
+    return {(c["context"], c["batch"], c["mode"]): c for c in cases if "ms" in c}
+
+
+def targets(bench):
+    """Issue 5's targets: (name, figure, target, met, how far)."""
+    out = []
+    steps = step_lookup(bench)
+    ctxs = sorted({k[0] for k in steps})
+    for ctx in ctxs:
+        for b in (1, 4, 16):
+            sp = steps.get((ctx, b, "sparse"))
+            for mode in ("freekv_gather", "freekv_memcpy"):
+                fk = steps.get((ctx, b, mode))
+                if fk and sp:
+                    r = fk["ms"] / sp["ms"]
+                    out.append((f"{mode} <= 1.05x GPU-resident sparse, {ctx // 1024}K b{b}", f"{r:.3f}x", "<= 1.05x",
+                                r <= 1.05, f"{(r / 1.05 - 1) * 100:+.1f}%"))
+        fk = steps.get((ctx, 16, "freekv_gather"))
+        if fk and fk.get("floor_ms"):
+            r = fk["ms"] / fk["floor_ms"]
+            out.append((f"freekv_gather <= 1.2x HBM floor, {ctx // 1024}K b16", f"{r:.3f}x", "<= 1.2x", r <= 1.2,
+                        f"{(r / 1.2 - 1) * 100:+.1f}%"))
+        fk, ak = steps.get((ctx, 4, "freekv_gather")), steps.get((ctx, 4, "arkvale"))
+        if fk and ak:
+            r = ak["ms"] / fk["ms"]
+            out.append((f"freekv_gather vs ArkVale-style speed-up, {ctx // 1024}K b4", f"{r:.2f}x", ">= 13.7x", r >= 13.7,
+                        f"{(r / 13.7 - 1) * 100:+.1f}%"))
+    rec = ((bench or {}).get("recall") or {}).get("modes") or {}
+    for mode, r in rec.items():
+        if "GBps" in r:
+            out.append((f"recall {mode} >= 50 GB/s", f"{r['GBps']:.1f} GB/s", ">= 50 GB/s", r["GBps"] >= 50,
+                        f"{(r['GBps'] / 50 - 1) * 100:+.1f}%"))
+    att = ((bench or {}).get("attention") or {}).get("cases") or []
+    for a in att:
+        if "fraction_of_hbm" in a:
+            f = a["fraction_of_hbm"]
+            out.append((f"attention >= 80% HBM, {a['name']}", f"{f * 100:.1f}%", ">= 80%", f >= 0.8,
+                        f"{(f / 0.8 - 1) * 100:+.1f}%"))
+    out.append(("TypeScript + gRPC <= 2% of a step (b16)", "not measured here", "<= 2%", None,
+                "needs the service on the GPU machine (part of the service benchmark)"))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bench")
+    ap.add_argument("--anchor")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    bench, anchor = load(args.bench), load(args.anchor)
+    doc = dict(bench or {"error": "benchmark program produced no JSON"})
+    doc["anchor_hf_transformers"] = anchor or {"error": "anchor produced no JSON"}
+
+    rows = []
+    for r in (bench or {}).get("table", []):
+        frac = r.get("fraction_of_ceiling")
+        rows.append([r["section"], r["name"], fmt(r["value"]), r["unit"], fmt(r.get("ceiling")),
+                     "-" if frac is None else f"{frac * 100:.1f}%", r.get("note", "")])
+    print()
+    print(f"GPU: {(bench or {}).get('device', {}).get('name', '?')}, CUDA {(bench or {}).get('device', {}).get('cuda_runtime', '?')}, "
+          f"commit {(bench or {}).get('git_commit', '?')}, {(bench or {}).get('date_utc', '?')}")
+    print(table(rows, ["section", "figure", "value", "unit", "ceiling", "of ceiling", "note"]))
+
+    steps = step_lookup(bench)
+    if steps:
+        modes = ["dense", "sparse", "freekv_gather", "freekv_memcpy", "arkvale", "full_offload"]
+        srows = []
+        for ctx, b in sorted({(k[0], k[1]) for k in steps}):
+            floor = next((steps[(ctx, b, m)].get("floor_ms") for m in modes if (ctx, b, m) in steps), None)
+            cells = []
+            for m in modes:
+                c = steps.get((ctx, b, m))
+                cells.append(fmt(c["ms"]) if c else "-")
+            srows.append([f"{ctx // 1024}K", b, fmt(floor)] + cells)
+        print()
+        print("decode step, ms (HBM floor = weights + attended KV bytes / measured HBM copy bandwidth)")
+        print(table(srows, ["context", "batch", "HBM floor"] + modes))
+
+    arows = []
+    for c in (anchor or {}).get("cases", []):
+        arows.append([f"{c['context'] // 1024}K", c["batch"], c["cache"], fmt(c.get("ms_per_step")),
+                      fmt(c.get("previously_measured_ms")), c.get("error", c.get("skipped", ""))[:60]])
+    if arows:
+        print()
+        print(f"HF transformers {(anchor or {}).get('transformers', '?')} anchor, ms per decode step")
+        print(table(arows, ["context", "batch", "cache", "ms/step", "before", "note"]))
+        # side by side with ours where the shapes match
+        side = []
+        for c in (anchor or {}).get("cases", []):
+            if "ms_per_step" not in c:
+                continue
+            fk = steps.get((c["context"], c["batch"], "freekv_gather"))
+            if fk:
+                side.append([f"{c['context'] // 1024}K", c["batch"], c["cache"], fmt(c["ms_per_step"]), fmt(fk["ms"]),
+                             f"{c['ms_per_step'] / fk['ms']:.1f}x"])
+        if side:
+            print()
+            print(table(side, ["context", "batch", "HF cache", "HF ms", "FreeKV gather ms", "speed-up"]))
+
+    trows = [[n, f, t, "-" if m is None else ("yes" if m else "NO"), d] for n, f, t, m, d in targets(bench)]
+    doc["targets"] = [{"target": n, "figure": f, "goal": t, "met": m, "distance": d} for n, f, t, m, d in targets(bench)]
+    print()
+    print("issue 5 targets")
+    print(table(trows, ["target", "figure", "goal", "met", "distance"]))
+    status = (bench or {}).get("section_status")
+    if status:
+        print()
+        print("sections:", json.dumps(status))
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
