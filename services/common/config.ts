@@ -1,0 +1,63 @@
+/**
+ * Configuration from environment variables, validated once at start.
+ *
+ * Each service declares a zod object whose keys are the variable names. A bad value ends the
+ * process with exit code 2 and one line per offending variable, so a misconfigured pod fails its
+ * start instead of serving with a guessed value.
+ */
+import { z } from "zod";
+
+export class ConfigError extends Error {
+  constructor(readonly problems: string[]) {
+    super(`invalid configuration:\n${problems.map((p) => `  ${p}`).join("\n")}`);
+    this.name = "ConfigError";
+  }
+}
+
+/** Parses `env` with `schema`; throws ConfigError naming each bad variable. */
+export function parseConfig<S extends z.ZodObject>(schema: S, env: NodeJS.ProcessEnv = process.env): z.infer<S> {
+  const picked: Record<string, string | undefined> = {};
+  for (const key of Object.keys(schema.shape)) {
+    const v = env[key];
+    // An empty variable means "not set", as in a Kubernetes manifest with `value: ""`.
+    picked[key] = v === undefined || v === "" ? undefined : v;
+  }
+  const r = schema.safeParse(picked);
+  if (!r.success) {
+    throw new ConfigError(r.error.issues.map((i) => `${String(i.path[0] ?? "?")}=${JSON.stringify(picked[String(i.path[0])] ?? "")}: ${i.message}`));
+  }
+  return r.data;
+}
+
+/** Like parseConfig, but prints the problem and exits non-zero: for a service's main(). */
+export function loadConfigOrExit<S extends z.ZodObject>(service: string, schema: S, env: NodeJS.ProcessEnv = process.env): z.infer<S> {
+  try {
+    return parseConfig(schema, env);
+  } catch (e) {
+    if (e instanceof ConfigError) {
+      process.stderr.write(`${service}: ${e.message}\n`);
+      process.exit(2);
+    }
+    throw e;
+  }
+}
+
+// Field builders shared by the services' schemas.
+
+/** A TCP port; 0 asks the OS for an ephemeral one. */
+export const port = (dflt: number) => z.coerce.number().int("must be an integer port").min(0, "must be 0..65535").max(65535, "must be 0..65535").default(dflt);
+
+export const positiveInt = (dflt: number) => z.coerce.number().int("must be an integer").positive("must be > 0").default(dflt);
+
+export const nonNegativeInt = (dflt: number) => z.coerce.number().int("must be an integer").min(0, "must be >= 0").default(dflt);
+
+/** "1"/"true"/"yes"/"on" or "0"/"false"/"no"/"off". */
+export const flag = (dflt: boolean) =>
+  z
+    .enum(["1", "0", "true", "false", "yes", "no", "on", "off"], { message: "must be 1/0, true/false, yes/no or on/off" })
+    .optional()
+    .transform((v) => (v === undefined ? dflt : v === "1" || v === "true" || v === "yes" || v === "on"));
+
+export const logLevel = () => z.enum(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info");
+
+export const host = (dflt: string) => z.string().min(1).default(dflt);

@@ -1,0 +1,60 @@
+/**
+ * Typed service errors and their gRPC status. Handlers throw ServiceError with the status the
+ * caller should see; an aborted call is CANCELLED (or DEADLINE_EXCEEDED); an error that already
+ * carries a gRPC status (from a downstream call, e.g. the kvstore) keeps it; anything else is a
+ * bug and becomes INTERNAL with a log line, never a crash.
+ */
+import { status, Metadata, type StatusObject } from "@grpc/grpc-js";
+import type { Logger } from "./log.js";
+
+export class ServiceError extends Error {
+  constructor(
+    readonly code: status,
+    message: string,
+  ) {
+    super(message);
+    this.name = "ServiceError";
+  }
+}
+
+/** INVALID_ARGUMENT whose message starts with the offending field, e.g. "decode.items[2].q". */
+export const invalidArgument = (field: string, message: string) => new ServiceError(status.INVALID_ARGUMENT, `${field}: ${message}`);
+export const notFound = (message: string) => new ServiceError(status.NOT_FOUND, message);
+export const failedPrecondition = (message: string) => new ServiceError(status.FAILED_PRECONDITION, message);
+export const resourceExhausted = (message: string) => new ServiceError(status.RESOURCE_EXHAUSTED, message);
+export const unavailable = (message: string) => new ServiceError(status.UNAVAILABLE, message);
+export const unimplemented = (message: string) => new ServiceError(status.UNIMPLEMENTED, message);
+export const alreadyExists = (message: string) => new ServiceError(status.ALREADY_EXISTS, message);
+
+const passThrough = new Set<number>([
+  status.INVALID_ARGUMENT,
+  status.NOT_FOUND,
+  status.FAILED_PRECONDITION,
+  status.RESOURCE_EXHAUSTED,
+  status.UNAVAILABLE,
+  status.UNIMPLEMENTED,
+  status.ALREADY_EXISTS,
+  status.CANCELLED,
+  status.DEADLINE_EXCEEDED,
+]);
+
+/** Error raised by a gRPC client call (has a numeric code and details). */
+function isGrpcClientError(e: unknown): e is { code: number; details: string; message: string } {
+  return typeof e === "object" && e !== null && typeof (e as { code?: unknown }).code === "number" && typeof (e as { details?: unknown }).details === "string";
+}
+
+/** The status to send for `err`; logs what is not a ServiceError. */
+export function toStatus(err: unknown, log: Logger, method: string, signal?: AbortSignal): StatusObject {
+  if (signal?.aborted) {
+    const reason = signal.reason;
+    if (reason instanceof ServiceError) return { code: reason.code, details: reason.message, metadata: new Metadata() };
+    return { code: status.CANCELLED, details: "call cancelled", metadata: new Metadata() };
+  }
+  if (err instanceof ServiceError) return { code: err.code, details: err.message, metadata: new Metadata() };
+  if (isGrpcClientError(err) && passThrough.has(err.code)) {
+    return { code: err.code, details: err.details, metadata: new Metadata() };
+  }
+  const e = err instanceof Error ? err : new Error(String(err));
+  log.error({ err: e, method }, "internal error");
+  return { code: status.INTERNAL, details: `internal error: ${e.message}`, metadata: new Metadata() };
+}

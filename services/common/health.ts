@@ -1,0 +1,26 @@
+/**
+ * grpc.health.v1 for a service: "" (the whole server) plus each named service. Watch streams
+ * come from grpc-health-check; flipping to NOT_SERVING at drain is what takes the pod out of
+ * load balancing before the server stops accepting.
+ */
+import { HealthImplementation, type ServingStatus } from "grpc-health-check";
+import type { Server } from "@grpc/grpc-js";
+
+export class Health {
+  private readonly impl: HealthImplementation;
+
+  constructor(private readonly services: string[]) {
+    const initial: Record<string, ServingStatus> = { "": "NOT_SERVING" };
+    for (const s of services) initial[s] = "NOT_SERVING";
+    this.impl = new HealthImplementation(initial);
+  }
+
+  addToServer(server: Server): void {
+    this.impl.addToServer(server);
+  }
+
+  set(status: "SERVING" | "NOT_SERVING"): void {
+    this.impl.setStatus("", status);
+    for (const s of this.services) this.impl.setStatus(s, status);
+  }
+}

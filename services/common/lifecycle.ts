@@ -1,0 +1,84 @@
+/**
+ * Server lifecycle: bind, then on SIGTERM/SIGINT drain: health NOT_SERVING (the load balancer
+ * stops sending), tryShutdown (no new calls, in-flight ones finish), and after the grace period
+ * abort what is still running and forceShutdown; then the service's own cleanup, then exit 0.
+ * A second signal during the drain skips the rest of the grace period.
+ */
+import { Server, ServerCredentials } from "@grpc/grpc-js";
+import { abortAllCalls, inflightCalls } from "./cancellation.js";
+import type { Health } from "./health.js";
+import type { Logger } from "./log.js";
+
+export async function bindServer(server: Server, host: string, port: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    server.bindAsync(`${host}:${port}`, ServerCredentials.createInsecure(), (err, actual) => {
+      if (err) reject(new Error(`cannot listen on ${host}:${port}: ${err.message}`));
+      else resolve(actual);
+    });
+  });
+}
+
+export interface DrainOptions {
+  server: Server;
+  health: Health;
+  log: Logger;
+  /** How long in-flight calls may run after the drain starts. */
+  graceMs: number;
+  /** Service cleanup after the server stopped (release segments, close clients, metrics server). */
+  cleanup?: () => Promise<void>;
+  /** Exit the process when done (default true; false for in-process use). */
+  exit?: boolean;
+}
+
+export interface Drainer {
+  drain(reason: string): Promise<void>;
+}
+
+export function installDrain(opts: DrainOptions): Drainer {
+  let draining: Promise<void> | undefined;
+  let hurry: (() => void) | undefined;
+
+  const drain = (reason: string): Promise<void> => {
+    if (draining) {
+      hurry?.();
+      return draining;
+    }
+    draining = (async () => {
+      const t0 = Date.now();
+      opts.log.info({ reason, inflight: inflightCalls(), graceMs: opts.graceMs }, "draining");
+      opts.health.set("NOT_SERVING");
+      const graceful = new Promise<boolean>((resolve) => {
+        opts.server.tryShutdown(() => resolve(true));
+      });
+      const late = new Promise<boolean>((resolve) => {
+        const timer = setTimeout(() => resolve(false), opts.graceMs);
+        hurry = () => {
+          clearTimeout(timer);
+          resolve(false);
+        };
+      });
+      const clean = await Promise.race([graceful, late]);
+      if (!clean) {
+        opts.log.warn({ inflight: inflightCalls() }, "grace period over: cancelling in-flight calls");
+        abortAllCalls();
+        opts.server.forceShutdown();
+      }
+      try {
+        await opts.cleanup?.();
+      } catch (e) {
+        opts.log.error({ err: e }, "cleanup failed");
+      }
+      opts.log.info({ ms: Date.now() - t0, clean }, "stopped");
+      if (opts.exit !== false) {
+        // Let pino flush its last line before exiting.
+        setImmediate(() => process.exit(0));
+      }
+    })();
+    return draining;
+  };
+
+  for (const sig of ["SIGTERM", "SIGINT"] as const) {
+    process.on(sig, () => void drain(sig));
+  }
+  return { drain };
+}

@@ -1,0 +1,53 @@
+/**
+ * Prometheus metrics: one registry per process with the default process metrics, served at
+ * GET /metrics on its own HTTP port (0 = ephemeral, for tests), separate from the gRPC port so
+ * scraping never competes with traffic.
+ */
+import { createServer, type Server } from "node:http";
+import type { AddressInfo } from "node:net";
+import { Registry, collectDefaultMetrics } from "prom-client";
+
+export function createRegistry(service: string): Registry {
+  const registry = new Registry();
+  registry.setDefaultLabels({ service });
+  collectDefaultMetrics({ register: registry, prefix: "freekv_" });
+  return registry;
+}
+
+export interface MetricsServer {
+  readonly port: number;
+  close(): Promise<void>;
+}
+
+export async function startMetricsServer(registry: Registry, port: number, host = "0.0.0.0"): Promise<MetricsServer> {
+  const server: Server = createServer((req, res) => {
+    if (req.method === "GET" && (req.url === "/metrics" || req.url?.startsWith("/metrics?"))) {
+      registry
+        .metrics()
+        .then((body) => {
+          res.writeHead(200, { "content-type": registry.contentType });
+          res.end(body);
+        })
+        .catch((e: unknown) => {
+          res.writeHead(500, { "content-type": "text/plain" });
+          res.end(String(e));
+        });
+      return;
+    }
+    res.writeHead(404, { "content-type": "text/plain" });
+    res.end("not found: try /metrics\n");
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(port, host, () => resolve());
+  });
+  const actual = (server.address() as AddressInfo).port;
+  return {
+    port: actual,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.closeAllConnections?.();
+        server.close(() => resolve());
+      }),
+  };
+}

@@ -1,0 +1,116 @@
+/**
+ * The bidirectional per-layer Attention stream (freekv.v1.ComputeService/Attention) for
+ * disaggregated engines. Messages of one stream are handled in order (a decode of layer l must
+ * see the prefill sent before it); decode requests of different streams meet in the
+ * DecodeBatcher. Reading pauses while too many messages wait, and writing waits for 'drain', so
+ * a slow client slows the stream instead of filling memory. Any bad message ends the stream
+ * with its status (INVALID_ARGUMENT naming the field, NOT_FOUND, RESOURCE_EXHAUSTED).
+ */
+import { once } from "node:events";
+import type { ServerDuplexStream, handleBidiStreamingCall } from "@grpc/grpc-js";
+import type { AttentionRequest, AttentionResponse } from "../../../proto/gen/freekv/v1/compute.js";
+import { callScope, whenAborted } from "../../common/cancellation.js";
+import { toStatus } from "../../common/errors.js";
+import type { Logger } from "../../common/log.js";
+import type { SessionManager } from "../sessions/manager.js";
+import type { DecodeBatcher } from "./batcher.js";
+import { writeTensor } from "./tensor.js";
+import { validateRequest } from "./validate.js";
+
+const HIGH_WATER = 32;
+const LOW_WATER = 8;
+
+export interface AttentionObserver {
+  request(op: "prefill" | "decode", seconds: number): void;
+  prefilled(session: import("../sessions/session.js").ComputeSession, layer: number): void;
+}
+
+export function attentionHandler(deps: { sessions: SessionManager; batcher: DecodeBatcher; log: Logger; observer: AttentionObserver }): handleBidiStreamingCall<AttentionRequest, AttentionResponse> {
+  const { sessions, batcher, log, observer } = deps;
+  return (call: ServerDuplexStream<AttentionRequest, AttentionResponse>) => {
+    const scope = callScope(call);
+    const queue: AttentionRequest[] = [];
+    let ended = false;
+    let paused = false;
+    let wake: (() => void) | undefined;
+    const notify = () => {
+      const w = wake;
+      wake = undefined;
+      w?.();
+    };
+    call.on("data", (m: AttentionRequest) => {
+      queue.push(m);
+      if (queue.length >= HIGH_WATER && !paused) {
+        paused = true;
+        call.pause();
+      }
+      notify();
+    });
+    call.on("end", () => {
+      ended = true;
+      notify();
+    });
+    call.on("error", () => {
+      ended = true;
+      notify();
+    });
+    scope.signal.addEventListener("abort", notify, { once: true });
+
+    const handle = async (req: AttentionRequest): Promise<AttentionResponse> => {
+      const t0 = process.hrtime.bigint();
+      const engine = sessions.requireEngine();
+      const op = validateRequest(req, sessions);
+      if (op.op === "prefill") {
+        const s = op.session;
+        await Promise.race([
+          s.lock.run(async () => {
+            if (s.closed) throw new Error("closed");
+            await engine.prefill(s.engineSession!, op.layer, op.k, op.v, op.n);
+            s.layerTokens[op.layer] += op.n;
+            observer.prefilled(s, op.layer);
+          }),
+          whenAborted(scope.signal),
+        ]);
+        observer.request("prefill", Number(process.hrtime.bigint() - t0) / 1e9);
+        return { requestId: req.requestId, result: { $case: "prefill", value: { contextTokens: s.layerTokens[op.layer] } } };
+      }
+      const outs = await batcher.submit(op.layer, op.items, scope.signal);
+      observer.request("decode", Number(process.hrtime.bigint() - t0) / 1e9);
+      return {
+        requestId: req.requestId,
+        result: {
+          $case: "decode",
+          value: { outputs: outs.map((o, i) => writeTensor(o, [op.items[i].session.geometry.queryHeads, op.items[i].session.geometry.headDim], op.items[i].dtype)) },
+        },
+      };
+    };
+
+    const pump = async () => {
+      for (;;) {
+        if (scope.signal.aborted) return;
+        const m = queue.shift();
+        if (m === undefined) {
+          if (ended) break;
+          await new Promise<void>((r) => (wake = r));
+          continue;
+        }
+        if (paused && queue.length <= LOW_WATER) {
+          paused = false;
+          call.resume();
+        }
+        const res = await handle(m);
+        if (scope.signal.aborted) return;
+        if (!call.write(res)) await Promise.race([once(call, "drain"), whenAborted(scope.signal)]);
+      }
+      call.end();
+    };
+
+    pump()
+      .catch((e: unknown) => {
+        if (call.cancelled) return;
+        const st = toStatus(e, log, "Attention", scope.signal);
+        call.emit("error", { code: st.code, details: st.details, metadata: st.metadata });
+      })
+      .finally(() => scope.done());
+  };
+}

@@ -1,0 +1,33 @@
+/** The compute service's environment variables (see the README's configuration table). */
+import { z } from "zod";
+import { flag, host, logLevel, nonNegativeInt, port, positiveInt } from "../common/config.js";
+
+export const computeConfigSchema = z.object({
+  FREEKV_COMPUTE_HOST: host("127.0.0.1"),
+  FREEKV_COMPUTE_PORT: port(50051),
+  FREEKV_COMPUTE_METRICS_PORT: port(9091),
+  /** host:port of the kvstore's gRPC server. */
+  FREEKV_KVSTORE_ADDR: z
+    .string()
+    .regex(/^[^\s:]+:\d{1,5}$/, "must be host:port")
+    .default("127.0.0.1:50052"),
+  FREEKV_BACKEND: z.enum(["cpu", "cuda"], { message: 'must be "cpu" or "cuda"' }).default("cpu"),
+  /** CPU worker threads of the engine; 0 = all cores. */
+  FREEKV_THREADS: nonNegativeInt(0),
+  FREEKV_CUDA_DEVICE: nonNegativeInt(0),
+  /** Default max context of a session when the request leaves it 0. */
+  FREEKV_MAX_CONTEXT_TOKENS: positiveInt(32768),
+  /** Upper bound a request may ask for. */
+  FREEKV_MAX_CONTEXT_LIMIT: positiveInt(1 << 20),
+  /** How long decode requests for one layer are collected into one engine call, in microseconds. */
+  FREEKV_DECODE_BATCH_WINDOW_US: nonNegativeInt(200),
+  /** Send a CRC32C of every committed page for the kvstore to verify. */
+  FREEKV_COMMIT_CHECKSUMS: flag(false),
+  /** Hugging Face model folder served by Generate (optional). */
+  FREEKV_MODEL: z.string().optional(),
+  FREEKV_KVSTORE_TIMEOUT_MS: positiveInt(10_000),
+  FREEKV_SHUTDOWN_GRACE_MS: positiveInt(10_000),
+  FREEKV_LOG_LEVEL: logLevel(),
+});
+
+export type ComputeConfig = z.infer<typeof computeConfigSchema>;

@@ -1,0 +1,164 @@
+/**
+ * ComputeContext: what every compute handler gets. Built once at start: config, log, metrics,
+ * the kvstore client, the SessionManager, the engine (loadAddon().Engine on FREEKV_BACKEND, or
+ * undefined when this addon build has no engine yet) and, when a model is served, the model.
+ */
+import { Counter, Gauge, Histogram, type Registry } from "prom-client";
+import { loadAddon, type Engine } from "../../native/binding.js";
+import type { ModelGeometry } from "../../proto/gen/freekv/v1/common.js";
+import type { Logger } from "../common/log.js";
+import { KvStoreClient } from "../kvstore/client.js";
+import type { ComputeConfig } from "./config.js";
+import { SessionManager } from "./sessions/manager.js";
+
+export interface ComputeMetrics {
+  registry: Registry;
+  sessions: Gauge;
+  attentionRequests: Counter<"op">;
+  attentionSeconds: Histogram<"op">;
+  decodeBatchSize: Histogram;
+  decodeStepSeconds: Histogram;
+}
+
+export interface ComputeContext {
+  config: ComputeConfig;
+  log: Logger;
+  metrics: ComputeMetrics;
+  kvstore: KvStoreClient;
+  sessions: SessionManager;
+  /** The FreeKV engine; undefined when the native addon was built without one. */
+  engine: Engine | undefined;
+  backend: "cpu" | "cuda";
+  /** The served model (set by the model loader when FREEKV_MODEL is given). */
+  model?: unknown;
+  /** Geometry of the served model; model sessions take it. */
+  modelGeometry?: ModelGeometry;
+}
+
+export class StartupError extends Error {}
+
+/** Creates the engine for FREEKV_BACKEND, or undefined when the addon has no Engine. */
+export function createEngine(config: ComputeConfig, log: Logger): Engine | undefined {
+  const addon = loadAddon();
+  if (typeof addon.Engine !== "function") {
+    log.warn("this native addon has no Engine: sessions work, Attention answers UNAVAILABLE");
+    return undefined;
+  }
+  if (config.FREEKV_BACKEND === "cuda") {
+    const info = addon.backendInfo();
+    if (!info.backends.includes("cuda")) {
+      throw new StartupError(`FREEKV_BACKEND=cuda: ${info.cudaBuilt ? (info.cuda.reason ?? "no CUDA device") : "this addon was built without CUDA (no nvcc at build time)"}`);
+    }
+  }
+  try {
+    return new addon.Engine({ backend: config.FREEKV_BACKEND, threads: config.FREEKV_THREADS || undefined, device: config.FREEKV_CUDA_DEVICE });
+  } catch (e) {
+    throw new StartupError(`FREEKV_BACKEND=${config.FREEKV_BACKEND}: cannot create the engine: ${(e as Error).message}`);
+  }
+}
+
+function createMetrics(registry: Registry, sessions: () => SessionManager | undefined): ComputeMetrics {
+  const m: ComputeMetrics = {
+    registry,
+    sessions: new Gauge({ name: "freekv_compute_sessions", help: "Open sessions", registers: [registry] }),
+    attentionRequests: new Counter({ name: "freekv_compute_attention_requests_total", help: "Attention stream messages served", labelNames: ["op"], registers: [registry] }),
+    attentionSeconds: new Histogram({
+      name: "freekv_compute_attention_seconds",
+      help: "Attention message latency (validation, batching wait, engine)",
+      labelNames: ["op"],
+      buckets: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1, 3],
+      registers: [registry],
+    }),
+    decodeBatchSize: new Histogram({ name: "freekv_compute_decode_batch_size", help: "Sessions per engine decode call", buckets: [1, 2, 4, 8, 16, 32, 64], registers: [registry] }),
+    decodeStepSeconds: new Histogram({
+      name: "freekv_compute_decode_step_seconds",
+      help: "Engine decode call time of one layer for a batch",
+      buckets: [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1],
+      registers: [registry],
+    }),
+  };
+  // Retrieval counters summed over open sessions, read from the engine at scrape time.
+  const sum = (pick: (s: ReturnType<SessionManager["stats"]>) => number) => {
+    const mgr = sessions();
+    if (!mgr) return 0;
+    return mgr.list().reduce((a, s) => a + pick(mgr.stats(s)), 0);
+  };
+  new Gauge({
+    name: "freekv_compute_recall_bytes",
+    help: "Bytes recalled from the host tier by open sessions",
+    registers: [registry],
+    collect() {
+      this.set(sum((s) => s.recallBytes));
+    },
+  });
+  new Gauge({
+    name: "freekv_compute_correction_rate",
+    help: "Corrected selections / selections over open sessions",
+    registers: [registry],
+    collect() {
+      const sel = sum((s) => s.selections);
+      this.set(sel ? sum((s) => s.corrections) / sel : 0);
+    },
+  });
+  new Gauge({
+    name: "freekv_compute_hit_rate",
+    help: "Selected pages already resident / selected pages over open sessions",
+    registers: [registry],
+    collect() {
+      const sel = sum((s) => s.pagesSelected);
+      this.set(sel ? sum((s) => s.pagesHit) / sel : 0);
+    },
+  });
+  new Gauge({
+    name: "freekv_compute_pages",
+    help: "Pages of open sessions per tier (device = resident in the budget cache, host = offloaded to the kvstore)",
+    labelNames: ["tier"],
+    registers: [registry],
+    collect() {
+      const mgr = sessions();
+      let device = 0;
+      let host = 0;
+      for (const s of mgr?.list() ?? []) {
+        if (mgr!.engine && s.engineSession !== undefined) {
+          const st = mgr!.engine.stats(s.engineSession);
+          device += st.residentPages;
+          host += st.pagesOffloaded;
+        }
+      }
+      this.set({ tier: "device" }, device);
+      this.set({ tier: "host" }, host);
+    },
+  });
+  return m;
+}
+
+export function createContext(config: ComputeConfig, log: Logger, registry: Registry, extra: { modelGeometry?: ModelGeometry; model?: unknown } = {}): ComputeContext {
+  const engine = createEngine(config, log);
+  const kvstore = new KvStoreClient(config.FREEKV_KVSTORE_ADDR, config.FREEKV_KVSTORE_TIMEOUT_MS);
+  let mgr: SessionManager | undefined;
+  const metrics = createMetrics(registry, () => mgr);
+  const ctx: ComputeContext = {
+    config,
+    log,
+    metrics,
+    kvstore,
+    engine,
+    backend: config.FREEKV_BACKEND,
+    model: extra.model,
+    modelGeometry: extra.modelGeometry,
+    sessions: undefined as unknown as SessionManager,
+  };
+  mgr = new SessionManager({
+    log,
+    kvstore,
+    engine,
+    defaultMaxContextTokens: config.FREEKV_MAX_CONTEXT_TOKENS,
+    maxContextLimit: config.FREEKV_MAX_CONTEXT_LIMIT,
+    commitChecksums: config.FREEKV_COMMIT_CHECKSUMS,
+    modelGeometry: () => ctx.modelGeometry,
+    backend: config.FREEKV_BACKEND,
+    onChange: (n) => metrics.sessions.set(n),
+  });
+  ctx.sessions = mgr;
+  return ctx;
+}

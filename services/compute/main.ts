@@ -1,0 +1,60 @@
+/**
+ * The compute process: serves freekv.v1.ComputeService to gateways and disaggregated engines,
+ * maps the kvstore's segments through the native addon, and at start re-attaches the sessions
+ * the kvstore still holds.
+ */
+import { loadConfigOrExit } from "../common/config.js";
+import { bindServer, installDrain } from "../common/lifecycle.js";
+import { createLogger } from "../common/log.js";
+import { createRegistry, startMetricsServer } from "../common/metrics.js";
+import { computeConfigSchema } from "./config.js";
+import { StartupError, createContext } from "./context.js";
+import { createComputeServer } from "./server.js";
+
+async function main(): Promise<void> {
+  const config = loadConfigOrExit("compute", computeConfigSchema);
+  const log = createLogger("compute", config.FREEKV_LOG_LEVEL);
+  const registry = createRegistry("compute");
+  let ctx;
+  try {
+    ctx = createContext(config, log, registry);
+  } catch (e) {
+    if (e instanceof StartupError) {
+      process.stderr.write(`compute: ${e.message}\n`);
+      process.exit(2);
+    }
+    throw e;
+  }
+  try {
+    await ctx.kvstore.waitForReady(config.FREEKV_KVSTORE_TIMEOUT_MS);
+  } catch (e) {
+    process.stderr.write(`compute: FREEKV_KVSTORE_ADDR=${config.FREEKV_KVSTORE_ADDR}: kvstore not reachable: ${(e as Error).message}\n`);
+    process.exit(2);
+  }
+  const reattached = await ctx.sessions.reattachAll();
+  const { server, health } = await createComputeServer(ctx);
+  const port = await bindServer(server, config.FREEKV_COMPUTE_HOST, config.FREEKV_COMPUTE_PORT);
+  const metricsServer = await startMetricsServer(registry, config.FREEKV_COMPUTE_METRICS_PORT, config.FREEKV_COMPUTE_HOST);
+  installDrain({
+    server,
+    health,
+    log,
+    graceMs: config.FREEKV_SHUTDOWN_GRACE_MS,
+    cleanup: async () => {
+      await ctx.sessions.shutdown();
+      ctx.kvstore.close();
+      await metricsServer.close();
+    },
+  });
+  health.set("SERVING");
+  log.info(
+    { grpcPort: port, metricsPort: metricsServer.port, kvstore: config.FREEKV_KVSTORE_ADDR, backend: config.FREEKV_BACKEND, engine: !!ctx.engine, reattached },
+    "compute listening",
+  );
+  process.stdout.write(`${JSON.stringify({ ready: "compute", grpcPort: port, metricsPort: metricsServer.port, host: config.FREEKV_COMPUTE_HOST, engine: !!ctx.engine, reattached })}\n`);
+}
+
+main().catch((e: unknown) => {
+  process.stderr.write(`compute: ${(e as Error).stack ?? String(e)}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,40 @@
+/** CreateSession / GetSession / CloseSession over gRPC. */
+import type { ServerUnaryCall, handleUnaryCall } from "@grpc/grpc-js";
+import type {
+  CloseSessionRequest,
+  CloseSessionResponse,
+  CreateSessionRequest,
+  CreateSessionResponse,
+  GetSessionRequest,
+  GetSessionResponse,
+} from "../../../proto/gen/freekv/v1/compute.js";
+import { invalidArgument } from "../../common/errors.js";
+import { unary } from "../../common/handlers.js";
+import type { Logger } from "../../common/log.js";
+import type { SessionManager } from "./manager.js";
+
+export interface SessionHandlers {
+  createSession: handleUnaryCall<CreateSessionRequest, CreateSessionResponse>;
+  getSession: handleUnaryCall<GetSessionRequest, GetSessionResponse>;
+  closeSession: handleUnaryCall<CloseSessionRequest, CloseSessionResponse>;
+}
+
+export function sessionHandlers(sessions: SessionManager, log: Logger): SessionHandlers {
+  const needId = (id: string) => {
+    if (!id) throw invalidArgument("session_id", "is required");
+  };
+  return {
+    createSession: unary(log, "CreateSession", async (req: CreateSessionRequest, signal: AbortSignal, _call: ServerUnaryCall<CreateSessionRequest, CreateSessionResponse>) => {
+      const s = await sessions.create(req, signal);
+      return { session: sessions.toProto(s) };
+    }),
+    getSession: unary(log, "GetSession", async (req: GetSessionRequest) => {
+      needId(req.sessionId);
+      return { session: sessions.toProto(sessions.get(req.sessionId)) };
+    }),
+    closeSession: unary(log, "CloseSession", async (req: CloseSessionRequest, signal: AbortSignal) => {
+      needId(req.sessionId);
+      return { closed: await sessions.close(req.sessionId, signal) };
+    }),
+  };
+}

@@ -1,0 +1,47 @@
+/**
+ * A per-session async lock: two calls never run on one session at once (a prefill and a
+ * decode of the same session would interleave their appends otherwise). FIFO.
+ */
+export class AsyncLock {
+  private tail: Promise<void> = Promise.resolve();
+  private holders = 0;
+
+  get busy(): boolean {
+    return this.holders > 0;
+  }
+
+  /** Resolves with a release function once every earlier holder released. */
+  acquire(): Promise<() => void> {
+    let release!: () => void;
+    const mine = new Promise<void>((r) => (release = r));
+    const prev = this.tail;
+    this.tail = prev.then(() => mine);
+    this.holders++;
+    let released = false;
+    return prev.then(() => () => {
+      if (released) return;
+      released = true;
+      this.holders--;
+      release();
+    });
+  }
+
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    const release = await this.acquire();
+    try {
+      return await fn();
+    } finally {
+      release();
+    }
+  }
+}
+
+/** Acquires several locks in a fixed order (by key) so batched calls cannot deadlock. */
+export async function acquireAll(locks: Array<{ key: string; lock: AsyncLock }>): Promise<() => void> {
+  const sorted = [...locks].sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+  const releases: Array<() => void> = [];
+  for (const l of sorted) releases.push(await l.lock.acquire());
+  return () => {
+    for (const r of releases.reverse()) r();
+  };
+}

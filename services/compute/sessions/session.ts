@@ -1,0 +1,58 @@
+/**
+ * One session as the compute tier holds it: its geometry and retrieval config, the kvstore's
+ * segments mapped here, the engine's session handle, and per-layer token and committed-page
+ * counts (what has been offloaded to the host tier and recorded at the kvstore).
+ */
+import type { HostSegments } from "../../../native/binding.js";
+import type { ModelGeometry, RetrievalConfig } from "../../../proto/gen/freekv/v1/common.js";
+import { SessionKind } from "../../../proto/gen/freekv/v1/compute.js";
+import type { AttachSessionResponse } from "../../../proto/gen/freekv/v1/kvstore.js";
+import { AsyncLock } from "./lock.js";
+
+/** What compute keeps in the kvstore's opaque per-session metadata (for re-attach). */
+export interface SessionMetadata {
+  kind: "model" | "attention";
+  /** Free-form fields of other components (e.g. the generate handler's token history). */
+  [key: string]: unknown;
+}
+
+export class ComputeSession {
+  readonly lock = new AsyncLock();
+  /** Tokens appended to each layer so far. */
+  readonly layerTokens: number[];
+  /** Full pages committed at the kvstore per layer. */
+  readonly committedPages: number[];
+  closed = false;
+  /** Commits to the kvstore run in order, off the request's critical path. */
+  commitChain: Promise<void> = Promise.resolve();
+  commitError: Error | undefined;
+  readonly createdAt = new Date();
+
+  constructor(
+    readonly id: string,
+    readonly kind: SessionKind,
+    readonly geometry: ModelGeometry,
+    readonly retrieval: RetrievalConfig,
+    readonly maxContextTokens: number,
+    readonly attach: AttachSessionResponse,
+    readonly host: HostSegments | undefined,
+    readonly engineSession: number | undefined,
+    public metadata: SessionMetadata,
+  ) {
+    this.layerTokens = new Array<number>(geometry.layers).fill(0);
+    this.committedPages = [...attach.committedPages];
+    while (this.committedPages.length < geometry.layers) this.committedPages.push(0);
+  }
+
+  /** Context tokens of the session: the smallest per-layer count (all layers agree between steps). */
+  get contextTokens(): number {
+    return this.layerTokens.length ? Math.min(...this.layerTokens) : 0;
+  }
+
+  /** Layers that offload pages to the host tier (dense mode and dense layers keep all on device). */
+  offloads(layer: number): boolean {
+    return this.retrieval.mode !== 2 /* dense */ && !this.retrieval.denseLayers.includes(layer);
+  }
+}
+
+export const kindName = (k: SessionKind) => (k === SessionKind.SESSION_KIND_ATTENTION ? "attention" : "model");

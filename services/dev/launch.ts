@@ -1,0 +1,141 @@
+/**
+ * Starting the two tiers as child processes: used by `npm start` (run.ts), the demo and the
+ * integration tests. Each service prints one JSON line {"ready": ..., "grpcPort": ...} on stdout
+ * once it listens; everything else it prints is its JSON log, kept here for diagnostics.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createInterface } from "node:readline";
+
+export type ServiceName = "kvstore" | "compute";
+
+export interface ServiceProcess {
+  readonly name: ServiceName;
+  readonly child: ChildProcess;
+  readonly pid: number;
+  readonly host: string;
+  readonly grpcPort: number;
+  readonly metricsPort: number;
+  /** host:port of the gRPC server. */
+  readonly address: string;
+  /** Lines printed so far (stdout and stderr), newest last. */
+  readonly output: string[];
+  /** Resolves when the process ends. */
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /** Sends `signal` (default SIGTERM) and waits for the exit. */
+  stop(signal?: NodeJS.Signals, timeoutMs?: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+const here = dirname(fileURLToPath(import.meta.url));
+const fromSource = import.meta.url.endsWith(".ts");
+
+/** The entry file of a service and the node arguments that run it (tsx for sources). */
+export function serviceEntry(name: ServiceName): { file: string; args: string[] } {
+  const file = join(here, "..", name, fromSource ? "main.ts" : "main.js");
+  if (!existsSync(file)) throw new Error(`${file} not found`);
+  return { file, args: fromSource ? ["--import", "tsx", file] : [file] };
+}
+
+export interface StartOptions {
+  env?: Record<string, string | undefined>;
+  /** How long to wait for the ready line. */
+  timeoutMs?: number;
+  /** Echo the child's output to this process's stderr. */
+  echo?: boolean;
+}
+
+/** Spawns a service and waits until it listens. Rejects (with its output) if it exits first. */
+export async function startService(name: ServiceName, opts: StartOptions = {}): Promise<ServiceProcess> {
+  const { args } = serviceEntry(name);
+  const env: Record<string, string | undefined> = { ...process.env, ...opts.env };
+  const child = spawn(process.execPath, args, { env: env as NodeJS.ProcessEnv, stdio: ["ignore", "pipe", "pipe"] });
+  const output: string[] = [];
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    child.once("exit", (code, signal) => resolve({ code, signal }));
+  });
+  const keep = (line: string) => {
+    output.push(line);
+    if (output.length > 5000) output.shift();
+    if (opts.echo) process.stderr.write(`[${name}] ${line}\n`);
+  };
+  createInterface({ input: child.stderr! }).on("line", keep);
+  const ready = new Promise<{ grpcPort: number; metricsPort: number; host: string }>((resolve, reject) => {
+    createInterface({ input: child.stdout! }).on("line", (line) => {
+      keep(line);
+      if (line.startsWith('{"ready"')) {
+        try {
+          resolve(JSON.parse(line) as { grpcPort: number; metricsPort: number; host: string });
+        } catch (e) {
+          reject(e as Error);
+        }
+      }
+    });
+    void exited.then(({ code, signal }) => reject(new Error(`${name} exited (code ${code}, signal ${signal}) before listening:\n${output.join("\n")}`)));
+    const t = setTimeout(() => reject(new Error(`${name} did not listen within ${opts.timeoutMs ?? 30000} ms:\n${output.join("\n")}`)), opts.timeoutMs ?? 30000);
+    t.unref();
+  });
+  let info: { grpcPort: number; metricsPort: number; host: string };
+  try {
+    info = await ready;
+  } catch (e) {
+    child.kill("SIGKILL");
+    throw e;
+  }
+  const host = info.host === "0.0.0.0" ? "127.0.0.1" : info.host;
+  return {
+    name,
+    child,
+    pid: child.pid!,
+    host,
+    grpcPort: info.grpcPort,
+    metricsPort: info.metricsPort,
+    address: `${host}:${info.grpcPort}`,
+    output,
+    exited,
+    async stop(signal: NodeJS.Signals = "SIGTERM", timeoutMs = 30000) {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+      const t = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
+      const r = await exited;
+      clearTimeout(t);
+      return r;
+    },
+  };
+}
+
+export interface Tiers {
+  kvstore: ServiceProcess;
+  compute: ServiceProcess;
+  stop(signal?: NodeJS.Signals): Promise<void>;
+}
+
+/** Starts the kvstore, then compute pointed at it; both on ephemeral ports unless env says otherwise. */
+export async function startTiers(opts: { kvstoreEnv?: Record<string, string | undefined>; computeEnv?: Record<string, string | undefined>; echo?: boolean; timeoutMs?: number } = {}): Promise<Tiers> {
+  const kvstore = await startService("kvstore", {
+    env: { FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_METRICS_PORT: "0", ...opts.kvstoreEnv },
+    echo: opts.echo,
+    timeoutMs: opts.timeoutMs,
+  });
+  let compute: ServiceProcess;
+  try {
+    compute = await startService("compute", {
+      env: { FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: kvstore.address, ...opts.computeEnv },
+      echo: opts.echo,
+      timeoutMs: opts.timeoutMs,
+    });
+  } catch (e) {
+    await kvstore.stop();
+    throw e;
+  }
+  return {
+    kvstore,
+    compute,
+    // Compute first: it releases nothing at shutdown but must stop using the segments before
+    // the kvstore removes them.
+    async stop(signal: NodeJS.Signals = "SIGTERM") {
+      await compute.stop(signal);
+      await kvstore.stop(signal);
+    },
+  };
+}

@@ -1,0 +1,61 @@
+/**
+ * The kvstore's gRPC client as compute uses it: promise-returning calls with a deadline,
+ * aborted with the caller's AbortSignal.
+ */
+import { credentials, Metadata, type CallOptions, type ClientUnaryCall, type ServiceError as GrpcError } from "@grpc/grpc-js";
+import {
+  KvStoreServiceClient,
+  type AttachSessionRequest,
+  type AttachSessionResponse,
+  type CommitPagesRequest,
+  type CommitPagesResponse,
+  type GetStatsResponse,
+  type ListSessionsResponse,
+  type ReleaseSessionResponse,
+} from "../../proto/gen/freekv/v1/kvstore.js";
+
+type Unary<Req, Res> = (req: Req, md: Metadata, opts: Partial<CallOptions>, cb: (err: GrpcError | null, res: Res) => void) => ClientUnaryCall;
+
+export class KvStoreClient {
+  readonly raw: KvStoreServiceClient;
+
+  constructor(
+    readonly address: string,
+    private readonly deadlineMs = 10_000,
+  ) {
+    this.raw = new KvStoreServiceClient(address, credentials.createInsecure(), { "grpc.max_receive_message_length": 64 << 20 });
+  }
+
+  private call<Req, Res>(fn: Unary<Req, Res>, req: Req, signal?: AbortSignal): Promise<Res> {
+    return new Promise((resolve, reject) => {
+      const c = fn.call(this.raw, req, new Metadata(), { deadline: Date.now() + this.deadlineMs }, (err, res) => (err ? reject(err) : resolve(res)));
+      signal?.addEventListener("abort", () => c.cancel(), { once: true });
+    });
+  }
+
+  attach(req: Partial<AttachSessionRequest> & { sessionId: string }, signal?: AbortSignal): Promise<AttachSessionResponse> {
+    const full: AttachSessionRequest = { geometry: undefined, retrieval: undefined, maxContextTokens: 0, metadata: Buffer.alloc(0), ...req };
+    return this.call(this.raw.attachSession as Unary<AttachSessionRequest, AttachSessionResponse>, full, signal);
+  }
+  commit(req: CommitPagesRequest, signal?: AbortSignal): Promise<CommitPagesResponse> {
+    return this.call(this.raw.commitPages as Unary<CommitPagesRequest, CommitPagesResponse>, req, signal);
+  }
+  release(sessionId: string, signal?: AbortSignal): Promise<ReleaseSessionResponse> {
+    return this.call(this.raw.releaseSession as Unary<{ sessionId: string }, ReleaseSessionResponse>, { sessionId }, signal);
+  }
+  stats(signal?: AbortSignal): Promise<GetStatsResponse> {
+    return this.call(this.raw.getStats as Unary<object, GetStatsResponse>, {}, signal);
+  }
+  list(signal?: AbortSignal): Promise<ListSessionsResponse> {
+    return this.call(this.raw.listSessions as Unary<object, ListSessionsResponse>, {}, signal);
+  }
+
+  /** Resolves once the channel is connected (the kvstore is up), or rejects after `ms`. */
+  waitForReady(ms: number): Promise<void> {
+    return new Promise((resolve, reject) => this.raw.waitForReady(Date.now() + ms, (err) => (err ? reject(err) : resolve())));
+  }
+
+  close(): void {
+    this.raw.close();
+  }
+}

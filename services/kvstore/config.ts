@@ -1,0 +1,33 @@
+/** The kvstore's environment variables (see the README's configuration table). */
+import { statfsSync } from "node:fs";
+import { z } from "zod";
+import { flag, host, logLevel, nonNegativeInt, port, positiveInt } from "../common/config.js";
+
+export const kvstoreConfigSchema = z.object({
+  FREEKV_KVSTORE_HOST: host("127.0.0.1"),
+  FREEKV_KVSTORE_PORT: port(50052),
+  FREEKV_KVSTORE_METRICS_PORT: port(9092),
+  /** "memory" or redis://host:port/db */
+  FREEKV_DIRECTORY: z
+    .string()
+    .regex(/^(memory|rediss?:\/\/.+)$/, 'must be "memory" or a redis:// URL')
+    .default("memory"),
+  FREEKV_DIRECTORY_PREFIX: z.string().min(1).default("freekv:"),
+  /** Bytes of shared memory all sessions may use; 0 = the free space of /dev/shm at start. */
+  FREEKV_KVSTORE_CAPACITY_BYTES: nonNegativeInt(0),
+  /** Keep live sessions' segments at shutdown (so a restarted compute can re-attach). */
+  FREEKV_KVSTORE_PERSIST: flag(false),
+  FREEKV_SHUTDOWN_GRACE_MS: positiveInt(10_000),
+  FREEKV_LOG_LEVEL: logLevel(),
+});
+
+export type KvStoreConfig = z.infer<typeof kvstoreConfigSchema>;
+
+export function shmFreeBytes(): number {
+  try {
+    const s = statfsSync("/dev/shm");
+    return Number(s.bavail) * Number(s.bsize);
+  } catch {
+    return 0;
+  }
+}

@@ -1,0 +1,65 @@
+/**
+ * The kvstore process: owns the shared-memory segments of every session and serves
+ * freekv.v1.KvStoreService, grpc.health.v1 and reflection; /metrics on its own port.
+ */
+import { Server } from "@grpc/grpc-js";
+import { KvStoreServiceService } from "../../proto/gen/freekv/v1/kvstore.js";
+import { loadConfigOrExit } from "../common/config.js";
+import { Health } from "../common/health.js";
+import { bindServer, installDrain } from "../common/lifecycle.js";
+import { createLogger } from "../common/log.js";
+import { createRegistry, startMetricsServer } from "../common/metrics.js";
+import { addReflection } from "../common/reflection.js";
+import { kvstoreConfigSchema, shmFreeBytes } from "./config.js";
+import { openDirectory } from "./directory.js";
+import { createKvStoreMetrics } from "./metrics.js";
+import { kvstoreService } from "./service.js";
+import { KvStore } from "./store.js";
+
+export const KVSTORE_SERVICE = "freekv.v1.KvStoreService";
+
+async function main(): Promise<void> {
+  const config = loadConfigOrExit("kvstore", kvstoreConfigSchema);
+  const log = createLogger("kvstore", config.FREEKV_LOG_LEVEL);
+  const registry = createRegistry("kvstore");
+  const metrics = createKvStoreMetrics(registry);
+  const directory = await openDirectory(config.FREEKV_DIRECTORY, config.FREEKV_DIRECTORY_PREFIX).catch((e: Error) => {
+    log.fatal({ err: e.message }, "FREEKV_DIRECTORY: cannot open the session directory");
+    process.stderr.write(`kvstore: FREEKV_DIRECTORY=${config.FREEKV_DIRECTORY}: ${e.message}\n`);
+    process.exit(2);
+  });
+  const capacity = config.FREEKV_KVSTORE_CAPACITY_BYTES || shmFreeBytes();
+  const store = new KvStore(directory, capacity, log, metrics);
+  const adopted = await store.adopt();
+
+  const server = new Server({ "grpc.max_receive_message_length": 64 << 20 });
+  server.addService(KvStoreServiceService, kvstoreService(store, log));
+  const health = new Health([KVSTORE_SERVICE]);
+  health.addToServer(server);
+  addReflection(server, ["freekv/v1/kvstore.proto"]);
+
+  const port = await bindServer(server, config.FREEKV_KVSTORE_HOST, config.FREEKV_KVSTORE_PORT);
+  const metricsServer = await startMetricsServer(registry, config.FREEKV_KVSTORE_METRICS_PORT, config.FREEKV_KVSTORE_HOST);
+  installDrain({
+    server,
+    health,
+    log,
+    graceMs: config.FREEKV_SHUTDOWN_GRACE_MS,
+    cleanup: async () => {
+      await store.shutdown(config.FREEKV_KVSTORE_PERSIST);
+      await metricsServer.close();
+    },
+  });
+  health.set("SERVING");
+  log.info(
+    { grpcPort: port, metricsPort: metricsServer.port, directory: directory.kind, capacityBytes: capacity, adopted, persist: config.FREEKV_KVSTORE_PERSIST },
+    "kvstore listening",
+  );
+  // One machine-readable line for supervisors (services/dev/run.ts, tests).
+  process.stdout.write(`${JSON.stringify({ ready: "kvstore", grpcPort: port, metricsPort: metricsServer.port, host: config.FREEKV_KVSTORE_HOST })}\n`);
+}
+
+main().catch((e: unknown) => {
+  process.stderr.write(`kvstore: ${(e as Error).stack ?? String(e)}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,27 @@
+/** The kvstore's Prometheus metrics: sessions, segment bytes, pages per tier, commits. */
+import { Counter, Gauge, type Registry } from "prom-client";
+
+export interface KvStoreMetrics {
+  sessions: Gauge;
+  segmentBytes: Gauge;
+  pages: Gauge<"tier">;
+  commits: Counter;
+  checksumFailures: Counter;
+  rejected: Counter<"reason">;
+}
+
+export function createKvStoreMetrics(registry: Registry): KvStoreMetrics {
+  return {
+    sessions: new Gauge({ name: "freekv_kvstore_sessions", help: "Sessions with segments in the kvstore", registers: [registry] }),
+    segmentBytes: new Gauge({ name: "freekv_kvstore_segment_bytes", help: "Bytes of shared-memory segments owned by the kvstore", registers: [registry] }),
+    pages: new Gauge({
+      name: "freekv_kvstore_pages",
+      help: "Committed pages per tier (host = the HND page store in shared memory), summed over layers",
+      labelNames: ["tier"],
+      registers: [registry],
+    }),
+    commits: new Counter({ name: "freekv_kvstore_commits_total", help: "CommitPages calls accepted", registers: [registry] }),
+    checksumFailures: new Counter({ name: "freekv_kvstore_checksum_failures_total", help: "Committed pages whose CRC32C did not match", registers: [registry] }),
+    rejected: new Counter({ name: "freekv_kvstore_rejected_total", help: "Requests refused", labelNames: ["reason"], registers: [registry] }),
+  };
+}

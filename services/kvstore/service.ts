@@ -1,0 +1,15 @@
+/** KvStoreService over gRPC: thin handlers around KvStore. */
+import type { KvStoreServiceServer } from "../../proto/gen/freekv/v1/kvstore.js";
+import { unary } from "../common/handlers.js";
+import type { Logger } from "../common/log.js";
+import type { KvStore } from "./store.js";
+
+export function kvstoreService(store: KvStore, log: Logger): KvStoreServiceServer {
+  return {
+    attachSession: unary(log, "AttachSession", (req) => store.attach(req)),
+    commitPages: unary(log, "CommitPages", async (req) => ({ committedPages: await store.commit(req) })),
+    releaseSession: unary(log, "ReleaseSession", async (req) => ({ released: await store.release(req.sessionId) })),
+    getStats: unary(log, "GetStats", async () => store.stats()),
+    listSessions: unary(log, "ListSessions", async () => ({ sessionIds: store.list() })),
+  };
+}

@@ -1,0 +1,248 @@
+/**
+ * The kvstore's state: live sessions (their mapped segments and directory record), attach with
+ * re-attach, two-phase page commit, release, capacity accounting, shutdown with or without
+ * persistence. Transport-free; service.ts maps it to gRPC.
+ */
+import { status } from "@grpc/grpc-js";
+import type { ModelGeometry, RetrievalConfig } from "../../proto/gen/freekv/v1/common.js";
+import type { AttachSessionRequest, AttachSessionResponse, CommitPagesRequest, GetStatsResponse } from "../../proto/gen/freekv/v1/kvstore.js";
+import { resolveGeometry } from "../common/geometry.js";
+import { resolveRetrieval } from "../common/retrieval.js";
+import { ServiceError, failedPrecondition, invalidArgument, notFound, resourceExhausted } from "../common/errors.js";
+import type { Logger } from "../common/log.js";
+import { crc32c } from "./crc32c.js";
+import type { SessionDirectory, SessionRecord } from "./directory.js";
+import { capacityPages, computeLayout, toSegmentLayout, totalBytes } from "./layout.js";
+import type { KvStoreMetrics } from "./metrics.js";
+import { SEGMENT_KINDS, closeSegments, createSegments, openSegments, refsOf, unlinkNames, type SessionSegments } from "./segments.js";
+
+export const SESSION_ID_RE = /^[A-Za-z0-9._-]{1,128}$/;
+
+interface Live {
+  record: SessionRecord;
+  segments: SessionSegments;
+  bytes: number;
+}
+
+function sameGeometry(a: ModelGeometry, b: ModelGeometry) {
+  return a.layers === b.layers && a.queryHeads === b.queryHeads && a.kvHeads === b.kvHeads && a.headDim === b.headDim && a.kvDtype === b.kvDtype;
+}
+
+export class KvStore {
+  private readonly live = new Map<string, Live>();
+  private readonly locks = new Map<string, Promise<unknown>>();
+  private usedBytes = 0;
+
+  constructor(
+    private readonly directory: SessionDirectory,
+    readonly capacityBytes: number,
+    private readonly log: Logger,
+    private readonly metrics?: KvStoreMetrics,
+  ) {}
+
+  /** Serialises the calls on one session id. */
+  private withLock<T>(id: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.locks.get(id) ?? Promise.resolve();
+    const next = prev.then(fn, fn);
+    const tail = next.catch(() => undefined);
+    this.locks.set(id, tail);
+    void tail.then(() => {
+      if (this.locks.get(id) === tail) this.locks.delete(id);
+    });
+    return next;
+  }
+
+  private updateGauges() {
+    if (!this.metrics) return;
+    this.metrics.sessions.set(this.live.size);
+    this.metrics.segmentBytes.set(this.usedBytes);
+    this.metrics.pages.set({ tier: "host" }, this.committedPages());
+  }
+
+  private committedPages(): number {
+    let n = 0;
+    for (const l of this.live.values()) for (const c of l.record.committedPages) n += c;
+    return n;
+  }
+
+  /** Maps the segments of sessions a previous kvstore process kept (persistent directory only). */
+  async adopt(): Promise<number> {
+    let adopted = 0;
+    for (const id of await this.directory.list()) {
+      const rec = await this.directory.get(id);
+      if (!rec) continue;
+      try {
+        const segments = openSegments(rec.segments);
+        const bytes = SEGMENT_KINDS.reduce((s, k) => s + segments[k].size, 0);
+        this.live.set(id, { record: rec, segments, bytes });
+        this.usedBytes += bytes;
+        adopted++;
+      } catch (e) {
+        this.log.warn({ session: id, err: (e as Error).message }, "dropping a directory entry whose segments are gone");
+        await this.directory.delete(id);
+      }
+    }
+    this.updateGauges();
+    return adopted;
+  }
+
+  private response(l: Live, created: boolean): AttachSessionResponse {
+    const r = l.record;
+    const layout = computeLayout(r.geometry, r.retrieval, r.capacityPages);
+    return {
+      sessionId: r.sessionId,
+      created,
+      ...r.segments,
+      layout: toSegmentLayout(layout, r.retrieval.pageSize, r.capacityPages),
+      geometry: r.geometry,
+      retrieval: r.retrieval,
+      maxContextTokens: r.maxContextTokens,
+      metadata: r.metadata,
+      committedPages: [...r.committedPages],
+    };
+  }
+
+  attach(req: AttachSessionRequest): Promise<AttachSessionResponse> {
+    if (!SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+    return this.withLock(req.sessionId, async () => {
+      const existing = this.live.get(req.sessionId);
+      if (existing) {
+        if (req.geometry && req.geometry.layers !== 0 && !sameGeometry(resolveGeometry(req.geometry), existing.record.geometry)) {
+          throw failedPrecondition(`session ${req.sessionId} exists with a different geometry`);
+        }
+        return this.response(existing, false);
+      }
+      const geometry = resolveGeometry(req.geometry);
+      const retrieval: RetrievalConfig = resolveRetrieval(req.retrieval, geometry.layers);
+      if (!Number.isInteger(req.maxContextTokens) || req.maxContextTokens < 1) {
+        throw invalidArgument("max_context_tokens", `must be >= 1, got ${req.maxContextTokens}`);
+      }
+      const capacity = capacityPages(req.maxContextTokens, retrieval.pageSize);
+      const layout = computeLayout(geometry, retrieval, capacity);
+      const bytes = totalBytes(layout);
+      if (this.usedBytes + bytes > this.capacityBytes) {
+        this.metrics?.rejected.inc({ reason: "capacity" });
+        throw resourceExhausted(`session ${req.sessionId} needs ${bytes} bytes of shared memory; ${this.capacityBytes - this.usedBytes} of ${this.capacityBytes} are free`);
+      }
+      let segments: SessionSegments;
+      try {
+        segments = createSegments(layout, geometry.layers);
+      } catch (e) {
+        this.metrics?.rejected.inc({ reason: "shm" });
+        throw new ServiceError(status.RESOURCE_EXHAUSTED, `cannot create shared memory for ${req.sessionId}: ${(e as Error).message}`);
+      }
+      const record: SessionRecord = {
+        sessionId: req.sessionId,
+        geometry,
+        retrieval,
+        maxContextTokens: req.maxContextTokens,
+        capacityPages: capacity,
+        metadata: Buffer.from(req.metadata ?? Buffer.alloc(0)),
+        segments: refsOf(segments),
+        committedPages: new Array<number>(geometry.layers).fill(0),
+        contextTokens: 0,
+        createdAt: new Date().toISOString(),
+      };
+      try {
+        await this.directory.put(record);
+      } catch (e) {
+        closeSegments(segments, true);
+        throw new ServiceError(status.UNAVAILABLE, `session directory: ${(e as Error).message}`);
+      }
+      const l: Live = { record, segments, bytes };
+      this.live.set(req.sessionId, l);
+      this.usedBytes += bytes;
+      this.updateGauges();
+      this.log.info({ session: req.sessionId, bytes, capacityPages: capacity, segments: Object.values(record.segments).map((s) => s.name) }, "session attached");
+      return this.response(l, true);
+    });
+  }
+
+  commit(req: CommitPagesRequest): Promise<number> {
+    return this.withLock(req.sessionId, async () => {
+      const l = this.live.get(req.sessionId);
+      if (!l) throw notFound(`session ${JSON.stringify(req.sessionId)} is not attached`);
+      const r = l.record;
+      if (!Number.isInteger(req.layer) || req.layer >= r.geometry.layers) {
+        throw invalidArgument("layer", `must be in [0, ${r.geometry.layers - 1}], got ${req.layer}`);
+      }
+      const committed = r.committedPages[req.layer];
+      if (req.firstPage > committed) {
+        throw failedPrecondition(`layer ${req.layer}: first_page ${req.firstPage} leaves a gap after the ${committed} committed pages`);
+      }
+      const end = req.firstPage + req.count;
+      if (end > r.capacityPages) throw invalidArgument("count", `pages [${req.firstPage}, ${end}) exceed capacity_pages ${r.capacityPages}`);
+      if (req.contextTokens > r.maxContextTokens) {
+        throw invalidArgument("context_tokens", `${req.contextTokens} exceeds max_context_tokens ${r.maxContextTokens}`);
+      }
+      if (end * r.retrieval.pageSize > req.contextTokens) {
+        throw invalidArgument("context_tokens", `${req.contextTokens} tokens cannot hold ${end} full pages of ${r.retrieval.pageSize}`);
+      }
+      if (req.checksums.length !== 0) {
+        if (req.checksums.length !== req.count) throw invalidArgument("checksums", `expected ${req.count} (one per page) or none, got ${req.checksums.length}`);
+        const layout = computeLayout(r.geometry, r.retrieval, r.capacityPages);
+        const store = new Uint8Array(l.segments.store.buffer());
+        for (let i = 0; i < req.count; i++) {
+          const off = req.layer * layout.layerStride + (req.firstPage + i) * layout.pageBytes;
+          const got = crc32c(store.subarray(off, off + layout.pageBytes));
+          if (got !== req.checksums[i] >>> 0) {
+            this.metrics?.checksumFailures.inc();
+            throw failedPrecondition(`checksums[${i}]: page ${req.firstPage + i} of layer ${req.layer} has CRC32C ${got.toString(16)}, expected ${(req.checksums[i] >>> 0).toString(16)}`);
+          }
+        }
+      }
+      r.committedPages[req.layer] = Math.max(committed, end);
+      r.contextTokens = Math.max(r.contextTokens, req.contextTokens);
+      if (req.metadata.length > 0) r.metadata = Buffer.from(req.metadata);
+      await this.directory.put(r);
+      this.metrics?.commits.inc();
+      this.updateGauges();
+      return r.committedPages[req.layer];
+    });
+  }
+
+  release(id: string): Promise<boolean> {
+    return this.withLock(id, async () => {
+      const l = this.live.get(id);
+      if (!l) {
+        // Known to the directory but not mapped here (segments lost): forget it.
+        const rec = await this.directory.get(id);
+        if (!rec) return false;
+        unlinkNames(rec.segments);
+        await this.directory.delete(id);
+        return true;
+      }
+      this.live.delete(id);
+      this.usedBytes -= l.bytes;
+      closeSegments(l.segments, true);
+      await this.directory.delete(id);
+      this.updateGauges();
+      this.log.info({ session: id }, "session released");
+      return true;
+    });
+  }
+
+  stats(): GetStatsResponse {
+    return { sessions: this.live.size, segmentBytes: this.usedBytes, committedPages: this.committedPages(), capacityBytes: this.capacityBytes };
+  }
+
+  list(): string[] {
+    return [...this.live.keys()].sort();
+  }
+
+  record(id: string): SessionRecord | undefined {
+    return this.live.get(id)?.record;
+  }
+
+  /** At shutdown: keep (persist) or remove every session's segments, then close the directory. */
+  async shutdown(persist: boolean): Promise<void> {
+    for (const [id, l] of this.live) {
+      closeSegments(l.segments, !persist);
+      if (!persist) await this.directory.delete(id).catch(() => undefined);
+    }
+    this.log.info({ sessions: this.live.size, persist }, persist ? "segments kept for re-attach" : "segments removed");
+    this.live.clear();
+    this.usedBytes = 0;
+    await this.directory.close();
+  }
+}
