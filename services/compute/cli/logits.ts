@@ -1,4 +1,57 @@
+/**
+ * `freekv logits --model DIR --tokens 1,2,3 [--json]`: the last-position logits of the model
+ * runner for a token sequence, computed in this process (prefill attention is exact in every
+ * retrieval mode). With --json: {"logits": [...]}; otherwise one line of numbers.
+ */
+import { parseArgs } from "node:util";
+import { defaultModelDir } from "../model/loader.js";
+import { LocalRunner, localRetrieval } from "../generate/local.js";
+
+const USAGE = "usage: freekv logits [--model DIR] --tokens 1,2,3 [--json] [--threads N]\n" +
+  "  --model DIR   Hugging Face model folder (default: FREEKV_MODEL_DIR or the built-in model)\n";
+
+export function parseTokenList(s: string, name = "--tokens"): number[] {
+  const parts = s.split(",").map((x) => x.trim()).filter((x) => x.length > 0);
+  if (parts.length === 0) throw new Error(`${name} must list at least one token id`);
+  return parts.map((x) => {
+    if (!/^\d+$/.test(x)) throw new Error(`${name}: '${x}' is not a token id`);
+    return Number(x);
+  });
+}
+
 export async function run(argv: string[]): Promise<number> {
-  process.stderr.write("freekv logits: not built yet\n");
-  return 2;
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      model: { type: "string" },
+      tokens: { type: "string" },
+      json: { type: "boolean", default: false },
+      threads: { type: "string" },
+      help: { type: "boolean", short: "h", default: false },
+    },
+  });
+  if (values.help) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  if (!values.tokens) {
+    process.stderr.write("freekv logits: --tokens is required\n" + USAGE);
+    return 2;
+  }
+  const tokens = parseTokenList(values.tokens);
+  const runner = new LocalRunner(values.model ?? defaultModelDir(), values.threads ? Number(values.threads) : undefined);
+  const vocab = runner.loaded.model.vocabSize;
+  tokens.forEach((t, i) => {
+    if (t >= vocab) throw new Error(`--tokens[${i}]: token id ${t} is out of range [0, ${vocab})`);
+  });
+  const session = runner.open(localRetrieval({ mode: "dense", pageSize: 32, sink: 32, window: 32, select: 32 }), tokens.length + 1);
+  try {
+    const logits = await runner.loaded.model.prefill(session, Int32Array.from(tokens), 0, false);
+    const values = Array.from(logits);
+    if (argv.includes("--json")) process.stdout.write(JSON.stringify({ logits: values }) + "\n");
+    else process.stdout.write(values.map((x) => x.toPrecision(7)).join(" ") + "\n");
+  } finally {
+    await runner.close();
+  }
+  return 0;
 }

@@ -1,0 +1,173 @@
+/**
+ * One generation request on one session: prefill of the prompt (in chunks, so a cancellation
+ * stops a long prompt between chunks), then sampled decode steps through the DecodeScheduler
+ * (batched with other requests' steps), streamed as chunks, ending with usage. Used by the gRPC
+ * Generate handler and by `freekv generate`.
+ *
+ * A session's last sampled token is not in its KV cache yet (it is the input of the next step);
+ * it is returned as `pendingToken` and a later request on the session feeds it first, so a
+ * multi-turn conversation's cache holds every token exactly once.
+ */
+import type { Model } from "../../../native/binding.js";
+import type { TextCodec } from "../model/tokenizer.js";
+import { Sampler, validateSampling, type SamplingOptions } from "./sampling.js";
+import type { DecodeScheduler } from "./scheduler.js";
+import { StopMatcher } from "./stop.js";
+
+export type FinishReason = "length" | "stop_token" | "stop_string" | "context_full" | "cancelled";
+
+export class GenerateError extends Error {
+  constructor(
+    readonly kind: "invalid_argument" | "failed_precondition",
+    message: string,
+  ) {
+    super(message);
+    this.name = "GenerateError";
+  }
+}
+
+export interface GenerationSession {
+  /** The model's session number (the engine's session handle). */
+  session: number;
+  /** Tokens in the session's KV cache (the position of the next token fed). */
+  contextTokens: number;
+  maxContextTokens: number;
+  /** The previous request's last sampled token, not yet fed. */
+  pendingToken?: number;
+  /** Called after tokens were appended to every layer (the service commits pages then). */
+  onAppended?: (contextTokens: number) => void;
+}
+
+export interface GenerateParams {
+  prompt: number[];
+  maxTokens: number;
+  sampling: SamplingOptions;
+  stopTokenIds: number[];
+  stopStrings: string[];
+  signal?: AbortSignal;
+  /** Prompt tokens per prefill call. */
+  prefillChunk?: number;
+}
+
+export interface GenerateChunkOut {
+  tokenIds: number[];
+  text: string;
+  stepMs: number;
+  batchSize: number;
+}
+
+export interface GenerateFinalOut {
+  finishReason: FinishReason;
+  promptTokens: number;
+  completionTokens: number;
+  contextTokens: number;
+  prefillMs: number;
+  decodeMs: number;
+  maxBatchSize: number;
+  tokens: number[];
+  pendingToken?: number;
+}
+
+export function validateParams(p: GenerateParams, vocab: number): void {
+  if (p.prompt.length === 0) throw new GenerateError("invalid_argument", "prompt: must not be empty");
+  p.prompt.forEach((t, i) => {
+    if (!Number.isInteger(t) || t < 0 || t >= vocab)
+      throw new GenerateError("invalid_argument", `prompt.tokens[${i}]: token id ${t} is out of range [0, ${vocab})`);
+  });
+  if (!Number.isInteger(p.maxTokens) || p.maxTokens < 1) throw new GenerateError("invalid_argument", `max_tokens: must be >= 1, got ${p.maxTokens}`);
+  const bad = validateSampling(p.sampling);
+  if (bad) throw new GenerateError("invalid_argument", bad);
+  p.stopTokenIds.forEach((t, i) => {
+    if (!Number.isInteger(t) || t < 0 || t >= vocab)
+      throw new GenerateError("invalid_argument", `stop_token_ids[${i}]: token id ${t} is out of range [0, ${vocab})`);
+  });
+}
+
+export async function* generate(
+  model: Model,
+  scheduler: DecodeScheduler,
+  codec: TextCodec | undefined,
+  s: GenerationSession,
+  p: GenerateParams,
+): AsyncGenerator<GenerateChunkOut, GenerateFinalOut> {
+  const V = model.vocabSize;
+  validateParams(p, V);
+  const feed = s.pendingToken !== undefined ? [s.pendingToken, ...p.prompt] : [...p.prompt];
+  if (s.contextTokens + feed.length > s.maxContextTokens)
+    throw new GenerateError(
+      "failed_precondition",
+      `prompt: ${p.prompt.length} tokens do not fit the session's context (${s.contextTokens} of max_context_tokens ${s.maxContextTokens} already used)`,
+    );
+  const sampler = new Sampler(p.sampling);
+  const stop = new StopMatcher(new Set(p.stopTokenIds), p.stopStrings.filter((x) => x.length > 0), codec ? (ids) => codec.decode(ids) : undefined);
+  const chunk = p.prefillChunk ?? 512;
+  const final: GenerateFinalOut = {
+    finishReason: "length",
+    promptTokens: p.prompt.length,
+    completionTokens: 0,
+    contextTokens: s.contextTokens,
+    prefillMs: 0,
+    decodeMs: 0,
+    maxBatchSize: 0,
+    tokens: [],
+  };
+
+  const t0 = performance.now();
+  let logits: Float32Array | undefined;
+  for (let i = 0; i < feed.length; i += chunk) {
+    if (p.signal?.aborted) {
+      final.finishReason = "cancelled";
+      return final;
+    }
+    const part = feed.slice(i, i + chunk);
+    logits = await model.prefill(s.session, Int32Array.from(part), s.contextTokens, false);
+    s.contextTokens += part.length;
+    s.pendingToken = undefined;
+    s.onAppended?.(s.contextTokens);
+  }
+  final.prefillMs = performance.now() - t0;
+  final.contextTokens = s.contextTokens;
+
+  let stepMs = final.prefillMs;
+  let batchSize = 1;
+  for (;;) {
+    const tok = sampler.sample(logits!, 0, V);
+    final.tokens.push(tok);
+    final.completionTokens++;
+    s.pendingToken = tok;
+    final.pendingToken = tok;
+    const { text, stop: why } = stop.push(final.tokens);
+    yield { tokenIds: [tok], text, stepMs, batchSize };
+    if (why) {
+      final.finishReason = why;
+      break;
+    }
+    if (final.completionTokens >= p.maxTokens) {
+      final.finishReason = "length";
+      break;
+    }
+    if (s.contextTokens + 1 > s.maxContextTokens) {
+      final.finishReason = "context_full";
+      break;
+    }
+    if (p.signal?.aborted) {
+      final.finishReason = "cancelled";
+      break;
+    }
+    const r = await scheduler.step(s.session, tok, s.contextTokens);
+    s.contextTokens++;
+    s.pendingToken = undefined;
+    s.onAppended?.(s.contextTokens);
+    logits = r.logits;
+    stepMs = r.stepMs;
+    batchSize = r.batchSize;
+    final.decodeMs += r.stepMs;
+    final.maxBatchSize = Math.max(final.maxBatchSize, r.batchSize);
+  }
+  if (final.finishReason !== "stop_string") {
+    const rest = stop.flush(final.finishReason === "stop_token" ? final.tokens.slice(0, -1) : final.tokens);
+    if (rest) yield { tokenIds: [], text: rest, stepMs: 0, batchSize };
+  }
+  final.contextTokens = s.contextTokens;
+  return final;
+}

@@ -1,0 +1,105 @@
+/**
+ * Continuous batching of decode steps. Each generating request asks for one step at a time
+ * (session, token, position); steps that are waiting when the model is free run together as one
+ * Model.decode call over all layers. While a batch runs, new requests (and the next steps of the
+ * ones in it) queue for the next batch, so concurrent requests share steps without waiting for
+ * each other to finish.
+ */
+import type { Model } from "../../../native/binding.js";
+
+export interface StepResult {
+  logits: Float32Array;
+  /** Sessions in the batched call that produced it. */
+  batchSize: number;
+  stepMs: number;
+}
+
+interface Pending {
+  session: number;
+  token: number;
+  position: number;
+  resolve: (r: StepResult) => void;
+  reject: (e: Error) => void;
+}
+
+export class DecodeScheduler {
+  private queue: Pending[] = [];
+  private running = false;
+  private scheduled = false;
+  /** Batches run and the largest batch so far (exposed in metrics and tests). */
+  batches = 0;
+  maxBatchSeen = 0;
+
+  constructor(
+    private readonly model: Model,
+    private readonly maxBatch = 64,
+  ) {}
+
+  get queued(): number {
+    return this.queue.length;
+  }
+
+  step(session: number, token: number, position: number): Promise<StepResult> {
+    return new Promise((resolve, reject) => {
+      this.queue.push({ session, token, position, resolve, reject });
+      this.kick();
+    });
+  }
+
+  private kick(): void {
+    if (this.running || this.scheduled || this.queue.length === 0) return;
+    // setImmediate lets every request whose previous step just resolved enqueue its next one.
+    this.scheduled = true;
+    setImmediate(() => {
+      this.scheduled = false;
+      void this.runBatch();
+    });
+  }
+
+  private async runBatch(): Promise<void> {
+    if (this.running || this.queue.length === 0) return;
+    this.running = true;
+    const batch: Pending[] = [];
+    const rest: Pending[] = [];
+    const seen = new Set<number>();
+    for (const p of this.queue) {
+      if (batch.length < this.maxBatch && !seen.has(p.session)) {
+        seen.add(p.session);
+        batch.push(p);
+      } else {
+        rest.push(p);
+      }
+    }
+    this.queue = rest;
+    const t0 = performance.now();
+    try {
+      const logits = await this.model.decode(
+        Int32Array.from(batch.map((p) => p.session)),
+        Int32Array.from(batch.map((p) => p.token)),
+        Int32Array.from(batch.map((p) => p.position)),
+      );
+      const stepMs = performance.now() - t0;
+      const V = this.model.vocabSize;
+      this.batches++;
+      this.maxBatchSeen = Math.max(this.maxBatchSeen, batch.length);
+      batch.forEach((p, i) => p.resolve({ logits: logits.subarray(i * V, (i + 1) * V), batchSize: batch.length, stepMs }));
+    } catch (e) {
+      // One bad item fails the whole native call: retry the others alone so they are unaffected.
+      if (batch.length > 1) {
+        this.running = false;
+        for (const p of batch) {
+          this.model.decode(Int32Array.of(p.session), Int32Array.of(p.token), Int32Array.of(p.position)).then(
+            (l) => p.resolve({ logits: l, batchSize: 1, stepMs: performance.now() - t0 }),
+            (err: Error) => p.reject(err),
+          );
+        }
+        this.kick();
+        return;
+      }
+      batch[0].reject(e as Error);
+    } finally {
+      this.running = false;
+    }
+    this.kick();
+  }
+}
