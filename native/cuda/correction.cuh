@@ -1,0 +1,16 @@
+// Fine-grained correction, on the device: per KV head (group), the mean over its query heads of
+// cos(q_t, q_{t-1}) is compared with tau; a group whose mean is below tau is flagged, and its
+// speculative selection is redone with q_t before attention. The flags stay on the device (they
+// mask the re-selection kernel), so the check costs no host round trip.
+#pragma once
+#include <cuda_runtime.h>
+
+namespace freekv::cuda {
+
+// q_now, q_prev: [q_heads][head_dim] fp32. flags: [kv_heads] int (1 = correct this group).
+// corrections: optional device counter, incremented by the number of flagged groups.
+// A zero-norm query counts as cosine 0.
+void LaunchCorrectionCheck(const float* q_now, const float* q_prev, int q_heads, int kv_heads, int head_dim, float tau,
+                           int* flags, unsigned long long* corrections, cudaStream_t stream);
+
+}  // namespace freekv::cuda

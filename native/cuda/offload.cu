@@ -1,0 +1,46 @@
+#include <algorithm>
+
+#include "bf16_vec.cuh"
+#include "cuda_check.cuh"
+#include "offload.cuh"
+
+namespace freekv::cuda {
+namespace {
+
+// One thread per destination 16-byte vector (consecutive threads write consecutive bytes).
+__global__ void OffloadHndKernel(const __nv_bfloat16* pages, int count, uint8_t* dst, size_t dst_page_stride,
+                                 int kv_heads, int head_dim, int page_size) {
+  const int vpr = head_dim / kVec;
+  const long long per_page = 2LL * page_size * kv_heads * vpr;
+  const long long total = per_page * count;
+  for (long long x = blockIdx.x * (long long)blockDim.x + threadIdx.x; x < total;
+       x += (long long)gridDim.x * blockDim.x) {
+    const int page = x / per_page;
+    long long r = x % per_page;  // HND order: [h][kv][t][c]
+    const int c = r % vpr;
+    r /= vpr;
+    const int t = r % page_size;
+    r /= page_size;
+    const int kv = r % 2;
+    const int h = r / 2;
+    const __nv_bfloat16* src = pages + (size_t)page * 2 * page_size * kv_heads * head_dim +
+                               (((size_t)kv * page_size + t) * kv_heads + h) * head_dim + c * kVec;
+    uint4* d = reinterpret_cast<uint4*>(dst + (size_t)page * dst_page_stride) + (x % per_page);
+    *d = *reinterpret_cast<const uint4*>(src);
+  }
+}
+
+}  // namespace
+
+void LaunchOffloadHnd(const __nv_bfloat16* pages, int count, uint8_t* dst, size_t dst_page_stride, int kv_heads,
+                      int head_dim, int page_size, cudaStream_t stream) {
+  if (count == 0) return;
+  Require(count > 0 && pages && dst, "offload: count must be > 0 and pointers set");
+  Require(head_dim % kVec == 0, "offload: head_dim must be a multiple of 8");
+  const long long total = 2LL * page_size * kv_heads * (head_dim / kVec) * count;
+  const int blocks = (int)std::min<long long>((total + 255) / 256, 1024);
+  OffloadHndKernel<<<blocks, 256, 0, stream>>>(pages, count, dst, dst_page_stride, kv_heads, head_dim, page_size);
+  FKV_CUDA_CHECK_LAUNCH("OffloadHndKernel");
+}
+
+}  // namespace freekv::cuda

@@ -1,0 +1,154 @@
+#include <string>
+
+#include "cuda_check.cuh"
+#include "residency.cuh"
+
+namespace freekv::cuda {
+namespace {
+
+constexpr int kMaxK = 1024;
+
+// One block per KV head: threads test selected entries against the resident set in parallel,
+// thread 0 hands out the free slots in order.
+__global__ void ResidencyKernel(ResidencyParams p) {
+  const int h = blockIdx.x;
+  if (p.head_mask && p.head_mask[h] == 0) return;
+  __shared__ int sel[kMaxK], res[kMaxK], hit_slot[kMaxK];
+  __shared__ unsigned char kept[kMaxK];
+  __shared__ int miss[kMaxK];
+  const int k = p.k;
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    sel[j] = p.selected[(size_t)h * k + j];
+    res[j] = p.resident[(size_t)h * k + j];
+    kept[j] = 0;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    int s = -1;
+    if (sel[i] >= 0)
+      for (int j = 0; j < k; ++j)
+        if (res[j] == sel[i]) {
+          s = j;
+          break;
+        }
+    hit_slot[i] = s;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < k; i += blockDim.x)
+    if (hit_slot[i] >= 0) kept[hit_slot[i]] = 1;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int free_j = 0, nsel = 0, nhit = 0, nmiss = 0;
+    for (int i = 0; i < k; ++i) {
+      if (sel[i] < 0) continue;
+      ++nsel;
+      if (hit_slot[i] >= 0) {
+        ++nhit;
+        continue;
+      }
+      while (kept[free_j]) ++free_j;  // a free slot exists: #misses <= #slots not kept
+      kept[free_j] = 1;
+      res[free_j] = sel[i];
+      hit_slot[i] = free_j;
+      miss[nmiss++] = i;
+    }
+    const int base = nmiss ? atomicAdd(p.job_count, nmiss) : 0;
+    for (int m = 0; m < nmiss; ++m) {
+      RecallJob jb;
+      jb.page = sel[miss[m]];
+      jb.head = h;
+      jb.slot = p.selected_base + hit_slot[miss[m]];
+      jb.pad = 0;
+      p.jobs[base + m] = jb;
+    }
+    if (p.counters) {
+      atomicAdd(&p.counters[0], (unsigned long long)nsel);
+      atomicAdd(&p.counters[1], (unsigned long long)nhit);
+      atomicAdd(&p.counters[2], (unsigned long long)nmiss);
+    }
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    p.resident[(size_t)h * k + j] = res[j];
+    p.selected_slot[(size_t)h * k + j] = sel[j] >= 0 ? p.selected_base + hit_slot[j] : -1;
+  }
+}
+
+// One block per KV head. Rows: sink pages, then selected pages, then window pages.
+__global__ void AttendTableKernel(AttendTableParams p) {
+  const int h = blockIdx.x;
+  const int P = p.page_size;
+  const int npages = (p.context + P - 1) / P;  // pages holding tokens, the partial one included
+  const int nfull = p.context / P;
+  int* slot = p.page_slot + (size_t)h * p.max_pages;
+  int* toks = p.page_tokens + (size_t)h * p.max_pages;
+  int* ids = p.page_id + (size_t)h * p.max_pages;
+  auto tokens_of = [&](int pg) { return min(P, p.context - pg * P); };
+  if (p.dense) {
+    for (int pg = threadIdx.x; pg < npages && pg < p.max_pages; pg += blockDim.x) {
+      slot[pg] = pg;
+      toks[pg] = tokens_of(pg);
+      ids[pg] = pg;
+    }
+    if (threadIdx.x == 0) p.num_pages[h] = min(npages, p.max_pages);
+    return;
+  }
+  const int nsink = min(p.sink_pages, npages);
+  const int wfirst = max(p.sink_pages, nfull - (p.window_pages - 1));
+  const int nwin = max(0, npages - wfirst);
+  for (int pg = threadIdx.x; pg < nsink; pg += blockDim.x) {
+    slot[pg] = pg;
+    toks[pg] = tokens_of(pg);
+    ids[pg] = pg;
+  }
+  __shared__ int nsel;
+  if (threadIdx.x == 0) {
+    int r = nsink;
+    for (int i = 0; i < p.k; ++i) {
+      const int pg = p.selected[(size_t)h * p.k + i];
+      if (pg < 0) continue;
+      slot[r] = p.selected_slot[(size_t)h * p.k + i];
+      toks[r] = P;
+      ids[r] = pg;
+      ++r;
+    }
+    nsel = r - nsink;
+  }
+  __syncthreads();
+  const int r0 = nsink + nsel;
+  for (int w = threadIdx.x; w < nwin; w += blockDim.x) {
+    const int pg = wfirst + w;
+    slot[r0 + w] = p.window_base + pg % p.window_pages;
+    toks[r0 + w] = tokens_of(pg);
+    ids[r0 + w] = pg;
+  }
+  if (threadIdx.x == 0) p.num_pages[h] = r0 + nwin;
+}
+
+}  // namespace
+
+void LaunchResidencyDiff(const ResidencyParams& p, cudaStream_t stream) {
+  Require(p.kv_heads > 0 && p.k > 0 && p.k <= kMaxK, "residency: k must be in [1, 1024]");
+  Require(p.selected && p.resident && p.selected_slot && p.jobs && p.job_count, "residency: a device pointer is null");
+  FKV_CUDA_CHECK(cudaMemsetAsync(p.job_count, 0, sizeof(int), stream));
+  ResidencyKernel<<<p.kv_heads, 128, 0, stream>>>(p);
+  FKV_CUDA_CHECK_LAUNCH("ResidencyKernel");
+}
+
+int AttendTableRows(int context, int page_size, int sink_pages, int window_pages, int k, bool dense) {
+  const int npages = (context + page_size - 1) / page_size;
+  if (dense) return npages;
+  return sink_pages + k + window_pages;
+}
+
+void LaunchAttendTable(const AttendTableParams& p, cudaStream_t stream) {
+  Require(p.page_size > 0 && p.kv_heads > 0 && p.max_pages > 0, "attend table: bad geometry");
+  Require(p.dense || p.window_pages >= 1, "attend table: window_pages must be >= 1");
+  Require(p.page_slot && p.page_tokens && p.page_id && p.num_pages, "attend table: a device pointer is null");
+  Require(p.k == 0 || (p.selected && p.selected_slot), "attend table: selected arrays are null");
+  Require(p.dense || p.sink_pages + p.k + p.window_pages <= p.max_pages, "attend table: max_pages too small");
+  AttendTableKernel<<<p.kv_heads, 128, 0, stream>>>(p);
+  FKV_CUDA_CHECK_LAUNCH("AttendTableKernel");
+}
+
+}  // namespace freekv::cuda

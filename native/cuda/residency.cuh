@@ -1,0 +1,58 @@
+// Residency of the device tier, on the device.
+//
+// Device tier of one (session, layer), NHD slots:
+//   sink slots     [sink_base, sink_base + sink_pages): page p < sink_pages lives in slot p;
+//   window slots   [window_base, window_base + window_pages): a ring, page p in slot p % window_pages
+//                  while it is in the window (the partial page plus window_pages - 1 full pages);
+//   selected slots [selected_base, selected_base + k): per KV head, the selected middle pages;
+//                  resident[h][j] is the page whose head-h K/V is in selected slot j (-1: none).
+//
+// ResidencyDiff: given the new selection per KV head, reuses slots already holding a selected
+// page (hits), assigns each miss a slot whose page is no longer selected (with k slots and top-k
+// selection, exactly the evicted pages are the lowest-scoring resident ones), and appends a
+// recall job per miss. Nothing leaves the device.
+//
+// AttendTable: the attention table of a step (sink + selected + window, or every page in dense
+// mode) with each page's slot, valid tokens and page id.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "recall.cuh"
+
+namespace freekv::cuda {
+
+struct ResidencyParams {
+  const int* selected = nullptr;  // [kv_heads][k] pages, -1 = none
+  int* resident = nullptr;        // [kv_heads][k] updated in place
+  int* selected_slot = nullptr;   // [kv_heads][k] out: slot (selected_base + j) of each selected page, -1 = none
+  RecallJob* jobs = nullptr;      // out: one per miss (capacity kv_heads * k)
+  int* job_count = nullptr;       // out: number of jobs (zeroed by the launcher first)
+  int kv_heads = 0, k = 0, selected_base = 0;
+  const int* head_mask = nullptr;           // optional [kv_heads]: only heads with mask != 0
+  unsigned long long* counters = nullptr;   // optional [3]: += selected pages, hits, misses
+};
+
+void LaunchResidencyDiff(const ResidencyParams& p, cudaStream_t stream);
+
+struct AttendTableParams {
+  int context = 0;  // tokens after this step's append
+  int page_size = 0, sink_pages = 0, window_pages = 0;
+  int kv_heads = 0;
+  bool dense = false;  // every page p in slot p
+  int window_base = 0, selected_base = 0;
+  const int* selected = nullptr;       // [kv_heads][k] or null when k == 0
+  const int* selected_slot = nullptr;  // [kv_heads][k]
+  int k = 0;
+  int max_pages = 0;                   // row length of the outputs
+  int* page_slot = nullptr;            // [kv_heads][max_pages]
+  int* page_tokens = nullptr;          // [kv_heads][max_pages]
+  int* page_id = nullptr;              // [kv_heads][max_pages]
+  int* num_pages = nullptr;            // [kv_heads]
+};
+
+// Rows needed by the attention table: sink + k + window pages, or every page when dense.
+int AttendTableRows(int context, int page_size, int sink_pages, int window_pages, int k, bool dense);
+
+void LaunchAttendTable(const AttendTableParams& p, cudaStream_t stream);
+
+}  // namespace freekv::cuda

@@ -1,0 +1,49 @@
+#include "cuda_check.cuh"
+#include "summary.cuh"
+
+namespace freekv::cuda {
+namespace {
+
+// grid (ceil(kv_heads * head_dim / 128), count); one thread per channel.
+__global__ void PageSummaryKernel(const __nv_bfloat16* pages, float* summaries, int kv_heads, int head_dim,
+                                  int page_size, int kind) {
+  const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+  const int page = blockIdx.y;
+  const int C = kv_heads * head_dim;
+  if (ch >= C) return;
+  const __nv_bfloat16* k = pages + (size_t)page * 2 * page_size * C + ch;  // K half of the page
+  float hi = -3.4e38f, lo = 3.4e38f;
+  for (int t = 0; t < page_size; ++t) {
+    const float x = __bfloat162float(k[(size_t)t * C]);
+    hi = fmaxf(hi, x);
+    lo = fminf(lo, x);
+  }
+  if (kind == kSummaryCuboidMean) {
+    const float c = 0.5f * (hi + lo);
+    float r = 0.f;
+    for (int t = 0; t < page_size; ++t) r += fabsf(__bfloat162float(k[(size_t)t * C]) - c);
+    r /= page_size;
+    hi = c + r;
+    lo = c - r;
+  }
+  const int h = ch / head_dim, d = ch % head_dim;
+  float* s = summaries + ((size_t)page * kv_heads + h) * 2 * head_dim;
+  s[d] = hi;
+  s[head_dim + d] = lo;
+}
+
+}  // namespace
+
+void LaunchPageSummary(const __nv_bfloat16* pages, int count, float* summaries, int kv_heads, int head_dim,
+                       int page_size, int kind, cudaStream_t stream) {
+  if (count == 0) return;
+  Require(count > 0 && pages && summaries, "page summary: count must be > 0 and pointers set");
+  Require(kind == kSummaryMaxMin || kind == kSummaryCuboidMean, "page summary: unknown summary kind");
+  Require(count <= 65535, "page summary: at most 65535 pages per launch");
+  const int C = kv_heads * head_dim;
+  PageSummaryKernel<<<dim3((C + 127) / 128, count), 128, 0, stream>>>(pages, summaries, kv_heads, head_dim,
+                                                                      page_size, kind);
+  FKV_CUDA_CHECK_LAUNCH("PageSummaryKernel");
+}
+
+}  // namespace freekv::cuda
