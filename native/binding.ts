@@ -96,6 +96,10 @@ export interface NativeLayout {
   tailLayerBytes: number;
   tailBytes: number;
   manifestBytes: number;
+  /** Offset of the per-layer query records in the manifest (two per layer, see Engine.h). */
+  manifestQueryOffset: number;
+  /** Bytes of one query record (header + q[qHeads * headDim] float32). */
+  manifestQueryRecordBytes: number;
 }
 
 /** The kvstore's segments of one session, mapped in this process. */
@@ -118,7 +122,10 @@ export interface EngineStats {
   pagesOffloaded: number;
   offloadBytes: number;
   contextTokens: number;
+  /** Resident head-pages of the device tier (sink + window + selected; every page of a dense layer). */
   residentPages: number;
+  /** Decode calls whose attention waited for its layer's in-flight speculative recall. */
+  recallWaits: number;
 }
 
 export interface DecodeInput {
@@ -136,6 +143,11 @@ export interface EngineOptions {
   threads?: number;
   /** CUDA device ordinal (default 0). */
   device?: number;
+  /**
+   * Tests only (CPU backend): every background recall sleeps this long before writing the
+   * slots, to show that attention never reads a slot that a recall is writing.
+   */
+  debugRecallDelayMs?: number;
 }
 
 /**
@@ -145,7 +157,14 @@ export interface EngineOptions {
  */
 export interface Engine {
   readonly backend: "cpu" | "cuda";
+  /**
+   * Creates a session over the kvstore's segments (kept referenced while the session lives; close
+   * the session before closing them). With `reattach`, the session is rebuilt from the store's
+   * committed pages, tail and manifest and continues with the outputs the previous process
+   * would have produced. Retrieval fields left out take the engine defaults.
+   */
   createSession(geometry: Geometry, retrieval: Retrieval, host: HostSegments, reattach: boolean): number;
+  /** Waits for the session's background recalls, then frees it. */
   closeSession(session: number): void;
   /** Appends n tokens: k, v are [n][kvHeads][headDim] float32. */
   prefill(session: number, layer: number, k: Float32Array, v: Float32Array, n: number): Promise<void>;

@@ -1,5 +1,496 @@
-#include <napi.h>
+// JS class `Engine`: the FreeKV engine (CPU backend, or CUDA when built and present) behind the
+// typed interface of native/binding.ts. Arguments are validated and copied into plain C++ data
+// on the JS thread; the work runs in AsyncWorkers that resolve promises. A session keeps JS
+// references to its four shared-memory segments while it lives.
+#include "engine/AddonEngine.h"
+
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "shm/ShmSegment.h"
+
 namespace freekv::addon {
-// Filled in by the engine module.
-void InitEngine(Napi::Env env, Napi::Object exports) {}
+
+ShmSegment* UnwrapShm(Napi::Value v);
+
+namespace {
+
+using std::to_string;
+
+// ---- argument parsing (every error names its argument) ----
+
+Napi::Object ObjectArg(const Napi::Env& env, Napi::Value v, const std::string& name) {
+  if (!v.IsObject()) throw Napi::TypeError::New(env, name + " must be an object");
+  return v.As<Napi::Object>();
 }
+
+double NumberField(const Napi::Object& o, const char* key, const std::string& path, bool* present = nullptr) {
+  auto v = o.Get(key);
+  if (v.IsUndefined()) {
+    if (present) {
+      *present = false;
+      return 0;
+    }
+    throw Napi::TypeError::New(o.Env(), path + "." + key + " is required");
+  }
+  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), path + "." + key + " must be a number");
+  if (present) *present = true;
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+int IntField(const Napi::Object& o, const char* key, const std::string& path, int lo, int hi, bool optional = false,
+             int dflt = 0) {
+  bool present = true;
+  const double d = NumberField(o, key, path, optional ? &present : nullptr);
+  if (!present) return dflt;
+  if (!std::isfinite(d) || std::floor(d) != d || d < lo || d > hi)
+    throw Napi::RangeError::New(o.Env(), path + "." + key + " must be an integer in [" + to_string(lo) + ", " + to_string(hi) + "]");
+  return static_cast<int>(d);
+}
+
+int IntArg(const Napi::CallbackInfo& info, size_t i, const std::string& name, int lo = 0, int hi = 1 << 30) {
+  if (info.Length() <= i || !info[i].IsNumber()) throw Napi::TypeError::New(info.Env(), name + " must be a number");
+  const double d = info[i].As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(d) || std::floor(d) != d || d < lo || d > hi)
+    throw Napi::RangeError::New(info.Env(), name + " must be an integer in [" + to_string(lo) + ", " + to_string(hi) + "]");
+  return static_cast<int>(d);
+}
+
+Geometry ParseGeometry(const Napi::Env& env, Napi::Value v) {
+  auto o = ObjectArg(env, v, "geometry");
+  Geometry g;
+  g.layers = IntField(o, "layers", "geometry", 1, 4096);
+  g.q_heads = IntField(o, "qHeads", "geometry", 1, 1024);
+  g.kv_heads = IntField(o, "kvHeads", "geometry", 1, 1024);
+  g.head_dim = IntField(o, "headDim", "geometry", 1, 1024);
+  g.kv_dtype = static_cast<DType>(IntField(o, "kvDtype", "geometry", 1, 3, true, 1));
+  if (g.q_heads % g.kv_heads != 0) throw Napi::RangeError::New(env, "geometry.qHeads must be a multiple of geometry.kvHeads");
+  return g;
+}
+
+RetrievalConfig ParseRetrieval(const Napi::Env& env, Napi::Value v) {
+  auto o = ObjectArg(env, v, "retrieval");
+  RetrievalConfig c;
+  const std::string p = "retrieval";
+  c.page_size = IntField(o, "pageSize", p, 1, 4096, true, c.page_size);
+  c.sink_tokens = IntField(o, "sinkTokens", p, 0, 1 << 26, true, c.sink_tokens);
+  c.window_tokens = IntField(o, "windowTokens", p, 1, 1 << 26, true, c.window_tokens);
+  c.select_tokens = IntField(o, "selectTokens", p, 0, 1 << 26, true, c.select_tokens);
+  bool has_tau = false;
+  const double tau = NumberField(o, "tau", p, &has_tau);
+  if (has_tau) {
+    if (!std::isfinite(tau)) throw Napi::RangeError::New(env, "retrieval.tau must be finite");
+    c.tau = static_cast<float>(tau);
+  }
+  c.summary = static_cast<SummaryKind>(IntField(o, "summary", p, 1, 2, true, static_cast<int>(c.summary)));
+  c.combine = static_cast<GroupCombine>(IntField(o, "combine", p, 1, 3, true, static_cast<int>(c.combine)));
+  c.mode = static_cast<Mode>(IntField(o, "mode", p, 1, 5, true, static_cast<int>(c.mode)));
+  c.recall = static_cast<RecallMode>(IntField(o, "recall", p, 1, 2, true, static_cast<int>(c.recall)));
+  auto dl = o.Get("denseLayers");
+  if (!dl.IsUndefined()) {
+    if (!dl.IsArray()) throw Napi::TypeError::New(env, "retrieval.denseLayers must be an array of layer indices");
+    auto a = dl.As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); ++i) {
+      auto e = a.Get(i);
+      if (!e.IsNumber()) throw Napi::TypeError::New(env, "retrieval.denseLayers[" + to_string(i) + "] must be a number");
+      const double d = e.As<Napi::Number>().DoubleValue();
+      if (std::floor(d) != d || d < 0 || d > 4095)
+        throw Napi::RangeError::New(env, "retrieval.denseLayers[" + to_string(i) + "] must be a layer index");
+      c.dense_layers.push_back(static_cast<int>(d));
+    }
+  }
+  return c;
+}
+
+// A Float32Array of exactly `expect` elements, copied.
+std::vector<float> FloatsArg(const Napi::Env& env, Napi::Value v, const std::string& name, size_t expect) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+    throw Napi::TypeError::New(env, name + " must be a Float32Array");
+  auto a = v.As<Napi::Float32Array>();
+  if (a.ElementLength() != expect)
+    throw Napi::RangeError::New(env, name + " has " + to_string(a.ElementLength()) + " elements, expected " + to_string(expect));
+  return std::vector<float>(a.Data(), a.Data() + expect);
+}
+
+Napi::Float32Array ToFloat32Array(const Napi::Env& env, const std::vector<float>& v) {
+  auto a = Napi::Float32Array::New(env, v.size());
+  if (!v.empty()) std::memcpy(a.Data(), v.data(), v.size() * sizeof(float));
+  return a;
+}
+
+// ---- AsyncWorkers ----
+
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  PromiseWorker(Napi::Env env, std::shared_ptr<Engine> engine)
+      : Napi::AsyncWorker(env), engine_(std::move(engine)), deferred_(Napi::Promise::Deferred::New(env)) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override {
+    try {
+      Run();
+    } catch (const std::exception& e) {
+      SetError(e.what());
+    } catch (...) {
+      SetError("engine: unknown native error");
+    }
+  }
+  void OnOK() override { deferred_.Resolve(Result(Env())); }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+ protected:
+  virtual void Run() = 0;
+  virtual Napi::Value Result(Napi::Env env) { return env.Undefined(); }
+  std::shared_ptr<Engine> engine_;
+
+ private:
+  Napi::Promise::Deferred deferred_;
+};
+
+class PrefillWorker : public PromiseWorker {
+ public:
+  PrefillWorker(Napi::Env env, std::shared_ptr<Engine> e, int s, int l, std::vector<float> q, std::vector<float> k,
+                std::vector<float> v, int n, int out_floats, bool attend)
+      : PromiseWorker(env, std::move(e)), s_(s), l_(l), n_(n), attend_(attend), q_(std::move(q)), k_(std::move(k)),
+        v_(std::move(v)), out_(attend ? out_floats : 0) {}
+
+ protected:
+  void Run() override {
+    if (attend_)
+      engine_->PrefillAttend(s_, l_, q_.data(), k_.data(), v_.data(), n_, out_.data());
+    else
+      engine_->Prefill(s_, l_, k_.data(), v_.data(), n_);
+  }
+  Napi::Value Result(Napi::Env env) override { return attend_ ? ToFloat32Array(env, out_) : env.Undefined(); }
+
+ private:
+  int s_, l_, n_;
+  bool attend_;
+  std::vector<float> q_, k_, v_, out_;
+};
+
+struct DecodeCopy {
+  int session;
+  std::vector<float> q, k, v, out;
+};
+
+class DecodeWorker : public PromiseWorker {
+ public:
+  DecodeWorker(Napi::Env env, std::shared_ptr<Engine> e, int layer, std::vector<DecodeCopy> items)
+      : PromiseWorker(env, std::move(e)), layer_(layer), items_(std::move(items)) {}
+
+ protected:
+  void Run() override {
+    std::vector<DecodeItem> items;
+    for (auto& it : items_) items.push_back({it.session, it.q.data(), it.k.data(), it.v.data(), it.out.data()});
+    engine_->Decode(layer_, items);
+  }
+  Napi::Value Result(Napi::Env env) override {
+    auto a = Napi::Array::New(env, items_.size());
+    for (uint32_t i = 0; i < items_.size(); ++i) a.Set(i, ToFloat32Array(env, items_[i].out));
+    return a;
+  }
+
+ private:
+  int layer_;
+  std::vector<DecodeCopy> items_;
+};
+
+class SyncWorker : public PromiseWorker {
+ public:
+  SyncWorker(Napi::Env env, std::shared_ptr<Engine> e, int s) : PromiseWorker(env, std::move(e)), s_(s) {}
+
+ protected:
+  void Run() override { engine_->Sync(s_); }
+
+ private:
+  int s_;
+};
+
+}  // namespace
+
+class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
+ public:
+  static Napi::FunctionReference* ctor;
+
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "Engine",
+                       {StaticMethod("layout", &AddonEngine::Layout), InstanceAccessor("backend", &AddonEngine::Backend, nullptr),
+                        InstanceMethod("createSession", &AddonEngine::CreateSession),
+                        InstanceMethod("closeSession", &AddonEngine::CloseSession),
+                        InstanceMethod("prefill", &AddonEngine::Prefill),
+                        InstanceMethod("prefillAttend", &AddonEngine::PrefillAttend),
+                        InstanceMethod("decode", &AddonEngine::Decode), InstanceMethod("sync", &AddonEngine::Sync),
+                        InstanceMethod("stats", &AddonEngine::GetStats),
+                        InstanceMethod("contextTokens", &AddonEngine::ContextTokens),
+                        InstanceMethod("lastAttendedTokens", &AddonEngine::LastAttendedTokens)});
+  }
+
+  explicit AddonEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AddonEngine>(info) {
+    auto env = info.Env();
+    auto o = ObjectArg(env, info.Length() > 0 ? info[0] : env.Undefined(), "options");
+    auto b = o.Get("backend");
+    if (!b.IsString()) throw Napi::TypeError::New(env, "options.backend must be \"cpu\" or \"cuda\"");
+    backend_ = b.As<Napi::String>().Utf8Value();
+    const int threads = IntField(o, "threads", "options", 0, 1024, true, 0);
+    const int device = IntField(o, "device", "options", 0, 1024, true, 0);
+    const int delay_ms = IntField(o, "debugRecallDelayMs", "options", 0, 60000, true, 0);
+    if (backend_ == "cpu") {
+      engine_ = std::shared_ptr<Engine>(MakeCpuEngine(threads, delay_ms * 1000));
+    } else if (backend_ == "cuda") {
+#ifdef FREEKV_WITH_CUDA
+      try {
+        engine_ = std::shared_ptr<Engine>(MakeCudaEngine(device));
+      } catch (const std::exception& e) {
+        throw Napi::Error::New(env, e.what());
+      }
+#else
+      (void)device;
+      throw Napi::Error::New(env, "no CUDA device: this build of the addon has no CUDA backend");
+#endif
+    } else {
+      throw Napi::TypeError::New(env, "options.backend must be \"cpu\" or \"cuda\", got \"" + backend_ + "\"");
+    }
+  }
+
+  std::shared_ptr<Engine> engine() const { return engine_; }
+
+ private:
+  struct SessionInfo {
+    Geometry geo;
+    std::vector<Napi::ObjectReference> segments;  // store, staging, tail, manifest
+  };
+
+  static Napi::Value Layout(const Napi::CallbackInfo& info) {
+    auto env = info.Env();
+    const auto g = ParseGeometry(env, info.Length() > 0 ? info[0] : env.Undefined());
+    const auto c = ParseRetrieval(env, info.Length() > 1 ? info[1] : env.Undefined());
+    const int cap = IntArg(info, 2, "capacityPages", 1, 1 << 30);
+    const auto l = ComputeLayout(g, c, cap);
+    auto o = Napi::Object::New(env);
+    auto num = [&](const char* k, size_t v) { o.Set(k, Napi::Number::New(env, static_cast<double>(v))); };
+    num("headPageBytes", l.head_page_bytes);
+    num("pageBytes", l.page_bytes);
+    num("layerStride", l.layer_stride);
+    num("storeBytes", l.store_bytes);
+    num("stagingBufferBytes", l.staging_buffer_bytes);
+    num("tailLayerBytes", l.tail_layer_bytes);
+    num("tailBytes", l.tail_bytes);
+    num("manifestBytes", l.manifest_bytes);
+    num("manifestQueryOffset", l.manifest_query_offset);
+    num("manifestQueryRecordBytes", l.manifest_query_record_bytes);
+    return o;
+  }
+
+  Napi::Value Backend(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), backend_); }
+
+  const SessionInfo& SessionArg(const Napi::CallbackInfo& info, size_t i, const std::string& name = "session") {
+    const int s = IntArg(info, i, name, 0, 1 << 30);
+    auto it = sessions_.find(s);
+    if (it == sessions_.end()) throw Napi::Error::New(info.Env(), name + " " + to_string(s) + " is not open");
+    return it->second;
+  }
+
+  static int LayerArg(const Napi::CallbackInfo& info, size_t i, const Geometry& g) {
+    const int l = IntArg(info, i, "layer", 0, 1 << 20);
+    if (l >= g.layers)
+      throw Napi::RangeError::New(info.Env(), "layer " + to_string(l) + " is out of range [0, " + to_string(g.layers) + ")");
+    return l;
+  }
+
+  Napi::Value CreateSession(const Napi::CallbackInfo& info) {
+    auto env = info.Env();
+    const auto g = ParseGeometry(env, info.Length() > 0 ? info[0] : env.Undefined());
+    const auto c = ParseRetrieval(env, info.Length() > 1 ? info[1] : env.Undefined());
+    auto ho = ObjectArg(env, info.Length() > 2 ? info[2] : env.Undefined(), "host");
+    if (info.Length() < 4 || !info[3].IsBoolean()) throw Napi::TypeError::New(env, "reattach must be a boolean");
+    const bool reattach = info[3].As<Napi::Boolean>().Value();
+    HostStore h;
+    h.capacity_pages = IntField(ho, "capacityPages", "host", 1, 1 << 30);
+    SessionInfo si;
+    si.geo = g;
+    const char* names[4] = {"store", "staging", "tail", "manifest"};
+    ShmSegment* segs[4];
+    for (int i = 0; i < 4; ++i) {
+      auto v = ho.Get(names[i]);
+      try {
+        segs[i] = UnwrapShm(v);
+      } catch (const Napi::Error& e) {
+        throw Napi::TypeError::New(env, std::string("host.") + names[i] + ": " + e.Message());
+      }
+      si.segments.push_back(Napi::Persistent(v.As<Napi::Object>()));
+    }
+    h.store = static_cast<uint8_t*>(segs[0]->data());
+    h.store_bytes = segs[0]->size();
+    h.staging = static_cast<uint8_t*>(segs[1]->data());
+    h.staging_bytes = segs[1]->size();
+    h.tail = static_cast<uint8_t*>(segs[2]->data());
+    h.tail_bytes = segs[2]->size();
+    h.manifest = static_cast<uint8_t*>(segs[3]->data());
+    h.manifest_bytes = segs[3]->size();
+    int id;
+    try {
+      id = engine_->CreateSession(g, c, h, reattach);
+    } catch (const std::invalid_argument& e) {
+      throw Napi::RangeError::New(env, e.what());
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    sessions_.emplace(id, std::move(si));
+    return Napi::Number::New(env, id);
+  }
+
+  Napi::Value CloseSession(const Napi::CallbackInfo& info) {
+    const int s = IntArg(info, 0, "session", 0, 1 << 30);
+    auto it = sessions_.find(s);
+    if (it == sessions_.end()) throw Napi::Error::New(info.Env(), "session " + to_string(s) + " is not open");
+    try {
+      engine_->CloseSession(s);
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
+    sessions_.erase(it);  // releases the segment references
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Prefill(const Napi::CallbackInfo& info) { return PrefillCommon(info, false); }
+  Napi::Value PrefillAttend(const Napi::CallbackInfo& info) { return PrefillCommon(info, true); }
+
+  // prefill(session, layer, k, v, n) / prefillAttend(session, layer, q, k, v, n)
+  Napi::Value PrefillCommon(const Napi::CallbackInfo& info, bool attend) {
+    auto env = info.Env();
+    const auto& si = SessionArg(info, 0);
+    const int s = info[0].As<Napi::Number>().Int32Value();
+    const int layer = LayerArg(info, 1, si.geo);
+    const size_t a = attend ? 3 : 2;
+    const int n = IntArg(info, a + 2, "n", 1, 1 << 24);
+    const size_t kvf = static_cast<size_t>(n) * si.geo.kv_heads * si.geo.head_dim;
+    const size_t qf = static_cast<size_t>(n) * si.geo.q_heads * si.geo.head_dim;
+    std::vector<float> q;
+    if (attend) q = FloatsArg(env, info[2], "q", qf);
+    auto k = FloatsArg(env, info[a], "k", kvf);
+    auto v = FloatsArg(env, info[a + 1], "v", kvf);
+    auto* w = new PrefillWorker(env, engine_, s, layer, std::move(q), std::move(k), std::move(v), n, static_cast<int>(qf), attend);
+    auto p = w->Promise();
+    w->Queue();
+    return p;
+  }
+
+  // decode(layer, items)
+  Napi::Value Decode(const Napi::CallbackInfo& info) {
+    auto env = info.Env();
+    const int layer = IntArg(info, 0, "layer", 0, 1 << 20);
+    if (info.Length() < 2 || !info[1].IsArray()) throw Napi::TypeError::New(env, "items must be an array");
+    auto arr = info[1].As<Napi::Array>();
+    if (arr.Length() == 0) throw Napi::RangeError::New(env, "items must not be empty");
+    std::vector<DecodeCopy> items;
+    std::map<int, bool> seen;
+    for (uint32_t i = 0; i < arr.Length(); ++i) {
+      const std::string at = "items[" + to_string(i) + "]";
+      auto o = ObjectArg(env, arr.Get(i), at);
+      const int s = IntField(o, "session", at, 0, 1 << 30);
+      auto it = sessions_.find(s);
+      if (it == sessions_.end()) throw Napi::Error::New(env, at + ".session " + to_string(s) + " is not open");
+      if (seen[s]) throw Napi::RangeError::New(env, at + ".session " + to_string(s) + " appears twice in the batch");
+      seen[s] = true;
+      const auto& g = it->second.geo;
+      if (layer >= g.layers)
+        throw Napi::RangeError::New(env, "layer " + to_string(layer) + " is out of range [0, " + to_string(g.layers) + ") for " + at);
+      DecodeCopy d;
+      d.session = s;
+      d.q = FloatsArg(env, o.Get("q"), at + ".q", static_cast<size_t>(g.q_heads) * g.head_dim);
+      d.k = FloatsArg(env, o.Get("k"), at + ".k", static_cast<size_t>(g.kv_heads) * g.head_dim);
+      d.v = FloatsArg(env, o.Get("v"), at + ".v", static_cast<size_t>(g.kv_heads) * g.head_dim);
+      d.out.assign(d.q.size(), 0.f);
+      items.push_back(std::move(d));
+    }
+    auto* w = new DecodeWorker(env, engine_, layer, std::move(items));
+    auto p = w->Promise();
+    w->Queue();
+    return p;
+  }
+
+  Napi::Value Sync(const Napi::CallbackInfo& info) {
+    SessionArg(info, 0);
+    auto* w = new SyncWorker(info.Env(), engine_, info[0].As<Napi::Number>().Int32Value());
+    auto p = w->Promise();
+    w->Queue();
+    return p;
+  }
+
+  Napi::Value GetStats(const Napi::CallbackInfo& info) {
+    auto env = info.Env();
+    SessionArg(info, 0);
+    Stats st;
+    try {
+      st = engine_->GetStats(info[0].As<Napi::Number>().Int32Value());
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    auto o = Napi::Object::New(env);
+    auto num = [&](const char* k, uint64_t v) { o.Set(k, Napi::Number::New(env, static_cast<double>(v))); };
+    num("decodeSteps", st.decode_steps);
+    num("selections", st.selections);
+    num("corrections", st.corrections);
+    num("pagesSelected", st.pages_selected);
+    num("pagesHit", st.pages_hit);
+    num("pagesRecalled", st.pages_recalled);
+    num("recallBytes", st.recall_bytes);
+    num("pagesOffloaded", st.pages_offloaded);
+    num("offloadBytes", st.offload_bytes);
+    num("contextTokens", st.context_tokens);
+    num("residentPages", st.resident_pages);
+    num("recallWaits", st.recall_waits);
+    return o;
+  }
+
+  Napi::Value ContextTokens(const Napi::CallbackInfo& info) {
+    SessionArg(info, 0);
+    try {
+      return Napi::Number::New(info.Env(), static_cast<double>(engine_->ContextTokens(info[0].As<Napi::Number>().Int32Value())));
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
+  }
+
+  Napi::Value LastAttendedTokens(const Napi::CallbackInfo& info) {
+    auto env = info.Env();
+    const auto& si = SessionArg(info, 0);
+    const int layer = LayerArg(info, 1, si.geo);
+    const int h = IntArg(info, 2, "kvHead", 0, 1 << 20);
+    if (h >= si.geo.kv_heads)
+      throw Napi::RangeError::New(env, "kvHead " + to_string(h) + " is out of range [0, " + to_string(si.geo.kv_heads) + ")");
+    std::vector<int> t;
+    try {
+      t = engine_->LastAttendedTokens(info[0].As<Napi::Number>().Int32Value(), layer, h);
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    auto a = Napi::Int32Array::New(env, t.size());
+    if (!t.empty()) std::memcpy(a.Data(), t.data(), t.size() * sizeof(int));
+    return a;
+  }
+
+  std::string backend_;
+  std::shared_ptr<Engine> engine_;
+  std::map<int, SessionInfo> sessions_;
+};
+
+Napi::FunctionReference* AddonEngine::ctor = nullptr;
+
+std::shared_ptr<freekv::Engine> UnwrapEngine(Napi::Value v) {
+  if (!v.IsObject() || !AddonEngine::ctor || !v.As<Napi::Object>().InstanceOf(AddonEngine::ctor->Value()))
+    throw Napi::TypeError::New(v.Env(), "expected an Engine");
+  return AddonEngine::Unwrap(v.As<Napi::Object>())->engine();
+}
+
+void InitEngine(Napi::Env env, Napi::Object exports) {
+  auto fn = AddonEngine::Define(env);
+  AddonEngine::ctor = new Napi::FunctionReference(Napi::Persistent(fn));
+  exports.Set("Engine", fn);
+}
+
+}  // namespace freekv::addon

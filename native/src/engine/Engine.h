@@ -50,7 +50,10 @@ struct RetrievalConfig {
 //   staging:  two buffers of staging_buffer_bytes (double-buffered recall)
 //   tail:     [layers] NHD partial page = [page_size][2 (K,V)][kv_heads][head_dim], written
 //             through every step so a restarted compute loses nothing
-//   manifest: ManifestHeader then per layer uint32 committed full pages, uint32 tail tokens
+//   manifest: ManifestHeader then per layer uint32 committed full pages, uint32 tail tokens;
+//             then (at Layout::manifest_query_offset) per layer two ManifestQueryRecords of
+//             Layout::manifest_query_record_bytes each (record header + float q[q_heads][head_dim]).
+//             The engine writes all of it; the kvstore only initialises the header and reads.
 struct HostStore {
   uint8_t* store = nullptr;
   size_t store_bytes = 0;
@@ -70,6 +73,20 @@ struct ManifestHeader {
 };
 constexpr uint32_t kManifestMagic = 0x31564b46u;
 
+// The query state a re-attaching process needs to continue with identical outputs: the last
+// query of a layer (for the speculative selection that was in flight and for the correction's
+// cosine) and whether the next decode is the first after a prefill. Two records per layer are
+// written alternately, so a process that died in the middle of a step still finds the record
+// that matches the context every layer completed.
+struct ManifestQueryRecord {
+  uint64_t tokens;  // the layer's tokens after the call that wrote this record
+  uint32_t flags;   // kQueryValid | kFirstDecodePending
+  uint32_t seq;     // write sequence number of this layer's records
+  // followed by float q[q_heads * head_dim]
+};
+constexpr uint32_t kQueryValid = 1u;
+constexpr uint32_t kFirstDecodePending = 2u;
+
 // Per-session counters (summed over layers). Mirrors freekv.v1.RetrievalStats.
 struct Stats {
   uint64_t decode_steps = 0;
@@ -82,8 +99,11 @@ struct Stats {
   uint64_t pages_offloaded = 0;
   uint64_t offload_bytes = 0;
   uint64_t context_tokens = 0;
-  // Resident pages of the device tier right now (sink + window + selected slots in use).
+  // Resident head-pages of the device tier right now, summed over layers and KV heads
+  // (sink + window + selected slots in use; every page of a dense layer).
   uint64_t resident_pages = 0;
+  // Decode calls whose attention had to wait for its layer's in-flight speculative recall.
+  uint64_t recall_waits = 0;
 };
 
 // One session's input to a batched decode step of one layer. Pointers are in the backend's
@@ -136,8 +156,10 @@ class Engine {
   virtual std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const = 0;
 };
 
-// Factories. `threads` <= 0 means hardware concurrency.
-std::unique_ptr<Engine> MakeCpuEngine(int threads);
+// Factories. `threads` <= 0 means hardware concurrency. `debug_recall_delay_us` (tests only)
+// makes every background recall sleep before it writes the slots, to show that attention never
+// reads a slot a recall is writing.
+std::unique_ptr<Engine> MakeCpuEngine(int threads, int debug_recall_delay_us = 0);
 #ifdef FREEKV_WITH_CUDA
 // Throws std::runtime_error("no CUDA device: ...") when no device is usable.
 std::unique_ptr<Engine> MakeCudaEngine(int device);
@@ -153,6 +175,8 @@ struct Layout {
   size_t tail_layer_bytes;  // [P][2][Hkv][D]
   size_t tail_bytes;
   size_t manifest_bytes;
+  size_t manifest_query_offset;        // first ManifestQueryRecord (layer 0, record 0)
+  size_t manifest_query_record_bytes;  // one record incl. its q; layer l record r at offset + (2l + r) * this
 };
 Layout ComputeLayout(const Geometry& g, const RetrievalConfig& c, int capacity_pages);
 

@@ -1,0 +1,112 @@
+#include "engine/cpu/Attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "engine/cpu/KvElement.h"
+
+namespace freekv::cpu {
+
+static inline float Dot(const float* a, const float* b, int n) {
+  float s = 0.f;
+  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <DType T>
+static void AttendGroupT(const PageGeometry& g, int h, const float* q, const std::vector<AttendedPage>& pages, float* out) {
+  const int group = g.Hq / g.Hkv;
+  const int D = g.D;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  size_t total = 0;
+  for (const auto& p : pages) total += p.tokens;
+  thread_local std::vector<float> scores, row;
+  scores.resize(static_cast<size_t>(group) * std::max<size_t>(total, 1));
+  row.resize(D);
+  // Scores: each key row is converted once and used by the whole group.
+  size_t t = 0;
+  for (const auto& p : pages) {
+    for (int i = 0; i < p.tokens; ++i, ++t) {
+      const float* k;
+      if constexpr (T == DType::F32) {
+        k = reinterpret_cast<const float*>(p.base + g.NhdK(i, h));
+      } else {
+        LoadRow(T, p.base + g.NhdK(i, h), row.data(), D);
+        k = row.data();
+      }
+      for (int j = 0; j < group; ++j) scores[j * total + t] = Dot(q + static_cast<size_t>(j) * D, k, D) * scale;
+    }
+  }
+  std::vector<float> inv(group);
+  for (int j = 0; j < group; ++j) {
+    float* s = scores.data() + j * total;
+    float m = -std::numeric_limits<float>::infinity();
+    for (size_t x = 0; x < total; ++x) m = std::max(m, s[x]);
+    float z = 0.f;
+    for (size_t x = 0; x < total; ++x) {
+      s[x] = std::exp(s[x] - m);
+      z += s[x];
+    }
+    inv[j] = total ? 1.0f / z : 0.f;
+    std::fill(out + static_cast<size_t>(j) * D, out + static_cast<size_t>(j + 1) * D, 0.f);
+  }
+  t = 0;
+  for (const auto& p : pages) {
+    for (int i = 0; i < p.tokens; ++i, ++t) {
+      const float* v;
+      if constexpr (T == DType::F32) {
+        v = reinterpret_cast<const float*>(p.base + g.NhdV(i, h));
+      } else {
+        LoadRow(T, p.base + g.NhdV(i, h), row.data(), D);
+        v = row.data();
+      }
+      for (int j = 0; j < group; ++j) {
+        const float w = scores[j * total + t];
+        float* o = out + static_cast<size_t>(j) * D;
+        for (int d = 0; d < D; ++d) o[d] += w * v[d];
+      }
+    }
+  }
+  for (int j = 0; j < group; ++j)
+    for (int d = 0; d < D; ++d) out[static_cast<size_t>(j) * D + d] *= inv[j];
+}
+
+void AttendDecodeGroup(const PageGeometry& g, int h, const float* q, const std::vector<AttendedPage>& pages, float* out) {
+  if (g.dtype == DType::F32)
+    AttendGroupT<DType::F32>(g, h, q, pages, out);
+  else
+    AttendGroupT<DType::BF16>(g, h, q, pages, out);
+}
+
+void AttendPrefillHead(int D, const float* k, const float* v, int start, int n, const float* q, size_t q_stride,
+                       float* out, size_t out_stride) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  thread_local std::vector<float> s;
+  s.resize(static_cast<size_t>(start) + n);
+  for (int i = 0; i < n; ++i) {
+    const float* qi = q + i * q_stride;
+    float* oi = out + i * out_stride;
+    const int len = start + i + 1;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int t = 0; t < len; ++t) {
+      s[t] = Dot(qi, k + static_cast<size_t>(t) * D, D) * scale;
+      m = std::max(m, s[t]);
+    }
+    float z = 0.f;
+    for (int t = 0; t < len; ++t) {
+      s[t] = std::exp(s[t] - m);
+      z += s[t];
+    }
+    std::fill(oi, oi + D, 0.f);
+    for (int t = 0; t < len; ++t) {
+      const float w = s[t];
+      const float* vt = v + static_cast<size_t>(t) * D;
+      for (int d = 0; d < D; ++d) oi[d] += w * vt[d];
+    }
+    const float iz = 1.0f / z;
+    for (int d = 0; d < D; ++d) oi[d] *= iz;
+  }
+}
+
+}  // namespace freekv::cpu

@@ -1,0 +1,557 @@
+#include "engine/cpu/CpuEngine.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "engine/cpu/Attention.h"
+#include "engine/cpu/Correction.h"
+#include "engine/cpu/KvElement.h"
+#include "engine/cpu/Offload.h"
+#include "engine/cpu/ParallelFor.h"
+#include "engine/cpu/Residency.h"
+#include "engine/cpu/Selection.h"
+#include "engine/cpu/Summary.h"
+
+namespace freekv {
+std::unique_ptr<Engine> MakeCpuEngine(int threads, int debug_recall_delay_us) {
+  return std::make_unique<cpu::CpuEngine>(threads, debug_recall_delay_us);
+}
+}  // namespace freekv
+
+namespace freekv::cpu {
+
+using std::to_string;
+
+CpuEngine::CpuEngine(int threads, int debug_recall_delay_us)
+    : threads_(threads > 0 ? threads : std::max(1, omp_get_num_procs())),
+      debug_recall_delay_us_(std::max(0, debug_recall_delay_us)),
+      worker_(std::make_unique<SpeculativeWorker>()) {}
+
+CpuEngine::~CpuEngine() { worker_.reset(); }  // drains the queued recalls first
+
+std::shared_ptr<CpuSession> CpuEngine::Find(int session) const {
+  std::lock_guard<std::mutex> l(map_mu_);
+  auto it = sessions_.find(session);
+  if (it == sessions_.end()) throw std::invalid_argument("session " + to_string(session) + " is not open");
+  return it->second;
+}
+
+LayerState& CpuEngine::CheckLayer(CpuSession& s, int layer) const {
+  if (layer < 0 || layer >= s.geo.layers)
+    throw std::invalid_argument("layer " + to_string(layer) + " is out of range [0, " + to_string(s.geo.layers) + ")");
+  return *s.layers[layer];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions
+
+int CpuEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (c.page_size < 1) throw std::invalid_argument("retrieval.pageSize must be >= 1");
+  if (h.capacity_pages < 1) throw std::invalid_argument("host.capacityPages must be >= 1");
+  if (g.kv_heads < 1 || g.layers < 1) throw std::invalid_argument("geometry.kvHeads and geometry.layers must be >= 1");
+  const Layout layout = ComputeLayout(g, c, h.capacity_pages);
+  ValidateSession(g, c, h, layout);
+  auto s = std::make_shared<CpuSession>();
+  s->geo = g;
+  s->cfg = c;
+  s->host = h;
+  s->layout = layout;
+  s->pg = MakePageGeometry(g, c);
+  s->manifest = std::make_unique<Manifest>(h.manifest, layout, g.layers, g.q_heads * g.head_dim);
+  const auto& pg = s->pg;
+  for (int l = 0; l < g.layers; ++l) {
+    auto L = std::make_unique<LayerState>();
+    L->dense = c.mode == Mode::Dense || std::find(c.dense_layers.begin(), c.dense_layers.end(), l) != c.dense_layers.end();
+    if (!L->dense) {
+      L->ring.assign(pg.window_pages * pg.nhd_page_bytes, 0);
+      L->sink.assign(pg.sink_pages * pg.nhd_page_bytes, 0);
+      L->slots.assign(pg.select_pages * pg.nhd_page_bytes, 0);
+      L->slot_page.assign(pg.Hkv, std::vector<int>(pg.select_pages, -1));
+      L->selected.assign(pg.Hkv, {});
+    }
+    L->q_prev.assign(static_cast<size_t>(pg.Hq) * pg.D, 0.f);
+    L->attended_pages.assign(pg.Hkv, {});
+    s->layers.push_back(std::move(L));
+  }
+  if (reattach)
+    Reattach(*s);
+  else
+    s->manifest->Initialise();
+  UpdateResident(*s);
+  std::lock_guard<std::mutex> l(map_mu_);
+  s->id = next_id_++;
+  sessions_[s->id] = s;
+  return s->id;
+}
+
+void CpuEngine::CloseSession(int session) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto s = Find(session);
+  for (auto& L : s->layers) {
+    try {
+      L->recall.Wait();
+    } catch (...) {
+      // a failed background recall does not keep a session from closing
+    }
+  }
+  std::lock_guard<std::mutex> l(map_mu_);
+  sessions_.erase(session);
+}
+
+void CpuEngine::Sync(int session) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto s = Find(session);
+  for (auto& L : s->layers) L->recall.Wait();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Append, offload, manifest
+
+void CpuEngine::Append(CpuSession& s, int layer, const float* k, const float* v, int n) {
+  LayerState& L = *s.layers[layer];
+  const auto& pg = s.pg;
+  for (int t = 0; t < n; ++t) {
+    const int page = static_cast<int>(L.tokens / pg.P);
+    const int pos = static_cast<int>(L.tokens % pg.P);
+    uint8_t* buf = s.WorkingPage(L, page);
+    for (int h = 0; h < pg.Hkv; ++h) {
+      const size_t src = (static_cast<size_t>(t) * pg.Hkv + h) * pg.D;
+      StoreRow(pg.dtype, k + src, buf + pg.NhdK(pos, h), pg.D);
+      StoreRow(pg.dtype, v + src, buf + pg.NhdV(pos, h), pg.D);
+    }
+    WriteTailRow(pg, s.TailLayer(layer), pos, buf);
+    ++L.tokens;
+    if (pos == pg.P - 1) OnPageFilled(s, layer, page, buf);
+  }
+  s.manifest->SetLayer(layer, static_cast<uint32_t>(L.tokens / pg.P), static_cast<uint32_t>(L.tokens % pg.P));
+  UpdateContext(s);
+}
+
+void CpuEngine::OnPageFilled(CpuSession& s, int layer, int page, const uint8_t* nhd) {
+  LayerState& L = *s.layers[layer];
+  const auto& pg = s.pg;
+  OffloadPage(pg, nhd, s.StoreLayer(layer) + static_cast<size_t>(page) * pg.hnd_page_bytes);
+  s.manifest->SetLayer(layer, static_cast<uint32_t>(page + 1), 0);
+  s.counters.pages_offloaded += 1;
+  s.counters.offload_bytes += pg.hnd_page_bytes;
+  if (L.dense) return;
+  const size_t per = SummaryFloatsPerPage(pg);
+  L.summaries.resize(static_cast<size_t>(page + 1) * per);
+  SummarisePage(pg, s.cfg.summary, nhd, L.summaries.data() + static_cast<size_t>(page) * per);
+  if (page < pg.sink_pages) std::memcpy(L.sink.data() + static_cast<size_t>(page) * pg.nhd_page_bytes, nhd, pg.nhd_page_bytes);
+}
+
+void CpuEngine::UpdateContext(CpuSession& s) {
+  int64_t m = std::numeric_limits<int64_t>::max();
+  for (auto& L : s.layers) m = std::min(m, L->tokens);
+  s.manifest->SetContext(static_cast<uint64_t>(m));
+  s.counters.context_tokens = static_cast<uint64_t>(m);
+}
+
+void CpuEngine::UpdateResident(CpuSession& s) {
+  uint64_t total = 0;
+  for (auto& L : s.layers) {
+    const auto r = RangesFor(s.pg, L->tokens);
+    const uint64_t partial = r.partial > 0 ? 1 : 0;
+    if (L->dense) {
+      total += static_cast<uint64_t>(s.pg.Hkv) * (r.full + partial);
+    } else {
+      total += static_cast<uint64_t>(s.pg.Hkv) * (r.sink_end + (r.full - r.window_begin) + partial);
+      total += static_cast<uint64_t>(L->selected_count.load());
+    }
+  }
+  s.counters.resident_pages = total;
+}
+
+void CpuEngine::WriteQueryRecord(CpuSession& s, int layer) {
+  LayerState& L = *s.layers[layer];
+  const uint32_t flags = (L.has_q ? kQueryValid : 0u) | (L.first_decode ? kFirstDecodePending : 0u);
+  s.manifest->WriteQuery(layer, ++L.record_seq, static_cast<uint64_t>(L.tokens), flags, L.has_q ? L.q_prev.data() : nullptr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Selection and recall
+
+void CpuEngine::SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops) {
+  const auto& pg = s.pg;
+  std::vector<float> combined;
+  const auto chosen = SelectPages(pg, s.cfg.combine, L.summaries.data(), h, q, c0, c1, combined);
+  auto& slot_page = L.slot_page[h];
+  const auto plan = PlanResidency(slot_page, chosen, [&](int p) {
+    return p >= c0 && p < c1 ? combined[p - c0] : -std::numeric_limits<float>::infinity();
+  });
+  for (const auto& m : plan.misses) ops.push_back({h, m.page, m.slot});
+  std::unordered_map<int, int> where;
+  for (int slot = 0; slot < static_cast<int>(slot_page.size()); ++slot)
+    if (slot_page[slot] >= 0) where[slot_page[slot]] = slot;
+  auto& sel = L.selected[h];
+  const int before = static_cast<int>(sel.size());
+  sel.clear();
+  for (int p : chosen) sel.push_back({p, where.at(p)});
+  std::sort(sel.begin(), sel.end(), [](const SelectedPage& a, const SelectedPage& b) { return a.page < b.page; });
+  L.selected_count += static_cast<int>(sel.size()) - before;
+  s.counters.pages_selected += chosen.size();
+  s.counters.pages_hit += plan.hits;
+  s.counters.pages_recalled += plan.misses.size();
+  s.counters.recall_bytes += plan.misses.size() * pg.head_page_bytes;
+}
+
+void CpuEngine::RunRecall(CpuSession& s, int layer, const std::vector<RecallOp>& ops) {
+  if (ops.empty()) return;
+  LayerState& L = *s.layers[layer];
+  const uint8_t* store_layer = s.StoreLayer(layer);
+  if (s.cfg.recall == RecallMode::DoubleBuffer) {
+    std::lock_guard<std::mutex> l(s.staging_mu);
+    RecallDoubleBuffer(s.pg, store_layer, L.slots.data(), ops, s.host.staging, s.layout.staging_buffer_bytes);
+  } else {
+    RecallGather(s.pg, store_layer, L.slots.data(), ops);
+  }
+}
+
+void CpuEngine::SpeculativeJob(CpuSession& s, int layer, const std::vector<float>& q) {
+  LayerState& L = *s.layers[layer];
+  // The pages selectable at the next step: its middle range, among the pages full now.
+  const auto now = RangesFor(s.pg, L.tokens);
+  const auto next = RangesFor(s.pg, L.tokens + 1);
+  const int c0 = next.sink_end, c1 = std::min(next.window_begin, now.full);
+  std::vector<RecallOp> ops;
+  for (int h = 0; h < s.pg.Hkv; ++h) SelectHead(s, L, h, q.data(), c0, c1, ops);
+  // Issued after this layer's attention returned, so nothing reads the slots; the guard makes
+  // that ordering explicit.
+  L.recall.WaitNoReaders();
+  if (debug_recall_delay_us_ > 0) std::this_thread::sleep_for(std::chrono::microseconds(debug_recall_delay_us_));
+  RunRecall(s, layer, ops);
+}
+
+void CpuEngine::QueueSpeculative(const std::shared_ptr<CpuSession>& s, int layer) {
+  LayerState& L = *s->layers[layer];
+  std::vector<float> q = L.q_prev;
+  worker_->Submit(&L.recall, [this, s, layer, q = std::move(q)] { SpeculativeJob(*s, layer, q); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill
+
+void CpuEngine::Prefill(int session, int layer, const float* k, const float* v, int n) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto s = Find(session);
+  LayerState& L = CheckLayer(*s, layer);
+  if (n < 1) throw std::invalid_argument("n must be >= 1");
+  if (!k || !v) throw std::invalid_argument("k and v must not be null");
+  if ((L.tokens + n) / s->pg.P > s->host.capacity_pages)
+    throw std::invalid_argument("prefill of " + to_string(n) + " tokens would exceed the store's capacity of " +
+                                to_string(s->host.capacity_pages) + " pages");
+  L.recall.Wait();
+  Append(*s, layer, k, v, n);
+  L.has_q = false;
+  L.first_decode = true;
+  WriteQueryRecord(*s, layer);
+  UpdateResident(*s);
+}
+
+void CpuEngine::PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto s = Find(session);
+  LayerState& L = CheckLayer(*s, layer);
+  if (n < 1) throw std::invalid_argument("n must be >= 1");
+  if (!q || !k || !v || !out) throw std::invalid_argument("q, k, v and out must not be null");
+  const auto& pg = s->pg;
+  if ((L.tokens + n) / pg.P > s->host.capacity_pages)
+    throw std::invalid_argument("prefill of " + to_string(n) + " tokens would exceed the store's capacity of " +
+                                to_string(s->host.capacity_pages) + " pages");
+  L.recall.Wait();
+  const int start = static_cast<int>(L.tokens);
+  Append(*s, layer, k, v, n);
+  const int T = static_cast<int>(L.tokens);
+  const auto r = RangesFor(pg, T);
+  const int group = pg.Hq / pg.Hkv;
+  const size_t qs = static_cast<size_t>(pg.Hq) * pg.D;
+  std::vector<float> K(static_cast<size_t>(T) * pg.D), V(static_cast<size_t>(T) * pg.D);
+  const uint8_t* store = s->StoreLayer(layer);
+  const uint8_t* partial = s->WorkingPage(L, r.full);
+  constexpr int kRowsPerTask = 16;
+  const int blocks = (n + kRowsPerTask - 1) / kRowsPerTask;
+  for (int h = 0; h < pg.Hkv; ++h) {
+    // The whole context of head h: full pages from the host store (HND rows are contiguous per
+    // head), the partial page from the device tier.
+    ParallelFor(r.full, threads_, [&](int p) {
+      const uint8_t* hp = store + static_cast<size_t>(p) * pg.hnd_page_bytes;
+      LoadRow(pg.dtype, hp + pg.HndK(0, h), K.data() + static_cast<size_t>(p) * pg.P * pg.D, pg.P * pg.D);
+      LoadRow(pg.dtype, hp + pg.HndV(0, h), V.data() + static_cast<size_t>(p) * pg.P * pg.D, pg.P * pg.D);
+    });
+    for (int i = 0; i < r.partial; ++i) {
+      const size_t t = static_cast<size_t>(r.full) * pg.P + i;
+      LoadRow(pg.dtype, partial + pg.NhdK(i, h), K.data() + t * pg.D, pg.D);
+      LoadRow(pg.dtype, partial + pg.NhdV(i, h), V.data() + t * pg.D, pg.D);
+    }
+    ParallelFor(group * blocks, threads_, [&](int task) {
+      const int j = task / blocks, b = task % blocks;
+      const int i0 = b * kRowsPerTask, cnt = std::min(kRowsPerTask, n - i0);
+      const size_t head_off = static_cast<size_t>(h * group + j) * pg.D;
+      AttendPrefillHead(pg.D, K.data(), V.data(), start + i0, cnt, q + i0 * qs + head_off, qs, out + i0 * qs + head_off, qs);
+    });
+  }
+  std::copy(q + static_cast<size_t>(n - 1) * qs, q + static_cast<size_t>(n) * qs, L.q_prev.begin());
+  L.has_q = true;
+  L.first_decode = true;
+  WriteQueryRecord(*s, layer);
+  UpdateResident(*s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode
+
+void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int n = static_cast<int>(items.size());
+  std::vector<std::shared_ptr<CpuSession>> ss(n);
+  std::unordered_set<int> seen;
+  for (int i = 0; i < n; ++i) {
+    const auto& it = items[i];
+    ss[i] = Find(it.session);
+    const std::string at = "items[" + to_string(i) + "]";
+    CheckLayer(*ss[i], layer);
+    if (!seen.insert(it.session).second) throw std::invalid_argument(at + ": session " + to_string(it.session) + " appears twice in the batch");
+    if (!it.q || !it.k || !it.v || !it.out) throw std::invalid_argument(at + ": q, k, v and out must not be null");
+    const LayerState& L = *ss[i]->layers[layer];
+    if ((L.tokens + 1) / ss[i]->pg.P > ss[i]->host.capacity_pages)
+      throw std::invalid_argument(at + ": session " + to_string(it.session) + " is at the store's capacity of " +
+                                  to_string(ss[i]->host.capacity_pages) + " pages");
+  }
+  // 1. The layer's speculative recall (issued at the previous step) must be complete.
+  for (int i = 0; i < n; ++i)
+    if (ss[i]->layers[layer]->recall.Wait()) ss[i]->counters.recall_waits += 1;
+  // 2. Append the new key/value (offload on page fill).
+  for (int i = 0; i < n; ++i) Append(*ss[i], layer, items[i].k, items[i].v, 1);
+  // 3. Blocking selections: first decode after prefill, oracle, and corrections.
+  struct SelTask {
+    int item, head;
+    const float* q;
+  };
+  std::vector<SelTask> sel;
+  for (int i = 0; i < n; ++i) {
+    CpuSession& s = *ss[i];
+    LayerState& L = *s.layers[layer];
+    if (!s.Retrieves(L)) continue;
+    const int group = s.pg.Hq / s.pg.Hkv;
+    s.counters.selections += s.pg.Hkv;
+    for (int h = 0; h < s.pg.Hkv; ++h) {
+      if (s.cfg.mode == Mode::Oracle) {
+        sel.push_back({i, h, items[i].q});
+      } else if (L.first_decode) {
+        sel.push_back({i, h, L.has_q ? L.q_prev.data() : items[i].q});
+      } else if (s.cfg.mode == Mode::FreeKV) {
+        const size_t off = static_cast<size_t>(h) * group * s.pg.D;
+        if (NeedsCorrection(GroupCosine(items[i].q + off, L.q_prev.data() + off, group, s.pg.D), s.cfg.tau)) {
+          sel.push_back({i, h, items[i].q});
+          s.counters.corrections += 1;
+        }
+      }
+    }
+  }
+  if (!sel.empty()) {
+    std::vector<std::vector<RecallOp>> ops(sel.size());
+    ParallelFor(static_cast<int>(sel.size()), threads_, [&](int t) {
+      CpuSession& s = *ss[sel[t].item];
+      LayerState& L = *s.layers[layer];
+      const auto r = RangesFor(s.pg, L.tokens);
+      SelectHead(s, L, sel[t].head, sel[t].q, r.sink_end, r.window_begin, ops[t]);
+    });
+    std::vector<std::vector<RecallOp>> per_item(n);
+    for (size_t t = 0; t < sel.size(); ++t)
+      per_item[sel[t].item].insert(per_item[sel[t].item].end(), ops[t].begin(), ops[t].end());
+    ParallelFor(n, threads_, [&](int i) { RunRecall(*ss[i], layer, per_item[i]); });
+  }
+  // 4. Attention over sink + selected + window (or every page of a dense layer), per KV head.
+  std::vector<int> task_item, task_head;
+  for (int i = 0; i < n; ++i)
+    for (int h = 0; h < ss[i]->pg.Hkv; ++h) {
+      task_item.push_back(i);
+      task_head.push_back(h);
+    }
+  std::vector<std::vector<int>> attended(task_item.size());
+  for (int i = 0; i < n; ++i) ss[i]->layers[layer]->recall.BeginRead();
+  try {
+    ParallelFor(static_cast<int>(task_item.size()), threads_, [&](int t) {
+      CpuSession& s = *ss[task_item[t]];
+      LayerState& L = *s.layers[layer];
+      const auto& pg = s.pg;
+      const int h = task_head[t];
+      const int group = pg.Hq / pg.Hkv;
+      const auto r = RangesFor(pg, L.tokens);
+      std::vector<AttendedPage> pages;
+      if (L.dense) {
+        pages.reserve(r.full + 1);
+        for (int p = 0; p < r.full; ++p) pages.push_back({p, L.dense_pages[p].get(), pg.P});
+      } else {
+        for (int p = 0; p < r.sink_end; ++p) pages.push_back({p, L.sink.data() + static_cast<size_t>(p) * pg.nhd_page_bytes, pg.P});
+        if (s.Retrieves(L))
+          for (const auto& sp : L.selected[h])
+            pages.push_back({sp.page, L.slots.data() + static_cast<size_t>(sp.slot) * pg.nhd_page_bytes, pg.P});
+        for (int p = r.window_begin; p < r.full; ++p) pages.push_back({p, s.WorkingPage(L, p), pg.P});
+        auto& rec = attended[t];
+        rec.reserve(pages.size() + 1);
+        for (const auto& ap : pages) rec.push_back(ap.page);
+      }
+      if (r.partial > 0) pages.push_back({r.full, s.WorkingPage(L, r.full), r.partial});
+      const size_t off = static_cast<size_t>(h) * group * pg.D;
+      AttendDecodeGroup(pg, h, items[task_item[t]].q + off, pages, items[task_item[t]].out + off);
+    });
+  } catch (...) {
+    for (int i = 0; i < n; ++i) ss[i]->layers[layer]->recall.EndRead();
+    throw;
+  }
+  for (int i = 0; i < n; ++i) ss[i]->layers[layer]->recall.EndRead();
+  // Record what was attended (for LastAttendedTokens).
+  for (size_t t = 0; t < task_item.size(); ++t) {
+    CpuSession& s = *ss[task_item[t]];
+    LayerState& L = *s.layers[layer];
+    std::lock_guard<std::mutex> l(s.attended_mu);
+    L.attended_pages[task_head[t]] = std::move(attended[t]);
+    L.attended_tokens = L.tokens;
+    L.attended_all = L.dense;
+    L.attended_valid = true;
+  }
+  // 5. Remember q_t; start the speculative selection + recall for the next step.
+  for (int i = 0; i < n; ++i) {
+    CpuSession& s = *ss[i];
+    LayerState& L = *s.layers[layer];
+    std::copy(items[i].q, items[i].q + static_cast<size_t>(s.pg.Hq) * s.pg.D, L.q_prev.begin());
+    L.has_q = true;
+    L.first_decode = false;
+    L.decodes += 1;
+    if (L.decodes > s.counters.decode_steps) s.counters.decode_steps = L.decodes;
+    WriteQueryRecord(s, layer);
+    if (s.Speculates(L)) QueueSpeculative(ss[i], layer);
+    UpdateResident(s);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Introspection
+
+Stats CpuEngine::GetStats(int session) const {
+  auto s = Find(session);
+  const auto& c = s->counters;
+  Stats st;
+  st.decode_steps = c.decode_steps;
+  st.selections = c.selections;
+  st.corrections = c.corrections;
+  st.pages_selected = c.pages_selected;
+  st.pages_hit = c.pages_hit;
+  st.pages_recalled = c.pages_recalled;
+  st.recall_bytes = c.recall_bytes;
+  st.pages_offloaded = c.pages_offloaded;
+  st.offload_bytes = c.offload_bytes;
+  st.context_tokens = c.context_tokens;
+  st.resident_pages = c.resident_pages;
+  st.recall_waits = c.recall_waits;
+  return st;
+}
+
+uint64_t CpuEngine::ContextTokens(int session) const { return Find(session)->counters.context_tokens; }
+
+std::vector<int> CpuEngine::LastAttendedTokens(int session, int layer, int kv_head) const {
+  auto s = Find(session);
+  if (layer < 0 || layer >= s->geo.layers)
+    throw std::invalid_argument("layer " + to_string(layer) + " is out of range [0, " + to_string(s->geo.layers) + ")");
+  if (kv_head < 0 || kv_head >= s->geo.kv_heads)
+    throw std::invalid_argument("kvHead " + to_string(kv_head) + " is out of range [0, " + to_string(s->geo.kv_heads) + ")");
+  const LayerState& L = *s->layers[layer];
+  std::lock_guard<std::mutex> l(s->attended_mu);
+  std::vector<int> out;
+  if (!L.attended_valid) return out;
+  const int P = s->pg.P;
+  const int64_t T = L.attended_tokens;
+  if (L.attended_all) {
+    out.resize(T);
+    for (int64_t t = 0; t < T; ++t) out[t] = static_cast<int>(t);
+    return out;
+  }
+  for (int p : L.attended_pages[kv_head])
+    for (int i = 0; i < P; ++i) out.push_back(p * P + i);
+  for (int64_t t = (T / P) * P; t < T; ++t) out.push_back(static_cast<int>(t));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Re-attach
+
+void CpuEngine::Reattach(CpuSession& s) {
+  const auto& pg = s.pg;
+  const auto* hdr = s.manifest->header();
+  if (hdr->magic != kManifestMagic)
+    throw std::invalid_argument("host.manifest does not hold a FreeKV manifest (bad magic): nothing to re-attach");
+  if (hdr->layers != static_cast<uint32_t>(s.geo.layers))
+    throw std::invalid_argument("host.manifest has " + to_string(hdr->layers) + " layers, geometry.layers is " +
+                                to_string(s.geo.layers));
+  // Every layer continues from the context all layers completed (a process that died in the
+  // middle of a step left some layers one call ahead).
+  int64_t ctx = std::numeric_limits<int64_t>::max();
+  for (int l = 0; l < s.geo.layers; ++l) {
+    const uint32_t* w = s.manifest->layer_words(l);
+    if (w[0] > static_cast<uint32_t>(s.host.capacity_pages) || w[1] >= static_cast<uint32_t>(pg.P))
+      throw std::invalid_argument("host.manifest layer " + to_string(l) + " is inconsistent with the layout");
+    ctx = std::min<int64_t>(ctx, static_cast<int64_t>(w[0]) * pg.P + w[1]);
+  }
+  const size_t per = SummaryFloatsPerPage(pg);
+  for (int l = 0; l < s.geo.layers; ++l) {
+    LayerState& L = *s.layers[l];
+    const uint32_t committed = s.manifest->layer_words(l)[0];
+    const auto r = RangesFor(pg, ctx);
+    const uint8_t* store = s.StoreLayer(l);
+    if (!L.dense) L.summaries.resize(static_cast<size_t>(r.full) * per);
+    if (L.dense) s.WorkingPage(L, r.full);  // allocates every dense page up to the partial one
+    ParallelFor(r.full, threads_, [&](int p) {
+      const uint8_t* sp = store + static_cast<size_t>(p) * pg.hnd_page_bytes;
+      if (L.dense) {
+        LoadStorePage(pg, sp, L.dense_pages[p].get(), pg.P);
+        return;
+      }
+      std::vector<uint8_t> page(pg.nhd_page_bytes);
+      LoadStorePage(pg, sp, page.data(), pg.P);
+      SummarisePage(pg, s.cfg.summary, page.data(), L.summaries.data() + static_cast<size_t>(p) * per);
+      if (p < pg.sink_pages) std::memcpy(L.sink.data() + static_cast<size_t>(p) * pg.nhd_page_bytes, page.data(), pg.nhd_page_bytes);
+      if (p >= r.window_begin) std::memcpy(L.ring.data() + static_cast<size_t>(p % pg.window_pages) * pg.nhd_page_bytes, page.data(), pg.nhd_page_bytes);
+    });
+    L.tokens = ctx;
+    uint8_t* partial = s.WorkingPage(L, r.full);
+    if (committed > static_cast<uint32_t>(r.full)) {
+      LoadStorePage(pg, store + static_cast<size_t>(r.full) * pg.hnd_page_bytes, partial, r.partial);
+      for (int i = 0; i < r.partial; ++i) WriteTailRow(pg, s.TailLayer(l), i, partial);
+    } else {
+      ReadTailRows(pg, s.TailLayer(l), r.partial, partial);
+    }
+    s.manifest->SetLayer(l, static_cast<uint32_t>(r.full), static_cast<uint32_t>(r.partial));
+    const auto* rec = s.manifest->FindQuery(l, static_cast<uint64_t>(ctx));
+    if (rec) {
+      L.has_q = (rec->flags & kQueryValid) != 0;
+      L.first_decode = (rec->flags & kFirstDecodePending) != 0;
+      if (L.has_q) std::memcpy(L.q_prev.data(), reinterpret_cast<const float*>(rec + 1), sizeof(float) * L.q_prev.size());
+      L.record_seq = rec->seq;
+    } else {
+      L.has_q = false;
+      L.first_decode = true;
+      L.record_seq = std::max(s.manifest->record(l, 0)->seq, s.manifest->record(l, 1)->seq);
+    }
+  }
+  s.manifest->SetContext(static_cast<uint64_t>(ctx));
+  s.counters.context_tokens = static_cast<uint64_t>(ctx);
+  // The speculative recall the previous process had in flight for each layer, done again now.
+  for (int l = 0; l < s.geo.layers; ++l) {
+    LayerState& L = *s.layers[l];
+    if (s.Speculates(L) && !L.first_decode && L.has_q) SpeculativeJob(s, l, L.q_prev);
+  }
+}
+
+}  // namespace freekv::cpu

@@ -1,0 +1,62 @@
+// The CPU backend of the FreeKV engine (freekv::Engine). Orchestrates a decode step of a layer:
+// wait for the layer's speculative recall, append the token (offload on page fill), blocking or
+// corrective selection when needed, attention, then the next step's speculative selection and
+// recall on the background thread.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "engine/Engine.h"
+#include "engine/cpu/CpuSession.h"
+#include "engine/cpu/Recall.h"
+#include "engine/cpu/SpeculativeWorker.h"
+
+namespace freekv::cpu {
+
+class CpuEngine : public Engine {
+ public:
+  CpuEngine(int threads, int debug_recall_delay_us);
+  ~CpuEngine() override;
+  std::string backend() const override { return "cpu"; }
+  int CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) override;
+  void CloseSession(int session) override;
+  void Prefill(int session, int layer, const float* k, const float* v, int n) override;
+  void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) override;
+  void Decode(int layer, const std::vector<DecodeItem>& items) override;
+  void Sync(int session) override;
+  Stats GetStats(int session) const override;
+  uint64_t ContextTokens(int session) const override;
+  std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const override;
+
+ private:
+  std::shared_ptr<CpuSession> Find(int session) const;
+  LayerState& CheckLayer(CpuSession& s, int layer) const;
+  // Appends n tokens ([n][Hkv][D] k, v) to a layer: NHD rows, tail write-through, offload and
+  // summary of every page that fills, manifest.
+  void Append(CpuSession& s, int layer, const float* k, const float* v, int n);
+  void OnPageFilled(CpuSession& s, int layer, int page, const uint8_t* nhd);
+  void UpdateContext(CpuSession& s);
+  void UpdateResident(CpuSession& s);
+  void WriteQueryRecord(CpuSession& s, int layer);
+  // Selects head h's pages with q ([Hq][D]) among pages [c0, c1) and plans the residency;
+  // appends the misses to ops. Counts pages_selected/hit/recalled.
+  void SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops);
+  void RunRecall(CpuSession& s, int layer, const std::vector<RecallOp>& ops);
+  // The speculative job: selection with q for the step after the current one, then its recall.
+  void SpeculativeJob(CpuSession& s, int layer, const std::vector<float>& q);
+  void QueueSpeculative(const std::shared_ptr<CpuSession>& s, int layer);
+  void WaitLayer(CpuSession& s, LayerState& L);
+  void Reattach(CpuSession& s);
+
+  int threads_;
+  int debug_recall_delay_us_;
+  std::mutex mu_;                 // serialises the engine's calls
+  mutable std::mutex map_mu_;     // guards sessions_ (short lookups)
+  std::map<int, std::shared_ptr<CpuSession>> sessions_;
+  int next_id_ = 1;
+  std::unique_ptr<SpeculativeWorker> worker_;
+};
+
+}  // namespace freekv::cpu

@@ -1,0 +1,85 @@
+// One session of the CPU backend: its geometry, host store, and per-layer device tier.
+//   Device tier of a layer (host memory standing in for GPU memory, the CUDA backend's layout):
+//   sink slots, the window ring (the partial page + the most recent full pages), the selected
+//   slots per KV head, and the summaries of every full page. A dense layer keeps every page.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "engine/Engine.h"
+#include "engine/cpu/Manifest.h"
+#include "engine/cpu/PageGeometry.h"
+#include "engine/cpu/SpeculativeWorker.h"
+
+namespace freekv::cpu {
+
+struct SelectedPage {
+  int page;
+  int slot;
+};
+
+struct LayerState {
+  bool dense = false;
+  int64_t tokens = 0;
+  // Device tier.
+  std::vector<std::unique_ptr<uint8_t[]>> dense_pages;  // dense layer: every page, NHD
+  std::vector<uint8_t> ring;                             // window_pages NHD pages; page p at p % window_pages
+  std::vector<uint8_t> sink;                             // sink_pages NHD pages
+  std::vector<uint8_t> slots;                            // select_pages NHD pages (per head: slot_page)
+  std::vector<std::vector<int>> slot_page;               // [Hkv][select_pages] page held, -1 = empty
+  std::vector<std::vector<SelectedPage>> selected;       // [Hkv] current selection, by page
+  std::atomic<int> selected_count{0};                    // sum of selected[h].size()
+  std::vector<float> summaries;                          // [full pages][Hkv][2][D]
+  // Query state (the correction's q_{t-1}; the first decode's selection query).
+  std::vector<float> q_prev;
+  bool has_q = false;
+  bool first_decode = true;
+  uint32_t record_seq = 0;
+  uint64_t decodes = 0;
+  // What the latest decode attended (guarded by CpuSession::attended_mu).
+  std::vector<std::vector<int>> attended_pages;  // [Hkv] pages, ascending
+  int64_t attended_tokens = 0;
+  bool attended_all = false;
+  bool attended_valid = false;
+  // The speculative recall in flight for the next step, and the slot read guard.
+  LayerRecall recall;
+};
+
+struct Counters {
+  std::atomic<uint64_t> decode_steps{0}, selections{0}, corrections{0}, pages_selected{0}, pages_hit{0},
+      pages_recalled{0}, recall_bytes{0}, pages_offloaded{0}, offload_bytes{0}, context_tokens{0},
+      resident_pages{0}, recall_waits{0};
+};
+
+struct CpuSession {
+  int id = -1;
+  Geometry geo;
+  RetrievalConfig cfg;
+  HostStore host;
+  Layout layout{};
+  PageGeometry pg;
+  std::vector<std::unique_ptr<LayerState>> layers;
+  std::unique_ptr<Manifest> manifest;
+  std::mutex staging_mu;   // the two staging buffers are one session-wide resource
+  mutable std::mutex attended_mu;
+  Counters counters;
+
+  uint8_t* StoreLayer(int layer) const { return host.store + static_cast<size_t>(layer) * layout.layer_stride; }
+  uint8_t* TailLayer(int layer) const { return host.tail + static_cast<size_t>(layer) * layout.tail_layer_bytes; }
+  bool Retrieves(const LayerState& L) const { return !L.dense && cfg.mode != Mode::SinkWindow; }
+  bool Speculates(const LayerState& L) const {
+    return !L.dense && (cfg.mode == Mode::FreeKV || cfg.mode == Mode::Speculative);
+  }
+  // The NHD page that holds page `page` while it is the partial (or a window) page.
+  uint8_t* WorkingPage(LayerState& L, int page);
+};
+
+// Validates geometry/config/host store (std::invalid_argument naming the field) and builds the
+// PageGeometry.
+PageGeometry MakePageGeometry(const Geometry& g, const RetrievalConfig& c);
+void ValidateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, const Layout& layout);
+
+}  // namespace freekv::cpu

@@ -1,0 +1,78 @@
+#include "engine/cpu/Selection.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "engine/cpu/Summary.h"
+
+namespace freekv::cpu {
+
+void ScorePages(const PageGeometry& g, const float* summaries, int h, const float* q, int c0, int c1, float* out) {
+  const size_t per_page = SummaryFloatsPerPage(g);
+  for (int p = c0; p < c1; ++p) {
+    const float* hi = summaries + p * per_page + static_cast<size_t>(h) * 2 * g.D;
+    const float* lo = hi + g.D;
+    float s = 0.f;
+    for (int d = 0; d < g.D; ++d) s += std::max(q[d] * hi[d], q[d] * lo[d]);
+    out[p - c0] = s;
+  }
+}
+
+void CombineGroup(GroupCombine how, const std::vector<std::vector<float>>& scores, int n, std::vector<float>& combined) {
+  combined.assign(n, 0.f);
+  if (n == 0) return;
+  const int group = static_cast<int>(scores.size());
+  if (how == GroupCombine::Max) {
+    for (int i = 0; i < n; ++i) {
+      float m = scores[0][i];
+      for (int j = 1; j < group; ++j) m = std::max(m, scores[j][i]);
+      combined[i] = m;
+    }
+    return;
+  }
+  std::vector<double> acc(n, 0.0);
+  for (int j = 0; j < group; ++j) {
+    const auto& s = scores[j];
+    if (how == GroupCombine::Mean) {
+      for (int i = 0; i < n; ++i) acc[i] += s[i];
+    } else {
+      const float m = *std::max_element(s.begin(), s.begin() + n);
+      double z = 0;
+      for (int i = 0; i < n; ++i) z += std::exp(static_cast<double>(s[i]) - m);
+      for (int i = 0; i < n; ++i) acc[i] += std::exp(static_cast<double>(s[i]) - m) / z;
+    }
+  }
+  for (int i = 0; i < n; ++i) combined[i] = static_cast<float>(acc[i] / group);
+}
+
+std::vector<int> TopK(const std::vector<float>& combined, int k) {
+  const int n = static_cast<int>(combined.size());
+  k = std::min(k, n);
+  std::vector<int> idx(n);
+  std::iota(idx.begin(), idx.end(), 0);
+  auto better = [&](int a, int b) { return combined[a] > combined[b] || (combined[a] == combined[b] && a < b); };
+  if (k < n) std::nth_element(idx.begin(), idx.begin() + k, idx.end(), better);
+  idx.resize(k);
+  std::sort(idx.begin(), idx.end(), better);
+  return idx;
+}
+
+std::vector<int> SelectPages(const PageGeometry& g, GroupCombine how, const float* summaries, int h, const float* q,
+                             int c0, int c1, std::vector<float>& combined) {
+  const int n = std::max(0, c1 - c0);
+  const int group = g.Hq / g.Hkv;
+  if (n == 0) {
+    combined.clear();
+    return {};
+  }
+  std::vector<std::vector<float>> scores(group, std::vector<float>(n));
+  for (int j = 0; j < group; ++j)
+    ScorePages(g, summaries, h, q + static_cast<size_t>(h * group + j) * g.D, c0, c1, scores[j].data());
+  CombineGroup(how, scores, n, combined);
+  auto top = TopK(combined, g.select_pages);
+  for (auto& i : top) i += c0;
+  return top;
+}
+
+}  // namespace freekv::cpu

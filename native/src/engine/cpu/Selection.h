@@ -1,0 +1,29 @@
+// Selection: score the selectable pages of a KV head with each of its query heads
+// (sum_i max(q_i * hi_i, q_i * lo_i)), combine the group's heads into one score per page
+// (group-consistent selection for GQA), and keep the top-k pages.
+#pragma once
+
+#include <vector>
+
+#include "engine/cpu/PageGeometry.h"
+
+namespace freekv::cpu {
+
+// Scores pages [c0, c1) of KV head h for one query head: out[p - c0].
+void ScorePages(const PageGeometry& g, const float* summaries, int h, const float* q, int c0, int c1, float* out);
+
+// Combines the group's per-head scores (scores[j][n], j < group) into combined[n].
+//   SoftmaxMean: softmax over pages per head of the raw (unscaled) scores, then the mean.
+//   Mean: mean of the raw scores. Max: max of the raw scores.
+void CombineGroup(GroupCombine how, const std::vector<std::vector<float>>& scores, int n, std::vector<float>& combined);
+
+// Indices (into combined) of the k highest scores, best first; ties go to the lower index.
+std::vector<int> TopK(const std::vector<float>& combined, int k);
+
+// The whole selection for KV head h: scores pages [c0, c1) with the group's query heads of q
+// ([Hq][D]), combines, and returns the chosen pages (best first) and every candidate's combined
+// score (combined[p - c0]).
+std::vector<int> SelectPages(const PageGeometry& g, GroupCombine how, const float* summaries, int h, const float* q,
+                             int c0, int c1, std::vector<float>& combined);
+
+}  // namespace freekv::cpu
