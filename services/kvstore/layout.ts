@@ -6,15 +6,23 @@
  *   staging   two recall buffers, each big enough for one layer's selected head-pages
  *   tail      [layers] NHD partial page [page_size][2][kv_heads][head_dim], written through
  *   manifest  header {magic u32, layers u32, context_tokens u64}, then per layer
- *             {committed full pages u32, tail tokens u32}
+ *             {committed full pages u32, tail tokens u32}; then, at manifestQueryOffset, two
+ *             query records per layer {tokens u64, flags u32, seq u32, q f32[q_heads*head_dim]}
+ *             that the engine writes alternately (what a re-attaching compute continues from)
+ *
+ * The kvstore sizes segments with the native ComputeLayout when the addon has the engine (the
+ * engine is the authority on its own layout) and with this mirror otherwise.
  */
 import type { ModelGeometry, RetrievalConfig } from "../../proto/gen/freekv/v1/common.js";
 import type { SegmentLayout } from "../../proto/gen/freekv/v1/kvstore.js";
-import { dtypeBytes } from "../common/geometry.js";
+import { loadAddon } from "../../native/binding.js";
+import { dtypeBytes, toNativeGeometry } from "../common/geometry.js";
+import { toNativeRetrieval } from "../common/retrieval.js";
 
 export const MANIFEST_MAGIC = 0x31564b46; // "FKV1"
 export const MANIFEST_HEADER_BYTES = 16;
 export const MANIFEST_LAYER_BYTES = 8;
+export const MANIFEST_QUERY_RECORD_HEADER_BYTES = 16;
 
 export interface Layout {
   headPageBytes: number;
@@ -25,6 +33,8 @@ export interface Layout {
   tailLayerBytes: number;
   tailBytes: number;
   manifestBytes: number;
+  manifestQueryOffset: number;
+  manifestQueryRecordBytes: number;
 }
 
 const roundUp = (n: number, a: number) => Math.ceil(n / a) * a;
@@ -34,7 +44,8 @@ export function capacityPages(maxContextTokens: number, pageSize: number): numbe
   return Math.max(1, Math.ceil(maxContextTokens / pageSize));
 }
 
-export function computeLayout(g: ModelGeometry, r: RetrievalConfig, capacity: number): Layout {
+/** The TypeScript mirror of native ComputeLayout. */
+export function mirrorLayout(g: ModelGeometry, r: RetrievalConfig, capacity: number): Layout {
   const e = dtypeBytes(g.kvDtype);
   const headPageBytes = 2 * r.pageSize * g.headDim * e;
   const pageBytes = headPageBytes * g.kvHeads;
@@ -44,8 +55,19 @@ export function computeLayout(g: ModelGeometry, r: RetrievalConfig, capacity: nu
   const stagingBufferBytes = roundUp(selPages * headPageBytes * g.kvHeads, 4096);
   const tailLayerBytes = pageBytes;
   const tailBytes = roundUp(tailLayerBytes * g.layers, 4096);
-  const manifestBytes = roundUp(MANIFEST_HEADER_BYTES + MANIFEST_LAYER_BYTES * g.layers, 4096);
-  return { headPageBytes, pageBytes, layerStride, storeBytes, stagingBufferBytes, tailLayerBytes, tailBytes, manifestBytes };
+  const manifestQueryOffset = roundUp(MANIFEST_HEADER_BYTES + MANIFEST_LAYER_BYTES * g.layers, 64);
+  const manifestQueryRecordBytes = roundUp(MANIFEST_QUERY_RECORD_HEADER_BYTES + 4 * g.queryHeads * g.headDim, 64);
+  const manifestBytes = roundUp(manifestQueryOffset + 2 * g.layers * manifestQueryRecordBytes, 4096);
+  return { headPageBytes, pageBytes, layerStride, storeBytes, stagingBufferBytes, tailLayerBytes, tailBytes, manifestBytes, manifestQueryOffset, manifestQueryRecordBytes };
+}
+
+/** The native layout when the addon has the engine; the mirror otherwise. */
+export function computeLayout(g: ModelGeometry, r: RetrievalConfig, capacity: number): Layout {
+  const engine = loadAddon().Engine;
+  if (typeof engine === "function" && typeof engine.layout === "function") {
+    return engine.layout(toNativeGeometry(g), toNativeRetrieval(r), capacity) as Layout;
+  }
+  return mirrorLayout(g, r, capacity);
 }
 
 /** Total bytes of the four segments (staging holds two buffers). */

@@ -58,8 +58,8 @@ export function attentionHandler(deps: { sessions: SessionManager; batcher: Deco
 
     const handle = async (req: AttentionRequest): Promise<AttentionResponse> => {
       const t0 = process.hrtime.bigint();
-      const engine = sessions.requireEngine();
       const op = validateRequest(req, sessions);
+      const engine = sessions.requireEngine();
       if (op.op === "prefill") {
         const s = op.session;
         await Promise.race([
