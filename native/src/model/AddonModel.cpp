@@ -12,14 +12,11 @@
 #include <string>
 #include <vector>
 
+#include "engine/AddonEngine.h"
 #include "model/Attention.h"
 #include "model/Forward.h"
 
 namespace freekv::addon {
-
-// Defined by the engine module (AddonEngine.cpp) next to its JS class, like UnwrapShm. Declared
-// weak so that this module links and loads on its own; null means the engine module has none.
-Engine* UnwrapEngine(Napi::Value value) __attribute__((weak));
 
 namespace {
 
@@ -186,9 +183,9 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
       dense_ = std::make_unique<DenseAttention>(config.layers, config.q_heads, config.kv_heads, config.head_dim);
       backend_ = dense_.get();
     } else {
-      if (!UnwrapEngine) throw Napi::Error::New(env, "options.engine: this build's engine module cannot hand its engine to the model");
-      Engine* e = UnwrapEngine(eng);
-      engine_ = std::make_unique<EngineAttention>(e);
+      engine_owner_ = UnwrapEngine(eng);
+      if (!engine_owner_) throw Napi::Error::New(env, "options.engine: the engine is closed");
+      engine_ = std::make_unique<EngineAttention>(engine_owner_.get());
       backend_ = engine_.get();
       engine_ref_ = Napi::Persistent(eng.As<Napi::Object>());
     }
@@ -254,6 +251,7 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
 
   int threads_ = 0;
   std::unique_ptr<DenseAttention> dense_;
+  std::shared_ptr<Engine> engine_owner_;  // keeps the engine alive as long as the model
   std::unique_ptr<EngineAttention> engine_;
   AttentionBackend* backend_ = nullptr;
   Napi::ObjectReference engine_ref_;
