@@ -105,7 +105,7 @@ const R_Q = 1.2; // recency vector, query
 const R_K = 2.6; // recency vector, key
 const KEY_NOISE = 0.9; // logit std of key noise against a typical query
 const QUERY_NOISE = 0.2; // per-step fresh query noise, all channels (norm relative to the topic part)
-const NEEDLE_K = 4.2; // needle keys
+const NEEDLE_K = 4.6; // needle keys
 const HEAD_OFFSET = 0.25; // per query head, relative to the topic direction
 const AR_RHO = 0.9; // persistence of the query drift
 
