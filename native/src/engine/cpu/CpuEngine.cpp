@@ -184,11 +184,11 @@ void CpuEngine::WriteQueryRecord(CpuSession& s, int layer) {
 
 void CpuEngine::SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops) {
   const auto& pg = s.pg;
-  std::vector<float> combined;
+  std::vector<double> combined;
   const auto chosen = SelectPages(pg, s.cfg.combine, L.summaries.data(), h, q, c0, c1, combined);
   auto& slot_page = L.slot_page[h];
   const auto plan = PlanResidency(slot_page, chosen, [&](int p) {
-    return p >= c0 && p < c1 ? combined[p - c0] : -std::numeric_limits<float>::infinity();
+    return p >= c0 && p < c1 ? combined[p - c0] : -std::numeric_limits<double>::infinity();
   });
   for (const auto& m : plan.misses) ops.push_back({h, m.page, m.slot});
   std::unordered_map<int, int> where;

@@ -11,14 +11,14 @@ ResidencyPlan PlanResidency(std::vector<int>& slot_page, const std::vector<int>&
   std::unordered_set<int> want(chosen.begin(), chosen.end());
   std::unordered_set<int> resident;
   // Free slots: empty ones first, then resident pages that were not chosen, lowest score first.
-  std::vector<std::pair<float, int>> free_slots;
+  std::vector<std::pair<double, int>> free_slots;
   for (int s = 0; s < static_cast<int>(slot_page.size()); ++s) {
     const int p = slot_page[s];
     if (p >= 0 && want.count(p)) {
       resident.insert(p);
       ++plan.hits;
     } else {
-      free_slots.emplace_back(p < 0 ? -std::numeric_limits<float>::infinity() : score(p), s);
+      free_slots.emplace_back(p < 0 ? -std::numeric_limits<double>::infinity() : static_cast<double>(score(p)), s);
     }
   }
   std::stable_sort(free_slots.begin(), free_slots.end(),

@@ -19,14 +19,14 @@ void ScorePages(const PageGeometry& g, const float* summaries, int h, const floa
   }
 }
 
-void CombineGroup(GroupCombine how, const std::vector<std::vector<float>>& scores, int n, std::vector<float>& combined) {
+void CombineGroup(GroupCombine how, const std::vector<std::vector<float>>& scores, int n, std::vector<double>& combined) {
   combined.assign(n, 0.f);
   if (n == 0) return;
   const int group = static_cast<int>(scores.size());
   if (how == GroupCombine::Max) {
     for (int i = 0; i < n; ++i) {
-      float m = scores[0][i];
-      for (int j = 1; j < group; ++j) m = std::max(m, scores[j][i]);
+      double m = scores[0][i];
+      for (int j = 1; j < group; ++j) m = std::max(m, static_cast<double>(scores[j][i]));
       combined[i] = m;
     }
     return;
@@ -43,10 +43,10 @@ void CombineGroup(GroupCombine how, const std::vector<std::vector<float>>& score
       for (int i = 0; i < n; ++i) acc[i] += std::exp(static_cast<double>(s[i]) - m) / z;
     }
   }
-  for (int i = 0; i < n; ++i) combined[i] = static_cast<float>(acc[i] / group);
+  for (int i = 0; i < n; ++i) combined[i] = acc[i] / group;
 }
 
-std::vector<int> TopK(const std::vector<float>& combined, int k) {
+std::vector<int> TopK(const std::vector<double>& combined, int k) {
   const int n = static_cast<int>(combined.size());
   k = std::min(k, n);
   std::vector<int> idx(n);
@@ -59,7 +59,7 @@ std::vector<int> TopK(const std::vector<float>& combined, int k) {
 }
 
 std::vector<int> SelectPages(const PageGeometry& g, GroupCombine how, const float* summaries, int h, const float* q,
-                             int c0, int c1, std::vector<float>& combined) {
+                             int c0, int c1, std::vector<double>& combined) {
   const int n = std::max(0, c1 - c0);
   const int group = g.Hq / g.Hkv;
   if (n == 0) {

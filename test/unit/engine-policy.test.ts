@@ -1,0 +1,103 @@
+/**
+ * The CPU engine against the float64 reference of the FreeKV policy (test/unit/reference/policy.ts):
+ * per step the attended tokens of every KV head and the outputs, and at the end the selection
+ * and residency counters, for every mode, both summaries, all group combines and several shapes.
+ */
+import { describe, expect, it } from "vitest";
+import { relError } from "./reference/attention.js";
+import { ReferenceLayer, type ModeName, type PolicyConfig } from "./reference/policy.js";
+import { Prng, testSeed } from "./reference/prng.js";
+import { openSession, quantised } from "./reference/harness.js";
+import type { CombineName } from "./reference/selection.js";
+import type { SummaryKindName } from "./reference/summary.js";
+
+const seed = testSeed();
+
+interface Case {
+  qHeads: number;
+  kvHeads: number;
+  headDim: number;
+  pageSize: number;
+  summary: SummaryKindName;
+  combine: CombineName;
+}
+const shapes: Case[] = [
+  { qHeads: 4, kvHeads: 4, headDim: 16, pageSize: 4, summary: "maxmin", combine: "softmax_mean" },
+  { qHeads: 4, kvHeads: 2, headDim: 32, pageSize: 8, summary: "cuboid", combine: "mean" },
+  { qHeads: 8, kvHeads: 2, headDim: 16, pageSize: 4, summary: "maxmin", combine: "max" },
+  { qHeads: 8, kvHeads: 2, headDim: 64, pageSize: 16, summary: "maxmin", combine: "softmax_mean" },
+];
+const modes: ModeName[] = ["freekv", "oracle", "speculative", "sink_window", "dense"];
+
+/** A query that drifts (each step a small random turn) and jumps to a new direction every 7th step. */
+function* queries(rng: Prng, n: number, drift: number): Generator<Float32Array> {
+  let q = rng.normals(n);
+  for (let step = 0; ; step++) {
+    const jump = step % 7 === 6;
+    const next = new Float32Array(n);
+    for (let i = 0; i < n; i++) next[i] = jump ? rng.normal() : q[i] + drift * rng.normal();
+    q = next;
+    const out = new Float32Array(n);
+    for (let i = 0; i < n; i++) out[i] = Math.round(q[i] * 4) / 4;
+    yield out;
+  }
+}
+
+describe(`engine vs float64 policy reference (seed ${seed})`, () => {
+  for (const [si, shape] of shapes.entries())
+    for (const mode of modes)
+      it(`${mode} Hq=${shape.qHeads} Hkv=${shape.kvHeads} D=${shape.headDim} P=${shape.pageSize} ${shape.summary} ${shape.combine}`, async () => {
+        const rng = new Prng(seed + si * 101 + modes.indexOf(mode));
+        const P = shape.pageSize;
+        const c: PolicyConfig = {
+          ...shape,
+          sinkTokens: P,
+          windowTokens: 2 * P,
+          selectTokens: 4 * P,
+          tau: 0.9,
+          mode,
+          dtype: "f32",
+        };
+        const ref = new ReferenceLayer(c);
+        const es = openSession(c, { capacityPages: 128 });
+        try {
+          const { engine, session } = es;
+          const qn = c.qHeads * c.headDim,
+            kvn = c.kvHeads * c.headDim;
+          // Prefill with attention: exact causal attention over the chunk, in two chunks.
+          const n0 = 13 * P + 3;
+          for (const n of [Math.floor(n0 / 2), n0 - Math.floor(n0 / 2)]) {
+            const q = quantised(rng, n * qn),
+              k = quantised(rng, n * kvn),
+              v = quantised(rng, n * kvn);
+            const out = await engine.prefillAttend(session, 0, q, k, v, n);
+            ref.prefill(k, v, n, q.subarray((n - 1) * qn));
+            expect(relError(out, ref.prefillAttention(q, n))).toBeLessThan(1e-5);
+          }
+          const qs = queries(rng, qn, 0.3);
+          for (let t = 0; t < 3 * P + 5; t++) {
+            const q = qs.next().value as Float32Array;
+            const k = quantised(rng, kvn),
+              v = quantised(rng, kvn);
+            const [out] = await engine.decode(0, [{ session, q, k, v }]);
+            const want = ref.decode(q, k, v);
+            for (let h = 0; h < c.kvHeads; h++)
+              expect(Array.from(engine.lastAttendedTokens(session, 0, h)), `step ${t} head ${h}`).toEqual(want.attended[h]);
+            expect(relError(out, want.out), `step ${t}`).toBeLessThan(1e-5);
+          }
+          await engine.sync(session);
+          const st = engine.stats(session);
+          expect(st.selections).toBe(ref.counters.selections);
+          expect(st.corrections).toBe(ref.counters.corrections);
+          expect(st.pagesSelected).toBe(ref.counters.pagesSelected);
+          expect(st.pagesHit).toBe(ref.counters.pagesHit);
+          expect(st.pagesRecalled).toBe(ref.counters.pagesRecalled);
+          expect(st.recallBytes).toBe(ref.counters.pagesRecalled * 2 * P * c.headDim * 4);
+          expect(st.contextTokens).toBe(ref.tokens);
+          if (mode === "freekv") expect(st.corrections).toBeGreaterThan(0);
+          if (mode === "freekv" || mode === "speculative") expect(st.pagesHit).toBeGreaterThan(0);
+        } finally {
+          es.close();
+        }
+      });
+});
