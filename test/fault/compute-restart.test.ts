@@ -1,0 +1,139 @@
+/**
+ * The compute process is killed (SIGKILL, no drain) in the middle of a session; a new compute
+ * started against the same kvstore re-attaches the session from the kvstore's segments and
+ * continues with the same outputs as an engine that was never interrupted (run here, in this
+ * process, over its own segments, on the same inputs). The budget is smaller than the context,
+ * so selection, speculation and correction state all have to survive.
+ */
+import { afterAll, describe, expect, it } from "vitest";
+import { loadAddon, type Engine, type ShmSegment } from "../../native/binding.js";
+import { mirrorLayout } from "../../services/kvstore/layout.js";
+import { resolveRetrieval, toNativeRetrieval } from "../../services/common/retrieval.js";
+import { toNativeGeometry } from "../../services/common/geometry.js";
+import { AttentionStream, f32Tensor, tensorToF32 } from "../helpers/attention-stream.js";
+import { relativeError } from "../helpers/exact-attention.js";
+import { gaussian, prng, randomF32 } from "../helpers/prng.js";
+import { ATTENTION, QUIET, computeClient, startService, startTiers, unary, type ServiceProcess, type Tiers } from "../helpers/services.js";
+
+const addon = loadAddon();
+const hasEngine = typeof addon.Engine === "function";
+const G = { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 32, kvDtype: 1 };
+const R = { pageSize: 16, sinkTokens: 16, windowTokens: 32, selectTokens: 64, tau: 0.9, tauSet: true };
+const KV = G.kvHeads * G.headDim;
+const QD = G.queryHeads * G.headDim;
+const MAX = 512;
+const ENV = { ...QUIET, FREEKV_THREADS: "2" };
+
+let tiers: Tiers | undefined;
+let second: ServiceProcess | undefined;
+const local: ShmSegment[] = [];
+
+afterAll(async () => {
+  await second?.stop();
+  await tiers?.stop();
+  for (const s of local) {
+    addon.ShmSegment.unlink(s.name);
+    s.close();
+  }
+});
+
+/** Queries that drift (adjacent cosine mostly above tau) with an occasional jump. */
+function queries(n: number, rand: () => number): Float32Array[] {
+  const g = gaussian(rand);
+  const out: Float32Array[] = [];
+  let q = randomF32(QD, rand);
+  for (let i = 0; i < n; i++) {
+    const jump = i % 5 === 4;
+    const next = new Float32Array(QD);
+    for (let j = 0; j < QD; j++) next[j] = jump ? g() : q[j] + 0.25 * g();
+    q = next;
+    out.push(q);
+  }
+  return out;
+}
+
+describe.skipIf(!hasEngine)("compute restart", () => {
+  it("a killed compute's sessions are re-attached and continue with identical outputs", async () => {
+    const rand = prng(0xc0ffee);
+    const N = 300;
+    const STEPS = 12;
+    const prefill = Array.from({ length: G.layers }, () => ({ k: randomF32(N * KV, rand), v: randomF32(N * KV, rand) }));
+    const qs = Array.from({ length: G.layers }, () => queries(STEPS, rand));
+    const kvs = Array.from({ length: STEPS }, () => Array.from({ length: G.layers }, () => ({ k: randomF32(KV, rand), v: randomF32(KV, rand) })));
+
+    // The uninterrupted reference: an engine in this process over its own segments.
+    const retrieval = resolveRetrieval(R as never, G.layers);
+    const cap = Math.ceil(MAX / R.pageSize);
+    const l = mirrorLayout(G as never, retrieval, cap);
+    const mk = (bytes: number) => {
+      const s = addon.ShmSegment.create(`/freekv-test-${process.pid}-${local.length}-${Date.now()}`, bytes);
+      local.push(s);
+      return s;
+    };
+    const host = { store: mk(l.storeBytes), staging: mk(2 * l.stagingBufferBytes), tail: mk(l.tailBytes), manifest: mk(l.manifestBytes), capacityPages: cap };
+    new DataView(host.manifest.buffer()).setUint32(0, 0x31564b46, true);
+    new DataView(host.manifest.buffer()).setUint32(4, G.layers, true);
+    const engine: Engine = new addon.Engine({ backend: "cpu", threads: 2 });
+    const ref = engine.createSession(toNativeGeometry(G as never), toNativeRetrieval(retrieval), host, false);
+    for (let layer = 0; layer < G.layers; layer++) await engine.prefill(ref, layer, prefill[layer].k, prefill[layer].v, N);
+    const expected: Float32Array[][] = [];
+    for (let t = 0; t < STEPS; t++) {
+      const row: Float32Array[] = [];
+      for (let layer = 0; layer < G.layers; layer++) {
+        const [o] = await engine.decode(layer, [{ session: ref, q: qs[layer][t], k: kvs[t][layer].k, v: kvs[t][layer].v }]);
+        row.push(o);
+      }
+      expected.push(row);
+    }
+    const refStats = engine.stats(ref);
+    engine.closeSession(ref);
+
+    // The same inputs through the services, with a SIGKILL of compute half-way.
+    tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: ENV });
+    let compute = computeClient(tiers.compute.address);
+    await unary(compute, "createSession", { sessionId: "survivor", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: MAX });
+    let s = new AttentionStream(compute);
+    for (let layer = 0; layer < G.layers; layer++) {
+      await s.prefill("survivor", layer, f32Tensor(prefill[layer].k, [N, G.kvHeads, G.headDim]), f32Tensor(prefill[layer].v, [N, G.kvHeads, G.headDim]));
+    }
+    const got: Float32Array[][] = [];
+    const step = async (t: number) => {
+      const row: Float32Array[] = [];
+      for (let layer = 0; layer < G.layers; layer++) {
+        const [o] = await s.decode(layer, [
+          {
+            sessionId: "survivor",
+            q: f32Tensor(qs[layer][t], [G.queryHeads, G.headDim]),
+            k: f32Tensor(kvs[t][layer].k, [G.kvHeads, G.headDim]),
+            v: f32Tensor(kvs[t][layer].v, [G.kvHeads, G.headDim]),
+          },
+        ]);
+        row.push(tensorToF32(o));
+      }
+      got.push(row);
+    };
+    for (let t = 0; t < STEPS / 2; t++) await step(t);
+    await tiers.compute.stop("SIGKILL");
+    compute.close();
+
+    second = await startService("compute", {
+      env: { ...ENV, FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: tiers.kvstore.address },
+    });
+    compute = computeClient(second.address);
+    const after = await unary<{ session: { contextTokens: number } }>(compute, "getSession", { sessionId: "survivor" });
+    expect(after.session.contextTokens).toBe(N + STEPS / 2);
+    s = new AttentionStream(compute);
+    for (let t = STEPS / 2; t < STEPS; t++) await step(t);
+    await s.close();
+
+    let worst = 0;
+    for (let t = 0; t < STEPS; t++) for (let layer = 0; layer < G.layers; layer++) worst = Math.max(worst, relativeError(got[t][layer], expected[t][layer]));
+    expect(worst).toBeLessThan(1e-6);
+    // The run exercised retrieval: pages were recalled and some selections corrected.
+    expect(refStats.pagesRecalled).toBeGreaterThan(0);
+    expect(refStats.corrections).toBeGreaterThan(0);
+    expect(refStats.corrections).toBeLessThan(refStats.selections);
+    await unary(compute, "closeSession", { sessionId: "survivor" });
+    compute.close();
+  });
+});

@@ -1,0 +1,84 @@
+/**
+ * SIGTERM drains: health turns NOT_SERVING, calls in flight finish (or, past the grace period,
+ * end CANCELLED/UNAVAILABLE), new calls are refused, the process exits 0, and the kvstore
+ * removes the segments it made (unless told to keep them).
+ */
+import { afterEach, describe, expect, it } from "vitest";
+import { status } from "@grpc/grpc-js";
+import { loadAddon } from "../../native/binding.js";
+import { AttentionStream } from "../helpers/attention-stream.js";
+import { healthWatch } from "../helpers/grpc-probes.js";
+import { ATTENTION, QUIET, computeClient, kvstoreClient, shmSegments, startTiers, unary, unaryError, type Tiers } from "../helpers/services.js";
+
+const G = { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 };
+const R = { pageSize: 16, sinkTokens: 16, windowTokens: 16, selectTokens: 64 };
+let tiers: Tiers | undefined;
+
+afterEach(async () => {
+  await tiers?.stop("SIGTERM").catch(() => undefined);
+  tiers = undefined;
+});
+
+describe("SIGTERM", () => {
+  it("compute: NOT_SERVING, an idle stream is cancelled after the grace period, a unary call in flight completes, exit 0", async () => {
+    tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_SHUTDOWN_GRACE_MS: "1500" } });
+    const compute = computeClient(tiers.compute.address);
+    await unary(compute, "createSession", { sessionId: "drain-1", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 256 });
+    const watch = healthWatch(tiers.compute.address);
+    await watch.waitFor("SERVING");
+    // An open stream that never finishes by itself.
+    const stream = new AttentionStream(compute);
+    await new Promise((r) => setTimeout(r, 100));
+    // A unary call issued right before the signal.
+    const inflight = unary<{ session: { sessionId: string } }>(compute, "createSession", { sessionId: "drain-2", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 256 });
+    await new Promise((r) => setTimeout(r, 5));
+    const t0 = Date.now();
+    tiers.compute.child.kill("SIGTERM");
+    await watch.waitFor("NOT_SERVING");
+    expect((await inflight).session.sessionId).toBe("drain-2");
+    const exit = await tiers.compute.exited;
+    const waited = Date.now() - t0;
+    expect(exit).toEqual({ code: 0, signal: null });
+    const err = await stream.ended;
+    expect([status.CANCELLED, status.UNAVAILABLE]).toContain(err?.code);
+    expect(waited).toBeGreaterThanOrEqual(1400); // the stream held the drain for the grace period
+    expect(waited).toBeLessThan(8000);
+    watch.cancel();
+    // New calls are refused once it is gone.
+    const late = await unaryError(compute, "getSession", { sessionId: "drain-1" });
+    expect(late.code).toBe(status.UNAVAILABLE);
+    compute.close();
+    // The kvstore still holds both sessions (a restarted compute re-attaches them).
+    const kv = kvstoreClient(tiers.kvstore.address);
+    expect((await unary<{ sessionIds: string[] }>(kv, "listSessions", {})).sessionIds).toEqual(["drain-1", "drain-2"]);
+    kv.close();
+  });
+
+  it("kvstore: exits 0 and removes every segment it made", async () => {
+    tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: QUIET });
+    const compute = computeClient(tiers.compute.address);
+    const before = shmSegments();
+    for (const id of ["k1", "k2", "k3"]) await unary(compute, "createSession", { sessionId: id, kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 512 });
+    const made = [...shmSegments()].filter((n) => !before.has(n));
+    expect(made.length).toBe(12);
+    compute.close();
+    expect(await tiers.compute.stop("SIGTERM")).toEqual({ code: 0, signal: null });
+    expect(await tiers.kvstore.stop("SIGTERM")).toEqual({ code: 0, signal: null });
+    const after = shmSegments();
+    for (const n of made) expect(after.has(n)).toBe(false);
+  });
+
+  it("kvstore with FREEKV_KVSTORE_PERSIST=1 keeps the segments of live sessions", async () => {
+    tiers = await startTiers({ kvstoreEnv: { ...QUIET, FREEKV_KVSTORE_PERSIST: "1" }, computeEnv: QUIET });
+    const compute = computeClient(tiers.compute.address);
+    const before = shmSegments();
+    await unary(compute, "createSession", { sessionId: "p1", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 512 });
+    const made = [...shmSegments()].filter((n) => !before.has(n));
+    compute.close();
+    await tiers.compute.stop();
+    expect(await tiers.kvstore.stop()).toEqual({ code: 0, signal: null });
+    const after = shmSegments();
+    for (const n of made) expect(after.has(n)).toBe(true);
+    for (const n of made) loadAddon().ShmSegment.unlink(n);
+  });
+});
