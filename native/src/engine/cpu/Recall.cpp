@@ -25,7 +25,9 @@ void RecallGather(const PageGeometry& g, const uint8_t* store_layer, uint8_t* sl
 
 void RecallDoubleBuffer(const PageGeometry& g, const uint8_t* store_layer, uint8_t* slots,
                         const std::vector<RecallOp>& ops, uint8_t* staging, size_t buffer_bytes) {
-  const size_t per_buffer = buffer_bytes / g.head_page_bytes;
+  // A chunk is at most one KV head's selection (and at most one buffer), so a recall of several
+  // heads alternates between the two buffers.
+  const size_t per_buffer = std::min(buffer_bytes / g.head_page_bytes, static_cast<size_t>(std::max(1, g.select_pages)));
   if (per_buffer == 0) throw std::runtime_error("staging buffer is smaller than one head-page");
   const size_t n = ops.size();
   const size_t chunks = (n + per_buffer - 1) / per_buffer;
