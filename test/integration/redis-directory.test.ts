@@ -1,0 +1,104 @@
+/**
+ * The session directory in Redis (FREEKV_DIRECTORY=redis://...): records land in Redis, and a
+ * kvstore restarted with persisted segments adopts them, so a compute started after it
+ * re-attaches the sessions. Skipped, saying why, when nothing answers at 127.0.0.1:6379.
+ */
+import { connect } from "node:net";
+import { randomBytes } from "node:crypto";
+import { afterAll, describe, expect, it } from "vitest";
+import { Redis } from "ioredis";
+import { ATTENTION, QUIET, computeClient, kvstoreClient, shmSegments, startService, unary, unaryError, type ServiceProcess } from "../helpers/services.js";
+import { status } from "@grpc/grpc-js";
+
+const REDIS = "redis://127.0.0.1:6379/0";
+
+async function redisUp(): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(6379, "127.0.0.1");
+    s.setTimeout(1000);
+    s.once("connect", () => {
+      s.write("PING\r\n");
+    });
+    s.once("data", (d) => {
+      resolve(String(d).startsWith("+PONG"));
+      s.destroy();
+    });
+    s.once("error", () => resolve(false));
+    s.once("timeout", () => {
+      resolve(false);
+      s.destroy();
+    });
+  });
+}
+
+const up = await redisUp();
+if (!up) console.warn("redis-directory tests skipped: no Redis answers PING at 127.0.0.1:6379");
+
+const G = { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 };
+const R = { pageSize: 16, sinkTokens: 16, windowTokens: 16, selectTokens: 64 };
+const procs: ServiceProcess[] = [];
+const prefix = `freekv-test-${randomBytes(6).toString("hex")}:`;
+
+afterAll(async () => {
+  for (const p of procs.reverse()) await p.stop().catch(() => undefined);
+  if (up) {
+    const r = new Redis(REDIS);
+    const keys = await r.keys(`${prefix}*`);
+    if (keys.length) await r.del(...keys);
+    await r.quit();
+  }
+});
+
+describe.skipIf(!up)("Redis session directory", () => {
+  it("keeps records in Redis; a restarted kvstore adopts persisted segments; compute re-attaches", async () => {
+    const kvEnv = { ...QUIET, FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_METRICS_PORT: "0", FREEKV_DIRECTORY: REDIS, FREEKV_DIRECTORY_PREFIX: prefix, FREEKV_KVSTORE_PERSIST: "1" };
+    const kv1 = await startService("kvstore", { env: kvEnv });
+    procs.push(kv1);
+    const c1 = await startService("compute", { env: { ...QUIET, FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: kv1.address } });
+    procs.push(c1);
+    let compute = computeClient(c1.address);
+    const before = shmSegments();
+    await unary(compute, "createSession", { sessionId: "r-1", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 300 });
+    await unary(compute, "createSession", { sessionId: "r-2", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 300 });
+    const made = [...shmSegments()].filter((n) => !before.has(n));
+    expect(made.length).toBe(8);
+
+    const redis = new Redis(REDIS);
+    expect((await redis.smembers(`${prefix}sessions`)).sort()).toEqual(["r-1", "r-2"]);
+    const rec = JSON.parse((await redis.get(`${prefix}session:r-1`))!) as { geometry: { kvHeads: number }; segments: { store: { name: string } } };
+    expect(rec.geometry.kvHeads).toBe(2);
+    expect(made).toContain(rec.segments.store.name);
+
+    // Both processes go; the segments stay (persist) and so do the records (Redis).
+    compute.close();
+    await c1.stop();
+    await kv1.stop();
+    for (const n of made) expect(shmSegments().has(n)).toBe(true);
+
+    const kv2 = await startService("kvstore", { env: { ...kvEnv, FREEKV_KVSTORE_PERSIST: "0" } });
+    procs.push(kv2);
+    const kv = kvstoreClient(kv2.address);
+    expect((await unary<{ sessionIds: string[] }>(kv, "listSessions", {})).sessionIds).toEqual(["r-1", "r-2"]);
+    const att = await unary<{ created: boolean; store: { name: string } }>(kv, "attachSession", { sessionId: "r-1" });
+    expect(att.created).toBe(false);
+    expect(att.store.name).toBe(rec.segments.store.name);
+
+    const c2 = await startService("compute", { env: { ...QUIET, FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: kv2.address } });
+    procs.push(c2);
+    compute = computeClient(c2.address);
+    const got = await unary<{ session: { sessionId: string; geometry: { headDim: number } } }>(compute, "getSession", { sessionId: "r-2" });
+    expect(got.session.geometry.headDim).toBe(16);
+    await unary(compute, "closeSession", { sessionId: "r-2" });
+    expect(await redis.sismember(`${prefix}sessions`, "r-2")).toBe(0);
+    expect((await unaryError(compute, "getSession", { sessionId: "r-2" })).code).toBe(status.NOT_FOUND);
+
+    // Without persistence this kvstore removes the rest at shutdown, Redis records included.
+    compute.close();
+    kv.close();
+    await c2.stop();
+    expect(await kv2.stop()).toEqual({ code: 0, signal: null });
+    for (const n of made) expect(shmSegments().has(n)).toBe(false);
+    expect(await redis.smembers(`${prefix}sessions`)).toEqual([]);
+    await redis.quit();
+  });
+});
