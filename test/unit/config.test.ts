@@ -1,0 +1,41 @@
+/** Env-var configuration: defaults, coercion, and errors that name the variable. */
+import { describe, expect, it } from "vitest";
+import { ConfigError, parseConfig } from "../../services/common/config.js";
+import { computeConfigSchema } from "../../services/compute/config.js";
+import { kvstoreConfigSchema } from "../../services/kvstore/config.js";
+
+describe("config", () => {
+  it("takes the defaults from an empty environment", () => {
+    const k = parseConfig(kvstoreConfigSchema, {});
+    expect(k.FREEKV_DIRECTORY).toBe("memory");
+    expect(k.FREEKV_KVSTORE_PERSIST).toBe(false);
+    const c = parseConfig(computeConfigSchema, {});
+    expect(c.FREEKV_BACKEND).toBe("cpu");
+    expect(c.FREEKV_DECODE_BATCH_WINDOW_US).toBe(200);
+    expect(c.FREEKV_COMMIT_CHECKSUMS).toBe(false);
+  });
+
+  it("coerces numbers and flags, and treats empty values as unset", () => {
+    const k = parseConfig(kvstoreConfigSchema, { FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_PERSIST: "yes", FREEKV_KVSTORE_CAPACITY_BYTES: "", FREEKV_DIRECTORY: "redis://127.0.0.1:6379/2" });
+    expect(k.FREEKV_KVSTORE_PORT).toBe(0);
+    expect(k.FREEKV_KVSTORE_PERSIST).toBe(true);
+    expect(k.FREEKV_KVSTORE_CAPACITY_BYTES).toBe(0);
+    expect(k.FREEKV_DIRECTORY).toBe("redis://127.0.0.1:6379/2");
+    expect(parseConfig(kvstoreConfigSchema, { FREEKV_KVSTORE_PERSIST: "off" }).FREEKV_KVSTORE_PERSIST).toBe(false);
+  });
+
+  it("names every bad variable with its value", () => {
+    let err: unknown;
+    try {
+      parseConfig(computeConfigSchema, { FREEKV_COMPUTE_PORT: "http", FREEKV_BACKEND: "gpu", FREEKV_THREADS: "1.5" });
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(ConfigError);
+    const problems = (err as ConfigError).problems;
+    expect(problems).toHaveLength(3);
+    expect(problems.find((p) => p.startsWith('FREEKV_COMPUTE_PORT="http"'))).toBeDefined();
+    expect(problems.find((p) => p.startsWith('FREEKV_BACKEND="gpu"'))).toBeDefined();
+    expect(problems.find((p) => p.startsWith('FREEKV_THREADS="1.5"'))).toBeDefined();
+  });
+});
