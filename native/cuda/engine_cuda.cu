@@ -1,10 +1,826 @@
-// CUDA engine factory. Placeholder until the CUDA backend's kernels land.
-#include <stdexcept>
+// The CUDA backend of the FreeKV engine (Engine.h), built from the kernels of this folder.
+//
+// Device tier of one (session, layer) (see residency.cuh): an NHD pool of sink slots, a window
+// ring and the selected slots per KV head (or every page for a dense layer), the summaries of
+// every full page, the selection and residency tables, and two query buffers (q_t, q_{t-1}).
+// Host tier: the kvstore's shared segments, registered with cudaHostRegister(Mapped), so the
+// offload and the gather recall read and write them straight from kernels.
+//
+// Streams and ordering (why no slot is overwritten while attention may read it):
+//   main stream: per Decode(layer): [wait recall_done(layer)] -> inputs H2D -> append (+ tail
+//     write-through) -> summary + offload when a page fills -> blocking selection / correction
+//     (+ synchronous recall of the misses) -> attention table -> attention -> outputs D2H.
+//   side stream: per Decode(layer), after `attended` (recorded on main right after the
+//     attention kernel): speculative selection with q_t for step t+1 -> residency diff ->
+//     recall into the selected slots -> record recall_done(layer).
+//   * The speculative recall writes slots only after `attended`: the attention of step t that
+//     reads them is complete (event order), and no other kernel of step t reads selected slots.
+//   * The next Decode of the layer makes the main stream wait recall_done(layer) before anything
+//     else, so step t+1's correction, table and attention see the finished recall, and the
+//     correction's own recall (main stream) cannot overlap the speculative one.
+//   * Sink and window slots are written only by the main stream (append, prefill), which is also
+//     the only stream reading them.
+//   The whole step has a layer's worth of slack: the recall of layer l overlaps layers l+1.. of
+//   step t and layers ..l-1 of step t+1.
+//
+// Host round trips: in the default (gather) mode, a Decode copies its inputs in and its outputs
+// out; correction flags, selections, residency and recall job lists stay on the device, and the
+// only host decisions (when a page fills, the candidate ranges) follow from the context length,
+// which the host knows. So every launch of a step could be captured into a CUDA graph (with the
+// context-dependent scalars as updated kernel parameters). The double-buffer recall mode needs
+// the job list on the host (one cudaMemcpyAsync per head-page): it synchronises once per
+// recall, which is the paper's method and is kept to measure it against the gather.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "append.cuh"
+#include "attention_decode.cuh"
+#include "attention_prefill.cuh"
+#include "correction.cuh"
+#include "cuda_check.cuh"
+#include "device_memory.cuh"
 #include "engine/Engine.h"
+#include "offload.cuh"
+#include "recall.cuh"
+#include "residency.cuh"
+#include "selection.cuh"
+#include "summary.cuh"
 
 namespace freekv {
-std::unique_ptr<Engine> MakeCudaEngine(int device) {
-  throw std::runtime_error("no CUDA device: the CUDA engine is not implemented in this build");
+namespace cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+using std::to_string;
+
+constexpr int kGatherBlocks = 8;  // SMs the recall uses (8 of 132 reach the PCIe link)
+
+// Counters kept on the device (atomics in the kernels), read by GetStats.
+enum DeviceCounter { kSelected = 0, kHits = 1, kMisses = 2, kCorrections = 3, kNumCounters = 4 };
+
+struct LayerTier {
+  bool dense = false;
+  int64_t tokens = 0;
+  int pool_slots = 0;
+  DeviceArray<bf16> pool;         // NHD [pool_slots][2][P][Hkv][D]
+  DeviceArray<float> summaries;   // [capacity][Hkv][2][D]
+  DeviceArray<int> selected;      // [Hkv][K]
+  DeviceArray<int> selected_slot; // [Hkv][K]
+  DeviceArray<int> resident;      // [Hkv][K]
+  DeviceArray<int> flags;         // [Hkv]
+  DeviceArray<float> scratch;     // selection scratch
+  DeviceArray<RecallJob> jobs;    // [Hkv * K]
+  DeviceArray<int> job_count;     // [1]
+  DeviceArray<float> q[2];        // [Hq][D]: q[cur] = latest query
+  int qcur = 0;
+  bool has_q = false;
+  bool first_decode = true;
+  bool selection_valid = false;   // `selected` holds a selection for the next attention
+  int last_candidates = 0;
+  // The attention table of the latest decode (introspection: LastAttendedTokens).
+  int table_rows = 0;
+  DeviceArray<int> t_slot, t_tokens, t_id, t_num;
+  bool attended_valid = false;
+  Event recall_done;
+  bool recall_pending = false;
+  uint64_t decodes = 0;
+};
+
+struct Session {
+  Geometry geo;
+  RetrievalConfig cfg;
+  HostStore host;
+  Layout layout;
+  int P = 0, SP = 0, WP = 0, K = 0;
+  size_t page_elems = 0;  // bf16 elements of one NHD page
+  uint8_t* store_dev = nullptr;
+  uint8_t* tail_dev = nullptr;
+  bool store_registered = false, tail_registered = false;
+  std::vector<std::unique_ptr<LayerTier>> layers;
+  DeviceArray<unsigned long long> counters;  // [kNumCounters]
+  Stats host_stats;                          // host-known counters
+  std::unique_ptr<DoubleBufferRecall> db;
+  ~Session() {
+    if (store_registered) cudaHostUnregister(host.store);
+    if (tail_registered) cudaHostUnregister(host.tail);
+  }
+  bool Retrieves(const LayerTier& L) const { return !L.dense && cfg.mode != Mode::SinkWindow && K > 0; }
+  bool Speculates(const LayerTier& L) const {
+    return Retrieves(L) && (cfg.mode == Mode::FreeKV || cfg.mode == Mode::Speculative);
+  }
+  uint8_t* StoreLayerHost(int l) const { return host.store + layout.layer_stride * l; }
+  uint8_t* StoreLayerDev(int l) const { return store_dev + layout.layer_stride * l; }
+  uint8_t* TailLayerDev(int l) const { return tail_dev + layout.tail_layer_bytes * l; }
+  // Pool slot of page p while it is a sink or window (partial included) page.
+  int WorkingSlot(const LayerTier& L, int p) const { return L.dense || p < SP ? p : SP + p % WP; }
+  RecallGeometry Recall() const {
+    RecallGeometry g;
+    g.kv_heads = geo.kv_heads;
+    g.head_dim = geo.head_dim;
+    g.page_size = P;
+    g.src_page_stride = layout.page_bytes;
+    return g;
+  }
+};
+
+// Page ranges of the budget for a layer holding `tokens` tokens (DESIGN.md section 2).
+struct Ranges {
+  int full, partial, sink_end, window_begin;  // middle (selectable): [sink_end, window_begin)
+};
+Ranges RangesFor(const Session& s, int64_t tokens) {
+  Ranges r;
+  r.full = static_cast<int>(tokens / s.P);
+  r.partial = static_cast<int>(tokens % s.P);
+  r.sink_end = std::min(s.SP, r.full);
+  r.window_begin = std::max(r.sink_end, r.full - (s.WP - 1));
+  return r;
 }
+
+// Registers a shared segment for mapped device access; an already registered range is used as is.
+uint8_t* RegisterMapped(uint8_t* p, size_t bytes, bool& registered, const char* what) {
+  registered = false;
+  if (!p || bytes == 0) return nullptr;
+  cudaError_t e = cudaHostRegister(p, bytes, cudaHostRegisterMapped | cudaHostRegisterPortable);
+  if (e == cudaErrorHostMemoryAlreadyRegistered) {
+    cudaGetLastError();
+  } else {
+    Check(e, what);
+    registered = true;
+  }
+  void* d = nullptr;
+  Check(cudaHostGetDevicePointer(&d, p, 0), what);
+  return static_cast<uint8_t*>(d);
+}
+
+class CudaEngine final : public Engine {
+ public:
+  explicit CudaEngine(int device) : device_(device) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      throw std::runtime_error(std::string("no CUDA device: ") + cudaGetErrorString(e));
+    }
+    if (n == 0) throw std::runtime_error("no CUDA device: none found");
+    if (device < 0 || device >= n)
+      throw std::runtime_error("no CUDA device: options.device " + to_string(device) + " is out of range [0, " +
+                               to_string(n) + ")");
+    FKV_CUDA_CHECK(cudaSetDevice(device_));
+    main_ = std::make_unique<Stream>();
+    side_ = std::make_unique<Stream>();
+    attended_ = std::make_unique<Event>();
+    outputs_ = std::make_unique<Event>();
+  }
+
+  ~CudaEngine() override {
+    cudaSetDevice(device_);
+    if (main_) cudaStreamSynchronize(main_->get());
+    if (side_) cudaStreamSynchronize(side_->get());
+    sessions_.clear();
+  }
+
+  std::string backend() const override { return "cuda"; }
+
+  int CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    FKV_CUDA_CHECK(cudaSetDevice(device_));
+    Validate(g, c, h);
+    if (reattach)
+      throw std::invalid_argument("reattach: the CUDA backend does not re-attach sessions yet (use the cpu backend)");
+    auto s = std::make_unique<Session>();
+    s->geo = g;
+    s->cfg = c;
+    s->host = h;
+    s->layout = ComputeLayout(g, c, h.capacity_pages);
+    s->P = c.page_size;
+    s->SP = c.sink_tokens / c.page_size;
+    s->WP = c.window_tokens / c.page_size;
+    s->K = c.select_tokens / c.page_size;
+    s->page_elems = (size_t)2 * s->P * g.kv_heads * g.head_dim;
+    s->store_dev = RegisterMapped(h.store, h.store_bytes, s->store_registered, "cudaHostRegister(host.store)");
+    s->tail_dev = RegisterMapped(h.tail, h.tail_bytes, s->tail_registered, "cudaHostRegister(host.tail)");
+    s->counters.Resize(kNumCounters);
+    FKV_CUDA_CHECK(cudaMemset(s->counters.get(), 0, s->counters.bytes()));
+    const int Hkv = g.kv_heads, D = g.head_dim, cap = h.capacity_pages, K = s->K;
+    for (int l = 0; l < g.layers; ++l) {
+      auto L = std::make_unique<LayerTier>();
+      L->dense = c.mode == Mode::Dense ||
+                 std::find(c.dense_layers.begin(), c.dense_layers.end(), l) != c.dense_layers.end();
+      L->pool_slots = L->dense ? cap + 1 : s->SP + s->WP + K;
+      L->pool.Resize(std::max(1, L->pool_slots) * s->page_elems);
+      if (!L->dense) L->summaries.Resize((size_t)cap * Hkv * 2 * D);
+      if (s->Retrieves(*L)) {
+        L->selected.Resize((size_t)Hkv * K);
+        L->selected_slot.Resize((size_t)Hkv * K);
+        L->resident.Resize((size_t)Hkv * K);
+        FKV_CUDA_CHECK(cudaMemset(L->resident.get(), 0xff, L->resident.bytes()));  // -1: empty
+        FKV_CUDA_CHECK(cudaMemset(L->selected.get(), 0xff, L->selected.bytes()));
+        FKV_CUDA_CHECK(cudaMemset(L->selected_slot.get(), 0xff, L->selected_slot.bytes()));
+        L->flags.Resize(Hkv);
+        SelectionParams sp;
+        sp.q_heads = g.q_heads;
+        sp.kv_heads = Hkv;
+        sp.num_candidates = cap;
+        L->scratch.Resize(SelectionScratchBytes(sp) / sizeof(float));
+        L->jobs.Resize((size_t)Hkv * K);
+        L->job_count.Resize(1);
+      }
+      for (auto& q : L->q) q.Resize((size_t)g.q_heads * D);
+      L->table_rows = L->dense ? cap + 1 : s->SP + K + s->WP;
+      L->t_slot.Resize((size_t)Hkv * L->table_rows);
+      L->t_tokens.Resize((size_t)Hkv * L->table_rows);
+      L->t_id.Resize((size_t)Hkv * L->table_rows);
+      L->t_num.Resize(Hkv);
+      s->layers.push_back(std::move(L));
+    }
+    if (c.recall == RecallMode::DoubleBuffer)
+      s->db = std::make_unique<DoubleBufferRecall>(s->Recall().HeadPageBytes(), DoubleBufferRecall::kMaxChunk);
+    // A fresh manifest: header and zeroed layer words (the kvstore only initialised the header).
+    InitManifest(*s);
+    const int id = next_id_++;
+    sessions_[id] = std::move(s);
+    return id;
+  }
+
+  void CloseSession(int session) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    FKV_CUDA_CHECK(cudaSetDevice(device_));
+    Find(session);
+    // Queued work may still use the session's memory and registered segments.
+    FKV_CUDA_CHECK(cudaStreamSynchronize(side_->get()));
+    FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+    sessions_.erase(session);
+  }
+
+  void Prefill(int session, int layer, const float* k, const float* v, int n) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    FKV_CUDA_CHECK(cudaSetDevice(device_));
+    Session& s = Find(session);
+    CheckLayer(s, layer);
+    if (n < 1) throw std::invalid_argument("n must be >= 1");
+    if (!k || !v) throw std::invalid_argument("k and v must not be null");
+    DoPrefill(s, layer, nullptr, k, v, n, nullptr);
+    LayerTier& L = *s.layers[layer];
+    L.has_q = false;
+    L.first_decode = true;
+    L.selection_valid = false;
+  }
+
+  void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
+                     float* out) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    FKV_CUDA_CHECK(cudaSetDevice(device_));
+    Session& s = Find(session);
+    CheckLayer(s, layer);
+    if (n < 1) throw std::invalid_argument("n must be >= 1");
+    if (!q || !k || !v || !out) throw std::invalid_argument("q, k, v and out must not be null");
+    DoPrefill(s, layer, q, k, v, n, out);
+    LayerTier& L = *s.layers[layer];
+    const size_t qs = (size_t)s.geo.q_heads * s.geo.head_dim;
+    FKV_CUDA_CHECK(cudaMemcpy(L.q[L.qcur].get(), q + (size_t)(n - 1) * qs, qs * sizeof(float),
+                              cudaMemcpyHostToDevice));
+    L.has_q = true;
+    L.first_decode = true;
+    L.selection_valid = false;
+  }
+
+  void Decode(int layer, const std::vector<DecodeItem>& items) override;
+
+  void Sync(int session) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    FKV_CUDA_CHECK(cudaSetDevice(device_));
+    Find(session);
+    FKV_CUDA_CHECK(cudaStreamSynchronize(side_->get()));
+    FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+  }
+
+  Stats GetStats(int session) const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    FKV_CUDA_CHECK(cudaSetDevice(device_));
+    const Session& s = Find(session);
+    FKV_CUDA_CHECK(cudaStreamSynchronize(side_->get()));
+    FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+    unsigned long long c[kNumCounters];
+    FKV_CUDA_CHECK(cudaMemcpy(c, s.counters.get(), sizeof(c), cudaMemcpyDeviceToHost));
+    Stats st = s.host_stats;
+    st.pages_selected = c[kSelected];
+    st.pages_hit = c[kHits];
+    st.pages_recalled = c[kMisses];
+    st.recall_bytes = c[kMisses] * s.Recall().HeadPageBytes();
+    st.corrections = c[kCorrections];
+    st.context_tokens = Context(s);
+    uint64_t resident = 0;
+    for (const auto& L : s.layers) {
+      const Ranges r = RangesFor(s, L->tokens);
+      const uint64_t partial = r.partial > 0 ? 1 : 0;
+      if (L->dense) {
+        resident += (uint64_t)s.geo.kv_heads * (r.full + partial);
+      } else {
+        resident += (uint64_t)s.geo.kv_heads * (r.sink_end + (r.full - r.window_begin) + partial);
+        if (s.Retrieves(*L) && L->selection_valid) resident += (uint64_t)s.geo.kv_heads * std::min(s.K, L->last_candidates);
+      }
+    }
+    st.resident_pages = resident;
+    return st;
+  }
+
+  uint64_t ContextTokens(int session) const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return Context(Find(session));
+  }
+
+  std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    FKV_CUDA_CHECK(cudaSetDevice(device_));
+    const Session& s = Find(session);
+    CheckLayer(s, layer);
+    if (kv_head < 0 || kv_head >= s.geo.kv_heads)
+      throw std::invalid_argument("kvHead " + to_string(kv_head) + " is out of range [0, " +
+                                  to_string(s.geo.kv_heads) + ")");
+    const LayerTier& L = *s.layers[layer];
+    std::vector<int> out;
+    if (!L.attended_valid) return out;
+    FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+    int num = 0;
+    std::vector<int> ids(L.table_rows), toks(L.table_rows);
+    FKV_CUDA_CHECK(cudaMemcpy(&num, L.t_num.get() + kv_head, sizeof(int), cudaMemcpyDeviceToHost));
+    num = std::min(num, L.table_rows);
+    if (num > 0) {
+      FKV_CUDA_CHECK(cudaMemcpy(ids.data(), L.t_id.get() + (size_t)kv_head * L.table_rows, num * sizeof(int),
+                                cudaMemcpyDeviceToHost));
+      FKV_CUDA_CHECK(cudaMemcpy(toks.data(), L.t_tokens.get() + (size_t)kv_head * L.table_rows, num * sizeof(int),
+                                cudaMemcpyDeviceToHost));
+    }
+    for (int i = 0; i < num; ++i)
+      for (int t = 0; t < toks[i]; ++t) out.push_back(ids[i] * s.P + t);
+    std::sort(out.begin(), out.end());
+    return out;
+  }
+
+ private:
+  Session& Find(int session) const {
+    auto it = sessions_.find(session);
+    if (it == sessions_.end()) throw std::invalid_argument("session " + to_string(session) + " is not open");
+    return *it->second;
+  }
+  static void CheckLayer(const Session& s, int layer) {
+    if (layer < 0 || layer >= s.geo.layers)
+      throw std::invalid_argument("layer " + to_string(layer) + " is out of range [0, " + to_string(s.geo.layers) +
+                                  ")");
+  }
+  static uint64_t Context(const Session& s) {
+    int64_t m = INT64_MAX;
+    for (const auto& L : s.layers) m = std::min(m, L->tokens);
+    return s.layers.empty() ? 0 : (uint64_t)m;
+  }
+
+  static void Validate(const Geometry& g, const RetrievalConfig& c, const HostStore& h) {
+    if (g.layers < 1) throw std::invalid_argument("geometry.layers must be >= 1");
+    if (g.kv_heads < 1 || g.q_heads < 1 || g.q_heads % g.kv_heads != 0)
+      throw std::invalid_argument("geometry.qHeads must be a positive multiple of geometry.kvHeads");
+    if (g.q_heads / g.kv_heads > 8)
+      throw std::invalid_argument("geometry: the CUDA backend supports at most 8 query heads per KV head");
+    if (g.head_dim != 64 && g.head_dim != 128 && g.head_dim != 256)
+      throw std::invalid_argument("geometry.headDim must be 64, 128 or 256 on the CUDA backend");
+    if (g.kv_dtype != DType::BF16)
+      throw std::invalid_argument("geometry.kvDtype: the CUDA backend stores K/V in bf16 (KvDType.BF16)");
+    if (c.page_size < 1) throw std::invalid_argument("retrieval.pageSize must be >= 1");
+    if (c.sink_tokens < 0 || c.sink_tokens % c.page_size)
+      throw std::invalid_argument("retrieval.sinkTokens must be a non-negative multiple of retrieval.pageSize");
+    if (c.select_tokens < 0 || c.select_tokens % c.page_size)
+      throw std::invalid_argument("retrieval.selectTokens must be a non-negative multiple of retrieval.pageSize");
+    if (c.window_tokens < c.page_size || c.window_tokens % c.page_size)
+      throw std::invalid_argument("retrieval.windowTokens must be a positive multiple of retrieval.pageSize");
+    if (c.select_tokens / c.page_size > 1024)
+      throw std::invalid_argument("retrieval.selectTokens: at most 1024 selected pages on the CUDA backend");
+    if (c.summary != SummaryKind::MaxMin && c.summary != SummaryKind::CuboidMean)
+      throw std::invalid_argument("retrieval.summary is unknown");
+    if (h.capacity_pages < 1) throw std::invalid_argument("host.capacityPages must be >= 1");
+    if (h.capacity_pages > kMaxSelectionCandidates)
+      throw std::invalid_argument("host.capacityPages: at most " + to_string(kMaxSelectionCandidates) +
+                                  " pages per layer on the CUDA backend");
+    for (int l : c.dense_layers)
+      if (l < 0 || l >= g.layers) throw std::invalid_argument("retrieval.denseLayers has layer " + to_string(l) + " out of range");
+    const Layout lay = ComputeLayout(g, c, h.capacity_pages);
+    if (!h.store || h.store_bytes < lay.store_bytes)
+      throw std::invalid_argument("host.store is smaller than the layout's storeBytes (" + to_string(lay.store_bytes) + ")");
+    if (!h.tail || h.tail_bytes < lay.tail_bytes)
+      throw std::invalid_argument("host.tail is smaller than the layout's tailBytes (" + to_string(lay.tail_bytes) + ")");
+    if (!h.manifest || h.manifest_bytes < lay.manifest_bytes)
+      throw std::invalid_argument("host.manifest is smaller than the layout's manifestBytes (" +
+                                  to_string(lay.manifest_bytes) + ")");
+  }
+
+  static void InitManifest(Session& s) {
+    auto* hdr = reinterpret_cast<ManifestHeader*>(s.host.manifest);
+    hdr->magic = kManifestMagic;
+    hdr->layers = (uint32_t)s.geo.layers;
+    hdr->context_tokens = 0;
+    uint32_t* w = reinterpret_cast<uint32_t*>(s.host.manifest + sizeof(ManifestHeader));
+    std::memset(w, 0, 8ull * s.geo.layers);
+  }
+  // Called once the main stream has completed the layer's offloads.
+  static void WriteManifest(Session& s, int layer) {
+    const LayerTier& L = *s.layers[layer];
+    uint32_t* w = reinterpret_cast<uint32_t*>(s.host.manifest + sizeof(ManifestHeader)) + 2 * layer;
+    w[0] = (uint32_t)(L.tokens / s.P);
+    w[1] = (uint32_t)(L.tokens % s.P);
+    reinterpret_cast<ManifestHeader*>(s.host.manifest)->context_tokens = Context(s);
+    s.host_stats.context_tokens = Context(s);
+  }
+
+  void DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n, float* out);
+  // Selection for `heads_mask` (or all heads) with query `q` over [c0, c1), then the residency
+  // diff and the recall of the misses, all on `stream`.
+  void SelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
+                       cudaStream_t stream);
+
+  int device_;
+  mutable std::mutex mu_;
+  std::map<int, std::unique_ptr<Session>> sessions_;
+  int next_id_ = 1;
+  std::unique_ptr<Stream> main_, side_;
+  std::unique_ptr<Event> attended_, outputs_;
+  // Per-call buffers of the main stream (reused; grown on demand after a main-stream sync).
+  PinnedBuffer pin_in_, pin_out_, pin_jobs_;
+  DeviceArray<uint8_t> dev_in_;
+  DeviceArray<float> dev_out_;
+  DeviceArray<uint8_t> workspace_;
+  DeviceArray<int> batch_table_;
+  DeviceArray<bf16> prefill_pages_;
+  DeviceArray<float> prefill_f32_;
+  DeviceArray<RecallJob> prefill_jobs_;
+  DeviceArray<int> prefill_job_count_;
+};
+
+void CudaEngine::SelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
+                                 cudaStream_t stream) {
+  LayerTier& L = *s.layers[layer];
+  SelectionParams sp;
+  sp.q = q;
+  sp.summaries = L.summaries.get();
+  sp.first_page = c0;
+  sp.num_candidates = std::max(0, c1 - c0);
+  sp.q_heads = s.geo.q_heads;
+  sp.kv_heads = s.geo.kv_heads;
+  sp.head_dim = s.geo.head_dim;
+  sp.k = s.K;
+  sp.combine = static_cast<int>(s.cfg.combine);
+  sp.head_mask = head_mask;
+  sp.scratch = L.scratch.get();
+  sp.selected = L.selected.get();
+  LaunchSelection(sp, stream);
+  L.last_candidates = sp.num_candidates;
+  ResidencyParams rp;
+  rp.selected = L.selected.get();
+  rp.resident = L.resident.get();
+  rp.selected_slot = L.selected_slot.get();
+  rp.jobs = L.jobs.get();
+  rp.job_count = L.job_count.get();
+  rp.kv_heads = s.geo.kv_heads;
+  rp.k = s.K;
+  rp.selected_base = s.SP + s.WP;
+  rp.head_mask = head_mask;
+  rp.counters = s.counters.get();
+  LaunchResidencyDiff(rp, stream);
+  const RecallGeometry rg = s.Recall();
+  if (s.cfg.recall == RecallMode::Gather) {
+    LaunchRecallGather(s.StoreLayerDev(layer), rg, L.jobs.get(), L.job_count.get(), s.geo.kv_heads * s.K,
+                       L.pool.get(), kGatherBlocks, stream);
+  } else {
+    // The paper's method: the job list comes to the host, one copy call per head-page.
+    const int max_jobs = s.geo.kv_heads * s.K;
+    pin_jobs_.Resize(16 + max_jobs * sizeof(RecallJob));
+    int* count = reinterpret_cast<int*>(pin_jobs_.get());
+    RecallJob* jobs = reinterpret_cast<RecallJob*>(pin_jobs_.get() + 16);
+    FKV_CUDA_CHECK(cudaMemcpyAsync(count, L.job_count.get(), sizeof(int), cudaMemcpyDeviceToHost, stream));
+    FKV_CUDA_CHECK(cudaMemcpyAsync(jobs, L.jobs.get(), max_jobs * sizeof(RecallJob), cudaMemcpyDeviceToHost, stream));
+    FKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+    s.db->Run(s.StoreLayerHost(layer), rg, jobs, std::min(*count, max_jobs), L.pool.get(), stream);
+  }
+  L.selection_valid = true;
+}
+
+void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n,
+                           float* out) {
+  LayerTier& L = *s.layers[layer];
+  const int P = s.P, Hkv = s.geo.kv_heads, D = s.geo.head_dim, Hq = s.geo.q_heads;
+  if ((L.tokens + n) / P > s.host.capacity_pages)
+    throw std::invalid_argument("prefill of " + to_string(n) + " tokens would exceed the store's capacity of " +
+                                to_string(s.host.capacity_pages) + " pages");
+  cudaStream_t st = main_->get();
+  if (L.recall_pending) FKV_CUDA_CHECK(cudaStreamWaitEvent(st, L.recall_done.get(), 0));
+  L.recall_pending = false;
+  const int64_t c = L.tokens;
+  const int first = (int)(c / P), last = (int)((c + n - 1) / P);
+  const int base = q ? 0 : first;  // PrefillAttend needs every page of the context
+  const int npg = last - base + 1;
+  FKV_CUDA_CHECK(cudaStreamSynchronize(st));  // the scratch below may be in use by queued work
+  prefill_pages_.Resize((size_t)npg * s.page_elems);
+  const size_t kvn = (size_t)n * Hkv * D;
+  const size_t qn = q ? (size_t)n * Hq * D : 0;
+  prefill_f32_.Resize(2 * kvn + 2 * qn);
+  float* dk = prefill_f32_.get();
+  float* dv = dk + kvn;
+  float* dq = dv + kvn;
+  float* dout = dq + qn;
+  FKV_CUDA_CHECK(cudaMemcpyAsync(dk, k, kvn * sizeof(float), cudaMemcpyHostToDevice, st));
+  FKV_CUDA_CHECK(cudaMemcpyAsync(dv, v, kvn * sizeof(float), cudaMemcpyHostToDevice, st));
+  if (q) FKV_CUDA_CHECK(cudaMemcpyAsync(dq, q, qn * sizeof(float), cudaMemcpyHostToDevice, st));
+  bf16* pages = prefill_pages_.get();
+  bf16* newp = pages + (size_t)(first - base) * s.page_elems;
+  // The partial page so far, from its slot.
+  if (c % P)
+    FKV_CUDA_CHECK(cudaMemcpyAsync(newp, L.pool.get() + (size_t)s.WorkingSlot(L, first) * s.page_elems,
+                                   s.page_elems * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
+  AppendParams ap;
+  ap.k = dk;
+  ap.v = dv;
+  ap.n = n;
+  ap.pages = newp;
+  ap.offset = (int)(c % P);
+  ap.kv_heads = Hkv;
+  ap.head_dim = D;
+  ap.page_size = P;
+  ap.tail = s.TailLayerDev(layer);
+  ap.tail_from = (int)std::max<int64_t>(0, (int64_t)last * P - c);
+  LaunchAppend(ap, st);
+  const int64_t t_new = c + n;
+  const int nfull = (int)(t_new / P) - first;  // pages of this run that are now full
+  if (nfull > 0) {
+    if (!L.dense)
+      LaunchPageSummary(newp, nfull, L.summaries.get() + (size_t)first * Hkv * 2 * D, Hkv, D, P,
+                        static_cast<int>(s.cfg.summary), st);
+    LaunchOffloadHnd(newp, nfull, s.StoreLayerDev(layer) + (size_t)first * s.layout.page_bytes, s.layout.page_bytes,
+                     Hkv, D, P, st);
+    s.host_stats.pages_offloaded += nfull;
+    s.host_stats.offload_bytes += (uint64_t)nfull * s.layout.page_bytes;
+  }
+  // Place the run's pages in their working slots (every page of a dense layer; sink pages; the
+  // window pages of the new context).
+  const Ranges r = RangesFor(s, t_new);
+  for (int p = first; p <= last; ++p) {
+    const bool keep = L.dense || p < s.SP || p >= r.window_begin;
+    if (!keep) continue;
+    FKV_CUDA_CHECK(cudaMemcpyAsync(L.pool.get() + (size_t)s.WorkingSlot(L, p) * s.page_elems,
+                                   newp + (size_t)(p - first) * s.page_elems, s.page_elems * sizeof(bf16),
+                                   cudaMemcpyDeviceToDevice, st));
+  }
+  if (q) {
+    // Earlier full pages come back from the host store (HND -> NHD) into the contiguous run.
+    if (first > 0) {
+      const int njobs = first * Hkv;
+      pin_jobs_.Resize(sizeof(RecallJob) * njobs + 16);
+      RecallJob* jobs = reinterpret_cast<RecallJob*>(pin_jobs_.get() + 16);
+      int* count = reinterpret_cast<int*>(pin_jobs_.get());
+      *count = njobs;
+      for (int p = 0, j = 0; p < first; ++p)
+        for (int h = 0; h < Hkv; ++h, ++j) jobs[j] = RecallJob{p, h, p, 0};
+      prefill_jobs_.Resize(njobs);
+      prefill_job_count_.Resize(1);
+      FKV_CUDA_CHECK(cudaMemcpyAsync(prefill_jobs_.get(), jobs, sizeof(RecallJob) * njobs, cudaMemcpyHostToDevice, st));
+      FKV_CUDA_CHECK(cudaMemcpyAsync(prefill_job_count_.get(), count, sizeof(int), cudaMemcpyHostToDevice, st));
+      LaunchRecallGather(s.StoreLayerDev(layer), s.Recall(), prefill_jobs_.get(), prefill_job_count_.get(), njobs,
+                         pages, 32, st);
+    }
+    PrefillAttentionParams pp;
+    pp.q = dq;
+    pp.out = dout;
+    pp.pages = pages;
+    pp.n = n;
+    pp.start = (int)c;
+    pp.q_heads = Hq;
+    pp.kv_heads = Hkv;
+    pp.head_dim = D;
+    pp.page_size = P;
+    pp.scale = 1.f / std::sqrt((float)D);
+    LaunchPrefillAttention(pp, st);
+    FKV_CUDA_CHECK(cudaMemcpyAsync(out, dout, qn * sizeof(float), cudaMemcpyDeviceToHost, st));
+  }
+  FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+  L.tokens = t_new;
+  L.attended_valid = false;
+  WriteManifest(s, layer);
+}
+
+void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
+  std::lock_guard<std::mutex> lock(mu_);
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  const int B = static_cast<int>(items.size());
+  if (B == 0) return;
+  std::vector<Session*> ss(B);
+  for (int i = 0; i < B; ++i) {
+    const std::string at = "items[" + to_string(i) + "]";
+    ss[i] = &Find(items[i].session);
+    CheckLayer(*ss[i], layer);
+    for (int j = 0; j < i; ++j)
+      if (items[j].session == items[i].session)
+        throw std::invalid_argument(at + ": session " + to_string(items[i].session) + " appears twice in the batch");
+    if (!items[i].q || !items[i].k || !items[i].v || !items[i].out)
+      throw std::invalid_argument(at + ": q, k, v and out must not be null");
+    const Geometry& g0 = ss[0]->geo;
+    const Geometry& g = ss[i]->geo;
+    if (g.q_heads != g0.q_heads || g.kv_heads != g0.kv_heads || g.head_dim != g0.head_dim ||
+        ss[i]->P != ss[0]->P)
+      throw std::invalid_argument(at + ": session " + to_string(items[i].session) +
+                                  " has a geometry different from the batch's first session");
+    if ((ss[i]->layers[layer]->tokens + 1) / ss[i]->P > ss[i]->host.capacity_pages)
+      throw std::invalid_argument(at + ": session " + to_string(items[i].session) + " is at the store's capacity of " +
+                                  to_string(ss[i]->host.capacity_pages) + " pages");
+  }
+  const Geometry& g = ss[0]->geo;
+  const int Hq = g.q_heads, Hkv = g.kv_heads, D = g.head_dim, P = ss[0]->P;
+  const size_t qs = (size_t)Hq * D, ks = (size_t)Hkv * D;
+  cudaStream_t st = main_->get(), side = side_->get();
+  // The main stream is idle here (every call ends with a wait on it); the side stream may still
+  // be recalling. Growing the per-call buffers below is therefore safe.
+  FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+
+  // 1. Each layer's speculative recall (issued at the previous step) completes first.
+  for (int i = 0; i < B; ++i) {
+    LayerTier& L = *ss[i]->layers[layer];
+    if (L.recall_pending) {
+      if (cudaEventQuery(L.recall_done.get()) == cudaErrorNotReady) ss[i]->host_stats.recall_waits += 1;
+      cudaGetLastError();
+      FKV_CUDA_CHECK(cudaStreamWaitEvent(st, L.recall_done.get(), 0));
+      L.recall_pending = false;
+    }
+  }
+
+  // 2. Inputs in: one pinned staging area, one copy. Layout: q [B][Hq*D] | k [B][Hkv*D] |
+  //    v [B][Hkv*D] (fp32) | pools [B] | table [3][B][Hkv][rows] + num [B][Hkv] (written on device).
+  int rows = 1;
+  for (int i = 0; i < B; ++i) rows = std::max(rows, ss[i]->layers[layer]->table_rows);
+  const size_t f32_bytes = ((size_t)B * qs + 2 * (size_t)B * ks) * sizeof(float);
+  const size_t ptr_off = (f32_bytes + 15) / 16 * 16;
+  const size_t in_bytes = ptr_off + (size_t)B * sizeof(void*);
+  pin_in_.Resize(in_bytes);
+  dev_in_.Resize(in_bytes);
+  pin_out_.Resize((size_t)B * qs * sizeof(float));
+  dev_out_.Resize((size_t)B * qs);
+  batch_table_.Resize((size_t)3 * B * Hkv * rows + (size_t)B * Hkv);
+  float* hq = reinterpret_cast<float*>(pin_in_.get());
+  float* hk = hq + (size_t)B * qs;
+  float* hv = hk + (size_t)B * ks;
+  const bf16** hpools = reinterpret_cast<const bf16**>(pin_in_.get() + ptr_off);
+  for (int i = 0; i < B; ++i) {
+    std::memcpy(hq + i * qs, items[i].q, qs * sizeof(float));
+    std::memcpy(hk + i * ks, items[i].k, ks * sizeof(float));
+    std::memcpy(hv + i * ks, items[i].v, ks * sizeof(float));
+    hpools[i] = ss[i]->layers[layer]->pool.get();
+  }
+  FKV_CUDA_CHECK(cudaMemcpyAsync(dev_in_.get(), pin_in_.get(), in_bytes, cudaMemcpyHostToDevice, st));
+  const float* dq = reinterpret_cast<const float*>(dev_in_.get());
+  const float* dk = dq + (size_t)B * qs;
+  const float* dv = dk + (size_t)B * ks;
+  const bf16* const* dpools = reinterpret_cast<const bf16* const*>(dev_in_.get() + ptr_off);
+  int* tb_slot = batch_table_.get();
+  int* tb_tokens = tb_slot + (size_t)B * Hkv * rows;
+  int* tb_id = tb_tokens + (size_t)B * Hkv * rows;
+  int* tb_num = tb_id + (size_t)B * Hkv * rows;
+
+  for (int i = 0; i < B; ++i) {
+    Session& s = *ss[i];
+    LayerTier& L = *s.layers[layer];
+    const int qnew = 1 - L.qcur;
+    FKV_CUDA_CHECK(cudaMemcpyAsync(L.q[qnew].get(), dq + i * qs, qs * sizeof(float), cudaMemcpyDeviceToDevice, st));
+    // 3. Append (with write-through of the tail); summary + offload when the page fills.
+    const int64_t c = L.tokens;
+    const int page = (int)(c / P), row = (int)(c % P);
+    bf16* slot = L.pool.get() + (size_t)s.WorkingSlot(L, page) * s.page_elems;
+    AppendParams ap;
+    ap.k = dk + i * ks;
+    ap.v = dv + i * ks;
+    ap.n = 1;
+    ap.pages = slot;
+    ap.offset = row;
+    ap.kv_heads = Hkv;
+    ap.head_dim = D;
+    ap.page_size = P;
+    ap.tail = s.TailLayerDev(layer);
+    ap.tail_from = 0;
+    LaunchAppend(ap, st);
+    if (row == P - 1) {
+      if (!L.dense)
+        LaunchPageSummary(slot, 1, L.summaries.get() + (size_t)page * Hkv * 2 * D, Hkv, D, P,
+                          static_cast<int>(s.cfg.summary), st);
+      LaunchOffloadHnd(slot, 1, s.StoreLayerDev(layer) + (size_t)page * s.layout.page_bytes, s.layout.page_bytes, Hkv,
+                       D, P, st);
+      s.host_stats.pages_offloaded += 1;
+      s.host_stats.offload_bytes += s.layout.page_bytes;
+    }
+    const int64_t t_new = c + 1;
+    const Ranges r = RangesFor(s, t_new);
+    // 4. Blocking selections: the first decode after a prefill, oracle, and corrections.
+    if (s.Retrieves(L)) {
+      s.host_stats.selections += Hkv;
+      if (s.cfg.mode == Mode::Oracle) {
+        SelectAndRecall(s, layer, L.q[qnew].get(), r.sink_end, r.window_begin, nullptr, st);
+      } else if (L.first_decode || !L.selection_valid) {
+        SelectAndRecall(s, layer, L.has_q ? L.q[L.qcur].get() : L.q[qnew].get(), r.sink_end, r.window_begin, nullptr,
+                        st);
+      } else if (s.cfg.mode == Mode::FreeKV) {
+        LaunchCorrectionCheck(L.q[qnew].get(), L.q[L.qcur].get(), Hq, Hkv, D, s.cfg.tau, L.flags.get(),
+                              s.counters.get() + kCorrections, st);
+        SelectAndRecall(s, layer, L.q[qnew].get(), r.sink_end, r.window_begin, L.flags.get(), st);
+      }
+    }
+    // 5. The attention table: into the batch's rows and the layer's own (introspection).
+    AttendTableParams tp;
+    tp.context = (int)t_new;
+    tp.page_size = P;
+    tp.sink_pages = s.SP;
+    tp.window_pages = s.WP;
+    tp.kv_heads = Hkv;
+    tp.dense = L.dense;
+    tp.window_base = s.SP;
+    tp.selected_base = s.SP + s.WP;
+    const bool sel = s.Retrieves(L) && L.selection_valid;
+    tp.k = sel ? s.K : 0;
+    tp.selected = sel ? L.selected.get() : nullptr;
+    tp.selected_slot = sel ? L.selected_slot.get() : nullptr;
+    tp.max_pages = rows;
+    tp.page_slot = tb_slot + (size_t)i * Hkv * rows;
+    tp.page_tokens = tb_tokens + (size_t)i * Hkv * rows;
+    tp.page_id = tb_id + (size_t)i * Hkv * rows;
+    tp.num_pages = tb_num + (size_t)i * Hkv;
+    LaunchAttendTable(tp, st);
+    tp.max_pages = L.table_rows;
+    tp.page_slot = L.t_slot.get();
+    tp.page_tokens = L.t_tokens.get();
+    tp.page_id = L.t_id.get();
+    tp.num_pages = L.t_num.get();
+    LaunchAttendTable(tp, st);
+  }
+
+  // 6. Attention for the whole batch, outputs out.
+  DecodeAttentionParams dp;
+  dp.q = dq;
+  dp.out = dev_out_.get();
+  dp.pools = dpools;
+  dp.page_slot = tb_slot;
+  dp.page_tokens = tb_tokens;
+  dp.num_pages = tb_num;
+  dp.batch = B;
+  dp.q_heads = Hq;
+  dp.kv_heads = Hkv;
+  dp.head_dim = D;
+  dp.page_size = P;
+  dp.max_pages = rows;
+  dp.scale = 1.f / std::sqrt((float)D);
+  const size_t ws = DecodeAttentionWorkspaceBytes(dp);
+  workspace_.Resize(ws);
+  LaunchDecodeAttention(dp, workspace_.get(), ws, st);
+  FKV_CUDA_CHECK(cudaEventRecord(attended_->get(), st));
+  FKV_CUDA_CHECK(cudaMemcpyAsync(pin_out_.get(), dev_out_.get(), (size_t)B * qs * sizeof(float),
+                                 cudaMemcpyDeviceToHost, st));
+  FKV_CUDA_CHECK(cudaEventRecord(outputs_->get(), st));
+
+  // 7. Speculative selection + recall for step t+1, on the side stream after the attention.
+  for (int i = 0; i < B; ++i) {
+    Session& s = *ss[i];
+    LayerTier& L = *s.layers[layer];
+    const int qnew = 1 - L.qcur;
+    if (!s.Speculates(L)) continue;
+    FKV_CUDA_CHECK(cudaStreamWaitEvent(side, attended_->get(), 0));
+    const Ranges now = RangesFor(s, L.tokens + 1), next = RangesFor(s, L.tokens + 2);
+    SelectAndRecall(s, layer, L.q[qnew].get(), next.sink_end, std::min(next.window_begin, now.full), nullptr, side);
+    FKV_CUDA_CHECK(cudaEventRecord(L.recall_done.get(), side));
+    L.recall_pending = true;
+  }
+
+  // 8. Wait for the outputs only (the side stream keeps running).
+  FKV_CUDA_CHECK(cudaEventSynchronize(outputs_->get()));
+  const float* ho = reinterpret_cast<const float*>(pin_out_.get());
+  for (int i = 0; i < B; ++i) {
+    std::memcpy(items[i].out, ho + i * qs, qs * sizeof(float));
+    Session& s = *ss[i];
+    LayerTier& L = *s.layers[layer];
+    L.tokens += 1;
+    L.qcur = 1 - L.qcur;
+    L.has_q = true;
+    L.first_decode = false;
+    L.attended_valid = true;
+    L.decodes += 1;
+    s.host_stats.decode_steps = std::max<uint64_t>(s.host_stats.decode_steps, L.decodes);
+    WriteManifest(s, layer);
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+
+std::unique_ptr<Engine> MakeCudaEngine(int device) { return std::make_unique<cuda::CudaEngine>(device); }
+
 }  // namespace freekv
