@@ -1,0 +1,344 @@
+/**
+ * CPU benchmark of the decode step: time per step vs context length (8K..64K tokens) at a fixed
+ * retrieval budget, for `dense` (full attention) and `freekv`, through the native engine, for one
+ * layer and for several layers; median over repeated steps.
+ *
+ * Every figure is stated next to its ceiling on this machine, measured in the same run: the
+ * bytes a step must touch (KV read by attention, summaries scanned by selection, recall copies)
+ * divided by the memory bandwidth of a parallel memcpy. Dense touches the whole context every
+ * step, so it grows linearly; freekv touches the budget plus the summaries (O(pages): per page
+ * one fp32 max and min per channel) and the misses, so it should stay flat. The attention and scoring
+ * arithmetic is reported as GFLOP/s alongside: on a small CPU the step is often compute-bound,
+ * and the bandwidth floor then says how much room a faster kernel would have.
+ *
+ *   npm run build:ts && npm run bench:cpu [-- --contexts 8192,16384 --steps 15 --layers 1,4]
+ *
+ * Writes bench/results/cpu-<date>.json (machine, git commit, date, node version, results).
+ */
+import { execSync } from "node:child_process";
+import { mkdirSync, writeFileSync } from "node:fs";
+import os from "node:os";
+import { join, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { Worker } from "node:worker_threads";
+import { loadAddon, type Addon, type Engine, type Geometry, type Retrieval } from "../native/binding.js";
+import { createHostSegments } from "../services/compute/fidelity/host-segments.js";
+import { Prng } from "../services/compute/fidelity/random.js";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const repo = join(here, "..", "..").endsWith("dist") ? join(here, "..", "..", "..") : join(here, "..");
+
+interface Config {
+  contexts: number[];
+  layers: number[];
+  steps: number;
+  warmup: number;
+  qHeads: number;
+  kvHeads: number;
+  headDim: number;
+  kvDtype: "bf16" | "f32";
+  pageSize: number;
+  sinkTokens: number;
+  selectTokens: number;
+  windowTokens: number;
+  tau: number;
+  queryCosine: number;
+  threads: number;
+  out?: string;
+}
+
+interface Row {
+  mode: "dense" | "freekv";
+  layers: number;
+  context: number;
+  median_ms: number;
+  p10_ms: number;
+  p90_ms: number;
+  bytes_per_step: number;
+  recall_bytes_per_step: number;
+  corrections_per_step: number;
+  floor_ms: number;
+  /** median / floor: how far the step is from this machine's memory-bandwidth ceiling. */
+  x_floor: number;
+  /** Multiply-adds x 2 of attention (QK and PV) and page scoring per step, and the rate reached. */
+  flops_per_step: number;
+  gflops: number;
+}
+
+function parse(): Config {
+  const { values: v } = parseArgs({
+    options: {
+      contexts: { type: "string" },
+      layers: { type: "string" },
+      steps: { type: "string" },
+      warmup: { type: "string" },
+      threads: { type: "string" },
+      dtype: { type: "string" },
+      out: { type: "string" },
+    },
+    strict: true,
+  });
+  const list = (s: string | undefined, d: number[]) => (s ? s.split(",").map((x) => Number(x)) : d);
+  const cfg: Config = {
+    contexts: list(v.contexts, [8192, 16384, 32768, 65536]),
+    layers: list(v.layers, [1, 4]),
+    steps: Number(v.steps ?? 15),
+    warmup: Number(v.warmup ?? 3),
+    // One Llama-3.1-8B attention layer; the paper's long-input budget (128 + 1792 + 128 tokens).
+    qHeads: 32,
+    kvHeads: 8,
+    headDim: 128,
+    kvDtype: v.dtype === "f32" ? "f32" : "bf16",
+    pageSize: 32,
+    sinkTokens: 128,
+    selectTokens: 1792,
+    windowTokens: 128,
+    tau: 0.8,
+    queryCosine: 0.93,
+    threads: Number(v.threads ?? os.cpus().length),
+    out: v.out,
+  };
+  for (const c of cfg.contexts) if (!Number.isInteger(c) || c < 4096) throw new RangeError(`--contexts: ${c} is not an integer >= 4096`);
+  for (const l of cfg.layers) if (!Number.isInteger(l) || l < 1) throw new RangeError(`--layers: ${l} is not an integer >= 1`);
+  if (!Number.isInteger(cfg.steps) || cfg.steps < 3) throw new RangeError("--steps must be an integer >= 3");
+  return cfg;
+}
+
+/** Parallel memcpy bandwidth (bytes read + written per second), `threads` workers, best of 5. */
+async function memcpyBandwidth(threads: number, bytesPerThread = 128 << 20): Promise<number> {
+  const src = `
+    const { parentPort, workerData } = require("node:worker_threads");
+    const a = Buffer.alloc(workerData.bytes, 1), b = Buffer.alloc(workerData.bytes);
+    a.copy(b); // fault the pages in
+    parentPort.on("message", (reps) => {
+      const t0 = process.hrtime.bigint();
+      for (let i = 0; i < reps; i++) (i & 1 ? b.copy(a) : a.copy(b));
+      parentPort.postMessage(Number(process.hrtime.bigint() - t0) / 1e9);
+    });
+    parentPort.postMessage("ready");`;
+  const workers = Array.from({ length: threads }, () => new Worker(src, { eval: true, workerData: { bytes: bytesPerThread } }));
+  const next = (w: Worker) => new Promise<unknown>((res) => w.once("message", res));
+  await Promise.all(workers.map(next));
+  let best = 0;
+  const reps = 4;
+  for (let round = 0; round < 5; round++) {
+    const t0 = process.hrtime.bigint();
+    const done = workers.map(next);
+    for (const w of workers) w.postMessage(reps);
+    await Promise.all(done);
+    const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+    best = Math.max(best, (2 * bytesPerThread * reps * threads) / secs);
+  }
+  await Promise.all(workers.map((w) => w.terminate()));
+  return best;
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+}
+function pct(xs: number[], p: number): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor(p * s.length))];
+}
+
+async function measure(addon: Addon, engine: Engine, cfg: Config, mode: "dense" | "freekv", layers: number, context: number, kv: { k: Float32Array; v: Float32Array }, bandwidth: number): Promise<Row> {
+  const { qHeads: Hq, kvHeads: Hkv, headDim: D, pageSize: P } = cfg;
+  const geometry: Geometry = { layers, qHeads: Hq, kvHeads: Hkv, headDim: D, kvDtype: (cfg.kvDtype === "bf16" ? 2 : 1) as Geometry["kvDtype"] };
+  const retrieval: Retrieval = {
+    pageSize: P,
+    sinkTokens: cfg.sinkTokens,
+    windowTokens: cfg.windowTokens,
+    selectTokens: cfg.selectTokens,
+    tau: cfg.tau,
+    summary: 1 as Retrieval["summary"],
+    combine: 1 as Retrieval["combine"],
+    mode: (mode === "dense" ? 2 : 1) as Retrieval["mode"],
+    recall: 1 as Retrieval["recall"],
+    denseLayers: [],
+  };
+  const totalSteps = cfg.warmup + cfg.steps;
+  const capacityPages = Math.ceil((context + totalSteps) / P) + 1;
+  const seg = createHostSegments(addon, geometry, retrieval, capacityPages, "bench");
+  const session = engine.createSession(geometry, retrieval, seg.host, false);
+  try {
+    const row = Hkv * D;
+    const chunk = 8192;
+    for (let l = 0; l < layers; l++)
+      for (let s = 0; s < context; s += chunk) {
+        const n = Math.min(chunk, context - s);
+        await engine.prefill(session, l, kv.k.subarray(s * row, (s + n) * row), kv.v.subarray(s * row, (s + n) * row), n);
+      }
+    // Queries drift like real ones (adjacent cosine ~ cfg.queryCosine), one stream per layer.
+    const rng = new Prng(context * 31 + layers, mode === "dense" ? 1 : 2);
+    const rho = cfg.queryCosine;
+    const qs = Array.from({ length: layers }, () => Float32Array.from({ length: Hq * D }, () => rng.gaussian()));
+    const times: number[] = [];
+    let recall0 = 0;
+    let corr0 = 0;
+    for (let step = 0; step < totalSteps; step++) {
+      if (step === cfg.warmup) {
+        const s = engine.stats(session);
+        recall0 = s.recallBytes;
+        corr0 = s.corrections;
+      }
+      const kNew = Float32Array.from({ length: row }, () => rng.gaussian());
+      const vNew = Float32Array.from({ length: row }, () => rng.gaussian());
+      for (const q of qs) for (let i = 0; i < q.length; i++) q[i] = rho * q[i] + Math.sqrt(1 - rho * rho) * rng.gaussian();
+      const t0 = process.hrtime.bigint();
+      for (let l = 0; l < layers; l++) await engine.decode(l, [{ session, q: qs[l], k: kNew, v: vNew }]);
+      const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+      if (step >= cfg.warmup) times.push(ms);
+    }
+    await engine.sync(session);
+    const st = engine.stats(session);
+    const recallPerStep = (st.recallBytes - recall0) / cfg.steps;
+    const corrPerStep = (st.corrections - corr0) / cfg.steps;
+    // Bytes a step must touch, per layer.
+    const elt = cfg.kvDtype === "bf16" ? 2 : 4;
+    const kvBytes = (tokens: number) => tokens * Hkv * D * 2 * elt;
+    const ctx = context + totalSteps;
+    let perLayer: number;
+    let flopsPerLayer: number;
+    if (mode === "dense") {
+      perLayer = kvBytes(ctx);
+      flopsPerLayer = 4 * Hq * D * ctx;
+    } else {
+      const budget = cfg.sinkTokens + cfg.selectTokens + cfg.windowTokens;
+      const pages = Math.floor(ctx / P);
+      const summaries = pages * Hkv * 2 * D * 4;
+      perLayer = kvBytes(budget) + summaries;
+      flopsPerLayer = 4 * Hq * D * budget + 4 * Hq * D * pages;
+    }
+    // Recall copies read the host store and write the slots.
+    const bytes = perLayer * layers + 2 * recallPerStep;
+    const floorMs = (bytes / bandwidth) * 1e3;
+    const med = median(times);
+    return {
+      mode,
+      layers,
+      context,
+      median_ms: med,
+      p10_ms: pct(times, 0.1),
+      p90_ms: pct(times, 0.9),
+      bytes_per_step: bytes,
+      recall_bytes_per_step: recallPerStep,
+      corrections_per_step: corrPerStep,
+      floor_ms: floorMs,
+      x_floor: med / floorMs,
+      flops_per_step: flopsPerLayer * layers,
+      gflops: (flopsPerLayer * layers) / (med * 1e6),
+    };
+  } finally {
+    await engine.sync(session).catch(() => undefined);
+    engine.closeSession(session);
+    seg.release();
+  }
+}
+
+async function main(): Promise<number> {
+  const cfg = parse();
+  const addon = loadAddon();
+  if (typeof addon.Engine !== "function") throw new Error("the native addon has no Engine; run `npm run build:native`");
+  const engine = new addon.Engine({ backend: "cpu", threads: cfg.threads });
+  const cpus = os.cpus();
+  process.stderr.write(`measuring memcpy bandwidth (${cfg.threads} threads)...\n`);
+  const bandwidth = await memcpyBandwidth(cfg.threads);
+  process.stderr.write(`memcpy: ${(bandwidth / 1e9).toFixed(2)} GB/s (read + write)\n`);
+
+  const maxCtx = Math.max(...cfg.contexts);
+  const rng = new Prng(2026, 0);
+  const n = maxCtx * cfg.kvHeads * cfg.headDim;
+  const kv = { k: new Float32Array(n), v: new Float32Array(n) };
+  rng.fillGaussian(kv.k);
+  rng.fillGaussian(kv.v);
+
+  const rows: Row[] = [];
+  for (const layers of cfg.layers)
+    for (const context of cfg.contexts)
+      for (const mode of ["dense", "freekv"] as const) {
+        process.stderr.write(`  ${mode} layers=${layers} context=${context}...`);
+        const r = await measure(addon, engine, cfg, mode, layers, context, kv, bandwidth);
+        process.stderr.write(` ${r.median_ms.toFixed(2)} ms\n`);
+        rows.push(r);
+      }
+
+  // Table.
+  const head = ["layers", "context", "mode", "median ms", "p10..p90 ms", "MB touched", "floor ms", "x floor", "GFLOP/s", "recall KiB", "corr/step"];
+  const body = rows.map((r) => [
+    String(r.layers),
+    String(r.context),
+    r.mode,
+    r.median_ms.toFixed(2),
+    `${r.p10_ms.toFixed(2)}..${r.p90_ms.toFixed(2)}`,
+    (r.bytes_per_step / 1e6).toFixed(1),
+    r.floor_ms.toFixed(2),
+    r.x_floor.toFixed(1),
+    r.gflops.toFixed(2),
+    (r.recall_bytes_per_step / 1024).toFixed(0),
+    r.corrections_per_step.toFixed(2),
+  ]);
+  const w = head.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
+  const line = (c: string[]) => c.map((x, i) => x.padStart(w[i])).join("  ");
+  console.log(
+    `decode step, ${cfg.qHeads}q/${cfg.kvHeads}kv heads x ${cfg.headDim}, ${cfg.kvDtype} KV, budget ${cfg.sinkTokens}+${cfg.selectTokens}+${cfg.windowTokens} tokens, ` +
+      `${cfg.threads} threads; floor = bytes touched / memcpy ${(bandwidth / 1e9).toFixed(2)} GB/s`,
+  );
+  console.log(line(head));
+  for (const b of body) console.log(line(b));
+
+  // The expected shape: freekv flat, dense linear.
+  const checks: Record<string, number> = {};
+  const lo = Math.min(...cfg.contexts);
+  const hi = Math.max(...cfg.contexts);
+  for (const layers of cfg.layers) {
+    const get = (mode: string, c: number) => rows.find((r) => r.mode === mode && r.layers === layers && r.context === c)!.median_ms;
+    checks[`freekv_${hi}_over_${lo}_layers${layers}`] = get("freekv", hi) / get("freekv", lo);
+    checks[`dense_${hi}_over_${lo}_layers${layers}`] = get("dense", hi) / get("dense", lo);
+    checks[`dense_over_freekv_at_${hi}_layers${layers}`] = get("dense", hi) / get("freekv", hi);
+  }
+  console.log("");
+  for (const [k, x] of Object.entries(checks)) console.log(`${k}: ${x.toFixed(2)}`);
+  const flat = cfg.layers.every((l) => checks[`freekv_${hi}_over_${lo}_layers${l}`] <= 1.3);
+  console.log(`freekv at ${hi} <= 1.3x freekv at ${lo}: ${flat ? "yes" : "NO"}`);
+
+  let commit = "unknown";
+  let dirty = false;
+  try {
+    commit = execSync("git rev-parse HEAD", { cwd: repo, encoding: "utf8" }).trim();
+    dirty = execSync("git status --porcelain --untracked-files=no", { cwd: repo, encoding: "utf8" }).trim() !== "";
+  } catch {
+    // not a checkout
+  }
+  const now = new Date();
+  const result = {
+    benchmark: "cpu decode step vs context",
+    date: now.toISOString(),
+    git: { commit, dirty },
+    node: process.version,
+    machine: {
+      cpu: cpus[0]?.model ?? "unknown",
+      cores: cpus.length,
+      memory_bytes: os.totalmem(),
+      os: `${os.type()} ${os.release()} ${os.arch()}`,
+    },
+    ceilings: { memcpy_bytes_per_s: bandwidth, memcpy_threads: cfg.threads, note: "bytes read + written per second by parallel Buffer.copy, best of 5" },
+    config: { ...cfg, out: undefined },
+    results: rows,
+    checks: { ...checks, freekv_flat_within_1_3x: flat },
+  };
+  const out = cfg.out ?? join(repo, "bench", "results", `cpu-${now.toISOString().slice(0, 10)}.json`);
+  mkdirSync(dirname(out), { recursive: true });
+  writeFileSync(out, JSON.stringify(result, null, 2) + "\n");
+  console.log(`wrote ${out}`);
+  return 0;
+}
+
+main().then(
+  (c) => process.exit(c),
+  (e: unknown) => {
+    process.stderr.write(`bench:cpu: ${e instanceof Error ? e.message : String(e)}\n`);
+    process.exit(1);
+  },
+);
