@@ -33,6 +33,7 @@ export class DecodeScheduler {
   constructor(
     private readonly model: Model,
     private readonly maxBatch = 64,
+    private readonly onBatch?: (size: number, ms: number) => void,
   ) {}
 
   get queued(): number {
@@ -82,6 +83,7 @@ export class DecodeScheduler {
       const V = this.model.vocabSize;
       this.batches++;
       this.maxBatchSeen = Math.max(this.maxBatchSeen, batch.length);
+      this.onBatch?.(batch.length, stepMs);
       batch.forEach((p, i) => p.resolve({ logits: logits.subarray(i * V, (i + 1) * V), batchSize: batch.length, stepMs }));
     } catch (e) {
       // One bad item fails the whole native call: retry the others alone so they are unaffected.

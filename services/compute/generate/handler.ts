@@ -1,0 +1,231 @@
+/**
+ * ComputeService.Generate: prompt (text, token ids or chat messages) -> streamed tokens, with
+ * the served model running its attention through the session's FreeKV engine session.
+ *
+ * - A request without session_id gets a fresh session (closed, segments released, at the end);
+ *   with one it continues that session's KV (multi-turn), holding the session's lock meanwhile.
+ * - Decode steps of concurrent requests are batched by one DecodeScheduler per served model.
+ * - The call's deadline or cancellation stops the work between steps; a fresh session is then
+ *   closed, a continued one stays consistent (its last sampled token is fed by the next request).
+ * - Bad input: INVALID_ARGUMENT naming the field; no model or a prompt over the session's
+ *   max_context_tokens: FAILED_PRECONDITION; unknown session: NOT_FOUND.
+ */
+import { status, type handleServerStreamingCall, type ServerWritableStream } from "@grpc/grpc-js";
+import { DType } from "../../../proto/gen/freekv/v1/common.js";
+import {
+  FinishReason,
+  SessionKind,
+  type GenerateRequest,
+  type GenerateResponse,
+} from "../../../proto/gen/freekv/v1/compute.js";
+import { callScope } from "../../common/cancellation.js";
+import { ServiceError, failedPrecondition, invalidArgument, notFound, toStatus, unavailable } from "../../common/errors.js";
+import type { ComputeContext } from "../context.js";
+import { loadModel, defaultModelDir, type LoadedModel } from "../model/loader.js";
+import type { ComputeSession } from "../sessions/session.js";
+import { generate, GenerateError, type FinishReason as Finish, type GenerateFinalOut, type GenerationSession } from "./generation.js";
+import { DecodeScheduler } from "./scheduler.js";
+
+const FINISH: Record<Exclude<Finish, "cancelled">, FinishReason> = {
+  length: FinishReason.FINISH_REASON_LENGTH,
+  stop_token: FinishReason.FINISH_REASON_STOP_TOKEN,
+  stop_string: FinishReason.FINISH_REASON_STOP_STRING,
+  context_full: FinishReason.FINISH_REASON_CONTEXT_FULL,
+};
+
+/** What a model session carries between Generate calls (kept in the session's metadata). */
+interface GenerateState {
+  /** The last sampled token, not yet in the KV cache. */
+  pendingToken?: number;
+}
+
+interface Served {
+  loaded: LoadedModel;
+  scheduler: DecodeScheduler;
+}
+
+function isLoadedModel(m: unknown): m is LoadedModel {
+  return typeof m === "object" && m !== null && "model" in m && "spec" in m && "tensors" in m;
+}
+
+/** The served model: ctx.model when the server loaded it, else FREEKV_MODEL / the built-in folder. */
+function serveModel(ctx: ComputeContext): Served | string {
+  if (!ctx.engine) return "the native addon has no engine";
+  let loaded: LoadedModel;
+  if (isLoadedModel(ctx.model)) {
+    loaded = ctx.model;
+  } else {
+    const dir = ctx.config.FREEKV_MODEL || defaultModelDir();
+    try {
+      loaded = loadModel(dir, { engine: ctx.engine, threads: ctx.config.FREEKV_THREADS || undefined });
+    } catch (e) {
+      ctx.log.error({ dir, err: (e as Error).message }, "cannot load the model");
+      return `cannot load the model at ${dir}: ${(e as Error).message} (set FREEKV_MODEL to a Hugging Face folder, or run \`npm run build\` to make models/builtin)`;
+    }
+    ctx.model = loaded;
+    ctx.log.info({ dir: loaded.dir, architecture: loaded.spec.architectureName, layers: loaded.spec.native.layers, tokenizer: !!loaded.codec }, "model loaded");
+  }
+  const c = loaded.spec.native;
+  ctx.modelGeometry ??= { layers: c.layers, queryHeads: c.qHeads, kvHeads: c.kvHeads, headDim: c.headDim, kvDtype: DType.D_TYPE_FLOAT32 };
+  const scheduler = new DecodeScheduler(loaded.model, 64, (size, ms) => {
+    ctx.metrics.decodeBatchSize.observe(size);
+    ctx.metrics.decodeStepSeconds.observe(ms / 1000);
+  });
+  return { loaded, scheduler };
+}
+
+function promptTokens(req: GenerateRequest, loaded: LoadedModel, continuing: boolean): number[] {
+  const p = req.prompt;
+  if (!p) throw invalidArgument("prompt", "one of text, tokens or chat is required");
+  if (p.$case === "tokens") {
+    if (p.value.ids.length === 0) throw invalidArgument("prompt.tokens", "must not be empty");
+    return p.value.ids;
+  }
+  const codec = loaded.codec;
+  if (!codec) throw failedPrecondition(`prompt.${p.$case}: the served model has no tokenizer.json; send prompt.tokens`);
+  if (p.$case === "text") {
+    if (!p.value) throw invalidArgument("prompt.text", "must not be empty");
+    return codec.encode(p.value, !continuing);
+  }
+  if (p.value.messages.length === 0) throw invalidArgument("prompt.chat.messages", "must not be empty");
+  p.value.messages.forEach((m, i) => {
+    if (!m.role) throw invalidArgument(`prompt.chat.messages[${i}].role`, "must not be empty");
+  });
+  if (!codec.hasChatTemplate) throw failedPrecondition("prompt.chat: the served model has no chat template");
+  return codec.encodeChat(p.value.messages);
+}
+
+async function write(call: ServerWritableStream<GenerateRequest, GenerateResponse>, msg: GenerateResponse, signal: AbortSignal): Promise<void> {
+  if (signal.aborted) throw signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled");
+  if (call.write(msg)) return;
+  await new Promise<void>((resolve) => {
+    const done = () => {
+      call.removeListener("drain", done);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    call.on("drain", done);
+    signal.addEventListener("abort", done, { once: true });
+  });
+  if (signal.aborted) throw signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled");
+}
+
+export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<GenerateRequest, GenerateResponse> {
+  let served: Served | string | undefined;
+  const getServed = (): Served => {
+    served ??= serveModel(ctx);
+    if (typeof served === "string") {
+      const why = served;
+      served = undefined; // a later call tries again (e.g. after `npm run build` made the folder)
+      throw ctx.engine ? failedPrecondition(why) : unavailable(`Generate: ${why}`);
+    }
+    return served;
+  };
+  // Load at start so model sessions (CreateSession) know the geometry before the first Generate.
+  try {
+    getServed();
+  } catch (e) {
+    ctx.log.warn({ err: (e as Error).message }, "Generate has no model yet");
+  }
+
+  return (call) => {
+    const scope = callScope(call);
+    const { signal } = scope;
+    void serve(call, signal)
+      .catch((e: unknown) => {
+        const err = e instanceof GenerateError ? (e.kind === "invalid_argument" ? new ServiceError(status.INVALID_ARGUMENT, e.message) : failedPrecondition(e.message)) : e;
+        const st = toStatus(err, ctx.log, "Generate", signal);
+        call.emit("error", st);
+      })
+      .finally(() => scope.done());
+  };
+
+  async function serve(call: ServerWritableStream<GenerateRequest, GenerateResponse>, signal: AbortSignal): Promise<void> {
+    const req = call.request;
+    const { loaded, scheduler } = getServed();
+    if (!Number.isInteger(req.maxTokens) || req.maxTokens < 1) throw invalidArgument("max_tokens", `must be >= 1, got ${req.maxTokens}`);
+    const fresh = !req.sessionId;
+    if (!fresh && req.retrieval) throw invalidArgument("retrieval", "is for a fresh session only (create the session with it instead)");
+    const prompt = promptTokens(req, loaded, !fresh);
+    let s: ComputeSession;
+    if (fresh) {
+      s = await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: 0, geometry: undefined }, signal);
+    } else {
+      s = ctx.sessions.get(req.sessionId);
+      if (s.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(s.id)} is an attention session; Generate needs a model session`);
+    }
+    let release: (() => void) | undefined;
+    let final: GenerateFinalOut | undefined;
+    let gs: GenerationSession | undefined;
+    let state: GenerateState | undefined;
+    try {
+      release = await s.lock.acquire();
+      if (s.closed) throw notFound(`session ${JSON.stringify(s.id)} not found`);
+      if (s.engineSession === undefined) throw unavailable("the session has no engine session");
+      state = (s.metadata.generate as GenerateState | undefined) ?? {};
+      s.metadata.generate = state;
+      const sampling = req.sampling ?? { temperature: 0, topP: 0, topK: 0, seed: 0 };
+      const session = s;
+      gs = {
+        session: s.engineSession,
+        contextTokens: s.contextTokens,
+        maxContextTokens: s.maxContextTokens,
+        pendingToken: state.pendingToken,
+        onAppended: (n) => {
+          for (let l = 0; l < session.layerTokens.length; l++) {
+            session.layerTokens[l] = n;
+            ctx.sessions.commitProgress(session, l);
+          }
+        },
+      };
+      const it = generate(loaded.model, scheduler, loaded.codec, gs, {
+        prompt,
+        maxTokens: req.maxTokens,
+        sampling: { temperature: sampling.temperature, topP: sampling.topP, topK: sampling.topK, seed: BigInt(sampling.seed || 0) },
+        // The model's EOS ids always end a generation, as in other servers.
+        stopTokenIds: [...new Set([...req.stopTokenIds, ...loaded.spec.eosTokenIds.filter((t) => t < loaded.model.vocabSize)])],
+        stopStrings: req.stopStrings,
+        signal,
+      });
+      for (;;) {
+        const r = await it.next();
+        if (r.done) {
+          final = r.value;
+          break;
+        }
+        const c = r.value;
+        await write(call, { event: { $case: "chunk", value: { tokenIds: c.tokenIds, text: c.text, stepMs: c.stepMs, batchSize: c.batchSize } } }, signal);
+      }
+      if (final.finishReason === "cancelled" || signal.aborted) throw signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled");
+      await write(
+        call,
+        {
+          event: {
+            $case: "final",
+            value: {
+              finishReason: FINISH[final.finishReason],
+              usage: {
+                promptTokens: final.promptTokens,
+                completionTokens: final.completionTokens,
+                contextTokens: final.contextTokens,
+                prefillMs: final.prefillMs,
+                decodeMs: final.decodeMs,
+              },
+              stats: ctx.sessions.stats(s),
+              sessionId: s.id,
+              maxBatchSize: final.maxBatchSize,
+            },
+          },
+        },
+        signal,
+      );
+      call.end();
+    } finally {
+      // The KV cache holds every token but the last sampled one, also after an error or a
+      // cancellation between steps: the next request on the session feeds it first.
+      if (state && gs) state.pendingToken = gs.pendingToken;
+      release?.();
+      if (fresh) await ctx.sessions.close(s.id).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "closing the request's session failed"));
+    }
+  }
+}
