@@ -1,0 +1,223 @@
+/**
+ * The model folder loader and the native Model's input checks: both config.json spellings,
+ * unknown architectures, missing and mis-shaped tensors, BF16 and F16 weights (equal to F32
+ * weights holding the same rounded values), shards, the built-in model's tokenizer and chat
+ * template, and errors (never crashes) for bad tokens, positions and batches.
+ */
+import { copyFileSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { loadAddon } from "../../native/binding.js";
+import { parseModelConfig } from "../../services/compute/model/config.js";
+import { loadModel, readModelFolder } from "../../services/compute/model/loader.js";
+import { ropeInvFreq } from "../../services/compute/model/rope.js";
+import { readSafetensorsHeader, readTensorF32, toBF16, writeSafetensors, type TensorToWrite } from "../../services/compute/model/safetensors.js";
+
+const FIXTURES = join(import.meta.dirname, "..", "fixtures", "models");
+const QWEN = join(FIXTURES, "tiny-qwen2");
+const LLAMA = join(FIXTURES, "tiny-llama3");
+const dirs: string[] = [];
+afterAll(() => dirs.forEach((d) => rmSync(d, { recursive: true, force: true })));
+
+function copyFolder(src: string): string {
+  const dir = mkdtempSync(join(tmpdir(), "freekv-loader-"));
+  dirs.push(dir);
+  for (const f of readdirSync(src)) copyFileSync(join(src, f), join(dir, f));
+  return dir;
+}
+
+function editConfig(dir: string, edit: (c: Record<string, unknown>) => void): void {
+  const c = JSON.parse(readFileSync(join(dir, "config.json"), "utf8"));
+  edit(c);
+  writeFileSync(join(dir, "config.json"), JSON.stringify(c));
+}
+
+/** Rewrites model.safetensors of a single-file folder with each tensor transformed. */
+function rewriteWeights(dir: string, fn: (name: string, data: Float32Array, shape: number[]) => TensorToWrite | undefined): void {
+  const h = readSafetensorsHeader(join(dir, "model.safetensors"));
+  const out: Record<string, TensorToWrite> = {};
+  for (const t of h.tensors.values()) {
+    const r = fn(t.name, readTensorF32(h, t.name), t.shape);
+    if (r) out[t.name] = r;
+  }
+  writeSafetensors(join(dir, "model.safetensors"), out);
+}
+
+const bf16ToF32 = (w: Uint16Array) => new Float32Array(new Uint32Array(Array.from(w, (x) => x << 16)).buffer);
+
+/** float32 -> IEEE half, round to nearest even (for values in the normal half range). */
+function toF16(values: Float32Array): Uint16Array {
+  const out = new Uint16Array(values.length);
+  const f = new Float32Array(1);
+  const u = new Uint32Array(f.buffer);
+  for (let i = 0; i < values.length; i++) {
+    f[0] = values[i];
+    const x = u[0];
+    const sign = (x >>> 16) & 0x8000;
+    const exp = ((x >>> 23) & 0xff) - 127 + 15;
+    let mant = x & 0x7fffff;
+    if (exp <= 0) {
+      out[i] = sign;
+      continue;
+    }
+    let h = sign | (exp << 10) | (mant >>> 13);
+    mant &= 0x1fff;
+    if (mant > 0x1000 || (mant === 0x1000 && h & 1)) h++;
+    out[i] = h;
+  }
+  return out;
+}
+function f16ToF32(w: Uint16Array): Float32Array {
+  return Float32Array.from(w, (h) => {
+    const s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    return e === 0 ? s * m * 2 ** -24 : s * (1 + m / 1024) * 2 ** (e - 15);
+  });
+}
+
+async function promptLogits(dir: string): Promise<Float32Array> {
+  const { model } = loadModel(dir);
+  return model.prefill(1, Int32Array.from([5, 17, 200, 3, 99, 42, 7, 150]), 0, true);
+}
+
+describe("config.json", () => {
+  it("reads transformers 4 and 5 spellings of the same Llama-3 rope the same way", () => {
+    const v5 = JSON.parse(readFileSync(join(LLAMA, "config.json"), "utf8"));
+    const { rope_parameters: rp, dtype, ...rest } = v5;
+    const { rope_theta, rope_type, ...scaling } = rp;
+    const v4 = { ...rest, torch_dtype: dtype, rope_theta, rope_scaling: { type: rope_type, ...scaling } };
+    const a = parseModelConfig(v5), b = parseModelConfig(v4);
+    expect(b.native.ropeScaling).toEqual(a.native.ropeScaling);
+    expect(Array.from(b.native.ropeInvFreq)).toEqual(Array.from(a.native.ropeInvFreq));
+    expect(a.dtype).toBe("float32");
+    expect(b.dtype).toBe("float32");
+    expect(a.native.ropeScaling?.type).toBe("llama3");
+  });
+
+  it("computes linear scaling as the unscaled frequencies over the factor", () => {
+    const plain = ropeInvFreq(16, 10000);
+    const lin = ropeInvFreq(16, 10000, { type: "linear", factor: 4 });
+    plain.forEach((x, i) => expect(lin[i]).toBeCloseTo(x / 4, 12));
+  });
+
+  it("names an unknown architecture and unsupported settings", () => {
+    const base = JSON.parse(readFileSync(join(QWEN, "config.json"), "utf8"));
+    expect(() => parseModelConfig({ ...base, architectures: ["GPT2LMHeadModel"] })).toThrow(/unknown architecture 'GPT2LMHeadModel'.*LlamaForCausalLM/);
+    expect(() => parseModelConfig({ ...base, architectures: undefined })).toThrow(/architectures is missing/);
+    expect(() => parseModelConfig({ ...base, num_key_value_heads: 3 })).toThrow(/num_key_value_heads/);
+    expect(() => parseModelConfig({ ...base, hidden_act: "gelu" })).toThrow(/hidden_act 'gelu'/);
+    expect(() => parseModelConfig({ ...base, rope_parameters: { rope_type: "yarn", rope_theta: 1e4, factor: 2 } })).toThrow(/rope type 'yarn'/);
+    expect(() => parseModelConfig({ ...base, vocab_size: -4 })).toThrow(/vocab_size/);
+  });
+
+  it("reads the EOS ids from generation_config.json, then config.json", () => {
+    const base = JSON.parse(readFileSync(join(QWEN, "config.json"), "utf8"));
+    expect(parseModelConfig(base).eosTokenIds).toEqual([2]);
+    expect(parseModelConfig(base, { eos_token_id: [7, 9] }).eosTokenIds).toEqual([7, 9]);
+  });
+});
+
+describe("weights", () => {
+  it("finds the shards of an index and rejects a shard that is missing", () => {
+    const f = readModelFolder(LLAMA);
+    expect(new Set(f.tensors.map((t) => t.file.split("/").pop())).size).toBe(3);
+    const dir = copyFolder(LLAMA);
+    rmSync(join(dir, "model-00002-of-00003.safetensors"));
+    expect(() => readModelFolder(dir)).toThrow(/model-00002-of-00003.safetensors/);
+  });
+
+  it("names a missing tensor and a mis-shaped one", () => {
+    const dir = copyFolder(QWEN);
+    rewriteWeights(dir, (name, data, shape) => (name === "model.layers.1.self_attn.k_proj.bias" ? undefined : { dtype: "F32", shape, data }));
+    expect(() => readModelFolder(dir)).toThrow(/missing tensor 'model.layers.1.self_attn.k_proj.bias'/);
+    const dir2 = copyFolder(QWEN);
+    rewriteWeights(dir2, (name, data, shape) =>
+      name === "model.layers.0.mlp.up_proj.weight" ? { dtype: "F32", shape: [shape[1], shape[0]], data } : { dtype: "F32", shape, data },
+    );
+    expect(() => readModelFolder(dir2)).toThrow(/'model.layers.0.mlp.up_proj.weight' has shape \[64,96\], expected \[96,64\]/);
+  });
+
+  it("the native Model checks the tensors itself too (bypassing the loader)", () => {
+    const f = readModelFolder(QWEN);
+    const { Model } = loadAddon();
+    const bad = f.tensors.map((t) => (t.name === "model.norm.weight" ? { ...t, shape: [63] } : t));
+    expect(() => new Model({ config: f.spec.native, tensors: bad })).toThrow(/model.norm.weight/);
+    const missing = f.tensors.filter((t) => t.name !== "model.layers.0.self_attn.o_proj.weight");
+    expect(() => new Model({ config: f.spec.native, tensors: missing })).toThrow(/missing tensor 'model.layers.0.self_attn.o_proj.weight'/);
+    const past = f.tensors.map((t) => (t.name === "model.norm.weight" ? { ...t, offset: 1e9 } : t));
+    expect(() => new Model({ config: f.spec.native, tensors: past })).toThrow(/runs past the end/);
+    expect(() => new Model({ config: { ...f.spec.native, architecture: "gpt2" }, tensors: f.tensors })).toThrow(/architecture 'gpt2'/);
+    expect(() => new Model({ config: { ...f.spec.native, ropeInvFreq: [1, 2] }, tensors: f.tensors })).toThrow(/ropeInvFreq/);
+  });
+
+  it("BF16 weights give exactly the logits of F32 weights holding the same rounded values", async () => {
+    const bf = copyFolder(QWEN), ref = copyFolder(QWEN);
+    rewriteWeights(bf, (_n, data, shape) => ({ dtype: "BF16", shape, data: toBF16(data) }));
+    rewriteWeights(ref, (_n, data, shape) => ({ dtype: "F32", shape, data: bf16ToF32(toBF16(data)) }));
+    expect(readModelFolder(bf).tensors.every((t) => t.dtype === "BF16")).toBe(true);
+    expect(Array.from(await promptLogits(bf))).toEqual(Array.from(await promptLogits(ref)));
+    // and they differ from the unrounded model (the rounding is real)
+    const orig = await promptLogits(QWEN);
+    expect(Array.from(orig)).not.toEqual(Array.from(await promptLogits(ref)));
+  });
+
+  it("F16 weights give exactly the logits of F32 weights holding the same rounded values", async () => {
+    const h = copyFolder(QWEN), ref = copyFolder(QWEN);
+    rewriteWeights(h, (_n, data, shape) => ({ dtype: "F16", shape, data: toF16(data) }));
+    rewriteWeights(ref, (_n, data, shape) => ({ dtype: "F32", shape, data: f16ToF32(toF16(data)) }));
+    expect(Array.from(await promptLogits(h))).toEqual(Array.from(await promptLogits(ref)));
+  });
+});
+
+describe("the native Model refuses bad calls without crashing", () => {
+  it("tokens out of range, a wrong start position, duplicate sessions, wrong types", async () => {
+    const { model } = loadModel(QWEN);
+    await expect(model.prefill(1, Int32Array.of(1, 320, 2), 0, false)).rejects.toThrow(/tokens\[1\] = 320 is out of range \[0, 320\)/);
+    await expect(model.prefill(1, Int32Array.of(1, -1), 0, false)).rejects.toThrow(/tokens\[1\] = -1/);
+    await model.prefill(1, Int32Array.of(1, 2, 3), 0, false);
+    await expect(model.prefill(1, Int32Array.of(4), 7, false)).rejects.toThrow(/startPosition 7 does not match the session's context of 3 tokens/);
+    await model.prefill(2, Int32Array.of(1, 2, 3), 0, false);
+    await expect(model.decode(Int32Array.of(1, 1), Int32Array.of(4, 5), Int32Array.of(3, 3))).rejects.toThrow(/appears twice/);
+    await expect(model.decode(Int32Array.of(1, 2), Int32Array.of(4, 5), Int32Array.of(3, 9))).rejects.toThrow(/positions\[1\] = 9/);
+    expect(() => model.prefill(1, [1, 2] as unknown as Int32Array, 3, false)).toThrow(/tokens must be an Int32Array/);
+    expect(() => model.decode(Int32Array.of(1), Int32Array.of(4, 5), Int32Array.of(3))).toThrow(/same length/);
+    expect(() => model.prefill(1, new Int32Array(0), 3, false)).toThrow(/must not be empty/);
+    // The sessions are intact: session 1 still continues at position 3.
+    const l = await model.decode(Int32Array.of(1, 2), Int32Array.of(4, 5), Int32Array.of(3, 3));
+    expect(l.length).toBe(2 * 320);
+  });
+});
+
+describe("the built-in model", () => {
+  const dir = mkdtempSync(join(tmpdir(), "freekv-builtin-"));
+  dirs.push(dir);
+  execFileSync(process.execPath, [join(import.meta.dirname, "..", "..", "scripts", "make-builtin-model.mjs"), "--out", dir]);
+
+  it("is a Llama-3 style folder with bf16 weights, a byte-level BPE tokenizer and a chat template", async () => {
+    const f = readModelFolder(dir);
+    expect(f.spec.architectureName).toBe("LlamaForCausalLM");
+    expect(f.spec.native.ropeScaling?.type).toBe("llama3");
+    expect(f.tensors.every((t) => t.dtype === "BF16")).toBe(true);
+    const codec = f.codec!;
+    const text = "Hello world! The pages of a long context, 1000 tokens: ünïcödé ✓";
+    const ids = codec.encode(text);
+    expect(ids.length).toBeLessThan(Buffer.byteLength(text)); // merges are used
+    expect(ids.every((t) => t >= 0 && t < f.spec.native.vocabSize)).toBe(true);
+    expect(codec.decode(ids)).toBe(text);
+    expect(codec.encode(text, true)[0]).toBe(f.spec.bosTokenId);
+    const chat = codec.encodeChat([{ role: "user", content: "Hi" }]);
+    expect(chat[0]).toBe(f.spec.bosTokenId);
+    expect(codec.decode(chat, false)).toBe("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n");
+    const { model } = loadModel(dir);
+    const logits = await model.prefill(1, Int32Array.from(chat), 0, false);
+    expect(logits.every(Number.isFinite)).toBe(true);
+  });
+
+  it("is made deterministically", () => {
+    const again = mkdtempSync(join(tmpdir(), "freekv-builtin-"));
+    dirs.push(again);
+    execFileSync(process.execPath, [join(import.meta.dirname, "..", "..", "scripts", "make-builtin-model.mjs"), "--out", again]);
+    for (const f of readdirSync(dir)) expect(readFileSync(join(again, f)).equals(readFileSync(join(dir, f)))).toBe(true);
+  });
+});
