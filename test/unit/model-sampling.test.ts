@@ -1,0 +1,169 @@
+/**
+ * Generation pieces without the native model: sampling (greedy, temperature, top-k, top-p,
+ * seeds) against the exact distributions, stop tokens and stop strings across token boundaries,
+ * and the decode scheduler's batching and its isolation of a failing request.
+ */
+import { describe, expect, it } from "vitest";
+import type { Model } from "../../native/binding.js";
+import { Sampler, argmax } from "../../services/compute/generate/sampling.js";
+import { DecodeScheduler } from "../../services/compute/generate/scheduler.js";
+import { StopMatcher } from "../../services/compute/generate/stop.js";
+import { prng, randomF32 } from "../helpers/prng.js";
+
+function histogram(s: Sampler, logits: Float32Array, n: number): number[] {
+  const h = new Array<number>(logits.length).fill(0);
+  for (let i = 0; i < n; i++) h[s.sample(logits, 0, logits.length)]++;
+  return h.map((c) => c / n);
+}
+
+/** Exact probabilities in float64: softmax(l / T) over the kept ids, renormalised. */
+function exact(logits: Float32Array, t: number, keep: number[]): number[] {
+  const p = new Array<number>(logits.length).fill(0);
+  const m = Math.max(...keep.map((i) => logits[i]));
+  let z = 0;
+  for (const i of keep) z += Math.exp((logits[i] - m) / t);
+  for (const i of keep) p[i] = Math.exp((logits[i] - m) / t) / z;
+  return p;
+}
+
+describe("sampling", () => {
+  const logits = randomF32(12, prng(5), 1.5);
+  const order = Array.from(logits.keys()).sort((a, b) => logits[b] - logits[a]);
+
+  it("temperature 0 is the argmax", () => {
+    const s = new Sampler({ temperature: 0, topP: 0.5, topK: 3, seed: 1 });
+    expect(s.sample(logits, 0, 12)).toBe(order[0]);
+    expect(argmax(logits)).toBe(order[0]);
+  });
+
+  it("temperature alone follows softmax(logits / T)", () => {
+    const got = histogram(new Sampler({ temperature: 0.7, topP: 0, topK: 0, seed: 42 }), logits, 40000);
+    const want = exact(logits, 0.7, order);
+    want.forEach((p, i) => expect(Math.abs(got[i] - p)).toBeLessThan(0.012));
+  });
+
+  it("top-k keeps the k most likely tokens, renormalised", () => {
+    const got = histogram(new Sampler({ temperature: 1.3, topP: 0, topK: 3, seed: 7 }), logits, 40000);
+    const want = exact(logits, 1.3, order.slice(0, 3));
+    want.forEach((p, i) => expect(Math.abs(got[i] - p)).toBeLessThan(0.012));
+  });
+
+  it("top-p keeps the smallest most-likely set reaching p", () => {
+    const l = Float32Array.from([Math.log(0.5), Math.log(0.3), Math.log(0.15), Math.log(0.05)]);
+    const got = histogram(new Sampler({ temperature: 1, topP: 0.7, topK: 0, seed: 9 }), l, 30000);
+    expect(got[2] + got[3]).toBe(0);
+    expect(Math.abs(got[0] - 0.5 / 0.8)).toBeLessThan(0.015);
+    const got2 = histogram(new Sampler({ temperature: 1, topP: 0.85, topK: 0, seed: 9 }), l, 30000);
+    expect(got2[3]).toBe(0);
+    expect(Math.abs(got2[2] - 0.15 / 0.95)).toBeLessThan(0.015);
+  });
+
+  it("a seed reproduces the draws; another seed gives others", () => {
+    const draw = (seed: number) => {
+      const s = new Sampler({ temperature: 1, topP: 0, topK: 0, seed });
+      return Array.from({ length: 50 }, () => s.sample(logits, 0, 12));
+    };
+    expect(draw(123)).toEqual(draw(123));
+    expect(draw(123)).not.toEqual(draw(124));
+  });
+});
+
+describe("stop conditions", () => {
+  // A toy vocabulary: id -> piece.
+  const pieces = ["he", "llo", " wo", "rld", "!", "<eos>", " S", "TOP", "ST", "OP", "x"];
+  const decode = (ids: number[]) => ids.map((i) => pieces[i]).join("");
+
+  function run(ids: number[], stopTokens: number[], stopStrings: string[]) {
+    const m = new StopMatcher(new Set(stopTokens), stopStrings, decode);
+    let text = "";
+    const seq: number[] = [];
+    for (const id of ids) {
+      seq.push(id);
+      const r = m.push(seq);
+      text += r.text;
+      if (r.stop) return { text, stop: r.stop, at: seq.length };
+    }
+    return { text: text + m.flush(seq), stop: undefined, at: seq.length };
+  }
+
+  it("a stop token ends generation and is not part of the text", () => {
+    expect(run([0, 1, 5, 2], [5], [])).toEqual({ text: "hello", stop: "stop_token", at: 3 });
+  });
+
+  it("a stop string spanning tokens ends generation; nothing of it is streamed", () => {
+    expect(run([0, 1, 6, 7, 2], [], ["STOP"])).toEqual({ text: "hello ", stop: "stop_string", at: 4 });
+    expect(run([0, 8, 9, 2], [], ["STOP"])).toEqual({ text: "he", stop: "stop_string", at: 3 });
+  });
+
+  it("a tail that could start a stop string is held back, then released when it does not", () => {
+    const m = new StopMatcher(new Set(), ["STOP"], decode);
+    expect(m.push([0, 8]).text).toBe("he"); // "ST" held back
+    expect(m.push([0, 8, 10]).text).toBe("STx");
+  });
+
+  it("without a tokenizer only stop tokens apply", () => {
+    const m = new StopMatcher(new Set([3]), ["llo"], undefined);
+    expect(m.push([0, 1])).toEqual({ text: "", stop: undefined });
+    expect(m.push([0, 1, 3]).stop).toBe("stop_token");
+  });
+});
+
+describe("decode scheduler", () => {
+  /** A stand-in Model: records each decode call's sessions; logits row = [session, token, position]. */
+  function fakeModel(failOn?: number) {
+    const calls: number[][] = [];
+    const model = {
+      vocabSize: 3,
+      attention: "dense",
+      releaseSession: () => false,
+      prefill: async () => new Float32Array(3),
+      decode: async (s: Int32Array, t: Int32Array, p: Int32Array) => {
+        calls.push(Array.from(s));
+        await new Promise((r) => setTimeout(r, 5));
+        if (failOn !== undefined && s.includes(failOn)) throw new Error(`session ${failOn} is bad`);
+        const out = new Float32Array(3 * s.length);
+        s.forEach((x, i) => out.set([x, t[i], p[i]], 3 * i));
+        return out;
+      },
+    } as unknown as Model;
+    return { model, calls };
+  }
+
+  it("joins the steps of concurrent requests into one call and routes each row back", async () => {
+    const { model, calls } = fakeModel();
+    const sch = new DecodeScheduler(model);
+    const loop = async (session: number) => {
+      const seen: number[][] = [];
+      for (let step = 0; step < 5; step++) {
+        const r = await sch.step(session, 100 + step, 10 * session + step);
+        seen.push(Array.from(r.logits));
+      }
+      return seen;
+    };
+    const out = await Promise.all([loop(1), loop(2), loop(3)]);
+    out.forEach((rows, i) => rows.forEach((row, step) => expect(row).toEqual([i + 1, 100 + step, 10 * (i + 1) + step])));
+    expect(calls.length).toBe(5);
+    expect(calls.every((c) => c.length === 3)).toBe(true);
+    expect(sch.maxBatchSeen).toBe(3);
+  });
+
+  it("never puts one session twice in a batch and caps the batch size", async () => {
+    const { model, calls } = fakeModel();
+    const sch = new DecodeScheduler(model, 2);
+    await Promise.all([sch.step(1, 0, 0), sch.step(1, 0, 1), sch.step(2, 0, 0), sch.step(3, 0, 0)]);
+    for (const c of calls) {
+      expect(c.length).toBeLessThanOrEqual(2);
+      expect(new Set(c).size).toBe(c.length);
+    }
+  });
+
+  it("a failing request does not fail the others of its batch", async () => {
+    const { model } = fakeModel(99);
+    const sch = new DecodeScheduler(model);
+    const [a, bad, b] = await Promise.allSettled([sch.step(1, 5, 0), sch.step(99, 5, 0), sch.step(2, 6, 0)]);
+    expect(a.status).toBe("fulfilled");
+    expect(b.status).toBe("fulfilled");
+    expect(bad.status).toBe("rejected");
+    expect((bad as PromiseRejectedResult).reason.message).toMatch(/session 99/);
+  });
+});
