@@ -1,21 +1,9 @@
-// Embedding, RMSNorm, RoPE + append, SwiGLU for the decode step (see llama_kernels.cuh).
+// Step input, RMSNorm, RoPE + append, SwiGLU, conversions for the decode step (see llama_kernels.cuh).
 #include <cmath>
 
 #include "llama_kernels.cuh"
 
 namespace fkbench {
-
-__global__ void EmbeddingKernel(const uint4* table, const int* token, uint4* x, int words) {
-  int b = blockIdx.x;
-  const uint4* row = table + size_t(token[b]) * words;
-  for (int i = threadIdx.x; i < words; i += blockDim.x) x[size_t(b) * words + i] = row[i];
-}
-
-void EmbeddingLookup(const bf16* table, const int* token, bf16* x, int batch, int hidden, cudaStream_t s) {
-  EmbeddingKernel<<<batch, 256, 0, s>>>(reinterpret_cast<const uint4*>(table), token, reinterpret_cast<uint4*>(x),
-                                        hidden / 8);
-  CK_LAUNCH();
-}
 
 // One block per row; each thread holds 8 consecutive values (one 16-byte load).
 __global__ void RmsNormKernel(const uint4* x, const uint4* w, uint4* y, int words, float eps) {
@@ -59,35 +47,99 @@ void RmsNorm(const bf16* x, const bf16* w, bf16* y, int batch, int n, float eps,
 }
 
 // grid (batch, hq + hkv + hkv), block D/2 threads: each thread rotates the pair (i, i + D/2).
-__global__ void RopeAppendKernel(bf16* qkv, const int* pos, bf16* const* page, const int* slot, int hq, int hkv,
+__global__ void RopeAppendKernel(const bf16* qkv, float* q_out, int pos, bf16* const* page, int row, int hq, int hkv,
                                  int D, int P, float log_theta) {
   int b = blockIdx.x, head = blockIdx.y, i = threadIdx.x, half = D / 2;
-  size_t row = size_t(b) * (hq + 2 * hkv) * D;
-  bf16* h = qkv + row + size_t(head) * D;
+  const bf16* h = qkv + size_t(b) * (hq + 2 * hkv) * D + size_t(head) * D;
   bool is_v = head >= hq + hkv;
   float x0 = __bfloat162float(h[i]), x1 = __bfloat162float(h[i + half]);
   if (!is_v) {
     float inv_freq = expf(-log_theta * float(2 * i) / float(D));
     float sn, cs;
-    sincosf(float(pos[b]) * inv_freq, &sn, &cs);
+    sincosf(float(pos) * inv_freq, &sn, &cs);
     float r0 = x0 * cs - x1 * sn, r1 = x1 * cs + x0 * sn;
     x0 = r0;
     x1 = r1;
-    h[i] = __float2bfloat16(x0);
-    h[i + half] = __float2bfloat16(x1);
   }
-  if (head >= hq) {  // k or v: append to the NHD page, row slot[b]
+  if (head < hq) {
+    float* q = q_out + (size_t(b) * hq + head) * D;
+    q[i] = x0;
+    q[i + half] = x1;
+  } else {  // k or v: append to the NHD page, row `row`
     int kh = is_v ? head - hq - hkv : head - hq;
-    bf16* dst = page[b] + (size_t(is_v ? P : 0) + slot[b]) * hkv * D + size_t(kh) * D;
+    bf16* dst = page[b] + (size_t(is_v ? P : 0) + row) * hkv * D + size_t(kh) * D;
     dst[i] = __float2bfloat16(x0);
     dst[i + half] = __float2bfloat16(x1);
   }
 }
 
-void RopeAppend(bf16* qkv, const int* pos, bf16* const* page, const int* slot, int batch, int hq, int hkv, int D,
+void RopeAppend(const bf16* qkv, float* q_out, int pos, bf16* const* page, int row, int batch, int hq, int hkv, int D,
                 int P, float theta, cudaStream_t s) {
   if (D % 2 || D > 1024) throw std::invalid_argument("RopeAppend: head dim must be even and <= 1024");
-  RopeAppendKernel<<<dim3(batch, hq + 2 * hkv), D / 2, 0, s>>>(qkv, pos, page, slot, hq, hkv, D, P, logf(theta));
+  if (row < 0 || row >= P) throw std::invalid_argument("RopeAppend: row must be in [0, P)");
+  RopeAppendKernel<<<dim3(batch, hq + 2 * hkv), D / 2, 0, s>>>(qkv, q_out, pos, page, row, hq, hkv, D, P, logf(theta));
+  CK_LAUNCH();
+}
+
+__global__ void AdvanceStepKernel(int* step) { *step += 1; }
+void AdvanceStep(int* step, cudaStream_t s) {
+  AdvanceStepKernel<<<1, 1, 0, s>>>(step);
+  CK_LAUNCH();
+}
+
+__device__ inline float HashUniform(uint64_t x) {  // in (-1, 1), never 0
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  return (float((x >> 40) | 1ull) / float(1ull << 24)) * 2.0f - 1.0f;
+}
+
+__global__ void StepInputKernel(const bf16* table, const int* token, const int* step, uint64_t seed, float a,
+                                float c, bf16* x, int hidden) {
+  int b = blockIdx.y;
+  uint64_t base = (seed * 0x100000001B3ull) ^ (uint64_t(*step) << 40) ^ (uint64_t(b) << 32);
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < hidden; i += gridDim.x * blockDim.x) {
+    float e = __bfloat162float(table[size_t(token[b]) * hidden + i]);
+    x[size_t(b) * hidden + i] = __float2bfloat16(a * e + c * HashUniform(base + i));
+  }
+}
+
+void StepInput(const bf16* table, const int* token, const int* step, uint64_t seed, float a, float noise_scale,
+               bf16* x, int batch, int hidden, cudaStream_t s) {
+  StepInputKernel<<<dim3((hidden + 255) / 256, batch), 256, 0, s>>>(table, token, step, seed, a,
+                                                                    sqrtf(1.f - a * a) * noise_scale, x, hidden);
+  CK_LAUNCH();
+}
+
+__global__ void F32ToBf16Kernel(const float4* x, uint4* y, size_t words) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < words; i += size_t(gridDim.x) * blockDim.x) {
+    float4 a = x[2 * i], b = x[2 * i + 1];
+    uint4 o;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&o);
+    h[0] = __floats2bfloat162_rn(a.x, a.y);
+    h[1] = __floats2bfloat162_rn(a.z, a.w);
+    h[2] = __floats2bfloat162_rn(b.x, b.y);
+    h[3] = __floats2bfloat162_rn(b.z, b.w);
+    y[i] = o;
+  }
+}
+
+void F32ToBf16(const float* x, bf16* y, size_t n, cudaStream_t s) {
+  if (n % 8) throw std::invalid_argument("F32ToBf16: n must be a multiple of 8");
+  size_t words = n / 8;
+  int blocks = int(std::min<size_t>((words + 255) / 256, 1024));
+  F32ToBf16Kernel<<<blocks, 256, 0, s>>>(reinterpret_cast<const float4*>(x), reinterpret_cast<uint4*>(y), words);
+  CK_LAUNCH();
+}
+
+__global__ void FillF32Kernel(float* p, size_t n, uint64_t seed, float scale) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = HashUniform((seed * 0x100000001B3ull) ^ i) * scale;
+}
+
+void FillF32(float* p, size_t n, uint64_t seed, float scale, cudaStream_t s) {
+  FillF32Kernel<<<1056, 256, 0, s>>>(p, n, seed, scale);
   CK_LAUNCH();
 }
 
