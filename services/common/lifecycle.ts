@@ -7,7 +7,7 @@
 import { Server, ServerCredentials } from "@grpc/grpc-js";
 import { abortAllCalls, inflightCalls } from "./cancellation.js";
 import type { Health } from "./health.js";
-import type { Logger } from "./log.js";
+import { stopLogRetries, type Logger } from "./log.js";
 
 export async function bindServer(server: Server, host: string, port: number): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -71,7 +71,10 @@ export function installDrain(opts: DrainOptions): Drainer {
       opts.log.info({ ms: Date.now() - t0, clean }, "stopped");
       if (opts.exit !== false) {
         // Let pino flush its last line before exiting.
-        setImmediate(() => process.exit(0));
+        setImmediate(() => {
+          stopLogRetries();
+          process.exit(0);
+        });
       }
     })();
     return draining;

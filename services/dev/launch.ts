@@ -44,13 +44,18 @@ export interface StartOptions {
   timeoutMs?: number;
   /** Echo the child's output to this process's stderr. */
   echo?: boolean;
+  /**
+   * Own process group: a Ctrl-C at the terminal reaches only the supervisor, which then stops
+   * the tiers in order (compute before the kvstore whose segments it maps).
+   */
+  detached?: boolean;
 }
 
 /** Spawns a service and waits until it listens. Rejects (with its output) if it exits first. */
 export async function startService(name: ServiceName, opts: StartOptions = {}): Promise<ServiceProcess> {
   const { args } = serviceEntry(name);
   const env: Record<string, string | undefined> = { ...process.env, ...opts.env };
-  const child = spawn(process.execPath, args, { env: env as NodeJS.ProcessEnv, stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawn(process.execPath, args, { env: env as NodeJS.ProcessEnv, stdio: ["ignore", "pipe", "pipe"], detached: opts.detached ?? false });
   const output: string[] = [];
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
     child.once("exit", (code, signal) => resolve({ code, signal }));
@@ -111,11 +116,14 @@ export interface Tiers {
 }
 
 /** Starts the kvstore, then compute pointed at it; both on ephemeral ports unless env says otherwise. */
-export async function startTiers(opts: { kvstoreEnv?: Record<string, string | undefined>; computeEnv?: Record<string, string | undefined>; echo?: boolean; timeoutMs?: number } = {}): Promise<Tiers> {
+export async function startTiers(
+  opts: { kvstoreEnv?: Record<string, string | undefined>; computeEnv?: Record<string, string | undefined>; echo?: boolean; timeoutMs?: number; detached?: boolean } = {},
+): Promise<Tiers> {
   const kvstore = await startService("kvstore", {
     env: { FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_METRICS_PORT: "0", ...opts.kvstoreEnv },
     echo: opts.echo,
     timeoutMs: opts.timeoutMs,
+    detached: opts.detached,
   });
   let compute: ServiceProcess;
   try {
@@ -123,6 +131,7 @@ export async function startTiers(opts: { kvstoreEnv?: Record<string, string | un
       env: { FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: kvstore.address, ...opts.computeEnv },
       echo: opts.echo,
       timeoutMs: opts.timeoutMs,
+      detached: opts.detached,
     });
   } catch (e) {
     await kvstore.stop();
