@@ -9,7 +9,9 @@
  * step, so it grows linearly; freekv touches the budget plus the summaries (O(pages): per page
  * one fp32 max and min per channel) and the misses, so it should stay flat. The attention and scoring
  * arithmetic is reported as GFLOP/s alongside: on a small CPU the step is often compute-bound,
- * and the bandwidth floor then says how much room a faster kernel would have.
+ * and the bandwidth floor then says how much room a faster kernel would have. Sessions of one
+ * layer count are prefilled first and then stepped in interleaved rounds, so load from other work
+ * falls on all contexts alike; the load average is recorded with the results.
  *
  *   npm run build:ts && npm run bench:cpu [-- --contexts 8192,16384 --steps 15 --layers 1,4]
  *
@@ -27,7 +29,8 @@ import { createHostSegments } from "../services/compute/fidelity/host-segments.j
 import { Prng } from "../services/compute/fidelity/random.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
-const repo = join(here, "..", "..").endsWith("dist") ? join(here, "..", "..", "..") : join(here, "..");
+// bench/ under tsx, dist/bench/ when compiled
+const repo = here.split(/[\\/]/).includes("dist") ? join(here, "..", "..") : join(here, "..");
 
 interface Config {
   contexts: number[];
@@ -53,6 +56,7 @@ interface Row {
   layers: number;
   context: number;
   median_ms: number;
+  min_ms: number;
   p10_ms: number;
   p90_ms: number;
   bytes_per_step: number;
@@ -143,62 +147,110 @@ function pct(xs: number[], p: number): number {
   return s[Math.min(s.length - 1, Math.floor(p * s.length))];
 }
 
-async function measure(addon: Addon, engine: Engine, cfg: Config, mode: "dense" | "freekv", layers: number, context: number, kv: { k: Float32Array; v: Float32Array }, bandwidth: number): Promise<Row> {
-  const { qHeads: Hq, kvHeads: Hkv, headDim: D, pageSize: P } = cfg;
-  const geometry: Geometry = { layers, qHeads: Hq, kvHeads: Hkv, headDim: D, kvDtype: (cfg.kvDtype === "bf16" ? 2 : 1) as Geometry["kvDtype"] };
-  const retrieval: Retrieval = {
-    pageSize: P,
-    sinkTokens: cfg.sinkTokens,
-    windowTokens: cfg.windowTokens,
-    selectTokens: cfg.selectTokens,
-    tau: cfg.tau,
-    summary: 1 as Retrieval["summary"],
-    combine: 1 as Retrieval["combine"],
-    mode: (mode === "dense" ? 2 : 1) as Retrieval["mode"],
-    recall: 1 as Retrieval["recall"],
-    denseLayers: [],
-  };
-  const totalSteps = cfg.warmup + cfg.steps;
-  const capacityPages = Math.ceil((context + totalSteps) / P) + 1;
-  const seg = createHostSegments(addon, geometry, retrieval, capacityPages, "bench");
-  const session = engine.createSession(geometry, retrieval, seg.host, false);
-  try {
-    const row = Hkv * D;
-    const chunk = 8192;
-    for (let l = 0; l < layers; l++)
-      for (let s = 0; s < context; s += chunk) {
-        const n = Math.min(chunk, context - s);
-        await engine.prefill(session, l, kv.k.subarray(s * row, (s + n) * row), kv.v.subarray(s * row, (s + n) * row), n);
-      }
-    // Queries drift like real ones (adjacent cosine ~ cfg.queryCosine), one stream per layer.
-    const rng = new Prng(context * 31 + layers, mode === "dense" ? 1 : 2);
-    const rho = cfg.queryCosine;
-    const qs = Array.from({ length: layers }, () => Float32Array.from({ length: Hq * D }, () => rng.gaussian()));
-    const times: number[] = [];
-    let recall0 = 0;
-    let corr0 = 0;
-    for (let step = 0; step < totalSteps; step++) {
-      if (step === cfg.warmup) {
-        const s = engine.stats(session);
-        recall0 = s.recallBytes;
-        corr0 = s.corrections;
-      }
-      const kNew = Float32Array.from({ length: row }, () => rng.gaussian());
-      const vNew = Float32Array.from({ length: row }, () => rng.gaussian());
-      for (const q of qs) for (let i = 0; i < q.length; i++) q[i] = rho * q[i] + Math.sqrt(1 - rho * rho) * rng.gaussian();
-      const t0 = process.hrtime.bigint();
-      for (let l = 0; l < layers; l++) await engine.decode(l, [{ session, q: qs[l], k: kNew, v: vNew }]);
-      const ms = Number(process.hrtime.bigint() - t0) / 1e6;
-      if (step >= cfg.warmup) times.push(ms);
+/**
+ * One benchmarked session (mode, layers, context). Sessions of one layer count are stepped in
+ * interleaved rounds, so background load on this small machine falls on every context alike and
+ * the flatness ratio stays meaningful.
+ */
+class BenchSession {
+  private times: number[] = [];
+  private steps = 0;
+  private recall0 = 0;
+  private corr0 = 0;
+  private readonly qs: Float32Array[];
+  private readonly rng: Prng;
+
+  private constructor(
+    private readonly engine: Engine,
+    private readonly cfg: Config,
+    readonly mode: "dense" | "freekv",
+    readonly layers: number,
+    readonly context: number,
+    private readonly session: number,
+    private readonly release: () => void,
+  ) {
+    this.rng = new Prng(context * 31 + layers, mode === "dense" ? 1 : 2);
+    this.qs = Array.from({ length: layers }, () => Float32Array.from({ length: cfg.qHeads * cfg.headDim }, () => this.rng.gaussian()));
+  }
+
+  static async open(addon: Addon, engine: Engine, cfg: Config, mode: "dense" | "freekv", layers: number, context: number, kv: { k: Float32Array; v: Float32Array }): Promise<BenchSession> {
+    const { qHeads: Hq, kvHeads: Hkv, headDim: D, pageSize: P } = cfg;
+    const geometry: Geometry = { layers, qHeads: Hq, kvHeads: Hkv, headDim: D, kvDtype: (cfg.kvDtype === "bf16" ? 2 : 1) as Geometry["kvDtype"] };
+    const retrieval: Retrieval = {
+      pageSize: P,
+      sinkTokens: cfg.sinkTokens,
+      windowTokens: cfg.windowTokens,
+      selectTokens: cfg.selectTokens,
+      tau: cfg.tau,
+      summary: 1 as Retrieval["summary"],
+      combine: 1 as Retrieval["combine"],
+      mode: (mode === "dense" ? 2 : 1) as Retrieval["mode"],
+      recall: 1 as Retrieval["recall"],
+      denseLayers: [],
+    };
+    const capacityPages = Math.ceil((context + cfg.warmup + cfg.steps) / P) + 1;
+    const seg = createHostSegments(addon, geometry, retrieval, capacityPages, "bench");
+    let session: number;
+    try {
+      session = engine.createSession(geometry, retrieval, seg.host, false);
+    } catch (e) {
+      seg.release();
+      throw e;
     }
-    await engine.sync(session);
-    const st = engine.stats(session);
-    const recallPerStep = (st.recallBytes - recall0) / cfg.steps;
-    const corrPerStep = (st.corrections - corr0) / cfg.steps;
+    const release = () => {
+      engine.closeSession(session);
+      seg.release();
+    };
+    try {
+      const row = Hkv * D;
+      const chunk = 8192;
+      for (let l = 0; l < layers; l++)
+        for (let s = 0; s < context; s += chunk) {
+          const n = Math.min(chunk, context - s);
+          await engine.prefill(session, l, kv.k.subarray(s * row, (s + n) * row), kv.v.subarray(s * row, (s + n) * row), n);
+        }
+    } catch (e) {
+      release();
+      throw e;
+    }
+    return new BenchSession(engine, cfg, mode, layers, context, session, release);
+  }
+
+  /** One decode step over all layers; timed once the warm-up steps are done. */
+  async step(): Promise<void> {
+    const { cfg, rng } = this;
+    const row = cfg.kvHeads * cfg.headDim;
+    if (this.steps === cfg.warmup) {
+      await this.engine.sync(this.session);
+      const s = this.engine.stats(this.session);
+      this.recall0 = s.recallBytes;
+      this.corr0 = s.corrections;
+    }
+    const kNew = Float32Array.from({ length: row }, () => rng.gaussian());
+    const vNew = Float32Array.from({ length: row }, () => rng.gaussian());
+    // Queries drift like real ones: adjacent cosine about cfg.queryCosine.
+    const rho = cfg.queryCosine;
+    for (const q of this.qs) for (let i = 0; i < q.length; i++) q[i] = rho * q[i] + Math.sqrt(1 - rho * rho) * rng.gaussian();
+    const t0 = process.hrtime.bigint();
+    for (let l = 0; l < this.layers; l++) await this.engine.decode(l, [{ session: this.session, q: this.qs[l], k: kNew, v: vNew }]);
+    const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+    if (this.steps >= cfg.warmup) this.times.push(ms);
+    this.steps++;
+  }
+
+  async finish(bandwidth: number): Promise<Row> {
+    const { cfg, layers, context, mode } = this;
+    const { qHeads: Hq, kvHeads: Hkv, headDim: D, pageSize: P } = cfg;
+    await this.engine.sync(this.session);
+    const st = this.engine.stats(this.session);
+    this.release();
+    const measured = this.times.length;
+    const recallPerStep = (st.recallBytes - this.recall0) / measured;
+    const corrPerStep = (st.corrections - this.corr0) / measured;
     // Bytes a step must touch, per layer.
     const elt = cfg.kvDtype === "bf16" ? 2 : 4;
     const kvBytes = (tokens: number) => tokens * Hkv * D * 2 * elt;
-    const ctx = context + totalSteps;
+    const ctx = context + this.steps;
     let perLayer: number;
     let flopsPerLayer: number;
     if (mode === "dense") {
@@ -214,14 +266,15 @@ async function measure(addon: Addon, engine: Engine, cfg: Config, mode: "dense" 
     // Recall copies read the host store and write the slots.
     const bytes = perLayer * layers + 2 * recallPerStep;
     const floorMs = (bytes / bandwidth) * 1e3;
-    const med = median(times);
+    const med = median(this.times);
     return {
       mode,
       layers,
       context,
       median_ms: med,
-      p10_ms: pct(times, 0.1),
-      p90_ms: pct(times, 0.9),
+      min_ms: Math.min(...this.times),
+      p10_ms: pct(this.times, 0.1),
+      p90_ms: pct(this.times, 0.9),
       bytes_per_step: bytes,
       recall_bytes_per_step: recallPerStep,
       corrections_per_step: corrPerStep,
@@ -230,10 +283,6 @@ async function measure(addon: Addon, engine: Engine, cfg: Config, mode: "dense" 
       flops_per_step: flopsPerLayer * layers,
       gflops: (flopsPerLayer * layers) / (med * 1e6),
     };
-  } finally {
-    await engine.sync(session).catch(() => undefined);
-    engine.closeSession(session);
-    seg.release();
   }
 }
 
@@ -254,23 +303,31 @@ async function main(): Promise<number> {
   rng.fillGaussian(kv.k);
   rng.fillGaussian(kv.v);
 
+  const loadBefore = os.loadavg();
   const rows: Row[] = [];
-  for (const layers of cfg.layers)
+  for (const layers of cfg.layers) {
+    const sessions: BenchSession[] = [];
     for (const context of cfg.contexts)
       for (const mode of ["dense", "freekv"] as const) {
-        process.stderr.write(`  ${mode} layers=${layers} context=${context}...`);
-        const r = await measure(addon, engine, cfg, mode, layers, context, kv, bandwidth);
-        process.stderr.write(` ${r.median_ms.toFixed(2)} ms\n`);
-        rows.push(r);
+        process.stderr.write(`  prefill ${mode} layers=${layers} context=${context}\n`);
+        sessions.push(await BenchSession.open(addon, engine, cfg, mode, layers, context, kv));
       }
+    for (let round = 0; round < cfg.warmup + cfg.steps; round++) {
+      for (const s of sessions) await s.step();
+      process.stderr.write(`  layers=${layers}: round ${round + 1}/${cfg.warmup + cfg.steps}\r`);
+    }
+    process.stderr.write("\n");
+    for (const s of sessions) rows.push(await s.finish(bandwidth));
+  }
 
   // Table.
-  const head = ["layers", "context", "mode", "median ms", "p10..p90 ms", "MB touched", "floor ms", "x floor", "GFLOP/s", "recall KiB", "corr/step"];
+  const head = ["layers", "context", "mode", "median ms", "min ms", "p10..p90 ms", "MB touched", "floor ms", "x floor", "GFLOP/s", "recall KiB", "corr/step"];
   const body = rows.map((r) => [
     String(r.layers),
     String(r.context),
     r.mode,
     r.median_ms.toFixed(2),
+    r.min_ms.toFixed(2),
     `${r.p10_ms.toFixed(2)}..${r.p90_ms.toFixed(2)}`,
     (r.bytes_per_step / 1e6).toFixed(1),
     r.floor_ms.toFixed(2),
@@ -322,6 +379,9 @@ async function main(): Promise<number> {
       cores: cpus.length,
       memory_bytes: os.totalmem(),
       os: `${os.type()} ${os.release()} ${os.arch()}`,
+      // Other work on the machine skews timings: the 1-minute load average around the run.
+      load_average_before: loadBefore[0],
+      load_average_after: os.loadavg()[0],
     },
     ceilings: { memcpy_bytes_per_s: bandwidth, memcpy_threads: cfg.threads, note: "bytes read + written per second by parallel Buffer.copy, best of 5" },
     config: { ...cfg, out: undefined },
