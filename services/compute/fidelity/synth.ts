@@ -108,6 +108,7 @@ const QUERY_NOISE = 0.2; // per-step fresh query noise, all channels (norm relat
 const NEEDLE_K = 4.6; // needle keys
 const HEAD_OFFSET = 0.25; // per query head, relative to the topic direction
 const AR_RHO = 0.9; // persistence of the query drift
+const DRIFT_NORM = 8.8; // stationary drift norm per unit of --drift
 
 export function validateSynthOptions(o: SynthOptions): void {
   const int = (name: string, v: number, min: number) => {
@@ -249,8 +250,9 @@ export function synthesizeTrace(opts: Partial<SynthOptions> = {}): SynthTrace {
     const innovation = Math.sqrt(1 - AR_RHO * AR_RHO);
     const qNoise = (QUERY_NOISE * A_Q * f) / Math.sqrt(D);
     for (let t = 0; t < T; t++) {
-      // AR(1) drift in the topic subspace; its stationary size is o.drift / sqrt(1 - rho^2) * innovation-scale.
-      for (const i of semDims) drift[i] = AR_RHO * drift[i] + (innovation * o.drift * rng.gaussian() * 2.2) / Math.sqrt(semDims.length / 16);
+      // AR(1) drift in the topic subspace, stationary norm DRIFT_NORM * o.drift (relative to the
+      // unit topic direction); successive steps share rho of it.
+      for (const i of semDims) drift[i] = AR_RHO * drift[i] + (innovation * DRIFT_NORM * o.drift * rng.gaussian()) / Math.sqrt(semDims.length);
       const needle = headNeedles.findIndex((nd) => t >= nd.step && t < nd.step + nd.span);
       const topicDir = needle >= 0 ? mix(needleDirs[needle], 1, centroids[qTopic[t]], 0.25) : centroids[qTopic[t]];
       for (let j = 0; j < group; j++) {
