@@ -1,0 +1,304 @@
+/**
+ * `npm run demo`: the README's main job. Starts the kvstore and compute as two processes, waits
+ * for both to report SERVING, then drives real requests through them and prints what crossed
+ * which process:
+ *   1. an attention session: compute asks the kvstore for its shared-memory segments and maps
+ *      them; an Attention stream prefills keys/values and runs decode steps whose outputs are
+ *      checked against exact float64 attention; the pages the engine offloaded are committed at
+ *      the kvstore and read back here from the segment;
+ *   2. a Generate call with the served model (the built-in tiny model unless FREEKV_MODEL says
+ *      otherwise), when this build has the model runner;
+ * then shows health and a metrics excerpt, shuts both down with SIGTERM and checks that they
+ * exited 0 and that the segments are gone. Exits non-zero if any check fails.
+ */
+import { readdirSync } from "node:fs";
+import { credentials, Metadata, type ServiceError } from "@grpc/grpc-js";
+import { loadAddon } from "../../native/binding.js";
+import { DType, type Tensor } from "../../proto/gen/freekv/v1/common.js";
+import {
+  AttentionRequest,
+  ComputeServiceClient,
+  CreateSessionRequest,
+  GenerateRequest,
+  SessionKind,
+  type AttentionResponse,
+  type GenerateResponse,
+  type Session,
+} from "../../proto/gen/freekv/v1/compute.js";
+import { KvStoreClient } from "../kvstore/client.js";
+import { exactAttention, relativeError } from "./exact-attention.js";
+import { healthCheck } from "./health-probe.js";
+import { runTiers } from "./run.js";
+
+const G = { layers: 2, queryHeads: 8, kvHeads: 2, headDim: 64, kvDtype: DType.D_TYPE_FLOAT32 };
+const R = { pageSize: 32, sinkTokens: 64, windowTokens: 64, selectTokens: 256 };
+const PROMPT = 2048;
+const STEPS = 16;
+const KV = G.kvHeads * G.headDim;
+const QD = G.queryHeads * G.headDim;
+
+let failures = 0;
+/** Segment names this run saw, checked to be gone at the end. */
+const seen = new Set<string>();
+const say = (s = "") => process.stdout.write(`${s}\n`);
+const check = (ok: boolean, what: string) => {
+  say(`  ${ok ? "ok  " : "FAIL"} ${what}`);
+  if (!ok) failures++;
+};
+const mib = (b: number) => `${(b / 1048576).toFixed(2)} MiB`;
+
+/** Seeded normal numbers. */
+function rng(seed: number) {
+  let a = seed >>> 0;
+  const u = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = Math.imul(a ^ (a >>> 15), a | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return (((t ^ (t >>> 14)) >>> 0) + 0.5) / 4294967296;
+  };
+  return () => Math.sqrt(-2 * Math.log(u())) * Math.cos(2 * Math.PI * u());
+}
+
+const tensor = (a: Float32Array, shape: number[]): Tensor => ({ dtype: DType.D_TYPE_FLOAT32, shape, data: Buffer.from(a.buffer, a.byteOffset, a.byteLength) });
+const f32 = (t: Tensor) => {
+  const o = new Float32Array(t.data.length / 4);
+  new Uint8Array(o.buffer).set(t.data);
+  return o;
+};
+
+function unary<Req, Res>(client: ComputeServiceClient, method: "createSession" | "getSession" | "closeSession", req: Req): Promise<Res> {
+  return new Promise((resolve, reject) =>
+    (client[method] as unknown as (r: Req, m: Metadata, o: object, cb: (e: ServiceError | null, r: Res) => void) => void).call(client, req, new Metadata(), { deadline: Date.now() + 30000 }, (e, r) => (e ? reject(e) : resolve(r))),
+  );
+}
+
+/**
+ * Keys with structure, so that attention is peaked as in real heads: every page has a topic
+ * direction; queries drift around one topic and jump to another now and then. Selection then
+ * has something to find, and the output with a budget of 384 of 2064 tokens stays close to exact.
+ */
+function workload(seed: number) {
+  const g = rng(seed);
+  const topics = Array.from({ length: 12 }, () => Float32Array.from({ length: G.headDim }, () => g()));
+  const pageTopic = Array.from({ length: Math.ceil((PROMPT + STEPS) / R.pageSize) }, () => Math.floor(Math.abs(g() * 1000)) % topics.length);
+  const key = (t: number) => {
+    const k = new Float32Array(KV);
+    const topic = topics[pageTopic[Math.floor(t / R.pageSize)]];
+    for (let h = 0; h < G.kvHeads; h++) for (let d = 0; d < G.headDim; d++) k[h * G.headDim + d] = 0.9 * topic[d] + 0.5 * g();
+    return k;
+  };
+  // Values carry their page's topic too (as in real heads), plus noise.
+  const topicValues = topics.map(() => Float32Array.from({ length: KV }, () => g()));
+  const value = (t: number) => {
+    const tv = topicValues[pageTopic[Math.floor(t / R.pageSize)]];
+    return Float32Array.from({ length: KV }, (_, i) => tv[i] + 0.5 * g());
+  };
+  let focus = 0;
+  const query = (step: number) => {
+    if (step % 6 === 5) focus = (focus + 5) % topics.length;
+    const q = new Float32Array(QD);
+    for (let h = 0; h < G.queryHeads; h++) for (let d = 0; d < G.headDim; d++) q[h * G.headDim + d] = 1.6 * topics[focus][d] + 0.3 * g();
+    return q;
+  };
+  return { key, value, query };
+}
+
+class Stream {
+  private readonly call;
+  private readonly waiting = new Map<number, { resolve(r: AttentionResponse): void; reject(e: unknown): void }>();
+  private id = 0;
+  constructor(client: ComputeServiceClient) {
+    this.call = client.attention();
+    this.call.on("data", (r: AttentionResponse) => this.waiting.get(r.requestId)?.resolve(r));
+    this.call.on("error", (e: unknown) => {
+      for (const w of this.waiting.values()) w.reject(e);
+    });
+  }
+  send(req: Partial<AttentionRequest>): Promise<AttentionResponse> {
+    const requestId = ++this.id;
+    return new Promise((resolve, reject) => {
+      this.waiting.set(requestId, { resolve, reject });
+      this.call.write(AttentionRequest.fromPartial({ ...req, requestId }));
+    });
+  }
+  end() {
+    this.call.end();
+  }
+}
+
+async function attentionPart(client: ComputeServiceClient, kv: KvStoreClient, computeMetricsPort: number): Promise<void> {
+  say("\n1. An attention session (the per-layer API for disaggregated engines)");
+  const shmBefore = await kv.stats();
+  const created = await unary<CreateSessionRequest, { session: Session }>(
+    client,
+    "createSession",
+    CreateSessionRequest.fromPartial({ sessionId: "demo-attention", kind: SessionKind.SESSION_KIND_ATTENTION, geometry: G, retrieval: R, maxContextTokens: 4096 }),
+  );
+  const s = created.session;
+  say(`   compute -> kvstore  AttachSession "${s.sessionId}": ${G.layers} layers, ${G.queryHeads} query heads, ${G.kvHeads} KV heads, head dim ${G.headDim}`);
+  say(`   retrieval: page ${s.retrieval!.pageSize}, sink ${s.retrieval!.sinkTokens}, window ${s.retrieval!.windowTokens}, select ${s.retrieval!.selectTokens}, tau ${s.retrieval!.tau.toFixed(2)}, backend ${s.backend}`);
+  const att = await kv.attach({ sessionId: "demo-attention" });
+  say("   segments the kvstore created (mode 0600) and compute mapped:");
+  for (const seg of [att.store, att.staging, att.tail, att.manifest]) seen.add(seg!.name);
+  for (const [name, seg] of [["store", att.store], ["staging", att.staging], ["tail", att.tail], ["manifest", att.manifest]] as const) {
+    say(`     ${name.padEnd(8)} /dev/shm${seg!.name}  ${mib(seg!.sizeBytes)}`);
+  }
+  const stats = await kv.stats();
+  check(stats.sessions === shmBefore.sessions + 1, `kvstore now holds ${stats.sessions} session(s), ${mib(stats.segmentBytes)} of shared memory`);
+
+  const engine = typeof loadAddon().Engine === "function";
+  if (!engine) {
+    say("   (this build has no engine: Attention answers UNAVAILABLE; skipping prefill/decode)");
+    await unary(client, "closeSession", { sessionId: "demo-attention" });
+    return;
+  }
+  const w = workload(7);
+  const stream = new Stream(client);
+  const keys: Float32Array[][] = [[], []];
+  const values: Float32Array[][] = [[], []];
+  const t0 = Date.now();
+  for (let layer = 0; layer < G.layers; layer++) {
+    const k = new Float32Array(PROMPT * KV);
+    const v = new Float32Array(PROMPT * KV);
+    for (let t = 0; t < PROMPT; t++) {
+      const kt = w.key(t);
+      const vt = w.value(t);
+      k.set(kt, t * KV);
+      v.set(vt, t * KV);
+      keys[layer].push(kt);
+      values[layer].push(vt);
+    }
+    await stream.send({ op: { $case: "prefill", value: { sessionId: "demo-attention", layer, k: tensor(k, [PROMPT, G.kvHeads, G.headDim]), v: tensor(v, [PROMPT, G.kvHeads, G.headDim]) } } });
+  }
+  say(`   Attention stream: prefill ${PROMPT} tokens x ${G.layers} layers (${mib(2 * PROMPT * KV * 4 * G.layers)} of K/V over gRPC) in ${Date.now() - t0} ms`);
+  let worst = 0;
+  let sum = 0;
+  let wire = 0;
+  for (let step = 0; step < STEPS; step++) {
+    const q = w.query(step);
+    for (let layer = 0; layer < G.layers; layer++) {
+      const k = w.key(PROMPT + step);
+      const v = w.value(PROMPT + step);
+      keys[layer].push(k);
+      values[layer].push(v);
+      const t1 = performance.now();
+      const r = await stream.send({ op: { $case: "decode", value: { layer, items: [{ sessionId: "demo-attention", q: tensor(q, [G.queryHeads, G.headDim]), k: tensor(k, [G.kvHeads, G.headDim]), v: tensor(v, [G.kvHeads, G.headDim]) }] } } });
+      wire += performance.now() - t1;
+      if (r.result?.$case !== "decode") throw new Error("no decode result");
+      const e = relativeError(f32(r.result.value.outputs[0]), exactAttention(q, keys[layer], values[layer], G.queryHeads, G.kvHeads, G.headDim));
+      worst = Math.max(worst, e);
+      sum += e;
+    }
+  }
+  stream.end();
+  const budget = R.sinkTokens + R.selectTokens + R.windowTokens;
+  say(`   Attention stream: ${STEPS} decode steps x ${G.layers} layers, ${(wire / (STEPS * G.layers)).toFixed(2)} ms per layer-step round trip from here; each attends ${budget} of ${PROMPT + STEPS} tokens per KV head`);
+  check(worst < 0.1, `outputs vs exact float64 attention over all tokens: mean relative error ${(sum / (STEPS * G.layers)).toExponential(2)}, worst ${worst.toExponential(2)}`);
+  const metrics = await (await fetch(`http://127.0.0.1:${computeMetricsPort}/metrics`)).text();
+  const metric = (name: string) => Number(metrics.split("\n").find((l) => l.startsWith(name))?.split(" ")[1] ?? NaN);
+  const serverMs = (1000 * metric('freekv_compute_attention_seconds_sum{service="compute",op="decode"}')) / metric('freekv_compute_attention_seconds_count{service="compute",op="decode"}');
+  say(`   inside compute a decode message takes ${serverMs.toFixed(2)} ms (validation, batching window, engine); the rest of the round trip is gRPC and this process`);
+  const got = await unary<{ sessionId: string }, { session: Session }>(client, "getSession", { sessionId: "demo-attention" });
+  const st = got.session.stats!;
+  say(`   engine: ${st.decodeSteps} decode steps, ${st.selections} selections (${st.corrections} corrected, rate ${st.correctionRate.toFixed(2)}), ${st.pagesRecalled} pages recalled (${mib(st.recallBytes)}), hit rate ${st.hitRate.toFixed(2)}, ${st.pagesOffloaded} pages offloaded`);
+
+  // The offloaded pages: committed at the kvstore, and readable from its segment in this process.
+  let a = await kv.attach({ sessionId: "demo-attention" });
+  for (let i = 0; i < 40 && a.committedPages.some((c) => c < Math.floor((PROMPT + STEPS) / R.pageSize)); i++) {
+    await new Promise((r) => setTimeout(r, 50));
+    a = await kv.attach({ sessionId: "demo-attention" });
+  }
+  say(`   kvstore: committed pages per layer ${JSON.stringify(a.committedPages)} (a page is ${mib(a.layout!.pageBytes)} in HND order)`);
+  const store = loadAddon().ShmSegment.open(a.store!.name);
+  const f = new Float32Array(store.buffer());
+  const layer = 1;
+  const page = 17;
+  const head = 1;
+  const base = (layer * a.layout!.layerStrideBytes + page * a.layout!.pageBytes + head * a.layout!.headPageBytes) / 4;
+  let same = 0;
+  for (let t = 0; t < R.pageSize; t++)
+    for (let d = 0; d < G.headDim; d++) {
+      if (f[base + t * G.headDim + d] === keys[layer][page * R.pageSize + t][head * G.headDim + d]) same++;
+      if (f[base + (R.pageSize + t) * G.headDim + d] === values[layer][page * R.pageSize + t][head * G.headDim + d]) same++;
+    }
+  store.close();
+  check(same === 2 * R.pageSize * G.headDim, `page ${page} of layer ${layer}, KV head ${head}, read here from /dev/shm${a.store!.name}: ${same}/${2 * R.pageSize * G.headDim} values equal what was sent`);
+  await unary(client, "closeSession", { sessionId: "demo-attention" });
+  const after = await kv.stats();
+  check(after.sessions === shmBefore.sessions, "CloseSession: compute closed the engine session, the kvstore released the segments");
+}
+
+async function generatePart(client: ComputeServiceClient): Promise<void> {
+  say("\n2. Generate with the served model");
+  const prompt = "The key-value cache of a long context";
+  const req = GenerateRequest.fromPartial({ prompt: { $case: "text", value: prompt }, maxTokens: 12, sampling: { temperature: 0 } });
+  const t0 = Date.now();
+  try {
+    const events = await new Promise<GenerateResponse[]>((resolve, reject) => {
+      const out: GenerateResponse[] = [];
+      const call = client.generate(req, { deadline: Date.now() + 120000 });
+      call.on("data", (m: GenerateResponse) => out.push(m));
+      call.on("error", reject);
+      call.on("end", () => resolve(out));
+    });
+    const text = events.map((e) => (e.event?.$case === "chunk" ? e.event.value.text : "")).join("");
+    const ids = events.flatMap((e) => (e.event?.$case === "chunk" ? e.event.value.tokenIds : []));
+    const fin = events.find((e) => e.event?.$case === "final");
+    say(`   prompt: ${JSON.stringify(prompt)}`);
+    say(`   streamed ${ids.length} tokens in ${Date.now() - t0} ms: ${JSON.stringify(text)} (ids ${ids.slice(0, 12).join(" ")})`);
+    if (fin?.event?.$case === "final") {
+      const u = fin.event.value.usage!;
+      say(`   finish ${fin.event.value.finishReason}, prompt ${u.promptTokens} tokens, prefill ${u.prefillMs.toFixed(1)} ms, decode ${u.decodeMs.toFixed(1)} ms`);
+    }
+    check(ids.length > 0 && !!fin, "Generate streamed tokens and a final summary");
+  } catch (e) {
+    const err = e as ServiceError;
+    say(`   skipped: ${err.details ?? err.message} (code ${err.code})`);
+  }
+}
+
+async function main(): Promise<number> {
+  const t0 = Date.now();
+  say("FreeKV demo: two processes, one request path\n");
+  const tiers = await runTiers({ ephemeral: true, env: { FREEKV_LOG_LEVEL: "warn" } });
+  const { compute, kvstore } = tiers;
+  say(`started in ${Date.now() - t0} ms:`);
+  say(`  kvstore  pid ${kvstore.pid}  gRPC ${kvstore.address}  metrics :${kvstore.metricsPort}/metrics`);
+  say(`  compute  pid ${compute.pid}  gRPC ${compute.address}  metrics :${compute.metricsPort}/metrics  (kvstore at ${kvstore.address})`);
+  const client = new ComputeServiceClient(compute.address, credentials.createInsecure(), { "grpc.max_receive_message_length": 64 << 20 });
+  const kv = new KvStoreClient(kvstore.address);
+  try {
+    const hc = await healthCheck(compute.address);
+    const hk = await healthCheck(kvstore.address);
+    check(hc === "SERVING" && hk === "SERVING", `grpc.health.v1: compute ${hc}, kvstore ${hk}`);
+    await attentionPart(client, kv, compute.metricsPort);
+    await generatePart(client);
+
+    say("\n3. Metrics excerpt");
+    const grab = async (port: number, names: string[]) => {
+      const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+      return text.split("\n").filter((l) => !l.startsWith("#") && names.some((n) => l.startsWith(n)));
+    };
+    for (const l of await grab(compute.metricsPort, ["freekv_compute_attention_requests_total", "freekv_compute_decode_batch_size_count", "freekv_compute_decode_step_seconds_sum", "freekv_compute_attention_seconds_sum", "freekv_compute_attention_seconds_count", "freekv_compute_sessions"])) say(`   compute  ${l}`);
+    for (const l of await grab(kvstore.metricsPort, ["freekv_kvstore_commits_total", "freekv_kvstore_sessions", "freekv_kvstore_segment_bytes"])) say(`   kvstore  ${l}`);
+  } finally {
+    client.close();
+    kv.close();
+    say("\n4. Shutdown (SIGTERM: drain compute, then the kvstore)");
+    const c = await compute.stop("SIGTERM");
+    const k = await kvstore.stop("SIGTERM");
+    check(c.code === 0 && k.code === 0, `compute exited ${c.code ?? c.signal}, kvstore exited ${k.code ?? k.signal}`);
+    const now = new Set(readdirSync("/dev/shm").map((n) => `/${n}`));
+    check(seen.size > 0 && [...seen].every((n) => !now.has(n)), `the ${seen.size} segments of this run are gone from /dev/shm`);
+  }
+  say(`\n${failures === 0 ? "demo finished: every check passed" : `demo finished: ${failures} check(s) failed`} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
+  return failures === 0 ? 0 : 1;
+}
+
+main().then(
+  (code) => process.exit(code),
+  (e: unknown) => {
+    process.stderr.write(`demo failed: ${(e as Error).stack ?? String(e)}\n`);
+    process.exit(1);
+  },
+);
