@@ -224,6 +224,9 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       // The KV cache holds every token but the last sampled one, also after an error or a
       // cancellation between steps: the next request on the session feeds it first.
       if (state && gs) state.pendingToken = gs.pendingToken;
+      // A continued session's metadata (the pending token) goes to the kvstore with its pages, so
+      // a restarted compute that re-attaches the session continues the conversation exactly.
+      if (!fresh && state && !s.closed) await ctx.sessions.saveMetadata(s).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "saving the session's metadata failed"));
       release?.();
       if (fresh) await ctx.sessions.close(s.id).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "closing the request's session failed"));
     }
