@@ -12,21 +12,24 @@ import { Metadata, status, type ClientReadableStream, type ServiceError } from "
 import { GenerateRequest, type GenerateResponse, type GenerateFinal } from "../../proto/gen/freekv/v1/compute.js";
 import { loadModel } from "../../services/compute/model/loader.js";
 import { argmax } from "../../services/compute/generate/sampling.js";
-import { QUIET, computeClient, shmSegments, startTiers, unary, type Tiers } from "../helpers/services.js";
+import { QUIET, computeClient, kvstoreClient, startTiers, unary, type Tiers } from "../helpers/services.js";
 
 const MODEL = join(import.meta.dirname, "..", "fixtures", "models", "tiny-llama3");
 const golden = JSON.parse(readFileSync(join(MODEL, "golden.json"), "utf8")) as { prompt: number[]; continuation: number[] };
 
 let tiers: Tiers;
 let client: ReturnType<typeof computeClient>;
+let kv: ReturnType<typeof kvstoreClient>;
 
 beforeAll(async () => {
   tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_MODEL: MODEL, FREEKV_THREADS: "2" } });
   client = computeClient(tiers.compute.address);
+  kv = kvstoreClient(tiers.kvstore.address);
 });
 
 afterAll(async () => {
   client?.close();
+  kv?.close();
   await tiers?.stop();
 });
 
@@ -68,12 +71,19 @@ async function expectStatus(p: Promise<unknown>, code: status, text: RegExp): Pr
   expect(e!.details).toMatch(text);
 }
 
-async function segmentsBack(before: Set<string>, timeoutMs = 5000): Promise<void> {
+/** The sessions the kvstore holds (each with its four segments). */
+async function kvSessions(): Promise<Set<string>> {
+  const r = await unary<{ sessionIds: string[] }>(kv, "listSessions", {});
+  return new Set(r.sessionIds);
+}
+
+/** Waits until the kvstore holds no session beyond `before` (the request's session was released). */
+async function sessionsBack(before: Set<string>, timeoutMs = 5000): Promise<void> {
   const t0 = Date.now();
   for (;;) {
-    const extra = [...shmSegments()].filter((s) => !before.has(s));
+    const extra = [...(await kvSessions())].filter((s) => !before.has(s));
     if (extra.length === 0) return;
-    if (Date.now() - t0 > timeoutMs) throw new Error(`segments left behind: ${extra.join(", ")}`);
+    if (Date.now() - t0 > timeoutMs) throw new Error(`sessions left behind at the kvstore: ${extra.join(", ")}`);
     await new Promise((r) => setTimeout(r, 50));
   }
 }
@@ -122,17 +132,17 @@ describe("Generate over gRPC", () => {
   });
 
   it("stops at the deadline and frees the request's session", async () => {
-    const before = shmSegments();
-    const e = await run({ prompt: tokens(golden.prompt), maxTokens: 20_000 }, 400).then(
+    const before = await kvSessions();
+    const e = await run({ prompt: tokens(golden.prompt), maxTokens: 20_000 }, 600).then(
       () => undefined,
       (err: ServiceError) => err,
     );
     expect(e?.code).toBe(status.DEADLINE_EXCEEDED);
-    await segmentsBack(before);
+    await sessionsBack(before);
   });
 
   it("stops on cancellation and frees the request's session", async () => {
-    const before = shmSegments();
+    const before = await kvSessions();
     const stream = start({ prompt: tokens(golden.prompt), maxTokens: 20_000 });
     const done = collect(stream, (n) => {
       if (n === 3) stream.cancel();
@@ -142,7 +152,7 @@ describe("Generate over gRPC", () => {
       (err: ServiceError) => err,
     );
     expect(e?.code).toBe(status.CANCELLED);
-    await segmentsBack(before);
+    await sessionsBack(before);
   });
 
   it("answers bad requests with the status naming the problem", async () => {
