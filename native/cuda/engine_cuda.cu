@@ -605,6 +605,7 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
     pp.head_dim = D;
     pp.page_size = P;
     pp.scale = 1.f / std::sqrt((float)D);
+    FKV_CUDA_CHECK(cudaMemsetAsync(dout, 0xff, qn * sizeof(float), st));  // poison: NaN
     LaunchPrefillAttention(pp, st);
     FKV_CUDA_CHECK(cudaMemcpyAsync(out, dout, qn * sizeof(float), cudaMemcpyDeviceToHost, st));
   }
@@ -781,6 +782,8 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
   dp.scale = 1.f / std::sqrt((float)D);
   const size_t ws = DecodeAttentionWorkspaceBytes(dp);
   workspace_.Resize(ws);
+  // Poison the outputs (NaN) so that an element the kernel fails to write cannot pass for a result.
+  FKV_CUDA_CHECK(cudaMemsetAsync(dev_out_.get(), 0xff, (size_t)B * qs * sizeof(float), st));
   LaunchDecodeAttention(dp, workspace_.get(), ws, st);
   FKV_CUDA_CHECK(cudaEventRecord(attended_->get(), st));
   FKV_CUDA_CHECK(cudaMemcpyAsync(pin_out_.get(), dev_out_.get(), (size_t)B * qs * sizeof(float),

@@ -1,0 +1,45 @@
+/**
+ * Runs the CUDA correctness cases (test/gpu/cases.ts) and prints a table; bundled by
+ * scripts/gpu/pack.sh into .gpu/run-checks.mjs for the GPU machine, which has Node.js (carried)
+ * but no node_modules. Writes the log and a JSON summary under $OUT (or .gpu/out).
+ * Exit code: 0 when every case passes, 1 otherwise, 2 when CUDA is unavailable.
+ * FREEKV_CHECK_CANDIDATE=cpu checks the harness with the CPU engine as the candidate.
+ */
+import { mkdirSync, writeFileSync, appendFileSync } from "node:fs";
+import { join } from "node:path";
+import { loadAddon } from "../../native/binding.js";
+import { CASES, cudaStatus, runCase, type CaseResult } from "../../test/gpu/cases.js";
+
+const outDir = process.env.OUT ?? ".gpu/out";
+mkdirSync(outDir, { recursive: true });
+const logFile = join(outDir, "gpu-checks.log");
+writeFileSync(logFile, "");
+const log = (line: string) => {
+  console.log(line);
+  appendFileSync(logFile, line + "\n");
+};
+
+const candidate = process.env.FREEKV_CHECK_CANDIDATE === "cpu" ? "cpu" : "cuda";
+const info = loadAddon().backendInfo();
+log(`backendInfo: ${JSON.stringify(info)}`);
+const status = cudaStatus();
+if (candidate === "cuda" && !status.available) {
+  log(`CUDA unavailable: ${status.reason}`);
+  process.exit(2);
+}
+const only = process.env.FREEKV_CHECK_ONLY ? process.env.FREEKV_CHECK_ONLY.split(",").map(Number) : null;
+const results: CaseResult[] = [];
+for (const [i, spec] of CASES.entries()) {
+  if (only && !only.includes(i)) continue;
+  results.push(await runCase(spec, log, candidate));
+}
+const fmt = (x: number) => x.toExponential(1);
+log("");
+log("| case | result | decode vs CPU | decode vs f64 | prefill vs CPU | prefill vs f64 | attended diffs | corrections | recalled | ms |");
+log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+for (const r of results)
+  log(`| ${r.name} | ${r.ok ? "pass" : "FAIL"} | ${fmt(r.decodeVsCpu)} | ${fmt(r.decodeVsRef)} | ${fmt(r.prefillVsCpu)} | ${fmt(r.prefillVsRef)} | ${r.attendedMismatches} | ${r.corrections} | ${r.recalled} | ${r.ms} |`);
+const ok = results.every((r) => r.ok);
+log(`${results.filter((r) => r.ok).length}/${results.length} cases pass (candidate: ${candidate}${status.available ? ", " + status.reason : ""})`);
+writeFileSync(join(outDir, "gpu-checks.json"), JSON.stringify({ date: new Date().toISOString(), candidate, backendInfo: info, results }, null, 2));
+process.exit(ok ? 0 : 1);

@@ -1,0 +1,498 @@
+/**
+ * Correctness checks of the CUDA engine, through the public binding (native/binding.ts):
+ * the same fresh random inputs (seeded, never zeros) go through the CPU engine and the CUDA
+ * engine, and every case compares
+ *   - prefill attention outputs (CUDA vs CPU, and the last rows vs a float64 reference),
+ *   - every decode output of every layer and session (CUDA vs CPU),
+ *   - the attended token sets per KV head (identical), and each CUDA output vs a float64
+ *     reference computed over the tokens CUDA reports it attended,
+ *   - the counters (selected, hits, recalled, corrections, offloaded) and the context,
+ *   - the host store written by the offload (HND pages, byte for byte) and the tail rows.
+ * The CUDA engine poisons its outputs with NaN before every kernel run, so an unwritten element
+ * fails the finiteness check. Storage is bf16 on both sides (rounded to nearest even).
+ *
+ * Used by test/gpu/engine-cuda.test.ts (vitest) and by scripts/gpu/run-checks.ts (the runner
+ * carried to the GPU machine, which has no node_modules).
+ */
+import {
+  loadAddon,
+  type Engine,
+  type EngineStats,
+  type Geometry,
+  type HostSegments,
+  type Retrieval,
+  type ShmSegment,
+} from "../../native/binding.js";
+
+// ---------------------------------------------------------------------------------------------
+// Inputs
+
+function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+class Rng {
+  private u: () => number;
+  constructor(seed: number) {
+    this.u = mulberry32(seed);
+  }
+  normal(): number {
+    const a = Math.max(this.u(), 1e-12);
+    return Math.sqrt(-2 * Math.log(a)) * Math.cos(2 * Math.PI * this.u());
+  }
+  normals(n: number, scale = 1, mean = 0): Float32Array {
+    const o = new Float32Array(n);
+    for (let i = 0; i < n; i++) o[i] = mean + scale * this.normal();
+    return o;
+  }
+}
+
+/** Round to bf16 (nearest even), as both engines store K/V. */
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+export function bf16(x: number): number {
+  f32[0] = x;
+  const u = u32[0];
+  u32[0] = ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) << 16;
+  return f32[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Float64 reference
+
+/** Exact softmax attention (scale 1/sqrt(D)) of one query head over the given token rows. */
+function attendRef(q: Float32Array, qOff: number, K: Float64Array[], V: Float64Array[], tokens: number[], h: number, D: number, Hkv: number): Float64Array {
+  const scale = 1 / Math.sqrt(D);
+  const s = new Float64Array(tokens.length);
+  let m = -Infinity;
+  for (let j = 0; j < tokens.length; j++) {
+    const kr = K[tokens[j]];
+    let acc = 0;
+    for (let d = 0; d < D; d++) acc += q[qOff + d] * kr[h * D + d];
+    s[j] = acc * scale;
+    if (s[j] > m) m = s[j];
+  }
+  let z = 0;
+  for (let j = 0; j < tokens.length; j++) z += (s[j] = Math.exp(s[j] - m));
+  const o = new Float64Array(D);
+  for (let j = 0; j < tokens.length; j++) {
+    const vr = V[tokens[j]];
+    const w = s[j] / z;
+    for (let d = 0; d < D; d++) o[d] += w * vr[h * D + d];
+  }
+  return o;
+}
+
+export function relError(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let num = 0,
+    den = 0;
+  for (let i = 0; i < a.length; i++) {
+    const d = a[i] - b[i];
+    num += d * d;
+    den += b[i] * b[i];
+  }
+  return Math.sqrt(num / Math.max(den, 1e-30));
+}
+
+function allFinite(a: Float32Array): boolean {
+  for (let i = 0; i < a.length; i++) if (!Number.isFinite(a[i])) return false;
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases
+
+export interface CaseSpec {
+  name: string;
+  geometry: Omit<Geometry, "kvDtype">;
+  retrieval: Partial<Retrieval>;
+  /** Prompt length of each session of the batch. */
+  prompts: number[];
+  /** Prompt chunks: the first chunk length (the rest is a second chunk), to cross a partial page. */
+  firstChunk: number;
+  /** PrefillAttend (queries given) or Prefill (keys/values only). */
+  attendPrompt: boolean;
+  steps: number;
+  capacityPages: number;
+  seed: number;
+}
+
+const BASE: Retrieval = {
+  pageSize: 32,
+  sinkTokens: 64,
+  windowTokens: 96,
+  selectTokens: 256,
+  tau: 0.9,
+  summary: 1 /* MaxMin */,
+  combine: 1 /* SoftmaxMean */,
+  mode: 1 /* FreeKV */,
+  recall: 1 /* Gather */,
+  denseLayers: [],
+};
+
+export const CASES: CaseSpec[] = [
+  {
+    name: "freekv gather, GQA 4, D128, batch 2, 2 layers",
+    geometry: { layers: 2, qHeads: 8, kvHeads: 2, headDim: 128 },
+    retrieval: {},
+    prompts: [1200, 903],
+    firstChunk: 700,
+    attendPrompt: true,
+    steps: 40,
+    capacityPages: 64,
+    seed: 101,
+  },
+  {
+    name: "freekv double-buffer, GQA 1, D64, P16, cuboid-mean, mean combine, prefill without queries",
+    geometry: { layers: 1, qHeads: 4, kvHeads: 4, headDim: 64 },
+    retrieval: { pageSize: 16, sinkTokens: 16, windowTokens: 32, selectTokens: 128, summary: 2, combine: 2, recall: 2 },
+    prompts: [600],
+    firstChunk: 333,
+    attendPrompt: false,
+    steps: 30,
+    capacityPages: 64,
+    seed: 202,
+  },
+  {
+    name: "speculative, Llama shape (32/8 heads, D128), max combine, batch 3",
+    geometry: { layers: 1, qHeads: 32, kvHeads: 8, headDim: 128 },
+    retrieval: { sinkTokens: 128, windowTokens: 128, selectTokens: 512, combine: 3, mode: 4 },
+    prompts: [2000, 1300, 900],
+    firstChunk: 700,
+    attendPrompt: true,
+    steps: 33,
+    capacityPages: 128,
+    seed: 303,
+  },
+  {
+    name: "oracle, GQA 8, D256",
+    geometry: { layers: 1, qHeads: 8, kvHeads: 1, headDim: 256 },
+    retrieval: { sinkTokens: 32, windowTokens: 64, selectTokens: 128, mode: 3 },
+    prompts: [800],
+    firstChunk: 517,
+    attendPrompt: true,
+    steps: 20,
+    capacityPages: 40,
+    seed: 404,
+  },
+  {
+    name: "freekv with dense layer 0, GQA 4, double-buffer, tau 0.95",
+    geometry: { layers: 2, qHeads: 16, kvHeads: 4, headDim: 128 },
+    retrieval: { denseLayers: [0], recall: 2, tau: 0.95 },
+    prompts: [1500],
+    firstChunk: 1100,
+    attendPrompt: true,
+    steps: 25,
+    capacityPages: 64,
+    seed: 505,
+  },
+  {
+    name: "dense mode, long context (split-K attention), GQA 2",
+    geometry: { layers: 1, qHeads: 4, kvHeads: 2, headDim: 128 },
+    retrieval: { mode: 2 },
+    prompts: [6000],
+    firstChunk: 3500,
+    attendPrompt: true,
+    steps: 12,
+    capacityPages: 200,
+    seed: 606,
+  },
+  {
+    name: "sink + window only, GQA 2, D64",
+    geometry: { layers: 1, qHeads: 8, kvHeads: 4, headDim: 64 },
+    retrieval: { mode: 5 },
+    prompts: [700, 450],
+    firstChunk: 300,
+    attendPrompt: true,
+    steps: 20,
+    capacityPages: 32,
+    seed: 707,
+  },
+];
+
+export interface CaseResult {
+  name: string;
+  ok: boolean;
+  /** Largest relative error CUDA vs CPU over all decode outputs. */
+  decodeVsCpu: number;
+  /** Largest relative error CUDA vs float64 reference over CUDA's attended tokens. */
+  decodeVsRef: number;
+  prefillVsCpu: number;
+  prefillVsRef: number;
+  attendedMismatches: number;
+  corrections: number;
+  recalled: number;
+  failures: string[];
+  ms: number;
+}
+
+interface Host {
+  segments: HostSegments;
+  names: string[];
+  close(): void;
+}
+
+let segCounter = 0;
+function createHost(geometry: Geometry, retrieval: Retrieval, capacityPages: number): Host {
+  const addon = loadAddon();
+  const L = addon.Engine.layout(geometry, retrieval, capacityPages);
+  const sizes: Record<string, number> = { store: L.storeBytes, staging: 2 * L.stagingBufferBytes, tail: L.tailBytes, manifest: L.manifestBytes };
+  const segs: Record<string, ShmSegment> = {};
+  const names: string[] = [];
+  for (const [k, size] of Object.entries(sizes)) {
+    const name = `/fkv-gpu-${process.pid}-${segCounter++}-${k}`;
+    segs[k] = addon.ShmSegment.create(name, size);
+    names.push(name);
+  }
+  return {
+    segments: { store: segs.store, staging: segs.staging, tail: segs.tail, manifest: segs.manifest, capacityPages },
+    names,
+    close() {
+      for (const s of Object.values(segs)) s.close();
+      for (const n of names) addon.ShmSegment.unlink(n);
+    },
+  };
+}
+
+interface SessionInputs {
+  prompt: { q: Float32Array; k: Float32Array; v: Float32Array }[]; // per layer
+  steps: { q: Float32Array; k: Float32Array; v: Float32Array }[][]; // [step][layer]
+}
+
+function makeInputs(spec: CaseSpec, rng: Rng, n: number): SessionInputs {
+  const { layers, qHeads, kvHeads, headDim } = spec.geometry;
+  const qn = qHeads * headDim,
+    kn = kvHeads * headDim;
+  const prompt = [];
+  const lastQ: Float32Array[] = [];
+  for (let l = 0; l < layers; l++) {
+    const q = rng.normals(n * qn);
+    prompt.push({ q, k: rng.normals(n * kn, 1, 0.1), v: rng.normals(n * kn) });
+    lastQ.push(q.slice((n - 1) * qn));
+  }
+  const steps = [];
+  for (let t = 0; t < spec.steps; t++) {
+    const per = [];
+    for (let l = 0; l < layers; l++) {
+      // Queries drift (adjacent cosine between about 0.85 and 0.95, so tau splits the groups)
+      // with an occasional jump.
+      const q = new Float32Array(qn);
+      const jump = t % 9 === 8;
+      const noise = t % 3 === 0 ? 0.55 : 0.3;
+      for (let i = 0; i < qn; i++) q[i] = jump ? rng.normal() : 0.92 * lastQ[l][i] + noise * rng.normal();
+      lastQ[l] = q;
+      per.push({ q, k: rng.normals(kn, 1, 0.1), v: rng.normals(kn) });
+    }
+    steps.push(per);
+  }
+  return { prompt, steps };
+}
+
+/** The bf16-rounded K/V history of one (session, layer) as float64 rows [token][Hkv*D]. */
+class History {
+  K: Float64Array[] = [];
+  V: Float64Array[] = [];
+  constructor(private kn: number) {}
+  push(k: Float32Array, v: Float32Array, n: number): void {
+    for (let i = 0; i < n; i++) {
+      const kr = new Float64Array(this.kn),
+        vr = new Float64Array(this.kn);
+      for (let j = 0; j < this.kn; j++) {
+        kr[j] = bf16(k[i * this.kn + j]);
+        vr[j] = bf16(v[i * this.kn + j]);
+      }
+      this.K.push(kr);
+      this.V.push(vr);
+    }
+  }
+}
+
+const TOL_VS_CPU = 2e-3; // both fp32 accumulation over the same bf16 values: far below this
+const TOL_VS_REF = 2e-3;
+
+/**
+ * Runs one case. `candidate` is the backend checked against the CPU engine: "cuda" on the GPU
+ * machine; "cpu" checks the harness itself on a machine without a GPU.
+ */
+export async function runCase(spec: CaseSpec, log: (line: string) => void = () => {}, candidate: "cuda" | "cpu" = "cuda"): Promise<CaseResult> {
+  const t0 = Date.now();
+  const addon = loadAddon();
+  const geometry: Geometry = { ...spec.geometry, kvDtype: 2 /* BF16 */ };
+  const retrieval: Retrieval = { ...BASE, ...spec.retrieval };
+  const { layers, qHeads, kvHeads, headDim: D } = geometry;
+  const qn = qHeads * D,
+    kn = kvHeads * D,
+    G = qHeads / kvHeads;
+  const B = spec.prompts.length;
+  const rng = new Rng(spec.seed ^ (Date.now() & 0xffff)); // fresh inputs every run
+  const inputs = spec.prompts.map((n) => makeInputs(spec, rng, n));
+  const res: CaseResult = {
+    name: spec.name, ok: false, decodeVsCpu: 0, decodeVsRef: 0, prefillVsCpu: 0, prefillVsRef: 0,
+    attendedMismatches: 0, corrections: 0, recalled: 0, failures: [], ms: 0,
+  };
+  const fail = (m: string) => {
+    if (res.failures.length < 12) res.failures.push(m);
+  };
+
+  const hosts: Host[] = [];
+  const engines: Record<"cpu" | "cuda", Engine> = {
+    cpu: new addon.Engine({ backend: "cpu" }),
+    cuda: new addon.Engine({ backend: candidate }),
+  };
+  const sessions: Record<"cpu" | "cuda", number[]> = { cpu: [], cuda: [] };
+  const hostOf: Record<"cpu" | "cuda", Host[]> = { cpu: [], cuda: [] };
+  try {
+    for (const be of ["cpu", "cuda"] as const)
+      for (let b = 0; b < B; b++) {
+        const h = createHost(geometry, retrieval, spec.capacityPages);
+        hosts.push(h);
+        hostOf[be].push(h);
+        sessions[be].push(engines[be].createSession(geometry, retrieval, h.segments, false));
+      }
+    const hist = inputs.map(() => Array.from({ length: layers }, () => new History(kn)));
+
+    // Prefill in two chunks (the second starts inside a page).
+    for (let b = 0; b < B; b++) {
+      const n = spec.prompts[b];
+      for (let l = 0; l < layers; l++) {
+        const p = inputs[b].prompt[l];
+        hist[b][l].push(p.k, p.v, n);
+        for (const [s, e] of [[0, spec.firstChunk], [spec.firstChunk, n]]) {
+          const m = e - s;
+          const k = p.k.subarray(s * kn, e * kn),
+            v = p.v.subarray(s * kn, e * kn);
+          if (!spec.attendPrompt) {
+            await engines.cpu.prefill(sessions.cpu[b], l, k, v, m);
+            await engines.cuda.prefill(sessions.cuda[b], l, k, v, m);
+            continue;
+          }
+          const q = p.q.subarray(s * qn, e * qn);
+          const oc = await engines.cpu.prefillAttend(sessions.cpu[b], l, q, k, v, m);
+          const og = await engines.cuda.prefillAttend(sessions.cuda[b], l, q, k, v, m);
+          if (!allFinite(og)) fail(`prefill b${b} l${l} [${s},${e}): non-finite CUDA output`);
+          const e1 = relError(og, oc);
+          res.prefillVsCpu = Math.max(res.prefillVsCpu, e1);
+          if (!(e1 <= TOL_VS_CPU)) fail(`prefill b${b} l${l} [${s},${e}): rel err vs CPU ${e1.toExponential(2)}`);
+          // float64 reference for the chunk's last 4 rows
+          for (let i = Math.max(0, m - 4); i < m; i++) {
+            const pos = s + i;
+            const toks = Array.from({ length: pos + 1 }, (_, j) => j);
+            const ref = new Float64Array(qn);
+            for (let hq = 0; hq < qHeads; hq++)
+              ref.set(attendRef(q, i * qn + hq * D, hist[b][l].K, hist[b][l].V, toks, Math.floor(hq / G), D, kvHeads), hq * D);
+            const e2 = relError(og.subarray(i * qn, (i + 1) * qn), ref);
+            res.prefillVsRef = Math.max(res.prefillVsRef, e2);
+            if (!(e2 <= TOL_VS_REF)) fail(`prefill b${b} l${l} row ${pos}: rel err vs float64 ${e2.toExponential(2)}`);
+          }
+        }
+      }
+    }
+
+    // Decode: every layer, the whole batch in one call per engine.
+    for (let t = 0; t < spec.steps; t++) {
+      for (let l = 0; l < layers; l++) {
+        const items = (be: "cpu" | "cuda") => inputs.map((inp, b) => ({ session: sessions[be][b], ...inp.steps[t][l] }));
+        const oc = await engines.cpu.decode(l, items("cpu"));
+        const og = await engines.cuda.decode(l, items("cuda"));
+        for (let b = 0; b < B; b++) {
+          const st = inputs[b].steps[t][l];
+          hist[b][l].push(st.k, st.v, 1);
+          const where = `step ${t} layer ${l} item ${b}`;
+          if (!allFinite(og[b])) fail(`${where}: non-finite CUDA output`);
+          const e1 = relError(og[b], oc[b]);
+          res.decodeVsCpu = Math.max(res.decodeVsCpu, e1);
+          if (!(e1 <= TOL_VS_CPU)) fail(`${where}: rel err vs CPU ${e1.toExponential(2)}`);
+          const ref = new Float64Array(qn);
+          for (let h = 0; h < kvHeads; h++) {
+            const ac = Array.from(engines.cpu.lastAttendedTokens(sessions.cpu[b], l, h));
+            const ag = Array.from(engines.cuda.lastAttendedTokens(sessions.cuda[b], l, h));
+            if (ac.length !== ag.length || ac.some((x, i) => x !== ag[i])) {
+              res.attendedMismatches++;
+              fail(`${where} kv head ${h}: attended ${ag.length} tokens on CUDA, ${ac.length} on CPU (sets differ)`);
+            }
+            const ctx = hist[b][l].K.length;
+            if (ag.length === 0 || ag[ag.length - 1] !== ctx - 1 || ag.some((x) => x < 0 || x >= ctx))
+              fail(`${where} kv head ${h}: attended tokens out of range or without the newest token`);
+            for (let g = 0; g < G; g++) {
+              const hq = h * G + g;
+              ref.set(attendRef(st.q, hq * D, hist[b][l].K, hist[b][l].V, ag.filter((x) => x >= 0 && x < ctx), h, D, kvHeads), hq * D);
+            }
+          }
+          const e2 = relError(og[b], ref);
+          res.decodeVsRef = Math.max(res.decodeVsRef, e2);
+          if (!(e2 <= TOL_VS_REF)) fail(`${where}: rel err vs float64 over attended tokens ${e2.toExponential(2)}`);
+        }
+      }
+    }
+
+    // Counters, context, and the host store written by the offload.
+    for (let b = 0; b < B; b++) {
+      await engines.cpu.sync(sessions.cpu[b]);
+      await engines.cuda.sync(sessions.cuda[b]);
+      const sc: EngineStats = engines.cpu.stats(sessions.cpu[b]);
+      const sg: EngineStats = engines.cuda.stats(sessions.cuda[b]);
+      res.corrections += sg.corrections;
+      res.recalled += sg.pagesRecalled;
+      for (const key of ["contextTokens", "pagesOffloaded", "offloadBytes", "pagesSelected", "pagesHit", "pagesRecalled", "recallBytes", "corrections", "decodeSteps"] as const)
+        if (sc[key] !== sg[key]) fail(`session ${b}: stats.${key} = ${sg[key]} on CUDA, ${sc[key]} on CPU`);
+      if (engines.cuda.contextTokens(sessions.cuda[b]) !== spec.prompts[b] + spec.steps) fail(`session ${b}: contextTokens`);
+      const L = addon.Engine.layout(geometry, retrieval, spec.capacityPages);
+      const ctx = spec.prompts[b] + spec.steps;
+      const full = Math.floor(ctx / retrieval.pageSize);
+      const sCpu = new Uint8Array(hostOf.cpu[b].segments.store.buffer());
+      const sGpu = new Uint8Array(hostOf.cuda[b].segments.store.buffer());
+      for (let l = 0; l < layers; l++) {
+        const off = l * L.layerStride,
+          len = full * L.pageBytes;
+        let diff = 0;
+        for (let i = off; i < off + len; i++) if (sCpu[i] !== sGpu[i]) diff++;
+        if (diff) fail(`session ${b} layer ${l}: ${diff} bytes of the ${full} offloaded HND pages differ from the CPU engine's`);
+        // HND check against the inputs themselves: page p, head h, K row i, first channel.
+        const view = new DataView(sGpu.buffer, sGpu.byteOffset);
+        for (const p of [0, full - 1])
+          for (let h = 0; h < kvHeads; h++) {
+            const tok = p * retrieval.pageSize + 3;
+            const at = off + p * L.pageBytes + h * L.headPageBytes + 3 * D * 2;
+            const got = view.getUint16(at, true);
+            f32[0] = hist[b][l].K[tok][h * D];
+            const want = u32[0] >>> 16;
+            if (got !== want) fail(`session ${b} layer ${l} page ${p} head ${h}: HND key differs from the input`);
+          }
+        const tCpu = new Uint8Array(hostOf.cpu[b].segments.tail.buffer());
+        const tGpu = new Uint8Array(hostOf.cuda[b].segments.tail.buffer());
+        const rowsBytes = (ctx % retrieval.pageSize) * 2 * kn * 2;
+        let tdiff = 0;
+        for (let i = l * L.tailLayerBytes; i < l * L.tailLayerBytes + rowsBytes; i++) if (tCpu[i] !== tGpu[i]) tdiff++;
+        if (tdiff) fail(`session ${b} layer ${l}: ${tdiff} bytes of the tail differ from the CPU engine's`);
+      }
+    }
+    for (const be of ["cpu", "cuda"] as const) for (const s of sessions[be]) engines[be].closeSession(s);
+  } catch (e) {
+    fail(`threw: ${(e as Error).stack ?? e}`);
+  } finally {
+    for (const h of hosts) h.close();
+  }
+  res.ok = res.failures.length === 0;
+  res.ms = Date.now() - t0;
+  log(`${res.ok ? "PASS" : "FAIL"} ${spec.name} (${res.ms} ms)${res.ok ? "" : "\n  " + res.failures.join("\n  ")}`);
+  return res;
+}
+
+/** Whether the CUDA checks can run here, and why not. */
+export function cudaStatus(): { available: boolean; reason: string } {
+  try {
+    const info = loadAddon().backendInfo();
+    if (!info.cudaBuilt) return { available: false, reason: "the addon was built without the CUDA backend" };
+    if (!info.cuda.available) return { available: false, reason: info.cuda.reason ?? "no CUDA device" };
+    return { available: true, reason: `${info.cuda.name} (cc ${info.cuda.computeCapability})` };
+  } catch (e) {
+    return { available: false, reason: `the addon does not load: ${(e as Error).message}` };
+  }
+}
