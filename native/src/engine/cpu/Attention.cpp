@@ -5,14 +5,12 @@
 #include <limits>
 
 #include "engine/cpu/KvElement.h"
+#include "engine/cpu/Simd.h"
 
 namespace freekv::cpu {
 
-static inline float Dot(const float* a, const float* b, int n) {
-  float s = 0.f;
-  for (int i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
+using simd::Axpy;
+using simd::Dot;
 
 template <DType T>
 static void AttendGroupT(const PageGeometry& g, int h, const float* q, const std::vector<AttendedPage>& pages, float* out) {
@@ -61,11 +59,7 @@ static void AttendGroupT(const PageGeometry& g, int h, const float* q, const std
         LoadRow(T, p.base + g.NhdV(i, h), row.data(), D);
         v = row.data();
       }
-      for (int j = 0; j < group; ++j) {
-        const float w = scores[j * total + t];
-        float* o = out + static_cast<size_t>(j) * D;
-        for (int d = 0; d < D; ++d) o[d] += w * v[d];
-      }
+      for (int j = 0; j < group; ++j) Axpy(scores[j * total + t], v, out + static_cast<size_t>(j) * D, D);
     }
   }
   for (int j = 0; j < group; ++j)
@@ -99,11 +93,7 @@ void AttendPrefillHead(int D, const float* k, const float* v, int start, int n, 
       z += s[t];
     }
     std::fill(oi, oi + D, 0.f);
-    for (int t = 0; t < len; ++t) {
-      const float w = s[t];
-      const float* vt = v + static_cast<size_t>(t) * D;
-      for (int d = 0; d < D; ++d) oi[d] += w * vt[d];
-    }
+    for (int t = 0; t < len; ++t) Axpy(s[t], v + static_cast<size_t>(t) * D, oi, D);
     const float iz = 1.0f / z;
     for (int d = 0; d < D; ++d) oi[d] *= iz;
   }

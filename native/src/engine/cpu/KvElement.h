@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "engine/Engine.h"
+#include "engine/cpu/Simd.h"
 
 namespace freekv::cpu {
 
@@ -40,8 +41,7 @@ inline void LoadRow(DType t, const uint8_t* src, float* dst, int n) {
   if (t == DType::F32) {
     std::memcpy(dst, src, sizeof(float) * n);
   } else {
-    auto* s = reinterpret_cast<const uint16_t*>(src);
-    for (int i = 0; i < n; ++i) dst[i] = BF16ToFloat(s[i]);
+    simd::BF16ToF32(reinterpret_cast<const uint16_t*>(src), dst, n);
   }
 }
 

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "engine/cpu/Simd.h"
 #include "engine/cpu/Summary.h"
 
 namespace freekv::cpu {
@@ -13,9 +14,7 @@ void ScorePages(const PageGeometry& g, const float* summaries, int h, const floa
   for (int p = c0; p < c1; ++p) {
     const float* hi = summaries + p * per_page + static_cast<size_t>(h) * 2 * g.D;
     const float* lo = hi + g.D;
-    float s = 0.f;
-    for (int d = 0; d < g.D; ++d) s += std::max(q[d] * hi[d], q[d] * lo[d]);
-    out[p - c0] = s;
+    out[p - c0] = simd::Score(q, hi, lo, g.D);
   }
 }
 

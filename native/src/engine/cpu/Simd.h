@@ -1,0 +1,27 @@
+// Vector kernels of the CPU backend: dot products, axpy, the page score and bf16 -> f32
+// conversion. AVX2+FMA versions are chosen at run time when the CPU has them (the addon is built
+// for x86-64-v2); the portable versions keep eight partial sums so the compiler can vectorise
+// them without reassociating floating point on its own. One process always uses one variant, so
+// results are reproducible run to run (and across a re-attach on the same machine).
+#pragma once
+
+#include <cstdint>
+
+namespace freekv::cpu::simd {
+
+struct Kernels {
+  float (*dot)(const float* a, const float* b, int n);
+  void (*axpy)(float w, const float* x, float* y, int n);  // y += w * x
+  float (*score)(const float* q, const float* hi, const float* lo, int n);  // sum max(q*hi, q*lo)
+  void (*bf16_to_f32)(const uint16_t* src, float* dst, int n);
+  const char* name;
+};
+
+const Kernels& Get();
+
+inline float Dot(const float* a, const float* b, int n) { return Get().dot(a, b, n); }
+inline void Axpy(float w, const float* x, float* y, int n) { Get().axpy(w, x, y, n); }
+inline float Score(const float* q, const float* hi, const float* lo, int n) { return Get().score(q, hi, lo, n); }
+inline void BF16ToF32(const uint16_t* src, float* dst, int n) { Get().bf16_to_f32(src, dst, n); }
+
+}  // namespace freekv::cpu::simd
