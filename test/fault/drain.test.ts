@@ -14,6 +14,18 @@ const G = { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 };
 const R = { pageSize: 16, sinkTokens: 16, windowTokens: 16, selectTokens: 64 };
 let tiers: Tiers | undefined;
 
+/** The segment names the kvstore holds for these sessions (a re-attach returns them). */
+async function segmentsOf(address: string, ids: string[]): Promise<string[]> {
+  const kv = kvstoreClient(address);
+  const names: string[] = [];
+  for (const id of ids) {
+    const a = await unary<Record<string, { name: string }>>(kv, "attachSession", { sessionId: id });
+    names.push(a.store.name, a.staging.name, a.tail.name, a.manifest.name);
+  }
+  kv.close();
+  return names;
+}
+
 afterEach(async () => {
   await tiers?.stop("SIGTERM").catch(() => undefined);
   tiers = undefined;
@@ -42,7 +54,7 @@ describe("SIGTERM", () => {
     const err = await stream.ended;
     expect([status.CANCELLED, status.UNAVAILABLE]).toContain(err?.code);
     expect(waited).toBeGreaterThanOrEqual(1400); // the stream held the drain for the grace period
-    expect(waited).toBeLessThan(8000);
+    expect(waited).toBeLessThan(15000);
     watch.cancel();
     // New calls are refused once it is gone.
     const late = await unaryError(compute, "getSession", { sessionId: "drain-1" });
@@ -57,10 +69,10 @@ describe("SIGTERM", () => {
   it("kvstore: exits 0 and removes every segment it made", async () => {
     tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: QUIET });
     const compute = computeClient(tiers.compute.address);
-    const before = shmSegments();
     for (const id of ["k1", "k2", "k3"]) await unary(compute, "createSession", { sessionId: id, kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 512 });
-    const made = [...shmSegments()].filter((n) => !before.has(n));
+    const made = await segmentsOf(tiers.kvstore.address, ["k1", "k2", "k3"]);
     expect(made.length).toBe(12);
+    for (const n of made) expect(shmSegments().has(n)).toBe(true);
     compute.close();
     expect(await tiers.compute.stop("SIGTERM")).toEqual({ code: 0, signal: null });
     expect(await tiers.kvstore.stop("SIGTERM")).toEqual({ code: 0, signal: null });
@@ -71,9 +83,9 @@ describe("SIGTERM", () => {
   it("kvstore with FREEKV_KVSTORE_PERSIST=1 keeps the segments of live sessions", async () => {
     tiers = await startTiers({ kvstoreEnv: { ...QUIET, FREEKV_KVSTORE_PERSIST: "1" }, computeEnv: QUIET });
     const compute = computeClient(tiers.compute.address);
-    const before = shmSegments();
     await unary(compute, "createSession", { sessionId: "p1", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 512 });
-    const made = [...shmSegments()].filter((n) => !before.has(n));
+    const made = await segmentsOf(tiers.kvstore.address, ["p1"]);
+    expect(made.length).toBe(4);
     compute.close();
     await tiers.compute.stop();
     expect(await tiers.kvstore.stop()).toEqual({ code: 0, signal: null });

@@ -57,11 +57,17 @@ describe.skipIf(!up)("Redis session directory", () => {
     const c1 = await startService("compute", { env: { ...QUIET, FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: kv1.address } });
     procs.push(c1);
     let compute = computeClient(c1.address);
-    const before = shmSegments();
     await unary(compute, "createSession", { sessionId: "r-1", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 300 });
     await unary(compute, "createSession", { sessionId: "r-2", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 300 });
-    const made = [...shmSegments()].filter((n) => !before.has(n));
-    expect(made.length).toBe(8);
+    const kv1c = kvstoreClient(kv1.address);
+    const made: string[] = [];
+    for (const id of ["r-1", "r-2"]) {
+      const a = await unary<Record<string, { name: string }>>(kv1c, "attachSession", { sessionId: id });
+      made.push(a.store.name, a.staging.name, a.tail.name, a.manifest.name);
+    }
+    kv1c.close();
+    expect(new Set(made).size).toBe(8);
+    for (const n of made) expect(shmSegments().has(n)).toBe(true);
 
     const redis = new Redis(REDIS);
     expect((await redis.smembers(`${prefix}sessions`)).sort()).toEqual(["r-1", "r-2"]);
