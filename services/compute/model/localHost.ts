@@ -17,10 +17,19 @@ function unlinkAtExit(name: string): void {
   live.add(name);
   if (exitHook) return;
   exitHook = true;
-  process.on("exit", () => {
+  const unlinkAll = () => {
     const { ShmSegment } = loadAddon();
     for (const n of live) ShmSegment.unlink(n);
-  });
+    live.clear();
+  };
+  process.on("exit", unlinkAll);
+  // An interrupted command (Ctrl-C, kill) would otherwise skip the exit handlers.
+  for (const sig of ["SIGINT", "SIGTERM"] as const) {
+    process.once(sig, () => {
+      unlinkAll();
+      process.exit(128 + (sig === "SIGINT" ? 2 : 15));
+    });
+  }
 }
 
 export function modelGeometry(c: ModelConfigNative, kvDtype: KvDType = KvDType.F32): Geometry {
