@@ -43,8 +43,8 @@ export class AttentionStream {
   error: ServiceError | undefined;
   readonly ended: Promise<ServiceError | undefined>;
 
-  constructor(client: ComputeServiceClient) {
-    this.call = client.attention();
+  constructor(client: ComputeServiceClient, deadlineMs?: number) {
+    this.call = deadlineMs === undefined ? client.attention() : client.attention({ deadline: Date.now() + deadlineMs });
     this.call.on("data", (r: AttentionResponse) => {
       const w = this.waiting.get(r.requestId);
       this.waiting.delete(r.requestId);

@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { status } from "@grpc/grpc-js";
 import { loadAddon } from "../../native/binding.js";
 import { crc32c } from "../../services/kvstore/crc32c.js";
+import { AttentionStream } from "../helpers/attention-stream.js";
 import { healthCheck, healthWatch, reflectionHasSymbol, reflectionServices } from "../helpers/grpc-probes.js";
 import { prng, randomBytes } from "../helpers/prng.js";
 import { ATTENTION, QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, shmSegments, startTiers, unary, unaryError, type Tiers } from "../helpers/services.js";
@@ -193,5 +194,16 @@ describe("bad requests get INVALID_ARGUMENT naming the field", () => {
     expect(layer.details).toMatch(/^layer:/);
     expect((await unaryError(kv, "commitPages", { sessionId: "nope", layer: 0, firstPage: 0, count: 1, contextTokens: 16 })).code).toBe(status.NOT_FOUND);
     await unary(compute, "closeSession", { sessionId: "commits" });
+  });
+});
+
+describe("deadlines", () => {
+  it("an Attention stream past its deadline ends DEADLINE_EXCEEDED and the server keeps serving", async () => {
+    const t0 = Date.now();
+    const s = new AttentionStream(compute, 300);
+    const err = await s.ended;
+    expect(err?.code).toBe(status.DEADLINE_EXCEEDED);
+    expect(Date.now() - t0).toBeLessThan(5000);
+    expect(await healthCheck(tiers.compute.address)).toBe("SERVING");
   });
 });
