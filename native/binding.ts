@@ -254,6 +254,8 @@ export interface Model {
 export interface ModelStatic {
   /** Maps and converts the weights (synchronously). Throws naming the tensor or config field. */
   new (options: ModelOptions): Model;
+  /** The same, with the weights mapped and converted off the event loop. */
+  load(options: ModelOptions): Promise<Model>;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { loadAddon } from "../../native/binding.js";
 import { parseModelConfig } from "../../services/compute/model/config.js";
-import { loadModel, readModelFolder } from "../../services/compute/model/loader.js";
+import { loadModel, loadModelAsync, readModelFolder } from "../../services/compute/model/loader.js";
 import { ropeInvFreq } from "../../services/compute/model/rope.js";
 import { readSafetensorsHeader, readTensorF32, toBF16, writeSafetensors, type TensorToWrite } from "../../services/compute/model/safetensors.js";
 
@@ -167,6 +167,19 @@ describe("weights", () => {
     rewriteWeights(h, (_n, data, shape) => ({ dtype: "F16", shape, data: toF16(data) }));
     rewriteWeights(ref, (_n, data, shape) => ({ dtype: "F32", shape, data: f16ToF32(toF16(data)) }));
     expect(Array.from(await promptLogits(h))).toEqual(Array.from(await promptLogits(ref)));
+  });
+});
+
+describe("Model.load (off the event loop)", () => {
+  it("gives the same model as the constructor and rejects bad tensors by name", async () => {
+    const a = await promptLogits(LLAMA);
+    const { model } = await loadModelAsync(LLAMA);
+    const b = await model.prefill(1, Int32Array.from([5, 17, 200, 3, 99, 42, 7, 150]), 0, true);
+    expect(Array.from(b)).toEqual(Array.from(a));
+    const f = readModelFolder(QWEN);
+    const bad = f.tensors.map((t) => (t.name === "model.layers.1.mlp.down_proj.weight" ? { ...t, offset: 1e9 } : t));
+    await expect(loadAddon().Model.load({ config: f.spec.native, tensors: bad })).rejects.toThrow(/model.layers.1.mlp.down_proj.weight/);
+    expect(() => loadAddon().Model.load({ config: f.spec.native, tensors: f.tensors, engine: {} as never })).toThrow(/expected an Engine/);
   });
 });
 

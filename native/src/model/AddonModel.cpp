@@ -159,26 +159,67 @@ class ForwardWorker : public Napi::AsyncWorker {
   std::vector<float> out_;
 };
 
+// What Model.load() prepares off the event loop: the parsed config and the converted weights.
+struct PreparedModel {
+  ModelConfig config;
+  std::vector<TensorRef> tensors;
+  model::Weights weights;
+  int threads = 0;
+};
+
 class AddonModel : public Napi::ObjectWrap<AddonModel> {
  public:
+  static Napi::FunctionReference* ctor;
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "Model",
-                       {InstanceMethod("prefill", &AddonModel::Prefill), InstanceMethod("decode", &AddonModel::Decode),
+                       {StaticMethod("load", &AddonModel::Load),
+                        InstanceMethod("prefill", &AddonModel::Prefill), InstanceMethod("decode", &AddonModel::Decode),
                         InstanceMethod("releaseSession", &AddonModel::ReleaseSession),
                         InstanceAccessor("vocabSize", &AddonModel::VocabSize, nullptr),
                         InstanceAccessor("attention", &AddonModel::AttentionKind, nullptr)});
   }
 
+  // new Model(options) maps and converts synchronously; Model.load(options) does that work off the
+  // event loop and then calls this constructor with (External<PreparedModel>, engine).
   explicit AddonModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AddonModel>(info) {
+    Napi::Env env = info.Env();
+    if (info.Length() >= 1 && info[0].IsExternal()) {
+      std::unique_ptr<PreparedModel> p(info[0].As<Napi::External<PreparedModel>>().Data());
+      threads_ = p->threads;
+      Setup(env, std::move(p->config), std::move(p->weights), info.Length() > 1 ? info[1] : env.Undefined());
+      return;
+    }
+    auto p = Parse(info);
+    model::Weights weights;
+    try {
+      weights = model::LoadWeights(p->config, p->tensors);
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    threads_ = p->threads;
+    Setup(env, std::move(p->config), std::move(weights), info[0].As<Napi::Object>().Get("engine"));
+  }
+
+  // Validates the options (throws JS errors naming the field); weights are not read yet.
+  static std::unique_ptr<PreparedModel> Parse(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "options must be an object");
     auto opts = info[0].As<Napi::Object>();
     if (!opts.Get("config").IsObject()) throw Napi::TypeError::New(env, "options.config must be an object");
-    ModelConfig config = ParseConfig(opts.Get("config").As<Napi::Object>());
-    auto tensors = ParseTensors(opts.Get("tensors"));
+    auto p = std::make_unique<PreparedModel>();
+    p->config = ParseConfig(opts.Get("config").As<Napi::Object>());
+    p->tensors = ParseTensors(opts.Get("tensors"));
     auto th = opts.Get("threads");
-    if (th.IsNumber()) threads_ = th.As<Napi::Number>().Int32Value();
+    if (th.IsNumber()) p->threads = th.As<Napi::Number>().Int32Value();
     auto eng = opts.Get("engine");
+    if (!eng.IsUndefined() && !eng.IsNull()) UnwrapEngine(eng);  // a TypeError now, not after loading
+    return p;
+  }
+
+  static Napi::Value Load(const Napi::CallbackInfo& info);
+
+ private:
+  void Setup(Napi::Env env, ModelConfig config, model::Weights weights, Napi::Value eng) {
     if (eng.IsUndefined() || eng.IsNull()) {
       dense_ = std::make_unique<DenseAttention>(config.layers, config.q_heads, config.kv_heads, config.head_dim);
       backend_ = dense_.get();
@@ -189,15 +230,9 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
       backend_ = engine_.get();
       engine_ref_ = Napi::Persistent(eng.As<Napi::Object>());
     }
-    try {
-      auto weights = model::LoadWeights(config, tensors);
-      forward_ = std::make_unique<Forward>(std::move(config), std::move(weights), backend_);
-    } catch (const std::exception& e) {
-      throw Napi::Error::New(env, e.what());
-    }
+    forward_ = std::make_unique<Forward>(std::move(config), std::move(weights), backend_);
   }
 
- private:
   Napi::Value Prefill(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (info.Length() < 4) throw Napi::TypeError::New(env, "prefill(session, tokens, startPosition, allLogits)");
@@ -258,8 +293,56 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
   std::unique_ptr<Forward> forward_;
 };
 
+// Model.load(): maps and converts the weights on a worker thread, then constructs the Model.
+class LoadWorker : public Napi::AsyncWorker {
+ public:
+  LoadWorker(Napi::Env env, std::unique_ptr<PreparedModel> p, Napi::Value engine)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), p_(std::move(p)) {
+    if (engine.IsObject()) engine_ = Napi::Persistent(engine.As<Napi::Object>());
+  }
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override {
+    try {
+      if (p_->threads > 0) omp_set_num_threads(p_->threads);
+      p_->weights = model::LoadWeights(p_->config, p_->tensors);
+      p_->tensors.clear();
+    } catch (const std::exception& e) {
+      SetError(e.what());
+    }
+  }
+  void OnOK() override {
+    Napi::Env env = Env();
+    try {
+      auto ext = Napi::External<PreparedModel>::New(env, p_.release());
+      deferred_.Resolve(AddonModel::ctor->New({ext, engine_.IsEmpty() ? env.Undefined() : engine_.Value()}));
+    } catch (const Napi::Error& e) {
+      deferred_.Reject(e.Value());
+    }
+  }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::unique_ptr<PreparedModel> p_;
+  Napi::ObjectReference engine_;
+};
+
+Napi::FunctionReference* AddonModel::ctor = nullptr;
+
+Napi::Value AddonModel::Load(const Napi::CallbackInfo& info) {
+  auto p = Parse(info);
+  auto* w = new LoadWorker(info.Env(), std::move(p), info[0].As<Napi::Object>().Get("engine"));
+  auto promise = w->Promise();
+  w->Queue();
+  return promise;
+}
+
 }  // namespace
 
-void InitModel(Napi::Env env, Napi::Object exports) { exports.Set("Model", AddonModel::Define(env)); }
+void InitModel(Napi::Env env, Napi::Object exports) {
+  auto fn = AddonModel::Define(env);
+  AddonModel::ctor = new Napi::FunctionReference(Napi::Persistent(fn));
+  exports.Set("Model", fn);
+}
 
 }  // namespace freekv::addon

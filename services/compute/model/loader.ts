@@ -50,6 +50,14 @@ export function loadModel(dir: string, options: { engine?: Engine; threads?: num
   return { ...folder, model };
 }
 
+/** loadModel with the weights mapped and converted off the event loop (large checkpoints). */
+export async function loadModelAsync(dir: string, options: { engine?: Engine; threads?: number } = {}): Promise<LoadedModel> {
+  const folder = readModelFolder(dir);
+  const { Model } = loadAddon();
+  const model = await Model.load({ config: folder.spec.native, tensors: folder.tensors, engine: options.engine, threads: options.threads });
+  return { ...folder, model };
+}
+
 /** The built-in model's folder (made by scripts/make-builtin-model.mjs), from the repo root. */
 export function builtinModelDir(): string {
   const here = fileURLToPath(new URL(".", import.meta.url));
