@@ -7,6 +7,8 @@
  */
 import { describe, expect, it } from "vitest";
 import { readdirSync } from "node:fs";
+import { join } from "node:path";
+import { run as fidelityCli } from "../../services/compute/cli/fidelity.js";
 import { loadAddon } from "../../native/binding.js";
 import { FIDELITY_DEFAULTS, MODE_NAMES, type ModeName } from "../../services/compute/fidelity/modes.js";
 import { NativeTarget } from "../../services/compute/fidelity/native-target.js";
@@ -80,6 +82,33 @@ describe.skipIf(!engineAvailable())("fidelity on the native CPU engine", () => {
       expect(bf16.modes[m]!.rel_error).toBeLessThan(gather.modes[m]!.rel_error + 0.02);
       expect(bf16.modes[m]!.rel_error).not.toBe(gather.modes[m]!.rel_error);
     }
+    expect(ourSegments()).toEqual([]);
+  });
+
+  it("freekv fidelity --json on the committed bf16 fixture: native engine agrees with the policy model", async () => {
+    const fixture = join(import.meta.dirname, "..", "fixtures", "traces", "small-bf16.safetensors");
+    const args = ["--trace", fixture, "--select", "128", "--sink", "64", "--window", "64", "--json"];
+    const runJson = async (extra: string[]) => {
+      const out: string[] = [];
+      const ow = process.stdout.write.bind(process.stdout);
+      process.stdout.write = ((s: string | Uint8Array) => (out.push(String(s)), true)) as typeof process.stdout.write;
+      let code: number;
+      try {
+        code = await fidelityCli([...args, ...extra]);
+      } finally {
+        process.stdout.write = ow;
+      }
+      expect(code).toBe(0);
+      return JSON.parse(out.join("")).modes as Record<string, Record<string, number>>;
+    };
+    const native = await runJson(["--threads", "2"]);
+    const model = await runJson(["--engine", "model"]);
+    expect(Object.keys(native).sort()).toEqual([...MODE_NAMES].sort());
+    for (const m of MODE_NAMES) {
+      expect(Math.abs(native[m].mass_recall - model[m].mass_recall), m).toBeLessThan(2e-3);
+      expect(Math.abs(native[m].rel_error - model[m].rel_error), m).toBeLessThan(1e-3);
+    }
+    expect(native.oracle.mass_recall).toBeGreaterThan(native.sink_window.mass_recall);
     expect(ourSegments()).toEqual([]);
   });
 });

@@ -9,8 +9,8 @@ import { createHostSegments, type OwnedSegments } from "./host-segments.js";
 import type { ModeName, RetrievalSettings } from "./modes.js";
 import type { ReplayCounters, ReplayTarget } from "./replay-target.js";
 
-// Values of the const enums in native/binding.ts (kept literal: the harness is compiled with
-// isolated modules in tests).
+// Values of the const enums in native/binding.ts, kept literal so that per-file transpilers
+// (tsx, vitest) that cannot inline another file's const enum still get the numbers.
 const MODE: Record<ModeName, number> = { freekv: 1, dense: 2, oracle: 3, speculative: 4, sink_window: 5 };
 
 export interface NativeTargetOptions {
