@@ -111,6 +111,15 @@ describe("config.json", () => {
     expect(() => parseModelConfig({ ...base, vocab_size: -4 })).toThrow(/vocab_size/);
   });
 
+  it("says when a sliding window is not applied", () => {
+    const base = JSON.parse(readFileSync(join(LLAMA, "config.json"), "utf8"));
+    const m = parseModelConfig({ ...base, architectures: ["MistralForCausalLM"], sliding_window: 128 });
+    expect(m.notes.join(" ")).toMatch(/sliding_window 128 is not applied/);
+    expect(parseModelConfig({ ...base, architectures: ["MistralForCausalLM"], sliding_window: null }).notes).toEqual([]);
+    const q = JSON.parse(readFileSync(join(QWEN, "config.json"), "utf8"));
+    expect(parseModelConfig({ ...q, sliding_window: 64 }).notes).toEqual([]); // use_sliding_window false
+  });
+
   it("reads the EOS ids from generation_config.json, then config.json", () => {
     const base = JSON.parse(readFileSync(join(QWEN, "config.json"), "utf8"));
     expect(parseModelConfig(base).eosTokenIds).toEqual([2]);

@@ -81,6 +81,7 @@ export async function run(argv: string[]): Promise<number> {
   });
   const runner = new LocalRunner(values.model ?? defaultModelDir(), values.threads ? Number(values.threads) : undefined);
   const { codec, spec } = runner.loaded;
+  for (const note of spec.notes) process.stderr.write(`freekv generate: note: ${note}\n`);
   let prompt: number[];
   if (values.tokens !== undefined) prompt = parseTokenList(values.tokens);
   else if (!codec) throw new Error(`the model at ${runner.loaded.dir} has no tokenizer.json: use --tokens`);

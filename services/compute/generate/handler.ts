@@ -64,6 +64,7 @@ function serveModel(ctx: ComputeContext): Served | string {
     }
     ctx.model = loaded;
     ctx.log.info({ dir: loaded.dir, architecture: loaded.spec.architectureName, layers: loaded.spec.native.layers, tokenizer: !!loaded.codec }, "model loaded");
+    for (const note of loaded.spec.notes) ctx.log.warn({ dir: loaded.dir }, note);
   }
   const c = loaded.spec.native;
   ctx.modelGeometry ??= { layers: c.layers, queryHeads: c.qHeads, kvHeads: c.kvHeads, headDim: c.headDim, kvDtype: DType.D_TYPE_FLOAT32 };

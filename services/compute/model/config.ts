@@ -30,6 +30,8 @@ export interface ModelSpec {
   dtype?: string;
   bosTokenId?: number;
   eosTokenIds: number[];
+  /** Settings of the checkpoint the runner does not apply, said once at load. */
+  notes: string[];
 }
 
 type Json = Record<string, unknown>;
@@ -92,6 +94,14 @@ export function parseModelConfig(cfg: Json, generationConfig?: Json): ModelSpec 
   const attentionBias = architecture === "qwen2" ? true : cfg.attention_bias === true;
   const eos = ids(generationConfig?.eos_token_id ?? cfg.eos_token_id);
   const bos = typeof cfg.bos_token_id === "number" ? cfg.bos_token_id : undefined;
+  const notes: string[] = [];
+  // Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) is not applied: the
+  // runner attends over the whole context (through FreeKV's budget), which equals the reference
+  // while the context is within the window.
+  const window = cfg.sliding_window;
+  const windowOn = architecture === "qwen2" ? cfg.use_sliding_window === true : typeof window === "number";
+  if (windowOn && typeof window === "number" && window < (Number(cfg.max_position_embeddings) || Infinity))
+    notes.push(`sliding_window ${window} is not applied (attention covers the whole context)`);
   return {
     native: {
       architecture,
@@ -114,5 +124,6 @@ export function parseModelConfig(cfg: Json, generationConfig?: Json): ModelSpec 
     dtype: (cfg.dtype ?? cfg.torch_dtype) as string | undefined,
     bosTokenId: bos,
     eosTokenIds: eos,
+    notes,
   };
 }
