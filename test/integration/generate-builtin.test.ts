@@ -82,7 +82,7 @@ describe("Generate with the built-in model", () => {
   });
 
   it("generates after a long prompt with FreeKV selection and recall active", async () => {
-    const prompt = Array.from({ length: 1600 }, (_, i) => (i * 7919 + 13) % 500);
+    const prompt = Array.from({ length: 2400 }, (_, i) => (i * 7919 + 13) % 500);
     const r = await run({
       prompt: { $case: "tokens", value: { ids: prompt } },
       maxTokens: 24,

@@ -161,6 +161,9 @@ describe("Generate over gRPC", () => {
     await expectStatus(run({ prompt: tokens([1, 2]), maxTokens: 0 }), status.INVALID_ARGUMENT, /max_tokens/);
     await expectStatus(run({ prompt: { $case: "text", value: "hello" }, maxTokens: 2 }), status.FAILED_PRECONDITION, /tokenizer/);
     await expectStatus(run({ prompt: tokens([1, 2]), maxTokens: 2, sampling: { temperature: -1, topP: 0, topK: 0, seed: 0 } }), status.INVALID_ARGUMENT, /temperature/);
+    await unary(client, "createSession", { sessionId: "attn", kind: 2, geometry: { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 } });
+    await expectStatus(run({ sessionId: "attn", prompt: tokens([1, 2]), maxTokens: 2 }), status.FAILED_PRECONDITION, /attention session/);
+    await unary(client, "closeSession", { sessionId: "attn" });
     await unary(client, "createSession", { sessionId: "small", kind: 1, maxContextTokens: 64 });
     await expectStatus(run({ sessionId: "small", prompt: tokens(golden.prompt.slice(0, 100)), maxTokens: 2 }), status.FAILED_PRECONDITION, /max_context_tokens 64/);
     // The session is unaffected and still serves a prompt that fits.
