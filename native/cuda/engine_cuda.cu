@@ -210,8 +210,11 @@ class CudaEngine final : public Engine {
     s->page_elems = (size_t)2 * s->P * g.kv_heads * g.head_dim;
     s->store_dev = RegisterMapped(h.store, h.store_bytes, s->store_registered, "cudaHostRegister(host.store)");
     s->tail_dev = RegisterMapped(h.tail, h.tail_bytes, s->tail_registered, "cudaHostRegister(host.tail)");
+    // Initial contents are written on the main stream (the legacy default stream does not order
+    // against the engine's non-blocking streams), then waited for once.
+    cudaStream_t st = main_->get();
     s->counters.Resize(kNumCounters);
-    FKV_CUDA_CHECK(cudaMemset(s->counters.get(), 0, s->counters.bytes()));
+    FKV_CUDA_CHECK(cudaMemsetAsync(s->counters.get(), 0, s->counters.bytes(), st));
     const int Hkv = g.kv_heads, D = g.head_dim, cap = h.capacity_pages, K = s->K;
     for (int l = 0; l < g.layers; ++l) {
       auto L = std::make_unique<LayerTier>();
@@ -224,9 +227,9 @@ class CudaEngine final : public Engine {
         L->selected.Resize((size_t)Hkv * K);
         L->selected_slot.Resize((size_t)Hkv * K);
         L->resident.Resize((size_t)Hkv * K);
-        FKV_CUDA_CHECK(cudaMemset(L->resident.get(), 0xff, L->resident.bytes()));  // -1: empty
-        FKV_CUDA_CHECK(cudaMemset(L->selected.get(), 0xff, L->selected.bytes()));
-        FKV_CUDA_CHECK(cudaMemset(L->selected_slot.get(), 0xff, L->selected_slot.bytes()));
+        FKV_CUDA_CHECK(cudaMemsetAsync(L->resident.get(), 0xff, L->resident.bytes(), st));  // -1: empty
+        FKV_CUDA_CHECK(cudaMemsetAsync(L->selected.get(), 0xff, L->selected.bytes(), st));
+        FKV_CUDA_CHECK(cudaMemsetAsync(L->selected_slot.get(), 0xff, L->selected_slot.bytes(), st));
         L->flags.Resize(Hkv);
         SelectionParams sp;
         sp.q_heads = g.q_heads;
@@ -246,6 +249,7 @@ class CudaEngine final : public Engine {
     }
     if (c.recall == RecallMode::DoubleBuffer)
       s->db = std::make_unique<DoubleBufferRecall>(s->Recall().HeadPageBytes(), DoubleBufferRecall::kMaxChunk);
+    FKV_CUDA_CHECK(cudaStreamSynchronize(st));
     // A fresh manifest: header and zeroed layer words (the kvstore only initialised the header).
     InitManifest(*s);
     const int id = next_id_++;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root, after scripts/gpu/pack.sh filled .gpu/ here.
-# Unpacks Node.js, then runs every CUDA correctness case; log + JSON under $OUT.
+# Unpacks Node.js, then runs every CUDA correctness case; log + JSON under $OUT. When a case
+# fails, the smallest case runs again under compute-sanitizer (memcheck) to name a bad access.
 set -uo pipefail
 mkdir -p /tmp/nodebin
 xz -dc .gpu/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node
@@ -8,5 +9,14 @@ export PATH=/tmp/nodebin:$PATH
 export LD_LIBRARY_PATH=$PWD/.gpu/lib:${LD_LIBRARY_PATH:-}
 export FREEKV_ADDON=$PWD/.gpu/freekv.node
 export OUT=${OUT:-$PWD/.gpu/out}
+mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader || true
-node .gpu/run-checks.mjs
+timeout "${FREEKV_CHECK_TIMEOUT:-240}" node .gpu/run-checks.mjs
+rc=$?
+if [ "$rc" -ne 0 ] && [ "${FREEKV_CHECK_CANDIDATE:-cuda}" = cuda ] && [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
+  echo "== rc=$rc: the smallest case under compute-sanitizer memcheck =="
+  FREEKV_CHECK_ONLY=1 OUT=$OUT/sanitizer timeout 90 /usr/local/cuda/bin/compute-sanitizer --tool memcheck \
+    --print-limit 20 --log-file "$OUT/sanitizer.log" node .gpu/run-checks.mjs | tail -5
+  head -60 "$OUT/sanitizer.log"
+fi
+exit $rc

@@ -10,6 +10,8 @@ import { CASES, cudaStatus, runCase } from "./cases.js";
 const status = cudaStatus();
 const title = status.available ? `CUDA engine vs CPU engine on ${status.reason}` : `CUDA engine vs CPU engine (skipped: ${status.reason})`;
 
+if (!status.available) console.warn(`test/gpu: CUDA checks skipped: ${status.reason}`);
+
 describe.skipIf(!status.available)(title, () => {
   for (const spec of CASES) {
     it(spec.name, async () => {
