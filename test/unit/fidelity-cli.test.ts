@@ -101,6 +101,8 @@ describe("freekv fidelity: malformed traces", () => {
       [["--trace", file, "--tau", "high"], /--tau must be a number/],
       [["--trace", file, "--page-size", "0"], /--page-size must be an integer >= 1/],
       [["--trace", file, "--engine", "gpu"], /--engine must be native or model/],
+      [["--trace", file, "--kv-dtype", "f16"], /--kv-dtype must be f32 or bf16/],
+      [["--trace", file, "--recall", "memcpy"], /--recall must be gather or double_buffer/],
       [["--trace", file, "--frobnicate"], /Unknown option '--frobnicate'/],
     ] as const) {
       const r = await capture(() => fidelity([...args]));

@@ -27,6 +27,8 @@ const USAGE = `usage: freekv fidelity --trace FILE.safetensors [options]
   --tau X            correction threshold                        [${FIDELITY_DEFAULTS.tau}]
   --engine E         native (the CPU engine) or model (float64 policy model) [native]
   --threads N        engine worker threads                       [all cores]
+  --kv-dtype T       engine KV storage, f32 or bf16 (native)     [f32]
+  --recall R         gather or double_buffer (native)            [gather]
   --json             print {"modes": {"<mode>": {...}}} only
 `;
 
@@ -57,6 +59,8 @@ async function fidelity(argv: string[]): Promise<number> {
         tau: { type: "string" },
         engine: { type: "string" },
         threads: { type: "string" },
+        "kv-dtype": { type: "string" },
+        recall: { type: "string" },
         json: { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
@@ -86,6 +90,11 @@ async function fidelity(argv: string[]): Promise<number> {
   const threads = v.threads === undefined ? undefined : intOption(v, "threads", 0);
   if (threads !== undefined && threads < 1) throw new UsageError(`--threads must be >= 1 (got ${threads})`);
 
+  const kvDtype = String(v["kv-dtype"] ?? "f32");
+  if (kvDtype !== "f32" && kvDtype !== "bf16") throw new UsageError(`--kv-dtype must be f32 or bf16 (got '${kvDtype}')`);
+  const recall = String(v.recall ?? "gather");
+  if (recall !== "gather" && recall !== "double_buffer") throw new UsageError(`--recall must be gather or double_buffer (got '${recall}')`);
+
   const trace = loadTrace(v.trace);
   const geo = { qHeads: trace.qHeads, kvHeads: trace.kvHeads, headDim: trace.headDim, capacityTokens: trace.promptLen + trace.steps };
   let makeTarget: (m: ModeName) => ReplayTarget;
@@ -96,7 +105,7 @@ async function fidelity(argv: string[]): Promise<number> {
     const addon = loadAddon();
     if (typeof addon.Engine !== "function") throw new Error("this build of the native addon has no Engine (rebuild with `npm run build:native`), or use --engine model");
     const engine = new addon.Engine({ backend: "cpu", threads });
-    makeTarget = (m) => NativeTarget.create(addon, engine, m, { ...geo, settings });
+    makeTarget = (m) => NativeTarget.create(addon, engine, m, { ...geo, settings, kvDtype, recall });
   }
   const bar = progressBar(`replaying ${trace.name}`);
   const result = await replay(trace, modes, makeTarget, { onStep: (d, t) => bar.update(d, t) });
@@ -106,7 +115,9 @@ async function fidelity(argv: string[]): Promise<number> {
   } else {
     process.stdout.write(
       `trace ${trace.name}: prompt ${trace.promptLen} + ${trace.steps} steps, Hq ${trace.qHeads}, Hkv ${trace.kvHeads}, D ${trace.headDim} (${trace.dtype}); ` +
-        `page ${settings.pageSize}, sink ${settings.sinkTokens}, window ${settings.windowTokens}, select ${settings.selectTokens}, tau ${settings.tau}; engine ${engineKind}\n`,
+        `page ${settings.pageSize}, sink ${settings.sinkTokens}, window ${settings.windowTokens}, select ${settings.selectTokens}, tau ${settings.tau}; engine ${engineKind}` +
+        (engineKind === "native" ? ` (${kvDtype} KV, ${recall} recall)` : "") +
+        "\n",
     );
     process.stdout.write(toTable(result.modes));
   }
