@@ -108,7 +108,7 @@ async function fidelity(argv: string[]): Promise<number> {
     makeTarget = (m) => NativeTarget.create(addon, engine, m, { ...geo, settings, kvDtype, recall });
   }
   const bar = progressBar(`replaying ${trace.name}`);
-  const result = await replay(trace, modes, makeTarget, { onStep: (d, t) => bar.update(d, t) });
+  const result = await replay(trace, modes, makeTarget, { onStep: (d, t) => bar.update(d, t), budget: settings });
   bar.done();
   if (v.json) {
     process.stdout.write(toJson(result.modes) + "\n");
@@ -120,6 +120,9 @@ async function fidelity(argv: string[]): Promise<number> {
         "\n",
     );
     process.stdout.write(toTable(result.modes));
+    process.stdout.write(
+      `ideal at this budget (sink + window + each head's exact top ${settings.selectTokens / settings.pageSize} pages): mass ${result.idealMass!.toFixed(4)}\n`,
+    );
   }
   return 0;
 }

@@ -9,7 +9,7 @@
  *    (the first step's blocking selection included).
  */
 import { exactProbabilities, massOn, relativeL2, weightedValues } from "./attention.js";
-import type { ModeName } from "./modes.js";
+import type { ModeName, RetrievalSettings } from "./modes.js";
 import type { ReplayTarget } from "./replay-target.js";
 import type { Trace } from "./trace.js";
 
@@ -24,6 +24,12 @@ export interface ReplayResult {
   modes: Partial<Record<ModeName, ModeMetrics>>;
   /** Per mode, per step: mean mass recall over query heads (for tests and plots). */
   perStep: Partial<Record<ModeName, Float64Array>>;
+  /**
+   * With `budget`: the mass an ideal selection would keep at the same budget (sink + window +
+   * each query head's own exact top sel/P pages), mean over steps and heads. No group-consistent,
+   * summary-based policy can beat it; the gap to oracle is the price of summaries and sharing.
+   */
+  idealMass?: number;
 }
 
 export type TraceData = Pick<Trace, "promptLen" | "steps" | "qHeads" | "kvHeads" | "headDim" | "q" | "k" | "v">;
@@ -33,6 +39,8 @@ export interface ReplayOptions {
   onStep?: (done: number, total: number) => void;
   /** Prefill in chunks of this many tokens (bounds the copies the engine makes). */
   prefillChunk?: number;
+  /** The retrieval budget, to compute `idealMass`. */
+  budget?: RetrievalSettings;
 }
 
 export async function replay(trace: TraceData, modes: ModeName[], makeTarget: (mode: ModeName) => Promise<ReplayTarget> | ReplayTarget, opts: ReplayOptions = {}): Promise<ReplayResult> {
@@ -55,6 +63,7 @@ export async function replay(trace: TraceData, modes: ModeName[], makeTarget: (m
     const mass = new Map<ModeName, number>(modes.map((m) => [m, 0]));
     const err = new Map<ModeName, number>(modes.map((m) => [m, 0]));
     const perStep = new Map<ModeName, Float64Array>(modes.map((m) => [m, new Float64Array(T)]));
+    let ideal = 0;
     for (let t = 0; t < T; t++) {
       const s = N + t;
       const qt = q.subarray(t * Hq * D, (t + 1) * Hq * D);
@@ -66,6 +75,7 @@ export async function replay(trace: TraceData, modes: ModeName[], makeTarget: (m
         const h = Math.floor(qh / group);
         const p = exactProbabilities(q, (t * Hq + qh) * D, k, view, h, s + 1);
         const exact = weightedValues(p, v, view, h);
+        if (opts.budget) ideal += idealMass(p, opts.budget);
         for (const [m, target] of targets) {
           const got = massOn(p, target.attended(h));
           mass.set(m, mass.get(m)! + got);
@@ -76,6 +86,7 @@ export async function replay(trace: TraceData, modes: ModeName[], makeTarget: (m
       opts.onStep?.(t + 1, T);
     }
     const result: ReplayResult = { modes: {}, perStep: {} };
+    if (opts.budget) result.idealMass = ideal / (T * Hq);
     for (const [m, target] of targets) {
       const c = target.counters();
       result.modes[m] = {
@@ -90,4 +101,26 @@ export async function replay(trace: TraceData, modes: ModeName[], makeTarget: (m
   } finally {
     for (const t of targets.values()) await t.close().catch(() => undefined);
   }
+}
+
+/** Sink + window + the best sel/P full pages in between, by exact mass (one query head). */
+function idealMass(p: Float64Array, b: RetrievalSettings): number {
+  const P = b.pageSize;
+  const len = p.length;
+  const full = Math.floor(len / P);
+  const sinkPages = Math.min(full, b.sinkTokens / P);
+  const end = Math.max(sinkPages, full - (b.windowTokens / P - 1));
+  let kept = 0;
+  for (let s = 0; s < sinkPages * P; s++) kept += p[s];
+  for (let s = end * P; s < len; s++) kept += p[s];
+  const pages: number[] = [];
+  for (let pg = sinkPages; pg < end; pg++) {
+    let m = 0;
+    for (let s = pg * P; s < (pg + 1) * P; s++) m += p[s];
+    pages.push(m);
+  }
+  pages.sort((a, c) => c - a);
+  const k = Math.min(pages.length, b.selectTokens / P);
+  for (let i = 0; i < k; i++) kept += pages[i];
+  return kept;
 }
