@@ -121,6 +121,48 @@ describe("trace synth", () => {
     expect(Math.abs(figure.meanMass - mean)).toBeLessThan(0.05);
   });
 
+  it("sinks take a steady share and the query's topic holds most of the rest", () => {
+    const tr = traces.get(12)!;
+    const { promptLen: N, qHeads: Hq, kvHeads: Hkv, headDim: D } = tr;
+    const g = Hq / Hkv;
+    const sinkShares: number[] = [];
+    const topicShares: number[] = [];
+    const needleSteps = new Set(tr.needles.flatMap((n) => Array.from({ length: n.span }, (_, i) => `${n.kvHead}:${n.step + i}`)));
+    for (let t = 0; t < tr.steps; t += 5)
+      for (let qh = 0; qh < Hq; qh += 2) {
+        const h = Math.floor(qh / g);
+        if (needleSteps.has(`${h}:${t}`)) continue;
+        const len = N + t + 1;
+        const logits: number[] = [];
+        for (let s = 0; s < len; s++) {
+          let dot = 0;
+          for (let i = 0; i < D; i++) dot += tr.q[(t * Hq + qh) * D + i] * tr.k[(s * Hkv + h) * D + i];
+          logits.push(dot / Math.sqrt(D));
+        }
+        const m = Math.max(...logits);
+        const e = logits.map((l) => Math.exp(l - m));
+        const z = e.reduce((a, b) => a + b, 0);
+        let sink = 0;
+        let topic = 0;
+        for (let s = 0; s < len; s++) {
+          const p = e[s] / z;
+          if (s < 4) sink += p;
+          else if (s >= N || tr.tokenTopic[h][s] === tr.stepTopic[h][t]) topic += p;
+        }
+        sinkShares.push(sink);
+        topicShares.push(topic / (1 - sink));
+      }
+    const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+    expect(mean(sinkShares)).toBeGreaterThan(0.05);
+    expect(mean(sinkShares)).toBeLessThan(0.6);
+    expect(sinkShares.filter((x) => x > 0.01).length / sinkShares.length).toBeGreaterThan(0.8);
+    expect(mean(topicShares)).toBeGreaterThan(0.7);
+    // topic tokens are a small part of the context, so this is concentration, not coverage
+    const h0Topic = tr.stepTopic[0][0];
+    const count = Array.from(tr.tokenTopic[0]).filter((x) => x === h0Topic).length;
+    expect(count / N).toBeLessThan(0.3);
+  });
+
   it("needles: a single page takes a large share of its query's attention", () => {
     const tr = traces.get(11)!;
     expect(tr.needles.length).toBe(4);
