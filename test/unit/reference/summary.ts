@@ -1,8 +1,11 @@
 /**
- * Page summaries (float64): per channel an upper and a lower bound of a page's keys.
+ * Page summaries: per channel an upper and a lower bound of a page's keys.
  * maxmin (Quest): hi = max, lo = min. cuboid (ArkVale's cuboid-mean): center c = (max+min)/2,
  * radius r = mean |k - c|, hi = c + r, lo = c - r.
+ * The engine keeps summaries as bf16 bounds (hi rounded up, lo rounded down) computed in float32;
+ * the reference applies the same storage rounding so that scores compare exactly.
  */
+import { bf16Directed } from "./kv.js";
 export type SummaryKindName = "maxmin" | "cuboid";
 
 export interface PageSummary {
@@ -21,14 +24,19 @@ export function summarise(rows: ArrayLike<number>[], kind: SummaryKindName): Pag
       lo[d] = Math.min(lo[d], k[d]);
     }
   if (kind === "cuboid") {
+    const f = Math.fround;
     for (let d = 0; d < D; d++) {
-      const c = (hi[d] + lo[d]) / 2;
+      const c = f(0.5 * f(hi[d] + lo[d]));
       let r = 0;
-      for (const k of rows) r += Math.abs(k[d] - c);
-      r /= rows.length;
-      hi[d] = c + r;
-      lo[d] = c - r;
+      for (const k of rows) r += f(Math.abs(k[d] - c));
+      const radius = f(r / rows.length);
+      hi[d] = f(c + radius);
+      lo[d] = f(c - radius);
     }
+  }
+  for (let d = 0; d < D; d++) {
+    hi[d] = bf16Directed(hi[d], "up");
+    lo[d] = bf16Directed(lo[d], "down");
   }
   return { hi, lo };
 }

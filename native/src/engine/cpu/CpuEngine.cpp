@@ -224,8 +224,12 @@ void CpuEngine::SpeculativeJob(CpuSession& s, int layer, const std::vector<float
   const auto now = RangesFor(s.pg, L.tokens);
   const auto next = RangesFor(s.pg, L.tokens + 1);
   const int c0 = next.sink_end, c1 = std::min(next.window_begin, now.full);
+  // Heads in parallel: when the next step is already waiting for this recall (a single layer,
+  // or little work between two calls of the layer), the scoring is on its critical path.
+  std::vector<std::vector<RecallOp>> per_head(s.pg.Hkv);
+  ParallelFor(s.pg.Hkv, threads_, [&](int h) { SelectHead(s, L, h, q.data(), c0, c1, per_head[h]); });
   std::vector<RecallOp> ops;
-  for (int h = 0; h < s.pg.Hkv; ++h) SelectHead(s, L, h, q.data(), c0, c1, ops);
+  for (const auto& v : per_head) ops.insert(ops.end(), v.begin(), v.end());
   // Issued after this layer's attention returned, so nothing reads the slots; the guard makes
   // that ordering explicit.
   L.recall.WaitNoReaders();

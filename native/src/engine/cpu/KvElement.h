@@ -19,6 +19,21 @@ inline uint16_t FloatToBF16(float f) {
   return static_cast<uint16_t>((u + rounding) >> 16);
 }
 
+// Directed rounding to bf16 (summaries are bounds: hi rounds up, lo rounds down, so a rounded
+// summary still bounds every key of its page).
+inline uint16_t BF16RoundUp(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0xffffu) == 0 || (u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>(u >> 16);
+  return static_cast<uint16_t>((u >> 31) ? (u >> 16) : (u >> 16) + 1);
+}
+inline uint16_t BF16RoundDown(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0xffffu) == 0 || (u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>(u >> 16);
+  return static_cast<uint16_t>((u >> 31) ? (u >> 16) + 1 : (u >> 16));
+}
+
 inline float BF16ToFloat(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;

@@ -9,12 +9,11 @@
 
 namespace freekv::cpu {
 
-void ScorePages(const PageGeometry& g, const float* summaries, int h, const float* q, int c0, int c1, float* out) {
+void ScorePages(const PageGeometry& g, const uint16_t* summaries, int h, const float* q, int c0, int c1, float* out) {
   const size_t per_page = SummaryFloatsPerPage(g);
   for (int p = c0; p < c1; ++p) {
-    const float* hi = summaries + p * per_page + static_cast<size_t>(h) * 2 * g.D;
-    const float* lo = hi + g.D;
-    out[p - c0] = simd::Score(q, hi, lo, g.D);
+    const uint16_t* hi = summaries + p * per_page + static_cast<size_t>(h) * 2 * g.D;
+    out[p - c0] = simd::ScoreBF16(q, hi, hi + g.D, g.D);
   }
 }
 
@@ -30,16 +29,17 @@ void CombineGroup(GroupCombine how, const std::vector<std::vector<float>>& score
     }
     return;
   }
-  std::vector<double> acc(n, 0.0);
+  std::vector<double> acc(n, 0.0), e;
   for (int j = 0; j < group; ++j) {
     const auto& s = scores[j];
     if (how == GroupCombine::Mean) {
       for (int i = 0; i < n; ++i) acc[i] += s[i];
     } else {
       const float m = *std::max_element(s.begin(), s.begin() + n);
+      e.resize(n);
       double z = 0;
-      for (int i = 0; i < n; ++i) z += std::exp(static_cast<double>(s[i]) - m);
-      for (int i = 0; i < n; ++i) acc[i] += std::exp(static_cast<double>(s[i]) - m) / z;
+      for (int i = 0; i < n; ++i) z += (e[i] = std::exp(static_cast<double>(s[i]) - m));
+      for (int i = 0; i < n; ++i) acc[i] += e[i] / z;
     }
   }
   for (int i = 0; i < n; ++i) combined[i] = acc[i] / group;
@@ -57,7 +57,7 @@ std::vector<int> TopK(const std::vector<double>& combined, int k) {
   return idx;
 }
 
-std::vector<int> SelectPages(const PageGeometry& g, GroupCombine how, const float* summaries, int h, const float* q,
+std::vector<int> SelectPages(const PageGeometry& g, GroupCombine how, const uint16_t* summaries, int h, const float* q,
                              int c0, int c1, std::vector<double>& combined) {
   const int n = std::max(0, c1 - c0);
   const int group = g.Hq / g.Hkv;
@@ -65,9 +65,14 @@ std::vector<int> SelectPages(const PageGeometry& g, GroupCombine how, const floa
     combined.clear();
     return {};
   }
+  // Page-major: a page's summary is read once (from L1) for all query heads of the group.
   std::vector<std::vector<float>> scores(group, std::vector<float>(n));
-  for (int j = 0; j < group; ++j)
-    ScorePages(g, summaries, h, q + static_cast<size_t>(h * group + j) * g.D, c0, c1, scores[j].data());
+  const size_t per_page = SummaryFloatsPerPage(g);
+  const float* qg = q + static_cast<size_t>(h) * group * g.D;
+  for (int p = c0; p < c1; ++p) {
+    const uint16_t* hi = summaries + p * per_page + static_cast<size_t>(h) * 2 * g.D;
+    for (int j = 0; j < group; ++j) scores[j][p - c0] = simd::ScoreBF16(qg + static_cast<size_t>(j) * g.D, hi, hi + g.D, g.D);
+  }
   CombineGroup(how, scores, n, combined);
   auto top = TopK(combined, g.select_pages);
   for (auto& i : top) i += c0;

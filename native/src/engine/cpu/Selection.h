@@ -10,7 +10,7 @@
 namespace freekv::cpu {
 
 // Scores pages [c0, c1) of KV head h for one query head: out[p - c0].
-void ScorePages(const PageGeometry& g, const float* summaries, int h, const float* q, int c0, int c1, float* out);
+void ScorePages(const PageGeometry& g, const uint16_t* summaries, int h, const float* q, int c0, int c1, float* out);
 
 // Combines the group's per-head scores (scores[j][n], j < group) into combined[n]. The combined
 // score is kept in double so that the ranking does not pick up float32 ties of its own.
@@ -24,7 +24,7 @@ std::vector<int> TopK(const std::vector<double>& combined, int k);
 // The whole selection for KV head h: scores pages [c0, c1) with the group's query heads of q
 // ([Hq][D]), combines, and returns the chosen pages (best first) and every candidate's combined
 // score (combined[p - c0]).
-std::vector<int> SelectPages(const PageGeometry& g, GroupCombine how, const float* summaries, int h, const float* q,
+std::vector<int> SelectPages(const PageGeometry& g, GroupCombine how, const uint16_t* summaries, int h, const float* q,
                              int c0, int c1, std::vector<double>& combined);
 
 }  // namespace freekv::cpu

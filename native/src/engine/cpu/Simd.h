@@ -14,6 +14,7 @@ struct Kernels {
   void (*axpy)(float w, const float* x, float* y, int n);  // y += w * x
   float (*score)(const float* q, const float* hi, const float* lo, int n);  // sum max(q*hi, q*lo)
   void (*bf16_to_f32)(const uint16_t* src, float* dst, int n);
+  float (*score_bf16)(const float* q, const uint16_t* hi, const uint16_t* lo, int n);  // bf16 bounds
   const char* name;
 };
 
@@ -22,6 +23,9 @@ const Kernels& Get();
 inline float Dot(const float* a, const float* b, int n) { return Get().dot(a, b, n); }
 inline void Axpy(float w, const float* x, float* y, int n) { Get().axpy(w, x, y, n); }
 inline float Score(const float* q, const float* hi, const float* lo, int n) { return Get().score(q, hi, lo, n); }
+inline float ScoreBF16(const float* q, const uint16_t* hi, const uint16_t* lo, int n) {
+  return Get().score_bf16(q, hi, lo, n);
+}
 inline void BF16ToF32(const uint16_t* src, float* dst, int n) { Get().bf16_to_f32(src, dst, n); }
 
 }  // namespace freekv::cpu::simd

@@ -7,10 +7,10 @@
 
 namespace freekv::cpu {
 
-void SummarisePage(const PageGeometry& g, SummaryKind kind, const uint8_t* nhd_page, float* out) {
-  std::vector<float> row(g.D), keys(static_cast<size_t>(g.P) * g.D);
+void SummarisePage(const PageGeometry& g, SummaryKind kind, const uint8_t* nhd_page, uint16_t* out) {
+  std::vector<float> keys(static_cast<size_t>(g.P) * g.D), bounds(2 * static_cast<size_t>(g.D));
   for (int h = 0; h < g.Hkv; ++h) {
-    float* hi = out + static_cast<size_t>(h) * 2 * g.D;
+    float* hi = bounds.data();
     float* lo = hi + g.D;
     for (int d = 0; d < g.D; ++d) {
       hi[d] = -std::numeric_limits<float>::infinity();
@@ -33,6 +33,11 @@ void SummarisePage(const PageGeometry& g, SummaryKind kind, const uint8_t* nhd_p
         hi[d] = c + r;
         lo[d] = c - r;
       }
+    }
+    uint16_t* o = out + static_cast<size_t>(h) * 2 * g.D;
+    for (int d = 0; d < g.D; ++d) {
+      o[d] = BF16RoundUp(hi[d]);
+      o[g.D + d] = BF16RoundDown(lo[d]);
     }
   }
 }
