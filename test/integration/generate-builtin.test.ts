@@ -71,6 +71,21 @@ describe("Generate with the built-in model", () => {
     expect(r.final?.usage?.promptTokens).toBe(codec.encodeChat(messages).length);
   });
 
+  it("continues a chat on a session: the next turn is rendered without a second BOS", async () => {
+    await new Promise<void>((resolve, reject) =>
+      client.createSession({ sessionId: "chat", kind: 1, retrieval: undefined, maxContextTokens: 4096, geometry: undefined }, (e) => (e ? reject(e) : resolve())),
+    );
+    const turn1 = [{ role: "user", content: "Hello" }];
+    const turn2 = [{ role: "user", content: "And then?" }];
+    const a = await run({ sessionId: "chat", prompt: { $case: "chat", value: { messages: turn1 } }, maxTokens: 3 });
+    const b = await run({ sessionId: "chat", prompt: { $case: "chat", value: { messages: turn2 } }, maxTokens: 3 });
+    const second = codec.encodeChat(turn2, true);
+    expect(second).not.toContain(codec.encodeChat(turn1)[0]); // no BOS id in the continuation
+    expect(b.final?.usage?.promptTokens).toBe(second.length);
+    expect(b.final?.usage?.contextTokens).toBe(a.final!.usage!.contextTokens + 1 + second.length + b.tokens.length - 1);
+    await new Promise<void>((resolve, reject) => client.closeSession({ sessionId: "chat" }, (e) => (e ? reject(e) : resolve())));
+  });
+
   it("stops at a stop string and does not stream it", async () => {
     const free = await run({ prompt: { $case: "text", value: "Hello world" }, maxTokens: 30, stopTokenIds: [] });
     const full = free.text;

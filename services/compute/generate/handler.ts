@@ -93,7 +93,7 @@ function promptTokens(req: GenerateRequest, loaded: LoadedModel, continuing: boo
     if (!m.role) throw invalidArgument(`prompt.chat.messages[${i}].role`, "must not be empty");
   });
   if (!codec.hasChatTemplate) throw failedPrecondition("prompt.chat: the served model has no chat template");
-  return codec.encodeChat(p.value.messages);
+  return codec.encodeChat(p.value.messages, continuing);
 }
 
 async function write(call: ServerWritableStream<GenerateRequest, GenerateResponse>, msg: GenerateResponse, signal: AbortSignal): Promise<void> {

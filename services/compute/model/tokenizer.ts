@@ -36,13 +36,16 @@ export class TextCodec {
     return this.tokenizer.decode(ids, { skip_special_tokens: skipSpecialTokens });
   }
 
-  /** Renders messages with the chat template (generation prompt appended) and encodes them. */
-  encodeChat(messages: ChatMessage[]): number[] {
+  /**
+   * Renders messages with the chat template (generation prompt appended) and encodes them. A turn
+   * that continues a conversation already in the cache is rendered without the BOS text.
+   */
+  encodeChat(messages: ChatMessage[], continuing = false): number[] {
     if (!this.template) throw new Error("the model has no chat template (tokenizer_config.json chat_template)");
     const text = this.template.render({
       messages,
       add_generation_prompt: true,
-      bos_token: tokenText(this.config.bos_token),
+      bos_token: continuing ? "" : tokenText(this.config.bos_token),
       eos_token: tokenText(this.config.eos_token),
     });
     return this.encode(text, false);
