@@ -1,8 +1,7 @@
 /**
  * Exact attention in float64: the yardstick every retrieval mode is measured against. For one
  * query head it gives the softmax probabilities over the whole context (scale 1/sqrt(D), as the
- * engine) and the output over any subset of tokens, so mass recall and relative error are
- * computed from the same numbers.
+ * engine) and the output, so mass recall and relative error are computed from the same numbers.
  *
  * Layouts follow the trace: q [T][Hq][D], k and v [tokens][Hkv][D] (token-major, NHD).
  */
@@ -11,10 +10,7 @@ export interface HeadView {
   headDim: number;
 }
 
-/**
- * Softmax probabilities of query `q[qOff .. qOff+D)` over tokens 0..len-1 of kv head `kvHead`.
- * `logitsOut` (optional, length >= len) receives the scaled logits.
- */
+/** Softmax probabilities of query `q[qOff .. qOff+D)` over tokens 0..len-1 of KV head `kvHead`. */
 export function exactProbabilities(q: ArrayLike<number>, qOff: number, k: Float32Array, view: HeadView, kvHead: number, len: number): Float64Array {
   const { kvHeads, headDim: d } = view;
   const scale = 1 / Math.sqrt(d);
@@ -49,26 +45,6 @@ export function weightedValues(p: Float64Array, v: Float32Array, view: HeadView,
   for (let s = 0; s < p.length; s++) {
     const w = p[s];
     if (w === 0) continue;
-    const base = s * stride + kvHead * d;
-    for (let i = 0; i < d; i++) out[i] += w * v[base + i];
-  }
-  return out;
-}
-
-/**
- * Attention restricted to `tokens` (what a retrieval mode attends): renormalised softmax over the
- * subset, from the full-context probabilities (the shared max cancels).
- */
-export function subsetOutput(p: Float64Array, tokens: ArrayLike<number>, v: Float32Array, view: HeadView, kvHead: number): Float64Array {
-  const { kvHeads, headDim: d } = view;
-  const out = new Float64Array(d);
-  const stride = kvHeads * d;
-  let sum = 0;
-  for (let j = 0; j < tokens.length; j++) sum += p[tokens[j]];
-  if (sum === 0) return out;
-  for (let j = 0; j < tokens.length; j++) {
-    const s = tokens[j];
-    const w = p[s] / sum;
     const base = s * stride + kvHead * d;
     for (let i = 0; i < d; i++) out[i] += w * v[base + i];
   }
