@@ -101,6 +101,42 @@ describe("stop conditions", () => {
     expect(m.push([0, 8, 10]).text).toBe("STx");
   });
 
+  it("incremental text equals a full decode, also across multi-token UTF-8 characters", async () => {
+    const { execFileSync } = await import("node:child_process");
+    const { mkdtempSync, rmSync } = await import("node:fs");
+    const { tmpdir } = await import("node:os");
+    const { join } = await import("node:path");
+    const { loadTextCodec } = await import("../../services/compute/model/tokenizer.js");
+    const dir = mkdtempSync(join(tmpdir(), "freekv-tok-"));
+    try {
+      execFileSync(process.execPath, [join(import.meta.dirname, "..", "..", "scripts", "make-builtin-model.mjs"), "--out", dir]);
+      const codec = loadTextCodec(dir)!;
+      const text = "Grüße aus Köln — 東京 ✓ pages, sink & window: 1024 tokens 🙂 done";
+      const ids = codec.encode(text);
+      const m = new StopMatcher(new Set(), [], (x) => codec.decode(x));
+      let streamed = "";
+      for (let i = 1; i <= ids.length; i++) {
+        const r = m.push(ids.slice(0, i));
+        expect(r.text).not.toContain("\uFFFD");
+        streamed += r.text;
+      }
+      streamed += m.flush(ids);
+      expect(streamed).toBe(text);
+      // random ids (not valid UTF-8 in general): the stream still equals the full decode
+      const r = prng(3);
+      const junk = Array.from({ length: 300 }, () => Math.floor(r() * 500));
+      const m2 = new StopMatcher(new Set(), [], (x) => codec.decode(x));
+      let s2 = "";
+      for (let i = 1; i <= junk.length; i++) s2 += m2.push(junk.slice(0, i)).text;
+      s2 += m2.flush(junk);
+      expect(s2).toBe(codec.decode(junk));
+      // a stop token as the very first token: no text, no error
+      expect(new StopMatcher(new Set([ids[0]]), [], (x) => codec.decode(x)).push([ids[0]])).toEqual({ text: "", stop: "stop_token" });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it("without a tokenizer only stop tokens apply", () => {
     const m = new StopMatcher(new Set([3]), ["llo"], undefined);
     expect(m.push([0, 1])).toEqual({ text: "", stop: undefined });

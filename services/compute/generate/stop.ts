@@ -1,19 +1,40 @@
 /**
- * Stop conditions and streamed text. Text is re-decoded from all generated ids each step (a
- * token can end in the middle of a UTF-8 sequence or change how the previous one decodes); what
- * is streamed holds back an incomplete character and any tail that could still become a stop
- * string, so a stop string never reaches the client.
+ * Stop conditions and streamed text. Text is detokenized incrementally: each step decodes only
+ * the tokens since a recent offset (with a few earlier tokens as context, so that decoders that
+ * treat a sequence's first token specially and multi-token UTF-8 characters come out as in a full
+ * decode), never the whole generation again. What is streamed holds back an incomplete
+ * character and any tail that could still become a stop string, so a stop string never reaches
+ * the client.
  */
 export type StopReason = "stop_token" | "stop_string" | undefined;
 
 export class StopMatcher {
-  private emitted = 0;
+  /** Text decoded so far (complete characters only). */
   private text = "";
+  /** Characters of `text` already returned. */
+  private emitted = 0;
+  // Incremental detokenization (as in vLLM): ids[prefix, read) were decoded already and serve as
+  // context for the tokens after `read`.
+  private prefix = 0;
+  private read = 0;
+
   constructor(
     private readonly stopTokens: Set<number>,
     private readonly stopStrings: string[],
     private readonly decode: ((ids: number[]) => string) | undefined,
   ) {}
+
+  /** Decodes the ids not decoded yet (ids is the whole generation so far). */
+  private advance(ids: number[]): void {
+    if (!this.decode) return;
+    const before = this.decode(ids.slice(this.prefix, this.read));
+    const after = this.decode(ids.slice(this.prefix));
+    if (after.length > before.length && !after.endsWith("\uFFFD")) {
+      this.text += after.slice(before.length);
+      this.prefix = Math.max(this.read, ids.length - 4);
+      this.read = ids.length;
+    }
+  }
 
   /**
    * Takes the generated ids so far (the newest last); returns the text that can be streamed now
@@ -23,7 +44,7 @@ export class StopMatcher {
     const last = ids[ids.length - 1];
     if (this.stopTokens.has(last)) return { text: this.flush(ids.slice(0, -1)), stop: "stop_token" };
     if (!this.decode) return { text: "", stop: undefined };
-    this.text = this.decode(ids);
+    this.advance(ids);
     for (const s of this.stopStrings) {
       const at = this.text.indexOf(s, Math.max(0, this.emitted - s.length + 1));
       if (s && at >= 0) {
@@ -33,7 +54,6 @@ export class StopMatcher {
       }
     }
     let safe = this.text.length;
-    if (this.text.endsWith("\uFFFD")) safe--;
     for (const s of this.stopStrings) {
       for (let k = Math.min(s.length - 1, this.text.length); k > 0; k--) {
         if (this.text.endsWith(s.slice(0, k))) {
@@ -48,10 +68,15 @@ export class StopMatcher {
     return { text: out, stop: undefined };
   }
 
-  /** Everything not yet streamed (at the end of generation). */
+  /** Everything not yet streamed (at the end of generation), incomplete characters included. */
   flush(ids: number[]): string {
     if (!this.decode) return "";
-    this.text = this.decode(ids);
+    if (ids.length > this.read) {
+      const before = this.decode(ids.slice(this.prefix, this.read));
+      const after = this.decode(ids.slice(this.prefix));
+      if (after.length > before.length) this.text += after.slice(before.length);
+      this.read = ids.length;
+    }
     const out = this.text.slice(this.emitted);
     this.emitted = this.text.length;
     return out;
