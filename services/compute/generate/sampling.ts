@@ -56,10 +56,15 @@ export class Sampler {
   sample(logits: Float32Array, offset: number, vocab: number): number {
     if (this.greedy) return argmax(logits, offset, vocab);
     const { temperature, topK, topP } = this.opts;
-    let ids = Array.from({ length: vocab }, (_, i) => i);
-    ids.sort((a, b) => logits[offset + b] - logits[offset + a]);
-    if (topK > 0 && topK < vocab) ids = ids.slice(0, topK);
-    const max = logits[offset + ids[0]];
+    let max = -Infinity;
+    for (let i = 0; i < vocab; i++) max = Math.max(max, logits[offset + i]);
+    // Tokens more than 40 temperatures below the best have probability ratios under e^-40: they
+    // are left out, so a large vocabulary is neither sorted nor summed in full.
+    const cut = max - 40 * temperature;
+    let ids: number[] = [];
+    for (let i = 0; i < vocab; i++) if (logits[offset + i] >= cut) ids.push(i);
+    if (topK > 0 || (topP > 0 && topP < 1)) ids.sort((a, b) => logits[offset + b] - logits[offset + a]);
+    if (topK > 0 && topK < ids.length) ids = ids.slice(0, topK);
     const p = ids.map((i) => Math.exp((logits[offset + i] - max) / temperature));
     let sum = p.reduce((a, b) => a + b, 0);
     let keep = p.length;
