@@ -12,7 +12,7 @@ import { Metadata, status, type ClientReadableStream, type ServiceError } from "
 import { GenerateRequest, type GenerateResponse, type GenerateFinal } from "../../proto/gen/freekv/v1/compute.js";
 import { loadModel } from "../../services/compute/model/loader.js";
 import { argmax } from "../../services/compute/generate/sampling.js";
-import { QUIET, computeClient, kvstoreClient, startTiers, unary, type Tiers } from "../helpers/services.js";
+import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
 
 const MODEL = join(import.meta.dirname, "..", "fixtures", "models", "tiny-llama3");
 const golden = JSON.parse(readFileSync(join(MODEL, "golden.json"), "utf8")) as { prompt: number[]; continuation: number[] };
@@ -97,6 +97,9 @@ describe("Generate over gRPC", () => {
     expect(r.final?.usage?.contextTokens).toBe(golden.prompt.length + golden.continuation.length - 1);
     expect(r.final?.stats?.decodeSteps).toBeGreaterThan(0);
     for (const c of r.chunks) if (c?.$case === "chunk") expect(c.value.stepMs).toBeGreaterThan(0);
+    const m = await fetchMetrics(tiers.compute.metricsPort);
+    expect(metricValue(m, "freekv_generate_requests_total", 'finish="length"')).toBeGreaterThanOrEqual(1);
+    expect(metricValue(m, "freekv_generate_tokens_total", 'kind="completion"')).toBeGreaterThanOrEqual(golden.continuation.length);
   });
 
   it("batches the decode steps of concurrent calls, each still getting its own answer", async () => {

@@ -11,6 +11,7 @@
  *   max_context_tokens: FAILED_PRECONDITION; unknown session: NOT_FOUND.
  */
 import { status, type handleServerStreamingCall, type ServerWritableStream } from "@grpc/grpc-js";
+import { Counter, Histogram, type Registry } from "prom-client";
 import { DType } from "../../../proto/gen/freekv/v1/common.js";
 import {
   FinishReason,
@@ -111,7 +112,22 @@ async function write(call: ServerWritableStream<GenerateRequest, GenerateRespons
   if (signal.aborted) throw signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled");
 }
 
+/** Generate's own metrics, next to the compute tier's (same registry). */
+function generateMetrics(registry: Registry) {
+  return {
+    requests: new Counter({ name: "freekv_generate_requests_total", help: "Generate calls by how they ended", labelNames: ["finish"], registers: [registry] }),
+    tokens: new Counter({ name: "freekv_generate_tokens_total", help: "Tokens through Generate", labelNames: ["kind"], registers: [registry] }),
+    prefillSeconds: new Histogram({
+      name: "freekv_generate_prefill_seconds",
+      help: "Prompt prefill time of a Generate call (time to the first token)",
+      buckets: [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1, 3, 10, 30],
+      registers: [registry],
+    }),
+  };
+}
+
 export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<GenerateRequest, GenerateResponse> {
+  const metrics = generateMetrics(ctx.metrics.registry);
   let served: Served | string | undefined;
   const getServed = (): Served => {
     served ??= serveModel(ctx);
@@ -136,6 +152,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       .catch((e: unknown) => {
         const err = e instanceof GenerateError ? (e.kind === "invalid_argument" ? new ServiceError(status.INVALID_ARGUMENT, e.message) : failedPrecondition(e.message)) : e;
         const st = toStatus(err, ctx.log, "Generate", signal);
+        metrics.requests.inc({ finish: status[st.code]?.toLowerCase() ?? String(st.code) });
         call.emit("error", st);
       })
       .finally(() => scope.done());
@@ -197,7 +214,11 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
         const c = r.value;
         await write(call, { event: { $case: "chunk", value: { tokenIds: c.tokenIds, text: c.text, stepMs: c.stepMs, batchSize: c.batchSize } } }, signal);
       }
+      metrics.tokens.inc({ kind: "prompt" }, final.promptTokens);
+      metrics.tokens.inc({ kind: "completion" }, final.completionTokens);
       if (final.finishReason === "cancelled" || signal.aborted) throw signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled");
+      metrics.prefillSeconds.observe(final.prefillMs / 1000);
+      metrics.requests.inc({ finish: final.finishReason });
       await write(
         call,
         {
