@@ -112,10 +112,50 @@ struct Plan {
 };
 
 std::mutex g_mu;
+bool g_autotune = false;
 std::map<std::tuple<int, int, int, bool>, Plan> g_plans;
 std::map<cudaStream_t, void*> g_workspaces;  // one workspace per stream: concurrent GEMMs never share one
 
-Plan& GetPlan(Api& api, int M, int N, int K, bool accumulate) {
+// Times each candidate algorithm on the real operands (scratch output); returns the fastest's
+// index, or 0 when timing is impossible (e.g. inside a capture).
+int Tune(Api& api, Plan& p, const LtHeuristic* h, int n, const void* x, const void* w, int M, int N, void* ws,
+         cudaStream_t stream) {
+  cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+  if (n < 2 || cudaStreamIsCapturing(stream, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone) return 0;
+  void* scratch = nullptr;
+  cudaEvent_t a = nullptr, b = nullptr;
+  int best = 0;
+  float best_ms = 1e30f;
+  if (cudaMalloc(&scratch, size_t(M) * N * 2) != cudaSuccess) return 0;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  const float one = 1.0f, zero = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    bool ok = true;
+    for (int r = 0; r < 2 && ok; ++r)
+      ok = api.matmul(api.handle, p.desc, &one, w, p.a, x, p.b, &zero, scratch, p.c, scratch, p.c, &h[i].algo, ws,
+                      h[i].workspaceSize, stream) == 0;
+    if (!ok) continue;
+    cudaEventRecord(a, stream);
+    for (int r = 0; r < 5; ++r)
+      api.matmul(api.handle, p.desc, &one, w, p.a, x, p.b, &zero, scratch, p.c, scratch, p.c, &h[i].algo, ws,
+                 h[i].workspaceSize, stream);
+    cudaEventRecord(b, stream);
+    float ms = 1e30f;
+    if (cudaEventSynchronize(b) == cudaSuccess && cudaEventElapsedTime(&ms, a, b) == cudaSuccess && ms < best_ms) {
+      best_ms = ms;
+      best = i;
+    }
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaFree(scratch);
+  cudaGetLastError();
+  return best;
+}
+
+Plan& GetPlan(Api& api, int M, int N, int K, bool accumulate, const void* x, const void* w, void* ws,
+              cudaStream_t stream) {
   auto key = std::make_tuple(M, N, K, accumulate);
   auto it = g_plans.find(key);
   if (it != g_plans.end()) return it->second;
@@ -131,22 +171,39 @@ Plan& GetPlan(Api& api, int M, int N, int K, bool accumulate) {
   Check(api.layoutCreate(&p.c, CUDA_R_16BF, N, M, N), "layout C");
   LtPref pref = nullptr;
   Check(api.prefCreate(&pref), "PreferenceCreate");
-  size_t ws = kCublasLtWorkspaceBytes;
-  Check(api.prefSet(pref, kPrefMaxWorkspace, &ws, sizeof ws), "set max workspace");
-  LtHeuristic h[4];
+  size_t ws_max = kCublasLtWorkspaceBytes;
+  Check(api.prefSet(pref, kPrefMaxWorkspace, &ws_max, sizeof ws_max), "set max workspace");
+  LtHeuristic h[8];
   int n = 0;
-  LtStatus s = api.heuristic(api.handle, p.desc, p.a, p.b, p.c, p.c, pref, 4, h, &n);
+  LtStatus s = api.heuristic(api.handle, p.desc, p.a, p.b, p.c, p.c, pref, g_autotune ? 8 : 1, h, &n);
   api.prefDestroy(pref);
   Check(s, "AlgoGetHeuristic");
   if (n < 1)
     throw std::runtime_error("cuBLASLt: no algorithm for bf16 GEMM M=" + std::to_string(M) + " N=" +
                              std::to_string(N) + " K=" + std::to_string(K));
-  p.algo = h[0].algo;
-  p.workspace = h[0].workspaceSize;
+  const int pick = g_autotune ? Tune(api, p, h, n, x, w, M, N, ws, stream) : 0;
+  p.algo = h[pick].algo;
+  p.workspace = h[pick].workspaceSize;
   return g_plans.emplace(key, p).first->second;
 }
 
 }  // namespace
+
+void SetGemmAutotune(bool on) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  Api& api = Lt();
+  if (on == g_autotune) return;
+  g_autotune = on;
+  for (auto& kv : g_plans) {
+    if (api.layoutDestroy) {
+      api.layoutDestroy(kv.second.a);
+      api.layoutDestroy(kv.second.b);
+      api.layoutDestroy(kv.second.c);
+    }
+    if (api.descDestroy) api.descDestroy(kv.second.desc);
+  }
+  g_plans.clear();
+}
 
 bool CublasLtAvailable(std::string* reason) {
   Api& api = Lt();
@@ -166,7 +223,6 @@ void GemmBf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, 
   Api& api = Lt();
   if (!api.handle) throw std::runtime_error(api.reason);
   std::lock_guard<std::mutex> lock(g_mu);
-  Plan& p = GetPlan(api, M, N, K, beta != 0.0f);
   void*& ws = g_workspaces[stream];
   if (!ws) {
     cudaError_t e = cudaMalloc(&ws, kCublasLtWorkspaceBytes);
@@ -175,6 +231,7 @@ void GemmBf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, 
       throw std::runtime_error(std::string("GemmBf16: workspace cudaMalloc failed: ") + cudaGetErrorString(e));
     }
   }
+  Plan& p = GetPlan(api, M, N, K, beta != 0.0f, x, w, ws, stream);
   Check(api.matmul(api.handle, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo, ws, p.workspace,
                    stream),
         "Matmul");

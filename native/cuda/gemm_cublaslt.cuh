@@ -30,6 +30,11 @@ bool CublasLtAvailable(std::string* reason = nullptr);
 void GemmBf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, int M, int N, int K,
               cudaStream_t stream, float alpha = 1.0f, float beta = 0.0f);
 
+// Autotuning (off by default): when on, the first call for a shape outside a graph capture times
+// up to 8 of the heuristic's algorithms on the call's own operands (into a scratch output, so y
+// is written once, by the real call) and keeps the fastest. Switching clears the cached plans.
+void SetGemmAutotune(bool on);
+
 // Workspace handed to cuBLASLt (allocated once, on first use, with cudaMalloc).
 constexpr size_t kCublasLtWorkspaceBytes = size_t(32) << 20;
 
