@@ -68,6 +68,33 @@ def sync(device):
 
 
 @torch.no_grad()
+def profile_step(model, cfg, batch, ctx, device):
+    """Where one decode step's time goes (CPU vs GPU, top operators): explains a slow anchor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = make_cache(cfg, batch, ctx, False, device)
+    tok = torch.randint(0, cfg.vocab_size, (batch, 1), device=device)
+    for i in range(2):
+        model(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([ctx + i], device=device),
+              use_cache=True, logits_to_keep=1)
+    sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        model(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([ctx + 2], device=device),
+              use_cache=True, logits_to_keep=1)
+        sync(device)
+    out = {}
+    ka = prof.key_averages()
+    for key in ("self_cpu_time_total", "self_device_time_total", "self_cuda_time_total"):
+        try:
+            out[key] = ka.table(sort_by=key, row_limit=12)
+        except Exception:  # noqa: BLE001 - the sort keys differ between torch versions
+            pass
+    del cache
+    return out
+
+
+@torch.no_grad()
 def time_decode(model, cfg, batch, ctx, offloading, steps, warmup, device):
     cache = make_cache(cfg, batch, ctx, offloading, device)
     tok = torch.randint(0, cfg.vocab_size, (batch, 1), device=device)
@@ -120,6 +147,9 @@ def main():
         save()
         return 1
     print(f"[anchor] model built in {time.time() - t0:.1f} s", flush=True)
+    res["param_dtype"] = str(next(model.parameters()).dtype)
+    res["attn_implementation"] = str(getattr(model.config, "_attn_implementation", "?"))
+    res["params"] = sum(p.numel() for p in model.parameters())
     for case in args.cases.split(","):
         ctx, batch = (int(x) for x in case.split("x"))
         for offloading in (False, True):
@@ -127,7 +157,7 @@ def main():
             if args.deadline_s and time.time() - t0 > args.deadline_s:
                 res["cases"].append({"context": ctx, "batch": batch, "cache": mode, "skipped": "out of time"})
                 continue
-            steps, warmup = (3, 1) if offloading else (8, 2)
+            steps, warmup = (2, 1) if offloading else (6, 2)
             try:
                 med, times, tokens_after = time_decode(model, cfg, batch, ctx, offloading, steps, warmup, device)
                 prev = PREVIOUS.get(case, (None, None))[1 if offloading else 0]
@@ -141,6 +171,13 @@ def main():
                 res["cases"].append({"context": ctx, "batch": batch, "cache": mode, "error": repr(e)[:500]})
                 print(f"[anchor] ctx {ctx} batch {batch} {mode}: FAILED {e!r}", flush=True)
             save()
+    if not (args.deadline_s and time.time() - t0 > args.deadline_s):
+        try:
+            ctx, batch = (int(x) for x in args.cases.split(",")[0].split("x"))
+            res["profile_gpu_cache_first_case"] = profile_step(model, cfg, batch, ctx, device)
+            print(res["profile_gpu_cache_first_case"].get("self_cpu_time_total", "")[:3000], flush=True)
+        except Exception as e:  # noqa: BLE001
+            res["profile_error"] = repr(e)[:500]
     save()
     return 0
 

@@ -107,18 +107,41 @@ def main():
 
     steps = step_lookup(bench)
     if steps:
-        modes = ["dense", "sparse", "freekv_gather", "freekv_memcpy", "arkvale", "full_offload"]
+        modes = ["model_only_heuristic", "model_only", "dense", "sparse", "freekv_gather", "freekv_memcpy", "arkvale",
+                 "full_offload"]
         srows = []
         for ctx, b in sorted({(k[0], k[1]) for k in steps}):
-            floor = next((steps[(ctx, b, m)].get("floor_ms") for m in modes if (ctx, b, m) in steps), None)
-            cells = []
-            for m in modes:
-                c = steps.get((ctx, b, m))
-                cells.append(fmt(c["ms"]) if c else "-")
-            srows.append([f"{ctx // 1024}K", b, fmt(floor)] + cells)
+            get = lambda m, f: (steps.get((ctx, b, m)) or {}).get(f)
+            cells = [fmt(get(m, "ms")) for m in modes]
+            floors = [fmt(get("model_only", "floor_ms")), fmt(get("sparse", "floor_ms")),
+                      fmt(get("dense", "floor_ms") or get("full_offload", "floor_ms"))]
+            srows.append([f"{ctx // 1024}K", b] + floors + cells)
         print()
-        print("decode step, ms (HBM floor = weights + attended KV bytes / measured HBM copy bandwidth)")
-        print(table(srows, ["context", "batch", "HBM floor"] + modes))
+        print("decode step, ms. Floors = bytes that must stream through HBM / measured HBM copy bandwidth:")
+        print("weights only; weights + budget KV (sparse and FreeKV modes); weights + all KV (dense, full offload)")
+        print(table(srows, ["context", "batch", "floor weights", "floor budget", "floor dense"] + modes))
+        xrows = []
+        for ctx, b in sorted({(k[0], k[1]) for k in steps}):
+            levels = sorted({k[2].split("@")[1] for k in steps if k[0] == ctx and k[1] == b and "@" in k[2]})
+            prim = steps.get((ctx, b, "freekv_gather"), {}).get("input_cosine")
+            for lv in [None] + levels:
+                suf = "" if lv is None else "@" + lv
+                c = {m: steps.get((ctx, b, m + suf)) for m in ("sparse", "freekv_gather", "freekv_memcpy", "arkvale")}
+                if not c["freekv_gather"]:
+                    continue
+                g, sp, ak = c["freekv_gather"], c["sparse"], c["arkvale"]
+                xrows.append([f"{ctx // 1024}K", b, f"{g.get('input_cosine', 0):.3f}",
+                              fmt(g.get("corrected_group_fraction")), fmt(g.get("recalled_head_pages_per_step")),
+                              fmt(g.get("misses_on_critical_path_per_step")),
+                              fmt(sp and sp.get("ms")), fmt(g.get("ms")), fmt(c["freekv_memcpy"] and c["freekv_memcpy"].get("ms")),
+                              fmt(ak and ak.get("ms")),
+                              f"{g['ms'] / sp['ms']:.2f}x" if sp else "-", f"{ak['ms'] / g['ms']:.1f}x" if ak else "-"])
+        if xrows:
+            print()
+            print("recall volume and correction rate by step-input similarity (FreeKV gather's counters)")
+            print(table(xrows, ["context", "batch", "input cos", "corrected groups", "recalled head-pages/step",
+                                "of which on critical path", "sparse ms", "gather ms", "memcpy ms", "arkvale ms",
+                                "gather/sparse", "arkvale/gather"]))
 
     arows = []
     for c in (anchor or {}).get("cases", []):
