@@ -19,8 +19,18 @@ export class Health {
     this.impl.addToServer(server);
   }
 
+  private stopping = false;
+
+  /** SERVING is ignored once the drain started. */
   set(status: "SERVING" | "NOT_SERVING"): void {
+    if (this.stopping && status === "SERVING") return;
     this.impl.setStatus("", status);
     for (const s of this.services) this.impl.setStatus(s, status);
+  }
+
+  /** NOT_SERVING for good (the drain). */
+  shutdown(): void {
+    this.set("NOT_SERVING");
+    this.stopping = true;
   }
 }

@@ -46,7 +46,7 @@ export function installDrain(opts: DrainOptions): Drainer {
     draining = (async () => {
       const t0 = Date.now();
       opts.log.info({ reason, inflight: inflightCalls(), graceMs: opts.graceMs }, "draining");
-      opts.health.set("NOT_SERVING");
+      opts.health.shutdown();
       const graceful = new Promise<boolean>((resolve) => {
         opts.server.tryShutdown(() => resolve(true));
       });

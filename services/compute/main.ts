@@ -7,6 +7,7 @@ import { loadConfigOrExit } from "../common/config.js";
 import { bindServer, installDrain } from "../common/lifecycle.js";
 import { createLogger } from "../common/log.js";
 import { createRegistry, startMetricsServer } from "../common/metrics.js";
+import { followUpstreamHealth } from "../common/upstream-health.js";
 import { computeConfigSchema } from "./config.js";
 import { StartupError, createContext } from "./context.js";
 import { createComputeServer } from "./server.js";
@@ -35,18 +36,21 @@ async function main(): Promise<void> {
   const { server, health } = await createComputeServer(ctx);
   const port = await bindServer(server, config.FREEKV_COMPUTE_HOST, config.FREEKV_COMPUTE_PORT);
   const metricsServer = await startMetricsServer(registry, config.FREEKV_COMPUTE_METRICS_PORT, config.FREEKV_COMPUTE_HOST);
+  // Compute serves only while its kvstore does: every new session needs it.
+  const upstream = followUpstreamHealth(config.FREEKV_KVSTORE_ADDR, "freekv.v1.KvStoreService", log, (ok) => health.set(ok ? "SERVING" : "NOT_SERVING"));
   installDrain({
     server,
     health,
     log,
     graceMs: config.FREEKV_SHUTDOWN_GRACE_MS,
     cleanup: async () => {
+      upstream.stop();
       await ctx.sessions.shutdown();
       ctx.kvstore.close();
       await metricsServer.close();
     },
   });
-  health.set("SERVING");
+  health.set(upstream.serving ? "SERVING" : "NOT_SERVING");
   log.info(
     { grpcPort: port, metricsPort: metricsServer.port, kvstore: config.FREEKV_KVSTORE_ADDR, backend: config.FREEKV_BACKEND, engine: !!ctx.engine, reattached },
     "compute listening",

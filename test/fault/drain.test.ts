@@ -94,3 +94,20 @@ describe("SIGTERM", () => {
     for (const n of made) loadAddon().ShmSegment.unlink(n);
   });
 });
+
+describe("compute follows the kvstore's health", () => {
+  it("turns NOT_SERVING when its kvstore stops, and the kvstore's drain is not held by compute's watch", async () => {
+    tiers = await startTiers({ kvstoreEnv: { ...QUIET, FREEKV_SHUTDOWN_GRACE_MS: "10000" }, computeEnv: QUIET });
+    const watch = healthWatch(tiers.compute.address, "freekv.v1.ComputeService");
+    await watch.waitFor("SERVING");
+    const t0 = Date.now();
+    expect(await tiers.kvstore.stop("SIGTERM")).toEqual({ code: 0, signal: null });
+    expect(Date.now() - t0).toBeLessThan(8000);
+    await watch.waitFor("NOT_SERVING");
+    const compute = computeClient(tiers.compute.address);
+    const e = await unaryError(compute, "createSession", { sessionId: "orphan", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 256 });
+    expect(e.code).toBe(status.UNAVAILABLE);
+    compute.close();
+    watch.cancel();
+  });
+});
