@@ -88,4 +88,13 @@ export class AttentionStream {
   cancel(): void {
     this.call.cancel();
   }
+
+  /** Stops reading responses (they pile up in the transport, then at the server). */
+  pause(): void {
+    this.call.pause();
+  }
+
+  resume(): void {
+    this.call.resume();
+  }
 }
