@@ -183,9 +183,13 @@ void CpuEngine::WriteQueryRecord(CpuSession& s, int layer) {
 // Selection and recall
 
 void CpuEngine::SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops) {
-  const auto& pg = s.pg;
   std::vector<double> combined;
-  const auto chosen = SelectPages(pg, s.cfg.combine, L.summaries.data(), h, q, c0, c1, combined);
+  const auto chosen = SelectPages(s.pg, s.cfg.combine, L.summaries.data(), h, q, c0, c1, combined);
+  ApplySelection(s, L, h, chosen, combined, c0, c1, ops);
+}
+
+void CpuEngine::ApplySelection(CpuSession& s, LayerState& L, int h, const std::vector<int>& chosen,
+                               const std::vector<double>& combined, int c0, int c1, std::vector<RecallOp>& ops) {
   auto& slot_page = L.slot_page[h];
   const auto plan = PlanResidency(slot_page, chosen, [&](int p) {
     return p >= c0 && p < c1 ? combined[p - c0] : -std::numeric_limits<double>::infinity();
@@ -203,7 +207,7 @@ void CpuEngine::SelectHead(CpuSession& s, LayerState& L, int h, const float* q, 
   s.counters.pages_selected += chosen.size();
   s.counters.pages_hit += plan.hits;
   s.counters.pages_recalled += plan.misses.size();
-  s.counters.recall_bytes += plan.misses.size() * pg.head_page_bytes;
+  s.counters.recall_bytes += plan.misses.size() * s.pg.head_page_bytes;
 }
 
 void CpuEngine::RunRecall(CpuSession& s, int layer, const std::vector<RecallOp>& ops) {
@@ -220,27 +224,29 @@ void CpuEngine::RunRecall(CpuSession& s, int layer, const std::vector<RecallOp>&
 
 void CpuEngine::SpeculativeJob(CpuSession& s, int layer, const std::vector<float>& q) {
   LayerState& L = *s.layers[layer];
+  const int H = s.pg.Hkv;
   // The pages selectable at the next step: its middle range, among the pages full now.
   const auto now = RangesFor(s.pg, L.tokens);
   const auto next = RangesFor(s.pg, L.tokens + 1);
   const int c0 = next.sink_end, c1 = std::min(next.window_begin, now.full);
-  // Heads in parallel: when the next step is already waiting for this recall (a single layer,
-  // or little work between two calls of the layer), the scoring is on its critical path.
-  std::vector<std::vector<RecallOp>> per_head(s.pg.Hkv);
-  ParallelFor(s.pg.Hkv, threads_, [&](int h) { SelectHead(s, L, h, q.data(), c0, c1, per_head[h]); });
-  std::vector<RecallOp> ops;
-  for (const auto& v : per_head) ops.insert(ops.end(), v.begin(), v.end());
-  // Issued after this layer's attention returned, so nothing reads the slots; the guard makes
-  // that ordering explicit.
+  // 1. Selection with q_t. It reads only the summaries, so it runs while this step's attention
+  //    still reads the slots (heads in parallel: with a single layer it is on the critical path).
+  std::vector<std::vector<int>> chosen(H);
+  std::vector<std::vector<double>> combined(H);
+  ParallelFor(H, threads_, [&](int h) { chosen[h] = SelectPages(s.pg, s.cfg.combine, L.summaries.data(), h, q.data(), c0, c1, combined[h]); });
+  // 2. Residency and recall write the slots: only once no attention reads this layer's slots.
+  //    The decode that queued this job holds a read of the layer until its attention returned.
   L.recall.WaitNoReaders();
   if (debug_recall_delay_us_ > 0) std::this_thread::sleep_for(std::chrono::microseconds(debug_recall_delay_us_));
+  std::vector<RecallOp> ops;
+  for (int h = 0; h < H; ++h) ApplySelection(s, L, h, chosen[h], combined[h], c0, c1, ops);
   RunRecall(s, layer, ops);
 }
 
-void CpuEngine::QueueSpeculative(const std::shared_ptr<CpuSession>& s, int layer) {
+void CpuEngine::QueueSpeculative(const std::shared_ptr<CpuSession>& s, int layer, const float* q) {
   LayerState& L = *s->layers[layer];
-  std::vector<float> q = L.q_prev;
-  worker_->Submit(&L.recall, [this, s, layer, q = std::move(q)] { SpeculativeJob(*s, layer, q); });
+  std::vector<float> qv(q, q + static_cast<size_t>(s->pg.Hq) * s->pg.D);
+  worker_->Submit(&L.recall, [this, s, layer, qv = std::move(qv)] { SpeculativeJob(*s, layer, qv); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -384,7 +390,11 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
       task_head.push_back(h);
     }
   std::vector<std::vector<int>> attended(task_item.size());
+  // The read of each layer's slots begins before the next step's speculative selection is queued,
+  // so that job selects in parallel with this attention but writes slots only after it.
   for (int i = 0; i < n; ++i) ss[i]->layers[layer]->recall.BeginRead();
+  for (int i = 0; i < n; ++i)
+    if (ss[i]->Speculates(*ss[i]->layers[layer])) QueueSpeculative(ss[i], layer, items[i].q);
   try {
     ParallelFor(static_cast<int>(task_item.size()), threads_, [&](int t) {
       CpuSession& s = *ss[task_item[t]];
@@ -426,7 +436,7 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     L.attended_all = L.dense;
     L.attended_valid = true;
   }
-  // 5. Remember q_t; start the speculative selection + recall for the next step.
+  // 5. Remember q_t (the speculative selection with it was queued above).
   for (int i = 0; i < n; ++i) {
     CpuSession& s = *ss[i];
     LayerState& L = *s.layers[layer];
@@ -436,7 +446,6 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     L.decodes += 1;
     if (L.decodes > s.counters.decode_steps) s.counters.decode_steps = L.decodes;
     WriteQueryRecord(s, layer);
-    if (s.Speculates(L)) QueueSpeculative(ss[i], layer);
     UpdateResident(s);
   }
 }

@@ -43,10 +43,14 @@ class CpuEngine : public Engine {
   // Selects head h's pages with q ([Hq][D]) among pages [c0, c1) and plans the residency;
   // appends the misses to ops. Counts pages_selected/hit/recalled.
   void SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops);
+  // Makes the chosen pages of head h resident (hits reused, misses planned into slots).
+  void ApplySelection(CpuSession& s, LayerState& L, int h, const std::vector<int>& chosen,
+                      const std::vector<double>& combined, int c0, int c1, std::vector<RecallOp>& ops);
   void RunRecall(CpuSession& s, int layer, const std::vector<RecallOp>& ops);
-  // The speculative job: selection with q for the step after the current one, then its recall.
+  // The speculative job: selection with q for the step after the current one, then (once the
+  // current attention released the layer's slots) residency and recall.
   void SpeculativeJob(CpuSession& s, int layer, const std::vector<float>& q);
-  void QueueSpeculative(const std::shared_ptr<CpuSession>& s, int layer);
+  void QueueSpeculative(const std::shared_ptr<CpuSession>& s, int layer, const float* q);
   void WaitLayer(CpuSession& s, LayerState& L);
   void Reattach(CpuSession& s);
 
