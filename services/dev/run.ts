@@ -99,7 +99,9 @@ async function main(): Promise<void> {
   });
 }
 
-if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
+// Run only as the entry point itself (not when bundled into, or imported by, the demo).
+const self = fileURLToPath(import.meta.url);
+if (process.argv[1] === self && /(^|\/)run\.(ts|js|mjs)$/.test(self)) {
   main().catch((e: unknown) => {
     process.stderr.write(`${(e as Error).message}\n`);
     process.exit(1);
