@@ -3,8 +3,8 @@
 //
 // Work split: a token's K (or V) row of one head is D bf16 = D/8 16-byte vectors, read by
 // TPT = D/8 consecutive lanes (a "token group"); a warp holds 32/TPT token groups, the block
-// NG = 4 * 32/TPT of them, each walking the range with stride NG. K and V of a token are loaded
-// together so both 16-byte loads are in flight before the first use. Each token group keeps its
+// NG = 4 * 32/TPT of them, each walking the range with stride NG, two tokens at a time: the K and
+// V vectors of both are loaded before the first use (four 16-byte loads in flight per lane). Each token group keeps its
 // own (max, sum, accumulator) per query head; the groups are merged through shared memory at the
 // end. Scores are kept in the log2 domain (q is pre-scaled by scale * log2(e)).
 #pragma once
@@ -31,6 +31,37 @@ struct AttnSmem {
   float l[AttnShape<D>::NG][MAXG];
   float o[AttnShape<D>::NG][MAXG][D];
 };
+
+// One token of a token group: scores for the group's query heads (reduced over the TPT lanes
+// that hold the token's channels), then the online-softmax update of (m, l, acc). Every lane of
+// the warp calls it (the shuffles need them all); `valid` = false leaves the state unchanged.
+template <int D, int MAXG>
+__device__ __forceinline__ void OnlineSoftmaxStep(const float (&qr)[MAXG][kVec], float (&m)[MAXG], float (&l)[MAXG],
+                                                  float (&acc)[MAXG][kVec], const uint4& ku, const uint4& vu,
+                                                  bool valid, int G) {
+  using S = AttnShape<D>;
+  float kf[kVec], vf[kVec];
+  Bf16x8ToFloat(ku, kf);
+  Bf16x8ToFloat(vu, vf);
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g) {
+    if (g >= G) break;
+    float s = 0.f;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) s += qr[g][e] * kf[e];
+#pragma unroll
+    for (int off = S::TPT / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (valid) {
+      const float mn = fmaxf(m[g], s);
+      const float c = exp2f(m[g] - mn);
+      const float p = exp2f(s - mn);
+      l[g] = l[g] * c + p;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[g][e] = acc[g][e] * c + p * vf[e];
+      m[g] = mn;
+    }
+  }
+}
 
 // Attends tokens i = 0..len-1 given by `token(i, &k, &v) -> bool` (false: skip the token).
 // q: [G][D] fp32 of this group. On return (after a __syncthreads), for g < G and d < D:
@@ -59,37 +90,23 @@ __device__ __forceinline__ void AttendRange(const float* __restrict__ q, int G, 
     for (int e = 0; e < kVec; ++e) acc[g][e] = 0.f;
   }
 
-  for (int base = 0; base < len; base += S::NG) {  // uniform across the block: shuffles are safe
-    const int i = base + gi;
-    const __nv_bfloat16* kp = nullptr;
-    const __nv_bfloat16* vp = nullptr;
-    const bool valid = i < len && token(i, kp, vp);
-    uint4 ku = make_uint4(0, 0, 0, 0), vu = make_uint4(0, 0, 0, 0);
-    if (valid) {
-      ku = *reinterpret_cast<const uint4*>(kp + sub * kVec);
-      vu = *reinterpret_cast<const uint4*>(vp + sub * kVec);
+  // Two tokens per token group per iteration: four 16-byte loads in flight before the first use.
+  for (int base = 0; base < len; base += 2 * S::NG) {  // uniform across the block: shuffles are safe
+    const int i0 = base + gi, i1 = i0 + S::NG;
+    const __nv_bfloat16 *k0 = nullptr, *v0 = nullptr, *k1 = nullptr, *v1 = nullptr;
+    const bool ok0 = i0 < len && token(i0, k0, v0);
+    const bool ok1 = i1 < len && token(i1, k1, v1);
+    uint4 ku0 = make_uint4(0, 0, 0, 0), vu0 = ku0, ku1 = ku0, vu1 = ku0;
+    if (ok0) {
+      ku0 = *reinterpret_cast<const uint4*>(k0 + sub * kVec);
+      vu0 = *reinterpret_cast<const uint4*>(v0 + sub * kVec);
     }
-    float kf[kVec], vf[kVec];
-    Bf16x8ToFloat(ku, kf);
-    Bf16x8ToFloat(vu, vf);
-#pragma unroll
-    for (int g = 0; g < MAXG; ++g) {
-      if (g >= G) break;
-      float s = 0.f;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) s += qr[g][e] * kf[e];
-#pragma unroll
-      for (int off = S::TPT / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-      if (valid) {
-        const float mn = fmaxf(m[g], s);
-        const float c = exp2f(m[g] - mn);
-        const float p = exp2f(s - mn);
-        l[g] = l[g] * c + p;
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) acc[g][e] = acc[g][e] * c + p * vf[e];
-        m[g] = mn;
-      }
+    if (ok1) {
+      ku1 = *reinterpret_cast<const uint4*>(k1 + sub * kVec);
+      vu1 = *reinterpret_cast<const uint4*>(v1 + sub * kVec);
     }
+    OnlineSoftmaxStep<D, MAXG>(qr, m, l, acc, ku0, vu0, ok0, G);
+    OnlineSoftmaxStep<D, MAXG>(qr, m, l, acc, ku1, vu1, ok1, G);
   }
 
 #pragma unroll

@@ -92,11 +92,11 @@ int SplitsFor(const DecodeAttentionParams& p, int pps) { return std::max(1, (p.m
 
 int DecodeAttentionPagesPerSplit(const DecodeAttentionParams& p) {
   if (p.pages_per_split > 0) return p.pages_per_split;
-  // Aim at about 2 blocks per SM of an H200 (132 SMs), at least 8 pages a split so that the
+  // Aim at about 2 blocks per SM of an H200 (132 SMs), at least 4 pages a split so that the
   // combine pass stays cheap.
   const int rows = std::max(1, p.batch * p.kv_heads);
   int splits = std::max(1, (264 + rows - 1) / rows);
-  int pps = std::max(8, (p.max_pages + splits - 1) / splits);
+  int pps = std::max(4, (p.max_pages + splits - 1) / splits);
   return std::max(1, std::min(pps, std::max(1, p.max_pages)));
 }
 

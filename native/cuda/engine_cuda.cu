@@ -87,6 +87,7 @@ struct LayerTier {
   bool has_q = false;
   bool first_decode = true;
   bool selection_valid = false;   // `selected` holds a selection for the next attention
+  uint32_t record_seq = 0;        // sequence number of the layer's manifest query records
   int last_candidates = 0;
   // The attention table of the latest decode (introspection: LastAttendedTokens).
   int table_rows = 0;
@@ -196,8 +197,6 @@ class CudaEngine final : public Engine {
     std::lock_guard<std::mutex> lock(mu_);
     FKV_CUDA_CHECK(cudaSetDevice(device_));
     Validate(g, c, h);
-    if (reattach)
-      throw std::invalid_argument("reattach: the CUDA backend does not re-attach sessions yet (use the cpu backend)");
     auto s = std::make_unique<Session>();
     s->geo = g;
     s->cfg = c;
@@ -250,8 +249,12 @@ class CudaEngine final : public Engine {
     if (c.recall == RecallMode::DoubleBuffer)
       s->db = std::make_unique<DoubleBufferRecall>(s->Recall().HeadPageBytes(), DoubleBufferRecall::kMaxChunk);
     FKV_CUDA_CHECK(cudaStreamSynchronize(st));
-    // A fresh manifest: header and zeroed layer words (the kvstore only initialised the header).
-    InitManifest(*s);
+    if (reattach) {
+      Reattach(*s);
+    } else {
+      // A fresh manifest: header, no pages, no query records (the kvstore only initialised it).
+      InitManifest(*s);
+    }
     const int id = next_id_++;
     sessions_[id] = std::move(s);
     return id;
@@ -279,6 +282,7 @@ class CudaEngine final : public Engine {
     L.has_q = false;
     L.first_decode = true;
     L.selection_valid = false;
+    WriteQueryRecord(s, layer, nullptr);
   }
 
   void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
@@ -297,6 +301,7 @@ class CudaEngine final : public Engine {
     L.has_q = true;
     L.first_decode = true;
     L.selection_valid = false;
+    WriteQueryRecord(s, layer, q + (size_t)(n - 1) * qs);
   }
 
   void Decode(int layer, const std::vector<DecodeItem>& items) override;
@@ -427,13 +432,39 @@ class CudaEngine final : public Engine {
   }
 
   static void InitManifest(Session& s) {
+    std::memset(s.host.manifest, 0, s.layout.manifest_bytes);
     auto* hdr = reinterpret_cast<ManifestHeader*>(s.host.manifest);
     hdr->magic = kManifestMagic;
     hdr->layers = (uint32_t)s.geo.layers;
     hdr->context_tokens = 0;
-    uint32_t* w = reinterpret_cast<uint32_t*>(s.host.manifest + sizeof(ManifestHeader));
-    std::memset(w, 0, 8ull * s.geo.layers);
   }
+  static uint32_t* LayerWords(const Session& s, int layer) {
+    return reinterpret_cast<uint32_t*>(s.host.manifest + sizeof(ManifestHeader)) + 2 * layer;
+  }
+  static ManifestQueryRecord* QueryRecord(const Session& s, int layer, int r) {
+    return reinterpret_cast<ManifestQueryRecord*>(s.host.manifest + s.layout.manifest_query_offset +
+                                                  (2 * (size_t)layer + r) * s.layout.manifest_query_record_bytes);
+  }
+  // The query state a re-attaching process needs (Engine.h, ManifestQueryRecord): written after
+  // every call of a layer, alternating between the layer's two records. q: host, [Hq][D] or null.
+  static void WriteQueryRecord(Session& s, int layer, const float* q) {
+    LayerTier& L = *s.layers[layer];
+    const uint32_t seq = ++L.record_seq;
+    ManifestQueryRecord* rec = QueryRecord(s, layer, (int)(seq % 2));
+    if (q) std::memcpy(rec + 1, q, sizeof(float) * s.geo.q_heads * s.geo.head_dim);
+    rec->tokens = (uint64_t)L.tokens;
+    rec->seq = seq;
+    rec->flags = (L.has_q ? kQueryValid : 0u) | (L.first_decode ? kFirstDecodePending : 0u);
+  }
+  static const ManifestQueryRecord* FindQueryRecord(const Session& s, int layer, uint64_t tokens) {
+    const ManifestQueryRecord* best = nullptr;
+    for (int r = 0; r < 2; ++r) {
+      const ManifestQueryRecord* rec = QueryRecord(s, layer, r);
+      if (rec->flags != 0 && rec->tokens == tokens && (!best || rec->seq > best->seq)) best = rec;
+    }
+    return best;
+  }
+  void Reattach(Session& s);
   // Called once the main stream has completed the layer's offloads.
   static void WriteManifest(Session& s, int layer) {
     const LayerTier& L = *s.layers[layer];
@@ -514,6 +545,137 @@ void CudaEngine::SelectAndRecall(Session& s, int layer, const float* q, int c0, 
     s.db->Run(s.StoreLayerHost(layer), rg, jobs, std::min(*count, max_jobs), L.pool.get(), stream);
   }
   L.selection_valid = true;
+}
+
+// Rebuilds the device tier from the host store: every layer continues from the context all
+// layers completed (a process that died inside a step left some layers one call ahead). Full
+// pages come back HND -> NHD (gather), are summarised, and the sink and window pages are placed
+// in their slots; the partial page comes from the tail (or from the store when the layer had
+// already committed it); the query records restore q_{t-1} and the first-decode flag; and the
+// speculative selection + recall the previous process had in flight is done again.
+void CudaEngine::Reattach(Session& s) {
+  const auto* hdr = reinterpret_cast<const ManifestHeader*>(s.host.manifest);
+  if (hdr->magic != kManifestMagic)
+    throw std::invalid_argument("host.manifest does not hold a FreeKV manifest (bad magic): nothing to re-attach");
+  if (hdr->layers != (uint32_t)s.geo.layers)
+    throw std::invalid_argument("host.manifest has " + to_string(hdr->layers) + " layers, geometry.layers is " +
+                                to_string(s.geo.layers));
+  const int P = s.P, Hkv = s.geo.kv_heads, D = s.geo.head_dim;
+  int64_t ctx = INT64_MAX;
+  for (int l = 0; l < s.geo.layers; ++l) {
+    const uint32_t* w = LayerWords(s, l);
+    if (w[0] > (uint32_t)s.host.capacity_pages || w[1] >= (uint32_t)P)
+      throw std::invalid_argument("host.manifest layer " + to_string(l) + " is inconsistent with the layout");
+    ctx = std::min<int64_t>(ctx, (int64_t)w[0] * P + w[1]);
+  }
+  cudaStream_t st = main_->get();
+  const Ranges r = RangesFor(s, ctx);
+  const size_t kvrow = (size_t)Hkv * D;
+  for (int l = 0; l < s.geo.layers; ++l) {
+    LayerTier& L = *s.layers[l];
+    const uint32_t committed = LayerWords(s, l)[0];
+    FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+    prefill_pages_.Resize((size_t)(r.full + 1) * s.page_elems);
+    bf16* pages = prefill_pages_.get();
+    if (r.full > 0) {
+      const int njobs = r.full * Hkv;
+      pin_jobs_.Resize(sizeof(RecallJob) * njobs + 16);
+      int* count = reinterpret_cast<int*>(pin_jobs_.get());
+      RecallJob* jobs = reinterpret_cast<RecallJob*>(pin_jobs_.get() + 16);
+      *count = njobs;
+      for (int p = 0, j = 0; p < r.full; ++p)
+        for (int h = 0; h < Hkv; ++h, ++j) jobs[j] = RecallJob{p, h, p, 0};
+      prefill_jobs_.Resize(njobs);
+      prefill_job_count_.Resize(1);
+      FKV_CUDA_CHECK(cudaMemcpyAsync(prefill_jobs_.get(), jobs, sizeof(RecallJob) * njobs, cudaMemcpyHostToDevice, st));
+      FKV_CUDA_CHECK(cudaMemcpyAsync(prefill_job_count_.get(), count, sizeof(int), cudaMemcpyHostToDevice, st));
+      LaunchRecallGather(s.StoreLayerDev(l), s.Recall(), prefill_jobs_.get(), prefill_job_count_.get(), njobs, pages,
+                         32, st);
+      if (!L.dense)
+        LaunchPageSummary(pages, r.full, L.summaries.get(), Hkv, D, P, static_cast<int>(s.cfg.summary), st);
+    }
+    if (r.partial > 0) {
+      // The partial page's rows as fp32 (exact: they are bf16), re-appended with write-through.
+      std::vector<float> k((size_t)r.partial * kvrow), v((size_t)r.partial * kvrow);
+      auto bf = [](const uint8_t* p) {
+        uint16_t h;
+        std::memcpy(&h, p, 2);
+        uint32_t u = (uint32_t)h << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        return f;
+      };
+      const size_t e = 2;
+      if (committed > (uint32_t)r.full) {
+        const uint8_t* hp = s.StoreLayerHost(l) + (size_t)r.full * s.layout.page_bytes;  // HND [Hkv][2][P][D]
+        for (int i = 0; i < r.partial; ++i)
+          for (int h = 0; h < Hkv; ++h)
+            for (int d = 0; d < D; ++d) {
+              const size_t base = (size_t)h * s.layout.head_page_bytes;
+              k[i * kvrow + h * D + d] = bf(hp + base + ((size_t)i * D + d) * e);
+              v[i * kvrow + h * D + d] = bf(hp + base + ((size_t)(P + i) * D + d) * e);
+            }
+      } else {
+        const uint8_t* tl = s.host.tail + s.layout.tail_layer_bytes * l;  // [P][2][Hkv][D]
+        for (int i = 0; i < r.partial; ++i)
+          for (size_t x = 0; x < kvrow; ++x) {
+            k[i * kvrow + x] = bf(tl + (((size_t)i * 2) * kvrow + x) * e);
+            v[i * kvrow + x] = bf(tl + (((size_t)i * 2 + 1) * kvrow + x) * e);
+          }
+      }
+      prefill_f32_.Resize(2 * k.size());
+      FKV_CUDA_CHECK(cudaMemcpyAsync(prefill_f32_.get(), k.data(), k.size() * sizeof(float), cudaMemcpyHostToDevice, st));
+      FKV_CUDA_CHECK(cudaMemcpyAsync(prefill_f32_.get() + k.size(), v.data(), v.size() * sizeof(float),
+                                     cudaMemcpyHostToDevice, st));
+      AppendParams ap;
+      ap.k = prefill_f32_.get();
+      ap.v = prefill_f32_.get() + k.size();
+      ap.n = r.partial;
+      ap.pages = pages + (size_t)r.full * s.page_elems;
+      ap.offset = 0;
+      ap.kv_heads = Hkv;
+      ap.head_dim = D;
+      ap.page_size = P;
+      ap.tail = s.TailLayerDev(l);
+      ap.tail_from = 0;
+      LaunchAppend(ap, st);
+      FKV_CUDA_CHECK(cudaStreamSynchronize(st));  // k, v are pageable host vectors
+    }
+    const int last = r.partial > 0 ? r.full : r.full - 1;
+    for (int p = 0; p <= last; ++p) {
+      if (!(L.dense || p < s.SP || p >= r.window_begin)) continue;
+      FKV_CUDA_CHECK(cudaMemcpyAsync(L.pool.get() + (size_t)s.WorkingSlot(L, p) * s.page_elems,
+                                     pages + (size_t)p * s.page_elems, s.page_elems * sizeof(bf16),
+                                     cudaMemcpyDeviceToDevice, st));
+    }
+    L.tokens = ctx;
+    LayerWords(s, l)[0] = (uint32_t)r.full;
+    LayerWords(s, l)[1] = (uint32_t)r.partial;
+    const ManifestQueryRecord* rec = FindQueryRecord(s, l, (uint64_t)ctx);
+    if (rec) {
+      L.has_q = (rec->flags & kQueryValid) != 0;
+      L.first_decode = (rec->flags & kFirstDecodePending) != 0;
+      if (L.has_q)
+        FKV_CUDA_CHECK(cudaMemcpyAsync(L.q[L.qcur].get(), rec + 1, sizeof(float) * s.geo.q_heads * D,
+                                       cudaMemcpyHostToDevice, st));
+      L.record_seq = rec->seq;
+    } else {
+      L.has_q = false;
+      L.first_decode = true;
+      L.record_seq = std::max(QueryRecord(s, l, 0)->seq, QueryRecord(s, l, 1)->seq);
+    }
+    FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+  }
+  reinterpret_cast<ManifestHeader*>(s.host.manifest)->context_tokens = (uint64_t)ctx;
+  s.host_stats.context_tokens = (uint64_t)ctx;
+  // The speculative recall the previous process had in flight for each layer, done again now.
+  for (int l = 0; l < s.geo.layers; ++l) {
+    LayerTier& L = *s.layers[l];
+    if (!(s.Speculates(L) && !L.first_decode && L.has_q)) continue;
+    const Ranges now = RangesFor(s, L.tokens), next = RangesFor(s, L.tokens + 1);
+    SelectAndRecall(s, l, L.q[L.qcur].get(), next.sink_end, std::min(next.window_begin, now.full), nullptr, st);
+  }
+  FKV_CUDA_CHECK(cudaStreamSynchronize(st));
 }
 
 void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n,
@@ -822,6 +984,7 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     L.decodes += 1;
     s.host_stats.decode_steps = std::max<uint64_t>(s.host_stats.decode_steps, L.decodes);
     WriteManifest(s, layer);
+    WriteQueryRecord(s, layer, items[i].q);
   }
 }
 

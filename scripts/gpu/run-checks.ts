@@ -9,6 +9,7 @@ import { mkdirSync, writeFileSync, appendFileSync } from "node:fs";
 import { join } from "node:path";
 import { loadAddon } from "../../native/binding.js";
 import { CASES, cudaStatus, runCase, type CaseResult } from "../../test/gpu/cases.js";
+import { runTiming, type TimingRow } from "./timing.js";
 
 const outDir = process.env.OUT ?? ".gpu/out";
 mkdirSync(outDir, { recursive: true });
@@ -40,6 +41,19 @@ log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
 for (const r of results)
   log(`| ${r.name} | ${r.ok ? "pass" : "FAIL"} | ${fmt(r.decodeVsCpu)} | ${fmt(r.decodeVsRef)} | ${fmt(r.prefillVsCpu)} | ${fmt(r.prefillVsRef)} | ${r.attendedMismatches} | ${r.corrections} | ${r.recalled} | ${r.ms} |`);
 const ok = results.every((r) => r.ok);
+let timing: TimingRow[] = [];
+if (candidate === "cuda" && process.env.FREEKV_CHECK_TIMING !== "0") {
+  try {
+    timing = await runTiming(log);
+    log("");
+    log("| engine.decode() per layer call (wall, JS included) | context | batch | median ms | p90 ms | corrections | recalled head-pages per call |");
+    log("| --- | --- | --- | --- | --- | --- | --- |");
+    for (const t of timing)
+      log(`| ${t.mode} | ${t.context} | ${t.batch} | ${t.msPerCall.toFixed(3)} | ${t.p90.toFixed(3)} | ${t.corrections} | ${t.recalledPerCall.toFixed(1)} |`);
+  } catch (e) {
+    log(`timing failed: ${(e as Error).stack ?? e}`);
+  }
+}
 log(`${results.filter((r) => r.ok).length}/${results.length} cases pass (candidate: ${candidate}${status.available ? ", " + status.reason : ""})`);
-writeFileSync(join(outDir, "gpu-checks.json"), JSON.stringify({ date: new Date().toISOString(), candidate, backendInfo: info, results }, null, 2));
+writeFileSync(join(outDir, "gpu-checks.json"), JSON.stringify({ date: new Date().toISOString(), candidate, backendInfo: info, results, timing }, null, 2));
 process.exit(ok ? 0 : 1);

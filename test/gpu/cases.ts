@@ -122,6 +122,11 @@ export interface CaseSpec {
   steps: number;
   capacityPages: number;
   seed: number;
+  /** Before this step, every candidate session is closed and re-attached in a fresh engine. */
+  reattachAt?: number;
+  /** After the run, a fresh CPU engine re-attaches over a copy of the candidate's segments and
+   *  one more step is compared (the manifest, store and tail are backend-neutral). */
+  crossReattach?: boolean;
 }
 
 const BASE: Retrieval = {
@@ -203,6 +208,19 @@ export const CASES: CaseSpec[] = [
     steps: 12,
     capacityPages: 200,
     seed: 606,
+  },
+  {
+    name: "re-attach: fresh CUDA engine mid-run, then a CPU engine over its segments",
+    geometry: { layers: 2, qHeads: 8, kvHeads: 2, headDim: 128 },
+    retrieval: { tau: 0.9 },
+    prompts: [1000, 777],
+    firstChunk: 500,
+    attendPrompt: true,
+    steps: 24,
+    capacityPages: 48,
+    seed: 808,
+    reattachAt: 13,
+    crossReattach: true,
   },
   {
     name: "sink + window only, GQA 2, D64",
@@ -396,7 +414,19 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
     }
 
     // Decode: every layer, the whole batch in one call per engine.
+    let reattached = false;
     for (let t = 0; t < spec.steps; t++) {
+      if (spec.reattachAt === t) {
+        const fresh = new addon.Engine({ backend: candidate });
+        for (let b = 0; b < B; b++) {
+          await engines.cuda.sync(sessions.cuda[b]);
+          engines.cuda.closeSession(sessions.cuda[b]);
+          sessions.cuda[b] = fresh.createSession(geometry, retrieval, hostOf.cuda[b].segments, true);
+          if (fresh.contextTokens(sessions.cuda[b]) !== spec.prompts[b] + t) fail(`re-attach b${b}: context ${fresh.contextTokens(sessions.cuda[b])}`);
+        }
+        engines.cuda = fresh;
+        reattached = true;
+      }
       for (let l = 0; l < layers; l++) {
         const items = (be: "cpu" | "cuda") => inputs.map((inp, b) => ({ session: sessions[be][b], ...inp.steps[t][l] }));
         const oc = await engines.cpu.decode(l, items("cpu"));
@@ -440,7 +470,11 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
       const sg: EngineStats = engines.cuda.stats(sessions.cuda[b]);
       res.corrections += sg.corrections;
       res.recalled += sg.pagesRecalled;
-      for (const key of ["contextTokens", "pagesOffloaded", "offloadBytes", "pagesSelected", "pagesHit", "pagesRecalled", "recallBytes", "corrections", "decodeSteps"] as const)
+      // Counters restart with a re-attached session; the context does not.
+      const keys = reattached
+        ? (["contextTokens"] as const)
+        : (["contextTokens", "pagesOffloaded", "offloadBytes", "pagesSelected", "pagesHit", "pagesRecalled", "recallBytes", "corrections", "decodeSteps"] as const);
+      for (const key of keys)
         if (sc[key] !== sg[key]) fail(`session ${b}: stats.${key} = ${sg[key]} on CUDA, ${sc[key]} on CPU`);
       if (engines.cuda.contextTokens(sessions.cuda[b]) !== spec.prompts[b] + spec.steps) fail(`session ${b}: contextTokens`);
       const L = addon.Engine.layout(geometry, retrieval, spec.capacityPages);
@@ -472,6 +506,38 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
         for (let i = l * L.tailLayerBytes; i < l * L.tailLayerBytes + rowsBytes; i++) if (tCpu[i] !== tGpu[i]) tdiff++;
         if (tdiff) fail(`session ${b} layer ${l}: ${tdiff} bytes of the tail differ from the CPU engine's`);
       }
+    }
+    if (spec.crossReattach) {
+      // A CPU engine continues the candidate's sessions from copies of their segments.
+      const other = new addon.Engine({ backend: "cpu" });
+      const extra = spec.prompts.map(() => makeInputs({ ...spec, steps: 1 }, rng, 1).steps[0]);
+      const cs: number[] = [];
+      for (let b = 0; b < B; b++) {
+        await engines.cuda.sync(sessions.cuda[b]);
+        const h = createHost(geometry, retrieval, spec.capacityPages);
+        hosts.push(h);
+        for (const k of ["store", "staging", "tail", "manifest"] as const)
+          new Uint8Array(h.segments[k].buffer()).set(new Uint8Array(hostOf.cuda[b].segments[k].buffer()));
+        cs.push(other.createSession(geometry, retrieval, h.segments, true));
+      }
+      for (let l = 0; l < layers; l++) {
+        const og = await engines.cuda.decode(l, extra.map((x, b) => ({ session: sessions.cuda[b], ...x[l] })));
+        const oc = await other.decode(l, extra.map((x, b) => ({ session: cs[b], ...x[l] })));
+        for (let b = 0; b < B; b++) {
+          const e = relError(og[b], oc[b]);
+          res.decodeVsCpu = Math.max(res.decodeVsCpu, e);
+          if (!(e <= TOL_VS_CPU)) fail(`cross re-attach layer ${l} item ${b}: rel err ${e.toExponential(2)}`);
+          for (let h = 0; h < kvHeads; h++) {
+            const a = Array.from(engines.cuda.lastAttendedTokens(sessions.cuda[b], l, h));
+            const c = Array.from(other.lastAttendedTokens(cs[b], l, h));
+            if (a.length !== c.length || a.some((x, i) => x !== c[i])) {
+              res.attendedMismatches++;
+              fail(`cross re-attach layer ${l} item ${b} kv head ${h}: attended sets differ`);
+            }
+          }
+        }
+      }
+      for (const s of cs) other.closeSession(s);
     }
     for (const be of ["cpu", "cuda"] as const) for (const s of sessions[be]) engines[be].closeSession(s);
   } catch (e) {
