@@ -126,6 +126,8 @@ export interface EngineStats {
   residentPages: number;
   /** Decode calls whose attention waited for its layer's in-flight speculative recall. */
   recallWaits: number;
+  /** Speculative recalls that waited for the current attention to release the slots before writing. */
+  guardWaits: number;
 }
 
 export interface DecodeInput {
@@ -148,6 +150,11 @@ export interface EngineOptions {
    * slots, to show that attention never reads a slot that a recall is writing.
    */
   debugRecallDelayMs?: number;
+  /**
+   * Tests only (CPU backend): every decode sleeps this long while it holds its layer's slots,
+   * before reading them, so a recall that did not wait for attention would overwrite them.
+   */
+  debugAttendDelayMs?: number;
 }
 
 /**

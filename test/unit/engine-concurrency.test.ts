@@ -1,9 +1,12 @@
 /**
- * No slot is overwritten while attention may read it. Background recalls are slowed down
- * (debugRecallDelayMs), so the next step of a layer arrives while that layer's speculative
- * recall is still writing: the engine must wait for it (recallWaits counts the waits), and every
- * output must still be exact attention over the tokens the float64 policy reference selects.
- * Two sessions of different modes share each batched decode call, over two layers.
+ * No slot is overwritten while attention may read it, in both directions of the race:
+ * - recalls slowed down (debugRecallDelayMs): the next step of a layer arrives while that
+ *   layer's speculative recall is still writing; attention must wait for it (recallWaits);
+ * - attention slowed down (debugAttendDelayMs): the next step's speculative selection runs
+ *   during this step's attention and must not write the slots before attention released them
+ *   (guardWaits).
+ * Every output must still be exact attention over the tokens the float64 policy reference
+ * selects. Two sessions of different modes share each batched decode call, over two layers.
  */
 import { describe, expect, it } from "vitest";
 import { loadAddon } from "../../native/binding.js";
@@ -15,10 +18,13 @@ import { createHost, geometryOf, quantised, retrievalOf } from "./reference/harn
 const seed = testSeed();
 
 describe(`recall never overwrites slots under attention (seed ${seed})`, () => {
-  it("delayed background recalls: the next step waits and outputs stay exact", async () => {
+  it.each([
+    ["delayed background recalls: the next step waits", { debugRecallDelayMs: 15 }, "recallWaits"],
+    ["delayed attention: the recall waits for the slots", { debugAttendDelayMs: 8 }, "guardWaits"],
+  ] as const)("%s, outputs stay exact", async (_name, debug, counter) => {
     const rng = new Prng(seed);
     const addon = loadAddon();
-    const engine = new addon.Engine({ backend: "cpu", threads: 2, debugRecallDelayMs: 15 });
+    const engine = new addon.Engine({ backend: "cpu", threads: 2, ...debug });
     const P = 4;
     const base = { qHeads: 8, kvHeads: 2, headDim: 16, pageSize: P, sinkTokens: P, windowTokens: 2 * P, selectTokens: 3 * P, tau: 0.9, summary: "maxmin", combine: "softmax_mean", dtype: "f32" } as const;
     const configs: PolicyConfig[] = [
@@ -53,7 +59,7 @@ describe(`recall never overwrites slots under attention (seed ${seed})`, () => {
       for (const [i, s] of sessions.entries()) {
         await engine.sync(s);
         const st = engine.stats(s);
-        expect(st.recallWaits).toBeGreaterThan(0);
+        expect(st[counter]).toBeGreaterThan(0);
         expect(st.pagesRecalled).toBe(refs[i].reduce((a, r) => a + r.counters.pagesRecalled, 0));
         expect(st.pagesHit).toBe(refs[i].reduce((a, r) => a + r.counters.pagesHit, 0));
       }

@@ -238,8 +238,9 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     const int threads = IntField(o, "threads", "options", 0, 1024, true, 0);
     const int device = IntField(o, "device", "options", 0, 1024, true, 0);
     const int delay_ms = IntField(o, "debugRecallDelayMs", "options", 0, 60000, true, 0);
+    const int attend_delay_ms = IntField(o, "debugAttendDelayMs", "options", 0, 60000, true, 0);
     if (backend_ == "cpu") {
-      engine_ = std::shared_ptr<Engine>(MakeCpuEngine(threads, delay_ms * 1000));
+      engine_ = std::shared_ptr<Engine>(MakeCpuEngine(threads, delay_ms * 1000, attend_delay_ms * 1000));
     } else if (backend_ == "cuda") {
 #ifdef FREEKV_WITH_CUDA
       try {
@@ -444,6 +445,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     num("contextTokens", st.context_tokens);
     num("residentPages", st.resident_pages);
     num("recallWaits", st.recall_waits);
+    num("guardWaits", st.guard_waits);
     return o;
   }
 

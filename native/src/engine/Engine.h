@@ -104,6 +104,9 @@ struct Stats {
   uint64_t resident_pages = 0;
   // Decode calls whose attention had to wait for its layer's in-flight speculative recall.
   uint64_t recall_waits = 0;
+  // Speculative recalls that had to wait for the current attention to release the slots before
+  // writing them (the selection runs during that attention; the writes may not).
+  uint64_t guard_waits = 0;
 };
 
 // One session's input to a batched decode step of one layer. Pointers are in the backend's
@@ -156,10 +159,11 @@ class Engine {
   virtual std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const = 0;
 };
 
-// Factories. `threads` <= 0 means hardware concurrency. `debug_recall_delay_us` (tests only)
-// makes every background recall sleep before it writes the slots, to show that attention never
-// reads a slot a recall is writing.
-std::unique_ptr<Engine> MakeCpuEngine(int threads, int debug_recall_delay_us = 0);
+// Factories. `threads` <= 0 means hardware concurrency. Test hooks: `debug_recall_delay_us`
+// makes every background recall sleep before it writes the slots (so the next step finds it in
+// flight); `debug_attend_delay_us` makes every decode sleep while it holds its layer's slots,
+// before reading them (so a recall that did not wait would overwrite them under attention).
+std::unique_ptr<Engine> MakeCpuEngine(int threads, int debug_recall_delay_us = 0, int debug_attend_delay_us = 0);
 #ifdef FREEKV_WITH_CUDA
 // Throws std::runtime_error("no CUDA device: ...") when no device is usable.
 std::unique_ptr<Engine> MakeCudaEngine(int device);

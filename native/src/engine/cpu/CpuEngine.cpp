@@ -22,8 +22,8 @@
 #include "engine/cpu/Summary.h"
 
 namespace freekv {
-std::unique_ptr<Engine> MakeCpuEngine(int threads, int debug_recall_delay_us) {
-  return std::make_unique<cpu::CpuEngine>(threads, debug_recall_delay_us);
+std::unique_ptr<Engine> MakeCpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us) {
+  return std::make_unique<cpu::CpuEngine>(threads, debug_recall_delay_us, debug_attend_delay_us);
 }
 }  // namespace freekv
 
@@ -31,9 +31,10 @@ namespace freekv::cpu {
 
 using std::to_string;
 
-CpuEngine::CpuEngine(int threads, int debug_recall_delay_us)
+CpuEngine::CpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us)
     : threads_(threads > 0 ? threads : std::max(1, omp_get_num_procs())),
       debug_recall_delay_us_(std::max(0, debug_recall_delay_us)),
+      debug_attend_delay_us_(std::max(0, debug_attend_delay_us)),
       worker_(std::make_unique<SpeculativeWorker>()) {}
 
 CpuEngine::~CpuEngine() { worker_.reset(); }  // drains the queued recalls first
@@ -236,7 +237,7 @@ void CpuEngine::SpeculativeJob(CpuSession& s, int layer, const std::vector<float
   ParallelFor(H, threads_, [&](int h) { chosen[h] = SelectPages(s.pg, s.cfg.combine, L.summaries.data(), h, q.data(), c0, c1, combined[h]); });
   // 2. Residency and recall write the slots: only once no attention reads this layer's slots.
   //    The decode that queued this job holds a read of the layer until its attention returned.
-  L.recall.WaitNoReaders();
+  if (L.recall.WaitNoReaders()) s.counters.guard_waits += 1;
   if (debug_recall_delay_us_ > 0) std::this_thread::sleep_for(std::chrono::microseconds(debug_recall_delay_us_));
   std::vector<RecallOp> ops;
   for (int h = 0; h < H; ++h) ApplySelection(s, L, h, chosen[h], combined[h], c0, c1, ops);
@@ -396,6 +397,7 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
   for (int i = 0; i < n; ++i)
     if (ss[i]->Speculates(*ss[i]->layers[layer])) QueueSpeculative(ss[i], layer, items[i].q);
   try {
+    if (debug_attend_delay_us_ > 0) std::this_thread::sleep_for(std::chrono::microseconds(debug_attend_delay_us_));
     ParallelFor(static_cast<int>(task_item.size()), threads_, [&](int t) {
       CpuSession& s = *ss[task_item[t]];
       LayerState& L = *s.layers[layer];
@@ -469,6 +471,7 @@ Stats CpuEngine::GetStats(int session) const {
   st.context_tokens = c.context_tokens;
   st.resident_pages = c.resident_pages;
   st.recall_waits = c.recall_waits;
+  st.guard_waits = c.guard_waits;
   return st;
 }
 

@@ -17,7 +17,7 @@ namespace freekv::cpu {
 
 class CpuEngine : public Engine {
  public:
-  CpuEngine(int threads, int debug_recall_delay_us);
+  CpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us);
   ~CpuEngine() override;
   std::string backend() const override { return "cpu"; }
   int CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) override;
@@ -56,6 +56,7 @@ class CpuEngine : public Engine {
 
   int threads_;
   int debug_recall_delay_us_;
+  int debug_attend_delay_us_;
   std::mutex mu_;                 // serialises the engine's calls
   mutable std::mutex map_mu_;     // guards sessions_ (short lookups)
   std::map<int, std::shared_ptr<CpuSession>> sessions_;

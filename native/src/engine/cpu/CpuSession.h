@@ -51,7 +51,7 @@ struct LayerState {
 struct Counters {
   std::atomic<uint64_t> decode_steps{0}, selections{0}, corrections{0}, pages_selected{0}, pages_hit{0},
       pages_recalled{0}, recall_bytes{0}, pages_offloaded{0}, offload_bytes{0}, context_tokens{0},
-      resident_pages{0}, recall_waits{0};
+      resident_pages{0}, recall_waits{0}, guard_waits{0};
 };
 
 struct CpuSession {
