@@ -9,14 +9,14 @@
 # ANCHOR_S for the anchor; a section that would start past its limit is skipped and reported.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-stamp=$(date -u +%Y%m%d-%H%M)
-out=${OUT:-bench/results/run-$stamp}
-mkdir -p "$out"
-bin=.gpu/bench/freekv_gpu_bench
 if ! command -v nvidia-smi > /dev/null || ! nvidia-smi -L > /dev/null 2>&1; then
   echo "bench:gpu needs an NVIDIA GPU (nvidia-smi found none); see bench/gpu/README.md for the GPU-machine run" >&2
   exit 2
 fi
+stamp=$(date -u +%Y%m%d-%H%M)
+out=${OUT:-bench/results/run-$stamp}
+mkdir -p "$out"
+bin=.gpu/bench/freekv_gpu_bench
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw \
   --format=csv > "$out/nvidia-smi.csv" 2>&1 || true
