@@ -141,7 +141,7 @@ export interface DecodeInput {
 
 export interface EngineOptions {
   backend: "cpu" | "cuda";
-  /** CPU worker threads (default: all cores). */
+  /** CPU worker threads (default: all cores but one, which the background recall thread uses). */
   threads?: number;
   /** CUDA device ordinal (default 0). */
   device?: number;

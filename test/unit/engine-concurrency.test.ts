@@ -56,13 +56,16 @@ describe(`recall never overwrites slots under attention (seed ${seed})`, () => {
             expect(relError(outs[i], want.out), `session ${i} step ${t} layer ${l}`).toBeLessThan(1e-5);
           }
         }
+      // The background thread serves the sessions in turn: at least the first of each step waited.
+      let waits = 0;
       for (const [i, s] of sessions.entries()) {
         await engine.sync(s);
         const st = engine.stats(s);
-        expect(st[counter]).toBeGreaterThan(0);
+        waits += st[counter];
         expect(st.pagesRecalled).toBe(refs[i].reduce((a, r) => a + r.counters.pagesRecalled, 0));
         expect(st.pagesHit).toBe(refs[i].reduce((a, r) => a + r.counters.pagesHit, 0));
       }
+      expect(waits).toBeGreaterThan(0);
     } finally {
       for (const s of sessions) engine.closeSession(s);
       for (const h of hosts) h.dispose();

@@ -159,7 +159,8 @@ class Engine {
   virtual std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const = 0;
 };
 
-// Factories. `threads` <= 0 means hardware concurrency. Test hooks: `debug_recall_delay_us`
+// Factories. `threads` <= 0 means all cores but one (the CPU engine's background recall thread
+// selects and recalls on that one). Test hooks: `debug_recall_delay_us`
 // makes every background recall sleep before it writes the slots (so the next step finds it in
 // flight); `debug_attend_delay_us` makes every decode sleep while it holds its layer's slots,
 // before reading them (so a recall that did not wait would overwrite them under attention).

@@ -17,23 +17,23 @@ static void AttendGroupT(const PageGeometry& g, int h, const float* q, const std
   const int group = g.Hq / g.Hkv;
   const int D = g.D;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const auto& kern = simd::Get();
   size_t total = 0;
   for (const auto& p : pages) total += p.tokens;
-  thread_local std::vector<float> scores, row;
+  thread_local std::vector<float> scores, dots, w;
   scores.resize(static_cast<size_t>(group) * std::max<size_t>(total, 1));
-  row.resize(D);
-  // Scores: each key row is converted once and used by the whole group.
+  dots.resize(group);
+  w.resize(group);
+  // Scores: each key row is read (and converted) once for the whole group.
   size_t t = 0;
   for (const auto& p : pages) {
     for (int i = 0; i < p.tokens; ++i, ++t) {
-      const float* k;
-      if constexpr (T == DType::F32) {
-        k = reinterpret_cast<const float*>(p.base + g.NhdK(i, h));
-      } else {
-        LoadRow(T, p.base + g.NhdK(i, h), row.data(), D);
-        k = row.data();
-      }
-      for (int j = 0; j < group; ++j) scores[j * total + t] = Dot(q + static_cast<size_t>(j) * D, k, D) * scale;
+      const uint8_t* k = p.base + g.NhdK(i, h);
+      if constexpr (T == DType::F32)
+        kern.dot_group_f32(q, group, reinterpret_cast<const float*>(k), D, dots.data());
+      else
+        kern.dot_group_bf16(q, group, reinterpret_cast<const uint16_t*>(k), D, dots.data());
+      for (int j = 0; j < group; ++j) scores[j * total + t] = dots[j] * scale;
     }
   }
   std::vector<float> inv(group);
@@ -52,14 +52,12 @@ static void AttendGroupT(const PageGeometry& g, int h, const float* q, const std
   t = 0;
   for (const auto& p : pages) {
     for (int i = 0; i < p.tokens; ++i, ++t) {
-      const float* v;
-      if constexpr (T == DType::F32) {
-        v = reinterpret_cast<const float*>(p.base + g.NhdV(i, h));
-      } else {
-        LoadRow(T, p.base + g.NhdV(i, h), row.data(), D);
-        v = row.data();
-      }
-      for (int j = 0; j < group; ++j) Axpy(scores[j * total + t], v, out + static_cast<size_t>(j) * D, D);
+      for (int j = 0; j < group; ++j) w[j] = scores[j * total + t];
+      const uint8_t* v = p.base + g.NhdV(i, h);
+      if constexpr (T == DType::F32)
+        kern.axpy_group_f32(w.data(), group, reinterpret_cast<const float*>(v), D, out);
+      else
+        kern.axpy_group_bf16(w.data(), group, reinterpret_cast<const uint16_t*>(v), D, out);
     }
   }
   for (int j = 0; j < group; ++j)

@@ -32,7 +32,9 @@ namespace freekv::cpu {
 using std::to_string;
 
 CpuEngine::CpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us)
-    : threads_(threads > 0 ? threads : std::max(1, omp_get_num_procs())),
+    // By default one core is left to the background recall thread (selection + recall run there
+    // while the calling thread's attention runs on the others).
+    : threads_(threads > 0 ? threads : std::max(1, omp_get_num_procs() - 1)),
       debug_recall_delay_us_(std::max(0, debug_recall_delay_us)),
       debug_attend_delay_us_(std::max(0, debug_attend_delay_us)),
       worker_(std::make_unique<SpeculativeWorker>()) {}

@@ -69,9 +69,12 @@ std::vector<int> SelectPages(const PageGeometry& g, GroupCombine how, const uint
   std::vector<std::vector<float>> scores(group, std::vector<float>(n));
   const size_t per_page = SummaryFloatsPerPage(g);
   const float* qg = q + static_cast<size_t>(h) * group * g.D;
+  const auto& kern = simd::Get();
+  std::vector<float> s(group);
   for (int p = c0; p < c1; ++p) {
     const uint16_t* hi = summaries + p * per_page + static_cast<size_t>(h) * 2 * g.D;
-    for (int j = 0; j < group; ++j) scores[j][p - c0] = simd::ScoreBF16(qg + static_cast<size_t>(j) * g.D, hi, hi + g.D, g.D);
+    kern.score_group_bf16(qg, group, hi, hi + g.D, g.D, s.data());
+    for (int j = 0; j < group; ++j) scores[j][p - c0] = s[j];
   }
   CombineGroup(how, scores, n, combined);
   auto top = TopK(combined, g.select_pages);

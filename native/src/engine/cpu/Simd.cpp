@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace freekv::cpu::simd {
 
@@ -55,6 +56,28 @@ static float ScoreBF16Portable(const float* q, const uint16_t* hi, const uint16_
   float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   for (; i < n; ++i) s += std::max(q[i] * B2F(hi[i]), q[i] * B2F(lo[i]));
   return s;
+}
+
+static void DotGroupF32Portable(const float* q, int G, const float* k, int D, float* out) {
+  for (int j = 0; j < G; ++j) out[j] = DotPortable(q + static_cast<size_t>(j) * D, k, D);
+}
+static void DotGroupBF16Portable(const float* q, int G, const uint16_t* k, int D, float* out) {
+  thread_local std::vector<float> row;
+  row.resize(D);
+  BF16Portable(k, row.data(), D);
+  DotGroupF32Portable(q, G, row.data(), D, out);
+}
+static void AxpyGroupF32Portable(const float* w, int G, const float* v, int D, float* out) {
+  for (int j = 0; j < G; ++j) AxpyPortable(w[j], v, out + static_cast<size_t>(j) * D, D);
+}
+static void AxpyGroupBF16Portable(const float* w, int G, const uint16_t* v, int D, float* out) {
+  thread_local std::vector<float> row;
+  row.resize(D);
+  BF16Portable(v, row.data(), D);
+  AxpyGroupF32Portable(w, G, row.data(), D, out);
+}
+static void ScoreGroupBF16Portable(const float* q, int G, const uint16_t* hi, const uint16_t* lo, int D, float* out) {
+  for (int j = 0; j < G; ++j) out[j] = ScoreBF16Portable(q + static_cast<size_t>(j) * D, hi, lo, D);
 }
 
 // ---- AVX2 + FMA ----
@@ -139,12 +162,104 @@ __attribute__((target("avx2,fma"))) static void BF16Avx2(const uint16_t* src, fl
   }
 }
 
+// Group kernels: G accumulators in registers, each K/V/summary chunk loaded (and converted) once.
+template <int G>
+__attribute__((target("avx2,fma"))) static void DotGroupT(const float* q, const float* k32, const uint16_t* k16, int D, float* out) {
+  __m256 acc[G];
+  for (int j = 0; j < G; ++j) acc[j] = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= D; i += 8) {
+    const __m256 kv = k16 ? LoadBF16x8(k16 + i) : _mm256_loadu_ps(k32 + i);
+    for (int j = 0; j < G; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * D + i), kv, acc[j]);
+  }
+  for (int j = 0; j < G; ++j) {
+    float s = HSum(acc[j]);
+    for (int t = i; t < D; ++t) s += q[j * D + t] * (k16 ? B2F(k16[t]) : k32[t]);
+    out[j] = s;
+  }
+}
+
+template <int G>
+__attribute__((target("avx2,fma"))) static void AxpyGroupT(const float* w, const float* v32, const uint16_t* v16, int D, float* out) {
+  __m256 wv[G];
+  for (int j = 0; j < G; ++j) wv[j] = _mm256_set1_ps(w[j]);
+  int i = 0;
+  for (; i + 8 <= D; i += 8) {
+    const __m256 vv = v16 ? LoadBF16x8(v16 + i) : _mm256_loadu_ps(v32 + i);
+    for (int j = 0; j < G; ++j) {
+      float* o = out + j * D + i;
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(wv[j], vv, _mm256_loadu_ps(o)));
+    }
+  }
+  for (; i < D; ++i) {
+    const float x = v16 ? B2F(v16[i]) : v32[i];
+    for (int j = 0; j < G; ++j) out[j * D + i] += w[j] * x;
+  }
+}
+
+template <int G>
+__attribute__((target("avx2,fma"))) static void ScoreGroupT(const float* q, const uint16_t* hi, const uint16_t* lo, int D, float* out) {
+  __m256 acc[G];
+  for (int j = 0; j < G; ++j) acc[j] = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= D; i += 8) {
+    const __m256 h = LoadBF16x8(hi + i), l = LoadBF16x8(lo + i);
+    for (int j = 0; j < G; ++j) {
+      const __m256 qv = _mm256_loadu_ps(q + j * D + i);
+      acc[j] = _mm256_add_ps(acc[j], _mm256_max_ps(_mm256_mul_ps(qv, h), _mm256_mul_ps(qv, l)));
+    }
+  }
+  for (int j = 0; j < G; ++j) {
+    float s = HSum(acc[j]);
+    for (int t = i; t < D; ++t) s += std::max(q[j * D + t] * B2F(hi[t]), q[j * D + t] * B2F(lo[t]));
+    out[j] = s;
+  }
+}
+
+// Runs F<8> over blocks of 8 heads, then F<G % 8>.
+#define FREEKV_GROUP_DISPATCH(F, G, STEP, ...)          \
+  do {                                                  \
+    int j0 = 0;                                         \
+    for (; j0 + 8 <= (G); j0 += 8) F<8>(__VA_ARGS__);   \
+    switch ((G) - j0) {                                 \
+      case 1: F<1>(__VA_ARGS__); break;                 \
+      case 2: F<2>(__VA_ARGS__); break;                 \
+      case 3: F<3>(__VA_ARGS__); break;                 \
+      case 4: F<4>(__VA_ARGS__); break;                 \
+      case 5: F<5>(__VA_ARGS__); break;                 \
+      case 6: F<6>(__VA_ARGS__); break;                 \
+      case 7: F<7>(__VA_ARGS__); break;                 \
+      default: break;                                   \
+    }                                                   \
+  } while (0)
+
+__attribute__((target("avx2,fma"))) static void DotGroupF32Avx2(const float* q, int G, const float* k, int D, float* out) {
+  FREEKV_GROUP_DISPATCH(DotGroupT, G, 8, q + static_cast<size_t>(j0) * D, k, nullptr, D, out + j0);
+}
+__attribute__((target("avx2,fma"))) static void DotGroupBF16Avx2(const float* q, int G, const uint16_t* k, int D, float* out) {
+  FREEKV_GROUP_DISPATCH(DotGroupT, G, 8, q + static_cast<size_t>(j0) * D, nullptr, k, D, out + j0);
+}
+__attribute__((target("avx2,fma"))) static void AxpyGroupF32Avx2(const float* w, int G, const float* v, int D, float* out) {
+  FREEKV_GROUP_DISPATCH(AxpyGroupT, G, 8, w + j0, v, nullptr, D, out + static_cast<size_t>(j0) * D);
+}
+__attribute__((target("avx2,fma"))) static void AxpyGroupBF16Avx2(const float* w, int G, const uint16_t* v, int D, float* out) {
+  FREEKV_GROUP_DISPATCH(AxpyGroupT, G, 8, w + j0, nullptr, v, D, out + static_cast<size_t>(j0) * D);
+}
+__attribute__((target("avx2,fma"))) static void ScoreGroupBF16Avx2(const float* q, int G, const uint16_t* hi, const uint16_t* lo, int D, float* out) {
+  FREEKV_GROUP_DISPATCH(ScoreGroupT, G, 8, q + static_cast<size_t>(j0) * D, hi, lo, D, out + j0);
+}
+#undef FREEKV_GROUP_DISPATCH
+
 const Kernels& Get() {
   static const Kernels k = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return Kernels{DotAvx2, AxpyAvx2, ScoreAvx2, BF16Avx2, ScoreBF16Avx2, "avx2+fma"};
-    return Kernels{DotPortable, AxpyPortable, ScorePortable, BF16Portable, ScoreBF16Portable, "portable"};
+      return Kernels{DotAvx2,          AxpyAvx2,          ScoreAvx2,         BF16Avx2,           ScoreBF16Avx2,
+                     DotGroupF32Avx2,  DotGroupBF16Avx2,  AxpyGroupF32Avx2,  AxpyGroupBF16Avx2,  ScoreGroupBF16Avx2,
+                     "avx2+fma"};
+    return Kernels{DotPortable,         AxpyPortable,         ScorePortable,         BF16Portable,
+                   ScoreBF16Portable,   DotGroupF32Portable,  DotGroupBF16Portable,  AxpyGroupF32Portable,
+                   AxpyGroupBF16Portable, ScoreGroupBF16Portable, "portable"};
   }();
   return k;
 }

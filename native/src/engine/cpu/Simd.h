@@ -15,6 +15,13 @@ struct Kernels {
   float (*score)(const float* q, const float* hi, const float* lo, int n);  // sum max(q*hi, q*lo)
   void (*bf16_to_f32)(const uint16_t* src, float* dst, int n);
   float (*score_bf16)(const float* q, const uint16_t* hi, const uint16_t* lo, int n);  // bf16 bounds
+  // Group kernels: one K/V row (or summary) read once for the G query heads of a KV head.
+  // q, out rows have stride D. dot: out[j] = q_j . k; axpy: out_j += w[j] * v; score: as above.
+  void (*dot_group_f32)(const float* q, int G, const float* k, int D, float* out);
+  void (*dot_group_bf16)(const float* q, int G, const uint16_t* k, int D, float* out);
+  void (*axpy_group_f32)(const float* w, int G, const float* v, int D, float* out);
+  void (*axpy_group_bf16)(const float* w, int G, const uint16_t* v, int D, float* out);
+  void (*score_group_bf16)(const float* q, int G, const uint16_t* hi, const uint16_t* lo, int D, float* out);
   const char* name;
 };
 
