@@ -9,8 +9,6 @@
 
 namespace freekv::cpu {
 
-using simd::Axpy;
-using simd::Dot;
 
 template <DType T>
 static void AttendGroupT(const PageGeometry& g, int h, const float* q, const std::vector<AttendedPage>& pages, float* out) {
@@ -71,29 +69,42 @@ void AttendDecodeGroup(const PageGeometry& g, int h, const float* q, const std::
     AttendGroupT<DType::BF16>(g, h, q, pages, out);
 }
 
-void AttendPrefillHead(int D, const float* k, const float* v, int start, int n, const float* q, size_t q_stride,
-                       float* out, size_t out_stride) {
+void AttendPrefillGroup(int D, int G, const float* k, const float* v, int start, int n, const float* q, size_t q_stride,
+                        float* out, size_t out_stride) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  thread_local std::vector<float> s;
-  s.resize(static_cast<size_t>(start) + n);
+  const auto& kern = simd::Get();
+  const size_t max_len = static_cast<size_t>(start) + n;
+  thread_local std::vector<float> s, dots, w;
+  s.resize(static_cast<size_t>(G) * max_len);
+  dots.resize(G);
+  w.resize(G);
   for (int i = 0; i < n; ++i) {
     const float* qi = q + i * q_stride;
     float* oi = out + i * out_stride;
-    const int len = start + i + 1;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int t = 0; t < len; ++t) {
-      s[t] = Dot(qi, k + static_cast<size_t>(t) * D, D) * scale;
-      m = std::max(m, s[t]);
+    const size_t len = static_cast<size_t>(start) + i + 1;
+    for (size_t t = 0; t < len; ++t) {
+      kern.dot_group_f32(qi, G, k + t * D, D, dots.data());
+      for (int j = 0; j < G; ++j) s[j * max_len + t] = dots[j] * scale;
     }
-    float z = 0.f;
-    for (int t = 0; t < len; ++t) {
-      s[t] = std::exp(s[t] - m);
-      z += s[t];
+    std::vector<float> inv(G);
+    for (int j = 0; j < G; ++j) {
+      float* sj = s.data() + j * max_len;
+      float m = -std::numeric_limits<float>::infinity();
+      for (size_t t = 0; t < len; ++t) m = std::max(m, sj[t]);
+      float z = 0.f;
+      for (size_t t = 0; t < len; ++t) {
+        sj[t] = std::exp(sj[t] - m);
+        z += sj[t];
+      }
+      inv[j] = 1.0f / z;
+      std::fill(oi + static_cast<size_t>(j) * D, oi + static_cast<size_t>(j + 1) * D, 0.f);
     }
-    std::fill(oi, oi + D, 0.f);
-    for (int t = 0; t < len; ++t) Axpy(s[t], v + static_cast<size_t>(t) * D, oi, D);
-    const float iz = 1.0f / z;
-    for (int d = 0; d < D; ++d) oi[d] *= iz;
+    for (size_t t = 0; t < len; ++t) {
+      for (int j = 0; j < G; ++j) w[j] = s[j * max_len + t];
+      kern.axpy_group_f32(w.data(), G, v + t * D, D, oi);
+    }
+    for (int j = 0; j < G; ++j)
+      for (int d = 0; d < D; ++d) oi[static_cast<size_t>(j) * D + d] *= inv[j];
   }
 }
 

@@ -20,9 +20,10 @@ struct AttendedPage {
 // q, out: the group's query heads, [group][D] (query heads h*group .. h*group+group-1).
 void AttendDecodeGroup(const PageGeometry& g, int h, const float* q, const std::vector<AttendedPage>& pages, float* out);
 
-// Causal attention for n queries at positions start..start+n-1 of one query head over K, V rows
-// [start+n][D] (float); q, out have row stride q_stride floats.
-void AttendPrefillHead(int D, const float* k, const float* v, int start, int n, const float* q, size_t q_stride,
-                       float* out, size_t out_stride);
+// Causal attention for n queries at positions start..start+n-1 of the G query heads of one KV head
+// (q rows: [G][D] at stride q_stride floats per query; out likewise) over K, V rows [start+n][D]
+// (float). Each key/value row is read once for the whole group.
+void AttendPrefillGroup(int D, int G, const float* k, const float* v, int start, int n, const float* q, size_t q_stride,
+                        float* out, size_t out_stride);
 
 }  // namespace freekv::cpu

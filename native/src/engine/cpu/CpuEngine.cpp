@@ -292,7 +292,7 @@ void CpuEngine::PrefillAttend(int session, int layer, const float* q, const floa
   std::vector<float> K(static_cast<size_t>(T) * pg.D), V(static_cast<size_t>(T) * pg.D);
   const uint8_t* store = s->StoreLayer(layer);
   const uint8_t* partial = s->WorkingPage(L, r.full);
-  constexpr int kRowsPerTask = 16;
+  constexpr int kRowsPerTask = 8;
   const int blocks = (n + kRowsPerTask - 1) / kRowsPerTask;
   for (int h = 0; h < pg.Hkv; ++h) {
     // The whole context of head h: full pages from the host store (HND rows are contiguous per
@@ -307,11 +307,10 @@ void CpuEngine::PrefillAttend(int session, int layer, const float* q, const floa
       LoadRow(pg.dtype, partial + pg.NhdK(i, h), K.data() + t * pg.D, pg.D);
       LoadRow(pg.dtype, partial + pg.NhdV(i, h), V.data() + t * pg.D, pg.D);
     }
-    ParallelFor(group * blocks, threads_, [&](int task) {
-      const int j = task / blocks, b = task % blocks;
+    ParallelFor(blocks, threads_, [&](int b) {
       const int i0 = b * kRowsPerTask, cnt = std::min(kRowsPerTask, n - i0);
-      const size_t head_off = static_cast<size_t>(h * group + j) * pg.D;
-      AttendPrefillHead(pg.D, K.data(), V.data(), start + i0, cnt, q + i0 * qs + head_off, qs, out + i0 * qs + head_off, qs);
+      const size_t head_off = static_cast<size_t>(h) * group * pg.D;
+      AttendPrefillGroup(pg.D, group, K.data(), V.data(), start + i0, cnt, q + i0 * qs + head_off, qs, out + i0 * qs + head_off, qs);
     });
   }
   std::copy(q + static_cast<size_t>(n - 1) * qs, q + static_cast<size_t>(n) * qs, L.q_prev.begin());
