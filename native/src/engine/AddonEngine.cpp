@@ -124,10 +124,14 @@ Napi::Float32Array ToFloat32Array(const Napi::Env& env, const std::vector<float>
 
 // ---- AsyncWorkers ----
 
+// Keeps the JS Engine (and through it the sessions' segments) alive until the promise settles.
 class PromiseWorker : public Napi::AsyncWorker {
  public:
-  PromiseWorker(Napi::Env env, std::shared_ptr<Engine> engine)
-      : Napi::AsyncWorker(env), engine_(std::move(engine)), deferred_(Napi::Promise::Deferred::New(env)) {}
+  PromiseWorker(Napi::Env env, Napi::Object self, std::shared_ptr<Engine> engine)
+      : Napi::AsyncWorker(env),
+        engine_(std::move(engine)),
+        self_(Napi::Persistent(self)),
+        deferred_(Napi::Promise::Deferred::New(env)) {}
   Napi::Promise Promise() { return deferred_.Promise(); }
   void Execute() override {
     try {
@@ -147,14 +151,15 @@ class PromiseWorker : public Napi::AsyncWorker {
   std::shared_ptr<Engine> engine_;
 
  private:
+  Napi::ObjectReference self_;
   Napi::Promise::Deferred deferred_;
 };
 
 class PrefillWorker : public PromiseWorker {
  public:
-  PrefillWorker(Napi::Env env, std::shared_ptr<Engine> e, int s, int l, std::vector<float> q, std::vector<float> k,
+  PrefillWorker(Napi::Env env, Napi::Object self, std::shared_ptr<Engine> e, int s, int l, std::vector<float> q, std::vector<float> k,
                 std::vector<float> v, int n, int out_floats, bool attend)
-      : PromiseWorker(env, std::move(e)), s_(s), l_(l), n_(n), attend_(attend), q_(std::move(q)), k_(std::move(k)),
+      : PromiseWorker(env, self, std::move(e)), s_(s), l_(l), n_(n), attend_(attend), q_(std::move(q)), k_(std::move(k)),
         v_(std::move(v)), out_(attend ? out_floats : 0) {}
 
  protected:
@@ -179,8 +184,8 @@ struct DecodeCopy {
 
 class DecodeWorker : public PromiseWorker {
  public:
-  DecodeWorker(Napi::Env env, std::shared_ptr<Engine> e, int layer, std::vector<DecodeCopy> items)
-      : PromiseWorker(env, std::move(e)), layer_(layer), items_(std::move(items)) {}
+  DecodeWorker(Napi::Env env, Napi::Object self, std::shared_ptr<Engine> e, int layer, std::vector<DecodeCopy> items)
+      : PromiseWorker(env, self, std::move(e)), layer_(layer), items_(std::move(items)) {}
 
  protected:
   void Run() override {
@@ -201,7 +206,8 @@ class DecodeWorker : public PromiseWorker {
 
 class SyncWorker : public PromiseWorker {
  public:
-  SyncWorker(Napi::Env env, std::shared_ptr<Engine> e, int s) : PromiseWorker(env, std::move(e)), s_(s) {}
+  SyncWorker(Napi::Env env, Napi::Object self, std::shared_ptr<Engine> e, int s)
+      : PromiseWorker(env, self, std::move(e)), s_(s) {}
 
  protected:
   void Run() override { engine_->Sync(s_); }
@@ -256,6 +262,10 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
       throw Napi::TypeError::New(env, "options.backend must be \"cpu\" or \"cuda\", got \"" + backend_ + "\"");
     }
   }
+
+  // The engine (its background recalls drained when this was its last owner) goes before the
+  // references that keep the sessions' segments mapped.
+  ~AddonEngine() override { engine_.reset(); }
 
   std::shared_ptr<Engine> engine() const { return engine_; }
 
@@ -374,7 +384,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     if (attend) q = FloatsArg(env, info[2], "q", qf);
     auto k = FloatsArg(env, info[a], "k", kvf);
     auto v = FloatsArg(env, info[a + 1], "v", kvf);
-    auto* w = new PrefillWorker(env, engine_, s, layer, std::move(q), std::move(k), std::move(v), n, static_cast<int>(qf), attend);
+    auto* w = new PrefillWorker(env, info.This().As<Napi::Object>(), engine_, s, layer, std::move(q), std::move(k), std::move(v), n, static_cast<int>(qf), attend);
     auto p = w->Promise();
     w->Queue();
     return p;
@@ -408,7 +418,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
       d.out.assign(d.q.size(), 0.f);
       items.push_back(std::move(d));
     }
-    auto* w = new DecodeWorker(env, engine_, layer, std::move(items));
+    auto* w = new DecodeWorker(env, info.This().As<Napi::Object>(), engine_, layer, std::move(items));
     auto p = w->Promise();
     w->Queue();
     return p;
@@ -416,7 +426,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
 
   Napi::Value Sync(const Napi::CallbackInfo& info) {
     SessionArg(info, 0);
-    auto* w = new SyncWorker(info.Env(), engine_, info[0].As<Napi::Number>().Int32Value());
+    auto* w = new SyncWorker(info.Env(), info.This().As<Napi::Object>(), engine_, info[0].As<Napi::Number>().Int32Value());
     auto p = w->Promise();
     w->Queue();
     return p;
