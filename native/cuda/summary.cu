@@ -19,13 +19,15 @@ __global__ void PageSummaryKernel(const __nv_bfloat16* pages, float* summaries, 
     lo = fminf(lo, x);
   }
   if (kind == kSummaryCuboidMean) {
-    const float c = 0.5f * (hi + lo);
-    float r = 0.f;
-    for (int t = 0; t < page_size; ++t) r += fabsf(__bfloat162float(k[(size_t)t * C]) - c);
-    r /= page_size;
-    hi = c + r;
-    lo = c - r;
+    const float c = __fmul_rn(0.5f, __fadd_rn(hi, lo));
+    double acc = 0.0;  // as the CPU backend: the same float radius bit for bit
+    for (int t = 0; t < page_size; ++t) acc += (double)fabsf(__fsub_rn(__bfloat162float(k[(size_t)t * C]), c));
+    const float r = (float)(acc / page_size);
+    hi = __fadd_rn(c, r);
+    lo = __fsub_rn(c, r);
   }
+  hi = Bf16RoundUp(hi);
+  lo = Bf16RoundDown(lo);
   const int h = ch / head_dim, d = ch % head_dim;
   float* s = summaries + ((size_t)page * kv_heads + h) * 2 * head_dim;
   s[d] = hi;

@@ -4,12 +4,37 @@
 //   CuboidMean (ArkVale):     center c = (max + min) / 2, radius r = mean |k - c| per channel,
 //                             stored as hi = c + r, lo = c - r,
 // so that scoring is the same formula sum_i max(q_i * hi_i, q_i * lo_i) for both
-// (= q.c + |q|.r for the cuboid).
+// (= q.c + |q|.r for the cuboid). The bounds are kept at bf16 precision, hi rounded up and lo
+// rounded down so they stay bounds (as the CPU backend keeps them, so both backends score with
+// the same values; stored here as fp32 holding bf16-representable values).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <cstring>
+
 namespace freekv::cuda {
+
+// Rounds toward +inf / -inf to the nearest bf16 value (NaN and exact values unchanged).
+__host__ __device__ inline float Bf16RoundUp(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0xffffu) == 0 || (u & 0x7fffffffu) > 0x7f800000u) u &= 0xffff0000u;
+  else u = ((u >> 31) ? (u >> 16) : (u >> 16) + 1) << 16;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+__host__ __device__ inline float Bf16RoundDown(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0xffffu) == 0 || (u & 0x7fffffffu) > 0x7f800000u) u &= 0xffff0000u;
+  else u = ((u >> 31) ? (u >> 16) + 1 : (u >> 16)) << 16;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
 
 enum SummaryKindId : int { kSummaryMaxMin = 1, kSummaryCuboidMean = 2 };
 
