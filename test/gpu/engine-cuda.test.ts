@@ -20,6 +20,24 @@ describe.skipIf(!status.available)(title, () => {
       expect(r.ok).toBe(true);
     }, 300_000);
   }
+
+  it("rejects float32 K/V storage with an error naming geometry.kvDtype", async () => {
+    const { loadAddon } = await import("../../native/binding.js");
+    const addon = loadAddon();
+    const engine = new addon.Engine({ backend: "cuda" });
+    const geometry = { layers: 1, qHeads: 8, kvHeads: 2, headDim: 128, kvDtype: 1 as const };
+    const retrieval = { pageSize: 32, sinkTokens: 64, windowTokens: 96, selectTokens: 256, tau: 0.9, summary: 1 as const, combine: 1 as const, mode: 1 as const, recall: 1 as const, denseLayers: [] };
+    const L = addon.Engine.layout(geometry, retrieval, 8);
+    const names = ["store", "staging", "tail", "manifest"].map((k) => `/fkv-gpu-f32-${process.pid}-${k}`);
+    const sizes = [L.storeBytes, 2 * L.stagingBufferBytes, L.tailBytes, L.manifestBytes];
+    const segs = names.map((n, i) => addon.ShmSegment.create(n, sizes[i]));
+    try {
+      expect(() => engine.createSession(geometry, retrieval, { store: segs[0], staging: segs[1], tail: segs[2], manifest: segs[3], capacityPages: 8 }, false)).toThrow(/kvDtype/);
+    } finally {
+      segs.forEach((s) => s.close());
+      names.forEach((n) => addon.ShmSegment.unlink(n));
+    }
+  });
 });
 
 // The harness itself, checked without a GPU: the CPU engine against itself must pass every
