@@ -17,8 +17,11 @@ function intIn(field: string, v: number | undefined, lo: number, hi: number): nu
   return v;
 }
 
-/** Validates a geometry and fills the default KV dtype (float32). `prefix` names the message. */
-export function resolveGeometry(g: ModelGeometry | undefined, prefix = "geometry"): ModelGeometry {
+/**
+ * Validates a geometry and fills the default KV dtype (the backend's storage type: float32 on
+ * the CPU backend, bf16 on CUDA). `prefix` names the message.
+ */
+export function resolveGeometry(g: ModelGeometry | undefined, prefix = "geometry", defaultKvDtype: DType = DType.D_TYPE_FLOAT32): ModelGeometry {
   if (!g) throw invalidArgument(prefix, "is required");
   const layers = intIn(`${prefix}.layers`, g.layers, 1, MAX_LAYERS);
   const queryHeads = intIn(`${prefix}.query_heads`, g.queryHeads, 1, MAX_HEADS);
@@ -28,7 +31,7 @@ export function resolveGeometry(g: ModelGeometry | undefined, prefix = "geometry
     throw invalidArgument(`${prefix}.kv_heads`, `must divide query_heads (${queryHeads}), got ${kvHeads}`);
   }
   let kvDtype = g.kvDtype;
-  if (kvDtype === DType.D_TYPE_UNSPECIFIED) kvDtype = DType.D_TYPE_FLOAT32;
+  if (kvDtype === DType.D_TYPE_UNSPECIFIED) kvDtype = defaultKvDtype;
   if (kvDtype !== DType.D_TYPE_FLOAT32 && kvDtype !== DType.D_TYPE_BFLOAT16 && kvDtype !== DType.D_TYPE_FLOAT16) {
     throw invalidArgument(`${prefix}.kv_dtype`, `unknown dtype ${kvDtype}`);
   }

@@ -5,7 +5,7 @@
  */
 import { Counter, Gauge, Histogram, type Registry } from "prom-client";
 import { loadAddon, type Engine } from "../../native/binding.js";
-import type { ModelGeometry } from "../../proto/gen/freekv/v1/common.js";
+import { DType, type ModelGeometry } from "../../proto/gen/freekv/v1/common.js";
 import type { Logger } from "../common/log.js";
 import { KvStoreClient } from "../kvstore/client.js";
 import type { ComputeConfig } from "./config.js";
@@ -157,6 +157,8 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
     commitChecksums: config.FREEKV_COMMIT_CHECKSUMS,
     modelGeometry: () => ctx.modelGeometry,
     backend: config.FREEKV_BACKEND,
+    // The CUDA backend stores K/V in bf16; the CPU backend in float32 by default.
+    defaultKvDtype: config.FREEKV_BACKEND === "cuda" ? DType.D_TYPE_BFLOAT16 : DType.D_TYPE_FLOAT32,
     onChange: (n) => metrics.sessions.set(n),
   });
   ctx.sessions = mgr;

@@ -30,7 +30,8 @@ import { exactAttention, relativeError } from "./exact-attention.js";
 import { healthCheck } from "./health-probe.js";
 import { runTiers } from "./run.js";
 
-const G = { layers: 2, queryHeads: 8, kvHeads: 2, headDim: 64, kvDtype: DType.D_TYPE_FLOAT32 };
+// The KV dtype is left to the backend (float32 on CPU, bf16 on CUDA).
+const G = { layers: 2, queryHeads: 8, kvHeads: 2, headDim: 64, kvDtype: DType.D_TYPE_UNSPECIFIED };
 const R = { pageSize: 32, sinkTokens: 64, windowTokens: 64, selectTokens: 256 };
 const PROMPT = 2048;
 const STEPS = 16;
@@ -135,7 +136,8 @@ async function attentionPart(client: ComputeServiceClient, kv: KvStoreClient, co
     CreateSessionRequest.fromPartial({ sessionId: "demo-attention", kind: SessionKind.SESSION_KIND_ATTENTION, geometry: G, retrieval: R, maxContextTokens: 4096 }),
   );
   const s = created.session;
-  say(`   compute -> kvstore  AttachSession "${s.sessionId}": ${G.layers} layers, ${G.queryHeads} query heads, ${G.kvHeads} KV heads, head dim ${G.headDim}`);
+  const bf16 = s.geometry!.kvDtype === DType.D_TYPE_BFLOAT16;
+  say(`   compute -> kvstore  AttachSession "${s.sessionId}": ${G.layers} layers, ${G.queryHeads} query heads, ${G.kvHeads} KV heads, head dim ${G.headDim}, KV in ${bf16 ? "bf16" : "float32"}`);
   say(`   retrieval: page ${s.retrieval!.pageSize}, sink ${s.retrieval!.sinkTokens}, window ${s.retrieval!.windowTokens}, select ${s.retrieval!.selectTokens}, tau ${s.retrieval!.tau.toFixed(2)}, backend ${s.backend}`);
   const att = await kv.attach({ sessionId: "demo-attention" });
   say("   segments the kvstore created (mode 0600) and compute mapped:");
@@ -210,19 +212,34 @@ async function attentionPart(client: ComputeServiceClient, kv: KvStoreClient, co
   }
   say(`   kvstore: committed pages per layer ${JSON.stringify(a.committedPages)} (a page is ${mib(a.layout!.pageBytes)} in HND order)`);
   const store = loadAddon().ShmSegment.open(a.store!.name);
-  const f = new Float32Array(store.buffer());
   const layer = 1;
   const page = 17;
   const head = 1;
-  const base = (layer * a.layout!.layerStrideBytes + page * a.layout!.pageBytes + head * a.layout!.headPageBytes) / 4;
-  let same = 0;
+  const byteBase = layer * a.layout!.layerStrideBytes + page * a.layout!.pageBytes + head * a.layout!.headPageBytes;
+  // One stored element as float32: float32 as is, bf16 as the high half of a float32.
+  const buf = store.buffer();
+  const f = new Float32Array(buf);
+  const h = new Uint16Array(buf);
+  const widen = new Float32Array(1);
+  const widenBits = new Uint32Array(widen.buffer);
+  const at = (i: number) => {
+    if (!bf16) return f[byteBase / 4 + i];
+    widenBits[0] = h[byteBase / 2 + i] << 16;
+    return widen[0];
+  };
+  // Exact for float32; within bf16's rounding (2^-8 relative) for bf16.
+  const same = (x: number, ref: number) => (bf16 ? Math.abs(x - ref) <= Math.abs(ref) * 2 ** -8 : x === ref);
+  let matching = 0;
   for (let t = 0; t < R.pageSize; t++)
     for (let d = 0; d < G.headDim; d++) {
-      if (f[base + t * G.headDim + d] === keys[layer][page * R.pageSize + t][head * G.headDim + d]) same++;
-      if (f[base + (R.pageSize + t) * G.headDim + d] === values[layer][page * R.pageSize + t][head * G.headDim + d]) same++;
+      if (same(at(t * G.headDim + d), keys[layer][page * R.pageSize + t][head * G.headDim + d])) matching++;
+      if (same(at((R.pageSize + t) * G.headDim + d), values[layer][page * R.pageSize + t][head * G.headDim + d])) matching++;
     }
   store.close();
-  check(same === 2 * R.pageSize * G.headDim, `page ${page} of layer ${layer}, KV head ${head}, read here from /dev/shm${a.store!.name}: ${same}/${2 * R.pageSize * G.headDim} values equal what was sent`);
+  check(
+    matching === 2 * R.pageSize * G.headDim,
+    `page ${page} of layer ${layer}, KV head ${head}, read here from /dev/shm${a.store!.name}: ${matching}/${2 * R.pageSize * G.headDim} values equal what was sent${bf16 ? " (to bf16 rounding)" : ""}`,
+  );
   await unary(client, "closeSession", { sessionId: "demo-attention" });
   const after = await kv.stats();
   check(after.sessions === shmBefore.sessions, "CloseSession: compute closed the engine session, the kvstore released the segments");

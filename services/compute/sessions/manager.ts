@@ -6,7 +6,7 @@
  */
 import { randomUUID } from "node:crypto";
 import { loadAddon, type Engine, type HostSegments, type ShmSegment } from "../../../native/binding.js";
-import type { ModelGeometry, RetrievalStats } from "../../../proto/gen/freekv/v1/common.js";
+import { DType, type ModelGeometry, type RetrievalStats } from "../../../proto/gen/freekv/v1/common.js";
 import { SessionKind, type CreateSessionRequest, type Session } from "../../../proto/gen/freekv/v1/compute.js";
 import type { AttachSessionResponse } from "../../../proto/gen/freekv/v1/kvstore.js";
 import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFound, unavailable } from "../../common/errors.js";
@@ -30,6 +30,8 @@ export interface SessionManagerOptions {
   /** Geometry of the served model, when one is loaded (model sessions need it). */
   modelGeometry?: () => ModelGeometry | undefined;
   backend: string;
+  /** KV storage type of sessions that leave it unspecified (and of model sessions): the backend's. */
+  defaultKvDtype: DType;
   onChange?: (sessions: number) => void;
 }
 
@@ -75,11 +77,12 @@ export class SessionManager {
     if (kind !== SessionKind.SESSION_KIND_MODEL && kind !== SessionKind.SESSION_KIND_ATTENTION) throw invalidArgument("kind", `unknown session kind ${req.kind}`);
     let geometry: ModelGeometry;
     if (kind === SessionKind.SESSION_KIND_ATTENTION) {
-      geometry = resolveGeometry(req.geometry);
+      geometry = resolveGeometry(req.geometry, "geometry", this.opts.defaultKvDtype);
     } else {
       const g = this.opts.modelGeometry?.();
       if (!g) throw failedPrecondition("no model is loaded (set FREEKV_MODEL); use kind SESSION_KIND_ATTENTION with a geometry for attention-only sessions");
-      geometry = resolveGeometry(g, "model");
+      // The KV cache of the served model is stored in the backend's type.
+      geometry = resolveGeometry({ ...g, kvDtype: this.opts.defaultKvDtype }, "model");
     }
     const retrieval = resolveRetrieval(req.retrieval, geometry.layers);
     const maxContextTokens = req.maxContextTokens || this.opts.defaultMaxContextTokens;
