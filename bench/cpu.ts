@@ -7,13 +7,14 @@
  * bytes a step must touch (KV read by attention, summaries scanned by selection, recall copies)
  * divided by the memory bandwidth of a parallel memcpy. Dense touches the whole context every
  * step, so it grows linearly; freekv touches the budget plus the summaries (O(pages): per page
- * one fp32 max and min per channel) and the misses, so it should stay flat. The attention and scoring
+ * a bf16 max and min per channel) and the misses, so it should stay flat. The attention and scoring
  * arithmetic is reported as GFLOP/s alongside: on a small CPU the step is often compute-bound,
  * and the bandwidth floor then says how much room a faster kernel would have. Sessions of one
  * layer count are prefilled first and then stepped in interleaved rounds, so load from other work
  * falls on all contexts alike; the load average is recorded with the results.
  *
- *   npm run build:ts && npm run bench:cpu [-- --contexts 8192,16384 --steps 15 --layers 1,4]
+ *   npm run build:ts && npm run bench:cpu [-- --contexts 8192,16384 --steps 30 --layers 1,4
+ *                                          --modes dense,freekv[,oracle,sink_window]]
  *
  * Data: one synthetic trace per context from the fidelity synthesiser (Llama-3.1-8B layer shape,
  * 32 query / 8 KV heads of 128), so selection turnover and corrections are those of a peaked,
@@ -36,7 +37,13 @@ const here = dirname(fileURLToPath(import.meta.url));
 // bench/ under tsx, dist/bench/ when compiled
 const repo = here.split(/[\\/]/).includes("dist") ? join(here, "..", "..") : join(here, "..");
 
+/** Engine Mode values (native/binding.ts). sink_window and oracle are diagnostics: the step
+ * without any selection, and selection on the critical path every step. */
+const MODE = { freekv: 1, dense: 2, oracle: 3, sink_window: 5 } as const;
+type BenchMode = keyof typeof MODE;
+
 interface Config {
+  modes: BenchMode[];
   contexts: number[];
   layers: number[];
   steps: number;
@@ -52,12 +59,13 @@ interface Config {
   tau: number;
   /** Mean steps between topic jumps in the synthetic queries. */
   jumpEvery: number;
-  threads: number;
+  /** Engine worker threads; undefined = the engine's default. */
+  threads: number | undefined;
   out?: string;
 }
 
 interface Row {
-  mode: "dense" | "freekv";
+  mode: BenchMode;
   layers: number;
   context: number;
   median_ms: number;
@@ -84,6 +92,7 @@ function parse(): Config {
   const { values: v } = parseArgs({
     options: {
       contexts: { type: "string" },
+      modes: { type: "string" },
       layers: { type: "string" },
       steps: { type: "string" },
       warmup: { type: "string" },
@@ -96,6 +105,7 @@ function parse(): Config {
   const list = (s: string | undefined, d: number[]) => (s ? s.split(",").map((x) => Number(x)) : d);
   const cfg: Config = {
     contexts: list(v.contexts, [8192, 16384, 32768, 65536]),
+    modes: (v.modes ?? "dense,freekv").split(",") as BenchMode[],
     layers: list(v.layers, [1, 4]),
     steps: Number(v.steps ?? 30),
     warmup: Number(v.warmup ?? 3),
@@ -110,9 +120,10 @@ function parse(): Config {
     windowTokens: 128,
     tau: 0.8,
     jumpEvery: 16,
-    threads: Number(v.threads ?? os.cpus().length),
+    threads: v.threads === undefined ? undefined : Number(v.threads),
     out: v.out,
   };
+  for (const m of cfg.modes) if (!(m in MODE)) throw new RangeError(`--modes: unknown mode '${m}' (known: ${Object.keys(MODE).join(", ")})`);
   for (const c of cfg.contexts) if (!Number.isInteger(c) || c < 4096) throw new RangeError(`--contexts: ${c} is not an integer >= 4096`);
   for (const l of cfg.layers) if (!Number.isInteger(l) || l < 1) throw new RangeError(`--layers: ${l} is not an integer >= 1`);
   if (!Number.isInteger(cfg.steps) || cfg.steps < 3) throw new RangeError("--steps must be an integer >= 3");
@@ -172,7 +183,7 @@ class BenchSession {
   private constructor(
     private readonly engine: Engine,
     private readonly cfg: Config,
-    readonly mode: "dense" | "freekv",
+    readonly mode: BenchMode,
     readonly layers: number,
     readonly context: number,
     private readonly session: number,
@@ -180,7 +191,7 @@ class BenchSession {
     private readonly trace: SynthTrace,
   ) {}
 
-  static async open(addon: Addon, engine: Engine, cfg: Config, mode: "dense" | "freekv", layers: number, kv: SynthTrace): Promise<BenchSession> {
+  static async open(addon: Addon, engine: Engine, cfg: Config, mode: BenchMode, layers: number, kv: SynthTrace): Promise<BenchSession> {
     const context = kv.promptLen;
     const { qHeads: Hq, kvHeads: Hkv, headDim: D, pageSize: P } = cfg;
     const geometry: Geometry = { layers, qHeads: Hq, kvHeads: Hkv, headDim: D, kvDtype: (cfg.kvDtype === "bf16" ? 2 : 1) as Geometry["kvDtype"] };
@@ -192,7 +203,7 @@ class BenchSession {
       tau: cfg.tau,
       summary: 1 as Retrieval["summary"],
       combine: 1 as Retrieval["combine"],
-      mode: (mode === "dense" ? 2 : 1) as Retrieval["mode"],
+      mode: MODE[mode] as Retrieval["mode"],
       recall: 1 as Retrieval["recall"],
       denseLayers: [],
     };
@@ -277,10 +288,14 @@ class BenchSession {
     if (mode === "dense") {
       perLayer = kvBytes(ctx);
       flopsPerLayer = 4 * Hq * D * ctx;
+    } else if (mode === "sink_window") {
+      perLayer = kvBytes(cfg.sinkTokens + cfg.windowTokens);
+      flopsPerLayer = 4 * Hq * D * (cfg.sinkTokens + cfg.windowTokens);
     } else {
       const budget = cfg.sinkTokens + cfg.selectTokens + cfg.windowTokens;
       const pages = Math.floor(ctx / P);
-      const summaries = pages * Hkv * 2 * D * 4;
+      // The CPU engine keeps summaries as bf16 bounds (hi rounded up, lo down).
+      const summaries = pages * Hkv * 2 * D * 2;
       perLayer = kvBytes(budget) + summaries;
       flopsPerLayer = 4 * Hq * D * budget + 4 * Hq * D * pages;
     }
@@ -313,9 +328,11 @@ async function main(): Promise<number> {
   const addon = loadAddon();
   if (typeof addon.Engine !== "function") throw new Error("the native addon has no Engine; run `npm run build:native`");
   const engine = new addon.Engine({ backend: "cpu", threads: cfg.threads });
+  // The memory floor uses every core, whatever the engine's own split of them.
+  const copyThreads = os.cpus().length;
   const cpus = os.cpus();
-  process.stderr.write(`measuring memcpy bandwidth (${cfg.threads} threads)...\n`);
-  const bandwidthStart = await memcpyBandwidth(cfg.threads);
+  process.stderr.write(`measuring memcpy bandwidth (${copyThreads} threads)...\n`);
+  const bandwidthStart = await memcpyBandwidth(copyThreads);
   process.stderr.write(`memcpy: ${(bandwidthStart / 1e9).toFixed(2)} GB/s (read + write)\n`);
 
   // Realistic data: one synthetic trace per context (topics, sinks, RoPE, drifting queries with
@@ -336,7 +353,7 @@ async function main(): Promise<number> {
   for (const layers of cfg.layers) {
     const sessions: BenchSession[] = [];
     for (const context of cfg.contexts)
-      for (const mode of ["dense", "freekv"] as const) {
+      for (const mode of cfg.modes) {
         process.stderr.write(`  prefill ${mode} layers=${layers} context=${context}\n`);
         sessions.push(await BenchSession.open(addon, engine, cfg, mode, layers, traces.get(context)!));
       }
@@ -350,7 +367,7 @@ async function main(): Promise<number> {
   }
   // The ceiling is measured again after the steps and the better figure kept: other work on the
   // machine can only lower a bandwidth measurement, never raise it.
-  const bandwidthEnd = await memcpyBandwidth(cfg.threads);
+  const bandwidthEnd = await memcpyBandwidth(copyThreads);
   const bandwidth = Math.max(bandwidthStart, bandwidthEnd);
   process.stderr.write(`memcpy again: ${(bandwidthEnd / 1e9).toFixed(2)} GB/s; using ${(bandwidth / 1e9).toFixed(2)} GB/s\n`);
   for (const s of pending) rows.push(s.row(bandwidth));
@@ -376,7 +393,7 @@ async function main(): Promise<number> {
   const line = (c: string[]) => c.map((x, i) => x.padStart(w[i])).join("  ");
   console.log(
     `decode step, ${cfg.qHeads}q/${cfg.kvHeads}kv heads x ${cfg.headDim}, ${cfg.kvDtype} KV, budget ${cfg.sinkTokens}+${cfg.selectTokens}+${cfg.windowTokens} tokens, ` +
-      `${cfg.threads} threads; floor = bytes touched / memcpy ${(bandwidth / 1e9).toFixed(2)} GB/s`,
+      `${cfg.threads ?? "default"} engine threads; floor = bytes touched / memcpy ${(bandwidth / 1e9).toFixed(2)} GB/s`,
   );
   console.log(line(head));
   for (const b of body) console.log(line(b));
@@ -390,13 +407,15 @@ async function main(): Promise<number> {
   for (const layers of cfg.layers)
     for (const [name, f] of stats) {
       const get = (mode: string, c: number) => f(rows.find((r) => r.mode === mode && r.layers === layers && r.context === c)!);
-      checks[`freekv_${hi}_over_${lo}_layers${layers}_${name}`] = get("freekv", hi) / get("freekv", lo);
-      checks[`dense_${hi}_over_${lo}_layers${layers}_${name}`] = get("dense", hi) / get("dense", lo);
-      checks[`dense_over_freekv_at_${hi}_layers${layers}_${name}`] = get("dense", hi) / get("freekv", hi);
+      for (const m of cfg.modes) checks[`${m}_${hi}_over_${lo}_layers${layers}_${name}`] = get(m, hi) / get(m, lo);
+      if (cfg.modes.includes("dense") && cfg.modes.includes("freekv"))
+        checks[`dense_over_freekv_at_${hi}_layers${layers}_${name}`] = get("dense", hi) / get("freekv", hi);
     }
   console.log("");
   for (const [k, x] of Object.entries(checks)) console.log(`${k}: ${x.toFixed(2)}`);
-  const flat = Object.fromEntries(stats.map(([name]) => [name, cfg.layers.every((l) => checks[`freekv_${hi}_over_${lo}_layers${l}_${name}`] <= 1.3)]));
+  const flat = cfg.modes.includes("freekv")
+    ? Object.fromEntries(stats.map(([name]) => [name, cfg.layers.every((l) => checks[`freekv_${hi}_over_${lo}_layers${l}_${name}`] <= 1.3)]))
+    : {};
   for (const [name, ok] of Object.entries(flat)) console.log(`freekv at ${hi} <= 1.3x freekv at ${lo} (${name}): ${ok ? "yes" : "NO"}`);
   console.log(`1-minute load average: ${loadBefore[0].toFixed(2)} before, ${os.loadavg()[0].toFixed(2)} after (${os.cpus().length} cores)`);
 
@@ -427,10 +446,10 @@ async function main(): Promise<number> {
       memcpy_bytes_per_s: bandwidth,
       memcpy_bytes_per_s_start: bandwidthStart,
       memcpy_bytes_per_s_end: bandwidthEnd,
-      memcpy_threads: cfg.threads,
+      memcpy_threads: copyThreads,
       note: "bytes read + written per second by parallel Buffer.copy, best of 5, measured before and after the steps; the better one is the floor",
     },
-    config: { ...cfg, out: undefined },
+    config: { ...cfg, out: undefined, threads: cfg.threads ?? "engine default" },
     results: rows,
     checks: { ...checks, freekv_flat_within_1_3x: flat },
   };
