@@ -35,7 +35,8 @@ export interface BatchObserver {
   appended(session: ComputeSession, layer: number): void;
 }
 
-const shapeKey = (s: ComputeSession) => `${s.geometry.queryHeads}/${s.geometry.kvHeads}/${s.geometry.headDim}`;
+/** Sessions that may share one engine call: same shapes and KV storage type. */
+const shapeKey = (s: ComputeSession) => `${s.geometry.queryHeads}/${s.geometry.kvHeads}/${s.geometry.headDim}/${s.geometry.kvDtype}`;
 
 export class DecodeBatcher {
   private pending: Entry[] = [];
