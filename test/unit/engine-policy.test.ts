@@ -75,16 +75,27 @@ describe(`engine vs float64 policy reference (seed ${seed})`, () => {
             expect(relError(out, ref.prefillAttention(q, n))).toBeLessThan(1e-5);
           }
           const qs = queries(rng, qn, 0.3);
-          for (let t = 0; t < 3 * P + 5; t++) {
-            const q = qs.next().value as Float32Array;
-            const k = quantised(rng, kvn),
-              v = quantised(rng, kvn);
-            const [out] = await engine.decode(0, [{ session, q, k, v }]);
-            const want = ref.decode(q, k, v);
-            for (let h = 0; h < c.kvHeads; h++)
-              expect(Array.from(engine.lastAttendedTokens(session, 0, h)), `step ${t} head ${h}`).toEqual(want.attended[h]);
-            expect(relError(out, want.out), `step ${t}`).toBeLessThan(1e-5);
-          }
+          const decodeSteps = async (steps: number, turn: number) => {
+            for (let t = 0; t < steps; t++) {
+              const q = qs.next().value as Float32Array;
+              const k = quantised(rng, kvn),
+                v = quantised(rng, kvn);
+              const [out] = await engine.decode(0, [{ session, q, k, v }]);
+              const want = ref.decode(q, k, v);
+              for (let h = 0; h < c.kvHeads; h++)
+                expect(Array.from(engine.lastAttendedTokens(session, 0, h)), `turn ${turn} step ${t} head ${h}`).toEqual(want.attended[h]);
+              expect(relError(out, want.out), `turn ${turn} step ${t}`).toBeLessThan(1e-5);
+            }
+          };
+          await decodeSteps(3 * P + 5, 1);
+          // A second turn: a prefill chunk without queries in the middle of decoding (the next
+          // decode selects with its own query), then more steps.
+          const n1 = 2 * P + 1;
+          const k1 = quantised(rng, n1 * kvn),
+            v1 = quantised(rng, n1 * kvn);
+          await engine.prefill(session, 0, k1, v1, n1);
+          ref.prefill(k1, v1, n1);
+          await decodeSteps(P + 2, 2);
           await engine.sync(session);
           const st = engine.stats(session);
           expect(st.selections).toBe(ref.counters.selections);
