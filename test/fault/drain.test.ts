@@ -26,9 +26,13 @@ async function segmentsOf(address: string, ids: string[]): Promise<string[]> {
   return names;
 }
 
+/** Segments a test made persist; removed after it whatever happened. */
+const kept: string[] = [];
+
 afterEach(async () => {
   await tiers?.stop("SIGTERM").catch(() => undefined);
   tiers = undefined;
+  for (const n of kept.splice(0)) loadAddon().ShmSegment.unlink(n);
 });
 
 describe("SIGTERM", () => {
@@ -85,13 +89,13 @@ describe("SIGTERM", () => {
     const compute = computeClient(tiers.compute.address);
     await unary(compute, "createSession", { sessionId: "p1", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 512 });
     const made = await segmentsOf(tiers.kvstore.address, ["p1"]);
+    kept.push(...made);
     expect(made.length).toBe(4);
     compute.close();
     await tiers.compute.stop();
     expect(await tiers.kvstore.stop()).toEqual({ code: 0, signal: null });
     const after = shmSegments();
     for (const n of made) expect(after.has(n)).toBe(true);
-    for (const n of made) loadAddon().ShmSegment.unlink(n);
   });
 });
 

@@ -9,6 +9,7 @@ import { afterAll, describe, expect, it } from "vitest";
 import { Redis } from "ioredis";
 import { ATTENTION, QUIET, computeClient, kvstoreClient, shmSegments, startService, unary, unaryError, type ServiceProcess } from "../helpers/services.js";
 import { status } from "@grpc/grpc-js";
+import { loadAddon } from "../../native/binding.js";
 
 const REDIS = "redis://127.0.0.1:6379/0";
 
@@ -38,9 +39,12 @@ const G = { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 };
 const R = { pageSize: 16, sinkTokens: 16, windowTokens: 16, selectTokens: 64 };
 const procs: ServiceProcess[] = [];
 const prefix = `freekv-test-${randomBytes(6).toString("hex")}:`;
+/** Segments this test made persist; removed at the end whatever happened. */
+const made: string[] = [];
 
 afterAll(async () => {
   for (const p of procs.reverse()) await p.stop().catch(() => undefined);
+  for (const n of made) loadAddon().ShmSegment.unlink(n);
   if (up) {
     const r = new Redis(REDIS);
     const keys = await r.keys(`${prefix}*`);
@@ -60,7 +64,6 @@ describe.skipIf(!up)("Redis session directory", () => {
     await unary(compute, "createSession", { sessionId: "r-1", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 300 });
     await unary(compute, "createSession", { sessionId: "r-2", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 300 });
     const kv1c = kvstoreClient(kv1.address);
-    const made: string[] = [];
     for (const id of ["r-1", "r-2"]) {
       const a = await unary<Record<string, { name: string }>>(kv1c, "attachSession", { sessionId: id });
       made.push(a.store.name, a.staging.name, a.tail.name, a.manifest.name);
