@@ -5,7 +5,8 @@
  *   1. an attention session: compute asks the kvstore for its shared-memory segments and maps
  *      them; an Attention stream prefills keys/values and runs decode steps whose outputs are
  *      checked against exact float64 attention; the pages the engine offloaded are committed at
- *      the kvstore and read back here from the segment;
+ *      the kvstore and read back here from the segment; then compute is killed (SIGKILL), a new
+ *      one re-attaches the session from the kvstore and the decode continues;
  *   2. a Generate call with the served model (the built-in tiny model unless FREEKV_MODEL says
  *      otherwise), when this build has the model runner;
  * then shows health and a metrics excerpt, shuts both down with SIGTERM and checks that they
@@ -28,6 +29,7 @@ import {
 import { KvStoreClient } from "../kvstore/client.js";
 import { exactAttention, relativeError } from "./exact-attention.js";
 import { healthCheck } from "./health-probe.js";
+import { startService, type ServiceProcess } from "./launch.js";
 import { runTiers } from "./run.js";
 
 // The KV dtype is left to the backend (float32 on CPU, bf16 on CUDA).
@@ -127,7 +129,18 @@ class Stream {
   }
 }
 
-async function attentionPart(client: ComputeServiceClient, kv: KvStoreClient, computeMetricsPort: number): Promise<void> {
+/** The compute process in use and a client to it (replaced by the restart step). */
+interface Live {
+  compute: ServiceProcess;
+  client: ComputeServiceClient;
+  kvstoreAddress: string;
+}
+
+const newClient = (address: string) => new ComputeServiceClient(address, credentials.createInsecure(), { "grpc.max_receive_message_length": 64 << 20 });
+
+async function attentionPart(live: Live, kv: KvStoreClient): Promise<void> {
+  const client = live.client;
+  const computeMetricsPort = live.compute.metricsPort;
   say("\n1. An attention session (the per-layer API for disaggregated engines)");
   const shmBefore = await kv.stats();
   const created = await unary<CreateSessionRequest, { session: Session }>(
@@ -240,7 +253,40 @@ async function attentionPart(client: ComputeServiceClient, kv: KvStoreClient, co
     matching === 2 * R.pageSize * G.headDim,
     `page ${page} of layer ${layer}, KV head ${head}, read here from /dev/shm${a.store!.name}: ${matching}/${2 * R.pageSize * G.headDim} values equal what was sent${bf16 ? " (to bf16 rounding)" : ""}`,
   );
-  await unary(client, "closeSession", { sessionId: "demo-attention" });
+  // The compute process dies without a drain; a new one re-attaches the session from the
+  // kvstore's segments and the decode continues where it stopped.
+  say(`   compute restart: SIGKILL pid ${live.compute.pid} (no drain), then a new compute against the same kvstore`);
+  await live.compute.stop("SIGKILL");
+  live.client.close();
+  const t2 = Date.now();
+  live.compute = await startService("compute", {
+    env: { FREEKV_LOG_LEVEL: "warn", FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: live.kvstoreAddress },
+    detached: true,
+  });
+  live.client = newClient(live.compute.address);
+  const back = await unary<{ sessionId: string }, { session: Session }>(live.client, "getSession", { sessionId: "demo-attention" });
+  check(
+    back.session.contextTokens === PROMPT + STEPS,
+    `new compute pid ${live.compute.pid} up in ${Date.now() - t2} ms; re-attached "demo-attention" with ${back.session.contextTokens} tokens per layer`,
+  );
+  const again = new Stream(live.client);
+  let worstAfter = 0;
+  const MORE = 8;
+  for (let step = STEPS; step < STEPS + MORE; step++) {
+    const q = w.query(step);
+    for (let layer = 0; layer < G.layers; layer++) {
+      const k = w.key(PROMPT + step);
+      const v = w.value(PROMPT + step);
+      keys[layer].push(k);
+      values[layer].push(v);
+      const r = await again.send({ op: { $case: "decode", value: { layer, items: [{ sessionId: "demo-attention", q: tensor(q, [G.queryHeads, G.headDim]), k: tensor(k, [G.kvHeads, G.headDim]), v: tensor(v, [G.kvHeads, G.headDim]) }] } } });
+      if (r.result?.$case !== "decode") throw new Error("no decode result");
+      worstAfter = Math.max(worstAfter, relativeError(f32(r.result.value.outputs[0]), exactAttention(q, keys[layer], values[layer], G.queryHeads, G.kvHeads, G.headDim)));
+    }
+  }
+  again.end();
+  check(worstAfter < 0.1, `${MORE} more decode steps after the restart: worst relative error vs exact ${worstAfter.toExponential(2)}`);
+  await unary(live.client, "closeSession", { sessionId: "demo-attention" });
   const after = await kv.stats();
   check(after.sessions === shmBefore.sessions, "CloseSession: compute closed the engine session, the kvstore released the segments");
 }
@@ -282,27 +328,27 @@ async function main(): Promise<number> {
   say(`started in ${Date.now() - t0} ms:`);
   say(`  kvstore  pid ${kvstore.pid}  gRPC ${kvstore.address}  metrics :${kvstore.metricsPort}/metrics`);
   say(`  compute  pid ${compute.pid}  gRPC ${compute.address}  metrics :${compute.metricsPort}/metrics  (kvstore at ${kvstore.address})`);
-  const client = new ComputeServiceClient(compute.address, credentials.createInsecure(), { "grpc.max_receive_message_length": 64 << 20 });
+  const live: Live = { compute, client: newClient(compute.address), kvstoreAddress: kvstore.address };
   const kv = new KvStoreClient(kvstore.address);
   try {
     const hc = await healthCheck(compute.address);
     const hk = await healthCheck(kvstore.address);
     check(hc === "SERVING" && hk === "SERVING", `grpc.health.v1: compute ${hc}, kvstore ${hk}`);
-    await attentionPart(client, kv, compute.metricsPort);
-    await generatePart(client);
+    await attentionPart(live, kv);
+    await generatePart(live.client);
 
-    say("\n3. Metrics excerpt");
+    say(`\n3. Metrics excerpt (compute pid ${live.compute.pid}, kvstore pid ${kvstore.pid})`);
     const grab = async (port: number, names: string[]) => {
       const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
       return text.split("\n").filter((l) => !l.startsWith("#") && names.some((n) => l.startsWith(n)));
     };
-    for (const l of await grab(compute.metricsPort, ["freekv_compute_attention_requests_total", "freekv_compute_decode_batch_size_count", "freekv_compute_decode_step_seconds_sum", "freekv_compute_attention_seconds_sum", "freekv_compute_attention_seconds_count", "freekv_compute_sessions"])) say(`   compute  ${l}`);
+    for (const l of await grab(live.compute.metricsPort, ["freekv_compute_attention_requests_total", "freekv_compute_decode_batch_size_count", "freekv_compute_decode_step_seconds_sum", "freekv_compute_attention_seconds_sum", "freekv_compute_attention_seconds_count", "freekv_compute_sessions"])) say(`   compute  ${l}`);
     for (const l of await grab(kvstore.metricsPort, ["freekv_kvstore_commits_total", "freekv_kvstore_sessions", "freekv_kvstore_segment_bytes"])) say(`   kvstore  ${l}`);
   } finally {
-    client.close();
+    live.client.close();
     kv.close();
     say("\n4. Shutdown (SIGTERM: drain compute, then the kvstore)");
-    const c = await compute.stop("SIGTERM");
+    const c = await live.compute.stop("SIGTERM");
     const k = await kvstore.stop("SIGTERM");
     check(c.code === 0 && k.code === 0, `compute exited ${c.code ?? c.signal}, kvstore exited ${k.code ?? k.signal}`);
     const now = new Set(readdirSync("/dev/shm").map((n) => `/${n}`));
