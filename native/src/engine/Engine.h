@@ -90,12 +90,15 @@ constexpr uint32_t kFirstDecodePending = 2u;
 // Per-session counters (summed over layers). Mirrors freekv.v1.RetrievalStats.
 struct Stats {
   uint64_t decode_steps = 0;
-  uint64_t selections = 0;   // (layer, kv head) selections
-  uint64_t corrections = 0;  // of which corrected synchronously
+  // One per (layer, KV head) of a retrieval layer per decode step: the selection that step's
+  // attention used (speculative, blocking or corrected); correction_rate = corrections / selections.
+  uint64_t selections = 0;
+  uint64_t corrections = 0;  // of which re-selected with q_t and recalled synchronously
+  // Every selection performed (speculative ones included): pages chosen = hits + recalled.
   uint64_t pages_selected = 0;
   uint64_t pages_hit = 0;
   uint64_t pages_recalled = 0;
-  uint64_t recall_bytes = 0;
+  uint64_t recall_bytes = 0;  // pages_recalled * head-page bytes ([2][P][D] of one KV head)
   uint64_t pages_offloaded = 0;
   uint64_t offload_bytes = 0;
   uint64_t context_tokens = 0;
