@@ -6,7 +6,9 @@
  * and the harness leaves no shared-memory segment behind.
  */
 import { describe, expect, it } from "vitest";
-import { readdirSync } from "node:fs";
+import { spawn } from "node:child_process";
+import { mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { run as fidelityCli } from "../../services/compute/cli/fidelity.js";
 import { loadAddon } from "../../native/binding.js";
@@ -15,6 +17,7 @@ import { NativeTarget } from "../../services/compute/fidelity/native-target.js";
 import { PolicyModel } from "../../services/compute/fidelity/policy-model.js";
 import { replay } from "../../services/compute/fidelity/replay.js";
 import { synthesizeTrace, type SynthTrace } from "../../services/compute/fidelity/synth.js";
+import { writeTrace } from "../../services/compute/fidelity/trace.js";
 
 function engineAvailable(): boolean {
   try {
@@ -113,5 +116,30 @@ describe.skipIf(!engineAvailable())("fidelity on the native CPU engine", () => {
     }
     expect(native.oracle.mass_recall).toBeGreaterThan(native.sink_window.mass_recall);
     expect(ourSegments()).toEqual([]);
+  });
+
+  it("an interrupted replay leaves no shared-memory segment behind", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "freekv-fidelity-int-"));
+    try {
+      const file = join(dir, "long.safetensors");
+      writeTrace(file, synthesizeTrace({ ...SHAPE, promptLen: 16384, steps: 256, seed: 34 }), "F32");
+      const mine = () => readdirSync("/dev/shm").filter((n) => n.startsWith("freekv-fidelity-") && !n.startsWith(`freekv-fidelity-${process.pid}-`));
+      const before = new Set(mine());
+      const root = join(import.meta.dirname, "..", "..");
+      const child = spawn(process.execPath, ["--import", "tsx", join(root, "services/compute/cli/main.ts"), "fidelity", "--trace", file, "--threads", "1"], { cwd: root, stdio: ["ignore", "pipe", "pipe"] });
+      const exited = new Promise<number | null>((res) => child.on("exit", (code) => res(code)));
+      // wait until its segments exist (all five modes' sessions are created before the replay)
+      let seen: string[] = [];
+      for (let i = 0; i < 300 && seen.length < 20; i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        seen = mine().filter((n) => !before.has(n) && n.includes(`-${child.pid}-`));
+      }
+      expect(seen.length).toBe(20); // 5 modes x (store, staging, tail, manifest)
+      child.kill("SIGINT");
+      expect(await exited).toBe(130);
+      expect(mine().filter((n) => !before.has(n))).toEqual([]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
