@@ -118,6 +118,24 @@ describe.skipIf(!engineAvailable())("fidelity on the native CPU engine", () => {
     expect(ourSegments()).toEqual([]);
   });
 
+  it("tau sweeps freekv from speculative (tau = -1) to oracle (tau > 1), corrections rising", async () => {
+    const tr = synthesizeTrace({ ...SHAPE, promptLen: 4096, steps: 48, seed: 35 });
+    const engine = new addon.Engine({ backend: "cpu", threads: 2 });
+    const run = async (tau: number, modes: ModeName[]) =>
+      (await replay(tr, modes, (m) => NativeTarget.create(addon, engine, m, { ...geo(tr), settings: { ...FIDELITY_DEFAULTS, selectTokens: 320, tau } }))).modes;
+    const base = await run(0.9, ["speculative", "oracle"]);
+    const taus = [-1, 0.5, 0.9, 0.97, 1.5];
+    const sweep = [];
+    for (const tau of taus) sweep.push((await run(tau, ["freekv"])).freekv!);
+    expect(sweep[0].correction_rate).toBe(0);
+    expect(sweep[0].mass_recall).toBe(base.speculative!.mass_recall);
+    expect(sweep[4].correction_rate).toBeCloseTo((tr.steps - 1) / tr.steps, 9);
+    expect(sweep[4].mass_recall).toBe(base.oracle!.mass_recall);
+    for (let i = 1; i < taus.length; i++) expect(sweep[i].correction_rate).toBeGreaterThanOrEqual(sweep[i - 1].correction_rate);
+    expect(sweep[3].correction_rate).toBeGreaterThan(sweep[1].correction_rate);
+    expect(base.oracle!.mass_recall - base.speculative!.mass_recall).toBeGreaterThan(0.02);
+  });
+
   it("an interrupted replay leaves no shared-memory segment behind", async () => {
     const dir = mkdtempSync(join(tmpdir(), "freekv-fidelity-int-"));
     try {
