@@ -26,7 +26,7 @@ const USAGE = `usage: freekv fidelity --trace FILE.safetensors [options]
   --select K         selected tokens                             [${FIDELITY_DEFAULTS.selectTokens}]
   --tau X            correction threshold                        [${FIDELITY_DEFAULTS.tau}]
   --engine E         native (the CPU engine) or model (float64 policy model) [native]
-  --threads N        engine worker threads                       [all cores]
+  --threads N        engine worker threads                       [engine default]
   --kv-dtype T       engine KV storage, f32 or bf16 (native)     [f32]
   --recall R         gather or double_buffer (native)            [gather]
   --json             print {"modes": {"<mode>": {...}}} only

@@ -44,9 +44,13 @@ export async function run(argv: string[]): Promise<number> {
 
 async function synth(argv: string[]): Promise<number> {
   const [sub, ...rest] = argv;
-  if (sub === undefined || sub === "--help" || sub === "-h") {
+  if (sub === undefined) {
+    process.stderr.write(USAGE);
+    return 2;
+  }
+  if (sub === "--help" || sub === "-h") {
     process.stdout.write(USAGE);
-    return sub === undefined ? 2 : 0;
+    return 0;
   }
   if (sub !== "synth") throw new UsageError(`unknown subcommand '${sub}' (expected 'synth')\n${USAGE}`);
   let parsed;
