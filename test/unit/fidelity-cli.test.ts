@@ -140,6 +140,24 @@ describe("freekv fidelity --json", () => {
   });
 });
 
+describe("freekv fidelity --per-step", () => {
+  it("writes one CSV row per step whose mean is the reported mass recall", async () => {
+    const csv = join(dir, "steps.csv");
+    const r = await capture(() => fidelity(["--trace", FIXTURE, "--engine", "model", "--modes", "oracle,speculative", "--select", "128", "--json", "--per-step", csv]));
+    expect(r.code).toBe(0);
+    const j = JSON.parse(r.out);
+    const rows = readFileSync(csv, "utf8").trim().split("\n");
+    expect(rows[0]).toBe("step,cos_kv0,mass_oracle,mass_speculative");
+    expect(rows).toHaveLength(1 + 16);
+    const col = (i: number) => rows.slice(1).map((l) => Number(l.split(",")[i]));
+    const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+    expect(mean(col(2))).toBeCloseTo(j.modes.oracle.mass_recall, 5);
+    expect(mean(col(3))).toBeCloseTo(j.modes.speculative.mass_recall, 5);
+    expect(rows[1].split(",")[1]).toBe("");
+    for (const c of col(1).slice(1)) expect(c).toBeGreaterThan(-1);
+  });
+});
+
 describe("freekv trace synth", () => {
   it("writes a loadable trace and reports cosine, peakedness, jumps and needles", async () => {
     const out = join(dir, "synth.safetensors");

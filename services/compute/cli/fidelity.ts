@@ -6,6 +6,7 @@
  * Exit codes: 0 done; 2 bad options or a malformed trace (the message names the problem);
  * 1 anything else (e.g. the native engine is not built).
  */
+import { writeFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { intOption, numberOption, UsageError } from "../fidelity/cli-args.js";
 import { FIDELITY_DEFAULTS, MODE_NAMES, parseModes, validateSettings, type ModeName, type RetrievalSettings } from "../fidelity/modes.js";
@@ -16,6 +17,7 @@ import { replay } from "../fidelity/replay.js";
 import type { ReplayTarget } from "../fidelity/replay-target.js";
 import { toJson, toTable } from "../fidelity/report.js";
 import { loadTrace, TraceError } from "../fidelity/trace.js";
+import { groupAdjacentCosines } from "../fidelity/trace-stats.js";
 
 const USAGE = `usage: freekv fidelity --trace FILE.safetensors [options]
 
@@ -29,6 +31,7 @@ const USAGE = `usage: freekv fidelity --trace FILE.safetensors [options]
   --threads N        engine worker threads                       [engine default]
   --kv-dtype T       engine KV storage, f32 or bf16 (native)     [f32]
   --recall R         gather or double_buffer (native)            [gather]
+  --per-step FILE    also write per-step mass recall per mode as CSV
   --json             print {"modes": {"<mode>": {...}}} only
 `;
 
@@ -61,6 +64,7 @@ async function fidelity(argv: string[]): Promise<number> {
         threads: { type: "string" },
         "kv-dtype": { type: "string" },
         recall: { type: "string" },
+        "per-step": { type: "string" },
         json: { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
@@ -110,6 +114,16 @@ async function fidelity(argv: string[]): Promise<number> {
   const bar = progressBar(`replaying ${trace.name}`);
   const result = await replay(trace, modes, makeTarget, { onStep: (d, t) => bar.update(d, t), budget: settings });
   bar.done();
+  if (typeof v["per-step"] === "string") {
+    // step, then per KV head the group's cos(q_t, q_{t-1}) (what correction compares with tau),
+    // then each mode's mass recall at that step (mean over query heads).
+    const cos = groupAdjacentCosines(trace);
+    const head = ["step", ...cos.map((_, h) => `cos_kv${h}`), ...modes.map((m) => `mass_${m}`)];
+    const lines = [head.join(",")];
+    for (let t = 0; t < trace.steps; t++)
+      lines.push([t, ...cos.map((c) => (t === 0 ? "" : c[t].toFixed(5))), ...modes.map((m) => result.perStep[m]![t].toFixed(6))].join(","));
+    writeFileSync(v["per-step"], lines.join("\n") + "\n");
+  }
   if (v.json) {
     process.stdout.write(toJson(result.modes) + "\n");
   } else {
