@@ -16,6 +16,7 @@
 namespace freekv::addon {
 
 ShmSegment* UnwrapShm(Napi::Value v);
+void PinShm(Napi::Value v, int delta);
 
 namespace {
 
@@ -350,6 +351,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
+    for (auto& r : si.segments) PinShm(r.Value(), +1);
     sessions_.emplace(id, std::move(si));
     return Napi::Number::New(env, id);
   }
@@ -363,6 +365,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     } catch (const std::exception& e) {
       throw Napi::Error::New(info.Env(), e.what());
     }
+    for (auto& r : it->second.segments) PinShm(r.Value(), -1);
     sessions_.erase(it);  // releases the segment references
     return info.Env().Undefined();
   }

@@ -3,6 +3,7 @@
 // detached on close() so JS can never touch an unmapped page.
 #include <napi.h>
 
+#include <algorithm>
 #include <memory>
 
 #include "shm/ShmSegment.h"
@@ -82,6 +83,10 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
     return ab;
   }
   Napi::Value Close(const Napi::CallbackInfo& info) {
+    // An engine session maps these bytes; unmapping them under it would crash the process.
+    if (pins_ > 0)
+      throw Napi::Error::New(info.Env(), "segment '" + (seg_ ? seg_->name() : std::string("?")) + "' is in use by " +
+                                             std::to_string(pins_) + " engine session(s): close the session first");
     for (auto& r : buffers_) {
       if (!r.IsEmpty()) {
         auto ab = r.Value();
@@ -92,6 +97,8 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
     seg_.reset();
     return info.Env().Undefined();
   }
+  friend void PinShm(Napi::Value v, int delta);
+  int pins_ = 0;
   std::unique_ptr<ShmSegment> seg_;
   std::vector<Napi::Reference<Napi::ArrayBuffer>> buffers_;
 };
@@ -106,6 +113,15 @@ ShmSegment* UnwrapShm(Napi::Value v) {
   auto* s = AddonShmSegment::Unwrap(obj)->segment();
   if (!s) throw Napi::Error::New(v.Env(), "segment is closed");
   return s;
+}
+
+// Counts the engine sessions that map a segment, so close() can refuse while one does.
+void PinShm(Napi::Value v, int delta) {
+  if (!v.IsObject()) return;
+  auto obj = v.As<Napi::Object>();
+  if (!obj.InstanceOf(AddonShmSegment::ctor->Value())) return;
+  auto* s = AddonShmSegment::Unwrap(obj);
+  s->pins_ = std::max(0, s->pins_ + delta);
 }
 
 void InitShm(Napi::Env env, Napi::Object exports) {

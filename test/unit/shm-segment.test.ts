@@ -1,0 +1,63 @@
+/**
+ * Shared-memory segments through the addon: create/open/unlink, bytes shared between mappings,
+ * clear errors, and no unmapping under a live engine session.
+ */
+import { describe, expect, it } from "vitest";
+import { existsSync, statSync } from "node:fs";
+import { loadAddon } from "../../native/binding.js";
+import { Prng, testSeed } from "./reference/prng.js";
+import { createHost, geometryOf, retrievalOf } from "./reference/harness.js";
+
+const addon = loadAddon();
+const rng = new Prng(testSeed());
+const uniqueName = () => `/fkv-shm-test-${process.pid}-${rng.int(1e9).toString(36)}`;
+
+describe("ShmSegment", () => {
+  it("shares bytes between two mappings, mode 0600, and unlinks", () => {
+    const name = uniqueName();
+    const a = addon.ShmSegment.create(name, 3 * 4096 + 5);
+    expect(a.size).toBe(3 * 4096 + 5);
+    expect(statSync(`/dev/shm${name}`).mode & 0o777).toBe(0o600);
+    const src = rng.normals(a.size >> 2);
+    new Float32Array(a.buffer(), 0, src.length).set(src);
+    const b = addon.ShmSegment.open(name);
+    expect(b.size).toBe(a.size);
+    expect(Array.from(new Float32Array(b.buffer(), 0, src.length))).toEqual(Array.from(src));
+    const buf = a.buffer();
+    a.close();
+    expect(buf.byteLength).toBe(0); // detached, never a dangling view
+    expect(() => a.size).toThrow(/closed/);
+    b.close();
+    expect(addon.ShmSegment.unlink(name)).toBe(true);
+    expect(existsSync(`/dev/shm${name}`)).toBe(false);
+    expect(addon.ShmSegment.unlink(name)).toBe(false);
+  });
+
+  it("names the problem on bad arguments", () => {
+    const name = uniqueName();
+    expect(() => addon.ShmSegment.create("no-slash", 10)).toThrow(/name must look like/);
+    expect(() => addon.ShmSegment.create("/a/b", 10)).toThrow(/name must look like/);
+    expect(() => addon.ShmSegment.create(name, 0)).toThrow(/size must be > 0/);
+    expect(() => addon.ShmSegment.open(name)).toThrow(/No such file/);
+    const s = addon.ShmSegment.create(name, 64);
+    expect(() => addon.ShmSegment.create(name, 64)).toThrow(/File exists/);
+    s.close();
+    addon.ShmSegment.unlink(name);
+  });
+
+  it("refuses to close a segment that an engine session maps", () => {
+    const c = {
+      qHeads: 4, kvHeads: 2, headDim: 8, pageSize: 4, sinkTokens: 4, windowTokens: 8, selectTokens: 8,
+      tau: 0.9, summary: "maxmin", combine: "softmax_mean", mode: "freekv", dtype: "f32",
+    } as const;
+    const g = geometryOf(c, 1);
+    const r = retrievalOf(c);
+    const host = createHost(g, r, 4);
+    const engine = new addon.Engine({ backend: "cpu", threads: 1 });
+    const session = engine.createSession(g, r, host.segments, false);
+    expect(() => host.segments.store.close()).toThrow(/in use by 1 engine session/);
+    expect(() => host.segments.tail.close()).toThrow(/close the session first/);
+    engine.closeSession(session);
+    host.dispose();
+  });
+});
