@@ -1,3 +1,20 @@
+// Paged decode attention: tiles of 32 tokens, softmax shared by the block, next tile in flight.
+//
+// Why this shape (native/cuda/PERF.md has the measurements): decode attention reads every K/V
+// byte once and does ~4 FLOP per byte (G = 4), so it must stream HBM. The block is 4 warps; a
+// token's K (or V) row of one head is read by TPT = D/8 lanes with 16-byte loads (a "token
+// group"), and each token group holds U tokens of the current 32-token tile. Per tile:
+//   phase 1  partial q.k of the U tokens x G query heads in each lane, reduced over the TPT lanes
+//            by a transposing butterfly (U*G values over TPT lanes: log2 steps that each halve
+//            the values a lane keeps, so 15 shuffles for 16 sums instead of 64), scores -> smem;
+//            then the NEXT tile's K and V loads are issued (they stay in flight through the
+//            barriers and the softmax below);
+//   phase 2  one warp per query head: tile max, running max/sum, p = exp2(s - m) once per
+//            (head, token) (not once per lane holding the token), rescale factor c;
+//   phase 3  acc = acc * c + sum_u p * v for the lane's 8 channels.
+// At the end the token groups' accumulators are summed (they share the block's running max).
+// Long tables are split along the sequence (grid = splits x kv_heads x batch, about 4 blocks per
+// SM of an H200) and merged by the combine pass, as before.
 #include <algorithm>
 #include <string>
 
@@ -8,14 +25,69 @@
 namespace freekv::cuda {
 namespace {
 
+constexpr int kDecThreads = 128;
+constexpr int kDecWarps = kDecThreads / 32;
+constexpr int kTile = 32;            // tokens per tile
+constexpr int kTargetBlocks = 132 * 4;  // H200: 132 SMs, ~4 resident blocks each
+
+template <int D>
+struct DecShape {
+  static constexpr int TPT = D / kVec;            // lanes per token
+  static constexpr int TPW = 32 / TPT;            // token groups per warp
+  static constexpr int NG = kDecWarps * TPW;      // token groups per block
+  static constexpr int U = kTile / NG;            // tokens per token group per tile
+  static_assert(U >= 1 && U * NG == kTile, "tile must split evenly over the token groups");
+};
+
+// Transposing butterfly over the lanes of a token group: on entry each lane holds C partial sums
+// v[0..C-1]; every step over lane offset OFF either halves the values (a lane keeps the half
+// selected by its OFF bit and adds its partner's copy of that half) or, once one value is left,
+// adds the partner's. On return the lane holds the full sums of values base .. base + C/TPT - 1
+// (or of value `base` when C <= TPT).
+template <int C, int OFF>
+__device__ __forceinline__ void Butterfly(float* v, int sub, int& base) {
+  if constexpr (OFF > 0) {
+    if constexpr (C > 1) {
+      constexpr int H = C / 2;
+      const bool upper = (sub & OFF) != 0;
+#pragma unroll
+      for (int i = 0; i < H; ++i) {
+        const float send = upper ? v[i] : v[H + i];
+        const float keep = upper ? v[H + i] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
+      }
+      if (upper) base += H;
+      Butterfly<H, OFF / 2>(v, sub, base);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], OFF);
+      Butterfly<1, OFF / 2>(v, sub, base);
+    }
+  }
+}
+
+__device__ __forceinline__ uint4 LoadStreaming(const __nv_bfloat16* ptr) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(ptr));
+  return r;
+}
+
 // grid (splits, kv_heads, batch). With one split the block writes the normalised output;
 // otherwise it writes (m, l, O) partials into the workspace for the combine pass.
 template <int D, int MAXG>
-__global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(DecodeAttentionParams p, int pps, int splits,
-                                                                      float* ws_o, float* ws_ml) {
-  __shared__ AttnSmem<D, MAXG> sm;
-  __shared__ float s_m[MAXG], s_l[MAXG];
-  __shared__ float s_o[MAXG * D];
+__global__ void __launch_bounds__(kDecThreads) DecodeAttentionKernel(DecodeAttentionParams p, int pps, int splits,
+                                                                     float* ws_o, float* ws_ml) {
+  using S = DecShape<D>;
+  constexpr int U = S::U;
+  constexpr int NV = U * MAXG;                         // partial sums per lane in phase 1
+  constexpr int NKEEP = NV > S::TPT ? NV / S::TPT : 1;  // full sums a lane holds after the butterfly
+  constexpr int GPW = (MAXG + kDecWarps - 1) / kDecWarps;  // query heads per warp in phase 2
+  __shared__ float s_buf[2][MAXG][kTile];  // scores -> probabilities, by tile parity
+  __shared__ float c_buf[MAXG];
+  __shared__ float red_o[kDecWarps][MAXG][D];
+  __shared__ float fin_m[MAXG], fin_l[MAXG];
+
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int G = p.q_heads / p.kv_heads;
   const int row = b * p.kv_heads + h;
@@ -29,31 +101,161 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(DecodeAtte
   const __nv_bfloat16* pool = p.pools[b];
   const size_t kv_stride = (size_t)P * p.kv_heads * D;  // K -> V within a page
   const size_t tok_stride = (size_t)p.kv_heads * D;
-  auto token = [&](int i, const __nv_bfloat16*& kp, const __nv_bfloat16*& vp) -> bool {
-    const int pg = first + i / P, t = i % P;
-    if (t >= toks[pg]) return false;
-    kp = pool + (size_t)slots[pg] * 2 * kv_stride + t * tok_stride + (size_t)h * D;
-    vp = kp + kv_stride;
-    return true;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane % S::TPT;
+  const int tg = warp * S::TPW + lane / S::TPT;
+
+  float qr[MAXG][kVec];
+  {
+    const float* q = p.q + ((size_t)b * p.q_heads + (size_t)h * G) * D;
+#pragma unroll
+    for (int g = 0; g < MAXG; ++g)
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) qr[g][e] = g < G ? q[g * D + sub * kVec + e] * p.scale * kLog2e : 0.f;
+  }
+  float acc[MAXG][kVec];
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g)
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[g][e] = 0.f;
+  float m_r[GPW], l_r[GPW];
+#pragma unroll
+  for (int j = 0; j < GPW; ++j) m_r[j] = kNegBig, l_r[j] = 0.f;
+
+  // Token i of the split is valid when inside the split and inside its page's filled rows.
+  auto valid_token = [&](int i) -> bool { return i < len && (i % P) < toks[first + i / P]; };
+  auto load_tile = [&](int n, uint4 (&kk)[U], uint4 (&vv)[U]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = n * kTile + tg + S::NG * u;
+      kk[u] = make_uint4(0, 0, 0, 0);
+      vv[u] = kk[u];
+      if (i < len) {
+        const int pg = first + i / P, t = i % P;
+        if (t < toks[pg]) {
+          const __nv_bfloat16* kp = pool + (size_t)slots[pg] * 2 * kv_stride + t * tok_stride + (size_t)h * D + sub * kVec;
+          kk[u] = LoadStreaming(kp);
+          vv[u] = LoadStreaming(kp + kv_stride);
+        }
+      }
+    }
   };
-  const float* q = p.q + ((size_t)b * p.q_heads + (size_t)h * G) * D;
-  AttendRange<D, MAXG>(q, G, p.scale, len, token, sm, s_m, s_l, s_o);
-  if (splits == 1) {
-    float* out = p.out + ((size_t)b * p.q_heads + (size_t)h * G) * D;
-    for (int x = threadIdx.x; x < G * D; x += blockDim.x) {
-      const float L = s_l[x / D];
-      out[x] = L > 0.f ? s_o[x] / L : 0.f;
+
+  const int ntiles = (len + kTile - 1) / kTile;
+  uint4 kr[U], vc[U], vn[U];
+  load_tile(0, kr, vc);
+  for (int n = 0; n < ntiles; ++n) {  // uniform across the block: barriers and shuffles are safe
+    float(*sb)[kTile] = s_buf[n & 1];
+    // Phase 1: scores of the tile.
+    float v[NV];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[kVec];
+      Bf16x8ToFloat(kr[u], kf);
+#pragma unroll
+      for (int g = 0; g < MAXG; ++g) {
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) s = fmaf(qr[g][e], kf[e], s);
+        v[u * MAXG + g] = s;
+      }
     }
-  } else {
-    for (int x = threadIdx.x; x < G * D; x += blockDim.x) {
-      const int g = x / D, d = x % D;
-      const size_t qh = (size_t)b * p.q_heads + (size_t)h * G + g;
-      ws_o[(qh * splits + split) * D + d] = s_o[x];
+    int base = 0;
+    Butterfly<NV, S::TPT / 2>(v, sub, base);
+    // Lanes holding the same sums: only those with the non-halving low bits clear write.
+    constexpr int kDup = NV >= S::TPT ? 1 : S::TPT / NV;
+    if ((sub & (kDup - 1)) == 0) {
+#pragma unroll
+      for (int c = 0; c < NKEEP; ++c) {
+        const int j = base + c, u = j / MAXG, g = j % MAXG;
+        if (g < G) sb[g][tg + S::NG * u] = v[c];
+      }
     }
-    for (int g = threadIdx.x; g < G; g += blockDim.x) {
-      const size_t qh = (size_t)b * p.q_heads + (size_t)h * G + g;
-      ws_ml[(qh * splits + split) * 2] = s_m[g];
-      ws_ml[(qh * splits + split) * 2 + 1] = s_l[g];
+    // The next tile's K and V stay in flight through the barriers and the softmax below.
+    if (n + 1 < ntiles) load_tile(n + 1, kr, vn);
+    __syncthreads();
+    // Phase 2: online softmax over the tile, one warp per query head.
+#pragma unroll
+    for (int j = 0; j < GPW; ++j) {
+      const int g = warp + j * kDecWarps;
+      if (g < G) {
+        const bool ok = valid_token(n * kTile + lane);
+        const float s = ok ? sb[g][lane] : kNegBig;
+        float mx = s;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        const float mn = fmaxf(m_r[j], mx);
+        const float c = exp2f(m_r[j] - mn);
+        const float pr = ok ? exp2f(s - mn) : 0.f;
+        float ps = pr;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, off);
+        l_r[j] = l_r[j] * c + ps;
+        m_r[j] = mn;
+        sb[g][lane] = pr;
+        if (lane == 0) c_buf[g] = c;
+      }
+    }
+    __syncthreads();
+    // Phase 3: acc = acc * c + sum_u p * v.
+#pragma unroll
+    for (int g = 0; g < MAXG; ++g) {
+      if (g >= G) break;
+      const float c = c_buf[g];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[g][e] *= c;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vf[kVec];
+      Bf16x8ToFloat(vc[u], vf);
+#pragma unroll
+      for (int g = 0; g < MAXG; ++g) {
+        if (g >= G) break;
+        const float pr = sb[g][tg + S::NG * u];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[g][e] = fmaf(pr, vf[e], acc[g][e]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) vc[u] = vn[u];
+  }
+
+  // Sum the token groups' accumulators: within the warp by shuffles, across warps in smem.
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g) {
+    if (g >= G) break;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+#pragma unroll
+      for (int off = S::TPT; off < 32; off <<= 1) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], off);
+    }
+    if (lane < S::TPT) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) red_o[warp][g][sub * kVec + e] = acc[g][e];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < GPW; ++j) {
+    const int g = warp + j * kDecWarps;
+    if (g < G && lane == 0) fin_m[g] = m_r[j], fin_l[g] = l_r[j];
+  }
+  __syncthreads();
+  for (int x = threadIdx.x; x < G * D; x += blockDim.x) {
+    const int g = x / D, d = x % D;
+    float O = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecWarps; ++w) O += red_o[w][g][d];
+    const size_t qh = (size_t)b * p.q_heads + (size_t)h * G + g;
+    if (splits == 1) {
+      const float L = fin_l[g];
+      p.out[qh * D + d] = L > 0.f ? O / L : 0.f;
+    } else {
+      ws_o[(qh * splits + split) * D + d] = O;
+      if (d == 0) {
+        ws_ml[(qh * splits + split) * 2] = fin_m[g];
+        ws_ml[(qh * splits + split) * 2 + 1] = fin_l[g];
+      }
     }
   }
 }
@@ -82,7 +284,7 @@ struct DecodeLaunch {
   cudaStream_t stream;
   template <int D, int MAXG>
   void operator()() const {
-    DecodeAttentionKernel<D, MAXG><<<grid, kAttnThreads, 0, stream>>>(p, pps, splits, ws_o, ws_ml);
+    DecodeAttentionKernel<D, MAXG><<<grid, kDecThreads, 0, stream>>>(p, pps, splits, ws_o, ws_ml);
   }
 };
 
@@ -92,11 +294,11 @@ int SplitsFor(const DecodeAttentionParams& p, int pps) { return std::max(1, (p.m
 
 int DecodeAttentionPagesPerSplit(const DecodeAttentionParams& p) {
   if (p.pages_per_split > 0) return p.pages_per_split;
-  // Aim at about 2 blocks per SM of an H200 (132 SMs), at least 4 pages a split so that the
-  // combine pass stays cheap.
+  // About 4 resident blocks per SM of an H200 (132 SMs) so that enough K/V bytes are in flight;
+  // at least 2 pages a split so that a block's fixed costs (q, final merge) stay small.
   const int rows = std::max(1, p.batch * p.kv_heads);
-  int splits = std::max(1, (264 + rows - 1) / rows);
-  int pps = std::max(4, (p.max_pages + splits - 1) / splits);
+  const int splits = std::max(1, (kTargetBlocks + rows - 1) / rows);
+  const int pps = std::max(2, (p.max_pages + splits - 1) / splits);
   return std::max(1, std::min(pps, std::max(1, p.max_pages)));
 }
 

@@ -1,3 +1,17 @@
+// Selection in two launches, so that the scoring is bandwidth bound over the summaries and only
+// the small per-KV-head part runs one block per head (native/cuda/PERF.md has the figures):
+//
+//   1. SelectionScoreKernel, grid (page chunks, kv_heads): a warp scores 4 pages at a time for
+//      all query heads of the group (16-byte loads of the hi/lo rows, q in registers), the
+//      lane partial sums reduced by a transposing butterfly; raw scores -> scratch [h][g][m].
+//   2. SelectionTopKKernel, one block per KV head: the group combine in double (the CPU engine's
+//      precision and order: per head in order, softmax of the raw scores shifted by their float
+//      max, then the mean), the combined scores as order-preserving 64-bit keys in shared
+//      memory, a radix select (8 bits a pass) down to at most kCandCap candidates for the k-th
+//      place, an exact rank among those (ties: the lower page), and a rank sort of the k winners
+//      (best first; ties: the lower page), exactly as the CPU's TopK orders them.
+//      For k > kRankSortMax the whole candidate set is bitonic-sorted instead.
+#include <cstdint>
 #include <string>
 
 #include "cuda_check.cuh"
@@ -6,109 +20,334 @@
 namespace freekv::cuda {
 namespace {
 
-constexpr int kSelThreads = 512;
+constexpr int kScoreThreads = 256;
+constexpr int kScoreWarps = kScoreThreads / 32;
+constexpr int kPagesPerWarp = 4;
+constexpr int kPagesPerBlock = kScoreWarps * kPagesPerWarp;
+constexpr int kTopThreads = 1024;
+constexpr int kCandCap = 256;       // candidates ranked exactly (n^2 compares) after the radix passes
+constexpr int kRankSortMax = 1024;  // k above this: bitonic sort of all candidates
+constexpr int kMaxPerThread = kMaxSelectionCandidates / kTopThreads;  // 16
 
-__device__ __forceinline__ float BlockReduce(float v, bool is_max, float* red) {
-  for (int off = 16; off > 0; off >>= 1) {
-    const float o = __shfl_xor_sync(0xffffffffu, v, off);
-    v = is_max ? fmaxf(v, o) : v + o;
+// ---- 1. scoring ----
+
+// Transposing butterfly over a warp (see attention_decode.cu): C partial sums per lane in, the
+// full sums of values base .. base + C/32 - 1 (or value base when C <= 32) out.
+template <int C, int OFF>
+__device__ __forceinline__ void Butterfly(float* v, int lane, int& base) {
+  if constexpr (OFF > 0) {
+    if constexpr (C > 1) {
+      constexpr int H = C / 2;
+      const bool upper = (lane & OFF) != 0;
+#pragma unroll
+      for (int i = 0; i < H; ++i) {
+        const float send = upper ? v[i] : v[H + i];
+        const float keep = upper ? v[H + i] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
+      }
+      if (upper) base += H;
+      Butterfly<H, OFF / 2>(v, lane, base);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], OFF);
+      Butterfly<1, OFF / 2>(v, lane, base);
+    }
   }
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+}
+
+// NCH: float4 chunks of a hi (or lo) row per lane (D <= 128 * NCH); MAXG: query heads per pass.
+template <int NCH, int MAXG>
+__global__ void __launch_bounds__(kScoreThreads) SelectionScoreKernel(SelectionParams p) {
+  const int h = blockIdx.y;
+  if (p.head_mask && p.head_mask[h] == 0) return;
+  const int G = p.q_heads / p.kv_heads, D = p.head_dim, M = p.num_candidates, D4 = D / 4;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int m0 = blockIdx.x * kPagesPerBlock + warp * kPagesPerWarp;
+  if (m0 >= M) return;  // whole warps leave together
+  float* raw = p.scratch + (size_t)h * G * M;
+  for (int g0 = 0; g0 < G; g0 += MAXG) {
+    float4 q[MAXG][NCH];
+#pragma unroll
+    for (int g = 0; g < MAXG; ++g)
+#pragma unroll
+      for (int c = 0; c < NCH; ++c) {
+        const int d4 = lane + 32 * c;
+        q[g][c] = g0 + g < G && d4 < D4
+                      ? reinterpret_cast<const float4*>(p.q + ((size_t)h * G + g0 + g) * D)[d4]
+                      : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    float4 hi[kPagesPerWarp][NCH], lo[kPagesPerWarp][NCH];
+#pragma unroll
+    for (int u = 0; u < kPagesPerWarp; ++u) {
+      const int m = m0 + u;
+      const float4* s = reinterpret_cast<const float4*>(
+          p.summaries + ((size_t)(p.first_page + (m < M ? m : 0)) * p.kv_heads + h) * 2 * D);
+#pragma unroll
+      for (int c = 0; c < NCH; ++c) {
+        const int d4 = lane + 32 * c;
+        const bool ok = m < M && d4 < D4;
+        hi[u][c] = ok ? __ldg(s + d4) : make_float4(0.f, 0.f, 0.f, 0.f);
+        lo[u][c] = ok ? __ldg(s + D4 + d4) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+    float v[kPagesPerWarp * MAXG];
+#pragma unroll
+    for (int u = 0; u < kPagesPerWarp; ++u)
+#pragma unroll
+      for (int g = 0; g < MAXG; ++g) {
+        float a = 0.f;
+#pragma unroll
+        for (int c = 0; c < NCH; ++c) {
+          const float4 qq = q[g][c], hh = hi[u][c], ll = lo[u][c];
+          a += fmaxf(qq.x * hh.x, qq.x * ll.x);
+          a += fmaxf(qq.y * hh.y, qq.y * ll.y);
+          a += fmaxf(qq.z * hh.z, qq.z * ll.z);
+          a += fmaxf(qq.w * hh.w, qq.w * ll.w);
+        }
+        v[u * MAXG + g] = a;
+      }
+    constexpr int NV = kPagesPerWarp * MAXG;
+    constexpr int NKEEP = NV > 32 ? NV / 32 : 1;
+    constexpr int kDup = NV >= 32 ? 1 : 32 / NV;
+    int base = 0;
+    Butterfly<NV, 16>(v, lane, base);
+    if ((lane & (kDup - 1)) == 0) {
+#pragma unroll
+      for (int c = 0; c < NKEEP; ++c) {
+        const int j = base + c, u = j / MAXG, g = j % MAXG, m = m0 + u;
+        if (g0 + g < G && m < M) raw[(size_t)(g0 + g) * M + m] = v[c];
+      }
+    }
+  }
+}
+
+// ---- 2. combine + top-k ----
+
+// Order-preserving 64-bit key of a double (larger double -> larger key); -0 counts as +0, as
+// the CPU's comparisons do.
+__device__ __forceinline__ unsigned long long OrderedKey(double d) {
+  if (d == 0.0) d = 0.0;
+  const unsigned long long b = static_cast<unsigned long long>(__double_as_longlong(d));
+  return (b >> 63) ? ~b : (b | 0x8000000000000000ull);
+}
+
+// "a before b" in the selection order: higher key first, then the lower page.
+__device__ __forceinline__ bool Before(unsigned long long ka, int ia, unsigned long long kb, int ib) {
+  return ka > kb || (ka == kb && ia < ib);
+}
+
+template <class T, class Op>
+__device__ __forceinline__ T BlockReduce(T v, Op op, T* red) {
+  for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
   __syncthreads();  // red may still be read by a previous call
   if (lane == 0) red[warp] = v;
   __syncthreads();
-  if (warp == 0) {
-    v = lane < (int)(blockDim.x >> 5) ? red[lane] : (is_max ? -3.4e38f : 0.f);
-    for (int off = 16; off > 0; off >>= 1) {
-      const float o = __shfl_xor_sync(0xffffffffu, v, off);
-      v = is_max ? fmaxf(v, o) : v + o;
-    }
-    if (lane == 0) red[32] = v;
-  }
-  __syncthreads();
-  return red[32];
+  T r = red[0];
+  for (int w = 1; w < nw; ++w) r = op(r, red[w]);
+  return r;
 }
 
-// Dynamic shared memory: keys[np] float, idx[np] int, q[G * D] float.
-__global__ void __launch_bounds__(kSelThreads) SelectionKernel(SelectionParams p, int np) {
-  const int h = blockIdx.x;
-  if (p.head_mask && p.head_mask[h] == 0) return;
-  extern __shared__ float smem[];
-  __shared__ float red[33];
-  float* keys = smem;
-  int* idx = reinterpret_cast<int*>(smem + np);
-  float* qs = smem + 2 * np;
-  const int G = p.q_heads / p.kv_heads, D = p.head_dim, M = p.num_candidates;
-  for (int x = threadIdx.x; x < G * D; x += blockDim.x) qs[x] = p.q[(size_t)h * G * D + x];
-  __syncthreads();
-
-  // 1. raw scores: a warp per candidate page, all G heads at once; scratch [h][g][M]
-  float* raw = p.scratch + (size_t)h * G * M;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  for (int m = warp; m < M; m += nwarps) {
-    const float* s = p.summaries + ((size_t)(p.first_page + m) * p.kv_heads + h) * 2 * D;
-    for (int g = 0; g < G; ++g) {
-      float acc = 0.f;
-      for (int d = lane; d < D; d += 32) {
-        const float qv = qs[g * D + d];
-        acc += fmaxf(qv * s[d], qv * s[D + d]);
+// Combined scores of KV head h in double, as the CPU engine's CombineGroup computes them, into
+// keys[m] (as OrderedKey) for m < M. The double accumulators live in `keys` itself (same bytes,
+// converted in place at the end); every thread only touches m = threadIdx.x + i * blockDim.x.
+__device__ void CombineToKeys(const SelectionParams& p, int h, unsigned long long* keys, double* red_d,
+                              float* red_f) {
+  const int G = p.q_heads / p.kv_heads, M = p.num_candidates;
+  const float* raw = p.scratch + (size_t)h * G * M;
+  double* acc = reinterpret_cast<double*>(keys);
+  for (int m = threadIdx.x; m < M; m += kTopThreads) acc[m] = 0.0;
+  for (int g = 0; g < G; ++g) {
+    const float* r = raw + (size_t)g * M;
+    if (p.combine == kCombineMax) {
+      for (int m = threadIdx.x; m < M; m += kTopThreads) acc[m] = g == 0 ? (double)r[m] : fmax(acc[m], (double)r[m]);
+    } else if (p.combine == kCombineMean) {
+      for (int m = threadIdx.x; m < M; m += kTopThreads) acc[m] += (double)r[m];
+    } else {
+      float mx = -3.4e38f;
+      for (int m = threadIdx.x; m < M; m += kTopThreads) mx = fmaxf(mx, r[m]);
+      mx = BlockReduce(mx, [](float a, float b) { return fmaxf(a, b); }, red_f);
+      double e[kMaxPerThread], z = 0.0;
+#pragma unroll
+      for (int i = 0; i < kMaxPerThread; ++i) {
+        const int m = threadIdx.x + i * kTopThreads;
+        e[i] = m < M ? exp((double)r[m] - (double)mx) : 0.0;
+        z += e[i];
       }
-      for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-      if (lane == 0) raw[(size_t)g * M + m] = acc;
+      z = BlockReduce(z, [](double a, double b) { return a + b; }, red_d);
+#pragma unroll
+      for (int i = 0; i < kMaxPerThread; ++i) {
+        const int m = threadIdx.x + i * kTopThreads;
+        if (m < M) acc[m] += e[i] / z;
+      }
     }
   }
-  __syncthreads();
+  for (int m = threadIdx.x; m < M; m += kTopThreads)
+    keys[m] = OrderedKey(p.combine == kCombineMax ? acc[m] : acc[m] / G);
+}
 
-  // 2. combine into keys[m]
+// Dynamic shared memory: keys[M] u64 | sel_k[kRankSortMax] u64 | cand_k[kCandCap] u64 |
+// sel_i[kRankSortMax] int | cand_i[kCandCap] int.
+__global__ void __launch_bounds__(kTopThreads) SelectionTopKKernel(SelectionParams p) {
+  const int h = blockIdx.x;
+  if (p.head_mask && p.head_mask[h] == 0) return;
+  const int M = p.num_candidates;
+  const int kk = min(p.k, M);
+  extern __shared__ unsigned long long sm_u[];
+  unsigned long long* keys = sm_u;
+  unsigned long long* sel_k = keys + M;
+  unsigned long long* cand_k = sel_k + kRankSortMax;
+  int* sel_i = reinterpret_cast<int*>(cand_k + kCandCap);
+  int* cand_i = sel_i + kRankSortMax;
+  __shared__ double red_d[32];
+  __shared__ float red_f[32];
+  __shared__ unsigned hist[256];
+  __shared__ int s_digit, s_above, s_count, s_out, s_cand;
+  __shared__ int warp_cnt[32];
+
+  if (kk > 0) {
+    CombineToKeys(p, h, keys, red_d, red_f);
+    __syncthreads();
+    // Radix select: narrow the candidates for the last places of the top kk.
+    unsigned long long prefix = 0;
+    int shift = 64, krem = kk, ncand = M;
+    while (ncand > kCandCap && shift > 0) {
+      shift -= 8;
+      for (int x = threadIdx.x; x < 256; x += blockDim.x) hist[x] = 0;
+      __syncthreads();
+      for (int m = threadIdx.x; m < M; m += blockDim.x) {
+        const unsigned long long u = keys[m];
+        if (shift + 8 == 64 || (u >> (shift + 8)) == prefix) atomicAdd(&hist[(u >> shift) & 255], 1u);
+      }
+      __syncthreads();
+      if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        unsigned t = 0;
+        for (int j = 0; j < 8; ++j) t += hist[255 - 8 * lane - j];
+        unsigned before = t;  // inclusive prefix over lanes, lane 0 = highest digits
+        for (int off = 1; off < 32; off <<= 1) {
+          const unsigned o = __shfl_up_sync(0xffffffffu, before, off);
+          if (lane >= off) before += o;
+        }
+        before -= t;
+        if (before < (unsigned)krem && (unsigned)krem <= before + t) {
+          unsigned cum = before;
+          for (int j = 0; j < 8; ++j) {
+            const int d = 255 - 8 * lane - j;
+            if (cum + hist[d] >= (unsigned)krem) {
+              s_digit = d, s_above = (int)cum, s_count = (int)hist[d];
+              break;
+            }
+            cum += hist[d];
+          }
+        }
+      }
+      __syncthreads();
+      prefix = (prefix << 8) | (unsigned long long)s_digit;
+      krem -= s_above;
+      ncand = s_count;
+      __syncthreads();
+    }
+    // Winners: keys above the prefix range, then krem of the candidates (keys in the range).
+    if (threadIdx.x == 0) s_out = 0, s_cand = 0;
+    __syncthreads();
+    auto above = [&](unsigned long long u) { return shift < 64 && (u >> shift) > prefix; };
+    auto inside = [&](unsigned long long u) { return shift == 64 || (u >> shift) == prefix; };
+    const bool rank_exact = ncand <= kCandCap;
+    for (int m = threadIdx.x; m < M; m += blockDim.x) {
+      const unsigned long long u = keys[m];
+      if (above(u)) {
+        const int pos = atomicAdd(&s_out, 1);
+        sel_k[pos] = u, sel_i[pos] = m;
+      } else if (rank_exact && inside(u)) {
+        const int pos = atomicAdd(&s_cand, 1);
+        cand_k[pos] = u, cand_i[pos] = m;
+      }
+    }
+    __syncthreads();
+    if (rank_exact) {
+      const int nc = s_cand;
+      for (int t = threadIdx.x; t < nc; t += blockDim.x) {
+        const unsigned long long u = cand_k[t];
+        const int i = cand_i[t];
+        int r = 0;
+        for (int j = 0; j < nc; ++j) r += Before(cand_k[j], cand_i[j], u, i);
+        if (r < krem) {
+          const int pos = atomicAdd(&s_out, 1);
+          sel_k[pos] = u, sel_i[pos] = i;
+        }
+      }
+    } else {
+      // Every 64 bits resolved and still more than kCandCap equal keys: the lowest pages win.
+      int taken = 0;
+      const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+      for (int m0 = 0; m0 < M && taken < krem; m0 += blockDim.x) {
+        const int m = m0 + threadIdx.x;
+        const bool in = m < M && inside(keys[m]);
+        const unsigned bal = __ballot_sync(0xffffffffu, in);
+        if (lane == 0) warp_cnt[warp] = __popc(bal);
+        __syncthreads();
+        int before = taken;
+        for (int w = 0; w < warp; ++w) before += warp_cnt[w];
+        before += __popc(bal & ((1u << lane) - 1u));
+        if (in && before < krem) {
+          const int pos = atomicAdd(&s_out, 1);
+          sel_k[pos] = keys[m], sel_i[pos] = m;
+        }
+        int total = 0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += warp_cnt[w];
+        taken += total;
+        __syncthreads();
+      }
+    }
+    __syncthreads();
+    // Rank sort of the kk winners: best first, ties to the lower page.
+    for (int t = threadIdx.x; t < kk; t += blockDim.x) {
+      const unsigned long long u = sel_k[t];
+      const int i = sel_i[t];
+      int r = 0;
+      for (int j = 0; j < kk; ++j) r += Before(sel_k[j], sel_i[j], u, i);
+      p.selected[(size_t)h * p.k + r] = p.first_page + i;
+    }
+  }
+  for (int t = kk + threadIdx.x; t < p.k; t += blockDim.x) p.selected[(size_t)h * p.k + t] = -1;
+}
+
+// k > kRankSortMax: combine as above, then a bitonic sort of every candidate.
+// Dynamic shared memory: keys[np] u64 | idx[np] int.
+__global__ void __launch_bounds__(kTopThreads) SelectionSortKernel(SelectionParams p, int np) {
+  const int h = blockIdx.x;
+  if (p.head_mask && p.head_mask[h] == 0) return;
+  const int M = p.num_candidates;
+  extern __shared__ unsigned long long sm_u[];
+  unsigned long long* keys = sm_u;
+  int* idx = reinterpret_cast<int*>(keys + np);
+  __shared__ double red_d[32];
+  __shared__ float red_f[32];
+  if (M > 0) CombineToKeys(p, h, keys, red_d, red_f);
   for (int m = threadIdx.x; m < np; m += blockDim.x) {
-    keys[m] = p.combine == kCombineMax ? -3.4e38f : 0.f;
+    if (m >= M) keys[m] = 0;  // below every real key (OrderedKey(x) > 0 for non-NaN x)
     idx[m] = m;
   }
   __syncthreads();
-  for (int g = 0; g < G; ++g) {
-    const float* r = raw + (size_t)g * M;
-    if (p.combine == kCombineSoftmaxMean) {
-      float mx = -3.4e38f;
-      for (int m = threadIdx.x; m < M; m += blockDim.x) mx = fmaxf(mx, r[m]);
-      mx = BlockReduce(mx, true, red);
-      float sum = 0.f;
-      for (int m = threadIdx.x; m < M; m += blockDim.x) sum += expf(r[m] - mx);
-      sum = BlockReduce(sum, false, red);
-      for (int m = threadIdx.x; m < M; m += blockDim.x) keys[m] += expf(r[m] - mx) / sum / G;
-    } else if (p.combine == kCombineMean) {
-      for (int m = threadIdx.x; m < M; m += blockDim.x) keys[m] += r[m] / G;
-    } else {
-      for (int m = threadIdx.x; m < M; m += blockDim.x) keys[m] = fmaxf(keys[m], r[m]);
-    }
-    __syncthreads();
-  }
-  for (int m = M + threadIdx.x; m < np; m += blockDim.x) keys[m] = -3.4e38f;  // padding sorts last
-  __syncthreads();
-
-  // 3. bitonic sort, descending by key, ascending by page on ties
   for (int size = 2; size <= np; size <<= 1) {
     for (int stride = size >> 1; stride > 0; stride >>= 1) {
       for (int i = threadIdx.x; i < np; i += blockDim.x) {
         const int j = i ^ stride;
         if (j > i) {
           const bool desc = (i & size) == 0;
-          const float ki = keys[i], kj = keys[j];
+          const unsigned long long ki = keys[i], kj = keys[j];
           const int ii = idx[i], ij = idx[j];
-          // "i before j" in the final order
-          const bool i_first = ki > kj || (ki == kj && ii < ij);
+          const bool i_first = Before(ki, ii, kj, ij);
           if (desc ? !i_first : i_first) {
-            keys[i] = kj;
-            keys[j] = ki;
-            idx[i] = ij;
-            idx[j] = ii;
+            keys[i] = kj, keys[j] = ki;
+            idx[i] = ij, idx[j] = ii;
           }
         }
       }
       __syncthreads();
     }
   }
-  for (int i = threadIdx.x; i < p.k; i += blockDim.x)
-    p.selected[(size_t)h * p.k + i] = i < M ? p.first_page + idx[i] : -1;
+  for (int i = threadIdx.x; i < p.k; i += blockDim.x) p.selected[(size_t)h * p.k + i] = i < M ? p.first_page + idx[i] : -1;
 }
 
 int NextPow2(int x) {
@@ -116,6 +355,23 @@ int NextPow2(int x) {
   while (n < x) n <<= 1;
   return n;
 }
+
+struct ScoreLaunch {
+  const SelectionParams& p;
+  cudaStream_t stream;
+  template <int NCH, int MAXG>
+  void Go() const {
+    const dim3 grid((p.num_candidates + kPagesPerBlock - 1) / kPagesPerBlock, p.kv_heads);
+    SelectionScoreKernel<NCH, MAXG><<<grid, kScoreThreads, 0, stream>>>(p);
+  }
+  template <int NCH>
+  void ByG(int G) const {
+    if (G <= 1) Go<NCH, 1>();
+    else if (G <= 2) Go<NCH, 2>();
+    else if (G <= 4) Go<NCH, 4>();
+    else Go<NCH, 8>();  // G > 8 runs in passes of 8 heads
+  }
+};
 
 }  // namespace
 
@@ -131,13 +387,30 @@ void LaunchSelection(const SelectionParams& p, cudaStream_t stream) {
           "selection: num_candidates must be in [0, " + std::to_string(kMaxSelectionCandidates) + "], got " +
               std::to_string(p.num_candidates));
   Require(p.combine >= kCombineSoftmaxMean && p.combine <= kCombineMax, "selection: unknown combine");
+  Require(p.head_dim > 0 && p.head_dim % 4 == 0 && p.head_dim <= 512,
+          "selection: head_dim must be a multiple of 4 in [4, 512], got " + std::to_string(p.head_dim));
   Require(p.q && p.summaries && p.scratch && p.selected, "selection: a device pointer is null");
-  const int np = NextPow2(std::max(p.num_candidates, 1));
   const int G = p.q_heads / p.kv_heads;
-  const size_t smem = (size_t)np * 8 + (size_t)G * p.head_dim * 4;
-  FKV_CUDA_CHECK(cudaFuncSetAttribute(SelectionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  SelectionKernel<<<p.kv_heads, kSelThreads, smem, stream>>>(p, np);
-  FKV_CUDA_CHECK_LAUNCH("SelectionKernel");
+  if (p.num_candidates > 0) {
+    const ScoreLaunch sl{p, stream};
+    if (p.head_dim <= 128) sl.ByG<1>(G);
+    else if (p.head_dim <= 256) sl.ByG<2>(G);
+    else sl.ByG<4>(G);
+    FKV_CUDA_CHECK_LAUNCH("SelectionScoreKernel");
+  }
+  const int kk = std::min(p.k, p.num_candidates);
+  if (kk <= kRankSortMax) {
+    const size_t smem = (size_t)p.num_candidates * 8 + (size_t)(kRankSortMax + kCandCap) * 12;
+    FKV_CUDA_CHECK(cudaFuncSetAttribute(SelectionTopKKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    SelectionTopKKernel<<<p.kv_heads, kTopThreads, smem, stream>>>(p);
+    FKV_CUDA_CHECK_LAUNCH("SelectionTopKKernel");
+  } else {
+    const int np = NextPow2(std::max(p.num_candidates, 1));
+    const size_t smem = (size_t)np * 12;
+    FKV_CUDA_CHECK(cudaFuncSetAttribute(SelectionSortKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    SelectionSortKernel<<<p.kv_heads, kTopThreads, smem, stream>>>(p, np);
+    FKV_CUDA_CHECK_LAUNCH("SelectionSortKernel");
+  }
 }
 
 }  // namespace freekv::cuda
