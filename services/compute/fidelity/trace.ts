@@ -1,6 +1,6 @@
 /**
  * Fidelity traces (DESIGN.md section 6): one layer's post-RoPE queries, keys and values in a
- * safetensors file. q [T, Hq, D]; k, v [N+T, Hkv, D] (F32 or BF16); metadata `prompt_len` (N)
+ * safetensors file. q [T, Hq, D]; k, v [N+T, Hkv, D] (F32 or BF16; F16 is read too); metadata `prompt_len` (N)
  * and `name`. Replaying prefills tokens 0..N-1, then step t appends token N+t and attends with
  * q[t].
  *
@@ -23,8 +23,8 @@ export interface Trace {
   /** [N+T][Hkv][D] */
   k: Float32Array;
   v: Float32Array;
-  /** Storage type in the file. */
-  dtype: "F32" | "BF16";
+  /** Storage type of k in the file. */
+  dtype: "F32" | "BF16" | "F16";
   /** Every metadata string of the file (synthesis parameters, generator facts). */
   metadata: Record<string, string>;
 }
@@ -51,7 +51,7 @@ export function loadTrace(file: string): Trace {
   const shape = (name: "q" | "k" | "v"): number[] => {
     const t = header.tensors.get(name);
     if (!t) throw new TraceError(file, `missing tensor '${name}' (a trace needs q [T,Hq,D], k and v [N+T,Hkv,D])`);
-    if (!FLOAT_DTYPES.has(t.dtype)) throw new TraceError(file, `tensor '${name}' has dtype ${t.dtype}; expected F32 or BF16`);
+    if (!FLOAT_DTYPES.has(t.dtype)) throw new TraceError(file, `tensor '${name}' has dtype ${t.dtype}; expected F32, BF16 or F16`);
     if (t.shape.length !== 3) throw new TraceError(file, `tensor '${name}' has rank ${t.shape.length} (shape [${t.shape}]); expected rank 3`);
     if (t.shape.some((d) => d === 0)) throw new TraceError(file, `tensor '${name}' has an empty dimension (shape [${t.shape}])`);
     return t.shape;
@@ -79,7 +79,7 @@ export function loadTrace(file: string): Trace {
     for (let i = 0; i < a.length; i++)
       if (!Number.isFinite(a[i])) throw new TraceError(file, `tensor '${name}' has a non-finite value at flat index ${i}`);
   }
-  const dtype = header.tensors.get("k")!.dtype === "F32" ? "F32" : "BF16";
+  const dtype = header.tensors.get("k")!.dtype as Trace["dtype"];
   return {
     name: header.metadata.name ?? file,
     promptLen: N,
