@@ -254,6 +254,11 @@ class BenchSession {
     const c0 = process.cpuUsage();
     const t0 = process.hrtime.bigint();
     for (let l = 0; l < this.layers; l++) await this.engine.decode(l, [{ session: this.session, q, k: kNew, v: vNew }]);
+    // The step ends when its background work (the speculative selection and recall for the next
+    // step) is done too: sessions are interleaved, so otherwise that work would run, unaccounted,
+    // during another session's step. Within the step, a layer's recall still overlaps the later
+    // layers, as in a served model; only the last layer's is serialised.
+    await this.engine.sync(this.session);
     const ms = Number(process.hrtime.bigint() - t0) / 1e6;
     const c = process.cpuUsage(c0);
     if (this.steps >= cfg.warmup) {
