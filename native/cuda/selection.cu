@@ -7,7 +7,7 @@
 //   2. SelectionTopKKernel, one block per KV head: the group combine in double (the CPU engine's
 //      precision and order: per head in order, softmax of the raw scores shifted by their float
 //      max, then the mean), the combined scores as order-preserving 64-bit keys in shared
-//      memory, a radix select (8 bits a pass) down to at most kCandCap candidates for the k-th
+//      memory, a radix select (the bits all keys share skipped, then 8 bits a pass) down to at most kCandCap candidates for the k-th
 //      place, an exact rank among those (ties: the lower page), and a rank sort of the k winners
 //      (best first; ties: the lower page), exactly as the CPU's TopK orders them.
 //      For k > kRankSortMax the whole candidate set is bitonic-sorted instead.
@@ -24,10 +24,9 @@ constexpr int kScoreThreads = 256;
 constexpr int kScoreWarps = kScoreThreads / 32;
 constexpr int kPagesPerWarp = 4;
 constexpr int kPagesPerBlock = kScoreWarps * kPagesPerWarp;
-constexpr int kTopThreads = 1024;
+constexpr int kTopThreads = 512;
 constexpr int kCandCap = 256;       // candidates ranked exactly (n^2 compares) after the radix passes
 constexpr int kRankSortMax = 1024;  // k above this: bitonic sort of all candidates
-constexpr int kMaxPerThread = kMaxSelectionCandidates / kTopThreads;  // 16
 
 // ---- 1. scoring ----
 
@@ -147,37 +146,77 @@ __device__ __forceinline__ T BlockReduce(T v, Op op, T* red) {
   return r;
 }
 
+// Block-wide reduction of N values per thread at once (one pair of barriers for all N).
+template <int N, class T, class Op>
+__device__ __forceinline__ void BlockReduceVec(T (&v)[N], Op op, T* red /* [32 * N] */) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    for (int off = 16; off > 0; off >>= 1) v[i] = op(v[i], __shfl_xor_sync(0xffffffffu, v[i], off));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  __syncthreads();  // red may still be read by a previous call
+  if (lane == 0)
+#pragma unroll
+    for (int i = 0; i < N; ++i) red[i * 32 + warp] = v[i];
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    T r = red[i * 32];
+    for (int w = 1; w < nw; ++w) r = op(r, red[i * 32 + w]);
+    v[i] = r;
+  }
+}
+
+constexpr int kCombineChunk = 4;  // query heads reduced together (G 4: one chunk)
+
 // Combined scores of KV head h in double, as the CPU engine's CombineGroup computes them, into
 // keys[m] (as OrderedKey) for m < M. The double accumulators live in `keys` itself (same bytes,
 // converted in place at the end); every thread only touches m = threadIdx.x + i * blockDim.x.
+// Softmax-mean: the float maxima of up to 4 heads in one block reduction, their sums of
+// exp(double(s) - max) in a second; the exponentials are recomputed for the accumulation
+// (cheaper than more barriers), and added head by head in order, as on the CPU.
 __device__ void CombineToKeys(const SelectionParams& p, int h, unsigned long long* keys, double* red_d,
                               float* red_f) {
   const int G = p.q_heads / p.kv_heads, M = p.num_candidates;
   const float* raw = p.scratch + (size_t)h * G * M;
   double* acc = reinterpret_cast<double*>(keys);
   for (int m = threadIdx.x; m < M; m += kTopThreads) acc[m] = 0.0;
-  for (int g = 0; g < G; ++g) {
-    const float* r = raw + (size_t)g * M;
-    if (p.combine == kCombineMax) {
-      for (int m = threadIdx.x; m < M; m += kTopThreads) acc[m] = g == 0 ? (double)r[m] : fmax(acc[m], (double)r[m]);
-    } else if (p.combine == kCombineMean) {
-      for (int m = threadIdx.x; m < M; m += kTopThreads) acc[m] += (double)r[m];
-    } else {
-      float mx = -3.4e38f;
-      for (int m = threadIdx.x; m < M; m += kTopThreads) mx = fmaxf(mx, r[m]);
-      mx = BlockReduce(mx, [](float a, float b) { return fmaxf(a, b); }, red_f);
-      double e[kMaxPerThread], z = 0.0;
-#pragma unroll
-      for (int i = 0; i < kMaxPerThread; ++i) {
-        const int m = threadIdx.x + i * kTopThreads;
-        e[i] = m < M ? exp((double)r[m] - (double)mx) : 0.0;
-        z += e[i];
+  if (p.combine == kCombineMax || p.combine == kCombineMean) {
+    for (int g = 0; g < G; ++g) {
+      const float* r = raw + (size_t)g * M;
+      if (p.combine == kCombineMax) {
+        for (int m = threadIdx.x; m < M; m += kTopThreads) acc[m] = g == 0 ? (double)r[m] : fmax(acc[m], (double)r[m]);
+      } else {
+        for (int m = threadIdx.x; m < M; m += kTopThreads) acc[m] += (double)r[m];
       }
-      z = BlockReduce(z, [](double a, double b) { return a + b; }, red_d);
+    }
+  } else {
+    for (int g0 = 0; g0 < G; g0 += kCombineChunk) {
+      float mx[kCombineChunk];
+      double z[kCombineChunk];
 #pragma unroll
-      for (int i = 0; i < kMaxPerThread; ++i) {
-        const int m = threadIdx.x + i * kTopThreads;
-        if (m < M) acc[m] += e[i] / z;
+      for (int j = 0; j < kCombineChunk; ++j) {
+        mx[j] = -3.4e38f;
+        if (g0 + j < G) {
+          const float* r = raw + (size_t)(g0 + j) * M;
+          for (int m = threadIdx.x; m < M; m += kTopThreads) mx[j] = fmaxf(mx[j], r[m]);
+        }
+      }
+      BlockReduceVec(mx, [](float a, float b) { return fmaxf(a, b); }, red_f);
+#pragma unroll
+      for (int j = 0; j < kCombineChunk; ++j) {
+        z[j] = 0.0;
+        if (g0 + j < G) {
+          const float* r = raw + (size_t)(g0 + j) * M;
+          for (int m = threadIdx.x; m < M; m += kTopThreads) z[j] += exp((double)r[m] - (double)mx[j]);
+        }
+      }
+      BlockReduceVec(z, [](double a, double b) { return a + b; }, red_d);
+      for (int m = threadIdx.x; m < M; m += kTopThreads) {
+        double a = acc[m];
+#pragma unroll
+        for (int j = 0; j < kCombineChunk; ++j)
+          if (g0 + j < G) a += exp((double)raw[(size_t)(g0 + j) * M + m] - (double)mx[j]) / z[j];
+        acc[m] = a;
       }
     }
   }
@@ -198,8 +237,9 @@ __global__ void __launch_bounds__(kTopThreads) SelectionTopKKernel(SelectionPara
   unsigned long long* cand_k = sel_k + kRankSortMax;
   int* sel_i = reinterpret_cast<int*>(cand_k + kCandCap);
   int* cand_i = sel_i + kRankSortMax;
-  __shared__ double red_d[32];
-  __shared__ float red_f[32];
+  __shared__ double red_d[32 * kCombineChunk];
+  __shared__ float red_f[32 * kCombineChunk];
+  __shared__ unsigned long long red_u[64];
   __shared__ unsigned hist[256];
   __shared__ int s_digit, s_above, s_count, s_out, s_cand;
   __shared__ int warp_cnt[32];
@@ -207,16 +247,33 @@ __global__ void __launch_bounds__(kTopThreads) SelectionTopKKernel(SelectionPara
   if (kk > 0) {
     CombineToKeys(p, h, keys, red_d, red_f);
     __syncthreads();
-    // Radix select: narrow the candidates for the last places of the top kk.
-    unsigned long long prefix = 0;
-    int shift = 64, krem = kk, ncand = M;
+    // Radix select: narrow the candidates for the last places of the top kk. The bits every
+    // key shares (from the block's min and max key) are skipped; then 8 bits a pass.
+    unsigned long long kv[2] = {~0ull, 0ull};  // min, max
+    for (int m = threadIdx.x; m < M; m += blockDim.x) {
+      const unsigned long long u = keys[m];
+      kv[0] = u < kv[0] ? u : kv[0];
+      kv[1] = u > kv[1] ? u : kv[1];
+    }
+    {
+      unsigned long long mn[1] = {kv[0]}, mxk[1] = {kv[1]};
+      BlockReduceVec(mn, [](unsigned long long a, unsigned long long b) { return a < b ? a : b; }, red_u);
+      BlockReduceVec(mxk, [](unsigned long long a, unsigned long long b) { return a > b ? a : b; }, red_u + 32);
+      kv[0] = mn[0], kv[1] = mxk[0];
+    }
+    // shift: the low bits still undecided; prefix: the decided high bits of the kk-th key.
+    int shift = kv[0] == kv[1] ? 0 : 64 - __clzll((long long)(kv[0] ^ kv[1]));
+    unsigned long long prefix = shift == 64 ? 0ull : kv[1] >> shift;
+    int krem = kk, ncand = M;
     while (ncand > kCandCap && shift > 0) {
-      shift -= 8;
+      const int width = shift < 8 ? shift : 8;
+      const int hi = shift;  // keys in the race: (u >> hi) == prefix
+      shift -= width;
       for (int x = threadIdx.x; x < 256; x += blockDim.x) hist[x] = 0;
       __syncthreads();
       for (int m = threadIdx.x; m < M; m += blockDim.x) {
         const unsigned long long u = keys[m];
-        if (shift + 8 == 64 || (u >> (shift + 8)) == prefix) atomicAdd(&hist[(u >> shift) & 255], 1u);
+        if (hi == 64 || (u >> hi) == prefix) atomicAdd(&hist[(u >> shift) & ((1u << width) - 1u)], 1u);
       }
       __syncthreads();
       if (threadIdx.x < 32) {
@@ -242,7 +299,7 @@ __global__ void __launch_bounds__(kTopThreads) SelectionTopKKernel(SelectionPara
         }
       }
       __syncthreads();
-      prefix = (prefix << 8) | (unsigned long long)s_digit;
+      prefix = (hi == 64 ? 0ull : prefix << width) | (unsigned long long)s_digit;
       krem -= s_above;
       ncand = s_count;
       __syncthreads();
@@ -321,8 +378,8 @@ __global__ void __launch_bounds__(kTopThreads) SelectionSortKernel(SelectionPara
   extern __shared__ unsigned long long sm_u[];
   unsigned long long* keys = sm_u;
   int* idx = reinterpret_cast<int*>(keys + np);
-  __shared__ double red_d[32];
-  __shared__ float red_f[32];
+  __shared__ double red_d[32 * kCombineChunk];
+  __shared__ float red_f[32 * kCombineChunk];
   if (M > 0) CombineToKeys(p, h, keys, red_d, red_f);
   for (int m = threadIdx.x; m < np; m += blockDim.x) {
     if (m >= M) keys[m] = 0;  // below every real key (OrderedKey(x) > 0 for non-NaN x)
