@@ -47,7 +47,8 @@ import os from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import { credentials, Metadata, type ServiceError } from "@grpc/grpc-js";
+import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
+import { Client, credentials, Metadata, Server, ServerCredentials, type ServerDuplexStream, type ServiceDefinition, type ServiceError } from "@grpc/grpc-js";
 import { loadAddon, KvDType, type Engine } from "../native/binding.js";
 import { DType, GroupCombine, RecallMode, RetrievalMode, SummaryKind, type RetrievalConfig, type Tensor } from "../proto/gen/freekv/v1/common.js";
 import {
@@ -631,6 +632,20 @@ async function runAttentionNative(engine: Engine, WIRE: Wire) {
   }
 }
 
+/** Encoded sizes of one 16-item decode message and of its answer. */
+function attentionMessageBytes(WIRE: Wire): { request: number; response: number } {
+  const items = Array.from({ length: B }, (_, s) => ({
+    sessionId: `overhead-${process.pid}-${s}`,
+    q: f32Tensor(decodeIn(0, 0, s, 0), [QH, HD], WIRE),
+    k: f32Tensor(decodeIn(0, 0, s, 1), [KVH, HD], WIRE),
+    v: f32Tensor(decodeIn(0, 0, s, 2), [KVH, HD], WIRE),
+  }));
+  const request = AttentionRequest.encode(AttentionRequest.fromPartial({ requestId: 1, op: { $case: "decode", value: { layer: 0, items } } })).finish().length;
+  const outputs = items.map((it) => it.q);
+  const response = AttentionResponse.encode({ requestId: 1, result: { $case: "decode", value: { outputs } } }).finish().length;
+  return { request, response };
+}
+
 /** Handler-side TypeScript of one 16-item decode message, timed alone: protobuf and tensors. */
 function timeAttentionPieces(reps: number, WIRE: Wire) {
   const dec: number[] = [];
@@ -665,6 +680,73 @@ function timeAttentionPieces(reps: number, WIRE: Wire) {
   }
   const m = (xs: number[]) => r3(median(xs.slice(2)));
   return { request_decode_ms: m(dec), read_tensors_ms: m(read), write_tensors_ms: m(write), response_encode_ms: m(enc) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transport ceiling: grpc-js alone
+
+const ECHO_PATH = "/freekv.bench.Echo/Echo";
+const identity = (b: Buffer) => b;
+
+/**
+ * In a worker thread (its own event loop and heap, like a second process): a bidirectional method
+ * that answers every message with `responseBytes` bytes. No protobuf, no validation, no engine.
+ */
+async function echoServer(responseBytes: number, window: number): Promise<void> {
+  const server = new Server({ "grpc.max_receive_message_length": 256 << 20, "grpc.max_send_message_length": 256 << 20, ...(window ? { "grpc-node.flow_control_window": window } : {}) });
+  const reply = Buffer.alloc(responseBytes, 7);
+  const definition = {
+    Echo: { path: ECHO_PATH, requestStream: true, responseStream: true, requestSerialize: identity, requestDeserialize: identity, responseSerialize: identity, responseDeserialize: identity, originalName: "Echo" },
+  } as unknown as ServiceDefinition;
+  server.addService(definition, {
+    Echo: (call: ServerDuplexStream<Buffer, Buffer>) => {
+      call.on("data", () => call.write(reply));
+      call.on("end", () => call.end());
+    },
+  });
+  const port = await new Promise<number>((resolve, reject) => server.bindAsync("127.0.0.1:0", ServerCredentials.createInsecure(), (e, p) => (e ? reject(e) : resolve(p))));
+  parentPort!.postMessage(port);
+}
+
+/**
+ * The round trip of a message of the Attention request's size answered with the response's size
+ * through grpc-js alone: what the transport costs before any of our code runs. Median of `reps`.
+ */
+async function echoRoundTrip(requestBytes: number, responseBytes: number, window: number, reps: number): Promise<number> {
+  const worker = new Worker(new URL(import.meta.url), { workerData: { echo: true, responseBytes, window }, argv: process.argv.slice(2) });
+  try {
+    const port = await new Promise<number>((resolve, reject) => {
+      worker.once("message", resolve);
+      worker.once("error", reject);
+    });
+    const client = new Client(`127.0.0.1:${port}`, credentials.createInsecure(), {
+      "grpc.max_receive_message_length": 256 << 20,
+      "grpc.max_send_message_length": 256 << 20,
+      ...(window ? { "grpc-node.flow_control_window": window } : {}),
+    });
+    const call = client.makeBidiStreamRequest<Buffer, Buffer>(ECHO_PATH, identity, identity);
+    const request = Buffer.alloc(requestBytes, 3);
+    let pending: (() => void) | undefined;
+    call.on("data", () => pending?.());
+    const times: number[] = [];
+    for (let r = 0; r < reps; r++) {
+      const t0 = performance.now();
+      await new Promise<void>((resolve) => {
+        pending = resolve;
+        call.write(request);
+      });
+      times.push(performance.now() - t0);
+    }
+    await new Promise<void>((resolve) => {
+      call.on("error", () => resolve());
+      call.on("status", () => resolve());
+      call.end();
+    });
+    client.close();
+    return median(times.slice(WARM));
+  } finally {
+    await worker.terminate();
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -798,6 +880,17 @@ async function main(): Promise<number> {
       const nat = await runAttentionNative(engine, WIRE);
       const nativeAll = nat.ms.slice(WARM).flat();
       const pieces = timeAttentionPieces(30, WIRE);
+      const sizes = attentionMessageBytes(WIRE);
+      const ceiling = {
+        request_bytes: sizes.request,
+        response_bytes: sizes.response,
+        grpc_js_echo_round_trip_ms: r3(await echoRoundTrip(sizes.request, sizes.response, 0, 60)),
+        grpc_js_echo_round_trip_ms_16MiB_flow_control_window: r3(await echoRoundTrip(sizes.request, sizes.response, 16 << 20, 60)),
+        small_messages_echo_round_trip_ms: r3(await echoRoundTrip(64, 64, 0, 60)),
+      };
+      console.log(
+        `  transport alone (grpc-js echo, ${sizes.request} B -> ${sizes.response} B): ${ceiling.grpc_js_echo_round_trip_ms} ms; 16 MiB window: ${ceiling.grpc_js_echo_round_trip_ms_16MiB_flow_control_window} ms; 64 B: ${ceiling.small_messages_echo_round_trip_ms} ms`,
+      );
       for (const w of WINDOWS) {
         const tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_DECODE_BATCH_WINDOW_US: String(w) } });
         let svc: Awaited<ReturnType<typeof runAttentionService>>;
@@ -831,6 +924,7 @@ async function main(): Promise<number> {
           max_abs_output_difference_vs_in_process: maxDiff,
           engine_call_in_process_same_inputs_ms: { median: r3(median(nativeAll)), p10: r3(quantile(nativeAll, 0.1)), p90: r3(quantile(nativeAll, 0.9)) },
           typescript_pieces_per_message_ms: pieces,
+          transport_ceiling: ceiling,
         });
         table.push({
           path: `Attention ${WIRE} (window ${w} us)`,
@@ -921,10 +1015,15 @@ async function main(): Promise<number> {
   return 0;
 }
 
-main().then(
-  (code) => process.exit(code),
-  (e: unknown) => {
-    console.error((e as Error).stack ?? e);
-    process.exit(1);
-  },
-);
+if (!isMainThread && (workerData as { echo?: boolean } | undefined)?.echo) {
+  const w = workerData as { responseBytes: number; window: number };
+  void echoServer(w.responseBytes, w.window);
+} else {
+  main().then(
+    (code) => process.exit(code),
+    (e: unknown) => {
+      console.error((e as Error).stack ?? e);
+      process.exit(1);
+    },
+  );
+}
