@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# CUDA vs CPU parity of the fidelity trace and the golden models (scripts/gpu/parity.ts).
+#
+#   bash scripts/gpu/parity.sh pack   here: bundles the runner with esbuild into .gpu/parity.mjs.
+#                                     Needs .gpu/node.xz and .gpu/freekv.node from scripts/gpu/pack.sh.
+#   bash scripts/gpu/parity.sh        on the GPU machine, from the repository root, carrying .gpu:
+#                                     unpacks Node.js and runs .gpu/parity.mjs; parity.log and
+#                                     parity.json under $OUT. Exit code of the runner (0 = all pass).
+#
+# FREEKV_PARITY_CANDIDATE=cpu bash scripts/gpu/parity.sh   runs it here with a second CPU engine
+# standing in for the CUDA one (uses this machine's node when it has one).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+
+if [ "${1:-}" = pack ]; then
+  set -e
+  for f in .gpu/node.xz .gpu/freekv.node; do
+    [ -e "$f" ] || { echo "$f is missing: run bash scripts/gpu/pack.sh first" >&2; exit 1; }
+  done
+  npx esbuild scripts/gpu/parity.ts --bundle --platform=node --format=esm --target=node20 \
+    --outfile=.gpu/parity.mjs --log-level=warning
+  # Which addon and which sources the run used (the GPU machine's copy has no .git).
+  {
+    echo "packed $(date -u +%FT%TZ) at commit $(git rev-parse HEAD)"
+    echo "freekv.node sha256 $(sha256sum .gpu/freekv.node | cut -d' ' -f1), built $(date -u -r .gpu/freekv.node +%FT%TZ)"
+    echo "uncommitted native changes at pack time:"; git status --short native/ | sed 's/^/  /'
+  } > .gpu/parity-build.txt
+  cat .gpu/parity-build.txt
+  ls -la .gpu/parity.mjs
+  exit 0
+fi
+
+export OUT=${OUT:-$PWD/.gpu/out}
+mkdir -p "$OUT"
+if [ "${FREEKV_PARITY_CANDIDATE:-cuda}" = cuda ] || ! command -v node >/dev/null; then
+  mkdir -p /tmp/nodebin
+  xz -dc .gpu/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node
+  export PATH=/tmp/nodebin:$PATH
+  export LD_LIBRARY_PATH=$PWD/.gpu/lib:${LD_LIBRARY_PATH:-}
+fi
+export FREEKV_ADDON=${FREEKV_ADDON:-$PWD/.gpu/freekv.node}
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>/dev/null || true
+[ -f .gpu/parity-build.txt ] && cp .gpu/parity-build.txt "$OUT/parity-build.txt" && cat .gpu/parity-build.txt
+timeout "${FREEKV_PARITY_TIMEOUT:-150}" node .gpu/parity.mjs
+rc=$?
+echo "parity rc=$rc"
+exit $rc
