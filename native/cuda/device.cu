@@ -11,7 +11,9 @@ DeviceInfo Probe() {
   int n = 0;
   cudaError_t err = cudaGetDeviceCount(&n);
   if (err != cudaSuccess) {
-    info.reason = std::string("no CUDA device: ") + cudaGetErrorString(err);
+    info.reason = info.driver_version == 0
+                      ? std::string("no CUDA device: no NVIDIA driver is installed on this machine")
+                      : std::string("no CUDA device: ") + cudaGetErrorString(err);
     cudaGetLastError();
     return info;
   }
