@@ -1,5 +1,7 @@
-// The inner loop shared by decode and prefill attention: one thread block attends the G query
-// heads of one KV head (GQA group) over a range of tokens, with an online softmax in fp32.
+// The prefill attention's inner loop (decode has its own tiled loop in attention_decode.cu, see
+// PERF.md) and what both share (constants, the head_dim x group dispatch): one thread block
+// attends the G query heads of one KV head (GQA group) over a range of tokens, with an online
+// softmax in fp32.
 //
 // Work split: a token's K (or V) row of one head is D bf16 = D/8 16-byte vectors, read by
 // TPT = D/8 consecutive lanes (a "token group"); a warp holds 32/TPT token groups, the block

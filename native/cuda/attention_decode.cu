@@ -13,8 +13,8 @@
 //            (head, token) (not once per lane holding the token), rescale factor c;
 //   phase 3  acc = acc * c + sum_u p * v for the lane's 8 channels.
 // At the end the token groups' accumulators are summed (they share the block's running max).
-// Long tables are split along the sequence (grid = splits x kv_heads x batch, about 4 blocks per
-// SM of an H200) and merged by the combine pass, as before.
+// Long tables are split along the sequence (grid = splits x kv_heads x batch, one wave of
+// resident blocks on an H200) and merged by the combine pass, as before.
 #include <algorithm>
 #include <string>
 
@@ -29,6 +29,11 @@ constexpr int kDecThreads = 128;
 constexpr int kDecWarps = kDecThreads / 32;
 constexpr int kTile = 32;            // tokens per tile
 constexpr int kSms = 132;           // H200
+
+// Resident blocks per SM of an instantiation (registers: 128 x 128 threads for D <= 128 and
+// G <= 4, forced by the launch bounds; 162-255 registers otherwise). The split heuristic sizes
+// the grid to one wave of these.
+constexpr int BlocksPerSm(int D, int G) { return D <= 128 && G <= 4 ? 4 : (D <= 256 && G <= 2 ? 3 : 2); }
 
 template <int D>
 struct DecShape {
@@ -65,46 +70,27 @@ __device__ __forceinline__ void Butterfly(float* v, int sub, int& base) {
   }
 }
 
-// 16-byte asynchronous copy global -> shared; `pred` false zero-fills (nothing is read).
-__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool pred) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(pred ? 16 : 0) : "memory");
+__device__ __forceinline__ uint4 LoadStreaming(const __nv_bfloat16* ptr) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(ptr));
+  return r;
 }
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
-template <int D>
-constexpr int Stages() { return D <= 128 ? 4 : 2; }
-// Dynamic shared memory of the kernel: the K/V ring, then the valid flags of each stage.
-template <int D>
-constexpr size_t RingBytes() { return (size_t)Stages<D>() * 2 * kTile * D * sizeof(__nv_bfloat16); }
-template <int D>
-constexpr size_t DecodeSmemBytes() { return RingBytes<D>() + (size_t)Stages<D>() * kTile * sizeof(int); }
 
 // grid (splits, kv_heads, batch). With one split the block writes the normalised output;
 // otherwise it writes (m, l, O) partials into the workspace for the combine pass.
-//
-// K/V go through a ring of Stages<D>() tiles in shared memory filled by cp.async, Stages - 1
-// tiles ahead. Every thread copies exactly the 16-byte pieces it later reads itself (its token
-// group's tokens, its 8 channels), so the ring needs no barrier of its own: a thread's
-// wait_group makes its own copies visible to it, and a stage is refilled only after the same
-// thread has consumed it.
 template <int D, int MAXG>
-__global__ void __launch_bounds__(kDecThreads) DecodeAttentionKernel(DecodeAttentionParams p, int pps, int splits,
+__global__ void __launch_bounds__(kDecThreads, BlocksPerSm(D, MAXG)) DecodeAttentionKernel(DecodeAttentionParams p, int pps, int splits,
                                                                      float* ws_o, float* ws_ml) {
   using S = DecShape<D>;
   constexpr int U = S::U;
-  constexpr int ST = Stages<D>();
   constexpr int NV = U * MAXG;                         // partial sums per lane in phase 1
   constexpr int NKEEP = NV > S::TPT ? NV / S::TPT : 1;  // full sums a lane holds after the butterfly
   constexpr int GPW = (MAXG + kDecWarps - 1) / kDecWarps;  // query heads per warp in phase 2
-  static_assert((size_t)kDecWarps * MAXG * D * sizeof(float) <= RingBytes<D>(), "red_o must fit in the ring");
-  extern __shared__ __align__(16) unsigned char dsm[];
-  __nv_bfloat16* ring = reinterpret_cast<__nv_bfloat16*>(dsm);  // [ST][2][kTile][D]
-  int* vflag = reinterpret_cast<int*>(dsm + RingBytes<D>());     // [ST][kTile]
   __shared__ float s_buf[2][MAXG][kTile];  // scores -> probabilities, by tile parity
   __shared__ float c_buf[MAXG];
+  __shared__ float red_o[kDecWarps][MAXG][D];
   __shared__ float fin_m[MAXG], fin_l[MAXG];
 
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -141,47 +127,36 @@ __global__ void __launch_bounds__(kDecThreads) DecodeAttentionKernel(DecodeAtten
 #pragma unroll
   for (int j = 0; j < GPW; ++j) m_r[j] = kNegBig, l_r[j] = 0.f;
 
-  // Issues the copies of tile n (this thread's pieces) into its stage, with the valid flags.
-  auto issue = [&](int n) {
-    const int st = n % ST;
-    __nv_bfloat16* kst = ring + (size_t)st * 2 * kTile * D;
+  // Token i of the split is valid when inside the split and inside its page's filled rows.
+  auto valid_token = [&](int i) -> bool { return i < len && (i % P) < toks[first + i / P]; };
+  auto load_tile = [&](int n, uint4 (&kk)[U], uint4 (&vv)[U]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int tt = tg + S::NG * u, i = n * kTile + tt;
-      bool ok = false;
-      const __nv_bfloat16* kp = pool;
+      const int i = n * kTile + tg + S::NG * u;
+      kk[u] = make_uint4(0, 0, 0, 0);
+      vv[u] = kk[u];
       if (i < len) {
         const int pg = first + i / P, t = i % P;
         if (t < toks[pg]) {
-          ok = true;
-          kp = pool + (size_t)slots[pg] * 2 * kv_stride + t * tok_stride + (size_t)h * D + sub * kVec;
+          const __nv_bfloat16* kp = pool + (size_t)slots[pg] * 2 * kv_stride + t * tok_stride + (size_t)h * D + sub * kVec;
+          kk[u] = LoadStreaming(kp);
+          vv[u] = LoadStreaming(kp + kv_stride);
         }
       }
-      CpAsync16(kst + (size_t)tt * D + sub * kVec, kp, ok);
-      CpAsync16(kst + (size_t)(kTile + tt) * D + sub * kVec, ok ? kp + kv_stride : kp, ok);
-      if (sub == 0) vflag[st * kTile + tt] = ok;
     }
   };
 
   const int ntiles = (len + kTile - 1) / kTile;
-#pragma unroll
-  for (int n = 0; n < ST - 1; ++n) {
-    if (n < ntiles) issue(n);
-    CpAsyncCommit();  // (empty groups keep the group count uniform)
-  }
+  uint4 kr[U], vc[U], vn[U];
+  load_tile(0, kr, vc);
   for (int n = 0; n < ntiles; ++n) {  // uniform across the block: barriers and shuffles are safe
-    CpAsyncWait<ST - 2>();  // this thread's copies of tile n have landed
-    if (n + ST - 1 < ntiles) issue(n + ST - 1);
-    CpAsyncCommit();
-    const __nv_bfloat16* kst = ring + (size_t)(n % ST) * 2 * kTile * D;
-    const __nv_bfloat16* vst = kst + (size_t)kTile * D;
     float(*sb)[kTile] = s_buf[n & 1];
     // Phase 1: scores of the tile.
     float v[NV];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float kf[kVec];
-      Bf16x8ToFloat(*reinterpret_cast<const uint4*>(kst + (size_t)(tg + S::NG * u) * D + sub * kVec), kf);
+      Bf16x8ToFloat(kr[u], kf);
 #pragma unroll
       for (int g = 0; g < MAXG; ++g) {
         float s = 0.f;
@@ -201,13 +176,15 @@ __global__ void __launch_bounds__(kDecThreads) DecodeAttentionKernel(DecodeAtten
         if (g < G) sb[g][tg + S::NG * u] = v[c];
       }
     }
+    // The next tile's K and V stay in flight through the barriers and the softmax below.
+    if (n + 1 < ntiles) load_tile(n + 1, kr, vn);
     __syncthreads();
     // Phase 2: online softmax over the tile, one warp per query head.
-    const bool ok = vflag[(n % ST) * kTile + lane] != 0;
 #pragma unroll
     for (int j = 0; j < GPW; ++j) {
       const int g = warp + j * kDecWarps;
       if (g < G) {
+        const bool ok = valid_token(n * kTile + lane);
         const float s = ok ? sb[g][lane] : kNegBig;
         float mx = s;
 #pragma unroll
@@ -236,7 +213,7 @@ __global__ void __launch_bounds__(kDecThreads) DecodeAttentionKernel(DecodeAtten
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float vf[kVec];
-      Bf16x8ToFloat(*reinterpret_cast<const uint4*>(vst + (size_t)(tg + S::NG * u) * D + sub * kVec), vf);
+      Bf16x8ToFloat(vc[u], vf);
 #pragma unroll
       for (int g = 0; g < MAXG; ++g) {
         if (g >= G) break;
@@ -245,12 +222,11 @@ __global__ void __launch_bounds__(kDecThreads) DecodeAttentionKernel(DecodeAtten
         for (int e = 0; e < kVec; ++e) acc[g][e] = fmaf(pr, vf[e], acc[g][e]);
       }
     }
+#pragma unroll
+    for (int u = 0; u < U; ++u) vc[u] = vn[u];
   }
-  CpAsyncWait<0>();
-  __syncthreads();  // every thread is done with the ring: its first bytes hold red_o below
 
   // Sum the token groups' accumulators: within the warp by shuffles, across warps in smem.
-  float(*red_o)[MAXG][D] = reinterpret_cast<float(*)[MAXG][D]>(dsm);
 #pragma unroll
   for (int g = 0; g < MAXG; ++g) {
     if (g >= G) break;
@@ -313,10 +289,7 @@ struct DecodeLaunch {
   cudaStream_t stream;
   template <int D, int MAXG>
   void operator()() const {
-    constexpr size_t smem = DecodeSmemBytes<D>();
-    FKV_CUDA_CHECK(cudaFuncSetAttribute(DecodeAttentionKernel<D, MAXG>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)smem));
-    DecodeAttentionKernel<D, MAXG><<<grid, kDecThreads, smem, stream>>>(p, pps, splits, ws_o, ws_ml);
+    DecodeAttentionKernel<D, MAXG><<<grid, kDecThreads, 0, stream>>>(p, pps, splits, ws_o, ws_ml);
   }
 };
 
@@ -326,13 +299,14 @@ int SplitsFor(const DecodeAttentionParams& p, int pps) { return std::max(1, (p.m
 
 int DecodeAttentionPagesPerSplit(const DecodeAttentionParams& p) {
   if (p.pages_per_split > 0) return p.pages_per_split;
-  // One full wave: the K/V ring limits a 128-thread block to 3 per SM (6 for head_dim 64), and
-  // a grid a little over one wave would run a second, nearly empty one (measured: 544 blocks on
-  // 528 slots took 1.3x the time of 520). At least 2 pages a split so that a block's fixed
-  // costs (q, final merge, partials) stay small.
-  const int per_sm = p.head_dim <= 64 ? 6 : 3;
+  // One full wave of resident blocks: a grid a little over one wave runs a second, nearly empty
+  // one (measured on the H200: 544 blocks on 528 slots took 1.3x the time of 520 blocks for the
+  // same bytes). At least 2 pages a split so that a block's fixed costs (q, final merge,
+  // partials) stay small.
+  const int G = p.kv_heads > 0 ? p.q_heads / p.kv_heads : 1;
+  const int gb = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;  // the instantiation's group bound
   const int rows = std::max(1, p.batch * p.kv_heads);
-  const int splits = std::max(1, kSms * per_sm / rows);
+  const int splits = std::max(1, kSms * BlocksPerSm(p.head_dim, gb) / rows);
   const int pps = std::max(2, (p.max_pages + splits - 1) / splits);
   return std::max(1, std::min(pps, std::max(1, p.max_pages)));
 }

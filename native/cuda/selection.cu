@@ -7,8 +7,9 @@
 //   2. SelectionTopKKernel, one block per KV head: the group combine in double (the CPU engine's
 //      precision and order: per head in order, softmax of the raw scores shifted by their float
 //      max, then the mean), the combined scores as order-preserving 64-bit keys in shared
-//      memory, a radix select (the bits all keys share skipped, then 8 bits a pass) down to at most kCandCap candidates for the k-th
-//      place, an exact rank among those (ties: the lower page), and a rank sort of the k winners
+//      memory, a radix select (the bits all keys share skipped, then 8 bits a pass) down to at
+//      most kCandCap candidates for the k-th place, an exact rank among those (ties: the lower
+//      page), and a rank sort of the k winners
 //      (best first; ties: the lower page), exactly as the CPU's TopK orders them.
 //      For k > kRankSortMax the whole candidate set is bitonic-sorted instead.
 #include <cstdint>
