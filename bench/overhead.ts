@@ -961,12 +961,14 @@ async function main(): Promise<number> {
       if (genProjection) {
         const { baseUs, commitsUs, layers, sampling } = genProjection;
         const [small, large] = sampling;
-        for (const kind of ["greedy", "top_p_0_9_temperature_0_7"] as const) {
+        for (const kind of ["none", "greedy", "top_p_0_9_temperature_0_7"] as const) {
           // Sampling at the real vocabulary replaces the built-in model's (CPU time: its cost on a
-          // dedicated node); the page commits scale with the layers.
-          const extra = (large[kind].cpu_ms - small[kind].cpu_ms) * 1000;
+          // dedicated node); "none" is the step without sampling in TypeScript (token ids chosen
+          // on the device). The page commits scale with the layers.
+          const extra = kind === "none" ? -small.greedy.cpu_ms * 1000 : (large[kind].cpu_ms - small[kind].cpu_ms) * 1000;
           const us = baseUs + (commitsUs * GPU_LAYERS) / layers + extra;
-          projection.push({ path: "Generate", sampling: kind === "greedy" ? "greedy" : "top_p", context: g.context, gpu_mode: g.mode, gpu_step_ms: r3(g.ms), overhead_us: Math.round(us), share: r3(us / (g.ms * 1000 + us)) });
+          const label = kind === "top_p_0_9_temperature_0_7" ? "top_p" : kind;
+          projection.push({ path: "Generate", sampling: label, context: g.context, gpu_mode: g.mode, gpu_step_ms: r3(g.ms), overhead_us: Math.round(us), share: r3(us / (g.ms * 1000 + us)) });
         }
       }
       for (const a of attRows) {
