@@ -23,14 +23,17 @@
  *    timed in this process against its own segments, so round trip minus that is TypeScript and
  *    gRPC. The service's own histograms (handler time, engine call time) give the split between
  *    (b) TypeScript in the handler (validation, tensor decoding, the batching window) and (c)
- *    transport (protobuf encoding at both ends, HTTP/2, the client).
+ *    transport (protobuf encoding at both ends, HTTP/2, the client). Beside it, the transport's
+ *    own floor: grpc-js alone echoing messages of the same sizes (no protobuf, no engine).
  *
  * The TypeScript and gRPC time does not depend on the backend, the native time does: beside the
  * CPU shares measured here, the same absolute overhead is set against the GPU step times
  * measured on the H200 (bench/results/gpu-*.json), labelled as a projection. For Generate the
  * projection adds the sampling cost at the Llama-3 vocabulary (128256, timed here with the
- * service's Sampler), because the built-in model's vocabulary is tiny; for the Attention path it
- * scales the per-layer overhead to the 32 layers of the GPU model.
+ * service's Sampler), because the built-in model's vocabulary is tiny, and also shows the step
+ * without sampling in TypeScript; for the Attention path it scales the per-layer overhead to the
+ * 32 layers of the GPU model. FREEKV_BACKEND=cuda in the environment runs the services on the GPU
+ * (the Attention path; the built-in model's head dim is not one the CUDA kernels take).
  *
  * Medians over many steps, and the load average before and after, because the machine may be
  * busy with other work.
