@@ -3,7 +3,7 @@
 //   1. nvcc compiles native/cuda/*.cu (sm_90a + PTX) into build/cuda/libfreekv_cuda.a
 //   2. node-gyp builds build/Release/freekv.node, linking that archive and libcudart_static.
 import { execFileSync, spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, readdirSync, statSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, rmSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { createRequire } from "node:module";
 
@@ -25,18 +25,28 @@ if (useCuda) {
   const cuDir = join(here, "cuda");
   const sources = readdirSync(cuDir).filter((f) => f.endsWith(".cu"));
   const objs = [];
+  let rebuilt = false;
   for (const f of sources) {
     const src = join(cuDir, f);
     const obj = join(outDir, f.replace(/\.cu$/, ".o"));
     objs.push(obj);
     if (existsSync(obj) && statSync(obj).mtimeMs > newestInput(cuDir, src)) continue;
     log(`nvcc ${f}`);
+    rebuilt = true;
     execFileSync(nvcc, ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
       "-gencode", "arch=compute_90a,code=sm_90a", "-gencode", "arch=compute_90,code=compute_90",
       "-I", join(here, "src"), "-I", cuDir, "-c", src, "-o", obj], { stdio: "inherit" });
   }
   const lib = join(outDir, "libfreekv_cuda.a");
-  execFileSync("ar", ["rcs", lib, ...objs], { stdio: "inherit" });
+  if (rebuilt || !existsSync(lib)) {
+    rmSync(lib, { force: true });
+    execFileSync("ar", ["rcs", lib, ...objs], { stdio: "inherit" });
+  }
+  // make does not track the archive: when it is newer than the linked addon, remove the addon so
+  // it is linked again.
+  const addon = join(here, "build", "Release", "freekv.node");
+  if (existsSync(addon) && statSync(lib).mtimeMs >= statSync(addon).mtimeMs)
+    for (const f of ["Release/freekv.node", "Release/obj.target/freekv.node"]) rmSync(join(here, "build", f), { force: true });
   log(`CUDA backend: ${sources.length} kernel files`);
 } else {
   log(want === "0" ? "CUDA backend off (FREEKV_CUDA=0)" : "nvcc not found: CPU backend only");
