@@ -37,8 +37,61 @@ export function validateSampling(s: SamplingOptions): string | undefined {
 
 export function argmax(logits: Float32Array, offset = 0, n = logits.length - offset): number {
   let best = 0;
-  for (let i = 1; i < n; i++) if (logits[offset + i] > logits[offset + best]) best = i;
+  let bestValue = logits[offset];
+  for (let i = 1; i < n; i++) {
+    const v = logits[offset + i];
+    if (v > bestValue) {
+      bestValue = v;
+      best = i;
+    }
+  }
   return best;
+}
+
+/**
+ * Reorders ids[lo, hi) so that its first `m` entries are the m largest by (value desc, id asc),
+ * sorted: a quickselect then a sort of only those m. Same order as a full stable sort of the
+ * ids by value descending, at O(n + m log m) instead of O(n log n) for a large vocabulary.
+ */
+export function partialSortDesc(ids: Int32Array, n: number, values: Float32Array, offset: number, m: number): void {
+  const before = (a: number, b: number) => {
+    const va = values[offset + a];
+    const vb = values[offset + b];
+    return va > vb || (va === vb && a < b);
+  };
+  m = Math.min(m, n);
+  let lo = 0;
+  let hi = n - 1;
+  while (lo < hi) {
+    // Median of three as the pivot, then a Hoare partition by the total order `before`.
+    const mid = (lo + hi) >>> 1;
+    let a = ids[lo], b = ids[mid], c = ids[hi];
+    if (before(b, a)) [a, b] = [b, a];
+    if (before(c, b)) {
+      [b, c] = [c, b];
+      if (before(b, a)) [a, b] = [b, a];
+    }
+    const pivot = b;
+    let i = lo;
+    let j = hi;
+    while (i <= j) {
+      while (before(ids[i], pivot)) i++;
+      while (before(pivot, ids[j])) j--;
+      if (i <= j) {
+        const t = ids[i];
+        ids[i] = ids[j];
+        ids[j] = t;
+        i++;
+        j--;
+      }
+    }
+    if (m - 1 <= j) hi = j;
+    else if (m - 1 >= i) lo = i;
+    else break;
+  }
+  const head = Array.from(ids.subarray(0, m));
+  head.sort((a, b) => (before(a, b) ? -1 : before(b, a) ? 1 : 0));
+  ids.set(head, 0);
 }
 
 export class Sampler {
@@ -61,24 +114,45 @@ export class Sampler {
     // Tokens more than 40 temperatures below the best have probability ratios under e^-40: they
     // are left out, so a large vocabulary is neither sorted nor summed in full.
     const cut = max - 40 * temperature;
-    let ids: number[] = [];
-    for (let i = 0; i < vocab; i++) if (logits[offset + i] >= cut) ids.push(i);
-    if (topK > 0 || (topP > 0 && topP < 1)) ids.sort((a, b) => logits[offset + b] - logits[offset + a]);
-    if (topK > 0 && topK < ids.length) ids = ids.slice(0, topK);
-    const p = ids.map((i) => Math.exp((logits[offset + i] - max) / temperature));
-    let sum = p.reduce((a, b) => a + b, 0);
-    let keep = p.length;
+    const candidates = new Int32Array(vocab);
+    let n = 0;
+    for (let i = 0; i < vocab; i++) if (logits[offset + i] >= cut) candidates[n++] = i;
+    const weight = (i: number) => Math.exp((logits[offset + i] - max) / temperature);
+    let ids = candidates.subarray(0, n);
+    if (topK > 0 && topK < n) {
+      partialSortDesc(candidates, n, logits, offset, topK);
+      ids = candidates.subarray(0, topK);
+    }
     if (topP > 0 && topP < 1) {
-      let acc = 0;
-      for (let i = 0; i < p.length; i++) {
-        acc += p[i] / sum;
-        if (acc >= topP) {
-          keep = i + 1;
+      // The nucleus is usually small: sort growing heads of the (top-k) candidates until one
+      // holds mass p, instead of sorting the whole vocabulary.
+      const size = ids.length;
+      let total = 0;
+      for (let i = 0; i < size; i++) total += weight(ids[i]);
+      let m = Math.min(size, 256);
+      for (;;) {
+        if (!(topK > 0 && topK < n)) partialSortDesc(candidates, n, logits, offset, m);
+        let acc = 0;
+        let reached = -1;
+        for (let i = 0; i < m; i++) {
+          acc += weight(ids[i]) / total;
+          if (acc >= topP) {
+            reached = i + 1;
+            break;
+          }
+        }
+        if (reached > 0) {
+          ids = ids.subarray(0, reached);
           break;
         }
+        if (m >= size) break;
+        m = Math.min(size, m * 8);
       }
-      sum = p.slice(0, keep).reduce((a, b) => a + b, 0);
     }
+    let keep: number;
+    keep = ids.length;
+    const p = Array.from(ids, weight);
+    const sum = p.reduce((a, b) => a + b, 0);
     let r = this.rng.next() * sum;
     for (let i = 0; i < keep; i++) {
       r -= p[i];
