@@ -4,7 +4,7 @@
 #      attention, decode step, with correctness checks before each timing
 #   2. bench/anchor/hf_anchor.py: HF transformers decode steps, same GPU, same visit
 #   3. bench/gpu/report.py: one merged JSON (GPU, CUDA, commit, date) and the table
-# Results go to $OUT (the device run's output folder) or bench/results/run-<date>/ otherwise.
+# Results go to $OUT (the folder whose files come back from the GPU machine) or bench/results/run-<date>/ otherwise.
 # Time limits (seconds) keep the visit inside one device run: BENCH_S for the program,
 # ANCHOR_S for the anchor; a section that would start past its limit is skipped and reported.
 set -uo pipefail
@@ -26,7 +26,7 @@ if [ -x "$bin" ]; then
     ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
   echo "[run] freekv_gpu_bench exit ${PIPESTATUS[0]}"
 else
-  echo "[run] $bin missing: run bench/gpu/build.sh here first and carry .gpu/bench" | tee "$out/bench.log"
+  echo "[run] $bin missing: run bench/gpu/build.sh here first and copy .gpu/bench along" | tee "$out/bench.log"
 fi
 py=python3
 [ -x /opt/torch/.venv/bin/python3 ] && py=/opt/torch/.venv/bin/python3

@@ -5,7 +5,7 @@
 #   .gpu/freekv.node      the addon, built here with nvcc (sm_90a) and libcudart_static
 #   .gpu/lib/             libgomp (the addon's OpenMP runtime), in case the GPU image lacks it
 #   .gpu/run-checks.mjs   scripts/gpu/run-checks.ts bundled with esbuild (cases + binding)
-# Then run on the GPU machine with the `run` tool, carrying .gpu: see scripts/gpu/README.md.
+# Then run on the GPU machine with .gpu copied alongside the tree: see scripts/gpu/README.md.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"

@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu/parity.sh pack   here: bundles the runner with esbuild into .gpu/parity.mjs.
 #                                     Needs .gpu/node.xz and .gpu/freekv.node from scripts/gpu/pack.sh.
-#   bash scripts/gpu/parity.sh        on the GPU machine, from the repository root, carrying .gpu:
+#   bash scripts/gpu/parity.sh        on the GPU machine, from the repository root, with .gpu/ alongside:
 #                                     unpacks Node.js and runs .gpu/parity.mjs; parity.log and
 #                                     parity.json under $OUT. Exit code of the runner (0 = all pass).
 #

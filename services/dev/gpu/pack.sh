@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Packs the demo for the GPU machine (no Node.js toolchain, no node_modules there) into the
 # git-ignored tmp/ folder: Node.js, the addon built here with nvcc, and the kvstore, compute and
-# demo bundled with esbuild. Then, with the device tool, from the repository root:
-#   run(command: "bash tmp/gpu/run.sh", carry: ["tmp/gpu", "tmp/proto"], timeout_s: 420)
+# demo bundled with esbuild. Then, on the GPU machine, from the repository root:
+#   bash tmp/gpu/run.sh    # on the GPU machine, in a copy of the tree that includes the git-ignored tmp/gpu, tmp/proto; time limit 420 s
 # which runs the demo with FREEKV_BACKEND=cuda, then with the CPU backend on the same machine.
 #
 # Bundles keep reading .proto files at run time: ours from proto/ (it travels with the tree),
