@@ -71,13 +71,4 @@ describe("sampler vs a full-sort reference", () => {
       }
     }
   });
-
-  it("samples a 128K vocabulary with top-p quickly", () => {
-    const vocab = 128256;
-    const logits = rng.normals(vocab, 0.5); // flat: the nucleus is large
-    const sampler = new Sampler({ temperature: 1, topK: 0, topP: 0.9, seed: 7n });
-    const t0 = performance.now();
-    for (let i = 0; i < 4; i++) sampler.sample(logits, 0, vocab);
-    expect((performance.now() - t0) / 4).toBeLessThan(400);
-  });
 });
