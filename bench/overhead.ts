@@ -24,7 +24,10 @@
  *    gRPC. The service's own histograms (handler time, engine call time) give the split between
  *    (b) TypeScript in the handler (validation, tensor decoding, the batching window) and (c)
  *    transport (protobuf encoding at both ends, HTTP/2, the client). Beside it, the transport's
- *    own floor: grpc-js alone echoing messages of the same sizes (no protobuf, no engine).
+ *    own floor: grpc-js alone echoing messages of the same sizes (no protobuf, no engine). The
+ *    same messages also run with the tensors in the stream's shared-memory exchange (q/k/v
+ *    copied into the mapping by the client inside the timed round trip, outputs written there
+ *    by the service, only offsets in the messages): the "shm" rows.
  *
  * The TypeScript and gRPC time does not depend on the backend, the native time does: beside the
  * CPU shares measured here, the same absolute overhead is set against the GPU step times
@@ -40,7 +43,7 @@
  *
  *   npm run build:ts && npm run bench:overhead [-- --gen-tokens 200 --att-steps 40 --att-layers 4
  *                                              --att-context 512 --wire f32,bf16
- *                                              --windows 200,0]
+ *                                              --windows 200,0 --transports bytes,shm]
  *
  * Writes bench/results/overhead-<date>.json (machine, git commit, date, node version, results).
  */
@@ -52,7 +55,7 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
 import { Client, credentials, Metadata, Server, ServerCredentials, type ServerDuplexStream, type ServiceDefinition, type ServiceError } from "@grpc/grpc-js";
-import { loadAddon, KvDType, type Engine } from "../native/binding.js";
+import { loadAddon, KvDType, type Engine, type ShmSegment } from "../native/binding.js";
 import { DType, GroupCombine, RecallMode, RetrievalMode, SummaryKind, type RetrievalConfig, type Tensor } from "../proto/gen/freekv/v1/common.js";
 import {
   AttentionRequest,
@@ -63,6 +66,7 @@ import {
   GenerateResponse,
   SessionKind,
   type CreateSessionResponse,
+  type TensorRef,
 } from "../proto/gen/freekv/v1/compute.js";
 import { resolveRetrieval, toNativeRetrieval } from "../services/common/retrieval.js";
 import { readTensor, writeTensor } from "../services/compute/attention/tensor.js";
@@ -183,6 +187,8 @@ const { values: opt } = parseArgs({
     /** HTTP/2 flow-control window of the bench's client channel (0: grpc-js default, 64 KiB). */
     "client-window": { type: "string", default: "0" },
     windows: { type: "string", default: "200,0" },
+    /** How the Attention path's tensors travel: in the messages (bytes) or the stream's shared-memory exchange (shm). */
+    transports: { type: "string", default: "bytes,shm" },
     "gpu-results": { type: "string" },
     "gpu-layers": { type: "string", default: "32" },
     "gpu-vocab": { type: "string", default: "128256" },
@@ -200,6 +206,8 @@ type Wire = "f32" | "bf16";
 const WIRES = opt.wire!.split(",").filter(Boolean) as Wire[];
 const CLIENT_WINDOW = Number(opt["client-window"]);
 const WINDOWS = opt.windows!.split(",").filter(Boolean).map(Number);
+type Transport = "bytes" | "shm";
+const TRANSPORTS = opt.transports!.split(",").filter(Boolean) as Transport[];
 const GPU_LAYERS = Number(opt["gpu-layers"]);
 const GPU_VOCAB = Number(opt["gpu-vocab"]);
 const SKIP = new Set(opt.skip!.split(",").filter(Boolean));
@@ -211,6 +219,10 @@ for (const [k, v] of Object.entries({ batch: B, "gen-tokens": GEN_TOKENS, "gen-p
 }
 if (!WIRES.length || WIRES.some((w) => w !== "f32" && w !== "bf16")) {
   console.error(`--wire must be f32, bf16 or both (comma-separated), got ${opt.wire}`);
+  process.exit(2);
+}
+if (!TRANSPORTS.length || TRANSPORTS.some((t) => t !== "bytes" && t !== "shm")) {
+  console.error(`--transports must be bytes, shm or both (comma-separated), got ${opt.transports}`);
   process.exit(2);
 }
 if (!Number.isInteger(CLIENT_WINDOW) || CLIENT_WINDOW < 0) {
@@ -488,7 +500,34 @@ class Stream {
   }
 }
 
-async function runAttentionService(tiers: Tiers, WIRE: Wire) {
+/**
+ * The client's side of the stream's tensor exchange: q/k/v bytes are copied into the mapping
+ * (inside the timed round trip: it replaces the client's protobuf encoding of the tensors) and
+ * the outputs are read where the service wrote them.
+ */
+class BenchExchange {
+  readonly bytes: Uint8Array;
+  private next = 0;
+  constructor(readonly seg: ShmSegment) {
+    this.bytes = new Uint8Array(seg.buffer());
+  }
+  reset(): void {
+    this.next = 0;
+  }
+  alloc(n: number): number {
+    const off = this.next;
+    this.next += Math.ceil(n / 16) * 16;
+    if (this.next > this.seg.size) throw new Error("exchange too small for one message");
+    return off;
+  }
+  put(t: Tensor): TensorRef {
+    const offset = this.alloc(t.data.length);
+    this.bytes.set(t.data, offset);
+    return { offset, dtype: t.dtype, shape: t.shape };
+  }
+}
+
+async function runAttentionService(tiers: Tiers, WIRE: Wire, TRANSPORT: Transport = "bytes") {
   const client = new ComputeServiceClient(tiers.compute.address, credentials.createInsecure(), {
     "grpc.max_receive_message_length": 64 << 20,
     "grpc.max_send_message_length": 64 << 20,
@@ -518,6 +557,12 @@ async function runAttentionService(tiers: Tiers, WIRE: Wire) {
           op: { $case: "prefill", value: { sessionId: ids[s], layer: l, k: f32Tensor(prefillKV(s, l, part, n, 0), [n, KVH, HD], "f32"), v: f32Tensor(prefillKV(s, l, part, n, 1), [n, KVH, HD], "f32") } },
         });
       }
+  let exchange: BenchExchange | undefined;
+  if (TRANSPORT === "shm") {
+    const r = await stream.send({ op: { $case: "openExchange", value: { sizeBytes: 4 << 20 } } });
+    if (r.result?.$case !== "exchange") throw new Error("open_exchange: no exchange result");
+    exchange = new BenchExchange(loadAddon().ShmSegment.open(r.result.value.segmentName));
+  }
   const rtt: number[][] = [];
   /** Per timed message, from the service's histograms scraped around it: engine call, handler. */
   const engineMs: number[] = [];
@@ -546,7 +591,12 @@ async function runAttentionService(tiers: Tiers, WIRE: Wire) {
       // Scraping between messages keeps /metrics work out of the timed round trips.
       const c0 = step >= WARM ? counters(await scrape(tiers.compute.metricsPort)) : undefined;
       const t0 = performance.now();
-      const res = await stream.send({ op: { $case: "decode", value: { layer: l, items } } });
+      let res: AttentionResponse;
+      if (exchange) {
+        exchange.reset();
+        const refs = items.map((it) => ({ sessionId: it.sessionId, qRef: exchange.put(it.q), kRef: exchange.put(it.k), vRef: exchange.put(it.v), outputOffset: exchange.alloc(it.q.data.length) }));
+        res = await stream.send({ op: { $case: "decode", value: { layer: l, items: refs } } });
+      } else res = await stream.send({ op: { $case: "decode", value: { layer: l, items } } });
       row.push(performance.now() - t0);
       if (c0) {
         const c1 = counters(await scrape(tiers.compute.metricsPort));
@@ -556,14 +606,26 @@ async function runAttentionService(tiers: Tiers, WIRE: Wire) {
       }
       if (res.result?.$case !== "decode") throw new Error(`decode of layer ${l} at step ${step}: no decode result`);
       if (step === ATT_STEPS - 1 && l === ATT_LAYERS - 1) {
-        requestBytes = AttentionRequest.encode(AttentionRequest.fromPartial({ requestId: 1, op: { $case: "decode", value: { layer: l, items } } })).finish().length;
         responseBytes = AttentionResponse.encode(res).finish().length;
-        for (const o of res.result.value.outputs) outputs.push(readTensor(o, "output", [QH, HD]).data);
+        if (exchange) {
+          exchange.reset();
+          const refs = items.map((it) => ({ sessionId: it.sessionId, qRef: exchange.put(it.q), kRef: exchange.put(it.k), vRef: exchange.put(it.v), outputOffset: exchange.alloc(it.q.data.length) }));
+          requestBytes = AttentionRequest.encode(AttentionRequest.fromPartial({ requestId: 1, op: { $case: "decode", value: { layer: l, items: refs } } })).finish().length;
+          items.forEach((it, i) => {
+            const off = res.result?.$case === "decode" ? res.result.value.outputOffsets[i] : 0;
+            const t: Tensor = { dtype: it.q.dtype, shape: [QH, HD], data: Buffer.from(exchange.bytes.slice(off, off + it.q.data.length)) };
+            outputs.push(readTensor(t, "output", [QH, HD]).data);
+          });
+        } else {
+          requestBytes = AttentionRequest.encode(AttentionRequest.fromPartial({ requestId: 1, op: { $case: "decode", value: { layer: l, items } } })).finish().length;
+          for (const o of res.result.value.outputs) outputs.push(readTensor(o, "output", [QH, HD]).data);
+        }
       }
     }
     rtt.push(row);
   }
   const after = await scrape(tiers.compute.metricsPort);
+  exchange?.seg.close();
   stream.end();
   for (const id of ids) await unary(client, "closeSession", { sessionId: id }).catch(() => undefined);
   client.close();
@@ -645,7 +707,7 @@ function attentionMessageBytes(WIRE: Wire): { request: number; response: number 
   }));
   const request = AttentionRequest.encode(AttentionRequest.fromPartial({ requestId: 1, op: { $case: "decode", value: { layer: 0, items } } })).finish().length;
   const outputs = items.map((it) => it.q);
-  const response = AttentionResponse.encode({ requestId: 1, result: { $case: "decode", value: { outputs } } }).finish().length;
+  const response = AttentionResponse.encode({ requestId: 1, result: { $case: "decode", value: { outputs, outputOffsets: [] } } }).finish().length;
   return { request, response };
 }
 
@@ -678,7 +740,7 @@ function timeAttentionPieces(reps: number, WIRE: Wire) {
     const tensors = outs.map((o) => writeTensor(o, [QH, HD], WIRE === "bf16" ? DType.D_TYPE_BFLOAT16 : DType.D_TYPE_FLOAT32));
     write.push(performance.now() - t0);
     t0 = performance.now();
-    AttentionResponse.encode({ requestId: 1, result: { $case: "decode", value: { outputs: tensors } } }).finish();
+    AttentionResponse.encode({ requestId: 1, result: { $case: "decode", value: { outputs: tensors, outputOffsets: [] } } }).finish();
     enc.push(performance.now() - t0);
   }
   const m = (xs: number[]) => r3(median(xs.slice(2)));
@@ -785,7 +847,7 @@ async function main(): Promise<number> {
     // The services inherit this process's environment: FREEKV_BACKEND=cuda runs them on the GPU
     // (the in-process references of this program always use the CPU backend).
     service_backend: process.env.FREEKV_BACKEND || "cpu",
-    options: { batch: B, gen_tokens: GEN_TOKENS, gen_prompt: GEN_PROMPT, att_steps: ATT_STEPS, att_layers: ATT_LAYERS, att_context: ATT_CONTEXT, wires: WIRES, client_flow_control_window: CLIENT_WINDOW || "grpc-js default", windows_us: WINDOWS, warm_steps_left_out: WARM },
+    options: { batch: B, gen_tokens: GEN_TOKENS, gen_prompt: GEN_PROMPT, att_steps: ATT_STEPS, att_layers: ATT_LAYERS, att_context: ATT_CONTEXT, wires: WIRES, client_flow_control_window: CLIENT_WINDOW || "grpc-js default", windows_us: WINDOWS, transports: TRANSPORTS, warm_steps_left_out: WARM },
   };
   let genProjection: { baseUs: number; commitsUs: number; layers: number; sampling: ReturnType<typeof timeSampling>[] } | undefined;
   const table: Array<{ path: string; what: string; native_us: number; ts_us: number; grpc_us: number; overhead_us: number; step_us: number; share: number }> = [];
@@ -894,11 +956,11 @@ async function main(): Promise<number> {
       console.log(
         `  transport alone (grpc-js echo, ${sizes.request} B -> ${sizes.response} B): ${ceiling.grpc_js_echo_round_trip_ms} ms; 16 MiB window: ${ceiling.grpc_js_echo_round_trip_ms_16MiB_flow_control_window} ms; 64 B: ${ceiling.small_messages_echo_round_trip_ms} ms`,
       );
-      for (const w of WINDOWS) {
+      for (const [w, transport] of WINDOWS.flatMap((w) => TRANSPORTS.map((t) => [w, t] as const))) {
         const tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_DECODE_BATCH_WINDOW_US: String(w) } });
         let svc: Awaited<ReturnType<typeof runAttentionService>>;
         try {
-          svc = await runAttentionService(tiers, WIRE);
+          svc = await runAttentionService(tiers, WIRE, transport);
         } finally {
           await tiers.stop();
         }
@@ -914,6 +976,7 @@ async function main(): Promise<number> {
         const dist = (xs: number[]) => ({ median: r3(median(xs)), p10: r3(quantile(xs, 0.1)), p90: r3(quantile(xs, 0.9)) });
         runs.push({
           wire_dtype: WIRE,
+          tensor_transport: transport === "shm" ? "shared-memory exchange (offsets in the messages)" : "bytes in the messages",
           batch_window_us: w,
           layer_messages_counted: rtt.length,
           every_engine_call_held_all_sessions: full,
@@ -930,8 +993,8 @@ async function main(): Promise<number> {
           transport_ceiling: ceiling,
         });
         table.push({
-          path: `Attention ${WIRE} (window ${w} us)`,
-          what: `${B} sessions in 1 message per layer, ${ATT_LAYERS} layers, ${QH}/${KVH}x${HD}, ${WIRE} tensors`,
+          path: `Attention ${WIRE}${transport === "shm" ? " shm" : ""} (window ${w} us)`,
+          what: `${B} sessions in 1 message per layer, ${ATT_LAYERS} layers, ${QH}/${KVH}x${HD}, ${WIRE} tensors ${transport === "shm" ? "through the shared-memory exchange" : "in the messages"}`,
           native_us: Math.round(m.engine * 1000 * ATT_LAYERS),
           ts_us: Math.round(m.ts * 1000 * ATT_LAYERS),
           grpc_us: Math.round(m.grpc * 1000 * ATT_LAYERS),
@@ -939,9 +1002,9 @@ async function main(): Promise<number> {
           step_us: Math.round(m.rtt * 1000 * ATT_LAYERS),
           share: m.overhead / m.rtt,
         });
-        attRows.push({ label: `${WIRE} (window ${w} us)`, overheadPerLayerUs: m.overhead * 1000 });
+        attRows.push({ label: `${WIRE}${transport === "shm" ? " shm" : ""} (window ${w} us)`, overheadPerLayerUs: m.overhead * 1000 });
         console.log(
-          `Attention, ${WIRE}, window ${w} us: round trip ${m.rtt.toFixed(3)} ms/layer, engine call ${m.engine.toFixed(3)} ms (in process ${median(nativeAll).toFixed(3)}), TS ${m.ts.toFixed(3)}, gRPC ${m.grpc.toFixed(3)}; outputs max |diff| ${maxDiff.toExponential(2)}`,
+          `Attention, ${WIRE}, ${transport}, window ${w} us: round trip ${m.rtt.toFixed(3)} ms/layer, engine call ${m.engine.toFixed(3)} ms (in process ${median(nativeAll).toFixed(3)}), TS ${m.ts.toFixed(3)}, gRPC ${m.grpc.toFixed(3)}; outputs max |diff| ${maxDiff.toExponential(2)}`,
         );
         load.push(os.loadavg());
       }

@@ -5,15 +5,20 @@
  * DecodeBatcher. Reading pauses while too many messages wait, and writing waits for 'drain', so
  * a slow client slows the stream instead of filling memory. Any bad message ends the stream
  * with its status (INVALID_ARGUMENT naming the field, NOT_FOUND, RESOURCE_EXHAUSTED).
+ *
+ * An open_exchange message gives the stream a shared-memory tensor exchange (exchange.ts): later
+ * messages may then name q/k/v by offset and have outputs written there. It is removed when the
+ * stream ends, however it ends (end, error, cancellation, server drain).
  */
 import { once } from "node:events";
 import type { ServerDuplexStream, handleBidiStreamingCall } from "@grpc/grpc-js";
 import type { AttentionRequest, AttentionResponse } from "../../../proto/gen/freekv/v1/compute.js";
 import { callScope, whenAborted } from "../../common/cancellation.js";
-import { toStatus } from "../../common/errors.js";
+import { invalidArgument, toStatus } from "../../common/errors.js";
 import type { Logger } from "../../common/log.js";
 import type { SessionManager } from "../sessions/manager.js";
 import type { DecodeBatcher } from "./batcher.js";
+import { EXCHANGE_ALIGNMENT, TensorExchange } from "./exchange.js";
 import { writeTensor } from "./tensor.js";
 import { validateRequest } from "./validate.js";
 
@@ -55,10 +60,16 @@ export function attentionHandler(deps: { sessions: SessionManager; batcher: Deco
       notify();
     });
     scope.signal.addEventListener("abort", notify, { once: true });
+    let exchange: TensorExchange | undefined;
 
     const handle = async (req: AttentionRequest): Promise<AttentionResponse> => {
       const t0 = process.hrtime.bigint();
-      const op = validateRequest(req, sessions);
+      if (req.op?.$case === "openExchange") {
+        if (exchange) throw invalidArgument("open_exchange", `this stream already has the exchange ${exchange.name}`);
+        exchange = TensorExchange.open(req.op.value.sizeBytes, "open_exchange.size_bytes");
+        return { requestId: req.requestId, result: { $case: "exchange", value: { segmentName: exchange.name, sizeBytes: exchange.size, alignment: EXCHANGE_ALIGNMENT } } };
+      }
+      const op = validateRequest(req, sessions, exchange);
       const engine = sessions.requireEngine();
       if (op.op === "prefill") {
         const s = op.session;
@@ -76,11 +87,16 @@ export function attentionHandler(deps: { sessions: SessionManager; batcher: Deco
       }
       const outs = await batcher.submit(op.layer, op.items, scope.signal);
       observer.request("decode", Number(process.hrtime.bigint() - t0) / 1e9);
+      if (op.items[0].outputOffset !== undefined) {
+        // The exchange is closed only after the pump (which awaits this) is over.
+        op.items.forEach((it, i) => exchange!.write(it.outputOffset!, outs[i], it.dtype));
+        return { requestId: req.requestId, result: { $case: "decode", value: { outputs: [], outputOffsets: op.items.map((it) => it.outputOffset!) } } };
+      }
       return {
         requestId: req.requestId,
         result: {
           $case: "decode",
-          value: { outputs: outs.map((o, i) => writeTensor(o, [op.items[i].session.geometry.queryHeads, op.items[i].session.geometry.headDim], op.items[i].dtype)) },
+          value: { outputs: outs.map((o, i) => writeTensor(o, [op.items[i].session.geometry.queryHeads, op.items[i].session.geometry.headDim], op.items[i].dtype)), outputOffsets: [] },
         },
       };
     };
@@ -111,6 +127,13 @@ export function attentionHandler(deps: { sessions: SessionManager; batcher: Deco
         const st = toStatus(e, log, "Attention", scope.signal);
         call.emit("error", { code: st.code, details: st.details, metadata: st.metadata });
       })
-      .finally(() => scope.done());
+      .finally(() => {
+        try {
+          exchange?.close();
+        } catch (e) {
+          log.error({ err: e, segment: exchange?.name }, "cannot remove the tensor exchange");
+        }
+        scope.done();
+      });
   };
 }

@@ -1,13 +1,16 @@
 /**
  * Validation of one Attention stream message against the sessions it names: known session
  * (NOT_FOUND), layer in range, shapes [n, kv_heads, head_dim] / [query_heads, head_dim], dtype,
- * byte length, finite values; each error names the field.
+ * byte length, finite values; each error names the field. A tensor comes either as bytes or as a
+ * TensorRef into the stream's tensor exchange (exchange.ts), never both, never neither.
  */
 import type { DType } from "../../../proto/gen/freekv/v1/common.js";
-import type { AttentionDecode, AttentionPrefill, AttentionRequest } from "../../../proto/gen/freekv/v1/compute.js";
-import { invalidArgument, notFound, resourceExhausted } from "../../common/errors.js";
+import type { Tensor } from "../../../proto/gen/freekv/v1/common.js";
+import type { AttentionDecode, AttentionPrefill, AttentionRequest, TensorRef } from "../../../proto/gen/freekv/v1/compute.js";
+import { failedPrecondition, invalidArgument, notFound, resourceExhausted } from "../../common/errors.js";
 import type { SessionManager } from "../sessions/manager.js";
 import type { ComputeSession } from "../sessions/session.js";
+import { pickOne, type TensorExchange } from "./exchange.js";
 import { readTensor } from "./tensor.js";
 
 export interface PrefillOp {
@@ -26,6 +29,8 @@ export interface DecodeItemOp {
   v: Float32Array;
   /** dtype of q, used for the output. */
   dtype: DType;
+  /** Where the output goes in the exchange (q came as q_ref); undefined: sent back as bytes. */
+  outputOffset?: number;
 }
 
 export interface DecodeOp {
@@ -45,12 +50,19 @@ function layer(s: ComputeSession, l: number, field: string): number {
   return l;
 }
 
-export function validatePrefill(p: AttentionPrefill, sessions: SessionManager): PrefillOp {
+/** The bytes tensor or the ref (exactly one), read as float32 of `shape`. */
+function input(t: Tensor | undefined, ref: TensorRef | undefined, field: string, shape: number[], exchange: TensorExchange | undefined) {
+  if (pickOne(t, ref, field) === "bytes") return { ...readTensor(t, field, shape), dtype: t!.dtype };
+  if (!exchange) throw failedPrecondition(`${field}_ref: no tensor exchange is open on this stream (send open_exchange first)`);
+  return exchange.read(ref!, `${field}_ref`, shape);
+}
+
+export function validatePrefill(p: AttentionPrefill, sessions: SessionManager, exchange?: TensorExchange): PrefillOp {
   const s = session(sessions, p.sessionId, "prefill.session_id");
   const l = layer(s, p.layer, "prefill.layer");
   const g = s.geometry;
-  const k = readTensor(p.k, "prefill.k", [-1, g.kvHeads, g.headDim]);
-  const v = readTensor(p.v, "prefill.v", [k.shape[0], g.kvHeads, g.headDim]);
+  const k = input(p.k, p.kRef, "prefill.k", [-1, g.kvHeads, g.headDim], exchange);
+  const v = input(p.v, p.vRef, "prefill.v", [k.shape[0], g.kvHeads, g.headDim], exchange);
   const n = k.shape[0];
   if (s.layerTokens[l] + n > s.maxContextTokens) {
     throw resourceExhausted(`prefill.k: ${n} more tokens would take layer ${l} of session ${s.id} past its max_context_tokens ${s.maxContextTokens} (now ${s.layerTokens[l]})`);
@@ -58,9 +70,11 @@ export function validatePrefill(p: AttentionPrefill, sessions: SessionManager): 
   return { op: "prefill", session: s, layer: l, k: k.data, v: v.data, n };
 }
 
-export function validateDecode(d: AttentionDecode, sessions: SessionManager): DecodeOp {
+export function validateDecode(d: AttentionDecode, sessions: SessionManager, exchange?: TensorExchange): DecodeOp {
   if (d.items.length === 0) throw invalidArgument("decode.items", "is empty");
   const seen = new Set<string>();
+  // The result carries either outputs or output_offsets, so all items answer the same way.
+  const viaExchange = d.items[0].qRef !== undefined && d.items[0].q === undefined;
   const items = d.items.map((it, i) => {
     const f = `decode.items[${i}]`;
     const s = session(sessions, it.sessionId, `${f}.session_id`);
@@ -68,16 +82,25 @@ export function validateDecode(d: AttentionDecode, sessions: SessionManager): De
     seen.add(s.id);
     layer(s, d.layer, "decode.layer");
     const g = s.geometry;
-    const q = readTensor(it.q, `${f}.q`, [g.queryHeads, g.headDim]);
-    const k = readTensor(it.k, `${f}.k`, [g.kvHeads, g.headDim]);
-    const v = readTensor(it.v, `${f}.v`, [g.kvHeads, g.headDim]);
-    return { session: s, q: q.data, k: k.data, v: v.data, dtype: it.q!.dtype };
+    const q = input(it.q, it.qRef, `${f}.q`, [g.queryHeads, g.headDim], exchange);
+    if ((it.q === undefined) !== viaExchange) {
+      throw invalidArgument(`${f}.q_ref`, `items of one decode send q alike (items[0] uses ${viaExchange ? "q_ref" : "q"})`);
+    }
+    const k = input(it.k, it.kRef, `${f}.k`, [g.kvHeads, g.headDim], exchange);
+    const v = input(it.v, it.vRef, `${f}.v`, [g.kvHeads, g.headDim], exchange);
+    let outputOffset: number | undefined;
+    if (viaExchange) {
+      if (it.outputOffset === undefined) throw invalidArgument(`${f}.output_offset`, "is required with q_ref (where the output goes)");
+      outputOffset = it.outputOffset;
+      exchange!.checkOutput(outputOffset, g.queryHeads * g.headDim, q.dtype, `${f}.output_offset`);
+    }
+    return { session: s, q: q.data, k: k.data, v: v.data, dtype: q.dtype, outputOffset };
   });
   return { op: "decode", layer: d.layer, items };
 }
 
-export function validateRequest(req: AttentionRequest, sessions: SessionManager): PrefillOp | DecodeOp {
+export function validateRequest(req: AttentionRequest, sessions: SessionManager, exchange?: TensorExchange): PrefillOp | DecodeOp {
   const op = req.op;
-  if (!op) throw invalidArgument("op", "one of prefill or decode is required");
-  return op.$case === "prefill" ? validatePrefill(op.value, sessions) : validateDecode(op.value, sessions);
+  if (!op || op.$case === "openExchange") throw invalidArgument("op", "one of prefill or decode is required");
+  return op.$case === "prefill" ? validatePrefill(op.value, sessions, exchange) : validateDecode(op.value, sessions, exchange);
 }

@@ -25,7 +25,7 @@ import {
   type ServiceError,
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
-import { ModelGeometry, RetrievalConfig, RetrievalStats, Tensor } from "./common.js";
+import { DType, dTypeFromJSON, dTypeToJSON, ModelGeometry, RetrievalConfig, RetrievalStats, Tensor } from "./common.js";
 
 export const protobufPackage = "freekv.v1";
 
@@ -244,13 +244,41 @@ export interface GenerateResponse {
   event?: { $case: "chunk"; value: GenerateChunk } | { $case: "final"; value: GenerateFinal } | undefined;
 }
 
+/**
+ * A tensor inside the stream's tensor exchange (a shared-memory segment made by
+ * AttentionOpenExchange): little-endian, row-major, starting at a 16-byte aligned offset.
+ */
+export interface TensorRef {
+  offset: number;
+  dtype: DType;
+  shape: number[];
+}
+
+/**
+ * Asks the compute process for a shared-memory segment (POSIX shm, mode 0600, random name) that
+ * lives as long as this stream: engines on the same host then pass q/k/v and receive outputs
+ * through it, and the stream carries only small control messages. One per stream.
+ */
+export interface AttentionOpenExchange {
+  /** Size of the segment in bytes, rounded up to 4096 [16 MiB]; at most 1 GiB. */
+  sizeBytes: number;
+}
+
 /** Append keys/values (post-RoPE) to a layer of a session without computing attention. */
 export interface AttentionPrefill {
   sessionId: string;
   layer: number;
   /** [n, kv_heads, head_dim] */
   k?: Tensor | undefined;
-  v?: Tensor | undefined;
+  v?:
+    | Tensor
+    | undefined;
+  /**
+   * k and v in the stream's tensor exchange instead of bytes (exactly one of k / k_ref, and of
+   * v / v_ref).
+   */
+  kRef?: TensorRef | undefined;
+  vRef?: TensorRef | undefined;
 }
 
 export interface AttentionDecodeItem {
@@ -261,7 +289,18 @@ export interface AttentionDecodeItem {
     | undefined;
   /** The step's new key and value, appended before attention: [kv_heads, head_dim]. */
   k?: Tensor | undefined;
-  v?: Tensor | undefined;
+  v?:
+    | Tensor
+    | undefined;
+  /**
+   * q, k, v in the stream's tensor exchange instead of bytes (exactly one of q / q_ref, k / k_ref,
+   * v / v_ref). Items of one decode use q or q_ref alike: with q_ref the outputs are written into
+   * the exchange at output_offset (q_ref's dtype, [query_heads, head_dim]) instead of sent back.
+   */
+  qRef?: TensorRef | undefined;
+  kRef?: TensorRef | undefined;
+  vRef?: TensorRef | undefined;
+  outputOffset?: number | undefined;
 }
 
 /** One decode step of one layer for a batch of sessions. */
@@ -273,7 +312,10 @@ export interface AttentionDecode {
 export interface AttentionRequest {
   /** Echoed in the response. */
   requestId: number;
-  op?: { $case: "prefill"; value: AttentionPrefill } | { $case: "decode"; value: AttentionDecode } | undefined;
+  op?: { $case: "prefill"; value: AttentionPrefill } | { $case: "decode"; value: AttentionDecode } | {
+    $case: "openExchange";
+    value: AttentionOpenExchange;
+  } | undefined;
 }
 
 export interface AttentionPrefillDone {
@@ -281,16 +323,29 @@ export interface AttentionPrefillDone {
 }
 
 export interface AttentionDecodeResult {
-  /** One [query_heads, head_dim] output per item, in order. */
+  /** One [query_heads, head_dim] output per item, in order (bytes path). */
   outputs: Tensor[];
+  /** With q_ref: where each item's output was written in the exchange, in order; outputs is empty. */
+  outputOffsets: number[];
+}
+
+/**
+ * The segment made for AttentionOpenExchange; map it by name (ShmSegment.open, or shm_open +
+ * mmap). It is removed when the stream ends.
+ */
+export interface AttentionExchange {
+  segmentName: string;
+  sizeBytes: number;
+  /** Every TensorRef offset and output_offset must be a multiple of this (16). */
+  alignment: number;
 }
 
 export interface AttentionResponse {
   requestId: number;
-  result?:
-    | { $case: "prefill"; value: AttentionPrefillDone }
-    | { $case: "decode"; value: AttentionDecodeResult }
-    | undefined;
+  result?: { $case: "prefill"; value: AttentionPrefillDone } | { $case: "decode"; value: AttentionDecodeResult } | {
+    $case: "exchange";
+    value: AttentionExchange;
+  } | undefined;
 }
 
 function createBaseCreateSessionRequest(): CreateSessionRequest {
@@ -2163,8 +2218,196 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
   },
 };
 
+function createBaseTensorRef(): TensorRef {
+  return { offset: 0, dtype: 0, shape: [] };
+}
+
+export const TensorRef: MessageFns<TensorRef> = {
+  encode(message: TensorRef, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.offset !== 0) {
+      writer.uint32(8).uint64(message.offset);
+    }
+    if (message.dtype !== 0) {
+      writer.uint32(16).int32(message.dtype);
+    }
+    if (message.shape.length !== 0) {
+      writer.uint32(26).fork();
+      for (const v of message.shape) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TensorRef {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTensorRef();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.offset = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.dtype = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag === 24) {
+              message.shape.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 26) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.shape.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): TensorRef {
+    return {
+      offset: isSet(object.offset) ? globalThis.Number(object.offset) : 0,
+      dtype: isSet(object.dtype) ? dTypeFromJSON(object.dtype) : 0,
+      shape: globalThis.Array.isArray(object?.shape) ? object.shape.map((e: any) => globalThis.Number(e)) : [],
+    };
+  },
+
+  toJSON(message: TensorRef): unknown {
+    const obj: any = {};
+    if (message.offset !== 0) {
+      obj.offset = Math.round(message.offset);
+    }
+    if (message.dtype !== 0) {
+      obj.dtype = dTypeToJSON(message.dtype);
+    }
+    if (message.shape?.length) {
+      obj.shape = message.shape.map((e) => Math.round(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<TensorRef>, I>>(base?: I): TensorRef {
+    return TensorRef.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<TensorRef>, I>>(object: I): TensorRef {
+    const message = createBaseTensorRef();
+    message.offset = object.offset ?? 0;
+    message.dtype = object.dtype ?? 0;
+    message.shape = object.shape?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseAttentionOpenExchange(): AttentionOpenExchange {
+  return { sizeBytes: 0 };
+}
+
+export const AttentionOpenExchange: MessageFns<AttentionOpenExchange> = {
+  encode(message: AttentionOpenExchange, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sizeBytes !== 0) {
+      writer.uint32(8).uint64(message.sizeBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AttentionOpenExchange {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAttentionOpenExchange();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.sizeBytes = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AttentionOpenExchange {
+    return {
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: AttentionOpenExchange): unknown {
+    const obj: any = {};
+    if (message.sizeBytes !== 0) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AttentionOpenExchange>, I>>(base?: I): AttentionOpenExchange {
+    return AttentionOpenExchange.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AttentionOpenExchange>, I>>(object: I): AttentionOpenExchange {
+    const message = createBaseAttentionOpenExchange();
+    message.sizeBytes = object.sizeBytes ?? 0;
+    return message;
+  },
+};
+
 function createBaseAttentionPrefill(): AttentionPrefill {
-  return { sessionId: "", layer: 0, k: undefined, v: undefined };
+  return { sessionId: "", layer: 0, k: undefined, v: undefined, kRef: undefined, vRef: undefined };
 }
 
 export const AttentionPrefill: MessageFns<AttentionPrefill> = {
@@ -2180,6 +2423,12 @@ export const AttentionPrefill: MessageFns<AttentionPrefill> = {
     }
     if (message.v !== undefined) {
       Tensor.encode(message.v, writer.uint32(34).fork()).join();
+    }
+    if (message.kRef !== undefined) {
+      TensorRef.encode(message.kRef, writer.uint32(42).fork()).join();
+    }
+    if (message.vRef !== undefined) {
+      TensorRef.encode(message.vRef, writer.uint32(50).fork()).join();
     }
     return writer;
   },
@@ -2229,6 +2478,22 @@ export const AttentionPrefill: MessageFns<AttentionPrefill> = {
             message.v = Tensor.decode(reader, reader.uint32());
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.kRef = TensorRef.decode(reader, reader.uint32());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.vRef = TensorRef.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2251,6 +2516,16 @@ export const AttentionPrefill: MessageFns<AttentionPrefill> = {
       layer: isSet(object.layer) ? globalThis.Number(object.layer) : 0,
       k: isSet(object.k) ? Tensor.fromJSON(object.k) : undefined,
       v: isSet(object.v) ? Tensor.fromJSON(object.v) : undefined,
+      kRef: isSet(object.kRef)
+        ? TensorRef.fromJSON(object.kRef)
+        : isSet(object.k_ref)
+        ? TensorRef.fromJSON(object.k_ref)
+        : undefined,
+      vRef: isSet(object.vRef)
+        ? TensorRef.fromJSON(object.vRef)
+        : isSet(object.v_ref)
+        ? TensorRef.fromJSON(object.v_ref)
+        : undefined,
     };
   },
 
@@ -2268,6 +2543,12 @@ export const AttentionPrefill: MessageFns<AttentionPrefill> = {
     if (message.v !== undefined) {
       obj.v = Tensor.toJSON(message.v);
     }
+    if (message.kRef !== undefined) {
+      obj.kRef = TensorRef.toJSON(message.kRef);
+    }
+    if (message.vRef !== undefined) {
+      obj.vRef = TensorRef.toJSON(message.vRef);
+    }
     return obj;
   },
 
@@ -2280,12 +2561,23 @@ export const AttentionPrefill: MessageFns<AttentionPrefill> = {
     message.layer = object.layer ?? 0;
     message.k = (object.k !== undefined && object.k !== null) ? Tensor.fromPartial(object.k) : undefined;
     message.v = (object.v !== undefined && object.v !== null) ? Tensor.fromPartial(object.v) : undefined;
+    message.kRef = (object.kRef !== undefined && object.kRef !== null) ? TensorRef.fromPartial(object.kRef) : undefined;
+    message.vRef = (object.vRef !== undefined && object.vRef !== null) ? TensorRef.fromPartial(object.vRef) : undefined;
     return message;
   },
 };
 
 function createBaseAttentionDecodeItem(): AttentionDecodeItem {
-  return { sessionId: "", q: undefined, k: undefined, v: undefined };
+  return {
+    sessionId: "",
+    q: undefined,
+    k: undefined,
+    v: undefined,
+    qRef: undefined,
+    kRef: undefined,
+    vRef: undefined,
+    outputOffset: undefined,
+  };
 }
 
 export const AttentionDecodeItem: MessageFns<AttentionDecodeItem> = {
@@ -2301,6 +2593,18 @@ export const AttentionDecodeItem: MessageFns<AttentionDecodeItem> = {
     }
     if (message.v !== undefined) {
       Tensor.encode(message.v, writer.uint32(34).fork()).join();
+    }
+    if (message.qRef !== undefined) {
+      TensorRef.encode(message.qRef, writer.uint32(42).fork()).join();
+    }
+    if (message.kRef !== undefined) {
+      TensorRef.encode(message.kRef, writer.uint32(50).fork()).join();
+    }
+    if (message.vRef !== undefined) {
+      TensorRef.encode(message.vRef, writer.uint32(58).fork()).join();
+    }
+    if (message.outputOffset !== undefined) {
+      writer.uint32(64).uint64(message.outputOffset);
     }
     return writer;
   },
@@ -2350,6 +2654,38 @@ export const AttentionDecodeItem: MessageFns<AttentionDecodeItem> = {
             message.v = Tensor.decode(reader, reader.uint32());
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.qRef = TensorRef.decode(reader, reader.uint32());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.kRef = TensorRef.decode(reader, reader.uint32());
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.vRef = TensorRef.decode(reader, reader.uint32());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.outputOffset = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2372,6 +2708,26 @@ export const AttentionDecodeItem: MessageFns<AttentionDecodeItem> = {
       q: isSet(object.q) ? Tensor.fromJSON(object.q) : undefined,
       k: isSet(object.k) ? Tensor.fromJSON(object.k) : undefined,
       v: isSet(object.v) ? Tensor.fromJSON(object.v) : undefined,
+      qRef: isSet(object.qRef)
+        ? TensorRef.fromJSON(object.qRef)
+        : isSet(object.q_ref)
+        ? TensorRef.fromJSON(object.q_ref)
+        : undefined,
+      kRef: isSet(object.kRef)
+        ? TensorRef.fromJSON(object.kRef)
+        : isSet(object.k_ref)
+        ? TensorRef.fromJSON(object.k_ref)
+        : undefined,
+      vRef: isSet(object.vRef)
+        ? TensorRef.fromJSON(object.vRef)
+        : isSet(object.v_ref)
+        ? TensorRef.fromJSON(object.v_ref)
+        : undefined,
+      outputOffset: isSet(object.outputOffset)
+        ? globalThis.Number(object.outputOffset)
+        : isSet(object.output_offset)
+        ? globalThis.Number(object.output_offset)
+        : undefined,
     };
   },
 
@@ -2389,6 +2745,18 @@ export const AttentionDecodeItem: MessageFns<AttentionDecodeItem> = {
     if (message.v !== undefined) {
       obj.v = Tensor.toJSON(message.v);
     }
+    if (message.qRef !== undefined) {
+      obj.qRef = TensorRef.toJSON(message.qRef);
+    }
+    if (message.kRef !== undefined) {
+      obj.kRef = TensorRef.toJSON(message.kRef);
+    }
+    if (message.vRef !== undefined) {
+      obj.vRef = TensorRef.toJSON(message.vRef);
+    }
+    if (message.outputOffset !== undefined) {
+      obj.outputOffset = Math.round(message.outputOffset);
+    }
     return obj;
   },
 
@@ -2401,6 +2769,10 @@ export const AttentionDecodeItem: MessageFns<AttentionDecodeItem> = {
     message.q = (object.q !== undefined && object.q !== null) ? Tensor.fromPartial(object.q) : undefined;
     message.k = (object.k !== undefined && object.k !== null) ? Tensor.fromPartial(object.k) : undefined;
     message.v = (object.v !== undefined && object.v !== null) ? Tensor.fromPartial(object.v) : undefined;
+    message.qRef = (object.qRef !== undefined && object.qRef !== null) ? TensorRef.fromPartial(object.qRef) : undefined;
+    message.kRef = (object.kRef !== undefined && object.kRef !== null) ? TensorRef.fromPartial(object.kRef) : undefined;
+    message.vRef = (object.vRef !== undefined && object.vRef !== null) ? TensorRef.fromPartial(object.vRef) : undefined;
+    message.outputOffset = object.outputOffset ?? undefined;
     return message;
   },
 };
@@ -2508,6 +2880,9 @@ export const AttentionRequest: MessageFns<AttentionRequest> = {
       case "decode":
         AttentionDecode.encode(message.op.value, writer.uint32(26).fork()).join();
         break;
+      case "openExchange":
+        AttentionOpenExchange.encode(message.op.value, writer.uint32(34).fork()).join();
+        break;
     }
     return writer;
   },
@@ -2549,6 +2924,14 @@ export const AttentionRequest: MessageFns<AttentionRequest> = {
             message.op = { $case: "decode", value: AttentionDecode.decode(reader, reader.uint32()) };
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.op = { $case: "openExchange", value: AttentionOpenExchange.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2572,6 +2955,10 @@ export const AttentionRequest: MessageFns<AttentionRequest> = {
         ? { $case: "prefill", value: AttentionPrefill.fromJSON(object.prefill) }
         : isSet(object.decode)
         ? { $case: "decode", value: AttentionDecode.fromJSON(object.decode) }
+        : isSet(object.openExchange)
+        ? { $case: "openExchange", value: AttentionOpenExchange.fromJSON(object.openExchange) }
+        : isSet(object.open_exchange)
+        ? { $case: "openExchange", value: AttentionOpenExchange.fromJSON(object.open_exchange) }
         : undefined,
     };
   },
@@ -2585,6 +2972,8 @@ export const AttentionRequest: MessageFns<AttentionRequest> = {
       obj.prefill = AttentionPrefill.toJSON(message.op.value);
     } else if (message.op?.$case === "decode") {
       obj.decode = AttentionDecode.toJSON(message.op.value);
+    } else if (message.op?.$case === "openExchange") {
+      obj.openExchange = AttentionOpenExchange.toJSON(message.op.value);
     }
     return obj;
   },
@@ -2605,6 +2994,12 @@ export const AttentionRequest: MessageFns<AttentionRequest> = {
       case "decode": {
         if (object.op?.value !== undefined && object.op?.value !== null) {
           message.op = { $case: "decode", value: AttentionDecode.fromPartial(object.op.value) };
+        }
+        break;
+      }
+      case "openExchange": {
+        if (object.op?.value !== undefined && object.op?.value !== null) {
+          message.op = { $case: "openExchange", value: AttentionOpenExchange.fromPartial(object.op.value) };
         }
         break;
       }
@@ -2687,13 +3082,20 @@ export const AttentionPrefillDone: MessageFns<AttentionPrefillDone> = {
 };
 
 function createBaseAttentionDecodeResult(): AttentionDecodeResult {
-  return { outputs: [] };
+  return { outputs: [], outputOffsets: [] };
 }
 
 export const AttentionDecodeResult: MessageFns<AttentionDecodeResult> = {
   encode(message: AttentionDecodeResult, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.outputs) {
       Tensor.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.outputOffsets.length !== 0) {
+      writer.uint32(18).fork();
+      for (const v of message.outputOffsets) {
+        writer.uint64(v);
+      }
+      writer.join();
     }
     return writer;
   },
@@ -2719,6 +3121,24 @@ export const AttentionDecodeResult: MessageFns<AttentionDecodeResult> = {
             message.outputs.push(Tensor.decode(reader, reader.uint32()));
             continue;
           }
+          case 2: {
+            if (tag === 16) {
+              message.outputOffsets.push(longToNumber(reader.uint64()));
+
+              continue;
+            }
+
+            if (tag === 18) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.outputOffsets.push(longToNumber(reader.uint64()));
+              }
+
+              continue;
+            }
+
+            break;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2734,6 +3154,11 @@ export const AttentionDecodeResult: MessageFns<AttentionDecodeResult> = {
   fromJSON(object: any): AttentionDecodeResult {
     return {
       outputs: globalThis.Array.isArray(object?.outputs) ? object.outputs.map((e: any) => Tensor.fromJSON(e)) : [],
+      outputOffsets: globalThis.Array.isArray(object?.outputOffsets)
+        ? object.outputOffsets.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.output_offsets)
+        ? object.output_offsets.map((e: any) => globalThis.Number(e))
+        : [],
     };
   },
 
@@ -2741,6 +3166,9 @@ export const AttentionDecodeResult: MessageFns<AttentionDecodeResult> = {
     const obj: any = {};
     if (message.outputs?.length) {
       obj.outputs = message.outputs.map((e) => Tensor.toJSON(e));
+    }
+    if (message.outputOffsets?.length) {
+      obj.outputOffsets = message.outputOffsets.map((e) => Math.round(e));
     }
     return obj;
   },
@@ -2751,6 +3179,116 @@ export const AttentionDecodeResult: MessageFns<AttentionDecodeResult> = {
   fromPartial<I extends Exact<DeepPartial<AttentionDecodeResult>, I>>(object: I): AttentionDecodeResult {
     const message = createBaseAttentionDecodeResult();
     message.outputs = object.outputs?.map((e) => Tensor.fromPartial(e)) || [];
+    message.outputOffsets = object.outputOffsets?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseAttentionExchange(): AttentionExchange {
+  return { segmentName: "", sizeBytes: 0, alignment: 0 };
+}
+
+export const AttentionExchange: MessageFns<AttentionExchange> = {
+  encode(message: AttentionExchange, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.segmentName !== "") {
+      writer.uint32(10).string(message.segmentName);
+    }
+    if (message.sizeBytes !== 0) {
+      writer.uint32(16).uint64(message.sizeBytes);
+    }
+    if (message.alignment !== 0) {
+      writer.uint32(24).uint32(message.alignment);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AttentionExchange {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAttentionExchange();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.segmentName = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.sizeBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.alignment = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AttentionExchange {
+    return {
+      segmentName: isSet(object.segmentName)
+        ? globalThis.String(object.segmentName)
+        : isSet(object.segment_name)
+        ? globalThis.String(object.segment_name)
+        : "",
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : 0,
+      alignment: isSet(object.alignment) ? globalThis.Number(object.alignment) : 0,
+    };
+  },
+
+  toJSON(message: AttentionExchange): unknown {
+    const obj: any = {};
+    if (message.segmentName !== "") {
+      obj.segmentName = message.segmentName;
+    }
+    if (message.sizeBytes !== 0) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    if (message.alignment !== 0) {
+      obj.alignment = Math.round(message.alignment);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AttentionExchange>, I>>(base?: I): AttentionExchange {
+    return AttentionExchange.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AttentionExchange>, I>>(object: I): AttentionExchange {
+    const message = createBaseAttentionExchange();
+    message.segmentName = object.segmentName ?? "";
+    message.sizeBytes = object.sizeBytes ?? 0;
+    message.alignment = object.alignment ?? 0;
     return message;
   },
 };
@@ -2770,6 +3308,9 @@ export const AttentionResponse: MessageFns<AttentionResponse> = {
         break;
       case "decode":
         AttentionDecodeResult.encode(message.result.value, writer.uint32(26).fork()).join();
+        break;
+      case "exchange":
+        AttentionExchange.encode(message.result.value, writer.uint32(34).fork()).join();
         break;
     }
     return writer;
@@ -2812,6 +3353,14 @@ export const AttentionResponse: MessageFns<AttentionResponse> = {
             message.result = { $case: "decode", value: AttentionDecodeResult.decode(reader, reader.uint32()) };
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.result = { $case: "exchange", value: AttentionExchange.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2835,6 +3384,8 @@ export const AttentionResponse: MessageFns<AttentionResponse> = {
         ? { $case: "prefill", value: AttentionPrefillDone.fromJSON(object.prefill) }
         : isSet(object.decode)
         ? { $case: "decode", value: AttentionDecodeResult.fromJSON(object.decode) }
+        : isSet(object.exchange)
+        ? { $case: "exchange", value: AttentionExchange.fromJSON(object.exchange) }
         : undefined,
     };
   },
@@ -2848,6 +3399,8 @@ export const AttentionResponse: MessageFns<AttentionResponse> = {
       obj.prefill = AttentionPrefillDone.toJSON(message.result.value);
     } else if (message.result?.$case === "decode") {
       obj.decode = AttentionDecodeResult.toJSON(message.result.value);
+    } else if (message.result?.$case === "exchange") {
+      obj.exchange = AttentionExchange.toJSON(message.result.value);
     }
     return obj;
   },
@@ -2868,6 +3421,12 @@ export const AttentionResponse: MessageFns<AttentionResponse> = {
       case "decode": {
         if (object.result?.value !== undefined && object.result?.value !== null) {
           message.result = { $case: "decode", value: AttentionDecodeResult.fromPartial(object.result.value) };
+        }
+        break;
+      }
+      case "exchange": {
+        if (object.result?.value !== undefined && object.result?.value !== null) {
+          message.result = { $case: "exchange", value: AttentionExchange.fromPartial(object.result.value) };
         }
         break;
       }
