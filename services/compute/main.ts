@@ -9,6 +9,7 @@ import { createLogger } from "../common/log.js";
 import { createRegistry, startMetricsServer } from "../common/metrics.js";
 import { followUpstreamHealth } from "../common/upstream-health.js";
 import { computeConfigSchema } from "./config.js";
+import { sweepStaleExchanges } from "./attention/exchange.js";
 import { StartupError, createContext } from "./context.js";
 import { createComputeServer } from "./server.js";
 
@@ -32,6 +33,8 @@ async function main(): Promise<void> {
     process.stderr.write(`compute: FREEKV_KVSTORE_ADDR=${config.FREEKV_KVSTORE_ADDR}: kvstore not reachable: ${(e as Error).message}\n`);
     process.exit(2);
   }
+  const swept = sweepStaleExchanges();
+  if (swept.length) log.info({ segments: swept }, "removed tensor exchanges left by a compute process that is gone");
   const reattached = await ctx.sessions.reattachAll();
   const { server, health } = await createComputeServer(ctx);
   const port = await bindServer(server, config.FREEKV_COMPUTE_HOST, config.FREEKV_COMPUTE_PORT);

@@ -11,6 +11,7 @@
  * the stream ends, and at process exit for any stream still open then.
  */
 import { randomBytes } from "node:crypto";
+import { readdirSync, readFileSync } from "node:fs";
 import { loadAddon, type ShmSegment } from "../../../native/binding.js";
 import { DType, type Tensor } from "../../../proto/gen/freekv/v1/common.js";
 import type { TensorRef } from "../../../proto/gen/freekv/v1/compute.js";
@@ -23,6 +24,53 @@ export const EXCHANGE_MAX_BYTES = 1 << 30;
 const PAGE = 4096;
 
 const fmt = (s: number[]) => `[${s.join(", ")}]`;
+
+/**
+ * Exchange names carry their creator: `/freekv-xch-<pid>-<start time>-<random>`, the start time
+ * being the process's field 22 of /proc/<pid>/stat (clock ticks since boot), so a reused pid is
+ * told apart from the process that made the segment.
+ */
+const EXCHANGE_NAME = /^freekv-xch-(\d+)-(\d+)-[0-9a-f]+$/;
+
+function processStartTime(pid: number | "self"): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19];
+  } catch {
+    return undefined;
+  }
+}
+
+const ownTag = `${process.pid}-${processStartTime("self") ?? "0"}`;
+
+/**
+ * Removes the exchange segments of compute processes that are gone (killed without running their
+ * exit hook). Called when compute starts; one compute process per /dev/shm (one per pod) is the
+ * deployment this assumes. Returns the names removed.
+ */
+export function sweepStaleExchanges(): string[] {
+  let entries: string[];
+  try {
+    entries = readdirSync("/dev/shm");
+  } catch {
+    return [];
+  }
+  const removed: string[] = [];
+  const { ShmSegment } = loadAddon();
+  for (const e of entries) {
+    const m = EXCHANGE_NAME.exec(e);
+    if (!m) continue;
+    const pid = Number(m[1]);
+    if (processStartTime(pid) === m[2]) continue; // its creator still runs
+    try {
+      if (ShmSegment.unlink(`/${e}`)) removed.push(`/${e}`);
+    } catch {
+      // Not ours to remove (permissions): leave it.
+    }
+  }
+  return removed;
+}
 
 /** Names of the exchanges open in this process, unlinked at exit if their streams never ended. */
 const live = new Set<string>();
@@ -55,7 +103,7 @@ export class TensorExchange {
     const want = sizeBytes === 0 ? EXCHANGE_DEFAULT_BYTES : sizeBytes;
     if (want > EXCHANGE_MAX_BYTES) throw invalidArgument(field, `${want} bytes is more than the limit ${EXCHANGE_MAX_BYTES}`);
     const size = Math.ceil(want / PAGE) * PAGE;
-    const name = `/freekv-xch-${randomBytes(16).toString("hex")}`;
+    const name = `/freekv-xch-${ownTag}-${randomBytes(16).toString("hex")}`;
     const seg = loadAddon().ShmSegment.create(name, size);
     track(name);
     return new TensorExchange(seg);
