@@ -272,6 +272,8 @@ export interface Addon {
   ShmSegment: ShmSegmentStatic;
   Engine: EngineStatic;
   Model: ModelStatic;
+  /** Index (relative to offset) of the first largest of values[offset .. offset + n). */
+  argmaxF32(values: Float32Array, offset: number, n: number): number;
 }
 
 let cached: Addon | undefined;

@@ -8,6 +8,7 @@ void InitShm(Napi::Env env, Napi::Object exports);
 void InitDevice(Napi::Env env, Napi::Object exports);
 void InitEngine(Napi::Env env, Napi::Object exports);
 void InitModel(Napi::Env env, Napi::Object exports);
+void InitSampling(Napi::Env env, Napi::Object exports);
 }  // namespace freekv::addon
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -15,6 +16,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   freekv::addon::InitDevice(env, exports);
   freekv::addon::InitEngine(env, exports);
   freekv::addon::InitModel(env, exports);
+  freekv::addon::InitSampling(env, exports);
   return exports;
 }
 

@@ -72,3 +72,27 @@ describe("sampler vs a full-sort reference", () => {
     }
   });
 });
+
+describe("argmax", () => {
+  it("the native loop agrees with the TypeScript one, ties and NaN included", async () => {
+    const { argmax, argmaxJs } = await import("../../services/compute/generate/sampling.js");
+    const { loadAddon } = await import("../../native/binding.js");
+    const addon = loadAddon();
+    for (const vocab of [4096, 5000, 128256]) {
+      const rows = 3;
+      const x = rng.normals(vocab * rows);
+      // A tie for the maximum in row 1 (the first one wins), a NaN at the start of row 2.
+      x[vocab + 10] = 9;
+      x[vocab + 20] = 9;
+      x[2 * vocab] = Number.NaN;
+      for (let r = 0; r < rows; r++) {
+        const js = argmaxJs(x, r * vocab, vocab);
+        expect(addon.argmaxF32(x, r * vocab, vocab)).toBe(js);
+        expect(argmax(x, r * vocab, vocab)).toBe(js);
+      }
+      expect(argmaxJs(x, vocab, vocab)).toBe(10);
+    }
+    expect(() => addon.argmaxF32(new Float32Array(4), 2, 3)).toThrow(/past the end/);
+    expect(() => addon.argmaxF32(new Float64Array(4) as never, 0, 1)).toThrow(/Float32Array/);
+  });
+});

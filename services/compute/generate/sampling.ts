@@ -3,6 +3,8 @@
  * and then by top-p (the smallest set of most likely tokens whose mass reaches p), drawn with a
  * seeded generator so that a request with a seed is reproducible.
  */
+import { loadAddon } from "../../../native/binding.js";
+
 export interface SamplingOptions {
   temperature: number;
   topP: number;
@@ -35,7 +37,30 @@ export function validateSampling(s: SamplingOptions): string | undefined {
   return undefined;
 }
 
+let nativeArgmax: ((values: Float32Array, offset: number, n: number) => number) | null | undefined;
+
+function native(): typeof nativeArgmax {
+  if (nativeArgmax === undefined) {
+    try {
+      const addon = loadAddon();
+      nativeArgmax = typeof addon.argmaxF32 === "function" ? addon.argmaxF32.bind(addon) : null;
+    } catch {
+      nativeArgmax = null;
+    }
+  }
+  return nativeArgmax;
+}
+
+/**
+ * Index of the first largest of logits[offset .. offset + n). Long rows (a real vocabulary) go to
+ * the native loop, several times faster than this one, which is the fallback and the reference.
+ */
 export function argmax(logits: Float32Array, offset = 0, n = logits.length - offset): number {
+  const f = n >= 4096 ? native() : null;
+  return f ? f(logits, offset, n) : argmaxJs(logits, offset, n);
+}
+
+export function argmaxJs(logits: Float32Array, offset = 0, n = logits.length - offset): number {
   let best = 0;
   let bestValue = logits[offset];
   for (let i = 1; i < n; i++) {
