@@ -69,7 +69,7 @@ export function builtinModelDir(): string {
   return resolve(here, "../../..", "models", "builtin");
 }
 
-/** FREEKV_MODEL_DIR, or the built-in model. */
+/** FREEKV_MODEL (as the service reads it), FREEKV_MODEL_DIR, or the built-in model. */
 export function defaultModelDir(): string {
-  return process.env.FREEKV_MODEL_DIR || builtinModelDir();
+  return process.env.FREEKV_MODEL || process.env.FREEKV_MODEL_DIR || builtinModelDir();
 }
