@@ -19,6 +19,7 @@
 #include <string>
 
 #include "attention_core.cuh"
+#include "butterfly.cuh"
 #include "attention_decode.cuh"
 #include "cuda_check.cuh"
 
@@ -43,32 +44,6 @@ struct DecShape {
   static constexpr int U = kTile / NG;            // tokens per token group per tile
   static_assert(U >= 1 && U * NG == kTile, "tile must split evenly over the token groups");
 };
-
-// Transposing butterfly over the lanes of a token group: on entry each lane holds C partial sums
-// v[0..C-1]; every step over lane offset OFF either halves the values (a lane keeps the half
-// selected by its OFF bit and adds its partner's copy of that half) or, once one value is left,
-// adds the partner's. On return the lane holds the full sums of values base .. base + C/TPT - 1
-// (or of value `base` when C <= TPT).
-template <int C, int OFF>
-__device__ __forceinline__ void Butterfly(float* v, int sub, int& base) {
-  if constexpr (OFF > 0) {
-    if constexpr (C > 1) {
-      constexpr int H = C / 2;
-      const bool upper = (sub & OFF) != 0;
-#pragma unroll
-      for (int i = 0; i < H; ++i) {
-        const float send = upper ? v[i] : v[H + i];
-        const float keep = upper ? v[H + i] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
-      }
-      if (upper) base += H;
-      Butterfly<H, OFF / 2>(v, sub, base);
-    } else {
-      v[0] += __shfl_xor_sync(0xffffffffu, v[0], OFF);
-      Butterfly<1, OFF / 2>(v, sub, base);
-    }
-  }
-}
 
 __device__ __forceinline__ uint4 LoadStreaming(const __nv_bfloat16* ptr) {
   uint4 r;

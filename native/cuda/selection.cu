@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <string>
 
+#include "butterfly.cuh"
 #include "cuda_check.cuh"
 #include "selection.cuh"
 
@@ -30,29 +31,6 @@ constexpr int kCandCap = 256;       // candidates ranked exactly (n^2 compares) 
 constexpr int kRankSortMax = 1024;  // k above this: bitonic sort of all candidates
 
 // ---- 1. scoring ----
-
-// Transposing butterfly over a warp (see attention_decode.cu): C partial sums per lane in, the
-// full sums of values base .. base + C/32 - 1 (or value base when C <= 32) out.
-template <int C, int OFF>
-__device__ __forceinline__ void Butterfly(float* v, int lane, int& base) {
-  if constexpr (OFF > 0) {
-    if constexpr (C > 1) {
-      constexpr int H = C / 2;
-      const bool upper = (lane & OFF) != 0;
-#pragma unroll
-      for (int i = 0; i < H; ++i) {
-        const float send = upper ? v[i] : v[H + i];
-        const float keep = upper ? v[H + i] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
-      }
-      if (upper) base += H;
-      Butterfly<H, OFF / 2>(v, lane, base);
-    } else {
-      v[0] += __shfl_xor_sync(0xffffffffu, v[0], OFF);
-      Butterfly<1, OFF / 2>(v, lane, base);
-    }
-  }
-}
 
 // NCH: float4 chunks of a hi (or lo) row per lane (D <= 128 * NCH); MAXG: query heads per pass.
 template <int NCH, int MAXG>

@@ -7,7 +7,7 @@
 #
 # Bundles keep reading .proto files at run time: ours from proto/ (it travels with the tree),
 # grpc.health.v1 and grpc.reflection from tmp/proto/ (where the bundled libraries look, next to
-# the bundle), and grpc-health-check's protoPath from a stub package in tmp/gpu/node_modules.
+# the bundle), and grpc-health-check's protoPath from a two-file package written into tmp/gpu/node_modules.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
