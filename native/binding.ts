@@ -240,6 +240,12 @@ export interface ModelOptions {
    */
   engine?: Engine;
   threads?: number;
+  /**
+   * With a CUDA engine the whole model runs on the GPU (weights uploaded once; a decode step waits
+   * for the device once, for its logits). Weight type there: "auto" (default) keeps fp32
+   * checkpoints in fp32 (exact fp32 GEMMs) and puts bf16/f16 ones in bf16; "bf16" or "f32" force it.
+   */
+  deviceWeights?: "auto" | "bf16" | "f32";
 }
 
 export interface Model {
@@ -256,6 +262,8 @@ export interface Model {
   readonly vocabSize: number;
   /** "engine" (FreeKV engine sessions) or "dense" (the model's own KV cache). */
   readonly attention: "engine" | "dense";
+  /** Where the layers run: "cuda" (the GPU runner, with a CUDA engine) or "cpu". */
+  readonly device: "cpu" | "cuda";
 }
 
 export interface ModelStatic {

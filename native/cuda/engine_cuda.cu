@@ -305,6 +305,10 @@ class CudaEngine final : public Engine {
   }
 
   void Decode(int layer, const std::vector<DecodeItem>& items) override;
+  void BeginDeviceStep(const std::vector<int>& sessions) override;
+  void DecodeDevice(int layer, const float* q, const float* k, const float* v, float* out) override;
+  void EndDeviceStep() override;
+  void* DeviceStream() override;
 
   void Sync(int session) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -475,6 +479,12 @@ class CudaEngine final : public Engine {
     s.host_stats.context_tokens = Context(s);
   }
 
+  std::vector<Session*> CheckBatch(int layer, const std::vector<int>& ids) const;
+  static int BatchRows(const std::vector<Session*>& ss, int layer);
+  void SizeBatchBuffers(const Session& s0, int B, int rows);
+  void DecodeCore(int layer, const std::vector<Session*>& ss, const float* dq, const float* dk, const float* dv,
+                  float* dout, const bf16* const* dpools);
+
   void DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n, float* out);
   // Selection for `heads_mask` (or all heads) with query `q` over [c0, c1), then the residency
   // diff and the recall of the misses, all on `stream`.
@@ -497,6 +507,15 @@ class CudaEngine final : public Engine {
   DeviceArray<float> prefill_f32_;
   DeviceArray<RecallJob> prefill_jobs_;
   DeviceArray<int> prefill_job_count_;
+  // The open device step (BeginDeviceStep .. EndDeviceStep): its sessions, the layers queued so
+  // far, the pools of every (layer, item) on the device, and every layer's queries (copied to the
+  // host once, at the end, for the manifest's query records).
+  bool step_open_ = false;
+  std::vector<int> step_sessions_;
+  int step_layers_done_ = 0;
+  PinnedBuffer step_ptrs_pin_, step_q_pin_;
+  DeviceArray<uint8_t> step_ptrs_;
+  DeviceArray<float> step_q_;
 };
 
 void CudaEngine::SelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
@@ -781,38 +800,65 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
   WriteManifest(s, layer);
 }
 
-void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
-  std::lock_guard<std::mutex> lock(mu_);
-  FKV_CUDA_CHECK(cudaSetDevice(device_));
-  const int B = static_cast<int>(items.size());
-  if (B == 0) return;
+std::vector<Session*> CudaEngine::CheckBatch(int layer, const std::vector<int>& ids) const {
+  const int B = static_cast<int>(ids.size());
   std::vector<Session*> ss(B);
   for (int i = 0; i < B; ++i) {
     const std::string at = "items[" + to_string(i) + "]";
-    ss[i] = &Find(items[i].session);
+    ss[i] = &Find(ids[i]);
     CheckLayer(*ss[i], layer);
     for (int j = 0; j < i; ++j)
-      if (items[j].session == items[i].session)
-        throw std::invalid_argument(at + ": session " + to_string(items[i].session) + " appears twice in the batch");
-    if (!items[i].q || !items[i].k || !items[i].v || !items[i].out)
-      throw std::invalid_argument(at + ": q, k, v and out must not be null");
+      if (ids[j] == ids[i])
+        throw std::invalid_argument(at + ": session " + to_string(ids[i]) + " appears twice in the batch");
     const Geometry& g0 = ss[0]->geo;
     const Geometry& g = ss[i]->geo;
     if (g.q_heads != g0.q_heads || g.kv_heads != g0.kv_heads || g.head_dim != g0.head_dim ||
         ss[i]->P != ss[0]->P)
-      throw std::invalid_argument(at + ": session " + to_string(items[i].session) +
+      throw std::invalid_argument(at + ": session " + to_string(ids[i]) +
                                   " has a geometry different from the batch's first session");
     if ((ss[i]->layers[layer]->tokens + 1) / ss[i]->P > ss[i]->host.capacity_pages)
-      throw std::invalid_argument(at + ": session " + to_string(items[i].session) + " is at the store's capacity of " +
+      throw std::invalid_argument(at + ": session " + to_string(ids[i]) + " is at the store's capacity of " +
                                   to_string(ss[i]->host.capacity_pages) + " pages");
   }
+  return ss;
+}
+
+int CudaEngine::BatchRows(const std::vector<Session*>& ss, int layer) {
+  int rows = 1;
+  for (Session* s : ss) rows = std::max(rows, s->layers[layer]->table_rows);
+  return rows;
+}
+
+// Sizes the batch table and the attention workspace for `rows` (grown only after a main-stream
+// sync: callers call this before queueing work that uses them).
+void CudaEngine::SizeBatchBuffers(const Session& s0, int B, int rows) {
+  const int Hkv = s0.geo.kv_heads;
+  batch_table_.Resize((size_t)3 * B * Hkv * rows + (size_t)B * Hkv);
+  DecodeAttentionParams dp;
+  dp.batch = B;
+  dp.q_heads = s0.geo.q_heads;
+  dp.kv_heads = Hkv;
+  dp.head_dim = s0.geo.head_dim;
+  dp.page_size = s0.P;
+  dp.max_pages = rows;
+  workspace_.Resize(DecodeAttentionWorkspaceBytes(dp));
+}
+
+// The device work of one layer's decode for a batch whose inputs are on the device:
+//   dq [B][Hq*D], dk, dv [B][Hkv*D] fp32; dpools [B] device array of the items' pools;
+//   dout [B][Hq*D] fp32 (written by the attention).
+// Queued on the main stream (and the speculative part on the side stream) without waiting; the
+// host-side state of each layer (tokens, query slot, flags) advances here. Manifests are not
+// written: the caller does that once the main stream has completed the work.
+void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const float* dq, const float* dk,
+                            const float* dv, float* dout, const bf16* const* dpools) {
+  const int B = static_cast<int>(ss.size());
   const Geometry& g = ss[0]->geo;
   const int Hq = g.q_heads, Hkv = g.kv_heads, D = g.head_dim, P = ss[0]->P;
   const size_t qs = (size_t)Hq * D, ks = (size_t)Hkv * D;
   cudaStream_t st = main_->get(), side = side_->get();
-  // The main stream is idle here (every call ends with a wait on it); the side stream may still
-  // be recalling. Growing the per-call buffers below is therefore safe.
-  FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+  const int rows = BatchRows(ss, layer);
+  SizeBatchBuffers(*ss[0], B, rows);  // no-op when already large enough (see callers)
 
   // 1. Each layer's speculative recall (issued at the previous step) completes first.
   for (int i = 0; i < B; ++i) {
@@ -825,33 +871,6 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     }
   }
 
-  // 2. Inputs in: one pinned staging area, one copy. Layout: q [B][Hq*D] | k [B][Hkv*D] |
-  //    v [B][Hkv*D] (fp32) | pools [B] | table [3][B][Hkv][rows] + num [B][Hkv] (written on device).
-  int rows = 1;
-  for (int i = 0; i < B; ++i) rows = std::max(rows, ss[i]->layers[layer]->table_rows);
-  const size_t f32_bytes = ((size_t)B * qs + 2 * (size_t)B * ks) * sizeof(float);
-  const size_t ptr_off = (f32_bytes + 15) / 16 * 16;
-  const size_t in_bytes = ptr_off + (size_t)B * sizeof(void*);
-  pin_in_.Resize(in_bytes);
-  dev_in_.Resize(in_bytes);
-  pin_out_.Resize((size_t)B * qs * sizeof(float));
-  dev_out_.Resize((size_t)B * qs);
-  batch_table_.Resize((size_t)3 * B * Hkv * rows + (size_t)B * Hkv);
-  float* hq = reinterpret_cast<float*>(pin_in_.get());
-  float* hk = hq + (size_t)B * qs;
-  float* hv = hk + (size_t)B * ks;
-  const bf16** hpools = reinterpret_cast<const bf16**>(pin_in_.get() + ptr_off);
-  for (int i = 0; i < B; ++i) {
-    std::memcpy(hq + i * qs, items[i].q, qs * sizeof(float));
-    std::memcpy(hk + i * ks, items[i].k, ks * sizeof(float));
-    std::memcpy(hv + i * ks, items[i].v, ks * sizeof(float));
-    hpools[i] = ss[i]->layers[layer]->pool.get();
-  }
-  FKV_CUDA_CHECK(cudaMemcpyAsync(dev_in_.get(), pin_in_.get(), in_bytes, cudaMemcpyHostToDevice, st));
-  const float* dq = reinterpret_cast<const float*>(dev_in_.get());
-  const float* dk = dq + (size_t)B * qs;
-  const float* dv = dk + (size_t)B * ks;
-  const bf16* const* dpools = reinterpret_cast<const bf16* const*>(dev_in_.get() + ptr_off);
   int* tb_slot = batch_table_.get();
   int* tb_tokens = tb_slot + (size_t)B * Hkv * rows;
   int* tb_id = tb_tokens + (size_t)B * Hkv * rows;
@@ -862,7 +881,7 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     LayerTier& L = *s.layers[layer];
     const int qnew = 1 - L.qcur;
     FKV_CUDA_CHECK(cudaMemcpyAsync(L.q[qnew].get(), dq + i * qs, qs * sizeof(float), cudaMemcpyDeviceToDevice, st));
-    // 3. Append (with write-through of the tail); summary + offload when the page fills.
+    // 2. Append (with write-through of the tail); summary + offload when the page fills.
     const int64_t c = L.tokens;
     const int page = (int)(c / P), row = (int)(c % P);
     bf16* slot = L.pool.get() + (size_t)s.WorkingSlot(L, page) * s.page_elems;
@@ -889,7 +908,7 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     }
     const int64_t t_new = c + 1;
     const Ranges r = RangesFor(s, t_new);
-    // 4. Blocking selections: the first decode after a prefill, oracle, and corrections.
+    // 3. Blocking selections: the first decode after a prefill, oracle, and corrections.
     if (s.Retrieves(L)) {
       s.host_stats.selections += Hkv;
       if (s.cfg.mode == Mode::Oracle) {
@@ -903,7 +922,7 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
         SelectAndRecall(s, layer, L.q[qnew].get(), r.sink_end, r.window_begin, L.flags.get(), st);
       }
     }
-    // 5. The attention table: into the batch's rows and the layer's own (introspection).
+    // 4. The attention table: into the batch's rows and the layer's own (introspection).
     AttendTableParams tp;
     tp.context = (int)t_new;
     tp.page_size = P;
@@ -931,10 +950,10 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     LaunchAttendTable(tp, st);
   }
 
-  // 6. Attention for the whole batch, outputs out.
+  // 5. Attention for the whole batch.
   DecodeAttentionParams dp;
   dp.q = dq;
-  dp.out = dev_out_.get();
+  dp.out = dout;
   dp.pools = dpools;
   dp.page_slot = tb_slot;
   dp.page_tokens = tb_tokens;
@@ -947,16 +966,12 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
   dp.max_pages = rows;
   dp.scale = 1.f / std::sqrt((float)D);
   const size_t ws = DecodeAttentionWorkspaceBytes(dp);
-  workspace_.Resize(ws);
   // Poison the outputs (NaN) so that an element the kernel fails to write cannot pass for a result.
-  FKV_CUDA_CHECK(cudaMemsetAsync(dev_out_.get(), 0xff, (size_t)B * qs * sizeof(float), st));
+  FKV_CUDA_CHECK(cudaMemsetAsync(dout, 0xff, (size_t)B * qs * sizeof(float), st));
   LaunchDecodeAttention(dp, workspace_.get(), ws, st);
   FKV_CUDA_CHECK(cudaEventRecord(attended_->get(), st));
-  FKV_CUDA_CHECK(cudaMemcpyAsync(pin_out_.get(), dev_out_.get(), (size_t)B * qs * sizeof(float),
-                                 cudaMemcpyDeviceToHost, st));
-  FKV_CUDA_CHECK(cudaEventRecord(outputs_->get(), st));
 
-  // 7. Speculative selection + recall for step t+1, on the side stream after the attention.
+  // 6. Speculative selection + recall for step t+1, on the side stream after the attention.
   for (int i = 0; i < B; ++i) {
     Session& s = *ss[i];
     LayerTier& L = *s.layers[layer];
@@ -969,11 +984,8 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     L.recall_pending = true;
   }
 
-  // 8. Wait for the outputs only (the side stream keeps running).
-  FKV_CUDA_CHECK(cudaEventSynchronize(outputs_->get()));
-  const float* ho = reinterpret_cast<const float*>(pin_out_.get());
+  // 7. Host-side state of the layer moves on (the queued work above used the old values).
   for (int i = 0; i < B; ++i) {
-    std::memcpy(items[i].out, ho + i * qs, qs * sizeof(float));
     Session& s = *ss[i];
     LayerTier& L = *s.layers[layer];
     L.tokens += 1;
@@ -983,10 +995,144 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     L.attended_valid = true;
     L.decodes += 1;
     s.host_stats.decode_steps = std::max<uint64_t>(s.host_stats.decode_steps, L.decodes);
-    WriteManifest(s, layer);
-    WriteQueryRecord(s, layer, items[i].q);
   }
 }
+
+void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
+  std::lock_guard<std::mutex> lock(mu_);
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  if (step_open_) throw std::logic_error("decode: a device step is open (BeginDeviceStep without EndDeviceStep)");
+  const int B = static_cast<int>(items.size());
+  if (B == 0) return;
+  std::vector<int> ids(B);
+  for (int i = 0; i < B; ++i) {
+    if (!items[i].q || !items[i].k || !items[i].v || !items[i].out)
+      throw std::invalid_argument("items[" + to_string(i) + "]: q, k, v and out must not be null");
+    ids[i] = items[i].session;
+  }
+  const std::vector<Session*> ss = CheckBatch(layer, ids);
+  const Geometry& g = ss[0]->geo;
+  const size_t qs = (size_t)g.q_heads * g.head_dim, ks = (size_t)g.kv_heads * g.head_dim;
+  cudaStream_t st = main_->get();
+  // The main stream is idle here (every call ends with a wait on it); the side stream may still
+  // be recalling. Growing the per-call buffers below is therefore safe.
+  FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+  SizeBatchBuffers(*ss[0], B, BatchRows(ss, layer));
+
+  // Inputs in: one pinned staging area, one copy. Layout: q [B][Hq*D] | k [B][Hkv*D] |
+  // v [B][Hkv*D] (fp32) | pools [B].
+  const size_t f32_bytes = ((size_t)B * qs + 2 * (size_t)B * ks) * sizeof(float);
+  const size_t ptr_off = (f32_bytes + 15) / 16 * 16;
+  const size_t in_bytes = ptr_off + (size_t)B * sizeof(void*);
+  pin_in_.Resize(in_bytes);
+  dev_in_.Resize(in_bytes);
+  pin_out_.Resize((size_t)B * qs * sizeof(float));
+  dev_out_.Resize((size_t)B * qs);
+  float* hq = reinterpret_cast<float*>(pin_in_.get());
+  float* hk = hq + (size_t)B * qs;
+  float* hv = hk + (size_t)B * ks;
+  const bf16** hpools = reinterpret_cast<const bf16**>(pin_in_.get() + ptr_off);
+  for (int i = 0; i < B; ++i) {
+    std::memcpy(hq + i * qs, items[i].q, qs * sizeof(float));
+    std::memcpy(hk + i * ks, items[i].k, ks * sizeof(float));
+    std::memcpy(hv + i * ks, items[i].v, ks * sizeof(float));
+    hpools[i] = ss[i]->layers[layer]->pool.get();
+  }
+  FKV_CUDA_CHECK(cudaMemcpyAsync(dev_in_.get(), pin_in_.get(), in_bytes, cudaMemcpyHostToDevice, st));
+  const float* dq = reinterpret_cast<const float*>(dev_in_.get());
+  DecodeCore(layer, ss, dq, dq + (size_t)B * qs, dq + (size_t)B * (qs + ks), dev_out_.get(),
+             reinterpret_cast<const bf16* const*>(dev_in_.get() + ptr_off));
+  FKV_CUDA_CHECK(cudaMemcpyAsync(pin_out_.get(), dev_out_.get(), (size_t)B * qs * sizeof(float),
+                                 cudaMemcpyDeviceToHost, st));
+  FKV_CUDA_CHECK(cudaEventRecord(outputs_->get(), st));
+  // Wait for the outputs only (the side stream keeps running).
+  FKV_CUDA_CHECK(cudaEventSynchronize(outputs_->get()));
+  const float* ho = reinterpret_cast<const float*>(pin_out_.get());
+  for (int i = 0; i < B; ++i) {
+    std::memcpy(items[i].out, ho + i * qs, qs * sizeof(float));
+    WriteManifest(*ss[i], layer);
+    WriteQueryRecord(*ss[i], layer, items[i].q);
+  }
+}
+
+// ---- The GPU model runner's decode step: every layer's inputs and outputs stay on the device.
+void CudaEngine::BeginDeviceStep(const std::vector<int>& sessions) {
+  std::lock_guard<std::mutex> lock(mu_);
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  if (step_open_) throw std::logic_error("BeginDeviceStep: a device step is already open");
+  if (sessions.empty()) throw std::invalid_argument("sessions must not be empty");
+  std::vector<Session*> ss = CheckBatch(0, sessions);
+  const Geometry& g = ss[0]->geo;
+  for (int i = 0; i < (int)ss.size(); ++i)
+    if (ss[i]->geo.layers != g.layers)
+      throw std::invalid_argument("items[" + to_string(i) + "]: session " + to_string(sessions[i]) +
+                                  " has a different number of layers from the batch's first session");
+  const int B = (int)ss.size(), NL = g.layers;
+  const size_t qs = (size_t)g.q_heads * g.head_dim;
+  cudaStream_t st = main_->get();
+  // Everything the step's layers use is sized here, once, while the main stream is idle.
+  FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+  int rows = 1;
+  for (int l = 0; l < NL; ++l) rows = std::max(rows, BatchRows(ss, l));
+  SizeBatchBuffers(*ss[0], B, rows);
+  step_ptrs_pin_.Resize((size_t)NL * B * sizeof(void*));
+  step_ptrs_.Resize((size_t)NL * B * sizeof(void*));
+  step_q_.Resize((size_t)NL * B * qs);
+  step_q_pin_.Resize((size_t)NL * B * qs * sizeof(float));
+  auto** hp = reinterpret_cast<const bf16**>(step_ptrs_pin_.get());
+  for (int l = 0; l < NL; ++l)
+    for (int i = 0; i < B; ++i) hp[(size_t)l * B + i] = ss[i]->layers[l]->pool.get();
+  FKV_CUDA_CHECK(cudaMemcpyAsync(step_ptrs_.get(), step_ptrs_pin_.get(), (size_t)NL * B * sizeof(void*),
+                                 cudaMemcpyHostToDevice, st));
+  step_sessions_ = sessions;
+  step_layers_done_ = 0;
+  step_open_ = true;
+}
+
+void CudaEngine::DecodeDevice(int layer, const float* q, const float* k, const float* v, float* out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  if (!step_open_) throw std::logic_error("DecodeDevice: no device step is open (call BeginDeviceStep first)");
+  if (layer != step_layers_done_)
+    throw std::invalid_argument("DecodeDevice: layer " + to_string(layer) + " out of order (expected " +
+                                to_string(step_layers_done_) + ")");
+  if (!q || !k || !v || !out) throw std::invalid_argument("DecodeDevice: q, k, v and out must not be null");
+  const std::vector<Session*> ss = CheckBatch(layer, step_sessions_);
+  const int B = (int)ss.size();
+  const size_t qs = (size_t)ss[0]->geo.q_heads * ss[0]->geo.head_dim;
+  const auto* pools = reinterpret_cast<const bf16* const*>(step_ptrs_.get()) + (size_t)layer * B;
+  DecodeCore(layer, ss, q, k, v, out, pools);
+  // This layer's queries, for the manifest's query records written at the end of the step.
+  FKV_CUDA_CHECK(cudaMemcpyAsync(step_q_.get() + (size_t)layer * B * qs, q, (size_t)B * qs * sizeof(float),
+                                 cudaMemcpyDeviceToDevice, main_->get()));
+  step_layers_done_ = layer + 1;
+}
+
+void CudaEngine::EndDeviceStep() {
+  std::lock_guard<std::mutex> lock(mu_);
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  if (!step_open_) return;
+  step_open_ = false;
+  cudaStream_t st = main_->get();
+  const int B = (int)step_sessions_.size(), NL = step_layers_done_;
+  std::vector<Session*> ss(B);
+  for (int i = 0; i < B; ++i) ss[i] = &Find(step_sessions_[i]);
+  const size_t qs = (size_t)ss[0]->geo.q_heads * ss[0]->geo.head_dim;
+  if (NL > 0)
+    FKV_CUDA_CHECK(cudaMemcpyAsync(step_q_pin_.get(), step_q_.get(), (size_t)NL * B * qs * sizeof(float),
+                                   cudaMemcpyDeviceToHost, st));
+  // The one wait of the step: the appends' tail write-through and the offloads are complete
+  // before the manifest says so.
+  FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+  const float* hq = reinterpret_cast<const float*>(step_q_pin_.get());
+  for (int l = 0; l < NL; ++l)
+    for (int i = 0; i < B; ++i) {
+      WriteManifest(*ss[i], l);
+      WriteQueryRecord(*ss[i], l, hq + ((size_t)l * B + i) * qs);
+    }
+}
+
+void* CudaEngine::DeviceStream() { return main_->get(); }
 
 }  // namespace
 }  // namespace cuda

@@ -113,20 +113,20 @@ struct Plan {
 
 std::mutex g_mu;
 bool g_autotune = false;
-std::map<std::tuple<int, int, int, bool>, Plan> g_plans;
+std::map<std::tuple<int, int, int, bool, int, int>, Plan> g_plans;
 std::map<cudaStream_t, void*> g_workspaces;  // one workspace per stream: concurrent GEMMs never share one
 
 // Times each candidate algorithm on the real operands (scratch output); returns the fastest's
 // index, or 0 when timing is impossible (e.g. inside a capture).
-int Tune(Api& api, Plan& p, const LtHeuristic* h, int n, const void* x, const void* w, int M, int N, void* ws,
-         cudaStream_t stream) {
+int Tune(Api& api, Plan& p, const LtHeuristic* h, int n, const void* x, const void* w, int M, int N, size_t out_bytes,
+         void* ws, cudaStream_t stream) {
   cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
   if (n < 2 || cudaStreamIsCapturing(stream, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone) return 0;
   void* scratch = nullptr;
   cudaEvent_t a = nullptr, b = nullptr;
   int best = 0;
   float best_ms = 1e30f;
-  if (cudaMalloc(&scratch, size_t(M) * N * 2) != cudaSuccess) return 0;
+  if (cudaMalloc(&scratch, size_t(M) * N * out_bytes) != cudaSuccess) return 0;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
   const float one = 1.0f, zero = 0.0f;
@@ -154,9 +154,12 @@ int Tune(Api& api, Plan& p, const LtHeuristic* h, int n, const void* x, const vo
   return best;
 }
 
-Plan& GetPlan(Api& api, int M, int N, int K, bool accumulate, const void* x, const void* w, void* ws,
-              cudaStream_t stream) {
-  auto key = std::make_tuple(M, N, K, accumulate);
+cudaDataType_t LtType(GemmType t) { return t == GemmType::F32 ? CUDA_R_32F : CUDA_R_16BF; }
+size_t TypeBytes(GemmType t) { return t == GemmType::F32 ? 4 : 2; }
+
+Plan& GetPlan(Api& api, int M, int N, int K, bool accumulate, GemmType in, GemmType out, const void* x, const void* w,
+              void* ws, cudaStream_t stream) {
+  auto key = std::make_tuple(M, N, K, accumulate, static_cast<int>(in), static_cast<int>(out));
   auto it = g_plans.find(key);
   if (it != g_plans.end()) return it->second;
   Plan p;
@@ -166,9 +169,9 @@ Plan& GetPlan(Api& api, int M, int N, int K, bool accumulate, const void* x, con
   int ta = kOpT, tb = kOpN;
   Check(api.descSet(p.desc, kDescTransA, &ta, sizeof ta), "set TRANSA");
   Check(api.descSet(p.desc, kDescTransB, &tb, sizeof tb), "set TRANSB");
-  Check(api.layoutCreate(&p.a, CUDA_R_16BF, K, N, K), "layout A");
-  Check(api.layoutCreate(&p.b, CUDA_R_16BF, K, M, K), "layout B");
-  Check(api.layoutCreate(&p.c, CUDA_R_16BF, N, M, N), "layout C");
+  Check(api.layoutCreate(&p.a, LtType(in), K, N, K), "layout A");
+  Check(api.layoutCreate(&p.b, LtType(in), K, M, K), "layout B");
+  Check(api.layoutCreate(&p.c, LtType(out), N, M, N), "layout C");
   LtPref pref = nullptr;
   Check(api.prefCreate(&pref), "PreferenceCreate");
   size_t ws_max = kCublasLtWorkspaceBytes;
@@ -179,9 +182,9 @@ Plan& GetPlan(Api& api, int M, int N, int K, bool accumulate, const void* x, con
   api.prefDestroy(pref);
   Check(s, "AlgoGetHeuristic");
   if (n < 1)
-    throw std::runtime_error("cuBLASLt: no algorithm for bf16 GEMM M=" + std::to_string(M) + " N=" +
+    throw std::runtime_error(std::string("cuBLASLt: no algorithm for ") + (in == GemmType::F32 ? "f32" : "bf16") + " GEMM M=" + std::to_string(M) + " N=" +
                              std::to_string(N) + " K=" + std::to_string(K));
-  const int pick = g_autotune ? Tune(api, p, h, n, x, w, M, N, ws, stream) : 0;
+  const int pick = g_autotune ? Tune(api, p, h, n, x, w, M, N, TypeBytes(out), ws, stream) : 0;
   p.algo = h[pick].algo;
   p.workspace = h[pick].workspaceSize;
   return g_plans.emplace(key, p).first->second;
@@ -211,15 +214,20 @@ bool CublasLtAvailable(std::string* reason) {
   return api.handle != nullptr;
 }
 
-void GemmBf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, int M, int N, int K,
-              cudaStream_t stream, float alpha, float beta) {
+void Gemm(const void* x, const void* w, void* y, int M, int N, int K, GemmType in, GemmType out,
+          cudaStream_t stream, float alpha, float beta) {
   if (M <= 0 || N <= 0 || K <= 0)
-    throw std::invalid_argument("GemmBf16: M, N, K must be positive (got " + std::to_string(M) + ", " +
+    throw std::invalid_argument("Gemm: M, N, K must be positive (got " + std::to_string(M) + ", " +
                                 std::to_string(N) + ", " + std::to_string(K) + ")");
-  if (K % 8 || N % 8) throw std::invalid_argument("GemmBf16: K and N must be multiples of 8");
-  if (!x || !w || !y) throw std::invalid_argument("GemmBf16: null pointer for x, w or y");
+  if (in == GemmType::F32 && out != GemmType::F32)
+    throw std::invalid_argument("Gemm: f32 operands need an f32 output");
+  const int mult = in == GemmType::F32 ? 4 : 8;  // 16-byte rows
+  if (K % mult || N % mult)
+    throw std::invalid_argument("Gemm: K and N must be multiples of " + std::to_string(mult) + " (got K=" +
+                                std::to_string(K) + ", N=" + std::to_string(N) + ")");
+  if (!x || !w || !y) throw std::invalid_argument("Gemm: null pointer for x, w or y");
   if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(y)) & 15)
-    throw std::invalid_argument("GemmBf16: x, w and y must be 16-byte aligned");
+    throw std::invalid_argument("Gemm: x, w and y must be 16-byte aligned");
   Api& api = Lt();
   if (!api.handle) throw std::runtime_error(api.reason);
   std::lock_guard<std::mutex> lock(g_mu);
@@ -228,13 +236,18 @@ void GemmBf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, 
     cudaError_t e = cudaMalloc(&ws, kCublasLtWorkspaceBytes);
     if (e != cudaSuccess) {
       ws = nullptr;
-      throw std::runtime_error(std::string("GemmBf16: workspace cudaMalloc failed: ") + cudaGetErrorString(e));
+      throw std::runtime_error(std::string("Gemm: workspace cudaMalloc failed: ") + cudaGetErrorString(e));
     }
   }
-  Plan& p = GetPlan(api, M, N, K, beta != 0.0f, x, w, ws, stream);
+  Plan& p = GetPlan(api, M, N, K, beta != 0.0f, in, out, x, w, ws, stream);
   Check(api.matmul(api.handle, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo, ws, p.workspace,
                    stream),
         "Matmul");
+}
+
+void GemmBf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, int M, int N, int K,
+              cudaStream_t stream, float alpha, float beta) {
+  Gemm(x, w, y, M, N, K, GemmType::BF16, GemmType::BF16, stream, alpha, beta);
 }
 
 }  // namespace freekv::cuda

@@ -30,6 +30,14 @@ bool CublasLtAvailable(std::string* reason = nullptr);
 void GemmBf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, int M, int N, int K,
               cudaStream_t stream, float alpha = 1.0f, float beta = 0.0f);
 
+// The same with operand and output types chosen: (BF16 in, BF16 out), (BF16 in, F32 out) or
+// (F32 in, F32 out); fp32 accumulation always (CUBLAS_COMPUTE_32F: no TF32). K and N multiples
+// of 8 (bf16 operands) or 4 (f32). The model runner uses F32 outputs so that beta = 1 adds into
+// its fp32 residual stream.
+enum class GemmType : int { BF16 = 0, F32 = 1 };
+void Gemm(const void* x, const void* w, void* y, int M, int N, int K, GemmType in, GemmType out, cudaStream_t stream,
+          float alpha = 1.0f, float beta = 0.0f);
+
 // Autotuning (off by default): when on, the first call for a shape outside a graph capture times
 // up to 8 of the heuristic's algorithms on the call's own operands (into a scratch output, so y
 // is written once, by the real call) and keeps the fastest. Switching clears the cached plans.

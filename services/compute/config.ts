@@ -15,6 +15,8 @@ export const computeConfigSchema = z.object({
   /** CPU worker threads of the engine; 0 = all cores. */
   FREEKV_THREADS: nonNegativeInt(0),
   FREEKV_CUDA_DEVICE: nonNegativeInt(0),
+  /** Weight type of the GPU model runner (FREEKV_BACKEND=cuda): auto = bf16 unless the checkpoint is all F32. */
+  FREEKV_DEVICE_WEIGHTS: z.enum(["auto", "bf16", "f32"], { message: 'must be "auto", "bf16" or "f32"' }).default("auto"),
   /** Default max context of a session when the request leaves it 0. */
   FREEKV_MAX_CONTEXT_TOKENS: positiveInt(32768),
   /** Upper bound a request may ask for. */

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -150,6 +151,19 @@ class Engine {
   // background. Items' sessions must all have geometry compatible with the batch (same shapes).
   virtual void Decode(int layer, const std::vector<DecodeItem>& items) = 0;
 
+  // The GPU model runner's decode step (CUDA backend; the CPU backend throws std::logic_error):
+  // BeginDeviceStep(sessions) sizes the step's buffers; then DecodeDevice(layer, ...) for every
+  // layer in order, with q [B][q_heads][head_dim], k, v [B][kv_heads][head_dim] and out
+  // [B][q_heads][head_dim] fp32 in device memory (B = sessions.size(), in that order); each call
+  // only queues work on DeviceStream() and returns: no host round trip inside the step.
+  // EndDeviceStep() waits for the stream once and then writes the manifests (tokens, query
+  // records), so the host store never claims work the device has not finished.
+  virtual void BeginDeviceStep(const std::vector<int>& sessions) { NoDeviceStep(); }
+  virtual void DecodeDevice(int layer, const float* q, const float* k, const float* v, float* out) { NoDeviceStep(); }
+  virtual void EndDeviceStep() {}
+  // The stream a device step is ordered on (a cudaStream_t), or null on backends without one.
+  virtual void* DeviceStream() { return nullptr; }
+
   // Waits for all background work (recalls) of a session; needed before CloseSession or before
   // reading the host store from another process.
   virtual void Sync(int session) = 0;
@@ -160,6 +174,11 @@ class Engine {
   // For tests and the fidelity harness: for (layer, kv head), the token positions attended at the
   // most recent decode step (sink + selected + window, sorted).
   virtual std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const = 0;
+
+ private:
+  [[noreturn]] void NoDeviceStep() const {
+    throw std::logic_error("the " + backend() + " backend has no device decode step");
+  }
 };
 
 // Factories. `threads` <= 0 means all cores but one (the CPU engine's background recall thread

@@ -159,13 +159,34 @@ class ForwardWorker : public Napi::AsyncWorker {
   std::vector<float> out_;
 };
 
-// What Model.load() prepares off the event loop: the parsed config and the converted weights.
+// What Model.load() prepares off the event loop: the parsed config and the converted weights
+// (and, with a CUDA engine, the GPU runner with its weights already uploaded).
 struct PreparedModel {
   ModelConfig config;
   std::vector<TensorRef> tensors;
   model::Weights weights;
   int threads = 0;
+  // "auto": bf16 on the device unless every tensor is F32; "bf16"; "f32". GPU runner only.
+  std::string device_weights = "auto";
+  std::unique_ptr<model::Runner> runner;
+
+  bool DeviceBf16() const {
+    if (device_weights != "auto") return device_weights == "bf16";
+    for (const auto& t : tensors)
+      if (t.dtype != WeightDType::F32) return true;
+    return false;
+  }
 };
+
+// The runner for an engine: the GPU runner when the engine is the CUDA backend, else the CPU
+// forward pass with attention through `attention`.
+std::unique_ptr<model::Runner> MakeRunner(PreparedModel& p, Engine* engine, AttentionBackend* attention) {
+#ifdef FREEKV_WITH_CUDA
+  if (engine && engine->DeviceStream())
+    return model::MakeCudaRunner(std::move(p.config), std::move(p.weights), engine, p.DeviceBf16());
+#endif
+  return std::make_unique<Forward>(std::move(p.config), std::move(p.weights), attention);
+}
 
 class AddonModel : public Napi::ObjectWrap<AddonModel> {
  public:
@@ -176,7 +197,8 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
                         InstanceMethod("prefill", &AddonModel::Prefill), InstanceMethod("decode", &AddonModel::Decode),
                         InstanceMethod("releaseSession", &AddonModel::ReleaseSession),
                         InstanceAccessor("vocabSize", &AddonModel::VocabSize, nullptr),
-                        InstanceAccessor("attention", &AddonModel::AttentionKind, nullptr)});
+                        InstanceAccessor("attention", &AddonModel::AttentionKind, nullptr),
+                        InstanceAccessor("device", &AddonModel::Device, nullptr)});
   }
 
   // new Model(options) maps and converts synchronously; Model.load(options) does that work off the
@@ -186,18 +208,17 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     if (info.Length() >= 1 && info[0].IsExternal()) {
       std::unique_ptr<PreparedModel> p(info[0].As<Napi::External<PreparedModel>>().Data());
       threads_ = p->threads;
-      Setup(env, std::move(p->config), std::move(p->weights), info.Length() > 1 ? info[1] : env.Undefined());
+      Setup(env, *p, info.Length() > 1 ? info[1] : env.Undefined());
       return;
     }
     auto p = Parse(info);
-    model::Weights weights;
     try {
-      weights = model::LoadWeights(p->config, p->tensors);
+      p->weights = model::LoadWeights(p->config, p->tensors);
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
     threads_ = p->threads;
-    Setup(env, std::move(p->config), std::move(weights), info[0].As<Napi::Object>().Get("engine"));
+    Setup(env, *p, info[0].As<Napi::Object>().Get("engine"));
   }
 
   // Validates the options (throws JS errors naming the field); weights are not read yet.
@@ -211,6 +232,13 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     p->tensors = ParseTensors(opts.Get("tensors"));
     auto th = opts.Get("threads");
     if (th.IsNumber()) p->threads = th.As<Napi::Number>().Int32Value();
+    auto dw = opts.Get("deviceWeights");
+    if (!dw.IsUndefined()) {
+      if (!dw.IsString()) throw Napi::TypeError::New(env, "options.deviceWeights must be 'auto', 'bf16' or 'f32'");
+      p->device_weights = dw.As<Napi::String>();
+      if (p->device_weights != "auto" && p->device_weights != "bf16" && p->device_weights != "f32")
+        throw Napi::TypeError::New(env, "options.deviceWeights must be 'auto', 'bf16' or 'f32'");
+    }
     auto eng = opts.Get("engine");
     if (!eng.IsUndefined() && !eng.IsNull()) UnwrapEngine(eng);  // a TypeError now, not after loading
     return p;
@@ -219,8 +247,9 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
   static Napi::Value Load(const Napi::CallbackInfo& info);
 
  private:
-  void Setup(Napi::Env env, ModelConfig config, model::Weights weights, Napi::Value eng) {
+  void Setup(Napi::Env env, PreparedModel& p, Napi::Value eng) {
     if (eng.IsUndefined() || eng.IsNull()) {
+      const ModelConfig& config = p.config;
       dense_ = std::make_unique<DenseAttention>(config.layers, config.q_heads, config.kv_heads, config.head_dim);
       backend_ = dense_.get();
     } else {
@@ -230,7 +259,15 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
       backend_ = engine_.get();
       engine_ref_ = Napi::Persistent(eng.As<Napi::Object>());
     }
-    forward_ = std::make_unique<Forward>(std::move(config), std::move(weights), backend_);
+    if (p.runner) {
+      forward_ = std::move(p.runner);  // built by Model.load() off the event loop
+    } else {
+      try {
+        forward_ = MakeRunner(p, engine_owner_.get(), backend_);
+      } catch (const std::exception& e) {
+        throw Napi::Error::New(env, e.what());
+      }
+    }
   }
 
   Napi::Value Prefill(const Napi::CallbackInfo& info) {
@@ -243,7 +280,7 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     if (tokens.empty()) throw Napi::RangeError::New(env, "tokens must not be empty");
     int start = info[2].As<Napi::Number>().Int32Value();
     bool all = info[3].ToBoolean();
-    Forward* f = forward_.get();
+    model::Runner* f = forward_.get();
     auto* w = new ForwardWorker(env, threads_, [f, session, tokens = std::move(tokens), start, all]() {
       return f->Prefill(session, tokens, start, all);
     }, Napi::Persistent(Value()));
@@ -261,7 +298,7 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     if (sessions.empty()) throw Napi::RangeError::New(env, "sessions must not be empty");
     if (tokens.size() != sessions.size() || positions.size() != sessions.size())
       throw Napi::RangeError::New(env, "sessions, tokens and positions must have the same length");
-    Forward* f = forward_.get();
+    model::Runner* f = forward_.get();
     auto* w = new ForwardWorker(env, threads_, [f, s = std::move(sessions), t = std::move(tokens), p = std::move(positions)]() {
       return f->Decode(s, t, p);
     }, Napi::Persistent(Value()));
@@ -283,6 +320,7 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
   Napi::Value AttentionKind(const Napi::CallbackInfo& info) {
     return Napi::String::New(info.Env(), dense_ ? "dense" : "engine");
   }
+  Napi::Value Device(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), forward_->device()); }
 
   int threads_ = 0;
   std::unique_ptr<DenseAttention> dense_;
@@ -290,7 +328,7 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
   std::unique_ptr<EngineAttention> engine_;
   AttentionBackend* backend_ = nullptr;
   Napi::ObjectReference engine_ref_;
-  std::unique_ptr<Forward> forward_;
+  std::unique_ptr<model::Runner> forward_;
 };
 
 // Model.load(): maps and converts the weights on a worker thread, then constructs the Model.
@@ -298,13 +336,18 @@ class LoadWorker : public Napi::AsyncWorker {
  public:
   LoadWorker(Napi::Env env, std::unique_ptr<PreparedModel> p, Napi::Value engine)
       : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), p_(std::move(p)) {
-    if (engine.IsObject()) engine_ = Napi::Persistent(engine.As<Napi::Object>());
+    if (engine.IsObject()) {
+      engine_ = Napi::Persistent(engine.As<Napi::Object>());
+      engine_ptr_ = UnwrapEngine(engine);
+    }
   }
   Napi::Promise Promise() { return deferred_.Promise(); }
   void Execute() override {
     try {
       if (p_->threads > 0) omp_set_num_threads(p_->threads);
       p_->weights = model::LoadWeights(p_->config, p_->tensors);
+      // A CUDA engine: the GPU runner uploads its weights here too, off the event loop.
+      if (engine_ptr_ && engine_ptr_->DeviceStream()) p_->runner = MakeRunner(*p_, engine_ptr_.get(), nullptr);
       p_->tensors.clear();
     } catch (const std::exception& e) {
       SetError(e.what());
@@ -325,6 +368,7 @@ class LoadWorker : public Napi::AsyncWorker {
   Napi::Promise::Deferred deferred_;
   std::unique_ptr<PreparedModel> p_;
   Napi::ObjectReference engine_;
+  std::shared_ptr<Engine> engine_ptr_;
 };
 
 Napi::FunctionReference* AddonModel::ctor = nullptr;

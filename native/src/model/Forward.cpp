@@ -12,11 +12,38 @@ namespace freekv::model {
 Forward::Forward(ModelConfig config, Weights weights, AttentionBackend* attention)
     : config_(std::move(config)), w_(std::move(weights)), attention_(attention) {}
 
-void Forward::CheckTokens(const std::vector<int>& tokens, const char* what) const {
+void CheckTokens(const ModelConfig& c, const std::vector<int>& tokens, const char* what) {
   for (size_t i = 0; i < tokens.size(); i++)
-    if (tokens[i] < 0 || tokens[i] >= config_.vocab_size)
+    if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
       throw std::invalid_argument(std::string(what) + "[" + std::to_string(i) + "] = " + std::to_string(tokens[i]) +
-                                  " is out of range [0, " + std::to_string(config_.vocab_size) + ")");
+                                  " is out of range [0, " + std::to_string(c.vocab_size) + ")");
+}
+
+void CheckPrefill(const ModelConfig& c, const std::vector<int>& tokens, int start, uint64_t context) {
+  if (tokens.empty()) throw std::invalid_argument("tokens must not be empty");
+  CheckTokens(c, tokens, "tokens");
+  if (start < 0) throw std::invalid_argument("startPosition must be >= 0");
+  if (context != static_cast<uint64_t>(start))
+    throw std::invalid_argument("startPosition " + std::to_string(start) + " does not match the session's context of " +
+                                std::to_string(context) + " tokens");
+}
+
+void CheckDecode(const ModelConfig& c, const std::vector<int>& sessions, const std::vector<int>& tokens,
+                 const std::vector<int>& positions, const std::function<uint64_t(int)>& context) {
+  const size_t B = sessions.size();
+  if (B == 0) throw std::invalid_argument("sessions must not be empty");
+  if (tokens.size() != B || positions.size() != B)
+    throw std::invalid_argument("sessions, tokens and positions must have the same length");
+  CheckTokens(c, tokens, "tokens");
+  std::set<int> seen;
+  for (size_t b = 0; b < B; b++) {
+    if (!seen.insert(sessions[b]).second)
+      throw std::invalid_argument("sessions[" + std::to_string(b) + "] appears twice in one decode step");
+    const uint64_t ctx = context(sessions[b]);
+    if (positions[b] < 0 || ctx != static_cast<uint64_t>(positions[b]))
+      throw std::invalid_argument("positions[" + std::to_string(b) + "] = " + std::to_string(positions[b]) +
+                                  " does not match the session's context of " + std::to_string(ctx) + " tokens");
+  }
 }
 
 template <typename Attend>
@@ -54,13 +81,7 @@ void Forward::Head(const float* x, int n, float* logits) {
 }
 
 std::vector<float> Forward::Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits, int chunk) {
-  if (tokens.empty()) throw std::invalid_argument("tokens must not be empty");
-  CheckTokens(tokens, "tokens");
-  if (start < 0) throw std::invalid_argument("startPosition must be >= 0");
-  const uint64_t ctx = attention_->ContextTokens(session);
-  if (ctx != static_cast<uint64_t>(start))
-    throw std::invalid_argument("startPosition " + std::to_string(start) + " does not match the session's context of " +
-                                std::to_string(ctx) + " tokens");
+  CheckPrefill(config_, tokens, start, attention_->ContextTokens(session));
   const int H = config_.hidden_size, V = config_.vocab_size, total = static_cast<int>(tokens.size());
   std::vector<float> logits(static_cast<size_t>(all_logits ? total : 1) * V);
   for (int c0 = 0; c0 < total; c0 += chunk) {
@@ -85,20 +106,8 @@ std::vector<float> Forward::Prefill(int session, const std::vector<int>& tokens,
 
 std::vector<float> Forward::Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
                                    const std::vector<int>& positions) {
+  CheckDecode(config_, sessions, tokens, positions, [this](int s) { return attention_->ContextTokens(s); });
   const int B = static_cast<int>(sessions.size());
-  if (B == 0) throw std::invalid_argument("sessions must not be empty");
-  if (static_cast<int>(tokens.size()) != B || static_cast<int>(positions.size()) != B)
-    throw std::invalid_argument("sessions, tokens and positions must have the same length");
-  CheckTokens(tokens, "tokens");
-  std::set<int> seen;
-  for (int b = 0; b < B; b++) {
-    if (!seen.insert(sessions[b]).second)
-      throw std::invalid_argument("sessions[" + std::to_string(b) + "] appears twice in one decode step");
-    const uint64_t ctx = attention_->ContextTokens(sessions[b]);
-    if (positions[b] < 0 || ctx != static_cast<uint64_t>(positions[b]))
-      throw std::invalid_argument("positions[" + std::to_string(b) + "] = " + std::to_string(positions[b]) +
-                                  " does not match the session's context of " + std::to_string(ctx) + " tokens");
-  }
   const int H = config_.hidden_size, Q = config_.q_dim(), K = config_.kv_dim();
   std::vector<float> x(static_cast<size_t>(B) * H);
   for (int b = 0; b < B; b++)

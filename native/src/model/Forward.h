@@ -8,27 +8,24 @@
 #include <vector>
 
 #include "model/Attention.h"
+#include "model/Runner.h"
 #include "model/ModelConfig.h"
 #include "model/Weights.h"
 
 namespace freekv::model {
 
-class Forward {
+class Forward final : public Runner {
  public:
   Forward(ModelConfig config, Weights weights, AttentionBackend* attention);
 
-  // Runs tokens [n] at positions start.. through the model, `chunk` tokens at a time (each chunk
-  // attends to the whole context before it). Returns logits of the last position [vocab], or of
-  // every position [n][vocab] with all_logits. Throws std::invalid_argument on bad input.
-  std::vector<float> Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits, int chunk = 256);
-
-  // One decode step for a batch: tokens[b] at positions[b] of sessions[b]. Logits [batch][vocab].
-  std::vector<float> Decode(const std::vector<int>& sessions, const std::vector<int>& tokens, const std::vector<int>& positions);
-
-  const ModelConfig& config() const { return config_; }
+  std::vector<float> Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits,
+                             int chunk = 256) override;
+  std::vector<float> Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
+                            const std::vector<int>& positions) override;
+  const ModelConfig& config() const override { return config_; }
+  std::string device() const override { return "cpu"; }
 
  private:
-  void CheckTokens(const std::vector<int>& tokens, const char* what) const;
   // x[n][hidden] through every layer; positions[n]; attend(layer, q, k, v, out) does attention.
   template <typename Attend>
   void Layers(float* x, int n, const int* positions, Attend attend);

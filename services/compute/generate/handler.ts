@@ -58,13 +58,13 @@ function serveModel(ctx: ComputeContext): Served | string {
   } else {
     const dir = ctx.config.FREEKV_MODEL || defaultModelDir();
     try {
-      loaded = loadModel(dir, { engine: ctx.engine, threads: ctx.config.FREEKV_THREADS || undefined });
+      loaded = loadModel(dir, { engine: ctx.engine, threads: ctx.config.FREEKV_THREADS || undefined, deviceWeights: ctx.config.FREEKV_DEVICE_WEIGHTS });
     } catch (e) {
       ctx.log.error({ dir, err: (e as Error).message }, "cannot load the model");
       return `cannot load the model at ${dir}: ${(e as Error).message} (set FREEKV_MODEL to a Hugging Face folder, or run \`npm run build\` to make models/builtin)`;
     }
     ctx.model = loaded;
-    ctx.log.info({ dir: loaded.dir, architecture: loaded.spec.architectureName, layers: loaded.spec.native.layers, tokenizer: !!loaded.codec }, "model loaded");
+    ctx.log.info({ dir: loaded.dir, architecture: loaded.spec.architectureName, layers: loaded.spec.native.layers, tokenizer: !!loaded.codec, device: loaded.model.device }, "model loaded");
     for (const note of loaded.spec.notes) ctx.log.warn({ dir: loaded.dir }, note);
   }
   const c = loaded.spec.native;

@@ -43,18 +43,25 @@ export interface LoadedModel extends ModelFolder {
  * The folder's model on the native side. With an engine, attention runs through FreeKV sessions
  * of that engine; without one, the model keeps a dense KV cache per session (reference runs).
  */
-export function loadModel(dir: string, options: { engine?: Engine; threads?: number } = {}): LoadedModel {
+export interface LoadModelOptions {
+  engine?: Engine;
+  threads?: number;
+  /** Weight type of the GPU runner (used with a CUDA engine only). */
+  deviceWeights?: "auto" | "bf16" | "f32";
+}
+
+export function loadModel(dir: string, options: LoadModelOptions = {}): LoadedModel {
   const folder = readModelFolder(dir);
   const { Model } = loadAddon();
-  const model = new Model({ config: folder.spec.native, tensors: folder.tensors, engine: options.engine, threads: options.threads });
+  const model = new Model({ config: folder.spec.native, tensors: folder.tensors, engine: options.engine, threads: options.threads, deviceWeights: options.deviceWeights });
   return { ...folder, model };
 }
 
 /** loadModel with the weights mapped and converted off the event loop (large checkpoints). */
-export async function loadModelAsync(dir: string, options: { engine?: Engine; threads?: number } = {}): Promise<LoadedModel> {
+export async function loadModelAsync(dir: string, options: LoadModelOptions = {}): Promise<LoadedModel> {
   const folder = readModelFolder(dir);
   const { Model } = loadAddon();
-  const model = await Model.load({ config: folder.spec.native, tensors: folder.tensors, engine: options.engine, threads: options.threads });
+  const model = await Model.load({ config: folder.spec.native, tensors: folder.tensors, engine: options.engine, threads: options.threads, deviceWeights: options.deviceWeights });
   return { ...folder, model };
 }
 

@@ -1,0 +1,307 @@
+// The GPU model runner (model/Runner.h): every layer of a Llama-family model on the device.
+//
+// Per layer, for M rows (a decode batch or a prefill chunk), on the engine's stream:
+//   h   = RMSNorm(x)                                  (operand type T: bf16 or fp32)
+//   qkv = h Wqkv^T (+ bias)                           one GEMM over the fused [q|k|v] weight, fp32 out
+//   q, k, v = RoPE(split(qkv))                        fp32, what the engine takes
+//   a   = attention                                   decode: engine DecodeDevice (device pointers);
+//                                                     prefill: engine PrefillAttend (host pointers)
+//   x  += T(a) Wo^T                                   GEMM with beta = 1 into the fp32 residual
+//   h   = RMSNorm(x);  gu = h Wgu^T                   fused [gate|up] weight
+//   x  += T(silu(gate) * up) Wdown^T                  beta = 1 again
+// then logits = T(RMSNorm(x)) Wlm^T (fp32) and one copy of the logits to the host.
+//
+// A decode step is BeginDeviceStep, the layers, the logits copy and EndDeviceStep: the host waits
+// once per step, for the logits, never inside it. Weights are uploaded once; T = bf16 for bf16/f16
+// checkpoints (as served in practice), fp32 for fp32 checkpoints, where the GEMMs are exact fp32
+// (no TF32) and the runner matches the CPU forward pass to accumulation order.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "cuda_check.cuh"
+#include "device_memory.cuh"
+#include "gemm_cublaslt.cuh"
+#include "model/Runner.h"
+#include "model_kernels.cuh"
+
+namespace freekv::model {
+namespace {
+
+using cuda::DeviceArray;
+using cuda::Gemm;
+using cuda::GemmType;
+using cuda::PinnedBuffer;
+
+// A weight matrix on the device in the runner's operand type (rows x cols, row-major).
+struct DevMatrix {
+  DeviceArray<uint8_t> mem;
+  const void* get() const { return mem.get(); }
+};
+
+class CudaRunner final : public Runner {
+ public:
+  CudaRunner(ModelConfig c, Weights w, Engine* engine, bool bf16)
+      : c_(std::move(c)), engine_(engine), bf16_(bf16) {
+    if (!engine_ || !engine_->DeviceStream())
+      throw std::invalid_argument("the GPU model runner needs an engine with a device stream (backend 'cuda')");
+    stream_ = static_cast<cudaStream_t>(engine_->DeviceStream());
+    FKV_CUDA_CHECK(cudaStreamGetDevice(stream_, &device_));
+    FKV_CUDA_CHECK(cudaSetDevice(device_));
+    std::string why;
+    if (!cuda::CublasLtAvailable(&why)) throw std::runtime_error("the GPU model runner needs cuBLASLt: " + why);
+    const int mult = bf16_ ? 8 : 4;
+    auto need = [&](int v, const char* name) {
+      if (v % mult)
+        throw std::invalid_argument(std::string("the GPU model runner needs ") + name + " to be a multiple of " +
+                                    std::to_string(mult) + " (got " + std::to_string(v) + ")");
+    };
+    need(c_.hidden_size, "hiddenSize");
+    need(c_.intermediate_size, "intermediateSize");
+    need(c_.q_dim(), "qHeads * headDim");
+    need(c_.kv_dim(), "kvHeads * headDim");
+    need(c_.vocab_size, "vocabSize");
+    if ((int)c_.rope_inv_freq.size() != c_.head_dim / 2)
+      throw std::invalid_argument("config.ropeInvFreq must hold headDim / 2 values");
+    Upload(std::move(w));
+  }
+
+  ~CudaRunner() override {
+    cudaSetDevice(device_);
+    cudaStreamSynchronize(stream_);
+  }
+
+  const ModelConfig& config() const override { return c_; }
+  std::string device() const override { return "cuda"; }
+
+  std::vector<float> Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits,
+                             int chunk) override;
+  std::vector<float> Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
+                            const std::vector<int>& positions) override;
+
+ private:
+  struct Layer {
+    DevMatrix wqkv, wo, wgu, wdown;
+    DeviceArray<float> bqkv, in_norm, post_norm;
+    bool bias = false;
+  };
+
+  size_t TypeBytes() const { return bf16_ ? 2 : 4; }
+  GemmType OperandType() const { return bf16_ ? GemmType::BF16 : GemmType::F32; }
+
+  // Copies host fp32 rows (the concatenation of `parts`) into a device matrix of the operand type.
+  void UploadMatrix(DevMatrix& m, std::initializer_list<const std::vector<float>*> parts) {
+    size_t n = 0;
+    for (auto* p : parts) n += p->size();
+    m.mem.Resize(n * TypeBytes());
+    size_t off = 0;
+    for (auto* p : parts) {
+      // Through an fp32 staging buffer on the device, converted there (bf16) or copied (fp32).
+      const size_t chunk = size_t(16) << 20;
+      for (size_t i = 0; i < p->size(); i += chunk) {
+        const size_t len = std::min(chunk, p->size() - i);
+        if (bf16_) {
+          staging_.Resize(chunk);
+          FKV_CUDA_CHECK(cudaMemcpyAsync(staging_.get(), p->data() + i, len * sizeof(float), cudaMemcpyHostToDevice,
+                                         stream_));
+          cuda::LaunchToBf16(staging_.get(), len, m.mem.get() + (off + i) * 2, stream_);
+          FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the staging buffer is reused
+        } else {
+          FKV_CUDA_CHECK(cudaMemcpy(m.mem.get() + (off + i) * 4, p->data() + i, len * sizeof(float),
+                                    cudaMemcpyHostToDevice));
+        }
+      }
+      off += p->size();
+    }
+  }
+  static void UploadF32(DeviceArray<float>& d, const std::vector<float>& h) {
+    d.Resize(h.size());
+    FKV_CUDA_CHECK(cudaMemcpy(d.get(), h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
+
+  void Upload(Weights w) {
+    const int Q = c_.q_dim(), K = c_.kv_dim();
+    layers_.resize(c_.layers);
+    for (int l = 0; l < c_.layers; ++l) {
+      LayerWeights& L = w.layers[l];
+      Layer& d = layers_[l];
+      UploadMatrix(d.wqkv, {&L.wq, &L.wk, &L.wv});
+      UploadMatrix(d.wo, {&L.wo});
+      UploadMatrix(d.wgu, {&L.w_gate, &L.w_up});
+      UploadMatrix(d.wdown, {&L.w_down});
+      UploadF32(d.in_norm, L.input_norm);
+      UploadF32(d.post_norm, L.post_attention_norm);
+      d.bias = !L.bq.empty();
+      if (d.bias) {
+        std::vector<float> b;
+        b.reserve((size_t)Q + 2 * K);
+        b.insert(b.end(), L.bq.begin(), L.bq.end());
+        b.insert(b.end(), L.bk.begin(), L.bk.end());
+        b.insert(b.end(), L.bv.begin(), L.bv.end());
+        UploadF32(d.bqkv, b);
+      }
+      L = LayerWeights();  // host copy no longer needed
+    }
+    UploadMatrix(embed_, {&w.embed});
+    if (!w.lm_head.empty()) UploadMatrix(lm_head_, {&w.lm_head});
+    UploadF32(final_norm_, w.final_norm);
+    UploadF32(inv_freq_, c_.rope_inv_freq);
+    staging_ = DeviceArray<float>();
+  }
+
+  // Activation buffers for M rows (grown while the stream is idle).
+  void Size(int M) {
+    if (M <= rows_) return;
+    FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    const size_t H = c_.hidden_size, I = c_.intermediate_size, Q = c_.q_dim(), K = c_.kv_dim(), V = c_.vocab_size;
+    const size_t widest = std::max({H, I, Q});
+    x_.Resize(M * H);
+    op_.Resize(M * widest * TypeBytes());
+    qkv_.Resize(M * (Q + 2 * K));
+    q_.Resize(M * Q);
+    k_.Resize(M * K);
+    v_.Resize(M * K);
+    attn_.Resize(M * Q);
+    gu_.Resize(M * 2 * I);
+    logits_.Resize(M * V);
+    ids_.Resize(2 * (size_t)M);
+    ids_pin_.Resize(2 * (size_t)M * sizeof(int));
+    logits_pin_.Resize(M * V * sizeof(float));
+    host_qkv_.Resize(M * (Q + 2 * K + Q) * sizeof(float));
+    rows_ = M;
+  }
+
+  // x [M][H] = embeddings of tokens; positions to the device too. Needs Size(M).
+  void Embed(const int* tokens, const int* positions, int M) {
+    int* hp = reinterpret_cast<int*>(ids_pin_.get());
+    std::memcpy(hp, tokens, M * sizeof(int));
+    std::memcpy(hp + M, positions, M * sizeof(int));
+    FKV_CUDA_CHECK(cudaMemcpyAsync(ids_.get(), hp, 2 * M * sizeof(int), cudaMemcpyHostToDevice, stream_));
+    cuda::LaunchEmbed(embed_.get(), bf16_, ids_.get(), M, c_.hidden_size, x_.get(), stream_);
+  }
+
+  // The layer before attention: q_, k_, v_ for M rows.
+  void PreAttention(const Layer& L, int M) {
+    const int H = c_.hidden_size, Q = c_.q_dim(), K = c_.kv_dim();
+    cuda::LaunchRmsNorm(x_.get(), L.in_norm.get(), M, H, c_.rms_norm_eps, op_.get(), bf16_, stream_);
+    Gemm(op_.get(), L.wqkv.get(), qkv_.get(), M, Q + 2 * K, H, OperandType(), GemmType::F32, stream_);
+    cuda::LaunchBiasRopeSplit(qkv_.get(), L.bias ? L.bqkv.get() : nullptr, ids_.get() + M, inv_freq_.get(), M,
+                              c_.q_heads, c_.kv_heads, c_.head_dim, q_.get(), k_.get(), v_.get(), stream_);
+  }
+
+  // The layer after attention (attn_ holds it): o_proj and the MLP, both added into x_.
+  void PostAttention(const Layer& L, int M) {
+    const int H = c_.hidden_size, I = c_.intermediate_size, Q = c_.q_dim();
+    const void* a = attn_.get();
+    if (bf16_) {
+      cuda::LaunchToBf16(attn_.get(), (size_t)M * Q, op_.get(), stream_);
+      a = op_.get();
+    }
+    Gemm(a, L.wo.get(), x_.get(), M, H, Q, OperandType(), GemmType::F32, stream_, 1.f, 1.f);
+    cuda::LaunchRmsNorm(x_.get(), L.post_norm.get(), M, H, c_.rms_norm_eps, op_.get(), bf16_, stream_);
+    Gemm(op_.get(), L.wgu.get(), gu_.get(), M, 2 * I, H, OperandType(), GemmType::F32, stream_);
+    cuda::LaunchSwiGlu(gu_.get(), M, I, op_.get(), bf16_, stream_);
+    Gemm(op_.get(), L.wdown.get(), x_.get(), M, H, I, OperandType(), GemmType::F32, stream_, 1.f, 1.f);
+  }
+
+  // logits_ [n][V] for rows [r0, r0 + n) of x_, queued with their copy into logits_pin_.
+  void Head(int r0, int n) {
+    const int H = c_.hidden_size, V = c_.vocab_size;
+    const float* xr = x_.get() + (size_t)r0 * H;
+    cuda::LaunchRmsNorm(xr, final_norm_.get(), n, H, c_.rms_norm_eps, op_.get(), bf16_, stream_);
+    const void* head = lm_head_.get() ? lm_head_.get() : embed_.get();
+    Gemm(op_.get(), head, logits_.get(), n, V, H, OperandType(), GemmType::F32, stream_);
+    FKV_CUDA_CHECK(cudaMemcpyAsync(logits_pin_.get(), logits_.get(), (size_t)n * V * sizeof(float),
+                                   cudaMemcpyDeviceToHost, stream_));
+  }
+
+  ModelConfig c_;
+  Engine* engine_;
+  bool bf16_;
+  int device_ = 0;
+  cudaStream_t stream_ = nullptr;
+  std::vector<Layer> layers_;
+  DevMatrix embed_, lm_head_;
+  DeviceArray<float> final_norm_, inv_freq_, staging_;
+  int rows_ = 0;
+  DeviceArray<float> x_, qkv_, q_, k_, v_, attn_, gu_, logits_;
+  DeviceArray<uint8_t> op_;  // GEMM operand rows: [M][max(H, I, Q)] of the operand type
+  DeviceArray<int> ids_;     // tokens [M] | positions [M]
+  PinnedBuffer ids_pin_, logits_pin_, host_qkv_;
+};
+
+std::vector<float> CudaRunner::Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
+                                      const std::vector<int>& positions) {
+  CheckDecode(c_, sessions, tokens, positions, [this](int s) { return engine_->ContextTokens(s); });
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  const int B = (int)sessions.size(), V = c_.vocab_size;
+  Size(B);
+  engine_->BeginDeviceStep(sessions);
+  try {
+    Embed(tokens.data(), positions.data(), B);
+    for (int l = 0; l < c_.layers; ++l) {
+      PreAttention(layers_[l], B);
+      engine_->DecodeDevice(l, q_.get(), k_.get(), v_.get(), attn_.get());
+      PostAttention(layers_[l], B);
+    }
+    Head(0, B);
+  } catch (...) {
+    engine_->EndDeviceStep();
+    throw;
+  }
+  engine_->EndDeviceStep();  // the step's one wait: logits are on the host after it
+  const float* hl = reinterpret_cast<const float*>(logits_pin_.get());
+  return std::vector<float>(hl, hl + (size_t)B * V);
+}
+
+std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits,
+                                       int chunk) {
+  CheckPrefill(c_, tokens, start, engine_->ContextTokens(session));
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  const int Q = c_.q_dim(), K = c_.kv_dim(), V = c_.vocab_size, total = (int)tokens.size();
+  chunk = std::max(1, chunk);
+  std::vector<float> logits((size_t)(all_logits ? total : 1) * V);
+  Size(std::min(chunk, total));
+  for (int c0 = 0; c0 < total; c0 += chunk) {
+    const int n = std::min(chunk, total - c0);
+    std::vector<int> pos(n);
+    for (int i = 0; i < n; ++i) pos[i] = start + c0 + i;
+    Embed(tokens.data() + c0, pos.data(), n);
+    float* hq = reinterpret_cast<float*>(host_qkv_.get());
+    float* hk = hq + (size_t)n * Q;
+    float* hv = hk + (size_t)n * K;
+    float* ho = hv + (size_t)n * K;
+    for (int l = 0; l < c_.layers; ++l) {
+      PreAttention(layers_[l], n);
+      // Prefill attention goes through the engine's host interface (it also offloads the pages).
+      FKV_CUDA_CHECK(cudaMemcpyAsync(hq, q_.get(), (size_t)n * Q * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+      FKV_CUDA_CHECK(cudaMemcpyAsync(hk, k_.get(), (size_t)n * K * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+      FKV_CUDA_CHECK(cudaMemcpyAsync(hv, v_.get(), (size_t)n * K * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+      FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      engine_->PrefillAttend(session, l, hq, hk, hv, n, ho);
+      FKV_CUDA_CHECK(cudaMemcpyAsync(attn_.get(), ho, (size_t)n * Q * sizeof(float), cudaMemcpyHostToDevice, stream_));
+      PostAttention(layers_[l], n);
+    }
+    const bool last = c0 + n == total;
+    if (all_logits || last) {
+      const int r0 = all_logits ? 0 : n - 1, rows = all_logits ? n : 1;
+      Head(r0, rows);
+      FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      std::memcpy(logits.data() + (all_logits ? (size_t)c0 * V : 0), logits_pin_.get(), (size_t)rows * V * sizeof(float));
+    } else {
+      FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));  // ids_pin_ and host_qkv_ are reused by the next chunk
+    }
+  }
+  return logits;
+}
+
+}  // namespace
+
+std::unique_ptr<Runner> MakeCudaRunner(ModelConfig config, Weights weights, Engine* engine, bool bf16_weights) {
+  return std::make_unique<CudaRunner>(std::move(config), std::move(weights), engine, bf16_weights);
+}
+
+}  // namespace freekv::model

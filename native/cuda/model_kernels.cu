@@ -1,0 +1,147 @@
+// See model_kernels.cuh.
+#include <cuda_bf16.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cuda_check.cuh"
+#include "model_kernels.cuh"
+
+namespace freekv::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+template <bool B>
+__device__ __forceinline__ void Store(void* y, size_t i, float v) {
+  if constexpr (B)
+    static_cast<bf16*>(y)[i] = __float2bfloat16(v);
+  else
+    static_cast<float*>(y)[i] = v;
+}
+
+template <bool B>
+__global__ void EmbedKernel(const void* table, const int* tokens, int H, float* x) {
+  const int m = blockIdx.y;
+  const size_t row = (size_t)tokens[m] * H;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < H; i += gridDim.x * blockDim.x) {
+    float v;
+    if constexpr (B)
+      v = __bfloat162float(static_cast<const bf16*>(table)[row + i]);
+    else
+      v = static_cast<const float*>(table)[row + i];
+    x[(size_t)m * H + i] = v;
+  }
+}
+
+// One block per row.
+template <bool B>
+__global__ void RmsNormKernel(const float* x, const float* w, int H, float eps, void* y) {
+  __shared__ float red[32];
+  const float* xr = x + (size_t)blockIdx.x * H;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) ss += xr[i] * xr[i];
+  for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float t = threadIdx.x < (blockDim.x + 31) / 32 ? red[threadIdx.x] : 0.f;
+    for (int o = 16; o; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    if (threadIdx.x == 0) red[0] = t;
+  }
+  __syncthreads();
+  const float inv = 1.f / sqrtf(red[0] / (float)H + eps);
+  for (int i = threadIdx.x; i < H; i += blockDim.x) Store<B>(y, (size_t)blockIdx.x * H + i, w[i] * (xr[i] * inv));
+}
+
+// grid (M, Hq + 2 Hkv), block D/2: thread i handles the rotary pair (i, i + D/2) of one head.
+__global__ void BiasRopeSplitKernel(const float* qkv, const float* bias, const int* positions, const float* inv_freq,
+                                    int Hq, int Hkv, int D, float* q, float* k, float* v) {
+  const int m = blockIdx.x, head = blockIdx.y, i = threadIdx.x, half = D / 2;
+  const int W = (Hq + 2 * Hkv) * D;
+  const float* src = qkv + (size_t)m * W + (size_t)head * D;
+  float a = src[i], b = src[i + half];
+  if (bias) {
+    a += bias[head * D + i];
+    b += bias[head * D + i + half];
+  }
+  float* dst;
+  if (head < Hq + Hkv) {
+    const float angle = inv_freq[i] * (float)positions[m];
+    double sd, cd;
+    sincos((double)angle, &sd, &cd);
+    const float c = (float)cd, s = (float)sd;
+    const float r0 = a * c - b * s, r1 = b * c + a * s;
+    a = r0;
+    b = r1;
+    dst = head < Hq ? q + ((size_t)m * Hq + head) * D : k + ((size_t)m * Hkv + (head - Hq)) * D;
+  } else {
+    dst = v + ((size_t)m * Hkv + (head - Hq - Hkv)) * D;
+  }
+  dst[i] = a;
+  dst[i + half] = b;
+}
+
+template <bool B>
+__global__ void SwiGluKernel(const float* gu, int I, void* act) {
+  const int m = blockIdx.y;
+  for (int f = blockIdx.x * blockDim.x + threadIdx.x; f < I; f += gridDim.x * blockDim.x) {
+    const float g = gu[(size_t)m * 2 * I + f], u = gu[(size_t)m * 2 * I + I + f];
+    Store<B>(act, (size_t)m * I + f, g / (1.f + expf(-g)) * u);
+  }
+}
+
+__global__ void ToBf16Kernel(const float* x, size_t n, bf16* y) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    y[i] = __float2bfloat16(x[i]);
+}
+
+int Blocks(size_t n, int threads, int cap) { return (int)std::min<size_t>((n + threads - 1) / threads, (size_t)cap); }
+
+}  // namespace
+
+void LaunchEmbed(const void* table, bool table_bf16, const int* tokens, int M, int H, float* x, cudaStream_t s) {
+  if (M <= 0) return;
+  dim3 grid(Blocks(H, 256, 64), M);
+  if (table_bf16)
+    EmbedKernel<true><<<grid, 256, 0, s>>>(table, tokens, H, x);
+  else
+    EmbedKernel<false><<<grid, 256, 0, s>>>(table, tokens, H, x);
+  FKV_CUDA_CHECK(cudaGetLastError());
+}
+
+void LaunchRmsNorm(const float* x, const float* w, int M, int H, float eps, void* y, bool y_bf16, cudaStream_t s) {
+  if (M <= 0) return;
+  const int threads = std::min(1024, ((H + 31) / 32) * 32);
+  if (y_bf16)
+    RmsNormKernel<true><<<M, threads, 0, s>>>(x, w, H, eps, y);
+  else
+    RmsNormKernel<false><<<M, threads, 0, s>>>(x, w, H, eps, y);
+  FKV_CUDA_CHECK(cudaGetLastError());
+}
+
+void LaunchBiasRopeSplit(const float* qkv, const float* bias, const int* positions, const float* inv_freq, int M,
+                         int Hq, int Hkv, int D, float* q, float* k, float* v, cudaStream_t s) {
+  if (M <= 0) return;
+  if (D % 2 || D > 2048) throw std::invalid_argument("rope: head_dim must be even and <= 2048");
+  BiasRopeSplitKernel<<<dim3(M, Hq + 2 * Hkv), D / 2, 0, s>>>(qkv, bias, positions, inv_freq, Hq, Hkv, D, q, k, v);
+  FKV_CUDA_CHECK(cudaGetLastError());
+}
+
+void LaunchSwiGlu(const float* gu, int M, int I, void* act, bool act_bf16, cudaStream_t s) {
+  if (M <= 0) return;
+  dim3 grid(Blocks(I, 256, 128), M);
+  if (act_bf16)
+    SwiGluKernel<true><<<grid, 256, 0, s>>>(gu, I, act);
+  else
+    SwiGluKernel<false><<<grid, 256, 0, s>>>(gu, I, act);
+  FKV_CUDA_CHECK(cudaGetLastError());
+}
+
+void LaunchToBf16(const float* x, size_t n, void* y, cudaStream_t s) {
+  if (n == 0) return;
+  ToBf16Kernel<<<Blocks(n, 256, 1024), 256, 0, s>>>(x, n, static_cast<bf16*>(y));
+  FKV_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace freekv::cuda

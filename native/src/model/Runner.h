@@ -1,0 +1,51 @@
+// What the addon's Model runs: a whole forward pass over the weights. Two implementations:
+// Forward (model/Forward.h: CPU, attention through any AttentionBackend) and, in CUDA builds,
+// the GPU runner (native/cuda/forward_cuda.cu: weights, activations and every layer on the
+// device, attention through the CUDA engine's device step, logits the only copy back).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "engine/Engine.h"
+#include "model/ModelConfig.h"
+#include "model/Weights.h"
+
+namespace freekv::model {
+
+class Runner {
+ public:
+  virtual ~Runner() = default;
+  // Runs tokens [n] at positions start.. through the model, `chunk` tokens at a time (each chunk
+  // attends to the whole context before it). Returns logits of the last position [vocab], or of
+  // every position [n][vocab] with all_logits. Throws std::invalid_argument on bad input.
+  virtual std::vector<float> Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits,
+                                     int chunk = 256) = 0;
+  // One decode step for a batch: tokens[b] at positions[b] of sessions[b]. Logits [batch][vocab].
+  virtual std::vector<float> Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
+                                    const std::vector<int>& positions) = 0;
+  virtual const ModelConfig& config() const = 0;
+  // Where the layers run: "cpu" or "cuda".
+  virtual std::string device() const = 0;
+};
+
+// Input checks shared by the runners. context(session) gives the tokens already cached.
+void CheckTokens(const ModelConfig& c, const std::vector<int>& tokens, const char* what);
+void CheckPrefill(const ModelConfig& c, const std::vector<int>& tokens, int start, uint64_t context);
+void CheckDecode(const ModelConfig& c, const std::vector<int>& sessions, const std::vector<int>& tokens,
+                 const std::vector<int>& positions, const std::function<uint64_t(int)>& context);
+
+#ifdef FREEKV_WITH_CUDA
+// The GPU runner over a CUDA engine (engine->DeviceStream() non-null). Weights are uploaded once:
+// in bf16 when `bf16_weights`, else in fp32 (exact fp32 GEMMs). Throws std::invalid_argument when
+// the shapes do not suit the GPU GEMMs (widths must be multiples of 8), std::runtime_error when
+// cuBLASLt or device memory is unavailable.
+std::unique_ptr<Runner> MakeCudaRunner(ModelConfig config, Weights weights, Engine* engine, bool bf16_weights);
+#endif
+
+}  // namespace freekv::model
