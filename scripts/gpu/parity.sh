@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CUDA vs CPU parity of the fidelity trace and the golden models (scripts/gpu/parity.ts).
 #
-#   bash scripts/gpu/parity.sh pack   here: bundles the runner with esbuild into .gpu/parity.mjs.
+#   bash scripts/gpu/parity.sh pack   here: bundles the runner with esbuild into .gpu/parity.mjs (and
+#                                     scripts/gpu/runner-bench.ts into .gpu/runner-bench.mjs).
 #                                     Needs .gpu/node.xz and .gpu/freekv.node from scripts/gpu/pack.sh.
 #   bash scripts/gpu/parity.sh        on the GPU machine, from the repository root, with .gpu/ alongside:
 #                                     unpacks Node.js and runs .gpu/parity.mjs; parity.log and
@@ -19,6 +20,8 @@ if [ "${1:-}" = pack ]; then
   done
   npx esbuild scripts/gpu/parity.ts --bundle --platform=node --format=esm --target=node20 \
     --outfile=.gpu/parity.mjs --log-level=warning
+  npx esbuild scripts/gpu/runner-bench.ts --bundle --platform=node --format=esm --target=node20 \
+    --outfile=.gpu/runner-bench.mjs --log-level=warning
   # Which addon and which sources the run used (the GPU machine's copy has no .git).
   {
     echo "packed $(date -u +%FT%TZ) at commit $(git rev-parse HEAD)"

@@ -33,7 +33,7 @@ import { replay, type ModeMetrics, type ReplayResult } from "../../services/comp
 import { synthesizeTrace } from "../../services/compute/fidelity/synth.js";
 import { parseModelConfig } from "../../services/compute/model/config.js";
 import { createLocalSession } from "../../services/compute/model/localHost.js";
-import { readSafetensorsHeader, readTensorF32, writeSafetensors, type SafetensorsHeader, type TensorToWrite } from "../../services/compute/model/safetensors.js";
+import { readSafetensorsHeader, readTensorF32, toBF16, writeSafetensors, type SafetensorsHeader, type TensorToWrite } from "../../services/compute/model/safetensors.js";
 import { collectTensorRefs } from "../../services/compute/model/weights.js";
 
 // Literal values of binding.ts's const enums (KvDType.BF16, Mode.*, SummaryKind.MaxMin, ...).
@@ -316,10 +316,13 @@ interface ModelRun {
   /** Greedy tokens (40) and the logits each was chosen from (step 0: the last prompt position). */
   tokens: number[];
   stepLogits: Float32Array[];
+  /** Where the model's layers ran (Model.device). */
+  device: string;
 }
 
 async function runModel(addon: Addon, engine: Engine, build: ModelBuild, g: Golden, retrieval: Retrieval, kvDtype: Geometry["kvDtype"]): Promise<ModelRun> {
   const model = new addon.Model({ config: build.native, tensors: build.tensors, engine });
+  const device = model.device;
   const V = model.vocabSize;
   const context = g.prompt.length + g.continuation.length;
   const c = build.native;
@@ -336,7 +339,7 @@ async function runModel(addon: Addon, engine: Engine, build: ModelBuild, g: Gold
       stepLogits.push(last);
       tokens.push(argmax(last, 0, V));
     }
-    return { promptLogits, tokens, stepLogits };
+    return { promptLogits, tokens, stepLogits, device };
   } finally {
     await local.close();
   }
@@ -376,6 +379,48 @@ function compareGolden(r: ModelRun, g: Golden, V: number) {
   let agree = 0;
   while (agree < g.continuation.length && r.tokens[agree] === g.continuation[agree]) agree++;
   return { promptMaxAbs: prompt, decodeMaxAbs: decode, leadingTokensAgree: agree };
+}
+
+/**
+ * The GPU runner with bf16 weights (what a bf16 checkpoint gets): the widened model rounded to
+ * bf16 and written as a BF16 checkpoint, run by the CPU forward pass (fp32 arithmetic on the same
+ * bf16 weight values) and by the GPU runner (bf16 GEMM operands: its activations are rounded to
+ * bf16 before each of the 4 GEMMs of a layer and the LM head). Tolerance: 2^-5 of the logit scale,
+ * about 4x what rounding the activations of these 2-layer models to bf16 (2^-9 relative per
+ * rounding, 9 roundings on the way to the logits) can do; the greedy continuation may differ only
+ * where the CPU's own top-2 margin is inside that tolerance.
+ */
+async function bf16Runner(addon: Addon, cpu: Engine, cand: Engine, name: string, wide: ModelBuild, g: Golden, dir: string, rows: Record<string, unknown>[]): Promise<string> {
+  mkdirSync(dir);
+  const headers = new Map<string, SafetensorsHeader>();
+  const out: Record<string, TensorToWrite> = {};
+  for (const ref of wide.tensors) {
+    if (!headers.has(ref.file)) headers.set(ref.file, readSafetensorsHeader(ref.file));
+    out[ref.name] = { dtype: "BF16", shape: ref.shape, data: toBF16(readTensorF32(headers.get(ref.file)!, ref.name)) };
+  }
+  writeSafetensors(join(dir, "model.safetensors"), out, { note: "bf16 copy" });
+  const build: ModelBuild = { native: wide.native, tensors: collectTensorRefs(dir, wide.native) };
+  const V = wide.native.vocabSize;
+  const r = retrieval(MODE_DENSE, 64);
+  const a = await runModel(addon, cpu, build, g, r, BF16);
+  const b = await runModel(addon, cand, build, g, r, BF16);
+  const d = compareRuns(a, b, V);
+  const tol = 2 ** -5 * d.logitScale;
+  const fails: string[] = [];
+  if (b.device !== "cuda") fails.push(`Model.device = ${b.device}`);
+  if (!(d.promptMaxAbs <= tol)) fails.push(`prompt logits ${d.promptMaxAbs.toExponential(2)} > ${tol.toExponential(2)}`);
+  if (!(d.decodeMaxAbs <= tol)) fails.push(`decode logits ${d.decodeMaxAbs.toExponential(2)} > ${tol.toExponential(2)}`);
+  if (d.firstDivergence >= 0 && !(d.marginAtDivergence!.a <= tol))
+    fails.push(`continuation diverges at step ${d.firstDivergence} where the cpu margin is ${d.marginAtDivergence!.a.toExponential(2)}`);
+  const hfA = compareGolden(a, g, V), hfB = compareGolden(b, g, V);
+  const ok = fails.length === 0;
+  check(`${name} bf16 weights: GPU runner (bf16 operands) vs cpu`, ok, fails.join("; ") || "within tolerance");
+  rows.push({ model: name, mode: "dense, bf16 weights", ok, vsCpu: d, logitTol: tol, cpuVsHF: hfA, candidateVsHF: hfB, tokensCpu: a.tokens, tokensCandidate: b.tokens });
+  return (
+    `| ${name} | dense, bf16 weights | ${d.promptMaxAbs.toExponential(2)} | ${d.decodeMaxAbs.toExponential(2)} | ${tol.toExponential(2)} (2^-5 of the logit scale) | ` +
+    `${d.firstDivergence < 0 ? "identical (40/40)" : `diverges at ${d.firstDivergence} (margin cpu ${d.marginAtDivergence!.a.toExponential(2)})`} | ` +
+    `${Math.max(hfA.promptMaxAbs, hfA.decodeMaxAbs).toExponential(2)}, ${hfA.leadingTokensAgree}/40 | ${Math.max(hfB.promptMaxAbs, hfB.decodeMaxAbs).toExponential(2)}, ${hfB.leadingTokensAgree}/40 | ${ok ? "pass" : "FAIL"} |`
+  );
 }
 
 async function modelParity(addon: Addon, cpu: Engine, cand: Engine, candName: string, candKv: Geometry["kvDtype"], fixtures: string) {
@@ -422,6 +467,7 @@ async function modelParity(addon: Addon, cpu: Engine, cand: Engine, candName: st
           continue;
         }
         const candMs = Date.now() - tc;
+        if (candName === "cuda") check(`${name} ${label}: layers on the GPU`, b.device === "cuda", `Model.device = ${b.device}`);
         const d = compareRuns(a, b, V);
         const logitTol = LOGIT_ABS + Math.min(BF16_REL * d.logitScale, bf16Effect / 4);
         const hfA = compareGolden(a, g, V);
@@ -446,6 +492,7 @@ async function modelParity(addon: Addon, cpu: Engine, cand: Engine, candName: st
             `${Math.max(hfA.promptMaxAbs, hfA.decodeMaxAbs).toExponential(2)}, ${hfA.leadingTokensAgree}/40 | ${Math.max(hfB.promptMaxAbs, hfB.decodeMaxAbs).toExponential(2)}, ${hfB.leadingTokensAgree}/40 | ${ok ? "pass" : "FAIL"} |`,
         );
       }
+      if (candName === "cuda") table.push(await bf16Runner(addon, cpu, cand, name, wide, g, join(tmp, name + "-bf16"), rows));
     }
   } finally {
     rmSync(tmp, { recursive: true, force: true });

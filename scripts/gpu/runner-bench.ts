@@ -1,0 +1,252 @@
+/**
+ * The service's own decode step on the GPU: Model.decode with a CUDA engine, i.e. the GPU model
+ * runner (native/cuda/forward_cuda.cu) and the engine's device step, at Llama-3.1-8B shapes.
+ *
+ * 1. Writes a Hugging Face folder with random bf16 weights (32 layers, hidden 4096, 32 query / 8
+ *    KV heads of 128, FFN 14336, vocabulary 128256, Llama-3.1 rope scaling) unless it exists, and
+ *    loads it through the same loader and Model.load the compute service uses (bf16 on the device).
+ * 2. Per (batch, context, mode): sessions in shared memory (createLocalSession, as the service
+ *    makes them), their context filled through engine.prefill with random K/V, then greedy decode
+ *    steps through Model.decode; median wall time of a step (the promise included) and the
+ *    engine's counters (correction rate, recalled bytes per step).
+ * 3. At the largest batch in freekv mode, the same steps driven through the compute service's
+ *    DecodeScheduler and greedy Sampler (the TypeScript of a Generate step, without gRPC): the
+ *    time per step outside the native call is the TypeScript share of the step.
+ *
+ * Budget: 512 sink + 1024 selected + 512 window tokens, pages of 32 (the issue's defaults).
+ *
+ *   node .gpu/runner-bench.mjs [--dir /tmp/freekv-8b] [--layers 32] [--points 1:32768,4:32768,16:8192]
+ *                              [--modes freekv,oracle,dense] [--steps 16] [--out DIR]
+ */
+import { execSync } from "node:child_process";
+import { existsSync, mkdirSync, statfsSync, writeFileSync } from "node:fs";
+import os from "node:os";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { KvDType, loadAddon, type Engine, type Model } from "../../native/binding.js";
+import { DecodeScheduler } from "../../services/compute/generate/scheduler.js";
+import { Sampler } from "../../services/compute/generate/sampling.js";
+import { parseModelConfig } from "../../services/compute/model/config.js";
+import { createLocalSession, type LocalSession } from "../../services/compute/model/localHost.js";
+import { writeSafetensors, type TensorToWrite } from "../../services/compute/model/safetensors.js";
+import { collectTensorRefs } from "../../services/compute/model/weights.js";
+
+const { values: args } = parseArgs({
+  options: {
+    dir: { type: "string", default: "/tmp/freekv-8b" },
+    layers: { type: "string", default: "32" },
+    points: { type: "string", default: "1:32768,4:32768,16:8192" },
+    modes: { type: "string", default: "freekv,oracle,dense" },
+    steps: { type: "string", default: "16" },
+    out: { type: "string", default: process.env.OUT ?? "." },
+  },
+});
+const LAYERS = Number(args.layers);
+const STEPS = Number(args.steps);
+const H = 4096, I = 14336, HQ = 32, HKV = 8, D = 128, V = 128256;
+const log = (s: string) => console.log(s);
+
+// ---- 1. the model folder -------------------------------------------------------------------
+
+/** Uniform(-a, a) bf16 words from a xorshift stream; never exactly zero. */
+function randomBf16(n: number, a: number, seed: number): Uint16Array {
+  const out = new Uint16Array(n);
+  const f = new Float32Array(1), u = new Uint32Array(f.buffer);
+  let x = (seed * 2654435761) >>> 0 || 1;
+  // A 64K-word template, repeated with a per-tensor rotation: the weights' values do not matter
+  // for timing, only that they are not degenerate.
+  const T = 65536, tpl = new Uint16Array(T);
+  for (let i = 0; i < T; i++) {
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    f[0] = ((x / 4294967296) * 2 - 1) * a || a / 2;
+    tpl[i] = u[0] >>> 16;
+  }
+  for (let i = 0; i < n; i += T) out.set(tpl.subarray(0, Math.min(T, n - i)), i);
+  return out;
+}
+
+function writeModel(dir: string): void {
+  mkdirSync(dir, { recursive: true });
+  const cfg = {
+    architectures: ["LlamaForCausalLM"], model_type: "llama", hidden_size: H, intermediate_size: I,
+    num_hidden_layers: LAYERS, num_attention_heads: HQ, num_key_value_heads: HKV, head_dim: D, vocab_size: V,
+    rms_norm_eps: 1e-5, max_position_embeddings: 131072, tie_word_embeddings: false, attention_bias: false,
+    rope_theta: 500000.0,
+    rope_scaling: { rope_type: "llama3", factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 },
+    bos_token_id: 128000, eos_token_id: 128001, torch_dtype: "bfloat16",
+  };
+  const weightMap: Record<string, string> = {};
+  const ones = (n: number) => new Uint16Array(n).fill(0x3f80);
+  const dense = (rows: number, cols: number, seed: number): TensorToWrite => ({ dtype: "BF16", shape: [rows, cols], data: randomBf16(rows * cols, Math.sqrt(3 / cols), seed) });
+  const put = (file: string, t: Record<string, TensorToWrite>) => {
+    writeSafetensors(join(dir, file), t, { format: "pt" });
+    for (const k of Object.keys(t)) weightMap[k] = file;
+  };
+  put("model-embed.safetensors", {
+    "model.embed_tokens.weight": { dtype: "BF16", shape: [V, H], data: randomBf16(V * H, 1, 1) },
+    "model.norm.weight": { dtype: "BF16", shape: [H], data: ones(H) },
+  });
+  put("model-head.safetensors", { "lm_head.weight": dense(V, H, 2) });
+  for (let l = 0; l < LAYERS; l++) {
+    const p = `model.layers.${l}.`;
+    put(`model-layer-${String(l).padStart(3, "0")}.safetensors`, {
+      [p + "input_layernorm.weight"]: { dtype: "BF16", shape: [H], data: ones(H) },
+      [p + "post_attention_layernorm.weight"]: { dtype: "BF16", shape: [H], data: ones(H) },
+      [p + "self_attn.q_proj.weight"]: dense(HQ * D, H, 10 * l + 3),
+      [p + "self_attn.k_proj.weight"]: dense(HKV * D, H, 10 * l + 4),
+      [p + "self_attn.v_proj.weight"]: dense(HKV * D, H, 10 * l + 5),
+      [p + "self_attn.o_proj.weight"]: dense(H, HQ * D, 10 * l + 6),
+      [p + "mlp.gate_proj.weight"]: dense(I, H, 10 * l + 7),
+      [p + "mlp.up_proj.weight"]: dense(I, H, 10 * l + 8),
+      [p + "mlp.down_proj.weight"]: dense(H, I, 10 * l + 9),
+    });
+  }
+  writeFileSync(join(dir, "model.safetensors.index.json"), JSON.stringify({ metadata: {}, weight_map: weightMap }));
+  writeFileSync(join(dir, "config.json"), JSON.stringify(cfg, null, 2));
+}
+
+// ---- 2. timing ------------------------------------------------------------------------------
+
+const MODES: Record<string, number> = { freekv: 1, dense: 2, oracle: 3, speculative: 4 };
+
+function retrieval(mode: string) {
+  return { pageSize: 32, sinkTokens: 512, windowTokens: 512, selectTokens: 1024, tau: 0.9, summary: 1, combine: 1, mode: MODES[mode], recall: 1, denseLayers: [] as number[] } as never;
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length ? s[Math.floor(s.length / 2)] : NaN;
+}
+
+/** Random K/V for `n` tokens of every layer, through the engine's prefill (no model pass). */
+async function fillContext(engine: Engine, session: number, n: number, seed: number): Promise<void> {
+  const chunk = 4096, row = HKV * D;
+  const pool = new Float32Array(chunk * row * 2 + 7919);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < pool.length; i++) {
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    pool[i] = (x / 4294967296) * 2 - 1;
+  }
+  for (let l = 0; l < LAYERS; l++)
+    for (let t = 0; t < n; t += chunk) {
+      const m = Math.min(chunk, n - t), off = (l * 31 + t / chunk) % 7919;
+      await engine.prefill(session, l, pool.subarray(off, off + m * row), pool.subarray(off + chunk * row, off + chunk * row + m * row), m);
+    }
+}
+
+interface Point { batch: number; context: number; mode: string; stepMs?: number; minMs?: number; correctionRate?: number; recallMBPerStep?: number; error?: string; ts?: Record<string, number> }
+
+async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, model: Model, batch: number, context: number, mode: string): Promise<Point> {
+  const geo = { layers: LAYERS, qHeads: HQ, kvHeads: HKV, headDim: D, kvDtype: KvDType.BF16 };
+  const sessions: LocalSession[] = [];
+  const point: Point = { batch, context, mode };
+  try {
+    for (let b = 0; b < batch; b++) {
+      const s = createLocalSession(engine, geo, retrieval(mode), context + STEPS + 64);
+      sessions.push(s);
+      await fillContext(engine, s.session, context, 1000 + b);
+    }
+    const ids = Int32Array.from(sessions.map((s) => s.session));
+    let tokens = Int32Array.from(sessions.map((_, b) => (b * 7919 + 13) % V));
+    let pos = context;
+    const times: number[] = [];
+    const warm = 3;
+    for (let step = 0; step < warm + STEPS; step++) {
+      const t0 = performance.now();
+      const logits = await model.decode(ids, tokens, Int32Array.from(sessions.map(() => pos)));
+      const ms = performance.now() - t0;
+      if (step >= warm) times.push(ms);
+      pos++;
+      const next = new Int32Array(batch);
+      for (let b = 0; b < batch; b++) {
+        let best = 0;
+        for (let v = 1; v < V; v++) if (logits[b * V + v] > logits[b * V + best]) best = v;
+        next[b] = best;
+      }
+      tokens = next;
+    }
+    point.stepMs = median(times);
+    point.minMs = Math.min(...times);
+    const st = engine.stats(sessions[0].session);
+    const steps = Number(st.decodeSteps) || 1;
+    point.correctionRate = Number(st.selections) ? Number(st.corrections) / Number(st.selections) : 0;
+    point.recallMBPerStep = Number(st.recallBytes) / steps / 1e6;
+
+    // 3. The TypeScript of a Generate step (scheduler + greedy sampling), same sessions.
+    if (mode === "freekv" && batch === Math.max(...points.map((p) => p.batch))) {
+      const native: number[] = [];
+      const sched = new DecodeScheduler(model, 64, (_size, ms) => native.push(ms));
+      const samplers = sessions.map(() => new Sampler({ temperature: 0, topP: 1, topK: 0, seed: 1 }));
+      const walls: number[] = [];
+      let last = performance.now();
+      let cur = Array.from(tokens);
+      for (let step = 0; step < warm + STEPS; step++) {
+        const res = await Promise.all(sessions.map((s, b) => sched.step(s.session, cur[b], pos)));
+        cur = res.map((r, b) => samplers[b].sample(r.logits, 0, V));
+        pos++;
+        const now = performance.now();
+        if (step >= warm) walls.push(now - last);
+        last = now;
+      }
+      const nat = native.slice(warm);
+      const wall = median(walls), nativeMs = median(nat);
+      point.ts = { wallMs: wall, nativeMs, tsMs: wall - nativeMs, sharePct: (100 * (wall - nativeMs)) / wall, batches: sched.batches };
+    }
+  } catch (e) {
+    point.error = (e as Error).message;
+  } finally {
+    for (const s of sessions) await s.close();
+  }
+  return point;
+}
+
+// ---- main -------------------------------------------------------------------------------------
+
+const points = args.points!.split(",").map((p) => {
+  const [b, c] = p.split(":").map(Number);
+  return { batch: b, context: c };
+});
+const modes = args.modes!.split(",");
+const addon = loadAddon();
+const info = addon.backendInfo();
+log(`date ${new Date().toISOString()}; ${os.cpus()[0]?.model}; backendInfo ${JSON.stringify(info.cuda)}`);
+if (!info.cuda.available) {
+  log(`CUDA unavailable: ${info.cuda.reason}`);
+  process.exit(2);
+}
+try {
+  log(execSync("nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader").toString().trim());
+} catch {}
+const shm = statfsSync("/dev/shm");
+log(`/dev/shm free ${((shm.bavail * shm.bsize) / 2 ** 30).toFixed(1)} GiB; RAM ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB`);
+
+const t0 = performance.now();
+if (!existsSync(join(args.dir!, "config.json"))) {
+  writeModel(args.dir!);
+  log(`wrote ${args.dir} in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+}
+const spec = parseModelConfig(JSON.parse((await import("node:fs")).readFileSync(join(args.dir!, "config.json"), "utf8")));
+const engine = new addon.Engine({ backend: "cuda" });
+const t1 = performance.now();
+const model = await addon.Model.load({ config: spec.native, tensors: collectTensorRefs(args.dir!, spec.native), engine });
+log(`Model.load: ${((performance.now() - t1) / 1000).toFixed(1)} s; device ${model.device}`);
+
+const results: Point[] = [];
+for (const p of points)
+  for (const mode of modes) {
+    const r = await timePoint(addon, engine, model, p.batch, p.context, mode);
+    results.push(r);
+    log(
+      `b${r.batch} ctx ${r.context} ${r.mode}: ` +
+        (r.error ? `error: ${r.error}` : `${r.stepMs!.toFixed(2)} ms/step (min ${r.minMs!.toFixed(2)}), corrections ${(100 * r.correctionRate!).toFixed(1)}%, recall ${r.recallMBPerStep!.toFixed(1)} MB/step`) +
+        (r.ts ? `; Generate TS: ${r.ts.tsMs.toFixed(2)} ms of ${r.ts.wallMs.toFixed(2)} ms (${r.ts.sharePct.toFixed(2)}%)` : ""),
+    );
+  }
+
+log("");
+log("| batch | context | mode | ms / step (median) | corrections | recall MB / step |");
+log("| --- | --- | --- | --- | --- | --- |");
+for (const r of results)
+  log(`| ${r.batch} | ${r.context} | ${r.mode} | ${r.error ? "error" : r.stepMs!.toFixed(2)} | ${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? r.error : r.recallMBPerStep!.toFixed(1)} |`);
+writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), layers: LAYERS, steps: STEPS, backendInfo: info, results }, null, 2));
+process.exit(0);
