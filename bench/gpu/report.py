@@ -105,6 +105,21 @@ def main():
           f"commit {(bench or {}).get('git_commit', '?')}, {(bench or {}).get('date_utc', '?')}")
     print(table(rows, ["section", "figure", "value", "unit", "ceiling", "of ceiling", "note"]))
 
+    att = ((bench or {}).get("attention") or {})
+    vrows = []
+    for a in att.get("cases") or []:
+        vs = a.get("variants") or []
+        if vs:
+            vrows.append([a["name"], fmt(a.get("kv_bytes", 0) / 1e6), fmt(a.get("floor_us"))] +
+                         [f"{fmt(v['ms'] * 1e3)} ({v['fraction_of_hbm'] * 100:.1f}%)" for v in vs])
+    if vrows:
+        nv = max(len(r) - 3 for r in vrows)
+        checks = {c["variant"]: c for c in att.get("variant_check") or []}
+        heads = [f"v{i} us" + (f" [{'PASS' if checks[i]['pass'] else 'FAIL'}]" if i in checks else "") for i in range(nv)]
+        print()
+        print("decode attention variants, us (fraction of the HBM copy bandwidth); [check vs float64]")
+        print(table(vrows, ["case", "MB", "floor us"] + heads))
+
     steps = step_lookup(bench)
     if steps:
         modes = ["model_only_heuristic", "model_only", "dense", "sparse", "freekv_gather", "freekv_memcpy", "arkvale",

@@ -1,9 +1,9 @@
 // Paged decode attention: tiles of 32 tokens, softmax shared by the block, next tile in flight.
 //
 // Why this shape (native/cuda/PERF.md has the measurements): decode attention reads every K/V
-// byte once and does ~4 FLOP per byte (G = 4), so it must stream HBM. The block is 4 warps; a
+// byte once and does ~4 FLOP per byte (G = 4), so it must stream HBM. The block is NW warps; a
 // token's K (or V) row of one head is read by TPT = D/8 lanes with 16-byte loads (a "token
-// group"), and each token group holds U tokens of the current 32-token tile. Per tile:
+// group"), and each token group holds U tokens of the current TILE-token tile. Per tile:
 //   phase 1  partial q.k of the U tokens x G query heads in each lane, reduced over the TPT lanes
 //            by a transposing butterfly (U*G values over TPT lanes: log2 steps that each halve
 //            the values a lane keeps, so 15 shuffles for 16 sums instead of 64), scores -> smem;
@@ -15,34 +15,57 @@
 // At the end the token groups' accumulators are summed (they share the block's running max).
 // Long tables are split along the sequence (grid = splits x kv_heads x batch, one wave of
 // resident blocks on an H200) and merged by the combine pass, as before.
+//
+// Variants (DecodeAttentionParams::variant, or FREEKV_ATTN_VARIANT for every launch), same
+// inputs, outputs and workspace contract; a shape a variant does not cover runs variant 0:
+//   0  the tiled kernel above: 4 warps, 32-token tiles (the default)
+//   1  the tiled kernel with 8 warps and 64-token tiles: half the barrier pairs per byte
+//      (D 256 with G > 4 needs 64 KB of merge space: variant 0)
+//   2  warp-independent tiles, no block barrier in the token loop (attention_decode_warp.cuh):
+//      4 warps, U = 4 tokens per token group at G <= 4 (8-token warp tiles at D 128), 3 blocks/SM
+//   3  as 2 with U = 2 (4-token warp tiles at D 128): fewer registers, 4 blocks/SM
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "attention_core.cuh"
 #include "butterfly.cuh"
 #include "attention_decode.cuh"
+#include "attention_decode_warp.cuh"
 #include "cuda_check.cuh"
 
 namespace freekv::cuda {
 namespace {
 
-constexpr int kDecThreads = 128;
-constexpr int kDecWarps = kDecThreads / 32;
-constexpr int kTile = 32;            // tokens per tile
 constexpr int kSms = 132;           // H200
+constexpr int kVariants = 4;
 
 // Resident blocks per SM of an instantiation (registers: 128 x 128 threads for D <= 128 and
 // G <= 4, forced by the launch bounds; 162-255 registers otherwise). The split heuristic sizes
 // the grid to one wave of these.
 constexpr int BlocksPerSm(int D, int G) { return D <= 128 && G <= 4 ? 4 : (D <= 256 && G <= 2 ? 3 : 2); }
 
-template <int D>
+// Variant 1 (8 warps of 128 registers at D <= 128 and G <= 4; up to 255 otherwise).
+constexpr int BlocksPerSmWide(int D, int G) { return D <= 128 && G <= 4 ? 2 : 1; }
+// Variant 1's merge buffer [8][G][D] fp32 plus the score tiles must fit the 48 KB of static smem.
+constexpr bool WideFits(int D, int G) { return 8 * G * D * 4 + 2 * G * 64 * 4 <= 48 * 1024; }
+// Variants 2 and 3: tokens per token group per warp tile, and resident blocks per SM (registers:
+// q and the accumulators are 16 x G, the two K/V buffers 16 x U per lane). D 64 at G 3-4 with
+// U = 4 has two softmax rounds (16-token warp tiles) and spills at 168 registers: U = 2 there.
+constexpr int WarpU(int variant, int D, int G) {
+  return variant == 2 ? (G <= 2 || (G <= 4 && D > 64) ? 4 : 2) : (G <= 4 ? 2 : 1);
+}
+constexpr int WarpBlocksPerSm(int variant, int G) { return variant == 2 ? (G <= 4 ? 3 : 2) : (G <= 4 ? 4 : 2); }
+
+template <int D, int NW, int TILE>
 struct DecShape {
   static constexpr int TPT = D / kVec;            // lanes per token
   static constexpr int TPW = 32 / TPT;            // token groups per warp
-  static constexpr int NG = kDecWarps * TPW;      // token groups per block
-  static constexpr int U = kTile / NG;            // tokens per token group per tile
-  static_assert(U >= 1 && U * NG == kTile, "tile must split evenly over the token groups");
+  static constexpr int NG = NW * TPW;             // token groups per block
+  static constexpr int U = TILE / NG;             // tokens per token group per tile
+  static_assert(U >= 1 && U * NG == TILE, "tile must split evenly over the token groups");
+  static_assert(TILE % 32 == 0, "the softmax gives each lane TILE / 32 tokens");
 };
 
 __device__ __forceinline__ uint4 LoadStreaming(const __nv_bfloat16* ptr) {
@@ -55,10 +78,11 @@ __device__ __forceinline__ uint4 LoadStreaming(const __nv_bfloat16* ptr) {
 
 // grid (splits, kv_heads, batch). With one split the block writes the normalised output;
 // otherwise it writes (m, l, O) partials into the workspace for the combine pass.
-template <int D, int MAXG>
-__global__ void __launch_bounds__(kDecThreads, BlocksPerSm(D, MAXG)) DecodeAttentionKernel(DecodeAttentionParams p, int pps, int splits,
-                                                                     float* ws_o, float* ws_ml) {
-  using S = DecShape<D>;
+template <int D, int MAXG, int NW, int TILE, int MINB>
+__global__ void __launch_bounds__(NW * 32, MINB) DecodeAttentionKernel(DecodeAttentionParams p, int pps, int splits,
+                                                                       float* ws_o, float* ws_ml) {
+  constexpr int kDecWarps = NW, kTile = TILE, TL = TILE / 32;
+  using S = DecShape<D, NW, TILE>;
   constexpr int U = S::U;
   constexpr int NV = U * MAXG;                         // partial sums per lane in phase 1
   constexpr int NKEEP = NV > S::TPT ? NV / S::TPT : 1;  // full sums a lane holds after the butterfly
@@ -154,25 +178,37 @@ __global__ void __launch_bounds__(kDecThreads, BlocksPerSm(D, MAXG)) DecodeAtten
     // The next tile's K and V stay in flight through the barriers and the softmax below.
     if (n + 1 < ntiles) load_tile(n + 1, kr, vn);
     __syncthreads();
-    // Phase 2: online softmax over the tile, one warp per query head.
+    // Phase 2: online softmax over the tile, one warp per query head (TL tokens per lane).
 #pragma unroll
     for (int j = 0; j < GPW; ++j) {
       const int g = warp + j * kDecWarps;
       if (g < G) {
-        const bool ok = valid_token(n * kTile + lane);
-        const float s = ok ? sb[g][lane] : kNegBig;
-        float mx = s;
+        bool ok[TL];
+        float s[TL];
+#pragma unroll
+        for (int t = 0; t < TL; ++t) {
+          ok[t] = valid_token(n * kTile + lane + 32 * t);
+          s[t] = ok[t] ? sb[g][lane + 32 * t] : kNegBig;
+        }
+        float mx = s[0];
+#pragma unroll
+        for (int t = 1; t < TL; ++t) mx = fmaxf(mx, s[t]);
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
         const float mn = fmaxf(m_r[j], mx);
         const float c = exp2f(m_r[j] - mn);
-        const float pr = ok ? exp2f(s - mn) : 0.f;
-        float ps = pr;
+        float pr[TL];
+#pragma unroll
+        for (int t = 0; t < TL; ++t) pr[t] = ok[t] ? exp2f(s[t] - mn) : 0.f;
+        float ps = pr[0];
+#pragma unroll
+        for (int t = 1; t < TL; ++t) ps += pr[t];
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, off);
         l_r[j] = l_r[j] * c + ps;
         m_r[j] = mn;
-        sb[g][lane] = pr;
+#pragma unroll
+        for (int t = 0; t < TL; ++t) sb[g][lane + 32 * t] = pr[t];
         if (lane == 0) c_buf[g] = c;
       }
     }
@@ -257,6 +293,7 @@ __global__ void DecodeCombineKernel(float* out, const float* ws_o, const float* 
 
 struct DecodeLaunch {
   const DecodeAttentionParams& p;
+  int variant;  // already resolved: supported for this shape
   dim3 grid;
   int pps, splits;
   float* ws_o;
@@ -264,13 +301,68 @@ struct DecodeLaunch {
   cudaStream_t stream;
   template <int D, int MAXG>
   void operator()() const {
-    DecodeAttentionKernel<D, MAXG><<<grid, kDecThreads, 0, stream>>>(p, pps, splits, ws_o, ws_ml);
+    if (variant == 1) {
+      if constexpr (WideFits(D, MAXG)) {
+        DecodeAttentionKernel<D, MAXG, 8, 64, BlocksPerSmWide(D, MAXG)><<<grid, 256, 0, stream>>>(p, pps, splits, ws_o,
+                                                                                               ws_ml);
+        return;
+      }
+    } else if (variant == 2) {
+      decode_warp::DecodeAttentionWarpKernel<D, MAXG, 4, WarpU(2, D, MAXG), WarpBlocksPerSm(2, MAXG)>
+          <<<grid, 128, 0, stream>>>(p, pps, splits, ws_o, ws_ml);
+      return;
+    } else if (variant == 3) {
+      decode_warp::DecodeAttentionWarpKernel<D, MAXG, 4, WarpU(3, D, MAXG), WarpBlocksPerSm(3, MAXG)>
+          <<<grid, 128, 0, stream>>>(p, pps, splits, ws_o, ws_ml);
+      return;
+    }
+    DecodeAttentionKernel<D, MAXG, 4, 32, BlocksPerSm(D, MAXG)><<<grid, 128, 0, stream>>>(p, pps, splits, ws_o, ws_ml);
   }
 };
 
 int SplitsFor(const DecodeAttentionParams& p, int pps) { return std::max(1, (p.max_pages + pps - 1) / pps); }
 
+int GroupBound(const DecodeAttentionParams& p) {
+  const int G = p.kv_heads > 0 ? p.q_heads / p.kv_heads : 1;
+  return G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;  // the instantiation's group bound
+}
+
+// FREEKV_ATTN_VARIANT, read once: -1 when unset or not a variant number.
+int EnvVariant() {
+  static const int v = [] {
+    const char* s = std::getenv("FREEKV_ATTN_VARIANT");
+    if (!s || !*s) return -1;
+    char* end = nullptr;
+    const long x = std::strtol(s, &end, 10);
+    if (*end || x < 0 || x >= kVariants) {
+      std::fprintf(stderr, "FREEKV_ATTN_VARIANT=%s ignored (variants 0..%d)\n", s, kVariants - 1);
+      return -1;
+    }
+    return static_cast<int>(x);
+  }();
+  return v;
+}
+
+// Resident blocks per SM of the variant's instantiation for this shape (sizes the split).
+int BlocksPerSmOf(int variant, int D, int gb) {
+  switch (variant) {
+    case 1: return BlocksPerSmWide(D, gb);
+    case 2:
+    case 3: return WarpBlocksPerSm(variant, gb);
+    default: return BlocksPerSm(D, gb);
+  }
+}
+
 }  // namespace
+
+int DecodeAttentionVariantCount() { return kVariants; }
+
+int DecodeAttentionEffectiveVariant(const DecodeAttentionParams& p) {
+  int v = EnvVariant() >= 0 ? EnvVariant() : p.variant;
+  if (v < 0 || v >= kVariants) return 0;
+  if (v == 1 && !WideFits(p.head_dim, GroupBound(p))) return 0;
+  return v;
+}
 
 int DecodeAttentionPagesPerSplit(const DecodeAttentionParams& p) {
   if (p.pages_per_split > 0) return p.pages_per_split;
@@ -278,10 +370,10 @@ int DecodeAttentionPagesPerSplit(const DecodeAttentionParams& p) {
   // one (measured on the H200: 544 blocks on 528 slots took 1.3x the time of 520 blocks for the
   // same bytes). At least 2 pages a split so that a block's fixed costs (q, final merge,
   // partials) stay small.
-  const int G = p.kv_heads > 0 ? p.q_heads / p.kv_heads : 1;
-  const int gb = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;  // the instantiation's group bound
+  const int gb = GroupBound(p);
   const int rows = std::max(1, p.batch * p.kv_heads);
-  const int splits = std::max(1, kSms * BlocksPerSm(p.head_dim, gb) / rows);
+  const int per_sm = BlocksPerSmOf(DecodeAttentionEffectiveVariant(p), p.head_dim, gb);
+  const int splits = std::max(1, kSms * per_sm / rows);
   const int pps = std::max(2, (p.max_pages + splits - 1) / splits);
   return std::max(1, std::min(pps, std::max(1, p.max_pages)));
 }
@@ -300,7 +392,10 @@ void LaunchDecodeAttention(const DecodeAttentionParams& p, void* workspace, size
   Require(p.page_size > 0 && p.max_pages > 0, "decode attention: page_size and max_pages must be > 0");
   Require(p.q && p.out && p.pools && p.page_slot && p.page_tokens && p.num_pages,
           "decode attention: a device pointer is null");
+  Require(p.variant >= 0 && p.variant < kVariants,
+          "decode attention: variant " + std::to_string(p.variant) + " (0.." + std::to_string(kVariants - 1) + ")");
   const int G = p.q_heads / p.kv_heads;
+  const int variant = DecodeAttentionEffectiveVariant(p);
   const int pps = DecodeAttentionPagesPerSplit(p);
   const int splits = SplitsFor(p, pps);
   const size_t need = DecodeAttentionWorkspaceBytes(p);
@@ -309,7 +404,8 @@ void LaunchDecodeAttention(const DecodeAttentionParams& p, void* workspace, size
   float* ws_o = static_cast<float*>(workspace);
   float* ws_ml = ws_o ? ws_o + (size_t)p.batch * p.q_heads * splits * p.head_dim : nullptr;
   const dim3 grid(splits, p.kv_heads, p.batch);
-  const bool ok = DispatchAttention(p.head_dim, G, DecodeLaunch{p, grid, pps, splits, ws_o, ws_ml, stream});
+  const bool ok =
+      DispatchAttention(p.head_dim, G, DecodeLaunch{p, variant, grid, pps, splits, ws_o, ws_ml, stream});
   Require(ok, "decode attention: unsupported head_dim " + std::to_string(p.head_dim) + " or group size " +
                   std::to_string(G) + " (head_dim 64/128/256, q_heads/kv_heads <= 8)");
   FKV_CUDA_CHECK_LAUNCH("DecodeAttentionKernel");
