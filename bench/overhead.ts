@@ -74,7 +74,7 @@ import { generate } from "../services/compute/generate/generation.js";
 import { Sampler } from "../services/compute/generate/sampling.js";
 import { DecodeScheduler } from "../services/compute/generate/scheduler.js";
 import { StopMatcher } from "../services/compute/generate/stop.js";
-import { defaultModelDir, loadModel, type LoadedModel } from "../services/compute/model/loader.js";
+import { defaultModelDir, loadModelAsync, type LoadedModel } from "../services/compute/model/loader.js";
 import { createLocalSession, modelGeometry, type LocalSession } from "../services/compute/model/localHost.js";
 import { startTiers, type Tiers } from "../services/dev/launch.js";
 
@@ -319,7 +319,7 @@ async function runLocal(loaded: LoadedModel, engine: Engine, prompts: number[][]
   const maxContext = 32768; // FREEKV_MAX_CONTEXT_TOKENS default: the service's model sessions
   const scheduler = new DecodeScheduler(loaded.model, 64);
   const stopIds = loaded.spec.eosTokenIds.filter((t) => t < loaded.model.vocabSize);
-  const sessions: LocalSession[] = prompts.map(() => createLocalSession(engine, modelGeometry(native, KvDType.F32), retrieval, maxContext));
+  const sessions: LocalSession[] = prompts.map(() => createLocalSession(engine, modelGeometry(native, engine.backend === "cuda" ? KvDType.BF16 : KvDType.F32), retrieval, maxContext));
   try {
     const runs = prompts.map(async (prompt, i) => {
       const trace: StreamTrace = { prompt, tokens: [], at: [], stepMs: [], batch: [] };
@@ -845,8 +845,10 @@ async function main(): Promise<number> {
     date_utc: started.toISOString(),
     machine: machine(),
     // The services inherit this process's environment: FREEKV_BACKEND=cuda runs them on the GPU
-    // (the in-process references of this program always use the CPU backend).
+    // The in-process Generate reference uses the same backend and FREEKV_MODEL (so that both sides
+    // run the same steps); the in-process Attention reference always uses the CPU backend.
     service_backend: process.env.FREEKV_BACKEND || "cpu",
+    model_dir: process.env.FREEKV_MODEL || "built-in",
     options: { batch: B, gen_tokens: GEN_TOKENS, gen_prompt: GEN_PROMPT, att_steps: ATT_STEPS, att_layers: ATT_LAYERS, att_context: ATT_CONTEXT, wires: WIRES, client_flow_control_window: CLIENT_WINDOW || "grpc-js default", windows_us: WINDOWS, transports: TRANSPORTS, warm_steps_left_out: WARM },
   };
   let genProjection: { baseUs: number; commitsUs: number; layers: number; sampling: ReturnType<typeof timeSampling>[] } | undefined;
@@ -854,8 +856,9 @@ async function main(): Promise<number> {
 
   // ---- Generate: in process, then through the services ------------------------------------------
   if (!SKIP.has("generate")) {
-    const engine = new addon.Engine({ backend: "cpu" });
-    const loaded = loadModel(defaultModelDir(), { engine });
+    const engine = new addon.Engine({ backend: process.env.FREEKV_BACKEND === "cuda" ? "cuda" : "cpu" });
+    const loaded = await loadModelAsync(process.env.FREEKV_MODEL || defaultModelDir(), { engine });
+    console.log(`Generate reference: ${engine.backend} engine, model layers on ${loaded.model.device}`);
     const V = loaded.model.vocabSize;
     // Prompts whose greedy continuation does not hit an end-of-sequence token within the run, so
     // all 16 streams stay in every batch.
