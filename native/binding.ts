@@ -257,6 +257,11 @@ export interface Model {
   prefill(session: number, tokens: Int32Array, startPosition: number, allLogits: boolean): Promise<Float32Array>;
   /** One decode step over all layers for a batch: one token per session; logits [batch][vocab]. */
   decode(sessions: Int32Array, tokens: Int32Array, positions: Int32Array): Promise<Float32Array>;
+  /**
+   * The same step for greedy decoding: each row's argmax (the first largest logit) [batch]. With
+   * the GPU runner the pick happens on the device and only the ids come back.
+   */
+  decodeArgmax(sessions: Int32Array, tokens: Int32Array, positions: Int32Array): Promise<Int32Array>;
   /** Dense fallback only: forgets a session's KV cache (false when there was none or with an engine). */
   releaseSession(session: number): boolean;
   readonly vocabSize: number;

@@ -81,8 +81,16 @@ class CudaRunner final : public Runner {
                              int chunk) override;
   std::vector<float> Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
                             const std::vector<int>& positions) override;
+  std::vector<int> DecodeArgmax(const std::vector<int>& sessions, const std::vector<int>& tokens,
+                                const std::vector<int>& positions) override;
 
  private:
+  // One decode step up to the logits on the device (logits_ [B][V]); `read` queues the step's
+  // copy back (logits or picks) before the engine's end-of-step wait.
+  template <class Read>
+  void Step(const std::vector<int>& sessions, const std::vector<int>& tokens, const std::vector<int>& positions,
+            Read read);
+
   struct Layer {
     DevMatrix wqkv, wo, wgu, wdown;
     DeviceArray<float> bqkv, in_norm, post_norm;
@@ -207,14 +215,16 @@ class CudaRunner final : public Runner {
     Gemm(op_.get(), L.wdown.get(), x_.get(), M, H, I, OperandType(), GemmType::F32, stream_, 1.f, 1.f);
   }
 
-  // logits_ [n][V] for rows [r0, r0 + n) of x_, queued with their copy into logits_pin_.
+  // logits_ [n][V] for rows [r0, r0 + n) of x_.
   void Head(int r0, int n) {
     const int H = c_.hidden_size, V = c_.vocab_size;
     const float* xr = x_.get() + (size_t)r0 * H;
     cuda::LaunchRmsNorm(xr, final_norm_.get(), n, H, c_.rms_norm_eps, op_.get(), bf16_, stream_);
     const void* head = lm_head_.get() ? lm_head_.get() : embed_.get();
     Gemm(op_.get(), head, logits_.get(), n, V, H, OperandType(), GemmType::F32, stream_);
-    FKV_CUDA_CHECK(cudaMemcpyAsync(logits_pin_.get(), logits_.get(), (size_t)n * V * sizeof(float),
+  }
+  void CopyLogits(int n) {
+    FKV_CUDA_CHECK(cudaMemcpyAsync(logits_pin_.get(), logits_.get(), (size_t)n * c_.vocab_size * sizeof(float),
                                    cudaMemcpyDeviceToHost, stream_));
   }
 
@@ -233,11 +243,12 @@ class CudaRunner final : public Runner {
   PinnedBuffer ids_pin_, logits_pin_, host_qkv_;
 };
 
-std::vector<float> CudaRunner::Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
-                                      const std::vector<int>& positions) {
+template <class Read>
+void CudaRunner::Step(const std::vector<int>& sessions, const std::vector<int>& tokens,
+                      const std::vector<int>& positions, Read read) {
   CheckDecode(c_, sessions, tokens, positions, [this](int s) { return engine_->ContextTokens(s); });
   FKV_CUDA_CHECK(cudaSetDevice(device_));
-  const int B = (int)sessions.size(), V = c_.vocab_size;
+  const int B = (int)sessions.size();
   Size(B);
   engine_->BeginDeviceStep(sessions);
   try {
@@ -248,13 +259,30 @@ std::vector<float> CudaRunner::Decode(const std::vector<int>& sessions, const st
       PostAttention(layers_[l], B);
     }
     Head(0, B);
+    read(B);
   } catch (...) {
     engine_->EndDeviceStep();
     throw;
   }
-  engine_->EndDeviceStep();  // the step's one wait: logits are on the host after it
+  engine_->EndDeviceStep();  // the step's one wait: what `read` queued is on the host after it
+}
+
+std::vector<float> CudaRunner::Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
+                                      const std::vector<int>& positions) {
+  Step(sessions, tokens, positions, [this](int B) { CopyLogits(B); });
   const float* hl = reinterpret_cast<const float*>(logits_pin_.get());
-  return std::vector<float>(hl, hl + (size_t)B * V);
+  return std::vector<float>(hl, hl + (size_t)sessions.size() * c_.vocab_size);
+}
+
+std::vector<int> CudaRunner::DecodeArgmax(const std::vector<int>& sessions, const std::vector<int>& tokens,
+                                          const std::vector<int>& positions) {
+  Step(sessions, tokens, positions, [this](int B) {
+    // The picks reuse the ids buffer (its tokens were consumed by the embedding at the start).
+    cuda::LaunchArgmaxRows(logits_.get(), B, c_.vocab_size, ids_.get(), stream_);
+    FKV_CUDA_CHECK(cudaMemcpyAsync(ids_pin_.get(), ids_.get(), (size_t)B * sizeof(int), cudaMemcpyDeviceToHost, stream_));
+  });
+  const int* h = reinterpret_cast<const int*>(ids_pin_.get());
+  return std::vector<int>(h, h + sessions.size());
 }
 
 std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits,
@@ -289,6 +317,7 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
     if (all_logits || last) {
       const int r0 = all_logits ? 0 : n - 1, rows = all_logits ? n : 1;
       Head(r0, rows);
+      CopyLogits(rows);
       FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));
       std::memcpy(logits.data() + (all_logits ? (size_t)c0 * V : 0), logits_pin_.get(), (size_t)rows * V * sizeof(float));
     } else {

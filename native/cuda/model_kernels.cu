@@ -96,6 +96,55 @@ __global__ void ToBf16Kernel(const float* x, size_t n, bf16* y) {
     y[i] = __float2bfloat16(x[i]);
 }
 
+// (value, index) pairs: larger value wins, then the lower index; NaN loses to everything.
+__device__ __forceinline__ bool Better(float v, int i, float bv, int bi) {
+  if (v != v) return false;
+  if (bv != bv) return true;
+  return v > bv || (v == bv && i < bi);
+}
+
+__global__ void ArgmaxRowsKernel(const float* x, int n, int* out) {
+  const float* row = x + (size_t)blockIdx.x * n;
+  float bv = __int_as_float(0x7fc00000);  // NaN: anything real beats it
+  int bi = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = row[i];
+    if (Better(v, i, bv, bi)) {
+      bv = v;
+      bi = i;
+    }
+  }
+  for (int o = 16; o; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (Better(ov, oi, bv, bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  if (lane == 0) {
+    sv[warp] = bv;
+    si[warp] = bi;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    bv = lane < warps ? sv[lane] : __int_as_float(0x7fc00000);
+    bi = lane < warps ? si[lane] : 0;
+    for (int o = 16; o; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (Better(ov, oi, bv, bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    if (lane == 0) out[blockIdx.x] = bi;
+  }
+}
+
 int Blocks(size_t n, int threads, int cap) { return (int)std::min<size_t>((n + threads - 1) / threads, (size_t)cap); }
 
 }  // namespace
@@ -135,6 +184,12 @@ void LaunchSwiGlu(const float* gu, int M, int I, void* act, bool act_bf16, cudaS
     SwiGluKernel<true><<<grid, 256, 0, s>>>(gu, I, act);
   else
     SwiGluKernel<false><<<grid, 256, 0, s>>>(gu, I, act);
+  FKV_CUDA_CHECK(cudaGetLastError());
+}
+
+void LaunchArgmaxRows(const float* x, int M, int n, int* out, cudaStream_t s) {
+  if (M <= 0) return;
+  ArgmaxRowsKernel<<<M, 1024, 0, s>>>(x, n, out);
   FKV_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -25,6 +25,10 @@ void LaunchBiasRopeSplit(const float* qkv, const float* bias, const int* positio
 // act[m][f] = silu(gu[m][f]) * gu[m][I + f] for gu = [M][gate I | up I] fp32; act fp32 or bf16.
 void LaunchSwiGlu(const float* gu, int M, int I, void* act, bool act_bf16, cudaStream_t s);
 
+// out[m] = index of the largest of x[m][0..n) (the lowest index on ties; NaN never wins unless the
+// row is all NaN, then 0), the host sampler's argmax. One block per row.
+void LaunchArgmaxRows(const float* x, int M, int n, int* out, cudaStream_t s);
+
 // y[i] = bf16(x[i]) for i < n.
 void LaunchToBf16(const float* x, size_t n, void* y, cudaStream_t s);
 

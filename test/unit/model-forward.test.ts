@@ -274,6 +274,33 @@ for (const [label, shape, style, seed] of [
       }
     });
 
+    it("decodeArgmax picks each row's argmax of the same step (the float64 reference's, away from ties)", async () => {
+      const { model } = loadModel(dir);
+      const lens = [7, 19, 33];
+      for (let i = 0; i < 3; i++) {
+        await model.prefill(40 + i, Int32Array.from(prompt.slice(0, lens[i])), 0, false);
+        await model.prefill(50 + i, Int32Array.from(prompt.slice(0, lens[i])), 0, false);
+      }
+      const toks = Int32Array.from(lens.map((n) => prompt[n]));
+      const logits = await model.decode(Int32Array.of(40, 41, 42), toks, Int32Array.from(lens));
+      const picks = await model.decodeArgmax(Int32Array.of(50, 51, 52), toks, Int32Array.from(lens));
+      expect(picks).toBeInstanceOf(Int32Array);
+      expect(picks.length).toBe(3);
+      const V = shape.vocab;
+      for (let i = 0; i < 3; i++) {
+        let best = 0;
+        for (let j = 1; j < V; j++) if (logits[i * V + j] > logits[i * V + best]) best = j;
+        expect(picks[i]).toBe(best);
+      }
+      // The float64 reference's own argmax at the last prompt position + 1 (one single-session check).
+      const want = refLogits[lens[2]];
+      const sorted = [...want].sort((x, y) => y - x);
+      if (sorted[0] - sorted[1] > 1e-3) expect(picks[2]).toBe(want.indexOf(sorted[0]));
+      // Both sessions moved on by one token: the next step agrees again.
+      const next = await model.decodeArgmax(Int32Array.of(40, 50), Int32Array.of(picks[0], picks[0]), Int32Array.of(lens[0] + 1, lens[0] + 1));
+      expect(next[0]).toBe(next[1]);
+    });
+
     it.skipIf(typeof (loadAddon() as { Engine?: unknown }).Engine !== "function")("through the engine (dense mode) it matches the reference too", async () => {
       const addon = loadAddon();
       const engine = new addon.Engine({ backend: "cpu", threads: 2 });

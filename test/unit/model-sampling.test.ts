@@ -148,6 +148,7 @@ describe("decode scheduler", () => {
   /** A stand-in Model: records each decode call's sessions; logits row = [session, token, position]. */
   function fakeModel(failOn?: number) {
     const calls: number[][] = [];
+    const greedyCalls: number[][] = [];
     const model = {
       vocabSize: 3,
       attention: "dense",
@@ -161,8 +162,14 @@ describe("decode scheduler", () => {
         s.forEach((x, i) => out.set([x, t[i], p[i]], 3 * i));
         return out;
       },
+      decodeArgmax: async (s: Int32Array, t: Int32Array) => {
+        calls.push(Array.from(s));
+        greedyCalls.push(Array.from(s));
+        await new Promise((r) => setTimeout(r, 5));
+        return Int32Array.from(s, (x, i) => 1000 * x + t[i]);
+      },
     } as unknown as Model;
-    return { model, calls };
+    return { model, calls, greedyCalls };
   }
 
   it("joins the steps of concurrent requests into one call and routes each row back", async () => {
@@ -191,6 +198,21 @@ describe("decode scheduler", () => {
       expect(c.length).toBeLessThanOrEqual(2);
       expect(new Set(c).size).toBe(c.length);
     }
+  });
+
+  it("an all-greedy batch runs through decodeArgmax; a mixed batch gets logits for every row", async () => {
+    const { model, calls, greedyCalls } = fakeModel();
+    const sch = new DecodeScheduler(model);
+    const greedy = await Promise.all([sch.step(1, 5, 0, true), sch.step(2, 6, 0, true)]);
+    expect(greedyCalls).toEqual([[1, 2]]);
+    expect(greedy.map((r) => r.token)).toEqual([1005, 2006]);
+    expect(greedy.every((r) => r.logits.length === 0)).toBe(true);
+    const mixed = await Promise.all([sch.step(1, 7, 1, true), sch.step(3, 8, 0, false)]);
+    expect(greedyCalls.length).toBe(1);
+    expect(calls.length).toBe(2);
+    expect(mixed.map((r) => r.token)).toEqual([undefined, undefined]);
+    expect(Array.from(mixed[0].logits)).toEqual([1, 7, 1]);
+    expect(Array.from(mixed[1].logits)).toEqual([3, 8, 0]);
   });
 
   it("a failing request does not fail the others of its batch", async () => {

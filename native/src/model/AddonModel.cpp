@@ -10,6 +10,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "engine/AddonEngine.h"
@@ -131,10 +132,18 @@ Napi::Float32Array ToFloat32Array(Napi::Env env, const std::vector<float>& v) {
   return arr;
 }
 
-// Runs fn() off the event loop and resolves with its logits.
+Napi::Value ToJs(Napi::Env env, const std::vector<float>& v) { return ToFloat32Array(env, v); }
+Napi::Value ToJs(Napi::Env env, const std::vector<int>& v) {
+  auto arr = Napi::Int32Array::New(env, v.size());
+  if (!v.empty()) std::memcpy(arr.Data(), v.data(), v.size() * sizeof(int));
+  return arr;
+}
+
+// Runs fn() off the event loop and resolves with its result (logits, or picked token ids).
+template <class T>
 class ForwardWorker : public Napi::AsyncWorker {
  public:
-  ForwardWorker(Napi::Env env, int threads, std::function<std::vector<float>()> fn, Napi::ObjectReference keep)
+  ForwardWorker(Napi::Env env, int threads, std::function<std::vector<T>()> fn, Napi::ObjectReference keep)
       : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), threads_(threads), fn_(std::move(fn)),
         keep_(std::move(keep)) {}
   Napi::Promise Promise() { return deferred_.Promise(); }
@@ -148,15 +157,15 @@ class ForwardWorker : public Napi::AsyncWorker {
       SetError("unknown native error in the model runner");
     }
   }
-  void OnOK() override { deferred_.Resolve(ToFloat32Array(Env(), out_)); }
+  void OnOK() override { deferred_.Resolve(ToJs(Env(), out_)); }
   void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
 
  private:
   Napi::Promise::Deferred deferred_;
   int threads_;
-  std::function<std::vector<float>()> fn_;
+  std::function<std::vector<T>()> fn_;
   Napi::ObjectReference keep_;  // the Model stays alive while its work runs
-  std::vector<float> out_;
+  std::vector<T> out_;
 };
 
 // What Model.load() prepares off the event loop: the parsed config and the converted weights
@@ -195,6 +204,7 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     return DefineClass(env, "Model",
                        {StaticMethod("load", &AddonModel::Load),
                         InstanceMethod("prefill", &AddonModel::Prefill), InstanceMethod("decode", &AddonModel::Decode),
+                        InstanceMethod("decodeArgmax", &AddonModel::DecodeArgmax),
                         InstanceMethod("releaseSession", &AddonModel::ReleaseSession),
                         InstanceAccessor("vocabSize", &AddonModel::VocabSize, nullptr),
                         InstanceAccessor("attention", &AddonModel::AttentionKind, nullptr),
@@ -281,7 +291,7 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     int start = info[2].As<Napi::Number>().Int32Value();
     bool all = info[3].ToBoolean();
     model::Runner* f = forward_.get();
-    auto* w = new ForwardWorker(env, threads_, [f, session, tokens = std::move(tokens), start, all]() {
+    auto* w = new ForwardWorker<float>(env, threads_, [f, session, tokens = std::move(tokens), start, all]() {
       return f->Prefill(session, tokens, start, all);
     }, Napi::Persistent(Value()));
     auto p = w->Promise();
@@ -289,9 +299,14 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     return p;
   }
 
-  Napi::Value Decode(const Napi::CallbackInfo& info) {
+  Napi::Value Decode(const Napi::CallbackInfo& info) { return DecodeWith<float>(info, "decode"); }
+  Napi::Value DecodeArgmax(const Napi::CallbackInfo& info) { return DecodeWith<int>(info, "decodeArgmax"); }
+
+  // decode(): logits [batch][vocab]; decodeArgmax(): each row's argmax [batch] (greedy steps).
+  template <class T>
+  Napi::Value DecodeWith(const Napi::CallbackInfo& info, const char* name) {
     Napi::Env env = info.Env();
-    if (info.Length() < 3) throw Napi::TypeError::New(env, "decode(sessions, tokens, positions)");
+    if (info.Length() < 3) throw Napi::TypeError::New(env, std::string(name) + "(sessions, tokens, positions)");
     auto sessions = Int32Arg(info[0], "sessions");
     auto tokens = Int32Arg(info[1], "tokens");
     auto positions = Int32Arg(info[2], "positions");
@@ -299,9 +314,14 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     if (tokens.size() != sessions.size() || positions.size() != sessions.size())
       throw Napi::RangeError::New(env, "sessions, tokens and positions must have the same length");
     model::Runner* f = forward_.get();
-    auto* w = new ForwardWorker(env, threads_, [f, s = std::move(sessions), t = std::move(tokens), p = std::move(positions)]() {
-      return f->Decode(s, t, p);
-    }, Napi::Persistent(Value()));
+    std::function<std::vector<T>()> fn;
+    if constexpr (std::is_same_v<T, float>)
+      fn = [f, s = std::move(sessions), t = std::move(tokens), p = std::move(positions)]() { return f->Decode(s, t, p); };
+    else
+      fn = [f, s = std::move(sessions), t = std::move(tokens), p = std::move(positions)]() {
+        return f->DecodeArgmax(s, t, p);
+      };
+    auto* w = new ForwardWorker<T>(env, threads_, std::move(fn), Napi::Persistent(Value()));
     auto p = w->Promise();
     w->Queue();
     return p;

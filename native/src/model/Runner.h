@@ -29,6 +29,23 @@ class Runner {
   // One decode step for a batch: tokens[b] at positions[b] of sessions[b]. Logits [batch][vocab].
   virtual std::vector<float> Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
                                     const std::vector<int>& positions) = 0;
+  // The same step for greedy decoding: the index of each row's largest logit (the first one on
+  // ties, as the service's sampler picks), [batch]. The GPU runner picks on the device and copies
+  // batch ints instead of batch x vocab floats; this default picks on the host.
+  virtual std::vector<int> DecodeArgmax(const std::vector<int>& sessions, const std::vector<int>& tokens,
+                                        const std::vector<int>& positions) {
+    const std::vector<float> logits = Decode(sessions, tokens, positions);
+    const int V = config().vocab_size;
+    std::vector<int> out(sessions.size());
+    for (size_t b = 0; b < out.size(); b++) {
+      const float* row = logits.data() + b * V;
+      int best = 0;
+      for (int i = 1; i < V; i++)
+        if (row[i] > row[best]) best = i;
+      out[b] = best;
+    }
+    return out;
+  }
   virtual const ModelConfig& config() const = 0;
   // Where the layers run: "cpu" or "cuda".
   virtual std::string device() const = 0;

@@ -130,8 +130,9 @@ export async function* generate(
 
   let stepMs = final.prefillMs;
   let batchSize = 1;
+  let picked: number | undefined;
   for (;;) {
-    const tok = sampler.sample(logits!, 0, V);
+    const tok = picked ?? sampler.sample(logits!, 0, V);
     final.tokens.push(tok);
     final.completionTokens++;
     s.pendingToken = tok;
@@ -154,11 +155,12 @@ export async function* generate(
       final.finishReason = "cancelled";
       break;
     }
-    const r = await scheduler.step(s.session, tok, s.contextTokens);
+    const r = await scheduler.step(s.session, tok, s.contextTokens, sampler.greedy);
     s.contextTokens++;
     s.pendingToken = undefined;
     s.onAppended?.(s.contextTokens);
     logits = r.logits;
+    picked = r.token;
     stepMs = r.stepMs;
     batchSize = r.batchSize;
     final.decodeMs += r.stepMs;

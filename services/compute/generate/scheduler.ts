@@ -8,7 +8,10 @@
 import type { Model } from "../../../native/binding.js";
 
 export interface StepResult {
+  /** The row's logits [vocab]; empty when the batch was picked greedily on the native side. */
   logits: Float32Array;
+  /** The row's argmax, when every step of the batch asked for greedy decoding (decodeArgmax). */
+  token?: number;
   /** Sessions in the batched call that produced it. */
   batchSize: number;
   stepMs: number;
@@ -18,9 +21,12 @@ interface Pending {
   session: number;
   token: number;
   position: number;
+  greedy: boolean;
   resolve: (r: StepResult) => void;
   reject: (e: Error) => void;
 }
+
+const EMPTY = new Float32Array(0);
 
 export class DecodeScheduler {
   private queue: Pending[] = [];
@@ -40,9 +46,14 @@ export class DecodeScheduler {
     return this.queue.length;
   }
 
-  step(session: number, token: number, position: number): Promise<StepResult> {
+  /**
+   * One decode step of a session. `greedy`: the caller only needs the argmax; when every step of
+   * a batch says so, the batch runs through Model.decodeArgmax (picked where the logits are, the
+   * GPU for the GPU runner) and only token ids come back.
+   */
+  step(session: number, token: number, position: number, greedy = false): Promise<StepResult> {
     return new Promise((resolve, reject) => {
-      this.queue.push({ session, token, position, resolve, reject });
+      this.queue.push({ session, token, position, greedy, resolve, reject });
       this.kick();
     });
   }
@@ -74,17 +85,20 @@ export class DecodeScheduler {
     this.queue = rest;
     const t0 = performance.now();
     try {
-      const logits = await this.model.decode(
+      const args = [
         Int32Array.from(batch.map((p) => p.session)),
         Int32Array.from(batch.map((p) => p.token)),
         Int32Array.from(batch.map((p) => p.position)),
-      );
+      ] as const;
+      const greedy = batch.every((p) => p.greedy);
+      const out = greedy ? await this.model.decodeArgmax(...args) : await this.model.decode(...args);
       const stepMs = performance.now() - t0;
       const V = this.model.vocabSize;
       this.batches++;
       this.maxBatchSeen = Math.max(this.maxBatchSeen, batch.length);
       this.onBatch?.(batch.length, stepMs);
-      batch.forEach((p, i) => p.resolve({ logits: logits.subarray(i * V, (i + 1) * V), batchSize: batch.length, stepMs }));
+      if (greedy) batch.forEach((p, i) => p.resolve({ logits: EMPTY, token: out[i], batchSize: batch.length, stepMs }));
+      else batch.forEach((p, i) => p.resolve({ logits: (out as Float32Array).subarray(i * V, (i + 1) * V), batchSize: batch.length, stepMs }));
     } catch (e) {
       // One bad item fails the whole native call: retry the others alone so they are unaffected.
       if (batch.length > 1) {
