@@ -7,8 +7,10 @@
 namespace freekv::cuda {
 namespace {
 
-// One thread per 8 channels of one (token, K|V, head).
-__global__ void AppendKernel(AppendParams p) {
+// One thread per 8 channels of one (token, K|V, head). Batched: item blockIdx.y of `items`.
+template <bool kBatch>
+__global__ void AppendKernel(const AppendParams p0, const AppendParams* items) {
+  const AppendParams p = kBatch ? items[blockIdx.y] : p0;
   const int vpr = p.head_dim / kVec;  // vectors per head row
   const long long total = (long long)p.n * 2 * p.kv_heads * vpr;
   for (long long x = blockIdx.x * (long long)blockDim.x + threadIdx.x; x < total;
@@ -45,8 +47,20 @@ void LaunchAppend(const AppendParams& p, cudaStream_t stream) {
   const long long total = (long long)p.n * 2 * p.kv_heads * (p.head_dim / kVec);
   const int threads = 256;
   const int blocks = (int)std::min<long long>((total + threads - 1) / threads, 4096);
-  AppendKernel<<<blocks, threads, 0, stream>>>(p);
+  AppendKernel<false><<<blocks, threads, 0, stream>>>(p, nullptr);
   FKV_CUDA_CHECK_LAUNCH("AppendKernel");
+}
+
+void LaunchAppendBatch(const AppendParams* items, int count, int max_n, int kv_heads, int head_dim,
+                       cudaStream_t stream) {
+  if (count == 0) return;
+  Require(count > 0 && count <= 65535 && items && max_n > 0, "append batch: bad count, items or max_n");
+  Require(head_dim % kVec == 0 && kv_heads > 0, "append batch: head_dim must be a multiple of 8");
+  const long long total = (long long)max_n * 2 * kv_heads * (head_dim / kVec);
+  const int threads = 256;
+  const int blocks = (int)std::min<long long>((total + threads - 1) / threads, 4096);
+  AppendKernel<true><<<dim3(blocks, count), threads, 0, stream>>>(AppendParams{}, items);
+  FKV_CUDA_CHECK_LAUNCH("AppendKernel(batch)");
 }
 
 }  // namespace freekv::cuda

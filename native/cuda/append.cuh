@@ -26,4 +26,9 @@ struct AppendParams {
 
 void LaunchAppend(const AppendParams& p, cudaStream_t stream);
 
+// `count` appends in one launch: items is a device array of count AppendParams (checked by the
+// caller: n <= max_n, the geometry kv_heads x head_dim for every item).
+void LaunchAppendBatch(const AppendParams* items, int count, int max_n, int kv_heads, int head_dim,
+                       cudaStream_t stream);
+
 }  // namespace freekv::cuda

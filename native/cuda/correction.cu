@@ -4,9 +4,18 @@
 namespace freekv::cuda {
 namespace {
 
-// One block (a warp per query head, up to 32 warps) per KV head.
+// One block (a warp per query head, up to 32 warps) per KV head. Batched: item blockIdx.y.
+template <bool kBatch>
 __global__ void CorrectionKernel(const float* q_now, const float* q_prev, int G, int head_dim, float tau, int* flags,
-                                 unsigned long long* corrections) {
+                                 unsigned long long* corrections, const CorrectionItem* items) {
+  if (kBatch) {
+    const CorrectionItem it = items[blockIdx.y];
+    q_now = it.q_now;
+    q_prev = it.q_prev;
+    tau = it.tau;
+    flags = it.flags;
+    corrections = it.corrections;
+  }
   __shared__ float cosines[32];
   const int h = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int g = warp; g < G; g += blockDim.x >> 5) {
@@ -45,8 +54,22 @@ void LaunchCorrectionCheck(const float* q_now, const float* q_prev, int q_heads,
   const int G = q_heads / kv_heads;
   Require(G <= 32, "correction: at most 32 query heads per KV head");
   Require(q_now && q_prev && flags, "correction: a device pointer is null");
-  CorrectionKernel<<<kv_heads, 32 * G, 0, stream>>>(q_now, q_prev, G, head_dim, tau, flags, corrections);
+  CorrectionKernel<false><<<kv_heads, 32 * G, 0, stream>>>(q_now, q_prev, G, head_dim, tau, flags, corrections,
+                                                            nullptr);
   FKV_CUDA_CHECK_LAUNCH("CorrectionKernel");
+}
+
+void LaunchCorrectionCheckBatch(const CorrectionItem* items, int count, int q_heads, int kv_heads, int head_dim,
+                                cudaStream_t stream) {
+  if (count == 0) return;
+  Require(kv_heads > 0 && q_heads > 0 && q_heads % kv_heads == 0,
+          "correction batch: q_heads must be a positive multiple of kv_heads");
+  const int G = q_heads / kv_heads;
+  Require(G <= 32, "correction batch: at most 32 query heads per KV head");
+  Require(count > 0 && count <= 65535 && items, "correction batch: count must be in [1, 65535], items set");
+  CorrectionKernel<true><<<dim3(kv_heads, count), 32 * G, 0, stream>>>(nullptr, nullptr, G, head_dim, 0.f, nullptr,
+                                                                       nullptr, items);
+  FKV_CUDA_CHECK_LAUNCH("CorrectionKernel(batch)");
 }
 
 }  // namespace freekv::cuda

@@ -13,4 +13,18 @@ namespace freekv::cuda {
 void LaunchCorrectionCheck(const float* q_now, const float* q_prev, int q_heads, int kv_heads, int head_dim, float tau,
                            int* flags, unsigned long long* corrections, cudaStream_t stream);
 
+// One batch item of the check: its queries, threshold, flags and optional counter.
+struct CorrectionItem {
+  const float* q_now;
+  const float* q_prev;
+  int* flags;
+  unsigned long long* corrections;
+  float tau;
+  int pad;
+};
+
+// `count` checks in one launch (grid kv_heads x count); items: device array.
+void LaunchCorrectionCheckBatch(const CorrectionItem* items, int count, int q_heads, int kv_heads, int head_dim,
+                                cudaStream_t stream);
+
 }  // namespace freekv::cuda

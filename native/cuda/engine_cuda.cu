@@ -7,17 +7,20 @@
 // offload and the gather recall read and write them straight from kernels.
 //
 // Streams and ordering (why no slot is overwritten while attention may read it):
-//   main stream: per Decode(layer): [wait recall_done(layer)] -> inputs H2D -> append (+ tail
-//     write-through) -> summary + offload when a page fills -> blocking selection / correction
-//     (+ synchronous recall of the misses) -> attention table -> attention -> outputs D2H.
+//   main stream: per Decode(layer): [wait spec_done(layer)] -> inputs H2D -> descriptor table
+//     H2D -> append (+ tail write-through) -> summary + offload when a page fills -> blocking
+//     selection / correction (+ synchronous recall of the misses) -> attention table -> attention
+//     -> outputs D2H. Each step is one launch for the whole batch (DecodeCore).
 //   side stream: per Decode(layer), after `attended` (recorded on main right after the
 //     attention kernel): speculative selection with q_t for step t+1 -> residency diff ->
-//     recall into the selected slots -> record recall_done(layer).
+//     recall into the selected slots -> record spec_done(layer).
 //   * The speculative recall writes slots only after `attended`: the attention of step t that
 //     reads them is complete (event order), and no other kernel of step t reads selected slots.
-//   * The next Decode of the layer makes the main stream wait recall_done(layer) before anything
+//   * The next Decode of the layer makes the main stream wait spec_done(layer) before anything
 //     else, so step t+1's correction, table and attention see the finished recall, and the
-//     correction's own recall (main stream) cannot overlap the speculative one.
+//     correction's own recall (main stream) cannot overlap the speculative one. (spec_done is one
+//     event per layer index, recorded after the layer's latest speculative work: the side stream
+//     runs in order, so it also covers every earlier batch's recall of that layer.)
 //   * Sink and window slots are written only by the main stream (append, prefill), which is also
 //     the only stream reading them.
 //   The whole step has a layer's worth of slack: the recall of layer l overlaps layers l+1.. of
@@ -42,10 +45,12 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "append.cuh"
 #include "attention_decode.cuh"
+#include "batch_copy.cuh"
 #include "attention_prefill.cuh"
 #include "correction.cuh"
 #include "cuda_check.cuh"
@@ -81,7 +86,7 @@ struct LayerTier {
   DeviceArray<int> flags;         // [Hkv]
   DeviceArray<float> scratch;     // selection scratch
   DeviceArray<RecallJob> jobs;    // [Hkv * K]
-  DeviceArray<int> job_count;     // [1]
+  DeviceArray<int> job_count;     // [1 + Hkv]: [0] the per-item path's total, [1 + h] the batched path's per head
   DeviceArray<float> q[2];        // [Hq][D]: q[cur] = latest query
   int qcur = 0;
   bool has_q = false;
@@ -93,8 +98,7 @@ struct LayerTier {
   int table_rows = 0;
   DeviceArray<int> t_slot, t_tokens, t_id, t_num;
   bool attended_valid = false;
-  Event recall_done;
-  bool recall_pending = false;
+  bool recall_pending = false;    // speculative recall queued (done when the engine's spec_done_[layer] is)
   uint64_t decodes = 0;
 };
 
@@ -236,7 +240,7 @@ class CudaEngine final : public Engine {
         sp.num_candidates = cap;
         L->scratch.Resize(SelectionScratchBytes(sp) / sizeof(float));
         L->jobs.Resize((size_t)Hkv * K);
-        L->job_count.Resize(1);
+        L->job_count.Resize(1 + Hkv);
       }
       for (auto& q : L->q) q.Resize((size_t)g.q_heads * D);
       L->table_rows = L->dense ? cap + 1 : s->SP + K + s->WP;
@@ -482,8 +486,17 @@ class CudaEngine final : public Engine {
   std::vector<Session*> CheckBatch(int layer, const std::vector<int>& ids) const;
   static int BatchRows(const std::vector<Session*>& ss, int layer);
   void SizeBatchBuffers(const Session& s0, int B, int rows);
+  void SizeDescTables(int B, int layers, int pinned_regions);
+  // `region`: the pinned descriptor region the host writes this layer's table into (a region must
+  // not be rewritten before the copy out of it has run: see SizeDescTables).
   void DecodeCore(int layer, const std::vector<Session*>& ss, const float* dq, const float* dk, const float* dv,
-                  float* dout, const bf16* const* dpools);
+                  float* dout, const bf16* const* dpools, int region);
+  struct DescTable;
+  struct PerItemSelect;
+  // Queues a selection (heads_mask or all heads, query q, candidates [c0, c1)) with its residency
+  // diff and recall into the batched lists, or, for a double-buffer session, into `per_item`.
+  static void QueueSelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
+                                   DescTable& t, bool speculative, std::vector<PerItemSelect>& per_item);
 
   void DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n, float* out);
   // Selection for `heads_mask` (or all heads) with query `q` over [c0, c1), then the residency
@@ -516,7 +529,126 @@ class CudaEngine final : public Engine {
   PinnedBuffer step_ptrs_pin_, step_q_pin_;
   DeviceArray<uint8_t> step_ptrs_;
   DeviceArray<float> step_q_;
+  // Descriptor tables of the batched launches (DescTable): pinned regions the host fills (one per
+  // layer of a device step; region 0 for Decode) and one device region per layer index, each of
+  // desc_bytes_ for batches of up to desc_cap_ items.
+  int desc_cap_ = 0;
+  size_t desc_bytes_ = 0;
+  PinnedBuffer desc_pin_;
+  DeviceArray<uint8_t> desc_dev_;
+  // Per layer index: recorded on the side stream after the layer's latest speculative work. The
+  // next decode of the layer waits for it (the recalls, and the side-stream readers of the
+  // layer's device descriptor region, are then done).
+  std::vector<std::unique_ptr<Event>> spec_done_;
+  std::vector<char> spec_recorded_;
 };
+
+// The per-layer descriptor table of a batched decode: one array of launch parameters per batched
+// operation, each holding the items that need it (so a batch may mix sessions whose pages fill or
+// not, first decodes and later ones, and retrieval modes). Laid out for batches of up to B items
+// at fixed offsets; the host fills the lists in a pinned region and the whole region goes to the
+// layer's device region in one copy.
+template <class T>
+struct DescList {
+  T* host = nullptr;       // pinned
+  const T* dev = nullptr;  // the same slots in the device region
+  int n = 0, cap = 0;
+  void Add(const T& x) {
+    if (n >= cap) throw std::logic_error("descriptor table: list overflow");
+    host[n++] = x;
+  }
+};
+
+struct CudaEngine::DescTable {
+  DescList<CopyItem> q;
+  DescList<AppendParams> append;
+  DescList<PageSummaryItem> summary;
+  DescList<OffloadItem> offload;
+  DescList<CorrectionItem> correction;
+  DescList<SelectionParams> select, spec_select;
+  DescList<ResidencyParams> residency, spec_residency;
+  DescList<RecallBatchItem> recall, spec_recall;
+  DescList<AttendTableParams> table;  // two per item: the batch's rows and the layer's own
+  size_t bytes = 0;
+
+  // Lays the lists out for B items over host (may be null: sizes only) and dev.
+  DescTable(int B, uint8_t* host, uint8_t* dev) {
+    auto place = [&](auto& list, int cap) {
+      using T = std::remove_reference_t<decltype(*list.host)>;
+      list.host = host ? reinterpret_cast<T*>(host + bytes) : nullptr;
+      list.dev = dev ? reinterpret_cast<const T*>(dev + bytes) : nullptr;
+      list.cap = cap;
+      bytes += ((size_t)cap * sizeof(T) + 255) / 256 * 256;
+    };
+    place(q, B);
+    place(append, B);
+    place(summary, B);
+    place(offload, B);
+    place(correction, B);
+    place(select, B);
+    place(residency, B);
+    place(recall, B);
+    place(table, 2 * B);
+    place(spec_select, B);
+    place(spec_residency, B);
+    place(spec_recall, B);
+  }
+};
+
+// A selection + recall of a double-buffer session, issued item by item (SelectAndRecall).
+struct CudaEngine::PerItemSelect {
+  Session* s;
+  const float* q;
+  int c0, c1;
+  const int* head_mask;
+};
+
+void CudaEngine::QueueSelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
+                                      DescTable& t, bool speculative, std::vector<PerItemSelect>& per_item) {
+  LayerTier& L = *s.layers[layer];
+  const int num_candidates = std::max(0, c1 - c0);
+  L.last_candidates = num_candidates;
+  L.selection_valid = true;
+  if (s.cfg.recall != RecallMode::Gather) {
+    per_item.push_back(PerItemSelect{&s, q, c0, c1, head_mask});
+    return;
+  }
+  SelectionParams sp;
+  sp.q = q;
+  sp.summaries = L.summaries.get();
+  sp.first_page = c0;
+  sp.num_candidates = num_candidates;
+  sp.q_heads = s.geo.q_heads;
+  sp.kv_heads = s.geo.kv_heads;
+  sp.head_dim = s.geo.head_dim;
+  sp.k = s.K;
+  sp.combine = static_cast<int>(s.cfg.combine);
+  sp.head_mask = head_mask;
+  sp.scratch = L.scratch.get();
+  sp.selected = L.selected.get();
+  (speculative ? t.spec_select : t.select).Add(sp);
+  ResidencyParams rp;
+  rp.selected = L.selected.get();
+  rp.resident = L.resident.get();
+  rp.selected_slot = L.selected_slot.get();
+  rp.jobs = L.jobs.get();
+  rp.job_count = L.job_count.get() + 1;  // per head (LaunchResidencyDiffBatch)
+  rp.kv_heads = s.geo.kv_heads;
+  rp.k = s.K;
+  rp.selected_base = s.SP + s.WP;
+  rp.head_mask = head_mask;
+  rp.counters = s.counters.get();
+  (speculative ? t.spec_residency : t.residency).Add(rp);
+  RecallBatchItem ri;
+  ri.src = s.StoreLayerDev(layer);
+  ri.src_page_stride = s.Recall().src_page_stride;
+  ri.jobs = L.jobs.get();
+  ri.head_counts = L.job_count.get() + 1;
+  ri.pool = L.pool.get();
+  ri.k = s.K;
+  ri.pad = 0;
+  (speculative ? t.spec_recall : t.recall).Add(ri);
+}
 
 void CudaEngine::SelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
                                  cudaStream_t stream) {
@@ -705,7 +837,7 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
     throw std::invalid_argument("prefill of " + to_string(n) + " tokens would exceed the store's capacity of " +
                                 to_string(s.host.capacity_pages) + " pages");
   cudaStream_t st = main_->get();
-  if (L.recall_pending) FKV_CUDA_CHECK(cudaStreamWaitEvent(st, L.recall_done.get(), 0));
+  if (L.recall_pending) FKV_CUDA_CHECK(cudaStreamWaitEvent(st, spec_done_[layer]->get(), 0));
   L.recall_pending = false;
   const int64_t c = L.tokens;
   const int first = (int)(c / P), last = (int)((c + n - 1) / P);
@@ -844,14 +976,41 @@ void CudaEngine::SizeBatchBuffers(const Session& s0, int B, int rows) {
   workspace_.Resize(DecodeAttentionWorkspaceBytes(dp));
 }
 
+// Sizes the descriptor tables for batches of up to B items: `pinned_regions` host regions and a
+// device region for every layer index below `layers`. A pinned region is reused only after the
+// main stream has run the copy out of it (Decode synchronises first and uses region 0; a device
+// step has a region per layer and synchronises at its next BeginDeviceStep). A device region is
+// rewritten only after the side-stream work that reads it (DecodeCore waits spec_done_[layer]).
+// Growing reallocates, so both streams are drained first.
+void CudaEngine::SizeDescTables(int B, int layers, int pinned_regions) {
+  if (B > desc_cap_ || (size_t)layers * desc_bytes_ > desc_dev_.size()) {
+    FKV_CUDA_CHECK(cudaStreamSynchronize(side_->get()));
+    FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+    desc_cap_ = std::max(desc_cap_, B);
+    desc_bytes_ = DescTable(desc_cap_, nullptr, nullptr).bytes;
+    desc_dev_.Resize((size_t)layers * desc_bytes_);
+  }
+  desc_pin_.Resize((size_t)pinned_regions * desc_bytes_);
+  if ((int)spec_done_.size() < layers) {
+    while ((int)spec_done_.size() < layers) spec_done_.push_back(std::make_unique<Event>());
+    spec_recorded_.resize(layers, 0);
+  }
+}
+
 // The device work of one layer's decode for a batch whose inputs are on the device:
 //   dq [B][Hq*D], dk, dv [B][Hkv*D] fp32; dpools [B] device array of the items' pools;
 //   dout [B][Hq*D] fp32 (written by the attention).
 // Queued on the main stream (and the speculative part on the side stream) without waiting; the
 // host-side state of each layer (tokens, query slot, flags) advances here. Manifests are not
 // written: the caller does that once the main stream has completed the work.
+// Every operation is one launch for the whole batch (items listed in the layer's DescTable), in
+// this order on the main stream: table copy, query copy, append, summary, offload, correction,
+// selection, residency diff, recall, attention tables, attention; then on the side stream the
+// speculative selection, residency diff and recall. Items are independent (each has its own pool,
+// tables, scratch and counters), so grouping by operation changes no result. Double-buffer sessions
+// still select and recall item by item (their job lists go through the host).
 void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const float* dq, const float* dk,
-                            const float* dv, float* dout, const bf16* const* dpools) {
+                            const float* dv, float* dout, const bf16* const* dpools, int region) {
   const int B = static_cast<int>(ss.size());
   const Geometry& g = ss[0]->geo;
   const int Hq = g.q_heads, Hkv = g.kv_heads, D = g.head_dim, P = ss[0]->P;
@@ -859,29 +1018,40 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
   cudaStream_t st = main_->get(), side = side_->get();
   const int rows = BatchRows(ss, layer);
   SizeBatchBuffers(*ss[0], B, rows);  // no-op when already large enough (see callers)
+  if (B > desc_cap_ || (int)spec_done_.size() <= layer || (size_t)(layer + 1) * desc_bytes_ > desc_dev_.size())
+    throw std::logic_error("decode: descriptor tables not sized for this batch");
 
-  // 1. Each layer's speculative recall (issued at the previous step) completes first.
-  for (int i = 0; i < B; ++i) {
-    LayerTier& L = *ss[i]->layers[layer];
-    if (L.recall_pending) {
-      if (cudaEventQuery(L.recall_done.get()) == cudaErrorNotReady) ss[i]->host_stats.recall_waits += 1;
-      cudaGetLastError();
-      FKV_CUDA_CHECK(cudaStreamWaitEvent(st, L.recall_done.get(), 0));
+  // 1. The layer's speculative work queued last (the batch's recalls from the previous step among
+  // it) completes first; that also frees the layer's device descriptor region.
+  if (spec_recorded_[layer]) {
+    const bool busy = cudaEventQuery(spec_done_[layer]->get()) == cudaErrorNotReady;
+    cudaGetLastError();
+    for (int i = 0; i < B; ++i) {
+      LayerTier& L = *ss[i]->layers[layer];
+      if (!L.recall_pending) continue;
+      if (busy) ss[i]->host_stats.recall_waits += 1;
       L.recall_pending = false;
     }
+    FKV_CUDA_CHECK(cudaStreamWaitEvent(st, spec_done_[layer]->get(), 0));
   }
+
+  uint8_t* host_region = desc_pin_.get() + (size_t)region * desc_bytes_;
+  uint8_t* dev_region = desc_dev_.get() + (size_t)layer * desc_bytes_;
+  DescTable t(B, host_region, dev_region);
+  std::vector<PerItemSelect> per_item, per_item_spec;
 
   int* tb_slot = batch_table_.get();
   int* tb_tokens = tb_slot + (size_t)B * Hkv * rows;
   int* tb_id = tb_tokens + (size_t)B * Hkv * rows;
   int* tb_num = tb_id + (size_t)B * Hkv * rows;
 
+  // 2. The host decides, item by item, what each needs (all from the context length and flags).
   for (int i = 0; i < B; ++i) {
     Session& s = *ss[i];
     LayerTier& L = *s.layers[layer];
     const int qnew = 1 - L.qcur;
-    FKV_CUDA_CHECK(cudaMemcpyAsync(L.q[qnew].get(), dq + i * qs, qs * sizeof(float), cudaMemcpyDeviceToDevice, st));
-    // 2. Append (with write-through of the tail); summary + offload when the page fills.
+    t.q.Add(CopyItem{dq + i * qs, L.q[qnew].get()});
+    // Append (with write-through of the tail); summary + offload when the page fills.
     const int64_t c = L.tokens;
     const int page = (int)(c / P), row = (int)(c % P);
     bf16* slot = L.pool.get() + (size_t)s.WorkingSlot(L, page) * s.page_elems;
@@ -896,33 +1066,33 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     ap.page_size = P;
     ap.tail = s.TailLayerDev(layer);
     ap.tail_from = 0;
-    LaunchAppend(ap, st);
+    t.append.Add(ap);
     if (row == P - 1) {
       if (!L.dense)
-        LaunchPageSummary(slot, 1, L.summaries.get() + (size_t)page * Hkv * 2 * D, Hkv, D, P,
-                          static_cast<int>(s.cfg.summary), st);
-      LaunchOffloadHnd(slot, 1, s.StoreLayerDev(layer) + (size_t)page * s.layout.page_bytes, s.layout.page_bytes, Hkv,
-                       D, P, st);
+        t.summary.Add(PageSummaryItem{slot, L.summaries.get() + (size_t)page * Hkv * 2 * D,
+                                      static_cast<int>(s.cfg.summary), 0});
+      t.offload.Add(OffloadItem{slot, s.StoreLayerDev(layer) + (size_t)page * s.layout.page_bytes});
       s.host_stats.pages_offloaded += 1;
       s.host_stats.offload_bytes += s.layout.page_bytes;
     }
     const int64_t t_new = c + 1;
     const Ranges r = RangesFor(s, t_new);
-    // 3. Blocking selections: the first decode after a prefill, oracle, and corrections.
+    // Blocking selections: the first decode after a prefill, oracle, and corrections.
     if (s.Retrieves(L)) {
       s.host_stats.selections += Hkv;
       if (s.cfg.mode == Mode::Oracle) {
-        SelectAndRecall(s, layer, L.q[qnew].get(), r.sink_end, r.window_begin, nullptr, st);
+        QueueSelectAndRecall(s, layer, L.q[qnew].get(), r.sink_end, r.window_begin, nullptr, t, false, per_item);
       } else if (L.first_decode || !L.selection_valid) {
-        SelectAndRecall(s, layer, L.has_q ? L.q[L.qcur].get() : L.q[qnew].get(), r.sink_end, r.window_begin, nullptr,
-                        st);
+        QueueSelectAndRecall(s, layer, L.has_q ? L.q[L.qcur].get() : L.q[qnew].get(), r.sink_end, r.window_begin,
+                             nullptr, t, false, per_item);
       } else if (s.cfg.mode == Mode::FreeKV) {
-        LaunchCorrectionCheck(L.q[qnew].get(), L.q[L.qcur].get(), Hq, Hkv, D, s.cfg.tau, L.flags.get(),
-                              s.counters.get() + kCorrections, st);
-        SelectAndRecall(s, layer, L.q[qnew].get(), r.sink_end, r.window_begin, L.flags.get(), st);
+        t.correction.Add(CorrectionItem{L.q[qnew].get(), L.q[L.qcur].get(), L.flags.get(),
+                                        s.counters.get() + kCorrections, s.cfg.tau, 0});
+        QueueSelectAndRecall(s, layer, L.q[qnew].get(), r.sink_end, r.window_begin, L.flags.get(), t, false,
+                             per_item);
       }
     }
-    // 4. The attention table: into the batch's rows and the layer's own (introspection).
+    // The attention table: into the batch's rows and the layer's own (introspection).
     AttendTableParams tp;
     tp.context = (int)t_new;
     tp.page_size = P;
@@ -941,16 +1111,41 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     tp.page_tokens = tb_tokens + (size_t)i * Hkv * rows;
     tp.page_id = tb_id + (size_t)i * Hkv * rows;
     tp.num_pages = tb_num + (size_t)i * Hkv;
-    LaunchAttendTable(tp, st);
+    t.table.Add(tp);
     tp.max_pages = L.table_rows;
     tp.page_slot = L.t_slot.get();
     tp.page_tokens = L.t_tokens.get();
     tp.page_id = L.t_id.get();
     tp.num_pages = L.t_num.get();
-    LaunchAttendTable(tp, st);
+    t.table.Add(tp);
+  }
+  // Speculative selection + recall for step t+1 (queued on the side stream below).
+  bool speculate = false;
+  for (int i = 0; i < B; ++i) {
+    Session& s = *ss[i];
+    LayerTier& L = *s.layers[layer];
+    if (!s.Speculates(L)) continue;
+    const Ranges now = RangesFor(s, L.tokens + 1), next = RangesFor(s, L.tokens + 2);
+    QueueSelectAndRecall(s, layer, L.q[1 - L.qcur].get(), next.sink_end, std::min(next.window_begin, now.full),
+                         nullptr, t, true, per_item_spec);
+    L.recall_pending = true;
+    speculate = true;
   }
 
-  // 5. Attention for the whole batch.
+  // 3. The table in one copy, then one launch per operation.
+  FKV_CUDA_CHECK(cudaMemcpyAsync(dev_region, host_region, t.bytes, cudaMemcpyHostToDevice, st));
+  LaunchCopyBatch(t.q.dev, t.q.n, (int)qs, st);
+  LaunchAppendBatch(t.append.dev, t.append.n, 1, Hkv, D, st);
+  LaunchPageSummaryBatch(t.summary.dev, t.summary.n, Hkv, D, P, st);
+  LaunchOffloadHndBatch(t.offload.dev, t.offload.n, Hkv, D, P, st);
+  LaunchCorrectionCheckBatch(t.correction.dev, t.correction.n, Hq, Hkv, D, st);
+  LaunchSelectionBatch(t.select.dev, t.select.host, t.select.n, st);
+  LaunchResidencyDiffBatch(t.residency.dev, t.residency.host, t.residency.n, st);
+  LaunchRecallGatherBatch(t.recall.dev, t.recall.n, Hkv, D, P, kGatherBlocks, st);
+  for (const PerItemSelect& x : per_item) SelectAndRecall(*x.s, layer, x.q, x.c0, x.c1, x.head_mask, st);
+  LaunchAttendTableBatch(t.table.dev, t.table.host, t.table.n, st);
+
+  // 4. Attention for the whole batch.
   DecodeAttentionParams dp;
   dp.q = dq;
   dp.out = dout;
@@ -971,20 +1166,18 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
   LaunchDecodeAttention(dp, workspace_.get(), ws, st);
   FKV_CUDA_CHECK(cudaEventRecord(attended_->get(), st));
 
-  // 6. Speculative selection + recall for step t+1, on the side stream after the attention.
-  for (int i = 0; i < B; ++i) {
-    Session& s = *ss[i];
-    LayerTier& L = *s.layers[layer];
-    const int qnew = 1 - L.qcur;
-    if (!s.Speculates(L)) continue;
+  // 5. Speculative selection + recall for step t+1, on the side stream after the attention.
+  if (speculate) {
     FKV_CUDA_CHECK(cudaStreamWaitEvent(side, attended_->get(), 0));
-    const Ranges now = RangesFor(s, L.tokens + 1), next = RangesFor(s, L.tokens + 2);
-    SelectAndRecall(s, layer, L.q[qnew].get(), next.sink_end, std::min(next.window_begin, now.full), nullptr, side);
-    FKV_CUDA_CHECK(cudaEventRecord(L.recall_done.get(), side));
-    L.recall_pending = true;
+    LaunchSelectionBatch(t.spec_select.dev, t.spec_select.host, t.spec_select.n, side);
+    LaunchResidencyDiffBatch(t.spec_residency.dev, t.spec_residency.host, t.spec_residency.n, side);
+    LaunchRecallGatherBatch(t.spec_recall.dev, t.spec_recall.n, Hkv, D, P, kGatherBlocks, side);
+    for (const PerItemSelect& x : per_item_spec) SelectAndRecall(*x.s, layer, x.q, x.c0, x.c1, x.head_mask, side);
+    FKV_CUDA_CHECK(cudaEventRecord(spec_done_[layer]->get(), side));
+    spec_recorded_[layer] = 1;
   }
 
-  // 7. Host-side state of the layer moves on (the queued work above used the old values).
+  // 6. Host-side state of the layer moves on (the queued work above used the old values).
   for (int i = 0; i < B; ++i) {
     Session& s = *ss[i];
     LayerTier& L = *s.layers[layer];
@@ -1018,6 +1211,9 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
   // be recalling. Growing the per-call buffers below is therefore safe.
   FKV_CUDA_CHECK(cudaStreamSynchronize(st));
   SizeBatchBuffers(*ss[0], B, BatchRows(ss, layer));
+  int layers = 0;
+  for (const Session* s : ss) layers = std::max(layers, s->geo.layers);
+  SizeDescTables(B, layers, 1);
 
   // Inputs in: one pinned staging area, one copy. Layout: q [B][Hq*D] | k [B][Hkv*D] |
   // v [B][Hkv*D] (fp32) | pools [B].
@@ -1041,7 +1237,7 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
   FKV_CUDA_CHECK(cudaMemcpyAsync(dev_in_.get(), pin_in_.get(), in_bytes, cudaMemcpyHostToDevice, st));
   const float* dq = reinterpret_cast<const float*>(dev_in_.get());
   DecodeCore(layer, ss, dq, dq + (size_t)B * qs, dq + (size_t)B * (qs + ks), dev_out_.get(),
-             reinterpret_cast<const bf16* const*>(dev_in_.get() + ptr_off));
+             reinterpret_cast<const bf16* const*>(dev_in_.get() + ptr_off), 0);
   FKV_CUDA_CHECK(cudaMemcpyAsync(pin_out_.get(), dev_out_.get(), (size_t)B * qs * sizeof(float),
                                  cudaMemcpyDeviceToHost, st));
   FKV_CUDA_CHECK(cudaEventRecord(outputs_->get(), st));
@@ -1075,6 +1271,7 @@ void CudaEngine::BeginDeviceStep(const std::vector<int>& sessions) {
   int rows = 1;
   for (int l = 0; l < NL; ++l) rows = std::max(rows, BatchRows(ss, l));
   SizeBatchBuffers(*ss[0], B, rows);
+  SizeDescTables(B, NL, NL);  // a pinned region per layer: the host does not wait between layers
   step_ptrs_pin_.Resize((size_t)NL * B * sizeof(void*));
   step_ptrs_.Resize((size_t)NL * B * sizeof(void*));
   step_q_.Resize((size_t)NL * B * qs);
@@ -1101,7 +1298,7 @@ void CudaEngine::DecodeDevice(int layer, const float* q, const float* k, const f
   const int B = (int)ss.size();
   const size_t qs = (size_t)ss[0]->geo.q_heads * ss[0]->geo.head_dim;
   const auto* pools = reinterpret_cast<const bf16* const*>(step_ptrs_.get()) + (size_t)layer * B;
-  DecodeCore(layer, ss, q, k, v, out, pools);
+  DecodeCore(layer, ss, q, k, v, out, pools, layer);
   // This layer's queries, for the manifest's query records written at the end of the step.
   FKV_CUDA_CHECK(cudaMemcpyAsync(step_q_.get() + (size_t)layer * B * qs, q, (size_t)B * qs * sizeof(float),
                                  cudaMemcpyDeviceToDevice, main_->get()));

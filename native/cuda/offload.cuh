@@ -16,4 +16,14 @@ namespace freekv::cuda {
 void LaunchOffloadHnd(const __nv_bfloat16* pages, int count, uint8_t* dst, size_t dst_page_stride, int kv_heads,
                       int head_dim, int page_size, cudaStream_t stream);
 
+// One full page of one batch item: its NHD page on the device and its HND destination page.
+struct OffloadItem {
+  const __nv_bfloat16* page;
+  uint8_t* dst;
+};
+
+// `count` single-page offloads in one launch; items: device array.
+void LaunchOffloadHndBatch(const OffloadItem* items, int count, int kv_heads, int head_dim, int page_size,
+                           cudaStream_t stream);
+
 }  // namespace freekv::cuda

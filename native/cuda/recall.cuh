@@ -39,6 +39,25 @@ struct RecallGeometry {
 void LaunchRecallGather(const uint8_t* src, const RecallGeometry& g, const RecallJob* jobs, const int* job_count,
                         int max_jobs, __nv_bfloat16* pool, int blocks, cudaStream_t stream);
 
+// One batch item of a batched gather: its store (device pointer of the mapped store at the layer's
+// first page), its jobs kept per KV head (head h's at jobs[h * k ..], their number in
+// head_counts[h], as LaunchResidencyDiffBatch writes them) and its pool.
+struct RecallBatchItem {
+  const uint8_t* src;
+  size_t src_page_stride;
+  const RecallJob* jobs;
+  const int* head_counts;  // [kv_heads]
+  __nv_bfloat16* pool;
+  int k;
+  int pad;
+};
+
+// Batched gather: every job of `count` items (device array) in one grid-stride loop over `blocks`
+// blocks, so the link sees the same number of loads in flight as one item's LaunchRecallGather.
+// The items share kv_heads, head_dim and page_size.
+void LaunchRecallGatherBatch(const RecallBatchItem* items, int count, int kv_heads, int head_dim, int page_size,
+                             int blocks, cudaStream_t stream);
+
 // Double-buffered streamed recall: owns two device staging buffers of `chunk` head-pages, a copy
 // stream, a scatter stream and the events that order them:
 //   copy(buf) waits scatter_done(buf) of the previous use; scatter(buf) waits copy_done(buf).

@@ -10,9 +10,16 @@ constexpr int kMaxK = 1024;
 
 // One block per KV head: threads test selected entries against the resident set in parallel,
 // thread 0 hands out the free slots in order.
-__global__ void ResidencyKernel(ResidencyParams p) {
+// Batched (item blockIdx.y of `items`): head h writes its jobs to jobs[h * k ..] and their number
+// to job_count[h] (0 for a masked head), so no count needs zeroing before the launch.
+template <bool kBatch>
+__global__ void ResidencyKernel(const ResidencyParams p0, const ResidencyParams* items) {
+  const ResidencyParams p = kBatch ? items[blockIdx.y] : p0;
   const int h = blockIdx.x;
-  if (p.head_mask && p.head_mask[h] == 0) return;
+  if (p.head_mask && p.head_mask[h] == 0) {
+    if (kBatch && threadIdx.x == 0) p.job_count[h] = 0;
+    return;
+  }
   __shared__ int sel[kMaxK], res[kMaxK], hit_slot[kMaxK];
   __shared__ unsigned char kept[kMaxK];
   __shared__ int miss[kMaxK];
@@ -52,7 +59,13 @@ __global__ void ResidencyKernel(ResidencyParams p) {
       hit_slot[i] = free_j;
       miss[nmiss++] = i;
     }
-    const int base = nmiss ? atomicAdd(p.job_count, nmiss) : 0;
+    int base;
+    if (kBatch) {
+      base = h * k;
+      p.job_count[h] = nmiss;
+    } else {
+      base = nmiss ? atomicAdd(p.job_count, nmiss) : 0;
+    }
     for (int m = 0; m < nmiss; ++m) {
       RecallJob jb;
       jb.page = sel[miss[m]];
@@ -74,8 +87,11 @@ __global__ void ResidencyKernel(ResidencyParams p) {
   }
 }
 
-// One block per KV head. Rows: sink pages, then selected pages, then window pages.
-__global__ void AttendTableKernel(AttendTableParams p) {
+// One block per KV head. Rows: sink pages, then selected pages, then window pages. Batched: table
+// blockIdx.y of `items`.
+template <bool kBatch>
+__global__ void AttendTableKernel(const AttendTableParams p0, const AttendTableParams* items) {
+  const AttendTableParams p = kBatch ? items[blockIdx.y] : p0;
   const int h = blockIdx.x;
   const int P = p.page_size;
   const int npages = (p.context + P - 1) / P;  // pages holding tokens, the partial one included
@@ -127,12 +143,37 @@ __global__ void AttendTableKernel(AttendTableParams p) {
 
 }  // namespace
 
-void LaunchResidencyDiff(const ResidencyParams& p, cudaStream_t stream) {
+namespace {
+void CheckResidency(const ResidencyParams& p) {
   Require(p.kv_heads > 0 && p.k > 0 && p.k <= kMaxK, "residency: k must be in [1, 1024]");
   Require(p.selected && p.resident && p.selected_slot && p.jobs && p.job_count, "residency: a device pointer is null");
+}
+void CheckAttendTable(const AttendTableParams& p) {
+  Require(p.page_size > 0 && p.kv_heads > 0 && p.max_pages > 0, "attend table: bad geometry");
+  Require(p.dense || p.window_pages >= 1, "attend table: window_pages must be >= 1");
+  Require(p.page_slot && p.page_tokens && p.page_id && p.num_pages, "attend table: a device pointer is null");
+  Require(p.k == 0 || (p.selected && p.selected_slot), "attend table: selected arrays are null");
+  Require(p.dense || p.sink_pages + p.k + p.window_pages <= p.max_pages, "attend table: max_pages too small");
+}
+}  // namespace
+
+void LaunchResidencyDiff(const ResidencyParams& p, cudaStream_t stream) {
+  CheckResidency(p);
   FKV_CUDA_CHECK(cudaMemsetAsync(p.job_count, 0, sizeof(int), stream));
-  ResidencyKernel<<<p.kv_heads, 128, 0, stream>>>(p);
+  ResidencyKernel<false><<<p.kv_heads, 128, 0, stream>>>(p, nullptr);
   FKV_CUDA_CHECK_LAUNCH("ResidencyKernel");
+}
+
+void LaunchResidencyDiffBatch(const ResidencyParams* items, const ResidencyParams* host_items, int count,
+                              cudaStream_t stream) {
+  if (count == 0) return;
+  Require(count > 0 && count <= 65535 && items && host_items, "residency batch: count must be in [1, 65535]");
+  for (int i = 0; i < count; ++i) {
+    CheckResidency(host_items[i]);
+    Require(host_items[i].kv_heads == host_items[0].kv_heads, "residency batch: the items' kv_heads differ");
+  }
+  ResidencyKernel<true><<<dim3(host_items[0].kv_heads, count), 128, 0, stream>>>(host_items[0], items);
+  FKV_CUDA_CHECK_LAUNCH("ResidencyKernel(batch)");
 }
 
 int AttendTableRows(int context, int page_size, int sink_pages, int window_pages, int k, bool dense) {
@@ -142,13 +183,21 @@ int AttendTableRows(int context, int page_size, int sink_pages, int window_pages
 }
 
 void LaunchAttendTable(const AttendTableParams& p, cudaStream_t stream) {
-  Require(p.page_size > 0 && p.kv_heads > 0 && p.max_pages > 0, "attend table: bad geometry");
-  Require(p.dense || p.window_pages >= 1, "attend table: window_pages must be >= 1");
-  Require(p.page_slot && p.page_tokens && p.page_id && p.num_pages, "attend table: a device pointer is null");
-  Require(p.k == 0 || (p.selected && p.selected_slot), "attend table: selected arrays are null");
-  Require(p.dense || p.sink_pages + p.k + p.window_pages <= p.max_pages, "attend table: max_pages too small");
-  AttendTableKernel<<<p.kv_heads, 128, 0, stream>>>(p);
+  CheckAttendTable(p);
+  AttendTableKernel<false><<<p.kv_heads, 128, 0, stream>>>(p, nullptr);
   FKV_CUDA_CHECK_LAUNCH("AttendTableKernel");
+}
+
+void LaunchAttendTableBatch(const AttendTableParams* items, const AttendTableParams* host_items, int count,
+                            cudaStream_t stream) {
+  if (count == 0) return;
+  Require(count > 0 && count <= 65535 && items && host_items, "attend table batch: count must be in [1, 65535]");
+  for (int i = 0; i < count; ++i) {
+    CheckAttendTable(host_items[i]);
+    Require(host_items[i].kv_heads == host_items[0].kv_heads, "attend table batch: the items' kv_heads differ");
+  }
+  AttendTableKernel<true><<<dim3(host_items[0].kv_heads, count), 128, 0, stream>>>(host_items[0], items);
+  FKV_CUDA_CHECK_LAUNCH("AttendTableKernel(batch)");
 }
 
 }  // namespace freekv::cuda

@@ -34,6 +34,13 @@ struct ResidencyParams {
 
 void LaunchResidencyDiff(const ResidencyParams& p, cudaStream_t stream);
 
+// `count` diffs in one launch (grid kv_heads x count); items: device array, host_items: the same
+// on the host (checks). Same resident/selected_slot/counter results as LaunchResidencyDiff, but
+// the job list is kept per head: head h's jobs at jobs[h * k ..], their number in job_count[h]
+// (job_count is [kv_heads] here), which is what LaunchRecallGatherBatch reads.
+void LaunchResidencyDiffBatch(const ResidencyParams* items, const ResidencyParams* host_items, int count,
+                              cudaStream_t stream);
+
 struct AttendTableParams {
   int context = 0;  // tokens after this step's append
   int page_size = 0, sink_pages = 0, window_pages = 0;
@@ -54,5 +61,10 @@ struct AttendTableParams {
 int AttendTableRows(int context, int page_size, int sink_pages, int window_pages, int k, bool dense);
 
 void LaunchAttendTable(const AttendTableParams& p, cudaStream_t stream);
+
+// `count` tables in one launch (grid kv_heads x count); items: device array, host_items: the same on
+// the host (checks).
+void LaunchAttendTableBatch(const AttendTableParams* items, const AttendTableParams* host_items, int count,
+                            cudaStream_t stream);
 
 }  // namespace freekv::cuda

@@ -12,6 +12,7 @@
 //      page), and a rank sort of the k winners
 //      (best first; ties: the lower page), exactly as the CPU's TopK orders them.
 //      For k > kRankSortMax the whole candidate set is bitonic-sorted instead.
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -33,8 +34,11 @@ constexpr int kRankSortMax = 1024;  // k above this: bitonic sort of all candida
 // ---- 1. scoring ----
 
 // NCH: float4 chunks of a hi (or lo) row per lane (D <= 128 * NCH); MAXG: query heads per pass.
-template <int NCH, int MAXG>
-__global__ void __launch_bounds__(kScoreThreads) SelectionScoreKernel(SelectionParams p) {
+// Batched: item blockIdx.z of `items`.
+template <int NCH, int MAXG, bool kBatch>
+__global__ void __launch_bounds__(kScoreThreads)
+    SelectionScoreKernel(const SelectionParams p0, const SelectionParams* items) {
+  const SelectionParams p = kBatch ? items[blockIdx.z] : p0;
   const int h = blockIdx.y;
   if (p.head_mask && p.head_mask[h] == 0) return;
   const int G = p.q_heads / p.kv_heads, D = p.head_dim, M = p.num_candidates, D4 = D / 4;
@@ -204,12 +208,17 @@ __device__ void CombineToKeys(const SelectionParams& p, int h, unsigned long lon
 }
 
 // Dynamic shared memory: keys[M] u64 | sel_k[kRankSortMax] u64 | cand_k[kCandCap] u64 |
-// sel_i[kRankSortMax] int | cand_i[kCandCap] int.
-__global__ void __launch_bounds__(kTopThreads) SelectionTopKKernel(SelectionParams p) {
+// sel_i[kRankSortMax] int | cand_i[kCandCap] int. Batched: item blockIdx.y of `items`; an item
+// with more than kRankSortMax places is left to SelectionSortKernel.
+template <bool kBatch>
+__global__ void __launch_bounds__(kTopThreads)
+    SelectionTopKKernel(const SelectionParams p0, const SelectionParams* items) {
+  const SelectionParams p = kBatch ? items[blockIdx.y] : p0;
   const int h = blockIdx.x;
   if (p.head_mask && p.head_mask[h] == 0) return;
   const int M = p.num_candidates;
   const int kk = min(p.k, M);
+  if (kBatch && kk > kRankSortMax) return;
   extern __shared__ unsigned long long sm_u[];
   unsigned long long* keys = sm_u;
   unsigned long long* sel_k = keys + M;
@@ -348,12 +357,26 @@ __global__ void __launch_bounds__(kTopThreads) SelectionTopKKernel(SelectionPara
   for (int t = kk + threadIdx.x; t < p.k; t += blockDim.x) p.selected[(size_t)h * p.k + t] = -1;
 }
 
+__host__ __device__ inline int NextPow2(int x) {
+  int n = 1;
+  while (n < x) n <<= 1;
+  return n;
+}
+
 // k > kRankSortMax: combine as above, then a bitonic sort of every candidate.
-// Dynamic shared memory: keys[np] u64 | idx[np] int.
-__global__ void __launch_bounds__(kTopThreads) SelectionSortKernel(SelectionParams p, int np) {
+// Dynamic shared memory: keys[np] u64 | idx[np] int. Batched: item blockIdx.y of `items` (np from
+// its own candidates); an item with at most kRankSortMax places is left to SelectionTopKKernel.
+template <bool kBatch>
+__global__ void __launch_bounds__(kTopThreads)
+    SelectionSortKernel(const SelectionParams p0, int np, const SelectionParams* items) {
+  const SelectionParams p = kBatch ? items[blockIdx.y] : p0;
   const int h = blockIdx.x;
   if (p.head_mask && p.head_mask[h] == 0) return;
   const int M = p.num_candidates;
+  if (kBatch) {
+    if (min(p.k, M) <= kRankSortMax) return;
+    np = NextPow2(max(M, 1));
+  }
   extern __shared__ unsigned long long sm_u[];
   unsigned long long* keys = sm_u;
   int* idx = reinterpret_cast<int*>(keys + np);
@@ -386,19 +409,18 @@ __global__ void __launch_bounds__(kTopThreads) SelectionSortKernel(SelectionPara
   for (int i = threadIdx.x; i < p.k; i += blockDim.x) p.selected[(size_t)h * p.k + i] = i < M ? p.first_page + idx[i] : -1;
 }
 
-int NextPow2(int x) {
-  int n = 1;
-  while (n < x) n <<= 1;
-  return n;
-}
-
+// Single (items == nullptr): grid (page chunks, kv_heads) for p. Batched: grid (page chunks of
+// the largest item, kv_heads, count) over the device array items.
 struct ScoreLaunch {
   const SelectionParams& p;
   cudaStream_t stream;
+  const SelectionParams* items = nullptr;
+  int count = 1;
   template <int NCH, int MAXG>
   void Go() const {
-    const dim3 grid((p.num_candidates + kPagesPerBlock - 1) / kPagesPerBlock, p.kv_heads);
-    SelectionScoreKernel<NCH, MAXG><<<grid, kScoreThreads, 0, stream>>>(p);
+    const dim3 grid((p.num_candidates + kPagesPerBlock - 1) / kPagesPerBlock, p.kv_heads, count);
+    if (items) SelectionScoreKernel<NCH, MAXG, true><<<grid, kScoreThreads, 0, stream>>>(p, items);
+    else SelectionScoreKernel<NCH, MAXG, false><<<grid, kScoreThreads, 0, stream>>>(p, nullptr);
   }
   template <int NCH>
   void ByG(int G) const {
@@ -415,7 +437,8 @@ size_t SelectionScratchBytes(const SelectionParams& p) {
   return (size_t)p.q_heads * (size_t)std::max(p.num_candidates, 1) * sizeof(float);
 }
 
-void LaunchSelection(const SelectionParams& p, cudaStream_t stream) {
+namespace {
+void CheckSelection(const SelectionParams& p) {
   Require(p.kv_heads > 0 && p.q_heads > 0 && p.q_heads % p.kv_heads == 0,
           "selection: q_heads must be a positive multiple of kv_heads");
   Require(p.k > 0, "selection: k must be > 0");
@@ -426,6 +449,11 @@ void LaunchSelection(const SelectionParams& p, cudaStream_t stream) {
   Require(p.head_dim > 0 && p.head_dim % 4 == 0 && p.head_dim <= 512,
           "selection: head_dim must be a multiple of 4 in [4, 512], got " + std::to_string(p.head_dim));
   Require(p.q && p.summaries && p.scratch && p.selected, "selection: a device pointer is null");
+}
+}  // namespace
+
+void LaunchSelection(const SelectionParams& p, cudaStream_t stream) {
+  CheckSelection(p);
   const int G = p.q_heads / p.kv_heads;
   if (p.num_candidates > 0) {
     const ScoreLaunch sl{p, stream};
@@ -437,15 +465,58 @@ void LaunchSelection(const SelectionParams& p, cudaStream_t stream) {
   const int kk = std::min(p.k, p.num_candidates);
   if (kk <= kRankSortMax) {
     const size_t smem = (size_t)p.num_candidates * 8 + (size_t)(kRankSortMax + kCandCap) * 12;
-    FKV_CUDA_CHECK(cudaFuncSetAttribute(SelectionTopKKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    SelectionTopKKernel<<<p.kv_heads, kTopThreads, smem, stream>>>(p);
+    FKV_CUDA_CHECK(
+        cudaFuncSetAttribute(SelectionTopKKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    SelectionTopKKernel<false><<<p.kv_heads, kTopThreads, smem, stream>>>(p, nullptr);
     FKV_CUDA_CHECK_LAUNCH("SelectionTopKKernel");
   } else {
     const int np = NextPow2(std::max(p.num_candidates, 1));
     const size_t smem = (size_t)np * 12;
-    FKV_CUDA_CHECK(cudaFuncSetAttribute(SelectionSortKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    SelectionSortKernel<<<p.kv_heads, kTopThreads, smem, stream>>>(p, np);
+    FKV_CUDA_CHECK(
+        cudaFuncSetAttribute(SelectionSortKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    SelectionSortKernel<false><<<p.kv_heads, kTopThreads, smem, stream>>>(p, np, nullptr);
     FKV_CUDA_CHECK_LAUNCH("SelectionSortKernel");
+  }
+}
+
+void LaunchSelectionBatch(const SelectionParams* items, const SelectionParams* host_items, int count,
+                          cudaStream_t stream) {
+  if (count == 0) return;
+  Require(count > 0 && count <= 65535 && items && host_items, "selection batch: count must be in [1, 65535]");
+  const SelectionParams& p0 = host_items[0];
+  int max_m = 0, max_topk_m = -1, max_sort_np = 0;
+  for (int i = 0; i < count; ++i) {
+    const SelectionParams& p = host_items[i];
+    CheckSelection(p);
+    Require(p.q_heads == p0.q_heads && p.kv_heads == p0.kv_heads && p.head_dim == p0.head_dim,
+            "selection batch: the items' geometries differ");
+    max_m = std::max(max_m, p.num_candidates);
+    if (std::min(p.k, p.num_candidates) <= kRankSortMax) max_topk_m = std::max(max_topk_m, p.num_candidates);
+    else max_sort_np = std::max(max_sort_np, NextPow2(std::max(p.num_candidates, 1)));
+  }
+  const int G = p0.q_heads / p0.kv_heads;
+  if (max_m > 0) {
+    SelectionParams shape = p0;  // grid shape only: the kernels read their items from `items`
+    shape.num_candidates = max_m;
+    const ScoreLaunch sl{shape, stream, items, count};
+    if (p0.head_dim <= 128) sl.ByG<1>(G);
+    else if (p0.head_dim <= 256) sl.ByG<2>(G);
+    else sl.ByG<4>(G);
+    FKV_CUDA_CHECK_LAUNCH("SelectionScoreKernel(batch)");
+  }
+  if (max_topk_m >= 0) {
+    const size_t smem = (size_t)max_topk_m * 8 + (size_t)(kRankSortMax + kCandCap) * 12;
+    FKV_CUDA_CHECK(
+        cudaFuncSetAttribute(SelectionTopKKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    SelectionTopKKernel<true><<<dim3(p0.kv_heads, count), kTopThreads, smem, stream>>>(p0, items);
+    FKV_CUDA_CHECK_LAUNCH("SelectionTopKKernel(batch)");
+  }
+  if (max_sort_np > 0) {
+    const size_t smem = (size_t)max_sort_np * 12;
+    FKV_CUDA_CHECK(
+        cudaFuncSetAttribute(SelectionSortKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    SelectionSortKernel<true><<<dim3(p0.kv_heads, count), kTopThreads, smem, stream>>>(p0, 0, items);
+    FKV_CUDA_CHECK_LAUNCH("SelectionSortKernel(batch)");
   }
 }
 

@@ -37,4 +37,11 @@ size_t SelectionScratchBytes(const SelectionParams& p);
 
 void LaunchSelection(const SelectionParams& p, cudaStream_t stream);
 
+// `count` selections in one launch per kernel (scoring, then top-k and/or sort): items is a device
+// array of count SelectionParams, host_items the same array on the host (launch shapes and checks).
+// The items share q_heads, kv_heads and head_dim; everything else may differ. Each item's
+// `selected` is exactly what LaunchSelection would write for it.
+void LaunchSelectionBatch(const SelectionParams* items, const SelectionParams* host_items, int count,
+                          cudaStream_t stream);
+
 }  // namespace freekv::cuda

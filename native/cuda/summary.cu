@@ -4,11 +4,20 @@
 namespace freekv::cuda {
 namespace {
 
-// grid (ceil(kv_heads * head_dim / 128), count); one thread per channel.
+// grid (ceil(kv_heads * head_dim / 128), count); one thread per channel. Batched: page blockIdx.y
+// is items[blockIdx.y].page, its summary goes to items[blockIdx.y].summary.
+template <bool kBatch>
 __global__ void PageSummaryKernel(const __nv_bfloat16* pages, float* summaries, int kv_heads, int head_dim,
-                                  int page_size, int kind) {
+                                  int page_size, int kind, const PageSummaryItem* items) {
   const int ch = blockIdx.x * blockDim.x + threadIdx.x;
-  const int page = blockIdx.y;
+  int page = blockIdx.y;
+  if (kBatch) {
+    const PageSummaryItem it = items[blockIdx.y];
+    pages = it.page;
+    summaries = it.summary;
+    kind = it.kind;
+    page = 0;
+  }
   const int C = kv_heads * head_dim;
   if (ch >= C) return;
   const __nv_bfloat16* k = pages + (size_t)page * 2 * page_size * C + ch;  // K half of the page
@@ -43,9 +52,19 @@ void LaunchPageSummary(const __nv_bfloat16* pages, int count, float* summaries, 
   Require(kind == kSummaryMaxMin || kind == kSummaryCuboidMean, "page summary: unknown summary kind");
   Require(count <= 65535, "page summary: at most 65535 pages per launch");
   const int C = kv_heads * head_dim;
-  PageSummaryKernel<<<dim3((C + 127) / 128, count), 128, 0, stream>>>(pages, summaries, kv_heads, head_dim,
-                                                                      page_size, kind);
+  PageSummaryKernel<false><<<dim3((C + 127) / 128, count), 128, 0, stream>>>(pages, summaries, kv_heads, head_dim,
+                                                                             page_size, kind, nullptr);
   FKV_CUDA_CHECK_LAUNCH("PageSummaryKernel");
+}
+
+void LaunchPageSummaryBatch(const PageSummaryItem* items, int count, int kv_heads, int head_dim, int page_size,
+                            cudaStream_t stream) {
+  if (count == 0) return;
+  Require(count > 0 && count <= 65535 && items, "page summary batch: count must be in [1, 65535], items set");
+  const int C = kv_heads * head_dim;
+  PageSummaryKernel<true><<<dim3((C + 127) / 128, count), 128, 0, stream>>>(nullptr, nullptr, kv_heads, head_dim,
+                                                                            page_size, 0, items);
+  FKV_CUDA_CHECK_LAUNCH("PageSummaryKernel(batch)");
 }
 
 }  // namespace freekv::cuda

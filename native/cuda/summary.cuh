@@ -43,4 +43,17 @@ enum SummaryKindId : int { kSummaryMaxMin = 1, kSummaryCuboidMean = 2 };
 void LaunchPageSummary(const __nv_bfloat16* pages, int count, float* summaries, int kv_heads, int head_dim,
                        int page_size, int kind, cudaStream_t stream);
 
+// One page of one batch item: its NHD page, where its summary goes ([kv_heads][2][head_dim]) and
+// the summary kind (SummaryKindId; items may differ).
+struct PageSummaryItem {
+  const __nv_bfloat16* page;
+  float* summary;
+  int kind;
+  int pad;
+};
+
+// `count` single-page summaries in one launch; items: device array (kinds checked by the caller).
+void LaunchPageSummaryBatch(const PageSummaryItem* items, int count, int kv_heads, int head_dim, int page_size,
+                            cudaStream_t stream);
+
 }  // namespace freekv::cuda

@@ -1,0 +1,26 @@
+#include <algorithm>
+
+#include "batch_copy.cuh"
+#include "cuda_check.cuh"
+
+namespace freekv::cuda {
+namespace {
+
+// grid (blocks, count): item blockIdx.y, grid-stride over its n floats.
+__global__ void CopyBatchKernel(const CopyItem* items, int n) {
+  const CopyItem it = items[blockIdx.y];
+  for (int x = blockIdx.x * blockDim.x + threadIdx.x; x < n; x += gridDim.x * blockDim.x) it.dst[x] = it.src[x];
+}
+
+}  // namespace
+
+void LaunchCopyBatch(const CopyItem* items, int count, int n, cudaStream_t stream) {
+  if (count == 0 || n == 0) return;
+  Require(items && count > 0 && count <= 65535 && n > 0, "copy batch: bad items, count or n");
+  const int threads = 256;
+  const int blocks = std::min((n + threads - 1) / threads, 64);
+  CopyBatchKernel<<<dim3(blocks, count), threads, 0, stream>>>(items, n);
+  FKV_CUDA_CHECK_LAUNCH("CopyBatchKernel");
+}
+
+}  // namespace freekv::cuda
