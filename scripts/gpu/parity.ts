@@ -345,6 +345,22 @@ async function runModel(addon: Addon, engine: Engine, build: ModelBuild, g: Gold
   }
 }
 
+/** The greedy continuation through Model.decodeArgmax (the pick made where the logits are). */
+async function runArgmax(addon: Addon, engine: Engine, build: ModelBuild, g: Golden, retrieval: Retrieval, kvDtype: Geometry["kvDtype"]): Promise<number[]> {
+  const model = new addon.Model({ config: build.native, tensors: build.tensors, engine });
+  const c = build.native;
+  const local = createLocalSession(engine, { layers: c.layers, qHeads: c.qHeads, kvHeads: c.kvHeads, headDim: c.headDim, kvDtype }, retrieval, g.prompt.length + g.continuation.length + 16);
+  try {
+    const last = await model.prefill(local.session, Int32Array.from(g.prompt), 0, false);
+    const tokens = [argmax(last, 0, model.vocabSize)];
+    for (let pos = g.prompt.length; tokens.length < g.continuation.length; pos++)
+      tokens.push((await model.decodeArgmax(Int32Array.of(local.session), Int32Array.of(tokens[tokens.length - 1]), Int32Array.of(pos)))[0]);
+    return tokens;
+  } finally {
+    await local.close();
+  }
+}
+
 function retrieval(mode: Retrieval["mode"], select: number): Retrieval {
   return { pageSize: 16, sinkTokens: 32, windowTokens: 32, selectTokens: select, tau: 0.9, summary: 1 as Retrieval["summary"], combine: 1 as Retrieval["combine"], mode, recall: 1 as Retrieval["recall"], denseLayers: [] };
 }
@@ -468,6 +484,11 @@ async function modelParity(addon: Addon, cpu: Engine, cand: Engine, candName: st
         }
         const candMs = Date.now() - tc;
         if (candName === "cuda") check(`${name} ${label}: layers on the GPU`, b.device === "cuda", `Model.device = ${b.device}`);
+        if (candName === "cuda" && label === "dense") {
+          const picks = await runArgmax(addon, cand, wide, g, r, candKv);
+          const same = picks.every((t, i) => t === b.tokens[i]);
+          check(`${name} ${label}: decodeArgmax on the GPU picks the argmax of decode's logits`, same, same ? `${picks.length}/${picks.length} tokens` : `differs at step ${picks.findIndex((t, i) => t !== b.tokens[i])}`);
+        }
         const d = compareRuns(a, b, V);
         const logitTol = LOGIT_ABS + Math.min(BF16_REL * d.logitScale, bf16Effect / 4);
         const hfA = compareGolden(a, g, V);
