@@ -106,7 +106,17 @@ struct AttnCase {
     p.variant = 0;
     if (ws_bytes) CK(cudaMalloc(&ws, ws_bytes));
   }
-  void Run(cudaStream_t s) { fc::LaunchDecodeAttention(p, ws, ws_bytes, s); }
+  void Run(cudaStream_t s) {
+    // A case may change the split (pages_per_split) after construction: grow the workspace then.
+    const size_t need = fc::DecodeAttentionWorkspaceBytes(p);
+    if (need > ws_bytes) {
+      CK(cudaStreamSynchronize(s));
+      if (ws) CK(cudaFree(ws));
+      CK(cudaMalloc(&ws, need));
+      ws_bytes = need;
+    }
+    fc::LaunchDecodeAttention(p, ws, ws_bytes, s);
+  }
   double KvBytes() const {
     double tok = 0;
     for (size_t i = 0; i < h_num.size(); ++i)
