@@ -127,6 +127,8 @@ export interface CaseSpec {
   /** After the run, a fresh CPU engine re-attaches over a copy of the candidate's segments and
    *  one more step is compared (the manifest, store and tail are backend-neutral). */
   crossReattach?: boolean;
+  /** Per-session retrieval changes on top of `retrieval` (a batch that mixes configurations). */
+  perSession?: Partial<Retrieval>[];
 }
 
 const BASE: Retrieval = {
@@ -232,6 +234,42 @@ export const CASES: CaseSpec[] = [
     steps: 20,
     capacityPages: 32,
     seed: 707,
+  },
+  {
+    // One batch mixing every mode, recall method, summary, combine, budget and a dense layer.
+    name: "mixed batch: freekv, oracle, speculative, freekv double-buffer, sink-window, dense, other budgets",
+    geometry: { layers: 3, qHeads: 32, kvHeads: 8, headDim: 128 },
+    retrieval: { denseLayers: [] },
+    perSession: [
+      {},
+      { mode: 3 },
+      { mode: 4, combine: 3 },
+      { recall: 2, tau: 0.95 },
+      { mode: 5 },
+      { mode: 2 },
+      { sinkTokens: 32, windowTokens: 64, selectTokens: 512, summary: 2, combine: 2, denseLayers: [1] },
+      { tau: 0.8, selectTokens: 128 },
+    ],
+    prompts: [1200, 903, 1500, 700, 640, 1000, 1333, 95],
+    firstChunk: 60,
+    attendPrompt: true,
+    steps: 40,
+    capacityPages: 96,
+    seed: 909,
+  },
+  {
+    name: "mixed batch with re-attach and cross re-attach",
+    geometry: { layers: 2, qHeads: 8, kvHeads: 2, headDim: 128 },
+    retrieval: {},
+    perSession: [{}, { mode: 3 }, { mode: 4 }, { recall: 2 }],
+    prompts: [1000, 777, 513, 640],
+    firstChunk: 500,
+    attendPrompt: true,
+    steps: 24,
+    capacityPages: 48,
+    seed: 808,
+    reattachAt: 13,
+    crossReattach: true,
   },
 ];
 
@@ -344,6 +382,7 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
   const addon = loadAddon();
   const geometry: Geometry = { ...spec.geometry, kvDtype: 2 /* BF16 */ };
   const retrieval: Retrieval = { ...BASE, ...spec.retrieval };
+  const R = (b: number): Retrieval => ({ ...retrieval, ...(spec.perSession?.[b] ?? {}) });
   const { layers, qHeads, kvHeads, headDim: D } = geometry;
   const qn = qHeads * D,
     kn = kvHeads * D,
@@ -369,10 +408,10 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
   try {
     for (const be of ["cpu", "cuda"] as const)
       for (let b = 0; b < B; b++) {
-        const h = createHost(geometry, retrieval, spec.capacityPages);
+        const h = createHost(geometry, R(b), spec.capacityPages);
         hosts.push(h);
         hostOf[be].push(h);
-        sessions[be].push(engines[be].createSession(geometry, retrieval, h.segments, false));
+        sessions[be].push(engines[be].createSession(geometry, R(b), h.segments, false));
       }
     const hist = inputs.map(() => Array.from({ length: layers }, () => new History(kn)));
 
@@ -421,7 +460,7 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
         for (let b = 0; b < B; b++) {
           await engines.cuda.sync(sessions.cuda[b]);
           engines.cuda.closeSession(sessions.cuda[b]);
-          sessions.cuda[b] = fresh.createSession(geometry, retrieval, hostOf.cuda[b].segments, true);
+          sessions.cuda[b] = fresh.createSession(geometry, R(b), hostOf.cuda[b].segments, true);
           if (fresh.contextTokens(sessions.cuda[b]) !== spec.prompts[b] + t) fail(`re-attach b${b}: context ${fresh.contextTokens(sessions.cuda[b])}`);
         }
         engines.cuda = fresh;
@@ -477,7 +516,7 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
       for (const key of keys)
         if (sc[key] !== sg[key]) fail(`session ${b}: stats.${key} = ${sg[key]} on CUDA, ${sc[key]} on CPU`);
       if (engines.cuda.contextTokens(sessions.cuda[b]) !== spec.prompts[b] + spec.steps) fail(`session ${b}: contextTokens`);
-      const L = addon.Engine.layout(geometry, retrieval, spec.capacityPages);
+      const L = addon.Engine.layout(geometry, R(b), spec.capacityPages);
       const ctx = spec.prompts[b] + spec.steps;
       const full = Math.floor(ctx / retrieval.pageSize);
       const sCpu = new Uint8Array(hostOf.cpu[b].segments.store.buffer());
@@ -514,11 +553,11 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
       const cs: number[] = [];
       for (let b = 0; b < B; b++) {
         await engines.cuda.sync(sessions.cuda[b]);
-        const h = createHost(geometry, retrieval, spec.capacityPages);
+        const h = createHost(geometry, R(b), spec.capacityPages);
         hosts.push(h);
         for (const k of ["store", "staging", "tail", "manifest"] as const)
           new Uint8Array(h.segments[k].buffer()).set(new Uint8Array(hostOf.cuda[b].segments[k].buffer()));
-        cs.push(other.createSession(geometry, retrieval, h.segments, true));
+        cs.push(other.createSession(geometry, R(b), h.segments, true));
       }
       for (let l = 0; l < layers; l++) {
         const og = await engines.cuda.decode(l, extra.map((x, b) => ({ session: sessions.cuda[b], ...x[l] })));
