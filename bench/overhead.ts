@@ -36,7 +36,7 @@
  * service's Sampler), because the built-in model's vocabulary is tiny, and also shows the step
  * without sampling in TypeScript; for the Attention path it scales the per-layer overhead to the
  * 32 layers of the GPU model. FREEKV_BACKEND=cuda in the environment runs the services on the GPU
- * (the Attention path; the built-in model's head dim is not one the CUDA kernels take).
+ * (with FREEKV_MODEL for a model of real size; the in-process Generate reference follows both).
  *
  * Medians over many steps, and the load average before and after, because the machine may be
  * busy with other work.

@@ -3,7 +3,8 @@
 // Hugging Face folder with seeded random weights, so the service's first run downloads nothing.
 // Everything is deterministic: the same files on every machine.
 //
-//   config.json             LlamaForCausalLM, 4 layers, hidden 128, 8 query / 2 KV heads of 16,
+//   config.json             LlamaForCausalLM, 4 layers, hidden 128, 4 query / 2 KV heads of 64
+//                           (a head dim the CUDA kernels take, so it also runs on FREEKV_BACKEND=cuda),
 //                           Llama-3 rope scaling, 128K positions, untied LM head
 //   model.safetensors       bf16 weights (normal draws scaled by 1/sqrt(fan_in), splitmix64 seed)
 //   tokenizer.json          a real byte-level BPE tokenizer: 256 byte tokens + merges learned here
@@ -24,7 +25,7 @@ const out = resolve(outArg >= 0 ? args[outArg + 1] : join(here, "..", "models", 
 const VOCAB = 512;
 const SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"];
 const MERGES = VOCAB - 256 - SPECIALS.length;
-const CFG = { hidden: 128, intermediate: 352, layers: 4, heads: 8, kvHeads: 2, headDim: 16 };
+const CFG = { hidden: 128, intermediate: 352, layers: 4, heads: 4, kvHeads: 2, headDim: 64 };
 
 // ---------------------------------------------------------------------------------------------
 // Tokenizer: GPT-2 byte-level alphabet, BPE merges learned from a fixed text.
