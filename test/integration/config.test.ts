@@ -20,6 +20,7 @@ describe("bad configuration", () => {
     ["kvstore", { FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_METRICS_PORT: "0", FREEKV_KVSTORE_PERSIST: "maybe" }, /FREEKV_KVSTORE_PERSIST="maybe"/],
     ["compute", { FREEKV_BACKEND: "tpu" }, /FREEKV_BACKEND="tpu": must be "cpu" or "cuda"/],
     ["compute", { FREEKV_KVSTORE_ADDR: "nowhere" }, /FREEKV_KVSTORE_ADDR="nowhere": must be host:port/],
+    ["compute", { FREEKV_DEVICE_WEIGHTS: "fp8" }, /FREEKV_DEVICE_WEIGHTS="fp8": must be "auto", "bf16" or "f32"/],
     ["compute", { FREEKV_DECODE_BATCH_WINDOW_US: "-5" }, /FREEKV_DECODE_BATCH_WINDOW_US="-5"/],
     ["compute", { FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: "127.0.0.1:1", FREEKV_KVSTORE_TIMEOUT_MS: "500" }, /FREEKV_KVSTORE_ADDR=127\.0\.0\.1:1: kvstore not reachable/],
   ];

@@ -274,6 +274,16 @@ for (const [label, shape, style, seed] of [
       }
     });
 
+    it("runs on the CPU with a CPU engine or none; deviceWeights is checked", () => {
+      const addon = loadAddon();
+      const { model } = loadModel(dir);
+      expect(model.device).toBe("cpu");
+      const folder = loadModel(dir);
+      expect(() => new addon.Model({ config: folder.spec.native, tensors: folder.tensors, deviceWeights: "fp8" as never })).toThrow(/deviceWeights must be 'auto', 'bf16' or 'f32'/);
+      const engine = new addon.Engine({ backend: "cpu", threads: 1 });
+      expect(new addon.Model({ config: folder.spec.native, tensors: folder.tensors, engine, deviceWeights: "bf16" }).device).toBe("cpu");
+    });
+
     it("decodeArgmax picks each row's argmax of the same step (the float64 reference's, away from ties)", async () => {
       const { model } = loadModel(dir);
       const lens = [7, 19, 33];
