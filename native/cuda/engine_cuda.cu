@@ -139,6 +139,24 @@ struct Session {
   }
 };
 
+// The selection of a layer's candidates [c0, c0 + n) with query q (all heads, or `head_mask`'s).
+SelectionParams SelectionFor(const Session& s, const LayerTier& L, const float* q, int c0, int n, const int* head_mask) {
+  SelectionParams sp;
+  sp.q = q;
+  sp.summaries = L.summaries.get();
+  sp.first_page = c0;
+  sp.num_candidates = n;
+  sp.q_heads = s.geo.q_heads;
+  sp.kv_heads = s.geo.kv_heads;
+  sp.head_dim = s.geo.head_dim;
+  sp.k = s.K;
+  sp.combine = static_cast<int>(s.cfg.combine);
+  sp.head_mask = head_mask;
+  sp.scratch = L.scratch.get();
+  sp.selected = L.selected.get();
+  return sp;
+}
+
 // Page ranges of the budget for a layer holding `tokens` tokens (DESIGN.md section 2).
 struct Ranges {
   int full, partial, sink_end, window_begin;  // middle (selectable): [sink_end, window_begin)
@@ -613,20 +631,7 @@ void CudaEngine::QueueSelectAndRecall(Session& s, int layer, const float* q, int
     per_item.push_back(PerItemSelect{&s, q, c0, c1, head_mask});
     return;
   }
-  SelectionParams sp;
-  sp.q = q;
-  sp.summaries = L.summaries.get();
-  sp.first_page = c0;
-  sp.num_candidates = num_candidates;
-  sp.q_heads = s.geo.q_heads;
-  sp.kv_heads = s.geo.kv_heads;
-  sp.head_dim = s.geo.head_dim;
-  sp.k = s.K;
-  sp.combine = static_cast<int>(s.cfg.combine);
-  sp.head_mask = head_mask;
-  sp.scratch = L.scratch.get();
-  sp.selected = L.selected.get();
-  (speculative ? t.spec_select : t.select).Add(sp);
+  (speculative ? t.spec_select : t.select).Add(SelectionFor(s, L, q, c0, num_candidates, head_mask));
   ResidencyParams rp;
   rp.selected = L.selected.get();
   rp.resident = L.resident.get();
@@ -653,19 +658,7 @@ void CudaEngine::QueueSelectAndRecall(Session& s, int layer, const float* q, int
 void CudaEngine::SelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
                                  cudaStream_t stream) {
   LayerTier& L = *s.layers[layer];
-  SelectionParams sp;
-  sp.q = q;
-  sp.summaries = L.summaries.get();
-  sp.first_page = c0;
-  sp.num_candidates = std::max(0, c1 - c0);
-  sp.q_heads = s.geo.q_heads;
-  sp.kv_heads = s.geo.kv_heads;
-  sp.head_dim = s.geo.head_dim;
-  sp.k = s.K;
-  sp.combine = static_cast<int>(s.cfg.combine);
-  sp.head_mask = head_mask;
-  sp.scratch = L.scratch.get();
-  sp.selected = L.selected.get();
+  const SelectionParams sp = SelectionFor(s, L, q, c0, std::max(0, c1 - c0), head_mask);
   LaunchSelection(sp, stream);
   L.last_candidates = sp.num_candidates;
   ResidencyParams rp;

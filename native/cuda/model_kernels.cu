@@ -103,6 +103,18 @@ __device__ __forceinline__ bool Better(float v, int i, float bv, int bi) {
   return v > bv || (v == bv && i < bi);
 }
 
+// Every lane ends with the warp's best (value, index).
+__device__ __forceinline__ void WarpBest(float& bv, int& bi) {
+  for (int o = 16; o; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (Better(ov, oi, bv, bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+}
+
 __global__ void ArgmaxRowsKernel(const float* x, int n, int* out) {
   const float* row = x + (size_t)blockIdx.x * n;
   float bv = __int_as_float(0x7fc00000);  // NaN: anything real beats it
@@ -114,14 +126,7 @@ __global__ void ArgmaxRowsKernel(const float* x, int n, int* out) {
       bi = i;
     }
   }
-  for (int o = 16; o; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (Better(ov, oi, bv, bi)) {
-      bv = ov;
-      bi = oi;
-    }
-  }
+  WarpBest(bv, bi);
   __shared__ float sv[32];
   __shared__ int si[32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -133,14 +138,7 @@ __global__ void ArgmaxRowsKernel(const float* x, int n, int* out) {
   if (warp == 0) {
     bv = lane < warps ? sv[lane] : __int_as_float(0x7fc00000);
     bi = lane < warps ? si[lane] : 0;
-    for (int o = 16; o; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (Better(ov, oi, bv, bi)) {
-        bv = ov;
-        bi = oi;
-      }
-    }
+    WarpBest(bv, bi);
     if (lane == 0) out[blockIdx.x] = bi;
   }
 }
