@@ -200,6 +200,21 @@ describe("decode scheduler", () => {
     }
   });
 
+  it("starts the next batch as soon as every request of the last one has asked for its next step", async () => {
+    const { model, calls } = fakeModel();
+    const sch = new DecodeScheduler(model);
+    await Promise.all([sch.step(1, 0, 0), sch.step(2, 0, 0)]);
+    expect(calls).toEqual([[1, 2]]);
+    const a = sch.step(1, 1, 1);
+    expect(calls.length).toBe(1); // session 2 is not back yet: wait
+    const b = sch.step(2, 1, 1);
+    expect(calls).toEqual([[1, 2], [1, 2]]); // started at once, not after setImmediate
+    await Promise.all([a, b]);
+    // A request that ends does not hold the others back: they run after setImmediate as before.
+    await sch.step(1, 2, 2);
+    expect(calls).toEqual([[1, 2], [1, 2], [1]]);
+  });
+
   it("an all-greedy batch runs through decodeArgmax; a mixed batch gets logits for every row", async () => {
     const { model, calls, greedyCalls } = fakeModel();
     const sch = new DecodeScheduler(model);

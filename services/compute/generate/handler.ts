@@ -205,6 +205,12 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
         stopStrings: req.stopStrings,
         signal,
       });
+      // A chunk is written in the next setImmediate phase, after the generation has queued its
+      // next step (and the scheduler, once every request of the batch has, started it): the
+      // serialisation and HTTP/2 work of the batch's chunks overlaps the next native step instead
+      // of delaying it. At most one chunk is outstanding, so a slow client still holds the
+      // generation back (backpressure), and chunks keep their order.
+      let pending: Promise<void> = Promise.resolve();
       for (;;) {
         const r = await it.next();
         if (r.done) {
@@ -212,8 +218,12 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
           break;
         }
         const c = r.value;
-        await write(call, { event: { $case: "chunk", value: { tokenIds: c.tokenIds, text: c.text, stepMs: c.stepMs, batchSize: c.batchSize } } }, signal);
+        await pending;
+        const msg: GenerateResponse = { event: { $case: "chunk", value: { tokenIds: c.tokenIds, text: c.text, stepMs: c.stepMs, batchSize: c.batchSize } } };
+        pending = new Promise<void>((resolve, reject) => setImmediate(() => write(call, msg, signal).then(resolve, reject)));
+        pending.catch(() => {}); // observed by the next await; never an unhandled rejection
       }
+      await pending;
       metrics.tokens.inc({ kind: "prompt" }, final.promptTokens);
       metrics.tokens.inc({ kind: "completion" }, final.completionTokens);
       if (final.finishReason === "cancelled" || signal.aborted) throw signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled");

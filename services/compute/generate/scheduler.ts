@@ -32,6 +32,13 @@ export class DecodeScheduler {
   private queue: Pending[] = [];
   private running = false;
   private scheduled = false;
+  /**
+   * Sessions of the last batch that have not asked for their next step yet. When the last of them
+   * does, the next batch starts at once instead of after setImmediate: whatever those requests
+   * still do for the step just finished (writing their chunk to the client) then overlaps the
+   * next native call instead of delaying it.
+   */
+  private awaited = new Set<number>();
   /** Batches run and the largest batch so far (exposed in metrics and tests). */
   batches = 0;
   maxBatchSeen = 0;
@@ -54,7 +61,8 @@ export class DecodeScheduler {
   step(session: number, token: number, position: number, greedy = false): Promise<StepResult> {
     return new Promise((resolve, reject) => {
       this.queue.push({ session, token, position, greedy, resolve, reject });
-      this.kick();
+      if (this.awaited.delete(session) && this.awaited.size === 0 && !this.running) void this.runBatch();
+      else this.kick();
     });
   }
 
@@ -97,9 +105,11 @@ export class DecodeScheduler {
       this.batches++;
       this.maxBatchSeen = Math.max(this.maxBatchSeen, batch.length);
       this.onBatch?.(batch.length, stepMs);
+      this.awaited = new Set(batch.map((p) => p.session));
       if (greedy) batch.forEach((p, i) => p.resolve({ logits: EMPTY, token: out[i], batchSize: batch.length, stepMs }));
       else batch.forEach((p, i) => p.resolve({ logits: (out as Float32Array).subarray(i * V, (i + 1) * V), batchSize: batch.length, stepMs }));
     } catch (e) {
+      this.awaited.clear();
       // One bad item fails the whole native call: retry the others alone so they are unaffected.
       if (batch.length > 1) {
         this.running = false;
