@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One visit to the GPU machine: every CUDA check and measurement in one command, each step under
+# its own time limit, results kept even when a later step is cut off.
+#
+# Here, first:  bash scripts/gpu/pack.sh && bash scripts/gpu/parity.sh pack && bash bench/gpu/build.sh \
+#               && bash scripts/gpu/pack-services.sh
+# There (repository root, .gpu/ alongside):  bash scripts/gpu/visit.sh
+#
+# Steps (seconds each, from the environment): CHECKS_S=90 the CUDA engine cases (run.sh),
+# PARITY_S=60 CUDA vs CPU parity, RUNNER_S=240 Model.decode at 8B shapes (runner-bench; it also
+# writes the model folder the next step serves), OVERHEAD_S=150 both services on the GPU under
+# bench:overhead (16 greedy Generate streams), BENCH_S=90 the CUDA benchmark program
+# (BENCH_SECTIONS, default ceilings,attention,recall,step). SKIP="parity,bench" leaves steps out.
+#
+# The machine returns at most 8 files from $OUT, so everything goes into one folder that is packed
+# again into $OUT/visit.tar.gz after every step; $OUT/summary.txt has one line per step.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+export OUT=${OUT:-$root/.gpu/out}
+work=/tmp/freekv-visit
+rm -rf "$work"
+mkdir -p "$OUT" "$work" /tmp/nodebin
+[ -x /tmp/nodebin/node ] || { xz -dc .gpu/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node; }
+export PATH=/tmp/nodebin:$PATH
+export LD_LIBRARY_PATH=$root/.gpu/lib:${LD_LIBRARY_PATH:-}
+export FREEKV_ADDON=$root/.gpu/freekv.node
+skip=",${SKIP:-},"
+summary=$OUT/summary.txt
+: > "$summary"
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>&1
+  cat .gpu/parity-build.txt .gpu/services-build.txt 2>/dev/null
+} | tee -a "$summary"
+
+pack() { tar -czf "$OUT/visit.tar.gz.tmp" -C "$work" . && mv "$OUT/visit.tar.gz.tmp" "$OUT/visit.tar.gz"; }
+step() {  # step NAME SECONDS COMMAND...: runs with OUT=$work/NAME, records rc and wall time
+  local name=$1 limit=$2
+  shift 2
+  if [[ $skip == *",$name,"* ]]; then echo "$name: skipped" >> "$summary"; return; fi
+  mkdir -p "$work/$name"
+  local t0=$SECONDS
+  OUT=$work/$name timeout "$limit" "$@" > "$work/$name/stdout.log" 2>&1
+  local rc=$?
+  echo "$name: rc=$rc in $((SECONDS - t0)) s (limit $limit)$( [ $rc -eq 124 ] && echo ', cut off at its limit')" >> "$summary"
+  grep -a -h -E "cases pass|parity checks pass|ms/step|TS\+gRPC|^Generate |variant [0-9]: max rel|\[run\] .* exit" "$work/$name/stdout.log" 2>/dev/null |
+    tr -d '\000' | head -30 | sed "s/^/  $name: /" >> "$summary"
+  pack
+}
+
+step checks "${CHECKS_S:-90}" bash .gpu/run.sh
+step parity "${PARITY_S:-60}" bash scripts/gpu/parity.sh
+step runner "${RUNNER_S:-240}" bash scripts/gpu/runner-bench.sh ${RUNNER_ARGS:---points 1:32768,4:32768,16:8192 --modes freekv,speculative,dense --steps 8}
+if [ -f .gpu/services.tar.xz ] && [ -f /tmp/freekv-8b/config.json ]; then
+  tar xJf .gpu/services.tar.xz
+  step overhead "${OVERHEAD_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b FREEKV_MAX_CONTEXT_TOKENS=4096 \
+    FREEKV_BENCH_COMMIT="$(sed -n 's/.*at commit \([0-9a-f]*\).*/\1/p' .gpu/services-build.txt)" \
+    node dist/bench/overhead.js --skip attention --gen-tokens 80 --out "$work/overhead/overhead.json"
+else
+  echo "overhead: skipped (needs .gpu/services.tar.xz and the model folder the runner step writes)" >> "$summary"
+fi
+step bench "${BENCH_S:-90}" env BENCH_S=$(( ${BENCH_S:-90} - 20 )) ANCHOR_S=0 \
+  BENCH_ARGS="--sections ${BENCH_SECTIONS:-ceilings,attention,recall,step}" bash bench/gpu/run.sh
+cat "$summary"
