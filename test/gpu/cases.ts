@@ -23,25 +23,15 @@ import {
   type Retrieval,
   type ShmSegment,
 } from "../../native/binding.js";
+import { prng } from "../helpers/prng.js";
 
 // ---------------------------------------------------------------------------------------------
 // Inputs
 
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 class Rng {
   private u: () => number;
   constructor(seed: number) {
-    this.u = mulberry32(seed);
+    this.u = prng(seed);
   }
   normal(): number {
     const a = Math.max(this.u(), 1e-12);
