@@ -182,9 +182,27 @@ export interface Engine {
   /** Waits for a session's background recalls. */
   sync(session: number): Promise<void>;
   stats(session: number): EngineStats;
+  /**
+   * How the GPU model runner's decode steps on this engine were issued: one CUDA graph launch
+   * (replays), captured (captures, or updates of a cached graph of the same op sequence), or op by
+   * op (direct). All zero on the CPU backend. FREEKV_CUDA_GRAPH=0 turns graphs off.
+   */
+  deviceStepStats(): DeviceStepStats;
   contextTokens(session: number): number;
   /** Token positions attended at the latest decode step of (layer, kvHead), sorted. */
   lastAttendedTokens(session: number, layer: number, kvHead: number): Int32Array;
+}
+
+export interface DeviceStepStats {
+  steps: number;
+  direct: number;
+  captures: number;
+  updates: number;
+  replays: number;
+  /** Stream operations of the latest step. */
+  ops: number;
+  /** Host milliseconds spent capturing and instantiating or updating graphs, in total. */
+  captureMs: number;
 }
 
 export interface EngineStatic {

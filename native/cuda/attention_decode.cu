@@ -18,11 +18,12 @@
 //
 // Variants (DecodeAttentionParams::variant, or FREEKV_ATTN_VARIANT for every launch), same
 // inputs, outputs and workspace contract; a shape a variant does not cover runs variant 0:
-//   0  the tiled kernel above: 4 warps, 32-token tiles (the default)
+//   0  the tiled kernel above: 4 warps, 32-token tiles (the fallback for uncovered shapes)
 //   1  the tiled kernel with 8 warps and 64-token tiles: half the barrier pairs per byte
 //      (D 256 with G > 4 needs 64 KB of merge space: variant 0)
 //   2  warp-independent tiles, no block barrier in the token loop (attention_decode_warp.cuh):
 //      4 warps, U = 4 tokens per token group at G <= 4 (8-token warp tiles at D 128), 3 blocks/SM
+//      (the default: kDefaultDecodeAttentionVariant)
 //   3  as 2 with U = 2 (4-token warp tiles at D 128): fewer registers, 4 blocks/SM
 #include <algorithm>
 #include <cstdio>

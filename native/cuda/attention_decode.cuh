@@ -21,6 +21,10 @@
 
 namespace freekv::cuda {
 
+// The barrier-free warp kernel: fastest on every measured shape (PERF.md, "Attention variants")
+// and through the engine's CUDA correctness cases.
+constexpr int kDefaultDecodeAttentionVariant = 2;
+
 struct DecodeAttentionParams {
   const float* q = nullptr;                    // [batch][q_heads][head_dim] fp32
   float* out = nullptr;                        // [batch][q_heads][head_dim] fp32
@@ -32,10 +36,10 @@ struct DecodeAttentionParams {
   int max_pages = 0;        // row length of the tables (upper bound on num_pages)
   float scale = 0.f;        // softmax scale applied to q.k
   int pages_per_split = 0;  // 0: chosen by the launcher to fill the GPU
-  // Kernel variant (attention_decode.cu lists them; 0 is the default). The environment variable
-  // FREEKV_ATTN_VARIANT, read once per process, replaces it for every launch when set to a
-  // variant number. A variant that does not cover the shape runs variant 0.
-  int variant = 0;
+  // Kernel variant (attention_decode.cu lists them; kDefaultDecodeAttentionVariant by default).
+  // The environment variable FREEKV_ATTN_VARIANT, read once per process, replaces it for every
+  // launch when set to a variant number. A variant that does not cover the shape runs variant 0.
+  int variant = kDefaultDecodeAttentionVariant;
 };
 
 // Number of kernel variants (valid DecodeAttentionParams::variant values are 0 .. count - 1).

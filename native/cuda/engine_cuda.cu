@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -60,6 +61,7 @@
 #include "recall.cuh"
 #include "residency.cuh"
 #include "selection.cuh"
+#include "step_graph.cuh"
 #include "summary.cuh"
 
 namespace freekv {
@@ -204,6 +206,7 @@ class CudaEngine final : public Engine {
     side_ = std::make_unique<Stream>();
     attended_ = std::make_unique<Event>();
     outputs_ = std::make_unique<Event>();
+    join_ = std::make_unique<Event>();
   }
 
   ~CudaEngine() override {
@@ -331,6 +334,11 @@ class CudaEngine final : public Engine {
   void DecodeDevice(int layer, const float* q, const float* k, const float* v, float* out) override;
   void EndDeviceStep() override;
   void* DeviceStream() override;
+  StepGraph* DeviceStepGraph() override { return &graph_; }
+  DeviceStepStats GetDeviceStepStats() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return graph_.counters();
+  }
 
   void Sync(int session) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -527,7 +535,9 @@ class CudaEngine final : public Engine {
   std::map<int, std::unique_ptr<Session>> sessions_;
   int next_id_ = 1;
   std::unique_ptr<Stream> main_, side_;
-  std::unique_ptr<Event> attended_, outputs_;
+  std::unique_ptr<Event> attended_, outputs_, join_;
+  // The device step's op list and its cached CUDA graphs (step_graph.cuh).
+  StepGraph graph_;
   // Per-call buffers of the main stream (reused; grown on demand after a main-stream sync).
   PinnedBuffer pin_in_, pin_out_, pin_jobs_;
   DeviceArray<uint8_t> dev_in_;
@@ -1015,8 +1025,12 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     throw std::logic_error("decode: descriptor tables not sized for this batch");
 
   // 1. The layer's speculative work queued last (the batch's recalls from the previous step among
-  // it) completes first; that also frees the layer's device descriptor region.
-  if (spec_recorded_[layer]) {
+  // it) completes first; that also frees the layer's device descriptor region. (A graphed step
+  // is ordered after all earlier side-stream work as a whole: StepGraph::Flush.)
+  const bool graphed = graph_.deferred();
+  if (graphed) {
+    for (int i = 0; i < B; ++i) ss[i]->layers[layer]->recall_pending = false;
+  } else if (spec_recorded_[layer]) {
     const bool busy = cudaEventQuery(spec_done_[layer]->get()) == cudaErrorNotReady;
     cudaGetLastError();
     for (int i = 0; i < B; ++i) {
@@ -1067,6 +1081,10 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
       t.offload.Add(OffloadItem{slot, s.StoreLayerDev(layer) + (size_t)page * s.layout.page_bytes});
       s.host_stats.pages_offloaded += 1;
       s.host_stats.offload_bytes += s.layout.page_bytes;
+    } else if (graphed) {
+      // Placeholders keep the lists' lengths (part of the graph's key) the same on every step.
+      if (!L.dense) t.summary.Add(PageSummaryItem{nullptr, nullptr, 0, 0});
+      t.offload.Add(OffloadItem{nullptr, nullptr});
     }
     const int64_t t_new = c + 1;
     const Ranges r = RangesFor(s, t_new);
@@ -1125,21 +1143,33 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     speculate = true;
   }
 
-  // 3. The table in one copy, then one launch per operation.
-  FKV_CUDA_CHECK(cudaMemcpyAsync(dev_region, host_region, t.bytes, cudaMemcpyHostToDevice, st));
-  LaunchCopyBatch(t.q.dev, t.q.n, (int)qs, st);
-  LaunchAppendBatch(t.append.dev, t.append.n, 1, Hkv, D, st);
-  LaunchPageSummaryBatch(t.summary.dev, t.summary.n, Hkv, D, P, st);
-  LaunchOffloadHndBatch(t.offload.dev, t.offload.n, Hkv, D, P, st);
-  LaunchCorrectionCheckBatch(t.correction.dev, t.correction.n, Hq, Hkv, D, st);
-  LaunchSelectionBatch(t.select.dev, t.select.host, t.select.n, st);
-  LaunchResidencyDiffBatch(t.residency.dev, t.residency.host, t.residency.n, st);
-  LaunchRecallGatherBatch(t.recall.dev, t.recall.n, Hkv, D, P, kGatherBlocks, st);
+  // 3. The table in one copy, then one launch per operation (through the step's op list: issued
+  // now, or at the end of a graphed step).
+  StepGraph& G = graph_;
+  G.Op(st, MemcpyOp, static_cast<void*>(dev_region), static_cast<const void*>(host_region), t.bytes,
+       cudaMemcpyHostToDevice);
+  G.Op(st, LaunchCopyBatch, t.q.dev, t.q.n, (int)qs);
+  G.Op(st, LaunchAppendBatch, t.append.dev, t.append.n, 1, Hkv, D);
+  G.Op(st, LaunchPageSummaryBatch, t.summary.dev, t.summary.n, Hkv, D, P);
+  G.Op(st, LaunchOffloadHndBatch, t.offload.dev, t.offload.n, Hkv, D, P);
+  G.Op(st, LaunchCorrectionCheckBatch, t.correction.dev, t.correction.n, Hq, Hkv, D);
+  // The batch launchers below also read their host lists (shapes, checks): the shapes are keyed.
+  const SelectionBatchShape sel_shape = SelectionBatchShapeOf(t.select.host, t.select.n);
+  G.Key(&sel_shape, sizeof sel_shape);
+  G.Key(&Hkv, sizeof Hkv);
+  G.Op(st, LaunchSelectionBatch, t.select.dev, static_cast<const SelectionParams*>(t.select.host), t.select.n);
+  G.Op(st, LaunchResidencyDiffBatch, t.residency.dev, static_cast<const ResidencyParams*>(t.residency.host),
+       t.residency.n);
+  G.Op(st, LaunchRecallGatherBatch, t.recall.dev, t.recall.n, Hkv, D, P, kGatherBlocks);
+  if (graphed && !(per_item.empty() && per_item_spec.empty()))
+    throw std::logic_error("decode: a graphed step cannot hold double-buffer sessions");
   for (const PerItemSelect& x : per_item) SelectAndRecall(*x.s, layer, x.q, x.c0, x.c1, x.head_mask, st);
-  LaunchAttendTableBatch(t.table.dev, t.table.host, t.table.n, st);
+  G.Op(st, LaunchAttendTableBatch, t.table.dev, static_cast<const AttendTableParams*>(t.table.host), t.table.n);
 
   // 4. Attention for the whole batch.
   DecodeAttentionParams dp;
+  std::memset(&dp, 0, sizeof dp);  // padding too: the params are part of a graph's key
+  dp.variant = kDefaultDecodeAttentionVariant;
   dp.q = dq;
   dp.out = dout;
   dp.pools = dpools;
@@ -1155,19 +1185,26 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
   dp.scale = 1.f / std::sqrt((float)D);
   const size_t ws = DecodeAttentionWorkspaceBytes(dp);
   // Poison the outputs (NaN) so that an element the kernel fails to write cannot pass for a result.
-  FKV_CUDA_CHECK(cudaMemsetAsync(dout, 0xff, (size_t)B * qs * sizeof(float), st));
-  LaunchDecodeAttention(dp, workspace_.get(), ws, st);
-  FKV_CUDA_CHECK(cudaEventRecord(attended_->get(), st));
+  G.Op(st, MemsetOp, static_cast<void*>(dout), 0xff, (size_t)B * qs * sizeof(float));
+  G.Op(st, [](DecodeAttentionParams p, void* w, size_t n, cudaStream_t s) { LaunchDecodeAttention(p, w, n, s); }, dp,
+       static_cast<void*>(workspace_.get()), ws);
+  G.Op(st, RecordOp, attended_->get());
 
   // 5. Speculative selection + recall for step t+1, on the side stream after the attention.
   if (speculate) {
-    FKV_CUDA_CHECK(cudaStreamWaitEvent(side, attended_->get(), 0));
-    LaunchSelectionBatch(t.spec_select.dev, t.spec_select.host, t.spec_select.n, side);
-    LaunchResidencyDiffBatch(t.spec_residency.dev, t.spec_residency.host, t.spec_residency.n, side);
-    LaunchRecallGatherBatch(t.spec_recall.dev, t.spec_recall.n, Hkv, D, P, kGatherBlocks, side);
+    G.Op(side, WaitOp, attended_->get());
+    const SelectionBatchShape spec_shape = SelectionBatchShapeOf(t.spec_select.host, t.spec_select.n);
+    G.Key(&spec_shape, sizeof spec_shape);
+    G.Op(side, LaunchSelectionBatch, t.spec_select.dev, static_cast<const SelectionParams*>(t.spec_select.host),
+         t.spec_select.n);
+    G.Op(side, LaunchResidencyDiffBatch, t.spec_residency.dev,
+         static_cast<const ResidencyParams*>(t.spec_residency.host), t.spec_residency.n);
+    G.Op(side, LaunchRecallGatherBatch, t.spec_recall.dev, t.spec_recall.n, Hkv, D, P, kGatherBlocks);
     for (const PerItemSelect& x : per_item_spec) SelectAndRecall(*x.s, layer, x.q, x.c0, x.c1, x.head_mask, side);
-    FKV_CUDA_CHECK(cudaEventRecord(spec_done_[layer]->get(), side));
-    spec_recorded_[layer] = 1;
+    if (!graphed) {
+      FKV_CUDA_CHECK(cudaEventRecord(spec_done_[layer]->get(), side));
+      spec_recorded_[layer] = 1;
+    }
   }
 
   // 6. Host-side state of the layer moves on (the queued work above used the old values).
@@ -1203,6 +1240,7 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
   // The main stream is idle here (every call ends with a wait on it); the side stream may still
   // be recalling. Growing the per-call buffers below is therefore safe.
   FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+  graph_.Begin(false, st);  // host-pointer decodes are issued op by op
   SizeBatchBuffers(*ss[0], B, BatchRows(ss, layer));
   int layers = 0;
   for (const Session* s : ss) layers = std::max(layers, s->geo.layers);
@@ -1272,8 +1310,13 @@ void CudaEngine::BeginDeviceStep(const std::vector<int>& sessions) {
   auto** hp = reinterpret_cast<const bf16**>(step_ptrs_pin_.get());
   for (int l = 0; l < NL; ++l)
     for (int i = 0; i < B; ++i) hp[(size_t)l * B + i] = ss[i]->layers[l]->pool.get();
-  FKV_CUDA_CHECK(cudaMemcpyAsync(step_ptrs_.get(), step_ptrs_pin_.get(), (size_t)NL * B * sizeof(void*),
-                                 cudaMemcpyHostToDevice, st));
+  // Graphed unless turned off or a session's recall needs the host inside the step (double buffer).
+  const char* env = std::getenv("FREEKV_CUDA_GRAPH");
+  bool graphed = !(env && std::strcmp(env, "0") == 0);
+  for (const Session* s : ss) graphed = graphed && s->cfg.recall == RecallMode::Gather;
+  graph_.Begin(graphed, st);
+  graph_.Op(st, MemcpyOp, static_cast<void*>(step_ptrs_.get()), static_cast<const void*>(step_ptrs_pin_.get()),
+            (size_t)NL * B * sizeof(void*), cudaMemcpyHostToDevice);
   step_sessions_ = sessions;
   step_layers_done_ = 0;
   step_open_ = true;
@@ -1293,8 +1336,8 @@ void CudaEngine::DecodeDevice(int layer, const float* q, const float* k, const f
   const auto* pools = reinterpret_cast<const bf16* const*>(step_ptrs_.get()) + (size_t)layer * B;
   DecodeCore(layer, ss, q, k, v, out, pools, layer);
   // This layer's queries, for the manifest's query records written at the end of the step.
-  FKV_CUDA_CHECK(cudaMemcpyAsync(step_q_.get() + (size_t)layer * B * qs, q, (size_t)B * qs * sizeof(float),
-                                 cudaMemcpyDeviceToDevice, main_->get()));
+  graph_.Op(main_->get(), MemcpyOp, static_cast<void*>(step_q_.get() + (size_t)layer * B * qs),
+            static_cast<const void*>(q), (size_t)B * qs * sizeof(float), cudaMemcpyDeviceToDevice);
   step_layers_done_ = layer + 1;
 }
 
@@ -1309,8 +1352,10 @@ void CudaEngine::EndDeviceStep() {
   for (int i = 0; i < B; ++i) ss[i] = &Find(step_sessions_[i]);
   const size_t qs = (size_t)ss[0]->geo.q_heads * ss[0]->geo.head_dim;
   if (NL > 0)
-    FKV_CUDA_CHECK(cudaMemcpyAsync(step_q_pin_.get(), step_q_.get(), (size_t)NL * B * qs * sizeof(float),
-                                   cudaMemcpyDeviceToHost, st));
+    graph_.Op(st, MemcpyOp, static_cast<void*>(step_q_pin_.get()), static_cast<const void*>(step_q_.get()),
+              (size_t)NL * B * qs * sizeof(float), cudaMemcpyDeviceToHost);
+  // Everything queued for the step is issued now (one graph launch when its shape is cached).
+  graph_.Flush(side_->get(), join_->get());
   // The one wait of the step: the appends' tail write-through and the offloads are complete
   // before the manifest says so.
   FKV_CUDA_CHECK(cudaStreamSynchronize(st));

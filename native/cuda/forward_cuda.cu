@@ -12,13 +12,16 @@
 // then logits = T(RMSNorm(x)) Wlm^T (fp32) and one copy of the logits to the host.
 //
 // A decode step is BeginDeviceStep, the layers, the logits copy and EndDeviceStep: the host waits
-// once per step, for the logits, never inside it. Weights are uploaded once; T = bf16 for bf16/f16
+// once per step, for the logits, never inside it. Every stream operation goes through the engine's
+// step op list (Op below), so the whole step, GEMMs included, is replayed as one CUDA graph once
+// its shape repeats (step_graph.cuh); outside a device step (prefill) Op issues at once. Weights are uploaded once; T = bf16 for bf16/f16
 // checkpoints (as served in practice), fp32 for fp32 checkpoints, where the GEMMs are exact fp32
 // (no TF32) and the runner matches the CPU forward pass to accumulation order.
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -27,6 +30,7 @@
 #include "gemm_cublaslt.cuh"
 #include "model/Runner.h"
 #include "model_kernels.cuh"
+#include "step_graph.cuh"
 
 namespace freekv::model {
 namespace {
@@ -49,6 +53,8 @@ class CudaRunner final : public Runner {
     if (!engine_ || !engine_->DeviceStream())
       throw std::invalid_argument("the GPU model runner needs an engine with a device stream (backend 'cuda')");
     stream_ = static_cast<cudaStream_t>(engine_->DeviceStream());
+    graph_ = engine_->DeviceStepGraph();
+    if (!graph_) throw std::invalid_argument("the GPU model runner needs an engine with device steps (backend 'cuda')");
     FKV_CUDA_CHECK(cudaStreamGetDevice(stream_, &device_));
     FKV_CUDA_CHECK(cudaSetDevice(device_));
     std::string why;
@@ -98,6 +104,16 @@ class CudaRunner final : public Runner {
   };
 
   size_t TypeBytes() const { return bf16_ ? 2 : 4; }
+
+  // f(a..., stream_) now, or queued in the open device step (step_graph.cuh).
+  template <class F, class... A>
+  void Op(F f, A... a) {
+    graph_->Op(stream_, f, a...);
+  }
+  static void GemmOp(const void* x, const void* w, void* y, int M, int N, int K, GemmType in, GemmType out,
+                     float alpha, float beta, cudaStream_t s) {
+    Gemm(x, w, y, M, N, K, in, out, s, alpha, beta);
+  }
   GemmType OperandType() const { return bf16_ ? GemmType::BF16 : GemmType::F32; }
 
   // Copies host fp32 rows (the concatenation of `parts`) into a device matrix of the operand type.
@@ -187,17 +203,22 @@ class CudaRunner final : public Runner {
     int* hp = reinterpret_cast<int*>(ids_pin_.get());
     std::memcpy(hp, tokens, M * sizeof(int));
     std::memcpy(hp + M, positions, M * sizeof(int));
-    FKV_CUDA_CHECK(cudaMemcpyAsync(ids_.get(), hp, 2 * M * sizeof(int), cudaMemcpyHostToDevice, stream_));
-    cuda::LaunchEmbed(embed_.get(), bf16_, ids_.get(), M, c_.hidden_size, x_.get(), stream_);
+    Op(cuda::MemcpyOp, static_cast<void*>(ids_.get()), static_cast<const void*>(hp), 2 * M * sizeof(int),
+       cudaMemcpyHostToDevice);
+    Op(cuda::LaunchEmbed, embed_.get(), bf16_, static_cast<const int*>(ids_.get()), M, c_.hidden_size, x_.get());
   }
 
   // The layer before attention: q_, k_, v_ for M rows.
   void PreAttention(const Layer& L, int M) {
     const int H = c_.hidden_size, Q = c_.q_dim(), K = c_.kv_dim();
-    cuda::LaunchRmsNorm(x_.get(), L.in_norm.get(), M, H, c_.rms_norm_eps, op_.get(), bf16_, stream_);
-    Gemm(op_.get(), L.wqkv.get(), qkv_.get(), M, Q + 2 * K, H, OperandType(), GemmType::F32, stream_);
-    cuda::LaunchBiasRopeSplit(qkv_.get(), L.bias ? L.bqkv.get() : nullptr, ids_.get() + M, inv_freq_.get(), M,
-                              c_.q_heads, c_.kv_heads, c_.head_dim, q_.get(), k_.get(), v_.get(), stream_);
+    Op(cuda::LaunchRmsNorm, static_cast<const float*>(x_.get()), static_cast<const float*>(L.in_norm.get()), M, H,
+       c_.rms_norm_eps, static_cast<void*>(op_.get()), bf16_);
+    Op(GemmOp, static_cast<const void*>(op_.get()), L.wqkv.get(), static_cast<void*>(qkv_.get()), M, Q + 2 * K, H,
+       OperandType(), GemmType::F32, 1.f, 0.f);
+    Op(cuda::LaunchBiasRopeSplit, static_cast<const float*>(qkv_.get()),
+       static_cast<const float*>(L.bias ? L.bqkv.get() : nullptr), static_cast<const int*>(ids_.get() + M),
+       static_cast<const float*>(inv_freq_.get()), M, c_.q_heads, c_.kv_heads, c_.head_dim, q_.get(), k_.get(),
+       v_.get());
   }
 
   // The layer after attention (attn_ holds it): o_proj and the MLP, both added into x_.
@@ -205,31 +226,40 @@ class CudaRunner final : public Runner {
     const int H = c_.hidden_size, I = c_.intermediate_size, Q = c_.q_dim();
     const void* a = attn_.get();
     if (bf16_) {
-      cuda::LaunchToBf16(attn_.get(), (size_t)M * Q, op_.get(), stream_);
+      Op(cuda::LaunchToBf16, static_cast<const float*>(attn_.get()), (size_t)M * Q, static_cast<void*>(op_.get()));
       a = op_.get();
     }
-    Gemm(a, L.wo.get(), x_.get(), M, H, Q, OperandType(), GemmType::F32, stream_, 1.f, 1.f);
-    cuda::LaunchRmsNorm(x_.get(), L.post_norm.get(), M, H, c_.rms_norm_eps, op_.get(), bf16_, stream_);
-    Gemm(op_.get(), L.wgu.get(), gu_.get(), M, 2 * I, H, OperandType(), GemmType::F32, stream_);
-    cuda::LaunchSwiGlu(gu_.get(), M, I, op_.get(), bf16_, stream_);
-    Gemm(op_.get(), L.wdown.get(), x_.get(), M, H, I, OperandType(), GemmType::F32, stream_, 1.f, 1.f);
+    Op(GemmOp, a, L.wo.get(), static_cast<void*>(x_.get()), M, H, Q, OperandType(), GemmType::F32, 1.f, 1.f);
+    Op(cuda::LaunchRmsNorm, static_cast<const float*>(x_.get()), static_cast<const float*>(L.post_norm.get()), M, H,
+       c_.rms_norm_eps, static_cast<void*>(op_.get()), bf16_);
+    Op(GemmOp, static_cast<const void*>(op_.get()), L.wgu.get(), static_cast<void*>(gu_.get()), M, 2 * I, H,
+       OperandType(), GemmType::F32, 1.f, 0.f);
+    Op(cuda::LaunchSwiGlu, static_cast<const float*>(gu_.get()), M, I, static_cast<void*>(op_.get()), bf16_);
+    Op(GemmOp, static_cast<const void*>(op_.get()), L.wdown.get(), static_cast<void*>(x_.get()), M, H, I,
+       OperandType(), GemmType::F32, 1.f, 1.f);
   }
 
   // logits_ [n][V] for rows [r0, r0 + n) of x_.
   void Head(int r0, int n) {
     const int H = c_.hidden_size, V = c_.vocab_size;
     const float* xr = x_.get() + (size_t)r0 * H;
-    cuda::LaunchRmsNorm(xr, final_norm_.get(), n, H, c_.rms_norm_eps, op_.get(), bf16_, stream_);
+    Op(cuda::LaunchRmsNorm, xr, static_cast<const float*>(final_norm_.get()), n, H, c_.rms_norm_eps,
+       static_cast<void*>(op_.get()), bf16_);
     const void* head = lm_head_.get() ? lm_head_.get() : embed_.get();
-    Gemm(op_.get(), head, logits_.get(), n, V, H, OperandType(), GemmType::F32, stream_);
+    Op(GemmOp, static_cast<const void*>(op_.get()), head, static_cast<void*>(logits_.get()), n, V, H, OperandType(),
+       GemmType::F32, 1.f, 0.f);
   }
   void CopyLogits(int n) {
-    FKV_CUDA_CHECK(cudaMemcpyAsync(logits_pin_.get(), logits_.get(), (size_t)n * c_.vocab_size * sizeof(float),
-                                   cudaMemcpyDeviceToHost, stream_));
+    Op(cuda::MemcpyOp, static_cast<void*>(logits_pin_.get()), static_cast<const void*>(logits_.get()),
+       (size_t)n * c_.vocab_size * sizeof(float), cudaMemcpyDeviceToHost);
   }
 
   ModelConfig c_;
   Engine* engine_;
+  cuda::StepGraph* graph_ = nullptr;
+  // One prefill chunk loop or decode step at a time: they share the activation buffers, the
+  // stream and the engine's step op list (the binding runs them on worker threads).
+  std::mutex run_mu_;
   bool bf16_;
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
@@ -247,6 +277,7 @@ template <class Read>
 void CudaRunner::Step(const std::vector<int>& sessions, const std::vector<int>& tokens,
                       const std::vector<int>& positions, Read read) {
   CheckDecode(c_, sessions, tokens, positions, [this](int s) { return engine_->ContextTokens(s); });
+  std::lock_guard<std::mutex> lock(run_mu_);
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   const int B = (int)sessions.size();
   Size(B);
@@ -278,8 +309,9 @@ std::vector<int> CudaRunner::DecodeArgmax(const std::vector<int>& sessions, cons
                                           const std::vector<int>& positions) {
   Step(sessions, tokens, positions, [this](int B) {
     // The picks reuse the ids buffer (its tokens were consumed by the embedding at the start).
-    cuda::LaunchArgmaxRows(logits_.get(), B, c_.vocab_size, ids_.get(), stream_);
-    FKV_CUDA_CHECK(cudaMemcpyAsync(ids_pin_.get(), ids_.get(), (size_t)B * sizeof(int), cudaMemcpyDeviceToHost, stream_));
+    Op(cuda::LaunchArgmaxRows, static_cast<const float*>(logits_.get()), B, c_.vocab_size, ids_.get());
+    Op(cuda::MemcpyOp, static_cast<void*>(ids_pin_.get()), static_cast<const void*>(ids_.get()), (size_t)B * sizeof(int),
+       cudaMemcpyDeviceToHost);
   });
   const int* h = reinterpret_cast<const int*>(ids_pin_.get());
   return std::vector<int>(h, h + sessions.size());
@@ -288,6 +320,7 @@ std::vector<int> CudaRunner::DecodeArgmax(const std::vector<int>& sessions, cons
 std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits,
                                        int chunk) {
   CheckPrefill(c_, tokens, start, engine_->ContextTokens(session));
+  std::lock_guard<std::mutex> lock(run_mu_);
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   const int Q = c_.q_dim(), K = c_.kv_dim(), V = c_.vocab_size, total = (int)tokens.size();
   chunk = std::max(1, chunk);

@@ -22,7 +22,8 @@ struct OffloadItem {
   uint8_t* dst;
 };
 
-// `count` single-page offloads in one launch; items: device array.
+// `count` single-page offloads in one launch; items: device array. An item with a null page is
+// skipped.
 void LaunchOffloadHndBatch(const OffloadItem* items, int count, int kv_heads, int head_dim, int page_size,
                            cudaStream_t stream);
 

@@ -479,40 +479,55 @@ void LaunchSelection(const SelectionParams& p, cudaStream_t stream) {
   }
 }
 
+SelectionBatchShape SelectionBatchShapeOf(const SelectionParams* host_items, int count) {
+  SelectionBatchShape sh;
+  int max_m = 0, max_topk_m = -1, max_sort_np = 0;
+  for (int i = 0; i < count; ++i) {
+    const SelectionParams& p = host_items[i];
+    max_m = std::max(max_m, p.num_candidates);
+    if (std::min(p.k, p.num_candidates) <= kRankSortMax) max_topk_m = std::max(max_topk_m, p.num_candidates);
+    else max_sort_np = std::max(max_sort_np, NextPow2(std::max(p.num_candidates, 1)));
+  }
+  // Rounded up (blocks past an item's own candidates exit; the top-k's shared memory is a bound),
+  // so that a graphed step keeps its shape for 256 pages of context growth.
+  auto up = [](int m) { return std::min((m + kShapeQuantum - 1) / kShapeQuantum * kShapeQuantum, kMaxSelectionCandidates); };
+  sh.score_m = max_m > 0 ? up(max_m) : 0;
+  sh.topk_m = max_topk_m >= 0 ? up(max_topk_m) : -1;
+  sh.sort_np = max_sort_np;
+  return sh;
+}
+
 void LaunchSelectionBatch(const SelectionParams* items, const SelectionParams* host_items, int count,
                           cudaStream_t stream) {
   if (count == 0) return;
   Require(count > 0 && count <= 65535 && items && host_items, "selection batch: count must be in [1, 65535]");
   const SelectionParams& p0 = host_items[0];
-  int max_m = 0, max_topk_m = -1, max_sort_np = 0;
   for (int i = 0; i < count; ++i) {
     const SelectionParams& p = host_items[i];
     CheckSelection(p);
     Require(p.q_heads == p0.q_heads && p.kv_heads == p0.kv_heads && p.head_dim == p0.head_dim,
             "selection batch: the items' geometries differ");
-    max_m = std::max(max_m, p.num_candidates);
-    if (std::min(p.k, p.num_candidates) <= kRankSortMax) max_topk_m = std::max(max_topk_m, p.num_candidates);
-    else max_sort_np = std::max(max_sort_np, NextPow2(std::max(p.num_candidates, 1)));
   }
+  const SelectionBatchShape sh = SelectionBatchShapeOf(host_items, count);
   const int G = p0.q_heads / p0.kv_heads;
-  if (max_m > 0) {
+  if (sh.score_m > 0) {
     SelectionParams shape = p0;  // grid shape only: the kernels read their items from `items`
-    shape.num_candidates = max_m;
+    shape.num_candidates = sh.score_m;
     const ScoreLaunch sl{shape, stream, items, count};
     if (p0.head_dim <= 128) sl.ByG<1>(G);
     else if (p0.head_dim <= 256) sl.ByG<2>(G);
     else sl.ByG<4>(G);
     FKV_CUDA_CHECK_LAUNCH("SelectionScoreKernel(batch)");
   }
-  if (max_topk_m >= 0) {
-    const size_t smem = (size_t)max_topk_m * 8 + (size_t)(kRankSortMax + kCandCap) * 12;
+  if (sh.topk_m >= 0) {
+    const size_t smem = (size_t)sh.topk_m * 8 + (size_t)(kRankSortMax + kCandCap) * 12;
     FKV_CUDA_CHECK(
         cudaFuncSetAttribute(SelectionTopKKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     SelectionTopKKernel<true><<<dim3(p0.kv_heads, count), kTopThreads, smem, stream>>>(p0, items);
     FKV_CUDA_CHECK_LAUNCH("SelectionTopKKernel(batch)");
   }
-  if (max_sort_np > 0) {
-    const size_t smem = (size_t)max_sort_np * 12;
+  if (sh.sort_np > 0) {
+    const size_t smem = (size_t)sh.sort_np * 12;
     FKV_CUDA_CHECK(
         cudaFuncSetAttribute(SelectionSortKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     SelectionSortKernel<true><<<dim3(p0.kv_heads, count), kTopThreads, smem, stream>>>(p0, 0, items);

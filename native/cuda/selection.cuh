@@ -44,4 +44,15 @@ void LaunchSelection(const SelectionParams& p, cudaStream_t stream);
 void LaunchSelectionBatch(const SelectionParams* items, const SelectionParams* host_items, int count,
                           cudaStream_t stream);
 
+// The launch shape LaunchSelectionBatch derives from host_items (grid of the scoring kernel, the
+// top-k's shared memory, the sort's size), rounded up to kShapeQuantum candidates: all a captured
+// batch selection depends on besides its arguments.
+constexpr int kShapeQuantum = 256;
+struct SelectionBatchShape {
+  int score_m = 0;   // candidates the scoring grid covers (0: no scoring launch)
+  int topk_m = -1;   // candidates the top-k's shared memory holds (-1: no top-k launch)
+  int sort_np = 0;   // bitonic sort size (0: no sort launch)
+};
+SelectionBatchShape SelectionBatchShapeOf(const SelectionParams* host_items, int count);
+
 }  // namespace freekv::cuda

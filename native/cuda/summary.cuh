@@ -53,6 +53,7 @@ struct PageSummaryItem {
 };
 
 // `count` single-page summaries in one launch; items: device array (kinds checked by the caller).
+// An item with a null page is skipped.
 void LaunchPageSummaryBatch(const PageSummaryItem* items, int count, int kv_heads, int head_dim, int page_size,
                             cudaStream_t stream);
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Packs what running the services themselves on the GPU machine needs (it has no Node.js toolchain
 # and no node_modules): the compiled TypeScript (dist/, `npm run build:ts`) and the production
-# dependencies (npm ci --omit=dev, no install scripts) into .gpu/services.tar.xz. Needs the rest
+# dependencies (npm ci --omit=dev, no install scripts) and the built-in model into
+# .gpu/services.tar.xz. Needs the rest
 # of .gpu/ from scripts/gpu/pack.sh (Node.js, the addon).
 #
 # On the GPU machine, from the repository root with .gpu/ alongside:
@@ -17,6 +18,6 @@ trap 'rm -rf "$tmp"' EXIT
 cp package.json package-lock.json "$tmp/"
 (cd "$tmp" && npm ci --omit=dev --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null)
 mkdir -p .gpu
-tar -cJf .gpu/services.tar.xz dist -C "$tmp" node_modules
+tar -cJf .gpu/services.tar.xz dist models/builtin -C "$tmp" node_modules
 echo "services packed at commit $(git rev-parse --short=12 HEAD) $(date -u +%FT%TZ)" > .gpu/services-build.txt
 ls -la .gpu/services.tar.xz

@@ -26,7 +26,7 @@
 import { appendFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
-import { loadAddon, type Addon, type Engine, type Geometry, type ModelConfigNative, type Retrieval, type TensorRef } from "../../native/binding.js";
+import { loadAddon, type Addon, type DeviceStepStats, type Engine, type Geometry, type ModelConfigNative, type Retrieval, type TensorRef } from "../../native/binding.js";
 import { FIDELITY_DEFAULTS, MODE_NAMES, type ModeName } from "../../services/compute/fidelity/modes.js";
 import { NativeTarget } from "../../services/compute/fidelity/native-target.js";
 import { replay, type ModeMetrics, type ReplayResult } from "../../services/compute/fidelity/replay.js";
@@ -345,6 +345,33 @@ async function runModel(addon: Addon, engine: Engine, build: ModelBuild, g: Gold
   }
 }
 
+/**
+ * The decode steps of `b` ran as CUDA graphs (replays of a cached graph after the first steps);
+ * the same run with FREEKV_CUDA_GRAPH=0 (every op launched directly) gives bit-identical logits.
+ */
+async function graphParity(addon: Addon, engine: Engine, build: ModelBuild, g: Golden, r: Retrieval, kvDtype: Geometry["kvDtype"], name: string, b: ModelRun, before: DeviceStepStats, V: number) {
+  const after = engine.deviceStepStats();
+  const steps = after.steps - before.steps, replays = after.replays - before.replays;
+  const built = after.captures - before.captures + after.updates - before.updates;
+  process.env.FREEKV_CUDA_GRAPH = "0";
+  let direct: ModelRun;
+  try {
+    direct = await runModel(addon, engine, build, g, r, kvDtype);
+  } finally {
+    delete process.env.FREEKV_CUDA_GRAPH;
+  }
+  const afterDirect = engine.deviceStepStats();
+  let diffs = 0;
+  const all = (x: ModelRun) => [...x.promptLogits, ...x.stepLogits];
+  const xa = all(b), xb = all(direct);
+  for (let i = 0; i < xa.length; i++) for (let j = 0; j < V; j++) if (!Object.is(xa[i][j], xb[i][j])) diffs++;
+  const directSteps = afterDirect.direct - after.direct;
+  const ok = diffs === 0 && steps > 0 && replays >= steps - 3 && directSteps === afterDirect.steps - after.steps;
+  check(`${name}: decode steps as CUDA graphs == op by op, bit for bit`, ok,
+    `${steps} steps: ${replays} graph replays, ${built} captured/updated, ${after.direct - before.direct} direct (${after.ops} ops a step); ` +
+    `${directSteps} steps with FREEKV_CUDA_GRAPH=0; ${diffs} of ${xa.length * V} logits differ`);
+}
+
 /** The greedy continuation through Model.decodeArgmax (the pick made where the logits are). */
 async function runArgmax(addon: Addon, engine: Engine, build: ModelBuild, g: Golden, retrieval: Retrieval, kvDtype: Geometry["kvDtype"]): Promise<number[]> {
   const model = new addon.Model({ config: build.native, tensors: build.tensors, engine });
@@ -473,6 +500,7 @@ async function modelParity(addon: Addon, cpu: Engine, cand: Engine, candName: st
         const a = label === "dense" ? wideCpuDense : await runModel(addon, cpu, wide, g, r, BF16);
         const tc = Date.now();
         let b: ModelRun;
+        const graphsBefore = cand.deviceStepStats();
         try {
           b = await runModel(addon, cand, wide, g, r, candKv);
         } catch (e) {
@@ -484,6 +512,7 @@ async function modelParity(addon: Addon, cpu: Engine, cand: Engine, candName: st
         }
         const candMs = Date.now() - tc;
         if (candName === "cuda") check(`${name} ${label}: layers on the GPU`, b.device === "cuda", `Model.device = ${b.device}`);
+        if (candName === "cuda") await graphParity(addon, cand, wide, g, r, candKv, `${name} ${label}`, b, graphsBefore, V);
         if (candName === "cuda" && label === "dense") {
           const picks = await runArgmax(addon, cand, wide, g, r, candKv);
           const same = picks.every((t, i) => t === b.tokens[i]);

@@ -148,15 +148,18 @@ async function fillContext(engine: Engine, session: number, n: number, seed: num
     }
 }
 
-interface Point { batch: number; context: number; mode: string; floorMs?: number; stepMs?: number; minMs?: number; correctionRate?: number; recallMBPerStep?: number; error?: string; ts?: Record<string, number> }
+interface Point { batch: number; context: number; mode: string; floorMs?: number; stepMs?: number; minMs?: number; correctionRate?: number; recallMBPerStep?: number; graph?: string; error?: string; ts?: Record<string, number> }
 
 async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, model: Model, batch: number, context: number, mode: string): Promise<Point> {
   const geo = { layers: LAYERS, qHeads: HQ, kvHeads: HKV, headDim: D, kvDtype: KvDType.BF16 };
   const sessions: LocalSession[] = [];
-  const point: Point = { batch, context, mode, floorMs: floorMs(batch, context, mode) };
+  // "<mode>-direct": the same mode with every op of a step launched directly (FREEKV_CUDA_GRAPH=0).
+  const direct = mode.endsWith("-direct");
+  const base = direct ? mode.slice(0, -"-direct".length) : mode;
+  const point: Point = { batch, context, mode, floorMs: floorMs(batch, context, base) };
   try {
     for (let b = 0; b < batch; b++) {
-      const s = createLocalSession(engine, geo, retrieval(mode), context + STEPS + 64);
+      const s = createLocalSession(engine, geo, retrieval(base), context + STEPS + 64);
       sessions.push(s);
       await fillContext(engine, s.session, context, 1000 + b);
     }
@@ -165,7 +168,10 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     let pos = context;
     const times: number[] = [];
     const warm = 3;
+    if (direct) process.env.FREEKV_CUDA_GRAPH = "0";
+    const g0 = engine.deviceStepStats();
     for (let step = 0; step < warm + STEPS; step++) {
+      if (step === warm) Object.assign(g0, engine.deviceStepStats());
       const t0 = performance.now();
       const logits = await model.decode(ids, tokens, Int32Array.from(sessions.map(() => pos)));
       const ms = performance.now() - t0;
@@ -179,6 +185,9 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
       }
       tokens = next;
     }
+    const g1 = engine.deviceStepStats();
+    delete process.env.FREEKV_CUDA_GRAPH;
+    point.graph = `timed steps: ${g1.replays - g0.replays} graph replays, ${g1.captures - g0.captures + g1.updates - g0.updates} captured, ${g1.direct - g0.direct} direct of ${g1.steps - g0.steps} (${g1.ops} ops a step)`;
     point.stepMs = median(times);
     point.minMs = Math.min(...times);
     const st = engine.stats(sessions[0].session);
@@ -214,6 +223,7 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
   } catch (e) {
     point.error = (e as Error).message;
   } finally {
+    delete process.env.FREEKV_CUDA_GRAPH;
     for (const s of sessions) await s.close();
   }
   return point;
@@ -257,7 +267,7 @@ for (const p of points)
     results.push(r);
     log(
       `b${r.batch} ctx ${r.context} ${r.mode}: ` +
-        (r.error ? `error: ${r.error}` : `${r.stepMs!.toFixed(2)} ms/step (min ${r.minMs!.toFixed(2)}), corrections ${(100 * r.correctionRate!).toFixed(1)}%, recall ${r.recallMBPerStep!.toFixed(1)} MB/step`) +
+        (r.error ? `error: ${r.error}` : `${r.stepMs!.toFixed(2)} ms/step (min ${r.minMs!.toFixed(2)}), corrections ${(100 * r.correctionRate!).toFixed(1)}%, recall ${r.recallMBPerStep!.toFixed(1)} MB/step; ${r.graph}`) +
         (r.ts ? `; Generate TS: ${r.ts.tsMs.toFixed(2)} ms of ${r.ts.wallMs.toFixed(2)} ms (${r.ts.sharePct.toFixed(2)}%)` : ""),
     );
   }

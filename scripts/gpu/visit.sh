@@ -44,21 +44,23 @@ step() {  # step NAME SECONDS COMMAND...: runs with OUT=$work/NAME, records rc a
   OUT=$work/$name timeout "$limit" "$@" > "$work/$name/stdout.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc in $((SECONDS - t0)) s (limit $limit)$( [ $rc -eq 124 ] && echo ', cut off at its limit')" >> "$summary"
-  grep -a -h -E "cases pass|parity checks pass|ms/step|TS\+gRPC|^Generate |variant [0-9]: max rel|\[run\] .* exit" "$work/$name/stdout.log" 2>/dev/null |
+  grep -a -h -E "demo finished|  FAIL|backend|cases pass|parity checks pass|ms/step|TS\+gRPC|^Generate |variant [0-9]: max rel|\[run\] .* exit" "$work/$name/stdout.log" 2>/dev/null |
     tr -d '\000' | head -30 | sed "s/^/  $name: /" >> "$summary"
   pack
 }
 
-step checks "${CHECKS_S:-90}" bash .gpu/run.sh
+step checks "${CHECKS_S:-80}" bash .gpu/run.sh
+step checks_v2 "${CHECKS_V2_S:-50}" env FREEKV_ATTN_VARIANT=2 FREEKV_CHECK_TIMING=0 bash .gpu/run.sh
 step parity "${PARITY_S:-60}" bash scripts/gpu/parity.sh
 step runner "${RUNNER_S:-240}" bash scripts/gpu/runner-bench.sh ${RUNNER_ARGS:---points 1:32768,4:32768,16:8192 --modes freekv,speculative,dense --steps 8}
-if [ -f .gpu/services.tar.xz ] && [ -f /tmp/freekv-8b/config.json ]; then
+if [ -f .gpu/services.tar.xz ]; then
   tar xJf .gpu/services.tar.xz
-  step overhead "${OVERHEAD_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b FREEKV_MAX_CONTEXT_TOKENS=4096 \
+  step demo "${DEMO_S:-40}" env FREEKV_BACKEND=cuda node dist/services/dev/demo.js
+  [ -f /tmp/freekv-8b/config.json ] && step overhead "${OVERHEAD_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b FREEKV_MAX_CONTEXT_TOKENS=4096 \
     FREEKV_BENCH_COMMIT="$(sed -n 's/.*at commit \([0-9a-f]*\).*/\1/p' .gpu/services-build.txt)" \
     node dist/bench/overhead.js --skip attention --gen-tokens 80 --out "$work/overhead/overhead.json"
 else
-  echo "overhead: skipped (needs .gpu/services.tar.xz and the model folder the runner step writes)" >> "$summary"
+  echo "demo, overhead: skipped (need .gpu/services.tar.xz; overhead also the model folder the runner step writes)" >> "$summary"
 fi
 step bench "${BENCH_S:-90}" env BENCH_S=$(( ${BENCH_S:-90} - 20 )) ANCHOR_S=0 \
   BENCH_ARGS="--sections ${BENCH_SECTIONS:-ceilings,attention,recall,step}" bash bench/gpu/run.sh

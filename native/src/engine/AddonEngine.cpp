@@ -232,6 +232,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
                         InstanceMethod("prefillAttend", &AddonEngine::PrefillAttend),
                         InstanceMethod("decode", &AddonEngine::Decode), InstanceMethod("sync", &AddonEngine::Sync),
                         InstanceMethod("stats", &AddonEngine::GetStats),
+                        InstanceMethod("deviceStepStats", &AddonEngine::GetDeviceStepStats),
                         InstanceMethod("contextTokens", &AddonEngine::ContextTokens),
                         InstanceMethod("lastAttendedTokens", &AddonEngine::LastAttendedTokens)});
   }
@@ -433,6 +434,21 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     auto p = w->Promise();
     w->Queue();
     return p;
+  }
+
+  Napi::Value GetDeviceStepStats(const Napi::CallbackInfo& info) {
+    auto env = info.Env();
+    const DeviceStepStats st = engine_->GetDeviceStepStats();
+    auto o = Napi::Object::New(env);
+    auto num = [&](const char* k, double v) { o.Set(k, Napi::Number::New(env, v)); };
+    num("steps", static_cast<double>(st.steps));
+    num("direct", static_cast<double>(st.direct));
+    num("captures", static_cast<double>(st.captures));
+    num("updates", static_cast<double>(st.updates));
+    num("replays", static_cast<double>(st.replays));
+    num("ops", static_cast<double>(st.ops));
+    num("captureMs", st.capture_ms);
+    return o;
   }
 
   Napi::Value GetStats(const Napi::CallbackInfo& info) {

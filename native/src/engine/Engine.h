@@ -15,6 +15,9 @@
 #include <vector>
 
 namespace freekv {
+namespace cuda {
+class StepGraph;
+}
 
 enum class DType : int { F32 = 1, BF16 = 2, F16 = 3 };
 enum class SummaryKind : int { MaxMin = 1, CuboidMean = 2 };
@@ -113,6 +116,17 @@ struct Stats {
   uint64_t guard_waits = 0;
 };
 
+// How the device steps of an engine were issued (CUDA backend; see native/cuda/step_graph.cuh).
+struct DeviceStepStats {
+  uint64_t steps = 0;     // device steps
+  uint64_t direct = 0;    // issued op by op (graphs off, a step with a host round trip, a new shape)
+  uint64_t captures = 0;  // captured into a new CUDA graph
+  uint64_t updates = 0;   // captured and updated into a cached graph of the same op sequence
+  uint64_t replays = 0;   // one launch of a cached graph
+  uint64_t ops = 0;       // stream operations of the last step
+  double capture_ms = 0;  // host time of all captures and updates
+};
+
 // One session's input to a batched decode step of one layer. Pointers are in the backend's
 // memory space for `*Device` calls and in host memory otherwise; all float32.
 struct DecodeItem {
@@ -163,6 +177,11 @@ class Engine {
   virtual void EndDeviceStep() {}
   // The stream a device step is ordered on (a cudaStream_t), or null on backends without one.
   virtual void* DeviceStream() { return nullptr; }
+  // While a step is open, the runner queues its own stream work through this (so the whole step,
+  // the runner's GEMMs and kernels included, becomes one CUDA graph); null without device steps.
+  // Graphs are on unless FREEKV_CUDA_GRAPH=0 (read at every BeginDeviceStep).
+  virtual cuda::StepGraph* DeviceStepGraph() { return nullptr; }
+  virtual DeviceStepStats GetDeviceStepStats() const { return {}; }
 
   // Waits for all background work (recalls) of a session; needed before CloseSession or before
   // reading the host store from another process.
