@@ -203,6 +203,10 @@ export interface DeviceStepStats {
   ops: number;
   /** Host milliseconds spent capturing and instantiating or updating graphs, in total. */
   captureMs: number;
+  /** Host milliseconds from BeginDeviceStep until each step was issued (direct: launches included), summed. */
+  hostMs: number;
+  /** Device milliseconds from each step's first to last main-stream operation, summed (direct: idle gaps included). */
+  deviceMs: number;
 }
 
 export interface EngineStatic {

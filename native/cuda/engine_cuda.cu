@@ -29,10 +29,17 @@
 // Host round trips: in the default (gather) mode, a Decode copies its inputs in and its outputs
 // out; correction flags, selections, residency and recall job lists stay on the device, and the
 // only host decisions (when a page fills, the candidate ranges) follow from the context length,
-// which the host knows. So every launch of a step could be captured into a CUDA graph (with the
-// context-dependent scalars as updated kernel parameters). The double-buffer recall mode needs
-// the job list on the host (one cudaMemcpyAsync per head-page): it synchronises once per
-// recall, which is the paper's method and is kept to measure it against the gather.
+// which the host knows; the context-dependent values travel in the descriptor tables (device
+// memory, filled from pinned host regions by one copy per layer). So a device step of the GPU
+// runner (BeginDeviceStep .. EndDeviceStep) is recorded as an op list and its main-stream part
+// replayed as one CUDA graph (step_graph.cuh): per layer the graph waits spec_done(layer) and
+// records attended(layer) as external event nodes, and the side stream's speculative work is
+// issued directly after the graph launch, so it overlaps as described above. In a graphed step
+// the summary and offload lists always hold one item per session (null pages where no page
+// fills), so their lengths, part of the graph's key, do not change. The double-buffer recall
+// mode needs the job list on the host (one cudaMemcpyAsync per head-page): it synchronises once
+// per recall, which is the paper's method and is kept to measure it against the gather; a step
+// holding such a session is issued op by op.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -204,9 +211,7 @@ class CudaEngine final : public Engine {
     FKV_CUDA_CHECK(cudaSetDevice(device_));
     main_ = std::make_unique<Stream>();
     side_ = std::make_unique<Stream>();
-    attended_ = std::make_unique<Event>();
     outputs_ = std::make_unique<Event>();
-    join_ = std::make_unique<Event>();
   }
 
   ~CudaEngine() override {
@@ -535,7 +540,7 @@ class CudaEngine final : public Engine {
   std::map<int, std::unique_ptr<Session>> sessions_;
   int next_id_ = 1;
   std::unique_ptr<Stream> main_, side_;
-  std::unique_ptr<Event> attended_, outputs_, join_;
+  std::unique_ptr<Event> outputs_;
   // The device step's op list and its cached CUDA graphs (step_graph.cuh).
   StepGraph graph_;
   // Per-call buffers of the main stream (reused; grown on demand after a main-stream sync).
@@ -568,6 +573,10 @@ class CudaEngine final : public Engine {
   // next decode of the layer waits for it (the recalls, and the side-stream readers of the
   // layer's device descriptor region, are then done).
   std::vector<std::unique_ptr<Event>> spec_done_;
+  // Per layer index: recorded on the main stream right after the layer's attention; the side
+  // stream's speculative work of the layer waits for it (one per layer, so that a graphed step,
+  // which records all of them before its side-stream work is issued, keeps each layer's order).
+  std::vector<std::unique_ptr<Event>> attended_;
   std::vector<char> spec_recorded_;
 };
 
@@ -996,6 +1005,7 @@ void CudaEngine::SizeDescTables(int B, int layers, int pinned_regions) {
   desc_pin_.Resize((size_t)pinned_regions * desc_bytes_);
   if ((int)spec_done_.size() < layers) {
     while ((int)spec_done_.size() < layers) spec_done_.push_back(std::make_unique<Event>());
+    while ((int)attended_.size() < layers) attended_.push_back(std::make_unique<Event>());
     spec_recorded_.resize(layers, 0);
   }
 }
@@ -1025,11 +1035,12 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     throw std::logic_error("decode: descriptor tables not sized for this batch");
 
   // 1. The layer's speculative work queued last (the batch's recalls from the previous step among
-  // it) completes first; that also frees the layer's device descriptor region. (A graphed step
-  // is ordered after all earlier side-stream work as a whole: StepGraph::Flush.)
+  // it) completes first; that also frees the layer's device descriptor region. (In a graphed
+  // step this is an external event wait node: the side-stream work is outside the graph.)
   const bool graphed = graph_.deferred();
   if (graphed) {
     for (int i = 0; i < B; ++i) ss[i]->layers[layer]->recall_pending = false;
+    if (spec_recorded_[layer]) graph_.Op(st, WaitExternalOp, spec_done_[layer]->get());
   } else if (spec_recorded_[layer]) {
     const bool busy = cudaEventQuery(spec_done_[layer]->get()) == cudaErrorNotReady;
     cudaGetLastError();
@@ -1188,11 +1199,11 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
   G.Op(st, MemsetOp, static_cast<void*>(dout), 0xff, (size_t)B * qs * sizeof(float));
   G.Op(st, [](DecodeAttentionParams p, void* w, size_t n, cudaStream_t s) { LaunchDecodeAttention(p, w, n, s); }, dp,
        static_cast<void*>(workspace_.get()), ws);
-  G.Op(st, RecordOp, attended_->get());
+  G.Op(st, graphed ? RecordExternalOp : RecordOp, attended_[layer]->get());
 
   // 5. Speculative selection + recall for step t+1, on the side stream after the attention.
   if (speculate) {
-    G.Op(side, WaitOp, attended_->get());
+    G.Op(side, WaitOp, attended_[layer]->get());
     const SelectionBatchShape spec_shape = SelectionBatchShapeOf(t.spec_select.host, t.spec_select.n);
     G.Key(&spec_shape, sizeof spec_shape);
     G.Op(side, LaunchSelectionBatch, t.spec_select.dev, static_cast<const SelectionParams*>(t.spec_select.host),
@@ -1201,10 +1212,8 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
          static_cast<const ResidencyParams*>(t.spec_residency.host), t.spec_residency.n);
     G.Op(side, LaunchRecallGatherBatch, t.spec_recall.dev, t.spec_recall.n, Hkv, D, P, kGatherBlocks);
     for (const PerItemSelect& x : per_item_spec) SelectAndRecall(*x.s, layer, x.q, x.c0, x.c1, x.head_mask, side);
-    if (!graphed) {
-      FKV_CUDA_CHECK(cudaEventRecord(spec_done_[layer]->get(), side));
-      spec_recorded_[layer] = 1;
-    }
+    G.Op(side, RecordOp, spec_done_[layer]->get());
+    spec_recorded_[layer] = 1;
   }
 
   // 6. Host-side state of the layer moves on (the queued work above used the old values).
@@ -1355,10 +1364,11 @@ void CudaEngine::EndDeviceStep() {
     graph_.Op(st, MemcpyOp, static_cast<void*>(step_q_pin_.get()), static_cast<const void*>(step_q_.get()),
               (size_t)NL * B * qs * sizeof(float), cudaMemcpyDeviceToHost);
   // Everything queued for the step is issued now (one graph launch when its shape is cached).
-  graph_.Flush(side_->get(), join_->get());
+  graph_.Flush();
   // The one wait of the step: the appends' tail write-through and the offloads are complete
   // before the manifest says so.
   FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+  graph_.Finished();
   const float* hq = reinterpret_cast<const float*>(step_q_pin_.get());
   for (int l = 0; l < NL; ++l)
     for (int i = 0; i < B; ++i) {

@@ -3,24 +3,26 @@
 // While a device step is open (Engine::BeginDeviceStep .. EndDeviceStep), the engine and the
 // runner do not launch their work: every stream operation (kernel launcher, copy, memset, event
 // record or wait) is appended to the step's op list, with its arguments copied by value. The list
-// itself is the graph's key: a launcher pointer, its stream and its argument bytes per op (device
-// and pinned-host addresses, counts, shapes), plus the launch shapes some launchers derive from
-// host tables (Key()). What changes from step to step without changing the key is data in device
-// memory or in pinned host regions (descriptor tables, token ids, positions) that the graph's
-// copies read when they run. So at EndDeviceStep:
+// of the main stream's ops is the graph's key: a launcher pointer and its argument bytes per op
+// (device and pinned-host addresses, counts, shapes), plus the launch shapes some launchers derive
+// from host tables (Key()). What changes from step to step without changing the key is data in
+// device memory or in pinned host regions (descriptor tables, token ids, positions) that the
+// graph's copies read when they run. So at EndDeviceStep the main stream's ops are issued as:
 //   * the same key as a cached graph:      one cudaGraphLaunch (replay);
 //   * a new key with the same op sequence as a cached graph (e.g. a longer candidate range after
-//     a page filled): capture, then cudaGraphExecUpdate of that graph (no new instantiation);
+//     the context grew by 256 pages): capture, then cudaGraphExecUpdate of that graph;
 //   * a key seen in the previous step:     capture and instantiate a new graph (LRU of kCached);
 //   * otherwise (first step of a batch, a one-off shape): the ops run at once, as without graphs,
 //     so lazy module loading, GEMM plans and workspaces are set up outside any capture.
 // Correctness does not depend on which of the four happens: they issue the same operations in the
-// same order on the same streams (tests compare graph and direct steps bit for bit).
+// same order on the same streams (parity.ts compares graph and direct steps bit for bit).
 //
-// Side stream: an op on another stream than the step's main stream must come after a wait on an
-// event recorded on the main stream in the same step (a fork); Flush joins that stream back into
-// the main stream at the end of the step (capture requires it), so the step's last speculative
-// recalls finish before the step does (about one layer's recall, e.g. 0.05 ms at 8B shapes).
+// Ops on other streams (the engine's speculative selection + recall on its side stream) are not
+// captured: they are issued directly right after the main stream's ops, every step. They are
+// ordered against the graph by events the graph records and waits for as external event nodes
+// (RecordExternalOp / WaitExternalOp), so the speculative recall of layer l keeps overlapping the
+// rest of the step and the next step's layers before l, exactly as in a direct step. (A graph
+// that contained them would have to finish them before the step ends.)
 //
 // Host-side validation inside the launchers runs when ops are issued directly or captured, not
 // on a replay (the replayed arguments are the ones validated at capture).
@@ -31,6 +33,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -53,6 +56,19 @@ inline void MemsetOp(void* dst, int value, size_t bytes, cudaStream_t s) {
 }
 inline void RecordOp(cudaEvent_t e, cudaStream_t s) { FKV_CUDA_CHECK(cudaEventRecord(e, s)); }
 inline void WaitOp(cudaEvent_t e, cudaStream_t s) { FKV_CUDA_CHECK(cudaStreamWaitEvent(s, e, 0)); }
+// Inside a capture these become event record / wait nodes on real events (so work outside the
+// graph can order against it); outside a capture (where the flags are invalid) the plain calls.
+inline bool Capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  FKV_CUDA_CHECK(cudaStreamIsCapturing(s, &st));
+  return st == cudaStreamCaptureStatusActive;
+}
+inline void RecordExternalOp(cudaEvent_t e, cudaStream_t s) {
+  FKV_CUDA_CHECK(cudaEventRecordWithFlags(e, s, Capturing(s) ? cudaEventRecordExternal : cudaEventRecordDefault));
+}
+inline void WaitExternalOp(cudaEvent_t e, cudaStream_t s) {
+  FKV_CUDA_CHECK(cudaStreamWaitEvent(s, e, Capturing(s) ? cudaEventWaitExternal : cudaEventWaitDefault));
+}
 
 class StepGraph {
  public:
@@ -62,6 +78,8 @@ class StepGraph {
   ~StepGraph() {
     for (Cached& c : cache_)
       if (c.exec) cudaGraphExecDestroy(c.exec);
+    if (t0_) cudaEventDestroy(t0_);
+    if (t1_) cudaEventDestroy(t1_);
   }
   StepGraph(const StepGraph&) = delete;
   StepGraph& operator=(const StepGraph&) = delete;
@@ -72,7 +90,19 @@ class StepGraph {
     deferred_ = deferred;
     main_ = main;
     arena_.clear();
+    outside_.clear();
     n_ops_ = 0;
+    began_ms_ = NowMs();
+    timed_ = false;
+    if (!deferred) Mark(t0_);
+  }
+  // After the caller's wait for the step's main stream: adds the step's device time.
+  void Finished() {
+    if (!timed_) return;
+    timed_ = false;
+    float ms = 0;
+    if (cudaEventElapsedTime(&ms, t0_, t1_) == cudaSuccess) counters_.device_ms += ms;
+    cudaGetLastError();
   }
   bool deferred() const { return deferred_; }
 
@@ -87,42 +117,65 @@ class StepGraph {
       f(a..., s);
       return;
     }
+    std::vector<uint8_t>& ar = s == main_ ? arena_ : outside_;
     Header h{&Invoke<F, A...>, s, 0};
-    const size_t at = Reserve(sizeof(Header));
-    const size_t body = Reserve(0);
-    Put(f);
-    (Put(a), ...);
-    h.size = arena_.size() - body;
-    std::memcpy(arena_.data() + at, &h, sizeof h);
+    const size_t at = Reserve(ar, sizeof(Header));
+    const size_t body = Reserve(ar, 0);
+    Put(ar, f);
+    (Put(ar, a), ...);
+    h.size = ar.size() - body;
+    std::memcpy(ar.data() + at, &h, sizeof h);
     ++n_ops_;
   }
 
-  // Extra key bytes: launch shapes a launcher derives from host tables (see file comment).
+  // Extra key bytes: launch shapes a launcher of the main stream derives from host tables.
   void Key(const void* p, size_t n) {
     if (!deferred_) return;
     Header h{nullptr, nullptr, n};
-    const size_t at = Reserve(sizeof(Header));
+    const size_t at = Reserve(arena_, sizeof(Header));
     std::memcpy(arena_.data() + at, &h, sizeof h);
-    const size_t d = Reserve(n);
+    const size_t d = Reserve(arena_, n);
     std::memcpy(arena_.data() + d, p, n);
   }
 
-  // Issues the step's ops (see file comment); `side` is joined back into `main` when used, with
-  // `join` (an event owned by the caller).
-  void Flush(cudaStream_t side, cudaEvent_t join) {
+  // Issues the step's ops (see file comment).
+  void Flush() {
+    ++counters_.steps;
+    counters_.ops = n_ops_;
     if (!deferred_) {
-      ++counters_.steps;
       ++counters_.direct;
+      counters_.host_ms += NowMs() - began_ms_;
+      Mark(t1_);
+      timed_ = true;
       return;
     }
     deferred_ = false;
-    ++counters_.steps;
-    counters_.ops = n_ops_;
+    counters_.host_ms += NowMs() - began_ms_;
+    Mark(t0_);
+    IssueMain();
+    Mark(t1_);
+    timed_ = true;
+    Issue(outside_);
+  }
+
+  const DeviceStepStats& counters() const { return counters_; }
+
+ private:
+  struct Header {
+    void (*invoke)(const uint8_t*, cudaStream_t);  // null: key bytes only
+    cudaStream_t stream;
+    size_t size;  // bytes after the header (from its 16-byte aligned start)
+  };
+  struct Cached {
+    std::vector<uint8_t> key;
+    uint64_t shape = 0;
+    uint64_t used = 0;
+    cudaGraphExec_t exec = nullptr;
+  };
+
+  // The main stream's ops: replayed, captured (new or updated graph) or issued directly.
+  void IssueMain() {
     if (arena_.empty()) return;
-    // Work the side stream still has from earlier direct steps is ordered before this step (the
-    // step's ops do not wait for it themselves).
-    FKV_CUDA_CHECK(cudaEventRecord(join, side));
-    FKV_CUDA_CHECK(cudaStreamWaitEvent(main_, join, 0));
     const uint64_t shape = ShapeHash();
     ++clock_;
     Cached* hit = nullptr;
@@ -139,13 +192,13 @@ class StepGraph {
     }
     const bool seen = previous_.size() == arena_.size() && std::memcmp(previous_.data(), arena_.data(), arena_.size()) == 0;
     if (!same_shape && !seen) {
-      Issue(side, join);
+      Issue(arena_);
       ++counters_.direct;
       previous_.swap(arena_);
       return;
     }
     const double t0 = NowMs();
-    cudaGraph_t graph = Capture(side, join);
+    cudaGraph_t graph = Capture();
     bool updated = false;
     if (same_shape) {
       cudaGraphExecUpdateResultInfo info;
@@ -174,6 +227,7 @@ class StepGraph {
         cudaGraphDestroy(graph);
         slot->exec = nullptr;
         slot->key.clear();
+        slot->shape = 0;
         slot->used = 0;
         Check(e, "cudaGraphInstantiate(decode step)");
       }
@@ -188,31 +242,16 @@ class StepGraph {
     FKV_CUDA_CHECK(cudaGraphLaunch(hit->exec, main_));
   }
 
-  const DeviceStepStats& counters() const { return counters_; }
-
- private:
-  struct Header {
-    void (*invoke)(const uint8_t*, cudaStream_t);  // null: key bytes only
-    cudaStream_t stream;
-    size_t size;  // bytes after the header (from its 16-byte aligned start)
-  };
-  struct Cached {
-    std::vector<uint8_t> key;
-    uint64_t shape = 0;
-    uint64_t used = 0;
-    cudaGraphExec_t exec = nullptr;
-  };
-
   static constexpr size_t kAlign = 16;
-  size_t Reserve(size_t n) {
-    const size_t at = (arena_.size() + kAlign - 1) / kAlign * kAlign;
-    arena_.resize(at + n, 0);  // zero-filled, so gaps compare equal
+  static size_t Reserve(std::vector<uint8_t>& ar, size_t n) {
+    const size_t at = (ar.size() + kAlign - 1) / kAlign * kAlign;
+    ar.resize(at + n, 0);  // zero-filled, so gaps compare equal
     return at;
   }
   template <class T>
-  void Put(const T& v) {
-    const size_t at = Reserve(sizeof(T));
-    std::memcpy(arena_.data() + at, &v, sizeof(T));
+  static void Put(std::vector<uint8_t>& ar, const T& v) {
+    const size_t at = Reserve(ar, sizeof(T));
+    std::memcpy(ar.data() + at, &v, sizeof(T));
   }
   template <class T>
   static T Get(const uint8_t*& p) {
@@ -230,36 +269,29 @@ class StepGraph {
     std::apply([&](A&... a) { f(a..., s); }, args);
   }
 
-  // Calls fn(header, body) for every entry in order.
+  // Calls fn(header, body) for every entry of `ar` in order.
   template <class Fn>
-  void Walk(Fn fn) const {
-    if (reinterpret_cast<uintptr_t>(arena_.data()) % kAlign) throw std::logic_error("StepGraph: arena misaligned");
+  static void Walk(const std::vector<uint8_t>& ar, Fn fn) {
+    if (reinterpret_cast<uintptr_t>(ar.data()) % kAlign) throw std::logic_error("StepGraph: arena misaligned");
     size_t at = 0;
-    while (at < arena_.size()) {
+    while (at < ar.size()) {
       at = (at + kAlign - 1) / kAlign * kAlign;
       Header h;
-      std::memcpy(&h, arena_.data() + at, sizeof h);
+      std::memcpy(&h, ar.data() + at, sizeof h);
       const size_t body = (at + sizeof(Header) + kAlign - 1) / kAlign * kAlign;
-      fn(h, arena_.data() + body);
+      fn(h, ar.data() + body);
       at = body + h.size;
     }
   }
-  void Issue(cudaStream_t side, cudaEvent_t join) {
-    bool forked = false;
-    Walk([&](const Header& h, const uint8_t* body) {
-      if (!h.invoke) return;
-      forked |= h.stream != main_;
-      h.invoke(body, h.stream);
+  static void Issue(const std::vector<uint8_t>& ar) {
+    Walk(ar, [&](const Header& h, const uint8_t* body) {
+      if (h.invoke) h.invoke(body, h.stream);
     });
-    if (forked) {
-      RecordOp(join, side);
-      WaitOp(join, main_);
-    }
   }
-  cudaGraph_t Capture(cudaStream_t side, cudaEvent_t join) {
+  cudaGraph_t Capture() {
     FKV_CUDA_CHECK(cudaStreamBeginCapture(main_, cudaStreamCaptureModeRelaxed));
     try {
-      Issue(side, join);
+      Issue(arena_);
     } catch (...) {
       cudaGraph_t g = nullptr;
       cudaStreamEndCapture(main_, &g);
@@ -271,16 +303,17 @@ class StepGraph {
     FKV_CUDA_CHECK(cudaStreamEndCapture(main_, &g));
     return g;
   }
-  // The op sequence without argument values: steps with equal shapes have equal graph topology
-  // (launchers launch the same kernels for the same list), so an update can replace a capture.
+  // The op sequence without argument values: steps with equal shapes usually have equal graph
+  // topology, so an update can replace an instantiation (cudaGraphExecUpdate checks it).
   uint64_t ShapeHash() const {
     uint64_t h = 1469598103934665603ull;
     auto mix = [&](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
-    Walk([&](const Header& hd, const uint8_t*) {
-      mix(reinterpret_cast<uintptr_t>(hd.invoke));
-      mix(reinterpret_cast<uintptr_t>(hd.stream));
-    });
+    Walk(arena_, [&](const Header& hd, const uint8_t*) { mix(reinterpret_cast<uintptr_t>(hd.invoke)); });
     return h;
+  }
+  void Mark(cudaEvent_t& e) {
+    if (!e) FKV_CUDA_CHECK(cudaEventCreate(&e));
+    FKV_CUDA_CHECK(cudaEventRecord(e, main_));
   }
   static double NowMs() {
     timespec ts;
@@ -290,8 +323,11 @@ class StepGraph {
 
   bool deferred_ = false;
   cudaStream_t main_ = nullptr;
-  std::vector<uint8_t> arena_, previous_;
+  std::vector<uint8_t> arena_, outside_, previous_;
   uint64_t n_ops_ = 0, clock_ = 0;
+  double began_ms_ = 0;
+  cudaEvent_t t0_ = nullptr, t1_ = nullptr;
+  bool timed_ = false;
   std::vector<Cached> cache_;
   DeviceStepStats counters_;
 };

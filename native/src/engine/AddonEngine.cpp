@@ -448,6 +448,8 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     num("replays", static_cast<double>(st.replays));
     num("ops", static_cast<double>(st.ops));
     num("captureMs", st.capture_ms);
+    num("hostMs", st.host_ms);
+    num("deviceMs", st.device_ms);
     return o;
   }
 

@@ -125,6 +125,12 @@ struct DeviceStepStats {
   uint64_t replays = 0;   // one launch of a cached graph
   uint64_t ops = 0;       // stream operations of the last step
   double capture_ms = 0;  // host time of all captures and updates
+  // Per step, summed: host time from BeginDeviceStep until the step is issued (the host's own
+  // work, plus the launches themselves when direct), and the device time from the step's first
+  // operation to its last on the main stream (when direct, device idle time waiting for the host's
+  // launches included).
+  double host_ms = 0;
+  double device_ms = 0;
 };
 
 // One session's input to a batched decode step of one layer. Pointers are in the backend's
