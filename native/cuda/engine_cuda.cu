@@ -212,6 +212,7 @@ class CudaEngine final : public Engine {
     main_ = std::make_unique<Stream>();
     side_ = std::make_unique<Stream>();
     outputs_ = std::make_unique<Event>();
+    attended_direct_ = std::make_unique<Event>();
   }
 
   ~CudaEngine() override {
@@ -541,6 +542,9 @@ class CudaEngine final : public Engine {
   int next_id_ = 1;
   std::unique_ptr<Stream> main_, side_;
   std::unique_ptr<Event> outputs_;
+  // Recorded on the main stream right after an attention of a direct (not graphed) decode; the
+  // side stream's speculative work of that call waits for it.
+  std::unique_ptr<Event> attended_direct_;
   // The device step's op list and its cached CUDA graphs (step_graph.cuh).
   StepGraph graph_;
   // Per-call buffers of the main stream (reused; grown on demand after a main-stream sync).
@@ -573,9 +577,10 @@ class CudaEngine final : public Engine {
   // next decode of the layer waits for it (the recalls, and the side-stream readers of the
   // layer's device descriptor region, are then done).
   std::vector<std::unique_ptr<Event>> spec_done_;
-  // Per layer index: recorded on the main stream right after the layer's attention; the side
-  // stream's speculative work of the layer waits for it (one per layer, so that a graphed step,
-  // which records all of them before its side-stream work is issued, keeps each layer's order).
+  // Per layer index, graphed steps only: recorded (an external event node) right after the
+  // layer's attention; the side stream's speculative work of the layer, issued after the graph
+  // launch, waits for it (one per layer: the graph records all of them before that work is
+  // issued).
   std::vector<std::unique_ptr<Event>> attended_;
   std::vector<char> spec_recorded_;
 };
@@ -1199,11 +1204,12 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
   G.Op(st, MemsetOp, static_cast<void*>(dout), 0xff, (size_t)B * qs * sizeof(float));
   G.Op(st, [](DecodeAttentionParams p, void* w, size_t n, cudaStream_t s) { LaunchDecodeAttention(p, w, n, s); }, dp,
        static_cast<void*>(workspace_.get()), ws);
-  G.Op(st, graphed ? RecordExternalOp : RecordOp, attended_[layer]->get());
+  cudaEvent_t attended = graphed ? attended_[layer]->get() : attended_direct_->get();
+  G.Op(st, graphed ? RecordExternalOp : RecordOp, attended);
 
   // 5. Speculative selection + recall for step t+1, on the side stream after the attention.
   if (speculate) {
-    G.Op(side, WaitOp, attended_[layer]->get());
+    G.Op(side, WaitOp, attended);
     const SelectionBatchShape spec_shape = SelectionBatchShapeOf(t.spec_select.host, t.spec_select.n);
     G.Key(&spec_shape, sizeof spec_shape);
     G.Op(side, LaunchSelectionBatch, t.spec_select.dev, static_cast<const SelectionParams*>(t.spec_select.host),
