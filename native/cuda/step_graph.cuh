@@ -113,6 +113,7 @@ class StepGraph {
   void Op(cudaStream_t s, F f, A... a) {
     static_assert(std::is_pointer_v<F> || std::is_empty_v<F>, "StepGraph::Op: f must not capture state");
     static_assert((std::is_trivially_copyable_v<A> && ...), "StepGraph::Op: arguments must be trivially copyable");
+    ++n_ops_;
     if (!deferred_) {
       f(a..., s);
       return;
@@ -125,7 +126,6 @@ class StepGraph {
     (Put(ar, a), ...);
     h.size = ar.size() - body;
     std::memcpy(ar.data() + at, &h, sizeof h);
-    ++n_ops_;
   }
 
   // Extra key bytes: launch shapes a launcher of the main stream derives from host tables.

@@ -6,6 +6,7 @@
  */
 import { describe, expect, it } from "vitest";
 import { CASES, cudaStatus, runCase } from "./cases.js";
+import { prng } from "../helpers/prng.js";
 
 const status = cudaStatus();
 const title = status.available ? `CUDA engine vs CPU engine on ${status.reason}` : `CUDA engine vs CPU engine (skipped: ${status.reason})`;
@@ -20,6 +21,48 @@ describe.skipIf(!status.available)(title, () => {
       expect(r.ok).toBe(true);
     }, 300_000);
   }
+
+  it("runs the GPU model runner's decode steps as CUDA graphs, bit-identical to op-by-op steps", async () => {
+    const { loadAddon, KvDType } = await import("../../native/binding.js");
+    const { builtinModelDir, loadModel } = await import("../../services/compute/model/loader.js");
+    const { createLocalSession, modelGeometry } = await import("../../services/compute/model/localHost.js");
+    const { resolveRetrieval, toNativeRetrieval } = await import("../../services/common/retrieval.js");
+    const addon = loadAddon();
+    const engine = new addon.Engine({ backend: "cuda" });
+    const { model, spec } = loadModel(builtinModelDir(), { engine });
+    const c = spec.native;
+    const retrieval = { ...toNativeRetrieval(resolveRetrieval(undefined, c.layers)), sinkTokens: 64, windowTokens: 64, selectTokens: 128 };
+    const rnd = prng(4242);
+    const prompt = Int32Array.from({ length: 300 }, () => Math.floor(rnd() * c.vocabSize));
+    const run = async (graphs: boolean) => {
+      if (!graphs) process.env.FREEKV_CUDA_GRAPH = "0";
+      const local = createLocalSession(engine, modelGeometry(c, KvDType.BF16), retrieval, 400);
+      try {
+        const out: Float32Array[] = [];
+        let last = await model.prefill(local.session, prompt, 0, false);
+        for (let pos = prompt.length; pos < prompt.length + 24; pos++) {
+          let best = 0;
+          for (let v = 1; v < c.vocabSize; v++) if (last[v] > last[best]) best = v;
+          last = await model.decode(Int32Array.of(local.session), Int32Array.of(best), Int32Array.of(pos));
+          out.push(last);
+        }
+        return out;
+      } finally {
+        delete process.env.FREEKV_CUDA_GRAPH;
+        await local.close();
+      }
+    };
+    const s0 = engine.deviceStepStats();
+    const graphed = await run(true);
+    const s1 = engine.deviceStepStats();
+    const direct = await run(false);
+    const s2 = engine.deviceStepStats();
+    expect(s1.steps - s0.steps).toBe(24);
+    expect(s1.replays - s0.replays).toBeGreaterThanOrEqual(20);
+    expect(s2.direct - s1.direct).toBe(24);
+    const bytes = (a: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+    for (let i = 0; i < graphed.length; i++) expect(Buffer.compare(bytes(graphed[i]), bytes(direct[i])), `step ${i}`).toBe(0);
+  }, 120_000);
 
   it("rejects float32 K/V storage with an error naming geometry.kvDtype", async () => {
     const { loadAddon } = await import("../../native/binding.js");
@@ -48,4 +91,26 @@ describe("CUDA check harness (CPU engine as the candidate)", () => {
     const r = await runCase(spec, () => {}, "cpu");
     expect(r.failures, r.failures.join("\n")).toEqual([]);
   }, 60_000);
+});
+
+describe("device step statistics without a device step", () => {
+  it("are all zero on the CPU engine, before and after decodes", async () => {
+    const { loadAddon, KvDType } = await import("../../native/binding.js");
+    const { builtinModelDir, loadModel } = await import("../../services/compute/model/loader.js");
+    const { createLocalSession, modelGeometry } = await import("../../services/compute/model/localHost.js");
+    const { resolveRetrieval, toNativeRetrieval } = await import("../../services/common/retrieval.js");
+    const engine = new (loadAddon().Engine)({ backend: "cpu", threads: 1 });
+    const zero = { steps: 0, direct: 0, captures: 0, updates: 0, replays: 0, ops: 0, captureMs: 0, hostMs: 0, deviceMs: 0 };
+    expect(engine.deviceStepStats()).toEqual(zero);
+    const { model, spec } = loadModel(builtinModelDir(), { engine });
+    const local = createLocalSession(engine, modelGeometry(spec.native, KvDType.BF16), toNativeRetrieval(resolveRetrieval(undefined, spec.native.layers)), 64);
+    try {
+      await model.prefill(local.session, Int32Array.of(1, 2, 3), 0, false);
+      await model.decode(Int32Array.of(local.session), Int32Array.of(4), Int32Array.of(3));
+      expect(engine.stats(local.session).decodeSteps).toBe(1);
+      expect(engine.deviceStepStats()).toEqual(zero);
+    } finally {
+      await local.close();
+    }
+  });
 });
