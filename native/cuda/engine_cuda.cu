@@ -50,7 +50,9 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <condition_variable>
 #include <mutex>
+#include <thread>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -225,7 +227,7 @@ class CudaEngine final : public Engine {
   std::string backend() const override { return "cuda"; }
 
   int CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    auto lock = LockOutsideStep("createSession");
     FKV_CUDA_CHECK(cudaSetDevice(device_));
     Validate(g, c, h);
     auto s = std::make_unique<Session>();
@@ -292,7 +294,7 @@ class CudaEngine final : public Engine {
   }
 
   void CloseSession(int session) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    auto lock = LockOutsideStep("closeSession");
     FKV_CUDA_CHECK(cudaSetDevice(device_));
     Find(session);
     // Queued work may still use the session's memory and registered segments.
@@ -302,7 +304,7 @@ class CudaEngine final : public Engine {
   }
 
   void Prefill(int session, int layer, const float* k, const float* v, int n) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    auto lock = LockOutsideStep("prefill");
     FKV_CUDA_CHECK(cudaSetDevice(device_));
     Session& s = Find(session);
     CheckLayer(s, layer);
@@ -318,7 +320,7 @@ class CudaEngine final : public Engine {
 
   void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
                      float* out) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    auto lock = LockOutsideStep("prefillAttend");
     FKV_CUDA_CHECK(cudaSetDevice(device_));
     Session& s = Find(session);
     CheckLayer(s, layer);
@@ -347,7 +349,7 @@ class CudaEngine final : public Engine {
   }
 
   void Sync(int session) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    auto lock = LockOutsideStep("sync");
     FKV_CUDA_CHECK(cudaSetDevice(device_));
     Find(session);
     FKV_CUDA_CHECK(cudaStreamSynchronize(side_->get()));
@@ -561,6 +563,19 @@ class CudaEngine final : public Engine {
   // far, the pools of every (layer, item) on the device, and every layer's queries (copied to the
   // host once, at the end, for the manifest's query records).
   bool step_open_ = false;
+  std::thread::id step_thread_;
+  // Engine calls from other threads wait here while a step is open (LockOutsideStep).
+  mutable std::condition_variable step_cv_;
+  // Locks the engine outside an open device step: calls from another thread wait for the step to
+  // end (their work would otherwise run before the step's queued work, or free memory it uses);
+  // from the step's own thread the wait would never end, so that is an error.
+  std::unique_lock<std::mutex> LockOutsideStep(const char* what) const {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (step_open_ && step_thread_ == std::this_thread::get_id())
+      throw std::logic_error(std::string(what) + ": a device step is open (BeginDeviceStep without EndDeviceStep)");
+    step_cv_.wait(lock, [&] { return !step_open_; });
+    return lock;
+  }
   std::vector<int> step_sessions_;
   int step_layers_done_ = 0;
   PinnedBuffer step_ptrs_pin_, step_q_pin_;
@@ -1044,7 +1059,14 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
   // step this is an external event wait node: the side-stream work is outside the graph.)
   const bool graphed = graph_.deferred();
   if (graphed) {
-    for (int i = 0; i < B; ++i) ss[i]->layers[layer]->recall_pending = false;
+    // Whether the recall is still running now, before the step is issued (the graph waits for it).
+    const bool busy = spec_recorded_[layer] && cudaEventQuery(spec_done_[layer]->get()) == cudaErrorNotReady;
+    cudaGetLastError();
+    for (int i = 0; i < B; ++i) {
+      LayerTier& L = *ss[i]->layers[layer];
+      if (L.recall_pending && busy) ss[i]->host_stats.recall_waits += 1;
+      L.recall_pending = false;
+    }
     if (spec_recorded_[layer]) graph_.Op(st, WaitExternalOp, spec_done_[layer]->get());
   } else if (spec_recorded_[layer]) {
     const bool busy = cudaEventQuery(spec_done_[layer]->get()) == cudaErrorNotReady;
@@ -1210,8 +1232,6 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
   // 5. Speculative selection + recall for step t+1, on the side stream after the attention.
   if (speculate) {
     G.Op(side, WaitOp, attended);
-    const SelectionBatchShape spec_shape = SelectionBatchShapeOf(t.spec_select.host, t.spec_select.n);
-    G.Key(&spec_shape, sizeof spec_shape);
     G.Op(side, LaunchSelectionBatch, t.spec_select.dev, static_cast<const SelectionParams*>(t.spec_select.host),
          t.spec_select.n);
     G.Op(side, LaunchResidencyDiffBatch, t.spec_residency.dev,
@@ -1237,9 +1257,8 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
 }
 
 void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
-  std::lock_guard<std::mutex> lock(mu_);
+  auto lock = LockOutsideStep("decode");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
-  if (step_open_) throw std::logic_error("decode: a device step is open (BeginDeviceStep without EndDeviceStep)");
   const int B = static_cast<int>(items.size());
   if (B == 0) return;
   std::vector<int> ids(B);
@@ -1299,9 +1318,8 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
 
 // ---- The GPU model runner's decode step: every layer's inputs and outputs stay on the device.
 void CudaEngine::BeginDeviceStep(const std::vector<int>& sessions) {
-  std::lock_guard<std::mutex> lock(mu_);
+  auto lock = LockOutsideStep("BeginDeviceStep");  // one open step per engine
   FKV_CUDA_CHECK(cudaSetDevice(device_));
-  if (step_open_) throw std::logic_error("BeginDeviceStep: a device step is already open");
   if (sessions.empty()) throw std::invalid_argument("sessions must not be empty");
   std::vector<Session*> ss = CheckBatch(0, sessions);
   const Geometry& g = ss[0]->geo;
@@ -1335,12 +1353,14 @@ void CudaEngine::BeginDeviceStep(const std::vector<int>& sessions) {
   step_sessions_ = sessions;
   step_layers_done_ = 0;
   step_open_ = true;
+  step_thread_ = std::this_thread::get_id();
 }
 
 void CudaEngine::DecodeDevice(int layer, const float* q, const float* k, const float* v, float* out) {
   std::lock_guard<std::mutex> lock(mu_);
   FKV_CUDA_CHECK(cudaSetDevice(device_));
-  if (!step_open_) throw std::logic_error("DecodeDevice: no device step is open (call BeginDeviceStep first)");
+  if (!step_open_ || step_thread_ != std::this_thread::get_id())
+    throw std::logic_error("DecodeDevice: no device step is open on this thread (call BeginDeviceStep first)");
   if (layer != step_layers_done_)
     throw std::invalid_argument("DecodeDevice: layer " + to_string(layer) + " out of order (expected " +
                                 to_string(step_layers_done_) + ")");
@@ -1358,9 +1378,15 @@ void CudaEngine::DecodeDevice(int layer, const float* q, const float* k, const f
 
 void CudaEngine::EndDeviceStep() {
   std::lock_guard<std::mutex> lock(mu_);
-  FKV_CUDA_CHECK(cudaSetDevice(device_));
   if (!step_open_) return;
+  if (step_thread_ != std::this_thread::get_id())
+    throw std::logic_error("EndDeviceStep: the open device step belongs to another thread");
   step_open_ = false;
+  struct Notify {  // other threads' calls waiting in LockOutsideStep go on, however this ends
+    std::condition_variable& cv;
+    ~Notify() { cv.notify_all(); }
+  } notify{step_cv_};
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
   cudaStream_t st = main_->get();
   const int B = (int)step_sessions_.size(), NL = step_layers_done_;
   std::vector<Session*> ss(B);

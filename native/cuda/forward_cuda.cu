@@ -283,6 +283,8 @@ void CudaRunner::Step(const std::vector<int>& sessions, const std::vector<int>& 
   Size(B);
   engine_->BeginDeviceStep(sessions);
   try {
+    const uint64_t plans = cuda::GemmPlanEpoch();  // the GEMM algorithms a graph of this step holds
+    graph_->Key(&plans, sizeof plans);
     Embed(tokens.data(), positions.data(), B);
     for (int l = 0; l < c_.layers; ++l) {
       PreAttention(layers_[l], B);

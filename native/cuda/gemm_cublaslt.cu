@@ -113,6 +113,7 @@ struct Plan {
 
 std::mutex g_mu;
 bool g_autotune = false;
+uint64_t g_plan_epoch = 0;  // bumped whenever the cached plans are dropped (graphs key on it)
 std::map<std::tuple<int, int, int, bool, int, int>, Plan> g_plans;
 std::map<cudaStream_t, void*> g_workspaces;  // one workspace per stream: concurrent GEMMs never share one
 
@@ -192,11 +193,17 @@ Plan& GetPlan(Api& api, int M, int N, int K, bool accumulate, GemmType in, GemmT
 
 }  // namespace
 
+uint64_t GemmPlanEpoch() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  return g_plan_epoch;
+}
+
 void SetGemmAutotune(bool on) {
   std::lock_guard<std::mutex> lock(g_mu);
   Api& api = Lt();
   if (on == g_autotune) return;
   g_autotune = on;
+  ++g_plan_epoch;
   for (auto& kv : g_plans) {
     if (api.layoutDestroy) {
       api.layoutDestroy(kv.second.a);

@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 namespace freekv::cuda {
@@ -35,6 +36,10 @@ void GemmBf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, 
 // of 8 (bf16 operands) or 4 (f32). The model runner uses F32 outputs so that beta = 1 adds into
 // its fp32 residual stream.
 enum class GemmType : int { BF16 = 0, F32 = 1 };
+// Changes whenever the cached GEMM plans (algorithms) are dropped, e.g. by SetGemmAutotune: a
+// captured CUDA graph holds the algorithm of its time, so graph keys include this.
+uint64_t GemmPlanEpoch();
+
 void Gemm(const void* x, const void* w, void* y, int M, int N, int K, GemmType in, GemmType out, cudaStream_t stream,
           float alpha = 1.0f, float beta = 0.0f);
 

@@ -14,6 +14,7 @@
 //      For k > kRankSortMax the whole candidate set is bitonic-sorted instead.
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 #include "butterfly.cuh"
@@ -452,6 +453,23 @@ void CheckSelection(const SelectionParams& p) {
 }
 }  // namespace
 
+namespace {
+// The kernels' dynamic shared memory limit is only ever raised (per device and kernel): a launch
+// captured into a CUDA graph with a larger size must stay valid when a later direct launch needs
+// less.
+void EnsureDynamicSmem(const void* kernel, int which, size_t bytes) {
+  static std::mutex mu;
+  static int limit[64][4] = {};
+  int dev = 0;
+  FKV_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  int& cur = limit[dev & 63][which];
+  if ((int)bytes <= cur) return;
+  FKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+  cur = (int)bytes;
+}
+}  // namespace
+
 void LaunchSelection(const SelectionParams& p, cudaStream_t stream) {
   CheckSelection(p);
   const int G = p.q_heads / p.kv_heads;
@@ -465,15 +483,13 @@ void LaunchSelection(const SelectionParams& p, cudaStream_t stream) {
   const int kk = std::min(p.k, p.num_candidates);
   if (kk <= kRankSortMax) {
     const size_t smem = (size_t)p.num_candidates * 8 + (size_t)(kRankSortMax + kCandCap) * 12;
-    FKV_CUDA_CHECK(
-        cudaFuncSetAttribute(SelectionTopKKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    EnsureDynamicSmem(reinterpret_cast<const void*>(SelectionTopKKernel<false>), 0, smem);
     SelectionTopKKernel<false><<<p.kv_heads, kTopThreads, smem, stream>>>(p, nullptr);
     FKV_CUDA_CHECK_LAUNCH("SelectionTopKKernel");
   } else {
     const int np = NextPow2(std::max(p.num_candidates, 1));
     const size_t smem = (size_t)np * 12;
-    FKV_CUDA_CHECK(
-        cudaFuncSetAttribute(SelectionSortKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    EnsureDynamicSmem(reinterpret_cast<const void*>(SelectionSortKernel<false>), 1, smem);
     SelectionSortKernel<false><<<p.kv_heads, kTopThreads, smem, stream>>>(p, np, nullptr);
     FKV_CUDA_CHECK_LAUNCH("SelectionSortKernel");
   }
@@ -521,15 +537,13 @@ void LaunchSelectionBatch(const SelectionParams* items, const SelectionParams* h
   }
   if (sh.topk_m >= 0) {
     const size_t smem = (size_t)sh.topk_m * 8 + (size_t)(kRankSortMax + kCandCap) * 12;
-    FKV_CUDA_CHECK(
-        cudaFuncSetAttribute(SelectionTopKKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    EnsureDynamicSmem(reinterpret_cast<const void*>(SelectionTopKKernel<true>), 2, smem);
     SelectionTopKKernel<true><<<dim3(p0.kv_heads, count), kTopThreads, smem, stream>>>(p0, items);
     FKV_CUDA_CHECK_LAUNCH("SelectionTopKKernel(batch)");
   }
   if (sh.sort_np > 0) {
     const size_t smem = (size_t)sh.sort_np * 12;
-    FKV_CUDA_CHECK(
-        cudaFuncSetAttribute(SelectionSortKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    EnsureDynamicSmem(reinterpret_cast<const void*>(SelectionSortKernel<true>), 3, smem);
     SelectionSortKernel<true><<<dim3(p0.kv_heads, count), kTopThreads, smem, stream>>>(p0, 0, items);
     FKV_CUDA_CHECK_LAUNCH("SelectionSortKernel(batch)");
   }

@@ -9,11 +9,12 @@
 // device memory or in pinned host regions (descriptor tables, token ids, positions) that the
 // graph's copies read when they run. So at EndDeviceStep the main stream's ops are issued as:
 //   * the same key as a cached graph:      one cudaGraphLaunch (replay);
-//   * a new key with the same op sequence as a cached graph (e.g. a longer candidate range after
-//     the context grew by 256 pages): capture, then cudaGraphExecUpdate of that graph;
-//   * a key seen in the previous step:     capture and instantiate a new graph (LRU of kCached);
-//   * otherwise (first step of a batch, a one-off shape): the ops run at once, as without graphs,
-//     so lazy module loading, GEMM plans and workspaces are set up outside any capture.
+//   * a key seen in the previous step:     capture; then cudaGraphExecUpdate of a cached graph
+//     with the same op sequence (e.g. a longer candidate range after the context grew by 256
+//     pages), else a new instantiation (LRU of kCached);
+//   * otherwise (first step of a batch, a new shape): the ops run at once, as without graphs, so
+//     lazy module loading, GEMM plans (and their tuning) and workspaces are set up outside any
+//     capture; a capture or instantiation that fails also falls back to this.
 // Correctness does not depend on which of the four happens: they issue the same operations in the
 // same order on the same streams (parity.ts compares graph and direct steps bit for bit).
 //
@@ -25,17 +26,21 @@
 // that contained them would have to finish them before the step ends.)
 //
 // Host-side validation inside the launchers runs when ops are issued directly or captured, not
-// on a replay (the replayed arguments are the ones validated at capture).
+// on a replay (the replayed arguments are the ones validated at capture). Only the thread that
+// opened the step defers its ops; another thread's ops run at once (the engine makes its own
+// calls wait for the step to end).
 #pragma once
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <ctime>
 #include <new>
 #include <stdexcept>
+#include <thread>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -87,7 +92,8 @@ class StepGraph {
   // Opens a step. deferred = false: every Op runs at once (graphs off, or a step that needs a host
   // round trip). `main` is the stream the step is ordered on.
   void Begin(bool deferred, cudaStream_t main) {
-    deferred_ = deferred;
+    owner_.store(std::this_thread::get_id());
+    deferred_.store(deferred);
     main_ = main;
     arena_.clear();
     outside_.clear();
@@ -104,7 +110,8 @@ class StepGraph {
     if (cudaEventElapsedTime(&ms, t0_, t1_) == cudaSuccess) counters_.device_ms += ms;
     cudaGetLastError();
   }
-  bool deferred() const { return deferred_; }
+  // Whether this thread's ops are being deferred (it opened a graphed step).
+  bool deferred() const { return deferred_.load() && owner_.load() == std::this_thread::get_id(); }
 
   // Queues f(a..., stream) (or runs it now when not deferred). f: a function pointer or a
   // capture-free lambda; a...: trivially copyable values (the key compares their bytes, so
@@ -113,16 +120,18 @@ class StepGraph {
   void Op(cudaStream_t s, F f, A... a) {
     static_assert(std::is_pointer_v<F> || std::is_empty_v<F>, "StepGraph::Op: f must not capture state");
     static_assert((std::is_trivially_copyable_v<A> && ...), "StepGraph::Op: arguments must be trivially copyable");
-    ++n_ops_;
-    if (!deferred_) {
+    if (!deferred()) {
+      if (owner_.load() == std::this_thread::get_id()) ++n_ops_;
       f(a..., s);
       return;
     }
+    ++n_ops_;
     std::vector<uint8_t>& ar = s == main_ ? arena_ : outside_;
     Header h{&Invoke<F, A...>, s, 0};
     const size_t at = Reserve(ar, sizeof(Header));
     const size_t body = Reserve(ar, 0);
-    Put(ar, f);
+    if constexpr (std::is_empty_v<F>) Reserve(ar, sizeof(F));  // no state: a zero byte, not f's indeterminate one
+    else Put(ar, f);
     (Put(ar, a), ...);
     h.size = ar.size() - body;
     std::memcpy(ar.data() + at, &h, sizeof h);
@@ -130,7 +139,7 @@ class StepGraph {
 
   // Extra key bytes: launch shapes a launcher of the main stream derives from host tables.
   void Key(const void* p, size_t n) {
-    if (!deferred_) return;
+    if (!deferred()) return;
     Header h{nullptr, nullptr, n};
     const size_t at = Reserve(arena_, sizeof(Header));
     std::memcpy(arena_.data() + at, &h, sizeof h);
@@ -142,14 +151,14 @@ class StepGraph {
   void Flush() {
     ++counters_.steps;
     counters_.ops = n_ops_;
-    if (!deferred_) {
+    if (!deferred_.load()) {
       ++counters_.direct;
       counters_.host_ms += NowMs() - began_ms_;
       Mark(t1_);
       timed_ = true;
       return;
     }
-    deferred_ = false;
+    deferred_.store(false);
     counters_.host_ms += NowMs() - began_ms_;
     Mark(t0_);
     IssueMain();
@@ -191,14 +200,24 @@ class StepGraph {
       return;
     }
     const bool seen = previous_.size() == arena_.size() && std::memcmp(previous_.data(), arena_.data(), arena_.size()) == 0;
-    if (!same_shape && !seen) {
+    if (!seen) {
       Issue(arena_);
       ++counters_.direct;
       previous_.swap(arena_);
       return;
     }
     const double t0 = NowMs();
-    cudaGraph_t graph = Capture();
+    cudaGraph_t graph = nullptr;
+    try {
+      graph = Capture();
+    } catch (const std::exception& e) {
+      // Nothing ran during the capture: the step is issued op by op instead (an error that is
+      // the ops' own surfaces again there).
+      WarnOnce(e.what());
+      Issue(arena_);
+      ++counters_.direct;
+      return;
+    }
     bool updated = false;
     if (same_shape) {
       cudaGraphExecUpdateResultInfo info;
@@ -219,17 +238,21 @@ class StepGraph {
       } else {
         slot = &*std::min_element(cache_.begin(), cache_.end(),
                                   [](const Cached& a, const Cached& b) { return a.used < b.used; });
-        cudaGraphExecDestroy(slot->exec);
+        if (slot->exec) cudaGraphExecDestroy(slot->exec);
         slot->exec = nullptr;
       }
       const cudaError_t e = cudaGraphInstantiate(&slot->exec, graph, 0);
       if (e != cudaSuccess) {
+        cudaGetLastError();
         cudaGraphDestroy(graph);
         slot->exec = nullptr;
         slot->key.clear();
         slot->shape = 0;
         slot->used = 0;
-        Check(e, "cudaGraphInstantiate(decode step)");
+        WarnOnce((std::string("cudaGraphInstantiate(decode step): ") + cudaGetErrorString(e)).c_str());
+        Issue(arena_);
+        ++counters_.direct;
+        return;
       }
       slot->key = arena_;
       slot->shape = shape;
@@ -315,13 +338,19 @@ class StepGraph {
     if (!e) FKV_CUDA_CHECK(cudaEventCreate(&e));
     FKV_CUDA_CHECK(cudaEventRecord(e, main_));
   }
+  static void WarnOnce(const char* why) {
+    static std::atomic<bool> warned{false};
+    if (!warned.exchange(true))
+      std::fprintf(stderr, "freekv: a decode step could not become a CUDA graph (%s); such steps run op by op\n", why);
+  }
   static double NowMs() {
     timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
   }
 
-  bool deferred_ = false;
+  std::atomic<bool> deferred_{false};
+  std::atomic<std::thread::id> owner_{};
   cudaStream_t main_ = nullptr;
   std::vector<uint8_t> arena_, outside_, previous_;
   uint64_t n_ops_ = 0, clock_ = 0;

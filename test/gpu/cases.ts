@@ -276,6 +276,8 @@ export interface CaseResult {
   corrections: number;
   recalled: number;
   failures: string[];
+  /** The inputs' seed (FREEKV_CHECK_SEED=seed makes the same inputs again). */
+  seed: number;
   ms: number;
 }
 
@@ -378,11 +380,13 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
     kn = kvHeads * D,
     G = qHeads / kvHeads;
   const B = spec.prompts.length;
-  const rng = new Rng(spec.seed ^ (Date.now() & 0xffff)); // fresh inputs every run
+  // Fresh inputs every run; FREEKV_CHECK_SEED replays a run's inputs (its seed is in the result).
+  const seed = process.env.FREEKV_CHECK_SEED ? Number(process.env.FREEKV_CHECK_SEED) : spec.seed ^ (Date.now() & 0xffff);
+  const rng = new Rng(seed);
   const inputs = spec.prompts.map((n) => makeInputs(spec, rng, n));
   const res: CaseResult = {
     name: spec.name, ok: false, decodeVsCpu: 0, decodeVsRef: 0, prefillVsCpu: 0, prefillVsRef: 0,
-    attendedMismatches: 0, corrections: 0, recalled: 0, failures: [], ms: 0,
+    attendedMismatches: 0, corrections: 0, recalled: 0, failures: [], ms: 0, seed,
   };
   const fail = (m: string) => {
     if (res.failures.length < 12) res.failures.push(m);
@@ -576,7 +580,7 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
   }
   res.ok = res.failures.length === 0;
   res.ms = Date.now() - t0;
-  log(`${res.ok ? "PASS" : "FAIL"} ${spec.name} (${res.ms} ms)${res.ok ? "" : "\n  " + res.failures.join("\n  ")}`);
+  log(`${res.ok ? "PASS" : "FAIL"} ${spec.name} (${res.ms} ms, inputs seed ${seed})${res.ok ? "" : "\n  " + res.failures.join("\n  ")}`);
   return res;
 }
 
