@@ -133,6 +133,23 @@ Napi::Float32Array ToFloat32Array(Napi::Env env, const std::vector<float>& v) {
 }
 
 Napi::Value ToJs(Napi::Env env, const std::vector<float>& v) { return ToFloat32Array(env, v); }
+// Logits without a copy on the event loop (8 MB a step at batch 16 and a 128K vocabulary): the
+// JS array adopts the vector's memory, freed by its finalizer, and V8 is told about the bytes so
+// it collects them in time. Small results are copied (cheaper than an external buffer).
+Napi::Value ToJs(Napi::Env env, std::vector<float>&& v) {
+  if (v.size() < (size_t(1) << 12)) return ToFloat32Array(env, v);
+  auto* owned = new std::vector<float>(std::move(v));
+  const size_t bytes = owned->size() * sizeof(float);
+  auto buf = Napi::ArrayBuffer::New(
+      env, owned->data(), bytes,
+      [](Napi::Env e, void*, std::vector<float>* p) {
+        Napi::MemoryManagement::AdjustExternalMemory(e, -static_cast<int64_t>(p->size() * sizeof(float)));
+        delete p;
+      },
+      owned);
+  Napi::MemoryManagement::AdjustExternalMemory(env, static_cast<int64_t>(bytes));
+  return Napi::Float32Array::New(env, owned->size(), buf, 0);
+}
 Napi::Value ToJs(Napi::Env env, const std::vector<int>& v) {
   auto arr = Napi::Int32Array::New(env, v.size());
   if (!v.empty()) std::memcpy(arr.Data(), v.data(), v.size() * sizeof(int));
@@ -157,7 +174,7 @@ class ForwardWorker : public Napi::AsyncWorker {
       SetError("unknown native error in the model runner");
     }
   }
-  void OnOK() override { deferred_.Resolve(ToJs(Env(), out_)); }
+  void OnOK() override { deferred_.Resolve(ToJs(Env(), std::move(out_))); }
   void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
 
  private:
