@@ -77,6 +77,7 @@ import { StopMatcher } from "../services/compute/generate/stop.js";
 import { defaultModelDir, loadModelAsync, type LoadedModel } from "../services/compute/model/loader.js";
 import { createLocalSession, modelGeometry, type LocalSession } from "../services/compute/model/localHost.js";
 import { startTiers, type Tiers } from "../services/dev/launch.js";
+import { mulberry32 } from "../services/dev/prng.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const repo = here.split(/[\\/]/).includes("dist") ? join(here, "..", "..") : join(here, "..");
@@ -84,17 +85,7 @@ const repo = here.split(/[\\/]/).includes("dist") ? join(here, "..", "..") : joi
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 
-/** mulberry32: seeded uniform [0, 1). */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const prng = mulberry32;
 
 /** n gaussian float32 values (Box-Muller) from a seed: the same seed gives the same array. */
 function gaussianF32(n: number, seed: number, scale = 1): Float32Array {

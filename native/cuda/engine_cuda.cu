@@ -1058,17 +1058,8 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
   // it) completes first; that also frees the layer's device descriptor region. (In a graphed
   // step this is an external event wait node: the side-stream work is outside the graph.)
   const bool graphed = graph_.deferred();
-  if (graphed) {
-    // Whether the recall is still running now, before the step is issued (the graph waits for it).
-    const bool busy = spec_recorded_[layer] && cudaEventQuery(spec_done_[layer]->get()) == cudaErrorNotReady;
-    cudaGetLastError();
-    for (int i = 0; i < B; ++i) {
-      LayerTier& L = *ss[i]->layers[layer];
-      if (L.recall_pending && busy) ss[i]->host_stats.recall_waits += 1;
-      L.recall_pending = false;
-    }
-    if (spec_recorded_[layer]) graph_.Op(st, WaitExternalOp, spec_done_[layer]->get());
-  } else if (spec_recorded_[layer]) {
+  if (spec_recorded_[layer]) {
+    // Still running now? (For a graphed step: before the step is issued; the graph waits for it.)
     const bool busy = cudaEventQuery(spec_done_[layer]->get()) == cudaErrorNotReady;
     cudaGetLastError();
     for (int i = 0; i < B; ++i) {
@@ -1077,7 +1068,7 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
       if (busy) ss[i]->host_stats.recall_waits += 1;
       L.recall_pending = false;
     }
-    FKV_CUDA_CHECK(cudaStreamWaitEvent(st, spec_done_[layer]->get(), 0));
+    graph_.Op(st, graphed ? WaitExternalOp : WaitOp, spec_done_[layer]->get());
   }
 
   uint8_t* host_region = desc_pin_.get() + (size_t)region * desc_bytes_;
@@ -1120,7 +1111,7 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
       s.host_stats.pages_offloaded += 1;
       s.host_stats.offload_bytes += s.layout.page_bytes;
     } else if (graphed) {
-      // Placeholders keep the lists' lengths (part of the graph's key) the same on every step.
+      // Items without a page keep the lists' lengths (part of the graph's key) the same on every step.
       if (!L.dense) t.summary.Add(PageSummaryItem{nullptr, nullptr, 0, 0});
       t.offload.Add(OffloadItem{nullptr, nullptr});
     }

@@ -14,7 +14,7 @@ __global__ void OffloadHndKernel(const __nv_bfloat16* pages, int count, uint8_t*
                                  int kv_heads, int head_dim, int page_size, const OffloadItem* items) {
   if (kBatch) {
     const OffloadItem it = items[blockIdx.y];
-    if (!it.page) return;  // a placeholder item (fixed-size lists of a graphed step)
+    if (!it.page) return;  // no page this step (a graphed step keeps one item per session)
     pages = it.page;
     dst = it.dst;
   }

@@ -13,7 +13,7 @@ __global__ void PageSummaryKernel(const __nv_bfloat16* pages, float* summaries, 
   int page = blockIdx.y;
   if (kBatch) {
     const PageSummaryItem it = items[blockIdx.y];
-    if (!it.page) return;  // a placeholder item (fixed-size lists of a graphed step)
+    if (!it.page) return;  // no page this step (a graphed step keeps one item per session)
     pages = it.page;
     summaries = it.summary;
     kind = it.kind;

@@ -35,6 +35,7 @@ import { parseModelConfig } from "../../services/compute/model/config.js";
 import { createLocalSession } from "../../services/compute/model/localHost.js";
 import { readSafetensorsHeader, readTensorF32, toBF16, writeSafetensors, type SafetensorsHeader, type TensorToWrite } from "../../services/compute/model/safetensors.js";
 import { collectTensorRefs } from "../../services/compute/model/weights.js";
+import type { Golden } from "../../test/helpers/golden.js";
 
 // Literal values of binding.ts's const enums (KvDType.BF16, Mode.*, SummaryKind.MaxMin, ...).
 const F32 = 1 as Geometry["kvDtype"];
@@ -208,15 +209,6 @@ async function fidelityParity(addon: Addon, cpu: Engine, cand: Engine, candName:
 // ---------------------------------------------------------------------------------------------
 // Part 2: golden models
 
-interface Golden {
-  prompt: number[];
-  positions: number[];
-  logits: number[][];
-  continuation: number[];
-  decode_steps: number[];
-  decode_logits: number[][];
-  min_margin: number;
-}
 
 interface ModelBuild {
   native: ModelConfigNative;

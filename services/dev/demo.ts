@@ -31,6 +31,7 @@ import { exactAttention, relativeError } from "./exact-attention.js";
 import { healthCheck } from "./health-probe.js";
 import { startService, type ServiceProcess } from "./launch.js";
 import { runTiers } from "./run.js";
+import { mulberry32Uint } from "./prng.js";
 
 // The KV dtype is left to the backend (float32 on CPU, bf16 on CUDA).
 const G = { layers: 2, queryHeads: 8, kvHeads: 2, headDim: 64, kvDtype: DType.D_TYPE_UNSPECIFIED };
@@ -52,13 +53,8 @@ const mib = (b: number) => `${(b / 1048576).toFixed(2)} MiB`;
 
 /** Seeded normal numbers. */
 function rng(seed: number) {
-  let a = seed >>> 0;
-  const u = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(a ^ (a >>> 15), a | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (((t ^ (t >>> 14)) >>> 0) + 0.5) / 4294967296;
-  };
+  const bits = mulberry32Uint(seed);
+  const u = () => (bits() + 0.5) / 4294967296;
   return () => Math.sqrt(-2 * Math.log(u())) * Math.cos(2 * Math.PI * u());
 }
 

@@ -1,14 +1,5 @@
 /** Seeded random numbers for tests (mulberry32 + Box-Muller): fresh but reproducible inputs. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { mulberry32 as prng } from "../../services/dev/prng.js";
 
 export function gaussian(rand: () => number): () => number {
   return () => {

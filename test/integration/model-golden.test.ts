@@ -11,19 +11,10 @@ import { describe, expect, it } from "vitest";
 import { loadAddon, GroupCombine, Mode, RecallMode, SummaryKind, type Engine, type Model, type Retrieval } from "../../native/binding.js";
 import { loadModel } from "../../services/compute/model/loader.js";
 import { createLocalSession, modelGeometry } from "../../services/compute/model/localHost.js";
+import type { Golden } from "../helpers/golden.js";
 
 const FIXTURES = join(import.meta.dirname, "..", "fixtures", "models");
 
-interface Golden {
-  prompt: number[];
-  positions: number[];
-  logits: number[][];
-  continuation: number[];
-  decode_steps: number[];
-  decode_logits: number[][];
-  inv_freq: number[];
-  min_margin: number;
-}
 
 const addon = loadAddon();
 const hasEngine = typeof (addon as { Engine?: unknown }).Engine === "function";

@@ -1,15 +1,14 @@
+import { mulberry32 } from "../../../services/dev/prng.js";
+
 /** Seeded PRNG (mulberry32) with normal samples, so every test run draws fresh but reproducible data. */
 export class Prng {
-  private s: number;
+  private u: () => number;
   constructor(seed: number) {
-    this.s = seed >>> 0 || 1;
+    this.u = mulberry32(seed >>> 0 || 1);
   }
   /** Uniform in [0, 1). */
   next(): number {
-    let t = (this.s = (this.s + 0x6d2b79f5) >>> 0);
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    return this.u();
   }
   /** Standard normal (Box-Muller). */
   normal(): number {
