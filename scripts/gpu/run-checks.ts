@@ -36,10 +36,10 @@ for (const [i, spec] of CASES.entries()) {
 }
 const fmt = (x: number) => x.toExponential(1);
 log("");
-log("| case | result | decode vs CPU | decode vs f64 | prefill vs CPU | prefill vs f64 | attended diffs | corrections | recalled | ms |");
-log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+log("| case | result | decode vs CPU | decode vs f64 | prefill vs CPU | prefill vs f64 | attended diffs | near-ties | corrections | recalled | ms |");
+log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
 for (const r of results)
-  log(`| ${r.name} | ${r.ok ? "pass" : "FAIL"} | ${fmt(r.decodeVsCpu)} | ${fmt(r.decodeVsRef)} | ${fmt(r.prefillVsCpu)} | ${fmt(r.prefillVsRef)} | ${r.attendedMismatches} | ${r.corrections} | ${r.recalled} | ${r.ms} |`);
+  log(`| ${r.name} | ${r.ok ? "pass" : "FAIL"} | ${fmt(r.decodeVsCpu)} | ${fmt(r.decodeVsRef)} | ${fmt(r.prefillVsCpu)} | ${fmt(r.prefillVsRef)} | ${r.attendedMismatches} | ${r.nearTies} | ${r.corrections} | ${r.recalled} | ${r.ms} |`);
 const ok = results.every((r) => r.ok);
 let timing: TimingRow[] = [];
 if (candidate === "cuda" && process.env.FREEKV_CHECK_TIMING !== "0") {

@@ -5,7 +5,10 @@
  * same cases run through scripts/gpu/run-checks.ts: see scripts/gpu/README.md.
  */
 import { describe, expect, it } from "vitest";
-import { CASES, cudaStatus, runCase } from "./cases.js";
+import { CASES, cudaStatus, explainSelectionDifference, runCase } from "./cases.js";
+import { ranges, ReferenceLayer, type PolicyConfig } from "../unit/reference/policy.js";
+import { topK } from "../unit/reference/selection.js";
+import { prng } from "../helpers/prng.js";
 import { prng } from "../helpers/prng.js";
 
 const status = cudaStatus();
@@ -91,6 +94,71 @@ describe("CUDA check harness (CPU engine as the candidate)", () => {
     const r = await runCase(spec, () => {}, "cpu");
     expect(r.failures, r.failures.join("\n")).toEqual([]);
   }, 60_000);
+});
+
+// The near-tie judge must accept a swap of exactly tied pages at the k-th place and nothing else.
+describe("near-tie judge of selection differences", () => {
+  const c: PolicyConfig = {
+    qHeads: 4, kvHeads: 2, headDim: 32, pageSize: 16, sinkTokens: 16, windowTokens: 32, selectTokens: 64, tau: 0.9,
+    summary: "maxmin", combine: "softmax_mean", mode: "freekv", dtype: "bf16",
+  };
+  const T = 16 * 30 + 5;
+  const kn = c.kvHeads * c.headDim;
+  const u = prng(4242);
+  const normal = () => Math.sqrt(-2 * Math.log(Math.max(u(), 1e-12))) * Math.cos(2 * Math.PI * u());
+  const k = Float32Array.from({ length: T * kn }, normal);
+  const v = Float32Array.from({ length: T * kn }, normal);
+  const q = Float32Array.from({ length: c.qHeads * c.headDim }, normal);
+  const h = 1;
+  const r = ranges(c, T);
+  const K = c.selectTokens / c.pageSize;
+  const layerOf = (keys: Float32Array) => {
+    const ref = new ReferenceLayer(c);
+    ref.append(keys, v, T);
+    return ref;
+  };
+  // Page i ranks k-th; page j ranks last; a copy of page i's keys into page j ties them exactly.
+  const order = topK(layerOf(k).combinedScores(h, q, r.sinkEnd, r.windowBegin), r.windowBegin - r.sinkEnd).map((x) => x + r.sinkEnd);
+  const i = order[K - 1],
+    j = order[order.length - 1];
+  const tied = k.slice();
+  tied.copyWithin(j * 16 * kn, i * 16 * kn, (i + 1) * 16 * kn);
+  const ref = layerOf(tied);
+  const tokensOf = (middle: number[]) => {
+    const pages = [...Array.from({ length: r.sinkEnd }, (_, p) => p), ...[...middle].sort((a, b) => a - b)];
+    for (let p = r.windowBegin; p < r.full; p++) pages.push(p);
+    const toks = pages.flatMap((p) => Array.from({ length: 16 }, (_, x) => p * 16 + x));
+    for (let t = r.full * 16; t < T; t++) toks.push(t);
+    return toks;
+  };
+  const top = topK(ref.combinedScores(h, q, r.sinkEnd, r.windowBegin), K).map((x) => x + r.sinkEnd);
+  const other = top.includes(i) ? j : i;
+  const swapped = top.map((p) => (p === (top.includes(i) ? i : j) ? other : p));
+  const queries = [{ name: "q", q, tokens: T }];
+
+  it("explains a swap of two tied pages at the k-th place", () => {
+    expect(new Set(swapped).size).toBe(K);
+    expect(explainSelectionDifference(ref, h, tokensOf(swapped), tokensOf(top), queries)).toMatch(/near-tie under q/);
+  });
+  it("rejects the same swap where the pages do not tie, and any other difference", () => {
+    // Without the copy, page j (last) is far below the k-th page.
+    const plain = layerOf(k);
+    const topPlain = topK(plain.combinedScores(h, q, r.sinkEnd, r.windowBegin), K).map((x) => x + r.sinkEnd);
+    const lastIn = topPlain.map((p) => (p === i ? j : p));
+    expect(explainSelectionDifference(plain, h, tokensOf(lastIn), tokensOf(topPlain), queries)).toBeNull();
+    // The best page swapped for the tied one.
+    const best = top.map((p) => (p === top[0] ? (top.includes(j) ? i : j) : p));
+    expect(explainSelectionDifference(ref, h, tokensOf(best), tokensOf(top), queries)).toBeNull();
+    // A window token missing.
+    expect(explainSelectionDifference(ref, h, tokensOf(swapped).slice(0, -1), tokensOf(top), queries)).toBeNull();
+    // Another query than the one the scores tie under.
+    const q2 = Float32Array.from(q, (x) => -x);
+    expect(explainSelectionDifference(ref, h, tokensOf(swapped), tokensOf(top), [{ name: "-q", q: q2, tokens: T }])).toBeNull();
+    // A dense layer has no selection to tie.
+    const dense = new ReferenceLayer({ ...c, mode: "dense" });
+    dense.append(tied, v, T);
+    expect(explainSelectionDifference(dense, h, tokensOf(swapped), tokensOf(top), queries)).toBeNull();
+  });
 });
 
 describe("device step statistics without a device step", () => {
