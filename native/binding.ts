@@ -207,6 +207,12 @@ export interface DeviceStepStats {
   hostMs: number;
   /** Device milliseconds from each step's first to last main-stream operation, summed (direct: idle gaps included). */
   deviceMs: number;
+  /** Host milliseconds issuing the side stream's speculative work after each graph launch, summed. */
+  sideIssueMs: number;
+  /** Host milliseconds waiting for each step's main stream (EndDeviceStep), summed. */
+  waitMs: number;
+  /** Host milliseconds of each step's bookkeeping after that wait (manifests, query records), summed. */
+  finishMs: number;
 }
 
 export interface EngineStatic {

@@ -1390,8 +1390,15 @@ void CudaEngine::EndDeviceStep() {
   graph_.Flush();
   // The one wait of the step: the appends' tail write-through and the offloads are complete
   // before the manifest says so.
+  const double w0 = StepGraph::NowMs();
   FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+  const double w1 = StepGraph::NowMs();
   graph_.Finished();
+  struct Account {  // the wait and the bookkeeping below, into the step statistics
+    StepGraph& g;
+    double w0, w1;
+    ~Account() { g.AddAfterIssue(w1 - w0, StepGraph::NowMs() - w1); }
+  } account{graph_, w0, w1};
   const float* hq = reinterpret_cast<const float*>(step_q_pin_.get());
   for (int l = 0; l < NL; ++l)
     for (int i = 0; i < B; ++i) {

@@ -164,10 +164,22 @@ class StepGraph {
     IssueMain();
     Mark(t1_);
     timed_ = true;
+    const double t = NowMs();
     Issue(outside_);
+    counters_.side_issue_ms += NowMs() - t;
+  }
+  // The caller's wait for the step and its bookkeeping after it (host ms).
+  void AddAfterIssue(double wait_ms, double finish_ms) {
+    counters_.wait_ms += wait_ms;
+    counters_.finish_ms += finish_ms;
   }
 
   const DeviceStepStats& counters() const { return counters_; }
+  static double NowMs() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+  }
 
  private:
   struct Header {
@@ -343,12 +355,6 @@ class StepGraph {
     if (!warned.exchange(true))
       std::fprintf(stderr, "freekv: a decode step could not become a CUDA graph (%s); such steps run op by op\n", why);
   }
-  static double NowMs() {
-    timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-  }
-
   std::atomic<bool> deferred_{false};
   std::atomic<std::thread::id> owner_{};
   cudaStream_t main_ = nullptr;

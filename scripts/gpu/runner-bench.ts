@@ -187,7 +187,7 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     }
     const g1 = engine.deviceStepStats();
     delete process.env.FREEKV_CUDA_GRAPH;
-    point.graph = `timed steps: ${g1.replays - g0.replays} graph replays, ${g1.captures - g0.captures + g1.updates - g0.updates} captured, ${g1.direct - g0.direct} direct of ${g1.steps - g0.steps} (${g1.ops} ops a step); per step: host ${((g1.hostMs - g0.hostMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)} ms, device ${((g1.deviceMs - g0.deviceMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)} ms`;
+    point.graph = `timed steps: ${g1.replays - g0.replays} graph replays, ${g1.captures - g0.captures + g1.updates - g0.updates} captured, ${g1.direct - g0.direct} direct of ${g1.steps - g0.steps} (${g1.ops} ops a step); per step: host ${((g1.hostMs - g0.hostMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)} ms, device ${((g1.deviceMs - g0.deviceMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)} ms; after issue: side-stream issue ${((g1.sideIssueMs - g0.sideIssueMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)}, wait ${((g1.waitMs - g0.waitMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)}, bookkeeping ${((g1.finishMs - g0.finishMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)} ms`;
     point.stepMs = median(times);
     point.minMs = Math.min(...times);
     const st = engine.stats(sessions[0].session);

@@ -450,6 +450,9 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     num("captureMs", st.capture_ms);
     num("hostMs", st.host_ms);
     num("deviceMs", st.device_ms);
+    num("sideIssueMs", st.side_issue_ms);
+    num("waitMs", st.wait_ms);
+    num("finishMs", st.finish_ms);
     return o;
   }
 

@@ -131,6 +131,12 @@ struct DeviceStepStats {
   // launches included).
   double host_ms = 0;
   double device_ms = 0;
+  // Host time after the graph launch, summed per step: issuing the side stream's speculative work
+  // (graphed steps), the step's one wait for the main stream, and the bookkeeping after that wait
+  // (manifest words and query records).
+  double side_issue_ms = 0;
+  double wait_ms = 0;
+  double finish_ms = 0;
 };
 
 // One session's input to a batched decode step of one layer. Pointers are in the backend's
