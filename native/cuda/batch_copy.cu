@@ -12,7 +12,24 @@ __global__ void CopyBatchKernel(const CopyItem* items, int n) {
   for (int x = blockIdx.x * blockDim.x + threadIdx.x; x < n; x += gridDim.x * blockDim.x) it.dst[x] = it.src[x];
 }
 
+// grid (blocks, rows): row blockIdx.y; consecutive threads write consecutive floats, so a warp's
+// stores to mapped host memory leave as whole 128-byte PCIe writes.
+__global__ void ScatterRowsKernel(const float* src, float* const* dst, int n) {
+  const float* s = src + (size_t)blockIdx.y * n;
+  float* d = dst[blockIdx.y];
+  for (int x = blockIdx.x * blockDim.x + threadIdx.x; x < n; x += gridDim.x * blockDim.x) d[x] = s[x];
+}
+
 }  // namespace
+
+void LaunchScatterRows(const float* src, float* const* dst, int rows, int n, cudaStream_t stream) {
+  if (rows == 0 || n == 0) return;
+  Require(src && dst && rows > 0 && rows <= 65535 && n > 0, "scatter rows: bad src, dst, rows or n");
+  const int threads = 256;
+  const int blocks = std::min((n + threads - 1) / threads, 16);
+  ScatterRowsKernel<<<dim3(blocks, rows), threads, 0, stream>>>(src, dst, n);
+  FKV_CUDA_CHECK_LAUNCH("ScatterRowsKernel");
+}
 
 void LaunchCopyBatch(const CopyItem* items, int count, int n, cudaStream_t stream) {
   if (count == 0 || n == 0) return;

@@ -14,4 +14,8 @@ struct CopyItem {
 // items: device array of count copies of n floats each.
 void LaunchCopyBatch(const CopyItem* items, int count, int n, cudaStream_t stream);
 
+// Row r of src ([rows][n], device) to dst[r] (a device array of rows pointers, device or mapped
+// host memory): the decode step's queries straight into the manifests' query records.
+void LaunchScatterRows(const float* src, float* const* dst, int rows, int n, cudaStream_t stream);
+
 }  // namespace freekv::cuda

@@ -122,7 +122,8 @@ struct Session {
   size_t page_elems = 0;  // bf16 elements of one NHD page
   uint8_t* store_dev = nullptr;
   uint8_t* tail_dev = nullptr;
-  bool store_registered = false, tail_registered = false;
+  uint8_t* manifest_dev = nullptr;  // the device's writes of query records (graphed steps)
+  bool store_registered = false, tail_registered = false, manifest_registered = false;
   std::vector<std::unique_ptr<LayerTier>> layers;
   DeviceArray<unsigned long long> counters;  // [kNumCounters]
   Stats host_stats;                          // host-known counters
@@ -130,6 +131,7 @@ struct Session {
   ~Session() {
     if (store_registered) cudaHostUnregister(host.store);
     if (tail_registered) cudaHostUnregister(host.tail);
+    if (manifest_registered) cudaHostUnregister(host.manifest);
   }
   bool Retrieves(const LayerTier& L) const { return !L.dense && cfg.mode != Mode::SinkWindow && K > 0; }
   bool Speculates(const LayerTier& L) const {
@@ -242,6 +244,8 @@ class CudaEngine final : public Engine {
     s->page_elems = (size_t)2 * s->P * g.kv_heads * g.head_dim;
     s->store_dev = RegisterMapped(h.store, h.store_bytes, s->store_registered, "cudaHostRegister(host.store)");
     s->tail_dev = RegisterMapped(h.tail, h.tail_bytes, s->tail_registered, "cudaHostRegister(host.tail)");
+    s->manifest_dev =
+        RegisterMapped(h.manifest, h.manifest_bytes, s->manifest_registered, "cudaHostRegister(host.manifest)");
     // Initial contents are written on the main stream (the legacy default stream does not order
     // against the engine's non-blocking streams), then waited for once.
     cudaStream_t st = main_->get();
@@ -578,9 +582,8 @@ class CudaEngine final : public Engine {
   }
   std::vector<int> step_sessions_;
   int step_layers_done_ = 0;
-  PinnedBuffer step_ptrs_pin_, step_q_pin_;
+  PinnedBuffer step_ptrs_pin_;
   DeviceArray<uint8_t> step_ptrs_;
-  DeviceArray<float> step_q_;
   // Descriptor tables of the batched launches (DescTable): pinned regions the host fills (one per
   // layer of a device step; region 0 for Decode) and one device region per layer index, each of
   // desc_bytes_ for batches of up to desc_cap_ items.
@@ -1319,7 +1322,6 @@ void CudaEngine::BeginDeviceStep(const std::vector<int>& sessions) {
       throw std::invalid_argument("items[" + to_string(i) + "]: session " + to_string(sessions[i]) +
                                   " has a different number of layers from the batch's first session");
   const int B = (int)ss.size(), NL = g.layers;
-  const size_t qs = (size_t)g.q_heads * g.head_dim;
   cudaStream_t st = main_->get();
   // Everything the step's layers use is sized here, once, while the main stream is idle.
   FKV_CUDA_CHECK(cudaStreamSynchronize(st));
@@ -1327,20 +1329,29 @@ void CudaEngine::BeginDeviceStep(const std::vector<int>& sessions) {
   for (int l = 0; l < NL; ++l) rows = std::max(rows, BatchRows(ss, l));
   SizeBatchBuffers(*ss[0], B, rows);
   SizeDescTables(B, NL, NL);  // a pinned region per layer: the host does not wait between layers
-  step_ptrs_pin_.Resize((size_t)NL * B * sizeof(void*));
-  step_ptrs_.Resize((size_t)NL * B * sizeof(void*));
-  step_q_.Resize((size_t)NL * B * qs);
-  step_q_pin_.Resize((size_t)NL * B * qs * sizeof(float));
-  auto** hp = reinterpret_cast<const bf16**>(step_ptrs_pin_.get());
+  // The step's pointer table: [NL][B] pools, then [NL][B] query-record payloads (mapped manifest
+  // memory) that the step's queries go to. Each payload is the layer's record that
+  // WriteQueryRecord fills next, not the latest one, so a process that dies mid-step leaves the
+  // record matching the committed context intact.
+  step_ptrs_pin_.Resize((size_t)2 * NL * B * sizeof(void*));
+  step_ptrs_.Resize((size_t)2 * NL * B * sizeof(void*));
+  auto** hp = reinterpret_cast<const void**>(step_ptrs_pin_.get());
   for (int l = 0; l < NL; ++l)
-    for (int i = 0; i < B; ++i) hp[(size_t)l * B + i] = ss[i]->layers[l]->pool.get();
+    for (int i = 0; i < B; ++i) {
+      const Session& s = *ss[i];
+      const int next = (int)((s.layers[l]->record_seq + 1) % 2);
+      hp[(size_t)l * B + i] = s.layers[l]->pool.get();
+      hp[(size_t)(NL + l) * B + i] = s.manifest_dev + s.layout.manifest_query_offset +
+                                     (2 * (size_t)l + next) * s.layout.manifest_query_record_bytes +
+                                     sizeof(ManifestQueryRecord);
+    }
   // Graphed unless turned off or a session's recall needs the host inside the step (double buffer).
   const char* env = std::getenv("FREEKV_CUDA_GRAPH");
   bool graphed = !(env && std::strcmp(env, "0") == 0);
   for (const Session* s : ss) graphed = graphed && s->cfg.recall == RecallMode::Gather;
   graph_.Begin(graphed, st);
   graph_.Op(st, MemcpyOp, static_cast<void*>(step_ptrs_.get()), static_cast<const void*>(step_ptrs_pin_.get()),
-            (size_t)NL * B * sizeof(void*), cudaMemcpyHostToDevice);
+            (size_t)2 * NL * B * sizeof(void*), cudaMemcpyHostToDevice);
   step_sessions_ = sessions;
   step_layers_done_ = 0;
   step_open_ = true;
@@ -1361,9 +1372,11 @@ void CudaEngine::DecodeDevice(int layer, const float* q, const float* k, const f
   const size_t qs = (size_t)ss[0]->geo.q_heads * ss[0]->geo.head_dim;
   const auto* pools = reinterpret_cast<const bf16* const*>(step_ptrs_.get()) + (size_t)layer * B;
   DecodeCore(layer, ss, q, k, v, out, pools, layer);
-  // This layer's queries, for the manifest's query records written at the end of the step.
-  graph_.Op(main_->get(), MemcpyOp, static_cast<void*>(step_q_.get() + (size_t)layer * B * qs),
-            static_cast<const void*>(q), (size_t)B * qs * sizeof(float), cudaMemcpyDeviceToDevice);
+  // This layer's queries, straight into the payloads of the manifest's next query records (their
+  // headers are written at the end of the step, after the wait).
+  const int NL = ss[0]->geo.layers;
+  graph_.Op(main_->get(), LaunchScatterRows, q,
+            reinterpret_cast<float* const*>(step_ptrs_.get()) + (size_t)(NL + layer) * B, B, (int)qs);
   step_layers_done_ = layer + 1;
 }
 
@@ -1382,10 +1395,6 @@ void CudaEngine::EndDeviceStep() {
   const int B = (int)step_sessions_.size(), NL = step_layers_done_;
   std::vector<Session*> ss(B);
   for (int i = 0; i < B; ++i) ss[i] = &Find(step_sessions_[i]);
-  const size_t qs = (size_t)ss[0]->geo.q_heads * ss[0]->geo.head_dim;
-  if (NL > 0)
-    graph_.Op(st, MemcpyOp, static_cast<void*>(step_q_pin_.get()), static_cast<const void*>(step_q_.get()),
-              (size_t)NL * B * qs * sizeof(float), cudaMemcpyDeviceToHost);
   // Everything queued for the step is issued now (one graph launch when its shape is cached).
   graph_.Flush();
   // The one wait of the step: the appends' tail write-through and the offloads are complete
@@ -1399,11 +1408,11 @@ void CudaEngine::EndDeviceStep() {
     double w0, w1;
     ~Account() { g.AddAfterIssue(w1 - w0, StepGraph::NowMs() - w1); }
   } account{graph_, w0, w1};
-  const float* hq = reinterpret_cast<const float*>(step_q_pin_.get());
+  // The queries are in the records' payloads already (DecodeDevice); their headers go last.
   for (int l = 0; l < NL; ++l)
     for (int i = 0; i < B; ++i) {
       WriteManifest(*ss[i], l);
-      WriteQueryRecord(*ss[i], l, hq + ((size_t)l * B + i) * qs);
+      WriteQueryRecord(*ss[i], l, nullptr);
     }
 }
 

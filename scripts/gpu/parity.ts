@@ -364,6 +364,70 @@ async function graphParity(addon: Addon, engine: Engine, build: ModelBuild, g: G
     `${directSteps} steps with FREEKV_CUDA_GRAPH=0; ${diffs} of ${xa.length * V} logits differ`);
 }
 
+/**
+ * The manifests' query records after decode steps (on CUDA: written by the device into the mapped
+ * manifest, their headers by the host after the step's wait) against the CPU engine's. Two
+ * sessions with different prompts decode the golden continuation together (teacher-forced, so
+ * both backends see the same tokens); then, per session and layer, both records must carry the
+ * same tokens, flags and sequence number, and a query within `QUERY_REL` of the CPU's (a record
+ * of another layer, session or step is off by about 1).
+ */
+const QUERY_REL = 2e-2;
+async function recordParity(addon: Addon, cpu: Engine, cand: Engine, candName: string, build: ModelBuild, g: Golden, r: Retrieval, kvDtype: Geometry["kvDtype"], name: string) {
+  const c = build.native;
+  const geo: Geometry = { layers: c.layers, qHeads: c.qHeads, kvHeads: c.kvHeads, headDim: c.headDim, kvDtype };
+  const qn = c.qHeads * c.headDim;
+  const prompts = [g.prompt, g.prompt.slice(3).reverse()];
+  const steps = Math.min(12, g.continuation.length);
+  const read = async (engine: Engine) => {
+    const model = new addon.Model({ config: build.native, tensors: build.tensors, engine });
+    const locals = prompts.map((p) => createLocalSession(engine, geo, r, p.length + steps + 16));
+    try {
+      for (let i = 0; i < prompts.length; i++) await model.prefill(locals[i].session, Int32Array.from(prompts[i]), 0, false);
+      const ids = Int32Array.from(locals.map((l) => l.session));
+      for (let t = 0; t < steps; t++)
+        await model.decode(ids, Int32Array.from(prompts.map((_, i) => g.continuation[(t + 5 * i) % g.continuation.length])), Int32Array.from(prompts.map((p) => p.length + t)));
+      const lay = addon.Engine.layout(geo, r, locals[0].host.capacityPages);
+      const out: { tokens: bigint; flags: number; seq: number; q: Float32Array }[][][] = [];
+      for (const l of locals) {
+        await engine.sync(l.session);
+        const buf = l.host.manifest.buffer();
+        const dv = new DataView(buf);
+        out.push(Array.from({ length: c.layers }, (_, layer) => [0, 1].map((k) => {
+          const at = lay.manifestQueryOffset + (2 * layer + k) * lay.manifestQueryRecordBytes;
+          return { tokens: dv.getBigUint64(at, true), flags: dv.getUint32(at + 8, true), seq: dv.getUint32(at + 12, true), q: new Float32Array(buf.slice(at + 16, at + 16 + 4 * qn)) };
+        })));
+      }
+      return out;
+    } finally {
+      for (const l of locals) await l.close();
+    }
+  };
+  const before = cand.deviceStepStats();
+  const a = await read(cpu);
+  const b = await read(cand);
+  const graphed = cand.deviceStepStats().replays - before.replays;
+  const fails: string[] = [];
+  let worst = 0;
+  a.forEach((sess, i) => sess.forEach((recs, layer) => recs.forEach((x, k) => {
+    const y = b[i][layer][k];
+    const where = `session ${i} layer ${layer} record ${k}`;
+    if (x.tokens !== y.tokens || x.flags !== y.flags || x.seq !== y.seq)
+      fails.push(`${where}: header ${candName} (${y.tokens}, ${y.flags}, ${y.seq}) vs cpu (${x.tokens}, ${x.flags}, ${x.seq})`);
+    let num = 0, den = 0;
+    for (let j = 0; j < qn; j++) {
+      num += (x.q[j] - y.q[j]) ** 2;
+      den += x.q[j] ** 2;
+    }
+    const e = Math.sqrt(num / Math.max(den, 1e-30));
+    worst = Math.max(worst, Number.isNaN(e) ? Infinity : e);
+    if (!(e <= QUERY_REL) || den === 0) fails.push(`${where}: query rel err ${e.toExponential(2)}`);
+  })));
+  check(`${name}: query records after batched decode steps, ${candName} vs cpu`, fails.length === 0,
+    (fails.slice(0, 4).join("; ") || `2 sessions x ${c.layers} layers x 2 records: headers equal, query rel err <= ${worst.toExponential(2)}`) +
+      (candName === "cuda" ? ` (${graphed} of ${steps} steps were graph replays)` : ""));
+}
+
 /** The greedy continuation through Model.decodeArgmax (the pick made where the logits are). */
 async function runArgmax(addon: Addon, engine: Engine, build: ModelBuild, g: Golden, retrieval: Retrieval, kvDtype: Geometry["kvDtype"]): Promise<number[]> {
   const model = new addon.Model({ config: build.native, tensors: build.tensors, engine });
@@ -505,6 +569,7 @@ async function modelParity(addon: Addon, cpu: Engine, cand: Engine, candName: st
         const candMs = Date.now() - tc;
         if (candName === "cuda") check(`${name} ${label}: layers on the GPU`, b.device === "cuda", `Model.device = ${b.device}`);
         if (candName === "cuda") await graphParity(addon, cand, wide, g, r, candKv, `${name} ${label}`, b, graphsBefore, V);
+        if (label !== "dense") await recordParity(addon, cpu, cand, candName, wide, g, r, candKv, `${name} ${label}`);
         if (candName === "cuda" && label === "dense") {
           const picks = await runArgmax(addon, cand, wide, g, r, candKv);
           const same = picks.every((t, i) => t === b.tokens[i]);
