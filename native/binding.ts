@@ -213,6 +213,8 @@ export interface DeviceStepStats {
   waitMs: number;
   /** Host milliseconds of each step's bookkeeping after that wait (manifests, query records), summed. */
   finishMs: number;
+  /** Host milliseconds copying each step's logits out of pinned memory (Model.decode), summed. */
+  resultMs: number;
 }
 
 export interface EngineStatic {

@@ -303,8 +303,11 @@ void CudaRunner::Step(const std::vector<int>& sessions, const std::vector<int>& 
 std::vector<float> CudaRunner::Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
                                       const std::vector<int>& positions) {
   Step(sessions, tokens, positions, [this](int B) { CopyLogits(B); });
+  const double t0 = cuda::StepGraph::NowMs();
   const float* hl = reinterpret_cast<const float*>(logits_pin_.get());
-  return std::vector<float>(hl, hl + (size_t)sessions.size() * c_.vocab_size);
+  std::vector<float> out(hl, hl + (size_t)sessions.size() * c_.vocab_size);
+  graph_->AddResultCopy(cuda::StepGraph::NowMs() - t0);
+  return out;
 }
 
 std::vector<int> CudaRunner::DecodeArgmax(const std::vector<int>& sessions, const std::vector<int>& tokens,

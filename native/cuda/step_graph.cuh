@@ -173,8 +173,18 @@ class StepGraph {
     counters_.wait_ms += wait_ms;
     counters_.finish_ms += finish_ms;
   }
+  // From the runner's thread after the step, outside the engine's lock: kept apart, atomically.
+  void AddResultCopy(double ms) {
+    double cur = result_ms_.load();
+    while (!result_ms_.compare_exchange_weak(cur, cur + ms)) {
+    }
+  }
 
-  const DeviceStepStats& counters() const { return counters_; }
+  DeviceStepStats counters() const {
+    DeviceStepStats c = counters_;
+    c.result_ms = result_ms_.load();
+    return c;
+  }
   static double NowMs() {
     timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -365,6 +375,7 @@ class StepGraph {
   bool timed_ = false;
   std::vector<Cached> cache_;
   DeviceStepStats counters_;
+  std::atomic<double> result_ms_{0};
 };
 
 }  // namespace freekv::cuda

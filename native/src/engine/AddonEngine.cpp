@@ -453,6 +453,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     num("sideIssueMs", st.side_issue_ms);
     num("waitMs", st.wait_ms);
     num("finishMs", st.finish_ms);
+    num("resultMs", st.result_ms);
     return o;
   }
 

@@ -137,6 +137,8 @@ struct DeviceStepStats {
   double side_issue_ms = 0;
   double wait_ms = 0;
   double finish_ms = 0;
+  // Host time copying each step's results (logits) out of the pinned buffer the device wrote.
+  double result_ms = 0;
 };
 
 // One session's input to a batched decode step of one layer. Pointers are in the backend's
