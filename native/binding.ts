@@ -312,6 +312,8 @@ export interface ModelStatic {
 
 export interface Addon {
   backendInfo(): BackendInfo;
+  /** Opens (true) or closes a CUDA profiler collection range (for `ncu --profile-from-start off`); false without a CUDA device. */
+  profilerRange(on: boolean): boolean;
   ShmSegment: ShmSegmentStatic;
   Engine: EngineStatic;
   Model: ModelStatic;

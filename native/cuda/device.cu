@@ -1,3 +1,4 @@
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include "device.h"
@@ -35,6 +36,17 @@ DeviceInfo Probe() {
   info.total_memory = p.totalGlobalMem;
   info.sm_count = p.multiProcessorCount;
   return info;
+}
+
+bool ProfilerRange(bool on) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    return false;
+  }
+  const cudaError_t e = on ? cudaProfilerStart() : cudaProfilerStop();
+  if (e != cudaSuccess) cudaGetLastError();
+  return e == cudaSuccess;
 }
 
 }  // namespace freekv::cuda

@@ -19,4 +19,8 @@ struct DeviceInfo {
 // Never throws; a machine without a driver or device gives available=false and a reason.
 DeviceInfo Probe();
 
+// Opens or closes a profiler collection range (cudaProfilerStart / Stop), for a profiler started
+// with collection off (e.g. `ncu --profile-from-start off`). Returns false without a device.
+bool ProfilerRange(bool on);
+
 }  // namespace freekv::cuda

@@ -44,6 +44,8 @@ const { values: args } = parseArgs({
 });
 const LAYERS = Number(args.layers);
 const STEPS = Number(args.steps);
+const profileSteps = Number(process.env.FREEKV_PROFILE_STEPS ?? 0);
+let profiled = false;
 const H = 4096, I = 14336, HQ = 32, HKV = 8, D = 128, V = 128256;
 const log = (s: string) => console.log(s);
 
@@ -170,11 +172,19 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     const warm = 3;
     if (direct) process.env.FREEKV_CUDA_GRAPH = "0";
     const g0 = engine.deviceStepStats();
+    // FREEKV_PROFILE_STEPS=n: the first n timed steps of the first point inside a profiler
+      // collection range (run under `ncu --profile-from-start off` for per-kernel device times).
+    const profile = profileSteps > 0 && !profiled;
     for (let step = 0; step < warm + STEPS; step++) {
       if (step === warm) Object.assign(g0, engine.deviceStepStats());
+      if (profile && step === warm) addon.profilerRange(true);
       const t0 = performance.now();
       const logits = await model.decode(ids, tokens, Int32Array.from(sessions.map(() => pos)));
       const ms = performance.now() - t0;
+      if (profile && step === warm + profileSteps - 1) {
+        addon.profilerRange(false);
+        profiled = true;
+      }
       if (step >= warm) times.push(ms);
       pos++;
       const next = new Int32Array(batch);

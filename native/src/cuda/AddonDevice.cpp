@@ -42,6 +42,21 @@ static Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
   return out;
 }
 
-void InitDevice(Napi::Env env, Napi::Object exports) { exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo")); }
+// profilerRange(on): opens or closes a CUDA profiler collection range (for `ncu
+// --profile-from-start off`); false where there is no CUDA device or backend.
+static Napi::Value ProfilerRange(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  if (info.Length() < 1 || !info[0].IsBoolean()) throw Napi::TypeError::New(env, "profilerRange(on: boolean)");
+#ifdef FREEKV_WITH_CUDA
+  return Napi::Boolean::New(env, freekv::cuda::ProfilerRange(info[0].As<Napi::Boolean>().Value()));
+#else
+  return Napi::Boolean::New(env, false);
+#endif
+}
+
+void InitDevice(Napi::Env env, Napi::Object exports) {
+  exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
+  exports.Set("profilerRange", Napi::Function::New(env, ProfilerRange, "profilerRange"));
+}
 
 }  // namespace freekv::addon
