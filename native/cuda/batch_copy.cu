@@ -12,12 +12,20 @@ __global__ void CopyBatchKernel(const CopyItem* items, int n) {
   for (int x = blockIdx.x * blockDim.x + threadIdx.x; x < n; x += gridDim.x * blockDim.x) it.dst[x] = it.src[x];
 }
 
-// grid (blocks, rows): row blockIdx.y; consecutive threads write consecutive floats, so a warp's
-// stores to mapped host memory leave as whole 128-byte PCIe writes.
+// grid (blocks, rows): row blockIdx.y; consecutive threads write consecutive 16-byte vectors (4-byte
+// floats where a row is not 16-byte aligned), so a warp's stores to mapped host memory leave as
+// whole 128-byte (512-byte) PCIe writes.
 __global__ void ScatterRowsKernel(const float* src, float* const* dst, int n) {
   const float* s = src + (size_t)blockIdx.y * n;
   float* d = dst[blockIdx.y];
-  for (int x = blockIdx.x * blockDim.x + threadIdx.x; x < n; x += gridDim.x * blockDim.x) d[x] = s[x];
+  const int first = blockIdx.x * blockDim.x + threadIdx.x, step = gridDim.x * blockDim.x;
+  if ((n & 3) == 0 && ((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(d)) & 15) == 0) {
+    const float4* s4 = reinterpret_cast<const float4*>(s);
+    float4* d4 = reinterpret_cast<float4*>(d);
+    for (int x = first; x < n / 4; x += step) d4[x] = s4[x];
+    return;
+  }
+  for (int x = first; x < n; x += step) d[x] = s[x];
 }
 
 }  // namespace
@@ -26,7 +34,7 @@ void LaunchScatterRows(const float* src, float* const* dst, int rows, int n, cud
   if (rows == 0 || n == 0) return;
   Require(src && dst && rows > 0 && rows <= 65535 && n > 0, "scatter rows: bad src, dst, rows or n");
   const int threads = 256;
-  const int blocks = std::min((n + threads - 1) / threads, 16);
+  const int blocks = std::max(1, std::min((n / 4 + threads - 1) / threads, 16));
   ScatterRowsKernel<<<dim3(blocks, rows), threads, 0, stream>>>(src, dst, n);
   FKV_CUDA_CHECK_LAUNCH("ScatterRowsKernel");
 }

@@ -85,8 +85,8 @@ class CudaRunner final : public Runner {
 
   std::vector<float> Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits,
                              int chunk) override;
-  std::vector<float> Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
-                            const std::vector<int>& positions) override;
+  Logits Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
+                const std::vector<int>& positions) override;
   std::vector<int> DecodeArgmax(const std::vector<int>& sessions, const std::vector<int>& tokens,
                                 const std::vector<int>& positions) override;
 
@@ -300,12 +300,13 @@ void CudaRunner::Step(const std::vector<int>& sessions, const std::vector<int>& 
   engine_->EndDeviceStep();  // the step's one wait: what `read` queued is on the host after it
 }
 
-std::vector<float> CudaRunner::Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
-                                      const std::vector<int>& positions) {
+Logits CudaRunner::Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
+                          const std::vector<int>& positions) {
   Step(sessions, tokens, positions, [this](int B) { CopyLogits(B); });
   const double t0 = cuda::StepGraph::NowMs();
   const float* hl = reinterpret_cast<const float*>(logits_pin_.get());
-  std::vector<float> out(hl, hl + (size_t)sessions.size() * c_.vocab_size);
+  Logits out((size_t)sessions.size() * c_.vocab_size);  // not zeroed: the copy writes all of it
+  ParallelCopy(out.data(), hl, out.size());
   graph_->AddResultCopy(cuda::StepGraph::NowMs() - t0);
   return out;
 }

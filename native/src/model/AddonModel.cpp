@@ -126,23 +126,23 @@ std::vector<TensorRef> ParseTensors(const Napi::Value& v) {
   return out;
 }
 
-Napi::Float32Array ToFloat32Array(Napi::Env env, const std::vector<float>& v) {
+template <class A>
+Napi::Float32Array ToFloat32Array(Napi::Env env, const std::vector<float, A>& v) {
   auto arr = Napi::Float32Array::New(env, v.size());
   if (!v.empty()) std::memcpy(arr.Data(), v.data(), v.size() * sizeof(float));
   return arr;
 }
-
-Napi::Value ToJs(Napi::Env env, const std::vector<float>& v) { return ToFloat32Array(env, v); }
 // Logits without a copy on the event loop (8 MB a step at batch 16 and a 128K vocabulary): the
 // JS array adopts the vector's memory, freed by its finalizer, and V8 is told about the bytes so
 // it collects them in time. Small results are copied (cheaper than an external buffer).
-Napi::Value ToJs(Napi::Env env, std::vector<float>&& v) {
+template <class A>
+Napi::Value ToJs(Napi::Env env, std::vector<float, A>&& v) {
   if (v.size() < (size_t(1) << 12)) return ToFloat32Array(env, v);
-  auto* owned = new std::vector<float>(std::move(v));
+  auto* owned = new std::vector<float, A>(std::move(v));
   const size_t bytes = owned->size() * sizeof(float);
   auto buf = Napi::ArrayBuffer::New(
       env, owned->data(), bytes,
-      [](Napi::Env e, void*, std::vector<float>* p) {
+      [](Napi::Env e, void*, std::vector<float, A>* p) {
         Napi::MemoryManagement::AdjustExternalMemory(e, -static_cast<int64_t>(p->size() * sizeof(float)));
         delete p;
       },
@@ -157,10 +157,11 @@ Napi::Value ToJs(Napi::Env env, const std::vector<int>& v) {
 }
 
 // Runs fn() off the event loop and resolves with its result (logits, or picked token ids).
-template <class T>
+// R: the result (logits, model::Logits, or picked ids).
+template <class R>
 class ForwardWorker : public Napi::AsyncWorker {
  public:
-  ForwardWorker(Napi::Env env, int threads, std::function<std::vector<T>()> fn, Napi::ObjectReference keep)
+  ForwardWorker(Napi::Env env, int threads, std::function<R()> fn, Napi::ObjectReference keep)
       : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), threads_(threads), fn_(std::move(fn)),
         keep_(std::move(keep)) {}
   Napi::Promise Promise() { return deferred_.Promise(); }
@@ -180,9 +181,9 @@ class ForwardWorker : public Napi::AsyncWorker {
  private:
   Napi::Promise::Deferred deferred_;
   int threads_;
-  std::function<std::vector<T>()> fn_;
+  std::function<R()> fn_;
   Napi::ObjectReference keep_;  // the Model stays alive while its work runs
-  std::vector<T> out_;
+  R out_;
 };
 
 // What Model.load() prepares off the event loop: the parsed config and the converted weights
@@ -308,7 +309,7 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     int start = info[2].As<Napi::Number>().Int32Value();
     bool all = info[3].ToBoolean();
     model::Runner* f = forward_.get();
-    auto* w = new ForwardWorker<float>(env, threads_, [f, session, tokens = std::move(tokens), start, all]() {
+    auto* w = new ForwardWorker<std::vector<float>>(env, threads_, [f, session, tokens = std::move(tokens), start, all]() {
       return f->Prefill(session, tokens, start, all);
     }, Napi::Persistent(Value()));
     auto p = w->Promise();
@@ -331,14 +332,15 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     if (tokens.size() != sessions.size() || positions.size() != sessions.size())
       throw Napi::RangeError::New(env, "sessions, tokens and positions must have the same length");
     model::Runner* f = forward_.get();
-    std::function<std::vector<T>()> fn;
+    using R = std::conditional_t<std::is_same_v<T, float>, model::Logits, std::vector<int>>;
+    std::function<R()> fn;
     if constexpr (std::is_same_v<T, float>)
       fn = [f, s = std::move(sessions), t = std::move(tokens), p = std::move(positions)]() { return f->Decode(s, t, p); };
     else
       fn = [f, s = std::move(sessions), t = std::move(tokens), p = std::move(positions)]() {
         return f->DecodeArgmax(s, t, p);
       };
-    auto* w = new ForwardWorker<T>(env, threads_, std::move(fn), Napi::Persistent(Value()));
+    auto* w = new ForwardWorker<R>(env, threads_, std::move(fn), Napi::Persistent(Value()));
     auto p = w->Promise();
     w->Queue();
     return p;

@@ -1,5 +1,8 @@
 #include "model/Forward.h"
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cstring>
 #include <set>
 #include <stdexcept>
@@ -26,6 +29,17 @@ void CheckPrefill(const ModelConfig& c, const std::vector<int>& tokens, int star
   if (context != static_cast<uint64_t>(start))
     throw std::invalid_argument("startPosition " + std::to_string(start) + " does not match the session's context of " +
                                 std::to_string(context) + " tokens");
+}
+
+void ParallelCopy(float* dst, const float* src, size_t n) {
+  constexpr size_t kChunk = size_t(1) << 16;  // 256 KB a piece
+  const long pieces = static_cast<long>((n + kChunk - 1) / kChunk);
+  const int threads = static_cast<int>(std::max<long>(1, std::min<long>({8, pieces, omp_get_max_threads()})));
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long i = 0; i < pieces; ++i) {
+    const size_t a = static_cast<size_t>(i) * kChunk, b = std::min(n, a + kChunk);
+    std::memcpy(dst + a, src + a, (b - a) * sizeof(float));
+  }
 }
 
 void CheckDecode(const ModelConfig& c, const std::vector<int>& sessions, const std::vector<int>& tokens,
@@ -104,8 +118,8 @@ std::vector<float> Forward::Prefill(int session, const std::vector<int>& tokens,
   return logits;
 }
 
-std::vector<float> Forward::Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
-                                   const std::vector<int>& positions) {
+Logits Forward::Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
+                       const std::vector<int>& positions) {
   CheckDecode(config_, sessions, tokens, positions, [this](int s) { return attention_->ContextTokens(s); });
   const int B = static_cast<int>(sessions.size());
   const int H = config_.hidden_size, Q = config_.q_dim(), K = config_.kv_dim();
@@ -123,7 +137,7 @@ std::vector<float> Forward::Decode(const std::vector<int>& sessions, const std::
     }
     attention_->Decode(layer, items);
   });
-  std::vector<float> logits(static_cast<size_t>(B) * config_.vocab_size);
+  Logits logits(static_cast<size_t>(B) * config_.vocab_size, 0.0f);
   Head(x.data(), B, logits.data());
   return logits;
 }

@@ -20,8 +20,8 @@ class Forward final : public Runner {
 
   std::vector<float> Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits,
                              int chunk = 256) override;
-  std::vector<float> Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
-                            const std::vector<int>& positions) override;
+  Logits Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
+                const std::vector<int>& positions) override;
   const ModelConfig& config() const override { return config_; }
   std::string device() const override { return "cpu"; }
 
