@@ -310,6 +310,8 @@ interface ModelRun {
   stepLogits: Float32Array[];
   /** Where the model's layers ran (Model.device). */
   device: string;
+  /** The session's retrieval counters at the end of the run. */
+  stats: { selections: number; corrections: number; pagesSelected: number; pagesHit: number; pagesRecalled: number };
 }
 
 async function runModel(addon: Addon, engine: Engine, build: ModelBuild, g: Golden, retrieval: Retrieval, kvDtype: Geometry["kvDtype"]): Promise<ModelRun> {
@@ -331,7 +333,10 @@ async function runModel(addon: Addon, engine: Engine, build: ModelBuild, g: Gold
       stepLogits.push(last);
       tokens.push(argmax(last, 0, V));
     }
-    return { promptLogits, tokens, stepLogits, device };
+    await engine.sync(local.session);
+    const st = engine.stats(local.session);
+    const stats = { selections: Number(st.selections), corrections: Number(st.corrections), pagesSelected: Number(st.pagesSelected), pagesHit: Number(st.pagesHit), pagesRecalled: Number(st.pagesRecalled) };
+    return { promptLogits, tokens, stepLogits, device, stats };
   } finally {
     await local.close();
   }
@@ -539,6 +544,9 @@ async function modelParity(addon: Addon, cpu: Engine, cand: Engine, candName: st
       const modes: Array<[string, Retrieval]> = [
         ["dense", retrieval(MODE_DENSE, 64)],
         ["freekv (budget >= context)", retrieval(MODE_FREEKV, Math.ceil(context / 16) * 16)],
+        // A budget of 4 of the ~15 middle pages: selections, corrections and recalls from the
+        // host store in every decode step, graphed on CUDA.
+        ["freekv (budget 64 < context)", retrieval(MODE_FREEKV, 64)],
       ];
       // The widened copy is the same function: on the CPU engine, against the original.
       const origCpu = await runModel(addon, cpu, orig, g, modes[0][1], BF16);
@@ -590,9 +598,14 @@ async function modelParity(addon: Addon, cpu: Engine, cand: Engine, candName: st
         const hfErrA = Math.max(hfA.promptMaxAbs, hfA.decodeMaxAbs), hfErrB = Math.max(hfB.promptMaxAbs, hfB.decodeMaxAbs);
         if (!(hfErrB <= hfErrA + logitTol)) fails.push(`${candName} vs transformers ${hfErrB.toExponential(2)} > cpu's ${hfErrA.toExponential(2)} + ${logitTol.toExponential(2)}`);
         if (hfB.leadingTokensAgree < hfA.leadingTokensAgree) fails.push(`${candName} continuation leaves transformers' at step ${hfB.leadingTokensAgree}, cpu's at ${hfA.leadingTokensAgree}`);
+        // Same tokens, same selections: the retrieval counters agree exactly.
+        if (d.firstDivergence < 0)
+          for (const k of ["selections", "corrections", "pagesSelected", "pagesHit", "pagesRecalled"] as const)
+            if (a.stats[k] !== b.stats[k]) fails.push(`stats.${k} ${candName} ${b.stats[k]} vs cpu ${a.stats[k]}`);
+        if (label.includes("<") && !(a.stats.pagesRecalled > 0 && a.stats.corrections > 0)) fails.push(`no recall or no correction to check (cpu stats ${JSON.stringify(a.stats)})`);
         const ok = fails.length === 0;
         check(`${name} ${label}`, ok, fails.join("; ") || "within tolerance");
-        rows.push({ model: name, mode: label, ok, vsCpu: d, logitTol, bf16Effect, cpuVsHF: hfA, candidateVsHF: hfB, candidateMs: candMs, tokensCpu: a.tokens, tokensCandidate: b.tokens });
+        rows.push({ model: name, mode: label, ok, vsCpu: d, logitTol, bf16Effect, cpuVsHF: hfA, candidateVsHF: hfB, candidateMs: candMs, tokensCpu: a.tokens, tokensCandidate: b.tokens, statsCpu: a.stats, statsCandidate: b.stats });
         table.push(
           `| ${name} | ${label} | ${d.promptMaxAbs.toExponential(2)} | ${d.decodeMaxAbs.toExponential(2)} | ${logitTol.toExponential(2)} (${bf16Effect.toExponential(2)}) | ` +
             `${d.firstDivergence < 0 ? "identical (40/40)" : `diverges at ${d.firstDivergence} (margin cpu ${d.marginAtDivergence!.a.toExponential(2)}, ${candName} ${d.marginAtDivergence!.b.toExponential(2)})`} | ` +
