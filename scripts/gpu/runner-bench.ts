@@ -45,6 +45,8 @@ const { values: args } = parseArgs({
 const LAYERS = Number(args.layers);
 const STEPS = Number(args.steps);
 const profileSteps = Number(process.env.FREEKV_PROFILE_STEPS ?? 0);
+// Timed steps' logits of the first run of each (batch, context, base mode), for the comparisons.
+const logitsOf = new Map<string, { mode: string; logits: Float32Array[] }>();
 let profiled = false;
 const H = 4096, I = 14336, HQ = 32, HKV = 8, D = 128, V = 128256;
 const log = (s: string) => console.log(s);
@@ -150,14 +152,17 @@ async function fillContext(engine: Engine, session: number, n: number, seed: num
     }
 }
 
-interface Point { batch: number; context: number; mode: string; floorMs?: number; stepMs?: number; minMs?: number; correctionRate?: number; recallMBPerStep?: number; graph?: string; error?: string; ts?: Record<string, number> }
+interface Point { batch: number; context: number; mode: string; floorMs?: number; stepMs?: number; minMs?: number; drainMs?: number; throughputMs?: number; sameAs?: string; correctionRate?: number; recallMBPerStep?: number; graph?: string; error?: string; ts?: Record<string, number> }
 
 async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, model: Model, batch: number, context: number, mode: string): Promise<Point> {
   const geo = { layers: LAYERS, qHeads: HQ, kvHeads: HKV, headDim: D, kvDtype: KvDType.BF16 };
   const sessions: LocalSession[] = [];
   // "<mode>-direct": the same mode with every op of a step launched directly (FREEKV_CUDA_GRAPH=0).
+  // "<mode>-serial": every step followed by a wait for both streams (the speculative recall of the
+  // step included) inside its timing; its logits must equal the pipelined run's bit for bit.
+  const serial = mode.endsWith("-serial");
   const direct = mode.endsWith("-direct");
-  const base = direct ? mode.slice(0, -"-direct".length) : mode;
+  const base = direct || serial ? mode.replace(/-(direct|serial)$/, "") : mode;
   const point: Point = { batch, context, mode, floorMs: floorMs(batch, context, base) };
   try {
     for (let b = 0; b < batch; b++) {
@@ -169,6 +174,7 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     let tokens = Int32Array.from(sessions.map((_, b) => (b * 7919 + 13) % V));
     let pos = context;
     const times: number[] = [];
+    const stepLogits: Float32Array[] = [];
     const warm = 3;
     if (direct) process.env.FREEKV_CUDA_GRAPH = "0";
     const g0 = engine.deviceStepStats();
@@ -180,7 +186,9 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
       if (profile && step === warm) addon.profilerRange(true);
       const t0 = performance.now();
       const logits = await model.decode(ids, tokens, Int32Array.from(sessions.map(() => pos)));
+      if (serial) for (const s of sessions) await engine.sync(s.session);
       const ms = performance.now() - t0;
+      if (step >= warm) stepLogits.push(logits);
       if (profile && step === warm + profileSteps - 1) {
         addon.profilerRange(false);
         profiled = true;
@@ -195,6 +203,21 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
       }
       tokens = next;
     }
+    // What the steps left running (the side stream's speculative work): drained and timed, so
+    // the throughput counts every byte the steps recalled.
+    const d0 = performance.now();
+    for (const s of sessions) await engine.sync(s.session);
+    point.drainMs = performance.now() - d0;
+    point.throughputMs = (times.reduce((a, b) => a + b, 0) + point.drainMs) / times.length;
+    // The same point and base mode run before: every timed step's logits must be identical.
+    const key = `${batch}:${context}:${base}`;
+    const prev = logitsOf.get(key);
+    if (prev) {
+      let diffs = 0;
+      for (let i = 0; i < Math.min(prev.logits.length, stepLogits.length); i++)
+        for (let j = 0; j < stepLogits[i].length; j++) if (!Object.is(prev.logits[i][j], stepLogits[i][j])) diffs++;
+      point.sameAs = `${diffs === 0 ? "identical to" : `${diffs} logits differ from`} ${prev.mode} over ${Math.min(prev.logits.length, stepLogits.length)} steps`;
+    } else logitsOf.set(key, { mode, logits: stepLogits });
     const g1 = engine.deviceStepStats();
     delete process.env.FREEKV_CUDA_GRAPH;
     point.graph = `timed steps: ${g1.replays - g0.replays} graph replays, ${g1.captures - g0.captures + g1.updates - g0.updates} captured, ${g1.direct - g0.direct} direct of ${g1.steps - g0.steps} (${g1.ops} ops a step); per step: host ${((g1.hostMs - g0.hostMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)} ms, device ${((g1.deviceMs - g0.deviceMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)} ms; after issue: side-stream issue ${((g1.sideIssueMs - g0.sideIssueMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)}, wait ${((g1.waitMs - g0.waitMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)}, bookkeeping ${((g1.finishMs - g0.finishMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)}, logits copy ${((g1.resultMs - g0.resultMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)} ms`;
@@ -277,7 +300,7 @@ for (const p of points)
     results.push(r);
     log(
       `b${r.batch} ctx ${r.context} ${r.mode}: ` +
-        (r.error ? `error: ${r.error}` : `${r.stepMs!.toFixed(2)} ms/step (min ${r.minMs!.toFixed(2)}), corrections ${(100 * r.correctionRate!).toFixed(1)}%, recall ${r.recallMBPerStep!.toFixed(1)} MB/step; ${r.graph}`) +
+        (r.error ? `error: ${r.error}` : `${r.stepMs!.toFixed(2)} ms/step (min ${r.minMs!.toFixed(2)}; with the final drain of ${r.drainMs!.toFixed(2)} ms, ${r.throughputMs!.toFixed(2)} ms a step)${r.sameAs ? `, logits ${r.sameAs}` : ""}, corrections ${(100 * r.correctionRate!).toFixed(1)}%, recall ${r.recallMBPerStep!.toFixed(1)} MB/step; ${r.graph}`) +
         (r.ts ? `; Generate TS: ${r.ts.tsMs.toFixed(2)} ms of ${r.ts.wallMs.toFixed(2)} ms (${r.ts.sharePct.toFixed(2)}%)` : ""),
     );
   }
