@@ -564,8 +564,9 @@ class CudaEngine final : public Engine {
   DeviceArray<RecallJob> prefill_jobs_;
   DeviceArray<int> prefill_job_count_;
   // The open device step (BeginDeviceStep .. EndDeviceStep): its sessions, the layers queued so
-  // far, the pools of every (layer, item) on the device, and every layer's queries (copied to the
-  // host once, at the end, for the manifest's query records).
+  // far, and its pointer table on the device: the pools of every (layer, item), then the payloads
+  // of the manifest query records each layer's queries are scattered into (mapped host memory;
+  // the host writes the records' headers after the step's wait).
   bool step_open_ = false;
   std::thread::id step_thread_;
   // Engine calls from other threads wait here while a step is open (LockOutsideStep).
