@@ -215,6 +215,9 @@ export interface DeviceStepStats {
   finishMs: number;
   /** Host milliseconds copying each step's logits out of pinned memory (Model.decode), summed. */
   resultMs: number;
+  /** FREEKV_SIDE_TIMING=1 only: device ms of each graphed step's side-stream work (issue to last op), summed over sideSteps. */
+  sideMs: number;
+  sideSteps: number;
 }
 
 export interface EngineStatic {

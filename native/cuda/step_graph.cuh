@@ -36,6 +36,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <new>
@@ -85,6 +86,8 @@ class StepGraph {
       if (c.exec) cudaGraphExecDestroy(c.exec);
     if (t0_) cudaEventDestroy(t0_);
     if (t1_) cudaEventDestroy(t1_);
+    if (s0_) cudaEventDestroy(s0_);
+    if (s1_) cudaEventDestroy(s1_);
   }
   StepGraph(const StepGraph&) = delete;
   StepGraph& operator=(const StepGraph&) = delete;
@@ -165,7 +168,7 @@ class StepGraph {
     Mark(t1_);
     timed_ = true;
     const double t = NowMs();
-    Issue(outside_);
+    IssueSide();
     counters_.side_issue_ms += NowMs() - t;
   }
   // The caller's wait for the step and its bookkeeping after it (host ms).
@@ -328,6 +331,35 @@ class StepGraph {
       at = body + h.size;
     }
   }
+  // The side stream's ops of a graphed step; timed with FREEKV_SIDE_TIMING=1 (see DeviceStepStats).
+  void IssueSide() {
+    static const bool timing = [] {
+      const char* e = std::getenv("FREEKV_SIDE_TIMING");
+      return e && std::strcmp(e, "1") == 0;
+    }();
+    cudaStream_t side = nullptr;
+    Walk(outside_, [&](const Header& h, const uint8_t*) {
+      if (h.invoke && !side) side = h.stream;
+    });
+    if (!timing || !side) {
+      Issue(outside_);
+      return;
+    }
+    if (side_timed_) {
+      float ms = 0;
+      if (cudaEventSynchronize(s1_) == cudaSuccess && cudaEventElapsedTime(&ms, s0_, s1_) == cudaSuccess) {
+        counters_.side_ms += ms;
+        ++counters_.side_steps;
+      }
+      cudaGetLastError();
+    }
+    if (!s0_) FKV_CUDA_CHECK(cudaEventCreate(&s0_));
+    if (!s1_) FKV_CUDA_CHECK(cudaEventCreate(&s1_));
+    FKV_CUDA_CHECK(cudaEventRecord(s0_, side));
+    Issue(outside_);
+    FKV_CUDA_CHECK(cudaEventRecord(s1_, side));
+    side_timed_ = true;
+  }
   static void Issue(const std::vector<uint8_t>& ar) {
     Walk(ar, [&](const Header& h, const uint8_t* body) {
       if (h.invoke) h.invoke(body, h.stream);
@@ -371,8 +403,8 @@ class StepGraph {
   std::vector<uint8_t> arena_, outside_, previous_;
   uint64_t n_ops_ = 0, clock_ = 0;
   double began_ms_ = 0;
-  cudaEvent_t t0_ = nullptr, t1_ = nullptr;
-  bool timed_ = false;
+  cudaEvent_t t0_ = nullptr, t1_ = nullptr, s0_ = nullptr, s1_ = nullptr;
+  bool timed_ = false, side_timed_ = false;
   std::vector<Cached> cache_;
   DeviceStepStats counters_;
   std::atomic<double> result_ms_{0};

@@ -168,7 +168,7 @@ describe("device step statistics without a device step", () => {
     const { createLocalSession, modelGeometry } = await import("../../services/compute/model/localHost.js");
     const { resolveRetrieval, toNativeRetrieval } = await import("../../services/common/retrieval.js");
     const engine = new (loadAddon().Engine)({ backend: "cpu", threads: 1 });
-    const zero = { steps: 0, direct: 0, captures: 0, updates: 0, replays: 0, ops: 0, captureMs: 0, hostMs: 0, deviceMs: 0, sideIssueMs: 0, waitMs: 0, finishMs: 0, resultMs: 0 };
+    const zero = { steps: 0, direct: 0, captures: 0, updates: 0, replays: 0, ops: 0, captureMs: 0, hostMs: 0, deviceMs: 0, sideIssueMs: 0, waitMs: 0, finishMs: 0, resultMs: 0, sideMs: 0, sideSteps: 0 };
     expect(engine.deviceStepStats()).toEqual(zero);
     const { model, spec } = loadModel(builtinModelDir(), { engine });
     const local = createLocalSession(engine, modelGeometry(spec.native, KvDType.BF16), toNativeRetrieval(resolveRetrieval(undefined, spec.native.layers)), 64);

@@ -454,6 +454,8 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     num("waitMs", st.wait_ms);
     num("finishMs", st.finish_ms);
     num("resultMs", st.result_ms);
+    num("sideMs", st.side_ms);
+    num("sideSteps", static_cast<double>(st.side_steps));
     return o;
   }
 

@@ -139,6 +139,11 @@ struct DeviceStepStats {
   double finish_ms = 0;
   // Host time copying each step's results (logits) out of the pinned buffer the device wrote.
   double result_ms = 0;
+  // With FREEKV_SIDE_TIMING=1 only (a diagnostic: the host then waits for the previous step's
+  // side-stream work before issuing the next): device time of each graphed step's side-stream
+  // work, from its issue (the side stream idle) until its last op, summed, and the steps timed.
+  double side_ms = 0;
+  uint64_t side_steps = 0;
 };
 
 // One session's input to a batched decode step of one layer. Pointers are in the backend's
