@@ -7,7 +7,7 @@ import type { KvStore } from "./store.js";
 export function kvstoreService(store: KvStore, log: Logger): KvStoreServiceServer {
   return {
     attachSession: unary(log, "AttachSession", (req) => store.attach(req)),
-    commitPages: unary(log, "CommitPages", async (req) => ({ committedPages: await store.commit(req) })),
+    commitPages: unary(log, "CommitPages", (req) => store.commitPages(req)),
     releaseSession: unary(log, "ReleaseSession", async (req) => ({ released: await store.release(req.sessionId) })),
     getStats: unary(log, "GetStats", async () => store.stats()),
     listSessions: unary(log, "ListSessions", async () => ({ sessionIds: store.list() })),

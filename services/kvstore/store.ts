@@ -158,46 +158,71 @@ export class KvStore {
     });
   }
 
-  commit(req: CommitPagesRequest): Promise<number> {
+  /** Commits one layer's pages, or several layers' at once (see commitPages); the layer's committed pages (the fewest with `layers`). */
+  async commit(req: CommitPagesRequest): Promise<number> {
+    return (await this.commitPages(req)).committedPages;
+  }
+
+  /**
+   * Two-phase commit of pages the compute tier wrote into the store: one layer's range
+   * (req.layer, firstPage, count, checksums) or, with req.layers, several layers' ranges applied
+   * together: every entry is checked (layer, no gap, capacity, context, checksums) before any is
+   * recorded, and the directory is written once.
+   */
+  commitPages(req: CommitPagesRequest): Promise<{ committedPages: number; layerCommittedPages: number[] }> {
     return this.withLock(req.sessionId, async () => {
       const l = this.live.get(req.sessionId);
       if (!l) throw notFound(`session ${JSON.stringify(req.sessionId)} is not attached`);
       const r = l.record;
-      if (!Number.isInteger(req.layer) || req.layer >= r.geometry.layers) {
-        throw invalidArgument("layer", `must be in [0, ${r.geometry.layers - 1}], got ${req.layer}`);
+      const multi = (req.layers ?? []).length > 0;
+      if (multi && (req.layer !== 0 || req.firstPage !== 0 || req.count !== 0 || req.checksums.length !== 0)) {
+        throw invalidArgument("layers", "with layers set, layer, first_page, count and checksums must be zero or empty");
       }
-      const committed = r.committedPages[req.layer];
-      if (req.firstPage > committed) {
-        throw failedPrecondition(`layer ${req.layer}: first_page ${req.firstPage} leaves a gap after the ${committed} committed pages`);
-      }
-      const end = req.firstPage + req.count;
-      if (end > r.capacityPages) throw invalidArgument("count", `pages [${req.firstPage}, ${end}) exceed capacity_pages ${r.capacityPages}`);
+      const entries = multi ? req.layers : [{ layer: req.layer, firstPage: req.firstPage, count: req.count, checksums: req.checksums }];
       if (req.contextTokens > r.maxContextTokens) {
         throw invalidArgument("context_tokens", `${req.contextTokens} exceeds max_context_tokens ${r.maxContextTokens}`);
       }
-      if (end * r.retrieval.pageSize > req.contextTokens) {
-        throw invalidArgument("context_tokens", `${req.contextTokens} tokens cannot hold ${end} full pages of ${r.retrieval.pageSize}`);
-      }
-      if (req.checksums.length !== 0) {
-        if (req.checksums.length !== req.count) throw invalidArgument("checksums", `expected ${req.count} (one per page) or none, got ${req.checksums.length}`);
-        const layout = computeLayout(r.geometry, r.retrieval, r.capacityPages);
-        const store = new Uint8Array(l.segments.store.buffer());
-        for (let i = 0; i < req.count; i++) {
-          const off = req.layer * layout.layerStride + (req.firstPage + i) * layout.pageBytes;
-          const got = crc32c(store.subarray(off, off + layout.pageBytes));
-          if (got !== req.checksums[i] >>> 0) {
-            this.metrics?.checksumFailures.inc();
-            throw failedPrecondition(`checksums[${i}]: page ${req.firstPage + i} of layer ${req.layer} has CRC32C ${got.toString(16)}, expected ${(req.checksums[i] >>> 0).toString(16)}`);
+      const seen = new Set<number>();
+      let layout: ReturnType<typeof computeLayout> | undefined;
+      for (const [i, e] of entries.entries()) {
+        const at = multi ? `layers[${i}]: ` : "";
+        if (!Number.isInteger(e.layer) || e.layer >= r.geometry.layers) {
+          throw invalidArgument(multi ? `layers[${i}].layer` : "layer", `must be in [0, ${r.geometry.layers - 1}], got ${e.layer}`);
+        }
+        if (seen.has(e.layer)) throw invalidArgument(`layers[${i}].layer`, `layer ${e.layer} appears twice`);
+        seen.add(e.layer);
+        const committed = r.committedPages[e.layer];
+        if (e.firstPage > committed) {
+          throw failedPrecondition(`${at}layer ${e.layer}: first_page ${e.firstPage} leaves a gap after the ${committed} committed pages`);
+        }
+        const end = e.firstPage + e.count;
+        if (end > r.capacityPages) throw invalidArgument(multi ? `layers[${i}].count` : "count", `pages [${e.firstPage}, ${end}) exceed capacity_pages ${r.capacityPages}`);
+        if (end * r.retrieval.pageSize > req.contextTokens) {
+          throw invalidArgument("context_tokens", `${at}${req.contextTokens} tokens cannot hold ${end} full pages of ${r.retrieval.pageSize}`);
+        }
+        if (e.checksums.length !== 0) {
+          const field = multi ? `layers[${i}].checksums` : "checksums";
+          if (e.checksums.length !== e.count) throw invalidArgument(field, `expected ${e.count} (one per page) or none, got ${e.checksums.length}`);
+          layout ??= computeLayout(r.geometry, r.retrieval, r.capacityPages);
+          const store = new Uint8Array(l.segments.store.buffer());
+          for (let k = 0; k < e.count; k++) {
+            const off = e.layer * layout.layerStride + (e.firstPage + k) * layout.pageBytes;
+            const got = crc32c(store.subarray(off, off + layout.pageBytes));
+            if (got !== e.checksums[k] >>> 0) {
+              this.metrics?.checksumFailures.inc();
+              throw failedPrecondition(`${field}[${k}]: page ${e.firstPage + k} of layer ${e.layer} has CRC32C ${got.toString(16)}, expected ${(e.checksums[k] >>> 0).toString(16)}`);
+            }
           }
         }
       }
-      r.committedPages[req.layer] = Math.max(committed, end);
+      for (const e of entries) r.committedPages[e.layer] = Math.max(r.committedPages[e.layer], e.firstPage + e.count);
       r.contextTokens = Math.max(r.contextTokens, req.contextTokens);
       if (req.metadata.length > 0) r.metadata = Buffer.from(req.metadata);
       await this.directory.put(r);
       this.metrics?.commits.inc();
       this.updateGauges();
-      return r.committedPages[req.layer];
+      const layerCommittedPages = entries.map((e) => r.committedPages[e.layer]);
+      return { committedPages: Math.min(...layerCommittedPages), layerCommittedPages: multi ? layerCommittedPages : [] };
     });
   }
 

@@ -113,6 +113,28 @@ describe("Generate over gRPC", () => {
     expect(Math.max(...chunkBatches)).toBe(biggest);
   });
 
+  it("commits the pages a decode step fills in every layer with one CommitPages call", async () => {
+    // Two fresh sessions, prompts shorter than a page (the prefill fills none): one generation
+    // that fills no page and one that fills `fills`; the difference in the kvstore's accepted
+    // commits is one per fill (not one per fill and layer), whatever else a request commits.
+    const commits = async () => metricValue(await fetchMetrics(tiers.kvstore.metricsPort), "freekv_kvstore_commits_total") ?? 0;
+    const P = 32; // the default page size (services/common/retrieval.ts)
+    const prompt = golden.prompt.slice(0, 5);
+    const delta = async (id: string, maxTokens: number) => {
+      await unary(client, "createSession", { sessionId: id, kind: 1 });
+      const before = await commits();
+      const r = await run({ sessionId: id, prompt: tokens(prompt), maxTokens });
+      await unary(client, "closeSession", { sessionId: id });
+      return { d: (await commits()) - before, context: r.final!.usage!.contextTokens };
+    };
+    const none = await delta("commit-none", P - prompt.length - 2);
+    expect(Math.floor(none.context / P)).toBe(0);
+    const some = await delta("commit-some", 3 * P);
+    const fills = Math.floor(some.context / P);
+    expect(fills).toBeGreaterThanOrEqual(2);
+    expect(some.d - none.d).toBe(fills);
+  });
+
   it("continues a session across calls like one dense run over the whole conversation", async () => {
     await unary(client, "createSession", { sessionId: "chat-1", kind: 1 });
     const a = golden.prompt.slice(0, 50);

@@ -193,6 +193,12 @@ describe("bad requests get INVALID_ARGUMENT naming the field", () => {
     const layer = await unaryError(kv, "commitPages", { sessionId: "commits", layer: 3, firstPage: 0, count: 1, contextTokens: 16 });
     expect(layer.details).toMatch(/^layer:/);
     expect((await unaryError(kv, "commitPages", { sessionId: "nope", layer: 0, firstPage: 0, count: 1, contextTokens: 16 })).code).toBe(status.NOT_FOUND);
+    // Several layers in one call: a bad entry names itself and nothing is applied; then all apply.
+    const multi = await unaryError(kv, "commitPages", { sessionId: "commits", contextTokens: 32, layers: [{ layer: 0, firstPage: 0, count: 1 }, { layer: 1, firstPage: 0, count: 9 }] });
+    expect(multi.code).toBe(status.INVALID_ARGUMENT);
+    expect(multi.details).toMatch(/^layers\[1\]\.count:/);
+    const both = await unary(kv, "commitPages", { sessionId: "commits", contextTokens: 32, layers: [{ layer: 1, firstPage: 0, count: 2 }, { layer: 0, firstPage: 0, count: 1 }] });
+    expect(both).toMatchObject({ committedPages: 1, layerCommittedPages: [2, 1] });
     await unary(compute, "closeSession", { sessionId: "commits" });
   });
 });

@@ -7,6 +7,9 @@ import { KvStore } from "../../services/kvstore/store.js";
 import { computeLayout, totalBytes, capacityPages } from "../../services/kvstore/layout.js";
 import { resolveRetrieval } from "../../services/common/retrieval.js";
 import { shmSegments } from "../helpers/services.js";
+import { crc32c } from "../../services/kvstore/crc32c.js";
+import { loadAddon } from "../../native/binding.js";
+import { prng } from "../helpers/prng.js";
 
 const log = createLogger("test", "silent");
 const G = { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 };
@@ -64,5 +67,59 @@ describe("KvStore", () => {
     await expect(s.commit({ sessionId: "c", layer: 0, firstPage: 0, count: 1, contextTokens: 16, checksums: [1, 2], metadata: Buffer.alloc(0) })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
     expect(s.record("c")!.committedPages).toEqual([0, 2]);
     expect(s.record("c")!.contextTokens).toBe(40);
+  });
+
+  it("commits several layers in one call: all checked first, applied together, one directory write", async () => {
+    class Counting extends MemoryDirectory {
+      puts = 0;
+      override async put(rec: Parameters<MemoryDirectory["put"]>[0]) {
+        this.puts++;
+        return super.put(rec);
+      }
+    }
+    const dir = new Counting();
+    const s = new KvStore(dir, 1 << 30, log);
+    stores.push(s);
+    const a = await s.attach(req("m", 100));
+    // Random bytes in the store's first pages of both layers, and their CRC32C.
+    const layout = computeLayout(G, resolveRetrieval(R, 2), capacityPages(100, 16));
+    const seg = loadAddon().ShmSegment.open(a.store!.name);
+    const store = new Uint8Array(seg.buffer());
+    const u = prng(777);
+    const crc = (layer: number, page: number) => {
+      const off = layer * layout.layerStride + page * layout.pageBytes;
+      return crc32c(store.subarray(off, off + layout.pageBytes));
+    };
+    for (const layer of [0, 1])
+      for (let p = 0; p < 3; p++) {
+        const off = layer * layout.layerStride + p * layout.pageBytes;
+        for (let i = 0; i < layout.pageBytes; i++) store[off + i] = Math.floor(u() * 256);
+      }
+    const base = { sessionId: "m", layer: 0, firstPage: 0, count: 0, checksums: [] as number[], metadata: Buffer.alloc(0) };
+    const puts0 = dir.puts;
+    const ok = await s.commitPages({ ...base, contextTokens: 40, layers: [{ layer: 1, firstPage: 0, count: 2, checksums: [crc(1, 0), crc(1, 1)] }, { layer: 0, firstPage: 0, count: 1, checksums: [] }] });
+    expect(ok).toEqual({ committedPages: 1, layerCommittedPages: [2, 1] });
+    expect(dir.puts - puts0).toBe(1);
+    expect(s.record("m")!.committedPages).toEqual([1, 2]);
+    // One bad entry (a wrong checksum, a gap, a layer twice): nothing of the call is applied.
+    const bad = [
+      { layers: [{ layer: 0, firstPage: 1, count: 1, checksums: [crc(0, 1)] }, { layer: 1, firstPage: 2, count: 1, checksums: [crc(1, 2) ^ 1] }], code: status.FAILED_PRECONDITION, msg: /layers\[1\]\.checksums\[0\]/ },
+      { layers: [{ layer: 0, firstPage: 1, count: 1, checksums: [] }, { layer: 1, firstPage: 3, count: 1, checksums: [] }], code: status.FAILED_PRECONDITION, msg: /layers\[1\]: layer 1: first_page 3 leaves a gap/ },
+      { layers: [{ layer: 0, firstPage: 1, count: 1, checksums: [] }, { layer: 0, firstPage: 1, count: 1, checksums: [] }], code: status.INVALID_ARGUMENT, msg: /appears twice/ },
+      { layers: [{ layer: 2, firstPage: 0, count: 1, checksums: [] }], code: status.INVALID_ARGUMENT, msg: /layers\[0\]\.layer/ },
+    ];
+    for (const b of bad) {
+      const puts = dir.puts;
+      await expect(s.commitPages({ ...base, contextTokens: 48, layers: b.layers })).rejects.toMatchObject({ code: b.code, message: expect.stringMatching(b.msg) });
+      expect(dir.puts).toBe(puts);
+      expect(s.record("m")!.committedPages).toEqual([1, 2]);
+      expect(s.record("m")!.contextTokens).toBe(40);
+    }
+    // The single-layer fields and `layers` together are refused.
+    await expect(s.commitPages({ ...base, layer: 1, contextTokens: 48, layers: [{ layer: 0, firstPage: 1, count: 1, checksums: [] }] })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT, message: expect.stringMatching(/^layers:/) });
+    // And the good ones still apply afterwards.
+    expect((await s.commitPages({ ...base, contextTokens: 48, layers: [{ layer: 0, firstPage: 1, count: 2, checksums: [crc(0, 1), crc(0, 2)] }, { layer: 1, firstPage: 2, count: 1, checksums: [crc(1, 2)] }] })).layerCommittedPages).toEqual([3, 3]);
+    expect(s.record("m")!.contextTokens).toBe(48);
+    seg.close();
   });
 });

@@ -190,10 +190,8 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
         maxContextTokens: s.maxContextTokens,
         pendingToken: state.pendingToken,
         onAppended: (n) => {
-          for (let l = 0; l < session.layerTokens.length; l++) {
-            session.layerTokens[l] = n;
-            ctx.sessions.commitProgress(session, l);
-          }
+          for (let l = 0; l < session.layerTokens.length; l++) session.layerTokens[l] = n;
+          ctx.sessions.commitProgressAll(session);
         },
       };
       const it = generate(loaded.model, scheduler, loaded.codec, gs, {

@@ -295,7 +295,8 @@ export interface AttentionDecodeItem {
   /**
    * q, k, v in the stream's tensor exchange instead of bytes (exactly one of q / q_ref, k / k_ref,
    * v / v_ref). Items of one decode use q or q_ref alike: with q_ref the outputs are written into
-   * the exchange at output_offset (q_ref's dtype, [query_heads, head_dim]) instead of sent back.
+   * the exchange at output_offset (required then; q_ref's dtype, [query_heads, head_dim]) instead
+   * of sent back.
    */
   qRef?: TensorRef | undefined;
   kRef?: TensorRef | undefined;

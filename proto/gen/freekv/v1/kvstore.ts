@@ -73,6 +73,7 @@ export interface AttachSessionResponse {
 
 export interface CommitPagesRequest {
   sessionId: string;
+  /** One layer's pages (layer, first_page, count, checksums), or, with `layers`, several at once. */
   layer: number;
   firstPage: number;
   count: number;
@@ -81,10 +82,26 @@ export interface CommitPagesRequest {
   /** Optional CRC32C of each committed page, checked by the kvstore when present. */
   checksums: number[];
   metadata: Buffer;
+  /**
+   * Several layers' pages in one call, applied together or not at all (every entry is checked
+   * first): what a decode step that fills a page in every layer commits. When set, `layer`,
+   * `first_page`, `count` and `checksums` must be zero or empty. At most one entry per layer.
+   */
+  layers: LayerPages[];
+}
+
+export interface LayerPages {
+  layer: number;
+  firstPage: number;
+  count: number;
+  checksums: number[];
 }
 
 export interface CommitPagesResponse {
+  /** The committed pages of the request's layer; with `layers`, the fewest over its layers. */
   committedPages: number;
+  /** With `layers`: the committed pages of each, in the request's order. */
+  layerCommittedPages: number[];
 }
 
 export interface ReleaseSessionRequest {
@@ -765,6 +782,7 @@ function createBaseCommitPagesRequest(): CommitPagesRequest {
     contextTokens: 0,
     checksums: [],
     metadata: Buffer.alloc(0),
+    layers: [],
   };
 }
 
@@ -794,6 +812,9 @@ export const CommitPagesRequest: MessageFns<CommitPagesRequest> = {
     }
     if (message.metadata.length !== 0) {
       writer.uint32(58).bytes(message.metadata);
+    }
+    for (const v of message.layers) {
+      LayerPages.encode(v!, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -877,6 +898,14 @@ export const CommitPagesRequest: MessageFns<CommitPagesRequest> = {
             message.metadata = Buffer.from(reader.bytes());
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.layers.push(LayerPages.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -912,6 +941,7 @@ export const CommitPagesRequest: MessageFns<CommitPagesRequest> = {
         ? object.checksums.map((e: any) => globalThis.Number(e))
         : [],
       metadata: isSet(object.metadata) ? Buffer.from(bytesFromBase64(object.metadata)) : Buffer.alloc(0),
+      layers: globalThis.Array.isArray(object?.layers) ? object.layers.map((e: any) => LayerPages.fromJSON(e)) : [],
     };
   },
 
@@ -938,6 +968,9 @@ export const CommitPagesRequest: MessageFns<CommitPagesRequest> = {
     if (message.metadata.length !== 0) {
       obj.metadata = base64FromBytes(message.metadata);
     }
+    if (message.layers?.length) {
+      obj.layers = message.layers.map((e) => LayerPages.toJSON(e));
+    }
     return obj;
   },
 
@@ -953,18 +986,163 @@ export const CommitPagesRequest: MessageFns<CommitPagesRequest> = {
     message.contextTokens = object.contextTokens ?? 0;
     message.checksums = object.checksums?.map((e) => e) || [];
     message.metadata = object.metadata ?? Buffer.alloc(0);
+    message.layers = object.layers?.map((e) => LayerPages.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseLayerPages(): LayerPages {
+  return { layer: 0, firstPage: 0, count: 0, checksums: [] };
+}
+
+export const LayerPages: MessageFns<LayerPages> = {
+  encode(message: LayerPages, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.layer !== 0) {
+      writer.uint32(8).uint32(message.layer);
+    }
+    if (message.firstPage !== 0) {
+      writer.uint32(16).uint32(message.firstPage);
+    }
+    if (message.count !== 0) {
+      writer.uint32(24).uint32(message.count);
+    }
+    if (message.checksums.length !== 0) {
+      writer.uint32(34).fork();
+      for (const v of message.checksums) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LayerPages {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLayerPages();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.layer = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.firstPage = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.count = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag === 32) {
+              message.checksums.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 34) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.checksums.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LayerPages {
+    return {
+      layer: isSet(object.layer) ? globalThis.Number(object.layer) : 0,
+      firstPage: isSet(object.firstPage)
+        ? globalThis.Number(object.firstPage)
+        : isSet(object.first_page)
+        ? globalThis.Number(object.first_page)
+        : 0,
+      count: isSet(object.count) ? globalThis.Number(object.count) : 0,
+      checksums: globalThis.Array.isArray(object?.checksums)
+        ? object.checksums.map((e: any) => globalThis.Number(e))
+        : [],
+    };
+  },
+
+  toJSON(message: LayerPages): unknown {
+    const obj: any = {};
+    if (message.layer !== 0) {
+      obj.layer = Math.round(message.layer);
+    }
+    if (message.firstPage !== 0) {
+      obj.firstPage = Math.round(message.firstPage);
+    }
+    if (message.count !== 0) {
+      obj.count = Math.round(message.count);
+    }
+    if (message.checksums?.length) {
+      obj.checksums = message.checksums.map((e) => Math.round(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<LayerPages>, I>>(base?: I): LayerPages {
+    return LayerPages.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LayerPages>, I>>(object: I): LayerPages {
+    const message = createBaseLayerPages();
+    message.layer = object.layer ?? 0;
+    message.firstPage = object.firstPage ?? 0;
+    message.count = object.count ?? 0;
+    message.checksums = object.checksums?.map((e) => e) || [];
     return message;
   },
 };
 
 function createBaseCommitPagesResponse(): CommitPagesResponse {
-  return { committedPages: 0 };
+  return { committedPages: 0, layerCommittedPages: [] };
 }
 
 export const CommitPagesResponse: MessageFns<CommitPagesResponse> = {
   encode(message: CommitPagesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.committedPages !== 0) {
       writer.uint32(8).uint32(message.committedPages);
+    }
+    if (message.layerCommittedPages.length !== 0) {
+      writer.uint32(18).fork();
+      for (const v of message.layerCommittedPages) {
+        writer.uint32(v);
+      }
+      writer.join();
     }
     return writer;
   },
@@ -990,6 +1168,24 @@ export const CommitPagesResponse: MessageFns<CommitPagesResponse> = {
             message.committedPages = reader.uint32();
             continue;
           }
+          case 2: {
+            if (tag === 16) {
+              message.layerCommittedPages.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 18) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.layerCommittedPages.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1009,6 +1205,11 @@ export const CommitPagesResponse: MessageFns<CommitPagesResponse> = {
         : isSet(object.committed_pages)
         ? globalThis.Number(object.committed_pages)
         : 0,
+      layerCommittedPages: globalThis.Array.isArray(object?.layerCommittedPages)
+        ? object.layerCommittedPages.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.layer_committed_pages)
+        ? object.layer_committed_pages.map((e: any) => globalThis.Number(e))
+        : [],
     };
   },
 
@@ -1016,6 +1217,9 @@ export const CommitPagesResponse: MessageFns<CommitPagesResponse> = {
     const obj: any = {};
     if (message.committedPages !== 0) {
       obj.committedPages = Math.round(message.committedPages);
+    }
+    if (message.layerCommittedPages?.length) {
+      obj.layerCommittedPages = message.layerCommittedPages.map((e) => Math.round(e));
     }
     return obj;
   },
@@ -1026,6 +1230,7 @@ export const CommitPagesResponse: MessageFns<CommitPagesResponse> = {
   fromPartial<I extends Exact<DeepPartial<CommitPagesResponse>, I>>(object: I): CommitPagesResponse {
     const message = createBaseCommitPagesResponse();
     message.committedPages = object.committedPages ?? 0;
+    message.layerCommittedPages = object.layerCommittedPages?.map((e) => e) || [];
     return message;
   },
 };
