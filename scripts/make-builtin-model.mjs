@@ -25,7 +25,11 @@ const out = resolve(outArg >= 0 ? args[outArg + 1] : join(here, "..", "models", 
 const VOCAB = 512;
 const SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"];
 const MERGES = VOCAB - 256 - SPECIALS.length;
-const CFG = { hidden: 128, intermediate: 352, layers: 4, heads: 4, kvHeads: 2, headDim: 64 };
+// --layers N: the same model with N layers (e.g. 32, the layer count of an 8B model, for
+// measuring per-layer service costs on the CPU backend); the default folder always has 4.
+const layersArg = args.indexOf("--layers");
+const CFG = { hidden: 128, intermediate: 352, layers: layersArg >= 0 ? Number(args[layersArg + 1]) : 4, heads: 4, kvHeads: 2, headDim: 64 };
+if (!Number.isInteger(CFG.layers) || CFG.layers < 1 || CFG.layers > 128) throw new RangeError(`--layers must be an integer in [1, 128], got ${args[layersArg + 1]}`);
 
 // ---------------------------------------------------------------------------------------------
 // Tokenizer: GPT-2 byte-level alphabet, BPE merges learned from a fixed text.
