@@ -338,10 +338,11 @@ class StepGraph {
       return e && std::strcmp(e, "1") == 0;
     }();
     cudaStream_t side = nullptr;
-    Walk(outside_, [&](const Header& h, const uint8_t*) {
-      if (h.invoke && !side) side = h.stream;
-    });
-    if (!timing || !side) {
+    if (timing)
+      Walk(outside_, [&](const Header& h, const uint8_t*) {
+        if (h.invoke && !side) side = h.stream;
+      });
+    if (!side) {
       Issue(outside_);
       return;
     }

@@ -36,6 +36,7 @@ import { createLocalSession } from "../../services/compute/model/localHost.js";
 import { readSafetensorsHeader, readTensorF32, toBF16, writeSafetensors, type SafetensorsHeader, type TensorToWrite } from "../../services/compute/model/safetensors.js";
 import { collectTensorRefs } from "../../services/compute/model/weights.js";
 import type { Golden } from "../../test/helpers/golden.js";
+import { relError } from "../../test/unit/reference/attention.js";
 
 // Literal values of binding.ts's const enums (KvDType.BF16, Mode.*, SummaryKind.MaxMin, ...).
 const F32 = 1 as Geometry["kvDtype"];
@@ -419,14 +420,9 @@ async function recordParity(addon: Addon, cpu: Engine, cand: Engine, candName: s
     const where = `session ${i} layer ${layer} record ${k}`;
     if (x.tokens !== y.tokens || x.flags !== y.flags || x.seq !== y.seq)
       fails.push(`${where}: header ${candName} (${y.tokens}, ${y.flags}, ${y.seq}) vs cpu (${x.tokens}, ${x.flags}, ${x.seq})`);
-    let num = 0, den = 0;
-    for (let j = 0; j < qn; j++) {
-      num += (x.q[j] - y.q[j]) ** 2;
-      den += x.q[j] ** 2;
-    }
-    const e = Math.sqrt(num / Math.max(den, 1e-30));
+    const e = relError(y.q, x.q);
     worst = Math.max(worst, Number.isNaN(e) ? Infinity : e);
-    if (!(e <= QUERY_REL) || den === 0) fails.push(`${where}: query rel err ${e.toExponential(2)}`);
+    if (!(e <= QUERY_REL) || x.q.every((v) => v === 0)) fails.push(`${where}: query rel err ${e.toExponential(2)}`);
   })));
   check(`${name}: query records after batched decode steps, ${candName} vs cpu`, fails.length === 0,
     (fails.slice(0, 4).join("; ") || `2 sessions x ${c.layers} layers x 2 records: headers equal, query rel err <= ${worst.toExponential(2)}`) +

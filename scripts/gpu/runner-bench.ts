@@ -24,7 +24,7 @@ import { existsSync, mkdirSync, statfsSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { KvDType, loadAddon, type Engine, type Model } from "../../native/binding.js";
+import { KvDType, loadAddon, type DeviceStepStats, type Engine, type Model } from "../../native/binding.js";
 import { DecodeScheduler } from "../../services/compute/generate/scheduler.js";
 import { Sampler } from "../../services/compute/generate/sampling.js";
 import { parseModelConfig } from "../../services/compute/model/config.js";
@@ -220,7 +220,8 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     } else logitsOf.set(key, { mode, logits: stepLogits });
     const g1 = engine.deviceStepStats();
     delete process.env.FREEKV_CUDA_GRAPH;
-    point.graph = `timed steps: ${g1.replays - g0.replays} graph replays, ${g1.captures - g0.captures + g1.updates - g0.updates} captured, ${g1.direct - g0.direct} direct of ${g1.steps - g0.steps} (${g1.ops} ops a step); per step: host ${((g1.hostMs - g0.hostMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)} ms, device ${((g1.deviceMs - g0.deviceMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)} ms; after issue: side-stream issue ${((g1.sideIssueMs - g0.sideIssueMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)}, wait ${((g1.waitMs - g0.waitMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)}, bookkeeping ${((g1.finishMs - g0.finishMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)}, logits copy ${((g1.resultMs - g0.resultMs) / Math.max(1, g1.steps - g0.steps)).toFixed(2)} ms` +
+    const perStep = (k: keyof DeviceStepStats) => ((g1[k] - g0[k]) / Math.max(1, g1.steps - g0.steps)).toFixed(2);
+    point.graph = `timed steps: ${g1.replays - g0.replays} graph replays, ${g1.captures - g0.captures + g1.updates - g0.updates} captured, ${g1.direct - g0.direct} direct of ${g1.steps - g0.steps} (${g1.ops} ops a step); per step: host ${perStep("hostMs")} ms, device ${perStep("deviceMs")} ms; after issue: side-stream issue ${perStep("sideIssueMs")}, wait ${perStep("waitMs")}, bookkeeping ${perStep("finishMs")}, logits copy ${perStep("resultMs")} ms` +
       (g1.sideSteps > g0.sideSteps ? `; side stream ${((g1.sideMs - g0.sideMs) / (g1.sideSteps - g0.sideSteps)).toFixed(2)} ms a step (${g1.sideSteps - g0.sideSteps} steps)` : "");
     point.stepMs = median(times);
     point.minMs = Math.min(...times);

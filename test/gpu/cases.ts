@@ -27,6 +27,8 @@ import {
 import { prng } from "../helpers/prng.js";
 import { ranges, ReferenceLayer, type ModeName, type PolicyConfig } from "../unit/reference/policy.js";
 import { sameTopK, type CombineName } from "../unit/reference/selection.js";
+import { COMBINE, MODE } from "../unit/reference/harness.js";
+import { relError } from "../unit/reference/attention.js";
 
 // ---------------------------------------------------------------------------------------------
 // Inputs
@@ -83,16 +85,6 @@ function attendRef(q: Float32Array, qOff: number, K: Float64Array[], V: Float64A
   return o;
 }
 
-export function relError(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let num = 0,
-    den = 0;
-  for (let i = 0; i < a.length; i++) {
-    const d = a[i] - b[i];
-    num += d * d;
-    den += b[i] * b[i];
-  }
-  return Math.sqrt(num / Math.max(den, 1e-30));
-}
 
 function allFinite(a: Float32Array): boolean {
   for (let i = 0; i < a.length; i++) if (!Number.isFinite(a[i])) return false;
@@ -269,8 +261,10 @@ export const CASES: CaseSpec[] = [
 // ---------------------------------------------------------------------------------------------
 // Near-ties of the page selection
 
-const MODE_NAME: Record<number, ModeName> = { 1: "freekv", 2: "dense", 3: "oracle", 4: "speculative", 5: "sink_window" };
-const COMBINE_NAME: Record<number, CombineName> = { 1: "softmax_mean", 2: "mean", 3: "max" };
+// The binding's enums back to the reference's names (the harness maps names to enums).
+const invert = <N extends string>(m: Record<N, number>) => Object.fromEntries(Object.entries(m).map(([k, v]) => [v, k])) as Record<number, N>;
+const MODE_NAME = invert<ModeName>(MODE);
+const COMBINE_NAME = invert<CombineName>(COMBINE);
 
 /** The float64 policy reference's config for one session's layer (bf16 storage). */
 export function policyConfigOf(g: Omit<Geometry, "kvDtype">, r: Retrieval, layer: number): PolicyConfig {
