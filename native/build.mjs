@@ -1,10 +1,11 @@
 // Builds the native addon. CPU backend always; the CUDA backend too when nvcc is found
 // (FREEKV_CUDA=0 turns it off, FREEKV_CUDA=1 makes a missing nvcc an error).
-//   1. nvcc compiles native/cuda/*.cu (sm_90a + PTX) into build/cuda/libfreekv_cuda.a
+//   1. nvcc compiles every .cu under native/src (src/cuda, src/engine/cuda, src/model/cuda;
+//      sm_90a + PTX) into build/cuda/libfreekv_cuda.a
 //   2. node-gyp builds build/Release/freekv.node, linking that archive and libcudart_static.
 import { execFileSync, spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, readdirSync, rmSync, statSync } from "node:fs";
-import { join } from "node:path";
+import { join, relative } from "node:path";
 import { createRequire } from "node:module";
 
 const here = new URL(".", import.meta.url).pathname;
@@ -22,20 +23,22 @@ const log = (m) => console.log(`[native] ${m}`);
 if (useCuda) {
   const outDir = join(here, "build", "cuda");
   mkdirSync(outDir, { recursive: true });
-  const cuDir = join(here, "cuda");
-  const sources = readdirSync(cuDir).filter((f) => f.endsWith(".cu"));
+  const srcDir = join(here, "src");
+  const files = walk(srcDir);
+  const sources = files.filter((f) => f.endsWith(".cu"));
+  const headersAt = Math.max(0, ...files.filter((f) => /\.(cuh|h)$/.test(f)).map((f) => statSync(f).mtimeMs));
   const objs = [];
   let rebuilt = false;
-  for (const f of sources) {
-    const src = join(cuDir, f);
-    const obj = join(outDir, f.replace(/\.cu$/, ".o"));
+  for (const src of sources) {
+    const f = relative(srcDir, src);
+    const obj = join(outDir, f.replace(/\.cu$/, ".o").replaceAll("/", "_"));
     objs.push(obj);
-    if (existsSync(obj) && statSync(obj).mtimeMs > newestInput(cuDir, src)) continue;
+    if (existsSync(obj) && statSync(obj).mtimeMs > Math.max(headersAt, statSync(src).mtimeMs)) continue;
     log(`nvcc ${f}`);
     rebuilt = true;
     execFileSync(nvcc, ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
       "-gencode", "arch=compute_90a,code=sm_90a", "-gencode", "arch=compute_90,code=compute_90",
-      "-I", join(here, "src"), "-I", cuDir, "-c", src, "-o", obj], { stdio: "inherit" });
+      "-I", srcDir, "-c", src, "-o", obj], { stdio: "inherit" });
   }
   const lib = join(outDir, "libfreekv_cuda.a");
   if (rebuilt || !existsSync(lib)) {
@@ -63,8 +66,6 @@ for (const step of [["configure", ...dirArgs, `--cuda=${useCuda ? 1 : 0}`, `--cu
 }
 log("built native/build/Release/freekv.node" + (useCuda ? " (CPU + CUDA)" : " (CPU)"));
 
-function newestInput(dir, src) {
-  let t = statSync(src).mtimeMs;
-  for (const f of readdirSync(dir)) if (f.endsWith(".cuh") || f.endsWith(".h")) t = Math.max(t, statSync(join(dir, f)).mtimeMs);
-  return t;
+function walk(d) {
+  return readdirSync(d).flatMap((f) => (statSync(join(d, f)).isDirectory() ? walk(join(d, f)) : [join(d, f)]));
 }

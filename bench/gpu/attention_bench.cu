@@ -1,4 +1,4 @@
-// Section 3: paged decode attention (native/cuda/attention_decode.cuh) GB/s against HBM.
+// Section 3: paged decode attention (native/src/engine/cuda/attention_decode.cuh) GB/s against HBM.
 //
 // First every kernel variant against a float64 CPU reference on random inputs (several shapes:
 // D 64/128/256, G 1/2/3/4/8, pages of 8/16/32 tokens, partial last and middle pages, pages with

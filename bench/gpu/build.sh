@@ -10,7 +10,7 @@ out=.gpu/bench
 mkdir -p "$out"
 grep -qx '.gpu/' .gitignore || { echo "bench/gpu/build.sh: .gpu/ must be git-ignored" >&2; exit 1; }
 commit=$(git rev-parse --short=12 HEAD)
-git diff --quiet HEAD -- bench/gpu native/cuda || commit="$commit+local-changes"
+git diff --quiet HEAD -- bench/gpu native/src || commit="$commit+local-changes"
 cuda_home=${CUDA_HOME:-/usr/local/cuda}
 # The shared addon build also (re)builds libfreekv_cuda.a; hold its lock while linking against it.
 exec 9>/tmp/freekv-native.lock
@@ -18,7 +18,7 @@ flock 9
 node native/build.mjs > /tmp/freekv-bench-native-build.log 2>&1 || { cat /tmp/freekv-bench-native-build.log; exit 1; }
 "$cuda_home/bin/nvcc" -std=c++17 -O3 --expt-relaxed-constexpr \
   -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_90,code=compute_90 \
-  -I native/cuda -I native/src -I bench/gpu -DFKB_COMMIT="\"$commit\"" \
+  -I native/src -I native/src/engine/cuda -I native/src/model/cuda -I bench/gpu -DFKB_COMMIT="\"$commit\"" \
   bench/gpu/*.cu native/build/cuda/libfreekv_cuda.a \
   -ldl -lrt -lpthread -o "$out/freekv_gpu_bench"
 flock -u 9

@@ -1,6 +1,6 @@
 // The small per-token kernels of a Llama decode step that are not attention or GEMMs:
 // the step input, RMSNorm, RoPE fused with the append of the new token's K and V into its NHD
-// page, and SwiGLU. bf16 storage, fp32 arithmetic. The GEMMs are native/cuda/gemm_cublaslt.
+// page, and SwiGLU. bf16 storage, fp32 arithmetic. The GEMMs are native/src/model/cuda/gemm_cublaslt.
 #pragma once
 #include "common.cuh"
 

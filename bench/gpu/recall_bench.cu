@@ -4,7 +4,7 @@
 // (mmap MAP_SHARED) registered with cudaHostRegister(cudaHostRegisterMapped), holding HND pages
 // [kv_heads][2][P][D] bf16 of random bytes. A recall is a list of random (page, head) jobs, each
 // one 16 KiB head-page, written to a distinct (slot, head) of an NHD device pool
-// [slots][2][P][kv_heads][D]. Modes (native/cuda/recall.cuh):
+// [slots][2][P][kv_heads][D]. Modes (native/src/engine/cuda/recall.cuh):
 //   gather          LaunchRecallGather: a kernel on `blocks` SMs reading the mapped store
 //   double_buffer   DoubleBufferRecall: one cudaMemcpyAsync per head-page into two staging
 //                   buffers, each scattered while the other fills (the paper's method)

@@ -108,7 +108,7 @@ def targets(bench):
                         f"{(f / 0.8 - 1) * 100:+.1f}%",
                         "" if f >= 0.8 else "each block's serial chain per 32-token tile (scores, softmax, p.v between "
                         "barriers) limits the bytes in flight; short budgets also give too few blocks per SM "
-                        "(native/cuda/PERF.md, section 1)"))
+                        "(native/src/engine/cuda/PERF.md, section 1)"))
     out.append(("TypeScript + gRPC <= 2% of a step (b16)", "not measured here", "<= 2%", None,
                 "needs the service on the GPU machine: bench:overhead (bench/results/overhead-*-h200-cuda.json)", ""))
     return out

@@ -1,6 +1,6 @@
 // The freekv native addon: registers each module's classes and functions.
 // One module per folder: shm/ (shared-memory segments), engine/ (the FreeKV engine and its
-// backends), model/ (the model runner), cuda/ (device probe; kernels live in native/cuda/).
+// backends), model/ (the model runner), cuda/ (device probe and the CUDA runtime pieces shared by engine/cuda/ and model/cuda/).
 #include <napi.h>
 
 namespace freekv::addon {

@@ -1,6 +1,6 @@
 /**
  * The service's own decode step on the GPU: Model.decode with a CUDA engine, i.e. the GPU model
- * runner (native/cuda/forward_cuda.cu) and the engine's device step, at Llama-3.1-8B shapes.
+ * runner (native/src/model/cuda/forward_cuda.cu) and the engine's device step, at Llama-3.1-8B shapes.
  *
  * 1. Writes a Hugging Face folder with random bf16 weights (32 layers, hidden 4096, 32 query / 8
  *    KV heads of 128, FFN 14336, vocabulary 128256, Llama-3.1 rope scaling) unless it exists, and

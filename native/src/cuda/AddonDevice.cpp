@@ -2,7 +2,7 @@
 #include <napi.h>
 
 #ifdef FREEKV_WITH_CUDA
-#include "../../cuda/device.h"
+#include "cuda/device.h"
 #endif
 
 namespace freekv::addon {

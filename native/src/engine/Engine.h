@@ -1,4 +1,4 @@
-// The FreeKV engine contract shared by every backend (CPU in engine/cpu/, CUDA in native/cuda/)
+// The FreeKV engine contract shared by every backend (CPU in engine/cpu/, CUDA in engine/cuda/)
 // and by every caller (the JS binding in AddonEngine.cpp, the model runner in model/).
 //
 // Terms (DESIGN.md section 2): page = P tokens; sink = first S/P pages; window = the partial page
@@ -116,7 +116,7 @@ struct Stats {
   uint64_t guard_waits = 0;
 };
 
-// How the device steps of an engine were issued (CUDA backend; see native/cuda/step_graph.cuh).
+// How the device steps of an engine were issued (CUDA backend; see native/src/cuda/step_graph.cuh).
 struct DeviceStepStats {
   uint64_t steps = 0;     // device steps
   uint64_t direct = 0;    // issued op by op (graphs off, a step with a host round trip, a new shape)

@@ -15,7 +15,7 @@
 
 #include "engine/AddonEngine.h"
 #include "model/Attention.h"
-#include "model/Forward.h"
+#include "model/cpu/Forward.h"
 
 namespace freekv::addon {
 

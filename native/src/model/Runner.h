@@ -1,6 +1,6 @@
 // What the addon's Model runs: a whole forward pass over the weights. Two implementations:
 // Forward (model/Forward.h: CPU, attention through any AttentionBackend) and, in CUDA builds,
-// the GPU runner (native/cuda/forward_cuda.cu: weights, activations and every layer on the
+// the GPU runner (native/src/model/cuda/forward_cuda.cu: weights, activations and every layer on the
 // device, attention through the CUDA engine's device step, logits the only copy back).
 #pragma once
 

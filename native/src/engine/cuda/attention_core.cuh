@@ -12,7 +12,7 @@
 #pragma once
 #include <cuda_bf16.h>
 
-#include "bf16_vec.cuh"
+#include "cuda/bf16_vec.cuh"
 
 namespace freekv::cuda {
 

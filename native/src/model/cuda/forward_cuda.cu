@@ -25,12 +25,12 @@
 #include <stdexcept>
 #include <string>
 
-#include "cuda_check.cuh"
-#include "device_memory.cuh"
+#include "cuda/cuda_check.cuh"
+#include "cuda/device_memory.cuh"
 #include "gemm_cublaslt.cuh"
 #include "model/Runner.h"
 #include "model_kernels.cuh"
-#include "step_graph.cuh"
+#include "cuda/step_graph.cuh"
 
 namespace freekv::model {
 namespace {

@@ -4,7 +4,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "cuda_check.cuh"
+#include "cuda/cuda_check.cuh"
 #include "model_kernels.cuh"
 
 namespace freekv::cuda {

@@ -1,6 +1,6 @@
 // Paged decode attention: tiles of 32 tokens, softmax shared by the block, next tile in flight.
 //
-// Why this shape (native/cuda/PERF.md has the measurements): decode attention reads every K/V
+// Why this shape (native/src/engine/cuda/PERF.md has the measurements): decode attention reads every K/V
 // byte once and does ~4 FLOP per byte (G = 4), so it must stream HBM. The block is NW warps; a
 // token's K (or V) row of one head is read by TPT = D/8 lanes with 16-byte loads (a "token
 // group"), and each token group holds U tokens of the current TILE-token tile. Per tile:
@@ -34,7 +34,7 @@
 #include "butterfly.cuh"
 #include "attention_decode.cuh"
 #include "attention_decode_warp.cuh"
-#include "cuda_check.cuh"
+#include "cuda/cuda_check.cuh"
 
 namespace freekv::cuda {
 namespace {

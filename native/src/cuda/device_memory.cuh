@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <utility>
 
-#include "cuda_check.cuh"
+#include "cuda/cuda_check.cuh"
 
 namespace freekv::cuda {
 

@@ -1,4 +1,4 @@
-#include "model/Kernels.h"
+#include "model/cpu/Kernels.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,8 +1,8 @@
 #include <algorithm>
 
 #include "append.cuh"
-#include "bf16_vec.cuh"
-#include "cuda_check.cuh"
+#include "cuda/bf16_vec.cuh"
+#include "cuda/cuda_check.cuh"
 
 namespace freekv::cuda {
 namespace {

@@ -1,7 +1,7 @@
 #include <algorithm>
 
 #include "batch_copy.cuh"
-#include "cuda_check.cuh"
+#include "cuda/cuda_check.cuh"
 
 namespace freekv::cuda {
 namespace {

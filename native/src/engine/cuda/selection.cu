@@ -1,5 +1,5 @@
 // Selection in two launches, so that the scoring is bandwidth bound over the summaries and only
-// the small per-KV-head part runs one block per head (native/cuda/PERF.md has the figures):
+// the small per-KV-head part runs one block per head (native/src/engine/cuda/PERF.md has the figures):
 //
 //   1. SelectionScoreKernel, grid (page chunks, kv_heads): a warp scores 4 pages at a time for
 //      all query heads of the group (16-byte loads of the hi/lo rows, q in registers), the
@@ -18,7 +18,7 @@
 #include <string>
 
 #include "butterfly.cuh"
-#include "cuda_check.cuh"
+#include "cuda/cuda_check.cuh"
 #include "selection.cuh"
 
 namespace freekv::cuda {

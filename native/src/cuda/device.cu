@@ -1,7 +1,7 @@
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
-#include "device.h"
+#include "cuda/device.h"
 
 namespace freekv::cuda {
 

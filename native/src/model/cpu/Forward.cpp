@@ -1,4 +1,4 @@
-#include "model/Forward.h"
+#include "model/cpu/Forward.h"
 
 #include <omp.h>
 
@@ -8,7 +8,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "model/Kernels.h"
+#include "model/cpu/Kernels.h"
 
 namespace freekv::model {
 

@@ -1,5 +1,5 @@
 #include "correction.cuh"
-#include "cuda_check.cuh"
+#include "cuda/cuda_check.cuh"
 
 namespace freekv::cuda {
 namespace {

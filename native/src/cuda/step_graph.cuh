@@ -48,7 +48,7 @@
 #include <utility>
 #include <vector>
 
-#include "cuda_check.cuh"
+#include "cuda/cuda_check.cuh"
 #include "engine/Engine.h"
 
 namespace freekv::cuda {

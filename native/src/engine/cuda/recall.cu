@@ -1,8 +1,8 @@
 #include <algorithm>
 #include <string>
 
-#include "bf16_vec.cuh"
-#include "cuda_check.cuh"
+#include "cuda/bf16_vec.cuh"
+#include "cuda/cuda_check.cuh"
 #include "recall.cuh"
 
 namespace freekv::cuda {

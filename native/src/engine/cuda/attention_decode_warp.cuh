@@ -1,6 +1,6 @@
 // Paged decode attention, warp-independent variant (flash-decoding inside the block).
 //
-// Why (native/cuda/PERF.md section 1): the tiled kernel's limit is each block's serial chain per
+// Why (native/src/engine/cuda/PERF.md section 1): the tiled kernel's limit is each block's serial chain per
 // 32-token tile, two block-wide barriers around a one-warp-per-head softmax: while one warp does
 // the softmax the others wait, and their next loads cannot be consumed. Here no barrier is in the
 // token loop at all: each warp walks its own tiles (tile n of the split goes to warp n % NW) and

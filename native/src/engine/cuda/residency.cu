@@ -1,6 +1,6 @@
 #include <string>
 
-#include "cuda_check.cuh"
+#include "cuda/cuda_check.cuh"
 #include "residency.cuh"
 
 namespace freekv::cuda {

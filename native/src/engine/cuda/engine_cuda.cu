@@ -63,14 +63,14 @@
 #include "batch_copy.cuh"
 #include "attention_prefill.cuh"
 #include "correction.cuh"
-#include "cuda_check.cuh"
-#include "device_memory.cuh"
+#include "cuda/cuda_check.cuh"
+#include "cuda/device_memory.cuh"
 #include "engine/Engine.h"
 #include "offload.cuh"
 #include "recall.cuh"
 #include "residency.cuh"
 #include "selection.cuh"
-#include "step_graph.cuh"
+#include "cuda/step_graph.cuh"
 #include "summary.cuh"
 
 namespace freekv {

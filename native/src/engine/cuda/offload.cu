@@ -1,7 +1,7 @@
 #include <algorithm>
 
-#include "bf16_vec.cuh"
-#include "cuda_check.cuh"
+#include "cuda/bf16_vec.cuh"
+#include "cuda/cuda_check.cuh"
 #include "offload.cuh"
 
 namespace freekv::cuda {

@@ -2,7 +2,7 @@
 #include <string>
 
 #include "model/Attention.h"
-#include "model/Kernels.h"
+#include "model/cpu/Kernels.h"
 
 namespace freekv::model {
 

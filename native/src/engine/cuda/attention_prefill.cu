@@ -2,7 +2,7 @@
 
 #include "attention_core.cuh"
 #include "attention_prefill.cuh"
-#include "cuda_check.cuh"
+#include "cuda/cuda_check.cuh"
 
 namespace freekv::cuda {
 namespace {
