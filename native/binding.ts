@@ -146,6 +146,18 @@ export interface EngineOptions {
   /** CUDA device ordinal (default 0). */
   device?: number;
   /**
+   * CUDA backend: the GPU model runner's decode steps become CUDA graphs, replayed once their
+   * shape repeats (default true). false issues every op of a step directly: the same operations
+   * in the same order, bit-identical results (parity and benchmarks compare the two).
+   */
+  cudaGraphs?: boolean;
+  /**
+   * CUDA backend, a diagnostic (default false): time each graphed step's side-stream work
+   * (DeviceStepStats.sideMs). The host then waits for the previous step's side-stream work
+   * before issuing the next, so step times change.
+   */
+  sideTiming?: boolean;
+  /**
    * Tests only (CPU backend): every background recall sleeps this long before writing the
    * slots, to show that attention never reads a slot that a recall is writing.
    */
@@ -185,7 +197,7 @@ export interface Engine {
   /**
    * How the GPU model runner's decode steps on this engine were issued: one CUDA graph launch
    * (replays), captured (captures, or updates of a cached graph of the same op sequence), or op by
-   * op (direct). All zero on the CPU backend. FREEKV_CUDA_GRAPH=0 turns graphs off.
+   * op (direct). All zero on the CPU backend. EngineOptions.cudaGraphs = false turns graphs off.
    */
   deviceStepStats(): DeviceStepStats;
   contextTokens(session: number): number;
@@ -215,7 +227,7 @@ export interface DeviceStepStats {
   finishMs: number;
   /** Host milliseconds copying each step's logits out of pinned memory (Model.decode), summed. */
   resultMs: number;
-  /** FREEKV_SIDE_TIMING=1 only: device ms of each graphed step's side-stream work (issue to last op), summed over sideSteps. */
+  /** EngineOptions.sideTiming only: device ms of each graphed step's side-stream work (issue to last op), summed over sideSteps. */
   sideMs: number;
   sideSteps: number;
 }

@@ -36,7 +36,6 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <new>
@@ -49,7 +48,7 @@
 #include <vector>
 
 #include "cuda/cuda_check.cuh"
-#include "engine/Engine.h"
+#include "engine/DeviceEngine.h"
 
 namespace freekv::cuda {
 
@@ -80,7 +79,8 @@ class StepGraph {
  public:
   static constexpr int kCached = 4;
 
-  StepGraph() = default;
+  // side_timing: time the side stream's ops of every graphed step (DeviceStepStats::side_ms).
+  explicit StepGraph(bool side_timing = false) : side_timing_(side_timing) {}
   ~StepGraph() {
     for (Cached& c : cache_)
       if (c.exec) cudaGraphExecDestroy(c.exec);
@@ -331,14 +331,10 @@ class StepGraph {
       at = body + h.size;
     }
   }
-  // The side stream's ops of a graphed step; timed with FREEKV_SIDE_TIMING=1 (see DeviceStepStats).
+  // The side stream's ops of a graphed step; timed with side_timing (see DeviceStepStats).
   void IssueSide() {
-    static const bool timing = [] {
-      const char* e = std::getenv("FREEKV_SIDE_TIMING");
-      return e && std::strcmp(e, "1") == 0;
-    }();
     cudaStream_t side = nullptr;
-    if (timing)
+    if (side_timing_)
       Walk(outside_, [&](const Header& h, const uint8_t*) {
         if (h.invoke && !side) side = h.stream;
       });
@@ -398,6 +394,7 @@ class StepGraph {
     if (!warned.exchange(true))
       std::fprintf(stderr, "freekv: a decode step could not become a CUDA graph (%s); such steps run op by op\n", why);
   }
+  const bool side_timing_;
   std::atomic<bool> deferred_{false};
   std::atomic<std::thread::id> owner_{};
   cudaStream_t main_ = nullptr;

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/DeviceEngine.h"
 #include "shm/ShmSegment.h"
 
 namespace freekv::addon {
@@ -51,6 +52,13 @@ int IntField(const Napi::Object& o, const char* key, const std::string& path, in
   if (!std::isfinite(d) || std::floor(d) != d || d < lo || d > hi)
     throw Napi::RangeError::New(o.Env(), path + "." + key + " must be an integer in [" + to_string(lo) + ", " + to_string(hi) + "]");
   return static_cast<int>(d);
+}
+
+bool BoolField(const Napi::Object& o, const char* key, const std::string& path, bool dflt) {
+  auto v = o.Get(key);
+  if (v.IsUndefined()) return dflt;
+  if (!v.IsBoolean()) throw Napi::TypeError::New(o.Env(), path + "." + key + " must be a boolean");
+  return v.As<Napi::Boolean>().Value();
 }
 
 int IntArg(const Napi::CallbackInfo& info, size_t i, const std::string& name, int lo = 0, int hi = 1 << 30) {
@@ -244,7 +252,10 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     if (!b.IsString()) throw Napi::TypeError::New(env, "options.backend must be \"cpu\" or \"cuda\"");
     backend_ = b.As<Napi::String>().Utf8Value();
     const int threads = IntField(o, "threads", "options", 0, 1024, true, 0);
-    const int device = IntField(o, "device", "options", 0, 1024, true, 0);
+    CudaEngineOptions cuda;
+    cuda.device = IntField(o, "device", "options", 0, 1024, true, 0);
+    cuda.graphs = BoolField(o, "cudaGraphs", "options", true);
+    cuda.side_timing = BoolField(o, "sideTiming", "options", false);
     const int delay_ms = IntField(o, "debugRecallDelayMs", "options", 0, 60000, true, 0);
     const int attend_delay_ms = IntField(o, "debugAttendDelayMs", "options", 0, 60000, true, 0);
     if (backend_ == "cpu") {
@@ -252,12 +263,12 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     } else if (backend_ == "cuda") {
 #ifdef FREEKV_WITH_CUDA
       try {
-        engine_ = std::shared_ptr<Engine>(MakeCudaEngine(device));
+        engine_ = std::shared_ptr<Engine>(MakeCudaEngine(cuda));
       } catch (const std::exception& e) {
         throw Napi::Error::New(env, e.what());
       }
 #else
-      (void)device;
+      (void)cuda;
       throw Napi::Error::New(env, "no CUDA device: this build of the addon has no CUDA backend");
 #endif
     } else {
@@ -438,7 +449,9 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
 
   Napi::Value GetDeviceStepStats(const Napi::CallbackInfo& info) {
     auto env = info.Env();
-    const DeviceStepStats st = engine_->GetDeviceStepStats();
+    // All zeros on a backend without device steps (CPU).
+    DeviceEngine* device = engine_->device();
+    const DeviceStepStats st = device ? device->GetDeviceStepStats() : DeviceStepStats{};
     auto o = Napi::Object::New(env);
     auto num = [&](const char* k, double v) { o.Set(k, Napi::Number::New(env, v)); };
     num("steps", static_cast<double>(st.steps));

@@ -15,9 +15,7 @@
 #include <vector>
 
 namespace freekv {
-namespace cuda {
-class StepGraph;
-}
+class DeviceEngine;
 
 enum class DType : int { F32 = 1, BF16 = 2, F16 = 3 };
 enum class SummaryKind : int { MaxMin = 1, CuboidMean = 2 };
@@ -116,36 +114,6 @@ struct Stats {
   uint64_t guard_waits = 0;
 };
 
-// How the device steps of an engine were issued (CUDA backend; see native/src/cuda/step_graph.cuh).
-struct DeviceStepStats {
-  uint64_t steps = 0;     // device steps
-  uint64_t direct = 0;    // issued op by op (graphs off, a step with a host round trip, a new shape)
-  uint64_t captures = 0;  // captured into a new CUDA graph
-  uint64_t updates = 0;   // captured and updated into a cached graph of the same op sequence
-  uint64_t replays = 0;   // one launch of a cached graph
-  uint64_t ops = 0;       // stream operations of the last step
-  double capture_ms = 0;  // host time of all captures and updates
-  // Per step, summed: host time from BeginDeviceStep until the step is issued (the host's own
-  // work, plus the launches themselves when direct), and the device time from the step's first
-  // operation to its last on the main stream (when direct, device idle time waiting for the host's
-  // launches included).
-  double host_ms = 0;
-  double device_ms = 0;
-  // Host time after the graph launch, summed per step: issuing the side stream's speculative work
-  // (graphed steps), the step's one wait for the main stream, and the bookkeeping after that wait
-  // (manifest words and query records).
-  double side_issue_ms = 0;
-  double wait_ms = 0;
-  double finish_ms = 0;
-  // Host time copying each step's results (logits) out of the pinned buffer the device wrote.
-  double result_ms = 0;
-  // With FREEKV_SIDE_TIMING=1 only (a diagnostic: the host then waits for the previous step's
-  // side-stream work before issuing the next): device time of each graphed step's side-stream
-  // work, from its issue (the side stream idle) until its last op, summed, and the steps timed.
-  double side_ms = 0;
-  uint64_t side_steps = 0;
-};
-
 // One session's input to a batched decode step of one layer. Pointers are in the backend's
 // memory space for `*Device` calls and in host memory otherwise; all float32.
 struct DecodeItem {
@@ -184,23 +152,9 @@ class Engine {
   // background. Items' sessions must all have geometry compatible with the batch (same shapes).
   virtual void Decode(int layer, const std::vector<DecodeItem>& items) = 0;
 
-  // The GPU model runner's decode step (CUDA backend; the CPU backend throws std::logic_error):
-  // BeginDeviceStep(sessions) sizes the step's buffers; then DecodeDevice(layer, ...) for every
-  // layer in order, with q [B][q_heads][head_dim], k, v [B][kv_heads][head_dim] and out
-  // [B][q_heads][head_dim] fp32 in device memory (B = sessions.size(), in that order); each call
-  // only queues work on DeviceStream() and returns: no host round trip inside the step.
-  // EndDeviceStep() waits for the stream once and then writes the manifests (tokens, query
-  // records), so the host store never claims work the device has not finished.
-  virtual void BeginDeviceStep(const std::vector<int>& sessions) { NoDeviceStep(); }
-  virtual void DecodeDevice(int layer, const float* q, const float* k, const float* v, float* out) { NoDeviceStep(); }
-  virtual void EndDeviceStep() {}
-  // The stream a device step is ordered on (a cudaStream_t), or null on backends without one.
-  virtual void* DeviceStream() { return nullptr; }
-  // While a step is open, the runner queues its own stream work through this (so the whole step,
-  // the runner's GEMMs and kernels included, becomes one CUDA graph); null without device steps.
-  // Graphs are on unless FREEKV_CUDA_GRAPH=0 (read at every BeginDeviceStep).
-  virtual cuda::StepGraph* DeviceStepGraph() { return nullptr; }
-  virtual DeviceStepStats GetDeviceStepStats() const { return {}; }
+  // The device-step interface of a backend with its own device and streams (DeviceEngine.h),
+  // or null (CPU).
+  virtual DeviceEngine* device() { return nullptr; }
 
   // Waits for all background work (recalls) of a session; needed before CloseSession or before
   // reading the host store from another process.
@@ -212,11 +166,6 @@ class Engine {
   // For tests and the fidelity harness: for (layer, kv head), the token positions attended at the
   // most recent decode step (sink + selected + window, sorted).
   virtual std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const = 0;
-
- private:
-  [[noreturn]] void NoDeviceStep() const {
-    throw std::logic_error("the " + backend() + " backend has no device decode step");
-  }
 };
 
 // Factories. `threads` <= 0 means all cores but one (the CPU engine's background recall thread
@@ -225,10 +174,7 @@ class Engine {
 // flight); `debug_attend_delay_us` makes every decode sleep while it holds its layer's slots,
 // before reading them (so a recall that did not wait would overwrite them under attention).
 std::unique_ptr<Engine> MakeCpuEngine(int threads, int debug_recall_delay_us = 0, int debug_attend_delay_us = 0);
-#ifdef FREEKV_WITH_CUDA
-// Throws std::runtime_error("no CUDA device: ...") when no device is usable.
-std::unique_ptr<Engine> MakeCudaEngine(int device);
-#endif
+// MakeCudaEngine: DeviceEngine.h.
 
 // Layout helpers shared by the kvstore sizing (TS mirrors these in services/kvstore/layout.ts).
 struct Layout {

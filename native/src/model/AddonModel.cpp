@@ -209,7 +209,7 @@ struct PreparedModel {
 // forward pass with attention through `attention`.
 std::unique_ptr<model::Runner> MakeRunner(PreparedModel& p, Engine* engine, AttentionBackend* attention) {
 #ifdef FREEKV_WITH_CUDA
-  if (engine && engine->DeviceStream())
+  if (engine && engine->device())
     return model::MakeCudaRunner(std::move(p.config), std::move(p.weights), engine, p.DeviceBf16());
 #endif
   return std::make_unique<Forward>(std::move(p.config), std::move(p.weights), attention);
@@ -386,7 +386,7 @@ class LoadWorker : public Napi::AsyncWorker {
       if (p_->threads > 0) omp_set_num_threads(p_->threads);
       p_->weights = model::LoadWeights(p_->config, p_->tensors);
       // A CUDA engine: the GPU runner uploads its weights here too, off the event loop.
-      if (engine_ptr_ && engine_ptr_->DeviceStream()) p_->runner = MakeRunner(*p_, engine_ptr_.get(), nullptr);
+      if (engine_ptr_ && engine_ptr_->device()) p_->runner = MakeRunner(*p_, engine_ptr_.get(), nullptr);
       p_->tensors.clear();
     } catch (const std::exception& e) {
       SetError(e.what());

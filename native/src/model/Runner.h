@@ -85,7 +85,7 @@ void CheckDecode(const ModelConfig& c, const std::vector<int>& sessions, const s
                  const std::vector<int>& positions, const std::function<uint64_t(int)>& context);
 
 #ifdef FREEKV_WITH_CUDA
-// The GPU runner over a CUDA engine (engine->DeviceStream() non-null). Weights are uploaded once:
+// The GPU runner over a CUDA engine (engine->device() non-null). Weights are uploaded once:
 // in bf16 when `bf16_weights`, else in fp32 (exact fp32 GEMMs). Throws std::invalid_argument when
 // the shapes do not suit the GPU GEMMs (widths must be multiples of 8), std::runtime_error when
 // cuBLASLt or device memory is unavailable.

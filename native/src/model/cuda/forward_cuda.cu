@@ -31,6 +31,7 @@
 #include "model/Runner.h"
 #include "model_kernels.cuh"
 #include "cuda/step_graph.cuh"
+#include "engine/DeviceEngine.h"
 
 namespace freekv::model {
 namespace {
@@ -50,11 +51,11 @@ class CudaRunner final : public Runner {
  public:
   CudaRunner(ModelConfig c, Weights w, Engine* engine, bool bf16)
       : c_(std::move(c)), engine_(engine), bf16_(bf16) {
-    if (!engine_ || !engine_->DeviceStream())
-      throw std::invalid_argument("the GPU model runner needs an engine with a device stream (backend 'cuda')");
-    stream_ = static_cast<cudaStream_t>(engine_->DeviceStream());
-    graph_ = engine_->DeviceStepGraph();
-    if (!graph_) throw std::invalid_argument("the GPU model runner needs an engine with device steps (backend 'cuda')");
+    device_engine_ = engine_ ? engine_->device() : nullptr;
+    if (!device_engine_)
+      throw std::invalid_argument("the GPU model runner needs an engine with device steps (backend 'cuda')");
+    stream_ = static_cast<cudaStream_t>(device_engine_->DeviceStream());
+    graph_ = device_engine_->DeviceStepGraph();
     FKV_CUDA_CHECK(cudaStreamGetDevice(stream_, &device_));
     FKV_CUDA_CHECK(cudaSetDevice(device_));
     std::string why;
@@ -256,6 +257,7 @@ class CudaRunner final : public Runner {
 
   ModelConfig c_;
   Engine* engine_;
+  DeviceEngine* device_engine_ = nullptr;  // engine_'s device steps
   cuda::StepGraph* graph_ = nullptr;
   // One prefill chunk loop or decode step at a time: they share the activation buffers, the
   // stream and the engine's step op list (the binding runs them on worker threads).
@@ -281,23 +283,23 @@ void CudaRunner::Step(const std::vector<int>& sessions, const std::vector<int>& 
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   const int B = (int)sessions.size();
   Size(B);
-  engine_->BeginDeviceStep(sessions);
+  device_engine_->BeginDeviceStep(sessions);
   try {
     const uint64_t plans = cuda::GemmPlanEpoch();  // the GEMM algorithms a graph of this step holds
     graph_->Key(&plans, sizeof plans);
     Embed(tokens.data(), positions.data(), B);
     for (int l = 0; l < c_.layers; ++l) {
       PreAttention(layers_[l], B);
-      engine_->DecodeDevice(l, q_.get(), k_.get(), v_.get(), attn_.get());
+      device_engine_->DecodeDevice(l, q_.get(), k_.get(), v_.get(), attn_.get());
       PostAttention(layers_[l], B);
     }
     Head(0, B);
     read(B);
   } catch (...) {
-    engine_->EndDeviceStep();
+    device_engine_->EndDeviceStep();
     throw;
   }
-  engine_->EndDeviceStep();  // the step's one wait: what `read` queued is on the host after it
+  device_engine_->EndDeviceStep();  // the step's one wait: what `read` queued is on the host after it
 }
 
 Logits CudaRunner::Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,

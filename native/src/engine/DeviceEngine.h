@@ -1,0 +1,85 @@
+// The device-engine interface: what a backend with its own device and streams (CUDA) offers on
+// top of the Engine contract, for the GPU model runner (model/cuda/) and the binding's step
+// statistics. Engine::device() returns it, or null on backends without device steps (CPU).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "engine/Engine.h"
+
+namespace freekv {
+namespace cuda {
+class StepGraph;
+}
+
+// How the device steps of an engine were issued (see native/src/cuda/step_graph.cuh).
+struct DeviceStepStats {
+  uint64_t steps = 0;     // device steps
+  uint64_t direct = 0;    // issued op by op (graphs off, a step with a host round trip, a new shape)
+  uint64_t captures = 0;  // captured into a new CUDA graph
+  uint64_t updates = 0;   // captured and updated into a cached graph of the same op sequence
+  uint64_t replays = 0;   // one launch of a cached graph
+  uint64_t ops = 0;       // stream operations of the last step
+  double capture_ms = 0;  // host time of all captures and updates
+  // Per step, summed: host time from BeginDeviceStep until the step is issued (the host's own
+  // work, plus the launches themselves when direct), and the device time from the step's first
+  // operation to its last on the main stream (when direct, device idle time waiting for the host's
+  // launches included).
+  double host_ms = 0;
+  double device_ms = 0;
+  // Host time after the graph launch, summed per step: issuing the side stream's speculative work
+  // (graphed steps), the step's one wait for the main stream, and the bookkeeping after that wait
+  // (manifest words and query records).
+  double side_issue_ms = 0;
+  double wait_ms = 0;
+  double finish_ms = 0;
+  // Host time copying each step's results (logits) out of the pinned buffer the device wrote.
+  double result_ms = 0;
+  // With the engine option side_timing only (a diagnostic: the host then waits for the previous
+  // step's side-stream work before issuing the next): device time of each graphed step's
+  // side-stream work, from its issue (the side stream idle) until its last op, summed, and the
+  // steps timed.
+  double side_ms = 0;
+  uint64_t side_steps = 0;
+};
+
+class DeviceEngine {
+ public:
+  virtual ~DeviceEngine() = default;
+
+  // The GPU model runner's decode step: BeginDeviceStep(sessions) sizes the step's buffers; then
+  // DecodeDevice(layer, ...) for every layer in order, with q [B][q_heads][head_dim], k, v
+  // [B][kv_heads][head_dim] and out [B][q_heads][head_dim] fp32 in device memory
+  // (B = sessions.size(), in that order); each call only queues work on DeviceStream() and
+  // returns: no host round trip inside the step. EndDeviceStep() waits for the stream once and
+  // then writes the manifests (tokens, query records), so the host store never claims work the
+  // device has not finished.
+  virtual void BeginDeviceStep(const std::vector<int>& sessions) = 0;
+  virtual void DecodeDevice(int layer, const float* q, const float* k, const float* v, float* out) = 0;
+  virtual void EndDeviceStep() = 0;
+  // The stream a device step is ordered on (a cudaStream_t).
+  virtual void* DeviceStream() = 0;
+  // While a step is open, the runner queues its own stream work through this (so the whole step,
+  // the runner's GEMMs and kernels included, becomes one CUDA graph when graphs are on).
+  virtual cuda::StepGraph* DeviceStepGraph() = 0;
+  virtual DeviceStepStats GetDeviceStepStats() const = 0;
+};
+
+// Options of the CUDA backend.
+struct CudaEngineOptions {
+  int device = 0;
+  // Device steps become CUDA graphs (replayed once their shape repeats); off: every op of a step
+  // is issued directly (the same operations in the same order, bit-identical results).
+  bool graphs = true;
+  // Diagnostic: time each graphed step's side-stream work (DeviceStepStats::side_ms). The host
+  // then waits for the previous step's side-stream work before issuing the next.
+  bool side_timing = false;
+};
+
+// Defined in builds with the CUDA backend only (FREEKV_WITH_CUDA). Throws
+// std::runtime_error("no CUDA device: ...") when no device is usable.
+std::unique_ptr<Engine> MakeCudaEngine(const CudaEngineOptions& options);
+
+}  // namespace freekv

@@ -1,0 +1,148 @@
+// The CUDA engine itself: device and streams, session lookup, synchronisation and statistics.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "CudaBudget.h"
+#include "CudaEngine.h"
+#include "cuda/cuda_check.cuh"
+
+namespace freekv::cuda {
+
+using std::to_string;
+
+CudaEngine::CudaEngine(const CudaEngineOptions& options)
+    : device_(options.device), graphs_(options.graphs), graph_(options.side_timing) {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error(std::string("no CUDA device: ") + cudaGetErrorString(e));
+  }
+  if (n == 0) throw std::runtime_error("no CUDA device: none found");
+  if (device_ < 0 || device_ >= n)
+    throw std::runtime_error("no CUDA device: options.device " + to_string(device_) + " is out of range [0, " +
+                             to_string(n) + ")");
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  main_ = std::make_unique<Stream>();
+  side_ = std::make_unique<Stream>();
+  outputs_ = std::make_unique<Event>();
+  attended_direct_ = std::make_unique<Event>();
+}
+
+CudaEngine::~CudaEngine() {
+  cudaSetDevice(device_);
+  if (main_) cudaStreamSynchronize(main_->get());
+  if (side_) cudaStreamSynchronize(side_->get());
+  sessions_.clear();
+}
+
+Session& CudaEngine::Find(int session) const {
+  auto it = sessions_.find(session);
+  if (it == sessions_.end()) throw std::invalid_argument("session " + to_string(session) + " is not open");
+  return *it->second;
+}
+
+void CudaEngine::CheckLayer(const Session& s, int layer) {
+  if (layer < 0 || layer >= s.geo.layers)
+    throw std::invalid_argument("layer " + to_string(layer) + " is out of range [0, " + to_string(s.geo.layers) +
+                                ")");
+}
+
+uint64_t CudaEngine::Context(const Session& s) {
+  int64_t m = INT64_MAX;
+  for (const auto& L : s.layers) m = std::min(m, L->tokens);
+  return s.layers.empty() ? 0 : (uint64_t)m;
+}
+
+void CudaEngine::Sync(int session) {
+  auto lock = LockOutsideStep("sync");
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  Find(session);
+  FKV_CUDA_CHECK(cudaStreamSynchronize(side_->get()));
+  FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+}
+
+Stats CudaEngine::GetStats(int session) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  const Session& s = Find(session);
+  FKV_CUDA_CHECK(cudaStreamSynchronize(side_->get()));
+  FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+  unsigned long long c[kNumCounters];
+  FKV_CUDA_CHECK(cudaMemcpy(c, s.counters.get(), sizeof(c), cudaMemcpyDeviceToHost));
+  Stats st = s.host_stats;
+  st.pages_selected = c[kSelected];
+  st.pages_hit = c[kHits];
+  st.pages_recalled = c[kMisses];
+  st.recall_bytes = c[kMisses] * s.Recall().HeadPageBytes();
+  st.corrections = c[kCorrections];
+  st.context_tokens = Context(s);
+  uint64_t resident = 0;
+  for (const auto& L : s.layers) {
+    const Ranges r = RangesFor(s, L->tokens);
+    const uint64_t partial = r.partial > 0 ? 1 : 0;
+    if (L->dense) {
+      resident += (uint64_t)s.geo.kv_heads * (r.full + partial);
+    } else {
+      resident += (uint64_t)s.geo.kv_heads * (r.sink_end + (r.full - r.window_begin) + partial);
+      if (s.Retrieves(*L) && L->selection_valid) resident += (uint64_t)s.geo.kv_heads * std::min(s.K, L->last_candidates);
+    }
+  }
+  st.resident_pages = resident;
+  return st;
+}
+
+uint64_t CudaEngine::ContextTokens(int session) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return Context(Find(session));
+}
+
+std::vector<int> CudaEngine::LastAttendedTokens(int session, int layer, int kv_head) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  const Session& s = Find(session);
+  CheckLayer(s, layer);
+  if (kv_head < 0 || kv_head >= s.geo.kv_heads)
+    throw std::invalid_argument("kvHead " + to_string(kv_head) + " is out of range [0, " +
+                                to_string(s.geo.kv_heads) + ")");
+  const LayerTier& L = *s.layers[layer];
+  std::vector<int> out;
+  if (!L.attended_valid) return out;
+  FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+  int num = 0;
+  std::vector<int> ids(L.table_rows), toks(L.table_rows);
+  FKV_CUDA_CHECK(cudaMemcpy(&num, L.t_num.get() + kv_head, sizeof(int), cudaMemcpyDeviceToHost));
+  num = std::min(num, L.table_rows);
+  if (num > 0) {
+    FKV_CUDA_CHECK(cudaMemcpy(ids.data(), L.t_id.get() + (size_t)kv_head * L.table_rows, num * sizeof(int),
+                              cudaMemcpyDeviceToHost));
+    FKV_CUDA_CHECK(cudaMemcpy(toks.data(), L.t_tokens.get() + (size_t)kv_head * L.table_rows, num * sizeof(int),
+                              cudaMemcpyDeviceToHost));
+  }
+  for (int i = 0; i < num; ++i)
+    for (int t = 0; t < toks[i]; ++t) out.push_back(ids[i] * s.P + t);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+DeviceStepStats CudaEngine::GetDeviceStepStats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return graph_.counters();
+}
+
+}  // namespace freekv::cuda
+
+namespace freekv {
+
+std::unique_ptr<Engine> MakeCudaEngine(const CudaEngineOptions& options) {
+  return std::make_unique<cuda::CudaEngine>(options);
+}
+
+}  // namespace freekv

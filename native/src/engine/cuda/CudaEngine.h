@@ -1,0 +1,280 @@
+// The CUDA backend of the FreeKV engine (Engine.h + DeviceEngine.h), built from the kernels of
+// this folder. This header holds the engine class and its session/tier structs; the methods are
+// split by concept: CudaEngine.cu (streams, lookups, statistics), CudaSession.cu (create, close,
+// host registration), CudaValidate.cu, CudaBudget.h, CudaManifest.cu, CudaPrefill.cu, CudaDecode.cu
+// (batched decode, speculative select-and-recall), CudaReattach.cu, CudaDeviceStep.cu.
+//
+// Device tier of one (session, layer) (see residency.cuh): an NHD pool of sink slots, a window
+// ring and the selected slots per KV head (or every page for a dense layer), the summaries of
+// every full page, the selection and residency tables, and two query buffers (q_t, q_{t-1}).
+// Host tier: the kvstore's shared segments, registered with cudaHostRegister(Mapped), so the
+// offload and the gather recall read and write them straight from kernels.
+//
+// Streams and ordering (why no slot is overwritten while attention may read it):
+//   main stream: per Decode(layer): [wait spec_done(layer)] -> inputs H2D -> descriptor table
+//     H2D -> append (+ tail write-through) -> summary + offload when a page fills -> blocking
+//     selection / correction (+ synchronous recall of the misses) -> attention table -> attention
+//     -> outputs D2H. Each step is one launch for the whole batch (DecodeCore).
+//   side stream: per Decode(layer), after `attended` (recorded on main right after the
+//     attention kernel): speculative selection with q_t for step t+1 -> residency diff ->
+//     recall into the selected slots -> record spec_done(layer).
+//   * The speculative recall writes slots only after `attended`: the attention of step t that
+//     reads them is complete (event order), and no other kernel of step t reads selected slots.
+//   * The next Decode of the layer makes the main stream wait spec_done(layer) before anything
+//     else, so step t+1's correction, table and attention see the finished recall, and the
+//     correction's own recall (main stream) cannot overlap the speculative one. (spec_done is one
+//     event per layer index, recorded after the layer's latest speculative work: the side stream
+//     runs in order, so it also covers every earlier batch's recall of that layer.)
+//   * Sink and window slots are written only by the main stream (append, prefill), which is also
+//     the only stream reading them.
+//   The whole step has a layer's worth of slack: the recall of layer l overlaps layers l+1.. of
+//   step t and layers ..l-1 of step t+1.
+//
+// Host round trips: in the default (gather) mode, a Decode copies its inputs in and its outputs
+// out; correction flags, selections, residency and recall job lists stay on the device, and the
+// only host decisions (when a page fills, the candidate ranges) follow from the context length,
+// which the host knows; the context-dependent values travel in the descriptor tables (device
+// memory, filled from pinned host regions by one copy per layer). So a device step of the GPU
+// runner (BeginDeviceStep .. EndDeviceStep) is recorded as an op list and its main-stream part
+// replayed as one CUDA graph (step_graph.cuh): per layer the graph waits spec_done(layer) and
+// records attended(layer) as external event nodes, and the side stream's speculative work is
+// issued directly after the graph launch, so it overlaps as described above. In a graphed step
+// the summary and offload lists always hold one item per session (null pages where no page
+// fills), so their lengths, part of the graph's key, do not change. The double-buffer recall
+// mode needs the job list on the host (one cudaMemcpyAsync per head-page): it synchronises once
+// per recall, which is the paper's method and is kept to measure it against the gather; a step
+// holding such a session is issued op by op.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cuda/device_memory.cuh"
+#include "cuda/step_graph.cuh"
+#include "engine/DeviceEngine.h"
+#include "engine/Engine.h"
+#include "recall.cuh"
+
+namespace freekv::cuda {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kGatherBlocks = 8;  // SMs the recall uses (8 of 132 reach the PCIe link)
+
+// Counters kept on the device (atomics in the kernels), read by GetStats.
+enum DeviceCounter { kSelected = 0, kHits = 1, kMisses = 2, kCorrections = 3, kNumCounters = 4 };
+
+struct LayerTier {
+  bool dense = false;
+  int64_t tokens = 0;
+  int pool_slots = 0;
+  DeviceArray<bf16> pool;         // NHD [pool_slots][2][P][Hkv][D]
+  DeviceArray<float> summaries;   // [capacity][Hkv][2][D]
+  DeviceArray<int> selected;      // [Hkv][K]
+  DeviceArray<int> selected_slot; // [Hkv][K]
+  DeviceArray<int> resident;      // [Hkv][K]
+  DeviceArray<int> flags;         // [Hkv]
+  DeviceArray<float> scratch;     // selection scratch
+  DeviceArray<RecallJob> jobs;    // [Hkv * K]
+  DeviceArray<int> job_count;     // [1 + Hkv]: [0] the per-item path's total, [1 + h] the batched path's per head
+  DeviceArray<float> q[2];        // [Hq][D]: q[cur] = latest query
+  int qcur = 0;
+  bool has_q = false;
+  bool first_decode = true;
+  bool selection_valid = false;   // `selected` holds a selection for the next attention
+  uint32_t record_seq = 0;        // sequence number of the layer's manifest query records
+  int last_candidates = 0;
+  // The attention table of the latest decode (introspection: LastAttendedTokens).
+  int table_rows = 0;
+  DeviceArray<int> t_slot, t_tokens, t_id, t_num;
+  bool attended_valid = false;
+  bool recall_pending = false;    // speculative recall queued (done when the engine's spec_done_[layer] is)
+  uint64_t decodes = 0;
+};
+
+struct Session {
+  Geometry geo;
+  RetrievalConfig cfg;
+  HostStore host;
+  Layout layout;
+  int P = 0, SP = 0, WP = 0, K = 0;
+  size_t page_elems = 0;  // bf16 elements of one NHD page
+  uint8_t* store_dev = nullptr;
+  uint8_t* tail_dev = nullptr;
+  uint8_t* manifest_dev = nullptr;  // the device's writes of query records (graphed steps)
+  bool store_registered = false, tail_registered = false, manifest_registered = false;
+  std::vector<std::unique_ptr<LayerTier>> layers;
+  DeviceArray<unsigned long long> counters;  // [kNumCounters]
+  Stats host_stats;                          // host-known counters
+  std::unique_ptr<DoubleBufferRecall> db;
+  ~Session() {
+    if (store_registered) cudaHostUnregister(host.store);
+    if (tail_registered) cudaHostUnregister(host.tail);
+    if (manifest_registered) cudaHostUnregister(host.manifest);
+  }
+  bool Retrieves(const LayerTier& L) const { return !L.dense && cfg.mode != Mode::SinkWindow && K > 0; }
+  bool Speculates(const LayerTier& L) const {
+    return Retrieves(L) && (cfg.mode == Mode::FreeKV || cfg.mode == Mode::Speculative);
+  }
+  uint8_t* StoreLayerHost(int l) const { return host.store + layout.layer_stride * l; }
+  uint8_t* StoreLayerDev(int l) const { return store_dev + layout.layer_stride * l; }
+  uint8_t* TailLayerDev(int l) const { return tail_dev + layout.tail_layer_bytes * l; }
+  // Pool slot of page p while it is a sink or window (partial included) page.
+  int WorkingSlot(const LayerTier& L, int p) const { return L.dense || p < SP ? p : SP + p % WP; }
+  RecallGeometry Recall() const {
+    RecallGeometry g;
+    g.kv_heads = geo.kv_heads;
+    g.head_dim = geo.head_dim;
+    g.page_size = P;
+    g.src_page_stride = layout.page_bytes;
+    return g;
+  }
+};
+
+
+class CudaEngine final : public Engine, public DeviceEngine {
+ public:
+  explicit CudaEngine(const CudaEngineOptions& options);
+  ~CudaEngine() override;
+
+  std::string backend() const override { return "cuda"; }
+  DeviceEngine* device() override { return this; }
+
+  // Engine (CudaSession.cu, CudaPrefill.cu, CudaDecode.cu, CudaEngine.cu).
+  int CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) override;
+  void CloseSession(int session) override;
+  void Prefill(int session, int layer, const float* k, const float* v, int n) override;
+  void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
+                     float* out) override;
+  void Decode(int layer, const std::vector<DecodeItem>& items) override;
+  void Sync(int session) override;
+  Stats GetStats(int session) const override;
+  uint64_t ContextTokens(int session) const override;
+  std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const override;
+
+  // DeviceEngine (CudaDeviceStep.cu).
+  void BeginDeviceStep(const std::vector<int>& sessions) override;
+  void DecodeDevice(int layer, const float* q, const float* k, const float* v, float* out) override;
+  void EndDeviceStep() override;
+  void* DeviceStream() override;
+  StepGraph* DeviceStepGraph() override { return &graph_; }
+  DeviceStepStats GetDeviceStepStats() const override;
+
+ private:
+  Session& Find(int session) const;
+  static void CheckLayer(const Session& s, int layer);
+  static uint64_t Context(const Session& s);
+  // The CUDA backend's limits on a session's geometry, retrieval config and host store
+  // (CudaValidate.cu). Throws std::invalid_argument naming the field.
+  static void Validate(const Geometry& g, const RetrievalConfig& c, const HostStore& h);
+
+  // The manifest (Engine.h, HostStore; CudaManifest.cu).
+  static void InitManifest(Session& s);
+  static uint32_t* LayerWords(const Session& s, int layer);
+  static ManifestQueryRecord* QueryRecord(const Session& s, int layer, int r);
+  // The query state a re-attaching process needs (Engine.h, ManifestQueryRecord): written after
+  // every call of a layer, alternating between the layer's two records. q: host, [Hq][D] or null.
+  static void WriteQueryRecord(Session& s, int layer, const float* q);
+  static const ManifestQueryRecord* FindQueryRecord(const Session& s, int layer, uint64_t tokens);
+  // Called once the main stream has completed the layer's offloads.
+  static void WriteManifest(Session& s, int layer);
+  void Reattach(Session& s);
+
+  std::vector<Session*> CheckBatch(int layer, const std::vector<int>& ids) const;
+  static int BatchRows(const std::vector<Session*>& ss, int layer);
+  void SizeBatchBuffers(const Session& s0, int B, int rows);
+  void SizeDescTables(int B, int layers, int pinned_regions);
+  // `region`: the pinned descriptor region the host writes this layer's table into (a region must
+  // not be rewritten before the copy out of it has run: see SizeDescTables).
+  void DecodeCore(int layer, const std::vector<Session*>& ss, const float* dq, const float* dk, const float* dv,
+                  float* dout, const bf16* const* dpools, int region);
+  struct DescTable;
+  struct PerItemSelect;
+  // Queues a selection (heads_mask or all heads, query q, candidates [c0, c1)) with its residency
+  // diff and recall into the batched lists, or, for a double-buffer session, into `per_item`.
+  static void QueueSelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
+                                   DescTable& t, bool speculative, std::vector<PerItemSelect>& per_item);
+
+  void DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n, float* out);
+  // Selection for `heads_mask` (or all heads) with query `q` over [c0, c1), then the residency
+  // diff and the recall of the misses, all on `stream`.
+  void SelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
+                       cudaStream_t stream);
+
+  int device_;
+  bool graphs_;  // device steps become CUDA graphs (CudaEngineOptions::graphs)
+  mutable std::mutex mu_;
+  std::map<int, std::unique_ptr<Session>> sessions_;
+  int next_id_ = 1;
+  std::unique_ptr<Stream> main_, side_;
+  std::unique_ptr<Event> outputs_;
+  // Recorded on the main stream right after an attention of a direct (not graphed) decode; the
+  // side stream's speculative work of that call waits for it.
+  std::unique_ptr<Event> attended_direct_;
+  // The device step's op list and its cached CUDA graphs (step_graph.cuh).
+  StepGraph graph_;
+  // Per-call buffers of the main stream (reused; grown on demand after a main-stream sync).
+  PinnedBuffer pin_in_, pin_out_, pin_jobs_;
+  DeviceArray<uint8_t> dev_in_;
+  DeviceArray<float> dev_out_;
+  DeviceArray<uint8_t> workspace_;
+  DeviceArray<int> batch_table_;
+  DeviceArray<bf16> prefill_pages_;
+  DeviceArray<float> prefill_f32_;
+  DeviceArray<RecallJob> prefill_jobs_;
+  DeviceArray<int> prefill_job_count_;
+  // The open device step (BeginDeviceStep .. EndDeviceStep): its sessions, the layers queued so
+  // far, and its pointer table on the device: the pools of every (layer, item), then the payloads
+  // of the manifest query records each layer's queries are scattered into (mapped host memory;
+  // the host writes the records' headers after the step's wait).
+  bool step_open_ = false;
+  std::thread::id step_thread_;
+  // Engine calls from other threads wait here while a step is open (LockOutsideStep).
+  mutable std::condition_variable step_cv_;
+  // Locks the engine outside an open device step: calls from another thread wait for the step to
+  // end (their work would otherwise run before the step's queued work, or free memory it uses);
+  // from the step's own thread the wait would never end, so that is an error.
+  std::unique_lock<std::mutex> LockOutsideStep(const char* what) const {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (step_open_ && step_thread_ == std::this_thread::get_id())
+      throw std::logic_error(std::string(what) + ": a device step is open (BeginDeviceStep without EndDeviceStep)");
+    step_cv_.wait(lock, [&] { return !step_open_; });
+    return lock;
+  }
+  std::vector<int> step_sessions_;
+  int step_layers_done_ = 0;
+  PinnedBuffer step_ptrs_pin_;
+  DeviceArray<uint8_t> step_ptrs_;
+  // Descriptor tables of the batched launches (DescTable): pinned regions the host fills (one per
+  // layer of a device step; region 0 for Decode) and one device region per layer index, each of
+  // desc_bytes_ for batches of up to desc_cap_ items.
+  int desc_cap_ = 0;
+  size_t desc_bytes_ = 0;
+  PinnedBuffer desc_pin_;
+  DeviceArray<uint8_t> desc_dev_;
+  // Per layer index: recorded on the side stream after the layer's latest speculative work. The
+  // next decode of the layer waits for it (the recalls, and the side-stream readers of the
+  // layer's device descriptor region, are then done).
+  std::vector<std::unique_ptr<Event>> spec_done_;
+  // Per layer index, graphed steps only: recorded (an external event node) right after the
+  // layer's attention; the side stream's speculative work of the layer, issued after the graph
+  // launch, waits for it (one per layer: the graph records all of them before that work is
+  // issued).
+  std::vector<std::unique_ptr<Event>> attended_;
+  std::vector<char> spec_recorded_;
+};
+
+// Registers a shared segment for mapped device access; an already registered range is used as is.
+uint8_t* RegisterMapped(uint8_t* p, size_t bytes, bool& registered, const char* what);
+
+}  // namespace freekv::cuda
