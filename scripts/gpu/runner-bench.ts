@@ -17,7 +17,7 @@
  * Budget: 512 sink + 1024 selected + 512 window tokens, pages of 32 (the issue's defaults).
  *
  *   node .gpu/runner-bench.mjs [--dir /tmp/freekv-8b] [--layers 32] [--points 1:32768,4:32768,16:8192]
- *                              [--modes freekv,oracle,dense] [--steps 16] [--out DIR]
+ *                              [--modes freekv,oracle,dense] [--steps 16] [--out DIR] [--side-timing]
  */
 import { execSync } from "node:child_process";
 import { existsSync, mkdirSync, statfsSync, writeFileSync } from "node:fs";
@@ -40,6 +40,8 @@ const { values: args } = parseArgs({
     modes: { type: "string", default: "freekv,oracle,dense" },
     steps: { type: "string", default: "16" },
     out: { type: "string", default: process.env.OUT ?? "." },
+    /** The engine's side-stream timing diagnostic (EngineOptions.sideTiming). */
+    "side-timing": { type: "boolean", default: false },
   },
 });
 const LAYERS = Number(args.layers);
@@ -157,7 +159,8 @@ interface Point { batch: number; context: number; mode: string; floorMs?: number
 async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, model: Model, batch: number, context: number, mode: string): Promise<Point> {
   const geo = { layers: LAYERS, qHeads: HQ, kvHeads: HKV, headDim: D, kvDtype: KvDType.BF16 };
   const sessions: LocalSession[] = [];
-  // "<mode>-direct": the same mode with every op of a step launched directly (FREEKV_CUDA_GRAPH=0).
+  // "<mode>-direct": the same mode with every op of a step launched directly (an engine with
+  // cudaGraphs: false, passed in by the caller).
   // "<mode>-serial": every step followed by a wait for both streams (the speculative recall of the
   // step included) inside its timing; its logits must equal the pipelined run's bit for bit.
   const serial = mode.endsWith("-serial");
@@ -176,7 +179,6 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     const times: number[] = [];
     const stepLogits: Float32Array[] = [];
     const warm = 3;
-    if (direct) process.env.FREEKV_CUDA_GRAPH = "0";
     const g0 = engine.deviceStepStats();
     // FREEKV_PROFILE_STEPS=n: the first n timed steps of the first point inside a profiler
       // collection range (run under `ncu --profile-from-start off` for per-kernel device times).
@@ -219,7 +221,6 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
       point.sameAs = `${diffs === 0 ? "identical to" : `${diffs} logits differ from`} ${prev.mode} over ${Math.min(prev.logits.length, stepLogits.length)} steps`;
     } else logitsOf.set(key, { mode, logits: stepLogits });
     const g1 = engine.deviceStepStats();
-    delete process.env.FREEKV_CUDA_GRAPH;
     const perStep = (k: keyof DeviceStepStats) => ((g1[k] - g0[k]) / Math.max(1, g1.steps - g0.steps)).toFixed(2);
     point.graph = `timed steps: ${g1.replays - g0.replays} graph replays, ${g1.captures - g0.captures + g1.updates - g0.updates} captured, ${g1.direct - g0.direct} direct of ${g1.steps - g0.steps} (${g1.ops} ops a step); per step: host ${perStep("hostMs")} ms, device ${perStep("deviceMs")} ms; after issue: side-stream issue ${perStep("sideIssueMs")}, wait ${perStep("waitMs")}, bookkeeping ${perStep("finishMs")}, logits copy ${perStep("resultMs")} ms` +
       (g1.sideSteps > g0.sideSteps ? `; side stream ${((g1.sideMs - g0.sideMs) / (g1.sideSteps - g0.sideSteps)).toFixed(2)} ms a step (${g1.sideSteps - g0.sideSteps} steps)` : "");
@@ -258,7 +259,6 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
   } catch (e) {
     point.error = (e as Error).message;
   } finally {
-    delete process.env.FREEKV_CUDA_GRAPH;
     for (const s of sessions) await s.close();
   }
   return point;
@@ -290,15 +290,23 @@ if (!existsSync(join(args.dir!, "config.json"))) {
   log(`wrote ${args.dir} in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
 }
 const spec = parseModelConfig(JSON.parse((await import("node:fs")).readFileSync(join(args.dir!, "config.json"), "utf8")));
-const engine = new addon.Engine({ backend: "cuda" });
+const sideTiming = args["side-timing"]!;
+const engine = new addon.Engine({ backend: "cuda", sideTiming });
 const t1 = performance.now();
 const model = await addon.Model.load({ config: spec.native, tensors: collectTensorRefs(args.dir!, spec.native), engine });
 log(`Model.load: ${((performance.now() - t1) / 1000).toFixed(1)} s; device ${model.device}`);
+// "-direct" modes: a second engine with graphs off and the model loaded on it (when asked for).
+let direct: { engine: Engine; model: Model } | undefined;
+if (modes.some((m) => m.endsWith("-direct"))) {
+  const e = new addon.Engine({ backend: "cuda", cudaGraphs: false, sideTiming });
+  direct = { engine: e, model: await addon.Model.load({ config: spec.native, tensors: collectTensorRefs(args.dir!, spec.native), engine: e }) };
+}
 
 const results: Point[] = [];
 for (const p of points)
   for (const mode of modes) {
-    const r = await timePoint(addon, engine, model, p.batch, p.context, mode);
+    const on = mode.endsWith("-direct") ? direct! : { engine, model };
+    const r = await timePoint(addon, on.engine, on.model, p.batch, p.context, mode);
     results.push(r);
     log(
       `b${r.batch} ctx ${r.context} ${r.mode}: ` +

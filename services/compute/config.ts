@@ -15,6 +15,10 @@ export const computeConfigSchema = z.object({
   /** CPU worker threads of the engine; 0 = all cores. */
   FREEKV_THREADS: nonNegativeInt(0),
   FREEKV_CUDA_DEVICE: nonNegativeInt(0),
+  /** FREEKV_BACKEND=cuda: the GPU model runner's decode steps become CUDA graphs (off: every op issued directly). */
+  FREEKV_CUDA_GRAPH: flag(true),
+  /** FREEKV_BACKEND=cuda, a diagnostic: time each graphed step's side-stream work (the host waits for it before the next step). */
+  FREEKV_SIDE_TIMING: flag(false),
   /** Weight type of the GPU model runner (FREEKV_BACKEND=cuda): auto = bf16 unless the checkpoint is all F32. */
   FREEKV_DEVICE_WEIGHTS: z.enum(["auto", "bf16", "f32"], { message: 'must be "auto", "bf16" or "f32"' }).default("auto"),
   /** Default max context of a session when the request leaves it 0. */

@@ -51,7 +51,13 @@ export function createEngine(config: ComputeConfig, log: Logger): Engine | undef
     }
   }
   try {
-    return new addon.Engine({ backend: config.FREEKV_BACKEND, threads: config.FREEKV_THREADS || undefined, device: config.FREEKV_CUDA_DEVICE });
+    return new addon.Engine({
+      backend: config.FREEKV_BACKEND,
+      threads: config.FREEKV_THREADS || undefined,
+      device: config.FREEKV_CUDA_DEVICE,
+      cudaGraphs: config.FREEKV_CUDA_GRAPH,
+      sideTiming: config.FREEKV_SIDE_TIMING,
+    });
   } catch (e) {
     throw new StartupError(`FREEKV_BACKEND=${config.FREEKV_BACKEND}: cannot create the engine: ${(e as Error).message}`);
   }

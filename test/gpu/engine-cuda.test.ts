@@ -9,7 +9,6 @@ import { CASES, cudaStatus, explainSelectionDifference, runCase } from "./cases.
 import { ranges, ReferenceLayer, type PolicyConfig } from "../unit/reference/policy.js";
 import { topK } from "../unit/reference/selection.js";
 import { prng } from "../helpers/prng.js";
-import { prng } from "../helpers/prng.js";
 
 const status = cudaStatus();
 const title = status.available ? `CUDA engine vs CPU engine on ${status.reason}` : `CUDA engine vs CPU engine (skipped: ${status.reason})`;
@@ -31,14 +30,17 @@ describe.skipIf(!status.available)(title, () => {
     const { createLocalSession, modelGeometry } = await import("../../services/compute/model/localHost.js");
     const { resolveRetrieval, toNativeRetrieval } = await import("../../services/common/retrieval.js");
     const addon = loadAddon();
-    const engine = new addon.Engine({ backend: "cuda" });
-    const { model, spec } = loadModel(builtinModelDir(), { engine });
+    // The same model on two engines: graphs on (the default) and off (every op issued directly).
+    const engines = { graphs: new addon.Engine({ backend: "cuda" }), direct: new addon.Engine({ backend: "cuda", cudaGraphs: false }) };
+    const { model: graphsModel, spec } = loadModel(builtinModelDir(), { engine: engines.graphs });
+    const models = { graphs: graphsModel, direct: loadModel(builtinModelDir(), { engine: engines.direct }).model };
     const c = spec.native;
     const retrieval = { ...toNativeRetrieval(resolveRetrieval(undefined, c.layers)), sinkTokens: 64, windowTokens: 64, selectTokens: 128 };
     const rnd = prng(4242);
     const prompt = Int32Array.from({ length: 300 }, () => Math.floor(rnd() * c.vocabSize));
     const run = async (graphs: boolean) => {
-      if (!graphs) process.env.FREEKV_CUDA_GRAPH = "0";
+      const engine = graphs ? engines.graphs : engines.direct;
+      const model = graphs ? models.graphs : models.direct;
       const local = createLocalSession(engine, modelGeometry(c, KvDType.BF16), retrieval, 400);
       try {
         const out: Float32Array[] = [];
@@ -51,18 +53,19 @@ describe.skipIf(!status.available)(title, () => {
         }
         return out;
       } finally {
-        delete process.env.FREEKV_CUDA_GRAPH;
         await local.close();
       }
     };
-    const s0 = engine.deviceStepStats();
+    const s0 = engines.graphs.deviceStepStats();
     const graphed = await run(true);
-    const s1 = engine.deviceStepStats();
+    const s1 = engines.graphs.deviceStepStats();
+    const d0 = engines.direct.deviceStepStats();
     const direct = await run(false);
-    const s2 = engine.deviceStepStats();
+    const d1 = engines.direct.deviceStepStats();
     expect(s1.steps - s0.steps).toBe(24);
     expect(s1.replays - s0.replays).toBeGreaterThanOrEqual(20);
-    expect(s2.direct - s1.direct).toBe(24);
+    expect(d1.steps - d0.steps).toBe(24);
+    expect(d1.direct - d0.direct).toBe(24);
     const bytes = (a: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
     for (let i = 0; i < graphed.length; i++) expect(Buffer.compare(bytes(graphed[i]), bytes(direct[i])), `step ${i}`).toBe(0);
   }, 120_000);

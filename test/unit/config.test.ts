@@ -13,6 +13,8 @@ describe("config", () => {
     expect(c.FREEKV_BACKEND).toBe("cpu");
     expect(c.FREEKV_DECODE_BATCH_WINDOW_US).toBe(200);
     expect(c.FREEKV_COMMIT_CHECKSUMS).toBe(false);
+    expect(c.FREEKV_CUDA_GRAPH).toBe(true);
+    expect(c.FREEKV_SIDE_TIMING).toBe(false);
   });
 
   it("coerces numbers and flags, and treats empty values as unset", () => {
@@ -22,20 +24,24 @@ describe("config", () => {
     expect(k.FREEKV_KVSTORE_CAPACITY_BYTES).toBe(0);
     expect(k.FREEKV_DIRECTORY).toBe("redis://127.0.0.1:6379/2");
     expect(parseConfig(kvstoreConfigSchema, { FREEKV_KVSTORE_PERSIST: "off" }).FREEKV_KVSTORE_PERSIST).toBe(false);
+    const g = parseConfig(computeConfigSchema, { FREEKV_CUDA_GRAPH: "0", FREEKV_SIDE_TIMING: "on" });
+    expect(g.FREEKV_CUDA_GRAPH).toBe(false);
+    expect(g.FREEKV_SIDE_TIMING).toBe(true);
   });
 
   it("names every bad variable with its value", () => {
     let err: unknown;
     try {
-      parseConfig(computeConfigSchema, { FREEKV_COMPUTE_PORT: "http", FREEKV_BACKEND: "gpu", FREEKV_THREADS: "1.5" });
+      parseConfig(computeConfigSchema, { FREEKV_COMPUTE_PORT: "http", FREEKV_BACKEND: "gpu", FREEKV_THREADS: "1.5", FREEKV_CUDA_GRAPH: "maybe" });
     } catch (e) {
       err = e;
     }
     expect(err).toBeInstanceOf(ConfigError);
     const problems = (err as ConfigError).problems;
-    expect(problems).toHaveLength(3);
+    expect(problems).toHaveLength(4);
     expect(problems.find((p) => p.startsWith('FREEKV_COMPUTE_PORT="http"'))).toBeDefined();
     expect(problems.find((p) => p.startsWith('FREEKV_BACKEND="gpu"'))).toBeDefined();
     expect(problems.find((p) => p.startsWith('FREEKV_THREADS="1.5"'))).toBeDefined();
+    expect(problems.find((p) => p.startsWith('FREEKV_CUDA_GRAPH="maybe"'))).toBeDefined();
   });
 });
