@@ -1,11 +1,11 @@
 // Section 3: paged decode attention (native/src/engine/cuda/attention_decode.cuh) GB/s against HBM.
 //
-// First every kernel variant against a float64 CPU reference on random inputs (several shapes:
-// D 64/128/256, G 1/2/3/4/8, pages of 8/16/32 tokens, partial last and middle pages, pages with
-// no valid token, empty head tables, one and many splits; outputs poisoned with NaN before each
-// run): max |out - ref| / max |ref| per variant, PASS below 1e-3. Then the timing cases, each
-// variant in turn: bytes = the K and V bytes the attention must read (every attended token, every
-// KV head) over the median time, against the D2D copy bandwidth measured in section 1.
+// First the kernel against a float64 CPU reference on random inputs (several shapes: D
+// 64/128/256, G 1/2/3/4/8, pages of 8/16/32 tokens, partial last and middle pages, pages with no
+// valid token, empty head tables, one and many splits; outputs poisoned with NaN before each
+// run): max |out - ref| / max |ref|, PASS below 1e-3. Then the timing cases: bytes = the K and V
+// bytes the attention must read (every attended token, every KV head) over the median time,
+// against the D2D copy bandwidth measured in section 1.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -98,12 +98,7 @@ struct AttnCase {
     p.page_size = P;
     p.max_pages = pages;
     p.scale = 1.0f / std::sqrt(float(sh.d));
-    // workspace for the largest split any variant takes
-    for (int v = 0; v < fc::DecodeAttentionVariantCount(); ++v) {
-      p.variant = v;
-      ws_bytes = std::max(ws_bytes, fc::DecodeAttentionWorkspaceBytes(p));
-    }
-    p.variant = 0;
+    ws_bytes = fc::DecodeAttentionWorkspaceBytes(p);
     if (ws_bytes) CK(cudaMalloc(&ws, ws_bytes));
   }
   void Run(cudaStream_t s) {
@@ -200,14 +195,12 @@ __global__ void GatherCeilingKernel(const bf16* const* pools, const int* slot, c
   if (x == 0x9E3779B9u) sink[0] = x;  // keeps the loads; practically never true
 }
 
-// max |out - ref| / max |ref| of one variant's run (outputs poisoned with NaN first; a
-// non-finite output gives infinity).
-double VariantError(AttnCase& c, const std::vector<double>& ref, int variant, cudaStream_t s) {
-  c.p.variant = variant;
+// max |out - ref| / max |ref| of one run (outputs poisoned with NaN first; a non-finite output
+// gives infinity).
+double RunError(AttnCase& c, const std::vector<double>& ref, cudaStream_t s) {
   CK(cudaMemsetAsync(c.out, 0xFF, sizeof(float) * ref.size(), s));  // NaN poison
   c.Run(s);
   CK(cudaStreamSynchronize(s));
-  c.p.variant = 0;
   std::vector<float> out(ref.size());
   CK(cudaMemcpy(out.data(), c.out, out.size() * 4, cudaMemcpyDeviceToHost));
   double num = 0, den = 0;
@@ -223,12 +216,8 @@ double VariantError(AttnCase& c, const std::vector<double>& ref, int variant, cu
 void RunAttention(Bench& B) {
   cudaStream_t s = B.stream;
   Json sec = Json::Obj(), cases = Json::Arr();
-  const int nv = fc::DecodeAttentionVariantCount();
-  const char* env = std::getenv("FREEKV_ATTN_VARIANT");
-  sec.Set("variant_count", nv).Set("env_variant_override", env ? Json::Str(env) : Json::Null());
-  if (env) std::cout << "[attention] FREEKV_ATTN_VARIANT=" << env << " replaces every launch's variant" << std::endl;
 
-  // (a) correctness of every variant
+  // (a) correctness
   struct Check { const char* name; AttnShape sh; int batch, pages, slots, last; std::vector<int> per_b; bool irregular; int pps; };
   const std::vector<Check> checks = {
       {"D128 G4 P32, 37/20 pages, holes, empty heads", {32, 8, 128, 32}, 2, 37, 48, 13, {37, 20}, true, 0},
@@ -241,7 +230,7 @@ void RunAttention(Bench& B) {
       {"D128 G2 P8, 40 pages", {16, 8, 128, 8}, 1, 40, 48, 5, {}, true, 0},
       {"D64 G8 P32, 33 pages", {32, 4, 64, 32}, 2, 33, 40, 32, {33, 17}, true, 0},
   };
-  std::vector<double> worst(nv, 0.0);
+  double worst = 0.0;
   Json checks_json = Json::Arr();
   for (size_t ci = 0; ci < checks.size(); ++ci) {
     const Check& ck = checks[ci];
@@ -249,34 +238,23 @@ void RunAttention(Bench& B) {
     c.Build(ck.sh, ck.batch, ck.pages, ck.slots, ck.last, ck.per_b, ck.irregular, 41 + ci, s);
     c.p.pages_per_split = ck.pps;
     const std::vector<double> ref = ReferenceFp64(c);
-    Json cj = Json::Obj(), errs = Json::Arr();
+    Json cj = Json::Obj();
     cj.Set("name", ck.name);
-    std::cout << "[attention] check " << ck.name << ":";
-    for (int v = 0; v < nv; ++v) {
-      const double e = VariantError(c, ref, v, s);
-      worst[v] = std::max(worst[v], e);
-      errs.Push(Json::Num(e));
-      std::cout << " v" << v << " " << e;
-    }
-    std::cout << std::endl;
-    cj.Set("max_rel_err", errs);
+    const double e = RunError(c, ref, s);
+    worst = std::max(worst, e);
+    std::cout << "[attention] check " << ck.name << ": " << e << std::endl;
+    cj.Set("max_rel_err", e);
     checks_json.Push(cj);
     c.Free();
   }
-  Json vcheck = Json::Arr();
-  std::string failed;
-  for (int v = 0; v < nv; ++v) {
-    const bool pass = worst[v] < kCheckTol;
-    if (!pass) failed += (failed.empty() ? "" : ", ") + std::to_string(v);
-    vcheck.Push(Json::Obj().Set("variant", v).Set("max_rel_err", worst[v]).Set("pass", Json::Bool(pass)));
-    std::printf("[attention] variant %d: max rel err %.3g vs fp64 (tolerance %.0e): %s\n", v, worst[v], kCheckTol,
-                pass ? "PASS" : "FAIL");
-  }
+  const bool pass = worst < kCheckTol;
+  std::printf("[attention] decode attention: max rel err %.3g vs fp64 (tolerance %.0e): %s\n", worst, kCheckTol,
+              pass ? "PASS" : "FAIL");
   std::fflush(stdout);
-  sec.Set("check_rel_err_vs_fp64", worst[0]).Set("check_tolerance", kCheckTol);
-  sec.Set("variant_check", vcheck).Set("check_cases", checks_json);
+  sec.Set("check_rel_err_vs_fp64", worst).Set("check_tolerance", kCheckTol).Set("check_pass", Json::Bool(pass));
+  sec.Set("check_cases", checks_json);
 
-  // (b) timing of every variant
+  // (b) timing
   struct Shape { const char* name; int batch, pages, slots; };
   std::vector<Shape> shapes = {{"budget 2048 tokens, batch 16", 16, 64, 96},
                                {"budget 2048 tokens, batch 4", 4, 64, 96},
@@ -287,13 +265,12 @@ void RunAttention(Bench& B) {
   unsigned* sink = nullptr;
   CK(cudaMalloc(&sink, sizeof(unsigned)));
   std::printf("[attention] %-30s %9s %8s %16s", "case", "MB", "floor us", "gather us (%HBM)");
-  for (int v = 0; v < nv; ++v) std::printf("   v%d us (%%HBM)", v);
-  std::printf("\n");
+  std::printf("   kernel us (%%HBM)\n");
   for (const Shape& sh : shapes) {
     AttnCase c;
     c.Build(AttnShape{}, sh.batch, sh.pages, sh.slots, AttnShape{}.P, {}, false, 50 + sh.pages, s);
     const double bytes = c.KvBytes(), floor_us = bytes / (B.hbm_gbs * 1e3);
-    Json j = Json::Obj(), vj = Json::Arr();
+    Json j = Json::Obj();
     j.Set("name", sh.name).Set("batch", sh.batch).Set("tokens_per_head", sh.pages * c.sh.P).Set("kv_bytes", bytes);
     j.Set("floor_us", floor_us);
     {
@@ -309,35 +286,23 @@ void RunAttention(Bench& B) {
       std::printf("[attention] %-30s %9.1f %8.1f %7.1f (%4.1f%%)", sh.name, bytes / 1e6, floor_us, gms * 1e3,
                   100 * bytes / gms / 1e6 / B.hbm_gbs);
     }
-    for (int v = 0; v < nv; ++v) {
-      c.p.variant = v;
+    {
       const double ms = MedianMs(s, 3, 20, [&] { c.Run(s); });
       const double gbs = bytes / ms / 1e6;
-      Json x = Json::Obj();
-      x.Set("variant", v).Set("effective_variant", fc::DecodeAttentionEffectiveVariant(c.p));
-      x.Set("ms", ms).Set("GBps", gbs).Set("fraction_of_hbm", gbs / B.hbm_gbs);
-      x.Set("pages_per_split", fc::DecodeAttentionPagesPerSplit(c.p));
-      vj.Push(x);
-      if (v == 0) {  // the default kernel keeps the section's original keys
-        j.Set("ms", ms).Set("GBps", gbs).Set("fraction_of_hbm", gbs / B.hbm_gbs);
-        j.Set("pages_per_split", fc::DecodeAttentionPagesPerSplit(c.p));
-      }
-      B.AddRow({"attention",
-                std::string("decode attention") + (v ? " v" + std::to_string(v) : std::string()) + ", " + sh.name,
-                "GB/s", gbs, B.hbm_gbs, std::to_string(ms * 1e3).substr(0, 6) + " us"});
-      std::printf(" %8.1f (%4.1f%%)", ms * 1e3, 100 * gbs / B.hbm_gbs);
+      j.Set("ms", ms).Set("GBps", gbs).Set("fraction_of_hbm", gbs / B.hbm_gbs);
+      j.Set("pages_per_split", fc::DecodeAttentionPagesPerSplit(c.p));
+      B.AddRow({"attention", std::string("decode attention, ") + sh.name, "GB/s", gbs, B.hbm_gbs,
+                std::to_string(ms * 1e3).substr(0, 6) + " us"});
+      std::printf(" %8.1f (%4.1f%%)\n", ms * 1e3, 100 * gbs / B.hbm_gbs);
       std::fflush(stdout);
     }
-    std::printf("\n");
-    c.p.variant = 0;
-    j.Set("variants", vj);
     cases.Push(j);
     c.Free();
   }
   cudaFree(sink);
   sec.Set("cases", cases);
   B.json.Set("attention", sec);
-  if (!failed.empty()) throw std::runtime_error("attention check failed for variant(s) " + failed);
+  if (!pass) throw std::runtime_error("attention check failed");
 }
 
 }  // namespace fkbench

@@ -45,13 +45,12 @@ step() {  # step NAME SECONDS COMMAND...: runs with OUT=$work/NAME, records rc a
   OUT=$work/$name timeout "$limit" "$@" > "$work/$name/stdout.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc in $((SECONDS - t0)) s (limit $limit)$( [ $rc -eq 124 ] && echo ', cut off at its limit')" >> "$summary"
-  grep -a -h -E "demo finished|  FAIL|backend|cases pass|parity checks pass|ms/step|TS\+gRPC|^Generate |variant [0-9]: max rel|\[run\] .* exit" "$work/$name/stdout.log" 2>/dev/null |
+  grep -a -h -E "demo finished|  FAIL|backend|cases pass|parity checks pass|ms/step|TS\+gRPC|^Generate |decode attention: max rel|\[run\] .* exit" "$work/$name/stdout.log" 2>/dev/null |
     tr -d '\000' | head -30 | sed "s/^/  $name: /" >> "$summary"
   pack
 }
 
 step checks "${CHECKS_S:-80}" bash .gpu/run.sh
-step checks_v2 "${CHECKS_V2_S:-50}" env FREEKV_ATTN_VARIANT=2 FREEKV_CHECK_TIMING=0 bash .gpu/run.sh
 step parity "${PARITY_S:-60}" bash scripts/gpu/parity.sh
 step runner "${RUNNER_S:-240}" bash scripts/gpu/runner-bench.sh ${RUNNER_ARGS:---points 1:32768,4:32768,16:8192 --modes freekv,speculative,dense --steps 8}
 if [ -f .gpu/services.tar.xz ]; then

@@ -414,7 +414,6 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
   // 4. Attention for the whole batch.
   DecodeAttentionParams dp;
   std::memset(&dp, 0, sizeof dp);  // padding too: the params are part of a graph's key
-  dp.variant = kDefaultDecodeAttentionVariant;
   dp.q = dq;
   dp.out = dout;
   dp.pools = dpools;

@@ -11,8 +11,7 @@
 // each block attends `pages_per_split` pages for all G = q_heads / kv_heads query heads of its
 // group, then a combine pass merges the splits. Output fp32; accumulation fp32; scale is
 // applied to q (usually 1/sqrt(head_dim)). Supported: head_dim 64/128/256, G <= 8.
-// Pages per split and the workspace size depend on the variant that runs (see below): size the
-// workspace with DecodeAttentionWorkspaceBytes of the same params.
+// Size the workspace with DecodeAttentionWorkspaceBytes of the same params.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -20,10 +19,6 @@
 #include <cstddef>
 
 namespace freekv::cuda {
-
-// The barrier-free warp kernel: fastest on every measured shape (PERF.md, "Attention variants")
-// and through the engine's CUDA correctness cases.
-constexpr int kDefaultDecodeAttentionVariant = 2;
 
 struct DecodeAttentionParams {
   const float* q = nullptr;                    // [batch][q_heads][head_dim] fp32
@@ -36,18 +31,7 @@ struct DecodeAttentionParams {
   int max_pages = 0;        // row length of the tables (upper bound on num_pages)
   float scale = 0.f;        // softmax scale applied to q.k
   int pages_per_split = 0;  // 0: chosen by the launcher to fill the GPU
-  // Kernel variant (attention_decode.cu lists them; kDefaultDecodeAttentionVariant by default).
-  // The environment variable FREEKV_ATTN_VARIANT, read once per process, replaces it for every
-  // launch when set to a variant number. A variant that does not cover the shape runs variant 0.
-  int variant = kDefaultDecodeAttentionVariant;
 };
-
-// Number of kernel variants (valid DecodeAttentionParams::variant values are 0 .. count - 1).
-int DecodeAttentionVariantCount();
-
-// The variant LaunchDecodeAttention runs for these params (environment override and fallback
-// applied). The split and the workspace size follow it.
-int DecodeAttentionEffectiveVariant(const DecodeAttentionParams& p);
 
 // Pages per split that LaunchDecodeAttention uses for these params (deterministic).
 int DecodeAttentionPagesPerSplit(const DecodeAttentionParams& p);
