@@ -1,5 +1,5 @@
-// The prefill attention's inner loop (decode has its own tiled loop in attention_decode.cu, see
-// PERF.md) and what both share (constants, the head_dim x group dispatch): one thread block
+// The prefill attention's inner loop (decode has its own warp-tiled loop in
+// attention_decode_warp.cuh, see PERF.md) and what both share (constants, the head_dim x group dispatch): one thread block
 // attends the G query heads of one KV head (GQA group) over a range of tokens, with an online
 // softmax in fp32.
 //

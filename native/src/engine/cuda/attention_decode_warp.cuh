@@ -1,6 +1,6 @@
-// Paged decode attention, warp-independent variant (flash-decoding inside the block).
+// Paged decode attention, warp-independent tiles (flash-decoding inside the block).
 //
-// Why (native/src/engine/cuda/PERF.md section 1): the tiled kernel's limit is each block's serial chain per
+// Why (native/src/engine/cuda/PERF.md section 1): a block-tiled kernel's limit is each block's serial chain per
 // 32-token tile, two block-wide barriers around a one-warp-per-head softmax: while one warp does
 // the softmax the others wait, and their next loads cannot be consumed. Here no barrier is in the
 // token loop at all: each warp walks its own tiles (tile n of the split goes to warp n % NW) and
@@ -51,8 +51,8 @@ struct Shape {
   static_assert(32 % T == 0 || PAIRS % 32 == 0, "pairs must tile the warp");
 };
 
-// grid (splits, kv_heads, batch), NW warps. Same outputs and workspace as the tiled kernel: with
-// one split the normalised output, otherwise (m, l, O) partials for the combine pass.
+// grid (splits, kv_heads, batch), NW warps. With one split the normalised output, otherwise
+// (m, l, O) partials for the combine pass.
 template <int D, int MAXG, int NW, int U, int MINB>
 __global__ void __launch_bounds__(NW * 32, MINB)
     DecodeAttentionWarpKernel(DecodeAttentionParams p, int pps, int splits, float* ws_o, float* ws_ml) {
