@@ -13,7 +13,7 @@ let seq = 0;
 
 export function localKvStore(): KvStore {
   if (store) return store;
-  const s = new KvStore(new MemoryDirectory(), Number.MAX_SAFE_INTEGER, createLogger("kvstore", "silent"));
+  const s = new KvStore(new MemoryDirectory(), Number.MAX_SAFE_INTEGER, createLogger("kvstore", "silent"), undefined, true);
   store = s;
   process.on("exit", () => s.removeAllNow());
   // An interrupted command (Ctrl-C, kill) would otherwise skip the exit handlers.

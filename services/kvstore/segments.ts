@@ -13,19 +13,20 @@ export const SEGMENT_KINDS: readonly SegmentKind[] = ["store", "staging", "tail"
 
 export type SessionSegments = Record<SegmentKind, ShmSegment>;
 
-export const segmentName = () => `/freekv-${randomBytes(16).toString("hex")}`;
+/** "/freekv-" + 128 random bits; with a tag (in-process sessions: their id) after "/freekv-". */
+export const segmentName = (tag?: string) => `/freekv-${tag ? `${tag}-` : ""}${randomBytes(16).toString("hex")}`;
 
 export function segmentSizes(l: Layout): Record<SegmentKind, number> {
   return { store: l.storeBytes, staging: 2 * l.stagingBufferBytes, tail: l.tailBytes, manifest: l.manifestBytes };
 }
 
 /** Creates all four segments (removing those already made if one fails) and initialises the manifest. */
-export function createSegments(l: Layout, layers: number): SessionSegments {
+export function createSegments(l: Layout, layers: number, tag?: string): SessionSegments {
   const { ShmSegment, initManifest } = loadShm();
   const sizes = segmentSizes(l);
   const made: Partial<SessionSegments> = {};
   try {
-    for (const k of SEGMENT_KINDS) made[k] = ShmSegment.create(segmentName(), sizes[k]);
+    for (const k of SEGMENT_KINDS) made[k] = ShmSegment.create(segmentName(tag), sizes[k]);
   } catch (e) {
     for (const s of Object.values(made)) {
       ShmSegment.unlink(s.name);

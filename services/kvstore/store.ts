@@ -38,6 +38,8 @@ export class KvStore {
     readonly capacityBytes: number,
     private readonly log: Logger,
     private readonly metrics?: KvStoreMetrics,
+    /** Segment names carry the session id (an in-process store, whose ids are its own). */
+    private readonly tagSegments = false,
   ) {}
 
   /** Serialises the calls on one session id. */
@@ -157,7 +159,7 @@ export class KvStore {
     }
     let segments: SessionSegments;
     try {
-      segments = createSegments(layout, geometry.layers);
+      segments = createSegments(layout, geometry.layers, this.tagSegments ? sessionId : undefined);
     } catch (e) {
       this.metrics?.rejected.inc({ reason: "shm" });
       throw new ServiceError(status.RESOURCE_EXHAUSTED, `cannot create shared memory for ${sessionId}: ${(e as Error).message}`);
