@@ -55,7 +55,7 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
 import { Client, credentials, Metadata, Server, ServerCredentials, type ServerDuplexStream, type ServiceDefinition, type ServiceError } from "@grpc/grpc-js";
-import { loadAddon, KvDType, type Engine, type ShmSegment } from "../native/binding.js";
+import { loadAddon, type Engine, type ShmSegment } from "../native/binding.js";
 import { DType, GroupCombine, RecallMode, RetrievalMode, SummaryKind, type RetrievalConfig, type Tensor } from "../proto/gen/freekv/v1/common.js";
 import {
   AttentionRequest,
@@ -310,7 +310,7 @@ async function runLocal(loaded: LoadedModel, engine: Engine, prompts: number[][]
   const maxContext = 32768; // FREEKV_MAX_CONTEXT_TOKENS default: the service's model sessions
   const scheduler = new DecodeScheduler(loaded.model, 64);
   const stopIds = loaded.spec.eosTokenIds.filter((t) => t < loaded.model.vocabSize);
-  const sessions: LocalSession[] = prompts.map(() => createLocalSession(engine, modelGeometry(native, engine.backend === "cuda" ? KvDType.BF16 : KvDType.F32), retrieval, maxContext));
+  const sessions: LocalSession[] = prompts.map(() => createLocalSession(engine, modelGeometry(native, engine.backend === "cuda" ? DType.D_TYPE_BFLOAT16 : DType.D_TYPE_FLOAT32), retrieval, maxContext));
   try {
     const runs = prompts.map(async (prompt, i) => {
       const trace: StreamTrace = { prompt, tokens: [], at: [], stepMs: [], batch: [] };
@@ -644,16 +644,10 @@ async function runAttentionService(tiers: Tiers, WIRE: Wire, TRANSPORT: Transpor
 async function runAttentionNative(engine: Engine, WIRE: Wire) {
   const addon = loadAddon();
   const { createHostSegments } = await import("../services/compute/fidelity/host-segments.js");
-  const geometry = { layers: ATT_LAYERS, qHeads: QH, kvHeads: KVH, headDim: HD, kvDtype: KvDType.BF16 };
+  const geometry = { layers: ATT_LAYERS, qHeads: QH, kvHeads: KVH, headDim: HD, kvDtype: DType.D_TYPE_BFLOAT16 };
   const retrieval = toNativeRetrieval(resolveRetrieval(ATT_RETRIEVAL, ATT_LAYERS));
   const capacity = Math.ceil((ATT_CONTEXT + ATT_STEPS + 64) / retrieval.pageSize) + 1;
   const segs = Array.from({ length: B }, () => createHostSegments(addon, geometry, retrieval, capacity, "overhead"));
-  // The kvstore writes the manifest header before compute maps it.
-  for (const s of segs) {
-    const h = new DataView(s.host.manifest.buffer(), 0, 16);
-    h.setUint32(0, 0x31564b46, true);
-    h.setUint32(4, ATT_LAYERS, true);
-  }
   const sessions = segs.map((s) => engine.createSession(geometry, retrieval, s.host, false));
   try {
     for (let s = 0; s < B; s++)

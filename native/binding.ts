@@ -2,14 +2,13 @@
  * The whole JavaScript <-> native contract of the `freekv` addon, typed in one place.
  * Nothing else in the project touches the raw addon: import from here.
  *
- * The addon is loaded from `native/build/Release/freekv.node` (or FREEKV_ADDON). It always has
+ * The addon is loaded from `native/build/Release/freekv.node` (or FREEKV_ADDON). Its shared-memory
+ * segments and contract functions (native/shm.ts) are also built alone as freekv_shm.node, which
+ * is what the kvstore loads. It always has
  * the CPU backend; when it was built with nvcc it also has the CUDA backend, which reports
  * "no CUDA device" cleanly on machines without one (`backendInfo().cuda.reason`).
  */
-import { createRequire } from "node:module";
-import { existsSync } from "node:fs";
-import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { loadNative, type Contract, type Geometry, type Retrieval, type ShmSegment, type ShmSegmentStatic } from "./shm.js";
 
 // ---------------------------------------------------------------------------------------------
 // Device probe
@@ -36,71 +35,12 @@ export interface BackendInfo {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Shared memory
+// Shared memory and the contract (native/shm.ts; numeric enums are the proto's)
 
-/** A POSIX shared-memory segment mapped into this process. */
-export interface ShmSegment {
-  readonly name: string;
-  readonly size: number;
-  /** The whole mapping as an ArrayBuffer (no copy). Detached by close(). */
-  buffer(): ArrayBuffer;
-  /** Unmaps; buffers handed out are detached. The name stays until unlink(). */
-  close(): void;
-}
-
-export interface ShmSegmentStatic {
-  /** Creates a new segment (exclusive, mode 0600). Name: "/something". */
-  create(name: string, size: number): ShmSegment;
-  /** Maps an existing segment. */
-  open(name: string): ShmSegment;
-  /** Removes the name; returns false when it did not exist. */
-  unlink(name: string): boolean;
-}
+export type { Contract, EnumNames, Geometry, ManifestState, NativeLayout, Retrieval, RetrievalError, ShmSegment, ShmSegmentStatic } from "./shm.js";
 
 // ---------------------------------------------------------------------------------------------
-// Engine (numeric enums match native/src/engine/Engine.h and freekv.v1)
-
-export const enum KvDType { F32 = 1, BF16 = 2, F16 = 3 }
-export const enum SummaryKind { MaxMin = 1, CuboidMean = 2 }
-export const enum GroupCombine { SoftmaxMean = 1, Mean = 2, Max = 3 }
-export const enum Mode { FreeKV = 1, Dense = 2, Oracle = 3, Speculative = 4, SinkWindow = 5 }
-export const enum RecallMode { Gather = 1, DoubleBuffer = 2 }
-
-export interface Geometry {
-  layers: number;
-  qHeads: number;
-  kvHeads: number;
-  headDim: number;
-  kvDtype: KvDType;
-}
-
-export interface Retrieval {
-  pageSize: number;
-  sinkTokens: number;
-  windowTokens: number;
-  selectTokens: number;
-  tau: number;
-  summary: SummaryKind;
-  combine: GroupCombine;
-  mode: Mode;
-  recall: RecallMode;
-  denseLayers: number[];
-}
-
-export interface NativeLayout {
-  headPageBytes: number;
-  pageBytes: number;
-  layerStride: number;
-  storeBytes: number;
-  stagingBufferBytes: number;
-  tailLayerBytes: number;
-  tailBytes: number;
-  manifestBytes: number;
-  /** Offset of the per-layer query records in the manifest (two per layer, see Engine.h). */
-  manifestQueryOffset: number;
-  /** Bytes of one query record (header + q[qHeads * headDim] float32). */
-  manifestQueryRecordBytes: number;
-}
+// Engine
 
 /** The kvstore's segments of one session, mapped in this process. */
 export interface HostSegments {
@@ -234,8 +174,6 @@ export interface DeviceStepStats {
 
 export interface EngineStatic {
   new (options: EngineOptions): Engine;
-  /** Byte layout of a session's segments (mirrors services/kvstore/layout.ts). */
-  layout(geometry: Geometry, retrieval: Retrieval, capacityPages: number): NativeLayout;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -325,7 +263,7 @@ export interface ModelStatic {
 
 // ---------------------------------------------------------------------------------------------
 
-export interface Addon {
+export interface Addon extends Contract {
   backendInfo(): BackendInfo;
   /** Opens (true) or closes a CUDA profiler collection range (for `ncu --profile-from-start off`); false without a CUDA device. */
   profilerRange(on: boolean): boolean;
@@ -340,20 +278,6 @@ let cached: Addon | undefined;
 
 /** Loads the addon once. Throws with the paths tried when it is not built. */
 export function loadAddon(): Addon {
-  if (cached) return cached;
-  const require = createRequire(import.meta.url);
-  const here = dirname(fileURLToPath(import.meta.url));
-  const candidates = [
-    process.env.FREEKV_ADDON,
-    // from native/ (tsx, vitest) and from dist/native/ (compiled)
-    join(here, "build", "Release", "freekv.node"),
-    join(here, "..", "..", "native", "build", "Release", "freekv.node"),
-  ].filter((p): p is string => !!p);
-  for (const p of candidates) {
-    if (existsSync(p)) {
-      cached = require(p) as Addon;
-      return cached;
-    }
-  }
-  throw new Error(`freekv native addon not found (tried ${candidates.join(", ")}); run \`npm run build:native\``);
+  cached ??= loadNative<Addon>("freekv.node", process.env.FREEKV_ADDON);
+  return cached;
 }

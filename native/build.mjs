@@ -2,7 +2,8 @@
 // (FREEKV_CUDA=0 turns it off, FREEKV_CUDA=1 makes a missing nvcc an error).
 //   1. nvcc compiles every .cu under native/src (src/cuda, src/engine/cuda, src/model/cuda;
 //      sm_90a + PTX) into build/cuda/libfreekv_cuda.a
-//   2. node-gyp builds build/Release/freekv.node, linking that archive and libcudart_static.
+//   2. node-gyp builds build/Release/freekv.node, linking that archive and libcudart_static, and
+//      build/Release/freekv_shm.node (shm segments + the contract functions: what the kvstore loads).
 import { execFileSync, spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, readdirSync, rmSync, statSync } from "node:fs";
 import { join, relative } from "node:path";
@@ -64,7 +65,7 @@ for (const step of [["configure", ...dirArgs, `--cuda=${useCuda ? 1 : 0}`, `--cu
   const r = spawnSync(process.execPath, [gyp, ...step], { cwd: here, stdio: "inherit" });
   if (r.status !== 0) process.exit(r.status ?? 1);
 }
-log("built native/build/Release/freekv.node" + (useCuda ? " (CPU + CUDA)" : " (CPU)"));
+log("built native/build/Release/freekv.node" + (useCuda ? " (CPU + CUDA)" : " (CPU)") + " and freekv_shm.node");
 
 function walk(d) {
   return readdirSync(d).flatMap((f) => (statSync(join(d, f)).isDirectory() ? walk(join(d, f)) : [join(d, f)]));

@@ -152,7 +152,7 @@ async function fidelityParity(addon: Addon, cpu: Engine, cand: Engine, candName:
   };
   const a = await run(cpu, "cpu", BF16);
   const b = await run(cand, candName, candKv);
-  const layout = addon.Engine.layout(
+  const layout = addon.layout(
     { layers: 1, qHeads: trace.qHeads, kvHeads: trace.kvHeads, headDim: trace.headDim, kvDtype: BF16 },
     { pageSize: settings.pageSize, sinkTokens: settings.sinkTokens, windowTokens: settings.windowTokens, selectTokens: settings.selectTokens, tau: settings.tau, summary: 1 as Retrieval["summary"], combine: 1 as Retrieval["combine"], mode: MODE_FREEKV, recall: 1 as Retrieval["recall"], denseLayers: [] },
     Math.ceil(geo.capacityTokens / settings.pageSize) + 1,
@@ -389,7 +389,7 @@ async function recordParity(addon: Addon, cpu: Engine, cand: Engine, candName: s
       const ids = Int32Array.from(locals.map((l) => l.session));
       for (let t = 0; t < steps; t++)
         await model.decode(ids, Int32Array.from(prompts.map((_, i) => g.continuation[(t + 5 * i) % g.continuation.length])), Int32Array.from(prompts.map((p) => p.length + t)));
-      const lay = addon.Engine.layout(geo, r, locals[0].host.capacityPages);
+      const lay = addon.layout(geo, r, locals[0].host.capacityPages);
       const out: { tokens: bigint; flags: number; seq: number; q: Float32Array }[][][] = [];
       for (const l of locals) {
         await engine.sync(l.session);

@@ -24,7 +24,9 @@ import { existsSync, mkdirSync, statfsSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { KvDType, loadAddon, type DeviceStepStats, type Engine, type Model } from "../../native/binding.js";
+import { loadAddon, type DeviceStepStats, type Engine, type Model } from "../../native/binding.js";
+import { DType } from "../../proto/gen/freekv/v1/common.js";
+import { RETRIEVAL_NAMES, retrievalDefaults, type ModeName } from "../../services/common/retrieval.js";
 import { DecodeScheduler } from "../../services/compute/generate/scheduler.js";
 import { Sampler } from "../../services/compute/generate/sampling.js";
 import { parseModelConfig } from "../../services/compute/model/config.js";
@@ -114,10 +116,8 @@ function writeModel(dir: string): void {
 
 // ---- 2. timing ------------------------------------------------------------------------------
 
-const MODES: Record<string, number> = { freekv: 1, dense: 2, oracle: 3, speculative: 4, sink_window: 5 };
-
 function retrieval(mode: string) {
-  return { pageSize: 32, sinkTokens: 512, windowTokens: 512, selectTokens: 1024, tau: 0.9, summary: 1, combine: 1, mode: MODES[mode], recall: 1, denseLayers: [] as number[] } as never;
+  return { ...retrievalDefaults(), mode: RETRIEVAL_NAMES.mode[mode as ModeName] };
 }
 
 function median(xs: number[]): number {
@@ -157,7 +157,7 @@ async function fillContext(engine: Engine, session: number, n: number, seed: num
 interface Point { batch: number; context: number; mode: string; floorMs?: number; stepMs?: number; minMs?: number; drainMs?: number; throughputMs?: number; sameAs?: string; correctionRate?: number; recallMBPerStep?: number; graph?: string; error?: string; ts?: Record<string, number> }
 
 async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, model: Model, batch: number, context: number, mode: string): Promise<Point> {
-  const geo = { layers: LAYERS, qHeads: HQ, kvHeads: HKV, headDim: D, kvDtype: KvDType.BF16 };
+  const geo = { layers: LAYERS, qHeads: HQ, kvHeads: HKV, headDim: D, kvDtype: DType.D_TYPE_BFLOAT16 };
   const sessions: LocalSession[] = [];
   // "<mode>-direct": the same mode with every op of a step launched directly (an engine with
   // cudaGraphs: false, passed in by the caller).

@@ -50,7 +50,7 @@ export async function runTiming(log: (l: string) => void, contexts = [32768], ba
       for (const [name, over] of modes) {
         const retrieval = { ...base, ...over };
         const cap = Math.ceil((context + 64) / 32) + 1;
-        const L = addon.Engine.layout(geometry, retrieval, cap);
+        const L = addon.layout(geometry, retrieval, cap);
         const engine = new addon.Engine({ backend });
         const segs: ShmSegment[] = [];
         const names: string[] = [];

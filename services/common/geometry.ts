@@ -3,7 +3,7 @@
  * naming the field, and conversion to the engine's native form.
  */
 import { DType, type ModelGeometry } from "../../proto/gen/freekv/v1/common.js";
-import type { Geometry } from "../../native/binding.js";
+import type { Geometry } from "../../native/shm.js";
 import { invalidArgument } from "./errors.js";
 
 export const MAX_LAYERS = 1024;
@@ -44,5 +44,5 @@ export function dtypeBytes(d: DType): number {
 }
 
 export function toNativeGeometry(g: ModelGeometry): Geometry {
-  return { layers: g.layers, qHeads: g.queryHeads, kvHeads: g.kvHeads, headDim: g.headDim, kvDtype: g.kvDtype as number };
+  return { layers: g.layers, qHeads: g.queryHeads, kvHeads: g.kvHeads, headDim: g.headDim, kvDtype: g.kvDtype };
 }

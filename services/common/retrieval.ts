@@ -1,59 +1,72 @@
 /**
- * Retrieval configuration of a session with the defaults of DESIGN.md section 2 (page 32,
- * sink 512, window 512, select 1024, tau 0.9, max/min summaries, softmax-mean group combine,
- * freekv mode, gather recall), validated with errors naming the field.
+ * Retrieval configuration of a session: the names of the enum values (the one table that command
+ * lines, the fidelity harness, tests and scripts use), and defaults and validation, which are the
+ * native contract's (native/src/engine/Retrieval.h and Validate.cpp, through native/shm.ts): this
+ * module only maps between the wire form (proto, 0 = unset) and the binding form.
  */
-import { GroupCombine, RecallMode, RetrievalMode, SummaryKind, type RetrievalConfig } from "../../proto/gen/freekv/v1/common.js";
-import type { Retrieval } from "../../native/binding.js";
+import { DType, GroupCombine, RecallMode, RetrievalMode, SummaryKind, type RetrievalConfig } from "../../proto/gen/freekv/v1/common.js";
+import { loadShm, type Retrieval, type RetrievalError } from "../../native/shm.js";
 import { invalidArgument } from "./errors.js";
 
-export const RETRIEVAL_DEFAULTS = {
-  pageSize: 32,
-  sinkTokens: 512,
-  windowTokens: 512,
-  selectTokens: 1024,
-  tau: 0.9,
+/** Enum value names (the proto's, without the prefix, lower case) to the proto's numbers. */
+export const RETRIEVAL_NAMES = {
+  kvDtype: { float32: DType.D_TYPE_FLOAT32, bfloat16: DType.D_TYPE_BFLOAT16, float16: DType.D_TYPE_FLOAT16 },
+  summary: { max_min: SummaryKind.SUMMARY_KIND_MAX_MIN, cuboid_mean: SummaryKind.SUMMARY_KIND_CUBOID_MEAN },
+  combine: { softmax_mean: GroupCombine.GROUP_COMBINE_SOFTMAX_MEAN, mean: GroupCombine.GROUP_COMBINE_MEAN, max: GroupCombine.GROUP_COMBINE_MAX },
+  mode: {
+    freekv: RetrievalMode.RETRIEVAL_MODE_FREEKV,
+    dense: RetrievalMode.RETRIEVAL_MODE_DENSE,
+    oracle: RetrievalMode.RETRIEVAL_MODE_ORACLE,
+    speculative: RetrievalMode.RETRIEVAL_MODE_SPECULATIVE,
+    sink_window: RetrievalMode.RETRIEVAL_MODE_SINK_WINDOW,
+  },
+  recall: { gather: RecallMode.RECALL_MODE_GATHER, double_buffer: RecallMode.RECALL_MODE_DOUBLE_BUFFER },
 } as const;
 
-export const MAX_PAGE_SIZE = 4096;
+export type ModeName = keyof typeof RETRIEVAL_NAMES.mode;
+export type RecallName = keyof typeof RETRIEVAL_NAMES.recall;
+export const MODE_NAMES = Object.keys(RETRIEVAL_NAMES.mode) as ModeName[];
 
-function enumIn<T extends number>(field: string, v: T, dflt: T, allowed: readonly number[]): T {
-  if (v === 0) return dflt;
-  if (!allowed.includes(v)) throw invalidArgument(field, `unknown value ${v}`);
-  return v;
+let defaults: Readonly<Retrieval> | undefined;
+
+/** The native table of defaults (DESIGN.md section 2: page 32, sink 512, window 512, select 1024, tau 0.9, ...). */
+export function retrievalDefaults(): Readonly<Retrieval> {
+  defaults ??= Object.freeze(loadShm().retrievalDefaults());
+  return defaults;
 }
 
-/** Fills defaults and validates; the result has every field set (tau_set = true). */
+/** The native validator's verdict on a binding-form config; null when valid. */
+export function validateRetrieval(r: Partial<Retrieval>, layers: number): RetrievalError | null {
+  return loadShm().validateRetrieval(r, layers);
+}
+
+/** The wire's name of a binding field ("denseLayers[1]" -> "dense_layers[1]"). */
+const wireField = (f: string) => f.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+
+/**
+ * Fills defaults (a proto field left 0 is unset; tau only with tau_set or non-zero) and validates
+ * with the native validator; INVALID_ARGUMENT names `<prefix>.<proto field>`. The result has every
+ * field set (tau_set = true) and the dense layers sorted.
+ */
 export function resolveRetrieval(r: RetrievalConfig | undefined, layers: number, prefix = "retrieval"): RetrievalConfig {
   const src: Partial<RetrievalConfig> = r ?? {};
-  const pageSize = src.pageSize || RETRIEVAL_DEFAULTS.pageSize;
-  if (!Number.isInteger(pageSize) || pageSize < 1 || pageSize > MAX_PAGE_SIZE) {
-    throw invalidArgument(`${prefix}.page_size`, `must be in [1, ${MAX_PAGE_SIZE}], got ${pageSize}`);
-  }
-  const tokens = (name: string, v: number | undefined, dflt: number, min: number): number => {
-    const t = v || dflt;
-    if (!Number.isInteger(t) || t < min) throw invalidArgument(`${prefix}.${name}`, `must be an integer >= ${min}, got ${t}`);
-    if (t % pageSize !== 0) throw invalidArgument(`${prefix}.${name}`, `must be a multiple of page_size (${pageSize}), got ${t}`);
-    return t;
+  const d = retrievalDefaults();
+  const native: Retrieval = {
+    pageSize: src.pageSize || d.pageSize,
+    sinkTokens: src.sinkTokens || d.sinkTokens,
+    windowTokens: src.windowTokens || d.windowTokens,
+    selectTokens: src.selectTokens || d.selectTokens,
+    tau: src.tauSet || (src.tau ?? 0) !== 0 ? (src.tau ?? 0) : d.tau,
+    summary: src.summary || d.summary,
+    combine: src.combine || d.combine,
+    mode: src.mode || d.mode,
+    recall: src.recall || d.recall,
+    denseLayers: [...(src.denseLayers ?? [])],
   };
-  const sinkTokens = tokens("sink_tokens", src.sinkTokens, RETRIEVAL_DEFAULTS.sinkTokens, 0);
-  const windowTokens = tokens("window_tokens", src.windowTokens, RETRIEVAL_DEFAULTS.windowTokens, pageSize);
-  const selectTokens = tokens("select_tokens", src.selectTokens, RETRIEVAL_DEFAULTS.selectTokens, pageSize);
-  const tau = src.tauSet || (src.tau ?? 0) !== 0 ? (src.tau ?? 0) : RETRIEVAL_DEFAULTS.tau;
-  if (!Number.isFinite(tau)) throw invalidArgument(`${prefix}.tau`, `must be finite, got ${tau}`);
-  const summary = enumIn(`${prefix}.summary`, src.summary ?? 0, SummaryKind.SUMMARY_KIND_MAX_MIN, [1, 2]);
-  const combine = enumIn(`${prefix}.combine`, src.combine ?? 0, GroupCombine.GROUP_COMBINE_SOFTMAX_MEAN, [1, 2, 3]);
-  const mode = enumIn(`${prefix}.mode`, src.mode ?? 0, RetrievalMode.RETRIEVAL_MODE_FREEKV, [1, 2, 3, 4, 5]);
-  const recall = enumIn(`${prefix}.recall`, src.recall ?? 0, RecallMode.RECALL_MODE_GATHER, [1, 2]);
-  const denseLayers = [...(src.denseLayers ?? [])];
-  const seen = new Set<number>();
-  denseLayers.forEach((l, i) => {
-    if (!Number.isInteger(l) || l < 0 || l >= layers) throw invalidArgument(`${prefix}.dense_layers[${i}]`, `must be a layer in [0, ${layers - 1}], got ${l}`);
-    if (seen.has(l)) throw invalidArgument(`${prefix}.dense_layers[${i}]`, `layer ${l} listed twice`);
-    seen.add(l);
-  });
-  denseLayers.sort((a, b) => a - b);
-  return { pageSize, sinkTokens, windowTokens, selectTokens, tau, tauSet: true, summary, combine, mode, recall, denseLayers };
+  const e = validateRetrieval(native, layers);
+  if (e) throw invalidArgument(`${prefix}.${wireField(e.field)}`, e.message);
+  native.denseLayers.sort((a, b) => a - b);
+  return { ...native, tauSet: true };
 }
 
 export function toNativeRetrieval(r: RetrievalConfig): Retrieval {
@@ -63,10 +76,10 @@ export function toNativeRetrieval(r: RetrievalConfig): Retrieval {
     windowTokens: r.windowTokens,
     selectTokens: r.selectTokens,
     tau: r.tau,
-    summary: r.summary as number,
-    combine: r.combine as number,
-    mode: r.mode as number,
-    recall: r.recall as number,
+    summary: r.summary,
+    combine: r.combine,
+    mode: r.mode,
+    recall: r.recall,
     denseLayers: [...r.denseLayers],
   };
 }

@@ -1,31 +1,32 @@
 /**
  * A session's four shared-memory segments (store, staging, tail, manifest), created by the
  * kvstore with unguessable names ("/freekv-" + 128 random bits, mode 0600 by the addon) and
- * mapped here too, so the kvstore can write the manifest header and verify commit checksums.
+ * mapped here too, so the kvstore can initialise the manifest and verify commit checksums.
  */
 import { randomBytes } from "node:crypto";
-import { loadAddon, type ShmSegment } from "../../native/binding.js";
+import { loadShm, type ShmSegment } from "../../native/shm.js";
 import type { SegmentRef } from "../../proto/gen/freekv/v1/common.js";
-import { MANIFEST_MAGIC, type Layout } from "./layout.js";
+import type { Layout } from "./layout.js";
 
 export type SegmentKind = "store" | "staging" | "tail" | "manifest";
 export const SEGMENT_KINDS: readonly SegmentKind[] = ["store", "staging", "tail", "manifest"];
 
 export type SessionSegments = Record<SegmentKind, ShmSegment>;
 
-export const segmentName = () => `/freekv-${randomBytes(16).toString("hex")}`;
+/** "/freekv-" + 128 random bits; with a tag (in-process sessions: their id) after "/freekv-". */
+export const segmentName = (tag?: string) => `/freekv-${tag ? `${tag}-` : ""}${randomBytes(16).toString("hex")}`;
 
 export function segmentSizes(l: Layout): Record<SegmentKind, number> {
   return { store: l.storeBytes, staging: 2 * l.stagingBufferBytes, tail: l.tailBytes, manifest: l.manifestBytes };
 }
 
-/** Creates all four segments (removing those already made if one fails) and writes the manifest header. */
-export function createSegments(l: Layout, layers: number): SessionSegments {
-  const { ShmSegment } = loadAddon();
+/** Creates all four segments (removing those already made if one fails) and initialises the manifest. */
+export function createSegments(l: Layout, layers: number, tag?: string): SessionSegments {
+  const { ShmSegment, initManifest } = loadShm();
   const sizes = segmentSizes(l);
   const made: Partial<SessionSegments> = {};
   try {
-    for (const k of SEGMENT_KINDS) made[k] = ShmSegment.create(segmentName(), sizes[k]);
+    for (const k of SEGMENT_KINDS) made[k] = ShmSegment.create(segmentName(tag), sizes[k]);
   } catch (e) {
     for (const s of Object.values(made)) {
       ShmSegment.unlink(s.name);
@@ -34,16 +35,13 @@ export function createSegments(l: Layout, layers: number): SessionSegments {
     throw e;
   }
   const segs = made as SessionSegments;
-  const header = new DataView(segs.manifest.buffer(), 0, 16);
-  header.setUint32(0, MANIFEST_MAGIC, true);
-  header.setUint32(4, layers, true);
-  header.setBigUint64(8, 0n, true);
+  initManifest(segs.manifest.buffer(), layers);
   return segs;
 }
 
 /** Maps segments that already exist (a kvstore restart with a persistent directory). */
 export function openSegments(refs: Record<SegmentKind, SegmentRef>): SessionSegments {
-  const { ShmSegment } = loadAddon();
+  const { ShmSegment } = loadShm();
   const opened: Partial<SessionSegments> = {};
   try {
     for (const k of SEGMENT_KINDS) {
@@ -65,7 +63,7 @@ export function refsOf(s: SessionSegments): Record<SegmentKind, SegmentRef> {
 }
 
 export function closeSegments(s: SessionSegments, unlink: boolean): void {
-  const { ShmSegment } = loadAddon();
+  const { ShmSegment } = loadShm();
   for (const k of SEGMENT_KINDS) {
     if (unlink) ShmSegment.unlink(s[k].name);
     s[k].close();
@@ -74,6 +72,6 @@ export function closeSegments(s: SessionSegments, unlink: boolean): void {
 
 /** Removes segment names (whether or not mapped here); ignores those already gone. */
 export function unlinkNames(refs: Record<SegmentKind, SegmentRef>): void {
-  const { ShmSegment } = loadAddon();
+  const { ShmSegment } = loadShm();
   for (const k of SEGMENT_KINDS) ShmSegment.unlink(refs[k].name);
 }

@@ -7,7 +7,7 @@ import { status } from "@grpc/grpc-js";
 import type { ModelGeometry, RetrievalConfig } from "../../proto/gen/freekv/v1/common.js";
 import type { AttachSessionRequest, AttachSessionResponse, CommitPagesRequest, GetStatsResponse } from "../../proto/gen/freekv/v1/kvstore.js";
 import { resolveGeometry } from "../common/geometry.js";
-import { resolveRetrieval } from "../common/retrieval.js";
+import { resolveRetrieval, toNativeRetrieval, validateRetrieval } from "../common/retrieval.js";
 import { ServiceError, failedPrecondition, invalidArgument, notFound, resourceExhausted } from "../common/errors.js";
 import type { Logger } from "../common/log.js";
 import { crc32c } from "./crc32c.js";
@@ -38,6 +38,8 @@ export class KvStore {
     readonly capacityBytes: number,
     private readonly log: Logger,
     private readonly metrics?: KvStoreMetrics,
+    /** Segment names carry the session id (an in-process store, whose ids are its own). */
+    private readonly tagSegments = false,
   ) {}
 
   /** Serialises the calls on one session id. */
@@ -114,48 +116,87 @@ export class KvStore {
       }
       const geometry = resolveGeometry(req.geometry);
       const retrieval: RetrievalConfig = resolveRetrieval(req.retrieval, geometry.layers);
-      if (!Number.isInteger(req.maxContextTokens) || req.maxContextTokens < 1) {
-        throw invalidArgument("max_context_tokens", `must be >= 1, got ${req.maxContextTokens}`);
-      }
-      const capacity = capacityPages(req.maxContextTokens, retrieval.pageSize);
-      const layout = computeLayout(geometry, retrieval, capacity);
-      const bytes = totalBytes(layout);
-      if (this.usedBytes + bytes > this.capacityBytes) {
-        this.metrics?.rejected.inc({ reason: "capacity" });
-        throw resourceExhausted(`session ${req.sessionId} needs ${bytes} bytes of shared memory; ${this.capacityBytes - this.usedBytes} of ${this.capacityBytes} are free`);
-      }
-      let segments: SessionSegments;
-      try {
-        segments = createSegments(layout, geometry.layers);
-      } catch (e) {
-        this.metrics?.rejected.inc({ reason: "shm" });
-        throw new ServiceError(status.RESOURCE_EXHAUSTED, `cannot create shared memory for ${req.sessionId}: ${(e as Error).message}`);
-      }
-      const record: SessionRecord = {
-        sessionId: req.sessionId,
-        geometry,
-        retrieval,
-        maxContextTokens: req.maxContextTokens,
-        capacityPages: capacity,
-        metadata: Buffer.from(req.metadata ?? Buffer.alloc(0)),
-        segments: refsOf(segments),
-        committedPages: new Array<number>(geometry.layers).fill(0),
-        contextTokens: 0,
-        createdAt: new Date().toISOString(),
-      };
-      try {
-        await this.directory.put(record);
-      } catch (e) {
-        closeSegments(segments, true);
-        throw new ServiceError(status.UNAVAILABLE, `session directory: ${(e as Error).message}`);
-      }
-      const l: Live = { record, segments, bytes };
-      this.live.set(req.sessionId, l);
-      this.usedBytes += bytes;
-      this.updateGauges();
-      this.log.info({ session: req.sessionId, bytes, capacityPages: capacity, segments: Object.values(record.segments).map((s) => s.name) }, "session attached");
-      return this.response(l, true);
+      return this.create(req.sessionId, geometry, retrieval, req.maxContextTokens, req.metadata);
     });
+  }
+
+  /**
+   * Attaches a session in this process, synchronously (the command line, the fidelity harness,
+   * benchmarks and tests run the kvstore in-process over the in-memory directory): like
+   * AttachSession, with a complete retrieval config (no "0 = default" fields) checked by the native
+   * validator. The caller maps the segments by name.
+   */
+  attachLocal(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number): AttachSessionResponse {
+    if (this.directory.kind !== "memory") throw new Error("attachLocal needs the in-memory directory");
+    if (!SESSION_ID_RE.test(sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+    if (this.live.has(sessionId) || this.locks.has(sessionId)) throw failedPrecondition(`session ${sessionId} is already attached`);
+    const g = resolveGeometry(geometry);
+    const e = validateRetrieval(toNativeRetrieval(retrieval), g.layers);
+    if (e) throw invalidArgument(`retrieval.${e.field}`, e.message);
+    const l = this.createLive(sessionId, g, { ...retrieval, tauSet: true }, maxContextTokens, undefined);
+    void this.directory.put(l.record);
+    return this.admit(l);
+  }
+
+  /** Unmaps and removes every session's segments now (an in-process kvstore at process exit). */
+  removeAllNow(): void {
+    for (const l of this.live.values()) closeSegments(l.segments, true);
+    this.live.clear();
+    this.usedBytes = 0;
+  }
+
+  /** A new session's segments and record (not yet live). */
+  private createLive(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array | undefined): Live {
+    if (!Number.isInteger(maxContextTokens) || maxContextTokens < 1) {
+      throw invalidArgument("max_context_tokens", `must be >= 1, got ${maxContextTokens}`);
+    }
+    const capacity = capacityPages(maxContextTokens, retrieval.pageSize);
+    const layout = computeLayout(geometry, retrieval, capacity);
+    const bytes = totalBytes(layout);
+    if (this.usedBytes + bytes > this.capacityBytes) {
+      this.metrics?.rejected.inc({ reason: "capacity" });
+      throw resourceExhausted(`session ${sessionId} needs ${bytes} bytes of shared memory; ${this.capacityBytes - this.usedBytes} of ${this.capacityBytes} are free`);
+    }
+    let segments: SessionSegments;
+    try {
+      segments = createSegments(layout, geometry.layers, this.tagSegments ? sessionId : undefined);
+    } catch (e) {
+      this.metrics?.rejected.inc({ reason: "shm" });
+      throw new ServiceError(status.RESOURCE_EXHAUSTED, `cannot create shared memory for ${sessionId}: ${(e as Error).message}`);
+    }
+    const record: SessionRecord = {
+      sessionId,
+      geometry,
+      retrieval,
+      maxContextTokens,
+      capacityPages: capacity,
+      metadata: Buffer.from(metadata ?? Buffer.alloc(0)),
+      segments: refsOf(segments),
+      committedPages: new Array<number>(geometry.layers).fill(0),
+      contextTokens: 0,
+      createdAt: new Date().toISOString(),
+    };
+    return { record, segments, bytes };
+  }
+
+  private admit(l: Live): AttachSessionResponse {
+    this.live.set(l.record.sessionId, l);
+    this.usedBytes += l.bytes;
+    this.updateGauges();
+    this.log.info({ session: l.record.sessionId, bytes: l.bytes, capacityPages: l.record.capacityPages, segments: Object.values(l.record.segments).map((s) => s.name) }, "session attached");
+    return this.response(l, true);
+  }
+
+  /** Creates a new session's segments and record; the caller holds the session's lock. */
+  private async create(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array | undefined): Promise<AttachSessionResponse> {
+    const l = this.createLive(sessionId, geometry, retrieval, maxContextTokens, metadata);
+    try {
+      await this.directory.put(l.record);
+    } catch (e) {
+      closeSegments(l.segments, true);
+      throw new ServiceError(status.UNAVAILABLE, `session directory: ${(e as Error).message}`);
+    }
+    return this.admit(l);
   }
 
   /** Commits one layer's pages, or several layers' at once (see commitPages); the layer's committed pages (the fewest with `layers`). */

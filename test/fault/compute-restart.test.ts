@@ -6,8 +6,8 @@
  * so selection, speculation and correction state all have to survive.
  */
 import { afterAll, describe, expect, it } from "vitest";
-import { loadAddon, type Engine, type ShmSegment } from "../../native/binding.js";
-import { mirrorLayout } from "../../services/kvstore/layout.js";
+import { loadAddon, type Engine } from "../../native/binding.js";
+import { attachLocalHost, type LocalHost } from "../../services/compute/model/localHost.js";
 import { resolveRetrieval, toNativeRetrieval } from "../../services/common/retrieval.js";
 import { toNativeGeometry } from "../../services/common/geometry.js";
 import { AttentionStream, f32Tensor, tensorToF32 } from "../helpers/attention-stream.js";
@@ -26,15 +26,12 @@ const ENV = { ...QUIET, FREEKV_THREADS: "2" };
 
 let tiers: Tiers | undefined;
 let second: ServiceProcess | undefined;
-const local: ShmSegment[] = [];
+const local: LocalHost[] = [];
 
 afterAll(async () => {
   await second?.stop();
   await tiers?.stop();
-  for (const s of local) {
-    addon.ShmSegment.unlink(s.name);
-    s.close();
-  }
+  for (const h of local) await h.release();
 });
 
 /** Queries that drift (adjacent cosine mostly above tau) with an occasional jump. */
@@ -64,15 +61,9 @@ describe.skipIf(!hasEngine)("compute restart", () => {
     // The uninterrupted reference: an engine in this process over its own segments.
     const retrieval = resolveRetrieval(R as never, G.layers);
     const cap = Math.ceil(MAX / R.pageSize);
-    const l = mirrorLayout(G as never, retrieval, cap);
-    const mk = (bytes: number) => {
-      const s = addon.ShmSegment.create(`/freekv-test-${process.pid}-${local.length}-${Date.now()}`, bytes);
-      local.push(s);
-      return s;
-    };
-    const host = { store: mk(l.storeBytes), staging: mk(2 * l.stagingBufferBytes), tail: mk(l.tailBytes), manifest: mk(l.manifestBytes), capacityPages: cap };
-    new DataView(host.manifest.buffer()).setUint32(0, 0x31564b46, true);
-    new DataView(host.manifest.buffer()).setUint32(4, G.layers, true);
+    const attached = attachLocalHost(toNativeGeometry(G as never), toNativeRetrieval(retrieval), cap, "restart-ref");
+    local.push(attached);
+    const host = attached.host;
     const engine: Engine = new addon.Engine({ backend: "cpu", threads: 2 });
     const ref = engine.createSession(toNativeGeometry(G as never), toNativeRetrieval(retrieval), host, false);
     for (let layer = 0; layer < G.layers; layer++) await engine.prefill(ref, layer, prefill[layer].k, prefill[layer].v, N);

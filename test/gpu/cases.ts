@@ -363,7 +363,7 @@ interface Host {
 let segCounter = 0;
 function createHost(geometry: Geometry, retrieval: Retrieval, capacityPages: number): Host {
   const addon = loadAddon();
-  const L = addon.Engine.layout(geometry, retrieval, capacityPages);
+  const L = addon.layout(geometry, retrieval, capacityPages);
   const sizes: Record<string, number> = { store: L.storeBytes, staging: 2 * L.stagingBufferBytes, tail: L.tailBytes, manifest: L.manifestBytes };
   const segs: Record<string, ShmSegment> = {};
   const names: string[] = [];
@@ -616,7 +616,7 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
       if (!reattached && sc.pagesHit + sc.pagesRecalled !== sg.pagesHit + sg.pagesRecalled)
         fail(`session ${b}: hits + recalls = ${sg.pagesHit + sg.pagesRecalled} on CUDA, ${sc.pagesHit + sc.pagesRecalled} on CPU`);
       if (engines.cuda.contextTokens(sessions.cuda[b]) !== spec.prompts[b] + spec.steps) fail(`session ${b}: contextTokens`);
-      const L = addon.Engine.layout(geometry, R(b), spec.capacityPages);
+      const L = addon.layout(geometry, R(b), spec.capacityPages);
       const ctx = spec.prompts[b] + spec.steps;
       const full = Math.floor(ctx / retrieval.pageSize);
       const sCpu = new Uint8Array(hostOf.cpu[b].segments.store.buffer());

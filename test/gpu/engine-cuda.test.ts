@@ -9,6 +9,7 @@ import { CASES, cudaStatus, explainSelectionDifference, runCase } from "./cases.
 import { ranges, ReferenceLayer, type PolicyConfig } from "../unit/reference/policy.js";
 import { topK } from "../unit/reference/selection.js";
 import { prng } from "../helpers/prng.js";
+import { DType } from "../../proto/gen/freekv/v1/common.js";
 
 const status = cudaStatus();
 const title = status.available ? `CUDA engine vs CPU engine on ${status.reason}` : `CUDA engine vs CPU engine (skipped: ${status.reason})`;
@@ -25,7 +26,7 @@ describe.skipIf(!status.available)(title, () => {
   }
 
   it("runs the GPU model runner's decode steps as CUDA graphs, bit-identical to op-by-op steps", async () => {
-    const { loadAddon, KvDType } = await import("../../native/binding.js");
+    const { loadAddon } = await import("../../native/binding.js");
     const { builtinModelDir, loadModel } = await import("../../services/compute/model/loader.js");
     const { createLocalSession, modelGeometry } = await import("../../services/compute/model/localHost.js");
     const { resolveRetrieval, toNativeRetrieval } = await import("../../services/common/retrieval.js");
@@ -41,7 +42,7 @@ describe.skipIf(!status.available)(title, () => {
     const run = async (graphs: boolean) => {
       const engine = graphs ? engines.graphs : engines.direct;
       const model = graphs ? models.graphs : models.direct;
-      const local = createLocalSession(engine, modelGeometry(c, KvDType.BF16), retrieval, 400);
+      const local = createLocalSession(engine, modelGeometry(c, DType.D_TYPE_BFLOAT16), retrieval, 400);
       try {
         const out: Float32Array[] = [];
         let last = await model.prefill(local.session, prompt, 0, false);
@@ -76,7 +77,7 @@ describe.skipIf(!status.available)(title, () => {
     const engine = new addon.Engine({ backend: "cuda" });
     const geometry = { layers: 1, qHeads: 8, kvHeads: 2, headDim: 128, kvDtype: 1 as const };
     const retrieval = { pageSize: 32, sinkTokens: 64, windowTokens: 96, selectTokens: 256, tau: 0.9, summary: 1 as const, combine: 1 as const, mode: 1 as const, recall: 1 as const, denseLayers: [] };
-    const L = addon.Engine.layout(geometry, retrieval, 8);
+    const L = addon.layout(geometry, retrieval, 8);
     const names = ["store", "staging", "tail", "manifest"].map((k) => `/fkv-gpu-f32-${process.pid}-${k}`);
     const sizes = [L.storeBytes, 2 * L.stagingBufferBytes, L.tailBytes, L.manifestBytes];
     const segs = names.map((n, i) => addon.ShmSegment.create(n, sizes[i]));
@@ -166,7 +167,7 @@ describe("near-tie judge of selection differences", () => {
 
 describe("device step statistics without a device step", () => {
   it("are all zero on the CPU engine, before and after decodes", async () => {
-    const { loadAddon, KvDType } = await import("../../native/binding.js");
+    const { loadAddon } = await import("../../native/binding.js");
     const { builtinModelDir, loadModel } = await import("../../services/compute/model/loader.js");
     const { createLocalSession, modelGeometry } = await import("../../services/compute/model/localHost.js");
     const { resolveRetrieval, toNativeRetrieval } = await import("../../services/common/retrieval.js");
@@ -174,7 +175,7 @@ describe("device step statistics without a device step", () => {
     const zero = { steps: 0, direct: 0, captures: 0, updates: 0, replays: 0, ops: 0, captureMs: 0, hostMs: 0, deviceMs: 0, sideIssueMs: 0, waitMs: 0, finishMs: 0, resultMs: 0, sideMs: 0, sideSteps: 0 };
     expect(engine.deviceStepStats()).toEqual(zero);
     const { model, spec } = loadModel(builtinModelDir(), { engine });
-    const local = createLocalSession(engine, modelGeometry(spec.native, KvDType.BF16), toNativeRetrieval(resolveRetrieval(undefined, spec.native.layers)), 64);
+    const local = createLocalSession(engine, modelGeometry(spec.native, DType.D_TYPE_BFLOAT16), toNativeRetrieval(resolveRetrieval(undefined, spec.native.layers)), 64);
     try {
       await model.prefill(local.session, Int32Array.of(1, 2, 3), 0, false);
       await model.decode(Int32Array.of(local.session), Int32Array.of(4), Int32Array.of(3));

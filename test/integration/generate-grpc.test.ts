@@ -12,7 +12,7 @@ import { Metadata, status, type ClientReadableStream, type ServiceError } from "
 import { GenerateRequest, type GenerateResponse, type GenerateFinal } from "../../proto/gen/freekv/v1/compute.js";
 import { loadModel } from "../../services/compute/model/loader.js";
 import { argmax } from "../../services/compute/generate/sampling.js";
-import { RETRIEVAL_DEFAULTS } from "../../services/common/retrieval.js";
+import { retrievalDefaults } from "../../services/common/retrieval.js";
 import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
 
 const MODEL = join(import.meta.dirname, "..", "fixtures", "models", "tiny-llama3");
@@ -119,7 +119,7 @@ describe("Generate over gRPC", () => {
     // that fills no page and one that fills `fills`; the difference in the kvstore's accepted
     // commits is one per fill (not one per fill and layer), whatever else a request commits.
     const commits = async () => metricValue(await fetchMetrics(tiers.kvstore.metricsPort), "freekv_kvstore_commits_total") ?? 0;
-    const P = RETRIEVAL_DEFAULTS.pageSize; // the sessions take the default retrieval
+    const P = retrievalDefaults().pageSize; // the sessions take the default retrieval
     const prompt = golden.prompt.slice(0, 5);
     const delta = async (id: string, maxTokens: number) => {
       await unary(client, "createSession", { sessionId: id, kind: 1 });

@@ -8,7 +8,8 @@
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { loadAddon, GroupCombine, Mode, RecallMode, SummaryKind, type Engine, type Model, type Retrieval } from "../../native/binding.js";
+import { loadAddon, type Engine, type Model, type Retrieval } from "../../native/binding.js";
+import { RETRIEVAL_NAMES } from "../../services/common/retrieval.js";
 import { loadModel } from "../../services/compute/model/loader.js";
 import { createLocalSession, modelGeometry } from "../../services/compute/model/localHost.js";
 import type { Golden } from "../helpers/golden.js";
@@ -49,7 +50,7 @@ async function greedy(model: Model, session: number, g: Golden) {
 }
 
 function retrieval(pageSize: number, sink: number, window: number, select: number, mode: Mode): Retrieval {
-  return { pageSize, sinkTokens: sink, windowTokens: window, selectTokens: select, tau: 0.9, summary: SummaryKind.MaxMin, combine: GroupCombine.SoftmaxMean, mode, recall: RecallMode.Gather, denseLayers: [] };
+  return { pageSize, sinkTokens: sink, windowTokens: window, selectTokens: select, tau: 0.9, summary: RETRIEVAL_NAMES.summary.max_min, combine: RETRIEVAL_NAMES.combine.softmax_mean, mode, recall: RETRIEVAL_NAMES.recall.gather, denseLayers: [] };
 }
 
 for (const name of ["tiny-llama3", "tiny-qwen2"]) {
@@ -105,13 +106,13 @@ for (const name of ["tiny-llama3", "tiny-qwen2"]) {
       }
 
       it("engine dense mode gives the same continuation", async () => {
-        const { tokens } = await run(retrieval(16, 32, 32, 64, Mode.Dense));
+        const { tokens } = await run(retrieval(16, 32, 32, 64, RETRIEVAL_NAMES.mode.dense));
         expect(tokens).toEqual(g.continuation);
       });
 
       it("FreeKV with a budget covering the context gives the same continuation", async () => {
         const select = Math.ceil(context / 16) * 16;
-        const { tokens, stepLogits, stats } = await run(retrieval(16, 32, 32, select, Mode.FreeKV));
+        const { tokens, stepLogits, stats } = await run(retrieval(16, 32, 32, select, RETRIEVAL_NAMES.mode.freekv));
         expect(tokens).toEqual(g.continuation);
         let worst = 0;
         g.decode_steps.forEach((s, j) => (worst = Math.max(worst, maxAbsDiff(stepLogits[s], 0, g.decode_logits[j]))));
@@ -121,7 +122,7 @@ for (const name of ["tiny-llama3", "tiny-qwen2"]) {
 
       it("FreeKV with a small budget runs end to end and reports its agreement with dense", async () => {
         // page 8: ~40 full pages, of which 4 are selected, plus 2 sink and 2 window pages.
-        const { tokens, stepLogits, stats } = await run(retrieval(8, 16, 16, 32, Mode.FreeKV));
+        const { tokens, stepLogits, stats } = await run(retrieval(8, 16, 16, 32, RETRIEVAL_NAMES.mode.freekv));
         expect(tokens).toHaveLength(g.continuation.length);
         let agree = 0;
         for (let i = 0; i < tokens.length && tokens[i] === g.continuation[i]; i++) agree++;

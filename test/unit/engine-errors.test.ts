@@ -39,8 +39,8 @@ describe("engine argument errors", () => {
 
   it("layout and session geometry/config", () => {
     const E = loadAddon().Engine;
-    expect(() => E.layout({ ...g, qHeads: 3 }, r, 4)).toThrow(/geometry.qHeads/);
-    expect(() => E.layout(g, r, 0)).toThrow(/capacityPages/);
+    expect(() => loadAddon().layout({ ...g, qHeads: 3 }, r, 4)).toThrow(/geometry.qHeads/);
+    expect(() => loadAddon().layout(g, r, 0)).toThrow(/capacityPages/);
     expect(() => engine.createSession({ ...g, headDim: 0 }, r, host.segments, false)).toThrow(/geometry.headDim/);
     expect(() => engine.createSession(g, { ...r, windowTokens: 6 }, host.segments, false)).toThrow(/retrieval.windowTokens/);
     expect(() => engine.createSession(g, { ...r, sinkTokens: 3 }, host.segments, false)).toThrow(/retrieval.sinkTokens/);

@@ -10,7 +10,8 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { loadAddon, GroupCombine, Mode, RecallMode, SummaryKind } from "../../native/binding.js";
+import { loadAddon } from "../../native/binding.js";
+import { RETRIEVAL_NAMES } from "../../services/common/retrieval.js";
 import { loadModel } from "../../services/compute/model/loader.js";
 import { createLocalSession, modelGeometry } from "../../services/compute/model/localHost.js";
 import { writeSafetensors, type TensorToWrite } from "../../services/compute/model/safetensors.js";
@@ -316,7 +317,7 @@ for (const [label, shape, style, seed] of [
       const engine = new addon.Engine({ backend: "cpu", threads: 2 });
       const { model, spec } = loadModel(dir, { engine });
       expect(model.attention).toBe("engine");
-      const local = createLocalSession(engine, modelGeometry(spec.native), { pageSize: 8, sinkTokens: 8, windowTokens: 8, selectTokens: 8, tau: 0.9, summary: SummaryKind.MaxMin, combine: GroupCombine.SoftmaxMean, mode: Mode.Dense, recall: RecallMode.Gather, denseLayers: [] }, 64);
+      const local = createLocalSession(engine, modelGeometry(spec.native), { pageSize: 8, sinkTokens: 8, windowTokens: 8, selectTokens: 8, tau: 0.9, summary: RETRIEVAL_NAMES.summary.max_min, combine: RETRIEVAL_NAMES.combine.softmax_mean, mode: RETRIEVAL_NAMES.mode.dense, recall: RETRIEVAL_NAMES.recall.gather, denseLayers: [] }, 64);
       try {
         const V = shape.vocab;
         const a = await model.prefill(local.session, Int32Array.from(prompt), 0, true);

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/AddonContract.h"
 #include "engine/DeviceEngine.h"
 #include "shm/ShmSegment.h"
 
@@ -22,98 +23,6 @@ void PinShm(Napi::Value v, int delta);
 namespace {
 
 using std::to_string;
-
-// ---- argument parsing (every error names its argument) ----
-
-Napi::Object ObjectArg(const Napi::Env& env, Napi::Value v, const std::string& name) {
-  if (!v.IsObject()) throw Napi::TypeError::New(env, name + " must be an object");
-  return v.As<Napi::Object>();
-}
-
-double NumberField(const Napi::Object& o, const char* key, const std::string& path, bool* present = nullptr) {
-  auto v = o.Get(key);
-  if (v.IsUndefined()) {
-    if (present) {
-      *present = false;
-      return 0;
-    }
-    throw Napi::TypeError::New(o.Env(), path + "." + key + " is required");
-  }
-  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), path + "." + key + " must be a number");
-  if (present) *present = true;
-  return v.As<Napi::Number>().DoubleValue();
-}
-
-int IntField(const Napi::Object& o, const char* key, const std::string& path, int lo, int hi, bool optional = false,
-             int dflt = 0) {
-  bool present = true;
-  const double d = NumberField(o, key, path, optional ? &present : nullptr);
-  if (!present) return dflt;
-  if (!std::isfinite(d) || std::floor(d) != d || d < lo || d > hi)
-    throw Napi::RangeError::New(o.Env(), path + "." + key + " must be an integer in [" + to_string(lo) + ", " + to_string(hi) + "]");
-  return static_cast<int>(d);
-}
-
-bool BoolField(const Napi::Object& o, const char* key, const std::string& path, bool dflt) {
-  auto v = o.Get(key);
-  if (v.IsUndefined()) return dflt;
-  if (!v.IsBoolean()) throw Napi::TypeError::New(o.Env(), path + "." + key + " must be a boolean");
-  return v.As<Napi::Boolean>().Value();
-}
-
-int IntArg(const Napi::CallbackInfo& info, size_t i, const std::string& name, int lo = 0, int hi = 1 << 30) {
-  if (info.Length() <= i || !info[i].IsNumber()) throw Napi::TypeError::New(info.Env(), name + " must be a number");
-  const double d = info[i].As<Napi::Number>().DoubleValue();
-  if (!std::isfinite(d) || std::floor(d) != d || d < lo || d > hi)
-    throw Napi::RangeError::New(info.Env(), name + " must be an integer in [" + to_string(lo) + ", " + to_string(hi) + "]");
-  return static_cast<int>(d);
-}
-
-Geometry ParseGeometry(const Napi::Env& env, Napi::Value v) {
-  auto o = ObjectArg(env, v, "geometry");
-  Geometry g;
-  g.layers = IntField(o, "layers", "geometry", 1, 4096);
-  g.q_heads = IntField(o, "qHeads", "geometry", 1, 1024);
-  g.kv_heads = IntField(o, "kvHeads", "geometry", 1, 1024);
-  g.head_dim = IntField(o, "headDim", "geometry", 1, 1024);
-  g.kv_dtype = static_cast<DType>(IntField(o, "kvDtype", "geometry", 1, 3, true, 1));
-  if (g.q_heads % g.kv_heads != 0) throw Napi::RangeError::New(env, "geometry.qHeads must be a multiple of geometry.kvHeads");
-  return g;
-}
-
-RetrievalConfig ParseRetrieval(const Napi::Env& env, Napi::Value v) {
-  auto o = ObjectArg(env, v, "retrieval");
-  RetrievalConfig c;
-  const std::string p = "retrieval";
-  c.page_size = IntField(o, "pageSize", p, 1, 4096, true, c.page_size);
-  c.sink_tokens = IntField(o, "sinkTokens", p, 0, 1 << 26, true, c.sink_tokens);
-  c.window_tokens = IntField(o, "windowTokens", p, 1, 1 << 26, true, c.window_tokens);
-  c.select_tokens = IntField(o, "selectTokens", p, 0, 1 << 26, true, c.select_tokens);
-  bool has_tau = false;
-  const double tau = NumberField(o, "tau", p, &has_tau);
-  if (has_tau) {
-    if (!std::isfinite(tau)) throw Napi::RangeError::New(env, "retrieval.tau must be finite");
-    c.tau = static_cast<float>(tau);
-  }
-  c.summary = static_cast<SummaryKind>(IntField(o, "summary", p, 1, 2, true, static_cast<int>(c.summary)));
-  c.combine = static_cast<GroupCombine>(IntField(o, "combine", p, 1, 3, true, static_cast<int>(c.combine)));
-  c.mode = static_cast<Mode>(IntField(o, "mode", p, 1, 5, true, static_cast<int>(c.mode)));
-  c.recall = static_cast<RecallMode>(IntField(o, "recall", p, 1, 2, true, static_cast<int>(c.recall)));
-  auto dl = o.Get("denseLayers");
-  if (!dl.IsUndefined()) {
-    if (!dl.IsArray()) throw Napi::TypeError::New(env, "retrieval.denseLayers must be an array of layer indices");
-    auto a = dl.As<Napi::Array>();
-    for (uint32_t i = 0; i < a.Length(); ++i) {
-      auto e = a.Get(i);
-      if (!e.IsNumber()) throw Napi::TypeError::New(env, "retrieval.denseLayers[" + to_string(i) + "] must be a number");
-      const double d = e.As<Napi::Number>().DoubleValue();
-      if (std::floor(d) != d || d < 0 || d > 4095)
-        throw Napi::RangeError::New(env, "retrieval.denseLayers[" + to_string(i) + "] must be a layer index");
-      c.dense_layers.push_back(static_cast<int>(d));
-    }
-  }
-  return c;
-}
 
 // A Float32Array of exactly `expect` elements, copied.
 std::vector<float> FloatsArg(const Napi::Env& env, Napi::Value v, const std::string& name, size_t expect) {
@@ -233,7 +142,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
 
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "Engine",
-                       {StaticMethod("layout", &AddonEngine::Layout), InstanceAccessor("backend", &AddonEngine::Backend, nullptr),
+                       {InstanceAccessor("backend", &AddonEngine::Backend, nullptr),
                         InstanceMethod("createSession", &AddonEngine::CreateSession),
                         InstanceMethod("closeSession", &AddonEngine::CloseSession),
                         InstanceMethod("prefill", &AddonEngine::Prefill),
@@ -288,27 +197,6 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     std::vector<Napi::ObjectReference> segments;  // store, staging, tail, manifest
   };
 
-  static Napi::Value Layout(const Napi::CallbackInfo& info) {
-    auto env = info.Env();
-    const auto g = ParseGeometry(env, info.Length() > 0 ? info[0] : env.Undefined());
-    const auto c = ParseRetrieval(env, info.Length() > 1 ? info[1] : env.Undefined());
-    const int cap = IntArg(info, 2, "capacityPages", 1, 1 << 30);
-    const auto l = ComputeLayout(g, c, cap);
-    auto o = Napi::Object::New(env);
-    auto num = [&](const char* k, size_t v) { o.Set(k, Napi::Number::New(env, static_cast<double>(v))); };
-    num("headPageBytes", l.head_page_bytes);
-    num("pageBytes", l.page_bytes);
-    num("layerStride", l.layer_stride);
-    num("storeBytes", l.store_bytes);
-    num("stagingBufferBytes", l.staging_buffer_bytes);
-    num("tailLayerBytes", l.tail_layer_bytes);
-    num("tailBytes", l.tail_bytes);
-    num("manifestBytes", l.manifest_bytes);
-    num("manifestQueryOffset", l.manifest_query_offset);
-    num("manifestQueryRecordBytes", l.manifest_query_record_bytes);
-    return o;
-  }
-
   Napi::Value Backend(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), backend_); }
 
   const SessionInfo& SessionArg(const Napi::CallbackInfo& info, size_t i, const std::string& name = "session") {
@@ -328,7 +216,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
   Napi::Value CreateSession(const Napi::CallbackInfo& info) {
     auto env = info.Env();
     const auto g = ParseGeometry(env, info.Length() > 0 ? info[0] : env.Undefined());
-    const auto c = ParseRetrieval(env, info.Length() > 1 ? info[1] : env.Undefined());
+    const auto c = ParseValidRetrieval(env, info.Length() > 1 ? info[1] : env.Undefined(), g.layers);
     auto ho = ObjectArg(env, info.Length() > 2 ? info[2] : env.Undefined(), "host");
     if (info.Length() < 4 || !info[3].IsBoolean()) throw Napi::TypeError::New(env, "reattach must be a boolean");
     const bool reattach = info[3].As<Napi::Boolean>().Value();

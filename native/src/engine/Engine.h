@@ -14,48 +14,17 @@
 #include <string>
 #include <vector>
 
+#include "engine/Budget.h"
+#include "engine/Layout.h"
+#include "engine/Manifest.h"
+#include "engine/Retrieval.h"
+
 namespace freekv {
 class DeviceEngine;
 
-enum class DType : int { F32 = 1, BF16 = 2, F16 = 3 };
-enum class SummaryKind : int { MaxMin = 1, CuboidMean = 2 };
-enum class GroupCombine : int { SoftmaxMean = 1, Mean = 2, Max = 3 };
-enum class Mode : int { FreeKV = 1, Dense = 2, Oracle = 3, Speculative = 4, SinkWindow = 5 };
-enum class RecallMode : int { Gather = 1, DoubleBuffer = 2 };
-
-inline size_t DTypeBytes(DType t) { return t == DType::F32 ? 4 : 2; }
-
-struct Geometry {
-  int layers = 0;
-  int q_heads = 0;
-  int kv_heads = 0;
-  int head_dim = 0;
-  DType kv_dtype = DType::F32;  // storage type of K/V (device tier and host store)
-};
-
-struct RetrievalConfig {
-  int page_size = 32;
-  int sink_tokens = 512;
-  int window_tokens = 512;
-  int select_tokens = 1024;
-  float tau = 0.9f;
-  SummaryKind summary = SummaryKind::MaxMin;
-  GroupCombine combine = GroupCombine::SoftmaxMean;
-  Mode mode = Mode::FreeKV;
-  RecallMode recall = RecallMode::Gather;
-  std::vector<int> dense_layers;
-};
-
-// The host tier of one session: the kvstore's shared segments, mapped in this process.
-// Layout (bytes), matching freekv.v1.SegmentLayout:
-//   store:    [layers][capacity_pages] HND pages; page = [kv_heads][2 (K,V)][page_size][head_dim]
-//   staging:  two buffers of staging_buffer_bytes (double-buffered recall)
-//   tail:     [layers] NHD partial page = [page_size][2 (K,V)][kv_heads][head_dim], written
-//             through every step so a restarted compute loses nothing
-//   manifest: ManifestHeader then per layer uint32 committed full pages, uint32 tail tokens;
-//             then (at Layout::manifest_query_offset) per layer two ManifestQueryRecords of
-//             Layout::manifest_query_record_bytes each (record header + float q[q_heads][head_dim]).
-//             The engine writes all of it; the kvstore only initialises the header and reads.
+// The host tier of one session: the kvstore's shared segments, mapped in this process, laid
+// out as engine/Layout.h and engine/Manifest.h define. The engine writes all of them; the kvstore
+// only initialises the manifest and reads it.
 struct HostStore {
   uint8_t* store = nullptr;
   size_t store_bytes = 0;
@@ -67,27 +36,6 @@ struct HostStore {
   size_t manifest_bytes = 0;
   int capacity_pages = 0;
 };
-
-struct ManifestHeader {
-  uint32_t magic;  // 'FKV1' = 0x31564b46
-  uint32_t layers;
-  uint64_t context_tokens;  // tokens appended to every layer so far
-};
-constexpr uint32_t kManifestMagic = 0x31564b46u;
-
-// The query state a re-attaching process needs to continue with identical outputs: the last
-// query of a layer (for the speculative selection that was in flight and for the correction's
-// cosine) and whether the next decode is the first after a prefill. Two records per layer are
-// written alternately, so a process that died in the middle of a step still finds the record
-// that matches the context every layer completed.
-struct ManifestQueryRecord {
-  uint64_t tokens;  // the layer's tokens after the call that wrote this record
-  uint32_t flags;   // kQueryValid | kFirstDecodePending
-  uint32_t seq;     // write sequence number of this layer's records
-  // followed by float q[q_heads * head_dim]
-};
-constexpr uint32_t kQueryValid = 1u;
-constexpr uint32_t kFirstDecodePending = 2u;
 
 // Per-session counters (summed over layers). Mirrors freekv.v1.RetrievalStats.
 struct Stats {
@@ -175,20 +123,5 @@ class Engine {
 // before reading them (so a recall that did not wait would overwrite them under attention).
 std::unique_ptr<Engine> MakeCpuEngine(int threads, int debug_recall_delay_us = 0, int debug_attend_delay_us = 0);
 // MakeCudaEngine: DeviceEngine.h.
-
-// Layout helpers shared by the kvstore sizing (TS mirrors these in services/kvstore/layout.ts).
-struct Layout {
-  size_t head_page_bytes;  // [2][P][D]
-  size_t page_bytes;       // [Hkv][2][P][D]
-  size_t layer_stride;     // capacity_pages * page_bytes
-  size_t store_bytes;
-  size_t staging_buffer_bytes;
-  size_t tail_layer_bytes;  // [P][2][Hkv][D]
-  size_t tail_bytes;
-  size_t manifest_bytes;
-  size_t manifest_query_offset;        // first ManifestQueryRecord (layer 0, record 0)
-  size_t manifest_query_record_bytes;  // one record incl. its q; layer l record r at offset + (2l + r) * this
-};
-Layout ComputeLayout(const Geometry& g, const RetrievalConfig& c, int capacity_pages);
 
 }  // namespace freekv

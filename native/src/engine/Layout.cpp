@@ -1,6 +1,8 @@
+#include "engine/Layout.h"
+
 #include <algorithm>
 
-#include "engine/Engine.h"
+#include "engine/Manifest.h"
 
 namespace freekv {
 
@@ -18,7 +20,7 @@ Layout ComputeLayout(const Geometry& g, const RetrievalConfig& c, int capacity_p
   l.staging_buffer_bytes = RoundUp(sel_pages * l.head_page_bytes * g.kv_heads, 4096);
   l.tail_layer_bytes = l.page_bytes;  // [P][2][Hkv][D] holds as many elements as one page
   l.tail_bytes = RoundUp(l.tail_layer_bytes * g.layers, 4096);
-  l.manifest_query_offset = RoundUp(sizeof(ManifestHeader) + 8ull * g.layers, 64);
+  l.manifest_query_offset = RoundUp(sizeof(ManifestHeader) + kManifestLayerBytes * g.layers, 64);
   l.manifest_query_record_bytes =
       RoundUp(sizeof(ManifestQueryRecord) + 4ull * static_cast<size_t>(g.q_heads) * g.head_dim, 64);
   l.manifest_bytes = RoundUp(l.manifest_query_offset + 2ull * g.layers * l.manifest_query_record_bytes, 4096);

@@ -7,7 +7,8 @@
  */
 import { parseArgs } from "node:util";
 import { defaultModelDir } from "../model/loader.js";
-import { LocalRunner, localRetrieval, MODES } from "../generate/local.js";
+import { MODE_NAMES } from "../../common/retrieval.js";
+import { LocalRunner, localRetrieval } from "../generate/local.js";
 import { parseTokenList } from "./logits.js";
 
 const USAGE =
@@ -17,7 +18,7 @@ const USAGE =
   "  --temperature T --top-p P --top-k K --seed S   sampling\n" +
   "  --stop-token ID      (repeatable) stop token ids; the model's EOS ids are added unless --ignore-eos\n" +
   "  --stop TEXT          (repeatable) stop strings\n" +
-  `  --mode M             ${Object.keys(MODES).join("|")} (default freekv)\n` +
+  `  --mode M             ${MODE_NAMES.join("|")} (default freekv)\n` +
   "  --page-size P --sink S --window W --select N --tau T --dense-layers 0,1   retrieval config\n" +
   "  --json               machine-readable output\n";
 

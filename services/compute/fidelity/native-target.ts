@@ -5,13 +5,10 @@
  * softmax-mean group combine, gather recall, no dense layers).
  */
 import type { Addon, Engine, Geometry, Retrieval } from "../../../native/binding.js";
+import { RETRIEVAL_NAMES, retrievalDefaults } from "../../common/retrieval.js";
 import { createHostSegments, type OwnedSegments } from "./host-segments.js";
 import type { ModeName, RetrievalSettings } from "./modes.js";
 import type { ReplayCounters, ReplayTarget } from "./replay-target.js";
-
-// Values of the const enums in native/binding.ts, kept literal so that per-file transpilers
-// (tsx, vitest) that cannot inline another file's const enum still get the numbers.
-const MODE: Record<ModeName, number> = { freekv: 1, dense: 2, oracle: 3, speculative: 4, sink_window: 5 };
 
 export interface NativeTargetOptions {
   qHeads: number;
@@ -34,17 +31,16 @@ export class NativeTarget implements ReplayTarget {
   ) {}
 
   static create(addon: Addon, engine: Engine, mode: ModeName, o: NativeTargetOptions): NativeTarget {
-    const geometry: Geometry = { layers: 1, qHeads: o.qHeads, kvHeads: o.kvHeads, headDim: o.headDim, kvDtype: (o.kvDtype === "bf16" ? 2 : 1) as Geometry["kvDtype"] };
+    const geometry: Geometry = { layers: 1, qHeads: o.qHeads, kvHeads: o.kvHeads, headDim: o.headDim, kvDtype: o.kvDtype === "bf16" ? RETRIEVAL_NAMES.kvDtype.bfloat16 : RETRIEVAL_NAMES.kvDtype.float32 };
     const retrieval: Retrieval = {
+      ...retrievalDefaults(),
       pageSize: o.settings.pageSize,
       sinkTokens: o.settings.sinkTokens,
       windowTokens: o.settings.windowTokens,
       selectTokens: o.settings.selectTokens,
       tau: o.settings.tau,
-      summary: 1 as Retrieval["summary"],
-      combine: 1 as Retrieval["combine"],
-      mode: MODE[mode] as Retrieval["mode"],
-      recall: (o.recall === "double_buffer" ? 2 : 1) as Retrieval["recall"],
+      mode: RETRIEVAL_NAMES.mode[mode],
+      recall: RETRIEVAL_NAMES.recall[o.recall ?? "gather"],
       denseLayers: [],
     };
     const capacityPages = Math.ceil(o.capacityTokens / o.settings.pageSize) + 1;

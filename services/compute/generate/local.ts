@@ -1,22 +1,13 @@
 /**
  * In-process generation for the command line and tests: a model folder, an Engine of this
- * process (CPU backend) and one session over segments made here (model/localHost.ts). When the
- * addon was built without the engine, the model's own dense attention is used and `attention`
- * says so.
+ * process (CPU backend) and one session over segments of an in-process kvstore (model/localHost.ts).
  */
-import { loadAddon, GroupCombine, Mode, RecallMode, SummaryKind, type Engine, type EngineStats, type Retrieval } from "../../../native/binding.js";
+import { loadAddon, type Engine, type EngineStats, type Retrieval } from "../../../native/binding.js";
+import { MODE_NAMES, RETRIEVAL_NAMES, retrievalDefaults, validateRetrieval, type ModeName } from "../../common/retrieval.js";
 import { loadModel, type LoadedModel } from "../model/loader.js";
 import { createLocalSession, modelGeometry, type LocalSession } from "../model/localHost.js";
 import { generate, type GenerateChunkOut, type GenerateFinalOut, type GenerateParams } from "./generation.js";
 import { DecodeScheduler } from "./scheduler.js";
-
-export const MODES: Record<string, Mode> = {
-  freekv: Mode.FreeKV,
-  dense: Mode.Dense,
-  oracle: Mode.Oracle,
-  speculative: Mode.Speculative,
-  sink_window: Mode.SinkWindow,
-};
 
 export interface RetrievalOptions {
   mode?: string;
@@ -28,29 +19,32 @@ export interface RetrievalOptions {
   denseLayers?: number[];
 }
 
-/** DESIGN.md section 2 defaults, overridden by the options; validated with named errors. */
-export function localRetrieval(o: RetrievalOptions): Retrieval {
-  const pageSize = o.pageSize ?? 32;
-  const mode = MODES[o.mode ?? "freekv"];
-  if (mode === undefined) throw new Error(`--mode must be one of ${Object.keys(MODES).join(", ")}, got ${o.mode}`);
-  const check = (name: string, v: number, min: number) => {
-    if (!Number.isInteger(v) || v < min) throw new Error(`--${name} must be an integer >= ${min}, got ${v}`);
-    if (name !== "page-size" && v % pageSize) throw new Error(`--${name} must be a multiple of --page-size (${pageSize}), got ${v}`);
-    return v;
-  };
-  check("page-size", pageSize, 1);
-  return {
-    pageSize,
-    sinkTokens: check("sink", o.sink ?? 512, 0),
-    windowTokens: check("window", o.window ?? 512, pageSize),
-    selectTokens: check("select", o.select ?? 1024, pageSize),
-    tau: o.tau ?? 0.9,
-    summary: SummaryKind.MaxMin,
-    combine: GroupCombine.SoftmaxMean,
+/** The command-line option of each retrieval field. */
+const OPTION: Record<string, string> = { pageSize: "page-size", sinkTokens: "sink", windowTokens: "window", selectTokens: "select", tau: "tau", denseLayers: "dense-layers" };
+
+/** The native defaults, overridden by the options; validated by the native validator, errors naming the option. */
+export function localRetrieval(o: RetrievalOptions, layers = 1 << 20): Retrieval {
+  const mode = RETRIEVAL_NAMES.mode[(o.mode ?? "freekv") as ModeName];
+  if (mode === undefined) throw new Error(`--mode must be one of ${MODE_NAMES.join(", ")}, got ${o.mode}`);
+  const d = retrievalDefaults();
+  const r: Retrieval = {
+    ...d,
+    pageSize: o.pageSize ?? d.pageSize,
+    sinkTokens: o.sink ?? d.sinkTokens,
+    windowTokens: o.window ?? d.windowTokens,
+    selectTokens: o.select ?? d.selectTokens,
+    tau: o.tau ?? d.tau,
     mode,
-    recall: RecallMode.Gather,
     denseLayers: o.denseLayers ?? [],
   };
+  for (const [field, v] of Object.entries({ pageSize: r.pageSize, sinkTokens: r.sinkTokens, windowTokens: r.windowTokens, selectTokens: r.selectTokens }))
+    if (!Number.isInteger(v)) throw new Error(`--${OPTION[field]} must be an integer, got ${v}`);
+  const e = validateRetrieval(r, layers);
+  if (e) {
+    const option = OPTION[e.field.replace(/\[.*$/, "")] ?? e.field;
+    throw new Error(`--${option} ${e.message.replace("the page size", "--page-size")}`);
+  }
+  return r;
 }
 
 export class LocalRunner {
@@ -61,8 +55,7 @@ export class LocalRunner {
   private nextDense = 1;
 
   constructor(dir: string, threads?: number) {
-    const addon = loadAddon();
-    this.engine = typeof (addon as { Engine?: unknown }).Engine === "function" ? new addon.Engine({ backend: "cpu", threads }) : undefined;
+    this.engine = new (loadAddon().Engine)({ backend: "cpu", threads });
     this.loaded = loadModel(dir, { engine: this.engine, threads });
     this.scheduler = new DecodeScheduler(this.loaded.model);
   }

@@ -1,39 +1,55 @@
 /**
- * An in-process host tier for the command line and the tests: the four segments of a session
- * (store, staging, tail, manifest) made here with ShmSegment.create at the sizes Engine.layout
- * gives, the manifest header written as the kvstore would, and everything unlinked on close (and
- * at process exit, for a run that is interrupted). The service instead gets its segments from
- * the kvstore process.
+ * The host tier of a session run in this process (the command line, benchmarks, tests): the
+ * session is attached to the in-process kvstore (services/kvstore/local.ts), which creates and
+ * initialises its four segments as the kvstore process would; this side maps them by name, as
+ * the compute service does, and creates the engine session over them. The service instead
+ * attaches through the kvstore process.
  */
-import { randomBytes } from "node:crypto";
-import { loadAddon, KvDType, type Engine, type Geometry, type HostSegments, type Retrieval, type ShmSegment } from "../../../native/binding.js";
-import type { ModelConfigNative } from "../../../native/binding.js";
+import { DType } from "../../../proto/gen/freekv/v1/common.js";
+import { loadAddon, type Engine, type Geometry, type HostSegments, type ModelConfigNative, type Retrieval, type ShmSegment } from "../../../native/binding.js";
+import { localKvStore, localSessionId } from "../../kvstore/local.js";
 
-const MANIFEST_MAGIC = 0x31564b46;
-const live = new Set<string>();
-let exitHook = false;
-
-function unlinkAtExit(name: string): void {
-  live.add(name);
-  if (exitHook) return;
-  exitHook = true;
-  const unlinkAll = () => {
-    const { ShmSegment } = loadAddon();
-    for (const n of live) ShmSegment.unlink(n);
-    live.clear();
-  };
-  process.on("exit", unlinkAll);
-  // An interrupted command (Ctrl-C, kill) would otherwise skip the exit handlers.
-  for (const sig of ["SIGINT", "SIGTERM"] as const) {
-    process.once(sig, () => {
-      unlinkAll();
-      process.exit(128 + (sig === "SIGINT" ? 2 : 15));
-    });
-  }
+export function modelGeometry(c: ModelConfigNative, kvDtype: DType = DType.D_TYPE_FLOAT32): Geometry {
+  return { layers: c.layers, qHeads: c.qHeads, kvHeads: c.kvHeads, headDim: c.headDim, kvDtype };
 }
 
-export function modelGeometry(c: ModelConfigNative, kvDtype: KvDType = KvDType.F32): Geometry {
-  return { layers: c.layers, qHeads: c.qHeads, kvHeads: c.kvHeads, headDim: c.headDim, kvDtype };
+export interface LocalHost {
+  host: HostSegments;
+  /** Unmaps the segments here and releases the kvstore session (idempotent). */
+  release(): Promise<void>;
+}
+
+/** Attaches a kvstore session for `capacityPages` pages and maps its segments here. */
+export function attachLocalHost(geometry: Geometry, retrieval: Retrieval, capacityPages: number, prefix = "local"): LocalHost {
+  const store = localKvStore();
+  const id = localSessionId(prefix);
+  const res = store.attachLocal(
+    id,
+    { layers: geometry.layers, queryHeads: geometry.qHeads, kvHeads: geometry.kvHeads, headDim: geometry.headDim, kvDtype: geometry.kvDtype },
+    { ...retrieval, denseLayers: [...retrieval.denseLayers], tauSet: true },
+    capacityPages * retrieval.pageSize,
+  );
+  const { ShmSegment } = loadAddon();
+  const mapped: ShmSegment[] = [];
+  let released = false;
+  const release = async () => {
+    if (released) return;
+    released = true;
+    for (const s of mapped) s.close();
+    await store.release(id);
+  };
+  try {
+    const open = (ref: { name: string } | undefined) => {
+      const s = ShmSegment.open(ref!.name);
+      mapped.push(s);
+      return s;
+    };
+    const host: HostSegments = { store: open(res.store), staging: open(res.staging), tail: open(res.tail), manifest: open(res.manifest), capacityPages: res.layout!.capacityPages };
+    return { host, release };
+  } catch (e) {
+    void release();
+    throw e;
+  }
 }
 
 export interface LocalSession {
@@ -43,50 +59,20 @@ export interface LocalSession {
   close(): Promise<void>;
 }
 
-/** Creates segments for `maxContextTokens` tokens and an engine session over them. */
+/** A kvstore session for `maxContextTokens` tokens (and one page more) and an engine session over it. */
 export function createLocalSession(engine: Engine, geometry: Geometry, retrieval: Retrieval, maxContextTokens: number): LocalSession {
-  const { ShmSegment, Engine: EngineClass } = loadAddon();
-  const capacityPages = Math.ceil(maxContextTokens / retrieval.pageSize) + 1;
-  const l = EngineClass.layout(geometry, retrieval, capacityPages);
-  const tag = randomBytes(8).toString("hex");
-  const made: ShmSegment[] = [];
-  const make = (kind: string, size: number) => {
-    const name = `/freekv-local-${process.pid}-${tag}-${kind}`;
-    const s = ShmSegment.create(name, Math.max(4096, size));
-    unlinkAtExit(name);
-    made.push(s);
-    return s;
-  };
-  const cleanup = () => {
-    for (const s of made) {
-      ShmSegment.unlink(s.name);
-      live.delete(s.name);
-      s.close();
-    }
-  };
-  let host: HostSegments;
+  const local = attachLocalHost(geometry, retrieval, Math.ceil(maxContextTokens / retrieval.pageSize) + 1);
   let session: number;
   try {
-    host = {
-      store: make("store", l.storeBytes),
-      staging: make("staging", 2 * l.stagingBufferBytes),
-      tail: make("tail", l.tailBytes),
-      manifest: make("manifest", l.manifestBytes),
-      capacityPages,
-    };
-    const header = new DataView(host.manifest.buffer(), 0, 16);
-    header.setUint32(0, MANIFEST_MAGIC, true);
-    header.setUint32(4, geometry.layers, true);
-    header.setBigUint64(8, 0n, true);
-    session = engine.createSession(geometry, retrieval, host, false);
+    session = engine.createSession(geometry, retrieval, local.host, false);
   } catch (e) {
-    cleanup();
+    void local.release();
     throw e;
   }
   let closed = false;
   return {
     session,
-    host,
+    host: local.host,
     async close() {
       if (closed) return;
       closed = true;
@@ -94,7 +80,7 @@ export function createLocalSession(engine: Engine, geometry: Geometry, retrieval
         await engine.sync(session);
         engine.closeSession(session);
       } finally {
-        cleanup();
+        await local.release();
       }
     },
   };

@@ -41,7 +41,7 @@ export interface Host {
 /** Creates the four segments of a session (or copies of another host's contents). */
 export function createHost(geometry: Geometry, retrieval: Retrieval, capacityPages: number, copyFrom?: Host): Host {
   const addon = loadAddon();
-  const L = addon.Engine.layout(geometry, retrieval, capacityPages);
+  const L = addon.layout(geometry, retrieval, capacityPages);
   const base = `/fkv-test-${process.pid}-${Date.now().toString(36)}-${counter++}`;
   const sizes = { store: L.storeBytes, staging: 2 * L.stagingBufferBytes, tail: L.tailBytes, manifest: L.manifestBytes };
   const segs: Record<string, ShmSegment> = {};

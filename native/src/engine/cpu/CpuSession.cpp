@@ -1,6 +1,5 @@
 #include "engine/cpu/CpuSession.h"
 
-#include <cmath>
 #include <stdexcept>
 #include <string>
 
@@ -36,21 +35,7 @@ void ValidateSession(const Geometry& g, const RetrievalConfig& c, const HostStor
   Require(g.head_dim >= 1 && g.head_dim <= 1024, "geometry.headDim must be in [1, 1024]");
   Require(g.kv_dtype == DType::F32 || g.kv_dtype == DType::BF16,
           "geometry.kvDtype must be F32 (1) or BF16 (2) on the CPU backend");
-  Require(c.page_size >= 1 && c.page_size <= 4096, "retrieval.pageSize must be in [1, 4096]");
-  Require(c.sink_tokens >= 0 && c.sink_tokens % c.page_size == 0,
-          "retrieval.sinkTokens must be a non-negative multiple of pageSize");
-  Require(c.window_tokens >= c.page_size && c.window_tokens % c.page_size == 0,
-          "retrieval.windowTokens must be a positive multiple of pageSize (the partial page is in the window)");
-  Require(c.select_tokens >= 0 && c.select_tokens % c.page_size == 0,
-          "retrieval.selectTokens must be a non-negative multiple of pageSize");
-  Require(std::isfinite(c.tau), "retrieval.tau must be finite");
-  Require(c.summary == SummaryKind::MaxMin || c.summary == SummaryKind::CuboidMean, "retrieval.summary is not a SummaryKind");
-  Require(c.combine == GroupCombine::SoftmaxMean || c.combine == GroupCombine::Mean || c.combine == GroupCombine::Max,
-          "retrieval.combine is not a GroupCombine");
-  Require(static_cast<int>(c.mode) >= 1 && static_cast<int>(c.mode) <= 5, "retrieval.mode is not a Mode");
-  Require(c.recall == RecallMode::Gather || c.recall == RecallMode::DoubleBuffer, "retrieval.recall is not a RecallMode");
-  for (int l : c.dense_layers)
-    Require(l >= 0 && l < g.layers, "retrieval.denseLayers has a layer out of range: " + std::to_string(l));
+  if (auto e = ValidateRetrieval(c, g.layers)) throw std::invalid_argument("retrieval." + e->field + " " + e->message);
   Require(h.capacity_pages >= 1, "host.capacityPages must be >= 1");
   Require(h.store && h.store_bytes >= layout.store_bytes,
           "host.store segment is smaller than the layout's storeBytes (" + std::to_string(layout.store_bytes) + ")");

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "engine/Engine.h"
-#include "engine/cpu/Manifest.h"
+#include "engine/Manifest.h"
 #include "engine/cpu/PageGeometry.h"
 #include "engine/cpu/SpeculativeWorker.h"
 

@@ -1,4 +1,4 @@
-// Byte geometry of one session's pages in both layouts, and the page ranges of the budget.
+// Byte geometry of one session's pages in both layouts, and the budget's page ranges in it.
 //   NHD (device tier): page = [2 (K,V)][P][Hkv][D], token-major, what attention reads.
 //   HND (host store):  page = [Hkv][2 (K,V)][P][D], head-major: one head's K and V of a page are
 //                      one contiguous head-page, which is what recall moves.
@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "engine/Budget.h"
 #include "engine/Engine.h"
 
 namespace freekv::cpu {
@@ -32,22 +33,9 @@ struct PageGeometry {
   size_t HndV(int i, int h) const { return h * head_page_bytes + static_cast<size_t>(P + i) * row_bytes; }
 };
 
-// The budget's page ranges for a layer holding `tokens` tokens (DESIGN.md section 2).
-struct BudgetRanges {
-  int full = 0;          // full pages
-  int partial = 0;       // tokens in the partial page (page index `full`)
-  int sink_end = 0;      // sink full pages: [0, sink_end)
-  int window_begin = 0;  // window full pages: [window_begin, full)
-  // middle (selectable) pages: [sink_end, window_begin)
-};
-
+// The budget's page ranges (engine/Budget.h) of a layer holding `tokens` tokens.
 inline BudgetRanges RangesFor(const PageGeometry& g, int64_t tokens) {
-  BudgetRanges r;
-  r.full = static_cast<int>(tokens / g.P);
-  r.partial = static_cast<int>(tokens % g.P);
-  r.sink_end = std::min(g.sink_pages, r.full);
-  r.window_begin = std::max(r.sink_end, r.full - (g.window_pages - 1));
-  return r;
+  return BudgetRangesFor(g.P, g.sink_pages, g.window_pages, tokens);
 }
 
 }  // namespace freekv::cpu

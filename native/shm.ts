@@ -1,0 +1,141 @@
+/**
+ * The `freekv_shm` addon: POSIX shared-memory segments and the contract the tiers share (segment
+ * layout, manifest, retrieval defaults and validator, enum names), without the engine, the model
+ * runner or CUDA. The kvstore loads only this. The full addon (native/binding.ts) exports the same
+ * contract functions, built from the same sources (native/src/engine/{Layout,Manifest,Validate,
+ * AddonContract}.cpp).
+ *
+ * Numeric enums are the proto's (freekv.v1); native/src/engine/Retrieval.h defines the same
+ * numbers and names, and `enums()` reports them so a test can compare.
+ *
+ * Loaded from `native/build/Release/freekv_shm.node` (or FREEKV_SHM_ADDON).
+ */
+import { createRequire } from "node:module";
+import { existsSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import type { DType, GroupCombine, RecallMode, RetrievalMode, SummaryKind } from "../proto/gen/freekv/v1/common.js";
+
+/** A POSIX shared-memory segment mapped into this process. */
+export interface ShmSegment {
+  readonly name: string;
+  readonly size: number;
+  /** The whole mapping as an ArrayBuffer (no copy). Detached by close(). */
+  buffer(): ArrayBuffer;
+  /** Unmaps; buffers handed out are detached. The name stays until unlink(). */
+  close(): void;
+}
+
+export interface ShmSegmentStatic {
+  /** Creates a new segment (exclusive, mode 0600). Name: "/something". */
+  create(name: string, size: number): ShmSegment;
+  /** Maps an existing segment. */
+  open(name: string): ShmSegment;
+  /** Removes the name; returns false when it did not exist. */
+  unlink(name: string): boolean;
+}
+
+export interface Geometry {
+  layers: number;
+  qHeads: number;
+  kvHeads: number;
+  headDim: number;
+  kvDtype: DType;
+}
+
+export interface Retrieval {
+  pageSize: number;
+  sinkTokens: number;
+  windowTokens: number;
+  selectTokens: number;
+  tau: number;
+  summary: SummaryKind;
+  combine: GroupCombine;
+  mode: RetrievalMode;
+  recall: RecallMode;
+  denseLayers: number[];
+}
+
+/** Byte layout of a session's four segments (native/src/engine/Layout.h, the one definition). */
+export interface NativeLayout {
+  headPageBytes: number;
+  pageBytes: number;
+  layerStride: number;
+  storeBytes: number;
+  stagingBufferBytes: number;
+  tailLayerBytes: number;
+  tailBytes: number;
+  manifestBytes: number;
+  /** Offset of the per-layer query records in the manifest (two per layer, engine/Manifest.h). */
+  manifestQueryOffset: number;
+  /** Bytes of one query record (header + q[qHeads * headDim] float32). */
+  manifestQueryRecordBytes: number;
+}
+
+/** What a manifest says (engine/Manifest.h). */
+export interface ManifestState {
+  /** The magic is there and the header's layer count is the one asked for. */
+  valid: boolean;
+  layers: number;
+  /** Tokens every layer holds. */
+  contextTokens: number;
+  /** Per layer: full pages written to the store. */
+  committedPages: number[];
+  /** Per layer: tokens of the partial page in the tail segment. */
+  tailTokens: number[];
+}
+
+/** The first invalid field of a retrieval config, named as in `Retrieval` ("denseLayers[1]"). */
+export interface RetrievalError {
+  field: string;
+  message: string;
+}
+
+/** Enum names (the proto's value names without their prefix, lower case) to numbers. */
+export interface EnumNames {
+  kvDtype: Record<string, number>;
+  summary: Record<string, number>;
+  combine: Record<string, number>;
+  mode: Record<string, number>;
+  recall: Record<string, number>;
+}
+
+/** The contract functions; both addons have them. */
+export interface Contract {
+  /** Byte layout of a session's segments; throws naming the invalid geometry or retrieval field. */
+  layout(geometry: Geometry, retrieval: Partial<Retrieval>, capacityPages: number): NativeLayout;
+  /** Writes a fresh manifest into a segment's buffer: zeroes it, then the header for `layers`. */
+  initManifest(buffer: ArrayBuffer, layers: number): void;
+  readManifest(buffer: ArrayBuffer, layers: number): ManifestState;
+  /** The defaults of every retrieval field (DESIGN.md section 2). */
+  retrievalDefaults(): Retrieval;
+  /** null when valid; fields left out take the defaults. */
+  validateRetrieval(retrieval: Partial<Retrieval>, layers: number): RetrievalError | null;
+  enums(): EnumNames;
+}
+
+export interface ShmAddon extends Contract {
+  ShmSegment: ShmSegmentStatic;
+}
+
+let cached: ShmAddon | undefined;
+
+/** Loads an addon file of native/build/Release by name (`env` overrides the path). */
+export function loadNative<T>(file: string, env: string | undefined): T {
+  const require = createRequire(import.meta.url);
+  const here = dirname(fileURLToPath(import.meta.url));
+  const candidates = [
+    env,
+    // from native/ (tsx, vitest) and from dist/native/ (compiled)
+    join(here, "build", "Release", file),
+    join(here, "..", "..", "native", "build", "Release", file),
+  ].filter((p): p is string => !!p);
+  for (const p of candidates) if (existsSync(p)) return require(p) as T;
+  throw new Error(`native addon ${file} not found (tried ${candidates.join(", ")}); run \`npm run build:native\``);
+}
+
+/** Loads freekv_shm.node once. */
+export function loadShm(): ShmAddon {
+  cached ??= loadNative<ShmAddon>("freekv_shm.node", process.env.FREEKV_SHM_ADDON);
+  return cached;
+}

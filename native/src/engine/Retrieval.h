@@ -1,0 +1,76 @@
+// The retrieval contract every tier shares: the enums (their numbers are the wire's,
+// freekv.v1 in proto/), the model geometry, the retrieval settings with their defaults (the one
+// table of defaults, DESIGN.md section 2) and the one validator of those settings.
+#pragma once
+
+#include <cstddef>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace freekv {
+
+enum class DType : int { F32 = 1, BF16 = 2, F16 = 3 };
+enum class SummaryKind : int { MaxMin = 1, CuboidMean = 2 };
+enum class GroupCombine : int { SoftmaxMean = 1, Mean = 2, Max = 3 };
+enum class Mode : int { FreeKV = 1, Dense = 2, Oracle = 3, Speculative = 4, SinkWindow = 5 };
+enum class RecallMode : int { Gather = 1, DoubleBuffer = 2 };
+
+inline size_t DTypeBytes(DType t) { return t == DType::F32 ? 4 : 2; }
+
+// The name of every enum value, as the proto spells it without its prefix, lower case
+// (RETRIEVAL_MODE_SINK_WINDOW -> "sink_window"): what command lines and the binding use.
+struct EnumName {
+  const char* name;
+  int value;
+};
+struct EnumTable {
+  const char* field;  // the binding's field name
+  const EnumName* names;
+  size_t count;
+};
+inline constexpr EnumName kDTypeNames[] = {{"float32", 1}, {"bfloat16", 2}, {"float16", 3}};
+inline constexpr EnumName kSummaryNames[] = {{"max_min", 1}, {"cuboid_mean", 2}};
+inline constexpr EnumName kCombineNames[] = {{"softmax_mean", 1}, {"mean", 2}, {"max", 3}};
+inline constexpr EnumName kModeNames[] = {{"freekv", 1}, {"dense", 2}, {"oracle", 3}, {"speculative", 4}, {"sink_window", 5}};
+inline constexpr EnumName kRecallNames[] = {{"gather", 1}, {"double_buffer", 2}};
+inline constexpr EnumTable kEnumTables[] = {
+    {"kvDtype", kDTypeNames, 3}, {"summary", kSummaryNames, 2}, {"combine", kCombineNames, 3},
+    {"mode", kModeNames, 5},     {"recall", kRecallNames, 2},
+};
+
+struct Geometry {
+  int layers = 0;
+  int q_heads = 0;
+  int kv_heads = 0;
+  int head_dim = 0;
+  DType kv_dtype = DType::F32;  // storage type of K/V (device tier and host store)
+};
+
+// Member initialisers are the defaults: a field a caller leaves out takes these values.
+struct RetrievalConfig {
+  int page_size = 32;
+  int sink_tokens = 512;
+  int window_tokens = 512;
+  int select_tokens = 1024;
+  float tau = 0.9f;
+  SummaryKind summary = SummaryKind::MaxMin;
+  GroupCombine combine = GroupCombine::SoftmaxMean;
+  Mode mode = Mode::FreeKV;
+  RecallMode recall = RecallMode::Gather;
+  std::vector<int> dense_layers;
+};
+
+constexpr int kMaxPageSize = 4096;
+
+// What is wrong with a retrieval config: the field as the binding names it ("windowTokens",
+// "denseLayers[2]") and what is wrong with it ("must be a multiple of the page size (32), got 6").
+struct RetrievalError {
+  std::string field;
+  std::string message;
+};
+
+// Checks a config for a model of `layers` layers (the backends add their own limits on top).
+std::optional<RetrievalError> ValidateRetrieval(const RetrievalConfig& c, int layers);
+
+}  // namespace freekv
