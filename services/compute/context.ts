@@ -7,7 +7,7 @@ import { Counter, Gauge, Histogram, type Registry } from "prom-client";
 import { loadAddon, type Engine } from "../../native/binding.js";
 import { DType, type ModelGeometry } from "../../proto/gen/freekv/v1/common.js";
 import type { Logger } from "../common/log.js";
-import { KvStoreClient } from "../kvstore/client.js";
+import { KvStoreClient } from "./kvstore-client.js";
 import type { ComputeConfig } from "./config.js";
 import { SessionManager } from "./sessions/manager.js";
 

@@ -6,7 +6,7 @@ import { resolveRetrieval } from "../../services/common/retrieval.js";
 import { SessionManager } from "../../services/compute/sessions/manager.js";
 import { ComputeSession } from "../../services/compute/sessions/session.js";
 import type { AttachSessionResponse, CommitPagesRequest, CommitPagesResponse } from "../../proto/gen/freekv/v1/kvstore.js";
-import type { KvStoreClient } from "../../services/kvstore/client.js";
+import type { KvStoreClient } from "../../services/compute/kvstore-client.js";
 
 const log = createLogger("test", "silent");
 const LAYERS = 5;

@@ -6,7 +6,7 @@ import { describe, expect, it } from "vitest";
 import { loadAddon } from "../../native/binding.js";
 import { toNativeGeometry } from "../../services/common/geometry.js";
 import { resolveRetrieval, toNativeRetrieval } from "../../services/common/retrieval.js";
-import { crc32c } from "../../services/kvstore/crc32c.js";
+import { crc32c } from "../../services/common/crc32c.js";
 import { mirrorLayout, capacityPages, totalBytes } from "../../services/kvstore/layout.js";
 import { prng, randomBytes } from "../helpers/prng.js";
 

@@ -13,8 +13,8 @@ import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFo
 import { resolveGeometry, toNativeGeometry } from "../../common/geometry.js";
 import type { Logger } from "../../common/log.js";
 import { resolveRetrieval, toNativeRetrieval } from "../../common/retrieval.js";
-import type { KvStoreClient } from "../../kvstore/client.js";
-import { crc32c } from "../../kvstore/crc32c.js";
+import type { KvStoreClient } from "../kvstore-client.js";
+import { crc32c } from "../../common/crc32c.js";
 import { ComputeSession, kindName, type SessionMetadata } from "./session.js";
 import { status } from "@grpc/grpc-js";
 
