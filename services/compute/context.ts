@@ -1,7 +1,7 @@
 /**
  * ComputeContext: what every compute handler gets. Built once at start: config, log, metrics,
- * the kvstore client, the SessionManager, the engine (loadAddon().Engine on FREEKV_BACKEND, or
- * undefined when this addon build has no engine yet) and, when a model is served, the model.
+ * the kvstore client, the SessionManager, the engine (loadAddon().Engine on FREEKV_BACKEND) and,
+ * when a model is served, the model.
  */
 import { Counter, Gauge, Histogram, type Registry } from "prom-client";
 import { loadAddon, type Engine } from "../../native/binding.js";
@@ -26,8 +26,8 @@ export interface ComputeContext {
   metrics: ComputeMetrics;
   kvstore: KvStoreClient;
   sessions: SessionManager;
-  /** The FreeKV engine; undefined when the native addon was built without one. */
-  engine: Engine | undefined;
+  /** The FreeKV engine of FREEKV_BACKEND. */
+  engine: Engine;
   backend: "cpu" | "cuda";
   /** The served model (set by the model loader when FREEKV_MODEL is given). */
   model?: unknown;
@@ -37,13 +37,9 @@ export interface ComputeContext {
 
 export class StartupError extends Error {}
 
-/** Creates the engine for FREEKV_BACKEND, or undefined when the addon has no Engine. */
-export function createEngine(config: ComputeConfig, log: Logger): Engine | undefined {
+/** Creates the engine for FREEKV_BACKEND. */
+export function createEngine(config: ComputeConfig): Engine {
   const addon = loadAddon();
-  if (typeof addon.Engine !== "function") {
-    log.warn("this native addon has no Engine: sessions work, Attention answers UNAVAILABLE");
-    return undefined;
-  }
   if (config.FREEKV_BACKEND === "cuda") {
     const info = addon.backendInfo();
     if (!info.backends.includes("cuda")) {
@@ -133,7 +129,7 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
 }
 
 export function createContext(config: ComputeConfig, log: Logger, registry: Registry, extra: { modelGeometry?: ModelGeometry; model?: unknown } = {}): ComputeContext {
-  const engine = createEngine(config, log);
+  const engine = createEngine(config);
   const kvstore = new KvStoreClient(config.FREEKV_KVSTORE_ADDR, config.FREEKV_KVSTORE_TIMEOUT_MS);
   let mgr: SessionManager | undefined;
   const metrics = createMetrics(registry, () => mgr);

@@ -36,7 +36,7 @@ async function main(): Promise<void> {
   const swept = sweepStaleExchanges();
   if (swept.length) log.info({ segments: swept }, "removed tensor exchanges left by a compute process that is gone");
   const reattached = await ctx.sessions.reattachAll();
-  const { server, health } = await createComputeServer(ctx);
+  const { server, health } = createComputeServer(ctx);
   const port = await bindServer(server, config.FREEKV_COMPUTE_HOST, config.FREEKV_COMPUTE_PORT);
   const metricsServer = await startMetricsServer(registry, config.FREEKV_COMPUTE_METRICS_PORT, config.FREEKV_COMPUTE_HOST);
   // Compute serves only while its kvstore does: every new session needs it.

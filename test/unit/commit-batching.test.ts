@@ -1,5 +1,4 @@
-/** The compute tier's page commits: every layer of a step in one CommitPages call, and a kvstore
- *  that predates multi-layer commits still gets every layer (one call each). */
+/** The compute tier's page commits: every layer of a step in one CommitPages call. */
 import { describe, expect, it } from "vitest";
 import { createLogger } from "../../services/common/log.js";
 import { resolveRetrieval } from "../../services/common/retrieval.js";
@@ -12,17 +11,13 @@ const log = createLogger("test", "silent");
 const LAYERS = 5;
 const P = 16;
 
-function setup(kvstoreKnowsLayers: boolean) {
+function setup() {
   const calls: CommitPagesRequest[] = [];
   const kvstore = {
     async commit(req: CommitPagesRequest): Promise<CommitPagesResponse> {
       calls.push(structuredClone(req));
-      if (req.layers.length && kvstoreKnowsLayers) {
-        const each = req.layers.map((e) => e.firstPage + e.count);
-        return { committedPages: Math.min(...each), layerCommittedPages: each };
-      }
-      // An older kvstore: no `layers` field, it answers for `layer` alone.
-      return { committedPages: req.firstPage + req.count, layerCommittedPages: [] };
+      const each = req.layers.map((e) => e.firstPage + e.count);
+      return req.layers.length ? { committedPages: Math.min(...each), layerCommittedPages: each } : { committedPages: req.firstPage + req.count, layerCommittedPages: [] };
     },
   } as unknown as KvStoreClient;
   const mgr = new SessionManager({ log, kvstore, engine: undefined, defaultMaxContextTokens: 1024, maxContextLimit: 4096, commitChecksums: false, backend: "cpu", defaultKvDtype: 1 as never });
@@ -34,7 +29,7 @@ function setup(kvstoreKnowsLayers: boolean) {
 
 describe("page commits from the compute tier", () => {
   it("commit every offloading layer that filled pages in one call, and nothing when none filled", async () => {
-    const { calls, mgr, s } = setup(true);
+    const { calls, mgr, s } = setup();
     s.layerTokens.fill(2 * P + 7);
     mgr.commitProgressAll(s);
     await s.commitChain;
@@ -55,23 +50,12 @@ describe("page commits from the compute tier", () => {
   });
 
   it("a single layer goes as a plain single-layer request", async () => {
-    const { calls, mgr, s } = setup(true);
+    const { calls, mgr, s } = setup();
     s.layerTokens[3] = P + 1;
     mgr.commitProgress(s, 3);
     await s.commitChain;
     expect(calls).toHaveLength(1);
     expect(calls[0]).toMatchObject({ sessionId: "s1", layer: 3, firstPage: 0, count: 1, checksums: [], contextTokens: P + 1, layers: [] });
     expect(calls[0].metadata.length).toBe(0);
-  });
-
-  it("falls back to one call per layer when the kvstore ignores `layers`", async () => {
-    const { calls, mgr, s } = setup(false);
-    s.layerTokens.fill(P + 3);
-    mgr.commitProgressAll(s);
-    await s.commitChain;
-    expect(calls).toHaveLength(5);
-    expect(calls[0].layers).toHaveLength(4);
-    expect(calls.slice(1).map((c) => [c.layer, c.firstPage, c.count, c.layers.length, c.contextTokens])).toEqual([0, 2, 3, 4].map((l) => [l, 0, 1, 0, P + 3]));
-    expect(s.commitError).toBeUndefined();
   });
 });

@@ -51,7 +51,6 @@ function isLoadedModel(m: unknown): m is LoadedModel {
 
 /** The served model: ctx.model when the server loaded it, else FREEKV_MODEL / the built-in folder. */
 function serveModel(ctx: ComputeContext): Served | string {
-  if (!ctx.engine) return "the native addon has no engine";
   let loaded: LoadedModel;
   if (isLoadedModel(ctx.model)) {
     loaded = ctx.model;
@@ -134,7 +133,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     if (typeof served === "string") {
       const why = served;
       served = undefined; // a later call tries again (e.g. after `npm run build` made the folder)
-      throw ctx.engine ? failedPrecondition(why) : unavailable(`Generate: ${why}`);
+      throw failedPrecondition(why);
     }
     return served;
   };

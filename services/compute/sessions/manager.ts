@@ -38,7 +38,6 @@ export interface SessionManagerOptions {
 export class SessionManager {
   private readonly sessions = new Map<string, ComputeSession>();
   private readonly creating = new Set<string>();
-  private warnedSingleLayerKvstore = false;
 
   constructor(private readonly opts: SessionManagerOptions) {}
 
@@ -230,16 +229,7 @@ export class SessionManager {
         : { sessionId: s.id, layer: 0, firstPage: 0, count: 0, checksums: [], contextTokens, metadata: Buffer.alloc(0), layers: entries };
     s.commitChain = s.commitChain.then(async () => {
       try {
-        const res = await this.opts.kvstore.commit(req);
-        // A kvstore that predates `layers` (a rolling upgrade) ignores them and answers without
-        // layer_committed_pages: the layers are then committed one call each.
-        if (entries.length > 1 && res.layerCommittedPages.length !== entries.length) {
-          if (!this.warnedSingleLayerKvstore) {
-            this.warnedSingleLayerKvstore = true;
-            this.opts.log.warn({ session: s.id }, "the kvstore does not take several layers per CommitPages call; committing layer by layer");
-          }
-          for (const e of entries) await this.opts.kvstore.commit({ ...req, ...e, layers: [] });
-        }
+        await this.opts.kvstore.commit(req);
       } catch (e) {
         s.commitError = e as Error;
         this.opts.log.error({ session: s.id, layers: entries.map((e) => e.layer), err: (e as Error).message }, "commit to the kvstore failed");

@@ -26,7 +26,6 @@ export class ComputeSession {
   /** Commits to the kvstore run in order, off the request's critical path. */
   commitChain: Promise<void> = Promise.resolve();
   commitError: Error | undefined;
-  readonly createdAt = new Date();
 
   constructor(
     readonly id: string,
