@@ -17,7 +17,10 @@ export interface ComputeMetrics {
   attentionRequests: Counter<"op">;
   attentionSeconds: Histogram<"op">;
   decodeBatchSize: Histogram;
-  decodeStepSeconds: Histogram;
+  /** One engine.decode call of the Attention stream: one layer for a batch of sessions. */
+  decodeLayerSeconds: Histogram;
+  /** One Generate decode step: the whole model (every layer) for a batch of sessions. */
+  modelStepSeconds: Histogram;
 }
 
 export interface ComputeContext {
@@ -66,10 +69,16 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
       registers: [registry],
     }),
     decodeBatchSize: new Histogram({ name: "freekv_compute_decode_batch_size", help: "Sessions per engine decode call", buckets: [1, 2, 4, 8, 16, 32, 64], registers: [registry] }),
-    decodeStepSeconds: new Histogram({
-      name: "freekv_compute_decode_step_seconds",
-      help: "Engine decode call time of one layer for a batch",
+    decodeLayerSeconds: new Histogram({
+      name: "freekv_compute_decode_layer_seconds",
+      help: "Attention stream: engine decode call time of one layer for a batch",
       buckets: [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1],
+      registers: [registry],
+    }),
+    modelStepSeconds: new Histogram({
+      name: "freekv_compute_model_step_seconds",
+      help: "Generate: native decode step time of the whole model (every layer) for a batch",
+      buckets: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1],
       registers: [registry],
     }),
   };

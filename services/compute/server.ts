@@ -26,7 +26,7 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
   const batcher = new DecodeBatcher(() => sessions.requireEngine(), ctx.config.FREEKV_DECODE_BATCH_WINDOW_US, {
     batch(_layer, size, seconds) {
       metrics.decodeBatchSize.observe(size);
-      metrics.decodeStepSeconds.observe(seconds);
+      metrics.decodeLayerSeconds.observe(seconds);
     },
     appended: (s, layer) => sessions.commitProgress(s, layer),
   });

@@ -70,7 +70,7 @@ function serveModel(ctx: ComputeContext): Served | string {
   ctx.modelGeometry ??= { layers: c.layers, queryHeads: c.qHeads, kvHeads: c.kvHeads, headDim: c.headDim, kvDtype: DType.D_TYPE_FLOAT32 };
   const scheduler = new DecodeScheduler(loaded.model, 64, (size, ms) => {
     ctx.metrics.decodeBatchSize.observe(size);
-    ctx.metrics.decodeStepSeconds.observe(ms / 1000);
+    ctx.metrics.modelStepSeconds.observe(ms / 1000);
   });
   return { loaded, scheduler };
 }
@@ -255,7 +255,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       if (state && gs) state.pendingToken = gs.pendingToken;
       // A continued session's metadata (the pending token) goes to the kvstore with its pages, so
       // a restarted compute that re-attaches the session continues the conversation exactly.
-      if (!fresh && state && !s.closed) await ctx.sessions.saveMetadata(s).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "saving the session's metadata failed"));
+      if (!fresh && state && !s.closed) await ctx.sessions.commitMetadata(s).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "committing the session's metadata failed"));
       release?.();
       if (fresh) await ctx.sessions.close(s.id).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "closing the request's session failed"));
     }

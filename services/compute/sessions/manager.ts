@@ -237,8 +237,8 @@ export class SessionManager {
     });
   }
 
-  /** Stores the session's metadata at the kvstore (kept for re-attach). */
-  async saveMetadata(s: ComputeSession): Promise<void> {
+  /** Commits the session's metadata at the kvstore (a CommitPages call without pages; kept for re-attach). */
+  async commitMetadata(s: ComputeSession): Promise<void> {
     const layer = 0;
     const first = s.committedPages[layer];
     await s.commitChain;
