@@ -6,7 +6,7 @@ import { Server } from "@grpc/grpc-js";
 import { ComputeServiceService } from "../../proto/gen/freekv/v1/compute.js";
 import { Health } from "../common/health.js";
 import { addReflection } from "../common/reflection.js";
-import { DecodeBatcher } from "./attention/batcher.js";
+import { AttentionBatcher } from "./attention/batcher.js";
 import { attentionHandler } from "./attention/stream.js";
 import type { ComputeContext } from "./context.js";
 import { generateHandler } from "./generate/handler.js";
@@ -17,13 +17,13 @@ export const COMPUTE_SERVICE = "freekv.v1.ComputeService";
 export interface ComputeServer {
   server: Server;
   health: Health;
-  batcher: DecodeBatcher;
+  batcher: AttentionBatcher;
 }
 
 export function createComputeServer(ctx: ComputeContext): ComputeServer {
   const server = new Server({ "grpc.max_receive_message_length": 256 << 20, "grpc.max_send_message_length": 256 << 20 });
   const { metrics, sessions, log } = ctx;
-  const batcher = new DecodeBatcher(() => sessions.requireEngine(), ctx.config.FREEKV_DECODE_BATCH_WINDOW_US, {
+  const batcher = new AttentionBatcher(() => sessions.requireEngine(), ctx.config.FREEKV_DECODE_BATCH_WINDOW_US, {
     batch(_layer, size, seconds) {
       metrics.decodeBatchSize.observe(size);
       metrics.decodeLayerSeconds.observe(seconds);
