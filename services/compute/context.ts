@@ -124,11 +124,9 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
       let device = 0;
       let host = 0;
       for (const s of mgr?.list() ?? []) {
-        if (mgr!.engine && s.engineSession !== undefined) {
-          const st = mgr!.engine.stats(s.engineSession);
-          device += st.residentPages;
-          host += st.pagesOffloaded;
-        }
+        const st = mgr!.engine.stats(s.engineSession);
+        device += st.residentPages;
+        host += st.pagesOffloaded;
       }
       this.set({ tier: "device" }, device);
       this.set({ tier: "host" }, host);

@@ -23,7 +23,7 @@ export interface ComputeServer {
 export function createComputeServer(ctx: ComputeContext): ComputeServer {
   const server = new Server({ "grpc.max_receive_message_length": 256 << 20, "grpc.max_send_message_length": 256 << 20 });
   const { metrics, sessions, log } = ctx;
-  const batcher = new AttentionBatcher(() => sessions.requireEngine(), ctx.config.FREEKV_DECODE_BATCH_WINDOW_US, {
+  const batcher = new AttentionBatcher(sessions.engine, ctx.config.FREEKV_DECODE_BATCH_WINDOW_US, {
     batch(_layer, size, seconds) {
       metrics.decodeBatchSize.observe(size);
       metrics.decodeLayerSeconds.observe(seconds);

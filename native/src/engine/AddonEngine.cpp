@@ -234,6 +234,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
                         InstanceMethod("stats", &AddonEngine::GetStats),
                         InstanceMethod("deviceStepStats", &AddonEngine::GetDeviceStepStats),
                         InstanceMethod("contextTokens", &AddonEngine::ContextTokens),
+                        InstanceMethod("filledPages", &AddonEngine::FilledPages),
                         InstanceMethod("lastAttendedTokens", &AddonEngine::LastAttendedTokens)});
   }
 
@@ -490,6 +491,16 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     SessionArg(info, 0);
     try {
       return Napi::Number::New(info.Env(), static_cast<double>(engine_->ContextTokens(info[0].As<Napi::Number>().Int32Value())));
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
+  }
+
+  Napi::Value FilledPages(const Napi::CallbackInfo& info) {
+    const auto& si = SessionArg(info, 0);
+    const int layer = LayerArg(info, 1, si.geo);
+    try {
+      return Napi::Number::New(info.Env(), engine_->FilledPages(info[0].As<Napi::Number>().Int32Value(), layer));
     } catch (const std::exception& e) {
       throw Napi::Error::New(info.Env(), e.what());
     }

@@ -209,6 +209,11 @@ class Engine {
   virtual Stats GetStats(int session) const = 0;
   virtual uint64_t ContextTokens(int session) const = 0;
 
+  // Full pages of `layer` whose offload to the host store is complete: what the compute tier may
+  // commit at the kvstore. The committed-pages word of the layer in the session manifest, which
+  // the backend writes once the offload is done. Throws std::invalid_argument for a bad layer.
+  virtual uint32_t FilledPages(int session, int layer) const { NotImplemented("FilledPages"); }
+
   // For tests and the fidelity harness: for (layer, kv head), the token positions attended at the
   // most recent decode step (sink + selected + window, sorted).
   virtual std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const = 0;
@@ -216,6 +221,9 @@ class Engine {
  private:
   [[noreturn]] void NoDeviceStep() const {
     throw std::logic_error("the " + backend() + " backend has no device decode step");
+  }
+  [[noreturn]] void NotImplemented(const char* what) const {
+    throw std::logic_error(std::string(what) + " is not implemented by the " + backend() + " backend");
   }
 };
 

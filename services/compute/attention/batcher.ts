@@ -44,7 +44,7 @@ export class AttentionBatcher {
   private readonly batcher: DecodeBatcher<Item, Float32Array>;
 
   constructor(
-    private readonly engine: () => Engine,
+    private readonly engine: Engine,
     windowUs: number,
     private readonly observer: BatchObserver,
   ) {
@@ -53,9 +53,9 @@ export class AttentionBatcher {
       windowUs,
       admit: (items) => this.admit(items),
       call: (items) =>
-        this.engine().decode(
+        this.engine.decode(
           items[0].layer,
-          items.map(({ op }) => ({ session: op.session.engineSession!, q: op.q, k: op.k, v: op.v })),
+          items.map(({ op }) => ({ session: op.session.engineSession, q: op.q, k: op.k, v: op.v })),
         ),
       observe: (items, b) => this.observer.batch(items[0].layer, b.size, b.ms / 1000),
     });

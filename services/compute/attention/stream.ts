@@ -70,13 +70,13 @@ export function attentionHandler(deps: { sessions: SessionManager; batcher: Atte
         return { requestId: req.requestId, result: { $case: "exchange", value: { segmentName: exchange.name, sizeBytes: exchange.size, alignment: EXCHANGE_ALIGNMENT } } };
       }
       const op = validateRequest(req, sessions, exchange);
-      const engine = sessions.requireEngine();
+      const engine = sessions.engine;
       if (op.op === "prefill") {
         const s = op.session;
         await Promise.race([
           s.lock.run(async () => {
             if (s.closed) throw new Error("closed");
-            await engine.prefill(s.engineSession!, op.layer, op.k, op.v, op.n);
+            await engine.prefill(s.engineSession, op.layer, op.k, op.v, op.n);
             s.layerTokens[op.layer] += op.n;
             observer.prefilled(s, op.layer);
           }),

@@ -20,7 +20,7 @@ import {
   type GenerateResponse,
 } from "../../../proto/gen/freekv/v1/compute.js";
 import { callScope } from "../../common/cancellation.js";
-import { ServiceError, failedPrecondition, invalidArgument, notFound, toStatus, unavailable } from "../../common/errors.js";
+import { ServiceError, failedPrecondition, invalidArgument, notFound, toStatus } from "../../common/errors.js";
 import type { ComputeContext } from "../context.js";
 import { loadModel, defaultModelDir, type LoadedModel } from "../model/loader.js";
 import type { ComputeSession } from "../sessions/session.js";
@@ -178,7 +178,6 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     try {
       release = await s.lock.acquire();
       if (s.closed) throw notFound(`session ${JSON.stringify(s.id)} not found`);
-      if (s.engineSession === undefined) throw unavailable("the session has no engine session");
       state = (s.metadata.generate as GenerateState | undefined) ?? {};
       s.metadata.generate = state;
       const sampling = req.sampling ?? { temperature: 0, topP: 0, topK: 0, seed: 0 };

@@ -35,7 +35,7 @@ export class ComputeSession {
     readonly maxContextTokens: number,
     readonly attach: AttachSessionResponse,
     readonly host: HostSegments | undefined,
-    readonly engineSession: number | undefined,
+    readonly engineSession: number,
     public metadata: SessionMetadata,
   ) {
     this.layerTokens = new Array<number>(geometry.layers).fill(0);
