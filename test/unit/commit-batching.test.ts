@@ -28,7 +28,7 @@ function setup() {
   const mgr = new SessionManager({ log, kvstore, engine, defaultMaxContextTokens: 1024, maxContextLimit: 4096, commitChecksums: false, backend: "cpu", defaultKvDtype: 1 as never });
   const retrieval = resolveRetrieval({ pageSize: P, sinkTokens: P, windowTokens: P, selectTokens: 2 * P, denseLayers: [1] } as never, LAYERS);
   const attach = { committedPages: [] } as unknown as AttachSessionResponse;
-  const s = new ComputeSession("s1", 2 as never, { layers: LAYERS, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 } as never, retrieval, 1024, attach, undefined, 7, {});
+  const s = new ComputeSession("s1", 2 as never, { layers: LAYERS, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 } as never, retrieval, 1024, attach, undefined, 7, { kind: "attention" });
   /** `tokens` appended to every layer; the engine has offloaded their full pages. */
   const append = (tokens: number) => {
     s.layerTokens.fill(tokens);
