@@ -22,7 +22,7 @@ import {
 import { callScope } from "../../common/cancellation.js";
 import { ServiceError, failedPrecondition, invalidArgument, notFound, toStatus } from "../../common/errors.js";
 import type { ComputeContext } from "../context.js";
-import { loadModel, defaultModelDir, type LoadedModel } from "../model/loader.js";
+import { builtinModelDir, loadModel, type LoadedModel } from "../model/loader.js";
 import type { ComputeSession } from "../sessions/session.js";
 import { generate, GenerateError, type FinishReason as Finish, type GenerateFinalOut, type GenerationSession } from "./generation.js";
 import { DecodeScheduler } from "./scheduler.js";
@@ -55,7 +55,7 @@ function serveModel(ctx: ComputeContext): Served | string {
   if (isLoadedModel(ctx.model)) {
     loaded = ctx.model;
   } else {
-    const dir = ctx.config.FREEKV_MODEL || defaultModelDir();
+    const dir = ctx.config.FREEKV_MODEL || builtinModelDir();
     try {
       loaded = loadModel(dir, { engine: ctx.engine, threads: ctx.config.FREEKV_THREADS || undefined, deviceWeights: ctx.config.FREEKV_DEVICE_WEIGHTS });
     } catch (e) {
