@@ -68,7 +68,7 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
       buckets: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1, 3],
       registers: [registry],
     }),
-    decodeBatchSize: new Histogram({ name: "freekv_compute_decode_batch_size", help: "Sessions per engine decode call", buckets: [1, 2, 4, 8, 16, 32, 64], registers: [registry] }),
+    decodeBatchSize: new Histogram({ name: "freekv_compute_decode_batch_size", help: "Sessions per batched decode call (an Attention stream layer call or a Generate model step)", buckets: [1, 2, 4, 8, 16, 32, 64], registers: [registry] }),
     decodeLayerSeconds: new Histogram({
       name: "freekv_compute_decode_layer_seconds",
       help: "Attention stream: engine decode call time of one layer for a batch",
