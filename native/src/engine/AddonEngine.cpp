@@ -275,6 +275,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
  private:
   struct SessionInfo {
     Geometry geo;
+    const uint8_t* manifest = nullptr;  // the engine's record of offloaded pages, tokens, queries
     std::vector<Napi::ObjectReference> segments;  // store, staging, tail, manifest
   };
 
@@ -345,6 +346,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     h.tail_bytes = segs[2]->size();
     h.manifest = static_cast<uint8_t*>(segs[3]->data());
     h.manifest_bytes = segs[3]->size();
+    si.manifest = h.manifest;
     int id;
     try {
       id = engine_->CreateSession(g, c, h, reattach);
@@ -496,14 +498,11 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     }
   }
 
+  // Read from the session manifest, which every backend keeps (so no backend implements it).
   Napi::Value FilledPages(const Napi::CallbackInfo& info) {
     const auto& si = SessionArg(info, 0);
     const int layer = LayerArg(info, 1, si.geo);
-    try {
-      return Napi::Number::New(info.Env(), engine_->FilledPages(info[0].As<Napi::Number>().Int32Value(), layer));
-    } catch (const std::exception& e) {
-      throw Napi::Error::New(info.Env(), e.what());
-    }
+    return Napi::Number::New(info.Env(), ManifestCommittedPages(si.manifest, layer));
   }
 
   Napi::Value LastAttendedTokens(const Napi::CallbackInfo& info) {

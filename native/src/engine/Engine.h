@@ -77,6 +77,12 @@ struct ManifestHeader {
 };
 constexpr uint32_t kManifestMagic = 0x31564b46u;
 
+// The committed full pages of `layer` in a manifest: the pages every backend has offloaded to the
+// store, written before the call that filled them returns (what the compute tier may commit).
+inline uint32_t ManifestCommittedPages(const uint8_t* manifest, int layer) {
+  return reinterpret_cast<const uint32_t*>(manifest + sizeof(ManifestHeader))[2 * layer];
+}
+
 // The query state a re-attaching process needs to continue with identical outputs: the last
 // query of a layer (for the speculative selection that was in flight and for the correction's
 // cosine) and whether the next decode is the first after a prefill. Two records per layer are
@@ -209,11 +215,6 @@ class Engine {
   virtual Stats GetStats(int session) const = 0;
   virtual uint64_t ContextTokens(int session) const = 0;
 
-  // Full pages of `layer` whose offload to the host store is complete: what the compute tier may
-  // commit at the kvstore. The committed-pages word of the layer in the session manifest, which
-  // the backend writes once the offload is done. Throws std::invalid_argument for a bad layer.
-  virtual uint32_t FilledPages(int session, int layer) const { NotImplemented("FilledPages"); }
-
   // For tests and the fidelity harness: for (layer, kv head), the token positions attended at the
   // most recent decode step (sink + selected + window, sorted).
   virtual std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const = 0;
@@ -221,9 +222,6 @@ class Engine {
  private:
   [[noreturn]] void NoDeviceStep() const {
     throw std::logic_error("the " + backend() + " backend has no device decode step");
-  }
-  [[noreturn]] void NotImplemented(const char* what) const {
-    throw std::logic_error(std::string(what) + " is not implemented by the " + backend() + " backend");
   }
 };
 

@@ -478,14 +478,6 @@ Stats CpuEngine::GetStats(int session) const {
 
 uint64_t CpuEngine::ContextTokens(int session) const { return Find(session)->counters.context_tokens; }
 
-uint32_t CpuEngine::FilledPages(int session, int layer) const {
-  auto s = Find(session);
-  if (layer < 0 || layer >= s->geo.layers)
-    throw std::invalid_argument("layer " + to_string(layer) + " is out of range [0, " + to_string(s->geo.layers) + ")");
-  // Pages are offloaded synchronously in the call that fills them, and the manifest says so then.
-  return s->manifest->layer_words(layer)[0];
-}
-
 std::vector<int> CpuEngine::LastAttendedTokens(int session, int layer, int kv_head) const {
   auto s = Find(session);
   if (layer < 0 || layer >= s->geo.layers)

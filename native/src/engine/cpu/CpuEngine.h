@@ -28,7 +28,6 @@ class CpuEngine : public Engine {
   void Sync(int session) override;
   Stats GetStats(int session) const override;
   uint64_t ContextTokens(int session) const override;
-  uint32_t FilledPages(int session, int layer) const override;
   std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const override;
 
  private:
