@@ -17,7 +17,6 @@ export const COMPUTE_SERVICE = "freekv.v1.ComputeService";
 export interface ComputeServer {
   server: Server;
   health: Health;
-  batcher: AttentionBatcher;
 }
 
 export function createComputeServer(ctx: ComputeContext): ComputeServer {
@@ -49,5 +48,5 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
   const health = new Health([COMPUTE_SERVICE]);
   health.addToServer(server);
   addReflection(server, ["freekv/v1/compute.proto"]);
-  return { server, health, batcher };
+  return { server, health };
 }
