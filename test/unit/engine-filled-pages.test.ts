@@ -11,19 +11,22 @@ import { createHost, geometryOf, retrievalOf } from "./reference/harness.js";
 
 const seed = testSeed();
 
+// Every backend of this build and machine (the CUDA engine stores K/V in bf16 only).
+const backends = loadAddon().backendInfo().backends;
+
 describe(`engine filledPages (seed ${seed})`, () => {
-  it("counts each layer's full pages as they fill, as the manifest records them", async () => {
+  it.each(backends)("%s: counts each layer's full pages as they fill, as the manifest records them", async (backend) => {
     const rng = new Prng(seed);
     const P = 8;
     const c: PolicyConfig = {
       qHeads: 4, kvHeads: 2, headDim: 16, pageSize: P, sinkTokens: P, windowTokens: 2 * P, selectTokens: 2 * P,
-      tau: 0.9, summary: "maxmin", combine: "softmax_mean", mode: "freekv", dtype: "f32",
+      tau: 0.9, summary: "maxmin", combine: "softmax_mean", mode: "freekv", dtype: backend === "cuda" ? "bf16" : "f32",
     };
     const layers = 3;
     const g = geometryOf(c, layers);
     const r = retrievalOf(c, { recall: 1, denseLayers: [2] });
     const host = createHost(g, r, 16);
-    const engine = new (loadAddon().Engine)({ backend: "cpu", threads: 2 });
+    const engine = new (loadAddon().Engine)(backend === "cuda" ? { backend } : { backend, threads: 2 });
     const s = engine.createSession(g, r, host.segments, false);
     const qn = c.qHeads * c.headDim;
     const kvn = c.kvHeads * c.headDim;
