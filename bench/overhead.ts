@@ -368,8 +368,8 @@ async function runService(tiers: Tiers, prompts: number[][], maxTokens: number) 
     traces,
     wallMs,
     metrics: {
-      native_calls: d("freekv_compute_decode_step_seconds_count"),
-      native_mean_ms: (1000 * d("freekv_compute_decode_step_seconds_sum")) / d("freekv_compute_decode_step_seconds_count"),
+      native_calls: d("freekv_compute_model_step_seconds_count"),
+      native_mean_ms: (1000 * d("freekv_compute_model_step_seconds_sum")) / d("freekv_compute_model_step_seconds_count"),
       mean_batch: d("freekv_compute_decode_batch_size_sum") / d("freekv_compute_decode_batch_size_count"),
     },
   };
@@ -560,7 +560,7 @@ async function runAttentionService(tiers: Tiers, WIRE: Wire, TRANSPORT: Transpor
   const handlerMs: number[] = [];
   const batchSizes: number[] = [];
   const counters = (t: string) => ({
-    engine: metric(t, "freekv_compute_decode_step_seconds_sum"),
+    engine: metric(t, "freekv_compute_decode_layer_seconds_sum"),
     handler: metric(t, "freekv_compute_attention_seconds_sum", 'op="decode"'),
     batch: metric(t, "freekv_compute_decode_batch_size_sum"),
   });
@@ -633,8 +633,8 @@ async function runAttentionService(tiers: Tiers, WIRE: Wire, TRANSPORT: Transpor
     metrics: {
       requests,
       handler_mean_ms: (1000 * d("freekv_compute_attention_seconds_sum", 'op="decode"')) / requests,
-      engine_calls: d("freekv_compute_decode_step_seconds_count"),
-      engine_mean_ms: (1000 * d("freekv_compute_decode_step_seconds_sum")) / d("freekv_compute_decode_step_seconds_count"),
+      engine_calls: d("freekv_compute_decode_layer_seconds_count"),
+      engine_mean_ms: (1000 * d("freekv_compute_decode_layer_seconds_sum")) / d("freekv_compute_decode_layer_seconds_count"),
       mean_batch: d("freekv_compute_decode_batch_size_sum") / d("freekv_compute_decode_batch_size_count"),
     },
   };

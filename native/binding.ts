@@ -141,6 +141,11 @@ export interface Engine {
    */
   deviceStepStats(): DeviceStepStats;
   contextTokens(session: number): number;
+  /**
+   * Full pages of a layer whose offload to the host store is complete (the session manifest's
+   * committed pages of the layer): what may be committed at the kvstore.
+   */
+  filledPages(session: number, layer: number): number;
   /** Token positions attended at the latest decode step of (layer, kvHead), sorted. */
   lastAttendedTokens(session: number, layer: number, kvHead: number): Int32Array;
 }

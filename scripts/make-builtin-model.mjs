@@ -13,7 +13,7 @@
 //   generation_config.json  EOS ids
 //
 // The weights are random, so the text it generates is gibberish; it exercises every part of the
-// runner. Point FREEKV_MODEL_DIR (or --model) at a real folder to serve a real model.
+// runner. Point FREEKV_MODEL (or --model) at a real folder to serve a real model.
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 

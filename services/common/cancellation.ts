@@ -60,8 +60,3 @@ export function whenAborted(signal: AbortSignal): Promise<never> {
     else signal.addEventListener("abort", () => reject(signal.reason), { once: true });
   });
 }
-
-/** Throws the signal's reason when it is aborted. */
-export function throwIfAborted(signal: AbortSignal): void {
-  if (signal.aborted) throw signal.reason;
-}

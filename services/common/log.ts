@@ -17,7 +17,8 @@ export function stopLogRetries(): void {
   exiting = true;
 }
 
-export function createLogger(service: string, level: string = process.env.FREEKV_LOG_LEVEL ?? "info"): Logger {
+/** `level`: the service's FREEKV_LOG_LEVEL, from its validated config. */
+export function createLogger(service: string, level = "info"): Logger {
   const dest = pino.destination({ dest: 1, sync: true, retryEAGAIN: () => !exiting });
   dest.on("error", () => {
     /* stdout is gone: nothing left to tell */

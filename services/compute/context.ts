@@ -1,13 +1,13 @@
 /**
  * ComputeContext: what every compute handler gets. Built once at start: config, log, metrics,
- * the kvstore client, the SessionManager, the engine (loadAddon().Engine on FREEKV_BACKEND, or
- * undefined when this addon build has no engine yet) and, when a model is served, the model.
+ * the kvstore client, the SessionManager, the engine (loadAddon().Engine on FREEKV_BACKEND) and,
+ * when a model is served, the model.
  */
 import { Counter, Gauge, Histogram, type Registry } from "prom-client";
 import { loadAddon, type Engine } from "../../native/binding.js";
 import { DType, type ModelGeometry } from "../../proto/gen/freekv/v1/common.js";
 import type { Logger } from "../common/log.js";
-import { KvStoreClient } from "../kvstore/client.js";
+import { KvStoreClient } from "./kvstore-client.js";
 import type { ComputeConfig } from "./config.js";
 import { SessionManager } from "./sessions/manager.js";
 
@@ -17,7 +17,10 @@ export interface ComputeMetrics {
   attentionRequests: Counter<"op">;
   attentionSeconds: Histogram<"op">;
   decodeBatchSize: Histogram;
-  decodeStepSeconds: Histogram;
+  /** One engine.decode call of the Attention stream: one layer for a batch of sessions. */
+  decodeLayerSeconds: Histogram;
+  /** One Generate decode step: the whole model (every layer) for a batch of sessions. */
+  modelStepSeconds: Histogram;
 }
 
 export interface ComputeContext {
@@ -26,8 +29,8 @@ export interface ComputeContext {
   metrics: ComputeMetrics;
   kvstore: KvStoreClient;
   sessions: SessionManager;
-  /** The FreeKV engine; undefined when the native addon was built without one. */
-  engine: Engine | undefined;
+  /** The FreeKV engine of FREEKV_BACKEND. */
+  engine: Engine;
   backend: "cpu" | "cuda";
   /** The served model (set by the model loader when FREEKV_MODEL is given). */
   model?: unknown;
@@ -37,13 +40,9 @@ export interface ComputeContext {
 
 export class StartupError extends Error {}
 
-/** Creates the engine for FREEKV_BACKEND, or undefined when the addon has no Engine. */
-export function createEngine(config: ComputeConfig, log: Logger): Engine | undefined {
+/** Creates the engine for FREEKV_BACKEND. */
+export function createEngine(config: ComputeConfig): Engine {
   const addon = loadAddon();
-  if (typeof addon.Engine !== "function") {
-    log.warn("this native addon has no Engine: sessions work, Attention answers UNAVAILABLE");
-    return undefined;
-  }
   if (config.FREEKV_BACKEND === "cuda") {
     const info = addon.backendInfo();
     if (!info.backends.includes("cuda")) {
@@ -75,11 +74,17 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
       buckets: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1, 3],
       registers: [registry],
     }),
-    decodeBatchSize: new Histogram({ name: "freekv_compute_decode_batch_size", help: "Sessions per engine decode call", buckets: [1, 2, 4, 8, 16, 32, 64], registers: [registry] }),
-    decodeStepSeconds: new Histogram({
-      name: "freekv_compute_decode_step_seconds",
-      help: "Engine decode call time of one layer for a batch",
+    decodeBatchSize: new Histogram({ name: "freekv_compute_decode_batch_size", help: "Sessions per batched decode call (an Attention stream layer call or a Generate model step)", buckets: [1, 2, 4, 8, 16, 32, 64], registers: [registry] }),
+    decodeLayerSeconds: new Histogram({
+      name: "freekv_compute_decode_layer_seconds",
+      help: "Attention stream: engine decode call time of one layer for a batch",
       buckets: [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1],
+      registers: [registry],
+    }),
+    modelStepSeconds: new Histogram({
+      name: "freekv_compute_model_step_seconds",
+      help: "Generate: native decode step time of the whole model (every layer) for a batch",
+      buckets: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1],
       registers: [registry],
     }),
   };
@@ -125,11 +130,9 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
       let device = 0;
       let host = 0;
       for (const s of mgr?.list() ?? []) {
-        if (mgr!.engine && s.engineSession !== undefined) {
-          const st = mgr!.engine.stats(s.engineSession);
-          device += st.residentPages;
-          host += st.pagesOffloaded;
-        }
+        const st = mgr!.engine.stats(s.engineSession);
+        device += st.residentPages;
+        host += st.pagesOffloaded;
       }
       this.set({ tier: "device" }, device);
       this.set({ tier: "host" }, host);
@@ -139,7 +142,7 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
 }
 
 export function createContext(config: ComputeConfig, log: Logger, registry: Registry, extra: { modelGeometry?: ModelGeometry; model?: unknown } = {}): ComputeContext {
-  const engine = createEngine(config, log);
+  const engine = createEngine(config);
   const kvstore = new KvStoreClient(config.FREEKV_KVSTORE_ADDR, config.FREEKV_KVSTORE_TIMEOUT_MS);
   let mgr: SessionManager | undefined;
   const metrics = createMetrics(registry, () => mgr);

@@ -36,23 +36,19 @@ async function main(): Promise<void> {
   const swept = sweepStaleExchanges();
   if (swept.length) log.info({ segments: swept }, "removed tensor exchanges left by a compute process that is gone");
   const reattached = await ctx.sessions.reattachAll();
-  const { server, health } = await createComputeServer(ctx);
+  const { server, health } = createComputeServer(ctx);
   const port = await bindServer(server, config.FREEKV_COMPUTE_HOST, config.FREEKV_COMPUTE_PORT);
   const metricsServer = await startMetricsServer(registry, config.FREEKV_COMPUTE_METRICS_PORT, config.FREEKV_COMPUTE_HOST);
   // Compute serves only while its kvstore does: every new session needs it.
   const upstream = followUpstreamHealth(config.FREEKV_KVSTORE_ADDR, "freekv.v1.KvStoreService", log, (ok) => health.set(ok ? "SERVING" : "NOT_SERVING"));
-  installDrain({
-    server,
-    health,
-    log,
-    graceMs: config.FREEKV_SHUTDOWN_GRACE_MS,
-    cleanup: async () => {
-      upstream.stop();
-      await ctx.sessions.shutdown();
-      ctx.kvstore.close();
-      await metricsServer.close();
-    },
-  });
+  // At the end of the drain: sessions committed and unmapped (the kvstore keeps their pages).
+  const cleanup = async () => {
+    upstream.stop();
+    await ctx.sessions.shutdown();
+    ctx.kvstore.close();
+    await metricsServer.close();
+  };
+  installDrain({ server, health, log, graceMs: config.FREEKV_SHUTDOWN_GRACE_MS, cleanup });
   health.set(upstream.serving ? "SERVING" : "NOT_SERVING");
   log.info(
     { grpcPort: port, metricsPort: metricsServer.port, kvstore: config.FREEKV_KVSTORE_ADDR, backend: config.FREEKV_BACKEND, engine: !!ctx.engine, reattached },

@@ -26,7 +26,7 @@ import {
   type GenerateResponse,
   type Session,
 } from "../../proto/gen/freekv/v1/compute.js";
-import { KvStoreClient } from "../kvstore/client.js";
+import { KvStoreClient } from "../compute/kvstore-client.js";
 import { exactAttention, relativeError } from "./exact-attention.js";
 import { healthCheck } from "./health-probe.js";
 import { startService, type ServiceProcess } from "./launch.js";
@@ -338,7 +338,7 @@ async function main(): Promise<number> {
       const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
       return text.split("\n").filter((l) => !l.startsWith("#") && names.some((n) => l.startsWith(n)));
     };
-    for (const l of await grab(live.compute.metricsPort, ["freekv_compute_attention_requests_total", "freekv_compute_decode_batch_size_count", "freekv_compute_decode_step_seconds_sum", "freekv_compute_attention_seconds_sum", "freekv_compute_attention_seconds_count", "freekv_compute_sessions"])) say(`   compute  ${l}`);
+    for (const l of await grab(live.compute.metricsPort, ["freekv_compute_attention_requests_total", "freekv_compute_decode_batch_size_count", "freekv_compute_decode_layer_seconds_sum", "freekv_compute_attention_seconds_sum", "freekv_compute_attention_seconds_count", "freekv_compute_sessions"])) say(`   compute  ${l}`);
     for (const l of await grab(kvstore.metricsPort, ["freekv_kvstore_commits_total", "freekv_kvstore_sessions", "freekv_kvstore_segment_bytes"])) say(`   kvstore  ${l}`);
   } finally {
     live.client.close();

@@ -10,7 +10,7 @@ import { resolveGeometry } from "../common/geometry.js";
 import { resolveRetrieval, toNativeRetrieval, validateRetrieval } from "../common/retrieval.js";
 import { ServiceError, failedPrecondition, invalidArgument, notFound, resourceExhausted } from "../common/errors.js";
 import type { Logger } from "../common/log.js";
-import { crc32c } from "./crc32c.js";
+import { crc32c } from "../common/crc32c.js";
 import type { SessionDirectory, SessionRecord } from "./directory.js";
 import { capacityPages, computeLayout, toSegmentLayout, totalBytes } from "./layout.js";
 import type { KvStoreMetrics } from "./metrics.js";

@@ -4,12 +4,10 @@
  * memory; once the client reads again, every response arrives, in order.
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { loadAddon } from "../../native/binding.js";
 import { AttentionStream, f32Tensor } from "../helpers/attention-stream.js";
 import { prng, randomF32 } from "../helpers/prng.js";
 import { ATTENTION, QUIET, computeClient, fetchMetrics, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
 
-const hasEngine = typeof loadAddon().Engine === "function";
 // Big outputs (16 heads x 1024 x 4 bytes = 64 KiB per decode) so the transport fills quickly.
 const G = { layers: 1, queryHeads: 16, kvHeads: 1, headDim: 1024, kvDtype: 1 };
 const R = { pageSize: 16, sinkTokens: 16, windowTokens: 16, selectTokens: 64 };
@@ -23,7 +21,7 @@ afterAll(async () => {
   await tiers?.stop();
 });
 
-describe.skipIf(!hasEngine)("Attention stream backpressure", () => {
+describe("Attention stream backpressure", () => {
   it("a client that stops reading stalls the server; reading again gets every response in order", async () => {
     const compute = computeClient(tiers.compute.address);
     await unary(compute, "createSession", { sessionId: "bp", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: N + 64 });

@@ -16,7 +16,6 @@ import { gaussian, prng, randomF32 } from "../helpers/prng.js";
 import { ATTENTION, QUIET, computeClient, startService, startTiers, unary, type ServiceProcess, type Tiers } from "../helpers/services.js";
 
 const addon = loadAddon();
-const hasEngine = typeof addon.Engine === "function";
 const G = { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 32, kvDtype: 1 };
 const R = { pageSize: 16, sinkTokens: 16, windowTokens: 32, selectTokens: 64, tau: 0.9, tauSet: true };
 const KV = G.kvHeads * G.headDim;
@@ -49,7 +48,7 @@ function queries(n: number, rand: () => number): Float32Array[] {
   return out;
 }
 
-describe.skipIf(!hasEngine)("compute restart", () => {
+describe("compute restart", () => {
   it("a killed compute's sessions are re-attached and continue with identical outputs", async () => {
     const rand = prng(0xc0ffee);
     const N = 300;

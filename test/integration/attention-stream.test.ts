@@ -14,7 +14,6 @@ import { exactAttention, relativeError } from "../helpers/exact-attention.js";
 import { prng, randomF32 } from "../helpers/prng.js";
 import { ATTENTION, QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
 
-const hasEngine = typeof loadAddon().Engine === "function";
 const G = { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 32, kvDtype: 1 };
 // Budget = sink 32 + select 512 + window 32 = 576 tokens >= every context below: exact output.
 const R = { pageSize: 16, sinkTokens: 32, windowTokens: 32, selectTokens: 512 };
@@ -57,7 +56,7 @@ async function create(id: string, maxContextTokens = 600) {
   await unary(compute, "createSession", { sessionId: id, kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens });
 }
 
-describe.skipIf(!hasEngine)("Attention stream with the engine", () => {
+describe("Attention stream with the engine", () => {
   it("prefill then decode equals exact attention (budget covers the context), f32 and bf16", async () => {
     const rand = prng(20261128);
     await create("att-f32");
@@ -297,11 +296,4 @@ describe("Attention stream errors", () => {
       expect(err!.details.startsWith(prefix)).toBe(true);
     });
   }
-
-  it.skipIf(hasEngine)("without the engine, valid messages get UNAVAILABLE 'engine not built'", async () => {
-    const s = new AttentionStream(compute);
-    const e = await s.prefill("bad-1", 0, k2(4), k2(4)).catch((x: { code: number; details: string }) => x);
-    expect(e).toMatchObject({ code: status.UNAVAILABLE });
-    expect((e as { details: string }).details).toContain("engine not built");
-  });
 });

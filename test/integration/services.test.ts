@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { status } from "@grpc/grpc-js";
 import { loadAddon } from "../../native/binding.js";
-import { crc32c } from "../../services/kvstore/crc32c.js";
+import { crc32c } from "../../services/common/crc32c.js";
 import { AttentionStream } from "../helpers/attention-stream.js";
 import { healthCheck, healthWatch, reflectionHasSymbol, reflectionServices } from "../helpers/grpc-probes.js";
 import { prng, randomBytes } from "../helpers/prng.js";

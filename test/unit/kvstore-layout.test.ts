@@ -8,7 +8,7 @@ import { loadAddon } from "../../native/binding.js";
 import { loadShm } from "../../native/shm.js";
 import { toNativeGeometry } from "../../services/common/geometry.js";
 import { resolveRetrieval, toNativeRetrieval } from "../../services/common/retrieval.js";
-import { crc32c } from "../../services/kvstore/crc32c.js";
+import { crc32c } from "../../services/common/crc32c.js";
 import { capacityPages, computeLayout, totalBytes } from "../../services/kvstore/layout.js";
 import { attachLocalHost } from "../../services/compute/model/localHost.js";
 import { prng, randomBytes, randomF32 } from "../helpers/prng.js";

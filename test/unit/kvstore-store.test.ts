@@ -7,7 +7,7 @@ import { KvStore } from "../../services/kvstore/store.js";
 import { computeLayout, totalBytes, capacityPages } from "../../services/kvstore/layout.js";
 import { resolveRetrieval } from "../../services/common/retrieval.js";
 import { shmSegments } from "../helpers/services.js";
-import { crc32c } from "../../services/kvstore/crc32c.js";
+import { crc32c } from "../../services/common/crc32c.js";
 import { loadAddon } from "../../native/binding.js";
 import { prng } from "../helpers/prng.js";
 

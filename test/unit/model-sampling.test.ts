@@ -175,11 +175,13 @@ describe("decode scheduler", () => {
   it("joins the steps of concurrent requests into one call and routes each row back", async () => {
     const { model, calls } = fakeModel();
     const sch = new DecodeScheduler(model);
+    const sizes: number[] = [];
     const loop = async (session: number) => {
       const seen: number[][] = [];
       for (let step = 0; step < 5; step++) {
         const r = await sch.step(session, 100 + step, 10 * session + step);
         seen.push(Array.from(r.logits));
+        sizes.push(r.batchSize);
       }
       return seen;
     };
@@ -187,7 +189,8 @@ describe("decode scheduler", () => {
     out.forEach((rows, i) => rows.forEach((row, step) => expect(row).toEqual([i + 1, 100 + step, 10 * (i + 1) + step])));
     expect(calls.length).toBe(5);
     expect(calls.every((c) => c.length === 3)).toBe(true);
-    expect(sch.maxBatchSeen).toBe(3);
+    expect(sizes).toEqual(new Array(15).fill(3));
+    expect(sch.batches).toBe(5);
   });
 
   it("never puts one session twice in a batch and caps the batch size", async () => {

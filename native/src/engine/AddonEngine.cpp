@@ -13,6 +13,7 @@
 
 #include "engine/AddonContract.h"
 #include "engine/DeviceEngine.h"
+#include "engine/Manifest.h"
 #include "shm/ShmSegment.h"
 
 namespace freekv::addon {
@@ -151,6 +152,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
                         InstanceMethod("stats", &AddonEngine::GetStats),
                         InstanceMethod("deviceStepStats", &AddonEngine::GetDeviceStepStats),
                         InstanceMethod("contextTokens", &AddonEngine::ContextTokens),
+                        InstanceMethod("filledPages", &AddonEngine::FilledPages),
                         InstanceMethod("lastAttendedTokens", &AddonEngine::LastAttendedTokens)});
   }
 
@@ -194,6 +196,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
  private:
   struct SessionInfo {
     Geometry geo;
+    const uint8_t* manifest = nullptr;  // the engine's record of offloaded pages, tokens, queries
     std::vector<Napi::ObjectReference> segments;  // store, staging, tail, manifest
   };
 
@@ -243,6 +246,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     h.tail_bytes = segs[2]->size();
     h.manifest = static_cast<uint8_t*>(segs[3]->data());
     h.manifest_bytes = segs[3]->size();
+    si.manifest = h.manifest;
     int id;
     try {
       id = engine_->CreateSession(g, c, h, reattach);
@@ -394,6 +398,13 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     } catch (const std::exception& e) {
       throw Napi::Error::New(info.Env(), e.what());
     }
+  }
+
+  // Read from the session manifest, which every backend keeps (so no backend implements it).
+  Napi::Value FilledPages(const Napi::CallbackInfo& info) {
+    const auto& si = SessionArg(info, 0);
+    const int layer = LayerArg(info, 1, si.geo);
+    return Napi::Number::New(info.Env(), ManifestCommittedPages(si.manifest, layer));
   }
 
   Napi::Value LastAttendedTokens(const Napi::CallbackInfo& info) {

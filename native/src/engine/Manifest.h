@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "engine/Layout.h"
@@ -52,6 +53,14 @@ struct ManifestState {
   std::vector<uint32_t> tail_tokens;      // per layer
 };
 ManifestState ReadManifest(const uint8_t* base, size_t bytes, int layers);
+
+// The committed full pages of `layer` in a manifest: the pages the engine has offloaded to the
+// store, written before the call that filled them returns (what the compute tier may commit).
+inline uint32_t ManifestCommittedPages(const uint8_t* manifest, int layer) {
+  uint32_t w;
+  std::memcpy(&w, manifest + sizeof(ManifestHeader) + kManifestLayerBytes * static_cast<size_t>(layer), sizeof w);
+  return w;
+}
 
 class Manifest {
  public:

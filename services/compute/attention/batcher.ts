@@ -1,21 +1,20 @@
 /**
- * Decode batching across streams. Decode requests for the same layer that arrive within a short
- * window (FREEKV_DECODE_BATCH_WINDOW_US, 200 us by default) run as one engine.decode call; more
- * collect while a call runs, so under load batches grow by themselves. A batch holds a session
- * at most once and only sessions of one shape (the engine's contract); the rest go into the
- * next batch, in arrival order. Engine calls run one at a time.
+ * Decode batching across Attention streams: the items of decode requests for the same layer
+ * that arrive within a short window (FREEKV_DECODE_BATCH_WINDOW_US, 200 us by default) run as one
+ * engine.decode call through the DecodeBatcher. A batch holds only sessions of one shape and
+ * KV storage type (the engine's contract). A request resolves when all its items have run; the
+ * first failing item fails it.
  */
-import { status } from "@grpc/grpc-js";
 import type { Engine } from "../../../native/binding.js";
-import { ServiceError, notFound, resourceExhausted } from "../../common/errors.js";
+import { notFound, resourceExhausted } from "../../common/errors.js";
+import { DecodeBatcher, type BatchItem } from "../decode-batcher.js";
 import { acquireAll } from "../sessions/lock.js";
 import type { ComputeSession } from "../sessions/session.js";
 import type { DecodeItemOp } from "./validate.js";
 
-interface Entry {
-  layer: number;
-  items: DecodeItemOp[];
-  outputs: Array<Float32Array | undefined>;
+/** One decode request of a stream: a layer's items, one per session. */
+interface Request {
+  outputs: Float32Array[];
   remaining: number;
   signal: AbortSignal;
   settled: boolean;
@@ -23,9 +22,9 @@ interface Entry {
   reject(e: unknown): void;
 }
 
-interface Item {
-  entry: Entry;
-  index: number;
+interface Item extends BatchItem<Float32Array> {
+  layer: number;
+  op: DecodeItemOp;
 }
 
 export interface BatchObserver {
@@ -35,131 +34,75 @@ export interface BatchObserver {
   appended(session: ComputeSession, layer: number): void;
 }
 
-/** Sessions that may share one engine call: same shapes and KV storage type. */
-const shapeKey = (s: ComputeSession) => `${s.geometry.queryHeads}/${s.geometry.kvHeads}/${s.geometry.headDim}/${s.geometry.kvDtype}`;
+/** Items that may share one engine call: same layer, shapes and KV storage type. */
+const groupKey = (layer: number, s: ComputeSession) => `${layer}/${s.geometry.queryHeads}/${s.geometry.kvHeads}/${s.geometry.headDim}/${s.geometry.kvDtype}`;
 
-export class DecodeBatcher {
-  private pending: Entry[] = [];
-  private scheduled = false;
-  private running = false;
+/** Why an item of a settled request no longer runs (its request already failed). */
+const SETTLED = new Error("the request already failed");
+
+export class AttentionBatcher {
+  private readonly batcher: DecodeBatcher<Item, Float32Array>;
 
   constructor(
-    private readonly engine: () => Engine,
-    private readonly windowUs: number,
+    private readonly engine: Engine,
+    windowUs: number,
     private readonly observer: BatchObserver,
-  ) {}
-
-  submit(layer: number, items: DecodeItemOp[], signal: AbortSignal): Promise<Float32Array[]> {
-    return new Promise((resolve, reject) => {
-      const entry: Entry = { layer, items, outputs: new Array(items.length), remaining: items.length, signal, settled: false, resolve, reject };
-      this.pending.push(entry);
-      this.schedule();
+  ) {
+    this.batcher = new DecodeBatcher<Item, Float32Array>({
+      maxBatch: Infinity,
+      windowUs,
+      admit: (items) => this.admit(items),
+      call: (items) =>
+        this.engine.decode(
+          items[0].layer,
+          items.map(({ op }) => ({ session: op.session.engineSession, q: op.q, k: op.k, v: op.v })),
+        ),
+      observe: (items, b) => this.observer.batch(items[0].layer, b.size, b.ms / 1000),
     });
   }
 
-  private schedule(): void {
-    if (this.scheduled || this.running) return;
-    this.scheduled = true;
-    const start = process.hrtime.bigint();
-    const windowNs = BigInt(this.windowUs) * 1000n;
-    // setTimeout cannot wait 200 us; yield to I/O with setImmediate until the window is over.
-    const tick = () => {
-      if (process.hrtime.bigint() - start >= windowNs) {
-        this.scheduled = false;
-        void this.flush();
-      } else setImmediate(tick);
-    };
-    setImmediate(tick);
-  }
-
-  private settle(e: Entry, err?: unknown): void {
-    if (e.settled) return;
-    e.settled = true;
-    if (err !== undefined) e.reject(err);
-    else e.resolve(e.outputs as Float32Array[]);
-  }
-
-  private async flush(): Promise<void> {
-    this.running = true;
-    try {
-      while (this.pending.length) {
-        const entries = this.pending;
-        this.pending = [];
-        const byLayer = new Map<number, Item[]>();
-        for (const e of entries) {
-          if (e.signal.aborted) {
-            this.settle(e, e.signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled"));
-            continue;
-          }
-          const list = byLayer.get(e.layer) ?? [];
-          e.items.forEach((_, index) => list.push({ entry: e, index }));
-          byLayer.set(e.layer, list);
-        }
-        for (const [layer, items] of byLayer) {
-          let rest = items;
-          while (rest.length) {
-            const batch: Item[] = [];
-            const next: Item[] = [];
-            const seen = new Set<string>();
-            const key = shapeKey(rest[0].entry.items[rest[0].index].session);
-            for (const it of rest) {
-              const s = it.entry.items[it.index].session;
-              if (it.entry.settled) continue;
-              if (seen.has(s.id) || shapeKey(s) !== key) next.push(it);
-              else {
-                seen.add(s.id);
-                batch.push(it);
-              }
-            }
-            if (batch.length) await this.run(layer, batch);
-            rest = next;
-          }
-        }
-      }
-    } finally {
-      this.running = false;
-    }
-  }
-
-  private async run(layer: number, batch: Item[]): Promise<void> {
-    const sessions = batch.map((it) => it.entry.items[it.index].session);
-    const release = await acquireAll(sessions.map((s) => ({ key: s.id, lock: s.lock })));
-    try {
-      const live: Item[] = [];
-      for (const it of batch) {
-        const s = it.entry.items[it.index].session;
-        if (it.entry.settled) continue;
-        if (it.entry.signal.aborted) this.settle(it.entry, it.entry.signal.reason);
-        else if (s.closed) this.settle(it.entry, notFound(`session ${JSON.stringify(s.id)} was closed`));
-        else if (s.layerTokens[layer] + 1 > s.maxContextTokens) {
-          this.settle(it.entry, resourceExhausted(`decode: layer ${layer} of session ${s.id} is full (max_context_tokens ${s.maxContextTokens})`));
-        } else live.push(it);
-      }
-      if (!live.length) return;
-      const t0 = process.hrtime.bigint();
-      let outs: Float32Array[];
-      try {
-        outs = await this.engine().decode(
+  submit(layer: number, items: DecodeItemOp[], signal: AbortSignal): Promise<Float32Array[]> {
+    return new Promise((resolve, reject) => {
+      const req: Request = { outputs: new Array<Float32Array>(items.length), remaining: items.length, signal, settled: false, resolve, reject };
+      items.forEach((op, index) =>
+        this.batcher.submit({
+          session: op.session.id,
+          group: groupKey(layer, op.session),
           layer,
-          live.map((it) => {
-            const op = it.entry.items[it.index];
-            return { session: op.session.engineSession!, q: op.q, k: op.k, v: op.v };
-          }),
-        );
-      } catch (e) {
-        for (const it of live) this.settle(it.entry, e);
-        return;
-      }
-      this.observer.batch(layer, live.length, Number(process.hrtime.bigint() - t0) / 1e9);
-      live.forEach((it, i) => {
-        const s = it.entry.items[it.index].session;
-        s.layerTokens[layer]++;
-        this.observer.appended(s, layer);
-        it.entry.outputs[it.index] = outs[i];
-        if (--it.entry.remaining === 0) this.settle(it.entry);
-      });
-    } finally {
-      release();
-    }
+          op,
+          abandoned: () => (req.settled ? SETTLED : req.signal.aborted ? req.signal.reason : undefined),
+          resolve: (out) => {
+            op.session.layerTokens[layer]++;
+            this.observer.appended(op.session, layer);
+            req.outputs[index] = out;
+            if (--req.remaining === 0) settle(req);
+          },
+          reject: (e) => settle(req, e),
+        }),
+      );
+    });
   }
+
+  /** Locks the batch's sessions and keeps the items that may still run. */
+  private async admit(items: Item[]): Promise<{ items: Item[]; release(): void }> {
+    const release = await acquireAll(items.map(({ op }) => ({ key: op.session.id, lock: op.session.lock })));
+    const live: Item[] = [];
+    for (const it of items) {
+      const { session: s } = it.op;
+      const why = it.abandoned?.();
+      if (why !== undefined) it.reject(why);
+      else if (s.closed) it.reject(notFound(`session ${JSON.stringify(s.id)} was closed`));
+      else if (s.layerTokens[it.layer] + 1 > s.maxContextTokens) {
+        it.reject(resourceExhausted(`decode: layer ${it.layer} of session ${s.id} is full (max_context_tokens ${s.maxContextTokens})`));
+      } else live.push(it);
+    }
+    return { items: live, release };
+  }
+}
+
+function settle(r: Request, err?: unknown): void {
+  if (r.settled) return;
+  r.settled = true;
+  if (err !== undefined) r.reject(err);
+  else r.resolve(r.outputs);
 }

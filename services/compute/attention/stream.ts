@@ -2,7 +2,7 @@
  * The bidirectional per-layer Attention stream (freekv.v1.ComputeService/Attention) for
  * disaggregated engines. Messages of one stream are handled in order (a decode of layer l must
  * see the prefill sent before it); decode requests of different streams meet in the
- * DecodeBatcher. Reading pauses while too many messages wait, and writing waits for 'drain', so
+ * AttentionBatcher. Reading pauses while too many messages wait, and writing waits for 'drain', so
  * a slow client slows the stream instead of filling memory. Any bad message ends the stream
  * with its status (INVALID_ARGUMENT naming the field, NOT_FOUND, RESOURCE_EXHAUSTED).
  *
@@ -17,7 +17,7 @@ import { callScope, whenAborted } from "../../common/cancellation.js";
 import { invalidArgument, toStatus } from "../../common/errors.js";
 import type { Logger } from "../../common/log.js";
 import type { SessionManager } from "../sessions/manager.js";
-import type { DecodeBatcher } from "./batcher.js";
+import type { AttentionBatcher } from "./batcher.js";
 import { EXCHANGE_ALIGNMENT, TensorExchange } from "./exchange.js";
 import { writeTensor } from "./tensor.js";
 import { validateRequest } from "./validate.js";
@@ -30,7 +30,7 @@ export interface AttentionObserver {
   prefilled(session: import("../sessions/session.js").ComputeSession, layer: number): void;
 }
 
-export function attentionHandler(deps: { sessions: SessionManager; batcher: DecodeBatcher; log: Logger; observer: AttentionObserver }): handleBidiStreamingCall<AttentionRequest, AttentionResponse> {
+export function attentionHandler(deps: { sessions: SessionManager; batcher: AttentionBatcher; log: Logger; observer: AttentionObserver }): handleBidiStreamingCall<AttentionRequest, AttentionResponse> {
   const { sessions, batcher, log, observer } = deps;
   return (call: ServerDuplexStream<AttentionRequest, AttentionResponse>) => {
     const scope = callScope(call);
@@ -70,13 +70,13 @@ export function attentionHandler(deps: { sessions: SessionManager; batcher: Deco
         return { requestId: req.requestId, result: { $case: "exchange", value: { segmentName: exchange.name, sizeBytes: exchange.size, alignment: EXCHANGE_ALIGNMENT } } };
       }
       const op = validateRequest(req, sessions, exchange);
-      const engine = sessions.requireEngine();
+      const engine = sessions.engine;
       if (op.op === "prefill") {
         const s = op.session;
         await Promise.race([
           s.lock.run(async () => {
             if (s.closed) throw new Error("closed");
-            await engine.prefill(s.engineSession!, op.layer, op.k, op.v, op.n);
+            await engine.prefill(s.engineSession, op.layer, op.k, op.v, op.n);
             s.layerTokens[op.layer] += op.n;
             observer.prefilled(s, op.layer);
           }),

@@ -13,7 +13,7 @@ import { parseTokenList } from "./logits.js";
 
 const USAGE =
   "usage: freekv generate [--model DIR] (--tokens 1,2,3 | --prompt TEXT | --chat TEXT) --max-tokens N [options]\n" +
-  "  --model DIR          Hugging Face model folder (default: FREEKV_MODEL, FREEKV_MODEL_DIR or the built-in model)\n" +
+  "  --model DIR          Hugging Face model folder (default: FREEKV_MODEL or the built-in model)\n" +
   "  --greedy             temperature 0 (the default unless --temperature is given)\n" +
   "  --temperature T --top-p P --top-k K --seed S   sampling\n" +
   "  --stop-token ID      (repeatable) stop token ids; the model's EOS ids are added unless --ignore-eos\n" +

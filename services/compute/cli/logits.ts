@@ -8,7 +8,7 @@ import { defaultModelDir } from "../model/loader.js";
 import { LocalRunner, localRetrieval } from "../generate/local.js";
 
 const USAGE = "usage: freekv logits [--model DIR] --tokens 1,2,3 [--json] [--threads N]\n" +
-  "  --model DIR   Hugging Face model folder (default: FREEKV_MODEL, FREEKV_MODEL_DIR or the built-in model)\n";
+  "  --model DIR   Hugging Face model folder (default: FREEKV_MODEL or the built-in model)\n";
 
 export function parseTokenList(s: string, name = "--tokens"): number[] {
   const parts = s.split(",").map((x) => x.trim()).filter((x) => x.length > 0);

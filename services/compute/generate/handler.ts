@@ -20,9 +20,9 @@ import {
   type GenerateResponse,
 } from "../../../proto/gen/freekv/v1/compute.js";
 import { callScope } from "../../common/cancellation.js";
-import { ServiceError, failedPrecondition, invalidArgument, notFound, toStatus, unavailable } from "../../common/errors.js";
+import { ServiceError, failedPrecondition, invalidArgument, notFound, toStatus } from "../../common/errors.js";
 import type { ComputeContext } from "../context.js";
-import { loadModel, defaultModelDir, type LoadedModel } from "../model/loader.js";
+import { builtinModelDir, loadModel, type LoadedModel } from "../model/loader.js";
 import type { ComputeSession } from "../sessions/session.js";
 import { generate, GenerateError, type FinishReason as Finish, type GenerateFinalOut, type GenerationSession } from "./generation.js";
 import { DecodeScheduler } from "./scheduler.js";
@@ -51,12 +51,11 @@ function isLoadedModel(m: unknown): m is LoadedModel {
 
 /** The served model: ctx.model when the server loaded it, else FREEKV_MODEL / the built-in folder. */
 function serveModel(ctx: ComputeContext): Served | string {
-  if (!ctx.engine) return "the native addon has no engine";
   let loaded: LoadedModel;
   if (isLoadedModel(ctx.model)) {
     loaded = ctx.model;
   } else {
-    const dir = ctx.config.FREEKV_MODEL || defaultModelDir();
+    const dir = ctx.config.FREEKV_MODEL || builtinModelDir();
     try {
       loaded = loadModel(dir, { engine: ctx.engine, threads: ctx.config.FREEKV_THREADS || undefined, deviceWeights: ctx.config.FREEKV_DEVICE_WEIGHTS });
     } catch (e) {
@@ -71,7 +70,7 @@ function serveModel(ctx: ComputeContext): Served | string {
   ctx.modelGeometry ??= { layers: c.layers, queryHeads: c.qHeads, kvHeads: c.kvHeads, headDim: c.headDim, kvDtype: DType.D_TYPE_FLOAT32 };
   const scheduler = new DecodeScheduler(loaded.model, 64, (size, ms) => {
     ctx.metrics.decodeBatchSize.observe(size);
-    ctx.metrics.decodeStepSeconds.observe(ms / 1000);
+    ctx.metrics.modelStepSeconds.observe(ms / 1000);
   });
   return { loaded, scheduler };
 }
@@ -134,7 +133,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     if (typeof served === "string") {
       const why = served;
       served = undefined; // a later call tries again (e.g. after `npm run build` made the folder)
-      throw ctx.engine ? failedPrecondition(why) : unavailable(`Generate: ${why}`);
+      throw failedPrecondition(why);
     }
     return served;
   };
@@ -179,7 +178,6 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     try {
       release = await s.lock.acquire();
       if (s.closed) throw notFound(`session ${JSON.stringify(s.id)} not found`);
-      if (s.engineSession === undefined) throw unavailable("the session has no engine session");
       state = (s.metadata.generate as GenerateState | undefined) ?? {};
       s.metadata.generate = state;
       const sampling = req.sampling ?? { temperature: 0, topP: 0, topK: 0, seed: 0 };
@@ -256,7 +254,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       if (state && gs) state.pendingToken = gs.pendingToken;
       // A continued session's metadata (the pending token) goes to the kvstore with its pages, so
       // a restarted compute that re-attaches the session continues the conversation exactly.
-      if (!fresh && state && !s.closed) await ctx.sessions.saveMetadata(s).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "saving the session's metadata failed"));
+      if (!fresh && state && !s.closed) await ctx.sessions.commitMetadata(s).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "committing the session's metadata failed"));
       release?.();
       if (fresh) await ctx.sessions.close(s.id).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "closing the request's session failed"));
     }

@@ -7,6 +7,8 @@ import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { loadAddon, type Engine, type Model, type TensorRef } from "../../../native/binding.js";
+import { parseConfig } from "../../common/config.js";
+import { computeConfigSchema } from "../config.js";
 import { ModelConfigError, parseModelConfig, type ModelSpec } from "./config.js";
 import { loadTextCodec, type TextCodec } from "./tokenizer.js";
 import { collectTensorRefs } from "./weights.js";
@@ -76,7 +78,7 @@ export function builtinModelDir(): string {
   return resolve(here, "../../..", "models", "builtin");
 }
 
-/** FREEKV_MODEL (as the service reads it), FREEKV_MODEL_DIR, or the built-in model. */
-export function defaultModelDir(): string {
-  return process.env.FREEKV_MODEL || process.env.FREEKV_MODEL_DIR || builtinModelDir();
+/** FREEKV_MODEL (validated as the service reads it), or the built-in model. */
+export function defaultModelDir(env: NodeJS.ProcessEnv = process.env): string {
+  return parseConfig(computeConfigSchema.pick({ FREEKV_MODEL: true }), env).FREEKV_MODEL || builtinModelDir();
 }

@@ -9,12 +9,12 @@ import { loadAddon, type Engine, type HostSegments, type ShmSegment } from "../.
 import { DType, type ModelGeometry, type RetrievalStats } from "../../../proto/gen/freekv/v1/common.js";
 import { SessionKind, type CreateSessionRequest, type Session } from "../../../proto/gen/freekv/v1/compute.js";
 import type { AttachSessionResponse, CommitPagesRequest, LayerPages } from "../../../proto/gen/freekv/v1/kvstore.js";
-import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFound, unavailable } from "../../common/errors.js";
+import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFound } from "../../common/errors.js";
 import { resolveGeometry, toNativeGeometry } from "../../common/geometry.js";
 import type { Logger } from "../../common/log.js";
 import { resolveRetrieval, toNativeRetrieval } from "../../common/retrieval.js";
-import type { KvStoreClient } from "../../kvstore/client.js";
-import { crc32c } from "../../kvstore/crc32c.js";
+import type { KvStoreClient } from "../kvstore-client.js";
+import { crc32c } from "../../common/crc32c.js";
 import { ComputeSession, kindName, type SessionMetadata } from "./session.js";
 import { status } from "@grpc/grpc-js";
 
@@ -23,7 +23,7 @@ export const SESSION_ID_RE = /^[A-Za-z0-9._-]{1,128}$/;
 export interface SessionManagerOptions {
   log: Logger;
   kvstore: KvStoreClient;
-  engine: Engine | undefined;
+  engine: Engine;
   defaultMaxContextTokens: number;
   maxContextLimit: number;
   commitChecksums: boolean;
@@ -38,7 +38,6 @@ export interface SessionManagerOptions {
 export class SessionManager {
   private readonly sessions = new Map<string, ComputeSession>();
   private readonly creating = new Set<string>();
-  private warnedSingleLayerKvstore = false;
 
   constructor(private readonly opts: SessionManagerOptions) {}
 
@@ -50,13 +49,7 @@ export class SessionManager {
     return [...this.sessions.values()];
   }
 
-  /** The engine, or UNAVAILABLE when this build has none. */
-  requireEngine(): Engine {
-    if (!this.opts.engine) throw unavailable("engine not built: this addon has no Engine (rebuild native/)");
-    return this.opts.engine;
-  }
-
-  get engine(): Engine | undefined {
+  get engine(): Engine {
     return this.opts.engine;
   }
 
@@ -137,21 +130,16 @@ export class SessionManager {
       for (const s of opened) s.close();
       throw new ServiceError(status.UNAVAILABLE, `cannot map the kvstore's segments of ${id}: ${(e as Error).message}`);
     }
-    let engineSession: number | undefined;
+    let engineSession: number;
     const engine = this.opts.engine;
-    if (engine) {
-      try {
-        engineSession = engine.createSession(toNativeGeometry(geometry), toNativeRetrieval(retrieval), host, reattach);
-      } catch (e) {
-        for (const s of opened) s.close();
-        throw invalidArgument("session", `the engine refused it: ${(e as Error).message}`);
-      }
+    try {
+      engineSession = engine.createSession(toNativeGeometry(geometry), toNativeRetrieval(retrieval), host, reattach);
+    } catch (e) {
+      for (const s of opened) s.close();
+      throw invalidArgument("session", `the engine refused it: ${(e as Error).message}`);
     }
     const s = new ComputeSession(id, kind, geometry, retrieval, attach.maxContextTokens, attach, host, engineSession, metadata);
-    if (reattach) {
-      const tokens = engine && engineSession !== undefined ? engine.contextTokens(engineSession) : Math.min(...s.committedPages) * retrieval.pageSize;
-      s.layerTokens.fill(tokens);
-    }
+    if (reattach) s.layerTokens.fill(engine.contextTokens(engineSession));
     return s;
   }
 
@@ -184,8 +172,9 @@ export class SessionManager {
 
   /**
    * Records at the kvstore the pages of `layer` that filled since the last commit (two-phase:
-   * the engine wrote them into the store, now the kvstore learns they are valid). Runs in the
-   * background, in order per session.
+   * the engine wrote them into the store, now the kvstore learns they are valid). Which pages
+   * are full and offloaded is the engine's answer (filledPages). Runs in the background, in order
+   * per session.
    */
   commitProgress(s: ComputeSession, layer: number): void {
     this.commitLayers(s, [layer]);
@@ -205,7 +194,7 @@ export class SessionManager {
     let contextTokens = 0;
     for (const layer of layers) {
       if (!s.offloads(layer)) continue;
-      const full = Math.floor(s.layerTokens[layer] / s.retrieval.pageSize);
+      const full = this.opts.engine.filledPages(s.engineSession, layer);
       const first = s.committedPages[layer];
       if (full <= first) continue;
       s.committedPages[layer] = full;
@@ -214,8 +203,6 @@ export class SessionManager {
       if (this.opts.commitChecksums && s.host && s.attach.layout) {
         const l = s.attach.layout;
         const store = new Uint8Array(s.host.store.buffer());
-        // The engine offloads synchronously within the call that filled the page on the CPU
-        // backend; sync() first covers backends that offload in the background.
         for (let p = first; p < full; p++) {
           const off = layer * l.layerStrideBytes + p * l.pageBytes;
           checksums.push(crc32c(store.subarray(off, off + l.pageBytes)));
@@ -230,16 +217,7 @@ export class SessionManager {
         : { sessionId: s.id, layer: 0, firstPage: 0, count: 0, checksums: [], contextTokens, metadata: Buffer.alloc(0), layers: entries };
     s.commitChain = s.commitChain.then(async () => {
       try {
-        const res = await this.opts.kvstore.commit(req);
-        // A kvstore that predates `layers` (a rolling upgrade) ignores them and answers without
-        // layer_committed_pages: the layers are then committed one call each.
-        if (entries.length > 1 && res.layerCommittedPages.length !== entries.length) {
-          if (!this.warnedSingleLayerKvstore) {
-            this.warnedSingleLayerKvstore = true;
-            this.opts.log.warn({ session: s.id }, "the kvstore does not take several layers per CommitPages call; committing layer by layer");
-          }
-          for (const e of entries) await this.opts.kvstore.commit({ ...req, ...e, layers: [] });
-        }
+        await this.opts.kvstore.commit(req);
       } catch (e) {
         s.commitError = e as Error;
         this.opts.log.error({ session: s.id, layers: entries.map((e) => e.layer), err: (e as Error).message }, "commit to the kvstore failed");
@@ -247,8 +225,8 @@ export class SessionManager {
     });
   }
 
-  /** Stores the session's metadata at the kvstore (kept for re-attach). */
-  async saveMetadata(s: ComputeSession): Promise<void> {
+  /** Commits the session's metadata at the kvstore (a CommitPages call without pages; kept for re-attach). */
+  async commitMetadata(s: ComputeSession): Promise<void> {
     const layer = 0;
     const first = s.committedPages[layer];
     await s.commitChain;
@@ -281,12 +259,10 @@ export class SessionManager {
 
   /** Closes the engine session and unmaps the segments (the kvstore keeps them). */
   private detach(s: ComputeSession): void {
-    if (this.opts.engine && s.engineSession !== undefined) {
-      try {
-        this.opts.engine.closeSession(s.engineSession);
-      } catch (e) {
-        this.opts.log.warn({ session: s.id, err: (e as Error).message }, "engine closeSession failed");
-      }
+    try {
+      this.opts.engine.closeSession(s.engineSession);
+    } catch (e) {
+      this.opts.log.warn({ session: s.id, err: (e as Error).message }, "engine closeSession failed");
     }
     if (s.host) for (const seg of [s.host.store, s.host.staging, s.host.tail, s.host.manifest]) seg.close();
   }
@@ -297,7 +273,7 @@ export class SessionManager {
       await s.lock.run(async () => {
         s.closed = true;
         await s.commitChain;
-        if (this.opts.engine && s.engineSession !== undefined) await this.opts.engine.sync(s.engineSession).catch(() => undefined);
+        await this.opts.engine.sync(s.engineSession).catch(() => undefined);
         this.detach(s);
       });
     }
@@ -305,11 +281,7 @@ export class SessionManager {
   }
 
   stats(s: ComputeSession): RetrievalStats {
-    const e = this.opts.engine;
-    if (!e || s.engineSession === undefined) {
-      return { decodeSteps: 0, selections: 0, corrections: 0, correctionRate: 0, pagesSelected: 0, pagesHit: 0, pagesRecalled: 0, recallBytes: 0, pagesOffloaded: 0, offloadBytes: 0, hitRate: 0 };
-    }
-    const st = e.stats(s.engineSession);
+    const st = this.opts.engine.stats(s.engineSession);
     return {
       decodeSteps: st.decodeSteps,
       selections: st.selections,

@@ -26,7 +26,6 @@ export class ComputeSession {
   /** Commits to the kvstore run in order, off the request's critical path. */
   commitChain: Promise<void> = Promise.resolve();
   commitError: Error | undefined;
-  readonly createdAt = new Date();
 
   constructor(
     readonly id: string,
@@ -36,7 +35,7 @@ export class ComputeSession {
     readonly maxContextTokens: number,
     readonly attach: AttachSessionResponse,
     readonly host: HostSegments | undefined,
-    readonly engineSession: number | undefined,
+    readonly engineSession: number,
     public metadata: SessionMetadata,
   ) {
     this.layerTokens = new Array<number>(geometry.layers).fill(0);

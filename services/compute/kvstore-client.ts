@@ -17,7 +17,7 @@ import {
 type Unary<Req, Res> = (req: Req, md: Metadata, opts: Partial<CallOptions>, cb: (err: GrpcError | null, res: Res) => void) => ClientUnaryCall;
 
 export class KvStoreClient {
-  readonly raw: KvStoreServiceClient;
+  private readonly raw: KvStoreServiceClient;
 
   constructor(
     readonly address: string,

@@ -1,0 +1,148 @@
+/**
+ * The decode batcher: the one queue behind both decode paths (Generate's whole-model steps and
+ * the Attention stream's per-layer steps). Items that wait when the native side is free run as
+ * one native call; while a call runs, new items (and the next steps of the ones in it) queue for
+ * the next call, so batches grow by themselves under load. A batch holds a session at most once
+ * and only items of one group (same layer and shapes, say); the rest go into a later batch, in
+ * arrival order. Native calls run one at a time. What differs between the two paths (the native
+ * call, the group, what a failed call does) is passed in as a BatchPolicy.
+ */
+import { status } from "@grpc/grpc-js";
+import { ServiceError } from "../common/errors.js";
+
+/** How long the batch took and how many items it held, as each of its items learns it. */
+export interface BatchInfo {
+  size: number;
+  ms: number;
+}
+
+export interface BatchItem<R> {
+  /** A batch holds each session at most once. */
+  readonly session: string | number;
+  /** Only items of one group share a batch. */
+  readonly group: string;
+  /** The reason the item no longer waits (its call was cancelled), or undefined while it does. */
+  abandoned?(): unknown;
+  resolve(result: R, batch: BatchInfo): void;
+  reject(e: unknown): void;
+}
+
+export interface BatchPolicy<I extends BatchItem<R>, R> {
+  /** The one native call of a batch: one result per item, in order. */
+  call(items: I[]): Promise<R[]>;
+  /** Most items per batch. */
+  maxBatch: number;
+  /**
+   * How long the first item of an idle batcher waits for others to join (microseconds); 0: one
+   * setImmediate (every request whose previous step just resolved enqueues its next one).
+   */
+  windowUs: number;
+  /**
+   * Start the next batch at once when the last session of the previous one asks for its next
+   * step, instead of after the window: whatever those callers still do for the step just
+   * finished (writing their results out) then overlaps the next native call.
+   */
+  eager?: boolean;
+  /**
+   * Before the call: e.g. lock the sessions and reject the items that may no longer run. Returns
+   * the items to call with and what to do once they are settled.
+   */
+  admit?(items: I[]): Promise<{ items: I[]; release(): void }>;
+  /** A call that threw; by default every item of the batch fails with its error. */
+  failed?(items: I[], e: unknown): void;
+  /** After every successful call (metrics). */
+  observe?(items: I[], batch: BatchInfo): void;
+}
+
+export class DecodeBatcher<I extends BatchItem<R>, R> {
+  private queue: I[] = [];
+  private running = false;
+  private scheduled = false;
+  /** Sessions of the last batch that have not submitted their next item yet (eager policy). */
+  private awaited = new Set<string | number>();
+  /** Batches run so far. */
+  batches = 0;
+
+  constructor(private readonly policy: BatchPolicy<I, R>) {}
+
+  submit(item: I): void {
+    this.queue.push(item);
+    if (this.policy.eager && this.awaited.delete(item.session) && this.awaited.size === 0 && !this.running) void this.runBatch();
+    else this.schedule(this.policy.windowUs);
+  }
+
+  private schedule(windowUs: number): void {
+    if (this.running || this.scheduled || this.queue.length === 0) return;
+    this.scheduled = true;
+    const start = process.hrtime.bigint();
+    const windowNs = BigInt(windowUs) * 1000n;
+    // setTimeout cannot wait 200 us; yield to I/O with setImmediate until the window is over.
+    const tick = () => {
+      if (process.hrtime.bigint() - start >= windowNs) {
+        this.scheduled = false;
+        void this.runBatch();
+      } else setImmediate(tick);
+    };
+    setImmediate(tick);
+  }
+
+  /** The next batch: the first waiting item's group, each session once, at most maxBatch. */
+  private take(): I[] {
+    const waiting: I[] = [];
+    for (const it of this.queue) {
+      const why = it.abandoned?.();
+      if (why === undefined) waiting.push(it);
+      else it.reject(why ?? new ServiceError(status.CANCELLED, "call cancelled"));
+    }
+    const batch: I[] = [];
+    const rest: I[] = [];
+    const seen = new Set<string | number>();
+    const group = waiting[0]?.group;
+    for (const it of waiting) {
+      if (batch.length < this.policy.maxBatch && it.group === group && !seen.has(it.session)) {
+        seen.add(it.session);
+        batch.push(it);
+      } else rest.push(it);
+    }
+    this.queue = rest;
+    return batch;
+  }
+
+  private async runBatch(): Promise<void> {
+    if (this.running || this.queue.length === 0) return;
+    this.running = true;
+    try {
+      const taken = this.take();
+      if (taken.length) await this.run(taken);
+    } finally {
+      this.running = false;
+    }
+    // The next batch after setImmediate, so callers whose step just resolved can join it.
+    this.schedule(0);
+  }
+
+  private async run(taken: I[]): Promise<void> {
+    const admitted = this.policy.admit ? await this.policy.admit(taken) : { items: taken, release() {} };
+    const items = admitted.items;
+    try {
+      if (!items.length) return;
+      const t0 = performance.now();
+      let results: R[];
+      try {
+        results = await this.policy.call(items);
+      } catch (e) {
+        this.awaited.clear();
+        if (this.policy.failed) this.policy.failed(items, e);
+        else for (const it of items) it.reject(e);
+        return;
+      }
+      const batch: BatchInfo = { size: items.length, ms: performance.now() - t0 };
+      this.batches++;
+      this.policy.observe?.(items, batch);
+      if (this.policy.eager) this.awaited = new Set(items.map((it) => it.session));
+      items.forEach((it, i) => it.resolve(results[i], batch));
+    } finally {
+      admitted.release();
+    }
+  }
+}
