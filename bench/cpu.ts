@@ -30,8 +30,8 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { Worker } from "node:worker_threads";
 import { loadAddon, type Addon, type Engine, type Geometry, type Retrieval } from "../native/binding.js";
-import { createHostSegments } from "../services/compute/fidelity/host-segments.js";
-import { synthesizeTrace, type SynthTrace } from "../services/compute/fidelity/synth.js";
+import { createHostSegments } from "../tools/fidelity/host-segments.js";
+import { synthesizeTrace, type SynthTrace } from "../tools/fidelity/synth.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 // bench/ under tsx, dist/bench/ when compiled

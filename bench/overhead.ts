@@ -2,7 +2,7 @@
  * How much of a decode step is TypeScript and gRPC, at batch 16 (issue 5, benchmark item 4;
  * target: at most 2% of a step).
  *
- * Both tiers run as real processes (services/dev/launch.ts), and two request paths are measured:
+ * Both tiers run as real processes (tools/dev/launch.ts), and two request paths are measured:
  *
  * 1. Generate: 16 concurrent Generate streams with the served model (the built-in one unless
  *    FREEKV_MODEL says otherwise). Every chunk carries the duration of the native Model.decode
@@ -76,8 +76,8 @@ import { DecodeScheduler } from "../services/compute/generate/scheduler.js";
 import { StopMatcher } from "../services/compute/generate/stop.js";
 import { defaultModelDir, loadModelAsync, type LoadedModel } from "../services/compute/model/loader.js";
 import { createLocalSession, modelGeometry, type LocalSession } from "../services/compute/model/localHost.js";
-import { startTiers, type Tiers } from "../services/dev/launch.js";
-import { mulberry32 } from "../services/dev/prng.js";
+import { startTiers, type Tiers } from "../tools/dev/launch.js";
+import { mulberry32 } from "../tools/dev/prng.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const repo = here.split(/[\\/]/).includes("dist") ? join(here, "..", "..") : join(here, "..");
@@ -643,7 +643,7 @@ async function runAttentionService(tiers: Tiers, WIRE: Wire, TRANSPORT: Transpor
 /** The same sessions, prefill and decode inputs through an engine of this process. */
 async function runAttentionNative(engine: Engine, WIRE: Wire) {
   const addon = loadAddon();
-  const { createHostSegments } = await import("../services/compute/fidelity/host-segments.js");
+  const { createHostSegments } = await import("../tools/fidelity/host-segments.js");
   const geometry = { layers: ATT_LAYERS, qHeads: QH, kvHeads: KVH, headDim: HD, kvDtype: KvDType.BF16 };
   const retrieval = toNativeRetrieval(resolveRetrieval(ATT_RETRIEVAL, ATT_LAYERS));
   const capacity = Math.ceil((ATT_CONTEXT + ATT_STEPS + 64) / retrieval.pageSize) + 1;

@@ -1,7 +1,7 @@
 /**
  * CUDA vs CPU parity of the two end-to-end checks (issue 5, "Correctness on the GPU machine"):
  *
- *  1. Fidelity: a synthetic trace (services/compute/fidelity/synth.ts; 8K context, 64 steps,
+ *  1. Fidelity: a synthetic trace (tools/fidelity/synth.ts; 8K context, 64 steps,
  *     8 query / 2 KV heads, head dim 128) replayed once per retrieval mode on the CPU engine and
  *     on the CUDA engine, both with bf16 KV storage; mass_recall, rel_error, correction_rate and
  *     recall_bytes_per_step compared per mode.
@@ -27,10 +27,10 @@ import { appendFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFile
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { loadAddon, type Addon, type DeviceStepStats, type Engine, type Geometry, type ModelConfigNative, type Retrieval, type TensorRef } from "../../native/binding.js";
-import { FIDELITY_DEFAULTS, MODE_NAMES, type ModeName } from "../../services/compute/fidelity/modes.js";
-import { NativeTarget } from "../../services/compute/fidelity/native-target.js";
-import { replay, type ModeMetrics, type ReplayResult } from "../../services/compute/fidelity/replay.js";
-import { synthesizeTrace } from "../../services/compute/fidelity/synth.js";
+import { FIDELITY_DEFAULTS, MODE_NAMES, type ModeName } from "../../tools/fidelity/modes.js";
+import { NativeTarget } from "../../tools/fidelity/native-target.js";
+import { replay, type ModeMetrics, type ReplayResult } from "../../tools/fidelity/replay.js";
+import { synthesizeTrace } from "../../tools/fidelity/synth.js";
 import { parseModelConfig } from "../../services/compute/model/config.js";
 import { createLocalSession } from "../../services/compute/model/localHost.js";
 import { readSafetensorsHeader, readTensorF32, toBF16, writeSafetensors, type SafetensorsHeader, type TensorToWrite } from "../../services/compute/model/safetensors.js";

@@ -56,7 +56,7 @@ step parity "${PARITY_S:-60}" bash scripts/gpu/parity.sh
 step runner "${RUNNER_S:-240}" bash scripts/gpu/runner-bench.sh ${RUNNER_ARGS:---points 1:32768,4:32768,16:8192 --modes freekv,speculative,dense --steps 8}
 if [ -f .gpu/services.tar.xz ]; then
   tar xJf .gpu/services.tar.xz
-  step demo "${DEMO_S:-40}" env FREEKV_BACKEND=cuda node dist/services/dev/demo.js
+  step demo "${DEMO_S:-40}" env FREEKV_BACKEND=cuda node dist/tools/dev/demo.js
   [ -f /tmp/freekv-8b/config.json ] && step overhead "${OVERHEAD_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b FREEKV_MAX_CONTEXT_TOKENS=4096 \
     FREEKV_BENCH_COMMIT="$(sed -n 's/.*at commit \([0-9a-f]*\).*/\1/p' .gpu/services-build.txt)" \
     node dist/bench/overhead.js --skip attention --gen-tokens 80 --out "$work/overhead/overhead.json"

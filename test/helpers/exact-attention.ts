@@ -3,4 +3,4 @@
  * out[h] = softmax(q[h] . K[:, g(h)] / sqrt(D)) V[:, g(h)], g(h) = h / (Hq / Hkv) (GQA).
  * One implementation, shared with the demo's check of what came back over the wire.
  */
-export { exactAttention, relativeError } from "../../services/dev/exact-attention.js";
+export { exactAttention, relativeError } from "../../tools/dev/exact-attention.js";

@@ -1,5 +1,5 @@
 /** Seeded random numbers for tests (mulberry32 + Box-Muller): fresh but reproducible inputs. */
-export { mulberry32 as prng } from "../../services/dev/prng.js";
+export { mulberry32 as prng } from "../../tools/dev/prng.js";
 
 export function gaussian(rand: () => number): () => number {
   return () => {

@@ -1,4 +1,4 @@
-import { mulberry32 } from "../../../services/dev/prng.js";
+import { mulberry32 } from "../../../tools/dev/prng.js";
 
 /** Seeded PRNG (mulberry32) with normal samples, so every test run draws fresh but reproducible data. */
 export class Prng {

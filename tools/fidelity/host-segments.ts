@@ -5,7 +5,7 @@
  * unique names and unlinks them when the session closes, or at the latest when the process exits.
  */
 import { randomBytes } from "node:crypto";
-import type { Addon, Geometry, HostSegments, NativeLayout, Retrieval, ShmSegment } from "../../../native/binding.js";
+import type { Addon, Geometry, HostSegments, NativeLayout, Retrieval, ShmSegment } from "../../native/binding.js";
 
 const live = new Set<string>();
 let hooked = false;

@@ -26,7 +26,7 @@ import {
   type GenerateResponse,
   type Session,
 } from "../../proto/gen/freekv/v1/compute.js";
-import { KvStoreClient } from "../kvstore/client.js";
+import { KvStoreClient } from "../../services/kvstore/client.js";
 import { exactAttention, relativeError } from "./exact-attention.js";
 import { healthCheck } from "./health-probe.js";
 import { startService, type ServiceProcess } from "./launch.js";

@@ -7,7 +7,7 @@
  * Loading validates everything a replay relies on and throws TraceError naming the problem, so
  * a malformed file fails before any engine work starts.
  */
-import { readSafetensorsHeader, readTensorF32, SafetensorsError, toBF16, writeSafetensors, type SafetensorsHeader } from "../model/safetensors.js";
+import { readSafetensorsHeader, readTensorF32, SafetensorsError, toBF16, writeSafetensors, type SafetensorsHeader } from "../../services/compute/model/safetensors.js";
 
 export interface Trace {
   name: string;

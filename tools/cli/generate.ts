@@ -6,8 +6,8 @@
  * {"tokens": [...], "text": ..., "finish_reason": ..., "usage": ..., "stats": ...}.
  */
 import { parseArgs } from "node:util";
-import { defaultModelDir } from "../model/loader.js";
-import { LocalRunner, localRetrieval, MODES } from "../generate/local.js";
+import { defaultModelDir } from "../../services/compute/model/loader.js";
+import { LocalRunner, localRetrieval, MODES } from "../../services/compute/generate/local.js";
 import { parseTokenList } from "./logits.js";
 
 const USAGE =

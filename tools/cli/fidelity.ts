@@ -105,7 +105,7 @@ async function fidelity(argv: string[]): Promise<number> {
   if (engineKind === "model") {
     makeTarget = (m) => new PolicyModel(geo, settings, m);
   } else {
-    const { loadAddon } = await import("../../../native/binding.js");
+    const { loadAddon } = await import("../../native/binding.js");
     const addon = loadAddon();
     if (typeof addon.Engine !== "function") throw new Error("this build of the native addon has no Engine (rebuild with `npm run build:native`), or use --engine model");
     const engine = new addon.Engine({ backend: "cpu", threads });

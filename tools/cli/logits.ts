@@ -4,8 +4,8 @@
  * retrieval mode). With --json: {"logits": [...]}; otherwise one line of numbers.
  */
 import { parseArgs } from "node:util";
-import { defaultModelDir } from "../model/loader.js";
-import { LocalRunner, localRetrieval } from "../generate/local.js";
+import { defaultModelDir } from "../../services/compute/model/loader.js";
+import { LocalRunner, localRetrieval } from "../../services/compute/generate/local.js";
 
 const USAGE = "usage: freekv logits [--model DIR] --tokens 1,2,3 [--json] [--threads N]\n" +
   "  --model DIR   Hugging Face model folder (default: FREEKV_MODEL, FREEKV_MODEL_DIR or the built-in model)\n";
