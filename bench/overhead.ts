@@ -77,7 +77,7 @@ import { StopMatcher } from "../services/compute/generate/stop.js";
 import { defaultModelDir, loadModelAsync, type LoadedModel } from "../services/compute/model/loader.js";
 import { createLocalSession, modelGeometry, type LocalSession } from "../services/compute/model/localHost.js";
 import { startTiers, type Tiers } from "../tools/dev/launch.js";
-import { mulberry32 } from "../tools/dev/prng.js";
+import { gaussianF32 as gaussianOf, mulberry32 } from "../tools/reference/prng.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const repo = here.split(/[\\/]/).includes("dist") ? join(here, "..", "..") : join(here, "..");
@@ -87,13 +87,8 @@ const repo = here.split(/[\\/]/).includes("dist") ? join(here, "..", "..") : joi
 
 const prng = mulberry32;
 
-/** n gaussian float32 values (Box-Muller) from a seed: the same seed gives the same array. */
-function gaussianF32(n: number, seed: number, scale = 1): Float32Array {
-  const r = prng(seed);
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) out[i] = Math.sqrt(-2 * Math.log(Math.max(r(), 1e-12))) * Math.cos(2 * Math.PI * r()) * scale;
-  return out;
-}
+/** n gaussian float32 values from a seed: the same seed gives the same array. */
+const gaussianF32 = (n: number, seed: number, scale = 1): Float32Array => gaussianOf(n, prng(seed), scale);
 
 const seedOf = (...xs: number[]) => xs.reduce((h, x) => Math.imul(h ^ (x + 0x9e3779b9), 0x85ebca6b) >>> 0, 0x12345678);
 

@@ -36,7 +36,7 @@ import { createLocalSession } from "../../services/compute/model/localHost.js";
 import { readSafetensorsHeader, readTensorF32, toBF16, writeSafetensors, type SafetensorsHeader, type TensorToWrite } from "../../services/compute/model/safetensors.js";
 import { collectTensorRefs } from "../../services/compute/model/weights.js";
 import type { Golden } from "../../test/helpers/golden.js";
-import { relError } from "../../test/unit/reference/attention.js";
+import { relError } from "../../tools/reference/attention.js";
 
 // Literal values of binding.ts's const enums (KvDType.BF16, Mode.*, SummaryKind.MaxMin, ...).
 const F32 = 1 as Geometry["kvDtype"];

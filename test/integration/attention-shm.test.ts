@@ -12,7 +12,7 @@ import { loadAddon, type ShmSegment } from "../../native/binding.js";
 import { DType, type Tensor } from "../../proto/gen/freekv/v1/common.js";
 import type { AttentionResponse, TensorRef } from "../../proto/gen/freekv/v1/compute.js";
 import { AttentionStream, f32Tensor, tensorToF32, toBf16 } from "../helpers/attention-stream.js";
-import { exactAttention, relativeError } from "../helpers/exact-attention.js";
+import { exactAttention, relError as relativeError } from "../../tools/reference/attention.js";
 import { prng, randomF32 } from "../helpers/prng.js";
 import { ATTENTION, QUIET, computeClient, shmSegments, startTiers, unary, type Tiers } from "../helpers/services.js";
 

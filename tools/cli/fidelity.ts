@@ -103,7 +103,7 @@ async function fidelity(argv: string[]): Promise<number> {
   const geo = { qHeads: trace.qHeads, kvHeads: trace.kvHeads, headDim: trace.headDim, capacityTokens: trace.promptLen + trace.steps };
   let makeTarget: (m: ModeName) => ReplayTarget;
   if (engineKind === "model") {
-    makeTarget = (m) => new PolicyModel(geo, settings, m);
+    makeTarget = (m) => new PolicyModel(geo, settings, m, kvDtype);
   } else {
     const { loadAddon } = await import("../../native/binding.js");
     const addon = loadAddon();

@@ -27,11 +27,11 @@ import {
   type Session,
 } from "../../proto/gen/freekv/v1/compute.js";
 import { KvStoreClient } from "../../services/kvstore/client.js";
-import { exactAttention, relativeError } from "./exact-attention.js";
+import { exactAttention, relError } from "../reference/attention.js";
 import { healthCheck } from "./health-probe.js";
 import { startService, type ServiceProcess } from "./launch.js";
 import { runTiers } from "./run.js";
-import { mulberry32Uint } from "./prng.js";
+import { mulberry32Uint } from "../reference/prng.js";
 
 // The KV dtype is left to the backend (float32 on CPU, bf16 on CUDA).
 const G = { layers: 2, queryHeads: 8, kvHeads: 2, headDim: 64, kvDtype: DType.D_TYPE_UNSPECIFIED };
@@ -196,7 +196,7 @@ async function attentionPart(live: Live, kv: KvStoreClient): Promise<void> {
       const r = await stream.send({ op: { $case: "decode", value: { layer, items: [{ sessionId: "demo-attention", q: tensor(q, [G.queryHeads, G.headDim]), k: tensor(k, [G.kvHeads, G.headDim]), v: tensor(v, [G.kvHeads, G.headDim]) }] } } });
       wire += performance.now() - t1;
       if (r.result?.$case !== "decode") throw new Error("no decode result");
-      const e = relativeError(f32(r.result.value.outputs[0]), exactAttention(q, keys[layer], values[layer], G.queryHeads, G.kvHeads, G.headDim));
+      const e = relError(f32(r.result.value.outputs[0]), exactAttention(q, keys[layer], values[layer], G.queryHeads, G.kvHeads, G.headDim));
       worst = Math.max(worst, e);
       sum += e;
     }
@@ -277,7 +277,7 @@ async function attentionPart(live: Live, kv: KvStoreClient): Promise<void> {
       values[layer].push(v);
       const r = await again.send({ op: { $case: "decode", value: { layer, items: [{ sessionId: "demo-attention", q: tensor(q, [G.queryHeads, G.headDim]), k: tensor(k, [G.kvHeads, G.headDim]), v: tensor(v, [G.kvHeads, G.headDim]) }] } } });
       if (r.result?.$case !== "decode") throw new Error("no decode result");
-      worstAfter = Math.max(worstAfter, relativeError(f32(r.result.value.outputs[0]), exactAttention(q, keys[layer], values[layer], G.queryHeads, G.kvHeads, G.headDim)));
+      worstAfter = Math.max(worstAfter, relError(f32(r.result.value.outputs[0]), exactAttention(q, keys[layer], values[layer], G.queryHeads, G.kvHeads, G.headDim)));
     }
   }
   again.end();

@@ -8,7 +8,8 @@
  *  - recall_bytes_per_step: bytes recalled from the host tier during the decode steps / steps
  *    (the first step's blocking selection included).
  */
-import { exactProbabilities, massOn, relativeL2, weightedValues } from "./attention.js";
+import { relError } from "../reference/attention.js";
+import { exactProbabilities, massOn, weightedValues } from "./attention.js";
 import type { ModeName, RetrievalSettings } from "./modes.js";
 import type { ReplayTarget } from "./replay-target.js";
 import type { Trace } from "./trace.js";
@@ -80,7 +81,7 @@ export async function replay(trace: TraceData, modes: ModeName[], makeTarget: (m
           const got = massOn(p, target.attended(h));
           mass.set(m, mass.get(m)! + got);
           perStep.get(m)![t] += got / Hq;
-          err.set(m, err.get(m)! + relativeL2(outs.get(m)!, qh * D, exact));
+          err.set(m, err.get(m)! + relError(outs.get(m)!, exact, qh * D));
         }
       }
       opts.onStep?.(t + 1, T);
