@@ -147,8 +147,8 @@ function machine() {
 }
 
 function gitCommit(): string {
-  // A copy of the tree without .git (another machine) is told its commit by the caller.
-  if (process.env.FREEKV_BENCH_COMMIT) return process.env.FREEKV_BENCH_COMMIT;
+  // A copy of the tree without .git (another machine) is told its commit by the caller (--commit).
+  if (opt.commit) return opt.commit;
   try {
     const head = execSync("git rev-parse --short=12 HEAD", { cwd: repo }).toString().trim();
     const dirty = execSync("git status --porcelain --untracked-files=no", { cwd: repo }).toString().trim();
@@ -180,6 +180,8 @@ const { values: opt } = parseArgs({
     "gpu-vocab": { type: "string", default: "128256" },
     skip: { type: "string", default: "" },
     out: { type: "string" },
+    /** The commit to record, where the tree has no .git (the GPU machine's copy). */
+    commit: { type: "string" },
   },
 });
 const B = Number(opt.batch);
