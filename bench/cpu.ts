@@ -331,7 +331,6 @@ class BenchSession {
 async function main(): Promise<number> {
   const cfg = parse();
   const addon = loadAddon();
-  if (typeof addon.Engine !== "function") throw new Error("the native addon has no Engine; run `npm run build:native`");
   const engine = new addon.Engine({ backend: "cpu", threads: cfg.threads });
   // The memory floor uses every core, whatever the engine's own split of them.
   const copyThreads = os.cpus().length;

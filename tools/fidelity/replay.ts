@@ -12,7 +12,7 @@ import { relError } from "../reference/attention.js";
 import { exactProbabilities, massOn, weightedValues } from "./attention.js";
 import type { ModeName, RetrievalSettings } from "./modes.js";
 import type { ReplayTarget } from "./replay-target.js";
-import type { Trace } from "./trace.js";
+import type { TraceTensors } from "./trace.js";
 
 export interface ModeMetrics {
   mass_recall: number;
@@ -33,7 +33,7 @@ export interface ReplayResult {
   idealMass?: number;
 }
 
-export type TraceData = Pick<Trace, "promptLen" | "steps" | "qHeads" | "kvHeads" | "headDim" | "q" | "k" | "v">;
+export type TraceData = Omit<TraceTensors, "name">;
 
 export interface ReplayOptions {
   /** Called after every step with (done, total). */
