@@ -52,7 +52,7 @@ step() {  # step NAME SECONDS COMMAND...: runs with OUT=$work/NAME, records rc a
 }
 
 step checks "${CHECKS_S:-80}" bash .gpu/run.sh
-step checks_v2 "${CHECKS_V2_S:-50}" env FREEKV_ATTN_VARIANT=2 FREEKV_CHECK_TIMING=0 bash .gpu/run.sh
+step checks_v2 "${CHECKS_V2_S:-50}" env FREEKV_ATTN_VARIANT=2 bash .gpu/run.sh --no-timing
 step parity "${PARITY_S:-60}" bash scripts/gpu/parity.sh
 step runner "${RUNNER_S:-240}" bash scripts/gpu/runner-bench.sh ${RUNNER_ARGS:---points 1:32768,4:32768,16:8192 --modes freekv,speculative,dense --steps 8}
 if [ -f .gpu/services.tar.xz ]; then
