@@ -30,8 +30,8 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { Worker } from "node:worker_threads";
 import { loadAddon, type Addon, type Engine, type Geometry, type Retrieval } from "../native/binding.js";
-import { createHostSegments } from "../services/compute/fidelity/host-segments.js";
-import { synthesizeTrace, type SynthTrace } from "../services/compute/fidelity/synth.js";
+import { createHostSegments } from "../tools/fidelity/host-segments.js";
+import { synthesizeTrace, type SynthTrace } from "../tools/fidelity/synth.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 // bench/ under tsx, dist/bench/ when compiled
@@ -331,7 +331,6 @@ class BenchSession {
 async function main(): Promise<number> {
   const cfg = parse();
   const addon = loadAddon();
-  if (typeof addon.Engine !== "function") throw new Error("the native addon has no Engine; run `npm run build:native`");
   const engine = new addon.Engine({ backend: "cpu", threads: cfg.threads });
   // The memory floor uses every core, whatever the engine's own split of them.
   const copyThreads = os.cpus().length;

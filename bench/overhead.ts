@@ -2,7 +2,7 @@
  * How much of a decode step is TypeScript and gRPC, at batch 16 (issue 5, benchmark item 4;
  * target: at most 2% of a step).
  *
- * Both tiers run as real processes (services/dev/launch.ts), and two request paths are measured:
+ * Both tiers run as real processes (tools/dev/launch.ts), and two request paths are measured:
  *
  * 1. Generate: 16 concurrent Generate streams with the served model (the built-in one unless
  *    FREEKV_MODEL says otherwise). Every chunk carries the duration of the native Model.decode
@@ -76,8 +76,8 @@ import { DecodeScheduler } from "../services/compute/generate/scheduler.js";
 import { StopMatcher } from "../services/compute/generate/stop.js";
 import { defaultModelDir, loadModelAsync, type LoadedModel } from "../services/compute/model/loader.js";
 import { createLocalSession, modelGeometry, type LocalSession } from "../services/compute/model/localHost.js";
-import { startTiers, type Tiers } from "../services/dev/launch.js";
-import { mulberry32 } from "../services/dev/prng.js";
+import { startTiers, type Tiers } from "../tools/dev/launch.js";
+import { gaussianF32 as gaussianOf, mulberry32 } from "../tools/reference/prng.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const repo = here.split(/[\\/]/).includes("dist") ? join(here, "..", "..") : join(here, "..");
@@ -87,13 +87,8 @@ const repo = here.split(/[\\/]/).includes("dist") ? join(here, "..", "..") : joi
 
 const prng = mulberry32;
 
-/** n gaussian float32 values (Box-Muller) from a seed: the same seed gives the same array. */
-function gaussianF32(n: number, seed: number, scale = 1): Float32Array {
-  const r = prng(seed);
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) out[i] = Math.sqrt(-2 * Math.log(Math.max(r(), 1e-12))) * Math.cos(2 * Math.PI * r()) * scale;
-  return out;
-}
+/** n gaussian float32 values from a seed: the same seed gives the same array. */
+const gaussianF32 = (n: number, seed: number, scale = 1): Float32Array => gaussianOf(n, prng(seed), scale);
 
 const seedOf = (...xs: number[]) => xs.reduce((h, x) => Math.imul(h ^ (x + 0x9e3779b9), 0x85ebca6b) >>> 0, 0x12345678);
 
@@ -152,8 +147,8 @@ function machine() {
 }
 
 function gitCommit(): string {
-  // A copy of the tree without .git (another machine) is told its commit by the caller.
-  if (process.env.FREEKV_BENCH_COMMIT) return process.env.FREEKV_BENCH_COMMIT;
+  // A copy of the tree without .git (another machine) is told its commit by the caller (--commit).
+  if (opt.commit) return opt.commit;
   try {
     const head = execSync("git rev-parse --short=12 HEAD", { cwd: repo }).toString().trim();
     const dirty = execSync("git status --porcelain --untracked-files=no", { cwd: repo }).toString().trim();
@@ -185,6 +180,8 @@ const { values: opt } = parseArgs({
     "gpu-vocab": { type: "string", default: "128256" },
     skip: { type: "string", default: "" },
     out: { type: "string" },
+    /** The commit to record, where the tree has no .git (the GPU machine's copy). */
+    commit: { type: "string" },
   },
 });
 const B = Number(opt.batch);
@@ -643,7 +640,7 @@ async function runAttentionService(tiers: Tiers, WIRE: Wire, TRANSPORT: Transpor
 /** The same sessions, prefill and decode inputs through an engine of this process. */
 async function runAttentionNative(engine: Engine, WIRE: Wire) {
   const addon = loadAddon();
-  const { createHostSegments } = await import("../services/compute/fidelity/host-segments.js");
+  const { createHostSegments } = await import("../tools/fidelity/host-segments.js");
   const geometry = { layers: ATT_LAYERS, qHeads: QH, kvHeads: KVH, headDim: HD, kvDtype: DType.D_TYPE_BFLOAT16 };
   const retrieval = toNativeRetrieval(resolveRetrieval(ATT_RETRIEVAL, ATT_LAYERS));
   const capacity = Math.ceil((ATT_CONTEXT + ATT_STEPS + 64) / retrieval.pageSize) + 1;

@@ -24,6 +24,5 @@ struct Bench {
 void RunCeilings(Bench& B);
 void RunRecall(Bench& B);
 void RunAttention(Bench& B);
-void RunDecodeStep(Bench& B);
 
 }  // namespace fkbench

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the GPU benchmark HERE (the GPU machine has no Node.js and builds nothing): compiles
 # bench/gpu/*.cu with nvcc for sm_90a, links native/build/cuda/libfreekv_cuda.a (the kernels'
-# host launchers, built by native/build.mjs) and cudart statically, and puts the program plus
-# the Python helpers into the git-ignored .gpu/bench/ folder that the GPU run carries.
+# host launchers, built by native/build.mjs) and cudart statically into the git-ignored
+# .gpu/bench/ folder; then packs the service's decode step for run.sh: Node.js, the CUDA addon
+# (scripts/gpu/pack.sh) and scripts/gpu/runner-bench.ts bundled (scripts/gpu/parity.sh pack).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
@@ -24,3 +25,5 @@ node native/build.mjs > /tmp/freekv-bench-native-build.log 2>&1 || { cat /tmp/fr
 flock -u 9
 echo "built $out/freekv_gpu_bench (commit $commit)"
 ls -la "$out"
+bash scripts/gpu/pack.sh > /tmp/freekv-bench-pack.log 2>&1 || { tail -30 /tmp/freekv-bench-pack.log; exit 1; }
+bash scripts/gpu/parity.sh pack

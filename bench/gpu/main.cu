@@ -4,8 +4,9 @@
 //   recall    recall GB/s per mode (gather from mapped pinned memory; per-page memcpy, double
 //             buffered) vs the PCIe ceiling, after a byte-exact check of the recalled pages
 //   attention paged decode attention GB/s vs HBM, after a float64 CPU reference check
-//   step      decode-step latency at Llama-3.1-8B shapes in six modes vs the HBM floor
-// Usage: freekv_gpu_bench --out FILE [--sections ceilings,recall,attention,step] [--deadline-s N]
+// The decode step is not timed here: bench/gpu/run.sh times the service's own step
+// (scripts/gpu/runner-bench.ts: Model.decode with the CUDA engine) beside these figures.
+// Usage: freekv_gpu_bench --out FILE [--sections ceilings,recall,attention] [--deadline-s N]
 //        [--quick]
 #include <ctime>
 #include <fstream>
@@ -43,7 +44,7 @@ using namespace fkbench;
 
 int main(int argc, char** argv) {
   Bench B;
-  std::string sections = "ceilings,recall,attention,step";
+  std::string sections = "ceilings,recall,attention";
   double budget_s = 0;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -58,6 +59,16 @@ int main(int argc, char** argv) {
     else { std::cerr << "unknown argument " << a << "\n"; return 2; }
   }
   if (B.out_path.empty()) { std::cerr << "--out FILE is required\n"; return 2; }
+  for (size_t a = 0; a <= sections.size();) {
+    size_t b = sections.find(',', a);
+    if (b == std::string::npos) b = sections.size();
+    std::string name = sections.substr(a, b - a);
+    if (name != "ceilings" && name != "recall" && name != "attention") {
+      std::cerr << "--sections: unknown section '" << name << "' (ceilings, recall, attention)\n";
+      return 2;
+    }
+    a = b + 1;
+  }
   double t0 = WallSeconds();
   if (budget_s > 0) B.deadline = t0 + budget_s;
 
@@ -80,8 +91,7 @@ int main(int argc, char** argv) {
   std::cout << "[bench] " << p.name << ", CUDA " << rt << ", commit " << FKB_COMMIT << std::endl;
 
   struct Sec { const char* name; void (*fn)(Bench&); double min_s; };
-  Sec all[] = {{"ceilings", RunCeilings, 5}, {"recall", RunRecall, 10}, {"attention", RunAttention, 10},
-               {"step", RunDecodeStep, 30}};
+  Sec all[] = {{"ceilings", RunCeilings, 5}, {"recall", RunRecall, 10}, {"attention", RunAttention, 10}};
   Json status = Json::Obj();
   int failures = 0;
   for (const Sec& s : all) {

@@ -1,8 +1,10 @@
-"""Merges the GPU benchmark's JSON with the HF anchor's and prints the table.
+"""Merges the GPU benchmark's JSON, the service's decode step and the HF anchor's, and prints the tables.
 
-Every figure is printed next to its ceiling (the ceilings measured in the same run), and the
-targets of issue 5 are checked with how far each figure is from its target.
-Usage: python3 bench/gpu/report.py --bench bench.json --anchor anchor.json --out gpu-<date>.json
+bench.json: the kernel program (ceilings, recall, attention); runner-bench.json: the service's own
+decode step (scripts/gpu/runner-bench.ts: Model.decode with the CUDA engine); anchor.json: HF
+transformers. Every figure is printed next to its ceiling or floor (measured in the same run), and
+the targets of issue 5 are checked with how far each figure is from its target.
+Usage: python3 bench/gpu/report.py --bench bench.json --runner runner-bench.json --anchor anchor.json --out gpu-<date>.json
        python3 bench/gpu/report.py --targets-from gpu-<date>.json --out gpu-<date>.targets.json
          (the targets of an earlier results file again, each missed one with its reason)
 """
@@ -42,58 +44,57 @@ def table(rows, headers):
     return "\n".join(out)
 
 
-def step_lookup(bench):
-    cases = ((bench or {}).get("step") or {}).get("cases") or []
-    return {(c["context"], c["batch"], c["mode"]): c for c in cases if "ms" in c}
+def runner_points(runner, bench):
+    """The service's decode steps (scripts/gpu/runner-bench.ts) by (context, batch, mode), floors at
+    this run's measured HBM copy bandwidth where the kernel program measured it."""
+    if not runner:
+        return {}
+    measured = ((bench or {}).get("ceilings") or {}).get("d2d_copy_GBps_read_plus_write")
+    assumed = runner.get("hbmGBps") or 4290
+    scale = assumed / measured if measured else 1.0
+    out = {}
+    for r in runner.get("results") or []:
+        p = dict(r)
+        if p.get("floorMs") is not None:
+            p["floorMs"] = p["floorMs"] * scale
+        out[(p["context"], p["batch"], p["mode"])] = p
+    return out
 
 
-def _recall_why(bench, c):
-    """Why a FreeKV step exceeds its reference: the bytes its corrected groups recall while the step waits."""
-    if not c:
+def _recall_why(bench, p):
+    """Why a FreeKV step exceeds its bound: the recall of its corrected groups, which the step waits for."""
+    if not p or p.get("recallMBPerStep") is None:
         return ""
     link = ((bench or {}).get("ceilings") or {}).get("h2d_pinned_GBps") or 55.4
-    hp = 2 * 32 * 128 * 2  # head-page bytes at these shapes (page 32, head dim 128, K and V, bf16)
-    crit = c.get("misses_on_critical_path_per_step")
-    corr = c.get("corrected_group_fraction")
-    if crit is None or corr is None:
-        return ""
-    mb = crit * hp / 1e6
-    return (f"{corr * 100:.0f}% of the groups fail tau (random weights, input cosine {c.get('input_cosine', 0):.3f}), "
-            f"so {crit:.0f} head-page misses a step ({mb:.0f} MB) are recalled while the step waits: "
-            f"{mb / link:.1f} ms of its {c['ms']:.1f} ms at the measured {link:.1f} GB/s link")
+    mb = p["recallMBPerStep"]
+    return (f"{p.get('correctionRate', 0) * 100:.0f}% of the groups fail tau (random weights), and each sequence recalls "
+            f"{mb:.0f} MB ({mb / 1e3 / link * 1e3:.1f} ms at the measured {link:.1f} GB/s link) of which the "
+            f"corrected groups' share is on its critical path")
 
 
-def targets(bench):
+def targets(bench, steps):
     """Issue 5's targets: (name, figure, target, met, how far, why where missed)."""
     out = []
-    steps = step_lookup(bench)
-    ctxs = sorted({k[0] for k in steps})
-    for ctx in ctxs:
-        for b in (1, 4, 16):
-            sp = steps.get((ctx, b, "sparse"))
-            for mode in ("freekv_gather", "freekv_memcpy"):
-                fk = steps.get((ctx, b, mode))
-                if fk and sp:
-                    r = fk["ms"] / sp["ms"]
-                    why = _recall_why(bench, fk)
-                    if mode == "freekv_memcpy":
-                        why += "; and each head-page is its own cudaMemcpyAsync of 16 KiB (the paper's double buffer), far below the link"
-                    out.append((f"{mode} <= 1.05x GPU-resident sparse, {ctx // 1024}K b{b}", f"{r:.3f}x", "<= 1.05x",
-                                r <= 1.05, f"{(r / 1.05 - 1) * 100:+.1f}%", why))
-        fk = steps.get((ctx, 16, "freekv_gather"))
-        if fk and fk.get("floor_ms"):
-            r = fk["ms"] / fk["floor_ms"]
-            out.append((f"freekv_gather <= 1.2x HBM floor, {ctx // 1024}K b16", f"{r:.3f}x", "<= 1.2x", r <= 1.2,
+    ok = {k: p for k, p in steps.items() if "stepMs" in p and not p.get("error")}
+    for ctx, b in sorted({(k[0], k[1]) for k in ok}):
+        fk, ark = ok.get((ctx, b, "freekv")), ok.get((ctx, b, "oracle"))
+        if fk and b == 16 and fk.get("floorMs"):
+            r = fk["stepMs"] / fk["floorMs"]
+            out.append((f"freekv <= 1.2x HBM floor, {ctx // 1024}K b16", f"{r:.3f}x", "<= 1.2x", r <= 1.2,
                         f"{(r / 1.2 - 1) * 100:+.1f}%",
-                        _recall_why(bench, fk) + "; the floor counts weights and attended KV through HBM, no recall; "
-                        "this program also launches append, selection and recall per sequence"))
-        fk, ak = steps.get((ctx, 4, "freekv_gather")), steps.get((ctx, 4, "arkvale"))
-        if fk and ak:
-            r = ak["ms"] / fk["ms"]
-            out.append((f"freekv_gather vs ArkVale-style speed-up, {ctx // 1024}K b4", f"{r:.2f}x", ">= 13.7x", r >= 13.7,
-                        f"{(r / 13.7 - 1) * 100:+.1f}%",
-                        "FreeKV's gain over ArkVale-style is the recall it takes off the critical path; " + _recall_why(bench, fk)
-                        + "; ArkVale-style here also uses the gather kernel at the link's speed, not per-page copies"))
+                        _recall_why(bench, fk) + "; the floor counts weights and attended KV through HBM, no recall"))
+        if fk and ark and b == 4:
+            r = ark["stepMs"] / fk["stepMs"]
+            out.append((f"freekv vs ArkVale-style (oracle: select + recall every step) speed-up, {ctx // 1024}K b4",
+                        f"{r:.2f}x", ">= 13.7x", r >= 13.7, f"{(r / 13.7 - 1) * 100:+.1f}%",
+                        "FreeKV's gain over ArkVale-style is the recall it takes off the critical path; "
+                        + _recall_why(bench, fk)))
+        if fk and fk.get("ts"):
+            share = fk["ts"]["sharePct"]
+            out.append((f"TypeScript of a Generate step (scheduler + sampling) <= 2%, {ctx // 1024}K b{b}",
+                        f"{share:.2f}%", "<= 2%", share <= 2, f"{share - 2:+.2f} points", ""))
+    out.append(("freekv <= 1.05x GPU-resident sparse", "not measured", "<= 1.05x", None,
+                "the service has no GPU-resident sparse mode; speculative (no correction) is its closest step", ""))
     rec = ((bench or {}).get("recall") or {}).get("modes") or {}
     for mode, r in rec.items():
         if "GBps" in r:
@@ -114,27 +115,35 @@ def targets(bench):
     return out
 
 
-def targets_doc(bench):
+def targets_doc(bench, steps):
     return [{"target": n, "figure": f, "goal": t, "met": m, "distance": d, **({"why": w} if w and m is False else {})}
-            for n, f, t, m, d, w in targets(bench)]
+            for n, f, t, m, d, w in targets(bench, steps)]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bench")
+    ap.add_argument("--runner", help="runner-bench.json of scripts/gpu/runner-bench.ts: the service's decode step")
     ap.add_argument("--anchor")
     ap.add_argument("--out", required=True)
     ap.add_argument("--targets-from", help="a results file: write its targets again, each miss with its reason")
     args = ap.parse_args()
     if args.targets_from:
         res = load(args.targets_from)
+        step = res.get("step") or {}
+        steps = runner_points(step, res) if "results" in step else {}
         with open(args.out, "w") as f:
             json.dump({"results": os.path.basename(args.targets_from), "git_commit": res.get("git_commit"),
-                       "date_utc": res.get("date_utc"), "targets": targets_doc(res)}, f, indent=2)
+                       "date_utc": res.get("date_utc"), "targets": targets_doc(res, steps)}, f, indent=2)
         print(f"wrote {args.out}")
         return
-    bench, anchor = load(args.bench), load(args.anchor)
+    bench, runner, anchor = load(args.bench), load(args.runner), load(args.anchor)
     doc = dict(bench or {"error": "benchmark program produced no JSON"})
+    steps = runner_points(runner, bench)
+    measured = ((bench or {}).get("ceilings") or {}).get("d2d_copy_GBps_read_plus_write")
+    doc["step"] = {"source": "scripts/gpu/runner-bench.ts", **{k: v for k, v in runner.items() if k != "results"},
+                   "hbmGBps": measured or runner.get("hbmGBps") or 4290,
+                   "results": list(steps.values())} if runner else {"error": "runner-bench produced no JSON"}
     doc["anchor_hf_transformers"] = anchor or {"error": "anchor produced no JSON"}
 
     rows = []
@@ -162,43 +171,27 @@ def main():
         print("decode attention variants, us (fraction of the HBM copy bandwidth); [check vs float64]")
         print(table(vrows, ["case", "MB", "floor us"] + heads))
 
-    steps = step_lookup(bench)
+    steps = runner_points(runner, bench)
     if steps:
-        modes = ["model_only_heuristic", "model_only", "dense", "sparse", "freekv_gather", "freekv_memcpy", "arkvale",
-                 "full_offload"]
+        hbm = ((bench or {}).get("ceilings") or {}).get("d2d_copy_GBps_read_plus_write") or (runner or {}).get("hbmGBps") or 4290
         srows = []
-        for ctx, b in sorted({(k[0], k[1]) for k in steps}):
-            get = lambda m, f: (steps.get((ctx, b, m)) or {}).get(f)
-            cells = [fmt(get(m, "ms")) for m in modes]
-            floors = [fmt(get("model_only", "floor_ms")), fmt(get("sparse", "floor_ms")),
-                      fmt(get("dense", "floor_ms") or get("full_offload", "floor_ms"))]
-            srows.append([f"{ctx // 1024}K", b] + floors + cells)
+        for (ctx, b, mode), p in sorted(steps.items()):
+            if p.get("error"):
+                srows.append([f"{ctx // 1024}K", b, mode, "error", "-", "-", fmt(p.get("floorMs")), "-", "-", "-", p["error"][:60]])
+                continue
+            ts = p.get("ts")
+            srows.append([f"{ctx // 1024}K", b, mode, fmt(p["stepMs"]), fmt(p.get("minMs")), fmt(p.get("throughputMs")),
+                          fmt(p.get("floorMs")), f"{p['stepMs'] / p['floorMs']:.2f}x" if p.get("floorMs") else "-",
+                          f"{p.get('correctionRate', 0) * 100:.1f}%", fmt(p.get("recallMBPerStep")),
+                          f"TypeScript {ts['tsMs']:.2f} ms ({ts['sharePct']:.2f}%)" if ts else (p.get("sameAs") or "")])
         print()
-        print("decode step, ms. Floors = bytes that must stream through HBM / measured HBM copy bandwidth:")
-        print("weights only; weights + budget KV (sparse and FreeKV modes); weights + all KV (dense, full offload)")
-        print(table(srows, ["context", "batch", "floor weights", "floor budget", "floor dense"] + modes))
-        xrows = []
-        for ctx, b in sorted({(k[0], k[1]) for k in steps}):
-            levels = sorted({k[2].split("@")[1] for k in steps if k[0] == ctx and k[1] == b and "@" in k[2]})
-            prim = steps.get((ctx, b, "freekv_gather"), {}).get("input_cosine")
-            for lv in [None] + levels:
-                suf = "" if lv is None else "@" + lv
-                c = {m: steps.get((ctx, b, m + suf)) for m in ("sparse", "freekv_gather", "freekv_memcpy", "arkvale")}
-                if not c["freekv_gather"]:
-                    continue
-                g, sp, ak = c["freekv_gather"], c["sparse"], c["arkvale"]
-                xrows.append([f"{ctx // 1024}K", b, f"{g.get('input_cosine', 0):.3f}",
-                              fmt(g.get("corrected_group_fraction")), fmt(g.get("recalled_head_pages_per_step")),
-                              fmt(g.get("misses_on_critical_path_per_step")),
-                              fmt(sp and sp.get("ms")), fmt(g.get("ms")), fmt(c["freekv_memcpy"] and c["freekv_memcpy"].get("ms")),
-                              fmt(ak and ak.get("ms")),
-                              f"{g['ms'] / sp['ms']:.2f}x" if sp else "-", f"{ak['ms'] / g['ms']:.1f}x" if ak else "-"])
-        if xrows:
-            print()
-            print("recall volume and correction rate by step-input similarity (FreeKV gather's counters)")
-            print(table(xrows, ["context", "batch", "input cos", "corrected groups", "recalled head-pages/step",
-                                "of which on critical path", "sparse ms", "gather ms", "memcpy ms", "arkvale ms",
-                                "gather/sparse", "arkvale/gather"]))
+        print(f"decode step of the service (scripts/gpu/runner-bench.ts: Model.decode, CUDA engine; {(runner or {}).get('layers', '?')} layers, "
+              f"{(runner or {}).get('steps', '?')} timed steps), ms. Floor = weights + attended KV through HBM at {fmt(hbm)} GB/s")
+        print(table(srows, ["context", "batch", "mode", "ms/step", "min", "with drain", "floor", "x floor", "corrections",
+                            "recall MB/step/seq", "note"]))
+    elif runner is None:
+        print()
+        print("decode step: no runner-bench.json (scripts/gpu/runner-bench.ts did not run)")
 
     arows = []
     for c in (anchor or {}).get("cases", []):
@@ -213,16 +206,16 @@ def main():
         for c in (anchor or {}).get("cases", []):
             if "ms_per_step" not in c:
                 continue
-            fk = steps.get((c["context"], c["batch"], "freekv_gather"))
-            if fk:
-                side.append([f"{c['context'] // 1024}K", c["batch"], c["cache"], fmt(c["ms_per_step"]), fmt(fk["ms"]),
-                             f"{c['ms_per_step'] / fk['ms']:.1f}x"])
+            fk = steps.get((c["context"], c["batch"], "freekv"))
+            if fk and fk.get("stepMs"):
+                side.append([f"{c['context'] // 1024}K", c["batch"], c["cache"], fmt(c["ms_per_step"]), fmt(fk["stepMs"]),
+                             f"{c['ms_per_step'] / fk['stepMs']:.1f}x"])
         if side:
             print()
-            print(table(side, ["context", "batch", "HF cache", "HF ms", "FreeKV gather ms", "speed-up"]))
+            print(table(side, ["context", "batch", "HF cache", "HF ms", "FreeKV (service) ms", "speed-up"]))
 
-    trows = [[n, f, t, "-" if m is None else ("yes" if m else "NO"), d] for n, f, t, m, d, _ in targets(bench)]
-    doc["targets"] = targets_doc(bench)
+    trows = [[n, f, t, "-" if m is None else ("yes" if m else "NO"), d] for n, f, t, m, d, _ in targets(bench, steps)]
+    doc["targets"] = targets_doc(bench, steps)
     print()
     print("issue 5 targets")
     print(table(trows, ["target", "figure", "goal", "met", "distance"]))

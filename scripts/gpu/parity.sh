@@ -4,12 +4,13 @@
 #   bash scripts/gpu/parity.sh pack   here: bundles the runner with esbuild into .gpu/parity.mjs (and
 #                                     scripts/gpu/runner-bench.ts into .gpu/runner-bench.mjs).
 #                                     Needs .gpu/node.xz and .gpu/freekv.node from scripts/gpu/pack.sh.
-#   bash scripts/gpu/parity.sh        on the GPU machine, from the repository root, with .gpu/ alongside:
-#                                     unpacks Node.js and runs .gpu/parity.mjs; parity.log and
-#                                     parity.json under $OUT. Exit code of the runner (0 = all pass).
+#   bash scripts/gpu/parity.sh [--timeout-s 150] [--candidate cuda|cpu|cpu-f32] [--only fidelity|models]
+#                                     on the GPU machine, from the repository root, with .gpu/ alongside:
+#                                     unpacks Node.js and runs .gpu/parity.mjs with the flags; parity.log
+#                                     and parity.json under $OUT. Exit code of the runner (0 = all pass).
 #
-# FREEKV_PARITY_CANDIDATE=cpu bash scripts/gpu/parity.sh   runs it here with a second CPU engine
-# standing in for the CUDA one (uses this machine's node when it has one).
+# bash scripts/gpu/parity.sh --candidate cpu   runs it here with a second CPU engine standing in
+# for the CUDA one (uses this machine's node when it has one).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -33,9 +34,11 @@ if [ "${1:-}" = pack ]; then
   exit 0
 fi
 
+limit=150
+if [ "${1:-}" = --timeout-s ]; then limit=$2; shift 2; fi
 export OUT=${OUT:-$PWD/.gpu/out}
 mkdir -p "$OUT"
-if [ "${FREEKV_PARITY_CANDIDATE:-cuda}" = cuda ] || ! command -v node >/dev/null; then
+if [[ " $* " != *" --candidate cpu"* ]] || ! command -v node >/dev/null; then
   mkdir -p /tmp/nodebin
   xz -dc .gpu/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node
   export PATH=/tmp/nodebin:$PATH
@@ -44,7 +47,7 @@ fi
 export FREEKV_ADDON=${FREEKV_ADDON:-$PWD/.gpu/freekv.node}
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>/dev/null || true
 [ -f .gpu/parity-build.txt ] && cp .gpu/parity-build.txt "$OUT/parity-build.txt" && cat .gpu/parity-build.txt
-timeout "${FREEKV_PARITY_TIMEOUT:-150}" node .gpu/parity.mjs
+timeout "$limit" node .gpu/parity.mjs "$@"
 rc=$?
 echo "parity rc=$rc"
 exit $rc

@@ -1,7 +1,7 @@
 /**
  * CUDA vs CPU parity of the two end-to-end checks (issue 5, "Correctness on the GPU machine"):
  *
- *  1. Fidelity: a synthetic trace (services/compute/fidelity/synth.ts; 8K context, 64 steps,
+ *  1. Fidelity: a synthetic trace (tools/fidelity/synth.ts; 8K context, 64 steps,
  *     8 query / 2 KV heads, head dim 128) replayed once per retrieval mode on the CPU engine and
  *     on the CUDA engine, both with bf16 KV storage; mass_recall, rel_error, correction_rate and
  *     recall_bytes_per_step compared per mode.
@@ -19,24 +19,26 @@
  *
  * Bundled with esbuild by `scripts/gpu/parity.sh pack` into .gpu/parity.mjs and run on the GPU
  * machine by `scripts/gpu/parity.sh` (no node_modules there). Prints tables, writes parity.log and
- * parity.json under $OUT (or .gpu/out). FREEKV_PARITY_CANDIDATE=cpu runs a second CPU engine in
- * place of the CUDA one (checks the runner without a GPU). FREEKV_PARITY_ONLY=fidelity|models.
+ * parity.json under $OUT (or .gpu/out). Flags: --candidate cpu runs a second CPU engine in place
+ * of the CUDA one (checks the runner without a GPU); --only fidelity|models; --fixtures DIR (the
+ * golden models' folder, default test/fixtures/models).
  * Exit code: 0 when every check passes, 1 when one fails, 2 when CUDA is unavailable.
  */
 import { appendFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
+import { parseArgs } from "node:util";
 import { loadAddon, type Addon, type DeviceStepStats, type Engine, type Geometry, type ModelConfigNative, type Retrieval, type TensorRef } from "../../native/binding.js";
-import { FIDELITY_DEFAULTS, MODE_NAMES, type ModeName } from "../../services/compute/fidelity/modes.js";
-import { NativeTarget } from "../../services/compute/fidelity/native-target.js";
-import { replay, type ModeMetrics, type ReplayResult } from "../../services/compute/fidelity/replay.js";
-import { synthesizeTrace } from "../../services/compute/fidelity/synth.js";
+import { FIDELITY_DEFAULTS, MODE_NAMES, type ModeName } from "../../tools/fidelity/modes.js";
+import { NativeTarget } from "../../tools/fidelity/native-target.js";
+import { replay, type ModeMetrics, type ReplayResult } from "../../tools/fidelity/replay.js";
+import { synthesizeTrace } from "../../tools/fidelity/synth.js";
 import { parseModelConfig } from "../../services/compute/model/config.js";
 import { createLocalSession } from "../../services/compute/model/localHost.js";
 import { readSafetensorsHeader, readTensorF32, toBF16, writeSafetensors, type SafetensorsHeader, type TensorToWrite } from "../../services/compute/model/safetensors.js";
 import { collectTensorRefs } from "../../services/compute/model/weights.js";
 import type { Golden } from "../../test/helpers/golden.js";
-import { relError } from "../../test/unit/reference/attention.js";
+import { relError } from "../../tools/reference/attention.js";
 
 // Literal values of binding.ts's const enums (KvDType.BF16, Mode.*, SummaryKind.MaxMin, ...).
 const F32 = 1 as Geometry["kvDtype"];
@@ -621,12 +623,16 @@ async function modelParity(addon: Addon, cpu: Engine, cand: Engine, candName: st
 // "cpu": a second CPU engine stands in for CUDA (the runner without a GPU; every check must pass).
 // "cpu-f32": a CPU engine that keeps K/V in f32 (a negative control: the logit and rel_error
 // checks must fail, which shows they tell bf16 storage apart from no rounding at all).
-const candArg = process.env.FREEKV_PARITY_CANDIDATE ?? "cuda";
-if (!["cuda", "cpu", "cpu-f32"].includes(candArg)) throw new RangeError(`FREEKV_PARITY_CANDIDATE must be cuda, cpu or cpu-f32 (got '${candArg}')`);
+const { values: args } = parseArgs({
+  options: { candidate: { type: "string", default: "cuda" }, only: { type: "string" }, fixtures: { type: "string", default: "test/fixtures/models" } },
+});
+const candArg = args.candidate!;
+if (!["cuda", "cpu", "cpu-f32"].includes(candArg)) throw new RangeError(`--candidate must be cuda, cpu or cpu-f32 (got '${candArg}')`);
+if (args.only !== undefined && args.only !== "fidelity" && args.only !== "models") throw new RangeError(`--only must be fidelity or models (got '${args.only}')`);
 const candName = candArg;
 const candKv = candArg === "cpu-f32" ? F32 : BF16;
-const only = process.env.FREEKV_PARITY_ONLY;
-const fixtures = resolve(process.env.FREEKV_PARITY_FIXTURES ?? "test/fixtures/models");
+const only = args.only;
+const fixtures = resolve(args.fixtures!);
 const addon = loadAddon();
 const info = addon.backendInfo();
 log(`date ${new Date().toISOString()}; candidate ${candName}; backendInfo ${JSON.stringify(info)}`);

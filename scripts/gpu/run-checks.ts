@@ -3,10 +3,13 @@
  * scripts/gpu/pack.sh into .gpu/run-checks.mjs for the GPU machine, which has Node.js (carried)
  * but no node_modules. Writes the log and a JSON summary under $OUT (or .gpu/out).
  * Exit code: 0 when every case passes, 1 otherwise, 2 when CUDA is unavailable.
- * FREEKV_CHECK_CANDIDATE=cpu checks the harness with the CPU engine as the candidate.
+ *   node .gpu/run-checks.mjs [--candidate cuda|cpu] [--only 8,9] [--no-timing]
+ * --candidate cpu checks the harness with the CPU engine as the candidate; --only runs the cases
+ * of those indices; --no-timing leaves out the per-call timing after the cases.
  */
 import { mkdirSync, writeFileSync, appendFileSync } from "node:fs";
 import { join } from "node:path";
+import { parseArgs } from "node:util";
 import { loadAddon } from "../../native/binding.js";
 import { CASES, cudaStatus, runCase, type CaseResult } from "../../test/gpu/cases.js";
 import { runTiming, type TimingRow } from "./timing.js";
@@ -20,7 +23,11 @@ const log = (line: string) => {
   appendFileSync(logFile, line + "\n");
 };
 
-const candidate = process.env.FREEKV_CHECK_CANDIDATE === "cpu" ? "cpu" : "cuda";
+const { values: args } = parseArgs({
+  options: { candidate: { type: "string", default: "cuda" }, only: { type: "string" }, "no-timing": { type: "boolean", default: false } },
+});
+if (args.candidate !== "cuda" && args.candidate !== "cpu") throw new RangeError(`--candidate must be cuda or cpu (got '${args.candidate}')`);
+const candidate = args.candidate;
 const info = loadAddon().backendInfo();
 log(`backendInfo: ${JSON.stringify(info)}`);
 const status = cudaStatus();
@@ -28,7 +35,7 @@ if (candidate === "cuda" && !status.available) {
   log(`CUDA unavailable: ${status.reason}`);
   process.exit(2);
 }
-const only = process.env.FREEKV_CHECK_ONLY ? process.env.FREEKV_CHECK_ONLY.split(",").map(Number) : null;
+const only = args.only ? args.only.split(",").map(Number) : null;
 const results: CaseResult[] = [];
 for (const [i, spec] of CASES.entries()) {
   if (only && !only.includes(i)) continue;
@@ -42,7 +49,7 @@ for (const r of results)
   log(`| ${r.name} | ${r.ok ? "pass" : "FAIL"} | ${fmt(r.decodeVsCpu)} | ${fmt(r.decodeVsRef)} | ${fmt(r.prefillVsCpu)} | ${fmt(r.prefillVsRef)} | ${r.attendedMismatches} | ${r.nearTies} | ${r.corrections} | ${r.recalled} | ${r.ms} |`);
 const ok = results.every((r) => r.ok);
 let timing: TimingRow[] = [];
-if (candidate === "cuda" && process.env.FREEKV_CHECK_TIMING !== "0") {
+if (candidate === "cuda" && !args["no-timing"]) {
   try {
     timing = await runTiming(log);
     log("");

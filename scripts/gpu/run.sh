@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine from the repository root, after scripts/gpu/pack.sh filled .gpu/ here.
+# Runs on the GPU machine from the repository root, after scripts/gpu/pack.sh filled .gpu/ here:
+#   bash .gpu/run.sh [--timeout-s 240] [run-checks flags: --candidate cuda|cpu, --only 8,9, --no-timing]
 # Unpacks Node.js, then runs every CUDA correctness case; log + JSON under $OUT. When a case
 # fails, the smallest case runs again under compute-sanitizer (memcheck) to name a bad access.
 set -uo pipefail
@@ -11,12 +12,14 @@ export FREEKV_ADDON=$PWD/.gpu/freekv.node
 export OUT=${OUT:-$PWD/.gpu/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader || true
-timeout "${FREEKV_CHECK_TIMEOUT:-240}" node .gpu/run-checks.mjs
+limit=240
+if [ "${1:-}" = --timeout-s ]; then limit=$2; shift 2; fi
+timeout "$limit" node .gpu/run-checks.mjs "$@"
 rc=$?
-if [ "$rc" -ne 0 ] && [ "${FREEKV_CHECK_CANDIDATE:-cuda}" = cuda ] && [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
+if [ "$rc" -ne 0 ] && [[ " $* " != *" --candidate cpu "* ]] && [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
   echo "== rc=$rc: the smallest case under compute-sanitizer memcheck =="
-  FREEKV_CHECK_ONLY=1 OUT=$OUT/sanitizer timeout 90 /usr/local/cuda/bin/compute-sanitizer --tool memcheck \
-    --print-limit 20 --log-file "$OUT/sanitizer.log" node .gpu/run-checks.mjs | tail -5
+  OUT=$OUT/sanitizer timeout 90 /usr/local/cuda/bin/compute-sanitizer --tool memcheck \
+    --print-limit 20 --log-file "$OUT/sanitizer.log" node .gpu/run-checks.mjs --only 1 | tail -5
   head -60 "$OUT/sanitizer.log"
 fi
 exit $rc

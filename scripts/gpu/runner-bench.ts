@@ -17,7 +17,11 @@
  * Budget: 512 sink + 1024 selected + 512 window tokens, pages of 32 (the issue's defaults).
  *
  *   node .gpu/runner-bench.mjs [--dir /tmp/freekv-8b] [--layers 32] [--points 1:32768,4:32768,16:8192]
- *                              [--modes freekv,oracle,dense] [--steps 16] [--out DIR] [--side-timing]
+ *                              [--modes freekv,oracle,dense] [--steps 16] [--out DIR]
+ *                              [--hbm-gbps 4290] [--profile-steps N] [--side-timing]
+ * --hbm-gbps: the HBM bandwidth of the floors (bench/gpu/run.sh passes the copy bandwidth it has
+ * just measured); --profile-steps N: the first N timed steps of the first point inside a profiler
+ * collection range (run under `ncu --profile-from-start off` for per-kernel device times).
  */
 import { execSync } from "node:child_process";
 import { existsSync, mkdirSync, statfsSync, writeFileSync } from "node:fs";
@@ -41,14 +45,19 @@ const { values: args } = parseArgs({
     points: { type: "string", default: "1:32768,4:32768,16:8192" },
     modes: { type: "string", default: "freekv,oracle,dense" },
     steps: { type: "string", default: "16" },
-    out: { type: "string", default: process.env.OUT ?? "." },
+    out: { type: "string", default: "." },
+    "hbm-gbps": { type: "string", default: "4290" },
+    "profile-steps": { type: "string", default: "0" },
     /** The engine's side-stream timing diagnostic (EngineOptions.sideTiming). */
     "side-timing": { type: "boolean", default: false },
   },
 });
 const LAYERS = Number(args.layers);
 const STEPS = Number(args.steps);
-const profileSteps = Number(process.env.FREEKV_PROFILE_STEPS ?? 0);
+const HBM_GBPS = Number(args["hbm-gbps"]);
+const profileSteps = Number(args["profile-steps"]);
+for (const [name, v] of [["--layers", LAYERS], ["--steps", STEPS], ["--hbm-gbps", HBM_GBPS], ["--profile-steps", profileSteps]] as const)
+  if (!Number.isFinite(v) || v < 0 || (name !== "--profile-steps" && v === 0)) throw new RangeError(`${name} must be a positive number (got ${v})`);
 // Timed steps' logits of the first run of each (batch, context, base mode), for the comparisons.
 const logitsOf = new Map<string, { mode: string; logits: Float32Array[] }>();
 let profiled = false;
@@ -128,14 +137,14 @@ function median(xs: number[]): number {
 /**
  * The step's floor: the bytes a step must read from HBM (every layer's weights and the LM head in
  * bf16, plus the K/V each sequence attends: the 2048-token budget, the whole context when dense,
- * sink + window only in sink_window) over the H200's measured copy bandwidth (4.29 TB/s,
- * bench/results/gpu-*.json ceilings).
+ * sink + window only in sink_window) over the HBM bandwidth of --hbm-gbps (default: the H200's
+ * measured copy bandwidth, 4.29 TB/s, bench/results/gpu-*.json ceilings).
  */
 function floorMs(batch: number, context: number, mode: string): number {
   const weights = 2 * (LAYERS * (H * (HQ + 2 * HKV) * D + HQ * D * H + 3 * H * I) + V * H);
   const attended = mode === "dense" ? context : mode === "sink_window" ? 1024 : Math.min(context, 2048);
   const kv = batch * LAYERS * HKV * attended * D * 2 * 2;
-  return ((weights + kv) / 4.29e12) * 1e3;
+  return ((weights + kv) / (HBM_GBPS * 1e9)) * 1e3;
 }
 
 /** Random K/V for `n` tokens of every layer, through the engine's prefill (no model pass). */
@@ -180,8 +189,7 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     const stepLogits: Float32Array[] = [];
     const warm = 3;
     const g0 = engine.deviceStepStats();
-    // FREEKV_PROFILE_STEPS=n: the first n timed steps of the first point inside a profiler
-      // collection range (run under `ncu --profile-from-start off` for per-kernel device times).
+    // --profile-steps n: the first n timed steps of the first point inside a profiler range.
     const profile = profileSteps > 0 && !profiled;
     for (let step = 0; step < warm + STEPS; step++) {
       if (step === warm) Object.assign(g0, engine.deviceStepStats());
@@ -323,5 +331,5 @@ for (const r of results)
     `| ${r.batch} | ${r.context} | ${r.mode} | ${r.error ? "error" : r.stepMs!.toFixed(2)} | ${r.floorMs!.toFixed(2)} | ${r.error ? "" : (r.stepMs! / r.floorMs!).toFixed(1)} | ` +
       `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? r.error : r.recallMBPerStep!.toFixed(1)} |`,
   );
-writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), layers: LAYERS, steps: STEPS, backendInfo: info, results }, null, 2));
+writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), layers: LAYERS, steps: STEPS, hbmGBps: HBM_GBPS, backendInfo: info, results }, null, 2));
 process.exit(0);

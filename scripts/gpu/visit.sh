@@ -9,8 +9,9 @@
 # Steps (seconds each, from the environment): CHECKS_S=90 the CUDA engine cases (run.sh),
 # PARITY_S=60 CUDA vs CPU parity, RUNNER_S=240 Model.decode at 8B shapes (runner-bench; it also
 # writes the model folder the next step serves), OVERHEAD_S=150 both services on the GPU under
-# bench:overhead (16 greedy Generate streams), BENCH_S=90 the CUDA benchmark program
-# (BENCH_SECTIONS, default ceilings,attention,recall,step). SKIP="parity,bench" leaves steps out.
+# bench:overhead (16 greedy Generate streams), BENCH_S=90 the CUDA benchmark program's kernels
+# (BENCH_SECTIONS, default ceilings,attention,recall; the decode step is the runner step's).
+# SKIP="parity,bench" leaves steps out.
 # PROFILE=1 adds PROFILE_S=150 one step's kernels under Nsight Compute (see below).
 #
 # The machine returns at most 8 files from $OUT, so everything goes into one folder that is packed
@@ -55,20 +56,20 @@ step parity "${PARITY_S:-60}" bash scripts/gpu/parity.sh
 step runner "${RUNNER_S:-240}" bash scripts/gpu/runner-bench.sh ${RUNNER_ARGS:---points 1:32768,4:32768,16:8192 --modes freekv,speculative,dense --steps 8}
 if [ -f .gpu/services.tar.xz ]; then
   tar xJf .gpu/services.tar.xz
-  step demo "${DEMO_S:-40}" env FREEKV_BACKEND=cuda node dist/services/dev/demo.js
+  step demo "${DEMO_S:-40}" env FREEKV_BACKEND=cuda node dist/tools/dev/demo.js
   [ -f /tmp/freekv-8b/config.json ] && step overhead "${OVERHEAD_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b FREEKV_MAX_CONTEXT_TOKENS=4096 \
-    FREEKV_BENCH_COMMIT="$(sed -n 's/.*at commit \([0-9a-f]*\).*/\1/p' .gpu/services-build.txt)" \
-    node dist/bench/overhead.js --skip attention --gen-tokens 80 --out "$work/overhead/overhead.json"
+    node dist/bench/overhead.js --commit "$(sed -n 's/.*at commit \([0-9a-f]*\).*/\1/p' .gpu/services-build.txt)" \
+    --skip attention --gen-tokens 80 --out "$work/overhead/overhead.json"
 else
   echo "demo, overhead: skipped (need .gpu/services.tar.xz; overhead also the model folder the runner step writes)" >> "$summary"
 fi
 # PROFILE=1: per-kernel device times of one decode step under Nsight Compute (duration only, clocks
 # and caches left alone), for the point and mode of PROFILE_ARGS; needs the runner step's model folder.
 if [ "${PROFILE:-0}" = 1 ] && [ -f /tmp/freekv-8b/config.json ]; then
-  step profile "${PROFILE_S:-150}" env FREEKV_PROFILE_STEPS=1 ncu --profile-from-start off --clock-control none \
+  step profile "${PROFILE_S:-150}" ncu --profile-from-start off --clock-control none \
     --cache-control none --metrics gpu__time_duration.sum --csv --log-file "$work/profile/ncu.csv" \
-    node --max-old-space-size=8192 .gpu/runner-bench.mjs --out "$work/profile" ${PROFILE_ARGS:---points 16:8192 --modes freekv-direct --steps 2}
+    node --max-old-space-size=8192 .gpu/runner-bench.mjs --profile-steps 1 --out "$work/profile" ${PROFILE_ARGS:---points 16:8192 --modes freekv-direct --steps 2}
 fi
-step bench "${BENCH_S:-90}" env BENCH_S=$(( ${BENCH_S:-90} - 20 )) ANCHOR_S=0 \
-  BENCH_ARGS="--sections ${BENCH_SECTIONS:-ceilings,attention,recall,step}" bash bench/gpu/run.sh
+step bench "${BENCH_S:-90}" bash bench/gpu/run.sh --bench-s $(( ${BENCH_S:-90} - 20 )) --runner-s 0 --anchor-s 0 \
+  --sections "${BENCH_SECTIONS:-ceilings,attention,recall}"
 cat "$summary"

@@ -58,7 +58,7 @@ async function main(): Promise<void> {
     { grpcPort: port, metricsPort: metricsServer.port, directory: directory.kind, capacityBytes: capacity, adopted, persist: config.FREEKV_KVSTORE_PERSIST },
     "kvstore listening",
   );
-  // One machine-readable line for supervisors (services/dev/run.ts, tests).
+  // One machine-readable line for supervisors (tools/dev/run.ts, tests).
   process.stdout.write(`${JSON.stringify({ ready: "kvstore", grpcPort: port, metricsPort: metricsServer.port, host: config.FREEKV_KVSTORE_HOST })}\n`);
 }
 

@@ -11,7 +11,7 @@ import { attachLocalHost, type LocalHost } from "../../services/compute/model/lo
 import { resolveRetrieval, toNativeRetrieval } from "../../services/common/retrieval.js";
 import { toNativeGeometry } from "../../services/common/geometry.js";
 import { AttentionStream, f32Tensor, tensorToF32 } from "../helpers/attention-stream.js";
-import { relativeError } from "../helpers/exact-attention.js";
+import { relError as relativeError } from "../../tools/reference/attention.js";
 import { gaussian, prng, randomF32 } from "../helpers/prng.js";
 import { ATTENTION, QUIET, computeClient, startService, startTiers, unary, type ServiceProcess, type Tiers } from "../helpers/services.js";
 

@@ -25,10 +25,10 @@ import {
   type ShmSegment,
 } from "../../native/binding.js";
 import { prng } from "../helpers/prng.js";
-import { ranges, ReferenceLayer, type ModeName, type PolicyConfig } from "../unit/reference/policy.js";
-import { sameTopK, type CombineName } from "../unit/reference/selection.js";
+import { ranges, ReferenceLayer, type ModeName, type PolicyConfig } from "../../tools/reference/policy.js";
+import { sameTopK, type CombineName } from "../../tools/reference/selection.js";
 import { COMBINE, MODE } from "../unit/reference/harness.js";
-import { relError } from "../unit/reference/attention.js";
+import { relError } from "../../tools/reference/attention.js";
 
 // ---------------------------------------------------------------------------------------------
 // Inputs

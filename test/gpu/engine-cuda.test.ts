@@ -6,8 +6,8 @@
  */
 import { describe, expect, it } from "vitest";
 import { CASES, cudaStatus, explainSelectionDifference, runCase } from "./cases.js";
-import { ranges, ReferenceLayer, type PolicyConfig } from "../unit/reference/policy.js";
-import { topK } from "../unit/reference/selection.js";
+import { ranges, ReferenceLayer, type PolicyConfig } from "../../tools/reference/policy.js";
+import { topK } from "../../tools/reference/selection.js";
 import { prng } from "../helpers/prng.js";
 import { DType } from "../../proto/gen/freekv/v1/common.js";
 

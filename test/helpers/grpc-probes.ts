@@ -89,7 +89,7 @@ export async function reflectionServices(address: string): Promise<string[]> {
     return await new Promise((resolve, reject) => {
       const call = client.ServerReflectionInfo({ deadline: Date.now() + 5000 }) as grpc.ClientDuplexStream<unknown, { list_services_response?: { service: Array<{ name: string }> } }>;
       call.on("data", (m) => {
-        resolve((m.list_services_response?.service ?? []).map((s) => s.name).sort());
+        resolve((m.list_services_response?.service ?? []).map((s: { name: string }) => s.name).sort());
         call.end();
       });
       call.on("error", reject);

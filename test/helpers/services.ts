@@ -1,5 +1,5 @@
 /**
- * Test access to the two tiers as real processes (started through services/dev/launch.ts on
+ * Test access to the two tiers as real processes (started through tools/dev/launch.ts on
  * ephemeral ports) and small promise wrappers for their gRPC clients.
  */
 import { readdirSync } from "node:fs";
@@ -15,7 +15,7 @@ function fromPartial(method: string, req: unknown): unknown {
   const fns = ((computeMessages as Record<string, unknown>)[name] ?? (kvstoreMessages as Record<string, unknown>)[name]) as { fromPartial(o: unknown): unknown } | undefined;
   return fns ? fns.fromPartial(req ?? {}) : req;
 }
-import { startService, startTiers, type ServiceProcess, type Tiers } from "../../services/dev/launch.js";
+import { startService, startTiers, type ServiceProcess, type Tiers } from "../../tools/dev/launch.js";
 
 export { startService, startTiers, type ServiceProcess, type Tiers };
 

@@ -10,9 +10,9 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { status } from "@grpc/grpc-js";
 import { loadAddon, type ShmSegment } from "../../native/binding.js";
 import { DType, type Tensor } from "../../proto/gen/freekv/v1/common.js";
-import type { AttentionResponse, TensorRef } from "../../proto/gen/freekv/v1/compute.js";
+import type { AttentionDecodeItem, AttentionResponse, TensorRef } from "../../proto/gen/freekv/v1/compute.js";
 import { AttentionStream, f32Tensor, tensorToF32, toBf16 } from "../helpers/attention-stream.js";
-import { exactAttention, relativeError } from "../helpers/exact-attention.js";
+import { exactAttention, relError as relativeError } from "../../tools/reference/attention.js";
 import { prng, randomF32 } from "../helpers/prng.js";
 import { ATTENTION, QUIET, computeClient, shmSegments, startTiers, unary, type Tiers } from "../helpers/services.js";
 
@@ -218,7 +218,7 @@ describe("Attention tensor exchange errors and lifetime", () => {
   const newKv = (x: ClientExchange) => x.put(f32Tensor(randomF32(KV, prng(3)), [G.kvHeads, G.headDim]));
   const step = (x: ClientExchange, over: Record<string, unknown> = {}) => ({ sessionId: "xbad-1", qRef: qRef(x), kRef: newKv(x), vRef: newKv(x), outputOffset: x.alloc(QD * 4), ...over });
   const prefill = (s: AttentionStream, value: Record<string, unknown>) => s.send({ op: { $case: "prefill", value: { sessionId: "xbad-1", layer: 0, ...value } } });
-  const decode = (s: AttentionStream, items: Array<Record<string, unknown>>) => s.send({ op: { $case: "decode", value: { layer: 0, items } } });
+  const decode = (s: AttentionStream, items: Array<Record<string, unknown>>) => s.send({ op: { $case: "decode", value: { layer: 0, items: items as unknown as AttentionDecodeItem[] } } });
 
   const cases: Array<[string, (s: AttentionStream, x: ClientExchange) => Promise<unknown>, number, string]> = [
     ["both k and k_ref", (s, x) => prefill(s, { k: f32Tensor(randomF32(4 * KV, prng(1)), [4, G.kvHeads, G.headDim]), kRef: kvRef(x, 4), vRef: kvRef(x, 4) }), status.INVALID_ARGUMENT, "prefill.k: set either k or k_ref, not both"],

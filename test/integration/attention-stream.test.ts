@@ -10,7 +10,7 @@ import { status } from "@grpc/grpc-js";
 import { loadAddon } from "../../native/binding.js";
 import { DType } from "../../proto/gen/freekv/v1/common.js";
 import { AttentionStream, f32Tensor, tensorToF32, toBf16 } from "../helpers/attention-stream.js";
-import { exactAttention, relativeError } from "../helpers/exact-attention.js";
+import { exactAttention, relError as relativeError } from "../../tools/reference/attention.js";
 import { prng, randomF32 } from "../helpers/prng.js";
 import { ATTENTION, QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
 

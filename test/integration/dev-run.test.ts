@@ -1,5 +1,5 @@
 /**
- * `npm start` (services/dev/run.ts): both tiers as separate processes, their addresses printed,
+ * `npm start` (tools/dev/run.ts): both tiers as separate processes, their addresses printed,
  * Ctrl-C (SIGINT to the supervisor alone) drains compute and then the kvstore, exit 0.
  */
 import { spawn } from "node:child_process";
@@ -18,7 +18,7 @@ const alive = (pid: number) => {
 
 describe("npm start", () => {
   it("prints where both tiers listen, serves, and stops both on SIGINT with exit 0", async () => {
-    const child = spawn(process.execPath, ["--import", "tsx", "services/dev/run.ts"], {
+    const child = spawn(process.execPath, ["--import", "tsx", "tools/dev/run.ts"], {
       env: { ...process.env, FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_METRICS_PORT: "0", FREEKV_LOG_LEVEL: "warn", FREEKV_MODEL: "/nonexistent/model" },
       stdio: ["ignore", "pipe", "pipe"],
     });

@@ -10,14 +10,14 @@ import { spawn } from "node:child_process";
 import { mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { run as fidelityCli } from "../../services/compute/cli/fidelity.js";
+import { run as fidelityCli } from "../../tools/cli/fidelity.js";
 import { loadAddon } from "../../native/binding.js";
-import { FIDELITY_DEFAULTS, MODE_NAMES, type ModeName } from "../../services/compute/fidelity/modes.js";
-import { NativeTarget } from "../../services/compute/fidelity/native-target.js";
-import { PolicyModel } from "../../services/compute/fidelity/policy-model.js";
-import { replay } from "../../services/compute/fidelity/replay.js";
-import { synthesizeTrace, type SynthTrace } from "../../services/compute/fidelity/synth.js";
-import { writeTrace } from "../../services/compute/fidelity/trace.js";
+import { FIDELITY_DEFAULTS, MODE_NAMES, type ModeName } from "../../tools/fidelity/modes.js";
+import { NativeTarget } from "../../tools/fidelity/native-target.js";
+import { PolicyModel } from "../../tools/fidelity/policy-model.js";
+import { replay } from "../../tools/fidelity/replay.js";
+import { synthesizeTrace, type SynthTrace } from "../../tools/fidelity/synth.js";
+import { writeTrace } from "../../tools/fidelity/trace.js";
 
 function engineAvailable(): boolean {
   try {
@@ -144,7 +144,7 @@ describe.skipIf(!engineAvailable())("fidelity on the native CPU engine", () => {
       const mine = () => readdirSync("/dev/shm").filter((n) => n.startsWith("freekv-fidelity-") && !n.startsWith(`freekv-fidelity-${process.pid}-`));
       const before = new Set(mine());
       const root = join(import.meta.dirname, "..", "..");
-      const child = spawn(process.execPath, ["--import", "tsx", join(root, "services/compute/cli/main.ts"), "fidelity", "--trace", file, "--threads", "1"], { cwd: root, stdio: ["ignore", "pipe", "pipe"] });
+      const child = spawn(process.execPath, ["--import", "tsx", join(root, "tools/cli/main.ts"), "fidelity", "--trace", file, "--threads", "1"], { cwd: root, stdio: ["ignore", "pipe", "pipe"] });
       const exited = new Promise<number | null>((res) => child.on("exit", (code) => res(code)));
       // wait until its segments exist (all five modes' sessions are created before the replay)
       let seen: string[] = [];

@@ -14,7 +14,7 @@ const ROOT = join(import.meta.dirname, "..", "..");
 const MODEL = join(ROOT, "test", "fixtures", "models", "tiny-llama3");
 const golden = JSON.parse(readFileSync(join(MODEL, "golden.json"), "utf8")) as { prompt: number[]; positions: number[]; logits: number[][]; continuation: number[] };
 const TSX = join(ROOT, "node_modules", ".bin", "tsx");
-const MAIN = join(ROOT, "services", "compute", "cli", "main.ts");
+const MAIN = join(ROOT, "tools", "cli", "main.ts");
 
 async function freekv(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   try {

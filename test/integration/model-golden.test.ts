@@ -49,7 +49,7 @@ async function greedy(model: Model, session: number, g: Golden) {
   return { tokens, stepLogits };
 }
 
-function retrieval(pageSize: number, sink: number, window: number, select: number, mode: Mode): Retrieval {
+function retrieval(pageSize: number, sink: number, window: number, select: number, mode: Retrieval["mode"]): Retrieval {
   return { pageSize, sinkTokens: sink, windowTokens: window, selectTokens: select, tau: 0.9, summary: RETRIEVAL_NAMES.summary.max_min, combine: RETRIEVAL_NAMES.combine.softmax_mean, mode, recall: RETRIEVAL_NAMES.recall.gather, denseLayers: [] };
 }
 

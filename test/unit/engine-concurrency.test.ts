@@ -10,8 +10,8 @@
  */
 import { describe, expect, it } from "vitest";
 import { loadAddon } from "../../native/binding.js";
-import { relError } from "./reference/attention.js";
-import { ReferenceLayer, type PolicyConfig } from "./reference/policy.js";
+import { relError } from "../../tools/reference/attention.js";
+import { ReferenceLayer, type PolicyConfig } from "../../tools/reference/policy.js";
 import { Prng, testSeed } from "./reference/prng.js";
 import { createHost, geometryOf, quantised, retrievalOf } from "./reference/harness.js";
 

@@ -4,7 +4,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadAddon, type Engine } from "../../native/binding.js";
-import type { PolicyConfig } from "./reference/policy.js";
+import type { PolicyConfig } from "../../tools/reference/policy.js";
 import { Prng, testSeed } from "./reference/prng.js";
 import { createHost, geometryOf, retrievalOf, type Host } from "./reference/harness.js";
 

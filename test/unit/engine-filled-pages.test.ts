@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from "vitest";
 import { loadAddon } from "../../native/binding.js";
-import type { PolicyConfig } from "./reference/policy.js";
+import type { PolicyConfig } from "../../tools/reference/policy.js";
 import { Prng, testSeed } from "./reference/prng.js";
 import { createHost, geometryOf, retrievalOf } from "./reference/harness.js";
 

@@ -8,9 +8,9 @@
  * - bf16 storage stays within bf16 tolerance of float32.
  */
 import { describe, expect, it } from "vitest";
-import { attend, relError } from "./reference/attention.js";
-import { roundStored } from "./reference/kv.js";
-import type { ModeName, PolicyConfig } from "./reference/policy.js";
+import { attend, relError } from "../../tools/reference/attention.js";
+import { roundStored } from "../../tools/reference/kv.js";
+import type { ModeName, PolicyConfig } from "../../tools/reference/policy.js";
 import { Prng, testSeed } from "./reference/prng.js";
 import { openSession, type EngineSession } from "./reference/harness.js";
 

@@ -4,12 +4,12 @@
  * and residency counters, for every mode, both summaries, all group combines and several shapes.
  */
 import { describe, expect, it } from "vitest";
-import { relError } from "./reference/attention.js";
-import { ReferenceLayer, type ModeName, type PolicyConfig } from "./reference/policy.js";
+import { relError } from "../../tools/reference/attention.js";
+import { ReferenceLayer, type ModeName, type PolicyConfig } from "../../tools/reference/policy.js";
 import { Prng, testSeed } from "./reference/prng.js";
 import { openSession, quantised } from "./reference/harness.js";
-import type { CombineName } from "./reference/selection.js";
-import type { SummaryKindName } from "./reference/summary.js";
+import type { CombineName } from "../../tools/reference/selection.js";
+import type { SummaryKindName } from "../../tools/reference/summary.js";
 
 const seed = testSeed();
 

@@ -6,7 +6,7 @@
  */
 import { describe, expect, it } from "vitest";
 import { loadAddon, type Engine } from "../../native/binding.js";
-import type { ModeName, PolicyConfig } from "./reference/policy.js";
+import type { ModeName, PolicyConfig } from "../../tools/reference/policy.js";
 import { Prng, testSeed } from "./reference/prng.js";
 import { createHost, geometryOf, retrievalOf, type Host } from "./reference/harness.js";
 

@@ -8,12 +8,12 @@ import { spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { run as fidelity } from "../../services/compute/cli/fidelity.js";
-import { run as trace } from "../../services/compute/cli/trace.js";
+import { run as fidelity } from "../../tools/cli/fidelity.js";
+import { run as trace } from "../../tools/cli/trace.js";
 import { writeSafetensors, type TensorToWrite } from "../../services/compute/model/safetensors.js";
-import { loadTrace } from "../../services/compute/fidelity/trace.js";
-import { synthesizeTrace } from "../../services/compute/fidelity/synth.js";
-import { Prng } from "../../services/compute/fidelity/random.js";
+import { loadTrace } from "../../tools/fidelity/trace.js";
+import { synthesizeTrace } from "../../tools/fidelity/synth.js";
+import { Prng } from "../../tools/fidelity/random.js";
 
 const ROOT = join(import.meta.dirname, "..", "..");
 const FIXTURE = join(ROOT, "test", "fixtures", "traces", "small-bf16.safetensors");
@@ -113,7 +113,7 @@ describe("freekv fidelity: malformed traces", () => {
 
   it("exits with code 2 through the freekv binary too", () => {
     const tsx = join(ROOT, "node_modules", ".bin", "tsx");
-    const r = spawnSync(tsx, [join(ROOT, "services/compute/cli/main.ts"), "fidelity", "--trace", join(dir, "absent.safetensors")], { encoding: "utf8" });
+    const r = spawnSync(tsx, [join(ROOT, "tools/cli/main.ts"), "fidelity", "--trace", join(dir, "absent.safetensors")], { encoding: "utf8" });
     expect(r.status).toBe(2);
     expect(r.stderr).toMatch(/absent\.safetensors: no such file/);
   });

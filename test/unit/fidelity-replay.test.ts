@@ -4,12 +4,12 @@
  * equivalence, tau extremes, constant query) and the issue's "done when" on generated traces.
  */
 import { describe, expect, it } from "vitest";
-import { replay, type TraceData } from "../../services/compute/fidelity/replay.js";
-import type { ReplayTarget } from "../../services/compute/fidelity/replay-target.js";
-import { PolicyModel } from "../../services/compute/fidelity/policy-model.js";
-import { FIDELITY_DEFAULTS, type ModeName, type RetrievalSettings } from "../../services/compute/fidelity/modes.js";
-import { Prng } from "../../services/compute/fidelity/random.js";
-import { synthesizeTrace } from "../../services/compute/fidelity/synth.js";
+import { replay, type TraceData } from "../../tools/fidelity/replay.js";
+import type { ReplayTarget } from "../../tools/fidelity/replay-target.js";
+import { PolicyModel } from "../../tools/fidelity/policy-model.js";
+import { FIDELITY_DEFAULTS, type ModeName, type RetrievalSettings } from "../../tools/fidelity/modes.js";
+import { Prng } from "../../tools/fidelity/random.js";
+import { synthesizeTrace } from "../../tools/fidelity/synth.js";
 
 // ---- float64 references ------------------------------------------------------------------
 

@@ -58,13 +58,13 @@ describe("KvStore", () => {
     const s = new KvStore(new MemoryDirectory(), 1 << 30, log);
     stores.push(s);
     await s.attach(req("c", 100));
-    expect(await s.commit({ sessionId: "c", layer: 1, firstPage: 0, count: 2, contextTokens: 40, checksums: [], metadata: Buffer.alloc(0) })).toBe(2);
+    expect(await s.commit({ sessionId: "c", layer: 1, firstPage: 0, count: 2, contextTokens: 40, checksums: [], metadata: Buffer.alloc(0), layers: [] })).toBe(2);
     // Re-committing a prefix is idempotent; a gap is not allowed.
-    expect(await s.commit({ sessionId: "c", layer: 1, firstPage: 1, count: 1, contextTokens: 40, checksums: [], metadata: Buffer.alloc(0) })).toBe(2);
-    await expect(s.commit({ sessionId: "c", layer: 0, firstPage: 1, count: 1, contextTokens: 40, checksums: [], metadata: Buffer.alloc(0) })).rejects.toMatchObject({ code: status.FAILED_PRECONDITION });
-    await expect(s.commit({ sessionId: "c", layer: 0, firstPage: 0, count: 3, contextTokens: 40, checksums: [], metadata: Buffer.alloc(0) })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
-    await expect(s.commit({ sessionId: "c", layer: 0, firstPage: 0, count: 1, contextTokens: 101, checksums: [], metadata: Buffer.alloc(0) })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
-    await expect(s.commit({ sessionId: "c", layer: 0, firstPage: 0, count: 1, contextTokens: 16, checksums: [1, 2], metadata: Buffer.alloc(0) })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
+    expect(await s.commit({ sessionId: "c", layer: 1, firstPage: 1, count: 1, contextTokens: 40, checksums: [], metadata: Buffer.alloc(0), layers: [] })).toBe(2);
+    await expect(s.commit({ sessionId: "c", layer: 0, firstPage: 1, count: 1, contextTokens: 40, checksums: [], metadata: Buffer.alloc(0), layers: [] })).rejects.toMatchObject({ code: status.FAILED_PRECONDITION });
+    await expect(s.commit({ sessionId: "c", layer: 0, firstPage: 0, count: 3, contextTokens: 40, checksums: [], metadata: Buffer.alloc(0), layers: [] })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
+    await expect(s.commit({ sessionId: "c", layer: 0, firstPage: 0, count: 1, contextTokens: 101, checksums: [], metadata: Buffer.alloc(0), layers: [] })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
+    await expect(s.commit({ sessionId: "c", layer: 0, firstPage: 0, count: 1, contextTokens: 16, checksums: [1, 2], metadata: Buffer.alloc(0), layers: [] })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
     expect(s.record("c")!.committedPages).toEqual([0, 2]);
     expect(s.record("c")!.contextTokens).toBe(40);
   });

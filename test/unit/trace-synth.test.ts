@@ -5,9 +5,9 @@
  * needles that their query finds, topic jumps that break query similarity, RoPE, determinism.
  */
 import { describe, expect, it } from "vitest";
-import { synthesizeTrace, type SynthTrace } from "../../services/compute/fidelity/synth.js";
-import { applyRope, ropeFrequencies } from "../../services/compute/fidelity/rope.js";
-import { groupAdjacentCosines, topPageMass } from "../../services/compute/fidelity/trace-stats.js";
+import { synthesizeTrace, type SynthTrace } from "../../tools/fidelity/synth.js";
+import { applyRope, ropeFrequencies } from "../../tools/fidelity/rope.js";
+import { groupAdjacentCosines, topPageMass } from "../../tools/fidelity/trace-stats.js";
 
 // ---- independent float64 references -------------------------------------------------------
 

@@ -3,7 +3,7 @@
  * unlinked by dispose), and the mapping from the reference's config names to the binding's enums.
  */
 import { loadAddon, type Engine, type Geometry, type HostSegments, type Retrieval, type ShmSegment } from "../../../native/binding.js";
-import type { PolicyConfig } from "./policy.js";
+import type { PolicyConfig } from "../../../tools/reference/policy.js";
 
 export const MODE = { freekv: 1, dense: 2, oracle: 3, speculative: 4, sink_window: 5 } as const;
 export const SUMMARY = { maxmin: 1, cuboid: 2 } as const;

@@ -1,10 +1,12 @@
-import { mulberry32 } from "../../../services/dev/prng.js";
+import { gaussian, gaussianF32, mulberry32 } from "../../../tools/reference/prng.js";
 
 /** Seeded PRNG (mulberry32) with normal samples, so every test run draws fresh but reproducible data. */
 export class Prng {
   private u: () => number;
+  private g: () => number;
   constructor(seed: number) {
     this.u = mulberry32(seed >>> 0 || 1);
+    this.g = gaussian(this.u);
   }
   /** Uniform in [0, 1). */
   next(): number {
@@ -12,17 +14,14 @@ export class Prng {
   }
   /** Standard normal (Box-Muller). */
   normal(): number {
-    const u = Math.max(this.next(), 1e-12);
-    return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * this.next());
+    return this.g();
   }
   int(n: number): number {
     return Math.floor(this.next() * n);
   }
   /** Float32Array of n normals times scale. */
   normals(n: number, scale = 1): Float32Array {
-    const a = new Float32Array(n);
-    for (let i = 0; i < n; i++) a[i] = this.normal() * scale;
-    return a;
+    return gaussianF32(n, this.u, scale);
   }
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU machine, from the repository root, after services/dev/gpu/pack.sh filled tmp/ here:
+# On the GPU machine, from the repository root, after tools/dev/gpu/pack.sh filled tmp/ here:
 # the demo through both tiers with FREEKV_BACKEND=cuda, then with the CPU backend.
 set -uo pipefail
 mkdir -p /tmp/nodebin

@@ -6,14 +6,13 @@
  * {"tokens": [...], "text": ..., "finish_reason": ..., "usage": ..., "stats": ...}.
  */
 import { parseArgs } from "node:util";
-import { defaultModelDir } from "../model/loader.js";
-import { MODE_NAMES } from "../../common/retrieval.js";
-import { LocalRunner, localRetrieval } from "../generate/local.js";
-import { parseTokenList } from "./logits.js";
+import { MODE_NAMES } from "../../services/common/retrieval.js";
+import { localRetrieval } from "../../services/compute/generate/local.js";
+import { MODEL_OPTIONS, MODEL_USAGE, openRunner, parseTokenList } from "./args.js";
 
 const USAGE =
   "usage: freekv generate [--model DIR] (--tokens 1,2,3 | --prompt TEXT | --chat TEXT) --max-tokens N [options]\n" +
-  "  --model DIR          Hugging Face model folder (default: FREEKV_MODEL or the built-in model)\n" +
+  MODEL_USAGE +
   "  --greedy             temperature 0 (the default unless --temperature is given)\n" +
   "  --temperature T --top-p P --top-k K --seed S   sampling\n" +
   "  --stop-token ID      (repeatable) stop token ids; the model's EOS ids are added unless --ignore-eos\n" +
@@ -26,7 +25,7 @@ export async function run(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
     options: {
-      model: { type: "string" },
+      ...MODEL_OPTIONS,
       tokens: { type: "string" },
       prompt: { type: "string" },
       chat: { type: "string" },
@@ -46,9 +45,6 @@ export async function run(argv: string[]): Promise<number> {
       select: { type: "string" },
       tau: { type: "string" },
       "dense-layers": { type: "string" },
-      threads: { type: "string" },
-      json: { type: "boolean", default: false },
-      help: { type: "boolean", short: "h", default: false },
     },
   });
   if (values.help) {
@@ -80,7 +76,7 @@ export async function run(argv: string[]): Promise<number> {
     tau: num("tau", values.tau),
     denseLayers: values["dense-layers"] ? parseTokenList(values["dense-layers"], "--dense-layers") : undefined,
   });
-  const runner = new LocalRunner(values.model ?? defaultModelDir(), values.threads ? Number(values.threads) : undefined);
+  const runner = openRunner(values);
   const { codec, spec } = runner.loaded;
   for (const note of spec.notes) process.stderr.write(`freekv generate: note: ${note}\n`);
   let prompt: number[];

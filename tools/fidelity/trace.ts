@@ -7,10 +7,10 @@
  * Loading validates everything a replay relies on and throws TraceError naming the problem, so
  * a malformed file fails before any engine work starts.
  */
-import { readSafetensorsHeader, readTensorF32, SafetensorsError, toBF16, writeSafetensors, type SafetensorsHeader } from "../model/safetensors.js";
+import { readSafetensorsHeader, readTensorF32, SafetensorsError, toBF16, writeSafetensors, type SafetensorsHeader } from "../../services/compute/model/safetensors.js";
 
-export interface Trace {
-  name: string;
+/** The shape and the queries and keys of a trace: what its statistics need. */
+export interface TraceShape {
   /** N: tokens prefilled before the first decode step. */
   promptLen: number;
   /** T: decode steps. */
@@ -22,7 +22,16 @@ export interface Trace {
   q: Float32Array;
   /** [N+T][Hkv][D] */
   k: Float32Array;
+}
+
+/** A named trace with its values: what a replay needs. */
+export interface TraceTensors extends TraceShape {
+  name: string;
+  /** [N+T][Hkv][D] */
   v: Float32Array;
+}
+
+export interface Trace extends TraceTensors {
   /** Storage type of k in the file. */
   dtype: "F32" | "BF16" | "F16";
   /** Every metadata string of the file (synthesis parameters, generator facts). */

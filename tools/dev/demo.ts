@@ -26,12 +26,12 @@ import {
   type GenerateResponse,
   type Session,
 } from "../../proto/gen/freekv/v1/compute.js";
-import { KvStoreClient } from "../compute/kvstore-client.js";
-import { exactAttention, relativeError } from "./exact-attention.js";
+import { KvStoreClient } from "../../services/compute/kvstore-client.js";
+import { exactAttention, relError } from "../reference/attention.js";
 import { healthCheck } from "./health-probe.js";
 import { startService, type ServiceProcess } from "./launch.js";
 import { runTiers } from "./run.js";
-import { mulberry32Uint } from "./prng.js";
+import { mulberry32Uint } from "../reference/prng.js";
 
 // The KV dtype is left to the backend (float32 on CPU, bf16 on CUDA).
 const G = { layers: 2, queryHeads: 8, kvHeads: 2, headDim: 64, kvDtype: DType.D_TYPE_UNSPECIFIED };
@@ -157,16 +157,22 @@ async function attentionPart(live: Live, kv: KvStoreClient): Promise<void> {
   const stats = await kv.stats();
   check(stats.sessions === shmBefore.sessions + 1, `kvstore now holds ${stats.sessions} session(s), ${mib(stats.segmentBytes)} of shared memory`);
 
-  const engine = typeof loadAddon().Engine === "function";
-  if (!engine) {
-    say("   (this build has no engine: Attention answers UNAVAILABLE; skipping prefill/decode)");
-    await unary(client, "closeSession", { sessionId: "demo-attention" });
-    return;
-  }
   const w = workload(7);
   const stream = new Stream(client);
   const keys: Float32Array[][] = [[], []];
   const values: Float32Array[][] = [[], []];
+  /** One layer of decode step `step` over `s`: the token's K/V appended, the output checked against exact attention. */
+  const decodeLayer = async (s: Stream, q: Float32Array, step: number, layer: number): Promise<{ error: number; ms: number }> => {
+    const k = w.key(PROMPT + step);
+    const v = w.value(PROMPT + step);
+    keys[layer].push(k);
+    values[layer].push(v);
+    const t1 = performance.now();
+    const r = await s.send({ op: { $case: "decode", value: { layer, items: [{ sessionId: "demo-attention", q: tensor(q, [G.queryHeads, G.headDim]), k: tensor(k, [G.kvHeads, G.headDim]), v: tensor(v, [G.kvHeads, G.headDim]) }] } } });
+    const ms = performance.now() - t1;
+    if (r.result?.$case !== "decode") throw new Error("no decode result");
+    return { error: relError(f32(r.result.value.outputs[0]), exactAttention(q, keys[layer], values[layer], G.queryHeads, G.kvHeads, G.headDim)), ms };
+  };
   const t0 = Date.now();
   for (let layer = 0; layer < G.layers; layer++) {
     const k = new Float32Array(PROMPT * KV);
@@ -188,17 +194,10 @@ async function attentionPart(live: Live, kv: KvStoreClient): Promise<void> {
   for (let step = 0; step < STEPS; step++) {
     const q = w.query(step);
     for (let layer = 0; layer < G.layers; layer++) {
-      const k = w.key(PROMPT + step);
-      const v = w.value(PROMPT + step);
-      keys[layer].push(k);
-      values[layer].push(v);
-      const t1 = performance.now();
-      const r = await stream.send({ op: { $case: "decode", value: { layer, items: [{ sessionId: "demo-attention", q: tensor(q, [G.queryHeads, G.headDim]), k: tensor(k, [G.kvHeads, G.headDim]), v: tensor(v, [G.kvHeads, G.headDim]) }] } } });
-      wire += performance.now() - t1;
-      if (r.result?.$case !== "decode") throw new Error("no decode result");
-      const e = relativeError(f32(r.result.value.outputs[0]), exactAttention(q, keys[layer], values[layer], G.queryHeads, G.kvHeads, G.headDim));
-      worst = Math.max(worst, e);
-      sum += e;
+      const { error, ms } = await decodeLayer(stream, q, step, layer);
+      wire += ms;
+      worst = Math.max(worst, error);
+      sum += error;
     }
   }
   stream.end();
@@ -270,15 +269,7 @@ async function attentionPart(live: Live, kv: KvStoreClient): Promise<void> {
   const MORE = 8;
   for (let step = STEPS; step < STEPS + MORE; step++) {
     const q = w.query(step);
-    for (let layer = 0; layer < G.layers; layer++) {
-      const k = w.key(PROMPT + step);
-      const v = w.value(PROMPT + step);
-      keys[layer].push(k);
-      values[layer].push(v);
-      const r = await again.send({ op: { $case: "decode", value: { layer, items: [{ sessionId: "demo-attention", q: tensor(q, [G.queryHeads, G.headDim]), k: tensor(k, [G.kvHeads, G.headDim]), v: tensor(v, [G.kvHeads, G.headDim]) }] } } });
-      if (r.result?.$case !== "decode") throw new Error("no decode result");
-      worstAfter = Math.max(worstAfter, relativeError(f32(r.result.value.outputs[0]), exactAttention(q, keys[layer], values[layer], G.queryHeads, G.kvHeads, G.headDim)));
-    }
+    for (let layer = 0; layer < G.layers; layer++) worstAfter = Math.max(worstAfter, (await decodeLayer(again, q, step, layer)).error);
   }
   again.end();
   check(worstAfter < 0.1, `${MORE} more decode steps after the restart: worst relative error vs exact ${worstAfter.toExponential(2)}`);

@@ -4,8 +4,8 @@
  * are sized with the one native layout, mapped here, and removed when the session is released,
  * or at the latest when the process exits.
  */
-import type { Addon, Geometry, HostSegments, NativeLayout, Retrieval } from "../../../native/binding.js";
-import { attachLocalHost } from "../model/localHost.js";
+import type { Addon, Geometry, HostSegments, NativeLayout, Retrieval } from "../../native/binding.js";
+import { attachLocalHost } from "../../services/compute/model/localHost.js";
 
 export interface OwnedSegments {
   host: HostSegments;

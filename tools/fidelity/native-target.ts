@@ -4,8 +4,8 @@
  * the command line's, with the defaults of DESIGN.md for everything else (max/min summaries,
  * softmax-mean group combine, gather recall, no dense layers).
  */
-import type { Addon, Engine, Geometry, Retrieval } from "../../../native/binding.js";
-import { RETRIEVAL_NAMES, retrievalDefaults } from "../../common/retrieval.js";
+import type { Addon, Engine, Geometry, Retrieval } from "../../native/binding.js";
+import { RETRIEVAL_NAMES, retrievalDefaults } from "../../services/common/retrieval.js";
 import { createHostSegments, type OwnedSegments } from "./host-segments.js";
 import type { ModeName, RetrievalSettings } from "./modes.js";
 import type { ReplayCounters, ReplayTarget } from "./replay-target.js";

@@ -8,10 +8,11 @@
  *  - recall_bytes_per_step: bytes recalled from the host tier during the decode steps / steps
  *    (the first step's blocking selection included).
  */
-import { exactProbabilities, massOn, relativeL2, weightedValues } from "./attention.js";
+import { relError } from "../reference/attention.js";
+import { exactProbabilities, massOn, weightedValues } from "./attention.js";
 import type { ModeName, RetrievalSettings } from "./modes.js";
 import type { ReplayTarget } from "./replay-target.js";
-import type { Trace } from "./trace.js";
+import type { TraceTensors } from "./trace.js";
 
 export interface ModeMetrics {
   mass_recall: number;
@@ -32,7 +33,7 @@ export interface ReplayResult {
   idealMass?: number;
 }
 
-export type TraceData = Pick<Trace, "promptLen" | "steps" | "qHeads" | "kvHeads" | "headDim" | "q" | "k" | "v">;
+export type TraceData = Omit<TraceTensors, "name">;
 
 export interface ReplayOptions {
   /** Called after every step with (done, total). */
@@ -80,7 +81,7 @@ export async function replay(trace: TraceData, modes: ModeName[], makeTarget: (m
           const got = massOn(p, target.attended(h));
           mass.set(m, mass.get(m)! + got);
           perStep.get(m)![t] += got / Hq;
-          err.set(m, err.get(m)! + relativeL2(outs.get(m)!, qh * D, exact));
+          err.set(m, err.get(m)! + relError(outs.get(m)!, exact, qh * D));
         }
       }
       opts.onStep?.(t + 1, T);

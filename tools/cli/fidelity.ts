@@ -7,8 +7,7 @@
  * 1 anything else (e.g. the native engine is not built).
  */
 import { writeFileSync } from "node:fs";
-import { parseArgs } from "node:util";
-import { intOption, numberOption, UsageError } from "../fidelity/cli-args.js";
+import { intOption, numberOption, parseOptions, UsageError } from "./args.js";
 import { FIDELITY_DEFAULTS, MODE_NAMES, parseModes, validateSettings, type ModeName, type RetrievalSettings } from "../fidelity/modes.js";
 import { NativeTarget } from "../fidelity/native-target.js";
 import { PolicyModel } from "../fidelity/policy-model.js";
@@ -48,37 +47,22 @@ export async function run(argv: string[]): Promise<number> {
 }
 
 async function fidelity(argv: string[]): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args: argv,
-      options: {
-        trace: { type: "string" },
-        modes: { type: "string" },
-        "page-size": { type: "string" },
-        sink: { type: "string" },
-        window: { type: "string" },
-        select: { type: "string" },
-        tau: { type: "string" },
-        engine: { type: "string" },
-        threads: { type: "string" },
-        "kv-dtype": { type: "string" },
-        recall: { type: "string" },
-        "per-step": { type: "string" },
-        json: { type: "boolean" },
-        help: { type: "boolean", short: "h" },
-      },
-      strict: true,
-      allowPositionals: false,
-    });
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
-  const v = parsed.values as Record<string, unknown>;
-  if (v.help) {
-    process.stdout.write(USAGE);
-    return 0;
-  }
+  const v = parseOptions(argv, {
+    trace: { type: "string" },
+    modes: { type: "string" },
+    "page-size": { type: "string" },
+    sink: { type: "string" },
+    window: { type: "string" },
+    select: { type: "string" },
+    tau: { type: "string" },
+    engine: { type: "string" },
+    threads: { type: "string" },
+    "kv-dtype": { type: "string" },
+    recall: { type: "string" },
+    "per-step": { type: "string" },
+    json: { type: "boolean" },
+  }, USAGE);
+  if (!v) return 0;
   if (typeof v.trace !== "string" || v.trace === "") throw new UsageError(`--trace FILE is required\n${USAGE}`);
   const modes = parseModes(typeof v.modes === "string" ? v.modes : MODE_NAMES.join(","));
   const settings: RetrievalSettings = {
@@ -103,11 +87,10 @@ async function fidelity(argv: string[]): Promise<number> {
   const geo = { qHeads: trace.qHeads, kvHeads: trace.kvHeads, headDim: trace.headDim, capacityTokens: trace.promptLen + trace.steps };
   let makeTarget: (m: ModeName) => ReplayTarget;
   if (engineKind === "model") {
-    makeTarget = (m) => new PolicyModel(geo, settings, m);
+    makeTarget = (m) => new PolicyModel(geo, settings, m, kvDtype);
   } else {
-    const { loadAddon } = await import("../../../native/binding.js");
+    const { loadAddon } = await import("../../native/binding.js");
     const addon = loadAddon();
-    if (typeof addon.Engine !== "function") throw new Error("this build of the native addon has no Engine (rebuild with `npm run build:native`), or use --engine model");
     const engine = new addon.Engine({ backend: "cpu", threads });
     makeTarget = (m) => NativeTarget.create(addon, engine, m, { ...geo, settings, kvDtype, recall });
   }

@@ -33,7 +33,7 @@ const fromSource = import.meta.url.endsWith(".ts");
 
 /** The entry file of a service and the node arguments that run it (tsx for sources). */
 export function serviceEntry(name: ServiceName): { file: string; args: string[] } {
-  const file = join(here, "..", name, fromSource ? "main.ts" : "main.js");
+  const file = join(here, "..", "..", "services", name, fromSource ? "main.ts" : "main.js");
   if (!existsSync(file)) throw new Error(`${file} not found`);
   return { file, args: fromSource ? ["--import", "tsx", file] : [file] };
 }

@@ -3,8 +3,7 @@
  * and prints the facts that make it worth replaying: adjacent-query cosine, how much softmax mass
  * the exact top pages hold at ~8% of the context, and where the needles and topic jumps are.
  */
-import { parseArgs } from "node:util";
-import { intOption, numberOption, UsageError } from "../fidelity/cli-args.js";
+import { intOption, numberOption, parseOptions, UsageError } from "./args.js";
 import { SYNTH_DEFAULTS, synthesizeTrace, type SynthOptions } from "../fidelity/synth.js";
 import { groupAdjacentCosines, summarizeCosines, topPageMass, pageMasses } from "../fidelity/trace-stats.js";
 import { exactProbabilities } from "../fidelity/attention.js";
@@ -53,41 +52,26 @@ async function synth(argv: string[]): Promise<number> {
     return 0;
   }
   if (sub !== "synth") throw new UsageError(`unknown subcommand '${sub}' (expected 'synth')\n${USAGE}`);
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args: rest,
-      options: {
-        out: { type: "string" },
-        "prompt-len": { type: "string" },
-        steps: { type: "string" },
-        "q-heads": { type: "string" },
-        "kv-heads": { type: "string" },
-        "head-dim": { type: "string" },
-        topics: { type: "string" },
-        "jump-every": { type: "string" },
-        needles: { type: "string" },
-        drift: { type: "string" },
-        seed: { type: "string" },
-        dtype: { type: "string" },
-        "page-size": { type: "string" },
-        "rope-theta": { type: "string" },
-        name: { type: "string" },
-        budget: { type: "string" },
-        json: { type: "boolean" },
-        help: { type: "boolean", short: "h" },
-      },
-      strict: true,
-      allowPositionals: false,
-    });
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
-  const v = parsed.values as Record<string, unknown>;
-  if (v.help) {
-    process.stdout.write(USAGE);
-    return 0;
-  }
+  const v = parseOptions(rest, {
+    out: { type: "string" },
+    "prompt-len": { type: "string" },
+    steps: { type: "string" },
+    "q-heads": { type: "string" },
+    "kv-heads": { type: "string" },
+    "head-dim": { type: "string" },
+    topics: { type: "string" },
+    "jump-every": { type: "string" },
+    needles: { type: "string" },
+    drift: { type: "string" },
+    seed: { type: "string" },
+    dtype: { type: "string" },
+    "page-size": { type: "string" },
+    "rope-theta": { type: "string" },
+    name: { type: "string" },
+    budget: { type: "string" },
+    json: { type: "boolean" },
+  }, USAGE);
+  if (!v) return 0;
   if (typeof v.out !== "string" || v.out === "") throw new UsageError("--out FILE is required");
   const dtypeRaw = String(v.dtype ?? "f32").toLowerCase();
   if (dtypeRaw !== "f32" && dtypeRaw !== "bf16") throw new UsageError(`--dtype must be f32 or bf16 (got '${String(v.dtype)}')`);

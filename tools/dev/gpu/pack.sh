@@ -20,8 +20,8 @@ cp native/build/Release/freekv.node tmp/gpu/
 gomp=$(ldd native/build/Release/freekv.node | awk '/libgomp/ {print $3}')
 [ -n "$gomp" ] && cp -L "$gomp" tmp/gpu/lib/
 banner="import { createRequire as __cr } from 'module'; import { fileURLToPath as __fu } from 'url'; import { dirname as __dn } from 'path'; const require = __cr(import.meta.url); const __filename = __fu(import.meta.url); const __dirname = __dn(__filename);"
-for e in kvstore/main compute/main dev/demo; do
-  npx esbuild "services/$e.ts" --bundle --platform=node --format=esm --target=node20 --outfile="tmp/gpu/$e.js" --log-level=warning --banner:js="$banner"
+for e in services/kvstore/main services/compute/main tools/dev/demo; do
+  npx esbuild "$e.ts" --bundle --platform=node --format=esm --target=node20 --outfile="tmp/gpu/${e#*/}.js" --log-level=warning --banner:js="$banner"
 done
 health=node_modules/grpc-health-check/proto/health/v1/health.proto
 cp "$health" tmp/proto/health/v1/
@@ -29,5 +29,5 @@ cp "$health" tmp/gpu/node_modules/grpc-health-check/
 echo '{"name":"grpc-health-check","main":"index.js"}' > tmp/gpu/node_modules/grpc-health-check/package.json
 echo 'module.exports = { protoPath: __dirname + "/health.proto" };' > tmp/gpu/node_modules/grpc-health-check/index.js
 cp -r node_modules/@grpc/reflection/build/proto/grpc/reflection/v1 node_modules/@grpc/reflection/build/proto/grpc/reflection/v1alpha tmp/proto/grpc/reflection/
-cp services/dev/gpu/run.sh tmp/gpu/run.sh
+cp tools/dev/gpu/run.sh tmp/gpu/run.sh
 du -sh tmp/gpu tmp/proto

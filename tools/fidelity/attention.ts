@@ -58,17 +58,6 @@ export function massOn(p: Float64Array, tokens: ArrayLike<number>): number {
   return m;
 }
 
-export function relativeL2(out: ArrayLike<number>, outOff: number, ref: Float64Array): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < ref.length; i++) {
-    const e = out[outOff + i] - ref[i];
-    num += e * e;
-    den += ref[i] * ref[i];
-  }
-  return den === 0 ? Math.sqrt(num) : Math.sqrt(num / den);
-}
-
 export function cosine(a: ArrayLike<number>, aOff: number, b: ArrayLike<number>, bOff: number, d: number): number {
   let ab = 0;
   let aa = 0;

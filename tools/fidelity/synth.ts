@@ -25,6 +25,7 @@
  */
 import { Prng } from "./random.js";
 import { applyRope, ropeFrequencies } from "./rope.js";
+import type { TraceTensors } from "./trace.js";
 
 export interface SynthOptions {
   promptLen: number;
@@ -76,16 +77,7 @@ export interface Needle {
   span: number;
 }
 
-export interface SynthTrace {
-  name: string;
-  promptLen: number;
-  steps: number;
-  qHeads: number;
-  kvHeads: number;
-  headDim: number;
-  q: Float32Array;
-  k: Float32Array;
-  v: Float32Array;
+export interface SynthTrace extends TraceTensors {
   /** Per KV head, the decode steps at which the group's topic jumps. */
   jumps: number[][];
   needles: Needle[];

@@ -4,31 +4,15 @@
  * retrieval mode). With --json: {"logits": [...]}; otherwise one line of numbers.
  */
 import { parseArgs } from "node:util";
-import { defaultModelDir } from "../model/loader.js";
-import { LocalRunner, localRetrieval } from "../generate/local.js";
+import { localRetrieval } from "../../services/compute/generate/local.js";
+import { MODEL_OPTIONS, MODEL_USAGE, openRunner, parseTokenList } from "./args.js";
 
-const USAGE = "usage: freekv logits [--model DIR] --tokens 1,2,3 [--json] [--threads N]\n" +
-  "  --model DIR   Hugging Face model folder (default: FREEKV_MODEL or the built-in model)\n";
-
-export function parseTokenList(s: string, name = "--tokens"): number[] {
-  const parts = s.split(",").map((x) => x.trim()).filter((x) => x.length > 0);
-  if (parts.length === 0) throw new Error(`${name} must list at least one token id`);
-  return parts.map((x) => {
-    if (!/^\d+$/.test(x)) throw new Error(`${name}: '${x}' is not a token id`);
-    return Number(x);
-  });
-}
+const USAGE = "usage: freekv logits [--model DIR] --tokens 1,2,3 [--json] [--threads N]\n" + MODEL_USAGE;
 
 export async function run(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
-    options: {
-      model: { type: "string" },
-      tokens: { type: "string" },
-      json: { type: "boolean", default: false },
-      threads: { type: "string" },
-      help: { type: "boolean", short: "h", default: false },
-    },
+    options: { ...MODEL_OPTIONS, tokens: { type: "string" } },
   });
   if (values.help) {
     process.stdout.write(USAGE);
@@ -39,7 +23,7 @@ export async function run(argv: string[]): Promise<number> {
     return 2;
   }
   const tokens = parseTokenList(values.tokens);
-  const runner = new LocalRunner(values.model ?? defaultModelDir(), values.threads ? Number(values.threads) : undefined);
+  const runner = openRunner(values);
   const vocab = runner.loaded.model.vocabSize;
   tokens.forEach((t, i) => {
     if (t >= vocab) throw new Error(`--tokens[${i}]: token id ${t} is out of range [0, ${vocab})`);

@@ -7,16 +7,8 @@
  *  - needle mass: how much of a needle query's attention lands on its page.
  */
 import { cosine, exactProbabilities } from "./attention.js";
+import type { TraceShape } from "./trace.js";
 
-export interface TraceShape {
-  promptLen: number;
-  steps: number;
-  qHeads: number;
-  kvHeads: number;
-  headDim: number;
-  q: Float32Array;
-  k: Float32Array;
-}
 
 /** Mean over the group's query heads of cos(q_t, q_{t-1}); [kvHead][t] for t >= 1 (t = 0 is NaN). */
 export function groupAdjacentCosines(tr: TraceShape): Float64Array[] {
