@@ -5,6 +5,8 @@
 //             buffered) vs the PCIe ceiling, after a byte-exact check of the recalled pages
 //   attention paged decode attention GB/s vs HBM, after a float64 CPU reference check
 //   step      decode-step latency at Llama-3.1-8B shapes in six modes vs the HBM floor
+//   prefill   tensor-core causal prefill attention: float64 check, then TFLOP/s vs the bf16 peak
+//             (not in the default list: --sections prefill)
 // Usage: freekv_gpu_bench --out FILE [--sections ceilings,recall,attention,step] [--deadline-s N]
 //        [--quick]
 #include <ctime>
@@ -18,6 +20,8 @@
 #endif
 
 namespace fkbench {
+
+void RunPrefill(Bench& B);  // prefill_bench.cu
 
 void Bench::Save() const {
   Json doc = json;
@@ -81,7 +85,7 @@ int main(int argc, char** argv) {
 
   struct Sec { const char* name; void (*fn)(Bench&); double min_s; };
   Sec all[] = {{"ceilings", RunCeilings, 5}, {"recall", RunRecall, 10}, {"attention", RunAttention, 10},
-               {"step", RunDecodeStep, 30}};
+               {"step", RunDecodeStep, 30}, {"prefill", RunPrefill, 20}};
   Json status = Json::Obj();
   int failures = 0;
   for (const Sec& s : all) {
