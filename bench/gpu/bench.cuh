@@ -24,5 +24,6 @@ struct Bench {
 void RunCeilings(Bench& B);
 void RunRecall(Bench& B);
 void RunAttention(Bench& B);
+void RunPrefill(Bench& B);
 
 }  // namespace fkbench

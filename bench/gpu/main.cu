@@ -4,9 +4,10 @@
 //   recall    recall GB/s per mode (gather from mapped pinned memory; per-page memcpy, double
 //             buffered) vs the PCIe ceiling, after a byte-exact check of the recalled pages
 //   attention paged decode attention GB/s vs HBM, after a float64 CPU reference check
+//   prefill   tensor-core causal prefill attention: float64 check, then TFLOP/s vs the bf16 peak
 // The decode step is not timed here: bench/gpu/run.sh times the service's own step
 // (scripts/gpu/runner-bench.ts: Model.decode with the CUDA engine) beside these figures.
-// Usage: freekv_gpu_bench --out FILE [--sections ceilings,recall,attention] [--deadline-s N]
+// Usage: freekv_gpu_bench --out FILE [--sections ceilings,recall,attention,prefill] [--deadline-s N]
 //        [--quick]
 #include <ctime>
 #include <fstream>
@@ -44,7 +45,7 @@ using namespace fkbench;
 
 int main(int argc, char** argv) {
   Bench B;
-  std::string sections = "ceilings,recall,attention";
+  std::string sections = "ceilings,recall,attention,prefill";
   double budget_s = 0;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -91,7 +92,8 @@ int main(int argc, char** argv) {
   std::cout << "[bench] " << p.name << ", CUDA " << rt << ", commit " << FKB_COMMIT << std::endl;
 
   struct Sec { const char* name; void (*fn)(Bench&); double min_s; };
-  Sec all[] = {{"ceilings", RunCeilings, 5}, {"recall", RunRecall, 10}, {"attention", RunAttention, 10}};
+  Sec all[] = {{"ceilings", RunCeilings, 5}, {"recall", RunRecall, 10}, {"attention", RunAttention, 10},
+               {"prefill", RunPrefill, 20}};
   Json status = Json::Obj();
   int failures = 0;
   for (const Sec& s : all) {

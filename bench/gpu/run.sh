@@ -10,13 +10,13 @@
 #
 # Flags (time limits in seconds keep the visit inside one device run; a section that would start
 # past its limit is skipped and reported; 0 leaves a part out):
-#   --bench-s 300      the kernel program          --sections LIST   its sections (ceilings,recall,attention)
+#   --bench-s 300      the kernel program          --sections LIST   its sections (ceilings,recall,attention,prefill)
 #   --runner-s 300     the service's decode step   --runner-args "…" its arguments (points, modes, steps)
 #   --anchor-s 120     the HF anchor               --anchor-cases L  its cases (CONTEXTxBATCH,…)
 #   --quick            smaller kernel-program sizes (smoke run)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-bench_s=300 runner_s=300 anchor_s=120 sections=ceilings,recall,attention quick=
+bench_s=300 runner_s=300 anchor_s=120 sections=ceilings,recall,attention,prefill quick=
 runner_args="--points 1:32768,4:32768,16:8192 --modes freekv,speculative,oracle,dense --steps 8"
 anchor_cases=32768x1,32768x4,131072x1
 while [ $# -gt 0 ]; do

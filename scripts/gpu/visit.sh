@@ -10,7 +10,7 @@
 # PARITY_S=60 CUDA vs CPU parity, RUNNER_S=240 Model.decode at 8B shapes (runner-bench; it also
 # writes the model folder the next step serves), OVERHEAD_S=150 both services on the GPU under
 # bench:overhead (16 greedy Generate streams), BENCH_S=90 the CUDA benchmark program's kernels
-# (BENCH_SECTIONS, default ceilings,attention,recall; the decode step is the runner step's).
+# (BENCH_SECTIONS, default ceilings,attention,recall,prefill; the decode step is the runner step's).
 # SKIP="parity,bench" leaves steps out.
 # PROFILE=1 adds PROFILE_S=150 one step's kernels under Nsight Compute (see below).
 #
@@ -71,5 +71,5 @@ if [ "${PROFILE:-0}" = 1 ] && [ -f /tmp/freekv-8b/config.json ]; then
     node --max-old-space-size=8192 .gpu/runner-bench.mjs --profile-steps 1 --out "$work/profile" ${PROFILE_ARGS:---points 16:8192 --modes freekv-direct --steps 2}
 fi
 step bench "${BENCH_S:-90}" bash bench/gpu/run.sh --bench-s $(( ${BENCH_S:-90} - 20 )) --runner-s 0 --anchor-s 0 \
-  --sections "${BENCH_SECTIONS:-ceilings,attention,recall}"
+  --sections "${BENCH_SECTIONS:-ceilings,attention,recall,prefill}"
 cat "$summary"

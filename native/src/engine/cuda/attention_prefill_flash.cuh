@@ -1,0 +1,44 @@
+// Tensor-core causal prefill attention (FlashAttention-2 style): bf16 Q and paged bf16 K/V in,
+// fp32 accumulation, fp32 or bf16 out.
+//
+// Layouts (the same K/V layout as PrefillAttentionParams in attention_prefill.cuh):
+//   q     [n][q_heads][head_dim] bf16, contiguous
+//   pages contiguous NHD pages [pages][2 (K,V)][page_size][kv_heads][head_dim] bf16 holding
+//         tokens 0..start+n-1: token j lies in page j / page_size, row j % page_size
+//   out   [n][q_heads][head_dim], fp32 (out_f32) or bf16 (out_bf16): exactly one is set
+// Query i of the chunk sits at position start + i and attends tokens 0..start+i (start = tokens
+// of the session before this chunk; any value, not necessarily page aligned).
+//
+// Design: one CTA of 4 warps per (tile of 128 (query, head) rows, KV head). The G = q_heads /
+// kv_heads query heads of a GQA group are folded into the M dimension (row r of the flattened
+// [n * G] rows is query r / G, head kv_head * G + r % G), so every K/V tile read serves the whole
+// group. Each warp owns 32 rows (two m16 tiles). K/V tiles of 64 tokens stream through a
+// two-stage cp.async pipeline into XOR-swizzled shared memory; S = Q K^T and O += P V run on
+// mma.sync m16n8k16 bf16 with ldmatrix(.trans) fragments; online softmax in the exp2 domain with
+// fp32 row statistics; P is rounded to bf16 for the PV product (as FlashAttention does). KV tiles
+// past the CTA's last query are never loaded; only the tiles crossing the diagonal are masked.
+// CTAs are issued heaviest (last query tiles) first. Head dims 64 and 128.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+namespace freekv::cuda {
+
+struct FlashPrefillParams {
+  const __nv_bfloat16* q = nullptr;      // [n][q_heads][head_dim]
+  const __nv_bfloat16* pages = nullptr;  // contiguous NHD pages holding tokens 0..start+n-1
+  float* out_f32 = nullptr;              // [n][q_heads][head_dim]; exactly one of the two outputs
+  __nv_bfloat16* out_bf16 = nullptr;
+  int n = 0, start = 0;
+  int q_heads = 0, kv_heads = 0, head_dim = 0, page_size = 0;
+  float scale = 0.f;  // softmax scale; 0 means 1/sqrt(head_dim)
+};
+
+// Throws std::invalid_argument on a bad shape and std::runtime_error on a CUDA error.
+void LaunchFlashPrefillAttention(const FlashPrefillParams& p, cudaStream_t stream);
+
+// Rows of (query, head) per CTA and tokens per K/V tile (for callers sizing work).
+constexpr int kFlashPrefillBlockM = 128;
+constexpr int kFlashPrefillBlockN = 64;
+
+}  // namespace freekv::cuda
