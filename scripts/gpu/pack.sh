@@ -14,6 +14,7 @@ node -e 'const a=require("./native/build/Release/freekv.node"); if(!a.backendInf
 bash ../shared/gpu/pack-node.sh >/dev/null
 mkdir -p .gpu/lib
 cp native/build/Release/freekv.node .gpu/freekv.node
+cp native/build/Release/freekv_shm.node .gpu/freekv_shm.node
 gomp=$(ldd native/build/Release/freekv.node | awk '/libgomp/ {print $3}')
 [ -n "$gomp" ] && cp -L "$gomp" .gpu/lib/
 npx esbuild scripts/gpu/run-checks.ts --bundle --platform=node --format=esm --target=node20 \

@@ -26,7 +26,7 @@ mkdir -p "$OUT" "$work" /tmp/nodebin
 [ -x /tmp/nodebin/node ] || { xz -dc .gpu/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node; }
 export PATH=/tmp/nodebin:$PATH
 export LD_LIBRARY_PATH=$root/.gpu/lib:${LD_LIBRARY_PATH:-}
-export FREEKV_ADDON=$root/.gpu/freekv.node
+export FREEKV_ADDON=$root/.gpu/freekv.node FREEKV_SHM_ADDON=$root/.gpu/freekv_shm.node
 skip=",${SKIP:-},"
 summary=$OUT/summary.txt
 : > "$summary"
