@@ -126,6 +126,8 @@ export function loadNative<T>(file: string, env: string | undefined): T {
   const here = dirname(fileURLToPath(import.meta.url));
   const candidates = [
     env,
+    // beside a relocated full addon (FREEKV_ADDON): the two are built and shipped together
+    process.env.FREEKV_ADDON ? join(dirname(process.env.FREEKV_ADDON), file) : undefined,
     // from native/ (tsx, vitest) and from dist/native/ (compiled)
     join(here, "build", "Release", file),
     join(here, "..", "..", "native", "build", "Release", file),

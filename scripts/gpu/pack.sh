@@ -18,6 +18,7 @@ cp native/build/Release/freekv_shm.node .gpu/freekv_shm.node
 gomp=$(ldd native/build/Release/freekv.node | awk '/libgomp/ {print $3}')
 [ -n "$gomp" ] && cp -L "$gomp" .gpu/lib/
 npx esbuild scripts/gpu/run-checks.ts --bundle --platform=node --format=esm --target=node20 \
+    --banner:js="import { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);" \
   --outfile=.gpu/run-checks.mjs --log-level=warning
 cp scripts/gpu/run.sh .gpu/run.sh
 du -sh .gpu; ls -la .gpu .gpu/lib
