@@ -74,6 +74,8 @@ import { generate } from "../services/compute/generate/generation.js";
 import { Sampler } from "../services/compute/generate/sampling.js";
 import { DecodeScheduler } from "../services/compute/generate/scheduler.js";
 import { StopMatcher } from "../services/compute/generate/stop.js";
+import { parseConfig } from "../services/common/config.js";
+import { computeConfigSchema } from "../services/compute/config.js";
 import { defaultModelDir, loadModelAsync, type LoadedModel } from "../services/compute/model/loader.js";
 import { createLocalSession, modelGeometry, type LocalSession } from "../services/compute/model/localHost.js";
 import { startTiers, type Tiers } from "../tools/dev/launch.js";
@@ -91,6 +93,11 @@ const prng = mulberry32;
 const gaussianF32 = (n: number, seed: number, scale = 1): Float32Array => gaussianOf(n, prng(seed), scale);
 
 const seedOf = (...xs: number[]) => xs.reduce((h, x) => Math.imul(h ^ (x + 0x9e3779b9), 0x85ebca6b) >>> 0, 0x12345678);
+
+/** The compute service's configuration of this environment (the services this program starts read the same). */
+function serviceConfig() {
+  return parseConfig(computeConfigSchema);
+}
 
 function quantile(xs: number[], q: number): number {
   if (!xs.length) return NaN;
@@ -829,8 +836,8 @@ async function main(): Promise<number> {
     // The services inherit this process's environment: FREEKV_BACKEND=cuda runs them on the GPU
     // The in-process Generate reference uses the same backend and FREEKV_MODEL (so that both sides
     // run the same steps); the in-process Attention reference always uses the CPU backend.
-    service_backend: process.env.FREEKV_BACKEND || "cpu",
-    model_dir: process.env.FREEKV_MODEL || "built-in",
+    service_backend: serviceConfig().FREEKV_BACKEND,
+    model_dir: serviceConfig().FREEKV_MODEL || "built-in",
     options: { batch: B, gen_tokens: GEN_TOKENS, gen_prompt: GEN_PROMPT, att_steps: ATT_STEPS, att_layers: ATT_LAYERS, att_context: ATT_CONTEXT, wires: WIRES, client_flow_control_window: CLIENT_WINDOW || "grpc-js default", windows_us: WINDOWS, transports: TRANSPORTS, warm_steps_left_out: WARM },
   };
   let genProjection: { baseUs: number; commitsUs: number; layers: number; sampling: ReturnType<typeof timeSampling>[] } | undefined;
@@ -838,8 +845,8 @@ async function main(): Promise<number> {
 
   // ---- Generate: in process, then through the services ------------------------------------------
   if (!SKIP.has("generate")) {
-    const engine = new addon.Engine({ backend: process.env.FREEKV_BACKEND === "cuda" ? "cuda" : "cpu" });
-    const loaded = await loadModelAsync(process.env.FREEKV_MODEL || defaultModelDir(), { engine });
+    const engine = new addon.Engine({ backend: serviceConfig().FREEKV_BACKEND });
+    const loaded = await loadModelAsync(serviceConfig().FREEKV_MODEL || defaultModelDir(), { engine });
     console.log(`Generate reference: ${engine.backend} engine, model layers on ${loaded.model.device}`);
     const V = loaded.model.vocabSize;
     // Prompts whose greedy continuation does not hit an end-of-sequence token within the run, so
@@ -1047,7 +1054,7 @@ async function main(): Promise<number> {
   result.table = table.map((t) => ({ ...t, share: r3(t.share) }));
 
   // ---- Print -----------------------------------------------------------------------------------
-  console.log(`\nTypeScript + gRPC per decode step at batch ${B}, this machine, services on the ${process.env.FREEKV_BACKEND || "cpu"} backend (medians; microseconds)`);
+  console.log(`\nTypeScript + gRPC per decode step at batch ${B}, this machine, services on the ${serviceConfig().FREEKV_BACKEND} backend (medians; microseconds)`);
   console.log(`${"path".padEnd(32)}   native      TS    gRPC  TS+gRPC     step   share`);
   for (const t of table)
     console.log(
