@@ -35,16 +35,19 @@ import { replay, type ModeMetrics, type ReplayResult } from "../../tools/fidelit
 import { synthesizeTrace } from "../../tools/fidelity/synth.js";
 import { parseModelConfig } from "../../services/compute/model/config.js";
 import { createLocalSession } from "../../services/compute/model/localHost.js";
+import { RETRIEVAL_NAMES } from "../../services/common/retrieval.js";
 import { readSafetensorsHeader, readTensorF32, toBF16, writeSafetensors, type SafetensorsHeader, type TensorToWrite } from "../../services/compute/model/safetensors.js";
 import { collectTensorRefs } from "../../services/compute/model/weights.js";
 import type { Golden } from "../../test/helpers/golden.js";
 import { relError } from "../../tools/reference/attention.js";
 
-// Literal values of binding.ts's const enums (KvDType.BF16, Mode.*, SummaryKind.MaxMin, ...).
-const F32 = 1 as Geometry["kvDtype"];
-const BF16 = 2 as Geometry["kvDtype"];
-const MODE_DENSE = 2 as Retrieval["mode"];
-const MODE_FREEKV = 1 as Retrieval["mode"];
+// The enum values used below, from the one table of names (services/common/retrieval.ts).
+const F32: Geometry["kvDtype"] = RETRIEVAL_NAMES.kvDtype.float32;
+const BF16: Geometry["kvDtype"] = RETRIEVAL_NAMES.kvDtype.bfloat16;
+const MODE_DENSE: Retrieval["mode"] = RETRIEVAL_NAMES.mode.dense;
+const MODE_FREEKV: Retrieval["mode"] = RETRIEVAL_NAMES.mode.freekv;
+/** Max-min summaries, softmax-mean combine, gather recall: the fields these checks do not vary. */
+const FIXED = { summary: RETRIEVAL_NAMES.summary.max_min, combine: RETRIEVAL_NAMES.combine.softmax_mean, recall: RETRIEVAL_NAMES.recall.gather } as const;
 
 // ---------------------------------------------------------------------------------------------
 // Tolerances. Both backends round K/V to bf16 the same way (nearest even) and store the same
@@ -156,7 +159,7 @@ async function fidelityParity(addon: Addon, cpu: Engine, cand: Engine, candName:
   const b = await run(cand, candName, candKv);
   const layout = addon.layout(
     { layers: 1, qHeads: trace.qHeads, kvHeads: trace.kvHeads, headDim: trace.headDim, kvDtype: BF16 },
-    { pageSize: settings.pageSize, sinkTokens: settings.sinkTokens, windowTokens: settings.windowTokens, selectTokens: settings.selectTokens, tau: settings.tau, summary: 1 as Retrieval["summary"], combine: 1 as Retrieval["combine"], mode: MODE_FREEKV, recall: 1 as Retrieval["recall"], denseLayers: [] },
+    { pageSize: settings.pageSize, sinkTokens: settings.sinkTokens, windowTokens: settings.windowTokens, selectTokens: settings.selectTokens, tau: settings.tau, ...FIXED, mode: MODE_FREEKV, denseLayers: [] },
     Math.ceil(geo.capacityTokens / settings.pageSize) + 1,
   );
   const T = trace.steps, Hkv = trace.kvHeads, Hq = trace.qHeads;
@@ -444,7 +447,7 @@ async function runArgmax(addon: Addon, engine: Engine, build: ModelBuild, g: Gol
 }
 
 function retrieval(mode: Retrieval["mode"], select: number): Retrieval {
-  return { pageSize: 16, sinkTokens: 32, windowTokens: 32, selectTokens: select, tau: 0.9, summary: 1 as Retrieval["summary"], combine: 1 as Retrieval["combine"], mode, recall: 1 as Retrieval["recall"], denseLayers: [] };
+  return { pageSize: 16, sinkTokens: 32, windowTokens: 32, selectTokens: select, tau: 0.9, ...FIXED, mode, denseLayers: [] };
 }
 
 /** Compares two runs: prompt logits, then the continuation up to and including the first divergence. */

@@ -6,7 +6,9 @@
  * Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim 128), one layer, budget
  * 512 sink + 1024 selected + 512 window, page 32, bf16, queries drifting (adjacent cosine ~0.9).
  */
-import { loadAddon, type Geometry, type Retrieval, type ShmSegment } from "../../native/binding.js";
+import { loadAddon, type Geometry, type Retrieval } from "../../native/binding.js";
+import { RETRIEVAL_NAMES as N } from "../../services/common/retrieval.js";
+import { createLocalSession, type LocalSession } from "../../services/compute/model/localHost.js";
 
 export interface TimingRow {
   mode: string;
@@ -31,44 +33,32 @@ function fill(a: Float32Array, seed: number, scale = 1, mean = 0): Float32Array 
 
 export async function runTiming(log: (l: string) => void, contexts = [32768], batches = [1, 4], backend: "cuda" | "cpu" = "cuda"): Promise<TimingRow[]> {
   const addon = loadAddon();
-  const geometry: Geometry = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 128, kvDtype: 2 };
+  const geometry: Geometry = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 128, kvDtype: N.kvDtype.bfloat16 };
   const base: Retrieval = {
     pageSize: 32, sinkTokens: 512, windowTokens: 512, selectTokens: 1024, tau: 0.9,
-    summary: 1, combine: 1, mode: 1, recall: 1, denseLayers: [],
+    summary: N.summary.max_min, combine: N.combine.softmax_mean, mode: N.mode.freekv, recall: N.recall.gather, denseLayers: [],
   };
   const modes: [string, Partial<Retrieval>][] = [
     ["freekv gather", {}],
-    ["freekv double-buffer", { recall: 2 }],
-    ["oracle (blocking every step)", { mode: 3 }],
-    ["dense (full attention)", { mode: 2 }],
+    ["freekv double-buffer", { recall: N.recall.double_buffer }],
+    ["oracle (blocking every step)", { mode: N.mode.oracle }],
+    ["dense (full attention)", { mode: N.mode.dense }],
   ];
   const qn = 32 * 128, kn = 8 * 128;
   const rows: TimingRow[] = [];
-  let seg = 0;
   for (const context of contexts)
     for (const batch of batches)
       for (const [name, over] of modes) {
         const retrieval = { ...base, ...over };
-        const cap = Math.ceil((context + 64) / 32) + 1;
-        const L = addon.layout(geometry, retrieval, cap);
         const engine = new addon.Engine({ backend });
-        const segs: ShmSegment[] = [];
-        const names: string[] = [];
+        const locals: LocalSession[] = [];
         const sessions: number[] = [];
         try {
           for (let b = 0; b < batch; b++) {
-            const mk = (k: string, size: number) => {
-              const n = `/fkv-timing-${process.pid}-${seg++}-${k}`;
-              names.push(n);
-              const s = addon.ShmSegment.create(n, size);
-              segs.push(s);
-              return s;
-            };
-            const host = {
-              store: mk("store", L.storeBytes), staging: mk("staging", 2 * L.stagingBufferBytes),
-              tail: mk("tail", L.tailBytes), manifest: mk("manifest", L.manifestBytes), capacityPages: cap,
-            };
-            const s = engine.createSession(geometry, retrieval, host, false);
+            // A session of the in-process kvstore: its segments hold context + 64 tokens and a page more.
+            const local = createLocalSession(engine, geometry, retrieval, context + 64);
+            locals.push(local);
+            const s = local.session;
             sessions.push(s);
             const chunk = 8192;
             for (let t = 0; t < context; t += chunk) {
@@ -111,9 +101,7 @@ export async function runTiming(log: (l: string) => void, contexts = [32768], ba
           rows.push(row);
           log(`timing ${name} ctx ${context} batch ${batch}: ${row.msPerCall.toFixed(3)} ms/call (p90 ${row.p90.toFixed(3)})`);
         } finally {
-          for (const s of sessions) engine.closeSession(s);
-          for (const s of segs) s.close();
-          for (const n of names) addon.ShmSegment.unlink(n);
+          for (const l of locals) await l.close();
         }
       }
   return rows;

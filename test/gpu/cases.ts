@@ -20,15 +20,15 @@ import {
   type Engine,
   type EngineStats,
   type Geometry,
-  type HostSegments,
   type Retrieval,
-  type ShmSegment,
 } from "../../native/binding.js";
 import { prng } from "../helpers/prng.js";
 import { ranges, ReferenceLayer, type ModeName, type PolicyConfig } from "../../tools/reference/policy.js";
 import { sameTopK, type CombineName } from "../../tools/reference/selection.js";
-import { COMBINE, MODE } from "../unit/reference/harness.js";
+import { createHost, SUMMARY, type Host } from "../unit/reference/harness.js";
+import { RETRIEVAL_NAMES } from "../../services/common/retrieval.js";
 import { relError } from "../../tools/reference/attention.js";
+import type { SummaryKindName } from "../../tools/reference/summary.js";
 
 // ---------------------------------------------------------------------------------------------
 // Inputs
@@ -261,17 +261,18 @@ export const CASES: CaseSpec[] = [
 // ---------------------------------------------------------------------------------------------
 // Near-ties of the page selection
 
-// The binding's enums back to the reference's names (the harness maps names to enums).
+// The binding's enums back to the reference's names (RETRIEVAL_NAMES and the harness map names to enums).
 const invert = <N extends string>(m: Record<N, number>) => Object.fromEntries(Object.entries(m).map(([k, v]) => [v, k])) as Record<number, N>;
-const MODE_NAME = invert<ModeName>(MODE);
-const COMBINE_NAME = invert<CombineName>(COMBINE);
+const MODE_NAME = invert<ModeName>(RETRIEVAL_NAMES.mode);
+const COMBINE_NAME = invert<CombineName>(RETRIEVAL_NAMES.combine);
+const SUMMARY_NAME = invert<SummaryKindName>(SUMMARY);
 
 /** The float64 policy reference's config for one session's layer (bf16 storage). */
 export function policyConfigOf(g: Omit<Geometry, "kvDtype">, r: Retrieval, layer: number): PolicyConfig {
   return {
     qHeads: g.qHeads, kvHeads: g.kvHeads, headDim: g.headDim,
     pageSize: r.pageSize, sinkTokens: r.sinkTokens, windowTokens: r.windowTokens, selectTokens: r.selectTokens, tau: r.tau,
-    summary: r.summary === 2 ? "cuboid" : "maxmin", combine: COMBINE_NAME[r.combine], mode: MODE_NAME[r.mode], dtype: "bf16",
+    summary: SUMMARY_NAME[r.summary], combine: COMBINE_NAME[r.combine], mode: MODE_NAME[r.mode], dtype: "bf16",
     denseLayer: r.denseLayers.includes(layer),
   };
 }
@@ -352,34 +353,6 @@ export interface CaseResult {
   /** The inputs' seed (FREEKV_CHECK_SEED=seed makes the same inputs again). */
   seed: number;
   ms: number;
-}
-
-interface Host {
-  segments: HostSegments;
-  names: string[];
-  close(): void;
-}
-
-let segCounter = 0;
-function createHost(geometry: Geometry, retrieval: Retrieval, capacityPages: number): Host {
-  const addon = loadAddon();
-  const L = addon.layout(geometry, retrieval, capacityPages);
-  const sizes: Record<string, number> = { store: L.storeBytes, staging: 2 * L.stagingBufferBytes, tail: L.tailBytes, manifest: L.manifestBytes };
-  const segs: Record<string, ShmSegment> = {};
-  const names: string[] = [];
-  for (const [k, size] of Object.entries(sizes)) {
-    const name = `/fkv-gpu-${process.pid}-${segCounter++}-${k}`;
-    segs[k] = addon.ShmSegment.create(name, size);
-    names.push(name);
-  }
-  return {
-    segments: { store: segs.store, staging: segs.staging, tail: segs.tail, manifest: segs.manifest, capacityPages },
-    names,
-    close() {
-      for (const s of Object.values(segs)) s.close();
-      for (const n of names) addon.ShmSegment.unlink(n);
-    },
-  };
 }
 
 interface SessionInputs {
@@ -653,10 +626,8 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
       const cs: number[] = [];
       for (let b = 0; b < B; b++) {
         await engines.cuda.sync(sessions.cuda[b]);
-        const h = createHost(geometry, R(b), spec.capacityPages);
+        const h = createHost(geometry, R(b), spec.capacityPages, hostOf.cuda[b]);
         hosts.push(h);
-        for (const k of ["store", "staging", "tail", "manifest"] as const)
-          new Uint8Array(h.segments[k].buffer()).set(new Uint8Array(hostOf.cuda[b].segments[k].buffer()));
         cs.push(other.createSession(geometry, R(b), h.segments, true));
       }
       for (let l = 0; l < layers; l++) {
@@ -688,7 +659,7 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
   } catch (e) {
     fail(`threw: ${(e as Error).stack ?? e}`);
   } finally {
-    for (const h of hosts) h.close();
+    for (const h of hosts) await h.dispose();
   }
   res.ok = res.failures.length === 0;
   res.ms = Date.now() - t0;

@@ -73,20 +73,16 @@ describe.skipIf(!status.available)(title, () => {
 
   it("rejects float32 K/V storage with an error naming geometry.kvDtype", async () => {
     const { loadAddon } = await import("../../native/binding.js");
-    const addon = loadAddon();
-    const engine = new addon.Engine({ backend: "cuda" });
-    const geometry = { layers: 1, qHeads: 8, kvHeads: 2, headDim: 128, kvDtype: 1 as const };
-    const retrieval = { pageSize: 32, sinkTokens: 64, windowTokens: 96, selectTokens: 256, tau: 0.9, summary: 1 as const, combine: 1 as const, mode: 1 as const, recall: 1 as const, denseLayers: [] };
-    const L = addon.layout(geometry, retrieval, 8);
-    const names = ["store", "staging", "tail", "manifest"].map((k) => `/fkv-gpu-f32-${process.pid}-${k}`);
-    const sizes = [L.storeBytes, 2 * L.stagingBufferBytes, L.tailBytes, L.manifestBytes];
-    const segs = names.map((n, i) => addon.ShmSegment.create(n, sizes[i]));
-    try {
-      expect(() => engine.createSession(geometry, retrieval, { store: segs[0], staging: segs[1], tail: segs[2], manifest: segs[3], capacityPages: 8 }, false)).toThrow(/kvDtype/);
-    } finally {
-      segs.forEach((s) => s.close());
-      names.forEach((n) => addon.ShmSegment.unlink(n));
-    }
+    const { createLocalSession } = await import("../../services/compute/model/localHost.js");
+    const { RETRIEVAL_NAMES: N } = await import("../../services/common/retrieval.js");
+    const engine = new (loadAddon().Engine)({ backend: "cuda" });
+    const geometry = { layers: 1, qHeads: 8, kvHeads: 2, headDim: 128, kvDtype: N.kvDtype.float32 };
+    const retrieval = {
+      pageSize: 32, sinkTokens: 64, windowTokens: 96, selectTokens: 256, tau: 0.9,
+      summary: N.summary.max_min, combine: N.combine.softmax_mean, mode: N.mode.freekv, recall: N.recall.gather, denseLayers: [],
+    };
+    // 7 pages of context and one more: the 8 pages the segments held before.
+    expect(() => createLocalSession(engine, geometry, retrieval, 7 * 32)).toThrow(/kvDtype/);
   });
 });
 

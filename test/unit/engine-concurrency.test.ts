@@ -68,7 +68,7 @@ describe(`recall never overwrites slots under attention (seed ${seed})`, () => {
       expect(waits).toBeGreaterThan(0);
     } finally {
       for (const s of sessions) engine.closeSession(s);
-      for (const h of hosts) h.dispose();
+      for (const h of hosts) await h.dispose();
     }
   });
 });

@@ -25,9 +25,9 @@ describe("engine argument errors", () => {
     host = createHost(g, r, 4);
     session = engine.createSession(g, r, host.segments, false);
   });
-  afterAll(() => {
+  afterAll(async () => {
     engine.closeSession(session);
-    host.dispose();
+    await host.dispose();
   });
 
   it("constructor options", () => {

@@ -49,7 +49,7 @@ describe(`engine filledPages (seed ${seed})`, () => {
       expect(() => engine.filledPages(s, layers)).toThrow(/layer/);
     } finally {
       engine.closeSession(s);
-      host.dispose();
+      await host.dispose();
     }
   });
 });

@@ -80,7 +80,7 @@ async function run(c: PolicyConfig, prefill: Step[], steps: Step[], opts: Parame
     await engine.sync(session);
     return { outs, attended, stats: engine.stats(session) };
   } finally {
-    es.close();
+    await es.close();
   }
 }
 

@@ -108,7 +108,7 @@ describe(`engine vs float64 policy reference (seed ${seed})`, () => {
           if (mode === "freekv") expect(st.corrections).toBeGreaterThan(0);
           if (mode === "freekv" || mode === "speculative") expect(st.pagesHit).toBeGreaterThan(0);
         } finally {
-          es.close();
+          await es.close();
         }
       });
 });

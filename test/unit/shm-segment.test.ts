@@ -45,7 +45,7 @@ describe("ShmSegment", () => {
     addon.ShmSegment.unlink(name);
   });
 
-  it("refuses to close a segment that an engine session maps", () => {
+  it("refuses to close a segment that an engine session maps", async () => {
     const c = {
       qHeads: 4, kvHeads: 2, headDim: 8, pageSize: 4, sinkTokens: 4, windowTokens: 8, selectTokens: 8,
       tau: 0.9, summary: "maxmin", combine: "softmax_mean", mode: "freekv", dtype: "f32",
@@ -58,6 +58,6 @@ describe("ShmSegment", () => {
     expect(() => host.segments.store.close()).toThrow(/in use by 1 engine session/);
     expect(() => host.segments.tail.close()).toThrow(/close the session first/);
     engine.closeSession(session);
-    host.dispose();
+    await host.dispose();
   });
 });

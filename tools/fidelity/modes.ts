@@ -1,9 +1,11 @@
 /**
- * The retrieval modes a fidelity run compares (same names as the engine's Mode enum) and the
- * configuration shared by all of them.
+ * The retrieval modes a fidelity run compares (the names of the one table, RETRIEVAL_NAMES, in
+ * the report's order: the dense baseline first) and the configuration shared by all of them.
  */
-export const MODE_NAMES = ["dense", "oracle", "speculative", "freekv", "sink_window"] as const;
-export type ModeName = (typeof MODE_NAMES)[number];
+import type { ModeName } from "../../services/common/retrieval.js";
+
+export type { ModeName };
+export const MODE_NAMES = ["dense", "oracle", "speculative", "freekv", "sink_window"] as const satisfies readonly ModeName[];
 
 export interface RetrievalSettings {
   pageSize: number;

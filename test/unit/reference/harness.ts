@@ -1,17 +1,20 @@
 /**
- * Engine test harness: host segments made with ShmSegment.create + Engine.layout (unique names,
- * unlinked by dispose), and the mapping from the reference's config names to the binding's enums.
+ * Engine test harness: host segments of sessions of the in-process kvstore (attachLocalHost, as
+ * the command line and the fidelity harness get theirs; released by dispose), and the mapping
+ * from the reference's config names to the binding's enums (the one table, RETRIEVAL_NAMES).
  */
-import { loadAddon, type Engine, type Geometry, type HostSegments, type Retrieval, type ShmSegment } from "../../../native/binding.js";
+import { loadAddon, type Engine, type Geometry, type HostSegments, type Retrieval } from "../../../native/binding.js";
+import { RETRIEVAL_NAMES as N } from "../../../services/common/retrieval.js";
+import { attachLocalHost } from "../../../services/compute/model/localHost.js";
 import type { PolicyConfig } from "../../../tools/reference/policy.js";
+import type { SummaryKindName } from "../../../tools/reference/summary.js";
 
-export const MODE = { freekv: 1, dense: 2, oracle: 3, speculative: 4, sink_window: 5 } as const;
-export const SUMMARY = { maxmin: 1, cuboid: 2 } as const;
-export const COMBINE = { softmax_mean: 1, mean: 2, max: 3 } as const;
-export const DTYPE = { f32: 1, bf16: 2 } as const;
+/** The reference's summary and dtype names (its own spelling) to the binding's enums. */
+export const SUMMARY: Record<SummaryKindName, Retrieval["summary"]> = { maxmin: N.summary.max_min, cuboid: N.summary.cuboid_mean };
+export const DTYPE: Record<PolicyConfig["dtype"], Geometry["kvDtype"]> = { f32: N.kvDtype.float32, bf16: N.kvDtype.bfloat16 };
 
 export function geometryOf(c: PolicyConfig, layers = 1): Geometry {
-  return { layers, qHeads: c.qHeads, kvHeads: c.kvHeads, headDim: c.headDim, kvDtype: DTYPE[c.dtype] as Geometry["kvDtype"] };
+  return { layers, qHeads: c.qHeads, kvHeads: c.kvHeads, headDim: c.headDim, kvDtype: DTYPE[c.dtype] };
 }
 
 export function retrievalOf(c: PolicyConfig, extra: Partial<Retrieval> = {}): Retrieval {
@@ -21,55 +24,35 @@ export function retrievalOf(c: PolicyConfig, extra: Partial<Retrieval> = {}): Re
     windowTokens: c.windowTokens,
     selectTokens: c.selectTokens,
     tau: c.tau,
-    summary: SUMMARY[c.summary] as Retrieval["summary"],
-    combine: COMBINE[c.combine] as Retrieval["combine"],
-    mode: MODE[c.mode] as Retrieval["mode"],
-    recall: 1 as Retrieval["recall"],
+    summary: SUMMARY[c.summary],
+    combine: N.combine[c.combine],
+    mode: N.mode[c.mode],
+    recall: N.recall.gather,
     denseLayers: [],
     ...extra,
   };
 }
 
-let counter = 0;
-
 export interface Host {
   segments: HostSegments;
-  names: string[];
-  dispose(): void;
+  /** Unmaps the segments and releases the kvstore session (close engine sessions over it first). */
+  dispose(): Promise<void>;
 }
 
-/** Creates the four segments of a session (or copies of another host's contents). */
+/** A kvstore session's four segments (with a copy of another host's contents if given). */
 export function createHost(geometry: Geometry, retrieval: Retrieval, capacityPages: number, copyFrom?: Host): Host {
-  const addon = loadAddon();
-  const L = addon.layout(geometry, retrieval, capacityPages);
-  const base = `/fkv-test-${process.pid}-${Date.now().toString(36)}-${counter++}`;
-  const sizes = { store: L.storeBytes, staging: 2 * L.stagingBufferBytes, tail: L.tailBytes, manifest: L.manifestBytes };
-  const segs: Record<string, ShmSegment> = {};
-  const names: string[] = [];
-  for (const [k, size] of Object.entries(sizes)) {
-    const name = `${base}-${k}`;
-    segs[k] = addon.ShmSegment.create(name, size);
-    names.push(name);
-    if (copyFrom) {
-      const src = (copyFrom.segments as unknown as Record<string, ShmSegment>)[k];
-      new Uint8Array(segs[k].buffer()).set(new Uint8Array(src.buffer()));
-    }
-  }
-  return {
-    segments: { store: segs.store, staging: segs.staging, tail: segs.tail, manifest: segs.manifest, capacityPages },
-    names,
-    dispose() {
-      for (const s of Object.values(segs)) s.close();
-      for (const n of names) addon.ShmSegment.unlink(n);
-    },
-  };
+  const local = attachLocalHost(geometry, retrieval, capacityPages, "test");
+  if (copyFrom)
+    for (const k of ["store", "staging", "tail", "manifest"] as const)
+      new Uint8Array(local.host[k].buffer()).set(new Uint8Array(copyFrom.segments[k].buffer()));
+  return { segments: local.host, dispose: () => local.release() };
 }
 
 export interface EngineSession {
   engine: Engine;
   session: number;
   host: Host;
-  close(): void;
+  close(): Promise<void>;
 }
 
 export function openSession(
@@ -88,7 +71,7 @@ export function openSession(
     host,
     close() {
       engine.closeSession(session);
-      host.dispose();
+      return host.dispose();
     },
   };
 }
