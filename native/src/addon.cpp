@@ -3,16 +3,7 @@
 // freekv_shm.node (addon_shm.cpp), which the kvstore loads.
 // One module per folder: shm/ (shared-memory segments), engine/ (the FreeKV engine and its
 // backends), model/ (the model runner), cuda/ (device probe and the CUDA runtime pieces shared by engine/cuda/ and model/cuda/).
-#include <napi.h>
-
-namespace freekv::addon {
-void InitShm(Napi::Env env, Napi::Object exports);
-void InitDevice(Napi::Env env, Napi::Object exports);
-void InitContract(Napi::Env env, Napi::Object exports);
-void InitEngine(Napi::Env env, Napi::Object exports);
-void InitModel(Napi::Env env, Napi::Object exports);
-void InitSampling(Napi::Env env, Napi::Object exports);
-}  // namespace freekv::addon
+#include "AddonModules.h"
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   freekv::addon::InitShm(env, exports);

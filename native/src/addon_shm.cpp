@@ -2,12 +2,7 @@
 // manifest, retrieval defaults and validator, enum names) without the engine, the model runner
 // or CUDA. The kvstore loads this one (native/shm.ts); the full addon (addon.cpp) has the same
 // functions built from the same sources.
-#include <napi.h>
-
-namespace freekv::addon {
-void InitShm(Napi::Env env, Napi::Object exports);
-void InitContract(Napi::Env env, Napi::Object exports);
-}  // namespace freekv::addon
+#include "AddonModules.h"
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   freekv::addon::InitShm(env, exports);

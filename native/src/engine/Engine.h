@@ -37,6 +37,14 @@ struct HostStore {
   int capacity_pages = 0;
 };
 
+// The checks every backend makes of a new session (engine/Validate.cpp), each throwing
+// std::invalid_argument that names the field; a backend adds its own limits (dtype, head dims)
+// between them. The geometry's common ranges:
+void ValidateGeometry(const Geometry& g);
+// The host segments against the layout: capacityPages >= 1 and each segment at least its layout
+// size (the staging buffers only where the backend uses them).
+void ValidateHostStore(const HostStore& h, const Layout& layout, bool uses_staging);
+
 // Per-session counters (summed over layers). Mirrors freekv.v1.RetrievalStats.
 struct Stats {
   uint64_t decode_steps = 0;

@@ -1,7 +1,9 @@
 #include <cmath>
 #include <set>
+#include <stdexcept>
 #include <string>
 
+#include "engine/Engine.h"
 #include "engine/Retrieval.h"
 
 namespace freekv {
@@ -52,6 +54,33 @@ std::optional<RetrievalError> ValidateRetrieval(const RetrievalConfig& c, int la
     if (!seen.insert(l).second) return RetrievalError{field, "layer " + to_string(l) + " listed twice"};
   }
   return std::nullopt;
+}
+
+namespace {
+void Require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+}  // namespace
+
+void ValidateGeometry(const Geometry& g) {
+  Require(g.layers >= 1 && g.layers <= 4096, "geometry.layers must be in [1, 4096]");
+  Require(g.q_heads >= 1 && g.q_heads <= 1024, "geometry.qHeads must be in [1, 1024]");
+  Require(g.kv_heads >= 1 && g.kv_heads <= g.q_heads, "geometry.kvHeads must be in [1, qHeads]");
+  Require(g.q_heads % g.kv_heads == 0, "geometry.qHeads must be a multiple of geometry.kvHeads");
+  Require(g.head_dim >= 1 && g.head_dim <= 1024, "geometry.headDim must be in [1, 1024]");
+}
+
+void ValidateHostStore(const HostStore& h, const Layout& layout, bool uses_staging) {
+  using std::to_string;
+  Require(h.capacity_pages >= 1, "host.capacityPages must be >= 1");
+  Require(h.store && h.store_bytes >= layout.store_bytes,
+          "host.store segment is smaller than the layout's storeBytes (" + to_string(layout.store_bytes) + ")");
+  Require(!uses_staging || (h.staging && h.staging_bytes >= 2 * layout.staging_buffer_bytes),
+          "host.staging segment is smaller than two staging buffers (" + to_string(2 * layout.staging_buffer_bytes) + ")");
+  Require(h.tail && h.tail_bytes >= layout.tail_bytes,
+          "host.tail segment is smaller than the layout's tailBytes (" + to_string(layout.tail_bytes) + ")");
+  Require(h.manifest && h.manifest_bytes >= layout.manifest_bytes,
+          "host.manifest segment is smaller than the layout's manifestBytes (" + to_string(layout.manifest_bytes) + ")");
 }
 
 }  // namespace freekv

@@ -232,8 +232,7 @@ void CudaEngine::SizeBatchBuffers(const Session& s0, int B, int rows) {
 // Growing reallocates, so both streams are drained first.
 void CudaEngine::SizeDescTables(int B, int layers, int pinned_regions) {
   if (B > desc_cap_ || (size_t)layers * desc_bytes_ > desc_dev_.size()) {
-    FKV_CUDA_CHECK(cudaStreamSynchronize(side_->get()));
-    FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+    SyncStreams();
     desc_cap_ = std::max(desc_cap_, B);
     desc_bytes_ = DescTable(desc_cap_, nullptr, nullptr).bytes;
     desc_dev_.Resize((size_t)layers * desc_bytes_);

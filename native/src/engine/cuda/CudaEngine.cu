@@ -61,20 +61,23 @@ uint64_t CudaEngine::Context(const Session& s) {
   return s.layers.empty() ? 0 : (uint64_t)m;
 }
 
+void CudaEngine::SyncStreams() const {
+  FKV_CUDA_CHECK(cudaStreamSynchronize(side_->get()));
+  FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+}
+
 void CudaEngine::Sync(int session) {
   auto lock = LockOutsideStep("sync");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   Find(session);
-  FKV_CUDA_CHECK(cudaStreamSynchronize(side_->get()));
-  FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+  SyncStreams();
 }
 
 Stats CudaEngine::GetStats(int session) const {
   std::lock_guard<std::mutex> lock(mu_);
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   const Session& s = Find(session);
-  FKV_CUDA_CHECK(cudaStreamSynchronize(side_->get()));
-  FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+  SyncStreams();
   unsigned long long c[kNumCounters];
   FKV_CUDA_CHECK(cudaMemcpy(c, s.counters.get(), sizeof(c), cudaMemcpyDeviceToHost));
   Stats st = s.host_stats;

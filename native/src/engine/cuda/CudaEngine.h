@@ -174,6 +174,8 @@ class CudaEngine final : public Engine, public DeviceEngine {
   Session& Find(int session) const;
   static void CheckLayer(const Session& s, int layer);
   static uint64_t Context(const Session& s);
+  // Waits for both streams' queued work (CudaEngine.cu).
+  void SyncStreams() const;
   // The CUDA backend's limits on a session's geometry, retrieval config and host store
   // (CudaValidate.cu). Throws std::invalid_argument naming the field.
   static void Validate(const Geometry& g, const RetrievalConfig& c, const HostStore& h);

@@ -107,8 +107,7 @@ void CudaEngine::CloseSession(int session) {
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   Find(session);
   // Queued work may still use the session's memory and registered segments.
-  FKV_CUDA_CHECK(cudaStreamSynchronize(side_->get()));
-  FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+  SyncStreams();
   sessions_.erase(session);
 }
 
