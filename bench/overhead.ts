@@ -55,6 +55,7 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
 import { Client, credentials, Metadata, Server, ServerCredentials, type ServerDuplexStream, type ServiceDefinition, type ServiceError } from "@grpc/grpc-js";
+import { AttentionStream } from "../tools/client/attention-stream.js";
 import { loadAddon, type Engine, type ShmSegment } from "../native/binding.js";
 import { DType, GroupCombine, RecallMode, RetrievalMode, SummaryKind, type RetrievalConfig, type Tensor } from "../proto/gen/freekv/v1/common.js";
 import {
@@ -71,7 +72,7 @@ import {
 import { resolveRetrieval, toNativeRetrieval } from "../services/common/retrieval.js";
 import { readTensor, writeTensor } from "../services/compute/attention/tensor.js";
 import { generate } from "../services/compute/generate/generation.js";
-import { Sampler } from "../services/compute/generate/sampling.js";
+import { argmaxJs, Sampler } from "../services/compute/generate/sampling.js";
 import { DecodeScheduler } from "../services/compute/generate/scheduler.js";
 import { StopMatcher } from "../services/compute/generate/stop.js";
 import { parseConfig } from "../services/common/config.js";
@@ -403,22 +404,10 @@ function timeSampling(vocab: number, reps: number) {
     if (sink < 0) console.log(sink);
     return { wall_ms: r3(median(wall.slice(1))), cpu_ms: r3(median(cpu.slice(1))) };
   };
-  // Not the service's code: the same argmax with the best value kept in a local, to show how much
-  // of the greedy time is the loop's form rather than the bytes it reads.
-  const plain = {
-    sample(l: Float32Array, offset: number, n: number): number {
-      let best = 0;
-      let bestValue = l[offset];
-      for (let i = 1; i < n; i++) {
-        const x = l[offset + i];
-        if (x > bestValue) {
-          bestValue = x;
-          best = i;
-        }
-      }
-      return best;
-    },
-  } as unknown as Sampler;
+  // The service's JavaScript argmax (argmaxJs: its fallback where the addon's argmaxF32 is
+  // absent) beside the greedy path, to show how much of the greedy time is the loop's form
+  // rather than the bytes it reads.
+  const plain = { sample: (l: Float32Array, offset: number, n: number) => argmaxJs(l, offset, n) } as unknown as Sampler;
   return { vocab, greedy: time(greedy), top_p_0_9_temperature_0_7: time(nucleus), reference_argmax_local_best: time(plain) };
 }
 
@@ -466,34 +455,6 @@ const PREFILL_CHUNK = 256;
 
 const prefillKV = (session: number, layer: number, part: number, n: number, which: 0 | 1) => gaussianF32(n * KVH * HD, seedOf(1, session, layer, part, which));
 const decodeIn = (step: number, layer: number, session: number, which: 0 | 1 | 2) => gaussianF32((which === 0 ? QH : KVH) * HD, seedOf(2, step, layer, session, which));
-
-class Stream {
-  private readonly call;
-  private readonly waiting = new Map<number, { resolve(r: AttentionResponse): void; reject(e: unknown): void }>();
-  private next = 1;
-  constructor(client: ComputeServiceClient) {
-    this.call = client.attention();
-    this.call.on("data", (r: AttentionResponse) => {
-      const w = this.waiting.get(r.requestId);
-      this.waiting.delete(r.requestId);
-      w?.resolve(r);
-    });
-    this.call.on("error", (e: ServiceError) => {
-      for (const w of this.waiting.values()) w.reject(e);
-      this.waiting.clear();
-    });
-  }
-  send(req: Partial<AttentionRequest>): Promise<AttentionResponse> {
-    const requestId = this.next++;
-    return new Promise((resolve, reject) => {
-      this.waiting.set(requestId, { resolve, reject });
-      this.call.write(AttentionRequest.fromPartial({ ...req, requestId }));
-    });
-  }
-  end(): void {
-    this.call.end();
-  }
-}
 
 /**
  * The client's side of the stream's tensor exchange: q/k/v bytes are copied into the mapping
@@ -543,7 +504,7 @@ async function runAttentionService(tiers: Tiers, WIRE: Wire, TRANSPORT: Transpor
     );
     ids.push(res.session!.sessionId);
   }
-  const stream = new Stream(client);
+  const stream = new AttentionStream(client);
   for (let s = 0; s < B; s++)
     for (let l = 0; l < ATT_LAYERS; l++)
       for (let p = 0, part = 0; p < ATT_CONTEXT; p += PREFILL_CHUNK, part++) {
@@ -621,7 +582,7 @@ async function runAttentionService(tiers: Tiers, WIRE: Wire, TRANSPORT: Transpor
   }
   const after = await scrape(tiers.compute.metricsPort);
   exchange?.seg.close();
-  stream.end();
+  void stream.close();
   for (const id of ids) await unary(client, "closeSession", { sessionId: id }).catch(() => undefined);
   client.close();
   const d = (name: string, labels = "") => metric(after, name, labels) - metric(before, name, labels);

@@ -24,7 +24,7 @@
  * golden models' folder, default test/fixtures/models).
  * Exit code: 0 when every check passes, 1 when one fails, 2 when CUDA is unavailable.
  */
-import { appendFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
@@ -40,6 +40,7 @@ import { readSafetensorsHeader, readTensorF32, toBF16, writeSafetensors, type Sa
 import { collectTensorRefs } from "../../services/compute/model/weights.js";
 import type { Golden } from "../../test/helpers/golden.js";
 import { relError } from "../../tools/reference/attention.js";
+import { outDir, outLog } from "./out-log.js";
 
 // The enum values used below, from the one table of names (services/common/retrieval.ts).
 const F32: Geometry["kvDtype"] = RETRIEVAL_NAMES.kvDtype.float32;
@@ -83,14 +84,7 @@ const LOGIT_ABS = 1e-4;
 // ---------------------------------------------------------------------------------------------
 // Output
 
-const outDir = process.env.OUT ?? ".gpu/out";
-mkdirSync(outDir, { recursive: true });
-const logFile = join(outDir, "parity.log");
-writeFileSync(logFile, "");
-const log = (line: string) => {
-  console.log(line);
-  appendFileSync(logFile, line + "\n");
-};
+const log = outLog("parity.log");
 
 interface Check {
   name: string;

@@ -7,21 +7,15 @@
  * --candidate cpu checks the harness with the CPU engine as the candidate; --only runs the cases
  * of those indices; --no-timing leaves out the per-call timing after the cases.
  */
-import { mkdirSync, writeFileSync, appendFileSync } from "node:fs";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { loadAddon } from "../../native/binding.js";
 import { CASES, cudaStatus, runCase, type CaseResult } from "../../test/gpu/cases.js";
 import { runTiming, type TimingRow } from "./timing.js";
+import { outDir, outLog } from "./out-log.js";
 
-const outDir = process.env.OUT ?? ".gpu/out";
-mkdirSync(outDir, { recursive: true });
-const logFile = join(outDir, "gpu-checks.log");
-writeFileSync(logFile, "");
-const log = (line: string) => {
-  console.log(line);
-  appendFileSync(logFile, line + "\n");
-};
+const log = outLog("gpu-checks.log");
 
 const { values: args } = parseArgs({
   options: { candidate: { type: "string", default: "cuda" }, only: { type: "string" }, "no-timing": { type: "boolean", default: false } },

@@ -56,6 +56,15 @@ export function parseTokenList(s: string, name = "--tokens"): number[] {
   });
 }
 
+/** The retrieval budget options (page size and token budgets, tau) of fidelity and generate. */
+export const BUDGET_OPTIONS = {
+  "page-size": { type: "string" },
+  sink: { type: "string" },
+  window: { type: "string" },
+  select: { type: "string" },
+  tau: { type: "string" },
+} as const;
+
 /** The options of the commands that run the model in this process. */
 export const MODEL_OPTIONS = {
   model: { type: "string" },

@@ -7,7 +7,7 @@
  * 1 anything else (e.g. the native engine is not built).
  */
 import { writeFileSync } from "node:fs";
-import { intOption, numberOption, parseOptions, UsageError } from "./args.js";
+import { BUDGET_OPTIONS, intOption, numberOption, parseOptions, UsageError } from "./args.js";
 import { FIDELITY_DEFAULTS, MODE_NAMES, parseModes, validateSettings, type ModeName, type RetrievalSettings } from "../fidelity/modes.js";
 import { NativeTarget } from "../fidelity/native-target.js";
 import { PolicyModel } from "../fidelity/policy-model.js";
@@ -50,11 +50,7 @@ async function fidelity(argv: string[]): Promise<number> {
   const v = parseOptions(argv, {
     trace: { type: "string" },
     modes: { type: "string" },
-    "page-size": { type: "string" },
-    sink: { type: "string" },
-    window: { type: "string" },
-    select: { type: "string" },
-    tau: { type: "string" },
+    ...BUDGET_OPTIONS,
     engine: { type: "string" },
     threads: { type: "string" },
     "kv-dtype": { type: "string" },

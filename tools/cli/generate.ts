@@ -8,7 +8,7 @@
 import { parseArgs } from "node:util";
 import { MODE_NAMES } from "../../services/common/retrieval.js";
 import { localRetrieval } from "../../services/compute/generate/local.js";
-import { MODEL_OPTIONS, MODEL_USAGE, openRunner, parseTokenList } from "./args.js";
+import { BUDGET_OPTIONS, MODEL_OPTIONS, MODEL_USAGE, openRunner, parseTokenList } from "./args.js";
 
 const USAGE =
   "usage: freekv generate [--model DIR] (--tokens 1,2,3 | --prompt TEXT | --chat TEXT) --max-tokens N [options]\n" +
@@ -39,11 +39,7 @@ export async function run(argv: string[]): Promise<number> {
       stop: { type: "string", multiple: true },
       "ignore-eos": { type: "boolean", default: false },
       mode: { type: "string" },
-      "page-size": { type: "string" },
-      sink: { type: "string" },
-      window: { type: "string" },
-      select: { type: "string" },
-      tau: { type: "string" },
+      ...BUDGET_OPTIONS,
       "dense-layers": { type: "string" },
     },
   });

@@ -14,6 +14,7 @@
  */
 import { readdirSync } from "node:fs";
 import { credentials, Metadata, type ServiceError } from "@grpc/grpc-js";
+import { AttentionStream } from "../client/attention-stream.js";
 import { loadAddon } from "../../native/binding.js";
 import { DType, type Tensor } from "../../proto/gen/freekv/v1/common.js";
 import {
@@ -102,29 +103,6 @@ function workload(seed: number) {
   return { key, value, query };
 }
 
-class Stream {
-  private readonly call;
-  private readonly waiting = new Map<number, { resolve(r: AttentionResponse): void; reject(e: unknown): void }>();
-  private id = 0;
-  constructor(client: ComputeServiceClient) {
-    this.call = client.attention();
-    this.call.on("data", (r: AttentionResponse) => this.waiting.get(r.requestId)?.resolve(r));
-    this.call.on("error", (e: unknown) => {
-      for (const w of this.waiting.values()) w.reject(e);
-    });
-  }
-  send(req: Partial<AttentionRequest>): Promise<AttentionResponse> {
-    const requestId = ++this.id;
-    return new Promise((resolve, reject) => {
-      this.waiting.set(requestId, { resolve, reject });
-      this.call.write(AttentionRequest.fromPartial({ ...req, requestId }));
-    });
-  }
-  end() {
-    this.call.end();
-  }
-}
-
 /** The compute process in use and a client to it (replaced by the restart step). */
 interface Live {
   compute: ServiceProcess;
@@ -158,11 +136,11 @@ async function attentionPart(live: Live, kv: KvStoreClient): Promise<void> {
   check(stats.sessions === shmBefore.sessions + 1, `kvstore now holds ${stats.sessions} session(s), ${mib(stats.segmentBytes)} of shared memory`);
 
   const w = workload(7);
-  const stream = new Stream(client);
+  const stream = new AttentionStream(client);
   const keys: Float32Array[][] = [[], []];
   const values: Float32Array[][] = [[], []];
   /** One layer of decode step `step` over `s`: the token's K/V appended, the output checked against exact attention. */
-  const decodeLayer = async (s: Stream, q: Float32Array, step: number, layer: number): Promise<{ error: number; ms: number }> => {
+  const decodeLayer = async (s: AttentionStream, q: Float32Array, step: number, layer: number): Promise<{ error: number; ms: number }> => {
     const k = w.key(PROMPT + step);
     const v = w.value(PROMPT + step);
     keys[layer].push(k);
@@ -200,7 +178,7 @@ async function attentionPart(live: Live, kv: KvStoreClient): Promise<void> {
       sum += error;
     }
   }
-  stream.end();
+  void stream.close();
   const budget = R.sinkTokens + R.selectTokens + R.windowTokens;
   say(`   Attention stream: ${STEPS} decode steps x ${G.layers} layers, ${(wire / (STEPS * G.layers)).toFixed(2)} ms per layer-step round trip from here; each attends ${budget} of ${PROMPT + STEPS} tokens per KV head`);
   check(worst < 0.1, `outputs vs exact float64 attention over all tokens: mean relative error ${(sum / (STEPS * G.layers)).toExponential(2)}, worst ${worst.toExponential(2)}`);
@@ -264,14 +242,14 @@ async function attentionPart(live: Live, kv: KvStoreClient): Promise<void> {
     back.session.contextTokens === PROMPT + STEPS,
     `new compute pid ${live.compute.pid} up in ${Date.now() - t2} ms; re-attached "demo-attention" with ${back.session.contextTokens} tokens per layer`,
   );
-  const again = new Stream(live.client);
+  const again = new AttentionStream(live.client);
   let worstAfter = 0;
   const MORE = 8;
   for (let step = STEPS; step < STEPS + MORE; step++) {
     const q = w.query(step);
     for (let layer = 0; layer < G.layers; layer++) worstAfter = Math.max(worstAfter, (await decodeLayer(again, q, step, layer)).error);
   }
-  again.end();
+  void again.close();
   check(worstAfter < 0.1, `${MORE} more decode steps after the restart: worst relative error vs exact ${worstAfter.toExponential(2)}`);
   await unary(live.client, "closeSession", { sessionId: "demo-attention" });
   const after = await kv.stats();

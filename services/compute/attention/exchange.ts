@@ -16,7 +16,7 @@ import { loadAddon, type ShmSegment } from "../../../native/binding.js";
 import { DType, type Tensor } from "../../../proto/gen/freekv/v1/common.js";
 import type { TensorRef } from "../../../proto/gen/freekv/v1/compute.js";
 import { invalidArgument } from "../../common/errors.js";
-import { bf16ToF32, f32ToBf16 } from "./tensor.js";
+import { bf16ToF32, checkFinite, checkTensorHeader, f32ToBf16 } from "./tensor.js";
 
 export const EXCHANGE_ALIGNMENT = 16;
 export const EXCHANGE_DEFAULT_BYTES = 16 << 20;
@@ -120,22 +120,12 @@ export class TensorExchange {
    * the same checks and messages as readTensor, with the ref's field names.
    */
   read(ref: TensorRef, field: string, shape: number[]): { data: Float32Array; shape: number[]; dtype: DType } {
-    if (ref.dtype !== DType.D_TYPE_FLOAT32 && ref.dtype !== DType.D_TYPE_BFLOAT16) {
-      throw invalidArgument(`${field}.dtype`, `must be D_TYPE_FLOAT32 or D_TYPE_BFLOAT16, got ${DType[ref.dtype] ?? ref.dtype}`);
-    }
-    if (ref.shape.length !== shape.length || ref.shape.some((d, i) => (shape[i] === -1 ? d < 1 : d !== shape[i]))) {
-      throw invalidArgument(`${field}.shape`, `expected ${fmt(shape.map((d) => (d === -1 ? "n" : d) as number))}, got ${fmt(ref.shape)}`);
-    }
-    const n = ref.shape.reduce((a, b) => a * b, 1);
-    const elem = ref.dtype === DType.D_TYPE_FLOAT32 ? 4 : 2;
+    const { n, elem } = checkTensorHeader(ref.dtype, ref.shape, field, shape);
     this.region(ref.offset, n * elem, `${field}.offset`);
     let data: Float32Array;
     if (elem === 4) data = new Float32Array(this.bytes.buffer, ref.offset, n).slice();
     else data = bf16ToF32(this.bytes.subarray(ref.offset, ref.offset + 2 * n), n);
-    for (let i = 0; i < n; i++) {
-      const x = data[i];
-      if (!Number.isFinite(x)) throw invalidArgument(field, `element ${i} is ${Number.isNaN(x) ? "NaN" : "Inf"}`);
-    }
+    checkFinite(data, field);
     return { data, shape: [...ref.shape], dtype: ref.dtype };
   }
 

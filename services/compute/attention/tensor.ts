@@ -32,19 +32,34 @@ export function f32ToBf16(src: Float32Array): Uint8Array {
 }
 
 /**
+ * Checks a tensor's dtype (float32 or bfloat16) and shape against `shape` (a -1 entry takes the
+ * tensor's own size and must be >= 1); returns its element count and element bytes.
+ */
+export function checkTensorHeader(dtype: DType, got: number[], field: string, shape: number[]): { n: number; elem: 2 | 4 } {
+  if (dtype !== DType.D_TYPE_FLOAT32 && dtype !== DType.D_TYPE_BFLOAT16) {
+    throw invalidArgument(`${field}.dtype`, `must be D_TYPE_FLOAT32 or D_TYPE_BFLOAT16, got ${DType[dtype] ?? dtype}`);
+  }
+  if (got.length !== shape.length || got.some((d, i) => (shape[i] === -1 ? d < 1 : d !== shape[i]))) {
+    throw invalidArgument(`${field}.shape`, `expected ${fmt(shape.map((d) => (d === -1 ? "n" : d) as number))}, got ${fmt(got)}`);
+  }
+  return { n: got.reduce((a, b) => a * b, 1), elem: dtype === DType.D_TYPE_FLOAT32 ? 4 : 2 };
+}
+
+/** Rejects NaN and Inf (an engine given them would spread them through the session). */
+export function checkFinite(data: Float32Array, field: string): void {
+  for (let i = 0; i < data.length; i++) {
+    const x = data[i];
+    if (!Number.isFinite(x)) throw invalidArgument(field, `element ${i} is ${Number.isNaN(x) ? "NaN" : "Inf"}`);
+  }
+}
+
+/**
  * Decodes `t` as a float32 array of exactly `shape` (a -1 entry takes the tensor's own size and
  * must be >= 1). Rejects other dtypes, wrong shapes, wrong byte lengths, NaN and Inf.
  */
 export function readTensor(t: Tensor | undefined, field: string, shape: number[]): { data: Float32Array; shape: number[] } {
   if (!t) throw invalidArgument(field, "is required");
-  if (t.dtype !== DType.D_TYPE_FLOAT32 && t.dtype !== DType.D_TYPE_BFLOAT16) {
-    throw invalidArgument(`${field}.dtype`, `must be D_TYPE_FLOAT32 or D_TYPE_BFLOAT16, got ${DType[t.dtype] ?? t.dtype}`);
-  }
-  if (t.shape.length !== shape.length || t.shape.some((d, i) => (shape[i] === -1 ? d < 1 : d !== shape[i]))) {
-    throw invalidArgument(`${field}.shape`, `expected ${fmt(shape.map((d) => (d === -1 ? "n" : d) as number))}, got ${fmt(t.shape)}`);
-  }
-  const n = t.shape.reduce((a, b) => a * b, 1);
-  const elem = t.dtype === DType.D_TYPE_FLOAT32 ? 4 : 2;
+  const { n, elem } = checkTensorHeader(t.dtype, t.shape, field, shape);
   if (t.data.length !== n * elem) {
     throw invalidArgument(`${field}.data`, `expected ${n * elem} bytes for ${fmt(t.shape)} ${DType[t.dtype]}, got ${t.data.length}`);
   }
@@ -56,10 +71,7 @@ export function readTensor(t: Tensor | undefined, field: string, shape: number[]
   } else {
     data = bf16ToF32(t.data, n);
   }
-  for (let i = 0; i < n; i++) {
-    const x = data[i];
-    if (!Number.isFinite(x)) throw invalidArgument(field, `element ${i} is ${Number.isNaN(x) ? "NaN" : "Inf"}`);
-  }
+  checkFinite(data, field);
   return { data, shape: [...t.shape] };
 }
 
