@@ -19,9 +19,13 @@
  *   node .gpu/runner-bench.mjs [--dir /tmp/freekv-8b] [--layers 32] [--points 1:32768,4:32768,16:8192]
  *                              [--modes freekv,oracle,dense] [--steps 16] [--out DIR]
  *                              [--hbm-gbps 4290] [--profile-steps N] [--side-timing]
+ *                              [--prefill 8192,32768] [--prefill-chunk 512]
  * --hbm-gbps: the HBM bandwidth of the floors (bench/gpu/run.sh passes the copy bandwidth it has
  * just measured); --profile-steps N: the first N timed steps of the first point inside a profiler
  * collection range (run under `ncu --profile-from-start off` for per-kernel device times).
+ * --prefill L1,L2: before the decode points, the time of a prompt of each length through
+ * Model.prefill on a FreeKV session, in chunks of --prefill-chunk tokens as Generate feeds it
+ * (the native part of the time to first token: projections, RoPE, prefill attention, offload).
  */
 import { execSync } from "node:child_process";
 import { existsSync, mkdirSync, statfsSync, writeFileSync } from "node:fs";
@@ -48,6 +52,10 @@ const { values: args } = parseArgs({
     out: { type: "string", default: "." },
     "hbm-gbps": { type: "string", default: "4290" },
     "profile-steps": { type: "string", default: "0" },
+    /** Prompt lengths whose prefill through Model.prefill is timed (the time to first token's native part). */
+    prefill: { type: "string", default: "" },
+    /** Tokens per Model.prefill call, as Generate feeds a prompt (GenerateParams.prefillChunk's default). */
+    "prefill-chunk": { type: "string", default: "512" },
     /** The engine's side-stream timing diagnostic (EngineOptions.sideTiming). */
     "side-timing": { type: "boolean", default: false },
   },
@@ -310,6 +318,30 @@ if (modes.some((m) => m.endsWith("-direct"))) {
   direct = { engine: e, model: await addon.Model.load({ config: spec.native, tensors: collectTensorRefs(args.dir!, spec.native), engine: e }) };
 }
 
+interface PrefillPoint { tokens: number; chunk: number; ms: number; tokensPerS: number; error?: string }
+const prefillPoints: PrefillPoint[] = [];
+const chunk = Number(args["prefill-chunk"]);
+if (!Number.isInteger(chunk) || chunk < 1) throw new RangeError(`--prefill-chunk must be a positive integer (got ${args["prefill-chunk"]})`);
+for (const t of args.prefill ? args.prefill.split(",").map(Number) : []) {
+  if (!Number.isInteger(t) || t < 1) throw new RangeError(`--prefill takes prompt lengths (got ${args.prefill})`);
+  const geo = { layers: LAYERS, qHeads: HQ, kvHeads: HKV, headDim: D, kvDtype: DType.D_TYPE_BFLOAT16 };
+  const s = createLocalSession(engine, geo, retrieval("freekv"), t + 64);
+  try {
+    let seed = 7 + t;
+    const tokens = Int32Array.from({ length: t }, () => (seed = (seed * 1103515245 + 12345) >>> 0) % V);
+    const t0 = performance.now();
+    for (let i = 0; i < t; i += chunk) await model.prefill(s.session, tokens.subarray(i, Math.min(t, i + chunk)), i, false);
+    const ms = performance.now() - t0;
+    prefillPoints.push({ tokens: t, chunk, ms, tokensPerS: (t / ms) * 1000 });
+    log(`prefill ${t} tokens in chunks of ${chunk}: ${ms.toFixed(0)} ms (${((t / ms) * 1000).toFixed(0)} tokens/s)`);
+  } catch (e) {
+    prefillPoints.push({ tokens: t, chunk, ms: NaN, tokensPerS: NaN, error: (e as Error).message });
+    log(`prefill ${t} tokens: error: ${(e as Error).message}`);
+  } finally {
+    await s.close();
+  }
+}
+
 const results: Point[] = [];
 for (const p of points)
   for (const mode of modes) {
@@ -331,5 +363,5 @@ for (const r of results)
     `| ${r.batch} | ${r.context} | ${r.mode} | ${r.error ? "error" : r.stepMs!.toFixed(2)} | ${r.floorMs!.toFixed(2)} | ${r.error ? "" : (r.stepMs! / r.floorMs!).toFixed(1)} | ` +
       `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? r.error : r.recallMBPerStep!.toFixed(1)} |`,
   );
-writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), layers: LAYERS, steps: STEPS, hbmGBps: HBM_GBPS, backendInfo: info, results }, null, 2));
+writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), layers: LAYERS, steps: STEPS, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
 process.exit(0);

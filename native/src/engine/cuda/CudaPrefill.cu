@@ -13,6 +13,7 @@
 
 #include "CudaBudget.h"
 #include "CudaEngine.h"
+#include "attention_prefill_flash.cuh"
 #include "append.cuh"
 #include "attention_prefill.cuh"
 #include "cuda/cuda_check.cuh"
@@ -75,7 +76,10 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
   prefill_pages_.Resize((size_t)npg * s.page_elems);
   const size_t kvn = (size_t)n * Hkv * D;
   const size_t qn = q ? (size_t)n * Hq * D : 0;
-  prefill_f32_.Resize(2 * kvn + 2 * qn);
+  // fp32 k, v, q, out, then (flash kernel) q rounded to bf16: qn bf16 = qn / 2 floats, 16-byte aligned
+  const bool flash = q && FlashPrefillSupports(D);
+  const size_t q16_floats = flash ? (qn / 2 + 4) : 0;
+  prefill_f32_.Resize(2 * kvn + 2 * qn + q16_floats);
   float* dk = prefill_f32_.get();
   float* dv = dk + kvn;
   float* dq = dv + kvn;
@@ -139,19 +143,37 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
       LaunchRecallGather(s.StoreLayerDev(layer), s.Recall(), prefill_jobs_.get(), prefill_job_count_.get(), njobs,
                          pages, 32, st);
     }
-    PrefillAttentionParams pp;
-    pp.q = dq;
-    pp.out = dout;
-    pp.pages = pages;
-    pp.n = n;
-    pp.start = (int)c;
-    pp.q_heads = Hq;
-    pp.kv_heads = Hkv;
-    pp.head_dim = D;
-    pp.page_size = P;
-    pp.scale = 1.f / std::sqrt((float)D);
     FKV_CUDA_CHECK(cudaMemsetAsync(dout, 0xff, qn * sizeof(float), st));  // poison: NaN
-    LaunchPrefillAttention(pp, st);
+    if (flash) {
+      // Tensor cores (attention_prefill_flash.cuh): q rounded to bf16 like the K/V it meets.
+      auto* dq16 = reinterpret_cast<bf16*>(dout + qn);
+      LaunchQueriesToBf16(dq, qn, dq16, st);
+      FlashPrefillParams fp;
+      fp.q = dq16;
+      fp.pages = pages;
+      fp.out_f32 = dout;
+      fp.n = n;
+      fp.start = (int)c;
+      fp.q_heads = Hq;
+      fp.kv_heads = Hkv;
+      fp.head_dim = D;
+      fp.page_size = P;
+      fp.scale = 1.f / std::sqrt((float)D);
+      LaunchFlashPrefillAttention(fp, st);
+    } else {
+      PrefillAttentionParams pp;
+      pp.q = dq;
+      pp.out = dout;
+      pp.pages = pages;
+      pp.n = n;
+      pp.start = (int)c;
+      pp.q_heads = Hq;
+      pp.kv_heads = Hkv;
+      pp.head_dim = D;
+      pp.page_size = P;
+      pp.scale = 1.f / std::sqrt((float)D);
+      LaunchPrefillAttention(pp, st);
+    }
     FKV_CUDA_CHECK(cudaMemcpyAsync(out, dout, qn * sizeof(float), cudaMemcpyDeviceToHost, st));
   }
   FKV_CUDA_CHECK(cudaStreamSynchronize(st));

@@ -1,4 +1,5 @@
 // Tensor-core causal prefill attention; see attention_prefill_flash.cuh for layouts and design.
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -287,6 +288,20 @@ void Launch(const FlashPrefillParams& p, int m_tiles, cudaStream_t stream) {
 bool Aligned(const void* ptr, size_t a) { return reinterpret_cast<uintptr_t>(ptr) % a == 0; }
 
 }  // namespace
+
+namespace {
+__global__ void QueriesToBf16Kernel(const float* __restrict__ x, size_t n, __nv_bfloat16* __restrict__ y) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    y[i] = __float2bfloat16_rn(x[i]);
+}
+}  // namespace
+
+void LaunchQueriesToBf16(const float* x, size_t n, __nv_bfloat16* y, cudaStream_t stream) {
+  if (n == 0) return;
+  const unsigned blocks = (unsigned)std::min<size_t>((n + 255) / 256, 4096);
+  QueriesToBf16Kernel<<<blocks, 256, 0, stream>>>(x, n, y);
+  FKV_CUDA_CHECK(cudaGetLastError());
+}
 
 void LaunchFlashPrefillAttention(const FlashPrefillParams& in, cudaStream_t stream) {
   Require(in.n > 0 && in.start >= 0, "flash prefill attention: n must be > 0 and start >= 0");

@@ -37,6 +37,13 @@ struct FlashPrefillParams {
 // Throws std::invalid_argument on a bad shape and std::runtime_error on a CUDA error.
 void LaunchFlashPrefillAttention(const FlashPrefillParams& p, cudaStream_t stream);
 
+// Rounds fp32 queries to bf16 (round to nearest even) for the kernel: the engine's PrefillAttend
+// receives fp32 q. n elements; y must hold n bf16.
+void LaunchQueriesToBf16(const float* x, size_t n, __nv_bfloat16* y, cudaStream_t stream);
+
+// Head dims the kernel takes (others use the per-row kernel of attention_prefill.cuh).
+constexpr bool FlashPrefillSupports(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
 // Rows of (query, head) per CTA and tokens per K/V tile (for callers sizing work).
 constexpr int kFlashPrefillBlockM = 128;
 constexpr int kFlashPrefillBlockN = 64;
