@@ -65,6 +65,13 @@ class DeviceEngine {
   // the runner's GEMMs and kernels included, becomes one CUDA graph when graphs are on).
   virtual cuda::StepGraph* DeviceStepGraph() = 0;
   virtual DeviceStepStats GetDeviceStepStats() const = 0;
+
+  // Engine::PrefillAttend with the attention on tensor cores (attention_prefill_flash.cuh): q and
+  // the softmax weights are rounded to bf16 before their products, as FlashAttention does, about
+  // 2e-3 relative from exact. The bf16 GPU model runner prefills through this; PrefillAttend stays
+  // exact (fp32 q) for fp32 models and for callers that compare against float64.
+  virtual void PrefillAttendTensorCores(int session, int layer, const float* q, const float* k, const float* v,
+                                        int n, float* out) = 0;
 };
 
 // Options of the CUDA backend.

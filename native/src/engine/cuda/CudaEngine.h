@@ -156,6 +156,8 @@ class CudaEngine final : public Engine, public DeviceEngine {
   void Prefill(int session, int layer, const float* k, const float* v, int n) override;
   void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
                      float* out) override;
+  void PrefillAttendTensorCores(int session, int layer, const float* q, const float* k, const float* v, int n,
+                                float* out) override;
   void Decode(int layer, const std::vector<DecodeItem>& items) override;
   void Sync(int session) override;
   Stats GetStats(int session) const override;
@@ -207,7 +209,10 @@ class CudaEngine final : public Engine, public DeviceEngine {
   static void QueueSelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
                                    DescTable& t, bool speculative, std::vector<PerItemSelect>& per_item);
 
-  void DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n, float* out);
+  void DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n, float* out,
+                 bool tensor_cores = false);
+  void DoPrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
+                       bool tensor_cores);
   // Selection for `heads_mask` (or all heads) with query `q` over [c0, c1), then the residency
   // diff and the recall of the misses, all on `stream`.
   void SelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,

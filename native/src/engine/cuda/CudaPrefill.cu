@@ -41,13 +41,23 @@ void CudaEngine::Prefill(int session, int layer, const float* k, const float* v,
 
 void CudaEngine::PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
                                float* out) {
+  DoPrefillAttend(session, layer, q, k, v, n, out, false);
+}
+
+void CudaEngine::PrefillAttendTensorCores(int session, int layer, const float* q, const float* k, const float* v,
+                                          int n, float* out) {
+  DoPrefillAttend(session, layer, q, k, v, n, out, true);
+}
+
+void CudaEngine::DoPrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
+                                 float* out, bool tensor_cores) {
   auto lock = LockOutsideStep("prefillAttend");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   Session& s = Find(session);
   CheckLayer(s, layer);
   if (n < 1) throw std::invalid_argument("n must be >= 1");
   if (!q || !k || !v || !out) throw std::invalid_argument("q, k, v and out must not be null");
-  DoPrefill(s, layer, q, k, v, n, out);
+  DoPrefill(s, layer, q, k, v, n, out, tensor_cores);
   LayerTier& L = *s.layers[layer];
   const size_t qs = (size_t)s.geo.q_heads * s.geo.head_dim;
   FKV_CUDA_CHECK(cudaMemcpy(L.q[L.qcur].get(), q + (size_t)(n - 1) * qs, qs * sizeof(float),
@@ -59,7 +69,7 @@ void CudaEngine::PrefillAttend(int session, int layer, const float* q, const flo
 }
 
 void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n,
-                           float* out) {
+                           float* out, bool tensor_cores) {
   LayerTier& L = *s.layers[layer];
   const int P = s.P, Hkv = s.geo.kv_heads, D = s.geo.head_dim, Hq = s.geo.q_heads;
   if ((L.tokens + n) / P > s.host.capacity_pages)
@@ -77,7 +87,7 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
   const size_t kvn = (size_t)n * Hkv * D;
   const size_t qn = q ? (size_t)n * Hq * D : 0;
   // fp32 k, v, q, out, then (flash kernel) q rounded to bf16: qn bf16 = qn / 2 floats, 16-byte aligned
-  const bool flash = q && FlashPrefillSupports(D);
+  const bool flash = q && tensor_cores && FlashPrefillSupports(D);
   const size_t q16_floats = flash ? (qn / 2 + 4) : 0;
   prefill_f32_.Resize(2 * kvn + 2 * qn + q16_floats);
   float* dk = prefill_f32_.get();

@@ -5,7 +5,8 @@
 //   qkv = h Wqkv^T (+ bias)                           one GEMM over the fused [q|k|v] weight, fp32 out
 //   q, k, v = RoPE(split(qkv))                        fp32, what the engine takes
 //   a   = attention                                   decode: engine DecodeDevice (device pointers);
-//                                                     prefill: engine PrefillAttend (host pointers)
+//                                                     prefill: engine PrefillAttend (host pointers;
+//                                                     on tensor cores for bf16 weights)
 //   x  += T(a) Wo^T                                   GEMM with beta = 1 into the fp32 residual
 //   h   = RMSNorm(x);  gu = h Wgu^T                   fused [gate|up] weight
 //   x  += T(silu(gate) * up) Wdown^T                  beta = 1 again
@@ -350,7 +351,11 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
       FKV_CUDA_CHECK(cudaMemcpyAsync(hk, k_.get(), (size_t)n * K * sizeof(float), cudaMemcpyDeviceToHost, stream_));
       FKV_CUDA_CHECK(cudaMemcpyAsync(hv, v_.get(), (size_t)n * K * sizeof(float), cudaMemcpyDeviceToHost, stream_));
       FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      engine_->PrefillAttend(session, l, hq, hk, hv, n, ho);
+      // bf16 weights: the attention on tensor cores too; fp32 models keep exact fp32 attention.
+      if (bf16_)
+        device_engine_->PrefillAttendTensorCores(session, l, hq, hk, hv, n, ho);
+      else
+        engine_->PrefillAttend(session, l, hq, hk, hv, n, ho);
       FKV_CUDA_CHECK(cudaMemcpyAsync(attn_.get(), ho, (size_t)n * Q * sizeof(float), cudaMemcpyHostToDevice, stream_));
       PostAttention(layers_[l], n);
     }
