@@ -22,7 +22,8 @@ void AttendDecodeGroup(const PageGeometry& g, int h, const float* q, const std::
 
 // Causal attention for n queries at positions start..start+n-1 of the G query heads of one KV head
 // (q rows: [G][D] at stride q_stride floats per query; out likewise) over K, V rows [start+n][D]
-// (float). Each key/value row is read once for the whole group.
+// (float). Each key/value row is read once for the whole group and (blocked: the n rows against
+// tiles of keys, online softmax) once for all n rows while its tile is in cache.
 void AttendPrefillGroup(int D, int G, const float* k, const float* v, int start, int n, const float* q, size_t q_stride,
                         float* out, size_t out_stride);
 

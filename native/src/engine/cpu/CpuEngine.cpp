@@ -292,8 +292,11 @@ void CpuEngine::PrefillAttend(int session, int layer, const float* q, const floa
   std::vector<float> K(static_cast<size_t>(T) * pg.D), V(static_cast<size_t>(T) * pg.D);
   const uint8_t* store = s->StoreLayer(layer);
   const uint8_t* partial = s->WorkingPage(L, r.full);
-  constexpr int kRowsPerTask = 8;
-  const int blocks = (n + kRowsPerTask - 1) / kRowsPerTask;
+  // Row tiles: each task runs a tile of query rows (all heads of the group) against the context in
+  // key tiles (AttendPrefillGroup), so a larger tile reads K and V fewer times; small enough that
+  // there are several tiles per thread on short chunks, and the heavy (late, causal) tiles first.
+  const int rows_per_task = std::clamp(n / (4 * std::max(1, threads_)), 8, 64);
+  const int blocks = (n + rows_per_task - 1) / rows_per_task;
   for (int h = 0; h < pg.Hkv; ++h) {
     // The whole context of head h: full pages from the host store (HND rows are contiguous per
     // head), the partial page from the device tier.
@@ -308,7 +311,7 @@ void CpuEngine::PrefillAttend(int session, int layer, const float* q, const floa
       LoadRow(pg.dtype, partial + pg.NhdV(i, h), V.data() + t * pg.D, pg.D);
     }
     ParallelFor(blocks, threads_, [&](int b) {
-      const int i0 = b * kRowsPerTask, cnt = std::min(kRowsPerTask, n - i0);
+      const int i0 = (blocks - 1 - b) * rows_per_task, cnt = std::min(rows_per_task, n - i0);
       const size_t head_off = static_cast<size_t>(h) * group * pg.D;
       AttendPrefillGroup(pg.D, group, K.data(), V.data(), start + i0, cnt, q + i0 * qs + head_off, qs, out + i0 * qs + head_off, qs);
     });
