@@ -273,7 +273,9 @@ export class SessionManager {
       await s.lock.run(async () => {
         s.closed = true;
         await s.commitChain;
-        await this.opts.engine.sync(s.engineSession).catch(() => undefined);
+        // A failed wait for the session's recalls still lets the process shut down (the pages are
+        // in the kvstore), but it is logged: the session may need a re-attach check.
+        await this.opts.engine.sync(s.engineSession).catch((e: Error) => this.opts.log.warn({ session: s.id, err: e.message }, "waiting for the session's background recalls failed at shutdown"));
         this.detach(s);
       });
     }
