@@ -98,6 +98,13 @@ export interface EngineOptions {
    */
   sideTiming?: boolean;
   /**
+   * CUDA backend: device memory (bytes) that the prompts being prefilled may keep resident (each
+   * layer's whole context, so a chunk attends to the earlier chunks without reading them back
+   * from the host store). A prefill that does not fit reads its earlier pages back from the host
+   * store at every chunk instead (slower, same result). 0 or absent: a quarter of the device.
+   */
+  prefillContextBytes?: number;
+  /**
    * Tests only (CPU backend): every background recall sleeps this long before writing the
    * slots, to show that attention never reads a slot that a recall is writing.
    */

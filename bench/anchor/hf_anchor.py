@@ -8,6 +8,9 @@ transformers' offloaded cache (DynamicCache(offloading=True): layers live on the
 prefetched one layer ahead). Each step is synchronised and timed on the host; the median is kept.
 
 Usage: python3 bench/anchor/hf_anchor.py --out anchor.json [--cases 32768x1,32768x4,131072x1]
+                                         [--prefill 32768,131072 [--prefill-only]]
+--prefill also times the prefill of prompts of those lengths (the time to first token of
+transformers' generate(): one forward pass with the cache on the GPU, last position's logits).
 DESIGN.md section 3 gives the figures measured before (ms/step, GPU cache / offloaded):
 32K b1 26.3 / 243, 32K b4 91.4 / 1237, 128K b1 66.8 / 362.
 """
@@ -118,12 +121,37 @@ def time_decode(model, cfg, batch, ctx, offloading, steps, warmup, device):
     return statistics.median(times), times, tokens_after
 
 
+@torch.no_grad()
+def time_prefill(model, cfg, length, device):
+    """One prompt of `length` random tokens through the model (cache on the GPU, logits of the last
+    position only), as transformers' generate() prefills before its first token; after a short
+    warm-up prompt. Returns milliseconds."""
+    g = torch.Generator(device=device).manual_seed(length)
+    warm = torch.randint(0, cfg.vocab_size, (1, 256), device=device, generator=g)
+    model(input_ids=warm, past_key_values=DynamicCache(config=cfg), use_cache=True, logits_to_keep=1)
+    ids = torch.randint(0, cfg.vocab_size, (1, length), device=device, generator=g)
+    cache = DynamicCache(config=cfg)
+    sync(device)
+    t = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out.logits[:, -1].argmax(-1).item()
+    ms = (time.perf_counter() - t) * 1e3
+    if int(cache.get_seq_length()) != length:
+        raise RuntimeError(f"cache holds {cache.get_seq_length()} tokens, expected {length}")
+    del out, cache
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return ms
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--cases", default="32768x1,32768x4,131072x1")
     ap.add_argument("--deadline-s", type=float, default=0.0)
     ap.add_argument("--tiny", action="store_true", help="dry run: tiny model on the CPU")
+    ap.add_argument("--prefill", default="", help="prompt lengths whose prefill (time to first token) is timed first")
+    ap.add_argument("--prefill-only", action="store_true", help="time the prefill lengths only (no decode cases)")
     args = ap.parse_args()
     t0 = time.time()
     device = "cpu" if args.tiny else "cuda"
@@ -150,7 +178,22 @@ def main():
     res["param_dtype"] = str(next(model.parameters()).dtype)
     res["attn_implementation"] = str(getattr(model.config, "_attn_implementation", "?"))
     res["params"] = sum(p.numel() for p in model.parameters())
-    for case in args.cases.split(","):
+    res["prefill"] = []
+    for length in [int(x) for x in args.prefill.split(",") if x]:
+        if args.deadline_s and time.time() - t0 > args.deadline_s:
+            res["prefill"].append({"tokens": length, "skipped": "out of time"})
+            continue
+        try:
+            ms = time_prefill(model, cfg, length, device)
+            res["prefill"].append({"tokens": length, "ms": ms, "tokens_per_s": length / ms * 1e3})
+            print(f"[anchor] prefill {length} tokens: {ms:.0f} ms", flush=True)
+        except Exception as e:  # noqa: BLE001
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            res["prefill"].append({"tokens": length, "error": repr(e)[:500]})
+            print(f"[anchor] prefill {length} tokens: FAILED {e!r}", flush=True)
+        save()
+    for case in ([] if args.prefill_only else args.cases.split(",")):
         ctx, batch = (int(x) for x in case.split("x"))
         for offloading in (False, True):
             mode = "offloaded" if offloading else "gpu"
@@ -171,7 +214,7 @@ def main():
                 res["cases"].append({"context": ctx, "batch": batch, "cache": mode, "error": repr(e)[:500]})
                 print(f"[anchor] ctx {ctx} batch {batch} {mode}: FAILED {e!r}", flush=True)
             save()
-    if not (args.deadline_s and time.time() - t0 > args.deadline_s):
+    if not args.prefill_only and not (args.deadline_s and time.time() - t0 > args.deadline_s):
         try:
             ctx, batch = (int(x) for x in args.cases.split(",")[0].split("x"))
             res["profile_gpu_cache_first_case"] = profile_step(model, cfg, batch, ctx, device)

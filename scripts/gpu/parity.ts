@@ -366,6 +366,50 @@ async function graphParity(addon: Addon, engine: Engine, build: ModelBuild, g: G
 }
 
 /**
+ * A prompt prefilled in several calls, cut off page boundaries: the CUDA engine keeps each layer's
+ * context on the device between the calls, and an engine whose prefill-context budget is 1 byte
+ * reads the earlier pages back from the host store at every call instead. Both must give the same
+ * prompt and decode logits bit for bit (same GEMM shapes, same pages), and the split prefill must
+ * stay within the logit tolerance of the one-call run `b` (its GEMMs see other row counts).
+ */
+async function chunkParity(addon: Addon, engine: Engine, build: ModelBuild, g: Golden, r: Retrieval, kvDtype: Geometry["kvDtype"], name: string, b: ModelRun, V: number, tol: number) {
+  const c = build.native;
+  const n = g.prompt.length;
+  const cuts = [...new Set([0, Math.floor(n / 3) + 1, Math.floor((2 * n) / 3) + 3, n].filter((x) => x >= 0 && x <= n))].sort((x, y) => x - y);
+  const steps = Math.min(8, b.tokens.length);
+  const run = async (e: Engine) => {
+    const model = new addon.Model({ config: c, tensors: build.tensors, engine: e });
+    const local = createLocalSession(e, { layers: c.layers, qHeads: c.qHeads, kvHeads: c.kvHeads, headDim: c.headDim, kvDtype }, r, n + steps + 16);
+    try {
+      const prompt = new Float32Array(n * V);
+      for (let i = 0; i + 1 < cuts.length; i++) {
+        const part = await model.prefill(local.session, Int32Array.from(g.prompt.slice(cuts[i], cuts[i + 1])), cuts[i], true);
+        prompt.set(part, cuts[i] * V);
+      }
+      const decode: Float32Array[] = [prompt.slice((n - 1) * V, n * V)];
+      for (let s = 1; s < steps; s++) decode.push(await model.decode(Int32Array.of(local.session), Int32Array.of(b.tokens[s - 1]), Int32Array.of(n + s - 1)));
+      return { prompt, decode };
+    } finally {
+      await local.close();
+    }
+  };
+  const resident = await run(engine);
+  const gathered = await run(new addon.Engine({ backend: "cuda", prefillContextBytes: 1 }));
+  let diffs = 0, total = 0;
+  const cmp = (x: Float32Array, y: Float32Array) => {
+    for (let j = 0; j < x.length; j++) if (!Object.is(x[j], y[j])) diffs++;
+    total += x.length;
+  };
+  cmp(resident.prompt, gathered.prompt);
+  resident.decode.forEach((x, i) => cmp(x, gathered.decode[i]));
+  let vsOne = 0;
+  g.positions.forEach((p, i) => (vsOne = Math.max(vsOne, maxAbs(resident.prompt, p * V, b.promptLogits[i], 0, V))));
+  resident.decode.forEach((x, i) => (vsOne = Math.max(vsOne, maxAbs(x, 0, b.stepLogits[i], 0, V))));
+  check(`${name}: prefill in ${cuts.length - 1} calls (cuts ${cuts.join(",")}), context resident == read back from the host, bit for bit; vs one call within tolerance`,
+    diffs === 0 && vsOne <= tol, `${diffs} of ${total} logits differ; max |split - one call| ${vsOne.toExponential(2)} (tolerance ${tol.toExponential(2)})`);
+}
+
+/**
  * The manifests' query records after decode steps (on CUDA: written by the device into the mapped
  * manifest, their headers by the host after the step's wait) against the CPU engine's. Two
  * sessions with different prompts decode the golden continuation together (teacher-forced, so
@@ -576,6 +620,7 @@ async function modelParity(addon: Addon, cpu: Engine, cand: Engine, candName: st
         }
         const d = compareRuns(a, b, V);
         const logitTol = LOGIT_ABS + Math.min(BF16_REL * d.logitScale, bf16Effect / 4);
+        if (candName === "cuda" && label !== "dense") await chunkParity(addon, cand, wide, g, r, candKv, `${name} ${label}`, b, V, logitTol);
         const hfA = compareGolden(a, g, V);
         const hfB = compareGolden(b, g, V);
         const fails: string[] = [];

@@ -19,13 +19,16 @@
  *   node .gpu/runner-bench.mjs [--dir /tmp/freekv-8b] [--layers 32] [--points 1:32768,4:32768,16:8192]
  *                              [--modes freekv,oracle,dense] [--steps 16] [--out DIR]
  *                              [--hbm-gbps 4290] [--profile-steps N] [--side-timing]
- *                              [--prefill 8192,32768] [--prefill-chunk 512]
+ *                              [--prefill 8192,32768] [--prefill-chunk 512,2048] [--prefill-gathered 8192]
  * --hbm-gbps: the HBM bandwidth of the floors (bench/gpu/run.sh passes the copy bandwidth it has
  * just measured); --profile-steps N: the first N timed steps of the first point inside a profiler
  * collection range (run under `ncu --profile-from-start off` for per-kernel device times).
  * --prefill L1,L2: before the decode points, the time of a prompt of each length through
- * Model.prefill on a FreeKV session, in chunks of --prefill-chunk tokens as Generate feeds it
- * (the native part of the time to first token: projections, RoPE, prefill attention, offload).
+ * Model.prefill on a FreeKV session, in chunks of --prefill-chunk tokens (a list: each is timed)
+ * as Generate feeds it (the native part of the time to first token: projections, RoPE, prefill
+ * attention, offload), with the model FLOPs achieved; --prefill-gathered L also times prompts up
+ * to L tokens on an engine that reads the earlier context back from the host store at every
+ * chunk (prefillContextBytes 1), the path every prefill took before the context stayed resident.
  */
 import { execSync } from "node:child_process";
 import { existsSync, mkdirSync, statfsSync, writeFileSync } from "node:fs";
@@ -56,6 +59,8 @@ const { values: args } = parseArgs({
     prefill: { type: "string", default: "" },
     /** Tokens per Model.prefill call, as Generate feeds a prompt (GenerateParams.prefillChunk's default). */
     "prefill-chunk": { type: "string", default: "512" },
+    /** Prompts up to this length are also timed with the prefill context read back from the host at every chunk. */
+    "prefill-gathered": { type: "string", default: "0" },
     /** The engine's side-stream timing diagnostic (EngineOptions.sideTiming). */
     "side-timing": { type: "boolean", default: false },
   },
@@ -318,28 +323,44 @@ if (modes.some((m) => m.endsWith("-direct"))) {
   direct = { engine: e, model: await addon.Model.load({ config: spec.native, tensors: collectTensorRefs(args.dir!, spec.native), engine: e }) };
 }
 
-interface PrefillPoint { tokens: number; chunk: number; ms: number; tokensPerS: number; error?: string }
+interface PrefillPoint { tokens: number; chunk: number; resident: boolean; ms: number; tokensPerS: number; tflops: number; error?: string }
 const prefillPoints: PrefillPoint[] = [];
-const chunk = Number(args["prefill-chunk"]);
-if (!Number.isInteger(chunk) || chunk < 1) throw new RangeError(`--prefill-chunk must be a positive integer (got ${args["prefill-chunk"]})`);
+const chunks = args["prefill-chunk"].split(",").map(Number);
+if (!chunks.every((c) => Number.isInteger(c) && c >= 1)) throw new RangeError(`--prefill-chunk takes positive integers (got ${args["prefill-chunk"]})`);
+/** Model FLOPs of a t-token causal prefill: 2 per weight per token (lm head once) + QK^T and PV over the causal triangle. */
+const prefillFlops = (t: number) => 2 * t * LAYERS * (H * (HQ + 2 * HKV) * D + HQ * D * H + 3 * H * I) + 2 * H * V + LAYERS * 2 * 2 * HQ * D * (t * (t + 1)) / 2;
+/** The same prompt with the prefill context read back from the host store at every chunk (the engine's fallback), for the longest --prefill-gathered lengths. */
+const gatheredUpTo = Number(args["prefill-gathered"]);
+let gatheredModel: { engine: Engine; model: Model } | null = null;
 for (const t of args.prefill ? args.prefill.split(",").map(Number) : []) {
   if (!Number.isInteger(t) || t < 1) throw new RangeError(`--prefill takes prompt lengths (got ${args.prefill})`);
   const geo = { layers: LAYERS, qHeads: HQ, kvHeads: HKV, headDim: D, kvDtype: DType.D_TYPE_BFLOAT16 };
-  const s = createLocalSession(engine, geo, retrieval("freekv"), t + 64);
-  try {
-    let seed = 7 + t;
-    const tokens = Int32Array.from({ length: t }, () => (seed = (seed * 1103515245 + 12345) >>> 0) % V);
-    const t0 = performance.now();
-    for (let i = 0; i < t; i += chunk) await model.prefill(s.session, tokens.subarray(i, Math.min(t, i + chunk)), i, false);
-    const ms = performance.now() - t0;
-    prefillPoints.push({ tokens: t, chunk, ms, tokensPerS: (t / ms) * 1000 });
-    log(`prefill ${t} tokens in chunks of ${chunk}: ${ms.toFixed(0)} ms (${((t / ms) * 1000).toFixed(0)} tokens/s)`);
-  } catch (e) {
-    prefillPoints.push({ tokens: t, chunk, ms: NaN, tokensPerS: NaN, error: (e as Error).message });
-    log(`prefill ${t} tokens: error: ${(e as Error).message}`);
-  } finally {
-    await s.close();
-  }
+  const variants: boolean[] = t <= gatheredUpTo ? [true, false] : [true];
+  for (const chunk of chunks)
+    for (const resident of variants) {
+      if (!resident && !gatheredModel) {
+        const e = new addon.Engine({ backend: "cuda", prefillContextBytes: 1 });
+        gatheredModel = { engine: e, model: await addon.Model.load({ config: spec.native, tensors: collectTensorRefs(args.dir!, spec.native), engine: e }) };
+      }
+      const [eng, mdl] = resident ? [engine, model] : [gatheredModel!.engine, gatheredModel!.model];
+      const s = createLocalSession(eng, geo, retrieval("freekv"), t + 64);
+      const label = `prefill ${t} tokens in chunks of ${chunk}${resident ? "" : " (context read back from the host every chunk)"}`;
+      try {
+        let seed = 7 + t;
+        const tokens = Int32Array.from({ length: t }, () => (seed = (seed * 1103515245 + 12345) >>> 0) % V);
+        const t0 = performance.now();
+        for (let i = 0; i < t; i += chunk) await mdl.prefill(s.session, tokens.subarray(i, Math.min(t, i + chunk)), i, false);
+        const ms = performance.now() - t0;
+        const tflops = prefillFlops(t) / (ms / 1000) / 1e12;
+        prefillPoints.push({ tokens: t, chunk, resident, ms, tokensPerS: (t / ms) * 1000, tflops });
+        log(`${label}: ${ms.toFixed(0)} ms (${((t / ms) * 1000).toFixed(0)} tokens/s, ${tflops.toFixed(0)} model TFLOP/s)`);
+      } catch (e) {
+        prefillPoints.push({ tokens: t, chunk, resident, ms: NaN, tokensPerS: NaN, tflops: NaN, error: (e as Error).message });
+        log(`${label}: error: ${(e as Error).message}`);
+      } finally {
+        await s.close();
+      }
+    }
 }
 
 const results: Point[] = [];

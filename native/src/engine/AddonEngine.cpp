@@ -167,6 +167,13 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     cuda.device = IntField(o, "device", "options", 0, 1024, true, 0);
     cuda.graphs = BoolField(o, "cudaGraphs", "options", true);
     cuda.side_timing = BoolField(o, "sideTiming", "options", false);
+    {
+      bool present = false;
+      const double b = NumberField(o, "prefillContextBytes", "options", &present);
+      if (present && (!std::isfinite(b) || std::floor(b) != b || b < 0 || b > 4503599627370496.0))
+        throw Napi::RangeError::New(env, "options.prefillContextBytes must be an integer in [0, 2^52]");
+      cuda.prefill_context_bytes = present ? (size_t)b : 0;
+    }
     const int delay_ms = IntField(o, "debugRecallDelayMs", "options", 0, 60000, true, 0);
     const int attend_delay_ms = IntField(o, "debugAttendDelayMs", "options", 0, 60000, true, 0);
     if (backend_ == "cpu") {

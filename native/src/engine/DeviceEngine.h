@@ -66,12 +66,19 @@ class DeviceEngine {
   virtual cuda::StepGraph* DeviceStepGraph() = 0;
   virtual DeviceStepStats GetDeviceStepStats() const = 0;
 
-  // Engine::PrefillAttend with the attention on tensor cores (attention_prefill_flash.cuh): q and
-  // the softmax weights are rounded to bf16 before their products, as FlashAttention does, about
-  // 2e-3 relative from exact. The bf16 GPU model runner prefills through this; PrefillAttend stays
-  // exact (fp32 q) for fp32 models and for callers that compare against float64.
-  virtual void PrefillAttendTensorCores(int session, int layer, const float* q, const float* k, const float* v,
-                                        int n, float* out) = 0;
+  // The GPU model runner's prefill of one layer: Engine::PrefillAttend with q [n][q_heads][head_dim],
+  // k, v [n][kv_heads][head_dim] and out [n][q_heads][head_dim] fp32 in device memory, ordered on
+  // DeviceStream(). It only queues work: the layer's context stays on the device between chunks
+  // (no gather back from the host store), and the pages that fill are offloaded to the host store
+  // on a copy stream that overlaps the next layers. FinishDevicePrefill(session) waits for that
+  // work and then writes the manifest of every layer prefilled since (tokens, query records), so
+  // the host store never claims pages the device has not written. tensor_cores: the attention on
+  // tensor cores (attention_prefill_flash.cuh; q and the softmax weights rounded to bf16 before
+  // their products, as FlashAttention does, about 2e-3 relative from exact) where the head
+  // dimension allows, for bf16 models; otherwise the exact fp32 kernel of PrefillAttend.
+  virtual void PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n,
+                             float* out, bool tensor_cores) = 0;
+  virtual void FinishDevicePrefill(int session) = 0;
 };
 
 // Options of the CUDA backend.
@@ -83,6 +90,10 @@ struct CudaEngineOptions {
   // Diagnostic: time each graphed step's side-stream work (DeviceStepStats::side_ms). The host
   // then waits for the previous step's side-stream work before issuing the next.
   bool side_timing = false;
+  // Device memory the resident prefill contexts of all sessions may hold (CudaPrefill.cu); a
+  // layer that does not fit is prefilled by gathering its earlier pages from the host store at
+  // every chunk instead. 0: a quarter of the device's memory.
+  size_t prefill_context_bytes = 0;
 };
 
 // Defined in builds with the CUDA backend only (FREEKV_WITH_CUDA). Throws

@@ -473,6 +473,7 @@ void CudaEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     ids[i] = items[i].session;
   }
   const std::vector<Session*> ss = CheckBatch(layer, ids);
+  for (Session* s : ss) EndPrefill(*s);  // decoding: the prefill context is no longer needed
   const Geometry& g = ss[0]->geo;
   const size_t qs = (size_t)g.q_heads * g.head_dim, ks = (size_t)g.kv_heads * g.head_dim;
   cudaStream_t st = main_->get();

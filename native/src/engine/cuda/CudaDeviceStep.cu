@@ -22,6 +22,7 @@ void CudaEngine::BeginDeviceStep(const std::vector<int>& sessions) {
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   if (sessions.empty()) throw std::invalid_argument("sessions must not be empty");
   std::vector<Session*> ss = CheckBatch(0, sessions);
+  for (Session* s : ss) EndPrefill(*s);  // decoding: the prefill context is no longer needed
   const Geometry& g = ss[0]->geo;
   for (int i = 0; i < (int)ss.size(); ++i)
     if (ss[i]->geo.layers != g.layers)

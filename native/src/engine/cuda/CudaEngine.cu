@@ -32,6 +32,15 @@ CudaEngine::CudaEngine(const CudaEngineOptions& options)
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   main_ = std::make_unique<Stream>();
   side_ = std::make_unique<Stream>();
+  offload_ = std::make_unique<Stream>();
+  offload_done_ = std::make_unique<Event>();
+  appended_ = std::make_unique<Event>();
+  pctx_limit_ = options.prefill_context_bytes;
+  if (pctx_limit_ == 0) {
+    size_t free_b = 0, total_b = 0;
+    FKV_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    pctx_limit_ = total_b / 4;
+  }
   outputs_ = std::make_unique<Event>();
   attended_direct_ = std::make_unique<Event>();
 }
@@ -40,6 +49,7 @@ CudaEngine::~CudaEngine() {
   cudaSetDevice(device_);
   if (main_) cudaStreamSynchronize(main_->get());
   if (side_) cudaStreamSynchronize(side_->get());
+  if (offload_) cudaStreamSynchronize(offload_->get());
   sessions_.clear();
 }
 
@@ -62,6 +72,7 @@ uint64_t CudaEngine::Context(const Session& s) {
 }
 
 void CudaEngine::SyncStreams() const {
+  FKV_CUDA_CHECK(cudaStreamSynchronize(offload_->get()));
   FKV_CUDA_CHECK(cudaStreamSynchronize(side_->get()));
   FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
 }
@@ -69,7 +80,7 @@ void CudaEngine::SyncStreams() const {
 void CudaEngine::Sync(int session) {
   auto lock = LockOutsideStep("sync");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
-  Find(session);
+  FlushPrefill(Find(session));
   SyncStreams();
 }
 

@@ -100,6 +100,18 @@ struct LayerTier {
   bool attended_valid = false;
   bool recall_pending = false;    // speculative recall queued (done when the engine's spec_done_[layer] is)
   uint64_t decodes = 0;
+  // Resident prefill context (CudaPrefill.cu): while a prompt is prefilled chunk by chunk, the
+  // layer's whole context stays on the device as NHD pages [0, ceil(pctx_tokens / P)), so each
+  // chunk attends to the earlier ones without gathering them back from the host store. Released
+  // when the session decodes or closes, or when the engine's prefill-context budget is short.
+  // pctx_tokens < 0: not held (or not valid).
+  DeviceArray<bf16> pctx;
+  int64_t pctx_tokens = -1;
+  // Device prefill (PrefillDevice): the manifest (tokens, query record) waits for the offload of
+  // the layer's filled pages; FinishDevicePrefill writes it with q_last, the last prefilled query
+  // [Hq][D] copied to pinned memory.
+  bool manifest_pending = false;
+  PinnedBuffer q_last;
 };
 
 struct Session {
@@ -156,8 +168,9 @@ class CudaEngine final : public Engine, public DeviceEngine {
   void Prefill(int session, int layer, const float* k, const float* v, int n) override;
   void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
                      float* out) override;
-  void PrefillAttendTensorCores(int session, int layer, const float* q, const float* k, const float* v, int n,
-                                float* out) override;
+  void PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
+                     bool tensor_cores) override;
+  void FinishDevicePrefill(int session) override;
   void Decode(int layer, const std::vector<DecodeItem>& items) override;
   void Sync(int session) override;
   Stats GetStats(int session) const override;
@@ -209,10 +222,19 @@ class CudaEngine final : public Engine, public DeviceEngine {
   static void QueueSelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
                                    DescTable& t, bool speculative, std::vector<PerItemSelect>& per_item);
 
+  // One prefill run of a layer (CudaPrefill.cu). device_io: q, k, v and out are device pointers
+  // and nothing waits (the manifest is left pending); otherwise host pointers, and the call
+  // returns with out written and the manifest committed.
   void DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n, float* out,
-                 bool tensor_cores = false);
-  void DoPrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
-                       bool tensor_cores);
+                 bool tensor_cores, bool device_io);
+  // The layer's resident prefill context with room for `pages` pages (grown, its pages kept), or
+  // null when the prefill-context budget (or the device's memory) cannot hold it.
+  bf16* ResidentContext(Session& s, LayerTier& L, int pages);
+  void ReleaseContext(LayerTier& L);
+  // Writes the pending manifests of a device prefill (after both streams' work is done).
+  void FlushPrefill(Session& s);
+  // FlushPrefill, then frees every layer's resident prefill context (the session decodes or closes).
+  void EndPrefill(Session& s);
   // Selection for `heads_mask` (or all heads) with query `q` over [c0, c1), then the residency
   // diff and the recall of the misses, all on `stream`.
   void SelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
@@ -224,6 +246,12 @@ class CudaEngine final : public Engine, public DeviceEngine {
   std::map<int, std::unique_ptr<Session>> sessions_;
   int next_id_ = 1;
   std::unique_ptr<Stream> main_, side_;
+  // Prefill offload (HND pages to the host store) of device prefills, overlapping the next
+  // layers' work on the main stream; offload_done_ is recorded after each.
+  std::unique_ptr<Stream> offload_;
+  std::unique_ptr<Event> offload_done_, appended_;
+  // The resident prefill contexts of every session (bytes), and their budget.
+  size_t pctx_bytes_ = 0, pctx_limit_ = 0;
   std::unique_ptr<Event> outputs_;
   // Recorded on the main stream right after an attention of a direct (not graphed) decode; the
   // side stream's speculative work of that call waits for it.

@@ -1,6 +1,25 @@
 // Prefill on the CUDA engine: append a run of tokens (summary and offload of every page that
-// fills, sink and window pages placed in their slots) and, for PrefillAttend, exact causal
-// attention over the whole context.
+// fills, sink and window pages placed in their slots) and, for PrefillAttend / PrefillDevice,
+// causal attention over the whole context.
+//
+// Where the earlier context comes from. A prompt is prefilled in chunks, and every chunk attends
+// to all tokens before it. The layer keeps its whole context on the device while a prefill runs
+// (LayerTier::pctx, NHD pages): the run's pages are appended there, and the next chunk finds the
+// earlier ones in place. Reading them back from the host store at every chunk instead (the
+// fallback, when the budget CudaEngineOptions::prefill_context_bytes is short) moves
+// O(prompt^2 / chunk) bytes over PCIe: at 32K tokens in 512-token chunks of an 8B-shaped model,
+// 64 chunks x up to 4 GiB, which alone took most of a 12 s prefill. The context is freed when the
+// session decodes (its budget pages are then in the pool's slots) or closes; a follow-up turn
+// gathers it once, in its first chunk.
+//
+// Streams. PrefillDevice only queues work on the main stream (the runner's stream). Pages that
+// fill are summarised on the main stream and offloaded to the host store (HND) on offload_,
+// after the `appended_` event, so the PCIe writes overlap the next layers' GEMMs and attention;
+// offload_done_ follows each offload. FinishDevicePrefill waits for both streams and only then
+// writes the manifests, so the store never claims pages that are not written. Hazards: the
+// offload reads full pages of pctx that later runs never write (they append after them), and
+// pctx is only reallocated or freed after both streams are idle; the shared scratch of the
+// fallback is rewritten only after main waits offload_done_.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -31,7 +50,8 @@ void CudaEngine::Prefill(int session, int layer, const float* k, const float* v,
   CheckLayer(s, layer);
   if (n < 1) throw std::invalid_argument("n must be >= 1");
   if (!k || !v) throw std::invalid_argument("k and v must not be null");
-  DoPrefill(s, layer, nullptr, k, v, n, nullptr);
+  FlushPrefill(s);
+  DoPrefill(s, layer, nullptr, k, v, n, nullptr, false, false);
   LayerTier& L = *s.layers[layer];
   L.has_q = false;
   L.first_decode = true;
@@ -41,35 +61,116 @@ void CudaEngine::Prefill(int session, int layer, const float* k, const float* v,
 
 void CudaEngine::PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
                                float* out) {
-  DoPrefillAttend(session, layer, q, k, v, n, out, false);
-}
-
-void CudaEngine::PrefillAttendTensorCores(int session, int layer, const float* q, const float* k, const float* v,
-                                          int n, float* out) {
-  DoPrefillAttend(session, layer, q, k, v, n, out, true);
-}
-
-void CudaEngine::DoPrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
-                                 float* out, bool tensor_cores) {
   auto lock = LockOutsideStep("prefillAttend");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   Session& s = Find(session);
   CheckLayer(s, layer);
   if (n < 1) throw std::invalid_argument("n must be >= 1");
   if (!q || !k || !v || !out) throw std::invalid_argument("q, k, v and out must not be null");
-  DoPrefill(s, layer, q, k, v, n, out, tensor_cores);
+  FlushPrefill(s);
+  DoPrefill(s, layer, q, k, v, n, out, false, false);
   LayerTier& L = *s.layers[layer];
-  const size_t qs = (size_t)s.geo.q_heads * s.geo.head_dim;
-  FKV_CUDA_CHECK(cudaMemcpy(L.q[L.qcur].get(), q + (size_t)(n - 1) * qs, qs * sizeof(float),
-                            cudaMemcpyHostToDevice));
   L.has_q = true;
   L.first_decode = true;
   L.selection_valid = false;
-  WriteQueryRecord(s, layer, q + (size_t)(n - 1) * qs);
+  WriteQueryRecord(s, layer, q + (size_t)(n - 1) * s.geo.q_heads * s.geo.head_dim);
+}
+
+void CudaEngine::PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n,
+                               float* out, bool tensor_cores) {
+  auto lock = LockOutsideStep("prefillDevice");
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  Session& s = Find(session);
+  CheckLayer(s, layer);
+  if (n < 1) throw std::invalid_argument("n must be >= 1");
+  if (!q || !k || !v || !out) throw std::invalid_argument("q, k, v and out must not be null");
+  DoPrefill(s, layer, q, k, v, n, out, tensor_cores, true);
+  LayerTier& L = *s.layers[layer];
+  L.has_q = true;
+  L.first_decode = true;
+  L.selection_valid = false;
+}
+
+void CudaEngine::FinishDevicePrefill(int session) {
+  auto lock = LockOutsideStep("finishDevicePrefill");
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  FlushPrefill(Find(session));
+}
+
+void CudaEngine::FlushPrefill(Session& s) {
+  bool pending = false;
+  for (const auto& L : s.layers) pending = pending || L->manifest_pending;
+  if (!pending) return;
+  FKV_CUDA_CHECK(cudaStreamSynchronize(offload_->get()));
+  FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+  for (int l = 0; l < (int)s.layers.size(); ++l) {
+    LayerTier& L = *s.layers[l];
+    if (!L.manifest_pending) continue;
+    L.manifest_pending = false;
+    WriteQueryRecord(s, l, reinterpret_cast<const float*>(L.q_last.get()));
+    WriteManifest(s, l);
+  }
+}
+
+void CudaEngine::EndPrefill(Session& s) {
+  FlushPrefill(s);
+  bool held = false;
+  for (const auto& L : s.layers) held = held || L->pctx.get();
+  if (!held) return;
+  FKV_CUDA_CHECK(cudaStreamSynchronize(offload_->get()));
+  FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+  for (auto& L : s.layers) ReleaseContext(*L);
+}
+
+void CudaEngine::ReleaseContext(LayerTier& L) {
+  // Callers make sure no queued work reads it (both streams idle, or the memory is unused).
+  pctx_bytes_ -= L.pctx.bytes();
+  L.pctx = DeviceArray<bf16>();
+  L.pctx_tokens = -1;
+}
+
+bf16* CudaEngine::ResidentContext(Session& s, LayerTier& L, int pages) {
+  const size_t have = L.pctx.size() / s.page_elems;
+  if (L.pctx.get() && (size_t)pages <= have) return L.pctx.get();
+  // Grow geometrically (a prompt's chunks then copy O(prompt) in all), within the store's
+  // capacity and the engine's budget.
+  const size_t most = (size_t)s.host.capacity_pages + 1;
+  size_t want = std::min(most, std::max<size_t>(2 * have, 64));
+  want = std::max(want, (size_t)pages);
+  const size_t others = pctx_bytes_ - L.pctx.bytes();
+  const size_t page_bytes = s.page_elems * sizeof(bf16);
+  if (others + want * page_bytes > pctx_limit_) want = (size_t)pages;
+  // Both streams idle before the old allocation is copied from and freed (the offload may read it).
+  FKV_CUDA_CHECK(cudaStreamSynchronize(offload_->get()));
+  FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+  if (others + want * page_bytes > pctx_limit_) {
+    ReleaseContext(L);
+    return nullptr;
+  }
+  DeviceArray<bf16> grown;
+  try {
+    grown.Resize(want * s.page_elems);
+  } catch (const std::runtime_error&) {
+    cudaGetLastError();  // out of device memory: not sticky; prefill by gathering instead
+    ReleaseContext(L);
+    return nullptr;
+  }
+  if (L.pctx.get() && L.pctx_tokens > 0) {
+    const size_t used = (size_t)((L.pctx_tokens + s.P - 1) / s.P);
+    FKV_CUDA_CHECK(cudaMemcpyAsync(grown.get(), L.pctx.get(), used * page_bytes, cudaMemcpyDeviceToDevice,
+                                   main_->get()));
+    FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));
+  }
+  const int64_t kept = L.pctx.get() ? L.pctx_tokens : -1;
+  ReleaseContext(L);
+  L.pctx = std::move(grown);
+  L.pctx_tokens = kept;
+  pctx_bytes_ += L.pctx.bytes();
+  return L.pctx.get();
 }
 
 void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n,
-                           float* out, bool tensor_cores) {
+                           float* out, bool tensor_cores, bool device_io) {
   LayerTier& L = *s.layers[layer];
   const int P = s.P, Hkv = s.geo.kv_heads, D = s.geo.head_dim, Hq = s.geo.q_heads;
   if ((L.tokens + n) / P > s.host.capacity_pages)
@@ -80,27 +181,70 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
   L.recall_pending = false;
   const int64_t c = L.tokens;
   const int first = (int)(c / P), last = (int)((c + n - 1) / P);
-  const int base = q ? 0 : first;  // PrefillAttend needs every page of the context
-  const int npg = last - base + 1;
-  FKV_CUDA_CHECK(cudaStreamSynchronize(st));  // the scratch below may be in use by queued work
-  prefill_pages_.Resize((size_t)npg * s.page_elems);
   const size_t kvn = (size_t)n * Hkv * D;
   const size_t qn = q ? (size_t)n * Hq * D : 0;
-  // fp32 k, v, q, out, then (flash kernel) q rounded to bf16: qn bf16 = qn / 2 floats, 16-byte aligned
+  const size_t qs = (size_t)Hq * D;
   const bool flash = q && tensor_cores && FlashPrefillSupports(D);
+
+  // Where the run's pages go: the layer's resident context (attention runs), or the scratch.
+  if (!q && L.pctx.get()) {  // a k/v-only prefill does not keep it
+    FKV_CUDA_CHECK(cudaStreamSynchronize(offload_->get()));
+    FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+    ReleaseContext(L);
+  }
+  if (L.pctx.get() && L.pctx_tokens != c) {  // stale (e.g. the layer decoded meanwhile)
+    FKV_CUDA_CHECK(cudaStreamSynchronize(offload_->get()));
+    FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+    ReleaseContext(L);
+  }
+  bf16* ctx = q ? ResidentContext(s, L, last + 1) : nullptr;
+  const bool resident = ctx != nullptr;
+  const bool had = resident && L.pctx_tokens == c;  // pages [0, first] already in place
+  // Earlier offloads (of this or an earlier call) may still be writing the host store pages a
+  // gather reads, or reading the scratch this run overwrites.
+  if (!had) FKV_CUDA_CHECK(cudaStreamWaitEvent(st, offload_done_->get(), 0));
+  const int base = resident || q ? 0 : first;
+  bf16* pages;
+  if (resident) {
+    pages = ctx;
+  } else {
+    const size_t need = (size_t)(last - base + 1) * s.page_elems;
+    if (need > prefill_pages_.size()) {
+      FKV_CUDA_CHECK(cudaStreamSynchronize(offload_->get()));
+      FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+      prefill_pages_.Resize(need);
+    }
+    pages = prefill_pages_.get();
+  }
+
+  // fp32 inputs and output (host callers: copied through the scratch), then (flash kernel) q
+  // rounded to bf16: qn bf16 = qn / 2 floats, 16-byte aligned.
+  const size_t staged = device_io ? 0 : 2 * kvn + 2 * qn;
   const size_t q16_floats = flash ? (qn / 2 + 4) : 0;
-  prefill_f32_.Resize(2 * kvn + 2 * qn + q16_floats);
-  float* dk = prefill_f32_.get();
-  float* dv = dk + kvn;
-  float* dq = dv + kvn;
-  float* dout = dq + qn;
-  FKV_CUDA_CHECK(cudaMemcpyAsync(dk, k, kvn * sizeof(float), cudaMemcpyHostToDevice, st));
-  FKV_CUDA_CHECK(cudaMemcpyAsync(dv, v, kvn * sizeof(float), cudaMemcpyHostToDevice, st));
-  if (q) FKV_CUDA_CHECK(cudaMemcpyAsync(dq, q, qn * sizeof(float), cudaMemcpyHostToDevice, st));
-  bf16* pages = prefill_pages_.get();
+  if (staged + q16_floats > prefill_f32_.size()) {
+    FKV_CUDA_CHECK(cudaStreamSynchronize(st));
+    prefill_f32_.Resize(staged + q16_floats);
+  }
+  const float *dk = k, *dv = v, *dq = q;
+  float* dout = out;
+  float* scratch = prefill_f32_.get();
+  if (!device_io) {
+    float* sk = scratch;
+    float* sv = sk + kvn;
+    float* sq = sv + kvn;
+    dout = sq + qn;
+    FKV_CUDA_CHECK(cudaMemcpyAsync(sk, k, kvn * sizeof(float), cudaMemcpyHostToDevice, st));
+    FKV_CUDA_CHECK(cudaMemcpyAsync(sv, v, kvn * sizeof(float), cudaMemcpyHostToDevice, st));
+    if (q) FKV_CUDA_CHECK(cudaMemcpyAsync(sq, q, qn * sizeof(float), cudaMemcpyHostToDevice, st));
+    dk = sk;
+    dv = sv;
+    dq = q ? sq : nullptr;
+    scratch = dout + qn;
+  }
+
   bf16* newp = pages + (size_t)(first - base) * s.page_elems;
-  // The partial page so far, from its slot.
-  if (c % P)
+  // The partial page so far, from its slot (unless the resident context holds it).
+  if (c % P && !had)
     FKV_CUDA_CHECK(cudaMemcpyAsync(newp, L.pool.get() + (size_t)s.WorkingSlot(L, first) * s.page_elems,
                                    s.page_elems * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
   AppendParams ap;
@@ -121,8 +265,12 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
     if (!L.dense)
       LaunchPageSummary(newp, nfull, L.summaries.get() + (size_t)first * Hkv * 2 * D, Hkv, D, P,
                         static_cast<int>(s.cfg.summary), st);
+    // The offload overlaps what the main stream does next.
+    FKV_CUDA_CHECK(cudaEventRecord(appended_->get(), st));
+    FKV_CUDA_CHECK(cudaStreamWaitEvent(offload_->get(), appended_->get(), 0));
     LaunchOffloadHnd(newp, nfull, s.StoreLayerDev(layer) + (size_t)first * s.layout.page_bytes, s.layout.page_bytes,
-                     Hkv, D, P, st);
+                     Hkv, D, P, offload_->get());
+    FKV_CUDA_CHECK(cudaEventRecord(offload_done_->get(), offload_->get()));
     s.host_stats.pages_offloaded += nfull;
     s.host_stats.offload_bytes += (uint64_t)nfull * s.layout.page_bytes;
   }
@@ -137,9 +285,10 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
                                    cudaMemcpyDeviceToDevice, st));
   }
   if (q) {
-    // Earlier full pages come back from the host store (HND -> NHD) into the contiguous run.
-    if (first > 0) {
+    // Earlier full pages not on the device come back from the host store (HND -> NHD).
+    if (first > 0 && !had) {
       const int njobs = first * Hkv;
+      FKV_CUDA_CHECK(cudaStreamSynchronize(st));  // the pinned job list is rewritten below
       pin_jobs_.Resize(sizeof(RecallJob) * njobs + 16);
       RecallJob* jobs = reinterpret_cast<RecallJob*>(pin_jobs_.get() + 16);
       int* count = reinterpret_cast<int*>(pin_jobs_.get());
@@ -156,7 +305,7 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
     FKV_CUDA_CHECK(cudaMemsetAsync(dout, 0xff, qn * sizeof(float), st));  // poison: NaN
     if (flash) {
       // Tensor cores (attention_prefill_flash.cuh): q rounded to bf16 like the K/V it meets.
-      auto* dq16 = reinterpret_cast<bf16*>(dout + qn);
+      auto* dq16 = reinterpret_cast<bf16*>(scratch);
       LaunchQueriesToBf16(dq, qn, dq16, st);
       FlashPrefillParams fp;
       fp.q = dq16;
@@ -184,11 +333,24 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
       pp.scale = 1.f / std::sqrt((float)D);
       LaunchPrefillAttention(pp, st);
     }
-    FKV_CUDA_CHECK(cudaMemcpyAsync(out, dout, qn * sizeof(float), cudaMemcpyDeviceToHost, st));
+    // The latest query, for the first decode's speculative selection.
+    FKV_CUDA_CHECK(cudaMemcpyAsync(L.q[L.qcur].get(), dq + (size_t)(n - 1) * qs, qs * sizeof(float),
+                                   cudaMemcpyDeviceToDevice, st));
   }
-  FKV_CUDA_CHECK(cudaStreamSynchronize(st));
   L.tokens = t_new;
+  L.pctx_tokens = resident ? t_new : -1;
   L.attended_valid = false;
+  if (device_io) {
+    // The manifest waits for FinishDevicePrefill (the offload may still be running).
+    L.q_last.Resize(qs * sizeof(float));
+    FKV_CUDA_CHECK(cudaMemcpyAsync(L.q_last.get(), dq + (size_t)(n - 1) * qs, qs * sizeof(float),
+                                   cudaMemcpyDeviceToHost, st));
+    L.manifest_pending = true;
+    return;
+  }
+  if (q) FKV_CUDA_CHECK(cudaMemcpyAsync(out, dout, qn * sizeof(float), cudaMemcpyDeviceToHost, st));
+  FKV_CUDA_CHECK(cudaStreamSynchronize(offload_->get()));
+  FKV_CUDA_CHECK(cudaStreamSynchronize(st));
   WriteManifest(s, layer);
 }
 

@@ -105,7 +105,7 @@ int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const
 void CudaEngine::CloseSession(int session) {
   auto lock = LockOutsideStep("closeSession");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
-  Find(session);
+  EndPrefill(Find(session));
   // Queued work may still use the session's memory and registered segments.
   SyncStreams();
   sessions_.erase(session);

@@ -96,6 +96,7 @@ void Forward::Head(const float* x, int n, float* logits) {
 
 std::vector<float> Forward::Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits, int chunk) {
   CheckPrefill(config_, tokens, start, attention_->ContextTokens(session));
+  if (chunk <= 0) chunk = 256;
   const int H = config_.hidden_size, V = config_.vocab_size, total = static_cast<int>(tokens.size());
   std::vector<float> logits(static_cast<size_t>(all_logits ? total : 1) * V);
   for (int c0 = 0; c0 < total; c0 += chunk) {

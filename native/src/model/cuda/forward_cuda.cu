@@ -4,9 +4,9 @@
 //   h   = RMSNorm(x)                                  (operand type T: bf16 or fp32)
 //   qkv = h Wqkv^T (+ bias)                           one GEMM over the fused [q|k|v] weight, fp32 out
 //   q, k, v = RoPE(split(qkv))                        fp32, what the engine takes
-//   a   = attention                                   decode: engine DecodeDevice (device pointers);
-//                                                     prefill: engine PrefillAttend (host pointers;
-//                                                     on tensor cores for bf16 weights)
+//   a   = attention                                   decode: engine DecodeDevice; prefill: engine
+//                                                     PrefillDevice (on tensor cores for bf16
+//                                                     weights); both on device pointers
 //   x  += T(a) Wo^T                                   GEMM with beta = 1 into the fp32 residual
 //   h   = RMSNorm(x);  gu = h Wgu^T                   fused [gate|up] weight
 //   x  += T(silu(gate) * up) Wdown^T                  beta = 1 again
@@ -196,7 +196,6 @@ class CudaRunner final : public Runner {
     ids_.Resize(2 * (size_t)M);
     ids_pin_.Resize(2 * (size_t)M * sizeof(int));
     logits_pin_.Resize(M * V * sizeof(float));
-    host_qkv_.Resize(M * (Q + 2 * K + Q) * sizeof(float));
     rows_ = M;
   }
 
@@ -273,7 +272,7 @@ class CudaRunner final : public Runner {
   DeviceArray<float> x_, qkv_, q_, k_, v_, attn_, gu_, logits_;
   DeviceArray<uint8_t> op_;  // GEMM operand rows: [M][max(H, I, Q)] of the operand type
   DeviceArray<int> ids_;     // tokens [M] | positions [M]
-  PinnedBuffer ids_pin_, logits_pin_, host_qkv_;
+  PinnedBuffer ids_pin_, logits_pin_;
 };
 
 template <class Read>
@@ -331,45 +330,40 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
   CheckPrefill(c_, tokens, start, engine_->ContextTokens(session));
   std::lock_guard<std::mutex> lock(run_mu_);
   FKV_CUDA_CHECK(cudaSetDevice(device_));
-  const int Q = c_.q_dim(), K = c_.kv_dim(), V = c_.vocab_size, total = (int)tokens.size();
-  chunk = std::max(1, chunk);
+  const int V = c_.vocab_size, total = (int)tokens.size();
+  if (chunk <= 0) chunk = 2048;
   std::vector<float> logits((size_t)(all_logits ? total : 1) * V);
   Size(std::min(chunk, total));
-  for (int c0 = 0; c0 < total; c0 += chunk) {
-    const int n = std::min(chunk, total - c0);
-    std::vector<int> pos(n);
-    for (int i = 0; i < n; ++i) pos[i] = start + c0 + i;
-    Embed(tokens.data() + c0, pos.data(), n);
-    float* hq = reinterpret_cast<float*>(host_qkv_.get());
-    float* hk = hq + (size_t)n * Q;
-    float* hv = hk + (size_t)n * K;
-    float* ho = hv + (size_t)n * K;
-    for (int l = 0; l < c_.layers; ++l) {
-      PreAttention(layers_[l], n);
-      // Prefill attention goes through the engine's host interface (it also offloads the pages).
-      FKV_CUDA_CHECK(cudaMemcpyAsync(hq, q_.get(), (size_t)n * Q * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-      FKV_CUDA_CHECK(cudaMemcpyAsync(hk, k_.get(), (size_t)n * K * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-      FKV_CUDA_CHECK(cudaMemcpyAsync(hv, v_.get(), (size_t)n * K * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-      FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      // bf16 weights: the attention on tensor cores too; fp32 models keep exact fp32 attention.
-      if (bf16_)
-        device_engine_->PrefillAttendTensorCores(session, l, hq, hk, hv, n, ho);
-      else
-        engine_->PrefillAttend(session, l, hq, hk, hv, n, ho);
-      FKV_CUDA_CHECK(cudaMemcpyAsync(attn_.get(), ho, (size_t)n * Q * sizeof(float), cudaMemcpyHostToDevice, stream_));
-      PostAttention(layers_[l], n);
+  try {
+    for (int c0 = 0; c0 < total; c0 += chunk) {
+      const int n = std::min(chunk, total - c0);
+      std::vector<int> pos(n);
+      for (int i = 0; i < n; ++i) pos[i] = start + c0 + i;
+      Embed(tokens.data() + c0, pos.data(), n);
+      for (int l = 0; l < c_.layers; ++l) {
+        PreAttention(layers_[l], n);
+        // The engine keeps the context on the device and offloads filled pages on its copy stream;
+        // bf16 weights: the attention on tensor cores too; fp32 models keep exact fp32 attention.
+        device_engine_->PrefillDevice(session, l, q_.get(), k_.get(), v_.get(), n, attn_.get(), bf16_);
+        PostAttention(layers_[l], n);
+      }
+      const bool last = c0 + n == total;
+      if (all_logits || last) {
+        const int r0 = all_logits ? 0 : n - 1, rows = all_logits ? n : 1;
+        Head(r0, rows);
+        CopyLogits(rows);
+        FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));
+        std::memcpy(logits.data() + (all_logits ? (size_t)c0 * V : 0), logits_pin_.get(), (size_t)rows * V * sizeof(float));
+      } else {
+        FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));  // ids_pin_ is reused by the next chunk
+      }
     }
-    const bool last = c0 + n == total;
-    if (all_logits || last) {
-      const int r0 = all_logits ? 0 : n - 1, rows = all_logits ? n : 1;
-      Head(r0, rows);
-      CopyLogits(rows);
-      FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      std::memcpy(logits.data() + (all_logits ? (size_t)c0 * V : 0), logits_pin_.get(), (size_t)rows * V * sizeof(float));
-    } else {
-      FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));  // ids_pin_ and host_qkv_ are reused by the next chunk
-    }
+  } catch (...) {
+    device_engine_->FinishDevicePrefill(session);  // what was prefilled is committed consistently
+    throw;
   }
+  // The filled pages are in the host store and the manifests say so once this returns.
+  device_engine_->FinishDevicePrefill(session);
   return logits;
 }
 

@@ -1,0 +1,210 @@
+/**
+ * Time to first token through Generate, both tiers as real processes (tools/dev/launch.ts), and
+ * the pace of a session that is decoding while a long prompt is prefilled.
+ *
+ *   npm run build:ts && npm run bench:ttft [-- --prompts 8192,32768 --runs 2 --max-tokens 4
+ *                                          --background 32768 --background-tokens 600
+ *                                          --hf anchor.json --out FILE.json]
+ *
+ * The services run as configured by the environment (FREEKV_BACKEND, FREEKV_MODEL, …; the built-in
+ * model on the CPU by default); FREEKV_MAX_CONTEXT_TOKENS defaults to the longest prompt plus
+ * room for the generated tokens. Prompts are random token ids (seeded) sent as TokenIds, greedy.
+ *
+ * Figures:
+ * - first request after start: a 64-token prompt right after both services report ready. With
+ *   the model loaded at start it pays no load.
+ * - per prompt length: client time from the call to the first chunk (TTFT), the service's own
+ *   prefill_ms (Usage), prompt tokens/s. Beside them, transformers' prefill of the same length
+ *   on the same machine when --hf names bench/anchor/hf_anchor.py's JSON (its "prefill" list).
+ * - --background L: session A decodes (a short prompt, many tokens); its time per output token is
+ *   taken alone, then while session B's L-token prompt is prefilled (from B's call to B's first
+ *   chunk). Reported as distributions (median, p90, p99, max) and the ratio of medians.
+ *
+ * Writes JSON (machine, commit, date, environment, results) to --out, or
+ * bench/results/ttft-<date>.json.
+ */
+import { execSync } from "node:child_process";
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import os from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { credentials } from "@grpc/grpc-js";
+import { ComputeServiceClient, GenerateRequest, type GenerateResponse } from "../proto/gen/freekv/v1/compute.js";
+import { defaultModelDir } from "../services/compute/model/loader.js";
+import { mulberry32 } from "../tools/reference/prng.js";
+import { startTiers } from "../tools/dev/launch.js";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const root = join(here, "..", here.includes(`${join("dist", "bench")}`) ? ".." : "");
+
+const { values: args } = parseArgs({
+  options: {
+    prompts: { type: "string", default: "2048,8192" },
+    runs: { type: "string", default: "2" },
+    "max-tokens": { type: "string", default: "4" },
+    background: { type: "string", default: "" },
+    "background-tokens": { type: "string", default: "600" },
+    hf: { type: "string" },
+    out: { type: "string" },
+    "timeout-s": { type: "string", default: "600" },
+  },
+});
+
+const prompts = args.prompts!.split(",").filter(Boolean).map(Number);
+const runs = Number(args.runs);
+const maxTokens = Number(args["max-tokens"]);
+const background = args.background ? Number(args.background) : 0;
+const bgTokens = Number(args["background-tokens"]);
+for (const [k, v] of Object.entries({ prompts: Math.min(...prompts), runs, "max-tokens": maxTokens, "background-tokens": bgTokens }))
+  if (!Number.isInteger(v) || v < 1) throw new RangeError(`--${k} must hold positive integers`);
+if (background && (!Number.isInteger(background) || background < 1)) throw new RangeError("--background must be a positive integer");
+
+const modelDir = process.env.FREEKV_MODEL || defaultModelDir();
+const modelConfig = JSON.parse(readFileSync(join(modelDir, "config.json"), "utf8")) as { vocab_size: number };
+const vocab = modelConfig.vocab_size;
+const longest = Math.max(...prompts, background);
+const maxContext = process.env.FREEKV_MAX_CONTEXT_TOKENS ?? String(longest + Math.max(maxTokens, bgTokens) + 256);
+
+function randomTokens(n: number, seed: number): GenerateRequest["prompt"] {
+  const r = mulberry32(seed);
+  // Ids away from the special tokens at both ends of the vocabulary.
+  const lo = Math.min(16, vocab - 1), span = Math.max(1, Math.floor(vocab * 0.9) - lo);
+  return { $case: "tokens", value: { ids: Array.from({ length: n }, () => lo + Math.floor(r() * span)) } };
+}
+
+interface Call {
+  ttftMs: number;
+  totalMs: number;
+  prefillMs: number;
+  promptTokens: number;
+  /** Client arrival time (ms, performance.now) and token count of every chunk. */
+  chunks: { at: number; tokens: number }[];
+  startedAt: number;
+}
+
+function generate(client: ComputeServiceClient, prompt: GenerateRequest["prompt"], max: number, deadlineS: number, onChunk?: (count: number) => void): Promise<Call> {
+  return new Promise((resolve, reject) => {
+    const startedAt = performance.now();
+    const chunks: Call["chunks"] = [];
+    let usage: { prefillMs: number; promptTokens: number } | null = null;
+    const req = GenerateRequest.fromPartial({ prompt, maxTokens: max, sampling: { temperature: 0 } });
+    const stream = client.generate(req, { deadline: Date.now() + deadlineS * 1000 });
+    stream.on("data", (m: GenerateResponse) => {
+      const at = performance.now();
+      if (m.event?.$case === "chunk") {
+        chunks.push({ at, tokens: m.event.value.tokenIds.length });
+        onChunk?.(chunks.length);
+      }
+      else if (m.event?.$case === "final") usage = { prefillMs: m.event.value.usage?.prefillMs ?? NaN, promptTokens: m.event.value.usage?.promptTokens ?? 0 };
+    });
+    stream.on("error", reject);
+    stream.on("end", () => {
+      if (!usage || chunks.length === 0) return reject(new Error("the stream ended without a chunk and a final message"));
+      const u = usage as { prefillMs: number; promptTokens: number };
+      resolve({ ttftMs: chunks[0].at - startedAt, totalMs: performance.now() - startedAt, prefillMs: u.prefillMs, promptTokens: u.promptTokens, chunks, startedAt });
+    });
+  });
+}
+
+function quantiles(xs: number[]) {
+  const s = [...xs].sort((a, b) => a - b);
+  const q = (p: number) => (s.length ? s[Math.min(s.length - 1, Math.floor(p * (s.length - 1) + 0.5))] : NaN);
+  return { n: s.length, median: q(0.5), p90: q(0.9), p99: q(0.99), max: s.length ? s[s.length - 1] : NaN };
+}
+
+/** Milliseconds per output token of each chunk after the first, with its arrival time. */
+function perToken(c: Call): { at: number; ms: number }[] {
+  const out: { at: number; ms: number }[] = [];
+  for (let i = 1; i < c.chunks.length; i++) out.push({ at: c.chunks[i].at, ms: (c.chunks[i].at - c.chunks[i - 1].at) / Math.max(1, c.chunks[i].tokens) });
+  return out;
+}
+
+const hf = args.hf && existsSync(args.hf) ? (JSON.parse(readFileSync(args.hf, "utf8")) as { prefill?: { tokens: number; ms?: number }[]; transformers?: string; gpu?: string }) : null;
+const hfMs = (t: number) => hf?.prefill?.find((p) => p.tokens === t)?.ms ?? null;
+
+const log = (s: string) => process.stderr.write(s + "\n");
+const t0 = performance.now();
+const tiers = await startTiers({
+  kvstoreEnv: { FREEKV_LOG_LEVEL: "warn" },
+  computeEnv: { FREEKV_LOG_LEVEL: "warn", FREEKV_MAX_CONTEXT_TOKENS: maxContext },
+  timeoutMs: Number(args["timeout-s"]) * 1000,
+});
+const readyMs = performance.now() - t0;
+const client = new ComputeServiceClient(tiers.compute.address, credentials.createInsecure(), { "grpc.max_receive_message_length": 64 << 20 });
+const deadlineS = Number(args["timeout-s"]);
+const results: Record<string, unknown> = {};
+try {
+  log(`services ready in ${(readyMs / 1000).toFixed(1)} s (backend ${process.env.FREEKV_BACKEND ?? "cpu"}, model ${modelDir}, max context ${maxContext})`);
+  const first = await generate(client, randomTokens(64, 1), 2, deadlineS);
+  results.firstRequest = { promptTokens: first.promptTokens, ttftMs: first.ttftMs, prefillMs: first.prefillMs };
+  log(`first request after start (64-token prompt): TTFT ${first.ttftMs.toFixed(0)} ms (prefill ${first.prefillMs.toFixed(0)} ms)`);
+
+  const rows: Record<string, unknown>[] = [];
+  const table = ["| prompt tokens | TTFT ms (median) | prefill_ms | prompt tokens/s | transformers prefill ms |", "| ---: | ---: | ---: | ---: | ---: |"];
+  for (const n of prompts) {
+    const calls: Call[] = [];
+    for (let r = 0; r < runs; r++) calls.push(await generate(client, randomTokens(n, 100 + r), maxTokens, deadlineS));
+    const ttft = quantiles(calls.map((c) => c.ttftMs));
+    const prefill = quantiles(calls.map((c) => c.prefillMs));
+    const row = { promptTokens: n, runs, ttftMs: calls.map((c) => c.ttftMs), prefillMs: calls.map((c) => c.prefillMs), ttftMedianMs: ttft.median, tokensPerS: (n / ttft.median) * 1000, transformersPrefillMs: hfMs(n) };
+    rows.push(row);
+    const h = hfMs(n);
+    table.push(`| ${n} | ${ttft.median.toFixed(0)} | ${prefill.median.toFixed(0)} | ${row.tokensPerS.toFixed(0)} | ${h == null ? "" : h.toFixed(0)} |`);
+    log(table[table.length - 1]);
+  }
+  results.prompts = rows;
+
+  if (background) {
+    // A: decoding alone for a while, then B's long prompt arrives; A keeps decoding past B's first token.
+    // Session A decodes alone for a fifth of its tokens before B's prompt is sent.
+    const waitFor = Math.max(20, Math.floor(bgTokens / 5));
+    let releaseB!: () => void;
+    const aWarm = new Promise<void>((resolve) => (releaseB = resolve));
+    const a = generate(client, randomTokens(32, 7), bgTokens, deadlineS, (n) => n >= waitFor && releaseB());
+    await Promise.race([aWarm, a]);
+    const bStart = performance.now();
+    const b = await generate(client, randomTokens(background, 9), 2, deadlineS);
+    const bFirst = b.chunks[0].at;
+    const aCall = await a;
+    const steps = perToken(aCall);
+    const alone = steps.filter((s) => s.at < bStart).map((s) => s.ms);
+    const during = steps.filter((s) => s.at >= bStart && s.at <= bFirst).map((s) => s.ms);
+    const qa = quantiles(alone), qd = quantiles(during);
+    results.background = {
+      prefillTokens: background, bTtftMs: b.ttftMs, bPrefillMs: b.prefillMs, aTokens: bgTokens,
+      aloneMsPerToken: qa, duringMsPerToken: qd, ratioOfMedians: qd.median / qa.median, ratioOfP90: qd.p90 / qa.p90,
+      aTokensDuringPrefill: during.length,
+    };
+    log(`while a ${background}-token prompt prefilled (${b.ttftMs.toFixed(0)} ms to its first token): the decoding session's ms/token ` +
+      `median ${qd.median.toFixed(1)} p90 ${qd.p90.toFixed(1)} max ${qd.max.toFixed(1)} over ${qd.n} tokens; alone median ${qa.median.toFixed(1)} p90 ${qa.p90.toFixed(1)}; ` +
+      `ratio of medians ${(qd.median / qa.median).toFixed(2)}`);
+  }
+  console.log(table.join("\n"));
+} finally {
+  client.close();
+  await tiers.stop();
+}
+
+let commit = "unknown";
+try {
+  commit = execSync("git rev-parse --short HEAD", { cwd: root, stdio: ["ignore", "pipe", "ignore"] }).toString().trim();
+} catch {
+  /* not a git checkout */
+}
+const doc = {
+  what: "time to first token through Generate (both tiers as processes) and a decoding session's pace while a long prompt prefills",
+  date: new Date().toISOString(),
+  commit,
+  machine: { host: os.hostname(), cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: os.totalmem() / 2 ** 30, node: process.version },
+  env: Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith("FREEKV_"))),
+  model: modelDir,
+  maxContextTokens: Number(maxContext),
+  servicesReadyMs: readyMs,
+  transformers: hf ? { version: hf.transformers, gpu: hf.gpu, prefill: hf.prefill } : null,
+  results,
+};
+const out = args.out ?? join(root, "bench", "results", `ttft-${new Date().toISOString().slice(0, 16).replace(/[-:T]/g, "").replace(/^(\d{8})(\d{4})$/, "$1-$2")}.json`);
+mkdirSync(dirname(out), { recursive: true });
+writeFileSync(out, JSON.stringify(doc, null, 2));
+log(`wrote ${out}`);
