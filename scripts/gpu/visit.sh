@@ -12,6 +12,9 @@
 # bench:overhead (16 greedy Generate streams), BENCH_S=90 the CUDA benchmark program's kernels
 # (BENCH_SECTIONS, default ceilings,attention,recall,prefill; the decode step is the runner step's).
 # SKIP="parity,bench" leaves steps out.
+# ANCHOR_S=100 transformers' prefill of ANCHOR_PREFILL prompt lengths (bench/anchor/hf_anchor.py),
+# TTFT_S=150 time to first token through Generate for TTFT_PROMPTS with the runner step's 8B folder,
+# and a decoding session's pace while a TTFT_BACKGROUND-token prompt prefills (bench/ttft.ts).
 # PROFILE=1 adds PROFILE_S=150 one step's kernels under Nsight Compute (see below).
 #
 # The machine returns at most 8 files from $OUT, so everything goes into one folder that is packed
@@ -46,7 +49,7 @@ step() {  # step NAME SECONDS COMMAND...: runs with OUT=$work/NAME, records rc a
   OUT=$work/$name timeout "$limit" "$@" > "$work/$name/stdout.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc in $((SECONDS - t0)) s (limit $limit)$( [ $rc -eq 124 ] && echo ', cut off at its limit')" >> "$summary"
-  grep -a -h -E "demo finished|  FAIL|backend|cases pass|parity checks pass|ms/step|TS\+gRPC|^Generate |decode attention: max rel|\[run\] .* exit" "$work/$name/stdout.log" 2>/dev/null |
+  grep -a -h -E "\[anchor\] prefill|^\| [0-9]|while a |first request|demo finished|  FAIL|backend|cases pass|parity checks pass|ms/step|TS\+gRPC|^Generate |decode attention: max rel|\[run\] .* exit" "$work/$name/stdout.log" 2>/dev/null |
     tr -d '\000' | head -30 | sed "s/^/  $name: /" >> "$summary"
   pack
 }
@@ -54,9 +57,16 @@ step() {  # step NAME SECONDS COMMAND...: runs with OUT=$work/NAME, records rc a
 step checks "${CHECKS_S:-80}" bash .gpu/run.sh
 step parity "${PARITY_S:-60}" bash scripts/gpu/parity.sh
 step runner "${RUNNER_S:-240}" bash scripts/gpu/runner-bench.sh ${RUNNER_ARGS:---points 1:32768,4:32768,16:8192 --modes freekv,speculative,dense --steps 8}
+py=python3
+[ -x /opt/torch/.venv/bin/python3 ] && py=/opt/torch/.venv/bin/python3
+step anchor "${ANCHOR_S:-100}" $py bench/anchor/hf_anchor.py --out "$work/anchor/anchor.json" \
+  --prefill "${ANCHOR_PREFILL:-32768,131072}" --prefill-only --deadline-s $(( ${ANCHOR_S:-100} - 40 ))
 if [ -f .gpu/services.tar.xz ]; then
   tar xJf .gpu/services.tar.xz
   step demo "${DEMO_S:-40}" env FREEKV_BACKEND=cuda node dist/tools/dev/demo.js
+  [ -f /tmp/freekv-8b/config.json ] && step ttft "${TTFT_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b \
+    node dist/bench/ttft.js --prompts "${TTFT_PROMPTS:-8192,32768,131072}" --runs 1 --max-tokens 4 \
+    --background "${TTFT_BACKGROUND:-32768}" --background-tokens 400 --hf "$work/anchor/anchor.json" --out "$work/ttft/ttft.json"
   [ -f /tmp/freekv-8b/config.json ] && step overhead "${OVERHEAD_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b FREEKV_MAX_CONTEXT_TOKENS=4096 \
     node dist/bench/overhead.js --commit "$(sed -n 's/.*at commit \([0-9a-f]*\).*/\1/p' .gpu/services-build.txt)" \
     --skip attention --gen-tokens 80 --out "$work/overhead/overhead.json"
