@@ -152,7 +152,7 @@ describe("JSON writer", () => {
         model: { dir: "/models/m", architecture: "LlamaForCausalLM" },
         target: "in process",
         backend: "cpu",
-        settings: { requested: { sinkTokens: 32 } },
+        settings: { requested: { sink_tokens: 32 } },
         concurrency: 2,
         startedAt,
         seconds: 1.5,

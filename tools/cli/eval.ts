@@ -131,6 +131,7 @@ async function evaluate(argv: string[]): Promise<number> {
   let results;
   try {
     const bar = progress("freekv eval");
+    bar.update(0, tasks.length * modes.length, 0);
     let correct = 0;
     results = await runEval({
       target: evalTarget,
@@ -167,7 +168,11 @@ async function evaluate(argv: string[]): Promise<number> {
           model: { dir: modelDir, architecture: folder.spec.architectureName, geometry: session?.geometry },
           target: target ?? "in process",
           backend: session?.backend ?? (target ? "unknown" : backend),
-          settings: { requested: settings, resolved: Object.fromEntries(modes.map((m) => [m, readableRetrieval(evalTarget.sessionsByMode.get(RETRIEVAL_NAMES.mode[m])?.retrieval)])) },
+          settings: {
+            // As given on the command line (absent = the service's default), then as each mode's session has it.
+            requested: { page_size: settings.pageSize, sink_tokens: settings.sinkTokens, select_tokens: settings.selectTokens, window_tokens: settings.windowTokens, tau: settings.tau, dense_layers: settings.denseLayers },
+            resolved: Object.fromEntries(modes.map((m) => [m, readableRetrieval(evalTarget.sessionsByMode.get(RETRIEVAL_NAMES.mode[m])?.retrieval)])),
+          },
           concurrency,
           startedAt,
           seconds,
