@@ -1,0 +1,156 @@
+/**
+ * What `freekv eval` prints and writes: the accuracy table (family x context length, one column
+ * per mode), the per-mode retrieval table, and the JSON document (machine, commit, date, model,
+ * command, settings, every cell and every task's generation).
+ */
+import { execFileSync } from "node:child_process";
+import { mkdirSync, writeFileSync } from "node:fs";
+import os from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import type { RetrievalConfig } from "../../proto/gen/freekv/v1/common.js";
+import { RETRIEVAL_NAMES } from "../../services/common/retrieval.js";
+import type { TaskResult } from "./run.js";
+import type { Cell, Summary } from "./summary.js";
+
+/**
+ * What the service does not report, so the harness cannot either: the Generate final message
+ * carries RetrievalStats summed over layers and KV heads, and /metrics sums the same counters
+ * over the sessions still open.
+ */
+export const NOT_EXPOSED = [
+  "adjacent-query cosine (per layer, per KV group): computed by the engine for correction but neither in RetrievalStats nor in /metrics",
+  "per-layer retrieval counters (corrections, recalls): RetrievalStats sums all layers and KV heads",
+];
+
+const pct = (x: number) => (100 * x).toFixed(1);
+
+function cellText(c: Cell | undefined): string {
+  if (!c) return "-";
+  return `${pct(c.accuracy)} [${pct(c.wilson95[0])}, ${pct(c.wilson95[1])}] ${c.correct}/${c.n}`;
+}
+
+/** Columns before `left` are left-aligned (labels), the rest right-aligned (figures). */
+function table(head: string[], rows: string[][], left: number): string {
+  const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (r: string[]) => r.map((x, i) => (i < left ? x.padEnd(w[i]) : x.padStart(w[i]))).join("  ").trimEnd();
+  return [line(head), w.map((n) => "-".repeat(n)).join("  "), ...rows.map(line)].join("\n") + "\n";
+}
+
+/** The two tables, as text. */
+export function toTable(s: Summary): string {
+  const modes = s.modes.map((m) => m.mode);
+  const keys = [...new Map(s.cells.map((c) => [`${c.family}\u0000${c.context_tokens}`, c])).values()];
+  const rows = keys.map((k) => [
+    k.family,
+    String(k.context_tokens),
+    ...modes.map((m) => cellText(s.cells.find((c) => c.family === k.family && c.context_tokens === k.context_tokens && c.mode === m))),
+  ]);
+  let out = "accuracy % [95% Wilson interval] correct/n, per family and context length (target tokens)\n";
+  out += table(["family", "context", ...modes], rows, 2);
+  out += "\nper mode (retrieval counters summed over layers and KV heads, per decode step)\n";
+  out += table(
+    ["mode", "accuracy %", "95% interval", "answers found %", "errors", "correction rate", "recalled pages/step", "recalled KiB/step", "hit rate", "prefill ms", "decode ms/token"],
+    s.modes.map((m) => [
+      m.mode,
+      pct(m.accuracy),
+      `[${pct(m.wilson95[0])}, ${pct(m.wilson95[1])}]`,
+      pct(m.answer_fraction),
+      String(m.errors),
+      m.retrieval.selections ? m.retrieval.correction_rate.toFixed(3) : "-",
+      m.retrieval.decode_steps ? m.retrieval.pages_recalled_per_step.toFixed(1) : "-",
+      m.retrieval.decode_steps ? (m.retrieval.recall_bytes_per_step / 1024).toFixed(1) : "-",
+      m.retrieval.pages_selected ? m.retrieval.hit_rate.toFixed(3) : "-",
+      m.prefill_ms_mean.toFixed(1),
+      m.decode_ms_per_token.toFixed(2),
+    ]),
+    1,
+  );
+  out += `not reported by the service: ${NOT_EXPOSED.map((x) => x.split(":")[0]).join("; ")}\n`;
+  return out;
+}
+
+const nameOf = (table: Record<string, number>, v: number) => Object.entries(table).find(([, n]) => n === v)?.[0] ?? String(v);
+
+/** A resolved RetrievalConfig with its enums by name and tau as the float32 it is, rounded. */
+export function readableRetrieval(r: RetrievalConfig | undefined) {
+  if (!r) return undefined;
+  return {
+    mode: nameOf(RETRIEVAL_NAMES.mode, r.mode),
+    page_size: r.pageSize,
+    sink_tokens: r.sinkTokens,
+    select_tokens: r.selectTokens,
+    window_tokens: r.windowTokens,
+    tau: Number(r.tau.toPrecision(6)),
+    summary: nameOf(RETRIEVAL_NAMES.summary, r.summary),
+    combine: nameOf(RETRIEVAL_NAMES.combine, r.combine),
+    recall: nameOf(RETRIEVAL_NAMES.recall, r.recall),
+    dense_layers: r.denseLayers,
+  };
+}
+
+export interface RunInfo {
+  command: string[];
+  tasksFile: string;
+  model: { dir: string; architecture?: string; geometry?: unknown };
+  target: string;
+  backend: string;
+  settings: unknown;
+  concurrency: number;
+  startedAt: Date;
+  seconds: number;
+}
+
+/** HEAD of the repository this file is in, "+dirty" with uncommitted changes; undefined outside git. */
+export function gitCommit(): string | undefined {
+  const repo = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+  try {
+    const head = execFileSync("git", ["rev-parse", "HEAD"], { cwd: repo, encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] }).trim();
+    const dirty = execFileSync("git", ["status", "--porcelain", "--untracked-files=no"], { cwd: repo, encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] }).trim() !== "";
+    return head + (dirty ? "+dirty" : "");
+  } catch {
+    return undefined;
+  }
+}
+
+export function machine() {
+  const cpus = os.cpus();
+  return {
+    hostname: os.hostname(),
+    platform: `${os.platform()} ${os.release()}`,
+    arch: os.arch(),
+    cpus: cpus.length,
+    cpu_model: cpus[0]?.model,
+    memory_gb: Math.round(os.totalmem() / 2 ** 30),
+    node: process.version,
+  };
+}
+
+/** The JSON document of a run. */
+export function toJson(info: RunInfo, s: Summary, results: readonly TaskResult[]) {
+  return {
+    tool: "freekv eval",
+    date: info.startedAt.toISOString(),
+    seconds: info.seconds,
+    commit: gitCommit() ?? null,
+    machine: machine(),
+    command: info.command,
+    model: info.model,
+    target: info.target,
+    backend: info.backend,
+    tasks: { file: info.tasksFile, count: new Set(results.map((r) => r.id)).size },
+    settings: info.settings,
+    concurrency: info.concurrency,
+    scoring:
+      "correct = every expected answer is a substring of the generated text; for multi_query, ordered_retrieval and multi_value each after the previous one found; answer_fraction = found / expected",
+    modes: s.modes,
+    cells: s.cells,
+    not_exposed: NOT_EXPOSED,
+    results,
+  };
+}
+
+export function writeJson(file: string, doc: unknown): void {
+  mkdirSync(dirname(file), { recursive: true });
+  writeFileSync(file, JSON.stringify(doc, null, 2) + "\n");
+}
