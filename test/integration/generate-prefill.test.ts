@@ -12,6 +12,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 import { GenerateRequest, type GenerateFinal, type GenerateResponse, type PrefillProgress } from "../../proto/gen/freekv/v1/compute.js";
+import { RetrievalConfig } from "../../proto/gen/freekv/v1/common.js";
 import { argmax } from "../../services/compute/generate/sampling.js";
 import { loadModel } from "../../services/compute/model/loader.js";
 import { prng } from "../helpers/prng.js";
@@ -111,7 +112,7 @@ describe(`chunked prefill (${CHUNK}-token chunks; FREEKV_TEST_SEED=${SEED})`, ()
     it(`page size ${pageSize}, chunk ends ${aligned}: the golden continuation, every chunk counted`, async () => {
       const tokensBefore = await metric("freekv_compute_prefill_tokens_total");
       const chunksBefore = await metric("freekv_compute_prefill_chunk_seconds_count");
-      const r = await run({ prompt: tokens(golden.prompt), maxTokens: 24, retrieval: { pageSize } });
+      const r = await run({ prompt: tokens(golden.prompt), maxTokens: 24, retrieval: RetrievalConfig.fromPartial({ pageSize }) });
       expect(r.tokens).toEqual(golden.continuation.slice(0, 24));
       expect(r.final.usage?.promptTokens).toBe(golden.prompt.length);
       expect((await metric("freekv_compute_prefill_tokens_total")) - tokensBefore).toBe(golden.prompt.length);
@@ -177,6 +178,14 @@ describe(`chunked prefill (${CHUNK}-token chunks; FREEKV_TEST_SEED=${SEED})`, ()
     expect(await contextTokens(id)).toBe(ctx);
     expect(await committedPages(id)).toEqual(pages);
     expect(await metric("freekv_compute_prefill_tokens_total")).toBe(prefilled);
+
+    // A fresh session's context is FREEKV_MAX_CONTEXT_TOKENS (32768 by default): checked before it is made.
+    const huge = await run({ prompt: tokens(randomTokens(32769)), maxTokens: 1 }).then(
+      () => undefined,
+      (err: ServiceError) => err,
+    );
+    expect(huge?.code).toBe(status.INVALID_ARGUMENT);
+    expect(huge?.details).toBe("prompt: 32769 tokens do not fit the session's context: 0 of max_context_tokens 32768 are used, 32768 left");
 
     const c = big.slice(0, 30);
     const next = await run({ sessionId: id, prompt: tokens(c), maxTokens: 8 });

@@ -102,6 +102,15 @@ export function validateParams(p: GenerateParams, vocab: number): void {
   });
 }
 
+/** A prompt of `promptTokens` must fit what is left of the context: INVALID_ARGUMENT, before anything is fed. */
+export function checkPromptFits(promptTokens: number, usedTokens: number, maxContextTokens: number): void {
+  if (usedTokens + promptTokens > maxContextTokens)
+    throw new GenerateError(
+      "invalid_argument",
+      `prompt: ${promptTokens} tokens do not fit the session's context: ${usedTokens} of max_context_tokens ${maxContextTokens} are used, ${Math.max(0, maxContextTokens - usedTokens)} left`,
+    );
+}
+
 export async function* generate(
   model: Model,
   scheduler: ModelScheduler,
@@ -112,11 +121,7 @@ export async function* generate(
   const V = model.vocabSize;
   // The context check comes before any copy of the prompt or any model work.
   const pending = s.pendingToken !== undefined ? 1 : 0;
-  if (s.contextTokens + pending + p.prompt.length > s.maxContextTokens)
-    throw new GenerateError(
-      "invalid_argument",
-      `prompt: ${p.prompt.length} tokens do not fit the session's context: ${s.contextTokens + pending} of max_context_tokens ${s.maxContextTokens} are used, ${Math.max(0, s.maxContextTokens - s.contextTokens - pending)} left`,
-    );
+  checkPromptFits(p.prompt.length, s.contextTokens + pending, s.maxContextTokens);
   validateParams(p, V);
   const feed = Int32Array.from(pending ? [s.pendingToken!, ...p.prompt] : p.prompt);
   const sampler = new Sampler(p.sampling);

@@ -29,7 +29,7 @@ import { ServiceError, failedPrecondition, invalidArgument, notFound, toStatus }
 import type { ComputeContext } from "../context.js";
 import type { LoadedModel } from "../model/loader.js";
 import type { ComputeSession } from "../sessions/session.js";
-import { generate, GenerateError, isProgress, type FinishReason as Finish, type GenerateFinalOut, type GenerationSession } from "./generation.js";
+import { checkPromptFits, generate, GenerateError, isProgress, type FinishReason as Finish, type GenerateFinalOut, type GenerationSession } from "./generation.js";
 
 const FINISH: Record<Exclude<Finish, "cancelled">, FinishReason> = {
   length: FinishReason.FINISH_REASON_LENGTH,
@@ -125,6 +125,8 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     const prompt = promptTokens(req, loaded, !fresh);
     let s: ComputeSession;
     if (fresh) {
+      // Before the session's segments are made (sized by its context).
+      checkPromptFits(prompt.length, 0, ctx.config.FREEKV_MAX_CONTEXT_TOKENS);
       s = await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: 0, geometry: undefined }, signal);
     } else {
       s = ctx.sessions.get(req.sessionId);
