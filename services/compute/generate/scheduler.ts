@@ -43,6 +43,8 @@ interface Step extends BatchItem<Row> {
   token: number;
   position: number;
   greedy: boolean;
+  /** Run again alone after its batch failed. */
+  retry?: boolean;
 }
 
 interface Chunk extends BatchItem<Row> {
@@ -83,7 +85,7 @@ export class ModelScheduler {
       maxBatch: opts.maxBatch ?? 64,
       windowUs: 0,
       eager: true,
-      alone: (w) => w.kind === "prefill",
+      alone: (w) => w.kind === "prefill" || !!w.retry,
       call: (work) => (work[0].kind === "prefill" ? this.prefillCall(work[0]) : this.decodeCall(work as Step[])),
       failed: (work, e) => this.isolate(work, e),
       observe: (work, b) => {
@@ -156,15 +158,12 @@ export class ModelScheduler {
     return steps.map((_, i) => ({ logits: logits.subarray(i * V, (i + 1) * V) }));
   }
 
-  /** One bad step fails the whole native call: the others run again alone, unaffected. */
+  /**
+   * One bad step fails the whole native call: the others run again, each alone, through the
+   * queue (still one model call at a time), unaffected.
+   */
   private isolate(work: Work[], e: unknown): void {
     if (work.length === 1) return work[0].reject(e);
-    for (const p of work as Step[]) {
-      const t0 = performance.now();
-      this.model.decode(Int32Array.of(p.session), Int32Array.of(p.token), Int32Array.of(p.position)).then(
-        (logits) => p.resolve({ logits }, { size: 1, ms: performance.now() - t0 }),
-        (err: Error) => p.reject(err),
-      );
-    }
+    for (const p of work as Step[]) this.batcher.submit({ ...p, retry: true });
   }
 }
