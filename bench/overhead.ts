@@ -6,12 +6,12 @@
  *
  * 1. Generate: 16 concurrent Generate streams with the served model (the built-in one unless
  *    FREEKV_MODEL says otherwise). Every chunk carries the duration of the native Model.decode
- *    call of the batch that produced it (`step_ms`, timed by the DecodeScheduler around the
+ *    call of the batch that produced it (`step_ms`, timed by the ModelScheduler around the
  *    call) and that batch's size. Per decode step the client sees one chunk per stream; the time
  *    between two chunks of a stream is the whole step as the service delivers it, and that minus
  *    the native call is what TypeScript and gRPC add to the step. The same 16 generations are also
  *    run in this process (same model, engine, retrieval defaults, prompts, greedy sampling: the
- *    same tokens, checked) through the same generate() / DecodeScheduler code without gRPC, which
+ *    same tokens, checked) through the same generate() / ModelScheduler code without gRPC, which
  *    splits the addition into (b) TypeScript in the compute process (scheduler, sampling, stop
  *    matching, detokenizing) and (c) the gRPC path (chunk serialisation, HTTP/2, the client,
  *    and the page commits to the kvstore that Generate triggers).
@@ -71,9 +71,9 @@ import {
 } from "../proto/gen/freekv/v1/compute.js";
 import { resolveRetrieval, toNativeRetrieval } from "../services/common/retrieval.js";
 import { readTensor, writeTensor } from "../services/compute/attention/tensor.js";
-import { generate } from "../services/compute/generate/generation.js";
+import { generate, isProgress } from "../services/compute/generate/generation.js";
 import { argmaxJs, Sampler } from "../services/compute/generate/sampling.js";
-import { DecodeScheduler } from "../services/compute/generate/scheduler.js";
+import { ModelScheduler } from "../services/compute/generate/scheduler.js";
 import { StopMatcher } from "../services/compute/generate/stop.js";
 import { parseConfig } from "../services/common/config.js";
 import { computeConfigSchema } from "../services/compute/config.js";
@@ -313,7 +313,7 @@ async function runLocal(loaded: LoadedModel, engine: Engine, prompts: number[][]
   const native = loaded.spec.native;
   const retrieval = toNativeRetrieval(resolveRetrieval(undefined, native.layers));
   const maxContext = 32768; // FREEKV_MAX_CONTEXT_TOKENS default: the service's model sessions
-  const scheduler = new DecodeScheduler(loaded.model, 64);
+  const scheduler = new ModelScheduler(loaded.model, { maxBatch: 64 });
   const stopIds = loaded.spec.eosTokenIds.filter((t) => t < loaded.model.vocabSize);
   const sessions: LocalSession[] = prompts.map(() => createLocalSession(engine, modelGeometry(native, engine.backend === "cuda" ? DType.D_TYPE_BFLOAT16 : DType.D_TYPE_FLOAT32), retrieval, maxContext));
   try {
@@ -329,7 +329,7 @@ async function runLocal(loaded: LoadedModel, engine: Engine, prompts: number[][]
       for (;;) {
         const r = await it.next();
         if (r.done) return { trace, finish: r.value.finishReason as string };
-        if (!r.value.tokenIds.length) continue;
+        if (isProgress(r.value) || !r.value.tokenIds.length) continue;
         trace.at.push(performance.now());
         trace.tokens.push(...r.value.tokenIds);
         trace.stepMs.push(r.value.stepMs);
@@ -870,7 +870,7 @@ async function main(): Promise<number> {
       },
       typescript_pieces_ms_per_step: { sampling, ...pieces },
       note:
-        "per decode step at full batch: overhead = time between the first chunks of consecutive batches at the client minus the native Model.decode of the step (step_ms); median over steps away from page commits, plus the commits' excess spread over all steps; typescript = the same measured in process through generate()/DecodeScheduler (no gRPC); grpc = overhead - typescript (chunk serialisation, HTTP/2, the client, page commits to the kvstore)",
+        "per decode step at full batch: overhead = time between the first chunks of consecutive batches at the client minus the native Model.decode of the step (step_ms); median over steps away from page commits, plus the commits' excess spread over all steps; typescript = the same measured in process through generate()/ModelScheduler (no gRPC); grpc = overhead - typescript (chunk serialisation, HTTP/2, the client, page commits to the kvstore)",
     };
     table.push({
       path: "Generate",

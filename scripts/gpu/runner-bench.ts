@@ -10,7 +10,7 @@
  *    steps through Model.decode; median wall time of a step (the promise included) and the
  *    engine's counters (correction rate, recalled bytes per step).
  * 3. At the largest batch in freekv mode, the same steps driven through the compute service's
- *    DecodeScheduler and greedy Sampler (the TypeScript of a Generate step, without gRPC; greedy
+ *    ModelScheduler and greedy Sampler (the TypeScript of a Generate step, without gRPC; greedy
  *    batches run through Model.decodeArgmax, as in the service): the time per step outside the
  *    native call is the TypeScript share of the step.
  *
@@ -38,7 +38,7 @@ import { parseArgs } from "node:util";
 import { loadAddon, type DeviceStepStats, type Engine, type Model } from "../../native/binding.js";
 import { DType } from "../../proto/gen/freekv/v1/common.js";
 import { RETRIEVAL_NAMES, retrievalDefaults, type ModeName } from "../../services/common/retrieval.js";
-import { DecodeScheduler } from "../../services/compute/generate/scheduler.js";
+import { ModelScheduler } from "../../services/compute/generate/scheduler.js";
 import { Sampler } from "../../services/compute/generate/sampling.js";
 import { parseModelConfig } from "../../services/compute/model/config.js";
 import { createLocalSession, type LocalSession } from "../../services/compute/model/localHost.js";
@@ -57,7 +57,7 @@ const { values: args } = parseArgs({
     "profile-steps": { type: "string", default: "0" },
     /** Prompt lengths whose prefill through Model.prefill is timed (the time to first token's native part). */
     prefill: { type: "string", default: "" },
-    /** Tokens per Model.prefill call, as Generate feeds a prompt (GenerateParams.prefillChunk's default). */
+    /** Tokens per Model.prefill call, as Generate feeds a prompt (FREEKV_PREFILL_CHUNK_TOKENS' default). */
     "prefill-chunk": { type: "string", default: "512" },
     /** Prompts up to this length are also timed with the prefill context read back from the host at every chunk. */
     "prefill-gathered": { type: "string", default: "0" },
@@ -255,7 +255,7 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     // 3. The TypeScript of a Generate step (scheduler + greedy sampling), same sessions.
     if (mode === "freekv" && batch === Math.max(...points.map((p) => p.batch))) {
       const native: number[] = [];
-      const sched = new DecodeScheduler(model, 64, (_size, ms) => native.push(ms));
+      const sched = new ModelScheduler(model, { maxBatch: 64, onStep: (_size, ms) => native.push(ms) });
       const samplers = sessions.map(() => new Sampler({ temperature: 0, topP: 1, topK: 0, seed: 1 }));
       const walls: number[] = [];
       let last = performance.now();

@@ -49,6 +49,9 @@ export const port = (dflt: number) => z.coerce.number().int("must be an integer 
 
 export const positiveInt = (dflt: number) => z.coerce.number().int("must be an integer").positive("must be > 0").default(dflt);
 
+export const intInRange = (dflt: number, min: number, max: number) =>
+  z.coerce.number().int("must be an integer").min(min, `must be ${min}..${max}`).max(max, `must be ${min}..${max}`).default(dflt);
+
 export const nonNegativeInt = (dflt: number) => z.coerce.number().int("must be an integer").min(0, "must be >= 0").default(dflt);
 
 /** "1"/"true"/"yes"/"on" or "0"/"false"/"no"/"off". */

@@ -1,6 +1,7 @@
 /** The compute service's environment variables (see the README's configuration table). */
 import { z } from "zod";
-import { flag, host, logLevel, nonNegativeInt, port, positiveInt } from "../common/config.js";
+import { flag, host, intInRange, logLevel, nonNegativeInt, port, positiveInt } from "../common/config.js";
+import { PREFILL_CHUNK_TOKENS } from "./generate/scheduler.js";
 
 export const computeConfigSchema = z.object({
   FREEKV_COMPUTE_HOST: host("127.0.0.1"),
@@ -29,7 +30,9 @@ export const computeConfigSchema = z.object({
   FREEKV_DECODE_BATCH_WINDOW_US: nonNegativeInt(200),
   /** Send a CRC32C of every committed page for the kvstore to verify. */
   FREEKV_COMMIT_CHECKSUMS: flag(false),
-  /** Hugging Face model folder served by Generate (optional). */
+  /** Prompt tokens per prefill chunk of Generate; decode steps of other sessions run between two chunks. */
+  FREEKV_PREFILL_CHUNK_TOKENS: intInRange(PREFILL_CHUNK_TOKENS.default, PREFILL_CHUNK_TOKENS.min, PREFILL_CHUNK_TOKENS.max),
+  /** Hugging Face model folder served by Generate; unset: the built-in model; "none": no model (attention sessions only). */
   FREEKV_MODEL: z.string().optional(),
   FREEKV_KVSTORE_TIMEOUT_MS: positiveInt(10_000),
   FREEKV_SHUTDOWN_GRACE_MS: positiveInt(10_000),

@@ -1,14 +1,17 @@
 /**
  * ComputeContext: what every compute handler gets. Built once at start: config, log, metrics,
- * the kvstore client, the SessionManager, the engine (loadAddon().Engine on FREEKV_BACKEND) and,
- * when a model is served, the model.
+ * the kvstore client, the SessionManager, the engine (loadAddon().Engine on FREEKV_BACKEND) and
+ * the served model (loaded right after the server listens: loadServedModel).
  */
 import { Counter, Gauge, Histogram, type Registry } from "prom-client";
 import { loadAddon, type Engine } from "../../native/binding.js";
-import { DType, type ModelGeometry } from "../../proto/gen/freekv/v1/common.js";
+import { DType } from "../../proto/gen/freekv/v1/common.js";
 import type { Logger } from "../common/log.js";
 import { KvStoreClient } from "./kvstore-client.js";
 import type { ComputeConfig } from "./config.js";
+import { ModelScheduler } from "./generate/scheduler.js";
+import { builtinModelDir, loadModelAsync, type LoadedModel } from "./model/loader.js";
+import { NO_MODEL, ServedModel } from "./model/served.js";
 import { SessionManager } from "./sessions/manager.js";
 
 export interface ComputeMetrics {
@@ -21,6 +24,14 @@ export interface ComputeMetrics {
   decodeLayerSeconds: Histogram;
   /** One Generate decode step: the whole model (every layer) for a batch of sessions. */
   modelStepSeconds: Histogram;
+  /** Prompt tokens run through the served model's prefill. */
+  prefillTokens: Counter;
+  /** One Generate prefill chunk: the whole model for one session's chunk. */
+  prefillChunkSeconds: Histogram;
+  /** 1 once the served model is loaded. */
+  modelReady: Gauge;
+  /** How long loading the served model took. */
+  modelLoadSeconds: Gauge;
 }
 
 export interface ComputeContext {
@@ -32,10 +43,8 @@ export interface ComputeContext {
   /** The FreeKV engine of FREEKV_BACKEND. */
   engine: Engine;
   backend: "cpu" | "cuda";
-  /** The served model (set by the model loader when FREEKV_MODEL is given). */
-  model?: unknown;
-  /** Geometry of the served model; model sessions take it. */
-  modelGeometry?: ModelGeometry;
+  /** The model Generate serves (FREEKV_MODEL, the built-in one by default). */
+  served: ServedModel;
 }
 
 export class StartupError extends Error {}
@@ -87,6 +96,15 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
       buckets: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1],
       registers: [registry],
     }),
+    prefillTokens: new Counter({ name: "freekv_compute_prefill_tokens_total", help: "Generate: prompt tokens run through the model's prefill", registers: [registry] }),
+    prefillChunkSeconds: new Histogram({
+      name: "freekv_compute_prefill_chunk_seconds",
+      help: "Generate: native prefill time of one prompt chunk (every layer), FREEKV_PREFILL_CHUNK_TOKENS tokens at most",
+      buckets: [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1, 3, 10],
+      registers: [registry],
+    }),
+    modelReady: new Gauge({ name: "freekv_compute_model_ready", help: "1 once the served model is loaded and Generate serves it", registers: [registry] }),
+    modelLoadSeconds: new Gauge({ name: "freekv_compute_model_load_seconds", help: "How long loading the served model took at start", registers: [registry] }),
   };
   // Retrieval counters summed over open sessions, read from the engine at scrape time.
   const sum = (pick: (s: ReturnType<SessionManager["stats"]>) => number) => {
@@ -141,11 +159,33 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
   return m;
 }
 
-export function createContext(config: ComputeConfig, log: Logger, registry: Registry, extra: { modelGeometry?: ModelGeometry; model?: unknown } = {}): ComputeContext {
+export function createContext(config: ComputeConfig, log: Logger, registry: Registry): ComputeContext {
   const engine = createEngine(config);
   const kvstore = new KvStoreClient(config.FREEKV_KVSTORE_ADDR, config.FREEKV_KVSTORE_TIMEOUT_MS);
   let mgr: SessionManager | undefined;
   const metrics = createMetrics(registry, () => mgr);
+  const served = new ServedModel(
+    {
+      log,
+      scheduler: (model) =>
+        new ModelScheduler(model, {
+          prefillChunkTokens: config.FREEKV_PREFILL_CHUNK_TOKENS,
+          onStep(size, ms) {
+            metrics.decodeBatchSize.observe(size);
+            metrics.modelStepSeconds.observe(ms / 1000);
+          },
+          onPrefill(tokens, ms) {
+            metrics.prefillTokens.inc(tokens);
+            metrics.prefillChunkSeconds.observe(ms / 1000);
+          },
+        }),
+      onLoad(seconds) {
+        metrics.modelReady.set(seconds === undefined ? 0 : 1);
+        if (seconds !== undefined) metrics.modelLoadSeconds.set(seconds);
+      },
+    },
+    config.FREEKV_MODEL === NO_MODEL,
+  );
   const ctx: ComputeContext = {
     config,
     log,
@@ -153,8 +193,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
     kvstore,
     engine,
     backend: config.FREEKV_BACKEND,
-    model: extra.model,
-    modelGeometry: extra.modelGeometry,
+    served,
     sessions: undefined as unknown as SessionManager,
   };
   mgr = new SessionManager({
@@ -164,7 +203,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
     defaultMaxContextTokens: config.FREEKV_MAX_CONTEXT_TOKENS,
     maxContextLimit: config.FREEKV_MAX_CONTEXT_LIMIT,
     commitChecksums: config.FREEKV_COMMIT_CHECKSUMS,
-    modelGeometry: () => ctx.modelGeometry,
+    modelGeometry: () => served.geometry(),
     backend: config.FREEKV_BACKEND,
     // The CUDA backend stores K/V in bf16; the CPU backend in float32 by default.
     defaultKvDtype: config.FREEKV_BACKEND === "cuda" ? DType.D_TYPE_BFLOAT16 : DType.D_TYPE_FLOAT32,
@@ -172,4 +211,15 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
   });
   ctx.sessions = mgr;
   return ctx;
+}
+
+/**
+ * Loads the served model (FREEKV_MODEL, or the built-in one) off the event loop; at start, once
+ * the server listens. `load` replaces the loading itself (tests). Resolves with whether it is ready.
+ */
+export function loadServedModel(ctx: ComputeContext, load?: (dir: string) => Promise<LoadedModel>): Promise<boolean> {
+  if (ctx.served.state === "none") return Promise.resolve(true);
+  const dir = ctx.config.FREEKV_MODEL || builtinModelDir();
+  const options = { engine: ctx.engine, threads: ctx.config.FREEKV_THREADS || undefined, deviceWeights: ctx.config.FREEKV_DEVICE_WEIGHTS };
+  return ctx.served.load(dir, () => (load ? load(dir) : loadModelAsync(dir, options)));
 }

@@ -6,6 +6,11 @@
  * and only items of one group (same layer and shapes, say); the rest go into a later batch, in
  * arrival order. Native calls run one at a time. What differs between the two paths (the native
  * call, the group, what a failed call does) is passed in as a BatchPolicy.
+ *
+ * Items a policy marks `alone` (Generate's prefill chunks) run as a batch of their own and yield
+ * to the rest: after one of them, the next batch is of other items when any wait. So a long
+ * prompt, cut into chunks, runs at most one chunk between two decode batches, and sessions that
+ * are decoding keep their pace while it is read (chunked prefill).
  */
 import { status } from "@grpc/grpc-js";
 import { ServiceError } from "../common/errors.js";
@@ -52,6 +57,8 @@ export interface BatchPolicy<I extends BatchItem<R>, R> {
   failed?(items: I[], e: unknown): void;
   /** After every successful call (metrics). */
   observe?(items: I[], batch: BatchInfo): void;
+  /** Items that run alone and never twice in a row while other items wait (prefill chunks). */
+  alone?(item: I): boolean;
 }
 
 export class DecodeBatcher<I extends BatchItem<R>, R> {
@@ -60,6 +67,8 @@ export class DecodeBatcher<I extends BatchItem<R>, R> {
   private scheduled = false;
   /** Sessions of the last batch that have not submitted their next item yet (eager policy). */
   private awaited = new Set<string | number>();
+  /** Whether the last batch was an `alone` item. */
+  private lastAlone = false;
   /** Batches run so far. */
   batches = 0;
 
@@ -86,7 +95,10 @@ export class DecodeBatcher<I extends BatchItem<R>, R> {
     setImmediate(tick);
   }
 
-  /** The next batch: the first waiting item's group, each session once, at most maxBatch. */
+  /**
+   * The next batch: the first waiting item's group (after an `alone` item, the first other
+   * item's group when there is one), each session once, at most maxBatch; an `alone` item alone.
+   */
   private take(): I[] {
     const waiting: I[] = [];
     for (const it of this.queue) {
@@ -94,12 +106,21 @@ export class DecodeBatcher<I extends BatchItem<R>, R> {
       if (why === undefined) waiting.push(it);
       else it.reject(why ?? new ServiceError(status.CANCELLED, "call cancelled"));
     }
+    const alone = this.policy.alone;
+    let lead = waiting[0];
+    if (alone && this.lastAlone) lead = waiting.find((it) => !alone(it)) ?? lead;
     const batch: I[] = [];
     const rest: I[] = [];
+    if (lead && alone?.(lead)) {
+      this.queue = waiting.filter((it) => it !== lead);
+      this.lastAlone = true;
+      return [lead];
+    }
+    this.lastAlone = false;
     const seen = new Set<string | number>();
-    const group = waiting[0]?.group;
+    const group = lead?.group;
     for (const it of waiting) {
-      if (batch.length < this.policy.maxBatch && it.group === group && !seen.has(it.session)) {
+      if (batch.length < this.policy.maxBatch && it.group === group && !seen.has(it.session) && !alone?.(it)) {
         seen.add(it.session);
         batch.push(it);
       } else rest.push(it);

@@ -1,7 +1,8 @@
 /**
  * The compute process: serves freekv.v1.ComputeService to gateways and disaggregated engines,
  * maps the kvstore's segments through the native addon, and at start re-attaches the sessions
- * the kvstore still holds.
+ * the kvstore still holds, listens (NOT_SERVING), then loads the served model and turns SERVING
+ * once it is ready (a failed load leaves it NOT_SERVING, with the reason logged).
  */
 import { loadConfigOrExit } from "../common/config.js";
 import { bindServer, installDrain } from "../common/lifecycle.js";
@@ -10,7 +11,7 @@ import { createRegistry, startMetricsServer } from "../common/metrics.js";
 import { followUpstreamHealth } from "../common/upstream-health.js";
 import { computeConfigSchema } from "./config.js";
 import { sweepStaleExchanges } from "./attention/exchange.js";
-import { StartupError, createContext } from "./context.js";
+import { StartupError, createContext, loadServedModel } from "./context.js";
 import { createComputeServer } from "./server.js";
 
 async function main(): Promise<void> {
@@ -36,11 +37,11 @@ async function main(): Promise<void> {
   const swept = sweepStaleExchanges();
   if (swept.length) log.info({ segments: swept }, "removed tensor exchanges left by a compute process that is gone");
   const reattached = await ctx.sessions.reattachAll();
-  const { server, health } = createComputeServer(ctx);
+  const { server, health, upstream: kvstoreServing } = createComputeServer(ctx);
   const port = await bindServer(server, config.FREEKV_COMPUTE_HOST, config.FREEKV_COMPUTE_PORT);
   const metricsServer = await startMetricsServer(registry, config.FREEKV_COMPUTE_METRICS_PORT, config.FREEKV_COMPUTE_HOST);
   // Compute serves only while its kvstore does: every new session needs it.
-  const upstream = followUpstreamHealth(config.FREEKV_KVSTORE_ADDR, "freekv.v1.KvStoreService", log, (ok) => health.set(ok ? "SERVING" : "NOT_SERVING"));
+  const upstream = followUpstreamHealth(config.FREEKV_KVSTORE_ADDR, "freekv.v1.KvStoreService", log, kvstoreServing);
   // At the end of the drain: sessions committed and unmapped (the kvstore keeps their pages).
   const cleanup = async () => {
     upstream.stop();
@@ -49,12 +50,14 @@ async function main(): Promise<void> {
     await metricsServer.close();
   };
   installDrain({ server, health, log, graceMs: config.FREEKV_SHUTDOWN_GRACE_MS, cleanup });
-  health.set(upstream.serving ? "SERVING" : "NOT_SERVING");
+  kvstoreServing(upstream.serving);
   log.info(
     { grpcPort: port, metricsPort: metricsServer.port, kvstore: config.FREEKV_KVSTORE_ADDR, backend: config.FREEKV_BACKEND, engine: !!ctx.engine, reattached },
     "compute listening",
   );
   process.stdout.write(`${JSON.stringify({ ready: "compute", grpcPort: port, metricsPort: metricsServer.port, host: config.FREEKV_COMPUTE_HOST, engine: !!ctx.engine, reattached })}\n`);
+  // Health turns SERVING when this is done (and the kvstore serves); a failure is logged by it.
+  await loadServedModel(ctx);
 }
 
 main().catch((e: unknown) => {

@@ -1,6 +1,8 @@
 /**
  * The compute tier's gRPC server: ComputeService (sessions, Generate, Attention),
- * grpc.health.v1 and reflection.
+ * grpc.health.v1 and reflection. Health is SERVING while the kvstore serves (every new session
+ * needs it) and the served model is ready (or none is served); NOT_SERVING otherwise, from the
+ * start until both hold.
  */
 import { Server } from "@grpc/grpc-js";
 import { ComputeServiceService } from "../../proto/gen/freekv/v1/compute.js";
@@ -17,6 +19,8 @@ export const COMPUTE_SERVICE = "freekv.v1.ComputeService";
 export interface ComputeServer {
   server: Server;
   health: Health;
+  /** Records whether the kvstore serves (its health, followed by main). */
+  upstream(serving: boolean): void;
 }
 
 export function createComputeServer(ctx: ComputeContext): ComputeServer {
@@ -48,5 +52,15 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
   const health = new Health([COMPUTE_SERVICE]);
   health.addToServer(server);
   addReflection(server, ["freekv/v1/compute.proto"]);
-  return { server, health };
+  let kvstore = false;
+  const update = () => health.set(kvstore && ctx.served.servable ? "SERVING" : "NOT_SERVING");
+  ctx.served.onChange(update);
+  return {
+    server,
+    health,
+    upstream(serving) {
+      kvstore = serving;
+      update();
+    },
+  };
 }

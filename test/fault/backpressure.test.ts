@@ -15,7 +15,7 @@ const N = 400;
 
 let tiers: Tiers;
 beforeAll(async () => {
-  tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_MODEL: "/nonexistent/model", FREEKV_DECODE_BATCH_WINDOW_US: "0" } });
+  tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_MODEL: "none", FREEKV_DECODE_BATCH_WINDOW_US: "0" } });
 });
 afterAll(async () => {
   await tiers?.stop();

@@ -18,7 +18,7 @@ const G = { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 32, kvDtype: 1 };
 const R = { pageSize: 16, sinkTokens: 16, windowTokens: 32, selectTokens: 64 };
 const MAX = 1024;
 const perSession = totalBytes(computeLayout(G as never, resolveRetrieval(R as never, G.layers), capacityPages(MAX, R.pageSize)));
-const NOMODEL = { FREEKV_MODEL: "/nonexistent/model" };
+const NOMODEL = { FREEKV_MODEL: "none" };
 
 let tiers: Tiers;
 let extra: ServiceProcess | undefined;

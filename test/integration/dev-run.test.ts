@@ -19,7 +19,7 @@ const alive = (pid: number) => {
 describe("npm start", () => {
   it("prints where both tiers listen, serves, and stops both on SIGINT with exit 0", async () => {
     const child = spawn(process.execPath, ["--import", "tsx", "tools/dev/run.ts"], {
-      env: { ...process.env, FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_METRICS_PORT: "0", FREEKV_LOG_LEVEL: "warn", FREEKV_MODEL: "/nonexistent/model" },
+      env: { ...process.env, FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_METRICS_PORT: "0", FREEKV_LOG_LEVEL: "warn", FREEKV_MODEL: "none" },
       stdio: ["ignore", "pipe", "pipe"],
     });
     const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));

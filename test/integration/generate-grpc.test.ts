@@ -191,7 +191,7 @@ describe("Generate over gRPC", () => {
     await expectStatus(run({ sessionId: "attn", prompt: tokens([1, 2]), maxTokens: 2 }), status.FAILED_PRECONDITION, /attention session/);
     await unary(client, "closeSession", { sessionId: "attn" });
     await unary(client, "createSession", { sessionId: "small", kind: 1, maxContextTokens: 64 });
-    await expectStatus(run({ sessionId: "small", prompt: tokens(golden.prompt.slice(0, 100)), maxTokens: 2 }), status.FAILED_PRECONDITION, /max_context_tokens 64/);
+    await expectStatus(run({ sessionId: "small", prompt: tokens(golden.prompt.slice(0, 100)), maxTokens: 2 }), status.INVALID_ARGUMENT, /^prompt: 100 tokens do not fit.*max_context_tokens 64/);
     // The session is unaffected and still serves a prompt that fits.
     const ok = await run({ sessionId: "small", prompt: tokens(golden.prompt.slice(0, 20)), maxTokens: 4 });
     expect(ok.tokens).toHaveLength(4);

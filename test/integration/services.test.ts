@@ -21,7 +21,7 @@ const retrieval = { pageSize: 16, sinkTokens: 32, windowTokens: 32, selectTokens
 
 beforeAll(async () => {
   // No model served here (attention sessions only), so model sessions have nothing to run.
-  tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_MODEL: "/nonexistent/model" } });
+  tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_MODEL: "none" } });
   compute = computeClient(tiers.compute.address);
   kv = kvstoreClient(tiers.kvstore.address);
 });

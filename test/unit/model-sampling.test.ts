@@ -6,7 +6,7 @@
 import { describe, expect, it } from "vitest";
 import type { Model } from "../../native/binding.js";
 import { Sampler, argmax } from "../../services/compute/generate/sampling.js";
-import { DecodeScheduler } from "../../services/compute/generate/scheduler.js";
+import { ModelScheduler } from "../../services/compute/generate/scheduler.js";
 import { StopMatcher } from "../../services/compute/generate/stop.js";
 import { prng, randomF32 } from "../helpers/prng.js";
 
@@ -174,7 +174,7 @@ describe("decode scheduler", () => {
 
   it("joins the steps of concurrent requests into one call and routes each row back", async () => {
     const { model, calls } = fakeModel();
-    const sch = new DecodeScheduler(model);
+    const sch = new ModelScheduler(model);
     const sizes: number[] = [];
     const loop = async (session: number) => {
       const seen: number[][] = [];
@@ -195,7 +195,7 @@ describe("decode scheduler", () => {
 
   it("never puts one session twice in a batch and caps the batch size", async () => {
     const { model, calls } = fakeModel();
-    const sch = new DecodeScheduler(model, 2);
+    const sch = new ModelScheduler(model, { maxBatch: 2 });
     await Promise.all([sch.step(1, 0, 0), sch.step(1, 0, 1), sch.step(2, 0, 0), sch.step(3, 0, 0)]);
     for (const c of calls) {
       expect(c.length).toBeLessThanOrEqual(2);
@@ -205,7 +205,7 @@ describe("decode scheduler", () => {
 
   it("starts the next batch as soon as every request of the last one has asked for its next step", async () => {
     const { model, calls } = fakeModel();
-    const sch = new DecodeScheduler(model);
+    const sch = new ModelScheduler(model);
     await Promise.all([sch.step(1, 0, 0), sch.step(2, 0, 0)]);
     expect(calls).toEqual([[1, 2]]);
     const a = sch.step(1, 1, 1);
@@ -220,7 +220,7 @@ describe("decode scheduler", () => {
 
   it("an all-greedy batch runs through decodeArgmax; a mixed batch gets logits for every row", async () => {
     const { model, calls, greedyCalls } = fakeModel();
-    const sch = new DecodeScheduler(model);
+    const sch = new ModelScheduler(model);
     const greedy = await Promise.all([sch.step(1, 5, 0, true), sch.step(2, 6, 0, true)]);
     expect(greedyCalls).toEqual([[1, 2]]);
     expect(greedy.map((r) => r.token)).toEqual([1005, 2006]);
@@ -235,7 +235,7 @@ describe("decode scheduler", () => {
 
   it("a failing request does not fail the others of its batch", async () => {
     const { model } = fakeModel(99);
-    const sch = new DecodeScheduler(model);
+    const sch = new ModelScheduler(model);
     const [a, bad, b] = await Promise.allSettled([sch.step(1, 5, 0), sch.step(99, 5, 0), sch.step(2, 6, 0)]);
     expect(a.status).toBe("fulfilled");
     expect(b.status).toBe("fulfilled");

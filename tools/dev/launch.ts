@@ -1,13 +1,16 @@
 /**
  * Starting the two tiers as child processes: used by `npm start` (run.ts), the demo and the
  * integration tests. Each service prints one JSON line {"ready": ..., "grpcPort": ...} on stdout
- * once it listens; everything else it prints is its JSON log, kept here for diagnostics.
+ * once it listens; everything else it prints is its JSON log, kept here for diagnostics. A
+ * service is then waited for until its grpc.health.v1 says SERVING (compute: once its model is
+ * loaded), unless the caller asks only for the listening process.
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createInterface } from "node:readline";
+import { healthCheck } from "./health-probe.js";
 
 export type ServiceName = "kvstore" | "compute";
 
@@ -40,8 +43,10 @@ export function serviceEntry(name: ServiceName): { file: string; args: string[] 
 
 export interface StartOptions {
   env?: Record<string, string | undefined>;
-  /** How long to wait for the ready line. */
+  /** How long to wait for the ready line, and then for SERVING. */
   timeoutMs?: number;
+  /** Wait until health says SERVING (default true); false: return once it listens. */
+  serving?: boolean;
   /** Echo the child's output to this process's stderr. */
   echo?: boolean;
   /**
@@ -89,6 +94,14 @@ export async function startService(name: ServiceName, opts: StartOptions = {}): 
     throw e;
   }
   const host = info.host === "0.0.0.0" ? "127.0.0.1" : info.host;
+  if (opts.serving !== false) {
+    try {
+      await waitServing(`${host}:${info.grpcPort}`, opts.timeoutMs ?? 30000, exited);
+    } catch (e) {
+      child.kill("SIGKILL");
+      throw new Error(`${name}: ${(e as Error).message}:\n${output.join("\n")}`);
+    }
+  }
   return {
     name,
     child,
@@ -107,6 +120,21 @@ export async function startService(name: ServiceName, opts: StartOptions = {}): 
       return r;
     },
   };
+}
+
+/** Polls grpc.health.v1 Check until SERVING. */
+async function waitServing(address: string, timeoutMs: number, exited: Promise<unknown>): Promise<void> {
+  let gone = false;
+  void exited.then(() => (gone = true));
+  const t0 = Date.now();
+  let last = "";
+  for (;;) {
+    if (gone) throw new Error("exited before serving");
+    last = await healthCheck(address).catch((e: Error) => e.message);
+    if (last === "SERVING") return;
+    if (Date.now() - t0 > timeoutMs) throw new Error(`not SERVING within ${timeoutMs} ms (health: ${last})`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
 }
 
 export interface Tiers {

@@ -1,17 +1,24 @@
 /**
- * One generation request on one session: prefill of the prompt (in chunks, so a cancellation
- * stops a long prompt between chunks), then sampled decode steps through the DecodeScheduler
- * (batched with other requests' steps), streamed as chunks, ending with usage. Used by the gRPC
- * Generate handler and by `freekv generate`.
+ * One generation request on one session: prefill of the prompt in chunks through the
+ * ModelScheduler (other sessions' decode steps run between two chunks; a cancellation stops a
+ * long prompt between chunks), then sampled decode steps through the same scheduler (batched with
+ * other requests' steps), streamed as chunks, ending with usage. Used by the gRPC Generate
+ * handler and by `freekv generate`.
  *
  * A session's last sampled token is not in its KV cache yet (it is the input of the next step);
  * it is returned as `pendingToken` and a later request on the session feeds it first, so a
- * multi-turn conversation's cache holds every token exactly once.
+ * multi-turn conversation's cache holds every token exactly once, and a follow-up turn prefills
+ * only its new tokens.
+ *
+ * A prompt that does not fit the session's context is refused before anything is fed. A
+ * cancellation during the prefill keeps the chunks that ran: they are in the session's context
+ * (and committed like any other tokens) and the rest of the prompt is dropped; the session stays
+ * consistent and the next request continues after the last chunk that ran.
  */
 import type { Model } from "../../../native/binding.js";
 import type { TextCodec } from "../model/tokenizer.js";
 import { Sampler, validateSampling, type SamplingOptions } from "./sampling.js";
-import type { DecodeScheduler } from "./scheduler.js";
+import type { ModelScheduler } from "./scheduler.js";
 import { StopMatcher } from "./stop.js";
 
 export type FinishReason = "length" | "stop_token" | "stop_string" | "context_full" | "cancelled";
@@ -45,8 +52,8 @@ export interface GenerateParams {
   stopTokenIds: number[];
   stopStrings: string[];
   signal?: AbortSignal;
-  /** Prompt tokens per prefill call. */
-  prefillChunk?: number;
+  /** Yield a GenerateProgressOut after each prefill chunk when the prompt has at least this many tokens (0 or unset: never). */
+  progressMinTokens?: number;
 }
 
 export interface GenerateChunkOut {
@@ -56,9 +63,21 @@ export interface GenerateChunkOut {
   batchSize: number;
 }
 
+/** Prefill progress: prompt tokens in the session's KV so far, of `promptTokens`. */
+export interface GenerateProgressOut {
+  prefilledTokens: number;
+  promptTokens: number;
+}
+
+export type GenerateEvent = GenerateChunkOut | GenerateProgressOut;
+
+export const isProgress = (e: GenerateEvent): e is GenerateProgressOut => "prefilledTokens" in e;
+
 export interface GenerateFinalOut {
   finishReason: FinishReason;
   promptTokens: number;
+  /** Tokens run through the model's prefill: the prompt, after the previous answer's last token on a continued session. */
+  prefilledTokens: number;
   completionTokens: number;
   contextTokens: number;
   prefillMs: number;
@@ -83,27 +102,36 @@ export function validateParams(p: GenerateParams, vocab: number): void {
   });
 }
 
+/** A prompt of `promptTokens` must fit what is left of the context: INVALID_ARGUMENT, before anything is fed. */
+export function checkPromptFits(promptTokens: number, usedTokens: number, maxContextTokens: number): void {
+  if (usedTokens + promptTokens > maxContextTokens)
+    throw new GenerateError(
+      "invalid_argument",
+      `prompt: ${promptTokens} tokens do not fit the session's context: ${usedTokens} of max_context_tokens ${maxContextTokens} are used, ${Math.max(0, maxContextTokens - usedTokens)} left`,
+    );
+}
+
 export async function* generate(
   model: Model,
-  scheduler: DecodeScheduler,
+  scheduler: ModelScheduler,
   codec: TextCodec | undefined,
   s: GenerationSession,
   p: GenerateParams,
-): AsyncGenerator<GenerateChunkOut, GenerateFinalOut> {
+): AsyncGenerator<GenerateEvent, GenerateFinalOut> {
   const V = model.vocabSize;
+  // The context check comes before any copy of the prompt or any model work.
+  const pending = s.pendingToken !== undefined ? 1 : 0;
+  checkPromptFits(p.prompt.length, s.contextTokens + pending, s.maxContextTokens);
   validateParams(p, V);
-  const feed = s.pendingToken !== undefined ? [s.pendingToken, ...p.prompt] : [...p.prompt];
-  if (s.contextTokens + feed.length > s.maxContextTokens)
-    throw new GenerateError(
-      "failed_precondition",
-      `prompt: ${p.prompt.length} tokens do not fit the session's context (${s.contextTokens} of max_context_tokens ${s.maxContextTokens} already used)`,
-    );
+  const feed = Int32Array.from(pending ? [s.pendingToken!, ...p.prompt] : p.prompt);
   const sampler = new Sampler(p.sampling);
   const stop = new StopMatcher(new Set(p.stopTokenIds), p.stopStrings.filter((x) => x.length > 0), codec ? (ids) => codec.decode(ids) : undefined);
-  const chunk = p.prefillChunk ?? 512;
+  const chunk = scheduler.prefillChunkTokens;
+  const progress = !!p.progressMinTokens && p.prompt.length >= p.progressMinTokens;
   const final: GenerateFinalOut = {
     finishReason: "length",
     promptTokens: p.prompt.length,
+    prefilledTokens: 0,
     completionTokens: 0,
     contextTokens: s.contextTokens,
     prefillMs: 0,
@@ -119,11 +147,22 @@ export async function* generate(
       final.finishReason = "cancelled";
       return final;
     }
-    const part = feed.slice(i, i + chunk);
-    logits = await model.prefill(s.session, Int32Array.from(part), s.contextTokens, false);
+    const part = feed.subarray(i, i + chunk);
+    try {
+      logits = (await scheduler.prefill(s.session, part, s.contextTokens, p.signal)).logits;
+    } catch (e) {
+      // Dropped from the queue by the cancellation: it never ran.
+      if (p.signal?.aborted) {
+        final.finishReason = "cancelled";
+        return final;
+      }
+      throw e;
+    }
     s.contextTokens += part.length;
     s.pendingToken = undefined;
+    final.prefilledTokens += part.length;
     s.onAppended?.(s.contextTokens);
+    if (progress) yield { prefilledTokens: i + part.length - pending, promptTokens: p.prompt.length };
   }
   final.prefillMs = performance.now() - t0;
   final.contextTokens = s.contextTokens;

@@ -3,16 +3,21 @@
  * the served model running its attention through the session's FreeKV engine session.
  *
  * - A request without session_id gets a fresh session (closed, segments released, at the end);
- *   with one it continues that session's KV (multi-turn), holding the session's lock meanwhile.
- * - Decode steps of concurrent requests are batched by one DecodeScheduler per served model.
- * - The call's deadline or cancellation stops the work between steps; a fresh session is then
- *   closed, a continued one stays consistent (its last sampled token is fed by the next request).
- * - Bad input: INVALID_ARGUMENT naming the field; no model or a prompt over the session's
- *   max_context_tokens: FAILED_PRECONDITION; unknown session: NOT_FOUND.
+ *   with one it continues that session's KV (multi-turn: only the new tokens are prefilled),
+ *   holding the session's lock meanwhile.
+ * - The prompt is prefilled in chunks and decode steps of concurrent requests are batched, all
+ *   through the served model's one ModelScheduler: other sessions keep decoding while a long
+ *   prompt is read. With `prefill_progress_min_tokens`, a prompt at least that long reports its
+ *   progress after each chunk.
+ * - The call's deadline or cancellation stops the work between chunks and steps; a fresh session
+ *   is then closed; a continued one stays consistent: its last sampled token is fed by the next
+ *   request, and of a prompt cancelled during its prefill the chunks that ran stay in its context.
+ * - Bad input: INVALID_ARGUMENT naming the field (a prompt over the session's max_context_tokens
+ *   included, refused before anything is fed); the model still loading: UNAVAILABLE; no model or
+ *   a failed load: FAILED_PRECONDITION; unknown session: NOT_FOUND.
  */
 import { status, type handleServerStreamingCall, type ServerWritableStream } from "@grpc/grpc-js";
 import { Counter, Histogram, type Registry } from "prom-client";
-import { DType } from "../../../proto/gen/freekv/v1/common.js";
 import {
   FinishReason,
   SessionKind,
@@ -22,10 +27,9 @@ import {
 import { callScope } from "../../common/cancellation.js";
 import { ServiceError, failedPrecondition, invalidArgument, notFound, toStatus } from "../../common/errors.js";
 import type { ComputeContext } from "../context.js";
-import { builtinModelDir, loadModel, type LoadedModel } from "../model/loader.js";
+import type { LoadedModel } from "../model/loader.js";
 import type { ComputeSession } from "../sessions/session.js";
-import { generate, GenerateError, type FinishReason as Finish, type GenerateFinalOut, type GenerationSession } from "./generation.js";
-import { DecodeScheduler } from "./scheduler.js";
+import { checkPromptFits, generate, GenerateError, isProgress, type FinishReason as Finish, type GenerateFinalOut, type GenerationSession } from "./generation.js";
 
 const FINISH: Record<Exclude<Finish, "cancelled">, FinishReason> = {
   length: FinishReason.FINISH_REASON_LENGTH,
@@ -38,41 +42,6 @@ const FINISH: Record<Exclude<Finish, "cancelled">, FinishReason> = {
 interface GenerateState {
   /** The last sampled token, not yet in the KV cache. */
   pendingToken?: number;
-}
-
-interface Served {
-  loaded: LoadedModel;
-  scheduler: DecodeScheduler;
-}
-
-function isLoadedModel(m: unknown): m is LoadedModel {
-  return typeof m === "object" && m !== null && "model" in m && "spec" in m && "tensors" in m;
-}
-
-/** The served model: ctx.model when the server loaded it, else FREEKV_MODEL / the built-in folder. */
-function serveModel(ctx: ComputeContext): Served | string {
-  let loaded: LoadedModel;
-  if (isLoadedModel(ctx.model)) {
-    loaded = ctx.model;
-  } else {
-    const dir = ctx.config.FREEKV_MODEL || builtinModelDir();
-    try {
-      loaded = loadModel(dir, { engine: ctx.engine, threads: ctx.config.FREEKV_THREADS || undefined, deviceWeights: ctx.config.FREEKV_DEVICE_WEIGHTS });
-    } catch (e) {
-      ctx.log.error({ dir, err: (e as Error).message }, "cannot load the model");
-      return `cannot load the model at ${dir}: ${(e as Error).message} (set FREEKV_MODEL to a Hugging Face folder, or run \`npm run build\` to make models/builtin)`;
-    }
-    ctx.model = loaded;
-    ctx.log.info({ dir: loaded.dir, architecture: loaded.spec.architectureName, layers: loaded.spec.native.layers, tokenizer: !!loaded.codec, device: loaded.model.device }, "model loaded");
-    for (const note of loaded.spec.notes) ctx.log.warn({ dir: loaded.dir }, note);
-  }
-  const c = loaded.spec.native;
-  ctx.modelGeometry ??= { layers: c.layers, queryHeads: c.qHeads, kvHeads: c.kvHeads, headDim: c.headDim, kvDtype: DType.D_TYPE_FLOAT32 };
-  const scheduler = new DecodeScheduler(loaded.model, 64, (size, ms) => {
-    ctx.metrics.decodeBatchSize.observe(size);
-    ctx.metrics.modelStepSeconds.observe(ms / 1000);
-  });
-  return { loaded, scheduler };
 }
 
 function promptTokens(req: GenerateRequest, loaded: LoadedModel, continuing: boolean): number[] {
@@ -122,27 +91,17 @@ function generateMetrics(registry: Registry) {
       buckets: [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1, 3, 10, 30],
       registers: [registry],
     }),
+    prefillTokensPerSecond: new Histogram({
+      name: "freekv_generate_prefill_tokens_per_second",
+      help: "Prefill throughput of a Generate call: tokens prefilled over its prefill time (decode steps of other sessions interleaved included)",
+      buckets: [100, 300, 1e3, 3e3, 1e4, 3e4, 1e5, 3e5, 1e6],
+      registers: [registry],
+    }),
   };
 }
 
 export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<GenerateRequest, GenerateResponse> {
   const metrics = generateMetrics(ctx.metrics.registry);
-  let served: Served | string | undefined;
-  const getServed = (): Served => {
-    served ??= serveModel(ctx);
-    if (typeof served === "string") {
-      const why = served;
-      served = undefined; // a later call tries again (e.g. after `npm run build` made the folder)
-      throw failedPrecondition(why);
-    }
-    return served;
-  };
-  // Load at start so model sessions (CreateSession) know the geometry before the first Generate.
-  try {
-    getServed();
-  } catch (e) {
-    ctx.log.warn({ err: (e as Error).message }, "Generate has no model yet");
-  }
 
   return (call) => {
     const scope = callScope(call);
@@ -159,13 +118,15 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
 
   async function serve(call: ServerWritableStream<GenerateRequest, GenerateResponse>, signal: AbortSignal): Promise<void> {
     const req = call.request;
-    const { loaded, scheduler } = getServed();
+    const { loaded, scheduler } = ctx.served.get();
     if (!Number.isInteger(req.maxTokens) || req.maxTokens < 1) throw invalidArgument("max_tokens", `must be >= 1, got ${req.maxTokens}`);
     const fresh = !req.sessionId;
     if (!fresh && req.retrieval) throw invalidArgument("retrieval", "is for a fresh session only (create the session with it instead)");
     const prompt = promptTokens(req, loaded, !fresh);
     let s: ComputeSession;
     if (fresh) {
+      // Before the session's segments are made (sized by its context).
+      checkPromptFits(prompt.length, 0, ctx.config.FREEKV_MAX_CONTEXT_TOKENS);
       s = await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: 0, geometry: undefined }, signal);
     } else {
       s = ctx.sessions.get(req.sessionId);
@@ -200,6 +161,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
         stopTokenIds: [...new Set([...req.stopTokenIds, ...loaded.spec.eosTokenIds.filter((t) => t < loaded.model.vocabSize)])],
         stopStrings: req.stopStrings,
         signal,
+        progressMinTokens: req.prefillProgressMinTokens,
       });
       // A chunk is written in the next setImmediate phase, after the generation has queued its
       // next step (and the scheduler, once every request of the batch has, started it): the
@@ -215,7 +177,9 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
         }
         const c = r.value;
         await pending;
-        const msg: GenerateResponse = { event: { $case: "chunk", value: { tokenIds: c.tokenIds, text: c.text, stepMs: c.stepMs, batchSize: c.batchSize } } };
+        const msg: GenerateResponse = isProgress(c)
+          ? { event: { $case: "progress", value: { prefilledTokens: c.prefilledTokens, promptTokens: c.promptTokens } } }
+          : { event: { $case: "chunk", value: { tokenIds: c.tokenIds, text: c.text, stepMs: c.stepMs, batchSize: c.batchSize } } };
         pending = new Promise<void>((resolve, reject) => setImmediate(() => write(call, msg, signal).then(resolve, reject)));
         pending.catch(() => {}); // observed by the next await; never an unhandled rejection
       }
@@ -224,6 +188,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       metrics.tokens.inc({ kind: "completion" }, final.completionTokens);
       if (final.finishReason === "cancelled" || signal.aborted) throw signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled");
       metrics.prefillSeconds.observe(final.prefillMs / 1000);
+      if (final.prefillMs > 0) metrics.prefillTokensPerSecond.observe(final.prefilledTokens / (final.prefillMs / 1000));
       metrics.requests.inc({ finish: final.finishReason });
       await write(
         call,

@@ -6,8 +6,8 @@ import { loadAddon, type Engine, type EngineStats, type Retrieval } from "../../
 import { MODE_NAMES, RETRIEVAL_NAMES, retrievalDefaults, validateRetrieval, type ModeName } from "../../common/retrieval.js";
 import { loadModel, type LoadedModel } from "../model/loader.js";
 import { createLocalSession, modelGeometry, type LocalSession } from "../model/localHost.js";
-import { generate, type GenerateChunkOut, type GenerateFinalOut, type GenerateParams } from "./generation.js";
-import { DecodeScheduler } from "./scheduler.js";
+import { generate, isProgress, type GenerateChunkOut, type GenerateFinalOut, type GenerateParams } from "./generation.js";
+import { ModelScheduler } from "./scheduler.js";
 
 export interface RetrievalOptions {
   mode?: string;
@@ -50,14 +50,14 @@ export function localRetrieval(o: RetrievalOptions, layers = 1 << 20): Retrieval
 export class LocalRunner {
   readonly loaded: LoadedModel;
   readonly engine?: Engine;
-  readonly scheduler: DecodeScheduler;
+  readonly scheduler: ModelScheduler;
   private local?: LocalSession;
   private nextDense = 1;
 
-  constructor(dir: string, threads?: number) {
+  constructor(dir: string, threads?: number, prefillChunkTokens?: number) {
     this.engine = new (loadAddon().Engine)({ backend: "cpu", threads });
     this.loaded = loadModel(dir, { engine: this.engine, threads });
-    this.scheduler = new DecodeScheduler(this.loaded.model);
+    this.scheduler = new ModelScheduler(this.loaded.model, { prefillChunkTokens });
   }
 
   get attention(): "engine" | "dense" {
@@ -82,7 +82,7 @@ export class LocalRunner {
     for (;;) {
       const r = await it.next();
       if (r.done) return r.value;
-      onChunk?.(r.value);
+      if (!isProgress(r.value)) onChunk?.(r.value);
     }
   }
 

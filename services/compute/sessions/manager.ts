@@ -27,8 +27,8 @@ export interface SessionManagerOptions {
   defaultMaxContextTokens: number;
   maxContextLimit: number;
   commitChecksums: boolean;
-  /** Geometry of the served model, when one is loaded (model sessions need it). */
-  modelGeometry?: () => ModelGeometry | undefined;
+  /** Geometry of the served model (model sessions take it); throws the status of a call when there is none yet. */
+  modelGeometry?: () => ModelGeometry;
   backend: string;
   /** KV storage type of sessions that leave it unspecified (and of model sessions): the backend's. */
   defaultKvDtype: DType;
@@ -73,8 +73,8 @@ export class SessionManager {
     if (kind === SessionKind.SESSION_KIND_ATTENTION) {
       geometry = resolveGeometry(req.geometry, "geometry", this.opts.defaultKvDtype);
     } else {
-      const g = this.opts.modelGeometry?.();
-      if (!g) throw failedPrecondition("no model is loaded (set FREEKV_MODEL); use kind SESSION_KIND_ATTENTION with a geometry for attention-only sessions");
+      if (!this.opts.modelGeometry) throw failedPrecondition("no model is served; use kind SESSION_KIND_ATTENTION with a geometry for attention-only sessions");
+      const g = this.opts.modelGeometry();
       // The KV cache of the served model is stored in the backend's type.
       geometry = resolveGeometry({ ...g, kvDtype: this.opts.defaultKvDtype }, "model");
     }

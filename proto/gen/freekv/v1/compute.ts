@@ -211,7 +211,14 @@ export interface GenerateRequest {
   stopTokenIds: number[];
   stopStrings: string[];
   /** For a fresh session only. */
-  retrieval?: RetrievalConfig | undefined;
+  retrieval?:
+    | RetrievalConfig
+    | undefined;
+  /**
+   * Opt-in prefill progress: when the prompt has at least this many tokens, a PrefillProgress
+   * event follows each prefill chunk (the server's FREEKV_PREFILL_CHUNK_TOKENS). 0: none.
+   */
+  prefillProgressMinTokens: number;
 }
 
 export interface GenerateChunk {
@@ -223,7 +230,16 @@ export interface GenerateChunk {
   batchSize: number;
 }
 
+/** Sent after each prefill chunk of a prompt of at least prefill_progress_min_tokens tokens. */
+export interface PrefillProgress {
+  /** Tokens of this request's prompt in the session's KV so far. */
+  prefilledTokens: number;
+  /** Tokens of this request's prompt (the last event has prefilled_tokens == prompt_tokens). */
+  promptTokens: number;
+}
+
 export interface Usage {
+  /** Tokens of this request's prompt (on a continued session, only the new turn's). */
   promptTokens: number;
   completionTokens: number;
   contextTokens: number;
@@ -241,7 +257,10 @@ export interface GenerateFinal {
 }
 
 export interface GenerateResponse {
-  event?: { $case: "chunk"; value: GenerateChunk } | { $case: "final"; value: GenerateFinal } | undefined;
+  event?: { $case: "chunk"; value: GenerateChunk } | { $case: "final"; value: GenerateFinal } | {
+    $case: "progress";
+    value: PrefillProgress;
+  } | undefined;
 }
 
 /**
@@ -1424,6 +1443,7 @@ function createBaseGenerateRequest(): GenerateRequest {
     stopTokenIds: [],
     stopStrings: [],
     retrieval: undefined,
+    prefillProgressMinTokens: 0,
   };
 }
 
@@ -1461,6 +1481,9 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     }
     if (message.retrieval !== undefined) {
       RetrievalConfig.encode(message.retrieval, writer.uint32(74).fork()).join();
+    }
+    if (message.prefillProgressMinTokens !== 0) {
+      writer.uint32(80).uint32(message.prefillProgressMinTokens);
     }
     return writer;
   },
@@ -1560,6 +1583,14 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
             message.retrieval = RetrievalConfig.decode(reader, reader.uint32());
             continue;
           }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.prefillProgressMinTokens = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1603,6 +1634,11 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
         ? object.stop_strings.map((e: any) => globalThis.String(e))
         : [],
       retrieval: isSet(object.retrieval) ? RetrievalConfig.fromJSON(object.retrieval) : undefined,
+      prefillProgressMinTokens: isSet(object.prefillProgressMinTokens)
+        ? globalThis.Number(object.prefillProgressMinTokens)
+        : isSet(object.prefill_progress_min_tokens)
+        ? globalThis.Number(object.prefill_progress_min_tokens)
+        : 0,
     };
   },
 
@@ -1632,6 +1668,9 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     }
     if (message.retrieval !== undefined) {
       obj.retrieval = RetrievalConfig.toJSON(message.retrieval);
+    }
+    if (message.prefillProgressMinTokens !== 0) {
+      obj.prefillProgressMinTokens = Math.round(message.prefillProgressMinTokens);
     }
     return obj;
   },
@@ -1671,6 +1710,7 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     message.retrieval = (object.retrieval !== undefined && object.retrieval !== null)
       ? RetrievalConfig.fromPartial(object.retrieval)
       : undefined;
+    message.prefillProgressMinTokens = object.prefillProgressMinTokens ?? 0;
     return message;
   },
 };
@@ -1814,6 +1854,99 @@ export const GenerateChunk: MessageFns<GenerateChunk> = {
     message.text = object.text ?? "";
     message.stepMs = object.stepMs ?? 0;
     message.batchSize = object.batchSize ?? 0;
+    return message;
+  },
+};
+
+function createBasePrefillProgress(): PrefillProgress {
+  return { prefilledTokens: 0, promptTokens: 0 };
+}
+
+export const PrefillProgress: MessageFns<PrefillProgress> = {
+  encode(message: PrefillProgress, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.prefilledTokens !== 0) {
+      writer.uint32(8).uint32(message.prefilledTokens);
+    }
+    if (message.promptTokens !== 0) {
+      writer.uint32(16).uint32(message.promptTokens);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PrefillProgress {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePrefillProgress();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.prefilledTokens = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.promptTokens = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PrefillProgress {
+    return {
+      prefilledTokens: isSet(object.prefilledTokens)
+        ? globalThis.Number(object.prefilledTokens)
+        : isSet(object.prefilled_tokens)
+        ? globalThis.Number(object.prefilled_tokens)
+        : 0,
+      promptTokens: isSet(object.promptTokens)
+        ? globalThis.Number(object.promptTokens)
+        : isSet(object.prompt_tokens)
+        ? globalThis.Number(object.prompt_tokens)
+        : 0,
+    };
+  },
+
+  toJSON(message: PrefillProgress): unknown {
+    const obj: any = {};
+    if (message.prefilledTokens !== 0) {
+      obj.prefilledTokens = Math.round(message.prefilledTokens);
+    }
+    if (message.promptTokens !== 0) {
+      obj.promptTokens = Math.round(message.promptTokens);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<PrefillProgress>, I>>(base?: I): PrefillProgress {
+    return PrefillProgress.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PrefillProgress>, I>>(object: I): PrefillProgress {
+    const message = createBasePrefillProgress();
+    message.prefilledTokens = object.prefilledTokens ?? 0;
+    message.promptTokens = object.promptTokens ?? 0;
     return message;
   },
 };
@@ -2131,6 +2264,9 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
       case "final":
         GenerateFinal.encode(message.event.value, writer.uint32(18).fork()).join();
         break;
+      case "progress":
+        PrefillProgress.encode(message.event.value, writer.uint32(26).fork()).join();
+        break;
     }
     return writer;
   },
@@ -2164,6 +2300,14 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
             message.event = { $case: "final", value: GenerateFinal.decode(reader, reader.uint32()) };
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.event = { $case: "progress", value: PrefillProgress.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2182,6 +2326,8 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
         ? { $case: "chunk", value: GenerateChunk.fromJSON(object.chunk) }
         : isSet(object.final)
         ? { $case: "final", value: GenerateFinal.fromJSON(object.final) }
+        : isSet(object.progress)
+        ? { $case: "progress", value: PrefillProgress.fromJSON(object.progress) }
         : undefined,
     };
   },
@@ -2192,6 +2338,8 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
       obj.chunk = GenerateChunk.toJSON(message.event.value);
     } else if (message.event?.$case === "final") {
       obj.final = GenerateFinal.toJSON(message.event.value);
+    } else if (message.event?.$case === "progress") {
+      obj.progress = PrefillProgress.toJSON(message.event.value);
     }
     return obj;
   },
@@ -2211,6 +2359,12 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
       case "final": {
         if (object.event?.value !== undefined && object.event?.value !== null) {
           message.event = { $case: "final", value: GenerateFinal.fromPartial(object.event.value) };
+        }
+        break;
+      }
+      case "progress": {
+        if (object.event?.value !== undefined && object.event?.value !== null) {
+          message.event = { $case: "progress", value: PrefillProgress.fromPartial(object.event.value) };
         }
         break;
       }

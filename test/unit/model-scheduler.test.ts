@@ -1,0 +1,145 @@
+/**
+ * The ModelScheduler's order of model work, on a model that records its calls: prefill chunks
+ * run alone and never two in a row while decode steps wait (so a session that decodes keeps
+ * producing tokens while another session's long prompt is read), prefill alone runs chunk after
+ * chunk, a chunk whose call was cancelled while queued never runs, and chunk sizes are bounded.
+ */
+import { describe, expect, it } from "vitest";
+import type { Model } from "../../native/binding.js";
+import { ModelScheduler, PREFILL_CHUNK_TOKENS } from "../../services/compute/generate/scheduler.js";
+import { parseConfig } from "../../services/common/config.js";
+import { computeConfigSchema } from "../../services/compute/config.js";
+import { prng } from "../helpers/prng.js";
+
+type Call = { op: "prefill"; session: number; start: number; n: number } | { op: "decode"; sessions: number[] };
+
+/** A model whose calls take a little real time each and are logged in the order they run. */
+function recordingModel() {
+  const calls: Call[] = [];
+  let busy = false;
+  const run = async <T>(c: Call, out: T): Promise<T> => {
+    expect(busy, "two model calls at once").toBe(false);
+    busy = true;
+    calls.push(c);
+    await new Promise((r) => setTimeout(r, 2));
+    busy = false;
+    return out;
+  };
+  const model = {
+    vocabSize: 2,
+    prefill: (session: number, tokens: Int32Array, start: number) => run({ op: "prefill", session, start, n: tokens.length }, Float32Array.of(session, start + tokens.length)),
+    decode: (s: Int32Array) => run({ op: "decode", sessions: Array.from(s) }, new Float32Array(2 * s.length)),
+    decodeArgmax: (s: Int32Array) => run({ op: "decode", sessions: Array.from(s) }, new Int32Array(s.length)),
+  } as unknown as Model;
+  return { model, calls };
+}
+
+/** A prompt fed chunk by chunk, as Generate does. */
+async function prefillAll(sch: ModelScheduler, session: number, prompt: Int32Array, signal?: AbortSignal): Promise<number> {
+  let at = 0;
+  while (at < prompt.length) {
+    const part = prompt.subarray(at, at + sch.prefillChunkTokens);
+    const r = await sch.prefill(session, part, at, signal);
+    expect(Array.from(r.logits)).toEqual([session, at + part.length]);
+    at += part.length;
+  }
+  return at;
+}
+
+function randomPrompt(n: number, seed: number): Int32Array {
+  const rand = prng(seed);
+  return Int32Array.from({ length: n }, () => Math.floor(rand() * 1000));
+}
+
+describe("ModelScheduler", () => {
+  it("runs a decoding session's steps between the chunks of another session's prompt", async () => {
+    const { model, calls } = recordingModel();
+    const sch = new ModelScheduler(model, { prefillChunkTokens: 7 });
+    let decoding = true;
+    let steps = 0;
+    const decoder = (async () => {
+      for (let pos = 0; decoding; pos++) {
+        await sch.step(1, 5, pos, true);
+        steps++;
+      }
+    })();
+    await sch.step(2, 0, 0, true); // session 1 is decoding by now
+    const prompt = randomPrompt(7 * 9 + 3, 11); // 10 chunks, the last one partial
+    const stepsBefore = steps;
+    expect(await prefillAll(sch, 3, prompt)).toBe(prompt.length);
+    const during = steps - stepsBefore;
+    decoding = false;
+    await decoder;
+
+    const chunks = calls.flatMap((c, i) => (c.op === "prefill" ? [i] : []));
+    expect(chunks).toHaveLength(10);
+    expect(calls.filter((c) => c.op === "prefill").map((c) => (c as { n: number }).n)).toEqual([7, 7, 7, 7, 7, 7, 7, 7, 7, 3]);
+    // Between two chunks, exactly one decode step of the decoding session.
+    for (let k = 1; k < chunks.length; k++) {
+      const between = calls.slice(chunks[k - 1] + 1, chunks[k]);
+      expect(between.length, `calls between chunks ${k - 1} and ${k}`).toBe(1);
+      expect(between[0]).toMatchObject({ op: "decode" });
+      expect((between[0] as { sessions: number[] }).sessions).toContain(1);
+    }
+    expect(during).toBeGreaterThanOrEqual(9);
+  });
+
+  it("never runs two chunks in a row while decode steps wait, with several prompts at once", async () => {
+    const { model, calls } = recordingModel();
+    const sch = new ModelScheduler(model, { prefillChunkTokens: 5 });
+    let decoding = true;
+    const decoder = (async () => {
+      for (let pos = 0; decoding; pos++) await sch.step(1, 5, pos, true);
+    })();
+    await sch.step(9, 0, 0, true);
+    await Promise.all([prefillAll(sch, 2, randomPrompt(40, 1)), prefillAll(sch, 3, randomPrompt(33, 2)), prefillAll(sch, 4, randomPrompt(12, 3))]);
+    decoding = false;
+    await decoder;
+    const ops = calls.map((c) => c.op);
+    const firstChunk = ops.indexOf("prefill");
+    const lastChunk = ops.lastIndexOf("prefill");
+    for (let i = firstChunk + 1; i <= lastChunk; i++) if (ops[i] === "prefill") expect(ops[i - 1], `call ${i}`).toBe("decode");
+    // Each session's chunks in order, at the right positions.
+    for (const s of [2, 3, 4]) {
+      const starts = calls.flatMap((c) => (c.op === "prefill" && c.session === s ? [c.start] : []));
+      expect(starts).toEqual(starts.map((_, k) => 5 * k));
+    }
+  });
+
+  it("runs the chunks back to back when nothing else waits", async () => {
+    const { model, calls } = recordingModel();
+    const sch = new ModelScheduler(model, { prefillChunkTokens: 16 });
+    await prefillAll(sch, 1, randomPrompt(100, 5));
+    expect(calls.map((c) => c.op)).toEqual(new Array(7).fill("prefill"));
+  });
+
+  it("drops a queued chunk whose call was cancelled: it never runs", async () => {
+    const { model, calls } = recordingModel();
+    const sch = new ModelScheduler(model, { prefillChunkTokens: 8 });
+    const busy = sch.step(1, 0, 0, true); // occupies the model
+    const ac = new AbortController();
+    const chunk = sch.prefill(2, randomPrompt(8, 6), 0, ac.signal).then(
+      () => "ran",
+      (e: Error) => e.message,
+    );
+    ac.abort(new Error("client went away"));
+    await busy;
+    expect(await chunk).toBe("client went away");
+    await sch.step(1, 0, 1, true);
+    expect(calls.some((c) => c.op === "prefill")).toBe(false);
+  });
+
+  it("bounds the chunk size, in the scheduler and in FREEKV_PREFILL_CHUNK_TOKENS", async () => {
+    const { model } = recordingModel();
+    expect(() => new ModelScheduler(model, { prefillChunkTokens: 0 })).toThrow(RangeError);
+    expect(() => new ModelScheduler(model, { prefillChunkTokens: PREFILL_CHUNK_TOKENS.max + 1 })).toThrow(/prefillChunkTokens/);
+    const sch = new ModelScheduler(model, { prefillChunkTokens: 4 });
+    await expect(sch.prefill(1, randomPrompt(5, 7), 0)).rejects.toThrow(/1\.\.4 tokens, got 5/);
+    await expect(sch.prefill(1, new Int32Array(0), 0)).rejects.toThrow(RangeError);
+    expect(new ModelScheduler(model).prefillChunkTokens).toBe(PREFILL_CHUNK_TOKENS.default);
+    expect(parseConfig(computeConfigSchema, {}).FREEKV_PREFILL_CHUNK_TOKENS).toBe(PREFILL_CHUNK_TOKENS.default);
+    expect(parseConfig(computeConfigSchema, { FREEKV_PREFILL_CHUNK_TOKENS: "96" }).FREEKV_PREFILL_CHUNK_TOKENS).toBe(96);
+    for (const bad of ["0", "1.5", String(PREFILL_CHUNK_TOKENS.max + 1), "many"])
+      expect(() => parseConfig(computeConfigSchema, { FREEKV_PREFILL_CHUNK_TOKENS: bad })).toThrow(/FREEKV_PREFILL_CHUNK_TOKENS/);
+  });
+});
