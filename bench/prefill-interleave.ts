@@ -8,7 +8,10 @@
  *    time of B's chunks: a step of A waits for at most one chunk, so A's ms per token is about
  *    one chunk plus one step.
  *
- *   npm run build:ts && npm run bench:prefill-interleave [-- --prompt 8192 --chunks 32,128,512 --threads 2]
+ *   npm run build:ts && npm run bench:prefill-interleave [-- --prompt 8192 --chunks 32,128,512 --slices 0,1 --threads 2]
+ *
+ * Each chunk size runs with each time slice of --slices (FREEKV_PREFILL_SLICE: 0 = whole chunks;
+ * s > 0 = while A decodes, B's chunks are cut to about s decode steps).
  *
  * Writes bench/results/prefill-interleave-<date>.json (machine, git commit, date, results).
  */
@@ -33,12 +36,15 @@ const { values: args } = parseArgs({
   options: {
     prompt: { type: "string", default: "8192" },
     chunks: { type: "string", default: "32,128,512" },
+    /** Time slices (FREEKV_PREFILL_SLICE) to run each chunk size with; 0 = whole chunks. */
+    slices: { type: "string", default: "0,1" },
     threads: { type: "string", default: "2" },
     out: { type: "string" },
   },
 });
 const promptTokens = Number(args.prompt);
 const chunks = args.chunks!.split(",").map(Number);
+const slices = args.slices!.split(",").map(Number);
 const threads = Number(args.threads);
 
 const engine = new (loadAddon().Engine)({ backend: "cpu", threads });
@@ -72,6 +78,7 @@ async function run(scheduler: ModelScheduler, prompt: number[], maxTokens: numbe
 
 interface Together {
   chunk_tokens: number;
+  slice: number;
   b_prefill_s: number;
   b_tokens_per_s: number;
   b_chunk_mean_ms: number;
@@ -80,15 +87,15 @@ interface Together {
 }
 
 async function main() {
-  const plain = new ModelScheduler(loaded.model);
+  const plain = new ModelScheduler(loaded.model, { prefillSlice: 0 });
   await run(plain, randomTokens(256), 4); // warm-up
   const aloneB = await run(plain, randomTokens(promptTokens), 1);
   const aloneA = await run(plain, randomTokens(40), 64);
   const stepMs = aloneA.decodeMs / (aloneA.completionTokens - 1);
   const rows: Together[] = [];
-  for (const chunk of chunks) {
+  for (const chunk of chunks) for (const slice of slices) {
     const chunkMs: number[] = [];
-    const sch = new ModelScheduler(loaded.model, { prefillChunkTokens: chunk, onPrefill: (_n, ms) => chunkMs.push(ms) });
+    const sch = new ModelScheduler(loaded.model, { prefillChunkTokens: chunk, prefillSlice: slice, onPrefill: (_n, ms) => chunkMs.push(ms) });
     let aTokens = 0;
     let during = 0;
     let bRunning = false;
@@ -108,6 +115,7 @@ async function main() {
     await a;
     rows.push({
       chunk_tokens: chunk,
+      slice,
       b_prefill_s: b.prefillMs / 1000,
       b_tokens_per_s: promptTokens / (b.prefillMs / 1000),
       b_chunk_mean_ms: chunkMs.reduce((x, y) => x + y, 0) / Math.max(1, chunkMs.length),
@@ -117,10 +125,10 @@ async function main() {
   }
 
   console.log(`alone: ${promptTokens}-token prefill ${(aloneB.prefillMs / 1000).toFixed(2)} s (${((promptTokens / aloneB.prefillMs) * 1000).toFixed(0)} tok/s); decode step ${stepMs.toFixed(2)} ms`);
-  console.log(`${"chunk".padStart(6)} ${"B prefill s".padStart(12)} ${"B tok/s".padStart(9)} ${"chunk ms".padStart(9)} ${"A tokens".padStart(9)} ${"A ms/token".padStart(11)}`);
+  console.log(`${"chunk".padStart(6)} ${"slice".padStart(6)} ${"B prefill s".padStart(12)} ${"B tok/s".padStart(9)} ${"chunk ms".padStart(9)} ${"A tokens".padStart(9)} ${"A ms/token".padStart(11)}`);
   for (const r of rows)
     console.log(
-      `${String(r.chunk_tokens).padStart(6)} ${r.b_prefill_s.toFixed(2).padStart(12)} ${r.b_tokens_per_s.toFixed(0).padStart(9)} ${r.b_chunk_mean_ms.toFixed(1).padStart(9)} ${String(r.a_tokens_during).padStart(9)} ${r.a_ms_per_token_during.toFixed(1).padStart(11)}`,
+      `${String(r.chunk_tokens).padStart(6)} ${String(r.slice).padStart(6)} ${r.b_prefill_s.toFixed(2).padStart(12)} ${r.b_tokens_per_s.toFixed(0).padStart(9)} ${r.b_chunk_mean_ms.toFixed(1).padStart(9)} ${String(r.a_tokens_during).padStart(9)} ${r.a_ms_per_token_during.toFixed(1).padStart(11)}`,
     );
 
   const git = (cmd: string) => {

@@ -52,6 +52,9 @@ export const positiveInt = (dflt: number) => z.coerce.number().int("must be an i
 export const intInRange = (dflt: number, min: number, max: number) =>
   z.coerce.number().int("must be an integer").min(min, `must be ${min}..${max}`).max(max, `must be ${min}..${max}`).default(dflt);
 
+export const numberInRange = (dflt: number, min: number, max: number) =>
+  z.coerce.number().finite("must be a number").min(min, `must be ${min}..${max}`).max(max, `must be ${min}..${max}`).default(dflt);
+
 export const nonNegativeInt = (dflt: number) => z.coerce.number().int("must be an integer").min(0, "must be >= 0").default(dflt);
 
 /** "1"/"true"/"yes"/"on" or "0"/"false"/"no"/"off". */

@@ -1,7 +1,7 @@
 /** The compute service's environment variables (see the README's configuration table). */
 import { z } from "zod";
-import { flag, host, intInRange, logLevel, nonNegativeInt, port, positiveInt } from "../common/config.js";
-import { PREFILL_CHUNK_TOKENS } from "./generate/scheduler.js";
+import { flag, host, intInRange, logLevel, nonNegativeInt, numberInRange, port, positiveInt } from "../common/config.js";
+import { PREFILL_CHUNK_TOKENS, PREFILL_SLICE } from "./generate/scheduler.js";
 
 export const computeConfigSchema = z.object({
   FREEKV_COMPUTE_HOST: host("127.0.0.1"),
@@ -32,6 +32,8 @@ export const computeConfigSchema = z.object({
   FREEKV_COMMIT_CHECKSUMS: flag(false),
   /** Prompt tokens per prefill chunk of Generate; decode steps of other sessions run between two chunks. */
   FREEKV_PREFILL_CHUNK_TOKENS: intInRange(PREFILL_CHUNK_TOKENS.default, PREFILL_CHUNK_TOKENS.min, PREFILL_CHUNK_TOKENS.max),
+  /** While sessions decode, a prefill chunk's predicted time at most this times the recent decode step (0: whole chunks always). */
+  FREEKV_PREFILL_SLICE: numberInRange(PREFILL_SLICE.default, PREFILL_SLICE.min, PREFILL_SLICE.max),
   /** Hugging Face model folder served by Generate; unset: the built-in model; "none": no model (attention sessions only). */
   FREEKV_MODEL: z.string().optional(),
   FREEKV_KVSTORE_TIMEOUT_MS: positiveInt(10_000),

@@ -170,6 +170,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
       scheduler: (model) =>
         new ModelScheduler(model, {
           prefillChunkTokens: config.FREEKV_PREFILL_CHUNK_TOKENS,
+          prefillSlice: config.FREEKV_PREFILL_SLICE,
           onStep(size, ms) {
             metrics.decodeBatchSize.observe(size);
             metrics.modelStepSeconds.observe(ms / 1000);

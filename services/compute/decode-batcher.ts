@@ -74,6 +74,11 @@ export class DecodeBatcher<I extends BatchItem<R>, R> {
 
   constructor(private readonly policy: BatchPolicy<I, R>) {}
 
+  /** Whether an item that satisfies `pred` waits in the queue. */
+  hasWaiting(pred: (item: I) => boolean): boolean {
+    return this.queue.some(pred);
+  }
+
   submit(item: I): void {
     this.queue.push(item);
     if (this.policy.eager && this.awaited.delete(item.session) && this.awaited.size === 0 && !this.running) void this.runBatch();

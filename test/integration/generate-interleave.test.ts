@@ -1,6 +1,7 @@
 /**
  * Chunked prefill overlapped with decoding, through both tiers as processes serving the built-in
- * model with 32-token prefill chunks: a session that decodes keeps producing tokens while another
+ * model with 32-token prefill chunks (time slices off: FREEKV_PREFILL_SLICE=0, so the chunk
+ * boundaries are fixed; test/unit/model-scheduler.test.ts covers the slices): a session that decodes keeps producing tokens while another
  * session's long prompt is read (seen in the order of the two streams' events: the decoding
  * session's tokens arrive between the other's prefill progress events), and both answers equal
  * their answers when run alone; a call cancelled in the middle of a long prefill leaves its
@@ -32,7 +33,7 @@ const randomTokens = (n: number) => Array.from({ length: n }, () => Math.floor(r
 beforeAll(async () => {
   execFileSync(process.execPath, [join(import.meta.dirname, "..", "..", "scripts", "make-builtin-model.mjs"), "--out", dir]);
   eos = readModelFolder(dir).spec.eosTokenIds;
-  tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_MODEL: dir, FREEKV_THREADS: "2", FREEKV_PREFILL_CHUNK_TOKENS: String(CHUNK) } });
+  tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_MODEL: dir, FREEKV_THREADS: "2", FREEKV_PREFILL_CHUNK_TOKENS: String(CHUNK), FREEKV_PREFILL_SLICE: "0" } });
   client = computeClient(tiers.compute.address);
   kv = kvstoreClient(tiers.kvstore.address);
 });

@@ -6,7 +6,7 @@
  */
 import { describe, expect, it } from "vitest";
 import type { Model } from "../../native/binding.js";
-import { ModelScheduler, PREFILL_CHUNK_TOKENS } from "../../services/compute/generate/scheduler.js";
+import { ModelScheduler, PREFILL_CHUNK_TOKENS, PREFILL_SLICE, PrefillCostModel } from "../../services/compute/generate/scheduler.js";
 import { parseConfig } from "../../services/common/config.js";
 import { computeConfigSchema } from "../../services/compute/config.js";
 import { prng } from "../helpers/prng.js";
@@ -40,6 +40,7 @@ async function prefillAll(sch: ModelScheduler, session: number, prompt: Int32Arr
   while (at < prompt.length) {
     const part = prompt.subarray(at, at + sch.prefillChunkTokens);
     const r = await sch.prefill(session, part, at, signal);
+    expect(r.tokens).toBe(part.length);
     expect(Array.from(r.logits)).toEqual([session, at + part.length]);
     at += part.length;
   }
@@ -54,7 +55,7 @@ function randomPrompt(n: number, seed: number): Int32Array {
 describe("ModelScheduler", () => {
   it("runs a decoding session's steps between the chunks of another session's prompt", async () => {
     const { model, calls } = recordingModel();
-    const sch = new ModelScheduler(model, { prefillChunkTokens: 7 });
+    const sch = new ModelScheduler(model, { prefillChunkTokens: 7, prefillSlice: 0 });
     let decoding = true;
     let steps = 0;
     const decoder = (async () => {
@@ -86,7 +87,7 @@ describe("ModelScheduler", () => {
 
   it("never runs two chunks in a row while decode steps wait, with several prompts at once", async () => {
     const { model, calls } = recordingModel();
-    const sch = new ModelScheduler(model, { prefillChunkTokens: 5 });
+    const sch = new ModelScheduler(model, { prefillChunkTokens: 5, prefillSlice: 0 });
     let decoding = true;
     const decoder = (async () => {
       for (let pos = 0; decoding; pos++) await sch.step(1, 5, pos, true);
@@ -134,12 +135,97 @@ describe("ModelScheduler", () => {
     expect(() => new ModelScheduler(model, { prefillChunkTokens: 0 })).toThrow(RangeError);
     expect(() => new ModelScheduler(model, { prefillChunkTokens: PREFILL_CHUNK_TOKENS.max + 1 })).toThrow(/prefillChunkTokens/);
     const sch = new ModelScheduler(model, { prefillChunkTokens: 4 });
-    await expect(sch.prefill(1, randomPrompt(5, 7), 0)).rejects.toThrow(/1\.\.4 tokens, got 5/);
+    // Offered more than a chunk, it takes a chunk's worth from the front.
+    expect((await sch.prefill(1, randomPrompt(5, 7), 0)).tokens).toBe(4);
     await expect(sch.prefill(1, new Int32Array(0), 0)).rejects.toThrow(RangeError);
+    expect(() => new ModelScheduler(model, { prefillSlice: -1 })).toThrow(/prefillSlice/);
+    expect(() => new ModelScheduler(model, { prefillSlice: PREFILL_SLICE.max + 1 })).toThrow(/prefillSlice/);
+    expect(parseConfig(computeConfigSchema, {}).FREEKV_PREFILL_SLICE).toBe(PREFILL_SLICE.default);
+    expect(parseConfig(computeConfigSchema, { FREEKV_PREFILL_SLICE: "0.5" }).FREEKV_PREFILL_SLICE).toBe(0.5);
+    for (const bad of ["-1", String(PREFILL_SLICE.max + 1), "x"])
+      expect(() => parseConfig(computeConfigSchema, { FREEKV_PREFILL_SLICE: bad })).toThrow(/FREEKV_PREFILL_SLICE/);
     expect(new ModelScheduler(model).prefillChunkTokens).toBe(PREFILL_CHUNK_TOKENS.default);
     expect(parseConfig(computeConfigSchema, {}).FREEKV_PREFILL_CHUNK_TOKENS).toBe(PREFILL_CHUNK_TOKENS.default);
     expect(parseConfig(computeConfigSchema, { FREEKV_PREFILL_CHUNK_TOKENS: "96" }).FREEKV_PREFILL_CHUNK_TOKENS).toBe(96);
     for (const bad of ["0", "1.5", String(PREFILL_CHUNK_TOKENS.max + 1), "many"])
       expect(() => parseConfig(computeConfigSchema, { FREEKV_PREFILL_CHUNK_TOKENS: bad })).toThrow(/FREEKV_PREFILL_CHUNK_TOKENS/);
+  });
+
+  it("cuts chunks to time slices while a session decodes, and takes whole chunks when none does", async () => {
+    // Chunk time grows with the context before it: 1 + n * (0.02 + 4e-5 * (c + n / 2)) ms; a decode step 8 ms.
+    const chunkMs = (n: number, c: number) => 1 + n * (0.02 + 4e-5 * (c + n / 2));
+    const chunks: { n: number; c: number; ms: number }[] = [];
+    const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+    const model = {
+      vocabSize: 2,
+      prefill: async (_s: number, tokens: Int32Array, start: number) => {
+        const t0 = performance.now();
+        await sleep(chunkMs(tokens.length, start));
+        chunks.push({ n: tokens.length, c: start, ms: performance.now() - t0 });
+        return new Float32Array(2);
+      },
+      decodeArgmax: async (s: Int32Array) => (await sleep(8), new Int32Array(s.length)),
+      decode: async (s: Int32Array) => (await sleep(8), new Float32Array(2 * s.length)),
+    } as unknown as Model;
+    const sch = new ModelScheduler(model, { prefillChunkTokens: 256, prefillSlice: 1 });
+    const feed = async (session: number, n: number) => {
+      const prompt = randomPrompt(n, session);
+      for (let at = 0; at < n; ) at += (await sch.prefill(session, prompt.subarray(at), at)).tokens;
+    };
+    // Alone: whole chunks.
+    await feed(1, 1024);
+    expect(chunks.map((c) => c.n)).toEqual([256, 256, 256, 256]);
+    // Beside a decoding session: slices near one decode step, shrinking as the context grows.
+    chunks.length = 0;
+    let decoding = true;
+    const decoder = (async () => {
+      for (let pos = 0; decoding; pos++) await sch.step(2, 5, pos, true);
+    })();
+    await sch.step(3, 0, 0, true);
+    await feed(4, 3000);
+    decoding = false;
+    await decoder;
+    const sliced = chunks.slice(1);
+    expect(Math.max(...sliced.map((c) => c.n))).toBeLessThan(256);
+    expect(sliced[sliced.length - 1].n).toBeLessThan(sliced[0].n);
+    // Predicted within one decode step; measured within a loose bound (timers overshoot on a busy machine).
+    const times = sliced.map((c) => c.ms).sort((a, b) => a - b);
+    expect(times[Math.floor(times.length / 2)]).toBeLessThan(8 * 2);
+  });
+});
+
+describe("PrefillCostModel", () => {
+  it("recovers a + n (b + d (c + n/2)) from chunk times and finds the most tokens within a time", () => {
+    const rand = prng(42);
+    for (let trial = 0; trial < 20; trial++) {
+      const a = rand() * 5, b = rand() * 0.1, d = rand() * 1e-4;
+      const truth = (n: number, c: number) => a + n * (b + d * (c + n / 2));
+      const m = new PrefillCostModel();
+      expect(m.predict(10, 0)).toBeNull();
+      for (let i = 0; i < 12; i++) {
+        const n = 1 + Math.floor(rand() * 512), c = Math.floor(rand() * 100_000);
+        m.observe(n, c, truth(n, c));
+      }
+      for (let i = 0; i < 20; i++) {
+        const n = 1 + Math.floor(rand() * 512), c = Math.floor(rand() * 100_000);
+        expect(Math.abs(m.predict(n, c)! - truth(n, c))).toBeLessThan(1e-6 * (1 + truth(n, c)));
+      }
+      // tokensWithin against a scan of the true cost.
+      const c = Math.floor(rand() * 100_000), budget = a + rand() * 40;
+      let best = 1;
+      for (let n = 1; n <= 512; n++) if (truth(n, c) <= budget) best = n;
+      expect(m.tokensWithin(budget, c, 512)).toBe(best);
+    }
+  });
+
+  it("keeps coefficients non-negative on noisy times", () => {
+    const rand = prng(7);
+    const m = new PrefillCostModel();
+    for (let i = 0; i < 40; i++) {
+      const n = 16 + Math.floor(rand() * 64);
+      m.observe(n, 0, 3 + 0.01 * n + (rand() - 0.5) * 4); // noise larger than the per-token part
+    }
+    for (const n of [1, 10, 100, 1000]) expect(m.predict(n, 0)!).toBeGreaterThanOrEqual(0);
+    expect(m.predict(1000, 0)!).toBeGreaterThanOrEqual(m.predict(1, 0)!);
   });
 });

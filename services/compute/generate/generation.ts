@@ -126,7 +126,6 @@ export async function* generate(
   const feed = Int32Array.from(pending ? [s.pendingToken!, ...p.prompt] : p.prompt);
   const sampler = new Sampler(p.sampling);
   const stop = new StopMatcher(new Set(p.stopTokenIds), p.stopStrings.filter((x) => x.length > 0), codec ? (ids) => codec.decode(ids) : undefined);
-  const chunk = scheduler.prefillChunkTokens;
   const progress = !!p.progressMinTokens && p.prompt.length >= p.progressMinTokens;
   const final: GenerateFinalOut = {
     finishReason: "length",
@@ -142,14 +141,16 @@ export async function* generate(
 
   const t0 = performance.now();
   let logits: Float32Array | undefined;
-  for (let i = 0; i < feed.length; i += chunk) {
+  for (let i = 0; i < feed.length; ) {
     if (p.signal?.aborted) {
       final.finishReason = "cancelled";
       return final;
     }
-    const part = feed.subarray(i, i + chunk);
+    let took: number;
     try {
-      logits = (await scheduler.prefill(s.session, part, s.contextTokens, p.signal)).logits;
+      const r = await scheduler.prefill(s.session, feed.subarray(i), s.contextTokens, p.signal);
+      logits = r.logits;
+      took = r.tokens;
     } catch (e) {
       // Dropped from the queue by the cancellation: it never ran.
       if (p.signal?.aborted) {
@@ -158,11 +159,12 @@ export async function* generate(
       }
       throw e;
     }
-    s.contextTokens += part.length;
+    i += took;
+    s.contextTokens += took;
     s.pendingToken = undefined;
-    final.prefilledTokens += part.length;
+    final.prefilledTokens += took;
     s.onAppended?.(s.contextTokens);
-    if (progress) yield { prefilledTokens: i + part.length - pending, promptTokens: p.prompt.length };
+    if (progress) yield { prefilledTokens: i - pending, promptTokens: p.prompt.length };
   }
   final.prefillMs = performance.now() - t0;
   final.contextTokens = s.contextTokens;

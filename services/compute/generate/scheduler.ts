@@ -9,6 +9,14 @@
  *   `prefillChunkTokens`, each one Model.prefill call queued here. A chunk runs alone, and never
  *   two chunks in a row while decode steps wait: between two chunks of a long prompt the other
  *   sessions' batched steps run, so they keep producing tokens while the prompt is read.
+ * - Time slices: a chunk's cost grows with the context before it (its attention reads all of
+ *   it), so a fixed token count would stall the decoding sessions more and more as a long prompt
+ *   advances: at 128K tokens of an 8B model a 512-token chunk takes over 100 ms on an H200, ten
+ *   decode steps. While sessions are decoding, the chunk is therefore cut to the tokens whose
+ *   predicted time stays within `prefillSlice` times the recent decode step (PrefillCostModel,
+ *   fitted to the chunks that ran), so a decoding session's time per token stays near
+ *   (1 + prefillSlice) times its time alone, and the prompt gets the rest of the device. With no
+ *   session decoding, chunks take `prefillChunkTokens` again. prefillSlice 0 turns slicing off.
  */
 import type { Model } from "../../../native/binding.js";
 import { ServiceError } from "../../common/errors.js";
@@ -17,6 +25,103 @@ import { DecodeBatcher, type BatchItem } from "../decode-batcher.js";
 
 /** Prompt tokens per prefill chunk: the default, and the range FREEKV_PREFILL_CHUNK_TOKENS may take. */
 export const PREFILL_CHUNK_TOKENS = { default: 512, min: 1, max: 16384 } as const;
+
+/**
+ * A prefill chunk's time while sessions decode, as a multiple of the recent decode step: the
+ * default (a decoding session then runs at about twice its time per token alone), and the range
+ * FREEKV_PREFILL_SLICE may take (0: chunks of prefillChunkTokens always).
+ */
+export const PREFILL_SLICE = { default: 1, min: 0, max: 64 } as const;
+
+/** A time-sliced chunk holds at least this many tokens (the prompt always advances). */
+const SLICE_MIN_TOKENS = 16;
+/** Tokens of a time-sliced chunk before the cost model has enough chunks to predict from. */
+const SLICE_FIRST_TOKENS = 64;
+
+/**
+ * Predicts a prefill chunk's native time from its tokens n and the context c before it:
+ * t = a + n * (b + d * (c + n / 2)) ms (a fixed part, the per-token GEMMs, and attention over the
+ * context and the causal half of the chunk), fitted by least squares to the latest chunks that
+ * ran, coefficients kept non-negative.
+ */
+export class PrefillCostModel {
+  private readonly obs: { n: number; c: number; ms: number }[] = [];
+  private coef: [number, number, number] | null = null;
+
+  constructor(private readonly keep = 64) {}
+
+  observe(n: number, c: number, ms: number): void {
+    if (!(n > 0) || !(ms >= 0) || !Number.isFinite(ms)) return;
+    this.obs.push({ n, c, ms });
+    if (this.obs.length > this.keep) this.obs.shift();
+    this.coef = this.fit();
+  }
+
+  /** Predicted ms of n tokens after a context of c; null before the model can predict. */
+  predict(n: number, c: number): number | null {
+    if (!this.coef) return null;
+    const [a, b, d] = this.coef;
+    return a + n * (b + d * (c + n / 2));
+  }
+
+  /** The most tokens in [1, max] whose predicted time after context c stays within ms (at least 1); null before the model can predict. */
+  tokensWithin(ms: number, c: number, max: number): number | null {
+    if (!this.coef) return null;
+    let lo = 1, hi = Math.max(1, max);
+    if (this.predict(hi, c)! <= ms) return hi;
+    while (lo < hi) {
+      const mid = Math.ceil((lo + hi) / 2);
+      if (this.predict(mid, c)! <= ms) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo;
+  }
+
+  private fit(): [number, number, number] | null {
+    if (this.obs.length < 3) return null;
+    // Features scaled to similar magnitudes: [1, n / 1e3, n * (c + n / 2) / 1e6].
+    const f = (o: { n: number; c: number }) => [1, o.n / 1e3, (o.n * (o.c + o.n / 2)) / 1e6];
+    const solve = (cols: number[]): number[] | null => {
+      const k = cols.length;
+      const A = Array.from({ length: k }, () => new Array<number>(k + 1).fill(0));
+      for (const o of this.obs) {
+        const x = f(o);
+        for (let i = 0; i < k; i++) {
+          for (let j = 0; j < k; j++) A[i][j] += x[cols[i]] * x[cols[j]];
+          A[i][k] += x[cols[i]] * o.ms;
+        }
+      }
+      for (let i = 0; i < k; i++) A[i][i] += 1e-9 * (1 + A[i][i]);
+      for (let i = 0; i < k; i++) {
+        let p = i;
+        for (let r = i + 1; r < k; r++) if (Math.abs(A[r][i]) > Math.abs(A[p][i])) p = r;
+        [A[i], A[p]] = [A[p], A[i]];
+        if (Math.abs(A[i][i]) < 1e-300) return null;
+        for (let r = 0; r < k; r++) {
+          if (r === i) continue;
+          const m = A[r][i] / A[i][i];
+          for (let j = i; j <= k; j++) A[r][j] -= m * A[i][j];
+        }
+      }
+      return A.map((row, i) => row[k] / row[i]);
+    };
+    // Least squares over the columns still in play; a negative coefficient leaves and the rest are refitted.
+    let cols = [0, 1, 2];
+    for (;;) {
+      const x = solve(cols);
+      if (!x || x.some((v) => !Number.isFinite(v))) return null;
+      const neg = x.findIndex((v) => v < 0);
+      if (neg < 0) {
+        const out: [number, number, number] = [0, 0, 0];
+        cols.forEach((c, i) => (out[c] = x[i]));
+        if (out[1] === 0 && out[2] === 0) return null;
+        return [out[0], out[1] / 1e3, out[2] / 1e6];
+      }
+      cols = cols.filter((_, i) => i !== neg);
+      if (!cols.length) return null;
+    }
+  }
+}
 
 export interface StepResult {
   /** The row's logits [vocab]; empty when the batch was picked greedily on the native side. */
@@ -31,11 +136,13 @@ export interface StepResult {
 export interface PrefillResult {
   /** Logits of the chunk's last position [vocab]. */
   logits: Float32Array;
+  /** Tokens the chunk took from the front of the ones offered. */
+  tokens: number;
   /** Native time of the chunk. */
   ms: number;
 }
 
-type Row = { logits: Float32Array; token?: number };
+type Row = { logits: Float32Array; token?: number; tokens?: number };
 
 interface Step extends BatchItem<Row> {
   kind: "decode";
@@ -50,8 +157,11 @@ interface Step extends BatchItem<Row> {
 interface Chunk extends BatchItem<Row> {
   kind: "prefill";
   session: number;
+  /** The prompt's tokens still to feed; the chunk takes a prefix of them. */
   tokens: Int32Array;
   start: number;
+  /** Tokens the chunk took (set when it runs). */
+  took?: number;
 }
 
 type Work = Step | Chunk;
@@ -61,6 +171,8 @@ export interface ModelSchedulerOptions {
   maxBatch?: number;
   /** Most prompt tokens per Model.prefill call. */
   prefillChunkTokens?: number;
+  /** While sessions decode, a chunk's predicted time at most this times the recent decode step (0: off). */
+  prefillSlice?: number;
   /** After each decode step: its batch size and native time. */
   onStep?: (size: number, ms: number) => void;
   /** After each prefill chunk: its tokens and native time. */
@@ -72,6 +184,12 @@ const EMPTY = new Float32Array(0);
 export class ModelScheduler {
   private readonly batcher: DecodeBatcher<Work, Row>;
   readonly prefillChunkTokens: number;
+  readonly prefillSlice: number;
+  /** Chunk times, for the time slices. */
+  readonly prefillCost = new PrefillCostModel();
+  /** Recent decode step time (ms, exponential average), and when each session's latest step ended. */
+  private decodeMs: number | undefined;
+  private readonly lastStepEnd = new Map<number, number>();
 
   constructor(
     private readonly model: Model,
@@ -81,6 +199,10 @@ export class ModelScheduler {
     if (!Number.isInteger(chunk) || chunk < PREFILL_CHUNK_TOKENS.min || chunk > PREFILL_CHUNK_TOKENS.max)
       throw new RangeError(`prefillChunkTokens: must be an integer in [${PREFILL_CHUNK_TOKENS.min}, ${PREFILL_CHUNK_TOKENS.max}], got ${chunk}`);
     this.prefillChunkTokens = chunk;
+    const slice = opts.prefillSlice ?? PREFILL_SLICE.default;
+    if (!Number.isFinite(slice) || slice < PREFILL_SLICE.min || slice > PREFILL_SLICE.max)
+      throw new RangeError(`prefillSlice: must be a number in [${PREFILL_SLICE.min}, ${PREFILL_SLICE.max}], got ${slice}`);
+    this.prefillSlice = slice;
     this.batcher = new DecodeBatcher<Work, Row>({
       maxBatch: opts.maxBatch ?? 64,
       windowUs: 0,
@@ -90,8 +212,16 @@ export class ModelScheduler {
       failed: (work, e) => this.isolate(work, e),
       observe: (work, b) => {
         const w = work[0];
-        if (w.kind === "prefill") opts.onPrefill?.(w.tokens.length, b.ms);
-        else opts.onStep?.(b.size, b.ms);
+        if (w.kind === "prefill") {
+          const n = w.took ?? w.tokens.length;
+          this.prefillCost.observe(n, w.start, b.ms);
+          opts.onPrefill?.(n, b.ms);
+        } else {
+          this.decodeMs = this.decodeMs === undefined ? b.ms : 0.8 * this.decodeMs + 0.2 * b.ms;
+          const now = performance.now();
+          for (const it of work) this.lastStepEnd.set(it.session, now);
+          opts.onStep?.(b.size, b.ms);
+        }
       },
     });
   }
@@ -122,13 +252,13 @@ export class ModelScheduler {
   }
 
   /**
-   * One prefill chunk (at most prefillChunkTokens tokens) of a session at `start`, its context
-   * length. A chunk still queued when `signal` aborts is dropped (rejected with the abort reason)
-   * and never runs.
+   * One prefill chunk of a session at `start`, its context length: a prefix of `tokens` (the
+   * prompt's tokens still to feed), at most prefillChunkTokens, fewer while other sessions decode
+   * (time slices); the result says how many it took. A chunk still queued when `signal` aborts is
+   * dropped (rejected with the abort reason) and never runs.
    */
   prefill(session: number, tokens: Int32Array, start: number, signal?: AbortSignal): Promise<PrefillResult> {
-    if (tokens.length === 0 || tokens.length > this.prefillChunkTokens)
-      return Promise.reject(new RangeError(`a prefill chunk holds 1..${this.prefillChunkTokens} tokens, got ${tokens.length}`));
+    if (tokens.length === 0) return Promise.reject(new RangeError("a prefill chunk needs at least one token"));
     return new Promise((resolve, reject) => {
       this.batcher.submit({
         kind: "prefill",
@@ -137,14 +267,41 @@ export class ModelScheduler {
         tokens,
         start,
         abandoned: signal && (() => (signal.aborted ? (signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled")) : undefined)),
-        resolve: (r, b) => resolve({ logits: r.logits, ms: b.ms }),
+        resolve: (r, b) => resolve({ logits: r.logits, tokens: r.tokens!, ms: b.ms }),
         reject,
       });
     });
   }
 
+  /** Tokens the next chunk of a prompt takes from `c` (see the time slices above). */
+  chunkTokens(c: { session: number; tokens: Int32Array; start: number }): number {
+    let n = Math.min(c.tokens.length, this.prefillChunkTokens);
+    if (this.prefillSlice > 0 && this.decodeMs !== undefined && this.othersDecoding(c.session)) {
+      const within = this.prefillCost.tokensWithin(this.prefillSlice * this.decodeMs, c.start, n);
+      n = Math.min(n, Math.max(within ?? SLICE_FIRST_TOKENS, SLICE_MIN_TOKENS));
+    }
+    return n;
+  }
+
+  /**
+   * Sessions other than `session` are decoding: a step of theirs waits, or one ended within about
+   * two steps' time (a generating session asks for its next step as soon as one ends; one that
+   * finished stops asking and ages out).
+   */
+  private othersDecoding(session: number): boolean {
+    if (this.batcher.hasWaiting((w) => w.kind === "decode" && w.session !== session)) return true;
+    const recent = performance.now() - Math.max(5, 2 * (this.decodeMs ?? 0));
+    for (const [s, at] of this.lastStepEnd) {
+      if (at < recent) this.lastStepEnd.delete(s);
+      else if (s !== session) return true;
+    }
+    return false;
+  }
+
   private async prefillCall(c: Chunk): Promise<Row[]> {
-    return [{ logits: await this.model.prefill(c.session, c.tokens, c.start, false) }];
+    const n = this.chunkTokens(c);
+    c.took = n;
+    return [{ logits: await this.model.prefill(c.session, c.tokens.subarray(0, n), c.start, false), tokens: n }];
   }
 
   private async decodeCall(steps: Step[]): Promise<Row[]> {
