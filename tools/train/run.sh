@@ -21,4 +21,4 @@ TOK=()
 [ -f "$HERE/tokenizer/tokenizer.json" ] && TOK=(--tokenizer "$HERE/tokenizer")
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec python3 -u "$HERE/train.py" --corpus "$WORK/corpus.txt" --tasks-js "$HERE/js/main.js" --node "$NODE" \
-  --out "${OUT:-$HERE/out}/model" "${TOK[@]}" "$@"
+  --out "${OUT:-$HERE/out}/model" --total-minutes 9.3 "${TOK[@]}" "$@"

@@ -44,7 +44,7 @@ def parse_args(argv=None):
     ap.add_argument("--node", default="node")
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokenizer", help="folder with tokenizer.json (+ tokenizer_config.json); trained here when absent")
-    ap.add_argument("--minutes", type=float, default=7.0, help="wall-clock budget of the training loop")
+    ap.add_argument("--minutes", type=float, default=6.5, help="wall-clock budget of the training loop")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=384)
@@ -55,18 +55,19 @@ def parse_args(argv=None):
     ap.add_argument("--intermediate", type=int, default=768)
     ap.add_argument("--rope-theta", type=float, default=500000.0)
     ap.add_argument("--max-positions", type=int, default=32768)
-    ap.add_argument("--stages", default="1024:0.3,4096:0.35,16384:0.35", help="seq_len:fraction of the budget, in order")
+    ap.add_argument("--stages", default="1024:0.2,4096:0.3,16384:0.5", help="seq_len:fraction of the budget, in order")
     ap.add_argument("--tokens-per-step", type=int, default=131072)
     ap.add_argument("--task-frac", type=float, default=0.85, help="share of sequences packed with tasks (the rest: plain corpus text)")
     ap.add_argument("--answer-weight", type=float, default=4.0, help="loss weight of the answer tokens (others 1)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr-frac", type=float, default=0.1)
-    ap.add_argument("--warmup-steps", type=int, default=60)
+    ap.add_argument("--warmup-steps", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--eval-lengths", default="4096,16384")
-    ap.add_argument("--eval-per-family", type=int, default=8)
-    ap.add_argument("--eval-seconds", type=float, default=75.0, help="cap on the accuracy check")
+    ap.add_argument("--eval-per-family", type=int, default=6)
+    ap.add_argument("--eval-seconds", type=float, default=75.0, help="cap on the accuracy check (split evenly over the lengths)")
+    ap.add_argument("--total-minutes", type=float, default=0, help="cap on the whole command: the accuracy check is shortened to end 20 s before it (0: none)")
     ap.add_argument("--resume", help="a checkpoint file from --ckpt-out (weights + optimizer) or a saved model folder (weights)")
     ap.add_argument("--ckpt-out", help="also write a full checkpoint (fp32 weights, optimizer, step) here")
     ap.add_argument("--device", default=None)
@@ -287,13 +288,14 @@ def score(answer, output):
     return hits, in_order
 
 
-def evaluate(a, model, tok, ids, cpt, torch, device, deadline):
+def evaluate(a, model, tok, ids, cpt, torch, device, seconds):
     model.eval()
     results = {"lengths": {}, "examples": []}
     lengths = [int(x) for x in a.eval_lengths.split(",") if x]
     fams = a.families.split(",")
     eos = {ids[toklib.EOS], ids[toklib.EOT]}
-    for L in lengths:
+    for li, L in enumerate(lengths):
+        deadline = time.time() + seconds / len(lengths)
         count = a.eval_per_family * len(fams)
         # Same target length for every task; depths on a grid; seeds never used in training.
         proc = node_tasks(a, 900000 + L, count, str(int(L * 0.97)), cpt, depths="0.05,0.35,0.65,0.95")
@@ -498,9 +500,12 @@ def main(argv=None):
 
     # Accuracy check, on the bf16 weights as saved.
     model.to(torch.bfloat16)
-    deadline = time.time() + a.eval_seconds
-    ev = evaluate(a, model, tok, ids, cpt, torch, device, deadline)
-    ev["seconds"] = round(time.time() - deadline + a.eval_seconds, 1)
+    eval_s = a.eval_seconds
+    if a.total_minutes:
+        eval_s = max(0.0, min(eval_s, a.total_minutes * 60 - (time.time() - t_start) - 20))
+    t_eval = time.time()
+    ev = evaluate(a, model, tok, ids, cpt, torch, device, eval_s)
+    ev["seconds"] = round(time.time() - t_eval, 1)
     with open(os.path.join(a.out, "eval.json"), "w") as f:
         json.dump(ev, f, indent=1)
     info["gpu_minutes"] = round((time.time() - t_start) / 60, 2)
