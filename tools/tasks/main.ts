@@ -13,6 +13,7 @@
  * processes write disjoint parts of one set.
  */
 import { closeSync, openSync, writeSync } from "node:fs";
+import { once } from "node:events";
 import { pathToFileURL } from "node:url";
 import { Filler } from "./filler.js";
 import { FAMILIES, generateTask, type Family } from "./generate.js";
@@ -100,21 +101,29 @@ export function* tasks(filler: Filler, a: Args) {
   }
 }
 
-function main() {
+async function main() {
   const a = parseArgs(process.argv.slice(2));
   const filler = Filler.fromFile(a.corpus);
   const fd = a.out === "-" ? -1 : openSync(a.out, "w");
-  const write = (s: string) => (fd < 0 ? process.stdout.write(s) : writeSync(fd, s));
+  // A reader that stops early (closes the pipe) ends the run quietly.
+  process.stdout.on("error", (e: NodeJS.ErrnoException) => {
+    if (e.code === "EPIPE") process.exit(0);
+    throw e;
+  });
+  const write = async (s: string) => {
+    if (fd >= 0) writeSync(fd, s);
+    else if (!process.stdout.write(s)) await once(process.stdout, "drain"); // backpressure: never queue more than one chunk
+  };
   let buf = "";
   for (const t of tasks(filler, a)) {
     buf += JSON.stringify(t) + "\n";
     if (buf.length > 1 << 20) {
-      write(buf);
+      await write(buf);
       buf = "";
     }
   }
-  if (buf) write(buf);
+  if (buf) await write(buf);
   if (fd >= 0) closeSync(fd);
 }
 
-if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) main();
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) await main();
