@@ -36,5 +36,5 @@ fi
 du -sh "$DEST"
 echo
 echo "On the GPU machine, from the repository root with .gpu/train carried along:"
-echo "  bash .gpu/train/run.sh --minutes 7"
+echo "  bash .gpu/train/run.sh --minutes 6.5"
 echo "(the model folder is written to \$OUT/model; --out DIR to change it, --help for every option)"
