@@ -88,6 +88,8 @@ export interface LayerEngineStats {
   pagesHit: number;
   pagesRecalled: number;
   cosineSamples: number;
+  /** Samples below the session's tau (the correction's test, whether or not the layer corrects). */
+  cosineBelowTau: number;
   cosineSum: number;
   cosineSumSq: number;
   /** 0 without samples. */

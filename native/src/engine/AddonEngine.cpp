@@ -406,6 +406,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
       lnum("pagesHit", static_cast<double>(ls.pages_hit));
       lnum("pagesRecalled", static_cast<double>(ls.pages_recalled));
       lnum("cosineSamples", static_cast<double>(ls.cosine_samples));
+      lnum("cosineBelowTau", static_cast<double>(ls.cosine_below_tau));
       lnum("cosineSum", ls.cosine_sum);
       lnum("cosineSumSq", ls.cosine_sum_sq);
       lnum("cosineMin", ls.cosine_min);

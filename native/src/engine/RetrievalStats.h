@@ -64,9 +64,11 @@ struct LayerStats {
   uint64_t pages_selected = 0;
   uint64_t pages_hit = 0;
   uint64_t pages_recalled = 0;
-  // Adjacent-query cosine samples: number, sum, sum of squares, minimum (0 without samples) and
-  // the histogram (bucket edges above).
+  // Adjacent-query cosine samples: number, sum, sum of squares, minimum (0 without samples), the
+  // histogram (bucket edges above), and those below the session's tau (`cosine < tau`, the
+  // correction's test, whether or not the layer corrects).
   uint64_t cosine_samples = 0;
+  uint64_t cosine_below_tau = 0;
   double cosine_sum = 0;
   double cosine_sum_sq = 0;
   float cosine_min = 0;

@@ -370,6 +370,7 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
         cosine[h] = c;
         d.cosine_min = d.cosine_samples == 0 ? c : std::min(d.cosine_min, c);
         d.cosine_samples += 1;
+        if (NeedsCorrection(c, s.cfg.tau)) d.cosine_below_tau += 1;
         d.cosine_sum += c;
         d.cosine_sum_sq += static_cast<double>(c) * c;
         d.cosine_hist[CosineBucket(c)] += 1;
