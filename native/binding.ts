@@ -68,6 +68,37 @@ export interface EngineStats {
   recallWaits: number;
   /** Speculative recalls that waited for the current attention to release the slots before writing. */
   guardWaits: number;
+  /**
+   * Per layer (native/src/engine/RetrievalStats.h); selections .. pagesRecalled above are their
+   * sums, recallBytes = pagesRecalled * head-page bytes.
+   */
+  layers: LayerEngineStats[];
+}
+
+/**
+ * One layer's retrieval counters and dynamics (native/src/engine/RetrievalStats.h). A decode that
+ * is not the first after a prefill samples, per KV head, the adjacent-query cosine (the mean over
+ * the group's query heads of cos(q_t, q_{t-1}), every mode and layer) and, on a retrieval layer
+ * whose previous decode attended a selection too, the top-k overlap of the selected pages.
+ */
+export interface LayerEngineStats {
+  selections: number;
+  corrections: number;
+  pagesSelected: number;
+  pagesHit: number;
+  pagesRecalled: number;
+  cosineSamples: number;
+  /** Samples below the session's tau (the correction's test, whether or not the layer corrects). */
+  cosineBelowTau: number;
+  cosineSum: number;
+  cosineSumSq: number;
+  /** 0 without samples. */
+  cosineMin: number;
+  /** kCosineBuckets counts; bucket i holds [edges[i-1], edges[i]) of `cosineBucketEdges()`. */
+  cosineHistogram: number[];
+  /** Of the selected pages attention read (overlapBase), those it also read at the previous step. */
+  overlapPages: number;
+  overlapBase: number;
 }
 
 export interface DecodeInput {

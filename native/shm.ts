@@ -112,6 +112,11 @@ export interface Contract {
   /** null when valid; fields left out take the defaults. */
   validateRetrieval(retrieval: Partial<Retrieval>, layers: number): RetrievalError | null;
   enums(): EnumNames;
+  /**
+   * Upper edges of the adjacent-query cosine histogram's buckets but the last (float32 values;
+   * native/src/engine/RetrievalStats.h): bucket i holds [edges[i-1], edges[i]).
+   */
+  cosineBucketEdges(): number[];
 }
 
 export interface ShmAddon extends Contract {

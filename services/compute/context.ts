@@ -138,6 +138,41 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
       this.set(sel ? sum((s) => s.pagesHit) / sel : 0);
     },
   });
+  // Adjacent-query cosine (the correction's group cosine), model-wide: per-layer series would be
+  // layers x buckets of them; the per-layer figures are in RetrievalStats.layers.
+  new Gauge({
+    name: "freekv_compute_adjacent_cosine_mean",
+    help: "Mean adjacent-query group cosine cos(q_t, q_t-1) over open sessions, all layers and KV heads",
+    registers: [registry],
+    collect() {
+      const n = sum((s) => s.layers.reduce((a, l) => a + l.cosineSamples, 0));
+      this.set(n ? sum((s) => s.layers.reduce((a, l) => a + l.cosineSum, 0)) / n : 0);
+    },
+  });
+  new Gauge({
+    name: "freekv_compute_adjacent_cosine_samples",
+    help: "Adjacent-query group cosine samples of open sessions (all layers and KV heads) below each bucket edge (cumulative; below=\"+Inf\": all)",
+    labelNames: ["below"],
+    registers: [registry],
+    collect() {
+      this.reset();
+      const mgr = sessions();
+      let edges: number[] = [];
+      let counts: number[] = [];
+      for (const s of mgr?.list() ?? []) {
+        const st = mgr!.stats(s);
+        edges = st.cosineBucketEdges;
+        for (const l of st.layers) l.cosineHistogram.forEach((c, i) => (counts[i] = (counts[i] ?? 0) + c));
+      }
+      if (!edges.length) return;
+      let cum = 0;
+      edges.forEach((e, i) => {
+        cum += counts[i] ?? 0;
+        this.set({ below: String(Number(e.toPrecision(6))) }, cum);
+      });
+      this.set({ below: "+Inf" }, cum + (counts[edges.length] ?? 0));
+    },
+  });
   new Gauge({
     name: "freekv_compute_pages",
     help: "Pages of open sessions per tier (device = resident in the budget cache, host = offloaded to the kvstore)",

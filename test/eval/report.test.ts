@@ -24,6 +24,9 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 const MODES: ModeName[] = ["dense", "freekv", "sink_window"];
 const CONTEXTS = [1024, 4096, 16384];
+const LAYERS = 3;
+const EDGES = [0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99];
+const RAW = new Map<string, number[][]>();
 
 /** Random results: every family at every context, a random number of tasks each, random outcomes and counters. */
 function syntheticResults(): TaskResult[] {
@@ -41,6 +44,36 @@ function syntheticResults(): TaskResult[] {
           const selections = mode === "freekv" ? steps * 8 : 0;
           const selected = selections * 4;
           const hit = rng.int(selected + 1);
+          // Per layer: raw group cosines (kept for the check) and the stats the engine would report.
+          const raw: number[][] = [];
+          const layers = Array.from({ length: LAYERS }, (_, layer) => {
+            const cos = Array.from({ length: failed ? 0 : (steps - 1) * 2 }, () => (rng.next() < 0.7 ? 0.8 + 0.2 * rng.next() : -1 + 2 * rng.next()));
+            raw.push(cos);
+            const hist = new Array(EDGES.length + 1).fill(0);
+            for (const c of cos) hist[EDGES.filter((e) => c >= e).length] += 1;
+            const lsel = selections / LAYERS;
+            return {
+              layer,
+              selections: lsel,
+              corrections: rng.int(lsel + 1),
+              correctionRate: 0,
+              pagesSelected: lsel * 4,
+              pagesHit: rng.int(lsel * 4 + 1),
+              pagesRecalled: 0,
+              hitRate: 0,
+              cosineSamples: cos.length,
+              cosineSum: cos.reduce((a, c) => a + c, 0),
+              cosineSumSq: cos.reduce((a, c) => a + c * c, 0),
+              cosineMean: 0,
+              cosineMin: cos.length ? Math.min(...cos) : 0,
+              cosineHistogram: hist,
+              cosineBelowTau: cos.filter((c) => c < 0.9).length,
+              overlapPages: 0,
+              overlapBase: 0,
+              overlap: 0,
+            };
+          });
+          RAW.set(`${id}/${mode}`, raw);
           out.push({
             id: `task-${id}`,
             family,
@@ -73,6 +106,8 @@ function syntheticResults(): TaskResult[] {
                     pagesOffloaded: rng.int(100),
                     offloadBytes: 0,
                     hitRate: 0,
+                    layers,
+                    cosineBucketEdges: EDGES,
                   },
                 }),
           });
@@ -82,6 +117,7 @@ function syntheticResults(): TaskResult[] {
 }
 
 const results = syntheticResults();
+const raw = (r: TaskResult, layer: number) => RAW.get(`${r.id.slice(5)}/${r.mode}`)![layer];
 const summary = summarize(results, MODES);
 
 describe("summarize", () => {
@@ -130,6 +166,27 @@ describe("summarize", () => {
       expect(m.hit_rate).toBe(sum((s) => s.pagesSelected) ? sum((s) => s.pagesHit) / sum((s) => s.pagesSelected) : 0);
     }
     expect(summary.modes.find((x) => x.mode === "dense")!.retrieval.correction_rate).toBe(0);
+  });
+
+  it("per mode and layer, the cosine's mean, spread, minimum and fraction below tau of every raw sample", () => {
+    for (const mode of MODES) {
+      const m = summary.modes.find((x) => x.mode === mode)!.retrieval;
+      expect(m.layers.map((l) => l.layer)).toEqual([...Array(LAYERS).keys()]);
+      for (let layer = 0; layer < LAYERS; layer++) {
+        const all = results.filter((r) => r.mode === mode && r.stats).flatMap((r) => raw(r, layer));
+        const l = m.layers[layer];
+        const mean = all.reduce((a, c) => a + c, 0) / all.length;
+        expect(l.cosine_samples).toBe(all.length);
+        expect(l.cosine_mean).toBeCloseTo(mean, 12);
+        expect(l.cosine_std).toBeCloseTo(Math.sqrt(all.reduce((a, c) => a + (c - mean) ** 2, 0) / all.length), 9);
+        expect(l.cosine_min).toBe(Math.min(...all));
+        expect(l.cosine_below_tau_fraction).toBeCloseTo(all.filter((c) => c < 0.9).length / all.length, 12);
+        expect(l.cosine_histogram.reduce((a, c) => a + c, 0)).toBe(all.length);
+        const rs = results.filter((r) => r.mode === mode && r.stats);
+        const sel = rs.reduce((a, r) => a + r.stats!.layers[layer].selections, 0);
+        expect(l.correction_rate).toBe(sel ? rs.reduce((a, r) => a + r.stats!.layers[layer].corrections, 0) / sel : 0);
+      }
+    }
   });
 
   it("the table has a row per family and context and a column per mode", () => {

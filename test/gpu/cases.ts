@@ -586,6 +586,30 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
           : ["contextTokens", "pagesOffloaded", "offloadBytes", "pagesSelected", "pagesHit", "pagesRecalled", "recallBytes", "corrections", "decodeSteps"];
       for (const key of keys)
         if (sc[key] !== sg[key]) fail(`session ${b}: stats.${key} = ${sg[key]} on CUDA, ${sc[key]} on CPU`);
+      // Per layer (native/src/engine/RetrievalStats.h): counts exactly, cosine sums within float
+      // tolerance (float32 on the device, float64 on the CPU). A group cosine within 1e-5 of a
+      // bucket edge or tau may land on either side, so the histogram and the samples below tau
+      // may move by the number of such samples (none but by chance on random data).
+      if (!reattached) {
+        if (sg.layers.length !== sc.layers.length) fail(`session ${b}: stats.layers has ${sg.layers.length} layers on CUDA, ${sc.layers.length} on CPU`);
+        for (let l = 0; l < Math.min(sc.layers.length, sg.layers.length); l++) {
+          const lc = sc.layers[l],
+            lg = sg.layers[l];
+          const at = `session ${b}: stats.layers[${l}]`;
+          const exact: (keyof typeof lc)[] = diverged.has(b)
+            ? ["selections", "corrections", "pagesSelected", "cosineSamples"]
+            : ["selections", "corrections", "pagesSelected", "pagesHit", "pagesRecalled", "cosineSamples", "overlapPages", "overlapBase"];
+          for (const key of exact) if (lc[key] !== lg[key]) fail(`${at}.${key} = ${lg[key]} on CUDA, ${lc[key]} on CPU`);
+          const tol = 1e-5 * Math.max(1, lc.cosineSamples);
+          if (!(Math.abs(lc.cosineSum - lg.cosineSum) <= tol)) fail(`${at}.cosineSum = ${lg.cosineSum} on CUDA, ${lc.cosineSum} on CPU`);
+          if (!(Math.abs(lc.cosineSumSq - lg.cosineSumSq) <= tol)) fail(`${at}.cosineSumSq = ${lg.cosineSumSq} on CUDA, ${lc.cosineSumSq} on CPU`);
+          if (!(Math.abs(lc.cosineMin - lg.cosineMin) <= 1e-5)) fail(`${at}.cosineMin = ${lg.cosineMin} on CUDA, ${lc.cosineMin} on CPU`);
+          const moved = lc.cosineHistogram.reduce((a, x, i) => a + Math.abs(x - (lg.cosineHistogram[i] ?? NaN)), 0);
+          if (!(moved <= 2) || lg.cosineHistogram.length !== lc.cosineHistogram.length)
+            fail(`${at}.cosineHistogram = [${lg.cosineHistogram}] on CUDA, [${lc.cosineHistogram}] on CPU`);
+          if (!(Math.abs(lc.cosineBelowTau - lg.cosineBelowTau) <= 1)) fail(`${at}.cosineBelowTau = ${lg.cosineBelowTau} on CUDA, ${lc.cosineBelowTau} on CPU`);
+        }
+      }
       if (!reattached && sc.pagesHit + sc.pagesRecalled !== sg.pagesHit + sg.pagesRecalled)
         fail(`session ${b}: hits + recalls = ${sg.pagesHit + sg.pagesRecalled} on CUDA, ${sc.pagesHit + sc.pagesRecalled} on CPU`);
       if (engines.cuda.contextTokens(sessions.cuda[b]) !== spec.prompts[b] + spec.steps) fail(`session ${b}: contextTokens`);

@@ -15,12 +15,11 @@ import type { Cell, Summary } from "./summary.js";
 
 /**
  * What the service does not report, so the harness cannot either: the Generate final message
- * carries RetrievalStats summed over layers and KV heads, and /metrics sums the same counters
- * over the sessions still open.
+ * carries RetrievalStats per layer (RetrievalStats.layers), summed over KV heads and decode steps.
  */
 export const NOT_EXPOSED = [
-  "adjacent-query cosine (per layer, per KV group): computed by the engine for correction but neither in RetrievalStats nor in /metrics",
-  "per-layer retrieval counters (corrections, recalls): RetrievalStats sums all layers and KV heads",
+  "per-KV-head dynamics (adjacent-query cosine, corrections, top-k overlap): RetrievalStats.layers sums each layer's KV heads",
+  "per-step series: RetrievalStats sums a generation's decode steps",
 ];
 
 const pct = (x: number) => (100 * x).toFixed(1);
@@ -66,6 +65,24 @@ export function toTable(s: Summary): string {
     ]),
     1,
   );
+  const layerRows = s.modes.flatMap((m) =>
+    m.retrieval.layers.map((l) => [
+      m.mode,
+      String(l.layer),
+      String(l.cosine_samples),
+      l.cosine_samples ? l.cosine_mean.toFixed(3) : "-",
+      l.cosine_samples ? l.cosine_std.toFixed(3) : "-",
+      l.cosine_samples ? l.cosine_min.toFixed(3) : "-",
+      l.cosine_samples ? pct(l.cosine_below_tau_fraction) : "-",
+      l.selections ? l.correction_rate.toFixed(3) : "-",
+      l.pages_selected ? l.hit_rate.toFixed(3) : "-",
+      l.topk_overlap ? l.topk_overlap.toFixed(3) : "-",
+    ]),
+  );
+  if (layerRows.length) {
+    out += "\nper mode and layer (adjacent-query group cosine cos(q_t, q_t-1), sampled in every mode; below tau = freekv's correction test)\n";
+    out += table(["mode", "layer", "cos samples", "cos mean", "cos std", "cos min", "below tau %", "correction rate", "hit rate", "top-k overlap"], layerRows, 1);
+  }
   out += `not reported by the service: ${NOT_EXPOSED.map((x) => x.split(":")[0]).join("; ")}\n`;
   return out;
 }

@@ -49,6 +49,101 @@ export interface RetrievalSummary {
   recall_bytes_per_step: number;
   pages_offloaded: number;
   offload_bytes: number;
+  /** Per layer (RetrievalStats.layers summed over the mode's requests), in layer order. */
+  layers: LayerSummary[];
+}
+
+/**
+ * One layer's retrieval dynamics over a mode's requests (native/src/engine/RetrievalStats.h): the
+ * adjacent-query group cosine (sampled in every mode at each decode but the first after a
+ * prefill), its fraction below the sessions' tau (freekv's correction test), and the counters.
+ */
+export interface LayerSummary {
+  layer: number;
+  cosine_samples: number;
+  /** 0 without samples (and the std, min too). */
+  cosine_mean: number;
+  cosine_std: number;
+  cosine_min: number;
+  cosine_below_tau: number;
+  /** cosine_below_tau / cosine_samples. */
+  cosine_below_tau_fraction: number;
+  /** Counts per bucket of `cosine_bucket_edges` (RetrievalStats.cosine_bucket_edges). */
+  cosine_histogram: number[];
+  cosine_bucket_edges: number[];
+  selections: number;
+  corrections: number;
+  correction_rate: number;
+  pages_selected: number;
+  pages_recalled: number;
+  hit_rate: number;
+  /** Of the selected pages attention read, the fraction it also read at the previous step. */
+  topk_overlap: number;
+}
+
+export function layersOf(rs: readonly TaskResult[]): LayerSummary[] {
+  interface Acc {
+    samples: number;
+    sum: number;
+    sq: number;
+    min: number;
+    below: number;
+    hist: number[];
+    edges: number[];
+    selections: number;
+    corrections: number;
+    selected: number;
+    hit: number;
+    recalled: number;
+    overlap: number;
+    base: number;
+  }
+  const acc: Acc[] = [];
+  for (const r of rs)
+    for (const l of r.stats?.layers ?? []) {
+      const a = (acc[l.layer] ??= {
+        samples: 0, sum: 0, sq: 0, min: Infinity, below: 0, hist: [],
+        edges: (r.stats?.cosineBucketEdges ?? []).map((e) => Number(e.toPrecision(6))),
+        selections: 0, corrections: 0, selected: 0, hit: 0, recalled: 0, overlap: 0, base: 0,
+      });
+      if (l.cosineSamples > 0) a.min = Math.min(a.min, l.cosineMin);
+      a.samples += l.cosineSamples;
+      a.sum += l.cosineSum;
+      a.sq += l.cosineSumSq;
+      a.below += l.cosineBelowTau;
+      l.cosineHistogram.forEach((c, b) => (a.hist[b] = (a.hist[b] ?? 0) + c));
+      a.selections += l.selections;
+      a.corrections += l.corrections;
+      a.selected += l.pagesSelected;
+      a.hit += l.pagesHit;
+      a.recalled += l.pagesRecalled;
+      a.overlap += l.overlapPages;
+      a.base += l.overlapBase;
+    }
+  const out: LayerSummary[] = [];
+  acc.forEach((a, layer) => {
+    const n = a.samples;
+    const mean = n ? a.sum / n : 0;
+    out.push({
+      layer,
+      cosine_samples: n,
+      cosine_mean: mean,
+      cosine_std: n ? Math.sqrt(Math.max(0, a.sq / n - mean * mean)) : 0,
+      cosine_min: n ? a.min : 0,
+      cosine_below_tau: a.below,
+      cosine_below_tau_fraction: n ? a.below / n : 0,
+      cosine_histogram: a.hist,
+      cosine_bucket_edges: a.edges,
+      selections: a.selections,
+      corrections: a.corrections,
+      correction_rate: a.selections ? a.corrections / a.selections : 0,
+      pages_selected: a.selected,
+      pages_recalled: a.recalled,
+      hit_rate: a.selected ? a.hit / a.selected : 0,
+      topk_overlap: a.base ? a.overlap / a.base : 0,
+    });
+  });
+  return out;
 }
 
 export interface ModeSummary extends Accuracy {
@@ -100,6 +195,7 @@ export function retrievalOf(rs: readonly TaskResult[]): RetrievalSummary {
     recall_bytes_per_step: steps ? bytes / steps : 0,
     pages_offloaded: sum((s) => s.pagesOffloaded),
     offload_bytes: sum((s) => s.offloadBytes),
+    layers: layersOf(rs),
   };
 }
 

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "engine/Manifest.h"
+#include "engine/RetrievalStats.h"
 
 namespace freekv::addon {
 
@@ -225,6 +226,15 @@ Napi::Value EnumsFn(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// cosineBucketEdges(): the upper edges of the adjacent-cosine histogram's buckets but the last
+// (engine/RetrievalStats.h).
+Napi::Value CosineBucketEdgesFn(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  auto a = Napi::Array::New(env, kCosineBuckets - 1);
+  for (int i = 0; i < kCosineBuckets - 1; ++i) a.Set(i, static_cast<double>(CosineBucketEdge(i)));
+  return a;
+}
+
 }  // namespace
 
 void InitContract(Napi::Env env, Napi::Object exports) {
@@ -234,6 +244,7 @@ void InitContract(Napi::Env env, Napi::Object exports) {
   exports.Set("retrievalDefaults", Napi::Function::New(env, RetrievalDefaultsFn, "retrievalDefaults"));
   exports.Set("validateRetrieval", Napi::Function::New(env, ValidateRetrievalFn, "validateRetrieval"));
   exports.Set("enums", Napi::Function::New(env, EnumsFn, "enums"));
+  exports.Set("cosineBucketEdges", Napi::Function::New(env, CosineBucketEdgesFn, "cosineBucketEdges"));
 }
 
 }  // namespace freekv::addon

@@ -395,6 +395,29 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     num("residentPages", st.resident_pages);
     num("recallWaits", st.recall_waits);
     num("guardWaits", st.guard_waits);
+    auto layers = Napi::Array::New(env, st.layers.size());
+    for (size_t l = 0; l < st.layers.size(); ++l) {
+      const LayerStats& ls = st.layers[l];
+      auto lo = Napi::Object::New(env);
+      auto lnum = [&](const char* k, double v) { lo.Set(k, Napi::Number::New(env, v)); };
+      lnum("selections", static_cast<double>(ls.selections));
+      lnum("corrections", static_cast<double>(ls.corrections));
+      lnum("pagesSelected", static_cast<double>(ls.pages_selected));
+      lnum("pagesHit", static_cast<double>(ls.pages_hit));
+      lnum("pagesRecalled", static_cast<double>(ls.pages_recalled));
+      lnum("cosineSamples", static_cast<double>(ls.cosine_samples));
+      lnum("cosineBelowTau", static_cast<double>(ls.cosine_below_tau));
+      lnum("cosineSum", ls.cosine_sum);
+      lnum("cosineSumSq", ls.cosine_sum_sq);
+      lnum("cosineMin", ls.cosine_min);
+      auto hist = Napi::Array::New(env, kCosineBuckets);
+      for (int b = 0; b < kCosineBuckets; ++b) hist.Set(b, static_cast<double>(ls.cosine_hist[b]));
+      lo.Set("cosineHistogram", hist);
+      lnum("overlapPages", static_cast<double>(ls.overlap_pages));
+      lnum("overlapBase", static_cast<double>(ls.overlap_base));
+      layers.Set(l, lo);
+    }
+    o.Set("layers", layers);
     return o;
   }
 

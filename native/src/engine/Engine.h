@@ -18,6 +18,7 @@
 #include "engine/Layout.h"
 #include "engine/Manifest.h"
 #include "engine/Retrieval.h"
+#include "engine/RetrievalStats.h"
 
 namespace freekv {
 class DeviceEngine;
@@ -45,7 +46,8 @@ void ValidateGeometry(const Geometry& g);
 // size (the staging buffers only where the backend uses them).
 void ValidateHostStore(const HostStore& h, const Layout& layout, bool uses_staging);
 
-// Per-session counters (summed over layers). Mirrors freekv.v1.RetrievalStats.
+// Per-session counters. Mirrors freekv.v1.RetrievalStats. The retrieval counters (selections
+// .. recall_bytes) are the sums over `layers` (SumLayers).
 struct Stats {
   uint64_t decode_steps = 0;
   // One per (layer, KV head) of a retrieval layer per decode step: the selection that step's
@@ -68,6 +70,22 @@ struct Stats {
   // Speculative recalls that had to wait for the current attention to release the slots before
   // writing them (the selection runs during that attention; the writes may not).
   uint64_t guard_waits = 0;
+  // Per layer (engine/RetrievalStats.h): counters and the adjacent-query / top-k dynamics.
+  std::vector<LayerStats> layers;
+
+  // Sets selections .. recall_bytes to the sums over `layers`; head_page_bytes: one recalled
+  // head-page ([2][P][D] of one KV head in the storage type).
+  void SumLayers(uint64_t head_page_bytes) {
+    selections = corrections = pages_selected = pages_hit = pages_recalled = 0;
+    for (const LayerStats& l : layers) {
+      selections += l.selections;
+      corrections += l.corrections;
+      pages_selected += l.pages_selected;
+      pages_hit += l.pages_hit;
+      pages_recalled += l.pages_recalled;
+    }
+    recall_bytes = pages_recalled * head_page_bytes;
+  }
 };
 
 // One session's input to a batched decode step of one layer. Pointers are in the backend's

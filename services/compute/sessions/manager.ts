@@ -16,6 +16,7 @@ import { resolveRetrieval, toNativeRetrieval } from "../../common/retrieval.js";
 import type { KvStoreClient } from "../kvstore-client.js";
 import { crc32c } from "../../common/crc32c.js";
 import { ComputeSession, kindName, type SessionMetadata } from "./session.js";
+import { retrievalStats } from "./stats.js";
 import { status } from "@grpc/grpc-js";
 
 export const SESSION_ID_RE = /^[A-Za-z0-9._-]{1,128}$/;
@@ -37,6 +38,7 @@ export interface SessionManagerOptions {
 
 export class SessionManager {
   private readonly sessions = new Map<string, ComputeSession>();
+  private cosineEdges: number[] | undefined;
   private readonly creating = new Set<string>();
 
   constructor(private readonly opts: SessionManagerOptions) {}
@@ -283,20 +285,8 @@ export class SessionManager {
   }
 
   stats(s: ComputeSession): RetrievalStats {
-    const st = this.opts.engine.stats(s.engineSession);
-    return {
-      decodeSteps: st.decodeSteps,
-      selections: st.selections,
-      corrections: st.corrections,
-      correctionRate: st.selections ? st.corrections / st.selections : 0,
-      pagesSelected: st.pagesSelected,
-      pagesHit: st.pagesHit,
-      pagesRecalled: st.pagesRecalled,
-      recallBytes: st.recallBytes,
-      pagesOffloaded: st.pagesOffloaded,
-      offloadBytes: st.offloadBytes,
-      hitRate: st.pagesSelected ? st.pagesHit / st.pagesSelected : 0,
-    };
+    this.cosineEdges ??= loadAddon().cosineBucketEdges();
+    return retrievalStats(this.opts.engine.stats(s.engineSession), this.cosineEdges);
   }
 
   toProto(s: ComputeSession): Session {

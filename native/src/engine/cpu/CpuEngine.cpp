@@ -81,6 +81,7 @@ int CpuEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const 
       L->slots.assign(pg.select_pages * pg.nhd_page_bytes, 0);
       L->slot_page.assign(pg.Hkv, std::vector<int>(pg.select_pages, -1));
       L->selected.assign(pg.Hkv, {});
+      L->prev_selected.assign(pg.Hkv, {});
     }
     L->q_prev.assign(static_cast<size_t>(pg.Hq) * pg.D, 0.f);
     L->attended_pages.assign(pg.Hkv, {});
@@ -207,10 +208,9 @@ void CpuEngine::ApplySelection(CpuSession& s, LayerState& L, int h, const std::v
   for (int p : chosen) sel.push_back({p, where.at(p)});
   std::sort(sel.begin(), sel.end(), [](const SelectedPage& a, const SelectedPage& b) { return a.page < b.page; });
   L.selected_count += static_cast<int>(sel.size()) - before;
-  s.counters.pages_selected += chosen.size();
-  s.counters.pages_hit += plan.hits;
-  s.counters.pages_recalled += plan.misses.size();
-  s.counters.recall_bytes += plan.misses.size() * s.pg.head_page_bytes;
+  L.counters.pages_selected += chosen.size();
+  L.counters.pages_hit += plan.hits;
+  L.counters.pages_recalled += plan.misses.size();
 }
 
 void CpuEngine::RunRecall(CpuSession& s, int layer, const std::vector<RecallOp>& ops) {
@@ -357,19 +357,36 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
   for (int i = 0; i < n; ++i) {
     CpuSession& s = *ss[i];
     LayerState& L = *s.layers[layer];
-    if (!s.Retrieves(L)) continue;
     const int group = s.pg.Hq / s.pg.Hkv;
-    s.counters.selections += s.pg.Hkv;
+    // The adjacent-query cosine of every group (engine/RetrievalStats.h: every mode and layer).
+    std::vector<float> cosine;
+    if (L.has_q && !L.first_decode) {
+      cosine.resize(s.pg.Hkv);
+      std::lock_guard<std::mutex> l(L.counters.mu);
+      LayerStats& d = L.counters.dynamics;
+      for (int h = 0; h < s.pg.Hkv; ++h) {
+        const size_t off = static_cast<size_t>(h) * group * s.pg.D;
+        const float c = GroupCosine(items[i].q + off, L.q_prev.data() + off, group, s.pg.D);
+        cosine[h] = c;
+        d.cosine_min = d.cosine_samples == 0 ? c : std::min(d.cosine_min, c);
+        d.cosine_samples += 1;
+        if (NeedsCorrection(c, s.cfg.tau)) d.cosine_below_tau += 1;
+        d.cosine_sum += c;
+        d.cosine_sum_sq += static_cast<double>(c) * c;
+        d.cosine_hist[CosineBucket(c)] += 1;
+      }
+    }
+    if (!s.Retrieves(L)) continue;
+    L.counters.selections += s.pg.Hkv;
     for (int h = 0; h < s.pg.Hkv; ++h) {
       if (s.cfg.mode == Mode::Oracle) {
         sel.push_back({i, h, items[i].q});
       } else if (L.first_decode) {
         sel.push_back({i, h, L.has_q ? L.q_prev.data() : items[i].q});
       } else if (s.cfg.mode == Mode::FreeKV) {
-        const size_t off = static_cast<size_t>(h) * group * s.pg.D;
-        if (NeedsCorrection(GroupCosine(items[i].q + off, L.q_prev.data() + off, group, s.pg.D), s.cfg.tau)) {
+        if (NeedsCorrection(cosine.empty() ? 0.f : cosine[h], s.cfg.tau)) {
           sel.push_back({i, h, items[i].q});
-          s.counters.corrections += 1;
+          L.counters.corrections += 1;
         }
       }
     }
@@ -395,6 +412,8 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
       task_head.push_back(h);
     }
   std::vector<std::vector<int>> attended(task_item.size());
+  // Top-k overlap per task: |S_t & S_{t-1}| and |S_t| (-1: no sample).
+  std::vector<std::pair<int64_t, int64_t>> overlap(task_item.size(), {-1, 0});
   // The read of each layer's slots begins before the next step's speculative selection is queued,
   // so that job selects in parallel with this attention but writes slots only after it.
   for (int i = 0; i < n; ++i) ss[i]->layers[layer]->recall.BeginRead();
@@ -415,9 +434,24 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
         for (int p = 0; p < r.full; ++p) pages.push_back({p, L.dense_pages[p].get(), pg.P});
       } else {
         for (int p = 0; p < r.sink_end; ++p) pages.push_back({p, L.sink.data() + static_cast<size_t>(p) * pg.nhd_page_bytes, pg.P});
-        if (s.Retrieves(L))
-          for (const auto& sp : L.selected[h])
+        if (s.Retrieves(L)) {
+          // L.selected is stable while this decode holds the layer's read guard.
+          auto& prev = L.prev_selected[h];
+          if (!L.first_decode && L.prev_selected_valid) {
+            int64_t common = 0;
+            size_t j = 0;
+            for (const auto& sp : L.selected[h]) {
+              while (j < prev.size() && prev[j] < sp.page) ++j;
+              if (j < prev.size() && prev[j] == sp.page) ++common;
+            }
+            overlap[t] = {common, static_cast<int64_t>(L.selected[h].size())};
+          }
+          prev.clear();
+          for (const auto& sp : L.selected[h]) {
             pages.push_back({sp.page, L.slots.data() + static_cast<size_t>(sp.slot) * pg.nhd_page_bytes, pg.P});
+            prev.push_back(sp.page);
+          }
+        }
         for (int p = r.window_begin; p < r.full; ++p) pages.push_back({p, s.WorkingPage(L, p), pg.P});
         auto& rec = attended[t];
         rec.reserve(pages.size() + 1);
@@ -432,6 +466,17 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     throw;
   }
   for (int i = 0; i < n; ++i) ss[i]->layers[layer]->recall.EndRead();
+  for (size_t t = 0; t < task_item.size(); ++t) {
+    if (overlap[t].first < 0) continue;
+    LayerState& L = *ss[task_item[t]]->layers[layer];
+    std::lock_guard<std::mutex> l(L.counters.mu);
+    L.counters.dynamics.overlap_pages += static_cast<uint64_t>(overlap[t].first);
+    L.counters.dynamics.overlap_base += static_cast<uint64_t>(overlap[t].second);
+  }
+  for (int i = 0; i < n; ++i) {
+    LayerState& L = *ss[i]->layers[layer];
+    L.prev_selected_valid = ss[i]->Retrieves(L);
+  }
   // Record what was attended (for LastAttendedTokens).
   for (size_t t = 0; t < task_item.size(); ++t) {
     CpuSession& s = *ss[task_item[t]];
@@ -464,12 +509,21 @@ Stats CpuEngine::GetStats(int session) const {
   const auto& c = s->counters;
   Stats st;
   st.decode_steps = c.decode_steps;
-  st.selections = c.selections;
-  st.corrections = c.corrections;
-  st.pages_selected = c.pages_selected;
-  st.pages_hit = c.pages_hit;
-  st.pages_recalled = c.pages_recalled;
-  st.recall_bytes = c.recall_bytes;
+  for (const auto& L : s->layers) {
+    const LayerCounters& lc = L->counters;
+    LayerStats ls;
+    {
+      std::lock_guard<std::mutex> l(lc.mu);
+      ls = lc.dynamics;
+    }
+    ls.selections = lc.selections;
+    ls.corrections = lc.corrections;
+    ls.pages_selected = lc.pages_selected;
+    ls.pages_hit = lc.pages_hit;
+    ls.pages_recalled = lc.pages_recalled;
+    st.layers.push_back(ls);
+  }
+  st.SumLayers(s->pg.head_page_bytes);
   st.pages_offloaded = c.pages_offloaded;
   st.offload_bytes = c.offload_bytes;
   st.context_tokens = c.context_tokens;

@@ -21,6 +21,15 @@ struct SelectedPage {
   int slot;
 };
 
+// One layer's counters (engine/RetrievalStats.h). The selection counters are atomics (the
+// speculative selection runs on the background thread); the cosine and overlap accumulators are
+// written by the decode under `mu` and read by GetStats under it.
+struct LayerCounters {
+  std::atomic<uint64_t> selections{0}, corrections{0}, pages_selected{0}, pages_hit{0}, pages_recalled{0};
+  mutable std::mutex mu;
+  LayerStats dynamics;  // cosine_* and overlap_* only
+};
+
 struct LayerState {
   bool dense = false;
   int64_t tokens = 0;
@@ -44,14 +53,19 @@ struct LayerState {
   int64_t attended_tokens = 0;
   bool attended_all = false;
   bool attended_valid = false;
+  // The selection attention read at the previous decode, per KV head (pages, ascending), for the
+  // top-k overlap; valid when that decode attended a selection.
+  std::vector<std::vector<int>> prev_selected;
+  bool prev_selected_valid = false;
   // The speculative recall in flight for the next step, and the slot read guard.
   LayerRecall recall;
+  LayerCounters counters;
 };
 
+// Session-wide counters (the per-layer ones are in LayerState::counters).
 struct Counters {
-  std::atomic<uint64_t> decode_steps{0}, selections{0}, corrections{0}, pages_selected{0}, pages_hit{0},
-      pages_recalled{0}, recall_bytes{0}, pages_offloaded{0}, offload_bytes{0}, context_tokens{0},
-      resident_pages{0}, recall_waits{0}, guard_waits{0};
+  std::atomic<uint64_t> decode_steps{0}, pages_offloaded{0}, offload_bytes{0}, context_tokens{0}, resident_pages{0},
+      recall_waits{0}, guard_waits{0};
 };
 
 struct CpuSession {

@@ -131,7 +131,7 @@ void CudaEngine::QueueSelectAndRecall(Session& s, int layer, const float* q, int
   rp.k = s.K;
   rp.selected_base = s.SP + s.WP;
   rp.head_mask = head_mask;
-  rp.counters = s.counters.get();
+  rp.counters = s.LayerCounters(layer);
   (speculative ? t.spec_residency : t.residency).Add(rp);
   RecallBatchItem ri;
   ri.src = s.StoreLayerDev(layer);
@@ -160,7 +160,7 @@ void CudaEngine::SelectAndRecall(Session& s, int layer, const float* q, int c0, 
   rp.k = s.K;
   rp.selected_base = s.SP + s.WP;
   rp.head_mask = head_mask;
-  rp.counters = s.counters.get();
+  rp.counters = s.LayerCounters(layer);
   LaunchResidencyDiff(rp, stream);
   const RecallGeometry rg = s.Recall();
   if (s.cfg.recall == RecallMode::Gather) {
@@ -290,6 +290,7 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
   uint8_t* dev_region = desc_dev_.get() + (size_t)layer * desc_bytes_;
   DescTable t(B, host_region, dev_region);
   std::vector<PerItemSelect> per_item, per_item_spec;
+  std::vector<char> attends_selection(B, 0);
 
   int* tb_slot = batch_table_.get();
   int* tb_tokens = tb_slot + (size_t)B * Hkv * rows;
@@ -332,22 +333,29 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     }
     const int64_t t_new = c + 1;
     const Ranges r = RangesFor(s, t_new);
-    // Blocking selections: the first decode after a prefill, oracle, and corrections.
+    // Blocking selections: the first decode after a prefill, oracle, and corrections. Every
+    // decode but the first after a prefill samples the group cosines (engine/RetrievalStats.h):
+    // with the correction check on a correcting layer, else with a check that flags nothing.
+    unsigned long long* lc = s.LayerCounters(layer);
+    unsigned long long* cosine_stats = L.has_q && !L.first_decode ? lc : nullptr;
     if (s.Retrieves(L)) {
-      s.host_stats.selections += Hkv;
+      L.selections += Hkv;
       if (s.cfg.mode == Mode::Oracle) {
         QueueSelectAndRecall(s, layer, L.q[qnew].get(), r.sink_end, r.window_begin, nullptr, t, false, per_item);
       } else if (L.first_decode || !L.selection_valid) {
         QueueSelectAndRecall(s, layer, L.has_q ? L.q[L.qcur].get() : L.q[qnew].get(), r.sink_end, r.window_begin,
                              nullptr, t, false, per_item);
       } else if (s.cfg.mode == Mode::FreeKV) {
-        t.correction.Add(CorrectionItem{L.q[qnew].get(), L.q[L.qcur].get(), L.flags.get(),
-                                        s.counters.get() + kCorrections, s.cfg.tau, 0});
+        t.correction.Add(CorrectionItem{L.q[qnew].get(), L.q[L.qcur].get(), L.flags.get(), lc + kCorrections,
+                                        cosine_stats, s.cfg.tau, 0});
+        cosine_stats = nullptr;  // sampled by this check
         QueueSelectAndRecall(s, layer, L.q[qnew].get(), r.sink_end, r.window_begin, L.flags.get(), t, false,
                              per_item);
       }
     }
-    // The attention table: into the batch's rows and the layer's own (introspection).
+    if (cosine_stats) t.correction.Add(CorrectionItem{L.q[qnew].get(), L.q[L.qcur].get(), nullptr, nullptr, cosine_stats, s.cfg.tau, 0});
+    // The attention table: into the batch's rows and the layer's own (introspection; it also
+    // keeps the selection for the next step's top-k overlap).
     AttendTableParams tp;
     tp.context = (int)t_new;
     tp.page_size = P;
@@ -367,6 +375,9 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     tp.page_id = tb_id + (size_t)i * Hkv * rows;
     tp.num_pages = tb_num + (size_t)i * Hkv;
     t.table.Add(tp);
+    attends_selection[i] = sel;
+    tp.prev_selected = sel ? L.prev_selected.get() : nullptr;
+    tp.overlap = sel && !L.first_decode && L.prev_selected_valid ? lc + kOverlapPages : nullptr;
     tp.max_pages = L.table_rows;
     tp.page_slot = L.t_slot.get();
     tp.page_tokens = L.t_tokens.get();
@@ -456,6 +467,7 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     L.has_q = true;
     L.first_decode = false;
     L.attended_valid = true;
+    L.prev_selected_valid = attends_selection[i] != 0;
     L.decodes += 1;
     s.host_stats.decode_steps = std::max<uint64_t>(s.host_stats.decode_steps, L.decodes);
   }

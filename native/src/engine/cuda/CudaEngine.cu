@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -89,14 +90,29 @@ Stats CudaEngine::GetStats(int session) const {
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   const Session& s = Find(session);
   SyncStreams();
-  unsigned long long c[kNumCounters];
-  FKV_CUDA_CHECK(cudaMemcpy(c, s.counters.get(), sizeof(c), cudaMemcpyDeviceToHost));
+  const int layers = s.geo.layers;
+  std::vector<unsigned long long> c((size_t)layers * kLayerWords);
+  FKV_CUDA_CHECK(cudaMemcpy(c.data(), s.counters.get(), c.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
   Stats st = s.host_stats;
-  st.pages_selected = c[kSelected];
-  st.pages_hit = c[kHits];
-  st.pages_recalled = c[kMisses];
-  st.recall_bytes = c[kMisses] * s.Recall().HeadPageBytes();
-  st.corrections = c[kCorrections];
+  for (int l = 0; l < layers; ++l) {
+    const unsigned long long* w = c.data() + (size_t)l * kLayerWords;
+    LayerStats ls;
+    ls.selections = s.layers[l]->selections;
+    ls.corrections = w[kCorrections];
+    ls.pages_selected = w[kSelected];
+    ls.pages_hit = w[kHits];
+    ls.pages_recalled = w[kMisses];
+    ls.cosine_samples = w[kCosSamples];
+    ls.cosine_below_tau = w[kCosBelowTau];
+    std::memcpy(&ls.cosine_sum, &w[kCosSum], sizeof(double));
+    std::memcpy(&ls.cosine_sum_sq, &w[kCosSumSq], sizeof(double));
+    ls.cosine_min = CosineMinOf(w[kCosMin]);
+    for (int b = 0; b < kCosineBuckets; ++b) ls.cosine_hist[b] = w[kCosHist + b];
+    ls.overlap_pages = w[kOverlapPages];
+    ls.overlap_base = w[kOverlapBase];
+    st.layers.push_back(ls);
+  }
+  st.SumLayers(s.Recall().HeadPageBytes());
   st.context_tokens = Context(s);
   uint64_t resident = 0;
   for (const auto& L : s.layers) {

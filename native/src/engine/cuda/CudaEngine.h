@@ -63,6 +63,7 @@
 #include "cuda/step_graph.cuh"
 #include "engine/DeviceEngine.h"
 #include "engine/Engine.h"
+#include "layer_counters.cuh"
 #include "recall.cuh"
 
 namespace freekv::cuda {
@@ -70,9 +71,6 @@ namespace freekv::cuda {
 using bf16 = __nv_bfloat16;
 
 constexpr int kGatherBlocks = 8;  // SMs the recall uses (8 of 132 reach the PCIe link)
-
-// Counters kept on the device (atomics in the kernels), read by GetStats.
-enum DeviceCounter { kSelected = 0, kHits = 1, kMisses = 2, kCorrections = 3, kNumCounters = 4 };
 
 struct LayerTier {
   bool dense = false;
@@ -100,6 +98,11 @@ struct LayerTier {
   bool attended_valid = false;
   bool recall_pending = false;    // speculative recall queued (done when the engine's spec_done_[layer] is)
   uint64_t decodes = 0;
+  uint64_t selections = 0;        // host-known per-layer counter (LayerStats::selections)
+  // The selection attention read at the previous decode ([Hkv][K], written by the attention table
+  // kernel), for the top-k overlap; valid when that decode attended a selection.
+  DeviceArray<int> prev_selected;
+  bool prev_selected_valid = false;
   // Resident prefill context (CudaPrefill.cu): while a prompt is prefilled chunk by chunk, the
   // layer's whole context stays on the device as NHD pages [0, ceil(pctx_tokens / P)), so each
   // chunk attends to the earlier ones without gathering them back from the host store. Released
@@ -126,7 +129,7 @@ struct Session {
   uint8_t* manifest_dev = nullptr;  // the device's writes of query records (graphed steps)
   bool store_registered = false, tail_registered = false, manifest_registered = false;
   std::vector<std::unique_ptr<LayerTier>> layers;
-  DeviceArray<unsigned long long> counters;  // [kNumCounters]
+  DeviceArray<unsigned long long> counters;  // [layers][kLayerWords] (layer_counters.cuh)
   Stats host_stats;                          // host-known counters
   std::unique_ptr<DoubleBufferRecall> db;
   ~Session() {
@@ -138,6 +141,7 @@ struct Session {
   bool Speculates(const LayerTier& L) const {
     return Retrieves(L) && (cfg.mode == Mode::FreeKV || cfg.mode == Mode::Speculative);
   }
+  unsigned long long* LayerCounters(int l) const { return counters.get() + (size_t)l * kLayerWords; }
   uint8_t* StoreLayerHost(int l) const { return host.store + layout.layer_stride * l; }
   uint8_t* StoreLayerDev(int l) const { return store_dev + layout.layer_stride * l; }
   uint8_t* TailLayerDev(int l) const { return tail_dev + layout.tail_layer_bytes * l; }

@@ -54,7 +54,7 @@ int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const
   // Initial contents are written on the main stream (the legacy default stream does not order
   // against the engine's non-blocking streams), then waited for once.
   cudaStream_t st = main_->get();
-  s->counters.Resize(kNumCounters);
+  s->counters.Resize((size_t)g.layers * kLayerWords);
   FKV_CUDA_CHECK(cudaMemsetAsync(s->counters.get(), 0, s->counters.bytes(), st));
   const int Hkv = g.kv_heads, D = g.head_dim, cap = h.capacity_pages, K = s->K;
   for (int l = 0; l < g.layers; ++l) {
@@ -71,6 +71,8 @@ int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const
       FKV_CUDA_CHECK(cudaMemsetAsync(L->resident.get(), 0xff, L->resident.bytes(), st));  // -1: empty
       FKV_CUDA_CHECK(cudaMemsetAsync(L->selected.get(), 0xff, L->selected.bytes(), st));
       FKV_CUDA_CHECK(cudaMemsetAsync(L->selected_slot.get(), 0xff, L->selected_slot.bytes(), st));
+      L->prev_selected.Resize((size_t)Hkv * K);
+      FKV_CUDA_CHECK(cudaMemsetAsync(L->prev_selected.get(), 0xff, L->prev_selected.bytes(), st));
       L->flags.Resize(Hkv);
       SelectionParams sp;
       sp.q_heads = g.q_heads;

@@ -1,5 +1,6 @@
 #include "correction.cuh"
 #include "cuda/cuda_check.cuh"
+#include "layer_counters.cuh"
 
 namespace freekv::cuda {
 namespace {
@@ -8,6 +9,7 @@ namespace {
 template <bool kBatch>
 __global__ void CorrectionKernel(const float* q_now, const float* q_prev, int G, int head_dim, float tau, int* flags,
                                  unsigned long long* corrections, const CorrectionItem* items) {
+  unsigned long long* stats = nullptr;
   if (kBatch) {
     const CorrectionItem it = items[blockIdx.y];
     q_now = it.q_now;
@@ -15,6 +17,7 @@ __global__ void CorrectionKernel(const float* q_now, const float* q_prev, int G,
     tau = it.tau;
     flags = it.flags;
     corrections = it.corrections;
+    stats = it.stats;
   }
   __shared__ float cosines[32];
   const int h = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -39,9 +42,12 @@ __global__ void CorrectionKernel(const float* q_now, const float* q_prev, int G,
     float mean = 0.f;
     for (int g = 0; g < G; ++g) mean += cosines[g];
     mean /= G;
-    const int flag = mean < tau ? 1 : 0;
-    flags[h] = flag;
-    if (flag && corrections) atomicAdd(corrections, 1ull);
+    if (flags) {
+      const int flag = mean < tau ? 1 : 0;
+      flags[h] = flag;
+      if (flag && corrections) atomicAdd(corrections, 1ull);
+    }
+    if (stats) AddCosineSample(stats, mean, tau);
   }
 }
 

@@ -13,12 +13,16 @@ namespace freekv::cuda {
 void LaunchCorrectionCheck(const float* q_now, const float* q_prev, int q_heads, int kv_heads, int head_dim, float tau,
                            int* flags, unsigned long long* corrections, cudaStream_t stream);
 
-// One batch item of the check: its queries, threshold, flags and optional counter.
+// One batch item of the check: its queries, threshold, flags and optional counter. `flags` null:
+// the group cosines are only sampled (a layer that does not correct). `stats`: optional, the
+// layer's counter words (layer_counters.cuh), which take one cosine sample per group (and count
+// it below tau when `cosine < tau`).
 struct CorrectionItem {
   const float* q_now;
   const float* q_prev;
   int* flags;
   unsigned long long* corrections;
+  unsigned long long* stats;
   float tau;
   int pad;
 };

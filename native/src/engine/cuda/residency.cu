@@ -117,7 +117,7 @@ __global__ void AttendTableKernel(const AttendTableParams p0, const AttendTableP
     toks[pg] = tokens_of(pg);
     ids[pg] = pg;
   }
-  __shared__ int nsel;
+  __shared__ int nsel, common;
   if (threadIdx.x == 0) {
     int r = nsink;
     for (int i = 0; i < p.k; ++i) {
@@ -129,8 +129,30 @@ __global__ void AttendTableKernel(const AttendTableParams p0, const AttendTableP
       ++r;
     }
     nsel = r - nsink;
+    common = 0;
   }
   __syncthreads();
+  if (p.prev_selected && p.k > 0) {
+    const int* cur = p.selected + (size_t)h * p.k;
+    int* prev = p.prev_selected + (size_t)h * p.k;
+    if (p.overlap) {
+      for (int i = threadIdx.x; i < p.k; i += blockDim.x) {
+        const int pg = cur[i];
+        if (pg < 0) continue;
+        for (int j = 0; j < p.k; ++j)
+          if (prev[j] == pg) {
+            atomicAdd(&common, 1);
+            break;
+          }
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        atomicAdd(&p.overlap[0], (unsigned long long)common);
+        atomicAdd(&p.overlap[1], (unsigned long long)nsel);
+      }
+    }
+    for (int i = threadIdx.x; i < p.k; i += blockDim.x) prev[i] = cur[i];
+  }
   const int r0 = nsink + nsel;
   for (int w = threadIdx.x; w < nwin; w += blockDim.x) {
     const int pg = wfirst + w;

@@ -55,6 +55,11 @@ struct AttendTableParams {
   int* page_tokens = nullptr;          // [kv_heads][max_pages]
   int* page_id = nullptr;              // [kv_heads][max_pages]
   int* num_pages = nullptr;            // [kv_heads]
+  // Top-k overlap (engine/RetrievalStats.h), optional: prev_selected [kv_heads][k] holds the
+  // selection read at the previous decode and is replaced by `selected`; with `overlap`, first
+  // overlap[0] += |selected & prev_selected| and overlap[1] += |selected| per head.
+  int* prev_selected = nullptr;
+  unsigned long long* overlap = nullptr;
 };
 
 // Rows needed by the attention table: sink + k + window pages, or every page when dense.

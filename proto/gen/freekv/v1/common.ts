@@ -308,6 +308,54 @@ export interface RetrievalStats {
   pagesOffloaded: number;
   offloadBytes: number;
   hitRate: number;
+  /** Per layer, in layer order (the counters above are their sums). */
+  layers: LayerRetrievalStats[];
+  /**
+   * Upper edges of the cosine histogram's buckets but the last: bucket i of
+   * LayerRetrievalStats.cosine_histogram holds [edges[i-1], edges[i]), the first from -1, the
+   * last up to 1 (edges 0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99: tau = 0.8 or 0.9 is an
+   * edge, so the buckets below it are the groups corrected at that tau).
+   */
+  cosineBucketEdges: number[];
+}
+
+/**
+ * One layer's retrieval counters and dynamics. A decode of the layer that is not the first after
+ * a prefill samples, per KV head, in every mode and on every layer (dense ones included):
+ *   * the adjacent-query cosine: the mean over the group's query heads of cos(q_t, q_{t-1}),
+ *     the value the correction compares with tau;
+ *   * on a retrieval layer whose previous decode also attended a selection, the top-k overlap:
+ *     how many of the selected pages attention reads were also read at the previous step.
+ */
+export interface LayerRetrievalStats {
+  layer: number;
+  selections: number;
+  corrections: number;
+  correctionRate: number;
+  pagesSelected: number;
+  pagesHit: number;
+  pagesRecalled: number;
+  hitRate: number;
+  /**
+   * Adjacent-query cosine samples: their number, sum and sum of squares (mean and spread
+   * aggregate over sessions from these), mean, minimum (0 without samples), histogram
+   * (RetrievalStats.cosine_bucket_edges), and the number below the session's tau (`cosine <
+   * tau`, the correction's test, counted in every mode: the correction rate freekv would have).
+   */
+  cosineSamples: number;
+  cosineSum: number;
+  cosineSumSq: number;
+  cosineMean: number;
+  cosineMin: number;
+  cosineHistogram: number[];
+  cosineBelowTau: number;
+  /**
+   * Top-k overlap: selected pages attention read that it also read at the previous step, of
+   * overlap_base selected pages read; overlap = overlap_pages / overlap_base (0 without samples).
+   */
+  overlapPages: number;
+  overlapBase: number;
+  overlap: number;
 }
 
 /** A shared-memory segment owned by the kvstore. */
@@ -873,6 +921,8 @@ function createBaseRetrievalStats(): RetrievalStats {
     pagesOffloaded: 0,
     offloadBytes: 0,
     hitRate: 0,
+    layers: [],
+    cosineBucketEdges: [],
   };
 }
 
@@ -910,6 +960,16 @@ export const RetrievalStats: MessageFns<RetrievalStats> = {
     }
     if (message.hitRate !== 0) {
       writer.uint32(89).double(message.hitRate);
+    }
+    for (const v of message.layers) {
+      LayerRetrievalStats.encode(v!, writer.uint32(98).fork()).join();
+    }
+    if (message.cosineBucketEdges.length !== 0) {
+      writer.uint32(106).fork();
+      for (const v of message.cosineBucketEdges) {
+        writer.float(v);
+      }
+      writer.join();
     }
     return writer;
   },
@@ -1015,6 +1075,32 @@ export const RetrievalStats: MessageFns<RetrievalStats> = {
             message.hitRate = reader.double();
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.layers.push(LayerRetrievalStats.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 13: {
+            if (tag === 109) {
+              message.cosineBucketEdges.push(reader.float());
+
+              continue;
+            }
+
+            if (tag === 106) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.cosineBucketEdges.push(reader.float());
+              }
+
+              continue;
+            }
+
+            break;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1076,6 +1162,14 @@ export const RetrievalStats: MessageFns<RetrievalStats> = {
         : isSet(object.hit_rate)
         ? globalThis.Number(object.hit_rate)
         : 0,
+      layers: globalThis.Array.isArray(object?.layers)
+        ? object.layers.map((e: any) => LayerRetrievalStats.fromJSON(e))
+        : [],
+      cosineBucketEdges: globalThis.Array.isArray(object?.cosineBucketEdges)
+        ? object.cosineBucketEdges.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.cosine_bucket_edges)
+        ? object.cosine_bucket_edges.map((e: any) => globalThis.Number(e))
+        : [],
     };
   },
 
@@ -1114,6 +1208,12 @@ export const RetrievalStats: MessageFns<RetrievalStats> = {
     if (message.hitRate !== 0) {
       obj.hitRate = floatToJson(message.hitRate);
     }
+    if (message.layers?.length) {
+      obj.layers = message.layers.map((e) => LayerRetrievalStats.toJSON(e));
+    }
+    if (message.cosineBucketEdges?.length) {
+      obj.cosineBucketEdges = message.cosineBucketEdges.map((e) => floatToJson(e));
+    }
     return obj;
   },
 
@@ -1133,6 +1233,438 @@ export const RetrievalStats: MessageFns<RetrievalStats> = {
     message.pagesOffloaded = object.pagesOffloaded ?? 0;
     message.offloadBytes = object.offloadBytes ?? 0;
     message.hitRate = object.hitRate ?? 0;
+    message.layers = object.layers?.map((e) => LayerRetrievalStats.fromPartial(e)) || [];
+    message.cosineBucketEdges = object.cosineBucketEdges?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseLayerRetrievalStats(): LayerRetrievalStats {
+  return {
+    layer: 0,
+    selections: 0,
+    corrections: 0,
+    correctionRate: 0,
+    pagesSelected: 0,
+    pagesHit: 0,
+    pagesRecalled: 0,
+    hitRate: 0,
+    cosineSamples: 0,
+    cosineSum: 0,
+    cosineSumSq: 0,
+    cosineMean: 0,
+    cosineMin: 0,
+    cosineHistogram: [],
+    cosineBelowTau: 0,
+    overlapPages: 0,
+    overlapBase: 0,
+    overlap: 0,
+  };
+}
+
+export const LayerRetrievalStats: MessageFns<LayerRetrievalStats> = {
+  encode(message: LayerRetrievalStats, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.layer !== 0) {
+      writer.uint32(8).uint32(message.layer);
+    }
+    if (message.selections !== 0) {
+      writer.uint32(16).uint64(message.selections);
+    }
+    if (message.corrections !== 0) {
+      writer.uint32(24).uint64(message.corrections);
+    }
+    if (message.correctionRate !== 0) {
+      writer.uint32(33).double(message.correctionRate);
+    }
+    if (message.pagesSelected !== 0) {
+      writer.uint32(40).uint64(message.pagesSelected);
+    }
+    if (message.pagesHit !== 0) {
+      writer.uint32(48).uint64(message.pagesHit);
+    }
+    if (message.pagesRecalled !== 0) {
+      writer.uint32(56).uint64(message.pagesRecalled);
+    }
+    if (message.hitRate !== 0) {
+      writer.uint32(65).double(message.hitRate);
+    }
+    if (message.cosineSamples !== 0) {
+      writer.uint32(72).uint64(message.cosineSamples);
+    }
+    if (message.cosineSum !== 0) {
+      writer.uint32(81).double(message.cosineSum);
+    }
+    if (message.cosineSumSq !== 0) {
+      writer.uint32(89).double(message.cosineSumSq);
+    }
+    if (message.cosineMean !== 0) {
+      writer.uint32(97).double(message.cosineMean);
+    }
+    if (message.cosineMin !== 0) {
+      writer.uint32(109).float(message.cosineMin);
+    }
+    if (message.cosineHistogram.length !== 0) {
+      writer.uint32(114).fork();
+      for (const v of message.cosineHistogram) {
+        writer.uint64(v);
+      }
+      writer.join();
+    }
+    if (message.cosineBelowTau !== 0) {
+      writer.uint32(120).uint64(message.cosineBelowTau);
+    }
+    if (message.overlapPages !== 0) {
+      writer.uint32(128).uint64(message.overlapPages);
+    }
+    if (message.overlapBase !== 0) {
+      writer.uint32(136).uint64(message.overlapBase);
+    }
+    if (message.overlap !== 0) {
+      writer.uint32(145).double(message.overlap);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LayerRetrievalStats {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLayerRetrievalStats();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.layer = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.selections = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.corrections = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 33) {
+              break;
+            }
+
+            message.correctionRate = reader.double();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.pagesSelected = longToNumber(reader.uint64());
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.pagesHit = longToNumber(reader.uint64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.pagesRecalled = longToNumber(reader.uint64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 65) {
+              break;
+            }
+
+            message.hitRate = reader.double();
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.cosineSamples = longToNumber(reader.uint64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 81) {
+              break;
+            }
+
+            message.cosineSum = reader.double();
+            continue;
+          }
+          case 11: {
+            if (tag !== 89) {
+              break;
+            }
+
+            message.cosineSumSq = reader.double();
+            continue;
+          }
+          case 12: {
+            if (tag !== 97) {
+              break;
+            }
+
+            message.cosineMean = reader.double();
+            continue;
+          }
+          case 13: {
+            if (tag !== 109) {
+              break;
+            }
+
+            message.cosineMin = reader.float();
+            continue;
+          }
+          case 14: {
+            if (tag === 112) {
+              message.cosineHistogram.push(longToNumber(reader.uint64()));
+
+              continue;
+            }
+
+            if (tag === 114) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.cosineHistogram.push(longToNumber(reader.uint64()));
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.cosineBelowTau = longToNumber(reader.uint64());
+            continue;
+          }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.overlapPages = longToNumber(reader.uint64());
+            continue;
+          }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.overlapBase = longToNumber(reader.uint64());
+            continue;
+          }
+          case 18: {
+            if (tag !== 145) {
+              break;
+            }
+
+            message.overlap = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LayerRetrievalStats {
+    return {
+      layer: isSet(object.layer) ? globalThis.Number(object.layer) : 0,
+      selections: isSet(object.selections) ? globalThis.Number(object.selections) : 0,
+      corrections: isSet(object.corrections) ? globalThis.Number(object.corrections) : 0,
+      correctionRate: isSet(object.correctionRate)
+        ? globalThis.Number(object.correctionRate)
+        : isSet(object.correction_rate)
+        ? globalThis.Number(object.correction_rate)
+        : 0,
+      pagesSelected: isSet(object.pagesSelected)
+        ? globalThis.Number(object.pagesSelected)
+        : isSet(object.pages_selected)
+        ? globalThis.Number(object.pages_selected)
+        : 0,
+      pagesHit: isSet(object.pagesHit)
+        ? globalThis.Number(object.pagesHit)
+        : isSet(object.pages_hit)
+        ? globalThis.Number(object.pages_hit)
+        : 0,
+      pagesRecalled: isSet(object.pagesRecalled)
+        ? globalThis.Number(object.pagesRecalled)
+        : isSet(object.pages_recalled)
+        ? globalThis.Number(object.pages_recalled)
+        : 0,
+      hitRate: isSet(object.hitRate)
+        ? globalThis.Number(object.hitRate)
+        : isSet(object.hit_rate)
+        ? globalThis.Number(object.hit_rate)
+        : 0,
+      cosineSamples: isSet(object.cosineSamples)
+        ? globalThis.Number(object.cosineSamples)
+        : isSet(object.cosine_samples)
+        ? globalThis.Number(object.cosine_samples)
+        : 0,
+      cosineSum: isSet(object.cosineSum)
+        ? globalThis.Number(object.cosineSum)
+        : isSet(object.cosine_sum)
+        ? globalThis.Number(object.cosine_sum)
+        : 0,
+      cosineSumSq: isSet(object.cosineSumSq)
+        ? globalThis.Number(object.cosineSumSq)
+        : isSet(object.cosine_sum_sq)
+        ? globalThis.Number(object.cosine_sum_sq)
+        : 0,
+      cosineMean: isSet(object.cosineMean)
+        ? globalThis.Number(object.cosineMean)
+        : isSet(object.cosine_mean)
+        ? globalThis.Number(object.cosine_mean)
+        : 0,
+      cosineMin: isSet(object.cosineMin)
+        ? globalThis.Number(object.cosineMin)
+        : isSet(object.cosine_min)
+        ? globalThis.Number(object.cosine_min)
+        : 0,
+      cosineHistogram: globalThis.Array.isArray(object?.cosineHistogram)
+        ? object.cosineHistogram.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.cosine_histogram)
+        ? object.cosine_histogram.map((e: any) => globalThis.Number(e))
+        : [],
+      cosineBelowTau: isSet(object.cosineBelowTau)
+        ? globalThis.Number(object.cosineBelowTau)
+        : isSet(object.cosine_below_tau)
+        ? globalThis.Number(object.cosine_below_tau)
+        : 0,
+      overlapPages: isSet(object.overlapPages)
+        ? globalThis.Number(object.overlapPages)
+        : isSet(object.overlap_pages)
+        ? globalThis.Number(object.overlap_pages)
+        : 0,
+      overlapBase: isSet(object.overlapBase)
+        ? globalThis.Number(object.overlapBase)
+        : isSet(object.overlap_base)
+        ? globalThis.Number(object.overlap_base)
+        : 0,
+      overlap: isSet(object.overlap) ? globalThis.Number(object.overlap) : 0,
+    };
+  },
+
+  toJSON(message: LayerRetrievalStats): unknown {
+    const obj: any = {};
+    if (message.layer !== 0) {
+      obj.layer = Math.round(message.layer);
+    }
+    if (message.selections !== 0) {
+      obj.selections = Math.round(message.selections);
+    }
+    if (message.corrections !== 0) {
+      obj.corrections = Math.round(message.corrections);
+    }
+    if (message.correctionRate !== 0) {
+      obj.correctionRate = floatToJson(message.correctionRate);
+    }
+    if (message.pagesSelected !== 0) {
+      obj.pagesSelected = Math.round(message.pagesSelected);
+    }
+    if (message.pagesHit !== 0) {
+      obj.pagesHit = Math.round(message.pagesHit);
+    }
+    if (message.pagesRecalled !== 0) {
+      obj.pagesRecalled = Math.round(message.pagesRecalled);
+    }
+    if (message.hitRate !== 0) {
+      obj.hitRate = floatToJson(message.hitRate);
+    }
+    if (message.cosineSamples !== 0) {
+      obj.cosineSamples = Math.round(message.cosineSamples);
+    }
+    if (message.cosineSum !== 0) {
+      obj.cosineSum = floatToJson(message.cosineSum);
+    }
+    if (message.cosineSumSq !== 0) {
+      obj.cosineSumSq = floatToJson(message.cosineSumSq);
+    }
+    if (message.cosineMean !== 0) {
+      obj.cosineMean = floatToJson(message.cosineMean);
+    }
+    if (message.cosineMin !== 0) {
+      obj.cosineMin = floatToJson(message.cosineMin);
+    }
+    if (message.cosineHistogram?.length) {
+      obj.cosineHistogram = message.cosineHistogram.map((e) => Math.round(e));
+    }
+    if (message.cosineBelowTau !== 0) {
+      obj.cosineBelowTau = Math.round(message.cosineBelowTau);
+    }
+    if (message.overlapPages !== 0) {
+      obj.overlapPages = Math.round(message.overlapPages);
+    }
+    if (message.overlapBase !== 0) {
+      obj.overlapBase = Math.round(message.overlapBase);
+    }
+    if (message.overlap !== 0) {
+      obj.overlap = floatToJson(message.overlap);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<LayerRetrievalStats>, I>>(base?: I): LayerRetrievalStats {
+    return LayerRetrievalStats.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LayerRetrievalStats>, I>>(object: I): LayerRetrievalStats {
+    const message = createBaseLayerRetrievalStats();
+    message.layer = object.layer ?? 0;
+    message.selections = object.selections ?? 0;
+    message.corrections = object.corrections ?? 0;
+    message.correctionRate = object.correctionRate ?? 0;
+    message.pagesSelected = object.pagesSelected ?? 0;
+    message.pagesHit = object.pagesHit ?? 0;
+    message.pagesRecalled = object.pagesRecalled ?? 0;
+    message.hitRate = object.hitRate ?? 0;
+    message.cosineSamples = object.cosineSamples ?? 0;
+    message.cosineSum = object.cosineSum ?? 0;
+    message.cosineSumSq = object.cosineSumSq ?? 0;
+    message.cosineMean = object.cosineMean ?? 0;
+    message.cosineMin = object.cosineMin ?? 0;
+    message.cosineHistogram = object.cosineHistogram?.map((e) => e) || [];
+    message.cosineBelowTau = object.cosineBelowTau ?? 0;
+    message.overlapPages = object.overlapPages ?? 0;
+    message.overlapBase = object.overlapBase ?? 0;
+    message.overlap = object.overlap ?? 0;
     return message;
   },
 };
