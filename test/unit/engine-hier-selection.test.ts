@@ -18,7 +18,7 @@ import { openSession } from "./reference/harness.js";
 
 const seed = testSeed();
 
-type KeyKind = "random" | "ties" | "equal" | "dominant";
+type KeyKind = "random" | "ties" | "equal" | "dominant" | "blocks";
 interface Case {
   qHeads: number;
   kvHeads: number;
@@ -39,6 +39,15 @@ function keysFor(kind: KeyKind, rng: Prng, start: number, n: number, kvn: number
       const pos = start + t;
       let x: number;
       if (kind === "equal") x = ((i * 7) % 5) / 4 - 0.5;
+      else if (kind === "blocks") {
+        // Every page of a group alike (its score is its group's bound): the fourth group (pages
+        // 96..127) at level 2 but for one page at 3, the second group (32..63) at level 2, the
+        // rest at 1. The fourth group is visited first and fills the top-k with level-2 pages;
+        // the second group's bound equals that k-th score, and its pages win the tie (lower pages).
+        const page = Math.floor(pos / P);
+        const level = page >= 96 && page < 128 ? (page === 101 ? 3 : 2) : page >= 32 && page < 64 ? 2 : 1;
+        x = level * (1 + (i % 3));
+      }
       else if (kind === "ties") x = Math.round(rng.normal()) / 2; // few distinct values: many equal summaries
       else if (kind === "dominant") {
         // pages 64..95 (the third group) carry large keys, the rest small ones
@@ -58,7 +67,8 @@ function values(rng: Prng, n: number): Float32Array {
 
 function query(kind: KeyKind, rng: Prng, n: number): Float32Array {
   const a = new Float32Array(n);
-  for (let i = 0; i < n; i++) a[i] = kind === "ties" ? Math.round(rng.normal()) : Math.round(rng.normal() * 4) / 4;
+  for (let i = 0; i < n; i++)
+    a[i] = kind === "ties" ? Math.round(rng.normal()) : kind === "blocks" ? Math.abs(Math.round(rng.normal() * 4) / 4) : Math.round(rng.normal() * 4) / 4;
   return a;
 }
 
@@ -75,6 +85,9 @@ const cases: Case[] = [
   { qHeads: 2, kvHeads: 2, summary: "maxmin", combine: "softmax_mean", keys: "random", mode: "oracle" },
   { qHeads: 4, kvHeads: 4, summary: "cuboid", combine: "softmax_mean", keys: "dominant", mode: "freekv" },
   { qHeads: 2, kvHeads: 2, summary: "maxmin", combine: "softmax_mean", keys: "ties", mode: "oracle" },
+  { qHeads: 4, kvHeads: 2, summary: "maxmin", combine: "mean", keys: "blocks", mode: "oracle" },
+  { qHeads: 8, kvHeads: 1, summary: "cuboid", combine: "max", keys: "blocks", mode: "oracle" },
+  { qHeads: 1, kvHeads: 1, summary: "maxmin", combine: "softmax_mean", keys: "blocks", mode: "oracle" },
 ];
 
 describe(`hierarchical selection equals the flat top-k (seed ${seed})`, () => {
