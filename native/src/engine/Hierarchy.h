@@ -28,7 +28,10 @@ namespace freekv {
 
 // Pages per group. 32 pages of 32 tokens: a group covers 1K tokens; at 64K tokens a KV head has
 // 64 groups, at 1M tokens 1024 (the group bounds are a 32nd of the page summaries' bytes).
-constexpr int kPagesPerGroup = 32;
+#ifndef FREEKV_PAGES_PER_GROUP
+#define FREEKV_PAGES_PER_GROUP 32  // the micro-benchmark (tools/dev/hier-select-bench.cpp) varies it
+#endif
+constexpr int kPagesPerGroup = FREEKV_PAGES_PER_GROUP;
 
 // When selection goes through the groups.
 //   Off: always the flat scan of every candidate page.

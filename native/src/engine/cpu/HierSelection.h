@@ -3,9 +3,7 @@
 // branch-and-bound top-k that scores the groups, visits them best bound first and scores only
 // the pages of the groups whose bound can still beat the k-th best page found so far.
 //
-// Crossover (tools/dev/hier-select-bench.cpp, this 2-core machine, Llama-3.1-8B KV head shape:
-// 4 query heads per KV head, D = 128, k = 56 pages, the fidelity synthesiser's peaked keys):
-// see kHierarchicalMinPages below for the figures.
+// The crossover is measured by tools/dev/hier-select-bench.cpp (see kHierarchicalMinPages).
 #pragma once
 
 #include <vector>
@@ -15,12 +13,17 @@
 
 namespace freekv::cpu {
 
-// Candidate pages per KV head from which Auto goes hierarchical. Measured (median us per KV head
-// selection, flat vs hierarchical, peaked synthetic keys; uniform random keys prune less):
-//   candidates   128: flat 21 us, hier 27 us;   512: 77 / 37;   2048: 300 / 64;   8192: 1210 / 120
-// (tools/dev/hier-select-bench.cpp): below ~256 candidates the flat scan is as fast, so Auto
-// starts there (a context of 8K tokens under the bench budget has 252 candidates).
-constexpr int kHierarchicalMinPages = 256;
+// Candidate pages per KV head from which Auto goes hierarchical. Measured on this 2-core machine
+// (shared, load average 5-7) with tools/dev/hier-select-bench.cpp (bench/results/
+// hier-select-20261203.txt): one KV head of 4 query heads, D = 128, k = 56, keys a slow random
+// walk plus noise, median us per selection, flat / hierarchical (pages scored):
+//   256: 22.4 / 23.9 (256)   1024: 78.5 / 83.1 (1024)   2048: 156 / 159 (2020)
+//   8192: 668 / 474 (5939)   32768: 3059 / 696 (7456)
+// Below a few thousand candidates the group bounds (1K tokens each) are too loose to prune and
+// the group pass is pure overhead (up to ~10%); from 8192 candidates on it wins, and the cost
+// then grows with the pages that can reach the top-k, not with the context. Auto starts at 4096
+// candidates (128K tokens of 32-token pages).
+constexpr int kHierarchicalMinPages = 4096;
 
 inline bool UseHierarchical(HierarchicalSelection mode, int candidates) {
   if (mode == HierarchicalSelection::Off || candidates < 2) return false;
