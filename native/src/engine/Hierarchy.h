@@ -1,8 +1,8 @@
 // Hierarchical page summaries: the context's pages in groups of kPagesPerGroup consecutive pages,
 // each group with its own bounds per KV head (the element-wise max of its pages' hi and min of
 // their lo), so that selection can score the groups first and then only the pages of the groups
-// that can still reach the top-k (branch and bound; engine/cpu/HierSelection.h, and the CUDA
-// engine's selection.cu).
+// that can still reach the top-k (branch and bound; engine/cpu/HierSelection.h. The CUDA engine
+// does not use it yet: it takes the option and still scans every candidate page).
 //
 // score(q, page) = sum_d max(q_d hi_d, q_d lo_d) is monotone in the bounds (larger hi, smaller lo
 // never lower it, also in float arithmetic: multiplication, max and a sum in a fixed order are
