@@ -14,7 +14,8 @@
  * falls on all contexts alike; the load average is recorded with the results.
  *
  *   npm run build:ts && npm run bench:cpu [-- --contexts 8192,16384 --steps 30 --layers 1,4
- *                                          --modes dense,freekv[,oracle,sink_window]]
+ *                                          --modes dense,freekv[,oracle,sink_window]
+ *                                          --hier auto|on|off]
  *
  * Data: one synthetic trace per context from the fidelity synthesiser (Llama-3.1-8B layer shape,
  * 32 query / 8 KV heads of 128), so selection turnover and corrections are those of a peaked,
@@ -61,6 +62,8 @@ interface Config {
   jumpEvery: number;
   /** Engine worker threads; undefined = the engine's default. */
   threads: number | undefined;
+  /** The engine's hierarchicalSelection option (auto, on, off). */
+  hier: "auto" | "on" | "off";
   out?: string;
 }
 
@@ -97,6 +100,7 @@ function parse(): Config {
       steps: { type: "string" },
       warmup: { type: "string" },
       threads: { type: "string" },
+      hier: { type: "string" },
       dtype: { type: "string" },
       out: { type: "string" },
     },
@@ -121,6 +125,7 @@ function parse(): Config {
     tau: 0.8,
     jumpEvery: 16,
     threads: v.threads === undefined ? undefined : Number(v.threads),
+    hier: (v.hier ?? "auto") as Config["hier"],
     out: v.out,
   };
   for (const m of cfg.modes) if (!(m in MODE)) throw new RangeError(`--modes: unknown mode '${m}' (known: ${Object.keys(MODE).join(", ")})`);
@@ -331,7 +336,7 @@ class BenchSession {
 async function main(): Promise<number> {
   const cfg = parse();
   const addon = loadAddon();
-  const engine = new addon.Engine({ backend: "cpu", threads: cfg.threads });
+  const engine = new addon.Engine({ backend: "cpu", threads: cfg.threads, hierarchicalSelection: cfg.hier });
   // The memory floor uses every core, whatever the engine's own split of them.
   const copyThreads = os.cpus().length;
   const cpus = os.cpus();

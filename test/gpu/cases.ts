@@ -114,6 +114,8 @@ export interface CaseSpec {
   crossReattach?: boolean;
   /** Per-session retrieval changes on top of `retrieval` (a batch that mixes configurations). */
   perSession?: Partial<Retrieval>[];
+  /** The engines' hierarchicalSelection option (both backends; default: the engine's default). */
+  hierarchical?: "auto" | "on" | "off";
 }
 
 const BASE: Retrieval = {
@@ -255,6 +257,33 @@ export const CASES: CaseSpec[] = [
     seed: 808,
     reattachAt: 13,
     crossReattach: true,
+  },
+  // Hierarchical selection (groups of 32 pages): with the mean and max combines its pages are
+  // exactly the flat top-k, so both engines with it on must attend the same pages as each other
+  // and as the float64 reference; prompts of several groups, candidate ranges cutting groups.
+  {
+    name: "hierarchical selection on, mean combine, GQA 4, P8, 12+ groups",
+    geometry: { layers: 1, qHeads: 8, kvHeads: 2, headDim: 128 },
+    retrieval: { pageSize: 8, sinkTokens: 24, windowTokens: 40, selectTokens: 256, combine: 2 /* Mean */ },
+    prompts: [3100, 2050],
+    firstChunk: 1500,
+    attendPrompt: true,
+    steps: 30,
+    capacityPages: 512,
+    seed: 1201,
+    hierarchical: "on",
+  },
+  {
+    name: "hierarchical selection on, max combine, cuboid, GQA 8, 4 groups",
+    geometry: { layers: 2, qHeads: 8, kvHeads: 1, headDim: 64 },
+    retrieval: { combine: 3 /* Max */, summary: 2 /* CuboidMean */ },
+    prompts: [4100],
+    firstChunk: 2000,
+    attendPrompt: true,
+    steps: 30,
+    capacityPages: 160,
+    seed: 1202,
+    hierarchical: "on",
   },
 ];
 
@@ -440,8 +469,8 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
 
   const hosts: Host[] = [];
   const engines: Record<"cpu" | "cuda", Engine> = {
-    cpu: new addon.Engine({ backend: "cpu" }),
-    cuda: new addon.Engine({ backend: candidate }),
+    cpu: new addon.Engine({ backend: "cpu", hierarchicalSelection: spec.hierarchical }),
+    cuda: new addon.Engine({ backend: candidate, hierarchicalSelection: spec.hierarchical }),
   };
   const sessions: Record<"cpu" | "cuda", number[]> = { cpu: [], cuda: [] };
   const hostOf: Record<"cpu" | "cuda", Host[]> = { cpu: [], cuda: [] };
@@ -514,7 +543,7 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
     let reattached = false;
     for (let t = 0; t < spec.steps; t++) {
       if (spec.reattachAt === t) {
-        const fresh = new addon.Engine({ backend: candidate });
+        const fresh = new addon.Engine({ backend: candidate, hierarchicalSelection: spec.hierarchical });
         for (let b = 0; b < B; b++) {
           await engines.cuda.sync(sessions.cuda[b]);
           engines.cuda.closeSession(sessions.cuda[b]);
@@ -645,7 +674,7 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
     }
     if (spec.crossReattach) {
       // A CPU engine continues the candidate's sessions from copies of their segments.
-      const other = new addon.Engine({ backend: "cpu" });
+      const other = new addon.Engine({ backend: "cpu", hierarchicalSelection: spec.hierarchical });
       const extra = spec.prompts.map(() => makeInputs({ ...spec, steps: 1 }, rng, 1).steps[0]);
       const cs: number[] = [];
       for (let b = 0; b < B; b++) {

@@ -94,6 +94,12 @@ describe("CUDA check harness (CPU engine as the candidate)", () => {
     const r = await runCase(spec, () => {}, "cpu");
     expect(r.failures, r.failures.join("\n")).toEqual([]);
   }, 60_000);
+  it("passes the hierarchical selection cases with the CPU engine as the candidate", async () => {
+    for (const c of CASES.filter((c) => c.hierarchical === "on")) {
+      const r = await runCase({ ...c, steps: 4 }, () => {}, "cpu");
+      expect(r.failures, `${c.name}: ${r.failures.join("\n")}`).toEqual([]);
+    }
+  }, 120_000);
 });
 
 // The near-tie judge must accept a swap of exactly tied pages at the k-th place and nothing else.

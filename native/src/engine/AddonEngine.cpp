@@ -176,8 +176,21 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     }
     const int delay_ms = IntField(o, "debugRecallDelayMs", "options", 0, 60000, true, 0);
     const int attend_delay_ms = IntField(o, "debugAttendDelayMs", "options", 0, 60000, true, 0);
+    // Hierarchical page selection (engine/Hierarchy.h): "auto" (default), "on" or "off".
+    HierarchicalSelection hier = HierarchicalSelection::Auto;
+    {
+      auto hv = o.Get("hierarchicalSelection");
+      if (!hv.IsUndefined()) {
+        const std::string m = hv.IsString() ? hv.As<Napi::String>().Utf8Value() : std::string();
+        if (m == "off") hier = HierarchicalSelection::Off;
+        else if (m == "on") hier = HierarchicalSelection::On;
+        else if (m != "auto")
+          throw Napi::TypeError::New(env, "options.hierarchicalSelection must be \"auto\", \"on\" or \"off\"");
+      }
+    }
+    cuda.hierarchical = hier;
     if (backend_ == "cpu") {
-      engine_ = std::shared_ptr<Engine>(MakeCpuEngine(threads, delay_ms * 1000, attend_delay_ms * 1000));
+      engine_ = std::shared_ptr<Engine>(MakeCpuEngine(threads, delay_ms * 1000, attend_delay_ms * 1000, hier));
     } else if (backend_ == "cuda") {
 #ifdef FREEKV_WITH_CUDA
       try {

@@ -94,6 +94,9 @@ struct CudaEngineOptions {
   // layer that does not fit is prefilled by gathering its earlier pages from the host store at
   // every chunk instead. 0: a quarter of the device's memory.
   size_t prefill_context_bytes = 0;
+  // Hierarchical page selection (engine/Hierarchy.h). Not implemented on the device yet: every
+  // value scans every candidate page.
+  HierarchicalSelection hierarchical = HierarchicalSelection::Auto;
 };
 
 // Defined in builds with the CUDA backend only (FREEKV_WITH_CUDA). Throws

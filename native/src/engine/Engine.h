@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "engine/Budget.h"
+#include "engine/Hierarchy.h"
 #include "engine/Layout.h"
 #include "engine/Manifest.h"
 #include "engine/Retrieval.h"
@@ -147,7 +148,9 @@ class Engine {
 // makes every background recall sleep before it writes the slots (so the next step finds it in
 // flight); `debug_attend_delay_us` makes every decode sleep while it holds its layer's slots,
 // before reading them (so a recall that did not wait would overwrite them under attention).
-std::unique_ptr<Engine> MakeCpuEngine(int threads, int debug_recall_delay_us = 0, int debug_attend_delay_us = 0);
+// `hier`: hierarchical page selection (engine/Hierarchy.h).
+std::unique_ptr<Engine> MakeCpuEngine(int threads, int debug_recall_delay_us = 0, int debug_attend_delay_us = 0,
+                                      HierarchicalSelection hier = HierarchicalSelection::Auto);
 // MakeCudaEngine: DeviceEngine.h.
 
 }  // namespace freekv

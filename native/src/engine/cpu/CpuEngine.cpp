@@ -22,8 +22,9 @@
 #include "engine/cpu/Summary.h"
 
 namespace freekv {
-std::unique_ptr<Engine> MakeCpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us) {
-  return std::make_unique<cpu::CpuEngine>(threads, debug_recall_delay_us, debug_attend_delay_us);
+std::unique_ptr<Engine> MakeCpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us,
+                                      HierarchicalSelection hier) {
+  return std::make_unique<cpu::CpuEngine>(threads, debug_recall_delay_us, debug_attend_delay_us, hier);
 }
 }  // namespace freekv
 
@@ -31,12 +32,13 @@ namespace freekv::cpu {
 
 using std::to_string;
 
-CpuEngine::CpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us)
+CpuEngine::CpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us, HierarchicalSelection hier)
     // By default one core is left to the background recall thread (selection + recall run there
     // while the calling thread's attention runs on the others).
     : threads_(threads > 0 ? threads : std::max(1, omp_get_num_procs() - 1)),
       debug_recall_delay_us_(std::max(0, debug_recall_delay_us)),
       debug_attend_delay_us_(std::max(0, debug_attend_delay_us)),
+      hier_(hier),
       worker_(std::make_unique<SpeculativeWorker>()) {}
 
 CpuEngine::~CpuEngine() { worker_.reset(); }  // drains the queued recalls first
@@ -152,6 +154,7 @@ void CpuEngine::OnPageFilled(CpuSession& s, int layer, int page, const uint8_t* 
   const size_t per = SummaryFloatsPerPage(pg);
   L.summaries.resize(static_cast<size_t>(page + 1) * per);
   SummarisePage(pg, s.cfg.summary, nhd, L.summaries.data() + static_cast<size_t>(page) * per);
+  FoldPageIntoGroup(pg, L.summaries.data(), page, L.group_summaries);
   if (page < pg.sink_pages) std::memcpy(L.sink.data() + static_cast<size_t>(page) * pg.nhd_page_bytes, nhd, pg.nhd_page_bytes);
 }
 
@@ -186,18 +189,19 @@ void CpuEngine::WriteQueryRecord(CpuSession& s, int layer) {
 // ---------------------------------------------------------------------------------------------
 // Selection and recall
 
-void CpuEngine::SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops) {
-  std::vector<double> combined;
-  const auto chosen = SelectPages(s.pg, s.cfg.combine, L.summaries.data(), h, q, c0, c1, combined);
-  ApplySelection(s, L, h, chosen, combined, c0, c1, ops);
+HeadSelection CpuEngine::Select(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1) const {
+  const bool hier = UseHierarchical(hier_, c1 - c0);
+  return cpu::SelectHead(s.pg, s.cfg.combine, L.summaries.data(), hier ? L.group_summaries.data() : nullptr, h, q, c0, c1, hier);
 }
 
-void CpuEngine::ApplySelection(CpuSession& s, LayerState& L, int h, const std::vector<int>& chosen,
-                               const std::vector<double>& combined, int c0, int c1, std::vector<RecallOp>& ops) {
+void CpuEngine::SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops) {
+  ApplySelection(s, L, h, Select(s, L, h, q, c0, c1), ops);
+}
+
+void CpuEngine::ApplySelection(CpuSession& s, LayerState& L, int h, const HeadSelection& selection, std::vector<RecallOp>& ops) {
   auto& slot_page = L.slot_page[h];
-  const auto plan = PlanResidency(slot_page, chosen, [&](int p) {
-    return p >= c0 && p < c1 ? combined[p - c0] : -std::numeric_limits<double>::infinity();
-  });
+  const auto& chosen = selection.chosen;
+  const auto plan = PlanResidency(slot_page, chosen, [&](int p) { return selection.Score(p); });
   for (const auto& m : plan.misses) ops.push_back({h, m.page, m.slot});
   std::unordered_map<int, int> where;
   for (int slot = 0; slot < static_cast<int>(slot_page.size()); ++slot)
@@ -234,15 +238,14 @@ void CpuEngine::SpeculativeJob(CpuSession& s, int layer, const std::vector<float
   const int c0 = next.sink_end, c1 = std::min(next.window_begin, now.full);
   // 1. Selection with q_t. It reads only the summaries, so it runs while this step's attention
   //    still reads the slots (heads in parallel: with a single layer it is on the critical path).
-  std::vector<std::vector<int>> chosen(H);
-  std::vector<std::vector<double>> combined(H);
-  ParallelFor(H, threads_, [&](int h) { chosen[h] = SelectPages(s.pg, s.cfg.combine, L.summaries.data(), h, q.data(), c0, c1, combined[h]); });
+  std::vector<HeadSelection> chosen(H);
+  ParallelFor(H, threads_, [&](int h) { chosen[h] = Select(s, L, h, q.data(), c0, c1); });
   // 2. Residency and recall write the slots: only once no attention reads this layer's slots.
   //    The decode that queued this job holds a read of the layer until its attention returned.
   if (L.recall.WaitNoReaders()) s.counters.guard_waits += 1;
   if (debug_recall_delay_us_ > 0) std::this_thread::sleep_for(std::chrono::microseconds(debug_recall_delay_us_));
   std::vector<RecallOp> ops;
-  for (int h = 0; h < H; ++h) ApplySelection(s, L, h, chosen[h], combined[h], c0, c1, ops);
+  for (int h = 0; h < H; ++h) ApplySelection(s, L, h, chosen[h], ops);
   RunRecall(s, layer, ops);
 }
 
@@ -598,6 +601,7 @@ void CpuEngine::Reattach(CpuSession& s) {
       if (p < pg.sink_pages) std::memcpy(L.sink.data() + static_cast<size_t>(p) * pg.nhd_page_bytes, page.data(), pg.nhd_page_bytes);
       if (p >= r.window_begin) std::memcpy(L.ring.data() + static_cast<size_t>(p % pg.window_pages) * pg.nhd_page_bytes, page.data(), pg.nhd_page_bytes);
     });
+    if (!L.dense) RebuildGroups(pg, L.summaries.data(), r.full, L.group_summaries);
     L.tokens = ctx;
     uint8_t* partial = s.WorkingPage(L, r.full);
     if (committed > static_cast<uint32_t>(r.full)) {

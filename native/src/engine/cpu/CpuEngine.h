@@ -10,6 +10,7 @@
 
 #include "engine/Engine.h"
 #include "engine/cpu/CpuSession.h"
+#include "engine/cpu/HierSelection.h"
 #include "engine/cpu/Recall.h"
 #include "engine/cpu/SpeculativeWorker.h"
 
@@ -17,7 +18,8 @@ namespace freekv::cpu {
 
 class CpuEngine : public Engine {
  public:
-  CpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us);
+  CpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us,
+            HierarchicalSelection hier = HierarchicalSelection::Auto);
   ~CpuEngine() override;
   std::string backend() const override { return "cpu"; }
   int CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) override;
@@ -44,8 +46,9 @@ class CpuEngine : public Engine {
   // appends the misses to ops. Counts pages_selected/hit/recalled.
   void SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops);
   // Makes the chosen pages of head h resident (hits reused, misses planned into slots).
-  void ApplySelection(CpuSession& s, LayerState& L, int h, const std::vector<int>& chosen,
-                      const std::vector<double>& combined, int c0, int c1, std::vector<RecallOp>& ops);
+  void ApplySelection(CpuSession& s, LayerState& L, int h, const HeadSelection& sel, std::vector<RecallOp>& ops);
+  // Head h's selection among pages [c0, c1): flat or through the group bounds (hier_).
+  HeadSelection Select(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1) const;
   void RunRecall(CpuSession& s, int layer, const std::vector<RecallOp>& ops);
   // The speculative job: selection with q for the step after the current one, then (once the
   // current attention released the layer's slots) residency and recall.
@@ -57,6 +60,7 @@ class CpuEngine : public Engine {
   int threads_;
   int debug_recall_delay_us_;
   int debug_attend_delay_us_;
+  HierarchicalSelection hier_;
   std::mutex mu_;                 // serialises the engine's calls
   mutable std::mutex map_mu_;     // guards sessions_ (short lookups)
   std::map<int, std::shared_ptr<CpuSession>> sessions_;

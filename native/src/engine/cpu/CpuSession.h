@@ -42,6 +42,7 @@ struct LayerState {
   std::vector<std::vector<SelectedPage>> selected;       // [Hkv] current selection, by page
   std::atomic<int> selected_count{0};                    // sum of selected[h].size()
   std::vector<uint16_t> summaries;                       // [full pages][Hkv][2][D] bf16
+  std::vector<uint16_t> group_summaries;                 // [groups][Hkv][2][D] bf16 (HierSelection.h)
   // Query state (the correction's q_{t-1}; the first decode's selection query).
   std::vector<float> q_prev;
   bool has_q = false;

@@ -1,0 +1,81 @@
+// Hierarchical selection on the CPU (engine/Hierarchy.h has the principle and what is exact):
+// group bounds per (group of kPagesPerGroup pages, KV head), kept up to date as pages fill, and a
+// branch-and-bound top-k that scores the groups, visits them best bound first and scores only
+// the pages of the groups whose bound can still beat the k-th best page found so far.
+//
+// The crossover is measured by tools/dev/hier-select-bench.cpp (see kHierarchicalMinPages).
+#pragma once
+
+#include <vector>
+
+#include "engine/Hierarchy.h"
+#include "engine/cpu/PageGeometry.h"
+
+namespace freekv::cpu {
+
+// Candidate pages per KV head from which Auto goes hierarchical. Measured on this 2-core machine
+// (shared, load average 5-7) with tools/dev/hier-select-bench.cpp (bench/results/
+// hier-select-20261203.txt): one KV head of 4 query heads, D = 128, k = 56, keys a slow random
+// walk plus noise, median us per selection, flat / hierarchical (pages scored):
+//   256: 22.4 / 23.9 (256)   1024: 78.5 / 83.1 (1024)   2048: 156 / 159 (2020)
+//   8192: 668 / 474 (5939)   32768: 3059 / 696 (7456)
+// Below a few thousand candidates the group bounds (1K tokens each) are too loose to prune and
+// the group pass is pure overhead (up to ~10%); from 8192 candidates on it wins, and the cost
+// then grows with the pages that can reach the top-k, not with the context. Auto starts at 4096
+// candidates (128K tokens of 32-token pages).
+constexpr int kHierarchicalMinPages = 4096;
+
+inline bool UseHierarchical(HierarchicalSelection mode, int candidates) {
+  if (mode == HierarchicalSelection::Off || candidates < 2) return false;
+  return mode == HierarchicalSelection::On || candidates >= kHierarchicalMinPages;
+}
+
+// Group bounds of a layer: [groups][Hkv][2 (hi, lo)][D] bf16, group g covering pages
+// [g * kPagesPerGroup, (g + 1) * kPagesPerGroup); hi the element-wise max of its pages' hi, lo
+// the element-wise min of their lo (of the pages summarised so far).
+inline size_t GroupOf(int page) { return static_cast<size_t>(page) / kPagesPerGroup; }
+
+// Folds the summary of `page` ([Hkv][2][D], already in summaries) into the group bounds, growing
+// them to the page's group; the first page of a group initialises it.
+void FoldPageIntoGroup(const PageGeometry& g, const uint16_t* summaries, int page, std::vector<uint16_t>& groups);
+
+// Rebuilds every group bound from the summaries of pages [0, pages).
+void RebuildGroups(const PageGeometry& g, const uint16_t* summaries, int pages, std::vector<uint16_t>& groups);
+
+// The combined score of one page (or group) from its per-query-head scores s[0 .. group), as the
+// selection ranks them.
+struct Combiner {
+  GroupCombine how = GroupCombine::Mean;
+  int group = 1;
+  bool raw = false;            // SoftmaxMean with one head: the raw score (same ranking)
+  std::vector<double> shift;   // SoftmaxMean: per head, exp(s - shift[j]) * inv_norm[j]
+  std::vector<double> inv_norm;
+  double operator()(const float* s) const;
+};
+
+// One KV head's selection and the combined score of any candidate page (for the residency's
+// choice of which resident page a miss replaces).
+struct HeadSelection {
+  std::vector<int> chosen;        // best first; ties to the lower page
+  // Flat: every candidate's combined score (combined[p - c0]). Hierarchical: empty, Score()
+  // scores the page on demand with the selection's combine.
+  std::vector<double> combined;
+  bool hierarchical = false;
+  Combiner combiner;
+  const PageGeometry* g = nullptr;
+  const uint16_t* summaries = nullptr;
+  const float* q = nullptr;  // the group's query heads [group][D]
+  int h = 0, c0 = 0, c1 = 0;
+  int groups_scored = 0, pages_scored = 0;
+  double Score(int page) const;  // -inf outside [c0, c1)
+};
+
+// The whole selection of KV head h among pages [c0, c1), flat or hierarchical (`hier`).
+HeadSelection SelectHead(const PageGeometry& g, GroupCombine how, const uint16_t* summaries, const uint16_t* groups,
+                         int h, const float* q, int c0, int c1, bool hier);
+
+// Hierarchical only (tests, the micro-benchmark): same result fields as SelectHead(..., true).
+HeadSelection SelectPagesHierarchical(const PageGeometry& g, GroupCombine how, const uint16_t* summaries,
+                                      const uint16_t* groups, int h, const float* q, int c0, int c1);
+
+}  // namespace freekv::cpu
