@@ -127,7 +127,11 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     if (fresh) {
       // Before the session's segments are made (sized by its context).
       checkPromptFits(prompt.length, 0, ctx.config.FREEKV_MAX_CONTEXT_TOKENS);
-      s = await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: 0, geometry: undefined }, signal);
+      // A fresh session lives for this call only: its store holds what the call can reach (the
+      // prompt and max_tokens), not the default maximum, so a short request neither reserves nor
+      // registers the memory of a long one (at 128K tokens of an 8B model, 17 GB and seconds).
+      const reach = Math.min(ctx.config.FREEKV_MAX_CONTEXT_TOKENS, prompt.length + req.maxTokens);
+      s = await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: reach, geometry: undefined }, signal);
     } else {
       s = ctx.sessions.get(req.sessionId);
       if (s.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(s.id)} is an attention session; Generate needs a model session`);
