@@ -52,6 +52,10 @@ export const positiveInt = (dflt: number) => z.coerce.number().int("must be an i
 export const intInRange = (dflt: number, min: number, max: number) =>
   z.coerce.number().int("must be an integer").min(min, `must be ${min}..${max}`).max(max, `must be ${min}..${max}`).default(dflt);
 
+/** An integer in [min, max], or undefined when unset (the caller picks the default). */
+export const optionalIntInRange = (min: number, max: number) =>
+  z.coerce.number().int("must be an integer").min(min, `must be ${min}..${max}`).max(max, `must be ${min}..${max}`).optional();
+
 export const numberInRange = (dflt: number, min: number, max: number) =>
   z.coerce.number().finite("must be a number").min(min, `must be ${min}..${max}`).max(max, `must be ${min}..${max}`).default(dflt);
 

@@ -1,6 +1,6 @@
 /** The compute service's environment variables (see the README's configuration table). */
 import { z } from "zod";
-import { flag, host, intInRange, logLevel, nonNegativeInt, numberInRange, port, positiveInt } from "../common/config.js";
+import { flag, host, logLevel, nonNegativeInt, numberInRange, optionalIntInRange, port, positiveInt } from "../common/config.js";
 import { PREFILL_CHUNK_TOKENS, PREFILL_SLICE } from "./generate/scheduler.js";
 
 export const computeConfigSchema = z.object({
@@ -30,8 +30,8 @@ export const computeConfigSchema = z.object({
   FREEKV_DECODE_BATCH_WINDOW_US: nonNegativeInt(200),
   /** Send a CRC32C of every committed page for the kvstore to verify. */
   FREEKV_COMMIT_CHECKSUMS: flag(false),
-  /** Prompt tokens per prefill chunk of Generate; decode steps of other sessions run between two chunks. */
-  FREEKV_PREFILL_CHUNK_TOKENS: intInRange(PREFILL_CHUNK_TOKENS.default, PREFILL_CHUNK_TOKENS.min, PREFILL_CHUNK_TOKENS.max),
+  /** Prompt tokens per prefill chunk of Generate; decode steps of other sessions run between two chunks. Unset: the backend's default (defaultPrefillChunkTokens). */
+  FREEKV_PREFILL_CHUNK_TOKENS: optionalIntInRange(PREFILL_CHUNK_TOKENS.min, PREFILL_CHUNK_TOKENS.max),
   /** While sessions decode, a prefill chunk's predicted time at most this times the recent decode step (0: whole chunks always). */
   FREEKV_PREFILL_SLICE: numberInRange(PREFILL_SLICE.default, PREFILL_SLICE.min, PREFILL_SLICE.max),
   /** Hugging Face model folder served by Generate; unset: the built-in model; "none": no model (attention sessions only). */

@@ -9,7 +9,7 @@ import { DType } from "../../proto/gen/freekv/v1/common.js";
 import type { Logger } from "../common/log.js";
 import { KvStoreClient } from "./kvstore-client.js";
 import type { ComputeConfig } from "./config.js";
-import { ModelScheduler } from "./generate/scheduler.js";
+import { defaultPrefillChunkTokens, ModelScheduler } from "./generate/scheduler.js";
 import { builtinModelDir, loadModelAsync, type LoadedModel } from "./model/loader.js";
 import { NO_MODEL, ServedModel } from "./model/served.js";
 import { SessionManager } from "./sessions/manager.js";
@@ -204,7 +204,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
       log,
       scheduler: (model) =>
         new ModelScheduler(model, {
-          prefillChunkTokens: config.FREEKV_PREFILL_CHUNK_TOKENS,
+          prefillChunkTokens: config.FREEKV_PREFILL_CHUNK_TOKENS ?? defaultPrefillChunkTokens(config.FREEKV_BACKEND),
           prefillSlice: config.FREEKV_PREFILL_SLICE,
           onStep(size, ms) {
             metrics.decodeBatchSize.observe(size);

@@ -6,7 +6,7 @@
  */
 import { describe, expect, it } from "vitest";
 import type { Model } from "../../native/binding.js";
-import { ModelScheduler, PREFILL_CHUNK_TOKENS, PREFILL_SLICE, PrefillCostModel } from "../../services/compute/generate/scheduler.js";
+import { defaultPrefillChunkTokens, ModelScheduler, PREFILL_CHUNK_TOKENS, PREFILL_SLICE, PrefillCostModel } from "../../services/compute/generate/scheduler.js";
 import { parseConfig } from "../../services/common/config.js";
 import { computeConfigSchema } from "../../services/compute/config.js";
 import { prng } from "../helpers/prng.js";
@@ -145,7 +145,10 @@ describe("ModelScheduler", () => {
     for (const bad of ["-1", String(PREFILL_SLICE.max + 1), "x"])
       expect(() => parseConfig(computeConfigSchema, { FREEKV_PREFILL_SLICE: bad })).toThrow(/FREEKV_PREFILL_SLICE/);
     expect(new ModelScheduler(model).prefillChunkTokens).toBe(PREFILL_CHUNK_TOKENS.default);
-    expect(parseConfig(computeConfigSchema, {}).FREEKV_PREFILL_CHUNK_TOKENS).toBe(PREFILL_CHUNK_TOKENS.default);
+    // Unset: the backend's default.
+    expect(parseConfig(computeConfigSchema, {}).FREEKV_PREFILL_CHUNK_TOKENS).toBeUndefined();
+    expect(defaultPrefillChunkTokens("cpu")).toBe(PREFILL_CHUNK_TOKENS.default);
+    expect(defaultPrefillChunkTokens("cuda")).toBe(PREFILL_CHUNK_TOKENS.cuda);
     expect(parseConfig(computeConfigSchema, { FREEKV_PREFILL_CHUNK_TOKENS: "96" }).FREEKV_PREFILL_CHUNK_TOKENS).toBe(96);
     for (const bad of ["0", "1.5", String(PREFILL_CHUNK_TOKENS.max + 1), "many"])
       expect(() => parseConfig(computeConfigSchema, { FREEKV_PREFILL_CHUNK_TOKENS: bad })).toThrow(/FREEKV_PREFILL_CHUNK_TOKENS/);
