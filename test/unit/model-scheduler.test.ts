@@ -188,8 +188,12 @@ describe("ModelScheduler", () => {
     await feed(4, 3000);
     decoding = false;
     await decoder;
+    // Early on a whole chunk may fit in a step; far into the prompt (a 256-token chunk at 2K of
+    // context costs several steps) the chunks are cut, and they shrink as the context grows.
     const sliced = chunks.slice(1);
-    expect(Math.max(...sliced.map((c) => c.n))).toBeLessThan(256);
+    const late = sliced.filter((c) => c.c >= 2000);
+    expect(late.length).toBeGreaterThan(0);
+    expect(Math.max(...late.map((c) => c.n))).toBeLessThan(256);
     expect(sliced[sliced.length - 1].n).toBeLessThan(sliced[0].n);
     // Predicted within one decode step; measured within a loose bound (timers overshoot on a busy machine).
     const times = sliced.map((c) => c.ms).sort((a, b) => a - b);
