@@ -7,8 +7,10 @@
  *      checked against exact float64 attention; the pages the engine offloaded are committed at
  *      the kvstore and read back here from the segment; then compute is killed (SIGKILL), a new
  *      one re-attaches the session from the kvstore and the decode continues;
- *   2. a Generate call with the served model (the built-in tiny model unless FREEKV_MODEL says
- *      otherwise), when this build has the model runner;
+ *   2. a Generate call with the served model: the committed trained model (models/retrieval-8m)
+ *      unless FREEKV_MODEL says otherwise; with it, a needle question over a ~2K-token prompt,
+ *      answered with FreeKV retrieval attending 192 of its tokens (and, for contrast, with only
+ *      the sink and window pages of the same budget);
  * then shows health and a metrics excerpt, shuts both down with SIGTERM and checks that they
  * exited 0 and that the segments are gone. Exits non-zero if any check fails.
  */
@@ -33,6 +35,12 @@ import { healthCheck } from "./health-probe.js";
 import { startService, type ServiceProcess } from "./launch.js";
 import { runTiers } from "./run.js";
 import { mulberry32Uint } from "../reference/prng.js";
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { RetrievalMode } from "../../proto/gen/freekv/v1/common.js";
+import { trainedModelDir } from "../../services/compute/model/loader.js";
+import { Filler } from "../tasks/filler.js";
+import { generateTask } from "../tasks/generate.js";
 
 // The KV dtype is left to the backend (float32 on CPU, bf16 on CUDA).
 const G = { layers: 2, queryHeads: 8, kvHeads: 2, headDim: 64, kvDtype: DType.D_TYPE_UNSPECIFIED };
@@ -108,6 +116,8 @@ interface Live {
   compute: ServiceProcess;
   client: ComputeServiceClient;
   kvstoreAddress: string;
+  /** The model folder compute serves (a restarted compute serves it too). */
+  modelDir: string;
 }
 
 const newClient = (address: string) => new ComputeServiceClient(address, credentials.createInsecure(), { "grpc.max_receive_message_length": 64 << 20 });
@@ -233,7 +243,7 @@ async function attentionPart(live: Live, kv: KvStoreClient): Promise<void> {
   live.client.close();
   const t2 = Date.now();
   live.compute = await startService("compute", {
-    env: { FREEKV_LOG_LEVEL: "warn", FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: live.kvstoreAddress },
+    env: { FREEKV_LOG_LEVEL: "warn", FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: live.kvstoreAddress, FREEKV_MODEL: live.modelDir },
     detached: true,
   });
   live.client = newClient(live.compute.address);
@@ -285,15 +295,62 @@ async function generatePart(client: ComputeServiceClient): Promise<void> {
   }
 }
 
+/** One greedy Generate; the streamed text and the final usage. */
+async function generateText(client: ComputeServiceClient, req: GenerateRequest): Promise<{ text: string; promptTokens: number; prefillMs: number; ms: number }> {
+  const t0 = Date.now();
+  const events = await new Promise<GenerateResponse[]>((resolve, reject) => {
+    const out: GenerateResponse[] = [];
+    const call = client.generate(req, { deadline: Date.now() + 120000 });
+    call.on("data", (m: GenerateResponse) => out.push(m));
+    call.on("error", reject);
+    call.on("end", () => resolve(out));
+  });
+  const text = events.map((e) => (e.event?.$case === "chunk" ? e.event.value.text : "")).join("");
+  const fin = events.find((e) => e.event?.$case === "final");
+  const u = fin?.event?.$case === "final" ? fin.event.value.usage : undefined;
+  return { text, promptTokens: u?.promptTokens ?? 0, prefillMs: u?.prefillMs ?? 0, ms: Date.now() - t0 };
+}
+
+/**
+ * A needle in a ~2K-token prompt (the task generator's single_needle family, filler from the
+ * GPL's text that Debian ships, or this README), asked of the trained model with a retrieval
+ * budget far below the prompt: FreeKV must find the needle's page; sink + window alone cannot.
+ */
+async function needlePart(client: ComputeServiceClient, modelDir: string): Promise<void> {
+  say("\n2b. A needle in a long prompt (the trained model, FreeKV retrieval)");
+  if (!existsSync(join(modelDir, "RECIPE.md"))) {
+    say(`   skipped: the served model (${modelDir}) is not the trained one; run with FREEKV_MODEL=${trainedModelDir()} (or unset)`);
+    return;
+  }
+  const sources = ["/usr/share/common-licenses/GPL-3", join(trainedModelDir(), "..", "..", "README.md")];
+  const source = sources.find((f) => existsSync(f))!;
+  const filler = new Filler(readFileSync(source, "utf8"));
+  const task = generateTask(filler, { seed: 2026, contextTokens: 2048, contextChars: Math.round(2048 * 3.77), depth: 0.45, family: "single_needle" }, 0);
+  const needle = task.prompt.split("\n").flatMap((l) => l.split(/(?<=\.)\s+/)).find((x) => x.includes(task.answer[0]) && x.startsWith("The value of key")) ?? "";
+  const question = task.prompt.slice(task.prompt.lastIndexOf("Q:")).trim();
+  say(`   filler from ${source}; needle at ${(task.depth * 100).toFixed(0)}% of the prompt: ${JSON.stringify(needle)}`);
+  say(`   question: ${JSON.stringify(question)}`);
+  const budget = { pageSize: 16, sinkTokens: 32, selectTokens: 128, windowTokens: 32 };
+  const ask = (mode: RetrievalMode) =>
+    generateText(client, GenerateRequest.fromPartial({ prompt: { $case: "text", value: task.prompt }, maxTokens: task.max_tokens, sampling: { temperature: 0 }, retrieval: { ...budget, mode } }));
+  const fk = await ask(RetrievalMode.RETRIEVAL_MODE_FREEKV);
+  say(`   freekv (attends ${budget.sinkTokens + budget.selectTokens + budget.windowTokens} of ${fk.promptTokens} tokens): ${JSON.stringify(fk.text.trim())} in ${fk.ms} ms (prefill ${fk.prefillMs.toFixed(0)} ms)`);
+  const sw = await ask(RetrievalMode.RETRIEVAL_MODE_SINK_WINDOW);
+  say(`   sink + window only, same budget: ${JSON.stringify(sw.text.trim())}`);
+  check(fk.text.includes(task.answer[0]), `FreeKV found the needle's value ${task.answer[0]} in a ${fk.promptTokens}-token prompt`);
+}
+
 async function main(): Promise<number> {
   const t0 = Date.now();
   say("FreeKV demo: two processes, one request path\n");
-  const tiers = await runTiers({ ephemeral: true, env: { FREEKV_LOG_LEVEL: "warn" } });
+  // The trained model unless FREEKV_MODEL names another.
+  const modelDir = process.env.FREEKV_MODEL || trainedModelDir();
+  const tiers = await runTiers({ ephemeral: true, env: { FREEKV_LOG_LEVEL: "warn", FREEKV_MODEL: modelDir } });
   const { compute, kvstore } = tiers;
   say(`started in ${Date.now() - t0} ms:`);
   say(`  kvstore  pid ${kvstore.pid}  gRPC ${kvstore.address}  metrics :${kvstore.metricsPort}/metrics`);
   say(`  compute  pid ${compute.pid}  gRPC ${compute.address}  metrics :${compute.metricsPort}/metrics  (kvstore at ${kvstore.address})`);
-  const live: Live = { compute, client: newClient(compute.address), kvstoreAddress: kvstore.address };
+  const live: Live = { compute, client: newClient(compute.address), kvstoreAddress: kvstore.address, modelDir };
   const kv = new KvStoreClient(kvstore.address);
   try {
     const hc = await healthCheck(compute.address);
@@ -301,6 +358,7 @@ async function main(): Promise<number> {
     check(hc === "SERVING" && hk === "SERVING", `grpc.health.v1: compute ${hc}, kvstore ${hk}`);
     await attentionPart(live, kv);
     await generatePart(live.client);
+    await needlePart(live.client, modelDir);
 
     say(`\n3. Metrics excerpt (compute pid ${live.compute.pid}, kvstore pid ${kvstore.pid})`);
     const grab = async (port: number, names: string[]) => {

@@ -67,15 +67,25 @@ export async function loadModelAsync(dir: string, options: LoadModelOptions = {}
   return { ...folder, model };
 }
 
-/** The built-in model's folder (made by scripts/make-builtin-model.mjs), from the repo root. */
-export function builtinModelDir(): string {
+/** A model folder under the repository's models/ (from services/compute/model or its compiled copy under dist/). */
+function repoModelDir(name: string): string {
   const here = fileURLToPath(new URL(".", import.meta.url));
   // services/compute/model (tsx) or dist/services/compute/model (compiled)
   for (const up of ["../../..", "../../../.."]) {
-    const d = resolve(here, up, "models", "builtin");
+    const d = resolve(here, up, "models", name);
     if (existsSync(join(d, "config.json"))) return d;
   }
-  return resolve(here, "../../..", "models", "builtin");
+  return resolve(here, "../../..", "models", name);
+}
+
+/** The built-in model's folder (made by scripts/make-builtin-model.mjs), from the repo root. */
+export function builtinModelDir(): string {
+  return repoModelDir("builtin");
+}
+
+/** The committed trained long-context model (tools/train/, models/retrieval-8m/RECIPE.md). */
+export function trainedModelDir(): string {
+  return repoModelDir("retrieval-8m");
 }
 
 /** FREEKV_MODEL (validated as the service reads it), or the built-in model. */
