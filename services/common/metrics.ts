@@ -1,7 +1,9 @@
 /**
  * Prometheus metrics: one registry per process with the default process metrics, served at
  * GET /metrics on its own HTTP port (0 = ephemeral, for tests), separate from the gRPC port so
- * scraping never competes with traffic.
+ * scraping never competes with traffic. The same server answers GET /livez with 200 while the
+ * process's event loop runs: a liveness probe that fails only for the process's own fault (the
+ * gRPC health also reflects dependencies, such as compute's kvstore, and belongs to readiness).
  */
 import { createServer, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
@@ -34,8 +36,13 @@ export async function startMetricsServer(registry: Registry, port: number, host 
         });
       return;
     }
+    if (req.method === "GET" && req.url === "/livez") {
+      res.writeHead(200, { "content-type": "text/plain" });
+      res.end("ok\n");
+      return;
+    }
     res.writeHead(404, { "content-type": "text/plain" });
-    res.end("not found: try /metrics\n");
+    res.end("not found: try /metrics or /livez\n");
   });
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);

@@ -7,6 +7,8 @@ export const computeConfigSchema = z.object({
   FREEKV_COMPUTE_HOST: host("127.0.0.1"),
   FREEKV_COMPUTE_PORT: port(50051),
   FREEKV_COMPUTE_METRICS_PORT: port(9091),
+  /** Address of the metrics (and /livez) HTTP server; unset: FREEKV_COMPUTE_HOST. */
+  FREEKV_COMPUTE_METRICS_HOST: z.string().min(1).optional(),
   /** host:port of the kvstore's gRPC server. */
   FREEKV_KVSTORE_ADDR: z
     .string()

@@ -39,7 +39,7 @@ async function main(): Promise<void> {
   const reattached = await ctx.sessions.reattachAll();
   const { server, health, upstream: kvstoreServing } = createComputeServer(ctx);
   const port = await bindServer(server, config.FREEKV_COMPUTE_HOST, config.FREEKV_COMPUTE_PORT);
-  const metricsServer = await startMetricsServer(registry, config.FREEKV_COMPUTE_METRICS_PORT, config.FREEKV_COMPUTE_HOST);
+  const metricsServer = await startMetricsServer(registry, config.FREEKV_COMPUTE_METRICS_PORT, config.FREEKV_COMPUTE_METRICS_HOST ?? config.FREEKV_COMPUTE_HOST);
   // Compute serves only while its kvstore does: every new session needs it.
   const upstream = followUpstreamHealth(config.FREEKV_KVSTORE_ADDR, "freekv.v1.KvStoreService", log, kvstoreServing);
   // At the end of the drain: sessions committed and unmapped (the kvstore keeps their pages).

@@ -7,6 +7,8 @@ export const kvstoreConfigSchema = z.object({
   FREEKV_KVSTORE_HOST: host("127.0.0.1"),
   FREEKV_KVSTORE_PORT: port(50052),
   FREEKV_KVSTORE_METRICS_PORT: port(9092),
+  /** Address of the metrics (and /livez) HTTP server; unset: FREEKV_KVSTORE_HOST. */
+  FREEKV_KVSTORE_METRICS_HOST: z.string().min(1).optional(),
   /** "memory" or redis://host:port/db */
   FREEKV_DIRECTORY: z
     .string()

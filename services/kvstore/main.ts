@@ -42,7 +42,7 @@ async function main(): Promise<void> {
   addReflection(server, ["freekv/v1/kvstore.proto"]);
 
   const port = await bindServer(server, config.FREEKV_KVSTORE_HOST, config.FREEKV_KVSTORE_PORT);
-  const metricsServer = await startMetricsServer(registry, config.FREEKV_KVSTORE_METRICS_PORT, config.FREEKV_KVSTORE_HOST);
+  const metricsServer = await startMetricsServer(registry, config.FREEKV_KVSTORE_METRICS_PORT, config.FREEKV_KVSTORE_METRICS_HOST ?? config.FREEKV_KVSTORE_HOST);
   installDrain({
     server,
     health,
