@@ -17,3 +17,26 @@ export async function healthCheck(address: string, service = ""): Promise<string
     client.close();
   }
 }
+
+/**
+ * As a command (an exec probe for a server bound to the pod's loopback, which the kubelet's own
+ * gRPC probe cannot reach): `node dist/tools/dev/health-probe.js HOST:PORT [SERVICE]` exits 0
+ * when the service reports SERVING, 1 otherwise (the status or the error on stderr).
+ */
+if (process.argv[1] && import.meta.url === new URL(`file://${process.argv[1]}`).href) {
+  const [address, service = ""] = process.argv.slice(2);
+  if (!address) {
+    process.stderr.write("usage: health-probe HOST:PORT [SERVICE]\n");
+    process.exit(2);
+  }
+  healthCheck(address, service).then(
+    (status) => {
+      if (status !== "SERVING") process.stderr.write(`${address} ${service || "(server)"}: ${status}\n`);
+      process.exit(status === "SERVING" ? 0 : 1);
+    },
+    (e: unknown) => {
+      process.stderr.write(`${address} ${service || "(server)"}: ${(e as Error).message}\n`);
+      process.exit(1);
+    },
+  );
+}
