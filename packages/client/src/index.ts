@@ -1,0 +1,294 @@
+/**
+ * @freekv/client: the FreeKV compute service for gateways and applications, in TypeScript.
+ *
+ *   const client = new FreeKvClient("freekv.freekv.svc:50051");
+ *   for await (const e of client.generate({ prompt: { $case: "text", value: "Hello" }, maxTokens: 32 }))
+ *     if (e.type === "chunk") process.stdout.write(e.text);
+ *
+ * What it adds to the generated stubs (proto/gen, from proto/freekv/v1/compute.proto):
+ * - deadlines: every call has one (the call's own, or `defaultDeadlineMs`);
+ * - retries with exponential backoff and jitter on UNAVAILABLE, for calls that did not start:
+ *   unary calls, and a Generate stream only while it has delivered nothing (a stream that has
+ *   produced tokens is never replayed, so no token is duplicated);
+ * - streaming helpers: `generate()` is an async iterator of typed events, `generateText()`
+ *   collects them, and breaking out of the loop (or an AbortSignal) cancels the call;
+ * - session routing: a session lives on one pod (its KV is in that pod's shared memory); a
+ *   compute that does not hold it may answer with the owner's address in the trailing metadata
+ *   key `x-freekv-session-owner`, and the client then sends the call there (and remembers the
+ *   session's address for its next calls).
+ * It needs neither the native addon nor the service's code: only gRPC and the generated messages.
+ */
+import { credentials as grpcCredentials, Metadata, status, type ChannelCredentials, type ClientReadableStream, type ServiceError } from "@grpc/grpc-js";
+import {
+  ComputeServiceClient,
+  CloseSessionRequest,
+  type CloseSessionResponse,
+  CreateSessionRequest,
+  type CreateSessionResponse,
+  GenerateRequest,
+  type GenerateResponse,
+  GetSessionRequest,
+  type GetSessionResponse,
+} from "../../../proto/gen/freekv/v1/compute.js";
+
+export { CreateSessionRequest, GetSessionRequest, CloseSessionRequest, GenerateRequest };
+export type { CreateSessionResponse, GetSessionResponse, CloseSessionResponse, GenerateResponse };
+
+/** Trailing metadata key of a status that names the pod (host:port) holding the session. */
+export const SESSION_OWNER_KEY = "x-freekv-session-owner";
+
+export interface RetryOptions {
+  /** Attempts in all, the first included (1: no retry). */
+  maxAttempts: number;
+  initialBackoffMs: number;
+  maxBackoffMs: number;
+  /** Backoff growth per attempt. */
+  multiplier: number;
+}
+
+export interface ClientOptions {
+  credentials?: ChannelCredentials;
+  /** Deadline of a call that sets none. */
+  defaultDeadlineMs?: number;
+  retry?: Partial<RetryOptions>;
+  /** Follow `x-freekv-session-owner` redirects (at most this many per call; 0: off). */
+  maxRedirects?: number;
+  /** Extra gRPC channel options. */
+  channelOptions?: Record<string, unknown>;
+}
+
+export interface CallOptions {
+  /** Milliseconds from now. */
+  deadlineMs?: number;
+  signal?: AbortSignal;
+  metadata?: Metadata;
+}
+
+/** What a Generate stream yields, typed. */
+export type GenerateEvent =
+  | { type: "chunk"; tokenIds: number[]; text: string; stepMs: number; batchSize: number }
+  | { type: "progress"; prefilledTokens: number; promptTokens: number }
+  | { type: "final"; final: NonNullable<Extract<GenerateResponse["event"], { $case: "final" }>>["value"] };
+
+const DEFAULT_RETRY: RetryOptions = { maxAttempts: 4, initialBackoffMs: 100, maxBackoffMs: 2000, multiplier: 2 };
+
+/** The wait before attempt `n` (1-based retry count): exponential with full jitter. */
+export function backoffMs(retry: RetryOptions, n: number, random: () => number = Math.random): number {
+  const cap = Math.min(retry.maxBackoffMs, retry.initialBackoffMs * retry.multiplier ** (n - 1));
+  return Math.floor(random() * cap);
+}
+
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason);
+    const t = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    const onAbort = () => {
+      clearTimeout(t);
+      reject(signal!.reason);
+    };
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+const ownerOf = (e: unknown): string | undefined => {
+  const md = (e as ServiceError | undefined)?.metadata;
+  const v = md?.get(SESSION_OWNER_KEY)?.[0];
+  return typeof v === "string" && v.length > 0 && v.length <= 255 ? v : undefined;
+};
+
+export class FreeKvClient {
+  private readonly channels = new Map<string, ComputeServiceClient>();
+  /** The pod address a session was last found on. */
+  private readonly sessionAddress = new Map<string, string>();
+  private readonly retry: RetryOptions;
+  private readonly defaultDeadlineMs: number;
+  private readonly maxRedirects: number;
+
+  constructor(
+    private readonly address: string,
+    private readonly options: ClientOptions = {},
+  ) {
+    this.retry = { ...DEFAULT_RETRY, ...options.retry };
+    if (!(this.retry.maxAttempts >= 1)) throw new RangeError("retry.maxAttempts must be >= 1");
+    this.defaultDeadlineMs = options.defaultDeadlineMs ?? 60_000;
+    this.maxRedirects = options.maxRedirects ?? 2;
+  }
+
+  /** The stub for an address (one channel per address, reused). */
+  private stub(address: string): ComputeServiceClient {
+    let c = this.channels.get(address);
+    if (!c) {
+      c = new ComputeServiceClient(address, this.options.credentials ?? grpcCredentials.createInsecure(), this.options.channelOptions);
+      this.channels.set(address, c);
+    }
+    return c;
+  }
+
+  /** Where calls on `sessionId` go: its last known pod, else the configured address. */
+  addressFor(sessionId: string | undefined): string {
+    return (sessionId && this.sessionAddress.get(sessionId)) || this.address;
+  }
+
+  close(): void {
+    for (const c of this.channels.values()) c.close();
+    this.channels.clear();
+  }
+
+  createSession(request: Partial<CreateSessionRequest>, opts: CallOptions = {}): Promise<CreateSessionResponse> {
+    const req = CreateSessionRequest.fromPartial(request);
+    return this.unary((s, md, o, cb) => s.createSession(req, md, o, cb), req.sessionId, opts, (r) => r.session?.sessionId);
+  }
+
+  getSession(request: Partial<GetSessionRequest>, opts: CallOptions = {}): Promise<GetSessionResponse> {
+    const req = GetSessionRequest.fromPartial(request);
+    return this.unary((s, md, o, cb) => s.getSession(req, md, o, cb), req.sessionId, opts);
+  }
+
+  closeSession(request: Partial<CloseSessionRequest>, opts: CallOptions = {}): Promise<CloseSessionResponse> {
+    const req = CloseSessionRequest.fromPartial(request);
+    return this.unary((s, md, o, cb) => s.closeSession(req, md, o, cb), req.sessionId, opts);
+  }
+
+  /**
+   * Generate as an async iterator of events. Retried on UNAVAILABLE (with backoff) and redirected
+   * to the session's owner only before the first event; breaking out of the loop cancels the call.
+   */
+  async *generate(request: Partial<GenerateRequest>, opts: CallOptions = {}): AsyncGenerator<GenerateEvent, void, undefined> {
+    const req = GenerateRequest.fromPartial(request);
+    const deadline = Date.now() + (opts.deadlineMs ?? this.defaultDeadlineMs);
+    let address = this.addressFor(req.sessionId);
+    let redirects = 0;
+    for (let attempt = 1; ; attempt++) {
+      const call = this.stub(address).generate(req, opts.metadata ?? new Metadata(), { deadline });
+      const onAbort = () => call.cancel();
+      opts.signal?.addEventListener("abort", onAbort, { once: true });
+      let delivered = false;
+      try {
+        for await (const m of iterate(call)) {
+          delivered = true;
+          const e = toEvent(m);
+          if (e?.type === "final" && e.final.sessionId && req.sessionId) this.sessionAddress.set(req.sessionId, address);
+          if (e) yield e;
+        }
+        return;
+      } catch (e) {
+        if (opts.signal?.aborted) throw opts.signal.reason ?? e;
+        const owner = ownerOf(e);
+        if (!delivered && owner && owner !== address && redirects < this.maxRedirects) {
+          redirects++;
+          address = owner;
+          if (req.sessionId) this.sessionAddress.set(req.sessionId, owner);
+          attempt--; // a redirect is not a failed attempt
+          continue;
+        }
+        if (delivered || (e as ServiceError).code !== status.UNAVAILABLE || attempt >= this.retry.maxAttempts) throw e;
+        const wait = backoffMs(this.retry, attempt);
+        if (Date.now() + wait >= deadline) throw e;
+        await sleep(wait, opts.signal);
+      } finally {
+        opts.signal?.removeEventListener("abort", onAbort);
+        call.cancel(); // a no-op once the call ended; stops it when the consumer broke out
+      }
+    }
+  }
+
+  /** The whole Generate: the text, the token ids and the final summary. */
+  async generateText(request: Partial<GenerateRequest>, opts: CallOptions = {}): Promise<{ text: string; tokenIds: number[]; final: Extract<GenerateEvent, { type: "final" }>["final"] }> {
+    let text = "";
+    const tokenIds: number[] = [];
+    let final: Extract<GenerateEvent, { type: "final" }>["final"] | undefined;
+    for await (const e of this.generate(request, opts)) {
+      if (e.type === "chunk") {
+        text += e.text;
+        tokenIds.push(...e.tokenIds);
+      } else if (e.type === "final") final = e.final;
+    }
+    if (!final) throw new Error("the Generate stream ended without its final message");
+    return { text, tokenIds, final };
+  }
+
+  private async unary<Res>(
+    invoke: (s: ComputeServiceClient, md: Metadata, o: { deadline: number }, cb: (e: ServiceError | null, r: Res) => void) => void,
+    sessionId: string | undefined,
+    opts: CallOptions,
+    learned?: (r: Res) => string | undefined,
+  ): Promise<Res> {
+    const deadline = Date.now() + (opts.deadlineMs ?? this.defaultDeadlineMs);
+    let address = this.addressFor(sessionId);
+    let redirects = 0;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const res = await new Promise<Res>((resolve, reject) => {
+          if (opts.signal?.aborted) return reject(opts.signal.reason);
+          invoke(this.stub(address), opts.metadata ?? new Metadata(), { deadline }, (e, r) => (e ? reject(e) : resolve(r)));
+        });
+        const id = learned?.(res) ?? sessionId;
+        if (id) this.sessionAddress.set(id, address);
+        return res;
+      } catch (e) {
+        const owner = ownerOf(e);
+        if (owner && owner !== address && redirects < this.maxRedirects) {
+          redirects++;
+          address = owner;
+          attempt--;
+          continue;
+        }
+        if ((e as ServiceError).code !== status.UNAVAILABLE || attempt >= this.retry.maxAttempts) throw e;
+        const wait = backoffMs(this.retry, attempt);
+        if (Date.now() + wait >= deadline) throw e;
+        await sleep(wait, opts.signal);
+      }
+    }
+  }
+}
+
+function toEvent(m: GenerateResponse): GenerateEvent | undefined {
+  const ev = m.event;
+  if (!ev) return undefined;
+  switch (ev.$case) {
+    case "chunk":
+      return { type: "chunk", tokenIds: ev.value.tokenIds, text: ev.value.text, stepMs: ev.value.stepMs, batchSize: ev.value.batchSize };
+    case "final":
+      return { type: "final", final: ev.value };
+    case "progress":
+      return { type: "progress", prefilledTokens: ev.value.prefilledTokens, promptTokens: ev.value.promptTokens };
+    default:
+      return undefined;
+  }
+}
+
+/** A server stream as an async iterable that rejects with the call's error status. */
+async function* iterate<T>(call: ClientReadableStream<T>): AsyncGenerator<T> {
+  const queue: T[] = [];
+  let done = false;
+  let error: unknown;
+  let wake: (() => void) | undefined;
+  call.on("data", (m: T) => {
+    queue.push(m);
+    wake?.();
+  });
+  call.on("error", (e) => {
+    error = e;
+    done = true;
+    wake?.();
+  });
+  call.on("end", () => {
+    done = true;
+    wake?.();
+  });
+  for (;;) {
+    if (queue.length) {
+      yield queue.shift()!;
+      continue;
+    }
+    if (done) {
+      if (error) throw error;
+      return;
+    }
+    await new Promise<void>((r) => (wake = r));
+    wake = undefined;
+  }
+}
