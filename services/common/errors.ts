@@ -11,10 +11,18 @@ export class ServiceError extends Error {
   constructor(
     readonly code: status,
     message: string,
+    /** Trailing metadata sent with the status (e.g. where a session is held). */
+    readonly trailers?: Record<string, string>,
   ) {
     super(message);
     this.name = "ServiceError";
   }
+}
+
+function trailersOf(e: ServiceError): Metadata {
+  const md = new Metadata();
+  for (const [k, v] of Object.entries(e.trailers ?? {})) md.set(k, v);
+  return md;
 }
 
 /** INVALID_ARGUMENT whose message starts with the offending field, e.g. "decode.items[2].q". */
@@ -50,7 +58,7 @@ export function toStatus(err: unknown, log: Logger, method: string, signal?: Abo
     if (reason instanceof ServiceError) return { code: reason.code, details: reason.message, metadata: new Metadata() };
     return { code: status.CANCELLED, details: "call cancelled", metadata: new Metadata() };
   }
-  if (err instanceof ServiceError) return { code: err.code, details: err.message, metadata: new Metadata() };
+  if (err instanceof ServiceError) return { code: err.code, details: err.message, metadata: trailersOf(err) };
   if (isGrpcClientError(err) && passThrough.has(err.code)) {
     return { code: err.code, details: err.details, metadata: new Metadata() };
   }

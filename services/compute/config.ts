@@ -38,6 +38,17 @@ export const computeConfigSchema = z.object({
   FREEKV_PREFILL_SLICE: numberInRange(PREFILL_SLICE.default, PREFILL_SLICE.min, PREFILL_SLICE.max),
   /** Hugging Face model folder served by Generate; unset: the built-in model; "none": no model (attention sessions only). */
   FREEKV_MODEL: z.string().optional(),
+  /** redis:// URL of the session owners shared by the pods (sessions/owners.ts); unset: no redirects. */
+  FREEKV_SESSION_OWNERS: z
+    .string()
+    .regex(/^rediss?:\/\/.+$/, "must be a redis:// URL")
+    .optional(),
+  FREEKV_SESSION_OWNERS_PREFIX: z.string().min(1).default("freekv:"),
+  /** host:port at which other pods and clients reach this compute (required with FREEKV_SESSION_OWNERS). */
+  FREEKV_ADVERTISE_ADDRESS: z
+    .string()
+    .regex(/^[^\s:]+:\d{1,5}$/, "must be host:port")
+    .optional(),
   FREEKV_KVSTORE_TIMEOUT_MS: positiveInt(10_000),
   FREEKV_SHUTDOWN_GRACE_MS: positiveInt(10_000),
   FREEKV_LOG_LEVEL: logLevel(),

@@ -10,6 +10,7 @@ import type { Logger } from "../common/log.js";
 import { KvStoreClient } from "./kvstore-client.js";
 import type { ComputeConfig } from "./config.js";
 import { defaultPrefillChunkTokens, ModelScheduler } from "./generate/scheduler.js";
+import type { SessionOwners } from "./sessions/owners.js";
 import { builtinModelDir, loadModelAsync, type LoadedModel } from "./model/loader.js";
 import { NO_MODEL, ServedModel } from "./model/served.js";
 import { SessionManager } from "./sessions/manager.js";
@@ -32,6 +33,8 @@ export interface ComputeMetrics {
   modelReady: Gauge;
   /** How long loading the served model took. */
   modelLoadSeconds: Gauge;
+  /** Session-owner records that could not be written, removed or read (FREEKV_SESSION_OWNERS). */
+  ownerFailures: Counter;
 }
 
 export interface ComputeContext {
@@ -45,6 +48,8 @@ export interface ComputeContext {
   backend: "cpu" | "cuda";
   /** The model Generate serves (FREEKV_MODEL, the built-in one by default). */
   served: ServedModel;
+  /** Session owners across pods (FREEKV_SESSION_OWNERS), once connected at start. */
+  owners?: SessionOwners;
 }
 
 export class StartupError extends Error {}
@@ -105,6 +110,7 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
     }),
     modelReady: new Gauge({ name: "freekv_compute_model_ready", help: "1 once the served model is loaded and Generate serves it", registers: [registry] }),
     modelLoadSeconds: new Gauge({ name: "freekv_compute_model_load_seconds", help: "How long loading the served model took at start", registers: [registry] }),
+    ownerFailures: new Counter({ name: "freekv_compute_session_owner_failures_total", help: "Session-owner records (FREEKV_SESSION_OWNERS) that could not be written, removed or read", registers: [registry] }),
   };
   // Retrieval counters summed over open sessions, read from the engine at scrape time.
   const sum = (pick: (s: ReturnType<SessionManager["stats"]>) => number) => {

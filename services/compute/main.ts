@@ -13,6 +13,7 @@ import { computeConfigSchema } from "./config.js";
 import { sweepStaleExchanges } from "./attention/exchange.js";
 import { StartupError, createContext, loadServedModel } from "./context.js";
 import { createComputeServer } from "./server.js";
+import { SessionOwners } from "./sessions/owners.js";
 
 async function main(): Promise<void> {
   const config = loadConfigOrExit("compute", computeConfigSchema);
@@ -36,7 +37,22 @@ async function main(): Promise<void> {
   }
   const swept = sweepStaleExchanges();
   if (swept.length) log.info({ segments: swept }, "removed tensor exchanges left by a compute process that is gone");
+  if (config.FREEKV_SESSION_OWNERS) {
+    if (!config.FREEKV_ADVERTISE_ADDRESS) {
+      process.stderr.write("compute: FREEKV_SESSION_OWNERS needs FREEKV_ADVERTISE_ADDRESS (host:port at which other pods reach this compute)\n");
+      process.exit(2);
+    }
+    try {
+      ctx.owners = await SessionOwners.connect(config.FREEKV_SESSION_OWNERS, config.FREEKV_SESSION_OWNERS_PREFIX, config.FREEKV_ADVERTISE_ADDRESS, log, () =>
+        ctx.metrics.ownerFailures.inc(),
+      );
+    } catch (e) {
+      process.stderr.write(`compute: FREEKV_SESSION_OWNERS: not reachable: ${(e as Error).message}\n`);
+      process.exit(2);
+    }
+  }
   const reattached = await ctx.sessions.reattachAll();
+  for (const s of ctx.sessions.list()) await ctx.owners?.claim(s.id);
   const { server, health, upstream: kvstoreServing } = createComputeServer(ctx);
   const port = await bindServer(server, config.FREEKV_COMPUTE_HOST, config.FREEKV_COMPUTE_PORT);
   const metricsServer = await startMetricsServer(registry, config.FREEKV_COMPUTE_METRICS_PORT, config.FREEKV_COMPUTE_METRICS_HOST ?? config.FREEKV_COMPUTE_HOST);
@@ -47,6 +63,7 @@ async function main(): Promise<void> {
     upstream.stop();
     await ctx.sessions.shutdown();
     ctx.kvstore.close();
+    await ctx.owners?.close();
     await metricsServer.close();
   };
   installDrain({ server, health, log, graceMs: config.FREEKV_SHUTDOWN_GRACE_MS, cleanup });

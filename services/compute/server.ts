@@ -34,7 +34,7 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
     appended: (s, layer) => sessions.commitProgress(s, layer),
   });
   server.addService(ComputeServiceService, {
-    ...sessionHandlers(sessions, log),
+    ...sessionHandlers(sessions, log, () => ctx.owners),
     generate: generateHandler(ctx),
     attention: attentionHandler({
       sessions,

@@ -25,6 +25,7 @@ import {
   type GenerateResponse,
 } from "../../../proto/gen/freekv/v1/compute.js";
 import { callScope } from "../../common/cancellation.js";
+import { localSession } from "../sessions/owners.js";
 import { ServiceError, failedPrecondition, invalidArgument, notFound, toStatus } from "../../common/errors.js";
 import type { ComputeContext } from "../context.js";
 import type { LoadedModel } from "../model/loader.js";
@@ -133,7 +134,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       const reach = Math.min(ctx.config.FREEKV_MAX_CONTEXT_TOKENS, prompt.length + req.maxTokens);
       s = await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: reach, geometry: undefined }, signal);
     } else {
-      s = ctx.sessions.get(req.sessionId);
+      s = await localSession(ctx.sessions, ctx.owners, req.sessionId);
       if (s.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(s.id)} is an attention session; Generate needs a model session`);
     }
     let release: (() => void) | undefined;

@@ -1,0 +1,91 @@
+/**
+ * Which pod holds a session, for deployments of several pods. A session's KV lives in one pod's
+ * shared memory, so only that pod's compute can continue it; a call for it that reaches another
+ * pod is answered FAILED_PRECONDITION with the owner's address in the trailing metadata
+ * `x-freekv-session-owner` (the client package, packages/client, follows it; a gateway can route
+ * by it). The owners are a Redis hash shared by the pods (`FREEKV_SESSION_OWNERS`, the key
+ * `<prefix>owners`: session id -> the compute address other pods and clients reach it at,
+ * `FREEKV_ADVERTISE_ADDRESS`). A pod claims a session when it creates or re-attaches it and
+ * releases it when it closes it. Failures to record an owner are logged and counted, never fatal
+ * to the call: the session still works on its own pod, only redirects to it are lost.
+ */
+import { Redis } from "ioredis";
+import { status } from "@grpc/grpc-js";
+import { ServiceError } from "../../common/errors.js";
+import type { Logger } from "../../common/log.js";
+import type { SessionManager } from "./manager.js";
+import type { ComputeSession } from "./session.js";
+
+/** Trailing metadata key naming the pod (host:port) that holds a session. */
+export const SESSION_OWNER_KEY = "x-freekv-session-owner";
+
+export class SessionOwners {
+  private constructor(
+    private readonly redis: Redis,
+    private readonly key: string,
+    readonly self: string,
+    private readonly log: Logger,
+    private readonly onFailure: () => void,
+  ) {}
+
+  static async connect(url: string, prefix: string, self: string, log: Logger, onFailure: () => void = () => {}): Promise<SessionOwners> {
+    const redis = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 2, enableOfflineQueue: false, connectTimeout: 3000 });
+    redis.on("error", () => {}); // reported per operation below
+    await redis.connect();
+    return new SessionOwners(redis, `${prefix}owners`, self, log, onFailure);
+  }
+
+  /** This pod holds `id` now. */
+  async claim(id: string): Promise<void> {
+    try {
+      await this.redis.hset(this.key, id, this.self);
+    } catch (e) {
+      this.onFailure();
+      this.log.error({ err: e, session: id }, "could not record this pod as the session's owner: other pods will not redirect to it");
+    }
+  }
+
+  /** This pod no longer holds `id` (only if the record still names this pod). */
+  async release(id: string): Promise<void> {
+    try {
+      await this.redis.eval("if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0", 1, this.key, id, this.self);
+    } catch (e) {
+      this.onFailure();
+      this.log.error({ err: e, session: id }, "could not remove the session's owner record");
+    }
+  }
+
+  /** The address of the pod holding `id`, if another pod does. */
+  async elsewhere(id: string): Promise<string | undefined> {
+    try {
+      const owner = await this.redis.hget(this.key, id);
+      return owner && owner !== this.self ? owner : undefined;
+    } catch (e) {
+      this.onFailure();
+      this.log.warn({ err: e, session: id }, "could not look up the session's owner");
+      return undefined;
+    }
+  }
+
+  async close(): Promise<void> {
+    this.redis.disconnect();
+  }
+}
+
+/** FAILED_PRECONDITION naming the pod that holds the session, with its address in the trailers. */
+export function heldElsewhere(id: string, owner: string): ServiceError {
+  return new ServiceError(status.FAILED_PRECONDITION, `session ${JSON.stringify(id.slice(0, 128))} is held by the pod at ${owner}; send the call there (trailer ${SESSION_OWNER_KEY})`, {
+    [SESSION_OWNER_KEY]: owner,
+  });
+}
+
+/**
+ * The session `id` if this pod holds it; FAILED_PRECONDITION with the owner's address if another
+ * pod does (per the owners), NOT_FOUND otherwise.
+ */
+export async function localSession(sessions: SessionManager, owners: SessionOwners | undefined, id: string): Promise<ComputeSession> {
+  if (sessions.has(id) || !owners) return sessions.get(id);
+  const owner = await owners.elsewhere(id);
+  if (owner) throw heldElsewhere(id, owner);
+  return sessions.get(id);
+}

@@ -1,0 +1,100 @@
+/**
+ * Sessions across pods: two compute + kvstore pairs (real processes, each its own shared memory
+ * and in-memory directory) share the session owners in Redis (FREEKV_SESSION_OWNERS, a prefix of
+ * this run). A session created on pair A and continued through pair B's address: B answers
+ * FAILED_PRECONDITION with A's address in the trailer x-freekv-session-owner, the client package
+ * follows it, and the turns give the same greedy tokens as the same turns sent to A directly on a
+ * twin session. Once A closes the session, B answers NOT_FOUND. Skipped, saying so, without Redis.
+ */
+import { connect, createServer } from "node:net";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
+import { Redis } from "ioredis";
+import { FreeKvClient, SESSION_OWNER_KEY } from "../../packages/client/src/index.js";
+import { GenerateRequest, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
+import { prng } from "../helpers/prng.js";
+import { QUIET, computeClient, startTiers, type Tiers } from "../helpers/services.js";
+
+const REDIS = "redis://127.0.0.1:6379/0";
+const up = await new Promise<boolean>((resolve) => {
+  const s = connect(6379, "127.0.0.1");
+  s.setTimeout(1000);
+  s.once("connect", () => s.write("PING\r\n"));
+  s.once("data", (d) => (resolve(String(d).startsWith("+PONG")), s.destroy()));
+  s.once("error", () => resolve(false));
+  s.once("timeout", () => (resolve(false), s.destroy()));
+});
+if (!up) console.warn("session-owners tests skipped: no Redis answers PING at 127.0.0.1:6379");
+
+const freePort = () =>
+  new Promise<number>((resolve, reject) => {
+    const srv = createServer();
+    srv.once("error", reject);
+    srv.listen(0, "127.0.0.1", () => {
+      const p = (srv.address() as { port: number }).port;
+      srv.close(() => resolve(p));
+    });
+  });
+
+describe.skipIf(!up)("session owners across two pods (Redis)", () => {
+  const prefix = `freekv-test-${process.pid}-${Date.now()}:`;
+  let a: Tiers, b: Tiers;
+  beforeAll(async () => {
+    const pair = async () => {
+      const port = await freePort();
+      return startTiers({
+        kvstoreEnv: QUIET,
+        computeEnv: { ...QUIET, FREEKV_THREADS: "1", FREEKV_COMPUTE_PORT: String(port), FREEKV_SESSION_OWNERS: REDIS, FREEKV_SESSION_OWNERS_PREFIX: prefix, FREEKV_ADVERTISE_ADDRESS: `127.0.0.1:${port}` },
+      });
+    };
+    a = await pair();
+    b = await pair();
+  }, 120_000);
+  afterAll(async () => {
+    await a?.stop();
+    await b?.stop();
+    const r = new Redis(REDIS);
+    await r.del(`${prefix}owners`);
+    r.disconnect();
+  });
+
+  it("routes a session's next turns to the pod that holds it, with the same tokens as direct calls", async () => {
+    const rand = prng(Number(process.env.FREEKV_TEST_SEED ?? 777));
+    const turn = (n: number) => ({ $case: "tokens" as const, value: { ids: Array.from({ length: n }, () => 3 + Math.floor(rand() * 400)) } });
+    const turns = [turn(30), turn(7), turn(12)];
+    const sid = `owned-${Math.floor(rand() * 1e9)}`;
+    const toA = new FreeKvClient(a.compute.address);
+    const toB = new FreeKvClient(b.compute.address);
+    try {
+      await toA.createSession({ sessionId: sid, kind: 1 });
+      await toA.createSession({ sessionId: `${sid}-twin`, kind: 1 });
+      // The raw status from B: FAILED_PRECONDITION naming A in the trailer.
+      const stub = computeClient(b.compute.address);
+      const err = await new Promise<ServiceError>((resolve) => {
+        const call = stub.generate(GenerateRequest.fromPartial({ sessionId: sid, prompt: turns[0], maxTokens: 4 }), new Metadata(), { deadline: Date.now() + 10_000 });
+        call.on("data", (_: GenerateResponse) => {});
+        call.on("error", resolve);
+      });
+      stub.close();
+      expect(err.code).toBe(status.FAILED_PRECONDITION);
+      expect(err.metadata.get(SESSION_OWNER_KEY)).toEqual([a.compute.address]);
+      // Every turn through B's address lands on A; the twin gets the same turns on A directly.
+      for (const prompt of turns) {
+        const viaB = await toB.generateText({ sessionId: sid, prompt, maxTokens: 8, sampling: { temperature: 0, topP: 0, topK: 0, seed: 0 } });
+        const direct = await toA.generateText({ sessionId: `${sid}-twin`, prompt, maxTokens: 8, sampling: { temperature: 0, topP: 0, topK: 0, seed: 0 } });
+        expect(viaB.tokenIds).toEqual(direct.tokenIds);
+        expect(viaB.tokenIds.length).toBe(8);
+      }
+      expect(toB.addressFor(sid)).toBe(a.compute.address);
+      // Closed on A: no owner any more, B says NOT_FOUND.
+      await toA.closeSession({ sessionId: sid });
+      const fresh = new FreeKvClient(b.compute.address, { maxRedirects: 2 });
+      await expect(fresh.generateText({ sessionId: sid, prompt: turns[0], maxTokens: 2 })).rejects.toMatchObject({ code: status.NOT_FOUND });
+      fresh.close();
+      await toA.closeSession({ sessionId: `${sid}-twin` });
+    } finally {
+      toA.close();
+      toB.close();
+    }
+  });
+});
