@@ -8,7 +8,7 @@ import type { ModelGeometry, RetrievalConfig } from "../../proto/gen/freekv/v1/c
 import type { AttachSessionRequest, AttachSessionResponse, CommitPagesRequest, GetStatsResponse } from "../../proto/gen/freekv/v1/kvstore.js";
 import { resolveGeometry } from "../common/geometry.js";
 import { resolveRetrieval, toNativeRetrieval, validateRetrieval } from "../common/retrieval.js";
-import { ServiceError, failedPrecondition, invalidArgument, notFound, resourceExhausted } from "../common/errors.js";
+import { ServiceError, failedPrecondition, invalidArgument, notFound, quoteId, resourceExhausted } from "../common/errors.js";
 import type { Logger } from "../common/log.js";
 import { crc32c } from "../common/crc32c.js";
 import type { SessionDirectory, SessionRecord } from "./directory.js";
@@ -213,7 +213,7 @@ export class KvStore {
   commitPages(req: CommitPagesRequest): Promise<{ committedPages: number; layerCommittedPages: number[] }> {
     return this.withLock(req.sessionId, async () => {
       const l = this.live.get(req.sessionId);
-      if (!l) throw notFound(`session ${JSON.stringify(req.sessionId)} is not attached`);
+      if (!l) throw notFound(`session ${quoteId(req.sessionId)} is not attached`);
       const r = l.record;
       const multi = (req.layers ?? []).length > 0;
       if (multi && (req.layer !== 0 || req.firstPage !== 0 || req.count !== 0 || req.checksums.length !== 0)) {
