@@ -12,6 +12,7 @@ import { createRegistry, startMetricsServer } from "../common/metrics.js";
 import { addReflection } from "../common/reflection.js";
 import { kvstoreConfigSchema, shmFreeBytes } from "./config.js";
 import { openDirectory } from "./directory.js";
+import { watchDirectory } from "./directory-health.js";
 import { createKvStoreMetrics } from "./metrics.js";
 import { kvstoreService } from "./service.js";
 import { KvStore } from "./store.js";
@@ -49,11 +50,14 @@ async function main(): Promise<void> {
     log,
     graceMs: config.FREEKV_SHUTDOWN_GRACE_MS,
     cleanup: async () => {
+      directoryHealth.stop();
       await store.shutdown(config.FREEKV_KVSTORE_PERSIST);
       await metricsServer.close();
     },
   });
   health.set("SERVING");
+  const directoryHealth = watchDirectory(directory, health, log, metrics, config.FREEKV_DIRECTORY_PROBE_MS);
+  store.onDirectoryFailure = (e) => directoryHealth.failed(e);
   log.info(
     { grpcPort: port, metricsPort: metricsServer.port, directory: directory.kind, capacityBytes: capacity, adopted, persist: config.FREEKV_KVSTORE_PERSIST },
     "kvstore listening",
