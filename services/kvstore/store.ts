@@ -131,7 +131,7 @@ export class KvStore {
         return this.response(existing, false);
       }
       const geometry = resolveGeometry(req.geometry);
-      const retrieval: RetrievalConfig = resolveRetrieval(req.retrieval, geometry.layers);
+      const retrieval: RetrievalConfig = resolveRetrieval(req.retrieval, geometry.layers, "retrieval", req.maxContextTokens);
       return this.create(req.sessionId, geometry, retrieval, req.maxContextTokens, req.metadata);
     });
   }

@@ -82,11 +82,11 @@ export class SessionManager {
       // The KV cache of the served model is stored in the backend's type.
       geometry = resolveGeometry({ ...g, kvDtype: this.opts.defaultKvDtype }, "model");
     }
-    const retrieval = resolveRetrieval(req.retrieval, geometry.layers);
     const maxContextTokens = req.maxContextTokens || this.opts.defaultMaxContextTokens;
     if (maxContextTokens > this.opts.maxContextLimit) {
       throw invalidArgument("max_context_tokens", `must be <= ${this.opts.maxContextLimit}, got ${maxContextTokens}`);
     }
+    const retrieval = resolveRetrieval(req.retrieval, geometry.layers, "retrieval", maxContextTokens);
     this.creating.add(id);
     try {
       const metadata: SessionMetadata = { kind: kindName(kind) };
