@@ -6,6 +6,7 @@ import { Server } from "@grpc/grpc-js";
 import { KvStoreServiceService } from "../../proto/gen/freekv/v1/kvstore.js";
 import { loadConfigOrExit } from "../common/config.js";
 import { Health } from "../common/health.js";
+import { rejectMalformed } from "../common/malformed.js";
 import { bindServer, installDrain } from "../common/lifecycle.js";
 import { createLogger } from "../common/log.js";
 import { createRegistry, startMetricsServer } from "../common/metrics.js";
@@ -37,7 +38,8 @@ async function main(): Promise<void> {
   }
 
   const server = new Server({ "grpc.max_receive_message_length": 64 << 20 });
-  server.addService(KvStoreServiceService, kvstoreService(store, log));
+  const service = rejectMalformed(KvStoreServiceService, kvstoreService(store, log));
+  server.addService(service.definition, service.implementation);
   const health = new Health([KVSTORE_SERVICE]);
   health.addToServer(server);
   addReflection(server, ["freekv/v1/kvstore.proto"]);
