@@ -25,6 +25,15 @@ function trailersOf(e: ServiceError): Metadata {
   return md;
 }
 
+/** Longest client-supplied string (a session id, a name) echoed in an error message. */
+export const MAX_ECHO_CHARS = 128;
+
+/** A client string for an error message: JSON-quoted and cut to MAX_ECHO_CHARS characters (with its length when cut). */
+export function quoteId(v: string): string {
+  if (v.length <= MAX_ECHO_CHARS) return JSON.stringify(v);
+  return `${JSON.stringify(v.slice(0, MAX_ECHO_CHARS))}... (${v.length} characters)`;
+}
+
 /** INVALID_ARGUMENT whose message starts with the offending field, e.g. "decode.items[2].q". */
 export const invalidArgument = (field: string, message: string) => new ServiceError(status.INVALID_ARGUMENT, `${field}: ${message}`);
 export const notFound = (message: string) => new ServiceError(status.NOT_FOUND, message);
@@ -51,8 +60,18 @@ function isGrpcClientError(e: unknown): e is { code: number; details: string; me
   return typeof e === "object" && e !== null && typeof (e as { code?: unknown }).code === "number" && typeof (e as { details?: unknown }).details === "string";
 }
 
-/** The status to send for `err`; logs what is not a ServiceError. */
+/** Longest status message sent: a status is one HTTP/2 trailer, and one past the peer's header limit never arrives. */
+export const MAX_DETAILS_CHARS = 2048;
+
+const bounded = (s: StatusObject): StatusObject =>
+  s.details.length <= MAX_DETAILS_CHARS ? s : { ...s, details: `${s.details.slice(0, MAX_DETAILS_CHARS)}... (${s.details.length} characters)` };
+
+/** The status to send for `err` (its message bounded); logs what is not a ServiceError. */
 export function toStatus(err: unknown, log: Logger, method: string, signal?: AbortSignal): StatusObject {
+  return bounded(statusOf(err, log, method, signal));
+}
+
+function statusOf(err: unknown, log: Logger, method: string, signal?: AbortSignal): StatusObject {
   if (signal?.aborted) {
     const reason = signal.reason;
     if (reason instanceof ServiceError) return { code: reason.code, details: reason.message, metadata: new Metadata() };

@@ -10,7 +10,9 @@ import type { Logger } from "./log.js";
 export function unary<Req, Res>(log: Logger, method: string, fn: (req: Req, signal: AbortSignal, call: ServerUnaryCall<Req, Res>) => Promise<Res>): handleUnaryCall<Req, Res> {
   return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
     const scope = callScope(call);
-    fn(call.request, scope.signal, call)
+    // A handler that throws before its first await fails the call like one that rejects.
+    Promise.resolve()
+      .then(() => fn(call.request, scope.signal, call))
       .then(
         (res) => {
           if (scope.signal.aborted) callback(toStatus(undefined, log, method, scope.signal));

@@ -27,6 +27,9 @@ export type ModeName = keyof typeof RETRIEVAL_NAMES.mode;
 export type RecallName = keyof typeof RETRIEVAL_NAMES.recall;
 export const MODE_NAMES = Object.keys(RETRIEVAL_NAMES.mode) as ModeName[];
 
+/** Largest sink, window or selection a request may ask for (the default FREEKV_MAX_CONTEXT_LIMIT). */
+export const MAX_RETRIEVAL_TOKENS = 1 << 20;
+
 let defaults: Readonly<Retrieval> | undefined;
 
 /** The native table of defaults (DESIGN.md section 2: page 32, sink 512, window 512, select 1024, tau 0.9, ...). */
@@ -46,11 +49,18 @@ const wireField = (f: string) => f.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}
 /**
  * Fills defaults (a proto field left 0 is unset; tau only with tau_set or non-zero) and validates
  * with the native validator; INVALID_ARGUMENT names `<prefix>.<proto field>`. The result has every
- * field set (tau_set = true) and the dense layers sorted.
+ * field set (tau_set = true) and the dense layers sorted. Sink, window and selection above
+ * MAX_RETRIEVAL_TOKENS are refused; with `maxContextTokens`, they are capped at the session's
+ * capacity (a larger one attends the same tokens).
  */
-export function resolveRetrieval(r: RetrievalConfig | undefined, layers: number, prefix = "retrieval"): RetrievalConfig {
+export function resolveRetrieval(r: RetrievalConfig | undefined, layers: number, prefix = "retrieval", maxContextTokens?: number): RetrievalConfig {
   const src: Partial<RetrievalConfig> = r ?? {};
   const d = retrievalDefaults();
+  // Before any memory is sized by them (the engine allocates select/sink/window slots per layer).
+  for (const f of ["sinkTokens", "windowTokens", "selectTokens"] as const) {
+    const v = src[f] ?? 0;
+    if (v > MAX_RETRIEVAL_TOKENS) throw invalidArgument(`${prefix}.${wireField(f)}`, `must be <= ${MAX_RETRIEVAL_TOKENS}, got ${v}`);
+  }
   const native: Retrieval = {
     pageSize: src.pageSize || d.pageSize,
     sinkTokens: src.sinkTokens || d.sinkTokens,
@@ -65,6 +75,14 @@ export function resolveRetrieval(r: RetrievalConfig | undefined, layers: number,
   };
   const e = validateRetrieval(native, layers);
   if (e) throw invalidArgument(`${prefix}.${wireField(e.field)}`, e.message);
+  if (maxContextTokens !== undefined && Number.isInteger(maxContextTokens) && maxContextTokens >= 1) {
+    // A session never holds more than its capacity (max context rounded up to a page): a larger
+    // sink, window or selection attends the same tokens and only costs memory.
+    const cap = Math.ceil(maxContextTokens / native.pageSize) * native.pageSize;
+    native.sinkTokens = Math.min(native.sinkTokens, cap);
+    native.windowTokens = Math.min(native.windowTokens, cap);
+    native.selectTokens = Math.min(native.selectTokens, cap);
+  }
   native.denseLayers.sort((a, b) => a - b);
   return { ...native, tauSet: true };
 }

@@ -35,6 +35,8 @@ export interface ComputeMetrics {
   modelLoadSeconds: Gauge;
   /** Session-owner records that could not be written, removed or read (FREEKV_SESSION_OWNERS). */
   ownerFailures: Counter;
+  /** CommitPages calls to the kvstore that failed (the session is degraded until a retry succeeds). */
+  commitFailures: Counter;
 }
 
 export interface ComputeContext {
@@ -111,6 +113,7 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
     modelReady: new Gauge({ name: "freekv_compute_model_ready", help: "1 once the served model is loaded and Generate serves it", registers: [registry] }),
     modelLoadSeconds: new Gauge({ name: "freekv_compute_model_load_seconds", help: "How long loading the served model took at start", registers: [registry] }),
     ownerFailures: new Counter({ name: "freekv_compute_session_owner_failures_total", help: "Session-owner records (FREEKV_SESSION_OWNERS) that could not be written, removed or read", registers: [registry] }),
+    commitFailures: new Counter({ name: "freekv_compute_commit_failures_total", help: "Page and metadata commits to the kvstore that failed (retried; the session is degraded meanwhile)", registers: [registry] }),
   };
   // Retrieval counters summed over open sessions, read from the engine at scrape time.
   const sum = (pick: (s: ReturnType<SessionManager["stats"]>) => number) => {
@@ -250,6 +253,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
     // The CUDA backend stores K/V in bf16; the CPU backend in float32 by default.
     defaultKvDtype: config.FREEKV_BACKEND === "cuda" ? DType.D_TYPE_BFLOAT16 : DType.D_TYPE_FLOAT32,
     onChange: (n) => metrics.sessions.set(n),
+    onCommitFailure: () => metrics.commitFailures.inc(),
   });
   ctx.sessions = mgr;
   return ctx;

@@ -7,6 +7,7 @@
 import { Server } from "@grpc/grpc-js";
 import { ComputeServiceService } from "../../proto/gen/freekv/v1/compute.js";
 import { Health } from "../common/health.js";
+import { rejectMalformed } from "../common/malformed.js";
 import { addReflection } from "../common/reflection.js";
 import { AttentionBatcher } from "./attention/batcher.js";
 import { attentionHandler } from "./attention/stream.js";
@@ -33,7 +34,7 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
     },
     appended: (s, layer) => sessions.commitProgress(s, layer),
   });
-  server.addService(ComputeServiceService, {
+  const service = rejectMalformed(ComputeServiceService, {
     ...sessionHandlers(sessions, log, () => ctx.owners),
     generate: generateHandler(ctx),
     attention: attentionHandler({
@@ -49,6 +50,7 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
       },
     }),
   });
+  server.addService(service.definition, service.implementation);
   const health = new Health([COMPUTE_SERVICE]);
   health.addToServer(server);
   addReflection(server, ["freekv/v1/compute.proto"]);

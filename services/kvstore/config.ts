@@ -15,6 +15,8 @@ export const kvstoreConfigSchema = z.object({
     .regex(/^(memory|rediss?:\/\/.+)$/, 'must be "memory" or a redis:// URL')
     .default("memory"),
   FREEKV_DIRECTORY_PREFIX: z.string().min(1).default("freekv:"),
+  /** How often the session directory is pinged; health is NOT_SERVING while it does not answer. */
+  FREEKV_DIRECTORY_PROBE_MS: positiveInt(1000),
   /** Bytes of shared memory all sessions may use; 0 = the free space of /dev/shm at start. */
   FREEKV_KVSTORE_CAPACITY_BYTES: nonNegativeInt(0),
   /** Keep live sessions' segments at shutdown (so a restarted compute can re-attach). */

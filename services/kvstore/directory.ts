@@ -26,6 +26,8 @@ export interface SessionDirectory {
   put(rec: SessionRecord): Promise<void>;
   delete(id: string): Promise<void>;
   list(): Promise<string[]>;
+  /** Resolves while the directory answers. */
+  ping(): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -45,6 +47,7 @@ export class MemoryDirectory implements SessionDirectory {
   async list() {
     return [...this.map.keys()].sort();
   }
+  async ping() {}
   async close() {}
 }
 
@@ -65,6 +68,12 @@ function decode(s: string): SessionRecord {
     retrieval: RetrievalConfig.fromJSON(o.retrieval),
     metadata: Buffer.from(String(o.metadata ?? ""), "base64"),
   };
+}
+
+/** A MULTI's result: null when it was discarded, or per-command errors; either fails the write. */
+function failed(res: [Error | null, unknown][] | null): void {
+  if (res === null) throw new Error("the transaction was discarded");
+  for (const [e] of res) if (e) throw e;
 }
 
 /** Sessions as JSON strings under `<prefix>session:<id>`, ids in the set `<prefix>sessions`. */
@@ -93,10 +102,13 @@ export class RedisDirectory implements SessionDirectory {
     return s === null ? undefined : decode(s);
   }
   async put(rec: SessionRecord) {
-    await this.redis.multi().set(this.key(rec.sessionId), encode(rec)).sadd(`${this.prefix}sessions`, rec.sessionId).exec();
+    failed(await this.redis.multi().set(this.key(rec.sessionId), encode(rec)).sadd(`${this.prefix}sessions`, rec.sessionId).exec());
   }
   async delete(id: string) {
-    await this.redis.multi().del(this.key(id)).srem(`${this.prefix}sessions`, id).exec();
+    failed(await this.redis.multi().del(this.key(id)).srem(`${this.prefix}sessions`, id).exec());
+  }
+  async ping() {
+    await this.redis.ping();
   }
   async list() {
     return (await this.redis.smembers(`${this.prefix}sessions`)).sort();

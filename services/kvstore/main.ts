@@ -6,12 +6,14 @@ import { Server } from "@grpc/grpc-js";
 import { KvStoreServiceService } from "../../proto/gen/freekv/v1/kvstore.js";
 import { loadConfigOrExit } from "../common/config.js";
 import { Health } from "../common/health.js";
+import { rejectMalformed } from "../common/malformed.js";
 import { bindServer, installDrain } from "../common/lifecycle.js";
 import { createLogger } from "../common/log.js";
 import { createRegistry, startMetricsServer } from "../common/metrics.js";
 import { addReflection } from "../common/reflection.js";
 import { kvstoreConfigSchema, shmFreeBytes } from "./config.js";
 import { openDirectory } from "./directory.js";
+import { watchDirectory } from "./directory-health.js";
 import { createKvStoreMetrics } from "./metrics.js";
 import { kvstoreService } from "./service.js";
 import { KvStore } from "./store.js";
@@ -36,7 +38,8 @@ async function main(): Promise<void> {
   }
 
   const server = new Server({ "grpc.max_receive_message_length": 64 << 20 });
-  server.addService(KvStoreServiceService, kvstoreService(store, log));
+  const service = rejectMalformed(KvStoreServiceService, kvstoreService(store, log));
+  server.addService(service.definition, service.implementation);
   const health = new Health([KVSTORE_SERVICE]);
   health.addToServer(server);
   addReflection(server, ["freekv/v1/kvstore.proto"]);
@@ -49,11 +52,14 @@ async function main(): Promise<void> {
     log,
     graceMs: config.FREEKV_SHUTDOWN_GRACE_MS,
     cleanup: async () => {
+      directoryHealth.stop();
       await store.shutdown(config.FREEKV_KVSTORE_PERSIST);
       await metricsServer.close();
     },
   });
   health.set("SERVING");
+  const directoryHealth = watchDirectory(directory, health, log, metrics, config.FREEKV_DIRECTORY_PROBE_MS);
+  store.onDirectoryFailure = (e) => directoryHealth.failed(e);
   log.info(
     { grpcPort: port, metricsPort: metricsServer.port, directory: directory.kind, capacityBytes: capacity, adopted, persist: config.FREEKV_KVSTORE_PERSIST },
     "kvstore listening",

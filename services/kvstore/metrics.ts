@@ -8,6 +8,10 @@ export interface KvStoreMetrics {
   commits: Counter;
   checksumFailures: Counter;
   rejected: Counter<"reason">;
+  /** Session directory operations that failed (Redis unreachable). */
+  directoryFailures: Counter<"op">;
+  /** 1 while the session directory answers. */
+  directoryUp: Gauge;
 }
 
 export function createKvStoreMetrics(registry: Registry): KvStoreMetrics {
@@ -23,5 +27,7 @@ export function createKvStoreMetrics(registry: Registry): KvStoreMetrics {
     commits: new Counter({ name: "freekv_kvstore_commits_total", help: "CommitPages calls accepted", registers: [registry] }),
     checksumFailures: new Counter({ name: "freekv_kvstore_checksum_failures_total", help: "Committed pages whose CRC32C did not match", registers: [registry] }),
     rejected: new Counter({ name: "freekv_kvstore_rejected_total", help: "Requests refused", labelNames: ["reason"], registers: [registry] }),
+    directoryFailures: new Counter({ name: "freekv_kvstore_directory_failures_total", help: "Session directory operations that failed (the call got UNAVAILABLE)", labelNames: ["op"], registers: [registry] }),
+    directoryUp: new Gauge({ name: "freekv_kvstore_directory_up", help: "1 while the session directory answers (health is NOT_SERVING otherwise)", registers: [registry] }),
   };
 }

@@ -8,7 +8,7 @@ import type { ModelGeometry, RetrievalConfig } from "../../proto/gen/freekv/v1/c
 import type { AttachSessionRequest, AttachSessionResponse, CommitPagesRequest, GetStatsResponse } from "../../proto/gen/freekv/v1/kvstore.js";
 import { resolveGeometry } from "../common/geometry.js";
 import { resolveRetrieval, toNativeRetrieval, validateRetrieval } from "../common/retrieval.js";
-import { ServiceError, failedPrecondition, invalidArgument, notFound, resourceExhausted } from "../common/errors.js";
+import { ServiceError, failedPrecondition, invalidArgument, notFound, quoteId, resourceExhausted } from "../common/errors.js";
 import type { Logger } from "../common/log.js";
 import { crc32c } from "../common/crc32c.js";
 import type { SessionDirectory, SessionRecord } from "./directory.js";
@@ -41,6 +41,22 @@ export class KvStore {
     /** Segment names carry the session id (an in-process store, whose ids are its own). */
     private readonly tagSegments = false,
   ) {}
+
+  /** Called when a directory operation fails (the process reports NOT_SERVING until the directory answers again). */
+  onDirectoryFailure: ((err: Error) => void) | undefined;
+
+  /** A directory operation; its failure is counted, reported and becomes UNAVAILABLE. */
+  private async dir<T>(op: string, session: string, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (e) {
+      const err = e as Error;
+      this.metrics?.directoryFailures.inc({ op });
+      this.log.error({ session, op, err: err.message }, "session directory operation failed");
+      this.onDirectoryFailure?.(err);
+      throw new ServiceError(status.UNAVAILABLE, `session directory: ${op} failed: ${err.message}`);
+    }
+  }
 
   /** Serialises the calls on one session id. */
   private withLock<T>(id: string, fn: () => Promise<T>): Promise<T> {
@@ -115,7 +131,7 @@ export class KvStore {
         return this.response(existing, false);
       }
       const geometry = resolveGeometry(req.geometry);
-      const retrieval: RetrievalConfig = resolveRetrieval(req.retrieval, geometry.layers);
+      const retrieval: RetrievalConfig = resolveRetrieval(req.retrieval, geometry.layers, "retrieval", req.maxContextTokens);
       return this.create(req.sessionId, geometry, retrieval, req.maxContextTokens, req.metadata);
     });
   }
@@ -191,10 +207,10 @@ export class KvStore {
   private async create(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array | undefined): Promise<AttachSessionResponse> {
     const l = this.createLive(sessionId, geometry, retrieval, maxContextTokens, metadata);
     try {
-      await this.directory.put(l.record);
+      await this.dir("put", sessionId, () => this.directory.put(l.record));
     } catch (e) {
       closeSegments(l.segments, true);
-      throw new ServiceError(status.UNAVAILABLE, `session directory: ${(e as Error).message}`);
+      throw e;
     }
     return this.admit(l);
   }
@@ -213,7 +229,7 @@ export class KvStore {
   commitPages(req: CommitPagesRequest): Promise<{ committedPages: number; layerCommittedPages: number[] }> {
     return this.withLock(req.sessionId, async () => {
       const l = this.live.get(req.sessionId);
-      if (!l) throw notFound(`session ${JSON.stringify(req.sessionId)} is not attached`);
+      if (!l) throw notFound(`session ${quoteId(req.sessionId)} is not attached`);
       const r = l.record;
       const multi = (req.layers ?? []).length > 0;
       if (multi && (req.layer !== 0 || req.firstPage !== 0 || req.count !== 0 || req.checksums.length !== 0)) {
@@ -256,13 +272,17 @@ export class KvStore {
           }
         }
       }
-      for (const e of entries) r.committedPages[e.layer] = Math.max(r.committedPages[e.layer], e.firstPage + e.count);
-      r.contextTokens = Math.max(r.contextTokens, req.contextTokens);
-      if (req.metadata.length > 0) r.metadata = Buffer.from(req.metadata);
-      await this.directory.put(r);
+      // The directory takes the new record first; the live one changes only once it did, so a
+      // failed write (UNAVAILABLE) leaves both as they were and the caller's retry repeats it.
+      const next: SessionRecord = { ...r, committedPages: [...r.committedPages] };
+      for (const e of entries) next.committedPages[e.layer] = Math.max(next.committedPages[e.layer], e.firstPage + e.count);
+      next.contextTokens = Math.max(r.contextTokens, req.contextTokens);
+      if (req.metadata.length > 0) next.metadata = Buffer.from(req.metadata);
+      await this.dir("put", req.sessionId, () => this.directory.put(next));
+      l.record = next;
       this.metrics?.commits.inc();
       this.updateGauges();
-      const layerCommittedPages = entries.map((e) => r.committedPages[e.layer]);
+      const layerCommittedPages = entries.map((e) => next.committedPages[e.layer]);
       return { committedPages: Math.min(...layerCommittedPages), layerCommittedPages: multi ? layerCommittedPages : [] };
     });
   }
@@ -272,16 +292,17 @@ export class KvStore {
       const l = this.live.get(id);
       if (!l) {
         // Known to the directory but not mapped here (segments lost): forget it.
-        const rec = await this.directory.get(id);
+        const rec = await this.dir("get", id, () => this.directory.get(id));
         if (!rec) return false;
         unlinkNames(rec.segments);
-        await this.directory.delete(id);
+        await this.dir("delete", id, () => this.directory.delete(id));
         return true;
       }
+      // Forgotten by the directory first: a failed delete keeps the session whole (and releasable again).
+      await this.dir("delete", id, () => this.directory.delete(id));
       this.live.delete(id);
       this.usedBytes -= l.bytes;
       closeSegments(l.segments, true);
-      await this.directory.delete(id);
       this.updateGauges();
       this.log.info({ session: id }, "session released");
       return true;

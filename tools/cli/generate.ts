@@ -79,7 +79,7 @@ export async function run(argv: string[]): Promise<number> {
   if (values.tokens !== undefined) prompt = parseTokenList(values.tokens);
   else if (!codec) throw new Error(`the model at ${runner.loaded.dir} has no tokenizer.json: use --tokens`);
   else if (values.chat !== undefined) prompt = codec.encodeChat([{ role: "user", content: values.chat }]);
-  else prompt = codec.encode(values.prompt!, true);
+  else prompt = codec.encode(values.prompt!, true, { maxBytes: Infinity });
   const temperature = values.greedy ? 0 : (num("temperature", values.temperature) ?? 0);
   const stopTokenIds = (values["stop-token"] ?? []).map((s) => parseTokenList(s, "--stop-token")[0]);
   if (!values["ignore-eos"]) stopTokenIds.push(...spec.eosTokenIds.filter((t) => t < runner.loaded.model.vocabSize));

@@ -59,7 +59,8 @@ export function retrievalFor(mode: ModeName, s: EvalSettings): Partial<Retrieval
 
 /** The token ids Generate would make of the task's prompt (raw text with BOS, or one chat turn). */
 export function encodePrompt(codec: TextCodec, t: Task): number[] {
-  return t.chat ? codec.encodeChat([{ role: "user", content: t.prompt }]) : codec.encode(t.prompt, true);
+  // A local run, not a request: long-context tasks are not held to the service's text limit.
+  return t.chat ? codec.encodeChat([{ role: "user", content: t.prompt }], false, Infinity) : codec.encode(t.prompt, true, { maxBytes: Infinity });
 }
 
 export interface RunOptions {

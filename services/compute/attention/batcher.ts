@@ -6,7 +6,7 @@
  * first failing item fails it.
  */
 import type { Engine } from "../../../native/binding.js";
-import { notFound, resourceExhausted } from "../../common/errors.js";
+import { notFound, quoteId, resourceExhausted } from "../../common/errors.js";
 import { DecodeBatcher, type BatchItem } from "../decode-batcher.js";
 import { acquireAll } from "../sessions/lock.js";
 import type { ComputeSession } from "../sessions/session.js";
@@ -91,7 +91,7 @@ export class AttentionBatcher {
       const { session: s } = it.op;
       const why = it.abandoned?.();
       if (why !== undefined) it.reject(why);
-      else if (s.closed) it.reject(notFound(`session ${JSON.stringify(s.id)} was closed`));
+      else if (s.closed) it.reject(notFound(`session ${quoteId(s.id)} was closed`));
       else if (s.layerTokens[it.layer] + 1 > s.maxContextTokens) {
         it.reject(resourceExhausted(`decode: layer ${it.layer} of session ${s.id} is full (max_context_tokens ${s.maxContextTokens})`));
       } else live.push(it);

@@ -70,6 +70,10 @@ export function attentionHandler(deps: { sessions: SessionManager; batcher: Atte
         return { requestId: req.requestId, result: { $case: "exchange", value: { segmentName: exchange.name, sizeBytes: exchange.size, alignment: EXCHANGE_ALIGNMENT } } };
       }
       const op = validateRequest(req, sessions, exchange);
+      // A session whose pages the kvstore did not take fails the call (UNAVAILABLE while the
+      // kvstore is unreachable) until a retry commits them.
+      if (op.op === "prefill") sessions.checkCommits(op.session);
+      else for (const it of op.items) sessions.checkCommits(it.session);
       const engine = sessions.engine;
       if (op.op === "prefill") {
         const s = op.session;

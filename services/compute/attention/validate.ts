@@ -7,7 +7,7 @@
 import type { DType } from "../../../proto/gen/freekv/v1/common.js";
 import type { Tensor } from "../../../proto/gen/freekv/v1/common.js";
 import type { AttentionDecode, AttentionPrefill, AttentionRequest, TensorRef } from "../../../proto/gen/freekv/v1/compute.js";
-import { failedPrecondition, invalidArgument, notFound, resourceExhausted } from "../../common/errors.js";
+import { failedPrecondition, invalidArgument, notFound, quoteId, resourceExhausted } from "../../common/errors.js";
 import type { SessionManager } from "../sessions/manager.js";
 import type { ComputeSession } from "../sessions/session.js";
 import { pickOne, type TensorExchange } from "./exchange.js";
@@ -41,7 +41,7 @@ export interface DecodeOp {
 
 function session(sessions: SessionManager, id: string, field: string): ComputeSession {
   if (!id) throw invalidArgument(field, "is required");
-  if (!sessions.has(id)) throw notFound(`${field}: session ${JSON.stringify(id)} not found`);
+  if (!sessions.has(id)) throw notFound(`${field}: session ${quoteId(id)} not found`);
   return sessions.get(id);
 }
 

@@ -7,6 +7,17 @@ import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { Tokenizer } from "@huggingface/tokenizers";
 import { Template } from "@huggingface/jinja";
+import { invalidArgument } from "../../common/errors.js";
+
+/** Largest text (UTF-8 bytes) tokenized for one request (about 1 s of tokenizing on one core). */
+export const MAX_TEXT_BYTES = 1 << 20;
+
+function checkTextSize(text: string, field: string, maxBytes: number): void {
+  // UTF-16 length bounds the UTF-8 size within a factor of 3: the exact count only when it matters.
+  if (text.length * 3 <= maxBytes) return;
+  const bytes = Buffer.byteLength(text);
+  if (bytes > maxBytes) throw invalidArgument(field, `${bytes} bytes of text exceed the limit of ${maxBytes}`);
+}
 
 export interface ChatMessage {
   role: string;
@@ -27,8 +38,13 @@ export class TextCodec {
     return !!this.template;
   }
 
-  /** Token ids of raw text; special tokens of the post-processor (BOS) are added when asked. */
-  encode(text: string, addSpecialTokens = false): number[] {
+  /**
+   * Token ids of raw text; special tokens of the post-processor (BOS) are added when asked. Text
+   * over MAX_TEXT_BYTES is refused (INVALID_ARGUMENT) before it is tokenized: tokenizing runs on
+   * the event loop, and every call waits for it.
+   */
+  encode(text: string, addSpecialTokens = false, limit: { field?: string; maxBytes?: number } = {}): number[] {
+    checkTextSize(text, limit.field ?? "prompt.text", limit.maxBytes ?? MAX_TEXT_BYTES);
     return this.tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids;
   }
 
@@ -41,15 +57,18 @@ export class TextCodec {
    * Renders messages with the chat template (generation prompt appended) and encodes them. A turn
    * that continues a conversation already in the cache is rendered without the BOS text.
    */
-  encodeChat(messages: ChatMessage[], continuing = false): number[] {
+  encodeChat(messages: ChatMessage[], continuing = false, maxBytes = MAX_TEXT_BYTES): number[] {
     if (!this.template) throw new Error("the model has no chat template (tokenizer_config.json chat_template)");
+    let bytes = 0;
+    for (const m of messages) bytes += Buffer.byteLength(m.content ?? "") + Buffer.byteLength(m.role ?? "");
+    if (bytes > maxBytes) throw invalidArgument("prompt.chat.messages", `${bytes} bytes of text exceed the limit of ${maxBytes}`);
     const text = this.template.render({
       messages,
       add_generation_prompt: true,
       bos_token: continuing ? "" : tokenText(this.config.bos_token),
       eos_token: tokenText(this.config.eos_token),
     });
-    return this.encode(text, false);
+    return this.encode(text, false, { field: "prompt.chat.messages", maxBytes });
   }
 }
 

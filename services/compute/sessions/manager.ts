@@ -9,7 +9,7 @@ import { loadAddon, type Engine, type HostSegments, type ShmSegment } from "../.
 import { DType, type ModelGeometry, type RetrievalStats } from "../../../proto/gen/freekv/v1/common.js";
 import { SessionKind, type CreateSessionRequest, type Session } from "../../../proto/gen/freekv/v1/compute.js";
 import type { AttachSessionResponse, CommitPagesRequest, LayerPages } from "../../../proto/gen/freekv/v1/kvstore.js";
-import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFound } from "../../common/errors.js";
+import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFound, quoteId } from "../../common/errors.js";
 import { resolveGeometry, toNativeGeometry } from "../../common/geometry.js";
 import type { Logger } from "../../common/log.js";
 import { resolveRetrieval, toNativeRetrieval } from "../../common/retrieval.js";
@@ -34,6 +34,8 @@ export interface SessionManagerOptions {
   /** KV storage type of sessions that leave it unspecified (and of model sessions): the backend's. */
   defaultKvDtype: DType;
   onChange?: (sessions: number) => void;
+  /** A commit to the kvstore failed (freekv_compute_commit_failures_total). */
+  onCommitFailure?: () => void;
 }
 
 export class SessionManager {
@@ -57,7 +59,7 @@ export class SessionManager {
 
   get(id: string): ComputeSession {
     const s = this.sessions.get(id);
-    if (!s) throw notFound(`session ${JSON.stringify(id)} not found`);
+    if (!s) throw notFound(`session ${quoteId(id)} not found`);
     return s;
   }
 
@@ -68,7 +70,7 @@ export class SessionManager {
   async create(req: CreateSessionRequest, signal?: AbortSignal): Promise<ComputeSession> {
     const id = req.sessionId || `s-${randomUUID()}`;
     if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
-    if (this.sessions.has(id) || this.creating.has(id)) throw alreadyExists(`session ${JSON.stringify(id)} already exists`);
+    if (this.sessions.has(id) || this.creating.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists`);
     const kind = req.kind === SessionKind.SESSION_KIND_UNSPECIFIED ? SessionKind.SESSION_KIND_MODEL : req.kind;
     if (kind !== SessionKind.SESSION_KIND_MODEL && kind !== SessionKind.SESSION_KIND_ATTENTION) throw invalidArgument("kind", `unknown session kind ${req.kind}`);
     let geometry: ModelGeometry;
@@ -80,11 +82,11 @@ export class SessionManager {
       // The KV cache of the served model is stored in the backend's type.
       geometry = resolveGeometry({ ...g, kvDtype: this.opts.defaultKvDtype }, "model");
     }
-    const retrieval = resolveRetrieval(req.retrieval, geometry.layers);
     const maxContextTokens = req.maxContextTokens || this.opts.defaultMaxContextTokens;
     if (maxContextTokens > this.opts.maxContextLimit) {
       throw invalidArgument("max_context_tokens", `must be <= ${this.opts.maxContextLimit}, got ${maxContextTokens}`);
     }
+    const retrieval = resolveRetrieval(req.retrieval, geometry.layers, "retrieval", maxContextTokens);
     this.creating.add(id);
     try {
       const metadata: SessionMetadata = { kind: kindName(kind) };
@@ -92,7 +94,7 @@ export class SessionManager {
         { sessionId: id, geometry, retrieval, maxContextTokens, metadata: Buffer.from(JSON.stringify(metadata)) },
         signal,
       );
-      if (!attach.created) throw alreadyExists(`session ${JSON.stringify(id)} already exists at the kvstore`);
+      if (!attach.created) throw alreadyExists(`session ${quoteId(id)} already exists at the kvstore`);
       try {
         const s = this.open(id, kind, attach, metadata, false);
         this.sessions.set(id, s);
@@ -161,7 +163,19 @@ export class SessionManager {
         }
         const kind = metadata.kind === "model" ? SessionKind.SESSION_KIND_MODEL : SessionKind.SESSION_KIND_ATTENTION;
         const s = this.open(id, kind, attach, metadata, true);
+        const held = s.contextTokens;
+        if (metadata.contextTokens !== undefined && metadata.contextTokens !== held && metadata.generate !== undefined) {
+          // The previous process was stopped in the middle of a turn: the pages and tail hold
+          // tokens appended after the metadata was saved, so its per-turn state (the pending token
+          // of the turn before) no longer follows the context. The next turn continues after the
+          // tokens the session holds.
+          this.opts.log.warn({ session: id, metadataContextTokens: metadata.contextTokens, contextTokens: held }, "the session's saved turn state is older than its context; it is dropped");
+          delete metadata.generate;
+        }
+        s.metadataContextTokens = held;
         this.sessions.set(id, s);
+        // Pages the engine offloaded that the kvstore had not acknowledged yet.
+        this.commitLayers(s, s.layerTokens.map((_, l) => l));
         n++;
         this.opts.log.info({ session: id, contextTokens: s.contextTokens, committedPages: s.committedPages }, "session re-attached");
       } catch (e) {
@@ -189,18 +203,44 @@ export class SessionManager {
    */
   commitProgressAll(s: ComputeSession): void {
     this.commitLayers(s, s.layerTokens.map((_, l) => l));
+    // Generate's commit point: a degraded session fails the call (the tokens appended so far stay
+    // in the session, consistently; the pages are retried).
+    this.checkCommits(s);
   }
 
+  /**
+   * Raises the session's commit target to the pages the engine has offloaded and queues a commit.
+   * committedPages advances only when the kvstore acknowledges: a failed commit leaves them where
+   * they were, so the next attempt (the next commit point, or the retry timer) sends the range from
+   * the first uncommitted page again; nothing is skipped and no gap can form.
+   */
   private commitLayers(s: ComputeSession, layers: number[]): void {
-    const entries: LayerPages[] = [];
-    let contextTokens = 0;
+    let grew = false;
     for (const layer of layers) {
       if (!s.offloads(layer)) continue;
       const full = this.opts.engine.filledPages(s.engineSession, layer);
+      if (full <= s.commitTarget[layer]) continue;
+      s.commitTarget[layer] = full;
+      s.commitContextTokens = Math.max(s.commitContextTokens, s.layerTokens[layer]);
+      grew = true;
+    }
+    if (grew || s.commitError) this.queueCommit(s);
+  }
+
+  /** Queues one commit of everything not yet acknowledged (commit points in between join it). */
+  private queueCommit(s: ComputeSession): void {
+    if (s.commitQueued) return;
+    s.commitQueued = true;
+    s.commitChain = s.commitChain.then(() => this.sendCommit(s));
+  }
+
+  /** The request that brings the kvstore from committedPages to commitTarget, with the metadata when it changed; undefined when there is nothing to send. */
+  private commitRequest(s: ComputeSession): CommitPagesRequest | undefined {
+    const entries: LayerPages[] = [];
+    for (let layer = 0; layer < s.commitTarget.length; layer++) {
       const first = s.committedPages[layer];
+      const full = s.commitTarget[layer];
       if (full <= first) continue;
-      s.committedPages[layer] = full;
-      contextTokens = Math.max(contextTokens, s.layerTokens[layer]);
       let checksums: number[] = [];
       if (this.opts.commitChecksums && s.host && s.attach.layout) {
         const l = s.attach.layout;
@@ -212,43 +252,92 @@ export class SessionManager {
       }
       entries.push({ layer, firstPage: first, count: full - first, checksums });
     }
-    if (entries.length === 0) return;
-    const req: CommitPagesRequest =
-      entries.length === 1
-        ? { sessionId: s.id, ...entries[0], contextTokens, metadata: Buffer.alloc(0), layers: [] }
-        : { sessionId: s.id, layer: 0, firstPage: 0, count: 0, checksums: [], contextTokens, metadata: Buffer.alloc(0), layers: entries };
-    s.commitChain = s.commitChain.then(async () => {
-      try {
-        await this.opts.kvstore.commit(req);
-      } catch (e) {
-        s.commitError = e as Error;
-        this.opts.log.error({ session: s.id, layers: entries.map((e) => e.layer), err: (e as Error).message }, "commit to the kvstore failed");
-      }
-    });
+    if (entries.length === 0 && !s.metadataDirty) return undefined;
+    const metadata = s.metadataDirty ? this.encodeMetadata(s) : Buffer.alloc(0);
+    const contextTokens = Math.max(s.commitContextTokens, s.metadataDirty ? (s.metadataContextTokens ?? 0) : 0);
+    if (entries.length === 1) return { sessionId: s.id, ...entries[0], contextTokens, metadata, layers: [] };
+    return { sessionId: s.id, layer: 0, firstPage: entries.length ? 0 : s.committedPages[0], count: 0, checksums: [], contextTokens, metadata, layers: entries };
   }
 
-  /** Commits the session's metadata at the kvstore (a CommitPages call without pages; kept for re-attach). */
+  private encodeMetadata(s: ComputeSession): Buffer {
+    const m: SessionMetadata = { ...s.metadata };
+    if (s.metadataContextTokens !== undefined) m.contextTokens = s.metadataContextTokens;
+    return Buffer.from(JSON.stringify(m));
+  }
+
+  private async sendCommit(s: ComputeSession): Promise<void> {
+    s.commitQueued = false;
+    const req = this.commitRequest(s);
+    if (!req) return;
+    const target = [...s.commitTarget];
+    const withMetadata = req.metadata.length > 0;
+    try {
+      await this.opts.kvstore.commit(req);
+    } catch (e) {
+      this.commitFailed(s, req, e);
+      return;
+    }
+    for (let l = 0; l < target.length; l++) s.committedPages[l] = Math.max(s.committedPages[l], target[l]);
+    if (withMetadata && req.metadata.equals(this.encodeMetadata(s))) s.metadataDirty = false;
+    if (s.commitError) this.opts.log.info({ session: s.id, failures: s.commitFailures, committedPages: s.committedPages }, "commits to the kvstore recovered; the session's pages are committed");
+    s.commitError = undefined;
+    s.commitFailures = 0;
+    if (s.retryTimer) clearTimeout(s.retryTimer);
+    s.retryTimer = undefined;
+  }
+
+  /** A failed commit: the session is degraded (reported, counted, logged at error level) and retried with a backoff. */
+  private commitFailed(s: ComputeSession, req: CommitPagesRequest, e: unknown): void {
+    const err = e as Error & { code?: number; details?: string };
+    const why = err.details || err.message;
+    const transport = err.code === undefined || err.code === status.UNAVAILABLE || err.code === status.DEADLINE_EXCEEDED || err.code === status.CANCELLED;
+    s.commitError = new ServiceError(
+      transport ? status.UNAVAILABLE : status.INTERNAL,
+      `session ${quoteId(s.id)}: the kvstore did not take its pages (${why}); they are kept and committed again once it does`,
+    );
+    s.commitFailures++;
+    this.opts.onCommitFailure?.();
+    const layers = req.layers.length ? req.layers.map((l) => l.layer) : [req.layer];
+    this.opts.log.error({ session: s.id, layers, failures: s.commitFailures, committedPages: s.committedPages, err: why }, "commit to the kvstore failed; the session is degraded until a retry succeeds");
+    if (s.closed || s.retryTimer) return;
+    const delay = Math.min(5000, 250 * 2 ** Math.min(s.commitFailures - 1, 5));
+    s.retryTimer = setTimeout(() => {
+      s.retryTimer = undefined;
+      if (!s.closed) this.queueCommit(s);
+    }, delay);
+    s.retryTimer.unref();
+  }
+
+  /**
+   * Throws the session's commit failure (UNAVAILABLE while the kvstore is unreachable): a call
+   * that appends to a degraded session fails instead of reporting success over pages that are
+   * not durable. The pages stay in the store and are retried.
+   */
+  checkCommits(s: ComputeSession): void {
+    if (s.commitError) throw s.commitError;
+  }
+
+  /**
+   * Commits the session's metadata at the kvstore together with any pages still to commit; the
+   * metadata is stamped with the context it describes (see SessionMetadata.contextTokens) and is
+   * sent again with every later commit until the kvstore has it. Rejects with the commit's
+   * failure (the session is then degraded and the retry carries the metadata).
+   */
   async commitMetadata(s: ComputeSession): Promise<void> {
-    const layer = 0;
-    const first = s.committedPages[layer];
+    s.metadataContextTokens = s.contextTokens;
+    s.metadataDirty = true;
+    this.commitLayers(s, s.layerTokens.map((_, l) => l));
+    this.queueCommit(s);
     await s.commitChain;
-    await this.opts.kvstore.commit({
-      sessionId: s.id,
-      layer,
-      firstPage: first,
-      count: 0,
-      contextTokens: s.layerTokens[layer],
-      checksums: [],
-      metadata: Buffer.from(JSON.stringify(s.metadata)),
-      layers: [],
-    });
+    this.checkCommits(s);
   }
 
   async close(id: string, signal?: AbortSignal): Promise<boolean> {
     const s = this.get(id);
     await s.lock.run(async () => {
-      if (s.closed) throw notFound(`session ${JSON.stringify(id)} not found`);
+      if (s.closed) throw notFound(`session ${quoteId(id)} not found`);
       s.closed = true;
+      if (s.retryTimer) clearTimeout(s.retryTimer);
       this.sessions.delete(id);
       this.opts.onChange?.(this.sessions.size);
       await s.commitChain;
@@ -274,6 +363,7 @@ export class SessionManager {
     for (const s of this.sessions.values()) {
       await s.lock.run(async () => {
         s.closed = true;
+        if (s.retryTimer) clearTimeout(s.retryTimer);
         await s.commitChain;
         // A failed wait for the session's recalls still lets the process shut down (the pages are
         // in the kvstore), but it is logged: the session may need a re-attach check.

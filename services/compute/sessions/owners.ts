@@ -11,7 +11,7 @@
  */
 import { Redis } from "ioredis";
 import { status } from "@grpc/grpc-js";
-import { ServiceError } from "../../common/errors.js";
+import { quoteId, ServiceError } from "../../common/errors.js";
 import type { Logger } from "../../common/log.js";
 import type { SessionManager } from "./manager.js";
 import type { ComputeSession } from "./session.js";
@@ -74,7 +74,7 @@ export class SessionOwners {
 
 /** FAILED_PRECONDITION naming the pod that holds the session, with its address in the trailers. */
 export function heldElsewhere(id: string, owner: string): ServiceError {
-  return new ServiceError(status.FAILED_PRECONDITION, `session ${JSON.stringify(id.slice(0, 128))} is held by the pod at ${owner}; send the call there (trailer ${SESSION_OWNER_KEY})`, {
+  return new ServiceError(status.FAILED_PRECONDITION, `session ${quoteId(id)} is held by the pod at ${owner}; send the call there (trailer ${SESSION_OWNER_KEY})`, {
     [SESSION_OWNER_KEY]: owner,
   });
 }

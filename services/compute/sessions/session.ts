@@ -12,6 +12,12 @@ import { AsyncLock } from "./lock.js";
 /** What compute keeps in the kvstore's opaque per-session metadata (for re-attach). */
 export interface SessionMetadata {
   kind: "model" | "attention";
+  /**
+   * Context tokens the state fields (e.g. `generate`) describe: they were saved when the session
+   * held exactly this many tokens. A session re-attached with another count lost the tail of a
+   * turn (a compute killed mid-turn) and its per-turn state is stale.
+   */
+  contextTokens?: number;
   /** Free-form fields of other components (e.g. the generate handler's token history). */
   [key: string]: unknown;
 }
@@ -23,9 +29,23 @@ export class ComputeSession {
   /** Full pages committed at the kvstore per layer. */
   readonly committedPages: number[];
   closed = false;
+  /** Full pages per layer that are offloaded and should be committed (committedPages trails it until the kvstore acknowledges). */
+  readonly commitTarget: number[];
+  /** Context tokens to report with the pages of commitTarget. */
+  commitContextTokens = 0;
   /** Commits to the kvstore run in order, off the request's critical path. */
   commitChain: Promise<void> = Promise.resolve();
+  /** A commit is queued on commitChain and not started yet (later commit points join it). */
+  commitQueued = false;
+  /** The metadata changed since the kvstore last took it. */
+  metadataDirty = false;
+  /** Context tokens when the metadata was last made consistent (SessionMetadata.contextTokens). */
+  metadataContextTokens: number | undefined;
+  /** Why the latest commit failed; undefined once one succeeds (the session is degraded meanwhile). */
   commitError: Error | undefined;
+  /** Consecutive failed commits (the retry backoff). */
+  commitFailures = 0;
+  retryTimer: NodeJS.Timeout | undefined;
 
   constructor(
     readonly id: string,
@@ -41,6 +61,7 @@ export class ComputeSession {
     this.layerTokens = new Array<number>(geometry.layers).fill(0);
     this.committedPages = [...attach.committedPages];
     while (this.committedPages.length < geometry.layers) this.committedPages.push(0);
+    this.commitTarget = [...this.committedPages];
   }
 
   /** Context tokens of the session: the smallest per-layer count (all layers agree between steps). */

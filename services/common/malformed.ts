@@ -1,0 +1,48 @@
+/**
+ * Requests that do not decode get INVALID_ARGUMENT, not INTERNAL: grpc-js answers a throwing
+ * requestDeserialize with INTERNAL "Error deserializing request" before any handler or interceptor
+ * sees the call, so the service definition's decoder of each single-message method is wrapped to
+ * return a marker instead, and the method's handler answers the marker with INVALID_ARGUMENT.
+ * (Client-streaming methods keep grpc-js's own answer: their messages reach the handler one by one.)
+ */
+import { Metadata, status, type ServiceDefinition, type StatusObject, type UntypedServiceImplementation } from "@grpc/grpc-js";
+
+const MALFORMED = Symbol("malformed request");
+
+type Marker = { [MALFORMED]: string };
+
+const isMalformed = (req: unknown): req is Marker => typeof req === "object" && req !== null && MALFORMED in req;
+
+const statusOf = (m: Marker): StatusObject => ({
+  code: status.INVALID_ARGUMENT,
+  details: `request: cannot be decoded as the method's message: ${m[MALFORMED].slice(0, 256)}`,
+  metadata: new Metadata(),
+});
+
+/** The definition and implementation to register: malformed single-message requests become INVALID_ARGUMENT. */
+export function rejectMalformed<D extends ServiceDefinition, I extends UntypedServiceImplementation>(def: D, impl: I): { definition: D; implementation: I } {
+  const definition: Record<string, unknown> = {};
+  const implementation: Record<string, unknown> = { ...impl };
+  for (const [name, m] of Object.entries(def)) {
+    if (m.requestStream) {
+      definition[name] = m;
+      continue;
+    }
+    definition[name] = {
+      ...m,
+      requestDeserialize: (b: Buffer) => {
+        try {
+          return m.requestDeserialize(b);
+        } catch (e) {
+          return { [MALFORMED]: (e as Error).message } satisfies Marker;
+        }
+      },
+    };
+    const h = impl[name] as ((call: { request: unknown; emit(e: string, s: StatusObject): void }, cb?: (e: StatusObject) => void) => void) | undefined;
+    if (!h) continue;
+    implementation[name] = m.responseStream
+      ? (call: { request: unknown; emit(e: string, s: StatusObject): boolean }) => (isMalformed(call.request) ? call.emit("error", statusOf(call.request)) : h(call))
+      : (call: { request: unknown; emit(e: string, s: StatusObject): boolean }, cb: (e: StatusObject) => void) => (isMalformed(call.request) ? cb(statusOf(call.request)) : h(call, cb));
+  }
+  return { definition: definition as D, implementation: implementation as I };
+}

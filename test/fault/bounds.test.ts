@@ -1,0 +1,105 @@
+/**
+ * Bounded resources with real processes: retrieval sizes capped before memory is sized, huge
+ * text prompts refused before tokenizing, unbounded client strings never echoed in full (a
+ * status too large for the trailer never arrives), and undecodable requests answered with
+ * INVALID_ARGUMENT.
+ */
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Client, credentials, Metadata, status, type ServiceError } from "@grpc/grpc-js";
+import { GenerateRequest, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
+import { prng } from "../helpers/prng.js";
+import { QUIET, computeClient, kvstoreClient, startTiers, unary, unaryError, type Tiers } from "../helpers/services.js";
+
+let tiers: Tiers;
+beforeAll(async () => {
+  tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_THREADS: "2" } });
+}, 60_000);
+afterAll(() => tiers?.stop());
+
+const randomId = (n: number, rand: () => number) => Array.from({ length: n }, () => "abcdefghijklmnopqrstuvwxyz0123456789"[Math.floor(rand() * 36)]).join("");
+
+describe("bounds", () => {
+  it("retrieval sizes: capped at the session's capacity, refused above the absolute maximum, naming the field", async () => {
+    const client = computeClient(tiers.compute.address);
+    const rand = prng(0xb0b);
+    for (const field of ["selectTokens", "sinkTokens", "windowTokens"] as const) {
+      const max = 16 * (1 + Math.floor(rand() * 8));
+      const { session } = await unary<{ session: { sessionId: string; retrieval: Record<string, number> } }>(client, "createSession", {
+        kind: 2,
+        geometry: { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 32 },
+        retrieval: { pageSize: 16, [field]: 1 << 20 },
+        maxContextTokens: max,
+      });
+      expect(session.retrieval[field]).toBe(max);
+      await unary(client, "closeSession", { sessionId: session.sessionId });
+      const e = await unaryError(client, "createSession", { kind: 2, geometry: { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 32 }, retrieval: { pageSize: 16, [field]: (1 << 20) + 16 }, maxContextTokens: 64 });
+      expect(e.code).toBe(status.INVALID_ARGUMENT);
+      expect(e.details).toMatch(new RegExp(`^retrieval\\.${field.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)}:`));
+    }
+    client.close();
+  });
+
+  it("an unknown session id of 128 KB gets a short NOT_FOUND from compute and the kvstore", async () => {
+    const rand = prng(0x1d);
+    const id = randomId(128 << 10, rand);
+    const client = computeClient(tiers.compute.address);
+    const kv = kvstoreClient(tiers.kvstore.address);
+    for (const [c, method] of [[client, "getSession"], [client, "closeSession"], [kv, "commitPages"]] as const) {
+      const e = await unaryError(c, method, { sessionId: id });
+      expect(e.code, method).toBe(status.NOT_FOUND);
+      expect(e.details.length).toBeLessThan(400);
+      expect(e.details).toContain(id.slice(0, 64));
+    }
+    client.close();
+    kv.close();
+  });
+
+  it("a text prompt over the limit is refused before tokenizing", async () => {
+    const client = computeClient(tiers.compute.address);
+    const text = "lorem ipsum ".repeat((2 << 20) / 12 + 1);
+    const t0 = Date.now();
+    const err = await new Promise<ServiceError | undefined>((resolve) => {
+      const call = client.generate(GenerateRequest.fromPartial({ prompt: { $case: "text", value: text }, maxTokens: 1 }), new Metadata(), { deadline: Date.now() + 30_000 });
+      call.on("data", (_m: GenerateResponse) => undefined);
+      call.on("error", resolve);
+      call.on("end", () => resolve(undefined));
+    });
+    expect(err?.code).toBe(status.INVALID_ARGUMENT);
+    expect(err?.details).toMatch(/^prompt\.text: \d+ bytes of text exceed the limit/);
+    expect(Date.now() - t0).toBeLessThan(5000);
+    client.close();
+  });
+
+  it("requests that do not decode get INVALID_ARGUMENT", async () => {
+    const rand = prng(0xbad);
+    const raw = new Client(tiers.compute.address, credentials.createInsecure());
+    const rawKv = new Client(tiers.kvstore.address, credentials.createInsecure());
+    // Truncated length-delimited fields, a truncated varint, an invalid wire type, after random valid-looking bytes.
+    const tails = [[0x0a, 0x05, 0x61], [0x08], [0x0f], [0x12, 0xff, 0xff, 0xff, 0xff, 0x0f]];
+    const call = (c: Client, path: string, body: Buffer) =>
+      new Promise<ServiceError | undefined>((resolve) =>
+        c.makeUnaryRequest(path, (b: Buffer) => b, (b: Buffer) => b, body, new Metadata(), { deadline: Date.now() + 10_000 }, (e) => resolve(e ?? undefined)),
+      );
+    for (const tail of tails) {
+      const body = Buffer.from([...tail]);
+      for (const [c, path] of [
+        [raw, "/freekv.v1.ComputeService/CreateSession"],
+        [raw, "/freekv.v1.ComputeService/GetSession"],
+        [rawKv, "/freekv.v1.KvStoreService/CommitPages"],
+      ] as const) {
+        const e = await call(c, path, body);
+        expect(e?.code, `${path} ${body.toString("hex")}`).toBe(status.INVALID_ARGUMENT);
+      }
+    }
+    // Generate (server streaming) as well.
+    const e = await new Promise<ServiceError | undefined>((resolve) => {
+      const s = raw.makeServerStreamRequest("/freekv.v1.ComputeService/Generate", (b: Buffer) => b, (b: Buffer) => b, Buffer.from(tails[Math.floor(rand() * tails.length)]), new Metadata(), { deadline: Date.now() + 10_000 });
+      s.on("data", () => undefined);
+      s.on("error", resolve);
+      s.on("end", () => resolve(undefined));
+    });
+    expect(e?.code).toBe(status.INVALID_ARGUMENT);
+    raw.close();
+    rawKv.close();
+  });
+});
