@@ -18,6 +18,7 @@ import { SessionManager } from "./sessions/manager.js";
 export interface ComputeMetrics {
   registry: Registry;
   sessions: Gauge;
+  degradedSessions: Gauge;
   attentionRequests: Counter<"op">;
   attentionSeconds: Histogram<"op">;
   decodeBatchSize: Histogram;
@@ -82,6 +83,15 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
   const m: ComputeMetrics = {
     registry,
     sessions: new Gauge({ name: "freekv_compute_sessions", help: "Open sessions", registers: [registry] }),
+    degradedSessions: new Gauge({
+      name: "freekv_compute_degraded_sessions",
+      help: "Open sessions whose latest commit to the kvstore failed (their pages are retried; calls that append to them get UNAVAILABLE until a retry succeeds)",
+      registers: [registry],
+      collect() {
+        const m = sessions();
+        this.set(m ? m.list().filter((s) => s.commitError !== undefined).length : 0);
+      },
+    }),
     attentionRequests: new Counter({ name: "freekv_compute_attention_requests_total", help: "Attention stream messages served", labelNames: ["op"], registers: [registry] }),
     attentionSeconds: new Histogram({
       name: "freekv_compute_attention_seconds",

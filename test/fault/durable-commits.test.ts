@@ -116,6 +116,8 @@ describe("durable commits", () => {
     // The retry fills the gap on its own: every offloading layer's full pages are committed.
     const layers = 4;
     await waitFor("the gap filled", async () => (await unary<{ committedPages: number }>(kv, "getStats", {})).committedPages >= layers * (Math.floor(st.held.length / R.pageSize) - 1));
+    // ... and the session no longer degraded (its retry succeeded; the retry timer may lag the pages on a busy machine).
+    await waitFor("no degraded session", async () => metricValue(await fetchMetrics(tiers.compute.metricsPort), "freekv_compute_degraded_sessions") === 0);
 
     const p4 = randomTokens(6, rand);
     const t4 = await generate(client, { sessionId: id, prompt: { $case: "tokens", value: { ids: p4 } }, maxTokens: 16 });
