@@ -44,6 +44,10 @@ interface GenerateState {
   pendingToken?: number;
 }
 
+/**
+ * The request's prompt as token ids. `continuing`: the session's cache already holds tokens (a
+ * later turn), so no BOS is added; an empty session, fresh or named, starts with one.
+ */
 function promptTokens(req: GenerateRequest, loaded: LoadedModel, continuing: boolean): number[] {
   const p = req.prompt;
   if (!p) throw invalidArgument("prompt", "one of text, tokens or chat is required");
@@ -122,7 +126,8 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     if (!Number.isInteger(req.maxTokens) || req.maxTokens < 1) throw invalidArgument("max_tokens", `must be >= 1, got ${req.maxTokens}`);
     const fresh = !req.sessionId;
     if (!fresh && req.retrieval) throw invalidArgument("retrieval", "is for a fresh session only (create the session with it instead)");
-    const prompt = promptTokens(req, loaded, !fresh);
+    // A fresh session is empty; a named one is tokenized again under its lock, where its context is known.
+    let prompt = promptTokens(req, loaded, false);
     let s: ComputeSession;
     if (fresh) {
       // Before the session's segments are made (sized by its context).
@@ -145,6 +150,9 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       if (s.closed) throw notFound(`session ${JSON.stringify(s.id)} not found`);
       state = (s.metadata.generate as GenerateState | undefined) ?? {};
       s.metadata.generate = state;
+      // An empty named session (CreateSession, then its first Generate) starts like a fresh one:
+      // with BOS. Only a session whose cache holds tokens is continued without it.
+      if (!fresh && (s.contextTokens > 0 || state.pendingToken !== undefined)) prompt = promptTokens(req, loaded, true);
       const sampling = req.sampling ?? { temperature: 0, topP: 0, topK: 0, seed: 0 };
       const session = s;
       gs = {
