@@ -23,6 +23,8 @@ export class ComputeSession {
   /** Full pages committed at the kvstore per layer. */
   readonly committedPages: number[];
   closed = false;
+  /** Named by the service (a stateless Generate's session): its life is logged at debug, the request's line says the rest. */
+  unnamed = false;
   /** Commits to the kvstore run in order, off the request's critical path. */
   commitChain: Promise<void> = Promise.resolve();
   commitError: Error | undefined;
