@@ -1,6 +1,6 @@
 /**
- * Structured logs: one JSON object per line on stdout, tagged with the service name, so both
- * containers of a pod can be read by the same collector.
+ * Structured logs: one JSON object per line on stdout, tagged with the service name and with the
+ * level as a string ("level":"info"), so both containers of a pod can be read by the same collector.
  *
  * Writes are synchronous; a full stdout pipe is retried (the line is not lost) until the process
  * starts exiting. From then on, a reader that went away (a supervisor killed without stopping
@@ -29,6 +29,8 @@ export function createLogger(service: string, level = "info"): Logger {
       level,
       base: { service, pid: process.pid },
       timestamp: pino.stdTimeFunctions.isoTime,
+      // "info", "warn", ... rather than pino's numbers: what log collectors and people filter on.
+      formatters: { level: (label) => ({ level: label }) },
     },
     dest,
   );

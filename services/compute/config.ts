@@ -36,6 +36,12 @@ export const computeConfigSchema = z.object({
   FREEKV_PREFILL_CHUNK_TOKENS: optionalIntInRange(PREFILL_CHUNK_TOKENS.min, PREFILL_CHUNK_TOKENS.max),
   /** While sessions decode, a prefill chunk's predicted time at most this times the recent decode step (0: whole chunks always). */
   FREEKV_PREFILL_SLICE: numberInRange(PREFILL_SLICE.default, PREFILL_SLICE.min, PREFILL_SLICE.max),
+  /** Generate requests that may wait for a running slot or memory; one more is refused (RESOURCE_EXHAUSTED). */
+  FREEKV_QUEUE_MAX_REQUESTS: nonNegativeInt(1024),
+  /** Generate requests running at once (prefilling or decoding; 0: no limit); the rest wait in the queue. */
+  FREEKV_MAX_RUNNING_REQUESTS: nonNegativeInt(64),
+  /** How often a request waiting for memory tries again when no request here finished, in ms. */
+  FREEKV_QUEUE_RETRY_MS: positiveInt(250),
   /** Hugging Face model folder served by Generate; unset: the built-in model; "none": no model (attention sessions only). */
   FREEKV_MODEL: z.string().optional(),
   /** redis:// URL of the session owners shared by the pods (sessions/owners.ts); unset: no redirects. */

@@ -9,6 +9,7 @@ import { DType } from "../../proto/gen/freekv/v1/common.js";
 import type { Logger } from "../common/log.js";
 import { KvStoreClient } from "./kvstore-client.js";
 import type { ComputeConfig } from "./config.js";
+import { AdmissionQueue } from "./generate/admission.js";
 import { defaultPrefillChunkTokens, ModelScheduler } from "./generate/scheduler.js";
 import type { SessionOwners } from "./sessions/owners.js";
 import { builtinModelDir, loadModelAsync, type LoadedModel } from "./model/loader.js";
@@ -21,7 +22,10 @@ export interface ComputeMetrics {
   degradedSessions: Gauge;
   attentionRequests: Counter<"op">;
   attentionSeconds: Histogram<"op">;
+  /** Sessions per engine.decode call of the Attention stream (one layer). */
   decodeBatchSize: Histogram;
+  /** Sessions per Generate decode step (the whole model). */
+  modelStepBatchSize: Histogram;
   /** One engine.decode call of the Attention stream: one layer for a batch of sessions. */
   decodeLayerSeconds: Histogram;
   /** One Generate decode step: the whole model (every layer) for a batch of sessions. */
@@ -53,6 +57,10 @@ export interface ComputeContext {
   served: ServedModel;
   /** Session owners across pods (FREEKV_SESSION_OWNERS), once connected at start. */
   owners?: SessionOwners;
+  /** Generate's request queue: running slots and memory (FREEKV_QUEUE_MAX_REQUESTS, FREEKV_MAX_RUNNING_REQUESTS). */
+  admission: AdmissionQueue;
+  /** KV storage type of model sessions (the backend's). */
+  kvDtype: DType;
 }
 
 export class StartupError extends Error {}
@@ -100,7 +108,8 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
       buckets: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1, 3],
       registers: [registry],
     }),
-    decodeBatchSize: new Histogram({ name: "freekv_compute_decode_batch_size", help: "Sessions per batched decode call (an Attention stream layer call or a Generate model step)", buckets: [1, 2, 4, 8, 16, 32, 64], registers: [registry] }),
+    decodeBatchSize: new Histogram({ name: "freekv_compute_decode_batch_size", help: "Attention stream: sessions per batched engine decode call of one layer", buckets: [1, 2, 4, 8, 16, 32, 64], registers: [registry] }),
+    modelStepBatchSize: new Histogram({ name: "freekv_compute_model_step_batch_size", help: "Generate: sessions per batched decode step of the whole model", buckets: [1, 2, 4, 8, 16, 32, 64], registers: [registry] }),
     decodeLayerSeconds: new Histogram({
       name: "freekv_compute_decode_layer_seconds",
       help: "Attention stream: engine decode call time of one layer for a batch",
@@ -226,7 +235,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
           prefillChunkTokens: config.FREEKV_PREFILL_CHUNK_TOKENS ?? defaultPrefillChunkTokens(config.FREEKV_BACKEND),
           prefillSlice: config.FREEKV_PREFILL_SLICE,
           onStep(size, ms) {
-            metrics.decodeBatchSize.observe(size);
+            metrics.modelStepBatchSize.observe(size);
             metrics.modelStepSeconds.observe(ms / 1000);
           },
           onPrefill(tokens, ms) {
@@ -241,7 +250,12 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
     },
     config.FREEKV_MODEL === NO_MODEL,
   );
+  const admission = new AdmissionQueue({ maxWaiting: config.FREEKV_QUEUE_MAX_REQUESTS, maxRunning: config.FREEKV_MAX_RUNNING_REQUESTS, retryMs: config.FREEKV_QUEUE_RETRY_MS });
+  // The CUDA backend stores K/V in bf16; the CPU backend in float32 by default.
+  const kvDtype = config.FREEKV_BACKEND === "cuda" ? DType.D_TYPE_BFLOAT16 : DType.D_TYPE_FLOAT32;
   const ctx: ComputeContext = {
+    admission,
+    kvDtype,
     config,
     log,
     metrics,
@@ -260,9 +274,12 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
     commitChecksums: config.FREEKV_COMMIT_CHECKSUMS,
     modelGeometry: () => served.geometry(),
     backend: config.FREEKV_BACKEND,
-    // The CUDA backend stores K/V in bf16; the CPU backend in float32 by default.
-    defaultKvDtype: config.FREEKV_BACKEND === "cuda" ? DType.D_TYPE_BFLOAT16 : DType.D_TYPE_FLOAT32,
-    onChange: (n) => metrics.sessions.set(n),
+    defaultKvDtype: kvDtype,
+    onChange: (n) => {
+      metrics.sessions.set(n);
+      // A closed session may have freed what a waiting request needs.
+      admission.poke();
+    },
     onCommitFailure: () => metrics.commitFailures.inc(),
   });
   ctx.sessions = mgr;

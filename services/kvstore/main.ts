@@ -32,6 +32,7 @@ async function main(): Promise<void> {
   });
   const capacity = config.FREEKV_KVSTORE_CAPACITY_BYTES || shmFreeBytes();
   const store = new KvStore(directory, capacity, log, metrics);
+  metrics.capacityBytes.set(capacity);
   const adopted = await store.adopt();
   if (config.FREEKV_KVSTORE_PERSIST && directory.kind === "memory") {
     log.warn("FREEKV_KVSTORE_PERSIST=1 with the in-memory directory: a restarted compute re-attaches, but a restarted kvstore cannot find the kept segments (use FREEKV_DIRECTORY=redis://...)");

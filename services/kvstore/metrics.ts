@@ -4,6 +4,7 @@ import { Counter, Gauge, type Registry } from "prom-client";
 export interface KvStoreMetrics {
   sessions: Gauge;
   segmentBytes: Gauge;
+  capacityBytes: Gauge;
   pages: Gauge<"tier">;
   commits: Counter;
   checksumFailures: Counter;
@@ -17,7 +18,8 @@ export interface KvStoreMetrics {
 export function createKvStoreMetrics(registry: Registry): KvStoreMetrics {
   return {
     sessions: new Gauge({ name: "freekv_kvstore_sessions", help: "Sessions with segments in the kvstore", registers: [registry] }),
-    segmentBytes: new Gauge({ name: "freekv_kvstore_segment_bytes", help: "Bytes of shared-memory segments owned by the kvstore", registers: [registry] }),
+    segmentBytes: new Gauge({ name: "freekv_kvstore_segment_bytes", help: "Bytes of shared-memory segments owned by the kvstore (host KV memory in use)", registers: [registry] }),
+    capacityBytes: new Gauge({ name: "freekv_kvstore_capacity_bytes", help: "Shared memory the kvstore may hand out (FREEKV_KVSTORE_CAPACITY_BYTES, or the free space of /dev/shm at start)", registers: [registry] }),
     pages: new Gauge({
       name: "freekv_kvstore_pages",
       help: "Committed pages per tier (host = the HND page store in shared memory), summed over layers",

@@ -199,7 +199,8 @@ export class KvStore {
     this.live.set(l.record.sessionId, l);
     this.usedBytes += l.bytes;
     this.updateGauges();
-    this.log.info({ session: l.record.sessionId, bytes: l.bytes, capacityPages: l.record.capacityPages, segments: Object.values(l.record.segments).map((s) => s.name) }, "session attached");
+    this.log.info({ session: l.record.sessionId, bytes: l.bytes, capacityPages: l.record.capacityPages }, "session attached");
+    this.log.debug({ session: l.record.sessionId, segments: Object.values(l.record.segments).map((s) => s.name) }, "session segments");
     return this.response(l, true);
   }
 

@@ -118,8 +118,8 @@ describe("the served model at start", () => {
         expect(Date.now() - t0, `no log line about the load:\n${compute.output.join("\n")}`).toBeLessThan(20_000);
         await new Promise((r) => setTimeout(r, 25));
       }
-      const entry = JSON.parse(line) as { level: number; msg: string; dir: string };
-      expect(entry.level).toBe(50); // pino's error
+      const entry = JSON.parse(line) as { level: string; msg: string; dir: string };
+      expect(entry.level).toBe("error");
       expect(entry.dir).toBe(dir);
       expect(entry.msg).toMatch(/safetensors/);
       expect(entry.msg).toMatch(/NOT_SERVING/);

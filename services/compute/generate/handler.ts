@@ -16,8 +16,7 @@
  *   included, refused before anything is fed); the model still loading: UNAVAILABLE; no model or
  *   a failed load: FAILED_PRECONDITION; unknown session: NOT_FOUND.
  */
-import { status, type handleServerStreamingCall, type ServerWritableStream } from "@grpc/grpc-js";
-import { Counter, Histogram, type Registry } from "prom-client";
+import { status, type Metadata, type handleServerStreamingCall, type ServerWritableStream } from "@grpc/grpc-js";
 import {
   FinishReason,
   SessionKind,
@@ -26,10 +25,13 @@ import {
 } from "../../../proto/gen/freekv/v1/compute.js";
 import { callScope } from "../../common/cancellation.js";
 import { localSession } from "../sessions/owners.js";
-import { ServiceError, failedPrecondition, invalidArgument, notFound, toStatus } from "../../common/errors.js";
+import { ServiceError, failedPrecondition, invalidArgument, notFound, resourceExhausted, toStatus } from "../../common/errors.js";
 import type { ComputeContext } from "../context.js";
 import type { LoadedModel } from "../model/loader.js";
+import { modelSessionBytes } from "../sessions/footprint.js";
 import type { ComputeSession } from "../sessions/session.js";
+import { SHORT_OF_MEMORY, type Admitted } from "./admission.js";
+import { generateMetrics } from "./metrics.js";
 import { checkPromptFits, generate, GenerateError, isProgress, type FinishReason as Finish, type GenerateFinalOut, type GenerationSession } from "./generation.js";
 
 const FINISH: Record<Exclude<Finish, "cancelled">, FinishReason> = {
@@ -45,6 +47,10 @@ interface GenerateState {
   pendingToken?: number;
 }
 
+/**
+ * The request's prompt as token ids. `continuing`: the session's cache already holds tokens (a
+ * later turn), so no BOS is added; an empty session, fresh or named, starts with one.
+ */
 function promptTokens(req: GenerateRequest, loaded: LoadedModel, continuing: boolean): number[] {
   const p = req.prompt;
   if (!p) throw invalidArgument("prompt", "one of text, tokens or chat is required");
@@ -81,62 +87,119 @@ async function write(call: ServerWritableStream<GenerateRequest, GenerateRespons
   if (signal.aborted) throw signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled");
 }
 
-/** Generate's own metrics, next to the compute tier's (same registry). */
-function generateMetrics(registry: Registry) {
-  return {
-    requests: new Counter({ name: "freekv_generate_requests_total", help: "Generate calls by how they ended", labelNames: ["finish"], registers: [registry] }),
-    tokens: new Counter({ name: "freekv_generate_tokens_total", help: "Tokens through Generate", labelNames: ["kind"], registers: [registry] }),
-    prefillSeconds: new Histogram({
-      name: "freekv_generate_prefill_seconds",
-      help: "Prompt prefill time of a Generate call (time to the first token)",
-      buckets: [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1, 3, 10, 30],
-      registers: [registry],
-    }),
-    prefillTokensPerSecond: new Histogram({
-      name: "freekv_generate_prefill_tokens_per_second",
-      help: "Prefill throughput of a Generate call: tokens prefilled over its prefill time (decode steps of other sessions interleaved included)",
-      buckets: [100, 300, 1e3, 3e3, 1e4, 3e4, 1e5, 3e5, 1e6],
-      registers: [registry],
-    }),
-  };
+/** The request metadata header naming the tenant, for fair queueing (round-robin between tenants). */
+export const TENANT_HEADER = "x-freekv-tenant";
+
+function tenantOf(md: Metadata): string {
+  const v = md.get(TENANT_HEADER)[0];
+  const t = typeof v === "string" ? v.trim() : "";
+  if (t.length > 128) throw invalidArgument(TENANT_HEADER, `must be at most 128 characters, got ${t.length}`);
+  return t;
+}
+
+const isResourceExhausted = (e: unknown) => typeof e === "object" && e !== null && (e as { code?: unknown }).code === status.RESOURCE_EXHAUSTED;
+
+/** What the request's log line and latency metrics report, filled as the request goes. */
+interface RequestRecord {
+  arrived: number;
+  tenant?: string;
+  session?: string;
+  queuedMs?: number;
+  firstTokenAt?: number;
+  lastTokenAt?: number;
+  final?: GenerateFinalOut;
 }
 
 export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<GenerateRequest, GenerateResponse> {
-  const metrics = generateMetrics(ctx.metrics.registry);
+  const metrics = generateMetrics(ctx.metrics.registry, ctx.admission, ctx.kvstore);
 
   return (call) => {
     const scope = callScope(call);
     const { signal } = scope;
-    void serve(call, signal)
+    const rec: RequestRecord = { arrived: performance.now() };
+    void serve(call, signal, rec)
+      .then(() => finished(rec, status.OK))
       .catch((e: unknown) => {
         const err = e instanceof GenerateError ? (e.kind === "invalid_argument" ? new ServiceError(status.INVALID_ARGUMENT, e.message) : failedPrecondition(e.message)) : e;
         const st = toStatus(err, ctx.log, "Generate", signal);
         metrics.requests.inc({ finish: status[st.code]?.toLowerCase() ?? String(st.code) });
+        finished(rec, st.code, st.details);
         call.emit("error", st);
       })
       .finally(() => scope.done());
   };
 
-  async function serve(call: ServerWritableStream<GenerateRequest, GenerateResponse>, signal: AbortSignal): Promise<void> {
+  /** The request's end: its latency metrics and its one info line. */
+  function finished(rec: RequestRecord, code: status, details?: string): void {
+    const now = performance.now();
+    metrics.e2eSeconds.observe((now - rec.arrived) / 1000);
+    const f = rec.final;
+    const ttftMs = rec.firstTokenAt !== undefined ? rec.firstTokenAt - rec.arrived : undefined;
+    const n = f?.completionTokens ?? 0;
+    const tpotMs = n > 1 && rec.firstTokenAt !== undefined && rec.lastTokenAt !== undefined ? (rec.lastTokenAt - rec.firstTokenAt) / (n - 1) : undefined;
+    if (tpotMs !== undefined) {
+      metrics.timePerOutputToken.observe(tpotMs / 1000);
+      if (tpotMs > 0) metrics.decodeTokensPerSecond.observe(1000 / tpotMs);
+    }
+    const round = (x: number | undefined) => (x === undefined ? undefined : Math.round(x * 100) / 100);
+    ctx.log.info(
+      {
+        session: rec.session,
+        tenant: rec.tenant || undefined,
+        promptTokens: f?.promptTokens,
+        completionTokens: f?.completionTokens,
+        queueMs: round(rec.queuedMs),
+        ttftMs: round(ttftMs),
+        tpotMs: round(tpotMs),
+        e2eMs: round(now - rec.arrived),
+        finish: f && code === status.OK ? f.finishReason : undefined,
+        status: status[code] ?? String(code),
+        error: details,
+      },
+      "generate finished",
+    );
+  }
+
+  async function serve(call: ServerWritableStream<GenerateRequest, GenerateResponse>, signal: AbortSignal, rec: RequestRecord): Promise<void> {
     const req = call.request;
+    rec.tenant = tenantOf(call.metadata);
     const { loaded, scheduler } = ctx.served.get();
     if (!Number.isInteger(req.maxTokens) || req.maxTokens < 1) throw invalidArgument("max_tokens", `must be >= 1, got ${req.maxTokens}`);
     const fresh = !req.sessionId;
     if (!fresh && req.retrieval) throw invalidArgument("retrieval", "is for a fresh session only (create the session with it instead)");
-    const prompt = promptTokens(req, loaded, !fresh);
-    let s: ComputeSession;
-    if (fresh) {
-      // Before the session's segments are made (sized by its context).
-      checkPromptFits(prompt.length, 0, ctx.config.FREEKV_MAX_CONTEXT_TOKENS);
-      // A fresh session lives for this call only: its store holds what the call can reach (the
-      // prompt and max_tokens), not the default maximum, so a short request neither reserves nor
-      // registers the memory of a long one (at 128K tokens of an 8B model, 17 GB and seconds).
-      const reach = Math.min(ctx.config.FREEKV_MAX_CONTEXT_TOKENS, prompt.length + req.maxTokens);
-      s = await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: reach, geometry: undefined }, signal);
-    } else {
-      s = await localSession(ctx.sessions, ctx.owners, req.sessionId);
-      if (s.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(s.id)} is an attention session; Generate needs a model session`);
-    }
+    // A fresh session is empty; a named one is tokenized again under its lock, where its context is known.
+    let prompt = promptTokens(req, loaded, false);
+    // A fresh session lives for this call only: its store holds what the call can reach (the
+    // prompt and max_tokens), not the default maximum, so a short request neither reserves nor
+    // registers the memory of a long one (at 128K tokens of an 8B model, 17 GB and seconds).
+    const reach = Math.min(ctx.config.FREEKV_MAX_CONTEXT_TOKENS, prompt.length + req.maxTokens);
+    // Before the session's segments are made (sized by its context).
+    if (fresh) checkPromptFits(prompt.length, 0, ctx.config.FREEKV_MAX_CONTEXT_TOKENS);
+    // The request waits its turn: a running slot, and for a fresh session its memory at the kvstore.
+    const admitted: Admitted<ComputeSession> = await ctx.admission.enter<ComputeSession>({
+      tenant: rec.tenant,
+      signal,
+      needsMemory: fresh,
+      attempt: fresh
+        ? async () => {
+            try {
+              return await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: reach, geometry: undefined }, signal);
+            } catch (e) {
+              if (!isResourceExhausted(e) || signal.aborted) throw e;
+              await refuseIfNeverFits(req, reach);
+              return SHORT_OF_MEMORY;
+            }
+          }
+        : async () => {
+            const named = await localSession(ctx.sessions, ctx.owners, req.sessionId);
+            if (named.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(named.id)} is an attention session; Generate needs a model session`);
+            return named;
+          },
+    });
+    rec.queuedMs = admitted.queuedMs;
+    metrics.queueSeconds.observe(admitted.queuedMs / 1000);
+    const s = admitted.value;
+    rec.session = s.id;
     let release: (() => void) | undefined;
     let final: GenerateFinalOut | undefined;
     let gs: GenerationSession | undefined;
@@ -146,6 +209,9 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       if (s.closed) throw notFound(`session ${JSON.stringify(s.id)} not found`);
       state = (s.metadata.generate as GenerateState | undefined) ?? {};
       s.metadata.generate = state;
+      // An empty named session (CreateSession, then its first Generate) starts like a fresh one:
+      // with BOS. Only a session whose cache holds tokens is continued without it.
+      if (!fresh && (s.contextTokens > 0 || state.pendingToken !== undefined)) prompt = promptTokens(req, loaded, true);
       const sampling = req.sampling ?? { temperature: 0, topP: 0, topK: 0, seed: 0 };
       const session = s;
       gs = {
@@ -181,6 +247,14 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
           break;
         }
         const c = r.value;
+        if (!isProgress(c) && c.tokenIds.length) {
+          const now = performance.now();
+          if (rec.firstTokenAt === undefined) {
+            rec.firstTokenAt = now;
+            metrics.timeToFirstToken.observe((now - rec.arrived) / 1000);
+          }
+          rec.lastTokenAt = now;
+        }
         await pending;
         const msg: GenerateResponse = isProgress(c)
           ? { event: { $case: "progress", value: { prefilledTokens: c.prefilledTokens, promptTokens: c.promptTokens } } }
@@ -189,6 +263,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
         pending.catch(() => {}); // observed by the next await; never an unhandled rejection
       }
       await pending;
+      rec.final = final;
       metrics.tokens.inc({ kind: "prompt" }, final.promptTokens);
       metrics.tokens.inc({ kind: "completion" }, final.completionTokens);
       if (final.finishReason === "cancelled" || signal.aborted) throw signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled");
@@ -227,6 +302,21 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       if (!fresh && state && !s.closed) await ctx.sessions.commitMetadata(s).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "committing the session's metadata failed"));
       release?.();
       if (fresh) await ctx.sessions.close(s.id).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "closing the request's session failed"));
+      // After the fresh session's memory went back to the kvstore: the next request may take it.
+      admitted.release();
     }
+  }
+
+  /**
+   * A fresh session the kvstore refused for capacity: RESOURCE_EXHAUSTED now when it is bigger
+   * than the kvstore's whole capacity (it would wait forever), else the caller waits.
+   */
+  async function refuseIfNeverFits(req: GenerateRequest, reach: number): Promise<void> {
+    const need = modelSessionBytes(ctx.served.geometry(), ctx.kvDtype, req.retrieval, reach);
+    const { capacityBytes } = await ctx.kvstore.stats();
+    if (need > capacityBytes)
+      throw resourceExhausted(
+        `the request's session needs ${need} bytes of host KV memory for ${reach} tokens (prompt + max_tokens), more than the kvstore's whole capacity of ${capacityBytes} bytes: it can never fit`,
+      );
   }
 }

@@ -99,7 +99,9 @@ export class SessionManager {
         const s = this.open(id, kind, attach, metadata, false);
         this.sessions.set(id, s);
         this.opts.onChange?.(this.sessions.size);
-        this.opts.log.info({ session: id, kind: metadata.kind, segments: segmentNames(attach) }, "session created");
+        s.unnamed = !req.sessionId;
+        this.opts.log[s.unnamed ? "debug" : "info"]({ session: id, kind: metadata.kind }, "session created");
+        this.opts.log.debug({ session: id, segments: segmentNames(attach) }, "session segments");
         return s;
       } catch (e) {
         await this.opts.kvstore.release(id).catch(() => undefined);
@@ -344,7 +346,7 @@ export class SessionManager {
       this.detach(s);
     });
     await this.opts.kvstore.release(id, signal);
-    this.opts.log.info({ session: id }, "session closed");
+    this.opts.log[s.unnamed ? "debug" : "info"]({ session: id }, "session closed");
     return true;
   }
 

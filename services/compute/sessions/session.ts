@@ -33,6 +33,8 @@ export class ComputeSession {
   readonly commitTarget: number[];
   /** Context tokens to report with the pages of commitTarget. */
   commitContextTokens = 0;
+  /** Named by the service (a stateless Generate's session): its life is logged at debug, the request's line says the rest. */
+  unnamed = false;
   /** Commits to the kvstore run in order, off the request's critical path. */
   commitChain: Promise<void> = Promise.resolve();
   /** A commit is queued on commitChain and not started yet (later commit points join it). */

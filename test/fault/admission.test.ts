@@ -1,0 +1,159 @@
+/**
+ * Admission across real processes (the built-in model, random prompts): with a kvstore whose
+ * capacity holds two request sessions, more concurrent Generates all complete (they waited for
+ * memory, each with the answer it gets alone) instead of RESOURCE_EXHAUSTED, and one that could
+ * never fit is refused at once; with one running slot and a queue of two, a further request is
+ * refused, a cancelled waiting request leaves at once (the queue gauge drops, no session made for
+ * it), and the serving metrics routers read are there.
+ */
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Metadata, status, type ClientReadableStream, type ServiceError } from "@grpc/grpc-js";
+import { GenerateRequest, type GenerateFinal, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
+import { DType, type ModelGeometry } from "../../proto/gen/freekv/v1/common.js";
+import { builtinModelDir, readModelFolder } from "../../services/compute/model/loader.js";
+import { modelSessionBytes } from "../../services/compute/sessions/footprint.js";
+import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
+import { prng } from "../helpers/prng.js";
+
+const seed = Number(process.env.FREEKV_TEST_SEED) || (Date.now() ^ (process.pid << 12)) >>> 0;
+const rand = prng(seed);
+const spec = readModelFolder(builtinModelDir()).spec.native;
+const geometry: ModelGeometry = { layers: spec.layers, queryHeads: spec.qHeads, kvHeads: spec.kvHeads, headDim: spec.headDim, kvDtype: DType.D_TYPE_FLOAT32 };
+const PROMPT = 24;
+const MAX_TOKENS = 16;
+const perSession = modelSessionBytes(geometry, DType.D_TYPE_FLOAT32, undefined, PROMPT + MAX_TOKENS);
+
+let small: Tiers; // kvstore capacity: two request sessions
+let narrow: Tiers; // one running slot, a queue of two
+let smallClient: ReturnType<typeof computeClient>;
+let narrowClient: ReturnType<typeof computeClient>;
+let narrowKv: ReturnType<typeof kvstoreClient>;
+
+beforeAll(async () => {
+  [small, narrow] = await Promise.all([
+    startTiers({ kvstoreEnv: { ...QUIET, FREEKV_KVSTORE_CAPACITY_BYTES: String(Math.floor(2.5 * perSession)) }, computeEnv: { ...QUIET, FREEKV_THREADS: "1", FREEKV_QUEUE_RETRY_MS: "50" } }),
+    startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_THREADS: "1", FREEKV_MAX_RUNNING_REQUESTS: "1", FREEKV_QUEUE_MAX_REQUESTS: "2", FREEKV_PREFILL_CHUNK_TOKENS: "1" } }),
+  ]);
+  smallClient = computeClient(small.compute.address);
+  narrowClient = computeClient(narrow.compute.address);
+  narrowKv = kvstoreClient(narrow.kvstore.address);
+});
+
+afterAll(async () => {
+  smallClient?.close();
+  narrowClient?.close();
+  narrowKv?.close();
+  await Promise.all([small?.stop(), narrow?.stop()]);
+});
+
+interface Result {
+  tokens: number[];
+  final?: GenerateFinal;
+}
+
+function start(client: ReturnType<typeof computeClient>, req: Partial<GenerateRequest>, tenant?: string, deadlineMs = 60_000): ClientReadableStream<GenerateResponse> {
+  const md = new Metadata();
+  if (tenant) md.set("x-freekv-tenant", tenant);
+  return client.generate(GenerateRequest.fromPartial(req), md, { deadline: Date.now() + deadlineMs });
+}
+
+function collect(stream: ClientReadableStream<GenerateResponse>): Promise<Result> {
+  const r: Result = { tokens: [] };
+  return new Promise((resolve, reject) => {
+    stream.on("data", (m: GenerateResponse) => {
+      if (m.event?.$case === "chunk") r.tokens.push(...m.event.value.tokenIds);
+      else if (m.event?.$case === "final") r.final = m.event.value;
+    });
+    stream.on("error", reject);
+    stream.on("end", () => resolve(r));
+  });
+}
+
+const failure = (p: Promise<unknown>) =>
+  p.then(
+    () => undefined,
+    (e: ServiceError) => e,
+  );
+const randomPrompt = (n: number) => ({ $case: "tokens" as const, value: { ids: Array.from({ length: n }, () => Math.floor(rand() * 500)) } });
+const greedy = { temperature: 0, topP: 0, topK: 0, seed: 0 };
+
+async function until(what: string, ok: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
+  const t0 = Date.now();
+  while (!(await ok())) {
+    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+describe(`admission (seed ${seed})`, () => {
+  it("more concurrent Generates than the kvstore holds all complete, each with its answer alone", async () => {
+    const n = 5 + Math.floor(rand() * 4);
+    const prompts = Array.from({ length: n }, () => randomPrompt(PROMPT));
+    const alone: Result[] = [];
+    for (const prompt of prompts) alone.push(await collect(start(smallClient, { prompt, maxTokens: MAX_TOKENS, sampling: greedy })));
+    const before = await fetchMetrics(small.kvstore.metricsPort);
+    const tenants = ["a", "b", "", "c"];
+    const together = await Promise.all(prompts.map((prompt, i) => collect(start(smallClient, { prompt, maxTokens: MAX_TOKENS, sampling: greedy }, tenants[i % tenants.length]))));
+    together.forEach((r, i) => {
+      expect(r.final, `request ${i}`).toBeDefined();
+      expect(r.tokens, `request ${i}`).toEqual(alone[i].tokens);
+    });
+    // They did wait for memory: the kvstore refused some attempts for capacity.
+    const after = await fetchMetrics(small.kvstore.metricsPort);
+    const refused = (t: string) => metricValue(t, "freekv_kvstore_rejected_total", 'reason="capacity"') ?? 0;
+    expect(refused(after)).toBeGreaterThan(refused(before));
+    expect(metricValue(after, "freekv_kvstore_capacity_bytes")).toBe(Math.floor(2.5 * perSession));
+    const m = await fetchMetrics(small.compute.metricsPort);
+    expect(metricValue(m, "freekv_generate_queue_seconds_count")).toBeGreaterThanOrEqual(2 * n);
+    expect(metricValue(m, "freekv_generate_queue_seconds_sum")).toBeGreaterThan(0);
+    expect(metricValue(m, "vllm:num_requests_waiting")).toBe(0);
+    expect(metricValue(m, "vllm:num_requests_running")).toBe(0);
+    expect(metricValue(m, "vllm:kv_cache_usage_perc")).toBe(0);
+    expect(metricValue(m, "freekv_compute_host_kv_bytes", 'state="capacity"')).toBe(Math.floor(2.5 * perSession));
+    expect(metricValue(m, "freekv_generate_time_to_first_token_seconds_count")).toBeGreaterThanOrEqual(2 * n);
+    expect(metricValue(m, "freekv_generate_time_per_output_token_seconds_count")).toBeGreaterThanOrEqual(1);
+    expect(metricValue(m, "freekv_generate_e2e_request_latency_seconds_count")).toBeGreaterThanOrEqual(2 * n);
+  });
+
+  it("refuses at once a request that could never fit the kvstore", async () => {
+    let maxTokens = MAX_TOKENS;
+    while (modelSessionBytes(geometry, DType.D_TYPE_FLOAT32, undefined, PROMPT + maxTokens) <= 2.5 * perSession) maxTokens *= 2;
+    const t0 = Date.now();
+    const e = await failure(collect(start(smallClient, { prompt: randomPrompt(PROMPT), maxTokens })));
+    expect(e?.code).toBe(status.RESOURCE_EXHAUSTED);
+    expect(e?.details).toMatch(/can never fit/);
+    expect(Date.now() - t0).toBeLessThan(5000);
+  });
+
+  it("one running slot, a queue of two: a third waiting request is refused, a cancelled one leaves at once", async () => {
+    // A request that holds the running slot for seconds: a long prompt prefilled one token per
+    // model call (FREEKV_PREFILL_CHUNK_TOKENS=1 here); cancelled at the end.
+    const prompt = randomPrompt(8000);
+    const m = async () => fetchMetrics(narrow.compute.metricsPort);
+    const running = start(narrowClient, { prompt, maxTokens: 1, sampling: greedy }, "x");
+    const runningDone = collect(running);
+    await until("the held request to run", async () => metricValue(await m(), "vllm:num_requests_running") === 1);
+    const kvBefore = (await unary<{ sessionIds: string[] }>(narrowKv, "listSessions", {})).sessionIds.length;
+    const w1 = start(narrowClient, { prompt: randomPrompt(8), maxTokens: 4 }, "y");
+    const w1Done = collect(w1);
+    const w2Done = collect(start(narrowClient, { prompt: randomPrompt(8), maxTokens: 4 }, "z"));
+    await until("two waiting", async () => metricValue(await m(), "vllm:num_requests_waiting") === 2);
+    const full = await failure(collect(start(narrowClient, { prompt: randomPrompt(8), maxTokens: 4 }, "y")));
+    expect(full?.code).toBe(status.RESOURCE_EXHAUSTED);
+    expect(full?.details).toMatch(/queue is full/);
+    // The cancelled one leaves now, while the slot is still held.
+    w1.cancel();
+    expect((await failure(w1Done))?.code).toBe(status.CANCELLED);
+    await until("one waiting", async () => metricValue(await m(), "vllm:num_requests_waiting") === 1);
+    expect(metricValue(await m(), "vllm:num_requests_running")).toBe(1);
+    expect((await unary<{ sessionIds: string[] }>(narrowKv, "listSessions", {})).sessionIds.length).toBe(kvBefore);
+    // The held request ends (cancelled); the last one then runs.
+    running.cancel();
+    expect((await failure(runningDone))?.code).toBe(status.CANCELLED);
+    expect((await w2Done).final?.usage?.completionTokens).toBeGreaterThan(0);
+    await until("the queue to empty", async () => {
+      const t = await m();
+      return metricValue(t, "vllm:num_requests_waiting") === 0 && metricValue(t, "vllm:num_requests_running") === 0;
+    });
+  });
+});
