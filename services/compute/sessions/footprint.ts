@@ -11,6 +11,7 @@ import { capacityPages, computeLayout, totalBytes } from "../../kvstore/layout.j
 
 export function modelSessionBytes(model: ModelGeometry, kvDtype: DType, retrieval: RetrievalConfig | undefined, maxContextTokens: number): number {
   const geometry = resolveGeometry({ ...model, kvDtype }, "model");
-  const r = resolveRetrieval(retrieval, geometry.layers);
+  // Capped at the session's capacity as the kvstore caps it, so both size the same session.
+  const r = resolveRetrieval(retrieval, geometry.layers, "retrieval", maxContextTokens);
   return totalBytes(computeLayout(geometry, r, capacityPages(maxContextTokens, r.pageSize)));
 }
