@@ -4,8 +4,8 @@
  * needs it) and the served model is ready (or none is served); NOT_SERVING otherwise, from the
  * start until both hold.
  */
-import { Server } from "@grpc/grpc-js";
-import { ComputeServiceService } from "../../proto/gen/freekv/v1/compute.js";
+import { Server, type handleServerStreamingCall } from "@grpc/grpc-js";
+import { ComputeServiceService, type GenerateRequest, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
 import { Health } from "../common/health.js";
 import { addReflection } from "../common/reflection.js";
 import { AttentionBatcher } from "./attention/batcher.js";
@@ -19,6 +19,8 @@ export const COMPUTE_SERVICE = "freekv.v1.ComputeService";
 export interface ComputeServer {
   server: Server;
   health: Health;
+  /** The Generate handler the server serves (the OpenAI front calls it in process). */
+  generate: handleServerStreamingCall<GenerateRequest, GenerateResponse>;
   /** Records whether the kvstore serves (its health, followed by main). */
   upstream(serving: boolean): void;
 }
@@ -33,9 +35,10 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
     },
     appended: (s, layer) => sessions.commitProgress(s, layer),
   });
+  const generate = generateHandler(ctx);
   server.addService(ComputeServiceService, {
     ...sessionHandlers(sessions, log),
-    generate: generateHandler(ctx),
+    generate,
     attention: attentionHandler({
       sessions,
       batcher,
@@ -58,6 +61,7 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
   return {
     server,
     health,
+    generate,
     upstream(serving) {
       kvstore = serving;
       update();
