@@ -42,6 +42,7 @@ describe("SIGTERM with the OpenAI front", () => {
     );
     expect(late).toBeInstanceOf(APIError);
     expect((late as APIError).status).toBe(503);
+    expect((late as APIError).headers?.get("retry-after")).toBe("1");
     // The stream in flight runs to its end.
     let finish: string | null = null;
     let usage: OpenAI.CompletionUsage | null | undefined;

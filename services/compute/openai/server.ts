@@ -75,6 +75,11 @@ function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
   });
 }
 
+/** An error response; overload and not-ready ask the client to come back (Retry-After). */
+function sendError(res: ServerResponse, err: HttpError, headers: Record<string, string> = {}): void {
+  sendJson(res, err.status, err.body(), err.status === 429 || err.status === 503 ? { "retry-after": "1", ...headers } : headers);
+}
+
 function parseJson(body: Buffer): unknown {
   try {
     return JSON.parse(body.toString("utf8"));
@@ -209,7 +214,7 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
     } catch (st) {
       const err = fromGrpcStatus(st as { code: number; details: string });
       if (res.destroyed) return;
-      if (!opened) return sendJson(res, err.status, err.body(), headers);
+      if (!opened) return sendError(res, err, headers);
       // Mid-stream: the status line is gone; the error is the stream's last event.
       sse(err.body());
       res.end();
@@ -242,7 +247,7 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
         res.destroy();
         return;
       }
-      sendJson(res, err.status, err.body());
+      sendError(res, err);
     });
   });
 
