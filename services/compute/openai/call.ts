@@ -16,6 +16,8 @@ export type GenerateHandler = handleServerStreamingCall<GenerateRequest, Generat
 export interface CallOptions {
   /** Absolute deadline (ms since the epoch); none when undefined. */
   deadline?: number;
+  /** Request metadata the handler reads (e.g. a tenant header), as gRPC metadata. */
+  metadata?: Record<string, string>;
   /** Each message the handler writes; false: hold the next write until drained() is called. */
   onMessage(msg: GenerateResponse): boolean;
 }
@@ -75,6 +77,7 @@ export function startGenerate(handler: GenerateHandler, request: GenerateRequest
   });
   done.catch(() => {}); // the consumer awaits it; never an unhandled rejection meanwhile
   const call = new CallSurface(request, opts.deadline ?? Infinity, opts.onMessage, () => resolve());
+  for (const [k, v] of Object.entries(opts.metadata ?? {})) call.metadata.set(k, v);
   // The handler reports a failure by emitting "error" with the status, as on a gRPC stream.
   call.on("error", (st: StatusObject) => reject(st));
   handler(call as unknown as ServerWritableStream<GenerateRequest, GenerateResponse>);

@@ -138,10 +138,13 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
       if (!/^\d+$/.test(timeout.trim()) || !Number.isSafeInteger(ms) || ms < 1) throw badRequest(null, `the ${TIMEOUT_HEADER} header must be a positive integer of milliseconds, got ${JSON.stringify(timeout)}`);
       deadline = Date.now() + ms;
     }
-    await serveGeneration(r, sessionId, deadline, res);
+    // The service's own x-freekv-* request headers reach the handler as the gRPC metadata they are there.
+    const metadata: Record<string, string> = {};
+    for (const [k, v] of Object.entries(req.headers)) if (k.startsWith("x-freekv-") && typeof v === "string") metadata[k] = v;
+    await serveGeneration(r, sessionId, deadline, metadata, res);
   }
 
-  async function serveGeneration(r: OpenAIRequest, sessionId: string, deadline: number | undefined, res: ServerResponse): Promise<void> {
+  async function serveGeneration(r: OpenAIRequest, sessionId: string, deadline: number | undefined, metadata: Record<string, string>, res: ServerResponse): Promise<void> {
     const request: GenerateRequest = {
       sessionId,
       prompt: r.prompt,
@@ -185,6 +188,7 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
 
     const call = startGenerate(opts.generate, request, {
       deadline,
+      metadata,
       onMessage(msg: GenerateResponse): boolean {
         const e = msg.event;
         if (e?.$case === "final") {
