@@ -47,6 +47,9 @@ export function loadConfigOrExit<S extends z.ZodObject>(service: string, schema:
 /** A TCP port; 0 asks the OS for an ephemeral one. */
 export const port = (dflt: number) => z.coerce.number().int("must be an integer port").min(0, "must be 0..65535").max(65535, "must be 0..65535").default(dflt);
 
+/** A TCP port, or undefined when unset (the listener is off). */
+export const optionalPort = () => z.coerce.number().int("must be an integer port").min(0, "must be 0..65535").max(65535, "must be 0..65535").optional();
+
 export const positiveInt = (dflt: number) => z.coerce.number().int("must be an integer").positive("must be > 0").default(dflt);
 
 export const intInRange = (dflt: number, min: number, max: number) =>

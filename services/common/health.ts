@@ -20,10 +20,17 @@ export class Health {
   }
 
   private stopping = false;
+  private current: "SERVING" | "NOT_SERVING" = "NOT_SERVING";
+
+  /** What Check answers now (for servers beside the gRPC one, e.g. an HTTP front). */
+  get status(): "SERVING" | "NOT_SERVING" {
+    return this.current;
+  }
 
   /** SERVING is ignored once the drain started. */
   set(status: "SERVING" | "NOT_SERVING"): void {
     if (this.stopping && status === "SERVING") return;
+    this.current = status;
     this.impl.setStatus("", status);
     for (const s of this.services) this.impl.setStatus(s, status);
   }

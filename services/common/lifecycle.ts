@@ -1,6 +1,7 @@
 /**
  * Server lifecycle: bind, then on SIGTERM/SIGINT drain: health NOT_SERVING (the load balancer
- * stops sending), tryShutdown (no new calls, in-flight ones finish), and after the grace period
+ * stops sending), tryShutdown (no new calls, in-flight ones finish, those of an in-process front
+ * too), and after the grace period
  * abort what is still running and forceShutdown; then the service's own cleanup, then exit 0.
  * A second signal during the drain skips the rest of the grace period.
  */
@@ -47,8 +48,14 @@ export function installDrain(opts: DrainOptions): Drainer {
       const t0 = Date.now();
       opts.log.info({ reason, inflight: inflightCalls(), graceMs: opts.graceMs }, "draining");
       opts.health.shutdown();
+      // Calls served in process beside the gRPC server (an HTTP front) hold a call scope too:
+      // the drain is clean once the server stopped and no scope is left.
+      let over = false;
       const graceful = new Promise<boolean>((resolve) => {
-        opts.server.tryShutdown(() => resolve(true));
+        opts.server.tryShutdown(() => {
+          const idle = () => (inflightCalls() === 0 ? resolve(true) : over ? undefined : void setTimeout(idle, 20));
+          idle();
+        });
       });
       const late = new Promise<boolean>((resolve) => {
         const timer = setTimeout(() => resolve(false), opts.graceMs);
@@ -58,6 +65,7 @@ export function installDrain(opts: DrainOptions): Drainer {
         };
       });
       const clean = await Promise.race([graceful, late]);
+      over = true;
       if (!clean) {
         opts.log.warn({ inflight: inflightCalls() }, "grace period over: cancelling in-flight calls");
         abortAllCalls();

@@ -1,6 +1,6 @@
 /** The compute service's environment variables (see the README's configuration table). */
 import { z } from "zod";
-import { flag, host, logLevel, nonNegativeInt, numberInRange, optionalIntInRange, port, positiveInt } from "../common/config.js";
+import { flag, host, intInRange, logLevel, nonNegativeInt, numberInRange, optionalIntInRange, optionalPort, port, positiveInt } from "../common/config.js";
 import { PREFILL_CHUNK_TOKENS, PREFILL_SLICE } from "./generate/scheduler.js";
 
 export const computeConfigSchema = z.object({
@@ -55,6 +55,14 @@ export const computeConfigSchema = z.object({
     .string()
     .regex(/^[^\s:]+:\d{1,5}$/, "must be host:port")
     .optional(),
+  /** Name the OpenAI-compatible front serves the model under; unset: the model folder's name. */
+  FREEKV_MODEL_NAME: z.string().regex(/^\S+$/, "must be a name without spaces").optional(),
+  /** Port of the OpenAI-compatible HTTP front (/v1/completions, /v1/chat/completions); unset: off, 0: ephemeral. */
+  FREEKV_OPENAI_PORT: optionalPort(),
+  /** Its listen address; unset: FREEKV_COMPUTE_HOST. */
+  FREEKV_OPENAI_HOST: z.string().min(1).optional(),
+  /** Largest request body the front reads (bytes); a larger one is refused (413) before it is parsed. */
+  FREEKV_OPENAI_MAX_BODY_BYTES: intInRange(8 << 20, 1024, 1 << 30),
   FREEKV_KVSTORE_TIMEOUT_MS: positiveInt(10_000),
   FREEKV_SHUTDOWN_GRACE_MS: positiveInt(10_000),
   FREEKV_LOG_LEVEL: logLevel(),

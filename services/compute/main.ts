@@ -4,6 +4,7 @@
  * the kvstore still holds, listens (NOT_SERVING), then loads the served model and turns SERVING
  * once it is ready (a failed load leaves it NOT_SERVING, with the reason logged).
  */
+import { basename, resolve } from "node:path";
 import { loadConfigOrExit } from "../common/config.js";
 import { bindServer, installDrain } from "../common/lifecycle.js";
 import { createLogger } from "../common/log.js";
@@ -12,6 +13,9 @@ import { followUpstreamHealth } from "../common/upstream-health.js";
 import { computeConfigSchema } from "./config.js";
 import { sweepStaleExchanges } from "./attention/exchange.js";
 import { StartupError, createContext, loadServedModel } from "./context.js";
+import { builtinModelDir } from "./model/loader.js";
+import { NO_MODEL } from "./model/served.js";
+import { createOpenAIFront, type OpenAIFront } from "./openai/server.js";
 import { createComputeServer } from "./server.js";
 import { SessionOwners } from "./sessions/owners.js";
 
@@ -53,14 +57,28 @@ async function main(): Promise<void> {
   }
   const reattached = await ctx.sessions.reattachAll();
   for (const s of ctx.sessions.list()) await ctx.owners?.claim(s.id);
-  const { server, health, upstream: kvstoreServing } = createComputeServer(ctx);
+  const { server, health, generate, upstream: kvstoreServing } = createComputeServer(ctx);
   const port = await bindServer(server, config.FREEKV_COMPUTE_HOST, config.FREEKV_COMPUTE_PORT);
+  let openai: OpenAIFront | undefined;
+  let openaiPort: number | undefined;
+  if (config.FREEKV_OPENAI_PORT !== undefined) {
+    openai = createOpenAIFront({
+      generate,
+      serving: () => health.status === "SERVING",
+      modelName: config.FREEKV_MODEL === NO_MODEL ? undefined : (config.FREEKV_MODEL_NAME ?? basename(resolve(config.FREEKV_MODEL || builtinModelDir()))),
+      maxBodyBytes: config.FREEKV_OPENAI_MAX_BODY_BYTES,
+      defaultMaxTokens: config.FREEKV_MAX_CONTEXT_TOKENS,
+      log,
+    });
+    openaiPort = await openai.listen(config.FREEKV_OPENAI_HOST ?? config.FREEKV_COMPUTE_HOST, config.FREEKV_OPENAI_PORT);
+  }
   const metricsServer = await startMetricsServer(registry, config.FREEKV_COMPUTE_METRICS_PORT, config.FREEKV_COMPUTE_METRICS_HOST ?? config.FREEKV_COMPUTE_HOST);
   // Compute serves only while its kvstore does: every new session needs it.
   const upstream = followUpstreamHealth(config.FREEKV_KVSTORE_ADDR, "freekv.v1.KvStoreService", log, kvstoreServing);
   // At the end of the drain: sessions committed and unmapped (the kvstore keeps their pages).
   const cleanup = async () => {
     upstream.stop();
+    await openai?.close();
     await ctx.sessions.shutdown();
     ctx.kvstore.close();
     await ctx.owners?.close();
@@ -69,10 +87,10 @@ async function main(): Promise<void> {
   installDrain({ server, health, log, graceMs: config.FREEKV_SHUTDOWN_GRACE_MS, cleanup });
   kvstoreServing(upstream.serving);
   log.info(
-    { grpcPort: port, metricsPort: metricsServer.port, kvstore: config.FREEKV_KVSTORE_ADDR, backend: config.FREEKV_BACKEND, engine: !!ctx.engine, reattached },
+    { grpcPort: port, metricsPort: metricsServer.port, openaiPort, kvstore: config.FREEKV_KVSTORE_ADDR, backend: config.FREEKV_BACKEND, engine: !!ctx.engine, reattached },
     "compute listening",
   );
-  process.stdout.write(`${JSON.stringify({ ready: "compute", grpcPort: port, metricsPort: metricsServer.port, host: config.FREEKV_COMPUTE_HOST, engine: !!ctx.engine, reattached })}\n`);
+  process.stdout.write(`${JSON.stringify({ ready: "compute", grpcPort: port, metricsPort: metricsServer.port, openaiPort, host: config.FREEKV_COMPUTE_HOST, engine: !!ctx.engine, reattached })}\n`);
   // Health turns SERVING when this is done (and the kvstore serves); a failure is logged by it.
   await loadServedModel(ctx);
 }

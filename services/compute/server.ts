@@ -4,8 +4,8 @@
  * needs it) and the served model is ready (or none is served); NOT_SERVING otherwise, from the
  * start until both hold.
  */
-import { Server } from "@grpc/grpc-js";
-import { ComputeServiceService } from "../../proto/gen/freekv/v1/compute.js";
+import { Server, type handleServerStreamingCall } from "@grpc/grpc-js";
+import { ComputeServiceService, type GenerateRequest, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
 import { Health } from "../common/health.js";
 import { rejectMalformed } from "../common/malformed.js";
 import { addReflection } from "../common/reflection.js";
@@ -20,6 +20,8 @@ export const COMPUTE_SERVICE = "freekv.v1.ComputeService";
 export interface ComputeServer {
   server: Server;
   health: Health;
+  /** The Generate handler the server serves (the OpenAI front calls it in process). */
+  generate: handleServerStreamingCall<GenerateRequest, GenerateResponse>;
   /** Records whether the kvstore serves (its health, followed by main). */
   upstream(serving: boolean): void;
 }
@@ -34,9 +36,10 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
     },
     appended: (s, layer) => sessions.commitProgress(s, layer),
   });
+  const generate = generateHandler(ctx);
   const service = rejectMalformed(ComputeServiceService, {
     ...sessionHandlers(sessions, log, () => ctx.owners),
-    generate: generateHandler(ctx),
+    generate,
     attention: attentionHandler({
       sessions,
       batcher,
@@ -60,6 +63,7 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
   return {
     server,
     health,
+    generate,
     upstream(serving) {
       kvstore = serving;
       update();

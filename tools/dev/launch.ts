@@ -21,6 +21,8 @@ export interface ServiceProcess {
   readonly host: string;
   readonly grpcPort: number;
   readonly metricsPort: number;
+  /** Port of compute's OpenAI-compatible HTTP front, when FREEKV_OPENAI_PORT turns it on. */
+  readonly openaiPort?: number;
   /** host:port of the gRPC server. */
   readonly address: string;
   /** Lines printed so far (stdout and stderr), newest last. */
@@ -71,12 +73,12 @@ export async function startService(name: ServiceName, opts: StartOptions = {}): 
     if (opts.echo) process.stderr.write(`[${name}] ${line}\n`);
   };
   createInterface({ input: child.stderr! }).on("line", keep);
-  const ready = new Promise<{ grpcPort: number; metricsPort: number; host: string }>((resolve, reject) => {
+  const ready = new Promise<{ grpcPort: number; metricsPort: number; openaiPort?: number; host: string }>((resolve, reject) => {
     createInterface({ input: child.stdout! }).on("line", (line) => {
       keep(line);
       if (line.startsWith('{"ready"')) {
         try {
-          resolve(JSON.parse(line) as { grpcPort: number; metricsPort: number; host: string });
+          resolve(JSON.parse(line) as { grpcPort: number; metricsPort: number; openaiPort?: number; host: string });
         } catch (e) {
           reject(e as Error);
         }
@@ -86,7 +88,7 @@ export async function startService(name: ServiceName, opts: StartOptions = {}): 
     const t = setTimeout(() => reject(new Error(`${name} did not listen within ${opts.timeoutMs ?? 30000} ms:\n${output.join("\n")}`)), opts.timeoutMs ?? 30000);
     t.unref();
   });
-  let info: { grpcPort: number; metricsPort: number; host: string };
+  let info: { grpcPort: number; metricsPort: number; openaiPort?: number; host: string };
   try {
     info = await ready;
   } catch (e) {
@@ -109,6 +111,7 @@ export async function startService(name: ServiceName, opts: StartOptions = {}): 
     host,
     grpcPort: info.grpcPort,
     metricsPort: info.metricsPort,
+    openaiPort: info.openaiPort,
     address: `${host}:${info.grpcPort}`,
     output,
     exited,

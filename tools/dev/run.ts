@@ -83,7 +83,7 @@ async function main(): Promise<void> {
   process.stdout.write(
     [
       "FreeKV is running (two processes):",
-      `  compute  pid ${compute.pid}  gRPC ${compute.address}  metrics http://${compute.host}:${compute.metricsPort}/metrics`,
+      `  compute  pid ${compute.pid}  gRPC ${compute.address}  metrics http://${compute.host}:${compute.metricsPort}/metrics${compute.openaiPort !== undefined ? `  OpenAI http://${compute.host}:${compute.openaiPort}/v1` : ""}`,
       `  kvstore  pid ${kvstore.pid}  gRPC ${kvstore.address}  metrics http://${kvstore.host}:${kvstore.metricsPort}/metrics`,
       "Ctrl-C drains and stops both.",
       "",

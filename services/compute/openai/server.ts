@@ -1,0 +1,276 @@
+/**
+ * The OpenAI-compatible HTTP front of the compute process (FREEKV_OPENAI_PORT), for gateways that
+ * route LLM traffic in that API: `GET /v1/models`, `POST /v1/completions`,
+ * `POST /v1/chat/completions` (JSON, or Server-Sent Events with `stream: true`), `GET /health`.
+ *
+ * A request becomes a Generate request served in process by the gRPC server's own handler
+ * (call.ts): the same served model, scheduler, sessions, limits and metrics. A fresh session per
+ * request unless the `x-freekv-session-id` header (or the body's `session_id`) names one to
+ * continue; the response carries the header back. A client that goes away cancels the
+ * generation; `x-freekv-timeout-ms` gives it a deadline. The body is bounded
+ * (FREEKV_OPENAI_MAX_BODY_BYTES) before it is parsed; errors are OpenAI's JSON shape (errors.ts).
+ */
+import { randomUUID } from "node:crypto";
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import { FinishReason, type GenerateFinal, type GenerateRequest, type GenerateResponse } from "../../../proto/gen/freekv/v1/compute.js";
+import type { Logger } from "../../common/log.js";
+import { startGenerate, type GenerateHandler } from "./call.js";
+import { badRequest, fromGrpcStatus, HttpError } from "./errors.js";
+import { readRequest, type Endpoint, type OpenAIRequest } from "./requests.js";
+
+export const SESSION_HEADER = "x-freekv-session-id";
+export const TIMEOUT_HEADER = "x-freekv-timeout-ms";
+
+export interface OpenAIFrontOptions {
+  /** The gRPC server's Generate handler. */
+  generate: GenerateHandler;
+  /** Whether the compute service serves now (its gRPC health): otherwise generation gets 503. */
+  serving(): boolean;
+  /** The served model's id; undefined when no model is served. */
+  modelName: string | undefined;
+  /** Largest body read, in bytes. */
+  maxBodyBytes: number;
+  /** Chat's max_tokens when the request gives none. */
+  defaultMaxTokens: number;
+  log: Logger;
+}
+
+export interface OpenAIFront {
+  readonly server: Server;
+  listen(host: string, port: number): Promise<number>;
+  /** Stops accepting and closes every connection (at the end of the drain). */
+  close(): Promise<void>;
+}
+
+const CREATED = Math.floor(Date.now() / 1000);
+
+const finishReason = (f: FinishReason | undefined): "stop" | "length" =>
+  f === FinishReason.FINISH_REASON_STOP_TOKEN || f === FinishReason.FINISH_REASON_STOP_STRING ? "stop" : "length";
+
+function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  const data = JSON.stringify(body);
+  res.writeHead(status, { "content-type": "application/json", "content-length": Buffer.byteLength(data), ...headers });
+  res.end(data);
+}
+
+/** The body, refused with 413 once it passes `limit` bytes (the rest is read and dropped, so the client gets the answer). */
+function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
+  const tooLarge = () => new HttpError(413, `the request body is larger than ${limit} bytes (FREEKV_OPENAI_MAX_BODY_BYTES)`, null, "request_too_large");
+  const declared = Number(req.headers["content-length"]);
+  if (Number.isFinite(declared) && declared > limit) {
+    req.resume();
+    return Promise.reject(tooLarge());
+  }
+  return new Promise((resolve, reject) => {
+    const parts: Buffer[] = [];
+    let size = 0;
+    let over = false;
+    req.on("data", (b: Buffer) => {
+      size += b.length;
+      if (size > limit) over = true;
+      if (!over) parts.push(b);
+    });
+    req.on("end", () => (over ? reject(tooLarge()) : resolve(Buffer.concat(parts))));
+    req.on("error", reject);
+  });
+}
+
+/** An error response; overload and not-ready ask the client to come back (Retry-After). */
+function sendError(res: ServerResponse, err: HttpError, headers: Record<string, string> = {}): void {
+  sendJson(res, err.status, err.body(), err.status === 429 || err.status === 503 ? { "retry-after": "1", ...headers } : headers);
+}
+
+function parseJson(body: Buffer): unknown {
+  try {
+    return JSON.parse(body.toString("utf8"));
+  } catch (e) {
+    throw badRequest(null, `the request body is not valid JSON: ${(e as Error).message}`, "invalid_json");
+  }
+}
+
+function header(req: IncomingMessage, name: string): string | undefined {
+  const v = req.headers[name];
+  return Array.isArray(v) ? v[0] : v;
+}
+
+export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
+  const { log } = opts;
+
+  const modelObject = (id: string) => ({ id, object: "model", created: CREATED, owned_by: "freekv" });
+
+  async function route(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const path = (req.url ?? "/").split("?")[0];
+    const method = req.method ?? "GET";
+    const only = (allowed: string) => {
+      if (method !== allowed) throw new HttpError(405, `${method} ${path}: use ${allowed}`, null, "method_not_allowed");
+    };
+    if (path === "/health") {
+      only("GET");
+      const up = opts.serving();
+      return sendJson(res, up ? 200 : 503, { status: up ? "ok" : "not_serving" });
+    }
+    if (path === "/v1/models") {
+      only("GET");
+      return sendJson(res, 200, { object: "list", data: opts.modelName ? [modelObject(opts.modelName)] : [] });
+    }
+    if (path.startsWith("/v1/models/")) {
+      only("GET");
+      const id = decodeURIComponent(path.slice("/v1/models/".length));
+      if (id !== opts.modelName) throw new HttpError(404, `the model ${JSON.stringify(id)} does not exist`, "model", "model_not_found");
+      return sendJson(res, 200, modelObject(id));
+    }
+    const endpoint: Endpoint | undefined = path === "/v1/completions" ? "completions" : path === "/v1/chat/completions" ? "chat" : undefined;
+    if (!endpoint) throw new HttpError(404, `${method} ${path}: no such endpoint (served: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health)`, null, "unknown_url");
+    only("POST");
+    const body = await readBody(req, opts.maxBodyBytes);
+    if (!opts.serving()) throw new HttpError(503, "the service is not ready (its model is loading, its kvstore does not serve, or it is draining); retry later", null, "unavailable");
+    const r = readRequest(endpoint, parseJson(body), opts.defaultMaxTokens);
+    if (!opts.modelName) throw new HttpError(404, "no model is served by this server", "model", "model_not_found");
+    if (r.model !== undefined && r.model !== opts.modelName) throw new HttpError(404, `the model ${JSON.stringify(r.model)} does not exist; this server serves ${JSON.stringify(opts.modelName)}`, "model", "model_not_found");
+    const fromHeader = header(req, SESSION_HEADER);
+    if (fromHeader !== undefined && r.sessionId !== undefined && fromHeader !== r.sessionId)
+      throw badRequest("session_id", `the ${SESSION_HEADER} header (${JSON.stringify(fromHeader)}) and the body's session_id (${JSON.stringify(r.sessionId)}) name different sessions`);
+    const sessionId = fromHeader || r.sessionId || "";
+    let deadline: number | undefined;
+    const timeout = header(req, TIMEOUT_HEADER);
+    if (timeout !== undefined) {
+      const ms = Number(timeout);
+      if (!/^\d+$/.test(timeout.trim()) || !Number.isSafeInteger(ms) || ms < 1) throw badRequest(null, `the ${TIMEOUT_HEADER} header must be a positive integer of milliseconds, got ${JSON.stringify(timeout)}`);
+      deadline = Date.now() + ms;
+    }
+    // The service's own x-freekv-* request headers reach the handler as the gRPC metadata they are there.
+    const metadata: Record<string, string> = {};
+    for (const [k, v] of Object.entries(req.headers)) if (k.startsWith("x-freekv-") && typeof v === "string") metadata[k] = v;
+    await serveGeneration(r, sessionId, deadline, metadata, res);
+  }
+
+  async function serveGeneration(r: OpenAIRequest, sessionId: string, deadline: number | undefined, metadata: Record<string, string>, res: ServerResponse): Promise<void> {
+    const request: GenerateRequest = {
+      sessionId,
+      prompt: r.prompt,
+      maxTokens: r.maxTokens,
+      sampling: r.sampling,
+      stopTokenIds: [],
+      stopStrings: r.stopStrings,
+      retrieval: undefined,
+      prefillProgressMinTokens: 0,
+    };
+    const chat = r.endpoint === "chat";
+    const id = `${chat ? "chatcmpl" : "cmpl"}-${randomUUID().replaceAll("-", "")}`;
+    const created = Math.floor(Date.now() / 1000);
+    const model = opts.modelName!;
+    const headers: Record<string, string> = sessionId ? { [SESSION_HEADER]: sessionId } : {};
+    const object = chat ? "chat.completion.chunk" : "text_completion";
+
+    let text = "";
+    let final: GenerateFinal | undefined;
+    let opened = false;
+    const sse = (data: unknown): boolean => res.write(`data: ${JSON.stringify(data)}\n\n`);
+    const chunk = (delta: { text?: string; role?: string }, finish: string | null) => ({
+      id,
+      object,
+      created,
+      model,
+      choices: [
+        chat
+          ? { index: 0, delta: { ...(delta.role ? { role: delta.role } : {}), ...(delta.text !== undefined ? { content: delta.text } : {}) }, logprobs: null, finish_reason: finish }
+          : { index: 0, text: delta.text ?? "", logprobs: null, finish_reason: finish },
+      ],
+      ...(r.includeUsage ? { usage: null } : {}),
+    });
+    // Headers go out with the first token, so an error before it (a bad prompt, an unknown
+    // session, overload) still gets its own HTTP status.
+    const open = () => {
+      if (opened) return;
+      opened = true;
+      res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-cache", connection: "keep-alive", ...headers });
+    };
+
+    const call = startGenerate(opts.generate, request, {
+      deadline,
+      metadata,
+      onMessage(msg: GenerateResponse): boolean {
+        const e = msg.event;
+        if (e?.$case === "final") {
+          final = e.value;
+          return true;
+        }
+        if (e?.$case !== "chunk") return true;
+        if (!r.stream) {
+          text += e.value.text;
+          return true;
+        }
+        if (!opened) {
+          open();
+          if (chat) return sse(chunk({ role: "assistant", text: e.value.text }, null));
+        }
+        return e.value.text ? sse(chunk({ text: e.value.text }, null)) : true;
+      },
+    });
+    res.on("drain", () => call.drained());
+    // The client went away before the answer was complete: the generation stops.
+    res.on("close", () => {
+      if (!res.writableFinished) call.cancel();
+    });
+
+    try {
+      await call.done;
+    } catch (st) {
+      const err = fromGrpcStatus(st as { code: number; details: string });
+      if (res.destroyed) return;
+      if (!opened) return sendError(res, err, headers);
+      // Mid-stream: the status line is gone; the error is the stream's last event.
+      sse(err.body());
+      res.end();
+      return;
+    }
+    if (res.destroyed) return;
+    const f = final!;
+    const usage = { prompt_tokens: f.usage?.promptTokens ?? 0, completion_tokens: f.usage?.completionTokens ?? 0, total_tokens: (f.usage?.promptTokens ?? 0) + (f.usage?.completionTokens ?? 0) };
+    const finish = finishReason(f.finishReason);
+    if (!r.stream) {
+      const choice = chat
+        ? { index: 0, message: { role: "assistant", content: text, refusal: null }, logprobs: null, finish_reason: finish }
+        : { index: 0, text, logprobs: null, finish_reason: finish };
+      return sendJson(res, 200, { id, object: chat ? "chat.completion" : "text_completion", created, model, choices: [choice], usage }, headers);
+    }
+    if (!opened) {
+      open();
+      if (chat) sse(chunk({ role: "assistant", text: "" }, null));
+    }
+    sse(chunk(chat ? {} : { text: "" }, finish));
+    if (r.includeUsage) sse({ id, object, created, model, choices: [], usage });
+    res.end("data: [DONE]\n\n");
+  }
+
+  const server = createServer((req, res) => {
+    route(req, res).catch((e: unknown) => {
+      const err = e instanceof HttpError ? e : new HttpError(500, `internal error: ${(e as Error).message}`);
+      if (!(e instanceof HttpError)) log.error({ err: e, url: req.url }, "OpenAI front: internal error");
+      if (res.headersSent) {
+        res.destroy();
+        return;
+      }
+      sendError(res, err);
+    });
+  });
+
+  return {
+    server,
+    listen(host, port) {
+      return new Promise((resolve, reject) => {
+        server.once("error", (e) => reject(new Error(`cannot listen on ${host}:${port}: ${e.message}`)));
+        server.listen(port, host, () => {
+          const a = server.address();
+          resolve(typeof a === "object" && a ? a.port : port);
+        });
+      });
+    },
+    close() {
+      return new Promise((resolve) => {
+        server.close(() => resolve());
+        server.closeAllConnections();
+      });
+    },
+  };
+}
