@@ -44,7 +44,7 @@ describe.skipIf(!up)("session owners across two pods (Redis)", () => {
       const port = await freePort();
       return startTiers({
         kvstoreEnv: QUIET,
-        computeEnv: { ...QUIET, FREEKV_THREADS: "1", FREEKV_COMPUTE_PORT: String(port), FREEKV_SESSION_OWNERS: REDIS, FREEKV_SESSION_OWNERS_PREFIX: prefix, FREEKV_ADVERTISE_ADDRESS: `127.0.0.1:${port}` },
+        computeEnv: { ...QUIET, FREEKV_THREADS: "1", FREEKV_OPENAI_PORT: "0", FREEKV_COMPUTE_PORT: String(port), FREEKV_SESSION_OWNERS: REDIS, FREEKV_SESSION_OWNERS_PREFIX: prefix, FREEKV_ADVERTISE_ADDRESS: `127.0.0.1:${port}` },
       });
     };
     a = await pair();
@@ -86,6 +86,17 @@ describe.skipIf(!up)("session owners across two pods (Redis)", () => {
         expect(viaB.tokenIds.length).toBe(8);
       }
       expect(toB.addressFor(sid)).toBe(a.compute.address);
+      // The OpenAI front of B says the same: 421 Misdirected Request, the owner in a header.
+      const base = `http://127.0.0.1:${b.compute.openaiPort}`;
+      const model = ((await (await fetch(`${base}/v1/models`)).json()) as { data: { id: string }[] }).data[0].id;
+      const http = await fetch(`${base}/v1/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json", "x-freekv-session-id": sid },
+        body: JSON.stringify({ model, prompt: "hello", max_tokens: 2 }),
+      });
+      expect(http.status).toBe(421);
+      expect(http.headers.get(SESSION_OWNER_KEY)).toBe(a.compute.address);
+      expect(((await http.json()) as { error: { code: string } }).error.code).toBe("session_elsewhere");
       // Closed on A: no owner any more, B says NOT_FOUND.
       await toA.closeSession({ sessionId: sid });
       const fresh = new FreeKvClient(b.compute.address, { maxRedirects: 2 });

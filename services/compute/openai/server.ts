@@ -15,7 +15,9 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { FinishReason, type GenerateFinal, type GenerateRequest, type GenerateResponse } from "../../../proto/gen/freekv/v1/compute.js";
 import type { Logger } from "../../common/log.js";
 import { startGenerate, type GenerateHandler } from "./call.js";
+import type { Metadata } from "@grpc/grpc-js";
 import { badRequest, fromGrpcStatus, HttpError } from "./errors.js";
+import { SESSION_OWNER_KEY } from "../sessions/owners.js";
 import { readRequest, type Endpoint, type OpenAIRequest } from "./requests.js";
 
 export const SESSION_HEADER = "x-freekv-session-id";
@@ -218,6 +220,11 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
     } catch (st) {
       const err = fromGrpcStatus(st as { code: number; details: string });
       if (res.destroyed) return;
+      // A session another pod holds: 421 Misdirected Request naming that pod, for the caller or
+      // the gateway to send the request there (the gRPC trailer of the same name, as a header).
+      const owner = (st as { metadata?: Metadata }).metadata?.get(SESSION_OWNER_KEY)?.[0];
+      if (!opened && typeof owner === "string")
+        return sendError(res, new HttpError(421, err.message, null, "session_elsewhere"), { ...headers, [SESSION_OWNER_KEY]: owner });
       if (!opened) return sendError(res, err, headers);
       // Mid-stream: the status line is gone; the error is the stream's last event.
       sse(err.body());
