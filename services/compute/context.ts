@@ -81,6 +81,7 @@ export function createEngine(config: ComputeConfig): Engine {
       device: config.FREEKV_CUDA_DEVICE,
       cudaGraphs: config.FREEKV_CUDA_GRAPH,
       sideTiming: config.FREEKV_SIDE_TIMING,
+      prefillContextBytes: config.FREEKV_PREFILL_CONTEXT_BYTES,
     });
   } catch (e) {
     throw new StartupError(`FREEKV_BACKEND=${config.FREEKV_BACKEND}: cannot create the engine: ${(e as Error).message}`);
