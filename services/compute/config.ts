@@ -46,6 +46,8 @@ export const computeConfigSchema = z.object({
   FREEKV_QUEUE_RETRY_MS: positiveInt(250),
   /** Hugging Face model folder served by Generate; unset: the built-in model; "none": no model (attention sessions only). */
   FREEKV_MODEL: z.string().optional(),
+  /** JSON file of per-tenant token hashes ({"tenant": "sha256 hex"}): every call needs its bearer token (auth.ts); unset: no authentication. */
+  FREEKV_AUTH_TOKENS_FILE: z.string().min(1).optional(),
   /** redis:// URL of the session owners shared by the pods (sessions/owners.ts); unset: no redirects. */
   FREEKV_SESSION_OWNERS: z
     .string()

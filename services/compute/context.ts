@@ -12,6 +12,7 @@ import type { ComputeConfig } from "./config.js";
 import { AdmissionQueue } from "./generate/admission.js";
 import { defaultPrefillChunkTokens, ModelScheduler } from "./generate/scheduler.js";
 import type { SessionOwners } from "./sessions/owners.js";
+import { TenantAuth } from "./auth.js";
 import { builtinModelDir, loadModelAsync, type LoadedModel } from "./model/loader.js";
 import { NO_MODEL, ServedModel } from "./model/served.js";
 import { SessionManager } from "./sessions/manager.js";
@@ -55,6 +56,8 @@ export interface ComputeContext {
   backend: "cpu" | "cuda";
   /** The model Generate serves (FREEKV_MODEL, the built-in one by default). */
   served: ServedModel;
+  /** Per-tenant bearer tokens (FREEKV_AUTH_TOKENS_FILE); undefined: no authentication. */
+  auth?: TenantAuth;
   /** Session owners across pods (FREEKV_SESSION_OWNERS), once connected at start. */
   owners?: SessionOwners;
   /** Generate's request queue: running slots and memory (FREEKV_QUEUE_MAX_REQUESTS, FREEKV_MAX_RUNNING_REQUESTS). */
@@ -254,7 +257,14 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
   const admission = new AdmissionQueue({ maxWaiting: config.FREEKV_QUEUE_MAX_REQUESTS, maxRunning: config.FREEKV_MAX_RUNNING_REQUESTS, retryMs: config.FREEKV_QUEUE_RETRY_MS });
   // The CUDA backend stores K/V in bf16; the CPU backend in float32 by default.
   const kvDtype = config.FREEKV_BACKEND === "cuda" ? DType.D_TYPE_BFLOAT16 : DType.D_TYPE_FLOAT32;
+  let auth: TenantAuth | undefined;
+  try {
+    auth = config.FREEKV_AUTH_TOKENS_FILE ? TenantAuth.fromFile(config.FREEKV_AUTH_TOKENS_FILE) : undefined;
+  } catch (e) {
+    throw new StartupError((e as Error).message);
+  }
   const ctx: ComputeContext = {
+    auth,
     admission,
     kvDtype,
     config,

@@ -64,6 +64,7 @@ async function main(): Promise<void> {
   if (config.FREEKV_OPENAI_PORT !== undefined) {
     openai = createOpenAIFront({
       generate,
+      auth: ctx.auth,
       serving: () => health.status === "SERVING",
       modelName: config.FREEKV_MODEL === NO_MODEL ? undefined : (config.FREEKV_MODEL_NAME ?? basename(resolve(config.FREEKV_MODEL || builtinModelDir()))),
       maxBodyBytes: config.FREEKV_OPENAI_MAX_BODY_BYTES,

@@ -4,6 +4,7 @@
  * needs it) and the served model is ready (or none is served); NOT_SERVING otherwise, from the
  * start until both hold.
  */
+import { authenticated } from "./auth.js";
 import { Server, type handleServerStreamingCall } from "@grpc/grpc-js";
 import { ComputeServiceService, type GenerateRequest, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
 import { Health } from "../common/health.js";
@@ -36,11 +37,15 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
     },
     appended: (s, layer) => sessions.commitProgress(s, layer),
   });
-  const generate = generateHandler(ctx);
-  const service = rejectMalformed(ComputeServiceService, {
-    ...sessionHandlers(sessions, log, () => ctx.owners),
-    generate,
-    attention: attentionHandler({
+  // With FREEKV_AUTH_TOKENS_FILE every handler checks the caller's token first (auth.ts); the
+  // OpenAI front calls this same `generate`.
+  const handlers = authenticated(
+    ctx.auth,
+    log,
+    {
+      ...sessionHandlers(sessions, log, () => ctx.owners, () => ctx.auth),
+      generate: generateHandler(ctx),
+      attention: attentionHandler({
       sessions,
       batcher,
       log,
@@ -52,7 +57,11 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
         prefilled: (s, layer) => sessions.commitProgress(s, layer),
       },
     }),
-  });
+    },
+    { createSession: "unary", getSession: "unary", closeSession: "unary", generate: "stream", attention: "stream" },
+  );
+  const generate = handlers.generate;
+  const service = rejectMalformed(ComputeServiceService, handlers);
   server.addService(service.definition, service.implementation);
   const health = new Health([COMPUTE_SERVICE]);
   health.addToServer(server);

@@ -191,7 +191,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
             }
           }
         : async () => {
-            const named = await localSession(ctx.sessions, ctx.owners, req.sessionId);
+            const named = await localSession(ctx.sessions, ctx.owners, req.sessionId, ctx.auth ? rec.tenant : undefined);
             if (named.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(named.id)} is an attention session; Generate needs a model session`);
             return named;
           },

@@ -17,6 +17,8 @@ import type { Logger } from "../../common/log.js";
 import { startGenerate, type GenerateHandler } from "./call.js";
 import type { Metadata } from "@grpc/grpc-js";
 import { badRequest, fromGrpcStatus, HttpError } from "./errors.js";
+import { Metadata as GrpcMetadata } from "@grpc/grpc-js";
+import type { TenantAuth } from "../auth.js";
 import { SESSION_OWNER_KEY } from "../sessions/owners.js";
 import { readRequest, type Endpoint, type OpenAIRequest } from "./requests.js";
 
@@ -34,6 +36,8 @@ export interface OpenAIFrontOptions {
   maxBodyBytes: number;
   /** Chat's max_tokens when the request gives none. */
   defaultMaxTokens: number;
+  /** Per-tenant tokens (FREEKV_AUTH_TOKENS_FILE): the model list needs one too (generation is checked by the handler). */
+  auth?: TenantAuth;
   log: Logger;
 }
 
@@ -111,6 +115,15 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
       const up = opts.serving();
       return sendJson(res, up ? 200 : 503, { status: up ? "ok" : "not_serving" });
     }
+    if (opts.auth && path.startsWith("/v1/models")) {
+      const md = new GrpcMetadata();
+      if (typeof req.headers.authorization === "string") md.set("authorization", req.headers.authorization);
+      try {
+        opts.auth.authenticate(md);
+      } catch (e) {
+        throw new HttpError(401, (e as Error).message, null, "unauthenticated");
+      }
+    }
     if (path === "/v1/models") {
       only("GET");
       return sendJson(res, 200, { object: "list", data: opts.modelName ? [modelObject(opts.modelName)] : [] });
@@ -142,7 +155,7 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
     }
     // The service's own x-freekv-* request headers reach the handler as the gRPC metadata they are there.
     const metadata: Record<string, string> = {};
-    for (const [k, v] of Object.entries(req.headers)) if (k.startsWith("x-freekv-") && typeof v === "string") metadata[k] = v;
+    for (const [k, v] of Object.entries(req.headers)) if ((k.startsWith("x-freekv-") || k === "authorization") && typeof v === "string") metadata[k] = v;
     await serveGeneration(r, sessionId, deadline, metadata, res);
   }
 

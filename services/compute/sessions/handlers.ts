@@ -1,5 +1,6 @@
 /** CreateSession / GetSession / CloseSession over gRPC. */
-import type { ServerUnaryCall, handleUnaryCall } from "@grpc/grpc-js";
+import type { Metadata, ServerUnaryCall, handleUnaryCall } from "@grpc/grpc-js";
+import type { TenantAuth } from "../auth.js";
 import type {
   CloseSessionRequest,
   CloseSessionResponse,
@@ -20,23 +21,31 @@ export interface SessionHandlers {
   closeSession: handleUnaryCall<CloseSessionRequest, CloseSessionResponse>;
 }
 
-export function sessionHandlers(sessions: SessionManager, log: Logger, owners?: () => SessionOwners | undefined): SessionHandlers {
+export function sessionHandlers(sessions: SessionManager, log: Logger, owners?: () => SessionOwners | undefined, auth?: () => TenantAuth | undefined): SessionHandlers {
+  /** The authenticated tenant of a call (auth.ts wrote it into the metadata), when authentication is on. */
+  const tenantOf = (md: Metadata): string | undefined => (auth?.() ? String(md.get("x-freekv-tenant")[0] ?? "") : undefined);
   const needId = (id: string) => {
     if (!id) throw invalidArgument("session_id", "is required");
   };
   return {
     createSession: unary(log, "CreateSession", async (req: CreateSessionRequest, signal: AbortSignal, _call: ServerUnaryCall<CreateSessionRequest, CreateSessionResponse>) => {
       const s = await sessions.create(req, signal);
+      const tenant = tenantOf(_call.metadata);
+      if (tenant !== undefined) {
+        // Recorded with the session's metadata at the kvstore, so a restarted compute keeps it.
+        s.metadata.tenant = tenant;
+        await sessions.commitMetadata(s);
+      }
       await owners?.()?.claim(s.id);
       return { session: sessions.toProto(s) };
     }),
-    getSession: unary(log, "GetSession", async (req: GetSessionRequest) => {
+    getSession: unary(log, "GetSession", async (req: GetSessionRequest, _signal: AbortSignal, call: ServerUnaryCall<GetSessionRequest, GetSessionResponse>) => {
       needId(req.sessionId);
-      return { session: sessions.toProto(await localSession(sessions, owners?.(), req.sessionId)) };
+      return { session: sessions.toProto(await localSession(sessions, owners?.(), req.sessionId, tenantOf(call.metadata))) };
     }),
-    closeSession: unary(log, "CloseSession", async (req: CloseSessionRequest, signal: AbortSignal) => {
+    closeSession: unary(log, "CloseSession", async (req: CloseSessionRequest, signal: AbortSignal, call: ServerUnaryCall<CloseSessionRequest, CloseSessionResponse>) => {
       needId(req.sessionId);
-      await localSession(sessions, owners?.(), req.sessionId);
+      await localSession(sessions, owners?.(), req.sessionId, tenantOf(call.metadata));
       const closed = await sessions.close(req.sessionId, signal);
       await owners?.()?.release(req.sessionId);
       return { closed };

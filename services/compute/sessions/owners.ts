@@ -12,6 +12,7 @@
 import { Redis } from "ioredis";
 import { status } from "@grpc/grpc-js";
 import { quoteId, ServiceError } from "../../common/errors.js";
+import { checkTenant } from "../auth.js";
 import type { Logger } from "../../common/log.js";
 import type { SessionManager } from "./manager.js";
 import type { ComputeSession } from "./session.js";
@@ -80,12 +81,17 @@ export function heldElsewhere(id: string, owner: string): ServiceError {
 }
 
 /**
- * The session `id` if this pod holds it; FAILED_PRECONDITION with the owner's address if another
- * pod does (per the owners), NOT_FOUND otherwise.
+ * The session `id` if this pod holds it (and, with authentication on, it is `tenant`'s);
+ * FAILED_PRECONDITION with the owner's address if another pod does (per the owners), NOT_FOUND
+ * otherwise, PERMISSION_DENIED if it is another tenant's.
  */
-export async function localSession(sessions: SessionManager, owners: SessionOwners | undefined, id: string): Promise<ComputeSession> {
-  if (sessions.has(id) || !owners) return sessions.get(id);
-  const owner = await owners.elsewhere(id);
-  if (owner) throw heldElsewhere(id, owner);
-  return sessions.get(id);
+export async function localSession(sessions: SessionManager, owners: SessionOwners | undefined, id: string, tenant?: string): Promise<ComputeSession> {
+  if (!sessions.has(id) && owners) {
+    const owner = await owners.elsewhere(id);
+    if (owner) throw heldElsewhere(id, owner);
+  }
+  const s = sessions.get(id);
+  // With tenant authentication on (tenant defined), a session is its creator's only.
+  checkTenant(s.metadata.tenant, tenant, id);
+  return s;
 }
