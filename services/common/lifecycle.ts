@@ -10,9 +10,9 @@ import { abortAllCalls, inflightCalls } from "./cancellation.js";
 import type { Health } from "./health.js";
 import { stopLogRetries, type Logger } from "./log.js";
 
-export async function bindServer(server: Server, host: string, port: number): Promise<number> {
+export async function bindServer(server: Server, host: string, port: number, creds: ServerCredentials = ServerCredentials.createInsecure()): Promise<number> {
   return new Promise((resolve, reject) => {
-    server.bindAsync(`${host}:${port}`, ServerCredentials.createInsecure(), (err, actual) => {
+    server.bindAsync(`${host}:${port}`, creds, (err, actual) => {
       if (err) reject(new Error(`cannot listen on ${host}:${port}: ${err.message}`));
       else resolve(actual);
     });

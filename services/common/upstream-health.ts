@@ -16,11 +16,11 @@ export interface UpstreamHealth {
   stop(): void;
 }
 
-export function followUpstreamHealth(address: string, service: string, log: Logger, onChange: (serving: boolean) => void): UpstreamHealth {
+export function followUpstreamHealth(address: string, service: string, log: Logger, onChange: (serving: boolean) => void, creds: grpc.ChannelCredentials = grpc.credentials.createInsecure()): UpstreamHealth {
   const protoPath = (createRequire(import.meta.url)("grpc-health-check") as { protoPath: string }).protoPath;
   const def = protoLoader.loadSync(protoPath, { includeDirs: [dirname(protoPath)], enums: String, defaults: true });
   const Health = (grpc.loadPackageDefinition(def) as unknown as { grpc: { health: { v1: { Health: new (a: string, c: grpc.ChannelCredentials) => HealthClient } } } }).grpc.health.v1.Health;
-  const client = new Health(address, grpc.credentials.createInsecure());
+  const client = new Health(address, creds);
   let serving = true;
   let stopped = false;
   let call: grpc.ClientReadableStream<{ status: string }> | undefined;

@@ -68,6 +68,14 @@ export const computeConfigSchema = z.object({
   /** Largest request body the front reads (bytes); a larger one is refused (413) before it is parsed. */
   FREEKV_OPENAI_MAX_BODY_BYTES: intInRange(8 << 20, 1024, 1 << 30),
   FREEKV_KVSTORE_TIMEOUT_MS: positiveInt(10_000),
+  /** TLS of compute's gRPC server (common/tls.ts): certificate and key files; with a client CA, mutual TLS. */
+  FREEKV_COMPUTE_TLS_CERT_FILE: z.string().min(1).optional(),
+  FREEKV_COMPUTE_TLS_KEY_FILE: z.string().min(1).optional(),
+  FREEKV_COMPUTE_TLS_CLIENT_CA_FILE: z.string().min(1).optional(),
+  /** TLS to the kvstore: the CA its certificate is checked against, and compute's client certificate for mutual TLS. */
+  FREEKV_KVSTORE_TLS_CA_FILE: z.string().min(1).optional(),
+  FREEKV_KVSTORE_TLS_CLIENT_CERT_FILE: z.string().min(1).optional(),
+  FREEKV_KVSTORE_TLS_CLIENT_KEY_FILE: z.string().min(1).optional(),
   FREEKV_SHUTDOWN_GRACE_MS: positiveInt(10_000),
   FREEKV_LOG_LEVEL: logLevel(),
 });

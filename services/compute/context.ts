@@ -3,6 +3,8 @@
  * the kvstore client, the SessionManager, the engine (loadAddon().Engine on FREEKV_BACKEND) and
  * the served model (loaded right after the server listens: loadServedModel).
  */
+import type { ChannelCredentials } from "@grpc/grpc-js";
+import { channelCredentials } from "../common/tls.js";
 import { Counter, Gauge, Histogram, type Registry } from "prom-client";
 import { loadAddon, type Engine } from "../../native/binding.js";
 import { DType } from "../../proto/gen/freekv/v1/common.js";
@@ -56,6 +58,8 @@ export interface ComputeContext {
   backend: "cpu" | "cuda";
   /** The model Generate serves (FREEKV_MODEL, the built-in one by default). */
   served: ServedModel;
+  /** How compute reaches its kvstore (TLS by FREEKV_KVSTORE_TLS_*; plaintext otherwise). */
+  kvstoreCredentials: ChannelCredentials;
   /** Per-tenant bearer tokens (FREEKV_AUTH_TOKENS_FILE); undefined: no authentication. */
   auth?: TenantAuth;
   /** Session owners across pods (FREEKV_SESSION_OWNERS), once connected at start. */
@@ -228,7 +232,13 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
 
 export function createContext(config: ComputeConfig, log: Logger, registry: Registry): ComputeContext {
   const engine = createEngine(config);
-  const kvstore = new KvStoreClient(config.FREEKV_KVSTORE_ADDR, config.FREEKV_KVSTORE_TIMEOUT_MS);
+  let kvstoreCredentials: ChannelCredentials;
+  try {
+    kvstoreCredentials = channelCredentials("FREEKV_KVSTORE", { ca: config.FREEKV_KVSTORE_TLS_CA_FILE, cert: config.FREEKV_KVSTORE_TLS_CLIENT_CERT_FILE, key: config.FREEKV_KVSTORE_TLS_CLIENT_KEY_FILE });
+  } catch (e) {
+    throw new StartupError((e as Error).message);
+  }
+  const kvstore = new KvStoreClient(config.FREEKV_KVSTORE_ADDR, config.FREEKV_KVSTORE_TIMEOUT_MS, kvstoreCredentials);
   let mgr: SessionManager | undefined;
   const metrics = createMetrics(registry, () => mgr);
   const served = new ServedModel(
@@ -265,6 +275,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
   }
   const ctx: ComputeContext = {
     auth,
+    kvstoreCredentials,
     admission,
     kvDtype,
     config,

@@ -2,7 +2,7 @@
  * The kvstore's gRPC client as compute uses it: promise-returning calls with a deadline,
  * aborted with the caller's AbortSignal.
  */
-import { credentials, Metadata, type CallOptions, type ClientUnaryCall, type ServiceError as GrpcError } from "@grpc/grpc-js";
+import { credentials, Metadata, type ChannelCredentials, type CallOptions, type ClientUnaryCall, type ServiceError as GrpcError } from "@grpc/grpc-js";
 import {
   KvStoreServiceClient,
   type AttachSessionRequest,
@@ -22,8 +22,9 @@ export class KvStoreClient {
   constructor(
     readonly address: string,
     private readonly deadlineMs = 10_000,
+    creds: ChannelCredentials = credentials.createInsecure(),
   ) {
-    this.raw = new KvStoreServiceClient(address, credentials.createInsecure(), { "grpc.max_receive_message_length": 64 << 20 });
+    this.raw = new KvStoreServiceClient(address, creds, { "grpc.max_receive_message_length": 64 << 20 });
   }
 
   private call<Req, Res>(fn: Unary<Req, Res>, req: Req, signal?: AbortSignal): Promise<Res> {

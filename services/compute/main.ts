@@ -4,6 +4,7 @@
  * the kvstore still holds, listens (NOT_SERVING), then loads the served model and turns SERVING
  * once it is ready (a failed load leaves it NOT_SERVING, with the reason logged).
  */
+import { serverCredentials } from "../common/tls.js";
 import { basename, resolve } from "node:path";
 import { loadConfigOrExit } from "../common/config.js";
 import { bindServer, installDrain } from "../common/lifecycle.js";
@@ -58,7 +59,14 @@ async function main(): Promise<void> {
   const reattached = await ctx.sessions.reattachAll();
   for (const s of ctx.sessions.list()) await ctx.owners?.claim(s.id);
   const { server, health, generate, upstream: kvstoreServing } = createComputeServer(ctx);
-  const port = await bindServer(server, config.FREEKV_COMPUTE_HOST, config.FREEKV_COMPUTE_PORT);
+  let creds;
+  try {
+    creds = serverCredentials("FREEKV_COMPUTE", { cert: config.FREEKV_COMPUTE_TLS_CERT_FILE, key: config.FREEKV_COMPUTE_TLS_KEY_FILE, clientCa: config.FREEKV_COMPUTE_TLS_CLIENT_CA_FILE });
+  } catch (e) {
+    process.stderr.write(`compute: ${(e as Error).message}\n`);
+    process.exit(2);
+  }
+  const port = await bindServer(server, config.FREEKV_COMPUTE_HOST, config.FREEKV_COMPUTE_PORT, creds);
   let openai: OpenAIFront | undefined;
   let openaiPort: number | undefined;
   if (config.FREEKV_OPENAI_PORT !== undefined) {
@@ -75,7 +83,7 @@ async function main(): Promise<void> {
   }
   const metricsServer = await startMetricsServer(registry, config.FREEKV_COMPUTE_METRICS_PORT, config.FREEKV_COMPUTE_METRICS_HOST ?? config.FREEKV_COMPUTE_HOST);
   // Compute serves only while its kvstore does: every new session needs it.
-  const upstream = followUpstreamHealth(config.FREEKV_KVSTORE_ADDR, "freekv.v1.KvStoreService", log, kvstoreServing);
+  const upstream = followUpstreamHealth(config.FREEKV_KVSTORE_ADDR, "freekv.v1.KvStoreService", log, kvstoreServing, ctx.kvstoreCredentials);
   // At the end of the drain: sessions committed and unmapped (the kvstore keeps their pages).
   const cleanup = async () => {
     upstream.stop();

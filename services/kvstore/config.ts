@@ -7,6 +7,10 @@ export const kvstoreConfigSchema = z.object({
   FREEKV_KVSTORE_HOST: host("127.0.0.1"),
   FREEKV_KVSTORE_PORT: port(50052),
   FREEKV_KVSTORE_METRICS_PORT: port(9092),
+  /** TLS of the kvstore's gRPC server (common/tls.ts): certificate and key files; with a client CA, mutual TLS. */
+  FREEKV_KVSTORE_TLS_CERT_FILE: z.string().min(1).optional(),
+  FREEKV_KVSTORE_TLS_KEY_FILE: z.string().min(1).optional(),
+  FREEKV_KVSTORE_TLS_CLIENT_CA_FILE: z.string().min(1).optional(),
   /** Address of the metrics (and /livez) HTTP server; unset: FREEKV_KVSTORE_HOST. */
   FREEKV_KVSTORE_METRICS_HOST: z.string().min(1).optional(),
   /** "memory" or redis://host:port/db */

@@ -2,6 +2,7 @@
  * The kvstore process: owns the shared-memory segments of every session and serves
  * freekv.v1.KvStoreService, grpc.health.v1 and reflection; /metrics on its own port.
  */
+import { serverCredentials } from "../common/tls.js";
 import { Server } from "@grpc/grpc-js";
 import { KvStoreServiceService } from "../../proto/gen/freekv/v1/kvstore.js";
 import { loadConfigOrExit } from "../common/config.js";
@@ -45,7 +46,14 @@ async function main(): Promise<void> {
   health.addToServer(server);
   addReflection(server, ["freekv/v1/kvstore.proto"]);
 
-  const port = await bindServer(server, config.FREEKV_KVSTORE_HOST, config.FREEKV_KVSTORE_PORT);
+  let creds;
+  try {
+    creds = serverCredentials("FREEKV_KVSTORE", { cert: config.FREEKV_KVSTORE_TLS_CERT_FILE, key: config.FREEKV_KVSTORE_TLS_KEY_FILE, clientCa: config.FREEKV_KVSTORE_TLS_CLIENT_CA_FILE });
+  } catch (e) {
+    process.stderr.write(`kvstore: ${(e as Error).message}\n`);
+    process.exit(2);
+  }
+  const port = await bindServer(server, config.FREEKV_KVSTORE_HOST, config.FREEKV_KVSTORE_PORT, creds);
   const metricsServer = await startMetricsServer(registry, config.FREEKV_KVSTORE_METRICS_PORT, config.FREEKV_KVSTORE_METRICS_HOST ?? config.FREEKV_KVSTORE_HOST);
   installDrain({
     server,
