@@ -46,17 +46,18 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
       ...sessionHandlers(sessions, log, () => ctx.owners, () => ctx.auth),
       generate: generateHandler(ctx),
       attention: attentionHandler({
-      sessions,
-      batcher,
-      log,
-      observer: {
-        request(op, seconds) {
-          metrics.attentionRequests.inc({ op });
-          metrics.attentionSeconds.observe({ op }, seconds);
+        auth: () => ctx.auth,
+        sessions,
+        batcher,
+        log,
+        observer: {
+          request(op, seconds) {
+            metrics.attentionRequests.inc({ op });
+            metrics.attentionSeconds.observe({ op }, seconds);
+          },
+          prefilled: (s, layer) => sessions.commitProgress(s, layer),
         },
-        prefilled: (s, layer) => sessions.commitProgress(s, layer),
-      },
-    }),
+      }),
     },
     { createSession: "unary", getSession: "unary", closeSession: "unary", generate: "stream", attention: "stream" },
   );

@@ -2,7 +2,8 @@
  * Per-tenant bearer tokens (FREEKV_AUTH_TOKENS_FILE), real processes, built-in model: a call
  * without a token or with an unknown one is UNAUTHENTICATED and creates nothing; a session made
  * by tenant A answers A and is PERMISSION_DENIED to tenant B (Generate, GetSession, CloseSession);
- * the OpenAI front takes the same token in its Authorization header (401 without); a tokens file
+ * the OpenAI front takes the same token in its Authorization header (401 without), the Attention
+ * stream the same metadata (an attention session is its tenant's only); a tokens file
  * that is not valid stops compute at start with the reason.
  */
 import { createHash, randomBytes } from "node:crypto";
@@ -12,7 +13,9 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 import { FreeKvClient } from "../../packages/client/src/index.js";
-import { QUIET, fetchMetrics, metricValue, startService, startTiers, type Tiers } from "../helpers/services.js";
+import { QUIET, computeClient, fetchMetrics, metricValue, startService, startTiers, type Tiers } from "../helpers/services.js";
+import { AttentionRequest, type AttentionResponse } from "../../proto/gen/freekv/v1/compute.js";
+import { writeTensor } from "../../services/compute/attention/tensor.js";
 
 const dir = mkdtempSync(join(tmpdir(), "freekv-auth-"));
 const token = (t: string) => `${t}-${randomBytes(18).toString("hex")}`;
@@ -83,6 +86,36 @@ describe("tenant authentication (FREEKV_AUTH_TOKENS_FILE)", () => {
     } finally {
       client.close();
     }
+  });
+
+  it("keeps an attention session to its tenant on the Attention stream", async () => {
+    const client = new FreeKvClient(tiers.compute.address, { retry: { maxAttempts: 1 } });
+    const sid = `att-${randomBytes(4).toString("hex")}`;
+    const G = { layers: 1, queryHeads: 2, kvHeads: 1, headDim: 16, kvDtype: 1 };
+    await client.createSession({ sessionId: sid, kind: 2, geometry: G, retrieval: { pageSize: 16, sinkTokens: 16, windowTokens: 16, selectTokens: 32 }, maxContextTokens: 256 }, { metadata: bearer(tokens.alpha) });
+    const n = 8;
+    const kv = () => writeTensor(Float32Array.from({ length: n * G.kvHeads * G.headDim }, () => Math.random() * 2 - 1), [n, G.kvHeads, G.headDim], 1);
+    const prefill = (md: Metadata) =>
+      new Promise<{ code: number } | "ok">((resolve) => {
+        const stub = computeClient(tiers.compute.address);
+        const call = stub.attention(md);
+        call.on("data", (m: AttentionResponse) => {
+          if (m.result?.$case === "prefill") {
+            resolve("ok");
+            call.end();
+          }
+        });
+        call.on("error", (e: ServiceError) => resolve({ code: e.code }));
+        call.on("end", () => stub.close());
+        call.write(AttentionRequest.fromPartial({ requestId: 1, op: { $case: "prefill", value: { sessionId: sid, layer: 0, k: kv(), v: kv() } } }));
+      });
+    expect(await prefill(bearer(tokens.beta))).toEqual({ code: status.PERMISSION_DENIED });
+    expect(await prefill(new Metadata())).toEqual({ code: status.UNAUTHENTICATED });
+    expect(await prefill(bearer(tokens.alpha))).toBe("ok");
+    const got = await client.getSession({ sessionId: sid }, { metadata: bearer(tokens.alpha) });
+    expect(Number(got.session?.contextTokens)).toBe(n); // only alpha's prefill reached the session
+    await client.closeSession({ sessionId: sid }, { metadata: bearer(tokens.alpha) });
+    client.close();
   });
 
   it("stops compute at start on a tokens file that is not valid", async () => {

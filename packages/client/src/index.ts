@@ -29,6 +29,7 @@ import {
   type GenerateResponse,
   GetSessionRequest,
   type GetSessionResponse,
+  type DeepPartial,
 } from "../../../proto/gen/freekv/v1/compute.js";
 
 export { CreateSessionRequest, GetSessionRequest, CloseSessionRequest, GenerateRequest };
@@ -137,17 +138,17 @@ export class FreeKvClient {
     this.channels.clear();
   }
 
-  createSession(request: Partial<CreateSessionRequest>, opts: CallOptions = {}): Promise<CreateSessionResponse> {
+  createSession(request: DeepPartial<CreateSessionRequest>, opts: CallOptions = {}): Promise<CreateSessionResponse> {
     const req = CreateSessionRequest.fromPartial(request);
     return this.unary((s, md, o, cb) => s.createSession(req, md, o, cb), req.sessionId, opts, (r) => r.session?.sessionId);
   }
 
-  getSession(request: Partial<GetSessionRequest>, opts: CallOptions = {}): Promise<GetSessionResponse> {
+  getSession(request: DeepPartial<GetSessionRequest>, opts: CallOptions = {}): Promise<GetSessionResponse> {
     const req = GetSessionRequest.fromPartial(request);
     return this.unary((s, md, o, cb) => s.getSession(req, md, o, cb), req.sessionId, opts);
   }
 
-  closeSession(request: Partial<CloseSessionRequest>, opts: CallOptions = {}): Promise<CloseSessionResponse> {
+  closeSession(request: DeepPartial<CloseSessionRequest>, opts: CallOptions = {}): Promise<CloseSessionResponse> {
     const req = CloseSessionRequest.fromPartial(request);
     return this.unary((s, md, o, cb) => s.closeSession(req, md, o, cb), req.sessionId, opts);
   }
@@ -156,7 +157,7 @@ export class FreeKvClient {
    * Generate as an async iterator of events. Retried on UNAVAILABLE (with backoff) and redirected
    * to the session's owner only before the first event; breaking out of the loop cancels the call.
    */
-  async *generate(request: Partial<GenerateRequest>, opts: CallOptions = {}): AsyncGenerator<GenerateEvent, void, undefined> {
+  async *generate(request: DeepPartial<GenerateRequest>, opts: CallOptions = {}): AsyncGenerator<GenerateEvent, void, undefined> {
     const req = GenerateRequest.fromPartial(request);
     const deadline = Date.now() + (opts.deadlineMs ?? this.defaultDeadlineMs);
     let address = this.addressFor(req.sessionId);
@@ -196,7 +197,7 @@ export class FreeKvClient {
   }
 
   /** The whole Generate: the text, the token ids and the final summary. */
-  async generateText(request: Partial<GenerateRequest>, opts: CallOptions = {}): Promise<{ text: string; tokenIds: number[]; final: Extract<GenerateEvent, { type: "final" }>["final"] }> {
+  async generateText(request: DeepPartial<GenerateRequest>, opts: CallOptions = {}): Promise<{ text: string; tokenIds: number[]; final: Extract<GenerateEvent, { type: "final" }>["final"] }> {
     let text = "";
     const tokenIds: number[] = [];
     let final: Extract<GenerateEvent, { type: "final" }>["final"] | undefined;

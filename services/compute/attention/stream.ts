@@ -21,6 +21,7 @@ import type { AttentionBatcher } from "./batcher.js";
 import { EXCHANGE_ALIGNMENT, TensorExchange } from "./exchange.js";
 import { writeTensor } from "./tensor.js";
 import { validateRequest } from "./validate.js";
+import { checkTenant, type TenantAuth } from "../auth.js";
 
 const HIGH_WATER = 32;
 const LOW_WATER = 8;
@@ -30,9 +31,11 @@ export interface AttentionObserver {
   prefilled(session: import("../sessions/session.js").ComputeSession, layer: number): void;
 }
 
-export function attentionHandler(deps: { sessions: SessionManager; batcher: AttentionBatcher; log: Logger; observer: AttentionObserver }): handleBidiStreamingCall<AttentionRequest, AttentionResponse> {
+export function attentionHandler(deps: { sessions: SessionManager; batcher: AttentionBatcher; log: Logger; observer: AttentionObserver; auth?: () => TenantAuth | undefined }): handleBidiStreamingCall<AttentionRequest, AttentionResponse> {
   const { sessions, batcher, log, observer } = deps;
   return (call: ServerDuplexStream<AttentionRequest, AttentionResponse>) => {
+    // With tenant authentication on, the stream's tenant (auth.ts wrote it into the metadata).
+    const tenant = deps.auth?.() ? String(call.metadata.get("x-freekv-tenant")[0] ?? "") : undefined;
     const scope = callScope(call);
     const queue: AttentionRequest[] = [];
     let ended = false;
@@ -70,6 +73,8 @@ export function attentionHandler(deps: { sessions: SessionManager; batcher: Atte
         return { requestId: req.requestId, result: { $case: "exchange", value: { segmentName: exchange.name, sizeBytes: exchange.size, alignment: EXCHANGE_ALIGNMENT } } };
       }
       const op = validateRequest(req, sessions, exchange);
+      // A session is its creator tenant's only.
+      for (const s of op.op === "prefill" ? [op.session] : op.items.map((it) => it.session)) checkTenant(s.metadata.tenant, tenant, s.id);
       // A session whose pages the kvstore did not take fails the call (UNAVAILABLE while the
       // kvstore is unreachable) until a retry commits them.
       if (op.op === "prefill") sessions.checkCommits(op.session);
