@@ -12,6 +12,7 @@
  *   documented Redis secret.
  */
 import { execFileSync } from "node:child_process";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
@@ -61,7 +62,7 @@ describe.skipIf(!kubectl)("Kubernetes manifests (kubectl kustomize, offline)", (
 
       it("renders the whole service, and every object validates against the Kubernetes schemas", () => {
         const kinds = objs.map((o) => `${o.kind}/${o.metadata.name}`).sort();
-        for (const want of ["Namespace/freekv", "ConfigMap/freekv-config", "Deployment/freekv", "Deployment/freekv-redis", "Service/freekv", "Service/freekv-redis", "PodDisruptionBudget/freekv", "NetworkPolicy/freekv", "NetworkPolicy/freekv-redis", "PersistentVolumeClaim/freekv-models", "PersistentVolumeClaim/freekv-redis-data"])
+        for (const want of ["Namespace/freekv", "ConfigMap/freekv-config", "Deployment/freekv", "Deployment/freekv-redis", "Service/freekv", "Service/freekv-redis", "Service/freekv-pods", "PodDisruptionBudget/freekv", "NetworkPolicy/freekv", "NetworkPolicy/freekv-redis", "PersistentVolumeClaim/freekv-models", "PersistentVolumeClaim/freekv-redis-data"])
           expect(kinds).toContain(want);
         for (const o of objs) {
           const Cls = modelClass(o);
@@ -132,4 +133,17 @@ describe.skipIf(!kubectl)("Kubernetes manifests (kubectl kustomize, offline)", (
       });
     });
   }
+
+  it("the gateway example hashes on the session header over the headless Service of the pods", () => {
+    const envoy = parseAllDocuments(readFileSync(join(ROOT, "deploy", "gateway", "envoy.yaml"), "utf8"))[0].toJSON() as Any;
+    const route = envoy.static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[0].route;
+    expect(route.hash_policy[0].header.header_name).toBe("x-freekv-session-id");
+    const cluster = envoy.static_resources.clusters[0];
+    expect(cluster.lb_policy).toBe("RING_HASH");
+    const addr = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address;
+    expect(addr.address).toBe("freekv-pods.freekv.svc.cluster.local");
+    const pods = render("gpu").find((o) => o.kind === "Service" && o.metadata.name === "freekv-pods") as Any;
+    expect(pods.spec.clusterIP).toBe("None");
+    expect(pods.spec.ports[0].port).toBe(addr.port_value);
+  });
 });
