@@ -73,6 +73,13 @@ export function resolveRetrieval(r: RetrievalConfig | undefined, layers: number,
     recall: src.recall || d.recall,
     denseLayers: [...(src.denseLayers ?? [])],
   };
+  // Integers the native validator takes as 32-bit: anything larger is refused here, naming the
+  // field (a uint32 page size of 2^32 - 1 would otherwise fail the binding's own range check).
+  for (const f of ["pageSize", "summary", "combine", "mode", "recall"] as const)
+    if (!(native[f] >= 0 && native[f] <= MAX_RETRIEVAL_TOKENS)) throw invalidArgument(`${prefix}.${wireField(f)}`, `is out of range, got ${native[f]}`);
+  native.denseLayers.forEach((l, i) => {
+    if (!(l >= 0 && l <= MAX_RETRIEVAL_TOKENS)) throw invalidArgument(`${prefix}.dense_layers[${i}]`, `is out of range, got ${l}`);
+  });
   const e = validateRetrieval(native, layers);
   if (e) throw invalidArgument(`${prefix}.${wireField(e.field)}`, e.message);
   if (maxContextTokens !== undefined && Number.isInteger(maxContextTokens) && maxContextTokens >= 1) {
