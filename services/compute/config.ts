@@ -63,6 +63,8 @@ export const computeConfigSchema = z.object({
   FREEKV_OPENAI_HOST: z.string().min(1).optional(),
   /** Largest request body the front reads (bytes); a larger one is refused (413) before it is parsed. */
   FREEKV_OPENAI_MAX_BODY_BYTES: intInRange(8 << 20, 1024, 1 << 30),
+  /** Bytes of Attention tensor exchanges this process may hold at once; unset: 1/8 of /dev/shm's size. */
+  FREEKV_EXCHANGE_CAPACITY_BYTES: z.coerce.number().int("must be an integer").positive("must be > 0").optional(),
   FREEKV_KVSTORE_TIMEOUT_MS: positiveInt(10_000),
   FREEKV_SHUTDOWN_GRACE_MS: positiveInt(10_000),
   FREEKV_LOG_LEVEL: logLevel(),

@@ -15,6 +15,7 @@ import type { SessionOwners } from "./sessions/owners.js";
 import { builtinModelDir, loadModelAsync, type LoadedModel } from "./model/loader.js";
 import { NO_MODEL, ServedModel } from "./model/served.js";
 import { SessionManager } from "./sessions/manager.js";
+import { defaultExchangeCapacity, ExchangeBudget, shmSpace } from "./attention/exchange.js";
 
 export interface ComputeMetrics {
   registry: Registry;
@@ -61,6 +62,8 @@ export interface ComputeContext {
   admission: AdmissionQueue;
   /** KV storage type of model sessions (the backend's). */
   kvDtype: DType;
+  /** The Attention streams' tensor exchanges, counted against FREEKV_EXCHANGE_CAPACITY_BYTES. */
+  exchanges: ExchangeBudget;
 }
 
 export class StartupError extends Error {}
@@ -87,7 +90,23 @@ export function createEngine(config: ComputeConfig): Engine {
   }
 }
 
-function createMetrics(registry: Registry, sessions: () => SessionManager | undefined): ComputeMetrics {
+function createMetrics(registry: Registry, sessions: () => SessionManager | undefined, exchanges: () => ExchangeBudget | undefined): ComputeMetrics {
+  new Gauge({
+    name: "freekv_compute_exchange_bytes",
+    help: "Bytes of the Attention streams' shared-memory tensor exchanges now open in this process",
+    registers: [registry],
+    collect() {
+      this.set(exchanges()?.bytesInUse ?? 0);
+    },
+  });
+  new Gauge({
+    name: "freekv_compute_exchange_capacity_bytes",
+    help: "FREEKV_EXCHANGE_CAPACITY_BYTES: the most the tensor exchanges of this process may hold together",
+    registers: [registry],
+    collect() {
+      this.set(exchanges()?.capacity ?? 0);
+    },
+  });
   const m: ComputeMetrics = {
     registry,
     sessions: new Gauge({ name: "freekv_compute_sessions", help: "Open sessions", registers: [registry] }),
@@ -223,10 +242,16 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
 }
 
 export function createContext(config: ComputeConfig, log: Logger, registry: Registry): ComputeContext {
+  const exchangeCapacity = config.FREEKV_EXCHANGE_CAPACITY_BYTES ?? defaultExchangeCapacity();
+  const shm = shmSpace();
+  if (shm && exchangeCapacity > shm.total) {
+    throw new StartupError(`FREEKV_EXCHANGE_CAPACITY_BYTES=${exchangeCapacity} is more than /dev/shm holds (${shm.total} bytes)`);
+  }
+  const exchanges = new ExchangeBudget(exchangeCapacity);
   const engine = createEngine(config);
   const kvstore = new KvStoreClient(config.FREEKV_KVSTORE_ADDR, config.FREEKV_KVSTORE_TIMEOUT_MS);
   let mgr: SessionManager | undefined;
-  const metrics = createMetrics(registry, () => mgr);
+  const metrics = createMetrics(registry, () => mgr, () => exchanges);
   const served = new ServedModel(
     {
       log,
@@ -255,6 +280,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
   const kvDtype = config.FREEKV_BACKEND === "cuda" ? DType.D_TYPE_BFLOAT16 : DType.D_TYPE_FLOAT32;
   const ctx: ComputeContext = {
     admission,
+    exchanges,
     kvDtype,
     config,
     log,
