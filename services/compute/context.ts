@@ -43,6 +43,8 @@ export interface ComputeMetrics {
   ownerFailures: Counter;
   /** CommitPages calls to the kvstore that failed (the session is degraded until a retry succeeds). */
   commitFailures: Counter;
+  /** Sessions found lost: the kvstore no longer held them (SessionManager.markLost). */
+  sessionsLost: Counter;
 }
 
 export interface ComputeContext {
@@ -151,6 +153,11 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
     modelReady: new Gauge({ name: "freekv_compute_model_ready", help: "1 once the served model is loaded and Generate serves it", registers: [registry] }),
     modelLoadSeconds: new Gauge({ name: "freekv_compute_model_load_seconds", help: "How long loading the served model took at start", registers: [registry] }),
     ownerFailures: new Counter({ name: "freekv_compute_session_owner_failures_total", help: "Session-owner records (FREEKV_SESSION_OWNERS) that could not be written, removed or read", registers: [registry] }),
+    sessionsLost: new Counter({
+      name: "freekv_compute_sessions_lost_total",
+      help: "Open sessions the kvstore no longer held (it restarted without a persistent directory): their calls get DATA_LOSS until closed",
+      registers: [registry],
+    }),
     commitFailures: new Counter({ name: "freekv_compute_commit_failures_total", help: "Page and metadata commits to the kvstore that failed (retried; the session is degraded meanwhile)", registers: [registry] }),
   };
   // Retrieval counters summed over open sessions, read from the engine at scrape time.
@@ -307,6 +314,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
       admission.poke();
     },
     onCommitFailure: () => metrics.commitFailures.inc(),
+    onLost: () => metrics.sessionsLost.inc(),
   });
   ctx.sessions = mgr;
   return ctx;

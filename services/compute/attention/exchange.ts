@@ -17,11 +17,12 @@
  * that does not fit is refused (RESOURCE_EXHAUSTED) instead.
  */
 import { randomBytes } from "node:crypto";
-import { readdirSync, readFileSync, statfsSync } from "node:fs";
+import { readdirSync, statfsSync } from "node:fs";
 import { loadAddon, type ShmSegment } from "../../../native/binding.js";
 import { DType, type Tensor } from "../../../proto/gen/freekv/v1/common.js";
 import type { TensorRef } from "../../../proto/gen/freekv/v1/compute.js";
 import { invalidArgument, resourceExhausted } from "../../common/errors.js";
+import { ownerAlive, ownerTag } from "../../common/process-owner.js";
 import { bf16ToF32, checkFinite, checkTensorHeader, f32ToBf16 } from "./tensor.js";
 
 export const EXCHANGE_ALIGNMENT = 16;
@@ -32,23 +33,10 @@ const PAGE = 4096;
 const fmt = (s: number[]) => `[${s.join(", ")}]`;
 
 /**
- * Exchange names carry their creator: `/freekv-xch-<pid>-<start time>-<random>`, the start time
- * being the process's field 22 of /proc/<pid>/stat (clock ticks since boot), so a reused pid is
- * told apart from the process that made the segment.
+ * Exchange names carry their creator: `/freekv-xch-<pid>-<start time>-<random>` (process-owner.ts).
  */
 const EXCHANGE_NAME = /^freekv-xch-(\d+)-(\d+)-[0-9a-f]+$/;
 
-function processStartTime(pid: number | "self"): string | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
-    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19];
-  } catch {
-    return undefined;
-  }
-}
-
-const ownTag = `${process.pid}-${processStartTime("self") ?? "0"}`;
 
 /**
  * Removes the exchange segments of compute processes that are gone (killed without running their
@@ -68,7 +56,7 @@ export function sweepStaleExchanges(): string[] {
     const m = EXCHANGE_NAME.exec(e);
     if (!m) continue;
     const pid = Number(m[1]);
-    if (processStartTime(pid) === m[2]) continue; // its creator still runs
+    if (ownerAlive(pid, m[2])) continue; // its creator still runs
     try {
       if (ShmSegment.unlink(`/${e}`)) removed.push(`/${e}`);
     } catch {
@@ -171,7 +159,7 @@ export class TensorExchange {
     if (want > EXCHANGE_MAX_BYTES) throw invalidArgument(field, `${want} bytes is more than the limit ${EXCHANGE_MAX_BYTES}`);
     const size = Math.ceil(want / PAGE) * PAGE;
     budget.reserve(size);
-    const name = `/freekv-xch-${ownTag}-${randomBytes(16).toString("hex")}`;
+    const name = `/freekv-xch-${ownerTag}-${randomBytes(16).toString("hex")}`;
     let seg: ShmSegment;
     try {
       seg = loadAddon().ShmSegment.create(name, size);

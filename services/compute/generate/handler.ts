@@ -193,6 +193,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
         : async () => {
             const named = await localSession(ctx.sessions, ctx.owners, req.sessionId);
             if (named.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(named.id)} is an attention session; Generate needs a model session`);
+            ctx.sessions.checkLost(named);
             return named;
           },
     });
@@ -207,6 +208,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     try {
       release = await s.lock.acquire();
       if (s.closed) throw notFound(`session ${JSON.stringify(s.id)} not found`);
+      ctx.sessions.checkLost(s);
       state = (s.metadata.generate as GenerateState | undefined) ?? {};
       s.metadata.generate = state;
       // An empty named session (CreateSession, then its first Generate) starts like a fresh one:

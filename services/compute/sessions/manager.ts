@@ -36,6 +36,8 @@ export interface SessionManagerOptions {
   onChange?: (sessions: number) => void;
   /** A commit to the kvstore failed (freekv_compute_commit_failures_total). */
   onCommitFailure?: () => void;
+  /** The kvstore no longer holds a session this process has open (freekv_compute_sessions_lost_total). */
+  onLost?: () => void;
 }
 
 export class SessionManager {
@@ -269,6 +271,7 @@ export class SessionManager {
 
   private async sendCommit(s: ComputeSession): Promise<void> {
     s.commitQueued = false;
+    if (s.lost) return;
     const req = this.commitRequest(s);
     if (!req) return;
     const target = [...s.commitTarget];
@@ -292,6 +295,10 @@ export class SessionManager {
   private commitFailed(s: ComputeSession, req: CommitPagesRequest, e: unknown): void {
     const err = e as Error & { code?: number; details?: string };
     const why = err.details || err.message;
+    if (err.code === status.NOT_FOUND) {
+      this.markLost(s, `the kvstore answered a commit with: ${why}`);
+      return;
+    }
     const transport = err.code === undefined || err.code === status.UNAVAILABLE || err.code === status.DEADLINE_EXCEEDED || err.code === status.CANCELLED;
     s.commitError = new ServiceError(
       transport ? status.UNAVAILABLE : status.INTERNAL,
@@ -313,10 +320,53 @@ export class SessionManager {
   /**
    * Throws the session's commit failure (UNAVAILABLE while the kvstore is unreachable): a call
    * that appends to a degraded session fails instead of reporting success over pages that are
-   * not durable. The pages stay in the store and are retried.
+   * not durable. The pages stay in the store and are retried. A lost session's calls get DATA_LOSS.
    */
   checkCommits(s: ComputeSession): void {
+    this.checkLost(s);
     if (s.commitError) throw s.commitError;
+  }
+
+  /** Throws DATA_LOSS when the kvstore no longer holds the session (see markLost). */
+  checkLost(s: ComputeSession): void {
+    if (s.lost) throw s.lost;
+  }
+
+  /**
+   * The kvstore does not know the session any more (it restarted with the in-memory directory,
+   * or its record was removed): what it had committed is gone. The session is marked lost (its
+   * calls get DATA_LOSS until it is closed; it is not retried), counted and logged at error level.
+   */
+  markLost(s: ComputeSession, why: string): void {
+    if (s.lost || s.closed) return;
+    s.lost = new ServiceError(
+      status.DATA_LOSS,
+      `session ${quoteId(s.id)} is lost: the kvstore no longer holds it (${why}); its context cannot be recovered. Close it and start a new session`,
+    );
+    s.commitError = undefined;
+    if (s.retryTimer) clearTimeout(s.retryTimer);
+    s.retryTimer = undefined;
+    this.opts.onLost?.();
+    this.opts.log.error({ session: s.id, contextTokens: s.contextTokens, committedPages: s.committedPages, why }, "session lost: the kvstore no longer holds it");
+  }
+
+  /**
+   * Compares the open sessions with those the kvstore holds (after it serves again: a restart
+   * with the in-memory directory forgets every session) and marks the missing ones lost. Only
+   * sessions open both before and after the listing count, so one created meanwhile is not
+   * mistaken for a lost one. Returns how many were marked.
+   */
+  async checkKvstoreSessions(): Promise<number> {
+    const before = new Set(this.sessions.keys());
+    const { sessionIds } = await this.opts.kvstore.list();
+    const held = new Set(sessionIds);
+    let n = 0;
+    for (const s of this.sessions.values()) {
+      if (!before.has(s.id) || held.has(s.id) || s.lost || s.closed) continue;
+      this.markLost(s, "it is not among the kvstore's sessions after the kvstore served again; the kvstore restarted without a persistent directory");
+      n++;
+    }
+    return n;
   }
 
   /**
@@ -345,8 +395,9 @@ export class SessionManager {
       await s.commitChain;
       this.detach(s);
     });
-    await this.opts.kvstore.release(id, signal);
-    this.opts.log[s.unnamed ? "debug" : "info"]({ session: id }, "session closed");
+    // A lost session is unknown to the kvstore (its segments went with the old kvstore process).
+    if (!s.lost) await this.opts.kvstore.release(id, signal);
+    this.opts.log[s.unnamed ? "debug" : "info"]({ session: id, lost: s.lost ? true : undefined }, "session closed");
     return true;
   }
 

@@ -45,6 +45,12 @@ export class ComputeSession {
   metadataContextTokens: number | undefined;
   /** Why the latest commit failed; undefined once one succeeds (the session is degraded meanwhile). */
   commitError: Error | undefined;
+  /**
+   * Set when the kvstore no longer holds the session (it restarted without a persistent
+   * directory): its pages are gone for good; every call that uses it fails with this (DATA_LOSS)
+   * until it is closed.
+   */
+  lost: Error | undefined;
   /** Consecutive failed commits (the retry backoff). */
   commitFailures = 0;
   retryTimer: NodeJS.Timeout | undefined;
