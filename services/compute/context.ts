@@ -45,6 +45,8 @@ export interface ComputeMetrics {
   commitFailures: Counter;
   /** Sessions found lost: the kvstore no longer held them (SessionManager.markLost). */
   sessionsLost: Counter;
+  /** Sessions closed for being idle (FREEKV_SESSION_IDLE_TIMEOUT_S). */
+  sessionsExpired: Counter;
 }
 
 export interface ComputeContext {
@@ -153,6 +155,11 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
     modelReady: new Gauge({ name: "freekv_compute_model_ready", help: "1 once the served model is loaded and Generate serves it", registers: [registry] }),
     modelLoadSeconds: new Gauge({ name: "freekv_compute_model_load_seconds", help: "How long loading the served model took at start", registers: [registry] }),
     ownerFailures: new Counter({ name: "freekv_compute_session_owner_failures_total", help: "Session-owner records (FREEKV_SESSION_OWNERS) that could not be written, removed or read", registers: [registry] }),
+    sessionsExpired: new Counter({
+      name: "freekv_compute_sessions_expired_total",
+      help: "Sessions closed because no call used them for FREEKV_SESSION_IDLE_TIMEOUT_S",
+      registers: [registry],
+    }),
     sessionsLost: new Counter({
       name: "freekv_compute_sessions_lost_total",
       help: "Open sessions the kvstore no longer held (it restarted without a persistent directory): their calls get DATA_LOSS until closed",
@@ -315,6 +322,9 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
     },
     onCommitFailure: () => metrics.commitFailures.inc(),
     onLost: () => metrics.sessionsLost.inc(),
+    onExpired: () => metrics.sessionsExpired.inc(),
+    maxSessionsPerTenant: config.FREEKV_MAX_SESSIONS_PER_TENANT,
+    idleTimeoutMs: config.FREEKV_SESSION_IDLE_TIMEOUT_S * 1000,
   });
   ctx.sessions = mgr;
   return ctx;

@@ -56,6 +56,7 @@ async function main(): Promise<void> {
     }
   }
   const reattached = await ctx.sessions.reattachAll();
+  ctx.sessions.startExpiry();
   for (const s of ctx.sessions.list()) await ctx.owners?.claim(s.id);
   const { server, health, generate, upstream: kvstoreServing } = createComputeServer(ctx);
   const port = await bindServer(server, config.FREEKV_COMPUTE_HOST, config.FREEKV_COMPUTE_PORT);

@@ -24,6 +24,7 @@ import {
   type GenerateResponse,
 } from "../../../proto/gen/freekv/v1/compute.js";
 import { callScope } from "../../common/cancellation.js";
+import { tenantOf } from "../sessions/tenant.js";
 import { localSession } from "../sessions/owners.js";
 import { ServiceError, failedPrecondition, invalidArgument, notFound, resourceExhausted, toStatus } from "../../common/errors.js";
 import type { ComputeContext } from "../context.js";
@@ -88,14 +89,7 @@ async function write(call: ServerWritableStream<GenerateRequest, GenerateRespons
 }
 
 /** The request metadata header naming the tenant, for fair queueing (round-robin between tenants). */
-export const TENANT_HEADER = "x-freekv-tenant";
-
-function tenantOf(md: Metadata): string {
-  const v = md.get(TENANT_HEADER)[0];
-  const t = typeof v === "string" ? v.trim() : "";
-  if (t.length > 128) throw invalidArgument(TENANT_HEADER, `must be at most 128 characters, got ${t.length}`);
-  return t;
-}
+export { TENANT_HEADER } from "../sessions/tenant.js";
 
 const isResourceExhausted = (e: unknown) => typeof e === "object" && e !== null && (e as { code?: unknown }).code === status.RESOURCE_EXHAUSTED;
 

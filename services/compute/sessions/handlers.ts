@@ -13,6 +13,7 @@ import { unary } from "../../common/handlers.js";
 import type { Logger } from "../../common/log.js";
 import type { SessionManager } from "./manager.js";
 import { localSession, type SessionOwners } from "./owners.js";
+import { tenantOf } from "./tenant.js";
 
 export interface SessionHandlers {
   createSession: handleUnaryCall<CreateSessionRequest, CreateSessionResponse>;
@@ -25,8 +26,8 @@ export function sessionHandlers(sessions: SessionManager, log: Logger, owners?: 
     if (!id) throw invalidArgument("session_id", "is required");
   };
   return {
-    createSession: unary(log, "CreateSession", async (req: CreateSessionRequest, signal: AbortSignal, _call: ServerUnaryCall<CreateSessionRequest, CreateSessionResponse>) => {
-      const s = await sessions.create(req, signal);
+    createSession: unary(log, "CreateSession", async (req: CreateSessionRequest, signal: AbortSignal, call: ServerUnaryCall<CreateSessionRequest, CreateSessionResponse>) => {
+      const s = await sessions.create(req, signal, tenantOf(call.metadata));
       await owners?.()?.claim(s.id);
       return { session: sessions.toProto(s) };
     }),

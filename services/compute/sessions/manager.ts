@@ -3,13 +3,15 @@
  * them here, creates the engine session over them), finds it, closes it (engine first, then
  * ReleaseSession so the kvstore removes the segments), commits filled pages to the kvstore, and
  * at start re-attaches every session the kvstore still holds (a compute restart loses nothing).
+ * Bounds: at most FREEKV_MAX_SESSIONS_PER_TENANT open sessions per tenant, and sessions idle
+ * longer than FREEKV_SESSION_IDLE_TIMEOUT_S are closed.
  */
 import { randomUUID } from "node:crypto";
 import { loadAddon, type Engine, type HostSegments, type ShmSegment } from "../../../native/binding.js";
 import { DType, type ModelGeometry, type RetrievalStats } from "../../../proto/gen/freekv/v1/common.js";
 import { SessionKind, type CreateSessionRequest, type Session } from "../../../proto/gen/freekv/v1/compute.js";
 import type { AttachSessionResponse, CommitPagesRequest, LayerPages } from "../../../proto/gen/freekv/v1/kvstore.js";
-import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFound, quoteId } from "../../common/errors.js";
+import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFound, quoteId, resourceExhausted } from "../../common/errors.js";
 import { resolveGeometry, toNativeGeometry } from "../../common/geometry.js";
 import type { Logger } from "../../common/log.js";
 import { resolveRetrieval, toNativeRetrieval } from "../../common/retrieval.js";
@@ -38,14 +40,72 @@ export interface SessionManagerOptions {
   onCommitFailure?: () => void;
   /** The kvstore no longer holds a session this process has open (freekv_compute_sessions_lost_total). */
   onLost?: () => void;
+  /** Sessions one tenant may have open (FREEKV_MAX_SESSIONS_PER_TENANT; 0: no limit). */
+  maxSessionsPerTenant?: number;
+  /** A session no call used for this long is closed (FREEKV_SESSION_IDLE_TIMEOUT_S, in ms; 0: never). */
+  idleTimeoutMs?: number;
+  /** A session was closed for being idle (freekv_compute_sessions_expired_total). */
+  onExpired?: () => void;
+  /** The clock of idle expiry, in ms (tests replace it). */
+  now?: () => number;
 }
 
 export class SessionManager {
   private readonly sessions = new Map<string, ComputeSession>();
   private cosineEdges: number[] | undefined;
   private readonly creating = new Set<string>();
+  /** Sessions being created per tenant (counted by the quota until they are open). */
+  private readonly creatingTenants = new Map<string, number>();
+  private expiryTimer: NodeJS.Timeout | undefined;
+  private readonly now: () => number;
 
-  constructor(private readonly opts: SessionManagerOptions) {}
+  constructor(private readonly opts: SessionManagerOptions) {
+    this.now = opts.now ?? (() => performance.now());
+  }
+
+  /**
+   * Starts closing sessions idle for longer than idleTimeoutMs (checked every quarter of it, at
+   * most every 30 s). Does nothing when the timeout is 0.
+   */
+  startExpiry(): void {
+    const idle = this.opts.idleTimeoutMs ?? 0;
+    if (idle <= 0 || this.expiryTimer) return;
+    this.expiryTimer = setInterval(() => void this.expireIdle(), Math.max(50, Math.min(30_000, idle / 4)));
+    this.expiryTimer.unref();
+  }
+
+  /**
+   * Closes every session no call has used for longer than idleTimeoutMs (one in use, its lock
+   * held, is not idle): engine session, mappings and the kvstore's segments. Logged and counted.
+   * Returns the ids closed.
+   */
+  async expireIdle(): Promise<string[]> {
+    const idle = this.opts.idleTimeoutMs ?? 0;
+    if (idle <= 0) return [];
+    const now = this.now();
+    const closed: string[] = [];
+    for (const s of [...this.sessions.values()]) {
+      if (s.closed || s.lock.busy || now - s.lastUsed <= idle) continue;
+      const idleS = Math.round((now - s.lastUsed) / 1000);
+      try {
+        await this.close(s.id);
+      } catch (e) {
+        this.opts.log.warn({ session: s.id, err: (e as Error).message }, "closing an idle session failed");
+        continue;
+      }
+      closed.push(s.id);
+      this.opts.onExpired?.();
+      this.opts.log.info({ session: s.id, idleSeconds: idleS, tenant: s.metadata.tenant || undefined }, "session expired: idle longer than FREEKV_SESSION_IDLE_TIMEOUT_S; its memory is released");
+    }
+    return closed;
+  }
+
+  /** Open sessions of `tenant` (those being created included). */
+  tenantSessions(tenant: string): number {
+    let n = this.creatingTenants.get(tenant) ?? 0;
+    for (const s of this.sessions.values()) if ((s.metadata.tenant ?? "") === tenant) n++;
+    return n;
+  }
 
   get size(): number {
     return this.sessions.size;
@@ -62,6 +122,7 @@ export class SessionManager {
   get(id: string): ComputeSession {
     const s = this.sessions.get(id);
     if (!s) throw notFound(`session ${quoteId(id)} not found`);
+    s.lastUsed = this.now();
     return s;
   }
 
@@ -69,7 +130,12 @@ export class SessionManager {
     return this.sessions.has(id);
   }
 
-  async create(req: CreateSessionRequest, signal?: AbortSignal): Promise<ComputeSession> {
+  /**
+   * Creates a session. `tenant` (CreateSession's `x-freekv-tenant`) counts it against
+   * FREEKV_MAX_SESSIONS_PER_TENANT; a stateless Generate's own session passes none (the request
+   * queue bounds those).
+   */
+  async create(req: CreateSessionRequest, signal?: AbortSignal, tenant?: string): Promise<ComputeSession> {
     const id = req.sessionId || `s-${randomUUID()}`;
     if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
     if (this.sessions.has(id) || this.creating.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists`);
@@ -89,9 +155,18 @@ export class SessionManager {
       throw invalidArgument("max_context_tokens", `must be <= ${this.opts.maxContextLimit}, got ${maxContextTokens}`);
     }
     const retrieval = resolveRetrieval(req.retrieval, geometry.layers, "retrieval", maxContextTokens);
+    const quota = this.opts.maxSessionsPerTenant ?? 0;
+    if (tenant !== undefined && quota > 0) {
+      const open = this.tenantSessions(tenant);
+      if (open >= quota) {
+        throw resourceExhausted(`tenant ${quoteId(tenant)} has ${open} open sessions, the most FREEKV_MAX_SESSIONS_PER_TENANT=${quota} allows; close one first`);
+      }
+    }
     this.creating.add(id);
+    if (tenant !== undefined) this.creatingTenants.set(tenant, (this.creatingTenants.get(tenant) ?? 0) + 1);
     try {
       const metadata: SessionMetadata = { kind: kindName(kind) };
+      if (tenant) metadata.tenant = tenant;
       const attach = await this.opts.kvstore.attach(
         { sessionId: id, geometry, retrieval, maxContextTokens, metadata: Buffer.from(JSON.stringify(metadata)) },
         signal,
@@ -111,6 +186,11 @@ export class SessionManager {
       }
     } finally {
       this.creating.delete(id);
+      if (tenant !== undefined) {
+        const n = (this.creatingTenants.get(tenant) ?? 1) - 1;
+        if (n > 0) this.creatingTenants.set(tenant, n);
+        else this.creatingTenants.delete(tenant);
+      }
     }
   }
 
@@ -147,6 +227,7 @@ export class SessionManager {
       throw invalidArgument("session", `the engine refused it: ${(e as Error).message}`);
     }
     const s = new ComputeSession(id, kind, geometry, retrieval, attach.maxContextTokens, attach, host, engineSession, metadata);
+    s.lastUsed = this.now();
     if (reattach) s.layerTokens.fill(engine.contextTokens(engineSession));
     return s;
   }
@@ -323,6 +404,7 @@ export class SessionManager {
    * not durable. The pages stay in the store and are retried. A lost session's calls get DATA_LOSS.
    */
   checkCommits(s: ComputeSession): void {
+    s.lastUsed = this.now();
     this.checkLost(s);
     if (s.commitError) throw s.commitError;
   }
@@ -413,6 +495,8 @@ export class SessionManager {
 
   /** At shutdown: finish commits, close engine sessions and mappings; the kvstore keeps the pages. */
   async shutdown(): Promise<void> {
+    if (this.expiryTimer) clearInterval(this.expiryTimer);
+    this.expiryTimer = undefined;
     for (const s of this.sessions.values()) {
       await s.lock.run(async () => {
         s.closed = true;
