@@ -16,7 +16,7 @@
  *   included, refused before anything is fed); the model still loading: UNAVAILABLE; no model or
  *   a failed load: FAILED_PRECONDITION; unknown session: NOT_FOUND.
  */
-import { status, type Metadata, type handleServerStreamingCall, type ServerWritableStream } from "@grpc/grpc-js";
+import { status, type handleServerStreamingCall, type ServerWritableStream } from "@grpc/grpc-js";
 import {
   FinishReason,
   SessionKind,
