@@ -20,9 +20,10 @@ export type SessionSegments = Record<SegmentKind, ShmSegment>;
 
 /**
  * "/freekv-kv-<pid>-<start time>-" (the making process, process-owner.ts) + 128 random bits; with
- * a tag (in-process sessions: their id) before the random part.
+ * a tag (in-process stores: their sessions' ids, which name their own process) "/freekv-<tag>-" +
+ * 128 random bits instead; an in-process store removes its segments at exit.
  */
-export const segmentName = (tag?: string) => `/freekv-kv-${ownerTag}-${tag ? `${tag}-` : ""}${randomBytes(16).toString("hex")}`;
+export const segmentName = (tag?: string) => (tag ? `/freekv-${tag}-` : `/freekv-kv-${ownerTag}-`) + randomBytes(16).toString("hex");
 
 const SEGMENT_NAME = /^freekv-kv-(\d+)-(\d+)-/;
 
