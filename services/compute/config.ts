@@ -67,6 +67,12 @@ export const computeConfigSchema = z.object({
   FREEKV_OPENAI_HOST: z.string().min(1).optional(),
   /** Largest request body the front reads (bytes); a larger one is refused (413) before it is parsed. */
   FREEKV_OPENAI_MAX_BODY_BYTES: intInRange(8 << 20, 1024, 1 << 30),
+  /** Bytes of Attention tensor exchanges this process may hold at once; unset: 1/8 of /dev/shm's size. */
+  FREEKV_EXCHANGE_CAPACITY_BYTES: z.coerce.number().int("must be an integer").positive("must be > 0").optional(),
+  /** Sessions no call used for this many seconds are closed and their memory released; 0: never. */
+  FREEKV_SESSION_IDLE_TIMEOUT_S: z.coerce.number("must be a number").min(0, "must be >= 0").max(31_536_000, "must be <= 31536000 (a year)").default(0),
+  /** Open sessions one tenant (x-freekv-tenant) may have from CreateSession; 0: no limit. */
+  FREEKV_MAX_SESSIONS_PER_TENANT: nonNegativeInt(0),
   FREEKV_KVSTORE_TIMEOUT_MS: positiveInt(10_000),
   /** TLS of compute's gRPC server (common/tls.ts): certificate and key files; with a client CA, mutual TLS. */
   FREEKV_COMPUTE_TLS_CERT_FILE: z.string().min(1).optional(),

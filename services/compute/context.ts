@@ -18,6 +18,7 @@ import { TenantAuth } from "./auth.js";
 import { builtinModelDir, loadModelAsync, type LoadedModel } from "./model/loader.js";
 import { NO_MODEL, ServedModel } from "./model/served.js";
 import { SessionManager } from "./sessions/manager.js";
+import { defaultExchangeCapacity, ExchangeBudget, shmSpace } from "./attention/exchange.js";
 
 export interface ComputeMetrics {
   registry: Registry;
@@ -45,6 +46,10 @@ export interface ComputeMetrics {
   ownerFailures: Counter;
   /** CommitPages calls to the kvstore that failed (the session is degraded until a retry succeeds). */
   commitFailures: Counter;
+  /** Sessions found lost: the kvstore no longer held them (SessionManager.markLost). */
+  sessionsLost: Counter;
+  /** Sessions closed for being idle (FREEKV_SESSION_IDLE_TIMEOUT_S). */
+  sessionsExpired: Counter;
 }
 
 export interface ComputeContext {
@@ -68,6 +73,8 @@ export interface ComputeContext {
   admission: AdmissionQueue;
   /** KV storage type of model sessions (the backend's). */
   kvDtype: DType;
+  /** The Attention streams' tensor exchanges, counted against FREEKV_EXCHANGE_CAPACITY_BYTES. */
+  exchanges: ExchangeBudget;
 }
 
 export class StartupError extends Error {}
@@ -95,7 +102,23 @@ export function createEngine(config: ComputeConfig): Engine {
   }
 }
 
-function createMetrics(registry: Registry, sessions: () => SessionManager | undefined): ComputeMetrics {
+function createMetrics(registry: Registry, sessions: () => SessionManager | undefined, exchanges: () => ExchangeBudget | undefined): ComputeMetrics {
+  new Gauge({
+    name: "freekv_compute_exchange_bytes",
+    help: "Bytes of the Attention streams' shared-memory tensor exchanges now open in this process",
+    registers: [registry],
+    collect() {
+      this.set(exchanges()?.bytesInUse ?? 0);
+    },
+  });
+  new Gauge({
+    name: "freekv_compute_exchange_capacity_bytes",
+    help: "FREEKV_EXCHANGE_CAPACITY_BYTES: the most the tensor exchanges of this process may hold together",
+    registers: [registry],
+    collect() {
+      this.set(exchanges()?.capacity ?? 0);
+    },
+  });
   const m: ComputeMetrics = {
     registry,
     sessions: new Gauge({ name: "freekv_compute_sessions", help: "Open sessions", registers: [registry] }),
@@ -140,6 +163,16 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
     modelReady: new Gauge({ name: "freekv_compute_model_ready", help: "1 once the served model is loaded and Generate serves it", registers: [registry] }),
     modelLoadSeconds: new Gauge({ name: "freekv_compute_model_load_seconds", help: "How long loading the served model took at start", registers: [registry] }),
     ownerFailures: new Counter({ name: "freekv_compute_session_owner_failures_total", help: "Session-owner records (FREEKV_SESSION_OWNERS) that could not be written, removed or read", registers: [registry] }),
+    sessionsExpired: new Counter({
+      name: "freekv_compute_sessions_expired_total",
+      help: "Sessions closed because no call used them for FREEKV_SESSION_IDLE_TIMEOUT_S",
+      registers: [registry],
+    }),
+    sessionsLost: new Counter({
+      name: "freekv_compute_sessions_lost_total",
+      help: "Open sessions the kvstore no longer held (it restarted without a persistent directory): their calls get DATA_LOSS until closed",
+      registers: [registry],
+    }),
     commitFailures: new Counter({ name: "freekv_compute_commit_failures_total", help: "Page and metadata commits to the kvstore that failed (retried; the session is degraded meanwhile)", registers: [registry] }),
   };
   // Retrieval counters summed over open sessions, read from the engine at scrape time.
@@ -231,6 +264,12 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
 }
 
 export function createContext(config: ComputeConfig, log: Logger, registry: Registry): ComputeContext {
+  const exchangeCapacity = config.FREEKV_EXCHANGE_CAPACITY_BYTES ?? defaultExchangeCapacity();
+  const shm = shmSpace();
+  if (shm && exchangeCapacity > shm.total) {
+    throw new StartupError(`FREEKV_EXCHANGE_CAPACITY_BYTES=${exchangeCapacity} is more than /dev/shm holds (${shm.total} bytes)`);
+  }
+  const exchanges = new ExchangeBudget(exchangeCapacity);
   const engine = createEngine(config);
   let kvstoreCredentials: ChannelCredentials;
   try {
@@ -240,7 +279,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
   }
   const kvstore = new KvStoreClient(config.FREEKV_KVSTORE_ADDR, config.FREEKV_KVSTORE_TIMEOUT_MS, kvstoreCredentials);
   let mgr: SessionManager | undefined;
-  const metrics = createMetrics(registry, () => mgr);
+  const metrics = createMetrics(registry, () => mgr, () => exchanges);
   const served = new ServedModel(
     {
       log,
@@ -277,6 +316,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
     auth,
     kvstoreCredentials,
     admission,
+    exchanges,
     kvDtype,
     config,
     log,
@@ -303,6 +343,10 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
       admission.poke();
     },
     onCommitFailure: () => metrics.commitFailures.inc(),
+    onLost: () => metrics.sessionsLost.inc(),
+    onExpired: () => metrics.sessionsExpired.inc(),
+    maxSessionsPerTenant: config.FREEKV_MAX_SESSIONS_PER_TENANT,
+    idleTimeoutMs: config.FREEKV_SESSION_IDLE_TIMEOUT_S * 1000,
   });
   ctx.sessions = mgr;
   return ctx;

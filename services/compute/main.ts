@@ -57,6 +57,7 @@ async function main(): Promise<void> {
     }
   }
   const reattached = await ctx.sessions.reattachAll();
+  ctx.sessions.startExpiry();
   for (const s of ctx.sessions.list()) await ctx.owners?.claim(s.id);
   const { server, health, generate, upstream: kvstoreServing } = createComputeServer(ctx);
   let creds;
@@ -83,7 +84,13 @@ async function main(): Promise<void> {
   }
   const metricsServer = await startMetricsServer(registry, config.FREEKV_COMPUTE_METRICS_PORT, config.FREEKV_COMPUTE_METRICS_HOST ?? config.FREEKV_COMPUTE_HOST);
   // Compute serves only while its kvstore does: every new session needs it.
-  const upstream = followUpstreamHealth(config.FREEKV_KVSTORE_ADDR, "freekv.v1.KvStoreService", log, kvstoreServing, ctx.kvstoreCredentials);
+  // When it serves again after an outage, it may be a new process that lost the sessions (the
+  // in-memory directory): those this process still has open are then marked lost.
+  const upstream = followUpstreamHealth(config.FREEKV_KVSTORE_ADDR, "freekv.v1.KvStoreService", log, (serving) => {
+    kvstoreServing(serving);
+    if (!serving) return;
+    ctx.sessions.checkKvstoreSessions().catch((e: Error) => log.warn({ err: e.message }, "cannot list the kvstore's sessions after it served again"));
+  }, ctx.kvstoreCredentials);
   // At the end of the drain: sessions committed and unmapped (the kvstore keeps their pages).
   const cleanup = async () => {
     upstream.stop();

@@ -50,6 +50,7 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
         sessions,
         batcher,
         log,
+        exchanges: ctx.exchanges,
         observer: {
           request(op, seconds) {
             metrics.attentionRequests.inc({ op });

@@ -13,13 +13,24 @@ import { createLogger } from "../common/log.js";
 import { createRegistry, startMetricsServer } from "../common/metrics.js";
 import { addReflection } from "../common/reflection.js";
 import { kvstoreConfigSchema, shmFreeBytes } from "./config.js";
-import { openDirectory } from "./directory.js";
+import { openDirectory, type SessionDirectory } from "./directory.js";
 import { watchDirectory } from "./directory-health.js";
 import { createKvStoreMetrics } from "./metrics.js";
 import { kvstoreService } from "./service.js";
+import { SEGMENT_KINDS, sweepStaleSegments } from "./segments.js";
 import { KvStore } from "./store.js";
 
 export const KVSTORE_SERVICE = "freekv.v1.KvStoreService";
+
+/** The segment names the directory's records hold (kept by the sweep). */
+async function directorySegmentNames(directory: SessionDirectory): Promise<Set<string>> {
+  const names = new Set<string>();
+  for (const id of await directory.list()) {
+    const rec = await directory.get(id);
+    if (rec) for (const k of SEGMENT_KINDS) names.add(rec.segments[k].name);
+  }
+  return names;
+}
 
 async function main(): Promise<void> {
   const config = loadConfigOrExit("kvstore", kvstoreConfigSchema);
@@ -31,6 +42,13 @@ async function main(): Promise<void> {
     process.stderr.write(`kvstore: FREEKV_DIRECTORY=${config.FREEKV_DIRECTORY}: ${e.message}\n`);
     process.exit(2);
   });
+  // Segments left by a kvstore that was killed (no shutdown ran): with the in-memory directory
+  // nothing can reach them again; with Redis, those its records name are adopted below instead.
+  // Before the capacity is read, so their space counts as free.
+  // A directory that cannot be read now may name any of them: nothing is removed then.
+  const keep = await directorySegmentNames(directory).catch(() => undefined);
+  const swept = keep ? sweepStaleSegments(keep) : [];
+  if (swept.length) log.info({ removed: swept.length, segments: swept }, "removed session segments left by a kvstore process that is gone");
   const capacity = config.FREEKV_KVSTORE_CAPACITY_BYTES || shmFreeBytes();
   const store = new KvStore(directory, capacity, log, metrics);
   metrics.capacityBytes.set(capacity);

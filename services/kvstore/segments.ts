@@ -1,9 +1,14 @@
 /**
  * A session's four shared-memory segments (store, staging, tail, manifest), created by the
- * kvstore with unguessable names ("/freekv-" + 128 random bits, mode 0600 by the addon) and
- * mapped here too, so the kvstore can initialise the manifest and verify commit checksums.
+ * kvstore with unguessable names (128 random bits, mode 0600 by the addon) that carry the kvstore
+ * process that made them, and mapped here too, so the kvstore can initialise the manifest and
+ * verify commit checksums. A kvstore killed without its shutdown leaves its segments behind; the
+ * next one removes those of makers that are gone and that its directory does not hold
+ * (sweepStaleSegments).
  */
 import { randomBytes } from "node:crypto";
+import { readdirSync } from "node:fs";
+import { ownerAlive, ownerTag } from "../common/process-owner.js";
 import { loadShm, type ShmSegment } from "../../native/shm.js";
 import type { SegmentRef } from "../../proto/gen/freekv/v1/common.js";
 import type { Layout } from "./layout.js";
@@ -13,8 +18,41 @@ export const SEGMENT_KINDS: readonly SegmentKind[] = ["store", "staging", "tail"
 
 export type SessionSegments = Record<SegmentKind, ShmSegment>;
 
-/** "/freekv-" + 128 random bits; with a tag (in-process sessions: their id) after "/freekv-". */
-export const segmentName = (tag?: string) => `/freekv-${tag ? `${tag}-` : ""}${randomBytes(16).toString("hex")}`;
+/**
+ * "/freekv-kv-<pid>-<start time>-" (the making process, process-owner.ts) + 128 random bits; with
+ * a tag (in-process stores: their sessions' ids, which name their own process) "/freekv-<tag>-" +
+ * 128 random bits instead; an in-process store removes its segments at exit.
+ */
+export const segmentName = (tag?: string) => (tag ? `/freekv-${tag}-` : `/freekv-kv-${ownerTag}-`) + randomBytes(16).toString("hex");
+
+const SEGMENT_NAME = /^freekv-kv-(\d+)-(\d+)-/;
+
+/**
+ * Removes the session segments in `dir` made by kvstore processes that are gone (pid not running,
+ * or running with another start time), except the names in `keep` (the sessions this kvstore
+ * adopted from a persistent directory). A live kvstore's segments are never touched. Returns the
+ * names removed.
+ */
+export function sweepStaleSegments(keep: ReadonlySet<string>, dir = "/dev/shm"): string[] {
+  let entries: string[];
+  try {
+    entries = readdirSync(dir);
+  } catch {
+    return [];
+  }
+  const { ShmSegment } = loadShm();
+  const removed: string[] = [];
+  for (const e of entries) {
+    const m = SEGMENT_NAME.exec(e);
+    if (!m || keep.has(`/${e}`) || ownerAlive(Number(m[1]), m[2])) continue;
+    try {
+      if (ShmSegment.unlink(`/${e}`)) removed.push(`/${e}`);
+    } catch {
+      // Not ours to remove (permissions): leave it.
+    }
+  }
+  return removed;
+}
 
 export function segmentSizes(l: Layout): Record<SegmentKind, number> {
   return { store: l.storeBytes, staging: 2 * l.stagingBufferBytes, tail: l.tailBytes, manifest: l.manifestBytes };

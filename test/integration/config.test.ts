@@ -22,6 +22,9 @@ describe("bad configuration", () => {
     ["compute", { FREEKV_KVSTORE_ADDR: "nowhere" }, /FREEKV_KVSTORE_ADDR="nowhere": must be host:port/],
     ["compute", { FREEKV_DEVICE_WEIGHTS: "fp8" }, /FREEKV_DEVICE_WEIGHTS="fp8": must be "auto", "bf16" or "f32"/],
     ["compute", { FREEKV_DECODE_BATCH_WINDOW_US: "-5" }, /FREEKV_DECODE_BATCH_WINDOW_US="-5"/],
+    ["compute", { FREEKV_SESSION_IDLE_TIMEOUT_S: "-1" }, /FREEKV_SESSION_IDLE_TIMEOUT_S="-1": must be >= 0/],
+    ["compute", { FREEKV_EXCHANGE_CAPACITY_BYTES: "0" }, /FREEKV_EXCHANGE_CAPACITY_BYTES="0": must be > 0/],
+    ["compute", { FREEKV_EXCHANGE_CAPACITY_BYTES: String(2 ** 52) }, /FREEKV_EXCHANGE_CAPACITY_BYTES=4503599627370496 is more than \/dev\/shm holds/],
     ["compute", { FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: "127.0.0.1:1", FREEKV_KVSTORE_TIMEOUT_MS: "500" }, /FREEKV_KVSTORE_ADDR=127\.0\.0\.1:1: kvstore not reachable/],
   ];
   for (const [svc, env, re] of cases) {

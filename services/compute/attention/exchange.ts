@@ -9,13 +9,20 @@
  * bounds inside the segment, 16-byte aligned offsets, finite values; and every read copies, since
  * the client may reuse the region as soon as the response arrives. The segment is unlinked when
  * the stream ends, and at process exit for any stream still open then.
+ *
+ * Exchanges are counted: a stream has at most one, and all of this process's together at most
+ * the ExchangeBudget's capacity (FREEKV_EXCHANGE_CAPACITY_BYTES). A tmpfs segment is sized
+ * without being allocated, so one larger than what /dev/shm has free would only fail when written
+ * (SIGBUS, the process dies): the free space is checked before each one is made, and an exchange
+ * that does not fit is refused (RESOURCE_EXHAUSTED) instead.
  */
 import { randomBytes } from "node:crypto";
-import { readdirSync, readFileSync } from "node:fs";
+import { readdirSync, statfsSync } from "node:fs";
 import { loadAddon, type ShmSegment } from "../../../native/binding.js";
 import { DType, type Tensor } from "../../../proto/gen/freekv/v1/common.js";
 import type { TensorRef } from "../../../proto/gen/freekv/v1/compute.js";
-import { invalidArgument } from "../../common/errors.js";
+import { invalidArgument, resourceExhausted } from "../../common/errors.js";
+import { ownerAlive, ownerTag } from "../../common/process-owner.js";
 import { bf16ToF32, checkFinite, checkTensorHeader, f32ToBf16 } from "./tensor.js";
 
 export const EXCHANGE_ALIGNMENT = 16;
@@ -26,23 +33,10 @@ const PAGE = 4096;
 const fmt = (s: number[]) => `[${s.join(", ")}]`;
 
 /**
- * Exchange names carry their creator: `/freekv-xch-<pid>-<start time>-<random>`, the start time
- * being the process's field 22 of /proc/<pid>/stat (clock ticks since boot), so a reused pid is
- * told apart from the process that made the segment.
+ * Exchange names carry their creator: `/freekv-xch-<pid>-<start time>-<random>` (process-owner.ts).
  */
 const EXCHANGE_NAME = /^freekv-xch-(\d+)-(\d+)-[0-9a-f]+$/;
 
-function processStartTime(pid: number | "self"): string | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
-    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19];
-  } catch {
-    return undefined;
-  }
-}
-
-const ownTag = `${process.pid}-${processStartTime("self") ?? "0"}`;
 
 /**
  * Removes the exchange segments of compute processes that are gone (killed without running their
@@ -62,7 +56,7 @@ export function sweepStaleExchanges(): string[] {
     const m = EXCHANGE_NAME.exec(e);
     if (!m) continue;
     const pid = Number(m[1]);
-    if (processStartTime(pid) === m[2]) continue; // its creator still runs
+    if (ownerAlive(pid, m[2])) continue; // its creator still runs
     try {
       if (ShmSegment.unlink(`/${e}`)) removed.push(`/${e}`);
     } catch {
@@ -70,6 +64,64 @@ export function sweepStaleExchanges(): string[] {
     }
   }
   return removed;
+}
+
+/** Size and free space of /dev/shm in bytes (statfs); undefined when it cannot be read. */
+export function shmSpace(dir = "/dev/shm"): { total: number; free: number } | undefined {
+  try {
+    const st = statfsSync(dir);
+    return { total: st.blocks * st.bsize, free: st.bavail * st.bsize };
+  } catch {
+    return undefined;
+  }
+}
+
+/** Default FREEKV_EXCHANGE_CAPACITY_BYTES: 1/8 of /dev/shm (256 MiB when its size is unknown). */
+export function defaultExchangeCapacity(): number {
+  const space = shmSpace();
+  return space ? Math.floor(space.total / 8) : 256 << 20;
+}
+
+/**
+ * The bytes of exchange segments this process may hold at once. `free` reports /dev/shm's free
+ * space (replaceable in tests).
+ */
+export class ExchangeBudget {
+  private used = 0;
+  private count = 0;
+
+  constructor(
+    readonly capacity: number,
+    private readonly free: () => number | undefined = () => shmSpace()?.free,
+  ) {}
+
+  get bytesInUse(): number {
+    return this.used;
+  }
+
+  get open(): number {
+    return this.count;
+  }
+
+  /** Takes `bytes` for a new exchange, or throws RESOURCE_EXHAUSTED saying which limit it passes. */
+  reserve(bytes: number): void {
+    if (this.used + bytes > this.capacity) {
+      throw resourceExhausted(
+        `open_exchange: ${bytes} bytes would bring this process's tensor exchanges to ${this.used + bytes} bytes, over FREEKV_EXCHANGE_CAPACITY_BYTES=${this.capacity} (${this.count} open, ${this.used} bytes); close a stream or ask for less`,
+      );
+    }
+    const free = this.free();
+    if (free !== undefined && bytes > free) {
+      throw resourceExhausted(`open_exchange: ${bytes} bytes is more than /dev/shm has free (${free} bytes)`);
+    }
+    this.used += bytes;
+    this.count++;
+  }
+
+  release(bytes: number): void {
+    this.used = Math.max(0, this.used - bytes);
+    this.count = Math.max(0, this.count - 1);
+  }
 }
 
 /** Names of the exchanges open in this process, unlinked at exit if their streams never ended. */
@@ -92,21 +144,31 @@ export class TensorExchange {
   readonly name: string;
   readonly size: number;
 
-  private constructor(private readonly segment: ShmSegment) {
+  private constructor(
+    private readonly segment: ShmSegment,
+    private readonly budget: ExchangeBudget,
+  ) {
     this.bytes = new Uint8Array(segment.buffer());
     this.name = segment.name;
     this.size = segment.size;
   }
 
-  /** Makes the segment for an AttentionOpenExchange asking for `sizeBytes` (0 = default). */
-  static open(sizeBytes: number, field: string): TensorExchange {
+  /** Makes the segment for an AttentionOpenExchange asking for `sizeBytes` (0 = default), within `budget`. */
+  static open(sizeBytes: number, field: string, budget: ExchangeBudget): TensorExchange {
     const want = sizeBytes === 0 ? EXCHANGE_DEFAULT_BYTES : sizeBytes;
     if (want > EXCHANGE_MAX_BYTES) throw invalidArgument(field, `${want} bytes is more than the limit ${EXCHANGE_MAX_BYTES}`);
     const size = Math.ceil(want / PAGE) * PAGE;
-    const name = `/freekv-xch-${ownTag}-${randomBytes(16).toString("hex")}`;
-    const seg = loadAddon().ShmSegment.create(name, size);
+    budget.reserve(size);
+    const name = `/freekv-xch-${ownerTag}-${randomBytes(16).toString("hex")}`;
+    let seg: ShmSegment;
+    try {
+      seg = loadAddon().ShmSegment.create(name, size);
+    } catch (e) {
+      budget.release(size);
+      throw e;
+    }
     track(name);
-    return new TensorExchange(seg);
+    return new TensorExchange(seg, budget);
   }
 
   /** Bounds and alignment of [offset, offset + bytes) for the field `field`. */
@@ -150,6 +212,7 @@ export class TensorExchange {
     } finally {
       loadAddon().ShmSegment.unlink(this.name);
       live.delete(this.name);
+      this.budget.release(this.size);
     }
   }
 }

@@ -8,7 +8,9 @@
  *
  * An open_exchange message gives the stream a shared-memory tensor exchange (exchange.ts): later
  * messages may then name q/k/v by offset and have outputs written there. It is removed when the
- * stream ends, however it ends (end, error, cancellation, server drain).
+ * stream ends, however it ends (end, error, cancellation, server drain). One exchange per stream; one
+ * past the process's total (FREEKV_EXCHANGE_CAPACITY_BYTES) or /dev/shm's free space ends the
+ * stream with RESOURCE_EXHAUSTED.
  */
 import { once } from "node:events";
 import type { ServerDuplexStream, handleBidiStreamingCall } from "@grpc/grpc-js";
@@ -18,7 +20,7 @@ import { invalidArgument, toStatus } from "../../common/errors.js";
 import type { Logger } from "../../common/log.js";
 import type { SessionManager } from "../sessions/manager.js";
 import type { AttentionBatcher } from "./batcher.js";
-import { EXCHANGE_ALIGNMENT, TensorExchange } from "./exchange.js";
+import { EXCHANGE_ALIGNMENT, TensorExchange, type ExchangeBudget } from "./exchange.js";
 import { writeTensor } from "./tensor.js";
 import { validateRequest } from "./validate.js";
 import { checkTenant, type TenantAuth } from "../auth.js";
@@ -31,8 +33,17 @@ export interface AttentionObserver {
   prefilled(session: import("../sessions/session.js").ComputeSession, layer: number): void;
 }
 
-export function attentionHandler(deps: { sessions: SessionManager; batcher: AttentionBatcher; log: Logger; observer: AttentionObserver; auth?: () => TenantAuth | undefined }): handleBidiStreamingCall<AttentionRequest, AttentionResponse> {
-  const { sessions, batcher, log, observer } = deps;
+export function attentionHandler(deps: {
+  sessions: SessionManager;
+  batcher: AttentionBatcher;
+  log: Logger;
+  observer: AttentionObserver;
+  /** The process's total for tensor exchanges (FREEKV_EXCHANGE_CAPACITY_BYTES). */
+  exchanges: ExchangeBudget;
+  /** Per-tenant tokens (FREEKV_AUTH_TOKENS_FILE): a session is then its tenant's only. */
+  auth?: () => TenantAuth | undefined;
+}): handleBidiStreamingCall<AttentionRequest, AttentionResponse> {
+  const { sessions, batcher, log, observer, exchanges } = deps;
   return (call: ServerDuplexStream<AttentionRequest, AttentionResponse>) => {
     // With tenant authentication on, the stream's tenant (auth.ts wrote it into the metadata).
     const tenant = deps.auth?.() ? String(call.metadata.get("x-freekv-tenant")[0] ?? "") : undefined;
@@ -69,7 +80,7 @@ export function attentionHandler(deps: { sessions: SessionManager; batcher: Atte
       const t0 = process.hrtime.bigint();
       if (req.op?.$case === "openExchange") {
         if (exchange) throw invalidArgument("open_exchange", `this stream already has the exchange ${exchange.name}`);
-        exchange = TensorExchange.open(req.op.value.sizeBytes, "open_exchange.size_bytes");
+        exchange = TensorExchange.open(req.op.value.sizeBytes, "open_exchange.size_bytes", exchanges);
         return { requestId: req.requestId, result: { $case: "exchange", value: { segmentName: exchange.name, sizeBytes: exchange.size, alignment: EXCHANGE_ALIGNMENT } } };
       }
       const op = validateRequest(req, sessions, exchange);

@@ -16,7 +16,7 @@
  *   included, refused before anything is fed); the model still loading: UNAVAILABLE; no model or
  *   a failed load: FAILED_PRECONDITION; unknown session: NOT_FOUND.
  */
-import { status, type Metadata, type handleServerStreamingCall, type ServerWritableStream } from "@grpc/grpc-js";
+import { status, type handleServerStreamingCall, type ServerWritableStream } from "@grpc/grpc-js";
 import {
   FinishReason,
   SessionKind,
@@ -24,6 +24,7 @@ import {
   type GenerateResponse,
 } from "../../../proto/gen/freekv/v1/compute.js";
 import { callScope } from "../../common/cancellation.js";
+import { tenantOf } from "../sessions/tenant.js";
 import { localSession } from "../sessions/owners.js";
 import { ServiceError, failedPrecondition, invalidArgument, notFound, resourceExhausted, toStatus } from "../../common/errors.js";
 import type { ComputeContext } from "../context.js";
@@ -88,14 +89,7 @@ async function write(call: ServerWritableStream<GenerateRequest, GenerateRespons
 }
 
 /** The request metadata header naming the tenant, for fair queueing (round-robin between tenants). */
-export const TENANT_HEADER = "x-freekv-tenant";
-
-function tenantOf(md: Metadata): string {
-  const v = md.get(TENANT_HEADER)[0];
-  const t = typeof v === "string" ? v.trim() : "";
-  if (t.length > 128) throw invalidArgument(TENANT_HEADER, `must be at most 128 characters, got ${t.length}`);
-  return t;
-}
+export { TENANT_HEADER } from "../sessions/tenant.js";
 
 const isResourceExhausted = (e: unknown) => typeof e === "object" && e !== null && (e as { code?: unknown }).code === status.RESOURCE_EXHAUSTED;
 
@@ -193,6 +187,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
         : async () => {
             const named = await localSession(ctx.sessions, ctx.owners, req.sessionId, ctx.auth ? rec.tenant : undefined);
             if (named.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(named.id)} is an attention session; Generate needs a model session`);
+            ctx.sessions.checkLost(named);
             return named;
           },
     });
@@ -207,6 +202,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     try {
       release = await s.lock.acquire();
       if (s.closed) throw notFound(`session ${JSON.stringify(s.id)} not found`);
+      ctx.sessions.checkLost(s);
       state = (s.metadata.generate as GenerateState | undefined) ?? {};
       s.metadata.generate = state;
       // An empty named session (CreateSession, then its first Generate) starts like a fresh one:

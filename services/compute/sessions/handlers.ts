@@ -14,6 +14,7 @@ import { unary } from "../../common/handlers.js";
 import type { Logger } from "../../common/log.js";
 import type { SessionManager } from "./manager.js";
 import { localSession, type SessionOwners } from "./owners.js";
+import { tenantOf } from "./tenant.js";
 
 export interface SessionHandlers {
   createSession: handleUnaryCall<CreateSessionRequest, CreateSessionResponse>;
@@ -23,29 +24,24 @@ export interface SessionHandlers {
 
 export function sessionHandlers(sessions: SessionManager, log: Logger, owners?: () => SessionOwners | undefined, auth?: () => TenantAuth | undefined): SessionHandlers {
   /** The authenticated tenant of a call (auth.ts wrote it into the metadata), when authentication is on. */
-  const tenantOf = (md: Metadata): string | undefined => (auth?.() ? String(md.get("x-freekv-tenant")[0] ?? "") : undefined);
+  const authTenant = (md: Metadata): string | undefined => (auth?.() ? String(md.get("x-freekv-tenant")[0] ?? "") : undefined);
   const needId = (id: string) => {
     if (!id) throw invalidArgument("session_id", "is required");
   };
   return {
-    createSession: unary(log, "CreateSession", async (req: CreateSessionRequest, signal: AbortSignal, _call: ServerUnaryCall<CreateSessionRequest, CreateSessionResponse>) => {
-      const s = await sessions.create(req, signal);
-      const tenant = tenantOf(_call.metadata);
-      if (tenant !== undefined) {
-        // Recorded with the session's metadata at the kvstore, so a restarted compute keeps it.
-        s.metadata.tenant = tenant;
-        await sessions.commitMetadata(s);
-      }
+    createSession: unary(log, "CreateSession", async (req: CreateSessionRequest, signal: AbortSignal, call: ServerUnaryCall<CreateSessionRequest, CreateSessionResponse>) => {
+      // The tenant (x-freekv-tenant; with authentication, the token's) is saved with the session.
+      const s = await sessions.create(req, signal, tenantOf(call.metadata));
       await owners?.()?.claim(s.id);
       return { session: sessions.toProto(s) };
     }),
     getSession: unary(log, "GetSession", async (req: GetSessionRequest, _signal: AbortSignal, call: ServerUnaryCall<GetSessionRequest, GetSessionResponse>) => {
       needId(req.sessionId);
-      return { session: sessions.toProto(await localSession(sessions, owners?.(), req.sessionId, tenantOf(call.metadata))) };
+      return { session: sessions.toProto(await localSession(sessions, owners?.(), req.sessionId, authTenant(call.metadata))) };
     }),
     closeSession: unary(log, "CloseSession", async (req: CloseSessionRequest, signal: AbortSignal, call: ServerUnaryCall<CloseSessionRequest, CloseSessionResponse>) => {
       needId(req.sessionId);
-      await localSession(sessions, owners?.(), req.sessionId, tenantOf(call.metadata));
+      await localSession(sessions, owners?.(), req.sessionId, authTenant(call.metadata));
       const closed = await sessions.close(req.sessionId, signal);
       await owners?.()?.release(req.sessionId);
       return { closed };

@@ -3,13 +3,15 @@
  * them here, creates the engine session over them), finds it, closes it (engine first, then
  * ReleaseSession so the kvstore removes the segments), commits filled pages to the kvstore, and
  * at start re-attaches every session the kvstore still holds (a compute restart loses nothing).
+ * Bounds: at most FREEKV_MAX_SESSIONS_PER_TENANT open sessions per tenant, and sessions idle
+ * longer than FREEKV_SESSION_IDLE_TIMEOUT_S are closed.
  */
 import { randomUUID } from "node:crypto";
 import { loadAddon, type Engine, type HostSegments, type ShmSegment } from "../../../native/binding.js";
 import { DType, type ModelGeometry, type RetrievalStats } from "../../../proto/gen/freekv/v1/common.js";
 import { SessionKind, type CreateSessionRequest, type Session } from "../../../proto/gen/freekv/v1/compute.js";
 import type { AttachSessionResponse, CommitPagesRequest, LayerPages } from "../../../proto/gen/freekv/v1/kvstore.js";
-import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFound, quoteId } from "../../common/errors.js";
+import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFound, quoteId, resourceExhausted } from "../../common/errors.js";
 import { resolveGeometry, toNativeGeometry } from "../../common/geometry.js";
 import type { Logger } from "../../common/log.js";
 import { resolveRetrieval, toNativeRetrieval } from "../../common/retrieval.js";
@@ -36,14 +38,74 @@ export interface SessionManagerOptions {
   onChange?: (sessions: number) => void;
   /** A commit to the kvstore failed (freekv_compute_commit_failures_total). */
   onCommitFailure?: () => void;
+  /** The kvstore no longer holds a session this process has open (freekv_compute_sessions_lost_total). */
+  onLost?: () => void;
+  /** Sessions one tenant may have open (FREEKV_MAX_SESSIONS_PER_TENANT; 0: no limit). */
+  maxSessionsPerTenant?: number;
+  /** A session no call used for this long is closed (FREEKV_SESSION_IDLE_TIMEOUT_S, in ms; 0: never). */
+  idleTimeoutMs?: number;
+  /** A session was closed for being idle (freekv_compute_sessions_expired_total). */
+  onExpired?: () => void;
+  /** The clock of idle expiry, in ms (tests replace it). */
+  now?: () => number;
 }
 
 export class SessionManager {
   private readonly sessions = new Map<string, ComputeSession>();
   private cosineEdges: number[] | undefined;
   private readonly creating = new Set<string>();
+  /** Sessions being created per tenant (counted by the quota until they are open). */
+  private readonly creatingTenants = new Map<string, number>();
+  private expiryTimer: NodeJS.Timeout | undefined;
+  private readonly now: () => number;
 
-  constructor(private readonly opts: SessionManagerOptions) {}
+  constructor(private readonly opts: SessionManagerOptions) {
+    this.now = opts.now ?? (() => performance.now());
+  }
+
+  /**
+   * Starts closing sessions idle for longer than idleTimeoutMs (checked every quarter of it, at
+   * most every 30 s). Does nothing when the timeout is 0.
+   */
+  startExpiry(): void {
+    const idle = this.opts.idleTimeoutMs ?? 0;
+    if (idle <= 0 || this.expiryTimer) return;
+    this.expiryTimer = setInterval(() => void this.expireIdle(), Math.max(50, Math.min(30_000, idle / 4)));
+    this.expiryTimer.unref();
+  }
+
+  /**
+   * Closes every session no call has used for longer than idleTimeoutMs (one in use, its lock
+   * held, is not idle): engine session, mappings and the kvstore's segments. Logged and counted.
+   * Returns the ids closed.
+   */
+  async expireIdle(): Promise<string[]> {
+    const idle = this.opts.idleTimeoutMs ?? 0;
+    if (idle <= 0) return [];
+    const now = this.now();
+    const closed: string[] = [];
+    for (const s of [...this.sessions.values()]) {
+      if (s.closed || s.lock.busy || now - s.lastUsed <= idle) continue;
+      const idleS = Math.round((now - s.lastUsed) / 1000);
+      try {
+        await this.close(s.id);
+      } catch (e) {
+        this.opts.log.warn({ session: s.id, err: (e as Error).message }, "closing an idle session failed");
+        continue;
+      }
+      closed.push(s.id);
+      this.opts.onExpired?.();
+      this.opts.log.info({ session: s.id, idleSeconds: idleS, tenant: s.metadata.tenant || undefined }, "session expired: idle longer than FREEKV_SESSION_IDLE_TIMEOUT_S; its memory is released");
+    }
+    return closed;
+  }
+
+  /** Open sessions of `tenant` (those being created included). */
+  tenantSessions(tenant: string): number {
+    let n = this.creatingTenants.get(tenant) ?? 0;
+    for (const s of this.sessions.values()) if ((s.metadata.tenant ?? "") === tenant) n++;
+    return n;
+  }
 
   get size(): number {
     return this.sessions.size;
@@ -60,6 +122,7 @@ export class SessionManager {
   get(id: string): ComputeSession {
     const s = this.sessions.get(id);
     if (!s) throw notFound(`session ${quoteId(id)} not found`);
+    s.lastUsed = this.now();
     return s;
   }
 
@@ -67,7 +130,12 @@ export class SessionManager {
     return this.sessions.has(id);
   }
 
-  async create(req: CreateSessionRequest, signal?: AbortSignal): Promise<ComputeSession> {
+  /**
+   * Creates a session. `tenant` (CreateSession's `x-freekv-tenant`) counts it against
+   * FREEKV_MAX_SESSIONS_PER_TENANT; a stateless Generate's own session passes none (the request
+   * queue bounds those).
+   */
+  async create(req: CreateSessionRequest, signal?: AbortSignal, tenant?: string): Promise<ComputeSession> {
     const id = req.sessionId || `s-${randomUUID()}`;
     if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
     if (this.sessions.has(id) || this.creating.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists`);
@@ -87,9 +155,18 @@ export class SessionManager {
       throw invalidArgument("max_context_tokens", `must be <= ${this.opts.maxContextLimit}, got ${maxContextTokens}`);
     }
     const retrieval = resolveRetrieval(req.retrieval, geometry.layers, "retrieval", maxContextTokens);
+    const quota = this.opts.maxSessionsPerTenant ?? 0;
+    if (tenant !== undefined && quota > 0) {
+      const open = this.tenantSessions(tenant);
+      if (open >= quota) {
+        throw resourceExhausted(`tenant ${quoteId(tenant)} has ${open} open sessions, the most FREEKV_MAX_SESSIONS_PER_TENANT=${quota} allows; close one first`);
+      }
+    }
     this.creating.add(id);
+    if (tenant !== undefined) this.creatingTenants.set(tenant, (this.creatingTenants.get(tenant) ?? 0) + 1);
     try {
       const metadata: SessionMetadata = { kind: kindName(kind) };
+      if (tenant) metadata.tenant = tenant;
       const attach = await this.opts.kvstore.attach(
         { sessionId: id, geometry, retrieval, maxContextTokens, metadata: Buffer.from(JSON.stringify(metadata)) },
         signal,
@@ -109,6 +186,11 @@ export class SessionManager {
       }
     } finally {
       this.creating.delete(id);
+      if (tenant !== undefined) {
+        const n = (this.creatingTenants.get(tenant) ?? 1) - 1;
+        if (n > 0) this.creatingTenants.set(tenant, n);
+        else this.creatingTenants.delete(tenant);
+      }
     }
   }
 
@@ -145,6 +227,7 @@ export class SessionManager {
       throw invalidArgument("session", `the engine refused it: ${(e as Error).message}`);
     }
     const s = new ComputeSession(id, kind, geometry, retrieval, attach.maxContextTokens, attach, host, engineSession, metadata);
+    s.lastUsed = this.now();
     if (reattach) s.layerTokens.fill(engine.contextTokens(engineSession));
     return s;
   }
@@ -269,6 +352,7 @@ export class SessionManager {
 
   private async sendCommit(s: ComputeSession): Promise<void> {
     s.commitQueued = false;
+    if (s.lost) return;
     const req = this.commitRequest(s);
     if (!req) return;
     const target = [...s.commitTarget];
@@ -292,6 +376,10 @@ export class SessionManager {
   private commitFailed(s: ComputeSession, req: CommitPagesRequest, e: unknown): void {
     const err = e as Error & { code?: number; details?: string };
     const why = err.details || err.message;
+    if (err.code === status.NOT_FOUND) {
+      this.markLost(s, `the kvstore answered a commit with: ${why}`);
+      return;
+    }
     const transport = err.code === undefined || err.code === status.UNAVAILABLE || err.code === status.DEADLINE_EXCEEDED || err.code === status.CANCELLED;
     s.commitError = new ServiceError(
       transport ? status.UNAVAILABLE : status.INTERNAL,
@@ -313,10 +401,54 @@ export class SessionManager {
   /**
    * Throws the session's commit failure (UNAVAILABLE while the kvstore is unreachable): a call
    * that appends to a degraded session fails instead of reporting success over pages that are
-   * not durable. The pages stay in the store and are retried.
+   * not durable. The pages stay in the store and are retried. A lost session's calls get DATA_LOSS.
    */
   checkCommits(s: ComputeSession): void {
+    s.lastUsed = this.now();
+    this.checkLost(s);
     if (s.commitError) throw s.commitError;
+  }
+
+  /** Throws DATA_LOSS when the kvstore no longer holds the session (see markLost). */
+  checkLost(s: ComputeSession): void {
+    if (s.lost) throw s.lost;
+  }
+
+  /**
+   * The kvstore does not know the session any more (it restarted with the in-memory directory,
+   * or its record was removed): what it had committed is gone. The session is marked lost (its
+   * calls get DATA_LOSS until it is closed; it is not retried), counted and logged at error level.
+   */
+  markLost(s: ComputeSession, why: string): void {
+    if (s.lost || s.closed) return;
+    s.lost = new ServiceError(
+      status.DATA_LOSS,
+      `session ${quoteId(s.id)} is lost: the kvstore no longer holds it (${why}); its context cannot be recovered. Close it and start a new session`,
+    );
+    s.commitError = undefined;
+    if (s.retryTimer) clearTimeout(s.retryTimer);
+    s.retryTimer = undefined;
+    this.opts.onLost?.();
+    this.opts.log.error({ session: s.id, contextTokens: s.contextTokens, committedPages: s.committedPages, why }, "session lost: the kvstore no longer holds it");
+  }
+
+  /**
+   * Compares the open sessions with those the kvstore holds (after it serves again: a restart
+   * with the in-memory directory forgets every session) and marks the missing ones lost. Only
+   * sessions open both before and after the listing count, so one created meanwhile is not
+   * mistaken for a lost one. Returns how many were marked.
+   */
+  async checkKvstoreSessions(): Promise<number> {
+    const before = new Set(this.sessions.keys());
+    const { sessionIds } = await this.opts.kvstore.list();
+    const held = new Set(sessionIds);
+    let n = 0;
+    for (const s of this.sessions.values()) {
+      if (!before.has(s.id) || held.has(s.id) || s.lost || s.closed) continue;
+      this.markLost(s, "it is not among the kvstore's sessions after the kvstore served again; the kvstore restarted without a persistent directory");
+      n++;
+    }
+    return n;
   }
 
   /**
@@ -345,8 +477,9 @@ export class SessionManager {
       await s.commitChain;
       this.detach(s);
     });
-    await this.opts.kvstore.release(id, signal);
-    this.opts.log[s.unnamed ? "debug" : "info"]({ session: id }, "session closed");
+    // A lost session is unknown to the kvstore (its segments went with the old kvstore process).
+    if (!s.lost) await this.opts.kvstore.release(id, signal);
+    this.opts.log[s.unnamed ? "debug" : "info"]({ session: id, lost: s.lost ? true : undefined }, "session closed");
     return true;
   }
 
@@ -362,6 +495,8 @@ export class SessionManager {
 
   /** At shutdown: finish commits, close engine sessions and mappings; the kvstore keeps the pages. */
   async shutdown(): Promise<void> {
+    if (this.expiryTimer) clearInterval(this.expiryTimer);
+    this.expiryTimer = undefined;
     for (const s of this.sessions.values()) {
       await s.lock.run(async () => {
         s.closed = true;

@@ -18,6 +18,8 @@ export interface SessionMetadata {
    * turn (a compute killed mid-turn) and its per-turn state is stale.
    */
   contextTokens?: number;
+  /** The tenant (`x-freekv-tenant`) that created it, counted against FREEKV_MAX_SESSIONS_PER_TENANT. */
+  tenant?: string;
   /** Free-form fields of other components (e.g. the generate handler's token history). */
   [key: string]: unknown;
 }
@@ -45,6 +47,14 @@ export class ComputeSession {
   metadataContextTokens: number | undefined;
   /** Why the latest commit failed; undefined once one succeeds (the session is degraded meanwhile). */
   commitError: Error | undefined;
+  /**
+   * Set when the kvstore no longer holds the session (it restarted without a persistent
+   * directory): its pages are gone for good; every call that uses it fails with this (DATA_LOSS)
+   * until it is closed.
+   */
+  lost: Error | undefined;
+  /** When a call last used it (ms, the manager's clock): idle sessions expire (FREEKV_SESSION_IDLE_TIMEOUT_S). */
+  lastUsed = 0;
   /** Consecutive failed commits (the retry backoff). */
   commitFailures = 0;
   retryTimer: NodeJS.Timeout | undefined;
