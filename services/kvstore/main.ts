@@ -17,7 +17,7 @@ import { openDirectory, type SessionDirectory } from "./directory.js";
 import { watchDirectory } from "./directory-health.js";
 import { createKvStoreMetrics } from "./metrics.js";
 import { kvstoreService } from "./service.js";
-import { SEGMENT_KINDS, sweepStaleSegments } from "./segments.js";
+import { SEGMENT_KINDS, setDirectoryKind, sweepStaleSegments } from "./segments.js";
 import { KvStore } from "./store.js";
 
 export const KVSTORE_SERVICE = "freekv.v1.KvStoreService";
@@ -46,6 +46,7 @@ async function main(): Promise<void> {
   // nothing can reach them again; with Redis, those its records name are adopted below instead.
   // Before the capacity is read, so their space counts as free.
   // A directory that cannot be read now may name any of them: nothing is removed then.
+  setDirectoryKind(config.FREEKV_DIRECTORY === "memory" ? "memory" : "persistent");
   const keep = await directorySegmentNames(directory).catch(() => undefined);
   const swept = keep ? sweepStaleSegments(keep) : [];
   if (swept.length) log.info({ removed: swept.length, segments: swept }, "removed session segments left by a kvstore process that is gone");

@@ -19,19 +19,32 @@ export const SEGMENT_KINDS: readonly SegmentKind[] = ["store", "staging", "tail"
 export type SessionSegments = Record<SegmentKind, ShmSegment>;
 
 /**
- * "/freekv-kv-<pid>-<start time>-" (the making process, process-owner.ts) + 128 random bits; with
- * a tag (in-process stores: their sessions' ids, which name their own process) "/freekv-<tag>-" +
- * 128 random bits instead; an in-process store removes its segments at exit.
+ * Whether this process's session directory is in memory ("m": nothing can adopt its segments
+ * after it dies) or persistent ("p": a successor adopts them from the directory). The kvstore
+ * process sets it at start; a segment's name carries it.
  */
-export const segmentName = (tag?: string) => (tag ? `/freekv-${tag}-` : `/freekv-kv-${ownerTag}-`) + randomBytes(16).toString("hex");
+let directoryKind: "m" | "p" = "p";
+export function setDirectoryKind(kind: "memory" | "persistent"): void {
+  directoryKind = kind === "memory" ? "m" : "p";
+}
 
-const SEGMENT_NAME = /^freekv-kv-(\d+)-(\d+)-/;
+/**
+ * "/freekv-kv-<pid>-<start time>-<m|p>-" (the making process, process-owner.ts, and its
+ * directory's kind) + 128 random bits; with a tag (in-process stores: their sessions' ids, which
+ * name their own process) "/freekv-<tag>-" + 128 random bits instead; an in-process store removes
+ * its segments at exit.
+ */
+export const segmentName = (tag?: string) => (tag ? `/freekv-${tag}-` : `/freekv-kv-${ownerTag}-${directoryKind}-`) + randomBytes(16).toString("hex");
+
+/** Names a sweep may remove: made by a kvstore with an in-memory directory (no one else can adopt them). */
+const SEGMENT_NAME = /^freekv-kv-(\d+)-(\d+)-m-/;
 
 /**
  * Removes the session segments in `dir` made by kvstore processes that are gone (pid not running,
- * or running with another start time), except the names in `keep` (the sessions this kvstore
- * adopted from a persistent directory). A live kvstore's segments are never touched. Returns the
- * names removed.
+ * or running with another start time) and had an in-memory directory, except the names in `keep`.
+ * A live kvstore's segments are never touched, nor a dead one's with a persistent directory (its
+ * successor, which may share this host's /dev/shm with other kvstores, adopts them from that
+ * directory). Returns the names removed.
  */
 export function sweepStaleSegments(keep: ReadonlySet<string>, dir = "/dev/shm"): string[] {
   let entries: string[];

@@ -67,9 +67,11 @@ describe("kvstore restart with the in-memory directory", () => {
     let dead = 400000 + (process.pid % 1000);
     while (running.has(dead)) dead++;
     const hex = () => Math.floor(Math.random() * 2 ** 48).toString(16).padStart(32, "0");
-    const liveName = `/freekv-kv-${process.pid}-${startTime(process.pid)}-${hex()}`;
-    const deadName = `/freekv-kv-${dead}-12345-${hex()}`;
-    for (const n of [liveName, deadName]) {
+    const liveName = `/freekv-kv-${process.pid}-${startTime(process.pid)}-m-${hex()}`;
+    const deadName = `/freekv-kv-${dead}-12345-m-${hex()}`;
+    // A dead kvstore's segment with a persistent directory is its successor's to adopt: kept.
+    const deadPersistent = `/freekv-kv-${dead}-12345-p-${hex()}`;
+    for (const n of [liveName, deadName, deadPersistent]) {
       addon.ShmSegment.create(n, 4096).close();
       cleanup.push(() => addon.ShmSegment.unlink(n));
     }
@@ -87,6 +89,7 @@ describe("kvstore restart with the in-memory directory", () => {
     // The dead kvstore's segments are gone; a live process's are kept.
     for (const n of [...names, deadName]) expect(existsSync(`/dev/shm${n}`), n).toBe(false);
     expect(existsSync(`/dev/shm${liveName}`)).toBe(true);
+    expect(existsSync(`/dev/shm${deadPersistent}`)).toBe(true);
 
     // Compute notices once the kvstore serves again: the session is lost, counted.
     await waitFor("the session marked lost", async () => (metricValue(await fetchMetrics(tiers.compute.metricsPort), "freekv_compute_sessions_lost_total") ?? 0) >= 1);

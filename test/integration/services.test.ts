@@ -94,7 +94,7 @@ describe("a session crosses compute -> kvstore", () => {
     const present = shmSegments();
     for (const n of names) expect(present.has(n)).toBe(true);
     expect(new Set(names).size).toBe(4);
-    for (const n of names) expect(n).toMatch(new RegExp(`^/freekv-kv-${tiers.kvstore.pid}-\\d+-[0-9a-f]{32}$`));
+    for (const n of names) expect(n).toMatch(new RegExp(`^/freekv-kv-${tiers.kvstore.pid}-\\d+-m-[0-9a-f]{32}$`));
     const { statSync } = await import("node:fs");
     for (const n of names) expect(statSync(`/dev/shm${n}`).mode & 0o777).toBe(0o600);
     // Sizes follow the layout: capacity = ceil(1000 / 16) = 63 pages, page = 2 heads * 2 * 16 * 32 * 4 bytes.
