@@ -344,7 +344,11 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
     },
     onCommitFailure: () => metrics.commitFailures.inc(),
     onLost: () => metrics.sessionsLost.inc(),
-    onExpired: () => metrics.sessionsExpired.inc(),
+    onExpired: (id) => {
+      metrics.sessionsExpired.inc();
+      // No longer held here: other pods stop redirecting to this one for it.
+      void ctx.owners?.release(id);
+    },
     maxSessionsPerTenant: config.FREEKV_MAX_SESSIONS_PER_TENANT,
     idleTimeoutMs: config.FREEKV_SESSION_IDLE_TIMEOUT_S * 1000,
   });

@@ -108,4 +108,29 @@ describe.skipIf(!up)("session owners across two pods (Redis)", () => {
       toB.close();
     }
   });
+
+  it("drops the owner record of a session closed for being idle", async () => {
+    const port = await freePort();
+    const c = await startTiers({
+      kvstoreEnv: QUIET,
+      computeEnv: { ...QUIET, FREEKV_THREADS: "1", FREEKV_COMPUTE_PORT: String(port), FREEKV_SESSION_OWNERS: REDIS, FREEKV_SESSION_OWNERS_PREFIX: prefix, FREEKV_ADVERTISE_ADDRESS: `127.0.0.1:${port}`, FREEKV_SESSION_IDLE_TIMEOUT_S: "0.5" },
+    });
+    const r = new Redis(REDIS);
+    const client = new FreeKvClient(c.compute.address);
+    try {
+      const sid = `idle-${process.pid}-${Date.now()}`;
+      await client.createSession({ sessionId: sid, kind: 1 });
+      expect(await r.hget(`${prefix}owners`, sid)).toBe(c.compute.address);
+      const t0 = Date.now();
+      while ((await r.hget(`${prefix}owners`, sid)) !== null) {
+        if (Date.now() - t0 > 15_000) throw new Error("the owner record outlived the idle session");
+        await new Promise((res) => setTimeout(res, 100));
+      }
+      await expect(client.getSession({ sessionId: sid })).rejects.toMatchObject({ code: status.NOT_FOUND });
+    } finally {
+      client.close();
+      r.disconnect();
+      await c.stop();
+    }
+  }, 60_000);
 });

@@ -44,8 +44,8 @@ export interface SessionManagerOptions {
   maxSessionsPerTenant?: number;
   /** A session no call used for this long is closed (FREEKV_SESSION_IDLE_TIMEOUT_S, in ms; 0: never). */
   idleTimeoutMs?: number;
-  /** A session was closed for being idle (freekv_compute_sessions_expired_total). */
-  onExpired?: () => void;
+  /** A session was closed for being idle (freekv_compute_sessions_expired_total, its owner record). */
+  onExpired?: (id: string) => void;
   /** The clock of idle expiry, in ms (tests replace it). */
   now?: () => number;
 }
@@ -94,7 +94,7 @@ export class SessionManager {
         continue;
       }
       closed.push(s.id);
-      this.opts.onExpired?.();
+      this.opts.onExpired?.(s.id);
       this.opts.log.info({ session: s.id, idleSeconds: idleS, tenant: s.metadata.tenant || undefined }, "session expired: idle longer than FREEKV_SESSION_IDLE_TIMEOUT_S; its memory is released");
     }
     return closed;
