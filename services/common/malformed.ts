@@ -3,8 +3,10 @@
  * requestDeserialize with INTERNAL "Error deserializing request" before any handler or interceptor
  * sees the call, so the service definition's decoder of each single-message method is wrapped to
  * return a marker instead, and the method's handler answers the marker with INVALID_ARGUMENT.
- * (Client-streaming methods keep grpc-js's own answer: their messages reach the handler one by one.)
+ * Client-streaming methods' messages reach the handler one by one: their decoder returns the
+ * marker too, and the handler checks each message with assertDecoded.
  */
+import { ServiceError } from "./errors.js";
 import { Metadata, status, type ServiceDefinition, type StatusObject, type UntypedServiceImplementation } from "@grpc/grpc-js";
 
 const MALFORMED = Symbol("malformed request");
@@ -25,7 +27,16 @@ export function rejectMalformed<D extends ServiceDefinition, I extends UntypedSe
   const implementation: Record<string, unknown> = { ...impl };
   for (const [name, m] of Object.entries(def)) {
     if (m.requestStream) {
-      definition[name] = m;
+      definition[name] = {
+        ...m,
+        requestDeserialize: (b: Buffer) => {
+          try {
+            return m.requestDeserialize(b);
+          } catch (e) {
+            return { [MALFORMED]: (e as Error).message } satisfies Marker;
+          }
+        },
+      };
       continue;
     }
     definition[name] = {
@@ -45,4 +56,9 @@ export function rejectMalformed<D extends ServiceDefinition, I extends UntypedSe
       : (call: { request: unknown; emit(e: string, s: StatusObject): boolean }, cb: (e: StatusObject) => void) => (isMalformed(call.request) ? cb(statusOf(call.request)) : h(call, cb));
   }
   return { definition: definition as D, implementation: implementation as I };
+}
+
+/** A streamed message that did not decode: INVALID_ARGUMENT (the stream's handler calls this on each message). */
+export function assertDecoded(req: unknown): void {
+  if (isMalformed(req)) throw new ServiceError(status.INVALID_ARGUMENT, statusOf(req).details);
 }

@@ -99,6 +99,16 @@ describe("bounds", () => {
       s.on("end", () => resolve(undefined));
     });
     expect(e?.code).toBe(status.INVALID_ARGUMENT);
+    // And a message of the Attention stream (bidirectional): the stream ends INVALID_ARGUMENT.
+    const a = await new Promise<ServiceError | undefined>((resolve) => {
+      const s = raw.makeBidiStreamRequest("/freekv.v1.ComputeService/Attention", (b: Buffer) => b, (b: Buffer) => b, new Metadata(), { deadline: Date.now() + 10_000 });
+      s.on("data", () => undefined);
+      s.on("error", resolve);
+      s.on("end", () => resolve(undefined));
+      s.write(Buffer.from(tails[Math.floor(rand() * tails.length)]));
+    });
+    expect(a?.code).toBe(status.INVALID_ARGUMENT);
+    expect(a?.details).toMatch(/cannot be decoded/);
     raw.close();
     rawKv.close();
   });

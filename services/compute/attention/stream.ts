@@ -23,6 +23,7 @@ import type { AttentionBatcher } from "./batcher.js";
 import { EXCHANGE_ALIGNMENT, TensorExchange, type ExchangeBudget } from "./exchange.js";
 import { writeTensor } from "./tensor.js";
 import { validateRequest } from "./validate.js";
+import { assertDecoded } from "../../common/malformed.js";
 import { checkTenant, type TenantAuth } from "../auth.js";
 
 const HIGH_WATER = 32;
@@ -77,6 +78,7 @@ export function attentionHandler(deps: {
     let exchange: TensorExchange | undefined;
 
     const handle = async (req: AttentionRequest): Promise<AttentionResponse> => {
+      assertDecoded(req);
       const t0 = process.hrtime.bigint();
       if (req.op?.$case === "openExchange") {
         if (exchange) throw invalidArgument("open_exchange", `this stream already has the exchange ${exchange.name}`);
