@@ -16,9 +16,10 @@
  * - per prompt length: client time from the call to the first chunk (TTFT), the service's own
  *   prefill_ms (Usage), prompt tokens/s. Beside them, transformers' prefill of the same length
  *   on the same machine when --hf names bench/anchor/hf_anchor.py's JSON (its "prefill" list).
- * - --background L: session A decodes (a short prompt, many tokens); its time per output token is
- *   taken alone, then while session B's L-token prompt is prefilled (from B's call to B's first
- *   chunk). Reported as distributions (median, p90, p99, max) and the ratio of medians.
+ * - --background L: session A decodes (short prompts, up to --background-tokens tokens a call,
+ *   call after call); its time per output token is taken alone, then while session B's L-token
+ *   prompt is prefilled (from B's call to B's first chunk). Reported as distributions (median,
+ *   p90, p99, max) and the ratio of medians.
  *
  * Writes JSON (machine, commit, date, environment, results) to --out, or
  * bench/results/ttft-<date>.json.
@@ -44,7 +45,7 @@ const { values: args } = parseArgs({
     runs: { type: "string", default: "2" },
     "max-tokens": { type: "string", default: "4" },
     background: { type: "string", default: "" },
-    "background-tokens": { type: "string", default: "600" },
+    "background-tokens": { type: "string", default: "4000" },
     hf: { type: "string" },
     out: { type: "string" },
     "timeout-s": { type: "string", default: "600" },
@@ -83,10 +84,12 @@ interface Call {
   startedAt: number;
 }
 
-function generate(client: ComputeServiceClient, prompt: GenerateRequest["prompt"], max: number, deadlineS: number, onChunk?: (count: number) => void): Promise<Call> {
+/** `onTokens`: after each chunk, the tokens streamed so far (a chunk may carry several). */
+function generate(client: ComputeServiceClient, prompt: GenerateRequest["prompt"], max: number, deadlineS: number, onTokens?: (count: number) => void): Promise<Call> {
   return new Promise((resolve, reject) => {
     const startedAt = performance.now();
     const chunks: Call["chunks"] = [];
+    let streamed = 0;
     let usage: { prefillMs: number; promptTokens: number } | null = null;
     const req = GenerateRequest.fromPartial({ prompt, maxTokens: max, sampling: { temperature: 0 } });
     const stream = client.generate(req, { deadline: Date.now() + deadlineS * 1000 });
@@ -94,7 +97,8 @@ function generate(client: ComputeServiceClient, prompt: GenerateRequest["prompt"
       const at = performance.now();
       if (m.event?.$case === "chunk") {
         chunks.push({ at, tokens: m.event.value.tokenIds.length });
-        onChunk?.(chunks.length);
+        streamed += m.event.value.tokenIds.length;
+        onTokens?.(streamed);
       }
       else if (m.event?.$case === "final") usage = { prefillMs: m.event.value.usage?.prefillMs ?? NaN, promptTokens: m.event.value.usage?.promptTokens ?? 0 };
     });
@@ -156,23 +160,33 @@ try {
   results.prompts = rows;
 
   if (background) {
-    // A: decoding alone for a while, then B's long prompt arrives; A keeps decoding past B's first token.
-    // Session A decodes alone for a fifth of its tokens before B's prompt is sent.
-    const waitFor = Math.max(20, Math.floor(bgTokens / 5));
+    // Session A decodes (call after call: a generation may end early on a stop token) from before
+    // B's long prompt is sent until after B's first token; its time per token is taken between
+    // chunks of one call (never across two calls).
+    const waitFor = Math.min(64, Math.max(8, Math.floor(bgTokens / 10)));
+    let bDone = false;
+    const aCalls: Call[] = [];
     let releaseB!: () => void;
     const aWarm = new Promise<void>((resolve) => (releaseB = resolve));
-    const a = generate(client, randomTokens(32, 7), bgTokens, deadlineS, (n) => n >= waitFor && releaseB());
-    await Promise.race([aWarm, a]);
+    let seenTokens = 0;
+    const aLoop = (async () => {
+      for (let k = 0; !bDone; k++) {
+        const before = seenTokens;
+        aCalls.push(await generate(client, randomTokens(32, 7 + k), bgTokens, deadlineS, (n) => (seenTokens = before + n) >= waitFor && releaseB()));
+      }
+    })();
+    await aWarm;
     const bStart = performance.now();
     const b = await generate(client, randomTokens(background, 9), 2, deadlineS);
+    bDone = true;
     const bFirst = b.chunks[0].at;
-    const aCall = await a;
-    const steps = perToken(aCall);
+    await aLoop;
+    const steps = aCalls.flatMap(perToken);
     const alone = steps.filter((s) => s.at < bStart).map((s) => s.ms);
     const during = steps.filter((s) => s.at >= bStart && s.at <= bFirst).map((s) => s.ms);
     const qa = quantiles(alone), qd = quantiles(during);
     results.background = {
-      prefillTokens: background, bTtftMs: b.ttftMs, bPrefillMs: b.prefillMs, aTokens: bgTokens,
+      prefillTokens: background, bTtftMs: b.ttftMs, bPrefillMs: b.prefillMs, aMaxTokensPerCall: bgTokens, aCalls: aCalls.length,
       aloneMsPerToken: qa, duringMsPerToken: qd, ratioOfMedians: qd.median / qa.median, ratioOfP90: qd.p90 / qa.p90,
       aTokensDuringPrefill: during.length,
     };
