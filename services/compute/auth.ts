@@ -12,11 +12,9 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { status, type Metadata, type handleBidiStreamingCall, type handleServerStreamingCall, type handleUnaryCall } from "@grpc/grpc-js";
-import { ServiceError, toStatus } from "../common/errors.js";
+import { quoteId, ServiceError, toStatus } from "../common/errors.js";
 import type { Logger } from "../common/log.js";
-
-/** The metadata key carrying the tenant once authenticated (the same the request queue reads). */
-const TENANT_KEY = "x-freekv-tenant";
+import { TENANT_HEADER, tenantOf } from "./sessions/tenant.js";
 
 export class TenantAuth {
   private constructor(private readonly hashes: { tenant: string; hash: Buffer }[]) {}
@@ -51,7 +49,7 @@ export class TenantAuth {
     let tenant: string | undefined;
     for (const e of this.hashes) if (timingSafeEqual(e.hash, h)) tenant = e.tenant;
     if (tenant === undefined) throw new ServiceError(status.UNAUTHENTICATED, "unknown bearer token");
-    md.set(TENANT_KEY, tenant);
+    md.set(TENANT_HEADER, tenant);
     return tenant;
   }
 }
@@ -90,5 +88,10 @@ export function authenticated<T extends Record<string, unknown>>(auth: TenantAut
 /** PERMISSION_DENIED unless the session belongs to the call's tenant (auth on: `tenant` defined). */
 export function checkTenant(sessionTenant: unknown, tenant: string | undefined, id: string): void {
   if (tenant === undefined) return;
-  if (sessionTenant !== tenant) throw new ServiceError(status.PERMISSION_DENIED, `session ${JSON.stringify(id.slice(0, 128))} belongs to another tenant`);
+  if (sessionTenant !== tenant) throw new ServiceError(status.PERMISSION_DENIED, `session ${quoteId(id)} belongs to another tenant`);
+}
+
+/** The call's authenticated tenant (authenticate wrote it into the metadata) when authentication is on; undefined otherwise. */
+export function authenticatedTenant(auth: TenantAuth | undefined, md: Metadata): string | undefined {
+  return auth ? tenantOf(md) : undefined;
 }

@@ -24,7 +24,7 @@ import { EXCHANGE_ALIGNMENT, TensorExchange, type ExchangeBudget } from "./excha
 import { writeTensor } from "./tensor.js";
 import { validateRequest } from "./validate.js";
 import { assertDecoded } from "../../common/malformed.js";
-import { checkTenant, type TenantAuth } from "../auth.js";
+import { authenticatedTenant, checkTenant, type TenantAuth } from "../auth.js";
 
 const HIGH_WATER = 32;
 const LOW_WATER = 8;
@@ -47,7 +47,7 @@ export function attentionHandler(deps: {
   const { sessions, batcher, log, observer, exchanges } = deps;
   return (call: ServerDuplexStream<AttentionRequest, AttentionResponse>) => {
     // With tenant authentication on, the stream's tenant (auth.ts wrote it into the metadata).
-    const tenant = deps.auth?.() ? String(call.metadata.get("x-freekv-tenant")[0] ?? "") : undefined;
+    const tenant = authenticatedTenant(deps.auth?.(), call.metadata);
     const scope = callScope(call);
     const queue: AttentionRequest[] = [];
     let ended = false;

@@ -1,6 +1,6 @@
 /** CreateSession / GetSession / CloseSession over gRPC. */
 import type { Metadata, ServerUnaryCall, handleUnaryCall } from "@grpc/grpc-js";
-import type { TenantAuth } from "../auth.js";
+import { authenticatedTenant, type TenantAuth } from "../auth.js";
 import type {
   CloseSessionRequest,
   CloseSessionResponse,
@@ -24,7 +24,7 @@ export interface SessionHandlers {
 
 export function sessionHandlers(sessions: SessionManager, log: Logger, owners?: () => SessionOwners | undefined, auth?: () => TenantAuth | undefined): SessionHandlers {
   /** The authenticated tenant of a call (auth.ts wrote it into the metadata), when authentication is on. */
-  const authTenant = (md: Metadata): string | undefined => (auth?.() ? String(md.get("x-freekv-tenant")[0] ?? "") : undefined);
+  const authTenant = (md: Metadata): string | undefined => authenticatedTenant(auth?.(), md);
   const needId = (id: string) => {
     if (!id) throw invalidArgument("session_id", "is required");
   };

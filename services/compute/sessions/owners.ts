@@ -10,6 +10,8 @@
  * to the call: the session still works on its own pod, only redirects to it are lost.
  */
 import { Redis } from "ioredis";
+// The trailing metadata key naming the pod (host:port) that holds a session: the client package's, which follows it.
+import { SESSION_OWNER_KEY } from "../../../packages/client/src/index.js";
 import { status } from "@grpc/grpc-js";
 import { quoteId, ServiceError } from "../../common/errors.js";
 import { checkTenant } from "../auth.js";
@@ -17,8 +19,8 @@ import type { Logger } from "../../common/log.js";
 import type { SessionManager } from "./manager.js";
 import type { ComputeSession } from "./session.js";
 
-/** Trailing metadata key naming the pod (host:port) that holds a session. */
-export const SESSION_OWNER_KEY = "x-freekv-session-owner";
+
+export { SESSION_OWNER_KEY };
 
 export class SessionOwners {
   private constructor(
