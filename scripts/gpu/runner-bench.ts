@@ -16,6 +16,18 @@
  *
  * Budget: 512 sink + 1024 selected + 512 window tokens, pages of 32 (the issue's defaults).
  *
+ * Calibrated workloads ("<mode>@<rho>", e.g. freekv@0.8): with random weights consecutive
+ * queries are unrelated (greedy decoding jumps between random embeddings), so FreeKV corrects
+ * nearly every KV group. A trained model's queries move more slowly. The folder's embedding
+ * therefore ends in CALIBRATION_BANDS bands of BAND_ROWS tokens whose rows share a common
+ * direction: two tokens of the band with correlation rho have embeddings of cosine ~rho. A point
+ * "<mode>@<rho>" feeds, instead of the argmax, a seeded random token of that band at every step,
+ * so the layers' queries move by an amount set by rho (the rest of each layer's input, its
+ * attention output over the same context, moves less still). Each point reports what the engine
+ * measured of those queries: per layer the adjacent-query cosine (mean, share below tau), the
+ * step-to-step top-k overlap and the correction rate, the same statistics `freekv eval` prints
+ * for the trained model (models/retrieval-8m), so a band is chosen by matching them, not assumed.
+ *
  *   node .gpu/runner-bench.mjs [--dir /tmp/freekv-8b] [--layers 32] [--points 1:32768,4:32768,16:8192]
  *                              [--modes freekv,oracle,dense] [--steps 16] [--out DIR]
  *                              [--hbm-gbps 4290] [--profile-steps N] [--side-timing]
@@ -75,6 +87,14 @@ for (const [name, v] of [["--layers", LAYERS], ["--steps", STEPS], ["--hbm-gbps"
 const logitsOf = new Map<string, { mode: string; logits: Float32Array[] }>();
 let profiled = false;
 const H = 4096, I = 14336, HQ = 32, HKV = 8, D = 128, V = 128256;
+/** Calibration bands at the end of the vocabulary: BAND_ROWS tokens each, embedding correlation rho. */
+const CALIBRATION_BANDS = [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99] as const;
+const BAND_ROWS = 512;
+const bandStart = (rho: number): number => {
+  const i = CALIBRATION_BANDS.indexOf(rho as (typeof CALIBRATION_BANDS)[number]);
+  if (i < 0) throw new RangeError(`calibration band ${rho} is not one of ${CALIBRATION_BANDS.join(", ")}`);
+  return V - (CALIBRATION_BANDS.length - i) * BAND_ROWS;
+};
 const log = (s: string) => console.log(s);
 
 // ---- 1. the model folder -------------------------------------------------------------------
@@ -96,6 +116,30 @@ function randomBf16(n: number, a: number, seed: number): Uint16Array {
   return out;
 }
 
+/**
+ * Rows of the calibration bands: row = sqrt(rho) * c_band + sqrt(1 - rho) * n_row with c_band and
+ * n_row independent uniform(-1, 1) vectors (a proper xorshift stream per row, not the template),
+ * so two rows of a band have expected cosine rho.
+ */
+function writeCalibrationBands(embed: Uint16Array): void {
+  const f = new Float32Array(1), u = new Uint32Array(f.buffer);
+  let x = 0x9e3779b9;
+  const next = () => {
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    return (x / 4294967296) * 2 - 1;
+  };
+  const c = new Float32Array(H);
+  for (const rho of CALIBRATION_BANDS) {
+    for (let j = 0; j < H; j++) c[j] = next();
+    const a = Math.sqrt(rho), b = Math.sqrt(1 - rho), start = bandStart(rho);
+    for (let r = 0; r < BAND_ROWS; r++)
+      for (let j = 0; j < H; j++) {
+        f[0] = a * c[j] + b * next() || 1e-3;
+        embed[(start + r) * H + j] = u[0] >>> 16;
+      }
+  }
+}
+
 function writeModel(dir: string): void {
   mkdirSync(dir, { recursive: true });
   const cfg = {
@@ -113,8 +157,10 @@ function writeModel(dir: string): void {
     writeSafetensors(join(dir, file), t, { format: "pt" });
     for (const k of Object.keys(t)) weightMap[k] = file;
   };
+  const embed = randomBf16(V * H, 1, 1);
+  writeCalibrationBands(embed);
   put("model-embed.safetensors", {
-    "model.embed_tokens.weight": { dtype: "BF16", shape: [V, H], data: randomBf16(V * H, 1, 1) },
+    "model.embed_tokens.weight": { dtype: "BF16", shape: [V, H], data: embed },
     "model.norm.weight": { dtype: "BF16", shape: [H], data: ones(H) },
   });
   put("model-head.safetensors", { "lm_head.weight": dense(V, H, 2) });
@@ -176,7 +222,32 @@ async function fillContext(engine: Engine, session: number, n: number, seed: num
     }
 }
 
-interface Point { batch: number; context: number; mode: string; floorMs?: number; stepMs?: number; minMs?: number; drainMs?: number; throughputMs?: number; sameAs?: string; correctionRate?: number; recallMBPerStep?: number; graph?: string; error?: string; ts?: Record<string, number> }
+interface Point { batch: number; context: number; mode: string; floorMs?: number; stepMs?: number; minMs?: number; drainMs?: number; throughputMs?: number; sameAs?: string; correctionRate?: number; recallMBPerStep?: number; graph?: string; error?: string; ts?: Record<string, number>; dynamics?: Dynamics }
+
+/** What the engine measured of the queries (sessions[0]'s per-layer statistics over all its steps). */
+interface Dynamics {
+  cosMean: number;
+  belowTauPct: number;
+  overlapPct: number;
+  layers: { layer: number; cosMean: number; cosStd: number; belowTauPct: number; overlapPct: number; correctionRate: number }[];
+}
+
+function dynamicsOf(st: ReturnType<Engine["stats"]>): Dynamics {
+  let n = 0, sum = 0, below = 0, ov = 0, ovBase = 0;
+  const layers = st.layers.map((l, layer) => {
+    n += l.cosineSamples; sum += l.cosineSum; below += l.cosineBelowTau; ov += l.overlapPages; ovBase += l.overlapBase;
+    const m = l.cosineSamples ? l.cosineSum / l.cosineSamples : NaN;
+    return {
+      layer,
+      cosMean: m,
+      cosStd: l.cosineSamples ? Math.sqrt(Math.max(0, l.cosineSumSq / l.cosineSamples - m * m)) : NaN,
+      belowTauPct: l.cosineSamples ? (100 * l.cosineBelowTau) / l.cosineSamples : NaN,
+      overlapPct: l.overlapBase ? (100 * l.overlapPages) / l.overlapBase : NaN,
+      correctionRate: l.selections ? l.corrections / l.selections : NaN,
+    };
+  });
+  return { cosMean: n ? sum / n : NaN, belowTauPct: n ? (100 * below) / n : NaN, overlapPct: ovBase ? (100 * ov) / ovBase : NaN, layers };
+}
 
 async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, model: Model, batch: number, context: number, mode: string): Promise<Point> {
   const geo = { layers: LAYERS, qHeads: HQ, kvHeads: HKV, headDim: D, kvDtype: DType.D_TYPE_BFLOAT16 };
@@ -185,9 +256,14 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
   // cudaGraphs: false, passed in by the caller).
   // "<mode>-serial": every step followed by a wait for both streams (the speculative recall of the
   // step included) inside its timing; its logits must equal the pipelined run's bit for bit.
-  const serial = mode.endsWith("-serial");
-  const direct = mode.endsWith("-direct");
-  const base = direct || serial ? mode.replace(/-(direct|serial)$/, "") : mode;
+  // "<mode>@<rho>": tokens from the calibration band rho instead of the argmax (see the header).
+  const [modeName, bandText] = mode.split("@");
+  const band = bandText === undefined ? undefined : bandStart(Number(bandText));
+  let bandSeed = 12345;
+  const bandToken = () => band! + ((bandSeed = (bandSeed * 1103515245 + 12345) >>> 0) % BAND_ROWS);
+  const serial = modeName.endsWith("-serial");
+  const direct = modeName.endsWith("-direct");
+  const base = direct || serial ? modeName.replace(/-(direct|serial)$/, "") : modeName;
   const point: Point = { batch, context, mode, floorMs: floorMs(batch, context, base) };
   try {
     for (let b = 0; b < batch; b++) {
@@ -196,7 +272,7 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
       await fillContext(engine, s.session, context, 1000 + b);
     }
     const ids = Int32Array.from(sessions.map((s) => s.session));
-    let tokens = Int32Array.from(sessions.map((_, b) => (b * 7919 + 13) % V));
+    let tokens = Int32Array.from(sessions.map((_, b) => (band === undefined ? (b * 7919 + 13) % V : bandToken())));
     let pos = context;
     const times: number[] = [];
     const stepLogits: Float32Array[] = [];
@@ -219,7 +295,8 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
       if (step >= warm) times.push(ms);
       pos++;
       const next = new Int32Array(batch);
-      for (let b = 0; b < batch; b++) {
+      if (band !== undefined) for (let b = 0; b < batch; b++) next[b] = bandToken();
+      else for (let b = 0; b < batch; b++) {
         let best = 0;
         for (let v = 1; v < V; v++) if (logits[b * V + v] > logits[b * V + best]) best = v;
         next[b] = best;
@@ -233,7 +310,7 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     point.drainMs = performance.now() - d0;
     point.throughputMs = (times.reduce((a, b) => a + b, 0) + point.drainMs) / times.length;
     // The same point and base mode run before: every timed step's logits must be identical.
-    const key = `${batch}:${context}:${base}`;
+    const key = `${batch}:${context}:${base}${bandText === undefined ? "" : "@" + bandText}`;
     const prev = logitsOf.get(key);
     if (prev) {
       let diffs = 0;
@@ -251,6 +328,7 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     const steps = Number(st.decodeSteps) || 1;
     point.correctionRate = Number(st.selections) ? Number(st.corrections) / Number(st.selections) : 0;
     point.recallMBPerStep = Number(st.recallBytes) / steps / 1e6;
+    point.dynamics = dynamicsOf(st);
 
     // 3. The TypeScript of a Generate step (scheduler + greedy sampling), same sessions.
     if (mode === "freekv" && batch === Math.max(...points.map((p) => p.batch))) {
@@ -318,7 +396,7 @@ const model = await addon.Model.load({ config: spec.native, tensors: collectTens
 log(`Model.load: ${((performance.now() - t1) / 1000).toFixed(1)} s; device ${model.device}`);
 // "-direct" modes: a second engine with graphs off and the model loaded on it (when asked for).
 let direct: { engine: Engine; model: Model } | undefined;
-if (modes.some((m) => m.endsWith("-direct"))) {
+if (modes.some((m) => m.split("@")[0].endsWith("-direct"))) {
   const e = new addon.Engine({ backend: "cuda", cudaGraphs: false, sideTiming });
   direct = { engine: e, model: await addon.Model.load({ config: spec.native, tensors: collectTensorRefs(args.dir!, spec.native), engine: e }) };
 }
@@ -366,23 +444,23 @@ for (const t of args.prefill ? args.prefill.split(",").map(Number) : []) {
 const results: Point[] = [];
 for (const p of points)
   for (const mode of modes) {
-    const on = mode.endsWith("-direct") ? direct! : { engine, model };
+    const on = mode.split("@")[0].endsWith("-direct") ? direct! : { engine, model };
     const r = await timePoint(addon, on.engine, on.model, p.batch, p.context, mode);
     results.push(r);
     log(
       `b${r.batch} ctx ${r.context} ${r.mode}: ` +
-        (r.error ? `error: ${r.error}` : `${r.stepMs!.toFixed(2)} ms/step (min ${r.minMs!.toFixed(2)}; with the final drain of ${r.drainMs!.toFixed(2)} ms, ${r.throughputMs!.toFixed(2)} ms a step)${r.sameAs ? `, logits ${r.sameAs}` : ""}, corrections ${(100 * r.correctionRate!).toFixed(1)}%, recall ${r.recallMBPerStep!.toFixed(1)} MB/step; ${r.graph}`) +
+        (r.error ? `error: ${r.error}` : `${r.stepMs!.toFixed(2)} ms/step (min ${r.minMs!.toFixed(2)}; with the final drain of ${r.drainMs!.toFixed(2)} ms, ${r.throughputMs!.toFixed(2)} ms a step)${r.sameAs ? `, logits ${r.sameAs}` : ""}, corrections ${(100 * r.correctionRate!).toFixed(1)}%, query cosine ${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(1)}% below tau), top-k overlap ${r.dynamics!.overlapPct.toFixed(1)}%, recall ${r.recallMBPerStep!.toFixed(1)} MB/step; ${r.graph}`) +
         (r.ts ? `; Generate TS: ${r.ts.tsMs.toFixed(2)} ms of ${r.ts.wallMs.toFixed(2)} ms (${r.ts.sharePct.toFixed(2)}%)` : ""),
     );
   }
 
 log("");
-log("| batch | context | mode | ms / step (median) | HBM floor ms | x floor | corrections | recall MB / step |");
-log("| --- | --- | --- | --- | --- | --- | --- | --- |");
+log("| batch | context | mode | ms / step (median) | HBM floor ms | x floor | corrections | query cosine (below tau) | top-k overlap | recall MB / step |");
+log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
 for (const r of results)
   log(
     `| ${r.batch} | ${r.context} | ${r.mode} | ${r.error ? "error" : r.stepMs!.toFixed(2)} | ${r.floorMs!.toFixed(2)} | ${r.error ? "" : (r.stepMs! / r.floorMs!).toFixed(1)} | ` +
-      `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? r.error : r.recallMBPerStep!.toFixed(1)} |`,
+      `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? "" : `${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(0)}%)`} | ${r.error ? "" : r.dynamics!.overlapPct.toFixed(1) + "%"} | ${r.error ? r.error : r.recallMBPerStep!.toFixed(1)} |`,
   );
-writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), layers: LAYERS, steps: STEPS, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
+writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, layers: LAYERS, steps: STEPS, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
 process.exit(0);

@@ -15,6 +15,8 @@
 # ANCHOR_S=100 transformers' prefill of ANCHOR_PREFILL prompt lengths (bench/anchor/hf_anchor.py),
 # TTFT_S=150 time to first token through Generate for TTFT_PROMPTS with the runner step's 8B folder,
 # and a decoding session's pace while a TTFT_BACKGROUND-token prompt prefills (bench/ttft.ts).
+# EVAL_S=480 `freekv eval` of the trained model on the CUDA backend (scripts/gpu/eval.sh; needs
+# the task files of .gpu/eval/, made here as that script says).
 # PROFILE=1 adds PROFILE_S=150 one step's kernels under Nsight Compute (see below).
 #
 # The machine returns at most 8 files from $OUT, so everything goes into one folder that is packed
@@ -49,7 +51,7 @@ step() {  # step NAME SECONDS COMMAND...: runs with OUT=$work/NAME, records rc a
   OUT=$work/$name timeout "$limit" "$@" > "$work/$name/stdout.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc in $((SECONDS - t0)) s (limit $limit)$( [ $rc -eq 124 ] && echo ', cut off at its limit')" >> "$summary"
-  grep -a -h -E "\[anchor\] prefill|^\| [0-9]|while a |first request|demo finished|  FAIL|backend|cases pass|parity checks pass|ms/step|TS\+gRPC|^Generate |decode attention: max rel|\[run\] .* exit" "$work/$name/stdout.log" 2>/dev/null |
+  grep -a -h -E "\[eval\]|^all |\[anchor\] prefill|^\| [0-9]|while a |first request|demo finished|  FAIL|backend|cases pass|parity checks pass|ms/step|TS\+gRPC|^Generate |decode attention: max rel|\[run\] .* exit" "$work/$name/stdout.log" 2>/dev/null |
     tr -d '\000' | head -30 | sed "s/^/  $name: /" >> "$summary"
   pack
 }
@@ -64,6 +66,7 @@ step anchor "${ANCHOR_S:-100}" $py bench/anchor/hf_anchor.py --out "$work/anchor
 if [ -f .gpu/services.tar.xz ]; then
   tar xJf .gpu/services.tar.xz
   step demo "${DEMO_S:-40}" env FREEKV_BACKEND=cuda node dist/tools/dev/demo.js
+  [ -f .gpu/eval/tasks-32768.jsonl ] && step eval "${EVAL_S:-480}" bash scripts/gpu/eval.sh
   [ -f /tmp/freekv-8b/config.json ] && step ttft "${TTFT_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b \
     node dist/bench/ttft.js --prompts "${TTFT_PROMPTS:-8192,32768,131072}" --runs 1 --max-tokens 4 \
     --background "${TTFT_BACKGROUND:-32768}" --background-tokens 400 --hf "$work/anchor/anchor.json" --out "$work/ttft/ttft.json"

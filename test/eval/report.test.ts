@@ -168,6 +168,28 @@ describe("summarize", () => {
     expect(summary.modes.find((x) => x.mode === "dense")!.retrieval.correction_rate).toBe(0);
   });
 
+  it("per family and selecting mode, the counters of that family's requests only; modes that select nothing are left out", () => {
+    for (const family of FAMILIES)
+      for (const mode of MODES) {
+        const rs = results.filter((r) => r.mode === mode && r.family === family && r.stats);
+        const sum = (f: (s: NonNullable<TaskResult["stats"]>) => number) => rs.reduce((a, r) => a + f(r.stats!), 0);
+        const f = summary.families.find((x) => x.family === family && x.mode === mode);
+        if (sum((s) => s.selections) === 0) {
+          expect(f, why).toBeUndefined();
+          continue;
+        }
+        expect(f, why).toBeDefined();
+        expect(f!.decode_steps).toBe(sum((s) => s.decodeSteps));
+        expect(f!.correction_rate).toBe(sum((s) => s.corrections) / sum((s) => s.selections));
+        expect(f!.pages_recalled_per_step).toBeCloseTo(sum((s) => s.pagesRecalled) / sum((s) => s.decodeSteps), 12);
+        expect(f!.hit_rate).toBe(sum((s) => s.pagesSelected) ? sum((s) => s.pagesHit) / sum((s) => s.pagesSelected) : 0);
+      }
+    expect(summary.families.some((f) => f.mode === "freekv")).toBe(true);
+    expect(summary.families.some((f) => f.mode === "dense")).toBe(false);
+    const text = toTable(summary);
+    for (const f of summary.families) expect(text).toMatch(new RegExp(`^${f.family}\\s+${f.mode}\\s+${f.decode_steps}\\s`, "m"));
+  });
+
   it("per mode and layer, the cosine's mean, spread, minimum and fraction below tau of every raw sample", () => {
     for (const mode of MODES) {
       const m = summary.modes.find((x) => x.mode === mode)!.retrieval;

@@ -65,6 +65,22 @@ export function toTable(s: Summary): string {
     ]),
     1,
   );
+  if (s.families.length) {
+    out += "\nper family and mode that selects pages (counters summed over the family's requests, per decode step)\n";
+    out += table(
+      ["family", "mode", "decode steps", "correction rate", "recalled pages/step", "recalled KiB/step", "hit rate"],
+      s.families.map((f) => [
+        f.family,
+        f.mode,
+        String(f.decode_steps),
+        f.correction_rate.toFixed(3),
+        f.pages_recalled_per_step.toFixed(1),
+        (f.recall_bytes_per_step / 1024).toFixed(1),
+        f.hit_rate.toFixed(3),
+      ]),
+      1,
+    );
+  }
   const layerRows = s.modes.flatMap((m) =>
     m.retrieval.layers.map((l) => [
       m.mode,
@@ -162,6 +178,7 @@ export function toJson(info: RunInfo, s: Summary, results: readonly TaskResult[]
       "correct = every expected answer is a substring of the generated text; for multi_query, ordered_retrieval and multi_value each after the previous one found; answer_fraction = found / expected",
     modes: s.modes,
     cells: s.cells,
+    families: s.families,
     not_exposed: NOT_EXPOSED,
     results,
   };

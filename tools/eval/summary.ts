@@ -154,9 +154,22 @@ export interface ModeSummary extends Accuracy {
   decode_ms_per_token: number;
 }
 
+/** What the service did for one task family in one retrieval mode (its counters summed over those requests). */
+export interface FamilyRetrieval {
+  family: Family;
+  mode: ModeName;
+  decode_steps: number;
+  correction_rate: number;
+  pages_recalled_per_step: number;
+  recall_bytes_per_step: number;
+  hit_rate: number;
+}
+
 export interface Summary {
   cells: Cell[];
   modes: ModeSummary[];
+  /** Per family and mode that selects pages (oracle, speculative, freekv): where corrections and recalls happen. */
+  families: FamilyRetrieval[];
 }
 
 export function accuracyOf(rs: readonly TaskResult[]): Accuracy {
@@ -223,5 +236,20 @@ export function summarize(results: readonly TaskResult[], modes: readonly ModeNa
       decode_ms_per_token: decodeTokens ? ok.reduce((a, r) => a + r.decode_ms, 0) / decodeTokens : 0,
     };
   });
-  return { cells, modes: summaries };
+  const perFamily: FamilyRetrieval[] = [];
+  for (const family of families)
+    for (const mode of modes) {
+      const r = retrievalOf(results.filter((x) => x.mode === mode && x.family === family));
+      if (r.selections === 0) continue;
+      perFamily.push({
+        family,
+        mode,
+        decode_steps: r.decode_steps,
+        correction_rate: r.correction_rate,
+        pages_recalled_per_step: r.pages_recalled_per_step,
+        recall_bytes_per_step: r.recall_bytes_per_step,
+        hit_rate: r.hit_rate,
+      });
+    }
+  return { cells, modes: summaries, families: perFamily };
 }
