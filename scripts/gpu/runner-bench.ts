@@ -32,6 +32,10 @@
  *                              [--modes freekv,oracle,dense] [--steps 16] [--out DIR]
  *                              [--hbm-gbps 4290] [--profile-steps N] [--side-timing]
  *                              [--prefill 8192,32768] [--prefill-chunk 512,2048] [--prefill-gathered 8192]
+ *                              [--sweep freekv@0.5,freekv@0.8,...] [--match-cosine 0.68 --calibrated freekv,dense]
+ * --sweep: modes run at the first point before the others; --match-cosine C --calibrated MODES:
+ * the sweep's band whose measured mean adjacent-query cosine is nearest C (e.g. the trained
+ * model's, from `freekv eval`) is chosen and MODES run at every point on it (as MODE@band).
  * --hbm-gbps: the HBM bandwidth of the floors (bench/gpu/run.sh passes the copy bandwidth it has
  * just measured); --profile-steps N: the first N timed steps of the first point inside a profiler
  * collection range (run under `ncu --profile-from-start off` for per-kernel device times).
@@ -75,6 +79,14 @@ const { values: args } = parseArgs({
     "prefill-gathered": { type: "string", default: "0" },
     /** The engine's side-stream timing diagnostic (EngineOptions.sideTiming). */
     "side-timing": { type: "boolean", default: false },
+    /** Modes run at the first point only, before the others: e.g. a sweep of calibration bands. */
+    sweep: { type: "string", default: "" },
+    /**
+     * With --sweep and --calibrated: the band of the sweep whose measured mean query cosine is
+     * nearest this value is chosen, and every --calibrated mode runs at every point on it.
+     */
+    "match-cosine": { type: "string", default: "" },
+    calibrated: { type: "string", default: "" },
   },
 });
 const LAYERS = Number(args.layers);
@@ -260,7 +272,7 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
   const [modeName, bandText] = mode.split("@");
   const band = bandText === undefined ? undefined : bandStart(Number(bandText));
   let bandSeed = 12345;
-  const bandToken = () => band! + ((bandSeed = (bandSeed * 1103515245 + 12345) >>> 0) % BAND_ROWS);
+  const bandToken = () => band! + (((bandSeed = (Math.imul(bandSeed, 1103515245) + 12345) >>> 0) >>> 16) % BAND_ROWS);
   const serial = modeName.endsWith("-serial");
   const direct = modeName.endsWith("-direct");
   const base = direct || serial ? modeName.replace(/-(direct|serial)$/, "") : modeName;
@@ -370,6 +382,9 @@ const points = args.points!.split(",").map((p) => {
   return { batch: b, context: c };
 });
 const modes = args.modes!.split(",");
+// Calibration bands named in the modes are checked before any work.
+for (const m of [...modes, ...(args.sweep ? args.sweep.split(",") : [])]) if (m.includes("@")) bandStart(Number(m.split("@")[1]));
+for (const m of args.calibrated ? args.calibrated.split(",") : []) if (m.includes("@")) throw new RangeError(`--calibrated takes plain modes (got ${m})`);
 const addon = loadAddon();
 const info = addon.backendInfo();
 log(`date ${new Date().toISOString()}; ${os.cpus()[0]?.model}; backendInfo ${JSON.stringify(info.cuda)}`);
@@ -442,17 +457,36 @@ for (const t of args.prefill ? args.prefill.split(",").map(Number) : []) {
 }
 
 const results: Point[] = [];
-for (const p of points)
-  for (const mode of modes) {
-    const on = mode.split("@")[0].endsWith("-direct") ? direct! : { engine, model };
-    const r = await timePoint(addon, on.engine, on.model, p.batch, p.context, mode);
-    results.push(r);
-    log(
-      `b${r.batch} ctx ${r.context} ${r.mode}: ` +
-        (r.error ? `error: ${r.error}` : `${r.stepMs!.toFixed(2)} ms/step (min ${r.minMs!.toFixed(2)}; with the final drain of ${r.drainMs!.toFixed(2)} ms, ${r.throughputMs!.toFixed(2)} ms a step)${r.sameAs ? `, logits ${r.sameAs}` : ""}, corrections ${(100 * r.correctionRate!).toFixed(1)}%, query cosine ${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(1)}% below tau), top-k overlap ${r.dynamics!.overlapPct.toFixed(1)}%, recall ${r.recallMBPerStep!.toFixed(1)} MB/step; ${r.graph}`) +
-        (r.ts ? `; Generate TS: ${r.ts.tsMs.toFixed(2)} ms of ${r.ts.wallMs.toFixed(2)} ms (${r.ts.sharePct.toFixed(2)}%)` : ""),
-    );
+const plan = [
+  ...(args.sweep ? args.sweep.split(",").map((mode) => ({ p: points[0], mode })) : []),
+  ...points.flatMap((p) => modes.filter((m) => m !== "").map((mode) => ({ p, mode }))),
+];
+const matchCosine = args["match-cosine"] ? Number(args["match-cosine"]) : NaN;
+if (args.calibrated && !(Number.isFinite(matchCosine) && args.sweep)) throw new RangeError("--calibrated needs --sweep and --match-cosine");
+let chosen: { band: string; cosMean: number } | undefined;
+for (let i = 0; i < plan.length; i++) {
+  const { p, mode } = plan[i];
+  const on = mode.split("@")[0].endsWith("-direct") ? direct! : { engine, model };
+  const r = await timePoint(addon, on.engine, on.model, p.batch, p.context, mode);
+  results.push(r);
+  log(
+    `b${r.batch} ctx ${r.context} ${r.mode}: ` +
+      (r.error ? `error: ${r.error}` : `${r.stepMs!.toFixed(2)} ms/step (min ${r.minMs!.toFixed(2)}; with the final drain of ${r.drainMs!.toFixed(2)} ms, ${r.throughputMs!.toFixed(2)} ms a step)${r.sameAs ? `, logits ${r.sameAs}` : ""}, corrections ${(100 * r.correctionRate!).toFixed(1)}%, query cosine ${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(1)}% below tau), top-k overlap ${r.dynamics!.overlapPct.toFixed(1)}%, recall ${r.recallMBPerStep!.toFixed(1)} MB/step; ${r.graph}`) +
+      (r.ts ? `; Generate TS: ${r.ts.tsMs.toFixed(2)} ms of ${r.ts.wallMs.toFixed(2)} ms (${r.ts.sharePct.toFixed(2)}%)` : ""),
+  );
+  // The sweep is done: choose the band nearest the target cosine and queue the calibrated modes.
+  const sweepEnd = args.sweep ? args.sweep.split(",").length : 0;
+  if (args.calibrated && i === sweepEnd - 1) {
+    const swept = results.filter((x) => !x.error && x.mode.includes("@") && Number.isFinite(x.dynamics?.cosMean));
+    if (swept.length === 0) log("calibration: no sweep point measured a cosine; calibrated modes skipped");
+    else {
+      const best = swept.reduce((a, b) => (Math.abs(b.dynamics!.cosMean - matchCosine) < Math.abs(a.dynamics!.cosMean - matchCosine) ? b : a));
+      chosen = { band: best.mode.split("@")[1], cosMean: best.dynamics!.cosMean };
+      log(`calibration: band ${chosen.band} (measured mean query cosine ${chosen.cosMean.toFixed(3)}) is nearest the target ${matchCosine}`);
+      for (const pt of points) for (const m of args.calibrated.split(",")) plan.push({ p: pt, mode: `${m}@${chosen.band}` });
+    }
   }
+}
 
 log("");
 log("| batch | context | mode | ms / step (median) | HBM floor ms | x floor | corrections | query cosine (below tau) | top-k overlap | recall MB / step |");
@@ -462,5 +496,5 @@ for (const r of results)
     `| ${r.batch} | ${r.context} | ${r.mode} | ${r.error ? "error" : r.stepMs!.toFixed(2)} | ${r.floorMs!.toFixed(2)} | ${r.error ? "" : (r.stepMs! / r.floorMs!).toFixed(1)} | ` +
       `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? "" : `${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(0)}%)`} | ${r.error ? "" : r.dynamics!.overlapPct.toFixed(1) + "%"} | ${r.error ? r.error : r.recallMBPerStep!.toFixed(1)} |`,
   );
-writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, layers: LAYERS, steps: STEPS, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
+writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
 process.exit(0);
