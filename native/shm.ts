@@ -76,6 +76,8 @@ export interface NativeLayout {
 export interface ManifestState {
   /** The magic is there and the header's layer count is the one asked for. */
   valid: boolean;
+  /** The kvstore marked the session corrupt (a committed page changed after its commit). */
+  corrupt: boolean;
   layers: number;
   /** Tokens every layer holds. */
   contextTokens: number;
@@ -107,6 +109,10 @@ export interface Contract {
   /** Writes a fresh manifest into a segment's buffer: zeroes it, then the header for `layers`. */
   initManifest(buffer: ArrayBuffer, layers: number): void;
   readManifest(buffer: ArrayBuffer, layers: number): ManifestState;
+  /** Writes the corrupt marker over the manifest's magic (engine/Manifest.h kManifestCorruptMagic). */
+  markManifestCorrupt(buffer: ArrayBuffer): void;
+  /** Whether the manifest carries the corrupt marker. */
+  manifestCorrupt(buffer: ArrayBuffer): boolean;
   /** The defaults of every retrieval field (DESIGN.md section 2). */
   retrievalDefaults(): Retrieval;
   /** null when valid; fields left out take the defaults. */
@@ -121,6 +127,12 @@ export interface Contract {
 
 export interface ShmAddon extends Contract {
   ShmSegment: ShmSegmentStatic;
+  /** CRC32C of the bytes (native/src/shm/Crc32c.h), continuing from `seed` (0: a fresh checksum). */
+  crc32c(bytes: ArrayBuffer | ArrayBufferView, seed?: number): number;
+  /** CRC32C of each of `count` consecutive pages of `pageBytes` from `byteOffset`; RangeError past the end. */
+  crc32cPages(bytes: ArrayBuffer | ArrayBufferView, byteOffset: number, pageBytes: number, count: number): Uint32Array;
+  /** Whether the checksums run on the CPU's crc32 instruction. */
+  readonly crc32cHardware: boolean;
 }
 
 let cached: ShmAddon | undefined;

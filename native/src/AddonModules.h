@@ -5,7 +5,8 @@
 #include <napi.h>
 
 namespace freekv::addon {
-void InitShm(Napi::Env env, Napi::Object exports);       // shm/AddonShm.cpp
+void InitShm(Napi::Env env, Napi::Object exports);       // shm/AddonShm.cpp (with InitCrc32c)
+void InitCrc32c(Napi::Env env, Napi::Object exports);    // shm/AddonCrc32c.cpp
 void InitContract(Napi::Env env, Napi::Object exports);  // engine/AddonContract.cpp
 void InitDevice(Napi::Env env, Napi::Object exports);    // cuda/AddonDevice.cpp
 void InitEngine(Napi::Env env, Napi::Object exports);    // engine/AddonEngine.cpp

@@ -32,8 +32,8 @@ export const computeConfigSchema = z.object({
   FREEKV_MAX_CONTEXT_LIMIT: positiveInt(1 << 20),
   /** How long decode requests for one layer are collected into one engine call, in microseconds. */
   FREEKV_DECODE_BATCH_WINDOW_US: nonNegativeInt(200),
-  /** Send a CRC32C of every committed page for the kvstore to verify. */
-  FREEKV_COMMIT_CHECKSUMS: flag(false),
+  /** Send a CRC32C (computed natively) of every committed page for the kvstore to verify against shared memory. */
+  FREEKV_COMMIT_CHECKSUMS: flag(true),
   /** Prompt tokens per prefill chunk of Generate; decode steps of other sessions run between two chunks. Unset: the backend's default (defaultPrefillChunkTokens). */
   FREEKV_PREFILL_CHUNK_TOKENS: optionalIntInRange(PREFILL_CHUNK_TOKENS.min, PREFILL_CHUNK_TOKENS.max),
   /** While sessions decode, a prefill chunk's predicted time at most this times the recent decode step (0: whole chunks always). */

@@ -25,6 +25,8 @@ export const kvstoreConfigSchema = z.object({
   FREEKV_KVSTORE_CAPACITY_BYTES: nonNegativeInt(0),
   /** Keep live sessions' segments at shutdown (so a restarted compute can re-attach). */
   FREEKV_KVSTORE_PERSIST: flag(false),
+  /** Rate at which the scrubber re-reads committed pages to check their CRC32C (0: off). */
+  FREEKV_SCRUB_BYTES_PER_S: nonNegativeInt(256 << 20),
   FREEKV_SHUTDOWN_GRACE_MS: positiveInt(10_000),
   FREEKV_LOG_LEVEL: logLevel(),
 });

@@ -18,6 +18,7 @@ import { watchDirectory } from "./directory-health.js";
 import { createKvStoreMetrics } from "./metrics.js";
 import { kvstoreService } from "./service.js";
 import { SEGMENT_KINDS, setDirectoryKind, sweepStaleSegments } from "./segments.js";
+import { Scrubber } from "./scrubber.js";
 import { KvStore } from "./store.js";
 
 export const KVSTORE_SERVICE = "freekv.v1.KvStoreService";
@@ -54,6 +55,9 @@ async function main(): Promise<void> {
   const store = new KvStore(directory, capacity, log, metrics);
   metrics.capacityBytes.set(capacity);
   const adopted = await store.adopt();
+  const scrubber = new Scrubber(store, { bytesPerSecond: config.FREEKV_SCRUB_BYTES_PER_S, log, metrics });
+  store.scrubber = scrubber;
+  scrubber.start();
   if (config.FREEKV_KVSTORE_PERSIST && directory.kind === "memory") {
     log.warn("FREEKV_KVSTORE_PERSIST=1 with the in-memory directory: a restarted compute re-attaches, but a restarted kvstore cannot find the kept segments (use FREEKV_DIRECTORY=redis://...)");
   }
@@ -81,6 +85,7 @@ async function main(): Promise<void> {
     graceMs: config.FREEKV_SHUTDOWN_GRACE_MS,
     cleanup: async () => {
       directoryHealth.stop();
+      scrubber.stop();
       await store.shutdown(config.FREEKV_KVSTORE_PERSIST);
       await metricsServer.close();
     },
@@ -89,7 +94,7 @@ async function main(): Promise<void> {
   const directoryHealth = watchDirectory(directory, health, log, metrics, config.FREEKV_DIRECTORY_PROBE_MS);
   store.onDirectoryFailure = (e) => directoryHealth.failed(e);
   log.info(
-    { grpcPort: port, metricsPort: metricsServer.port, directory: directory.kind, capacityBytes: capacity, adopted, persist: config.FREEKV_KVSTORE_PERSIST },
+    { grpcPort: port, metricsPort: metricsServer.port, directory: directory.kind, capacityBytes: capacity, adopted, persist: config.FREEKV_KVSTORE_PERSIST, scrubBytesPerS: config.FREEKV_SCRUB_BYTES_PER_S },
     "kvstore listening",
   );
   // One machine-readable line for supervisors (tools/dev/run.ts, tests).

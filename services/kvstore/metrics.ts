@@ -13,6 +13,11 @@ export interface KvStoreMetrics {
   directoryFailures: Counter<"op">;
   /** 1 while the session directory answers. */
   directoryUp: Gauge;
+  /** Committed pages the scrubber found changed (each marks its session corrupt). */
+  corruptPages: Counter;
+  scrubbedBytes: Counter;
+  /** Seconds the last full scrubber pass over every committed page took. */
+  scrubPassSeconds: Gauge;
 }
 
 export function createKvStoreMetrics(registry: Registry): KvStoreMetrics {
@@ -31,5 +36,8 @@ export function createKvStoreMetrics(registry: Registry): KvStoreMetrics {
     rejected: new Counter({ name: "freekv_kvstore_rejected_total", help: "Requests refused", labelNames: ["reason"], registers: [registry] }),
     directoryFailures: new Counter({ name: "freekv_kvstore_directory_failures_total", help: "Session directory operations that failed (the call got UNAVAILABLE)", labelNames: ["op"], registers: [registry] }),
     directoryUp: new Gauge({ name: "freekv_kvstore_directory_up", help: "1 while the session directory answers (health is NOT_SERVING otherwise)", registers: [registry] }),
+    corruptPages: new Counter({ name: "freekv_kvstore_corrupt_pages_total", help: "Committed pages whose CRC32C changed after the commit (found by the scrubber; the session answers DATA_LOSS)", registers: [registry] }),
+    scrubbedBytes: new Counter({ name: "freekv_kvstore_scrubbed_bytes_total", help: "Bytes of committed pages the scrubber re-read and checked", registers: [registry] }),
+    scrubPassSeconds: new Gauge({ name: "freekv_kvstore_scrub_pass_seconds", help: "Duration of the last full scrubber pass over every committed page (the longest a corruption can go unseen)", registers: [registry] }),
   };
 }

@@ -10,7 +10,9 @@ import { resolveGeometry } from "../common/geometry.js";
 import { resolveRetrieval, toNativeRetrieval, validateRetrieval } from "../common/retrieval.js";
 import { ServiceError, failedPrecondition, invalidArgument, notFound, quoteId, resourceExhausted } from "../common/errors.js";
 import type { Logger } from "../common/log.js";
-import { crc32c } from "../common/crc32c.js";
+import { crc32cPages } from "../common/crc32c.js";
+import { loadShm } from "../../native/shm.js";
+import type { ScrubHost, ScrubSession, Scrubber } from "./scrubber.js";
 import type { SessionDirectory, SessionRecord } from "./directory.js";
 import { capacityPages, computeLayout, toSegmentLayout, totalBytes } from "./layout.js";
 import type { KvStoreMetrics } from "./metrics.js";
@@ -22,14 +24,18 @@ interface Live {
   record: SessionRecord;
   segments: SessionSegments;
   bytes: number;
+  /** Set when a committed page changed after its commit: every call on the session gets it (DATA_LOSS). */
+  corrupt?: ServiceError;
 }
 
 function sameGeometry(a: ModelGeometry, b: ModelGeometry) {
   return a.layers === b.layers && a.queryHeads === b.queryHeads && a.kvHeads === b.kvHeads && a.headDim === b.headDim && a.kvDtype === b.kvDtype;
 }
 
-export class KvStore {
+export class KvStore implements ScrubHost {
   private readonly live = new Map<string, Live>();
+  /** Checks committed pages (scrubber.ts); attached by the process (kvstore/main.ts). */
+  scrubber: Scrubber | undefined;
   private readonly locks = new Map<string, Promise<unknown>>();
   private usedBytes = 0;
 
@@ -92,7 +98,9 @@ export class KvStore {
       try {
         const segments = openSegments(rec.segments);
         const bytes = SEGMENT_KINDS.reduce((s, k) => s + segments[k].size, 0);
-        this.live.set(id, { record: rec, segments, bytes });
+        const l: Live = { record: rec, segments, bytes };
+        if (loadShm().manifestCorrupt(segments.manifest.buffer())) l.corrupt = this.corruptError(id, "marked corrupt by the kvstore before this one");
+        this.live.set(id, l);
         this.usedBytes += bytes;
         adopted++;
       } catch (e) {
@@ -124,6 +132,7 @@ export class KvStore {
     if (!SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
     return this.withLock(req.sessionId, async () => {
       const existing = this.live.get(req.sessionId);
+      if (existing?.corrupt) throw existing.corrupt;
       if (existing) {
         if (req.geometry && req.geometry.layers !== 0 && !sameGeometry(resolveGeometry(req.geometry), existing.record.geometry)) {
           throw failedPrecondition(`session ${req.sessionId} exists with a different geometry`);
@@ -231,6 +240,7 @@ export class KvStore {
     return this.withLock(req.sessionId, async () => {
       const l = this.live.get(req.sessionId);
       if (!l) throw notFound(`session ${quoteId(req.sessionId)} is not attached`);
+      if (l.corrupt) throw l.corrupt;
       const r = l.record;
       const multi = (req.layers ?? []).length > 0;
       if (multi && (req.layer !== 0 || req.firstPage !== 0 || req.count !== 0 || req.checksums.length !== 0)) {
@@ -241,7 +251,6 @@ export class KvStore {
         throw invalidArgument("context_tokens", `${req.contextTokens} exceeds max_context_tokens ${r.maxContextTokens}`);
       }
       const seen = new Set<number>();
-      let layout: ReturnType<typeof computeLayout> | undefined;
       for (const [i, e] of entries.entries()) {
         const at = multi ? `layers[${i}]: ` : "";
         if (!Number.isInteger(e.layer) || e.layer >= r.geometry.layers) {
@@ -258,18 +267,23 @@ export class KvStore {
         if (end * r.retrieval.pageSize > req.contextTokens) {
           throw invalidArgument("context_tokens", `${at}${req.contextTokens} tokens cannot hold ${end} full pages of ${r.retrieval.pageSize}`);
         }
-        if (e.checksums.length !== 0) {
-          const field = multi ? `layers[${i}].checksums` : "checksums";
-          if (e.checksums.length !== e.count) throw invalidArgument(field, `expected ${e.count} (one per page) or none, got ${e.checksums.length}`);
-          layout ??= computeLayout(r.geometry, r.retrieval, r.capacityPages);
-          const store = new Uint8Array(l.segments.store.buffer());
-          for (let k = 0; k < e.count; k++) {
-            const off = e.layer * layout.layerStride + (e.firstPage + k) * layout.pageBytes;
-            const got = crc32c(store.subarray(off, off + layout.pageBytes));
-            if (got !== e.checksums[k] >>> 0) {
-              this.metrics?.checksumFailures.inc();
-              throw failedPrecondition(`${field}[${k}]: page ${e.firstPage + k} of layer ${e.layer} has CRC32C ${got.toString(16)}, expected ${(e.checksums[k] >>> 0).toString(16)}`);
-            }
+        if (e.checksums.length !== 0 && e.checksums.length !== e.count) {
+          throw invalidArgument(multi ? `layers[${i}].checksums` : "checksums", `expected ${e.count} (one per page) or none, got ${e.checksums.length}`);
+        }
+      }
+      // Every newly committed page is checksummed here (natively), checked against what compute
+      // sent when it sent checksums, and kept for the scrubber.
+      const layout = computeLayout(r.geometry, r.retrieval, r.capacityPages);
+      const store = new Uint8Array(l.segments.store.buffer());
+      const sums: Uint32Array[] = [];
+      for (const [i, e] of entries.entries()) {
+        const got = crc32cPages(store, e.layer * layout.layerStride + e.firstPage * layout.pageBytes, layout.pageBytes, e.count);
+        sums.push(got);
+        for (let k = 0; k < e.checksums.length; k++) {
+          if (got[k] !== e.checksums[k] >>> 0) {
+            this.metrics?.checksumFailures.inc();
+            const field = multi ? `layers[${i}].checksums` : "checksums";
+            throw failedPrecondition(`${field}[${k}]: page ${e.firstPage + k} of layer ${e.layer} has CRC32C ${got[k].toString(16)}, expected ${(e.checksums[k] >>> 0).toString(16)}`);
           }
         }
       }
@@ -281,6 +295,7 @@ export class KvStore {
       if (req.metadata.length > 0) next.metadata = Buffer.from(req.metadata);
       await this.dir("put", req.sessionId, () => this.directory.put(next));
       l.record = next;
+      for (const [i, e] of entries.entries()) this.scrubber?.record(req.sessionId, r.geometry.layers, e.layer, e.firstPage, sums[i]);
       this.metrics?.commits.inc();
       this.updateGauges();
       const layerCommittedPages = entries.map((e) => next.committedPages[e.layer]);
@@ -302,12 +317,45 @@ export class KvStore {
       // Forgotten by the directory first: a failed delete keeps the session whole (and releasable again).
       await this.dir("delete", id, () => this.directory.delete(id));
       this.live.delete(id);
+      this.scrubber?.forget(id);
       this.usedBytes -= l.bytes;
       closeSegments(l.segments, true);
       this.updateGauges();
       this.log.info({ session: id }, "session released");
       return true;
     });
+  }
+
+  private corruptError(id: string, why: string): ServiceError {
+    return new ServiceError(status.DATA_LOSS, `session ${quoteId(id)} is corrupt: ${why}; its context cannot be trusted. Release it and start a new session`);
+  }
+
+  /** The live sessions whose committed pages the scrubber checks (corrupt ones are left out). */
+  scrubSessions(): ScrubSession[] {
+    const out: ScrubSession[] = [];
+    for (const [id, l] of this.live) {
+      if (l.corrupt) continue;
+      const r = l.record;
+      const layout = computeLayout(r.geometry, r.retrieval, r.capacityPages);
+      out.push({ id, committed: r.committedPages, pageBytes: layout.pageBytes, layerStride: layout.layerStride, store: new Uint8Array(l.segments.store.buffer()) });
+    }
+    return out;
+  }
+
+  /**
+   * A committed page of `id` no longer matches its checksum: the session answers DATA_LOSS from
+   * now on, and its manifest carries the corrupt marker (compute checks it at every turn; a
+   * re-attach refuses it). Its segments stay until it is released.
+   */
+  markCorrupt(id: string, layer: number, page: number, got: number, expected: number): void {
+    const l = this.live.get(id);
+    if (!l || l.corrupt) return;
+    l.corrupt = this.corruptError(id, `page ${page} of layer ${layer} changed after it was committed (CRC32C ${got.toString(16)}, committed as ${expected.toString(16)})`);
+    try {
+      loadShm().markManifestCorrupt(l.segments.manifest.buffer());
+    } catch (e) {
+      this.log.error({ session: id, err: (e as Error).message }, "cannot mark the manifest corrupt");
+    }
   }
 
   stats(): GetStatsResponse {

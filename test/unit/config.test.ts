@@ -9,10 +9,11 @@ describe("config", () => {
     const k = parseConfig(kvstoreConfigSchema, {});
     expect(k.FREEKV_DIRECTORY).toBe("memory");
     expect(k.FREEKV_KVSTORE_PERSIST).toBe(false);
+    expect(k.FREEKV_SCRUB_BYTES_PER_S).toBe(256 << 20);
     const c = parseConfig(computeConfigSchema, {});
     expect(c.FREEKV_BACKEND).toBe("cpu");
     expect(c.FREEKV_DECODE_BATCH_WINDOW_US).toBe(200);
-    expect(c.FREEKV_COMMIT_CHECKSUMS).toBe(false);
+    expect(c.FREEKV_COMMIT_CHECKSUMS).toBe(true);
     expect(c.FREEKV_CUDA_GRAPH).toBe(true);
     expect(c.FREEKV_SIDE_TIMING).toBe(false);
   });

@@ -175,6 +175,25 @@ Napi::Value InitManifestFn(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// markManifestCorrupt(buffer), manifestCorrupt(buffer)
+Napi::Value MarkManifestCorruptFn(const Napi::CallbackInfo& info) {
+  auto ab = BufferArg(info, 0, "buffer");
+  try {
+    MarkManifestCorrupt(static_cast<uint8_t*>(ab.Data()), ab.ByteLength());
+  } catch (const std::exception& e) {
+    throw Napi::RangeError::New(info.Env(), e.what());
+  }
+  return info.Env().Undefined();
+}
+Napi::Value ManifestCorruptFn(const Napi::CallbackInfo& info) {
+  auto ab = BufferArg(info, 0, "buffer");
+  try {
+    return Napi::Boolean::New(info.Env(), ManifestCorrupt(static_cast<const uint8_t*>(ab.Data()), ab.ByteLength()));
+  } catch (const std::exception& e) {
+    throw Napi::RangeError::New(info.Env(), e.what());
+  }
+}
+
 // readManifest(buffer, layers)
 Napi::Value ReadManifestFn(const Napi::CallbackInfo& info) {
   auto env = info.Env();
@@ -188,6 +207,7 @@ Napi::Value ReadManifestFn(const Napi::CallbackInfo& info) {
   }
   auto o = Napi::Object::New(env);
   o.Set("valid", s.valid);
+  o.Set("corrupt", s.corrupt);
   o.Set("layers", s.layers);
   o.Set("contextTokens", static_cast<double>(s.context_tokens));
   auto committed = Napi::Array::New(env, layers), tail = Napi::Array::New(env, layers);
@@ -241,6 +261,8 @@ void InitContract(Napi::Env env, Napi::Object exports) {
   exports.Set("layout", Napi::Function::New(env, LayoutFn, "layout"));
   exports.Set("initManifest", Napi::Function::New(env, InitManifestFn, "initManifest"));
   exports.Set("readManifest", Napi::Function::New(env, ReadManifestFn, "readManifest"));
+  exports.Set("markManifestCorrupt", Napi::Function::New(env, MarkManifestCorruptFn, "markManifestCorrupt"));
+  exports.Set("manifestCorrupt", Napi::Function::New(env, ManifestCorruptFn, "manifestCorrupt"));
   exports.Set("retrievalDefaults", Napi::Function::New(env, RetrievalDefaultsFn, "retrievalDefaults"));
   exports.Set("validateRetrieval", Napi::Function::New(env, ValidateRetrievalFn, "validateRetrieval"));
   exports.Set("enums", Napi::Function::New(env, EnumsFn, "enums"));

@@ -25,6 +25,7 @@ ManifestState ReadManifest(const uint8_t* base, size_t bytes, int layers) {
   s.layers = h.layers;
   s.context_tokens = h.context_tokens;
   s.valid = h.magic == kManifestMagic && h.layers == static_cast<uint32_t>(layers);
+  s.corrupt = h.magic == kManifestCorruptMagic;
   s.committed_pages.resize(layers);
   s.tail_tokens.resize(layers);
   for (int l = 0; l < layers; ++l) {
@@ -34,6 +35,19 @@ ManifestState ReadManifest(const uint8_t* base, size_t bytes, int layers) {
     s.tail_tokens[l] = w[1];
   }
   return s;
+}
+
+void MarkManifestCorrupt(uint8_t* base, size_t bytes) {
+  if (!base || bytes < sizeof(ManifestHeader)) throw std::invalid_argument("manifest of " + std::to_string(bytes) + " bytes has no header");
+  const uint32_t m = kManifestCorruptMagic;
+  std::memcpy(base, &m, sizeof m);
+}
+
+bool ManifestCorrupt(const uint8_t* base, size_t bytes) {
+  if (!base || bytes < sizeof(ManifestHeader)) throw std::invalid_argument("manifest of " + std::to_string(bytes) + " bytes has no header");
+  uint32_t m;
+  std::memcpy(&m, base, sizeof m);
+  return m == kManifestCorruptMagic;
 }
 
 void Manifest::WriteQuery(int layer, uint32_t seq, uint64_t tokens, uint32_t flags, const float* q) const {

@@ -22,6 +22,10 @@ struct ManifestHeader {
   uint64_t context_tokens;  // tokens appended to every layer so far
 };
 constexpr uint32_t kManifestMagic = 0x31564b46u;
+// Written over the magic by the kvstore when a committed page of the session no longer matches
+// its checksum (services/kvstore/scrubber.ts): compute checks it at every turn and answers
+// DATA_LOSS; a re-attach refuses the session.
+constexpr uint32_t kManifestCorruptMagic = 0x58564b46u;  // 'FKVX'
 constexpr size_t kManifestLayerBytes = 8;  // committed full pages, tail tokens
 
 // The query state a re-attaching process needs to continue with identical outputs: the last
@@ -46,13 +50,18 @@ inline size_t ManifestWordsBytes(int layers) { return sizeof(ManifestHeader) + k
 void InitManifest(uint8_t* base, size_t bytes, int layers);
 
 struct ManifestState {
-  bool valid = false;  // the magic is there and the header's layers match
+  bool valid = false;    // the magic is there and the header's layers match
+  bool corrupt = false;  // the kvstore marked the session corrupt
   uint32_t layers = 0;
   uint64_t context_tokens = 0;
   std::vector<uint32_t> committed_pages;  // per layer
   std::vector<uint32_t> tail_tokens;      // per layer
 };
 ManifestState ReadManifest(const uint8_t* base, size_t bytes, int layers);
+
+// The corrupt marker (see kManifestCorruptMagic). Both need bytes >= sizeof(ManifestHeader).
+void MarkManifestCorrupt(uint8_t* base, size_t bytes);
+bool ManifestCorrupt(const uint8_t* base, size_t bytes);
 
 // The committed full pages of `layer` in a manifest: the pages the engine has offloaded to the
 // store, written before the call that filled them returns (what the compute tier may commit).

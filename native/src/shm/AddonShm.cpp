@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <memory>
 
+#include "AddonModules.h"
 #include "shm/ShmSegment.h"
 
 namespace freekv::addon {
@@ -128,6 +129,7 @@ void InitShm(Napi::Env env, Napi::Object exports) {
   auto fn = AddonShmSegment::Define(env);
   AddonShmSegment::ctor = new Napi::FunctionReference(Napi::Persistent(fn));
   exports.Set("ShmSegment", fn);
+  InitCrc32c(env, exports);
 }
 
 }  // namespace freekv::addon

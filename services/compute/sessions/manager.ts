@@ -376,8 +376,8 @@ export class SessionManager {
   private commitFailed(s: ComputeSession, req: CommitPagesRequest, e: unknown): void {
     const err = e as Error & { code?: number; details?: string };
     const why = err.details || err.message;
-    if (err.code === status.NOT_FOUND) {
-      this.markLost(s, `the kvstore answered a commit with: ${why}`);
+    if (err.code === status.NOT_FOUND || err.code === status.DATA_LOSS) {
+      this.markLost(s, `the kvstore answered a commit with: ${why}`, err.code === status.DATA_LOSS ? "the kvstore reports its pages corrupt" : undefined);
       return;
     }
     const transport = err.code === undefined || err.code === status.UNAVAILABLE || err.code === status.DEADLINE_EXCEEDED || err.code === status.CANCELLED;
@@ -409,8 +409,15 @@ export class SessionManager {
     if (s.commitError) throw s.commitError;
   }
 
-  /** Throws DATA_LOSS when the kvstore no longer holds the session (see markLost). */
+  /**
+   * Throws DATA_LOSS when the kvstore no longer holds the session, or when it marked the session
+   * corrupt (its scrubber found a committed page that changed after the commit: the manifest
+   * carries the marker, services/kvstore/scrubber.ts). Called at the start of every turn.
+   */
   checkLost(s: ComputeSession): void {
+    if (!s.lost && !s.closed && s.host && loadAddon().manifestCorrupt(s.host.manifest.buffer())) {
+      this.markLost(s, "CRC32C mismatch found by the kvstore's scrubber", "a committed page changed after its commit");
+    }
     if (s.lost) throw s.lost;
   }
 
@@ -419,17 +426,17 @@ export class SessionManager {
    * or its record was removed): what it had committed is gone. The session is marked lost (its
    * calls get DATA_LOSS until it is closed; it is not retried), counted and logged at error level.
    */
-  markLost(s: ComputeSession, why: string): void {
+  markLost(s: ComputeSession, why: string, cause = "the kvstore no longer holds it"): void {
     if (s.lost || s.closed) return;
     s.lost = new ServiceError(
       status.DATA_LOSS,
-      `session ${quoteId(s.id)} is lost: the kvstore no longer holds it (${why}); its context cannot be recovered. Close it and start a new session`,
+      `session ${quoteId(s.id)} is lost: ${cause} (${why}); its context cannot be recovered. Close it and start a new session`,
     );
     s.commitError = undefined;
     if (s.retryTimer) clearTimeout(s.retryTimer);
     s.retryTimer = undefined;
     this.opts.onLost?.();
-    this.opts.log.error({ session: s.id, contextTokens: s.contextTokens, committedPages: s.committedPages, why }, "session lost: the kvstore no longer holds it");
+    this.opts.log.error({ session: s.id, contextTokens: s.contextTokens, committedPages: s.committedPages, why }, `session lost: ${cause}`);
   }
 
   /**
@@ -477,8 +484,12 @@ export class SessionManager {
       await s.commitChain;
       this.detach(s);
     });
-    // A lost session is unknown to the kvstore (its segments went with the old kvstore process).
+    // A lost session is unknown to the kvstore (its segments went with the old kvstore process)
+    // or known as corrupt (its segments are still there): released where it is held, and a
+    // failure to reach the kvstore does not keep it open here.
     if (!s.lost) await this.opts.kvstore.release(id, signal);
+    else
+      await this.opts.kvstore.release(id, signal).catch((e: Error) => this.opts.log.warn({ session: id, err: e.message }, "cannot release a lost session at the kvstore"));
     this.opts.log[s.unnamed ? "debug" : "info"]({ session: id, lost: s.lost ? true : undefined }, "session closed");
     return true;
   }

@@ -567,6 +567,8 @@ std::vector<int> CpuEngine::LastAttendedTokens(int session, int layer, int kv_he
 void CpuEngine::Reattach(CpuSession& s) {
   const auto& pg = s.pg;
   const auto* hdr = s.manifest->header();
+  if (hdr->magic == kManifestCorruptMagic)
+    throw std::invalid_argument("host.manifest is marked corrupt: the kvstore found a committed page that no longer matches its checksum; the session cannot be re-attached");
   if (hdr->magic != kManifestMagic)
     throw std::invalid_argument("host.manifest does not hold a FreeKV manifest (bad magic): nothing to re-attach");
   if (hdr->layers != static_cast<uint32_t>(s.geo.layers))

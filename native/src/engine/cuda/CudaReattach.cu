@@ -26,6 +26,8 @@ using std::to_string;
 // speculative selection + recall the previous process had in flight is done again.
 void CudaEngine::Reattach(Session& s) {
   const auto* hdr = reinterpret_cast<const ManifestHeader*>(s.host.manifest);
+  if (hdr->magic == kManifestCorruptMagic)
+    throw std::invalid_argument("host.manifest is marked corrupt: the kvstore found a committed page that no longer matches its checksum; the session cannot be re-attached");
   if (hdr->magic != kManifestMagic)
     throw std::invalid_argument("host.manifest does not hold a FreeKV manifest (bad magic): nothing to re-attach");
   if (hdr->layers != (uint32_t)s.geo.layers)

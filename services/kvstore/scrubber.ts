@@ -1,0 +1,166 @@
+/**
+ * Integrity of committed pages. A page the kvstore accepted stays in shared memory for the whole
+ * session and is read back (recalled) at many later decode steps; a flipped bit there (a stray
+ * write by another process mapping the segment, a faulty DIMM) would otherwise be attended
+ * silently. So:
+ *
+ * - at every commit the kvstore checksums the newly committed pages itself (CRC32C, natively:
+ *   services/common/crc32c.ts), compares them with the checksums compute sent (when it sent them),
+ *   and keeps them here;
+ * - a scrubber re-reads committed pages continuously at a bounded rate (FREEKV_SCRUB_BYTES_PER_S,
+ *   in slices of a tenth of that every 100 ms, so the event loop is never held for long) and
+ *   compares;
+ * - a mismatch marks the session corrupt (KvStore.markCorrupt): the kvstore answers DATA_LOSS for
+ *   it from then on and writes a corrupt marker into the session's manifest, which compute checks
+ *   at the start of every turn and which makes any re-attach fail; compute then answers DATA_LOSS
+ *   for the session (never a generation over the bad page), logs it and counts it.
+ *
+ * What this does not cover, and says so: the window between a corruption and the scrubber's next
+ * pass over that page (a full pass over B bytes of committed pages takes B / rate seconds:
+ * freekv_kvstore_scrub_pass_seconds); the partial page of each layer (the tail segment, rewritten
+ * at every step); and sessions a restarted kvstore adopted (their checksums are not persisted: the
+ * first pass records them, later passes compare).
+ */
+import { crc32cPages } from "../common/crc32c.js";
+import type { Logger } from "../common/log.js";
+import type { KvStoreMetrics } from "./metrics.js";
+
+/** One live session as the scrubber reads it. */
+export interface ScrubSession {
+  id: string;
+  /** Committed full pages per layer. */
+  committed: readonly number[];
+  pageBytes: number;
+  layerStride: number;
+  store: Uint8Array;
+}
+
+export interface ScrubHost {
+  scrubSessions(): ScrubSession[];
+  markCorrupt(id: string, layer: number, page: number, got: number, expected: number): void;
+}
+
+interface Sums {
+  /** Per layer, the checksums of pages [0, known[layer]). */
+  sums: Uint32Array[];
+  known: number[];
+}
+
+export class Scrubber {
+  private readonly sessions = new Map<string, Sums>();
+  private cursor = { id: "", layer: 0, page: 0 };
+  private timer: NodeJS.Timeout | undefined;
+  private passStarted = Date.now();
+  private passBytes = 0;
+
+  constructor(
+    private readonly host: ScrubHost,
+    private readonly opts: { bytesPerSecond: number; log: Logger; metrics?: KvStoreMetrics },
+  ) {}
+
+  /** The checksums of pages [firstPage, firstPage + sums.length) of a layer, as committed. */
+  record(id: string, layers: number, layer: number, firstPage: number, sums: Uint32Array): void {
+    let s = this.sessions.get(id);
+    if (!s) {
+      s = { sums: Array.from({ length: layers }, () => new Uint32Array(0)), known: new Array<number>(layers).fill(0) };
+      this.sessions.set(id, s);
+    }
+    // Pages are committed in order without gaps; a commit may repeat pages already known (a
+    // retried commit): those keep the first checksums.
+    if (firstPage > s.known[layer]) return;
+    const end = firstPage + sums.length;
+    if (end <= s.known[layer]) return;
+    let arr = s.sums[layer];
+    if (arr.length < end) {
+      const grown = new Uint32Array(Math.max(end, arr.length * 2, 64));
+      grown.set(arr.subarray(0, s.known[layer]));
+      arr = s.sums[layer] = grown;
+    }
+    arr.set(sums.subarray(s.known[layer] - firstPage), s.known[layer]);
+    s.known[layer] = end;
+  }
+
+  forget(id: string): void {
+    this.sessions.delete(id);
+  }
+
+  start(): void {
+    if (this.opts.bytesPerSecond <= 0 || this.timer) return;
+    this.timer = setInterval(() => {
+      try {
+        this.scrub(Math.max(1, Math.floor(this.opts.bytesPerSecond / 10)));
+      } catch (e) {
+        this.opts.log.error({ err: (e as Error).message }, "scrubber slice failed");
+      }
+    }, 100);
+    this.timer.unref();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
+  }
+
+  /**
+   * Checks up to `budget` bytes of committed pages, continuing where the previous call stopped
+   * (sessions in id order, layers, pages). Returns the bytes read. Pages without a recorded
+   * checksum (an adopted session) get one recorded instead.
+   */
+  scrub(budget: number): number {
+    const live = this.host.scrubSessions().sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+    if (live.length === 0) return 0;
+    for (const id of this.sessions.keys()) if (!live.some((s) => s.id === id)) this.sessions.delete(id);
+    let read = 0;
+    let visited = 0;
+    let i = live.findIndex((s) => s.id >= this.cursor.id);
+    if (i < 0) i = 0;
+    if (live[i].id !== this.cursor.id) this.cursor = { id: live[i].id, layer: 0, page: 0 };
+    while (read < budget && visited <= live.length) {
+      const s = live[i];
+      const { layer, page } = this.cursor;
+      if (layer >= s.committed.length) {
+        i = (i + 1) % live.length;
+        visited++;
+        if (i === 0) this.passDone();
+        this.cursor = { id: live[i].id, layer: 0, page: 0 };
+        continue;
+      }
+      const end = s.committed[layer];
+      if (page >= end) {
+        this.cursor = { id: s.id, layer: layer + 1, page: 0 };
+        continue;
+      }
+      const count = Math.max(1, Math.min(end - page, Math.floor((budget - read) / s.pageBytes)));
+      const got = crc32cPages(s.store, layer * s.layerStride + page * s.pageBytes, s.pageBytes, count);
+      read += count * s.pageBytes;
+      const sums = this.sessions.get(s.id);
+      const known = sums ? sums.known[layer] : 0;
+      let bad = false;
+      for (let k = 0; k < count && page + k < known; k++) {
+        const expected = sums!.sums[layer][page + k];
+        if (got[k] !== expected) {
+          bad = true;
+          this.opts.metrics?.corruptPages.inc();
+          this.opts.log.error({ session: s.id, layer, page: page + k, crc: got[k].toString(16), expected: expected.toString(16) }, "scrubber: a committed page no longer matches its checksum");
+          this.host.markCorrupt(s.id, layer, page + k, got[k], expected);
+          this.sessions.delete(s.id);
+          this.cursor = { id: s.id, layer: s.committed.length, page: 0 };
+          break;
+        }
+      }
+      if (!bad && page + count > known) this.record(s.id, s.committed.length, layer, page, got);
+      if (this.cursor.id === s.id && this.cursor.layer === layer) this.cursor = { id: s.id, layer, page: page + count };
+    }
+    this.passBytes += read;
+    this.opts.metrics?.scrubbedBytes.inc(read);
+    return read;
+  }
+
+  private passDone(): void {
+    const now = Date.now();
+    this.opts.metrics?.scrubPassSeconds.set((now - this.passStarted) / 1000);
+    this.opts.log.debug({ bytes: this.passBytes, seconds: (now - this.passStarted) / 1000 }, "scrubber: pass over every committed page done");
+    this.passStarted = now;
+    this.passBytes = 0;
+  }
+}

@@ -1,0 +1,117 @@
+/**
+ * The kvstore's integrity checks in process: commits checksum their pages, the scrubber re-reads
+ * committed pages and finds a flipped bit in any of them, the session then answers DATA_LOSS and
+ * its manifest carries the corrupt marker; pages not yet committed are never judged; a scrubber
+ * that starts without checksums (an adopted session) records them on its first pass.
+ */
+import { afterEach, describe, expect, it } from "vitest";
+import { status } from "@grpc/grpc-js";
+import { Registry } from "prom-client";
+import { createLogger } from "../../services/common/log.js";
+import { MemoryDirectory } from "../../services/kvstore/directory.js";
+import { createKvStoreMetrics } from "../../services/kvstore/metrics.js";
+import { Scrubber } from "../../services/kvstore/scrubber.js";
+import { KvStore } from "../../services/kvstore/store.js";
+import { loadShm } from "../../native/shm.js";
+import { crc32cJs } from "../../services/common/crc32c.js";
+import { prng } from "../helpers/prng.js";
+
+const seed = Number(process.env.FREEKV_TEST_SEED ?? Date.now() % 1e9);
+const rand = prng(seed);
+const why = `seed ${seed} (FREEKV_TEST_SEED)`;
+const log = createLogger("test", "silent");
+const G = { layers: 3, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 };
+const R = { pageSize: 16, sinkTokens: 16, windowTokens: 16, selectTokens: 32 } as never;
+const stores: KvStore[] = [];
+afterEach(async () => {
+  for (const s of stores.splice(0)) await s.shutdown(false);
+});
+
+/** A store with a scrubber, one session whose first `pages` pages of every layer hold random bytes and are committed. */
+async function setup(pages: number, withScrubber = true) {
+  const metrics = createKvStoreMetrics(new Registry());
+  const store = new KvStore(new MemoryDirectory(), 1 << 30, log, metrics);
+  stores.push(store);
+  const scrubber = new Scrubber(store, { bytesPerSecond: 0, log, metrics });
+  if (withScrubber) store.scrubber = scrubber;
+  const a = await store.attach({ sessionId: "s", geometry: G, retrieval: R, maxContextTokens: 1024, metadata: Buffer.alloc(0) });
+  const l = a.layout!;
+  const shm = loadShm();
+  const seg = shm.ShmSegment.open(a.store!.name);
+  const bytes = new Uint8Array(seg.buffer());
+  const pageBytes = Number(l.pageBytes), stride = Number(l.layerStrideBytes);
+  // Random content in every page that will be committed and in the next (uncommitted) one.
+  for (let layer = 0; layer < G.layers; layer++)
+    for (let i = 0; i < (pages + 1) * pageBytes; i++) bytes[layer * stride + i] = Math.floor(rand() * 256);
+  const sum = (layer: number, p: number) => crc32cJs(bytes.subarray(layer * stride + p * pageBytes, layer * stride + (p + 1) * pageBytes));
+  // Committed in two calls per layer (some with compute's checksums, some without).
+  const half = Math.floor(pages / 2);
+  for (const [first, count] of [[0, half], [half, pages - half]] as const)
+    await store.commitPages({
+      sessionId: "s", layer: 0, firstPage: 0, count: 0, checksums: [], contextTokens: pages * 16, metadata: Buffer.alloc(0),
+      layers: Array.from({ length: G.layers }, (_, layer) => ({ layer, firstPage: first, count, checksums: layer === 1 ? [] : Array.from({ length: count }, (_, k) => sum(layer, first + k)) })),
+    });
+  const manifest = shm.ShmSegment.open(a.manifest!.name);
+  return { store, scrubber, metrics, bytes, pageBytes, stride, manifest, close: () => (seg.close(), manifest.close()) };
+}
+
+describe("kvstore scrubber", () => {
+  it("a clean pass reads every committed page once and finds nothing", async () => {
+    const pages = 3 + Math.floor(rand() * 6);
+    const t = await setup(pages);
+    const total = G.layers * pages * t.pageBytes;
+    expect(t.scrubber.scrub(total), why).toBe(total);
+    // In slices of 1-3 pages: one pass (plus at most the last slice's overshoot into the next).
+    let read = 0;
+    while (read < total) read += t.scrubber.scrub(t.pageBytes * (1 + Math.floor(rand() * 3)));
+    expect(read - total, why).toBeLessThan(3 * t.pageBytes);
+    expect(await t.metrics.corruptPages.get()).toMatchObject({ values: [{ value: 0 }] });
+    expect(loadShm().manifestCorrupt(t.manifest.buffer())).toBe(false);
+    // Changing the uncommitted page after the committed ones is not corruption.
+    t.bytes[t.stride + pages * t.pageBytes + 3] ^= 0xff;
+    for (let i = 0; i < 3; i++) t.scrubber.scrub(total);
+    expect(await t.store.commitPages({ sessionId: "s", layer: 0, firstPage: 0, count: 0, checksums: [], contextTokens: pages * 16, metadata: Buffer.alloc(0), layers: [] })).toBeDefined();
+    t.close();
+  });
+
+  it("a flipped bit in any committed page is found: DATA_LOSS on every call, the manifest marked, counted", async () => {
+    const pages = 2 + Math.floor(rand() * 6);
+    const t = await setup(pages);
+    const layer = Math.floor(rand() * G.layers), page = Math.floor(rand() * pages);
+    t.bytes[layer * t.stride + page * t.pageBytes + Math.floor(rand() * t.pageBytes)] ^= 1 << Math.floor(rand() * 8);
+    for (let i = 0; i < 4; i++) t.scrubber.scrub(G.layers * pages * t.pageBytes);
+    expect((await t.metrics.corruptPages.get()).values[0].value, why).toBe(1);
+    expect(loadShm().manifestCorrupt(t.manifest.buffer())).toBe(true);
+    expect(loadShm().readManifest(t.manifest.buffer(), G.layers)).toMatchObject({ valid: false, corrupt: true });
+    const commit = t.store.commitPages({ sessionId: "s", layer: 0, firstPage: 0, count: 0, checksums: [], contextTokens: pages * 16, metadata: Buffer.alloc(0), layers: [] });
+    await expect(commit).rejects.toMatchObject({ code: status.DATA_LOSS, message: expect.stringMatching(new RegExp(`page ${page} of layer ${layer} changed after it was committed`)) });
+    await expect(t.store.attach({ sessionId: "s" } as never)).rejects.toMatchObject({ code: status.DATA_LOSS });
+    // Released like any other session; nothing left to scrub.
+    expect(await t.store.release("s")).toBe(true);
+    expect(t.scrubber.scrub(1 << 20)).toBe(0);
+    t.close();
+  });
+
+  it("without recorded checksums (an adopted session) the first pass records them and a later pass compares", async () => {
+    const pages = 2 + Math.floor(rand() * 4);
+    const t = await setup(pages, false);
+    const fresh = new Scrubber(t.store, { bytesPerSecond: 0, log, metrics: t.metrics });
+    const total = G.layers * pages * t.pageBytes;
+    expect(fresh.scrub(total)).toBe(total);
+    const layer = Math.floor(rand() * G.layers), page = Math.floor(rand() * pages);
+    t.bytes[layer * t.stride + page * t.pageBytes] ^= 0x80;
+    for (let i = 0; i < 3; i++) fresh.scrub(total);
+    expect((await t.metrics.corruptPages.get()).values[0].value, why).toBe(1);
+    t.close();
+  });
+
+  it("a commit whose checksums do not match the store is refused (FAILED_PRECONDITION) and records nothing", async () => {
+    const t = await setup(2);
+    const bad = crc32cJs(t.bytes.subarray(2 * t.pageBytes, 3 * t.pageBytes)) ^ 1;
+    await expect(
+      t.store.commitPages({ sessionId: "s", layer: 0, firstPage: 2, count: 1, checksums: [bad], contextTokens: 48, metadata: Buffer.alloc(0), layers: [] }),
+    ).rejects.toMatchObject({ code: status.FAILED_PRECONDITION });
+    expect(t.store.record("s")!.committedPages[0]).toBe(2);
+    t.close();
+  });
+});
