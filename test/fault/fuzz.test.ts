@@ -4,17 +4,23 @@
  * and random bytes sent to every unary and server-streaming method. Whatever arrives, each call
  * ends with a status a client can act on (never INTERNAL or UNKNOWN), no process dies, both stay
  * SERVING, and once the sessions the fuzz created are closed the kvstore holds nothing.
- * FREEKV_TEST_SEED replays a run; FREEKV_FUZZ_CALLS sets its length.
+ * A control session generates before and after the fuzz: its continuation equals a fresh run over
+ * what it holds, and compute's resident memory after the fuzz stays near where it started.
+ * FREEKV_TEST_SEED replays a run; FREEKV_FUZZ_CALLS sets its length (20,000 in CI; 200,000 or
+ * more by hand: `FREEKV_FUZZ_CALLS=200000 npx vitest run test/fault/fuzz.test.ts`) and
+ * FREEKV_FUZZ_CONCURRENCY the calls in flight (16).
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Client, Metadata, credentials, status, type ServiceError } from "@grpc/grpc-js";
-import { CloseSessionRequest, CreateSessionRequest, GenerateRequest, GetSessionRequest } from "../../proto/gen/freekv/v1/compute.js";
+import { readFileSync } from "node:fs";
+import { CloseSessionRequest, CreateSessionRequest, GenerateRequest, GetSessionRequest, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
 import { healthCheck } from "../../tools/dev/health-probe.js";
 import { prng } from "../helpers/prng.js";
 import { QUIET, computeClient, kvstoreClient, startTiers, unary, type Tiers } from "../helpers/services.js";
 
 const seed = Number(process.env.FREEKV_TEST_SEED ?? Date.now() % 1e9);
-const CALLS = Number(process.env.FREEKV_FUZZ_CALLS ?? 240);
+const CALLS = Number(process.env.FREEKV_FUZZ_CALLS ?? 20_000);
+const CONCURRENCY = Number(process.env.FREEKV_FUZZ_CONCURRENCY ?? 16);
 const rand = prng(seed);
 const int = (n: number) => Math.floor(rand() * n);
 const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)];
@@ -70,6 +76,24 @@ function encode(method: string, id: string, _known: string[]): Buffer {
   }
 }
 
+/** Tokens of a greedy Generate (throws on an error status). */
+function greedy(client: ReturnType<typeof computeClient>, req: Partial<GenerateRequest>): Promise<number[]> {
+  return new Promise((resolve, reject) => {
+    const out: number[] = [];
+    const call = client.generate(GenerateRequest.fromPartial(req), new Metadata(), { deadline: Date.now() + 60_000 });
+    call.on("data", (m: GenerateResponse) => {
+      if (m.event?.$case === "chunk") out.push(...m.event.value.tokenIds);
+    });
+    call.on("error", reject);
+    call.on("end", () => resolve(out));
+  });
+}
+
+function rssBytes(pid: number): number {
+  const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+  return m ? Number(m[1]) * 1024 : NaN;
+}
+
 describe(`fuzz of the compute API (seed ${seed}, FREEKV_TEST_SEED)`, () => {
   let tiers: Tiers;
   beforeAll(async () => {
@@ -77,32 +101,47 @@ describe(`fuzz of the compute API (seed ${seed}, FREEKV_TEST_SEED)`, () => {
   }, 120_000);
   afterAll(async () => tiers?.stop());
 
-  it("ends every call with an actionable status, keeps both processes serving and leaks no session", { timeout: 600_000 }, async () => {
+  it("ends every call with an actionable status, keeps both processes serving, leaves a control session exact and leaks no session", { timeout: 1_800_000 }, async () => {
     const raw = new Client(tiers.compute.address, credentials.createInsecure(), { "grpc.max_send_message_length": 64 << 20 });
     const id = (b: Buffer) => b;
     const created = new Set<string>();
     const seen = new Map<number, number>();
     const bad: string[] = [];
-    for (let i = 0; i < CALLS; i++) {
-      const method = pick(["CreateSession", "GetSession", "CloseSession", "Generate", "Generate"]);
-      const fuzzed = rand() < 0.2 ? { body: Buffer.from(Array.from({ length: int(300) }, () => int(256))), sessionId: "" } : randomRequest(method, [...created]);
-      let details = "";
-      const code = await new Promise<number>((resolve) => {
-        const deadline = Date.now() + 20_000;
-        if (method === "Generate") {
-          const call = raw.makeServerStreamRequest(SERVICE + method, id, id, fuzzed.body, new Metadata(), { deadline });
-          call.on("data", () => {});
-          call.on("error", (e: ServiceError) => ((details = e.details), resolve(e.code)));
-          call.on("end", () => resolve(status.OK));
-        } else {
-          raw.makeUnaryRequest(SERVICE + method, id, id, fuzzed.body, new Metadata(), { deadline }, (e: ServiceError | null) => ((details = e?.details ?? ""), resolve(e ? e.code : status.OK)));
-        }
-      });
-      seen.set(code, (seen.get(code) ?? 0) + 1);
-      if (!ALLOWED.has(code)) bad.push(`call ${i} ${method}: ${status[code]} ${details.slice(0, 300)}`);
-      // Sessions it made are named again by later calls (some of which continue or close them).
-      if (method === "CreateSession" && code === status.OK && fuzzed.sessionId) created.add(fuzzed.sessionId);
-    }
+    // The control session: a named model session with one greedy turn before the fuzz.
+    const compute = computeClient(tiers.compute.address);
+    const ctrl = "fuzz-control";
+    const R = { pageSize: 16, sinkTokens: 16, windowTokens: 32, selectTokens: 64 };
+    await unary(compute, "createSession", { sessionId: ctrl, retrieval: R, maxContextTokens: 1024 });
+    const p1 = Array.from({ length: 90 }, () => 3 + int(500));
+    const t1 = await greedy(compute, { sessionId: ctrl, prompt: { $case: "tokens", value: { ids: p1 } }, maxTokens: 12 });
+    const rssBefore = rssBytes(tiers.compute.child.pid!);
+    let next = 0;
+    const worker = async () => {
+      for (let i = next++; i < CALLS; i = next++) {
+        const method = pick(["CreateSession", "GetSession", "CloseSession", "Generate", "Generate"]);
+        const fuzzed = rand() < 0.2 ? { body: Buffer.from(Array.from({ length: int(300) }, () => int(256))), sessionId: "" } : randomRequest(method, [...created]);
+        let details = "";
+        const code = await new Promise<number>((resolve) => {
+          const deadline = Date.now() + 60_000;
+          if (method === "Generate") {
+            const call = raw.makeServerStreamRequest(SERVICE + method, id, id, fuzzed.body, new Metadata(), { deadline });
+            call.on("data", () => {});
+            call.on("error", (e: ServiceError) => ((details = e.details), resolve(e.code)));
+            call.on("end", () => resolve(status.OK));
+          } else {
+            raw.makeUnaryRequest(SERVICE + method, id, id, fuzzed.body, new Metadata(), { deadline }, (e: ServiceError | null) => ((details = e?.details ?? ""), resolve(e ? e.code : status.OK)));
+          }
+        });
+        seen.set(code, (seen.get(code) ?? 0) + 1);
+        if (!ALLOWED.has(code)) bad.push(`call ${i} ${method}: ${status[code]} ${details.slice(0, 300)}`);
+        // Sessions it made are named again by later calls (some of which continue or close them).
+        if (method === "CreateSession" && code === status.OK && fuzzed.sessionId) created.add(fuzzed.sessionId);
+      }
+    };
+    const t0 = Date.now();
+    await Promise.all(Array.from({ length: CONCURRENCY }, worker));
+    const seconds = (Date.now() - t0) / 1000;
+    console.log(`fuzz: ${CALLS} calls in ${seconds.toFixed(0)} s (${CONCURRENCY} in flight), statuses ${JSON.stringify(Object.fromEntries([...seen].map(([c, n]) => [status[c], n])))}`);
     raw.close();
     expect(bad, `statuses seen ${JSON.stringify(Object.fromEntries([...seen].map(([c, n]) => [status[c], n])))}`).toEqual([]);
     // Both processes alive and serving.
@@ -111,8 +150,17 @@ describe(`fuzz of the compute API (seed ${seed}, FREEKV_TEST_SEED)`, () => {
     expect(await healthCheck(tiers.compute.address)).toBe("SERVING");
     expect(await healthCheck(tiers.kvstore.address)).toBe("SERVING");
     // Close what the fuzz created: then the kvstore holds nothing (stateless calls released theirs).
+    // The control session continues exactly like a fresh run over what it holds.
+    const p2 = Array.from({ length: 9 }, () => 3 + int(500));
+    const t2 = await greedy(compute, { sessionId: ctrl, prompt: { $case: "tokens", value: { ids: p2 } }, maxTokens: 10 });
+    const held = [...p1, ...t1, ...p2];
+    const ref = await greedy(compute, { prompt: { $case: "tokens", value: { ids: held } }, maxTokens: 10, retrieval: R as never });
+    expect(t2).toEqual(ref);
+    // Compute's resident memory is back near where it started (no growth per call).
+    const rssAfter = rssBytes(tiers.compute.child.pid!);
+    console.log(`fuzz: compute RSS ${(rssBefore / 2 ** 20).toFixed(0)} MiB before, ${(rssAfter / 2 ** 20).toFixed(0)} MiB after`);
+    expect(rssAfter).toBeLessThan(rssBefore * 1.5 + (256 << 20));
     const kv = kvstoreClient(tiers.kvstore.address);
-    const compute = computeClient(tiers.compute.address);
     const { sessionIds } = await unary<{ sessionIds: string[] }>(kv, "listSessions", {});
     for (const sid of sessionIds) await unary(compute, "closeSession", { sessionId: sid }).catch(() => undefined);
     const stats = await unary<{ sessions: number; segmentBytes: number }>(kv, "getStats", {});
