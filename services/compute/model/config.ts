@@ -1,3 +1,4 @@
+import { readFileSync } from "node:fs";
 /**
  * config.json of a Hugging Face checkpoint -> the runner's model configuration. Reads both the
  * transformers 4 spelling (`rope_theta` + `rope_scaling`, `torch_dtype`) and the transformers 5
@@ -11,6 +12,21 @@ export class ModelConfigError extends Error {
   constructor(message: string) {
     super(message);
     this.name = "ModelConfigError";
+  }
+}
+
+/** A JSON file of a model folder; ModelConfigError naming the file when it is not JSON. */
+export function readJsonFile(file: string): unknown {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (e) {
+    throw new ModelConfigError(`${file}: cannot read it (${(e as Error).message})`);
+  }
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw new ModelConfigError(`${file}: not JSON (${(e as Error).message})`);
   }
 }
 
@@ -36,9 +52,26 @@ export interface ModelSpec {
 
 type Json = Record<string, unknown>;
 
+/**
+ * Largest value each size of config.json may take: far above any model served today, and small
+ * enough that nothing sized from it (tensor lists, name tables, RoPE tables) is allocated or looped
+ * over before the tensors themselves are checked against the config.
+ */
+const CONFIG_LIMITS: Record<string, number> = {
+  num_hidden_layers: 1024,
+  num_attention_heads: 1024,
+  num_key_value_heads: 1024,
+  head_dim: 1024,
+  hidden_size: 1 << 17,
+  intermediate_size: 1 << 20,
+  vocab_size: 1 << 22,
+};
+
 function int(cfg: Json, key: string, fallback?: number): number {
   const v = cfg[key] ?? fallback;
-  if (typeof v !== "number" || !Number.isInteger(v) || v <= 0) throw new ModelConfigError(`config.json: ${key} must be a positive integer, got ${JSON.stringify(cfg[key])}`);
+  const max = CONFIG_LIMITS[key] ?? 2 ** 31 - 1;
+  if (typeof v !== "number" || !Number.isInteger(v) || v <= 0 || v > max)
+    throw new ModelConfigError(`config.json: ${key} must be an integer in [1, ${max}], got ${JSON.stringify(cfg[key] ?? null).slice(0, 40)}`);
   return v;
 }
 

@@ -9,7 +9,7 @@ import { fileURLToPath } from "node:url";
 import { loadAddon, type Engine, type Model, type TensorRef } from "../../../native/binding.js";
 import { parseConfig } from "../../common/config.js";
 import { computeConfigSchema } from "../config.js";
-import { ModelConfigError, parseModelConfig, type ModelSpec } from "./config.js";
+import { ModelConfigError, parseModelConfig, readJsonFile, type ModelSpec } from "./config.js";
 import { loadTextCodec, type TextCodec } from "./tokenizer.js";
 import { collectTensorRefs } from "./weights.js";
 
@@ -24,15 +24,12 @@ export function readModelFolder(dir: string): ModelFolder {
   const abs = resolve(dir);
   const cfgFile = join(abs, "config.json");
   if (!existsSync(cfgFile)) throw new ModelConfigError(`${abs}: no config.json (not a Hugging Face model folder)`);
-  let cfg: Record<string, unknown>;
-  try {
-    cfg = JSON.parse(readFileSync(cfgFile, "utf8"));
-  } catch (e) {
-    throw new ModelConfigError(`${cfgFile}: not JSON (${(e as Error).message})`);
-  }
+  const cfg = readJsonFile(cfgFile);
+  if (!cfg || typeof cfg !== "object" || Array.isArray(cfg)) throw new ModelConfigError(`${cfgFile}: not a JSON object`);
   const genFile = join(abs, "generation_config.json");
-  const gen = existsSync(genFile) ? (JSON.parse(readFileSync(genFile, "utf8")) as Record<string, unknown>) : undefined;
-  const spec = parseModelConfig(cfg, gen);
+  const gen = existsSync(genFile) ? readJsonFile(genFile) : undefined;
+  if (gen !== undefined && (!gen || typeof gen !== "object" || Array.isArray(gen))) throw new ModelConfigError(`${genFile}: not a JSON object`);
+  const spec = parseModelConfig(cfg as Record<string, unknown>, gen as Record<string, unknown> | undefined);
   const tensors = collectTensorRefs(abs, spec.native);
   return { dir: abs, spec, tensors, codec: loadTextCodec(abs) };
 }

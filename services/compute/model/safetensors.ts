@@ -69,7 +69,7 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
       if (!Array.isArray(t.shape) || !t.shape.every((d) => Number.isInteger(d) && d >= 0))
         throw new SafetensorsError(file, `tensor '${name}' has a bad shape`);
       const off = t.data_offsets as number[];
-      if (!Array.isArray(off) || off.length !== 2 || !(off[0] <= off[1]))
+      if (!Array.isArray(off) || off.length !== 2 || !off.every((o) => Number.isSafeInteger(o) && o >= 0) || !(off[0] <= off[1]))
         throw new SafetensorsError(file, `tensor '${name}' has bad data_offsets`);
       const dtype = t.dtype as SafetensorsDType;
       const count = (t.shape as number[]).reduce((a, b) => a * b, 1);

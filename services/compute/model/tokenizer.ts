@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { Tokenizer } from "@huggingface/tokenizers";
 import { Template } from "@huggingface/jinja";
 import { invalidArgument } from "../../common/errors.js";
+import { ModelConfigError, readJsonFile } from "./config.js";
 
 /** Largest text (UTF-8 bytes) tokenized for one request (about 1 s of tokenizing on one core). */
 export const MAX_TEXT_BYTES = 1 << 20;
@@ -82,8 +83,12 @@ function tokenText(v: unknown): string {
 export function loadTextCodec(dir: string): TextCodec | undefined {
   const file = join(dir, "tokenizer.json");
   if (!existsSync(file)) return undefined;
-  const tokenizerJson = JSON.parse(readFileSync(file, "utf8"));
+  const tokenizerJson = readJsonFile(file) as object;
   const cfgFile = join(dir, "tokenizer_config.json");
-  const config = existsSync(cfgFile) ? JSON.parse(readFileSync(cfgFile, "utf8")) : {};
-  return new TextCodec(new Tokenizer(tokenizerJson, config), config);
+  const config = (existsSync(cfgFile) ? readJsonFile(cfgFile) : {}) as Record<string, unknown>;
+  try {
+    return new TextCodec(new Tokenizer(tokenizerJson as never, config as never), config as never);
+  } catch (e) {
+    throw new ModelConfigError(`${file}: cannot build the tokenizer (${(e as Error).message})`);
+  }
 }
