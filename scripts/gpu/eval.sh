@@ -11,7 +11,7 @@
 # Runs (each under its own time limit, so one cut short leaves the others' results):
 #   1. the issue's budget, 512 sink + 1024 selected + 512 window, pages of 32, at 8K, 16K and 32K
 #      together (one chart of accuracy against context length), every mode;
-#   2. a smaller budget, 64 + 256 + 64 with pages of 16, at 16K and 32K, every mode.
+#   2. a smaller budget, 64 + 256 + 64 with pages of 16, at 32K, every mode.
 # Writes eval-*.json / .svg / .txt under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,8 +19,11 @@ out=${OUT:-.}
 model=${EVAL_MODEL:-models/retrieval-8m}
 conc=${EVAL_CONCURRENCY:-8}
 modes=dense,oracle,speculative,freekv,sink_window
-cat .gpu/eval/tasks-8192.jsonl .gpu/eval/tasks-16384.jsonl .gpu/eval/tasks-32768.jsonl > /tmp/eval-all.jsonl
-cat .gpu/eval/tasks-16384.jsonl .gpu/eval/tasks-32768.jsonl > /tmp/eval-long.jsonl
+# EVAL_PER_LENGTH tasks of each file (the files cycle through the families, so 12 = 2 per family).
+per=${EVAL_PER_LENGTH:-18}
+: > /tmp/eval-all.jsonl
+for T in 8192 16384 32768; do head -n "$per" .gpu/eval/tasks-$T.jsonl >> /tmp/eval-all.jsonl; done
+head -n "${EVAL_SMALL_PER_LENGTH:-$per}" .gpu/eval/tasks-32768.jsonl > /tmp/eval-long.jsonl
 run() {  # run NAME SECONDS TASKS BUDGET PAGE
   local name=$1 limit=$2 tasks=$3 budget=$4 page=$5
   echo "[eval] $name: budget $budget, pages of $page, $(wc -l < "$tasks") tasks x 5 modes, limit $limit s"
