@@ -20,8 +20,9 @@
 //    rounded to bf16 in registers and O += P V is 8 x wgmma m64n128k16 with A from registers and
 //    V from shared memory read transposed (MN-major). Within a warpgroup the QK^T of tile t and
 //    the PV of tile t-1 are in flight together while the softmax of tile t waits only for the
-//    former (FlashAttention-3's intra-warpgroup overlap); the two consumer warpgroups interleave
-//    on the tensor cores by themselves.
+//    former (FlashAttention-3's intra-warpgroup overlap), and O is rescaled while QK^T runs.
+//    Between the two consumer warpgroups, named barriers make the MMA issue alternate
+//    (ping-pong), so one warpgroup's softmax overlaps the other's MMAs.
 //  - Causal masking only on tiles that cross the diagonal; tiles past the CTA's last query are
 //    never loaded; CTAs with the last (heaviest) query tiles are issued first.
 // Shared memory: Q 32 KB + 3 stages x (K 32 KB + V 32 KB) = 224 KB, one CTA per SM.
@@ -284,11 +285,22 @@ __global__ void __launch_bounds__(kThreads, 1) FlashPrefillWgmmaKernel(FlashPref
       }
     };
 
-    float corr[2];
+    // Ping-pong between the two consumer warpgroups (named barriers 1 and 2, 256 threads): a
+    // warpgroup issues its MMAs only after the other one issued its own, so one warpgroup's softmax
+    // runs while the other's MMAs occupy the tensor cores. Warpgroup cw waits on barrier 1 + cw
+    // and arrives on the other's; the second one arrives once up front so that the first starts,
+    // and skips its last arrival so that every arrival is matched by a wait.
+    auto sched_sync = [&]() { asm volatile("bar.sync %0, 256;\n" ::"r"(1 + cw) : "memory"); };
+    auto sched_arrive = [&]() { asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - cw) : "memory"); };
+    if (cw == 1) sched_arrive();
+
+    float corr[2];  // O's rescale factors from the last softmax, applied before the next PV
     BarWait(bars, 0);  // Q and tile 0
+    sched_sync();
     WgFence();
     issue_qk(0);
     WgCommit();
+    sched_arrive();
     WgWait<0>();
     FenceRegs(sc);
     softmax(0, corr);
@@ -296,13 +308,19 @@ __global__ void __launch_bounds__(kThreads, 1) FlashPrefillWgmmaKernel(FlashPref
     for (int tile = 1; tile < n_tiles; ++tile) {
       const int s = tile % kStages, prev = (tile - 1) % kStages;
       BarWait(bars + 8 * s, (tile / kStages) & 1);
-      FenceRegs(o);
-      FenceRegs(pa);
+      sched_sync();
       WgFence();
       issue_qk(s);
       WgCommit();
+      FenceRegs(o);  // the rescale below runs while QK^T is in flight
+#pragma unroll
+      for (int i = 0; i < 64; ++i) o[i] *= corr[(i >> 1) & 1];
+      FenceRegs(o);
+      FenceRegs(pa);
+      WgFence();
       issue_pv(prev);
       WgCommit();
+      sched_arrive();
       WgWait<1>();  // S of this tile is ready; the PV of the previous tile may still run
       FenceRegs(sc);
       softmax(tile, corr);
@@ -310,15 +328,17 @@ __global__ void __launch_bounds__(kThreads, 1) FlashPrefillWgmmaKernel(FlashPref
       FenceRegs(o);
       FenceRegs(pa);
       BarArrive(bars + 8 * (kStages + prev));
-#pragma unroll
-      for (int i = 0; i < 64; ++i) o[i] *= corr[(i >> 1) & 1];
       pack_p();
     }
+    sched_sync();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] *= corr[(i >> 1) & 1];
     FenceRegs(o);
     FenceRegs(pa);
     WgFence();
     issue_pv((n_tiles - 1) % kStages);
     WgCommit();
+    if (cw == 0) sched_arrive();
     WgWait<0>();
     FenceRegs(o);
 
