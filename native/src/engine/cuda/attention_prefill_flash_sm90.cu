@@ -25,7 +25,7 @@
 //    (ping-pong), so one warpgroup's softmax overlaps the other's MMAs.
 //  - Causal masking only on tiles that cross the diagonal; tiles past the CTA's last query are
 //    never loaded. CTA order: the KV heads in groups whose K and V fit in about half of the L2
-//    (one head at 32K tokens and beyond, all of them at 8K), heaviest (last) query tiles first
+//    (one head at 32K tokens and beyond, six at 8K with D 128), heaviest (last) query tiles first
 //    within a group, so the CTAs in flight read the same K/V from L2 (+3% at 32K and 128K over
 //    interleaving all heads; PERF.md).
 //  - The producer keeps one tile in flight and signals it when it landed (cp.async.wait_group 0,
