@@ -1,5 +1,8 @@
 // Section `prefill`: the tensor-core causal prefill attention (native/src/engine/cuda/
 // attention_prefill_flash.cuh) checked against float64, then its TFLOP/s next to the bf16 peak.
+// Both kernels behind LaunchFlashPrefillAttention are checked and timed side by side: the mma.sync
+// one (every head dim) and, where the device has it (compute capability 9.0), the sm_90a wgmma one
+// (head dim 128), each forced through FlashPrefillParams::path.
 //
 // (a) Check: fresh random bf16 Q and K/V pages (never zeros) for several shapes: head_dim 64 and
 //     128, GQA groups 1, 3, 4, 8, ragged n (not a multiple of the 128-row tile), chunk offsets 0,
@@ -67,7 +70,7 @@ struct CheckResult {
 };
 
 // Runs the kernel on fresh random inputs and compares with float64 over sampled rows.
-CheckResult CheckCase(const PrefillShape& s, bool bf16_out, uint64_t seed, cudaStream_t st) {
+CheckResult CheckCase(const PrefillShape& s, bool bf16_out, fc::FlashPrefillPath path, uint64_t seed, cudaStream_t st) {
   const size_t qn = size_t(s.n) * s.hq * s.d, pn = NumPages(s) * PageElems(s);
   bf16 *q = nullptr, *pages = nullptr, *ob = nullptr;
   float* of = nullptr;
@@ -86,6 +89,7 @@ CheckResult CheckCase(const PrefillShape& s, bool bf16_out, uint64_t seed, cudaS
   p.q = q, p.pages = pages, p.out_f32 = of, p.out_bf16 = ob;
   p.n = s.n, p.start = s.start, p.q_heads = s.hq, p.kv_heads = s.hkv, p.head_dim = s.d, p.page_size = s.page;
   p.scale = 1.0f / std::sqrt(float(s.d));
+  p.path = path;
   fc::LaunchFlashPrefillAttention(p, st);
   CK(cudaStreamSynchronize(st));
   std::vector<bf16> hq(qn), hp(pn);
@@ -165,7 +169,19 @@ void RunPrefill(Bench& B) {
       {"D128 G3 (6/2) n 211 start 33 P32", 128, 6, 2, 211, 33, 32, 2.f},
       {"D64 G1 (2/2) n 700 start 1 P8, peaky softmax", 64, 2, 2, 700, 1, 8, 8.f},
       {"D128 G8 (32/4) n 1024 start 2048 P32", 128, 32, 4, 1024, 2048, 32, 2.f},
+      {"D128 G4 (8/2) n 333 start 129 P8", 128, 8, 2, 333, 129, 8, 2.f},
+      {"D128 G2 (4/2) n 517 start 300 P24 (not a power of two)", 128, 4, 2, 517, 300, 24, 2.f},
+      {"D128 G4 (4/1) n 2100 start 0 P32, peaky softmax", 128, 4, 1, 2100, 0, 32, 8.f},
   };
+  int dev = 0, cc_major = 0, cc_minor = 0;
+  CK(cudaGetDevice(&dev));
+  CK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+  CK(cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, dev));
+  const bool has_wgmma = cc_major == 9 && cc_minor == 0;
+  struct PathName { fc::FlashPrefillPath path; const char* name; };
+  std::vector<PathName> paths = {{fc::FlashPrefillPath::kMmaSync, "mma.sync"}};
+  if (has_wgmma) paths.push_back({fc::FlashPrefillPath::kWgmma, "wgmma"});
+  sec.Set("wgmma_kernel_available", Json::Bool(has_wgmma));
   Json cj = Json::Arr();
   double worst = 0;
   std::string failed;
@@ -174,17 +190,24 @@ void RunPrefill(Bench& B) {
     Json j = Json::Obj();
     j.Set("name", s.name).Set("head_dim", s.d).Set("q_heads", s.hq).Set("kv_heads", s.hkv).Set("n", s.n);
     j.Set("start", s.start).Set("page_size", s.page).Set("q_scale", s.q_scale);
-    for (int bo = 0; bo < 2; ++bo) {
-      const CheckResult r = CheckCase(s, bo == 1, 1000 + ci * 2 + bo, st);
-      const bool pass = r.rel_err < kTol && r.all_finite;
-      worst = std::max(worst, r.rel_err);
-      if (!pass) failed += std::string(failed.empty() ? "" : "; ") + s.name + (bo ? " (bf16 out)" : " (fp32 out)");
-      j.Set(bo ? "bf16_out_max_rel_err" : "fp32_out_max_rel_err", r.rel_err);
-      j.Set(bo ? "bf16_out_rms_rel_err" : "fp32_out_rms_rel_err", r.rms_rel);
-      j.Set(bo ? "bf16_out_all_written" : "fp32_out_all_written", Json::Bool(r.all_finite));
-      std::printf("[prefill] check %-58s %s out: max rel err %.3g (rms %.3g)%s %s\n", s.name, bo ? "bf16" : "fp32",
-                  r.rel_err, r.rms_rel, r.all_finite ? "" : " UNWRITTEN/NaN", pass ? "PASS" : "FAIL");
-      std::fflush(stdout);
+    for (const PathName& pn : paths) {
+      if (pn.path == fc::FlashPrefillPath::kWgmma && s.d != 128) continue;
+      for (int bo = 0; bo < 2; ++bo) {
+        const CheckResult r = CheckCase(s, bo == 1, pn.path, 1000 + ci * 2 + bo, st);
+        const bool pass = r.rel_err < kTol && r.all_finite;
+        worst = std::max(worst, r.rel_err);
+        if (!pass)
+          failed += std::string(failed.empty() ? "" : "; ") + s.name + " [" + pn.name + "]" +
+                    (bo ? " (bf16 out)" : " (fp32 out)");
+        const std::string k = std::string(pn.name == std::string("wgmma") ? "wgmma_" : "") + (bo ? "bf16_out_" : "fp32_out_");
+        j.Set(k + "max_rel_err", r.rel_err);
+        j.Set(k + "rms_rel_err", r.rms_rel);
+        j.Set(k + "all_written", Json::Bool(r.all_finite));
+        std::printf("[prefill] check %-58s %-8s %s out: max rel err %.3g (rms %.3g)%s %s\n", s.name, pn.name,
+                    bo ? "bf16" : "fp32", r.rel_err, r.rms_rel, r.all_finite ? "" : " UNWRITTEN/NaN",
+                    pass ? "PASS" : "FAIL");
+        std::fflush(stdout);
+      }
     }
     cj.Push(j);
   }
@@ -213,31 +236,43 @@ void RunPrefill(Bench& B) {
                           {"flash D128 GQA4 n 32768 bf16 out", 128, 32768, true},
                           {"flash D64 GQA4 n 32768", 64, 32768, false}};
   Json tj = Json::Arr();
-  std::printf("[prefill] %-36s %10s %10s %8s\n", "case", "ms", "TFLOP/s", "% peak");
+  std::printf("[prefill] %-47s %10s %10s %8s\n", "case", "ms", "TFLOP/s", "% peak");
   double flash8k_ms = 0, last32k_ms = 0;
   for (const T& t : times) {
     if (t.n > maxn) continue;
     const PrefillShape s{t.name, t.d, 32, 8, t.n, 0, 32, 2.f};
-    fc::FlashPrefillParams p;
-    p.q = q, p.pages = pages;
-    if (t.bf16_out) p.out_bf16 = ob; else p.out_f32 = of;
-    p.n = t.n, p.start = 0, p.q_heads = 32, p.kv_heads = 8, p.head_dim = t.d, p.page_size = 32;
-    const double flops = CausalFlops(s);
-    // 128K takes 16x the 32K time: fewer repetitions if that would be long (keeps the section short)
-    int reps = t.n >= 131072 ? 5 : t.n >= 32768 ? 10 : 20, warm = 2;
-    if (t.n >= 131072 && last32k_ms * 16 > 2000) reps = 1, warm = 1;
-    const double ms = MedianMs(st, warm, reps, [&] { fc::LaunchFlashPrefillAttention(p, st); });
-    if (t.n == 32768 && t.d == 128 && !t.bf16_out) last32k_ms = ms;
-    const double tf = flops / ms / 1e9;
-    if (t.n == 8192 && t.d == 128 && !t.bf16_out) flash8k_ms = ms;
-    std::printf("[prefill] %-36s %10.3f %10.1f %7.1f%%\n", t.name, ms, tf, 100 * tf / B.gemm_tflops);
-    std::fflush(stdout);
-    tj.Push(Json::Obj().Set("name", t.name).Set("head_dim", t.d).Set("n", t.n).Set("q_heads", 32).Set("kv_heads", 8)
-                .Set("out", t.bf16_out ? "bf16" : "fp32").Set("flops", flops).Set("ms", ms).Set("TFLOPs", tf)
-                .Set("fraction_of_bf16_peak", tf / B.gemm_tflops));
-    B.AddRow({"prefill", std::string(t.name), "TFLOP/s", tf, B.gemm_tflops, std::to_string(ms).substr(0, 7) + " ms"});
+    double mma_ms = 0;
+    for (const PathName& pn : paths) {
+      if (pn.path == fc::FlashPrefillPath::kWgmma && t.d != 128) continue;
+      fc::FlashPrefillParams p;
+      p.q = q, p.pages = pages;
+      if (t.bf16_out) p.out_bf16 = ob; else p.out_f32 = of;
+      p.n = t.n, p.start = 0, p.q_heads = 32, p.kv_heads = 8, p.head_dim = t.d, p.page_size = 32;
+      p.path = pn.path;
+      const double flops = CausalFlops(s);
+      // 128K takes 16x the 32K time: fewer repetitions if that would be long (keeps the section short)
+      int reps = t.n >= 131072 ? 5 : t.n >= 32768 ? 10 : 20, warm = 2;
+      if (t.n >= 131072 && last32k_ms * 16 > 2000) reps = 1, warm = 1;
+      const double ms = MedianMs(st, warm, reps, [&] { fc::LaunchFlashPrefillAttention(p, st); });
+      if (t.n == 32768 && t.d == 128 && !t.bf16_out) last32k_ms = std::max(last32k_ms, ms);
+      const double tf = flops / ms / 1e9;
+      if (t.n == 8192 && t.d == 128 && !t.bf16_out && pn.path == fc::FlashPrefillPath::kMmaSync) flash8k_ms = ms;
+      const std::string name = std::string(t.name) + " [" + pn.name + "]";
+      if (pn.path == fc::FlashPrefillPath::kMmaSync) mma_ms = ms;
+      std::printf("[prefill] %-47s %10.3f %10.1f %7.1f%%", name.c_str(), ms, tf, 100 * tf / B.gemm_tflops);
+      if (pn.path == fc::FlashPrefillPath::kWgmma && mma_ms > 0) std::printf("  (%.2fx mma.sync)", mma_ms / ms);
+      std::printf("\n");
+      std::fflush(stdout);
+      Json row = Json::Obj().Set("name", name).Set("kernel", pn.name).Set("head_dim", t.d).Set("n", t.n)
+                     .Set("q_heads", 32).Set("kv_heads", 8).Set("out", t.bf16_out ? "bf16" : "fp32")
+                     .Set("flops", flops).Set("ms", ms).Set("TFLOPs", tf).Set("fraction_of_bf16_peak", tf / B.gemm_tflops);
+      if (pn.path == fc::FlashPrefillPath::kWgmma && mma_ms > 0) row.Set("speedup_vs_mma_sync", mma_ms / ms);
+      tj.Push(row);
+      B.AddRow({"prefill", name, "TFLOP/s", tf, B.gemm_tflops, std::to_string(ms).substr(0, 7) + " ms"});
+    }
   }
-  sec.Set("bf16_peak_TFLOPs", B.gemm_tflops).Set("target_TFLOPs_at_32K", 350.0).Set("timing", tj);
+  sec.Set("bf16_peak_TFLOPs", B.gemm_tflops).Set("target_TFLOPs_at_32K", 350.0).Set("wgmma_target_TFLOPs", 450.0);
+  sec.Set("timing", tj);
 
   // the existing per-query-row kernel at 8K (fp32 q converted from the same bf16 values)
   {
@@ -256,6 +291,7 @@ void RunPrefill(Bench& B) {
     fc::FlashPrefillParams p;
     p.q = q, p.pages = pages, p.out_f32 = of, p.n = n, p.q_heads = 32, p.kv_heads = 8, p.head_dim = 128;
     p.page_size = 32;
+    p.path = fc::FlashPrefillPath::kMmaSync;
     fc::LaunchFlashPrefillAttention(p, st);
     CK(cudaStreamSynchronize(st));
     std::vector<float> a(qn), b(qn);
@@ -263,6 +299,23 @@ void RunPrefill(Bench& B) {
     CK(cudaMemcpy(b.data(), of, qn * 4, cudaMemcpyDeviceToHost));
     double num = 0, den = 0;
     for (size_t i = 0; i < qn; ++i) num = std::max(num, double(std::fabs(a[i] - b[i]))), den = std::max(den, double(std::fabs(a[i])));
+    if (has_wgmma) {  // the two tensor-core kernels on the same 8K inputs, every element
+      p.path = fc::FlashPrefillPath::kWgmma;
+      CK(cudaMemsetAsync(of, 0xFF, qn * 4, st));
+      fc::LaunchFlashPrefillAttention(p, st);
+      CK(cudaStreamSynchronize(st));
+      CK(cudaMemcpy(a.data(), of, qn * 4, cudaMemcpyDeviceToHost));
+      double wn = 0, wd = 0;
+      for (size_t i = 0; i < qn; ++i) {
+        const double e = std::isfinite(a[i]) ? std::fabs(double(a[i]) - double(b[i])) : INFINITY;
+        wn = std::max(wn, e), wd = std::max(wd, double(std::fabs(b[i])));
+      }
+      const bool ok = wn / wd < kTol;
+      std::printf("[prefill] wgmma vs mma.sync at n 8192, all %zu outputs: max rel diff %.3g %s\n", qn, wn / wd,
+                  ok ? "PASS" : "FAIL");
+      sec.Set("wgmma_vs_mma_sync_8K_max_rel_diff", wn / wd);
+      if (!ok) throw std::runtime_error("prefill: the wgmma and mma.sync kernels disagree at 8K");
+    }
     const double flops = CausalFlops({"", 128, 32, 8, n, 0, 32, 2.f}), tf = flops / ms / 1e9;
     std::printf("[prefill] %-36s %10.3f %10.1f %7.1f%%  (flash is %.1fx faster; outputs differ by %.3g rel)\n",
                 "existing per-row kernel n 8192", ms, tf, 100 * tf / B.gemm_tflops, ms / flash8k_ms, num / den);

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "attention_prefill_flash.cuh"
+#include "attention_prefill_flash_sm90.cuh"
 #include "cuda/cuda_check.cuh"
 
 namespace freekv::cuda {
@@ -320,10 +321,18 @@ void LaunchFlashPrefillAttention(const FlashPrefillParams& in, cudaStream_t stre
   const long long G = in.q_heads / in.kv_heads;
   const long long rows = (long long)in.n * G;
   const long long m_tiles = (rows + BM - 1) / BM;
-  Require((long long)in.start + in.n + BN < INT_MAX && rows + BM < INT_MAX && m_tiles * in.kv_heads < INT_MAX,
+  Require((long long)in.start + in.n + 2 * BN < INT_MAX && rows + BM < INT_MAX && m_tiles * in.kv_heads < INT_MAX,
           "flash prefill attention: too many tokens or rows");
   FlashPrefillParams p = in;
   if (p.scale == 0.f) p.scale = 1.f / std::sqrt(float(p.head_dim));
+  const bool wgmma_ok = p.head_dim == 128 && p.path != FlashPrefillPath::kMmaSync && FlashPrefillWgmmaAvailable();
+  Require(p.path != FlashPrefillPath::kWgmma || wgmma_ok,
+          "flash prefill attention: the wgmma kernel needs head_dim 128 and a compute capability 9.0 device");
+  if (wgmma_ok) {
+    const long long wg_tiles = (rows + kFlashWgmmaBlockM - 1) / kFlashWgmmaBlockM;
+    LaunchFlashPrefillWgmma(p, int(wg_tiles), stream);
+    return;
+  }
   if (p.head_dim == 64) Launch<64>(p, int(m_tiles), stream);
   else Launch<128>(p, int(m_tiles), stream);
   FKV_CUDA_CHECK_LAUNCH("FlashPrefillKernel");

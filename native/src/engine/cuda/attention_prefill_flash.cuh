@@ -18,11 +18,21 @@
 // fp32 row statistics; P is rounded to bf16 for the PV product (as FlashAttention does). KV tiles
 // past the CTA's last query are never loaded; only the tiles crossing the diagonal are masked.
 // CTAs are issued heaviest (last query tiles) first. Head dims 64 and 128.
+//
+// On compute capability 9.0 (H100/H200) head dim 128 runs a second kernel instead
+// (attention_prefill_flash_sm90.cu): FlashAttention-3's structure, wgmma from shared-memory
+// descriptors, a producer warpgroup feeding a 3-stage ring of 128-token K/V tiles, two consumer
+// warpgroups. Same layouts, numerics and masking; `path` forces either kernel (tests, benchmarks).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 namespace freekv::cuda {
+
+// Which kernel runs: kAuto picks the sm_90a wgmma kernel for head dim 128 on compute capability
+// 9.0 and the mma.sync kernel otherwise; kWgmma on a shape or device it does not support throws
+// std::invalid_argument.
+enum class FlashPrefillPath { kAuto, kMmaSync, kWgmma };
 
 struct FlashPrefillParams {
   const __nv_bfloat16* q = nullptr;      // [n][q_heads][head_dim]
@@ -32,6 +42,7 @@ struct FlashPrefillParams {
   int n = 0, start = 0;
   int q_heads = 0, kv_heads = 0, head_dim = 0, page_size = 0;
   float scale = 0.f;  // softmax scale; 0 means 1/sqrt(head_dim)
+  FlashPrefillPath path = FlashPrefillPath::kAuto;
 };
 
 // Throws std::invalid_argument on a bad shape and std::runtime_error on a CUDA error.
@@ -44,7 +55,8 @@ void LaunchQueriesToBf16(const float* x, size_t n, __nv_bfloat16* y, cudaStream_
 // Head dims the kernel takes (others use the per-row kernel of attention_prefill.cuh).
 constexpr bool FlashPrefillSupports(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
-// Rows of (query, head) per CTA and tokens per K/V tile (for callers sizing work).
+// Rows of (query, head) per CTA and tokens per K/V tile of the mma.sync kernel (for callers sizing
+// work; the sm_90a kernel uses 128 x 128).
 constexpr int kFlashPrefillBlockM = 128;
 constexpr int kFlashPrefillBlockN = 64;
 
