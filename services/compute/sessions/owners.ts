@@ -92,6 +92,7 @@ export async function localSession(sessions: SessionManager, owners: SessionOwne
     const owner = await owners.elsewhere(id);
     if (owner) throw heldElsewhere(id, owner);
   }
+  // Without a directory answer, a session this pod moved away is redirected to where it went (sessions.get).
   const s = sessions.get(id);
   // With tenant authentication on (tenant defined), a session is its creator's only.
   checkTenant(s.metadata.tenant, tenant, id);
