@@ -218,8 +218,9 @@ describe("session transfer between kvstores", () => {
         data[Math.floor(rand() * data.length)] ^= 1 << Math.floor(rand() * 8);
         c!.data = data;
       } else {
-        const d = msgs.at(-1)!.item!.$case === "digest" ? msgs.at(-1)!.item!.value : undefined;
-        d!.crc32c = (d!.crc32c ^ 0x10) >>> 0;
+        const last = msgs.at(-1)!.item;
+        if (last?.$case !== "digest") throw new Error("the export did not end with its digest");
+        last.value.crc32c = (last.value.crc32c ^ 0x10) >>> 0;
       }
       const r = await importAll(b!.address, msgs);
       expect(isErr(r) && r.code, isErr(r) ? r.details : "imported").toBe(status.DATA_LOSS);
