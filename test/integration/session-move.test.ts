@@ -14,7 +14,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 import { Redis } from "ioredis";
 import { FreeKvClient, SESSION_OWNER_KEY } from "../../packages/client/src/index.js";
-import { GenerateRequest, MoveSessionRequest, SessionMoveServiceClient, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
+import { GenerateRequest, MoveSessionRequest, SessionMoveServiceClient, type GenerateResponse, type ReceiveSessionRequest } from "../../proto/gen/freekv/v1/compute.js";
+import { KvStoreTransferServiceClient, type ExportSessionResponse, type SessionTransferHeader } from "../../proto/gen/freekv/v1/kvstore.js";
 import { credentials } from "@grpc/grpc-js";
 import { prng } from "../helpers/prng.js";
 import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
@@ -185,6 +186,71 @@ describe.skipIf(!up)("moving sessions between two pods", () => {
       toA.close();
     }
   }, 180_000);
+
+  it("checks what ReceiveSession gets: malformed, out of order, corrupted (DATA_LOSS) or foreign streams leave nothing on the target", async () => {
+    const sid = `rcv-${Math.floor(rand() * 1e9)}`;
+    const toA = new FreeKvClient(a.compute.address);
+    const transfer = new KvStoreTransferServiceClient(a.kvstore.address, credentials.createInsecure(), { "grpc.max_receive_message_length": 64 << 20 });
+    const receiver = new SessionMoveServiceClient(b.compute.address, credentials.createInsecure(), { "grpc.max_send_message_length": 64 << 20 });
+    const receive = (msgs: ReceiveSessionRequest[]) =>
+      new Promise<ServiceError | undefined>((resolve) => {
+        const call = receiver.receiveSession(new Metadata(), { deadline: Date.now() + 20_000 }, (e) => resolve(e ?? undefined));
+        for (const m of msgs) call.write(m);
+        call.end();
+      });
+    try {
+      await toA.createSession({ sessionId: sid, kind: 1, retrieval: RETRIEVAL, maxContextTokens: 1024 });
+      await toA.generateText({ sessionId: sid, prompt: tokens(90), maxTokens: 4, sampling: GREEDY });
+      const exported = await new Promise<ExportSessionResponse[]>((resolve, reject) => {
+        const out: ExportSessionResponse[] = [];
+        const call = transfer.exportSession({ sessionId: sid, chunkBytes: 4096 }, new Metadata(), { deadline: Date.now() + 20_000 });
+        call.on("data", (m: ExportSessionResponse) => out.push(m));
+        call.on("error", reject);
+        call.on("end", () => resolve(out));
+      });
+      const before = await kvSessions(b);
+      const header = () => structuredClone((exported[0].item as { value: SessionTransferHeader }).value);
+      const flipped = () => {
+        const m = structuredClone(exported) as ReceiveSessionRequest[];
+        const k = 1 + Math.floor(rand() * (m.length - 2));
+        const c = (m[k].item as { value: { data: Uint8Array } }).value;
+        const data = Buffer.from(c.data);
+        data[Math.floor(rand() * data.length)] ^= 0x40;
+        c.data = data;
+        return m;
+      };
+      const cases: Array<[string, ReceiveSessionRequest[], number]> = [
+        ["chunk first", exported.slice(1) as ReceiveSessionRequest[], status.INVALID_ARGUMENT],
+        ["empty stream", [], status.INVALID_ARGUMENT],
+        ["ends before the digest", exported.slice(0, -1) as ReceiveSessionRequest[], status.INVALID_ARGUMENT],
+        ["corrupted chunk", flipped(), status.DATA_LOSS],
+        ["another model", [{ item: { $case: "header", value: { ...header(), geometry: { ...header().geometry!, layers: header().geometry!.layers + 1 } } } }], status.FAILED_PRECONDITION],
+        ["past the context limit", [{ item: { $case: "header", value: { ...header(), maxContextTokens: 9000 } } }], status.FAILED_PRECONDITION],
+        ["bad id", [{ item: { $case: "header", value: { ...header(), sessionId: "../x" } } }], status.INVALID_ARGUMENT],
+      ];
+      for (const [name, msgs, code] of cases) {
+        const e = await receive(msgs);
+        expect(e ? `${name}: ${status[e.code]}` : `${name}: OK`, e?.details).toBe(`${name}: ${status[code]}`);
+        expect(await kvSessions(b)).toEqual(before);
+      }
+      // Bytes that do not decode.
+      const raw = await new Promise<ServiceError>((resolve) => {
+        const call = receiver.makeClientStreamRequest("/freekv.v1.SessionMoveService/ReceiveSession", (x: Buffer) => x, (x: Buffer) => x, new Metadata(), { deadline: Date.now() + 10_000 }, (e) => resolve(e!));
+        call.write(Buffer.from([0x12, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]));
+        call.end();
+      });
+      expect(raw.code).toBe(status.INVALID_ARGUMENT);
+      // The session is still A's, whole.
+      expect(await kvSessions(a)).toContain(sid);
+      const t = await toA.generateText({ sessionId: sid, prompt: tokens(3), maxTokens: 2, sampling: GREEDY });
+      expect(t.tokenIds.length).toBe(2);
+      await toA.closeSession({ sessionId: sid });
+    } finally {
+      transfer.close();
+      receiver.close();
+      toA.close();
+    }
+  }, 120_000);
 
   it("hands the sessions of a draining pod off to its peer; the client follows; a refused one is logged and counted", async () => {
     const sid = `drain-${Math.floor(rand() * 1e9)}`;

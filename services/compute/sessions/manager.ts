@@ -280,6 +280,7 @@ export class SessionManager {
     s.metadataContextTokens = held;
     this.sessions.set(id, s);
     this.moved.delete(id);
+    this.opts.onChange?.(this.sessions.size);
     // Pages the engine offloaded that the kvstore had not acknowledged yet.
     this.commitLayers(s, s.layerTokens.map((_, l) => l));
     return s;
