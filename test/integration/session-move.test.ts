@@ -153,6 +153,15 @@ describe.skipIf(!up)("moving sessions between two pods", () => {
       // Callers that give up after a few milliseconds, at different points of the move: afterwards
       // exactly one pod holds the session, and it answers through the client.
       const outcomes: string[] = [];
+      const segmentBytes = async (t: Tiers) => {
+        const c = kvstoreClient(t.kvstore.address);
+        try {
+          return Number((await unary<{ segmentBytes: number }>(c, "getStats", {})).segmentBytes);
+        } finally {
+          c.close();
+        }
+      };
+      const baseline = await segmentBytes(b);
       for (const ms of [1, 60, 250, 600, 1500, 30_000]) {
         const e = await move({ sessionId: sid, target: bAddress, chunkBytes: 4096 }, ms);
         let onA = false;
@@ -176,6 +185,10 @@ describe.skipIf(!up)("moving sessions between two pods", () => {
           await toA.moveSession({ sessionId: sid, target: a.compute.address });
           expect(await kvSessions(a)).toContain(sid);
         }
+        // No partial import is left at B: its shared memory is back where it was.
+        const t1 = Date.now();
+        while ((await segmentBytes(b)) !== baseline && Date.now() - t1 < 10_000) await new Promise((r) => setTimeout(r, 50));
+        expect(await segmentBytes(b)).toBe(baseline);
       }
       // The first caller gave up before anything moved, the last one waited for the move.
       expect(outcomes[0]).toBe("DEADLINE_EXCEEDED");
