@@ -206,7 +206,12 @@ export class SessionMover {
           unreserve = ctx.sessions.reserveArrival(header.sessionId);
           kv = ctx.kvstore.importSession(deadline);
         }
-        await sendUpstream(kv!.stream, m, kv!.done, signal);
+        try {
+          await sendUpstream(kv!.stream, m, kv!.done, signal);
+        } catch (e) {
+          // The kvstore answered while this message waited for room: its status, as it gave it.
+          throw relayed(e, "this pod's kvstore (import)");
+        }
       });
       if (!header || !kv) throw invalidArgument("header", "the stream ended without one");
       kv.stream.end();
