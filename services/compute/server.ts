@@ -75,7 +75,7 @@ export function createComputeServer(ctx: ComputeContext, peer: { credentials?: C
   server.addService(move.definition, move.implementation);
   const health = new Health([COMPUTE_SERVICE]);
   health.addToServer(server);
-  addReflection(server, ["freekv/v1/compute.proto"]);
+  addReflection(server, ["freekv/v1/compute.proto"], [COMPUTE_SERVICE, "freekv.v1.SessionMoveService"]);
   let kvstore = false;
   const update = () => health.set(kvstore && ctx.served.servable ? "SERVING" : "NOT_SERVING");
   ctx.served.onChange(update);

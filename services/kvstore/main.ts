@@ -67,7 +67,7 @@ async function main(): Promise<void> {
   server.addService(transfer.definition, transfer.implementation);
   const health = new Health([KVSTORE_SERVICE]);
   health.addToServer(server);
-  addReflection(server, ["freekv/v1/kvstore.proto"]);
+  addReflection(server, ["freekv/v1/kvstore.proto"], [KVSTORE_SERVICE, "freekv.v1.KvStoreTransferService"]);
 
   let creds;
   try {
