@@ -83,10 +83,10 @@ export const computeConfigSchema = z.object({
   FREEKV_KVSTORE_TLS_CLIENT_CERT_FILE: z.string().min(1).optional(),
   FREEKV_KVSTORE_TLS_CLIENT_KEY_FILE: z.string().min(1).optional(),
   FREEKV_SHUTDOWN_GRACE_MS: positiveInt(10_000),
-  /** Compute addresses (host:port, comma-separated) a draining compute moves its named sessions to (sessions/handoff.ts); unset: none, they stay in this pod's kvstore. */
+  /** Where a draining compute moves its named sessions (sessions/handoff.ts): host:port[,host:port...], or "owners" (the live pods of FREEKV_SESSION_OWNERS); unset: nowhere, they stay in this pod's kvstore. */
   FREEKV_DRAIN_HANDOFF: z
     .string()
-    .regex(/^\s*[^\s:,]+:\d{1,5}\s*(,\s*[^\s:,]+:\d{1,5}\s*)*$/, "must be host:port[,host:port...]")
+    .regex(/^(owners|\s*[^\s:,]+:\d{1,5}\s*(,\s*[^\s:,]+:\d{1,5}\s*)*)$/, 'must be host:port[,host:port...] or "owners"')
     .optional(),
   /** How long the drain's hand-off may take in all, after the in-flight calls ended (ms). */
   FREEKV_DRAIN_HANDOFF_TIMEOUT_MS: positiveInt(30_000),

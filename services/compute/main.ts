@@ -57,6 +57,11 @@ async function main(): Promise<void> {
       process.stderr.write(`compute: FREEKV_SESSION_OWNERS: not reachable: ${(e as Error).message}\n`);
       process.exit(2);
     }
+    // Announced live for the hand-offs of draining pods (FREEKV_DRAIN_HANDOFF=owners).
+    ctx.owners.startHeartbeat();
+  } else if (config.FREEKV_DRAIN_HANDOFF === "owners") {
+    process.stderr.write("compute: FREEKV_DRAIN_HANDOFF=owners needs FREEKV_SESSION_OWNERS (the live pods are found there)\n");
+    process.exit(2);
   }
   const reattached = await ctx.sessions.reattachAll();
   ctx.sessions.startExpiry();
@@ -111,7 +116,10 @@ async function main(): Promise<void> {
   // With FREEKV_DRAIN_HANDOFF, the named sessions first move to the peers (sessions/handoff.ts).
   const cleanup = async () => {
     await openai?.close();
-    if (peers.length) await handOffSessions(ctx, mover, peers, config.FREEKV_DRAIN_HANDOFF_TIMEOUT_MS);
+    await ctx.owners?.leave();
+    const to = config.FREEKV_DRAIN_HANDOFF === "owners" ? ((await ctx.owners?.livePeers()) ?? []) : peers;
+    // Without a peer, each session is still logged and counted as not handed off.
+    if (config.FREEKV_DRAIN_HANDOFF) await handOffSessions(ctx, mover, to, config.FREEKV_DRAIN_HANDOFF_TIMEOUT_MS);
     upstream.stop();
     await ctx.sessions.shutdown();
     ctx.kvstore.close();

@@ -4,7 +4,9 @@
  * them in a kvstore that is about to go away with the pod. It runs after the in-flight calls
  * ended (the drain's grace period), so the sessions are idle, one at a time (each move holds the
  * session's lock and streams its pages; a pod's network and kvstore are the bottleneck either
- * way), within FREEKV_DRAIN_HANDOFF_TIMEOUT_MS in all. Sessions are spread over the peers in turn;
+ * way), within FREEKV_DRAIN_HANDOFF_TIMEOUT_MS in all. The peers are the setting's list, or with
+ * "owners" the pods that announce themselves live in the session-owners directory
+ * (SessionOwners.livePeers; this pod withdraws its own announcement when it starts to drain). Sessions are spread over the peers in turn;
  * a peer that refuses one (draining too, full, unreachable) is skipped for the next in the list.
  * A session that could not be moved stays in this pod's kvstore, as without a hand-off: it is
  * logged, one line per session with the reason, and counted (freekv_compute_handoff_failures_total).
@@ -12,9 +14,9 @@
 import type { ComputeContext } from "../context.js";
 import type { SessionMover } from "./move.js";
 
-/** The peers of FREEKV_DRAIN_HANDOFF, without this pod's own address. */
+/** The peers of a FREEKV_DRAIN_HANDOFF list, without this pod's own address ("owners": found at the drain instead). */
 export function handoffPeers(setting: string | undefined, self: string | undefined): string[] {
-  if (!setting) return [];
+  if (!setting || setting === "owners") return [];
   const peers = setting
     .split(",")
     .map((p) => p.trim())
