@@ -35,7 +35,7 @@ export class KvStore {
   private readonly live = new Map<string, Live>();
   private readonly locks = new Map<string, Promise<unknown>>();
   /** Sessions being imported (transfer.ts): their segments exist and count, but they are not visible yet. */
-  private readonly importing = new Set<string>();
+  private readonly importing = new Map<string, Live>();
   private usedBytes = 0;
 
   constructor(
@@ -351,7 +351,7 @@ export class KvStore {
       if (this.live.has(id) || this.importing.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists at this kvstore`);
       if (await this.dir("get", id, () => this.directory.get(id))) throw alreadyExists(`session ${quoteId(id)} is in this kvstore's directory`);
       const l = this.createLive(id, geometry, retrieval, maxContextTokens, metadata);
-      this.importing.add(id);
+      this.importing.set(id, l);
       this.usedBytes += l.bytes;
       this.updateGauges();
       return l;
@@ -375,7 +375,8 @@ export class KvStore {
   /** Removes an import's segments and gives their bytes back (the import failed or was cancelled). */
   dropImport(r: ImportReservation): void {
     const id = r.record.sessionId;
-    if (!this.importing.delete(id)) return;
+    if (this.importing.get(id) !== r) return;
+    this.importing.delete(id);
     this.usedBytes -= r.bytes;
     closeSegments(r.segments, true);
     this.updateGauges();
@@ -383,6 +384,9 @@ export class KvStore {
 
   /** At shutdown: keep (persist) or remove every session's segments, then close the directory. */
   async shutdown(persist: boolean): Promise<void> {
+    // Imports still under way were never visible: their segments go, persisted or not.
+    for (const l of this.importing.values()) closeSegments(l.segments, true);
+    this.importing.clear();
     for (const [id, l] of this.live) {
       closeSegments(l.segments, !persist);
       if (!persist) await this.directory.delete(id).catch(() => undefined);

@@ -376,6 +376,19 @@ describe("session transfer between kvstores", () => {
     await nothingLeft(baseline, segments, src.id);
   });
 
+  it("removes the segments of an import still under way when the kvstore drains", async () => {
+    const c = await startService("kvstore", env({ FREEKV_SHUTDOWN_GRACE_MS: "500" }));
+    const mine = () => [...shmSegments()].filter((n) => n.includes(`-kv-${c.pid}-`));
+    const pending = importAll(c.address, exported.slice(0, 3) as ImportSessionRequest[], { end: false });
+    const t0 = Date.now();
+    while (mine().length === 0 && Date.now() - t0 < 5000) await new Promise((r) => setTimeout(r, 20));
+    expect(mine().length).toBeGreaterThan(0);
+    expect((await c.stop("SIGTERM")).code).toBe(0);
+    expect(mine()).toEqual([]);
+    const r = await pending;
+    expect(isErr(r)).toBe(true);
+  });
+
   it("bounds ExportSession's request", async () => {
     const cases: Array<[unknown, number]> = [
       [{ sessionId: "no-such-session" }, status.NOT_FOUND],
