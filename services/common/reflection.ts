@@ -39,6 +39,11 @@ export function loadPackageDefinition(files: string[]): protoLoader.PackageDefin
   });
 }
 
-export function addReflection(server: Server, files: string[]): void {
-  new ReflectionService(loadPackageDefinition(files)).addToServer(server);
+/**
+ * Reflection over `files`; with `services`, only those (and grpc.health.v1.Health) are listed, so
+ * a service of an imported file that this server does not serve (compute.proto imports
+ * kvstore.proto for the session-transfer messages) is not advertised.
+ */
+export function addReflection(server: Server, files: string[], services?: string[]): void {
+  new ReflectionService(loadPackageDefinition(files), services ? { services: [...services, "grpc.health.v1.Health"] } : undefined).addToServer(server);
 }

@@ -83,6 +83,23 @@ export const computeConfigSchema = z.object({
   FREEKV_KVSTORE_TLS_CLIENT_CERT_FILE: z.string().min(1).optional(),
   FREEKV_KVSTORE_TLS_CLIENT_KEY_FILE: z.string().min(1).optional(),
   FREEKV_SHUTDOWN_GRACE_MS: positiveInt(10_000),
+  /** Where a draining compute moves its named sessions (sessions/handoff.ts): host:port[,host:port...], or "owners" (the live pods of FREEKV_SESSION_OWNERS); unset: nowhere, they stay in this pod's kvstore. */
+  FREEKV_DRAIN_HANDOFF: z
+    .string()
+    .regex(/^(owners|\s*[^\s:,]+:\d{1,5}\s*(,\s*[^\s:,]+:\d{1,5}\s*)*)$/, 'must be host:port[,host:port...] or "owners"')
+    .optional(),
+  /** How long the drain's hand-off may take in all, after the in-flight calls ended (ms). */
+  FREEKV_DRAIN_HANDOFF_TIMEOUT_MS: positiveInt(30_000),
+  /** Deadline of a MoveSession whose caller set none (ms). */
+  FREEKV_MOVE_TIMEOUT_MS: positiveInt(120_000),
+  /** With FREEKV_AUTH_TOKENS_FILE: the tenant whose token may move (and receive) any tenant's sessions, the pods' own identity for hand-offs; unset: a tenant moves only its own sessions. */
+  FREEKV_MOVE_ADMIN_TENANT: z.string().min(1).optional(),
+  /** File holding the bearer token this compute presents to other computes when it hands sessions off (a drain); unset: none. */
+  FREEKV_PEER_TOKEN_FILE: z.string().min(1).optional(),
+  /** TLS to other computes (moves): the CA their certificates are checked against, and this compute's client certificate for mutual TLS. */
+  FREEKV_PEER_TLS_CA_FILE: z.string().min(1).optional(),
+  FREEKV_PEER_TLS_CLIENT_CERT_FILE: z.string().min(1).optional(),
+  FREEKV_PEER_TLS_CLIENT_KEY_FILE: z.string().min(1).optional(),
   FREEKV_LOG_LEVEL: logLevel(),
 });
 

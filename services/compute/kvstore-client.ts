@@ -2,9 +2,22 @@
  * The kvstore's gRPC client as compute uses it: promise-returning calls with a deadline,
  * aborted with the caller's AbortSignal.
  */
-import { credentials, Metadata, type ChannelCredentials, type CallOptions, type ClientUnaryCall, type ServiceError as GrpcError } from "@grpc/grpc-js";
+import {
+  credentials,
+  Metadata,
+  type ChannelCredentials,
+  type CallOptions,
+  type ClientReadableStream,
+  type ClientUnaryCall,
+  type ClientWritableStream,
+  type ServiceError as GrpcError,
+} from "@grpc/grpc-js";
 import {
   KvStoreServiceClient,
+  KvStoreTransferServiceClient,
+  type ExportSessionResponse,
+  type ImportSessionRequest,
+  type ImportSessionResponse,
   type AttachSessionRequest,
   type AttachSessionResponse,
   type CommitPagesRequest,
@@ -18,6 +31,8 @@ type Unary<Req, Res> = (req: Req, md: Metadata, opts: Partial<CallOptions>, cb: 
 
 export class KvStoreClient {
   private readonly raw: KvStoreServiceClient;
+  /** Session transfer (export, import) for moves between pods; the same channel settings. */
+  private readonly transfer: KvStoreTransferServiceClient;
 
   constructor(
     readonly address: string,
@@ -25,6 +40,7 @@ export class KvStoreClient {
     creds: ChannelCredentials = credentials.createInsecure(),
   ) {
     this.raw = new KvStoreServiceClient(address, creds, { "grpc.max_receive_message_length": 64 << 20 });
+    this.transfer = new KvStoreTransferServiceClient(address, creds, { "grpc.max_receive_message_length": 64 << 20, "grpc.max_send_message_length": 64 << 20 });
   }
 
   private call<Req, Res>(fn: Unary<Req, Res>, req: Req, signal?: AbortSignal): Promise<Res> {
@@ -51,6 +67,21 @@ export class KvStoreClient {
     return this.call(this.raw.listSessions as Unary<object, ListSessionsResponse>, {}, signal);
   }
 
+  /** The session's export stream (header, chunks, digest), ending by `deadline` (ms since the epoch). */
+  exportSession(sessionId: string, chunkBytes: number, deadline: number): ClientReadableStream<ExportSessionResponse> {
+    return this.transfer.exportSession({ sessionId, chunkBytes }, new Metadata(), { deadline });
+  }
+
+  /** An import stream; `done` settles with the kvstore's answer once the stream ended (or failed). */
+  importSession(deadline: number): { stream: ClientWritableStream<ImportSessionRequest>; done: Promise<ImportSessionResponse> } {
+    let stream!: ClientWritableStream<ImportSessionRequest>;
+    const done = new Promise<ImportSessionResponse>((resolve, reject) => {
+      stream = this.transfer.importSession(new Metadata(), { deadline }, (err, res) => (err ? reject(err) : resolve(res!)));
+    });
+    done.catch(() => {});
+    return { stream, done };
+  }
+
   /** Resolves once the channel is connected (the kvstore is up), or rejects after `ms`. */
   waitForReady(ms: number): Promise<void> {
     return new Promise((resolve, reject) => this.raw.waitForReady(Date.now() + ms, (err) => (err ? reject(err) : resolve())));
@@ -58,5 +89,6 @@ export class KvStoreClient {
 
   close(): void {
     this.raw.close();
+    this.transfer.close();
   }
 }

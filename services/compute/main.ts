@@ -4,7 +4,8 @@
  * the kvstore still holds, listens (NOT_SERVING), then loads the served model and turns SERVING
  * once it is ready (a failed load leaves it NOT_SERVING, with the reason logged).
  */
-import { serverCredentials } from "../common/tls.js";
+import { channelCredentials, serverCredentials } from "../common/tls.js";
+import { readFileSync } from "node:fs";
 import { basename, resolve } from "node:path";
 import { loadConfigOrExit } from "../common/config.js";
 import { bindServer, installDrain } from "../common/lifecycle.js";
@@ -19,6 +20,7 @@ import { NO_MODEL } from "./model/served.js";
 import { createOpenAIFront, type OpenAIFront } from "./openai/server.js";
 import { createComputeServer } from "./server.js";
 import { SessionOwners } from "./sessions/owners.js";
+import { handOffSessions, handoffPeers } from "./sessions/handoff.js";
 
 async function main(): Promise<void> {
   const config = loadConfigOrExit("compute", computeConfigSchema);
@@ -55,11 +57,30 @@ async function main(): Promise<void> {
       process.stderr.write(`compute: FREEKV_SESSION_OWNERS: not reachable: ${(e as Error).message}\n`);
       process.exit(2);
     }
+    // Announced live for the hand-offs of draining pods (FREEKV_DRAIN_HANDOFF=owners).
+    ctx.owners.startHeartbeat();
+  } else if (config.FREEKV_DRAIN_HANDOFF === "owners") {
+    process.stderr.write("compute: FREEKV_DRAIN_HANDOFF=owners needs FREEKV_SESSION_OWNERS (the live pods are found there)\n");
+    process.exit(2);
   }
   const reattached = await ctx.sessions.reattachAll();
   ctx.sessions.startExpiry();
   for (const s of ctx.sessions.list()) await ctx.owners?.claim(s.id);
-  const { server, health, generate, upstream: kvstoreServing } = createComputeServer(ctx);
+  // How this compute reaches other computes when it moves a session to them.
+  let peerCredentials;
+  let peerToken: string | undefined;
+  try {
+    peerCredentials = channelCredentials("FREEKV_PEER", { ca: config.FREEKV_PEER_TLS_CA_FILE, cert: config.FREEKV_PEER_TLS_CLIENT_CERT_FILE, key: config.FREEKV_PEER_TLS_CLIENT_KEY_FILE });
+    if (config.FREEKV_PEER_TOKEN_FILE) {
+      peerToken = readFileSync(config.FREEKV_PEER_TOKEN_FILE, "utf8").trim();
+      if (!/^\S{1,4096}$/.test(peerToken)) throw new Error(`FREEKV_PEER_TOKEN_FILE=${config.FREEKV_PEER_TOKEN_FILE}: must hold one token (1-4096 non-space characters)`);
+    }
+  } catch (e) {
+    process.stderr.write(`compute: ${(e as Error).message}\n`);
+    process.exit(2);
+  }
+  const peers = handoffPeers(config.FREEKV_DRAIN_HANDOFF, config.FREEKV_ADVERTISE_ADDRESS);
+  const { server, health, generate, mover, upstream: kvstoreServing } = createComputeServer(ctx, { credentials: peerCredentials, token: peerToken });
   let creds;
   try {
     creds = serverCredentials("FREEKV_COMPUTE", { cert: config.FREEKV_COMPUTE_TLS_CERT_FILE, key: config.FREEKV_COMPUTE_TLS_KEY_FILE, clientCa: config.FREEKV_COMPUTE_TLS_CLIENT_CA_FILE });
@@ -92,9 +113,14 @@ async function main(): Promise<void> {
     ctx.sessions.checkKvstoreSessions().catch((e: Error) => log.warn({ err: e.message }, "cannot list the kvstore's sessions after it served again"));
   }, ctx.kvstoreCredentials);
   // At the end of the drain: sessions committed and unmapped (the kvstore keeps their pages).
+  // With FREEKV_DRAIN_HANDOFF, the named sessions first move to the peers (sessions/handoff.ts).
   const cleanup = async () => {
-    upstream.stop();
     await openai?.close();
+    await ctx.owners?.leave();
+    const to = config.FREEKV_DRAIN_HANDOFF === "owners" ? ((await ctx.owners?.livePeers()) ?? []) : peers;
+    // Without a peer, each session is still logged and counted as not handed off.
+    if (config.FREEKV_DRAIN_HANDOFF) await handOffSessions(ctx, mover, to, config.FREEKV_DRAIN_HANDOFF_TIMEOUT_MS);
+    upstream.stop();
     await ctx.sessions.shutdown();
     ctx.kvstore.close();
     await ctx.owners?.close();

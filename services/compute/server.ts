@@ -5,8 +5,8 @@
  * start until both hold.
  */
 import { authenticated } from "./auth.js";
-import { Server, type handleServerStreamingCall } from "@grpc/grpc-js";
-import { ComputeServiceService, type GenerateRequest, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
+import { credentials, Server, type ChannelCredentials, type handleServerStreamingCall } from "@grpc/grpc-js";
+import { ComputeServiceService, SessionMoveServiceService, type GenerateRequest, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
 import { Health } from "../common/health.js";
 import { rejectMalformed } from "../common/malformed.js";
 import { addReflection } from "../common/reflection.js";
@@ -15,6 +15,7 @@ import { attentionHandler } from "./attention/stream.js";
 import type { ComputeContext } from "./context.js";
 import { generateHandler } from "./generate/handler.js";
 import { sessionHandlers } from "./sessions/handlers.js";
+import { sessionMoveService, SessionMover } from "./sessions/move.js";
 
 export const COMPUTE_SERVICE = "freekv.v1.ComputeService";
 
@@ -25,9 +26,12 @@ export interface ComputeServer {
   generate: handleServerStreamingCall<GenerateRequest, GenerateResponse>;
   /** Records whether the kvstore serves (its health, followed by main). */
   upstream(serving: boolean): void;
+  /** Moves sessions to other pods (SessionMoveService, the drain's hand-off). */
+  mover: SessionMover;
 }
 
-export function createComputeServer(ctx: ComputeContext): ComputeServer {
+/** `peer`: how this compute reaches other computes when it moves a session (FREEKV_PEER_TLS_*), and the token it presents without a caller's (FREEKV_PEER_TOKEN_FILE). */
+export function createComputeServer(ctx: ComputeContext, peer: { credentials?: ChannelCredentials; token?: string } = {}): ComputeServer {
   const server = new Server({ "grpc.max_receive_message_length": 256 << 20, "grpc.max_send_message_length": 256 << 20 });
   const { metrics, sessions, log } = ctx;
   const batcher = new AttentionBatcher(sessions.engine, ctx.config.FREEKV_DECODE_BATCH_WINDOW_US, {
@@ -65,9 +69,13 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
   const generate = handlers.generate;
   const service = rejectMalformed(ComputeServiceService, handlers);
   server.addService(service.definition, service.implementation);
+  // Moves between pods: an admin service beside ComputeService; its handlers authenticate themselves.
+  const mover = new SessionMover(ctx, peer.credentials ?? credentials.createInsecure(), peer.token);
+  const move = rejectMalformed(SessionMoveServiceService, sessionMoveService(ctx, mover));
+  server.addService(move.definition, move.implementation);
   const health = new Health([COMPUTE_SERVICE]);
   health.addToServer(server);
-  addReflection(server, ["freekv/v1/compute.proto"]);
+  addReflection(server, ["freekv/v1/compute.proto"], [COMPUTE_SERVICE, "freekv.v1.SessionMoveService"]);
   let kvstore = false;
   const update = () => health.set(kvstore && ctx.served.servable ? "SERVING" : "NOT_SERVING");
   ctx.served.onChange(update);
@@ -75,6 +83,7 @@ export function createComputeServer(ctx: ComputeContext): ComputeServer {
     server,
     health,
     generate,
+    mover,
     upstream(serving) {
       kvstore = serving;
       update();

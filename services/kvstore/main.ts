@@ -20,6 +20,8 @@ import { kvstoreService } from "./service.js";
 import { SEGMENT_KINDS, setDirectoryKind, sweepStaleSegments } from "./segments.js";
 import { Scrubber } from "./scrubber.js";
 import { KvStore } from "./store.js";
+import { createTransferMetrics, transferService } from "./transfer.js";
+import { KvStoreTransferServiceService } from "../../proto/gen/freekv/v1/kvstore.js";
 
 export const KVSTORE_SERVICE = "freekv.v1.KvStoreService";
 
@@ -65,9 +67,11 @@ async function main(): Promise<void> {
   const server = new Server({ "grpc.max_receive_message_length": 64 << 20 });
   const service = rejectMalformed(KvStoreServiceService, kvstoreService(store, log));
   server.addService(service.definition, service.implementation);
+  const transfer = rejectMalformed(KvStoreTransferServiceService, transferService(store, log, createTransferMetrics(registry)));
+  server.addService(transfer.definition, transfer.implementation);
   const health = new Health([KVSTORE_SERVICE]);
   health.addToServer(server);
-  addReflection(server, ["freekv/v1/kvstore.proto"]);
+  addReflection(server, ["freekv/v1/kvstore.proto"], [KVSTORE_SERVICE, "freekv.v1.KvStoreTransferService"]);
 
   let creds;
   try {

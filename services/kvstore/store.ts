@@ -8,7 +8,7 @@ import type { ModelGeometry, RetrievalConfig } from "../../proto/gen/freekv/v1/c
 import type { AttachSessionRequest, AttachSessionResponse, CommitPagesRequest, GetStatsResponse } from "../../proto/gen/freekv/v1/kvstore.js";
 import { resolveGeometry } from "../common/geometry.js";
 import { resolveRetrieval, toNativeRetrieval, validateRetrieval } from "../common/retrieval.js";
-import { ServiceError, failedPrecondition, invalidArgument, notFound, quoteId, resourceExhausted } from "../common/errors.js";
+import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFound, quoteId, resourceExhausted } from "../common/errors.js";
 import type { Logger } from "../common/log.js";
 import { crc32cPages } from "../common/crc32c.js";
 import { loadShm } from "../../native/shm.js";
@@ -28,6 +28,9 @@ interface Live {
   corrupt?: ServiceError;
 }
 
+/** A session being imported (transfer.ts): its segments, record and bytes. */
+export type ImportReservation = Live;
+
 function sameGeometry(a: ModelGeometry, b: ModelGeometry) {
   return a.layers === b.layers && a.queryHeads === b.queryHeads && a.kvHeads === b.kvHeads && a.headDim === b.headDim && a.kvDtype === b.kvDtype;
 }
@@ -37,6 +40,8 @@ export class KvStore implements ScrubHost {
   /** Checks committed pages (scrubber.ts); attached by the process (kvstore/main.ts). */
   scrubber: Scrubber | undefined;
   private readonly locks = new Map<string, Promise<unknown>>();
+  /** Sessions being imported (transfer.ts): their segments exist and count, but they are not visible yet. */
+  private readonly importing = new Map<string, Live>();
   private usedBytes = 0;
 
   constructor(
@@ -131,6 +136,7 @@ export class KvStore implements ScrubHost {
   attach(req: AttachSessionRequest): Promise<AttachSessionResponse> {
     if (!SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
     return this.withLock(req.sessionId, async () => {
+      if (this.importing.has(req.sessionId)) throw failedPrecondition(`session ${req.sessionId} is being imported; attach it once the import ended`);
       const existing = this.live.get(req.sessionId);
       if (existing?.corrupt) throw existing.corrupt;
       if (existing) {
@@ -370,8 +376,65 @@ export class KvStore implements ScrubHost {
     return this.live.get(id)?.record;
   }
 
+  // Hooks of session transfer (transfer.ts): export under the session's lock, import into
+  // segments that are made and counted first and become a visible session only at the end.
+
+  /** Runs `fn` on the live session under its lock (nothing commits to or releases it meanwhile); NOT_FOUND when absent. */
+  exclusive<T>(id: string, fn: (record: SessionRecord, segments: SessionSegments) => Promise<T>): Promise<T> {
+    return this.withLock(id, async () => {
+      const l = this.live.get(id);
+      if (!l) throw notFound(`session ${quoteId(id)} is not attached`);
+      return fn(l.record, l.segments);
+    });
+  }
+
+  /**
+   * Segments for a session to import, their bytes counted against the capacity now
+   * (RESOURCE_EXHAUSTED otherwise); ALREADY_EXISTS when the id is live, being imported or in the
+   * directory. Not visible until publishImport; dropImport removes them.
+   */
+  reserveImport(id: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array): Promise<ImportReservation> {
+    if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+    return this.withLock(id, async () => {
+      if (this.live.has(id) || this.importing.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists at this kvstore`);
+      if (await this.dir("get", id, () => this.directory.get(id))) throw alreadyExists(`session ${quoteId(id)} is in this kvstore's directory`);
+      const l = this.createLive(id, geometry, retrieval, maxContextTokens, metadata);
+      this.importing.set(id, l);
+      this.usedBytes += l.bytes;
+      this.updateGauges();
+      return l;
+    });
+  }
+
+  /** Makes an imported session visible (directory first; a failed write leaves it reserved, for dropImport). */
+  publishImport(r: ImportReservation, committedPages: number[], contextTokens: number): Promise<void> {
+    const id = r.record.sessionId;
+    return this.withLock(id, async () => {
+      const record: SessionRecord = { ...r.record, committedPages: [...committedPages], contextTokens, createdAt: new Date().toISOString() };
+      await this.dir("put", id, () => this.directory.put(record));
+      r.record = record;
+      this.importing.delete(id);
+      this.live.set(id, r);
+      this.updateGauges();
+      this.log.info({ session: id, bytes: r.bytes, committedPages, contextTokens }, "session imported");
+    });
+  }
+
+  /** Removes an import's segments and gives their bytes back (the import failed or was cancelled). */
+  dropImport(r: ImportReservation): void {
+    const id = r.record.sessionId;
+    if (this.importing.get(id) !== r) return;
+    this.importing.delete(id);
+    this.usedBytes -= r.bytes;
+    closeSegments(r.segments, true);
+    this.updateGauges();
+  }
+
   /** At shutdown: keep (persist) or remove every session's segments, then close the directory. */
   async shutdown(persist: boolean): Promise<void> {
+    // Imports still under way were never visible: their segments go, persisted or not.
+    for (const l of this.importing.values()) closeSegments(l.segments, true);
+    this.importing.clear();
     for (const [id, l] of this.live) {
       closeSegments(l.segments, !persist);
       if (!persist) await this.directory.delete(id).catch(() => undefined);

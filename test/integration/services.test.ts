@@ -51,9 +51,13 @@ describe("both services", () => {
     const c = await reflectionServices(tiers.compute.address);
     expect(c).toContain("freekv.v1.ComputeService");
     expect(c).toContain("grpc.health.v1.Health");
+    expect(c).toContain("freekv.v1.SessionMoveService");
     expect(c).not.toContain("freekv.v1.KvStoreService");
+    expect(c).not.toContain("freekv.v1.KvStoreTransferService");
     const k = await reflectionServices(tiers.kvstore.address);
     expect(k).toContain("freekv.v1.KvStoreService");
+    expect(k).toContain("freekv.v1.KvStoreTransferService");
+    expect(k).not.toContain("freekv.v1.ComputeService");
     expect(await reflectionHasSymbol(tiers.compute.address, "freekv.v1.AttentionRequest")).toBe(true);
     expect(await reflectionHasSymbol(tiers.kvstore.address, "freekv.v1.SegmentLayout")).toBe(true);
   });

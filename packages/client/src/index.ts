@@ -15,7 +15,10 @@
  * - session routing: a session lives on one pod (its KV is in that pod's shared memory); a
  *   compute that does not hold it may answer with the owner's address in the trailing metadata
  *   key `x-freekv-session-owner`, and the client then sends the call there (and remembers the
- *   session's address for its next calls).
+ *   session's address for its next calls). When a remembered pod no longer answers
+ *   (UNAVAILABLE: it drained and handed its sessions off), the call goes to the configured
+ *   address again, which redirects it to the session's new pod;
+ * - `moveSession()`: moves a session to another pod (SessionMoveService.MoveSession).
  * It needs neither the native addon nor the service's code: only gRPC and the generated messages.
  */
 import { credentials as grpcCredentials, Metadata, status, type ChannelCredentials, type ClientReadableStream, type ServiceError } from "@grpc/grpc-js";
@@ -29,11 +32,14 @@ import {
   type GenerateResponse,
   GetSessionRequest,
   type GetSessionResponse,
+  MoveSessionRequest,
+  type MoveSessionResponse,
+  SessionMoveServiceClient,
   type DeepPartial,
 } from "../../../proto/gen/freekv/v1/compute.js";
 
-export { CreateSessionRequest, GetSessionRequest, CloseSessionRequest, GenerateRequest };
-export type { CreateSessionResponse, GetSessionResponse, CloseSessionResponse, GenerateResponse };
+export { CreateSessionRequest, GetSessionRequest, CloseSessionRequest, GenerateRequest, MoveSessionRequest };
+export type { CreateSessionResponse, GetSessionResponse, CloseSessionResponse, GenerateResponse, MoveSessionResponse };
 
 /** Trailing metadata key of a status that names the pod (host:port) holding the session. */
 export const SESSION_OWNER_KEY = "x-freekv-session-owner";
@@ -102,6 +108,7 @@ const ownerOf = (e: unknown): string | undefined => {
 
 export class FreeKvClient {
   private readonly channels = new Map<string, ComputeServiceClient>();
+  private readonly moveChannels = new Map<string, SessionMoveServiceClient>();
   /** The pod address a session was last found on. */
   private readonly sessionAddress = new Map<string, string>();
   private readonly retry: RetryOptions;
@@ -128,6 +135,28 @@ export class FreeKvClient {
     return c;
   }
 
+  /** The session-move stub for an address (one channel per address, reused). */
+  private moveStub(address: string): SessionMoveServiceClient {
+    let c = this.moveChannels.get(address);
+    if (!c) {
+      c = new SessionMoveServiceClient(address, this.options.credentials ?? grpcCredentials.createInsecure(), this.options.channelOptions);
+      this.moveChannels.set(address, c);
+    }
+    return c;
+  }
+
+  /**
+   * Where the session's call goes next after `e` at `address`: a pod that no longer answers
+   * (UNAVAILABLE) and is not the configured address is forgotten for the session, and the call
+   * goes back to the configured address (which redirects it to the session's pod); undefined to
+   * handle `e` as usual.
+   */
+  private fallback(sessionId: string | undefined, address: string, e: unknown): string | undefined {
+    if ((e as ServiceError).code !== status.UNAVAILABLE || address === this.address) return undefined;
+    if (sessionId && this.sessionAddress.get(sessionId) === address) this.sessionAddress.delete(sessionId);
+    return this.address;
+  }
+
   /** Where calls on `sessionId` go: its last known pod, else the configured address. */
   addressFor(sessionId: string | undefined): string {
     return (sessionId && this.sessionAddress.get(sessionId)) || this.address;
@@ -136,21 +165,35 @@ export class FreeKvClient {
   close(): void {
     for (const c of this.channels.values()) c.close();
     this.channels.clear();
+    for (const c of this.moveChannels.values()) c.close();
+    this.moveChannels.clear();
+  }
+
+  /**
+   * Moves a session to the compute at `target` (host:port): the call goes to the session's pod
+   * (following redirects) and is not retried (a failed move leaves the session where it was).
+   * Afterwards the client sends the session's calls to `target`.
+   */
+  async moveSession(request: DeepPartial<MoveSessionRequest>, opts: CallOptions = {}): Promise<MoveSessionResponse> {
+    const req = MoveSessionRequest.fromPartial(request);
+    const res = await this.unary<MoveSessionResponse, SessionMoveServiceClient>((a) => this.moveStub(a), (s, md, o, cb) => s.moveSession(req, md, o, cb), req.sessionId, opts, undefined, 1);
+    this.sessionAddress.set(req.sessionId, res.target);
+    return res;
   }
 
   createSession(request: DeepPartial<CreateSessionRequest>, opts: CallOptions = {}): Promise<CreateSessionResponse> {
     const req = CreateSessionRequest.fromPartial(request);
-    return this.unary((s, md, o, cb) => s.createSession(req, md, o, cb), req.sessionId, opts, (r) => r.session?.sessionId);
+    return this.unary((a) => this.stub(a), (s, md, o, cb) => s.createSession(req, md, o, cb), req.sessionId, opts, (r) => r.session?.sessionId, this.retry.maxAttempts);
   }
 
   getSession(request: DeepPartial<GetSessionRequest>, opts: CallOptions = {}): Promise<GetSessionResponse> {
     const req = GetSessionRequest.fromPartial(request);
-    return this.unary((s, md, o, cb) => s.getSession(req, md, o, cb), req.sessionId, opts);
+    return this.unary((a) => this.stub(a), (s, md, o, cb) => s.getSession(req, md, o, cb), req.sessionId, opts, undefined, this.retry.maxAttempts);
   }
 
   closeSession(request: DeepPartial<CloseSessionRequest>, opts: CallOptions = {}): Promise<CloseSessionResponse> {
     const req = CloseSessionRequest.fromPartial(request);
-    return this.unary((s, md, o, cb) => s.closeSession(req, md, o, cb), req.sessionId, opts);
+    return this.unary((a) => this.stub(a), (s, md, o, cb) => s.closeSession(req, md, o, cb), req.sessionId, opts, undefined, this.retry.maxAttempts);
   }
 
   /**
@@ -185,6 +228,13 @@ export class FreeKvClient {
           attempt--; // a redirect is not a failed attempt
           continue;
         }
+        const back = delivered ? undefined : this.fallback(req.sessionId, address, e);
+        if (back && redirects < this.maxRedirects) {
+          redirects++;
+          address = back;
+          attempt--;
+          continue;
+        }
         if (delivered || (e as ServiceError).code !== status.UNAVAILABLE || attempt >= this.retry.maxAttempts) throw e;
         const wait = backoffMs(this.retry, attempt);
         if (Date.now() + wait >= deadline) throw e;
@@ -211,11 +261,14 @@ export class FreeKvClient {
     return { text, tokenIds, final };
   }
 
-  private async unary<Res>(
-    invoke: (s: ComputeServiceClient, md: Metadata, o: { deadline: number }, cb: (e: ServiceError | null, r: Res) => void) => void,
+  /** A unary call on the session's pod: redirects followed, UNAVAILABLE retried up to `maxAttempts` attempts. */
+  private async unary<Res, S>(
+    stubOf: (address: string) => S,
+    invoke: (s: S, md: Metadata, o: { deadline: number }, cb: (e: ServiceError | null, r: Res) => void) => void,
     sessionId: string | undefined,
     opts: CallOptions,
-    learned?: (r: Res) => string | undefined,
+    learned: ((r: Res) => string | undefined) | undefined,
+    maxAttempts: number,
   ): Promise<Res> {
     const deadline = Date.now() + (opts.deadlineMs ?? this.defaultDeadlineMs);
     let address = this.addressFor(sessionId);
@@ -224,7 +277,7 @@ export class FreeKvClient {
       try {
         const res = await new Promise<Res>((resolve, reject) => {
           if (opts.signal?.aborted) return reject(opts.signal.reason);
-          invoke(this.stub(address), opts.metadata ?? new Metadata(), { deadline }, (e, r) => (e ? reject(e) : resolve(r)));
+          invoke(stubOf(address), opts.metadata ?? new Metadata(), { deadline }, (e, r) => (e ? reject(e) : resolve(r)));
         });
         const id = learned?.(res) ?? sessionId;
         if (id) this.sessionAddress.set(id, address);
@@ -237,7 +290,14 @@ export class FreeKvClient {
           attempt--;
           continue;
         }
-        if ((e as ServiceError).code !== status.UNAVAILABLE || attempt >= this.retry.maxAttempts) throw e;
+        const back = this.fallback(sessionId, address, e);
+        if (back && redirects < this.maxRedirects) {
+          redirects++;
+          address = back;
+          attempt--;
+          continue;
+        }
+        if ((e as ServiceError).code !== status.UNAVAILABLE || attempt >= maxAttempts) throw e;
         const wait = backoffMs(this.retry, attempt);
         if (Date.now() + wait >= deadline) throw e;
         await sleep(wait, opts.signal);

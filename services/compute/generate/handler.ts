@@ -26,7 +26,7 @@ import {
 import { callScope } from "../../common/cancellation.js";
 import { tenantOf } from "../sessions/tenant.js";
 import { localSession } from "../sessions/owners.js";
-import { ServiceError, failedPrecondition, invalidArgument, notFound, resourceExhausted, toStatus } from "../../common/errors.js";
+import { ServiceError, failedPrecondition, invalidArgument, resourceExhausted, toStatus } from "../../common/errors.js";
 import type { ComputeContext } from "../context.js";
 import type { LoadedModel } from "../model/loader.js";
 import { modelSessionBytes } from "../sessions/footprint.js";
@@ -201,7 +201,8 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     let state: GenerateState | undefined;
     try {
       release = await s.lock.acquire();
-      if (s.closed) throw notFound(`session ${JSON.stringify(s.id)} not found`);
+      // Closed meanwhile, or moved to another pod (then the call is redirected there).
+      if (s.closed) throw ctx.sessions.goneError(s.id);
       ctx.sessions.checkLost(s);
       state = (s.metadata.generate as GenerateState | undefined) ?? {};
       s.metadata.generate = state;

@@ -19,6 +19,7 @@ import type { KvStoreClient } from "../kvstore-client.js";
 import { crc32c } from "../../common/crc32c.js";
 import { ComputeSession, kindName, type SessionMetadata } from "./session.js";
 import { retrievalStats } from "./stats.js";
+import { heldElsewhere } from "./owners.js";
 import { status } from "@grpc/grpc-js";
 
 export const SESSION_ID_RE = /^[A-Za-z0-9._-]{1,128}$/;
@@ -54,6 +55,8 @@ export class SessionManager {
   private readonly sessions = new Map<string, ComputeSession>();
   private cosineEdges: number[] | undefined;
   private readonly creating = new Set<string>();
+  /** Sessions moved to another pod: id -> its compute address (bounded, see remember). */
+  private readonly moved = new Map<string, string>();
   /** Sessions being created per tenant (counted by the quota until they are open). */
   private readonly creatingTenants = new Map<string, number>();
   private expiryTimer: NodeJS.Timeout | undefined;
@@ -121,7 +124,7 @@ export class SessionManager {
 
   get(id: string): ComputeSession {
     const s = this.sessions.get(id);
-    if (!s) throw notFound(`session ${quoteId(id)} not found`);
+    if (!s) throw this.goneError(id);
     s.lastUsed = this.now();
     return s;
   }
@@ -239,28 +242,7 @@ export class SessionManager {
     for (const id of sessionIds) {
       if (this.sessions.has(id)) continue;
       try {
-        const attach = await this.opts.kvstore.attach({ sessionId: id });
-        let metadata: SessionMetadata = { kind: "attention" };
-        try {
-          if (attach.metadata.length) metadata = JSON.parse(attach.metadata.toString("utf8")) as SessionMetadata;
-        } catch {
-          /* foreign metadata: keep the default */
-        }
-        const kind = metadata.kind === "model" ? SessionKind.SESSION_KIND_MODEL : SessionKind.SESSION_KIND_ATTENTION;
-        const s = this.open(id, kind, attach, metadata, true);
-        const held = s.contextTokens;
-        if (metadata.contextTokens !== undefined && metadata.contextTokens !== held && metadata.generate !== undefined) {
-          // The previous process was stopped in the middle of a turn: the pages and tail hold
-          // tokens appended after the metadata was saved, so its per-turn state (the pending token
-          // of the turn before) no longer follows the context. The next turn continues after the
-          // tokens the session holds.
-          this.opts.log.warn({ session: id, metadataContextTokens: metadata.contextTokens, contextTokens: held }, "the session's saved turn state is older than its context; it is dropped");
-          delete metadata.generate;
-        }
-        s.metadataContextTokens = held;
-        this.sessions.set(id, s);
-        // Pages the engine offloaded that the kvstore had not acknowledged yet.
-        this.commitLayers(s, s.layerTokens.map((_, l) => l));
+        const s = await this.reattach(id);
         n++;
         this.opts.log.info({ session: id, contextTokens: s.contextTokens, committedPages: s.committedPages }, "session re-attached");
       } catch (e) {
@@ -269,6 +251,107 @@ export class SessionManager {
     }
     this.opts.onChange?.(this.sessions.size);
     return n;
+  }
+
+  /**
+   * Opens a session the kvstore holds and this process does not (a restart's re-attach, or a
+   * session just imported by a move): maps its segments, continues its engine session from them
+   * and commits what the engine offloaded that the kvstore had not acknowledged.
+   */
+  async reattach(id: string): Promise<ComputeSession> {
+    const attach = await this.opts.kvstore.attach({ sessionId: id });
+    let metadata: SessionMetadata = { kind: "attention" };
+    try {
+      if (attach.metadata.length) metadata = JSON.parse(attach.metadata.toString("utf8")) as SessionMetadata;
+    } catch {
+      /* foreign metadata: keep the default */
+    }
+    const kind = metadata.kind === "model" ? SessionKind.SESSION_KIND_MODEL : SessionKind.SESSION_KIND_ATTENTION;
+    const s = this.open(id, kind, attach, metadata, true);
+    const held = s.contextTokens;
+    if (metadata.contextTokens !== undefined && metadata.contextTokens !== held && metadata.generate !== undefined) {
+      // The previous process was stopped in the middle of a turn: the pages and tail hold
+      // tokens appended after the metadata was saved, so its per-turn state (the pending token
+      // of the turn before) no longer follows the context. The next turn continues after the
+      // tokens the session holds.
+      this.opts.log.warn({ session: id, metadataContextTokens: metadata.contextTokens, contextTokens: held }, "the session's saved turn state is older than its context; it is dropped");
+      delete metadata.generate;
+    }
+    s.metadataContextTokens = held;
+    this.sessions.set(id, s);
+    this.moved.delete(id);
+    this.opts.onChange?.(this.sessions.size);
+    // Pages the engine offloaded that the kvstore had not acknowledged yet.
+    this.commitLayers(s, s.layerTokens.map((_, l) => l));
+    return s;
+  }
+
+  // Moves between pods (move.ts): the source hands a session over under its lock and remembers
+  // where it went; the receiving side reserves the id while the pages arrive.
+
+  /** Where a session this process moved away went (the owner redirect without a session-owners directory). */
+  movedTo(id: string): string | undefined {
+    return this.moved.get(id);
+  }
+
+  /** The error for a session that is gone from here: FAILED_PRECONDITION naming its new pod when it moved, NOT_FOUND otherwise. */
+  goneError(id: string): ServiceError {
+    const to = this.moved.get(id);
+    return to ? heldElsewhere(id, to) : notFound(`session ${quoteId(id)} not found`);
+  }
+
+  /** Reserves `id` for a session arriving from another pod; ALREADY_EXISTS when it is open or being created here. */
+  reserveArrival(id: string): () => void {
+    if (this.sessions.has(id) || this.creating.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists on this pod`);
+    this.creating.add(id);
+    return () => this.creating.delete(id);
+  }
+
+  /**
+   * Hands the session over to another pod: waits for its turn in flight (its lock), saves its
+   * metadata and pages at the kvstore and waits for the engine's background recalls, then runs
+   * `transfer` still under the lock (no call can append meanwhile). When `transfer` resolves, the
+   * session is closed here (engine, mappings), calls for it are redirected to `target`, and the
+   * kvstore's copy is released; when it rejects, the session stays open here, intact.
+   */
+  async handOver<T>(s: ComputeSession, target: string, transfer: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+    const release = await s.lock.acquire();
+    let result: T;
+    try {
+      if (s.closed) throw this.goneError(s.id);
+      if (signal?.aborted) throw signal.reason;
+      this.checkLost(s);
+      await this.commitMetadata(s);
+      await this.opts.engine.sync(s.engineSession);
+      if (signal?.aborted) throw signal.reason;
+      result = await transfer();
+      s.closed = true;
+      if (s.retryTimer) clearTimeout(s.retryTimer);
+      this.sessions.delete(s.id);
+      this.remember(s.id, target);
+      this.opts.onChange?.(this.sessions.size);
+      await s.commitChain;
+      this.detach(s);
+    } finally {
+      release();
+    }
+    try {
+      await this.opts.kvstore.release(s.id);
+    } catch (e) {
+      // The target holds the session and this pod no longer serves it; the copy left in this
+      // kvstore is only memory (a restarted compute would find it: it is logged to be removed).
+      this.opts.log.error({ session: s.id, target, err: (e as Error).message }, "the session moved, but this kvstore's copy could not be released; release it (ReleaseSession) to free its memory");
+    }
+    return result;
+  }
+
+  /** At most this many moved-away sessions are remembered for redirects (the oldest are forgotten). */
+  static readonly MOVED_REMEMBERED = 65_536;
+
+  private remember(id: string, target: string): void {
+    this.moved.delete(id);
+    this.moved.set(id, target);
+    if (this.moved.size > SessionManager.MOVED_REMEMBERED) this.moved.delete(this.moved.keys().next().value as string);
   }
 
   /**
@@ -476,10 +559,11 @@ export class SessionManager {
   async close(id: string, signal?: AbortSignal): Promise<boolean> {
     const s = this.get(id);
     await s.lock.run(async () => {
-      if (s.closed) throw notFound(`session ${quoteId(id)} not found`);
+      if (s.closed) throw this.goneError(id);
       s.closed = true;
       if (s.retryTimer) clearTimeout(s.retryTimer);
       this.sessions.delete(id);
+      this.moved.delete(id);
       this.opts.onChange?.(this.sessions.size);
       await s.commitChain;
       this.detach(s);

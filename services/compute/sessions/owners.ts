@@ -70,7 +70,61 @@ export class SessionOwners {
     }
   }
 
+  // Live pods, for a drain's hand-off (FREEKV_DRAIN_HANDOFF=owners): each compute keeps a key
+  // `<prefix>pod:<address>` alive (refreshed every POD_HEARTBEAT_MS, expiring after POD_TTL_MS),
+  // and removes it when it starts to drain. Expiry is Redis's clock, not the pods'.
+  static readonly POD_HEARTBEAT_MS = 5_000;
+  static readonly POD_TTL_MS = 15_000;
+  private heartbeatTimer: NodeJS.Timeout | undefined;
+
+  private podKey(address: string): string {
+    return `${this.key.slice(0, -"owners".length)}pod:${address}`;
+  }
+
+  /** Announces this pod as live now and every POD_HEARTBEAT_MS (failures are logged and counted). */
+  startHeartbeat(): void {
+    const beat = () =>
+      this.redis.set(this.podKey(this.self), String(process.pid), "PX", SessionOwners.POD_TTL_MS).catch((e: Error) => {
+        this.onFailure();
+        this.log.warn({ err: e.message }, "could not announce this pod as live: drains of other pods will not hand sessions to it");
+      });
+    void beat();
+    this.heartbeatTimer ??= setInterval(beat, SessionOwners.POD_HEARTBEAT_MS);
+    this.heartbeatTimer.unref();
+  }
+
+  /** This pod takes no sessions any more (it drains): its live key goes now, not at its expiry. */
+  async leave(): Promise<void> {
+    if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
+    this.heartbeatTimer = undefined;
+    await this.redis.del(this.podKey(this.self)).catch((e: Error) => {
+      this.onFailure();
+      this.log.warn({ err: e.message }, "could not remove this pod's live key");
+    });
+  }
+
+  /** The other pods announced live (their addresses, sorted); [] when the directory does not answer. */
+  async livePeers(): Promise<string[]> {
+    const prefix = this.podKey("");
+    const found = new Set<string>();
+    try {
+      let cursor = "0";
+      do {
+        const [next, keys] = await this.redis.scan(cursor, "MATCH", `${prefix.replace(/[*?[\]\\]/g, "\\$&")}*`, "COUNT", 1000);
+        cursor = next;
+        for (const k of keys) found.add(k.slice(prefix.length));
+      } while (cursor !== "0");
+    } catch (e) {
+      this.onFailure();
+      this.log.error({ err: (e as Error).message }, "could not list the live pods for the hand-off");
+      return [];
+    }
+    found.delete(this.self);
+    return [...found].sort();
+  }
+
   async close(): Promise<void> {
+    if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
     this.redis.disconnect();
   }
 }
@@ -92,6 +146,7 @@ export async function localSession(sessions: SessionManager, owners: SessionOwne
     const owner = await owners.elsewhere(id);
     if (owner) throw heldElsewhere(id, owner);
   }
+  // Without a directory answer, a session this pod moved away is redirected to where it went (sessions.get).
   const s = sessions.get(id);
   // With tenant authentication on (tenant defined), a session is its creator's only.
   checkTenant(s.metadata.tenant, tenant, id);

@@ -17,7 +17,9 @@ import {
   type ClientOptions,
   type ClientReadableStream,
   type ClientUnaryCall,
+  type ClientWritableStream,
   type handleBidiStreamingCall,
+  type handleClientStreamingCall,
   type handleServerStreamingCall,
   type handleUnaryCall,
   makeGenericClientConstructor,
@@ -26,6 +28,7 @@ import {
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
 import { DType, dTypeFromJSON, dTypeToJSON, ModelGeometry, RetrievalConfig, RetrievalStats, Tensor } from "./common.js";
+import { SessionTransferChunk, SessionTransferDigest, SessionTransferHeader } from "./kvstore.js";
 
 export const protobufPackage = "freekv.v1";
 
@@ -366,6 +369,37 @@ export interface AttentionResponse {
     $case: "exchange";
     value: AttentionExchange;
   } | undefined;
+}
+
+export interface MoveSessionRequest {
+  sessionId: string;
+  /** host:port of the receiving compute (its gRPC address, as FREEKV_ADVERTISE_ADDRESS names it). */
+  target: string;
+  /** Largest data chunk in bytes [1 MiB]; at most 4 MiB. */
+  chunkBytes: number;
+}
+
+export interface MoveSessionResponse {
+  sessionId: string;
+  target: string;
+  contextTokens: number;
+  dataBytes: number;
+  chunks: number;
+  elapsedMs: number;
+}
+
+export interface ReceiveSessionRequest {
+  item?: { $case: "header"; value: SessionTransferHeader } | { $case: "chunk"; value: SessionTransferChunk } | {
+    $case: "digest";
+    value: SessionTransferDigest;
+  } | undefined;
+}
+
+export interface ReceiveSessionResponse {
+  sessionId: string;
+  dataBytes: number;
+  chunks: number;
+  contextTokens: number;
 }
 
 function createBaseCreateSessionRequest(): CreateSessionRequest {
@@ -3590,6 +3624,531 @@ export const AttentionResponse: MessageFns<AttentionResponse> = {
   },
 };
 
+function createBaseMoveSessionRequest(): MoveSessionRequest {
+  return { sessionId: "", target: "", chunkBytes: 0 };
+}
+
+export const MoveSessionRequest: MessageFns<MoveSessionRequest> = {
+  encode(message: MoveSessionRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sessionId !== "") {
+      writer.uint32(10).string(message.sessionId);
+    }
+    if (message.target !== "") {
+      writer.uint32(18).string(message.target);
+    }
+    if (message.chunkBytes !== 0) {
+      writer.uint32(24).uint32(message.chunkBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MoveSessionRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMoveSessionRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sessionId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.target = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.chunkBytes = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): MoveSessionRequest {
+    return {
+      sessionId: isSet(object.sessionId)
+        ? globalThis.String(object.sessionId)
+        : isSet(object.session_id)
+        ? globalThis.String(object.session_id)
+        : "",
+      target: isSet(object.target) ? globalThis.String(object.target) : "",
+      chunkBytes: isSet(object.chunkBytes)
+        ? globalThis.Number(object.chunkBytes)
+        : isSet(object.chunk_bytes)
+        ? globalThis.Number(object.chunk_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: MoveSessionRequest): unknown {
+    const obj: any = {};
+    if (message.sessionId !== "") {
+      obj.sessionId = message.sessionId;
+    }
+    if (message.target !== "") {
+      obj.target = message.target;
+    }
+    if (message.chunkBytes !== 0) {
+      obj.chunkBytes = Math.round(message.chunkBytes);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<MoveSessionRequest>, I>>(base?: I): MoveSessionRequest {
+    return MoveSessionRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<MoveSessionRequest>, I>>(object: I): MoveSessionRequest {
+    const message = createBaseMoveSessionRequest();
+    message.sessionId = object.sessionId ?? "";
+    message.target = object.target ?? "";
+    message.chunkBytes = object.chunkBytes ?? 0;
+    return message;
+  },
+};
+
+function createBaseMoveSessionResponse(): MoveSessionResponse {
+  return { sessionId: "", target: "", contextTokens: 0, dataBytes: 0, chunks: 0, elapsedMs: 0 };
+}
+
+export const MoveSessionResponse: MessageFns<MoveSessionResponse> = {
+  encode(message: MoveSessionResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sessionId !== "") {
+      writer.uint32(10).string(message.sessionId);
+    }
+    if (message.target !== "") {
+      writer.uint32(18).string(message.target);
+    }
+    if (message.contextTokens !== 0) {
+      writer.uint32(24).uint64(message.contextTokens);
+    }
+    if (message.dataBytes !== 0) {
+      writer.uint32(32).uint64(message.dataBytes);
+    }
+    if (message.chunks !== 0) {
+      writer.uint32(40).uint32(message.chunks);
+    }
+    if (message.elapsedMs !== 0) {
+      writer.uint32(49).double(message.elapsedMs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MoveSessionResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMoveSessionResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sessionId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.target = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.contextTokens = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.dataBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.chunks = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 49) {
+              break;
+            }
+
+            message.elapsedMs = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): MoveSessionResponse {
+    return {
+      sessionId: isSet(object.sessionId)
+        ? globalThis.String(object.sessionId)
+        : isSet(object.session_id)
+        ? globalThis.String(object.session_id)
+        : "",
+      target: isSet(object.target) ? globalThis.String(object.target) : "",
+      contextTokens: isSet(object.contextTokens)
+        ? globalThis.Number(object.contextTokens)
+        : isSet(object.context_tokens)
+        ? globalThis.Number(object.context_tokens)
+        : 0,
+      dataBytes: isSet(object.dataBytes)
+        ? globalThis.Number(object.dataBytes)
+        : isSet(object.data_bytes)
+        ? globalThis.Number(object.data_bytes)
+        : 0,
+      chunks: isSet(object.chunks) ? globalThis.Number(object.chunks) : 0,
+      elapsedMs: isSet(object.elapsedMs)
+        ? globalThis.Number(object.elapsedMs)
+        : isSet(object.elapsed_ms)
+        ? globalThis.Number(object.elapsed_ms)
+        : 0,
+    };
+  },
+
+  toJSON(message: MoveSessionResponse): unknown {
+    const obj: any = {};
+    if (message.sessionId !== "") {
+      obj.sessionId = message.sessionId;
+    }
+    if (message.target !== "") {
+      obj.target = message.target;
+    }
+    if (message.contextTokens !== 0) {
+      obj.contextTokens = Math.round(message.contextTokens);
+    }
+    if (message.dataBytes !== 0) {
+      obj.dataBytes = Math.round(message.dataBytes);
+    }
+    if (message.chunks !== 0) {
+      obj.chunks = Math.round(message.chunks);
+    }
+    if (message.elapsedMs !== 0) {
+      obj.elapsedMs = floatToJson(message.elapsedMs);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<MoveSessionResponse>, I>>(base?: I): MoveSessionResponse {
+    return MoveSessionResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<MoveSessionResponse>, I>>(object: I): MoveSessionResponse {
+    const message = createBaseMoveSessionResponse();
+    message.sessionId = object.sessionId ?? "";
+    message.target = object.target ?? "";
+    message.contextTokens = object.contextTokens ?? 0;
+    message.dataBytes = object.dataBytes ?? 0;
+    message.chunks = object.chunks ?? 0;
+    message.elapsedMs = object.elapsedMs ?? 0;
+    return message;
+  },
+};
+
+function createBaseReceiveSessionRequest(): ReceiveSessionRequest {
+  return { item: undefined };
+}
+
+export const ReceiveSessionRequest: MessageFns<ReceiveSessionRequest> = {
+  encode(message: ReceiveSessionRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.item?.$case) {
+      case "header":
+        SessionTransferHeader.encode(message.item.value, writer.uint32(10).fork()).join();
+        break;
+      case "chunk":
+        SessionTransferChunk.encode(message.item.value, writer.uint32(18).fork()).join();
+        break;
+      case "digest":
+        SessionTransferDigest.encode(message.item.value, writer.uint32(26).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReceiveSessionRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReceiveSessionRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.item = { $case: "header", value: SessionTransferHeader.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.item = { $case: "chunk", value: SessionTransferChunk.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.item = { $case: "digest", value: SessionTransferDigest.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReceiveSessionRequest {
+    return {
+      item: isSet(object.header)
+        ? { $case: "header", value: SessionTransferHeader.fromJSON(object.header) }
+        : isSet(object.chunk)
+        ? { $case: "chunk", value: SessionTransferChunk.fromJSON(object.chunk) }
+        : isSet(object.digest)
+        ? { $case: "digest", value: SessionTransferDigest.fromJSON(object.digest) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: ReceiveSessionRequest): unknown {
+    const obj: any = {};
+    if (message.item?.$case === "header") {
+      obj.header = SessionTransferHeader.toJSON(message.item.value);
+    } else if (message.item?.$case === "chunk") {
+      obj.chunk = SessionTransferChunk.toJSON(message.item.value);
+    } else if (message.item?.$case === "digest") {
+      obj.digest = SessionTransferDigest.toJSON(message.item.value);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ReceiveSessionRequest>, I>>(base?: I): ReceiveSessionRequest {
+    return ReceiveSessionRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ReceiveSessionRequest>, I>>(object: I): ReceiveSessionRequest {
+    const message = createBaseReceiveSessionRequest();
+    switch (object.item?.$case) {
+      case "header": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "header", value: SessionTransferHeader.fromPartial(object.item.value) };
+        }
+        break;
+      }
+      case "chunk": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "chunk", value: SessionTransferChunk.fromPartial(object.item.value) };
+        }
+        break;
+      }
+      case "digest": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "digest", value: SessionTransferDigest.fromPartial(object.item.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseReceiveSessionResponse(): ReceiveSessionResponse {
+  return { sessionId: "", dataBytes: 0, chunks: 0, contextTokens: 0 };
+}
+
+export const ReceiveSessionResponse: MessageFns<ReceiveSessionResponse> = {
+  encode(message: ReceiveSessionResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sessionId !== "") {
+      writer.uint32(10).string(message.sessionId);
+    }
+    if (message.dataBytes !== 0) {
+      writer.uint32(16).uint64(message.dataBytes);
+    }
+    if (message.chunks !== 0) {
+      writer.uint32(24).uint32(message.chunks);
+    }
+    if (message.contextTokens !== 0) {
+      writer.uint32(32).uint64(message.contextTokens);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReceiveSessionResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReceiveSessionResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sessionId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.dataBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.chunks = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.contextTokens = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReceiveSessionResponse {
+    return {
+      sessionId: isSet(object.sessionId)
+        ? globalThis.String(object.sessionId)
+        : isSet(object.session_id)
+        ? globalThis.String(object.session_id)
+        : "",
+      dataBytes: isSet(object.dataBytes)
+        ? globalThis.Number(object.dataBytes)
+        : isSet(object.data_bytes)
+        ? globalThis.Number(object.data_bytes)
+        : 0,
+      chunks: isSet(object.chunks) ? globalThis.Number(object.chunks) : 0,
+      contextTokens: isSet(object.contextTokens)
+        ? globalThis.Number(object.contextTokens)
+        : isSet(object.context_tokens)
+        ? globalThis.Number(object.context_tokens)
+        : 0,
+    };
+  },
+
+  toJSON(message: ReceiveSessionResponse): unknown {
+    const obj: any = {};
+    if (message.sessionId !== "") {
+      obj.sessionId = message.sessionId;
+    }
+    if (message.dataBytes !== 0) {
+      obj.dataBytes = Math.round(message.dataBytes);
+    }
+    if (message.chunks !== 0) {
+      obj.chunks = Math.round(message.chunks);
+    }
+    if (message.contextTokens !== 0) {
+      obj.contextTokens = Math.round(message.contextTokens);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ReceiveSessionResponse>, I>>(base?: I): ReceiveSessionResponse {
+    return ReceiveSessionResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ReceiveSessionResponse>, I>>(object: I): ReceiveSessionResponse {
+    const message = createBaseReceiveSessionResponse();
+    message.sessionId = object.sessionId ?? "";
+    message.dataBytes = object.dataBytes ?? 0;
+    message.chunks = object.chunks ?? 0;
+    message.contextTokens = object.contextTokens ?? 0;
+    return message;
+  },
+};
+
 /** The compute tier, called by gateways (Generate) and by disaggregated engines (Attention). */
 export type ComputeServiceService = typeof ComputeServiceService;
 export const ComputeServiceService = {
@@ -3722,6 +4281,114 @@ export const ComputeServiceClient = makeGenericClientConstructor(
 ) as unknown as {
   new (address: string, credentials: ChannelCredentials, options?: Partial<ClientOptions>): ComputeServiceClient;
   service: typeof ComputeServiceService;
+  serviceName: string;
+};
+
+/**
+ * Moving a session from this pod to another (drains, rebalancing), an admin service beside
+ * ComputeService. The session's pages travel kvstore to kvstore through the two computes,
+ * checksummed chunk by chunk and as a whole; it is held by exactly one pod before, during and
+ * after the move: on any failure it stays where it was, intact.
+ */
+export type SessionMoveServiceService = typeof SessionMoveServiceService;
+export const SessionMoveServiceService = {
+  /**
+   * Waits for the session's turn in flight, saves its state, streams it to `target` and, once the
+   * target holds it, releases this pod's copy; later calls for it here get FAILED_PRECONDITION
+   * with the target in the trailer x-freekv-session-owner.
+   */
+  moveSession: {
+    path: "/freekv.v1.SessionMoveService/MoveSession" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: MoveSessionRequest): Buffer => Buffer.from(MoveSessionRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): MoveSessionRequest => MoveSessionRequest.decode(value),
+    responseSerialize: (value: MoveSessionResponse): Buffer => Buffer.from(MoveSessionResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): MoveSessionResponse => MoveSessionResponse.decode(value),
+  },
+  /**
+   * The receiving side (called by the source compute): the messages of the source kvstore's
+   * ExportSession (the fields of ExportSessionResponse), passed on to this pod's kvstore; the
+   * session is opened here and this pod recorded as its owner before the call answers.
+   */
+  receiveSession: {
+    path: "/freekv.v1.SessionMoveService/ReceiveSession" as const,
+    requestStream: true as const,
+    responseStream: false as const,
+    requestSerialize: (value: ReceiveSessionRequest): Buffer =>
+      Buffer.from(ReceiveSessionRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ReceiveSessionRequest => ReceiveSessionRequest.decode(value),
+    responseSerialize: (value: ReceiveSessionResponse): Buffer =>
+      Buffer.from(ReceiveSessionResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ReceiveSessionResponse => ReceiveSessionResponse.decode(value),
+  },
+} as const;
+
+export interface SessionMoveServiceServer extends UntypedServiceImplementation {
+  /**
+   * Waits for the session's turn in flight, saves its state, streams it to `target` and, once the
+   * target holds it, releases this pod's copy; later calls for it here get FAILED_PRECONDITION
+   * with the target in the trailer x-freekv-session-owner.
+   */
+  moveSession: handleUnaryCall<MoveSessionRequest, MoveSessionResponse>;
+  /**
+   * The receiving side (called by the source compute): the messages of the source kvstore's
+   * ExportSession (the fields of ExportSessionResponse), passed on to this pod's kvstore; the
+   * session is opened here and this pod recorded as its owner before the call answers.
+   */
+  receiveSession: handleClientStreamingCall<ReceiveSessionRequest, ReceiveSessionResponse>;
+}
+
+export interface SessionMoveServiceClient extends Client {
+  /**
+   * Waits for the session's turn in flight, saves its state, streams it to `target` and, once the
+   * target holds it, releases this pod's copy; later calls for it here get FAILED_PRECONDITION
+   * with the target in the trailer x-freekv-session-owner.
+   */
+  moveSession(
+    request: MoveSessionRequest,
+    callback: (error: ServiceError | null, response: MoveSessionResponse) => void,
+  ): ClientUnaryCall;
+  moveSession(
+    request: MoveSessionRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: MoveSessionResponse) => void,
+  ): ClientUnaryCall;
+  moveSession(
+    request: MoveSessionRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: MoveSessionResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * The receiving side (called by the source compute): the messages of the source kvstore's
+   * ExportSession (the fields of ExportSessionResponse), passed on to this pod's kvstore; the
+   * session is opened here and this pod recorded as its owner before the call answers.
+   */
+  receiveSession(
+    callback: (error: ServiceError | null, response: ReceiveSessionResponse) => void,
+  ): ClientWritableStream<ReceiveSessionRequest>;
+  receiveSession(
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ReceiveSessionResponse) => void,
+  ): ClientWritableStream<ReceiveSessionRequest>;
+  receiveSession(
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ReceiveSessionResponse) => void,
+  ): ClientWritableStream<ReceiveSessionRequest>;
+  receiveSession(
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ReceiveSessionResponse) => void,
+  ): ClientWritableStream<ReceiveSessionRequest>;
+}
+
+export const SessionMoveServiceClient = makeGenericClientConstructor(
+  SessionMoveServiceService,
+  "freekv.v1.SessionMoveService",
+) as unknown as {
+  new (address: string, credentials: ChannelCredentials, options?: Partial<ClientOptions>): SessionMoveServiceClient;
+  service: typeof SessionMoveServiceService;
   serviceName: string;
 };
 

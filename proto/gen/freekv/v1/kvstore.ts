@@ -14,7 +14,11 @@ import {
   type ChannelCredentials,
   Client,
   type ClientOptions,
+  type ClientReadableStream,
   type ClientUnaryCall,
+  type ClientWritableStream,
+  type handleClientStreamingCall,
+  type handleServerStreamingCall,
   type handleUnaryCall,
   makeGenericClientConstructor,
   type Metadata,
@@ -26,6 +30,52 @@ import { ModelGeometry, RetrievalConfig, SegmentRef } from "./common.js";
 export const protobufPackage = "freekv.v1";
 
 export const protobufFileName = "freekv/v1/kvstore.proto";
+
+export enum SessionPart {
+  SESSION_PART_UNSPECIFIED = 0,
+  /** SESSION_PART_STORE - One layer's committed pages of the HND store. */
+  SESSION_PART_STORE = 1,
+  SESSION_PART_TAIL = 2,
+  SESSION_PART_MANIFEST = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function sessionPartFromJSON(object: any): SessionPart {
+  switch (object) {
+    case 0:
+    case "SESSION_PART_UNSPECIFIED":
+      return SessionPart.SESSION_PART_UNSPECIFIED;
+    case 1:
+    case "SESSION_PART_STORE":
+      return SessionPart.SESSION_PART_STORE;
+    case 2:
+    case "SESSION_PART_TAIL":
+      return SessionPart.SESSION_PART_TAIL;
+    case 3:
+    case "SESSION_PART_MANIFEST":
+      return SessionPart.SESSION_PART_MANIFEST;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return SessionPart.UNRECOGNIZED;
+  }
+}
+
+export function sessionPartToJSON(object: SessionPart): string {
+  switch (object) {
+    case SessionPart.SESSION_PART_UNSPECIFIED:
+      return "SESSION_PART_UNSPECIFIED";
+    case SessionPart.SESSION_PART_STORE:
+      return "SESSION_PART_STORE";
+    case SessionPart.SESSION_PART_TAIL:
+      return "SESSION_PART_TAIL";
+    case SessionPart.SESSION_PART_MANIFEST:
+      return "SESSION_PART_MANIFEST";
+    case SessionPart.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
 
 export interface AttachSessionRequest {
   sessionId: string;
@@ -127,6 +177,87 @@ export interface ListSessionsRequest {
 
 export interface ListSessionsResponse {
   sessionIds: string[];
+}
+
+export interface ExportSessionRequest {
+  sessionId: string;
+  /** Largest data chunk in bytes [1 MiB]; at most 4 MiB. */
+  chunkBytes: number;
+}
+
+/**
+ * What the receiving kvstore checks before it touches memory: the geometry, retrieval and
+ * max_context_tokens size its segments (the layout must be the one it computes from them), and
+ * the pages and byte counts that follow must fit that layout.
+ */
+export interface SessionTransferHeader {
+  sessionId: string;
+  geometry?: ModelGeometry | undefined;
+  retrieval?: RetrievalConfig | undefined;
+  layout?: SegmentLayout | undefined;
+  maxContextTokens: number;
+  metadata: Buffer;
+  /** Pages per layer the source kvstore had acknowledged (CommitPages). */
+  committedPages: number[];
+  /**
+   * Pages per layer whose bytes follow: [0, exported_pages) of each layer's store (those the
+   * engine wrote, per the session's manifest; never the rest of the segment).
+   */
+  exportedPages: number[];
+  contextTokens: number;
+  /** Bytes of the tail and manifest segments that follow (the layout's, whole). */
+  tailBytes: number;
+  manifestBytes: number;
+}
+
+/**
+ * A contiguous range of one part. Chunks come in order: the store's layers 0..L-1 (each from
+ * offset 0 up), then the tail, then the manifest; no gap, no overlap.
+ */
+export interface SessionTransferChunk {
+  part: SessionPart;
+  /** SESSION_PART_STORE only. */
+  layer: number;
+  /** Byte offset inside the part (for the store: inside the layer's exported pages). */
+  offset: number;
+  /** 1 byte to 4 MiB. */
+  data: Buffer;
+  /** CRC32C of data. */
+  crc32c: number;
+}
+
+/**
+ * Ends the stream: the CRC32C of the header's metadata followed by every chunk's data in stream
+ * order; the receiver recomputes it from what it wrote into its segments.
+ */
+export interface SessionTransferDigest {
+  crc32c: number;
+  dataBytes: number;
+  chunks: number;
+}
+
+/**
+ * One message of an export; ImportSessionRequest (and compute's ReceiveSessionRequest) have the
+ * same fields, so a stream is passed on as it came.
+ */
+export interface ExportSessionResponse {
+  item?: { $case: "header"; value: SessionTransferHeader } | { $case: "chunk"; value: SessionTransferChunk } | {
+    $case: "digest";
+    value: SessionTransferDigest;
+  } | undefined;
+}
+
+export interface ImportSessionRequest {
+  item?: { $case: "header"; value: SessionTransferHeader } | { $case: "chunk"; value: SessionTransferChunk } | {
+    $case: "digest";
+    value: SessionTransferDigest;
+  } | undefined;
+}
+
+export interface ImportSessionResponse {
+  sessionId: string;
+  dataBytes: number;
+  chunks: number;
 }
 
 function createBaseAttachSessionRequest(): AttachSessionRequest {
@@ -1681,6 +1812,993 @@ export const ListSessionsResponse: MessageFns<ListSessionsResponse> = {
   },
 };
 
+function createBaseExportSessionRequest(): ExportSessionRequest {
+  return { sessionId: "", chunkBytes: 0 };
+}
+
+export const ExportSessionRequest: MessageFns<ExportSessionRequest> = {
+  encode(message: ExportSessionRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sessionId !== "") {
+      writer.uint32(10).string(message.sessionId);
+    }
+    if (message.chunkBytes !== 0) {
+      writer.uint32(16).uint32(message.chunkBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ExportSessionRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseExportSessionRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sessionId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.chunkBytes = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ExportSessionRequest {
+    return {
+      sessionId: isSet(object.sessionId)
+        ? globalThis.String(object.sessionId)
+        : isSet(object.session_id)
+        ? globalThis.String(object.session_id)
+        : "",
+      chunkBytes: isSet(object.chunkBytes)
+        ? globalThis.Number(object.chunkBytes)
+        : isSet(object.chunk_bytes)
+        ? globalThis.Number(object.chunk_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: ExportSessionRequest): unknown {
+    const obj: any = {};
+    if (message.sessionId !== "") {
+      obj.sessionId = message.sessionId;
+    }
+    if (message.chunkBytes !== 0) {
+      obj.chunkBytes = Math.round(message.chunkBytes);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ExportSessionRequest>, I>>(base?: I): ExportSessionRequest {
+    return ExportSessionRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ExportSessionRequest>, I>>(object: I): ExportSessionRequest {
+    const message = createBaseExportSessionRequest();
+    message.sessionId = object.sessionId ?? "";
+    message.chunkBytes = object.chunkBytes ?? 0;
+    return message;
+  },
+};
+
+function createBaseSessionTransferHeader(): SessionTransferHeader {
+  return {
+    sessionId: "",
+    geometry: undefined,
+    retrieval: undefined,
+    layout: undefined,
+    maxContextTokens: 0,
+    metadata: Buffer.alloc(0),
+    committedPages: [],
+    exportedPages: [],
+    contextTokens: 0,
+    tailBytes: 0,
+    manifestBytes: 0,
+  };
+}
+
+export const SessionTransferHeader: MessageFns<SessionTransferHeader> = {
+  encode(message: SessionTransferHeader, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sessionId !== "") {
+      writer.uint32(10).string(message.sessionId);
+    }
+    if (message.geometry !== undefined) {
+      ModelGeometry.encode(message.geometry, writer.uint32(18).fork()).join();
+    }
+    if (message.retrieval !== undefined) {
+      RetrievalConfig.encode(message.retrieval, writer.uint32(26).fork()).join();
+    }
+    if (message.layout !== undefined) {
+      SegmentLayout.encode(message.layout, writer.uint32(34).fork()).join();
+    }
+    if (message.maxContextTokens !== 0) {
+      writer.uint32(40).uint32(message.maxContextTokens);
+    }
+    if (message.metadata.length !== 0) {
+      writer.uint32(50).bytes(message.metadata);
+    }
+    if (message.committedPages.length !== 0) {
+      writer.uint32(58).fork();
+      for (const v of message.committedPages) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.exportedPages.length !== 0) {
+      writer.uint32(66).fork();
+      for (const v of message.exportedPages) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.contextTokens !== 0) {
+      writer.uint32(72).uint64(message.contextTokens);
+    }
+    if (message.tailBytes !== 0) {
+      writer.uint32(80).uint64(message.tailBytes);
+    }
+    if (message.manifestBytes !== 0) {
+      writer.uint32(88).uint64(message.manifestBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SessionTransferHeader {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSessionTransferHeader();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sessionId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.geometry = ModelGeometry.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.retrieval = RetrievalConfig.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.layout = SegmentLayout.decode(reader, reader.uint32());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.maxContextTokens = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.metadata = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 7: {
+            if (tag === 56) {
+              message.committedPages.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 58) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.committedPages.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 8: {
+            if (tag === 64) {
+              message.exportedPages.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 66) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.exportedPages.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.contextTokens = longToNumber(reader.uint64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.tailBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.manifestBytes = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SessionTransferHeader {
+    return {
+      sessionId: isSet(object.sessionId)
+        ? globalThis.String(object.sessionId)
+        : isSet(object.session_id)
+        ? globalThis.String(object.session_id)
+        : "",
+      geometry: isSet(object.geometry) ? ModelGeometry.fromJSON(object.geometry) : undefined,
+      retrieval: isSet(object.retrieval) ? RetrievalConfig.fromJSON(object.retrieval) : undefined,
+      layout: isSet(object.layout) ? SegmentLayout.fromJSON(object.layout) : undefined,
+      maxContextTokens: isSet(object.maxContextTokens)
+        ? globalThis.Number(object.maxContextTokens)
+        : isSet(object.max_context_tokens)
+        ? globalThis.Number(object.max_context_tokens)
+        : 0,
+      metadata: isSet(object.metadata) ? Buffer.from(bytesFromBase64(object.metadata)) : Buffer.alloc(0),
+      committedPages: globalThis.Array.isArray(object?.committedPages)
+        ? object.committedPages.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.committed_pages)
+        ? object.committed_pages.map((e: any) => globalThis.Number(e))
+        : [],
+      exportedPages: globalThis.Array.isArray(object?.exportedPages)
+        ? object.exportedPages.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.exported_pages)
+        ? object.exported_pages.map((e: any) => globalThis.Number(e))
+        : [],
+      contextTokens: isSet(object.contextTokens)
+        ? globalThis.Number(object.contextTokens)
+        : isSet(object.context_tokens)
+        ? globalThis.Number(object.context_tokens)
+        : 0,
+      tailBytes: isSet(object.tailBytes)
+        ? globalThis.Number(object.tailBytes)
+        : isSet(object.tail_bytes)
+        ? globalThis.Number(object.tail_bytes)
+        : 0,
+      manifestBytes: isSet(object.manifestBytes)
+        ? globalThis.Number(object.manifestBytes)
+        : isSet(object.manifest_bytes)
+        ? globalThis.Number(object.manifest_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: SessionTransferHeader): unknown {
+    const obj: any = {};
+    if (message.sessionId !== "") {
+      obj.sessionId = message.sessionId;
+    }
+    if (message.geometry !== undefined) {
+      obj.geometry = ModelGeometry.toJSON(message.geometry);
+    }
+    if (message.retrieval !== undefined) {
+      obj.retrieval = RetrievalConfig.toJSON(message.retrieval);
+    }
+    if (message.layout !== undefined) {
+      obj.layout = SegmentLayout.toJSON(message.layout);
+    }
+    if (message.maxContextTokens !== 0) {
+      obj.maxContextTokens = Math.round(message.maxContextTokens);
+    }
+    if (message.metadata.length !== 0) {
+      obj.metadata = base64FromBytes(message.metadata);
+    }
+    if (message.committedPages?.length) {
+      obj.committedPages = message.committedPages.map((e) => Math.round(e));
+    }
+    if (message.exportedPages?.length) {
+      obj.exportedPages = message.exportedPages.map((e) => Math.round(e));
+    }
+    if (message.contextTokens !== 0) {
+      obj.contextTokens = Math.round(message.contextTokens);
+    }
+    if (message.tailBytes !== 0) {
+      obj.tailBytes = Math.round(message.tailBytes);
+    }
+    if (message.manifestBytes !== 0) {
+      obj.manifestBytes = Math.round(message.manifestBytes);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SessionTransferHeader>, I>>(base?: I): SessionTransferHeader {
+    return SessionTransferHeader.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SessionTransferHeader>, I>>(object: I): SessionTransferHeader {
+    const message = createBaseSessionTransferHeader();
+    message.sessionId = object.sessionId ?? "";
+    message.geometry = (object.geometry !== undefined && object.geometry !== null)
+      ? ModelGeometry.fromPartial(object.geometry)
+      : undefined;
+    message.retrieval = (object.retrieval !== undefined && object.retrieval !== null)
+      ? RetrievalConfig.fromPartial(object.retrieval)
+      : undefined;
+    message.layout = (object.layout !== undefined && object.layout !== null)
+      ? SegmentLayout.fromPartial(object.layout)
+      : undefined;
+    message.maxContextTokens = object.maxContextTokens ?? 0;
+    message.metadata = object.metadata ?? Buffer.alloc(0);
+    message.committedPages = object.committedPages?.map((e) => e) || [];
+    message.exportedPages = object.exportedPages?.map((e) => e) || [];
+    message.contextTokens = object.contextTokens ?? 0;
+    message.tailBytes = object.tailBytes ?? 0;
+    message.manifestBytes = object.manifestBytes ?? 0;
+    return message;
+  },
+};
+
+function createBaseSessionTransferChunk(): SessionTransferChunk {
+  return { part: 0, layer: 0, offset: 0, data: Buffer.alloc(0), crc32c: 0 };
+}
+
+export const SessionTransferChunk: MessageFns<SessionTransferChunk> = {
+  encode(message: SessionTransferChunk, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.part !== 0) {
+      writer.uint32(8).int32(message.part);
+    }
+    if (message.layer !== 0) {
+      writer.uint32(16).uint32(message.layer);
+    }
+    if (message.offset !== 0) {
+      writer.uint32(24).uint64(message.offset);
+    }
+    if (message.data.length !== 0) {
+      writer.uint32(34).bytes(message.data);
+    }
+    if (message.crc32c !== 0) {
+      writer.uint32(40).uint32(message.crc32c);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SessionTransferChunk {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSessionTransferChunk();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.part = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.layer = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.offset = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.data = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.crc32c = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SessionTransferChunk {
+    return {
+      part: isSet(object.part) ? sessionPartFromJSON(object.part) : 0,
+      layer: isSet(object.layer) ? globalThis.Number(object.layer) : 0,
+      offset: isSet(object.offset) ? globalThis.Number(object.offset) : 0,
+      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+      crc32c: isSet(object.crc32c) ? globalThis.Number(object.crc32c) : 0,
+    };
+  },
+
+  toJSON(message: SessionTransferChunk): unknown {
+    const obj: any = {};
+    if (message.part !== 0) {
+      obj.part = sessionPartToJSON(message.part);
+    }
+    if (message.layer !== 0) {
+      obj.layer = Math.round(message.layer);
+    }
+    if (message.offset !== 0) {
+      obj.offset = Math.round(message.offset);
+    }
+    if (message.data.length !== 0) {
+      obj.data = base64FromBytes(message.data);
+    }
+    if (message.crc32c !== 0) {
+      obj.crc32c = Math.round(message.crc32c);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SessionTransferChunk>, I>>(base?: I): SessionTransferChunk {
+    return SessionTransferChunk.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SessionTransferChunk>, I>>(object: I): SessionTransferChunk {
+    const message = createBaseSessionTransferChunk();
+    message.part = object.part ?? 0;
+    message.layer = object.layer ?? 0;
+    message.offset = object.offset ?? 0;
+    message.data = object.data ?? Buffer.alloc(0);
+    message.crc32c = object.crc32c ?? 0;
+    return message;
+  },
+};
+
+function createBaseSessionTransferDigest(): SessionTransferDigest {
+  return { crc32c: 0, dataBytes: 0, chunks: 0 };
+}
+
+export const SessionTransferDigest: MessageFns<SessionTransferDigest> = {
+  encode(message: SessionTransferDigest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.crc32c !== 0) {
+      writer.uint32(8).uint32(message.crc32c);
+    }
+    if (message.dataBytes !== 0) {
+      writer.uint32(16).uint64(message.dataBytes);
+    }
+    if (message.chunks !== 0) {
+      writer.uint32(24).uint32(message.chunks);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SessionTransferDigest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSessionTransferDigest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.crc32c = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.dataBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.chunks = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SessionTransferDigest {
+    return {
+      crc32c: isSet(object.crc32c) ? globalThis.Number(object.crc32c) : 0,
+      dataBytes: isSet(object.dataBytes)
+        ? globalThis.Number(object.dataBytes)
+        : isSet(object.data_bytes)
+        ? globalThis.Number(object.data_bytes)
+        : 0,
+      chunks: isSet(object.chunks) ? globalThis.Number(object.chunks) : 0,
+    };
+  },
+
+  toJSON(message: SessionTransferDigest): unknown {
+    const obj: any = {};
+    if (message.crc32c !== 0) {
+      obj.crc32c = Math.round(message.crc32c);
+    }
+    if (message.dataBytes !== 0) {
+      obj.dataBytes = Math.round(message.dataBytes);
+    }
+    if (message.chunks !== 0) {
+      obj.chunks = Math.round(message.chunks);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SessionTransferDigest>, I>>(base?: I): SessionTransferDigest {
+    return SessionTransferDigest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SessionTransferDigest>, I>>(object: I): SessionTransferDigest {
+    const message = createBaseSessionTransferDigest();
+    message.crc32c = object.crc32c ?? 0;
+    message.dataBytes = object.dataBytes ?? 0;
+    message.chunks = object.chunks ?? 0;
+    return message;
+  },
+};
+
+function createBaseExportSessionResponse(): ExportSessionResponse {
+  return { item: undefined };
+}
+
+export const ExportSessionResponse: MessageFns<ExportSessionResponse> = {
+  encode(message: ExportSessionResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.item?.$case) {
+      case "header":
+        SessionTransferHeader.encode(message.item.value, writer.uint32(10).fork()).join();
+        break;
+      case "chunk":
+        SessionTransferChunk.encode(message.item.value, writer.uint32(18).fork()).join();
+        break;
+      case "digest":
+        SessionTransferDigest.encode(message.item.value, writer.uint32(26).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ExportSessionResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseExportSessionResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.item = { $case: "header", value: SessionTransferHeader.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.item = { $case: "chunk", value: SessionTransferChunk.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.item = { $case: "digest", value: SessionTransferDigest.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ExportSessionResponse {
+    return {
+      item: isSet(object.header)
+        ? { $case: "header", value: SessionTransferHeader.fromJSON(object.header) }
+        : isSet(object.chunk)
+        ? { $case: "chunk", value: SessionTransferChunk.fromJSON(object.chunk) }
+        : isSet(object.digest)
+        ? { $case: "digest", value: SessionTransferDigest.fromJSON(object.digest) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: ExportSessionResponse): unknown {
+    const obj: any = {};
+    if (message.item?.$case === "header") {
+      obj.header = SessionTransferHeader.toJSON(message.item.value);
+    } else if (message.item?.$case === "chunk") {
+      obj.chunk = SessionTransferChunk.toJSON(message.item.value);
+    } else if (message.item?.$case === "digest") {
+      obj.digest = SessionTransferDigest.toJSON(message.item.value);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ExportSessionResponse>, I>>(base?: I): ExportSessionResponse {
+    return ExportSessionResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ExportSessionResponse>, I>>(object: I): ExportSessionResponse {
+    const message = createBaseExportSessionResponse();
+    switch (object.item?.$case) {
+      case "header": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "header", value: SessionTransferHeader.fromPartial(object.item.value) };
+        }
+        break;
+      }
+      case "chunk": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "chunk", value: SessionTransferChunk.fromPartial(object.item.value) };
+        }
+        break;
+      }
+      case "digest": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "digest", value: SessionTransferDigest.fromPartial(object.item.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseImportSessionRequest(): ImportSessionRequest {
+  return { item: undefined };
+}
+
+export const ImportSessionRequest: MessageFns<ImportSessionRequest> = {
+  encode(message: ImportSessionRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.item?.$case) {
+      case "header":
+        SessionTransferHeader.encode(message.item.value, writer.uint32(10).fork()).join();
+        break;
+      case "chunk":
+        SessionTransferChunk.encode(message.item.value, writer.uint32(18).fork()).join();
+        break;
+      case "digest":
+        SessionTransferDigest.encode(message.item.value, writer.uint32(26).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImportSessionRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImportSessionRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.item = { $case: "header", value: SessionTransferHeader.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.item = { $case: "chunk", value: SessionTransferChunk.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.item = { $case: "digest", value: SessionTransferDigest.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImportSessionRequest {
+    return {
+      item: isSet(object.header)
+        ? { $case: "header", value: SessionTransferHeader.fromJSON(object.header) }
+        : isSet(object.chunk)
+        ? { $case: "chunk", value: SessionTransferChunk.fromJSON(object.chunk) }
+        : isSet(object.digest)
+        ? { $case: "digest", value: SessionTransferDigest.fromJSON(object.digest) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: ImportSessionRequest): unknown {
+    const obj: any = {};
+    if (message.item?.$case === "header") {
+      obj.header = SessionTransferHeader.toJSON(message.item.value);
+    } else if (message.item?.$case === "chunk") {
+      obj.chunk = SessionTransferChunk.toJSON(message.item.value);
+    } else if (message.item?.$case === "digest") {
+      obj.digest = SessionTransferDigest.toJSON(message.item.value);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ImportSessionRequest>, I>>(base?: I): ImportSessionRequest {
+    return ImportSessionRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ImportSessionRequest>, I>>(object: I): ImportSessionRequest {
+    const message = createBaseImportSessionRequest();
+    switch (object.item?.$case) {
+      case "header": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "header", value: SessionTransferHeader.fromPartial(object.item.value) };
+        }
+        break;
+      }
+      case "chunk": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "chunk", value: SessionTransferChunk.fromPartial(object.item.value) };
+        }
+        break;
+      }
+      case "digest": {
+        if (object.item?.value !== undefined && object.item?.value !== null) {
+          message.item = { $case: "digest", value: SessionTransferDigest.fromPartial(object.item.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseImportSessionResponse(): ImportSessionResponse {
+  return { sessionId: "", dataBytes: 0, chunks: 0 };
+}
+
+export const ImportSessionResponse: MessageFns<ImportSessionResponse> = {
+  encode(message: ImportSessionResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sessionId !== "") {
+      writer.uint32(10).string(message.sessionId);
+    }
+    if (message.dataBytes !== 0) {
+      writer.uint32(16).uint64(message.dataBytes);
+    }
+    if (message.chunks !== 0) {
+      writer.uint32(24).uint32(message.chunks);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImportSessionResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImportSessionResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sessionId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.dataBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.chunks = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImportSessionResponse {
+    return {
+      sessionId: isSet(object.sessionId)
+        ? globalThis.String(object.sessionId)
+        : isSet(object.session_id)
+        ? globalThis.String(object.session_id)
+        : "",
+      dataBytes: isSet(object.dataBytes)
+        ? globalThis.Number(object.dataBytes)
+        : isSet(object.data_bytes)
+        ? globalThis.Number(object.data_bytes)
+        : 0,
+      chunks: isSet(object.chunks) ? globalThis.Number(object.chunks) : 0,
+    };
+  },
+
+  toJSON(message: ImportSessionResponse): unknown {
+    const obj: any = {};
+    if (message.sessionId !== "") {
+      obj.sessionId = message.sessionId;
+    }
+    if (message.dataBytes !== 0) {
+      obj.dataBytes = Math.round(message.dataBytes);
+    }
+    if (message.chunks !== 0) {
+      obj.chunks = Math.round(message.chunks);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ImportSessionResponse>, I>>(base?: I): ImportSessionResponse {
+    return ImportSessionResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ImportSessionResponse>, I>>(object: I): ImportSessionResponse {
+    const message = createBaseImportSessionResponse();
+    message.sessionId = object.sessionId ?? "";
+    message.dataBytes = object.dataBytes ?? 0;
+    message.chunks = object.chunks ?? 0;
+    return message;
+  },
+};
+
 /**
  * The CPU tier. Owns the shared-memory segments that hold a session's head-major (HND) page
  * store, the double-buffered staging area, the partial-page tail and the page manifest. Page
@@ -1840,6 +2958,109 @@ export const KvStoreServiceClient = makeGenericClientConstructor(
 ) as unknown as {
   new (address: string, credentials: ChannelCredentials, options?: Partial<ClientOptions>): KvStoreServiceClient;
   service: typeof KvStoreServiceService;
+  serviceName: string;
+};
+
+/**
+ * Moving a session between kvstores (drains, rebalancing): its committed pages, tail and
+ * manifest leave one kvstore as a checksummed stream and enter another, where the session becomes
+ * visible only once every chunk and the whole-session digest were verified. A service of its own,
+ * so that it can be reached (or fenced off) separately from the per-pod KvStoreService.
+ */
+export type KvStoreTransferServiceService = typeof KvStoreTransferServiceService;
+export const KvStoreTransferServiceService = {
+  /**
+   * The session's header, then its bytes in bounded chunks, then the digest. The session must be
+   * quiescent (compute's MoveSession holds its lock): the kvstore holds the session's own lock
+   * for the stream, so it is neither committed to nor released meanwhile.
+   */
+  exportSession: {
+    path: "/freekv.v1.KvStoreTransferService/ExportSession" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: ExportSessionRequest): Buffer => Buffer.from(ExportSessionRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ExportSessionRequest => ExportSessionRequest.decode(value),
+    responseSerialize: (value: ExportSessionResponse): Buffer =>
+      Buffer.from(ExportSessionResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ExportSessionResponse => ExportSessionResponse.decode(value),
+  },
+  /**
+   * The messages of an ExportSession, in their order. Any error, or a stream that is cancelled or
+   * ends without the digest, removes what was written; ALREADY_EXISTS when the id is taken.
+   */
+  importSession: {
+    path: "/freekv.v1.KvStoreTransferService/ImportSession" as const,
+    requestStream: true as const,
+    responseStream: false as const,
+    requestSerialize: (value: ImportSessionRequest): Buffer => Buffer.from(ImportSessionRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ImportSessionRequest => ImportSessionRequest.decode(value),
+    responseSerialize: (value: ImportSessionResponse): Buffer =>
+      Buffer.from(ImportSessionResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ImportSessionResponse => ImportSessionResponse.decode(value),
+  },
+} as const;
+
+export interface KvStoreTransferServiceServer extends UntypedServiceImplementation {
+  /**
+   * The session's header, then its bytes in bounded chunks, then the digest. The session must be
+   * quiescent (compute's MoveSession holds its lock): the kvstore holds the session's own lock
+   * for the stream, so it is neither committed to nor released meanwhile.
+   */
+  exportSession: handleServerStreamingCall<ExportSessionRequest, ExportSessionResponse>;
+  /**
+   * The messages of an ExportSession, in their order. Any error, or a stream that is cancelled or
+   * ends without the digest, removes what was written; ALREADY_EXISTS when the id is taken.
+   */
+  importSession: handleClientStreamingCall<ImportSessionRequest, ImportSessionResponse>;
+}
+
+export interface KvStoreTransferServiceClient extends Client {
+  /**
+   * The session's header, then its bytes in bounded chunks, then the digest. The session must be
+   * quiescent (compute's MoveSession holds its lock): the kvstore holds the session's own lock
+   * for the stream, so it is neither committed to nor released meanwhile.
+   */
+  exportSession(
+    request: ExportSessionRequest,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<ExportSessionResponse>;
+  exportSession(
+    request: ExportSessionRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<ExportSessionResponse>;
+  /**
+   * The messages of an ExportSession, in their order. Any error, or a stream that is cancelled or
+   * ends without the digest, removes what was written; ALREADY_EXISTS when the id is taken.
+   */
+  importSession(
+    callback: (error: ServiceError | null, response: ImportSessionResponse) => void,
+  ): ClientWritableStream<ImportSessionRequest>;
+  importSession(
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ImportSessionResponse) => void,
+  ): ClientWritableStream<ImportSessionRequest>;
+  importSession(
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ImportSessionResponse) => void,
+  ): ClientWritableStream<ImportSessionRequest>;
+  importSession(
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ImportSessionResponse) => void,
+  ): ClientWritableStream<ImportSessionRequest>;
+}
+
+export const KvStoreTransferServiceClient = makeGenericClientConstructor(
+  KvStoreTransferServiceService,
+  "freekv.v1.KvStoreTransferService",
+) as unknown as {
+  new (
+    address: string,
+    credentials: ChannelCredentials,
+    options?: Partial<ClientOptions>,
+  ): KvStoreTransferServiceClient;
+  service: typeof KvStoreTransferServiceService;
   serviceName: string;
 };
 

@@ -1,0 +1,306 @@
+/**
+ * Moving a session from this pod to another (freekv.v1.SessionMoveService), for drains and
+ * rebalancing.
+ *
+ * Source (MoveSession, and the drain's hand-off): under the session's lock (its turn in flight
+ * ends first, no call appends meanwhile) its metadata and pages are committed to this pod's
+ * kvstore and the engine's background recalls waited for; then this kvstore's ExportSession
+ * stream is passed, message by message and with backpressure, to the target compute's
+ * ReceiveSession. Only when the target answers OK is the session closed here (engine, mappings,
+ * this kvstore's copy released) and its later calls redirected to the target (FAILED_PRECONDITION
+ * with the trailer x-freekv-session-owner); on any failure it stays open here, intact, and the
+ * error is returned. A cancellation or deadline before the digest was passed on cancels both
+ * streams (the target kvstore removes what it had written); once the digest went out, the answer
+ * is awaited so the outcome is known. An answer lost after the target committed (the transport
+ * broke) is resolved with the session-owners directory: the target records itself as the owner
+ * only once it holds the session, so a record naming it means the move happened.
+ *
+ * Target (ReceiveSession): the header is checked first (the id is free here, the caller may
+ * move the session's tenant, a model session's geometry is the served model's, its context within
+ * FREEKV_MAX_CONTEXT_LIMIT); the messages go on to this pod's kvstore ImportSession, which checks
+ * every chunk, the digest, and every size against its capacity. Then the session is re-attached
+ * from the imported segments (the engine continues it exactly as after a restart) and this pod is
+ * recorded as its owner; if the re-attach fails, the imported copy is released and the error
+ * returned, so the source keeps it.
+ *
+ * Authentication: with FREEKV_AUTH_TOKENS_FILE both calls need a bearer token; a tenant moves
+ * only its own sessions, FREEKV_MOVE_ADMIN_TENANT any. The source passes on its caller's token
+ * (the drain, which has no caller, presents FREEKV_PEER_TOKEN_FILE's), over TLS when
+ * FREEKV_PEER_TLS_* name the files (common/tls.ts).
+ */
+import { Metadata, status, type ChannelCredentials, type ServerReadableStream, type ServerUnaryCall, type sendUnaryData } from "@grpc/grpc-js";
+import { Counter } from "prom-client";
+import {
+  SessionMoveServiceClient,
+  type MoveSessionRequest,
+  type MoveSessionResponse,
+  type ReceiveSessionRequest,
+  type ReceiveSessionResponse,
+  type SessionMoveServiceServer,
+} from "../../../proto/gen/freekv/v1/compute.js";
+import type { ExportSessionResponse, SessionTransferHeader } from "../../../proto/gen/freekv/v1/kvstore.js";
+import { callScope } from "../../common/cancellation.js";
+import { ServiceError, failedPrecondition, invalidArgument, quoteId, toStatus } from "../../common/errors.js";
+import { resolveGeometry } from "../../common/geometry.js";
+import { unary } from "../../common/handlers.js";
+import { assertDecoded } from "../../common/malformed.js";
+import { consume, sendUpstream } from "../../common/streams.js";
+import { checkTenant } from "../auth.js";
+import type { ComputeContext } from "../context.js";
+import { localSession } from "./owners.js";
+import { SESSION_ID_RE } from "./manager.js";
+import type { ComputeSession, SessionMetadata } from "./session.js";
+
+const ADDRESS_RE = /^[^\s:,/]{1,253}:\d{1,5}$/;
+
+/** A downstream call's failure with its own status code, saying who answered it. */
+function relayed(e: unknown, who: string): unknown {
+  const g = e as { code?: unknown; details?: unknown };
+  if (e instanceof ServiceError || typeof g.code !== "number" || typeof g.details !== "string") return e;
+  return new ServiceError(g.code as status, `${who}: ${g.details}`);
+}
+
+/** Failures after which the target may or may not have taken the session (the answer was lost). */
+const AMBIGUOUS = new Set<number>([status.UNAVAILABLE, status.DEADLINE_EXCEEDED, status.CANCELLED, status.UNKNOWN, status.INTERNAL]);
+
+export interface MoveResult {
+  sessionId: string;
+  target: string;
+  contextTokens: number;
+  dataBytes: number;
+  chunks: number;
+  elapsedMs: number;
+}
+
+export interface MoveMetrics {
+  moves: Counter<"role" | "result">;
+  bytes: Counter<"role">;
+  handoffFailures: Counter;
+}
+
+export class SessionMover {
+  readonly metrics: MoveMetrics;
+
+  constructor(
+    private readonly ctx: ComputeContext,
+    private readonly peerCredentials: ChannelCredentials,
+    /** The bearer token presented to peers when no caller's token is passed on (FREEKV_PEER_TOKEN_FILE). */
+    readonly peerToken?: string,
+  ) {
+    const registers = [ctx.metrics.registry];
+    this.metrics = {
+      moves: new Counter({ name: "freekv_compute_session_moves_total", help: "Session moves by role (out: this pod was the source, in: the target) and result (ok or the gRPC status)", labelNames: ["role", "result"], registers }),
+      bytes: new Counter({ name: "freekv_compute_session_move_bytes_total", help: "Session bytes (pages, tail, manifest) moved out of or into this pod", labelNames: ["role"], registers }),
+      handoffFailures: new Counter({ name: "freekv_compute_handoff_failures_total", help: "Sessions a draining compute could not hand off (they stay in this pod's kvstore; each is logged with its reason)", registers }),
+    };
+  }
+
+  private count(role: "in" | "out", e: unknown): void {
+    const code = e === undefined ? status.OK : ((e as { code?: number }).code ?? status.INTERNAL);
+    this.metrics.moves.inc({ role, result: code === status.OK ? "ok" : (status[code] ?? String(code)).toLowerCase() });
+  }
+
+  /**
+   * Moves `s` to the compute at `target` (see the file's comment). `authorization` is passed on to
+   * the target; `deadline` (ms since the epoch) bounds both streams; `signal` cancels the move
+   * until its digest went out.
+   */
+  async move(s: ComputeSession, target: string, opts: { chunkBytes?: number; deadline: number; signal?: AbortSignal; authorization?: string }): Promise<MoveResult> {
+    const { ctx } = this;
+    const t0 = performance.now();
+    if (!ADDRESS_RE.test(target)) throw invalidArgument("target", `must be host:port, got ${quoteId(target)}`);
+    if (target === ctx.config.FREEKV_ADVERTISE_ADDRESS) throw failedPrecondition(`target ${target} is this pod (FREEKV_ADVERTISE_ADDRESS)`);
+    let contextTokens = 0;
+    try {
+      const res = await ctx.sessions.handOver(
+        s,
+        target,
+        async () => {
+          contextTokens = s.contextTokens;
+          return this.stream(s.id, target, opts);
+        },
+        opts.signal,
+      );
+      this.count("out", undefined);
+      this.metrics.bytes.inc({ role: "out" }, res.dataBytes);
+      const elapsedMs = performance.now() - t0;
+      ctx.log.info({ session: s.id, target, contextTokens, dataBytes: res.dataBytes, chunks: res.chunks, ms: Math.round(elapsedMs) }, "session moved to another pod");
+      return { sessionId: s.id, target, contextTokens, dataBytes: res.dataBytes, chunks: res.chunks, elapsedMs };
+    } catch (e) {
+      this.count("out", e);
+      ctx.log.warn({ session: s.id, target, err: (e as Error).message }, "session move failed; the session stays on this pod");
+      throw e;
+    }
+  }
+
+  /** This kvstore's export, passed on to the target's ReceiveSession; resolves with the target's answer. */
+  private async stream(id: string, target: string, opts: { chunkBytes?: number; deadline: number; signal?: AbortSignal; authorization?: string }): Promise<{ dataBytes: number; chunks: number }> {
+    const { ctx } = this;
+    const md = new Metadata();
+    const auth = opts.authorization ?? (this.peerToken ? `Bearer ${this.peerToken}` : undefined);
+    if (auth) md.set("authorization", auth);
+    const peer = new SessionMoveServiceClient(target, this.peerCredentials, { "grpc.max_send_message_length": 64 << 20, "grpc.max_receive_message_length": 64 << 20 });
+    const exp = ctx.kvstore.exportSession(id, opts.chunkBytes ?? 0, opts.deadline);
+    let out!: ReturnType<SessionMoveServiceClient["receiveSession"]>;
+    const done = new Promise<ReceiveSessionResponse>((resolve, reject) => {
+      out = peer.receiveSession(md, { deadline: opts.deadline }, (err, res) => (err ? reject(relayed(err, `target ${target}`)) : resolve(res!)));
+    });
+    done.catch(() => {});
+    let digestSent = false;
+    const onAbort = () => {
+      if (digestSent) return;
+      exp.cancel();
+      out.cancel();
+    };
+    opts.signal?.addEventListener("abort", onAbort, { once: true });
+    try {
+      try {
+        for await (const m of exp as AsyncIterable<ExportSessionResponse>) {
+          if (opts.signal?.aborted) throw opts.signal.reason;
+          await sendUpstream(out, m as ReceiveSessionRequest, done);
+          if (m.item?.$case === "digest") digestSent = true;
+        }
+      } catch (e) {
+        if (opts.signal?.aborted && !digestSent) throw opts.signal.reason;
+        // The target's own failure (the stream broke because it answered) says more than ours.
+        const answered = await Promise.race([done.then(() => undefined, (x: unknown) => x), new Promise((r) => setTimeout(r, 50, undefined))]);
+        throw answered ?? relayed(e, "this pod's kvstore (export)");
+      }
+      out.end();
+      try {
+        const res = await done;
+        return { dataBytes: res.dataBytes, chunks: res.chunks };
+      } catch (e) {
+        const code = (e as { code?: number }).code;
+        if (digestSent && code !== undefined && AMBIGUOUS.has(code) && ctx.owners && (await ctx.owners.elsewhere(id)) === target) {
+          ctx.log.warn({ session: id, target, err: (e as Error).message }, "the target's answer was lost, but it records itself as the session's owner: the move happened");
+          return { dataBytes: 0, chunks: 0 };
+        }
+        throw e;
+      }
+    } catch (e) {
+      exp.cancel();
+      out.cancel();
+      throw e;
+    } finally {
+      opts.signal?.removeEventListener("abort", onAbort);
+      peer.close();
+    }
+  }
+
+  /** The receiving side of a move: the stream goes on to this pod's kvstore; the session is opened and claimed here. */
+  async receive(call: ServerReadableStream<ReceiveSessionRequest, ReceiveSessionResponse>, signal: AbortSignal): Promise<ReceiveSessionResponse> {
+    const { ctx } = this;
+    const tenant = ctx.auth ? ctx.auth.authenticate(call.metadata) : undefined;
+    const deadline = deadlineOf(call, ctx.config.FREEKV_MOVE_TIMEOUT_MS);
+    let kv: ReturnType<ComputeContext["kvstore"]["importSession"]> | undefined;
+    let unreserve: (() => void) | undefined;
+    let header: SessionTransferHeader | undefined;
+    try {
+      await consume(call, signal, async (m) => {
+        assertDecoded(m);
+        if (!header) {
+          if (m.item?.$case !== "header") throw invalidArgument("item", "the first message must be the header");
+          header = m.item.value;
+          this.admit(header, tenant);
+          unreserve = ctx.sessions.reserveArrival(header.sessionId);
+          kv = ctx.kvstore.importSession(deadline);
+        }
+        try {
+          await sendUpstream(kv!.stream, m, kv!.done, signal);
+        } catch (e) {
+          // The kvstore answered while this message waited for room: its status, as it gave it.
+          throw relayed(e, "this pod's kvstore (import)");
+        }
+      });
+      if (!header || !kv) throw invalidArgument("header", "the stream ended without one");
+      kv.stream.end();
+      let imported;
+      try {
+        imported = await kv.done;
+      } catch (e) {
+        throw relayed(e, "this pod's kvstore (import)");
+      }
+      const id = header.sessionId;
+      let s: ComputeSession;
+      try {
+        s = await ctx.sessions.reattach(id);
+      } catch (e) {
+        await ctx.kvstore.release(id).catch((r: Error) => ctx.log.error({ session: id, err: r.message }, "an imported session could not be opened nor released; release it (ReleaseSession)"));
+        throw new ServiceError(status.FAILED_PRECONDITION, `session ${quoteId(id)} was imported but cannot be opened here: ${(e as Error).message}`);
+      }
+      await ctx.owners?.claim(id);
+      this.count("in", undefined);
+      this.metrics.bytes.inc({ role: "in" }, imported.dataBytes);
+      ctx.log.info({ session: id, contextTokens: s.contextTokens, dataBytes: imported.dataBytes, chunks: imported.chunks }, "session received from another pod");
+      return { sessionId: id, dataBytes: imported.dataBytes, chunks: imported.chunks, contextTokens: s.contextTokens };
+    } catch (e) {
+      kv?.stream.cancel();
+      this.count("in", signal.aborted ? signal.reason : e);
+      throw e;
+    } finally {
+      unreserve?.();
+    }
+  }
+
+  /** What this pod checks of an arriving session before its kvstore is asked for memory. */
+  private admit(h: SessionTransferHeader, tenant: string | undefined): void {
+    const { ctx } = this;
+    if (!SESSION_ID_RE.test(h.sessionId)) throw invalidArgument("header.session_id", "must match [A-Za-z0-9._-]{1,128}");
+    let meta: SessionMetadata = { kind: "attention" };
+    try {
+      if (h.metadata.length) meta = JSON.parse(Buffer.from(h.metadata).toString("utf8")) as SessionMetadata;
+    } catch {
+      /* foreign metadata: an attention session, as a re-attach takes it */
+    }
+    if (tenant !== undefined && tenant !== ctx.config.FREEKV_MOVE_ADMIN_TENANT) checkTenant(meta.tenant, tenant, h.sessionId);
+    if (h.maxContextTokens > ctx.config.FREEKV_MAX_CONTEXT_LIMIT) {
+      throw failedPrecondition(`session ${quoteId(h.sessionId)} may reach ${h.maxContextTokens} tokens, more than this pod's FREEKV_MAX_CONTEXT_LIMIT=${ctx.config.FREEKV_MAX_CONTEXT_LIMIT}`);
+    }
+    if (meta.kind === "model") {
+      const served = resolveGeometry({ ...ctx.served.geometry(), kvDtype: ctx.kvDtype }, "model");
+      const g = resolveGeometry(h.geometry, "header.geometry");
+      if (JSON.stringify(served) !== JSON.stringify(g)) {
+        throw failedPrecondition(`session ${quoteId(h.sessionId)} is a model session of geometry ${JSON.stringify(g)}; this pod serves ${JSON.stringify(served)}`);
+      }
+    }
+  }
+}
+
+/** The call's deadline in ms since the epoch, or `fallbackMs` from now when it has none. */
+function deadlineOf(call: { getDeadline(): Date | number }, fallbackMs: number): number {
+  const dl = call.getDeadline();
+  if (dl instanceof Date) return dl.getTime();
+  return Number.isFinite(dl) ? Number(dl) : Date.now() + fallbackMs;
+}
+
+export function sessionMoveService(ctx: ComputeContext, mover: SessionMover): SessionMoveServiceServer {
+  const { log } = ctx;
+  return {
+    moveSession: unary(log, "MoveSession", async (req: MoveSessionRequest, signal: AbortSignal, call: ServerUnaryCall<MoveSessionRequest, MoveSessionResponse>): Promise<MoveSessionResponse> => {
+      const tenant = ctx.auth ? ctx.auth.authenticate(call.metadata) : undefined;
+      if (!req.sessionId) throw invalidArgument("session_id", "is required");
+      if (!req.target) throw invalidArgument("target", "is required (host:port of the receiving compute)");
+      if (!ADDRESS_RE.test(req.target)) throw invalidArgument("target", `must be host:port, got ${quoteId(req.target)}`);
+      const s = await localSession(ctx.sessions, ctx.owners, req.sessionId, tenant !== undefined && tenant !== ctx.config.FREEKV_MOVE_ADMIN_TENANT ? tenant : undefined);
+      const authorization = call.metadata.get("authorization")[0];
+      const r = await mover.move(s, req.target, {
+        chunkBytes: req.chunkBytes,
+        deadline: deadlineOf(call, ctx.config.FREEKV_MOVE_TIMEOUT_MS),
+        signal,
+        authorization: typeof authorization === "string" ? authorization : undefined,
+      });
+      return r;
+    }),
+    receiveSession(call: ServerReadableStream<ReceiveSessionRequest, ReceiveSessionResponse>, callback: sendUnaryData<ReceiveSessionResponse>) {
+      const scope = callScope(call);
+      Promise.resolve()
+        .then(() => mover.receive(call, scope.signal))
+        .then(
+          (res) => callback(null, res),
+          (e: unknown) => callback(toStatus(e, log, "ReceiveSession", scope.signal)),
+        )
+        .finally(() => scope.done());
+    },
+  };
+}

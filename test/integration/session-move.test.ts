@@ -1,0 +1,313 @@
+/**
+ * Moving sessions between two pods (compute + kvstore pairs as real processes, each its own shared
+ * memory and in-memory directory) that share the session owners in Redis (a prefix of this run).
+ * A session moved after its first turn continues on the target with exactly the greedy tokens of
+ * a twin that never moved (the built-in model; a small retrieval budget, so selection state has to
+ * survive the move); the source then redirects its calls to the target. A move that fails (an
+ * unreachable target, the pod itself, a caller that gives up at any point) leaves the session on
+ * exactly one pod, whole. A pod stopped with FREEKV_DRAIN_HANDOFF=owners finds the other one live
+ * in the owners directory and hands its sessions to it, the client package follows, and a session
+ * the peer refuses is logged and counted.
+ * Skipped, saying so, without Redis.
+ */
+import { connect, createServer } from "node:net";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
+import { Redis } from "ioredis";
+import { FreeKvClient, SESSION_OWNER_KEY } from "../../packages/client/src/index.js";
+import { GenerateRequest, MoveSessionRequest, SessionMoveServiceClient, type GenerateResponse, type ReceiveSessionRequest } from "../../proto/gen/freekv/v1/compute.js";
+import { KvStoreTransferServiceClient, type ExportSessionResponse, type SessionTransferHeader } from "../../proto/gen/freekv/v1/kvstore.js";
+import { credentials } from "@grpc/grpc-js";
+import { prng } from "../helpers/prng.js";
+import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
+
+const REDIS = "redis://127.0.0.1:6379/0";
+const up = await new Promise<boolean>((resolve) => {
+  const s = connect(6379, "127.0.0.1");
+  s.setTimeout(1000);
+  s.once("connect", () => s.write("PING\r\n"));
+  s.once("data", (d) => (resolve(String(d).startsWith("+PONG")), s.destroy()));
+  s.once("error", () => resolve(false));
+  s.once("timeout", () => (resolve(false), s.destroy()));
+});
+if (!up) console.warn("session-move tests skipped: no Redis answers PING at 127.0.0.1:6379");
+
+const freePort = () =>
+  new Promise<number>((resolve, reject) => {
+    const srv = createServer();
+    srv.once("error", reject);
+    srv.listen(0, "127.0.0.1", () => {
+      const p = (srv.address() as { port: number }).port;
+      srv.close(() => resolve(p));
+    });
+  });
+
+const GREEDY = { temperature: 0, topP: 0, topK: 0, seed: 0 };
+// A budget smaller than the context: selection, speculation and correction state travel with the session.
+const RETRIEVAL = { pageSize: 16, sinkTokens: 16, windowTokens: 32, selectTokens: 32, tau: 0.9, tauSet: true };
+
+async function kvSessions(t: Tiers): Promise<string[]> {
+  const c = kvstoreClient(t.kvstore.address);
+  try {
+    return (await unary<{ sessionIds: string[] }>(c, "listSessions", {})).sessionIds;
+  } finally {
+    c.close();
+  }
+}
+
+describe.skipIf(!up)("moving sessions between two pods", () => {
+  const prefix = `freekv-move-${process.pid}-${Date.now()}:`;
+  const rand = prng(Number(process.env.FREEKV_TEST_SEED ?? 9091));
+  const tokens = (n: number) => ({ $case: "tokens" as const, value: { ids: Array.from({ length: n }, () => 3 + Math.floor(rand() * 400)) } });
+  let a: Tiers, b: Tiers;
+  let bAddress: string;
+  beforeAll(async () => {
+    const [pa, pb] = [await freePort(), await freePort()];
+    bAddress = `127.0.0.1:${pb}`;
+    const computeEnv = (port: number) => ({ ...QUIET, FREEKV_THREADS: "1", FREEKV_COMPUTE_PORT: String(port), FREEKV_SESSION_OWNERS: REDIS, FREEKV_SESSION_OWNERS_PREFIX: prefix, FREEKV_ADVERTISE_ADDRESS: `127.0.0.1:${port}` });
+    // A hands its sessions off when it drains; B takes no session that may grow past 8192 tokens.
+    // Its peers are the live pods of the owners directory (B announces itself there).
+    a = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...computeEnv(pa), FREEKV_DRAIN_HANDOFF: "owners", FREEKV_LOG_LEVEL: "info" } });
+    b = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...computeEnv(pb), FREEKV_MAX_CONTEXT_LIMIT: "8192" } });
+  }, 180_000);
+  afterAll(async () => {
+    await a?.stop();
+    await b?.stop();
+    const r = new Redis(REDIS);
+    await r.del(`${prefix}owners`, ...(await r.keys(`${prefix}pod:*`)));
+    r.disconnect();
+  });
+
+  it("continues a moved session on the target with the tokens of a session that never moved, and redirects from the source", async () => {
+    const sid = `mv-${Math.floor(rand() * 1e9)}`;
+    const toA = new FreeKvClient(a.compute.address);
+    try {
+      for (const id of [sid, `${sid}-twin`]) await toA.createSession({ sessionId: id, kind: 1, retrieval: RETRIEVAL, maxContextTokens: 1024 });
+      const turn1 = tokens(150);
+      const t1 = await toA.generateText({ sessionId: sid, prompt: turn1, maxTokens: 12, sampling: GREEDY });
+      const t1twin = await toA.generateText({ sessionId: `${sid}-twin`, prompt: turn1, maxTokens: 12, sampling: GREEDY });
+      expect(t1.tokenIds).toEqual(t1twin.tokenIds);
+
+      const moved = await toA.moveSession({ sessionId: sid, target: b.compute.address, chunkBytes: 4096 });
+      expect(moved.target).toBe(b.compute.address);
+      expect(moved.contextTokens).toBe(t1.final.usage!.contextTokens);
+      expect(moved.chunks).toBeGreaterThan(1);
+      expect(await kvSessions(a)).not.toContain(sid);
+      expect(await kvSessions(b)).toContain(sid);
+      const r = new Redis(REDIS);
+      expect(await r.hget(`${prefix}owners`, sid)).toBe(b.compute.address);
+      r.disconnect();
+
+      // The source answers with the target in the trailer.
+      const stub = computeClient(a.compute.address);
+      const err = await new Promise<ServiceError>((resolve) => {
+        const call = stub.generate(GenerateRequest.fromPartial({ sessionId: sid, prompt: tokens(3), maxTokens: 2 }), new Metadata(), { deadline: Date.now() + 10_000 });
+        call.on("data", (_: GenerateResponse) => {});
+        call.on("error", resolve);
+      });
+      stub.close();
+      expect(err.code).toBe(status.FAILED_PRECONDITION);
+      expect(err.metadata.get(SESSION_OWNER_KEY)).toEqual([b.compute.address]);
+
+      // Turns 2 and 3: the moved session on B, the twin on A.
+      for (const prompt of [tokens(40), tokens(9)]) {
+        const viaMoved = await toA.generateText({ sessionId: sid, prompt, maxTokens: 12, sampling: GREEDY });
+        const twin = await toA.generateText({ sessionId: `${sid}-twin`, prompt, maxTokens: 12, sampling: GREEDY });
+        expect(viaMoved.tokenIds).toEqual(twin.tokenIds);
+        expect(viaMoved.tokenIds.length).toBe(12);
+        expect(viaMoved.final.usage!.contextTokens).toBe(twin.final.usage!.contextTokens);
+      }
+      expect(toA.addressFor(sid)).toBe(b.compute.address);
+      await toA.closeSession({ sessionId: sid });
+      await toA.closeSession({ sessionId: `${sid}-twin` });
+      const m = await fetchMetrics(a.compute.metricsPort);
+      expect(metricValue(m, "freekv_compute_session_moves_total", 'role="out",result="ok"')).toBe(1);
+    } finally {
+      toA.close();
+    }
+  }, 120_000);
+
+  it("keeps the session whole on exactly one pod when a move fails or its caller gives up", async () => {
+    const toA = new FreeKvClient(a.compute.address, { retry: { maxAttempts: 1 } });
+    const mover = new SessionMoveServiceClient(a.compute.address, credentials.createInsecure());
+    const move = (req: object, deadlineMs: number) =>
+      new Promise<ServiceError | undefined>((resolve) => mover.moveSession(MoveSessionRequest.fromPartial(req), new Metadata(), { deadline: Date.now() + deadlineMs }, (e) => resolve(e ?? undefined)));
+    try {
+      const sid = `mvf-${Math.floor(rand() * 1e9)}`;
+      await toA.createSession({ sessionId: sid, kind: 1, retrieval: RETRIEVAL, maxContextTokens: 1024 });
+      await toA.generateText({ sessionId: sid, prompt: tokens(120), maxTokens: 4, sampling: GREEDY });
+      const nobody = `127.0.0.1:${await freePort()}`;
+      const refusals: Array<[object, number]> = [
+        [{ sessionId: sid, target: nobody }, status.UNAVAILABLE],
+        [{ sessionId: sid, target: a.compute.address }, status.FAILED_PRECONDITION],
+        [{ sessionId: sid, target: "no-port" }, status.INVALID_ARGUMENT],
+        [{ sessionId: sid, target: "" }, status.INVALID_ARGUMENT],
+        [{ sessionId: "", target: bAddress }, status.INVALID_ARGUMENT],
+        [{ sessionId: "no-such-session", target: bAddress }, status.NOT_FOUND],
+        [{ sessionId: sid, target: bAddress, chunkBytes: 10 }, status.INVALID_ARGUMENT],
+      ];
+      for (const [req, code] of refusals) {
+        const e = await move(req, 20_000);
+        expect(e ? status[e.code] : "OK", `${JSON.stringify(req)}: ${e?.details}`).toBe(status[code]);
+      }
+      expect(await kvSessions(a)).toContain(sid);
+      expect(await kvSessions(b)).not.toContain(sid);
+      // Callers that give up after a few milliseconds, at different points of the move: afterwards
+      // exactly one pod holds the session, and it answers through the client.
+      const outcomes: string[] = [];
+      const segmentBytes = async (t: Tiers) => {
+        const c = kvstoreClient(t.kvstore.address);
+        try {
+          return Number((await unary<{ segmentBytes: number }>(c, "getStats", {})).segmentBytes);
+        } finally {
+          c.close();
+        }
+      };
+      const baseline = await segmentBytes(b);
+      for (const ms of [1, 60, 250, 600, 1500, 30_000]) {
+        const e = await move({ sessionId: sid, target: bAddress, chunkBytes: 4096 }, ms);
+        let onA = false;
+        let onB = false;
+        const t0 = Date.now();
+        // The target's side ends when its stream does: wait until the two agree.
+        for (;;) {
+          onA = (await kvSessions(a)).includes(sid);
+          onB = (await kvSessions(b)).includes(sid);
+          if (onA !== onB || Date.now() - t0 > 10_000) break;
+          await new Promise((r) => setTimeout(r, 50));
+        }
+        outcomes.push(e ? status[e.code] : "OK");
+        expect([onA, onB], `deadline ${ms} ms: ${e ? status[e.code] : "OK"}`).not.toEqual([true, true]);
+        expect([onA, onB]).not.toEqual([false, false]);
+        if (e) expect([status.DEADLINE_EXCEEDED, status.CANCELLED]).toContain(e.code);
+        const got = await toA.getSession({ sessionId: sid });
+        expect(Number(got.session!.contextTokens)).toBeGreaterThan(120);
+        if (onB) {
+          // Moved: bring it back for the next round (and check the way back works too).
+          await toA.moveSession({ sessionId: sid, target: a.compute.address });
+          expect(await kvSessions(a)).toContain(sid);
+        }
+        // No partial import is left at B: its shared memory is back where it was.
+        const t1 = Date.now();
+        while ((await segmentBytes(b)) !== baseline && Date.now() - t1 < 10_000) await new Promise((r) => setTimeout(r, 50));
+        expect(await segmentBytes(b)).toBe(baseline);
+      }
+      // The first caller gave up before anything moved, the last one waited for the move.
+      expect(outcomes[0]).toBe("DEADLINE_EXCEEDED");
+      expect(outcomes.at(-1)).toBe("OK");
+      await toA.closeSession({ sessionId: sid });
+    } finally {
+      mover.close();
+      toA.close();
+    }
+  }, 180_000);
+
+  it("checks what ReceiveSession gets: malformed, out of order, corrupted (DATA_LOSS) or foreign streams leave nothing on the target", async () => {
+    const sid = `rcv-${Math.floor(rand() * 1e9)}`;
+    const toA = new FreeKvClient(a.compute.address);
+    const transfer = new KvStoreTransferServiceClient(a.kvstore.address, credentials.createInsecure(), { "grpc.max_receive_message_length": 64 << 20 });
+    const receiver = new SessionMoveServiceClient(b.compute.address, credentials.createInsecure(), { "grpc.max_send_message_length": 64 << 20 });
+    const receive = (msgs: ReceiveSessionRequest[]) =>
+      new Promise<ServiceError | undefined>((resolve) => {
+        const call = receiver.receiveSession(new Metadata(), { deadline: Date.now() + 20_000 }, (e) => resolve(e ?? undefined));
+        for (const m of msgs) call.write(m);
+        call.end();
+      });
+    try {
+      await toA.createSession({ sessionId: sid, kind: 1, retrieval: RETRIEVAL, maxContextTokens: 1024 });
+      await toA.generateText({ sessionId: sid, prompt: tokens(90), maxTokens: 4, sampling: GREEDY });
+      const exported = await new Promise<ExportSessionResponse[]>((resolve, reject) => {
+        const out: ExportSessionResponse[] = [];
+        const call = transfer.exportSession({ sessionId: sid, chunkBytes: 4096 }, new Metadata(), { deadline: Date.now() + 20_000 });
+        call.on("data", (m: ExportSessionResponse) => out.push(m));
+        call.on("error", reject);
+        call.on("end", () => resolve(out));
+      });
+      const before = await kvSessions(b);
+      const header = () => structuredClone((exported[0].item as { value: SessionTransferHeader }).value);
+      const flipped = () => {
+        const m = structuredClone(exported) as ReceiveSessionRequest[];
+        const k = 1 + Math.floor(rand() * (m.length - 2));
+        const c = (m[k].item as { value: { data: Uint8Array } }).value;
+        const data = Buffer.from(c.data);
+        data[Math.floor(rand() * data.length)] ^= 0x40;
+        c.data = data;
+        return m;
+      };
+      const cases: Array<[string, ReceiveSessionRequest[], number]> = [
+        ["chunk first", exported.slice(1) as ReceiveSessionRequest[], status.INVALID_ARGUMENT],
+        ["empty stream", [], status.INVALID_ARGUMENT],
+        ["ends before the digest", exported.slice(0, -1) as ReceiveSessionRequest[], status.INVALID_ARGUMENT],
+        ["corrupted chunk", flipped(), status.DATA_LOSS],
+        ["another model", [{ item: { $case: "header", value: { ...header(), geometry: { ...header().geometry!, layers: header().geometry!.layers + 1 } } } }], status.FAILED_PRECONDITION],
+        ["past the context limit", [{ item: { $case: "header", value: { ...header(), maxContextTokens: 9000 } } }], status.FAILED_PRECONDITION],
+        ["bad id", [{ item: { $case: "header", value: { ...header(), sessionId: "../x" } } }], status.INVALID_ARGUMENT],
+      ];
+      for (const [name, msgs, code] of cases) {
+        const e = await receive(msgs);
+        expect(e ? `${name}: ${status[e.code]}` : `${name}: OK`, e?.details).toBe(`${name}: ${status[code]}`);
+        expect(await kvSessions(b)).toEqual(before);
+      }
+      // Bytes that do not decode.
+      const raw = await new Promise<ServiceError>((resolve) => {
+        const call = receiver.makeClientStreamRequest("/freekv.v1.SessionMoveService/ReceiveSession", (x: Buffer) => x, (x: Buffer) => x, new Metadata(), { deadline: Date.now() + 10_000 }, (e) => resolve(e!));
+        call.write(Buffer.from([0x12, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]));
+        call.end();
+      });
+      expect(raw.code).toBe(status.INVALID_ARGUMENT);
+      // The session is still A's, whole.
+      expect(await kvSessions(a)).toContain(sid);
+      const t = await toA.generateText({ sessionId: sid, prompt: tokens(3), maxTokens: 2, sampling: GREEDY });
+      expect(t.tokenIds.length).toBe(2);
+      await toA.closeSession({ sessionId: sid });
+    } finally {
+      transfer.close();
+      receiver.close();
+      toA.close();
+    }
+  }, 120_000);
+
+  it("hands the sessions of a draining pod off to its peer; the client follows; a refused one is logged and counted", async () => {
+    const sid = `drain-${Math.floor(rand() * 1e9)}`;
+    const direct = new FreeKvClient(a.compute.address);
+    const viaB = new FreeKvClient(b.compute.address);
+    try {
+      await direct.createSession({ sessionId: sid, kind: 1, retrieval: RETRIEVAL, maxContextTokens: 1024 });
+      await viaB.createSession({ sessionId: `${sid}-twin`, kind: 1, retrieval: RETRIEVAL, maxContextTokens: 1024 });
+      // Too big for B's FREEKV_MAX_CONTEXT_LIMIT: B refuses it, it stays in A's kvstore.
+      await direct.createSession({ sessionId: `${sid}-big`, kind: 1, maxContextTokens: 16384 });
+      const turn1 = tokens(100);
+      const t1 = await viaB.generateText({ sessionId: sid, prompt: turn1, maxTokens: 10, sampling: GREEDY });
+      const t1twin = await viaB.generateText({ sessionId: `${sid}-twin`, prompt: turn1, maxTokens: 10, sampling: GREEDY });
+      expect(t1.tokenIds).toEqual(t1twin.tokenIds);
+      expect(viaB.addressFor(sid)).toBe(a.compute.address);
+      // The process exits at the end of its drain; its log lines are the record.
+      await a.compute.stop("SIGTERM");
+      const out = a.compute.output.join("\n");
+      expect(out).toMatch(/"hand-off done"/);
+      const lines = a.compute.output.filter((l) => l.includes("session not handed off"));
+      expect(lines.length).toBe(1);
+      expect(lines[0]).toContain(`${sid}-big`);
+      expect(lines[0]).toContain("FREEKV_MAX_CONTEXT_LIMIT");
+      expect(await kvSessions(b)).toContain(sid);
+      expect(await kvSessions(a)).toContain(`${sid}-big`);
+      // A withdrew its live announcement when it started to drain; B's stays.
+      const r = new Redis(REDIS);
+      expect(await r.exists(`${prefix}pod:${a.compute.address}`)).toBe(0);
+      expect(await r.exists(`${prefix}pod:${b.compute.address}`)).toBe(1);
+      r.disconnect();
+      // The client remembered A, which is gone: it goes back to B, which holds the session now.
+      for (const prompt of [tokens(30), tokens(5)]) {
+        const moved = await viaB.generateText({ sessionId: sid, prompt, maxTokens: 10, sampling: GREEDY });
+        const twin = await viaB.generateText({ sessionId: `${sid}-twin`, prompt, maxTokens: 10, sampling: GREEDY });
+        expect(moved.tokenIds).toEqual(twin.tokenIds);
+      }
+      expect(viaB.addressFor(sid)).toBe(b.compute.address);
+      const m = await fetchMetrics(b.compute.metricsPort);
+      expect(metricValue(m, "freekv_compute_session_moves_total", 'role="in",result="ok"')).toBeGreaterThanOrEqual(1);
+    } finally {
+      direct.close();
+      viaB.close();
+    }
+  }, 180_000);
+});
