@@ -189,6 +189,8 @@ export interface Engine {
    */
   deviceStepStats(): DeviceStepStats;
   contextTokens(session: number): number;
+  /** Switches hierarchical page selection (EngineOptions.hierarchicalSelection) for the selections from now on. */
+  setHierarchicalSelection(mode: "auto" | "on" | "off"): void;
   /**
    * Full pages of a layer whose offload to the host store is complete (the session manifest's
    * committed pages of the layer): what may be committed at the kvstore.
