@@ -299,7 +299,7 @@ export const CASES: CaseSpec[] = [
     geometry: { layers: 2, qHeads: 14, kvHeads: 2, headDim: 128 },
     retrieval: { pageSize: 8, sinkTokens: 32, windowTokens: 64, selectTokens: 256, combine: 2 /* Mean */ },
     prompts: [11900, 4700],
-    firstChunk: 5003,
+    firstChunk: 3003,
     attendPrompt: false,
     steps: 24,
     capacityPages: 1600,
@@ -314,7 +314,7 @@ export const CASES: CaseSpec[] = [
     geometry: { layers: 1, qHeads: 8, kvHeads: 2, headDim: 64 },
     retrieval: { pageSize: 16, sinkTokens: 32, windowTokens: 64, selectTokens: 320, combine: 3 /* Max */ },
     prompts: [9000, 3000],
-    firstChunk: 4000,
+    firstChunk: 2000,
     attendPrompt: false,
     steps: 20,
     capacityPages: 600,
@@ -777,6 +777,12 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
     for (const be of ["cpu", "cuda"] as const) for (const s of sessions[be]) engines[be].closeSession(s);
   } catch (e) {
     fail(`threw: ${(e as Error).stack ?? e}`);
+    // The sessions still open hold the hosts' segments: closed first (a failure here is the case's).
+    for (const be of ["cpu", "cuda"] as const)
+      for (const s of sessions[be])
+        try {
+          engines[be].closeSession(s);
+        } catch {}
   } finally {
     for (const h of hosts) await h.dispose();
   }
