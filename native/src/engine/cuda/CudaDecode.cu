@@ -186,9 +186,16 @@ void CudaEngine::SelectAndRecall(Session& s, int layer, const float* q, int c0, 
   L.selection_valid = true;
 }
 
-// Candidate pages per KV head from which Auto selects through the group bounds on the CUDA engine
-// (PERF.md "Hierarchical selection" has the measurement).
-constexpr int kCudaHierarchicalMinPages = 2048;
+// Candidate pages per KV head from which Auto selects through the group bounds on the CUDA engine.
+// Measured on the H200 (PERF.md "Hierarchical selection", bench/results/gpu-selection-20261203-
+// 1051.json; one layer, 28 query / 4 KV heads, mean combine, us flat / hierarchical): 992
+// candidates 20 / 42, 4064: 33 / 61, 16352: 136 / 147 (drifting keys) and 137 / 189 (independent
+// keys), 32736: 305 / 237 and 294 / 364. Below kMaxSharedCandidates the flat top-k keeps its keys
+// in shared memory and the hierarchical passes' fixed cost (~20 us: four more launches, the
+// serial seed and prune blocks) is not repaid; above it both top-ks run from global memory and
+// the hierarchical one is the faster where keys drift. So Auto goes hierarchical above 16384
+// candidates (512K tokens of 32-token pages).
+constexpr int kCudaHierarchicalMinPages = kMaxSharedCandidates + 1;
 
 bool CudaEngine::Hierarchical(const Session& s, int n) const {
   const HierarchicalSelection mode = hier_.load();
