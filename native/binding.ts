@@ -138,11 +138,12 @@ export interface EngineOptions {
   /**
    * Page selection through the hierarchical page summaries (groups of 32 pages with their own
    * bounds; branch and bound over them): "auto" (default; the CPU backend goes hierarchical from
-   * 4096 candidate pages per KV head on, where it is faster than scanning every page), "on" or
-   * "off" (scan every candidate page). With the mean and max combines, and softmax_mean with one
-   * query head per KV head, the selected pages are exactly the flat scan's; softmax_mean with
-   * several query heads weighs the heads by the softmax over the group bounds instead of over
-   * every page (native/src/engine/Hierarchy.h).
+   * 4096 candidate pages per KV head on, the CUDA backend above 16384, where each is faster than
+   * scanning every page), "on" or "off" (scan every candidate page). With the mean and max
+   * combines, and softmax_mean with one query head per KV head, the selected pages are exactly the
+   * flat scan's; softmax_mean with several query heads weighs the heads by the softmax over the
+   * group bounds instead of over every page on the CPU backend, and scans every page on the CUDA
+   * backend (native/src/engine/Hierarchy.h).
    */
   hierarchicalSelection?: "auto" | "on" | "off";
   /**
@@ -189,6 +190,8 @@ export interface Engine {
    */
   deviceStepStats(): DeviceStepStats;
   contextTokens(session: number): number;
+  /** Switches hierarchical page selection (EngineOptions.hierarchicalSelection) for the selections from now on. */
+  setHierarchicalSelection(mode: "auto" | "on" | "off"): void;
   /**
    * Full pages of a layer whose offload to the host store is complete (the session manifest's
    * committed pages of the layer): what may be committed at the kvstore.

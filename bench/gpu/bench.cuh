@@ -25,5 +25,6 @@ void RunCeilings(Bench& B);
 void RunRecall(Bench& B);
 void RunAttention(Bench& B);
 void RunPrefill(Bench& B);
+void RunSelection(Bench& B);
 
 }  // namespace fkbench

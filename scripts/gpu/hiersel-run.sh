@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine from the repository root, with the packed files in .gpu/hiersel/:
+# Runs on the GPU machine from the repository root, with the packed files in .gpu/hiersel/
+# (here: bash bench/gpu/build.sh, then node.xz, freekv.node, freekv_shm.node, lib/, run-checks.mjs,
+# runner-bench.mjs, parity-build.txt and bench/freekv_gpu_bench of .gpu/ copied into .gpu/hiersel/
+# with this script as .gpu/hiersel/run.sh):
 # the selection section of the benchmark program (flat vs hierarchical, equality checks), the
 # CUDA engine cases (test/gpu/cases.ts), then the runner benchmark's long sessions at Qwen2.5-7B
 # shapes (scripts/gpu/runner-bench.ts --grow). Each under its own time limit; results in $OUT.

@@ -28,6 +28,18 @@
  * step-to-step top-k overlap and the correction rate, the same statistics `freekv eval` prints
  * for the trained model (models/retrieval-8m), so a band is chosen by matching them, not assumed.
  *
+ * --shape qwen7b: Qwen2.5-7B's shapes instead (28 layers, hidden 3584, 28 query / 4 KV heads of 128,
+ * FFN 18944, vocabulary 152064; written as a Llama-architecture folder without the q/k/v biases,
+ * which do not change the step's cost), in --dir /tmp/freekv-qwen7b by default.
+ * --grow B:C1/C2/..,B2:..: long sessions instead of fresh ones per point: B sessions filled through
+ * the engine's prefill up to C1 tokens, the decode step timed there with hierarchical selection
+ * off, then on (engine.setHierarchicalSelection), then filled on to C2, and so on; with the
+ * mean combine (the CUDA engine's hierarchical selection takes mean and max; softmax-mean with
+ * several query heads per KV head always scans every page). The keys have structure (16 random
+ * centres, each chunk of 4096 tokens drawn around one of them, as real keys drift), so that the
+ * group bounds can prune; --grow-keys iid draws every key independently (nothing prunes). Beside
+ * each checkpoint: /dev/shm bytes per token, the process's page tables (VmPTE) and RSS.
+ *
  *   node .gpu/runner-bench.mjs [--dir /tmp/freekv-8b] [--layers 32] [--points 1:32768,4:32768,16:8192]
  *                              [--modes freekv,oracle,dense] [--steps 16] [--out DIR]
  *                              [--hbm-gbps 4290] [--profile-steps N] [--side-timing]
@@ -47,7 +59,7 @@
  * chunk (prefillContextBytes 1), the path every prefill took before the context stayed resident.
  */
 import { execSync } from "node:child_process";
-import { existsSync, mkdirSync, statfsSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, statfsSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -63,8 +75,11 @@ import { collectTensorRefs } from "../../services/compute/model/weights.js";
 
 const { values: args } = parseArgs({
   options: {
-    dir: { type: "string", default: "/tmp/freekv-8b" },
-    layers: { type: "string", default: "32" },
+    dir: { type: "string", default: "" },
+    layers: { type: "string", default: "" },
+    shape: { type: "string", default: "llama8b" },
+    grow: { type: "string", default: "" },
+    "grow-keys": { type: "string", default: "structured" },
     points: { type: "string", default: "1:32768,4:32768,16:8192" },
     modes: { type: "string", default: "freekv,oracle,dense" },
     steps: { type: "string", default: "16" },
@@ -89,7 +104,14 @@ const { values: args } = parseArgs({
     calibrated: { type: "string", default: "" },
   },
 });
-const LAYERS = Number(args.layers);
+const SHAPES = {
+  llama8b: { layers: 32, H: 4096, I: 14336, HQ: 32, HKV: 8, D: 128, V: 128256, dir: "/tmp/freekv-8b", ropeTheta: 500000.0, llama3Rope: true },
+  qwen7b: { layers: 28, H: 3584, I: 18944, HQ: 28, HKV: 4, D: 128, V: 152064, dir: "/tmp/freekv-qwen7b", ropeTheta: 1000000.0, llama3Rope: false },
+} as const;
+if (!(args.shape! in SHAPES)) throw new RangeError(`--shape must be one of ${Object.keys(SHAPES).join(", ")} (got ${args.shape})`);
+const SHAPE = SHAPES[args.shape as keyof typeof SHAPES];
+args.dir ||= SHAPE.dir;
+const LAYERS = args.layers ? Number(args.layers) : SHAPE.layers;
 const STEPS = Number(args.steps);
 const HBM_GBPS = Number(args["hbm-gbps"]);
 const profileSteps = Number(args["profile-steps"]);
@@ -98,7 +120,7 @@ for (const [name, v] of [["--layers", LAYERS], ["--steps", STEPS], ["--hbm-gbps"
 // Timed steps' logits of the first run of each (batch, context, base mode), for the comparisons.
 const logitsOf = new Map<string, { mode: string; logits: Float32Array[] }>();
 let profiled = false;
-const H = 4096, I = 14336, HQ = 32, HKV = 8, D = 128, V = 128256;
+const { H, I, HQ, HKV, D, V } = SHAPE;
 /** Calibration bands at the end of the vocabulary: BAND_ROWS tokens each, embedding correlation rho. */
 const CALIBRATION_BANDS = [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99] as const;
 const BAND_ROWS = 512;
@@ -157,9 +179,9 @@ function writeModel(dir: string): void {
   const cfg = {
     architectures: ["LlamaForCausalLM"], model_type: "llama", hidden_size: H, intermediate_size: I,
     num_hidden_layers: LAYERS, num_attention_heads: HQ, num_key_value_heads: HKV, head_dim: D, vocab_size: V,
-    rms_norm_eps: 1e-5, max_position_embeddings: 131072, tie_word_embeddings: false, attention_bias: false,
-    rope_theta: 500000.0,
-    rope_scaling: { rope_type: "llama3", factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 },
+    rms_norm_eps: 1e-5, max_position_embeddings: SHAPE.llama3Rope ? 131072 : 1048576 + 4096, tie_word_embeddings: false, attention_bias: false,
+    rope_theta: SHAPE.ropeTheta,
+    ...(SHAPE.llama3Rope ? { rope_scaling: { rope_type: "llama3", factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 } } : {}),
     bos_token_id: 128000, eos_token_id: 128001, torch_dtype: "bfloat16",
   };
   const weightMap: Record<string, string> = {};
@@ -454,6 +476,148 @@ for (const t of args.prefill ? args.prefill.split(",").map(Number) : []) {
         await s.close();
       }
     }
+}
+
+// ---- --grow: long sessions, hierarchical selection off and on ----------------------------------
+
+interface GrowPoint { batch: number; context: number; hierarchical: string; stepMs?: number; minMs?: number; maxMs?: number; drainMs?: number; recallMBPerStep?: number; corrections?: number; error?: string }
+interface GrowMemory { batch: number; context: number; fillS: number; shmUsedGiB: number; shmBytesPerToken: number; vmPteKiB: number; rssGiB: number }
+
+function procStatusKiB(field: string): number {
+  try {
+    const m = new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(readFileSync("/proc/self/status", "utf8"));
+    return m ? Number(m[1]) : NaN;
+  } catch {
+    return NaN;
+  }
+}
+
+/**
+ * Key/value rows for --grow: 16 templates of 2 chunks each (a random centre per channel plus
+ * noise); chunk c of layer l reads template (l * 7 + c * 13) % 16 from a row offset that varies
+ * with (l, c), so no two chunks are the same page for page. "iid": one template of pure noise
+ * (no structure: the worst case for pruning).
+ */
+function growTemplates(chunk: number, iid: boolean): Float32Array[] {
+  const row = HKV * D, n = iid ? 1 : 16;
+  const out: Float32Array[] = [];
+  let x = 12345;
+  const u = () => {
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    return (x / 4294967296) * 2 - 1;
+  };
+  for (let j = 0; j < n; j++) {
+    const centre = new Float32Array(row);
+    if (!iid) for (let c = 0; c < row; c++) centre[c] = 1.5 * u();
+    const t = new Float32Array(2 * chunk * row);
+    for (let i = 0; i < t.length; i++) t[i] = centre[i % row] + (iid ? 1 : 0.5) * u();
+    out.push(t);
+  }
+  return out;
+}
+
+async function grow(engine: Engine, model: Model, spec: string): Promise<{ points: GrowPoint[]; memory: GrowMemory[] }> {
+  const points: GrowPoint[] = [], memory: GrowMemory[] = [];
+  const chunk = 4096, row = HKV * D;
+  const tpl = growTemplates(chunk, args["grow-keys"] === "iid");
+  const geo = { layers: LAYERS, qHeads: HQ, kvHeads: HKV, headDim: D, kvDtype: DType.D_TYPE_BFLOAT16 };
+  const r = { ...retrieval("freekv"), combine: RETRIEVAL_NAMES.combine.mean };
+  const shmUsed = () => {
+    const s = statfsSync("/dev/shm");
+    return (s.blocks - s.bfree) * s.bsize;
+  };
+  for (const part of spec.split(",")) {
+    const [bs, cs] = part.split(":");
+    const batch = Number(bs), contexts = cs.split("/").map(Number);
+    if (!Number.isInteger(batch) || batch < 1 || !contexts.every((c) => Number.isInteger(c) && c > 0)) throw new RangeError(`--grow: bad part ${part}`);
+    const perCheckpoint = 2 * (3 + STEPS) + 8;
+    const capacity = Math.max(...contexts) + perCheckpoint * contexts.length + 64;
+    const sessions: LocalSession[] = [];
+    const shm0 = shmUsed();
+    try {
+      for (let b = 0; b < batch; b++) sessions.push(createLocalSession(engine, geo, r, capacity));
+      let tokens = Int32Array.from(sessions.map((_, b) => (b * 7919 + 13) % V));
+      for (const ctx of contexts) {
+        // Fill every session to ctx tokens (the decode steps before added some already).
+        const f0 = performance.now();
+        for (const [b, s] of sessions.entries()) {
+          const have = engine.contextTokens(s.session);
+          for (let l = 0; l < LAYERS; l++)
+            for (let t = have; t < ctx; t += chunk) {
+              const m = Math.min(chunk, ctx - t), ci = Math.floor(t / chunk);
+              const src = tpl[(l * 7 + ci * 13 + b * 5) % tpl.length];
+              const off = ((l * 977 + ci * 131 + b * 17) % chunk) * row;
+              const k = src.subarray(off, off + m * row);
+              const v = tpl[(l + ci + 1) % tpl.length].subarray(off, off + m * row);
+              await engine.prefill(s.session, l, k, v, m);
+            }
+        }
+        for (const s of sessions) await engine.sync(s.session);
+        const fillS = (performance.now() - f0) / 1000;
+        const used = shmUsed() - shm0;
+        const mem: GrowMemory = { batch, context: ctx, fillS, shmUsedGiB: used / 2 ** 30, shmBytesPerToken: used / (batch * ctx), vmPteKiB: procStatusKiB("VmPTE"), rssGiB: procStatusKiB("VmRSS") / 2 ** 20 };
+        memory.push(mem);
+        log(`grow b${batch} filled to ${ctx} in ${fillS.toFixed(1)} s: /dev/shm +${mem.shmUsedGiB.toFixed(2)} GiB (${mem.shmBytesPerToken.toFixed(0)} B/token), VmPTE ${mem.vmPteKiB} KiB, RSS ${mem.rssGiB.toFixed(2)} GiB`);
+        for (const hier of ["off", "on"] as const) {
+          const gp: GrowPoint = { batch, context: ctx, hierarchical: hier };
+          try {
+            engine.setHierarchicalSelection(hier);
+            const ids = Int32Array.from(sessions.map((s) => s.session));
+            const s0 = engine.stats(sessions[0].session);
+            const times: number[] = [];
+            for (let step = 0; step < 3 + STEPS; step++) {
+              const t0 = performance.now();
+              const logits = await model.decode(ids, tokens, Int32Array.from(sessions.map((s) => engine.contextTokens(s.session))));
+              const ms = performance.now() - t0;
+              if (step >= 3) times.push(ms);
+              const next = new Int32Array(batch);
+              for (let b = 0; b < batch; b++) {
+                let best = 0;
+                for (let v = 1; v < V; v++) if (logits[b * V + v] > logits[b * V + best]) best = v;
+                next[b] = best;
+              }
+              tokens = next;
+            }
+            const d0 = performance.now();
+            for (const s of sessions) await engine.sync(s.session);
+            gp.drainMs = performance.now() - d0;
+            const s1 = engine.stats(sessions[0].session);
+            gp.stepMs = median(times);
+            gp.minMs = Math.min(...times);
+            gp.maxMs = Math.max(...times);
+            const steps = Math.max(1, Number(s1.decodeSteps) - Number(s0.decodeSteps));
+            gp.recallMBPerStep = (Number(s1.recallBytes) - Number(s0.recallBytes)) / steps / 1e6;
+            gp.corrections = Number(s1.selections) - Number(s0.selections) ? (Number(s1.corrections) - Number(s0.corrections)) / (Number(s1.selections) - Number(s0.selections)) : 0;
+          } catch (e) {
+            gp.error = (e as Error).message;
+          }
+          points.push(gp);
+          log(`grow b${batch} ctx ${ctx} hierarchical ${hier}: ` + (gp.error ? `error: ${gp.error}` : `${gp.stepMs!.toFixed(2)} ms/step (min ${gp.minMs!.toFixed(2)}, max ${gp.maxMs!.toFixed(2)}), drain ${gp.drainMs!.toFixed(2)} ms, recall ${gp.recallMBPerStep!.toFixed(1)} MB/step, corrections ${(100 * gp.corrections!).toFixed(1)}%`));
+        }
+        engine.setHierarchicalSelection("auto");
+        writeFileSync(join(args.out!, "runner-grow.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, layers: LAYERS, steps: STEPS, keys: args["grow-keys"], points, memory }, null, 2));
+      }
+    } catch (e) {
+      log(`grow b${batch}: error: ${(e as Error).message}`);
+      points.push({ batch, context: -1, hierarchical: "", error: (e as Error).message });
+    } finally {
+      for (const s of sessions) await s.close();
+    }
+  }
+  return { points, memory };
+}
+
+if (args.grow) {
+  const g = await grow(engine, model, args.grow);
+  log("");
+  log("| batch | context | flat ms / step | hierarchical ms / step | hier / flat |");
+  log("| --- | --- | --- | --- | --- |");
+  for (const p of g.points.filter((p) => p.hierarchical === "off")) {
+    const on = g.points.find((q) => q.batch === p.batch && q.context === p.context && q.hierarchical === "on");
+    log(`| ${p.batch} | ${p.context} | ${p.stepMs?.toFixed(2) ?? p.error} | ${on?.stepMs?.toFixed(2) ?? on?.error} | ${p.stepMs && on?.stepMs ? (on.stepMs / p.stepMs).toFixed(2) : ""} |`);
+  }
+  writeFileSync(join(args.out!, "runner-grow.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, layers: LAYERS, steps: STEPS, keys: args["grow-keys"], ...g }, null, 2));
+  process.exit(0);
 }
 
 const results: Point[] = [];

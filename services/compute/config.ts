@@ -24,6 +24,8 @@ export const computeConfigSchema = z.object({
   FREEKV_SIDE_TIMING: flag(false),
   /** FREEKV_BACKEND=cuda: device memory the prompts being prefilled keep resident (each layer's whole context between chunks); 0 = a quarter of the device. */
   FREEKV_PREFILL_CONTEXT_BYTES: nonNegativeInt(0),
+  /** Page selection through the hierarchical page summaries (the engine option hierarchicalSelection). */
+  FREEKV_HIERARCHICAL_SELECTION: z.enum(["auto", "on", "off"], { message: 'must be "auto", "on" or "off"' }).default("auto"),
   /** Weight type of the GPU model runner (FREEKV_BACKEND=cuda): auto = bf16 unless the checkpoint is all F32. */
   FREEKV_DEVICE_WEIGHTS: z.enum(["auto", "bf16", "f32"], { message: 'must be "auto", "bf16" or "f32"' }).default("auto"),
   /** Default max context of a session when the request leaves it 0. */

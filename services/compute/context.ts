@@ -96,6 +96,7 @@ export function createEngine(config: ComputeConfig): Engine {
       cudaGraphs: config.FREEKV_CUDA_GRAPH,
       sideTiming: config.FREEKV_SIDE_TIMING,
       prefillContextBytes: config.FREEKV_PREFILL_CONTEXT_BYTES,
+      hierarchicalSelection: config.FREEKV_HIERARCHICAL_SELECTION,
     });
   } catch (e) {
     throw new StartupError(`FREEKV_BACKEND=${config.FREEKV_BACKEND}: cannot create the engine: ${(e as Error).message}`);

@@ -116,6 +116,14 @@ export interface CaseSpec {
   perSession?: Partial<Retrieval>[];
   /** The engines' hierarchicalSelection option (both backends; default: the engine's default). */
   hierarchical?: "auto" | "on" | "off";
+  /** The CPU engine's hierarchicalSelection when it differs from the candidate's (on vs off). */
+  cpuHierarchical?: "auto" | "on" | "off";
+  /**
+   * Prompt keys: "iid" (default: independent normals), "walk" (a slow random walk per channel
+   * plus noise, as real keys drift: the group bounds then prune) or "tied" (every 5th page
+   * repeats: whole groups tie, so the lower page must win every tie).
+   */
+  keys?: "iid" | "walk" | "tied";
 }
 
 const BASE: Retrieval = {
@@ -285,6 +293,50 @@ export const CASES: CaseSpec[] = [
     seed: 1202,
     hierarchical: "on",
   },
+  // Hierarchical on (candidate) against flat (CPU engine): same pages as the flat scan.
+  {
+    name: "hierarchical on vs off, mean combine, walk keys, Qwen GQA 7, P8, 45+ groups, re-attach",
+    geometry: { layers: 2, qHeads: 14, kvHeads: 2, headDim: 128 },
+    retrieval: { pageSize: 8, sinkTokens: 32, windowTokens: 64, selectTokens: 256, combine: 2 /* Mean */ },
+    prompts: [11900, 4700],
+    firstChunk: 3003,
+    attendPrompt: false,
+    steps: 24,
+    capacityPages: 1600,
+    seed: 1203,
+    reattachAt: 12,
+    hierarchical: "on",
+    cpuHierarchical: "off",
+    keys: "walk",
+  },
+  {
+    name: "hierarchical on vs off, max combine, tied pages, GQA 4, P16",
+    geometry: { layers: 1, qHeads: 8, kvHeads: 2, headDim: 64 },
+    retrieval: { pageSize: 16, sinkTokens: 32, windowTokens: 64, selectTokens: 320, combine: 3 /* Max */ },
+    prompts: [9000, 3000],
+    firstChunk: 2000,
+    attendPrompt: false,
+    steps: 20,
+    capacityPages: 600,
+    seed: 1204,
+    hierarchical: "on",
+    cpuHierarchical: "off",
+    keys: "tied",
+  },
+  {
+    name: "hierarchical on vs off, softmax-mean with one query head per KV head, cuboid, walk keys",
+    geometry: { layers: 1, qHeads: 4, kvHeads: 4, headDim: 128 },
+    retrieval: { pageSize: 16, summary: 2 /* CuboidMean */, selectTokens: 512 },
+    prompts: [10000],
+    firstChunk: 3333,
+    attendPrompt: false,
+    steps: 20,
+    capacityPages: 660,
+    seed: 1205,
+    hierarchical: "on",
+    cpuHierarchical: "off",
+    keys: "walk",
+  },
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -395,9 +447,23 @@ function makeInputs(spec: CaseSpec, rng: Rng, n: number): SessionInputs {
     kn = kvHeads * headDim;
   const prompt = [];
   const lastQ: Float32Array[] = [];
+  const P = spec.retrieval.pageSize ?? BASE.pageSize;
   for (let l = 0; l < layers; l++) {
     const q = rng.normals(n * qn);
-    prompt.push({ q, k: rng.normals(n * kn, 1, 0.1), v: rng.normals(n * kn) });
+    const k = rng.normals(n * kn, 1, 0.1);
+    if (spec.keys === "walk") {
+      // A slow random walk per channel (step 0.05) under noise of 0.3.
+      const w = rng.normals(kn);
+      for (let t = 0; t < n; t++)
+        for (let c = 0; c < kn; c++) {
+          w[c] += 0.05 * rng.normal();
+          k[t * kn + c] = w[c] + 0.3 * k[t * kn + c];
+        }
+    } else if (spec.keys === "tied") {
+      // Token t repeats token t mod (5 pages): every 5th page is the same page.
+      for (let t = 5 * P; t < n; t++) k.copyWithin(t * kn, (t % (5 * P)) * kn, (t % (5 * P) + 1) * kn);
+    }
+    prompt.push({ q, k, v: rng.normals(n * kn) });
     lastQ.push(q.slice((n - 1) * qn));
   }
   const steps = [];
@@ -469,7 +535,7 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
 
   const hosts: Host[] = [];
   const engines: Record<"cpu" | "cuda", Engine> = {
-    cpu: new addon.Engine({ backend: "cpu", hierarchicalSelection: spec.hierarchical }),
+    cpu: new addon.Engine({ backend: "cpu", hierarchicalSelection: spec.cpuHierarchical ?? spec.hierarchical }),
     cuda: new addon.Engine({ backend: candidate, hierarchicalSelection: spec.hierarchical }),
   };
   const sessions: Record<"cpu" | "cuda", number[]> = { cpu: [], cuda: [] };
@@ -711,6 +777,12 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
     for (const be of ["cpu", "cuda"] as const) for (const s of sessions[be]) engines[be].closeSession(s);
   } catch (e) {
     fail(`threw: ${(e as Error).stack ?? e}`);
+    // The sessions still open hold the hosts' segments: closed first (a failure here is the case's).
+    for (const be of ["cpu", "cuda"] as const)
+      for (const s of sessions[be])
+        try {
+          engines[be].closeSession(s);
+        } catch {}
   } finally {
     for (const h of hosts) await h.dispose();
   }

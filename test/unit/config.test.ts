@@ -16,6 +16,9 @@ describe("config", () => {
     expect(c.FREEKV_COMMIT_CHECKSUMS).toBe(true);
     expect(c.FREEKV_CUDA_GRAPH).toBe(true);
     expect(c.FREEKV_SIDE_TIMING).toBe(false);
+    expect(c.FREEKV_HIERARCHICAL_SELECTION).toBe("auto");
+    expect(parseConfig(computeConfigSchema, { FREEKV_HIERARCHICAL_SELECTION: "off" }).FREEKV_HIERARCHICAL_SELECTION).toBe("off");
+    expect(() => parseConfig(computeConfigSchema, { FREEKV_HIERARCHICAL_SELECTION: "sometimes" })).toThrow(/FREEKV_HIERARCHICAL_SELECTION="sometimes"/);
   });
 
   it("coerces numbers and flags, and treats empty values as unset", () => {

@@ -158,6 +158,36 @@ describe(`hierarchical selection equals the flat top-k (seed ${seed})`, () => {
       }
     });
 
+  it("setHierarchicalSelection switches a running engine; the pages stay the flat scan's", async () => {
+    const rng = new Prng(seed + 53);
+    const c: PolicyConfig = {
+      qHeads: 4, kvHeads: 2, headDim: D, pageSize: P, summary: "maxmin", combine: "max",
+      sinkTokens: 3 * P, windowTokens: 5 * P, selectTokens: 8 * P, tau: 0.9, mode: "oracle", dtype: "f32",
+    };
+    const addon = loadAddon();
+    const engine = new addon.Engine({ backend: "cpu", threads: 1, hierarchicalSelection: "off" });
+    expect(() => engine.setHierarchicalSelection("sometimes" as "on")).toThrow(TypeError);
+    const s = openSession(c, { capacityPages: 256, engine });
+    const ref = new ReferenceLayer(c);
+    try {
+      const qn = c.qHeads * D, kvn = c.kvHeads * D, n = 600;
+      const q0 = query("random", rng, n * qn), k0 = keysFor("random", rng, 0, n, kvn), v0 = values(rng, n * kvn);
+      await engine.prefillAttend(s.session, 0, q0, k0, v0, n);
+      ref.prefill(k0, v0, n, q0.subarray((n - 1) * qn));
+      const modes = ["on", "off", "auto", "on"] as const;
+      for (let t = 0; t < 12; t++) {
+        engine.setHierarchicalSelection(modes[t % modes.length]);
+        const q = query("random", rng, qn), k = keysFor("random", rng, n + t, 1, kvn), v = values(rng, kvn);
+        await engine.decode(0, [{ session: s.session, q, k, v }]);
+        const want = ref.decode(q, k, v);
+        for (let h = 0; h < c.kvHeads; h++)
+          expect(Array.from(engine.lastAttendedTokens(s.session, 0, h)), `step ${t} (${modes[t % modes.length]}) head ${h}`).toEqual(want.attended[h]);
+      }
+    } finally {
+      await s.close();
+    }
+  });
+
   it("softmax_mean with several query heads per KV head: a full selection of the budget's size", async () => {
     // Not exact (Hierarchy.h): the heads are weighed by the softmax over the group bounds.
     const rng = new Prng(seed + 31);

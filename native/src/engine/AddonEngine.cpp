@@ -152,6 +152,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
                         InstanceMethod("stats", &AddonEngine::GetStats),
                         InstanceMethod("deviceStepStats", &AddonEngine::GetDeviceStepStats),
                         InstanceMethod("contextTokens", &AddonEngine::ContextTokens),
+                        InstanceMethod("setHierarchicalSelection", &AddonEngine::SetHierarchicalSelection),
                         InstanceMethod("filledPages", &AddonEngine::FilledPages),
                         InstanceMethod("lastAttendedTokens", &AddonEngine::LastAttendedTokens)});
   }
@@ -432,6 +433,17 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     }
     o.Set("layers", layers);
     return o;
+  }
+
+  // setHierarchicalSelection("auto" | "on" | "off"): the mode of the selections from now on.
+  Napi::Value SetHierarchicalSelection(const Napi::CallbackInfo& info) {
+    const std::string m = info.Length() > 0 && info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : std::string();
+    HierarchicalSelection mode = HierarchicalSelection::Auto;
+    if (m == "off") mode = HierarchicalSelection::Off;
+    else if (m == "on") mode = HierarchicalSelection::On;
+    else if (m != "auto") throw Napi::TypeError::New(info.Env(), "setHierarchicalSelection: mode must be \"auto\", \"on\" or \"off\"");
+    engine_->SetHierarchicalSelection(mode);
+    return info.Env().Undefined();
   }
 
   Napi::Value ContextTokens(const Napi::CallbackInfo& info) {

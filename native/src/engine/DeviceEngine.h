@@ -94,8 +94,9 @@ struct CudaEngineOptions {
   // layer that does not fit is prefilled by gathering its earlier pages from the host store at
   // every chunk instead. 0: a quarter of the device's memory.
   size_t prefill_context_bytes = 0;
-  // Hierarchical page selection (engine/Hierarchy.h). Not implemented on the device yet: every
-  // value scans every candidate page.
+  // Hierarchical page selection (engine/Hierarchy.h, cuda/selection.cuh): Auto goes through the
+  // group bounds above 16384 candidate pages (CudaDecode.cu has the measurement); with the
+  // softmax-mean combine and several query heads per KV head every selection scans every page.
   HierarchicalSelection hierarchical = HierarchicalSelection::Auto;
 };
 

@@ -103,6 +103,8 @@ class Engine {
  public:
   virtual ~Engine() = default;
   virtual std::string backend() const = 0;
+  // Switches hierarchical page selection (engine/Hierarchy.h) for the selections from now on.
+  virtual void SetHierarchicalSelection(HierarchicalSelection mode) = 0;
 
   // Creates a session over an attached host store. With `reattach`, the committed pages and the
   // tail in the store are loaded back (summaries rebuilt, window and sink made resident) and the

@@ -1,8 +1,10 @@
 // Hierarchical page summaries: the context's pages in groups of kPagesPerGroup consecutive pages,
 // each group with its own bounds per KV head (the element-wise max of its pages' hi and min of
 // their lo), so that selection can score the groups first and then only the pages of the groups
-// that can still reach the top-k (branch and bound; engine/cpu/HierSelection.h. The CUDA engine
-// does not use it yet: it takes the option and still scans every candidate page).
+// that can still reach the top-k (branch and bound; engine/cpu/HierSelection.h, and on the CUDA
+// engine cuda/selection.cuh, inside the sync-free device step; there it takes the Mean and Max
+// combines and SoftmaxMean with one query head per KV head, and SoftmaxMean with several query
+// heads always scans every page).
 //
 // score(q, page) = sum_d max(q_d hi_d, q_d lo_d) is monotone in the bounds (larger hi, smaller lo
 // never lower it, also in float arithmetic: multiplication, max and a sum in a fixed order are
@@ -37,7 +39,8 @@ constexpr int kPagesPerGroup = FREEKV_PAGES_PER_GROUP;
 //   Off: always the flat scan of every candidate page.
 //   On: always hierarchical (as soon as there is more than one candidate page).
 //   Auto: hierarchical from kHierarchicalMinPages candidate pages per KV head on (CPU engine:
-//         below that the flat scan is as fast; engine/cpu/HierSelection.h has the measurement).
+//         below that the flat scan is as fast; engine/cpu/HierSelection.h has the measurement;
+//         the CUDA engine's threshold and its measurement: cuda/CudaDecode.cu).
 enum class HierarchicalSelection : int { Off = 0, On = 1, Auto = 2 };
 
 }  // namespace freekv

@@ -190,7 +190,7 @@ void CpuEngine::WriteQueryRecord(CpuSession& s, int layer) {
 // Selection and recall
 
 HeadSelection CpuEngine::Select(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1) const {
-  const bool hier = UseHierarchical(hier_, c1 - c0);
+  const bool hier = UseHierarchical(hier_.load(), c1 - c0);
   return cpu::SelectHead(s.pg, s.cfg.combine, L.summaries.data(), hier ? L.group_summaries.data() : nullptr, h, q, c0, c1, hier);
 }
 

@@ -4,6 +4,7 @@
 // recall on the background thread.
 #pragma once
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -21,6 +22,7 @@ class CpuEngine : public Engine {
   CpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us,
             HierarchicalSelection hier = HierarchicalSelection::Auto);
   ~CpuEngine() override;
+  void SetHierarchicalSelection(HierarchicalSelection mode) override { hier_.store(mode); }
   std::string backend() const override { return "cpu"; }
   int CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) override;
   void CloseSession(int session) override;
@@ -60,7 +62,7 @@ class CpuEngine : public Engine {
   int threads_;
   int debug_recall_delay_us_;
   int debug_attend_delay_us_;
-  HierarchicalSelection hier_;
+  std::atomic<HierarchicalSelection> hier_;
   std::mutex mu_;                 // serialises the engine's calls
   mutable std::mutex map_mu_;     // guards sessions_ (short lookups)
   std::map<int, std::shared_ptr<CpuSession>> sessions_;

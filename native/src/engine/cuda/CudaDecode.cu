@@ -30,8 +30,10 @@ using std::to_string;
 
 namespace {
 
-// The selection of a layer's candidates [c0, c0 + n) with query q (all heads, or `head_mask`'s).
-SelectionParams SelectionFor(const Session& s, const LayerTier& L, const float* q, int c0, int n, const int* head_mask) {
+// The selection of a layer's candidates [c0, c0 + n) with query q (all heads, or `head_mask`'s);
+// through the layer's group bounds when `hier`.
+SelectionParams SelectionFor(const Session& s, const LayerTier& L, const float* q, int c0, int n, const int* head_mask,
+                             bool hier) {
   SelectionParams sp;
   sp.q = q;
   sp.summaries = L.summaries.get();
@@ -45,6 +47,8 @@ SelectionParams SelectionFor(const Session& s, const LayerTier& L, const float* 
   sp.head_mask = head_mask;
   sp.scratch = L.scratch.get();
   sp.selected = L.selected.get();
+  sp.groups = hier ? L.groups.get() : nullptr;
+  sp.workspace = L.sel_ws.get();
   return sp;
 }
 
@@ -120,7 +124,8 @@ void CudaEngine::QueueSelectAndRecall(Session& s, int layer, const float* q, int
     per_item.push_back(PerItemSelect{&s, q, c0, c1, head_mask});
     return;
   }
-  (speculative ? t.spec_select : t.select).Add(SelectionFor(s, L, q, c0, num_candidates, head_mask));
+  (speculative ? t.spec_select : t.select)
+      .Add(SelectionFor(s, L, q, c0, num_candidates, head_mask, Hierarchical(s, num_candidates)));
   ResidencyParams rp;
   rp.selected = L.selected.get();
   rp.resident = L.resident.get();
@@ -147,7 +152,8 @@ void CudaEngine::QueueSelectAndRecall(Session& s, int layer, const float* q, int
 void CudaEngine::SelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
                                  cudaStream_t stream) {
   LayerTier& L = *s.layers[layer];
-  const SelectionParams sp = SelectionFor(s, L, q, c0, std::max(0, c1 - c0), head_mask);
+  const int n = std::max(0, c1 - c0);
+  const SelectionParams sp = SelectionFor(s, L, q, c0, n, head_mask, Hierarchical(s, n));
   LaunchSelection(sp, stream);
   L.last_candidates = sp.num_candidates;
   ResidencyParams rp;
@@ -178,6 +184,24 @@ void CudaEngine::SelectAndRecall(Session& s, int layer, const float* q, int c0, 
     s.db->Run(s.StoreLayerHost(layer), rg, jobs, std::min(*count, max_jobs), L.pool.get(), stream);
   }
   L.selection_valid = true;
+}
+
+// Candidate pages per KV head from which Auto selects through the group bounds on the CUDA engine.
+// Measured on the H200 (PERF.md "Hierarchical selection", bench/results/gpu-selection-20261203-
+// 1051.json; one layer, 28 query / 4 KV heads, mean combine, us flat / hierarchical): 992
+// candidates 20 / 42, 4064: 33 / 61, 16352: 136 / 147 (drifting keys) and 137 / 189 (independent
+// keys), 32736: 305 / 237 and 294 / 364. Below kMaxSharedCandidates the flat top-k keeps its keys
+// in shared memory and the hierarchical passes' fixed cost (~20 us: four more launches, the
+// serial seed and prune blocks) is not repaid; above it both top-ks run from global memory and
+// the hierarchical one is the faster where keys drift. So Auto goes hierarchical above 16384
+// candidates (512K tokens of 32-token pages).
+constexpr int kCudaHierarchicalMinPages = kMaxSharedCandidates + 1;
+
+bool CudaEngine::Hierarchical(const Session& s, int n) const {
+  const HierarchicalSelection mode = hier_.load();
+  if (mode == HierarchicalSelection::Off || n < 2) return false;
+  if (!HierarchicalCombine(static_cast<int>(s.cfg.combine), s.geo.q_heads, s.geo.kv_heads)) return false;
+  return mode == HierarchicalSelection::On || n >= kCudaHierarchicalMinPages;
 }
 
 std::vector<Session*> CudaEngine::CheckBatch(int layer, const std::vector<int>& ids) const {
@@ -322,13 +346,14 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     if (row == P - 1) {
       if (!L.dense)
         t.summary.Add(PageSummaryItem{slot, L.summaries.get() + (size_t)page * Hkv * 2 * D,
-                                      static_cast<int>(s.cfg.summary), 0});
+                                      L.groups.get() + (size_t)(page / kSelGroupPages) * Hkv * 2 * D,
+                                      static_cast<int>(s.cfg.summary), page % kSelGroupPages == 0 ? 1 : 0});
       t.offload.Add(OffloadItem{slot, s.StoreLayerDev(layer) + (size_t)page * s.layout.page_bytes});
       s.host_stats.pages_offloaded += 1;
       s.host_stats.offload_bytes += s.layout.page_bytes;
     } else if (graphed) {
       // Items without a page keep the lists' lengths (part of the graph's key) the same on every step.
-      if (!L.dense) t.summary.Add(PageSummaryItem{nullptr, nullptr, 0, 0});
+      if (!L.dense) t.summary.Add(PageSummaryItem{nullptr, nullptr, nullptr, 0, 0});
       t.offload.Add(OffloadItem{nullptr, nullptr});
     }
     const int64_t t_new = c + 1;

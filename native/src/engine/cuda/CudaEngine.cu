@@ -19,7 +19,7 @@ namespace freekv::cuda {
 using std::to_string;
 
 CudaEngine::CudaEngine(const CudaEngineOptions& options)
-    : device_(options.device), graphs_(options.graphs), graph_(options.side_timing) {
+    : device_(options.device), graphs_(options.graphs), hier_(options.hierarchical), graph_(options.side_timing) {
   int n = 0;
   cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess) {

@@ -49,6 +49,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <map>
@@ -78,6 +79,8 @@ struct LayerTier {
   int pool_slots = 0;
   DeviceArray<bf16> pool;         // NHD [pool_slots][2][P][Hkv][D]
   DeviceArray<float> summaries;   // [capacity][Hkv][2][D]
+  DeviceArray<float> groups;      // [ceil(capacity / 32)][Hkv][2][D] group bounds (hierarchical selection)
+  DeviceArray<unsigned long long> sel_ws;  // selection workspace (SelectionWorkspaceBytes at capacity)
   DeviceArray<int> selected;      // [Hkv][K]
   DeviceArray<int> selected_slot; // [Hkv][K]
   DeviceArray<int> resident;      // [Hkv][K]
@@ -165,6 +168,7 @@ class CudaEngine final : public Engine, public DeviceEngine {
 
   std::string backend() const override { return "cuda"; }
   DeviceEngine* device() override { return this; }
+  void SetHierarchicalSelection(HierarchicalSelection mode) override { hier_.store(mode); }
 
   // Engine (CudaSession.cu, CudaPrefill.cu, CudaDecode.cu, CudaEngine.cu).
   int CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) override;
@@ -223,7 +227,7 @@ class CudaEngine final : public Engine, public DeviceEngine {
   struct PerItemSelect;
   // Queues a selection (heads_mask or all heads, query q, candidates [c0, c1)) with its residency
   // diff and recall into the batched lists, or, for a double-buffer session, into `per_item`.
-  static void QueueSelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
+  void QueueSelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
                                    DescTable& t, bool speculative, std::vector<PerItemSelect>& per_item);
 
   // One prefill run of a layer (CudaPrefill.cu). device_io: q, k, v and out are device pointers
@@ -246,6 +250,9 @@ class CudaEngine final : public Engine, public DeviceEngine {
 
   int device_;
   bool graphs_;  // device steps become CUDA graphs (CudaEngineOptions::graphs)
+  std::atomic<HierarchicalSelection> hier_;  // CudaEngineOptions::hierarchical
+  // Whether a selection among n candidate pages of session s goes through the group bounds.
+  bool Hierarchical(const Session& s, int n) const;
   mutable std::mutex mu_;
   std::map<int, std::unique_ptr<Session>> sessions_;
   int next_id_ = 1;

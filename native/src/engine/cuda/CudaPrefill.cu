@@ -37,6 +37,7 @@
 #include "attention_prefill.cuh"
 #include "cuda/cuda_check.cuh"
 #include "offload.cuh"
+#include "selection.cuh"
 #include "summary.cuh"
 
 namespace freekv::cuda {
@@ -263,8 +264,11 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
   const int nfull = (int)(t_new / P) - first;  // pages of this run that are now full
   if (nfull > 0) {
     if (!L.dense)
+    {
       LaunchPageSummary(newp, nfull, L.summaries.get() + (size_t)first * Hkv * 2 * D, Hkv, D, P,
                         static_cast<int>(s.cfg.summary), st);
+      LaunchGroupBounds(L.summaries.get(), L.groups.get(), first, first + nfull, Hkv, D, kSelGroupPages, st);
+    }
     // The offload overlaps what the main stream does next.
     FKV_CUDA_CHECK(cudaEventRecord(appended_->get(), st));
     FKV_CUDA_CHECK(cudaStreamWaitEvent(offload_->get(), appended_->get(), 0));

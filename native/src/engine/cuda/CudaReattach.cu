@@ -12,6 +12,7 @@
 #include "CudaEngine.h"
 #include "append.cuh"
 #include "cuda/cuda_check.cuh"
+#include "selection.cuh"
 #include "summary.cuh"
 
 namespace freekv::cuda {
@@ -64,8 +65,10 @@ void CudaEngine::Reattach(Session& s) {
       FKV_CUDA_CHECK(cudaMemcpyAsync(prefill_job_count_.get(), count, sizeof(int), cudaMemcpyHostToDevice, st));
       LaunchRecallGather(s.StoreLayerDev(l), s.Recall(), prefill_jobs_.get(), prefill_job_count_.get(), njobs, pages,
                          32, st);
-      if (!L.dense)
+      if (!L.dense) {
         LaunchPageSummary(pages, r.full, L.summaries.get(), Hkv, D, P, static_cast<int>(s.cfg.summary), st);
+        LaunchGroupBounds(L.summaries.get(), L.groups.get(), 0, r.full, Hkv, D, kSelGroupPages, st);
+      }
     }
     if (r.partial > 0) {
       // The partial page's rows as fp32 (exact: they are bf16), re-appended with write-through.

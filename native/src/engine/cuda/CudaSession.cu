@@ -63,7 +63,10 @@ int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const
                std::find(c.dense_layers.begin(), c.dense_layers.end(), l) != c.dense_layers.end();
     L->pool_slots = L->dense ? cap + 1 : s->SP + s->WP + K;
     L->pool.Resize(std::max(1, L->pool_slots) * s->page_elems);
-    if (!L->dense) L->summaries.Resize((size_t)cap * Hkv * 2 * D);
+    if (!L->dense) {
+      L->summaries.Resize((size_t)cap * Hkv * 2 * D);
+      L->groups.Resize((size_t)((cap + kSelGroupPages - 1) / kSelGroupPages) * Hkv * 2 * D);
+    }
     if (s->Retrieves(*L)) {
       L->selected.Resize((size_t)Hkv * K);
       L->selected_slot.Resize((size_t)Hkv * K);
@@ -79,6 +82,8 @@ int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const
       sp.kv_heads = Hkv;
       sp.num_candidates = cap;
       L->scratch.Resize(SelectionScratchBytes(sp) / sizeof(float));
+      sp.k = K;
+      L->sel_ws.Resize((SelectionWorkspaceBytes(sp) + 7) / 8);
       L->jobs.Resize((size_t)Hkv * K);
       L->job_count.Resize(1 + Hkv);
     }

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "butterfly.cuh"
 #include "cuda/cuda_check.cuh"
@@ -32,21 +33,120 @@ constexpr int kTopThreads = 512;
 constexpr int kCandCap = 256;       // candidates ranked exactly (n^2 compares) after the radix passes
 constexpr int kRankSortMax = 1024;  // k above this: bitonic sort of all candidates
 
+// ---- workspace of the hierarchical selection (and the top-k's keys above kMaxSharedCandidates) ----
+
+struct Workspace {
+  unsigned long long* keys = nullptr;  // [Hkv][M] the top-k's keys (global)
+  unsigned long long* gkey = nullptr;  // [Hkv][NG] combined group bounds (as OrderedKey)
+  float* graw = nullptr;               // [Hq][NG] raw group scores
+  float* sraw = nullptr;               // [Hq][S] raw seed page scores
+  int* seed = nullptr;                 // [Hkv][S] seed pages
+  int* list = nullptr;                 // [Hkv][M] pages of the groups kept, ascending
+  int* seed_count = nullptr;           // [Hkv]
+  int* list_count = nullptr;           // [Hkv]
+  int M = 0, NG = 0, S = 0;
+  size_t bytes = 0;
+};
+
+// Groups a range of M candidates can touch; seed pages for k places (the seeds are whole groups
+// taken until they hold k pages: at most k + 31, plus the range's two partial end groups).
+__host__ __device__ inline int SpanGroups(int M) { return M / kSelGroupPages + 2; }
+__host__ __device__ inline int SeedCap(int k) { return ((k + kSelGroupPages - 1) / kSelGroupPages + 2) * kSelGroupPages; }
+
+__host__ __device__ inline Workspace CarveWorkspace(const SelectionParams& p) {
+  Workspace w;
+  w.M = p.num_candidates > 1 ? p.num_candidates : 1;
+  w.NG = SpanGroups(w.M);
+  w.S = SeedCap(p.k);
+  const int Hq = p.q_heads, Hkv = p.kv_heads;
+  size_t off[9];
+  const size_t n[8] = {(size_t)Hkv * w.M * 8, (size_t)Hkv * w.NG * 8, (size_t)Hq * w.NG * 4, (size_t)Hq * w.S * 4,
+                       (size_t)Hkv * w.S * 4,  (size_t)Hkv * w.M * 4,  (size_t)Hkv * 4,        (size_t)Hkv * 4};
+  off[0] = 0;
+  for (int i = 0; i < 8; ++i) off[i + 1] = off[i] + (n[i] + 255) / 256 * 256;
+  w.bytes = off[8];
+  if (p.workspace) {
+    char* b = static_cast<char*>(p.workspace);
+    w.keys = reinterpret_cast<unsigned long long*>(b + off[0]);
+    w.gkey = reinterpret_cast<unsigned long long*>(b + off[1]);
+    w.graw = reinterpret_cast<float*>(b + off[2]);
+    w.sraw = reinterpret_cast<float*>(b + off[3]);
+    w.seed = reinterpret_cast<int*>(b + off[4]);
+    w.list = reinterpret_cast<int*>(b + off[5]);
+    w.seed_count = reinterpret_cast<int*>(b + off[6]);
+    w.list_count = reinterpret_cast<int*>(b + off[7]);
+  }
+  return w;
+}
+
 // ---- 1. scoring ----
 
+// What one scoring pass reads and writes for KV head h: candidates m < M are page
+// (list ? list[m] : first_page + m) of `summaries`; raw scores to raw[g * stride + m].
+//   kPassPages: the candidates (flat: the range; hierarchical: the kept groups' pages).
+//   kPassGroups: the group bounds of the groups overlapping the range (as "pages" of `groups`).
+//   kPassSeeds: the seed pages.
+enum ScorePass : int { kPassPages = 0, kPassGroups = 1, kPassSeeds = 2 };
+struct ScoreView {
+  const float* summaries;
+  int first_page;
+  const int* list;
+  int M, stride;
+  float* raw;
+};
+
+template <int PASS>
+__device__ __forceinline__ ScoreView ViewOf(const SelectionParams& p, int h) {
+  const int G = p.q_heads / p.kv_heads;
+  ScoreView v{p.summaries, p.first_page, nullptr, p.num_candidates, p.num_candidates, nullptr};
+  if (PASS == kPassPages) {
+    v.raw = p.scratch + (size_t)h * G * v.stride;
+    if (p.groups) {
+      const Workspace w = CarveWorkspace(p);
+      v.list = w.list + (size_t)h * w.M;
+      v.M = w.list_count[h];
+    }
+    return v;
+  }
+  const Workspace w = CarveWorkspace(p);
+  if (!p.groups || p.num_candidates == 0) {
+    v.M = 0;
+    return v;
+  }
+  if (PASS == kPassGroups) {
+    const int ga = p.first_page / kSelGroupPages, gb = (p.first_page + p.num_candidates - 1) / kSelGroupPages + 1;
+    v.summaries = p.groups;
+    v.first_page = ga;
+    v.M = gb - ga;
+    v.stride = w.NG;
+    v.raw = w.graw + (size_t)h * G * w.NG;
+  } else {
+    v.first_page = 0;
+    v.list = w.seed + (size_t)h * w.S;
+    v.M = w.seed_count[h];
+    v.stride = w.S;
+    v.raw = w.sraw + (size_t)h * G * w.S;
+  }
+  return v;
+}
+
 // NCH: float4 chunks of a hi (or lo) row per lane (D <= 128 * NCH); MAXG: query heads per pass.
-// Batched: item blockIdx.z of `items`.
-template <int NCH, int MAXG, bool kBatch>
+// Batched: item blockIdx.z of `items`. A (page, query head)'s float score does not depend on where
+// it sits in the warp or on the pass (same products, maxima and lane order, the butterfly's
+// pairing is the same for every value): the passes' scores are comparable bit for bit.
+template <int NCH, int MAXG, bool kBatch, int PASS>
 __global__ void __launch_bounds__(kScoreThreads)
     SelectionScoreKernel(const SelectionParams p0, const SelectionParams* items) {
   const SelectionParams p = kBatch ? items[blockIdx.z] : p0;
   const int h = blockIdx.y;
   if (p.head_mask && p.head_mask[h] == 0) return;
-  const int G = p.q_heads / p.kv_heads, D = p.head_dim, M = p.num_candidates, D4 = D / 4;
+  if (PASS != kPassPages && !p.groups) return;
+  const ScoreView view = ViewOf<PASS>(p, h);
+  const int G = p.q_heads / p.kv_heads, D = p.head_dim, M = view.M, D4 = D / 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int m0 = blockIdx.x * kPagesPerBlock + warp * kPagesPerWarp;
   if (m0 >= M) return;  // whole warps leave together
-  float* raw = p.scratch + (size_t)h * G * M;
+  float* raw = view.raw;
   for (int g0 = 0; g0 < G; g0 += MAXG) {
     float4 q[MAXG][NCH];
 #pragma unroll
@@ -61,9 +161,9 @@ __global__ void __launch_bounds__(kScoreThreads)
     float4 hi[kPagesPerWarp][NCH], lo[kPagesPerWarp][NCH];
 #pragma unroll
     for (int u = 0; u < kPagesPerWarp; ++u) {
-      const int m = m0 + u;
-      const float4* s = reinterpret_cast<const float4*>(
-          p.summaries + ((size_t)(p.first_page + (m < M ? m : 0)) * p.kv_heads + h) * 2 * D);
+      const int m = m0 + u, mm = m < M ? m : m0;
+      const int page = view.list ? view.list[mm] : view.first_page + mm;
+      const float4* s = reinterpret_cast<const float4*>(view.summaries + ((size_t)page * p.kv_heads + h) * 2 * D);
 #pragma unroll
       for (int c = 0; c < NCH; ++c) {
         const int d4 = lane + 32 * c;
@@ -97,7 +197,7 @@ __global__ void __launch_bounds__(kScoreThreads)
 #pragma unroll
       for (int c = 0; c < NKEEP; ++c) {
         const int j = base + c, u = j / MAXG, g = j % MAXG, m = m0 + u;
-        if (g0 + g < G && m < M) raw[(size_t)(g0 + g) * M + m] = v[c];
+        if (g0 + g < G && m < M) raw[(size_t)(g0 + g) * view.stride + m] = v[c];
       }
     }
   }
@@ -152,22 +252,28 @@ __device__ __forceinline__ void BlockReduceVec(T (&v)[N], Op op, T* red /* [32 *
 
 constexpr int kCombineChunk = 4;  // query heads reduced together (G 4: one chunk)
 
+// The combine the selection ranks by: the hierarchical selection's SoftmaxMean (one query head per
+// KV head) ranks by the raw score, which the softmax preserves.
+__device__ __forceinline__ int CombineOf(const SelectionParams& p) {
+  return p.groups && p.combine == kCombineSoftmaxMean ? kCombineMax : p.combine;
+}
+
 // Combined scores of KV head h in double, as the CPU engine's CombineGroup computes them, into
 // keys[m] (as OrderedKey) for m < M. The double accumulators live in `keys` itself (same bytes,
 // converted in place at the end); every thread only touches m = threadIdx.x + i * blockDim.x.
 // Softmax-mean: the float maxima of up to 4 heads in one block reduction, their sums of
 // exp(double(s) - max) in a second; the exponentials are recomputed for the accumulation
 // (cheaper than more barriers), and added head by head in order, as on the CPU.
-__device__ void CombineToKeys(const SelectionParams& p, int h, unsigned long long* keys, double* red_d,
-                              float* red_f) {
-  const int G = p.q_heads / p.kv_heads, M = p.num_candidates;
-  const float* raw = p.scratch + (size_t)h * G * M;
+// raw: [G][stride] of the M candidates. `combine`: CombineOf(p).
+__device__ void CombineToKeys(const SelectionParams& p, int combine, const float* raw, int M, int stride,
+                              unsigned long long* keys, double* red_d, float* red_f) {
+  const int G = p.q_heads / p.kv_heads;
   double* acc = reinterpret_cast<double*>(keys);
   for (int m = threadIdx.x; m < M; m += kTopThreads) acc[m] = 0.0;
-  if (p.combine == kCombineMax || p.combine == kCombineMean) {
+  if (combine == kCombineMax || combine == kCombineMean) {
     for (int g = 0; g < G; ++g) {
-      const float* r = raw + (size_t)g * M;
-      if (p.combine == kCombineMax) {
+      const float* r = raw + (size_t)g * stride;
+      if (combine == kCombineMax) {
         for (int m = threadIdx.x; m < M; m += kTopThreads) acc[m] = g == 0 ? (double)r[m] : fmax(acc[m], (double)r[m]);
       } else {
         for (int m = threadIdx.x; m < M; m += kTopThreads) acc[m] += (double)r[m];
@@ -181,7 +287,7 @@ __device__ void CombineToKeys(const SelectionParams& p, int h, unsigned long lon
       for (int j = 0; j < kCombineChunk; ++j) {
         mx[j] = -3.4e38f;
         if (g0 + j < G) {
-          const float* r = raw + (size_t)(g0 + j) * M;
+          const float* r = raw + (size_t)(g0 + j) * stride;
           for (int m = threadIdx.x; m < M; m += kTopThreads) mx[j] = fmaxf(mx[j], r[m]);
         }
       }
@@ -190,7 +296,7 @@ __device__ void CombineToKeys(const SelectionParams& p, int h, unsigned long lon
       for (int j = 0; j < kCombineChunk; ++j) {
         z[j] = 0.0;
         if (g0 + j < G) {
-          const float* r = raw + (size_t)(g0 + j) * M;
+          const float* r = raw + (size_t)(g0 + j) * stride;
           for (int m = threadIdx.x; m < M; m += kTopThreads) z[j] += exp((double)r[m] - (double)mx[j]);
         }
       }
@@ -199,17 +305,24 @@ __device__ void CombineToKeys(const SelectionParams& p, int h, unsigned long lon
         double a = acc[m];
 #pragma unroll
         for (int j = 0; j < kCombineChunk; ++j)
-          if (g0 + j < G) a += exp((double)raw[(size_t)(g0 + j) * M + m] - (double)mx[j]) / z[j];
+          if (g0 + j < G) a += exp((double)raw[(size_t)(g0 + j) * stride + m] - (double)mx[j]) / z[j];
         acc[m] = a;
       }
     }
   }
   for (int m = threadIdx.x; m < M; m += kTopThreads)
-    keys[m] = OrderedKey(p.combine == kCombineMax ? acc[m] : acc[m] / G);
+    keys[m] = OrderedKey(combine == kCombineMax ? acc[m] : acc[m] / G);
 }
 
-// Dynamic shared memory: keys[M] u64 | sel_k[kRankSortMax] u64 | cand_k[kCandCap] u64 |
-// sel_i[kRankSortMax] int | cand_i[kCandCap] int. Batched: item blockIdx.y of `items`; an item
+// The top-k's keys are in the workspace (global memory; the block's barriers make its writes
+// visible to it) for hierarchical items and above kMaxSharedCandidates candidates.
+__host__ __device__ inline bool GlobalKeys(const SelectionParams& p) {
+  return p.groups != nullptr || p.num_candidates > kMaxSharedCandidates;
+}
+constexpr size_t kTopKFixedSmem = (size_t)(kRankSortMax + kCandCap) * 12;
+
+// Dynamic shared memory: sel_k[kRankSortMax] u64 | cand_k[kCandCap] u64 | sel_i[kRankSortMax] int |
+// cand_i[kCandCap] int | keys[M] u64 (unless GlobalKeys). Batched: item blockIdx.y of `items`; an item
 // with more than kRankSortMax places is left to SelectionSortKernel.
 template <bool kBatch>
 __global__ void __launch_bounds__(kTopThreads)
@@ -217,15 +330,21 @@ __global__ void __launch_bounds__(kTopThreads)
   const SelectionParams p = kBatch ? items[blockIdx.y] : p0;
   const int h = blockIdx.x;
   if (p.head_mask && p.head_mask[h] == 0) return;
-  const int M = p.num_candidates;
+  if (kBatch && min(p.k, p.num_candidates) > kRankSortMax) return;
+  // Hierarchical: the candidates are the kept groups' pages, listed in the workspace (ascending,
+  // so index order is page order and ties still go to the lower page).
+  const Workspace w = CarveWorkspace(p);
+  const bool listed = p.groups != nullptr;
+  const int G = p.q_heads / p.kv_heads;
+  const int M = listed ? w.list_count[h] : p.num_candidates;
   const int kk = min(p.k, M);
-  if (kBatch && kk > kRankSortMax) return;
   extern __shared__ unsigned long long sm_u[];
-  unsigned long long* keys = sm_u;
-  unsigned long long* sel_k = keys + M;
+  unsigned long long* sel_k = sm_u;
   unsigned long long* cand_k = sel_k + kRankSortMax;
   int* sel_i = reinterpret_cast<int*>(cand_k + kCandCap);
   int* cand_i = sel_i + kRankSortMax;
+  unsigned long long* keys =
+      GlobalKeys(p) ? w.keys + (size_t)h * w.M : reinterpret_cast<unsigned long long*>(cand_i + kCandCap);
   __shared__ double red_d[32 * kCombineChunk];
   __shared__ float red_f[32 * kCombineChunk];
   __shared__ unsigned long long red_u[64];
@@ -234,7 +353,8 @@ __global__ void __launch_bounds__(kTopThreads)
   __shared__ int warp_cnt[32];
 
   if (kk > 0) {
-    CombineToKeys(p, h, keys, red_d, red_f);
+    CombineToKeys(p, CombineOf(p), p.scratch + (size_t)h * G * p.num_candidates, M, p.num_candidates, keys, red_d,
+                  red_f);
     __syncthreads();
     // Radix select: narrow the candidates for the last places of the top kk. The bits every
     // key shares (from the block's min and max key) are skipped; then 8 bits a pass.
@@ -352,10 +472,150 @@ __global__ void __launch_bounds__(kTopThreads)
       const int i = sel_i[t];
       int r = 0;
       for (int j = 0; j < kk; ++j) r += Before(sel_k[j], sel_i[j], u, i);
-      p.selected[(size_t)h * p.k + r] = p.first_page + i;
+      p.selected[(size_t)h * p.k + r] = listed ? w.list[(size_t)h * w.M + i] : p.first_page + i;
     }
   }
   for (int t = kk + threadIdx.x; t < p.k; t += blockDim.x) p.selected[(size_t)h * p.k + t] = -1;
+}
+
+// ---- hierarchical: seeds and pruning ----
+
+__device__ __forceinline__ double KeyToDouble(unsigned long long k) {
+  const unsigned long long b = (k >> 63) ? (k & 0x7fffffffffffffffull) : ~k;
+  return __longlong_as_double(static_cast<long long>(b));
+}
+
+// Block-wide exclusive prefix sum of one int per thread; *total gets the sum of all.
+__device__ int BlockExclusiveScan(int v, int* warp_sums /* [32] */, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  int x = v;
+  for (int off = 1; off < 32; off <<= 1) {
+    const int o = __shfl_up_sync(0xffffffffu, x, off);
+    if (lane >= off) x += o;
+  }
+  __syncthreads();
+  if (lane == 31) warp_sums[warp] = x;
+  __syncthreads();
+  int before = 0, all = 0;
+  for (int i = 0; i < nw; ++i) {
+    if (i < warp) before += warp_sums[i];
+    all += warp_sums[i];
+  }
+  *total = all;
+  return before + x - v;
+}
+
+// The candidate pages [lo, hi) of group ga + i of the range [c0, c1).
+__device__ __forceinline__ void GroupPages(int ga, int i, int c0, int c1, int& lo, int& hi) {
+  lo = max(c0, (ga + i) * kSelGroupPages);
+  hi = min(c1, (ga + i + 1) * kSelGroupPages);
+}
+
+// After the group scoring: every group's combined bound (the pages' combine over the group's raw
+// scores; the combines are monotone in every head's score, so it bounds the combined score of
+// each page inside) into the workspace, then the seeds: the best groups (ties: the lower group)
+// until they hold min(k, M) candidate pages. Dynamic shared memory: keys[NG] u64.
+template <bool kBatch>
+__global__ void __launch_bounds__(kTopThreads) HierSeedKernel(const SelectionParams p0, const SelectionParams* items) {
+  const SelectionParams p = kBatch ? items[blockIdx.y] : p0;
+  const int h = blockIdx.x;
+  if (!p.groups || (p.head_mask && p.head_mask[h] == 0)) return;
+  const Workspace w = CarveWorkspace(p);
+  const int M = p.num_candidates, G = p.q_heads / p.kv_heads;
+  if (M == 0) {
+    if (threadIdx.x == 0) w.seed_count[h] = 0;
+    return;
+  }
+  const int c0 = p.first_page, c1 = c0 + M;
+  const int ga = c0 / kSelGroupPages, ng = (c1 - 1) / kSelGroupPages + 1 - ga;
+  extern __shared__ unsigned long long sm_u[];
+  unsigned long long* keys = sm_u;
+  __shared__ double red_d[32 * kCombineChunk];
+  __shared__ float red_f[32 * kCombineChunk];
+  __shared__ unsigned long long red_u[32];
+  __shared__ int red_i[32];
+  CombineToKeys(p, CombineOf(p), w.graw + (size_t)h * G * w.NG, ng, w.NG, keys, red_d, red_f);
+  __syncthreads();
+  for (int i = threadIdx.x; i < ng; i += blockDim.x) w.gkey[(size_t)h * w.NG + i] = keys[i];
+  const int kk = min(p.k, M);
+  int seeded = 0;  // the same in every thread
+  while (seeded < kk) {
+    unsigned long long best = 0;  // 0: taken (OrderedKey of any double is > 0)
+    for (int i = threadIdx.x; i < ng; i += blockDim.x) best = keys[i] > best ? keys[i] : best;
+    best = BlockReduce(best, [](unsigned long long a, unsigned long long b) { return a > b ? a : b; }, red_u);
+    if (best == 0) break;  // every group taken (they hold M >= kk pages: not reached)
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < ng; i += blockDim.x)
+      if (keys[i] == best) bi = min(bi, i);
+    bi = BlockReduce(bi, [](int a, int b) { return a < b ? a : b; }, red_i);
+    int lo, hi;
+    GroupPages(ga, bi, c0, c1, lo, hi);
+    for (int t = threadIdx.x; t < hi - lo; t += blockDim.x) w.seed[(size_t)h * w.S + seeded + t] = lo + t;
+    __syncthreads();
+    if (threadIdx.x == 0) keys[bi] = 0;
+    __syncthreads();
+    seeded += hi - lo;
+  }
+  if (threadIdx.x == 0) w.seed_count[h] = seeded;
+}
+
+// After the seed scoring: theta, the min(k, M)-th best combined seed score, is a lower bound of
+// the final k-th score (that many pages reach it). A group whose bound is below theta holds no
+// page that reaches it, so none of the top k and none of its ties: dropped. The pages of the other
+// groups, ascending, into the workspace's list (NaN bounds or a NaN theta keep every group).
+// Dynamic shared memory: keys[S] u64.
+template <bool kBatch>
+__global__ void __launch_bounds__(kTopThreads) HierPruneKernel(const SelectionParams p0, const SelectionParams* items) {
+  const SelectionParams p = kBatch ? items[blockIdx.y] : p0;
+  const int h = blockIdx.x;
+  if (!p.groups || (p.head_mask && p.head_mask[h] == 0)) return;
+  const Workspace w = CarveWorkspace(p);
+  const int M = p.num_candidates, G = p.q_heads / p.kv_heads;
+  if (M == 0) {
+    if (threadIdx.x == 0) w.list_count[h] = 0;
+    return;
+  }
+  const int c0 = p.first_page, c1 = c0 + M;
+  const int ga = c0 / kSelGroupPages, ng = (c1 - 1) / kSelGroupPages + 1 - ga;
+  extern __shared__ unsigned long long sm_u[];
+  unsigned long long* keys = sm_u;
+  __shared__ double red_d[32 * kCombineChunk];
+  __shared__ float red_f[32 * kCombineChunk];
+  __shared__ int red_i[32];
+  __shared__ unsigned long long s_theta;
+  const int ns = w.seed_count[h];
+  CombineToKeys(p, CombineOf(p), w.sraw + (size_t)h * G * w.S, ns, w.S, keys, red_d, red_f);
+  if (threadIdx.x == 0) s_theta = 0;
+  __syncthreads();
+  const int kk = min(p.k, M);
+  for (int t = threadIdx.x; t < ns; t += blockDim.x) {
+    const unsigned long long u = keys[t];
+    int ge = 0;
+    for (int j = 0; j < ns; ++j) ge += keys[j] >= u;
+    if (ge >= kk) atomicMax(&s_theta, u);
+  }
+  __syncthreads();
+  const unsigned long long theta = s_theta;
+  const bool keep_all = theta == 0 || isnan(KeyToDouble(theta));
+  const unsigned long long* gk = w.gkey + (size_t)h * w.NG;
+  auto keep = [&](int i) { return keep_all || gk[i] >= theta || isnan(KeyToDouble(gk[i])); };
+  const int per = (ng + blockDim.x - 1) / blockDim.x;
+  const int g_lo = min(ng, (int)threadIdx.x * per), g_hi = min(ng, g_lo + per);
+  int cnt = 0, lo, hi;
+  for (int i = g_lo; i < g_hi; ++i)
+    if (keep(i)) {
+      GroupPages(ga, i, c0, c1, lo, hi);
+      cnt += hi - lo;
+    }
+  int total = 0;
+  int pos = BlockExclusiveScan(cnt, red_i, &total);
+  int* list = w.list + (size_t)h * w.M;
+  for (int i = g_lo; i < g_hi; ++i)
+    if (keep(i)) {
+      GroupPages(ga, i, c0, c1, lo, hi);
+      for (int pg = lo; pg < hi; ++pg) list[pos++] = pg;
+    }
+  if (threadIdx.x == 0) w.list_count[h] = total;
 }
 
 __host__ __device__ inline int NextPow2(int x) {
@@ -383,7 +643,8 @@ __global__ void __launch_bounds__(kTopThreads)
   int* idx = reinterpret_cast<int*>(keys + np);
   __shared__ double red_d[32 * kCombineChunk];
   __shared__ float red_f[32 * kCombineChunk];
-  if (M > 0) CombineToKeys(p, h, keys, red_d, red_f);
+  if (M > 0)
+    CombineToKeys(p, p.combine, p.scratch + (size_t)h * (p.q_heads / p.kv_heads) * M, M, M, keys, red_d, red_f);
   for (int m = threadIdx.x; m < np; m += blockDim.x) {
     if (m >= M) keys[m] = 0;  // below every real key (OrderedKey(x) > 0 for non-NaN x)
     idx[m] = m;
@@ -410,18 +671,26 @@ __global__ void __launch_bounds__(kTopThreads)
   for (int i = threadIdx.x; i < p.k; i += blockDim.x) p.selected[(size_t)h * p.k + i] = i < M ? p.first_page + idx[i] : -1;
 }
 
-// Single (items == nullptr): grid (page chunks, kv_heads) for p. Batched: grid (page chunks of
-// the largest item, kv_heads, count) over the device array items.
+// Single (items == nullptr): grid (chunks of m candidates, kv_heads) for p. Batched: grid (chunks of
+// m, kv_heads, count) over the device array items (m: the largest item's, for the pass).
 struct ScoreLaunch {
   const SelectionParams& p;
   cudaStream_t stream;
   const SelectionParams* items = nullptr;
   int count = 1;
+  int m = 0;
+  int pass = kPassPages;
+  template <int NCH, int MAXG, int PASS>
+  void Launch() const {
+    const dim3 grid((m + kPagesPerBlock - 1) / kPagesPerBlock, p.kv_heads, count);
+    if (items) SelectionScoreKernel<NCH, MAXG, true, PASS><<<grid, kScoreThreads, 0, stream>>>(p, items);
+    else SelectionScoreKernel<NCH, MAXG, false, PASS><<<grid, kScoreThreads, 0, stream>>>(p, nullptr);
+  }
   template <int NCH, int MAXG>
   void Go() const {
-    const dim3 grid((p.num_candidates + kPagesPerBlock - 1) / kPagesPerBlock, p.kv_heads, count);
-    if (items) SelectionScoreKernel<NCH, MAXG, true><<<grid, kScoreThreads, 0, stream>>>(p, items);
-    else SelectionScoreKernel<NCH, MAXG, false><<<grid, kScoreThreads, 0, stream>>>(p, nullptr);
+    if (pass == kPassGroups) Launch<NCH, MAXG, kPassGroups>();
+    else if (pass == kPassSeeds) Launch<NCH, MAXG, kPassSeeds>();
+    else Launch<NCH, MAXG, kPassPages>();
   }
   template <int NCH>
   void ByG(int G) const {
@@ -430,12 +699,26 @@ struct ScoreLaunch {
     else if (G <= 4) Go<NCH, 4>();
     else Go<NCH, 8>();  // G > 8 runs in passes of 8 heads
   }
+  void Run() const {
+    if (m <= 0) return;
+    const int G = p.q_heads / p.kv_heads;
+    if (p.head_dim <= 128) ByG<1>(G);
+    else if (p.head_dim <= 256) ByG<2>(G);
+    else ByG<4>(G);
+    FKV_CUDA_CHECK_LAUNCH("SelectionScoreKernel");
+  }
 };
 
 }  // namespace
 
 size_t SelectionScratchBytes(const SelectionParams& p) {
   return (size_t)p.q_heads * (size_t)std::max(p.num_candidates, 1) * sizeof(float);
+}
+
+size_t SelectionWorkspaceBytes(const SelectionParams& p) {
+  SelectionParams q = p;
+  q.workspace = nullptr;
+  return CarveWorkspace(q).bytes;
 }
 
 namespace {
@@ -450,16 +733,25 @@ void CheckSelection(const SelectionParams& p) {
   Require(p.head_dim > 0 && p.head_dim % 4 == 0 && p.head_dim <= 512,
           "selection: head_dim must be a multiple of 4 in [4, 512], got " + std::to_string(p.head_dim));
   Require(p.q && p.summaries && p.scratch && p.selected, "selection: a device pointer is null");
+  if (GlobalKeys(p)) {
+    Require(p.workspace != nullptr, "selection: hierarchical or above " + std::to_string(kMaxSharedCandidates) +
+                                        " candidates, the workspace must be set");
+    Require(std::min(p.k, p.num_candidates) <= kRankSortMax,
+            "selection: hierarchical or above " + std::to_string(kMaxSharedCandidates) + " candidates, k must be <= " +
+                std::to_string(kRankSortMax));
+  }
+  if (p.groups)
+    Require(HierarchicalCombine(p.combine, p.q_heads, p.kv_heads),
+            "selection: the hierarchical selection takes the mean or max combine (softmax-mean with one query head "
+            "per KV head)");
 }
-}  // namespace
 
-namespace {
 // The kernels' dynamic shared memory limit is only ever raised (per device and kernel): a launch
 // captured into a CUDA graph with a larger size must stay valid when a later direct launch needs
 // less.
 void EnsureDynamicSmem(const void* kernel, int which, size_t bytes) {
   static std::mutex mu;
-  static int limit[64][4] = {};
+  static int limit[64][8] = {};
   int dev = 0;
   FKV_CUDA_CHECK(cudaGetDevice(&dev));
   std::lock_guard<std::mutex> lock(mu);
@@ -468,49 +760,114 @@ void EnsureDynamicSmem(const void* kernel, int which, size_t bytes) {
   FKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
   cur = (int)bytes;
 }
-}  // namespace
 
-void LaunchSelection(const SelectionParams& p, cudaStream_t stream) {
-  CheckSelection(p);
-  const int G = p.q_heads / p.kv_heads;
-  if (p.num_candidates > 0) {
-    const ScoreLaunch sl{p, stream};
-    if (p.head_dim <= 128) sl.ByG<1>(G);
-    else if (p.head_dim <= 256) sl.ByG<2>(G);
-    else sl.ByG<4>(G);
-    FKV_CUDA_CHECK_LAUNCH("SelectionScoreKernel");
+size_t TopKSmem(int shared_m) { return kTopKFixedSmem + (size_t)std::max(shared_m, 0) * 8; }
+
+// Every launch of one selection (single: items == nullptr, host[0] by value) or of a batch
+// (items: device array, host: the same on the host), in shape `sh`: the hierarchical passes
+// (groups, seeds, pruning) when an item has group bounds, then the page scoring, the top-k and
+// the sort.
+void LaunchAll(const SelectionParams* items, const SelectionParams* host, int count, const SelectionBatchShape& sh,
+               cudaStream_t stream) {
+  const SelectionParams& p0 = host[0];
+  const bool batch = items != nullptr;
+  const int B = batch ? count : 1;
+  if (sh.group_m > 0) {
+    ScoreLaunch{p0, stream, items, B, sh.group_m, kPassGroups}.Run();
+    const size_t seed_smem = (size_t)sh.group_m * 8;
+    if (batch) {
+      EnsureDynamicSmem(reinterpret_cast<const void*>(HierSeedKernel<true>), 4, seed_smem);
+      HierSeedKernel<true><<<dim3(p0.kv_heads, B), kTopThreads, seed_smem, stream>>>(p0, items);
+    } else {
+      EnsureDynamicSmem(reinterpret_cast<const void*>(HierSeedKernel<false>), 5, seed_smem);
+      HierSeedKernel<false><<<p0.kv_heads, kTopThreads, seed_smem, stream>>>(p0, nullptr);
+    }
+    FKV_CUDA_CHECK_LAUNCH("HierSeedKernel");
+    ScoreLaunch{p0, stream, items, B, sh.seed_m, kPassSeeds}.Run();
+    const size_t prune_smem = (size_t)sh.seed_m * 8;
+    if (batch) {
+      EnsureDynamicSmem(reinterpret_cast<const void*>(HierPruneKernel<true>), 6, prune_smem);
+      HierPruneKernel<true><<<dim3(p0.kv_heads, B), kTopThreads, prune_smem, stream>>>(p0, items);
+    } else {
+      EnsureDynamicSmem(reinterpret_cast<const void*>(HierPruneKernel<false>), 7, prune_smem);
+      HierPruneKernel<false><<<p0.kv_heads, kTopThreads, prune_smem, stream>>>(p0, nullptr);
+    }
+    FKV_CUDA_CHECK_LAUNCH("HierPruneKernel");
   }
-  const int kk = std::min(p.k, p.num_candidates);
-  if (kk <= kRankSortMax) {
-    const size_t smem = (size_t)p.num_candidates * 8 + (size_t)(kRankSortMax + kCandCap) * 12;
-    EnsureDynamicSmem(reinterpret_cast<const void*>(SelectionTopKKernel<false>), 0, smem);
-    SelectionTopKKernel<false><<<p.kv_heads, kTopThreads, smem, stream>>>(p, nullptr);
+  ScoreLaunch{p0, stream, items, B, sh.score_m, kPassPages}.Run();
+  if (sh.topk_m >= 0) {
+    const size_t smem = TopKSmem(sh.topk_m);
+    if (batch) {
+      EnsureDynamicSmem(reinterpret_cast<const void*>(SelectionTopKKernel<true>), 2, smem);
+      SelectionTopKKernel<true><<<dim3(p0.kv_heads, B), kTopThreads, smem, stream>>>(p0, items);
+    } else {
+      EnsureDynamicSmem(reinterpret_cast<const void*>(SelectionTopKKernel<false>), 0, smem);
+      SelectionTopKKernel<false><<<p0.kv_heads, kTopThreads, smem, stream>>>(p0, nullptr);
+    }
     FKV_CUDA_CHECK_LAUNCH("SelectionTopKKernel");
-  } else {
-    const int np = NextPow2(std::max(p.num_candidates, 1));
-    const size_t smem = (size_t)np * 12;
-    EnsureDynamicSmem(reinterpret_cast<const void*>(SelectionSortKernel<false>), 1, smem);
-    SelectionSortKernel<false><<<p.kv_heads, kTopThreads, smem, stream>>>(p, np, nullptr);
+  }
+  if (sh.sort_np > 0) {
+    const size_t smem = (size_t)sh.sort_np * 12;
+    if (batch) {
+      EnsureDynamicSmem(reinterpret_cast<const void*>(SelectionSortKernel<true>), 3, smem);
+      SelectionSortKernel<true><<<dim3(p0.kv_heads, B), kTopThreads, smem, stream>>>(p0, 0, items);
+    } else {
+      EnsureDynamicSmem(reinterpret_cast<const void*>(SelectionSortKernel<false>), 1, smem);
+      SelectionSortKernel<false><<<p0.kv_heads, kTopThreads, smem, stream>>>(p0, sh.sort_np, nullptr);
+    }
     FKV_CUDA_CHECK_LAUNCH("SelectionSortKernel");
   }
 }
 
-SelectionBatchShape SelectionBatchShapeOf(const SelectionParams* host_items, int count) {
+// Exact (unrounded) shape of one selection.
+SelectionBatchShape ShapeOf(const SelectionParams* host_items, int count, bool round) {
   SelectionBatchShape sh;
-  int max_m = 0, max_topk_m = -1, max_sort_np = 0;
+  int max_m = 0, max_topk_m = -1, max_sort_np = 0, max_g = 0, max_s = 0;
   for (int i = 0; i < count; ++i) {
     const SelectionParams& p = host_items[i];
     max_m = std::max(max_m, p.num_candidates);
-    if (std::min(p.k, p.num_candidates) <= kRankSortMax) max_topk_m = std::max(max_topk_m, p.num_candidates);
+    if (std::min(p.k, p.num_candidates) <= kRankSortMax)
+      max_topk_m = std::max(max_topk_m, GlobalKeys(p) ? 0 : p.num_candidates);
     else max_sort_np = std::max(max_sort_np, NextPow2(std::max(p.num_candidates, 1)));
+    if (p.groups && p.num_candidates > 0) {
+      max_g = std::max(max_g, SpanGroups(p.num_candidates));
+      max_s = std::max(max_s, SeedCap(p.k));
+    }
   }
   // Rounded up (blocks past an item's own candidates exit; the top-k's shared memory is a bound),
   // so that a graphed step keeps its shape for 256 pages of context growth.
-  auto up = [](int m) { return std::min((m + kShapeQuantum - 1) / kShapeQuantum * kShapeQuantum, kMaxSelectionCandidates); };
+  auto up = [&](int m) {
+    return round ? std::min((m + kShapeQuantum - 1) / kShapeQuantum * kShapeQuantum, kMaxSelectionCandidates) : m;
+  };
   sh.score_m = max_m > 0 ? up(max_m) : 0;
-  sh.topk_m = max_topk_m >= 0 ? up(max_topk_m) : -1;
+  sh.topk_m = max_topk_m > 0 ? up(max_topk_m) : max_topk_m;
   sh.sort_np = max_sort_np;
+  // Hierarchical: the groups a range can touch (rounded with the candidates: 256 / 32 + 2).
+  sh.group_m = max_g > 0 ? (round ? SpanGroups(up(max_m)) : max_g) : 0;
+  sh.seed_m = max_s;
   return sh;
+}
+
+}  // namespace
+
+void LaunchSelection(const SelectionParams& p, cudaStream_t stream) {
+  CheckSelection(p);
+  LaunchAll(nullptr, &p, 1, ShapeOf(&p, 1, false), stream);
+}
+
+long long HierarchicalPagesScored(const SelectionParams& p, cudaStream_t stream) {
+  Require(p.groups && p.workspace, "HierarchicalPagesScored: not a hierarchical selection");
+  const Workspace w = CarveWorkspace(p);
+  std::vector<int> n(p.kv_heads);
+  FKV_CUDA_CHECK(cudaMemcpyAsync(n.data(), w.list_count, sizeof(int) * p.kv_heads, cudaMemcpyDeviceToHost, stream));
+  FKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+  long long s = 0;
+  for (int x : n) s += x;
+  return s;
+}
+
+SelectionBatchShape SelectionBatchShapeOf(const SelectionParams* host_items, int count) {
+  return ShapeOf(host_items, count, true);
 }
 
 void LaunchSelectionBatch(const SelectionParams* items, const SelectionParams* host_items, int count,
@@ -524,29 +881,7 @@ void LaunchSelectionBatch(const SelectionParams* items, const SelectionParams* h
     Require(p.q_heads == p0.q_heads && p.kv_heads == p0.kv_heads && p.head_dim == p0.head_dim,
             "selection batch: the items' geometries differ");
   }
-  const SelectionBatchShape sh = SelectionBatchShapeOf(host_items, count);
-  const int G = p0.q_heads / p0.kv_heads;
-  if (sh.score_m > 0) {
-    SelectionParams shape = p0;  // grid shape only: the kernels read their items from `items`
-    shape.num_candidates = sh.score_m;
-    const ScoreLaunch sl{shape, stream, items, count};
-    if (p0.head_dim <= 128) sl.ByG<1>(G);
-    else if (p0.head_dim <= 256) sl.ByG<2>(G);
-    else sl.ByG<4>(G);
-    FKV_CUDA_CHECK_LAUNCH("SelectionScoreKernel(batch)");
-  }
-  if (sh.topk_m >= 0) {
-    const size_t smem = (size_t)sh.topk_m * 8 + (size_t)(kRankSortMax + kCandCap) * 12;
-    EnsureDynamicSmem(reinterpret_cast<const void*>(SelectionTopKKernel<true>), 2, smem);
-    SelectionTopKKernel<true><<<dim3(p0.kv_heads, count), kTopThreads, smem, stream>>>(p0, items);
-    FKV_CUDA_CHECK_LAUNCH("SelectionTopKKernel(batch)");
-  }
-  if (sh.sort_np > 0) {
-    const size_t smem = (size_t)sh.sort_np * 12;
-    EnsureDynamicSmem(reinterpret_cast<const void*>(SelectionSortKernel<true>), 3, smem);
-    SelectionSortKernel<true><<<dim3(p0.kv_heads, count), kTopThreads, smem, stream>>>(p0, 0, items);
-    FKV_CUDA_CHECK_LAUNCH("SelectionSortKernel(batch)");
-  }
+  LaunchAll(items, host_items, count, SelectionBatchShapeOf(host_items, count), stream);
 }
 
 }  // namespace freekv::cuda

@@ -7,8 +7,19 @@
 //                            Mean: mean of raw scores; Max: max of raw scores.
 //   top-k per KV head, ordered by combined score (descending; ties: lower page first).
 //
-// One block per KV head; raw scores go through a global scratch, the combined scores and the
-// bitonic sort through shared memory (up to kMaxSelectionCandidates pages).
+// One block per KV head; raw scores go through a global scratch, the combined scores through
+// shared memory up to kMaxSharedCandidates pages, through the workspace above that.
+//
+// Hierarchical (engine/Hierarchy.h; `groups` set): the group bounds are scored with the same
+// kernel as the pages (so a group's float score is an upper bound of each of its pages' float
+// scores, bit for bit: same products, same maxima, same summation tree), combined with the same
+// combine; the best groups are taken until they hold k candidate pages (the seeds) and their pages
+// scored; the k-th best seed score is a lower bound of the final k-th score, so every group whose
+// combined bound is below it is dropped; the pages of the other groups (ascending) are scored and
+// go through the same top-k. Same pages, same order, same ties as the flat selection for Mean and
+// Max (and SoftmaxMean with one query head per KV head: the raw score's ranking, which is the
+// softmax's except where its exp underflows). All on the device, fixed-size buffers, no host
+// wait; in the worst case (nothing pruned) it scores every page once more than the flat scan.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -17,7 +28,12 @@
 namespace freekv::cuda {
 
 enum CombineId : int { kCombineSoftmaxMean = 1, kCombineMean = 2, kCombineMax = 3 };
-constexpr int kMaxSelectionCandidates = 16384;
+// Candidates per selection: up to kMaxSharedCandidates the top-k keeps its keys in shared memory;
+// above that (flat or hierarchical) in the workspace.
+constexpr int kMaxSelectionCandidates = 65536;
+constexpr int kMaxSharedCandidates = 16384;
+// Pages per group of the hierarchical selection (engine/Hierarchy.h's kPagesPerGroup).
+constexpr int kSelGroupPages = 32;
 
 struct SelectionParams {
   const float* q = nullptr;          // [q_heads][head_dim] fp32
@@ -31,11 +47,29 @@ struct SelectionParams {
                                      // the others' rows of `selected` are left as they are
   float* scratch = nullptr;          // SelectionScratchBytes(params) bytes
   int* selected = nullptr;           // [kv_heads][k] page ids, -1 where fewer candidates than k
+  // Hierarchical selection: the layer's group bounds [groups][kv_heads][2 (hi, lo)][head_dim] fp32,
+  // group i the element-wise max of the hi / min of the lo of pages [32 i, 32 i + 32) (summary.cuh
+  // keeps them); null: the flat scan. Combines: Mean, Max, SoftmaxMean with q_heads == kv_heads.
+  const float* groups = nullptr;
+  // SelectionWorkspaceBytes(params) bytes: the hierarchical selection's buffers and the top-k's
+  // keys above kMaxSharedCandidates candidates (needed then; may be null otherwise).
+  void* workspace = nullptr;
 };
 
 size_t SelectionScratchBytes(const SelectionParams& p);
+// For num_candidates and k of p (a layer sizes it once for its capacity and budget).
+size_t SelectionWorkspaceBytes(const SelectionParams& p);
+// Whether the combine allows the hierarchical selection (see above).
+inline bool HierarchicalCombine(int combine, int q_heads, int kv_heads) {
+  return combine == kCombineMean || combine == kCombineMax || q_heads == kv_heads;
+}
 
 void LaunchSelection(const SelectionParams& p, cudaStream_t stream);
+
+// Diagnostic (tests, benchmarks; waits for the stream): after a hierarchical LaunchSelection of p,
+// the pages it scored in the end, summed over the KV heads (the flat scan scores num_candidates
+// per head).
+long long HierarchicalPagesScored(const SelectionParams& p, cudaStream_t stream);
 
 // `count` selections in one launch per kernel (scoring, then top-k and/or sort): items is a device
 // array of count SelectionParams, host_items the same array on the host (launch shapes and checks).
@@ -52,6 +86,8 @@ struct SelectionBatchShape {
   int score_m = 0;   // candidates the scoring grid covers (0: no scoring launch)
   int topk_m = -1;   // candidates the top-k's shared memory holds (-1: no top-k launch)
   int sort_np = 0;   // bitonic sort size (0: no sort launch)
+  int group_m = 0;   // hierarchical items: groups the group scoring covers (0: no hierarchical item)
+  int seed_m = 0;    // hierarchical items: seed pages the seed scoring covers
 };
 SelectionBatchShape SelectionBatchShapeOf(const SelectionParams* host_items, int count);
 

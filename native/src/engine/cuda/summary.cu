@@ -4,6 +4,11 @@
 namespace freekv::cuda {
 namespace {
 
+// A group's bounds folded with a page's: the larger hi, the smaller lo; a NaN sticks (the CPU
+// engine's FoldPageIntoGroup).
+__device__ __forceinline__ float FoldHi(float g, float x) { return isnan(g) ? g : (isnan(x) || x > g ? x : g); }
+__device__ __forceinline__ float FoldLo(float g, float x) { return isnan(g) ? g : (isnan(x) || x < g ? x : g); }
+
 // grid (ceil(kv_heads * head_dim / 128), count); one thread per channel. Batched: page blockIdx.y
 // is items[blockIdx.y].page, its summary goes to items[blockIdx.y].summary.
 template <bool kBatch>
@@ -42,6 +47,36 @@ __global__ void PageSummaryKernel(const __nv_bfloat16* pages, float* summaries, 
   float* s = summaries + ((size_t)page * kv_heads + h) * 2 * head_dim;
   s[d] = hi;
   s[head_dim + d] = lo;
+  if (kBatch && items[blockIdx.y].group) {
+    float* g = items[blockIdx.y].group + (size_t)h * 2 * head_dim;
+    if (items[blockIdx.y].first) {
+      g[d] = hi;
+      g[head_dim + d] = lo;
+    } else {
+      g[d] = FoldHi(g[d], hi);
+      g[head_dim + d] = FoldLo(g[head_dim + d], lo);
+    }
+  }
+}
+
+// grid (ceil(kv_heads * head_dim / 128), groups); one thread per channel.
+__global__ void GroupBoundsKernel(const float* summaries, float* groups, int page_from, int page_to, int kv_heads,
+                                  int head_dim, int group_pages) {
+  const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+  const int C = kv_heads * head_dim;
+  if (ch >= C) return;
+  const int gi = page_from / group_pages + blockIdx.y;
+  const int h = ch / head_dim, d = ch % head_dim;
+  const int p0 = gi * group_pages, p1 = min(page_to, p0 + group_pages);
+  float hi = 0.f, lo = 0.f;
+  for (int p = p0; p < p1; ++p) {
+    const float* s = summaries + ((size_t)p * kv_heads + h) * 2 * head_dim;
+    hi = p == p0 ? s[d] : FoldHi(hi, s[d]);
+    lo = p == p0 ? s[head_dim + d] : FoldLo(lo, s[head_dim + d]);
+  }
+  float* g = groups + ((size_t)gi * kv_heads + h) * 2 * head_dim;
+  g[d] = hi;
+  g[head_dim + d] = lo;
 }
 
 }  // namespace
@@ -66,6 +101,18 @@ void LaunchPageSummaryBatch(const PageSummaryItem* items, int count, int kv_head
   PageSummaryKernel<true><<<dim3((C + 127) / 128, count), 128, 0, stream>>>(nullptr, nullptr, kv_heads, head_dim,
                                                                             page_size, 0, items);
   FKV_CUDA_CHECK_LAUNCH("PageSummaryKernel(batch)");
+}
+
+void LaunchGroupBounds(const float* summaries, float* groups, int page_from, int page_to, int kv_heads,
+                       int head_dim, int group_pages, cudaStream_t stream) {
+  if (page_to <= page_from) return;
+  Require(page_from >= 0 && summaries && groups && group_pages > 0, "group bounds: bad arguments");
+  const int ng = (page_to - 1) / group_pages - page_from / group_pages + 1;
+  Require(ng <= 65535, "group bounds: at most 65535 groups per launch");
+  const int C = kv_heads * head_dim;
+  GroupBoundsKernel<<<dim3((C + 127) / 128, ng), 128, 0, stream>>>(summaries, groups, page_from, page_to, kv_heads,
+                                                                   head_dim, group_pages);
+  FKV_CUDA_CHECK_LAUNCH("GroupBoundsKernel");
 }
 
 }  // namespace freekv::cuda

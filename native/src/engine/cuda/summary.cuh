@@ -44,17 +44,27 @@ void LaunchPageSummary(const __nv_bfloat16* pages, int count, float* summaries, 
                        int page_size, int kind, cudaStream_t stream);
 
 // One page of one batch item: its NHD page, where its summary goes ([kv_heads][2][head_dim]) and
-// the summary kind (SummaryKindId; items may differ).
+// the summary kind (SummaryKindId; items may differ). `group` (optional): the bounds of the page's
+// group ([kv_heads][2][head_dim], selection.cuh's hierarchical selection), which the kernel folds
+// the new summary into (hi: max, lo: min, a NaN sticks, as the CPU engine's FoldPageIntoGroup);
+// `first`: the page is its group's first, so the summary replaces the group's bounds.
 struct PageSummaryItem {
   const __nv_bfloat16* page;
   float* summary;
+  float* group;
   int kind;
-  int pad;
+  int first;
 };
 
 // `count` single-page summaries in one launch; items: device array (kinds checked by the caller).
 // An item with a null page is skipped.
 void LaunchPageSummaryBatch(const PageSummaryItem* items, int count, int kv_heads, int head_dim, int page_size,
                             cudaStream_t stream);
+
+// Recomputes the group bounds [groups][kv_heads][2][head_dim] of every group overlapping pages
+// [page_from, page_to) from the summaries of pages [group start, page_to) (a group's pages below
+// page_from were summarised before). Group g covers pages [g * group_pages, (g + 1) * group_pages).
+void LaunchGroupBounds(const float* summaries, float* groups, int page_from, int page_to, int kv_heads,
+                       int head_dim, int group_pages, cudaStream_t stream);
 
 }  // namespace freekv::cuda
