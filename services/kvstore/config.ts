@@ -23,6 +23,8 @@ export const kvstoreConfigSchema = z.object({
   FREEKV_DIRECTORY_PROBE_MS: positiveInt(1000),
   /** Bytes of shared memory all sessions may use; 0 = the free space of /dev/shm at start. */
   FREEKV_KVSTORE_CAPACITY_BYTES: nonNegativeInt(0),
+  /** Tokens of context a session's memory grows by (its reservation is a multiple, capped by its max context). */
+  FREEKV_KVSTORE_EXTENT_TOKENS: positiveInt(2048),
   /** Keep live sessions' segments at shutdown (so a restarted compute can re-attach). */
   FREEKV_KVSTORE_PERSIST: flag(false),
   FREEKV_SHUTDOWN_GRACE_MS: positiveInt(10_000),
