@@ -179,7 +179,8 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
   const sum = (pick: (s: ReturnType<SessionManager["stats"]>) => number) => {
     const mgr = sessions();
     if (!mgr) return 0;
-    return mgr.list().reduce((a, s) => a + pick(mgr.stats(s)), 0);
+    // A lost session's engine session is freed: it has no statistics any more.
+    return mgr.list().reduce((a, s) => (s.detached ? a : a + pick(mgr.stats(s))), 0);
   };
   new Gauge({
     name: "freekv_compute_recall_bytes",
@@ -229,6 +230,7 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
       let edges: number[] = [];
       let counts: number[] = [];
       for (const s of mgr?.list() ?? []) {
+        if (s.detached) continue;
         const st = mgr!.stats(s);
         edges = st.cosineBucketEdges;
         for (const l of st.layers) l.cosineHistogram.forEach((c, i) => (counts[i] = (counts[i] ?? 0) + c));
