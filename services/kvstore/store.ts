@@ -176,7 +176,9 @@ export class KvStore {
     const g = resolveGeometry(geometry);
     const e = validateRetrieval(toNativeRetrieval(retrieval), g.layers);
     if (e) throw invalidArgument(`retrieval.${e.field}`, e.message);
-    const l = this.createLive(sessionId, g, { ...retrieval, tauSet: true }, maxContextTokens, undefined, undefined);
+    // The whole store is counted, but backed as it is touched (as before reservations): an
+    // in-process run (fidelity traces, benchmarks) sizes its sessions generously and fills them.
+    const l = this.createLive(sessionId, g, { ...retrieval, tauSet: true }, maxContextTokens, undefined, undefined, false);
     void this.directory.put(l.record);
     return this.admit(l);
   }
@@ -192,7 +194,15 @@ export class KvStore {
    * A new session's segments and record (not yet live), with memory committed for
    * `reserveTokens` (rounded up to an extent; undefined: max_context_tokens, the whole store).
    */
-  private createLive(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array | undefined, reserveTokens: number | undefined): Live {
+  private createLive(
+    sessionId: string,
+    geometry: ModelGeometry,
+    retrieval: RetrievalConfig,
+    maxContextTokens: number,
+    metadata: Uint8Array | undefined,
+    reserveTokens: number | undefined,
+    allocate = true,
+  ): Live {
     if (!Number.isInteger(maxContextTokens) || maxContextTokens < 1) {
       throw invalidArgument("max_context_tokens", `must be >= 1, got ${maxContextTokens}`);
     }
@@ -222,8 +232,10 @@ export class KvStore {
       throw new ServiceError(status.RESOURCE_EXHAUSTED, `cannot create shared memory for ${sessionId}: ${(e as Error).message}`);
     }
     try {
-      for (const k of ["staging", "tail", "manifest"] as const) segments[k].allocate(0, segments[k].size);
-      allocateRanges(segments.store, storeRanges(layout, geometry.layers, reservedPages));
+      if (allocate) {
+        for (const k of ["staging", "tail", "manifest"] as const) segments[k].allocate(0, segments[k].size);
+        allocateRanges(segments.store, storeRanges(layout, geometry.layers, reservedPages));
+      }
     } catch (e) {
       closeSegments(segments, true);
       throw this.allocationFailed(sessionId, bytes, e);

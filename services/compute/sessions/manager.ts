@@ -387,7 +387,7 @@ export class SessionManager {
   private commitFailed(s: ComputeSession, req: CommitPagesRequest, e: unknown): void {
     const err = e as Error & { code?: number; details?: string };
     const why = err.details || err.message;
-    if (err.code === status.NOT_FOUND) {
+    if (err.code === status.NOT_FOUND || err.code === status.DATA_LOSS) {
       this.markLost(s, `the kvstore answered a commit with: ${why}`);
       return;
     }
