@@ -12,7 +12,7 @@ import { bindServer, installDrain } from "../common/lifecycle.js";
 import { createLogger } from "../common/log.js";
 import { createRegistry, startMetricsServer } from "../common/metrics.js";
 import { addReflection } from "../common/reflection.js";
-import { kvstoreConfigSchema, shmFreeBytes } from "./config.js";
+import { defaultCapacity, kvstoreConfigSchema } from "./config.js";
 import { openDirectory, type SessionDirectory } from "./directory.js";
 import { watchDirectory } from "./directory-health.js";
 import { createKvStoreMetrics } from "./metrics.js";
@@ -52,7 +52,7 @@ async function main(): Promise<void> {
   const keep = await directorySegmentNames(directory).catch(() => undefined);
   const swept = keep ? sweepStaleSegments(keep) : [];
   if (swept.length) log.info({ removed: swept.length, segments: swept }, "removed session segments left by a kvstore process that is gone");
-  const capacity = config.FREEKV_KVSTORE_CAPACITY_BYTES || shmFreeBytes();
+  const capacity = config.FREEKV_KVSTORE_CAPACITY_BYTES || defaultCapacity();
   const store = new KvStore(directory, capacity, log, metrics, false, config.FREEKV_KVSTORE_EXTENT_TOKENS);
   allocatedSource = () => store.allocatedBytes();
   metrics.capacityBytes.set(capacity);

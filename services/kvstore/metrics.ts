@@ -43,7 +43,7 @@ export function createKvStoreMetrics(registry: Registry, allocated?: () => numbe
       registers: [registry],
     }),
     reservations: new Counter({ name: "freekv_kvstore_reservations_total", help: "Session reservations that grew (memory committed for more context)", registers: [registry] }),
-    capacityBytes: new Gauge({ name: "freekv_kvstore_capacity_bytes", help: "Shared memory the kvstore may hand out (FREEKV_KVSTORE_CAPACITY_BYTES, or the free space of /dev/shm at start)", registers: [registry] }),
+    capacityBytes: new Gauge({ name: "freekv_kvstore_capacity_bytes", help: "Shared memory the kvstore may commit to sessions (FREEKV_KVSTORE_CAPACITY_BYTES, or the free space of /dev/shm at start bounded by the memory limit)", registers: [registry] }),
     pages: new Gauge({
       name: "freekv_kvstore_pages",
       help: "Committed pages per tier (host = the HND page store in shared memory), summed over layers",
