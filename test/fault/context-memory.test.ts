@@ -91,11 +91,9 @@ async function reservedTokens(address: string, sessionId: string): Promise<numbe
   }
 }
 
-/** The conversation every tier replays: two long turns of random prompts. */
-const turns = [
-  { prompt: tokens(24 + Math.floor(rand() * 16)), maxTokens: 150 + Math.floor(rand() * 60) },
-  { prompt: tokens(12 + Math.floor(rand() * 16)), maxTokens: 150 + Math.floor(rand() * 60) },
-];
+/** The conversation every tier replays: turns of random prompts, at least two, until the context spans several extents. */
+const turns: { prompt: number[]; maxTokens: number }[] = [];
+const nextTurn = () => ({ prompt: tokens(12 + Math.floor(rand() * 28)), maxTokens: 150 + Math.floor(rand() * 60) });
 /** The reference: the same turns on a kvstore that reserves the whole context at once. */
 let reference: Turn[] = [];
 
@@ -141,15 +139,16 @@ describe(`memory that follows the context (seed ${seed})`, () => {
     expect(await reservedTokens(grown.kvstore.address, "long")).toBe(0);
     let context = 0;
     let pending = 0;
-    const got: Turn[] = [];
-    for (const t of turns) {
+    // A greedy turn may end early at an EOS token: turns go on until the context spans 4 extents.
+    for (let i = 0; i < 12 && (i < 2 || context <= 4 * EXTENT); i++) {
+      const t = nextTurn();
+      turns.push(t);
       const req = { sessionId: "long", prompt: { $case: "tokens" as const, value: { ids: t.prompt } }, maxTokens: t.maxTokens };
       const [a, b] = await Promise.all([generate(g, req), generate(w, req)]);
       expect(a.error).toBeUndefined();
       expect(b.error).toBeUndefined();
       expect(a.tokens.length).toBeGreaterThan(0);
       expect(a.tokens).toEqual(b.tokens);
-      got.push(a);
       reference.push(b);
       // What this turn could reach, rounded up to an extent.
       const reach = context + pending + t.prompt.length + t.maxTokens;
@@ -274,7 +273,7 @@ describe(`memory that follows the context (seed ${seed})`, () => {
 
   // Continues the conversation of the first test (its reference tokens).
   it.skipIf(!up)("a kvstore restarted over Redis adopts each session with its reservation and memory; the conversation continues exactly", async () => {
-    expect(reference).toHaveLength(2);
+    expect(reference.length).toBeGreaterThanOrEqual(2);
     const prefix = `freekv-test-${randomBytes(6).toString("hex")}:`;
     cleanup.push(async () => {
       const r = new Redis("redis://127.0.0.1:6379/0");
