@@ -49,6 +49,11 @@ export interface HostSegments {
   tail: ShmSegment;
   manifest: ShmSegment;
   capacityPages: number;
+  /**
+   * Pages of each layer's store the kvstore committed memory for (its reservation); appends that
+   * would fill a page past it are refused. Left out: capacityPages.
+   */
+  reservedPages?: number;
 }
 
 export interface EngineStats {
@@ -174,6 +179,12 @@ export interface Engine {
   createSession(geometry: Geometry, retrieval: Retrieval, host: HostSegments, reattach: boolean): number;
   /** Waits for the session's background recalls, then frees it. */
   closeSession(session: number): void;
+  /**
+   * The kvstore's reservation of the session grew to `reservedPages` pages per layer: those pages
+   * may now be written (the CUDA backend registers the new range). Never shrinks; at most the
+   * session's capacityPages (RangeError otherwise).
+   */
+  reserveStore(session: number, reservedPages: number): void;
   /** Appends n tokens: k, v are [n][kvHeads][headDim] float32. */
   prefill(session: number, layer: number, k: Float32Array, v: Float32Array, n: number): Promise<void>;
   /** Appends n tokens and returns exact causal attention of q ([n][qHeads][headDim]). */

@@ -24,6 +24,15 @@ export interface ShmSegment {
   buffer(): ArrayBuffer;
   /** Unmaps; buffers handed out are detached. The name stays until unlink(). */
   close(): void;
+  /**
+   * Allocates memory for bytes [offset, offset + length) now (fallocate; the size is kept). A full
+   * /dev/shm throws an Error with code "ENOSPC". Allocated pages are kept as they are.
+   */
+  allocate(offset: number, length: number): void;
+  /** Frees the memory of bytes [offset, offset + length) (they read as zeros after). */
+  punch(offset: number, length: number): void;
+  /** Memory the segment really holds (st_blocks * 512). */
+  allocatedBytes(): number;
 }
 
 export interface ShmSegmentStatic {

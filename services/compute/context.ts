@@ -125,11 +125,11 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
     sessions: new Gauge({ name: "freekv_compute_sessions", help: "Open sessions", registers: [registry] }),
     degradedSessions: new Gauge({
       name: "freekv_compute_degraded_sessions",
-      help: "Open sessions whose latest commit to the kvstore failed (their pages are retried; calls that append to them get UNAVAILABLE until a retry succeeds)",
+      help: "Open sessions whose latest commit to the kvstore failed (their pages are retried; calls that append to them get UNAVAILABLE until a retry succeeds), or that the kvstore lost (DATA_LOSS until closed; their memory is already freed)",
       registers: [registry],
       collect() {
         const m = sessions();
-        this.set(m ? m.list().filter((s) => s.commitError !== undefined).length : 0);
+        this.set(m ? m.list().filter((s) => s.commitError !== undefined || s.lost !== undefined).length : 0);
       },
     }),
     attentionRequests: new Counter({ name: "freekv_compute_attention_requests_total", help: "Attention stream messages served", labelNames: ["op"], registers: [registry] }),
@@ -180,7 +180,8 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
   const sum = (pick: (s: ReturnType<SessionManager["stats"]>) => number) => {
     const mgr = sessions();
     if (!mgr) return 0;
-    return mgr.list().reduce((a, s) => a + pick(mgr.stats(s)), 0);
+    // A lost session's engine session is freed: it has no statistics any more.
+    return mgr.list().reduce((a, s) => (s.detached ? a : a + pick(mgr.stats(s))), 0);
   };
   new Gauge({
     name: "freekv_compute_recall_bytes",
@@ -230,6 +231,7 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
       let edges: number[] = [];
       let counts: number[] = [];
       for (const s of mgr?.list() ?? []) {
+        if (s.detached) continue;
         const st = mgr!.stats(s);
         edges = st.cosineBucketEdges;
         for (const l of st.layers) l.cosineHistogram.forEach((c, i) => (counts[i] = (counts[i] ?? 0) + c));
@@ -253,6 +255,7 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
       let device = 0;
       let host = 0;
       for (const s of mgr?.list() ?? []) {
+        if (s.detached) continue;
         const st = mgr!.engine.stats(s.engineSession);
         device += st.residentPages;
         host += st.pagesOffloaded;

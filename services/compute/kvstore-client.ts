@@ -25,6 +25,8 @@ import {
   type GetStatsResponse,
   type ListSessionsResponse,
   type ReleaseSessionResponse,
+  type ReserveContextRequest,
+  type ReserveContextResponse,
 } from "../../proto/gen/freekv/v1/kvstore.js";
 
 type Unary<Req, Res> = (req: Req, md: Metadata, opts: Partial<CallOptions>, cb: (err: GrpcError | null, res: Res) => void) => ClientUnaryCall;
@@ -56,6 +58,10 @@ export class KvStoreClient {
   }
   commit(req: CommitPagesRequest, signal?: AbortSignal): Promise<CommitPagesResponse> {
     return this.call(this.raw.commitPages as Unary<CommitPagesRequest, CommitPagesResponse>, req, signal);
+  }
+  /** Commits memory for `tokens` tokens of the session's context (ReserveContext). */
+  reserve(sessionId: string, tokens: number, signal?: AbortSignal): Promise<ReserveContextResponse> {
+    return this.call(this.raw.reserveContext as Unary<ReserveContextRequest, ReserveContextResponse>, { sessionId, tokens }, signal);
   }
   release(sessionId: string, signal?: AbortSignal): Promise<ReleaseSessionResponse> {
     return this.call(this.raw.releaseSession as Unary<{ sessionId: string }, ReleaseSessionResponse>, { sessionId }, signal);

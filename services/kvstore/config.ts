@@ -1,5 +1,6 @@
 /** The kvstore's environment variables (see the README's configuration table). */
-import { statfsSync } from "node:fs";
+import { readFileSync, statfsSync } from "node:fs";
+import { totalmem } from "node:os";
 import { z } from "zod";
 import { flag, host, logLevel, nonNegativeInt, port, positiveInt } from "../common/config.js";
 
@@ -21,8 +22,10 @@ export const kvstoreConfigSchema = z.object({
   FREEKV_DIRECTORY_PREFIX: z.string().min(1).default("freekv:"),
   /** How often the session directory is pinged; health is NOT_SERVING while it does not answer. */
   FREEKV_DIRECTORY_PROBE_MS: positiveInt(1000),
-  /** Bytes of shared memory all sessions may use; 0 = the free space of /dev/shm at start. */
+  /** Bytes of shared memory all sessions may commit; 0 = defaultCapacity() at start. */
   FREEKV_KVSTORE_CAPACITY_BYTES: nonNegativeInt(0),
+  /** Tokens of context a session's memory grows by (its reservation is a multiple, capped by its max context). */
+  FREEKV_KVSTORE_EXTENT_TOKENS: positiveInt(2048),
   /** Keep live sessions' segments at shutdown (so a restarted compute can re-attach). */
   FREEKV_KVSTORE_PERSIST: flag(false),
   /** Rate at which the scrubber re-reads committed pages to check their CRC32C (0: off). */
@@ -32,6 +35,43 @@ export const kvstoreConfigSchema = z.object({
 });
 
 export type KvStoreConfig = z.infer<typeof kvstoreConfigSchema>;
+
+/**
+ * Memory this process may use: its cgroup's limit (v2 memory.max, v1 memory.limit_in_bytes) when
+ * there is one, else the host's memory.
+ */
+export function memoryLimitBytes(): number {
+  let limit = totalmem();
+  const own = (() => {
+    try {
+      return readFileSync("/proc/self/cgroup", "utf8");
+    } catch {
+      return "";
+    }
+  })();
+  const v2 = /^0::(.*)$/m.exec(own)?.[1];
+  const v1 = /^\d+:(?:[^:]*,)?memory(?:,[^:]*)?:(.*)$/m.exec(own)?.[1];
+  const candidates = [v2 !== undefined ? `/sys/fs/cgroup${v2}/memory.max` : "", v1 !== undefined ? `/sys/fs/cgroup/memory${v1}/memory.limit_in_bytes` : ""];
+  for (const f of candidates.filter(Boolean)) {
+    try {
+      const n = Number(readFileSync(f, "utf8").trim());
+      if (Number.isFinite(n) && n > 0) limit = Math.min(limit, n);
+    } catch {
+      // not mounted here, or "max": no limit from it
+    }
+  }
+  return limit;
+}
+
+/**
+ * The capacity when FREEKV_KVSTORE_CAPACITY_BYTES is 0: the free space of /dev/shm, but no more
+ * than this process's memory limit less 512 MiB for its own working set. The kvstore allocates
+ * what it counts (its reservations), and a tmpfs larger than memory fails with the OOM killer
+ * instead of ENOSPC, so the memory bounds the default too.
+ */
+export function defaultCapacity(): number {
+  return Math.max(0, Math.min(shmFreeBytes(), memoryLimitBytes() - 512 * 2 ** 20));
+}
 
 export function shmFreeBytes(): number {
   try {

@@ -18,6 +18,12 @@ export interface SessionRecord {
   committedPages: number[];
   contextTokens: number;
   createdAt: string;
+  /**
+   * Context tokens the store has memory for (ReserveContext); the allocation stays with the
+   * segments, so a kvstore that adopts them counts it again. Absent in records of kvstores
+   * before reservations: the whole store (maxContextTokens).
+   */
+  reservedTokens?: number;
 }
 
 export interface SessionDirectory {

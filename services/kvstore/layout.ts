@@ -24,6 +24,72 @@ export function computeLayout(g: ModelGeometry, r: RetrievalConfig, capacity: nu
   return loadShm().layout(toNativeGeometry(g), toNativeRetrieval(r), capacity);
 }
 
+/**
+ * Memory that follows the context. A store segment keeps its full apparent size (the
+ * [layers][capacity_pages] addressing every kernel uses) but is backed only as far as the
+ * session's reservation: pages [0, reservedPages) of every layer. The reservation is counted in
+ * tokens, rounded up to an extent (FREEKV_KVSTORE_EXTENT_TOKENS) and capped by max_context_tokens,
+ * so it grows in a few large steps. Memory is committed in OS pages: each layer's reserved byte
+ * range is rounded out to OS_PAGE and the ranges are merged; the kvstore allocates exactly those
+ * ranges (fallocate) and the CUDA engine registers exactly those (CudaSession.cu), so what is
+ * counted, what is allocated and what is pinned agree.
+ */
+export const OS_PAGE = 4096;
+
+/** Tokens reserved for a request of `tokens`: up to a whole extent, at most maxContextTokens. */
+export function extentTokens(tokens: number, extent: number, maxContextTokens: number): number {
+  if (tokens <= 0) return 0;
+  return Math.min(maxContextTokens, Math.ceil(tokens / extent) * extent);
+}
+
+/** Store pages per layer backed for `reservedTokens` (every full page those tokens can fill, and one more). */
+export function reservedPagesOf(reservedTokens: number, pageSize: number, capacity: number): number {
+  return Math.min(capacity, Math.ceil(reservedTokens / pageSize));
+}
+
+export type ByteRange = readonly [start: number, end: number];
+
+/** The store's byte ranges backed for `reservedPages` pages per layer: sorted, merged, OS-page aligned. */
+export function storeRanges(l: Layout, layers: number, reservedPages: number): ByteRange[] {
+  const out: [number, number][] = [];
+  if (reservedPages <= 0) return out;
+  for (let layer = 0; layer < layers; layer++) {
+    const a = Math.floor((layer * l.layerStride) / OS_PAGE) * OS_PAGE;
+    const b = Math.min(l.storeBytes, Math.ceil((layer * l.layerStride + reservedPages * l.pageBytes) / OS_PAGE) * OS_PAGE);
+    const last = out[out.length - 1];
+    if (last && a <= last[1]) last[1] = Math.max(last[1], b);
+    else out.push([a, b]);
+  }
+  return out;
+}
+
+/** The parts of `next` that `prev` does not cover (both sorted and merged, prev within next). */
+export function rangesAdded(prev: readonly ByteRange[], next: readonly ByteRange[]): ByteRange[] {
+  const out: ByteRange[] = [];
+  for (const [a, b] of next) {
+    let at = a;
+    for (const [c, d] of prev) {
+      if (d <= at || c >= b) continue;
+      if (c > at) out.push([at, c]);
+      at = Math.max(at, d);
+    }
+    if (at < b) out.push([at, b]);
+  }
+  return out;
+}
+
+export const rangeBytes = (r: readonly ByteRange[]) => r.reduce((n, [a, b]) => n + (b - a), 0);
+
+/** Bytes of the segments other than the store (staging, tail, manifest): committed whole at creation. */
+export function fixedBytes(l: Layout): number {
+  return 2 * l.stagingBufferBytes + l.tailBytes + l.manifestBytes;
+}
+
+/** Bytes of shared memory a session holds with `reservedPages` store pages per layer backed. */
+export function reservedBytes(l: Layout, layers: number, reservedPages: number): number {
+  return fixedBytes(l) + rangeBytes(storeRanges(l, layers, reservedPages));
+}
+
 /** Total bytes of the four segments (staging holds two buffers). */
 export function totalBytes(l: Layout): number {
   return l.storeBytes + 2 * l.stagingBufferBytes + l.tailBytes + l.manifestBytes;

@@ -12,7 +12,7 @@ import { bindServer, installDrain } from "../common/lifecycle.js";
 import { createLogger } from "../common/log.js";
 import { createRegistry, startMetricsServer } from "../common/metrics.js";
 import { addReflection } from "../common/reflection.js";
-import { kvstoreConfigSchema, shmFreeBytes } from "./config.js";
+import { defaultCapacity, kvstoreConfigSchema } from "./config.js";
 import { openDirectory, type SessionDirectory } from "./directory.js";
 import { watchDirectory } from "./directory-health.js";
 import { createKvStoreMetrics } from "./metrics.js";
@@ -39,7 +39,9 @@ async function main(): Promise<void> {
   const config = loadConfigOrExit("kvstore", kvstoreConfigSchema);
   const log = createLogger("kvstore", config.FREEKV_LOG_LEVEL);
   const registry = createRegistry("kvstore");
-  const metrics = createKvStoreMetrics(registry);
+  // The store's real allocation, read at each scrape once the store exists.
+  let allocatedSource: () => number = () => 0;
+  const metrics = createKvStoreMetrics(registry, () => allocatedSource());
   const directory = await openDirectory(config.FREEKV_DIRECTORY, config.FREEKV_DIRECTORY_PREFIX).catch((e: Error) => {
     log.fatal({ err: e.message }, "FREEKV_DIRECTORY: cannot open the session directory");
     process.stderr.write(`kvstore: FREEKV_DIRECTORY=${config.FREEKV_DIRECTORY}: ${e.message}\n`);
@@ -53,8 +55,9 @@ async function main(): Promise<void> {
   const keep = await directorySegmentNames(directory).catch(() => undefined);
   const swept = keep ? sweepStaleSegments(keep) : [];
   if (swept.length) log.info({ removed: swept.length, segments: swept }, "removed session segments left by a kvstore process that is gone");
-  const capacity = config.FREEKV_KVSTORE_CAPACITY_BYTES || shmFreeBytes();
-  const store = new KvStore(directory, capacity, log, metrics);
+  const capacity = config.FREEKV_KVSTORE_CAPACITY_BYTES || defaultCapacity();
+  const store = new KvStore(directory, capacity, log, metrics, false, config.FREEKV_KVSTORE_EXTENT_TOKENS);
+  allocatedSource = () => store.allocatedBytes();
   metrics.capacityBytes.set(capacity);
   const adopted = await store.adopt();
   const scrubber = new Scrubber(store, { bytesPerSecond: config.FREEKV_SCRUB_BYTES_PER_S, log, metrics });

@@ -1,9 +1,13 @@
-/** The kvstore's Prometheus metrics: sessions, segment bytes, pages per tier, commits. */
+/** The kvstore's Prometheus metrics: sessions, reserved and allocated bytes, capacity, pages per tier, commits. */
 import { Counter, Gauge, type Registry } from "prom-client";
 
 export interface KvStoreMetrics {
   sessions: Gauge;
   segmentBytes: Gauge;
+  /** Bytes committed to sessions (what the capacity bounds). */
+  reservedBytes: Gauge;
+  /** Reservations that grew (ReserveContext, or AttachSession with reserve_tokens). */
+  reservations: Counter;
   capacityBytes: Gauge;
   pages: Gauge<"tier">;
   commits: Counter;
@@ -20,11 +24,31 @@ export interface KvStoreMetrics {
   scrubPassSeconds: Gauge;
 }
 
-export function createKvStoreMetrics(registry: Registry): KvStoreMetrics {
+/**
+ * `allocated` reads the bytes the segments really hold (st_blocks) at each scrape:
+ * freekv_kvstore_allocated_bytes.
+ */
+export function createKvStoreMetrics(registry: Registry, allocated?: () => number): KvStoreMetrics {
+  if (allocated) {
+    new Gauge({
+      name: "freekv_kvstore_allocated_bytes",
+      help: "Bytes of memory the sessions' shared-memory segments really hold (st_blocks * 512); at most freekv_kvstore_reserved_bytes",
+      registers: [registry],
+      collect() {
+        this.set(allocated());
+      },
+    });
+  }
   return {
     sessions: new Gauge({ name: "freekv_kvstore_sessions", help: "Sessions with segments in the kvstore", registers: [registry] }),
-    segmentBytes: new Gauge({ name: "freekv_kvstore_segment_bytes", help: "Bytes of shared-memory segments owned by the kvstore (host KV memory in use)", registers: [registry] }),
-    capacityBytes: new Gauge({ name: "freekv_kvstore_capacity_bytes", help: "Shared memory the kvstore may hand out (FREEKV_KVSTORE_CAPACITY_BYTES, or the free space of /dev/shm at start)", registers: [registry] }),
+    segmentBytes: new Gauge({ name: "freekv_kvstore_segment_bytes", help: "Bytes of shared memory committed to sessions (host KV memory in use; equals freekv_kvstore_reserved_bytes)", registers: [registry] }),
+    reservedBytes: new Gauge({
+      name: "freekv_kvstore_reserved_bytes",
+      help: "Bytes of shared memory committed to sessions: small segments whole, each store as far as its reservation (what FREEKV_KVSTORE_CAPACITY_BYTES bounds)",
+      registers: [registry],
+    }),
+    reservations: new Counter({ name: "freekv_kvstore_reservations_total", help: "Session reservations that grew (memory committed for more context)", registers: [registry] }),
+    capacityBytes: new Gauge({ name: "freekv_kvstore_capacity_bytes", help: "Shared memory the kvstore may commit to sessions (FREEKV_KVSTORE_CAPACITY_BYTES, or the free space of /dev/shm at start bounded by the memory limit)", registers: [registry] }),
     pages: new Gauge({
       name: "freekv_kvstore_pages",
       help: "Committed pages per tier (host = the HND page store in shared memory), summed over layers",

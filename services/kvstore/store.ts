@@ -2,6 +2,12 @@
  * The kvstore's state: live sessions (their mapped segments and directory record), attach with
  * re-attach, two-phase page commit, release, capacity accounting, shutdown with or without
  * persistence. Transport-free; service.ts maps it to gRPC.
+ *
+ * Capacity counts committed memory, not apparent sizes: a session's store segment has its full
+ * size (max_context_tokens) but memory only for its reservation (layout.ts: reserved pages per
+ * layer, in extents), allocated with fallocate when the reservation is made, so a full /dev/shm is
+ * a RESOURCE_EXHAUSTED answer here and never a SIGBUS at a later write. The other three segments
+ * are small and committed whole. Commits of pages past the reservation are refused.
  */
 import { status } from "@grpc/grpc-js";
 import type { ModelGeometry, RetrievalConfig } from "../../proto/gen/freekv/v1/common.js";
@@ -14,15 +20,20 @@ import { crc32cPages } from "../common/crc32c.js";
 import { loadShm } from "../../native/shm.js";
 import type { ScrubHost, ScrubSession, Scrubber } from "./scrubber.js";
 import type { SessionDirectory, SessionRecord } from "./directory.js";
-import { capacityPages, computeLayout, toSegmentLayout, totalBytes } from "./layout.js";
+import { capacityPages, computeLayout, extentTokens, rangeBytes, rangesAdded, reservedBytes, reservedPagesOf, storeRanges, toSegmentLayout, totalBytes, type ByteRange, type Layout } from "./layout.js";
 import type { KvStoreMetrics } from "./metrics.js";
 import { SEGMENT_KINDS, closeSegments, createSegments, openSegments, refsOf, unlinkNames, type SessionSegments } from "./segments.js";
+import type { ShmSegment } from "../../native/shm.js";
 
 export const SESSION_ID_RE = /^[A-Za-z0-9._-]{1,128}$/;
 
 interface Live {
   record: SessionRecord;
   segments: SessionSegments;
+  layout: Layout;
+  /** Store pages per layer with memory (from record.reservedTokens). */
+  reservedPages: number;
+  /** Bytes counted against the capacity: the three small segments and the store's reserved ranges. */
   bytes: number;
   /** Set when a committed page changed after its commit: every call on the session gets it (DATA_LOSS). */
   corrupt?: ServiceError;
@@ -30,6 +41,12 @@ interface Live {
 
 /** A session being imported (transfer.ts): its segments, record and bytes. */
 export type ImportReservation = Live;
+
+/** The reservation a record holds; records written before reservations existed reserved everything. */
+const recordReservedTokens = (r: SessionRecord) => r.reservedTokens ?? r.maxContextTokens;
+
+/** Default extent of a reservation, in tokens (FREEKV_KVSTORE_EXTENT_TOKENS). */
+export const DEFAULT_EXTENT_TOKENS = 2048;
 
 function sameGeometry(a: ModelGeometry, b: ModelGeometry) {
   return a.layers === b.layers && a.queryHeads === b.queryHeads && a.kvHeads === b.kvHeads && a.headDim === b.headDim && a.kvDtype === b.kvDtype;
@@ -51,7 +68,11 @@ export class KvStore implements ScrubHost {
     private readonly metrics?: KvStoreMetrics,
     /** Segment names carry the session id (an in-process store, whose ids are its own). */
     private readonly tagSegments = false,
-  ) {}
+    /** Reservations grow in steps of this many tokens (FREEKV_KVSTORE_EXTENT_TOKENS). */
+    readonly extentTokens = DEFAULT_EXTENT_TOKENS,
+  ) {
+    if (!Number.isInteger(extentTokens) || extentTokens < 1) throw new RangeError(`extentTokens must be an integer >= 1, got ${extentTokens}`);
+  }
 
   /** Called when a directory operation fails (the process reports NOT_SERVING until the directory answers again). */
   onDirectoryFailure: ((err: Error) => void) | undefined;
@@ -85,6 +106,7 @@ export class KvStore implements ScrubHost {
     if (!this.metrics) return;
     this.metrics.sessions.set(this.live.size);
     this.metrics.segmentBytes.set(this.usedBytes);
+    this.metrics.reservedBytes.set(this.usedBytes);
     this.metrics.pages.set({ tier: "host" }, this.committedPages());
   }
 
@@ -102,8 +124,11 @@ export class KvStore implements ScrubHost {
       if (!rec) continue;
       try {
         const segments = openSegments(rec.segments);
-        const bytes = SEGMENT_KINDS.reduce((s, k) => s + segments[k].size, 0);
-        const l: Live = { record: rec, segments, bytes };
+        // The reservation's memory stayed allocated in the segments; it is counted again.
+        const layout = computeLayout(rec.geometry, rec.retrieval, rec.capacityPages);
+        const reservedPages = reservedPagesOf(recordReservedTokens(rec), rec.retrieval.pageSize, rec.capacityPages);
+        const bytes = reservedBytes(layout, rec.geometry.layers, reservedPages);
+        const l: Live = { record: rec, segments, layout, reservedPages, bytes };
         if (loadShm().manifestCorrupt(segments.manifest.buffer())) l.corrupt = this.corruptError(id, "marked corrupt by the kvstore before this one");
         this.live.set(id, l);
         this.usedBytes += bytes;
@@ -130,6 +155,7 @@ export class KvStore implements ScrubHost {
       maxContextTokens: r.maxContextTokens,
       metadata: r.metadata,
       committedPages: [...r.committedPages],
+      reservedTokens: recordReservedTokens(r),
     };
   }
 
@@ -143,11 +169,12 @@ export class KvStore implements ScrubHost {
         if (req.geometry && req.geometry.layers !== 0 && !sameGeometry(resolveGeometry(req.geometry), existing.record.geometry)) {
           throw failedPrecondition(`session ${req.sessionId} exists with a different geometry`);
         }
+        if (req.reserveTokens !== undefined) await this.grow(existing, req.reserveTokens, "reserve_tokens");
         return this.response(existing, false);
       }
       const geometry = resolveGeometry(req.geometry);
       const retrieval: RetrievalConfig = resolveRetrieval(req.retrieval, geometry.layers, "retrieval", req.maxContextTokens);
-      return this.create(req.sessionId, geometry, retrieval, req.maxContextTokens, req.metadata);
+      return this.create(req.sessionId, geometry, retrieval, req.maxContextTokens, req.metadata, req.reserveTokens);
     });
   }
 
@@ -164,7 +191,9 @@ export class KvStore implements ScrubHost {
     const g = resolveGeometry(geometry);
     const e = validateRetrieval(toNativeRetrieval(retrieval), g.layers);
     if (e) throw invalidArgument(`retrieval.${e.field}`, e.message);
-    const l = this.createLive(sessionId, g, { ...retrieval, tauSet: true }, maxContextTokens, undefined);
+    // The whole store is counted, but backed as it is touched (as before reservations): an
+    // in-process run (fidelity traces, benchmarks) sizes its sessions generously and fills them.
+    const l = this.createLive(sessionId, g, { ...retrieval, tauSet: true }, maxContextTokens, undefined, undefined, false);
     void this.directory.put(l.record);
     return this.admit(l);
   }
@@ -176,17 +205,39 @@ export class KvStore implements ScrubHost {
     this.usedBytes = 0;
   }
 
-  /** A new session's segments and record (not yet live). */
-  private createLive(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array | undefined): Live {
+  /**
+   * A new session's segments and record (not yet live), with memory committed for
+   * `reserveTokens` (rounded up to an extent; undefined: max_context_tokens, the whole store).
+   */
+  private createLive(
+    sessionId: string,
+    geometry: ModelGeometry,
+    retrieval: RetrievalConfig,
+    maxContextTokens: number,
+    metadata: Uint8Array | undefined,
+    reserveTokens: number | undefined,
+    allocate = true,
+  ): Live {
     if (!Number.isInteger(maxContextTokens) || maxContextTokens < 1) {
       throw invalidArgument("max_context_tokens", `must be >= 1, got ${maxContextTokens}`);
     }
+    if (reserveTokens !== undefined && (!Number.isInteger(reserveTokens) || reserveTokens < 0 || reserveTokens > maxContextTokens)) {
+      throw invalidArgument("reserve_tokens", `must be in [0, max_context_tokens ${maxContextTokens}], got ${reserveTokens}`);
+    }
     const capacity = capacityPages(maxContextTokens, retrieval.pageSize);
     const layout = computeLayout(geometry, retrieval, capacity);
-    const bytes = totalBytes(layout);
+    let reserved = reserveTokens === undefined ? maxContextTokens : extentTokens(reserveTokens, this.extentTokens, maxContextTokens);
+    let reservedPages = reservedPagesOf(reserved, retrieval.pageSize, capacity);
+    let bytes = reservedBytes(layout, geometry.layers, reservedPages);
+    if (reserveTokens !== undefined && this.usedBytes + bytes > this.capacityBytes) {
+      // A whole extent does not fit: what was asked for may (see grow).
+      reserved = reserveTokens;
+      reservedPages = reservedPagesOf(reserved, retrieval.pageSize, capacity);
+      bytes = reservedBytes(layout, geometry.layers, reservedPages);
+    }
     if (this.usedBytes + bytes > this.capacityBytes) {
       this.metrics?.rejected.inc({ reason: "capacity" });
-      throw resourceExhausted(`session ${sessionId} needs ${bytes} bytes of shared memory; ${this.capacityBytes - this.usedBytes} of ${this.capacityBytes} are free`);
+      throw resourceExhausted(`session ${sessionId} needs ${bytes} bytes of shared memory for ${reserved} tokens; ${this.capacityBytes - this.usedBytes} of ${this.capacityBytes} are free`);
     }
     let segments: SessionSegments;
     try {
@@ -194,6 +245,15 @@ export class KvStore implements ScrubHost {
     } catch (e) {
       this.metrics?.rejected.inc({ reason: "shm" });
       throw new ServiceError(status.RESOURCE_EXHAUSTED, `cannot create shared memory for ${sessionId}: ${(e as Error).message}`);
+    }
+    try {
+      if (allocate) {
+        for (const k of ["staging", "tail", "manifest"] as const) segments[k].allocate(0, segments[k].size);
+        allocateRanges(segments.store, storeRanges(layout, geometry.layers, reservedPages));
+      }
+    } catch (e) {
+      closeSegments(segments, true);
+      throw this.allocationFailed(sessionId, bytes, e);
     }
     const record: SessionRecord = {
       sessionId,
@@ -206,8 +266,93 @@ export class KvStore implements ScrubHost {
       committedPages: new Array<number>(geometry.layers).fill(0),
       contextTokens: 0,
       createdAt: new Date().toISOString(),
+      reservedTokens: reserved,
     };
-    return { record, segments, bytes };
+    return { record, segments, layout, reservedPages, bytes };
+  }
+
+  /** A failed fallocate: RESOURCE_EXHAUSTED when /dev/shm is full, INTERNAL otherwise; counted and logged. */
+  private allocationFailed(sessionId: string, bytes: number, e: unknown): ServiceError {
+    const err = e as Error & { code?: string };
+    const full = err.code === "ENOSPC";
+    this.metrics?.rejected.inc({ reason: "shm" });
+    this.log.warn({ session: sessionId, bytes, err: err.message }, full ? "shared memory is full: a reservation was refused" : "committing shared memory failed");
+    return new ServiceError(
+      full ? status.RESOURCE_EXHAUSTED : status.INTERNAL,
+      `cannot commit ${bytes} bytes of shared memory for session ${quoteId(sessionId)}: ${full ? "/dev/shm is full" : err.message}`,
+    );
+  }
+
+  /**
+   * ReserveContext: commits memory for `tokens` tokens of the session's context (rounded up to an
+   * extent, capped at max_context_tokens); a smaller request leaves the reservation as it is.
+   * Returns the reservation and the bytes the session holds.
+   */
+  reserve(sessionId: string, tokens: number): Promise<{ reservedTokens: number; reservedBytes: number }> {
+    if (!SESSION_ID_RE.test(sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+    if (!Number.isInteger(tokens) || tokens < 0) throw invalidArgument("tokens", `must be an integer >= 0, got ${tokens}`);
+    return this.withLock(sessionId, async () => {
+      const l = this.live.get(sessionId);
+      if (!l) throw notFound(`session ${quoteId(sessionId)} is not attached`);
+      await this.grow(l, tokens, "tokens");
+      return { reservedTokens: recordReservedTokens(l.record), reservedBytes: l.bytes };
+    });
+  }
+
+  /**
+   * Grows a live session's reservation (the caller holds its lock): the new ranges are allocated
+   * first, then the directory takes the record; a failure of either gives the new memory back
+   * and leaves the session as it was.
+   */
+  private async grow(l: Live, tokens: number, field: string): Promise<void> {
+    const r = l.record;
+    if (!Number.isInteger(tokens) || tokens < 0 || tokens > r.maxContextTokens) {
+      throw invalidArgument(field, `must be in [0, max_context_tokens ${r.maxContextTokens}], got ${tokens}`);
+    }
+    const current = recordReservedTokens(r);
+    if (tokens <= current) return;
+    const held = storeRanges(l.layout, r.geometry.layers, l.reservedPages);
+    const plan = (t: number) => {
+      const pages = reservedPagesOf(t, r.retrieval.pageSize, r.capacityPages);
+      const added = rangesAdded(held, storeRanges(l.layout, r.geometry.layers, pages));
+      return { target: t, pages, added, more: rangeBytes(added) };
+    };
+    // A whole extent when it fits, else exactly what was asked for (near the capacity, rounding up
+    // must not turn a request that fits into one that waits).
+    let p = plan(extentTokens(tokens, this.extentTokens, r.maxContextTokens));
+    if (this.usedBytes + p.more > this.capacityBytes) p = plan(tokens);
+    const { target, pages, added, more } = p;
+    if (this.usedBytes + more > this.capacityBytes) {
+      this.metrics?.rejected.inc({ reason: "capacity" });
+      throw resourceExhausted(
+        `session ${quoteId(r.sessionId)} needs ${more} more bytes of shared memory to reserve ${target} tokens (it holds ${current}); ${this.capacityBytes - this.usedBytes} of ${this.capacityBytes} are free`,
+      );
+    }
+    try {
+      allocateRanges(l.segments.store, added);
+    } catch (e) {
+      throw this.allocationFailed(r.sessionId, more, e);
+    }
+    const next: SessionRecord = { ...r, reservedTokens: target };
+    try {
+      await this.dir("put", r.sessionId, () => this.directory.put(next));
+    } catch (e) {
+      punchRanges(l.segments.store, added, this.log);
+      throw e;
+    }
+    l.record = next;
+    l.reservedPages = pages;
+    l.bytes += more;
+    this.usedBytes += more;
+    this.metrics?.reservations.inc();
+    this.updateGauges();
+    this.log.debug({ session: r.sessionId, reservedTokens: target, bytes: l.bytes }, "session reservation grew");
+  }
+
+  /** Context tokens a session's store has memory for (its reservation); undefined when it is not attached. */
+  reservedTokens(id: string): number | undefined {
+    const l = this.live.get(id);
+    return l && recordReservedTokens(l.record);
   }
 
   private admit(l: Live): AttachSessionResponse {
@@ -220,8 +365,8 @@ export class KvStore implements ScrubHost {
   }
 
   /** Creates a new session's segments and record; the caller holds the session's lock. */
-  private async create(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array | undefined): Promise<AttachSessionResponse> {
-    const l = this.createLive(sessionId, geometry, retrieval, maxContextTokens, metadata);
+  private async create(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array | undefined, reserveTokens: number | undefined): Promise<AttachSessionResponse> {
+    const l = this.createLive(sessionId, geometry, retrieval, maxContextTokens, metadata, reserveTokens);
     try {
       await this.dir("put", sessionId, () => this.directory.put(l.record));
     } catch (e) {
@@ -270,6 +415,12 @@ export class KvStore implements ScrubHost {
         }
         const end = e.firstPage + e.count;
         if (end > r.capacityPages) throw invalidArgument(multi ? `layers[${i}].count` : "count", `pages [${e.firstPage}, ${end}) exceed capacity_pages ${r.capacityPages}`);
+        if (end > l.reservedPages) {
+          this.metrics?.rejected.inc({ reason: "reservation" });
+          throw failedPrecondition(
+            `${at}layer ${e.layer}: pages [${e.firstPage}, ${end}) reach past the session's reservation of ${l.reservedPages} pages (${recordReservedTokens(r)} tokens); reserve the context first (ReserveContext)`,
+          );
+        }
         if (end * r.retrieval.pageSize > req.contextTokens) {
           throw invalidArgument("context_tokens", `${at}${req.contextTokens} tokens cannot hold ${end} full pages of ${r.retrieval.pageSize}`);
         }
@@ -279,7 +430,7 @@ export class KvStore implements ScrubHost {
       }
       // Every newly committed page is checksummed here (natively), checked against what compute
       // sent when it sent checksums, and kept for the scrubber.
-      const layout = computeLayout(r.geometry, r.retrieval, r.capacityPages);
+      const layout = l.layout;
       const store = new Uint8Array(l.segments.store.buffer());
       const sums: Uint32Array[] = [];
       for (const [i, e] of entries.entries()) {
@@ -365,7 +516,37 @@ export class KvStore implements ScrubHost {
   }
 
   stats(): GetStatsResponse {
-    return { sessions: this.live.size, segmentBytes: this.usedBytes, committedPages: this.committedPages(), capacityBytes: this.capacityBytes };
+    return {
+      sessions: this.live.size,
+      segmentBytes: this.usedBytes,
+      committedPages: this.committedPages(),
+      capacityBytes: this.capacityBytes,
+      reservedBytes: this.usedBytes,
+      allocatedBytes: this.allocatedBytes(),
+      apparentBytes: this.apparentBytes(),
+    };
+  }
+
+  /** Bytes the live sessions' segments really hold (st_blocks); a segment that cannot be read counts 0 and is logged. */
+  allocatedBytes(): number {
+    let n = 0;
+    for (const [id, l] of this.live) {
+      for (const k of SEGMENT_KINDS) {
+        try {
+          n += l.segments[k].allocatedBytes();
+        } catch (e) {
+          this.log.warn({ session: id, segment: k, err: (e as Error).message }, "cannot read a segment's allocation");
+        }
+      }
+    }
+    return n;
+  }
+
+  /** Apparent size of the live sessions' segments (each store at its full max context). */
+  apparentBytes(): number {
+    let n = 0;
+    for (const l of this.live.values()) n += totalBytes(l.layout);
+    return n;
   }
 
   list(): string[] {
@@ -389,16 +570,17 @@ export class KvStore implements ScrubHost {
   }
 
   /**
-   * Segments for a session to import, their bytes counted against the capacity now
+   * Segments for a session to import, with memory for `reserveTokens` context tokens (the
+   * exported context; rounded up to an extent) committed and counted against the capacity now
    * (RESOURCE_EXHAUSTED otherwise); ALREADY_EXISTS when the id is live, being imported or in the
    * directory. Not visible until publishImport; dropImport removes them.
    */
-  reserveImport(id: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array): Promise<ImportReservation> {
+  reserveImport(id: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array, reserveTokens: number): Promise<ImportReservation> {
     if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
     return this.withLock(id, async () => {
       if (this.live.has(id) || this.importing.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists at this kvstore`);
       if (await this.dir("get", id, () => this.directory.get(id))) throw alreadyExists(`session ${quoteId(id)} is in this kvstore's directory`);
-      const l = this.createLive(id, geometry, retrieval, maxContextTokens, metadata);
+      const l = this.createLive(id, geometry, retrieval, maxContextTokens, metadata, Math.min(maxContextTokens, Math.max(0, reserveTokens)));
       this.importing.set(id, l);
       this.usedBytes += l.bytes;
       this.updateGauges();
@@ -443,5 +625,36 @@ export class KvStore implements ScrubHost {
     this.live.clear();
     this.usedBytes = 0;
     await this.directory.close();
+  }
+}
+
+/** Allocates each range of the store; on a failure, gives back the ranges it allocated, then throws. */
+function allocateRanges(store: ShmSegment, ranges: readonly ByteRange[]): void {
+  const done: ByteRange[] = [];
+  try {
+    for (const r of ranges) {
+      store.allocate(r[0], r[1] - r[0]);
+      done.push(r);
+    }
+  } catch (e) {
+    for (const [a, b] of done) {
+      try {
+        store.punch(a, b - a);
+      } catch {
+        // the segment is removed with the session at the latest
+      }
+    }
+    throw e;
+  }
+}
+
+/** Gives back ranges allocated for a reservation that did not happen. */
+function punchRanges(store: ShmSegment, ranges: readonly ByteRange[], log: Logger): void {
+  for (const [a, b] of ranges) {
+    try {
+      store.punch(a, b - a);
+    } catch (e) {
+      log.warn({ segment: store.name, err: (e as Error).message }, "giving back shared memory failed; it is freed when the session is released");
+    }
   }
 }

@@ -219,7 +219,9 @@ export class SessionImport {
     if (!Number.isInteger(h.contextTokens) || h.contextTokens > h.maxContextTokens) throw invalidArgument("header.context_tokens", `must be <= max_context_tokens ${h.maxContextTokens}, got ${h.contextTokens}`);
     if (h.metadata.length > MAX_METADATA_BYTES) throw invalidArgument("header.metadata", `must be at most ${MAX_METADATA_BYTES} bytes, got ${h.metadata.length}`);
     // Checked first, memory after: the segments are made and counted now (RESOURCE_EXHAUSTED, ALREADY_EXISTS).
-    this.reservation = await this.store.reserveImport(h.sessionId, geometry, retrieval, h.maxContextTokens, h.metadata);
+    // Memory for the context it brings (and every page sent), as the source's reservation grew to it.
+    const reach = Math.max(Number(h.contextTokens), Math.max(0, ...h.exportedPages) * retrieval.pageSize);
+    this.reservation = await this.store.reserveImport(h.sessionId, geometry, retrieval, h.maxContextTokens, h.metadata, Math.min(reach, h.maxContextTokens));
     this.header = h;
     this.plan = regions(mappings(this.reservation.segments), layout.layerStride, layout.pageBytes, h.exportedPages, layout.tailBytes, layout.manifestBytes);
   }

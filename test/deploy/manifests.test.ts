@@ -99,7 +99,7 @@ describe.skipIf(!kubectl)("Kubernetes manifests (kubectl kustomize, offline)", (
         }
       });
 
-      it("sizes /dev/shm above the kvstore's capacity and counts it in compute's memory limit", () => {
+      it("sizes /dev/shm above the kvstore's capacity, counts the capacity in the kvstore's memory limit and the rest of /dev/shm in compute's", () => {
         const cfg = (objs.find((o) => o.kind === "ConfigMap" && o.metadata.name === "freekv-config") as Any).data;
         const pod = (objs.find((o) => o.kind === "Deployment" && o.metadata.name === "freekv") as Any).spec.template.spec;
         const shm = bytes(pod.volumes.find((v: Any) => v.name === "shm").emptyDir.sizeLimit);
@@ -108,7 +108,10 @@ describe.skipIf(!kubectl)("Kubernetes manifests (kubectl kustomize, offline)", (
         expect(shm).toBeGreaterThan(capacity);
         const compute = pod.containers.find((c: Any) => c.name === "compute");
         const limit = bytes(compute.resources.limits.memory);
-        expect(limit - shm, "compute's own working set beside /dev/shm").toBeGreaterThanOrEqual(2 ** 32);
+        // The kvstore allocates the sessions' pages (charged to it); compute creates the tensor exchanges.
+        expect(limit - (shm - capacity), "compute's own working set beside the exchanges' room").toBeGreaterThanOrEqual(2 ** 32);
+        const kv = pod.initContainers.find((c: Any) => c.name === "kvstore");
+        expect(bytes(kv.resources.limits.memory) - capacity, "the kvstore's own working set beside its capacity").toBeGreaterThanOrEqual(2 ** 30);
         expect(cfg.FREEKV_BACKEND).toBe(overlay === "gpu" ? "cuda" : "cpu");
         if (overlay === "gpu") expect(compute.resources.limits["nvidia.com/gpu"]).toBe(1);
         else expect(compute.resources.limits["nvidia.com/gpu"]).toBeUndefined();

@@ -183,6 +183,9 @@ describe("durable commits", () => {
     const rand = prng(0x5eed03);
     const { session } = await unary<{ session: { sessionId: string } }>(client, "createSession", { retrieval: R, maxContextTokens: MAX_CONTEXT });
     expect(await healthCheck(tiers.kvstore.address)).toBe("SERVING");
+    // A first short turn reserves the session's memory (an extent covers MAX_CONTEXT), a write to
+    // the directory: the turns below then reach their commits, which are what fails.
+    expect((await generate(client, { sessionId: session.sessionId, prompt: { $case: "tokens", value: { ids: randomTokens(2, rand) } }, maxTokens: 1 })).error).toBeUndefined();
 
     redis.kill("SIGKILL");
     await new Promise((r) => redis.once("exit", r));

@@ -1,7 +1,8 @@
 /**
  * The kvstore SIGKILLed in the middle of a Generate, with the in-memory directory: the restarted
  * kvstore knows no session, so compute marks the session lost (DATA_LOSS on its next call, counted
- * and logged) instead of answering over pages that are gone; and the restarted kvstore removes the
+ * and logged) instead of answering over pages that are gone, and frees the session's engine session
+ * and mappings at once (before any CloseSession); and the restarted kvstore removes the
  * dead process's segments from /dev/shm at start, leaving a live process's alone.
  */
 import { existsSync, readFileSync, readdirSync } from "node:fs";
@@ -76,6 +77,12 @@ describe("kvstore restart with the in-memory directory", () => {
       cleanup.push(() => addon.ShmSegment.unlink(n));
     }
 
+    // Compute maps the session's segments while it serves it.
+    const mapped = () => {
+      const maps = readFileSync(`/proc/${tiers.compute.pid}/maps`, "utf8");
+      return names.filter((n) => maps.includes(`/dev/shm${n}`));
+    };
+    expect(mapped()).toEqual(names);
     const t1 = await generate(client, { sessionId: session.sessionId, prompt: { $case: "tokens", value: { ids: tokens(40) } }, maxTokens: 200 }, (n) => {
       if (n === 4) tiers.kvstore.child.kill("SIGKILL");
     });
@@ -93,6 +100,11 @@ describe("kvstore restart with the in-memory directory", () => {
 
     // Compute notices once the kvstore serves again: the session is lost, counted.
     await waitFor("the session marked lost", async () => (metricValue(await fetchMetrics(tiers.compute.metricsPort), "freekv_compute_sessions_lost_total") ?? 0) >= 1);
+    // What it held is freed at once, before any CloseSession: no mapping of its segments is left
+    // (their memory goes back to the system), the degraded gauge counts it.
+    await waitFor("compute to unmap the lost session's segments", async () => mapped().length === 0);
+    expect(tiers.compute.output.join("\n")).toMatch(/its engine session and mappings are freed now/);
+    expect(metricValue(await fetchMetrics(tiers.compute.metricsPort), "freekv_compute_degraded_sessions")).toBe(1);
     const t2 = await generate(client, { sessionId: session.sessionId, prompt: { $case: "tokens", value: { ids: tokens(5) } }, maxTokens: 8 });
     expect(t2.error?.code).toBe(status.DATA_LOSS);
     expect(t2.error?.details).toMatch(/session "lost-1" is lost: the kvstore no longer holds it/);

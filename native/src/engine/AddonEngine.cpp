@@ -146,6 +146,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
                        {InstanceAccessor("backend", &AddonEngine::Backend, nullptr),
                         InstanceMethod("createSession", &AddonEngine::CreateSession),
                         InstanceMethod("closeSession", &AddonEngine::CloseSession),
+                        InstanceMethod("reserveStore", &AddonEngine::ReserveStore),
                         InstanceMethod("prefill", &AddonEngine::Prefill),
                         InstanceMethod("prefillAttend", &AddonEngine::PrefillAttend),
                         InstanceMethod("decode", &AddonEngine::Decode), InstanceMethod("sync", &AddonEngine::Sync),
@@ -246,6 +247,10 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     const bool reattach = info[3].As<Napi::Boolean>().Value();
     HostStore h;
     h.capacity_pages = IntField(ho, "capacityPages", "host", 1, 1 << 30);
+    // Left out: the whole store is reserved (an in-process kvstore's session).
+    h.reserved_pages = IntField(ho, "reservedPages", "host", 0, 1 << 30, true, h.capacity_pages);
+    if (h.reserved_pages > h.capacity_pages)
+      throw Napi::RangeError::New(env, "host.reservedPages must be in [0, capacityPages]");
     SessionInfo si;
     si.geo = g;
     const char* names[4] = {"store", "staging", "tail", "manifest"};
@@ -292,6 +297,21 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     }
     for (auto& r : it->second.segments) PinShm(r.Value(), -1);
     sessions_.erase(it);  // releases the segment references
+    return info.Env().Undefined();
+  }
+
+  // reserveStore(session, reservedPages): the kvstore's reservation of the session grew.
+  Napi::Value ReserveStore(const Napi::CallbackInfo& info) {
+    const int s = IntArg(info, 0, "session", 0, 1 << 30);
+    const int pages = IntArg(info, 1, "reservedPages", 0, 1 << 30);
+    if (sessions_.find(s) == sessions_.end()) throw Napi::Error::New(info.Env(), "session " + to_string(s) + " is not open");
+    try {
+      engine_->ReserveStore(s, pages);
+    } catch (const std::invalid_argument& e) {
+      throw Napi::RangeError::New(info.Env(), e.what());
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
     return info.Env().Undefined();
   }
 

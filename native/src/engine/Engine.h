@@ -37,7 +37,18 @@ struct HostStore {
   uint8_t* manifest = nullptr;
   size_t manifest_bytes = 0;
   int capacity_pages = 0;
+  // Pages of each layer's store the kvstore has committed memory for (its reservation): the
+  // store keeps its full [layers][capacity_pages] addressing, but only pages [0, reserved_pages)
+  // of a layer are backed by memory, so an append that would fill a page at or past it throws
+  // (it would touch memory nobody accounted for). 0 <= reserved_pages <= capacity_pages; it only
+  // grows (Engine::ReserveStore).
+  int reserved_pages = 0;
 };
+
+// The message of an append refused by the reservation (both backends).
+std::string ReservationExceeded(int reserved_pages, int capacity_pages);
+// Checks a new reservation for Engine::ReserveStore: in [h.reserved_pages, h.capacity_pages].
+void CheckReservation(const HostStore& h, int reserved_pages);
 
 // The checks every backend makes of a new session (engine/Validate.cpp), each throwing
 // std::invalid_argument that names the field; a backend adds its own limits (dtype, head dims)
@@ -112,6 +123,11 @@ class Engine {
   // geometry/config. Returns the session handle.
   virtual int CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) = 0;
   virtual void CloseSession(int session) = 0;
+  // The kvstore committed memory for more of the session's store: pages [0, reserved_pages) of
+  // every layer may now be written (the CUDA backend registers the new range for mapped access).
+  // Throws std::invalid_argument when reserved_pages is below the current reservation or above
+  // capacity_pages; the same value again does nothing.
+  virtual void ReserveStore(int session, int reserved_pages) = 0;
 
   // Appends n tokens of (post-RoPE) keys and values to a layer: k, v are [n][kv_heads][head_dim].
   // Filled pages are summarised and offloaded (NHD -> HND) to the host store.

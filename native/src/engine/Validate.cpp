@@ -73,6 +73,8 @@ void ValidateGeometry(const Geometry& g) {
 void ValidateHostStore(const HostStore& h, const Layout& layout, bool uses_staging) {
   using std::to_string;
   Require(h.capacity_pages >= 1, "host.capacityPages must be >= 1");
+  Require(h.reserved_pages >= 0 && h.reserved_pages <= h.capacity_pages,
+          "host.reservedPages must be in [0, capacityPages]");
   Require(h.store && h.store_bytes >= layout.store_bytes,
           "host.store segment is smaller than the layout's storeBytes (" + to_string(layout.store_bytes) + ")");
   Require(!uses_staging || (h.staging && h.staging_bytes >= 2 * layout.staging_buffer_bytes),
@@ -81,6 +83,19 @@ void ValidateHostStore(const HostStore& h, const Layout& layout, bool uses_stagi
           "host.tail segment is smaller than the layout's tailBytes (" + to_string(layout.tail_bytes) + ")");
   Require(h.manifest && h.manifest_bytes >= layout.manifest_bytes,
           "host.manifest segment is smaller than the layout's manifestBytes (" + to_string(layout.manifest_bytes) + ")");
+}
+
+std::string ReservationExceeded(int reserved_pages, int capacity_pages) {
+  using std::to_string;
+  return "the append would fill a page past the session's reservation: " + to_string(reserved_pages) + " of its " +
+         to_string(capacity_pages) + " store pages per layer have memory at the kvstore (reserve more context first)";
+}
+
+void CheckReservation(const HostStore& h, int reserved_pages) {
+  using std::to_string;
+  Require(reserved_pages >= h.reserved_pages && reserved_pages <= h.capacity_pages,
+          "reservedPages must be in [" + to_string(h.reserved_pages) + " (the current reservation), " +
+              to_string(h.capacity_pages) + " (capacityPages)], got " + to_string(reserved_pages));
 }
 
 }  // namespace freekv

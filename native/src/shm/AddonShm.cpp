@@ -4,7 +4,10 @@
 #include <napi.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdint>
 #include <memory>
+#include <system_error>
 
 #include "AddonModules.h"
 #include "shm/ShmSegment.h"
@@ -20,7 +23,10 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
                         StaticMethod("unlink", &AddonShmSegment::Unlink),
                         InstanceAccessor("name", &AddonShmSegment::Name, nullptr),
                         InstanceAccessor("size", &AddonShmSegment::Size, nullptr),
-                        InstanceMethod("buffer", &AddonShmSegment::Buffer), InstanceMethod("close", &AddonShmSegment::Close)});
+                        InstanceMethod("buffer", &AddonShmSegment::Buffer), InstanceMethod("close", &AddonShmSegment::Close),
+                        InstanceMethod("allocate", &AddonShmSegment::Allocate),
+                        InstanceMethod("punch", &AddonShmSegment::Punch),
+                        InstanceMethod("allocatedBytes", &AddonShmSegment::AllocatedBytes)});
   }
   explicit AddonShmSegment(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AddonShmSegment>(info) {
     if (info.Length() != 1 || !info[0].IsExternal())
@@ -82,6 +88,54 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
     auto ab = Napi::ArrayBuffer::New(info.Env(), seg_->data(), seg_->size());
     buffers_.emplace_back(Napi::Persistent(ab));
     return ab;
+  }
+  static size_t ByteArg(const Napi::CallbackInfo& info, size_t i, const char* what) {
+    if (info.Length() <= i || !info[i].IsNumber()) throw Napi::TypeError::New(info.Env(), std::string(what) + " must be a number");
+    const double d = info[i].As<Napi::Number>().DoubleValue();
+    if (!(d >= 0) || d > 9007199254740991.0 || d != static_cast<double>(static_cast<uint64_t>(d)))
+      throw Napi::RangeError::New(info.Env(), std::string(what) + " must be an integer >= 0");
+    return static_cast<size_t>(d);
+  }
+  // allocate(offset, length): memory for those bytes now. An Error with `code` "ENOSPC" when the
+  // file system is full.
+  Napi::Value Allocate(const Napi::CallbackInfo& info) {
+    Check(info.Env());
+    const size_t off = ByteArg(info, 0, "offset"), len = ByteArg(info, 1, "length");
+    try {
+      seg_->Allocate(off, len);
+    } catch (const std::system_error& e) {
+      auto err = Napi::Error::New(info.Env(), e.what());
+      err.Set("code", Napi::String::New(info.Env(), e.code().value() == ENOSPC ? "ENOSPC" : "EIO"));
+      err.Set("errno", Napi::Number::New(info.Env(), e.code().value()));
+      throw err;
+    } catch (const std::out_of_range& e) {
+      throw Napi::RangeError::New(info.Env(), e.what());
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
+    return info.Env().Undefined();
+  }
+  // punch(offset, length): frees the memory of those bytes.
+  Napi::Value Punch(const Napi::CallbackInfo& info) {
+    Check(info.Env());
+    const size_t off = ByteArg(info, 0, "offset"), len = ByteArg(info, 1, "length");
+    try {
+      seg_->Punch(off, len);
+    } catch (const std::out_of_range& e) {
+      throw Napi::RangeError::New(info.Env(), e.what());
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
+    return info.Env().Undefined();
+  }
+  // allocatedBytes(): memory the segment really holds (st_blocks * 512).
+  Napi::Value AllocatedBytes(const Napi::CallbackInfo& info) {
+    Check(info.Env());
+    try {
+      return Napi::Number::New(info.Env(), static_cast<double>(seg_->AllocatedBytes()));
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
   }
   Napi::Value Close(const Napi::CallbackInfo& info) {
     // An engine session maps these bytes; unmapping them under it would crash the process.

@@ -14,6 +14,15 @@ class ShmSegment {
   static ShmSegment* Open(const std::string& name);
   // Removes the name; existing mappings stay valid. Returns false if it did not exist.
   static bool Unlink(const std::string& name);
+  // Allocates memory for bytes [offset, offset + length) of the segment now (fallocate on its
+  // file, keeping its size): on tmpfs the pages are really taken, so a full /dev/shm fails here
+  // with ENOSPC (a std::system_error carrying errno) instead of a SIGBUS at a later write.
+  // Already allocated pages are kept as they are.
+  void Allocate(size_t offset, size_t length) const;
+  // Frees the memory of bytes [offset, offset + length) (their contents read as zeros after).
+  void Punch(size_t offset, size_t length) const;
+  // Bytes of memory the segment's file really holds (st_blocks * 512).
+  size_t AllocatedBytes() const;
   ~ShmSegment();
   void* data() const { return data_; }
   size_t size() const { return size_; }

@@ -92,6 +92,7 @@ export class AttentionBatcher {
       const why = it.abandoned?.();
       if (why !== undefined) it.reject(why);
       else if (s.closed) it.reject(notFound(`session ${quoteId(s.id)} was closed`));
+      else if (s.lost) it.reject(s.lost);
       else if (s.layerTokens[it.layer] + 1 > s.maxContextTokens) {
         it.reject(resourceExhausted(`decode: layer ${it.layer} of session ${s.id} is full (max_context_tokens ${s.maxContextTokens})`));
       } else live.push(it);

@@ -98,6 +98,7 @@ export function attentionHandler(deps: {
         await Promise.race([
           s.lock.run(async () => {
             if (s.closed) throw new Error("closed");
+            sessions.checkLost(s);
             await engine.prefill(s.engineSession, op.layer, op.k, op.v, op.n);
             s.layerTokens[op.layer] += op.n;
             observer.prefilled(s, op.layer);

@@ -12,6 +12,10 @@
  * - The call's deadline or cancellation stops the work between chunks and steps; a fresh session
  *   is then closed; a continued one stays consistent: its last sampled token is fed by the next
  *   request, and of a prompt cancelled during its prefill the chunks that ran stay in its context.
+ * - Memory follows the context: before a turn, the session's reservation at the kvstore grows to
+ *   what the turn can reach (its context, the pending token, the prompt and max_tokens, capped by
+ *   max_context_tokens), in the request queue like a fresh session's memory: a turn the kvstore
+ *   has no room for waits; one that could never fit gets RESOURCE_EXHAUSTED.
  * - Bad input: INVALID_ARGUMENT naming the field (a prompt over the session's max_context_tokens
  *   included, refused before anything is fed); the model still loading: UNAVAILABLE; no model or
  *   a failed load: FAILED_PRECONDITION; unknown session: NOT_FOUND.
@@ -91,6 +95,12 @@ async function write(call: ServerWritableStream<GenerateRequest, GenerateRespons
 /** The request metadata header naming the tenant, for fair queueing (round-robin between tenants). */
 export { TENANT_HEADER } from "../sessions/tenant.js";
 
+/** Context tokens a turn on `s` can reach: what it holds, its pending token, the prompt and max_tokens. */
+function turnReach(s: ComputeSession, promptTokens: number, maxTokens: number): number {
+  const pending = (s.metadata.generate as GenerateState | undefined)?.pendingToken !== undefined ? 1 : 0;
+  return Math.min(s.maxContextTokens, s.contextTokens + pending + promptTokens + maxTokens);
+}
+
 const isResourceExhausted = (e: unknown) => typeof e === "object" && e !== null && (e as { code?: unknown }).code === status.RESOURCE_EXHAUSTED;
 
 /** What the request's log line and latency metrics report, filled as the request goes. */
@@ -169,15 +179,19 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     const reach = Math.min(ctx.config.FREEKV_MAX_CONTEXT_TOKENS, prompt.length + req.maxTokens);
     // Before the session's segments are made (sized by its context).
     if (fresh) checkPromptFits(prompt.length, 0, ctx.config.FREEKV_MAX_CONTEXT_TOKENS);
-    // The request waits its turn: a running slot, and for a fresh session its memory at the kvstore.
+    // A named session held here whose reservation is short of this turn needs memory too.
+    const known = fresh || !ctx.sessions.has(req.sessionId) ? undefined : ctx.sessions.get(req.sessionId);
+    const needsMemory = fresh || (known !== undefined && turnReach(known, prompt.length, req.maxTokens) > known.reservedTokens);
+    // The request waits its turn: a running slot, and its memory at the kvstore (a fresh session's
+    // segments, or a named session's larger reservation).
     const admitted: Admitted<ComputeSession> = await ctx.admission.enter<ComputeSession>({
       tenant: rec.tenant,
       signal,
-      needsMemory: fresh,
+      needsMemory,
       attempt: fresh
         ? async () => {
             try {
-              return await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: reach, geometry: undefined }, signal);
+              return await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: reach, geometry: undefined }, signal, undefined, reach);
             } catch (e) {
               if (!isResourceExhausted(e) || signal.aborted) throw e;
               await refuseIfNeverFits(req, reach);
@@ -188,6 +202,14 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
             const named = await localSession(ctx.sessions, ctx.owners, req.sessionId, ctx.auth ? rec.tenant : undefined);
             if (named.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(named.id)} is an attention session; Generate needs a model session`);
             ctx.sessions.checkLost(named);
+            const need = turnReach(named, prompt.length, req.maxTokens);
+            try {
+              await ctx.sessions.reserve(named, need, signal);
+            } catch (e) {
+              if (!isResourceExhausted(e) || signal.aborted) throw e;
+              await refuseNamedIfNeverFits(named, need);
+              return SHORT_OF_MEMORY;
+            }
             return named;
           },
     });
@@ -209,6 +231,10 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       // An empty named session (CreateSession, then its first Generate) starts like a fresh one:
       // with BOS. Only a session whose cache holds tokens is continued without it.
       if (!fresh && (s.contextTokens > 0 || state.pendingToken !== undefined)) prompt = promptTokens(req, loaded, true);
+      // The reservation made in the queue was sized before the lock: another turn may have grown
+      // the context since. A shortfall now fails the call (RESOURCE_EXHAUSTED) rather than
+      // writing past the memory the kvstore committed.
+      if (!fresh) await ctx.sessions.reserve(s, turnReach(s, prompt.length, req.maxTokens), signal);
       const sampling = req.sampling ?? { temperature: 0, topP: 0, topK: 0, seed: 0 };
       const session = s;
       gs = {
@@ -302,6 +328,19 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       // After the fresh session's memory went back to the kvstore: the next request may take it.
       admitted.release();
     }
+  }
+
+  /**
+   * A named session whose turn the kvstore could not reserve: RESOURCE_EXHAUSTED now when the
+   * session at that reservation is bigger than the kvstore's whole capacity, else the caller waits.
+   */
+  async function refuseNamedIfNeverFits(s: ComputeSession, need: number): Promise<void> {
+    const bytes = modelSessionBytes(s.geometry, s.geometry.kvDtype, s.retrieval, s.maxContextTokens, need);
+    const { capacityBytes } = await ctx.kvstore.stats();
+    if (bytes > capacityBytes)
+      throw resourceExhausted(
+        `session ${JSON.stringify(s.id)} needs ${bytes} bytes of host KV memory for ${need} tokens (its context + prompt + max_tokens), more than the kvstore's whole capacity of ${capacityBytes} bytes: it can never fit`,
+      );
   }
 
   /**

@@ -3,6 +3,10 @@
  * them here, creates the engine session over them), finds it, closes it (engine first, then
  * ReleaseSession so the kvstore removes the segments), commits filled pages to the kvstore, and
  * at start re-attaches every session the kvstore still holds (a compute restart loses nothing).
+ * Memory follows the context: a model session's store has memory at the kvstore only for its
+ * reservation, which grows before each turn to what the turn can reach (reserve); an attention
+ * session (whose appends come from outside, token by token) reserves its whole context at creation.
+ * A session the kvstore lost frees its engine session and mappings at once (markLost).
  * Bounds: at most FREEKV_MAX_SESSIONS_PER_TENANT open sessions per tenant, and sessions idle
  * longer than FREEKV_SESSION_IDLE_TIMEOUT_S are closed.
  */
@@ -17,6 +21,7 @@ import type { Logger } from "../../common/log.js";
 import { resolveRetrieval, toNativeRetrieval } from "../../common/retrieval.js";
 import type { KvStoreClient } from "../kvstore-client.js";
 import { crc32c } from "../../common/crc32c.js";
+import { reservedPagesOf } from "../../kvstore/layout.js";
 import { ComputeSession, kindName, type SessionMetadata } from "./session.js";
 import { retrievalStats } from "./stats.js";
 import { heldElsewhere } from "./owners.js";
@@ -106,7 +111,8 @@ export class SessionManager {
   /** Open sessions of `tenant` (those being created included). */
   tenantSessions(tenant: string): number {
     let n = this.creatingTenants.get(tenant) ?? 0;
-    for (const s of this.sessions.values()) if ((s.metadata.tenant ?? "") === tenant) n++;
+    // A lost session holds nothing any more: it does not count against the quota.
+    for (const s of this.sessions.values()) if ((s.metadata.tenant ?? "") === tenant && !s.lost) n++;
     return n;
   }
 
@@ -136,9 +142,11 @@ export class SessionManager {
   /**
    * Creates a session. `tenant` (CreateSession's `x-freekv-tenant`) counts it against
    * FREEKV_MAX_SESSIONS_PER_TENANT; a stateless Generate's own session passes none (the request
-   * queue bounds those).
+   * queue bounds those). `reserveTokens`: context a model session gets memory for now (a stateless
+   * Generate: prompt + max_tokens; CreateSession: none, its turns reserve); an attention session
+   * always reserves its whole max context.
    */
-  async create(req: CreateSessionRequest, signal?: AbortSignal, tenant?: string): Promise<ComputeSession> {
+  async create(req: CreateSessionRequest, signal?: AbortSignal, tenant?: string, reserveTokens = 0): Promise<ComputeSession> {
     const id = req.sessionId || `s-${randomUUID()}`;
     if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
     if (this.sessions.has(id) || this.creating.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists`);
@@ -170,8 +178,9 @@ export class SessionManager {
     try {
       const metadata: SessionMetadata = { kind: kindName(kind) };
       if (tenant) metadata.tenant = tenant;
+      const reserve = kind === SessionKind.SESSION_KIND_ATTENTION ? undefined : Math.min(maxContextTokens, Math.max(0, reserveTokens));
       const attach = await this.opts.kvstore.attach(
-        { sessionId: id, geometry, retrieval, maxContextTokens, metadata: Buffer.from(JSON.stringify(metadata)) },
+        { sessionId: id, geometry, retrieval, maxContextTokens, metadata: Buffer.from(JSON.stringify(metadata)), reserveTokens: reserve },
         signal,
       );
       if (!attach.created) throw alreadyExists(`session ${quoteId(id)} already exists at the kvstore`);
@@ -216,6 +225,7 @@ export class SessionManager {
         tail: open(attach.tail?.name),
         manifest: open(attach.manifest?.name),
         capacityPages: attach.layout!.capacityPages,
+        reservedPages: reservedPagesOf(attach.reservedTokens, retrieval.pageSize, attach.layout!.capacityPages),
       };
     } catch (e) {
       for (const s of opened) s.close();
@@ -383,6 +393,7 @@ export class SessionManager {
    * the first uncommitted page again; nothing is skipped and no gap can form.
    */
   private commitLayers(s: ComputeSession, layers: number[]): void {
+    if (s.lost || s.detached) return;
     let grew = false;
     for (const layer of layers) {
       if (!s.offloads(layer)) continue;
@@ -498,7 +509,7 @@ export class SessionManager {
    * carries the marker, services/kvstore/scrubber.ts). Called at the start of every turn.
    */
   checkLost(s: ComputeSession): void {
-    if (!s.lost && !s.closed && s.host && loadAddon().manifestCorrupt(s.host.manifest.buffer())) {
+    if (!s.lost && !s.closed && !s.detached && s.host && loadAddon().manifestCorrupt(s.host.manifest.buffer())) {
       this.markLost(s, "CRC32C mismatch found by the kvstore's scrubber", "a committed page changed after its commit");
     }
     if (s.lost) throw s.lost;
@@ -519,7 +530,59 @@ export class SessionManager {
     if (s.retryTimer) clearTimeout(s.retryTimer);
     s.retryTimer = undefined;
     this.opts.onLost?.();
-    this.opts.log.error({ session: s.id, contextTokens: s.contextTokens, committedPages: s.committedPages, why }, `session lost: ${cause}`);
+    this.opts.log.error({ session: s.id, contextTokens: s.contextTokens, committedPages: s.committedPages, why }, `session lost: ${cause}; its engine session and mappings are freed now`);
+    void this.dropLost(s);
+  }
+
+  /**
+   * Frees what a lost session holds in this process at once, not at its CloseSession: the engine
+   * session (device memory, registrations) and the mappings of its segments (whose memory the
+   * kernel keeps while they are mapped, even after the kvstore removed them). It waits for the
+   * call using the session (its lock), which then fails with DATA_LOSS. The session stays listed
+   * (its calls get DATA_LOSS, GetSession shows it) until it is closed, and no longer counts
+   * against its tenant's quota.
+   */
+  private async dropLost(s: ComputeSession): Promise<void> {
+    try {
+      await s.lock.run(async () => {
+        if (s.closed || s.detached) return;
+        await s.commitChain;
+        this.detach(s);
+        this.opts.log.info({ session: s.id }, "lost session's engine session and mappings freed");
+      });
+    } catch (e) {
+      this.opts.log.warn({ session: s.id, err: (e as Error).message }, "freeing a lost session failed");
+    }
+  }
+
+  /**
+   * Grows the session's reservation at the kvstore so its store has memory for `tokens` context
+   * tokens (capped at its max context; the kvstore rounds up to its extent), then lets the engine
+   * write that far. Nothing is sent when the reservation already covers it. Rejects with the
+   * kvstore's status: RESOURCE_EXHAUSTED when its capacity is short (Generate then waits in the
+   * request queue), DATA_LOSS when the kvstore lost the session (it is marked lost and freed).
+   */
+  async reserve(s: ComputeSession, tokens: number, signal?: AbortSignal): Promise<void> {
+    const want = Math.min(tokens, s.maxContextTokens);
+    if (want <= s.reservedTokens) return;
+    this.checkLost(s);
+    let reservedTokens: number;
+    try {
+      ({ reservedTokens } = await this.opts.kvstore.reserve(s.id, want, signal));
+    } catch (e) {
+      const err = e as Error & { code?: number; details?: string };
+      if (err.code === status.NOT_FOUND || err.code === status.DATA_LOSS) {
+        this.markLost(s, `the kvstore answered a reservation with: ${err.details || err.message}`);
+        throw s.lost!;
+      }
+      throw e;
+    }
+    if (s.closed || s.detached) throw notFound(`session ${quoteId(s.id)} was closed`);
+    // Concurrent reservations may answer out of order; the engine's bound only grows.
+    if (reservedTokens > s.reservedTokens) {
+      this.opts.engine.reserveStore(s.engineSession, reservedPagesOf(reservedTokens, s.retrieval.pageSize, s.attach.layout!.capacityPages));
+      s.reservedTokens = reservedTokens;
+    }
   }
 
   /**
@@ -566,7 +629,7 @@ export class SessionManager {
       this.moved.delete(id);
       this.opts.onChange?.(this.sessions.size);
       await s.commitChain;
-      this.detach(s);
+      if (!s.detached) this.detach(s);
     });
     // A lost session is unknown to the kvstore (its segments went with the old kvstore process)
     // or known as corrupt (its segments are still there): released where it is held, and a
@@ -580,6 +643,7 @@ export class SessionManager {
 
   /** Closes the engine session and unmaps the segments (the kvstore keeps them). */
   private detach(s: ComputeSession): void {
+    s.detached = true;
     try {
       this.opts.engine.closeSession(s.engineSession);
     } catch (e) {
@@ -597,6 +661,7 @@ export class SessionManager {
         s.closed = true;
         if (s.retryTimer) clearTimeout(s.retryTimer);
         await s.commitChain;
+        if (s.detached) return;
         // A failed wait for the session's recalls still lets the process shut down (the pages are
         // in the kvstore), but it is logged: the session may need a re-attach check.
         await this.opts.engine.sync(s.engineSession).catch((e: Error) => this.opts.log.warn({ session: s.id, err: e.message }, "waiting for the session's background recalls failed at shutdown"));
@@ -619,7 +684,8 @@ export class SessionManager {
       retrieval: s.retrieval,
       maxContextTokens: s.maxContextTokens,
       contextTokens: s.contextTokens,
-      stats: this.stats(s),
+      // A lost session's engine session is already freed: no statistics.
+      stats: s.detached ? undefined : this.stats(s),
       backend: this.opts.backend,
     };
   }

@@ -58,6 +58,13 @@ export class ComputeSession {
   /** Consecutive failed commits (the retry backoff). */
   commitFailures = 0;
   retryTimer: NodeJS.Timeout | undefined;
+  /**
+   * Context tokens the kvstore has memory for in the session's store (its reservation); the
+   * engine refuses appends past it. Grown before each turn (SessionManager.reserve).
+   */
+  reservedTokens: number;
+  /** The engine session is closed and the segments unmapped (closed, or dropped when lost). */
+  detached = false;
 
   constructor(
     readonly id: string,
@@ -74,6 +81,7 @@ export class ComputeSession {
     this.committedPages = [...attach.committedPages];
     while (this.committedPages.length < geometry.layers) this.committedPages.push(0);
     this.commitTarget = [...this.committedPages];
+    this.reservedTokens = attach.reservedTokens;
   }
 
   /** Context tokens of the session: the smallest per-layer count (all layers agree between steps). */

@@ -100,6 +100,14 @@ int CpuEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const 
   return s->id;
 }
 
+// The CPU backend reads and writes the store through the mapping: only the bound moves.
+void CpuEngine::ReserveStore(int session, int reserved_pages) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto s = Find(session);
+  CheckReservation(s->host, reserved_pages);
+  s->host.reserved_pages = reserved_pages;
+}
+
 void CpuEngine::CloseSession(int session) {
   std::lock_guard<std::mutex> lock(mu_);
   auto s = Find(session);
@@ -267,6 +275,8 @@ void CpuEngine::Prefill(int session, int layer, const float* k, const float* v, 
   if ((L.tokens + n) / s->pg.P > s->host.capacity_pages)
     throw std::invalid_argument("prefill of " + to_string(n) + " tokens would exceed the store's capacity of " +
                                 to_string(s->host.capacity_pages) + " pages");
+  if ((L.tokens + n) / s->pg.P > s->host.reserved_pages)
+    throw std::invalid_argument(ReservationExceeded(s->host.reserved_pages, s->host.capacity_pages));
   L.recall.Wait();
   Append(*s, layer, k, v, n);
   L.has_q = false;
@@ -285,6 +295,8 @@ void CpuEngine::PrefillAttend(int session, int layer, const float* q, const floa
   if ((L.tokens + n) / pg.P > s->host.capacity_pages)
     throw std::invalid_argument("prefill of " + to_string(n) + " tokens would exceed the store's capacity of " +
                                 to_string(s->host.capacity_pages) + " pages");
+  if ((L.tokens + n) / pg.P > s->host.reserved_pages)
+    throw std::invalid_argument(ReservationExceeded(s->host.reserved_pages, s->host.capacity_pages));
   L.recall.Wait();
   const int start = static_cast<int>(L.tokens);
   Append(*s, layer, k, v, n);
@@ -345,6 +357,9 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     if ((L.tokens + 1) / ss[i]->pg.P > ss[i]->host.capacity_pages)
       throw std::invalid_argument(at + ": session " + to_string(it.session) + " is at the store's capacity of " +
                                   to_string(ss[i]->host.capacity_pages) + " pages");
+    if ((L.tokens + 1) / ss[i]->pg.P > ss[i]->host.reserved_pages)
+      throw std::invalid_argument(at + ": session " + to_string(it.session) + ": " +
+                                  ReservationExceeded(ss[i]->host.reserved_pages, ss[i]->host.capacity_pages));
   }
   // 1. The layer's speculative recall (issued at the previous step) must be complete.
   for (int i = 0; i < n; ++i)

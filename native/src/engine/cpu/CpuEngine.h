@@ -26,6 +26,7 @@ class CpuEngine : public Engine {
   std::string backend() const override { return "cpu"; }
   int CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) override;
   void CloseSession(int session) override;
+  void ReserveStore(int session, int reserved_pages) override;
   void Prefill(int session, int layer, const float* k, const float* v, int n) override;
   void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) override;
   void Decode(int layer, const std::vector<DecodeItem>& items) override;

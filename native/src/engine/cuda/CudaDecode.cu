@@ -223,6 +223,9 @@ std::vector<Session*> CudaEngine::CheckBatch(int layer, const std::vector<int>& 
     if ((ss[i]->layers[layer]->tokens + 1) / ss[i]->P > ss[i]->host.capacity_pages)
       throw std::invalid_argument(at + ": session " + to_string(ids[i]) + " is at the store's capacity of " +
                                   to_string(ss[i]->host.capacity_pages) + " pages");
+    if ((ss[i]->layers[layer]->tokens + 1) / ss[i]->P > ss[i]->host.reserved_pages)
+      throw std::invalid_argument(at + ": session " + to_string(ids[i]) + ": " +
+                                  ReservationExceeded(ss[i]->host.reserved_pages, ss[i]->host.capacity_pages));
   }
   return ss;
 }

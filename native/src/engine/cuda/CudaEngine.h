@@ -58,6 +58,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "cuda/device_memory.cuh"
@@ -130,13 +131,19 @@ struct Session {
   uint8_t* store_dev = nullptr;
   uint8_t* tail_dev = nullptr;
   uint8_t* manifest_dev = nullptr;  // the device's writes of query records (graphed steps)
-  bool store_registered = false, tail_registered = false, manifest_registered = false;
+  bool tail_registered = false, manifest_registered = false;
+  // The store is registered per reservation (RegisterStore): each layer's reserved range, rounded
+  // out to OS pages, as it grows. store_regs: the registrations this session made (unregistered
+  // when it closes); store_cover: the merged OS-page ranges known to be registered (its own and any
+  // found already registered), so a growth registers only what is new.
+  std::vector<uint8_t*> store_regs;
+  std::vector<std::pair<uintptr_t, uintptr_t>> store_cover;
   std::vector<std::unique_ptr<LayerTier>> layers;
   DeviceArray<unsigned long long> counters;  // [layers][kLayerWords] (layer_counters.cuh)
   Stats host_stats;                          // host-known counters
   std::unique_ptr<DoubleBufferRecall> db;
   ~Session() {
-    if (store_registered) cudaHostUnregister(host.store);
+    for (uint8_t* p : store_regs) cudaHostUnregister(p);
     if (tail_registered) cudaHostUnregister(host.tail);
     if (manifest_registered) cudaHostUnregister(host.manifest);
   }
@@ -173,6 +180,7 @@ class CudaEngine final : public Engine, public DeviceEngine {
   // Engine (CudaSession.cu, CudaPrefill.cu, CudaDecode.cu, CudaEngine.cu).
   int CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) override;
   void CloseSession(int session) override;
+  void ReserveStore(int session, int reserved_pages) override;
   void Prefill(int session, int layer, const float* k, const float* v, int n) override;
   void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
                      float* out) override;
@@ -322,5 +330,8 @@ class CudaEngine final : public Engine, public DeviceEngine {
 
 // Registers a shared segment for mapped device access; an already registered range is used as is.
 uint8_t* RegisterMapped(uint8_t* p, size_t bytes, bool& registered, const char* what);
+// Registers pages [0, reserved_pages) of every layer of the session's store for mapped access
+// (only the OS pages not registered yet); the device uses the host addresses (checked).
+void RegisterStore(Session& s, int reserved_pages);
 
 }  // namespace freekv::cuda

@@ -177,6 +177,8 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
   if ((L.tokens + n) / P > s.host.capacity_pages)
     throw std::invalid_argument("prefill of " + to_string(n) + " tokens would exceed the store's capacity of " +
                                 to_string(s.host.capacity_pages) + " pages");
+  if ((L.tokens + n) / P > s.host.reserved_pages)
+    throw std::invalid_argument(ReservationExceeded(s.host.reserved_pages, s.host.capacity_pages));
   cudaStream_t st = main_->get();
   if (L.recall_pending) FKV_CUDA_CHECK(cudaStreamWaitEvent(st, spec_done_[layer]->get(), 0));
   L.recall_pending = false;

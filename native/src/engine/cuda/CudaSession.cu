@@ -1,12 +1,15 @@
 // Session lifetime on the CUDA engine: the device tier of every layer, the host segments
-// registered for mapped access, a fresh or re-attached manifest; closing.
+// registered for mapped access (the store per reserved extent), a fresh or re-attached manifest;
+// growing the reservation; closing.
 #include <cuda_runtime.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "CudaEngine.h"
@@ -33,6 +36,72 @@ uint8_t* RegisterMapped(uint8_t* p, size_t bytes, bool& registered, const char* 
   return static_cast<uint8_t*>(d);
 }
 
+// The store is not registered whole: the kvstore commits its memory in extents as the context
+// grows (a session of a 128K-token limit may hold a few thousand tokens), and registering pins, so
+// commits, every page registered. Each layer's reserved range [0, reserved_pages) of pages is
+// registered as the reservation grows, rounded out to OS pages (the kvstore allocates the same
+// rounded ranges) and never twice: only the OS pages not yet covered are registered. Kernels keep
+// addressing the store as one array from one base pointer, which needs the device to use the host's
+// addresses for registered memory (cudaDevAttrCanUseHostPointerForRegisteredMem, checked at
+// CreateSession); every registration checks that cudaHostGetDevicePointer agrees.
+void RegisterStore(Session& s, int reserved_pages) {
+  static const uintptr_t os_page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t base = reinterpret_cast<uintptr_t>(s.host.store);
+  const uintptr_t limit = base + s.host.store_bytes;
+  for (int l = 0; l < s.geo.layers && reserved_pages > 0; ++l) {
+    const uintptr_t a = (base + s.layout.layer_stride * l) / os_page * os_page;
+    uintptr_t b = base + s.layout.layer_stride * l + s.layout.page_bytes * (size_t)reserved_pages;
+    b = std::min(limit, (b + os_page - 1) / os_page * os_page);
+    // The gaps of [a, b) in the cover (sorted, merged ranges).
+    std::vector<std::pair<uintptr_t, uintptr_t>> gaps;
+    uintptr_t at = a;
+    for (const auto& r : s.store_cover) {
+      if (r.second <= at) continue;
+      if (r.first >= b) break;
+      if (r.first > at) gaps.emplace_back(at, r.first);
+      at = std::max(at, r.second);
+    }
+    if (at < b) gaps.emplace_back(at, b);
+    for (const auto& g : gaps) {
+      uint8_t* p = reinterpret_cast<uint8_t*>(g.first);
+      const size_t n = g.second - g.first;
+      cudaError_t e = cudaHostRegister(p, n, cudaHostRegisterMapped | cudaHostRegisterPortable);
+      if (e == cudaErrorHostMemoryAlreadyRegistered) {
+        cudaGetLastError();  // another session over the same mapping registered it; used as is
+      } else {
+        Check(e, "cudaHostRegister(host.store extent)");
+        s.store_regs.push_back(p);
+      }
+      for (uint8_t* q : {p, p + n - 1}) {
+        void* d = nullptr;
+        Check(cudaHostGetDevicePointer(&d, q, 0), "cudaHostGetDevicePointer(host.store extent)");
+        if (d != q)
+          throw std::runtime_error("cudaHostGetDevicePointer(host.store extent): the device address of registered host "
+                                   "memory differs from the host's; the store cannot be registered per extent");
+      }
+      s.store_cover.emplace_back(g);
+      std::sort(s.store_cover.begin(), s.store_cover.end());
+      std::vector<std::pair<uintptr_t, uintptr_t>> merged;
+      for (const auto& r : s.store_cover) {
+        if (!merged.empty() && r.first <= merged.back().second)
+          merged.back().second = std::max(merged.back().second, r.second);
+        else
+          merged.push_back(r);
+      }
+      s.store_cover.swap(merged);
+    }
+  }
+}
+
+void CudaEngine::ReserveStore(int session, int reserved_pages) {
+  auto lock = LockOutsideStep("reserveStore");
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  Session& s = Find(session);
+  CheckReservation(s.host, reserved_pages);
+  RegisterStore(s, reserved_pages);
+  s.host.reserved_pages = reserved_pages;
+}
+
 int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) {
   auto lock = LockOutsideStep("createSession");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
@@ -47,7 +116,17 @@ int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const
   s->WP = c.window_tokens / c.page_size;
   s->K = c.select_tokens / c.page_size;
   s->page_elems = (size_t)2 * s->P * g.kv_heads * g.head_dim;
-  s->store_dev = RegisterMapped(h.store, h.store_bytes, s->store_registered, "cudaHostRegister(host.store)");
+  {
+    int same_address = 0;
+    FKV_CUDA_CHECK(cudaDeviceGetAttribute(&same_address, cudaDevAttrCanUseHostPointerForRegisteredMem, device_));
+    if (!same_address)
+      throw std::runtime_error("device " + to_string(device_) +
+                               " cannot use host pointers for registered memory "
+                               "(cudaDevAttrCanUseHostPointerForRegisteredMem = 0); the store is registered per "
+                               "extent and addressed from one host pointer");
+  }
+  s->store_dev = h.store;
+  RegisterStore(*s, h.reserved_pages);
   s->tail_dev = RegisterMapped(h.tail, h.tail_bytes, s->tail_registered, "cudaHostRegister(host.tail)");
   s->manifest_dev =
       RegisterMapped(h.manifest, h.manifest_bytes, s->manifest_registered, "cudaHostRegister(host.manifest)");

@@ -87,6 +87,11 @@ export interface AttachSessionRequest {
   maxContextTokens: number;
   /** Opaque per-session metadata kept for re-attach (for example the model and token history). */
   metadata: Buffer;
+  /**
+   * Context tokens to commit memory for now (as ReserveContext); unset: max_context_tokens (the
+   * whole store). Given for an existing session, its reservation grows to it.
+   */
+  reserveTokens?: number | undefined;
 }
 
 /** Byte layout of the segments. All offsets are in bytes. */
@@ -119,6 +124,11 @@ export interface AttachSessionResponse {
   metadata: Buffer;
   /** Committed full pages per layer (what a re-attaching compute can trust). */
   committedPages: number[];
+  /**
+   * Context tokens the store has memory for (see ReserveContext): pages [0, reserved_pages) of
+   * every layer, reserved_pages = min(capacity_pages, ceil(reserved_tokens / page_size)).
+   */
+  reservedTokens: number;
 }
 
 export interface CommitPagesRequest {
@@ -170,6 +180,18 @@ export interface GetStatsResponse {
   segmentBytes: number;
   committedPages: number;
   capacityBytes: number;
+  /**
+   * Bytes of shared memory committed to sessions: what capacity_bytes bounds (segment_bytes
+   * reports the same). A store segment counts its reserved pages only.
+   */
+  reservedBytes: number;
+  /**
+   * Bytes the segments' files really hold (st_blocks * 512): reserved_bytes or a little less
+   * (pages never touched and beyond any reservation are not allocated).
+   */
+  allocatedBytes: number;
+  /** Apparent (virtual) size of all segments: each store at its full max context. */
+  apparentBytes: number;
 }
 
 export interface ListSessionsRequest {
@@ -260,8 +282,32 @@ export interface ImportSessionResponse {
   chunks: number;
 }
 
+export interface ReserveContextRequest {
+  sessionId: string;
+  /**
+   * Context tokens the session's store must have memory for; rounded up to the kvstore's extent
+   * (FREEKV_KVSTORE_EXTENT_TOKENS) and capped at max_context_tokens. A reservation never shrinks:
+   * fewer tokens than reserved leave it as it is. More than max_context_tokens: INVALID_ARGUMENT.
+   */
+  tokens: number;
+}
+
+export interface ReserveContextResponse {
+  /** The session's reservation now (>= the tokens asked for). */
+  reservedTokens: number;
+  /** Bytes of shared memory the session holds (its segments, the store at its reservation). */
+  reservedBytes: number;
+}
+
 function createBaseAttachSessionRequest(): AttachSessionRequest {
-  return { sessionId: "", geometry: undefined, retrieval: undefined, maxContextTokens: 0, metadata: Buffer.alloc(0) };
+  return {
+    sessionId: "",
+    geometry: undefined,
+    retrieval: undefined,
+    maxContextTokens: 0,
+    metadata: Buffer.alloc(0),
+    reserveTokens: undefined,
+  };
 }
 
 export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
@@ -280,6 +326,9 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
     }
     if (message.metadata.length !== 0) {
       writer.uint32(42).bytes(message.metadata);
+    }
+    if (message.reserveTokens !== undefined) {
+      writer.uint32(48).uint32(message.reserveTokens);
     }
     return writer;
   },
@@ -337,6 +386,14 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
             message.metadata = Buffer.from(reader.bytes());
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.reserveTokens = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -364,6 +421,11 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
         ? globalThis.Number(object.max_context_tokens)
         : 0,
       metadata: isSet(object.metadata) ? Buffer.from(bytesFromBase64(object.metadata)) : Buffer.alloc(0),
+      reserveTokens: isSet(object.reserveTokens)
+        ? globalThis.Number(object.reserveTokens)
+        : isSet(object.reserve_tokens)
+        ? globalThis.Number(object.reserve_tokens)
+        : undefined,
     };
   },
 
@@ -384,6 +446,9 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
     if (message.metadata.length !== 0) {
       obj.metadata = base64FromBytes(message.metadata);
     }
+    if (message.reserveTokens !== undefined) {
+      obj.reserveTokens = Math.round(message.reserveTokens);
+    }
     return obj;
   },
 
@@ -401,6 +466,7 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
       : undefined;
     message.maxContextTokens = object.maxContextTokens ?? 0;
     message.metadata = object.metadata ?? Buffer.alloc(0);
+    message.reserveTokens = object.reserveTokens ?? undefined;
     return message;
   },
 };
@@ -620,6 +686,7 @@ function createBaseAttachSessionResponse(): AttachSessionResponse {
     maxContextTokens: 0,
     metadata: Buffer.alloc(0),
     committedPages: [],
+    reservedTokens: 0,
   };
 }
 
@@ -664,6 +731,9 @@ export const AttachSessionResponse: MessageFns<AttachSessionResponse> = {
         writer.uint32(v);
       }
       writer.join();
+    }
+    if (message.reservedTokens !== 0) {
+      writer.uint32(104).uint32(message.reservedTokens);
     }
     return writer;
   },
@@ -787,6 +857,14 @@ export const AttachSessionResponse: MessageFns<AttachSessionResponse> = {
 
             break;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.reservedTokens = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -825,6 +903,11 @@ export const AttachSessionResponse: MessageFns<AttachSessionResponse> = {
         : globalThis.Array.isArray(object?.committed_pages)
         ? object.committed_pages.map((e: any) => globalThis.Number(e))
         : [],
+      reservedTokens: isSet(object.reservedTokens)
+        ? globalThis.Number(object.reservedTokens)
+        : isSet(object.reserved_tokens)
+        ? globalThis.Number(object.reserved_tokens)
+        : 0,
     };
   },
 
@@ -866,6 +949,9 @@ export const AttachSessionResponse: MessageFns<AttachSessionResponse> = {
     if (message.committedPages?.length) {
       obj.committedPages = message.committedPages.map((e) => Math.round(e));
     }
+    if (message.reservedTokens !== 0) {
+      obj.reservedTokens = Math.round(message.reservedTokens);
+    }
     return obj;
   },
 
@@ -900,6 +986,7 @@ export const AttachSessionResponse: MessageFns<AttachSessionResponse> = {
     message.maxContextTokens = object.maxContextTokens ?? 0;
     message.metadata = object.metadata ?? Buffer.alloc(0);
     message.committedPages = object.committedPages?.map((e) => e) || [];
+    message.reservedTokens = object.reservedTokens ?? 0;
     return message;
   },
 };
@@ -1559,7 +1646,15 @@ export const GetStatsRequest: MessageFns<GetStatsRequest> = {
 };
 
 function createBaseGetStatsResponse(): GetStatsResponse {
-  return { sessions: 0, segmentBytes: 0, committedPages: 0, capacityBytes: 0 };
+  return {
+    sessions: 0,
+    segmentBytes: 0,
+    committedPages: 0,
+    capacityBytes: 0,
+    reservedBytes: 0,
+    allocatedBytes: 0,
+    apparentBytes: 0,
+  };
 }
 
 export const GetStatsResponse: MessageFns<GetStatsResponse> = {
@@ -1575,6 +1670,15 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
     }
     if (message.capacityBytes !== 0) {
       writer.uint32(32).uint64(message.capacityBytes);
+    }
+    if (message.reservedBytes !== 0) {
+      writer.uint32(40).uint64(message.reservedBytes);
+    }
+    if (message.allocatedBytes !== 0) {
+      writer.uint32(48).uint64(message.allocatedBytes);
+    }
+    if (message.apparentBytes !== 0) {
+      writer.uint32(56).uint64(message.apparentBytes);
     }
     return writer;
   },
@@ -1624,6 +1728,30 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
             message.capacityBytes = longToNumber(reader.uint64());
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.reservedBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.allocatedBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.apparentBytes = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1654,6 +1782,21 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
         : isSet(object.capacity_bytes)
         ? globalThis.Number(object.capacity_bytes)
         : 0,
+      reservedBytes: isSet(object.reservedBytes)
+        ? globalThis.Number(object.reservedBytes)
+        : isSet(object.reserved_bytes)
+        ? globalThis.Number(object.reserved_bytes)
+        : 0,
+      allocatedBytes: isSet(object.allocatedBytes)
+        ? globalThis.Number(object.allocatedBytes)
+        : isSet(object.allocated_bytes)
+        ? globalThis.Number(object.allocated_bytes)
+        : 0,
+      apparentBytes: isSet(object.apparentBytes)
+        ? globalThis.Number(object.apparentBytes)
+        : isSet(object.apparent_bytes)
+        ? globalThis.Number(object.apparent_bytes)
+        : 0,
     };
   },
 
@@ -1671,6 +1814,15 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
     if (message.capacityBytes !== 0) {
       obj.capacityBytes = Math.round(message.capacityBytes);
     }
+    if (message.reservedBytes !== 0) {
+      obj.reservedBytes = Math.round(message.reservedBytes);
+    }
+    if (message.allocatedBytes !== 0) {
+      obj.allocatedBytes = Math.round(message.allocatedBytes);
+    }
+    if (message.apparentBytes !== 0) {
+      obj.apparentBytes = Math.round(message.apparentBytes);
+    }
     return obj;
   },
 
@@ -1683,6 +1835,9 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
     message.segmentBytes = object.segmentBytes ?? 0;
     message.committedPages = object.committedPages ?? 0;
     message.capacityBytes = object.capacityBytes ?? 0;
+    message.reservedBytes = object.reservedBytes ?? 0;
+    message.allocatedBytes = object.allocatedBytes ?? 0;
+    message.apparentBytes = object.apparentBytes ?? 0;
     return message;
   },
 };
@@ -2799,6 +2954,188 @@ export const ImportSessionResponse: MessageFns<ImportSessionResponse> = {
   },
 };
 
+function createBaseReserveContextRequest(): ReserveContextRequest {
+  return { sessionId: "", tokens: 0 };
+}
+
+export const ReserveContextRequest: MessageFns<ReserveContextRequest> = {
+  encode(message: ReserveContextRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sessionId !== "") {
+      writer.uint32(10).string(message.sessionId);
+    }
+    if (message.tokens !== 0) {
+      writer.uint32(16).uint32(message.tokens);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReserveContextRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReserveContextRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sessionId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.tokens = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReserveContextRequest {
+    return {
+      sessionId: isSet(object.sessionId)
+        ? globalThis.String(object.sessionId)
+        : isSet(object.session_id)
+        ? globalThis.String(object.session_id)
+        : "",
+      tokens: isSet(object.tokens) ? globalThis.Number(object.tokens) : 0,
+    };
+  },
+
+  toJSON(message: ReserveContextRequest): unknown {
+    const obj: any = {};
+    if (message.sessionId !== "") {
+      obj.sessionId = message.sessionId;
+    }
+    if (message.tokens !== 0) {
+      obj.tokens = Math.round(message.tokens);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ReserveContextRequest>, I>>(base?: I): ReserveContextRequest {
+    return ReserveContextRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ReserveContextRequest>, I>>(object: I): ReserveContextRequest {
+    const message = createBaseReserveContextRequest();
+    message.sessionId = object.sessionId ?? "";
+    message.tokens = object.tokens ?? 0;
+    return message;
+  },
+};
+
+function createBaseReserveContextResponse(): ReserveContextResponse {
+  return { reservedTokens: 0, reservedBytes: 0 };
+}
+
+export const ReserveContextResponse: MessageFns<ReserveContextResponse> = {
+  encode(message: ReserveContextResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.reservedTokens !== 0) {
+      writer.uint32(8).uint32(message.reservedTokens);
+    }
+    if (message.reservedBytes !== 0) {
+      writer.uint32(16).uint64(message.reservedBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReserveContextResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReserveContextResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.reservedTokens = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.reservedBytes = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReserveContextResponse {
+    return {
+      reservedTokens: isSet(object.reservedTokens)
+        ? globalThis.Number(object.reservedTokens)
+        : isSet(object.reserved_tokens)
+        ? globalThis.Number(object.reserved_tokens)
+        : 0,
+      reservedBytes: isSet(object.reservedBytes)
+        ? globalThis.Number(object.reservedBytes)
+        : isSet(object.reserved_bytes)
+        ? globalThis.Number(object.reserved_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: ReserveContextResponse): unknown {
+    const obj: any = {};
+    if (message.reservedTokens !== 0) {
+      obj.reservedTokens = Math.round(message.reservedTokens);
+    }
+    if (message.reservedBytes !== 0) {
+      obj.reservedBytes = Math.round(message.reservedBytes);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ReserveContextResponse>, I>>(base?: I): ReserveContextResponse {
+    return ReserveContextResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ReserveContextResponse>, I>>(object: I): ReserveContextResponse {
+    const message = createBaseReserveContextResponse();
+    message.reservedTokens = object.reservedTokens ?? 0;
+    message.reservedBytes = object.reservedBytes ?? 0;
+    return message;
+  },
+};
+
 /**
  * The CPU tier. Owns the shared-memory segments that hold a session's head-major (HND) page
  * store, the double-buffered staging area, the partial-page tail and the page manifest. Page
@@ -2858,6 +3195,21 @@ export const KvStoreServiceService = {
       Buffer.from(ListSessionsResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ListSessionsResponse => ListSessionsResponse.decode(value),
   },
+  /**
+   * Commit memory for more of a session's context (its store is reserved at its full size but
+   * backed only as far as this reservation); idempotent; RESOURCE_EXHAUSTED when capacity is short.
+   */
+  reserveContext: {
+    path: "/freekv.v1.KvStoreService/ReserveContext" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ReserveContextRequest): Buffer =>
+      Buffer.from(ReserveContextRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ReserveContextRequest => ReserveContextRequest.decode(value),
+    responseSerialize: (value: ReserveContextResponse): Buffer =>
+      Buffer.from(ReserveContextResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ReserveContextResponse => ReserveContextResponse.decode(value),
+  },
 } as const;
 
 export interface KvStoreServiceServer extends UntypedServiceImplementation {
@@ -2869,6 +3221,11 @@ export interface KvStoreServiceServer extends UntypedServiceImplementation {
   releaseSession: handleUnaryCall<ReleaseSessionRequest, ReleaseSessionResponse>;
   getStats: handleUnaryCall<GetStatsRequest, GetStatsResponse>;
   listSessions: handleUnaryCall<ListSessionsRequest, ListSessionsResponse>;
+  /**
+   * Commit memory for more of a session's context (its store is reserved at its full size but
+   * backed only as far as this reservation); idempotent; RESOURCE_EXHAUSTED when capacity is short.
+   */
+  reserveContext: handleUnaryCall<ReserveContextRequest, ReserveContextResponse>;
 }
 
 export interface KvStoreServiceClient extends Client {
@@ -2949,6 +3306,25 @@ export interface KvStoreServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ListSessionsResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Commit memory for more of a session's context (its store is reserved at its full size but
+   * backed only as far as this reservation); idempotent; RESOURCE_EXHAUSTED when capacity is short.
+   */
+  reserveContext(
+    request: ReserveContextRequest,
+    callback: (error: ServiceError | null, response: ReserveContextResponse) => void,
+  ): ClientUnaryCall;
+  reserveContext(
+    request: ReserveContextRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ReserveContextResponse) => void,
+  ): ClientUnaryCall;
+  reserveContext(
+    request: ReserveContextRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ReserveContextResponse) => void,
   ): ClientUnaryCall;
 }
 

@@ -1,0 +1,178 @@
+/**
+ * Memory that follows the context, in process over real /dev/shm segments: a session's store is
+ * backed only as far as its reservation, and what the kvstore counts (reserved_bytes) is what the
+ * kernel really allocated (st_blocks), checked after every change on random shapes; reservations
+ * grow in extents, never shrink, stop at the capacity (RESOURCE_EXHAUSTED, falling back to exactly
+ * what was asked near it), are refused past max_context_tokens; commits past the reservation are
+ * refused; released memory is reused.
+ *
+ * Not here: fallocate failing with ENOSPC (mapped to RESOURCE_EXHAUSTED). On a host whose
+ * /dev/shm is larger than its memory, a reservation past the memory meets the OOM killer before
+ * ENOSPC; it needs a small private tmpfs (a mount namespace) to test safely.
+ */
+import { afterEach, describe, expect, it } from "vitest";
+import { status } from "@grpc/grpc-js";
+import { createLogger } from "../../services/common/log.js";
+import { MemoryDirectory } from "../../services/kvstore/directory.js";
+import { KvStore } from "../../services/kvstore/store.js";
+import { capacityPages, computeLayout } from "../../services/kvstore/layout.js";
+import { resolveRetrieval } from "../../services/common/retrieval.js";
+import { crc32c } from "../../services/common/crc32c.js";
+import { loadAddon } from "../../native/binding.js";
+import { shmSegments } from "../helpers/services.js";
+import { prng } from "../helpers/prng.js";
+
+const log = createLogger("test", "silent");
+const stores: KvStore[] = [];
+afterEach(async () => {
+  for (const s of stores.splice(0)) await s.shutdown(false);
+});
+const seed = Number(process.env.FREEKV_TEST_SEED) || (Date.now() ^ (process.pid << 10)) >>> 0;
+const rand = prng(seed);
+const int = (lo: number, hi: number) => lo + Math.floor(rand() * (hi - lo + 1));
+
+/** A random small geometry (float32 K/V) and page size; pages often not a multiple of 4 KiB. */
+function randomShape() {
+  const kvHeads = int(1, 3);
+  const G = { layers: int(1, 5), queryHeads: kvHeads * int(1, 2), kvHeads, headDim: 4 * int(1, 8), kvDtype: 1 };
+  const pageSize = [4, 8, 16, 32][int(0, 3)];
+  const R = { pageSize, sinkTokens: pageSize, windowTokens: pageSize, selectTokens: 2 * pageSize };
+  return { G, R };
+}
+
+/**
+ * The bytes a session should hold, from first principles: the three small segments (their sizes
+ * as made) plus, for the store, the 4 KiB pages that any layer's reserved bytes
+ * [l*stride, l*stride + pages*pageBytes) touch, counted once.
+ */
+function expectedBytes(G: { layers: number }, layout: ReturnType<typeof computeLayout>, pages: number): number {
+  const fixed = 2 * layout.stagingBufferBytes + layout.tailBytes + layout.manifestBytes;
+  const touched = new Set<number>();
+  for (let l = 0; l < G.layers && pages > 0; l++) {
+    const a = l * layout.layerStride;
+    const b = a + pages * layout.pageBytes;
+    for (let p = Math.floor(a / 4096); p < Math.ceil(b / 4096); p++) touched.add(p);
+  }
+  return fixed + touched.size * 4096;
+}
+
+const commit = (sessionId: string, layer: number, firstPage: number, count: number, contextTokens: number, checksums: number[] = []) => ({
+  sessionId,
+  layer,
+  firstPage,
+  count,
+  contextTokens,
+  checksums,
+  metadata: Buffer.alloc(0),
+  layers: [],
+});
+
+describe(`kvstore reservations (seed ${seed})`, () => {
+  it("a session with a huge max context commits only its extents; counted bytes equal the real allocation as it grows", async () => {
+    for (let trial = 0; trial < 6; trial++) {
+      const { G, R } = randomShape();
+      const extent = R.pageSize * int(1, 40);
+      const s = new KvStore(new MemoryDirectory(), Number.MAX_SAFE_INTEGER, log, undefined, false, extent);
+      stores.push(s);
+      const maxContext = int(200_000, 1_000_000);
+      const first = int(1, 3 * extent);
+      const a = await s.attach({ sessionId: `h${trial}`, geometry: G, retrieval: R as never, maxContextTokens: maxContext, metadata: Buffer.alloc(0), reserveTokens: first });
+      const layout = computeLayout(G, resolveRetrieval(R as never, G.layers, "retrieval", maxContext), capacityPages(maxContext, R.pageSize));
+      const check = (tokens: number) => {
+        const st = s.stats();
+        const pages = Math.ceil(tokens / R.pageSize);
+        expect(Number(st.reservedBytes)).toBe(expectedBytes(G, layout, pages));
+        expect(Number(st.allocatedBytes)).toBe(Number(st.reservedBytes));
+        expect(Number(st.segmentBytes)).toBe(Number(st.reservedBytes));
+        // The apparent size is every segment at its full size; the store's share of it is not counted.
+        expect(Number(st.apparentBytes)).toBe(layout.storeBytes + 2 * layout.stagingBufferBytes + layout.tailBytes + layout.manifestBytes);
+        expect(Number(st.reservedBytes)).toBeLessThan(Number(st.apparentBytes));
+      };
+      let reserved = Math.ceil(first / extent) * extent;
+      expect(a.reservedTokens).toBe(reserved);
+      expect(s.reservedTokens(`h${trial}`)).toBe(reserved);
+      check(reserved);
+      // Growth across extents as a context would; smaller and equal requests change nothing.
+      for (let step = 0; step < 6; step++) {
+        const want = rand() < 0.3 ? int(0, reserved) : reserved + int(1, 2 * extent);
+        const r = await s.reserve(`h${trial}`, want);
+        if (want > reserved) reserved = Math.ceil(want / extent) * extent;
+        expect(r.reservedTokens).toBe(reserved);
+        expect(r.reservedBytes).toBe(expectedBytes(G, layout, Math.ceil(reserved / R.pageSize)));
+        check(reserved);
+      }
+    }
+  });
+
+  it("a reservation past the capacity is RESOURCE_EXHAUSTED; near it, exactly the tokens asked for; released memory is reused", async () => {
+    const G = { layers: 2, queryHeads: 2, kvHeads: 1, headDim: 32, kvDtype: 1 }; // 4 KiB pages of 16 tokens
+    const R = { pageSize: 16, sinkTokens: 16, windowTokens: 16, selectTokens: 32 } as never;
+    const extent = 1024;
+    const layout = computeLayout(G, resolveRetrieval(R, 2, "retrieval", 100_000), capacityPages(100_000, 16));
+    const bytesAt = (tokens: number) => expectedBytes(G, layout, Math.ceil(tokens / 16));
+    // Room for one session at one extent and another at 200 tokens, not at a whole extent.
+    const capacity = bytesAt(extent) + bytesAt(200) + 100;
+    const s = new KvStore(new MemoryDirectory(), capacity, log, undefined, false, extent);
+    stores.push(s);
+    const base = { geometry: G, retrieval: R, maxContextTokens: 100_000, metadata: Buffer.alloc(0) };
+    expect((await s.attach({ ...base, sessionId: "a", reserveTokens: 10 })).reservedTokens).toBe(extent);
+    expect((await s.attach({ ...base, sessionId: "b", reserveTokens: 0 })).reservedTokens).toBe(0);
+    // A whole extent does not fit, 200 tokens do: b gets exactly 200 (rounded to pages in memory).
+    expect(await s.reserve("b", 200)).toEqual({ reservedTokens: 200, reservedBytes: bytesAt(200) });
+    const e = await s.reserve("b", 300).catch((x) => x);
+    expect(e).toMatchObject({ code: status.RESOURCE_EXHAUSTED, message: expect.stringMatching(/more bytes of shared memory to reserve 300 tokens/) });
+    // Nothing changed by the refusal.
+    expect(s.reservedTokens("b")).toBe(200);
+    expect(Number(s.stats().allocatedBytes)).toBe(bytesAt(extent) + bytesAt(200));
+    await expect(s.attach({ ...base, sessionId: "c", reserveTokens: 1 })).rejects.toMatchObject({ code: status.RESOURCE_EXHAUSTED });
+    // Released memory is reused: a's extent goes to b.
+    expect(await s.release("a")).toBe(true);
+    expect(Number(s.stats().allocatedBytes)).toBe(bytesAt(200));
+    expect((await s.reserve("b", 300)).reservedTokens).toBe(extent);
+    expect(Number(s.stats().allocatedBytes)).toBe(bytesAt(extent));
+    expect(Number(s.stats().reservedBytes)).toBe(bytesAt(extent));
+  });
+
+  it("refuses commits past the reservation (FAILED_PRECONDITION) and takes them once reserved; bad requests get their status", async () => {
+    const G = { layers: 3, queryHeads: 2, kvHeads: 2, headDim: 12, kvDtype: 1 }; // 3 KiB pages: ranges share OS pages
+    const R = { pageSize: 16, sinkTokens: 16, windowTokens: 16, selectTokens: 32 } as never;
+    const s = new KvStore(new MemoryDirectory(), Number.MAX_SAFE_INTEGER, log, undefined, false, 64);
+    stores.push(s);
+    const a = await s.attach({ sessionId: "p", geometry: G, retrieval: R, maxContextTokens: 4096, metadata: Buffer.alloc(0), reserveTokens: 64 });
+    expect(a.reservedTokens).toBe(64); // 4 pages per layer
+    const layout = computeLayout(G, resolveRetrieval(R, 3, "retrieval", 4096), capacityPages(4096, 16));
+    // Random page contents within the reservation, committed with their CRC32C.
+    const seg = loadAddon().ShmSegment.open(a.store!.name);
+    const store = new Uint8Array(seg.buffer());
+    const fill = (layer: number, page: number) => {
+      const off = layer * layout.layerStride + page * layout.pageBytes;
+      for (let i = 0; i < layout.pageBytes; i++) store[off + i] = int(0, 255);
+      return crc32c(store.subarray(off, off + layout.pageBytes));
+    };
+    const crcs = [0, 1, 2, 3].map((p) => fill(2, p));
+    expect(await s.commit(commit("p", 2, 0, 4, 70, crcs))).toBe(4);
+    const past = await s.commit(commit("p", 2, 4, 1, 80)).catch((x) => x);
+    expect(past).toMatchObject({ code: status.FAILED_PRECONDITION, message: expect.stringMatching(/reach past the session's reservation of 4 pages \(64 tokens\)/) });
+    expect(s.record("p")!.committedPages).toEqual([0, 0, 4]);
+    // Reserved: the page is written and committed (its checksum read from memory now backed).
+    expect((await s.reserve("p", 65)).reservedTokens).toBe(128);
+    const c4 = fill(2, 4);
+    expect(await s.commit(commit("p", 2, 4, 1, 80, [c4]))).toBe(5);
+    // The pages written before the growth are intact (the growth allocated around them).
+    for (let p = 0; p < 4; p++) {
+      const off = 2 * layout.layerStride + p * layout.pageBytes;
+      expect(crc32c(store.subarray(off, off + layout.pageBytes))).toBe(crcs[p]);
+    }
+    // Bounds: past max_context_tokens, not an integer, an unknown or malformed session.
+    await expect(s.reserve("p", 4097)).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
+    expect(() => s.reserve("p", 1.5)).toThrow(expect.objectContaining({ code: status.INVALID_ARGUMENT }));
+    expect(() => s.reserve("p", -1)).toThrow(expect.objectContaining({ code: status.INVALID_ARGUMENT }));
+    await expect(s.reserve("nobody", 10)).rejects.toMatchObject({ code: status.NOT_FOUND });
+    expect(() => s.reserve("a b", 10)).toThrow(expect.objectContaining({ code: status.INVALID_ARGUMENT }));
+    await expect(s.attach({ sessionId: "q", geometry: G, retrieval: R, maxContextTokens: 100, metadata: Buffer.alloc(0), reserveTokens: 101 })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
+    // Re-attach with reserve_tokens grows the reservation like ReserveContext.
+    expect((await s.attach({ sessionId: "p", geometry: undefined, retrieval: undefined, maxContextTokens: 0, metadata: Buffer.alloc(0), reserveTokens: 1000 })).reservedTokens).toBe(1024);
+    expect(Number(s.stats().allocatedBytes)).toBe(Number(s.stats().reservedBytes));
+    seg.close();
+  });
+});
