@@ -359,7 +359,8 @@ describe("session transfer between kvstores", () => {
   it("refuses a session bigger than the free capacity (RESOURCE_EXHAUSTED) before touching memory", async () => {
     const baseline = await stats(b!.address);
     const segments = shmSegments();
-    // A consistent header of a session that needs more than B's 8 MiB.
+    // A consistent header of a session whose context needs more than B's 8 MiB (an import
+    // reserves the context it brings).
     const maxCtx = 1 << 16;
     const retrieval = (exported[0].item as { value: SessionTransferHeader }).value.retrieval!;
     const cap = capacityPages(maxCtx, retrieval.pageSize);
@@ -367,6 +368,7 @@ describe("session transfer between kvstores", () => {
     const h: SessionTransferHeader = {
       ...structuredClone((exported[0].item as { value: SessionTransferHeader }).value),
       maxContextTokens: maxCtx,
+      contextTokens: maxCtx,
       layout: { pageSize: retrieval.pageSize, capacityPages: cap, pageBytes: L.pageBytes, headPageBytes: L.headPageBytes, layerStrideBytes: L.layerStride, stagingBufferBytes: L.stagingBufferBytes, tailLayerBytes: L.tailLayerBytes },
       tailBytes: L.tailBytes,
       manifestBytes: L.manifestBytes,
