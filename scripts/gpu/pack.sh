@@ -17,7 +17,7 @@ cp native/build/Release/freekv.node .gpu/freekv.node
 cp native/build/Release/freekv_shm.node .gpu/freekv_shm.node
 gomp=$(ldd native/build/Release/freekv.node | awk '/libgomp/ {print $3}')
 [ -n "$gomp" ] && cp -L "$gomp" .gpu/lib/
-npx esbuild scripts/gpu/run-checks.ts --bundle --platform=node --format=esm --target=node20 \
+npx esbuild scripts/gpu/run-checks.ts --minify-whitespace --minify-syntax --bundle --platform=node --format=esm --target=node20 \
     --banner:js="import { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);" \
   --outfile=.gpu/run-checks.mjs --log-level=warning
 cp scripts/gpu/run.sh .gpu/run.sh

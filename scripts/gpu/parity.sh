@@ -19,10 +19,10 @@ if [ "${1:-}" = pack ]; then
   for f in .gpu/node.xz .gpu/freekv.node; do
     [ -e "$f" ] || { echo "$f is missing: run bash scripts/gpu/pack.sh first" >&2; exit 1; }
   done
-  npx esbuild scripts/gpu/parity.ts --bundle --platform=node --format=esm --target=node20 \
+  npx esbuild scripts/gpu/parity.ts --minify-whitespace --minify-syntax --bundle --platform=node --format=esm --target=node20 \
     --banner:js="import { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);" \
     --outfile=.gpu/parity.mjs --log-level=warning
-  npx esbuild scripts/gpu/runner-bench.ts --bundle --platform=node --format=esm --target=node20 \
+  npx esbuild scripts/gpu/runner-bench.ts --minify-whitespace --minify-syntax --bundle --platform=node --format=esm --target=node20 \
     --banner:js="import { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);" \
     --outfile=.gpu/runner-bench.mjs --log-level=warning
   # Which addon and which sources the run used (the GPU machine's copy has no .git).
