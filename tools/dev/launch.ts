@@ -56,13 +56,19 @@ export interface StartOptions {
    * the tiers in order (compute before the kvstore whose segments it maps).
    */
   detached?: boolean;
+  /**
+   * A command the service runs under, e.g. ["nsenter", "-t", pid, "-m", "--"] to run it in another
+   * process's mount namespace (tests with a small private /dev/shm).
+   */
+  wrap?: string[];
 }
 
 /** Spawns a service and waits until it listens. Rejects (with its output) if it exits first. */
 export async function startService(name: ServiceName, opts: StartOptions = {}): Promise<ServiceProcess> {
   const { args } = serviceEntry(name);
   const env: Record<string, string | undefined> = { ...process.env, ...opts.env };
-  const child = spawn(process.execPath, args, { env: env as NodeJS.ProcessEnv, stdio: ["ignore", "pipe", "pipe"], detached: opts.detached ?? false });
+  const [cmd, ...cmdArgs] = opts.wrap?.length ? [...opts.wrap, process.execPath, ...args] : [process.execPath, ...args];
+  const child = spawn(cmd, cmdArgs, { env: env as NodeJS.ProcessEnv, stdio: ["ignore", "pipe", "pipe"], detached: opts.detached ?? false });
   const output: string[] = [];
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
     child.once("exit", (code, signal) => resolve({ code, signal }));
@@ -148,13 +154,14 @@ export interface Tiers {
 
 /** Starts the kvstore, then compute pointed at it; both on ephemeral ports unless env says otherwise. */
 export async function startTiers(
-  opts: { kvstoreEnv?: Record<string, string | undefined>; computeEnv?: Record<string, string | undefined>; echo?: boolean; timeoutMs?: number; detached?: boolean } = {},
+  opts: { kvstoreEnv?: Record<string, string | undefined>; computeEnv?: Record<string, string | undefined>; echo?: boolean; timeoutMs?: number; detached?: boolean; wrap?: string[] } = {},
 ): Promise<Tiers> {
   const kvstore = await startService("kvstore", {
     env: { FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_METRICS_PORT: "0", ...opts.kvstoreEnv },
     echo: opts.echo,
     timeoutMs: opts.timeoutMs,
     detached: opts.detached,
+    wrap: opts.wrap,
   });
   let compute: ServiceProcess;
   try {
@@ -163,6 +170,7 @@ export async function startTiers(
       echo: opts.echo,
       timeoutMs: opts.timeoutMs,
       detached: opts.detached,
+      wrap: opts.wrap,
     });
   } catch (e) {
     await kvstore.stop();

@@ -1,0 +1,88 @@
+/**
+ * /dev/shm full under the kvstore's own segments, with real processes in a private mount
+ * namespace whose /dev/shm is a 48 MiB tmpfs (skipped where `unshare -m` is not permitted), and a
+ * kvstore told it may use far more (FREEKV_KVSTORE_CAPACITY_BYTES 1 GiB, an operator's mistake):
+ * a session whose memory does not fit is refused with RESOURCE_EXHAUSTED naming /dev/shm (the
+ * kvstore commits memory with fallocate, so a full tmpfs is an error code, not a later SIGBUS),
+ * counted; both processes keep serving, a session made before keeps generating exactly as a fresh
+ * run, and what the refused session had taken is given back (a smaller session fits afterwards).
+ */
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { afterAll, describe, expect, it } from "vitest";
+import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
+import { GenerateRequest, type ComputeServiceClient, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
+import { healthCheck } from "../helpers/grpc-probes.js";
+import { prng } from "../helpers/prng.js";
+import { ATTENTION, QUIET, computeClient, fetchMetrics, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
+
+const canUnshare = spawnSync("unshare", ["-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], { stdio: "ignore" }).status === 0;
+const cleanup: (() => Promise<unknown> | unknown)[] = [];
+afterAll(async () => {
+  for (const f of cleanup.reverse()) await f();
+});
+const seed = Number(process.env.FREEKV_TEST_SEED ?? Date.now() % 1e9);
+const rand = prng(seed);
+const R = { pageSize: 16, sinkTokens: 16, windowTokens: 32, selectTokens: 64 };
+// 16 KiB of K/V per token: 48 MiB of tmpfs holds ~3000 tokens of it.
+const G = { layers: 4, queryHeads: 8, kvHeads: 8, headDim: 128, kvDtype: 1 };
+
+function generate(client: ComputeServiceClient, req: Partial<GenerateRequest>): Promise<{ tokens: number[]; error?: ServiceError }> {
+  return new Promise((resolve) => {
+    const tokens: number[] = [];
+    const call = client.generate(GenerateRequest.fromPartial(req), new Metadata(), { deadline: Date.now() + 60_000 });
+    call.on("data", (m: GenerateResponse) => {
+      if (m.event?.$case === "chunk") tokens.push(...m.event.value.tokenIds);
+    });
+    call.on("error", (error: ServiceError) => resolve({ tokens, error }));
+    call.on("end", () => resolve({ tokens }));
+  });
+}
+
+/** A process holding a new mount namespace with a small tmpfs on /dev/shm; its pid for nsenter. */
+async function namespaceWithSmallShm(mib: number): Promise<ChildProcess> {
+  const holder = spawn("unshare", ["-m", "--propagation", "private", "sh", "-c", `mount -t tmpfs -o size=${mib}m tmpfs /dev/shm && echo ready && exec sleep 3600`], { stdio: ["ignore", "pipe", "inherit"] });
+  await new Promise<void>((resolve, reject) => {
+    holder.stdout!.once("data", () => resolve());
+    holder.once("exit", (code) => reject(new Error(`unshare exited ${code}`)));
+  });
+  return holder;
+}
+
+describe.skipIf(!canUnshare)("/dev/shm full under the kvstore", () => {
+  it("refuses what does not fit with RESOURCE_EXHAUSTED, keeps serving and gives the space back", async () => {
+    const holder = await namespaceWithSmallShm(48);
+    cleanup.push(() => holder.kill("SIGKILL"));
+    const wrap = ["nsenter", "-t", String(holder.pid), "-m", `--wd=${process.cwd()}`, "--"];
+    const tiers: Tiers = await startTiers({ wrap, kvstoreEnv: { ...QUIET, FREEKV_KVSTORE_CAPACITY_BYTES: String(1 << 30) }, computeEnv: { ...QUIET, FREEKV_THREADS: "2" } });
+    cleanup.push(() => tiers.stop());
+    const client = computeClient(tiers.compute.address);
+
+    // A model session made before: one turn.
+    const { session } = await unary<{ session: { sessionId: string } }>(client, "createSession", { retrieval: R, maxContextTokens: 512 });
+    const p1 = Array.from({ length: 60 }, () => 3 + Math.floor(rand() * 500));
+    const t1 = await generate(client, { sessionId: session.sessionId, prompt: { $case: "tokens", value: { ids: p1 } }, maxTokens: 10 });
+    expect(t1.error).toBeUndefined();
+
+    // 8192 tokens of attention K/V (128 MiB) cannot be placed in 48 MiB.
+    const big = await unary(client, "createSession", { sessionId: "too-big", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 8192 }).catch((e: ServiceError) => e);
+    expect((big as ServiceError).code).toBe(status.RESOURCE_EXHAUSTED);
+    expect((big as ServiceError).details).toMatch(/shm|shared memory|ENOSPC|no space/i);
+    expect(metricValue(await fetchMetrics(tiers.kvstore.metricsPort), "freekv_kvstore_rejected_total", 'reason="shm"')).toBeGreaterThanOrEqual(1);
+
+    // Both serving; the earlier session continues exactly like a fresh run over what it holds.
+    expect(tiers.compute.child.exitCode).toBeNull();
+    expect(tiers.kvstore.child.exitCode).toBeNull();
+    expect(await healthCheck(tiers.compute.address)).toBe("SERVING");
+    expect(await healthCheck(tiers.kvstore.address)).toBe("SERVING");
+    const p2 = Array.from({ length: 7 }, () => 3 + Math.floor(rand() * 500));
+    const t2 = await generate(client, { sessionId: session.sessionId, prompt: { $case: "tokens", value: { ids: p2 } }, maxTokens: 8 });
+    expect(t2.error).toBeUndefined();
+    const ref = await generate(client, { prompt: { $case: "tokens", value: { ids: [...p1, ...t1.tokens, ...p2] } }, maxTokens: 8, retrieval: R as never });
+    expect(t2.tokens).toEqual(ref.tokens);
+
+    // The refused session's partial allocation was given back: 1024 tokens (16 MiB) fit.
+    await unary(client, "createSession", { sessionId: "fits", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 1024 });
+    await unary(client, "closeSession", { sessionId: "fits" });
+    client.close();
+  }, 120_000);
+});
