@@ -33,6 +33,11 @@ export interface ShmSegment {
   punch(offset: number, length: number): void;
   /** Memory the segment really holds (st_blocks * 512). */
   allocatedBytes(): number;
+  /**
+   * CRC32C of each of `count` pages of `pageBytes` from `offset`, read through the mapping (works
+   * for segments over 4 GiB, which buffer() cannot cover); RangeError past the end.
+   */
+  crc32cPages(offset: number, pageBytes: number, count: number): Uint32Array;
 }
 
 export interface ShmSegmentStatic {

@@ -4,8 +4,8 @@
  * write by another process mapping the segment, a faulty DIMM) would otherwise be attended
  * silently. So:
  *
- * - at every commit the kvstore checksums the newly committed pages itself (CRC32C, natively:
- *   services/common/crc32c.ts), compares them with the checksums compute sent (when it sent them),
+ * - at every commit the kvstore checksums the newly committed pages itself (CRC32C, natively,
+ *   through the segment's mapping: ShmSegment.crc32cPages), compares them with the checksums compute sent (when it sent them),
  *   and keeps them here;
  * - a scrubber re-reads committed pages continuously at a bounded rate (FREEKV_SCRUB_BYTES_PER_S,
  *   in slices of a tenth of that every 100 ms, so the event loop is never held for long) and
@@ -21,7 +21,7 @@
  * at every step); and sessions a restarted kvstore adopted (their checksums are not persisted: the
  * first pass records them, later passes compare).
  */
-import { crc32cPages } from "../common/crc32c.js";
+import type { ShmSegment } from "../../native/shm.js";
 import type { Logger } from "../common/log.js";
 import type { KvStoreMetrics } from "./metrics.js";
 
@@ -32,7 +32,8 @@ export interface ScrubSession {
   committed: readonly number[];
   pageBytes: number;
   layerStride: number;
-  store: Uint8Array;
+  /** The store segment (read through its mapping: it may be larger than a JS buffer can cover). */
+  store: Pick<ShmSegment, "crc32cPages">;
 }
 
 export interface ScrubHost {
@@ -52,6 +53,7 @@ export class Scrubber {
   private timer: NodeJS.Timeout | undefined;
   private passStarted = Date.now();
   private passBytes = 0;
+  private lastErrorAt = 0;
 
   constructor(
     private readonly host: ScrubHost,
@@ -90,7 +92,12 @@ export class Scrubber {
       try {
         this.scrub(Math.max(1, Math.floor(this.opts.bytesPerSecond / 10)));
       } catch (e) {
-        this.opts.log.error({ err: (e as Error).message }, "scrubber slice failed");
+        // Reported once a minute at most (a slice runs ten times a second).
+        const now = Date.now();
+        if (now - this.lastErrorAt > 60_000) {
+          this.lastErrorAt = now;
+          this.opts.log.error({ err: (e as Error).message }, "scrubber slice failed");
+        }
       }
     }, 100);
     this.timer.unref();
@@ -131,7 +138,7 @@ export class Scrubber {
         continue;
       }
       const count = Math.max(1, Math.min(end - page, Math.floor((budget - read) / s.pageBytes)));
-      const got = crc32cPages(s.store, layer * s.layerStride + page * s.pageBytes, s.pageBytes, count);
+      const got = s.store.crc32cPages(layer * s.layerStride + page * s.pageBytes, s.pageBytes, count);
       read += count * s.pageBytes;
       const sums = this.sessions.get(s.id);
       const known = sums ? sums.known[layer] : 0;

@@ -16,7 +16,6 @@ import { resolveGeometry } from "../common/geometry.js";
 import { resolveRetrieval, toNativeRetrieval, validateRetrieval } from "../common/retrieval.js";
 import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFound, quoteId, resourceExhausted } from "../common/errors.js";
 import type { Logger } from "../common/log.js";
-import { crc32cPages } from "../common/crc32c.js";
 import { loadShm } from "../../native/shm.js";
 import type { ScrubHost, ScrubSession, Scrubber } from "./scrubber.js";
 import type { SessionDirectory, SessionRecord } from "./directory.js";
@@ -431,10 +430,9 @@ export class KvStore implements ScrubHost {
       // Every newly committed page is checksummed here (natively), checked against what compute
       // sent when it sent checksums, and kept for the scrubber.
       const layout = l.layout;
-      const store = new Uint8Array(l.segments.store.buffer());
       const sums: Uint32Array[] = [];
       for (const [i, e] of entries.entries()) {
-        const got = crc32cPages(store, e.layer * layout.layerStride + e.firstPage * layout.pageBytes, layout.pageBytes, e.count);
+        const got = l.segments.store.crc32cPages(e.layer * layout.layerStride + e.firstPage * layout.pageBytes, layout.pageBytes, e.count);
         sums.push(got);
         for (let k = 0; k < e.checksums.length; k++) {
           if (got[k] !== e.checksums[k] >>> 0) {
@@ -494,7 +492,7 @@ export class KvStore implements ScrubHost {
       if (l.corrupt) continue;
       const r = l.record;
       const layout = computeLayout(r.geometry, r.retrieval, r.capacityPages);
-      out.push({ id, committed: r.committedPages, pageBytes: layout.pageBytes, layerStride: layout.layerStride, store: new Uint8Array(l.segments.store.buffer()) });
+      out.push({ id, committed: r.committedPages, pageBytes: layout.pageBytes, layerStride: layout.layerStride, store: l.segments.store });
     }
     return out;
   }

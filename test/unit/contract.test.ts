@@ -64,8 +64,14 @@ describe("contract", () => {
     dv.setUint32(16 + 8, 5, true); // layer 1: 5 committed pages, 7 tail tokens
     dv.setUint32(16 + 12, 7, true);
     dv.setBigUint64(8, 167n, true);
-    expect(loadAddon().readManifest(b, 3)).toEqual({ valid: true, layers: 3, contextTokens: 167, committedPages: [0, 5, 0], tailTokens: [0, 7, 0] });
+    expect(loadAddon().readManifest(b, 3)).toEqual({ valid: true, corrupt: false, layers: 3, contextTokens: 167, committedPages: [0, 5, 0], tailTokens: [0, 7, 0] });
     expect(loadShm().readManifest(b, 2).valid).toBe(false);
+    // The kvstore's corrupt marker replaces the magic: not valid, corrupt, and said by manifestCorrupt.
+    expect(loadShm().manifestCorrupt(b)).toBe(false);
+    loadShm().markManifestCorrupt(b);
+    expect(loadAddon().manifestCorrupt(b)).toBe(true);
+    expect(loadShm().readManifest(b, 3)).toMatchObject({ valid: false, corrupt: true, contextTokens: 167 });
+    expect(() => loadShm().markManifestCorrupt(new ArrayBuffer(8))).toThrow(/no header/);
     expect(() => loadShm().initManifest(new ArrayBuffer(20), 2)).toThrow(/cannot hold 2 layers/);
   });
 });

@@ -15,6 +15,8 @@ import { KvStore } from "../../services/kvstore/store.js";
 import { loadShm } from "../../native/shm.js";
 import { crc32cJs } from "../../services/common/crc32c.js";
 import { prng } from "../helpers/prng.js";
+import { resolveRetrieval } from "../../services/common/retrieval.js";
+const resolveRetrievalFor = (r: never) => resolveRetrieval(r, 4);
 
 const seed = Number(process.env.FREEKV_TEST_SEED ?? Date.now() % 1e9);
 const rand = prng(seed);
@@ -113,5 +115,41 @@ describe("kvstore scrubber", () => {
     ).rejects.toMatchObject({ code: status.FAILED_PRECONDITION });
     expect(t.store.record("s")!.committedPages[0]).toBe(2);
     t.close();
+  });
+});
+
+describe("stores larger than 4 GiB", () => {
+  it("commits and scrubs pages past 4 GiB through the mapping (no JS buffer can cover the segment)", async () => {
+    const { openSync, writeSync, readSync, closeSync } = await import("node:fs");
+    // 4 layers of 262144 tokens x 8 KiB: the last layer starts at 6 GiB (sparse: only
+    // the pages written below are backed).
+    const Gb = { layers: 4, queryHeads: 8, kvHeads: 8, headDim: 128, kvDtype: 1 };
+    const Rb = { pageSize: 32, sinkTokens: 32, windowTokens: 32, selectTokens: 64 } as never;
+    const metrics = createKvStoreMetrics(new Registry());
+    const store = new KvStore(new MemoryDirectory(), 2 ** 40, log, metrics);
+    stores.push(store);
+    const scrubber = new Scrubber(store, { bytesPerSecond: 0, log, metrics });
+    store.scrubber = scrubber;
+    const a = store.attachLocal("big", Gb, { ...resolveRetrievalFor(Rb), tauSet: true } as never, 262144);
+    const l = a.layout!;
+    const pageBytes = Number(l.pageBytes), stride = Number(l.layerStrideBytes);
+    expect(stride * 3).toBeGreaterThan(2 ** 32);
+    const file = `/dev/shm${a.store!.name}`;
+    const fd = openSync(file, "r+");
+    const page = new Uint8Array(pageBytes);
+    for (let i = 0; i < pageBytes; i++) page[i] = Math.floor(rand() * 256);
+    for (let p = 0; p < 2; p++) writeSync(fd, page, 0, pageBytes, 3 * stride + p * pageBytes);
+    const sum = crc32cJs(page);
+    const r = await store.commitPages({ sessionId: "big", layer: 3, firstPage: 0, count: 2, checksums: [sum, sum], contextTokens: 64, metadata: Buffer.alloc(0), layers: [] });
+    expect(r.committedPages).toBe(2);
+    expect(scrubber.scrub(2 * pageBytes)).toBe(2 * pageBytes);
+    // A flipped bit past 4 GiB is found.
+    const b = Buffer.alloc(1);
+    readSync(fd, b, 0, 1, 3 * stride + pageBytes + 17);
+    b[0] ^= 4;
+    writeSync(fd, b, 0, 1, 3 * stride + pageBytes + 17);
+    closeSync(fd);
+    for (let i = 0; i < 3; i++) scrubber.scrub(2 * pageBytes);
+    expect((await metrics.corruptPages.get()).values[0].value).toBe(1);
   });
 });

@@ -10,6 +10,7 @@
 #include <system_error>
 
 #include "AddonModules.h"
+#include "shm/Crc32c.h"
 #include "shm/ShmSegment.h"
 
 namespace freekv::addon {
@@ -26,6 +27,7 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
                         InstanceMethod("buffer", &AddonShmSegment::Buffer), InstanceMethod("close", &AddonShmSegment::Close),
                         InstanceMethod("allocate", &AddonShmSegment::Allocate),
                         InstanceMethod("punch", &AddonShmSegment::Punch),
+                        InstanceMethod("crc32cPages", &AddonShmSegment::Crc32cPages),
                         InstanceMethod("allocatedBytes", &AddonShmSegment::AllocatedBytes)});
   }
   explicit AddonShmSegment(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AddonShmSegment>(info) {
@@ -114,6 +116,20 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
       throw Napi::Error::New(info.Env(), e.what());
     }
     return info.Env().Undefined();
+  }
+  // crc32cPages(offset, pageBytes, count): the CRC32C of each of `count` pages of the mapping from
+  // `offset` (shm/Crc32c.h), read through the mapping itself: no ArrayBuffer, so it works for
+  // segments larger than the 4 GiB a JS buffer can cover.
+  Napi::Value Crc32cPages(const Napi::CallbackInfo& info) {
+    Check(info.Env());
+    const size_t off = ByteArg(info, 0, "offset"), page = ByteArg(info, 1, "pageBytes"), count = ByteArg(info, 2, "count");
+    if (count > (size_t{1} << 30)) throw Napi::RangeError::New(info.Env(), "count must be <= 2^30");
+    if (count > 0 && (page == 0 || off > seg_->size() || (seg_->size() - off) / page < count))
+      throw Napi::RangeError::New(info.Env(), "pages [offset, offset + pageBytes * count) run past the end of the segment");
+    auto out = Napi::Uint32Array::New(info.Env(), count);
+    const auto* base = static_cast<const uint8_t*>(seg_->data()) + off;
+    for (size_t i = 0; i < count; i++) out[i] = Crc32c(base + i * page, page);
+    return out;
   }
   // punch(offset, length): frees the memory of those bytes.
   Napi::Value Punch(const Napi::CallbackInfo& info) {

@@ -20,7 +20,6 @@ import { resolveGeometry, toNativeGeometry } from "../../common/geometry.js";
 import type { Logger } from "../../common/log.js";
 import { resolveRetrieval, toNativeRetrieval } from "../../common/retrieval.js";
 import type { KvStoreClient } from "../kvstore-client.js";
-import { crc32c } from "../../common/crc32c.js";
 import { reservedPagesOf } from "../../kvstore/layout.js";
 import { ComputeSession, kindName, type SessionMetadata } from "./session.js";
 import { retrievalStats } from "./stats.js";
@@ -410,7 +409,9 @@ export class SessionManager {
   private queueCommit(s: ComputeSession): void {
     if (s.commitQueued) return;
     s.commitQueued = true;
-    s.commitChain = s.commitChain.then(() => this.sendCommit(s));
+    s.commitChain = s.commitChain
+      .then(() => this.sendCommit(s))
+      .catch((e: Error) => this.opts.log.error({ session: s.id, err: e.message }, "commit failed unexpectedly"));
   }
 
   /** The request that brings the kvstore from committedPages to commitTarget, with the metadata when it changed; undefined when there is nothing to send. */
@@ -423,11 +424,8 @@ export class SessionManager {
       let checksums: number[] = [];
       if (this.opts.commitChecksums && s.host && s.attach.layout) {
         const l = s.attach.layout;
-        const store = new Uint8Array(s.host.store.buffer());
-        for (let p = first; p < full; p++) {
-          const off = layer * l.layerStrideBytes + p * l.pageBytes;
-          checksums.push(crc32c(store.subarray(off, off + l.pageBytes)));
-        }
+        // Through the mapping (a store may be larger than the 4 GiB a JS buffer covers).
+        checksums = Array.from(s.host.store.crc32cPages(layer * Number(l.layerStrideBytes) + first * Number(l.pageBytes), Number(l.pageBytes), full - first));
       }
       entries.push({ layer, firstPage: first, count: full - first, checksums });
     }
@@ -447,7 +445,19 @@ export class SessionManager {
   private async sendCommit(s: ComputeSession): Promise<void> {
     s.commitQueued = false;
     if (s.lost) return;
-    const req = this.commitRequest(s);
+    let req: CommitPagesRequest | undefined;
+    try {
+      req = this.commitRequest(s);
+    } catch (e) {
+      // Preparing the commit failed here (not at the kvstore): the session is degraded, its calls
+      // are told, and the process keeps serving every other session.
+      const why = (e as Error).message;
+      s.commitError = new ServiceError(status.INTERNAL, `session ${quoteId(s.id)}: its pages could not be prepared for commit (${why})`);
+      s.commitFailures++;
+      this.opts.onCommitFailure?.();
+      this.opts.log.error({ session: s.id, err: why }, "preparing a commit failed; the session is degraded");
+      return;
+    }
     if (!req) return;
     const target = [...s.commitTarget];
     const withMetadata = req.metadata.length > 0;
