@@ -8,10 +8,11 @@
 #       --chars-per-token 3.77 --families single_needle,multi_key,multi_value,multi_query,variable_tracking,ordered_retrieval \
 #       --depths 0.15,0.5,0.85 --out .gpu/eval/tasks-$T.jsonl; done
 #
-# Runs (each under its own time limit, so one cut short leaves the others' results):
-#   1. the issue's budget, 512 sink + 1024 selected + 512 window, pages of 32, at 8K, 16K and 32K
-#      together (one chart of accuracy against context length), every mode;
-#   2. a smaller budget, 64 + 256 + 64 with pages of 16, at 32K, every mode.
+# Runs (each under its own time limit, so one cut short leaves the others' results; one per task
+# file, whose task ids repeat from one length to the next):
+#   1. the issue's budget, 512 sink + 1024 selected + 512 window, pages of 32, at 8K, 16K and 32K,
+#      every mode;
+#   2. a smaller budget, 64 + 256 + 64 with pages of 16, at 16K, every mode.
 # Writes eval-*.json / .svg / .txt under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,9 +22,8 @@ conc=${EVAL_CONCURRENCY:-8}
 modes=dense,oracle,speculative,freekv,sink_window
 # EVAL_PER_LENGTH tasks of each file (the files cycle through the families, so 12 = 2 per family).
 per=${EVAL_PER_LENGTH:-18}
-: > /tmp/eval-all.jsonl
-for T in 8192 16384 32768; do head -n "$per" .gpu/eval/tasks-$T.jsonl >> /tmp/eval-all.jsonl; done
-head -n "${EVAL_SMALL_PER_LENGTH:-$per}" .gpu/eval/tasks-32768.jsonl > /tmp/eval-long.jsonl
+for T in 8192 16384 32768; do head -n "$per" .gpu/eval/tasks-$T.jsonl > /tmp/eval-$T.jsonl; done
+head -n "${EVAL_SMALL_PER_LENGTH:-$per}" .gpu/eval/tasks-16384.jsonl > /tmp/eval-small.jsonl
 run() {  # run NAME SECONDS TASKS BUDGET PAGE
   local name=$1 limit=$2 tasks=$3 budget=$4 page=$5
   echo "[eval] $name: budget $budget, pages of $page, $(wc -l < "$tasks") tasks x 5 modes, limit $limit s"
@@ -33,5 +33,5 @@ run() {  # run NAME SECONDS TASKS BUDGET PAGE
   echo "[eval] $name: exit $?"
   grep -E "^all |^freekv |^dense |^oracle |^speculative |^sink_window " "$out/eval-$name.txt" | head -12
 }
-run budget2048 "${EVAL_MAIN_S:-300}" /tmp/eval-all.jsonl 512+1024+512 32
-run budget384 "${EVAL_SMALL_S:-150}" /tmp/eval-long.jsonl 64+256+64 16
+for T in 8192 16384 32768; do run "budget2048-$T" "${EVAL_MAIN_S:-100}" /tmp/eval-$T.jsonl 512+1024+512 32; done
+run budget384-16384 "${EVAL_SMALL_S:-100}" /tmp/eval-small.jsonl 64+256+64 16
