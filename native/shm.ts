@@ -20,8 +20,11 @@ import type { DType, GroupCombine, RecallMode, RetrievalMode, SummaryKind } from
 export interface ShmSegment {
   readonly name: string;
   readonly size: number;
-  /** The whole mapping as an ArrayBuffer (no copy). Detached by close(). */
-  buffer(): ArrayBuffer;
+  /**
+   * The whole mapping as an ArrayBuffer (no copy), or bytes [offset, offset + length) of it (how a
+   * segment over 4 GiB, more than one ArrayBuffer covers, is read). Detached by close().
+   */
+  buffer(offset?: number, length?: number): ArrayBuffer;
   /** Unmaps; buffers handed out are detached. The name stays until unlink(). */
   close(): void;
   /**

@@ -31,7 +31,7 @@ import type {
   KvStoreTransferServiceServer,
 } from "../../proto/gen/freekv/v1/kvstore.js";
 import { SessionPart } from "../../proto/gen/freekv/v1/kvstore.js";
-import { loadShm } from "../../native/shm.js";
+import { loadShm, type ShmSegment } from "../../native/shm.js";
 import { callScope } from "../common/cancellation.js";
 import { consume, send } from "../common/streams.js";
 import { crc32c } from "../common/crc32c.js";
@@ -71,8 +71,8 @@ const dataLoss = (message: string) => new ServiceError(status.DATA_LOSS, message
 interface Region {
   part: SessionPart;
   layer: number;
-  /** The segment's mapping. */
-  buffer: ArrayBuffer;
+  /** The segment's mapping, or the store segment until a range of it is mapped (see view). */
+  buffer: ArrayBuffer | ShmSegment;
   base: number;
   bytes: number;
 }
@@ -93,15 +93,33 @@ function regions(maps: Mappings, layerStride: number, pageBytes: number, pages: 
   return out;
 }
 
+/**
+ * The tail and manifest are mapped whole once; the store, which can be larger than the 4 GiB one
+ * ArrayBuffer covers (an 8B model's 32K session), is reached a range at a time: one ArrayBuffer
+ * per layer when the layer's exported pages fit in one, else one per chunk.
+ */
 interface Mappings {
-  store: ArrayBuffer;
+  store: ShmSegment;
   tail: ArrayBuffer;
   manifest: ArrayBuffer;
 }
 
-const mappings = (s: SessionSegments): Mappings => ({ store: s.store.buffer(), tail: s.tail.buffer(), manifest: s.manifest.buffer() });
+const mappings = (s: SessionSegments): Mappings => ({ store: s.store, tail: s.tail.buffer(), manifest: s.manifest.buffer() });
 
-const view = (r: Region, offset: number, n: number) => new Uint8Array(r.buffer, r.base + offset, n);
+const isSegment = (b: ArrayBuffer | ShmSegment): b is ShmSegment => typeof (b as ShmSegment).crc32cPages === "function";
+
+/** Largest range taken as one ArrayBuffer. */
+const MAX_RANGE = 2 ** 31;
+
+const view = (r: Region, offset: number, n: number): Uint8Array => {
+  if (!isSegment(r.buffer)) return new Uint8Array(r.buffer, r.base + offset, n);
+  if (r.bytes <= MAX_RANGE) {
+    r.buffer = r.buffer.buffer(r.base, r.bytes);
+    r.base = 0;
+    return new Uint8Array(r.buffer, offset, n);
+  }
+  return new Uint8Array(r.buffer.buffer(r.base + offset, n));
+};
 
 const partName = (p: SessionPart) => SessionPart[p] ?? String(p);
 
@@ -260,7 +278,7 @@ export class SessionImport {
     for (const r of this.plan) crc = crc32c(view(r, 0, r.bytes), crc);
     if (crc !== d.crc32c >>> 0) throw dataLoss(`digest: the session's CRC32C is ${crc.toString(16)} here, ${(d.crc32c >>> 0).toString(16)} at the sender; nothing was imported`);
     const h = this.header!;
-    const m = loadShm().readManifest(this.plan[this.plan.length - 1].buffer, h.exportedPages.length);
+    const m = loadShm().readManifest(this.plan[this.plan.length - 1].buffer as ArrayBuffer, h.exportedPages.length);
     if (!m.valid) throw invalidArgument("manifest", "the session's manifest is not a FreeKV manifest for its layers");
     m.committedPages.forEach((p, l) => {
       if (p > h.exportedPages[l]) throw invalidArgument("manifest", `layer ${l} has ${p} pages in its manifest, only ${h.exportedPages[l]} were sent`);

@@ -84,10 +84,19 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
     Check(info.Env());
     return Napi::Number::New(info.Env(), static_cast<double>(seg_->size()));
   }
-  // buffer(): an ArrayBuffer over the whole mapping (no copy).
+  // buffer(offset?, length?): an ArrayBuffer over the mapping, or over [offset, offset + length)
+  // of it (no copy): a range is how JS reaches segments larger than the 4 GiB one ArrayBuffer
+  // can cover.
   Napi::Value Buffer(const Napi::CallbackInfo& info) {
     Check(info.Env());
-    auto ab = Napi::ArrayBuffer::New(info.Env(), seg_->data(), seg_->size());
+    size_t off = 0, len = seg_->size();
+    if (info.Length() > 0 && !info[0].IsUndefined()) {
+      off = ByteArg(info, 0, "offset");
+      len = ByteArg(info, 1, "length");
+      if (off > seg_->size() || len > seg_->size() - off)
+        throw Napi::RangeError::New(info.Env(), "[offset, offset + length) runs past the end of the segment");
+    }
+    auto ab = Napi::ArrayBuffer::New(info.Env(), static_cast<uint8_t*>(seg_->data()) + off, len);
     buffers_.emplace_back(Napi::Persistent(ab));
     return ab;
   }
