@@ -16,7 +16,7 @@ import { readFileSync } from "node:fs";
 import { CloseSessionRequest, CreateSessionRequest, GenerateRequest, GetSessionRequest, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
 import { healthCheck } from "../../tools/dev/health-probe.js";
 import { prng } from "../helpers/prng.js";
-import { QUIET, computeClient, kvstoreClient, startTiers, unary, type Tiers } from "../helpers/services.js";
+import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
 
 const seed = Number(process.env.FREEKV_TEST_SEED ?? Date.now() % 1e9);
 const CALLS = Number(process.env.FREEKV_FUZZ_CALLS ?? 20_000);
@@ -87,6 +87,13 @@ function greedy(client: ReturnType<typeof computeClient>, req: Partial<GenerateR
     call.on("error", reject);
     call.on("end", () => resolve(out));
   });
+}
+
+/** RssAnon / RssShmem of a process, MiB (where its resident memory is). */
+function rssParts(pid: number): string {
+  const st = readFileSync(`/proc/${pid}/status`, "utf8");
+  const kb = (k: string) => Number(new RegExp(`${k}:\\s+(\\d+) kB`).exec(st)?.[1] ?? NaN);
+  return `anonymous ${(kb("RssAnon") / 1024).toFixed(0)} MiB, shared memory ${(kb("RssShmem") / 1024).toFixed(0)} MiB`;
 }
 
 function rssBytes(pid: number): number {
@@ -163,7 +170,9 @@ describe(`fuzz of the compute API (seed ${seed}, FREEKV_TEST_SEED)`, () => {
     expect(t2).toEqual(ref);
     // Compute's resident memory is back near where it started (no growth per call).
     const rssAfter = rssBytes(tiers.compute.child.pid!);
-    console.log(`fuzz: compute RSS ${(rssBefore / 2 ** 20).toFixed(0)} MiB before, ${(rssAfter / 2 ** 20).toFixed(0)} MiB after`);
+    const m = await fetchMetrics(tiers.compute.metricsPort);
+    const mib = (name: string) => ((metricValue(m, name) ?? NaN) / 2 ** 20).toFixed(0);
+    console.log(`fuzz: compute RSS ${(rssBefore / 2 ** 20).toFixed(0)} MiB before, ${(rssAfter / 2 ** 20).toFixed(0)} MiB after (V8 heap used ${mib("freekv_nodejs_heap_size_used_bytes")} of ${mib("freekv_nodejs_heap_size_total_bytes")} MiB, external ${mib("freekv_nodejs_external_memory_bytes")} MiB; ${rssParts(tiers.compute.child.pid!)})`);
     expect(rssAfter).toBeLessThan(rssBefore * 1.5 + (256 << 20));
 
     await unary(compute, "closeSession", { sessionId: ctrl });
