@@ -48,6 +48,8 @@ async function namespaceWithSmallShm(mib: number): Promise<ChildProcess> {
   return holder;
 }
 
+if (!canUnshare) console.log("shm-full: skipped: unshare -m (a private mount namespace) is not permitted on this machine");
+
 describe.skipIf(!canUnshare)("/dev/shm full under the kvstore", () => {
   it("refuses what does not fit with RESOURCE_EXHAUSTED, keeps serving and gives the space back", async () => {
     const holder = await namespaceWithSmallShm(48);

@@ -4,6 +4,7 @@
 #include <napi.h>
 
 #include <algorithm>
+#include <cstdlib>
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
@@ -214,7 +215,16 @@ void InitShm(Napi::Env env, Napi::Object exports) {
   // and their memory is kept when freed: a fuzz of 5,000 calls left compute at 645 MiB of
   // anonymous memory for 148 MiB with the threshold fixed (test/fault/fuzz.test.ts). A fixed
   // threshold (which turns the adjustment off) returns them to the system at free.
-  mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+  // FREEKV_MALLOC_MMAP_THRESHOLD sets it in bytes (default 262144); 0 leaves glibc's own policy.
+  {
+    static bool set = false;
+    if (!set) {
+      set = true;
+      long bytes = 256 * 1024;
+      if (const char* e = std::getenv("FREEKV_MALLOC_MMAP_THRESHOLD")) bytes = std::strtol(e, nullptr, 10);
+      if (bytes > 0) mallopt(M_MMAP_THRESHOLD, static_cast<int>(std::min<long>(bytes, 32L << 20)));
+    }
+  }
 #endif
   auto fn = AddonShmSegment::Define(env);
   AddonShmSegment::ctor = new Napi::FunctionReference(Napi::Persistent(fn));

@@ -411,7 +411,11 @@ export class SessionManager {
     s.commitQueued = true;
     s.commitChain = s.commitChain
       .then(() => this.sendCommit(s))
-      .catch((e: Error) => this.opts.log.error({ session: s.id, err: e.message }, "commit failed unexpectedly"));
+      .catch((e: Error) => {
+        // Not left in a log only: the session's next call is told (INTERNAL), as for a failed commit.
+        s.commitError ??= new ServiceError(status.INTERNAL, `session ${quoteId(s.id)}: a commit failed unexpectedly (${e.message})`);
+        this.opts.log.error({ session: s.id, err: e.message }, "commit failed unexpectedly; the session is degraded");
+      });
   }
 
   /** The request that brings the kvstore from committedPages to commitTarget, with the metadata when it changed; undefined when there is nothing to send. */
