@@ -2,7 +2,7 @@
  * CRC32C (Castagnoli), the checksum compute sends for each page it commits, that the kvstore
  * verifies at the commit and its scrubber re-checks later (services/kvstore/scrubber.ts).
  * `crc32c` and `crc32cPages` run natively (the shm addon, on the CPU's crc32 instruction: 6 GiB/s
- * measured on the development machine; the JavaScript below is an order of magnitude slower), so checksumming the pages of a commit
+ * measured on the development machine), so checksumming the pages of a commit
  * costs the event loop little; `crc32cJs` is the independent JavaScript definition the tests
  * compare against, and the fallback where the addon is not built.
  */
