@@ -125,6 +125,39 @@ describe(`admission (seed ${seed})`, () => {
     expect(Date.now() - t0).toBeLessThan(5000);
   });
 
+  it("refuses at once a request that could never fit while another waits for memory; the waiter runs when memory comes back", async () => {
+    const kv = kvstoreClient(small.kvstore.address);
+    const capacity = Math.floor(2.5 * perSession);
+    try {
+      // A session held at the kvstore directly leaves less than one request's memory free.
+      let hogTokens = PROMPT + MAX_TOKENS;
+      while (capacity - modelSessionBytes(geometry, DType.D_TYPE_FLOAT32, undefined, hogTokens) >= perSession) hogTokens += 8;
+      expect(modelSessionBytes(geometry, DType.D_TYPE_FLOAT32, undefined, hogTokens)).toBeLessThanOrEqual(capacity);
+      await unary(kv, "attachSession", { sessionId: "hog", geometry, maxContextTokens: hogTokens });
+      const m = async () => fetchMetrics(small.compute.metricsPort);
+      const tenants = ["a", "b", ""];
+      const waiter = collect(start(smallClient, { prompt: randomPrompt(PROMPT), maxTokens: MAX_TOKENS, sampling: greedy }, tenants[Math.floor(rand() * 3)]));
+      await until("a request waiting for memory", async () => metricValue(await m(), "vllm:num_requests_waiting") === 1);
+      let maxTokens = MAX_TOKENS;
+      while (modelSessionBytes(geometry, DType.D_TYPE_FLOAT32, undefined, PROMPT + maxTokens) <= capacity) maxTokens *= 2;
+      const t0 = Date.now();
+      const e = await failure(collect(start(smallClient, { prompt: randomPrompt(PROMPT), maxTokens }, tenants[Math.floor(rand() * 3)])));
+      expect(e?.code).toBe(status.RESOURCE_EXHAUSTED);
+      expect(e?.details).toMatch(/can never fit/);
+      expect(Date.now() - t0).toBeLessThan(5000);
+      expect(metricValue(await m(), "vllm:num_requests_waiting")).toBe(1);
+      const held = Date.now();
+      await unary(kv, "releaseSession", { sessionId: "hog" });
+      const r = await waiter;
+      expect(r.final?.usage?.completionTokens).toBeGreaterThan(0);
+      // It reports the time it waited (at least until the never-fitting one was refused).
+      expect(r.final!.usage!.queueMs).toBeGreaterThanOrEqual(held - t0 - 50);
+    } finally {
+      await unary(kv, "releaseSession", { sessionId: "hog" }).catch(() => undefined);
+      kv.close();
+    }
+  });
+
   it("one running slot, a queue of two: a third waiting request is refused, a cancelled one leaves at once", async () => {
     // A request that holds the running slot for seconds: a long prompt prefilled one token per
     // model call (FREEKV_PREFILL_CHUNK_TOKENS=1 here); cancelled at the end.

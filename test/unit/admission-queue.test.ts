@@ -163,6 +163,47 @@ describe(`AdmissionQueue (seed ${seed})`, () => {
     expect((await ok).value).toBe(7);
   });
 
+  it("refuses a request that can never fit at once, also while it waits behind one short of memory", async () => {
+    const timers = new FakeTimers();
+    const q = new AdmissionQueue({ maxWaiting: 100, maxRunning: 0, timers });
+    // The pool: `free` units; a request takes `size` or is short. Capacity bounds what could ever fit.
+    const capacity = 10 + pick(20);
+    let free = 0;
+    const running = await q.enter({ tenant: "", needsMemory: true, attempt: async () => ((free = 0), 0) });
+    const take = (size: number) => async () => (size <= free ? ((free -= size), size) : SHORT_OF_MEMORY);
+    const fits = (size: number) => async () => {
+      if (size > capacity) throw resourceExhausted(`needs ${size} > capacity ${capacity}: it can never fit`);
+    };
+    // A request short of memory now (it fits the capacity: it waits) ...
+    const waiter = q.enter({ tenant: "a", needsMemory: true, attempt: take(capacity), fits: fits(capacity) });
+    await settle();
+    // ... and, behind it, requests from several tenants, some of which can never fit.
+    const sizes = Array.from({ length: 4 + pick(8) }, () => (rand() < 0.5 ? capacity + 1 + pick(50) : 1 + pick(capacity)));
+    if (!sizes.some((x) => x > capacity)) sizes[0] = capacity + 1;
+    const outcomes: string[] = sizes.map(() => "waiting");
+    const ps = sizes.map((size, i) =>
+      q.enter({ tenant: String(pick(3)), needsMemory: true, attempt: take(size), fits: fits(size) }).then(
+        (t) => ((outcomes[i] = "admitted"), t),
+        (e: ServiceError) => ((outcomes[i] = status[e.code]), undefined),
+      ),
+    );
+    await settle();
+    await settle();
+    // No clock moved, no memory came back: the never-fitting ones are refused, the rest wait.
+    expect(outcomes).toEqual(sizes.map((x) => (x > capacity ? "RESOURCE_EXHAUSTED" : "waiting")));
+    expect(q.waiting).toBe(1 + sizes.filter((x) => x <= capacity).length);
+    // Memory comes back one at a time: all that fit complete.
+    running.release();
+    for (let k = 0; k < 200 && outcomes.some((o) => o === "waiting"); k++) {
+      free = capacity;
+      timers.advance(1000);
+      await settle();
+      for (const [i, p] of ps.entries()) if (outcomes[i] === "admitted") void p.then((t) => t?.release());
+    }
+    expect((await waiter).value).toBe(capacity);
+    expect(outcomes).toEqual(sizes.map((x) => (x > capacity ? "RESOURCE_EXHAUSTED" : "admitted")));
+  });
+
   it("refuses with RESOURCE_EXHAUSTED when the queue is full", async () => {
     const maxWaiting = 1 + pick(5);
     const q = new AdmissionQueue({ maxWaiting, maxRunning: 1, timers: new FakeTimers() });

@@ -36,8 +36,17 @@ export interface ServiceProcess {
 const here = dirname(fileURLToPath(import.meta.url));
 const fromSource = import.meta.url.endsWith(".ts");
 
-/** The entry file of a service and the node arguments that run it (tsx for sources). */
-export function serviceEntry(name: ServiceName): { file: string; args: string[] } {
+/**
+ * The entry file of a service and the node arguments that run it (tsx for sources). `root`: another
+ * built checkout whose `dist/services/<name>/main.js` runs instead (a benchmark against an earlier
+ * build).
+ */
+export function serviceEntry(name: ServiceName, root?: string): { file: string; args: string[] } {
+  if (root) {
+    const other = join(root, "dist", "services", name, "main.js");
+    if (!existsSync(other)) throw new Error(`${other} not found (build that checkout first)`);
+    return { file: other, args: [other] };
+  }
   const file = join(here, "..", "..", "services", name, fromSource ? "main.ts" : "main.js");
   if (!existsSync(file)) throw new Error(`${file} not found`);
   return { file, args: fromSource ? ["--import", "tsx", file] : [file] };
@@ -61,11 +70,13 @@ export interface StartOptions {
    * process's mount namespace (tests with a small private /dev/shm).
    */
   wrap?: string[];
+  /** Another built checkout to run the service from (see serviceEntry). */
+  root?: string;
 }
 
 /** Spawns a service and waits until it listens. Rejects (with its output) if it exits first. */
 export async function startService(name: ServiceName, opts: StartOptions = {}): Promise<ServiceProcess> {
-  const { args } = serviceEntry(name);
+  const { args } = serviceEntry(name, opts.root);
   const env: Record<string, string | undefined> = { ...process.env, ...opts.env };
   const [cmd, ...cmdArgs] = opts.wrap?.length ? [...opts.wrap, process.execPath, ...args] : [process.execPath, ...args];
   const child = spawn(cmd, cmdArgs, { env: env as NodeJS.ProcessEnv, stdio: ["ignore", "pipe", "pipe"], detached: opts.detached ?? false });
@@ -154,7 +165,7 @@ export interface Tiers {
 
 /** Starts the kvstore, then compute pointed at it; both on ephemeral ports unless env says otherwise. */
 export async function startTiers(
-  opts: { kvstoreEnv?: Record<string, string | undefined>; computeEnv?: Record<string, string | undefined>; echo?: boolean; timeoutMs?: number; detached?: boolean; wrap?: string[] } = {},
+  opts: { kvstoreEnv?: Record<string, string | undefined>; computeEnv?: Record<string, string | undefined>; echo?: boolean; timeoutMs?: number; detached?: boolean; wrap?: string[]; root?: string } = {},
 ): Promise<Tiers> {
   const kvstore = await startService("kvstore", {
     env: { FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_METRICS_PORT: "0", ...opts.kvstoreEnv },
@@ -162,6 +173,7 @@ export async function startTiers(
     timeoutMs: opts.timeoutMs,
     detached: opts.detached,
     wrap: opts.wrap,
+    root: opts.root,
   });
   let compute: ServiceProcess;
   try {
@@ -171,6 +183,7 @@ export async function startTiers(
       timeoutMs: opts.timeoutMs,
       detached: opts.detached,
       wrap: opts.wrap,
+      root: opts.root,
     });
   } catch (e) {
     await kvstore.stop();

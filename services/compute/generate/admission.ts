@@ -12,7 +12,10 @@
  *   (`release`), a session closed (`poke`), or every `retryMs` (memory freed elsewhere).
  * - Bounded: more than `maxWaiting` waiting requests, and the new one is refused with
  *   RESOURCE_EXHAUSTED. An attempt may also refuse a request for good (it can never fit): that
- *   request alone fails and the queue moves on.
+ *   request alone fails and the queue moves on. A request that needs memory and must wait behind
+ *   one short of it is not attempted until that one is admitted, so its `fits` check (read-only:
+ *   is it bigger than the whole capacity?) runs as soon as it has to wait: one that can never fit
+ *   is refused then, not at its deadline.
  * - A waiting request whose signal aborts (cancelled by the client, deadline passed) leaves at once
  *   with the abort's reason; no work is done for it.
  */
@@ -57,6 +60,11 @@ export interface AdmissionRequest<T> {
   needsMemory: boolean;
   /** Takes what the request needs; SHORT_OF_MEMORY to wait; a throw refuses the request. */
   attempt(): Promise<T | typeof SHORT_OF_MEMORY>;
+  /**
+   * Takes nothing; throws when the request can never fit (it is refused with that error). Run
+   * once, when a request that needs memory has to wait behind one short of it.
+   */
+  fits?(): Promise<void>;
 }
 
 export interface Admitted<T> {
@@ -73,6 +81,9 @@ interface Entry {
   enteredAt: number;
   signal?: AbortSignal;
   attempt(): Promise<unknown>;
+  fits?(): Promise<void>;
+  /** Its `fits` check has been started. */
+  checked: boolean;
   resolve(v: Admitted<unknown>): void;
   reject(e: unknown): void;
   /** Detaches the abort listener. */
@@ -128,6 +139,8 @@ export class AdmissionQueue {
         enteredAt: this.timers.now(),
         signal: r.signal,
         attempt: r.attempt,
+        fits: r.fits,
+        checked: false,
         resolve: resolve as (v: Admitted<unknown>) => void,
         reject,
         cleanup: () => r.signal?.removeEventListener("abort", onAbort),
@@ -142,6 +155,7 @@ export class AdmissionQueue {
       q.push(e);
       this.waitingCount++;
       this.pump();
+      this.checkBlocked();
     });
   }
 
@@ -152,6 +166,37 @@ export class AdmissionQueue {
     if (this.retryTimer !== undefined) this.timers.clear(this.retryTimer);
     this.retryTimer = undefined;
     this.pump();
+  }
+
+  /**
+   * While a request is short of memory, the others that need memory are not attempted: each is
+   * checked once (concurrently, taking nothing) for whether it could ever fit, and one that cannot
+   * leaves now with the check's error.
+   */
+  private checkBlocked(): void {
+    if (!this.short) return;
+    for (const q of this.byTenant.values()) {
+      for (const e of q) {
+        if (e === this.short || e === this.attempting || !e.needsMemory || !e.fits || e.checked) continue;
+        e.checked = true;
+        let check: Promise<void>;
+        try {
+          check = e.fits();
+        } catch (err) {
+          check = Promise.reject(err);
+        }
+        check.then(
+          () => undefined,
+          (err: unknown) => {
+            // Still waiting (not admitted, attempted or aborted meanwhile): refused now.
+            if (this.attempting === e || !this.byTenant.get(e.tenant)?.includes(e)) return;
+            this.remove(e);
+            e.reject(err);
+            this.pump();
+          },
+        );
+      }
+    }
   }
 
   private hasSlot(): boolean {
@@ -203,6 +248,7 @@ export class AdmissionQueue {
           e.reject(e.signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled"));
         } else if (v === SHORT_OF_MEMORY) {
           this.short = e;
+          this.checkBlocked();
           this.retryTimer ??= this.timers.set(() => {
             this.retryTimer = undefined;
             this.poke();

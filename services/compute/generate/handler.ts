@@ -212,6 +212,9 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
             }
             return named;
           },
+      // Checked while it waits behind a request short of memory: one that can never fit is refused
+      // then, not at its deadline.
+      fits: fresh ? () => refuseIfNeverFits(req, reach) : known ? () => refuseNamedIfNeverFits(known, turnReach(known, prompt.length, req.maxTokens)) : undefined,
     });
     rec.queuedMs = admitted.queuedMs;
     metrics.queueSeconds.observe(admitted.queuedMs / 1000);
@@ -306,6 +309,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
                 contextTokens: final.contextTokens,
                 prefillMs: final.prefillMs,
                 decodeMs: final.decodeMs,
+                queueMs: admitted.queuedMs,
               },
               stats: ctx.sessions.stats(s),
               sessionId: s.id,

@@ -248,6 +248,11 @@ export interface Usage {
   contextTokens: number;
   prefillMs: number;
   decodeMs: number;
+  /**
+   * Time the request waited in the admission queue (for a running slot and its KV memory) before
+   * its prefill began.
+   */
+  queueMs: number;
 }
 
 export interface GenerateFinal {
@@ -1986,7 +1991,7 @@ export const PrefillProgress: MessageFns<PrefillProgress> = {
 };
 
 function createBaseUsage(): Usage {
-  return { promptTokens: 0, completionTokens: 0, contextTokens: 0, prefillMs: 0, decodeMs: 0 };
+  return { promptTokens: 0, completionTokens: 0, contextTokens: 0, prefillMs: 0, decodeMs: 0, queueMs: 0 };
 }
 
 export const Usage: MessageFns<Usage> = {
@@ -2005,6 +2010,9 @@ export const Usage: MessageFns<Usage> = {
     }
     if (message.decodeMs !== 0) {
       writer.uint32(41).double(message.decodeMs);
+    }
+    if (message.queueMs !== 0) {
+      writer.uint32(49).double(message.queueMs);
     }
     return writer;
   },
@@ -2062,6 +2070,14 @@ export const Usage: MessageFns<Usage> = {
             message.decodeMs = reader.double();
             continue;
           }
+          case 6: {
+            if (tag !== 49) {
+              break;
+            }
+
+            message.queueMs = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2101,6 +2117,11 @@ export const Usage: MessageFns<Usage> = {
         : isSet(object.decode_ms)
         ? globalThis.Number(object.decode_ms)
         : 0,
+      queueMs: isSet(object.queueMs)
+        ? globalThis.Number(object.queueMs)
+        : isSet(object.queue_ms)
+        ? globalThis.Number(object.queue_ms)
+        : 0,
     };
   },
 
@@ -2121,6 +2142,9 @@ export const Usage: MessageFns<Usage> = {
     if (message.decodeMs !== 0) {
       obj.decodeMs = floatToJson(message.decodeMs);
     }
+    if (message.queueMs !== 0) {
+      obj.queueMs = floatToJson(message.queueMs);
+    }
     return obj;
   },
 
@@ -2134,6 +2158,7 @@ export const Usage: MessageFns<Usage> = {
     message.contextTokens = object.contextTokens ?? 0;
     message.prefillMs = object.prefillMs ?? 0;
     message.decodeMs = object.decodeMs ?? 0;
+    message.queueMs = object.queueMs ?? 0;
     return message;
   },
 };
