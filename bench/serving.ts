@@ -15,8 +15,9 @@
  *   over the span from the first arrival to the last completion; TTFT (client: call to first
  *   chunk, so queue time included), TPOT (first to last chunk over the tokens after the first) and
  *   end-to-end p50/p99; queue time p50/p99 (the service's own, Usage.queue_ms, where the build
- *   reports it); peak resident memory of both processes plus the /dev/shm they use, sampled every
- *   100 ms, above the idle baseline.
+ *   reports it); peak host memory: both processes' resident anonymous and file memory plus the
+ *   /dev/shm in use (the sessions' segments, counted once), sampled every 100 ms, and how much of
+ *   it is above the idle baseline.
  * - Ceilings beside the figures: the offered load in prompt and output tokens per second, and
  *   the service's own prefill and decode rates measured alone at the start (one request of the
  *   median prompt length, then one of 256 new tokens), from which the rate at which it saturates.
@@ -75,6 +76,14 @@ const newMin = num("new-min", 1), newMax = num("new-max", newMin);
 const seed = num("seed", 0);
 const deadlineS = num("deadline-s", 1, false);
 const otherRoot = args.root ? resolve(args.root) : undefined;
+/** Whether the services' build reports Usage.queue_ms (an earlier build decodes it as 0). */
+const reportsQueue = (() => {
+  try {
+    return readFileSync(join(otherRoot ?? root, "proto", "freekv", "v1", "compute.proto"), "utf8").includes("queue_ms");
+  } catch {
+    return otherRoot === undefined;
+  }
+})();
 
 const modelDir = process.env.FREEKV_MODEL || defaultModelDir();
 const vocab = (JSON.parse(readFileSync(join(modelDir, "config.json"), "utf8")) as { vocab_size: number }).vocab_size;
@@ -151,7 +160,7 @@ function call(client: ComputeServiceClient, q: Req): Promise<Outcome> {
         ttftMs: first === undefined ? undefined : first - t0,
         tpotMs: first !== undefined && out > 1 ? (last! - first) / (out - 1) : undefined,
         e2eMs: now - t0,
-        queueMs: usage?.queueMs,
+        queueMs: reportsQueue ? usage?.queueMs : undefined,
         prefillMs: usage?.prefillMs,
         promptTokens: q.prompt,
         outputTokens: out,
@@ -167,11 +176,15 @@ function quantiles(xs: (number | undefined)[]) {
   return { n: s.length, p50: q(0.5), p99: q(0.99), max: s.length ? s[s.length - 1] : null };
 }
 
-/** Resident memory of a process, bytes (0 once it is gone). */
+/**
+ * Resident memory of a process other than shared memory, bytes (0 once it is gone): RssAnon +
+ * RssFile. Its shared-memory pages (the sessions' segments) are counted once, by /dev/shm.
+ */
 function rss(pid: number): number {
   try {
-    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
-    return m ? Number(m[1]) * 1024 : 0;
+    const st = readFileSync(`/proc/${pid}/status`, "utf8");
+    const kb = (k: string) => Number(new RegExp(`${k}:\\s+(\\d+) kB`).exec(st)?.[1] ?? 0);
+    return (kb("RssAnon") + kb("RssFile")) * 1024;
   } catch {
     return 0;
   }
@@ -298,6 +311,7 @@ const doc = {
   machine: { host: os.hostname(), cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: os.totalmem() / 2 ** 30, node: process.version },
   env: { ...Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith("FREEKV_"))), ...kvstoreEnv, ...computeEnv },
   model: modelDir,
+  reportsQueueTime: reportsQueue,
   workload: { rates, durationS, promptMin, promptMax, newMin, newMax, seed, promptLengths: "log-uniform", newTokens: "uniform", sampling: "temperature 1, seeded per request" },
   alone,
   results,

@@ -4,7 +4,10 @@
 //
 //   g++ -O2 -std=c++17 -fopenmp -Inative/src tools/dev/hier-select-bench.cpp \
 //       native/src/engine/cpu/{Selection,HierSelection,Simd}.cpp -o /tmp/hier-select-bench
-//   /tmp/hier-select-bench [drift]
+//   /tmp/hier-select-bench [drift] [cold]
+//
+// cold: 64 MiB are read between repetitions, so the summaries come from memory as in a step that
+// went through the other layers first (a layer's summaries at 64K tokens are 8 MiB).
 //
 // Keys: per token a slowly drifting mean (a random walk over the context, as real keys are
 // locally similar) plus noise; queries: a random direction. One query head group of 4 heads
@@ -15,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "engine/cpu/HierSelection.h"
@@ -27,6 +31,9 @@ using namespace freekv::cpu;
 
 int main(int argc, char** argv) {
   const double drift = argc > 1 ? std::atof(argv[1]) : 0.05;
+  const bool cold = argc > 2 && std::string(argv[2]) == "cold";
+  std::vector<char> evict(cold ? 64 << 20 : 0, 1);
+  long sink = 0;
   PageGeometry g;
   g.P = 32;
   g.Hkv = 1;
@@ -36,7 +43,8 @@ int main(int argc, char** argv) {
   std::mt19937 rng(7);
   std::normal_distribution<float> nd;
   for (int n : {64, 128, 192, 256, 384, 512, 1024, 2048, 8192, 32768}) {
-    std::vector<uint16_t> sums(static_cast<size_t>(n) * 2 * g.D);
+    const size_t row = SummaryRow(g);
+    std::vector<uint16_t> sums(static_cast<size_t>(n) * row);
     std::vector<float> mean(g.D);
     for (auto& m : mean) m = nd(rng);
     for (int p = 0; p < n; ++p) {
@@ -50,8 +58,8 @@ int main(int argc, char** argv) {
         }
       }
       for (int d = 0; d < g.D; ++d) {
-        sums[static_cast<size_t>(p) * 2 * g.D + d] = BF16RoundUp(hi[d]);
-        sums[static_cast<size_t>(p) * 2 * g.D + g.D + d] = BF16RoundDown(lo[d]);
+        sums[static_cast<size_t>(p) * row + d] = BF16RoundUp(hi[d]);
+        sums[static_cast<size_t>(p) * row + g.D + d] = BF16RoundDown(lo[d]);
       }
     }
     std::vector<uint16_t> groups;
@@ -63,6 +71,7 @@ int main(int argc, char** argv) {
     for (int r = 0; r < reps; ++r) {
       std::vector<float> q(static_cast<size_t>(g.Hq) * g.D);
       for (auto& x : q) x = nd(rng);
+      for (size_t i = 0; i < evict.size(); i += 64) sink += evict[i]++;
       auto t0 = std::chrono::steady_clock::now();
       auto a = SelectHead(g, GroupCombine::Mean, sums.data(), groups.data(), 0, q.data(), 0, n, false);
       auto t1 = std::chrono::steady_clock::now();
@@ -78,4 +87,5 @@ int main(int argc, char** argv) {
     std::printf("candidates %6d: flat %8.1f us, hierarchical %8.1f us (pages scored %6.0f), same %s\n", n, tf[tf.size() / 2],
                 th[th.size() / 2], static_cast<double>(scored) / reps, same ? "yes" : "NO");
   }
+  if (sink == 1) std::puts("");
 }

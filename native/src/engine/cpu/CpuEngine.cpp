@@ -159,11 +159,25 @@ void CpuEngine::OnPageFilled(CpuSession& s, int layer, int page, const uint8_t* 
   s.counters.pages_offloaded += 1;
   s.counters.offload_bytes += pg.hnd_page_bytes;
   if (L.dense) return;
-  const size_t per = SummaryFloatsPerPage(pg);
-  L.summaries.resize(static_cast<size_t>(page + 1) * per);
-  SummarisePage(pg, s.cfg.summary, nhd, L.summaries.data() + static_cast<size_t>(page) * per);
-  FoldPageIntoGroup(pg, L.summaries.data(), page, L.group_summaries);
+  thread_local std::vector<uint16_t> all_heads;
+  all_heads.resize(SummaryFloatsPerPage(pg));
+  SummarisePage(pg, s.cfg.summary, nhd, all_heads.data());
+  StoreSummary(pg, L, page, all_heads.data());
   if (page < pg.sink_pages) std::memcpy(L.sink.data() + static_cast<size_t>(page) * pg.nhd_page_bytes, nhd, pg.nhd_page_bytes);
+}
+
+// Appends page `page`'s summary (SummarisePage's [Hkv][2][D]) to each head's row of the layer and
+// folds it into the head's group bounds. Pages arrive in order.
+void CpuEngine::StoreSummary(const PageGeometry& pg, LayerState& L, int page, const uint16_t* all_heads) {
+  const size_t row = SummaryRow(pg);
+  if (L.summaries.size() != static_cast<size_t>(pg.Hkv)) L.summaries.resize(pg.Hkv);
+  if (L.group_summaries.size() != static_cast<size_t>(pg.Hkv)) L.group_summaries.resize(pg.Hkv);
+  for (int h = 0; h < pg.Hkv; ++h) {
+    auto& mine = L.summaries[h];
+    mine.resize(static_cast<size_t>(page + 1) * row);
+    std::memcpy(mine.data() + static_cast<size_t>(page) * row, all_heads + static_cast<size_t>(h) * row, row * sizeof(uint16_t));
+    FoldPageIntoGroup(pg, mine.data(), page, L.group_summaries[h]);
+  }
 }
 
 void CpuEngine::UpdateContext(CpuSession& s) {
@@ -199,7 +213,7 @@ void CpuEngine::WriteQueryRecord(CpuSession& s, int layer) {
 
 HeadSelection CpuEngine::Select(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1) const {
   const bool hier = UseHierarchical(hier_.load(), c1 - c0);
-  return cpu::SelectHead(s.pg, s.cfg.combine, L.summaries.data(), hier ? L.group_summaries.data() : nullptr, h, q, c0, c1, hier);
+  return cpu::SelectHead(s.pg, s.cfg.combine, L.summaries[h].data(), hier ? L.group_summaries[h].data() : nullptr, h, q, c0, c1, hier);
 }
 
 void CpuEngine::SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops) {
@@ -604,7 +618,7 @@ void CpuEngine::Reattach(CpuSession& s) {
     const uint32_t committed = s.manifest->layer_words(l)[0];
     const auto r = RangesFor(pg, ctx);
     const uint8_t* store = s.StoreLayer(l);
-    if (!L.dense) L.summaries.resize(static_cast<size_t>(r.full) * per);
+    std::vector<uint16_t> all_pages(L.dense ? 0 : static_cast<size_t>(r.full) * per);
     if (L.dense) s.WorkingPage(L, r.full);  // allocates every dense page up to the partial one
     ParallelFor(r.full, threads_, [&](int p) {
       const uint8_t* sp = store + static_cast<size_t>(p) * pg.hnd_page_bytes;
@@ -614,11 +628,15 @@ void CpuEngine::Reattach(CpuSession& s) {
       }
       std::vector<uint8_t> page(pg.nhd_page_bytes);
       LoadStorePage(pg, sp, page.data(), pg.P);
-      SummarisePage(pg, s.cfg.summary, page.data(), L.summaries.data() + static_cast<size_t>(p) * per);
+      SummarisePage(pg, s.cfg.summary, page.data(), all_pages.data() + static_cast<size_t>(p) * per);
       if (p < pg.sink_pages) std::memcpy(L.sink.data() + static_cast<size_t>(p) * pg.nhd_page_bytes, page.data(), pg.nhd_page_bytes);
       if (p >= r.window_begin) std::memcpy(L.ring.data() + static_cast<size_t>(p % pg.window_pages) * pg.nhd_page_bytes, page.data(), pg.nhd_page_bytes);
     });
-    if (!L.dense) RebuildGroups(pg, L.summaries.data(), r.full, L.group_summaries);
+    if (!L.dense) {
+      L.summaries.assign(pg.Hkv, {});
+      L.group_summaries.assign(pg.Hkv, {});
+      for (int p = 0; p < r.full; ++p) StoreSummary(pg, L, p, all_pages.data() + static_cast<size_t>(p) * per);
+    }
     L.tokens = ctx;
     uint8_t* partial = s.WorkingPage(L, r.full);
     if (committed > static_cast<uint32_t>(r.full)) {

@@ -42,6 +42,7 @@ class CpuEngine : public Engine {
   // summary of every page that fills, manifest.
   void Append(CpuSession& s, int layer, const float* k, const float* v, int n);
   void OnPageFilled(CpuSession& s, int layer, int page, const uint8_t* nhd);
+  static void StoreSummary(const PageGeometry& pg, LayerState& L, int page, const uint16_t* all_heads);
   void UpdateContext(CpuSession& s);
   void UpdateResident(CpuSession& s);
   void WriteQueryRecord(CpuSession& s, int layer);

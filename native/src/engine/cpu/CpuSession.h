@@ -41,8 +41,8 @@ struct LayerState {
   std::vector<std::vector<int>> slot_page;               // [Hkv][select_pages] page held, -1 = empty
   std::vector<std::vector<SelectedPage>> selected;       // [Hkv] current selection, by page
   std::atomic<int> selected_count{0};                    // sum of selected[h].size()
-  std::vector<uint16_t> summaries;                       // [full pages][Hkv][2][D] bf16
-  std::vector<uint16_t> group_summaries;                 // [groups][Hkv][2][D] bf16 (HierSelection.h)
+  std::vector<std::vector<uint16_t>> summaries;          // [Hkv][full pages][2][D] bf16 (Summary.h)
+  std::vector<std::vector<uint16_t>> group_summaries;    // [Hkv][groups][2][D] bf16 (HierSelection.h)
   // Query state (the correction's q_{t-1}; the first decode's selection query).
   std::vector<float> q_prev;
   bool has_q = false;

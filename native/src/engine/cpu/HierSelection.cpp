@@ -30,7 +30,7 @@ inline bool Better(const std::pair<double, int>& a, const std::pair<double, int>
 }  // namespace
 
 void FoldPageIntoGroup(const PageGeometry& g, const uint16_t* summaries, int page, std::vector<uint16_t>& groups) {
-  const size_t per = SummaryFloatsPerPage(g);
+  const size_t per = SummaryRow(g);
   const size_t gi = GroupOf(page);
   const bool first = page % kPagesPerGroup == 0 || groups.size() < (gi + 1) * per;
   if (groups.size() < (gi + 1) * per) groups.resize((gi + 1) * per);
@@ -40,13 +40,9 @@ void FoldPageIntoGroup(const PageGeometry& g, const uint16_t* summaries, int pag
     std::memcpy(dst, src, per * sizeof(uint16_t));
     return;
   }
-  for (int h = 0; h < g.Hkv; ++h) {
-    const uint16_t* shi = src + static_cast<size_t>(h) * 2 * g.D;
-    uint16_t* dhi = dst + static_cast<size_t>(h) * 2 * g.D;
-    for (int d = 0; d < g.D; ++d) {
-      if (Bf(shi[d]) > Bf(dhi[d]) || std::isnan(Bf(shi[d]))) dhi[d] = shi[d];
-      if (Bf(shi[g.D + d]) < Bf(dhi[g.D + d]) || std::isnan(Bf(shi[g.D + d]))) dhi[g.D + d] = shi[g.D + d];
-    }
+  for (int d = 0; d < g.D; ++d) {
+    if (Bf(src[d]) > Bf(dst[d]) || std::isnan(Bf(src[d]))) dst[d] = src[d];
+    if (Bf(src[g.D + d]) < Bf(dst[g.D + d]) || std::isnan(Bf(src[g.D + d]))) dst[g.D + d] = src[g.D + d];
   }
 }
 
@@ -83,8 +79,9 @@ double HeadSelection::Score(int page) const {
     big.resize(group);
     sp = big.data();
   }
-  const uint16_t* hi = summaries + static_cast<size_t>(page) * SummaryFloatsPerPage(*g) + static_cast<size_t>(h) * 2 * g->D;
-  simd::Get().score_group_bf16(q, group, hi, hi + g->D, g->D, sp);
+  const size_t per = SummaryRow(*g);
+  const uint16_t* hi = summaries + static_cast<size_t>(page) * per;
+  simd::Get().score_pages_bf16(q, group, hi, per, 1, g->D, sp);
   return combiner(sp);
 }
 
@@ -92,8 +89,7 @@ HeadSelection SelectPagesHierarchical(const PageGeometry& g, GroupCombine how, c
                                       const uint16_t* groups, int h, const float* q, int c0, int c1) {
   HeadSelection r;
   const int group = g.Hq / g.Hkv;
-  const size_t per = SummaryFloatsPerPage(g);
-  const size_t head_off = static_cast<size_t>(h) * 2 * g.D;
+  const size_t per = SummaryRow(g);
   r.hierarchical = true;
   r.g = &g;
   r.summaries = summaries;
@@ -110,10 +106,7 @@ HeadSelection SelectPagesHierarchical(const PageGeometry& g, GroupCombine how, c
   //    it, in range or not) and its count of candidate pages.
   const int ga = c0 / kPagesPerGroup, gb = (c1 - 1) / kPagesPerGroup + 1, ng = gb - ga;
   std::vector<float> ub(static_cast<size_t>(ng) * group);
-  for (int i = 0; i < ng; ++i) {
-    const uint16_t* hi = groups + static_cast<size_t>(ga + i) * per + head_off;
-    kern.score_group_bf16(r.q, group, hi, hi + g.D, g.D, ub.data() + static_cast<size_t>(i) * group);
-  }
+  kern.score_pages_bf16(r.q, group, groups + static_cast<size_t>(ga) * per, per, ng, g.D, ub.data());
   Combiner& cb = r.combiner;
   cb.how = how;
   cb.group = group;
@@ -146,14 +139,13 @@ HeadSelection SelectPagesHierarchical(const PageGeometry& g, GroupCombine how, c
   //    (a tie to a lower page), so that group is still scored.
   std::vector<std::pair<double, int>> heap;  // the best k so far; front: the worst of them
   heap.reserve(k + 1);
-  std::vector<float> s(group);
+  std::vector<float> s(static_cast<size_t>(kPagesPerGroup) * group);
   for (const auto& [bound, gi] : order) {
     if (static_cast<int>(heap.size()) == k && bound < heap.front().first) break;
     const int lo = std::max(c0, gi * kPagesPerGroup), hi = std::min(c1, (gi + 1) * kPagesPerGroup);
+    kern.score_pages_bf16(r.q, group, summaries + static_cast<size_t>(lo) * per, per, hi - lo, g.D, s.data());
     for (int p = lo; p < hi; ++p) {
-      const uint16_t* ph = summaries + static_cast<size_t>(p) * per + head_off;
-      kern.score_group_bf16(r.q, group, ph, ph + g.D, g.D, s.data());
-      const std::pair<double, int> e{cb(s.data()), p};
+      const std::pair<double, int> e{cb(s.data() + static_cast<size_t>(p - lo) * group), p};
       if (static_cast<int>(heap.size()) < k) {
         heap.push_back(e);
         std::push_heap(heap.begin(), heap.end(), Better);

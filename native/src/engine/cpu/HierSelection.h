@@ -30,16 +30,16 @@ inline bool UseHierarchical(HierarchicalSelection mode, int candidates) {
   return mode == HierarchicalSelection::On || candidates >= kHierarchicalMinPages;
 }
 
-// Group bounds of a layer: [groups][Hkv][2 (hi, lo)][D] bf16, group g covering pages
+// Group bounds of one KV head: [groups][2 (hi, lo)][D] bf16, group g covering pages
 // [g * kPagesPerGroup, (g + 1) * kPagesPerGroup); hi the element-wise max of its pages' hi, lo
 // the element-wise min of their lo (of the pages summarised so far).
 inline size_t GroupOf(int page) { return static_cast<size_t>(page) / kPagesPerGroup; }
 
-// Folds the summary of `page` ([Hkv][2][D], already in summaries) into the group bounds, growing
-// them to the page's group; the first page of a group initialises it.
+// Folds the summary of `page` (already in the head's summaries, [pages][2][D]) into the head's
+// group bounds, growing them to the page's group; the first page of a group initialises it.
 void FoldPageIntoGroup(const PageGeometry& g, const uint16_t* summaries, int page, std::vector<uint16_t>& groups);
 
-// Rebuilds every group bound from the summaries of pages [0, pages).
+// Rebuilds every group bound of one head from its summaries of pages [0, pages).
 void RebuildGroups(const PageGeometry& g, const uint16_t* summaries, int pages, std::vector<uint16_t>& groups);
 
 // The combined score of one page (or group) from its per-query-head scores s[0 .. group), as the
@@ -63,14 +63,16 @@ struct HeadSelection {
   bool hierarchical = false;
   Combiner combiner;
   const PageGeometry* g = nullptr;
-  const uint16_t* summaries = nullptr;
+  const uint16_t* summaries = nullptr;  // the head's [pages][2][D]
   const float* q = nullptr;  // the group's query heads [group][D]
   int h = 0, c0 = 0, c1 = 0;
   int groups_scored = 0, pages_scored = 0;
   double Score(int page) const;  // -inf outside [c0, c1)
 };
 
-// The whole selection of KV head h among pages [c0, c1), flat or hierarchical (`hier`).
+// The whole selection of KV head h among pages [c0, c1), flat or hierarchical (`hier`), from the
+// head's summaries ([pages][2][D], Summary.h) and group bounds ([groups][2][D]); q holds every
+// query head ([Hq][D]), h picks the group's.
 HeadSelection SelectHead(const PageGeometry& g, GroupCombine how, const uint16_t* summaries, const uint16_t* groups,
                          int h, const float* q, int c0, int c1, bool hier);
 

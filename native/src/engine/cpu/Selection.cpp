@@ -9,36 +9,36 @@
 
 namespace freekv::cpu {
 
-void ScorePages(const PageGeometry& g, const uint16_t* summaries, int h, const float* q, int c0, int c1, float* out) {
-  const size_t per_page = SummaryFloatsPerPage(g);
+void ScorePages(const PageGeometry& g, const uint16_t* summaries, const float* q, int c0, int c1, float* out) {
+  const size_t per_page = SummaryRow(g);
   for (int p = c0; p < c1; ++p) {
-    const uint16_t* hi = summaries + p * per_page + static_cast<size_t>(h) * 2 * g.D;
+    const uint16_t* hi = summaries + p * per_page;
     out[p - c0] = simd::ScoreBF16(q, hi, hi + g.D, g.D);
   }
 }
 
-void CombineGroup(GroupCombine how, const std::vector<std::vector<float>>& scores, int n, std::vector<double>& combined) {
-  combined.assign(n, 0.f);
+void CombineGroup(GroupCombine how, const float* scores, int group, int n, std::vector<double>& combined) {
+  combined.assign(n, 0.0);
   if (n == 0) return;
-  const int group = static_cast<int>(scores.size());
+  auto at = [&](int i, int j) { return scores[static_cast<size_t>(i) * group + j]; };
   if (how == GroupCombine::Max) {
     for (int i = 0; i < n; ++i) {
-      double m = scores[0][i];
-      for (int j = 1; j < group; ++j) m = std::max(m, static_cast<double>(scores[j][i]));
+      double m = at(i, 0);
+      for (int j = 1; j < group; ++j) m = std::max(m, static_cast<double>(at(i, j)));
       combined[i] = m;
     }
     return;
   }
   std::vector<double> acc(n, 0.0), e;
   for (int j = 0; j < group; ++j) {
-    const auto& s = scores[j];
     if (how == GroupCombine::Mean) {
-      for (int i = 0; i < n; ++i) acc[i] += s[i];
+      for (int i = 0; i < n; ++i) acc[i] += at(i, j);
     } else {
-      const float m = *std::max_element(s.begin(), s.begin() + n);
+      float m = at(0, j);
+      for (int i = 1; i < n; ++i) m = std::max(m, at(i, j));
       e.resize(n);
       double z = 0;
-      for (int i = 0; i < n; ++i) z += (e[i] = std::exp(static_cast<double>(s[i]) - m));
+      for (int i = 0; i < n; ++i) z += (e[i] = std::exp(static_cast<double>(at(i, j)) - m));
       for (int i = 0; i < n; ++i) acc[i] += e[i] / z;
     }
   }
@@ -65,18 +65,13 @@ std::vector<int> SelectPages(const PageGeometry& g, GroupCombine how, const uint
     combined.clear();
     return {};
   }
-  // Page-major: a page's summary is read once (from L1) for all query heads of the group.
-  std::vector<std::vector<float>> scores(group, std::vector<float>(n));
-  const size_t per_page = SummaryFloatsPerPage(g);
+  // One scan of the candidates' summaries, each read once for all query heads of the group.
+  thread_local std::vector<float> scores;
+  scores.resize(static_cast<size_t>(n) * group);
+  const size_t per_page = SummaryRow(g);
   const float* qg = q + static_cast<size_t>(h) * group * g.D;
-  const auto& kern = simd::Get();
-  std::vector<float> s(group);
-  for (int p = c0; p < c1; ++p) {
-    const uint16_t* hi = summaries + p * per_page + static_cast<size_t>(h) * 2 * g.D;
-    kern.score_group_bf16(qg, group, hi, hi + g.D, g.D, s.data());
-    for (int j = 0; j < group; ++j) scores[j][p - c0] = s[j];
-  }
-  CombineGroup(how, scores, n, combined);
+  simd::Get().score_pages_bf16(qg, group, summaries + c0 * per_page, per_page, n, g.D, scores.data());
+  CombineGroup(how, scores.data(), group, n, combined);
   auto top = TopK(combined, g.select_pages);
   for (auto& i : top) i += c0;
   return top;

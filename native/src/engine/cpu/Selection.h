@@ -9,20 +9,20 @@
 
 namespace freekv::cpu {
 
-// Scores pages [c0, c1) of KV head h for one query head: out[p - c0].
-void ScorePages(const PageGeometry& g, const uint16_t* summaries, int h, const float* q, int c0, int c1, float* out);
+// Scores pages [c0, c1) of one KV head (its summaries, [pages][2][D]) for one query head: out[p - c0].
+void ScorePages(const PageGeometry& g, const uint16_t* summaries, const float* q, int c0, int c1, float* out);
 
-// Combines the group's per-head scores (scores[j][n], j < group) into combined[n]. The combined
+// Combines the group's per-head scores (scores[i * group + j]: page i, query head j) into combined[n]. The combined
 // score is kept in double so that the ranking does not pick up float32 ties of its own.
 //   SoftmaxMean: softmax over pages per head of the raw (unscaled) scores, then the mean.
 //   Mean: mean of the raw scores. Max: max of the raw scores.
-void CombineGroup(GroupCombine how, const std::vector<std::vector<float>>& scores, int n, std::vector<double>& combined);
+void CombineGroup(GroupCombine how, const float* scores, int group, int n, std::vector<double>& combined);
 
 // Indices (into combined) of the k highest scores, best first; ties go to the lower index.
 std::vector<int> TopK(const std::vector<double>& combined, int k);
 
-// The whole selection for KV head h: scores pages [c0, c1) with the group's query heads of q
-// ([Hq][D]), combines, and returns the chosen pages (best first) and every candidate's combined
+// The whole selection for KV head h: scores pages [c0, c1) of the head's summaries ([pages][2][D])
+// with the group's query heads of q ([Hq][D]), combines, and returns the chosen pages (best first) and every candidate's combined
 // score (combined[p - c0]).
 std::vector<int> SelectPages(const PageGeometry& g, GroupCombine how, const uint16_t* summaries, int h, const float* q,
                              int c0, int c1, std::vector<double>& combined);

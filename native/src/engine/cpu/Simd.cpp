@@ -80,6 +80,43 @@ static void ScoreGroupBF16Portable(const float* q, int G, const uint16_t* hi, co
   for (int j = 0; j < G; ++j) out[j] = ScoreBF16Portable(q + static_cast<size_t>(j) * D, hi, lo, D);
 }
 
+// The positive and negative parts of the group's queries, [G][D] each, kept per thread.
+static void SplitQuery(const float* q, int G, int D, std::vector<float>& qp, std::vector<float>& qn) {
+  const size_t n = static_cast<size_t>(G) * D;
+  qp.resize(n);
+  qn.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    qp[i] = q[i] > 0.f ? q[i] : 0.f;
+    qn[i] = q[i] < 0.f ? q[i] : 0.f;
+  }
+}
+
+static void ScorePagesBF16Portable(const float* q, int G, const uint16_t* base, size_t stride, int n, int D, float* out) {
+  thread_local std::vector<float> qp, qn;
+  SplitQuery(q, G, D, qp, qn);
+  for (int p = 0; p < n; ++p) {
+    const uint16_t* hi = base + static_cast<size_t>(p) * stride;
+    const uint16_t* lo = hi + D;
+    for (int j = 0; j < G; ++j) {
+      const float* a = qp.data() + static_cast<size_t>(j) * D;
+      const float* b = qn.data() + static_cast<size_t>(j) * D;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int i = 0;
+      for (; i + 8 <= D; i += 8)
+        for (int t = 0; t < 8; ++t) {
+          acc[t] += a[i + t] * B2F(hi[i + t]);
+          acc[t] += b[i + t] * B2F(lo[i + t]);
+        }
+      float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      for (; i < D; ++i) {
+        s += a[i] * B2F(hi[i]);
+        s += b[i] * B2F(lo[i]);
+      }
+      out[static_cast<size_t>(p) * G + j] = s;
+    }
+  }
+}
+
 // ---- AVX2 + FMA ----
 
 __attribute__((target("avx2,fma"))) static inline float HSum(__m256 v) {
@@ -221,6 +258,87 @@ __attribute__((target("avx2,fma"))) static void ScoreGroupT(const float* q, cons
   }
 }
 
+// P pages (1 or 2) for GB <= 4 query heads: 2 x GB accumulators, each summary chunk loaded and
+// converted once for the GB heads, each query chunk once for the P pages. Every page is summed in
+// the same order whatever P and its place in the pair (see Kernels::score_pages_bf16).
+template <int GB, int P>
+__attribute__((target("avx2,fma"))) static inline void ScorePagesBlock(const float* qp, const float* qn, int D, const uint16_t* const* hi,
+                                                                      float* const* out) {
+  __m256 acc[P][GB];
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < GB; ++j) acc[p][j] = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= D; i += 8) {
+    __m256 h[P], l[P];
+    for (int p = 0; p < P; ++p) {
+      h[p] = LoadBF16x8(hi[p] + i);
+      l[p] = LoadBF16x8(hi[p] + D + i);
+    }
+    for (int j = 0; j < GB; ++j) {
+      const __m256 a = _mm256_loadu_ps(qp + j * D + i), b = _mm256_loadu_ps(qn + j * D + i);
+      for (int p = 0; p < P; ++p) {
+        acc[p][j] = _mm256_fmadd_ps(a, h[p], acc[p][j]);
+        acc[p][j] = _mm256_fmadd_ps(b, l[p], acc[p][j]);
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < GB; ++j) {
+      float s = HSum(acc[p][j]);
+      for (int t = i; t < D; ++t) {
+        s += qp[j * D + t] * B2F(hi[p][t]);
+        s += qn[j * D + t] * B2F(hi[p][D + t]);
+      }
+      out[p][j] = s;
+    }
+}
+
+template <int P>
+__attribute__((target("avx2,fma"))) static inline void ScorePagesHeads(const float* qp, const float* qn, int G, int D, const uint16_t* const* hi,
+                                                                      float* const* out) {
+  for (int j0 = 0; j0 < G; j0 += 4) {
+    const float* a = qp + static_cast<size_t>(j0) * D;
+    const float* b = qn + static_cast<size_t>(j0) * D;
+    float* o[P];
+    for (int p = 0; p < P; ++p) o[p] = out[p] + j0;
+    switch (std::min(4, G - j0)) {
+      case 1: ScorePagesBlock<1, P>(a, b, D, hi, o); break;
+      case 2: ScorePagesBlock<2, P>(a, b, D, hi, o); break;
+      case 3: ScorePagesBlock<3, P>(a, b, D, hi, o); break;
+      default: ScorePagesBlock<4, P>(a, b, D, hi, o); break;
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) static void ScorePagesBF16Avx2(const float* q, int G, const uint16_t* base, size_t stride, int n, int D,
+                                                                   float* out) {
+  thread_local std::vector<float> qp, qn;
+  SplitQuery(q, G, D, qp, qn);
+  // Prefetch distance in pages: a summary row is a few cache lines per head, the next pages are
+  // a stride apart (a new 4 KiB page each at the shapes of interest).
+  constexpr int kAhead = 6;
+  const size_t lines = (static_cast<size_t>(2) * D * sizeof(uint16_t) + 63) / 64;
+  auto prefetch = [&](int p) {
+    if (p >= n) return;
+    const char* c = reinterpret_cast<const char*>(base + static_cast<size_t>(p) * stride);
+    for (size_t k = 0; k < lines; ++k) _mm_prefetch(c + 64 * k, _MM_HINT_T0);
+  };
+  for (int p = 0; p < std::min(n, kAhead); ++p) prefetch(p);
+  int p = 0;
+  for (; p + 2 <= n; p += 2) {
+    prefetch(p + kAhead);
+    prefetch(p + kAhead + 1);
+    const uint16_t* hi[2] = {base + static_cast<size_t>(p) * stride, base + static_cast<size_t>(p + 1) * stride};
+    float* o[2] = {out + static_cast<size_t>(p) * G, out + static_cast<size_t>(p + 1) * G};
+    ScorePagesHeads<2>(qp.data(), qn.data(), G, D, hi, o);
+  }
+  if (p < n) {
+    const uint16_t* hi[1] = {base + static_cast<size_t>(p) * stride};
+    float* o[1] = {out + static_cast<size_t>(p) * G};
+    ScorePagesHeads<1>(qp.data(), qn.data(), G, D, hi, o);
+  }
+}
+
 // Runs F<8> over blocks of 8 heads, then F<G % 8>.
 #define FREEKV_GROUP_DISPATCH(F, G, STEP, ...)          \
   do {                                                  \
@@ -261,10 +379,10 @@ const Kernels& Get() {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
       return Kernels{DotAvx2,          AxpyAvx2,          ScoreAvx2,         BF16Avx2,           ScoreBF16Avx2,
                      DotGroupF32Avx2,  DotGroupBF16Avx2,  AxpyGroupF32Avx2,  AxpyGroupBF16Avx2,  ScoreGroupBF16Avx2,
-                     "avx2+fma"};
+                     ScorePagesBF16Avx2, "avx2+fma"};
     return Kernels{DotPortable,         AxpyPortable,         ScorePortable,         BF16Portable,
                    ScoreBF16Portable,   DotGroupF32Portable,  DotGroupBF16Portable,  AxpyGroupF32Portable,
-                   AxpyGroupBF16Portable, ScoreGroupBF16Portable, "portable"};
+                   AxpyGroupBF16Portable, ScoreGroupBF16Portable, ScorePagesBF16Portable, "portable"};
   }();
   return k;
 }

@@ -5,6 +5,7 @@
 // results are reproducible run to run (and across a re-attach on the same machine).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace freekv::cpu::simd {
@@ -22,6 +23,15 @@ struct Kernels {
   void (*axpy_group_f32)(const float* w, int G, const float* v, int D, float* out);
   void (*axpy_group_bf16)(const float* w, int G, const uint16_t* v, int D, float* out);
   void (*score_group_bf16)(const float* q, int G, const uint16_t* hi, const uint16_t* lo, int D, float* out);
+  // The selection's scan: n page summaries of one KV head, page p's bf16 [hi][D] then [lo][D] at
+  // base + p * stride (elements), scored for the G query heads q ([G][D]):
+  //   out[p * G + j] = sum_d (max(q_jd, 0) hi_pd + min(q_jd, 0) lo_pd)
+  // which is sum_d max(q_jd hi_pd, q_jd lo_pd) for hi >= lo, term by term the same products. Each
+  // term is monotone in the bounds (nondecreasing in hi, nonincreasing in lo), and every page is
+  // summed in the same order, so a group bound scored here bounds every page inside it also in
+  // float arithmetic (engine/Hierarchy.h). Pages go two at a time (each query chunk loaded once
+  // for both), with the pages a few rows ahead prefetched.
+  void (*score_pages_bf16)(const float* q, int G, const uint16_t* base, size_t stride, int n, int D, float* out);
   const char* name;
 };
 
