@@ -115,6 +115,60 @@ describe(`admission (seed ${seed})`, () => {
     expect(metricValue(m, "freekv_generate_e2e_request_latency_seconds_count")).toBeGreaterThanOrEqual(2 * n);
   });
 
+  it("64 concurrent Generates against a kvstore that holds 8 all complete (none refused), each with its answer alone; memory returns to its baseline", async () => {
+    const capacity = 8 * perSession + Math.floor(perSession / 2);
+    const tiers = await startTiers({
+      kvstoreEnv: { ...QUIET, FREEKV_KVSTORE_CAPACITY_BYTES: String(capacity) },
+      computeEnv: { ...QUIET, FREEKV_THREADS: "1", FREEKV_QUEUE_RETRY_MS: "50" },
+    });
+    const client = computeClient(tiers.compute.address);
+    const kv = kvstoreClient(tiers.kvstore.address);
+    const stats = async () => {
+      const x = await unary<Record<string, number | string>>(kv, "getStats", {});
+      return { sessions: Number(x.sessions), reservedBytes: Number(x.reservedBytes), allocatedBytes: Number(x.allocatedBytes) };
+    };
+    try {
+      const baseline = await stats();
+      const prompts = Array.from({ length: 64 }, () => randomPrompt(PROMPT));
+      const tenants = ["a", "b", "c", ""];
+      const alone: Result[] = [];
+      for (const prompt of prompts) alone.push(await collect(start(client, { prompt, maxTokens: MAX_TOKENS, sampling: greedy })));
+      // While they run: the kvstore never holds more than its capacity, and requests wait.
+      let polling = true;
+      let maxReserved = 0;
+      let maxWaiting = 0;
+      const poll = (async () => {
+        while (polling) {
+          const [st, m] = await Promise.all([stats(), fetchMetrics(tiers.compute.metricsPort)]);
+          maxReserved = Math.max(maxReserved, st.reservedBytes);
+          maxWaiting = Math.max(maxWaiting, metricValue(m, "vllm:num_requests_waiting") ?? 0);
+          await new Promise((r) => setTimeout(r, 20));
+        }
+      })();
+      const together = await Promise.all(prompts.map((prompt, i) => collect(start(client, { prompt, maxTokens: MAX_TOKENS, sampling: greedy }, tenants[i % tenants.length], 120_000))));
+      polling = false;
+      await poll;
+      together.forEach((r, i) => {
+        expect(r.final, `request ${i}`).toBeDefined();
+        expect(r.tokens, `request ${i}`).toEqual(alone[i].tokens);
+      });
+      expect(maxReserved).toBeLessThanOrEqual(capacity);
+      expect(maxWaiting).toBeGreaterThan(0);
+      // Some waited for memory: their queue time is in their usage.
+      expect(Math.max(...together.map((r) => r.final!.usage!.queueMs))).toBeGreaterThan(0);
+      const m = await fetchMetrics(tiers.compute.metricsPort);
+      expect(metricValue(m, "freekv_generate_queue_seconds_count")).toBe(128);
+      expect(metricValue(m, "vllm:num_requests_waiting")).toBe(0);
+      expect(metricValue(m, "vllm:num_requests_running")).toBe(0);
+      // Memory back to its baseline: no session, no reservation, nothing allocated.
+      expect(await stats()).toEqual(baseline);
+    } finally {
+      client.close();
+      kv.close();
+      await tiers.stop();
+    }
+  }, 240_000);
+
   it("refuses at once a request that could never fit the kvstore", async () => {
     let maxTokens = MAX_TOKENS;
     while (modelSessionBytes(geometry, DType.D_TYPE_FLOAT32, undefined, PROMPT + maxTokens) <= 2.5 * perSession) maxTokens *= 2;

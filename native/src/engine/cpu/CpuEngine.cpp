@@ -85,6 +85,9 @@ int CpuEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const 
       L->selected.assign(pg.Hkv, {});
       L->prev_selected.assign(pg.Hkv, {});
     }
+    // Every layer has a (possibly empty) row per KV head: a dense layer's stay empty.
+    L->summaries.assign(pg.Hkv, {});
+    L->group_summaries.assign(pg.Hkv, {});
     L->q_prev.assign(static_cast<size_t>(pg.Hq) * pg.D, 0.f);
     L->attended_pages.assign(pg.Hkv, {});
     s->layers.push_back(std::move(L));
@@ -170,8 +173,6 @@ void CpuEngine::OnPageFilled(CpuSession& s, int layer, int page, const uint8_t* 
 // folds it into the head's group bounds. Pages arrive in order.
 void CpuEngine::StoreSummary(const PageGeometry& pg, LayerState& L, int page, const uint16_t* all_heads) {
   const size_t row = SummaryRow(pg);
-  if (L.summaries.size() != static_cast<size_t>(pg.Hkv)) L.summaries.resize(pg.Hkv);
-  if (L.group_summaries.size() != static_cast<size_t>(pg.Hkv)) L.group_summaries.resize(pg.Hkv);
   for (int h = 0; h < pg.Hkv; ++h) {
     auto& mine = L.summaries[h];
     mine.resize(static_cast<size_t>(page + 1) * row);
