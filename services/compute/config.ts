@@ -46,6 +46,7 @@ export const computeConfigSchema = z.object({
   FREEKV_MAX_RUNNING_REQUESTS: nonNegativeInt(64),
   /** How often a request waiting for memory tries again when no request here finished, in ms. */
   FREEKV_QUEUE_RETRY_MS: positiveInt(250),
+  FREEKV_QUEUE_BACKFILL_MS: nonNegativeInt(2000),
   /** Hugging Face model folder served by Generate; unset: the built-in model; "none": no model (attention sessions only). */
   FREEKV_MODEL: z.string().optional(),
   /** JSON file of per-tenant token hashes ({"tenant": "sha256 hex"}): every call needs its bearer token (auth.ts); unset: no authentication. */

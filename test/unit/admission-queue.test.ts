@@ -130,9 +130,9 @@ describe(`AdmissionQueue (seed ${seed})`, () => {
     expect(Math.max(...attempts)).toBeLessThanOrEqual(sizes.length);
   });
 
-  it("retries on its timer when memory is freed elsewhere, and lets memory-free requests pass", async () => {
+  it("strict order (backfill 0): retries on its timer when memory is freed elsewhere, and lets memory-free requests pass", async () => {
     const timers = new FakeTimers();
-    const q = new AdmissionQueue({ maxWaiting: 10, maxRunning: 0, timers, retryMs: 100 });
+    const q = new AdmissionQueue({ maxWaiting: 10, maxRunning: 0, timers, retryMs: 100, backfillMs: 0 });
     let free = 0;
     let big = false;
     const bigP = q.enter({ tenant: "x", needsMemory: true, attempt: async () => (free >= 5 ? ((big = true), 1) : SHORT_OF_MEMORY) });
@@ -153,6 +153,40 @@ describe(`AdmissionQueue (seed ${seed})`, () => {
     await settle();
     expect((await bigP).value).toBe(1);
     expect((await small).value).toBe(2);
+  });
+
+  it("backfill: smaller requests take memory the oldest short one cannot use yet, until its window ends; then it is not starved", async () => {
+    const timers = new FakeTimers();
+    const backfillMs = 500 + pick(1000);
+    const q = new AdmissionQueue({ maxWaiting: 1000, maxRunning: 0, timers, retryMs: 100, backfillMs });
+    const capacity = 100;
+    let used = 40 + pick(40); // held elsewhere: the big request (capacity - 10) cannot fit yet
+    const take = (size: number) => async () => (used + size <= capacity ? ((used += size), size) : SHORT_OF_MEMORY);
+    const admitted: number[] = [];
+    const big = q.enter({ tenant: "", needsMemory: true, attempt: take(capacity - 10) }).then((t) => (admitted.push(t.value), t));
+    await settle();
+    expect(admitted).toEqual([]);
+    // Inside the window a small request that fits passes it (same tenant, behind it).
+    const small = await q.enter({ tenant: "", needsMemory: true, attempt: take(5) });
+    expect(small.value).toBe(5);
+    // Past the window a small one waits behind the big one, although it would fit.
+    timers.advance(backfillMs);
+    await settle();
+    let lateAdmitted = false;
+    const late = q.enter({ tenant: "other", needsMemory: true, attempt: take(1) }).then((t) => ((lateAdmitted = true), t));
+    await settle();
+    timers.advance(100);
+    await settle();
+    expect(lateAdmitted).toBe(false);
+    // The memory held elsewhere and the small one's come back: the big one runs first, then the late one.
+    used = 0;
+    small.release();
+    await settle();
+    expect(admitted).toEqual([capacity - 10]);
+    await settle();
+    expect(lateAdmitted).toBe(true);
+    (await big).release();
+    (await late).release();
   });
 
   it("refuses a request that can never fit and moves on", async () => {
