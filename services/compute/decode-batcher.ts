@@ -59,6 +59,8 @@ export interface BatchPolicy<I extends BatchItem<R>, R> {
   observe?(items: I[], batch: BatchInfo): void;
   /** Items that run alone and never twice in a row while other items wait (prefill chunks). */
   alone?(item: I): boolean;
+  /** Among waiting `alone` items the lowest rank runs first (ties: queue order); unset: queue order. */
+  rank?(item: I): number;
 }
 
 export class DecodeBatcher<I extends BatchItem<R>, R> {
@@ -102,7 +104,8 @@ export class DecodeBatcher<I extends BatchItem<R>, R> {
 
   /**
    * The next batch: the first waiting item's group (after an `alone` item, the first other
-   * item's group when there is one), each session once, at most maxBatch; an `alone` item alone.
+   * item's group when there is one), each session once, at most maxBatch; an `alone` item alone
+   * (the lowest-ranked one waiting, when the policy ranks them).
    */
   private take(): I[] {
     const waiting: I[] = [];
@@ -117,6 +120,8 @@ export class DecodeBatcher<I extends BatchItem<R>, R> {
     const batch: I[] = [];
     const rest: I[] = [];
     if (lead && alone?.(lead)) {
+      const rank = this.policy.rank;
+      if (rank) for (const it of waiting) if (alone(it) && rank(it) < rank(lead)) lead = it;
       this.queue = waiting.filter((it) => it !== lead);
       this.lastAlone = true;
       return [lead];

@@ -2,7 +2,8 @@
  * The ModelScheduler's order of model work, on a model that records its calls: prefill chunks
  * run alone and never two in a row while decode steps wait (so a session that decodes keeps
  * producing tokens while another session's long prompt is read), prefill alone runs chunk after
- * chunk, a chunk whose call was cancelled while queued never runs, and chunk sizes are bounded.
+ * chunk, several prompts are read first come, first served, a chunk whose call was cancelled while
+ * queued never runs, and chunk sizes are bounded.
  */
 import { describe, expect, it } from "vitest";
 import type { Model } from "../../native/binding.js";
@@ -34,12 +35,12 @@ function recordingModel() {
   return { model, calls };
 }
 
-/** A prompt fed chunk by chunk, as Generate does. */
-async function prefillAll(sch: ModelScheduler, session: number, prompt: Int32Array, signal?: AbortSignal): Promise<number> {
+/** A prompt fed chunk by chunk, as Generate does (`order`: its place in line, taken once). */
+async function prefillAll(sch: ModelScheduler, session: number, prompt: Int32Array, signal?: AbortSignal, order?: number): Promise<number> {
   let at = 0;
   while (at < prompt.length) {
     const part = prompt.subarray(at, at + sch.prefillChunkTokens);
-    const r = await sch.prefill(session, part, at, signal);
+    const r = await sch.prefill(session, part, at, signal, order);
     expect(r.tokens).toBe(part.length);
     expect(Array.from(r.logits)).toEqual([session, at + part.length]);
     at += part.length;
@@ -105,6 +106,28 @@ describe("ModelScheduler", () => {
       const starts = calls.flatMap((c) => (c.op === "prefill" && c.session === s ? [c.start] : []));
       expect(starts).toEqual(starts.map((_, k) => 5 * k));
     }
+  });
+
+  it("reads several prompts first come, first served, with the decoding session's steps between chunks", async () => {
+    const { model, calls } = recordingModel();
+    const sch = new ModelScheduler(model, { prefillChunkTokens: 4, prefillSlice: 0 });
+    let decoding = true;
+    const decoder = (async () => {
+      for (let pos = 0; decoding; pos++) await sch.step(1, 5, pos, true);
+    })();
+    await sch.step(9, 0, 0, true);
+    const rand = prng(5);
+    const sessions = [2, 3, 4, 5, 6].sort(() => rand() - 0.5);
+    const lengths = sessions.map(() => 5 + Math.floor(rand() * 30));
+    // Each prompt takes its place in line as it arrives, then feeds its chunks.
+    await Promise.all(sessions.map((s, i) => prefillAll(sch, s, randomPrompt(lengths[i], s), undefined, sch.promptOrder())));
+    decoding = false;
+    await decoder;
+    const order = calls.flatMap((c) => (c.op === "prefill" ? [c.session] : []));
+    // Every chunk of the first prompt, then every chunk of the second, ...
+    expect(order).toEqual(sessions.flatMap((s, i) => Array(Math.ceil(lengths[i] / 4)).fill(s)));
+    const ops = calls.map((c) => c.op);
+    for (let i = ops.indexOf("prefill") + 1; i <= ops.lastIndexOf("prefill"); i++) if (ops[i] === "prefill") expect(ops[i - 1], `call ${i}`).toBe("decode");
   });
 
   it("runs the chunks back to back when nothing else waits", async () => {

@@ -141,6 +141,7 @@ export async function* generate(
 
   const t0 = performance.now();
   let logits: Float32Array | undefined;
+  const order = scheduler.promptOrder();
   for (let i = 0; i < feed.length; ) {
     if (p.signal?.aborted) {
       final.finishReason = "cancelled";
@@ -148,7 +149,7 @@ export async function* generate(
     }
     let took: number;
     try {
-      const r = await scheduler.prefill(s.session, feed.subarray(i), s.contextTokens, p.signal);
+      const r = await scheduler.prefill(s.session, feed.subarray(i), s.contextTokens, p.signal, order);
       logits = r.logits;
       took = r.tokens;
     } catch (e) {

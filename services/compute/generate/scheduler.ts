@@ -9,6 +9,7 @@
  *   `prefillChunkTokens`, each one Model.prefill call queued here. A chunk runs alone, and never
  *   two chunks in a row while decode steps wait: between two chunks of a long prompt the other
  *   sessions' batched steps run, so they keep producing tokens while the prompt is read.
+ *   Several prompts' chunks run first come, first served (promptOrder), not in turns.
  * - Time slices: a chunk's cost grows with the context before it (its attention reads all of
  *   it), so a fixed token count would stall the decoding sessions more and more as a long prompt
  *   advances: at 128K tokens of an 8B model a 512-token chunk takes over 100 ms on an H200, ten
@@ -173,6 +174,8 @@ interface Chunk extends BatchItem<Row> {
   start: number;
   /** Tokens the chunk took (set when it runs). */
   took?: number;
+  /** Its prompt's place in line (ModelScheduler.promptOrder): lower runs first. */
+  order: number;
 }
 
 type Work = Step | Chunk;
@@ -219,6 +222,8 @@ export class ModelScheduler {
       windowUs: 0,
       eager: true,
       alone: (w) => w.kind === "prefill" || !!w.retry,
+      // A step retried alone first; prefill chunks by their prompt's order (first come, first served).
+      rank: (w) => (w.kind === "prefill" ? w.order : -Infinity),
       call: (work) => (work[0].kind === "prefill" ? this.prefillCall(work[0]) : this.decodeCall(work as Step[])),
       failed: (work, e) => this.isolate(work, e),
       observe: (work, b) => {
@@ -268,7 +273,7 @@ export class ModelScheduler {
    * (time slices); the result says how many it took. A chunk still queued when `signal` aborts is
    * dropped (rejected with the abort reason) and never runs.
    */
-  prefill(session: number, tokens: Int32Array, start: number, signal?: AbortSignal): Promise<PrefillResult> {
+  prefill(session: number, tokens: Int32Array, start: number, signal?: AbortSignal, order = this.promptOrder()): Promise<PrefillResult> {
     if (tokens.length === 0) return Promise.reject(new RangeError("a prefill chunk needs at least one token"));
     return new Promise((resolve, reject) => {
       this.batcher.submit({
@@ -277,12 +282,24 @@ export class ModelScheduler {
         group: "",
         tokens,
         start,
+        order,
         abandoned: signal && (() => (signal.aborted ? (signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled")) : undefined)),
         resolve: (r, b) => resolve({ logits: r.logits, tokens: r.tokens!, ms: b.ms }),
         reject,
       });
     });
   }
+
+  /**
+   * A prompt's place in line for its chunks: taken once per prompt, before its first chunk, and
+   * passed with every chunk of it. Chunks of several prompts run first come, first served (the
+   * earliest prompt gets every chunk until it is read, as vLLM orders them), not in turns: in
+   * turns every prompt waiting at once finishes near the end of all of them.
+   */
+  promptOrder(): number {
+    return this.promptSeq++;
+  }
+  private promptSeq = 0;
 
   /** Tokens the next chunk of a prompt takes from `c` (see the time slices above). */
   chunkTokens(c: { session: number; tokens: Int32Array; start: number }): number {
