@@ -15,6 +15,8 @@
 # ANCHOR_S=100 transformers' prefill of ANCHOR_PREFILL prompt lengths (bench/anchor/hf_anchor.py),
 # TTFT_S=150 time to first token through Generate for TTFT_PROMPTS with the runner step's 8B folder,
 # and a decoding session's pace while a TTFT_BACKGROUND-token prompt prefills (bench/ttft.ts).
+# SERVING_S=300 open-loop load through Generate with the runner step's 8B folder (bench/serving.ts):
+# SERVING_RATES requests/s for SERVING_DURATION_S each, prompts 1K-32K, 64-512 new tokens.
 # EVAL_S=480 `freekv eval` of the trained model on the CUDA backend (scripts/gpu/eval.sh; needs
 # the task files of .gpu/eval/, made here as that script says).
 # PROFILE=1 adds PROFILE_S=150 one step's kernels under Nsight Compute (see below).
@@ -70,6 +72,9 @@ if [ -f .gpu/services.tar.xz ]; then
   [ -f /tmp/freekv-8b/config.json ] && step ttft "${TTFT_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b \
     node dist/bench/ttft.js --prompts "${TTFT_PROMPTS:-8192,32768,131072}" --runs 1 --max-tokens 4 \
     --background "${TTFT_BACKGROUND:-32768}" --background-tokens 400 --hf "$work/anchor/anchor.json" --out "$work/ttft/ttft.json"
+  [ -f /tmp/freekv-8b/config.json ] && step serving "${SERVING_S:-300}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b \
+    node dist/bench/serving.js --rates "${SERVING_RATES:-0.5,1,2}" --duration-s "${SERVING_DURATION_S:-45}" \
+    --prompt-min 1024 --prompt-max 32768 --new-min 64 --new-max 512 --out "$work/serving/serving.json"
   [ -f /tmp/freekv-8b/config.json ] && step overhead "${OVERHEAD_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b FREEKV_MAX_CONTEXT_TOKENS=4096 \
     node dist/bench/overhead.js --commit "$(sed -n 's/.*at commit \([0-9a-f]*\).*/\1/p' .gpu/services-build.txt)" \
     --skip attention --gen-tokens 80 --out "$work/overhead/overhead.json"
