@@ -291,6 +291,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
         new ModelScheduler(model, {
           prefillChunkTokens: config.FREEKV_PREFILL_CHUNK_TOKENS ?? defaultPrefillChunkTokens(config.FREEKV_BACKEND),
           prefillSlice: config.FREEKV_PREFILL_SLICE,
+          prefillOrder: config.FREEKV_PREFILL_ORDER,
           onStep(size, ms) {
             metrics.modelStepBatchSize.observe(size);
             metrics.modelStepSeconds.observe(ms / 1000);

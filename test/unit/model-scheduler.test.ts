@@ -130,6 +130,15 @@ describe("ModelScheduler", () => {
     for (let i = ops.indexOf("prefill") + 1; i <= ops.lastIndexOf("prefill"); i++) if (ops[i] === "prefill") expect(ops[i - 1], `call ${i}`).toBe("decode");
   });
 
+  it("in turns (prefillOrder turns): every waiting prompt's first chunk before any prompt's second", async () => {
+    const { model, calls } = recordingModel();
+    const sch = new ModelScheduler(model, { prefillChunkTokens: 4, prefillSlice: 0, prefillOrder: "turns" });
+    const sessions = [2, 3, 4];
+    await Promise.all(sessions.map((s) => prefillAll(sch, s, randomPrompt(4 * 3, s), undefined, sch.promptOrder())));
+    const order = calls.flatMap((c) => (c.op === "prefill" ? [c.session] : []));
+    expect(order).toEqual([2, 3, 4, 2, 3, 4, 2, 3, 4]);
+  });
+
   it("runs the chunks back to back when nothing else waits", async () => {
     const { model, calls } = recordingModel();
     const sch = new ModelScheduler(model, { prefillChunkTokens: 16 });

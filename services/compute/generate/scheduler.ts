@@ -9,7 +9,7 @@
  *   `prefillChunkTokens`, each one Model.prefill call queued here. A chunk runs alone, and never
  *   two chunks in a row while decode steps wait: between two chunks of a long prompt the other
  *   sessions' batched steps run, so they keep producing tokens while the prompt is read.
- *   Several prompts' chunks run first come, first served (promptOrder), not in turns.
+ *   Several prompts' chunks run first come, first served, or in turns (prefillOrder).
  * - Time slices: a chunk's cost grows with the context before it (its attention reads all of
  *   it), so a fixed token count would stall the decoding sessions more and more as a long prompt
  *   advances: at 128K tokens of an 8B model a 512-token chunk takes over 100 ms on an H200, ten
@@ -187,6 +187,11 @@ export interface ModelSchedulerOptions {
   prefillChunkTokens?: number;
   /** While sessions decode, a chunk's predicted time at most this times the recent decode step (0: off). */
   prefillSlice?: number;
+  /**
+   * Several prompts' chunks: "arrival" (default) reads the prompts first come, first served;
+   * "turns" gives each prompt waiting a chunk in turn.
+   */
+  prefillOrder?: "arrival" | "turns";
   /** After each decode step: its batch size and native time. */
   onStep?: (size: number, ms: number) => void;
   /** After each prefill chunk: its tokens and native time. */
@@ -199,6 +204,7 @@ export class ModelScheduler {
   private readonly batcher: DecodeBatcher<Work, Row>;
   readonly prefillChunkTokens: number;
   readonly prefillSlice: number;
+  readonly prefillOrder: "arrival" | "turns";
   /** Chunk times, for the time slices. */
   readonly prefillCost = new PrefillCostModel();
   /** Recent decode step time (ms, exponential average), and when each session's latest step ended. */
@@ -217,6 +223,7 @@ export class ModelScheduler {
     if (!Number.isFinite(slice) || slice < PREFILL_SLICE.min || slice > PREFILL_SLICE.max)
       throw new RangeError(`prefillSlice: must be a number in [${PREFILL_SLICE.min}, ${PREFILL_SLICE.max}], got ${slice}`);
     this.prefillSlice = slice;
+    this.prefillOrder = opts.prefillOrder ?? "arrival";
     this.batcher = new DecodeBatcher<Work, Row>({
       maxBatch: opts.maxBatch ?? 64,
       windowUs: 0,
@@ -282,7 +289,8 @@ export class ModelScheduler {
         group: "",
         tokens,
         start,
-        order,
+        // In turns: each chunk queues behind every chunk already waiting.
+        order: this.prefillOrder === "turns" ? this.promptOrder() : order,
         abandoned: signal && (() => (signal.aborted ? (signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled")) : undefined)),
         resolve: (r, b) => resolve({ logits: r.logits, tokens: r.tokens!, ms: b.ms }),
         reject,
@@ -292,9 +300,11 @@ export class ModelScheduler {
 
   /**
    * A prompt's place in line for its chunks: taken once per prompt, before its first chunk, and
-   * passed with every chunk of it. Chunks of several prompts run first come, first served (the
-   * earliest prompt gets every chunk until it is read, as vLLM orders them), not in turns: in
-   * turns every prompt waiting at once finishes near the end of all of them.
+   * passed with every chunk of it. With prefillOrder "arrival" several prompts' chunks run first
+   * come, first served (the earliest prompt gets every chunk until it is read, as vLLM orders
+   * them): the longest wait for a first token is bounded by the work ahead in line. With "turns"
+   * each waiting prompt gets a chunk in turn: a short prompt behind a long one gets its first
+   * token sooner, a long one later (every prompt waiting at once finishes near the end of all).
    */
   promptOrder(): number {
     return this.promptSeq++;
