@@ -41,7 +41,7 @@ export const computeConfigSchema = z.object({
   /** While sessions decode, a prefill chunk's predicted time at most this times the recent decode step (0: whole chunks always). */
   FREEKV_PREFILL_SLICE: numberInRange(PREFILL_SLICE.default, PREFILL_SLICE.min, PREFILL_SLICE.max),
   /** The order of several prompts' prefill chunks (ModelScheduler): arrival, or turns. */
-  FREEKV_PREFILL_ORDER: z.enum(["arrival", "turns"], { message: 'must be "arrival" or "turns"' }).default("arrival"),
+  FREEKV_PREFILL_ORDER: z.enum(["arrival", "turns"], { message: 'must be "arrival" or "turns"' }).default("turns"),
   /** Generate requests that may wait for a running slot or memory; one more is refused (RESOURCE_EXHAUSTED). */
   FREEKV_QUEUE_MAX_REQUESTS: nonNegativeInt(1024),
   /** Generate requests running at once (prefilling or decoding; 0: no limit); the rest wait in the queue. */

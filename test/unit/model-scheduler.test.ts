@@ -108,9 +108,9 @@ describe("ModelScheduler", () => {
     }
   });
 
-  it("reads several prompts first come, first served, with the decoding session's steps between chunks", async () => {
+  it("by arrival (prefillOrder arrival): reads several prompts first come, first served, with the decoding session's steps between chunks", async () => {
     const { model, calls } = recordingModel();
-    const sch = new ModelScheduler(model, { prefillChunkTokens: 4, prefillSlice: 0 });
+    const sch = new ModelScheduler(model, { prefillChunkTokens: 4, prefillSlice: 0, prefillOrder: "arrival" });
     let decoding = true;
     const decoder = (async () => {
       for (let pos = 0; decoding; pos++) await sch.step(1, 5, pos, true);
