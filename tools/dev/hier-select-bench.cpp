@@ -42,7 +42,7 @@ int main(int argc, char** argv) {
   g.select_pages = 56;
   std::mt19937 rng(7);
   std::normal_distribution<float> nd;
-  for (int n : {64, 128, 192, 256, 384, 512, 1024, 2048, 8192, 32768}) {
+  for (int n : {64, 128, 192, 256, 384, 512, 1024, 2048, 4096, 6144, 8192, 16384, 32768}) {
     const size_t row = SummaryRow(g);
     std::vector<uint16_t> sums(static_cast<size_t>(n) * row);
     std::vector<float> mean(g.D);

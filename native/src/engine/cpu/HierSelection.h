@@ -14,16 +14,17 @@
 namespace freekv::cpu {
 
 // Candidate pages per KV head from which Auto goes hierarchical. Measured on this 2-core machine
-// (shared, load average 5-7) with tools/dev/hier-select-bench.cpp (bench/results/
-// hier-select-20261203.txt): one KV head of 4 query heads, D = 128, k = 56, keys a slow random
-// walk plus noise, median us per selection, flat / hierarchical (pages scored):
-//   256: 22.4 / 23.9 (256)   1024: 78.5 / 83.1 (1024)   2048: 156 / 159 (2020)
-//   8192: 668 / 474 (5939)   32768: 3059 / 696 (7456)
-// Below a few thousand candidates the group bounds (1K tokens each) are too loose to prune and
-// the group pass is pure overhead (up to ~10%); from 8192 candidates on it wins, and the cost
-// then grows with the pages that can reach the top-k, not with the context. Auto starts at 4096
-// candidates (128K tokens of 32-token pages).
-constexpr int kHierarchicalMinPages = 4096;
+// with tools/dev/hier-select-bench.cpp (bench/results/hier-select-20261203-headmajor.txt; head-
+// major summaries, the pair kernel): one KV head of 4 query heads, D = 128, k = 56, keys a slow
+// random walk plus noise, median us per selection, flat / hierarchical (pages scored), four runs
+// hot and cold:
+//   2048: 126-197 / 158-235 (2020)   4096: 245-331 / 287-360 (3354)   6144: 363-487 / 296-435 (4422)
+//   8192: 519-620 / 496-556 (6285)   16384: 978-1226 / 404-701 (4672)   32768: 2686 / 1150 (7456)
+// Below about 5000 candidates the group bounds (1K tokens each) are too loose to prune and the
+// group pass is overhead (flat wins by 2-25% at 4096); from 6144 on the hierarchical selection
+// wins, and its cost then grows with the pages that can reach the top-k, not with the context.
+// Auto starts at 6144 candidates (192K tokens of 32-token pages).
+constexpr int kHierarchicalMinPages = 6144;
 
 inline bool UseHierarchical(HierarchicalSelection mode, int candidates) {
   if (mode == HierarchicalSelection::Off || candidates < 2) return false;
