@@ -22,6 +22,8 @@ describe("bad configuration", () => {
     ["compute", { FREEKV_KVSTORE_ADDR: "nowhere" }, /FREEKV_KVSTORE_ADDR="nowhere": must be host:port/],
     ["compute", { FREEKV_DEVICE_WEIGHTS: "fp8" }, /FREEKV_DEVICE_WEIGHTS="fp8": must be "auto", "bf16" or "f32"/],
     ["compute", { FREEKV_DECODE_BATCH_WINDOW_US: "-5" }, /FREEKV_DECODE_BATCH_WINDOW_US="-5"/],
+    ["compute", { FREEKV_PREFILL_ORDER: "fifo" }, /FREEKV_PREFILL_ORDER="fifo": must be "arrival" or "turns"/],
+    ["compute", { FREEKV_QUEUE_BACKFILL_MS: "-1" }, /FREEKV_QUEUE_BACKFILL_MS="-1"/],
     ["compute", { FREEKV_SESSION_IDLE_TIMEOUT_S: "-1" }, /FREEKV_SESSION_IDLE_TIMEOUT_S="-1": must be >= 0/],
     ["compute", { FREEKV_EXCHANGE_CAPACITY_BYTES: "0" }, /FREEKV_EXCHANGE_CAPACITY_BYTES="0": must be > 0/],
     ["compute", { FREEKV_EXCHANGE_CAPACITY_BYTES: String(2 ** 52) }, /FREEKV_EXCHANGE_CAPACITY_BYTES=4503599627370496 is more than \/dev\/shm holds/],
