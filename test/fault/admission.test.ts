@@ -156,12 +156,14 @@ describe(`admission (seed ${seed})`, () => {
       expect(maxWaiting).toBeGreaterThan(0);
       // Some waited for memory: their queue time is in their usage.
       expect(Math.max(...together.map((r) => r.final!.usage!.queueMs))).toBeGreaterThan(0);
+      // Memory back to its baseline: no session, no reservation, nothing allocated (a stateless
+      // request's session is closed, and its slot given back, right after its stream ends).
+      await until("the kvstore back to its baseline", async () => JSON.stringify(await stats()) === JSON.stringify(baseline));
+      expect(await stats()).toEqual(baseline);
+      await until("no request running", async () => metricValue(await fetchMetrics(tiers.compute.metricsPort), "vllm:num_requests_running") === 0);
       const m = await fetchMetrics(tiers.compute.metricsPort);
       expect(metricValue(m, "freekv_generate_queue_seconds_count")).toBe(128);
       expect(metricValue(m, "vllm:num_requests_waiting")).toBe(0);
-      expect(metricValue(m, "vllm:num_requests_running")).toBe(0);
-      // Memory back to its baseline: no session, no reservation, nothing allocated.
-      expect(await stats()).toEqual(baseline);
     } finally {
       client.close();
       kv.close();
