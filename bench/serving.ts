@@ -223,6 +223,10 @@ try {
 
   for (const [ri, rate] of rates.entries()) {
     const reqs = workload(rate, ri);
+    if (reqs.length === 0) {
+      log(`rate ${rate}/s: no arrival within ${durationS} s; skipped`);
+      continue;
+    }
     const offeredPrompt = reqs.reduce((a, q) => a + q.prompt, 0) / durationS;
     const offeredOut = reqs.reduce((a, q) => a + q.maxTokens, 0) / durationS;
     let peak = memNow();
