@@ -9,14 +9,6 @@
 
 namespace freekv::cpu {
 
-void ScorePages(const PageGeometry& g, const uint16_t* summaries, const float* q, int c0, int c1, float* out) {
-  const size_t per_page = SummaryRow(g);
-  for (int p = c0; p < c1; ++p) {
-    const uint16_t* hi = summaries + p * per_page;
-    out[p - c0] = simd::ScoreBF16(q, hi, hi + g.D, g.D);
-  }
-}
-
 void CombineGroup(GroupCombine how, const float* scores, int group, int n, std::vector<double>& combined) {
   combined.assign(n, 0.0);
   if (n == 0) return;

@@ -9,9 +9,6 @@
 
 namespace freekv::cpu {
 
-// Scores pages [c0, c1) of one KV head (its summaries, [pages][2][D]) for one query head: out[p - c0].
-void ScorePages(const PageGeometry& g, const uint16_t* summaries, const float* q, int c0, int c1, float* out);
-
 // Combines the group's per-head scores (scores[i * group + j]: page i, query head j) into combined[n]. The combined
 // score is kept in double so that the ranking does not pick up float32 ties of its own.
 //   SoftmaxMean: softmax over pages per head of the raw (unscaled) scores, then the mean.

@@ -76,10 +76,6 @@ static void AxpyGroupBF16Portable(const float* w, int G, const uint16_t* v, int 
   BF16Portable(v, row.data(), D);
   AxpyGroupF32Portable(w, G, row.data(), D, out);
 }
-static void ScoreGroupBF16Portable(const float* q, int G, const uint16_t* hi, const uint16_t* lo, int D, float* out) {
-  for (int j = 0; j < G; ++j) out[j] = ScoreBF16Portable(q + static_cast<size_t>(j) * D, hi, lo, D);
-}
-
 // The positive and negative parts of the group's queries, [G][D] each, kept per thread.
 static void SplitQuery(const float* q, int G, int D, std::vector<float>& qp, std::vector<float>& qn) {
   const size_t n = static_cast<size_t>(G) * D;
@@ -234,30 +230,6 @@ __attribute__((target("avx2,fma"))) static void AxpyGroupT(const float* w, const
   }
 }
 
-// max(q h, q l) = (q (h + l) + |q| (h - l)) / 2: two FMAs per query head instead of two
-// multiplies, a max and an add (exact whenever the products and sums are).
-template <int G>
-__attribute__((target("avx2,fma"))) static void ScoreGroupT(const float* q, const uint16_t* hi, const uint16_t* lo, int D, float* out) {
-  __m256 acc[G];
-  for (int j = 0; j < G; ++j) acc[j] = _mm256_setzero_ps();
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  int i = 0;
-  for (; i + 8 <= D; i += 8) {
-    const __m256 h = LoadBF16x8(hi + i), l = LoadBF16x8(lo + i);
-    const __m256 sum = _mm256_add_ps(h, l), diff = _mm256_sub_ps(h, l);
-    for (int j = 0; j < G; ++j) {
-      const __m256 qv = _mm256_loadu_ps(q + j * D + i);
-      acc[j] = _mm256_fmadd_ps(qv, sum, acc[j]);
-      acc[j] = _mm256_fmadd_ps(_mm256_andnot_ps(sign, qv), diff, acc[j]);
-    }
-  }
-  for (int j = 0; j < G; ++j) {
-    float s = 0.5f * HSum(acc[j]);
-    for (int t = i; t < D; ++t) s += std::max(q[j * D + t] * B2F(hi[t]), q[j * D + t] * B2F(lo[t]));
-    out[j] = s;
-  }
-}
-
 // P pages (1 or 2) for GB <= 4 query heads: 2 x GB accumulators, each summary chunk loaded and
 // converted once for the GB heads, each query chunk once for the P pages. Every page is summed in
 // the same order whatever P and its place in the pair (see Kernels::score_pages_bf16).
@@ -368,9 +340,6 @@ __attribute__((target("avx2,fma"))) static void AxpyGroupF32Avx2(const float* w,
 __attribute__((target("avx2,fma"))) static void AxpyGroupBF16Avx2(const float* w, int G, const uint16_t* v, int D, float* out) {
   FREEKV_GROUP_DISPATCH(AxpyGroupT, G, 8, w + j0, nullptr, v, D, out + static_cast<size_t>(j0) * D);
 }
-__attribute__((target("avx2,fma"))) static void ScoreGroupBF16Avx2(const float* q, int G, const uint16_t* hi, const uint16_t* lo, int D, float* out) {
-  FREEKV_GROUP_DISPATCH(ScoreGroupT, G, 8, q + static_cast<size_t>(j0) * D, hi, lo, D, out + j0);
-}
 #undef FREEKV_GROUP_DISPATCH
 
 const Kernels& Get() {
@@ -378,11 +347,11 @@ const Kernels& Get() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
       return Kernels{DotAvx2,          AxpyAvx2,          ScoreAvx2,         BF16Avx2,           ScoreBF16Avx2,
-                     DotGroupF32Avx2,  DotGroupBF16Avx2,  AxpyGroupF32Avx2,  AxpyGroupBF16Avx2,  ScoreGroupBF16Avx2,
+                     DotGroupF32Avx2,  DotGroupBF16Avx2,  AxpyGroupF32Avx2,  AxpyGroupBF16Avx2,
                      ScorePagesBF16Avx2, "avx2+fma"};
     return Kernels{DotPortable,         AxpyPortable,         ScorePortable,         BF16Portable,
                    ScoreBF16Portable,   DotGroupF32Portable,  DotGroupBF16Portable,  AxpyGroupF32Portable,
-                   AxpyGroupBF16Portable, ScoreGroupBF16Portable, ScorePagesBF16Portable, "portable"};
+                   AxpyGroupBF16Portable, ScorePagesBF16Portable, "portable"};
   }();
   return k;
 }

@@ -17,12 +17,11 @@ struct Kernels {
   void (*bf16_to_f32)(const uint16_t* src, float* dst, int n);
   float (*score_bf16)(const float* q, const uint16_t* hi, const uint16_t* lo, int n);  // bf16 bounds
   // Group kernels: one K/V row (or summary) read once for the G query heads of a KV head.
-  // q, out rows have stride D. dot: out[j] = q_j . k; axpy: out_j += w[j] * v; score: as above.
+  // q, out rows have stride D. dot: out[j] = q_j . k; axpy: out_j += w[j] * v.
   void (*dot_group_f32)(const float* q, int G, const float* k, int D, float* out);
   void (*dot_group_bf16)(const float* q, int G, const uint16_t* k, int D, float* out);
   void (*axpy_group_f32)(const float* w, int G, const float* v, int D, float* out);
   void (*axpy_group_bf16)(const float* w, int G, const uint16_t* v, int D, float* out);
-  void (*score_group_bf16)(const float* q, int G, const uint16_t* hi, const uint16_t* lo, int D, float* out);
   // The selection's scan: n page summaries of one KV head, page p's bf16 [hi][D] then [lo][D] at
   // base + p * stride (elements), scored for the G query heads q ([G][D]):
   //   out[p * G + j] = sum_d (max(q_jd, 0) hi_pd + min(q_jd, 0) lo_pd)
