@@ -38,9 +38,18 @@ export interface ShmSegment {
   allocatedBytes(): number;
   /**
    * CRC32C of each of `count` pages of `pageBytes` from `offset`, read through the mapping (works
-   * for segments over 4 GiB, which buffer() cannot cover); RangeError past the end.
+   * for segments over 4 GiB, which buffer() cannot cover); RangeError past the end. Many pages are
+   * split over several threads (up to 8); the calling thread waits for them.
    */
   crc32cPages(offset: number, pageBytes: number, count: number): Uint32Array;
+  /**
+   * The same checksums as crc32cPages, computed off the main thread (split over several threads
+   * when the pages are many): the event loop keeps running meanwhile. The arguments are checked
+   * at the call, which throws the same TypeError / RangeError as crc32cPages (and "segment is
+   * closed" after close()). A close() while the checksums run rejects the promise; the mapping
+   * stays until they stopped, so no unmapped page is read.
+   */
+  crc32cPagesAsync(offset: number, pageBytes: number, count: number): Promise<Uint32Array>;
 }
 
 export interface ShmSegmentStatic {

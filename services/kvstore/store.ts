@@ -427,13 +427,23 @@ export class KvStore implements ScrubHost {
           throw invalidArgument(multi ? `layers[${i}].checksums` : "checksums", `expected ${e.count} (one per page) or none, got ${e.checksums.length}`);
         }
       }
-      // Every newly committed page is checksummed here (natively), checked against what compute
-      // sent when it sent checksums, and kept for the scrubber.
+      // Every newly committed page is checksummed here (natively, off the main thread: the
+      // session's lock keeps its other calls out meanwhile), checked against what compute sent
+      // when it sent checksums, and kept for the scrubber.
       const layout = l.layout;
-      const sums: Uint32Array[] = [];
+      const store = l.segments.store;
+      let sums: Uint32Array[];
+      try {
+        sums = await Promise.all(entries.map((e) => store.crc32cPagesAsync(e.layer * layout.layerStride + e.firstPage * layout.pageBytes, layout.pageBytes, e.count)));
+      } catch (e) {
+        // The kvstore shut down (its segments were closed) while the checksums ran.
+        if (this.live.get(req.sessionId) !== l) throw new ServiceError(status.UNAVAILABLE, `session ${quoteId(req.sessionId)}: the kvstore closed its segments during the commit`);
+        throw e;
+      }
+      // The scrubber may have found a committed page changed meanwhile.
+      if (l.corrupt) throw l.corrupt;
       for (const [i, e] of entries.entries()) {
-        const got = l.segments.store.crc32cPages(e.layer * layout.layerStride + e.firstPage * layout.pageBytes, layout.pageBytes, e.count);
-        sums.push(got);
+        const got = sums[i];
         for (let k = 0; k < e.checksums.length; k++) {
           if (got[k] !== e.checksums[k] >>> 0) {
             this.metrics?.checksumFailures.inc();

@@ -122,4 +122,45 @@ describe("KvStore", () => {
     expect(s.record("m")!.contextTokens).toBe(48);
     seg.close();
   });
+
+  it("commits of one session sent together are checked and applied in order (their checksums computed off the main thread)", async () => {
+    const s = new KvStore(new MemoryDirectory(), 1 << 30, log);
+    stores.push(s);
+    const max = 65_536;
+    const a = await s.attach(req("big", max));
+    await s.reserve("big", max);
+    const layout = computeLayout(G, resolveRetrieval(R, 2), capacityPages(max, 16));
+    const seg = loadAddon().ShmSegment.open(a.store!.name);
+    const u = prng(4242);
+    const n = 1000; // pages per commit: over a MiB, so the checksums are split over threads
+    const bytes = new Uint8Array(seg.buffer(0, 3 * n * layout.pageBytes));
+    for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(u() * 256);
+    const sums = (first: number, count: number) => Array.from({ length: count }, (_, k) => crc32c(bytes.subarray((first + k) * layout.pageBytes, (first + k + 1) * layout.pageBytes)));
+    const commit = (first: number, count: number, checksums: number[]) =>
+      s.commit({ sessionId: "big", layer: 0, firstPage: first, count, contextTokens: (first + count) * 16, checksums, metadata: Buffer.alloc(0), layers: [] });
+    // The second and third leave a gap unless the ones before them were applied first.
+    const wrong = sums(2 * n, n);
+    wrong[n - 1] ^= 1;
+    const results = await Promise.allSettled([commit(0, n, sums(0, n)), commit(n, n, sums(n, n)), commit(2 * n, n, wrong)]);
+    expect(results[0]).toEqual({ status: "fulfilled", value: n });
+    expect(results[1]).toEqual({ status: "fulfilled", value: 2 * n });
+    expect(results[2]).toMatchObject({ status: "rejected", reason: { code: status.FAILED_PRECONDITION, message: expect.stringMatching(new RegExp(`checksums\\[${n - 1}\\]: page ${3 * n - 1} of layer 0`)) } });
+    expect(s.record("big")!.committedPages).toEqual([2 * n, 0]);
+    expect(await commit(2 * n, n, sums(2 * n, n))).toBe(3 * n);
+    seg.close();
+  });
+
+  it("a shutdown while a commit's checksums are computed fails that commit with UNAVAILABLE (or it completed first)", async () => {
+    const s = new KvStore(new MemoryDirectory(), 1 << 30, log);
+    const max = 65_536;
+    await s.attach(req("down", max));
+    await s.reserve("down", max);
+    const pages = capacityPages(max, 16);
+    const pending = s.commit({ sessionId: "down", layer: 1, firstPage: 0, count: pages, contextTokens: max, checksums: [], metadata: Buffer.alloc(0), layers: [] });
+    await new Promise((r) => setImmediate(r));
+    await s.shutdown(false);
+    const [r] = await Promise.allSettled([pending]);
+    if (r.status === "rejected") expect(r.reason).toMatchObject({ code: status.UNAVAILABLE, message: expect.stringMatching(/closed its segments during the commit/) });
+    else expect(r.value).toBe(pages);
+  });
 });

@@ -1,10 +1,14 @@
 // JS class `ShmSegment`: create/open a segment and expose it as an external ArrayBuffer.
 // The mapping lives as long as the JS object or until close(); buffers handed out earlier are
-// detached on close() so JS can never touch an unmapped page.
+// detached on close() so JS can never touch an unmapped page. A page checksum computed off the
+// main thread (crc32cPagesAsync) shares the mapping: close() stops it (its promise rejects) and
+// the unmap happens once it let go, so it never reads an unmapped page either.
 #include <napi.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
+#include <cstring>
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
@@ -12,12 +16,61 @@
 #include <cstdint>
 #include <memory>
 #include <system_error>
+#include <vector>
 
 #include "AddonModules.h"
 #include "shm/Crc32c.h"
 #include "shm/ShmSegment.h"
 
 namespace freekv::addon {
+
+namespace {
+
+// crc32cPagesAsync's work: the checksums on a libuv worker thread (split over more threads by
+// Crc32cPages), the promise settled on the main thread. It holds the mapping (a shared owner) so
+// close() cannot unmap it under the worker; close() sets `cancel`, the worker stops after its
+// current page and the promise rejects.
+class Crc32cPagesWorker : public Napi::AsyncWorker {
+ public:
+  Crc32cPagesWorker(Napi::Env env, std::shared_ptr<ShmSegment> seg, std::shared_ptr<std::atomic<bool>> cancel, size_t offset,
+                    size_t pageBytes, size_t count)
+      : Napi::AsyncWorker(env, "freekv:crc32cPages"),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        seg_(std::move(seg)),
+        cancel_(std::move(cancel)),
+        name_(seg_->name()),
+        offset_(offset),
+        page_(pageBytes),
+        count_(count) {}
+  Napi::Promise Promise() const { return deferred_.Promise(); }
+
+ protected:
+  void Execute() override {
+    sums_.resize(count_);
+    const bool done = count_ == 0 || freekv::Crc32cPages(static_cast<const uint8_t*>(seg_->data()) + offset_, page_, count_,
+                                                         sums_.data(), cancel_.get());
+    // Let go of the mapping here: when close() came meanwhile this unmaps it, off the main thread.
+    seg_.reset();
+    if (!done) SetError("segment '" + name_ + "' was closed while its page checksums were computed");
+  }
+  void OnOK() override {
+    auto env = Env();
+    auto out = Napi::Uint32Array::New(env, count_);
+    if (count_ > 0) std::memcpy(out.Data(), sums_.data(), count_ * sizeof(uint32_t));
+    deferred_.Resolve(out);
+  }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::shared_ptr<ShmSegment> seg_;
+  std::shared_ptr<std::atomic<bool>> cancel_;
+  std::string name_;
+  size_t offset_, page_, count_;
+  std::vector<uint32_t> sums_;
+};
+
+}  // namespace
 
 class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
  public:
@@ -32,6 +85,7 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
                         InstanceMethod("allocate", &AddonShmSegment::Allocate),
                         InstanceMethod("punch", &AddonShmSegment::Punch),
                         InstanceMethod("crc32cPages", &AddonShmSegment::Crc32cPages),
+                        InstanceMethod("crc32cPagesAsync", &AddonShmSegment::Crc32cPagesAsync),
                         InstanceMethod("allocatedBytes", &AddonShmSegment::AllocatedBytes)});
   }
   explicit AddonShmSegment(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AddonShmSegment>(info) {
@@ -130,19 +184,37 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
     }
     return info.Env().Undefined();
   }
-  // crc32cPages(offset, pageBytes, count): the CRC32C of each of `count` pages of the mapping from
-  // `offset` (shm/Crc32c.h), read through the mapping itself: no ArrayBuffer, so it works for
-  // segments larger than the 4 GiB a JS buffer can cover.
-  Napi::Value Crc32cPages(const Napi::CallbackInfo& info) {
+  struct PageRange {
+    size_t offset, pageBytes, count;
+  };
+  // The arguments of crc32cPages / crc32cPagesAsync, checked: TypeError / RangeError otherwise.
+  PageRange PageArgs(const Napi::CallbackInfo& info) const {
     Check(info.Env());
     const size_t off = ByteArg(info, 0, "offset"), page = ByteArg(info, 1, "pageBytes"), count = ByteArg(info, 2, "count");
     if (count > (size_t{1} << 30)) throw Napi::RangeError::New(info.Env(), "count must be <= 2^30");
     if (count > 0 && (page == 0 || off > seg_->size() || (seg_->size() - off) / page < count))
       throw Napi::RangeError::New(info.Env(), "pages [offset, offset + pageBytes * count) run past the end of the segment");
-    auto out = Napi::Uint32Array::New(info.Env(), count);
-    const auto* base = static_cast<const uint8_t*>(seg_->data()) + off;
-    for (size_t i = 0; i < count; i++) out[i] = Crc32c(base + i * page, page);
+    return {off, page, count};
+  }
+  // crc32cPages(offset, pageBytes, count): the CRC32C of each of `count` pages of the mapping from
+  // `offset` (shm/Crc32c.h), read through the mapping itself: no ArrayBuffer, so it works for
+  // segments larger than the 4 GiB a JS buffer can cover. Many pages are split over several
+  // threads (Crc32cPages); the main thread waits for them.
+  Napi::Value Crc32cPages(const Napi::CallbackInfo& info) {
+    const auto r = PageArgs(info);
+    auto out = Napi::Uint32Array::New(info.Env(), r.count);
+    if (r.count > 0) freekv::Crc32cPages(static_cast<const uint8_t*>(seg_->data()) + r.offset, r.pageBytes, r.count, out.Data());
     return out;
+  }
+  // crc32cPagesAsync(offset, pageBytes, count): the same checksums as a Promise<Uint32Array>,
+  // computed off the main thread. The arguments are checked here, synchronously, with the same
+  // errors as crc32cPages. close() meanwhile rejects the promise.
+  Napi::Value Crc32cPagesAsync(const Napi::CallbackInfo& info) {
+    const auto r = PageArgs(info);
+    auto* w = new Crc32cPagesWorker(info.Env(), seg_, cancel_, r.offset, r.pageBytes, r.count);
+    auto promise = w->Promise();
+    w->Queue();
+    return promise;
   }
   // punch(offset, length): frees the memory of those bytes.
   Napi::Value Punch(const Napi::CallbackInfo& info) {
@@ -178,12 +250,17 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
       }
     }
     buffers_.clear();
+    // Checksums still running on this mapping stop; it is unmapped when the last of them let go.
+    cancel_->store(true);
     seg_.reset();
     return info.Env().Undefined();
   }
   friend void PinShm(Napi::Value v, int delta);
   int pins_ = 0;
-  std::unique_ptr<ShmSegment> seg_;
+  // Shared with the crc32cPagesAsync workers running on it (they keep it mapped until they end).
+  std::shared_ptr<ShmSegment> seg_;
+  // Set by close(): tells those workers to stop.
+  std::shared_ptr<std::atomic<bool>> cancel_ = std::make_shared<std::atomic<bool>>(false);
   std::vector<Napi::Reference<Napi::ArrayBuffer>> buffers_;
 };
 

@@ -1,6 +1,10 @@
 #include "shm/Crc32c.h"
 
+#include <algorithm>
 #include <cstring>
+#include <system_error>
+#include <thread>
+#include <vector>
 
 #if defined(__SSE4_2__)
 #include <nmmintrin.h>
@@ -58,6 +62,44 @@ uint32_t Crc32c(const uint8_t* data, size_t n, uint32_t crc) {
 #else
   return ~UpdateTable(~crc, data, n);
 #endif
+}
+
+unsigned Crc32cPagesThreads(size_t pageBytes, size_t count) {
+  if (count < kCrc32cPagesThreadMinPages || pageBytes == 0) return 1;
+  static const size_t hw = std::max(1u, std::thread::hardware_concurrency());  // reads sysfs: once
+  // The pages lie in memory, so count * pageBytes fits a size_t.
+  const size_t n = std::min({hw, size_t{8}, count * pageBytes / kCrc32cPagesThreadMinBytes});
+  return static_cast<unsigned>(std::max<size_t>(n, 1));
+}
+
+bool Crc32cPages(const uint8_t* data, size_t pageBytes, size_t count, uint32_t* out, const std::atomic<bool>* cancel) {
+  // Pages [first, last) on this thread; false once cancelled.
+  auto run = [=](size_t first, size_t last) {
+    for (size_t i = first; i < last; i++) {
+      if (cancel && cancel->load(std::memory_order_relaxed)) return false;
+      out[i] = Crc32c(data + i * pageBytes, pageBytes);
+    }
+    return true;
+  };
+  const unsigned n = Crc32cPagesThreads(pageBytes, count);
+  if (n <= 1) return run(0, count);
+  // Contiguous runs of pages, as even as whole pages allow; run 0 stays on this thread.
+  auto bound = [&](unsigned t) { return count / n * t + std::min<size_t>(t, count % n); };
+  std::vector<std::thread> threads;
+  threads.reserve(n - 1);
+  std::vector<char> ok(n, 1);
+  unsigned t = 1;
+  for (; t < n; t++) {
+    try {
+      threads.emplace_back([&, t] { ok[t] = run(bound(t), bound(t + 1)); });
+    } catch (const std::system_error&) {
+      break;  // no more threads to be had: this thread does the rest
+    }
+  }
+  ok[0] = run(0, bound(1));
+  if (t < n) ok[t] = run(bound(t), count);
+  for (auto& th : threads) th.join();
+  return std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; });
 }
 
 bool Crc32cHardware() {

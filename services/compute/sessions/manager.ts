@@ -418,26 +418,37 @@ export class SessionManager {
       });
   }
 
-  /** The request that brings the kvstore from committedPages to commitTarget, with the metadata when it changed; undefined when there is nothing to send. */
-  private commitRequest(s: ComputeSession): CommitPagesRequest | undefined {
-    const entries: LayerPages[] = [];
-    for (let layer = 0; layer < s.commitTarget.length; layer++) {
+  /**
+   * The request that brings the kvstore from committedPages to `target` (the commit target the
+   * caller took), with the metadata when it changed; undefined when there is nothing to send.
+   * Everything it carries but the checksums is read from the session before its first await, so
+   * commit points arriving while the checksums are computed are left to the next commit. The
+   * checksums are computed off the main thread (ShmSegment.crc32cPagesAsync, several threads for
+   * a long range), one layer after the other: each holds a thread of libuv's pool, which the
+   * engine's and the model's work run on too, so a commit of many layers does not take all of it.
+   */
+  private async commitRequest(s: ComputeSession, target: readonly number[]): Promise<CommitPagesRequest | undefined> {
+    const ranges: { layer: number; first: number; full: number }[] = [];
+    for (let layer = 0; layer < target.length; layer++) {
       const first = s.committedPages[layer];
-      const full = s.commitTarget[layer];
-      if (full <= first) continue;
-      let checksums: number[] = [];
-      if (this.opts.commitChecksums && s.host && s.attach.layout) {
-        const l = s.attach.layout;
-        // Through the mapping (a store may be larger than the 4 GiB a JS buffer covers).
-        checksums = Array.from(s.host.store.crc32cPages(layer * Number(l.layerStrideBytes) + first * Number(l.pageBytes), Number(l.pageBytes), full - first));
-      }
-      entries.push({ layer, firstPage: first, count: full - first, checksums });
+      const full = target[layer];
+      if (full > first) ranges.push({ layer, first, full });
     }
-    if (entries.length === 0 && !s.metadataDirty) return undefined;
+    if (ranges.length === 0 && !s.metadataDirty) return undefined;
     const metadata = s.metadataDirty ? this.encodeMetadata(s) : Buffer.alloc(0);
     const contextTokens = Math.max(s.commitContextTokens, s.metadataDirty ? (s.metadataContextTokens ?? 0) : 0);
+    const firstPage = s.committedPages[0];
+    const store = s.host?.store;
+    const l = s.attach.layout;
+    let sums: Uint32Array[] | undefined;
+    if (this.opts.commitChecksums && store && l) {
+      sums = [];
+      // Through the mapping (a store may be larger than the 4 GiB a JS buffer covers).
+      for (const { layer, first, full } of ranges) sums.push(await store.crc32cPagesAsync(layer * Number(l.layerStrideBytes) + first * Number(l.pageBytes), Number(l.pageBytes), full - first));
+    }
+    const entries: LayerPages[] = ranges.map(({ layer, first, full }, i) => ({ layer, firstPage: first, count: full - first, checksums: sums ? Array.from(sums[i]) : [] }));
     if (entries.length === 1) return { sessionId: s.id, ...entries[0], contextTokens, metadata, layers: [] };
-    return { sessionId: s.id, layer: 0, firstPage: entries.length ? 0 : s.committedPages[0], count: 0, checksums: [], contextTokens, metadata, layers: entries };
+    return { sessionId: s.id, layer: 0, firstPage: entries.length ? 0 : firstPage, count: 0, checksums: [], contextTokens, metadata, layers: entries };
   }
 
   private encodeMetadata(s: ComputeSession): Buffer {
@@ -449,10 +460,15 @@ export class SessionManager {
   private async sendCommit(s: ComputeSession): Promise<void> {
     s.commitQueued = false;
     if (s.lost) return;
+    // The target this commit covers, taken before the checksums are awaited: committedPages
+    // advance to it, not to commit points that arrive meanwhile (they queue the next commit).
+    const target = [...s.commitTarget];
     let req: CommitPagesRequest | undefined;
     try {
-      req = this.commitRequest(s);
+      req = await this.commitRequest(s, target);
     } catch (e) {
+      // The session was lost (its mappings freed) while the checksums ran: nothing to degrade.
+      if (s.lost || s.detached) return;
       // Preparing the commit failed here (not at the kvstore): the session is degraded, its calls
       // are told, and the process keeps serving every other session.
       const why = (e as Error).message;
@@ -462,8 +478,7 @@ export class SessionManager {
       this.opts.log.error({ session: s.id, err: why }, "preparing a commit failed; the session is degraded");
       return;
     }
-    if (!req) return;
-    const target = [...s.commitTarget];
+    if (!req || s.lost) return;
     const withMetadata = req.metadata.length > 0;
     try {
       await this.opts.kvstore.commit(req);
