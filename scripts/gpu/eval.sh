@@ -22,7 +22,9 @@ conc=${EVAL_CONCURRENCY:-8}
 modes=dense,oracle,speculative,freekv,sink_window
 # EVAL_PER_LENGTH tasks of each file (the files cycle through the families, so 12 = 2 per family).
 per=${EVAL_PER_LENGTH:-18}
-for T in 8192 16384 32768; do head -n "$per" .gpu/eval/tasks-$T.jsonl > /tmp/eval-$T.jsonl; done
+# EVAL_LENGTHS: the context lengths run with the main budget (task files .gpu/eval/tasks-$T.jsonl).
+lengths=${EVAL_LENGTHS:-8192 16384 32768}
+for T in $lengths; do head -n "$per" .gpu/eval/tasks-$T.jsonl > /tmp/eval-$T.jsonl; done
 head -n "${EVAL_SMALL_PER_LENGTH:-$per}" .gpu/eval/tasks-16384.jsonl > /tmp/eval-small.jsonl
 run() {  # run NAME SECONDS TASKS BUDGET PAGE
   local name=$1 limit=$2 tasks=$3 budget=$4 page=$5
@@ -33,5 +35,5 @@ run() {  # run NAME SECONDS TASKS BUDGET PAGE
   echo "[eval] $name: exit $?"
   grep -E "^all |^freekv |^dense |^oracle |^speculative |^sink_window " "$out/eval-$name.txt" | head -12
 }
-for T in 8192 16384 32768; do run "budget2048-$T" "${EVAL_MAIN_S:-100}" /tmp/eval-$T.jsonl 512+1024+512 32; done
+for T in $lengths; do run "budget2048-$T" "${EVAL_MAIN_S:-100}" /tmp/eval-$T.jsonl 512+1024+512 32; done
 run budget384-16384 "${EVAL_SMALL_S:-100}" /tmp/eval-small.jsonl 64+256+64 16

@@ -44,6 +44,7 @@
  *                              [--modes freekv,oracle,dense] [--steps 16] [--out DIR]
  *                              [--hbm-gbps 4290] [--profile-steps N] [--side-timing]
  *                              [--prefill 8192,32768] [--prefill-chunk 512,2048] [--prefill-gathered 8192]
+ *                              [--profile-prefill-chunk K]
  *                              [--sweep freekv@0.5,freekv@0.8,...] [--match-cosine 0.68 --calibrated freekv,dense]
  * --sweep: modes run at the first point before the others; --match-cosine C --calibrated MODES:
  * the sweep's band whose measured mean adjacent-query cosine is nearest C (e.g. the trained
@@ -92,6 +93,8 @@ const { values: args } = parseArgs({
     "prefill-chunk": { type: "string", default: "512" },
     /** Prompts up to this length are also timed with the prefill context read back from the host at every chunk. */
     "prefill-gathered": { type: "string", default: "0" },
+    /** The Model.prefill call of this chunk index (of the first --prefill length and chunk) inside a profiler range (ncu --profile-from-start off). */
+    "profile-prefill-chunk": { type: "string", default: "" },
     /** The engine's side-stream timing diagnostic (EngineOptions.sideTiming). */
     "side-timing": { type: "boolean", default: false },
     /** Modes run at the first point only, before the others: e.g. a sweep of calibration bands. */
@@ -446,6 +449,8 @@ if (!chunks.every((c) => Number.isInteger(c) && c >= 1)) throw new RangeError(`-
 const prefillFlops = (t: number) => 2 * t * LAYERS * (H * (HQ + 2 * HKV) * D + HQ * D * H + 3 * H * I) + 2 * H * V + LAYERS * 2 * 2 * HQ * D * (t * (t + 1)) / 2;
 /** The same prompt with the prefill context read back from the host store at every chunk (the engine's fallback), for the longest --prefill-gathered lengths. */
 const gatheredUpTo = Number(args["prefill-gathered"]);
+const profilePrefillChunk = args["profile-prefill-chunk"] === "" ? -1 : Number(args["profile-prefill-chunk"]);
+let prefillProfiled = false;
 let gatheredModel: { engine: Engine; model: Model } | null = null;
 for (const t of args.prefill ? args.prefill.split(",").map(Number) : []) {
   if (!Number.isInteger(t) || t < 1) throw new RangeError(`--prefill takes prompt lengths (got ${args.prefill})`);
@@ -464,7 +469,15 @@ for (const t of args.prefill ? args.prefill.split(",").map(Number) : []) {
         let seed = 7 + t;
         const tokens = Int32Array.from({ length: t }, () => (seed = (seed * 1103515245 + 12345) >>> 0) % V);
         const t0 = performance.now();
-        for (let i = 0; i < t; i += chunk) await mdl.prefill(s.session, tokens.subarray(i, Math.min(t, i + chunk)), i, false);
+        for (let i = 0, k = 0; i < t; i += chunk, k++) {
+          const prof = profilePrefillChunk === k && !prefillProfiled;
+          if (prof) addon.profilerRange(true);
+          await mdl.prefill(s.session, tokens.subarray(i, Math.min(t, i + chunk)), i, false);
+          if (prof) {
+            addon.profilerRange(false);
+            prefillProfiled = true;
+          }
+        }
         const ms = performance.now() - t0;
         const tflops = prefillFlops(t) / (ms / 1000) / 1e12;
         prefillPoints.push({ tokens: t, chunk, resident, ms, tokensPerS: (t / ms) * 1000, tflops });

@@ -11,7 +11,8 @@
 # writes the model folder the next step serves), OVERHEAD_S=150 both services on the GPU under
 # bench:overhead (16 greedy Generate streams), BENCH_S=90 the CUDA benchmark program's kernels
 # (BENCH_SECTIONS, default ceilings,attention,recall,prefill; the decode step is the runner step's).
-# SKIP="parity,bench" leaves steps out.
+# SKIP="parity,bench" leaves steps out. RUNNER_ENV (e.g. FREEKV_PREFILL_PROFILE=1) is the runner
+# step's environment.
 # ANCHOR_S=100 transformers' prefill of ANCHOR_PREFILL prompt lengths (bench/anchor/hf_anchor.py),
 # TTFT_S=150 time to first token through Generate for TTFT_PROMPTS with the runner step's 8B folder,
 # and a decoding session's pace while a TTFT_BACKGROUND-token prompt prefills (bench/ttft.ts).
@@ -53,14 +54,17 @@ step() {  # step NAME SECONDS COMMAND...: runs with OUT=$work/NAME, records rc a
   OUT=$work/$name timeout "$limit" "$@" > "$work/$name/stdout.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc in $((SECONDS - t0)) s (limit $limit)$( [ $rc -eq 124 ] && echo ', cut off at its limit')" >> "$summary"
-  grep -a -h -E "\[eval\]|^all |\[anchor\] prefill|^\| [0-9]|while a |first request|demo finished|  FAIL|backend|cases pass|parity checks pass|ms/step|TS\+gRPC|^Generate |decode attention: max rel|\[run\] .* exit" "$work/$name/stdout.log" 2>/dev/null |
+  grep -a -h -E "\[eval\]|^prefill [0-9]|^all |\[anchor\] prefill|^\| [0-9]|while a |first request|demo finished|  FAIL|backend|cases pass|parity checks pass|ms/step|TS\+gRPC|^Generate |decode attention: max rel|\[run\] .* exit" "$work/$name/stdout.log" 2>/dev/null |
     tr -d '\000' | head -30 | sed "s/^/  $name: /" >> "$summary"
   pack
 }
 
 step checks "${CHECKS_S:-80}" bash .gpu/run.sh
 step parity "${PARITY_S:-60}" bash scripts/gpu/parity.sh
-step runner "${RUNNER_S:-240}" bash scripts/gpu/runner-bench.sh ${RUNNER_ARGS:---points 1:32768,4:32768,16:8192 --modes freekv,speculative,dense --steps 8}
+step runner "${RUNNER_S:-240}" env ${RUNNER_ENV:-} bash scripts/gpu/runner-bench.sh ${RUNNER_ARGS:---points 1:32768,4:32768,16:8192 --modes freekv,speculative,dense --steps 8}
+# RUNNER2_ARGS: a second runner process (its own environment RUNNER2_ENV, e.g. FREEKV_GEMM_AUTOTUNE=1),
+# reusing the first one's model folder.
+[ -n "${RUNNER2_ARGS:-}" ] && step runner2 "${RUNNER2_S:-120}" env ${RUNNER2_ENV:-} bash scripts/gpu/runner-bench.sh ${RUNNER2_ARGS}
 py=python3
 [ -x /opt/torch/.venv/bin/python3 ] && py=/opt/torch/.venv/bin/python3
 step anchor "${ANCHOR_S:-100}" $py bench/anchor/hf_anchor.py --out "$work/anchor/anchor.json" \
@@ -68,7 +72,7 @@ step anchor "${ANCHOR_S:-100}" $py bench/anchor/hf_anchor.py --out "$work/anchor
 if [ -f .gpu/services.tar.xz ]; then
   tar xJf .gpu/services.tar.xz
   step demo "${DEMO_S:-40}" env FREEKV_BACKEND=cuda node dist/tools/dev/demo.js
-  [ -f .gpu/eval/tasks-32768.jsonl ] && step eval "${EVAL_S:-480}" bash scripts/gpu/eval.sh
+  [ -f .gpu/eval/tasks-16384.jsonl ] && step eval "${EVAL_S:-480}" bash scripts/gpu/eval.sh
   [ -f /tmp/freekv-8b/config.json ] && step ttft "${TTFT_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b \
     node dist/bench/ttft.js --prompts "${TTFT_PROMPTS:-8192,32768,131072}" --runs 1 --max-tokens 4 \
     --background "${TTFT_BACKGROUND:-32768}" --background-tokens 400 --hf "$work/anchor/anchor.json" --out "$work/ttft/ttft.json"

@@ -351,6 +351,7 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
         t.summary.Add(PageSummaryItem{slot, L.summaries.get() + (size_t)page * Hkv * 2 * D,
                                       L.groups.get() + (size_t)(page / kSelGroupPages) * Hkv * 2 * D,
                                       static_cast<int>(s.cfg.summary), page % kSelGroupPages == 0 ? 1 : 0});
+      if (page >= s.registered_pages) EnsureRegistered(s, page + 1 + kRegisterAheadPages);
       t.offload.Add(OffloadItem{slot, s.StoreLayerDev(layer) + (size_t)page * s.layout.page_bytes});
       s.host_stats.pages_offloaded += 1;
       s.host_stats.offload_bytes += s.layout.page_bytes;

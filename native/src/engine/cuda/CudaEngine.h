@@ -138,6 +138,9 @@ struct Session {
   // found already registered), so a growth registers only what is new.
   std::vector<uint8_t*> store_regs;
   std::vector<std::pair<uintptr_t, uintptr_t>> store_cover;
+  // Pages [0, registered_pages) of every layer are registered (EnsureRegistered); the device only
+  // touches pages below it (offloads of pages that filled, recalls of earlier ones).
+  int registered_pages = 0;
   std::vector<std::unique_ptr<LayerTier>> layers;
   DeviceArray<unsigned long long> counters;  // [layers][kLayerWords] (layer_counters.cuh)
   Stats host_stats;                          // host-known counters
@@ -187,6 +190,7 @@ class CudaEngine final : public Engine, public DeviceEngine {
   void PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
                      bool tensor_cores) override;
   void FinishDevicePrefill(int session) override;
+  void RegisterAhead(int session, int64_t tokens) override;
   void Decode(int layer, const std::vector<DecodeItem>& items) override;
   void Sync(int session) override;
   Stats GetStats(int session) const override;
@@ -333,5 +337,13 @@ uint8_t* RegisterMapped(uint8_t* p, size_t bytes, bool& registered, const char* 
 // Registers pages [0, reserved_pages) of every layer of the session's store for mapped access
 // (only the OS pages not registered yet); the device uses the host addresses (checked).
 void RegisterStore(Session& s, int reserved_pages);
+// Registers pages [0, min(pages, reserved)) of every layer unless they already are (one integer
+// compare on the common path).
+void EnsureRegistered(Session& s, int pages);
+// Pages a session registers beyond what it needs when it has to register (per layer): a fresh
+// session starts with this many, and a decode that reaches the end of the registered pages
+// registers this many more, so registration is rare and a 128K-token reservation is not pinned
+// whole before its prompt's first chunk (at 8B shapes that took ~6 s of a 24 s time to first token).
+constexpr int kRegisterAheadPages = 64;
 
 }  // namespace freekv::cuda

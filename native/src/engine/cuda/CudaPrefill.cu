@@ -140,6 +140,11 @@ bf16* CudaEngine::ResidentContext(Session& s, LayerTier& L, int pages) {
   want = std::max(want, (size_t)pages);
   const size_t others = pctx_bytes_ - L.pctx.bytes();
   const size_t page_bytes = s.page_elems * sizeof(bf16);
+  // The reservation bounds the prompt (a Generate reserves prompt + max_tokens): taken at once when
+  // the budget allows, so a long prompt's chunks do not regrow it (each regrowth waits for both
+  // streams and copies: ~110 ms of a 128K prefill at 8B shapes, in 2048-token chunks).
+  const size_t reserved = std::min(most, (size_t)s.host.reserved_pages + 1);
+  if (reserved > want && others + reserved * page_bytes <= pctx_limit_) want = reserved;
   if (others + want * page_bytes > pctx_limit_) want = (size_t)pages;
   // Both streams idle before the old allocation is copied from and freed (the offload may read it).
   FKV_CUDA_CHECK(cudaStreamSynchronize(offload_->get()));
@@ -180,6 +185,8 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
   if ((L.tokens + n) / P > s.host.reserved_pages)
     throw std::invalid_argument(ReservationExceeded(s.host.reserved_pages, s.host.capacity_pages));
   cudaStream_t st = main_->get();
+  // The run's pages are offloaded to the store (registered ahead by the runner, normally).
+  EnsureRegistered(s, (int)((L.tokens + n + P - 1) / P));
   if (L.recall_pending) FKV_CUDA_CHECK(cudaStreamWaitEvent(st, spec_done_[layer]->get(), 0));
   L.recall_pending = false;
   const int64_t c = L.tokens;

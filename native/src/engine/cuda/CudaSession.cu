@@ -93,13 +93,28 @@ void RegisterStore(Session& s, int reserved_pages) {
   }
 }
 
+void EnsureRegistered(Session& s, int pages) {
+  pages = std::min(pages, s.host.reserved_pages);
+  if (pages <= s.registered_pages) return;
+  RegisterStore(s, pages);
+  s.registered_pages = pages;
+}
+
 void CudaEngine::ReserveStore(int session, int reserved_pages) {
   auto lock = LockOutsideStep("reserveStore");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   Session& s = Find(session);
   CheckReservation(s.host, reserved_pages);
-  RegisterStore(s, reserved_pages);
+  // Registered as the context reaches it (EnsureRegistered), not here.
   s.host.reserved_pages = reserved_pages;
+}
+
+void CudaEngine::RegisterAhead(int session, int64_t tokens) {
+  auto lock = LockOutsideStep("registerAhead");
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
+  Session& s = Find(session);
+  if (tokens <= 0) return;
+  EnsureRegistered(s, (int)std::min<int64_t>((tokens + s.P - 1) / s.P + 1, s.host.reserved_pages));
 }
 
 int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) {
@@ -126,7 +141,9 @@ int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const
                                "extent and addressed from one host pointer");
   }
   s->store_dev = h.store;
-  RegisterStore(*s, h.reserved_pages);
+  // A re-attached session's committed pages are read back at once: its whole reservation is
+  // registered. A fresh one registers its first pages; the rest as its context grows.
+  EnsureRegistered(*s, reattach ? h.reserved_pages : kRegisterAheadPages);
   s->tail_dev = RegisterMapped(h.tail, h.tail_bytes, s->tail_registered, "cudaHostRegister(host.tail)");
   s->manifest_dev =
       RegisterMapped(h.manifest, h.manifest_bytes, s->manifest_registered, "cudaHostRegister(host.manifest)");

@@ -21,10 +21,15 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_memory.cuh"
@@ -46,6 +51,73 @@ using cuda::PinnedBuffer;
 struct DevMatrix {
   DeviceArray<uint8_t> mem;
   const void* get() const { return mem.get(); }
+};
+
+// FREEKV_PREFILL_PROFILE=1: where a prefill's time goes, one line per Prefill call on stderr.
+// Device time between CUDA events recorded on the runner's stream around each part of every
+// chunk (embedding; per layer: norm + q/k/v GEMM + RoPE, the engine's attention with its append,
+// summaries and offload issue, o_proj + MLP; the head), and host time (issuing, the chunk's wait,
+// the engine's finish that waits for the offload and writes the manifests). Totals from the
+// session's token 0 are carried so the last line of a prompt is its whole breakdown. Off by
+// default: the events cost a few microseconds per layer.
+class PrefillProfile {
+ public:
+  static bool On() {
+    static const bool on = [] {
+      const char* e = std::getenv("FREEKV_PREFILL_PROFILE");
+      return e && *e && std::strcmp(e, "0") != 0;
+    }();
+    return on;
+  }
+  enum Part { kEmbed, kPre, kAttn, kPost, kHead, kParts };
+  void Mark(cudaStream_t s, int part) {
+    cudaEvent_t e;
+    FKV_CUDA_CHECK(cudaEventCreate(&e));
+    FKV_CUDA_CHECK(cudaEventRecord(e, s));
+    marks_.push_back({e, part});
+  }
+  // After the stream is idle: folds the marks into the totals (each mark closes the interval
+  // since the previous one under its part).
+  void Collect() {
+    for (size_t i = 1; i < marks_.size(); ++i) {
+      float ms = 0;
+      if (marks_[i].part >= 0 && cudaEventElapsedTime(&ms, marks_[i - 1].e, marks_[i].e) == cudaSuccess)
+        device_[marks_[i].part] += ms;
+    }
+    for (auto& m : marks_) cudaEventDestroy(m.e);
+    marks_.clear();
+  }
+  void Report(int session, int start, int n, int chunk, double issue_ms, double wait_ms, double finish_ms) {
+    Totals& t = totals_[session];
+    if (start == 0) t = Totals();
+    for (int p = 0; p < kParts; ++p) t.device[p] += device_[p];
+    t.issue += issue_ms;
+    t.wait += wait_ms;
+    t.finish += finish_ms;
+    t.tokens = start + n;
+    std::fprintf(stderr,
+                 "[prefill-profile] session %d tokens %d..%d chunk %d: device ms embed %.2f pre %.2f attn %.2f post %.2f "
+                 "head %.2f; host ms issue %.2f wait %.2f finish %.2f | from token 0 to %lld: device ms pre %.1f attn "
+                 "%.1f post %.1f other %.1f; host ms issue %.1f wait %.1f finish %.1f\n",
+                 session, start, start + n, chunk, device_[kEmbed], device_[kPre], device_[kAttn], device_[kPost],
+                 device_[kHead], issue_ms, wait_ms, finish_ms, (long long)t.tokens, t.device[kPre], t.device[kAttn],
+                 t.device[kPost], t.device[kEmbed] + t.device[kHead], t.issue, t.wait, t.finish);
+    for (double& d : device_) d = 0;
+  }
+
+ private:
+  struct Mark_ {
+    cudaEvent_t e;
+    int part;
+  };
+  struct Totals {
+    double device[kParts] = {};
+    double issue = 0, wait = 0, finish = 0;
+    long long tokens = 0;
+  };
+  std::vector<Mark_> marks_;
+  double device_[kParts] = {};
+  std::map<int, Totals> totals_;
 };
 
 class CudaRunner final : public Runner {
@@ -192,11 +264,22 @@ class CudaRunner final : public Runner {
     v_.Resize(M * K);
     attn_.Resize(M * Q);
     gu_.Resize(M * 2 * I);
-    logits_.Resize(M * V);
     ids_.Resize(2 * (size_t)M);
     ids_pin_.Resize(2 * (size_t)M * sizeof(int));
-    logits_pin_.Resize(M * V * sizeof(float));
     rows_ = M;
+  }
+
+  // Logits buffers for n rows, sized apart from the activations: a prefill chunk of M rows needs
+  // the last row's logits only, and [2048][128256] fp32 logits on the device plus as much pinned
+  // host memory (1 GiB each, the pinned allocation alone a few hundred ms) were paid on the first
+  // long prompt for nothing.
+  void SizeLogits(int n) {
+    if (n <= logit_rows_) return;
+    FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    const size_t V = c_.vocab_size;
+    logits_.Resize(n * V);
+    logits_pin_.Resize(n * V * sizeof(float));
+    logit_rows_ = n;
   }
 
   // x [M][H] = embeddings of tokens; positions to the device too. Needs Size(M).
@@ -268,11 +351,12 @@ class CudaRunner final : public Runner {
   std::vector<Layer> layers_;
   DevMatrix embed_, lm_head_;
   DeviceArray<float> final_norm_, inv_freq_, staging_;
-  int rows_ = 0;
+  int rows_ = 0, logit_rows_ = 0;
   DeviceArray<float> x_, qkv_, q_, k_, v_, attn_, gu_, logits_;
   DeviceArray<uint8_t> op_;  // GEMM operand rows: [M][max(H, I, Q)] of the operand type
   DeviceArray<int> ids_;     // tokens [M] | positions [M]
   PinnedBuffer ids_pin_, logits_pin_;
+  PrefillProfile profile_;  // FREEKV_PREFILL_PROFILE only
 };
 
 template <class Read>
@@ -283,6 +367,7 @@ void CudaRunner::Step(const std::vector<int>& sessions, const std::vector<int>& 
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   const int B = (int)sessions.size();
   Size(B);
+  SizeLogits(B);
   device_engine_->BeginDeviceStep(sessions);
   try {
     const uint64_t plans = cuda::GemmPlanEpoch();  // the GEMM algorithms a graph of this step holds
@@ -333,37 +418,60 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
   const int V = c_.vocab_size, total = (int)tokens.size();
   if (chunk <= 0) chunk = 2048;
   std::vector<float> logits((size_t)(all_logits ? total : 1) * V);
+  using Clock = std::chrono::steady_clock;
+  const auto ms_since = [](Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); };
+  PrefillProfile* prof = PrefillProfile::On() ? &profile_ : nullptr;
+  const auto mark = [&](int part) {
+    if (prof) prof->Mark(stream_, part);
+  };
+  double issue_ms = 0, wait_ms = 0;
   Size(std::min(chunk, total));
+  SizeLogits(all_logits ? std::min(chunk, total) : 1);
   try {
     for (int c0 = 0; c0 < total; c0 += chunk) {
+      const auto t_issue = Clock::now();
       const int n = std::min(chunk, total - c0);
       std::vector<int> pos(n);
       for (int i = 0; i < n; ++i) pos[i] = start + c0 + i;
+      mark(-1);
       Embed(tokens.data() + c0, pos.data(), n);
+      mark(PrefillProfile::kEmbed);
       for (int l = 0; l < c_.layers; ++l) {
         PreAttention(layers_[l], n);
+        mark(PrefillProfile::kPre);
         // The engine keeps the context on the device and offloads filled pages on its copy stream;
         // bf16 weights: the attention on tensor cores too; fp32 models keep exact fp32 attention.
         device_engine_->PrefillDevice(session, l, q_.get(), k_.get(), v_.get(), n, attn_.get(), bf16_);
+        mark(PrefillProfile::kAttn);
         PostAttention(layers_[l], n);
+        mark(PrefillProfile::kPost);
       }
       const bool last = c0 + n == total;
+      const int r0 = all_logits ? 0 : n - 1, rows = all_logits ? n : 1;
       if (all_logits || last) {
-        const int r0 = all_logits ? 0 : n - 1, rows = all_logits ? n : 1;
         Head(r0, rows);
         CopyLogits(rows);
-        FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));
-        std::memcpy(logits.data() + (all_logits ? (size_t)c0 * V : 0), logits_pin_.get(), (size_t)rows * V * sizeof(float));
-      } else {
-        FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));  // ids_pin_ is reused by the next chunk
+        mark(PrefillProfile::kHead);
       }
+      // While the device runs the chunk: register the host store for the next chunk's pages (a
+      // prompt comes in calls of one chunk each, so as far again as this one reaches).
+      device_engine_->RegisterAhead(session, (int64_t)start + c0 + 2 * (int64_t)n);
+      issue_ms += ms_since(t_issue);
+      const auto t_wait = Clock::now();
+      FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));  // ids_pin_ is reused by the next chunk
+      wait_ms += ms_since(t_wait);
+      if (all_logits || last)
+        std::memcpy(logits.data() + (all_logits ? (size_t)c0 * V : 0), logits_pin_.get(), (size_t)rows * V * sizeof(float));
+      if (prof) prof->Collect();
     }
   } catch (...) {
     device_engine_->FinishDevicePrefill(session);  // what was prefilled is committed consistently
     throw;
   }
   // The filled pages are in the host store and the manifests say so once this returns.
+  const auto t_finish = Clock::now();
   device_engine_->FinishDevicePrefill(session);
+  if (prof) prof->Report(session, start, total, chunk, issue_ms, wait_ms, ms_since(t_finish));
   return logits;
 }
 

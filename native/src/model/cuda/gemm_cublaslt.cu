@@ -3,6 +3,8 @@
 #include <library_types.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -112,7 +114,15 @@ struct Plan {
 };
 
 std::mutex g_mu;
-bool g_autotune = false;
+// FREEKV_GEMM_AUTOTUNE=1 starts with autotuning on (SetGemmAutotune changes it): each new shape
+// whose rows are a multiple of kTuneMinRows (full prefill chunks, which repeat; a prompt's odd
+// last chunk and decode batches keep the heuristic's first choice: tuning costs ~0.1 s a shape,
+// and graph capture cannot time) times the heuristic's candidates once.
+bool g_autotune = [] {
+  const char* e = std::getenv("FREEKV_GEMM_AUTOTUNE");
+  return e && *e && std::strcmp(e, "0") != 0;
+}();
+constexpr int kTuneMinRows = 256;
 uint64_t g_plan_epoch = 0;  // bumped whenever the cached plans are dropped (graphs key on it)
 std::map<std::tuple<int, int, int, bool, int, int>, Plan> g_plans;
 std::map<cudaStream_t, void*> g_workspaces;  // one workspace per stream: concurrent GEMMs never share one
@@ -179,13 +189,14 @@ Plan& GetPlan(Api& api, int M, int N, int K, bool accumulate, GemmType in, GemmT
   Check(api.prefSet(pref, kPrefMaxWorkspace, &ws_max, sizeof ws_max), "set max workspace");
   LtHeuristic h[8];
   int n = 0;
-  LtStatus s = api.heuristic(api.handle, p.desc, p.a, p.b, p.c, p.c, pref, g_autotune ? 8 : 1, h, &n);
+  const bool tune = g_autotune && M % kTuneMinRows == 0;
+  LtStatus s = api.heuristic(api.handle, p.desc, p.a, p.b, p.c, p.c, pref, tune ? 8 : 1, h, &n);
   api.prefDestroy(pref);
   Check(s, "AlgoGetHeuristic");
   if (n < 1)
     throw std::runtime_error(std::string("cuBLASLt: no algorithm for ") + (in == GemmType::F32 ? "f32" : "bf16") + " GEMM M=" + std::to_string(M) + " N=" +
                              std::to_string(N) + " K=" + std::to_string(K));
-  const int pick = g_autotune ? Tune(api, p, h, n, x, w, M, N, TypeBytes(out), ws, stream) : 0;
+  const int pick = tune ? Tune(api, p, h, n, x, w, M, N, TypeBytes(out), ws, stream) : 0;
   p.algo = h[pick].algo;
   p.workspace = h[pick].workspaceSize;
   return g_plans.emplace(key, p).first->second;

@@ -43,7 +43,7 @@ uint64_t GemmPlanEpoch();
 void Gemm(const void* x, const void* w, void* y, int M, int N, int K, GemmType in, GemmType out, cudaStream_t stream,
           float alpha = 1.0f, float beta = 0.0f);
 
-// Autotuning (off by default): when on, the first call for a shape outside a graph capture times
+// Autotuning (off by default; FREEKV_GEMM_AUTOTUNE=1 turns it on at start): when on, the first call for a shape outside a graph capture times
 // up to 8 of the heuristic's algorithms on the call's own operands (into a scratch output, so y
 // is written once, by the real call) and keeps the fastest. Switching clears the cached plans.
 void SetGemmAutotune(bool on);
