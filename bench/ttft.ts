@@ -19,7 +19,9 @@
  * - --background L: session A decodes (short prompts, up to --background-tokens tokens a call,
  *   call after call); its time per output token is taken alone, then while session B's L-token
  *   prompt is prefilled (from B's call to B's first chunk). Reported as distributions (median,
- *   p90, p99, max) and the ratio of medians.
+ *   p90, p99, max) and the ratio of medians. B's call has --background-deadline-s (default 120 s):
+ *   a prompt still prefilling then is cancelled and A's pace up to that moment is reported, with
+ *   how far B got (its PrefillProgress events).
  *
  * Writes JSON (machine, commit, date, environment, results) to --out, or
  * bench/results/ttft-<date>.json.
@@ -49,6 +51,8 @@ const { values: args } = parseArgs({
     hf: { type: "string" },
     out: { type: "string" },
     "timeout-s": { type: "string", default: "600" },
+    /** The long prompt's Generate deadline in the --background run: past it the prompt is cancelled and the pace measured so far reported. */
+    "background-deadline-s": { type: "string", default: "120" },
   },
 });
 
@@ -85,13 +89,13 @@ interface Call {
 }
 
 /** `onTokens`: after each chunk, the tokens streamed so far (a chunk may carry several). */
-function generate(client: ComputeServiceClient, prompt: GenerateRequest["prompt"], max: number, deadlineS: number, onTokens?: (count: number) => void): Promise<Call> {
+function generate(client: ComputeServiceClient, prompt: GenerateRequest["prompt"], max: number, deadlineS: number, onTokens?: (count: number) => void, progress?: (tokens: number) => void): Promise<Call> {
   return new Promise((resolve, reject) => {
     const startedAt = performance.now();
     const chunks: Call["chunks"] = [];
     let streamed = 0;
     let usage: { prefillMs: number; promptTokens: number } | null = null;
-    const req = GenerateRequest.fromPartial({ prompt, maxTokens: max, sampling: { temperature: 0 } });
+    const req = GenerateRequest.fromPartial({ prompt, maxTokens: max, sampling: { temperature: 0 }, ...(progress ? { prefillProgressMinTokens: 1 } : {}) });
     const stream = client.generate(req, { deadline: Date.now() + deadlineS * 1000 });
     stream.on("data", (m: GenerateResponse) => {
       const at = performance.now();
@@ -100,6 +104,7 @@ function generate(client: ComputeServiceClient, prompt: GenerateRequest["prompt"
         streamed += m.event.value.tokenIds.length;
         onTokens?.(streamed);
       }
+      else if (m.event?.$case === "progress") progress?.(m.event.value.prefilledTokens);
       else if (m.event?.$case === "final") usage = { prefillMs: m.event.value.usage?.prefillMs ?? NaN, promptTokens: m.event.value.usage?.promptTokens ?? 0 };
     });
     stream.on("error", reject);
@@ -138,6 +143,32 @@ const readyMs = performance.now() - t0;
 const client = new ComputeServiceClient(tiers.compute.address, credentials.createInsecure(), { "grpc.max_receive_message_length": 64 << 20 });
 const deadlineS = Number(args["timeout-s"]);
 const results: Record<string, unknown> = {};
+let commit = "unknown";
+try {
+  commit = execSync("git rev-parse --short HEAD", { cwd: root, stdio: ["ignore", "pipe", "ignore"] }).toString().trim();
+} catch {
+  /* not a git checkout */
+}
+const out = args.out ?? join(root, "bench", "results", `ttft-${new Date().toISOString().slice(0, 16).replace(/[-:T]/g, "").replace(/^(\d{8})(\d{4})$/, "$1-$2")}.json`);
+let completed = false;
+/** Writes what was measured so far (after each phase: a run cut off by a time limit keeps it). */
+function writeResults(complete: boolean): void {
+  const doc = {
+    what: "time to first token through Generate (both tiers as processes) and a decoding session's pace while a long prompt prefills",
+    date: new Date().toISOString(),
+    commit,
+    complete,
+    machine: { host: os.hostname(), cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: os.totalmem() / 2 ** 30, node: process.version },
+    env: Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith("FREEKV_"))),
+    model: modelDir,
+    maxContextTokens: Number(maxContext),
+    servicesReadyMs: readyMs,
+    transformers: hf ? { version: hf.transformers, gpu: hf.gpu, prefill: hf.prefill } : null,
+    results,
+  };
+  mkdirSync(dirname(out), { recursive: true });
+  writeFileSync(out, JSON.stringify(doc, null, 2));
+}
 try {
   log(`services ready in ${(readyMs / 1000).toFixed(1)} s (backend ${process.env.FREEKV_BACKEND ?? "cpu"}, model ${modelDir}, max context ${maxContext})`);
   const first = await generate(client, randomTokens(64, 1), 2, deadlineS);
@@ -158,6 +189,7 @@ try {
     log(table[table.length - 1]);
   }
   results.prompts = rows;
+  writeResults(false);
 
   if (background) {
     // Session A decodes (call after call: a generation may end early on a stop token) from before
@@ -177,48 +209,38 @@ try {
     })();
     await aWarm;
     const bStart = performance.now();
-    const b = await generate(client, randomTokens(background, 9), 2, deadlineS);
+    const bDeadlineS = Number(args["background-deadline-s"]);
+    let bPrefilled = 0;
+    let b: Call | null = null;
+    try {
+      b = await generate(client, randomTokens(background, 9), 2, bDeadlineS, undefined, (t) => (bPrefilled = t));
+    } catch (e) {
+      log(`the ${background}-token prompt did not reach its first token within ${bDeadlineS} s (${bPrefilled} tokens prefilled): ${(e as Error).message}`);
+    }
     bDone = true;
-    const bFirst = b.chunks[0].at;
+    const bFirst = b ? b.chunks[0].at : performance.now();
     await aLoop;
     const steps = aCalls.flatMap(perToken);
     const alone = steps.filter((s) => s.at < bStart).map((s) => s.ms);
     const during = steps.filter((s) => s.at >= bStart && s.at <= bFirst).map((s) => s.ms);
     const qa = quantiles(alone), qd = quantiles(during);
     results.background = {
-      prefillTokens: background, bTtftMs: b.ttftMs, bPrefillMs: b.prefillMs, aMaxTokensPerCall: bgTokens, aCalls: aCalls.length,
+      prefillTokens: background, bTtftMs: b?.ttftMs ?? null, bPrefillMs: b?.prefillMs ?? null, bFinished: b !== null,
+      bPrefilledTokens: b ? background : bPrefilled, bElapsedMs: bFirst - bStart, aMaxTokensPerCall: bgTokens, aCalls: aCalls.length,
       aloneMsPerToken: qa, duringMsPerToken: qd, ratioOfMedians: qd.median / qa.median, ratioOfP90: qd.p90 / qa.p90,
       aTokensDuringPrefill: during.length,
     };
-    log(`while a ${background}-token prompt prefilled (${b.ttftMs.toFixed(0)} ms to its first token): the decoding session's ms/token ` +
+    const bWhat = b ? `${b.ttftMs.toFixed(0)} ms to its first token` : `cancelled after ${((bFirst - bStart) / 1000).toFixed(0)} s at ${bPrefilled} tokens`;
+    log(`while a ${background}-token prompt prefilled (${bWhat}): the decoding session's ms/token ` +
       `median ${qd.median.toFixed(1)} p90 ${qd.p90.toFixed(1)} max ${qd.max.toFixed(1)} over ${qd.n} tokens; alone median ${qa.median.toFixed(1)} p90 ${qa.p90.toFixed(1)}; ` +
       `ratio of medians ${(qd.median / qa.median).toFixed(2)}`);
   }
   console.log(table.join("\n"));
+  completed = true;
 } finally {
+  writeResults(completed);
   client.close();
   await tiers.stop();
 }
 
-let commit = "unknown";
-try {
-  commit = execSync("git rev-parse --short HEAD", { cwd: root, stdio: ["ignore", "pipe", "ignore"] }).toString().trim();
-} catch {
-  /* not a git checkout */
-}
-const doc = {
-  what: "time to first token through Generate (both tiers as processes) and a decoding session's pace while a long prompt prefills",
-  date: new Date().toISOString(),
-  commit,
-  machine: { host: os.hostname(), cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: os.totalmem() / 2 ** 30, node: process.version },
-  env: Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith("FREEKV_"))),
-  model: modelDir,
-  maxContextTokens: Number(maxContext),
-  servicesReadyMs: readyMs,
-  transformers: hf ? { version: hf.transformers, gpu: hf.gpu, prefill: hf.prefill } : null,
-  results,
-};
-const out = args.out ?? join(root, "bench", "results", `ttft-${new Date().toISOString().slice(0, 16).replace(/[-:T]/g, "").replace(/^(\d{8})(\d{4})$/, "$1-$2")}.json`);
-mkdirSync(dirname(out), { recursive: true });
-writeFileSync(out, JSON.stringify(doc, null, 2));
 log(`wrote ${out}`);
