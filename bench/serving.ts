@@ -3,7 +3,7 @@
  * each rate whether or not earlier ones finished (as users do), mixed prompt lengths and output
  * lengths; per rate, what users and operators see.
  *
- *   npm run build:ts && npm run bench:serving [-- --rates 0.1,0.2,0.4 --duration-s 120
+ *   npm run build:ts && npm run bench:serving [-- --rates 0.1,0.2,0.4 --duration-s 120 --drain-s 120
  *        --prompt-min 1024 --prompt-max 32768 --new-min 64 --new-max 512 --seed 1
  *        --capacity-bytes N --max-context T --root OTHER_CHECKOUT --label NAME --out FILE.json]
  *
@@ -57,6 +57,8 @@ const { values: args } = parseArgs({
     "capacity-bytes": { type: "string" },
     "max-context": { type: "string" },
     "deadline-s": { type: "string", default: "900" },
+    /** After a rate's arrivals end, requests still running this long after are cancelled and counted as unfinished (a time-limited run still reports). */
+    "drain-s": { type: "string" },
     root: { type: "string" },
     label: { type: "string" },
     out: { type: "string" },
@@ -75,6 +77,7 @@ const promptMin = num("prompt-min", 1), promptMax = num("prompt-max", promptMin)
 const newMin = num("new-min", 1), newMax = num("new-max", newMin);
 const seed = num("seed", 0);
 const deadlineS = num("deadline-s", 1, false);
+const drainS = args["drain-s"] === undefined ? Infinity : num("drain-s", 0, false);
 const otherRoot = args.root ? resolve(args.root) : undefined;
 /** Whether the services' build reports Usage.queue_ms (an earlier build decodes it as 0). */
 const reportsQueue = (() => {
@@ -129,14 +132,16 @@ interface Outcome {
   endedAt: number;
 }
 
-function call(client: ComputeServiceClient, q: Req): Promise<Outcome> {
+function call(client: ComputeServiceClient, q: Req, signal?: AbortSignal): Promise<Outcome> {
   return new Promise((done) => {
+    if (signal?.aborted) return done({ ok: false, code: "CANCELLED", message: "not sent: the rate's drain time was over", e2eMs: 0, promptTokens: q.prompt, outputTokens: 0, endedAt: performance.now() });
     const t0 = performance.now();
     let first: number | undefined, last: number | undefined;
     let out = 0;
     let usage: { queueMs?: number; prefillMs?: number; promptTokens?: number } | undefined;
     const req = GenerateRequest.fromPartial({ prompt: { $case: "tokens", value: { ids: tokens(q.prompt, q.seed) } }, maxTokens: q.maxTokens, sampling: { temperature: 1, seed: q.seed } });
     const stream = client.generate(req, { deadline: Date.now() + deadlineS * 1000 });
+    signal?.addEventListener("abort", () => stream.cancel(), { once: true });
     stream.on("data", (m: GenerateResponse) => {
       const now = performance.now();
       if (m.event?.$case === "chunk" && m.event.value.tokenIds.length) {
@@ -209,6 +214,34 @@ const pids = [tiers.compute.pid, tiers.kvstore.pid];
 const memNow = () => pids.reduce((a, p) => a + rss(p), 0) + Math.max(0, shmUsed() - shmBefore);
 const results: Record<string, unknown>[] = [];
 let alone: Record<string, number> = {};
+const gitRev = (cwd: string) => {
+  try {
+    return execSync("git rev-parse --short HEAD", { cwd, stdio: ["ignore", "pipe", "ignore"] }).toString().trim();
+  } catch {
+    return "unknown";
+  }
+};
+const out = args.out ?? join(root, "bench", "results", `serving-${new Date().toISOString().slice(0, 16).replace(/[-:T]/g, "").replace(/^(\d{8})(\d{4})$/, "$1-$2")}.json`);
+/** Writes the results so far (after each rate, so a time-limited run keeps what it measured). */
+function writeDoc(complete: boolean): void {
+  const doc = {
+    complete,
+    what: "open-loop serving load through Generate (both tiers as processes): Poisson arrivals, mixed prompt and output lengths",
+    label: args.label ?? null,
+    date: new Date().toISOString(),
+    commit: gitRev(root),
+    servicesCommit: otherRoot ? gitRev(otherRoot) : gitRev(root),
+    machine: { host: os.hostname(), cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: os.totalmem() / 2 ** 30, node: process.version },
+    env: { ...Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith("FREEKV_"))), ...kvstoreEnv, ...computeEnv },
+    model: modelDir,
+    reportsQueueTime: reportsQueue,
+    workload: { rates, durationS, drainS: Number.isFinite(drainS) ? drainS : null, promptMin, promptMax, newMin, newMax, seed, promptLengths: "log-uniform", newTokens: "uniform", sampling: "temperature 1, seeded per request" },
+    alone,
+    results,
+  };
+  mkdirSync(dirname(out), { recursive: true });
+  writeFileSync(out, JSON.stringify(doc, null, 2));
+}
 try {
   // Alone: the service's prefill and decode rates, the ceiling of what it can serve.
   const median = Math.round(Math.sqrt(promptMin * promptMax));
@@ -232,14 +265,17 @@ try {
     let peak = memNow();
     const sampler = setInterval(() => (peak = Math.max(peak, memNow())), 100);
     const start = performance.now();
+    const drain = new AbortController();
+    const drainTimer = Number.isFinite(drainS) ? setTimeout(() => drain.abort(), (durationS + drainS) * 1000) : undefined;
     const outcomes = await Promise.all(
       reqs.map(
         (q) =>
           new Promise<Outcome>((r) => {
-            setTimeout(() => void call(client, q).then(r), Math.max(0, start + q.at * 1000 - performance.now()));
+            setTimeout(() => void call(client, q, drain.signal).then(r), Math.max(0, start + q.at * 1000 - performance.now()));
           }),
       ),
     );
+    clearTimeout(drainTimer);
     clearInterval(sampler);
     const end = Math.max(...outcomes.map((o) => o.endedAt));
     const ok = outcomes.filter((o) => o.ok);
@@ -255,6 +291,7 @@ try {
       offered: { promptTokensPerS: offeredPrompt, outputTokensPerS: offeredOut, shareOfPrefillCeiling: offeredPrompt / alone.prefillTokensPerS },
       completed: ok.length,
       rejected: failed.filter((o) => o.code === "RESOURCE_EXHAUSTED").length,
+      unfinished: drain.signal.aborted ? failed.filter((o) => o.code === "CANCELLED").length : 0,
       failedByStatus: byCode,
       rejectedShare: failed.filter((o) => o.code === "RESOURCE_EXHAUSTED").length / reqs.length,
       firstFailures: failed.slice(0, 3).map((o) => `${o.code}: ${o.message ?? ""}`),
@@ -271,9 +308,11 @@ try {
       afterBytes: after,
     };
     results.push(row);
+    writeDoc(false);
     const f = (x: number | null, d = 0) => (x === null ? "-" : x.toFixed(d));
     log(
-      `rate ${rate}/s: ${ok.length}/${reqs.length} completed, ${row.rejected} rejected, ${failed.length - row.rejected} failed; ` +
+      `rate ${rate}/s: ${ok.length}/${reqs.length} completed, ${row.rejected} rejected, ${failed.length - row.rejected - row.unfinished} failed` +
+        (row.unfinished ? `, ${row.unfinished} unfinished after the ${drainS} s drain` : "") + "; " +
         `${row.outputTokensPerS.toFixed(1)} output tokens/s; TTFT p50 ${f(row.ttftMs.p50)} p99 ${f(row.ttftMs.p99)} ms; TPOT p50 ${f(row.tpotMs.p50, 1)} p99 ${f(row.tpotMs.p99, 1)} ms; ` +
         `queue p50 ${f(row.queueMs.p50)} p99 ${f(row.queueMs.p99)} ms; peak memory ${(peak / 2 ** 20).toFixed(0)} MiB (${((peak - baseline) / 2 ** 20).toFixed(0)} above idle)`,
     );
@@ -299,28 +338,6 @@ const table = [
 ];
 console.log(table.join("\n"));
 
-const gitRev = (cwd: string) => {
-  try {
-    return execSync("git rev-parse --short HEAD", { cwd, stdio: ["ignore", "pipe", "ignore"] }).toString().trim();
-  } catch {
-    return "unknown";
-  }
-};
-const doc = {
-  what: "open-loop serving load through Generate (both tiers as processes): Poisson arrivals, mixed prompt and output lengths",
-  label: args.label ?? null,
-  date: new Date().toISOString(),
-  commit: gitRev(root),
-  servicesCommit: otherRoot ? gitRev(otherRoot) : gitRev(root),
-  machine: { host: os.hostname(), cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: os.totalmem() / 2 ** 30, node: process.version },
-  env: { ...Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith("FREEKV_"))), ...kvstoreEnv, ...computeEnv },
-  model: modelDir,
-  reportsQueueTime: reportsQueue,
-  workload: { rates, durationS, promptMin, promptMax, newMin, newMax, seed, promptLengths: "log-uniform", newTokens: "uniform", sampling: "temperature 1, seeded per request" },
-  alone,
-  results,
-};
-const out = args.out ?? join(root, "bench", "results", `serving-${new Date().toISOString().slice(0, 16).replace(/[-:T]/g, "").replace(/^(\d{8})(\d{4})$/, "$1-$2")}.json`);
-mkdirSync(dirname(out), { recursive: true });
-writeFileSync(out, JSON.stringify(doc, null, 2));
+writeDoc(true);
 log(`wrote ${out}`);
+

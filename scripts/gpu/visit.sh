@@ -75,10 +75,10 @@ if [ -f .gpu/services.tar.xz ]; then
   [ -f .gpu/eval/tasks-16384.jsonl ] && step eval "${EVAL_S:-480}" bash scripts/gpu/eval.sh
   [ -f /tmp/freekv-8b/config.json ] && step ttft "${TTFT_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b \
     node dist/bench/ttft.js --prompts "${TTFT_PROMPTS:-8192,32768,131072}" --runs 1 --max-tokens 4 \
-    --background "${TTFT_BACKGROUND:-32768}" --background-tokens 400 --hf "$work/anchor/anchor.json" --out "$work/ttft/ttft.json"
+    --background "${TTFT_BACKGROUND:-32768}" --background-tokens 400 --background-deadline-s "${TTFT_BACKGROUND_DEADLINE_S:-90}" --hf "$work/anchor/anchor.json" --out "$work/ttft/ttft.json"
   [ -f /tmp/freekv-8b/config.json ] && step serving "${SERVING_S:-300}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b \
     node dist/bench/serving.js --rates "${SERVING_RATES:-0.5,1,2}" --duration-s "${SERVING_DURATION_S:-45}" \
-    --prompt-min 1024 --prompt-max 32768 --new-min 64 --new-max 512 --out "$work/serving/serving.json"
+    --prompt-min 1024 --prompt-max 32768 --new-min 64 --new-max 512 --drain-s "${SERVING_DRAIN_S:-60}" --out "$work/serving/serving.json"
   [ -f /tmp/freekv-8b/config.json ] && step overhead "${OVERHEAD_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b FREEKV_MAX_CONTEXT_TOKENS=4096 \
     node dist/bench/overhead.js --commit "$(sed -n 's/.*at commit \([0-9a-f]*\).*/\1/p' .gpu/services-build.txt)" \
     --skip attention --gen-tokens 80 --out "$work/overhead/overhead.json"

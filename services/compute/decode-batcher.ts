@@ -61,6 +61,13 @@ export interface BatchPolicy<I extends BatchItem<R>, R> {
   alone?(item: I): boolean;
   /** Among waiting `alone` items the lowest rank runs first (ties: queue order); unset: queue order. */
   rank?(item: I): number;
+  /**
+   * Items held back for now (they stay queued, in order): asked each time a batch is chosen.
+   * While only held items wait, the choice is made again after holdRecheckMs (default 2), so a
+   * hold that ends with time alone (nobody else asks to run) is noticed.
+   */
+  hold?(item: I): boolean;
+  holdRecheckMs?: number;
 }
 
 export class DecodeBatcher<I extends BatchItem<R>, R> {
@@ -71,6 +78,8 @@ export class DecodeBatcher<I extends BatchItem<R>, R> {
   private awaited = new Set<string | number>();
   /** Whether the last batch was an `alone` item. */
   private lastAlone = false;
+  /** The pending re-check while only held items wait. */
+  private recheck: ReturnType<typeof setTimeout> | undefined;
   /** Batches run so far. */
   batches = 0;
 
@@ -115,13 +124,25 @@ export class DecodeBatcher<I extends BatchItem<R>, R> {
       else it.reject(why ?? new ServiceError(status.CANCELLED, "call cancelled"));
     }
     const alone = this.policy.alone;
-    let lead = waiting[0];
-    if (alone && this.lastAlone) lead = waiting.find((it) => !alone(it)) ?? lead;
+    const hold = this.policy.hold;
+    const held = hold ? new Set(waiting.filter((it) => hold(it))) : undefined;
+    const eligible = held?.size ? waiting.filter((it) => !held.has(it)) : waiting;
+    if (held?.size && eligible.length === 0) {
+      this.queue = waiting;
+      if (!this.recheck)
+        this.recheck = setTimeout(() => {
+          this.recheck = undefined;
+          this.schedule(0);
+        }, this.policy.holdRecheckMs ?? 2);
+      return [];
+    }
+    let lead = eligible[0];
+    if (alone && this.lastAlone) lead = eligible.find((it) => !alone(it)) ?? lead;
     const batch: I[] = [];
     const rest: I[] = [];
     if (lead && alone?.(lead)) {
       const rank = this.policy.rank;
-      if (rank) for (const it of waiting) if (alone(it) && rank(it) < rank(lead)) lead = it;
+      if (rank) for (const it of eligible) if (alone(it) && rank(it) < rank(lead)) lead = it;
       this.queue = waiting.filter((it) => it !== lead);
       this.lastAlone = true;
       return [lead];
@@ -130,7 +151,7 @@ export class DecodeBatcher<I extends BatchItem<R>, R> {
     const seen = new Set<string | number>();
     const group = lead?.group;
     for (const it of waiting) {
-      if (batch.length < this.policy.maxBatch && it.group === group && !seen.has(it.session) && !alone?.(it)) {
+      if (batch.length < this.policy.maxBatch && it.group === group && !seen.has(it.session) && !alone?.(it) && !held?.has(it)) {
         seen.add(it.session);
         batch.push(it);
       } else rest.push(it);
@@ -142,14 +163,16 @@ export class DecodeBatcher<I extends BatchItem<R>, R> {
   private async runBatch(): Promise<void> {
     if (this.running || this.queue.length === 0) return;
     this.running = true;
+    let taken: I[] = [];
     try {
-      const taken = this.take();
+      taken = this.take();
       if (taken.length) await this.run(taken);
     } finally {
       this.running = false;
     }
-    // The next batch after setImmediate, so callers whose step just resolved can join it.
-    this.schedule(0);
+    // The next batch after setImmediate, so callers whose step just resolved can join it (when
+    // nothing was taken, only held items wait: the re-check timer or the next submit comes back).
+    if (taken.length) this.schedule(0);
   }
 
   private async run(taken: I[]): Promise<void> {
