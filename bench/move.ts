@@ -20,7 +20,6 @@
  *
  * Writes bench/results/move-<date>.json (machine, git commit, date, node version, results).
  */
-import { execSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import { dirname, join } from "node:path";
@@ -30,6 +29,7 @@ import { credentials, Metadata } from "@grpc/grpc-js";
 import { FreeKvClient } from "../packages/client/src/index.js";
 import { KvStoreServiceClient, KvStoreTransferServiceClient, type ExportSessionResponse, type ImportSessionResponse } from "../proto/gen/freekv/v1/kvstore.js";
 import { startService, startTiers } from "../tools/dev/launch.js";
+import { gitCommit, machineInfo, resultsPath } from "./common.js";
 
 const { values: args } = parseArgs({
   options: {
@@ -110,14 +110,9 @@ try {
   await b.stop();
   await kvc.stop();
 }
-let commit = "unknown";
-try {
-  commit = execSync("git rev-parse --short HEAD", { cwd: root, stdio: ["ignore", "pipe", "ignore"] }).toString().trim();
-} catch {
-  /* not a checkout */
-}
+const commit = gitCommit(root);
 const date = new Date().toISOString();
-const out = args.out ?? join(root, "bench", "results", `move-${date.slice(0, 16).replace(/[-:T]/g, "").replace(/^(\d{8})/, "$1-")}.json`);
+const out = args.out ?? resultsPath(root, "move");
 mkdirSync(dirname(out), { recursive: true });
 writeFileSync(
   out,
@@ -126,7 +121,7 @@ writeFileSync(
       bench: "move",
       date,
       commit,
-      machine: { host: os.hostname(), cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: os.totalmem() / 2 ** 30, node: process.version },
+      machine: machineInfo(),
       loadAverage: { before: loadBefore, after: os.loadavg() },
       model: process.env.FREEKV_MODEL ?? "builtin",
       results: rows,

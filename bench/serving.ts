@@ -30,9 +30,7 @@
  * JSON (machine, commit, date, environment, results) to --out, or
  * bench/results/serving-<date>.json.
  */
-import { execSync } from "node:child_process";
 import { mkdirSync, readFileSync, statfsSync, writeFileSync } from "node:fs";
-import os from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
@@ -40,6 +38,7 @@ import { credentials, status } from "@grpc/grpc-js";
 import { ComputeServiceClient, GenerateRequest, type GenerateResponse } from "../proto/gen/freekv/v1/compute.js";
 import { defaultModelDir } from "../services/compute/model/loader.js";
 import { mulberry32 } from "../tools/reference/prng.js";
+import { freekvEnv, gitCommit, machineInfo, percentile, randomPromptIds, resultsPath } from "./common.js";
 import { startTiers } from "../tools/dev/launch.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -111,12 +110,7 @@ function workload(rate: number, rateIndex: number): Req[] {
   return out;
 }
 
-function tokens(n: number, s: number): number[] {
-  const r = mulberry32(s);
-  // Ids away from the special tokens at both ends of the vocabulary.
-  const lo = Math.min(16, vocab - 1), span = Math.max(1, Math.floor(vocab * 0.9) - lo);
-  return Array.from({ length: n }, () => lo + Math.floor(r() * span));
-}
+const tokens = (n: number, seed: number) => randomPromptIds(n, seed, vocab);
 
 interface Outcome {
   ok: boolean;
@@ -176,9 +170,8 @@ function call(client: ComputeServiceClient, q: Req, signal?: AbortSignal): Promi
 }
 
 function quantiles(xs: (number | undefined)[]) {
-  const s = xs.filter((x): x is number => x !== undefined && Number.isFinite(x)).sort((a, b) => a - b);
-  const q = (p: number) => (s.length ? s[Math.min(s.length - 1, Math.ceil(p * s.length) - 1)] : null);
-  return { n: s.length, p50: q(0.5), p99: q(0.99), max: s.length ? s[s.length - 1] : null };
+  const n = xs.filter((x) => x !== undefined && Number.isFinite(x)).length;
+  return { n, p50: percentile(xs, 0.5), p99: percentile(xs, 0.99), max: percentile(xs, 1) };
 }
 
 /**
@@ -214,14 +207,7 @@ const pids = [tiers.compute.pid, tiers.kvstore.pid];
 const memNow = () => pids.reduce((a, p) => a + rss(p), 0) + Math.max(0, shmUsed() - shmBefore);
 const results: Record<string, unknown>[] = [];
 let alone: Record<string, number> = {};
-const gitRev = (cwd: string) => {
-  try {
-    return execSync("git rev-parse --short HEAD", { cwd, stdio: ["ignore", "pipe", "ignore"] }).toString().trim();
-  } catch {
-    return "unknown";
-  }
-};
-const out = args.out ?? join(root, "bench", "results", `serving-${new Date().toISOString().slice(0, 16).replace(/[-:T]/g, "").replace(/^(\d{8})(\d{4})$/, "$1-$2")}.json`);
+const out = args.out ?? resultsPath(root, "serving");
 /** Writes the results so far (after each rate, so a time-limited run keeps what it measured). */
 function writeDoc(complete: boolean): void {
   const doc = {
@@ -229,10 +215,10 @@ function writeDoc(complete: boolean): void {
     what: "open-loop serving load through Generate (both tiers as processes): Poisson arrivals, mixed prompt and output lengths",
     label: args.label ?? null,
     date: new Date().toISOString(),
-    commit: gitRev(root),
-    servicesCommit: otherRoot ? gitRev(otherRoot) : gitRev(root),
-    machine: { host: os.hostname(), cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: os.totalmem() / 2 ** 30, node: process.version },
-    env: { ...Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith("FREEKV_"))), ...kvstoreEnv, ...computeEnv },
+    commit: gitCommit(root),
+    servicesCommit: gitCommit(otherRoot ?? root),
+    machine: machineInfo(),
+    env: { ...freekvEnv(), ...kvstoreEnv, ...computeEnv },
     model: modelDir,
     reportsQueueTime: reportsQueue,
     workload: { rates, durationS, drainS: Number.isFinite(drainS) ? drainS : null, promptMin, promptMax, newMin, newMax, seed, promptLengths: "log-uniform", newTokens: "uniform", sampling: "temperature 1, seeded per request" },

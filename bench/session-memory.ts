@@ -13,9 +13,7 @@
  * Built-in model on the CPU unless the environment says otherwise. Writes JSON (machine, commit,
  * date, results) to --out, or bench/results/session-memory-<date>.json.
  */
-import { execSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
-import os from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
@@ -24,6 +22,7 @@ import { ComputeServiceClient, CreateSessionRequest, GenerateRequest, type Gener
 import { GetStatsRequest, KvStoreServiceClient, ReserveContextRequest, type GetStatsResponse } from "../proto/gen/freekv/v1/kvstore.js";
 import { mulberry32 } from "../tools/reference/prng.js";
 import { startTiers } from "../tools/dev/launch.js";
+import { freekvEnv, gitCommit, machineInfo, resultsPath } from "./common.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, "..", here.includes(`${join("dist", "bench")}`) ? ".." : "");
@@ -120,22 +119,17 @@ const table = [
 ];
 console.log(table.join("\n"));
 
-let commit = "unknown";
-try {
-  commit = execSync("git rev-parse --short HEAD", { cwd: root, stdio: ["ignore", "pipe", "ignore"] }).toString().trim();
-} catch {
-  /* not a git checkout */
-}
+const commit = gitCommit(root);
 const doc = {
   what: "host memory of named sessions with a large max context: counted, allocated and apparent bytes, with reservations in extents and with the whole context reserved",
   date: new Date().toISOString(),
   commit,
-  machine: { host: os.hostname(), cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: os.totalmem() / 2 ** 30, node: process.version },
-  env: Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith("FREEKV_"))),
+  machine: machineInfo(),
+  env: freekvEnv(),
   params: { sessions, maxContext, promptLen, maxTokens, extent },
   results: rows,
 };
-const out = args.out ?? join(root, "bench", "results", `session-memory-${new Date().toISOString().slice(0, 16).replace(/[-:T]/g, "").replace(/^(\d{8})(\d{4})$/, "$1-$2")}.json`);
+const out = args.out ?? resultsPath(root, "session-memory");
 mkdirSync(dirname(out), { recursive: true });
 writeFileSync(out, JSON.stringify(doc, null, 2));
 log(`wrote ${out}`);

@@ -26,16 +26,14 @@
  * Writes JSON (machine, commit, date, environment, results) to --out, or
  * bench/results/ttft-<date>.json.
  */
-import { execSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
-import os from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { credentials } from "@grpc/grpc-js";
 import { ComputeServiceClient, GenerateRequest, type GenerateResponse } from "../proto/gen/freekv/v1/compute.js";
 import { defaultModelDir } from "../services/compute/model/loader.js";
-import { mulberry32 } from "../tools/reference/prng.js";
+import { freekvEnv, gitCommit, machineInfo, percentile, randomPromptIds, resultsPath } from "./common.js";
 import { startTiers } from "../tools/dev/launch.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -72,10 +70,7 @@ const longest = Math.max(...prompts, background);
 const maxContext = process.env.FREEKV_MAX_CONTEXT_TOKENS ?? String(longest + Math.max(maxTokens, bgTokens) + 256);
 
 function randomTokens(n: number, seed: number): GenerateRequest["prompt"] {
-  const r = mulberry32(seed);
-  // Ids away from the special tokens at both ends of the vocabulary.
-  const lo = Math.min(16, vocab - 1), span = Math.max(1, Math.floor(vocab * 0.9) - lo);
-  return { $case: "tokens", value: { ids: Array.from({ length: n }, () => lo + Math.floor(r() * span)) } };
+  return { $case: "tokens", value: { ids: randomPromptIds(n, seed, vocab) } };
 }
 
 interface Call {
@@ -117,9 +112,8 @@ function generate(client: ComputeServiceClient, prompt: GenerateRequest["prompt"
 }
 
 function quantiles(xs: number[]) {
-  const s = [...xs].sort((a, b) => a - b);
-  const q = (p: number) => (s.length ? s[Math.min(s.length - 1, Math.floor(p * (s.length - 1) + 0.5))] : NaN);
-  return { n: s.length, median: q(0.5), p90: q(0.9), p99: q(0.99), max: s.length ? s[s.length - 1] : NaN };
+  const q = (p: number) => percentile(xs, p) ?? NaN;
+  return { n: xs.length, median: q(0.5), p90: q(0.9), p99: q(0.99), max: q(1) };
 }
 
 /** Milliseconds per output token of each chunk after the first, with its arrival time. */
@@ -143,13 +137,8 @@ const readyMs = performance.now() - t0;
 const client = new ComputeServiceClient(tiers.compute.address, credentials.createInsecure(), { "grpc.max_receive_message_length": 64 << 20 });
 const deadlineS = Number(args["timeout-s"]);
 const results: Record<string, unknown> = {};
-let commit = "unknown";
-try {
-  commit = execSync("git rev-parse --short HEAD", { cwd: root, stdio: ["ignore", "pipe", "ignore"] }).toString().trim();
-} catch {
-  /* not a git checkout */
-}
-const out = args.out ?? join(root, "bench", "results", `ttft-${new Date().toISOString().slice(0, 16).replace(/[-:T]/g, "").replace(/^(\d{8})(\d{4})$/, "$1-$2")}.json`);
+const commit = gitCommit(root);
+const out = args.out ?? resultsPath(root, "ttft");
 let completed = false;
 /** Writes what was measured so far (after each phase: a run cut off by a time limit keeps it). */
 function writeResults(complete: boolean): void {
@@ -158,8 +147,8 @@ function writeResults(complete: boolean): void {
     date: new Date().toISOString(),
     commit,
     complete,
-    machine: { host: os.hostname(), cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: os.totalmem() / 2 ** 30, node: process.version },
-    env: Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith("FREEKV_"))),
+    machine: machineInfo(),
+    env: freekvEnv(),
     model: modelDir,
     maxContextTokens: Number(maxContext),
     servicesReadyMs: readyMs,
