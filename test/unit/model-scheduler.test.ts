@@ -53,6 +53,39 @@ function randomPrompt(n: number, seed: number): Int32Array {
   return Int32Array.from({ length: n }, () => Math.floor(rand() * 1000));
 }
 
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * A model on timers: a prefill chunk of n tokens after a context of c takes chunkMs(n, c), a decode
+ * step stepMs; the chunks (tokens, context, start, measured time) and the steps' end times are kept.
+ */
+function timedModel(chunkMs: (n: number, c: number) => number, stepMs: number) {
+  const chunks: { n: number; c: number; at: number; ms: number }[] = [];
+  const steps: number[] = [];
+  const model = {
+    vocabSize: 2,
+    prefill: async (_s: number, tokens: Int32Array, start: number) => {
+      const t0 = performance.now();
+      await sleep(chunkMs(tokens.length, start));
+      chunks.push({ n: tokens.length, c: start, at: t0, ms: performance.now() - t0 });
+      return new Float32Array(2);
+    },
+    decodeArgmax: async (s: Int32Array) => {
+      await sleep(stepMs);
+      steps.push(performance.now());
+      return new Int32Array(s.length);
+    },
+    decode: async (s: Int32Array) => (await sleep(stepMs), new Float32Array(2 * s.length)),
+  } as unknown as Model;
+  return { model, chunks, steps };
+}
+
+/** A whole prompt fed as Generate feeds it: each call takes the tokens the scheduler gives it. */
+async function feedPrompt(sch: ModelScheduler, session: number, n: number): Promise<void> {
+  const prompt = randomPrompt(n, session);
+  for (let at = 0; at < n; ) at += (await sch.prefill(session, prompt.subarray(at), at)).tokens;
+}
+
 describe("ModelScheduler", () => {
   it("runs a decoding session's steps between the chunks of another session's prompt", async () => {
     const { model, calls } = recordingModel();
@@ -191,24 +224,9 @@ describe("ModelScheduler", () => {
     // step 8 ms. (A 256-token chunk at 2K of context takes ~60 ms: cut even when timer overshoot on
     // a loaded machine makes the fitted fixed part several ms, which sets a floor to the slice.)
     const chunkMs = (n: number, c: number) => 1 + n * (0.02 + 1e-4 * (c + n / 2));
-    const chunks: { n: number; c: number; ms: number }[] = [];
-    const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-    const model = {
-      vocabSize: 2,
-      prefill: async (_s: number, tokens: Int32Array, start: number) => {
-        const t0 = performance.now();
-        await sleep(chunkMs(tokens.length, start));
-        chunks.push({ n: tokens.length, c: start, ms: performance.now() - t0 });
-        return new Float32Array(2);
-      },
-      decodeArgmax: async (s: Int32Array) => (await sleep(8), new Int32Array(s.length)),
-      decode: async (s: Int32Array) => (await sleep(8), new Float32Array(2 * s.length)),
-    } as unknown as Model;
+    const { model, chunks } = timedModel(chunkMs, 8);
     const sch = new ModelScheduler(model, { prefillChunkTokens: 256, prefillSlice: 1 });
-    const feed = async (session: number, n: number) => {
-      const prompt = randomPrompt(n, session);
-      for (let at = 0; at < n; ) at += (await sch.prefill(session, prompt.subarray(at), at)).tokens;
-    };
+    const feed = (session: number, n: number) => feedPrompt(sch, session, n);
     // Alone: whole chunks.
     await feed(1, 1024);
     expect(chunks.map((c) => c.n)).toEqual([256, 256, 256, 256]);
@@ -239,29 +257,9 @@ describe("ModelScheduler time slices with a large fixed part", () => {
   it("keeps chunks efficient and a decoding session's mean time per token near (1 + slice) x alone", async () => {
     // A chunk has a fixed part (the pass over the weights) three times a decode step: slices of one
     // step would be mostly that part. Chunk 15 + 0.05 n ms, decode step 5 ms.
-    const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-    const chunks: { n: number; c: number; at: number; ms: number }[] = [];
-    const steps: number[] = [];
-    const model = {
-      vocabSize: 2,
-      prefill: async (_s: number, tokens: Int32Array, start: number) => {
-        const t0 = performance.now();
-        await sleep(15 + 0.05 * tokens.length);
-        chunks.push({ n: tokens.length, c: start, at: t0, ms: performance.now() - t0 });
-        return new Float32Array(2);
-      },
-      decodeArgmax: async (s: Int32Array) => {
-        await sleep(5);
-        steps.push(performance.now());
-        return new Int32Array(s.length);
-      },
-      decode: async (s: Int32Array) => (await sleep(5), new Float32Array(2 * s.length)),
-    } as unknown as Model;
+    const { model, chunks, steps } = timedModel((n) => 15 + 0.05 * n, 5);
     const sch = new ModelScheduler(model, { prefillChunkTokens: 256, prefillSlice: 1 });
-    const feed = async (session: number, n: number) => {
-      const prompt = randomPrompt(n, session);
-      for (let at = 0; at < n; ) at += (await sch.prefill(session, prompt.subarray(at), at)).tokens;
-    };
+    const feed = (session: number, n: number) => feedPrompt(sch, session, n);
     // Alone first (the cost model learns the chunk times), with chunks of several sizes.
     await feed(1, 700);
     await feed(5, 300);
