@@ -59,7 +59,7 @@ Napi::Value Crc32cPagesJs(const Napi::CallbackInfo& info) {
   if (count > 0 && (b.size - offset) / page < count)
     throw Napi::RangeError::New(env, "pages [byteOffset, byteOffset + pageBytes * count) run past the end of bytes");
   auto out = Napi::Uint32Array::New(env, count);
-  for (size_t i = 0; i < count; i++) out[i] = Crc32c(b.data + offset + i * page, page);
+  if (count > 0) freekv::Crc32cPages(b.data + offset, page, count, out.Data());
   return out;
 }
 
