@@ -62,6 +62,7 @@ const bgTokens = Number(args["background-tokens"]);
 for (const [k, v] of Object.entries({ prompts: Math.min(...prompts), runs, "max-tokens": maxTokens, "background-tokens": bgTokens }))
   if (!Number.isInteger(v) || v < 1) throw new RangeError(`--${k} must hold positive integers`);
 if (background && (!Number.isInteger(background) || background < 1)) throw new RangeError("--background must be a positive integer");
+if (!(Number(args["background-deadline-s"]) > 0)) throw new RangeError(`--background-deadline-s must be a positive number (got ${args["background-deadline-s"]})`);
 
 const modelDir = process.env.FREEKV_MODEL || defaultModelDir();
 const modelConfig = JSON.parse(readFileSync(join(modelDir, "config.json"), "utf8")) as { vocab_size: number };

@@ -440,6 +440,8 @@ export class KvStore implements ScrubHost {
         if (this.live.get(req.sessionId) !== l) throw new ServiceError(status.UNAVAILABLE, `session ${quoteId(req.sessionId)}: the kvstore closed its segments during the commit`);
         throw e;
       }
+      // Released or shut down meanwhile (its segments closed after the checksums ended)?
+      if (this.live.get(req.sessionId) !== l) throw new ServiceError(status.UNAVAILABLE, `session ${quoteId(req.sessionId)}: the kvstore closed its segments during the commit`);
       // The scrubber may have found a committed page changed meanwhile.
       if (l.corrupt) throw l.corrupt;
       for (const [i, e] of entries.entries()) {

@@ -23,10 +23,11 @@
  *   least the tokens that make that part a quarter of its time (SLICE_FIXED_SHARE). Such a chunk
  *   can take longer than the slice, so the time sliced chunks take is kept as a debt that every
  *   decode step pays off by prefillSlice times its own time, and the next sliced chunk waits (held
- *   in the batcher) until at most one slice of it is left: the decoding sessions' mean time per token stays within
- *   (1 + prefillSlice) times alone, most of their steps run back to back, and the prompt advances
- *   in chunks that use the device well. (On the CPU, where 16-token slices cost several decode
- *   steps, a session decoding beside a 3K prompt ran at 4.3x its time per token alone.)
+ *   in the batcher) until at most one slice of it is left: the decoding sessions' mean time per
+ *   token stays near (1 + prefillSlice) times alone, most of their steps run back to back, and the
+ *   prompt advances in chunks that use the device well. (On the CPU, where 16-token slices cost
+ *   several decode steps, a session decoding beside a 3K prompt ran at ~10x its median time per
+ *   token alone before, 1.1-1.5x after: bench/results/ttft-cpu-20261203-slices.md.)
  */
 import type { Model } from "../../../native/binding.js";
 import { ServiceError } from "../../common/errors.js";

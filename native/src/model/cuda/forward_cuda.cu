@@ -84,12 +84,20 @@ class PrefillProfile {
       if (marks_[i].part >= 0 && cudaEventElapsedTime(&ms, marks_[i - 1].e, marks_[i].e) == cudaSuccess)
         device_[marks_[i].part] += ms;
     }
+    Discard();
+  }
+  // Drops the marks of a chunk that did not complete (its call threw).
+  void Discard() {
     for (auto& m : marks_) cudaEventDestroy(m.e);
     marks_.clear();
+    for (double& d : device_) d = 0;
   }
   void Report(int session, int start, int n, int chunk, double issue_ms, double wait_ms, double finish_ms) {
+    if (start == 0) {
+      totals_.erase(session);
+      if (totals_.size() >= 64) totals_.clear();  // sessions that ended mid-prompt: kept only so long
+    }
     Totals& t = totals_[session];
-    if (start == 0) t = Totals();
     for (int p = 0; p < kParts; ++p) t.device[p] += device_[p];
     t.issue += issue_ms;
     t.wait += wait_ms;
@@ -465,6 +473,7 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
       if (prof) prof->Collect();
     }
   } catch (...) {
+    if (prof) prof->Discard();
     device_engine_->FinishDevicePrefill(session);  // what was prefilled is committed consistently
     throw;
   }
