@@ -78,6 +78,8 @@ interface Call {
   ttftMs: number;
   totalMs: number;
   prefillMs: number;
+  /** Usage.queue_ms: admission, which includes reserving the session's memory at the kvstore and mapping it. */
+  queueMs: number;
   promptTokens: number;
   /** Client arrival time (ms, performance.now) and token count of every chunk. */
   chunks: { at: number; tokens: number }[];
@@ -90,7 +92,7 @@ function generate(client: ComputeServiceClient, prompt: GenerateRequest["prompt"
     const startedAt = performance.now();
     const chunks: Call["chunks"] = [];
     let streamed = 0;
-    let usage: { prefillMs: number; promptTokens: number } | null = null;
+    let usage: { prefillMs: number; queueMs: number; promptTokens: number } | null = null;
     const req = GenerateRequest.fromPartial({ prompt, maxTokens: max, sampling: { temperature: 0 }, ...(progress ? { prefillProgressMinTokens: 1 } : {}) });
     const stream = client.generate(req, { deadline: Date.now() + deadlineS * 1000 });
     stream.on("data", (m: GenerateResponse) => {
@@ -101,13 +103,13 @@ function generate(client: ComputeServiceClient, prompt: GenerateRequest["prompt"
         onTokens?.(streamed);
       }
       else if (m.event?.$case === "progress") progress?.(m.event.value.prefilledTokens);
-      else if (m.event?.$case === "final") usage = { prefillMs: m.event.value.usage?.prefillMs ?? NaN, promptTokens: m.event.value.usage?.promptTokens ?? 0 };
+      else if (m.event?.$case === "final") usage = { prefillMs: m.event.value.usage?.prefillMs ?? NaN, queueMs: m.event.value.usage?.queueMs ?? NaN, promptTokens: m.event.value.usage?.promptTokens ?? 0 };
     });
     stream.on("error", reject);
     stream.on("end", () => {
       if (!usage || chunks.length === 0) return reject(new Error("the stream ended without a chunk and a final message"));
-      const u = usage as { prefillMs: number; promptTokens: number };
-      resolve({ ttftMs: chunks[0].at - startedAt, totalMs: performance.now() - startedAt, prefillMs: u.prefillMs, promptTokens: u.promptTokens, chunks, startedAt });
+      const u = usage as { prefillMs: number; queueMs: number; promptTokens: number };
+      resolve({ ttftMs: chunks[0].at - startedAt, totalMs: performance.now() - startedAt, prefillMs: u.prefillMs, queueMs: u.queueMs, promptTokens: u.promptTokens, chunks, startedAt });
     });
   });
 }
@@ -166,16 +168,17 @@ try {
   log(`first request after start (64-token prompt): TTFT ${first.ttftMs.toFixed(0)} ms (prefill ${first.prefillMs.toFixed(0)} ms)`);
 
   const rows: Record<string, unknown>[] = [];
-  const table = ["| prompt tokens | TTFT ms (median) | prefill_ms | prompt tokens/s | transformers prefill ms |", "| ---: | ---: | ---: | ---: | ---: |"];
+  const table = ["| prompt tokens | TTFT ms (median) | queue_ms | prefill_ms | prompt tokens/s | transformers prefill ms |", "| ---: | ---: | ---: | ---: | ---: | ---: |"];
   for (const n of prompts) {
     const calls: Call[] = [];
     for (let r = 0; r < runs; r++) calls.push(await generate(client, randomTokens(n, 100 + r), maxTokens, deadlineS));
     const ttft = quantiles(calls.map((c) => c.ttftMs));
     const prefill = quantiles(calls.map((c) => c.prefillMs));
-    const row = { promptTokens: n, runs, ttftMs: calls.map((c) => c.ttftMs), prefillMs: calls.map((c) => c.prefillMs), ttftMedianMs: ttft.median, tokensPerS: (n / ttft.median) * 1000, transformersPrefillMs: hfMs(n) };
+    const queue = quantiles(calls.map((c) => c.queueMs));
+    const row = { promptTokens: n, runs, ttftMs: calls.map((c) => c.ttftMs), queueMs: calls.map((c) => c.queueMs), prefillMs: calls.map((c) => c.prefillMs), ttftMedianMs: ttft.median, tokensPerS: (n / ttft.median) * 1000, transformersPrefillMs: hfMs(n) };
     rows.push(row);
     const h = hfMs(n);
-    table.push(`| ${n} | ${ttft.median.toFixed(0)} | ${prefill.median.toFixed(0)} | ${row.tokensPerS.toFixed(0)} | ${h == null ? "" : h.toFixed(0)} |`);
+    table.push(`| ${n} | ${ttft.median.toFixed(0)} | ${queue.median.toFixed(0)} | ${prefill.median.toFixed(0)} | ${row.tokensPerS.toFixed(0)} | ${h == null ? "" : h.toFixed(0)} |`);
     log(table[table.length - 1]);
   }
   results.prompts = rows;

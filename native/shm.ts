@@ -32,6 +32,12 @@ export interface ShmSegment {
    * /dev/shm throws an Error with code "ENOSPC". Allocated pages are kept as they are.
    */
   allocate(offset: number, length: number): void;
+  /**
+   * allocate() of each [offset, length] range, off the main thread, all or none: a failure gives
+   * back the ranges done and rejects with the same `code` as allocate(). The ranges are checked at
+   * the call (TypeError / RangeError); a close() meanwhile rejects.
+   */
+  allocateAsync(ranges: readonly (readonly [offset: number, length: number])[]): Promise<void>;
   /** Frees the memory of bytes [offset, offset + length) (they read as zeros after). */
   punch(offset: number, length: number): void;
   /** Memory the segment really holds (st_blocks * 512). */

@@ -26,5 +26,6 @@ void RunRecall(Bench& B);
 void RunAttention(Bench& B);
 void RunPrefill(Bench& B);
 void RunSelection(Bench& B);
+void RunHostStore(Bench& B);
 
 }  // namespace fkbench

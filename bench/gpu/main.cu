@@ -5,9 +5,11 @@
 //             buffered) vs the PCIe ceiling, after a byte-exact check of the recalled pages
 //   attention paged decode attention GB/s vs HBM, after a float64 CPU reference check
 //   prefill   tensor-core causal prefill attention: float64 check, then TFLOP/s vs the bf16 peak
+//   selection page selection kernels (flat and hierarchical)
+//   hoststore a fresh session's host store set-up: fallocate, cudaHostRegister from 1-16 threads
 // The decode step is not timed here: bench/gpu/run.sh times the service's own step
 // (scripts/gpu/runner-bench.ts: Model.decode with the CUDA engine) beside these figures.
-// Usage: freekv_gpu_bench --out FILE [--sections ceilings,recall,attention,prefill,selection] [--deadline-s N]
+// Usage: freekv_gpu_bench --out FILE [--sections ceilings,recall,attention,prefill,selection,hoststore] [--deadline-s N]
 //        [--quick]
 #include <ctime>
 #include <fstream>
@@ -63,7 +65,7 @@ int main(int argc, char** argv) {
   // The sections, in the order they run: the one list --sections is checked against.
   struct Sec { const char* name; void (*fn)(Bench&); double min_s; };
   Sec all[] = {{"ceilings", RunCeilings, 5}, {"recall", RunRecall, 10}, {"attention", RunAttention, 10},
-               {"prefill", RunPrefill, 20}, {"selection", RunSelection, 10}};
+               {"prefill", RunPrefill, 20}, {"selection", RunSelection, 10}, {"hoststore", RunHostStore, 10}};
   for (size_t a = 0; a <= sections.size();) {
     size_t b = sections.find(',', a);
     if (b == std::string::npos) b = sections.size();

@@ -5,7 +5,9 @@
  *
  * Capacity counts committed memory, not apparent sizes: a session's store segment has its full
  * size (max_context_tokens) but memory only for its reservation (layout.ts: reserved pages per
- * layer, in extents), allocated with fallocate when the reservation is made, so a full /dev/shm is
+ * layer, in extents), allocated with fallocate when the reservation is made (on a worker thread,
+ * counted against the capacity before it starts, so other calls are answered meanwhile and
+ * concurrent reservations never overcommit), so a full /dev/shm is
  * a RESOURCE_EXHAUSTED answer here and never a SIGBUS at a later write. The other three segments
  * are small and committed whole. Commits of pages past the reservation are refused.
  */
@@ -192,7 +194,8 @@ export class KvStore implements ScrubHost {
     if (e) throw invalidArgument(`retrieval.${e.field}`, e.message);
     // The whole store is counted, but backed as it is touched (as before reservations): an
     // in-process run (fidelity traces, benchmarks) sizes its sessions generously and fills them.
-    const l = this.createLive(sessionId, g, { ...retrieval, tauSet: true }, maxContextTokens, undefined, undefined, false);
+    const l = this.createLive(sessionId, g, { ...retrieval, tauSet: true }, maxContextTokens, undefined, undefined);
+    this.usedBytes += l.bytes;
     void this.directory.put(l.record);
     return this.admit(l);
   }
@@ -205,8 +208,9 @@ export class KvStore implements ScrubHost {
   }
 
   /**
-   * A new session's segments and record (not yet live), with memory committed for
-   * `reserveTokens` (rounded up to an extent; undefined: max_context_tokens, the whole store).
+   * A new session's segments and record (not yet live, not counted, no memory committed yet: see
+   * commitLive), sized for `reserveTokens` (rounded up to an extent; undefined:
+   * max_context_tokens, the whole store); RESOURCE_EXHAUSTED when its bytes do not fit now.
    */
   private createLive(
     sessionId: string,
@@ -215,7 +219,6 @@ export class KvStore implements ScrubHost {
     maxContextTokens: number,
     metadata: Uint8Array | undefined,
     reserveTokens: number | undefined,
-    allocate = true,
   ): Live {
     if (!Number.isInteger(maxContextTokens) || maxContextTokens < 1) {
       throw invalidArgument("max_context_tokens", `must be >= 1, got ${maxContextTokens}`);
@@ -245,15 +248,6 @@ export class KvStore implements ScrubHost {
       this.metrics?.rejected.inc({ reason: "shm" });
       throw new ServiceError(status.RESOURCE_EXHAUSTED, `cannot create shared memory for ${sessionId}: ${(e as Error).message}`);
     }
-    try {
-      if (allocate) {
-        for (const k of ["staging", "tail", "manifest"] as const) segments[k].allocate(0, segments[k].size);
-        allocateRanges(segments.store, storeRanges(layout, geometry.layers, reservedPages));
-      }
-    } catch (e) {
-      closeSegments(segments, true);
-      throw this.allocationFailed(sessionId, bytes, e);
-    }
     const record: SessionRecord = {
       sessionId,
       geometry,
@@ -268,6 +262,27 @@ export class KvStore implements ScrubHost {
       reservedTokens: reserved,
     };
     return { record, segments, layout, reservedPages, bytes };
+  }
+
+  /**
+   * Counts a new session's bytes against the capacity, then commits its memory (fallocate) off the
+   * event loop: at 128K tokens of an 8B model that is ~17 GB and over a second, during which the
+   * kvstore keeps answering other calls. Counted before the wait, so concurrent reservations can
+   * never overcommit; on failure the bytes are given back and the segments removed.
+   */
+  private async commitLive(l: Live): Promise<void> {
+    const { segments, layout, record } = l;
+    this.usedBytes += l.bytes;
+    this.updateGauges();
+    try {
+      for (const k of ["staging", "tail", "manifest"] as const) segments[k].allocate(0, segments[k].size);
+      await segments.store.allocateAsync(storeRanges(layout, record.geometry.layers, l.reservedPages).map(([a, b]) => [a, b - a] as const));
+    } catch (e) {
+      this.usedBytes -= l.bytes;
+      closeSegments(segments, true);
+      this.updateGauges();
+      throw this.allocationFailed(record.sessionId, l.bytes, e);
+    }
   }
 
   /** A failed fallocate: RESOURCE_EXHAUSTED when /dev/shm is full, INTERNAL otherwise; counted and logged. */
@@ -327,22 +342,25 @@ export class KvStore implements ScrubHost {
         `session ${quoteId(r.sessionId)} needs ${more} more bytes of shared memory to reserve ${target} tokens (it holds ${current}); ${this.capacityBytes - this.usedBytes} of ${this.capacityBytes} are free`,
       );
     }
+    // Counted before the allocation runs off the event loop (see commitLive).
+    this.usedBytes += more;
     try {
-      allocateRanges(l.segments.store, added);
+      await l.segments.store.allocateAsync(added.map(([a, b]) => [a, b - a] as const));
     } catch (e) {
+      this.usedBytes -= more;
       throw this.allocationFailed(r.sessionId, more, e);
     }
     const next: SessionRecord = { ...r, reservedTokens: target };
     try {
       await this.dir("put", r.sessionId, () => this.directory.put(next));
     } catch (e) {
+      this.usedBytes -= more;
       punchRanges(l.segments.store, added, this.log);
       throw e;
     }
     l.record = next;
     l.reservedPages = pages;
     l.bytes += more;
-    this.usedBytes += more;
     this.metrics?.reservations.inc();
     this.updateGauges();
     this.log.debug({ session: r.sessionId, reservedTokens: target, bytes: l.bytes }, "session reservation grew");
@@ -354,9 +372,9 @@ export class KvStore implements ScrubHost {
     return l && recordReservedTokens(l.record);
   }
 
+  /** Makes a counted session live. */
   private admit(l: Live): AttachSessionResponse {
     this.live.set(l.record.sessionId, l);
-    this.usedBytes += l.bytes;
     this.updateGauges();
     this.log.info({ session: l.record.sessionId, bytes: l.bytes, capacityPages: l.record.capacityPages }, "session attached");
     this.log.debug({ session: l.record.sessionId, segments: Object.values(l.record.segments).map((s) => s.name) }, "session segments");
@@ -366,10 +384,13 @@ export class KvStore implements ScrubHost {
   /** Creates a new session's segments and record; the caller holds the session's lock. */
   private async create(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array | undefined, reserveTokens: number | undefined): Promise<AttachSessionResponse> {
     const l = this.createLive(sessionId, geometry, retrieval, maxContextTokens, metadata, reserveTokens);
+    await this.commitLive(l);
     try {
       await this.dir("put", sessionId, () => this.directory.put(l.record));
     } catch (e) {
+      this.usedBytes -= l.bytes;
       closeSegments(l.segments, true);
+      this.updateGauges();
       throw e;
     }
     return this.admit(l);
@@ -591,9 +612,8 @@ export class KvStore implements ScrubHost {
       if (this.live.has(id) || this.importing.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists at this kvstore`);
       if (await this.dir("get", id, () => this.directory.get(id))) throw alreadyExists(`session ${quoteId(id)} is in this kvstore's directory`);
       const l = this.createLive(id, geometry, retrieval, maxContextTokens, metadata, Math.min(maxContextTokens, Math.max(0, reserveTokens)));
+      await this.commitLive(l);
       this.importing.set(id, l);
-      this.usedBytes += l.bytes;
-      this.updateGauges();
       return l;
     });
   }
@@ -635,26 +655,6 @@ export class KvStore implements ScrubHost {
     this.live.clear();
     this.usedBytes = 0;
     await this.directory.close();
-  }
-}
-
-/** Allocates each range of the store; on a failure, gives back the ranges it allocated, then throws. */
-function allocateRanges(store: ShmSegment, ranges: readonly ByteRange[]): void {
-  const done: ByteRange[] = [];
-  try {
-    for (const r of ranges) {
-      store.allocate(r[0], r[1] - r[0]);
-      done.push(r);
-    }
-  } catch (e) {
-    for (const [a, b] of done) {
-      try {
-        store.punch(a, b - a);
-      } catch {
-        // the segment is removed with the session at the latest
-      }
-    }
-    throw e;
   }
 }
 

@@ -175,4 +175,42 @@ describe(`kvstore reservations (seed ${seed})`, () => {
     expect(Number(s.stats().allocatedBytes)).toBe(Number(s.stats().reservedBytes));
     seg.close();
   });
+  it("commits a reservation's memory off the event loop, counted before it starts", async () => {
+    // float32 K/V, 4 layers x 4 KV heads x 128: 16 KiB a token, so 16384 tokens are 256 MiB.
+    const G = { layers: 4, queryHeads: 8, kvHeads: 4, headDim: 128, kvDtype: 1 };
+    const R = { pageSize: 16, sinkTokens: 16, windowTokens: 16, selectTokens: 32 } as never;
+    const tokens = 16384 + int(0, 15) * 16;
+    const layout = computeLayout(G, resolveRetrieval(R, G.layers, "retrieval", tokens), capacityPages(tokens, 16));
+    const one = expectedBytes(G, layout, capacityPages(tokens, 16));
+    // Room for one such session and a half: of two made at once, exactly one fits.
+    const s = new KvStore(new MemoryDirectory(), Math.floor(one * 1.5), log, undefined, false, 16);
+    stores.push(s);
+    const attach = (id: string) => s.attach({ sessionId: id, geometry: G, retrieval: R, maxContextTokens: tokens, metadata: Buffer.alloc(0), reserveTokens: tokens });
+    // The event loop turns while the memory is committed: an immediate queued before the call runs
+    // before the call resolves (a synchronous fallocate of 256 MiB would come first).
+    let turned = false;
+    setImmediate(() => (turned = true));
+    const [a, b] = await Promise.allSettled([attach("x"), attach("y")]);
+    expect(turned).toBe(true);
+    const ok = [a, b].filter((r) => r.status === "fulfilled");
+    const refused = [a, b].filter((r): r is PromiseRejectedResult => r.status === "rejected");
+    expect(ok).toHaveLength(1);
+    expect(refused).toHaveLength(1);
+    expect(refused[0].reason).toMatchObject({ code: status.RESOURCE_EXHAUSTED });
+    const st = s.stats();
+    expect(Number(st.reservedBytes)).toBe(one);
+    expect(Number(st.allocatedBytes)).toBe(one);
+    // A growth is counted before its allocation too: two concurrent growths of two sessions
+    // that each fit alone leave the store within its capacity.
+    const id = ok[0] === a ? "x" : "y";
+    await s.release(id);
+    expect(Number(s.stats().reservedBytes)).toBe(0);
+    const small = { geometry: G, retrieval: R, maxContextTokens: tokens, metadata: Buffer.alloc(0), reserveTokens: 16 };
+    await s.attach({ sessionId: "g1", ...small });
+    await s.attach({ sessionId: "g2", ...small });
+    const grown = await Promise.allSettled([s.reserve("g1", tokens), s.reserve("g2", tokens)]);
+    expect(grown.filter((r) => r.status === "fulfilled")).toHaveLength(1);
+    expect(Number(s.stats().reservedBytes)).toBeLessThanOrEqual(s.capacityBytes);
+    expect(Number(s.stats().allocatedBytes)).toBe(Number(s.stats().reservedBytes));
+  });
 });

@@ -45,6 +45,39 @@ describe("ShmSegment", () => {
     addon.ShmSegment.unlink(name);
   });
 
+  it("allocateAsync commits ranges off the main thread, all or none, and checks its arguments", async () => {
+    const name = uniqueName();
+    const seg = addon.ShmSegment.create(name, 64 << 20);
+    try {
+      expect(seg.allocatedBytes()).toBe(0);
+      // Random 4 KiB-aligned ranges, some overlapping.
+      const ranges: [number, number][] = [];
+      const pages = new Set<number>();
+      for (let i = 0; i < 6; i++) {
+        const a = rng.int(16384 - 64), n = 1 + rng.int(64);
+        ranges.push([a * 4096, n * 4096]);
+        for (let p = a; p < a + n; p++) pages.add(p);
+      }
+      await seg.allocateAsync(ranges);
+      expect(seg.allocatedBytes()).toBe(pages.size * 4096);
+      // Checked at the call: nothing allocated by a call that throws.
+      expect(() => seg.allocateAsync([[0, (64 << 20) + 1]])).toThrow(RangeError);
+      expect(() => seg.allocateAsync([[-1, 10]])).toThrow(RangeError);
+      expect(() => seg.allocateAsync([[1.5, 10]])).toThrow(RangeError);
+      expect(() => seg.allocateAsync([[0]] as never)).toThrow(TypeError);
+      expect(() => seg.allocateAsync("x" as never)).toThrow(TypeError);
+      expect(seg.allocatedBytes()).toBe(pages.size * 4096);
+      // The name is gone: the allocation fails, and what it did first is given back.
+      seg.punch(0, 64 << 20);
+      addon.ShmSegment.unlink(name);
+      await expect(seg.allocateAsync([[0, 4096]])).rejects.toMatchObject({ code: "EIO", message: expect.stringMatching(/fallocate|open/) });
+    } finally {
+      seg.close();
+      addon.ShmSegment.unlink(name);
+    }
+    expect(() => seg.allocateAsync([[0, 4096]])).toThrow(/closed/);
+  });
+
   it("refuses to close a segment that an engine session maps", async () => {
     const c = {
       qHeads: 4, kvHeads: 2, headDim: 8, pageSize: 4, sinkTokens: 4, windowTokens: 8, selectTokens: 8,

@@ -15,7 +15,9 @@
 #include <cerrno>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <system_error>
+#include <utility>
 #include <vector>
 
 #include "AddonModules.h"
@@ -70,6 +72,66 @@ class Crc32cPagesWorker : public Napi::AsyncWorker {
   std::vector<uint32_t> sums_;
 };
 
+// allocateAsync's work: fallocate of each range on a libuv worker thread (a reservation of a long
+// context is gigabytes: ~0.09 s per GB on tmpfs), all or none: a failure punches the ranges done
+// and rejects with the same `code` ("ENOSPC" when /dev/shm is full, else "EIO") as allocate().
+// Holds the mapping like Crc32cPagesWorker; close() meanwhile stops it between ranges (rejects).
+class AllocateWorker : public Napi::AsyncWorker {
+ public:
+  AllocateWorker(Napi::Env env, std::shared_ptr<ShmSegment> seg, std::shared_ptr<std::atomic<bool>> cancel,
+                 std::vector<std::pair<size_t, size_t>> ranges)
+      : Napi::AsyncWorker(env, "freekv:allocate"),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        seg_(std::move(seg)),
+        cancel_(std::move(cancel)),
+        name_(seg_->name()),
+        ranges_(std::move(ranges)) {}
+  Napi::Promise Promise() const { return deferred_.Promise(); }
+
+ protected:
+  void Execute() override {
+    size_t done = 0;
+    try {
+      for (; done < ranges_.size(); ++done) {
+        if (cancel_->load()) throw std::runtime_error("segment '" + name_ + "' was closed while its memory was allocated");
+        seg_->Allocate(ranges_[done].first, ranges_[done].second);
+      }
+    } catch (const std::exception& e) {
+      const auto* se = dynamic_cast<const std::system_error*>(&e);
+      errno_ = se ? se->code().value() : 0;
+      message_ = e.what();
+      for (size_t i = 0; i < done; ++i) {
+        try {
+          seg_->Punch(ranges_[i].first, ranges_[i].second);
+        } catch (...) {
+          // the segment is removed with its session at the latest
+        }
+      }
+    }
+    seg_.reset();
+  }
+  void OnOK() override {
+    auto env = Env();
+    if (message_.empty()) {
+      deferred_.Resolve(env.Undefined());
+      return;
+    }
+    auto err = Napi::Error::New(env, message_);
+    err.Set("code", Napi::String::New(env, errno_ == ENOSPC ? "ENOSPC" : "EIO"));
+    if (errno_) err.Set("errno", Napi::Number::New(env, errno_));
+    deferred_.Reject(err.Value());
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::shared_ptr<ShmSegment> seg_;
+  std::shared_ptr<std::atomic<bool>> cancel_;
+  std::string name_;
+  std::vector<std::pair<size_t, size_t>> ranges_;
+  std::string message_;
+  int errno_ = 0;
+};
+
 }  // namespace
 
 class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
@@ -83,6 +145,7 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
                         InstanceAccessor("size", &AddonShmSegment::Size, nullptr),
                         InstanceMethod("buffer", &AddonShmSegment::Buffer), InstanceMethod("close", &AddonShmSegment::Close),
                         InstanceMethod("allocate", &AddonShmSegment::Allocate),
+                        InstanceMethod("allocateAsync", &AddonShmSegment::AllocateAsync),
                         InstanceMethod("punch", &AddonShmSegment::Punch),
                         InstanceMethod("crc32cPages", &AddonShmSegment::Crc32cPages),
                         InstanceMethod("crc32cPagesAsync", &AddonShmSegment::Crc32cPagesAsync),
@@ -183,6 +246,33 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
       throw Napi::Error::New(info.Env(), e.what());
     }
     return info.Env().Undefined();
+  }
+  // allocateAsync([[offset, length], ...]): allocate() of each range off the main thread, all or
+  // none (AllocateWorker). The ranges are checked here, synchronously.
+  Napi::Value AllocateAsync(const Napi::CallbackInfo& info) {
+    Check(info.Env());
+    if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(info.Env(), "ranges must be an array of [offset, length] pairs");
+    auto a = info[0].As<Napi::Array>();
+    if (a.Length() > 65536) throw Napi::RangeError::New(info.Env(), "at most 65536 ranges");
+    std::vector<std::pair<size_t, size_t>> ranges;
+    for (uint32_t i = 0; i < a.Length(); ++i) {
+      Napi::Value r = a.Get(i);
+      if (!r.IsArray() || r.As<Napi::Array>().Length() != 2)
+        throw Napi::TypeError::New(info.Env(), "ranges must be an array of [offset, length] pairs");
+      Napi::Value o = r.As<Napi::Array>().Get(0u), n = r.As<Napi::Array>().Get(1u);
+      const double od = o.IsNumber() ? o.As<Napi::Number>().DoubleValue() : -1, nd = n.IsNumber() ? n.As<Napi::Number>().DoubleValue() : -1;
+      if (!(od >= 0) || !(nd >= 0) || od > 9007199254740991.0 || nd > 9007199254740991.0 ||
+          od != static_cast<double>(static_cast<uint64_t>(od)) || nd != static_cast<double>(static_cast<uint64_t>(nd)))
+        throw Napi::RangeError::New(info.Env(), "offsets and lengths must be integers >= 0");
+      const size_t off = static_cast<size_t>(od), len = static_cast<size_t>(nd);
+      if (off > seg_->size() || len > seg_->size() - off)
+        throw Napi::RangeError::New(info.Env(), "[offset, offset + length) runs past the end of the segment");
+      ranges.emplace_back(off, len);
+    }
+    auto* w = new AllocateWorker(info.Env(), seg_, cancel_, std::move(ranges));
+    auto promise = w->Promise();
+    w->Queue();
+    return promise;
   }
   struct PageRange {
     size_t offset, pageBytes, count;

@@ -5,10 +5,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -44,53 +47,119 @@ uint8_t* RegisterMapped(uint8_t* p, size_t bytes, bool& registered, const char* 
 // addressing the store as one array from one base pointer, which needs the device to use the host's
 // addresses for registered memory (cudaDevAttrCanUseHostPointerForRegisteredMem, checked at
 // CreateSession); every registration checks that cudaHostGetDevicePointer agrees.
+//
+// Pinning costs ~0.5 s per GB from one thread on the H200 machine (page-table faults and the
+// driver's page lists), more than the device needs to prefill those tokens below ~64K tokens of an
+// 8B model. The new ranges (one per layer, split at kRegisterPieceBytes) are registered from up to
+// RegisterThreads() threads at once (FREEKV_REGISTER_THREADS, default kDefaultRegisterThreads;
+// bench/gpu section hoststore measures the rate per thread count).
+namespace {
+constexpr size_t kRegisterPieceBytes = size_t(64) << 20;
+constexpr int kDefaultRegisterThreads = 8;
+
+int RegisterThreads() {
+  static const int n = [] {
+    const char* e = std::getenv("FREEKV_REGISTER_THREADS");
+    if (!e || !*e) return kDefaultRegisterThreads;
+    char* end = nullptr;
+    long v = std::strtol(e, &end, 10);
+    if (*end != 0 || v < 1 || v > 64)
+      throw std::runtime_error(std::string("FREEKV_REGISTER_THREADS must be an integer from 1 to 64, got '") + e + "'");
+    return (int)v;
+  }();
+  return n;
+}
+}  // namespace
+
 void RegisterStore(Session& s, int reserved_pages) {
   static const uintptr_t os_page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   const uintptr_t base = reinterpret_cast<uintptr_t>(s.host.store);
   const uintptr_t limit = base + s.host.store_bytes;
+  // The pieces not covered yet: per layer, the gaps of [a, b) in the cover, split at kRegisterPieceBytes.
+  std::vector<std::pair<uintptr_t, uintptr_t>> pieces;
   for (int l = 0; l < s.geo.layers && reserved_pages > 0; ++l) {
     const uintptr_t a = (base + s.layout.layer_stride * l) / os_page * os_page;
     uintptr_t b = base + s.layout.layer_stride * l + s.layout.page_bytes * (size_t)reserved_pages;
     b = std::min(limit, (b + os_page - 1) / os_page * os_page);
-    // The gaps of [a, b) in the cover (sorted, merged ranges).
-    std::vector<std::pair<uintptr_t, uintptr_t>> gaps;
     uintptr_t at = a;
+    const auto add = [&](uintptr_t x, uintptr_t y) {
+      if (!pieces.empty() && pieces.back().second > x) x = pieces.back().second;  // layers' rounded ends may meet
+      for (; x < y; x += kRegisterPieceBytes) pieces.emplace_back(x, std::min(y, x + kRegisterPieceBytes));
+    };
     for (const auto& r : s.store_cover) {
       if (r.second <= at) continue;
       if (r.first >= b) break;
-      if (r.first > at) gaps.emplace_back(at, r.first);
+      if (r.first > at) add(at, r.first);
       at = std::max(at, r.second);
     }
-    if (at < b) gaps.emplace_back(at, b);
-    for (const auto& g : gaps) {
-      uint8_t* p = reinterpret_cast<uint8_t*>(g.first);
-      const size_t n = g.second - g.first;
-      cudaError_t e = cudaHostRegister(p, n, cudaHostRegisterMapped | cudaHostRegisterPortable);
-      if (e == cudaErrorHostMemoryAlreadyRegistered) {
-        cudaGetLastError();  // another session over the same mapping registered it; used as is
-      } else {
-        Check(e, "cudaHostRegister(host.store extent)");
-        s.store_regs.push_back(p);
-      }
-      for (uint8_t* q : {p, p + n - 1}) {
-        void* d = nullptr;
-        Check(cudaHostGetDevicePointer(&d, q, 0), "cudaHostGetDevicePointer(host.store extent)");
-        if (d != q)
-          throw std::runtime_error("cudaHostGetDevicePointer(host.store extent): the device address of registered host "
-                                   "memory differs from the host's; the store cannot be registered per extent");
-      }
-      s.store_cover.emplace_back(g);
-      std::sort(s.store_cover.begin(), s.store_cover.end());
-      std::vector<std::pair<uintptr_t, uintptr_t>> merged;
-      for (const auto& r : s.store_cover) {
-        if (!merged.empty() && r.first <= merged.back().second)
-          merged.back().second = std::max(merged.back().second, r.second);
-        else
-          merged.push_back(r);
-      }
-      s.store_cover.swap(merged);
+    if (at < b) add(at, b);
+  }
+  if (pieces.empty()) return;
+  // 0: registered here; 1: already registered (another session over the same mapping), used as is;
+  // else the error.
+  std::vector<cudaError_t> result(pieces.size(), cudaSuccess);
+  std::vector<char> found(pieces.size(), 0);
+  int device = 0;
+  Check(cudaGetDevice(&device), "cudaGetDevice");
+  const auto work = [&](size_t i) {
+    uint8_t* p = reinterpret_cast<uint8_t*>(pieces[i].first);
+    const size_t n = pieces[i].second - pieces[i].first;
+    cudaError_t e = cudaHostRegister(p, n, cudaHostRegisterMapped | cudaHostRegisterPortable);
+    if (e == cudaErrorHostMemoryAlreadyRegistered) {
+      cudaGetLastError();
+      found[i] = 1;
+      e = cudaSuccess;
+    }
+    result[i] = e;
+  };
+  const int threads = (int)std::min<size_t>(pieces.size(), (size_t)RegisterThreads());
+  if (threads <= 1) {
+    for (size_t i = 0; i < pieces.size(); ++i) work(i);
+  } else {
+    std::atomic<size_t> next{0};
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (int t = 0; t < threads; ++t)
+      pool.emplace_back([&] {
+        if (cudaSetDevice(device) != cudaSuccess) return;  // pieces left unclaimed are done below
+        for (size_t i; (i = next.fetch_add(1)) < pieces.size();) work(i);
+      });
+    for (auto& t : pool) t.join();
+    for (size_t i; (i = next.fetch_add(1)) < pieces.size();) work(i);
+  }
+  // Every piece registered here is the session's to unregister, whatever failed beside it.
+  std::string error;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    uint8_t* p = reinterpret_cast<uint8_t*>(pieces[i].first);
+    const size_t n = pieces[i].second - pieces[i].first;
+    if (result[i] != cudaSuccess) {
+      if (error.empty()) error = std::string("cudaHostRegister(host.store extent): ") + cudaGetErrorString(result[i]);
+      continue;
+    }
+    if (!found[i]) s.store_regs.push_back(p);
+    s.store_cover.emplace_back(pieces[i]);
+    if (!error.empty()) continue;
+    for (uint8_t* q : {p, p + n - 1}) {
+      void* d = nullptr;
+      cudaError_t e = cudaHostGetDevicePointer(&d, q, 0);
+      if (e != cudaSuccess)
+        error = std::string("cudaHostGetDevicePointer(host.store extent): ") + cudaGetErrorString(e);
+      else if (d != q)
+        error = "cudaHostGetDevicePointer(host.store extent): the device address of registered host memory differs "
+                "from the host's; the store cannot be registered per extent";
     }
   }
+  std::sort(s.store_cover.begin(), s.store_cover.end());
+  std::vector<std::pair<uintptr_t, uintptr_t>> merged;
+  for (const auto& r : s.store_cover) {
+    if (!merged.empty() && r.first <= merged.back().second)
+      merged.back().second = std::max(merged.back().second, r.second);
+    else
+      merged.push_back(r);
+  }
+  s.store_cover.swap(merged);
+  cudaGetLastError();  // a failed registration's error is reported below, not by the next call
+  if (!error.empty()) throw std::runtime_error(error);
 }
 
 void EnsureRegistered(Session& s, int pages) {
