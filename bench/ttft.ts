@@ -24,7 +24,7 @@
  *   how far B got (its PrefillProgress events).
  *
  * Writes JSON (machine, commit, date, environment, results) to --out, or
- * bench/results/ttft-<date>.json.
+ * bench/results/ttft-<date>.json, and the services' log (--log-level) beside it.
  */
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
@@ -51,6 +51,8 @@ const { values: args } = parseArgs({
     "timeout-s": { type: "string", default: "600" },
     /** The long prompt's Generate deadline in the --background run: past it the prompt is cancelled and the pace measured so far reported. */
     "background-deadline-s": { type: "string", default: "120" },
+    /** The services' log level; their output is written beside --out as <out>.services.log. */
+    "log-level": { type: "string", default: "warn" },
   },
 });
 
@@ -132,8 +134,8 @@ const hfMs = (t: number) => hf?.prefill?.find((p) => p.tokens === t)?.ms ?? null
 const log = (s: string) => process.stderr.write(s + "\n");
 const t0 = performance.now();
 const tiers = await startTiers({
-  kvstoreEnv: { FREEKV_LOG_LEVEL: "warn" },
-  computeEnv: { FREEKV_LOG_LEVEL: "warn", FREEKV_MAX_CONTEXT_TOKENS: maxContext },
+  kvstoreEnv: { FREEKV_LOG_LEVEL: args["log-level"] },
+  computeEnv: { FREEKV_LOG_LEVEL: args["log-level"], FREEKV_MAX_CONTEXT_TOKENS: maxContext },
   timeoutMs: Number(args["timeout-s"]) * 1000,
 });
 const readyMs = performance.now() - t0;
@@ -234,6 +236,7 @@ try {
   writeResults(completed);
   client.close();
   await tiers.stop();
+  writeFileSync(`${out}.services.log`, [...tiers.kvstore.output, ...tiers.compute.output].join("\n") + "\n");
 }
 
 log(`wrote ${out}`);

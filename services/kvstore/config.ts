@@ -26,6 +26,12 @@ export const kvstoreConfigSchema = z.object({
   FREEKV_KVSTORE_CAPACITY_BYTES: nonNegativeInt(0),
   /** Tokens of context a session's memory grows by (its reservation is a multiple, capped by its max context). */
   FREEKV_KVSTORE_EXTENT_TOKENS: positiveInt(2048),
+  /**
+   * How a reservation's memory is committed: 0 = fallocate (one call, under the file's lock; the
+   * pages are zeroed at their first touch), N = write faults through the kvstore's mapping from N
+   * threads (allocated and zeroed in parallel).
+   */
+  FREEKV_KVSTORE_COMMIT_THREADS: z.coerce.number().int("must be an integer").min(0, "must be >= 0").max(64, "must be <= 64").default(0),
   /** Keep live sessions' segments at shutdown (so a restarted compute can re-attach). */
   FREEKV_KVSTORE_PERSIST: flag(false),
   /** Rate at which the scrubber re-reads committed pages to check their CRC32C (0: off). */

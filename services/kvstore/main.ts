@@ -56,7 +56,7 @@ async function main(): Promise<void> {
   const swept = keep ? sweepStaleSegments(keep) : [];
   if (swept.length) log.info({ removed: swept.length, segments: swept }, "removed session segments left by a kvstore process that is gone");
   const capacity = config.FREEKV_KVSTORE_CAPACITY_BYTES || defaultCapacity();
-  const store = new KvStore(directory, capacity, log, metrics, false, config.FREEKV_KVSTORE_EXTENT_TOKENS);
+  const store = new KvStore(directory, capacity, log, metrics, false, config.FREEKV_KVSTORE_EXTENT_TOKENS, config.FREEKV_KVSTORE_COMMIT_THREADS);
   allocatedSource = () => store.allocatedBytes();
   metrics.capacityBytes.set(capacity);
   const adopted = await store.adopt();

@@ -36,6 +36,8 @@ interface Live {
   reservedPages: number;
   /** Bytes counted against the capacity: the three small segments and the store's reserved ranges. */
   bytes: number;
+  /** Milliseconds its memory took to commit when it was created here (logged). */
+  commitMs?: number;
   /** Set when a committed page changed after its commit: every call on the session gets it (DATA_LOSS). */
   corrupt?: ServiceError;
 }
@@ -71,6 +73,8 @@ export class KvStore implements ScrubHost {
     private readonly tagSegments = false,
     /** Reservations grow in steps of this many tokens (FREEKV_KVSTORE_EXTENT_TOKENS). */
     readonly extentTokens = DEFAULT_EXTENT_TOKENS,
+    /** 0: memory committed with fallocate; N: by write faults from N threads (FREEKV_KVSTORE_COMMIT_THREADS). */
+    readonly commitThreads = 0,
   ) {
     if (!Number.isInteger(extentTokens) || extentTokens < 1) throw new RangeError(`extentTokens must be an integer >= 1, got ${extentTokens}`);
   }
@@ -276,7 +280,7 @@ export class KvStore implements ScrubHost {
     this.updateGauges();
     try {
       for (const k of ["staging", "tail", "manifest"] as const) segments[k].allocate(0, segments[k].size);
-      await segments.store.allocateAsync(storeRanges(layout, record.geometry.layers, l.reservedPages).map(([a, b]) => [a, b - a] as const));
+      await segments.store.allocateAsync(storeRanges(layout, record.geometry.layers, l.reservedPages).map(([a, b]) => [a, b - a] as const), this.commitThreads);
     } catch (e) {
       this.usedBytes -= l.bytes;
       closeSegments(segments, true);
@@ -345,7 +349,7 @@ export class KvStore implements ScrubHost {
     // Counted before the allocation runs off the event loop (see commitLive).
     this.usedBytes += more;
     try {
-      await l.segments.store.allocateAsync(added.map(([a, b]) => [a, b - a] as const));
+      await l.segments.store.allocateAsync(added.map(([a, b]) => [a, b - a] as const), this.commitThreads);
     } catch (e) {
       this.usedBytes -= more;
       throw this.allocationFailed(r.sessionId, more, e);
@@ -376,7 +380,7 @@ export class KvStore implements ScrubHost {
   private admit(l: Live): AttachSessionResponse {
     this.live.set(l.record.sessionId, l);
     this.updateGauges();
-    this.log.info({ session: l.record.sessionId, bytes: l.bytes, capacityPages: l.record.capacityPages }, "session attached");
+    this.log.info({ session: l.record.sessionId, bytes: l.bytes, capacityPages: l.record.capacityPages, commitMs: l.commitMs === undefined ? undefined : Math.round(l.commitMs) }, "session attached");
     this.log.debug({ session: l.record.sessionId, segments: Object.values(l.record.segments).map((s) => s.name) }, "session segments");
     return this.response(l, true);
   }
@@ -384,7 +388,9 @@ export class KvStore implements ScrubHost {
   /** Creates a new session's segments and record; the caller holds the session's lock. */
   private async create(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array | undefined, reserveTokens: number | undefined): Promise<AttachSessionResponse> {
     const l = this.createLive(sessionId, geometry, retrieval, maxContextTokens, metadata, reserveTokens);
+    const t0 = performance.now();
     await this.commitLive(l);
+    l.commitMs = performance.now() - t0;
     try {
       await this.dir("put", sessionId, () => this.directory.put(l.record));
     } catch (e) {

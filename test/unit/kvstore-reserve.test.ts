@@ -72,7 +72,9 @@ describe(`kvstore reservations (seed ${seed})`, () => {
     for (let trial = 0; trial < 6; trial++) {
       const { G, R } = randomShape();
       const extent = R.pageSize * int(1, 40);
-      const s = new KvStore(new MemoryDirectory(), Number.MAX_SAFE_INTEGER, log, undefined, false, extent);
+      // Memory committed with fallocate or by write faults from 1-4 threads.
+      const commitThreads = int(0, 1) ? 0 : int(1, 4);
+      const s = new KvStore(new MemoryDirectory(), Number.MAX_SAFE_INTEGER, log, undefined, false, extent, commitThreads);
       stores.push(s);
       const maxContext = int(200_000, 1_000_000);
       const first = int(1, 3 * extent);
@@ -183,7 +185,7 @@ describe(`kvstore reservations (seed ${seed})`, () => {
     const layout = computeLayout(G, resolveRetrieval(R, G.layers, "retrieval", tokens), capacityPages(tokens, 16));
     const one = expectedBytes(G, layout, capacityPages(tokens, 16));
     // Room for one such session and a half: of two made at once, exactly one fits.
-    const s = new KvStore(new MemoryDirectory(), Math.floor(one * 1.5), log, undefined, false, 16);
+    const s = new KvStore(new MemoryDirectory(), Math.floor(one * 1.5), log, undefined, false, 16, int(0, 1) ? 0 : int(1, 8));
     stores.push(s);
     const attach = (id: string) => s.attach({ sessionId: id, geometry: G, retrieval: R, maxContextTokens: tokens, metadata: Buffer.alloc(0), reserveTokens: tokens });
     // The event loop turns while the memory is committed: an immediate queued before the call runs

@@ -73,19 +73,21 @@ class Crc32cPagesWorker : public Napi::AsyncWorker {
 };
 
 // allocateAsync's work: fallocate of each range on a libuv worker thread (a reservation of a long
-// context is gigabytes: ~0.09 s per GB on tmpfs), all or none: a failure punches the ranges done
+// context is gigabytes: ~0.12 s per GB on tmpfs), or with populateThreads > 0 write faults through
+// the mapping from that many threads (ShmSegment::Populate), all or none: a failure punches the ranges done
 // and rejects with the same `code` ("ENOSPC" when /dev/shm is full, else "EIO") as allocate().
 // Holds the mapping like Crc32cPagesWorker; close() meanwhile stops it between ranges (rejects).
 class AllocateWorker : public Napi::AsyncWorker {
  public:
   AllocateWorker(Napi::Env env, std::shared_ptr<ShmSegment> seg, std::shared_ptr<std::atomic<bool>> cancel,
-                 std::vector<std::pair<size_t, size_t>> ranges)
+                 std::vector<std::pair<size_t, size_t>> ranges, unsigned populateThreads)
       : Napi::AsyncWorker(env, "freekv:allocate"),
         deferred_(Napi::Promise::Deferred::New(env)),
         seg_(std::move(seg)),
         cancel_(std::move(cancel)),
         name_(seg_->name()),
-        ranges_(std::move(ranges)) {}
+        ranges_(std::move(ranges)),
+        populate_threads_(populateThreads) {}
   Napi::Promise Promise() const { return deferred_.Promise(); }
 
  protected:
@@ -94,7 +96,10 @@ class AllocateWorker : public Napi::AsyncWorker {
     try {
       for (; done < ranges_.size(); ++done) {
         if (cancel_->load()) throw std::runtime_error("segment '" + name_ + "' was closed while its memory was allocated");
-        seg_->Allocate(ranges_[done].first, ranges_[done].second);
+        if (populate_threads_ > 0)
+          seg_->Populate(ranges_[done].first, ranges_[done].second, populate_threads_);
+        else
+          seg_->Allocate(ranges_[done].first, ranges_[done].second);
       }
     } catch (const std::exception& e) {
       const auto* se = dynamic_cast<const std::system_error*>(&e);
@@ -128,6 +133,7 @@ class AllocateWorker : public Napi::AsyncWorker {
   std::shared_ptr<std::atomic<bool>> cancel_;
   std::string name_;
   std::vector<std::pair<size_t, size_t>> ranges_;
+  unsigned populate_threads_;
   std::string message_;
   int errno_ = 0;
 };
@@ -247,8 +253,9 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
     }
     return info.Env().Undefined();
   }
-  // allocateAsync([[offset, length], ...]): allocate() of each range off the main thread, all or
-  // none (AllocateWorker). The ranges are checked here, synchronously.
+  // allocateAsync([[offset, length], ...], populateThreads = 0): allocate() of each range off the
+  // main thread, all or none (AllocateWorker); with populateThreads > 0, committed by write
+  // faults from that many threads instead (offsets a multiple of 4096). Checked here, synchronously.
   Napi::Value AllocateAsync(const Napi::CallbackInfo& info) {
     Check(info.Env());
     if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(info.Env(), "ranges must be an array of [offset, length] pairs");
@@ -269,7 +276,15 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
         throw Napi::RangeError::New(info.Env(), "[offset, offset + length) runs past the end of the segment");
       ranges.emplace_back(off, len);
     }
-    auto* w = new AllocateWorker(info.Env(), seg_, cancel_, std::move(ranges));
+    unsigned threads = 0;
+    if (info.Length() > 1 && !info[1].IsUndefined()) {
+      const size_t t = ByteArg(info, 1, "populateThreads");
+      if (t > 64) throw Napi::RangeError::New(info.Env(), "populateThreads must be <= 64");
+      threads = static_cast<unsigned>(t);
+      for (const auto& r : ranges)
+        if (r.first % 4096 != 0) throw Napi::RangeError::New(info.Env(), "with populateThreads, offsets must be multiples of 4096");
+    }
+    auto* w = new AllocateWorker(info.Env(), seg_, cancel_, std::move(ranges), threads);
     auto promise = w->Promise();
     w->Queue();
     return promise;

@@ -5,10 +5,18 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <stdexcept>
 #include <system_error>
+#include <thread>
+#include <vector>
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
 
 namespace freekv {
 
@@ -93,6 +101,50 @@ void ShmSegment::Allocate(size_t offset, size_t length) const {
     if (rc != 0) errno = rc;
   }
   if (rc != 0) throw std::system_error(errno, std::generic_category(), "fallocate '" + name_ + "'");
+}
+
+void ShmSegment::Populate(size_t offset, size_t length, unsigned threads) const {
+  CheckRange(*this, offset, length);
+  if (length == 0) return;
+  static const size_t os_page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  if (offset % os_page != 0) throw std::invalid_argument("populate: offset must be a multiple of the OS page");
+  constexpr size_t kPiece = size_t(64) << 20;
+  const size_t pieces = (length + kPiece - 1) / kPiece;
+  std::atomic<size_t> next{0};
+  std::atomic<int> error{0};
+  auto run = [&] {
+    for (size_t i; !error.load() && (i = next.fetch_add(1)) < pieces;) {
+      const size_t off = offset + i * kPiece, n = std::min(kPiece, offset + length - off);
+      int rc;
+      do {
+        rc = madvise(static_cast<uint8_t*>(data_) + off, n, MADV_POPULATE_WRITE);
+      } while (rc != 0 && (errno == EINTR || errno == EAGAIN));
+      if (rc != 0) {
+        int e = errno;
+        // EFAULT: a fault would have raised SIGBUS, which on tmpfs means it is full.
+        if (e == EFAULT) e = ENOSPC;
+        int zero = 0;
+        error.compare_exchange_strong(zero, e);
+      }
+    }
+  };
+  const unsigned n = static_cast<unsigned>(std::min<size_t>(std::max(1u, threads), pieces));
+  std::vector<std::thread> pool;
+  for (unsigned t = 1; t < n; ++t) {
+    try {
+      pool.emplace_back(run);
+    } catch (const std::system_error&) {
+      break;
+    }
+  }
+  run();
+  for (auto& t : pool) t.join();
+  const int e = error.load();
+  if (e == EINVAL) {
+    Allocate(offset, length);  // a kernel without MADV_POPULATE_WRITE
+    return;
+  }
+  if (e != 0) throw std::system_error(e, std::generic_category(), "madvise(MADV_POPULATE_WRITE) '" + name_ + "'");
 }
 
 void ShmSegment::Punch(size_t offset, size_t length) const {

@@ -19,6 +19,12 @@ class ShmSegment {
   // with ENOSPC (a std::system_error carrying errno) instead of a SIGBUS at a later write.
   // Already allocated pages are kept as they are.
   void Allocate(size_t offset, size_t length) const;
+  // Commits memory for bytes [offset, offset + length) by write faults through this mapping
+  // (MADV_POPULATE_WRITE; offset a multiple of the OS page), split in pieces over up to `threads`
+  // threads: allocated and zeroed in parallel, where fallocate holds the file's lock and leaves
+  // the zeroing to the first touch. A full /dev/shm fails here (std::system_error with ENOSPC)
+  // instead of a SIGBUS later. Kernels without MADV_POPULATE_WRITE (before Linux 5.14): fallocate.
+  void Populate(size_t offset, size_t length, unsigned threads) const;
   // Frees the memory of bytes [offset, offset + length) (their contents read as zeros after).
   void Punch(size_t offset, size_t length) const;
   // Bytes of memory the segment's file really holds (st_blocks * 512).

@@ -178,17 +178,21 @@ export class SessionManager {
       const metadata: SessionMetadata = { kind: kindName(kind) };
       if (tenant) metadata.tenant = tenant;
       const reserve = kind === SessionKind.SESSION_KIND_ATTENTION ? undefined : Math.min(maxContextTokens, Math.max(0, reserveTokens));
+      const t0 = performance.now();
       const attach = await this.opts.kvstore.attach(
         { sessionId: id, geometry, retrieval, maxContextTokens, metadata: Buffer.from(JSON.stringify(metadata)), reserveTokens: reserve },
         signal,
       );
       if (!attach.created) throw alreadyExists(`session ${quoteId(id)} already exists at the kvstore`);
+      const t1 = performance.now();
       try {
         const s = this.open(id, kind, attach, metadata, false);
         this.sessions.set(id, s);
         this.opts.onChange?.(this.sessions.size);
         s.unnamed = !req.sessionId;
-        this.opts.log[s.unnamed ? "debug" : "info"]({ session: id, kind: metadata.kind }, "session created");
+        // kvstoreMs: the kvstore's reservation (its memory committed); openMs: mapping it and the engine session.
+        const times = { kvstoreMs: Math.round(t1 - t0), openMs: Math.round(performance.now() - t1), reservedTokens: attach.reservedTokens };
+        this.opts.log[s.unnamed ? "debug" : "info"]({ session: id, kind: metadata.kind, ...times }, "session created");
         this.opts.log.debug({ session: id, segments: segmentNames(attach) }, "session segments");
         return s;
       } catch (e) {
