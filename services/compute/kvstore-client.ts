@@ -53,15 +53,15 @@ export class KvStoreClient {
   }
 
   attach(req: Partial<AttachSessionRequest> & { sessionId: string }, signal?: AbortSignal): Promise<AttachSessionResponse> {
-    const full: AttachSessionRequest = { geometry: undefined, retrieval: undefined, maxContextTokens: 0, metadata: Buffer.alloc(0), ...req };
+    const full: AttachSessionRequest = { geometry: undefined, retrieval: undefined, maxContextTokens: 0, metadata: Buffer.alloc(0), callerCommits: false, ...req };
     return this.call(this.raw.attachSession as Unary<AttachSessionRequest, AttachSessionResponse>, full, signal);
   }
   commit(req: CommitPagesRequest, signal?: AbortSignal): Promise<CommitPagesResponse> {
     return this.call(this.raw.commitPages as Unary<CommitPagesRequest, CommitPagesResponse>, req, signal);
   }
-  /** Commits memory for `tokens` tokens of the session's context (ReserveContext). */
-  reserve(sessionId: string, tokens: number, signal?: AbortSignal): Promise<ReserveContextResponse> {
-    return this.call(this.raw.reserveContext as Unary<ReserveContextRequest, ReserveContextResponse>, { sessionId, tokens }, signal);
+  /** Commits memory for `tokens` tokens of the session's context (ReserveContext); `callerCommits`: see ReserveContextRequest. */
+  reserve(sessionId: string, tokens: number, signal?: AbortSignal, callerCommits = false): Promise<ReserveContextResponse> {
+    return this.call(this.raw.reserveContext as Unary<ReserveContextRequest, ReserveContextResponse>, { sessionId, tokens, callerCommits }, signal);
   }
   release(sessionId: string, signal?: AbortSignal): Promise<ReleaseSessionResponse> {
     return this.call(this.raw.releaseSession as Unary<{ sessionId: string }, ReleaseSessionResponse>, { sessionId }, signal);

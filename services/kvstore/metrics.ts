@@ -13,6 +13,8 @@ export interface KvStoreMetrics {
   commits: Counter;
   checksumFailures: Counter;
   rejected: Counter<"reason">;
+  /** Background commits of a reservation (caller_commits) that failed: the caller meets the shortage when it commits what it writes. */
+  backgroundCommitFailures: Counter;
   /** Session directory operations that failed (Redis unreachable). */
   directoryFailures: Counter<"op">;
   /** 1 while the session directory answers. */
@@ -58,6 +60,7 @@ export function createKvStoreMetrics(registry: Registry, allocated?: () => numbe
     commits: new Counter({ name: "freekv_kvstore_commits_total", help: "CommitPages calls accepted", registers: [registry] }),
     checksumFailures: new Counter({ name: "freekv_kvstore_checksum_failures_total", help: "Committed pages whose CRC32C did not match", registers: [registry] }),
     rejected: new Counter({ name: "freekv_kvstore_rejected_total", help: "Requests refused", labelNames: ["reason"], registers: [registry] }),
+    backgroundCommitFailures: new Counter({ name: "freekv_kvstore_background_commit_failures_total", help: "Reservations whose memory the kvstore could not commit in the background (caller_commits; the caller gets the error when it commits the pages it writes)", registers: [registry] }),
     directoryFailures: new Counter({ name: "freekv_kvstore_directory_failures_total", help: "Session directory operations that failed (the call got UNAVAILABLE)", labelNames: ["op"], registers: [registry] }),
     directoryUp: new Gauge({ name: "freekv_kvstore_directory_up", help: "1 while the session directory answers (health is NOT_SERVING otherwise)", registers: [registry] }),
     corruptPages: new Counter({ name: "freekv_kvstore_corrupt_pages_total", help: "Committed pages whose CRC32C changed after the commit (found by the scrubber; the session answers DATA_LOSS)", registers: [registry] }),

@@ -11,6 +11,6 @@ export function kvstoreService(store: KvStore, log: Logger): KvStoreServiceServe
     releaseSession: unary(log, "ReleaseSession", async (req) => ({ released: await store.release(req.sessionId) })),
     getStats: unary(log, "GetStats", async () => store.stats()),
     listSessions: unary(log, "ListSessions", async () => ({ sessionIds: store.list() })),
-    reserveContext: unary(log, "ReserveContext", (req) => store.reserve(req.sessionId, req.tokens)),
+    reserveContext: unary(log, "ReserveContext", (req) => store.reserve(req.sessionId, req.tokens, req.callerCommits)),
   };
 }

@@ -36,6 +36,8 @@ interface Live {
   reservedPages: number;
   /** Bytes counted against the capacity: the three small segments and the store's reserved ranges. */
   bytes: number;
+  /** The store's memory still being committed in the background (caller_commits); settles, never rejects. */
+  background?: Promise<void>;
   /** Milliseconds its memory took to commit when it was created here (logged). */
   commitMs?: number;
   /** Set when a committed page changed after its commit: every call on the session gets it (DATA_LOSS). */
@@ -63,6 +65,8 @@ export class KvStore implements ScrubHost {
   /** Sessions being imported (transfer.ts): their segments exist and count, but they are not visible yet. */
   private readonly importing = new Map<string, Live>();
   private usedBytes = 0;
+  /** Sessions being created (counted, not live yet). */
+  private readonly creatingLive = new Set<Live>();
 
   constructor(
     private readonly directory: SessionDirectory,
@@ -164,7 +168,7 @@ export class KvStore implements ScrubHost {
     };
   }
 
-  attach(req: AttachSessionRequest): Promise<AttachSessionResponse> {
+  attach(req: Omit<AttachSessionRequest, "callerCommits"> & { callerCommits?: boolean }): Promise<AttachSessionResponse> {
     if (!SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
     return this.withLock(req.sessionId, async () => {
       if (this.importing.has(req.sessionId)) throw failedPrecondition(`session ${req.sessionId} is being imported; attach it once the import ended`);
@@ -174,12 +178,12 @@ export class KvStore implements ScrubHost {
         if (req.geometry && req.geometry.layers !== 0 && !sameGeometry(resolveGeometry(req.geometry), existing.record.geometry)) {
           throw failedPrecondition(`session ${req.sessionId} exists with a different geometry`);
         }
-        if (req.reserveTokens !== undefined) await this.grow(existing, req.reserveTokens, "reserve_tokens");
+        if (req.reserveTokens !== undefined) await this.grow(existing, req.reserveTokens, "reserve_tokens", req.callerCommits);
         return this.response(existing, false);
       }
       const geometry = resolveGeometry(req.geometry);
       const retrieval: RetrievalConfig = resolveRetrieval(req.retrieval, geometry.layers, "retrieval", req.maxContextTokens);
-      return this.create(req.sessionId, geometry, retrieval, req.maxContextTokens, req.metadata, req.reserveTokens);
+      return this.create(req.sessionId, geometry, retrieval, req.maxContextTokens, req.metadata, req.reserveTokens, req.callerCommits);
     });
   }
 
@@ -274,19 +278,52 @@ export class KvStore implements ScrubHost {
    * kvstore keeps answering other calls. Counted before the wait, so concurrent reservations can
    * never overcommit; on failure the bytes are given back and the segments removed.
    */
-  private async commitLive(l: Live): Promise<void> {
+  private async commitLive(l: Live, callerCommits = false): Promise<void> {
     const { segments, layout, record } = l;
     this.usedBytes += l.bytes;
     this.updateGauges();
     try {
       for (const k of ["staging", "tail", "manifest"] as const) segments[k].allocate(0, segments[k].size);
-      await segments.store.allocateAsync(storeRanges(layout, record.geometry.layers, l.reservedPages).map(([a, b]) => [a, b - a] as const), this.commitThreads);
+      const ranges = storeRanges(layout, record.geometry.layers, l.reservedPages);
+      if (callerCommits) this.commitInBackground(l, ranges);
+      else await segments.store.allocateAsync(ranges.map(([a, b]) => [a, b - a] as const), this.commitThreads);
     } catch (e) {
       this.usedBytes -= l.bytes;
       closeSegments(segments, true);
       this.updateGauges();
       throw this.allocationFailed(record.sessionId, l.bytes, e);
     }
+  }
+
+  /**
+   * caller_commits: the store's memory for `ranges` is committed after the answer. The caller
+   * (the CUDA engine) commits each range itself before it writes it, where a shortage is an error
+   * it reports, never a SIGBUS; this commit keeps what the kvstore holds equal to what it counts
+   * (freekv_kvstore_allocated_bytes catches up). A failure is logged and counted; a session
+   * released meanwhile stops it quietly.
+   */
+  private commitInBackground(l: Live, ranges: readonly ByteRange[]): void {
+    const id = l.record.sessionId;
+    const run = async () => {
+      try {
+        // Throws at once when the segment was closed meanwhile (the session released).
+        await l.segments.store.allocateAsync(ranges.map(([a, b]) => [a, b - a] as const), this.commitThreads);
+      } catch (e) {
+        const err = e as Error;
+        if (this.live.get(id) !== l && !this.creatingLive.has(l)) {
+          this.log.debug({ session: id, err: err.message }, "background commit stopped: the session is gone");
+          return;
+        }
+        this.metrics?.backgroundCommitFailures.inc();
+        this.log.error({ session: id, bytes: rangeBytes(ranges), err: err.message }, "committing a reservation's memory in the background failed; the compute tier meets the shortage when it commits the pages it writes");
+      }
+    };
+    l.background = (l.background ?? Promise.resolve()).then(run);
+  }
+
+  /** Resolves once every background commit started so far has ended (tests, shutdown). */
+  async backgroundCommits(): Promise<void> {
+    await Promise.all([...this.live.values(), ...this.creatingLive].map((l) => l.background));
   }
 
   /** A failed fallocate: RESOURCE_EXHAUSTED when /dev/shm is full, INTERNAL otherwise; counted and logged. */
@@ -306,13 +343,13 @@ export class KvStore implements ScrubHost {
    * extent, capped at max_context_tokens); a smaller request leaves the reservation as it is.
    * Returns the reservation and the bytes the session holds.
    */
-  reserve(sessionId: string, tokens: number): Promise<{ reservedTokens: number; reservedBytes: number }> {
+  reserve(sessionId: string, tokens: number, callerCommits = false): Promise<{ reservedTokens: number; reservedBytes: number }> {
     if (!SESSION_ID_RE.test(sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
     if (!Number.isInteger(tokens) || tokens < 0) throw invalidArgument("tokens", `must be an integer >= 0, got ${tokens}`);
     return this.withLock(sessionId, async () => {
       const l = this.live.get(sessionId);
       if (!l) throw notFound(`session ${quoteId(sessionId)} is not attached`);
-      await this.grow(l, tokens, "tokens");
+      await this.grow(l, tokens, "tokens", callerCommits);
       return { reservedTokens: recordReservedTokens(l.record), reservedBytes: l.bytes };
     });
   }
@@ -322,7 +359,7 @@ export class KvStore implements ScrubHost {
    * first, then the directory takes the record; a failure of either gives the new memory back
    * and leaves the session as it was.
    */
-  private async grow(l: Live, tokens: number, field: string): Promise<void> {
+  private async grow(l: Live, tokens: number, field: string, callerCommits = false): Promise<void> {
     const r = l.record;
     if (!Number.isInteger(tokens) || tokens < 0 || tokens > r.maxContextTokens) {
       throw invalidArgument(field, `must be in [0, max_context_tokens ${r.maxContextTokens}], got ${tokens}`);
@@ -348,11 +385,13 @@ export class KvStore implements ScrubHost {
     }
     // Counted before the allocation runs off the event loop (see commitLive).
     this.usedBytes += more;
-    try {
-      await l.segments.store.allocateAsync(added.map(([a, b]) => [a, b - a] as const), this.commitThreads);
-    } catch (e) {
-      this.usedBytes -= more;
-      throw this.allocationFailed(r.sessionId, more, e);
+    if (!callerCommits) {
+      try {
+        await l.segments.store.allocateAsync(added.map(([a, b]) => [a, b - a] as const), this.commitThreads);
+      } catch (e) {
+        this.usedBytes -= more;
+        throw this.allocationFailed(r.sessionId, more, e);
+      }
     }
     const next: SessionRecord = { ...r, reservedTokens: target };
     try {
@@ -362,6 +401,7 @@ export class KvStore implements ScrubHost {
       punchRanges(l.segments.store, added, this.log);
       throw e;
     }
+    if (callerCommits) this.commitInBackground(l, added);
     l.record = next;
     l.reservedPages = pages;
     l.bytes += more;
@@ -386,19 +426,22 @@ export class KvStore implements ScrubHost {
   }
 
   /** Creates a new session's segments and record; the caller holds the session's lock. */
-  private async create(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array | undefined, reserveTokens: number | undefined): Promise<AttachSessionResponse> {
+  private async create(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array | undefined, reserveTokens: number | undefined, callerCommits = false): Promise<AttachSessionResponse> {
     const l = this.createLive(sessionId, geometry, retrieval, maxContextTokens, metadata, reserveTokens);
     const t0 = performance.now();
-    await this.commitLive(l);
+    await this.commitLive(l, callerCommits);
     l.commitMs = performance.now() - t0;
+    this.creatingLive.add(l);
     try {
       await this.dir("put", sessionId, () => this.directory.put(l.record));
     } catch (e) {
+      this.creatingLive.delete(l);
       this.usedBytes -= l.bytes;
       closeSegments(l.segments, true);
       this.updateGauges();
       throw e;
     }
+    this.creatingLive.delete(l);
     return this.admit(l);
   }
 

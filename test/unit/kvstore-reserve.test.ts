@@ -215,4 +215,32 @@ describe(`kvstore reservations (seed ${seed})`, () => {
     expect(Number(s.stats().reservedBytes)).toBeLessThanOrEqual(s.capacityBytes);
     expect(Number(s.stats().allocatedBytes)).toBe(Number(s.stats().reservedBytes));
   });
+  it("caller_commits: the reservation is counted at once and its memory committed in the background; a release stops it", async () => {
+    const G = { layers: int(1, 4), queryHeads: 8, kvHeads: 4, headDim: 128, kvDtype: 1 };
+    const R = { pageSize: 16, sinkTokens: 16, windowTokens: 16, selectTokens: 32 } as never;
+    const tokens = 4096 * int(2, 6);
+    const layout = computeLayout(G, resolveRetrieval(R, G.layers, "retrieval", tokens), capacityPages(tokens, 16));
+    const full = expectedBytes(G, layout, capacityPages(tokens, 16));
+    const s = new KvStore(new MemoryDirectory(), Math.floor(full * 1.5), log, undefined, false, 16, int(0, 1) ? 0 : int(1, 4));
+    stores.push(s);
+    const req = (id: string, reserveTokens: number) => ({ sessionId: id, geometry: G, retrieval: R, maxContextTokens: tokens, metadata: Buffer.alloc(0), reserveTokens, callerCommits: true });
+    await s.attach(req("a", tokens));
+    // Counted before any memory is there: a second one does not fit.
+    expect(Number(s.stats().reservedBytes)).toBe(full);
+    await expect(s.attach(req("b", tokens))).rejects.toMatchObject({ code: status.RESOURCE_EXHAUSTED });
+    await s.backgroundCommits();
+    expect(Number(s.stats().allocatedBytes)).toBe(full);
+    // A growth too; then a release while a background commit may still run leaves nothing behind.
+    await s.attach(req("c", 16));
+    const small = expectedBytes(G, layout, 1);
+    expect(Number(s.stats().reservedBytes)).toBe(full + small);
+    await s.release("a");
+    const grown = await s.reserve("c", tokens, true);
+    expect(grown.reservedTokens).toBe(tokens);
+    expect(Number(s.stats().reservedBytes)).toBe(full);
+    await s.release("c");
+    await s.backgroundCommits();
+    expect(Number(s.stats().reservedBytes)).toBe(0);
+    expect(Number(s.stats().allocatedBytes)).toBe(0);
+  });
 });

@@ -91,7 +91,17 @@ export interface AttachSessionRequest {
    * Context tokens to commit memory for now (as ReserveContext); unset: max_context_tokens (the
    * whole store). Given for an existing session, its reservation grows to it.
    */
-  reserveTokens?: number | undefined;
+  reserveTokens?:
+    | number
+    | undefined;
+  /**
+   * The caller commits the store's memory itself before it writes a range (MADV_POPULATE_WRITE
+   * through its own mapping, which fails cleanly where /dev/shm is full, as the CUDA engine does
+   * before it registers a range): the kvstore counts the reservation against its capacity and
+   * answers without waiting for its own commit (fallocate), which then runs in the background.
+   * Unset: the memory is committed before the answer.
+   */
+  callerCommits: boolean;
 }
 
 /** Byte layout of the segments. All offsets are in bytes. */
@@ -290,6 +300,8 @@ export interface ReserveContextRequest {
    * fewer tokens than reserved leave it as it is. More than max_context_tokens: INVALID_ARGUMENT.
    */
   tokens: number;
+  /** As AttachSessionRequest.caller_commits. */
+  callerCommits: boolean;
 }
 
 export interface ReserveContextResponse {
@@ -307,6 +319,7 @@ function createBaseAttachSessionRequest(): AttachSessionRequest {
     maxContextTokens: 0,
     metadata: Buffer.alloc(0),
     reserveTokens: undefined,
+    callerCommits: false,
   };
 }
 
@@ -329,6 +342,9 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
     }
     if (message.reserveTokens !== undefined) {
       writer.uint32(48).uint32(message.reserveTokens);
+    }
+    if (message.callerCommits !== false) {
+      writer.uint32(56).bool(message.callerCommits);
     }
     return writer;
   },
@@ -394,6 +410,14 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
             message.reserveTokens = reader.uint32();
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.callerCommits = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -426,6 +450,11 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
         : isSet(object.reserve_tokens)
         ? globalThis.Number(object.reserve_tokens)
         : undefined,
+      callerCommits: isSet(object.callerCommits)
+        ? globalThis.Boolean(object.callerCommits)
+        : isSet(object.caller_commits)
+        ? globalThis.Boolean(object.caller_commits)
+        : false,
     };
   },
 
@@ -449,6 +478,9 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
     if (message.reserveTokens !== undefined) {
       obj.reserveTokens = Math.round(message.reserveTokens);
     }
+    if (message.callerCommits !== false) {
+      obj.callerCommits = message.callerCommits;
+    }
     return obj;
   },
 
@@ -467,6 +499,7 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
     message.maxContextTokens = object.maxContextTokens ?? 0;
     message.metadata = object.metadata ?? Buffer.alloc(0);
     message.reserveTokens = object.reserveTokens ?? undefined;
+    message.callerCommits = object.callerCommits ?? false;
     return message;
   },
 };
@@ -2955,7 +2988,7 @@ export const ImportSessionResponse: MessageFns<ImportSessionResponse> = {
 };
 
 function createBaseReserveContextRequest(): ReserveContextRequest {
-  return { sessionId: "", tokens: 0 };
+  return { sessionId: "", tokens: 0, callerCommits: false };
 }
 
 export const ReserveContextRequest: MessageFns<ReserveContextRequest> = {
@@ -2965,6 +2998,9 @@ export const ReserveContextRequest: MessageFns<ReserveContextRequest> = {
     }
     if (message.tokens !== 0) {
       writer.uint32(16).uint32(message.tokens);
+    }
+    if (message.callerCommits !== false) {
+      writer.uint32(24).bool(message.callerCommits);
     }
     return writer;
   },
@@ -2998,6 +3034,14 @@ export const ReserveContextRequest: MessageFns<ReserveContextRequest> = {
             message.tokens = reader.uint32();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.callerCommits = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3018,6 +3062,11 @@ export const ReserveContextRequest: MessageFns<ReserveContextRequest> = {
         ? globalThis.String(object.session_id)
         : "",
       tokens: isSet(object.tokens) ? globalThis.Number(object.tokens) : 0,
+      callerCommits: isSet(object.callerCommits)
+        ? globalThis.Boolean(object.callerCommits)
+        : isSet(object.caller_commits)
+        ? globalThis.Boolean(object.caller_commits)
+        : false,
     };
   },
 
@@ -3029,6 +3078,9 @@ export const ReserveContextRequest: MessageFns<ReserveContextRequest> = {
     if (message.tokens !== 0) {
       obj.tokens = Math.round(message.tokens);
     }
+    if (message.callerCommits !== false) {
+      obj.callerCommits = message.callerCommits;
+    }
     return obj;
   },
 
@@ -3039,6 +3091,7 @@ export const ReserveContextRequest: MessageFns<ReserveContextRequest> = {
     const message = createBaseReserveContextRequest();
     message.sessionId = object.sessionId ?? "";
     message.tokens = object.tokens ?? 0;
+    message.callerCommits = object.callerCommits ?? false;
     return message;
   },
 };
