@@ -339,6 +339,13 @@ export interface Addon extends Contract {
   Model: ModelStatic;
   /** Index (relative to offset) of the first largest of values[offset .. offset + n). */
   argmaxF32(values: Float32Array, offset: number, n: number): number;
+  /** The temperature / top-k / top-p draw of sampling.ts's sampleJs with the uniform u in [0, 1) (index relative to offset). */
+  sampleF32(values: Float32Array, offset: number, n: number, temperature: number, topK: number, topP: number, u: number): number;
+  /**
+   * sampleF32 of rows of a batch's logits [batch][vocab], off the main thread and over several
+   * threads: params holds [temperature, topK, topP, u] per row. Resolves to the tokens.
+   */
+  sampleRowsAsync(logits: Float32Array, vocab: number, rows: Int32Array, params: Float64Array): Promise<Int32Array>;
 }
 
 let cached: Addon | undefined;

@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from "vitest";
 import type { Model } from "../../native/binding.js";
-import { Sampler, argmax } from "../../services/compute/generate/sampling.js";
+import { Sampler, argmax, nativeSampler, sampleJs } from "../../services/compute/generate/sampling.js";
 import { ModelScheduler } from "../../services/compute/generate/scheduler.js";
 import { StopMatcher } from "../../services/compute/generate/stop.js";
 import { prng, randomF32 } from "../helpers/prng.js";
@@ -65,6 +65,36 @@ describe("sampling", () => {
     };
     expect(draw(123)).toEqual(draw(123));
     expect(draw(123)).not.toEqual(draw(124));
+  });
+
+  it("the addon's draw over a real vocabulary is the reference's, token for token", () => {
+    const f = nativeSampler();
+    expect(f).not.toBeNull();
+    const seed = (Date.now() ^ (process.pid << 8)) >>> 0;
+    const r = prng(seed);
+    let same = 0;
+    for (let c = 0; c < 60; c++) {
+      const vocab = 4096 + Math.floor(r() * 60000);
+      // Flat rows (every token a candidate, as a random model's are) and peaked ones; ties too.
+      const scale = [0.05, 1, 4, 12][c % 4];
+      const row = randomF32(vocab + 7, r, scale);
+      if (c % 5 === 0) for (let i = 0; i < 200; i++) row[3 + Math.floor(r() * vocab)] = row[3];
+      const opts = { temperature: 0.2 + r() * 1.8, topK: c % 3 === 0 ? 0 : 1 + Math.floor(r() * 300), topP: [0, 1, 0.5 + r() * 0.45, 0.99][c % 4], seed: 0 };
+      for (let d = 0; d < 20; d++) {
+        const u = r();
+        const want = sampleJs(row, 3, vocab, opts, u);
+        const got = f!(row, 3, vocab, opts.temperature, opts.topK, opts.topP, u);
+        expect(got, `seed ${seed} case ${c} draw ${d} (${JSON.stringify({ vocab, ...opts, u })})`).toBe(want);
+        same++;
+      }
+    }
+    expect(same).toBe(1200);
+    // Checked arguments.
+    const row = randomF32(5000, r, 1);
+    expect(() => f!(row, 0, 5001, 1, 0, 0, 0.5)).toThrow(RangeError);
+    expect(() => f!(row, 0, 5000, 0, 0, 0, 0.5)).toThrow(/temperature/);
+    expect(() => f!(row, 0, 5000, 1, 0, 1.5, 0.5)).toThrow(/topP/);
+    expect(() => f!(row, 0, 5000, 1, 0, 0, 1)).toThrow(/u must be/);
   });
 });
 
@@ -216,6 +246,44 @@ describe("decode scheduler", () => {
     // A request that ends does not hold the others back: they run after setImmediate as before.
     await sch.step(1, 2, 2);
     expect(calls).toEqual([[1, 2], [1, 2], [1]]);
+  });
+
+  it("rows at temperature > 0 are drawn for the whole batch, each the token its own draw picks from its row", async () => {
+    // A vocabulary of 6000 with random logits per call: each row's token must be sampleJs of that row.
+    const V = 6000;
+    const r = prng((Date.now() ^ 0x5a5a) >>> 0);
+    const returned: Float32Array[] = [];
+    const model = {
+      vocabSize: V,
+      attention: "dense",
+      releaseSession: () => false,
+      prefill: async () => new Float32Array(V),
+      decode: async (s: Int32Array) => {
+        const out = randomF32(V * s.length, r, 3);
+        returned.push(out);
+        return out;
+      },
+      decodeArgmax: async () => {
+        throw new Error("not all rows are greedy");
+      },
+    } as unknown as Model;
+    const sch = new ModelScheduler(model);
+    const draws = [1, 2, 3, 4].map((i) => ({ temperature: 0.5 + i / 4, topK: i % 2 ? 0 : 40 * i, topP: i === 3 ? 0.9 : 0, u: r() }));
+    const results = await Promise.all([
+      sch.step(1, 0, 0, false, draws[0]),
+      sch.step(2, 0, 0, false, draws[1]),
+      sch.step(3, 0, 0, true), // greedy in a mixed batch: logits, no token
+      sch.step(4, 0, 0, false, draws[2]),
+      sch.step(5, 0, 0, false, draws[3]),
+    ]);
+    expect(returned.length).toBe(1);
+    const rowOf = [0, 1, 2, 3, 4];
+    [0, 1, 3, 4].forEach((k, j) => {
+      const want = sampleJs(returned[0], rowOf[k] * V, V, { ...draws[j], seed: 0 }, draws[j].u);
+      expect(results[k].token).toBe(want);
+    });
+    expect(results[2].token).toBeUndefined();
+    expect(results[2].logits.length).toBe(V);
   });
 
   it("an all-greedy batch runs through decodeArgmax; a mixed batch gets logits for every row", async () => {

@@ -17,7 +17,7 @@
  */
 import type { Model } from "../../../native/binding.js";
 import type { TextCodec } from "../model/tokenizer.js";
-import { Sampler, validateSampling, type SamplingOptions } from "./sampling.js";
+import { Sampler, sampleWith, validateSampling, type SampleDraw, type SamplingOptions } from "./sampling.js";
 import type { ModelScheduler } from "./scheduler.js";
 import { StopMatcher } from "./stop.js";
 
@@ -173,8 +173,10 @@ export async function* generate(
   let stepMs = final.prefillMs;
   let batchSize = 1;
   let picked: number | undefined;
+  let draw: SampleDraw | undefined;
   for (;;) {
-    const tok = picked ?? sampler.sample(logits!, 0, V);
+    // The draw made for this token when the batch's sampling did not make it.
+    const tok = picked ?? (draw ? sampleWith(logits!, 0, V, draw) : sampler.sample(logits!, 0, V));
     final.tokens.push(tok);
     final.completionTokens++;
     s.pendingToken = tok;
@@ -197,7 +199,8 @@ export async function* generate(
       final.finishReason = "cancelled";
       break;
     }
-    const r = await scheduler.step(s.session, tok, s.contextTokens, sampler.greedy);
+    draw = sampler.greedy ? undefined : sampler.draw();
+    const r = await scheduler.step(s.session, tok, s.contextTokens, sampler.greedy, draw);
     s.contextTokens++;
     s.pendingToken = undefined;
     s.onAppended?.(s.contextTokens);

@@ -133,56 +133,105 @@ export class Sampler {
   /** Picks a token from one row of logits [vocab] at `offset`. */
   sample(logits: Float32Array, offset: number, vocab: number): number {
     if (this.greedy) return argmax(logits, offset, vocab);
+    return sampleWith(logits, offset, vocab, this.draw());
+  }
+
+  /**
+   * The next draw's parameters with its uniform taken from the generator (one per token, as
+   * sample() takes it): for a draw made elsewhere (the scheduler's batched sampleRowsAsync, or
+   * sampleWith). Only at temperature > 0.
+   */
+  draw(): SampleDraw {
     const { temperature, topK, topP } = this.opts;
-    let max = -Infinity;
-    for (let i = 0; i < vocab; i++) max = Math.max(max, logits[offset + i]);
-    // Tokens more than 40 temperatures below the best have probability ratios under e^-40: they
-    // are left out, so a large vocabulary is neither sorted nor summed in full.
-    const cut = max - 40 * temperature;
-    const candidates = new Int32Array(vocab);
-    let n = 0;
-    for (let i = 0; i < vocab; i++) if (logits[offset + i] >= cut) candidates[n++] = i;
-    const weight = (i: number) => Math.exp((logits[offset + i] - max) / temperature);
-    let ids = candidates.subarray(0, n);
-    if (topK > 0 && topK < n) {
-      partialSortDesc(candidates, n, logits, offset, topK);
-      ids = candidates.subarray(0, topK);
-    }
-    if (topP > 0 && topP < 1) {
-      // The nucleus is usually small: sort growing heads of the (top-k) candidates until one
-      // holds mass p, instead of sorting the whole vocabulary.
-      const size = ids.length;
-      let total = 0;
-      for (let i = 0; i < size; i++) total += weight(ids[i]);
-      let m = Math.min(size, 256);
-      for (;;) {
-        if (!(topK > 0 && topK < n)) partialSortDesc(candidates, n, logits, offset, m);
-        let acc = 0;
-        let reached = -1;
-        for (let i = 0; i < m; i++) {
-          acc += weight(ids[i]) / total;
-          if (acc >= topP) {
-            reached = i + 1;
-            break;
-          }
-        }
-        if (reached > 0) {
-          ids = ids.subarray(0, reached);
-          break;
-        }
-        if (m >= size) break;
-        m = Math.min(size, m * 8);
-      }
-    }
-    let keep: number;
-    keep = ids.length;
-    const p = Array.from(ids, weight);
-    const sum = p.reduce((a, b) => a + b, 0);
-    let r = this.rng.next() * sum;
-    for (let i = 0; i < keep; i++) {
-      r -= p[i];
-      if (r < 0) return ids[i];
-    }
-    return ids[keep - 1];
+    return { temperature, topK, topP, u: this.rng.next() };
   }
 }
+
+/** One draw at temperature > 0: its parameters and its uniform in [0, 1). */
+export interface SampleDraw {
+  temperature: number;
+  topK: number;
+  topP: number;
+  u: number;
+}
+
+/** The draw `d` from one row: the addon's sampleF32 for a real vocabulary, else sampleJs (the same steps). */
+export function sampleWith(logits: Float32Array, offset: number, vocab: number, d: SampleDraw): number {
+  const f = vocab >= 4096 ? nativeSampler() : null;
+  return f ? f(logits, offset, vocab, d.temperature, d.topK, d.topP, d.u) : sampleJs(logits, offset, vocab, { ...d, seed: 0 }, d.u);
+}
+
+type NativeSample = (values: Float32Array, offset: number, n: number, temperature: number, topK: number, topP: number, u: number) => number;
+let nativeSample: NativeSample | null | undefined;
+
+/** The addon's sampleF32 (native/src/model/AddonSampling.cpp): the same draw as sampleJs. */
+export function nativeSampler(): NativeSample | null {
+  if (nativeSample === undefined) {
+    try {
+      const addon = loadAddon();
+      nativeSample = typeof addon.sampleF32 === "function" ? addon.sampleF32.bind(addon) : null;
+    } catch {
+      nativeSample = null;
+    }
+  }
+  return nativeSample;
+}
+
+/**
+ * The draw at temperature > 0 with the uniform `u`: the reference, and the fallback for short rows
+ * and machines without the addon (a real vocabulary goes to the addon's sampleF32, the same steps).
+ */
+export function sampleJs(logits: Float32Array, offset: number, vocab: number, opts: SamplingOptions, u: number): number {
+  const { temperature, topK, topP } = opts;
+  let max = -Infinity;
+  for (let i = 0; i < vocab; i++) max = Math.max(max, logits[offset + i]);
+  // Tokens more than 40 temperatures below the best have probability ratios under e^-40: they
+  // are left out, so a large vocabulary is neither sorted nor summed in full.
+  const cut = max - 40 * temperature;
+  const candidates = new Int32Array(vocab);
+  let n = 0;
+  for (let i = 0; i < vocab; i++) if (logits[offset + i] >= cut) candidates[n++] = i;
+  const weight = (i: number) => Math.exp((logits[offset + i] - max) / temperature);
+  let ids = candidates.subarray(0, n);
+  if (topK > 0 && topK < n) {
+    partialSortDesc(candidates, n, logits, offset, topK);
+    ids = candidates.subarray(0, topK);
+  }
+  if (topP > 0 && topP < 1) {
+    // The nucleus is usually small: sort growing heads of the (top-k) candidates until one
+    // holds mass p, instead of sorting the whole vocabulary.
+    const size = ids.length;
+    let total = 0;
+    for (let i = 0; i < size; i++) total += weight(ids[i]);
+    let m = Math.min(size, 256);
+    for (;;) {
+      if (!(topK > 0 && topK < n)) partialSortDesc(candidates, n, logits, offset, m);
+      let acc = 0;
+      let reached = -1;
+      for (let i = 0; i < m; i++) {
+        acc += weight(ids[i]) / total;
+        if (acc >= topP) {
+          reached = i + 1;
+          break;
+        }
+      }
+      if (reached > 0) {
+        ids = ids.subarray(0, reached);
+        break;
+      }
+      if (m >= size) break;
+      m = Math.min(size, m * 8);
+    }
+  }
+  let keep: number;
+  keep = ids.length;
+  const p = Array.from(ids, weight);
+  const sum = p.reduce((a, b) => a + b, 0);
+  let r = u * sum;
+  for (let i = 0; i < keep; i++) {
+    r -= p[i];
+    if (r < 0) return ids[i];
+  }
+  return ids[keep - 1];
+}
+

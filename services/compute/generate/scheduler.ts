@@ -29,7 +29,8 @@
  *   several decode steps, a session decoding beside a 3K prompt ran at ~10x its median time per
  *   token alone before, 1.1-1.5x after: bench/results/ttft-cpu-20261203-slices.md.)
  */
-import type { Model } from "../../../native/binding.js";
+import { loadAddon, type Model } from "../../../native/binding.js";
+import type { SampleDraw } from "./sampling.js";
 import { ServiceError } from "../../common/errors.js";
 import { status } from "@grpc/grpc-js";
 import { DecodeBatcher, type BatchItem } from "../decode-batcher.js";
@@ -179,6 +180,8 @@ interface Step extends BatchItem<Row> {
   token: number;
   position: number;
   greedy: boolean;
+  /** At temperature > 0: the draw, made for the whole batch off the main thread (sampleRowsAsync). */
+  draw?: SampleDraw;
   /** Run again alone after its batch failed. */
   retry?: boolean;
 }
@@ -286,7 +289,7 @@ export class ModelScheduler {
    * a batch says so, the batch runs through Model.decodeArgmax (picked where the logits are, the
    * GPU for the GPU runner) and only token ids come back.
    */
-  step(session: number, token: number, position: number, greedy = false): Promise<StepResult> {
+  step(session: number, token: number, position: number, greedy = false, draw?: SampleDraw): Promise<StepResult> {
     return new Promise((resolve, reject) => {
       this.batcher.submit({
         kind: "decode",
@@ -295,6 +298,7 @@ export class ModelScheduler {
         token,
         position,
         greedy,
+        draw,
         resolve: (r, b) => resolve({ ...r, batchSize: b.size, stepMs: b.ms }),
         reject,
       });
@@ -394,7 +398,22 @@ export class ModelScheduler {
     }
     const logits = await this.model.decode(...args);
     const V = this.model.vocabSize;
-    return steps.map((_, i) => ({ logits: logits.subarray(i * V, (i + 1) * V) }));
+    const rows: Row[] = steps.map((_, i) => ({ logits: logits.subarray(i * V, (i + 1) * V) }));
+    // Rows at temperature > 0 are drawn together, off the main thread and in parallel: drawn one
+    // after another on the event loop, a 128K vocabulary cost ~20 ms a row (JavaScript) or ~5
+    // (native), which at batch 8 was several times the H200's step.
+    const drawn = steps.flatMap((p, i) => (p.draw ? [i] : []));
+    const sampleRows = drawn.length ? batchSampler() : null;
+    if (sampleRows) {
+      const params = new Float64Array(4 * drawn.length);
+      drawn.forEach((i, j) => {
+        const d = steps[i].draw!;
+        params.set([d.temperature, d.topK, d.topP, d.u], 4 * j);
+      });
+      const tokens = await sampleRows(logits, V, Int32Array.from(drawn), params);
+      drawn.forEach((i, j) => (rows[i].token = tokens[j]));
+    }
+    return rows;
   }
 
   /**
@@ -405,4 +424,19 @@ export class ModelScheduler {
     if (work.length === 1) return work[0].reject(e);
     for (const p of work as Step[]) this.batcher.submit({ ...p, retry: true });
   }
+}
+
+type SampleRows = (logits: Float32Array, vocab: number, rows: Int32Array, params: Float64Array) => Promise<Int32Array>;
+let sampleRowsFn: SampleRows | null | undefined;
+/** The addon's sampleRowsAsync; null without the addon (the rows are then drawn by their generations). */
+function batchSampler(): SampleRows | null {
+  if (sampleRowsFn === undefined) {
+    try {
+      const addon = loadAddon();
+      sampleRowsFn = typeof addon.sampleRowsAsync === "function" ? addon.sampleRowsAsync.bind(addon) : null;
+    } catch {
+      sampleRowsFn = null;
+    }
+  }
+  return sampleRowsFn;
 }
