@@ -28,6 +28,12 @@ export interface ShmSegment {
   /** Unmaps; buffers handed out are detached. The name stays until unlink(). */
   close(): void;
   /**
+   * close(), with the unmap on a worker thread (tearing down a touched mapping of gigabytes, and
+   * freeing its pages once the name is gone, takes ~0.1 s per GB); resolves once it is unmapped.
+   * The checks and the detaching of buffers happen at the call, as close() does them.
+   */
+  closeAsync(): Promise<void>;
+  /**
    * Allocates memory for bytes [offset, offset + length) now (fallocate; the size is kept). A full
    * /dev/shm throws an Error with code "ENOSPC". Allocated pages are kept as they are.
    */

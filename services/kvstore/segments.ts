@@ -121,6 +121,21 @@ export function closeSegments(s: SessionSegments, unlink: boolean): void {
   }
 }
 
+/**
+ * closeSegments with the unmaps on worker threads (ShmSegment.closeAsync): a released session of
+ * gigabytes is unmapped, and its memory freed, while the event loop serves other sessions.
+ * Resolves once every segment is unmapped.
+ */
+export async function closeSegmentsAsync(s: SessionSegments, unlink: boolean): Promise<void> {
+  const { ShmSegment } = loadShm();
+  const closing: Promise<void>[] = [];
+  for (const k of SEGMENT_KINDS) {
+    if (unlink) ShmSegment.unlink(s[k].name);
+    closing.push(s[k].closeAsync());
+  }
+  await Promise.all(closing);
+}
+
 /** Removes segment names (whether or not mapped here); ignores those already gone. */
 export function unlinkNames(refs: Record<SegmentKind, SegmentRef>): void {
   const { ShmSegment } = loadShm();

@@ -88,6 +88,30 @@ describe("ShmSegment", () => {
     expect(() => seg.allocateAsync([[0, 4096]])).toThrow(/closed/);
   });
 
+  it("closeAsync unmaps off the main thread: buffers detached at the call, the memory freed once it resolves", async () => {
+    const name = uniqueName();
+    const seg = addon.ShmSegment.create(name, 128 << 20);
+    await seg.allocateAsync([[0, 128 << 20]]);
+    // Touched through this mapping (its page tables filled): the unmap has work to do.
+    const bytes = new Uint8Array(seg.buffer());
+    for (let i = 0; i < bytes.length; i += 4096) bytes[i] = 1 + rng.int(255);
+    expect(seg.allocatedBytes()).toBe(128 << 20);
+    const other = addon.ShmSegment.open(name);
+    expect(addon.ShmSegment.unlink(name)).toBe(true);
+    let turned = false;
+    setImmediate(() => (turned = true));
+    const closing = seg.closeAsync();
+    expect(bytes.byteLength).toBe(0); // detached at the call
+    expect(() => seg.size).toThrow(/closed/);
+    await closing;
+    expect(turned).toBe(true);
+    // The other mapping still reads what was written; closing it too is safe twice over.
+    expect(new Uint8Array(other.buffer(0, 1))[0]).toBeGreaterThan(0);
+    await other.closeAsync();
+    await other.closeAsync();
+    other.close();
+  });
+
   it("refuses to close a segment that an engine session maps", async () => {
     const c = {
       qHeads: 4, kvHeads: 2, headDim: 8, pageSize: 4, sinkTokens: 4, windowTokens: 8, selectTokens: 8,
