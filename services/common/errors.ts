@@ -82,6 +82,12 @@ function statusOf(err: unknown, log: Logger, method: string, signal?: AbortSigna
     return { code: err.code, details: err.details, metadata: new Metadata() };
   }
   const e = err instanceof Error ? err : new Error(String(err));
+  // The CUDA engine commits a session's host memory itself as its context grows (caller_commits):
+  // a full /dev/shm is then its error, a shortage of a resource, not a fault of the service.
+  if (/\/dev\/shm is full/.test(e.message)) {
+    log.warn({ err: e.message, method }, "shared memory is full");
+    return { code: status.RESOURCE_EXHAUSTED, details: e.message, metadata: new Metadata() };
+  }
   log.error({ err: e, method }, "internal error");
   return { code: status.INTERNAL, details: `internal error: ${e.message}`, metadata: new Metadata() };
 }

@@ -151,9 +151,13 @@ void RegisterStore(Session& s, int reserved_pages) {
     uint8_t* p = reinterpret_cast<uint8_t*>(pieces[i].first);
     const size_t n = pieces[i].second - pieces[i].first;
     if (populate_errno[i] != 0) {
+      // EFAULT: a write would have raised SIGBUS, which on tmpfs means it is full.
+      const int e = populate_errno[i];
       if (error.empty())
-        error = std::string("madvise(MADV_POPULATE_WRITE, host.store extent): ") + std::strerror(populate_errno[i]) +
-                " (the kvstore did not commit this memory, or /dev/shm is full)";
+        error = (e == ENOSPC || e == EFAULT || e == ENOMEM)
+                    ? std::string("the session's host memory could not be committed: /dev/shm is full (madvise(MADV_POPULATE_WRITE): ") +
+                          std::strerror(e) + ")"
+                    : std::string("madvise(MADV_POPULATE_WRITE, host.store extent): ") + std::strerror(e);
       continue;
     }
     if (result[i] != cudaSuccess) {

@@ -1,0 +1,31 @@
+/**
+ * The status a failure is answered with (services/common/errors.ts toStatus): a ServiceError's
+ * own, a peer's actionable status passed through, a full /dev/shm met by the engine as
+ * RESOURCE_EXHAUSTED, anything else INTERNAL; details bounded; a cancelled call's reason first.
+ */
+import { describe, expect, it } from "vitest";
+import { status } from "@grpc/grpc-js";
+import { MAX_DETAILS_CHARS, ServiceError, toStatus } from "../../services/common/errors.js";
+import { createLogger } from "../../services/common/log.js";
+
+const log = createLogger("test", "silent");
+
+describe("toStatus", () => {
+  it("maps each kind of failure to the status a client can act on", () => {
+    expect(toStatus(new ServiceError(status.NOT_FOUND, "session x not found"), log, "M")).toMatchObject({ code: status.NOT_FOUND, details: "session x not found" });
+    const peer = Object.assign(new Error("5 NOT_FOUND: gone"), { code: status.RESOURCE_EXHAUSTED, details: "kvstore full" });
+    expect(toStatus(peer, log, "M")).toMatchObject({ code: status.RESOURCE_EXHAUSTED, details: "kvstore full" });
+    const peerInternal = Object.assign(new Error("13 INTERNAL"), { code: status.INTERNAL, details: "boom" });
+    expect(toStatus(peerInternal, log, "M").code).toBe(status.INTERNAL);
+    // What the CUDA engine says when it cannot commit a session's host memory.
+    const shm = new Error("the session's host memory could not be committed: /dev/shm is full (madvise(MADV_POPULATE_WRITE): No space left on device)");
+    expect(toStatus(shm, log, "Generate")).toMatchObject({ code: status.RESOURCE_EXHAUSTED, details: shm.message });
+    expect(toStatus(new Error("cudaHostRegister failed"), log, "Generate")).toMatchObject({ code: status.INTERNAL, details: "internal error: cudaHostRegister failed" });
+    const long = toStatus(new ServiceError(status.INVALID_ARGUMENT, "x".repeat(5000)), log, "M");
+    expect(long.details.length).toBeLessThan(MAX_DETAILS_CHARS + 40);
+    expect(long.details).toMatch(/\(5000 characters\)$/);
+    const ac = new AbortController();
+    ac.abort(new ServiceError(status.DEADLINE_EXCEEDED, "deadline"));
+    expect(toStatus(shm, log, "M", ac.signal)).toMatchObject({ code: status.DEADLINE_EXCEEDED });
+  });
+});
