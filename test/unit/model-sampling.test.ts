@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from "vitest";
 import type { Model } from "../../native/binding.js";
-import { Sampler, argmax, nativeSampler, sampleJs } from "../../services/compute/generate/sampling.js";
+import { Sampler, addonFn, argmax, sampleJs } from "../../services/compute/generate/sampling.js";
 import { ModelScheduler } from "../../services/compute/generate/scheduler.js";
 import { StopMatcher } from "../../services/compute/generate/stop.js";
 import { prng, randomF32 } from "../helpers/prng.js";
@@ -68,7 +68,7 @@ describe("sampling", () => {
   });
 
   it("the addon's draw over a real vocabulary is the reference's, token for token", () => {
-    const f = nativeSampler();
+    const f = addonFn("sampleF32");
     expect(f).not.toBeNull();
     const seed = (Date.now() ^ (process.pid << 8)) >>> 0;
     const r = prng(seed);

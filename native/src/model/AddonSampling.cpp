@@ -24,6 +24,8 @@
 #include <thread>
 #include <vector>
 
+#include "Parallel.h"
+
 namespace freekv::addon {
 
 static int64_t ArgmaxF32(const float* x, int64_t n) {
@@ -155,16 +157,7 @@ class SampleRowsWorker : public Napi::AsyncWorker {
     };
     static const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
     const unsigned n = static_cast<unsigned>(std::min<size_t>({rows_.size(), size_t{8}, size_t{hw}}));
-    std::vector<std::thread> pool;
-    for (unsigned t = 1; t < n; ++t) {
-      try {
-        pool.emplace_back(run);
-      } catch (const std::system_error&) {
-        break;
-      }
-    }
-    run();
-    for (auto& t : pool) t.join();
+    RunOnThreads(n, run);
   }
   void OnOK() override {
     auto out = Napi::Int32Array::New(Env(), out_.size());

@@ -14,6 +14,8 @@
 #include <thread>
 #include <vector>
 
+#include "Parallel.h"
+
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
@@ -129,16 +131,7 @@ void ShmSegment::Populate(size_t offset, size_t length, unsigned threads) const 
     }
   };
   const unsigned n = static_cast<unsigned>(std::min<size_t>(std::max(1u, threads), pieces));
-  std::vector<std::thread> pool;
-  for (unsigned t = 1; t < n; ++t) {
-    try {
-      pool.emplace_back(run);
-    } catch (const std::system_error&) {
-      break;
-    }
-  }
-  run();
-  for (auto& t : pool) t.join();
+  RunOnThreads(n, run);
   const int e = error.load();
   if (e == EINVAL) {
     Allocate(offset, length);  // a kernel without MADV_POPULATE_WRITE

@@ -3,7 +3,7 @@
  * and then by top-p (the smallest set of most likely tokens whose mass reaches p), drawn with a
  * seeded generator so that a request with a seed is reproducible.
  */
-import { loadAddon } from "../../../native/binding.js";
+import { loadAddon, type Addon } from "../../../native/binding.js";
 
 export interface SamplingOptions {
   temperature: number;
@@ -37,18 +37,22 @@ export function validateSampling(s: SamplingOptions): string | undefined {
   return undefined;
 }
 
-let nativeArgmax: ((values: Float32Array, offset: number, n: number) => number) | null | undefined;
+type SamplingFns = Pick<Addon, "argmaxF32" | "sampleF32" | "sampleRowsAsync">;
+const found = new Map<keyof SamplingFns, unknown>();
 
-function native(): typeof nativeArgmax {
-  if (nativeArgmax === undefined) {
+/** The addon's function `name`, bound; null without the addon (then the TypeScript loops run). Looked up once. */
+export function addonFn<K extends keyof SamplingFns>(name: K): SamplingFns[K] | null {
+  if (!found.has(name)) {
+    let f: SamplingFns[K] | null = null;
     try {
       const addon = loadAddon();
-      nativeArgmax = typeof addon.argmaxF32 === "function" ? addon.argmaxF32.bind(addon) : null;
+      if (typeof addon[name] === "function") f = (addon[name] as (...a: never[]) => unknown).bind(addon) as SamplingFns[K];
     } catch {
-      nativeArgmax = null;
+      f = null;
     }
+    found.set(name, f);
   }
-  return nativeArgmax;
+  return found.get(name) as SamplingFns[K] | null;
 }
 
 /**
@@ -56,7 +60,7 @@ function native(): typeof nativeArgmax {
  * the native loop, several times faster than this one, which is the fallback and the reference.
  */
 export function argmax(logits: Float32Array, offset = 0, n = logits.length - offset): number {
-  const f = n >= 4096 ? native() : null;
+  const f = n >= 4096 ? addonFn("argmaxF32") : null;
   return f ? f(logits, offset, n) : argmaxJs(logits, offset, n);
 }
 
@@ -157,24 +161,8 @@ export interface SampleDraw {
 
 /** The draw `d` from one row: the addon's sampleF32 for a real vocabulary, else sampleJs (the same steps). */
 export function sampleWith(logits: Float32Array, offset: number, vocab: number, d: SampleDraw): number {
-  const f = vocab >= 4096 ? nativeSampler() : null;
+  const f = vocab >= 4096 ? addonFn("sampleF32") : null;
   return f ? f(logits, offset, vocab, d.temperature, d.topK, d.topP, d.u) : sampleJs(logits, offset, vocab, { ...d, seed: 0 }, d.u);
-}
-
-type NativeSample = (values: Float32Array, offset: number, n: number, temperature: number, topK: number, topP: number, u: number) => number;
-let nativeSample: NativeSample | null | undefined;
-
-/** The addon's sampleF32 (native/src/model/AddonSampling.cpp): the same draw as sampleJs. */
-export function nativeSampler(): NativeSample | null {
-  if (nativeSample === undefined) {
-    try {
-      const addon = loadAddon();
-      nativeSample = typeof addon.sampleF32 === "function" ? addon.sampleF32.bind(addon) : null;
-    } catch {
-      nativeSample = null;
-    }
-  }
-  return nativeSample;
 }
 
 /**

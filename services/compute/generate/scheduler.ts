@@ -29,8 +29,8 @@
  *   several decode steps, a session decoding beside a 3K prompt ran at ~10x its median time per
  *   token alone before, 1.1-1.5x after: bench/results/ttft-cpu-20261203-slices.md.)
  */
-import { loadAddon, type Model } from "../../../native/binding.js";
-import type { SampleDraw } from "./sampling.js";
+import type { Model } from "../../../native/binding.js";
+import { addonFn, type SampleDraw } from "./sampling.js";
 import { ServiceError } from "../../common/errors.js";
 import { status } from "@grpc/grpc-js";
 import { DecodeBatcher, type BatchItem } from "../decode-batcher.js";
@@ -403,7 +403,7 @@ export class ModelScheduler {
     // after another on the event loop, a 128K vocabulary cost ~20 ms a row (JavaScript) or ~5
     // (native), which at batch 8 was several times the H200's step.
     const drawn = steps.flatMap((p, i) => (p.draw ? [i] : []));
-    const sampleRows = drawn.length ? batchSampler() : null;
+    const sampleRows = drawn.length ? addonFn("sampleRowsAsync") : null;
     if (sampleRows) {
       const params = new Float64Array(4 * drawn.length);
       drawn.forEach((i, j) => {
@@ -424,19 +424,4 @@ export class ModelScheduler {
     if (work.length === 1) return work[0].reject(e);
     for (const p of work as Step[]) this.batcher.submit({ ...p, retry: true });
   }
-}
-
-type SampleRows = (logits: Float32Array, vocab: number, rows: Int32Array, params: Float64Array) => Promise<Int32Array>;
-let sampleRowsFn: SampleRows | null | undefined;
-/** The addon's sampleRowsAsync; null without the addon (the rows are then drawn by their generations). */
-function batchSampler(): SampleRows | null {
-  if (sampleRowsFn === undefined) {
-    try {
-      const addon = loadAddon();
-      sampleRowsFn = typeof addon.sampleRowsAsync === "function" ? addon.sampleRowsAsync.bind(addon) : null;
-    } catch {
-      sampleRowsFn = null;
-    }
-  }
-  return sampleRowsFn;
 }

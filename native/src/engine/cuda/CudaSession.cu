@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "CudaEngine.h"
+#include "Parallel.h"
 #include "cuda/cuda_check.cuh"
 #include "selection.cuh"
 
@@ -130,21 +131,13 @@ void RegisterStore(Session& s, int reserved_pages) {
     }
     result[i] = e;
   };
-  const int threads = (int)std::min<size_t>(pieces.size(), (size_t)RegisterThreads());
-  if (threads <= 1) {
-    for (size_t i = 0; i < pieces.size(); ++i) work(i);
-  } else {
-    std::atomic<size_t> next{0};
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (int t = 0; t < threads; ++t)
-      pool.emplace_back([&] {
-        if (cudaSetDevice(device) != cudaSuccess) return;  // pieces left unclaimed are done below
-        for (size_t i; (i = next.fetch_add(1)) < pieces.size();) work(i);
-      });
-    for (auto& t : pool) t.join();
+  const unsigned threads = (unsigned)std::min<size_t>(pieces.size(), (size_t)RegisterThreads());
+  std::atomic<size_t> next{0};
+  RunOnThreads(threads, [&] {
+    if (cudaSetDevice(device) != cudaSuccess) return;  // pieces left unclaimed are done below
     for (size_t i; (i = next.fetch_add(1)) < pieces.size();) work(i);
-  }
+  });
+  for (size_t i; (i = next.fetch_add(1)) < pieces.size();) work(i);
   // Every piece registered here is the session's to unregister, whatever failed beside it.
   std::string error;
   for (size_t i = 0; i < pieces.size(); ++i) {
