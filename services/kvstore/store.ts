@@ -142,6 +142,13 @@ export class KvStore implements ScrubHost {
         this.live.set(id, l);
         this.usedBytes += bytes;
         adopted++;
+        // A background commit (caller_commits) the previous process did not finish: what it left
+        // is committed now (pages already there are kept as they are).
+        const ranges = storeRanges(layout, rec.geometry.layers, reservedPages).map(([a, b]) => [a, b - a] as const);
+        await segments.store.allocateAsync(ranges, this.commitThreads).catch((e: Error) => {
+          this.metrics?.backgroundCommitFailures.inc();
+          this.log.error({ session: id, err: e.message }, "committing an adopted session's reservation failed; its compute tier meets the shortage when it writes");
+        });
       } catch (e) {
         this.log.warn({ session: id, err: (e as Error).message }, "dropping a directory entry whose segments are gone");
         await this.directory.delete(id);
@@ -429,19 +436,22 @@ export class KvStore implements ScrubHost {
   private async create(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array | undefined, reserveTokens: number | undefined, callerCommits = false): Promise<AttachSessionResponse> {
     const l = this.createLive(sessionId, geometry, retrieval, maxContextTokens, metadata, reserveTokens);
     const t0 = performance.now();
-    await this.commitLive(l, callerCommits);
-    l.commitMs = performance.now() - t0;
+    // Known while it is made: a background commit that fails meanwhile is reported, not taken for a release.
     this.creatingLive.add(l);
     try {
-      await this.dir("put", sessionId, () => this.directory.put(l.record));
-    } catch (e) {
+      await this.commitLive(l, callerCommits);
+      l.commitMs = performance.now() - t0;
+      try {
+        await this.dir("put", sessionId, () => this.directory.put(l.record));
+      } catch (e) {
+        this.usedBytes -= l.bytes;
+        closeSegments(l.segments, true);
+        this.updateGauges();
+        throw e;
+      }
+    } finally {
       this.creatingLive.delete(l);
-      this.usedBytes -= l.bytes;
-      closeSegments(l.segments, true);
-      this.updateGauges();
-      throw e;
     }
-    this.creatingLive.delete(l);
     return this.admit(l);
   }
 
