@@ -65,10 +65,12 @@ describe("a corrupted stored page", () => {
     const [bad, good] = ids;
     // Wait until the kvstore holds the committed pages, then flip one bit of one of them.
     let committed: number[] = [];
+    // Up to a minute: on a loaded 2-core machine (the whole suite at once) a commit that failed
+    // is retried with a backoff of up to 5 s, and once took longer than 20 s.
     await waitFor("committed pages", async () => {
       committed = (await unary<{ committedPages: number[] }>(kv, "attachSession", { sessionId: bad })).committedPages;
       return committed.every((c) => c >= 8);
-    });
+    }, 60_000);
     const a = await unary<{ store: { name: string }; layout: { pageBytes: string | number; layerStrideBytes: string | number } }>(kv, "attachSession", { sessionId: bad });
     const seg = loadShm().ShmSegment.open(a.store.name);
     const layer = Math.floor(rand() * committed.length), page = Math.floor(rand() * 8);
