@@ -80,6 +80,9 @@ export function rangesAdded(prev: readonly ByteRange[], next: readonly ByteRange
 
 export const rangeBytes = (r: readonly ByteRange[]) => r.reduce((n, [a, b]) => n + (b - a), 0);
 
+/** Ranges as [offset, length] pairs, the form ShmSegment.allocateAsync takes. */
+export const offsetLengths = (r: readonly ByteRange[]) => r.map(([a, b]) => [a, b - a] as const);
+
 /** Bytes of the segments other than the store (staging, tail, manifest): committed whole at creation. */
 export function fixedBytes(l: Layout): number {
   return 2 * l.stagingBufferBytes + l.tailBytes + l.manifestBytes;

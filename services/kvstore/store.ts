@@ -21,7 +21,7 @@ import type { Logger } from "../common/log.js";
 import { loadShm } from "../../native/shm.js";
 import type { ScrubHost, ScrubSession, Scrubber } from "./scrubber.js";
 import type { SessionDirectory, SessionRecord } from "./directory.js";
-import { capacityPages, computeLayout, extentTokens, rangeBytes, rangesAdded, reservedBytes, reservedPagesOf, storeRanges, toSegmentLayout, totalBytes, type ByteRange, type Layout } from "./layout.js";
+import { capacityPages, computeLayout, extentTokens, offsetLengths, rangeBytes, rangesAdded, reservedBytes, reservedPagesOf, storeRanges, toSegmentLayout, totalBytes, type ByteRange, type Layout } from "./layout.js";
 import type { KvStoreMetrics } from "./metrics.js";
 import { SEGMENT_KINDS, closeSegments, closeSegmentsAsync, createSegments, openSegments, refsOf, unlinkNames, type SessionSegments } from "./segments.js";
 import type { ShmSegment } from "../../native/shm.js";
@@ -38,8 +38,6 @@ interface Live {
   bytes: number;
   /** The store's memory still being committed in the background (caller_commits); settles, never rejects. */
   background?: Promise<void>;
-  /** Milliseconds its memory took to commit when it was created here (logged). */
-  commitMs?: number;
   /** Set when a committed page changed after its commit: every call on the session gets it (DATA_LOSS). */
   corrupt?: ServiceError;
 }
@@ -144,8 +142,7 @@ export class KvStore implements ScrubHost {
         adopted++;
         // A background commit (caller_commits) the previous process did not finish: what it left
         // is committed now (pages already there are kept as they are).
-        const ranges = storeRanges(layout, rec.geometry.layers, reservedPages).map(([a, b]) => [a, b - a] as const);
-        await segments.store.allocateAsync(ranges, this.commitThreads).catch((e: Error) => {
+        await segments.store.allocateAsync(offsetLengths(storeRanges(layout, rec.geometry.layers, reservedPages)), this.commitThreads).catch((e: Error) => {
           this.metrics?.backgroundCommitFailures.inc();
           this.log.error({ session: id, err: e.message }, "committing an adopted session's reservation failed; its compute tier meets the shortage when it writes");
         });
@@ -293,7 +290,7 @@ export class KvStore implements ScrubHost {
       for (const k of ["staging", "tail", "manifest"] as const) segments[k].allocate(0, segments[k].size);
       const ranges = storeRanges(layout, record.geometry.layers, l.reservedPages);
       if (callerCommits) this.commitInBackground(l, ranges);
-      else await segments.store.allocateAsync(ranges.map(([a, b]) => [a, b - a] as const), this.commitThreads);
+      else await segments.store.allocateAsync(offsetLengths(ranges), this.commitThreads);
     } catch (e) {
       this.usedBytes -= l.bytes;
       closeSegments(segments, true);
@@ -314,7 +311,7 @@ export class KvStore implements ScrubHost {
     const run = async () => {
       try {
         // Throws at once when the segment was closed meanwhile (the session released).
-        await l.segments.store.allocateAsync(ranges.map(([a, b]) => [a, b - a] as const), this.commitThreads);
+        await l.segments.store.allocateAsync(offsetLengths(ranges), this.commitThreads);
       } catch (e) {
         const err = e as Error;
         if (this.live.get(id) !== l && !this.creatingLive.has(l)) {
@@ -328,7 +325,7 @@ export class KvStore implements ScrubHost {
     l.background = (l.background ?? Promise.resolve()).then(run);
   }
 
-  /** Resolves once every background commit started so far has ended (tests, shutdown). */
+  /** Resolves once every background commit started so far has ended (tests). */
   async backgroundCommits(): Promise<void> {
     await Promise.all([...this.live.values(), ...this.creatingLive].map((l) => l.background));
   }
@@ -394,7 +391,7 @@ export class KvStore implements ScrubHost {
     this.usedBytes += more;
     if (!callerCommits) {
       try {
-        await l.segments.store.allocateAsync(added.map(([a, b]) => [a, b - a] as const), this.commitThreads);
+        await l.segments.store.allocateAsync(offsetLengths(added), this.commitThreads);
       } catch (e) {
         this.usedBytes -= more;
         throw this.allocationFailed(r.sessionId, more, e);
@@ -423,11 +420,11 @@ export class KvStore implements ScrubHost {
     return l && recordReservedTokens(l.record);
   }
 
-  /** Makes a counted session live. */
-  private admit(l: Live): AttachSessionResponse {
+  /** Makes a counted session live; `commitMs`: how long its memory took to commit (logged). */
+  private admit(l: Live, commitMs?: number): AttachSessionResponse {
     this.live.set(l.record.sessionId, l);
     this.updateGauges();
-    this.log.info({ session: l.record.sessionId, bytes: l.bytes, capacityPages: l.record.capacityPages, commitMs: l.commitMs === undefined ? undefined : Math.round(l.commitMs) }, "session attached");
+    this.log.info({ session: l.record.sessionId, bytes: l.bytes, capacityPages: l.record.capacityPages, commitMs: commitMs === undefined ? undefined : Math.round(commitMs) }, "session attached");
     this.log.debug({ session: l.record.sessionId, segments: Object.values(l.record.segments).map((s) => s.name) }, "session segments");
     return this.response(l, true);
   }
@@ -436,11 +433,12 @@ export class KvStore implements ScrubHost {
   private async create(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array | undefined, reserveTokens: number | undefined, callerCommits = false): Promise<AttachSessionResponse> {
     const l = this.createLive(sessionId, geometry, retrieval, maxContextTokens, metadata, reserveTokens);
     const t0 = performance.now();
+    let commitMs: number;
     // Known while it is made: a background commit that fails meanwhile is reported, not taken for a release.
     this.creatingLive.add(l);
     try {
       await this.commitLive(l, callerCommits);
-      l.commitMs = performance.now() - t0;
+      commitMs = performance.now() - t0;
       try {
         await this.dir("put", sessionId, () => this.directory.put(l.record));
       } catch (e) {
@@ -452,7 +450,7 @@ export class KvStore implements ScrubHost {
     } finally {
       this.creatingLive.delete(l);
     }
-    return this.admit(l);
+    return this.admit(l, commitMs);
   }
 
   /** Commits one layer's pages, or several layers' at once (see commitPages); the layer's committed pages (the fewest with `layers`). */
