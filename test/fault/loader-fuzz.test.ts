@@ -19,6 +19,8 @@ const seed = Number(process.env.FREEKV_TEST_SEED ?? Date.now() % 1e9);
 const rand = prng(seed);
 const int = (n: number) => Math.floor(rand() * n);
 const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)];
+/** A fresh copy of one of VALUES: the shared arrays and objects must never be nested into each other or mutated. */
+const value = (): unknown => structuredClone(pick(VALUES));
 const N = Number(process.env.FREEKV_LOADER_FUZZ ?? 400);
 const why = `seed ${seed} (FREEKV_TEST_SEED)`;
 const dir = mkdtempSync(join(tmpdir(), "freekv-loader-fuzz-"));
@@ -47,8 +49,8 @@ function mutateJson(text: string): string {
       for (let i = 0, n = 1 + int(3); i < n; i++) {
         const k = rand() < 0.85 && keys.length ? pick(keys) : `x_${int(100)}`;
         if (rand() < 0.2) delete obj[k];
-        else if (rand() < 0.2 && obj[k] && typeof obj[k] === "object") (obj[k] as Record<string, unknown>)[pick(["rope_type", "factor", "rope_theta", "x"])] = pick(VALUES);
-        else obj[k] = pick(VALUES);
+        else if (rand() < 0.2 && obj[k] && typeof obj[k] === "object") (obj[k] as Record<string, unknown>)[pick(["rope_type", "factor", "rope_theta", "x"])] = value();
+        else obj[k] = value();
       }
       return JSON.stringify(obj);
     }
