@@ -49,6 +49,8 @@ export const computeConfigSchema = z.object({
   /** How often a request waiting for memory tries again when no request here finished, in ms. */
   FREEKV_QUEUE_RETRY_MS: positiveInt(250),
   FREEKV_QUEUE_BACKFILL_MS: nonNegativeInt(2000),
+  /** Admission attempts (a new session's kvstore reservation and host store set-up) in flight at once. */
+  FREEKV_QUEUE_ATTEMPTS: intInRange(4, 1, 64),
   /** Hugging Face model folder served by Generate; unset: the built-in model; "none": no model (attention sessions only). */
   FREEKV_MODEL: z.string().optional(),
   /** JSON file of per-tenant token hashes ({"tenant": "sha256 hex"}): every call needs its bearer token (auth.ts); unset: no authentication. */

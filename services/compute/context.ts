@@ -308,7 +308,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
     },
     config.FREEKV_MODEL === NO_MODEL,
   );
-  const admission = new AdmissionQueue({ maxWaiting: config.FREEKV_QUEUE_MAX_REQUESTS, maxRunning: config.FREEKV_MAX_RUNNING_REQUESTS, retryMs: config.FREEKV_QUEUE_RETRY_MS, backfillMs: config.FREEKV_QUEUE_BACKFILL_MS });
+  const admission = new AdmissionQueue({ maxWaiting: config.FREEKV_QUEUE_MAX_REQUESTS, maxRunning: config.FREEKV_MAX_RUNNING_REQUESTS, retryMs: config.FREEKV_QUEUE_RETRY_MS, backfillMs: config.FREEKV_QUEUE_BACKFILL_MS, maxAttempts: config.FREEKV_QUEUE_ATTEMPTS });
   // The CUDA backend stores K/V in bf16; the CPU backend in float32 by default.
   const kvDtype = config.FREEKV_BACKEND === "cuda" ? DType.D_TYPE_BFLOAT16 : DType.D_TYPE_FLOAT32;
   let auth: TenantAuth | undefined;

@@ -3,7 +3,7 @@
  * reference order, FIFO within one, requests short of memory wait and all complete without the
  * pool ever going over, memory-free requests pass one short of memory, a request that can never
  * fit fails alone, a full queue refuses, and an aborted waiting request leaves at once without an
- * attempt. Fresh random workloads each run (the seed is in the test name).
+ * attempt; several attempts run at once, bounded and without over-committing. Fresh random workloads each run (the seed is in the test name).
  */
 import { describe, expect, it } from "vitest";
 import { status } from "@grpc/grpc-js";
@@ -238,6 +238,64 @@ describe(`AdmissionQueue (seed ${seed})`, () => {
     }
     expect((await waiter).value).toBe(capacity);
     expect(outcomes).toEqual(sizes.map((x) => (x > capacity ? "RESOURCE_EXHAUSTED" : "admitted")));
+  });
+
+  it("sets up to maxAttempts requests at once, never more than the free running slots, and never over-commits", async () => {
+    for (let round = 0; round < 4; round++) {
+      const maxAttempts = 1 + pick(6);
+      const maxRunning = rand() < 0.3 ? 0 : 1 + pick(8);
+      const timers = new FakeTimers();
+      const q = new AdmissionQueue({ maxWaiting: 1000, maxRunning, maxAttempts, timers, retryMs: 100 });
+      // A pool counted when an attempt starts (as the kvstore counts a reservation before it
+      // answers), the answer coming back after a random number of turns of the event loop.
+      const capacity = 20 + pick(30);
+      let used = 0;
+      let inFlight = 0;
+      let maxInFlight = 0;
+      let maxUsed = 0;
+      const sizes = Array.from({ length: 10 + pick(30) }, () => 1 + pick(capacity));
+      const ends: Array<() => void> = [];
+      const admitted: { t: Admitted<number>; size: number }[] = [];
+      const all = sizes.map((size, i) =>
+        q
+          .enter({
+            tenant: "t" + pick(3),
+            needsMemory: true,
+            attempt: async () => {
+              inFlight++;
+              maxInFlight = Math.max(maxInFlight, inFlight);
+              expect(maxRunning === 0 || q.running + inFlight <= maxRunning, "an attempt without a free running slot").toBe(true);
+              const fits = used + size <= capacity;
+              if (fits) used += size;
+              maxUsed = Math.max(maxUsed, used);
+              await new Promise<void>((r) => ends.push(r));
+              inFlight--;
+              return fits ? i : SHORT_OF_MEMORY;
+            },
+          })
+          .then((t) => admitted.push({ t, size })),
+      );
+      let finished = 0;
+      for (let k = 0; k < 10_000 && finished < sizes.length; k++) {
+        await settle();
+        if (ends.length && rand() < 0.7) ends.splice(pick(ends.length), 1)[0]();
+        else if (admitted.length) {
+          const r = admitted.splice(pick(admitted.length), 1)[0];
+          used -= r.size;
+          r.t.release();
+          finished++;
+        } else if (ends.length) ends.shift()!();
+        else timers.advance(100); // all short of memory and nothing running: their retry timer
+      }
+      expect(finished, `round ${round}: ${q.waiting} still waiting`).toBe(sizes.length);
+      await Promise.all(all);
+      expect(maxUsed).toBeLessThanOrEqual(capacity);
+      expect(maxInFlight).toBeLessThanOrEqual(maxAttempts);
+      // Several were set up at once whenever slots allowed (many waiting, none admitted yet at first).
+      expect(maxInFlight).toBe(Math.min(maxAttempts, maxRunning || Infinity, sizes.length));
+      expect(q.waiting).toBe(0);
+      expect(q.running).toBe(0);
+    }
   });
 
   it("refuses with RESOURCE_EXHAUSTED when the queue is full", async () => {

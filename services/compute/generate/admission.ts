@@ -5,10 +5,16 @@
  *
  * - Order: FIFO within a tenant, round-robin between tenants (the tenant whose head was admitted
  *   goes to the back of the rotation), so one tenant's burst cannot hold the others back.
- * - One admission attempt at a time. An attempt that comes back short of memory (the kvstore
- *   refused a session for capacity) keeps its place and is tried again when memory may have come
- *   back: a running request finished (`release`), a session closed (`poke`), or every `retryMs`
- *   (memory freed elsewhere). Requests that need no memory (a named session's next turn) pass it.
+ * - Up to `maxAttempts` admission attempts at a time, never more than the free running slots. An
+ *   attempt is a kvstore call and, on the CUDA engine, the pinning of the new session's host
+ *   store (~0.3 s for a 32K-token 8B session), so one at a time made a burst of requests queue
+ *   behind each other's set-up while the memory and the slots were there (a short request behind
+ *   a long one waited for the long one's pinning). The kvstore counts each reservation before it
+ *   answers, so concurrent attempts can never over-commit: of two that fit only alone, one comes
+ *   back short of memory. An attempt that comes back short keeps its place and is tried again
+ *   when memory may have come back: a running request finished (`release`), a session closed
+ *   (`poke`), another attempt failed, or every `retryMs` (memory freed elsewhere). Requests that
+ *   need no memory (a named session's next turn) pass it.
  * - Backfill with aging: while the oldest request short of memory has waited less than
  *   `backfillMs`, the requests behind it that need memory are still tried, each once per chance
  *   that memory came back, so a small request takes memory a large one cannot use yet instead of
@@ -53,6 +59,8 @@ export interface AdmissionOptions {
   maxWaiting: number;
   /** Most requests running at once (0: no limit). */
   maxRunning: number;
+  /** Most admission attempts in flight at once (default 4). */
+  maxAttempts?: number;
   /** How often a request short of memory tries again when nothing here frees any. */
   retryMs?: number;
   /** How long requests needing memory may pass the oldest one short of it (0: never). */
@@ -111,7 +119,9 @@ export class AdmissionQueue {
   private readonly rotation: string[] = [];
   private waitingCount = 0;
   private runningCount = 0;
-  private attempting: Entry | undefined;
+  /** Entries whose attempt is in flight. */
+  private readonly attempting = new Set<Entry>();
+  private readonly maxAttempts: number;
   /** An attempt came back short of memory and none may have come back since. */
   private blocked = false;
   private retryTimer: unknown;
@@ -125,6 +135,8 @@ export class AdmissionQueue {
     this.timers = opts.timers ?? realTimers;
     this.retryMs = opts.retryMs ?? 250;
     this.backfillMs = opts.backfillMs ?? 2000;
+    this.maxAttempts = opts.maxAttempts ?? 4;
+    if (!Number.isInteger(this.maxAttempts) || this.maxAttempts < 1) throw new RangeError(`maxAttempts: must be an integer >= 1, got ${opts.maxAttempts}`);
     if (!(this.backfillMs >= 0)) throw new RangeError(`backfillMs: must be >= 0, got ${opts.backfillMs}`);
   }
 
@@ -146,7 +158,7 @@ export class AdmissionQueue {
     }
     return new Promise<Admitted<T>>((resolve, reject) => {
       const onAbort = () => {
-        if (this.attempting === e) return; // its attempt decides; the caller sees the abort after
+        if (this.attempting.has(e)) return; // its attempt decides; the caller sees the abort after
         this.remove(e);
         reject(r.signal!.reason ?? new ServiceError(status.CANCELLED, "call cancelled"));
         this.pump();
@@ -197,7 +209,7 @@ export class AdmissionQueue {
     if (!this.blocked) return;
     for (const q of this.byTenant.values()) {
       for (const e of q) {
-        if (e === this.attempting || !e.needsMemory || !e.fits || e.checked) continue;
+        if (this.attempting.has(e) || !e.needsMemory || !e.fits || e.checked) continue;
         e.checked = true;
         let check: Promise<void>;
         try {
@@ -210,7 +222,7 @@ export class AdmissionQueue {
           (err: unknown) => {
             // Being attempted: refused if that attempt comes back short. Gone (admitted or
             // aborted meanwhile): nothing to do. Still waiting: refused now.
-            if (this.attempting === e) {
+            if (this.attempting.has(e)) {
               e.refusal = err;
               return;
             }
@@ -231,8 +243,9 @@ export class AdmissionQueue {
     return oldest;
   }
 
+  /** A running slot is free for one more attempt (those in flight hold theirs). */
   private hasSlot(): boolean {
-    return this.opts.maxRunning === 0 || this.runningCount < this.opts.maxRunning;
+    return this.opts.maxRunning === 0 || this.runningCount + this.attempting.size < this.opts.maxRunning;
   }
 
   /**
@@ -247,6 +260,7 @@ export class AdmissionQueue {
     const open = oldest === undefined || this.timers.now() - oldest.shortAt! < this.backfillMs;
     for (const t of this.rotation) {
       for (const e of this.byTenant.get(t)!) {
+        if (this.attempting.has(e)) continue;
         if (!e.needsMemory) return e;
         if (!e.triedShort && (open || e === oldest)) return e;
       }
@@ -273,11 +287,17 @@ export class AdmissionQueue {
     }
   }
 
+  /** Starts attempts while there are free attempt and running slots and requests that may be tried. */
   private pump(): void {
-    if (this.attempting) return;
-    const e = this.next();
-    if (!e) return;
-    this.attempting = e;
+    while (this.attempting.size < this.maxAttempts) {
+      const e = this.next();
+      if (!e) return;
+      this.start(e);
+    }
+  }
+
+  private start(e: Entry): void {
+    this.attempting.add(e);
     let outcome: Promise<unknown>;
     try {
       outcome = e.attempt();
@@ -286,7 +306,7 @@ export class AdmissionQueue {
     }
     outcome.then(
       (v) => {
-        this.attempting = undefined;
+        this.attempting.delete(e);
         if (v === SHORT_OF_MEMORY && e.signal?.aborted) {
           // Aborted during its attempt: it leaves now (an admitted one is the caller's to undo).
           this.remove(e);
@@ -309,10 +329,13 @@ export class AdmissionQueue {
         this.pump();
       },
       (err: unknown) => {
-        this.attempting = undefined;
+        this.attempting.delete(e);
         this.remove(e);
         e.reject(err);
-        this.pump();
+        // What a failed attempt held is back (with concurrent attempts, another may have come
+        // back short because of it).
+        if (this.blocked) this.poke();
+        else this.pump();
       },
     );
   }
