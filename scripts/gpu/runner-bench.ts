@@ -28,6 +28,8 @@
  * step-to-step top-k overlap and the correction rate, the same statistics `freekv eval` prints
  * for the trained model (models/retrieval-8m), so a band is chosen by matching them, not assumed.
  *
+ * --backend cpu: the same steps on the CPU engine (with --shape attn8b or small): the bands' query
+ * dynamics without the GPU; its step times are not the product's.
  * --shape qwen7b: Qwen2.5-7B's shapes instead (28 layers, hidden 3584, 28 query / 4 KV heads of 128,
  * FFN 18944, vocabulary 152064; written as a Llama-architecture folder without the q/k/v biases,
  * which do not change the step's cost), in --dir /tmp/freekv-qwen7b by default.
@@ -79,6 +81,8 @@ const { values: args } = parseArgs({
     dir: { type: "string", default: "" },
     layers: { type: "string", default: "" },
     shape: { type: "string", default: "llama8b" },
+    /** cuda (the product's speed), or cpu: the same steps on the CPU engine, for the small shape (the query dynamics, not speed). */
+    backend: { type: "string", default: "cuda" },
     grow: { type: "string", default: "" },
     "grow-keys": { type: "string", default: "structured" },
     points: { type: "string", default: "1:32768,4:32768,16:8192" },
@@ -110,7 +114,16 @@ const { values: args } = parseArgs({
 const SHAPES = {
   llama8b: { layers: 32, H: 4096, I: 14336, HQ: 32, HKV: 8, D: 128, V: 128256, dir: "/tmp/freekv-8b", ropeTheta: 500000.0, llama3Rope: true },
   qwen7b: { layers: 28, H: 3584, I: 18944, HQ: 28, HKV: 4, D: 128, V: 152064, dir: "/tmp/freekv-qwen7b", ropeTheta: 1000000.0, llama3Rope: false },
+  /**
+   * For the CPU backend (--backend cpu), where the calibration bands' query dynamics can be
+   * studied off the GPU: attn8b has the 8B's depth, width and attention heads with a 4096-wide MLP
+   * and an 8K vocabulary (about 1 s a step on 2 cores); small is a 4-layer toy.
+   */
+  attn8b: { layers: 32, H: 4096, I: 4096, HQ: 32, HKV: 8, D: 128, V: 8192, dir: "/tmp/freekv-attn8b", ropeTheta: 500000.0, llama3Rope: true },
+  small: { layers: 4, H: 1024, I: 2816, HQ: 16, HKV: 4, D: 64, V: 32768, dir: "/tmp/freekv-small", ropeTheta: 500000.0, llama3Rope: false },
 } as const;
+if (args.backend !== "cuda" && args.backend !== "cpu") throw new RangeError(`--backend must be cuda or cpu (got ${args.backend})`);
+const BACKEND = args.backend as "cuda" | "cpu";
 if (!(args.shape! in SHAPES)) throw new RangeError(`--shape must be one of ${Object.keys(SHAPES).join(", ")} (got ${args.shape})`);
 const SHAPE = SHAPES[args.shape as keyof typeof SHAPES];
 args.dir ||= SHAPE.dir;
@@ -141,9 +154,14 @@ function randomBf16(n: number, a: number, seed: number): Uint16Array {
   const out = new Uint16Array(n);
   const f = new Float32Array(1), u = new Uint32Array(f.buffer);
   let x = (seed * 2654435761) >>> 0 || 1;
-  // A 64K-word template, repeated with a per-tensor rotation: the weights' values do not matter
-  // for timing, only that they are not degenerate.
-  const T = 65536, tpl = new Uint16Array(T);
+  // A template of T words repeated (writing 8 billion fresh values would take minutes). T is
+  // prime, so the rows of a matrix (a power-of-two or other multiple-of-64 length) start at
+  // distinct offsets of it and no two rows are equal. With T = 65536, a 4096-wide matrix had only
+  // 16 distinct rows (the embedding and every q/k/v/gate/up projection of the 8B shape): rank 16,
+  // every head's query the same 16 numbers repeated: the per-layer query cosines jumped between
+  // layers and the argmax steps, which should be unrelated, measured 0.19
+  // (bench/results/runner-bands-cpu-20261203). Timing never depended on it; the dynamics do.
+  const T = 65521, tpl = new Uint16Array(T);
   for (let i = 0; i < T; i++) {
     x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
     f[0] = ((x / 4294967296) * 2 - 1) * a || a / 2;
@@ -410,10 +428,11 @@ const modes = args.modes!.split(",");
 // Calibration bands named in the modes are checked before any work.
 for (const m of [...modes, ...(args.sweep ? args.sweep.split(",") : [])]) if (m.includes("@")) bandStart(Number(m.split("@")[1]));
 for (const m of args.calibrated ? args.calibrated.split(",") : []) if (m.includes("@")) throw new RangeError(`--calibrated takes plain modes (got ${m})`);
+mkdirSync(args.out!, { recursive: true });
 const addon = loadAddon();
 const info = addon.backendInfo();
 log(`date ${new Date().toISOString()}; ${os.cpus()[0]?.model}; backendInfo ${JSON.stringify(info.cuda)}`);
-if (!info.cuda.available) {
+if (BACKEND === "cuda" && !info.cuda.available) {
   log(`CUDA unavailable: ${info.cuda.reason}`);
   process.exit(2);
 }
@@ -430,14 +449,14 @@ if (!existsSync(join(args.dir!, "config.json"))) {
 }
 const spec = parseModelConfig(JSON.parse((await import("node:fs")).readFileSync(join(args.dir!, "config.json"), "utf8")));
 const sideTiming = args["side-timing"]!;
-const engine = new addon.Engine({ backend: "cuda", sideTiming });
+const engine = new addon.Engine({ backend: BACKEND, sideTiming });
 const t1 = performance.now();
 const model = await addon.Model.load({ config: spec.native, tensors: collectTensorRefs(args.dir!, spec.native), engine });
 log(`Model.load: ${((performance.now() - t1) / 1000).toFixed(1)} s; device ${model.device}`);
 // "-direct" modes: a second engine with graphs off and the model loaded on it (when asked for).
 let direct: { engine: Engine; model: Model } | undefined;
 if (modes.some((m) => m.split("@")[0].endsWith("-direct"))) {
-  const e = new addon.Engine({ backend: "cuda", cudaGraphs: false, sideTiming });
+  const e = new addon.Engine({ backend: BACKEND, cudaGraphs: false, sideTiming });
   direct = { engine: e, model: await addon.Model.load({ config: spec.native, tensors: collectTensorRefs(args.dir!, spec.native), engine: e }) };
 }
 
@@ -459,7 +478,7 @@ for (const t of args.prefill ? args.prefill.split(",").map(Number) : []) {
   for (const chunk of chunks)
     for (const resident of variants) {
       if (!resident && !gatheredModel) {
-        const e = new addon.Engine({ backend: "cuda", prefillContextBytes: 1 });
+        const e = new addon.Engine({ backend: BACKEND, prefillContextBytes: 1 });
         gatheredModel = { engine: e, model: await addon.Model.load({ config: spec.native, tensors: collectTensorRefs(args.dir!, spec.native), engine: e }) };
       }
       const [eng, mdl] = resident ? [engine, model] : [gatheredModel!.engine, gatheredModel!.model];
@@ -673,5 +692,5 @@ for (const r of results)
     `| ${r.batch} | ${r.context} | ${r.mode} | ${r.error ? "error" : r.stepMs!.toFixed(2)} | ${r.floorMs!.toFixed(2)} | ${r.error ? "" : (r.stepMs! / r.floorMs!).toFixed(1)} | ` +
       `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? "" : `${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(0)}%)`} | ${r.error ? "" : r.dynamics!.overlapPct.toFixed(1) + "%"} | ${r.error ? r.error : r.recallMBPerStep!.toFixed(1)} |`,
   );
-writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
+writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
 process.exit(0);
