@@ -53,6 +53,9 @@ const passThrough = new Set<number>([
   status.ALREADY_EXISTS,
   status.CANCELLED,
   status.DEADLINE_EXCEEDED,
+  status.DATA_LOSS,
+  status.ABORTED,
+  status.OUT_OF_RANGE,
 ]);
 
 /** Error raised by a gRPC client call (has a numeric code and details). */

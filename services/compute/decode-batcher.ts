@@ -167,6 +167,10 @@ export class DecodeBatcher<I extends BatchItem<R>, R> {
     try {
       taken = this.take();
       if (taken.length) await this.run(taken);
+    } catch (e) {
+      // A throw outside the call itself (admission, observation): every item of the batch gets
+      // it (settled ones ignore it), instead of waiting forever behind an unhandled rejection.
+      for (const it of taken) it.reject(e);
     } finally {
       this.running = false;
     }

@@ -12,6 +12,7 @@ import type { SegmentLayout } from "../../proto/gen/freekv/v1/kvstore.js";
 import { loadShm, type NativeLayout } from "../../native/shm.js";
 import { toNativeGeometry } from "../common/geometry.js";
 import { toNativeRetrieval } from "../common/retrieval.js";
+import { invalidArgument } from "../common/errors.js";
 
 export type Layout = NativeLayout;
 
@@ -22,6 +23,34 @@ export function capacityPages(maxContextTokens: number, pageSize: number): numbe
 
 export function computeLayout(g: ModelGeometry, r: RetrievalConfig, capacity: number): Layout {
   return loadShm().layout(toNativeGeometry(g), toNativeRetrieval(r), capacity);
+}
+
+/** Largest store segment a session may ask for: 2^50 bytes (1 PiB), far past any host, and every byte offset of it exact in a double. */
+export const MAX_STORE_BYTES = 2 ** 50;
+
+/**
+ * The layout of a new session of `maxContextTokens` (from a request: field names the request's
+ * field): INVALID_ARGUMENT, naming it, when the native layout refuses the page count (over 2^30
+ * pages) or the store would pass MAX_STORE_BYTES, before any size is computed in 64-bit
+ * arithmetic that could wrap.
+ */
+export function requestLayout(g: ModelGeometry, r: RetrievalConfig, maxContextTokens: number, field: string): { capacity: number; layout: Layout } {
+  const capacity = capacityPages(maxContextTokens, r.pageSize);
+  let layout: Layout;
+  try {
+    layout = computeLayout(g, r, Math.min(capacity, 1));
+  } catch (e) {
+    throw invalidArgument(field.replace(/max_context_tokens$/, "geometry"), (e as Error).message);
+  }
+  const bytes = layout.pageBytes * capacity * g.layers;
+  if (capacity > 2 ** 30 || bytes > MAX_STORE_BYTES) {
+    throw invalidArgument(field, `${maxContextTokens} tokens need ${capacity} pages of ${layout.pageBytes} bytes in each of ${g.layers} layers (${bytes} bytes); a session's store may hold at most ${MAX_STORE_BYTES} bytes and 2^30 pages a layer`);
+  }
+  try {
+    return { capacity, layout: computeLayout(g, r, capacity) };
+  } catch (e) {
+    throw invalidArgument(field, (e as Error).message);
+  }
 }
 
 /**

@@ -21,7 +21,7 @@ import type { Logger } from "../common/log.js";
 import { loadShm } from "../../native/shm.js";
 import type { ScrubHost, ScrubSession, Scrubber } from "./scrubber.js";
 import type { SessionDirectory, SessionRecord } from "./directory.js";
-import { capacityPages, computeLayout, extentTokens, offsetLengths, rangeBytes, rangesAdded, reservedBytes, reservedPagesOf, storeRanges, toSegmentLayout, totalBytes, type ByteRange, type Layout } from "./layout.js";
+import { computeLayout, requestLayout, extentTokens, offsetLengths, rangeBytes, rangesAdded, reservedBytes, reservedPagesOf, storeRanges, toSegmentLayout, totalBytes, type ByteRange, type Layout } from "./layout.js";
 import type { KvStoreMetrics } from "./metrics.js";
 import { SEGMENT_KINDS, closeSegments, closeSegmentsAsync, createSegments, openSegments, refsOf, unlinkNames, type SessionSegments } from "./segments.js";
 import type { ShmSegment } from "../../native/shm.js";
@@ -238,8 +238,7 @@ export class KvStore implements ScrubHost {
     if (reserveTokens !== undefined && (!Number.isInteger(reserveTokens) || reserveTokens < 0 || reserveTokens > maxContextTokens)) {
       throw invalidArgument("reserve_tokens", `must be in [0, max_context_tokens ${maxContextTokens}], got ${reserveTokens}`);
     }
-    const capacity = capacityPages(maxContextTokens, retrieval.pageSize);
-    const layout = computeLayout(geometry, retrieval, capacity);
+    const { capacity, layout } = requestLayout(geometry, retrieval, maxContextTokens, "max_context_tokens");
     let reserved = reserveTokens === undefined ? maxContextTokens : extentTokens(reserveTokens, this.extentTokens, maxContextTokens);
     let reservedPages = reservedPagesOf(reserved, retrieval.pageSize, capacity);
     let bytes = reservedBytes(layout, geometry.layers, reservedPages);

@@ -40,7 +40,7 @@ import { resolveGeometry } from "../common/geometry.js";
 import type { Logger } from "../common/log.js";
 import { assertDecoded } from "../common/malformed.js";
 import { resolveRetrieval } from "../common/retrieval.js";
-import { capacityPages, computeLayout, toSegmentLayout } from "./layout.js";
+import { computeLayout, requestLayout, toSegmentLayout } from "./layout.js";
 import type { SessionSegments } from "./segments.js";
 import { SESSION_ID_RE, type ImportReservation, type KvStore } from "./store.js";
 
@@ -213,8 +213,7 @@ export class SessionImport {
     if (!h.retrieval) throw invalidArgument("header.retrieval", "is required");
     if (!Number.isInteger(h.maxContextTokens) || h.maxContextTokens < 1) throw invalidArgument("header.max_context_tokens", `must be >= 1, got ${h.maxContextTokens}`);
     const retrieval = resolveRetrieval(h.retrieval, geometry.layers, "header.retrieval", h.maxContextTokens);
-    const capacity = capacityPages(h.maxContextTokens, retrieval.pageSize);
-    const layout = computeLayout(geometry, retrieval, capacity);
+    const { capacity, layout } = requestLayout(geometry, retrieval, h.maxContextTokens, "header.max_context_tokens");
     const want = toSegmentLayout(layout, retrieval.pageSize, capacity);
     const got = h.layout;
     if (!got) throw invalidArgument("header.layout", "is required");

@@ -187,6 +187,10 @@ describe("Generate over gRPC", () => {
     await expectStatus(run({ prompt: tokens([1, 2]), maxTokens: 0 }), status.INVALID_ARGUMENT, /max_tokens/);
     await expectStatus(run({ prompt: { $case: "text", value: "hello" }, maxTokens: 2 }), status.FAILED_PRECONDITION, /tokenizer/);
     await expectStatus(run({ prompt: tokens([1, 2]), maxTokens: 2, sampling: { temperature: -1, topP: 0, topK: 0, seed: 0 } }), status.INVALID_ARGUMENT, /temperature/);
+    // Stop conditions are matched after every token: their number and size are bounded.
+    await expectStatus(run({ prompt: tokens([1, 2]), maxTokens: 2, stopStrings: Array.from({ length: 17 }, (_, i) => `s${i}`) }), status.INVALID_ARGUMENT, /^stop_strings: takes at most 16 strings, got 17/);
+    await expectStatus(run({ prompt: tokens([1, 2]), maxTokens: 2, stopStrings: ["ok", "é".repeat(129)] }), status.INVALID_ARGUMENT, /^stop_strings\[1\]: is 258 bytes; at most 256/);
+    await expectStatus(run({ prompt: tokens([1, 2]), maxTokens: 2, stopTokenIds: Array.from({ length: 1025 }, (_, i) => i) }), status.INVALID_ARGUMENT, /^stop_token_ids: takes at most 1024/);
     await unary(client, "createSession", { sessionId: "attn", kind: 2, geometry: { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 } });
     await expectStatus(run({ sessionId: "attn", prompt: tokens([1, 2]), maxTokens: 2 }), status.FAILED_PRECONDITION, /attention session/);
     await unary(client, "closeSession", { sessionId: "attn" });

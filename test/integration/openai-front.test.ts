@@ -320,6 +320,10 @@ describe("the OpenAI front: errors in OpenAI's shape", () => {
     const e = await apiError(openai.completions.create({ model: "gpt-4o", prompt: "x", max_tokens: 2 }));
     expect(e.status).toBe(404);
     expect(shape(e)).toMatchObject({ param: "model", code: "model_not_found" });
+    // A model path that is not valid percent-encoding is the client's error, not the server's.
+    const bad = await fetch(`${base}/v1/models/%zz`);
+    expect(bad.status).toBe(400);
+    expect(((await bad.json()) as { error: { type: string } }).error.type).toBe("invalid_request_error");
   });
 
   it("answers 400 for a body that is not JSON, and for bad fields", async () => {

@@ -15,6 +15,9 @@ describe("toStatus", () => {
     expect(toStatus(new ServiceError(status.NOT_FOUND, "session x not found"), log, "M")).toMatchObject({ code: status.NOT_FOUND, details: "session x not found" });
     const peer = Object.assign(new Error("5 NOT_FOUND: gone"), { code: status.RESOURCE_EXHAUSTED, details: "kvstore full" });
     expect(toStatus(peer, log, "M")).toMatchObject({ code: status.RESOURCE_EXHAUSTED, details: "kvstore full" });
+    // A corrupt session at the kvstore stays DATA_LOSS for the client (not INTERNAL).
+    const peerLoss = Object.assign(new Error("15 DATA_LOSS"), { code: status.DATA_LOSS, details: "session s is corrupt" });
+    expect(toStatus(peerLoss, log, "M")).toMatchObject({ code: status.DATA_LOSS, details: "session s is corrupt" });
     const peerInternal = Object.assign(new Error("13 INTERNAL"), { code: status.INTERNAL, details: "boom" });
     expect(toStatus(peerInternal, log, "M").code).toBe(status.INTERNAL);
     // What the CUDA engine says when it cannot commit a session's host memory.

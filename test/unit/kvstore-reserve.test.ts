@@ -172,6 +172,11 @@ describe(`kvstore reservations (seed ${seed})`, () => {
     await expect(s.reserve("nobody", 10)).rejects.toMatchObject({ code: status.NOT_FOUND });
     expect(() => s.reserve("a b", 10)).toThrow(expect.objectContaining({ code: status.INVALID_ARGUMENT }));
     await expect(s.attach({ sessionId: "q", geometry: G, retrieval: R, maxContextTokens: 100, metadata: Buffer.alloc(0), reserveTokens: 101 })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
+    // A context past 2^30 pages a layer, or a store past 2^50 bytes, is the request's problem (not INTERNAL), named.
+    const huge = { sessionId: "h", geometry: G, metadata: Buffer.alloc(0), reserveTokens: 0 };
+    await expect(s.attach({ ...huge, retrieval: { ...(R as object), pageSize: 1, sinkTokens: 1, windowTokens: 1, selectTokens: 2 } as never, maxContextTokens: 2 ** 31 })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT, message: expect.stringMatching(/^max_context_tokens: 2147483648 tokens need 2147483648 pages/) });
+    await expect(s.attach({ ...huge, geometry: { layers: 4096, queryHeads: 256, kvHeads: 256, headDim: 256, kvDtype: 1 }, retrieval: R, maxContextTokens: 2 ** 32 - 1 })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
+    expect(s.stats().sessions).toBe(1);
     // Re-attach with reserve_tokens grows the reservation like ReserveContext.
     expect((await s.attach({ sessionId: "p", geometry: undefined, retrieval: undefined, maxContextTokens: 0, metadata: Buffer.alloc(0), reserveTokens: 1000 })).reservedTokens).toBe(1024);
     expect(Number(s.stats().allocatedBytes)).toBe(Number(s.stats().reservedBytes));

@@ -67,7 +67,7 @@ describe("sampling", () => {
     expect(draw(123)).not.toEqual(draw(124));
   });
 
-  it("the addon's draw over a real vocabulary is the reference's, token for token", () => {
+  it("the addon's draw over a real vocabulary is the reference's, token for token", async () => {
     const f = addonFn("sampleF32");
     expect(f).not.toBeNull();
     const seed = (Date.now() ^ (process.pid << 8)) >>> 0;
@@ -89,6 +89,23 @@ describe("sampling", () => {
       }
     }
     expect(same).toBe(1200);
+    // NaN logits are never drawn, by either; a row of NaNs is refused by both, also batched.
+    const holes = randomF32(6000, r, 2);
+    for (let i = 0; i < 3000; i++) holes[Math.floor(r() * 6000)] = NaN;
+    for (let d = 0; d < 50; d++) {
+      const u = r();
+      const want = sampleJs(holes, 0, 6000, { temperature: 1, topK: 0, topP: d % 2 ? 0.9 : 0, seed: 0 }, u);
+      expect(Number.isNaN(holes[want])).toBe(false);
+      expect(f!(holes, 0, 6000, 1, 0, d % 2 ? 0.9 : 0, u)).toBe(want);
+    }
+    const nan = new Float32Array(5000).fill(NaN);
+    expect(() => sampleJs(nan, 0, 5000, { temperature: 1, topK: 0, topP: 0, seed: 0 }, 0.5)).toThrow(/every logit of the row is NaN/);
+    expect(() => f!(nan, 0, 5000, 1, 0, 0, 0.5)).toThrow(/every logit of the row is NaN/);
+    const rows = addonFn("sampleRowsAsync")!;
+    const two = new Float32Array(10000);
+    two.set(randomF32(5000, r, 1), 0);
+    two.fill(NaN, 5000);
+    await expect(rows(two, 5000, Int32Array.from([0, 1]), Float64Array.from([1, 0, 0, 0.5, 1, 0, 0, 0.5]))).rejects.toThrow(/rows\[1\]/);
     // Checked arguments.
     const row = randomF32(5000, r, 1);
     expect(() => f!(row, 0, 5001, 1, 0, 0, 0.5)).toThrow(RangeError);

@@ -106,6 +106,7 @@ static int64_t SampleF32(const float* x, int64_t n, double temperature, int64_t 
   int64_t cand = 0;
   for (int64_t i = 0; i < n; ++i)
     if (static_cast<double>(x[i]) >= cut) ids[cand++] = static_cast<int32_t>(i);
+  if (cand == 0) return -1;  // every logit NaN: nothing to draw from (the callers throw)
   const auto before = [&](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); };
   const auto first = ids.begin();
   int64_t keep = cand;
@@ -158,6 +159,8 @@ static int64_t SampleF32(const float* x, int64_t n, double temperature, int64_t 
   return ids[keep - 1];
 }
 
+static const char* const kNoCandidates = "no logit to sample from: every logit of the row is NaN";
+
 static int64_t SampleF32(const float* x, int64_t n, double temperature, int64_t top_k, double top_p, double u) {
   auto s = Scratches().Take();
   const int64_t r = SampleF32(x, n, temperature, top_k, top_p, u, *s);
@@ -183,6 +186,7 @@ static Napi::Value Sample(const Napi::CallbackInfo& info) {
   if (!(p >= 0 && p <= 1)) throw Napi::RangeError::New(env, "topP must be in [0, 1]");
   if (!(u >= 0 && u < 1)) throw Napi::RangeError::New(env, "u must be in [0, 1)");
   const int64_t r = SampleF32(a.Data() + static_cast<int64_t>(off), static_cast<int64_t>(n), t, static_cast<int64_t>(std::min(k, n)), p, u);
+  if (r < 0) throw Napi::RangeError::New(env, kNoCandidates);
   return Napi::Number::New(env, static_cast<double>(r));
 }
 
@@ -215,6 +219,8 @@ class SampleRowsWorker : public Napi::AsyncWorker {
     static const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
     const unsigned n = static_cast<unsigned>(std::min<size_t>({rows_.size(), size_t{8}, size_t{hw}}));
     RunOnThreads(n, run);
+    for (size_t i = 0; i < out_.size(); ++i)
+      if (out_[i] < 0) return SetError(std::string(kNoCandidates) + " (rows[" + std::to_string(i) + "])");
   }
   void OnOK() override {
     auto out = Napi::Int32Array::New(Env(), out_.size());

@@ -97,7 +97,7 @@ export function attentionHandler(deps: {
         const s = op.session;
         await Promise.race([
           s.lock.run(async () => {
-            if (s.closed) throw new Error("closed");
+            if (s.closed) throw sessions.goneError(s.id);
             sessions.checkLost(s);
             await engine.prefill(s.engineSession, op.layer, op.k, op.v, op.n);
             s.layerTokens[op.layer] += op.n;

@@ -37,6 +37,7 @@ import { modelSessionBytes } from "../sessions/footprint.js";
 import type { ComputeSession } from "../sessions/session.js";
 import { SHORT_OF_MEMORY, type Admitted } from "./admission.js";
 import { generateMetrics } from "./metrics.js";
+import { stopProblem } from "./stop.js";
 import { checkPromptFits, generate, GenerateError, isProgress, type FinishReason as Finish, type GenerateFinalOut, type GenerationSession } from "./generation.js";
 
 const FINISH: Record<Exclude<Finish, "cancelled">, FinishReason> = {
@@ -169,6 +170,8 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     rec.tenant = tenantOf(call.metadata);
     const { loaded, scheduler } = ctx.served.get();
     if (!Number.isInteger(req.maxTokens) || req.maxTokens < 1) throw invalidArgument("max_tokens", `must be >= 1, got ${req.maxTokens}`);
+    const stops = stopProblem(req.stopStrings, req.stopTokenIds);
+    if (stops) throw invalidArgument(stops.field, stops.why);
     const fresh = !req.sessionId;
     if (!fresh && req.retrieval) throw invalidArgument("retrieval", "is for a fresh session only (create the session with it instead)");
     // A fresh session is empty; a named one is tokenized again under its lock, where its context is known.

@@ -172,7 +172,8 @@ export function sampleWith(logits: Float32Array, offset: number, vocab: number, 
 export function sampleJs(logits: Float32Array, offset: number, vocab: number, opts: SamplingOptions, u: number): number {
   const { temperature, topK, topP } = opts;
   let max = -Infinity;
-  for (let i = 0; i < vocab; i++) max = Math.max(max, logits[offset + i]);
+  // NaN logits are never candidates (a NaN is neither the maximum nor >= the cut).
+  for (let i = 0; i < vocab; i++) if (logits[offset + i] > max) max = logits[offset + i];
   // Tokens more than 40 temperatures below the best have probability ratios under e^-40: they
   // are left out, so a large vocabulary is neither sorted nor summed in full.
   const cut = max - 40 * temperature;
@@ -180,6 +181,7 @@ export function sampleJs(logits: Float32Array, offset: number, vocab: number, op
   let n = 0;
   for (let i = 0; i < vocab; i++) if (logits[offset + i] >= cut) candidates[n++] = i;
   const weight = (i: number) => Math.exp((logits[offset + i] - max) / temperature);
+  if (n === 0) throw new RangeError("no logit to sample from: every logit of the row is NaN");
   let ids = candidates.subarray(0, n);
   if (topK > 0 && topK < n) {
     partialSortDesc(candidates, n, logits, offset, topK);

@@ -8,6 +8,24 @@
  */
 export type StopReason = "stop_token" | "stop_string" | undefined;
 
+/**
+ * What a request may ask to stop on (gRPC and the OpenAI front): every stop string is matched
+ * against the text after every token, so their number and length bound the work each token adds
+ * to the event loop; a gRPC message may otherwise carry megabytes of them.
+ */
+export const STOP_LIMITS = { strings: 16, stringBytes: 256, tokenIds: 1024 } as const;
+
+/** Why the stop conditions are refused, naming the field (as `field: why`), or undefined when they are within STOP_LIMITS. */
+export function stopProblem(stopStrings: readonly string[], stopTokenIds: readonly number[]): { field: string; why: string } | undefined {
+  if (stopStrings.length > STOP_LIMITS.strings) return { field: "stop_strings", why: `takes at most ${STOP_LIMITS.strings} strings, got ${stopStrings.length}` };
+  for (const [i, x] of stopStrings.entries()) {
+    const n = Buffer.byteLength(x, "utf8");
+    if (n > STOP_LIMITS.stringBytes) return { field: `stop_strings[${i}]`, why: `is ${n} bytes; at most ${STOP_LIMITS.stringBytes}` };
+  }
+  if (stopTokenIds.length > STOP_LIMITS.tokenIds) return { field: "stop_token_ids", why: `takes at most ${STOP_LIMITS.tokenIds} ids, got ${stopTokenIds.length}` };
+  return undefined;
+}
+
 export class StopMatcher {
   /** Text decoded so far (complete characters only). */
   private text = "";

@@ -9,6 +9,7 @@
  */
 import type { GenerateRequest, SamplingParams } from "../../../proto/gen/freekv/v1/compute.js";
 import { badRequest } from "./errors.js";
+import { stopProblem } from "../generate/stop.js";
 
 export type Endpoint = "completions" | "chat";
 
@@ -114,7 +115,8 @@ function stopStrings(body: Body): string[] {
   if (absent(s)) return [];
   const list = typeof s === "string" ? [s] : s;
   if (!Array.isArray(list) || !list.every((x) => typeof x === "string")) throw badRequest("stop", "stop must be a string or an array of strings");
-  if (list.length > 16) throw badRequest("stop", `stop takes at most 16 strings, got ${list.length}`);
+  const problem = stopProblem(list, []);
+  if (problem) throw badRequest("stop", `stop${problem.field.replace("stop_strings", "")} ${problem.why}`);
   return list.filter((x) => x.length > 0);
 }
 

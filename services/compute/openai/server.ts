@@ -130,7 +130,12 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
     }
     if (path.startsWith("/v1/models/")) {
       only("GET");
-      const id = decodeURIComponent(path.slice("/v1/models/".length));
+      let id: string;
+      try {
+        id = decodeURIComponent(path.slice("/v1/models/".length));
+      } catch {
+        throw new HttpError(400, `${JSON.stringify(path)} is not a valid URL path (bad percent-encoding)`);
+      }
       if (id !== opts.modelName) throw new HttpError(404, `the model ${JSON.stringify(id)} does not exist`, "model", "model_not_found");
       return sendJson(res, 200, modelObject(id));
     }

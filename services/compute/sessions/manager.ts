@@ -251,7 +251,12 @@ export class SessionManager {
       engineSession = engine.createSession(toNativeGeometry(geometry), toNativeRetrieval(retrieval), host, reattach);
     } catch (e) {
       for (const s of opened) s.close();
-      throw invalidArgument("session", `the engine refused it: ${(e as Error).message}`);
+      // A geometry or retrieval config the engine cannot serve is the caller's; a shortage of
+      // memory (device or host) may pass; anything else is the engine's fault (INTERNAL).
+      const message = (e as Error).message;
+      if (e instanceof RangeError || e instanceof TypeError) throw invalidArgument("session", `the engine refused it: ${message}`);
+      if (/out of memory|\/dev\/shm is full|cudaErrorMemoryAllocation/i.test(message)) throw resourceExhausted(`the engine cannot hold session ${id} now: ${message}`);
+      throw e;
     }
     const s = new ComputeSession(id, kind, geometry, retrieval, attach.maxContextTokens, attach, host, engineSession, metadata);
     s.lastUsed = this.now();
@@ -553,7 +558,7 @@ export class SessionManager {
    * carries the marker, services/kvstore/scrubber.ts). Called at the start of every turn.
    */
   checkLost(s: ComputeSession): void {
-    if (!s.lost && !s.closed && !s.detached && s.host && loadAddon().manifestCorrupt(s.host.manifest.buffer())) {
+    if (!s.lost && !s.closed && !s.detached && s.host && loadAddon().manifestCorrupt((s.manifestView ??= s.host.manifest.buffer()))) {
       this.markLost(s, "CRC32C mismatch found by the kvstore's scrubber", "a committed page changed after its commit");
     }
     if (s.lost) throw s.lost;

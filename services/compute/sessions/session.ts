@@ -65,6 +65,12 @@ export class ComputeSession {
   reservedTokens: number;
   /** The engine session is closed and the segments unmapped (closed, or dropped when lost). */
   detached = false;
+  /**
+   * The manifest segment's bytes, mapped once: every turn reads its corrupt marker, and each
+   * buffer() of a segment is kept referenced until the segment closes, so one per turn grew
+   * with the session's life.
+   */
+  manifestView: ArrayBuffer | undefined;
 
   constructor(
     readonly id: string,

@@ -210,8 +210,12 @@ export interface GenerateRequest {
     { $case: "chat"; value: ChatMessages }
     | undefined;
   maxTokens: number;
-  sampling?: SamplingParams | undefined;
+  sampling?:
+    | SamplingParams
+    | undefined;
+  /** At most 1024 ids. */
   stopTokenIds: number[];
+  /** At most 16 strings of at most 256 UTF-8 bytes each (each is matched after every token). */
   stopStrings: string[];
   /** For a fresh session only. */
   retrieval?:
