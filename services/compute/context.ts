@@ -46,6 +46,7 @@ export interface ComputeMetrics {
   ownerFailures: Counter;
   /** CommitPages calls to the kvstore that failed (the session is degraded until a retry succeeds). */
   commitFailures: Counter;
+  releaseFailures: Counter;
   /** Sessions found lost: the kvstore no longer held them (SessionManager.markLost). */
   sessionsLost: Counter;
   /** Sessions closed for being idle (FREEKV_SESSION_IDLE_TIMEOUT_S). */
@@ -120,6 +121,14 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
       this.set(exchanges()?.capacity ?? 0);
     },
   });
+  new Gauge({
+    name: "freekv_compute_releases_pending",
+    help: "Sessions given up here whose release at the kvstore failed and is being retried (their memory is still counted there)",
+    registers: [registry],
+    collect() {
+      this.set(sessions()?.releasesPending ?? 0);
+    },
+  });
   const m: ComputeMetrics = {
     registry,
     sessions: new Gauge({ name: "freekv_compute_sessions", help: "Open sessions", registers: [registry] }),
@@ -172,6 +181,11 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
     sessionsLost: new Counter({
       name: "freekv_compute_sessions_lost_total",
       help: "Open sessions the kvstore no longer held (it restarted without a persistent directory): their calls get DATA_LOSS until closed",
+      registers: [registry],
+    }),
+    releaseFailures: new Counter({
+      name: "freekv_compute_release_failures_total",
+      help: "Releases of a session at the kvstore that failed or got no answer (each is retried in the background until the kvstore answers)",
       registers: [registry],
     }),
     commitFailures: new Counter({ name: "freekv_compute_commit_failures_total", help: "Page and metadata commits to the kvstore that failed (retried; the session is degraded meanwhile)", registers: [registry] }),
@@ -349,6 +363,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
     },
     onCommitFailure: () => metrics.commitFailures.inc(),
     onLost: () => metrics.sessionsLost.inc(),
+    onReleaseFailure: () => metrics.releaseFailures.inc(),
     onExpired: (id) => {
       metrics.sessionsExpired.inc();
       // No longer held here: other pods stop redirecting to this one for it.

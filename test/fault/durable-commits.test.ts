@@ -128,6 +128,51 @@ describe("durable commits", () => {
     client.close();
   }, 120_000);
 
+  it("a release the kvstore does not answer is retried until it does; an AttachSession its caller gave up creates nothing", async () => {
+    const tiers: Tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_KVSTORE_TIMEOUT_MS: "600" } });
+    cleanup.push(() => tiers.stop());
+    const client = computeClient(tiers.compute.address);
+    const kv = kvstoreClient(tiers.kvstore.address);
+    const rand = prng(0x5eed02);
+    const ids: string[] = [];
+    for (let i = 0; i < 2 + Math.floor(rand() * 3); i++) {
+      const { session } = await unary<{ session: { sessionId: string } }>(client, "createSession", { retrieval: R, maxContextTokens: MAX_CONTEXT });
+      ids.push(session.sessionId);
+    }
+    const held = async () => (await unary<{ sessionIds: string[] }>(kv, "listSessions", {})).sessionIds;
+    expect((await held()).sort()).toEqual([...ids].sort());
+    const metrics = async () => fetchMetrics(tiers.compute.metricsPort);
+
+    tiers.kvstore.child.kill("SIGSTOP");
+    let stopped = true;
+    cleanup.push(() => stopped && tiers.kvstore.child.kill("SIGCONT"));
+    for (const id of ids) {
+      const e = await unary(client, "closeSession", { sessionId: id }).then(
+        () => undefined,
+        (err: ServiceError) => err,
+      );
+      // The caller hears that the kvstore did not answer; the session is gone here all the same.
+      expect([status.UNAVAILABLE, status.DEADLINE_EXCEEDED]).toContain(e?.code);
+      const gone = await unary(client, "getSession", { sessionId: id }).catch((err: ServiceError) => err.code);
+      expect(gone).toBe(status.NOT_FOUND);
+    }
+    const m = await metrics();
+    expect(metricValue(m, "freekv_compute_releases_pending")).toBe(ids.length);
+    expect(metricValue(m, "freekv_compute_release_failures_total")).toBeGreaterThanOrEqual(ids.length);
+
+    tiers.kvstore.child.kill("SIGCONT");
+    stopped = false;
+    await waitFor("the releases retried", async () => (await held()).length === 0 && metricValue(await metrics(), "freekv_compute_releases_pending") === 0);
+
+    // An AttachSession past its deadline before the kvstore answered: the session it made is dropped.
+    const big = { sessionId: "late", geometry: { layers: 8, queryHeads: 8, kvHeads: 8, headDim: 128, kvDtype: 2 }, retrieval: R, maxContextTokens: 65536, reserveTokens: 65536 };
+    const late = await unary(kv, "attachSession", big, 1).catch((err: ServiceError) => err.code);
+    expect(late).toBe(status.DEADLINE_EXCEEDED);
+    await waitFor("the cancelled attach's session dropped", async () => (await held()).length === 0 && Number((await unary<{ reservedBytes: number }>(kv, "getStats", {})).reservedBytes) === 0);
+    kv.close();
+    client.close();
+  }, 120_000);
+
   it("compute SIGKILLed mid-Generate: after the restart the next turn continues what the session holds", async () => {
     const tiers: Tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_THREADS: "2" } });
     cleanup.push(() => tiers.stop());

@@ -51,6 +51,10 @@ export interface SessionManagerOptions {
   idleTimeoutMs?: number;
   /** A session was closed for being idle (freekv_compute_sessions_expired_total, its owner record). */
   onExpired?: (id: string) => void;
+  /** A release at the kvstore failed and is retried in the background (freekv_compute_release_failures_total). */
+  onReleaseFailure?: () => void;
+  /** How often failed releases are retried, in ms (default 2000). */
+  releaseRetryMs?: number;
   /** The clock of idle expiry, in ms (tests replace it). */
   now?: () => number;
 }
@@ -75,6 +79,14 @@ export class SessionManager {
   /** Sessions being created per tenant (counted by the quota until they are open). */
   private readonly creatingTenants = new Map<string, number>();
   private expiryTimer: NodeJS.Timeout | undefined;
+  /**
+   * Sessions this process gave up that the kvstore may still hold: a release that failed (the
+   * kvstore unreachable, the call timed out), or a fresh session whose AttachSession ended
+   * without an answer. Their memory stays counted there until released, so each is released
+   * again every releaseRetryMs until the kvstore answers (NOT_FOUND counts as done).
+   */
+  private readonly pendingReleases = new Set<string>();
+  private releaseTimer: NodeJS.Timeout | undefined;
   private readonly now: () => number;
 
   constructor(private readonly opts: SessionManagerOptions) {
@@ -190,10 +202,20 @@ export class SessionManager {
       if (tenant) metadata.tenant = tenant;
       const reserve = kind === SessionKind.SESSION_KIND_ATTENTION ? undefined : Math.min(maxContextTokens, Math.max(0, reserveTokens));
       const t0 = performance.now();
-      const attach = await this.opts.kvstore.attach(
-        { sessionId: id, geometry, retrieval, maxContextTokens, metadata: Buffer.from(JSON.stringify(metadata)), reserveTokens: reserve, callerCommits: this.callerCommits },
-        signal,
-      );
+      let attach: AttachSessionResponse;
+      try {
+        attach = await this.opts.kvstore.attach(
+          { sessionId: id, geometry, retrieval, maxContextTokens, metadata: Buffer.from(JSON.stringify(metadata)), reserveTokens: reserve, callerCommits: this.callerCommits },
+          signal,
+        );
+      } catch (e) {
+        // No answer (cancelled, past its deadline, the kvstore unreachable): it may have created
+        // the session. One with an id made here is nobody else's: released, now or later. (The
+        // kvstore also drops what a cancelled AttachSession created, when it sees the cancel.)
+        const code = (e as { code?: number }).code;
+        if (!req.sessionId && (code === status.CANCELLED || code === status.DEADLINE_EXCEEDED || code === status.UNAVAILABLE)) this.releaseLater(id, e as Error);
+        throw e;
+      }
       if (!attach.created) throw alreadyExists(`session ${quoteId(id)} already exists at the kvstore`);
       const t1 = performance.now();
       try {
@@ -207,7 +229,7 @@ export class SessionManager {
         this.opts.log.debug({ session: id, segments: segmentNames(attach) }, "session segments");
         return s;
       } catch (e) {
-        await this.opts.kvstore.release(id).catch(() => undefined);
+        await this.opts.kvstore.release(id).catch((err: Error) => this.releaseLater(id, err));
         throw e;
       }
     } finally {
@@ -668,6 +690,50 @@ export class SessionManager {
     this.checkCommits(s);
   }
 
+  /** Releases `id` at the kvstore in the background until it answers (see pendingReleases); logged and counted. */
+  private releaseLater(id: string, why: Error): void {
+    this.opts.onReleaseFailure?.();
+    if (this.pendingReleases.has(id)) return;
+    this.pendingReleases.add(id);
+    this.opts.log.warn({ session: id, err: why.message }, "releasing the session at the kvstore failed; retried in the background");
+    if (this.releaseTimer) return;
+    this.releaseTimer = setInterval(() => void this.retryReleases(), this.opts.releaseRetryMs ?? 2000);
+    this.releaseTimer.unref();
+  }
+
+  private retrying = false;
+  private async retryReleases(): Promise<void> {
+    if (this.retrying) return;
+    this.retrying = true;
+    try {
+      for (const id of [...this.pendingReleases]) {
+        // Open here again (a client made a session of that name since): not ours to release.
+        if (this.sessions.has(id)) {
+          this.pendingReleases.delete(id);
+          continue;
+        }
+        try {
+          await this.opts.kvstore.release(id);
+        } catch (e) {
+          if ((e as { code?: number }).code !== status.NOT_FOUND) continue;
+        }
+        this.pendingReleases.delete(id);
+        this.opts.log.info({ session: id }, "session released at the kvstore after an earlier failure");
+      }
+    } finally {
+      this.retrying = false;
+      if (this.pendingReleases.size === 0 && this.releaseTimer) {
+        clearInterval(this.releaseTimer);
+        this.releaseTimer = undefined;
+      }
+    }
+  }
+
+  /** Session ids whose release at the kvstore is still to be retried. */
+  get releasesPending(): number {
+    return this.pendingReleases.size;
+  }
+
   async close(id: string, signal?: AbortSignal): Promise<boolean> {
     const s = this.get(id);
     await s.lock.run(async () => {
@@ -683,9 +749,14 @@ export class SessionManager {
     // A lost session is unknown to the kvstore (its segments went with the old kvstore process)
     // or known as corrupt (its segments are still there): released where it is held, and a
     // failure to reach the kvstore does not keep it open here.
-    if (!s.lost) await this.opts.kvstore.release(id, signal);
-    else
-      await this.opts.kvstore.release(id, signal).catch((e: Error) => this.opts.log.warn({ session: id, err: e.message }, "cannot release a lost session at the kvstore"));
+    // The session is gone here whatever the kvstore answers: a release that fails is retried in
+    // the background (its memory is counted there until then) and the caller still gets the error.
+    try {
+      await this.opts.kvstore.release(id, signal);
+    } catch (e) {
+      this.releaseLater(id, e as Error);
+      if (!s.lost) throw e;
+    }
     this.opts.log[s.unnamed ? "debug" : "info"]({ session: id, lost: s.lost ? true : undefined }, "session closed");
     return true;
   }
@@ -705,6 +776,16 @@ export class SessionManager {
   async shutdown(): Promise<void> {
     if (this.expiryTimer) clearInterval(this.expiryTimer);
     this.expiryTimer = undefined;
+    // Releases still owed to the kvstore get one more try; what still fails is logged (the
+    // kvstore keeps those sessions until they are released or it restarts without them).
+    if (this.releaseTimer) clearInterval(this.releaseTimer);
+    this.releaseTimer = undefined;
+    if (this.pendingReleases.size) {
+      await this.retryReleases();
+      if (this.releaseTimer) clearInterval(this.releaseTimer);
+      this.releaseTimer = undefined;
+      for (const id of this.pendingReleases) this.opts.log.error({ session: id }, "session left unreleased at the kvstore at shutdown");
+    }
     for (const s of this.sessions.values()) {
       await s.lock.run(async () => {
         s.closed = true;
