@@ -53,10 +53,38 @@ export function callScope(call: ServerSurfaceCall): CallScope {
   };
 }
 
-/** Rejects with the signal's reason once it aborts; for racing a long wait against the call. */
+/**
+ * Rejects with the signal's reason once it aborts. Its listener stays until then: for one wait
+ * per call (a stream's whole life); a wait repeated per message takes raceAbort.
+ */
 export function whenAborted(signal: AbortSignal): Promise<never> {
   return new Promise((_, reject) => {
     if (signal.aborted) reject(signal.reason);
     else signal.addEventListener("abort", () => reject(signal.reason), { once: true });
+  });
+}
+
+/**
+ * `p`, or the signal's reason if it aborts first. The abort listener goes when `p` settles, so a
+ * long stream that races every message's wait against its call's signal does not pile them up.
+ */
+export function raceAbort<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) {
+    p.catch(() => {});
+    return Promise.reject(signal.reason);
+  }
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    p.then(
+      (v) => {
+        signal.removeEventListener("abort", onAbort);
+        resolve(v);
+      },
+      (e: unknown) => {
+        signal.removeEventListener("abort", onAbort);
+        reject(e);
+      },
+    );
   });
 }

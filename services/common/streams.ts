@@ -5,7 +5,7 @@
  * call's AbortSignal.
  */
 import type { ClientWritableStream, ServerReadableStream, ServerWritableStream } from "@grpc/grpc-js";
-import { whenAborted } from "./cancellation.js";
+import { raceAbort, whenAborted } from "./cancellation.js";
 
 /** Writes one message of a server stream, waiting for 'drain' when the transport is full. */
 export async function send<T>(call: ServerWritableStream<unknown, T>, msg: T, signal: AbortSignal): Promise<void> {
@@ -36,7 +36,8 @@ export async function sendUpstream<T>(stream: ClientWritableStream<T>, msg: T, d
     stream.once("drain", onDrain);
   });
   try {
-    await Promise.race([drained, done.then(() => undefined), ...(signal ? [whenAborted(signal)] : [])]);
+    const either = Promise.race([drained, done.then(() => undefined)]);
+    await (signal ? raceAbort(either, signal) : either);
   } finally {
     stream.removeListener("drain", onDrain!);
   }

@@ -47,8 +47,15 @@ export class KvStoreClient {
 
   private call<Req, Res>(fn: Unary<Req, Res>, req: Req, signal?: AbortSignal): Promise<Res> {
     return new Promise((resolve, reject) => {
-      const c = fn.call(this.raw, req, new Metadata(), { deadline: Date.now() + this.deadlineMs }, (err, res) => (err ? reject(err) : resolve(res)));
-      signal?.addEventListener("abort", () => c.cancel(), { once: true });
+      // The cancel listener goes with the call: a session's many commits share its call's signal.
+      const onAbort = () => c.cancel();
+      const c = fn.call(this.raw, req, new Metadata(), { deadline: Date.now() + this.deadlineMs }, (err, res) => {
+        signal?.removeEventListener("abort", onAbort);
+        if (err) reject(err);
+        else resolve(res);
+      });
+      signal?.addEventListener("abort", onAbort, { once: true });
+      if (signal?.aborted) c.cancel();
     });
   }
 

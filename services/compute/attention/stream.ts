@@ -15,7 +15,7 @@
 import { once } from "node:events";
 import type { ServerDuplexStream, handleBidiStreamingCall } from "@grpc/grpc-js";
 import type { AttentionRequest, AttentionResponse } from "../../../proto/gen/freekv/v1/compute.js";
-import { callScope, whenAborted } from "../../common/cancellation.js";
+import { callScope, raceAbort } from "../../common/cancellation.js";
 import { invalidArgument, toStatus } from "../../common/errors.js";
 import type { Logger } from "../../common/log.js";
 import type { SessionManager } from "../sessions/manager.js";
@@ -95,7 +95,7 @@ export function attentionHandler(deps: {
       const engine = sessions.engine;
       if (op.op === "prefill") {
         const s = op.session;
-        await Promise.race([
+        await raceAbort(
           s.lock.run(async () => {
             if (s.closed) throw sessions.goneError(s.id);
             sessions.checkLost(s);
@@ -103,8 +103,8 @@ export function attentionHandler(deps: {
             s.layerTokens[op.layer] += op.n;
             observer.prefilled(s, op.layer);
           }),
-          whenAborted(scope.signal),
-        ]);
+          scope.signal,
+        );
         observer.request("prefill", Number(process.hrtime.bigint() - t0) / 1e9);
         return { requestId: req.requestId, result: { $case: "prefill", value: { contextTokens: s.layerTokens[op.layer] } } };
       }
@@ -139,7 +139,7 @@ export function attentionHandler(deps: {
         }
         const res = await handle(m);
         if (scope.signal.aborted) return;
-        if (!call.write(res)) await Promise.race([once(call, "drain"), whenAborted(scope.signal)]);
+        if (!call.write(res)) await raceAbort(once(call, "drain"), scope.signal);
       }
       call.end();
     };
