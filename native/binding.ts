@@ -180,6 +180,12 @@ export interface Engine {
   /** Waits for the session's background recalls, then frees it. */
   closeSession(session: number): void;
   /**
+   * closeSession with the engine's work (waiting for the device, unregistering the host store)
+   * on a worker thread; the session takes no calls meanwhile and its segments stay pinned until
+   * the promise resolves.
+   */
+  closeSessionAsync(session: number): Promise<void>;
+  /**
    * The kvstore's reservation of the session grew to `reservedPages` pages per layer: those pages
    * may now be written (the CUDA backend registers the new range). Never shrinks; at most the
    * session's capacityPages (RangeError otherwise).

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -135,6 +136,26 @@ class SyncWorker : public PromiseWorker {
   int s_;
 };
 
+// closeSessionAsync's work: the engine's CloseSession (the CUDA engine's wait for queued work and
+// the unregistration of the session's host store) off the JS thread; `done` (JS thread) then lets
+// the segments go.
+class CloseWorker : public PromiseWorker {
+ public:
+  CloseWorker(Napi::Env env, Napi::Object self, std::shared_ptr<Engine> e, int s, std::function<void()> done)
+      : PromiseWorker(env, self, std::move(e)), s_(s), done_(std::move(done)) {}
+  void OnOK() override {
+    done_();
+    PromiseWorker::OnOK();
+  }
+
+ protected:
+  void Run() override { engine_->CloseSession(s_); }
+
+ private:
+  int s_;
+  std::function<void()> done_;
+};
+
 }  // namespace
 
 class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
@@ -146,6 +167,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
                        {InstanceAccessor("backend", &AddonEngine::Backend, nullptr),
                         InstanceMethod("createSession", &AddonEngine::CreateSession),
                         InstanceMethod("closeSession", &AddonEngine::CloseSession),
+                        InstanceMethod("closeSessionAsync", &AddonEngine::CloseSessionAsync),
                         InstanceMethod("reserveStore", &AddonEngine::ReserveStore),
                         InstanceMethod("prefill", &AddonEngine::Prefill),
                         InstanceMethod("prefillAttend", &AddonEngine::PrefillAttend),
@@ -220,6 +242,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     Geometry geo;
     const uint8_t* manifest = nullptr;  // the engine's record of offloaded pages, tokens, queries
     std::vector<Napi::ObjectReference> segments;  // store, staging, tail, manifest
+    bool closing = false;                          // closeSessionAsync under way: no more calls
   };
 
   Napi::Value Backend(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), backend_); }
@@ -227,7 +250,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
   const SessionInfo& SessionArg(const Napi::CallbackInfo& info, size_t i, const std::string& name = "session") {
     const int s = IntArg(info, i, name, 0, 1 << 30);
     auto it = sessions_.find(s);
-    if (it == sessions_.end()) throw Napi::Error::New(info.Env(), name + " " + to_string(s) + " is not open");
+    if (it == sessions_.end() || it->second.closing) throw Napi::Error::New(info.Env(), name + " " + to_string(s) + " is not open");
     return it->second;
   }
 
@@ -286,10 +309,32 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     return Napi::Number::New(env, id);
   }
 
+  // closeSessionAsync(session): closeSession with the engine's part on a worker thread. Closing
+  // a long CUDA session unregisters its host store (16 GiB at 128K tokens of an 8B model) and
+  // waits for the device; on the JS thread that held the event loop, so every other request's
+  // RPCs and steps, for as long. The session takes no more calls meanwhile; its segments stay
+  // pinned until the engine let them go (a failure leaves them pinned: they cannot be unmapped
+  // under a live engine session).
+  Napi::Value CloseSessionAsync(const Napi::CallbackInfo& info) {
+    const int s = IntArg(info, 0, "session", 0, 1 << 30);
+    auto it = sessions_.find(s);
+    if (it == sessions_.end() || it->second.closing) throw Napi::Error::New(info.Env(), "session " + to_string(s) + " is not open");
+    it->second.closing = true;
+    auto* w = new CloseWorker(info.Env(), info.This().As<Napi::Object>(), engine_, s, [this, s] {
+      auto i = sessions_.find(s);
+      if (i == sessions_.end()) return;
+      for (auto& r : i->second.segments) PinShm(r.Value(), -1);
+      sessions_.erase(i);
+    });
+    auto p = w->Promise();
+    w->Queue();
+    return p;
+  }
+
   Napi::Value CloseSession(const Napi::CallbackInfo& info) {
     const int s = IntArg(info, 0, "session", 0, 1 << 30);
     auto it = sessions_.find(s);
-    if (it == sessions_.end()) throw Napi::Error::New(info.Env(), "session " + to_string(s) + " is not open");
+    if (it == sessions_.end() || it->second.closing) throw Napi::Error::New(info.Env(), "session " + to_string(s) + " is not open");
     try {
       engine_->CloseSession(s);
     } catch (const std::exception& e) {
@@ -304,7 +349,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
   Napi::Value ReserveStore(const Napi::CallbackInfo& info) {
     const int s = IntArg(info, 0, "session", 0, 1 << 30);
     const int pages = IntArg(info, 1, "reservedPages", 0, 1 << 30);
-    if (sessions_.find(s) == sessions_.end()) throw Napi::Error::New(info.Env(), "session " + to_string(s) + " is not open");
+    if (auto f = sessions_.find(s); f == sessions_.end() || f->second.closing) throw Napi::Error::New(info.Env(), "session " + to_string(s) + " is not open");
     try {
       engine_->ReserveStore(s, pages);
     } catch (const std::invalid_argument& e) {
@@ -352,7 +397,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
       auto o = ObjectArg(env, arr.Get(i), at);
       const int s = IntField(o, "session", at, 0, 1 << 30);
       auto it = sessions_.find(s);
-      if (it == sessions_.end()) throw Napi::Error::New(env, at + ".session " + to_string(s) + " is not open");
+      if (it == sessions_.end() || it->second.closing) throw Napi::Error::New(env, at + ".session " + to_string(s) + " is not open");
       if (seen[s]) throw Napi::RangeError::New(env, at + ".session " + to_string(s) + " appears twice in the batch");
       seen[s] = true;
       const auto& g = it->second.geo;

@@ -762,15 +762,17 @@ export class SessionManager {
   }
 
   /**
-   * Closes the engine session and unmaps the segments (the kvstore keeps them). The unmaps run
-   * on worker threads (closeAsync): tearing down the page tables of a long session's store (16
-   * GiB for 128K tokens of an 8B model, ~70 ms a GiB) on the event loop held every other
-   * session's decode step and every new request back for as long.
+   * Closes the engine session and unmaps the segments (the kvstore keeps them), both on worker
+   * threads (closeSessionAsync, closeAsync): the CUDA engine's unregistration of a long
+   * session's host store and the teardown of its page tables (16 GiB for 128K tokens of an 8B
+   * model, ~70 ms a GiB for the unmap alone) held the event loop, so every other request's RPCs
+   * and steps, for as long (the likely cause of the 0.6 s queue time measured after a 128K
+   * prompt on the H200; not re-measured yet).
    */
   private async detach(s: ComputeSession): Promise<void> {
     s.detached = true;
     try {
-      this.opts.engine.closeSession(s.engineSession);
+      await this.opts.engine.closeSessionAsync(s.engineSession);
     } catch (e) {
       this.opts.log.warn({ session: s.id, err: (e as Error).message }, "engine closeSession failed");
     }
