@@ -19,6 +19,9 @@ describe("config", () => {
     expect(c.FREEKV_HIERARCHICAL_SELECTION).toBe("auto");
     expect(parseConfig(computeConfigSchema, { FREEKV_HIERARCHICAL_SELECTION: "off" }).FREEKV_HIERARCHICAL_SELECTION).toBe("off");
     expect(() => parseConfig(computeConfigSchema, { FREEKV_HIERARCHICAL_SELECTION: "sometimes" })).toThrow(/FREEKV_HIERARCHICAL_SELECTION="sometimes"/);
+    expect(c.FREEKV_QUEUE_ATTEMPTS).toBe(4);
+    expect(parseConfig(computeConfigSchema, { FREEKV_QUEUE_ATTEMPTS: "16" }).FREEKV_QUEUE_ATTEMPTS).toBe(16);
+    for (const bad of ["0", "65", "2.5"]) expect(() => parseConfig(computeConfigSchema, { FREEKV_QUEUE_ATTEMPTS: bad })).toThrow(new RegExp(`FREEKV_QUEUE_ATTEMPTS="${bad.replace(".", "\\.")}"`));
   });
 
   it("coerces numbers and flags, and treats empty values as unset", () => {
