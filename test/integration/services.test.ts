@@ -3,6 +3,7 @@
  * crosses compute -> kvstore, a segment written in one process and verified in another, and
  * clear errors for bad requests.
  */
+import { totalmem } from "node:os";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { status } from "@grpc/grpc-js";
 import { loadAddon } from "../../native/binding.js";
@@ -185,6 +186,19 @@ describe("bad requests get INVALID_ARGUMENT naming the field", () => {
     await unary(compute, "closeSession", { sessionId: "dup" });
     expect((await unaryError(compute, "closeSession", { sessionId: "dup" })).code).toBe(status.NOT_FOUND);
     expect((await unaryError(compute, "getSession", { sessionId: "" })).details).toMatch(/^session_id:/);
+  });
+
+  it("a session whose engine working memory passes half the machine's is RESOURCE_EXHAUSTED, with nothing left at the kvstore", async () => {
+    // 64 layers x 32 KV heads x 256 x K and V in float32: 4 MiB a slot token; enough tokens of
+    // sink + window + selection to pass half of this machine's memory.
+    const big = { layers: 64, queryHeads: 32, kvHeads: 32, headDim: 256, kvDtype: 1 };
+    const perToken = 64 * 32 * 256 * 2 * 4;
+    const select = Math.ceil(totalmem() / 2 / perToken / 16) * 16;
+    const before = (await unary<{ sessionIds: string[] }>(kv, "listSessions", {})).sessionIds.length;
+    const e = await unaryError(compute, "createSession", { sessionId: "huge", kind: ATTENTION, geometry: big, retrieval: { ...retrieval, selectTokens: select }, maxContextTokens: 2 * select });
+    expect(e.code).toBe(status.RESOURCE_EXHAUSTED);
+    expect(e.details).toMatch(/needs \d+ bytes of engine memory .* at most half of this machine's/);
+    expect((await unary<{ sessionIds: string[] }>(kv, "listSessions", {})).sessionIds.length).toBe(before);
   });
 
   it("the kvstore refuses commits that leave gaps or exceed the capacity", async () => {

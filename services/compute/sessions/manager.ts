@@ -11,6 +11,7 @@
  * longer than FREEKV_SESSION_IDLE_TIMEOUT_S are closed.
  */
 import { randomUUID } from "node:crypto";
+import { totalmem } from "node:os";
 import { loadAddon, type Engine, type HostSegments, type ShmSegment } from "../../../native/binding.js";
 import { DType, type ModelGeometry, type RetrievalStats } from "../../../proto/gen/freekv/v1/common.js";
 import { SessionKind, type CreateSessionRequest, type Session } from "../../../proto/gen/freekv/v1/compute.js";
@@ -188,6 +189,17 @@ export class SessionManager {
       throw invalidArgument("max_context_tokens", `must be <= ${this.opts.maxContextLimit}, got ${maxContextTokens}`);
     }
     const retrieval = resolveRetrieval(req.retrieval, geometry.layers, "retrieval", maxContextTokens);
+    // The CPU engine keeps every layer's sink, window and selection slots in float32, allocated
+    // when the session is made: sized by the client's geometry and retrieval config, bounded only
+    // indirectly by the kvstore's capacity, and a session past the machine's memory would have
+    // the kernel kill this process. Refused first, naming the sizes.
+    if (this.opts.backend === "cpu") {
+      const working = geometry.layers * (retrieval.sinkTokens + retrieval.windowTokens + retrieval.selectTokens) * geometry.kvHeads * geometry.headDim * 2 * 4;
+      const limit = Math.floor(totalmem() / 2);
+      if (working > limit) {
+        throw resourceExhausted(`session ${quoteId(id)} needs ${working} bytes of engine memory (${geometry.layers} layers x ${retrieval.sinkTokens + retrieval.windowTokens + retrieval.selectTokens} sink, window and selected tokens x ${geometry.kvHeads} KV heads x ${geometry.headDim} x K and V in float32); a session may take at most half of this machine's ${totalmem()} bytes`);
+      }
+    }
     const quota = this.opts.maxSessionsPerTenant ?? 0;
     if (tenant !== undefined && quota > 0) {
       const open = this.tenantSessions(tenant);
@@ -277,7 +289,7 @@ export class SessionManager {
       // memory (device or host) may pass; anything else is the engine's fault (INTERNAL).
       const message = (e as Error).message;
       if (e instanceof RangeError || e instanceof TypeError) throw invalidArgument("session", `the engine refused it: ${message}`);
-      if (/out of memory|\/dev\/shm is full|cudaErrorMemoryAllocation/i.test(message)) throw resourceExhausted(`the engine cannot hold session ${id} now: ${message}`);
+      if (/out of memory|\/dev\/shm is full|cudaErrorMemoryAllocation|bad_alloc/i.test(message)) throw resourceExhausted(`the engine cannot hold session ${id} now: ${message}`);
       throw e;
     }
     const s = new ComputeSession(id, kind, geometry, retrieval, attach.maxContextTokens, attach, host, engineSession, metadata);
