@@ -71,6 +71,23 @@ export const flag = (dflt: boolean) =>
     .optional()
     .transform((v) => (v === undefined ? dflt : v === "1" || v === "true" || v === "yes" || v === "on"));
 
+/**
+ * A switch read by native code itself (getenv): on for any value but "0", so only "0" and "1" are
+ * taken here, where "off" would otherwise pass as false and then switch it on.
+ */
+export const nativeFlag = () =>
+  z
+    .enum(["0", "1"], { message: 'must be "0" or "1" (read by native code: any other value would switch it on)' })
+    .optional()
+    .transform((v) => v === "1");
+
+/**
+ * glibc's mmap threshold, set by the addon when it loads (native/src/shm/AddonShm.cpp) from the
+ * same variable: validated here so that a bad value stops the service at start instead of being
+ * read as 0 (glibc's adaptive default) by strtol. The addon caps it at 32 MiB.
+ */
+export const mallocMmapThreshold = () => intInRange(256 * 1024, 0, 32 << 20);
+
 export const logLevel = () => z.enum(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info");
 
 export const host = (dflt: string) => z.string().min(1).default(dflt);

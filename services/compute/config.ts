@@ -1,6 +1,6 @@
 /** The compute service's environment variables (see the README's configuration table). */
 import { z } from "zod";
-import { flag, host, intInRange, logLevel, nonNegativeInt, numberInRange, optionalIntInRange, optionalPort, port, positiveInt } from "../common/config.js";
+import { flag, host, intInRange, logLevel, mallocMmapThreshold, nativeFlag, nonNegativeInt, numberInRange, optionalIntInRange, optionalPort, port, positiveInt } from "../common/config.js";
 import { PREFILL_CHUNK_TOKENS, PREFILL_SLICE } from "./generate/scheduler.js";
 
 export const computeConfigSchema = z.object({
@@ -22,6 +22,14 @@ export const computeConfigSchema = z.object({
   FREEKV_CUDA_GRAPH: flag(true),
   /** FREEKV_BACKEND=cuda, a diagnostic: time each graphed step's side-stream work (the host waits for it before the next step). */
   FREEKV_SIDE_TIMING: flag(false),
+  // Read by the addon itself (getenv); validated here so that a bad value fails at start.
+  /** FREEKV_BACKEND=cuda, a diagnostic: per-part device times of every prefill call on stderr. */
+  FREEKV_PREFILL_PROFILE: nativeFlag(),
+  /** FREEKV_BACKEND=cuda: time cuBLASLt's candidate algorithms once per prefill GEMM shape. */
+  FREEKV_GEMM_AUTOTUNE: nativeFlag(),
+  /** FREEKV_BACKEND=cuda: threads that commit and pin a session's host store as it grows. */
+  FREEKV_REGISTER_THREADS: intInRange(8, 1, 64),
+  FREEKV_MALLOC_MMAP_THRESHOLD: mallocMmapThreshold(),
   /** FREEKV_BACKEND=cuda: device memory the prompts being prefilled keep resident (each layer's whole context between chunks); 0 = a quarter of the device. */
   FREEKV_PREFILL_CONTEXT_BYTES: nonNegativeInt(0),
   /** Page selection through the hierarchical page summaries (the engine option hierarchicalSelection). */

@@ -20,6 +20,15 @@ describe("config", () => {
     expect(parseConfig(computeConfigSchema, { FREEKV_HIERARCHICAL_SELECTION: "off" }).FREEKV_HIERARCHICAL_SELECTION).toBe("off");
     expect(() => parseConfig(computeConfigSchema, { FREEKV_HIERARCHICAL_SELECTION: "sometimes" })).toThrow(/FREEKV_HIERARCHICAL_SELECTION="sometimes"/);
     expect(c.FREEKV_QUEUE_ATTEMPTS).toBe(4);
+    // Read by the addon itself: validated with its reading (a switch is on for anything but "0").
+    expect(c.FREEKV_PREFILL_PROFILE).toBe(false);
+    expect(parseConfig(computeConfigSchema, { FREEKV_PREFILL_PROFILE: "1", FREEKV_GEMM_AUTOTUNE: "0" })).toMatchObject({ FREEKV_PREFILL_PROFILE: true, FREEKV_GEMM_AUTOTUNE: false });
+    expect(() => parseConfig(computeConfigSchema, { FREEKV_PREFILL_PROFILE: "off" })).toThrow(/FREEKV_PREFILL_PROFILE="off".*any other value would switch it on/);
+    expect(c.FREEKV_REGISTER_THREADS).toBe(8);
+    expect(() => parseConfig(computeConfigSchema, { FREEKV_REGISTER_THREADS: "0" })).toThrow(/FREEKV_REGISTER_THREADS="0"/);
+    expect(k.FREEKV_MALLOC_MMAP_THRESHOLD).toBe(262144);
+    for (const schema of [computeConfigSchema, kvstoreConfigSchema]) expect(() => parseConfig(schema, { FREEKV_MALLOC_MMAP_THRESHOLD: "lots" })).toThrow(/FREEKV_MALLOC_MMAP_THRESHOLD="lots"/);
+    expect(() => parseConfig(kvstoreConfigSchema, { FREEKV_MALLOC_MMAP_THRESHOLD: String(64 << 20) })).toThrow(/FREEKV_MALLOC_MMAP_THRESHOLD/);
     expect(parseConfig(computeConfigSchema, { FREEKV_QUEUE_ATTEMPTS: "16" }).FREEKV_QUEUE_ATTEMPTS).toBe(16);
     for (const bad of ["0", "65", "2.5"]) expect(() => parseConfig(computeConfigSchema, { FREEKV_QUEUE_ATTEMPTS: bad })).toThrow(new RegExp(`FREEKV_QUEUE_ATTEMPTS="${bad.replace(".", "\\.")}"`));
   });

@@ -38,6 +38,7 @@ import type { ComputeSession } from "../sessions/session.js";
 import { SHORT_OF_MEMORY, type Admitted } from "./admission.js";
 import { generateMetrics } from "./metrics.js";
 import { stopProblem } from "./stop.js";
+import { resolveRetrieval } from "../../common/retrieval.js";
 import { checkPromptFits, generate, GenerateError, isProgress, type FinishReason as Finish, type GenerateFinalOut, type GenerationSession } from "./generation.js";
 
 const FINISH: Record<Exclude<Finish, "cancelled">, FinishReason> = {
@@ -355,7 +356,9 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
    * than the kvstore's whole capacity (it would wait forever), else the caller waits.
    */
   async function refuseIfNeverFits(req: GenerateRequest, reach: number): Promise<void> {
-    const need = modelSessionBytes(ctx.served.geometry(), ctx.kvDtype, req.retrieval, reach);
+    const geometry = ctx.served.geometry();
+    ctx.sessions.checkEngineMemory({ ...geometry, kvDtype: ctx.kvDtype }, resolveRetrieval(req.retrieval, geometry.layers, "retrieval", reach));
+    const need = modelSessionBytes(geometry, ctx.kvDtype, req.retrieval, reach);
     const { capacityBytes } = await ctx.kvstore.stats();
     if (need > capacityBytes)
       throw resourceExhausted(

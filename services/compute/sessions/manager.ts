@@ -13,7 +13,7 @@
 import { randomUUID } from "node:crypto";
 import { totalmem } from "node:os";
 import { loadAddon, type Engine, type HostSegments, type ShmSegment } from "../../../native/binding.js";
-import { DType, type ModelGeometry, type RetrievalStats } from "../../../proto/gen/freekv/v1/common.js";
+import { DType, type ModelGeometry, type RetrievalConfig, type RetrievalStats } from "../../../proto/gen/freekv/v1/common.js";
 import { SessionKind, type CreateSessionRequest, type Session } from "../../../proto/gen/freekv/v1/compute.js";
 import type { AttachSessionResponse, CommitPagesRequest, LayerPages } from "../../../proto/gen/freekv/v1/kvstore.js";
 import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFound, quoteId, resourceExhausted } from "../../common/errors.js";
@@ -189,17 +189,7 @@ export class SessionManager {
       throw invalidArgument("max_context_tokens", `must be <= ${this.opts.maxContextLimit}, got ${maxContextTokens}`);
     }
     const retrieval = resolveRetrieval(req.retrieval, geometry.layers, "retrieval", maxContextTokens);
-    // The CPU engine keeps every layer's sink, window and selection slots in float32, allocated
-    // when the session is made: sized by the client's geometry and retrieval config, bounded only
-    // indirectly by the kvstore's capacity, and a session past the machine's memory would have
-    // the kernel kill this process. Refused first, naming the sizes.
-    if (this.opts.backend === "cpu") {
-      const working = geometry.layers * (retrieval.sinkTokens + retrieval.windowTokens + retrieval.selectTokens) * geometry.kvHeads * geometry.headDim * 2 * 4;
-      const limit = Math.floor(totalmem() / 2);
-      if (working > limit) {
-        throw resourceExhausted(`session ${quoteId(id)} needs ${working} bytes of engine memory (${geometry.layers} layers x ${retrieval.sinkTokens + retrieval.windowTokens + retrieval.selectTokens} sink, window and selected tokens x ${geometry.kvHeads} KV heads x ${geometry.headDim} x K and V in float32); a session may take at most half of this machine's ${totalmem()} bytes`);
-      }
-    }
+    this.checkEngineMemory(geometry, retrieval);
     const quota = this.opts.maxSessionsPerTenant ?? 0;
     if (tenant !== undefined && quota > 0) {
       const open = this.tenantSessions(tenant);
@@ -700,6 +690,25 @@ export class SessionManager {
     this.queueCommit(s);
     await s.commitChain;
     this.checkCommits(s);
+  }
+
+  /**
+   * The CPU engine keeps every layer's sink, window and selection slots in float32, allocated
+   * when a session is made: sized by the client's geometry and retrieval config (resolved),
+   * bounded only indirectly by the kvstore's capacity, and a session past the machine's memory
+   * would have the kernel kill this process. Such a session can never be served here: throws
+   * RESOURCE_EXHAUSTED naming the sizes (a stateless Generate is refused with it at once, not
+   * left waiting for memory).
+   */
+  checkEngineMemory(geometry: ModelGeometry, retrieval: RetrievalConfig): void {
+    if (this.opts.backend !== "cpu") return;
+    const tokens = retrieval.sinkTokens + retrieval.windowTokens + retrieval.selectTokens;
+    const working = geometry.layers * tokens * geometry.kvHeads * geometry.headDim * 2 * 4;
+    if (working > Math.floor(totalmem() / 2)) {
+      throw resourceExhausted(
+        `the session needs ${working} bytes of engine memory (${geometry.layers} layers x ${tokens} sink, window and selected tokens x ${geometry.kvHeads} KV heads x ${geometry.headDim} x K and V in float32); a session may take at most half of this machine's ${totalmem()} bytes: it can never fit`,
+      );
+    }
   }
 
   /** Releases `id` at the kvstore in the background until it answers (see pendingReleases); logged and counted. */
