@@ -728,8 +728,8 @@ export class SessionManager {
     this.retrying = true;
     try {
       for (const id of [...this.pendingReleases]) {
-        // Open here again (a client made a session of that name since): not ours to release.
-        if (this.sessions.has(id)) {
+        // Open or being made here again (a client reused the name since): not ours to release.
+        if (this.sessions.has(id) || this.creating.has(id)) {
           this.pendingReleases.delete(id);
           continue;
         }
