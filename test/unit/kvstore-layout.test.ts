@@ -26,6 +26,16 @@ function randomShape(rand: () => number) {
 }
 
 describe("segment layout", () => {
+  it("refuses a layout past 2^50 bytes with a RangeError instead of wrapping in 64 bits", () => {
+    const g = { layers: 1024, queryHeads: 1024, kvHeads: 1024, headDim: 1024, kvDtype: 1 };
+    const r = resolveRetrieval({ pageSize: 1024, sinkTokens: 1024, windowTokens: 1024, selectTokens: 1024 } as never, g.layers);
+    expect(() => computeLayout(g, r, 2 ** 30)).toThrow(RangeError);
+    expect(() => computeLayout(g, r, 2 ** 30)).toThrow(/would pass 2\^50 bytes/);
+    // Just below the bound it is computed exactly.
+    const ok = computeLayout({ ...g, layers: 1 }, r, 2 ** 10);
+    expect(ok.storeBytes).toBe(2 * 1024 * 1024 * 4 * 1024 * 2 ** 10);
+  });
+
   it("is consistent on 300 random shapes: offsets inside sizes, records apart, sizes that grow as they must", () => {
     const rand = prng(31337);
     for (let i = 0; i < 300; i++) {

@@ -140,7 +140,12 @@ Napi::Value LayoutFn(const Napi::CallbackInfo& info) {
   const auto g = ParseGeometry(env, info.Length() > 0 ? info[0] : env.Undefined());
   const auto c = ParseValidRetrieval(env, info.Length() > 1 ? info[1] : env.Undefined(), g.layers);
   const int cap = IntArg(info, 2, "capacityPages", 1, 1 << 30);
-  const auto l = ComputeLayout(g, c, cap);
+  Layout l;
+  try {
+    l = ComputeLayout(g, c, cap);
+  } catch (const std::invalid_argument& e) {
+    throw Napi::RangeError::New(env, e.what());
+  }
   auto o = Napi::Object::New(env);
   auto num = [&](const char* k, size_t v) { o.Set(k, Napi::Number::New(env, static_cast<double>(v))); };
   num("headPageBytes", l.head_page_bytes);

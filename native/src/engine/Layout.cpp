@@ -1,6 +1,8 @@
 #include "engine/Layout.h"
 
 #include <algorithm>
+#include <stdexcept>
+#include <string>
 
 #include "engine/Manifest.h"
 
@@ -8,13 +10,26 @@ namespace freekv {
 
 static size_t RoundUp(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
+// Largest store a layout describes: 2^50 bytes (1 PiB), far past any host, so that no size below
+// (and no byte offset a kernel computes from them) wraps in 64 bits.
+static constexpr size_t kMaxStoreBytes = size_t{1} << 50;
+
+static size_t CheckedMul(size_t a, size_t b, const char* what) {
+  size_t r = 0;
+  if (__builtin_mul_overflow(a, b, &r) || r > kMaxStoreBytes)
+    throw std::invalid_argument(std::string("the session's ") + what + " would pass 2^50 bytes: the geometry, page size and capacity are too large");
+  return r;
+}
+
 Layout ComputeLayout(const Geometry& g, const RetrievalConfig& c, int capacity_pages) {
+  if (g.layers < 0 || g.kv_heads < 0 || g.head_dim < 0 || c.page_size < 0 || capacity_pages < 0)
+    throw std::invalid_argument("layout: sizes must be >= 0");
   Layout l{};
   const size_t e = DTypeBytes(g.kv_dtype);
-  l.head_page_bytes = 2ull * c.page_size * g.head_dim * e;
-  l.page_bytes = l.head_page_bytes * g.kv_heads;
-  l.layer_stride = l.page_bytes * static_cast<size_t>(capacity_pages);
-  l.store_bytes = RoundUp(std::max<size_t>(1, l.layer_stride * g.layers), 4096);
+  l.head_page_bytes = CheckedMul(CheckedMul(2ull * static_cast<size_t>(c.page_size), static_cast<size_t>(g.head_dim), "page"), e, "page");
+  l.page_bytes = CheckedMul(l.head_page_bytes, static_cast<size_t>(g.kv_heads), "page");
+  l.layer_stride = CheckedMul(l.page_bytes, static_cast<size_t>(capacity_pages), "store layer");
+  l.store_bytes = RoundUp(std::max<size_t>(1, CheckedMul(l.layer_stride, static_cast<size_t>(g.layers), "store")), 4096);
   // One staging buffer holds every selected head-page of one layer of one session.
   const size_t sel_pages = std::max(1, c.select_tokens / c.page_size);
   l.staging_buffer_bytes = RoundUp(sel_pages * l.head_page_bytes * g.kv_heads, 4096);
