@@ -25,27 +25,18 @@ export function computeLayout(g: ModelGeometry, r: RetrievalConfig, capacity: nu
   return loadShm().layout(toNativeGeometry(g), toNativeRetrieval(r), capacity);
 }
 
-/** Largest store segment a session may ask for: 2^50 bytes (1 PiB), far past any host, and every byte offset of it exact in a double. */
-export const MAX_STORE_BYTES = 2 ** 50;
+/** Most pages a layer of a store may have: the native layout's bound (AddonContract, layout()). */
+const MAX_CAPACITY_PAGES = 2 ** 30;
 
 /**
  * The layout of a new session of `maxContextTokens` (from a request: field names the request's
- * field): INVALID_ARGUMENT, naming it, when the native layout refuses the page count (over 2^30
- * pages) or the store would pass MAX_STORE_BYTES, before any size is computed in 64-bit
- * arithmetic that could wrap.
+ * field). INVALID_ARGUMENT naming it when the store needs more than 2^30 pages a layer, or when
+ * the native layout refuses it (a store past 2^50 bytes, where sizes would wrap in 64 bits:
+ * native/src/engine/Layout.cpp), not INTERNAL.
  */
 export function requestLayout(g: ModelGeometry, r: RetrievalConfig, maxContextTokens: number, field: string): { capacity: number; layout: Layout } {
   const capacity = capacityPages(maxContextTokens, r.pageSize);
-  let layout: Layout;
-  try {
-    layout = computeLayout(g, r, Math.min(capacity, 1));
-  } catch (e) {
-    throw invalidArgument(field.replace(/max_context_tokens$/, "geometry"), (e as Error).message);
-  }
-  const bytes = layout.pageBytes * capacity * g.layers;
-  if (capacity > 2 ** 30 || bytes > MAX_STORE_BYTES) {
-    throw invalidArgument(field, `${maxContextTokens} tokens need ${capacity} pages of ${layout.pageBytes} bytes in each of ${g.layers} layers (${bytes} bytes); a session's store may hold at most ${MAX_STORE_BYTES} bytes and 2^30 pages a layer`);
-  }
+  if (capacity > MAX_CAPACITY_PAGES) throw invalidArgument(field, `${maxContextTokens} tokens need ${capacity} pages a layer; a session's store may hold at most 2^30 pages a layer`);
   try {
     return { capacity, layout: computeLayout(g, r, capacity) };
   } catch (e) {
