@@ -176,6 +176,9 @@ describe(`kvstore reservations (seed ${seed})`, () => {
     const huge = { sessionId: "h", geometry: G, metadata: Buffer.alloc(0), reserveTokens: 0 };
     await expect(s.attach({ ...huge, retrieval: { ...(R as object), pageSize: 1, sinkTokens: 1, windowTokens: 1, selectTokens: 2 } as never, maxContextTokens: 2 ** 31 })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT, message: expect.stringMatching(/^max_context_tokens: 2147483648 tokens need 2147483648 pages/) });
     await expect(s.attach({ ...huge, geometry: { layers: 4096, queryHeads: 256, kvHeads: 256, headDim: 256, kvDtype: 1 }, retrieval: R, maxContextTokens: 2 ** 32 - 1 })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT });
+    // Within every geometry limit, but 2^65 bytes of store: refused by the native layout, named.
+    const widest = { layers: 1024, queryHeads: 1024, kvHeads: 1024, headDim: 1024, kvDtype: 1 };
+    await expect(s.attach({ ...huge, geometry: widest, retrieval: R, maxContextTokens: 2 ** 32 - 1 })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT, message: expect.stringMatching(/^max_context_tokens: .*2\^50 bytes/) });
     expect(s.stats().sessions).toBe(1);
     // Re-attach with reserve_tokens grows the reservation like ReserveContext.
     expect((await s.attach({ sessionId: "p", geometry: undefined, retrieval: undefined, maxContextTokens: 0, metadata: Buffer.alloc(0), reserveTokens: 1000 })).reservedTokens).toBe(1024);
