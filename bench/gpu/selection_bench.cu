@@ -13,7 +13,9 @@
 // hierarchical selection must equal the flat one exactly (same pages, same order), for the mean
 // and the max combine; the timed figure is the median of 30 single-layer selections (CUDA
 // events), with the pages the hierarchical selection scored.
+#include <algorithm>
 #include <cmath>
+#include <memory>
 #include <cstring>
 #include <random>
 
@@ -83,11 +85,51 @@ struct Dev {
   explicit Dev(size_t n) { CK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T))); }
   ~Dev() { cudaFree(p); }
 };
+
+// The selection a host computes from the device's raw scores ([Hq][M] after a flat launch): the
+// group combine in double (the engine's order of operations), then the k best per KV head, ties to
+// the lower page. An independent check of the combine and the top-k (one block or chunked).
+std::vector<int> HostSelect(const std::vector<float>& raw, int M, int combine, int first_page) {
+  const int G = kHq / kHkv;
+  std::vector<int> out((size_t)kHkv * kK, -1);
+  std::vector<double> v(M);
+  std::vector<int> idx(M);
+  for (int h = 0; h < kHkv; ++h) {
+    std::vector<float> mx(G, -3.4e38f);
+    std::vector<double> z(G, 0.0);
+    if (combine == fc::kCombineSoftmaxMean)
+      for (int g = 0; g < G; ++g) {
+        const float* r = raw.data() + (size_t)(h * G + g) * M;
+        for (int m = 0; m < M; ++m) mx[g] = std::fmax(mx[g], r[m]);
+        for (int m = 0; m < M; ++m) z[g] += std::exp((double)r[m] - (double)mx[g]);
+      }
+    for (int m = 0; m < M; ++m) {
+      double a = 0.0;
+      for (int g = 0; g < G; ++g) {
+        const double r = raw[(size_t)(h * G + g) * M + m];
+        if (combine == fc::kCombineMax) a = g == 0 ? r : std::fmax(a, r);
+        else if (combine == fc::kCombineMean) a += r;
+        else a += std::exp(r - (double)mx[g]) / z[g];
+      }
+      v[m] = combine == fc::kCombineMax ? a : a / G;
+      idx[m] = m;
+    }
+    const int kk = std::min(kK, M);
+    std::partial_sort(idx.begin(), idx.begin() + kk, idx.end(),
+                      [&](int a, int b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
+    for (int i = 0; i < kk; ++i) out[(size_t)h * kK + i] = first_page + idx[i];
+  }
+  return out;
+}
+
+const char* CombineName(int c) {
+  return c == fc::kCombineMean ? "mean" : c == fc::kCombineMax ? "max" : "softmax-mean";
+}
 }  // namespace
 
 void RunSelection(Bench& B) {
   Json sec = Json::Arr();
-  const std::vector<int> contexts = B.quick ? std::vector<int>{8192, 32768}
+  const std::vector<int> contexts = B.quick ? std::vector<int>{8192, 131072}
                                             : std::vector<int>{8192, 32768, 131072, 524288, 1048576};
   const std::vector<std::string> kinds = {"walk", "iid", "tied", "constant", "outlier"};
   long mismatches = 0;
@@ -97,6 +139,16 @@ void RunSelection(Bench& B) {
   for (auto& x : q) x = N(rng);
   Dev<float> dq(q.size());
   CK(cudaMemcpy(dq.p, q.data(), q.size() * sizeof(float), cudaMemcpyHostToDevice));
+  auto fetch = [&](const int* d) {
+    std::vector<int> v((size_t)kHkv * kK);
+    CK(cudaMemcpy(v.data(), d, v.size() * 4, cudaMemcpyDeviceToHost));
+    return v;
+  };
+  auto differ = [](const std::vector<int>& a, const std::vector<int>& b) {
+    int d = 0;
+    for (size_t i = 0; i < a.size(); ++i) d += a[i] != b[i];
+    return d;
+  };
   for (int ctx : contexts) {
     const int pages = ctx / 32, M = pages - 2 * kEdge;
     for (const std::string& kind : kinds) {
@@ -123,25 +175,36 @@ void RunSelection(Bench& B) {
       p.k = kK;
       Dev<float> scratch(fc::SelectionScratchBytes(p) / 4);
       Dev<unsigned long long> ws(fc::SelectionWorkspaceBytes(p) / 8 + 1);
-      Dev<int> sel_flat((size_t)kHkv * kK), sel_hier((size_t)kHkv * kK);
+      Dev<int> sel_flat((size_t)kHkv * kK), sel_hier((size_t)kHkv * kK), sel_one((size_t)kHkv * kK);
       p.scratch = scratch.p;
       p.workspace = ws.p;
-      for (int combine : {fc::kCombineMean, fc::kCombineMax}) {
+      for (int combine : {fc::kCombineSoftmaxMean, fc::kCombineMean, fc::kCombineMax}) {
         p.combine = combine;
-        fc::SelectionParams pf = p, ph = p;
+        const bool hier = combine != fc::kCombineSoftmaxMean;  // softmax-mean over 7 heads: flat only
+        fc::SelectionParams pf = p, ph = p, po = p;
         pf.selected = sel_flat.p;
         ph.selected = sel_hier.p;
         ph.groups = dg.p;
+        po.selected = sel_one.p;
+        po.topk_single = 1;
         CK(cudaMemsetAsync(sel_flat.p, 0x7f, sizeof(int) * kHkv * kK, B.stream));
         CK(cudaMemsetAsync(sel_hier.p, 0x7e, sizeof(int) * kHkv * kK, B.stream));
+        CK(cudaMemsetAsync(sel_one.p, 0x7d, sizeof(int) * kHkv * kK, B.stream));
         fc::LaunchSelection(pf, B.stream);
-        fc::LaunchSelection(ph, B.stream);
-        const long long scored = fc::HierarchicalPagesScored(ph, B.stream);
-        std::vector<int> a((size_t)kHkv * kK), b(a.size());
-        CK(cudaMemcpy(a.data(), sel_flat.p, a.size() * 4, cudaMemcpyDeviceToHost));
-        CK(cudaMemcpy(b.data(), sel_hier.p, b.size() * 4, cudaMemcpyDeviceToHost));
-        int diff = 0;
-        for (size_t i = 0; i < a.size(); ++i) diff += a[i] != b[i];
+        std::vector<float> raw((size_t)kHq * M);
+        CK(cudaMemcpyAsync(raw.data(), scratch.p, raw.size() * 4, cudaMemcpyDeviceToHost, B.stream));
+        CK(cudaStreamSynchronize(B.stream));
+        const std::vector<int> a = fetch(sel_flat.p), ref = HostSelect(raw, M, combine, kEdge);
+        fc::LaunchSelection(po, B.stream);
+        const std::vector<int> one = fetch(sel_one.p);
+        long long scored = 0;
+        std::vector<int> b = a;
+        if (hier) {
+          fc::LaunchSelection(ph, B.stream);
+          scored = fc::HierarchicalPagesScored(ph, B.stream);
+          b = fetch(sel_hier.p);
+        }
+        const int diff = differ(a, b), diff_one = differ(a, one), diff_ref = differ(a, ref);
         bool sane = true;  // pages in range, distinct per head
         for (int h = 0; h < kHkv; ++h)
           for (int i = 0; i < kK; ++i) {
@@ -149,30 +212,76 @@ void RunSelection(Bench& B) {
             sane = sane && pg >= kEdge && pg < kEdge + M;
             for (int j = 0; j < i; ++j) sane = sane && a[(size_t)h * kK + j] != pg;
           }
-        if (diff || !sane) ++mismatches;
-        const bool timed = (kind == "walk" || kind == "iid") && combine == fc::kCombineMean;
-        double flat_us = 0, hier_us = 0;
+        if (diff || diff_one || diff_ref || !sane) ++mismatches;
+        const bool timed = (kind == "walk" || kind == "iid") && combine != fc::kCombineMax;
+        double flat_us = 0, one_us = 0, hier_us = 0;
         if (timed) {
           flat_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(pf, B.stream); });
-          hier_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(ph, B.stream); });
+          one_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(po, B.stream); });
+          if (hier) hier_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(ph, B.stream); });
         }
         Json j = Json::Obj();
-        j.Set("context", ctx).Set("candidates", M).Set("summaries", kind)
-            .Set("combine", combine == fc::kCombineMean ? "mean" : "max")
-            .Set("groups_match_host", Json::Bool(groups_ok)).Set("selected_differ", diff)
-            .Set("flat_selection_sane", Json::Bool(sane))
-            .Set("hier_pages_scored_per_head", (double)scored / kHkv);
-        if (timed) j.Set("flat_us", flat_us).Set("hier_us", hier_us);
+        j.Set("context", ctx).Set("candidates", M).Set("summaries", kind).Set("combine", CombineName(combine))
+            .Set("groups_match_host", Json::Bool(groups_ok)).Set("hier_differ", diff)
+            .Set("single_block_differ", diff_one).Set("host_reference_differ", diff_ref)
+            .Set("flat_selection_sane", Json::Bool(sane));
+        if (hier) j.Set("hier_pages_scored_per_head", (double)scored / kHkv);
+        if (timed) {
+          j.Set("flat_us", flat_us).Set("single_block_us", one_us);
+          if (hier) j.Set("hier_us", hier_us);
+        }
         sec.Push(j);
-        std::printf("selection ctx %7d %-8s %-4s: groups %s, differ %d%s, hier scored %.0f of %d pages/head", ctx,
-                    kind.c_str(), combine == fc::kCombineMean ? "mean" : "max", groups_ok ? "ok" : "BAD", diff,
-                    sane ? "" : " (flat result not sane)", (double)scored / kHkv, M);
-        if (timed) std::printf("; flat %.1f us, hier %.1f us", flat_us, hier_us);
+        std::printf("selection ctx %7d %-8s %-12s: groups %s, differ hier %d / one-block %d / host %d%s", ctx,
+                    kind.c_str(), CombineName(combine), groups_ok ? "ok" : "BAD", diff, diff_one, diff_ref,
+                    sane ? "" : " (flat result not sane)");
+        if (hier) std::printf(", hier scored %.0f of %d pages/head", (double)scored / kHkv, M);
+        if (timed) std::printf("; flat %.1f us, one block %.1f us, hier %.1f us", flat_us, one_us, hier_us);
         std::printf("\n");
         std::fflush(stdout);
         if (timed)
-          B.AddRow({"selection", "ctx " + std::to_string(ctx) + " " + kind + ": flat / hier us", "us", flat_us, 0,
-                    "hier " + std::to_string(hier_us) + " us, " + std::to_string(scored / kHkv) + " pages scored"});
+          B.AddRow({"selection", "ctx " + std::to_string(ctx) + " " + kind + " " + CombineName(combine) + ": us", "us",
+                    flat_us, 0,
+                    "one block " + std::to_string(one_us) + " us" +
+                        (hier ? ", hier " + std::to_string(hier_us) + " us" : std::string())});
+      }
+      // The batched launch (the engine's): items of several lengths (one block and chunked), combines
+      // and a hierarchical one, each against its own single launch.
+      if (kind == "walk" && M > 8192) {
+        const int lens[4] = {M, 1000, M / 2 + 77, M - 5};
+        const int combs[4] = {fc::kCombineSoftmaxMean, fc::kCombineSoftmaxMean, fc::kCombineMean, fc::kCombineMax};
+        std::vector<fc::SelectionParams> items(4);
+        std::vector<std::unique_ptr<Dev<float>>> scr;
+        std::vector<std::unique_ptr<Dev<unsigned long long>>> wss;
+        std::vector<std::unique_ptr<Dev<int>>> sel_b, sel_s;
+        for (int i = 0; i < 4; ++i) {
+          fc::SelectionParams it = p;
+          it.num_candidates = lens[i];
+          it.first_page = kEdge + (M - lens[i]) / 3;
+          it.combine = combs[i];
+          it.groups = i == 3 ? dg.p : nullptr;
+          scr.emplace_back(new Dev<float>(fc::SelectionScratchBytes(it) / 4));
+          wss.emplace_back(new Dev<unsigned long long>(fc::SelectionWorkspaceBytes(it) / 8 + 1));
+          sel_b.emplace_back(new Dev<int>((size_t)kHkv * kK));
+          sel_s.emplace_back(new Dev<int>((size_t)kHkv * kK));
+          it.scratch = scr.back()->p;
+          it.workspace = wss.back()->p;
+          it.selected = sel_s.back()->p;
+          fc::LaunchSelection(it, B.stream);
+          it.selected = sel_b.back()->p;
+          items[i] = it;
+        }
+        Dev<fc::SelectionParams> ditems(items.size());
+        CK(cudaMemcpy(ditems.p, items.data(), sizeof(fc::SelectionParams) * items.size(), cudaMemcpyHostToDevice));
+        fc::LaunchSelectionBatch(ditems.p, items.data(), (int)items.size(), B.stream);
+        CK(cudaStreamSynchronize(B.stream));
+        int bdiff = 0;
+        for (int i = 0; i < 4; ++i) bdiff += differ(fetch(sel_b[i]->p), fetch(sel_s[i]->p));
+        if (bdiff) ++mismatches;
+        std::printf("selection ctx %7d batch of 4 (lengths %d %d %d %d): differ from single launches %d\n", ctx,
+                    lens[0], lens[1], lens[2], lens[3], bdiff);
+        Json j = Json::Obj();
+        j.Set("context", ctx).Set("batch_items", 4).Set("batch_differ", bdiff);
+        sec.Push(j);
       }
     }
   }

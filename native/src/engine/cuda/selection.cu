@@ -33,6 +33,25 @@ constexpr int kTopThreads = 512;
 constexpr int kCandCap = 256;       // candidates ranked exactly (n^2 compares) after the radix passes
 constexpr int kRankSortMax = 1024;  // k above this: bitonic sort of all candidates
 
+// ---- the top-k of long lists in chunks (selection.cuh) ----
+// Chunk size for k places: 1024, or 4 k rounded up to a power of two (4096 at k = kRankSortMax), so
+// that the chunks' winners are at most a quarter of the list. A list is ranked in chunks above two
+// chunks (2 C is a multiple of kShapeQuantum: a graphed step's rounded shape changes exactly where
+// an item starts or stops being chunked).
+constexpr int kChunkMin = 1024;
+constexpr int kChunkMax = 4096;
+constexpr int kChunkMaxG = 32;  // query heads per KV head the chunked combine takes
+__host__ __device__ inline int TopChunk(int k) {
+  int c = kChunkMin;
+  while (c < 4 * k) c <<= 1;
+  return c;
+}
+__host__ __device__ inline bool Chunked(const SelectionParams& p) {
+  return !p.topk_single && p.k > 0 && p.k <= kRankSortMax && p.q_heads / p.kv_heads <= kChunkMaxG &&
+         p.num_candidates > 2 * TopChunk(p.k);
+}
+__host__ __device__ inline int NumChunks(int M, int k) { return (M + TopChunk(k) - 1) / TopChunk(k); }
+
 // ---- workspace of the hierarchical selection (and the top-k's keys above kMaxSharedCandidates) ----
 
 struct Workspace {
@@ -44,7 +63,11 @@ struct Workspace {
   int* list = nullptr;                 // [Hkv][M] pages of the groups kept, ascending
   int* seed_count = nullptr;           // [Hkv]
   int* list_count = nullptr;           // [Hkv]
-  int M = 0, NG = 0, S = 0;
+  unsigned long long* mkeys = nullptr; // [Hkv][MM] the chunks' winners' keys, chunk c at c * k (candidate order)
+  int* midx = nullptr;                 // [Hkv][MM] their candidates (list positions when hierarchical)
+  float* pmax = nullptr;               // [Hq][NC] softmax-mean: each chunk's raw maximum per query head
+  double* psum = nullptr;              // [Hq][NC] each chunk's sum of exp(raw - the head's maximum)
+  int M = 0, NG = 0, S = 0, NC = 0, MM = 0;
   size_t bytes = 0;
 };
 
@@ -58,13 +81,17 @@ __host__ __device__ inline Workspace CarveWorkspace(const SelectionParams& p) {
   w.M = p.num_candidates > 1 ? p.num_candidates : 1;
   w.NG = SpanGroups(w.M);
   w.S = SeedCap(p.k);
+  w.NC = NumChunks(w.M, p.k);
+  w.MM = w.NC * (p.k > 1 ? p.k : 1);
   const int Hq = p.q_heads, Hkv = p.kv_heads;
-  size_t off[9];
-  const size_t n[8] = {(size_t)Hkv * w.M * 8, (size_t)Hkv * w.NG * 8, (size_t)Hq * w.NG * 4, (size_t)Hq * w.S * 4,
-                       (size_t)Hkv * w.S * 4,  (size_t)Hkv * w.M * 4,  (size_t)Hkv * 4,        (size_t)Hkv * 4};
+  constexpr int kBufs = 12;
+  size_t off[kBufs + 1];
+  const size_t n[kBufs] = {(size_t)Hkv * w.M * 8,  (size_t)Hkv * w.NG * 8, (size_t)Hq * w.NG * 4, (size_t)Hq * w.S * 4,
+                           (size_t)Hkv * w.S * 4,  (size_t)Hkv * w.M * 4,  (size_t)Hkv * 4,        (size_t)Hkv * 4,
+                           (size_t)Hkv * w.MM * 8, (size_t)Hkv * w.MM * 4, (size_t)Hq * w.NC * 4,  (size_t)Hq * w.NC * 8};
   off[0] = 0;
-  for (int i = 0; i < 8; ++i) off[i + 1] = off[i] + (n[i] + 255) / 256 * 256;
-  w.bytes = off[8];
+  for (int i = 0; i < kBufs; ++i) off[i + 1] = off[i] + (n[i] + 255) / 256 * 256;
+  w.bytes = off[kBufs];
   if (p.workspace) {
     char* b = static_cast<char*>(p.workspace);
     w.keys = reinterpret_cast<unsigned long long*>(b + off[0]);
@@ -75,6 +102,10 @@ __host__ __device__ inline Workspace CarveWorkspace(const SelectionParams& p) {
     w.list = reinterpret_cast<int*>(b + off[5]);
     w.seed_count = reinterpret_cast<int*>(b + off[6]);
     w.list_count = reinterpret_cast<int*>(b + off[7]);
+    w.mkeys = reinterpret_cast<unsigned long long*>(b + off[8]);
+    w.midx = reinterpret_cast<int*>(b + off[9]);
+    w.pmax = reinterpret_cast<float*>(b + off[10]);
+    w.psum = reinterpret_cast<double*>(b + off[11]);
   }
   return w;
 }
@@ -254,7 +285,7 @@ constexpr int kCombineChunk = 4;  // query heads reduced together (G 4: one chun
 
 // The combine the selection ranks by: the hierarchical selection's SoftmaxMean (one query head per
 // KV head) ranks by the raw score, which the softmax preserves.
-__device__ __forceinline__ int CombineOf(const SelectionParams& p) {
+__host__ __device__ inline int CombineOf(const SelectionParams& p) {
   return p.groups && p.combine == kCombineSoftmaxMean ? kCombineMax : p.combine;
 }
 
@@ -321,9 +352,264 @@ __host__ __device__ inline bool GlobalKeys(const SelectionParams& p) {
 }
 constexpr size_t kTopKFixedSmem = (size_t)(kRankSortMax + kCandCap) * 12;
 
+// The best kk of keys[0, M) into sel_k / sel_i (kk entries, in no order; i: the position in keys),
+// by the whole block (every thread calls it; it ends with a barrier). Ties: the lower position.
+// A radix select narrows the candidates for the last places: the bits every key shares (from the
+// block's min and max key) are skipped, then 8 bits a pass, until at most kCandCap keys remain in
+// the race; those are ranked exactly. cand_k / cand_i: kCandCap entries of scratch.
+__device__ void RadixTop(const unsigned long long* keys, int M, int kk, unsigned long long* sel_k, int* sel_i,
+                         unsigned long long* cand_k, int* cand_i) {
+  __shared__ unsigned long long red_u[64];
+  __shared__ unsigned hist[256];
+  __shared__ int s_digit, s_above, s_count, s_out, s_cand;
+  __shared__ int warp_cnt[32];
+  unsigned long long kv[2] = {~0ull, 0ull};  // min, max
+  for (int m = threadIdx.x; m < M; m += blockDim.x) {
+    const unsigned long long u = keys[m];
+    kv[0] = u < kv[0] ? u : kv[0];
+    kv[1] = u > kv[1] ? u : kv[1];
+  }
+  {
+    unsigned long long mn[1] = {kv[0]}, mxk[1] = {kv[1]};
+    BlockReduceVec(mn, [](unsigned long long a, unsigned long long b) { return a < b ? a : b; }, red_u);
+    BlockReduceVec(mxk, [](unsigned long long a, unsigned long long b) { return a > b ? a : b; }, red_u + 32);
+    kv[0] = mn[0], kv[1] = mxk[0];
+  }
+  // shift: the low bits still undecided; prefix: the decided high bits of the kk-th key.
+  int shift = kv[0] == kv[1] ? 0 : 64 - __clzll((long long)(kv[0] ^ kv[1]));
+  unsigned long long prefix = shift == 64 ? 0ull : kv[1] >> shift;
+  int krem = kk, ncand = M;
+  while (ncand > kCandCap && shift > 0) {
+    const int width = shift < 8 ? shift : 8;
+    const int hi = shift;  // keys in the race: (u >> hi) == prefix
+    shift -= width;
+    for (int x = threadIdx.x; x < 256; x += blockDim.x) hist[x] = 0;
+    __syncthreads();
+    for (int m = threadIdx.x; m < M; m += blockDim.x) {
+      const unsigned long long u = keys[m];
+      if (hi == 64 || (u >> hi) == prefix) atomicAdd(&hist[(u >> shift) & ((1u << width) - 1u)], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      unsigned t = 0;
+      for (int j = 0; j < 8; ++j) t += hist[255 - 8 * lane - j];
+      unsigned before = t;  // inclusive prefix over lanes, lane 0 = highest digits
+      for (int off = 1; off < 32; off <<= 1) {
+        const unsigned o = __shfl_up_sync(0xffffffffu, before, off);
+        if (lane >= off) before += o;
+      }
+      before -= t;
+      if (before < (unsigned)krem && (unsigned)krem <= before + t) {
+        unsigned cum = before;
+        for (int j = 0; j < 8; ++j) {
+          const int d = 255 - 8 * lane - j;
+          if (cum + hist[d] >= (unsigned)krem) {
+            s_digit = d, s_above = (int)cum, s_count = (int)hist[d];
+            break;
+          }
+          cum += hist[d];
+        }
+      }
+    }
+    __syncthreads();
+    prefix = (hi == 64 ? 0ull : prefix << width) | (unsigned long long)s_digit;
+    krem -= s_above;
+    ncand = s_count;
+    __syncthreads();
+  }
+  // Winners: keys above the prefix range, then krem of the candidates (keys in the range).
+  if (threadIdx.x == 0) s_out = 0, s_cand = 0;
+  __syncthreads();
+  auto above = [&](unsigned long long u) { return shift < 64 && (u >> shift) > prefix; };
+  auto inside = [&](unsigned long long u) { return shift == 64 || (u >> shift) == prefix; };
+  const bool rank_exact = ncand <= kCandCap;
+  for (int m = threadIdx.x; m < M; m += blockDim.x) {
+    const unsigned long long u = keys[m];
+    if (above(u)) {
+      const int pos = atomicAdd(&s_out, 1);
+      sel_k[pos] = u, sel_i[pos] = m;
+    } else if (rank_exact && inside(u)) {
+      const int pos = atomicAdd(&s_cand, 1);
+      cand_k[pos] = u, cand_i[pos] = m;
+    }
+  }
+  __syncthreads();
+  if (rank_exact) {
+    const int nc = s_cand;
+    for (int t = threadIdx.x; t < nc; t += blockDim.x) {
+      const unsigned long long u = cand_k[t];
+      const int i = cand_i[t];
+      int r = 0;
+      for (int j = 0; j < nc; ++j) r += Before(cand_k[j], cand_i[j], u, i);
+      if (r < krem) {
+        const int pos = atomicAdd(&s_out, 1);
+        sel_k[pos] = u, sel_i[pos] = i;
+      }
+    }
+  } else {
+    // Every 64 bits resolved and still more than kCandCap equal keys: the lowest positions win.
+    int taken = 0;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int m0 = 0; m0 < M && taken < krem; m0 += blockDim.x) {
+      const int m = m0 + threadIdx.x;
+      const bool in = m < M && inside(keys[m]);
+      const unsigned bal = __ballot_sync(0xffffffffu, in);
+      if (lane == 0) warp_cnt[warp] = __popc(bal);
+      __syncthreads();
+      int before = taken;
+      for (int w = 0; w < warp; ++w) before += warp_cnt[w];
+      before += __popc(bal & ((1u << lane) - 1u));
+      if (in && before < krem) {
+        const int pos = atomicAdd(&s_out, 1);
+        sel_k[pos] = keys[m], sel_i[pos] = m;
+      }
+      int total = 0;
+      for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += warp_cnt[w];
+      taken += total;
+      __syncthreads();
+    }
+  }
+  __syncthreads();
+}
+
+// The candidates the top-k of KV head h ranks: the range's, or the kept groups' pages (listed in
+// the workspace, ascending, so position order is page order and ties still go to the lower page).
+__device__ __forceinline__ int ListedCount(const SelectionParams& p, const Workspace& w, int h) {
+  return p.groups != nullptr ? w.list_count[h] : p.num_candidates;
+}
+
+// One candidate's combined score, exactly as CombineToKeys computes it (same operations in the
+// same order); mx / z: the softmax-mean's per-head maximum and sum.
+__device__ __forceinline__ double CombineOne(int combine, const float* raw, int stride, int m, int G, const float* mx,
+                                             const double* z) {
+  double a = 0.0;
+  for (int g = 0; g < G; ++g) {
+    const double r = (double)raw[(size_t)g * stride + m];
+    if (combine == kCombineMax) a = g == 0 ? r : fmax(a, r);
+    else if (combine == kCombineMean) a += r;
+    else a += exp(r - (double)mx[g]) / z[g];
+  }
+  return combine == kCombineMax ? a : a / G;
+}
+
+// Chunk blockIdx.x of KV head blockIdx.y of an item ranked in chunks: its candidates [m0, m1).
+struct ChunkOf {
+  SelectionParams p;
+  Workspace w;
+  int h = 0, G = 0, M = 0, c = 0, m0 = 0, m1 = 0;
+  const float* raw = nullptr;  // [G][num_candidates]
+};
+template <bool kBatch>
+__device__ __forceinline__ bool ChunkJob(const SelectionParams& p0, const SelectionParams* items, bool stats,
+                                         ChunkOf& j) {
+  j.p = kBatch ? items[blockIdx.z] : p0;
+  const SelectionParams& p = j.p;
+  j.h = blockIdx.y;
+  if (!Chunked(p) || (p.head_mask && p.head_mask[j.h] == 0)) return false;
+  if (stats && CombineOf(p) != kCombineSoftmaxMean) return false;
+  j.w = CarveWorkspace(p);
+  j.G = p.q_heads / p.kv_heads;
+  j.M = ListedCount(p, j.w, j.h);
+  j.c = blockIdx.x;
+  j.m0 = j.c * TopChunk(p.k);
+  j.m1 = min(j.M, j.m0 + TopChunk(p.k));
+  j.raw = p.scratch + (size_t)j.h * j.G * p.num_candidates;
+  return j.m0 < j.M;
+}
+
+// Softmax-mean, pass 1: each chunk's float maximum of every query head's raw scores (exact in any
+// order) -> pmax[h * G + g][c].
+template <bool kBatch>
+__global__ void __launch_bounds__(kTopThreads) ChunkMaxKernel(const SelectionParams p0, const SelectionParams* items) {
+  ChunkOf j;
+  if (!ChunkJob<kBatch>(p0, items, true, j)) return;
+  __shared__ float red_f[32];
+  for (int g = 0; g < j.G; ++g) {
+    const float* r = j.raw + (size_t)g * j.p.num_candidates;
+    float mx = -3.4e38f;
+    for (int m = j.m0 + threadIdx.x; m < j.m1; m += blockDim.x) mx = fmaxf(mx, r[m]);
+    mx = BlockReduce(mx, [](float a, float b) { return fmaxf(a, b); }, red_f);
+    if (threadIdx.x == 0) j.w.pmax[(size_t)(j.h * j.G + g) * j.w.NC + j.c] = mx;
+  }
+}
+
+// The head maxima (over the chunks' maxima) and, with sums, the heads' sums of exp(raw - max)
+// (the chunks' partial sums added in chunk order) of an item ranked in chunks, into s_mx / s_z.
+__device__ __forceinline__ void ChunkStats(const ChunkOf& j, bool sums, float* s_mx, double* s_z) {
+  const int nc = (j.M + TopChunk(j.p.k) - 1) / TopChunk(j.p.k);
+  for (int g = threadIdx.x; g < j.G; g += blockDim.x) {
+    const size_t row = (size_t)(j.h * j.G + g) * j.w.NC;
+    float mx = -3.4e38f;
+    for (int c = 0; c < nc; ++c) mx = fmaxf(mx, j.w.pmax[row + c]);
+    s_mx[g] = mx;
+    if (sums) {
+      double z = 0.0;
+      for (int c = 0; c < nc; ++c) z += j.w.psum[row + c];
+      s_z[g] = z;
+    }
+  }
+  __syncthreads();
+}
+
+// Softmax-mean, pass 2: each chunk's sum of exp(double(raw) - the head's maximum) -> psum.
+template <bool kBatch>
+__global__ void __launch_bounds__(kTopThreads) ChunkSumKernel(const SelectionParams p0, const SelectionParams* items) {
+  ChunkOf j;
+  if (!ChunkJob<kBatch>(p0, items, true, j)) return;
+  __shared__ float s_mx[kChunkMaxG];
+  __shared__ double red_d[32];
+  ChunkStats(j, false, s_mx, nullptr);
+  for (int g = 0; g < j.G; ++g) {
+    const float* r = j.raw + (size_t)g * j.p.num_candidates;
+    const double mx = (double)s_mx[g];
+    double z = 0.0;
+    for (int m = j.m0 + threadIdx.x; m < j.m1; m += blockDim.x) z += exp((double)r[m] - mx);
+    z = BlockReduce(z, [](double a, double b) { return a + b; }, red_d);
+    if (threadIdx.x == 0) j.w.psum[(size_t)(j.h * j.G + g) * j.w.NC + j.c] = z;
+  }
+}
+
+// Each chunk's best min(k, n): combined (CombineOne) into shared keys, RadixTop, then written in
+// candidate order to mkeys / midx at [h][c * k ...], the places past n as key 0 (below every real
+// key: OrderedKey(x) > 0 for every non-NaN x). Dynamic shared memory: kChunkTopKSmem.
+constexpr size_t kChunkTopKSmem = (size_t)kChunkMax * 8 + (size_t)(kRankSortMax + kCandCap) * 12;
+template <bool kBatch>
+__global__ void __launch_bounds__(kTopThreads) ChunkTopKKernel(const SelectionParams p0, const SelectionParams* items) {
+  ChunkOf j;
+  if (!ChunkJob<kBatch>(p0, items, false, j)) return;
+  extern __shared__ unsigned long long sm_u[];
+  unsigned long long* keys = sm_u;
+  unsigned long long* sel_k = keys + kChunkMax;
+  unsigned long long* cand_k = sel_k + kRankSortMax;
+  int* sel_i = reinterpret_cast<int*>(cand_k + kCandCap);
+  int* cand_i = sel_i + kRankSortMax;
+  __shared__ float s_mx[kChunkMaxG];
+  __shared__ double s_z[kChunkMaxG];
+  const int combine = CombineOf(j.p);
+  if (combine == kCombineSoftmaxMean) ChunkStats(j, true, s_mx, s_z);
+  const int n = j.m1 - j.m0, k = j.p.k, kk = min(k, n);
+  const int stride = j.p.num_candidates;
+  for (int i = threadIdx.x; i < n; i += blockDim.x)
+    keys[i] = OrderedKey(CombineOne(combine, j.raw, stride, j.m0 + i, j.G, s_mx, s_z));
+  __syncthreads();
+  RadixTop(keys, n, kk, sel_k, sel_i, cand_k, cand_i);
+  unsigned long long* out_k = j.w.mkeys + (size_t)j.h * j.w.MM + (size_t)j.c * k;
+  int* out_i = j.w.midx + (size_t)j.h * j.w.MM + (size_t)j.c * k;
+  for (int t = threadIdx.x; t < kk; t += blockDim.x) {
+    const int i = sel_i[t];
+    int r = 0;
+    for (int q = 0; q < kk; ++q) r += sel_i[q] < i;
+    out_k[r] = sel_k[t];
+    out_i[r] = j.m0 + i;
+  }
+  for (int t = kk + threadIdx.x; t < k; t += blockDim.x) out_k[t] = 0ull, out_i[t] = -1;
+}
+
 // Dynamic shared memory: sel_k[kRankSortMax] u64 | cand_k[kCandCap] u64 | sel_i[kRankSortMax] int |
-// cand_i[kCandCap] int | keys[M] u64 (unless GlobalKeys). Batched: item blockIdx.y of `items`; an item
-// with more than kRankSortMax places is left to SelectionSortKernel.
+// cand_i[kCandCap] int | keys[M] u64 (unless GlobalKeys or Chunked). Batched: item blockIdx.y of
+// `items`; an item with more than kRankSortMax places is left to SelectionSortKernel. An item ranked
+// in chunks ranks its chunks' winners (their keys are already combined).
 template <bool kBatch>
 __global__ void __launch_bounds__(kTopThreads)
     SelectionTopKKernel(const SelectionParams p0, const SelectionParams* items) {
@@ -331,153 +617,43 @@ __global__ void __launch_bounds__(kTopThreads)
   const int h = blockIdx.x;
   if (p.head_mask && p.head_mask[h] == 0) return;
   if (kBatch && min(p.k, p.num_candidates) > kRankSortMax) return;
-  // Hierarchical: the candidates are the kept groups' pages, listed in the workspace (ascending,
-  // so index order is page order and ties still go to the lower page).
   const Workspace w = CarveWorkspace(p);
-  const bool listed = p.groups != nullptr;
+  const bool listed = p.groups != nullptr, chunked = Chunked(p);
   const int G = p.q_heads / p.kv_heads;
-  const int M = listed ? w.list_count[h] : p.num_candidates;
-  const int kk = min(p.k, M);
+  const int Mh = ListedCount(p, w, h);
+  const int M = chunked ? NumChunks(Mh, p.k) * p.k : Mh;  // the keys ranked
+  const int kk = min(p.k, Mh);
   extern __shared__ unsigned long long sm_u[];
   unsigned long long* sel_k = sm_u;
   unsigned long long* cand_k = sel_k + kRankSortMax;
   int* sel_i = reinterpret_cast<int*>(cand_k + kCandCap);
   int* cand_i = sel_i + kRankSortMax;
-  unsigned long long* keys =
-      GlobalKeys(p) ? w.keys + (size_t)h * w.M : reinterpret_cast<unsigned long long*>(cand_i + kCandCap);
+  unsigned long long* keys = chunked ? w.mkeys + (size_t)h * w.MM
+                             : GlobalKeys(p) ? w.keys + (size_t)h * w.M
+                                             : reinterpret_cast<unsigned long long*>(cand_i + kCandCap);
   __shared__ double red_d[32 * kCombineChunk];
   __shared__ float red_f[32 * kCombineChunk];
-  __shared__ unsigned long long red_u[64];
-  __shared__ unsigned hist[256];
-  __shared__ int s_digit, s_above, s_count, s_out, s_cand;
-  __shared__ int warp_cnt[32];
 
   if (kk > 0) {
-    CombineToKeys(p, CombineOf(p), p.scratch + (size_t)h * G * p.num_candidates, M, p.num_candidates, keys, red_d,
-                  red_f);
-    __syncthreads();
-    // Radix select: narrow the candidates for the last places of the top kk. The bits every
-    // key shares (from the block's min and max key) are skipped; then 8 bits a pass.
-    unsigned long long kv[2] = {~0ull, 0ull};  // min, max
-    for (int m = threadIdx.x; m < M; m += blockDim.x) {
-      const unsigned long long u = keys[m];
-      kv[0] = u < kv[0] ? u : kv[0];
-      kv[1] = u > kv[1] ? u : kv[1];
-    }
-    {
-      unsigned long long mn[1] = {kv[0]}, mxk[1] = {kv[1]};
-      BlockReduceVec(mn, [](unsigned long long a, unsigned long long b) { return a < b ? a : b; }, red_u);
-      BlockReduceVec(mxk, [](unsigned long long a, unsigned long long b) { return a > b ? a : b; }, red_u + 32);
-      kv[0] = mn[0], kv[1] = mxk[0];
-    }
-    // shift: the low bits still undecided; prefix: the decided high bits of the kk-th key.
-    int shift = kv[0] == kv[1] ? 0 : 64 - __clzll((long long)(kv[0] ^ kv[1]));
-    unsigned long long prefix = shift == 64 ? 0ull : kv[1] >> shift;
-    int krem = kk, ncand = M;
-    while (ncand > kCandCap && shift > 0) {
-      const int width = shift < 8 ? shift : 8;
-      const int hi = shift;  // keys in the race: (u >> hi) == prefix
-      shift -= width;
-      for (int x = threadIdx.x; x < 256; x += blockDim.x) hist[x] = 0;
-      __syncthreads();
-      for (int m = threadIdx.x; m < M; m += blockDim.x) {
-        const unsigned long long u = keys[m];
-        if (hi == 64 || (u >> hi) == prefix) atomicAdd(&hist[(u >> shift) & ((1u << width) - 1u)], 1u);
-      }
-      __syncthreads();
-      if (threadIdx.x < 32) {
-        const int lane = threadIdx.x;
-        unsigned t = 0;
-        for (int j = 0; j < 8; ++j) t += hist[255 - 8 * lane - j];
-        unsigned before = t;  // inclusive prefix over lanes, lane 0 = highest digits
-        for (int off = 1; off < 32; off <<= 1) {
-          const unsigned o = __shfl_up_sync(0xffffffffu, before, off);
-          if (lane >= off) before += o;
-        }
-        before -= t;
-        if (before < (unsigned)krem && (unsigned)krem <= before + t) {
-          unsigned cum = before;
-          for (int j = 0; j < 8; ++j) {
-            const int d = 255 - 8 * lane - j;
-            if (cum + hist[d] >= (unsigned)krem) {
-              s_digit = d, s_above = (int)cum, s_count = (int)hist[d];
-              break;
-            }
-            cum += hist[d];
-          }
-        }
-      }
-      __syncthreads();
-      prefix = (hi == 64 ? 0ull : prefix << width) | (unsigned long long)s_digit;
-      krem -= s_above;
-      ncand = s_count;
+    if (!chunked) {
+      CombineToKeys(p, CombineOf(p), p.scratch + (size_t)h * G * p.num_candidates, M, p.num_candidates, keys, red_d,
+                    red_f);
       __syncthreads();
     }
-    // Winners: keys above the prefix range, then krem of the candidates (keys in the range).
-    if (threadIdx.x == 0) s_out = 0, s_cand = 0;
-    __syncthreads();
-    auto above = [&](unsigned long long u) { return shift < 64 && (u >> shift) > prefix; };
-    auto inside = [&](unsigned long long u) { return shift == 64 || (u >> shift) == prefix; };
-    const bool rank_exact = ncand <= kCandCap;
-    for (int m = threadIdx.x; m < M; m += blockDim.x) {
-      const unsigned long long u = keys[m];
-      if (above(u)) {
-        const int pos = atomicAdd(&s_out, 1);
-        sel_k[pos] = u, sel_i[pos] = m;
-      } else if (rank_exact && inside(u)) {
-        const int pos = atomicAdd(&s_cand, 1);
-        cand_k[pos] = u, cand_i[pos] = m;
-      }
-    }
-    __syncthreads();
-    if (rank_exact) {
-      const int nc = s_cand;
-      for (int t = threadIdx.x; t < nc; t += blockDim.x) {
-        const unsigned long long u = cand_k[t];
-        const int i = cand_i[t];
-        int r = 0;
-        for (int j = 0; j < nc; ++j) r += Before(cand_k[j], cand_i[j], u, i);
-        if (r < krem) {
-          const int pos = atomicAdd(&s_out, 1);
-          sel_k[pos] = u, sel_i[pos] = i;
-        }
-      }
-    } else {
-      // Every 64 bits resolved and still more than kCandCap equal keys: the lowest pages win.
-      int taken = 0;
-      const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-      for (int m0 = 0; m0 < M && taken < krem; m0 += blockDim.x) {
-        const int m = m0 + threadIdx.x;
-        const bool in = m < M && inside(keys[m]);
-        const unsigned bal = __ballot_sync(0xffffffffu, in);
-        if (lane == 0) warp_cnt[warp] = __popc(bal);
-        __syncthreads();
-        int before = taken;
-        for (int w = 0; w < warp; ++w) before += warp_cnt[w];
-        before += __popc(bal & ((1u << lane) - 1u));
-        if (in && before < krem) {
-          const int pos = atomicAdd(&s_out, 1);
-          sel_k[pos] = keys[m], sel_i[pos] = m;
-        }
-        int total = 0;
-        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += warp_cnt[w];
-        taken += total;
-        __syncthreads();
-      }
-    }
-    __syncthreads();
-    // Rank sort of the kk winners: best first, ties to the lower page.
+    RadixTop(keys, M, kk, sel_k, sel_i, cand_k, cand_i);
+    // Rank sort of the kk winners: best first, ties to the lower page (position order is
+    // candidate order in both the list and the chunks' winners).
     for (int t = threadIdx.x; t < kk; t += blockDim.x) {
       const unsigned long long u = sel_k[t];
       const int i = sel_i[t];
       int r = 0;
       for (int j = 0; j < kk; ++j) r += Before(sel_k[j], sel_i[j], u, i);
-      p.selected[(size_t)h * p.k + r] = listed ? w.list[(size_t)h * w.M + i] : p.first_page + i;
+      const int m = chunked ? w.midx[(size_t)h * w.MM + i] : i;
+      p.selected[(size_t)h * p.k + r] = listed ? w.list[(size_t)h * w.M + m] : p.first_page + m;
     }
   }
   for (int t = kk + threadIdx.x; t < p.k; t += blockDim.x) p.selected[(size_t)h * p.k + t] = -1;
 }
-
 // ---- hierarchical: seeds and pruning ----
 
 __device__ __forceinline__ double KeyToDouble(unsigned long long k) {
@@ -733,6 +909,9 @@ void CheckSelection(const SelectionParams& p) {
   Require(p.head_dim > 0 && p.head_dim % 4 == 0 && p.head_dim <= 512,
           "selection: head_dim must be a multiple of 4 in [4, 512], got " + std::to_string(p.head_dim));
   Require(p.q && p.summaries && p.scratch && p.selected, "selection: a device pointer is null");
+  if (Chunked(p))
+    Require(p.workspace != nullptr, "selection: above " + std::to_string(2 * TopChunk(p.k)) +
+                                        " candidates for k " + std::to_string(p.k) + ", the workspace must be set");
   if (GlobalKeys(p)) {
     Require(p.workspace != nullptr, "selection: hierarchical or above " + std::to_string(kMaxSharedCandidates) +
                                         " candidates, the workspace must be set");
@@ -751,7 +930,7 @@ void CheckSelection(const SelectionParams& p) {
 // less.
 void EnsureDynamicSmem(const void* kernel, int which, size_t bytes) {
   static std::mutex mu;
-  static int limit[64][8] = {};
+  static int limit[64][12] = {};
   int dev = 0;
   FKV_CUDA_CHECK(cudaGetDevice(&dev));
   std::lock_guard<std::mutex> lock(mu);
@@ -795,6 +974,27 @@ void LaunchAll(const SelectionParams* items, const SelectionParams* host, int co
     FKV_CUDA_CHECK_LAUNCH("HierPruneKernel");
   }
   ScoreLaunch{p0, stream, items, B, sh.score_m, kPassPages}.Run();
+  if (sh.chunk_n > 0) {
+    const dim3 grid(sh.chunk_n, p0.kv_heads, B);
+    if (sh.chunk_stats) {
+      if (batch) {
+        ChunkMaxKernel<true><<<grid, kTopThreads, 0, stream>>>(p0, items);
+        ChunkSumKernel<true><<<grid, kTopThreads, 0, stream>>>(p0, items);
+      } else {
+        ChunkMaxKernel<false><<<grid, kTopThreads, 0, stream>>>(p0, nullptr);
+        ChunkSumKernel<false><<<grid, kTopThreads, 0, stream>>>(p0, nullptr);
+      }
+      FKV_CUDA_CHECK_LAUNCH("ChunkMaxKernel / ChunkSumKernel");
+    }
+    if (batch) {
+      EnsureDynamicSmem(reinterpret_cast<const void*>(ChunkTopKKernel<true>), 8, kChunkTopKSmem);
+      ChunkTopKKernel<true><<<grid, kTopThreads, kChunkTopKSmem, stream>>>(p0, items);
+    } else {
+      EnsureDynamicSmem(reinterpret_cast<const void*>(ChunkTopKKernel<false>), 9, kChunkTopKSmem);
+      ChunkTopKKernel<false><<<grid, kTopThreads, kChunkTopKSmem, stream>>>(p0, nullptr);
+    }
+    FKV_CUDA_CHECK_LAUNCH("ChunkTopKKernel");
+  }
   if (sh.topk_m >= 0) {
     const size_t smem = TopKSmem(sh.topk_m);
     if (batch) {
@@ -822,12 +1022,20 @@ void LaunchAll(const SelectionParams* items, const SelectionParams* host, int co
 // Exact (unrounded) shape of one selection.
 SelectionBatchShape ShapeOf(const SelectionParams* host_items, int count, bool round) {
   SelectionBatchShape sh;
-  int max_m = 0, max_topk_m = -1, max_sort_np = 0, max_g = 0, max_s = 0;
+  int max_m = 0, max_topk_m = -1, max_sort_np = 0, max_g = 0, max_s = 0, max_chunks = 0, stats = 0;
+  auto up = [&](int m) {
+    return round ? std::min((m + kShapeQuantum - 1) / kShapeQuantum * kShapeQuantum, kMaxSelectionCandidates) : m;
+  };
   for (int i = 0; i < count; ++i) {
     const SelectionParams& p = host_items[i];
     max_m = std::max(max_m, p.num_candidates);
+    if (Chunked(p)) {
+      // Rounded like the scoring (an item keeps its chunk count's bound for 256 pages of growth).
+      max_chunks = std::max(max_chunks, NumChunks(up(p.num_candidates), p.k));
+      if (CombineOf(p) == kCombineSoftmaxMean) stats = 1;
+    }
     if (std::min(p.k, p.num_candidates) <= kRankSortMax)
-      max_topk_m = std::max(max_topk_m, GlobalKeys(p) ? 0 : p.num_candidates);
+      max_topk_m = std::max(max_topk_m, GlobalKeys(p) || Chunked(p) ? 0 : p.num_candidates);
     else max_sort_np = std::max(max_sort_np, NextPow2(std::max(p.num_candidates, 1)));
     if (p.groups && p.num_candidates > 0) {
       max_g = std::max(max_g, SpanGroups(p.num_candidates));
@@ -836,9 +1044,8 @@ SelectionBatchShape ShapeOf(const SelectionParams* host_items, int count, bool r
   }
   // Rounded up (blocks past an item's own candidates exit; the top-k's shared memory is a bound),
   // so that a graphed step keeps its shape for 256 pages of context growth.
-  auto up = [&](int m) {
-    return round ? std::min((m + kShapeQuantum - 1) / kShapeQuantum * kShapeQuantum, kMaxSelectionCandidates) : m;
-  };
+  sh.chunk_n = max_chunks;
+  sh.chunk_stats = stats;
   sh.score_m = max_m > 0 ? up(max_m) : 0;
   sh.topk_m = max_topk_m > 0 ? up(max_topk_m) : max_topk_m;
   sh.sort_np = max_sort_np;

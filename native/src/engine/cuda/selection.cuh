@@ -7,8 +7,12 @@
 //                            Mean: mean of raw scores; Max: max of raw scores.
 //   top-k per KV head, ordered by combined score (descending; ties: lower page first).
 //
-// One block per KV head; raw scores go through a global scratch, the combined scores through
-// shared memory up to kMaxSharedCandidates pages, through the workspace above that.
+// Up to 2 C candidates (C = 1024, or 4 k rounded up to a power of two) the combine and the top-k
+// run in one block per KV head, the combined scores in shared memory up to kMaxSharedCandidates
+// pages, in the workspace above that. Longer lists are cut into chunks of C candidates, one block
+// each: every chunk keeps its own best min(k, n) (exact: a page among the k best of the list is
+// among the k best of its chunk, ties going to the lower page in both), and the block per KV head
+// ranks only the chunks' winners (PERF.md "A top-k over many blocks").
 //
 // Hierarchical (engine/Hierarchy.h; `groups` set): the group bounds are scored with the same
 // kernel as the pages (so a group's float score is an upper bound of each of its pages' float
@@ -51,9 +55,12 @@ struct SelectionParams {
   // group i the element-wise max of the hi / min of the lo of pages [32 i, 32 i + 32) (summary.cuh
   // keeps them); null: the flat scan. Combines: Mean, Max, SoftmaxMean with q_heads == kv_heads.
   const float* groups = nullptr;
-  // SelectionWorkspaceBytes(params) bytes: the hierarchical selection's buffers and the top-k's
-  // keys above kMaxSharedCandidates candidates (needed then; may be null otherwise).
+  // SelectionWorkspaceBytes(params) bytes: the hierarchical selection's buffers, the top-k's keys
+  // above kMaxSharedCandidates candidates and the chunks' winners (needed above 2048 candidates
+  // or with groups; may be null otherwise).
   void* workspace = nullptr;
+  // 1: the top-k in one block per KV head at any length (benchmarks compare the two ways).
+  int topk_single = 0;
 };
 
 size_t SelectionScratchBytes(const SelectionParams& p);
@@ -88,6 +95,8 @@ struct SelectionBatchShape {
   int sort_np = 0;   // bitonic sort size (0: no sort launch)
   int group_m = 0;   // hierarchical items: groups the group scoring covers (0: no hierarchical item)
   int seed_m = 0;    // hierarchical items: seed pages the seed scoring covers
+  int chunk_n = 0;   // items ranked in chunks: the most chunks of one item (0: none)
+  int chunk_stats = 0;  // 1: such an item combines by softmax-mean (its maxima and sums first)
 };
 SelectionBatchShape SelectionBatchShapeOf(const SelectionParams* host_items, int count);
 
