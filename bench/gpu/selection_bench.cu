@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 
@@ -129,8 +130,19 @@ const char* CombineName(int c) {
 
 void RunSelection(Bench& B) {
   Json sec = Json::Arr();
-  const std::vector<int> contexts = B.quick ? std::vector<int>{8192, 131072}
-                                            : std::vector<int>{8192, 32768, 131072, 524288, 1048576};
+  std::vector<int> contexts = B.quick ? std::vector<int>{8192, 131072}
+                                      : std::vector<int>{8192, 32768, 131072, 524288, 1048576};
+  // FKB_SELECTION_CONTEXTS=1048576[,...]: only these contexts (e.g. one size under a profiler).
+  if (const char* env = std::getenv("FKB_SELECTION_CONTEXTS")) {
+    contexts.clear();
+    for (const char* c = env; *c;) {
+      char* end = nullptr;
+      const long v = std::strtol(c, &end, 10);
+      if (end == c || v < 2048 || v > (1 << 21)) throw std::runtime_error("FKB_SELECTION_CONTEXTS: bad context list");
+      contexts.push_back((int)v);
+      c = *end == ',' ? end + 1 : end;
+    }
+  }
   const std::vector<std::string> kinds = {"walk", "iid", "tied", "constant", "outlier"};
   long mismatches = 0;
   std::mt19937_64 rng(12345);
@@ -141,7 +153,8 @@ void RunSelection(Bench& B) {
   CK(cudaMemcpy(dq.p, q.data(), q.size() * sizeof(float), cudaMemcpyHostToDevice));
   auto fetch = [&](const int* d) {
     std::vector<int> v((size_t)kHkv * kK);
-    CK(cudaMemcpy(v.data(), d, v.size() * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpyAsync(v.data(), d, v.size() * 4, cudaMemcpyDeviceToHost, B.stream));
+    CK(cudaStreamSynchronize(B.stream));
     return v;
   };
   auto differ = [](const std::vector<int>& a, const std::vector<int>& b) {
@@ -213,7 +226,7 @@ void RunSelection(Bench& B) {
             for (int j = 0; j < i; ++j) sane = sane && a[(size_t)h * kK + j] != pg;
           }
         if (diff || diff_one || diff_ref || !sane) ++mismatches;
-        const bool timed = (kind == "walk" || kind == "iid") && combine != fc::kCombineMax;
+        const bool timed = kind == "walk" || kind == "iid";
         double flat_us = 0, one_us = 0, hier_us = 0;
         if (timed) {
           flat_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(pf, B.stream); });

@@ -39,7 +39,10 @@
  * mean combine (the CUDA engine's hierarchical selection takes mean and max; softmax-mean with
  * several query heads per KV head always scans every page). The keys have structure (16 random
  * centres, each chunk of 4096 tokens drawn around one of them, as real keys drift), so that the
- * group bounds can prune; --grow-keys iid draws every key independently (nothing prunes). Beside
+ * group bounds can prune; --grow-keys iid draws every key independently (nothing prunes);
+ * --grow-band RHO feeds seeded tokens of calibration band RHO instead of the argmax (queries that
+ * move as the trained model's do, where the argmax of random weights corrects ~90% of the groups
+ * at every step). Beside
  * each checkpoint: /dev/shm bytes per token, the process's page tables (VmPTE) and RSS.
  *
  *   node .gpu/runner-bench.mjs [--dir /tmp/freekv-8b] [--layers 32] [--points 1:32768,4:32768,16:8192]
@@ -85,6 +88,8 @@ const { values: args } = parseArgs({
     backend: { type: "string", default: "cuda" },
     grow: { type: "string", default: "" },
     "grow-keys": { type: "string", default: "structured" },
+    /** --grow fed with tokens of this calibration band (e.g. 0.95) instead of the argmax: queries that move as a trained model's do. */
+    "grow-band": { type: "string", default: "" },
     points: { type: "string", default: "1:32768,4:32768,16:8192" },
     modes: { type: "string", default: "freekv,oracle,dense" },
     steps: { type: "string", default: "16" },
@@ -568,7 +573,10 @@ async function grow(engine: Engine, model: Model, spec: string): Promise<{ point
     const shm0 = shmUsed();
     try {
       for (let b = 0; b < batch; b++) sessions.push(createLocalSession(engine, geo, r, capacity));
-      let tokens = Int32Array.from(sessions.map((_, b) => (b * 7919 + 13) % V));
+      const growBand = args["grow-band"] ? bandStart(Number(args["grow-band"])) : undefined;
+      let growSeed = 12345;
+      const growToken = () => growBand! + (((growSeed = (Math.imul(growSeed, 1103515245) + 12345) >>> 0) >>> 16) % BAND_ROWS);
+      let tokens = Int32Array.from(sessions.map((_, b) => (growBand === undefined ? (b * 7919 + 13) % V : growToken())));
       for (const ctx of contexts) {
         // Fill every session to ctx tokens (the decode steps before added some already).
         const f0 = performance.now();
@@ -604,6 +612,10 @@ async function grow(engine: Engine, model: Model, spec: string): Promise<{ point
               if (step >= 3) times.push(ms);
               const next = new Int32Array(batch);
               for (let b = 0; b < batch; b++) {
+                if (growBand !== undefined) {
+                  next[b] = growToken();
+                  continue;
+                }
                 let best = 0;
                 for (let v = 1; v < V; v++) if (logits[b * V + v] > logits[b * V + best]) best = v;
                 next[b] = best;
@@ -627,7 +639,7 @@ async function grow(engine: Engine, model: Model, spec: string): Promise<{ point
           log(`grow b${batch} ctx ${ctx} hierarchical ${hier}: ` + (gp.error ? `error: ${gp.error}` : `${gp.stepMs!.toFixed(2)} ms/step (min ${gp.minMs!.toFixed(2)}, max ${gp.maxMs!.toFixed(2)}), drain ${gp.drainMs!.toFixed(2)} ms, recall ${gp.recallMBPerStep!.toFixed(1)} MB/step, corrections ${(100 * gp.corrections!).toFixed(1)}%`));
         }
         engine.setHierarchicalSelection("auto");
-        writeFileSync(join(args.out!, "runner-grow.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, layers: LAYERS, steps: STEPS, keys: args["grow-keys"], points, memory }, null, 2));
+        writeFileSync(join(args.out!, "runner-grow.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, layers: LAYERS, steps: STEPS, keys: args["grow-keys"], band: args["grow-band"] || "argmax", points, memory }, null, 2));
       }
     } catch (e) {
       log(`grow b${batch}: error: ${(e as Error).message}`);
@@ -648,7 +660,7 @@ if (args.grow) {
     const on = g.points.find((q) => q.batch === p.batch && q.context === p.context && q.hierarchical === "on");
     log(`| ${p.batch} | ${p.context} | ${p.stepMs?.toFixed(2) ?? p.error} | ${on?.stepMs?.toFixed(2) ?? on?.error} | ${p.stepMs && on?.stepMs ? (on.stepMs / p.stepMs).toFixed(2) : ""} |`);
   }
-  writeFileSync(join(args.out!, "runner-grow.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, layers: LAYERS, steps: STEPS, keys: args["grow-keys"], ...g }, null, 2));
+  writeFileSync(join(args.out!, "runner-grow.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, layers: LAYERS, steps: STEPS, keys: args["grow-keys"], band: args["grow-band"] || "argmax", ...g }, null, 2));
   process.exit(0);
 }
 

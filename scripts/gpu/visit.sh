@@ -62,6 +62,14 @@ step() {  # step NAME SECONDS COMMAND...: runs with OUT=$work/NAME, records rc a
 
 step checks "${CHECKS_S:-80}" bash .gpu/run.sh
 step parity "${PARITY_S:-60}" bash scripts/gpu/parity.sh
+# GROW_ARGS (e.g. "--grow 1:32768/1048576 --grow-band 0.95"): long sessions at Qwen2.5-7B shapes
+# (runner-bench --shape qwen7b, its own model folder), GROW_S seconds.
+[ -n "${GROW_ARGS:-}" ] && step grow "${GROW_S:-200}" bash scripts/gpu/runner-bench.sh --timeout-s "${GROW_S:-200}" --shape qwen7b --steps "${GROW_STEPS:-8}" ${GROW_ARGS}
+# SELPROF=1: the selection kernels' device times under Nsight Compute at SELPROF_CONTEXTS (the first
+# launches of the benchmark's selection section: checks, then timing).
+[ "${SELPROF:-0}" = 1 ] && step selprof "${SELPROF_S:-60}" env FKB_SELECTION_CONTEXTS="${SELPROF_CONTEXTS:-1048576}" \
+  ncu --metrics gpu__time_duration.sum --csv --log-file "$work/selprof/ncu.csv" -k "regex:Selection|Chunk|Hier" \
+  --launch-count "${SELPROF_LAUNCHES:-60}" .gpu/bench/freekv_gpu_bench --sections selection --out "$work/selprof/bench.json"
 step runner "${RUNNER_S:-240}" env ${RUNNER_ENV:-} bash scripts/gpu/runner-bench.sh ${RUNNER_ARGS:---points 1:32768,4:32768,16:8192 --modes freekv,speculative,dense --steps 8}
 # RUNNER2_ARGS: a second runner process (its own environment RUNNER2_ENV, e.g. FREEKV_GEMM_AUTOTUNE=1),
 # reusing the first one's model folder.
