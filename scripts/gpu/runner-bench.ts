@@ -430,8 +430,14 @@ const points = args.points!.split(",").map((p) => {
   return { batch: b, context: c };
 });
 const modes = args.modes!.split(",");
-// Calibration bands named in the modes are checked before any work.
-for (const m of [...modes, ...(args.sweep ? args.sweep.split(",") : [])]) if (m.includes("@")) bandStart(Number(m.split("@")[1]));
+// Mode names and the calibration bands named in them are checked before any work ("" in --modes:
+// none, e.g. `--modes=` with --sweep and --calibrated alone).
+for (const m of [...modes, ...(args.sweep ? args.sweep.split(",") : []), ...(args.calibrated ? args.calibrated.split(",") : [])]) {
+  if (m === "") continue;
+  const name = m.split("@")[0].replace(/-(direct|serial)$/, "");
+  if (!(name in RETRIEVAL_NAMES.mode)) throw new RangeError(`unknown mode ${JSON.stringify(m)} (modes: ${Object.keys(RETRIEVAL_NAMES.mode).join(", ")}, each optionally @band)`);
+  if (m.includes("@")) bandStart(Number(m.split("@")[1]));
+}
 for (const m of args.calibrated ? args.calibrated.split(",") : []) if (m.includes("@")) throw new RangeError(`--calibrated takes plain modes (got ${m})`);
 mkdirSync(args.out!, { recursive: true });
 const addon = loadAddon();

@@ -186,22 +186,23 @@ void CudaEngine::SelectAndRecall(Session& s, int layer, const float* q, int c0, 
   L.selection_valid = true;
 }
 
-// Candidate pages per KV head from which Auto selects through the group bounds on the CUDA engine.
-// Measured on the H200 (PERF.md "Hierarchical selection", bench/results/gpu-selection-20261203-
-// 1051.json; one layer, 28 query / 4 KV heads, mean combine, us flat / hierarchical): 992
-// candidates 20 / 42, 4064: 33 / 61, 16352: 136 / 147 (drifting keys) and 137 / 189 (independent
-// keys), 32736: 305 / 237 and 294 / 364. Below kMaxSharedCandidates the flat top-k keeps its keys
-// in shared memory and the hierarchical passes' fixed cost (~20 us: four more launches, the
-// serial seed and prune blocks) is not repaid; above it both top-ks run from global memory and
-// the hierarchical one is the faster where keys drift. So Auto goes hierarchical above 16384
-// candidates (512K tokens of 32-token pages).
+// When Auto selects through the group bounds on the CUDA engine. Measured on the H200 (PERF.md
+// "A top-k over many blocks", bench/results/gpu-visit-20261204-0428/; one layer, 28 query / 4 KV
+// heads, us flat / hierarchical, drifting keys): with the flat top-k ranked in chunks the mean
+// combine's loose group bounds never pay (1M tokens: 91 / 130; 512K: 61 / 99), while the max
+// combine's prune most pages (2252 of 32736 scored at 1M): 1M 89 / 65, 512K 60 / 56, 128K 32 / 56.
+// So Auto goes hierarchical for the max combine (and softmax-mean with one query head per KV
+// head, which ranks by the raw scores as max does) above 16384 candidates (512K tokens of
+// 32-token pages), and never for the mean.
 constexpr int kCudaHierarchicalMinPages = kMaxSharedCandidates + 1;
 
 bool CudaEngine::Hierarchical(const Session& s, int n) const {
   const HierarchicalSelection mode = hier_.load();
   if (mode == HierarchicalSelection::Off || n < 2) return false;
-  if (!HierarchicalCombine(static_cast<int>(s.cfg.combine), s.geo.q_heads, s.geo.kv_heads)) return false;
-  return mode == HierarchicalSelection::On || n >= kCudaHierarchicalMinPages;
+  const int combine = static_cast<int>(s.cfg.combine);
+  if (!HierarchicalCombine(combine, s.geo.q_heads, s.geo.kv_heads)) return false;
+  if (mode == HierarchicalSelection::On) return true;
+  return combine != kCombineMean && n >= kCudaHierarchicalMinPages;
 }
 
 std::vector<Session*> CudaEngine::CheckBatch(int layer, const std::vector<int>& ids) const {

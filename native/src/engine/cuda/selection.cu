@@ -12,6 +12,12 @@
 //      page), and a rank sort of the k winners
 //      (best first; ties: the lower page), exactly as the CPU's TopK orders them.
 //      For k > kRankSortMax the whole candidate set is bitonic-sorted instead.
+//   Long lists (more than two chunks of TopChunk(k) candidates): between 1 and 2, grid (chunks,
+//   kv_heads), ChunkMaxKernel and ChunkSumKernel give the softmax-mean its per-head maxima and
+//   sums (per chunk, added in chunk order), ChunkTopKKernel combines each chunk's candidates
+//   exactly as above and keeps its best k in candidate order; SelectionTopKKernel then ranks only
+//   the chunks' winners. At 1M tokens (32736 candidates, 4 KV heads) that is 128 blocks instead
+//   of 4: 115 us instead of 429 (softmax-mean), of which the scoring is now the larger part.
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
