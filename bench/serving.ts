@@ -135,7 +135,13 @@ function call(client: ComputeServiceClient, q: Req, signal?: AbortSignal): Promi
     let usage: { queueMs?: number; prefillMs?: number; promptTokens?: number } | undefined;
     const req = GenerateRequest.fromPartial({ prompt: { $case: "tokens", value: { ids: tokens(q.prompt, q.seed) } }, maxTokens: q.maxTokens, sampling: { temperature: 1, seed: q.seed } });
     const stream = client.generate(req, { deadline: Date.now() + deadlineS * 1000 });
-    signal?.addEventListener("abort", () => stream.cancel(), { once: true });
+    // One drain signal serves every request of a rate: each call removes its listener when it ends.
+    const onAbort = () => stream.cancel();
+    signal?.addEventListener("abort", onAbort, { once: true });
+    const finish = (o: Outcome) => {
+      signal?.removeEventListener("abort", onAbort);
+      done(o);
+    };
     stream.on("data", (m: GenerateResponse) => {
       const now = performance.now();
       if (m.event?.$case === "chunk" && m.event.value.tokenIds.length) {
@@ -149,11 +155,11 @@ function call(client: ComputeServiceClient, q: Req, signal?: AbortSignal): Promi
     });
     stream.on("error", (e: Error & { code?: number; details?: string }) => {
       const now = performance.now();
-      done({ ok: false, code: e.code === undefined ? "ERROR" : (status[e.code] ?? String(e.code)), message: (e.details ?? e.message).slice(0, 200), e2eMs: now - t0, promptTokens: q.prompt, outputTokens: out, endedAt: now });
+      finish({ ok: false, code: e.code === undefined ? "ERROR" : (status[e.code] ?? String(e.code)), message: (e.details ?? e.message).slice(0, 200), e2eMs: now - t0, promptTokens: q.prompt, outputTokens: out, endedAt: now });
     });
     stream.on("end", () => {
       const now = performance.now();
-      done({
+      finish({
         ok: first !== undefined && usage !== undefined,
         code: first === undefined ? "NO_OUTPUT" : undefined,
         ttftMs: first === undefined ? undefined : first - t0,
