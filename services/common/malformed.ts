@@ -5,24 +5,36 @@
  * return a marker instead, and the method's handler answers the marker with INVALID_ARGUMENT.
  * Client-streaming methods' messages reach the handler one by one: their decoder returns the
  * marker too, and the handler checks each message with assertDecoded.
+ *
+ * A single-message request larger than `maxRequestBytes` is not decoded at all: the generated
+ * decoder expands packed repeated fields into JavaScript arrays before any handler or check runs,
+ * and a message near the transport's limit (256 MiB) of packed token ids aborts the process with an
+ * uncatchable heap error. Such a request gets RESOURCE_EXHAUSTED (gRPC's code for a message over a
+ * size limit), naming both sizes.
  */
 import { ServiceError } from "./errors.js";
 import { Metadata, status, type ServiceDefinition, type StatusObject, type UntypedServiceImplementation } from "@grpc/grpc-js";
 
 const MALFORMED = Symbol("malformed request");
 
-type Marker = { [MALFORMED]: string };
+type Marker = { [MALFORMED]: string; code?: status };
 
 const isMalformed = (req: unknown): req is Marker => typeof req === "object" && req !== null && MALFORMED in req;
 
 const statusOf = (m: Marker): StatusObject => ({
-  code: status.INVALID_ARGUMENT,
-  details: `request: cannot be decoded as the method's message: ${m[MALFORMED].slice(0, 256)}`,
+  code: m.code ?? status.INVALID_ARGUMENT,
+  details: m.code === undefined ? `request: cannot be decoded as the method's message: ${m[MALFORMED].slice(0, 256)}` : m[MALFORMED],
   metadata: new Metadata(),
 });
 
+export interface RejectOptions {
+  /** Largest single-message request decoded, bytes (default: none beyond the transport's limit). */
+  maxRequestBytes?: number;
+}
+
 /** The definition and implementation to register: malformed single-message requests become INVALID_ARGUMENT. */
-export function rejectMalformed<D extends ServiceDefinition, I extends UntypedServiceImplementation>(def: D, impl: I): { definition: D; implementation: I } {
+export function rejectMalformed<D extends ServiceDefinition, I extends UntypedServiceImplementation>(def: D, impl: I, opts: RejectOptions = {}): { definition: D; implementation: I } {
+  const max = opts.maxRequestBytes ?? Infinity;
   const definition: Record<string, unknown> = {};
   const implementation: Record<string, unknown> = { ...impl };
   for (const [name, m] of Object.entries(def)) {
@@ -42,6 +54,8 @@ export function rejectMalformed<D extends ServiceDefinition, I extends UntypedSe
     definition[name] = {
       ...m,
       requestDeserialize: (b: Buffer) => {
+        if (b.length > max)
+          return { [MALFORMED]: `request: ${b.length} bytes, over ${name}'s limit of ${max} bytes`, code: status.RESOURCE_EXHAUSTED } satisfies Marker;
         try {
           return m.requestDeserialize(b);
         } catch (e) {

@@ -67,11 +67,15 @@ export function createComputeServer(ctx: ComputeContext, peer: { credentials?: C
     { createSession: "unary", getSession: "unary", closeSession: "unary", generate: "stream", attention: "stream" },
   );
   const generate = handlers.generate;
-  const service = rejectMalformed(ComputeServiceService, handlers);
+  // A unary or server-streaming request holds at most a prompt of the largest context a session may
+  // have (FREEKV_MAX_CONTEXT_LIMIT tokens): 8 bytes a token covers token ids (at most 5 bytes packed)
+  // and text; larger requests are refused before they are decoded (malformed.ts).
+  const maxRequestBytes = Math.min(256 << 20, ctx.config.FREEKV_MAX_CONTEXT_LIMIT * 8 + (1 << 20));
+  const service = rejectMalformed(ComputeServiceService, handlers, { maxRequestBytes });
   server.addService(service.definition, service.implementation);
   // Moves between pods: an admin service beside ComputeService; its handlers authenticate themselves.
   const mover = new SessionMover(ctx, peer.credentials ?? credentials.createInsecure(), peer.token);
-  const move = rejectMalformed(SessionMoveServiceService, sessionMoveService(ctx, mover));
+  const move = rejectMalformed(SessionMoveServiceService, sessionMoveService(ctx, mover), { maxRequestBytes });
   server.addService(move.definition, move.implementation);
   const health = new Health([COMPUTE_SERVICE]);
   health.addToServer(server);

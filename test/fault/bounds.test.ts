@@ -112,4 +112,29 @@ describe("bounds", () => {
     raw.close();
     rawKv.close();
   });
+
+  it("a Generate request larger than a prompt of the largest context is refused before it is decoded", async () => {
+    // The default FREEKV_MAX_CONTEXT_LIMIT (1M tokens) allows 8 bytes a token plus 1 MiB: 9 MiB.
+    const rand = prng(0x5e1f);
+    const ids = Array.from({ length: 4_200_000 }, () => 16384 + Math.floor(rand() * 2_000_000));
+    const body = Buffer.from(GenerateRequest.encode(GenerateRequest.fromPartial({ prompt: { $case: "tokens", value: { ids } }, maxTokens: 1 })).finish());
+    expect(body.length).toBeGreaterThan(9 << 20);
+    const raw = new Client(tiers.compute.address, credentials.createInsecure(), { "grpc.max_send_message_length": 64 << 20 });
+    const started = performance.now();
+    const e = await new Promise<ServiceError | undefined>((resolve) => {
+      const s = raw.makeServerStreamRequest("/freekv.v1.ComputeService/Generate", (b: Buffer) => b, (b: Buffer) => b, body, new Metadata(), { deadline: Date.now() + 20_000 });
+      s.on("data", () => undefined);
+      s.on("error", resolve);
+      s.on("end", () => resolve(undefined));
+    });
+    expect(e?.code).toBe(status.RESOURCE_EXHAUSTED);
+    expect(e?.details).toContain(`${body.length} bytes, over generate's limit of ${8 * (1 << 20) + (1 << 20)} bytes`);
+    expect(performance.now() - started).toBeLessThan(10_000);
+    // The process still serves: a small request is answered as usual.
+    const c = computeClient(tiers.compute.address);
+    const err = await unaryError(c, "getSession", { sessionId: randomId(12, rand) });
+    expect(err.code).toBe(status.NOT_FOUND);
+    c.close();
+    raw.close();
+  }, 60_000);
 });
