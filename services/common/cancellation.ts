@@ -31,6 +31,9 @@ export interface CallScope {
   done(): void;
 }
 
+/** The longest delay setTimeout takes as given. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
 export function callScope(call: ServerSurfaceCall): CallScope {
   const ac = new AbortController();
   inflight.add(ac);
@@ -40,8 +43,15 @@ export function callScope(call: ServerSurfaceCall): CallScope {
   const deadline = call.getDeadline();
   const ms = deadline instanceof Date ? deadline.getTime() - Date.now() : typeof deadline === "number" && Number.isFinite(deadline) ? deadline - Date.now() : Infinity;
   if (Number.isFinite(ms)) {
-    timer = setTimeout(() => ac.abort(new ServiceError(status.DEADLINE_EXCEEDED, "deadline exceeded")), Math.max(0, ms));
-    timer.unref();
+    // setTimeout fires at once for a delay above 2^31 - 1 ms (~24.8 days): a longer deadline is
+    // waited for in pieces.
+    const at = Date.now() + ms;
+    const arm = () => {
+      const left = at - Date.now();
+      timer = left > MAX_TIMER_MS ? setTimeout(arm, MAX_TIMER_MS) : setTimeout(() => ac.abort(new ServiceError(status.DEADLINE_EXCEEDED, "deadline exceeded")), Math.max(0, left));
+      timer.unref();
+    };
+    arm();
   }
   return {
     signal: ac.signal,

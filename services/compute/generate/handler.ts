@@ -39,7 +39,7 @@ import { SHORT_OF_MEMORY, type Admitted } from "./admission.js";
 import { generateMetrics } from "./metrics.js";
 import { stopProblem } from "./stop.js";
 import { resolveRetrieval } from "../../common/retrieval.js";
-import { checkPromptFits, generate, GenerateError, isProgress, type FinishReason as Finish, type GenerateFinalOut, type GenerationSession } from "./generation.js";
+import { checkPromptFits, generate, GenerateError, isProgress, validateParams, type FinishReason as Finish, type GenerateFinalOut, type GenerationSession } from "./generation.js";
 
 const FINISH: Record<Exclude<Finish, "cancelled">, FinishReason> = {
   length: FinishReason.FINISH_REASON_LENGTH,
@@ -183,8 +183,22 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     const reach = Math.min(ctx.config.FREEKV_MAX_CONTEXT_TOKENS, prompt.length + req.maxTokens);
     // Before the session's segments are made (sized by its context).
     if (fresh) checkPromptFits(prompt.length, 0, ctx.config.FREEKV_MAX_CONTEXT_TOKENS);
+    // What the request alone decides (token ids, sampling, stop ids) is checked before it queues or
+    // anything is reserved; generate() checks it again with the session's state under its lock.
+    const sampling0 = req.sampling ?? { temperature: 0, topP: 0, topK: 0, seed: 0 };
+    validateParams(
+      { prompt, maxTokens: req.maxTokens, sampling: { temperature: sampling0.temperature, topP: sampling0.topP, topK: sampling0.topK, seed: BigInt(sampling0.seed || 0) }, stopTokenIds: req.stopTokenIds, stopStrings: req.stopStrings },
+      loaded.model.vocabSize,
+    );
     // A named session held here whose reservation is short of this turn needs memory too.
     const known = fresh || !ctx.sessions.has(req.sessionId) ? undefined : ctx.sessions.get(req.sessionId);
+    // A turn that cannot fit the named session's context is refused before its reservation grows
+    // (the context only grows, so the check under the lock can only agree).
+    if (known) {
+      const pend = (known.metadata.generate as GenerateState | undefined)?.pendingToken !== undefined ? 1 : 0;
+      const turn = known.contextTokens > 0 || pend ? promptTokens(req, loaded, true) : prompt;
+      checkPromptFits(turn.length, known.contextTokens + pend, known.maxContextTokens);
+    }
     const needsMemory = fresh || (known !== undefined && turnReach(known, prompt.length, req.maxTokens) > known.reservedTokens);
     // The request waits its turn: a running slot, and its memory at the kvstore (a fresh session's
     // segments, or a named session's larger reservation).
@@ -229,7 +243,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     let gs: GenerationSession | undefined;
     let state: GenerateState | undefined;
     try {
-      release = await s.lock.acquire();
+      release = await s.lock.acquire(signal);
       // Closed meanwhile, or moved to another pod (then the call is redirected there).
       if (s.closed) throw ctx.sessions.goneError(s.id);
       ctx.sessions.checkLost(s);

@@ -33,6 +33,13 @@ export function sessionHandlers(sessions: SessionManager, log: Logger, owners?: 
       // The tenant (x-freekv-tenant; with authentication, the token's) is saved with the session.
       const s = await sessions.create(req, signal, tenantOf(call.metadata));
       await owners?.()?.claim(s.id);
+      if (signal.aborted) {
+        // The caller gets CANCELLED or DEADLINE_EXCEEDED and never learns a generated id: the session
+        // made after its deadline is closed, not left holding its reservation.
+        await sessions.close(s.id).catch((e: unknown) => log.warn({ err: e, session: s.id }, "could not close a session created after its call ended"));
+        await owners?.()?.release(s.id);
+        throw signal.reason;
+      }
       return { session: sessions.toProto(s) };
     }),
     getSession: unary(log, "GetSession", async (req: GetSessionRequest, _signal: AbortSignal, call: ServerUnaryCall<GetSessionRequest, GetSessionResponse>) => {

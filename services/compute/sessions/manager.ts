@@ -757,6 +757,7 @@ export class SessionManager {
 
   async close(id: string, signal?: AbortSignal): Promise<boolean> {
     const s = this.get(id);
+    // The wait for the session's lock (a Generate may hold it) ends with the caller's deadline.
     await s.lock.run(async () => {
       if (s.closed) throw this.goneError(id);
       s.closed = true;
@@ -766,7 +767,7 @@ export class SessionManager {
       this.opts.onChange?.(this.sessions.size);
       await s.commitChain;
       if (!s.detached) await this.detach(s);
-    });
+    }, signal);
     // A lost session is unknown to the kvstore (its segments went with the old kvstore process)
     // or known as corrupt (its segments are still there): released where it is held, and a
     // failure to reach the kvstore does not keep it open here.
