@@ -50,6 +50,8 @@ const recordReservedTokens = (r: SessionRecord) => r.reservedTokens ?? r.maxCont
 
 /** Default extent of a reservation, in tokens (FREEKV_KVSTORE_EXTENT_TOKENS). */
 export const DEFAULT_EXTENT_TOKENS = 2048;
+/** Address space the live sessions' segments may map together: 2^45 bytes (32 TiB of the 128 TiB a process has). */
+export const MAX_MAPPED_BYTES = 2 ** 45;
 
 function sameGeometry(a: ModelGeometry, b: ModelGeometry) {
   return a.layers === b.layers && a.queryHeads === b.queryHeads && a.kvHeads === b.kvHeads && a.headDim === b.headDim && a.kvDtype === b.kvDtype;
@@ -251,6 +253,17 @@ export class KvStore implements ScrubHost {
     if (this.usedBytes + bytes > this.capacityBytes) {
       this.metrics?.rejected.inc({ reason: "capacity" });
       throw resourceExhausted(`session ${sessionId} needs ${bytes} bytes of shared memory for ${reserved} tokens; ${this.capacityBytes - this.usedBytes} of ${this.capacityBytes} are free`);
+    }
+    // Address space: a session maps its whole store (max_context_tokens), whatever is reserved, so
+    // sessions of huge contexts and no reservation could map the process's whole address space
+    // (47 bits) and fail its other allocations. The sessions together map at most MAX_MAPPED_BYTES.
+    const mapping = totalBytes(layout);
+    const mapped = this.mappedBytes();
+    if (mapped + mapping > MAX_MAPPED_BYTES) {
+      this.metrics?.rejected.inc({ reason: "capacity" });
+      throw resourceExhausted(
+        `session ${sessionId} maps ${mapping} bytes for max_context_tokens ${maxContextTokens}; the sessions here map ${mapped}, at most ${MAX_MAPPED_BYTES} together (2^45 bytes of address space)`,
+      );
     }
     let segments: SessionSegments;
     try {
@@ -651,6 +664,13 @@ export class KvStore implements ScrubHost {
 
   // Hooks of session transfer (transfer.ts): export under the session's lock, import into
   // segments that are made and counted first and become a visible session only at the end.
+
+  /** Bytes the live sessions' segments map (their whole stores, reserved or not). */
+  private mappedBytes(): number {
+    let n = 0;
+    for (const l of this.live.values()) n += totalBytes(l.layout);
+    return n;
+  }
 
   /** Runs `fn` on the live session under its lock (nothing commits to or releases it meanwhile); NOT_FOUND when absent. */
   exclusive<T>(id: string, fn: (record: SessionRecord, segments: SessionSegments) => Promise<T>): Promise<T> {

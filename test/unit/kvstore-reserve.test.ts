@@ -14,7 +14,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { status } from "@grpc/grpc-js";
 import { createLogger } from "../../services/common/log.js";
 import { MemoryDirectory } from "../../services/kvstore/directory.js";
-import { KvStore } from "../../services/kvstore/store.js";
+import { KvStore, MAX_MAPPED_BYTES } from "../../services/kvstore/store.js";
 import { capacityPages, computeLayout } from "../../services/kvstore/layout.js";
 import { resolveRetrieval } from "../../services/common/retrieval.js";
 import { crc32c } from "../../services/common/crc32c.js";
@@ -179,6 +179,23 @@ describe(`kvstore reservations (seed ${seed})`, () => {
     // Within every geometry limit, but 2^65 bytes of store: refused by the native layout, named.
     const widest = { layers: 1024, queryHeads: 1024, kvHeads: 1024, headDim: 1024, kvDtype: 1 };
     await expect(s.attach({ ...huge, geometry: widest, retrieval: R, maxContextTokens: 2 ** 32 - 1 })).rejects.toMatchObject({ code: status.INVALID_ARGUMENT, message: expect.stringMatching(/^max_context_tokens: .*2\^50 bytes/) });
+    expect(s.stats().sessions).toBe(1);
+    // Stores of huge contexts with nothing reserved: each maps its whole store, and together they
+    // map at most MAX_MAPPED_BYTES of address space; the one past it is refused before any segment
+    // is made, naming the limit, and fits again once another is released.
+    const wide = { layers: 64, queryHeads: 64, kvHeads: 64, headDim: 256, kvDtype: 1 };
+    const perToken = wide.layers * wide.kvHeads * wide.headDim * 2 * 4; // K and V in float32 (kvDtype 1)
+    const tokens = Math.floor((0.3 * MAX_MAPPED_BYTES) / perToken); // ~0.3 of the bound each
+    const segsBefore = shmSegments().size;
+    for (const id of ["w1", "w2", "w3"]) await s.attach({ ...huge, sessionId: id, geometry: wide, retrieval: R, maxContextTokens: tokens });
+    await expect(s.attach({ ...huge, sessionId: "w4", geometry: wide, retrieval: R, maxContextTokens: tokens })).rejects.toMatchObject({
+      code: status.RESOURCE_EXHAUSTED,
+      message: expect.stringMatching(/^session w4 maps \d+ bytes for max_context_tokens \d+; the sessions here map \d+, at most 35184372088832 together/),
+    });
+    expect(shmSegments().size).toBe(segsBefore + 3 * 4);
+    await s.release("w2");
+    await s.attach({ ...huge, sessionId: "w4", geometry: wide, retrieval: R, maxContextTokens: tokens });
+    for (const id of ["w1", "w3", "w4"]) await s.release(id);
     expect(s.stats().sessions).toBe(1);
     // Re-attach with reserve_tokens grows the reservation like ReserveContext.
     expect((await s.attach({ sessionId: "p", geometry: undefined, retrieval: undefined, maxContextTokens: 0, metadata: Buffer.alloc(0), reserveTokens: 1000 })).reservedTokens).toBe(1024);
