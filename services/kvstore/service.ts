@@ -6,16 +6,10 @@ import type { KvStore } from "./store.js";
 
 export function kvstoreService(store: KvStore, log: Logger): KvStoreServiceServer {
   return {
-    attachSession: unary(log, "AttachSession", async (req, signal) => {
-      const r = await store.attach(req);
-      // The caller gave up (cancelled, or its deadline passed) while the session was made: it
-      // gets CANCELLED / DEADLINE_EXCEEDED and will never use it, so what this call created goes.
-      if (signal.aborted && r.created) {
-        await store.release(req.sessionId).catch((e: Error) => log.error({ session: req.sessionId, err: e.message }, "cannot release the session of a cancelled AttachSession"));
-        log.warn({ session: req.sessionId }, "AttachSession cancelled by its caller: the session it created is released");
-      }
-      return r;
-    }),
+    // The caller gave up (cancelled, or its deadline passed) while the session was made: it gets
+    // CANCELLED / DEADLINE_EXCEEDED and will never use it, so what this call created goes, under
+    // the session's lock (store.attach).
+    attachSession: unary(log, "AttachSession", (req, signal) => store.attach(req, signal)),
     commitPages: unary(log, "CommitPages", (req) => store.commitPages(req)),
     releaseSession: unary(log, "ReleaseSession", async (req) => ({ released: await store.release(req.sessionId) })),
     getStats: unary(log, "GetStats", async () => store.stats()),

@@ -174,7 +174,13 @@ export class KvStore implements ScrubHost {
     };
   }
 
-  attach(req: Omit<AttachSessionRequest, "callerCommits"> & { callerCommits?: boolean }): Promise<AttachSessionResponse> {
+  /**
+   * AttachSession. With `signal`: a session this call created is released, under the same lock,
+   * when the caller gave up (cancelled, or its deadline passed) before it was answered; a later
+   * attach of the same id (a retry) then finds no session and makes its own, instead of being
+   * answered with a session the first call's clean-up removes after it.
+   */
+  attach(req: Omit<AttachSessionRequest, "callerCommits"> & { callerCommits?: boolean }, signal?: AbortSignal): Promise<AttachSessionResponse> {
     if (!SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
     return this.withLock(req.sessionId, async () => {
       if (this.importing.has(req.sessionId)) throw failedPrecondition(`session ${req.sessionId} is being imported; attach it once the import ended`);
@@ -189,7 +195,13 @@ export class KvStore implements ScrubHost {
       }
       const geometry = resolveGeometry(req.geometry);
       const retrieval: RetrievalConfig = resolveRetrieval(req.retrieval, geometry.layers, "retrieval", req.maxContextTokens);
-      return this.create(req.sessionId, geometry, retrieval, req.maxContextTokens, req.metadata, req.reserveTokens, req.callerCommits);
+      const r = await this.create(req.sessionId, geometry, retrieval, req.maxContextTokens, req.metadata, req.reserveTokens, req.callerCommits);
+      if (signal?.aborted) {
+        await this.releaseLocked(req.sessionId).catch((e: Error) => this.log.error({ session: req.sessionId, err: e.message }, "cannot release the session of a cancelled AttachSession"));
+        this.log.warn({ session: req.sessionId }, "AttachSession cancelled by its caller: the session it created is released");
+        throw signal.reason;
+      }
+      return r;
     });
   }
 
@@ -365,6 +377,7 @@ export class KvStore implements ScrubHost {
     return this.withLock(sessionId, async () => {
       const l = this.live.get(sessionId);
       if (!l) throw notFound(`session ${quoteId(sessionId)} is not attached`);
+      if (l.corrupt) throw l.corrupt;
       await this.grow(l, tokens, "tokens", callerCommits);
       return { reservedTokens: recordReservedTokens(l.record), reservedBytes: l.bytes };
     });
@@ -561,31 +574,42 @@ export class KvStore implements ScrubHost {
   }
 
   release(id: string): Promise<boolean> {
-    return this.withLock(id, async () => {
-      const l = this.live.get(id);
-      if (!l) {
-        // Known to the directory but not mapped here (segments lost): forget it.
-        const rec = await this.dir("get", id, () => this.directory.get(id));
-        if (!rec) return false;
-        unlinkNames(rec.segments);
-        await this.dir("delete", id, () => this.directory.delete(id));
-        return true;
-      }
-      // Forgotten by the directory first: a failed delete keeps the session whole (and releasable again).
+    return this.withLock(id, () => this.releaseLocked(id));
+  }
+
+  /** release's work, with the session's lock already held. */
+  private async releaseLocked(id: string): Promise<boolean> {
+    const l = this.live.get(id);
+    if (!l) {
+      // Known to the directory but not mapped here (segments lost): forget it.
+      const rec = await this.dir("get", id, () => this.directory.get(id));
+      if (!rec) return false;
+      unlinkNames(rec.segments);
       await this.dir("delete", id, () => this.directory.delete(id));
-      this.live.delete(id);
-      this.scrubber?.forget(id);
-      // Unmapped on a worker thread; its bytes count until then, so no reservation is made against
-      // memory not yet free. Releasing 2 GiB of touched pages takes ~150 ms here; on the event loop
-      // that stalled every other call as long, from a worker the largest stall measured 31-147 ms
-      // (the unmap still contends with the main thread for the process's memory map).
-      const t0 = performance.now();
+      return true;
+    }
+    // Forgotten by the directory first: a failed delete keeps the session whole (and releasable again).
+    await this.dir("delete", id, () => this.directory.delete(id));
+    this.live.delete(id);
+    this.scrubber?.forget(id);
+    // Unmapped on a worker thread; its bytes count until then, so no reservation is made against
+    // memory not yet free. Releasing 2 GiB of touched pages takes ~150 ms here; on the event loop
+    // that stalled every other call as long, from a worker the largest stall measured 31-147 ms
+    // (the unmap still contends with the main thread for the process's memory map).
+    const t0 = performance.now();
+    try {
       await closeSegmentsAsync(l.segments, true);
+    } catch (e) {
+      // The session is gone from the directory and the live map, so nothing could release it
+      // again: its bytes stop counting, and what could not be unmapped or unlinked is said.
+      this.log.error({ session: id, err: (e as Error).message }, "session released, but closing or unlinking its segments failed");
+      throw e;
+    } finally {
       this.usedBytes -= l.bytes;
       this.updateGauges();
-      this.log.info({ session: id, unmapMs: Math.round(performance.now() - t0) }, "session released");
-      return true;
-    });
+    }
+    this.log.info({ session: id, unmapMs: Math.round(performance.now() - t0) }, "session released");
+    return true;
   }
 
   private corruptError(id: string, why: string): ServiceError {
@@ -672,12 +696,17 @@ export class KvStore implements ScrubHost {
     return n;
   }
 
-  /** Runs `fn` on the live session under its lock (nothing commits to or releases it meanwhile); NOT_FOUND when absent. */
-  exclusive<T>(id: string, fn: (record: SessionRecord, segments: SessionSegments) => Promise<T>): Promise<T> {
+  /**
+   * Runs `fn` on the live session under its lock (nothing commits to or releases it meanwhile);
+   * NOT_FOUND when absent, DATA_LOSS when it is corrupt. `reservedPages`: the store pages per layer
+   * that have memory (no page past them may be read: on tmpfs a read allocates it, uncounted).
+   */
+  exclusive<T>(id: string, fn: (record: SessionRecord, segments: SessionSegments, reservedPages: number) => Promise<T>): Promise<T> {
     return this.withLock(id, async () => {
       const l = this.live.get(id);
       if (!l) throw notFound(`session ${quoteId(id)} is not attached`);
-      return fn(l.record, l.segments);
+      if (l.corrupt) throw l.corrupt;
+      return fn(l.record, l.segments, l.reservedPages);
     });
   }
 

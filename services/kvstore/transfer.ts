@@ -134,12 +134,14 @@ export async function exportSession(
   if (!Number.isInteger(chunkBytes) || chunkBytes < MIN_CHUNK_BYTES || chunkBytes > MAX_CHUNK_BYTES) {
     throw invalidArgument("chunk_bytes", `must be 0 (1 MiB) or in [${MIN_CHUNK_BYTES}, ${MAX_CHUNK_BYTES}], got ${req.chunkBytes}`);
   }
-  return store.exclusive(req.sessionId, async (rec, segments) => {
+  return store.exclusive(req.sessionId, async (rec, segments, reservedPages) => {
     const layout = computeLayout(rec.geometry, rec.retrieval, rec.capacityPages);
     const maps = mappings(segments);
     const manifest = loadShm().readManifest(maps.manifest, rec.geometry.layers);
-    // The pages the engine wrote (its manifest), at least those the kvstore acknowledged.
-    const exported = rec.committedPages.map((c, l) => Math.min(rec.capacityPages, Math.max(c, manifest.valid ? (manifest.committedPages[l] ?? 0) : 0)));
+    // The pages the engine wrote (its manifest), at least those the kvstore acknowledged, never past
+    // the reservation (the manifest is written by compute: a count past what has memory would read,
+    // and on tmpfs allocate, pages nobody reserved).
+    const exported = rec.committedPages.map((c, l) => Math.min(reservedPages, rec.capacityPages, Math.max(c, manifest.valid ? (manifest.committedPages[l] ?? 0) : 0)));
     const header: SessionTransferHeader = {
       sessionId: rec.sessionId,
       geometry: rec.geometry,

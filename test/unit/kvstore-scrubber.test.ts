@@ -88,6 +88,9 @@ describe("kvstore scrubber", () => {
     const commit = t.store.commitPages({ sessionId: "s", layer: 0, firstPage: 0, count: 0, checksums: [], contextTokens: pages * 16, metadata: Buffer.alloc(0), layers: [] });
     await expect(commit).rejects.toMatchObject({ code: status.DATA_LOSS, message: expect.stringMatching(new RegExp(`page ${page} of layer ${layer} changed after it was committed`)) });
     await expect(t.store.attach({ sessionId: "s" } as never)).rejects.toMatchObject({ code: status.DATA_LOSS });
+    // Neither grown nor exported: a corrupt session's pages go nowhere.
+    await expect(t.store.reserve("s", pages * 16 + 2048)).rejects.toMatchObject({ code: status.DATA_LOSS });
+    await expect(t.store.exclusive("s", async () => "exported")).rejects.toMatchObject({ code: status.DATA_LOSS });
     // Released like any other session; nothing left to scrub.
     expect(await t.store.release("s")).toBe(true);
     expect(t.scrubber.scrub(1 << 20)).toBe(0);

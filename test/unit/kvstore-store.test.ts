@@ -36,6 +36,29 @@ describe("KvStore", () => {
     await expect(s.attach({ ...req("x"), geometry: { ...G, headDim: 32 } })).rejects.toMatchObject({ code: status.FAILED_PRECONDITION });
   });
 
+  it("an attach whose caller gave up releases what it made before a retry of the same id is answered", async () => {
+    const rand = prng(0xa77ac4);
+    for (let round = 0; round < 6; round++) {
+      const s = new KvStore(new MemoryDirectory(), 1 << 30, log);
+      stores.push(s);
+      const id = `r${round}`;
+      const ac = new AbortController();
+      // The first call's caller gives up while its session is being made (the attach awaits the
+      // commit of its memory); the retry (same id) is queued behind it on the session's lock.
+      const first = s.attach({ ...req(id, 4096), reserveTokens: 1024 + Math.floor(rand() * 2048) }, ac.signal);
+      const retry = s.attach({ ...req(id, 4096), reserveTokens: 1024 });
+      ac.abort(new Error(`gave up ${round}`));
+      await expect(first).rejects.toThrow(`gave up ${round}`);
+      const r = await retry;
+      // The retry made its own session and it stays: nothing released it after the answer.
+      expect(r.created).toBe(true);
+      await new Promise((res) => setTimeout(res, 10));
+      expect(s.list()).toEqual([id]);
+      expect(s.stats().sessions).toBe(1);
+      expect(shmSegments().has(r.store!.name)).toBe(true);
+    }
+  });
+
   it("refuses a session over the capacity with RESOURCE_EXHAUSTED and accepts it after a release", async () => {
     const one = bytesOf(256);
     const s = new KvStore(new MemoryDirectory(), 2 * one + 1, log);
