@@ -213,6 +213,8 @@ describe("Attention stream with the engine", () => {
 describe("Attention stream errors", () => {
   beforeAll(async () => {
     await create("bad-1", 128);
+    // A model session (the built-in model's): its context is its Generate turns'.
+    await unary(compute, "createSession", { sessionId: "model-1", maxContextTokens: 256 });
   });
 
   const k2 = (n: number, fill?: (a: Float32Array) => void) => {
@@ -250,6 +252,7 @@ describe("Attention stream errors", () => {
     ],
     ["float16 dtype", (s) => s.prefill("bad-1", 0, { ...k2(4), dtype: DType.D_TYPE_FLOAT16 }, k2(4)), status.INVALID_ARGUMENT, "prefill.k.dtype:"],
     ["over max_context_tokens", (s) => s.prefill("bad-1", 0, k2(129), k2(129)), status.RESOURCE_EXHAUSTED, "prefill.k:"],
+    ["a model session", (s) => s.prefill("model-1", 0, k2(4), k2(4)), status.FAILED_PRECONDITION, 'prefill.session_id: session "model-1" is a model session'],
     [
       "Inf in the third item's q",
       (s) => {

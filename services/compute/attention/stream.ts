@@ -22,7 +22,7 @@ import type { SessionManager } from "../sessions/manager.js";
 import type { AttentionBatcher } from "./batcher.js";
 import { EXCHANGE_ALIGNMENT, TensorExchange, type ExchangeBudget } from "./exchange.js";
 import { writeTensor } from "./tensor.js";
-import { validateRequest } from "./validate.js";
+import { checkPrefillRoom, validateRequest } from "./validate.js";
 import { assertDecoded } from "../../common/malformed.js";
 import { authenticatedTenant, checkTenant, type TenantAuth } from "../auth.js";
 
@@ -95,16 +95,17 @@ export function attentionHandler(deps: {
       const engine = sessions.engine;
       if (op.op === "prefill") {
         const s = op.session;
-        await raceAbort(
-          s.lock.run(async () => {
-            if (s.closed) throw sessions.goneError(s.id);
-            sessions.checkLost(s);
-            await engine.prefill(s.engineSession, op.layer, op.k, op.v, op.n);
-            s.layerTokens[op.layer] += op.n;
-            observer.prefilled(s, op.layer);
-          }),
-          scope.signal,
-        );
+        await s.lock.run(async () => {
+          // Under the lock: a call that ended while it waited appends nothing, and the room is
+          // checked again (another stream's prefill of the session may have taken it meanwhile).
+          if (scope.signal.aborted) throw scope.signal.reason;
+          if (s.closed) throw sessions.goneError(s.id);
+          sessions.checkLost(s);
+          checkPrefillRoom(s, op.layer, op.n);
+          await engine.prefill(s.engineSession, op.layer, op.k, op.v, op.n);
+          s.layerTokens[op.layer] += op.n;
+          observer.prefilled(s, op.layer);
+        }, scope.signal);
         observer.request("prefill", Number(process.hrtime.bigint() - t0) / 1e9);
         return { requestId: req.requestId, result: { $case: "prefill", value: { contextTokens: s.layerTokens[op.layer] } } };
       }

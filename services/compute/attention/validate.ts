@@ -5,6 +5,7 @@
  * TensorRef into the stream's tensor exchange (exchange.ts), never both, never neither.
  */
 import type { DType } from "../../../proto/gen/freekv/v1/common.js";
+import { SessionKind } from "../../../proto/gen/freekv/v1/compute.js";
 import type { Tensor } from "../../../proto/gen/freekv/v1/common.js";
 import type { AttentionDecode, AttentionPrefill, AttentionRequest, TensorRef } from "../../../proto/gen/freekv/v1/compute.js";
 import { failedPrecondition, invalidArgument, notFound, quoteId, resourceExhausted } from "../../common/errors.js";
@@ -42,7 +43,17 @@ export interface DecodeOp {
 function session(sessions: SessionManager, id: string, field: string): ComputeSession {
   if (!id) throw invalidArgument(field, "is required");
   if (!sessions.has(id)) throw notFound(`${field}: session ${quoteId(id)} not found`);
-  return sessions.get(id);
+  const s = sessions.get(id);
+  // A model session's context belongs to its Generate turns (and its lock to a whole generation).
+  if (s.kind !== SessionKind.SESSION_KIND_ATTENTION) throw failedPrecondition(`${field}: session ${quoteId(id)} is a model session; the Attention stream takes attention sessions`);
+  return s;
+}
+
+/** The tokens a prefill adds, from its tensor's shape, checked against the layer's room before any tensor is read. */
+export function checkPrefillRoom(s: ComputeSession, l: number, n: number): void {
+  if (s.layerTokens[l] + n > s.maxContextTokens) {
+    throw resourceExhausted(`prefill.k: ${n} more tokens would take layer ${l} of session ${s.id} past its max_context_tokens ${s.maxContextTokens} (now ${s.layerTokens[l]})`);
+  }
 }
 
 function layer(s: ComputeSession, l: number, field: string): number {
@@ -61,12 +72,14 @@ export function validatePrefill(p: AttentionPrefill, sessions: SessionManager, e
   const s = session(sessions, p.sessionId, "prefill.session_id");
   const l = layer(s, p.layer, "prefill.layer");
   const g = s.geometry;
+  // The claimed token count of an inline tensor first: one past the session's room is refused before
+  // it is converted (a ref's range is checked against its segment first, then read).
+  const claimed = p.k?.shape?.[0];
+  if (Number.isInteger(claimed) && claimed! > 0) checkPrefillRoom(s, l, claimed!);
   const k = input(p.k, p.kRef, "prefill.k", [-1, g.kvHeads, g.headDim], exchange);
   const v = input(p.v, p.vRef, "prefill.v", [k.shape[0], g.kvHeads, g.headDim], exchange);
   const n = k.shape[0];
-  if (s.layerTokens[l] + n > s.maxContextTokens) {
-    throw resourceExhausted(`prefill.k: ${n} more tokens would take layer ${l} of session ${s.id} past its max_context_tokens ${s.maxContextTokens} (now ${s.layerTokens[l]})`);
-  }
+  checkPrefillRoom(s, l, n);
   return { op: "prefill", session: s, layer: l, k: k.data, v: v.data, n };
 }
 
