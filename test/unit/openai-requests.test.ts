@@ -15,10 +15,21 @@ function refused(endpoint: "completions" | "chat", body: unknown): HttpError {
     expect((e as HttpError).status).toBe(400);
     return e as HttpError;
   }
-  throw new Error(`${JSON.stringify(body)} was accepted`);
+  throw new Error(`${String(body).slice(0, 200)} was accepted`);
 }
 
 describe("OpenAI request bodies", () => {
+  it("a value too deeply nested to show, or too long, is a short 400, not a stack overflow or an echo", () => {
+    let deep: unknown = 1;
+    for (let i = 0; i < 200_000; i++) deep = [deep];
+    const e = refused("completions", { prompt: "x", n: deep });
+    expect(e.message).toMatch(/too deeply nested to show/);
+    const long = "x".repeat(7 << 20);
+    const e2 = refused("completions", { prompt: "x", max_tokens: long });
+    expect(e2.message.length).toBeLessThan(400);
+    expect(e2.message).toMatch(new RegExp(`\\(${long.length + 2} characters\\)`));
+  });
+
   it("maps a completion's fields, with OpenAI's defaults where they are absent", () => {
     const r = readRequest("completions", { model: "m", prompt: "hi", max_tokens: 7, temperature: 0.5, top_p: 0.9, seed: 11, stop: "\n", stream: true, stream_options: { include_usage: true } }, 1000);
     expect(r).toMatchObject({ model: "m", prompt: { $case: "text", value: "hi" }, maxTokens: 7, stopStrings: ["\n"], stream: true, includeUsage: true });

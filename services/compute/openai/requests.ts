@@ -11,6 +11,21 @@ import type { GenerateRequest, SamplingParams } from "../../../proto/gen/freekv/
 import { badRequest } from "./errors.js";
 import { stopProblem } from "../generate/stop.js";
 
+/**
+ * A client's value in an error message: JSON, cut to 120 characters; one that JSON cannot show (a
+ * nesting deep enough to overflow the stack) is named by its type. The body is bounded, but a 7 MB
+ * field echoed whole made a 7 MB error.
+ */
+export function show(v: unknown): string {
+  let s: string;
+  try {
+    s = JSON.stringify(v) ?? String(v);
+  } catch {
+    return `(${Array.isArray(v) ? "an array" : `a value of type ${typeof v}`} too deeply nested to show)`;
+  }
+  return s.length > 120 ? `${s.slice(0, 120)}... (${s.length} characters)` : s;
+}
+
 export type Endpoint = "completions" | "chat";
 
 export interface OpenAIRequest {
@@ -39,21 +54,21 @@ const isTokenArray = (v: unknown): v is number[] => Array.isArray(v) && v.length
 function optionalNumber(body: Body, field: string, min: number, max: number): number | undefined {
   const v = body[field];
   if (absent(v)) return undefined;
-  if (typeof v !== "number" || !Number.isFinite(v) || v < min || v > max) throw badRequest(field, `${field} must be a number in [${min}, ${max}], got ${JSON.stringify(v)}`);
+  if (typeof v !== "number" || !Number.isFinite(v) || v < min || v > max) throw badRequest(field, `${field} must be a number in [${min}, ${max}], got ${show(v)}`);
   return v;
 }
 
 function optionalInt(body: Body, field: string, min: number, max = Number.MAX_SAFE_INTEGER): number | undefined {
   const v = body[field];
   if (absent(v)) return undefined;
-  if (typeof v !== "number" || !Number.isInteger(v) || v < min || v > max) throw badRequest(field, `${field} must be an integer >= ${min}${max < Number.MAX_SAFE_INTEGER ? ` and <= ${max}` : ""}, got ${JSON.stringify(v)}`);
+  if (typeof v !== "number" || !Number.isInteger(v) || v < min || v > max) throw badRequest(field, `${field} must be an integer >= ${min}${max < Number.MAX_SAFE_INTEGER ? ` and <= ${max}` : ""}, got ${show(v)}`);
   return v;
 }
 
 function optionalBool(body: Body, field: string): boolean | undefined {
   const v = body[field];
   if (absent(v)) return undefined;
-  if (typeof v !== "boolean") throw badRequest(field, `${field} must be a boolean, got ${JSON.stringify(v)}`);
+  if (typeof v !== "boolean") throw badRequest(field, `${field} must be a boolean, got ${show(v)}`);
   return v;
 }
 

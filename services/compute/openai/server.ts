@@ -20,7 +20,7 @@ import { badRequest, fromGrpcStatus, HttpError } from "./errors.js";
 import { Metadata as GrpcMetadata } from "@grpc/grpc-js";
 import type { TenantAuth } from "../auth.js";
 import { SESSION_OWNER_KEY } from "../sessions/owners.js";
-import { readRequest, type Endpoint, type OpenAIRequest } from "./requests.js";
+import { readRequest, show, type Endpoint, type OpenAIRequest } from "./requests.js";
 
 export const SESSION_HEADER = "x-freekv-session-id";
 export const TIMEOUT_HEADER = "x-freekv-timeout-ms";
@@ -134,9 +134,9 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
       try {
         id = decodeURIComponent(path.slice("/v1/models/".length));
       } catch {
-        throw new HttpError(400, `${JSON.stringify(path)} is not a valid URL path (bad percent-encoding)`);
+        throw new HttpError(400, `${show(path)} is not a valid URL path (bad percent-encoding)`);
       }
-      if (id !== opts.modelName) throw new HttpError(404, `the model ${JSON.stringify(id)} does not exist`, "model", "model_not_found");
+      if (id !== opts.modelName) throw new HttpError(404, `the model ${show(id)} does not exist`, "model", "model_not_found");
       return sendJson(res, 200, modelObject(id));
     }
     const endpoint: Endpoint | undefined = path === "/v1/completions" ? "completions" : path === "/v1/chat/completions" ? "chat" : undefined;
@@ -146,16 +146,16 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
     if (!opts.serving()) throw new HttpError(503, "the service is not ready (its model is loading, its kvstore does not serve, or it is draining); retry later", null, "unavailable");
     const r = readRequest(endpoint, parseJson(body), opts.defaultMaxTokens);
     if (!opts.modelName) throw new HttpError(404, "no model is served by this server", "model", "model_not_found");
-    if (r.model !== undefined && r.model !== opts.modelName) throw new HttpError(404, `the model ${JSON.stringify(r.model)} does not exist; this server serves ${JSON.stringify(opts.modelName)}`, "model", "model_not_found");
+    if (r.model !== undefined && r.model !== opts.modelName) throw new HttpError(404, `the model ${show(r.model)} does not exist; this server serves ${JSON.stringify(opts.modelName)}`, "model", "model_not_found");
     const fromHeader = header(req, SESSION_HEADER);
     if (fromHeader !== undefined && r.sessionId !== undefined && fromHeader !== r.sessionId)
-      throw badRequest("session_id", `the ${SESSION_HEADER} header (${JSON.stringify(fromHeader)}) and the body's session_id (${JSON.stringify(r.sessionId)}) name different sessions`);
+      throw badRequest("session_id", `the ${SESSION_HEADER} header (${show(fromHeader)}) and the body's session_id (${show(r.sessionId)}) name different sessions`);
     const sessionId = fromHeader || r.sessionId || "";
     let deadline: number | undefined;
     const timeout = header(req, TIMEOUT_HEADER);
     if (timeout !== undefined) {
       const ms = Number(timeout);
-      if (!/^\d+$/.test(timeout.trim()) || !Number.isSafeInteger(ms) || ms < 1) throw badRequest(null, `the ${TIMEOUT_HEADER} header must be a positive integer of milliseconds, got ${JSON.stringify(timeout)}`);
+      if (!/^\d+$/.test(timeout.trim()) || !Number.isSafeInteger(ms) || ms < 1) throw badRequest(null, `the ${TIMEOUT_HEADER} header must be a positive integer of milliseconds, got ${show(timeout)}`);
       deadline = Date.now() + ms;
     }
     // The service's own x-freekv-* request headers reach the handler as the gRPC metadata they are there.
