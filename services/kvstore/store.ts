@@ -50,6 +50,11 @@ const recordReservedTokens = (r: SessionRecord) => r.reservedTokens ?? r.maxCont
 
 /** Default extent of a reservation, in tokens (FREEKV_KVSTORE_EXTENT_TOKENS). */
 export const DEFAULT_EXTENT_TOKENS = 2048;
+/** Largest session metadata, at attach, commit and import (compute's generation state: the token history of a long session is a few MB of JSON). */
+export const MAX_METADATA_BYTES = 32 << 20;
+const checkMetadata = (m: Uint8Array | undefined, field: string) => {
+  if (m && m.length > MAX_METADATA_BYTES) throw invalidArgument(field, `must be at most ${MAX_METADATA_BYTES} bytes, got ${m.length}`);
+};
 /** Address space the live sessions' segments may map together: 2^45 bytes (32 TiB of the 128 TiB a process has). */
 export const MAX_MAPPED_BYTES = 2 ** 45;
 
@@ -182,6 +187,8 @@ export class KvStore implements ScrubHost {
    */
   attach(req: Omit<AttachSessionRequest, "callerCommits"> & { callerCommits?: boolean }, signal?: AbortSignal): Promise<AttachSessionResponse> {
     if (!SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+    // A session's metadata must fit an import too (a session that attaches but can never move).
+    checkMetadata(req.metadata, "metadata");
     return this.withLock(req.sessionId, async () => {
       if (this.importing.has(req.sessionId)) throw failedPrecondition(`session ${req.sessionId} is being imported; attach it once the import ended`);
       const existing = this.live.get(req.sessionId);
@@ -490,6 +497,7 @@ export class KvStore implements ScrubHost {
    * recorded, and the directory is written once.
    */
   commitPages(req: CommitPagesRequest): Promise<{ committedPages: number; layerCommittedPages: number[] }> {
+    checkMetadata(req.metadata, "metadata");
     return this.withLock(req.sessionId, async () => {
       const l = this.live.get(req.sessionId);
       if (!l) throw notFound(`session ${quoteId(req.sessionId)} is not attached`);

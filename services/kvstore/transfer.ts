@@ -42,14 +42,12 @@ import { assertDecoded } from "../common/malformed.js";
 import { resolveRetrieval } from "../common/retrieval.js";
 import { computeLayout, requestLayout, toSegmentLayout } from "./layout.js";
 import type { SessionSegments } from "./segments.js";
-import { SESSION_ID_RE, type ImportReservation, type KvStore } from "./store.js";
+import { MAX_METADATA_BYTES, SESSION_ID_RE, type ImportReservation, type KvStore } from "./store.js";
 
 /** Largest data chunk (bytes); receivers take messages up to 64 MiB, so a chunk and its framing always fit. */
 export const MAX_CHUNK_BYTES = 4 << 20;
 export const DEFAULT_CHUNK_BYTES = 1 << 20;
 export const MIN_CHUNK_BYTES = 4096;
-/** Largest session metadata an import takes (the token history of a long session is a few MB of JSON). */
-export const MAX_METADATA_BYTES = 32 << 20;
 
 export interface TransferMetrics {
   /** Transfers by direction (export, import) and result (ok or the status name). */

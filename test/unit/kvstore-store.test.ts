@@ -3,7 +3,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { status } from "@grpc/grpc-js";
 import { createLogger } from "../../services/common/log.js";
 import { MemoryDirectory } from "../../services/kvstore/directory.js";
-import { KvStore } from "../../services/kvstore/store.js";
+import { KvStore, MAX_METADATA_BYTES } from "../../services/kvstore/store.js";
 import { computeLayout, totalBytes, capacityPages } from "../../services/kvstore/layout.js";
 import { resolveRetrieval } from "../../services/common/retrieval.js";
 import { shmSegments } from "../helpers/services.js";
@@ -57,6 +57,17 @@ describe("KvStore", () => {
       expect(s.stats().sessions).toBe(1);
       expect(shmSegments().has(r.store!.name)).toBe(true);
     }
+  });
+
+  it("metadata past the import limit is refused at attach and commit (a session that could never move)", async () => {
+    const s = new KvStore(new MemoryDirectory(), 1 << 30, log);
+    stores.push(s);
+    const big = Buffer.alloc(MAX_METADATA_BYTES + 1, 7);
+    expect(() => s.attach({ ...req("big"), metadata: big })).toThrow(expect.objectContaining({ code: status.INVALID_ARGUMENT, message: expect.stringMatching(/^metadata: must be at most 33554432 bytes/) }));
+    expect(s.stats().sessions).toBe(0);
+    await s.attach(req("ok"));
+    expect(() => s.commitPages({ sessionId: "ok", layer: 0, firstPage: 0, count: 0, checksums: [], contextTokens: 0, metadata: big, layers: [] })).toThrow(expect.objectContaining({ code: status.INVALID_ARGUMENT }));
+    expect((await s.attach({ sessionId: "ok" } as never)).metadata.toString()).toBe("m");
   });
 
   it("refuses a session over the capacity with RESOURCE_EXHAUSTED and accepts it after a release", async () => {
