@@ -335,6 +335,14 @@ export function transferService(store: KvStore, log: Logger, metrics?: TransferM
       const t0 = performance.now();
       consume(call, scope.signal, (m) => imp.take(m))
         .then(() => imp.finish())
+        .then(async (res) => {
+          // The caller gave up while the import was verified and published: it is told CANCELLED or
+          // DEADLINE_EXCEEDED (and keeps its copy, or retries), so the published session goes too;
+          // otherwise its retry would meet ALREADY_EXISTS and the memory stay counted here.
+          if (!scope.signal.aborted) return res;
+          await store.release(res.sessionId).catch((e: Error) => log.error({ session: res.sessionId, err: e.message }, "cannot release an import whose caller gave up"));
+          throw scope.signal.reason;
+        })
         .then(
           (res) => {
             metrics?.transfers.inc({ op: "import", result: "ok" });
