@@ -39,6 +39,10 @@ export const invalidArgument = (field: string, message: string) => new ServiceEr
 export const notFound = (message: string) => new ServiceError(status.NOT_FOUND, message);
 export const failedPrecondition = (message: string) => new ServiceError(status.FAILED_PRECONDITION, message);
 export const resourceExhausted = (message: string) => new ServiceError(status.RESOURCE_EXHAUSTED, message);
+/** The trailer that marks a RESOURCE_EXHAUSTED as permanent: the request can never fit this service, waiting or retrying will not help. */
+export const NEVER_FITS_TRAILER = "freekv-never-fits";
+/** RESOURCE_EXHAUSTED for a request larger than the service's whole capacity (the HTTP front answers it 400, not 429 with Retry-After). */
+export const neverFits = (message: string) => new ServiceError(status.RESOURCE_EXHAUSTED, message, { [NEVER_FITS_TRAILER]: "1" });
 export const unavailable = (message: string) => new ServiceError(status.UNAVAILABLE, message);
 export const unimplemented = (message: string) => new ServiceError(status.UNIMPLEMENTED, message);
 export const alreadyExists = (message: string) => new ServiceError(status.ALREADY_EXISTS, message);

@@ -4,6 +4,8 @@ import { describe, expect, it } from "vitest";
 import { parseConfig } from "../../services/common/config.js";
 import { computeConfigSchema } from "../../services/compute/config.js";
 import { fromGrpcStatus, HttpError } from "../../services/compute/openai/errors.js";
+import { neverFits, toStatus } from "../../services/common/errors.js";
+import { createLogger } from "../../services/common/log.js";
 import { COMPLETIONS_DEFAULT_MAX_TOKENS, readRequest } from "../../services/compute/openai/requests.js";
 
 /** The 400 a body gets: its param and message. */
@@ -96,6 +98,12 @@ describe("OpenAI errors", () => {
       expect(e.status, status[code]).toBe(http);
       expect(e.body()).toEqual({ error: { message: `because ${code}`, type, param: null, code: e.code } });
     }
+ 
+    // A request that can never fit (the never-fits trailer) is 400 without a retry, not 429.
+    const never = toStatus(neverFits("needs 9 bytes, more than the whole capacity of 8: it can never fit"), createLogger("test", "silent"), "Generate");
+    const e = fromGrpcStatus(never);
+    expect(e.status).toBe(400);
+    expect(e.body()).toMatchObject({ error: { type: "invalid_request_error", code: "request_too_large", message: expect.stringMatching(/can never fit/) } });
   });
 });
 

@@ -30,7 +30,7 @@ import {
 import { callScope } from "../../common/cancellation.js";
 import { tenantOf } from "../sessions/tenant.js";
 import { localSession } from "../sessions/owners.js";
-import { ServiceError, failedPrecondition, invalidArgument, resourceExhausted, toStatus } from "../../common/errors.js";
+import { ServiceError, failedPrecondition, invalidArgument, neverFits, resourceExhausted, toStatus } from "../../common/errors.js";
 import type { ComputeContext } from "../context.js";
 import type { LoadedModel } from "../model/loader.js";
 import { modelSessionBytes } from "../sessions/footprint.js";
@@ -360,7 +360,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     const bytes = modelSessionBytes(s.geometry, s.geometry.kvDtype, s.retrieval, s.maxContextTokens, need);
     const { capacityBytes } = await ctx.kvstore.stats();
     if (bytes > capacityBytes)
-      throw resourceExhausted(
+      throw neverFits(
         `session ${JSON.stringify(s.id)} needs ${bytes} bytes of host KV memory for ${need} tokens (its context + prompt + max_tokens), more than the kvstore's whole capacity of ${capacityBytes} bytes: it can never fit`,
       );
   }
@@ -375,7 +375,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     const need = modelSessionBytes(geometry, ctx.kvDtype, req.retrieval, reach);
     const { capacityBytes } = await ctx.kvstore.stats();
     if (need > capacityBytes)
-      throw resourceExhausted(
+      throw neverFits(
         `the request's session needs ${need} bytes of host KV memory for ${reach} tokens (prompt + max_tokens), more than the kvstore's whole capacity of ${capacityBytes} bytes: it can never fit`,
       );
   }

@@ -5,6 +5,7 @@
  * unknown session 404, overload 429, not ready or draining 503, deadline 504.
  */
 import { status, type StatusObject } from "@grpc/grpc-js";
+import { NEVER_FITS_TRAILER } from "../../common/errors.js";
 
 export interface OpenAIErrorBody {
   error: { message: string; type: string; param: string | null; code: string | null };
@@ -54,7 +55,9 @@ const HTTP_OF: Partial<Record<status, { http: number; code: string | null }>> = 
 };
 
 /** The HTTP error for the status the Generate handler ended a call with. */
-export function fromGrpcStatus(st: Pick<StatusObject, "code" | "details">): HttpError {
+export function fromGrpcStatus(st: Pick<StatusObject, "code" | "details"> & { metadata?: StatusObject["metadata"] }): HttpError {
+  // A request larger than the whole service: 400, since a retry (429's promise) cannot succeed.
+  if (st.code === status.RESOURCE_EXHAUSTED && st.metadata?.get(NEVER_FITS_TRAILER)?.[0] === "1") return new HttpError(400, st.details, null, "request_too_large");
   const m = HTTP_OF[st.code] ?? { http: 500, code: null };
   return new HttpError(m.http, st.details || status[st.code] || "error", null, m.code);
 }

@@ -15,7 +15,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { FinishReason, type GenerateFinal, type GenerateRequest, type GenerateResponse } from "../../../proto/gen/freekv/v1/compute.js";
 import type { Logger } from "../../common/log.js";
 import { startGenerate, type GenerateHandler } from "./call.js";
-import type { Metadata } from "@grpc/grpc-js";
+import type { Metadata, StatusObject } from "@grpc/grpc-js";
 import { badRequest, fromGrpcStatus, HttpError } from "./errors.js";
 import { Metadata as GrpcMetadata } from "@grpc/grpc-js";
 import type { TenantAuth } from "../auth.js";
@@ -236,7 +236,7 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
     try {
       await call.done;
     } catch (st) {
-      const err = fromGrpcStatus(st as { code: number; details: string });
+      const err = fromGrpcStatus(st as StatusObject);
       if (res.destroyed) return;
       // A session another pod holds: 421 Misdirected Request naming that pod, for the caller or
       // the gateway to send the request there (the gRPC trailer of the same name, as a header).

@@ -16,7 +16,7 @@ import { loadAddon, type Engine, type HostSegments, type ShmSegment } from "../.
 import { DType, type ModelGeometry, type RetrievalConfig, type RetrievalStats } from "../../../proto/gen/freekv/v1/common.js";
 import { SessionKind, type CreateSessionRequest, type Session } from "../../../proto/gen/freekv/v1/compute.js";
 import type { AttachSessionResponse, CommitPagesRequest, LayerPages } from "../../../proto/gen/freekv/v1/kvstore.js";
-import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFound, quoteId, resourceExhausted } from "../../common/errors.js";
+import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, neverFits, notFound, quoteId, resourceExhausted } from "../../common/errors.js";
 import { resolveGeometry, toNativeGeometry } from "../../common/geometry.js";
 import type { Logger } from "../../common/log.js";
 import { resolveRetrieval, toNativeRetrieval } from "../../common/retrieval.js";
@@ -705,7 +705,7 @@ export class SessionManager {
     const tokens = retrieval.sinkTokens + retrieval.windowTokens + retrieval.selectTokens;
     const working = geometry.layers * tokens * geometry.kvHeads * geometry.headDim * 2 * 4;
     if (working > Math.floor(totalmem() / 2)) {
-      throw resourceExhausted(
+      throw neverFits(
         `the session needs ${working} bytes of engine memory (${geometry.layers} layers x ${tokens} sink, window and selected tokens x ${geometry.kvHeads} KV heads x ${geometry.headDim} x K and V in float32); a session may take at most half of this machine's ${totalmem()} bytes: it can never fit`,
       );
     }
