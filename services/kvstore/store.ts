@@ -136,25 +136,31 @@ export class KvStore implements ScrubHost {
     for (const id of await this.directory.list()) {
       const rec = await this.directory.get(id);
       if (!rec) continue;
+      let segments: SessionSegments | undefined;
       try {
-        const segments = openSegments(rec.segments);
+        segments = openSegments(rec.segments);
+        const opened = segments;
         // The reservation's memory stayed allocated in the segments; it is counted again.
         const layout = computeLayout(rec.geometry, rec.retrieval, rec.capacityPages);
         const reservedPages = reservedPagesOf(recordReservedTokens(rec), rec.retrieval.pageSize, rec.capacityPages);
         const bytes = reservedBytes(layout, rec.geometry.layers, reservedPages);
-        const l: Live = { record: rec, segments, layout, reservedPages, bytes };
-        if (loadShm().manifestCorrupt(segments.manifest.buffer())) l.corrupt = this.corruptError(id, "marked corrupt by the kvstore before this one");
+        const l: Live = { record: rec, segments: opened, layout, reservedPages, bytes };
+        if (loadShm().manifestCorrupt(opened.manifest.buffer())) l.corrupt = this.corruptError(id, "marked corrupt by the kvstore before this one");
         this.live.set(id, l);
         this.usedBytes += bytes;
         adopted++;
         // A background commit (caller_commits) the previous process did not finish: what it left
         // is committed now (pages already there are kept as they are).
-        await segments.store.allocateAsync(offsetLengths(storeRanges(layout, rec.geometry.layers, reservedPages)), this.commitThreads).catch((e: Error) => {
+        await opened.store.allocateAsync(offsetLengths(storeRanges(layout, rec.geometry.layers, reservedPages)), this.commitThreads).catch((e: Error) => {
           this.metrics?.backgroundCommitFailures.inc();
           this.log.error({ session: id, err: e.message }, "committing an adopted session's reservation failed; its compute tier meets the shortage when it writes");
         });
       } catch (e) {
-        this.log.warn({ session: id, err: (e as Error).message }, "dropping a directory entry whose segments are gone");
+        // A session that cannot be adopted whole is dropped whole: the segments that survive are
+        // unmapped and unlinked too (their names are not the cleanup sweep's), not left in /dev/shm.
+        if (segments && !this.live.has(id)) closeSegments(segments, false);
+        if (!this.live.has(id)) unlinkNames(rec.segments);
+        this.log.warn({ session: id, err: (e as Error).message }, "dropping a directory entry whose segments are gone or unreadable");
         await this.directory.delete(id);
       }
     }

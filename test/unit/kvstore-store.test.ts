@@ -70,6 +70,26 @@ describe("KvStore", () => {
     expect((await s.attach({ sessionId: "ok" } as never)).metadata.toString()).toBe("m");
   });
 
+  it("adopting sessions after a restart: one whose segments are not all there is dropped whole, its survivors unlinked", async () => {
+    const dir = new MemoryDirectory();
+    const before = new KvStore(dir, 1 << 30, log);
+    stores.push(before);
+    const x = await before.attach(req("x"));
+    const y = await before.attach(req("y"));
+    const names = (r: typeof x) => [r.store!.name, r.staging!.name, r.tail!.name, r.manifest!.name];
+    // One of x's four segments is lost (say, removed by hand); the next process adopts.
+    const lost = names(x)[Math.floor(prng(0xad0)() * 4)];
+    loadAddon().ShmSegment.unlink(lost);
+    const after = new KvStore(dir, 1 << 30, log);
+    stores.push(after);
+    expect(await after.adopt()).toBe(1);
+    expect(after.list()).toEqual(["y"]);
+    const present = shmSegments();
+    for (const n of names(x)) expect(present.has(n), n).toBe(false);
+    for (const n of names(y)) expect(present.has(n), n).toBe(true);
+    expect(await dir.get("x")).toBeUndefined();
+  });
+
   it("refuses a session over the capacity with RESOURCE_EXHAUSTED and accepts it after a release", async () => {
     const one = bytesOf(256);
     const s = new KvStore(new MemoryDirectory(), 2 * one + 1, log);
