@@ -26,8 +26,25 @@ import { checkPrefillRoom, validateRequest } from "./validate.js";
 import { assertDecoded } from "../../common/malformed.js";
 import { authenticatedTenant, checkTenant, type TenantAuth } from "../auth.js";
 
+// Messages read ahead of the one being handled: the stream pauses at HIGH_WATER of them or
+// HIGH_WATER_BYTES of their tensors (a message may hold up to the transport's 256 MiB), and
+// resumes below the low marks.
 const HIGH_WATER = 32;
 const LOW_WATER = 8;
+const HIGH_WATER_BYTES = 64 << 20;
+const LOW_WATER_BYTES = 16 << 20;
+
+/** The tensor bytes a request carries inline (refs carry none). */
+function tensorBytes(m: AttentionRequest): number {
+  const op = m.op;
+  if (op?.$case === "prefill") return (op.value.k?.data.length ?? 0) + (op.value.v?.data.length ?? 0);
+  if (op?.$case === "decode") {
+    let n = 0;
+    for (const it of op.value.items) n += (it.q?.data.length ?? 0) + (it.k?.data.length ?? 0) + (it.v?.data.length ?? 0);
+    return n;
+  }
+  return 0;
+}
 
 export interface AttentionObserver {
   request(op: "prefill" | "decode", seconds: number): void;
@@ -50,6 +67,7 @@ export function attentionHandler(deps: {
     const tenant = authenticatedTenant(deps.auth?.(), call.metadata);
     const scope = callScope(call);
     const queue: AttentionRequest[] = [];
+    let queuedBytes = 0;
     let ended = false;
     let paused = false;
     let wake: (() => void) | undefined;
@@ -60,7 +78,8 @@ export function attentionHandler(deps: {
     };
     call.on("data", (m: AttentionRequest) => {
       queue.push(m);
-      if (queue.length >= HIGH_WATER && !paused) {
+      queuedBytes += tensorBytes(m);
+      if ((queue.length >= HIGH_WATER || queuedBytes >= HIGH_WATER_BYTES) && !paused) {
         paused = true;
         call.pause();
       }
@@ -134,7 +153,8 @@ export function attentionHandler(deps: {
           await new Promise<void>((r) => (wake = r));
           continue;
         }
-        if (paused && queue.length <= LOW_WATER) {
+        queuedBytes -= tensorBytes(m);
+        if (paused && queue.length <= LOW_WATER && queuedBytes <= LOW_WATER_BYTES) {
           paused = false;
           call.resume();
         }
