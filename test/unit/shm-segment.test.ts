@@ -4,6 +4,8 @@
  */
 import { describe, expect, it } from "vitest";
 import { existsSync, statSync } from "node:fs";
+import v8 from "node:v8";
+import vm from "node:vm";
 import { loadAddon } from "../../native/binding.js";
 import { Prng, testSeed } from "./reference/prng.js";
 import { createHost, geometryOf, retrievalOf } from "./reference/harness.js";
@@ -31,6 +33,25 @@ describe("ShmSegment", () => {
     expect(addon.ShmSegment.unlink(name)).toBe(true);
     expect(existsSync(`/dev/shm${name}`)).toBe(false);
     expect(addon.ShmSegment.unlink(name)).toBe(false);
+  });
+
+  it("buffers nobody holds are collected, and those still held are detached at close", () => {
+    v8.setFlagsFromString("--expose-gc");
+    const gc = vm.runInNewContext("gc") as () => void;
+    const name = uniqueName();
+    const seg = addon.ShmSegment.create(name, 16 * 4096);
+    const held = Array.from({ length: 5 }, (_, i) => new Uint8Array(seg.buffer(i * 4096, 4096)));
+    gc();
+    const before = process.memoryUsage().heapUsed;
+    const n = 200_000 + rng.int(50_000);
+    for (let i = 0; i < n; i++) seg.buffer((i % 16) * 4096, 4096);
+    gc();
+    const grown = process.memoryUsage().heapUsed - before;
+    // Kept until close, each of them took ~100 bytes of heap: ~20 MB here.
+    expect(grown, `heap grew by ${grown} bytes over ${n} buffers`).toBeLessThan(4 << 20);
+    seg.close();
+    for (const h of held) expect(h.byteLength).toBe(0);
+    addon.ShmSegment.unlink(name);
   });
 
   it("names the problem on bad arguments", () => {
