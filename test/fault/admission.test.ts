@@ -103,6 +103,9 @@ describe(`admission (seed ${seed})`, () => {
     const refused = (t: string) => metricValue(t, "freekv_kvstore_rejected_total", 'reason="capacity"') ?? 0;
     expect(refused(after)).toBeGreaterThan(refused(before));
     expect(metricValue(after, "freekv_kvstore_capacity_bytes")).toBe(Math.floor(2.5 * perSession));
+    // A request's slot and memory go back after its stream ended (the fresh session's close runs
+    // then): the gauges settle to zero shortly after the last answer, and stay there.
+    await until("every running slot released", async () => metricValue(await fetchMetrics(small.compute.metricsPort), "vllm:num_requests_running") === 0);
     const m = await fetchMetrics(small.compute.metricsPort);
     expect(metricValue(m, "freekv_generate_queue_seconds_count")).toBeGreaterThanOrEqual(2 * n);
     expect(metricValue(m, "freekv_generate_queue_seconds_sum")).toBeGreaterThan(0);
