@@ -139,19 +139,18 @@ export class KvStore implements ScrubHost {
       let segments: SessionSegments | undefined;
       try {
         segments = openSegments(rec.segments);
-        const opened = segments;
         // The reservation's memory stayed allocated in the segments; it is counted again.
         const layout = computeLayout(rec.geometry, rec.retrieval, rec.capacityPages);
         const reservedPages = reservedPagesOf(recordReservedTokens(rec), rec.retrieval.pageSize, rec.capacityPages);
         const bytes = reservedBytes(layout, rec.geometry.layers, reservedPages);
-        const l: Live = { record: rec, segments: opened, layout, reservedPages, bytes };
-        if (loadShm().manifestCorrupt(opened.manifest.buffer())) l.corrupt = this.corruptError(id, "marked corrupt by the kvstore before this one");
+        const l: Live = { record: rec, segments, layout, reservedPages, bytes };
+        if (loadShm().manifestCorrupt(segments.manifest.buffer())) l.corrupt = this.corruptError(id, "marked corrupt by the kvstore before this one");
         this.live.set(id, l);
         this.usedBytes += bytes;
         adopted++;
         // A background commit (caller_commits) the previous process did not finish: what it left
         // is committed now (pages already there are kept as they are).
-        await opened.store.allocateAsync(offsetLengths(storeRanges(layout, rec.geometry.layers, reservedPages)), this.commitThreads).catch((e: Error) => {
+        await segments.store.allocateAsync(offsetLengths(storeRanges(layout, rec.geometry.layers, reservedPages)), this.commitThreads).catch((e: Error) => {
           this.metrics?.backgroundCommitFailures.inc();
           this.log.error({ session: id, err: e.message }, "committing an adopted session's reservation failed; its compute tier meets the shortage when it writes");
         });

@@ -30,7 +30,7 @@ import {
 import { callScope } from "../../common/cancellation.js";
 import { tenantOf } from "../sessions/tenant.js";
 import { localSession } from "../sessions/owners.js";
-import { ServiceError, failedPrecondition, invalidArgument, neverFits, resourceExhausted, toStatus } from "../../common/errors.js";
+import { ServiceError, failedPrecondition, invalidArgument, neverFits, toStatus } from "../../common/errors.js";
 import type { ComputeContext } from "../context.js";
 import type { LoadedModel } from "../model/loader.js";
 import { modelSessionBytes } from "../sessions/footprint.js";
@@ -185,11 +185,9 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     if (fresh) checkPromptFits(prompt.length, 0, ctx.config.FREEKV_MAX_CONTEXT_TOKENS);
     // What the request alone decides (token ids, sampling, stop ids) is checked before it queues or
     // anything is reserved; generate() checks it again with the session's state under its lock.
-    const sampling0 = req.sampling ?? { temperature: 0, topP: 0, topK: 0, seed: 0 };
-    validateParams(
-      { prompt, maxTokens: req.maxTokens, sampling: { temperature: sampling0.temperature, topP: sampling0.topP, topK: sampling0.topK, seed: BigInt(sampling0.seed || 0) }, stopTokenIds: req.stopTokenIds, stopStrings: req.stopStrings },
-      loaded.model.vocabSize,
-    );
+    const sp = req.sampling ?? { temperature: 0, topP: 0, topK: 0, seed: 0 };
+    const sampling = { temperature: sp.temperature, topP: sp.topP, topK: sp.topK, seed: BigInt(sp.seed || 0) };
+    validateParams({ prompt, maxTokens: req.maxTokens, sampling, stopTokenIds: req.stopTokenIds, stopStrings: req.stopStrings }, loaded.model.vocabSize);
     // A named session held here whose reservation is short of this turn needs memory too.
     const known = fresh || !ctx.sessions.has(req.sessionId) ? undefined : ctx.sessions.get(req.sessionId);
     // A turn that cannot fit the named session's context is refused before its reservation grows
@@ -256,7 +254,6 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       // the context since. A shortfall now fails the call (RESOURCE_EXHAUSTED) rather than
       // writing past the memory the kvstore committed.
       if (!fresh) await ctx.sessions.reserve(s, turnReach(s, prompt.length, req.maxTokens), signal);
-      const sampling = req.sampling ?? { temperature: 0, topP: 0, topK: 0, seed: 0 };
       const session = s;
       gs = {
         session: s.engineSession,
@@ -271,7 +268,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       const it = generate(loaded.model, scheduler, loaded.codec, gs, {
         prompt,
         maxTokens: req.maxTokens,
-        sampling: { temperature: sampling.temperature, topP: sampling.topP, topK: sampling.topK, seed: BigInt(sampling.seed || 0) },
+        sampling,
         // The model's EOS ids always end a generation, as in other servers.
         stopTokenIds: [...new Set([...req.stopTokenIds, ...loaded.spec.eosTokenIds.filter((t) => t < loaded.model.vocabSize)])],
         stopStrings: req.stopStrings,
