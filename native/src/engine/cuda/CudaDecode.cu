@@ -187,7 +187,7 @@ void CudaEngine::SelectAndRecall(Session& s, int layer, const float* q, int c0, 
 }
 
 // When Auto selects through the group bounds on the CUDA engine. Measured on the H200 (PERF.md
-// "A top-k over many blocks", bench/results/gpu-visit-20261204-0428/; one layer, 28 query / 4 KV
+// "A top-k over many blocks", bench/results/gpu-visit-20261204/selection-0434.*; one layer, 28 query / 4 KV
 // heads, us flat / hierarchical, drifting keys): with the flat top-k ranked in chunks the mean
 // combine's loose group bounds never pay (1M tokens: 91 / 130; 512K: 61 / 99), while the max
 // combine's prune most pages (2252 of 32736 scored at 1M): 1M 89 / 65, 512K 60 / 56, 128K 32 / 56.
