@@ -188,18 +188,21 @@ void RunSelection(Bench& B) {
       p.k = kK;
       Dev<float> scratch(fc::SelectionScratchBytes(p) / 4);
       Dev<unsigned long long> ws(fc::SelectionWorkspaceBytes(p) / 8 + 1);
-      Dev<int> sel_flat((size_t)kHkv * kK), sel_hier((size_t)kHkv * kK), sel_one((size_t)kHkv * kK);
+      Dev<int> sel_flat((size_t)kHkv * kK), sel_hier((size_t)kHkv * kK), sel_one((size_t)kHkv * kK),
+          sel_grid((size_t)kHkv * kK);
       p.scratch = scratch.p;
       p.workspace = ws.p;
       for (int combine : {fc::kCombineSoftmaxMean, fc::kCombineMean, fc::kCombineMax}) {
         p.combine = combine;
         const bool hier = combine != fc::kCombineSoftmaxMean;  // softmax-mean over 7 heads: flat only
-        fc::SelectionParams pf = p, ph = p, po = p;
+        fc::SelectionParams pf = p, ph = p, po = p, pg = p;
         pf.selected = sel_flat.p;
         ph.selected = sel_hier.p;
         ph.groups = dg.p;
         po.selected = sel_one.p;
         po.topk_single = 1;
+        pg.selected = sel_grid.p;
+        pg.score_grid = 1;
         CK(cudaMemsetAsync(sel_flat.p, 0x7f, sizeof(int) * kHkv * kK, B.stream));
         CK(cudaMemsetAsync(sel_hier.p, 0x7e, sizeof(int) * kHkv * kK, B.stream));
         CK(cudaMemsetAsync(sel_one.p, 0x7d, sizeof(int) * kHkv * kK, B.stream));
@@ -208,6 +211,13 @@ void RunSelection(Bench& B) {
         CK(cudaMemcpyAsync(raw.data(), scratch.p, raw.size() * 4, cudaMemcpyDeviceToHost, B.stream));
         CK(cudaStreamSynchronize(B.stream));
         const std::vector<int> a = fetch(sel_flat.p), ref = HostSelect(raw, M, combine, kEdge);
+        // The scoring launched a warp per 4 pages (score_grid 1): the same raw scores bit for bit.
+        fc::LaunchSelection(pg, B.stream);
+        std::vector<float> raw_grid(raw.size());
+        CK(cudaMemcpyAsync(raw_grid.data(), scratch.p, raw_grid.size() * 4, cudaMemcpyDeviceToHost, B.stream));
+        CK(cudaStreamSynchronize(B.stream));
+        const int diff_grid = differ(a, fetch(sel_grid.p)) +
+                              (std::memcmp(raw.data(), raw_grid.data(), raw.size() * 4) != 0 ? 1000000 : 0);
         fc::LaunchSelection(po, B.stream);
         const std::vector<int> one = fetch(sel_one.p);
         long long scored = 0;
@@ -225,36 +235,40 @@ void RunSelection(Bench& B) {
             sane = sane && pg >= kEdge && pg < kEdge + M;
             for (int j = 0; j < i; ++j) sane = sane && a[(size_t)h * kK + j] != pg;
           }
-        if (diff || diff_one || diff_ref || !sane) ++mismatches;
+        if (diff || diff_one || diff_ref || diff_grid || !sane) ++mismatches;
         const bool timed = kind == "walk" || kind == "iid";
-        double flat_us = 0, one_us = 0, hier_us = 0;
+        double flat_us = 0, one_us = 0, hier_us = 0, grid_us = 0;
         if (timed) {
           flat_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(pf, B.stream); });
           one_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(po, B.stream); });
+          grid_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(pg, B.stream); });
           if (hier) hier_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(ph, B.stream); });
         }
         Json j = Json::Obj();
         j.Set("context", ctx).Set("candidates", M).Set("summaries", kind).Set("combine", CombineName(combine))
             .Set("groups_match_host", Json::Bool(groups_ok)).Set("hier_differ", diff)
             .Set("single_block_differ", diff_one).Set("host_reference_differ", diff_ref)
+            .Set("warp_per_4_pages_differ", diff_grid)
             .Set("flat_selection_sane", Json::Bool(sane));
         if (hier) j.Set("hier_pages_scored_per_head", (double)scored / kHkv);
         if (timed) {
-          j.Set("flat_us", flat_us).Set("single_block_us", one_us);
+          j.Set("flat_us", flat_us).Set("single_block_us", one_us).Set("warp_per_4_pages_us", grid_us);
           if (hier) j.Set("hier_us", hier_us);
         }
         sec.Push(j);
-        std::printf("selection ctx %7d %-8s %-12s: groups %s, differ hier %d / one-block %d / host %d%s", ctx,
-                    kind.c_str(), CombineName(combine), groups_ok ? "ok" : "BAD", diff, diff_one, diff_ref,
+        std::printf("selection ctx %7d %-8s %-12s: groups %s, differ hier %d / one-block %d / host %d / grid %d%s",
+                    ctx, kind.c_str(), CombineName(combine), groups_ok ? "ok" : "BAD", diff, diff_one, diff_ref, diff_grid,
                     sane ? "" : " (flat result not sane)");
         if (hier) std::printf(", hier scored %.0f of %d pages/head", (double)scored / kHkv, M);
-        if (timed) std::printf("; flat %.1f us, one block %.1f us, hier %.1f us", flat_us, one_us, hier_us);
+        if (timed)
+          std::printf("; flat %.1f us, one block %.1f us, warp per 4 pages %.1f us, hier %.1f us", flat_us, one_us,
+                      grid_us, hier_us);
         std::printf("\n");
         std::fflush(stdout);
         if (timed)
           B.AddRow({"selection", "ctx " + std::to_string(ctx) + " " + kind + " " + CombineName(combine) + ": us", "us",
                     flat_us, 0,
-                    "one block " + std::to_string(one_us) + " us" +
+                    "one block " + std::to_string(one_us) + " us, warp per 4 pages " + std::to_string(grid_us) + " us" +
                         (hier ? ", hier " + std::to_string(hier_us) + " us" : std::string())});
       }
       // The batched launch (the engine's): items of several lengths (one block and chunked), combines

@@ -42,7 +42,9 @@
  * group bounds can prune; --grow-keys iid draws every key independently (nothing prunes);
  * --grow-band RHO feeds seeded tokens of calibration band RHO instead of the argmax (queries that
  * move as the trained model's do, where the argmax of random weights corrects ~90% of the groups
- * at every step). Beside
+ * at every step); a list (argmax,0.95) times every feed at every checkpoint, on the same sessions.
+ * --layers N (fewer than the shape's) writes and loads its own folder (<dir>-<N>l): the per-layer
+ * step at a host memory per token the machine can hold for larger batches. Beside
  * each checkpoint: /dev/shm bytes per token, the process's page tables (VmPTE) and RSS.
  *
  *   node .gpu/runner-bench.mjs [--dir /tmp/freekv-8b] [--layers 32] [--points 1:32768,4:32768,16:8192]
@@ -131,8 +133,9 @@ if (args.backend !== "cuda" && args.backend !== "cpu") throw new RangeError(`--b
 const BACKEND = args.backend as "cuda" | "cpu";
 if (!(args.shape! in SHAPES)) throw new RangeError(`--shape must be one of ${Object.keys(SHAPES).join(", ")} (got ${args.shape})`);
 const SHAPE = SHAPES[args.shape as keyof typeof SHAPES];
-args.dir ||= SHAPE.dir;
 const LAYERS = args.layers ? Number(args.layers) : SHAPE.layers;
+// A folder per layer count: a folder written with other layers would load with its own count.
+args.dir ||= LAYERS === SHAPE.layers ? SHAPE.dir : `${SHAPE.dir}-${LAYERS}l`;
 const STEPS = Number(args.steps);
 const HBM_GBPS = Number(args["hbm-gbps"]);
 const profileSteps = Number(args["profile-steps"]);
@@ -523,7 +526,7 @@ for (const t of args.prefill ? args.prefill.split(",").map(Number) : []) {
 
 // ---- --grow: long sessions, hierarchical selection off and on ----------------------------------
 
-interface GrowPoint { batch: number; context: number; hierarchical: string; stepMs?: number; minMs?: number; maxMs?: number; drainMs?: number; recallMBPerStep?: number; corrections?: number; error?: string }
+interface GrowPoint { batch: number; context: number; feed: string; hierarchical: string; stepMs?: number; minMs?: number; maxMs?: number; drainMs?: number; recallMBPerStep?: number; corrections?: number; error?: string }
 interface GrowMemory { batch: number; context: number; fillS: number; shmUsedGiB: number; shmBytesPerToken: number; vmPteKiB: number; rssGiB: number }
 
 function procStatusKiB(field: string): number {
@@ -559,6 +562,10 @@ function growTemplates(chunk: number, iid: boolean): Float32Array[] {
   return out;
 }
 
+/** --grow-band: the feeds timed at every checkpoint, "argmax" or a calibration band (checked here, before any fill). */
+const growFeeds = (args["grow-band"] || "argmax").split(",").map((f) => f.trim());
+for (const f of growFeeds) if (f !== "argmax") bandStart(Number(f));
+
 async function grow(engine: Engine, model: Model, spec: string): Promise<{ points: GrowPoint[]; memory: GrowMemory[] }> {
   const points: GrowPoint[] = [], memory: GrowMemory[] = [];
   const chunk = 4096, row = HKV * D;
@@ -573,16 +580,15 @@ async function grow(engine: Engine, model: Model, spec: string): Promise<{ point
     const [bs, cs] = part.split(":");
     const batch = Number(bs), contexts = cs.split("/").map(Number);
     if (!Number.isInteger(batch) || batch < 1 || !contexts.every((c) => Number.isInteger(c) && c > 0)) throw new RangeError(`--grow: bad part ${part}`);
-    const perCheckpoint = 2 * (3 + STEPS) + 8;
+    const perCheckpoint = growFeeds.length * 2 * (3 + STEPS) + 8;
     const capacity = Math.max(...contexts) + perCheckpoint * contexts.length + 64;
     const sessions: LocalSession[] = [];
     const shm0 = shmUsed();
     try {
       for (let b = 0; b < batch; b++) sessions.push(createLocalSession(engine, geo, r, capacity));
-      const growBand = args["grow-band"] ? bandStart(Number(args["grow-band"])) : undefined;
       let growSeed = 12345;
-      const growToken = () => growBand! + (((growSeed = (Math.imul(growSeed, 1103515245) + 12345) >>> 0) >>> 16) % BAND_ROWS);
-      let tokens = Int32Array.from(sessions.map((_, b) => (growBand === undefined ? (b * 7919 + 13) % V : growToken())));
+      const growToken = (band: number) => band + (((growSeed = (Math.imul(growSeed, 1103515245) + 12345) >>> 0) >>> 16) % BAND_ROWS);
+      let tokens = Int32Array.from(sessions.map((_, b) => (b * 7919 + 13) % V));
       for (const ctx of contexts) {
         // Fill every session to ctx tokens (the decode steps before added some already).
         const f0 = performance.now();
@@ -604,8 +610,9 @@ async function grow(engine: Engine, model: Model, spec: string): Promise<{ point
         const mem: GrowMemory = { batch, context: ctx, fillS, shmUsedGiB: used / 2 ** 30, shmBytesPerToken: used / (batch * ctx), vmPteKiB: procStatusKiB("VmPTE"), rssGiB: procStatusKiB("VmRSS") / 2 ** 20 };
         memory.push(mem);
         log(`grow b${batch} filled to ${ctx} in ${fillS.toFixed(1)} s: /dev/shm +${mem.shmUsedGiB.toFixed(2)} GiB (${mem.shmBytesPerToken.toFixed(0)} B/token), VmPTE ${mem.vmPteKiB} KiB, RSS ${mem.rssGiB.toFixed(2)} GiB`);
-        for (const hier of ["off", "on"] as const) {
-          const gp: GrowPoint = { batch, context: ctx, hierarchical: hier };
+        for (const [feed, hier] of growFeeds.flatMap((f) => (["off", "on"] as const).map((h) => [f, h] as const))) {
+          const growBand = feed === "argmax" ? undefined : bandStart(Number(feed));
+          const gp: GrowPoint = { batch, context: ctx, feed, hierarchical: hier };
           try {
             engine.setHierarchicalSelection(hier);
             const ids = Int32Array.from(sessions.map((s) => s.session));
@@ -619,7 +626,7 @@ async function grow(engine: Engine, model: Model, spec: string): Promise<{ point
               const next = new Int32Array(batch);
               for (let b = 0; b < batch; b++) {
                 if (growBand !== undefined) {
-                  next[b] = growToken();
+                  next[b] = growToken(growBand);
                   continue;
                 }
                 let best = 0;
@@ -642,14 +649,14 @@ async function grow(engine: Engine, model: Model, spec: string): Promise<{ point
             gp.error = (e as Error).message;
           }
           points.push(gp);
-          log(`grow b${batch} ctx ${ctx} hierarchical ${hier}: ` + (gp.error ? `error: ${gp.error}` : `${gp.stepMs!.toFixed(2)} ms/step (min ${gp.minMs!.toFixed(2)}, max ${gp.maxMs!.toFixed(2)}), drain ${gp.drainMs!.toFixed(2)} ms, recall ${gp.recallMBPerStep!.toFixed(1)} MB/step, corrections ${(100 * gp.corrections!).toFixed(1)}%`));
+          log(`grow b${batch} ctx ${ctx} ${feed === "argmax" ? "argmax" : "band " + feed} hierarchical ${hier}: ` + (gp.error ? `error: ${gp.error}` : `${gp.stepMs!.toFixed(2)} ms/step (min ${gp.minMs!.toFixed(2)}, max ${gp.maxMs!.toFixed(2)}), drain ${gp.drainMs!.toFixed(2)} ms, recall ${gp.recallMBPerStep!.toFixed(1)} MB/step, corrections ${(100 * gp.corrections!).toFixed(1)}%`));
         }
         engine.setHierarchicalSelection("auto");
-        writeFileSync(join(args.out!, "runner-grow.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, layers: LAYERS, steps: STEPS, keys: args["grow-keys"], band: args["grow-band"] || "argmax", points, memory }, null, 2));
+        writeFileSync(join(args.out!, "runner-grow.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, layers: LAYERS, steps: STEPS, keys: args["grow-keys"], feeds: growFeeds, points, memory }, null, 2));
       }
     } catch (e) {
       log(`grow b${batch}: error: ${(e as Error).message}`);
-      points.push({ batch, context: -1, hierarchical: "", error: (e as Error).message });
+      points.push({ batch, context: -1, feed: "", hierarchical: "", error: (e as Error).message });
     } finally {
       for (const s of sessions) await s.close();
     }
@@ -666,7 +673,7 @@ if (args.grow) {
     const on = g.points.find((q) => q.batch === p.batch && q.context === p.context && q.hierarchical === "on");
     log(`| ${p.batch} | ${p.context} | ${p.stepMs?.toFixed(2) ?? p.error} | ${on?.stepMs?.toFixed(2) ?? on?.error} | ${p.stepMs && on?.stepMs ? (on.stepMs / p.stepMs).toFixed(2) : ""} |`);
   }
-  writeFileSync(join(args.out!, "runner-grow.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, layers: LAYERS, steps: STEPS, keys: args["grow-keys"], band: args["grow-band"] || "argmax", ...g }, null, 2));
+  writeFileSync(join(args.out!, "runner-grow.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, layers: LAYERS, steps: STEPS, keys: args["grow-keys"], feeds: growFeeds, ...g }, null, 2));
   process.exit(0);
 }
 

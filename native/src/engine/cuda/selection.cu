@@ -171,6 +171,38 @@ __device__ __forceinline__ ScoreView ViewOf(const SelectionParams& p, int h) {
 // Batched: item blockIdx.z of `items`. A (page, query head)'s float score does not depend on where
 // it sits in the warp or on the pass (same products, maxima and lane order, the butterfly's
 // pairing is the same for every value): the passes' scores are comparable bit for bit.
+//
+// A warp scores groups of kPagesPerWarp pages: group w, w + W, w + 2W, ... (W: the grid's warps per
+// KV head), with the next group's summaries loaded before the current one is reduced, so that a
+// warp keeps 2 x 4 KB of loads in flight and the per-warp set-up (the head mask, the queries) is
+// paid once per warp rather than once per 4 pages. ScoreLaunch sizes the grid to one wave of the
+// device (ScoreGridBlocks); SelectionParams::score_grid 1 gives every group a warp of its own (one
+// round each: the launch before, kept for the benchmark's comparison).
+template <int NCH>
+struct PageRows {
+  float4 hi[kPagesPerWarp][NCH], lo[kPagesPerWarp][NCH];
+};
+
+template <int NCH>
+__device__ __forceinline__ void LoadGroup(const ScoreView& view, int kv_heads, int h, int D4, int lane, int grp,
+                                          int groups, PageRows<NCH>& r) {
+  const int m0 = grp * kPagesPerWarp;
+#pragma unroll
+  for (int u = 0; u < kPagesPerWarp; ++u) {
+    const int m = m0 + u;
+    const bool in = grp < groups && m < view.M;
+    const int page = !in ? 0 : view.list ? view.list[m] : view.first_page + m;
+    const float4* s = reinterpret_cast<const float4*>(view.summaries + ((size_t)page * kv_heads + h) * 2 * (D4 * 4));
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      const int d4 = lane + 32 * c;
+      const bool ok = in && d4 < D4;
+      r.hi[u][c] = ok ? __ldg(s + d4) : make_float4(0.f, 0.f, 0.f, 0.f);
+      r.lo[u][c] = ok ? __ldg(s + D4 + d4) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+}
+
 template <int NCH, int MAXG, bool kBatch, int PASS>
 __global__ void __launch_bounds__(kScoreThreads)
     SelectionScoreKernel(const SelectionParams p0, const SelectionParams* items) {
@@ -181,8 +213,9 @@ __global__ void __launch_bounds__(kScoreThreads)
   const ScoreView view = ViewOf<PASS>(p, h);
   const int G = p.q_heads / p.kv_heads, D = p.head_dim, M = view.M, D4 = D / 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int m0 = blockIdx.x * kPagesPerBlock + warp * kPagesPerWarp;
-  if (m0 >= M) return;  // whole warps leave together
+  const int groups = (M + kPagesPerWarp - 1) / kPagesPerWarp;
+  const int first = blockIdx.x * kScoreWarps + warp, step = gridDim.x * kScoreWarps;
+  if (first >= groups) return;  // whole warps leave together
   float* raw = view.raw;
   for (int g0 = 0; g0 < G; g0 += MAXG) {
     float4 q[MAXG][NCH];
@@ -195,47 +228,41 @@ __global__ void __launch_bounds__(kScoreThreads)
                       ? reinterpret_cast<const float4*>(p.q + ((size_t)h * G + g0 + g) * D)[d4]
                       : make_float4(0.f, 0.f, 0.f, 0.f);
       }
-    float4 hi[kPagesPerWarp][NCH], lo[kPagesPerWarp][NCH];
+    PageRows<NCH> cur;
+    LoadGroup<NCH>(view, p.kv_heads, h, D4, lane, first, groups, cur);
+    for (int grp = first; grp < groups; grp += step) {
+      PageRows<NCH> next;
+      LoadGroup<NCH>(view, p.kv_heads, h, D4, lane, grp + step, groups, next);  // zeros past the end
+      const int m0 = grp * kPagesPerWarp;
+      float v[kPagesPerWarp * MAXG];
 #pragma unroll
-    for (int u = 0; u < kPagesPerWarp; ++u) {
-      const int m = m0 + u, mm = m < M ? m : m0;
-      const int page = view.list ? view.list[mm] : view.first_page + mm;
-      const float4* s = reinterpret_cast<const float4*>(view.summaries + ((size_t)page * p.kv_heads + h) * 2 * D);
+      for (int u = 0; u < kPagesPerWarp; ++u)
 #pragma unroll
-      for (int c = 0; c < NCH; ++c) {
-        const int d4 = lane + 32 * c;
-        const bool ok = m < M && d4 < D4;
-        hi[u][c] = ok ? __ldg(s + d4) : make_float4(0.f, 0.f, 0.f, 0.f);
-        lo[u][c] = ok ? __ldg(s + D4 + d4) : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-    }
-    float v[kPagesPerWarp * MAXG];
+        for (int g = 0; g < MAXG; ++g) {
+          float a = 0.f;
 #pragma unroll
-    for (int u = 0; u < kPagesPerWarp; ++u)
-#pragma unroll
-      for (int g = 0; g < MAXG; ++g) {
-        float a = 0.f;
-#pragma unroll
-        for (int c = 0; c < NCH; ++c) {
-          const float4 qq = q[g][c], hh = hi[u][c], ll = lo[u][c];
-          a += fmaxf(qq.x * hh.x, qq.x * ll.x);
-          a += fmaxf(qq.y * hh.y, qq.y * ll.y);
-          a += fmaxf(qq.z * hh.z, qq.z * ll.z);
-          a += fmaxf(qq.w * hh.w, qq.w * ll.w);
+          for (int c = 0; c < NCH; ++c) {
+            const float4 qq = q[g][c], hh = cur.hi[u][c], ll = cur.lo[u][c];
+            a += fmaxf(qq.x * hh.x, qq.x * ll.x);
+            a += fmaxf(qq.y * hh.y, qq.y * ll.y);
+            a += fmaxf(qq.z * hh.z, qq.z * ll.z);
+            a += fmaxf(qq.w * hh.w, qq.w * ll.w);
+          }
+          v[u * MAXG + g] = a;
         }
-        v[u * MAXG + g] = a;
-      }
-    constexpr int NV = kPagesPerWarp * MAXG;
-    constexpr int NKEEP = NV > 32 ? NV / 32 : 1;
-    constexpr int kDup = NV >= 32 ? 1 : 32 / NV;
-    int base = 0;
-    Butterfly<NV, 16>(v, lane, base);
-    if ((lane & (kDup - 1)) == 0) {
+      constexpr int NV = kPagesPerWarp * MAXG;
+      constexpr int NKEEP = NV > 32 ? NV / 32 : 1;
+      constexpr int kDup = NV >= 32 ? 1 : 32 / NV;
+      int base = 0;
+      Butterfly<NV, 16>(v, lane, base);
+      if ((lane & (kDup - 1)) == 0) {
 #pragma unroll
-      for (int c = 0; c < NKEEP; ++c) {
-        const int j = base + c, u = j / MAXG, g = j % MAXG, m = m0 + u;
-        if (g0 + g < G && m < M) raw[(size_t)(g0 + g) * view.stride + m] = v[c];
+        for (int c = 0; c < NKEEP; ++c) {
+          const int j = base + c, u = j / MAXG, g = j % MAXG, m = m0 + u;
+          if (g0 + g < G && m < M) raw[(size_t)(g0 + g) * view.stride + m] = v[c];
+        }
       }
+      cur = next;
     }
   }
 }
@@ -864,9 +891,39 @@ struct ScoreLaunch {
   int pass = kPassPages;
   template <int NCH, int MAXG, int PASS>
   void Launch() const {
-    const dim3 grid((m + kPagesPerBlock - 1) / kPagesPerBlock, p.kv_heads, count);
-    if (items) SelectionScoreKernel<NCH, MAXG, true, PASS><<<grid, kScoreThreads, 0, stream>>>(p, items);
-    else SelectionScoreKernel<NCH, MAXG, false, PASS><<<grid, kScoreThreads, 0, stream>>>(p, nullptr);
+    const int needed = (m + kPagesPerBlock - 1) / kPagesPerBlock;
+    if (items) {
+      auto* kernel = SelectionScoreKernel<NCH, MAXG, true, PASS>;
+      const dim3 grid(ScoreGridBlocks(reinterpret_cast<const void*>(kernel), needed), p.kv_heads, count);
+      kernel<<<grid, kScoreThreads, 0, stream>>>(p, items);
+    } else {
+      auto* kernel = SelectionScoreKernel<NCH, MAXG, false, PASS>;
+      const dim3 grid(ScoreGridBlocks(reinterpret_cast<const void*>(kernel), needed), p.kv_heads, count);
+      kernel<<<grid, kScoreThreads, 0, stream>>>(p, nullptr);
+    }
+  }
+  // Blocks per (KV head, item): one wave of the device over all of them (the warps then loop over
+  // the pages), or `needed` (a warp per group of pages) when that is fewer or score_grid is 1. The
+  // count depends only on the shape and the device, so a graphed step's launch stays the same.
+  int ScoreGridBlocks(const void* kernel, int needed) const {
+    if (p.score_grid == 1) return needed;
+    const int wave = WaveBlocks(kernel);
+    return std::max(1, std::min(needed, wave / std::max(1, p.kv_heads * count)));
+  }
+  static int WaveBlocks(const void* kernel) {
+    static std::mutex mu;
+    static std::vector<std::pair<std::pair<int, const void*>, int>> known;
+    int dev = 0;
+    FKV_CUDA_CHECK(cudaGetDevice(&dev));
+    std::lock_guard<std::mutex> lock(mu);
+    for (const auto& e : known)
+      if (e.first.first == dev && e.first.second == kernel) return e.second;
+    int sms = 0, per_sm = 0;
+    FKV_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    FKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kScoreThreads, 0));
+    const int wave = std::max(1, sms * std::max(1, per_sm));
+    known.push_back({{dev, kernel}, wave});
+    return wave;
   }
   template <int NCH, int MAXG>
   void Go() const {

@@ -61,6 +61,9 @@ struct SelectionParams {
   void* workspace = nullptr;
   // 1: the top-k in one block per KV head at any length (benchmarks compare the two ways).
   int topk_single = 0;
+  // 1: the scoring launches a warp per 4 pages instead of one wave of the device whose warps loop
+  // over the pages (benchmarks compare the two; the scores are the same bit for bit).
+  int score_grid = 0;
 };
 
 size_t SelectionScratchBytes(const SelectionParams& p);
