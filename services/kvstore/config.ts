@@ -22,7 +22,7 @@ export const kvstoreConfigSchema = z.object({
   FREEKV_DIRECTORY_PREFIX: z.string().min(1).default("freekv:"),
   /** How often the session directory is pinged; health is NOT_SERVING while it does not answer. */
   FREEKV_DIRECTORY_PROBE_MS: positiveInt(1000),
-  /** Bytes of shared memory all sessions may commit; 0 = defaultCapacity() at start. */
+  /** Bytes of shared memory all sessions may commit; 0 = defaultCapacity() at start (with the adopted sessions' bytes). */
   FREEKV_KVSTORE_CAPACITY_BYTES: nonNegativeInt(0),
   /** Tokens of context a session's memory grows by (its reservation is a multiple, capped by its max context). */
   FREEKV_KVSTORE_EXTENT_TOKENS: positiveInt(2048),
@@ -76,9 +76,17 @@ export function memoryLimitBytes(): number {
  * than this process's memory limit less 512 MiB for its own working set. The kvstore allocates
  * what it counts (its reservations), and a tmpfs larger than memory fails with the OOM killer
  * instead of ENOSPC, so the memory bounds the default too.
+ *
+ * `shmFree` is measured at start, before the sessions a previous kvstore process kept are adopted
+ * (KvStore.adopt). Their memory is already missing from that free space, and adopt() counts their
+ * reservations as used again; so `adoptedBytes`, the adopted reservations' bytes that free space
+ * left out, are added back to it: capacity = free space at start + adopted bytes, which leaves a
+ * restarted kvstore as much room for new reservations as it had before the restart (without them
+ * the adopted sessions counted twice). The memory limit is a total, not what is free: the adopted
+ * sessions' memory is part of what it bounds, so they stay counted against it as used.
  */
-export function defaultCapacity(): number {
-  return Math.max(0, Math.min(shmFreeBytes(), memoryLimitBytes() - 512 * 2 ** 20));
+export function defaultCapacity(adoptedBytes = 0, shmFree = shmFreeBytes(), memoryLimit = memoryLimitBytes()): number {
+  return Math.max(0, Math.min(shmFree + adoptedBytes, memoryLimit - 512 * 2 ** 20));
 }
 
 export function shmFreeBytes(): number {

@@ -12,7 +12,7 @@ import { bindServer, installDrain } from "../common/lifecycle.js";
 import { createLogger } from "../common/log.js";
 import { createRegistry, startMetricsServer } from "../common/metrics.js";
 import { addReflection } from "../common/reflection.js";
-import { defaultCapacity, kvstoreConfigSchema } from "./config.js";
+import { defaultCapacity, kvstoreConfigSchema, shmFreeBytes } from "./config.js";
 import { openDirectory, type SessionDirectory } from "./directory.js";
 import { watchDirectory } from "./directory-health.js";
 import { createKvStoreMetrics } from "./metrics.js";
@@ -55,11 +55,16 @@ async function main(): Promise<void> {
   const keep = await directorySegmentNames(directory).catch(() => undefined);
   const swept = keep ? sweepStaleSegments(keep) : [];
   if (swept.length) log.info({ removed: swept.length, segments: swept }, "removed session segments left by a kvstore process that is gone");
-  const capacity = config.FREEKV_KVSTORE_CAPACITY_BYTES || defaultCapacity();
-  const store = new KvStore(directory, capacity, log, metrics, false, config.FREEKV_KVSTORE_EXTENT_TOKENS, config.FREEKV_KVSTORE_COMMIT_THREADS);
+  // A capacity left to the default follows the free space of /dev/shm, measured here, before the
+  // adoption: the adopted sessions' memory is missing from it and adopt() counts it as used, so
+  // adopt() adds their bytes back (defaultCapacity) and they count once.
+  const fixedCapacity = config.FREEKV_KVSTORE_CAPACITY_BYTES;
+  const shmFree = fixedCapacity ? 0 : shmFreeBytes();
+  const store = new KvStore(directory, fixedCapacity || defaultCapacity(0, shmFree), log, metrics, false, config.FREEKV_KVSTORE_EXTENT_TOKENS, config.FREEKV_KVSTORE_COMMIT_THREADS);
   allocatedSource = () => store.allocatedBytes();
+  const adopted = await store.adopt(fixedCapacity ? undefined : (adoptedBytes) => defaultCapacity(adoptedBytes, shmFree));
+  const capacity = store.capacityBytes;
   metrics.capacityBytes.set(capacity);
-  const adopted = await store.adopt();
   const scrubber = new Scrubber(store, { bytesPerSecond: config.FREEKV_SCRUB_BYTES_PER_S, log, metrics });
   store.scrubber = scrubber;
   scrubber.start();

@@ -73,9 +73,12 @@ export class KvStore implements ScrubHost {
   /** Sessions being created (counted, not live yet). */
   private readonly creatingLive = new Set<Live>();
 
+  /** Bytes all sessions may hold (see capacityBytes). */
+  private capacity: number;
+
   constructor(
     private readonly directory: SessionDirectory,
-    readonly capacityBytes: number,
+    capacityBytes: number,
     private readonly log: Logger,
     private readonly metrics?: KvStoreMetrics,
     /** Segment names carry the session id (an in-process store, whose ids are its own). */
@@ -86,6 +89,12 @@ export class KvStore implements ScrubHost {
     readonly commitThreads = 0,
   ) {
     if (!Number.isInteger(extentTokens) || extentTokens < 1) throw new RangeError(`extentTokens must be an integer >= 1, got ${extentTokens}`);
+    this.capacity = capacityBytes;
+  }
+
+  /** Bytes of shared memory all sessions may hold together; fixed once adopt() has run. */
+  get capacityBytes(): number {
+    return this.capacity;
   }
 
   /** Called when a directory operation fails (the process reports NOT_SERVING until the directory answers again). */
@@ -130,9 +139,18 @@ export class KvStore implements ScrubHost {
     return n;
   }
 
-  /** Maps the segments of sessions a previous kvstore process kept (persistent directory only). */
-  async adopt(): Promise<number> {
+  /**
+   * Maps the segments of sessions a previous kvstore process kept (persistent directory only) and
+   * counts their reservations as used. `capacityFor` (a capacity that follows the free space of
+   * /dev/shm measured before this call: config.ts defaultCapacity) then sets the capacity from the
+   * adopted bytes that free space already left out: per session the bytes counted for it, or the
+   * bytes its segments held when opened if fewer (a background commit the previous process did not
+   * finish; the rest is allocated here, out of the space measured free). So those bytes count once,
+   * as used, and not a second time as missing from the free space.
+   */
+  async adopt(capacityFor?: (adoptedBytes: number) => number): Promise<number> {
     let adopted = 0;
+    let adoptedBytes = 0;
     for (const id of await this.directory.list()) {
       const rec = await this.directory.get(id);
       if (!rec) continue;
@@ -145,9 +163,12 @@ export class KvStore implements ScrubHost {
         const bytes = reservedBytes(layout, rec.geometry.layers, reservedPages);
         const l: Live = { record: rec, segments, layout, reservedPages, bytes };
         if (loadShm().manifestCorrupt(segments.manifest.buffer())) l.corrupt = this.corruptError(id, "marked corrupt by the kvstore before this one");
+        // What the segments hold now, before the commit below allocates what is missing.
+        const held = heldBytes(segments);
         this.live.set(id, l);
         this.usedBytes += bytes;
         adopted++;
+        adoptedBytes += Math.min(bytes, held);
         // A background commit (caller_commits) the previous process did not finish: what it left
         // is committed now (pages already there are kept as they are).
         await segments.store.allocateAsync(offsetLengths(storeRanges(layout, rec.geometry.layers, reservedPages)), this.commitThreads).catch((e: Error) => {
@@ -162,6 +183,12 @@ export class KvStore implements ScrubHost {
         this.log.warn({ session: id, err: (e as Error).message }, "dropping a directory entry whose segments are gone or unreadable");
         await this.directory.delete(id);
       }
+    }
+    if (capacityFor) {
+      const c = capacityFor(adoptedBytes);
+      if (!Number.isSafeInteger(c) || c < 0) throw new RangeError(`the capacity must be an integer >= 0, got ${c}`);
+      this.capacity = c;
+      this.log.info({ adopted, adoptedBytes, capacityBytes: c }, "capacity set from the free shared memory at start and the adopted sessions' bytes");
     }
     this.updateGauges();
     return adopted;
@@ -779,6 +806,17 @@ export class KvStore implements ScrubHost {
     this.usedBytes = 0;
     await this.directory.close();
   }
+}
+
+/** Bytes a session's segments hold (st_blocks); Infinity when one cannot be read (then its counted bytes are taken). */
+function heldBytes(s: SessionSegments): number {
+  let n = 0;
+  try {
+    for (const k of SEGMENT_KINDS) n += s[k].allocatedBytes();
+  } catch {
+    return Infinity;
+  }
+  return n;
 }
 
 /** Gives back ranges allocated for a reservation that did not happen. */

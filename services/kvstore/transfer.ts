@@ -15,7 +15,8 @@
  * byte counts against the layout, then the free capacity), makes and counts the segments, writes
  * each chunk where the stream order says it goes (a chunk out of order, out of bounds or of the
  * wrong size is INVALID_ARGUMENT; a chunk whose CRC32C differs is DATA_LOSS), and at the digest
- * recomputes it from the bytes now in its own segments (DATA_LOSS when it differs) and checks the
+ * recomputes it from the bytes now in its own segments, read in pieces of DIGEST_PIECE_BYTES (a
+ * layer can be more than one ArrayBuffer holds; DATA_LOSS when it differs) and checks the
  * manifest against the pages sent. The session becomes visible (directory, ListSessions,
  * AttachSession) only when the stream ends after a verified digest; an error, a cancelled stream,
  * a deadline, a stream that ends early or sends anything after the digest removes the segments.
@@ -92,22 +93,56 @@ function regions(maps: Mappings, layerStride: number, pageBytes: number, pages: 
 }
 
 /**
- * The tail and manifest are mapped whole once; the store, which can be larger than the 4 GiB one
- * ArrayBuffer covers (an 8B model's 32K session), is reached a range at a time: one ArrayBuffer
- * per layer when the layer's exported pages fit in one, else one per chunk.
+ * The manifest is mapped whole once (the native readManifest takes one ArrayBuffer; createSegments
+ * maps it whole too). The store, which can be larger than the 4 GiB one ArrayBuffer covers (an 8B
+ * model's 32K session), and the tail (layers x one page: large only for large pages and heads) are
+ * reached a range at a time: one ArrayBuffer per region when the region fits in MAX_RANGE, else
+ * one per chunk (and one per digest piece).
  */
 interface Mappings {
   store: ShmSegment;
-  tail: ArrayBuffer;
+  tail: ShmSegment;
   manifest: ArrayBuffer;
 }
 
-const mappings = (s: SessionSegments): Mappings => ({ store: s.store, tail: s.tail.buffer(), manifest: s.manifest.buffer() });
+const mappings = (s: SessionSegments): Mappings => ({ store: s.store, tail: s.tail, manifest: s.manifest.buffer() });
 
 const isSegment = (b: ArrayBuffer | ShmSegment): b is ShmSegment => typeof (b as ShmSegment).crc32cPages === "function";
 
-/** Largest range taken as one ArrayBuffer. */
+/**
+ * Largest range taken as one ArrayBuffer. The hard limit is Node's: an ArrayBuffer (and so
+ * ShmSegment.buffer(), an external ArrayBuffer made through N-API) holds at most
+ * buffer.constants.MAX_LENGTH bytes: 2^32 on Node 20 (V8 11.3), where ShmSegment.buffer() of more
+ * throws ERR_BUFFER_TOO_LARGE ("Cannot create a Buffer larger than 0x100000000 bytes"), which a
+ * call answers as INTERNAL. A typed array over it has the same bound; the native crc32c itself
+ * takes any size.
+ */
 const MAX_RANGE = 2 ** 31;
+
+/**
+ * Bytes the import's digest checksums per call: it reads a region (a layer's pages can be many
+ * GiB) in pieces of this size, never as one buffer past MAX_RANGE.
+ */
+export const DIGEST_PIECE_BYTES = 64 << 20;
+
+/**
+ * CRC32C of bytes [base, base + bytes) of `source` (a mapped ArrayBuffer or a segment), continuing
+ * from `seed`, read `pieceBytes` at a time: the same value as one pass over the whole range
+ * (CRC32C chains: crc32c(b, crc32c(a)) === crc32c(a ++ b)), but no buffer covers more than
+ * `pieceBytes`, so a range past the ArrayBuffer limit (MAX_RANGE) is checksummed too. A segment's
+ * piece is mapped on its own (ShmSegment.buffer(offset, length)); an ArrayBuffer's is a view.
+ */
+export function crc32cPiecewise(source: ArrayBuffer | ShmSegment, base: number, bytes: number, seed = 0, pieceBytes = DIGEST_PIECE_BYTES): number {
+  if (!Number.isSafeInteger(pieceBytes) || pieceBytes < 1 || pieceBytes > MAX_RANGE) throw new RangeError(`pieceBytes must be an integer in [1, ${MAX_RANGE}], got ${pieceBytes}`);
+  if (!Number.isSafeInteger(base) || base < 0 || !Number.isSafeInteger(bytes) || bytes < 0) throw new RangeError(`base and bytes must be integers >= 0, got ${base} and ${bytes}`);
+  let crc = seed >>> 0;
+  for (let off = 0; off < bytes; off += pieceBytes) {
+    const n = Math.min(pieceBytes, bytes - off);
+    const piece = isSegment(source) ? new Uint8Array(source.buffer(base + off, n)) : new Uint8Array(source, base + off, n);
+    crc = crc32c(piece, crc);
+  }
+  return crc;
+}
 
 const view = (r: Region, offset: number, n: number): Uint8Array => {
   if (!isSegment(r.buffer)) return new Uint8Array(r.buffer, r.base + offset, n);
@@ -154,6 +189,8 @@ export async function exportSession(
       manifestBytes: layout.manifestBytes,
     };
     await emit({ item: { $case: "header", value: header } });
+    // Chained chunk by chunk: no read here covers more than a chunk (a region past MAX_RANGE is
+    // mapped a chunk at a time by view), whatever the size of a layer.
     let digest = crc32c(rec.metadata);
     let dataBytes = 0;
     let chunks = 0;
@@ -174,6 +211,11 @@ export async function exportSession(
   });
 }
 
+export interface SessionImportOptions {
+  /** Bytes the digest checksums per call (crc32cPiecewise); DIGEST_PIECE_BYTES when left out. */
+  digestPieceBytes?: number;
+}
+
 /**
  * The receiving side of one import: takes the stream's messages one by one (`take`), then
  * `finish` once the stream ended; `abort` on any failure. Every size is checked before memory is
@@ -189,7 +231,10 @@ export class SessionImport {
   private chunks = 0;
   private digested = false;
 
-  constructor(private readonly store: KvStore) {}
+  constructor(
+    private readonly store: KvStore,
+    private readonly options: SessionImportOptions = {},
+  ) {}
 
   get sessionId(): string | undefined {
     return this.header?.sessionId;
@@ -272,9 +317,10 @@ export class SessionImport {
       throw invalidArgument("digest", `before all data: ${partName(r.part)}${r.part === SessionPart.SESSION_PART_STORE ? ` layer ${r.layer}` : ""} has ${this.offset} of ${r.bytes} bytes`);
     }
     if (d.dataBytes !== this.dataBytes || d.chunks !== this.chunks) throw dataLoss(`digest: the sender sent ${d.dataBytes} bytes in ${d.chunks} chunks, ${this.dataBytes} bytes in ${this.chunks} chunks arrived`);
-    // Recomputed from the segments: what this kvstore holds now, not what it was sent.
+    // Recomputed from the segments: what this kvstore holds now, not what it was sent; a region at a
+    // time and each in pieces (a layer's pages can be more than one ArrayBuffer holds).
     let crc = crc32c(this.header!.metadata);
-    for (const r of this.plan) crc = crc32c(view(r, 0, r.bytes), crc);
+    for (const r of this.plan) crc = crc32cPiecewise(r.buffer, r.base, r.bytes, crc, this.options.digestPieceBytes);
     if (crc !== d.crc32c >>> 0) throw dataLoss(`digest: the session's CRC32C is ${crc.toString(16)} here, ${(d.crc32c >>> 0).toString(16)} at the sender; nothing was imported`);
     const h = this.header!;
     const m = loadShm().readManifest(this.plan[this.plan.length - 1].buffer as ArrayBuffer, h.exportedPages.length);
@@ -307,7 +353,7 @@ export class SessionImport {
 
 const resultOf = (code: number) => (code === status.OK ? "ok" : (status[code] ?? String(code)).toLowerCase());
 
-export function transferService(store: KvStore, log: Logger, metrics?: TransferMetrics): KvStoreTransferServiceServer {
+export function transferService(store: KvStore, log: Logger, metrics?: TransferMetrics, options: SessionImportOptions = {}): KvStoreTransferServiceServer {
   return {
     exportSession(call: ServerWritableStream<ExportSessionRequest, ExportSessionResponse>) {
       const scope = callScope(call);
@@ -331,7 +377,7 @@ export function transferService(store: KvStore, log: Logger, metrics?: TransferM
     },
     importSession(call: ServerReadableStream<ImportSessionRequest, ImportSessionResponse>, callback: sendUnaryData<ImportSessionResponse>) {
       const scope = callScope(call);
-      const imp = new SessionImport(store);
+      const imp = new SessionImport(store, options);
       const t0 = performance.now();
       consume(call, scope.signal, (m) => imp.take(m))
         .then(() => imp.finish())
