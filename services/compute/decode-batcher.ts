@@ -49,11 +49,17 @@ export interface BatchPolicy<I extends BatchItem<R>, R> {
    */
   eager?: boolean;
   /**
-   * Before the call: e.g. lock the sessions and reject the items that may no longer run. Returns
-   * the items to call with and what to do once they are settled.
+   * Before the call: e.g. reject the items that may no longer run (a closed session). Returns the
+   * items to call with and what to do once they are settled. Batches run one at a time, so it must
+   * not wait for anything that may take long, such as a session lock held elsewhere: that would
+   * hold up the other items of the batch and every batch behind it. A policy that locks sessions
+   * takes each item's lock before it submits the item (AttentionBatcher).
    */
   admit?(items: I[]): Promise<{ items: I[]; release(): void }>;
-  /** A call that threw; by default every item of the batch fails with its error. */
+  /**
+   * A call that threw; by default every item of the batch fails with its error. It may submit
+   * items again instead (e.g. marked `alone`, to run one by one).
+   */
   failed?(items: I[], e: unknown): void;
   /** After every successful call (metrics). */
   observe?(items: I[], batch: BatchInfo): void;

@@ -54,13 +54,3 @@ export class AsyncLock {
     }
   }
 }
-
-/** Acquires several locks in a fixed order (by key) so batched calls cannot deadlock. */
-export async function acquireAll(locks: Array<{ key: string; lock: AsyncLock }>): Promise<() => void> {
-  const sorted = [...locks].sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
-  const releases: Array<() => void> = [];
-  for (const l of sorted) releases.push(await l.lock.acquire());
-  return () => {
-    for (const r of releases.reverse()) r();
-  };
-}
