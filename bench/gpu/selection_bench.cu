@@ -3,7 +3,7 @@
 // 32 tokens, 32 pages selected (1024 tokens), candidates = the context's pages less 16 sink and
 // 16 window pages; contexts 8K .. 1M tokens.
 //
-// Summaries (fp32 holding bf16 bounds, as the engine keeps them), per KV head and channel:
+// Summaries (bf16 bounds, as the engine keeps them), per KV head and channel:
 //   walk:     a slow random walk of the page centre (keys drift, as real keys do) +- a spread;
 //   iid:      every page's bounds drawn independently (nothing prunes: the worst case);
 //   tied:     walk, but every 5th page repeats (whole groups tie: the lower page must win);
@@ -61,7 +61,7 @@ std::vector<float> MakeSummaries(int pages, const std::string& kind, uint64_t se
                   sizeof(float) * kHkv * 2 * kD);
   if (kind == "outlier")
     for (int p = 7; p < pages; p += std::max(1, pages / 9))
-      for (int h = 0; h < kHkv; ++h) s[((size_t)p * kHkv + h) * 2 * kD + (p % kD)] = 1e4f;
+      for (int h = 0; h < kHkv; ++h) s[((size_t)p * kHkv + h) * 2 * kD + (p % kD)] = fc::Bf16RoundUp(1e4f);
   return s;
 }
 
@@ -169,12 +169,19 @@ void RunSelection(Bench& B) {
       if (!B.TimeLeft(4)) break;
       const std::vector<float> s = MakeSummaries(pages, kind, 1000 + ctx + kind.size());
       const std::vector<float> hg = HostGroups(s, pages);
-      Dev<float> ds(s.size()), dg(hg.size());
-      CK(cudaMemcpy(ds.p, s.data(), s.size() * sizeof(float), cudaMemcpyHostToDevice));
+      // The device keeps the bounds as bf16 (summary.cuh); they are bf16 values, so the copy is exact.
+      // Uploaded on the benchmark's stream (non-blocking: a plain cudaMemcpy from pageable memory
+      // may still be in flight when a kernel on that stream starts).
+      std::vector<__nv_bfloat16> sb(s.size());
+      for (size_t i = 0; i < s.size(); ++i) sb[i] = __float2bfloat16_rn(s[i]);
+      Dev<__nv_bfloat16> ds(s.size()), dg(hg.size());
+      CK(cudaMemcpyAsync(ds.p, sb.data(), sb.size() * sizeof(__nv_bfloat16), cudaMemcpyHostToDevice, B.stream));
       fc::LaunchGroupBounds(ds.p, dg.p, 0, pages, kHkv, kD, 32, B.stream);
-      std::vector<float> gg(hg.size());
-      CK(cudaMemcpyAsync(gg.data(), dg.p, gg.size() * sizeof(float), cudaMemcpyDeviceToHost, B.stream));
+      std::vector<__nv_bfloat16> gb(hg.size());
+      CK(cudaMemcpyAsync(gb.data(), dg.p, gb.size() * sizeof(__nv_bfloat16), cudaMemcpyDeviceToHost, B.stream));
       CK(cudaStreamSynchronize(B.stream));
+      std::vector<float> gg(hg.size());
+      for (size_t i = 0; i < gb.size(); ++i) gg[i] = __bfloat162float(gb[i]);
       const bool groups_ok = std::memcmp(gg.data(), hg.data(), gg.size() * sizeof(float)) == 0;
       if (!groups_ok) ++mismatches;
       fc::SelectionParams p;

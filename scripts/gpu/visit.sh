@@ -65,10 +65,14 @@ step parity "${PARITY_S:-60}" bash scripts/gpu/parity.sh
 # GROW_ARGS (e.g. "--grow 1:32768/1048576 --grow-band 0.95"): long sessions at Qwen2.5-7B shapes
 # (runner-bench --shape qwen7b, its own model folder), GROW_S seconds.
 [ -n "${GROW_ARGS:-}" ] && step grow "${GROW_S:-200}" bash scripts/gpu/runner-bench.sh --timeout-s "${GROW_S:-200}" --shape qwen7b --steps "${GROW_STEPS:-8}" ${GROW_ARGS}
+# A grow process cut off at its limit leaves its sessions' segments (tens of GiB) in /dev/shm;
+# nothing else runs between the steps, so they go before the next one.
+rm -f /dev/shm/freekv-* 2>/dev/null
 # GROW2_ARGS: a second such process (e.g. another --layers), GROW2_S seconds.
 [ -n "${GROW2_ARGS:-}" ] && step grow2 "${GROW2_S:-200}" bash scripts/gpu/runner-bench.sh --timeout-s "${GROW2_S:-200}" --shape qwen7b --steps "${GROW_STEPS:-8}" ${GROW2_ARGS}
 # SELPROF=1: the selection kernels' device times under Nsight Compute at SELPROF_CONTEXTS (the first
 # launches of the benchmark's selection section: checks, then timing).
+rm -f /dev/shm/freekv-* 2>/dev/null
 [ "${SELPROF:-0}" = 1 ] && step selprof "${SELPROF_S:-60}" env FKB_SELECTION_CONTEXTS="${SELPROF_CONTEXTS:-1048576}" \
   ncu --metrics gpu__time_duration.sum --csv --log-file "$work/selprof/ncu.csv" -k "regex:Selection|Chunk|Hier" \
   --launch-count "${SELPROF_LAUNCHES:-60}" .gpu/bench/freekv_gpu_bench --sections selection --out "$work/selprof/bench.json"

@@ -79,8 +79,8 @@ struct LayerTier {
   int64_t tokens = 0;
   int pool_slots = 0;
   DeviceArray<bf16> pool;         // NHD [pool_slots][2][P][Hkv][D]
-  DeviceArray<float> summaries;   // [capacity][Hkv][2][D]
-  DeviceArray<float> groups;      // [ceil(capacity / 32)][Hkv][2][D] group bounds (hierarchical selection)
+  DeviceArray<__nv_bfloat16> summaries;  // [capacity][Hkv][2][D] (bf16 values: summary.cuh)
+  DeviceArray<__nv_bfloat16> groups;     // [ceil(capacity / 32)][Hkv][2][D] group bounds (hierarchical selection)
   DeviceArray<unsigned long long> sel_ws;  // selection workspace (SelectionWorkspaceBytes at capacity)
   DeviceArray<int> selected;      // [Hkv][K]
   DeviceArray<int> selected_slot; // [Hkv][K]

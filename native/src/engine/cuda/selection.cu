@@ -2,7 +2,7 @@
 // the small per-KV-head part runs one block per head (native/src/engine/cuda/PERF.md has the figures):
 //
 //   1. SelectionScoreKernel, grid (page chunks, kv_heads): a warp scores 4 pages at a time for
-//      all query heads of the group (16-byte loads of the hi/lo rows, q in registers), the
+//      all query heads of the group (8-byte loads of the bf16 hi/lo rows, q in registers), the
 //      lane partial sums reduced by a transposing butterfly; raw scores -> scratch [h][g][m].
 //   2. SelectionTopKKernel, one block per KV head: the group combine in double (the CPU engine's
 //      precision and order: per head in order, softmax of the raw scores shifted by their float
@@ -125,7 +125,7 @@ __host__ __device__ inline Workspace CarveWorkspace(const SelectionParams& p) {
 //   kPassSeeds: the seed pages.
 enum ScorePass : int { kPassPages = 0, kPassGroups = 1, kPassSeeds = 2 };
 struct ScoreView {
-  const float* summaries;
+  const __nv_bfloat16* summaries;
   int first_page;
   const int* list;
   int M, stride;
@@ -167,21 +167,26 @@ __device__ __forceinline__ ScoreView ViewOf(const SelectionParams& p, int h) {
   return v;
 }
 
-// NCH: float4 chunks of a hi (or lo) row per lane (D <= 128 * NCH); MAXG: query heads per pass.
+// NCH: chunks of 4 channels of a hi (or lo) row per lane (D <= 128 * NCH); MAXG: query heads per pass.
 // Batched: item blockIdx.z of `items`. A (page, query head)'s float score does not depend on where
 // it sits in the warp or on the pass (same products, maxima and lane order, the butterfly's
 // pairing is the same for every value): the passes' scores are comparable bit for bit.
 //
 // A warp scores groups of kPagesPerWarp pages: group w, w + W, w + 2W, ... (W: the grid's warps per
 // KV head), with the next group's summaries loaded before the current one is reduced, so that a
-// warp keeps 2 x 4 KB of loads in flight and the per-warp set-up (the head mask, the queries) is
+// warp keeps 2 x 2 KB of loads in flight and the per-warp set-up (the head mask, the queries) is
 // paid once per warp rather than once per 4 pages. ScoreLaunch sizes the grid to one wave of the
 // device (ScoreGridBlocks); SelectionParams::score_grid 1 gives every group a warp of its own (one
 // round each: the launch before, kept for the benchmark's comparison).
 template <int NCH>
 struct PageRows {
-  float4 hi[kPagesPerWarp][NCH], lo[kPagesPerWarp][NCH];
+  uint2 hi[kPagesPerWarp][NCH], lo[kPagesPerWarp][NCH];  // 4 bf16 channels each
 };
+// 4 bf16 (little-endian in two words) as floats: exact.
+__device__ __forceinline__ float4 Bf16x4(uint2 w) {
+  return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
+                     __uint_as_float(w.y & 0xffff0000u));
+}
 
 template <int NCH>
 __device__ __forceinline__ void LoadGroup(const ScoreView& view, int kv_heads, int h, int D4, int lane, int grp,
@@ -192,13 +197,13 @@ __device__ __forceinline__ void LoadGroup(const ScoreView& view, int kv_heads, i
     const int m = m0 + u;
     const bool in = grp < groups && m < view.M;
     const int page = !in ? 0 : view.list ? view.list[m] : view.first_page + m;
-    const float4* s = reinterpret_cast<const float4*>(view.summaries + ((size_t)page * kv_heads + h) * 2 * (D4 * 4));
+    const uint2* s = reinterpret_cast<const uint2*>(view.summaries + ((size_t)page * kv_heads + h) * 2 * (D4 * 4));
 #pragma unroll
     for (int c = 0; c < NCH; ++c) {
       const int d4 = lane + 32 * c;
       const bool ok = in && d4 < D4;
-      r.hi[u][c] = ok ? __ldg(s + d4) : make_float4(0.f, 0.f, 0.f, 0.f);
-      r.lo[u][c] = ok ? __ldg(s + D4 + d4) : make_float4(0.f, 0.f, 0.f, 0.f);
+      r.hi[u][c] = ok ? __ldg(s + d4) : make_uint2(0u, 0u);
+      r.lo[u][c] = ok ? __ldg(s + D4 + d4) : make_uint2(0u, 0u);
     }
   }
 }
@@ -242,7 +247,7 @@ __global__ void __launch_bounds__(kScoreThreads)
           float a = 0.f;
 #pragma unroll
           for (int c = 0; c < NCH; ++c) {
-            const float4 qq = q[g][c], hh = cur.hi[u][c], ll = cur.lo[u][c];
+            const float4 qq = q[g][c], hh = Bf16x4(cur.hi[u][c]), ll = Bf16x4(cur.lo[u][c]);
             a += fmaxf(qq.x * hh.x, qq.x * ll.x);
             a += fmaxf(qq.y * hh.y, qq.y * ll.y);
             a += fmaxf(qq.z * hh.z, qq.z * ll.z);

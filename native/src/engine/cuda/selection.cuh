@@ -25,6 +25,7 @@
 // softmax's except where its exp underflows). All on the device, fixed-size buffers, no host
 // wait; in the worst case (nothing pruned) it scores every page once more than the flat scan.
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -41,7 +42,7 @@ constexpr int kSelGroupPages = 32;
 
 struct SelectionParams {
   const float* q = nullptr;          // [q_heads][head_dim] fp32
-  const float* summaries = nullptr;  // [pages][kv_heads][2 (hi, lo)][head_dim] fp32
+  const __nv_bfloat16* summaries = nullptr;  // [pages][kv_heads][2 (hi, lo)][head_dim] bf16 (summary.cuh)
   int first_page = 0;                // candidates: pages first_page .. first_page + num_candidates - 1
   int num_candidates = 0;
   int q_heads = 0, kv_heads = 0, head_dim = 0;
@@ -54,7 +55,7 @@ struct SelectionParams {
   // Hierarchical selection: the layer's group bounds [groups][kv_heads][2 (hi, lo)][head_dim] fp32,
   // group i the element-wise max of the hi / min of the lo of pages [32 i, 32 i + 32) (summary.cuh
   // keeps them); null: the flat scan. Combines: Mean, Max, SoftmaxMean with q_heads == kv_heads.
-  const float* groups = nullptr;
+  const __nv_bfloat16* groups = nullptr;
   // SelectionWorkspaceBytes(params) bytes: the hierarchical selection's buffers, the top-k's keys
   // above kMaxSharedCandidates candidates and the chunks' winners (needed above 2048 candidates
   // or with groups; may be null otherwise).

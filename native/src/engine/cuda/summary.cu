@@ -12,7 +12,7 @@ __device__ __forceinline__ float FoldLo(float g, float x) { return isnan(g) ? g 
 // grid (ceil(kv_heads * head_dim / 128), count); one thread per channel. Batched: page blockIdx.y
 // is items[blockIdx.y].page, its summary goes to items[blockIdx.y].summary.
 template <bool kBatch>
-__global__ void PageSummaryKernel(const __nv_bfloat16* pages, float* summaries, int kv_heads, int head_dim,
+__global__ void PageSummaryKernel(const __nv_bfloat16* pages, __nv_bfloat16* summaries, int kv_heads, int head_dim,
                                   int page_size, int kind, const PageSummaryItem* items) {
   const int ch = blockIdx.x * blockDim.x + threadIdx.x;
   int page = blockIdx.y;
@@ -44,23 +44,24 @@ __global__ void PageSummaryKernel(const __nv_bfloat16* pages, float* summaries, 
   hi = Bf16RoundUp(hi);
   lo = Bf16RoundDown(lo);
   const int h = ch / head_dim, d = ch % head_dim;
-  float* s = summaries + ((size_t)page * kv_heads + h) * 2 * head_dim;
-  s[d] = hi;
-  s[head_dim + d] = lo;
+  // hi and lo are bf16 values (NaN stays NaN): the conversions are exact.
+  __nv_bfloat16* s = summaries + ((size_t)page * kv_heads + h) * 2 * head_dim;
+  s[d] = __float2bfloat16_rn(hi);
+  s[head_dim + d] = __float2bfloat16_rn(lo);
   if (kBatch && items[blockIdx.y].group) {
-    float* g = items[blockIdx.y].group + (size_t)h * 2 * head_dim;
+    __nv_bfloat16* g = items[blockIdx.y].group + (size_t)h * 2 * head_dim;
     if (items[blockIdx.y].first) {
-      g[d] = hi;
-      g[head_dim + d] = lo;
+      g[d] = __float2bfloat16_rn(hi);
+      g[head_dim + d] = __float2bfloat16_rn(lo);
     } else {
-      g[d] = FoldHi(g[d], hi);
-      g[head_dim + d] = FoldLo(g[head_dim + d], lo);
+      g[d] = __float2bfloat16_rn(FoldHi(__bfloat162float(g[d]), hi));
+      g[head_dim + d] = __float2bfloat16_rn(FoldLo(__bfloat162float(g[head_dim + d]), lo));
     }
   }
 }
 
 // grid (ceil(kv_heads * head_dim / 128), groups); one thread per channel.
-__global__ void GroupBoundsKernel(const float* summaries, float* groups, int page_from, int page_to, int kv_heads,
+__global__ void GroupBoundsKernel(const __nv_bfloat16* summaries, __nv_bfloat16* groups, int page_from, int page_to, int kv_heads,
                                   int head_dim, int group_pages) {
   const int ch = blockIdx.x * blockDim.x + threadIdx.x;
   const int C = kv_heads * head_dim;
@@ -70,18 +71,19 @@ __global__ void GroupBoundsKernel(const float* summaries, float* groups, int pag
   const int p0 = gi * group_pages, p1 = min(page_to, p0 + group_pages);
   float hi = 0.f, lo = 0.f;
   for (int p = p0; p < p1; ++p) {
-    const float* s = summaries + ((size_t)p * kv_heads + h) * 2 * head_dim;
-    hi = p == p0 ? s[d] : FoldHi(hi, s[d]);
-    lo = p == p0 ? s[head_dim + d] : FoldLo(lo, s[head_dim + d]);
+    const __nv_bfloat16* s = summaries + ((size_t)p * kv_heads + h) * 2 * head_dim;
+    const float sh = __bfloat162float(s[d]), sl = __bfloat162float(s[head_dim + d]);
+    hi = p == p0 ? sh : FoldHi(hi, sh);
+    lo = p == p0 ? sl : FoldLo(lo, sl);
   }
-  float* g = groups + ((size_t)gi * kv_heads + h) * 2 * head_dim;
-  g[d] = hi;
-  g[head_dim + d] = lo;
+  __nv_bfloat16* g = groups + ((size_t)gi * kv_heads + h) * 2 * head_dim;
+  g[d] = __float2bfloat16_rn(hi);
+  g[head_dim + d] = __float2bfloat16_rn(lo);
 }
 
 }  // namespace
 
-void LaunchPageSummary(const __nv_bfloat16* pages, int count, float* summaries, int kv_heads, int head_dim,
+void LaunchPageSummary(const __nv_bfloat16* pages, int count, __nv_bfloat16* summaries, int kv_heads, int head_dim,
                        int page_size, int kind, cudaStream_t stream) {
   if (count == 0) return;
   Require(count > 0 && pages && summaries, "page summary: count must be > 0 and pointers set");
@@ -103,7 +105,7 @@ void LaunchPageSummaryBatch(const PageSummaryItem* items, int count, int kv_head
   FKV_CUDA_CHECK_LAUNCH("PageSummaryKernel(batch)");
 }
 
-void LaunchGroupBounds(const float* summaries, float* groups, int page_from, int page_to, int kv_heads,
+void LaunchGroupBounds(const __nv_bfloat16* summaries, __nv_bfloat16* groups, int page_from, int page_to, int kv_heads,
                        int head_dim, int group_pages, cudaStream_t stream) {
   if (page_to <= page_from) return;
   Require(page_from >= 0 && summaries && groups && group_pages > 0, "group bounds: bad arguments");

@@ -6,7 +6,10 @@
 // so that scoring is the same formula sum_i max(q_i * hi_i, q_i * lo_i) for both
 // (= q.c + |q|.r for the cuboid). The bounds are kept at bf16 precision, hi rounded up and lo
 // rounded down so they stay bounds (as the CPU backend keeps them, so both backends score with
-// the same values; stored here as fp32 holding bf16-representable values).
+// the same values). Every bound is therefore a bf16 value, and the device keeps it as bf16: the
+// same values as fp32 in half the bytes, so that the selection, which reads every summary of the
+// context at every step, reads half as much (scores are computed in fp32 from the exact values,
+// bit for bit as before).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -39,8 +42,8 @@ __host__ __device__ inline float Bf16RoundDown(float f) {
 enum SummaryKindId : int { kSummaryMaxMin = 1, kSummaryCuboidMean = 2 };
 
 // pages: [count][2][page_size][kv_heads][head_dim] NHD bf16 (full pages);
-// summaries: [count][kv_heads][2 (hi, lo)][head_dim] fp32.
-void LaunchPageSummary(const __nv_bfloat16* pages, int count, float* summaries, int kv_heads, int head_dim,
+// summaries: [count][kv_heads][2 (hi, lo)][head_dim] bf16.
+void LaunchPageSummary(const __nv_bfloat16* pages, int count, __nv_bfloat16* summaries, int kv_heads, int head_dim,
                        int page_size, int kind, cudaStream_t stream);
 
 // One page of one batch item: its NHD page, where its summary goes ([kv_heads][2][head_dim]) and
@@ -50,8 +53,8 @@ void LaunchPageSummary(const __nv_bfloat16* pages, int count, float* summaries, 
 // `first`: the page is its group's first, so the summary replaces the group's bounds.
 struct PageSummaryItem {
   const __nv_bfloat16* page;
-  float* summary;
-  float* group;
+  __nv_bfloat16* summary;
+  __nv_bfloat16* group;
   int kind;
   int first;
 };
@@ -64,7 +67,8 @@ void LaunchPageSummaryBatch(const PageSummaryItem* items, int count, int kv_head
 // Recomputes the group bounds [groups][kv_heads][2][head_dim] of every group overlapping pages
 // [page_from, page_to) from the summaries of pages [group start, page_to) (a group's pages below
 // page_from were summarised before). Group g covers pages [g * group_pages, (g + 1) * group_pages).
-void LaunchGroupBounds(const float* summaries, float* groups, int page_from, int page_to, int kv_heads,
+// Both bf16 (a fold of bf16 values is one of them).
+void LaunchGroupBounds(const __nv_bfloat16* summaries, __nv_bfloat16* groups, int page_from, int page_to, int kv_heads,
                        int head_dim, int group_pages, cudaStream_t stream);
 
 }  // namespace freekv::cuda
