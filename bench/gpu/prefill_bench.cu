@@ -20,6 +20,8 @@
 //     Also D 64 at 32K, the bf16 output at 32K, and the existing per-query-row kernel
 //     (LaunchPrefillAttention, fp32 q) at 8K for the speed-up (its outputs compared too).
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <cstdio>
 #include <random>
 #include <set>
@@ -70,7 +72,8 @@ struct CheckResult {
 };
 
 // Runs the kernel on fresh random inputs and compares with float64 over sampled rows.
-CheckResult CheckCase(const PrefillShape& s, bool bf16_out, fc::FlashPrefillPath path, uint64_t seed, cudaStream_t st) {
+CheckResult CheckCase(const PrefillShape& s, bool bf16_out, fc::FlashPrefillPath path, uint64_t seed, cudaStream_t st,
+                      int variant = -1) {
   const size_t qn = size_t(s.n) * s.hq * s.d, pn = NumPages(s) * PageElems(s);
   bf16 *q = nullptr, *pages = nullptr, *ob = nullptr;
   float* of = nullptr;
@@ -90,6 +93,7 @@ CheckResult CheckCase(const PrefillShape& s, bool bf16_out, fc::FlashPrefillPath
   p.n = s.n, p.start = s.start, p.q_heads = s.hq, p.kv_heads = s.hkv, p.head_dim = s.d, p.page_size = s.page;
   p.scale = 1.0f / std::sqrt(float(s.d));
   p.path = path;
+  p.variant = variant;
   fc::LaunchFlashPrefillAttention(p, st);
   CK(cudaStreamSynchronize(st));
   std::vector<bf16> hq(qn), hp(pn);
@@ -156,6 +160,34 @@ CheckResult CheckCase(const PrefillShape& s, bool bf16_out, fc::FlashPrefillPath
 void RunPrefill(Bench& B) {
   cudaStream_t st = B.stream;
   Json sec = Json::Obj();
+
+  // FKB_PREFILL_ONE="N[:VARIANT]": only two launches of the sm_90a kernel at n N (D 128, GQA 4,
+  // start 0), for a profiler to take the second one (ncu --launch-skip 1 --launch-count 1).
+  if (const char* one = std::getenv("FKB_PREFILL_ONE"); one && *one) {
+    const int n = std::atoi(one);
+    const char* colon = std::strchr(one, ':');
+    const int variant = colon ? std::atoi(colon + 1) : -1;
+    const PrefillShape s{"", 128, 32, 8, n, 0, 32, 2.f};
+    const size_t qn = size_t(n) * 32 * 128;
+    bf16 *q = nullptr, *pages = nullptr;
+    float* of = nullptr;
+    CK(cudaMalloc(&q, qn * 2));
+    CK(cudaMalloc(&pages, NumPages(s) * PageElems(s) * 2));
+    CK(cudaMalloc(&of, qn * 4));
+    FillBf16(q, qn, 77, 2.f, st);
+    FillBf16(pages, NumPages(s) * PageElems(s), 78, 1.f, st);
+    fc::FlashPrefillParams p;
+    p.q = q, p.pages = pages, p.out_f32 = of;
+    p.n = n, p.start = 0, p.q_heads = 32, p.kv_heads = 8, p.head_dim = 128, p.page_size = 32;
+    p.path = fc::FlashPrefillPath::kWgmma;
+    p.variant = variant;
+    for (int i = 0; i < 2; ++i) fc::LaunchFlashPrefillAttention(p, st);
+    CK(cudaStreamSynchronize(st));
+    std::printf("[prefill] two launches at n %d, variant %d\n", n, variant);
+    cudaFree(q), cudaFree(pages), cudaFree(of);
+    B.json.Set("prefill", sec.Set("profile_only_n", n).Set("variant", variant));
+    return;
+  }
 
   // (a) correctness
   const std::vector<PrefillShape> checks = {
@@ -273,6 +305,51 @@ void RunPrefill(Bench& B) {
   }
   sec.Set("bf16_peak_TFLOPs", B.gemm_tflops).Set("target_TFLOPs_at_32K", 350.0).Set("wgmma_target_TFLOPs", 450.0);
   sec.Set("timing", tj);
+
+  // (c) the sm_90a kernel's other variants (FKB_PREFILL_VARIANTS, e.g. "0": the producer's page walk,
+  // FlashPrefillParams::variant): each checked on every head-dim-128 shape against float64, then
+  // timed at 32K and 128K beside the service's variant (-1) in the same run.
+  if (has_wgmma && std::getenv("FKB_PREFILL_VARIANTS") && *std::getenv("FKB_PREFILL_VARIANTS")) {
+    std::vector<int> variants = {-1};
+    for (const char* c = std::getenv("FKB_PREFILL_VARIANTS"); *c;) {
+      char* end = nullptr;
+      const long v = std::strtol(c, &end, 10);
+      if (end == c) break;
+      variants.push_back(int(v));
+      c = *end == ',' ? end + 1 : end;
+    }
+    Json vj = Json::Arr();
+    for (int v : variants) {
+      double vworst = 0;
+      bool vpass = true;
+      for (size_t ci = 0; ci < checks.size(); ++ci) {
+        if (checks[ci].d != 128) continue;
+        const CheckResult r = CheckCase(checks[ci], false, fc::FlashPrefillPath::kWgmma, 5000 + ci, st, v);
+        vworst = std::max(vworst, r.rel_err);
+        if (!(r.rel_err < kTol && r.all_finite)) vpass = false;
+      }
+      Json row = Json::Obj().Set("variant", v).Set("check_max_rel_err", vworst).Set("check_pass", Json::Bool(vpass));
+      std::printf("[prefill] variant %3d: float64 checks %s (max rel err %.3g)", v, vpass ? "PASS" : "FAIL", vworst);
+      for (int n : {32768, 131072}) {
+        if (n > maxn) continue;
+        fc::FlashPrefillParams p;
+        p.q = q, p.pages = pages, p.out_f32 = of;
+        p.n = n, p.start = 0, p.q_heads = 32, p.kv_heads = 8, p.head_dim = 128, p.page_size = 32;
+        p.path = fc::FlashPrefillPath::kWgmma;
+        p.variant = v;
+        const double ms = MedianMs(st, 1, n >= 131072 ? 3 : 7, [&] { fc::LaunchFlashPrefillAttention(p, st); });
+        const double tf = CausalFlops({"", 128, 32, 8, n, 0, 32, 2.f}) / ms / 1e9;
+        std::printf("  n %d: %.3f ms %.1f TFLOP/s", n, ms, tf);
+        row.Set(n == 32768 ? "TFLOPs_32K" : "TFLOPs_128K", tf).Set(n == 32768 ? "ms_32K" : "ms_128K", ms);
+        B.AddRow({"prefill", "wgmma variant " + std::to_string(v) + " n " + std::to_string(n), "TFLOP/s", tf,
+                  B.gemm_tflops, std::to_string(ms).substr(0, 7) + " ms"});
+      }
+      std::printf("\n");
+      std::fflush(stdout);
+      vj.Push(row);
+    }
+    sec.Set("wgmma_variants", vj);
+  }
 
   // the existing per-query-row kernel at 8K (fp32 q converted from the same bf16 values)
   {

@@ -76,6 +76,11 @@ rm -f /dev/shm/freekv-* 2>/dev/null
 [ "${SELPROF:-0}" = 1 ] && step selprof "${SELPROF_S:-60}" env FKB_SELECTION_CONTEXTS="${SELPROF_CONTEXTS:-1048576}" \
   ncu --metrics gpu__time_duration.sum --csv --log-file "$work/selprof/ncu.csv" -k "regex:Selection|Chunk|Hier" \
   --launch-count "${SELPROF_LAUNCHES:-60}" .gpu/bench/freekv_gpu_bench --sections selection --out "$work/selprof/bench.json"
+# KPROF="prefill:32768 selection:1048576": one launch of each kernel under Nsight Compute's full
+# set (scripts/gpu/kernel-profile.sh), KPROF_S seconds each.
+for kp in ${KPROF:-}; do
+  step "kprof-${kp%%:*}" "${KPROF_S:-120}" bash scripts/gpu/kernel-profile.sh "$work/kprof-${kp%%:*}" "${kp%%:*}" "${kp#*:}"
+done
 step runner "${RUNNER_S:-240}" env ${RUNNER_ENV:-} bash scripts/gpu/runner-bench.sh ${RUNNER_ARGS:---points 1:32768,4:32768,16:8192 --modes freekv,speculative,dense --steps 8}
 # RUNNER2_ARGS: a second runner process (its own environment RUNNER2_ENV, e.g. FREEKV_GEMM_AUTOTUNE=1),
 # reusing the first one's model folder.

@@ -43,6 +43,10 @@ struct FlashPrefillParams {
   int q_heads = 0, kv_heads = 0, head_dim = 0, page_size = 0;
   float scale = 0.f;  // softmax scale; 0 means 1/sqrt(head_dim)
   FlashPrefillPath path = FlashPrefillPath::kAuto;
+  // The sm_90a kernel's producer (attention_prefill_flash_sm90.cu): -1 the service's choice, 1
+  // tile-invariant copy offsets where the page size allows, 0 the page walk for every page size
+  // (the benchmark times it beside the default).
+  int variant = -1;
 };
 
 // Throws std::invalid_argument on a bad shape and std::runtime_error on a CUDA error.

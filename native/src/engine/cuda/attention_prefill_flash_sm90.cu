@@ -31,6 +31,14 @@
 //  - The producer keeps one tile in flight and signals it when it landed (cp.async.wait_group 0,
 //    then the proxy fence, then the arrival): with 3 stages that keeps up. Two tiles in flight
 //    (wait_group 1) measured 2-6% slower.
+//  - The producer's instructions are what limited the kernel at ~490 TFLOP/s: Nsight Compute showed
+//    the consumers waiting for full stages (14% of their samples) while the producer warps spent
+//    three quarters of theirs issuing address arithmetic (a division by the page size and a page
+//    walk per 16-byte copy), on the same schedulers as the consumers' softmax. For pages of a power
+//    of two from 8 to 128 tokens (every configuration the service ships) the row offsets inside a
+//    128-token tile do not depend on the tile, so each copy is one address add, and only the last
+//    tile is predicated: 610-626 TFLOP/s at 32K-128K (PERF.md). Other page sizes keep the page walk
+//    (FlashPrefillParams::variant 0 forces it, for the benchmark's comparison).
 // Shared memory: Q 32 KB + 3 stages x (K 32 KB + V 32 KB) = 224 KB, one CTA per SM.
 #include <algorithm>
 #include <cmath>
@@ -58,6 +66,7 @@ constexpr uint32_t kTileBytes = 2 * kHalfBytes;     // a 128 x 128 bf16 tile (Q,
 constexpr uint32_t kStageBytes = 2 * kTileBytes;    // K then V
 constexpr size_t kSmemBytes = 1024 /* alignment slack */ + kTileBytes + kStages * kStageBytes + 64 /* mbarriers */;
 static_assert(BM == 128 && BN == 128, "the tile layout assumes 128 rows");
+constexpr int kDefaultVariant = 1;  // 1: tile-invariant copy offsets where the page size allows; 0: the page walk
 
 #ifdef FKV_FLASH_SM90A  // the device code exists in the sm_90a pass only
 
@@ -153,6 +162,7 @@ __device__ __forceinline__ void WgmmaRS(float (&d)[64], const uint32_t (&a)[4], 
 }
 #endif  // FKV_FLASH_SM90A
 
+template <bool kFastProducer>
 __global__ void __launch_bounds__(kThreads, 1) FlashPrefillWgmmaKernel(FlashPrefillParams p, int m_tiles, int heads_per_group) {
 #ifdef FKV_FLASH_SM90A
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -202,10 +212,42 @@ __global__ void __launch_bounds__(kThreads, 1) FlashPrefillWgmmaKernel(FlashPref
     const size_t tok_stride = (size_t)p.kv_heads * D;
     const size_t kv_stride = (size_t)p.page_size * tok_stride;
     const bf16* head_base = p.pages + (size_t)kvh * D + c * 8;
+    // log2 of the page size when it is a power of two from 8 to 128 tokens, else -1 (the page walk).
+    const int page_lg = (kFastProducer && p.page_size >= 8 && p.page_size <= BN && (p.page_size & (p.page_size - 1)) == 0)
+                            ? __ffs(p.page_size) - 1 : -1;
+    const int page_mask = p.page_size - 1;
+    const uint32_t tok32 = uint32_t(tok_stride), kvs1 = uint32_t(kv_stride), kvs2 = 2 * kvs1;
+    const bf16* row_base = head_base + (size_t)r0 * tok_stride;
     for (int tile = 0; tile < n_tiles; ++tile) {
       const int s = tile % kStages;
       if (tile >= kStages) BarWait(bars + 8 * (kStages + s), ((tile / kStages) + 1) & 1);
       const uint32_t dk = sKV + s * kStageBytes + soff, dv = dk + kTileBytes;
+      if (page_lg >= 0) {
+        // Row r0 + 8k of the tile lies in page tile * (128 >> lg) + (8k >> lg), row
+        // (8k & (ps - 1)) + r0 (ps >= 8 > r0): offsets that do not depend on the tile. The
+        // offsets fit 32 bits: at most 16 pages of at most 128 tokens x kv_heads x 128 x 2.
+        const bf16* tb = row_base + (size_t)tile * (BN >> page_lg) * kvs2;
+        if ((tile + 1) * BN <= kv_end) {
+#pragma unroll
+          for (int k = 0; k < 16; ++k) {
+            const uint32_t off = uint32_t((8 * k) >> page_lg) * kvs2 + uint32_t((8 * k) & page_mask) * tok32;
+            CpAsync16(dk + k * 1024, tb + off, true);
+            CpAsync16(dv + k * 1024, tb + off + kvs1, true);
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < 16; ++k) {
+            const bool ok = tile * BN + 8 * k + r0 < kv_end;
+            const uint32_t off = uint32_t((8 * k) >> page_lg) * kvs2 + uint32_t((8 * k) & page_mask) * tok32;
+            CpAsync16(dk + k * 1024, ok ? tb + off : p.pages, ok);
+            CpAsync16(dv + k * 1024, ok ? tb + off + kvs1 : p.pages, ok);
+          }
+        }
+        asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        BarArrive(bars + 8 * s);
+        continue;
+      }
       int j = tile * BN + r0;
       int page = j / p.page_size, prow = j - page * p.page_size;
 #pragma unroll 4
@@ -387,13 +429,15 @@ bool FlashPrefillWgmmaAvailable() {
 
 void LaunchFlashPrefillWgmma(const FlashPrefillParams& p, int m_tiles, cudaStream_t stream) {
   Require(p.head_dim == D, "flash prefill attention (sm_90a): head_dim must be 128");
-  FKV_CUDA_CHECK(cudaFuncSetAttribute(FlashPrefillWgmmaKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      int(kSmemBytes)));
+  const int variant = p.variant < 0 ? kDefaultVariant : p.variant;
+  Require(variant == 0 || variant == 1, "flash prefill attention (sm_90a): variant must be -1, 0 or 1");
+  auto* kernel = variant == 1 ? FlashPrefillWgmmaKernel<true> : FlashPrefillWgmmaKernel<false>;
+  FKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes)));
   // Heads per group of the CTA order: as many KV heads as keep their K and V within ~24 MB, about
   // half of the H100/H200 L2, so that the CTAs in flight share K/V tiles there.
   const double head_bytes = (double(p.start) + p.n) * D * 2 * sizeof(bf16);
   const int heads_per_group = std::max(1, std::min(p.kv_heads, int(24.0 * (1 << 20) / head_bytes)));
-  FlashPrefillWgmmaKernel<<<m_tiles * p.kv_heads, kThreads, kSmemBytes, stream>>>(p, m_tiles, heads_per_group);
+  kernel<<<m_tiles * p.kv_heads, kThreads, kSmemBytes, stream>>>(p, m_tiles, heads_per_group);
   FKV_CUDA_CHECK_LAUNCH("FlashPrefillWgmmaKernel");
 }
 
