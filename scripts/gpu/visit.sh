@@ -11,7 +11,7 @@
 # writes the model folder the next step serves), OVERHEAD_S=150 both services on the GPU under
 # bench:overhead (16 greedy Generate streams), BENCH_S=90 the CUDA benchmark program's kernels
 # (BENCH_SECTIONS, default ceilings,attention,recall,prefill; the decode step is the runner step's).
-# SKIP="parity,bench" leaves steps out. RUNNER_ENV (e.g. FREEKV_PREFILL_PROFILE=1) is the runner
+# SKIP="parity,bench" leaves steps out. NSYS_ARGS: a runner process under Nsight Systems (below). RUNNER_ENV (e.g. FREEKV_PREFILL_PROFILE=1) is the runner
 # step's environment.
 # ANCHOR_S=100 transformers' prefill of ANCHOR_PREFILL prompt lengths (bench/anchor/hf_anchor.py),
 # TTFT_S=150 time to first token through Generate for TTFT_PROMPTS with the runner step's 8B folder,
@@ -85,6 +85,14 @@ step runner "${RUNNER_S:-240}" env ${RUNNER_ENV:-} bash scripts/gpu/runner-bench
 # RUNNER2_ARGS: a second runner process (its own environment RUNNER2_ENV, e.g. FREEKV_GEMM_AUTOTUNE=1),
 # reusing the first one's model folder.
 [ -n "${RUNNER2_ARGS:-}" ] && step runner2 "${RUNNER2_S:-120}" env ${RUNNER2_ENV:-} bash scripts/gpu/runner-bench.sh ${RUNNER2_ARGS}
+# NSYS_ARGS: one runner process under Nsight Systems (CUDA API and OS runtime traced), NSYS_S
+# seconds, and the CUDA API summary as text: where the host's time goes (e.g. a prefill's issue).
+if [ -n "${NSYS_ARGS:-}" ]; then
+  step nsys "${NSYS_S:-150}" bash -c 'nsys profile -t cuda,osrt --sample=none --cpuctxsw=none -f true -o "$OUT/runner" \
+      node --max-old-space-size=8192 .gpu/runner-bench.mjs --out "$OUT" '"${NSYS_ARGS}"' > "$OUT/runner.log" 2>&1;
+    nsys stats -q --report cuda_api_sum,osrt_sum --format csv -o "$OUT/stats" "$OUT/runner.nsys-rep" > /dev/null 2>&1;
+    ls "$OUT"; head -30 "$OUT"/stats*cuda_api_sum*.csv'
+fi
 py=python3
 [ -x /opt/torch/.venv/bin/python3 ] && py=/opt/torch/.venv/bin/python3
 step anchor "${ANCHOR_S:-100}" $py bench/anchor/hf_anchor.py --out "$work/anchor/anchor.json" \

@@ -44,8 +44,8 @@ struct FlashPrefillParams {
   float scale = 0.f;  // softmax scale; 0 means 1/sqrt(head_dim)
   FlashPrefillPath path = FlashPrefillPath::kAuto;
   // The sm_90a kernel's producer (attention_prefill_flash_sm90.cu): -1 the service's choice, 1
-  // tile-invariant copy offsets where the page size allows, 0 the page walk for every page size
-  // (the benchmark times it beside the default).
+  // tile-invariant copy offsets where the page size allows, 0 the page walk for every page size,
+  // 2 as 1 with two tiles in flight (the benchmark times them beside the default).
   int variant = -1;
 };
 

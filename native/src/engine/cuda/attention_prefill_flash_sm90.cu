@@ -66,7 +66,8 @@ constexpr uint32_t kTileBytes = 2 * kHalfBytes;     // a 128 x 128 bf16 tile (Q,
 constexpr uint32_t kStageBytes = 2 * kTileBytes;    // K then V
 constexpr size_t kSmemBytes = 1024 /* alignment slack */ + kTileBytes + kStages * kStageBytes + 64 /* mbarriers */;
 static_assert(BM == 128 && BN == 128, "the tile layout assumes 128 rows");
-constexpr int kDefaultVariant = 1;  // 1: tile-invariant copy offsets where the page size allows; 0: the page walk
+constexpr int kDefaultVariant = 1;  // 1: tile-invariant copy offsets where the page size allows; 0: the page walk;
+                                    // 2: as 1 with two tiles in flight
 
 #ifdef FKV_FLASH_SM90A  // the device code exists in the sm_90a pass only
 
@@ -162,7 +163,7 @@ __device__ __forceinline__ void WgmmaRS(float (&d)[64], const uint32_t (&a)[4], 
 }
 #endif  // FKV_FLASH_SM90A
 
-template <bool kFastProducer>
+template <int kProducer>  // 0 the page walk, 1 tile-invariant offsets, 2 the same with two tiles in flight
 __global__ void __launch_bounds__(kThreads, 1) FlashPrefillWgmmaKernel(FlashPrefillParams p, int m_tiles, int heads_per_group) {
 #ifdef FKV_FLASH_SM90A
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -213,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1) FlashPrefillWgmmaKernel(FlashPref
     const size_t kv_stride = (size_t)p.page_size * tok_stride;
     const bf16* head_base = p.pages + (size_t)kvh * D + c * 8;
     // log2 of the page size when it is a power of two from 8 to 128 tokens, else -1 (the page walk).
-    const int page_lg = (kFastProducer && p.page_size >= 8 && p.page_size <= BN && (p.page_size & (p.page_size - 1)) == 0)
+    const int page_lg = (kProducer > 0 && p.page_size >= 8 && p.page_size <= BN && (p.page_size & (p.page_size - 1)) == 0)
                             ? __ffs(p.page_size) - 1 : -1;
     const int page_mask = p.page_size - 1;
     const uint32_t tok32 = uint32_t(tok_stride), kvs1 = uint32_t(kv_stride), kvs2 = 2 * kvs1;
@@ -243,9 +244,23 @@ __global__ void __launch_bounds__(kThreads, 1) FlashPrefillWgmmaKernel(FlashPref
             CpAsync16(dv + k * 1024, ok ? tb + off + kvs1 : p.pages, ok);
           }
         }
-        asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        BarArrive(bars + 8 * s);
+        if constexpr (kProducer == 2) {  // signal tile - 1 once it landed, this one stays in flight
+          asm volatile("cp.async.commit_group;\n" ::: "memory");
+          if (tile > 0) {
+            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            BarArrive(bars + 8 * ((tile - 1) % kStages));
+          }
+          if (tile == n_tiles - 1) {
+            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            BarArrive(bars + 8 * s);
+          }
+        } else {
+          asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+          asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+          BarArrive(bars + 8 * s);
+        }
         continue;
       }
       int j = tile * BN + r0;
@@ -430,8 +445,8 @@ bool FlashPrefillWgmmaAvailable() {
 void LaunchFlashPrefillWgmma(const FlashPrefillParams& p, int m_tiles, cudaStream_t stream) {
   Require(p.head_dim == D, "flash prefill attention (sm_90a): head_dim must be 128");
   const int variant = p.variant < 0 ? kDefaultVariant : p.variant;
-  Require(variant == 0 || variant == 1, "flash prefill attention (sm_90a): variant must be -1, 0 or 1");
-  auto* kernel = variant == 1 ? FlashPrefillWgmmaKernel<true> : FlashPrefillWgmmaKernel<false>;
+  Require(variant >= 0 && variant <= 2, "flash prefill attention (sm_90a): variant must be -1, 0, 1 or 2");
+  auto* kernel = variant == 2 ? FlashPrefillWgmmaKernel<2> : variant == 1 ? FlashPrefillWgmmaKernel<1> : FlashPrefillWgmmaKernel<0>;
   FKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes)));
   // Heads per group of the CTA order: as many KV heads as keep their K and V within ~24 MB, about
   // half of the H100/H200 L2, so that the CTAs in flight share K/V tiles there.

@@ -84,12 +84,11 @@ class PrefillProfile {
       if (marks_[i].part >= 0 && cudaEventElapsedTime(&ms, marks_[i - 1].e, marks_[i].e) == cudaSuccess)
         device_[marks_[i].part] += ms;
     }
-    Discard();
+    DropMarks();  // the times stay in device_ until Report
   }
-  // Drops the marks of a chunk that did not complete (its call threw).
+  // Drops the marks and times of a call that did not complete (it threw).
   void Discard() {
-    for (auto& m : marks_) cudaEventDestroy(m.e);
-    marks_.clear();
+    DropMarks();
     for (double& d : device_) d = 0;
   }
   void Report(int session, int start, int n, int chunk, double issue_ms, double wait_ms, double finish_ms) {
@@ -114,6 +113,10 @@ class PrefillProfile {
   }
 
  private:
+  void DropMarks() {
+    for (auto& m : marks_) cudaEventDestroy(m.e);
+    marks_.clear();
+  }
   struct Mark_ {
     cudaEvent_t e;
     int part;
