@@ -18,6 +18,7 @@ import { TenantAuth } from "./auth.js";
 import { builtinModelDir, loadModelAsync, type LoadedModel } from "./model/loader.js";
 import { NO_MODEL, ServedModel } from "./model/served.js";
 import { SessionManager } from "./sessions/manager.js";
+import { divergedError } from "./sessions/diverged.js";
 import { defaultExchangeCapacity, ExchangeBudget, shmSpace } from "./attention/exchange.js";
 
 export interface ComputeMetrics {
@@ -51,6 +52,10 @@ export interface ComputeMetrics {
   sessionsLost: Counter;
   /** Sessions closed for being idle (FREEKV_SESSION_IDLE_TIMEOUT_S). */
   sessionsExpired: Counter;
+  /** Sessions marked diverged: a failed decode may have appended to them (sessions/diverged.ts). */
+  sessionsDiverged: Counter;
+  /** Open sessions marked diverged (read from the open sessions at scrape time: closing one takes it off). */
+  divergedSessions: Gauge;
 }
 
 export interface ComputeContext {
@@ -177,6 +182,20 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
       name: "freekv_compute_sessions_expired_total",
       help: "Sessions closed because no call used them for FREEKV_SESSION_IDLE_TIMEOUT_S",
       registers: [registry],
+    }),
+    sessionsDiverged: new Counter({
+      name: "freekv_compute_sessions_diverged_total",
+      help: "Sessions a failed Attention decode may have appended a token to (their context is no longer known): their calls get DATA_LOSS until closed",
+      registers: [registry],
+    }),
+    divergedSessions: new Gauge({
+      name: "freekv_compute_sessions_diverged",
+      help: "Open sessions whose context a failed Attention decode left unknown (calls get DATA_LOSS until closed; GetSession's data_loss says why)",
+      registers: [registry],
+      collect() {
+        const m = sessions();
+        this.set(m ? m.list().filter((s) => !s.closed && divergedError(s) !== undefined).length : 0);
+      },
     }),
     sessionsLost: new Counter({
       name: "freekv_compute_sessions_lost_total",

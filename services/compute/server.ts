@@ -40,6 +40,13 @@ export function createComputeServer(ctx: ComputeContext, peer: { credentials?: C
       metrics.decodeLayerSeconds.observe(seconds);
     },
     appended: (s, layer) => sessions.commitProgress(s, layer),
+    diverged(s, layer, _error, cause) {
+      metrics.sessionsDiverged.inc();
+      log.warn(
+        { session: s.id, layer, contextTokens: s.contextTokens, err: cause instanceof Error ? cause.message : String(cause) },
+        "session diverged: a decode failed in the engine after it may have appended the token; its calls get DATA_LOSS until it is closed",
+      );
+    },
   });
   // With FREEKV_AUTH_TOKENS_FILE every handler checks the caller's token first (auth.ts); the
   // OpenAI front calls this same `generate`.

@@ -20,8 +20,9 @@ import { DType, type ModelGeometry, type RetrievalConfig } from "../../proto/gen
 import { SessionKind } from "../../proto/gen/freekv/v1/compute.js";
 import type { AttachSessionResponse } from "../../proto/gen/freekv/v1/kvstore.js";
 import { ServiceError } from "../../services/common/errors.js";
-import { AttentionBatcher, checkDiverged, divergedError } from "../../services/compute/attention/batcher.js";
+import { AttentionBatcher } from "../../services/compute/attention/batcher.js";
 import type { DecodeItemOp } from "../../services/compute/attention/validate.js";
+import { checkDiverged, divergedError } from "../../services/compute/sessions/diverged.js";
 import { ComputeSession } from "../../services/compute/sessions/session.js";
 import { exactAttention, relError } from "../../tools/reference/attention.js";
 import { prng, randomF32 } from "../helpers/prng.js";

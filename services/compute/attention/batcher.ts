@@ -43,16 +43,16 @@
  * whose message starts with "items[i]: ") runs the batch's items again, each in a call of its own
  * (the bad one then fails alone, with its own error). Any other failure (a failed recall rethrown
  * before the appends included: it cannot be told from the rest) rejects the items with the
- * engine's error and marks every session of the batch diverged: its layer counts here may no
- * longer agree with the engine's, and every later call on it (decode, prefill) fails with
- * DATA_LOSS (checkDiverged) until it is closed. This relies on the native checks above throwing
- * before any change and naming the item as "items[i]: "; a failure classified wrongly as before
- * the append would append a token twice.
+ * engine's error and marks every session of the batch diverged (sessions/diverged.ts; reported to
+ * the observer): its layer counts here may no longer agree with the engine's, and every later
+ * call on it (decode, prefill, Generate, a move) fails with DATA_LOSS until it is closed. This
+ * relies on the native checks above throwing before any change and naming the item as
+ * "items[i]: "; a failure classified wrongly as before the append would append a token twice.
  */
-import { status } from "@grpc/grpc-js";
 import type { DecodeInput, Engine } from "../../../native/binding.js";
-import { notFound, quoteId, resourceExhausted, ServiceError } from "../../common/errors.js";
+import { notFound, quoteId, resourceExhausted, type ServiceError } from "../../common/errors.js";
 import { DecodeBatcher, type BatchItem } from "../decode-batcher.js";
+import { divergedError, markDiverged } from "../sessions/diverged.js";
 import type { ComputeSession } from "../sessions/session.js";
 import type { DecodeItemOp } from "./validate.js";
 
@@ -81,6 +81,11 @@ export interface BatchObserver {
   batch(layer: number, size: number, seconds: number): void;
   /** After a session's layer got one more token. */
   appended(session: ComputeSession, layer: number): void;
+  /**
+   * After a failed call marked a session diverged (once per session): `error` is the DATA_LOSS
+   * error its later calls get, `cause` the engine's failure.
+   */
+  diverged?(session: ComputeSession, layer: number, error: ServiceError, cause: unknown): void;
 }
 
 /** Items that may share one engine call: same layer, shapes and KV storage type. */
@@ -94,32 +99,6 @@ const REFUSED_ITEM = /^items\[\d+\]: /;
 
 /** Errors of engine.decode calls that failed before anything was appended. */
 const beforeAppend = new WeakSet<object>();
-
-/** Sessions a failed call may have appended to: why their later calls fail. */
-const diverged = new WeakMap<ComputeSession, ServiceError>();
-
-/** The error of a session that a failed decode left with layer counts the engine may not share, if it is one. */
-export function divergedError(s: ComputeSession): ServiceError | undefined {
-  return diverged.get(s);
-}
-
-/** Throws when a failed decode left the session's layer counts unknown (see the comment above). */
-export function checkDiverged(s: ComputeSession): void {
-  const e = diverged.get(s);
-  if (e) throw e;
-}
-
-function markDiverged(s: ComputeSession, layer: number, cause: unknown): void {
-  if (diverged.has(s)) return;
-  const why = cause instanceof Error ? cause.message : String(cause);
-  diverged.set(
-    s,
-    new ServiceError(
-      status.DATA_LOSS,
-      `session ${quoteId(s.id)}: a decode of layer ${layer} failed in the engine (${why}) after it may have appended the token; the session's context is no longer known. Close it and start a new session`,
-    ),
-  );
-}
 
 export class AttentionBatcher {
   private readonly batcher: DecodeBatcher<Item, Float32Array>;
@@ -205,7 +184,7 @@ export class AttentionBatcher {
       if (why !== undefined) it.reject(why);
       else if (s.closed) it.reject(notFound(`session ${quoteId(s.id)} was closed`));
       else if (s.lost) it.reject(s.lost);
-      else if (diverged.has(s)) it.reject(diverged.get(s));
+      else if (divergedError(s)) it.reject(divergedError(s));
       else if (s.layerTokens[it.layer] + 1 > s.maxContextTokens) {
         it.reject(resourceExhausted(`decode: layer ${it.layer} of session ${s.id} is full (max_context_tokens ${s.maxContextTokens})`));
       } else live.push(it);
@@ -238,10 +217,14 @@ export class AttentionBatcher {
       else for (const it of items) this.batcher.submit({ ...it, retry: true });
       return;
     }
+    const marked: Array<{ it: Item; error: ServiceError }> = [];
     for (const it of items) {
-      markDiverged(it.op.session, it.layer, e);
+      const error = markDiverged(it.op.session, it.layer, e);
+      if (error) marked.push({ it, error });
       it.reject(e);
     }
+    // Reported once the items are settled: the observer's failure cannot keep them waiting.
+    for (const { it, error } of marked) this.observer.diverged?.(it.op.session, it.layer, error, e);
   }
 }
 

@@ -19,7 +19,7 @@ import { callScope, raceAbort } from "../../common/cancellation.js";
 import { invalidArgument, toStatus } from "../../common/errors.js";
 import type { Logger } from "../../common/log.js";
 import type { SessionManager } from "../sessions/manager.js";
-import { checkDiverged, type AttentionBatcher } from "./batcher.js";
+import type { AttentionBatcher } from "./batcher.js";
 import { EXCHANGE_ALIGNMENT, TensorExchange, type ExchangeBudget } from "./exchange.js";
 import { writeTensor } from "./tensor.js";
 import { checkPrefillRoom, validateRequest } from "./validate.js";
@@ -119,9 +119,8 @@ export function attentionHandler(deps: {
           // checked again (another stream's prefill of the session may have taken it meanwhile).
           if (scope.signal.aborted) throw scope.signal.reason;
           if (s.closed) throw sessions.goneError(s.id);
+          // Lost, or diverged: a failed decode may have appended a token the layer counts here do not know of.
           sessions.checkLost(s);
-          // A failed decode may have appended a token the layer counts here do not know of.
-          checkDiverged(s);
           checkPrefillRoom(s, op.layer, op.n);
           await engine.prefill(s.engineSession, op.layer, op.k, op.v, op.n);
           s.layerTokens[op.layer] += op.n;

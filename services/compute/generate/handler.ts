@@ -216,8 +216,9 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
           }
         : async () => {
             const named = await localSession(ctx.sessions, ctx.owners, req.sessionId, ctx.auth ? rec.tenant : undefined);
-            if (named.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(named.id)} is an attention session; Generate needs a model session`);
+            // A session whose context is lost or unknown (diverged) answers DATA_LOSS to every call, Generate included.
             ctx.sessions.checkLost(named);
+            if (named.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(named.id)} is an attention session; Generate needs a model session`);
             const need = turnReach(named, prompt.length, req.maxTokens);
             try {
               await ctx.sessions.reserve(named, need, signal);

@@ -10,8 +10,10 @@
  * a peer that refuses one (draining too, full, unreachable) is skipped for the next in the list.
  * A session that could not be moved stays in this pod's kvstore, as without a hand-off: it is
  * logged, one line per session with the reason, and counted (freekv_compute_handoff_failures_total).
+ * A lost or diverged session (diverged.ts) is not offered to any peer.
  */
 import type { ComputeContext } from "../context.js";
+import { divergedError } from "./diverged.js";
 import type { SessionMover } from "./move.js";
 
 /** The peers of a FREEKV_DRAIN_HANDOFF list, without this pod's own address ("owners": found at the drain instead). */
@@ -34,8 +36,12 @@ export async function handOffSessions(ctx: ComputeContext, mover: SessionMover, 
   for (const s of sessions) {
     const reasons: string[] = [];
     let done = false;
+    // A session whose context is unknown (a failed decode may have appended to it) is not carried
+    // to another pod: the move would refuse it with DATA_LOSS at every peer.
+    const diverged = divergedError(s);
     if (s.lost) reasons.push("the session is lost (its kvstore no longer held it)");
-    for (let i = 0; !s.lost && i < peers.length && !done; i++) {
+    else if (diverged) reasons.push(diverged.message);
+    for (let i = 0; !s.lost && !diverged && i < peers.length && !done; i++) {
       if (Date.now() >= deadline) {
         reasons.push(`FREEKV_DRAIN_HANDOFF_TIMEOUT_MS=${timeoutMs} ran out`);
         break;

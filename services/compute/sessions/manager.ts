@@ -23,6 +23,7 @@ import { resolveRetrieval, toNativeRetrieval } from "../../common/retrieval.js";
 import type { KvStoreClient } from "../kvstore-client.js";
 import { reservedPagesOf } from "../../kvstore/layout.js";
 import { ComputeSession, kindName, type SessionMetadata } from "./session.js";
+import { checkDiverged, divergedError } from "./diverged.js";
 import { retrievalStats } from "./stats.js";
 import { heldElsewhere } from "./owners.js";
 import { status } from "@grpc/grpc-js";
@@ -361,11 +362,13 @@ export class SessionManager {
   }
 
   /**
-   * Hands the session over to another pod: waits for its turn in flight (its lock), saves its
-   * metadata and pages at the kvstore and waits for the engine's background recalls, then runs
-   * `transfer` still under the lock (no call can append meanwhile). When `transfer` resolves, the
-   * session is closed here (engine, mappings), calls for it are redirected to `target`, and the
-   * kvstore's copy is released; when it rejects, the session stays open here, intact.
+   * Hands the session over to another pod: waits for its turn in flight (its lock), refuses a
+   * lost or diverged session (checkLost: DATA_LOSS, nothing saved or sent, the session stays
+   * here), saves its metadata and pages at the kvstore and waits for the engine's background
+   * recalls, then runs `transfer` still under the lock (no call can append meanwhile). When
+   * `transfer` resolves, the session is closed here (engine, mappings), calls for it are
+   * redirected to `target`, and the kvstore's copy is released; when it rejects, the session
+   * stays open here, intact.
    */
   async handOver<T>(s: ComputeSession, target: string, transfer: () => Promise<T>, signal?: AbortSignal): Promise<T> {
     const release = await s.lock.acquire();
@@ -577,15 +580,17 @@ export class SessionManager {
   }
 
   /**
-   * Throws DATA_LOSS when the kvstore no longer holds the session, or when it marked the session
+   * Throws DATA_LOSS when the kvstore no longer holds the session, when it marked the session
    * corrupt (its scrubber found a committed page that changed after the commit: the manifest
-   * carries the marker, services/kvstore/scrubber.ts). Called at the start of every turn.
+   * carries the marker, services/kvstore/scrubber.ts), or when a failed decode left the
+   * session's context unknown (diverged.ts). Called at the start of every turn and before a move.
    */
   checkLost(s: ComputeSession): void {
     if (!s.lost && !s.closed && !s.detached && s.host && loadAddon().manifestCorrupt((s.manifestView ??= s.host.manifest.buffer()))) {
       this.markLost(s, "CRC32C mismatch found by the kvstore's scrubber", "a committed page changed after its commit");
     }
     if (s.lost) throw s.lost;
+    checkDiverged(s);
   }
 
   /**
@@ -856,6 +861,8 @@ export class SessionManager {
       // A lost session's engine session is already freed: no statistics.
       stats: s.detached ? undefined : this.stats(s),
       backend: this.opts.backend,
+      // The DATA_LOSS every later call on the session gets (lost, or diverged by a failed decode).
+      dataLoss: ((s.lost ?? divergedError(s))?.message ?? "").slice(0, 2048),
     };
   }
 }

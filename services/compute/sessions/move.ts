@@ -9,11 +9,13 @@
  * ReceiveSession. Only when the target answers OK is the session closed here (engine, mappings,
  * this kvstore's copy released) and its later calls redirected to the target (FAILED_PRECONDITION
  * with the trailer x-freekv-session-owner); on any failure it stays open here, intact, and the
- * error is returned. A cancellation or deadline before the digest was passed on cancels both
- * streams (the target kvstore removes what it had written); once the digest went out, the answer
- * is awaited so the outcome is known. An answer lost after the target committed (the transport
- * broke) is resolved with the session-owners directory: the target records itself as the owner
- * only once it holds the session, so a record naming it means the move happened.
+ * error is returned. A session that is lost, or diverged (a failed decode may have appended to it,
+ * diverged.ts), is refused with its DATA_LOSS error under the lock, before anything is saved or
+ * sent (SessionManager.handOver). A cancellation or deadline before the digest was passed on
+ * cancels both streams (the target kvstore removes what it had written); once the digest went
+ * out, the answer is awaited so the outcome is known. An answer lost after the target committed
+ * (the transport broke) is resolved with the session-owners directory: the target records itself
+ * as the owner only once it holds the session, so a record naming it means the move happened.
  *
  * Target (ReceiveSession): the header is checked first (the id is free here, the caller may
  * move the session's tenant, a model session's geometry is the served model's, its context within

@@ -169,6 +169,12 @@ export interface Session {
   contextTokens: number;
   stats?: RetrievalStats | undefined;
   backend: string;
+  /**
+   * Empty for a healthy session. Otherwise the DATA_LOSS message every later call on the session
+   * gets (decode, prefill, Generate, a move): its context is no longer known, so close it and
+   * start a new one.
+   */
+  dataLoss: string;
 }
 
 export interface SamplingParams {
@@ -917,6 +923,7 @@ function createBaseSession(): Session {
     contextTokens: 0,
     stats: undefined,
     backend: "",
+    dataLoss: "",
   };
 }
 
@@ -945,6 +952,9 @@ export const Session: MessageFns<Session> = {
     }
     if (message.backend !== "") {
       writer.uint32(66).string(message.backend);
+    }
+    if (message.dataLoss !== "") {
+      writer.uint32(74).string(message.dataLoss);
     }
     return writer;
   },
@@ -1026,6 +1036,14 @@ export const Session: MessageFns<Session> = {
             message.backend = reader.string();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.dataLoss = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1060,6 +1078,11 @@ export const Session: MessageFns<Session> = {
         : 0,
       stats: isSet(object.stats) ? RetrievalStats.fromJSON(object.stats) : undefined,
       backend: isSet(object.backend) ? globalThis.String(object.backend) : "",
+      dataLoss: isSet(object.dataLoss)
+        ? globalThis.String(object.dataLoss)
+        : isSet(object.data_loss)
+        ? globalThis.String(object.data_loss)
+        : "",
     };
   },
 
@@ -1089,6 +1112,9 @@ export const Session: MessageFns<Session> = {
     if (message.backend !== "") {
       obj.backend = message.backend;
     }
+    if (message.dataLoss !== "") {
+      obj.dataLoss = message.dataLoss;
+    }
     return obj;
   },
 
@@ -1111,6 +1137,7 @@ export const Session: MessageFns<Session> = {
       ? RetrievalStats.fromPartial(object.stats)
       : undefined;
     message.backend = object.backend ?? "";
+    message.dataLoss = object.dataLoss ?? "";
     return message;
   },
 };
