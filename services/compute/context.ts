@@ -52,9 +52,9 @@ export interface ComputeMetrics {
   sessionsLost: Counter;
   /** Sessions closed for being idle (FREEKV_SESSION_IDLE_TIMEOUT_S). */
   sessionsExpired: Counter;
-  /** Sessions marked diverged: a failed decode may have appended to them (sessions/diverged.ts). */
+  /** Sessions marked diverged by this process's decodes: a failed decode may have appended to them (sessions/diverged.ts); a re-attach that restores a saved mark does not count. */
   sessionsDiverged: Counter;
-  /** Open sessions marked diverged (read from the open sessions at scrape time: closing one takes it off). */
+  /** Open sessions marked diverged, re-attached ones included (read from the open sessions at scrape time: closing one takes it off). */
   divergedSessions: Gauge;
 }
 
@@ -185,12 +185,12 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
     }),
     sessionsDiverged: new Counter({
       name: "freekv_compute_sessions_diverged_total",
-      help: "Sessions a failed Attention decode may have appended a token to (their context is no longer known): their calls get DATA_LOSS until closed",
+      help: "Sessions a failed Attention decode in this process may have appended a token to (their context is no longer known): their calls get DATA_LOSS until closed. Sessions re-attached already diverged are not counted again",
       registers: [registry],
     }),
     divergedSessions: new Gauge({
       name: "freekv_compute_sessions_diverged",
-      help: "Open sessions whose context a failed Attention decode left unknown (calls get DATA_LOSS until closed; GetSession's data_loss says why)",
+      help: "Open sessions whose context a failed Attention decode left unknown, those re-attached with a saved mark included (calls get DATA_LOSS until closed; GetSession's data_loss says why)",
       registers: [registry],
       collect() {
         const m = sessions();

@@ -41,6 +41,8 @@ export function createComputeServer(ctx: ComputeContext, peer: { credentials?: C
     },
     appended: (s, layer) => sessions.commitProgress(s, layer),
     diverged(s, layer, _error, cause) {
+      // Saved with the session at the kvstore, so that a compute that re-attaches it marks it again.
+      sessions.saveDataLoss(s);
       metrics.sessionsDiverged.inc();
       log.warn(
         { session: s.id, layer, contextTokens: s.contextTokens, err: cause instanceof Error ? cause.message : String(cause) },

@@ -6,7 +6,9 @@
  * Memory follows the context: a model session's store has memory at the kvstore only for its
  * reservation, which grows before each turn to what the turn can reach (reserve); an attention
  * session (whose appends come from outside, token by token) reserves its whole context at creation.
- * A session the kvstore lost frees its engine session and mappings at once (markLost).
+ * A session the kvstore lost frees its engine session and mappings at once (markLost). A session a
+ * failed decode left diverged (diverged.ts) has its mark saved with its metadata (saveDataLoss),
+ * and a re-attach marks it again from there.
  * Bounds: at most FREEKV_MAX_SESSIONS_PER_TENANT open sessions per tenant, and sessions idle
  * longer than FREEKV_SESSION_IDLE_TIMEOUT_S are closed.
  */
@@ -23,7 +25,7 @@ import { resolveRetrieval, toNativeRetrieval } from "../../common/retrieval.js";
 import type { KvStoreClient } from "../kvstore-client.js";
 import { reservedPagesOf } from "../../kvstore/layout.js";
 import { ComputeSession, kindName, type SessionMetadata } from "./session.js";
-import { checkDiverged, divergedError } from "./diverged.js";
+import { checkDiverged, divergedError, MAX_DATA_LOSS_CHARS, restoreDiverged, savedDataLoss } from "./diverged.js";
 import { retrievalStats } from "./stats.js";
 import { heldElsewhere } from "./owners.js";
 import { status } from "@grpc/grpc-js";
@@ -298,7 +300,7 @@ export class SessionManager {
       try {
         const s = await this.reattach(id);
         n++;
-        this.opts.log.info({ session: id, contextTokens: s.contextTokens, committedPages: s.committedPages }, "session re-attached");
+        this.opts.log.info({ session: id, contextTokens: s.contextTokens, committedPages: s.committedPages, diverged: divergedError(s) ? true : undefined }, "session re-attached");
       } catch (e) {
         this.opts.log.error({ session: id, err: (e as Error).message }, "cannot re-attach session");
       }
@@ -310,18 +312,32 @@ export class SessionManager {
   /**
    * Opens a session the kvstore holds and this process does not (a restart's re-attach, or a
    * session just imported by a move): maps its segments, continues its engine session from them
-   * and commits what the engine offloaded that the kvstore had not acknowledged.
+   * and commits what the engine offloaded that the kvstore had not acknowledged. A session saved
+   * diverged (SessionMetadata.dataLoss, see saveDataLoss) is marked diverged again before any
+   * call can see it: its calls get that DATA_LOSS, as they did in the process that marked it.
+   * (A move never carries the mark: handOver refuses a diverged session.)
    */
   async reattach(id: string): Promise<ComputeSession> {
     const attach = await this.opts.kvstore.attach({ sessionId: id });
     let metadata: SessionMetadata = { kind: "attention" };
     try {
-      if (attach.metadata.length) metadata = JSON.parse(attach.metadata.toString("utf8")) as SessionMetadata;
+      const parsed: unknown = attach.metadata.length ? JSON.parse(attach.metadata.toString("utf8")) : undefined;
+      // Anything but a JSON object is foreign metadata too.
+      if (typeof parsed === "object" && parsed !== null && !Array.isArray(parsed)) metadata = parsed as SessionMetadata;
     } catch {
       /* foreign metadata: keep the default */
     }
     const kind = metadata.kind === "model" ? SessionKind.SESSION_KIND_MODEL : SessionKind.SESSION_KIND_ATTENTION;
     const s = this.open(id, kind, attach, metadata, true);
+    const saved = savedDataLoss(id, metadata);
+    if (saved) {
+      restoreDiverged(s, saved.message);
+      if (saved.malformed !== undefined) {
+        this.opts.log.error({ session: id, why: saved.malformed }, "the session's saved data-loss mark is malformed; it is marked diverged anyway and its calls get DATA_LOSS until it is closed");
+      } else {
+        this.opts.log.warn({ session: id, dataLoss: saved.message }, "session re-attached diverged: a decode failed in a previous compute after it may have appended the token; its calls get DATA_LOSS until it is closed");
+      }
+    }
     const held = s.contextTokens;
     if (metadata.contextTokens !== undefined && metadata.contextTokens !== held && metadata.generate !== undefined) {
       // The previous process was stopped in the middle of a turn: the pages and tail hold
@@ -337,7 +353,33 @@ export class SessionManager {
     this.opts.onChange?.(this.sessions.size);
     // Pages the engine offloaded that the kvstore had not acknowledged yet.
     this.commitLayers(s, s.layerTokens.map((_, l) => l));
+    // A malformed mark is replaced at the kvstore by the message the session is refused with now.
+    if (saved?.malformed !== undefined) this.saveDataLoss(s);
     return s;
+  }
+
+  /**
+   * Saves the diverged mark of `s` (diverged.ts) with its metadata at the kvstore
+   * (SessionMetadata.dataLoss, the DATA_LOSS message), so that a compute that re-attaches the
+   * session after this process is gone refuses its calls the same way (reattach). It goes with a
+   * commit queued now, on the session's commit chain like every metadata commit: a failed one
+   * degrades the session, is logged and counted, and is retried with the metadata until the
+   * kvstore takes it (commitFailed); shutdown tries once more and logs a mark it could not save.
+   * The mark in this process's memory stays what the session's calls are refused by. Never throws
+   * (the batcher's observer calls it).
+   */
+  saveDataLoss(s: ComputeSession): void {
+    const e = divergedError(s);
+    if (!e || s.closed || s.lost || s.detached) return;
+    const message = e.message.slice(0, MAX_DATA_LOSS_CHARS);
+    if (s.metadata.dataLoss === message && !s.metadataDirty) return;
+    try {
+      s.metadata.dataLoss = message;
+      s.metadataDirty = true;
+      this.queueCommit(s);
+    } catch (err) {
+      this.opts.log.error({ session: s.id, err: (err as Error).message }, "the session's data-loss mark could not be queued for the kvstore");
+    }
   }
 
   // Moves between pods (move.ts): the source hands a session over under its lock and remembers
@@ -836,6 +878,18 @@ export class SessionManager {
         if (s.retryTimer) clearTimeout(s.retryTimer);
         await s.commitChain;
         if (s.detached) return;
+        if (s.metadataDirty && s.metadata.dataLoss !== undefined && !s.lost) {
+          // The diverged mark's commits failed so far: one more try, else the next compute to
+          // re-attach the session would not know that its context is unknown.
+          this.queueCommit(s);
+          await s.commitChain;
+          if (s.metadataDirty) {
+            this.opts.log.error(
+              { session: s.id, dataLoss: s.metadata.dataLoss, err: s.commitError?.message },
+              "the session's data-loss mark is not saved at the kvstore: a compute that re-attaches it will not know that its context is unknown; close it (CloseSession)",
+            );
+          }
+        }
         // A failed wait for the session's recalls still lets the process shut down (the pages are
         // in the kvstore), but it is logged: the session may need a re-attach check.
         await this.opts.engine.sync(s.engineSession).catch((e: Error) => this.opts.log.warn({ session: s.id, err: e.message }, "waiting for the session's background recalls failed at shutdown"));

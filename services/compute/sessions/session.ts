@@ -20,6 +20,13 @@ export interface SessionMetadata {
   contextTokens?: number;
   /** The tenant (`x-freekv-tenant`) that created it, counted against FREEKV_MAX_SESSIONS_PER_TENANT. */
   tenant?: string;
+  /**
+   * The session is diverged (diverged.ts): the DATA_LOSS message its calls get, at most
+   * MAX_DATA_LOSS_CHARS characters. Saved when a failed decode marks it
+   * (SessionManager.saveDataLoss); a re-attach marks the session again from it (savedDataLoss
+   * checks it; a malformed value still marks it). Absent for a healthy session.
+   */
+  dataLoss?: string;
   /** Free-form fields of other components (e.g. the generate handler's token history). */
   [key: string]: unknown;
 }
