@@ -216,6 +216,7 @@ __global__ void __launch_bounds__(kThreads, 1) FlashPrefillWgmmaKernel(FlashPref
     // log2 of the page size when it is a power of two from 8 to 128 tokens, else -1 (the page walk).
     const int page_lg = (kProducer > 0 && p.page_size >= 8 && p.page_size <= BN && (p.page_size & (p.page_size - 1)) == 0)
                             ? __ffs(p.page_size) - 1 : -1;
+    const int lg = kProducer > 0 ? max(page_lg, 0) : 0;  // the shifts below (unused when page_lg < 0)
     const int page_mask = p.page_size - 1;
     const uint32_t tok32 = uint32_t(tok_stride), kvs1 = uint32_t(kv_stride), kvs2 = 2 * kvs1;
     const bf16* row_base = head_base + (size_t)r0 * tok_stride;
@@ -223,15 +224,15 @@ __global__ void __launch_bounds__(kThreads, 1) FlashPrefillWgmmaKernel(FlashPref
       const int s = tile % kStages;
       if (tile >= kStages) BarWait(bars + 8 * (kStages + s), ((tile / kStages) + 1) & 1);
       const uint32_t dk = sKV + s * kStageBytes + soff, dv = dk + kTileBytes;
-      if (page_lg >= 0) {
+      if (kProducer > 0 && page_lg >= 0) {
         // Row r0 + 8k of the tile lies in page tile * (128 >> lg) + (8k >> lg), row
         // (8k & (ps - 1)) + r0 (ps >= 8 > r0): offsets that do not depend on the tile. The
         // offsets fit 32 bits: at most 16 pages of at most 128 tokens x kv_heads x 128 x 2.
-        const bf16* tb = row_base + (size_t)tile * (BN >> page_lg) * kvs2;
+        const bf16* tb = row_base + (size_t)tile * (BN >> lg) * kvs2;
         if ((tile + 1) * BN <= kv_end) {
 #pragma unroll
           for (int k = 0; k < 16; ++k) {
-            const uint32_t off = uint32_t((8 * k) >> page_lg) * kvs2 + uint32_t((8 * k) & page_mask) * tok32;
+            const uint32_t off = uint32_t((8 * k) >> lg) * kvs2 + uint32_t((8 * k) & page_mask) * tok32;
             CpAsync16(dk + k * 1024, tb + off, true);
             CpAsync16(dv + k * 1024, tb + off + kvs1, true);
           }
@@ -239,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, 1) FlashPrefillWgmmaKernel(FlashPref
 #pragma unroll
           for (int k = 0; k < 16; ++k) {
             const bool ok = tile * BN + 8 * k + r0 < kv_end;
-            const uint32_t off = uint32_t((8 * k) >> page_lg) * kvs2 + uint32_t((8 * k) & page_mask) * tok32;
+            const uint32_t off = uint32_t((8 * k) >> lg) * kvs2 + uint32_t((8 * k) & page_mask) * tok32;
             CpAsync16(dk + k * 1024, ok ? tb + off : p.pages, ok);
             CpAsync16(dv + k * 1024, ok ? tb + off + kvs1 : p.pages, ok);
           }
