@@ -265,7 +265,7 @@ class CudaRunner final : public Runner {
   void Size(int M) {
     if (M <= rows_) return;
     FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    const size_t H = c_.hidden_size, I = c_.intermediate_size, Q = c_.q_dim(), K = c_.kv_dim(), V = c_.vocab_size;
+    const size_t H = c_.hidden_size, I = c_.intermediate_size, Q = c_.q_dim(), K = c_.kv_dim();
     const size_t widest = std::max({H, I, Q});
     x_.Resize(M * H);
     op_.Resize(M * widest * TypeBytes());
