@@ -3,6 +3,7 @@
  * ephemeral ports) and small promise wrappers for their gRPC clients.
  */
 import { readdirSync } from "node:fs";
+import type { Registry } from "prom-client";
 import { credentials, Metadata, type Client, type ServiceError } from "@grpc/grpc-js";
 import * as computeMessages from "../../proto/gen/freekv/v1/compute.js";
 import * as kvstoreMessages from "../../proto/gen/freekv/v1/kvstore.js";
@@ -74,6 +75,14 @@ export function metricValue(text: string, name: string, labels = ""): number | u
     return Number(value);
   }
   return undefined;
+}
+
+/** A metric's value from an in-process prom-client registry: its series matching `labels`, summed. */
+export async function registryValue(reg: Registry, name: string, labels: Record<string, string> = {}): Promise<number> {
+  const m = reg.getSingleMetric(name);
+  if (!m) throw new Error(`no metric ${name}`);
+  const { values } = await m.get();
+  return values.filter((v) => Object.entries(labels).every(([k, x]) => v.labels[k] === x)).reduce((a, v) => a + v.value, 0);
 }
 
 export const ATTENTION = 2; // SessionKind.SESSION_KIND_ATTENTION

@@ -39,7 +39,7 @@ import { createComputeServer, type ComputeServer } from "../../services/compute/
 import { divergedError, MAX_DATA_LOSS_CHARS } from "../../services/compute/sessions/diverged.js";
 import { AttentionStream, f32Tensor } from "../helpers/attention-stream.js";
 import { prng, randomF32 } from "../helpers/prng.js";
-import { ATTENTION, QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startService, unary, type ServiceProcess } from "../helpers/services.js";
+import { ATTENTION, QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, registryValue, startService, unary, type ServiceProcess } from "../helpers/services.js";
 
 const seed = (Date.now() ^ (process.pid << 7)) >>> 0;
 const rand = prng(seed);
@@ -142,12 +142,7 @@ afterAll(async () => {
 });
 
 /** A metric's value from a registry (its series matching `labels`, summed). */
-async function metric(reg: Registry, name: string, labels: Record<string, string> = {}): Promise<number> {
-  const m = reg.getSingleMetric(name);
-  if (!m) throw new Error(`no metric ${name}`);
-  const { values } = await m.get();
-  return values.filter((v) => Object.entries(labels).every(([k, x]) => v.labels[k] === x)).reduce((a, v) => a + v.value, 0);
-}
+const metric = registryValue;
 
 const t32 = (data: Float32Array, shape: number[]): Tensor => f32Tensor(data, shape);
 const decodeItem = (sessionId: string) => ({

@@ -30,7 +30,7 @@ import { divergedError } from "../../services/compute/sessions/diverged.js";
 import { handOffSessions } from "../../services/compute/sessions/handoff.js";
 import { AttentionStream, f32Tensor } from "../helpers/attention-stream.js";
 import { prng, randomF32 } from "../helpers/prng.js";
-import { ATTENTION, QUIET, computeClient, kvstoreClient, startService, unary, unaryError, type ServiceProcess } from "../helpers/services.js";
+import { ATTENTION, QUIET, computeClient, kvstoreClient, registryValue, startService, unary, unaryError, type ServiceProcess } from "../helpers/services.js";
 
 const seed = (Date.now() ^ (process.pid << 7)) >>> 0;
 const rand = prng(seed);
@@ -114,12 +114,7 @@ afterAll(async () => {
 });
 
 /** A metric's value from the compute's registry (its series matching `labels`, summed). */
-async function metric(name: string, labels: Record<string, string> = {}): Promise<number> {
-  const m = registry.getSingleMetric(name);
-  if (!m) throw new Error(`no metric ${name}`);
-  const { values } = await m.get();
-  return values.filter((v) => Object.entries(labels).every(([k, x]) => v.labels[k] === x)).reduce((a, v) => a + v.value, 0);
-}
+const metric = (name: string, labels: Record<string, string> = {}) => registryValue(registry, name, labels);
 
 const t32 = (data: Float32Array, shape: number[]): Tensor => f32Tensor(data, shape);
 const decodeItem = (sessionId: string) => ({

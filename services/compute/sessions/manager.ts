@@ -916,7 +916,7 @@ export class SessionManager {
       stats: s.detached ? undefined : this.stats(s),
       backend: this.opts.backend,
       // The DATA_LOSS every later call on the session gets (lost, or diverged by a failed decode).
-      dataLoss: ((s.lost ?? divergedError(s))?.message ?? "").slice(0, 2048),
+      dataLoss: ((s.lost ?? divergedError(s))?.message ?? "").slice(0, MAX_DATA_LOSS_CHARS),
     };
   }
 }
