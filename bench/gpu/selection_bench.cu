@@ -12,15 +12,12 @@
 // Group bounds by LaunchGroupBounds, checked against a host fold. Before timing, every case's
 // hierarchical selection must equal the flat one exactly (same pages, same order), for the mean
 // and the max combine; the timed figure is the median of 30 single-layer selections (CUDA
-// events), with the pages the hierarchical selection scored. The raw scores with the scoring's
-// split term (SelectionParams::score_split) must equal the default (fmaxf) ones bit for bit, in every
-// case and first over every query-head count and non-finite bounds (CheckScoreTerms).
+// events), with the pages the hierarchical selection scored.
 #include <algorithm>
 #include <cmath>
 #include <memory>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <random>
 
 #include "bench.cuh"
@@ -129,133 +126,6 @@ std::vector<int> HostSelect(const std::vector<float>& raw, int M, int combine, i
 const char* CombineName(int c) {
   return c == fc::kCombineMean ? "mean" : c == fc::kCombineMax ? "max" : "softmax-mean";
 }
-
-// The scoring's two per-channel terms (selection.cu: the split fmaf term, which
-// SelectionParams::score_split 1 asks for, and the default fmaxf term) give the same raw scores and selections bit for bit, at
-// every query-head count the scoring kernel has a variant for (1, 2, 4, 7 and 9 per KV head: 1, 2,
-// 4 and 8 heads a pass, 9 in two passes), single and batched, over walk summaries as they are and
-// with some bounds made +-inf, NaN or the largest bf16 (where the split term is NaN the kernel
-// takes the fmaxf term), with queries that have zero, -0 and subnormal channels. Returns the
-// number of compared launches (items) that differ.
-int CheckScoreTerms(Bench& B, Json& out) {
-  const int M = 3001, pages = M + 2 * kEdge;  // chunked top-k; a partial last group of 4 pages
-  const std::vector<float> finite = MakeSummaries(pages, "walk", 777);
-  std::vector<float> odd = finite;
-  {
-    const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
-    const float big = fc::Bf16RoundDown(3.4e38f);  // the largest finite bf16
-    std::mt19937_64 rng(4242);
-    std::uniform_int_distribution<size_t> pick(0, odd.size() / 2 - 1);
-    for (int i = 0; i < 60; ++i) {
-      const size_t e = pick(rng), row = e / kD, d = e % kD;  // row: (page, KV head); [pages][kHkv][2][kD]
-      float& hi = odd[row * 2 * kD + d];
-      float& lo = odd[row * 2 * kD + kD + d];
-      switch (i % 6) {
-        case 0: hi = inf; break;
-        case 1: lo = -inf; break;
-        case 2: hi = inf, lo = -inf; break;
-        case 3: hi = nan; break;
-        case 4: lo = nan; break;
-        default: hi = big, lo = -big; break;
-      }
-    }
-  }
-  constexpr int kMaxG = 9;
-  std::vector<float> q((size_t)kMaxG * kHkv * kD);
-  {
-    std::mt19937_64 rng(99);
-    std::normal_distribution<float> N(0.f, 1.f);
-    for (size_t i = 0; i < q.size(); ++i) {
-      const size_t d = i % kD;
-      q[i] = d % 17 == 0 ? 0.f : d % 19 == 0 ? -0.f : d % 23 == 0 ? 1e-40f : N(rng);
-    }
-  }
-  Dev<float> dq(q.size());
-  CK(cudaMemcpyAsync(dq.p, q.data(), q.size() * sizeof(float), cudaMemcpyHostToDevice, B.stream));
-  Dev<__nv_bfloat16> ds(finite.size());
-  int compared = 0, differ = 0;
-  const std::vector<float>* const variants[2] = {&finite, &odd};
-  for (const std::vector<float>* sum : variants) {
-    std::vector<__nv_bfloat16> sb(sum->size());
-    for (size_t i = 0; i < sb.size(); ++i) sb[i] = __float2bfloat16_rn((*sum)[i]);  // bf16 values: exact
-    CK(cudaMemcpyAsync(ds.p, sb.data(), sb.size() * sizeof(__nv_bfloat16), cudaMemcpyHostToDevice, B.stream));
-    for (int G : {1, 2, 4, 7, kMaxG}) {
-      // Item 0: all candidates (chunked top-k); item 1: fewer, shifted (one block). Item 0 alone is
-      // also launched singly.
-      constexpr int kItems = 2;
-      std::vector<fc::SelectionParams> items(kItems);
-      std::vector<std::unique_ptr<Dev<float>>> scr;
-      std::vector<std::unique_ptr<Dev<unsigned long long>>> wss;
-      std::vector<std::unique_ptr<Dev<int>>> sel;
-      for (int i = 0; i < kItems; ++i) {
-        fc::SelectionParams it;
-        it.q = dq.p;
-        it.summaries = ds.p;
-        it.first_page = kEdge + (i == 0 ? 0 : 5);
-        it.num_candidates = i == 0 ? M : M / 2 + 3;
-        it.q_heads = G * kHkv;
-        it.kv_heads = kHkv;
-        it.head_dim = kD;
-        it.k = kK;
-        it.combine = fc::kCombineMean;
-        scr.emplace_back(new Dev<float>(fc::SelectionScratchBytes(it) / 4));
-        wss.emplace_back(new Dev<unsigned long long>(fc::SelectionWorkspaceBytes(it) / 8 + 1));
-        sel.emplace_back(new Dev<int>((size_t)kHkv * kK));
-        it.scratch = scr.back()->p;
-        it.workspace = wss.back()->p;
-        it.selected = sel.back()->p;
-        items[i] = it;
-      }
-      // Raw scores and selections of the items after a single launch of item 0 (batch false) or a
-      // batched launch of all, with the given term.
-      struct Out {
-        std::vector<std::vector<float>> raw;
-        std::vector<std::vector<int>> sel;
-      };
-      auto run = [&](bool batch, int minmax) {
-        Out r;
-        for (auto& it : items) it.score_split = minmax ? 0 : 1;
-        for (int i = 0; i < kItems; ++i) {
-          CK(cudaMemsetAsync(items[i].scratch, 0xff, fc::SelectionScratchBytes(items[i]), B.stream));
-          CK(cudaMemsetAsync(items[i].selected, 0x7b, sizeof(int) * kHkv * kK, B.stream));
-        }
-        if (batch) {
-          Dev<fc::SelectionParams> ditems(items.size());
-          CK(cudaMemcpyAsync(ditems.p, items.data(), sizeof(fc::SelectionParams) * items.size(),
-                             cudaMemcpyHostToDevice, B.stream));
-          fc::LaunchSelectionBatch(ditems.p, items.data(), kItems, B.stream);
-          CK(cudaStreamSynchronize(B.stream));
-        } else {
-          fc::LaunchSelection(items[0], B.stream);
-        }
-        for (int i = 0; i < (batch ? kItems : 1); ++i) {
-          r.raw.emplace_back((size_t)items[i].q_heads * items[i].num_candidates);
-          r.sel.emplace_back((size_t)kHkv * kK);
-          CK(cudaMemcpyAsync(r.raw.back().data(), items[i].scratch, r.raw.back().size() * 4, cudaMemcpyDeviceToHost,
-                             B.stream));
-          CK(cudaMemcpyAsync(r.sel.back().data(), items[i].selected, r.sel.back().size() * 4, cudaMemcpyDeviceToHost,
-                             B.stream));
-          CK(cudaStreamSynchronize(B.stream));
-        }
-        return r;
-      };
-      for (bool batch : {false, true}) {
-        const Out split = run(batch, 0), minmax = run(batch, 1);
-        for (size_t i = 0; i < split.raw.size(); ++i) {
-          ++compared;  // bit for bit, NaN scores included
-          differ += std::memcmp(split.raw[i].data(), minmax.raw[i].data(), split.raw[i].size() * 4) != 0 ||
-                    split.sel[i] != minmax.sel[i];
-        }
-      }
-    }
-  }
-  std::printf("selection score terms: split vs fmaxf term differ in %d of %d launches (query heads per KV head 1, 2, "
-              "4, 7, 9; single and batched; finite and non-finite bounds)\n",
-              differ, compared);
-  std::fflush(stdout);
-  out.Set("score_terms_compared", compared).Set("score_terms_differ", differ);
-  return differ;
-}
 }  // namespace
 
 void RunSelection(Bench& B) {
@@ -281,8 +151,6 @@ void RunSelection(Bench& B) {
   for (auto& x : q) x = N(rng);
   Dev<float> dq(q.size());
   CK(cudaMemcpy(dq.p, q.data(), q.size() * sizeof(float), cudaMemcpyHostToDevice));
-  Json terms = Json::Obj();
-  if (B.TimeLeft(4)) mismatches += CheckScoreTerms(B, terms);
   auto fetch = [&](const int* d) {
     std::vector<int> v((size_t)kHkv * kK);
     CK(cudaMemcpyAsync(v.data(), d, v.size() * 4, cudaMemcpyDeviceToHost, B.stream));
@@ -334,7 +202,7 @@ void RunSelection(Bench& B) {
       for (int combine : {fc::kCombineSoftmaxMean, fc::kCombineMean, fc::kCombineMax}) {
         p.combine = combine;
         const bool hier = combine != fc::kCombineSoftmaxMean;  // softmax-mean over 7 heads: flat only
-        fc::SelectionParams pf = p, ph = p, po = p, pg = p, pm = p;
+        fc::SelectionParams pf = p, ph = p, po = p, pg = p;
         pf.selected = sel_flat.p;
         ph.selected = sel_hier.p;
         ph.groups = dg.p;
@@ -342,8 +210,6 @@ void RunSelection(Bench& B) {
         po.topk_single = 1;
         pg.selected = sel_grid.p;
         pg.score_grid = 1;
-        pm.selected = sel_grid.p;
-        pm.score_split = 1;
         CK(cudaMemsetAsync(sel_flat.p, 0x7f, sizeof(int) * kHkv * kK, B.stream));
         CK(cudaMemsetAsync(sel_hier.p, 0x7e, sizeof(int) * kHkv * kK, B.stream));
         CK(cudaMemsetAsync(sel_one.p, 0x7d, sizeof(int) * kHkv * kK, B.stream));
@@ -359,14 +225,6 @@ void RunSelection(Bench& B) {
         CK(cudaStreamSynchronize(B.stream));
         const int diff_grid = differ(a, fetch(sel_grid.p)) +
                               (std::memcmp(raw.data(), raw_grid.data(), raw.size() * 4) != 0 ? 1000000 : 0);
-        // The scoring with the split term (score_split 1): the same raw scores bit for
-        // bit. Printed in the "grid" count (with the launch shape's), kept apart in the JSON.
-        CK(cudaMemsetAsync(sel_grid.p, 0x7c, sizeof(int) * kHkv * kK, B.stream));
-        fc::LaunchSelection(pm, B.stream);
-        CK(cudaMemcpyAsync(raw_grid.data(), scratch.p, raw_grid.size() * 4, cudaMemcpyDeviceToHost, B.stream));
-        CK(cudaStreamSynchronize(B.stream));
-        const int diff_minmax = differ(a, fetch(sel_grid.p)) +
-                                (std::memcmp(raw.data(), raw_grid.data(), raw.size() * 4) != 0 ? 1000000 : 0);
         fc::LaunchSelection(po, B.stream);
         const std::vector<int> one = fetch(sel_one.p);
         long long scored = 0;
@@ -384,12 +242,11 @@ void RunSelection(Bench& B) {
             sane = sane && pg >= kEdge && pg < kEdge + M;
             for (int j = 0; j < i; ++j) sane = sane && a[(size_t)h * kK + j] != pg;
           }
-        if (diff || diff_one || diff_ref || diff_grid || diff_minmax || !sane) ++mismatches;
+        if (diff || diff_one || diff_ref || diff_grid || !sane) ++mismatches;
         const bool timed = kind == "walk" || kind == "iid";
-        double flat_us = 0, one_us = 0, hier_us = 0, grid_us = 0, minmax_us = 0;
+        double flat_us = 0, one_us = 0, hier_us = 0, grid_us = 0;
         if (timed) {
           flat_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(pf, B.stream); });
-          minmax_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(pm, B.stream); });
           one_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(po, B.stream); });
           grid_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(pg, B.stream); });
           if (hier) hier_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(ph, B.stream); });
@@ -398,18 +255,16 @@ void RunSelection(Bench& B) {
         j.Set("context", ctx).Set("candidates", M).Set("summaries", kind).Set("combine", CombineName(combine))
             .Set("groups_match_host", Json::Bool(groups_ok)).Set("hier_differ", diff)
             .Set("single_block_differ", diff_one).Set("host_reference_differ", diff_ref)
-            .Set("warp_per_4_pages_differ", diff_grid).Set("split_term_differ", diff_minmax)
+            .Set("warp_per_4_pages_differ", diff_grid)
             .Set("flat_selection_sane", Json::Bool(sane));
         if (hier) j.Set("hier_pages_scored_per_head", (double)scored / kHkv);
         if (timed) {
-          j.Set("flat_us", flat_us).Set("single_block_us", one_us).Set("warp_per_4_pages_us", grid_us)
-              .Set("split_term_us", minmax_us);
+          j.Set("flat_us", flat_us).Set("single_block_us", one_us).Set("warp_per_4_pages_us", grid_us);
           if (hier) j.Set("hier_us", hier_us);
         }
         sec.Push(j);
         std::printf("selection ctx %7d %-8s %-12s: groups %s, differ hier %d / one-block %d / host %d / grid %d%s",
-                    ctx, kind.c_str(), CombineName(combine), groups_ok ? "ok" : "BAD", diff, diff_one, diff_ref,
-                    diff_grid + diff_minmax,
+                    ctx, kind.c_str(), CombineName(combine), groups_ok ? "ok" : "BAD", diff, diff_one, diff_ref, diff_grid,
                     sane ? "" : " (flat result not sane)");
         if (hier) std::printf(", hier scored %.0f of %d pages/head", (double)scored / kHkv, M);
         if (timed)
@@ -466,7 +321,7 @@ void RunSelection(Bench& B) {
   }
   Json top = Json::Obj();
   top.Set("shape", "28 q / 4 kv heads, D 128, k 32 pages, 16 sink + 16 window pages excluded")
-      .Set("cases", sec).Set("score_terms", terms).Set("mismatches", mismatches);
+      .Set("cases", sec).Set("mismatches", mismatches);
   B.json.Set("selection", top);
   if (mismatches) throw std::runtime_error("selection: " + std::to_string(mismatches) + " cases differ");
 }

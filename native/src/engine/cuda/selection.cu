@@ -2,9 +2,8 @@
 // the small per-KV-head part runs one block per head (native/src/engine/cuda/PERF.md has the figures):
 //
 //   1. SelectionScoreKernel, grid (page chunks, kv_heads): a warp scores 4 pages at a time for
-//      all query heads of the group (8-byte loads of the bf16 hi/lo rows, q in registers; the
-//      channel term max(q hi, q lo) as an FMUL and an FFMA where the registers allow, ScoreTerms),
-//      the lane partial sums reduced by a transposing butterfly; raw scores -> scratch [h][g][m].
+//      all query heads of the group (8-byte loads of the bf16 hi/lo rows, q in registers), the
+//      lane partial sums reduced by a transposing butterfly; raw scores -> scratch [h][g][m].
 //   2. SelectionTopKKernel, one block per KV head: the group combine in double (the CPU engine's
 //      precision and order: per head in order, softmax of the raw scores shifted by their float
 //      max, then the mean), the combined scores as order-preserving 64-bit keys in shared
@@ -209,172 +208,67 @@ __device__ __forceinline__ void LoadGroup(const ScoreView& view, int kv_heads, i
   }
 }
 
-// The page term max(q hi, q lo) of one channel (hi >= lo) has two forms, which give the same
-// scores bit for bit:
-//   fmaxf form: fmaxf(q * hi, q * lo): FMUL, FMUL, FMNMX (then the FADD into the sum).
-//   split form: with qp = q >= 0 ? q : +0 and qn = q >= 0 ? +0 : q (once per warp, before the
-//   pages; a NaN q goes to qn), fmaf(qn, lo, qp * hi): FMUL, FFMA. For q >= 0, qp * hi is q * hi
-//   rounded once and qn * lo a zero, which the fma adds exactly; for q < 0, qp * hi is a zero and
-//   the fma rounds q * lo + 0 once, which is q * lo rounded. As hi >= lo and rounding is monotone,
-//   q * hi >= q * lo for q >= 0 and q * lo >= q * hi for q < 0: the split term is the fmaxf term,
-//   up to the sign of a zero.
-// Zero signs: each sum starts at +0 and adds the same terms in the same order in both forms. In
-// round-to-nearest x + y is -0 only when x and y are both -0, so no partial sum (nor a sum of the
-// butterfly) is ever -0, and x + (+0) equals x + (-0) for every x but -0: a zero term's sign
-// changes no bit of a score. (A -0 score would not change a comparison either: the combines work
-// in double, where r - max, exp, + and fmax give the same value for either zero, and the top-k's
-// keys count -0 as +0, see OrderedKey.)
-// Non-finite bounds: nothing checks the keys for finiteness, so a bound may be +-inf (an infinite
-// key, or a bound rounded up / down past the largest finite bf16, as CuboidMean's c + r can be)
-// or NaN (CuboidMean of a NaN key, a group folded from such a page). The split term differs from
-// the fmaxf term only where it is NaN: a zero part of q times an infinite bound (fmaxf drops that
-// NaN when the other product is a number), a NaN bound (fmaxf drops one NaN product), q = +-inf
-// times a zero bound, or q NaN (NaN in both). Where the split term is not NaN, its products are
-// numbers and the argument above holds with infinities too. A NaN term makes its page's score NaN
-// (NaN + x is NaN; the butterfly only adds), so a warp that gets any NaN score in the split form
-// scores all its pages of the pass again in the fmaxf form, with q reloaded (finite summaries never
-// do): every score is the fmaxf form's, bit for bit, NaN included. The forms do differ on
-// summaries with hi < lo, which bound nothing: PageSummaryKernel writes them only for a MaxMin
-// channel whose keys on the page are all NaN (hi -3.39e38, lo +3.39e38: fmaxf / fminf skip NaNs
-// and leave their starting values).
-//
-// The split form holds two query registers per channel where the fmaxf form holds one. It is
-// compiled only where it keeps the fmaxf form's occupancy without spills (ptxas -v): the page
-// scan (the group and seed passes score few pages) at head_dim <= 128 (NCH 1), with
-// __launch_bounds__ asking for the blocks per SM the fmaxf form had (kSplitMinBlocks: 4 blocks of
-// 256 threads at <= 64 registers, 3 at <= 80, 2 at <= 128), and with butterflies of at most 8
-// values, kSplitPages pages at a time rather than all 4, which the registers need at 4 and 8 query
-// heads (the sums are the same: every value goes through the same pairs of lanes, 16, 8, 4, 2, 1
-// apart, however many values the butterfly takes). Not at 2 heads unbatched, which would spill at
-// 64 registers. Elsewhere the fmaxf form, as before. SelectionParams::score_split 1 takes the
-// split form where it is compiled; 0 (the default until it is measured on the device) the fmaxf
-// form everywhere (the benchmark checks that the raw scores are the same bit for bit).
 template <int NCH, int MAXG, bool kBatch, int PASS>
-constexpr int kSplitMinBlocks = NCH != 1 || PASS != kPassPages ? 0
-                                : MAXG == 1                     ? 4
-                                : MAXG == 2                     ? (kBatch ? 3 : 0)
-                                : MAXG == 4                     ? (kBatch ? 2 : 3)
-                                                                : 2;
-template <int NCH, int MAXG, bool kBatch, int PASS>
-constexpr bool kSplitScore = kSplitMinBlocks<NCH, MAXG, kBatch, PASS> > 0;
-template <int MAXG>
-constexpr int kSplitPages = MAXG >= 8 ? 1 : MAXG == 4 ? 2 : kPagesPerWarp;
-
-// The lane's partial sums v[u * MAXG + g] of the group's pages (u) and the pass's query heads (g).
-// kSplit: qa / qb are the parts of q >= 0 / < 0 (the split term); else qa is q (the fmaxf term).
-template <int NCH, int MAXG, bool kSplit, int UP>
-__device__ __forceinline__ void ScoreTerms(const PageRows<NCH>& r, int u0, const float4 (&qa)[MAXG][NCH],
-                                           const float4 (&qb)[MAXG][NCH], float (&v)[UP * MAXG]) {
-#pragma unroll
-  for (int u = 0; u < UP; ++u)
-#pragma unroll
-    for (int g = 0; g < MAXG; ++g) {
-      float a = 0.f;
-#pragma unroll
-      for (int c = 0; c < NCH; ++c) {
-        const float4 hh = Bf16x4(r.hi[u0 + u][c]), ll = Bf16x4(r.lo[u0 + u][c]);
-        if constexpr (kSplit) {
-          const float4 qp = qa[g][c], qn = qb[g][c];
-          a = __fadd_rn(a, __fmaf_rn(qn.x, ll.x, __fmul_rn(qp.x, hh.x)));
-          a = __fadd_rn(a, __fmaf_rn(qn.y, ll.y, __fmul_rn(qp.y, hh.y)));
-          a = __fadd_rn(a, __fmaf_rn(qn.z, ll.z, __fmul_rn(qp.z, hh.z)));
-          a = __fadd_rn(a, __fmaf_rn(qn.w, ll.w, __fmul_rn(qp.w, hh.w)));
-        } else {
-          const float4 qq = qa[g][c];
-          a += fmaxf(qq.x * hh.x, qq.x * ll.x);
-          a += fmaxf(qq.y * hh.y, qq.y * ll.y);
-          a += fmaxf(qq.z * hh.z, qq.z * ll.z);
-          a += fmaxf(qq.w * hh.w, qq.w * ll.w);
-        }
-      }
-      v[u * MAXG + g] = a;
-    }
-}
-
-__device__ __forceinline__ float4 QueryPos(float4 q) {
-  return make_float4(q.x >= 0.f ? q.x : 0.f, q.y >= 0.f ? q.y : 0.f, q.z >= 0.f ? q.z : 0.f, q.w >= 0.f ? q.w : 0.f);
-}
-__device__ __forceinline__ float4 QueryNeg(float4 q) {
-  return make_float4(q.x >= 0.f ? 0.f : q.x, q.y >= 0.f ? 0.f : q.y, q.z >= 0.f ? 0.f : q.z, q.w >= 0.f ? 0.f : q.w);
-}
-
-// One pass of the warp over its groups of pages (first, first + step, ... < groups) for query
-// heads g0 .. g0 + MAXG - 1, raw scores to view.raw. kSplit: the split term; returns whether any
-// score of the pass was NaN (the same on every lane). Else the fmaxf term; returns false.
-template <int NCH, int MAXG, bool kSplit>
-__device__ __forceinline__ bool ScorePass(const SelectionParams& p, const ScoreView& view, int h, int g0, int first,
-                                          int step, int groups, int lane) {
-  const int G = p.q_heads / p.kv_heads, D = p.head_dim, M = view.M, D4 = D / 4;
-  float4 qa[MAXG][NCH], qb[MAXG][NCH];
-#pragma unroll
-  for (int g = 0; g < MAXG; ++g)
-#pragma unroll
-    for (int c = 0; c < NCH; ++c) {
-      const int d4 = lane + 32 * c;
-      const float4 q = g0 + g < G && d4 < D4 ? reinterpret_cast<const float4*>(p.q + ((size_t)h * G + g0 + g) * D)[d4]
-                                             : make_float4(0.f, 0.f, 0.f, 0.f);
-      qa[g][c] = kSplit ? QueryPos(q) : q;
-      qb[g][c] = kSplit ? QueryNeg(q) : q;  // unused (and dropped) for the fmaxf term
-    }
-  bool nan = false;
-  PageRows<NCH> cur;
-  LoadGroup<NCH>(view, p.kv_heads, h, D4, lane, first, groups, cur);
-  for (int grp = first; grp < groups; grp += step) {
-    PageRows<NCH> next;
-    LoadGroup<NCH>(view, p.kv_heads, h, D4, lane, grp + step, groups, next);  // zeros past the end
-    constexpr int UP = kSplit ? kSplitPages<MAXG> : kPagesPerWarp;  // pages per butterfly
-#pragma unroll
-    for (int u0 = 0; u0 < kPagesPerWarp; u0 += UP) {
-      const int m0 = grp * kPagesPerWarp + u0;
-      constexpr int NV = UP * MAXG;
-      float v[NV];
-      ScoreTerms<NCH, MAXG, kSplit, UP>(cur, u0, qa, qb, v);
-      constexpr int NKEEP = NV > 32 ? NV / 32 : 1;
-      constexpr int kDup = NV >= 32 ? 1 : 32 / NV;
-      int base = 0;
-      Butterfly<NV, 16>(v, lane, base);
-      // Every lane holds full sums after the butterfly, and each page's sum is on some lane.
-      if constexpr (kSplit)
-#pragma unroll
-        for (int c = 0; c < NKEEP; ++c) nan |= isnan(v[c]);
-      if ((lane & (kDup - 1)) == 0) {
-#pragma unroll
-        for (int c = 0; c < NKEEP; ++c) {
-          const int j = base + c, u = j / MAXG, g = j % MAXG, m = m0 + u;
-          if (g0 + g < G && m < M) view.raw[(size_t)(g0 + g) * view.stride + m] = v[c];
-        }
-      }
-    }
-    cur = next;
-  }
-  return kSplit && __any_sync(0xffffffffu, nan);
-}
-
-template <int NCH, int MAXG, bool kBatch, int PASS>
-__global__ void __launch_bounds__(kScoreThreads, kSplitMinBlocks<NCH, MAXG, kBatch, PASS>)
+__global__ void __launch_bounds__(kScoreThreads)
     SelectionScoreKernel(const SelectionParams p0, const SelectionParams* items) {
   const SelectionParams p = kBatch ? items[blockIdx.z] : p0;
   const int h = blockIdx.y;
   if (p.head_mask && p.head_mask[h] == 0) return;
   if (PASS != kPassPages && !p.groups) return;
   const ScoreView view = ViewOf<PASS>(p, h);
-  const int G = p.q_heads / p.kv_heads, M = view.M;
+  const int G = p.q_heads / p.kv_heads, D = p.head_dim, M = view.M, D4 = D / 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int groups = (M + kPagesPerWarp - 1) / kPagesPerWarp;
   const int first = blockIdx.x * kScoreWarps + warp, step = gridDim.x * kScoreWarps;
   if (first >= groups) return;  // whole warps leave together
+  float* raw = view.raw;
   for (int g0 = 0; g0 < G; g0 += MAXG) {
-    // The split form when asked for; where it gave a NaN score, the fmaxf form over the same
-    // pages, whose stores (from other lanes of the warp) come after the barrier.
-    bool minmax = true;
-    if constexpr (kSplitScore<NCH, MAXG, kBatch, PASS>) {
-      minmax = p.score_split == 0;
-      if (!minmax && ScorePass<NCH, MAXG, true>(p, view, h, g0, first, step, groups, lane)) {
-        __syncwarp();
-        minmax = true;
+    float4 q[MAXG][NCH];
+#pragma unroll
+    for (int g = 0; g < MAXG; ++g)
+#pragma unroll
+      for (int c = 0; c < NCH; ++c) {
+        const int d4 = lane + 32 * c;
+        q[g][c] = g0 + g < G && d4 < D4
+                      ? reinterpret_cast<const float4*>(p.q + ((size_t)h * G + g0 + g) * D)[d4]
+                      : make_float4(0.f, 0.f, 0.f, 0.f);
       }
+    PageRows<NCH> cur;
+    LoadGroup<NCH>(view, p.kv_heads, h, D4, lane, first, groups, cur);
+    for (int grp = first; grp < groups; grp += step) {
+      PageRows<NCH> next;
+      LoadGroup<NCH>(view, p.kv_heads, h, D4, lane, grp + step, groups, next);  // zeros past the end
+      const int m0 = grp * kPagesPerWarp;
+      float v[kPagesPerWarp * MAXG];
+#pragma unroll
+      for (int u = 0; u < kPagesPerWarp; ++u)
+#pragma unroll
+        for (int g = 0; g < MAXG; ++g) {
+          float a = 0.f;
+#pragma unroll
+          for (int c = 0; c < NCH; ++c) {
+            const float4 qq = q[g][c], hh = Bf16x4(cur.hi[u][c]), ll = Bf16x4(cur.lo[u][c]);
+            a += fmaxf(qq.x * hh.x, qq.x * ll.x);
+            a += fmaxf(qq.y * hh.y, qq.y * ll.y);
+            a += fmaxf(qq.z * hh.z, qq.z * ll.z);
+            a += fmaxf(qq.w * hh.w, qq.w * ll.w);
+          }
+          v[u * MAXG + g] = a;
+        }
+      constexpr int NV = kPagesPerWarp * MAXG;
+      constexpr int NKEEP = NV > 32 ? NV / 32 : 1;
+      constexpr int kDup = NV >= 32 ? 1 : 32 / NV;
+      int base = 0;
+      Butterfly<NV, 16>(v, lane, base);
+      if ((lane & (kDup - 1)) == 0) {
+#pragma unroll
+        for (int c = 0; c < NKEEP; ++c) {
+          const int j = base + c, u = j / MAXG, g = j % MAXG, m = m0 + u;
+          if (g0 + g < G && m < M) raw[(size_t)(g0 + g) * view.stride + m] = v[c];
+        }
+      }
+      cur = next;
     }
-    if (minmax) ScorePass<NCH, MAXG, false>(p, view, h, g0, first, step, groups, lane);
   }
 }
 

@@ -65,10 +65,6 @@ struct SelectionParams {
   // 1: the scoring launches a warp per 4 pages instead of one wave of the device whose warps loop
   // over the pages (benchmarks compare the two; the scores are the same bit for bit).
   int score_grid = 0;
-  // 1: the scoring's channel term as fmaf(min(q, 0), lo, max(q, 0) * hi) where the registers allow
-  // instead of fmaxf(q * hi, q * lo) (selection.cu's ScoreTerms: the same raw scores bit for bit,
-  // one instruction fewer). Not yet the service's default: the benchmark checks and times it.
-  int score_split = 0;
 };
 
 size_t SelectionScratchBytes(const SelectionParams& p);
