@@ -4,8 +4,9 @@
  * A session moved after its first turn continues on the target with exactly the greedy tokens of
  * a twin that never moved (the built-in model; a small retrieval budget, so selection state has to
  * survive the move); the source then redirects its calls to the target. A move that fails (an
- * unreachable target, the pod itself, a caller that gives up at any point) leaves the session on
- * exactly one pod, whole. A pod stopped with FREEKV_DRAIN_HANDOFF=owners finds the other one live
+ * unreachable target, the pod itself, a caller that gives up at any point, including after the
+ * target took the session and before its answer arrived) leaves the session on exactly one pod,
+ * whole. A pod stopped with FREEKV_DRAIN_HANDOFF=owners finds the other one live
  * in the owners directory and hands its sessions to it, the client package follows, and a session
  * the peer refuses is logged and counted.
  * Skipped, saying so, without Redis.
@@ -15,11 +16,11 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 import { Redis } from "ioredis";
 import { FreeKvClient, SESSION_OWNER_KEY } from "../../packages/client/src/index.js";
-import { GenerateRequest, MoveSessionRequest, SessionMoveServiceClient, type GenerateResponse, type ReceiveSessionRequest } from "../../proto/gen/freekv/v1/compute.js";
+import { ArrivalState, GenerateRequest, MoveSessionRequest, SessionMoveServiceClient, SessionMoveServiceService, type GenerateResponse, type ReceiveSessionRequest } from "../../proto/gen/freekv/v1/compute.js";
 import { KvStoreTransferServiceClient, type ExportSessionResponse, type SessionTransferHeader } from "../../proto/gen/freekv/v1/kvstore.js";
-import { credentials } from "@grpc/grpc-js";
+import { credentials, Server, ServerCredentials } from "@grpc/grpc-js";
 import { prng } from "../helpers/prng.js";
-import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
+import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, unaryError, type Tiers } from "../helpers/services.js";
 
 const REDIS = "redis://127.0.0.1:6379/0";
 const up = await new Promise<boolean>((resolve) => {
@@ -152,6 +153,14 @@ describe.skipIf(!up)("moving sessions between two pods", () => {
       }
       expect(await kvSessions(a)).toContain(sid);
       expect(await kvSessions(b)).not.toContain(sid);
+      // Where a session stands on a pod (what a source whose answer was lost asks the target).
+      const arrival = (c: SessionMoveServiceClient, id: string) =>
+        new Promise<string>((resolve) => c.getArrival({ sessionId: id }, new Metadata(), { deadline: Date.now() + 5000 }, (e, r) => resolve(e ? status[e.code] : ArrivalState[r!.state])));
+      const atB = new SessionMoveServiceClient(bAddress, credentials.createInsecure());
+      expect(await arrival(mover, sid)).toBe("ARRIVAL_STATE_HELD");
+      expect(await arrival(atB, sid)).toBe("ARRIVAL_STATE_ABSENT");
+      expect(await arrival(atB, "../x")).toBe("INVALID_ARGUMENT");
+      atB.close();
       // Callers that give up after a few milliseconds, at different points of the move: afterwards
       // exactly one pod holds the session, and it answers through the client.
       const outcomes: string[] = [];
@@ -164,7 +173,7 @@ describe.skipIf(!up)("moving sessions between two pods", () => {
         }
       };
       const baseline = await segmentBytes(b);
-      for (const ms of [1, 60, 250, 600, 1500, 30_000]) {
+      for (const ms of [1, 60, 150, 250, 400, 600, 1500, 30_000]) {
         const e = await move({ sessionId: sid, target: bAddress, chunkBytes: 4096 }, ms);
         let onA = false;
         let onB = false;
@@ -264,6 +273,84 @@ describe.skipIf(!up)("moving sessions between two pods", () => {
       transfer.close();
       receiver.close();
       toA.close();
+    }
+  }, 120_000);
+
+  it("settles a move whose answer was lost by asking the target (held: closed here; absent: kept here; cannot ask: the owners directory)", async () => {
+    // A scripted target: it reads the whole stream and never answers, so the source's caller
+    // deadline passes after the digest went out; GetArrival then answers from a script.
+    let script: Array<ArrivalState | "unimplemented"> = [];
+    let asked = 0;
+    let received = 0;
+    const server = new Server();
+    server.addService(SessionMoveServiceService, {
+      moveSession: (_call: unknown, cb: (e: Partial<ServiceError>) => void) => cb({ code: status.UNIMPLEMENTED }),
+      receiveSession: (call: { on(ev: string, f: (m?: ReceiveSessionRequest) => void): void }) => {
+        call.on("data", (m) => void (m?.item?.$case === "digest" && received++));
+      },
+      getArrival: (_call: unknown, cb: (e: Partial<ServiceError> | null, r?: { state: ArrivalState }) => void) => {
+        const next = script[Math.min(asked++, script.length - 1)];
+        if (next === "unimplemented") cb({ code: status.UNIMPLEMENTED, details: "scripted" });
+        else cb(null, { state: next });
+      },
+    });
+    const port = await new Promise<number>((resolve, reject) => server.bindAsync("127.0.0.1:0", ServerCredentials.createInsecure(), (e, p) => (e ? reject(e) : resolve(p))));
+    const target = `127.0.0.1:${port}`;
+    const toA = new FreeKvClient(a.compute.address, { retry: { maxAttempts: 1 } });
+    const mover = new SessionMoveServiceClient(a.compute.address, credentials.createInsecure());
+    const r = new Redis(REDIS);
+    const moves = async (result: string) => metricValue(await fetchMetrics(a.compute.metricsPort), "freekv_compute_session_moves_total", `role="out",result="${result}"`) ?? 0;
+    const outcomes = async () => (await moves("ok")) + (await moves("deadline_exceeded"));
+    const m0 = await moves("ok");
+    try {
+      const cases: Array<[string, Array<ArrivalState | "unimplemented">, string | undefined, boolean]> = [
+        // [name, GetArrival's answers, the owners record, does the session leave A]
+        ["still receiving, then held", [ArrivalState.ARRIVAL_STATE_RECEIVING, ArrivalState.ARRIVAL_STATE_RECEIVING, ArrivalState.ARRIVAL_STATE_HELD], undefined, true],
+        ["absent", [ArrivalState.ARRIVAL_STATE_RECEIVING, ArrivalState.ARRIVAL_STATE_ABSENT], undefined, false],
+        ["cannot ask, the directory names the target", ["unimplemented"], target, true],
+        ["cannot ask, no record", ["unimplemented"], undefined, false],
+      ];
+      for (const [name, answers, record, leaves] of cases) {
+        const sid = `lost-${Math.floor(rand() * 1e9)}`;
+        await toA.createSession({ sessionId: sid, kind: 1, retrieval: RETRIEVAL, maxContextTokens: 1024 });
+        await toA.generateText({ sessionId: sid, prompt: tokens(60), maxTokens: 3, sampling: GREEDY });
+        const before = await outcomes();
+        script = answers;
+        asked = 0;
+        const digests = received;
+        if (record) await r.hset(`${prefix}owners`, sid, record);
+        const e = await new Promise<ServiceError | null>((resolve) =>
+          mover.moveSession(MoveSessionRequest.fromPartial({ sessionId: sid, target, chunkBytes: 4096 }), new Metadata(), { deadline: Date.now() + 1500 }, (err) => resolve(err)),
+        );
+        expect(e?.code, name).toBe(status.DEADLINE_EXCEEDED);
+        expect(received, `${name}: the digest reached the target`).toBe(digests + 1);
+        // The source settles after its caller gave up; its move is counted once it has.
+        const t0 = Date.now();
+        while ((await outcomes()) === before && Date.now() - t0 < 10_000) await new Promise((res) => setTimeout(res, 50));
+        expect(await outcomes(), name).toBe(before + 1);
+        expect((await kvSessions(a)).includes(sid), name).toBe(!leaves);
+        expect(asked, `${name}: GetArrival calls`).toBeGreaterThanOrEqual(answers[0] === "unimplemented" ? 1 : answers.length);
+        if (leaves) {
+          // A redirects its calls to the target.
+          const stub = computeClient(a.compute.address);
+          const err = await unaryError(stub, "getSession", { sessionId: sid });
+          stub.close();
+          expect(err.code, name).toBe(status.FAILED_PRECONDITION);
+          expect(err.metadata.get(SESSION_OWNER_KEY), name).toEqual([target]);
+          await r.hdel(`${prefix}owners`, sid);
+        } else {
+          // Still A's, whole.
+          const t = await toA.generateText({ sessionId: sid, prompt: tokens(3), maxTokens: 2, sampling: GREEDY });
+          expect(t.tokenIds.length, name).toBe(2);
+          await toA.closeSession({ sessionId: sid });
+        }
+      }
+      expect((await moves("ok")) - m0).toBe(2);
+    } finally {
+      r.disconnect();
+      mover.close();
+      toA.close();
+      server.forceShutdown();
     }
   }, 120_000);
 

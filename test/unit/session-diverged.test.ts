@@ -19,7 +19,7 @@ import { pino } from "pino";
 import type { Registry } from "prom-client";
 import type { DecodeInput } from "../../native/binding.js";
 import type { Tensor } from "../../proto/gen/freekv/v1/common.js";
-import { GenerateRequest, SessionMoveServiceClient, SessionMoveServiceService, type GetSessionResponse, type Session, type SessionMoveServiceServer } from "../../proto/gen/freekv/v1/compute.js";
+import { ArrivalState, GenerateRequest, SessionMoveServiceClient, SessionMoveServiceService, type GetSessionResponse, type Session, type SessionMoveServiceServer } from "../../proto/gen/freekv/v1/compute.js";
 import { parseConfig } from "../../services/common/config.js";
 import { bindServer } from "../../services/common/lifecycle.js";
 import { createRegistry } from "../../services/common/metrics.js";
@@ -94,6 +94,7 @@ beforeAll(async () => {
       received.push(call.getPeer());
       cb({ code: status.FAILED_PRECONDITION, details: "the stand-in target takes no session" });
     },
+    getArrival: (_call, cb) => cb(null, { state: ArrivalState.ARRIVAL_STATE_ABSENT }),
   };
   target.addService(SessionMoveServiceService, refuse);
   targetAddress = `127.0.0.1:${await bindServer(target, "127.0.0.1", 0)}`;

@@ -28,6 +28,7 @@ import { ComputeSession, kindName, type SessionMetadata } from "./session.js";
 import { checkDiverged, divergedError, MAX_DATA_LOSS_CHARS, restoreDiverged, savedDataLoss } from "./diverged.js";
 import { retrievalStats } from "./stats.js";
 import { heldElsewhere } from "./owners.js";
+import { checkTenant } from "../auth.js";
 import { status } from "@grpc/grpc-js";
 
 export const SESSION_ID_RE = /^[A-Za-z0-9._-]{1,128}$/;
@@ -394,6 +395,20 @@ export class SessionManager {
   goneError(id: string): ServiceError {
     const to = this.moved.get(id);
     return to ? heldElsewhere(id, to) : notFound(`session ${quoteId(id)} not found`);
+  }
+
+  /**
+   * Where `id` stands here, for a source that lost a move's answer (move.ts): open here ("held"),
+   * still being received or created ("receiving"), or neither ("absent"). With `tenant` (tenant
+   * authentication on) a held session of another tenant is PERMISSION_DENIED.
+   */
+  arrivalState(id: string, tenant?: string): "held" | "receiving" | "absent" {
+    const s = this.sessions.get(id);
+    if (s) {
+      checkTenant(s.metadata.tenant, tenant, id);
+      return "held";
+    }
+    return this.creating.has(id) ? "receiving" : "absent";
   }
 
   /** Reserves `id` for a session arriving from another pod; ALREADY_EXISTS when it is open or being created here. */

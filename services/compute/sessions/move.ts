@@ -13,27 +13,38 @@
  * diverged.ts), is refused with its DATA_LOSS error under the lock, before anything is saved or
  * sent (SessionManager.handOver). A cancellation or deadline before the digest was passed on
  * cancels both streams (the target kvstore removes what it had written); once the digest went
- * out, the answer is awaited so the outcome is known. An answer lost after the target committed
- * (the transport broke) is resolved with the session-owners directory: the target records itself
- * as the owner only once it holds the session, so a record naming it means the move happened.
+ * out, the answer is awaited so the outcome is known. When that answer is lost (the caller's
+ * deadline passed on both sides, the transport broke), the source asks the target where the
+ * session stands (GetArrival, each try with its own short deadline, for up to SETTLE_MS): held
+ * there means the move happened and the session is closed here; absent means it did not, and
+ * the session stays here; still receiving means ask again. A target that cannot be asked leaves
+ * the session-owners directory to decide (the target records itself as the owner only once it
+ * holds the session); when neither answers, the session stays here and the unknown outcome is
+ * logged as an error and counted (freekv_compute_move_outcome_unknown_total): both pods may then
+ * hold it.
  *
  * Target (ReceiveSession): the header is checked first (the id is free here, the caller may
  * move the session's tenant, a model session's geometry is the served model's, its context within
  * FREEKV_MAX_CONTEXT_LIMIT); the messages go on to this pod's kvstore ImportSession, which checks
- * every chunk, the digest, and every size against its capacity. Then the session is re-attached
- * from the imported segments (the engine continues it exactly as after a restart) and this pod is
- * recorded as its owner; if the re-attach fails, the imported copy is released and the error
- * returned, so the source keeps it.
+ * every chunk, the digest, and every size against its capacity. If the caller is gone by then
+ * (cancelled, or its deadline passed), the imported copy is released and nothing is opened: the
+ * session stays the source's. Otherwise the session is re-attached from the imported segments
+ * (the engine continues it exactly as after a restart; from here on the move is done, whether or
+ * not the answer arrives) and this pod is recorded as its owner; if the re-attach fails, the
+ * imported copy is released and the error returned, so the source keeps it.
  *
  * Authentication: with FREEKV_AUTH_TOKENS_FILE both calls need a bearer token; a tenant moves
  * only its own sessions, FREEKV_MOVE_ADMIN_TENANT any. The source passes on its caller's token
  * (the drain, which has no caller, presents FREEKV_PEER_TOKEN_FILE's), over TLS when
  * FREEKV_PEER_TLS_* name the files (common/tls.ts).
  */
-import { Metadata, status, type ChannelCredentials, type ServerReadableStream, type ServerUnaryCall, type sendUnaryData } from "@grpc/grpc-js";
+import { Metadata, status, type ChannelCredentials, type ServiceError as GrpcError, type ServerReadableStream, type ServerUnaryCall, type sendUnaryData } from "@grpc/grpc-js";
 import { Counter } from "prom-client";
 import {
+  ArrivalState,
   SessionMoveServiceClient,
+  type GetArrivalRequest,
+  type GetArrivalResponse,
   type MoveSessionRequest,
   type MoveSessionResponse,
   type ReceiveSessionRequest,
@@ -65,6 +76,11 @@ function relayed(e: unknown, who: string): unknown {
 /** Failures after which the target may or may not have taken the session (the answer was lost). */
 const AMBIGUOUS = new Set<number>([status.UNAVAILABLE, status.DEADLINE_EXCEEDED, status.CANCELLED, status.UNKNOWN, status.INTERNAL]);
 
+/** How long a source whose answer was lost keeps asking the target where the session stands. */
+export const SETTLE_MS = 30_000;
+/** The deadline of each of those questions. */
+const SETTLE_CALL_MS = 3_000;
+
 export interface MoveResult {
   sessionId: string;
   target: string;
@@ -78,6 +94,7 @@ export interface MoveMetrics {
   moves: Counter<"role" | "result">;
   bytes: Counter<"role">;
   handoffFailures: Counter;
+  outcomeUnknown: Counter;
 }
 
 export class SessionMover {
@@ -94,6 +111,7 @@ export class SessionMover {
       moves: new Counter({ name: "freekv_compute_session_moves_total", help: "Session moves by role (out: this pod was the source, in: the target) and result (ok or the gRPC status)", labelNames: ["role", "result"], registers }),
       bytes: new Counter({ name: "freekv_compute_session_move_bytes_total", help: "Session bytes (pages, tail, manifest) moved out of or into this pod", labelNames: ["role"], registers }),
       handoffFailures: new Counter({ name: "freekv_compute_handoff_failures_total", help: "Sessions a draining compute could not hand off (they stay in this pod's kvstore; each is logged with its reason)", registers }),
+      outcomeUnknown: new Counter({ name: "freekv_compute_move_outcome_unknown_total", help: "Moves whose answer was lost after the digest went out and whose outcome neither the target nor the session-owners directory could tell: the session stayed here and the target may hold it too (each is logged)", registers }),
     };
   }
 
@@ -174,9 +192,15 @@ export class SessionMover {
         return { dataBytes: res.dataBytes, chunks: res.chunks };
       } catch (e) {
         const code = (e as { code?: number }).code;
-        if (digestSent && code !== undefined && AMBIGUOUS.has(code) && ctx.owners && (await ctx.owners.elsewhere(id)) === target) {
-          ctx.log.warn({ session: id, target, err: (e as Error).message }, "the target's answer was lost, but it records itself as the session's owner: the move happened");
+        if (!digestSent || code === undefined || !AMBIGUOUS.has(code)) throw e;
+        const outcome = await this.settle(id, target, peer, md);
+        if (outcome === "held") {
+          ctx.log.warn({ session: id, target, err: (e as Error).message }, "the target's answer was lost, but it holds the session: the move happened");
           return { dataBytes: 0, chunks: 0 };
+        }
+        if (outcome === "unknown") {
+          this.metrics.outcomeUnknown.inc();
+          ctx.log.error({ session: id, target, err: (e as Error).message }, "the target's answer was lost and neither it nor the session-owners directory tells whether it took the session: it stays on this pod, and the target may hold it too (close one copy)");
         }
         throw e;
       }
@@ -188,6 +212,39 @@ export class SessionMover {
       opts.signal?.removeEventListener("abort", onAbort);
       peer.close();
     }
+  }
+
+  /**
+   * Where the session stands at the target after its answer was lost: asks GetArrival until it
+   * says held or absent (SETTLE_MS at most). A target that cannot be asked (three failures, or
+   * one that will not pass) leaves the session-owners directory to tell: a record naming the
+   * target means it took the session, none that it did not. Without a directory it is unknown.
+   */
+  private async settle(id: string, target: string, peer: SessionMoveServiceClient, md: Metadata): Promise<"held" | "absent" | "unknown"> {
+    const { ctx } = this;
+    const until = Date.now() + SETTLE_MS;
+    let wait = 20;
+    let failures = 0;
+    for (;;) {
+      const r = await new Promise<{ state?: ArrivalState; err?: GrpcError }>((resolve) =>
+        peer.getArrival({ sessionId: id }, md, { deadline: Date.now() + SETTLE_CALL_MS }, (err, res) => resolve(err ? { err } : { state: res!.state })),
+      );
+      if (r.state === ArrivalState.ARRIVAL_STATE_HELD) return "held";
+      if (r.state === ArrivalState.ARRIVAL_STATE_ABSENT) return "absent";
+      // Still receiving, or a failure that may pass: ask again.
+      if (r.err && (!AMBIGUOUS.has(r.err.code) || ++failures >= 3)) {
+        ctx.log.warn({ session: id, target, err: r.err.details ?? r.err.message }, "could not ask the target where the session stands; the session-owners directory decides");
+        break;
+      }
+      if (Date.now() + wait > until) {
+        ctx.log.warn({ session: id, target, waitedMs: SETTLE_MS }, "the target is still receiving the session; the session-owners directory decides");
+        break;
+      }
+      await new Promise((res) => setTimeout(res, wait));
+      wait = Math.min(wait * 2, 500);
+    }
+    if (!ctx.owners) return "unknown";
+    return (await ctx.owners.elsewhere(id)) === target ? "held" : "absent";
   }
 
   /** The receiving side of a move: the stream goes on to this pod's kvstore; the session is opened and claimed here. */
@@ -218,12 +275,26 @@ export class SessionMover {
       if (!header || !kv) throw invalidArgument("header", "the stream ended without one");
       kv.stream.end();
       let imported;
+      const id = header.sessionId;
       try {
         imported = await kv.done;
       } catch (e) {
+        // An answer lost after the whole stream went in: the kvstore may have committed the
+        // import. Its copy is released so that nothing the source still holds is left here.
+        const code = (e as { code?: number }).code;
+        if (code !== undefined && AMBIGUOUS.has(code)) {
+          await ctx.kvstore.release(id).catch((r: { code?: number; message: string }) => {
+            if (r.code !== status.NOT_FOUND) ctx.log.error({ session: id, err: r.message }, "an import whose answer was lost could not be released; release it (ReleaseSession)");
+          });
+        }
         throw relayed(e, "this pod's kvstore (import)");
       }
-      const id = header.sessionId;
+      if (signal.aborted) {
+        // The caller is gone before the session was opened here: the move did not happen (the
+        // source keeps it, and GetArrival says absent once the copy is released).
+        await ctx.kvstore.release(id).catch((r: Error) => ctx.log.error({ session: id, err: r.message }, "an imported session whose mover gave up could not be released; release it (ReleaseSession)"));
+        throw signal.reason;
+      }
       let s: ComputeSession;
       try {
         s = await ctx.sessions.reattach(id);
@@ -293,6 +364,13 @@ export function sessionMoveService(ctx: ComputeContext, mover: SessionMover): Se
         authorization: typeof authorization === "string" ? authorization : undefined,
       });
       return r;
+    }),
+    getArrival: unary(log, "GetArrival", async (req: GetArrivalRequest, _signal: AbortSignal, call: ServerUnaryCall<GetArrivalRequest, GetArrivalResponse>): Promise<GetArrivalResponse> => {
+      const tenant = ctx.auth ? ctx.auth.authenticate(call.metadata) : undefined;
+      if (!SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+      const state = ctx.sessions.arrivalState(req.sessionId, tenant !== undefined && tenant !== ctx.config.FREEKV_MOVE_ADMIN_TENANT ? tenant : undefined);
+      const states = { held: ArrivalState.ARRIVAL_STATE_HELD, receiving: ArrivalState.ARRIVAL_STATE_RECEIVING, absent: ArrivalState.ARRIVAL_STATE_ABSENT } as const;
+      return { state: states[state] };
     }),
     receiveSession(call: ServerReadableStream<ReceiveSessionRequest, ReceiveSessionResponse>, callback: sendUnaryData<ReceiveSessionResponse>) {
       const scope = callScope(call);

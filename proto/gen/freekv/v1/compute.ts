@@ -126,6 +126,54 @@ export function finishReasonToJSON(object: FinishReason): string {
   }
 }
 
+export enum ArrivalState {
+  ARRIVAL_STATE_UNSPECIFIED = 0,
+  /** ARRIVAL_STATE_HELD - The session is open on this pod. */
+  ARRIVAL_STATE_HELD = 1,
+  /** ARRIVAL_STATE_RECEIVING - A ReceiveSession for it is still in progress here: ask again. */
+  ARRIVAL_STATE_RECEIVING = 2,
+  /** ARRIVAL_STATE_ABSENT - Neither: a move to this pod did not happen (or the session was closed here since). */
+  ARRIVAL_STATE_ABSENT = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function arrivalStateFromJSON(object: any): ArrivalState {
+  switch (object) {
+    case 0:
+    case "ARRIVAL_STATE_UNSPECIFIED":
+      return ArrivalState.ARRIVAL_STATE_UNSPECIFIED;
+    case 1:
+    case "ARRIVAL_STATE_HELD":
+      return ArrivalState.ARRIVAL_STATE_HELD;
+    case 2:
+    case "ARRIVAL_STATE_RECEIVING":
+      return ArrivalState.ARRIVAL_STATE_RECEIVING;
+    case 3:
+    case "ARRIVAL_STATE_ABSENT":
+      return ArrivalState.ARRIVAL_STATE_ABSENT;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ArrivalState.UNRECOGNIZED;
+  }
+}
+
+export function arrivalStateToJSON(object: ArrivalState): string {
+  switch (object) {
+    case ArrivalState.ARRIVAL_STATE_UNSPECIFIED:
+      return "ARRIVAL_STATE_UNSPECIFIED";
+    case ArrivalState.ARRIVAL_STATE_HELD:
+      return "ARRIVAL_STATE_HELD";
+    case ArrivalState.ARRIVAL_STATE_RECEIVING:
+      return "ARRIVAL_STATE_RECEIVING";
+    case ArrivalState.ARRIVAL_STATE_ABSENT:
+      return "ARRIVAL_STATE_ABSENT";
+    case ArrivalState.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 export interface CreateSessionRequest {
   /** Client-chosen id ([A-Za-z0-9._-]{1,128}); generated when empty. */
   sessionId: string;
@@ -415,6 +463,14 @@ export interface ReceiveSessionResponse {
   dataBytes: number;
   chunks: number;
   contextTokens: number;
+}
+
+export interface GetArrivalRequest {
+  sessionId: string;
+}
+
+export interface GetArrivalResponse {
+  state: ArrivalState;
 }
 
 function createBaseCreateSessionRequest(): CreateSessionRequest {
@@ -4205,6 +4261,146 @@ export const ReceiveSessionResponse: MessageFns<ReceiveSessionResponse> = {
   },
 };
 
+function createBaseGetArrivalRequest(): GetArrivalRequest {
+  return { sessionId: "" };
+}
+
+export const GetArrivalRequest: MessageFns<GetArrivalRequest> = {
+  encode(message: GetArrivalRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sessionId !== "") {
+      writer.uint32(10).string(message.sessionId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetArrivalRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetArrivalRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sessionId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetArrivalRequest {
+    return {
+      sessionId: isSet(object.sessionId)
+        ? globalThis.String(object.sessionId)
+        : isSet(object.session_id)
+        ? globalThis.String(object.session_id)
+        : "",
+    };
+  },
+
+  toJSON(message: GetArrivalRequest): unknown {
+    const obj: any = {};
+    if (message.sessionId !== "") {
+      obj.sessionId = message.sessionId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetArrivalRequest>, I>>(base?: I): GetArrivalRequest {
+    return GetArrivalRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetArrivalRequest>, I>>(object: I): GetArrivalRequest {
+    const message = createBaseGetArrivalRequest();
+    message.sessionId = object.sessionId ?? "";
+    return message;
+  },
+};
+
+function createBaseGetArrivalResponse(): GetArrivalResponse {
+  return { state: 0 };
+}
+
+export const GetArrivalResponse: MessageFns<GetArrivalResponse> = {
+  encode(message: GetArrivalResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.state !== 0) {
+      writer.uint32(8).int32(message.state);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetArrivalResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetArrivalResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.state = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetArrivalResponse {
+    return { state: isSet(object.state) ? arrivalStateFromJSON(object.state) : 0 };
+  },
+
+  toJSON(message: GetArrivalResponse): unknown {
+    const obj: any = {};
+    if (message.state !== 0) {
+      obj.state = arrivalStateToJSON(message.state);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetArrivalResponse>, I>>(base?: I): GetArrivalResponse {
+    return GetArrivalResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetArrivalResponse>, I>>(object: I): GetArrivalResponse {
+    const message = createBaseGetArrivalResponse();
+    message.state = object.state ?? 0;
+    return message;
+  },
+};
+
 /** The compute tier, called by gateways (Generate) and by disaggregated engines (Attention). */
 export type ComputeServiceService = typeof ComputeServiceService;
 export const ComputeServiceService = {
@@ -4378,6 +4574,20 @@ export const SessionMoveServiceService = {
       Buffer.from(ReceiveSessionResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ReceiveSessionResponse => ReceiveSessionResponse.decode(value),
   },
+  /**
+   * Whether this pod holds a session, is still receiving it, or has neither (called by a source
+   * whose ReceiveSession answer was lost after the digest went out, to learn the move's outcome:
+   * a ReceiveSession whose caller is gone before the session was opened here leaves nothing).
+   */
+  getArrival: {
+    path: "/freekv.v1.SessionMoveService/GetArrival" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetArrivalRequest): Buffer => Buffer.from(GetArrivalRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetArrivalRequest => GetArrivalRequest.decode(value),
+    responseSerialize: (value: GetArrivalResponse): Buffer => Buffer.from(GetArrivalResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GetArrivalResponse => GetArrivalResponse.decode(value),
+  },
 } as const;
 
 export interface SessionMoveServiceServer extends UntypedServiceImplementation {
@@ -4393,6 +4603,12 @@ export interface SessionMoveServiceServer extends UntypedServiceImplementation {
    * session is opened here and this pod recorded as its owner before the call answers.
    */
   receiveSession: handleClientStreamingCall<ReceiveSessionRequest, ReceiveSessionResponse>;
+  /**
+   * Whether this pod holds a session, is still receiving it, or has neither (called by a source
+   * whose ReceiveSession answer was lost after the digest went out, to learn the move's outcome:
+   * a ReceiveSession whose caller is gone before the session was opened here leaves nothing).
+   */
+  getArrival: handleUnaryCall<GetArrivalRequest, GetArrivalResponse>;
 }
 
 export interface SessionMoveServiceClient extends Client {
@@ -4437,6 +4653,26 @@ export interface SessionMoveServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ReceiveSessionResponse) => void,
   ): ClientWritableStream<ReceiveSessionRequest>;
+  /**
+   * Whether this pod holds a session, is still receiving it, or has neither (called by a source
+   * whose ReceiveSession answer was lost after the digest went out, to learn the move's outcome:
+   * a ReceiveSession whose caller is gone before the session was opened here leaves nothing).
+   */
+  getArrival(
+    request: GetArrivalRequest,
+    callback: (error: ServiceError | null, response: GetArrivalResponse) => void,
+  ): ClientUnaryCall;
+  getArrival(
+    request: GetArrivalRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GetArrivalResponse) => void,
+  ): ClientUnaryCall;
+  getArrival(
+    request: GetArrivalRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GetArrivalResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const SessionMoveServiceClient = makeGenericClientConstructor(
