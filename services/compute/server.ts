@@ -41,13 +41,14 @@ export function createComputeServer(ctx: ComputeContext, peer: { credentials?: C
     },
     appended: (s, layer) => sessions.commitProgress(s, layer),
     diverged(s, layer, _error, cause) {
-      // Saved with the session at the kvstore, so that a compute that re-attaches it marks it again.
-      sessions.saveDataLoss(s);
       metrics.sessionsDiverged.inc();
       log.warn(
         { session: s.id, layer, contextTokens: s.contextTokens, err: cause instanceof Error ? cause.message : String(cause) },
         "session diverged: a decode failed in the engine after it may have appended the token; its calls get DATA_LOSS until it is closed",
       );
+      // Saved with the session at the kvstore before the failed call is answered, so that a
+      // compute that re-attaches it marks it again.
+      return sessions.saveDataLoss(s);
     },
   });
   // With FREEKV_AUTH_TOKENS_FILE every handler checks the caller's token first (auth.ts); the

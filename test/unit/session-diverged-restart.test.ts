@@ -6,8 +6,8 @@
  * kvstore process; the restarted compute B is a real compute process against that same kvstore,
  * re-attaching its sessions at start (main.ts); malformed saved marks go through the re-attach of a
  * second in-process compute.
- * - the mark reaches the kvstore promptly, whole (at most 2048 characters, an engine message of
- *   any length included); a healthy session's metadata has none;
+ * - the mark is at the kvstore before the failed decode is answered, whole (at most 2048
+ *   characters, an engine message of any length included); a healthy session's metadata has none;
  * - a commit of the mark that fails degrades the session (logged, counted) and is retried until
  *   the kvstore has it; the session's calls get its DATA_LOSS meanwhile;
  * - after A drained without a hand-off (its sessions left in the kvstore, one of them with a mark
@@ -70,6 +70,8 @@ const failFor = new Set<number>();
 let failure = `engine failure after the append (seed ${seed})`;
 /** Sessions whose commits to the kvstore fail: until compute A shuts down, or always. */
 const commitsFail = new Map<string, "until-shutdown" | "always">();
+// Sessions whose commits reach the kvstore only after this many ms (a slow kvstore).
+const commitsSlow = new Map<string, number>();
 let shuttingDown = false;
 /** Sessions made at the kvstore directly (for a re-attach): released there after each test. */
 const made: string[] = [];
@@ -113,6 +115,8 @@ beforeAll(async () => {
       if (mode === "always" || (mode === "until-shutdown" && !shuttingDown)) {
         throw Object.assign(new Error("14 UNAVAILABLE: the kvstore is unreachable (test)"), { code: status.UNAVAILABLE, details: "the kvstore is unreachable (test)" });
       }
+      const slow = commitsSlow.get(req.sessionId);
+      if (slow) await new Promise((r) => setTimeout(r, slow));
       return commit(req, signal);
     },
   });
@@ -162,8 +166,12 @@ async function open(id: string): Promise<Session> {
   return session;
 }
 
-/** A decode of `id` on compute A that fails in the engine after the token was appended; returns GetSession's data_loss after it. */
-async function diverge(id: string): Promise<string> {
+/**
+ * A decode of `id` on compute A that fails in the engine after the token was appended; returns
+ * GetSession's data_loss after it. `atAnswer` gets the session's metadata at the kvstore as it
+ * was when the failure reached the client.
+ */
+async function diverge(id: string, atAnswer?: (saved: Record<string, unknown>) => void): Promise<string> {
   const st = new AttentionStream(compute);
   const handle = ctx.sessions.get(id).engineSession;
   failFor.add(handle);
@@ -173,6 +181,7 @@ async function diverge(id: string): Promise<string> {
       (e: ServiceError) => e,
     );
     expect(error, "the decode that failed in the engine").toBeDefined();
+    atAnswer?.(await savedMetadata(id));
   } finally {
     failFor.delete(handle);
     await st.ended;
@@ -203,13 +212,21 @@ let nextId = 0;
 const newId = () => `dvr-${seed}-${nextId++}`;
 
 describe(`diverged sessions across a compute restart (seed ${seed})`, () => {
-  it("the mark is saved with the session's metadata at the kvstore promptly, whole; a healthy session's has none", async () => {
+  it("the mark is saved with the session's metadata at the kvstore before the failed decode is answered, whole; a healthy session's has none", async () => {
     const id = newId();
     const long = newId();
     const healthy = newId();
     for (const s of [id, long, healthy]) await open(s);
-    const dataLoss = await diverge(id);
-    await until("the kvstore holds the mark", async () => (await savedMetadata(id)).dataLoss === dataLoss, 5_000);
+    let atAnswer: Record<string, unknown> = {};
+    // A slow kvstore: the answer waits for the commit that carries the mark.
+    commitsSlow.set(id, 400);
+    let dataLoss: string;
+    try {
+      dataLoss = await diverge(id, (m) => (atAnswer = m));
+    } finally {
+      commitsSlow.delete(id);
+    }
+    expect(atAnswer).toMatchObject({ kind: "attention", dataLoss });
     expect(await savedMetadata(id)).toMatchObject({ kind: "attention", dataLoss });
     expect(ctx.sessions.get(id).metadataDirty).toBe(false);
 
@@ -218,14 +235,14 @@ describe(`diverged sessions across a compute restart (seed ${seed})`, () => {
     failure = `${plain} ${"x".repeat(3 * MAX_DATA_LOSS_CHARS)}`;
     let longLoss: string;
     try {
-      longLoss = await diverge(long);
+      longLoss = await diverge(long, (m) => (atAnswer = m));
     } finally {
       failure = plain;
     }
     expect(longLoss.length).toBeLessThanOrEqual(MAX_DATA_LOSS_CHARS);
     expect(longLoss).toBe(divergedError(ctx.sessions.get(long))?.message);
     expect(longLoss).toMatch(/x…\) after it may have appended the token; the session's context is no longer known. Close it and start a new session$/);
-    await until("the kvstore holds the long mark", async () => (await savedMetadata(long)).dataLoss === longLoss, 5_000);
+    expect(atAnswer.dataLoss).toBe(longLoss);
 
     expect((await unary<GetSessionResponse>(compute, "getSession", { sessionId: healthy })).session!.dataLoss).toBe("");
     expect(await savedMetadata(healthy)).not.toHaveProperty("dataLoss");

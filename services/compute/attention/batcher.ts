@@ -45,7 +45,10 @@
  * before the appends included: it cannot be told from the rest) rejects the items with the
  * engine's error and marks every session of the batch diverged (sessions/diverged.ts; reported to
  * the observer): its layer counts here may no longer agree with the engine's, and every later
- * call on it (decode, prefill, Generate, a move) fails with DATA_LOSS until it is closed. This
+ * call on it (decode, prefill, Generate, a move) fails with DATA_LOSS until it is closed. The
+ * failed items of a session this call marked are answered once the observer saved the mark at
+ * the kvstore (or SAVE_WAIT_MS passed): a client told of the failure can count on a compute that
+ * re-attaches the session after this one died refusing it too. This
  * relies on the native checks above throwing before any change and naming the item as
  * "items[i]: "; a failure classified wrongly as before the append would append a token twice.
  */
@@ -83,9 +86,10 @@ export interface BatchObserver {
   appended(session: ComputeSession, layer: number): void;
   /**
    * After a failed call marked a session diverged (once per session): `error` is the DATA_LOSS
-   * error its later calls get, `cause` the engine's failure.
+   * error its later calls get, `cause` the engine's failure. The session's failed item is answered
+   * when the returned promise settles (SAVE_WAIT_MS at most). Never throws.
    */
-  diverged?(session: ComputeSession, layer: number, error: ServiceError, cause: unknown): void;
+  diverged?(session: ComputeSession, layer: number, error: ServiceError, cause: unknown): Promise<unknown> | void;
 }
 
 /** Items that may share one engine call: same layer, shapes and KV storage type. */
@@ -99,6 +103,9 @@ const REFUSED_ITEM = /^items\[\d+\]: /;
 
 /** Errors of engine.decode calls that failed before anything was appended. */
 const beforeAppend = new WeakSet<object>();
+
+/** The longest a failed item of a session just marked diverged waits for its mark to be saved. */
+export const SAVE_WAIT_MS = 5_000;
 
 export class AttentionBatcher {
   private readonly batcher: DecodeBatcher<Item, Float32Array>;
@@ -217,14 +224,26 @@ export class AttentionBatcher {
       else for (const it of items) this.batcher.submit({ ...it, retry: true });
       return;
     }
-    const marked: Array<{ it: Item; error: ServiceError }> = [];
     for (const it of items) {
       const error = markDiverged(it.op.session, it.layer, e);
-      if (error) marked.push({ it, error });
-      it.reject(e);
+      if (!error) {
+        it.reject(e);
+        continue;
+      }
+      // Answered once the mark is saved (bounded): the item keeps its session's lock meanwhile.
+      let saved: Promise<unknown> | void;
+      try {
+        saved = this.observer.diverged?.(it.op.session, it.layer, error, e);
+      } catch {
+        saved = undefined; // the observer never throws; an answer is never held up by it
+      }
+      let timer: NodeJS.Timeout | undefined;
+      const bound = new Promise((r) => (timer = setTimeout(r, SAVE_WAIT_MS)));
+      void Promise.race([Promise.resolve(saved).catch(() => undefined), bound]).then(() => {
+        clearTimeout(timer);
+        it.reject(e);
+      });
     }
-    // Reported once the items are settled: the observer's failure cannot keep them waiting.
-    for (const { it, error } of marked) this.observer.diverged?.(it.op.session, it.layer, error, e);
   }
 }
 

@@ -355,7 +355,7 @@ export class SessionManager {
     // Pages the engine offloaded that the kvstore had not acknowledged yet.
     this.commitLayers(s, s.layerTokens.map((_, l) => l));
     // A malformed mark is replaced at the kvstore by the message the session is refused with now.
-    if (saved?.malformed !== undefined) this.saveDataLoss(s);
+    if (saved?.malformed !== undefined) void this.saveDataLoss(s);
     return s;
   }
 
@@ -366,21 +366,26 @@ export class SessionManager {
    * commit queued now, on the session's commit chain like every metadata commit: a failed one
    * degrades the session, is logged and counted, and is retried with the metadata until the
    * kvstore takes it (commitFailed); shutdown tries once more and logs a mark it could not save.
-   * The mark in this process's memory stays what the session's calls are refused by. Never throws
-   * (the batcher's observer calls it).
+   * The mark in this process's memory stays what the session's calls are refused by. Resolves
+   * when the commit that carries the mark settled: true when the kvstore has it. Never throws nor
+   * rejects (the batcher's observer calls it, and answers the failed call after it).
    */
-  saveDataLoss(s: ComputeSession): void {
+  saveDataLoss(s: ComputeSession): Promise<boolean> {
     const e = divergedError(s);
-    if (!e || s.closed || s.lost || s.detached) return;
+    if (!e || s.closed || s.lost || s.detached) return Promise.resolve(false);
     const message = e.message.slice(0, MAX_DATA_LOSS_CHARS);
-    if (s.metadata.dataLoss === message && !s.metadataDirty) return;
+    const saved = () => s.metadata.dataLoss === message && !s.metadataDirty;
+    if (saved()) return Promise.resolve(true);
     try {
       s.metadata.dataLoss = message;
       s.metadataDirty = true;
       this.queueCommit(s);
     } catch (err) {
       this.opts.log.error({ session: s.id, err: (err as Error).message }, "the session's data-loss mark could not be queued for the kvstore");
+      return Promise.resolve(false);
     }
+    // The commit chain never rejects: a failed commit is logged, counted and retried (commitFailed).
+    return s.commitChain.then(saved, () => false);
   }
 
   // Moves between pods (move.ts): the source hands a session over under its lock and remembers
