@@ -77,7 +77,7 @@ function relayed(e: unknown, who: string): unknown {
 const AMBIGUOUS = new Set<number>([status.UNAVAILABLE, status.DEADLINE_EXCEEDED, status.CANCELLED, status.UNKNOWN, status.INTERNAL]);
 
 /** How long a source whose answer was lost keeps asking the target where the session stands. */
-export const SETTLE_MS = 30_000;
+export const SETTLE_MS = 10_000;
 /** The deadline of each of those questions. */
 const SETTLE_CALL_MS = 3_000;
 
