@@ -40,13 +40,15 @@ export interface ShmSegment {
   allocate(offset: number, length: number): void;
   /**
    * allocate() of each [offset, length] range, off the main thread, all or none: a failure gives
-   * back the ranges done and rejects with the same `code` as allocate(). With `populateThreads` > 0
+   * back the ranges done (unless `rollback` is false: memory that may hold pages written through
+   * another mapping meanwhile is never given back) and rejects with the same `code` as
+   * allocate(). With `populateThreads` > 0
    * the memory is committed by write faults through this mapping from that many threads instead
    * (allocated and zeroed in parallel; offsets multiples of 4096; fallocate on kernels before
    * 5.14). The arguments are checked at the call (TypeError / RangeError); a close() meanwhile
    * rejects.
    */
-  allocateAsync(ranges: readonly (readonly [offset: number, length: number])[], populateThreads?: number): Promise<void>;
+  allocateAsync(ranges: readonly (readonly [offset: number, length: number])[], populateThreads?: number, rollback?: boolean): Promise<void>;
   /** Frees the memory of bytes [offset, offset + length) (they read as zeros after). */
   punch(offset: number, length: number): void;
   /** Memory the segment really holds (st_blocks * 512). */

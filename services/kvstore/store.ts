@@ -171,7 +171,8 @@ export class KvStore implements ScrubHost {
         adoptedBytes += Math.min(bytes, held);
         // A background commit (caller_commits) the previous process did not finish: what it left
         // is committed now (pages already there are kept as they are).
-        await segments.store.allocateAsync(offsetLengths(storeRanges(layout, rec.geometry.layers, reservedPages)), this.commitThreads).catch((e: Error) => {
+        // Never rolled back: the ranges already there hold committed pages.
+        await segments.store.allocateAsync(offsetLengths(storeRanges(layout, rec.geometry.layers, reservedPages)), this.commitThreads, false).catch((e: Error) => {
           this.metrics?.backgroundCommitFailures.inc();
           this.log.error({ session: id, err: e.message }, "committing an adopted session's reservation failed; its compute tier meets the shortage when it writes");
         });
@@ -373,8 +374,10 @@ export class KvStore implements ScrubHost {
     const id = l.record.sessionId;
     const run = async () => {
       try {
-        // Throws at once when the segment was closed meanwhile (the session released).
-        await l.segments.store.allocateAsync(offsetLengths(ranges), this.commitThreads);
+        // Throws at once when the segment was closed meanwhile (the session released, or the
+        // kvstore shut down with FREEKV_KVSTORE_PERSIST). Never rolled back: the caller may have
+        // written and committed pages in the ranges done (a persisted session keeps them).
+        await l.segments.store.allocateAsync(offsetLengths(ranges), this.commitThreads, false);
       } catch (e) {
         const err = e as Error;
         if (this.live.get(id) !== l && !this.creatingLive.has(l)) {

@@ -20,6 +20,7 @@ import { resolveRetrieval } from "../../services/common/retrieval.js";
 import { crc32c } from "../../services/common/crc32c.js";
 import { loadAddon } from "../../native/binding.js";
 import { shmSegments } from "../helpers/services.js";
+import { ownerTag } from "../../services/common/process-owner.js";
 import { prng } from "../helpers/prng.js";
 
 const log = createLogger("test", "silent");
@@ -186,13 +187,15 @@ describe(`kvstore reservations (seed ${seed})`, () => {
     const wide = { layers: 64, queryHeads: 64, kvHeads: 64, headDim: 256, kvDtype: 1 };
     const perToken = wide.layers * wide.kvHeads * wide.headDim * 2 * 4; // K and V in float32 (kvDtype 1)
     const tokens = Math.floor((0.3 * MAX_MAPPED_BYTES) / perToken); // ~0.3 of the bound each
-    const segsBefore = shmSegments().size;
+    // This process's segments only: other test files running beside this one make theirs.
+    const ours = () => [...shmSegments()].filter((n) => n.startsWith(`/freekv-kv-${ownerTag}-`)).length;
+    const segsBefore = ours();
     for (const id of ["w1", "w2", "w3"]) await s.attach({ ...huge, sessionId: id, geometry: wide, retrieval: R, maxContextTokens: tokens });
     await expect(s.attach({ ...huge, sessionId: "w4", geometry: wide, retrieval: R, maxContextTokens: tokens })).rejects.toMatchObject({
       code: status.RESOURCE_EXHAUSTED,
       message: expect.stringMatching(/^session w4 maps \d+ bytes for max_context_tokens \d+; the sessions here map \d+, at most 35184372088832 together/),
     });
-    expect(shmSegments().size).toBe(segsBefore + 3 * 4);
+    expect(ours()).toBe(segsBefore + 3 * 4);
     await s.release("w2");
     await s.attach({ ...huge, sessionId: "w4", geometry: wide, retrieval: R, maxContextTokens: tokens });
     for (const id of ["w1", "w3", "w4"]) await s.release(id);

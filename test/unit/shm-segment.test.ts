@@ -109,6 +109,44 @@ describe("ShmSegment", () => {
     expect(() => seg.allocateAsync([[0, 4096]])).toThrow(/closed/);
   });
 
+  it("allocateAsync with rollback false keeps the ranges it did when it is stopped: pages written meanwhile survive", async () => {
+    // A commit stopped by close() (a kvstore shutting down with its segments persisted) after some
+    // of its ranges: with rollback, those ranges would be punched, zeroing pages another mapping
+    // wrote there. Repeated, since where the worker stands at close() is up to the scheduler.
+    let stopped = 0;
+    for (let trial = 0; trial < 40; trial++) {
+      const name = uniqueName();
+      const seg = addon.ShmSegment.create(name, 64 << 20);
+      try {
+        const ranges: [number, number][] = Array.from({ length: 256 }, (_, i) => [i * 65536, 65536]);
+        // Pages of every range written before the commit, as a caller that commits its own pages does.
+        const marks = ranges.map(([o]) => o + 8 * rng.int(8000));
+        const values = marks.map(() => 1 + rng.int(255));
+        marks.forEach((m, i) => (new Uint8Array(seg.buffer(m, 1))[0] = values[i]));
+        const p = seg.allocateAsync(ranges, 0, false);
+        // Let the worker start before stopping it.
+        if (trial % 2) await new Promise((r) => setImmediate(r));
+        seg.close();
+        if (await p.then(() => false, () => true)) stopped++;
+        const again = addon.ShmSegment.open(name);
+        try {
+          expect(marks.map((m) => new Uint8Array(again.buffer(m, 1))[0])).toEqual(values);
+        } finally {
+          again.close();
+        }
+      } finally {
+        addon.ShmSegment.unlink(name);
+      }
+    }
+    const name = uniqueName();
+    const seg = addon.ShmSegment.create(name, 4096);
+    expect(() => seg.allocateAsync([[0, 4096]], 0, 1 as never)).toThrow(/rollback must be a boolean/);
+    seg.close();
+    addon.ShmSegment.unlink(name);
+    // Stopped at least once: the case under test happened.
+    expect(stopped).toBeGreaterThan(0);
+  });
+
   it("closeAsync unmaps off the main thread: buffers detached at the call, the memory freed once it resolves", async () => {
     const name = uniqueName();
     const seg = addon.ShmSegment.create(name, 128 << 20);

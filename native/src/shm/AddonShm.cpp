@@ -80,14 +80,15 @@ class Crc32cPagesWorker : public Napi::AsyncWorker {
 class AllocateWorker : public Napi::AsyncWorker {
  public:
   AllocateWorker(Napi::Env env, std::shared_ptr<ShmSegment> seg, std::shared_ptr<std::atomic<bool>> cancel,
-                 std::vector<std::pair<size_t, size_t>> ranges, unsigned populateThreads)
+                 std::vector<std::pair<size_t, size_t>> ranges, unsigned populateThreads, bool rollback)
       : Napi::AsyncWorker(env, "freekv:allocate"),
         deferred_(Napi::Promise::Deferred::New(env)),
         seg_(std::move(seg)),
         cancel_(std::move(cancel)),
         name_(seg_->name()),
         ranges_(std::move(ranges)),
-        populate_threads_(populateThreads) {}
+        populate_threads_(populateThreads),
+        rollback_(rollback) {}
   Napi::Promise Promise() const { return deferred_.Promise(); }
 
  protected:
@@ -105,7 +106,8 @@ class AllocateWorker : public Napi::AsyncWorker {
       const auto* se = dynamic_cast<const std::system_error*>(&e);
       errno_ = se ? se->code().value() : 0;
       message_ = e.what();
-      for (size_t i = 0; i < done; ++i) {
+      // Without rollback the ranges done stay: they may hold pages written meanwhile.
+      for (size_t i = 0; rollback_ && i < done; ++i) {
         try {
           seg_->Punch(ranges_[i].first, ranges_[i].second);
         } catch (...) {
@@ -134,6 +136,7 @@ class AllocateWorker : public Napi::AsyncWorker {
   std::string name_;
   std::vector<std::pair<size_t, size_t>> ranges_;
   unsigned populate_threads_;
+  bool rollback_;
   std::string message_;
   int errno_ = 0;
 };
@@ -286,9 +289,10 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
     }
     return info.Env().Undefined();
   }
-  // allocateAsync([[offset, length], ...], populateThreads = 0): allocate() of each range off the
-  // main thread, all or none (AllocateWorker); with populateThreads > 0, committed by write
-  // faults from that many threads instead (offsets a multiple of 4096). Checked here, synchronously.
+  // allocateAsync([[offset, length], ...], populateThreads = 0, rollback = true): allocate() of
+  // each range off the main thread, all or none (AllocateWorker; with rollback false a failure
+  // keeps the ranges done); with populateThreads > 0, committed by write faults from that many
+  // threads instead (offsets a multiple of 4096). Checked here, synchronously.
   Napi::Value AllocateAsync(const Napi::CallbackInfo& info) {
     Check(info.Env());
     if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(info.Env(), "ranges must be an array of [offset, length] pairs");
@@ -317,7 +321,12 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
       for (const auto& r : ranges)
         if (r.first % 4096 != 0) throw Napi::RangeError::New(info.Env(), "with populateThreads, offsets must be multiples of 4096");
     }
-    auto* w = new AllocateWorker(info.Env(), seg_, cancel_, std::move(ranges), threads);
+    bool rollback = true;
+    if (info.Length() > 2 && !info[2].IsUndefined()) {
+      if (!info[2].IsBoolean()) throw Napi::TypeError::New(info.Env(), "rollback must be a boolean");
+      rollback = info[2].As<Napi::Boolean>().Value();
+    }
+    auto* w = new AllocateWorker(info.Env(), seg_, cancel_, std::move(ranges), threads, rollback);
     auto promise = w->Promise();
     w->Queue();
     return promise;
