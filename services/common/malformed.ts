@@ -10,9 +10,13 @@
  * decoder expands packed repeated fields into JavaScript arrays before any handler or check runs,
  * and a message near the transport's limit (256 MiB) of packed token ids aborts the process with an
  * uncatchable heap error. Such a request gets RESOURCE_EXHAUSTED (gRPC's code for a message over a
- * size limit), naming both sizes.
+ * size limit), naming both sizes. Every request, streamed messages included, is also counted on
+ * its wire bytes before it is decoded (wire-budget.ts): more embedded messages or repeated values
+ * than the limits (`wireLimits`) is RESOURCE_EXHAUSTED too, since a stream's messages may be as
+ * large as the transport allows and a few bytes each decode into an object.
  */
 import { ServiceError } from "./errors.js";
+import { overBudget, requestMessage, type WireLimits } from "./wire-budget.js";
 import { Metadata, status, type ServiceDefinition, type StatusObject, type UntypedServiceImplementation } from "@grpc/grpc-js";
 
 const MALFORMED = Symbol("malformed request");
@@ -30,18 +34,35 @@ const statusOf = (m: Marker): StatusObject => ({
 export interface RejectOptions {
   /** Largest single-message request decoded, bytes (default: none beyond the transport's limit). */
   maxRequestBytes?: number;
+  /** Most embedded messages and repeated values a request (or streamed message) decodes into (default DEFAULT_WIRE_LIMITS). */
+  wireLimits?: WireLimits;
 }
+
+/**
+ * Room for every request the services take (a decode batch of thousands of sessions is a few
+ * values each; a prompt's token ids are bounded by the byte limit of their method first), far
+ * below what would strain the heap: a million small objects is a few hundred MiB at worst.
+ */
+export const DEFAULT_WIRE_LIMITS: WireLimits = { maxMessages: 1 << 16, maxValues: 1 << 24 };
 
 /** The definition and implementation to register: malformed single-message requests become INVALID_ARGUMENT. */
 export function rejectMalformed<D extends ServiceDefinition, I extends UntypedServiceImplementation>(def: D, impl: I, opts: RejectOptions = {}): { definition: D; implementation: I } {
   const max = opts.maxRequestBytes ?? Infinity;
+  const limits = opts.wireLimits ?? DEFAULT_WIRE_LIMITS;
   const definition: Record<string, unknown> = {};
   const implementation: Record<string, unknown> = { ...impl };
   for (const [name, m] of Object.entries(def)) {
+    const desc = requestMessage(m.path);
+    const counted = (b: Buffer): Marker | undefined => {
+      const over = desc && overBudget(desc, b, limits);
+      return over ? { [MALFORMED]: `request: ${over}, over ${name}'s limit`, code: status.RESOURCE_EXHAUSTED } : undefined;
+    };
     if (m.requestStream) {
       definition[name] = {
         ...m,
         requestDeserialize: (b: Buffer) => {
+          const over = counted(b);
+          if (over) return over;
           try {
             return m.requestDeserialize(b);
           } catch (e) {
@@ -56,6 +77,8 @@ export function rejectMalformed<D extends ServiceDefinition, I extends UntypedSe
       requestDeserialize: (b: Buffer) => {
         if (b.length > max)
           return { [MALFORMED]: `request: ${b.length} bytes, over ${name}'s limit of ${max} bytes`, code: status.RESOURCE_EXHAUSTED } satisfies Marker;
+        const over = counted(b);
+        if (over) return over;
         try {
           return m.requestDeserialize(b);
         } catch (e) {
@@ -74,5 +97,8 @@ export function rejectMalformed<D extends ServiceDefinition, I extends UntypedSe
 
 /** A streamed message that did not decode: INVALID_ARGUMENT (the stream's handler calls this on each message). */
 export function assertDecoded(req: unknown): void {
-  if (isMalformed(req)) throw new ServiceError(status.INVALID_ARGUMENT, statusOf(req).details);
+  if (isMalformed(req)) {
+    const s = statusOf(req);
+    throw new ServiceError(s.code, s.details);
+  }
 }

@@ -1,8 +1,9 @@
 /**
  * Bounded resources with real processes: retrieval sizes capped before memory is sized, huge
  * text prompts refused before tokenizing, unbounded client strings never echoed in full (a
- * status too large for the trailer never arrives), and undecodable requests answered with
- * INVALID_ARGUMENT.
+ * status too large for the trailer never arrives), undecodable requests answered with
+ * INVALID_ARGUMENT, and requests (streamed messages included) that would decode into too many
+ * objects refused with RESOURCE_EXHAUSTED before they are decoded.
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Client, credentials, Metadata, status, type ServiceError } from "@grpc/grpc-js";
@@ -15,6 +16,13 @@ beforeAll(async () => {
   tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_THREADS: "2" } });
 }, 60_000);
 afterAll(() => tiers?.stop());
+
+const varint = (v: number) => {
+  const out: number[] = [];
+  for (; v >= 0x80; v = Math.floor(v / 128)) out.push((v % 128) | 0x80);
+  out.push(v);
+  return Buffer.from(out);
+};
 
 const randomId = (n: number, rand: () => number) => Array.from({ length: n }, () => "abcdefghijklmnopqrstuvwxyz0123456789"[Math.floor(rand() * 36)]).join("");
 
@@ -112,6 +120,48 @@ describe("bounds", () => {
     raw.close();
     rawKv.close();
   });
+
+  it("messages that would decode into too many objects or values are refused before they are decoded, streamed ones included", async () => {
+    const raw = new Client(tiers.compute.address, credentials.createInsecure(), { "grpc.max_send_message_length": 256 << 20 });
+    const rawKv = new Client(tiers.kvstore.address, credentials.createInsecure(), { "grpc.max_send_message_length": 64 << 20 });
+    const attention = (body: Uint8Array) =>
+      new Promise<ServiceError | undefined>((resolve) => {
+        const s = raw.makeBidiStreamRequest("/freekv.v1.ComputeService/Attention", (b: Buffer) => b, (b: Buffer) => b, new Metadata(), { deadline: Date.now() + 30_000 });
+        s.on("data", () => undefined);
+        s.on("error", resolve);
+        s.on("end", () => resolve(undefined));
+        s.write(Buffer.from(body));
+      });
+    // 70,000 empty decode items (2 bytes each on the wire, an object each decoded).
+    const items = Buffer.concat([Buffer.from([0x1a]), varint(70_000 * 2), Buffer.alloc(70_000 * 2).fill(Buffer.from([0x12, 0x00]))]);
+    let e = await attention(items);
+    expect(e?.code).toBe(status.RESOURCE_EXHAUSTED);
+    expect(e?.details).toMatch(/more than 65536 embedded messages, over attention's limit/);
+    // A tensor shape of 17M packed zeros (1 byte each).
+    const n = (1 << 24) + 16;
+    const shape = Buffer.concat([Buffer.from([0x12]), varint(n), Buffer.alloc(n)]);
+    const tensor = Buffer.concat([Buffer.from([0x12]), varint(shape.length), shape]);
+    const item = Buffer.concat([Buffer.from([0x12]), varint(tensor.length), tensor]);
+    e = await attention(Buffer.concat([Buffer.from([0x1a]), varint(item.length), item]));
+    expect(e?.code).toBe(status.RESOURCE_EXHAUSTED);
+    expect(e?.details).toMatch(/more than 16777216 fields and repeated values/);
+    // The kvstore's unary CommitPages with 70,000 empty layer entries.
+    const layers = Buffer.alloc(70_000 * 2).fill(Buffer.from([0x42, 0x00]));
+    const ek = await new Promise<ServiceError | undefined>((resolve) =>
+      rawKv.makeUnaryRequest("/freekv.v1.KvStoreService/CommitPages", (b: Buffer) => b, (b: Buffer) => b, layers, new Metadata(), { deadline: Date.now() + 30_000 }, (x) => resolve(x ?? undefined)),
+    );
+    expect(ek?.code).toBe(status.RESOURCE_EXHAUSTED);
+    expect(ek?.details).toMatch(/more than 65536 embedded messages/);
+    // Both still serve.
+    const c = computeClient(tiers.compute.address);
+    expect((await unaryError(c, "getSession", { sessionId: "nobody-here" })).code).toBe(status.NOT_FOUND);
+    c.close();
+    const kv = kvstoreClient(tiers.kvstore.address);
+    expect((await unaryError(kv, "commitPages", { sessionId: "nobody-here" })).code).toBe(status.NOT_FOUND);
+    kv.close();
+    raw.close();
+    rawKv.close();
+  }, 60_000);
 
   it("a Generate request larger than a prompt of the largest context is refused before it is decoded", async () => {
     // The default FREEKV_MAX_CONTEXT_LIMIT (1M tokens) allows 8 bytes a token plus 1 MiB: 9 MiB.
