@@ -226,7 +226,9 @@ describe("Attention tensor exchange errors and lifetime", () => {
     ["offset not 16-byte aligned", (s, x) => prefill(s, { kRef: { ...kvRef(x, 4), offset: 8 }, vRef: kvRef(x, 4) }), status.INVALID_ARGUMENT, "prefill.k_ref.offset: 8 is not a multiple of 16"],
     ["offset past the end", (s, x) => prefill(s, { kRef: kvRef(x, 4), vRef: { ...kvRef(x, 4), offset: x.seg.size - 16 } }), status.INVALID_ARGUMENT, "prefill.v_ref.offset:"],
     ["offset beyond 4 GiB", (s, x) => prefill(s, { kRef: { ...kvRef(x, 4), offset: 2 ** 33 }, vRef: kvRef(x, 4) }), status.INVALID_ARGUMENT, "prefill.k_ref.offset:"],
-    ["size too large for the segment", (s, x) => prefill(s, { kRef: { ...kvRef(x, 4), shape: [5000, G.kvHeads, G.headDim] }, vRef: kvRef(x, 4) }), status.INVALID_ARGUMENT, "prefill.k_ref.offset:"],
+    ["size too large for the segment", (s, x) => prefill(s, { kRef: { ...kvRef(x, 4), offset: 48 << 10, shape: [120, G.kvHeads, G.headDim] }, vRef: kvRef(x, 4) }), status.INVALID_ARGUMENT, "prefill.k_ref.offset:"],
+    // The session's room is checked on the claimed shape before the range is read (or even checked).
+    ["more tokens than the session's room", (s, x) => prefill(s, { kRef: { ...kvRef(x, 4), shape: [5000, G.kvHeads, G.headDim] }, vRef: kvRef(x, 4) }), status.RESOURCE_EXHAUSTED, "prefill.k: 5000 more tokens would take layer 0"],
     ["k/v token counts differ", (s, x) => prefill(s, { kRef: kvRef(x, 4), vRef: kvRef(x, 5) }), status.INVALID_ARGUMENT, "prefill.v_ref.shape:"],
     ["float16 dtype", (s, x) => prefill(s, { kRef: { ...kvRef(x, 4), dtype: DType.D_TYPE_FLOAT16 }, vRef: kvRef(x, 4) }), status.INVALID_ARGUMENT, "prefill.k_ref.dtype:"],
     ["NaN in k_ref", (s, x) => prefill(s, { kRef: kvRef(x, 4, (a) => (a[9] = Number.NaN)), vRef: kvRef(x, 4) }), status.INVALID_ARGUMENT, "prefill.k_ref: element 9 is NaN"],

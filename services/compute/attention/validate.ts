@@ -72,9 +72,9 @@ export function validatePrefill(p: AttentionPrefill, sessions: SessionManager, e
   const s = session(sessions, p.sessionId, "prefill.session_id");
   const l = layer(s, p.layer, "prefill.layer");
   const g = s.geometry;
-  // The claimed token count of an inline tensor first: one past the session's room is refused before
-  // it is converted (a ref's range is checked against its segment first, then read).
-  const claimed = p.k?.shape?.[0];
+  // The claimed token count first, inline or by reference: one past the session's room is refused
+  // before anything is read or converted.
+  const claimed = (p.k ?? p.kRef)?.shape?.[0];
   if (Number.isInteger(claimed) && claimed! > 0) checkPrefillRoom(s, l, claimed!);
   const k = input(p.k, p.kRef, "prefill.k", [-1, g.kvHeads, g.headDim], exchange);
   const v = input(p.v, p.vRef, "prefill.v", [k.shape[0], g.kvHeads, g.headDim], exchange);

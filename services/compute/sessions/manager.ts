@@ -456,9 +456,11 @@ export class SessionManager {
     try {
       await this.opts.kvstore.release(s.id);
     } catch (e) {
-      // The target holds the session and this pod no longer serves it; the copy left in this
-      // kvstore is only memory (a restarted compute would find it: it is logged to be removed).
-      this.opts.log.error({ session: s.id, target, err: (e as Error).message }, "the session moved, but this kvstore's copy could not be released; release it (ReleaseSession) to free its memory");
+      // The target holds the session and this pod no longer serves it: the copy left in this
+      // kvstore is released in the background (counted, retried until the kvstore answers, once
+      // more at shutdown), so that a compute restarted over this kvstore does not re-attach it.
+      this.opts.log.error({ session: s.id, target, err: (e as Error).message }, "the session moved, but this kvstore's copy could not be released; it is retried in the background");
+      this.releaseLater(s.id, e as Error);
     }
     return result;
   }
