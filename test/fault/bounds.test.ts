@@ -75,6 +75,21 @@ describe("bounds", () => {
     expect(err?.code).toBe(status.INVALID_ARGUMENT);
     expect(err?.details).toMatch(/^prompt\.text: \d+ bytes of text exceed the limit/);
     expect(Date.now() - t0).toBeLessThan(5000);
+    // Chat prompts: too many messages, or many small ones whose framing takes them past the limit,
+    // are refused before the template renders them.
+    const chat = (messages: Array<{ role: string; content: string }>) =>
+      new Promise<ServiceError | undefined>((resolve) => {
+        const call = client.generate(GenerateRequest.fromPartial({ prompt: { $case: "chat", value: { messages } }, maxTokens: 1 }), new Metadata(), { deadline: Date.now() + 30_000 });
+        call.on("data", (_m: GenerateResponse) => undefined);
+        call.on("error", resolve);
+        call.on("end", () => resolve(undefined));
+      });
+    const many = await chat(Array.from({ length: 10_000 }, () => ({ role: "u", content: "" })));
+    expect(many?.code).toBe(status.INVALID_ARGUMENT);
+    expect(many?.details).toBe("prompt.chat.messages: 10000 messages exceed the limit of 4096");
+    const framed = await chat(Array.from({ length: 4000 }, () => ({ role: "user", content: "x".repeat(250) })));
+    expect(framed?.code).toBe(status.INVALID_ARGUMENT);
+    expect(framed?.details).toMatch(/^prompt\.chat\.messages: \d+ bytes of text \(32 a message for its framing\) exceed the limit of 1048576$/);
     client.close();
   });
 

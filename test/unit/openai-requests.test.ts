@@ -78,6 +78,7 @@ describe("OpenAI request bodies", () => {
     expect(refused("completions", { prompt: "x", stream_options: { include_usage: true } }).param).toBe("stream_options");
     expect(refused("completions", { prompt: "x", model: 3 }).param).toBe("model");
     expect(refused("chat", { messages: [] }).param).toBe("messages");
+    expect(refused("chat", { messages: Array.from({ length: 4097 }, () => ({ role: "user", content: "" })) })).toMatchObject({ param: "messages", message: "4097 messages exceed the limit of 4096" });
     expect(refused("chat", { messages: [{ content: "x" }] }).param).toBe("messages[0].role");
   });
 });

@@ -12,6 +12,10 @@ import { ModelConfigError, readJsonFile } from "./config.js";
 
 /** Largest text (UTF-8 bytes) tokenized for one request (about 1 s of tokenizing on one core). */
 export const MAX_TEXT_BYTES = 1 << 20;
+/** The most messages one chat prompt renders (a conversation longer than this is summarized or cut by its client). */
+export const MAX_CHAT_MESSAGES = 4096;
+/** What a message's framing (role header, end-of-turn) counts against MAX_TEXT_BYTES before the template renders it. */
+export const MESSAGE_OVERHEAD_BYTES = 32;
 
 function checkTextSize(text: string, field: string, maxBytes: number): void {
   // UTF-16 length bounds the UTF-8 size within a factor of 3: the exact count only when it matters.
@@ -60,9 +64,12 @@ export class TextCodec {
    */
   encodeChat(messages: ChatMessage[], continuing = false, maxBytes = MAX_TEXT_BYTES): number[] {
     if (!this.template) throw new Error("the model has no chat template (tokenizer_config.json chat_template)");
+    if (messages.length > MAX_CHAT_MESSAGES) throw invalidArgument("prompt.chat.messages", `${messages.length} messages exceed the limit of ${MAX_CHAT_MESSAGES}`);
+    // Each message counts its template's framing too (MESSAGE_OVERHEAD_BYTES): many empty ones
+    // would otherwise render far more text than the limit before it is checked.
     let bytes = 0;
-    for (const m of messages) bytes += Buffer.byteLength(m.content ?? "") + Buffer.byteLength(m.role ?? "");
-    if (bytes > maxBytes) throw invalidArgument("prompt.chat.messages", `${bytes} bytes of text exceed the limit of ${maxBytes}`);
+    for (const m of messages) bytes += Buffer.byteLength(m.content ?? "") + Buffer.byteLength(m.role ?? "") + MESSAGE_OVERHEAD_BYTES;
+    if (bytes > maxBytes) throw invalidArgument("prompt.chat.messages", `${bytes} bytes of text (${MESSAGE_OVERHEAD_BYTES} a message for its framing) exceed the limit of ${maxBytes}`);
     const text = this.template.render({
       messages,
       add_generation_prompt: true,

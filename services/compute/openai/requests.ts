@@ -10,6 +10,7 @@
 import type { GenerateRequest, SamplingParams } from "../../../proto/gen/freekv/v1/compute.js";
 import { badRequest } from "./errors.js";
 import { stopProblem } from "../generate/stop.js";
+import { MAX_CHAT_MESSAGES } from "../model/tokenizer.js";
 
 /**
  * A client's value in an error message: JSON, cut to 120 characters; one that JSON cannot show (a
@@ -116,6 +117,7 @@ function messageContent(m: Body, i: number): string {
 function chatPrompt(body: Body): OpenAIRequest["prompt"] {
   const ms = body.messages;
   if (!Array.isArray(ms) || ms.length === 0) throw badRequest("messages", "messages must be a non-empty array");
+  if (ms.length > MAX_CHAT_MESSAGES) throw badRequest("messages", `${ms.length} messages exceed the limit of ${MAX_CHAT_MESSAGES}`);
   const messages = ms.map((m: unknown, i) => {
     if (!isObject(m)) throw badRequest(`messages[${i}]`, `messages[${i}] must be an object`);
     if (typeof m.role !== "string" || !m.role) throw badRequest(`messages[${i}].role`, `messages[${i}].role must be a non-empty string`);
