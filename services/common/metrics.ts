@@ -5,6 +5,7 @@
  * process's event loop runs: a liveness probe that fails only for the process's own fault (the
  * gRPC health also reflects dependencies, such as compute's kvstore, and belongs to readiness).
  */
+import type { Logger } from "./log.js";
 import { createServer, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { Registry, collectDefaultMetrics } from "prom-client";
@@ -18,10 +19,12 @@ export function createRegistry(service: string): Registry {
 
 export interface MetricsServer {
   readonly port: number;
+  /** The HTTP server (its errors once listening are logged, never thrown). */
+  readonly server: Server;
   close(): Promise<void>;
 }
 
-export async function startMetricsServer(registry: Registry, port: number, host = "0.0.0.0"): Promise<MetricsServer> {
+export async function startMetricsServer(registry: Registry, port: number, host = "0.0.0.0", log?: Logger): Promise<MetricsServer> {
   const server: Server = createServer((req, res) => {
     if (req.method === "GET" && (req.url === "/metrics" || req.url?.startsWith("/metrics?"))) {
       registry
@@ -46,11 +49,18 @@ export async function startMetricsServer(registry: Registry, port: number, host 
   });
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
-    server.listen(port, host, () => resolve());
+    server.listen(port, host, () => {
+      server.removeListener("error", reject);
+      resolve();
+    });
   });
   const actual = (server.address() as AddressInfo).port;
+  // Once listening, a server error (a failed accept: out of file descriptors) is logged; without
+  // a listener it would end the process.
+  server.on("error", (e) => log?.error({ err: e.message, port: actual }, "metrics server error"));
   return {
     port: actual,
+    server,
     close: () =>
       new Promise<void>((resolve) => {
         server.closeAllConnections?.();

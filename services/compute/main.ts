@@ -103,7 +103,7 @@ async function main(): Promise<void> {
     });
     openaiPort = await openai.listen(config.FREEKV_OPENAI_HOST ?? config.FREEKV_COMPUTE_HOST, config.FREEKV_OPENAI_PORT);
   }
-  const metricsServer = await startMetricsServer(registry, config.FREEKV_COMPUTE_METRICS_PORT, config.FREEKV_COMPUTE_METRICS_HOST ?? config.FREEKV_COMPUTE_HOST);
+  const metricsServer = await startMetricsServer(registry, config.FREEKV_COMPUTE_METRICS_PORT, config.FREEKV_COMPUTE_METRICS_HOST ?? config.FREEKV_COMPUTE_HOST, log);
   // Compute serves only while its kvstore does: every new session needs it.
   // When it serves again after an outage, it may be a new process that lost the sessions (the
   // in-memory directory): those this process still has open are then marked lost.

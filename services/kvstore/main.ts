@@ -89,7 +89,7 @@ async function main(): Promise<void> {
     process.exit(2);
   }
   const port = await bindServer(server, config.FREEKV_KVSTORE_HOST, config.FREEKV_KVSTORE_PORT, creds);
-  const metricsServer = await startMetricsServer(registry, config.FREEKV_KVSTORE_METRICS_PORT, config.FREEKV_KVSTORE_METRICS_HOST ?? config.FREEKV_KVSTORE_HOST);
+  const metricsServer = await startMetricsServer(registry, config.FREEKV_KVSTORE_METRICS_PORT, config.FREEKV_KVSTORE_METRICS_HOST ?? config.FREEKV_KVSTORE_HOST, log);
   installDrain({
     server,
     health,

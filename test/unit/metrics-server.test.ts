@@ -30,6 +30,20 @@ describe("metrics server", () => {
     }
   });
 
+  it("logs a server error once listening (a failed accept) instead of ending the process", async () => {
+    const lines: Array<{ msg: string; err: string }> = [];
+    const log = { error: (o: { err: string }, msg: string) => lines.push({ ...o, msg }) } as never;
+    const server = await startMetricsServer(createRegistry("test"), 0, "127.0.0.1", log);
+    try {
+      // Without a listener, emit("error") throws: the process's uncaught exception.
+      expect(() => server.server.emit("error", new Error("accept EMFILE"))).not.toThrow();
+      expect(lines).toEqual([{ err: "accept EMFILE", port: server.port, msg: "metrics server error" }]);
+      expect((await fetch(`http://127.0.0.1:${server.port}/livez`)).status).toBe(200);
+    } finally {
+      await server.close();
+    }
+  });
+
   it("takes the metrics address apart from the gRPC address", () => {
     expect(parseConfig(kvstoreConfigSchema, {}).FREEKV_KVSTORE_METRICS_HOST).toBeUndefined();
     expect(parseConfig(kvstoreConfigSchema, { FREEKV_KVSTORE_HOST: "127.0.0.1", FREEKV_KVSTORE_METRICS_HOST: "0.0.0.0" }).FREEKV_KVSTORE_METRICS_HOST).toBe("0.0.0.0");

@@ -284,10 +284,16 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
     server,
     listen(host, port) {
       return new Promise((resolve, reject) => {
-        server.once("error", (e) => reject(new Error(`cannot listen on ${host}:${port}: ${e.message}`)));
+        const failed = (e: Error) => reject(new Error(`cannot listen on ${host}:${port}: ${e.message}`));
+        server.once("error", failed);
         server.listen(port, host, () => {
+          server.removeListener("error", failed);
+          // Once listening, a server error (a failed accept: out of file descriptors) is logged;
+          // without a listener it would end the process.
           const a = server.address();
-          resolve(typeof a === "object" && a ? a.port : port);
+          const actual = typeof a === "object" && a ? a.port : port;
+          server.on("error", (e) => log.error({ err: e.message, port: actual }, "OpenAI front: server error"));
+          resolve(actual);
         });
       });
     },

@@ -49,9 +49,13 @@ export function sessionHandlers(sessions: SessionManager, log: Logger, owners?: 
     closeSession: unary(log, "CloseSession", async (req: CloseSessionRequest, signal: AbortSignal, call: ServerUnaryCall<CloseSessionRequest, CloseSessionResponse>) => {
       needId(req.sessionId);
       await localSession(sessions, owners?.(), req.sessionId, authTenant(call.metadata));
-      const closed = await sessions.close(req.sessionId, signal);
-      await owners?.()?.release(req.sessionId);
-      return { closed };
+      try {
+        return { closed: await sessions.close(req.sessionId, signal) };
+      } finally {
+        // Gone from this pod once close() removed it, even when the kvstore's release failed
+        // (retried in the background): the owner record must not keep pointing here.
+        if (!sessions.has(req.sessionId)) await owners?.()?.release(req.sessionId);
+      }
     }),
   };
 }
