@@ -24,6 +24,12 @@ export const kvstoreConfigSchema = z.object({
   FREEKV_DIRECTORY_PROBE_MS: positiveInt(1000),
   /** Bytes of shared memory all sessions may commit; 0 = defaultCapacity() at start (with the adopted sessions' bytes). */
   FREEKV_KVSTORE_CAPACITY_BYTES: nonNegativeInt(0),
+  /**
+   * Sessions this kvstore holds at most (live, being created or imported). Each maps four
+   * segments here and in its compute, whatever its size: past ~16K the process's memory maps
+   * (vm.max_map_count, 65530 by default) run out and every allocation fails.
+   */
+  FREEKV_KVSTORE_MAX_SESSIONS: z.coerce.number().int("must be an integer").min(1, "must be >= 1").max(16384, "must be <= 16384").default(4096),
   /** Tokens of context a session's memory grows by (its reservation is a multiple, capped by its max context). */
   FREEKV_KVSTORE_EXTENT_TOKENS: positiveInt(2048),
   /**

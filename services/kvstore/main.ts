@@ -61,6 +61,7 @@ async function main(): Promise<void> {
   const fixedCapacity = config.FREEKV_KVSTORE_CAPACITY_BYTES;
   const shmFree = fixedCapacity ? 0 : shmFreeBytes();
   const store = new KvStore(directory, fixedCapacity || defaultCapacity(0, shmFree), log, metrics, false, config.FREEKV_KVSTORE_EXTENT_TOKENS, config.FREEKV_KVSTORE_COMMIT_THREADS);
+  store.maxSessions = config.FREEKV_KVSTORE_MAX_SESSIONS;
   allocatedSource = () => store.allocatedBytes();
   const adopted = await store.adopt(fixedCapacity ? undefined : (adoptedBytes) => defaultCapacity(adoptedBytes, shmFree));
   const capacity = store.capacityBytes;

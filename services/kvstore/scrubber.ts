@@ -116,7 +116,8 @@ export class Scrubber {
   scrub(budget: number): number {
     const live = this.host.scrubSessions().sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
     if (live.length === 0) return 0;
-    for (const id of this.sessions.keys()) if (!live.some((s) => s.id === id)) this.sessions.delete(id);
+    const ids = new Set(live.map((s) => s.id));
+    for (const id of this.sessions.keys()) if (!ids.has(id)) this.sessions.delete(id);
     let read = 0;
     let visited = 0;
     let i = live.findIndex((s) => s.id >= this.cursor.id);

@@ -97,6 +97,17 @@ export class KvStore implements ScrubHost {
     return this.capacity;
   }
 
+  /** Sessions held at most, live, being created or imported (FREEKV_KVSTORE_MAX_SESSIONS); adopted ones are never refused. */
+  maxSessions = 4096;
+
+  /** RESOURCE_EXHAUSTED naming the limit when one more session would pass maxSessions. */
+  private checkSessionCount(sessionId: string): void {
+    const held = this.live.size + this.creatingLive.size + this.importing.size;
+    if (held < this.maxSessions) return;
+    this.metrics?.rejected.inc({ reason: "sessions" });
+    throw resourceExhausted(`session ${quoteId(sessionId)}: this kvstore holds ${held} sessions, its limit (FREEKV_KVSTORE_MAX_SESSIONS=${this.maxSessions})`);
+  }
+
   /** Called when a directory operation fails (the process reports NOT_SERVING until the directory answers again). */
   onDirectoryFailure: ((err: Error) => void) | undefined;
 
@@ -292,6 +303,7 @@ export class KvStore implements ScrubHost {
     if (reserveTokens !== undefined && (!Number.isInteger(reserveTokens) || reserveTokens < 0 || reserveTokens > maxContextTokens)) {
       throw invalidArgument("reserve_tokens", `must be in [0, max_context_tokens ${maxContextTokens}], got ${reserveTokens}`);
     }
+    this.checkSessionCount(sessionId);
     const { capacity, layout } = requestLayout(geometry, retrieval, maxContextTokens, "max_context_tokens");
     let reserved = reserveTokens === undefined ? maxContextTokens : extentTokens(reserveTokens, this.extentTokens, maxContextTokens);
     let reservedPages = reservedPagesOf(reserved, retrieval.pageSize, capacity);
@@ -665,8 +677,7 @@ export class KvStore implements ScrubHost {
     for (const [id, l] of this.live) {
       if (l.corrupt) continue;
       const r = l.record;
-      const layout = computeLayout(r.geometry, r.retrieval, r.capacityPages);
-      out.push({ id, committed: r.committedPages, pageBytes: layout.pageBytes, layerStride: layout.layerStride, store: l.segments.store });
+      out.push({ id, committed: r.committedPages, pageBytes: l.layout.pageBytes, layerStride: l.layout.layerStride, store: l.segments.store });
     }
     return out;
   }

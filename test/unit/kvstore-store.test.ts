@@ -108,6 +108,22 @@ describe("KvStore", () => {
     expect((await s.attach(req("c"))).created).toBe(true);
   });
 
+  it("refuses a session past FREEKV_KVSTORE_MAX_SESSIONS with RESOURCE_EXHAUSTED naming it, whatever the capacity, and accepts it after a release", async () => {
+    const rand = prng(0x5e55);
+    const max = 2 + Math.floor(rand() * 6);
+    const s = new KvStore(new MemoryDirectory(), 1 << 30, log);
+    stores.push(s);
+    s.maxSessions = max;
+    for (let i = 0; i < max; i++) await s.attach(req(`m${i}`));
+    const e = await s.attach(req("over")).catch((x: { code: number; message: string }) => x);
+    expect(e).toMatchObject({ code: status.RESOURCE_EXHAUSTED, message: `session "over": this kvstore holds ${max} sessions, its limit (FREEKV_KVSTORE_MAX_SESSIONS=${max})` });
+    // Re-attaching one held is not a new session.
+    expect((await s.attach({ sessionId: "m0" } as never)).created).toBe(false);
+    expect(s.stats().sessions).toBe(max);
+    expect(await s.release(`m${Math.floor(rand() * max)}`)).toBe(true);
+    expect((await s.attach(req("over"))).created).toBe(true);
+  });
+
   it("commits in order per layer and keeps the largest context", async () => {
     const s = new KvStore(new MemoryDirectory(), 1 << 30, log);
     stores.push(s);
