@@ -222,7 +222,13 @@ export class SessionManager {
         // the session. One with an id made here is nobody else's: released, now or later. (The
         // kvstore also drops what a cancelled AttachSession created, when it sees the cancel.)
         const code = (e as { code?: number }).code;
-        if (!req.sessionId && (code === status.CANCELLED || code === status.DEADLINE_EXCEEDED || code === status.UNAVAILABLE)) this.releaseLater(id, e as Error);
+        const unanswered = code === status.CANCELLED || code === status.DEADLINE_EXCEEDED || code === status.UNAVAILABLE;
+        if (!req.sessionId && unanswered) this.releaseLater(id, e as Error);
+        else if (unanswered) {
+          // A name the client chose may be its own session elsewhere: not released from here. Said,
+          // so that an ALREADY_EXISTS on the retry can be traced to it.
+          this.opts.log.warn({ session: id, err: (e as Error).message }, "the kvstore did not answer a session's creation: it may hold it (a retry then gets ALREADY_EXISTS; ReleaseSession at the kvstore frees it)");
+        }
         throw e;
       }
       if (!attach.created) throw alreadyExists(`session ${quoteId(id)} already exists at the kvstore`);
