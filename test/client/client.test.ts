@@ -73,7 +73,7 @@ describe("@freekv/client against the services (built-in model)", () => {
 });
 
 /** A fake compute service: `generate` as given, everything else UNIMPLEMENTED. */
-async function fakeCompute(generate: (call: ServerWritableStream<GenerateRequest, GenerateResponse>) => void, port = 0): Promise<{ address: string; port: number; calls: number; stop(): Promise<void> }> {
+async function fakeCompute(generate: (call: ServerWritableStream<GenerateRequest, GenerateResponse>) => void, port = 0, unary: UntypedServiceImplementation = {}): Promise<{ address: string; port: number; calls: number; stop(): Promise<void> }> {
   const server = new Server();
   const state = { calls: 0 };
   const unimplemented = (_: unknown, cb: (e: Partial<ServiceError>) => void) => cb({ code: status.UNIMPLEMENTED, details: "fake" });
@@ -86,6 +86,7 @@ async function fakeCompute(generate: (call: ServerWritableStream<GenerateRequest
       state.calls++;
       generate(call);
     },
+    ...unary,
   };
   server.addService(ComputeServiceService, impl);
   const bound = await new Promise<number>((res, rej) => server.bindAsync(`127.0.0.1:${port}`, ServerCredentials.createInsecure(), (e, p) => (e ? rej(e) : res(p))));
@@ -190,6 +191,19 @@ describe("@freekv/client retries, redirects, deadlines (fake servers)", () => {
     await expect(client.generateText({ prompt: { $case: "text", value: "x" }, maxTokens: 2 }, { signal: ac.signal, deadlineMs: 10_000 })).rejects.toThrow(/caller gave up|CANCELLED|Cancelled/);
     client.close();
     await silent.stop();
+    // A unary call in flight: cancelled at the server when the caller gives up, not left to its deadline.
+    let cancelled = false;
+    const hang = await fakeCompute(() => {}, 0, { getSession: (call: { on(e: string, f: () => void): void }) => call.on("cancelled", () => (cancelled = true)) });
+    const c2 = new FreeKvClient(hang.address);
+    const ac2 = new AbortController();
+    setTimeout(() => ac2.abort(new Error("caller gave up on the unary call")), 100);
+    const t1 = Date.now();
+    await expect(c2.getSession({ sessionId: "s" }, { signal: ac2.signal, deadlineMs: 10_000 })).rejects.toThrow("caller gave up on the unary call");
+    expect(Date.now() - t1).toBeLessThan(3000);
+    for (let i = 0; i < 100 && !cancelled; i++) await new Promise((r) => setTimeout(r, 20));
+    expect(cancelled).toBe(true);
+    c2.close();
+    await hang.stop();
   });
 
   it("backs off exponentially with jitter, capped", () => {

@@ -191,9 +191,12 @@ export class FreeKvClient {
     return this.unary((a) => this.stub(a), (s, md, o, cb) => s.getSession(req, md, o, cb), req.sessionId, opts, undefined, this.retry.maxAttempts);
   }
 
-  closeSession(request: DeepPartial<CloseSessionRequest>, opts: CallOptions = {}): Promise<CloseSessionResponse> {
+  async closeSession(request: DeepPartial<CloseSessionRequest>, opts: CallOptions = {}): Promise<CloseSessionResponse> {
     const req = CloseSessionRequest.fromPartial(request);
-    return this.unary((a) => this.stub(a), (s, md, o, cb) => s.closeSession(req, md, o, cb), req.sessionId, opts, undefined, this.retry.maxAttempts);
+    const res = await this.unary<CloseSessionResponse, ComputeServiceClient>((a) => this.stub(a), (s, md, o, cb) => s.closeSession(req, md, o, cb), req.sessionId, opts, undefined, this.retry.maxAttempts);
+    // Closed: where it was is no longer worth remembering.
+    this.sessionAddress.delete(req.sessionId);
+    return res;
   }
 
   /**
@@ -264,7 +267,7 @@ export class FreeKvClient {
   /** A unary call on the session's pod: redirects followed, UNAVAILABLE retried up to `maxAttempts` attempts. */
   private async unary<Res, S>(
     stubOf: (address: string) => S,
-    invoke: (s: S, md: Metadata, o: { deadline: number }, cb: (e: ServiceError | null, r: Res) => void) => void,
+    invoke: (s: S, md: Metadata, o: { deadline: number }, cb: (e: ServiceError | null, r: Res) => void) => { cancel(): void },
     sessionId: string | undefined,
     opts: CallOptions,
     learned: ((r: Res) => string | undefined) | undefined,
@@ -277,12 +280,20 @@ export class FreeKvClient {
       try {
         const res = await new Promise<Res>((resolve, reject) => {
           if (opts.signal?.aborted) return reject(opts.signal.reason);
-          invoke(stubOf(address), opts.metadata ?? new Metadata(), { deadline }, (e, r) => (e ? reject(e) : resolve(r)));
+          // The call in flight is cancelled when the caller gives up (the server sees CANCELLED).
+          const onAbort = () => call.cancel();
+          const call = invoke(stubOf(address), opts.metadata ?? new Metadata(), { deadline }, (e, r) => {
+            opts.signal?.removeEventListener("abort", onAbort);
+            if (e) reject(e);
+            else resolve(r);
+          });
+          opts.signal?.addEventListener("abort", onAbort, { once: true });
         });
         const id = learned?.(res) ?? sessionId;
         if (id) this.sessionAddress.set(id, address);
         return res;
       } catch (e) {
+        if (opts.signal?.aborted) throw opts.signal.reason ?? e;
         const owner = ownerOf(e);
         if (owner && owner !== address && redirects < this.maxRedirects) {
           redirects++;
