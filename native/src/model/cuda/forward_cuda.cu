@@ -91,7 +91,7 @@ class PrefillProfile {
     DropMarks();
     for (double& d : device_) d = 0;
   }
-  void Report(int session, int start, int n, int chunk, double issue_ms, double wait_ms, double finish_ms) {
+  void Report(int session, int start, int n, int chunk, double issue_ms, double register_ms, double wait_ms, double finish_ms) {
     if (start == 0) {
       totals_.erase(session);
       if (totals_.size() >= 64) totals_.clear();  // sessions that ended mid-prompt: kept only so long
@@ -99,16 +99,18 @@ class PrefillProfile {
     Totals& t = totals_[session];
     for (int p = 0; p < kParts; ++p) t.device[p] += device_[p];
     t.issue += issue_ms;
+    t.reg += register_ms;
     t.wait += wait_ms;
     t.finish += finish_ms;
     t.tokens = start + n;
     std::fprintf(stderr,
                  "[prefill-profile] session %d tokens %d..%d chunk %d: device ms embed %.2f pre %.2f attn %.2f post %.2f "
-                 "head %.2f; host ms issue %.2f wait %.2f finish %.2f | from token 0 to %lld: device ms pre %.1f attn "
-                 "%.1f post %.1f other %.1f; host ms issue %.1f wait %.1f finish %.1f\n",
+                 "head %.2f; host ms issue %.2f (of it registering ahead %.2f) wait %.2f finish %.2f | from token 0 to %lld: "
+                 "device ms pre %.1f attn %.1f post %.1f other %.1f; host ms issue %.1f (registering %.1f) wait %.1f "
+                 "finish %.1f\n",
                  session, start, start + n, chunk, device_[kEmbed], device_[kPre], device_[kAttn], device_[kPost],
-                 device_[kHead], issue_ms, wait_ms, finish_ms, (long long)t.tokens, t.device[kPre], t.device[kAttn],
-                 t.device[kPost], t.device[kEmbed] + t.device[kHead], t.issue, t.wait, t.finish);
+                 device_[kHead], issue_ms, register_ms, wait_ms, finish_ms, (long long)t.tokens, t.device[kPre],
+                 t.device[kAttn], t.device[kPost], t.device[kEmbed] + t.device[kHead], t.issue, t.reg, t.wait, t.finish);
     for (double& d : device_) d = 0;
   }
 
@@ -123,7 +125,7 @@ class PrefillProfile {
   };
   struct Totals {
     double device[kParts] = {};
-    double issue = 0, wait = 0, finish = 0;
+    double issue = 0, reg = 0, wait = 0, finish = 0;
     long long tokens = 0;
   };
   std::vector<Mark_> marks_;
@@ -435,7 +437,7 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
   const auto mark = [&](int part) {
     if (prof) prof->Mark(stream_, part);
   };
-  double issue_ms = 0, wait_ms = 0;
+  double issue_ms = 0, register_ms = 0, wait_ms = 0;
   Size(std::min(chunk, total));
   SizeLogits(all_logits ? std::min(chunk, total) : 1);
   try {
@@ -466,7 +468,9 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
       }
       // While the device runs the chunk: register the host store for the next chunk's pages (a
       // prompt comes in calls of one chunk each, so as far again as this one reaches).
+      const auto t_register = Clock::now();
       device_engine_->RegisterAhead(session, (int64_t)start + c0 + 2 * (int64_t)n);
+      register_ms += ms_since(t_register);
       issue_ms += ms_since(t_issue);
       const auto t_wait = Clock::now();
       FKV_CUDA_CHECK(cudaStreamSynchronize(stream_));  // ids_pin_ is reused by the next chunk
@@ -483,7 +487,7 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
   // The filled pages are in the host store and the manifests say so once this returns.
   const auto t_finish = Clock::now();
   device_engine_->FinishDevicePrefill(session);
-  if (prof) prof->Report(session, start, total, chunk, issue_ms, wait_ms, ms_since(t_finish));
+  if (prof) prof->Report(session, start, total, chunk, issue_ms, register_ms, wait_ms, ms_since(t_finish));
   return logits;
 }
 
