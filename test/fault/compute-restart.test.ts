@@ -13,7 +13,9 @@ import { toNativeGeometry } from "../../services/common/geometry.js";
 import { AttentionStream, f32Tensor, tensorToF32 } from "../helpers/attention-stream.js";
 import { relError as relativeError } from "../../tools/reference/attention.js";
 import { gaussian, prng, randomF32 } from "../helpers/prng.js";
-import { ATTENTION, QUIET, computeClient, startService, startTiers, unary, type ServiceProcess, type Tiers } from "../helpers/services.js";
+import { ATTENTION, QUIET, computeClient, kvstoreClient, startService, startTiers, unary, type ServiceProcess, type Tiers } from "../helpers/services.js";
+import { Metadata } from "@grpc/grpc-js";
+import { GenerateRequest } from "../../proto/gen/freekv/v1/compute.js";
 
 const addon = loadAddon();
 const G = { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 32, kvDtype: 1 };
@@ -126,4 +128,40 @@ describe("compute restart", () => {
     await unary(compute, "closeSession", { sessionId: "survivor" });
     compute.close();
   });
+
+  it("a stateless Generate's session left by a killed compute is released by the next one, not re-attached", async () => {
+    const t = await startTiers({ kvstoreEnv: QUIET, computeEnv: ENV });
+    let next: ServiceProcess | undefined;
+    try {
+      const kv = kvstoreClient(t.kvstore.address);
+      const listed = async () => (await unary<{ sessionIds: string[] }>(kv, "listSessions", {})).sessionIds;
+      const before = await listed();
+      // A long stateless request, killed with its compute once its first tokens arrived.
+      let c = computeClient(t.compute.address);
+      const call = c.generate(GenerateRequest.fromPartial({ prompt: { $case: "tokens", value: { ids: Array.from({ length: 40 }, (_, i) => 3 + ((i * 37) % 400)) } }, maxTokens: 2000 }), new Metadata(), { deadline: Date.now() + 60_000 });
+      await new Promise<void>((resolve, reject) => {
+        call.on("data", () => resolve());
+        call.on("error", reject);
+      });
+      call.on("error", () => undefined);
+      const during = (await listed()).filter((id) => !before.includes(id));
+      expect(during).toHaveLength(1);
+      // A named session beside it, which must survive the restart.
+      await unary(c, "createSession", { sessionId: "named-keeper", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: MAX });
+      await t.compute.stop("SIGKILL");
+      c.close();
+      next = await startService("compute", { env: { ...ENV, FREEKV_LOG_LEVEL: "info", FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: t.kvstore.address } });
+      expect(await listed()).not.toContain(during[0]);
+      expect(await listed()).toContain("named-keeper");
+      expect(next.output.join("\n")).toMatch(new RegExp(`"session":"${during[0]}".*released a stateless request's session left by the previous compute`));
+      c = computeClient(next.address);
+      expect((await unary<{ session: { sessionId: string } }>(c, "getSession", { sessionId: "named-keeper" })).session.sessionId).toBe("named-keeper");
+      await unary(c, "closeSession", { sessionId: "named-keeper" });
+      c.close();
+      kv.close();
+    } finally {
+      await next?.stop();
+      await t.stop();
+    }
+  }, 120_000);
 });

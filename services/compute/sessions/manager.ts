@@ -209,6 +209,7 @@ export class SessionManager {
     try {
       const metadata: SessionMetadata = { kind: kindName(kind) };
       if (tenant) metadata.tenant = tenant;
+      if (!req.sessionId) metadata.ephemeral = true;
       const reserve = kind === SessionKind.SESSION_KIND_ATTENTION ? undefined : Math.min(maxContextTokens, Math.max(0, reserveTokens));
       const t0 = performance.now();
       let attach: AttachSessionResponse;
@@ -308,7 +309,8 @@ export class SessionManager {
     for (const id of sessionIds) {
       if (this.sessions.has(id)) continue;
       try {
-        const s = await this.reattach(id);
+        const s = await this.reattach(id, { releaseEphemeral: true });
+        if (!s) continue;
         n++;
         this.opts.log.info({ session: id, contextTokens: s.contextTokens, committedPages: s.committedPages, diverged: divergedError(s) ? true : undefined }, "session re-attached");
       } catch (e) {
@@ -327,7 +329,9 @@ export class SessionManager {
    * call can see it: its calls get that DATA_LOSS, as they did in the process that marked it.
    * (A move never carries the mark: handOver refuses a diverged session.)
    */
-  async reattach(id: string): Promise<ComputeSession> {
+  async reattach(id: string): Promise<ComputeSession>;
+  async reattach(id: string, opts: { releaseEphemeral: true }): Promise<ComputeSession | undefined>;
+  async reattach(id: string, opts?: { releaseEphemeral: true }): Promise<ComputeSession | undefined> {
     const attach = await this.opts.kvstore.attach({ sessionId: id });
     let metadata: SessionMetadata = { kind: "attention" };
     try {
@@ -336,6 +340,12 @@ export class SessionManager {
       if (typeof parsed === "object" && parsed !== null && !Array.isArray(parsed)) metadata = parsed as SessionMetadata;
     } catch {
       /* foreign metadata: keep the default */
+    }
+    if (opts?.releaseEphemeral && metadata.ephemeral === true) {
+      // One request's session, left by a compute that died during it: nobody can continue it.
+      await this.opts.kvstore.release(id);
+      this.opts.log.info({ session: id }, "released a stateless request's session left by the previous compute");
+      return undefined;
     }
     const kind = metadata.kind === "model" ? SessionKind.SESSION_KIND_MODEL : SessionKind.SESSION_KIND_ATTENTION;
     const s = this.open(id, kind, attach, metadata, true);

@@ -27,6 +27,12 @@ export interface SessionMetadata {
    * checks it; a malformed value still marks it). Absent for a healthy session.
    */
   dataLoss?: string;
+  /**
+   * A session made for one request (an id the compute chose: a stateless Generate). No client
+   * knows its id, so a compute that finds it at start (its predecessor died during the request)
+   * releases it instead of re-attaching it (SessionManager.reattachAll).
+   */
+  ephemeral?: boolean;
   /** Free-form fields of other components (e.g. the generate handler's token history). */
   [key: string]: unknown;
 }
