@@ -523,10 +523,22 @@ export class SessionManager {
    */
   private commitLayers(s: ComputeSession, layers: number[]): void {
     if (s.lost || s.detached) return;
+    // A page is committed in a layer only once every layer holds it: a re-attach resumes every
+    // layer at the fewest tokens any layer holds, so a page committed beyond that in one layer
+    // (an Attention stream's layer 0 ahead of the rest when its compute died) would be written
+    // again, with whatever the client sends then, under the checksum the kvstore recorded.
+    let fewest = Infinity;
+    for (const t of s.layerTokens) if (t < fewest) fewest = t;
+    const cap = Math.floor(fewest / s.retrieval.pageSize);
+    if (cap > s.commitCap) {
+      // The layers that waited for the slowest one may commit now.
+      s.commitCap = cap;
+      layers = s.layerTokens.map((_, l) => l);
+    }
     let grew = false;
     for (const layer of layers) {
       if (!s.offloads(layer)) continue;
-      const full = this.opts.engine.filledPages(s.engineSession, layer);
+      const full = Math.min(this.opts.engine.filledPages(s.engineSession, layer), s.commitCap);
       if (full <= s.commitTarget[layer]) continue;
       s.commitTarget[layer] = full;
       s.commitContextTokens = Math.max(s.commitContextTokens, s.layerTokens[layer]);

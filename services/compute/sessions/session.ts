@@ -48,6 +48,8 @@ export class ComputeSession {
   readonly commitTarget: number[];
   /** Context tokens to report with the pages of commitTarget. */
   commitContextTokens = 0;
+  /** Full pages every layer holds (the fewest tokens of any layer, in pages): no layer's commit target passes it. */
+  commitCap = 0;
   /** Named by the service (a stateless Generate's session): its life is logged at debug, the request's line says the rest. */
   unnamed = false;
   /** Commits to the kvstore run in order, off the request's critical path. */
