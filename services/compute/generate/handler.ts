@@ -207,7 +207,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       attempt: fresh
         ? async () => {
             try {
-              return await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: reach, geometry: undefined }, signal, undefined, reach);
+              return await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: reach, geometry: undefined }, signal, undefined, reach, true);
             } catch (e) {
               if (!isResourceExhausted(e) || signal.aborted) throw e;
               await refuseIfNeverFits(req, reach);

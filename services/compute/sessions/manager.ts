@@ -176,7 +176,8 @@ export class SessionManager {
    * Generate: prompt + max_tokens; CreateSession: none, its turns reserve); an attention session
    * always reserves its whole max context.
    */
-  async create(req: CreateSessionRequest, signal?: AbortSignal, tenant?: string, reserveTokens = 0): Promise<ComputeSession> {
+  /** `ephemeral`: the session of one request (a stateless Generate), released rather than re-attached by a restarted compute (SessionMetadata.ephemeral). */
+  async create(req: CreateSessionRequest, signal?: AbortSignal, tenant?: string, reserveTokens = 0, ephemeral = false): Promise<ComputeSession> {
     const id = req.sessionId || `s-${randomUUID()}`;
     if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
     if (this.sessions.has(id) || this.creating.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists`);
@@ -209,7 +210,7 @@ export class SessionManager {
     try {
       const metadata: SessionMetadata = { kind: kindName(kind) };
       if (tenant) metadata.tenant = tenant;
-      if (!req.sessionId) metadata.ephemeral = true;
+      if (ephemeral) metadata.ephemeral = true;
       const reserve = kind === SessionKind.SESSION_KIND_ATTENTION ? undefined : Math.min(maxContextTokens, Math.max(0, reserveTokens));
       const t0 = performance.now();
       let attach: AttachSessionResponse;

@@ -28,9 +28,9 @@ export interface SessionMetadata {
    */
   dataLoss?: string;
   /**
-   * A session made for one request (an id the compute chose: a stateless Generate). No client
-   * knows its id, so a compute that finds it at start (its predecessor died during the request)
-   * releases it instead of re-attaching it (SessionManager.reattachAll).
+   * A session made for one request (a stateless Generate's), closed when the request ends: no
+   * client continues it, so a compute that finds it at start (its predecessor died during the
+   * request) releases it instead of re-attaching it (SessionManager.reattachAll).
    */
   ephemeral?: boolean;
   /** Free-form fields of other components (e.g. the generate handler's token history). */
