@@ -15,6 +15,8 @@
  *   re-attaches them: GetSession's data_loss is the original message, an Attention prefill and
  *   decode, Generate and MoveSession get exactly that DATA_LOSS, the gauge counts them, the
  *   counter does not count them again, and a healthy session re-attached beside them serves;
+ * - a continued Generate session's turn end (its pending token) is at the kvstore before the
+ *   final answer, so a compute that dies right after it leaves a session that continues exactly;
  * - a saved mark that is malformed (another type, null, empty, too long) still marks the session,
  *   with a DATA_LOSS that says so, logged at error, and is replaced at the kvstore by that message;
  *   a well-formed one is restored as saved; metadata that is not a JSON object is foreign
@@ -335,6 +337,31 @@ describe(`diverged sessions across a compute restart (seed ${seed})`, () => {
     const marked = cases.filter((k) => k.restored !== undefined || k.malformed !== undefined).length;
     expect(await metric(c.registry, "freekv_compute_sessions_diverged")).toBe(marked);
     expect(await metric(c.registry, "freekv_compute_sessions_diverged_total")).toBe(0);
+  });
+
+  it("a continued session's turn end (its pending token) is at the kvstore before the final answer, even with a slow kvstore", async () => {
+    const id = newId();
+    await unary(compute, "createSession", { sessionId: id, kind: 1, retrieval: R, maxContextTokens: MAX });
+    // Every commit of this session reaches the kvstore 400 ms late.
+    commitsSlow.set(id, 400);
+    try {
+      for (let turn = 0; turn < 2; turn++) {
+        const ids = Array.from({ length: 5 + Math.floor(rand() * 20) }, () => 3 + Math.floor(rand() * 250));
+        const atFinal = await new Promise<Record<string, unknown>>((resolve, reject) => {
+          const call = compute.generate(GenerateRequest.fromPartial({ sessionId: id, prompt: { $case: "tokens", value: { ids } }, maxTokens: 3 + Math.floor(rand() * 6) }), new Metadata(), { deadline: Date.now() + 30_000 });
+          call.on("data", (m: { event?: { $case: string } }) => {
+            if (m.event?.$case === "final") savedMetadata(id).then(resolve, reject);
+          });
+          call.on("error", reject);
+        });
+        const held = ctx.sessions.get(id).metadata.generate as { pendingToken?: number };
+        expect(held.pendingToken).toBeTypeOf("number");
+        expect(atFinal.generate, `turn ${turn}`).toEqual(held);
+        expect(atFinal.contextTokens).toBe(ctx.sessions.get(id).contextTokens);
+      }
+    } finally {
+      commitsSlow.delete(id);
+    }
   });
 
   it("compute drained without a hand-off and restarted against the same kvstore: the re-attached sessions keep their marks; a healthy one serves", async () => {

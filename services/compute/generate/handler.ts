@@ -241,6 +241,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     let final: GenerateFinalOut | undefined;
     let gs: GenerationSession | undefined;
     let state: GenerateState | undefined;
+    let saved = false; // the turn's metadata went to the kvstore before the final answer
     try {
       release = await s.lock.acquire(signal);
       // Closed meanwhile, or moved to another pod (then the call is redirected there).
@@ -312,6 +313,14 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       metrics.prefillSeconds.observe(final.prefillMs / 1000);
       if (final.prefillMs > 0) metrics.prefillTokensPerSecond.observe(final.prefilledTokens / (final.prefillMs / 1000));
       metrics.requests.inc({ finish: final.finishReason });
+      // The turn's end (the pending token) reaches the kvstore before the client hears of it: a
+      // compute that dies right after the answer leaves a session that continues exactly. A
+      // failed commit is logged and retried with the session's pages (it stays degraded meanwhile).
+      if (state && gs) state.pendingToken = gs.pendingToken;
+      if (!fresh && state && !s.closed) {
+        saved = true;
+        await ctx.sessions.commitMetadata(s).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "committing the session's metadata failed"));
+      }
       await write(
         call,
         {
@@ -341,8 +350,9 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       // cancellation between steps: the next request on the session feeds it first.
       if (state && gs) state.pendingToken = gs.pendingToken;
       // A continued session's metadata (the pending token) goes to the kvstore with its pages, so
-      // a restarted compute that re-attaches the session continues the conversation exactly.
-      if (!fresh && state && !s.closed) await ctx.sessions.commitMetadata(s).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "committing the session's metadata failed"));
+      // a restarted compute that re-attaches the session continues the conversation exactly
+      // (already done before the final answer, unless the turn ended otherwise).
+      if (!saved && !fresh && state && !s.closed) await ctx.sessions.commitMetadata(s).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "committing the session's metadata failed"));
       release?.();
       if (fresh) await ctx.sessions.close(s.id).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "closing the request's session failed"));
       // After the fresh session's memory went back to the kvstore: the next request may take it.
