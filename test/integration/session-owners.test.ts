@@ -13,7 +13,7 @@ import { Redis } from "ioredis";
 import { FreeKvClient, SESSION_OWNER_KEY } from "../../packages/client/src/index.js";
 import { GenerateRequest, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
 import { prng } from "../helpers/prng.js";
-import { QUIET, computeClient, startTiers, type Tiers } from "../helpers/services.js";
+import { QUIET, computeClient, kvstoreClient, startService, startTiers, unary, type ServiceProcess, type Tiers } from "../helpers/services.js";
 
 const REDIS = "redis://127.0.0.1:6379/0";
 const up = await new Promise<boolean>((resolve) => {
@@ -108,6 +108,49 @@ describe.skipIf(!up)("session owners across two pods (Redis)", () => {
       toB.close();
     }
   });
+
+  it("a restarted compute releases the copies another live pod owns (moved there) and takes over those of a pod that is gone", async () => {
+    const port = await freePort();
+    const env = { ...QUIET, FREEKV_THREADS: "1", FREEKV_LOG_LEVEL: "info", FREEKV_COMPUTE_PORT: String(port), FREEKV_SESSION_OWNERS: REDIS, FREEKV_SESSION_OWNERS_PREFIX: prefix, FREEKV_ADVERTISE_ADDRESS: `127.0.0.1:${port}` };
+    const c = await startTiers({ kvstoreEnv: QUIET, computeEnv: env });
+    let again: ServiceProcess | undefined;
+    const r = new Redis(REDIS);
+    const kv = kvstoreClient(c.kvstore.address);
+    const listed = async () => (await unary<{ sessionIds: string[] }>(kv, "listSessions", {})).sessionIds;
+    try {
+      const run = `${process.pid}-${Date.now()}`;
+      const [stale, orphan, own] = [`stale-${run}`, `orphan-${run}`, `own-${run}`];
+      const client = new FreeKvClient(c.compute.address);
+      for (const id of [stale, orphan, own]) await client.createSession({ sessionId: id, kind: 1 });
+      client.close();
+      // Where the records stand when this compute dies: `stale` moved to A (live, heartbeating),
+      // `orphan` to a pod that is gone, `own` is still this pod's.
+      await r.hset(`${prefix}owners`, stale, a.compute.address);
+      await r.hset(`${prefix}owners`, orphan, "127.0.0.1:1");
+      expect(await r.exists(`${prefix}pod:${a.compute.address}`)).toBe(1);
+      await c.compute.stop("SIGKILL");
+      again = await startService("compute", { env: { ...env, FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: c.kvstore.address } });
+      expect(await listed()).not.toContain(stale);
+      expect(await listed()).toEqual(expect.arrayContaining([orphan, own]));
+      expect(await r.hget(`${prefix}owners`, stale)).toBe(a.compute.address);
+      expect(await r.hget(`${prefix}owners`, orphan)).toBe(`127.0.0.1:${port}`);
+      expect(await r.hget(`${prefix}owners`, own)).toBe(`127.0.0.1:${port}`);
+      expect(again.output.join("\n")).toMatch(new RegExp(`"session":"${stale}".*this stale copy is released`));
+      // Calls for the stale one go to A; the others are served here.
+      const raw = computeClient(again.address);
+      const e = await new Promise<ServiceError>((resolve) => raw.getSession({ sessionId: stale }, (err: ServiceError | null) => resolve(err!)));
+      expect(e.code).toBe(status.FAILED_PRECONDITION);
+      expect(e.metadata.get(SESSION_OWNER_KEY)).toEqual([a.compute.address]);
+      for (const id of [orphan, own]) await unary(raw, "closeSession", { sessionId: id });
+      raw.close();
+      await r.hdel(`${prefix}owners`, stale);
+    } finally {
+      kv.close();
+      r.disconnect();
+      await again?.stop();
+      await c.kvstore.stop();
+    }
+  }, 90_000);
 
   it("drops the owner record of a session closed for being idle", async () => {
     const port = await freePort();

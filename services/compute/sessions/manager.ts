@@ -411,6 +411,21 @@ export class SessionManager {
   // Moves between pods (move.ts): the source hands a session over under its lock and remembers
   // where it went; the receiving side reserves the id while the pages arrive.
 
+  /**
+   * A session re-attached at start that another live pod owns (SessionOwners.claimAtStart): this
+   * copy is stale, so it is closed and released here (its calls are redirected to `owner`), never
+   * served beside the other. Failures are logged (a release is retried in the background).
+   */
+  async dropStale(id: string, owner: string): Promise<void> {
+    this.opts.log.warn({ session: id, owner }, "a re-attached session is owned by another live pod (it moved there, or its import here was never answered): this stale copy is released");
+    try {
+      await this.close(id);
+    } catch (e) {
+      this.opts.log.error({ session: id, err: (e as Error).message }, "closing a stale session copy failed");
+    }
+    this.remember(id, owner);
+  }
+
   /** Where a session this process moved away went (the owner redirect without a session-owners directory). */
   movedTo(id: string): string | undefined {
     return this.moved.get(id);

@@ -48,6 +48,32 @@ export class SessionOwners {
     }
   }
 
+  /**
+   * At start, for a session this pod's kvstore still holds: claims it unless another pod that is
+   * live (its heartbeat key exists) owns it, in one step. Returns that pod's address when it does:
+   * the session moved there (this copy's release was cut short by a crash), or this pod imported
+   * it and died before it answered (the source kept it), so this copy is stale. A record naming a
+   * pod that is gone is taken over. A directory that does not answer claims nothing and says
+   * nothing (logged and counted): the session is served here as without a directory.
+   */
+  async claimAtStart(id: string): Promise<string | undefined> {
+    try {
+      const other = await this.redis.eval(
+        "local o = redis.call('HGET', KEYS[1], ARGV[1]) if o and o ~= ARGV[2] and redis.call('EXISTS', ARGV[3] .. o) == 1 then return o end redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return false",
+        1,
+        this.key,
+        id,
+        this.self,
+        this.podKey(""),
+      );
+      return typeof other === "string" ? other : undefined;
+    } catch (e) {
+      this.onFailure();
+      this.log.error({ err: e, session: id }, "could not record this pod as the session's owner: other pods will not redirect to it");
+      return undefined;
+    }
+  }
+
   /** This pod no longer holds `id` (only if the record still names this pod). */
   async release(id: string): Promise<void> {
     try {
