@@ -17,7 +17,7 @@ import { openDirectory, type SessionDirectory } from "./directory.js";
 import { watchDirectory } from "./directory-health.js";
 import { createKvStoreMetrics } from "./metrics.js";
 import { kvstoreService } from "./service.js";
-import { SEGMENT_KINDS, setDirectoryKind, sweepStaleSegments } from "./segments.js";
+import { SEGMENT_KINDS, directoryTag, setDirectoryKind, sweepStaleSegments } from "./segments.js";
 import { Scrubber } from "./scrubber.js";
 import { KvStore } from "./store.js";
 import { createTransferMetrics, transferService } from "./transfer.js";
@@ -48,10 +48,11 @@ async function main(): Promise<void> {
     process.exit(2);
   });
   // Segments left by a kvstore that was killed (no shutdown ran): with the in-memory directory
-  // nothing can reach them again; with Redis, those its records name are adopted below instead.
+  // nothing can reach them again; with Redis, those its records name are adopted below instead,
+  // and the rest of this directory's (tagged with it) were made or released half-way: removed.
   // Before the capacity is read, so their space counts as free.
   // A directory that cannot be read now may name any of them: nothing is removed then.
-  setDirectoryKind(config.FREEKV_DIRECTORY === "memory" ? "memory" : "persistent");
+  setDirectoryKind(config.FREEKV_DIRECTORY === "memory" ? "memory" : "persistent", directoryTag(config.FREEKV_DIRECTORY, config.FREEKV_DIRECTORY_PREFIX));
   const keep = await directorySegmentNames(directory).catch(() => undefined);
   const swept = keep ? sweepStaleSegments(keep) : [];
   if (swept.length) log.info({ removed: swept.length, segments: swept }, "removed session segments left by a kvstore process that is gone");

@@ -6,7 +6,7 @@
  * next one removes those of makers that are gone and that its directory does not hold
  * (sweepStaleSegments).
  */
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { readdirSync } from "node:fs";
 import { ownerAlive, ownerTag } from "../common/process-owner.js";
 import { loadShm, type ShmSegment } from "../../native/shm.js";
@@ -20,33 +20,41 @@ export type SessionSegments = Record<SegmentKind, ShmSegment>;
 
 /**
  * Whether this process's session directory is in memory ("m": nothing can adopt its segments
- * after it dies) or persistent ("p": a successor adopts them from the directory). The kvstore
- * process sets it at start; a segment's name carries it.
+ * after it dies) or persistent ("p" and the directory's tag: a successor adopts them from that
+ * directory). The kvstore process sets it at start; a segment's name carries it.
  */
-let directoryKind: "m" | "p" = "p";
-export function setDirectoryKind(kind: "memory" | "persistent"): void {
-  directoryKind = kind === "memory" ? "m" : "p";
+let directoryKind = "p";
+export function setDirectoryKind(kind: "memory" | "persistent", tag?: string): void {
+  directoryKind = kind === "memory" ? "m" : `p${tag ?? ""}`;
+}
+
+/** A persistent directory's tag in its segments' names: 12 hex digits of a hash of its URL and key prefix. */
+export function directoryTag(url: string, prefix: string): string {
+  return createHash("sha256").update(`${url}\0${prefix}`).digest("hex").slice(0, 12);
 }
 
 /**
- * "/freekv-kv-<pid>-<start time>-<m|p>-" (the making process, process-owner.ts, and its
- * directory's kind) + 128 random bits; with a tag (in-process stores: their sessions' ids, which
+ * "/freekv-kv-<pid>-<start time>-<m|p<directory tag>>-" (the making process, process-owner.ts,
+ * and its directory) + 128 random bits; with a tag (in-process stores: their sessions' ids, which
  * name their own process) "/freekv-<tag>-" + 128 random bits instead; an in-process store removes
  * its segments at exit.
  */
 export const segmentName = (tag?: string) => (tag ? `/freekv-${tag}-` : `/freekv-kv-${ownerTag}-${directoryKind}-`) + randomBytes(16).toString("hex");
 
-/** Names a sweep may remove: made by a kvstore with an in-memory directory (no one else can adopt them). */
-const SEGMENT_NAME = /^freekv-kv-(\d+)-(\d+)-m-/;
+/** A kvstore's segment name: its maker (pid, start time) and its directory ("m", or "p" and the directory's tag; "p" alone before tags). */
+const SEGMENT_NAME = /^freekv-kv-(\d+)-(\d+)-(m|p[0-9a-f]*)-/;
 
 /**
  * Removes the session segments in `dir` made by kvstore processes that are gone (pid not running,
- * or running with another start time) and had an in-memory directory, except the names in `keep`.
- * A live kvstore's segments are never touched, nor a dead one's with a persistent directory (its
- * successor, which may share this host's /dev/shm with other kvstores, adopts them from that
- * directory). Returns the names removed.
+ * or running with another start time) and had an in-memory directory, or this process's
+ * persistent directory (`ownDirectory`, "p" and its tag), except the names in `keep` (those that
+ * directory's records hold, which are adopted): a dead kvstore of this directory killed between
+ * making a session's segments and recording them (a create, an import), or between deleting a
+ * record and unlinking its segments, left them to nobody. A live kvstore's segments are never
+ * touched, nor those of another persistent directory (its own successor, which may share this
+ * host's /dev/shm, adopts or sweeps them). Returns the names removed.
  */
-export function sweepStaleSegments(keep: ReadonlySet<string>, dir = "/dev/shm"): string[] {
+export function sweepStaleSegments(keep: ReadonlySet<string>, dir = "/dev/shm", ownDirectory = directoryKind): string[] {
   let entries: string[];
   try {
     entries = readdirSync(dir);
@@ -57,7 +65,7 @@ export function sweepStaleSegments(keep: ReadonlySet<string>, dir = "/dev/shm"):
   const removed: string[] = [];
   for (const e of entries) {
     const m = SEGMENT_NAME.exec(e);
-    if (!m || keep.has(`/${e}`) || ownerAlive(Number(m[1]), m[2])) continue;
+    if (!m || (m[3] !== "m" && (m[3] !== ownDirectory || ownDirectory === "p")) || keep.has(`/${e}`) || ownerAlive(Number(m[1]), m[2])) continue;
     try {
       if (ShmSegment.unlink(`/${e}`)) removed.push(`/${e}`);
     } catch {

@@ -5,6 +5,8 @@
  */
 import { connect } from "node:net";
 import { randomBytes } from "node:crypto";
+import { readdirSync } from "node:fs";
+import { directoryTag } from "../../services/kvstore/segments.js";
 import { afterAll, describe, expect, it } from "vitest";
 import { Redis } from "ioredis";
 import { ATTENTION, QUIET, computeClient, kvstoreClient, shmSegments, startService, unary, unaryError, type ServiceProcess } from "../helpers/services.js";
@@ -83,9 +85,29 @@ describe.skipIf(!up)("Redis session directory", () => {
     await c1.stop();
     await kv1.stop();
     for (const n of made) expect(shmSegments().has(n)).toBe(true);
+    // What a kvstore of this directory killed between making segments and recording them (or
+    // between deleting a record and unlinking them) leaves: its successor sweeps it. A dead
+    // kvstore's of another directory, or named before directories were tagged, are left alone.
+    const running = new Set(readdirSync("/proc").filter((d) => /^\d+$/.test(d)).map(Number));
+    let dead = 410000 + (process.pid % 1000);
+    while (running.has(dead)) dead++;
+    const hex = () => randomBytes(16).toString("hex");
+    const orphan = `/freekv-kv-${dead}-12345-p${directoryTag(REDIS, prefix)}-${hex()}`;
+    const foreign = `/freekv-kv-${dead}-12345-p${directoryTag(REDIS, `${prefix}other:`)}-${hex()}`;
+    const legacy = `/freekv-kv-${dead}-12345-p-${hex()}`;
+    for (const n of [orphan, foreign, legacy]) {
+      loadAddon().ShmSegment.create(n, 4096).close();
+      made.push(n);
+    }
+    // This test's kvstore named its own segments with the directory's tag.
+    expect(rec.segments.store.name).toMatch(new RegExp(`^/freekv-kv-\\d+-\\d+-p${directoryTag(REDIS, prefix)}-[0-9a-f]{32}$`));
 
     const kv2 = await startService("kvstore", { env: { ...kvEnv, FREEKV_KVSTORE_PERSIST: "0" } });
     procs.push(kv2);
+    expect(shmSegments().has(orphan)).toBe(false);
+    expect(shmSegments().has(foreign)).toBe(true);
+    expect(shmSegments().has(legacy)).toBe(true);
+    made.splice(made.indexOf(orphan), 1);
     const kv = kvstoreClient(kv2.address);
     expect((await unary<{ sessionIds: string[] }>(kv, "listSessions", {})).sessionIds).toEqual(["r-1", "r-2"]);
     const att = await unary<{ created: boolean; store: { name: string } }>(kv, "attachSession", { sessionId: "r-1" });
@@ -106,7 +128,7 @@ describe.skipIf(!up)("Redis session directory", () => {
     kv.close();
     await c2.stop();
     expect(await kv2.stop()).toEqual({ code: 0, signal: null });
-    for (const n of made) expect(shmSegments().has(n)).toBe(false);
+    for (const n of made.filter((x) => x !== foreign && x !== legacy)) expect(shmSegments().has(n)).toBe(false);
     expect(await redis.smembers(`${prefix}sessions`)).toEqual([]);
     await redis.quit();
   });
