@@ -37,12 +37,22 @@ const MAX_CAPACITY_PAGES = 2 ** 30;
 export function requestLayout(g: ModelGeometry, r: RetrievalConfig, maxContextTokens: number, field: string): { capacity: number; layout: Layout } {
   const capacity = capacityPages(maxContextTokens, r.pageSize);
   if (capacity > MAX_CAPACITY_PAGES) throw invalidArgument(field, `${maxContextTokens} tokens need ${capacity} pages a layer; a session's store may hold at most 2^30 pages a layer`);
+  let layout: Layout;
   try {
-    return { capacity, layout: computeLayout(g, r, capacity) };
+    layout = computeLayout(g, r, capacity);
   } catch (e) {
     throw invalidArgument(field, (e as Error).message);
   }
+  // The kvstore keeps a 4-byte checksum per committed page outside the counted memory (the
+  // commit's and the scrubber's): pages of at least MIN_PAGE_BYTES keep that under 1/16 of it.
+  if (layout.pageBytes < MIN_PAGE_BYTES) {
+    throw invalidArgument("retrieval.page_size", `a page of ${r.pageSize} tokens holds ${layout.pageBytes} bytes of K and V for all KV heads; the kvstore takes pages of at least ${MIN_PAGE_BYTES} bytes`);
+  }
+  return { capacity, layout };
 }
+
+/** The smallest page the kvstore stores, bytes (K and V of all KV heads). */
+export const MIN_PAGE_BYTES = 64;
 
 /**
  * Memory that follows the context. A store segment keeps its full apparent size (the

@@ -4,7 +4,7 @@ import { status } from "@grpc/grpc-js";
 import { createLogger } from "../../services/common/log.js";
 import { MemoryDirectory } from "../../services/kvstore/directory.js";
 import { KvStore, MAX_METADATA_BYTES } from "../../services/kvstore/store.js";
-import { computeLayout, totalBytes, capacityPages } from "../../services/kvstore/layout.js";
+import { MIN_PAGE_BYTES, computeLayout, totalBytes, capacityPages } from "../../services/kvstore/layout.js";
 import { resolveRetrieval } from "../../services/common/retrieval.js";
 import { shmSegments } from "../helpers/services.js";
 import { crc32c } from "../../services/common/crc32c.js";
@@ -122,6 +122,17 @@ describe("KvStore", () => {
     expect(s.stats().sessions).toBe(max);
     expect(await s.release(`m${Math.floor(rand() * max)}`)).toBe(true);
     expect((await s.attach(req("over"))).created).toBe(true);
+  });
+
+  it("refuses pages smaller than MIN_PAGE_BYTES (their checksums would outweigh the counted memory), naming the page size", async () => {
+    const s = new KvStore(new MemoryDirectory(), 1 << 30, log);
+    stores.push(s);
+    const tiny = { layers: 2, queryHeads: 1, kvHeads: 1, headDim: 2, kvDtype: 1 };
+    const e = await s.attach({ sessionId: "tiny", geometry: tiny, retrieval: { pageSize: 2, sinkTokens: 2, windowTokens: 2, selectTokens: 4 } as never, maxContextTokens: 1 << 20, metadata: Buffer.alloc(0), reserveTokens: 0 }).catch((x: { code: number; message: string }) => x);
+    expect(e).toMatchObject({ code: status.INVALID_ARGUMENT, message: `retrieval.page_size: a page of 2 tokens holds 32 bytes of K and V for all KV heads; the kvstore takes pages of at least ${MIN_PAGE_BYTES} bytes` });
+    // Twice the tokens a page: 64 bytes, taken.
+    expect((await s.attach({ sessionId: "small", geometry: tiny, retrieval: { pageSize: 4, sinkTokens: 4, windowTokens: 4, selectTokens: 8 } as never, maxContextTokens: 64, metadata: Buffer.alloc(0), reserveTokens: 0 })).created).toBe(true);
+    expect(s.stats().sessions).toBe(1);
   });
 
   it("commits in order per layer and keeps the largest context", async () => {
