@@ -155,6 +155,26 @@ describe(`AdmissionQueue (seed ${seed})`, () => {
     expect((await small).value).toBe(2);
   });
 
+  it("a request that needed no memory but came back short waits for memory like the others, not retried in a loop", async () => {
+    const timers = new FakeTimers();
+    const q = new AdmissionQueue({ maxWaiting: 10, maxRunning: 0, timers, retryMs: 100 });
+    let free = 0;
+    let attempts = 0;
+    // (Past 50 attempts it takes what it gets, so that a loop ends and fails the count below.)
+    const p = q.enter({ tenant: "x", needsMemory: false, attempt: async () => (attempts++, free >= 1 || attempts > 50 ? 7 : SHORT_OF_MEMORY) });
+    await settle();
+    expect(attempts).toBe(1);
+    // Nothing came back: no attempt until the retry timer.
+    timers.advance(99);
+    await settle();
+    expect(attempts).toBe(1);
+    free = 1;
+    timers.advance(1);
+    await settle();
+    expect(attempts).toBe(2);
+    expect((await p).value).toBe(7);
+  });
+
   it("backfill: smaller requests take memory the oldest short one cannot use yet, until its window ends; then it is not starved", async () => {
     const timers = new FakeTimers();
     const backfillMs = 500 + pick(1000);

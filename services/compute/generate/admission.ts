@@ -317,6 +317,10 @@ export class AdmissionQueue {
         } else if (v === SHORT_OF_MEMORY) {
           e.shortAt ??= this.timers.now();
           e.triedShort = true;
+          // A request admitted as needing no memory that came back short (its session grew while
+          // it waited) needs memory now: it waits for memory to come back like the others, not
+          // tried again at once in a loop.
+          e.needsMemory = true;
           this.blocked = true;
           this.checkBlocked();
           this.retryTimer ??= this.timers.set(() => {
