@@ -104,13 +104,32 @@ describe("page commits from the compute tier", () => {
 
   it("a single layer goes as a plain single-layer request", async () => {
     const { calls, mgr, s, filled } = setup();
-    s.layerTokens[3] = P + 1;
+    s.layerTokens.fill(P + 1);
     filled[3] = 1;
     mgr.commitProgress(s, 3);
     await s.commitChain;
     expect(calls).toHaveLength(1);
     expect(calls[0]).toMatchObject({ sessionId: "s1", layer: 3, firstPage: 0, count: 1, checksums: [], contextTokens: P + 1, layers: [] });
     expect(calls[0].metadata.length).toBe(0);
+  });
+
+  it("a layer ahead of the others waits for them: pages are committed only where every layer holds them", async () => {
+    const { calls, mgr, s, filled } = setup();
+    // Layer 0 holds three pages, the others one and a half: only page 0 may go.
+    s.layerTokens.fill(P + P / 2);
+    s.layerTokens[0] = 3 * P;
+    filled.fill(1);
+    filled[0] = 3;
+    mgr.commitProgress(s, 0);
+    await s.commitChain;
+    expect(calls.flatMap((c) => (c.layers.length ? c.layers : [c])).map((e) => [e.layer, e.firstPage, e.count])).toEqual([0, 2, 3, 4].map((l) => [l, 0, 1]));
+    // The last layer to catch up lets the waiting pages of every layer go.
+    s.layerTokens.fill(3 * P);
+    filled.fill(3);
+    mgr.commitProgress(s, 4);
+    await s.commitChain;
+    expect(calls).toHaveLength(2);
+    expect(calls[1].layers.map((e) => [e.layer, e.firstPage, e.count])).toEqual([0, 2, 3, 4].map((l) => [l, 1, 2]));
   });
 
   it("commits only what the engine reports offloaded, not what the token count implies", async () => {
@@ -179,7 +198,7 @@ describe("page commits from the compute tier", () => {
         fail ? Promise.reject(new Error("segment '/x' was closed while its page checksums were computed")) : seg.crc32cPagesAsync(offset, page, count),
     } as unknown as ShmSegment;
     const { calls, mgr, s, filled } = setup({ store, manifest, layout });
-    s.layerTokens[2] = 3 * P;
+    s.layerTokens.fill(3 * P);
     filled[2] = 3;
     mgr.commitProgress(s, 2);
     await s.commitChain;
@@ -188,7 +207,7 @@ describe("page commits from the compute tier", () => {
     expect(s.committedPages[2]).toBe(0);
     // The next commit point sends the whole range again.
     fail = false;
-    s.layerTokens[2] = 4 * P;
+    s.layerTokens.fill(4 * P);
     filled[2] = 4;
     mgr.commitProgress(s, 2);
     await s.commitChain;
