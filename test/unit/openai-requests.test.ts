@@ -79,6 +79,8 @@ describe("OpenAI request bodies", () => {
     expect(refused("completions", { prompt: "x", model: 3 }).param).toBe("model");
     expect(refused("chat", { messages: [] }).param).toBe("messages");
     expect(refused("chat", { messages: Array.from({ length: 4097 }, () => ({ role: "user", content: "" })) })).toMatchObject({ param: "messages", message: "4097 messages exceed the limit of 4096" });
+    expect(refused("chat", { messages: [{ role: "user", content: "x" }], session_id: "会话\n" })).toMatchObject({ param: "session_id", message: "session_id must match [A-Za-z0-9._-]{1,128}" });
+    expect(refused("completions", { prompt: "x", session_id: "a".repeat(129) }).param).toBe("session_id");
     expect(refused("chat", { messages: [{ content: "x" }] }).param).toBe("messages[0].role");
   });
 });

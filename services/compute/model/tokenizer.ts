@@ -70,12 +70,19 @@ export class TextCodec {
     let bytes = 0;
     for (const m of messages) bytes += Buffer.byteLength(m.content ?? "") + Buffer.byteLength(m.role ?? "") + MESSAGE_OVERHEAD_BYTES;
     if (bytes > maxBytes) throw invalidArgument("prompt.chat.messages", `${bytes} bytes of text (${MESSAGE_OVERHEAD_BYTES} a message for its framing) exceed the limit of ${maxBytes}`);
-    const text = this.template.render({
-      messages,
-      add_generation_prompt: true,
-      bos_token: continuing ? "" : tokenText(this.config.bos_token),
-      eos_token: tokenText(this.config.eos_token),
-    });
+    let text: string;
+    try {
+      text = this.template.render({
+        messages,
+        add_generation_prompt: true,
+        bos_token: continuing ? "" : tokenText(this.config.bos_token),
+        eos_token: tokenText(this.config.eos_token),
+      });
+    } catch (e) {
+      // Templates raise on messages they do not take (roles that do not alternate, a system
+      // message they do not support): the request's problem, said in the template's words.
+      throw invalidArgument("prompt.chat.messages", `the model's chat template refused the messages: ${(e as Error).message.slice(0, 512)}`);
+    }
     return this.encode(text, false, { field: "prompt.chat.messages", maxBytes });
   }
 }

@@ -11,6 +11,7 @@ import type { GenerateRequest, SamplingParams } from "../../../proto/gen/freekv/
 import { badRequest } from "./errors.js";
 import { stopProblem } from "../generate/stop.js";
 import { MAX_CHAT_MESSAGES } from "../model/tokenizer.js";
+import { SESSION_ID_RE } from "../sessions/manager.js";
 
 /**
  * A client's value in an error message: JSON, cut to 120 characters; one that JSON cannot show (a
@@ -188,6 +189,8 @@ export function readRequest(endpoint: Endpoint, body: unknown, defaultMaxTokens:
   let sessionId: string | undefined;
   if (!absent(body.session_id)) {
     if (typeof body.session_id !== "string" || !body.session_id) throw badRequest("session_id", "session_id must be a non-empty string");
+    // It is echoed in a response header: only the ids a session may have.
+    if (!SESSION_ID_RE.test(body.session_id)) throw badRequest("session_id", "session_id must match [A-Za-z0-9._-]{1,128}");
     sessionId = body.session_id;
   }
 
