@@ -64,6 +64,9 @@ describe("tenant authentication (FREEKV_AUTH_TOKENS_FILE)", () => {
       await client.createSession({ sessionId: sid, kind: 1 }, a);
       const prompt = { $case: "tokens" as const, value: { ids: Array.from({ length: 12 }, (_, i) => 5 + ((i * 37) % 300)) } };
       await expect(client.generateText({ sessionId: sid, prompt, maxTokens: 2 }, b())).rejects.toMatchObject({ code: status.PERMISSION_DENIED });
+      // A prompt past the session's context says nothing about it to another tenant (not its length).
+      const huge = { $case: "tokens" as const, value: { ids: new Array<number>(300_000).fill(7) } };
+      await expect(client.generateText({ sessionId: sid, prompt: huge, maxTokens: 2 }, b())).rejects.toMatchObject({ code: status.PERMISSION_DENIED });
       await expect(client.getSession({ sessionId: sid }, b())).rejects.toMatchObject({ code: status.PERMISSION_DENIED });
       await expect(client.closeSession({ sessionId: sid }, b())).rejects.toMatchObject({ code: status.PERMISSION_DENIED });
       // B's attempts left the session as it was: A continues it from an empty context.

@@ -30,6 +30,7 @@ import {
 import { callScope } from "../../common/cancellation.js";
 import { tenantOf } from "../sessions/tenant.js";
 import { localSession } from "../sessions/owners.js";
+import { checkTenant } from "../auth.js";
 import { ServiceError, failedPrecondition, invalidArgument, neverFits, toStatus } from "../../common/errors.js";
 import type { ComputeContext } from "../context.js";
 import type { LoadedModel } from "../model/loader.js";
@@ -189,7 +190,10 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     const sampling = { temperature: sp.temperature, topP: sp.topP, topK: sp.topK, seed: BigInt(sp.seed || 0) };
     validateParams({ prompt, maxTokens: req.maxTokens, sampling, stopTokenIds: req.stopTokenIds, stopStrings: req.stopStrings }, loaded.model.vocabSize);
     // A named session held here whose reservation is short of this turn needs memory too.
-    const known = fresh || !ctx.sessions.has(req.sessionId) ? undefined : ctx.sessions.get(req.sessionId);
+    // (Looked at without touching it: a call refused below does not keep it from idle expiry.)
+    const known = fresh ? undefined : ctx.sessions.peek(req.sessionId);
+    // Another tenant's session is refused before anything about it is said (its context length).
+    if (known && ctx.auth) checkTenant(known.metadata.tenant, rec.tenant, req.sessionId);
     // A turn that cannot fit the named session's context is refused before its reservation grows
     // (the context only grows, so the check under the lock can only agree).
     if (known) {

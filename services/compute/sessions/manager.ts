@@ -165,6 +165,11 @@ export class SessionManager {
     return s;
   }
 
+  /** The session if it is open here, without counting it as used (idle expiry). */
+  peek(id: string): ComputeSession | undefined {
+    return this.sessions.get(id);
+  }
+
   has(id: string): boolean {
     return this.sessions.has(id);
   }
