@@ -99,6 +99,7 @@ async function main(): Promise<void> {
       generate,
       auth: ctx.auth,
       serving: () => health.status === "SERVING",
+      modelFailure: () => ctx.served.failure,
       modelName: config.FREEKV_MODEL === NO_MODEL ? undefined : (config.FREEKV_MODEL_NAME ?? basename(resolve(config.FREEKV_MODEL || builtinModelDir()))),
       maxBodyBytes: config.FREEKV_OPENAI_MAX_BODY_BYTES,
       defaultMaxTokens: config.FREEKV_MAX_CONTEXT_TOKENS,

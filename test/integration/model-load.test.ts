@@ -109,7 +109,7 @@ describe("the served model at start", () => {
     writeFileSync(join(dir, "model.safetensors"), randomBytes(4096)); // not a safetensors file
     const compute = await startService("compute", {
       serving: false,
-      env: { FREEKV_LOG_LEVEL: "warn", FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: kvstore.address, FREEKV_MODEL: dir },
+      env: { FREEKV_LOG_LEVEL: "warn", FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_OPENAI_PORT: "0", FREEKV_KVSTORE_ADDR: kvstore.address, FREEKV_MODEL: dir },
     });
     try {
       const t0 = Date.now();
@@ -128,6 +128,13 @@ describe("the served model at start", () => {
       expect(e?.code).toBe(status.FAILED_PRECONDITION);
       expect(e?.details).toMatch(/cannot load the model at .*safetensors/);
       expect(metricValue(await fetchMetrics(compute.metricsPort), "freekv_compute_model_ready")).toBe(0);
+      // The OpenAI front says the same: 500 with the reason, not 503 "retry later" forever.
+      const r = await fetch(`http://127.0.0.1:${compute.openaiPort}/v1/completions`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ prompt: "x", max_tokens: 2 }) });
+      expect(r.status).toBe(500);
+      const body = (await r.json()) as { error: { code: string; message: string } };
+      expect(body.error.code).toBe("model_load_failed");
+      expect(body.error.message).toMatch(/^the model could not be loaded, .*safetensors/);
+      expect(r.headers.get("retry-after")).toBeNull();
     } finally {
       await compute.stop();
       rmSync(dir, { recursive: true, force: true });

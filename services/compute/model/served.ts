@@ -47,6 +47,11 @@ export class ServedModel {
     this.current = serveNone ? { state: "none" } : { state: "loading" };
   }
 
+  /** Why the load failed, when it did (the model will not serve until a restart). */
+  get failure(): string | undefined {
+    return this.current.state === "failed" ? this.current.reason : undefined;
+  }
+
   get state(): State["state"] {
     return this.current.state;
   }

@@ -30,6 +30,8 @@ export interface OpenAIFrontOptions {
   generate: GenerateHandler;
   /** Whether the compute service serves now (its gRPC health): otherwise generation gets 503. */
   serving(): boolean;
+  /** Why the model will never serve (its load failed), if it will not: generation gets 500 saying so instead of 503 "retry later". */
+  modelFailure?(): string | undefined;
   /** The served model's id; undefined when no model is served. */
   modelName: string | undefined;
   /** Largest body read, in bytes. */
@@ -143,6 +145,8 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
     if (!endpoint) throw new HttpError(404, `${method} ${path}: no such endpoint (served: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health)`, null, "unknown_url");
     only("POST");
     const body = await readBody(req, opts.maxBodyBytes);
+    const failed = opts.modelFailure?.();
+    if (failed !== undefined) throw new HttpError(500, `the model could not be loaded, and this server will not serve it until it is fixed and restarted: ${failed.slice(0, 1024)}`, null, "model_load_failed");
     if (!opts.serving()) throw new HttpError(503, "the service is not ready (its model is loading, its kvstore does not serve, or it is draining); retry later", null, "unavailable");
     const r = readRequest(endpoint, parseJson(body), opts.defaultMaxTokens);
     if (!opts.modelName) throw new HttpError(404, "no model is served by this server", "model", "model_not_found");
