@@ -159,6 +159,10 @@ describe("the served model at start", () => {
       expect(first.prefillMs).toBeGreaterThan(0);
       // No request loads it again.
       expect(loadedLines()).toHaveLength(1);
+      // This folder has no tokenizer.json: stop strings cannot be matched, and are refused, not ignored.
+      const e = await failure(generate(tiers.compute.address, { prompt: { $case: "tokens", value: { ids: golden.prompt } }, maxTokens: 5, stopStrings: ["x"] }));
+      expect(e?.code).toBe(status.FAILED_PRECONDITION);
+      expect(e?.details).toBe("stop_strings: the served model has no tokenizer.json to decode its output with; use stop_token_ids");
     } finally {
       await tiers.stop();
     }

@@ -189,6 +189,8 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     const sp = req.sampling ?? { temperature: 0, topP: 0, topK: 0, seed: 0 };
     const sampling = { temperature: sp.temperature, topP: sp.topP, topK: sp.topK, seed: BigInt(sp.seed || 0) };
     validateParams({ prompt, maxTokens: req.maxTokens, sampling, stopTokenIds: req.stopTokenIds, stopStrings: req.stopStrings }, loaded.model.vocabSize);
+    // Stop strings are matched on decoded text: never silently ignored for a model without one.
+    if (req.stopStrings.length && !loaded.codec) throw failedPrecondition("stop_strings: the served model has no tokenizer.json to decode its output with; use stop_token_ids");
     // A named session held here whose reservation is short of this turn needs memory too.
     // (Looked at without touching it: a call refused below does not keep it from idle expiry.)
     const known = fresh ? undefined : ctx.sessions.peek(req.sessionId);
