@@ -10,6 +10,9 @@ import { abortAllCalls, inflightCalls } from "./cancellation.js";
 import type { Health } from "./health.js";
 import { stopLogRetries, type Logger } from "./log.js";
 
+/** How long the drain waits for the calls it cancelled to end before its cleanup. */
+const CANCELLED_CALLS_WAIT_MS = 2_000;
+
 export async function bindServer(server: Server, host: string, port: number, creds: ServerCredentials = ServerCredentials.createInsecure()): Promise<number> {
   return new Promise((resolve, reject) => {
     server.bindAsync(`${host}:${port}`, creds, (err, actual) => {
@@ -70,6 +73,11 @@ export function installDrain(opts: DrainOptions): Drainer {
         opts.log.warn({ inflight: inflightCalls() }, "grace period over: cancelling in-flight calls");
         abortAllCalls();
         opts.server.forceShutdown();
+        // The cancelled handlers end their own way (a stateless request releases its session at
+        // the kvstore): waited for, briefly, before the cleanup and the exit cut them short.
+        const t = Date.now();
+        while (inflightCalls() > 0 && Date.now() - t < CANCELLED_CALLS_WAIT_MS) await new Promise((r) => setTimeout(r, 10));
+        if (inflightCalls() > 0) opts.log.warn({ inflight: inflightCalls(), waitedMs: CANCELLED_CALLS_WAIT_MS }, "cancelled calls still running at the cleanup");
       }
       try {
         await opts.cleanup?.();

@@ -179,6 +179,7 @@ describe("compute restart", () => {
       const kv = kvstoreClient(t.kvstore.address);
       const listed = async () => (await unary<{ sessionIds: string[] }>(kv, "listSessions", {})).sessionIds;
       const before = await listed();
+      const computeEnv = { ...ENV, FREEKV_LOG_LEVEL: "info", FREEKV_SHUTDOWN_GRACE_MS: "300", FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: t.kvstore.address };
       // A long stateless request, killed with its compute once its first tokens arrived.
       let c = computeClient(t.compute.address);
       const call = c.generate(GenerateRequest.fromPartial({ prompt: { $case: "tokens", value: { ids: Array.from({ length: 40 }, (_, i) => 3 + ((i * 37) % 400)) } }, maxTokens: 2000 }), new Metadata(), { deadline: Date.now() + 60_000 });
@@ -193,10 +194,22 @@ describe("compute restart", () => {
       await unary(c, "createSession", { sessionId: "named-keeper", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: MAX });
       await t.compute.stop("SIGKILL");
       c.close();
-      next = await startService("compute", { env: { ...ENV, FREEKV_LOG_LEVEL: "info", FREEKV_COMPUTE_PORT: "0", FREEKV_COMPUTE_METRICS_PORT: "0", FREEKV_KVSTORE_ADDR: t.kvstore.address } });
+      next = await startService("compute", { env: computeEnv });
+      expect(next.output.join("\n")).toMatch(new RegExp(`"session":"${during[0]}".*released a stateless request's session left by the previous compute`));
       expect(await listed()).not.toContain(during[0]);
       expect(await listed()).toContain("named-keeper");
-      expect(next.output.join("\n")).toMatch(new RegExp(`"session":"${during[0]}".*released a stateless request's session left by the previous compute`));
+      // A drain whose grace period ends during such a request leaves nothing of it either.
+      c = computeClient(next.address);
+      const cut = c.generate(GenerateRequest.fromPartial({ prompt: { $case: "tokens", value: { ids: Array.from({ length: 40 }, (_, i) => 5 + ((i * 53) % 400)) } }, maxTokens: 2000 }), new Metadata(), { deadline: Date.now() + 60_000 });
+      cut.on("error", () => undefined);
+      await new Promise<void>((resolve) => cut.once("data", () => resolve()));
+      const ongoing = (await listed()).filter((id) => id !== "named-keeper");
+      expect(ongoing).toHaveLength(1);
+      await next.stop("SIGTERM");
+      c.close();
+      expect(await listed(), next.output.slice(-15).join("\n")).not.toContain(ongoing[0]);
+      next = await startService("compute", { env: computeEnv });
+
       c = computeClient(next.address);
       expect((await unary<{ session: { sessionId: string } }>(c, "getSession", { sessionId: "named-keeper" })).session.sessionId).toBe("named-keeper");
       await unary(c, "closeSession", { sessionId: "named-keeper" });

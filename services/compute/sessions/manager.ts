@@ -968,6 +968,11 @@ export class SessionManager {
         // in the kvstore), but it is logged: the session may need a re-attach check.
         await this.opts.engine.sync(s.engineSession).catch((e: Error) => this.opts.log.warn({ session: s.id, err: e.message }, "waiting for the session's background recalls failed at shutdown"));
         await this.detach(s);
+        // A stateless request's session (its request was cut short by the drain): nobody continues
+        // it, so its memory goes back to the kvstore now rather than at the next compute's start.
+        if (s.metadata.ephemeral === true && !s.lost) {
+          await this.opts.kvstore.release(s.id).catch((e: Error) => this.opts.log.warn({ session: s.id, err: e.message }, "releasing a stateless request's session at shutdown failed; the next compute releases it at its start"));
+        }
       });
     }
     this.sessions.clear();
