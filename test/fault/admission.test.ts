@@ -217,6 +217,27 @@ describe(`admission (seed ${seed})`, () => {
     }
   });
 
+  it("turns waiting for their session's earlier turns hold no running slot: another request runs beside them", async () => {
+    const two = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_THREADS: "1", FREEKV_MAX_RUNNING_REQUESTS: "2" } });
+    const c = computeClient(two.compute.address);
+    try {
+      const sid = `turns-${seed}`;
+      await unary(c, "createSession", { sessionId: sid, kind: 1, maxContextTokens: 2048 });
+      // Four turns on one session at once, each long enough to keep the next ones waiting.
+      const order: string[] = [];
+      const turns = Array.from({ length: 4 }, (_, i) => collect(start(c, { sessionId: sid, prompt: randomPrompt(8), maxTokens: 120, sampling: greedy })).then(() => order.push(`turn${i}`)));
+      await until("the first turn running", async () => (metricValue(await fetchMetrics(two.compute.metricsPort), "vllm:num_requests_running") ?? 0) >= 1);
+      // A request of no session of theirs: the second running slot is free for it.
+      const other = collect(start(c, { prompt: randomPrompt(8), maxTokens: 4, sampling: greedy })).then(() => order.push("other"));
+      await Promise.all([...turns, other]);
+      expect(order.indexOf("other"), order.join(" ")).toBeLessThan(2);
+      await unary(c, "closeSession", { sessionId: sid });
+    } finally {
+      c.close();
+      await two.stop();
+    }
+  }, 60_000);
+
   it("one running slot, a queue of two: a third waiting request is refused, a cancelled one leaves at once", async () => {
     // A request that holds the running slot for seconds: a long prompt prefilled one token per
     // model call (FREEKV_PREFILL_CHUNK_TOKENS=1 here); cancelled at the end.

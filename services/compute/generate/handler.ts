@@ -203,166 +203,174 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       const turn = known.contextTokens > 0 || pend ? promptTokens(req, loaded, true) : prompt;
       checkPromptFits(turn.length, known.contextTokens + pend, known.maxContextTokens);
     }
-    const needsMemory = fresh || (known !== undefined && turnReach(known, prompt.length, req.maxTokens) > known.reservedTokens);
-    // The request waits its turn: a running slot, and its memory at the kvstore (a fresh session's
-    // segments, or a named session's larger reservation).
-    const admitted: Admitted<ComputeSession> = await ctx.admission.enter<ComputeSession>({
-      tenant: rec.tenant,
-      signal,
-      needsMemory,
-      attempt: fresh
-        ? async () => {
-            try {
-              return await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: reach, geometry: undefined }, signal, undefined, reach, true);
-            } catch (e) {
-              if (!isResourceExhausted(e) || signal.aborted) throw e;
-              await refuseIfNeverFits(req, reach);
-              return SHORT_OF_MEMORY;
-            }
-          }
-        : async () => {
-            const named = await localSession(ctx.sessions, ctx.owners, req.sessionId, ctx.auth ? rec.tenant : undefined);
-            // A session whose context is lost or unknown (diverged) answers DATA_LOSS to every call, Generate included.
-            ctx.sessions.checkLost(named);
-            if (named.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(named.id)} is an attention session; Generate needs a model session`);
-            const need = turnReach(named, prompt.length, req.maxTokens);
-            try {
-              await ctx.sessions.reserve(named, need, signal);
-            } catch (e) {
-              if (!isResourceExhausted(e) || signal.aborted) throw e;
-              await refuseNamedIfNeverFits(named, need);
-              return SHORT_OF_MEMORY;
-            }
-            return named;
-          },
-      // Checked while it waits behind a request short of memory: one that can never fit is refused
-      // then, not at its deadline.
-      fits: fresh ? () => refuseIfNeverFits(req, reach) : known ? () => refuseNamedIfNeverFits(known, turnReach(known, prompt.length, req.maxTokens)) : undefined,
-    });
-    rec.queuedMs = admitted.queuedMs;
-    metrics.queueSeconds.observe(admitted.queuedMs / 1000);
-    const s = admitted.value;
-    rec.session = s.id;
-    let release: (() => void) | undefined;
-    let final: GenerateFinalOut | undefined;
-    let gs: GenerationSession | undefined;
-    let state: GenerateState | undefined;
-    let saved = false; // the turn's metadata went to the kvstore before the final answer
+    // A named turn first waits for the turns before it on its session, holding nothing: it takes a
+    // running slot only when its session is free for it (else many turns on one session hold every
+    // slot while they wait for its lock).
+    const turnDone = known ? await known.turnLock.acquire(signal) : undefined;
     try {
-      release = await s.lock.acquire(signal);
-      // Closed meanwhile, or moved to another pod (then the call is redirected there).
-      if (s.closed) throw ctx.sessions.goneError(s.id);
-      ctx.sessions.checkLost(s);
-      state = (s.metadata.generate as GenerateState | undefined) ?? {};
-      s.metadata.generate = state;
-      // An empty named session (CreateSession, then its first Generate) starts like a fresh one:
-      // with BOS. Only a session whose cache holds tokens is continued without it.
-      if (!fresh && (s.contextTokens > 0 || state.pendingToken !== undefined)) prompt = promptTokens(req, loaded, true);
-      // The reservation made in the queue was sized before the lock: another turn may have grown
-      // the context since. A shortfall now fails the call (RESOURCE_EXHAUSTED) rather than
-      // writing past the memory the kvstore committed.
-      if (!fresh) await ctx.sessions.reserve(s, turnReach(s, prompt.length, req.maxTokens), signal);
-      const session = s;
-      gs = {
-        session: s.engineSession,
-        contextTokens: s.contextTokens,
-        maxContextTokens: s.maxContextTokens,
-        pendingToken: state.pendingToken,
-        onAppended: (n) => {
-          for (let l = 0; l < session.layerTokens.length; l++) session.layerTokens[l] = n;
-          ctx.sessions.commitProgressAll(session);
-        },
-      };
-      const it = generate(loaded.model, scheduler, loaded.codec, gs, {
-        prompt,
-        maxTokens: req.maxTokens,
-        sampling,
-        // The model's EOS ids always end a generation, as in other servers.
-        stopTokenIds: [...new Set([...req.stopTokenIds, ...loaded.spec.eosTokenIds.filter((t) => t < loaded.model.vocabSize)])],
-        stopStrings: req.stopStrings,
+      const needsMemory = fresh || (known !== undefined && turnReach(known, prompt.length, req.maxTokens) > known.reservedTokens);
+      // The request waits its turn: a running slot, and its memory at the kvstore (a fresh session's
+      // segments, or a named session's larger reservation).
+      const admitted: Admitted<ComputeSession> = await ctx.admission.enter<ComputeSession>({
+        tenant: rec.tenant,
         signal,
-        progressMinTokens: req.prefillProgressMinTokens,
+        needsMemory,
+        attempt: fresh
+          ? async () => {
+              try {
+                return await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: reach, geometry: undefined }, signal, undefined, reach, true);
+              } catch (e) {
+                if (!isResourceExhausted(e) || signal.aborted) throw e;
+                await refuseIfNeverFits(req, reach);
+                return SHORT_OF_MEMORY;
+              }
+            }
+          : async () => {
+              const named = await localSession(ctx.sessions, ctx.owners, req.sessionId, ctx.auth ? rec.tenant : undefined);
+              // A session whose context is lost or unknown (diverged) answers DATA_LOSS to every call, Generate included.
+              ctx.sessions.checkLost(named);
+              if (named.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(named.id)} is an attention session; Generate needs a model session`);
+              const need = turnReach(named, prompt.length, req.maxTokens);
+              try {
+                await ctx.sessions.reserve(named, need, signal);
+              } catch (e) {
+                if (!isResourceExhausted(e) || signal.aborted) throw e;
+                await refuseNamedIfNeverFits(named, need);
+                return SHORT_OF_MEMORY;
+              }
+              return named;
+            },
+        // Checked while it waits behind a request short of memory: one that can never fit is refused
+        // then, not at its deadline.
+        fits: fresh ? () => refuseIfNeverFits(req, reach) : known ? () => refuseNamedIfNeverFits(known, turnReach(known, prompt.length, req.maxTokens)) : undefined,
       });
-      // A chunk is written in the next setImmediate phase, after the generation has queued its
-      // next step (and the scheduler, once every request of the batch has, started it): the
-      // serialisation and HTTP/2 work of the batch's chunks overlaps the next native step instead
-      // of delaying it. At most one chunk is outstanding, so a slow client still holds the
-      // generation back (backpressure), and chunks keep their order.
-      let pending: Promise<void> = Promise.resolve();
-      for (;;) {
-        const r = await it.next();
-        if (r.done) {
-          final = r.value;
-          break;
-        }
-        const c = r.value;
-        if (!isProgress(c) && c.tokenIds.length) {
-          const now = performance.now();
-          if (rec.firstTokenAt === undefined) {
-            rec.firstTokenAt = now;
-            metrics.timeToFirstToken.observe((now - rec.arrived) / 1000);
+      rec.queuedMs = admitted.queuedMs;
+      metrics.queueSeconds.observe(admitted.queuedMs / 1000);
+      const s = admitted.value;
+      rec.session = s.id;
+      let release: (() => void) | undefined;
+      let final: GenerateFinalOut | undefined;
+      let gs: GenerationSession | undefined;
+      let state: GenerateState | undefined;
+      let saved = false; // the turn's metadata went to the kvstore before the final answer
+      try {
+        release = await s.lock.acquire(signal);
+        // Closed meanwhile, or moved to another pod (then the call is redirected there).
+        if (s.closed) throw ctx.sessions.goneError(s.id);
+        ctx.sessions.checkLost(s);
+        state = (s.metadata.generate as GenerateState | undefined) ?? {};
+        s.metadata.generate = state;
+        // An empty named session (CreateSession, then its first Generate) starts like a fresh one:
+        // with BOS. Only a session whose cache holds tokens is continued without it.
+        if (!fresh && (s.contextTokens > 0 || state.pendingToken !== undefined)) prompt = promptTokens(req, loaded, true);
+        // The reservation made in the queue was sized before the lock: another turn may have grown
+        // the context since. A shortfall now fails the call (RESOURCE_EXHAUSTED) rather than
+        // writing past the memory the kvstore committed.
+        if (!fresh) await ctx.sessions.reserve(s, turnReach(s, prompt.length, req.maxTokens), signal);
+        const session = s;
+        gs = {
+          session: s.engineSession,
+          contextTokens: s.contextTokens,
+          maxContextTokens: s.maxContextTokens,
+          pendingToken: state.pendingToken,
+          onAppended: (n) => {
+            for (let l = 0; l < session.layerTokens.length; l++) session.layerTokens[l] = n;
+            ctx.sessions.commitProgressAll(session);
+          },
+        };
+        const it = generate(loaded.model, scheduler, loaded.codec, gs, {
+          prompt,
+          maxTokens: req.maxTokens,
+          sampling,
+          // The model's EOS ids always end a generation, as in other servers.
+          stopTokenIds: [...new Set([...req.stopTokenIds, ...loaded.spec.eosTokenIds.filter((t) => t < loaded.model.vocabSize)])],
+          stopStrings: req.stopStrings,
+          signal,
+          progressMinTokens: req.prefillProgressMinTokens,
+        });
+        // A chunk is written in the next setImmediate phase, after the generation has queued its
+        // next step (and the scheduler, once every request of the batch has, started it): the
+        // serialisation and HTTP/2 work of the batch's chunks overlaps the next native step instead
+        // of delaying it. At most one chunk is outstanding, so a slow client still holds the
+        // generation back (backpressure), and chunks keep their order.
+        let pending: Promise<void> = Promise.resolve();
+        for (;;) {
+          const r = await it.next();
+          if (r.done) {
+            final = r.value;
+            break;
           }
-          rec.lastTokenAt = now;
+          const c = r.value;
+          if (!isProgress(c) && c.tokenIds.length) {
+            const now = performance.now();
+            if (rec.firstTokenAt === undefined) {
+              rec.firstTokenAt = now;
+              metrics.timeToFirstToken.observe((now - rec.arrived) / 1000);
+            }
+            rec.lastTokenAt = now;
+          }
+          await pending;
+          const msg: GenerateResponse = isProgress(c)
+            ? { event: { $case: "progress", value: { prefilledTokens: c.prefilledTokens, promptTokens: c.promptTokens } } }
+            : { event: { $case: "chunk", value: { tokenIds: c.tokenIds, text: c.text, stepMs: c.stepMs, batchSize: c.batchSize } } };
+          pending = new Promise<void>((resolve, reject) => setImmediate(() => write(call, msg, signal).then(resolve, reject)));
+          pending.catch(() => {}); // observed by the next await; never an unhandled rejection
         }
         await pending;
-        const msg: GenerateResponse = isProgress(c)
-          ? { event: { $case: "progress", value: { prefilledTokens: c.prefilledTokens, promptTokens: c.promptTokens } } }
-          : { event: { $case: "chunk", value: { tokenIds: c.tokenIds, text: c.text, stepMs: c.stepMs, batchSize: c.batchSize } } };
-        pending = new Promise<void>((resolve, reject) => setImmediate(() => write(call, msg, signal).then(resolve, reject)));
-        pending.catch(() => {}); // observed by the next await; never an unhandled rejection
-      }
-      await pending;
-      rec.final = final;
-      metrics.tokens.inc({ kind: "prompt" }, final.promptTokens);
-      metrics.tokens.inc({ kind: "completion" }, final.completionTokens);
-      if (final.finishReason === "cancelled" || signal.aborted) throw signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled");
-      metrics.prefillSeconds.observe(final.prefillMs / 1000);
-      if (final.prefillMs > 0) metrics.prefillTokensPerSecond.observe(final.prefilledTokens / (final.prefillMs / 1000));
-      metrics.requests.inc({ finish: final.finishReason });
-      // The turn's end (the pending token) reaches the kvstore before the client hears of it: a
-      // compute that dies right after the answer leaves a session that continues exactly. A
-      // failed commit is logged and retried with the session's pages (it stays degraded meanwhile).
-      if (state && gs) state.pendingToken = gs.pendingToken;
-      if (!fresh && state && !s.closed) {
-        saved = true;
-        await ctx.sessions.commitMetadata(s).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "committing the session's metadata failed"));
-      }
-      await write(
-        call,
-        {
-          event: {
-            $case: "final",
-            value: {
-              finishReason: FINISH[final.finishReason],
-              usage: {
-                promptTokens: final.promptTokens,
-                completionTokens: final.completionTokens,
-                contextTokens: final.contextTokens,
-                prefillMs: final.prefillMs,
-                decodeMs: final.decodeMs,
-                queueMs: admitted.queuedMs,
+        rec.final = final;
+        metrics.tokens.inc({ kind: "prompt" }, final.promptTokens);
+        metrics.tokens.inc({ kind: "completion" }, final.completionTokens);
+        if (final.finishReason === "cancelled" || signal.aborted) throw signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled");
+        metrics.prefillSeconds.observe(final.prefillMs / 1000);
+        if (final.prefillMs > 0) metrics.prefillTokensPerSecond.observe(final.prefilledTokens / (final.prefillMs / 1000));
+        metrics.requests.inc({ finish: final.finishReason });
+        // The turn's end (the pending token) reaches the kvstore before the client hears of it: a
+        // compute that dies right after the answer leaves a session that continues exactly. A
+        // failed commit is logged and retried with the session's pages (it stays degraded meanwhile).
+        if (state && gs) state.pendingToken = gs.pendingToken;
+        if (!fresh && state && !s.closed) {
+          saved = true;
+          await ctx.sessions.commitMetadata(s).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "committing the session's metadata failed"));
+        }
+        await write(
+          call,
+          {
+            event: {
+              $case: "final",
+              value: {
+                finishReason: FINISH[final.finishReason],
+                usage: {
+                  promptTokens: final.promptTokens,
+                  completionTokens: final.completionTokens,
+                  contextTokens: final.contextTokens,
+                  prefillMs: final.prefillMs,
+                  decodeMs: final.decodeMs,
+                  queueMs: admitted.queuedMs,
+                },
+                stats: ctx.sessions.stats(s),
+                sessionId: s.id,
+                maxBatchSize: final.maxBatchSize,
               },
-              stats: ctx.sessions.stats(s),
-              sessionId: s.id,
-              maxBatchSize: final.maxBatchSize,
             },
           },
-        },
-        signal,
-      );
-      call.end();
+          signal,
+        );
+        call.end();
+      } finally {
+        // The KV cache holds every token but the last sampled one, also after an error or a
+        // cancellation between steps: the next request on the session feeds it first.
+        if (state && gs) state.pendingToken = gs.pendingToken;
+        // A continued session's metadata (the pending token) goes to the kvstore with its pages, so
+        // a restarted compute that re-attaches the session continues the conversation exactly
+        // (already done before the final answer, unless the turn ended otherwise).
+        if (!saved && !fresh && state && !s.closed) await ctx.sessions.commitMetadata(s).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "committing the session's metadata failed"));
+        release?.();
+        if (fresh) await ctx.sessions.close(s.id).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "closing the request's session failed"));
+        // After the fresh session's memory went back to the kvstore: the next request may take it.
+        admitted.release();
+      }
     } finally {
-      // The KV cache holds every token but the last sampled one, also after an error or a
-      // cancellation between steps: the next request on the session feeds it first.
-      if (state && gs) state.pendingToken = gs.pendingToken;
-      // A continued session's metadata (the pending token) goes to the kvstore with its pages, so
-      // a restarted compute that re-attaches the session continues the conversation exactly
-      // (already done before the final answer, unless the turn ended otherwise).
-      if (!saved && !fresh && state && !s.closed) await ctx.sessions.commitMetadata(s).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "committing the session's metadata failed"));
-      release?.();
-      if (fresh) await ctx.sessions.close(s.id).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "closing the request's session failed"));
-      // After the fresh session's memory went back to the kvstore: the next request may take it.
-      admitted.release();
+      turnDone?.();
     }
   }
 

@@ -39,6 +39,12 @@ export interface SessionMetadata {
 
 export class ComputeSession {
   readonly lock = new AsyncLock();
+  /**
+   * Generate's turns on this session, one after another, taken before the turn queues for a
+   * running slot (generate/handler.ts): a turn waiting behind another turn of its session holds
+   * no slot. Only turns take it; everything else (a close, a move) takes `lock` alone.
+   */
+  readonly turnLock = new AsyncLock();
   /** Tokens appended to each layer so far. */
   readonly layerTokens: number[];
   /** Full pages committed at the kvstore per layer. */
