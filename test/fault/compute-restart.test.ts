@@ -209,7 +209,6 @@ describe("compute restart", () => {
       c.close();
       expect(await listed(), next.output.slice(-15).join("\n")).not.toContain(ongoing[0]);
       next = await startService("compute", { env: computeEnv });
-
       c = computeClient(next.address);
       expect((await unary<{ session: { sessionId: string } }>(c, "getSession", { sessionId: "named-keeper" })).session.sessionId).toBe("named-keeper");
       await unary(c, "closeSession", { sessionId: "named-keeper" });
