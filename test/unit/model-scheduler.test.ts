@@ -247,9 +247,11 @@ describe("ModelScheduler", () => {
     expect(late.length).toBeGreaterThan(0);
     expect(Math.max(...late.map((c) => c.n))).toBeLessThan(256);
     expect(sliced[sliced.length - 1].n).toBeLessThan(sliced[0].n);
-    // Predicted within one decode step; measured within a loose bound (timers overshoot on a busy machine).
+    // Predicted within one decode step; measured within a loose bound: timers overshoot on a busy
+    // machine (17.6 ms was seen beside the rest of the suite on 2 cores), while chunks left whole
+    // would take 30-60 ms this far into the prompt.
     const times = sliced.map((c) => c.ms).sort((a, b) => a - b);
-    expect(times[Math.floor(times.length / 2)]).toBeLessThan(8 * 2);
+    expect(times[Math.floor(times.length / 2)]).toBeLessThan(8 * 3);
   });
 });
 
