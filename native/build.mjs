@@ -5,7 +5,7 @@
 //   2. node-gyp builds build/Release/freekv.node, linking that archive and libcudart_static, and
 //      build/Release/freekv_shm.node (shm segments + the contract functions: what the kvstore loads).
 import { execFileSync, spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, readdirSync, rmSync, statSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, rmSync, statSync, utimesSync } from "node:fs";
 import { join, relative } from "node:path";
 import { createRequire } from "node:module";
 
@@ -37,9 +37,14 @@ if (useCuda) {
     if (existsSync(obj) && statSync(obj).mtimeMs > Math.max(headersAt, statSync(src).mtimeMs)) continue;
     log(`nvcc ${f}`);
     rebuilt = true;
+    const started = new Date();
     execFileSync(nvcc, ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
       "-gencode", "arch=compute_90a,code=sm_90a", "-gencode", "arch=compute_90,code=compute_90",
       "-I", srcDir, "-c", src, "-o", obj], { stdio: "inherit" });
+    // Dated when the compile began: a source or header edited while it ran is newer than the
+    // object, which the next build then compiles again (an object built from the old header
+    // once linked against the new one, with mismatched struct layouts).
+    utimesSync(obj, started, started);
   }
   const lib = join(outDir, "libfreekv_cuda.a");
   if (rebuilt || !existsSync(lib)) {

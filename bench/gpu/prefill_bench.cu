@@ -303,6 +303,40 @@ void RunPrefill(Bench& B) {
       B.AddRow({"prefill", name, "TFLOP/s", tf, B.gemm_tflops, std::to_string(ms).substr(0, 7) + " ms"});
     }
   }
+  // The same causal prompt as the engine's prefill issues it: calls of FKB_PREFILL_CHUNK (2048)
+  // queries at rising offsets over the context so far (one launch per chunk, back to back), so the
+  // kernel's share of a chunked prefill is measured apart from the rest of the engine's work.
+  if (has_wgmma) {
+    const char* ce = std::getenv("FKB_PREFILL_CHUNK");
+    const int chunk = ce && *ce ? std::atoi(ce) : 2048;
+    for (const int n : {32768, 131072}) {
+      if (n > maxn || chunk < 1) continue;
+      for (const bool bf16_out : {false, true}) {
+        const PrefillShape s{"", 128, 32, 8, n, 0, 32, 2.f};
+        fc::FlashPrefillParams p;
+        p.pages = pages, p.q_heads = 32, p.kv_heads = 8, p.head_dim = 128, p.page_size = 32;
+        p.path = fc::FlashPrefillPath::kWgmma;
+        const double ms = MedianMs(st, 1, n >= 131072 ? 2 : 4, [&] {
+          for (int c0 = 0; c0 < n; c0 += chunk) {
+            p.n = std::min(chunk, n - c0), p.start = c0;
+            p.q = q + (size_t)c0 * 32 * 128;
+            p.out_f32 = bf16_out ? nullptr : of;
+            p.out_bf16 = bf16_out ? ob : nullptr;
+            fc::LaunchFlashPrefillAttention(p, st);
+          }
+        });
+        const double tf = CausalFlops(s) / ms / 1e9;
+        const std::string name = "flash D128 GQA4 n " + std::to_string(n) + " in chunks of " + std::to_string(chunk) +
+                                 (bf16_out ? " bf16 out" : "") + " [wgmma]";
+        std::printf("[prefill] %-47s %10.3f %10.1f %7.1f%%\n", name.c_str(), ms, tf, 100 * tf / B.gemm_tflops);
+        std::fflush(stdout);
+        tj.Push(Json::Obj().Set("name", name).Set("kernel", "wgmma").Set("head_dim", 128).Set("n", n).Set("chunk", chunk)
+                    .Set("q_heads", 32).Set("kv_heads", 8).Set("out", bf16_out ? "bf16" : "fp32")
+                    .Set("flops", CausalFlops(s)).Set("ms", ms).Set("TFLOPs", tf).Set("fraction_of_bf16_peak", tf / B.gemm_tflops));
+        B.AddRow({"prefill", name, "TFLOP/s", tf, B.gemm_tflops, std::to_string(ms).substr(0, 7) + " ms"});
+      }
+    }
+  }
   sec.Set("bf16_peak_TFLOPs", B.gemm_tflops).Set("target_TFLOPs_at_32K", 350.0).Set("wgmma_target_TFLOPs", 450.0);
   sec.Set("timing", tj);
 

@@ -297,6 +297,40 @@ describe("ModelScheduler time slices with a large fixed part", () => {
   });
 });
 
+describe("ModelScheduler time slices after whole chunks of one size", () => {
+  it("slices a prompt beside a decoding session although the fit overstates the fixed part", async () => {
+    // A prompt read alone in whole chunks of one size, after one cold first call (as a service
+    // sees: the first request after start pays one-time costs): the fitted fixed part then comes
+    // out near the cold call's time, and slices sized from it alone were whole chunks.
+    // Chunk 2 + n (0.02 + 2e-6 (c + n / 2)) ms (a 2048-token chunk ~45 ms), the first call +40 ms;
+    // decode step 2 ms.
+    let calls = 0;
+    const chunkMs = (n: number, c: number) => 2 + n * (0.02 + 2e-6 * (c + n / 2)) + (calls++ === 0 ? 40 : 0);
+    const { model, chunks } = timedModel(chunkMs, 2);
+    const sch = new ModelScheduler(model, { prefillChunkTokens: 2048, prefillSlice: 1 });
+    await feedPrompt(sch, 1, 64);
+    await feedPrompt(sch, 5, 8192);
+    await feedPrompt(sch, 6, 8192);
+    expect(chunks.slice(1).map((c) => c.n)).toEqual(Array(8).fill(2048));
+    chunks.length = 0;
+    let decoding = true;
+    const decoder = (async () => {
+      for (let pos = 0; decoding; pos++) await sch.step(2, 5, pos, true);
+    })();
+    await sch.step(3, 0, 0, true);
+    await feedPrompt(sch, 4, 8192);
+    decoding = false;
+    await decoder;
+    // Cut to slices of a few decode steps (at most 8 steps' predicted time once the fit has seen
+    // them): far below whole 2048-token chunks (~45-60 ms); timers overshoot on a loaded machine,
+    // so the bound is on the median.
+    expect(chunks.length).toBeGreaterThan(8);
+    expect(Math.max(...chunks.slice(-5).map((c) => c.n))).toBeLessThan(1024);
+    const times = chunks.map((c) => c.ms).sort((a, b) => a - b);
+    expect(times[Math.floor(times.length / 2)]).toBeLessThan(25);
+  });
+});
+
 describe("PrefillCostModel", () => {
   it("recovers a + n (b + d (c + n/2)) from chunk times and finds the most tokens within a time", () => {
     const rand = prng(42);

@@ -76,8 +76,13 @@ class DeviceEngine {
   // tensor cores (attention_prefill_flash.cuh; q and the softmax weights rounded to bf16 before
   // their products, as FlashAttention does, about 2e-3 relative from exact) where the head
   // dimension allows, for bf16 models; otherwise the exact fp32 kernel of PrefillAttend.
-  virtual void PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n,
-                             float* out, bool tensor_cores) = 0;
+  // out_bf16 (optional, device memory of n * q_heads * head_dim bf16): where the tensor-core kernel
+  // runs, it writes its output there instead of `out`, rounded to nearest even as the fp32 output
+  // would be by a later conversion (the same bits), so the model's next GEMM reads it directly and
+  // the fp32 output, its write and the conversion's pass are skipped. Returns whether it did; when
+  // false, `out` holds the output as usual.
+  virtual bool PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n,
+                             float* out, bool tensor_cores, void* out_bf16) = 0;
   virtual void FinishDevicePrefill(int session) = 0;
   // Registers the session's host store for the device up to `tokens` of context (within its
   // reservation), ahead of need: the runner calls it while the device runs a prefill chunk, for

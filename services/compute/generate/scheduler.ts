@@ -39,10 +39,13 @@ import { DecodeBatcher, type BatchItem } from "../decode-batcher.js";
  * Prompt tokens per prefill chunk: the default (the CPU backend's), the CUDA backend's default, and
  * the range FREEKV_PREFILL_CHUNK_TOKENS may take. On the H200 an 8B-shaped 32K prompt prefills in
  * 2.0 s in 2048-token chunks against 2.8 s in 512-token ones (larger GEMMs, fewer passes over the
- * weights: bench/results/runner-20261203-0808.json); on the CPU the rows of a 512-token chunk
- * already fill the cores and its activations stay small.
+ * weights: bench/results/runner-20261203-0808.json); a 128K prompt's first token came after 11.34 s
+ * in calls of 8192 tokens against 12.11 s in calls of 2048 (the same visit,
+ * bench/results/gpu-visit-20261204-1847/: each call's return and the next one's issue leave the
+ * device idle, 64 times instead of 16; the CUDA runner still runs a call in passes of 2048 rows).
+ * On the CPU the rows of a 512-token chunk already fill the cores and its activations stay small.
  */
-export const PREFILL_CHUNK_TOKENS = { default: 512, cuda: 2048, min: 1, max: 16384 } as const;
+export const PREFILL_CHUNK_TOKENS = { default: 512, cuda: 8192, min: 1, max: 16384 } as const;
 
 /** The chunk size a backend uses when FREEKV_PREFILL_CHUNK_TOKENS is unset. */
 export function defaultPrefillChunkTokens(backend: "cpu" | "cuda"): number {
@@ -60,6 +63,16 @@ export const PREFILL_SLICE = { default: 1, min: 0, max: 64 } as const;
 const SLICE_MIN_TOKENS = 16;
 /** A time-sliced chunk's predicted fixed part (the model's `a`) is at most this share of its time. */
 const SLICE_FIXED_SHARE = 0.25;
+/**
+ * A time-sliced chunk is predicted to take at most this many decode steps, whatever the fitted
+ * fixed part says. That part is inferred from chunk times and comes out overstated when they all
+ * have one size (a prompt read alone in whole chunks: the fixed and per-token parts cannot be told
+ * apart) or include one-time costs (the first call after start: 79 ms for 64 tokens on the H200,
+ * against ~6 ms for the pass over the weights). Sized from it alone, slices were whole 8192-token
+ * chunks, and a decoding session stalled for 381 ms at a time (bench/results/gpu-visit-20261204-1921/).
+ * Slices cut this way have other sizes, which corrects the fit.
+ */
+const SLICE_MAX_STEPS = 8;
 /** Tokens of a time-sliced chunk before the cost model has enough chunks to predict from. */
 const SLICE_FIRST_TOKENS = 64;
 
@@ -350,7 +363,8 @@ export class ModelScheduler {
       const within = this.prefillCost.tokensWithin(this.prefillSlice * this.decodeMs, c.start, n);
       // The fewest tokens whose predicted time is at least fixed / SLICE_FIXED_SHARE.
       const fixed = this.prefillCost.fixedMs();
-      const efficient = fixed === null ? null : this.prefillCost.tokensWithin(fixed / SLICE_FIXED_SHARE, c.start, n);
+      const efficient =
+        fixed === null ? null : this.prefillCost.tokensWithin(Math.min(fixed / SLICE_FIXED_SHARE, SLICE_MAX_STEPS * this.decodeMs), c.start, n);
       n = Math.min(n, Math.max(within ?? SLICE_FIRST_TOKENS, efficient ?? 0, SLICE_MIN_TOKENS));
       c.sliced = true;
     }

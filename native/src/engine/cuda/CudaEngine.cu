@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -36,6 +37,13 @@ CudaEngine::CudaEngine(const CudaEngineOptions& options)
   offload_ = std::make_unique<Stream>();
   offload_done_ = std::make_unique<Event>();
   appended_ = std::make_unique<Event>();
+  for (auto& e : stage_free_) e = std::make_unique<Event>();
+  if (const char* e = std::getenv("FREEKV_PREFILL_OFFLOAD"); e && *e) {
+    const std::string v = e;
+    if (v != "copy" && v != "kernel")
+      throw std::runtime_error("FREEKV_PREFILL_OFFLOAD must be copy or kernel, got '" + v + "'");
+    offload_by_copy_ = v == "copy";
+  }
   pctx_limit_ = options.prefill_context_bytes;
   if (pctx_limit_ == 0) {
     size_t free_b = 0, total_b = 0;

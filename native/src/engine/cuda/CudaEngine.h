@@ -52,6 +52,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -141,11 +142,27 @@ struct Session {
   // Pages [0, registered_pages) of every layer are registered (EnsureRegistered); the device only
   // touches pages below it (offloads of pages that filled, recalls of earlier ones).
   int registered_pages = 0;
+  // RegisterAhead's registration in the background (FREEKV_REGISTER_AHEAD=thread, the default):
+  // pages [0, ahead_pages) once `ahead` is ready. While it runs it alone touches store_regs and
+  // store_cover; everything else that does (EnsureRegistered, the destructor) waits for it first
+  // (WaitAhead), and its error, if any, is thrown there.
+  std::future<void> ahead;
+  int ahead_pages = 0;
+  // Where this session's registrations of the store begin (sorted): a DMA copy into the store must
+  // not cross from one registration into the next (cudaMemcpyAsync refuses such a range), so the
+  // prefill's offload copies are cut there. foreign_reg: some range was registered already by
+  // someone else (bounds unknown), and dma_refused: a copy was refused anyway; either way the
+  // session's offloads use the kernel. Guarded by reg_mu (RegisterStore may run on `ahead`).
+  std::mutex reg_mu;
+  std::vector<uintptr_t> reg_starts;
+  bool foreign_reg = false;
+  bool dma_refused = false;
   std::vector<std::unique_ptr<LayerTier>> layers;
   DeviceArray<unsigned long long> counters;  // [layers][kLayerWords] (layer_counters.cuh)
   Stats host_stats;                          // host-known counters
   std::unique_ptr<DoubleBufferRecall> db;
   ~Session() {
+    if (ahead.valid()) ahead.wait();  // its error goes with the session: nothing used those pages
     for (uint8_t* p : store_regs) cudaHostUnregister(p);
     if (tail_registered) cudaHostUnregister(host.tail);
     if (manifest_registered) cudaHostUnregister(host.manifest);
@@ -187,8 +204,8 @@ class CudaEngine final : public Engine, public DeviceEngine {
   void Prefill(int session, int layer, const float* k, const float* v, int n) override;
   void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
                      float* out) override;
-  void PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
-                     bool tensor_cores) override;
+  bool PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
+                     bool tensor_cores, void* out_bf16) override;
   void FinishDevicePrefill(int session) override;
   void RegisterAhead(int session, int64_t tokens) override;
   void Decode(int layer, const std::vector<DecodeItem>& items) override;
@@ -245,8 +262,12 @@ class CudaEngine final : public Engine, public DeviceEngine {
   // One prefill run of a layer (CudaPrefill.cu). device_io: q, k, v and out are device pointers
   // and nothing waits (the manifest is left pending); otherwise host pointers, and the call
   // returns with out written and the manifest committed.
-  void DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n, float* out,
-                 bool tensor_cores, bool device_io);
+  // out_bf16 (device_io only): PrefillDevice's; returns whether the output went there.
+  bool DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n, float* out,
+                 bool tensor_cores, bool device_io, void* out_bf16 = nullptr);
+  // Queues the HND offload of `count` full NHD pages at `pages` to the store's pages from `first`
+  // on offload_ (after what main has queued so far), as offload_by_copy_ says.
+  void QueueOffload(Session& s, int layer, const bf16* pages, int first, int count);
   // The layer's resident prefill context with room for `pages` pages (grown, its pages kept), or
   // null when the prefill-context budget (or the device's memory) cannot hold it.
   bf16* ResidentContext(Session& s, LayerTier& L, int pages);
@@ -273,6 +294,15 @@ class CudaEngine final : public Engine, public DeviceEngine {
   // layers' work on the main stream; offload_done_ is recorded after each.
   std::unique_ptr<Stream> offload_;
   std::unique_ptr<Event> offload_done_, appended_;
+  // How a device prefill's filled pages reach the host store (CudaPrefill.cu, FREEKV_PREFILL_OFFLOAD):
+  // copy (the default): the main stream transposes them to HND in a device staging slot and the
+  // copy stream moves the slot with one DMA copy, so no SM waits on PCIe writes; kernel: the
+  // offload kernel writes the mapped host store from the SMs on the copy stream.
+  bool offload_by_copy_ = true;
+  static constexpr int kStageSlots = 4;
+  DeviceArray<uint8_t> stage_[kStageSlots];
+  std::unique_ptr<Event> stage_free_[kStageSlots];  // recorded after the slot's copy to the host
+  int stage_next_ = 0;
   // The resident prefill contexts of every session (bytes), and their budget.
   size_t pctx_bytes_ = 0, pctx_limit_ = 0;
   std::unique_ptr<Event> outputs_;

@@ -77,19 +77,20 @@ void CudaEngine::PrefillAttend(int session, int layer, const float* q, const flo
   WriteQueryRecord(s, layer, q + (size_t)(n - 1) * s.geo.q_heads * s.geo.head_dim);
 }
 
-void CudaEngine::PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n,
-                               float* out, bool tensor_cores) {
+bool CudaEngine::PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n,
+                               float* out, bool tensor_cores, void* out_bf16) {
   auto lock = LockOutsideStep("prefillDevice");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   Session& s = Find(session);
   CheckLayer(s, layer);
   if (n < 1) throw std::invalid_argument("n must be >= 1");
   if (!q || !k || !v || !out) throw std::invalid_argument("q, k, v and out must not be null");
-  DoPrefill(s, layer, q, k, v, n, out, tensor_cores, true);
+  const bool wrote_bf16 = DoPrefill(s, layer, q, k, v, n, out, tensor_cores, true, out_bf16);
   LayerTier& L = *s.layers[layer];
   L.has_q = true;
   L.first_decode = true;
   L.selection_valid = false;
+  return wrote_bf16;
 }
 
 void CudaEngine::FinishDevicePrefill(int session) {
@@ -175,8 +176,70 @@ bf16* CudaEngine::ResidentContext(Session& s, LayerTier& L, int pages) {
   return L.pctx.get();
 }
 
-void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n,
-                           float* out, bool tensor_cores, bool device_io) {
+void CudaEngine::QueueOffload(Session& s, int layer, const bf16* pages, int first, int count) {
+  cudaStream_t st = main_->get();
+  uint8_t* dst = s.StoreLayerDev(layer) + (size_t)first * s.layout.page_bytes;
+  const int Hkv = s.geo.kv_heads, D = s.geo.head_dim, P = s.P;
+  const size_t bytes = (size_t)count * s.layout.page_bytes;
+  // The copy is cut where a registration of the store begins (a DMA copy may not span two).
+  std::vector<uintptr_t> cuts;
+  bool by_copy = offload_by_copy_;
+  if (by_copy) {
+    std::lock_guard<std::mutex> g(s.reg_mu);
+    by_copy = !s.foreign_reg && !s.dma_refused;
+    const uintptr_t x = reinterpret_cast<uintptr_t>(dst), y = x + bytes;
+    for (auto it = std::upper_bound(s.reg_starts.begin(), s.reg_starts.end(), x);
+         by_copy && it != s.reg_starts.end() && *it < y; ++it)
+      cuts.push_back(*it);
+  }
+  if (!by_copy) {
+    FKV_CUDA_CHECK(cudaEventRecord(appended_->get(), st));
+    FKV_CUDA_CHECK(cudaStreamWaitEvent(offload_->get(), appended_->get(), 0));
+    LaunchOffloadHnd(pages, count, dst, s.layout.page_bytes, Hkv, D, P, offload_->get());
+    FKV_CUDA_CHECK(cudaEventRecord(offload_done_->get(), offload_->get()));
+    return;
+  }
+  // The pages of one layer's store are contiguous (page_bytes apart, HND inside a page), so the
+  // run's pages, transposed in device memory, reach the host in one DMA copy. A slot is rewritten
+  // only after its previous copy (stage_free_); kStageSlots of them let the copies of several
+  // layers queue behind one another while main goes on.
+  const int slot = stage_next_;
+  stage_next_ = (stage_next_ + 1) % kStageSlots;
+  if (bytes > stage_[slot].size()) {
+    FKV_CUDA_CHECK(cudaEventSynchronize(stage_free_[slot]->get()));
+    FKV_CUDA_CHECK(cudaStreamSynchronize(st));  // nothing queued still writes the old slot
+    stage_[slot].Resize(bytes);
+  }
+  FKV_CUDA_CHECK(cudaStreamWaitEvent(st, stage_free_[slot]->get(), 0));
+  LaunchOffloadHnd(pages, count, stage_[slot].get(), s.layout.page_bytes, Hkv, D, P, st);
+  FKV_CUDA_CHECK(cudaEventRecord(appended_->get(), st));
+  FKV_CUDA_CHECK(cudaStreamWaitEvent(offload_->get(), appended_->get(), 0));
+  size_t at = 0;
+  cuts.push_back(reinterpret_cast<uintptr_t>(dst) + bytes);
+  for (const uintptr_t cut : cuts) {
+    const size_t to = cut - reinterpret_cast<uintptr_t>(dst);
+    const cudaError_t e =
+        cudaMemcpyAsync(dst + at, stage_[slot].get() + at, to - at, cudaMemcpyDeviceToHost, offload_->get());
+    if (e == cudaErrorInvalidValue) {
+      // Refused (a registration boundary this session does not know of): the kernel writes the
+      // run's pages instead, after the copies already queued, and every later offload too.
+      cudaGetLastError();
+      {
+        std::lock_guard<std::mutex> g(s.reg_mu);
+        s.dma_refused = true;
+      }
+      LaunchOffloadHnd(pages, count, dst, s.layout.page_bytes, Hkv, D, P, offload_->get());
+      break;
+    }
+    FKV_CUDA_CHECK(e);
+    at = to;
+  }
+  FKV_CUDA_CHECK(cudaEventRecord(stage_free_[slot]->get(), offload_->get()));
+  FKV_CUDA_CHECK(cudaEventRecord(offload_done_->get(), offload_->get()));
+}
+
+bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n,
+                           float* out, bool tensor_cores, bool device_io, void* out_bf16) {
   LayerTier& L = *s.layers[layer];
   const int P = s.P, Hkv = s.geo.kv_heads, D = s.geo.head_dim, Hq = s.geo.q_heads;
   if ((L.tokens + n) / P > s.host.capacity_pages)
@@ -195,6 +258,7 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
   const size_t qn = q ? (size_t)n * Hq * D : 0;
   const size_t qs = (size_t)Hq * D;
   const bool flash = q && tensor_cores && FlashPrefillSupports(D);
+  const bool direct_bf16 = flash && device_io && out_bf16 != nullptr;
 
   // Where the run's pages go: the layer's resident context (attention runs), or the scratch.
   if (!q && L.pctx.get()) {  // a k/v-only prefill does not keep it
@@ -279,11 +343,7 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
       LaunchGroupBounds(L.summaries.get(), L.groups.get(), first, first + nfull, Hkv, D, kSelGroupPages, st);
     }
     // The offload overlaps what the main stream does next.
-    FKV_CUDA_CHECK(cudaEventRecord(appended_->get(), st));
-    FKV_CUDA_CHECK(cudaStreamWaitEvent(offload_->get(), appended_->get(), 0));
-    LaunchOffloadHnd(newp, nfull, s.StoreLayerDev(layer) + (size_t)first * s.layout.page_bytes, s.layout.page_bytes,
-                     Hkv, D, P, offload_->get());
-    FKV_CUDA_CHECK(cudaEventRecord(offload_done_->get(), offload_->get()));
+    QueueOffload(s, layer, newp, first, nfull);
     s.host_stats.pages_offloaded += nfull;
     s.host_stats.offload_bytes += (uint64_t)nfull * s.layout.page_bytes;
   }
@@ -315,7 +375,10 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
       LaunchRecallGather(s.StoreLayerDev(layer), s.Recall(), prefill_jobs_.get(), prefill_job_count_.get(), njobs,
                          pages, 32, st);
     }
-    FKV_CUDA_CHECK(cudaMemsetAsync(dout, 0xff, qn * sizeof(float), st));  // poison: NaN
+    if (direct_bf16)
+      FKV_CUDA_CHECK(cudaMemsetAsync(out_bf16, 0xff, qn * sizeof(bf16), st));  // poison: NaN
+    else
+      FKV_CUDA_CHECK(cudaMemsetAsync(dout, 0xff, qn * sizeof(float), st));
     if (flash) {
       // Tensor cores (attention_prefill_flash.cuh): q rounded to bf16 like the K/V it meets.
       auto* dq16 = reinterpret_cast<bf16*>(scratch);
@@ -323,7 +386,10 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
       FlashPrefillParams fp;
       fp.q = dq16;
       fp.pages = pages;
-      fp.out_f32 = dout;
+      if (direct_bf16)
+        fp.out_bf16 = static_cast<bf16*>(out_bf16);
+      else
+        fp.out_f32 = dout;
       fp.n = n;
       fp.start = (int)c;
       fp.q_heads = Hq;
@@ -359,12 +425,13 @@ void CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
     FKV_CUDA_CHECK(cudaMemcpyAsync(L.q_last.get(), dq + (size_t)(n - 1) * qs, qs * sizeof(float),
                                    cudaMemcpyDeviceToHost, st));
     L.manifest_pending = true;
-    return;
+    return direct_bf16;
   }
   if (q) FKV_CUDA_CHECK(cudaMemcpyAsync(out, dout, qn * sizeof(float), cudaMemcpyDeviceToHost, st));
   FKV_CUDA_CHECK(cudaStreamSynchronize(offload_->get()));
   FKV_CUDA_CHECK(cudaStreamSynchronize(st));
   WriteManifest(s, layer);
+  return false;
 }
 
 }  // namespace freekv::cuda

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <future>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -170,6 +171,17 @@ void RegisterStore(Session& s, int reserved_pages) {
                 "from the host's; the store cannot be registered per extent";
     }
   }
+  {
+    std::lock_guard<std::mutex> g(s.reg_mu);
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      if (populate_errno[i] != 0 || result[i] != cudaSuccess) continue;
+      if (found[i])
+        s.foreign_reg = true;
+      else
+        s.reg_starts.push_back(pieces[i].first);
+    }
+    std::sort(s.reg_starts.begin(), s.reg_starts.end());
+  }
   std::sort(s.store_cover.begin(), s.store_cover.end());
   std::vector<std::pair<uintptr_t, uintptr_t>> merged;
   for (const auto& r : s.store_cover) {
@@ -183,8 +195,17 @@ void RegisterStore(Session& s, int reserved_pages) {
   if (!error.empty()) throw std::runtime_error(error);
 }
 
+void WaitAhead(Session& s) {
+  if (!s.ahead.valid()) return;
+  std::future<void> job = std::move(s.ahead);
+  job.get();  // rethrows the registration's error
+  s.registered_pages = std::max(s.registered_pages, s.ahead_pages);
+}
+
 void EnsureRegistered(Session& s, int pages) {
   pages = std::min(pages, s.host.reserved_pages);
+  if (pages <= s.registered_pages) return;
+  WaitAhead(s);
   if (pages <= s.registered_pages) return;
   RegisterStore(s, pages);
   s.registered_pages = pages;
@@ -199,12 +220,42 @@ void CudaEngine::ReserveStore(int session, int reserved_pages) {
   s.host.reserved_pages = reserved_pages;
 }
 
+// FREEKV_REGISTER_AHEAD: thread (the default) registers ahead on a thread of its own while the
+// caller goes on issuing; inline registers before RegisterAhead returns.
+namespace {
+bool RegisterAheadOnThread() {
+  static const bool on = [] {
+    const char* e = std::getenv("FREEKV_REGISTER_AHEAD");
+    if (!e || !*e) return true;
+    const std::string v = e;
+    if (v != "thread" && v != "inline")
+      throw std::runtime_error("FREEKV_REGISTER_AHEAD must be thread or inline, got '" + v + "'");
+    return v == "thread";
+  }();
+  return on;
+}
+}  // namespace
+
 void CudaEngine::RegisterAhead(int session, int64_t tokens) {
   auto lock = LockOutsideStep("registerAhead");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   Session& s = Find(session);
   if (tokens <= 0) return;
-  EnsureRegistered(s, (int)std::min<int64_t>((tokens + s.P - 1) / s.P + 1, s.host.reserved_pages));
+  const int pages = (int)std::min<int64_t>((tokens + s.P - 1) / s.P + 1, s.host.reserved_pages);
+  if (!RegisterAheadOnThread()) {
+    EnsureRegistered(s, pages);
+    return;
+  }
+  // One job at a time: the previous one (normally done by now: it was started a chunk ago) first.
+  WaitAhead(s);
+  if (pages <= s.registered_pages) return;
+  const int device = device_;
+  Session* sp = &s;
+  s.ahead_pages = pages;
+  s.ahead = std::async(std::launch::async, [sp, pages, device] {
+    FKV_CUDA_CHECK(cudaSetDevice(device));
+    RegisterStore(*sp, pages);
+  });
 }
 
 int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) {

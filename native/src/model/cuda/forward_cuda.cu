@@ -71,6 +71,11 @@ class PrefillProfile {
   }
   enum Part { kEmbed, kPre, kAttn, kPost, kHead, kParts };
   void Mark(cudaStream_t s, int part) {
+    // The host's issue time of the part, apart from the device's: which calls the issuing costs.
+    const auto now = std::chrono::steady_clock::now();
+    if (part >= 0 && have_host_mark_) host_[part] += std::chrono::duration<double, std::milli>(now - host_mark_).count();
+    host_mark_ = now;
+    have_host_mark_ = true;
     cudaEvent_t e;
     FKV_CUDA_CHECK(cudaEventCreate(&e));
     FKV_CUDA_CHECK(cudaEventRecord(e, s));
@@ -90,6 +95,7 @@ class PrefillProfile {
   void Discard() {
     DropMarks();
     for (double& d : device_) d = 0;
+    for (double& d : host_) d = 0;
   }
   void Report(int session, int start, int n, int chunk, double issue_ms, double register_ms, double wait_ms, double finish_ms) {
     if (start == 0) {
@@ -97,7 +103,7 @@ class PrefillProfile {
       if (totals_.size() >= 64) totals_.clear();  // sessions that ended mid-prompt: kept only so long
     }
     Totals& t = totals_[session];
-    for (int p = 0; p < kParts; ++p) t.device[p] += device_[p];
+    for (int p = 0; p < kParts; ++p) t.device[p] += device_[p], t.host[p] += host_[p];
     t.issue += issue_ms;
     t.reg += register_ms;
     t.wait += wait_ms;
@@ -107,29 +113,34 @@ class PrefillProfile {
                  "[prefill-profile] session %d tokens %d..%d chunk %d: device ms embed %.2f pre %.2f attn %.2f post %.2f "
                  "head %.2f; host ms issue %.2f (of it registering ahead %.2f) wait %.2f finish %.2f | from token 0 to %lld: "
                  "device ms pre %.1f attn %.1f post %.1f other %.1f; host ms issue %.1f (registering %.1f) wait %.1f "
-                 "finish %.1f\n",
+                 "finish %.1f; host issue ms by part pre %.1f attn %.1f post %.1f other %.1f\n",
                  session, start, start + n, chunk, device_[kEmbed], device_[kPre], device_[kAttn], device_[kPost],
                  device_[kHead], issue_ms, register_ms, wait_ms, finish_ms, (long long)t.tokens, t.device[kPre],
-                 t.device[kAttn], t.device[kPost], t.device[kEmbed] + t.device[kHead], t.issue, t.reg, t.wait, t.finish);
+                 t.device[kAttn], t.device[kPost], t.device[kEmbed] + t.device[kHead], t.issue, t.reg, t.wait, t.finish,
+                 t.host[kPre], t.host[kAttn], t.host[kPost], t.host[kEmbed] + t.host[kHead]);
     for (double& d : device_) d = 0;
+    for (double& d : host_) d = 0;
   }
 
  private:
   void DropMarks() {
     for (auto& m : marks_) cudaEventDestroy(m.e);
     marks_.clear();
+    have_host_mark_ = false;
   }
   struct Mark_ {
     cudaEvent_t e;
     int part;
   };
   struct Totals {
-    double device[kParts] = {};
+    double device[kParts] = {}, host[kParts] = {};
     double issue = 0, reg = 0, wait = 0, finish = 0;
     long long tokens = 0;
   };
   std::vector<Mark_> marks_;
-  double device_[kParts] = {};
+  double device_[kParts] = {}, host_[kParts] = {};
+  std::chrono::steady_clock::time_point host_mark_;
+  bool have_host_mark_ = false;
   std::map<int, Totals> totals_;
 };
 
@@ -319,10 +330,11 @@ class CudaRunner final : public Runner {
   }
 
   // The layer after attention (attn_ holds it): o_proj and the MLP, both added into x_.
-  void PostAttention(const Layer& L, int M) {
+  // attn_in_op: the attention's output is already in op_ as bf16 (PrefillDevice wrote it there).
+  void PostAttention(const Layer& L, int M, bool attn_in_op = false) {
     const int H = c_.hidden_size, I = c_.intermediate_size, Q = c_.q_dim();
-    const void* a = attn_.get();
-    if (bf16_) {
+    const void* a = attn_in_op ? static_cast<const void*>(op_.get()) : static_cast<const void*>(attn_.get());
+    if (bf16_ && !attn_in_op) {
       Op(cuda::LaunchToBf16, static_cast<const float*>(attn_.get()), (size_t)M * Q, static_cast<void*>(op_.get()));
       a = op_.get();
     }
@@ -429,6 +441,10 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
   std::lock_guard<std::mutex> lock(run_mu_);
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   const int V = c_.vocab_size, total = (int)tokens.size();
+  // Rows per pass: 2048. Passes of 8192 rows were slower on the H200 (8B shapes, 128K prompt:
+  // 11.66 s against 11.42 s; the GEMMs gained 0.14 s, the engine's part lost 0.45 s, with 2.2 s of
+  // host time inside it: bench/results/gpu-visit-20261204-1912/), so a service's larger calls
+  // (FREEKV_PREFILL_CHUNK_TOKENS) run as several passes.
   if (chunk <= 0) chunk = 2048;
   std::vector<float> logits((size_t)(all_logits ? total : 1) * V);
   using Clock = std::chrono::steady_clock;
@@ -454,9 +470,12 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
         mark(PrefillProfile::kPre);
         // The engine keeps the context on the device and offloads filled pages on its copy stream;
         // bf16 weights: the attention on tensor cores too; fp32 models keep exact fp32 attention.
-        device_engine_->PrefillDevice(session, l, q_.get(), k_.get(), v_.get(), n, attn_.get(), bf16_);
+        // bf16 weights: the output straight into op_ in bf16 where the tensor-core kernel runs (op_
+        // is free between the q/k/v GEMM and o_proj), skipping an fp32 pass and its conversion.
+        const bool in_op = device_engine_->PrefillDevice(session, l, q_.get(), k_.get(), v_.get(), n, attn_.get(),
+                                                         bf16_, bf16_ ? static_cast<void*>(op_.get()) : nullptr);
         mark(PrefillProfile::kAttn);
-        PostAttention(layers_[l], n);
+        PostAttention(layers_[l], n, in_op);
         mark(PrefillProfile::kPost);
       }
       const bool last = c0 + n == total;
@@ -466,10 +485,12 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
         CopyLogits(rows);
         mark(PrefillProfile::kHead);
       }
-      // While the device runs the chunk: register the host store for the next chunk's pages (a
-      // prompt comes in calls of one chunk each, so as far again as this one reaches).
+      // While the device runs the chunk: register the host store ahead (a prompt comes in calls of
+      // one chunk each). The engine registers on a thread of its own (FREEKV_REGISTER_AHEAD), so
+      // this reaches two chunks on: the next chunk's pages were registered by the job the previous
+      // call started, and neither the issue of the next chunk nor its offload waits for this one.
       const auto t_register = Clock::now();
-      device_engine_->RegisterAhead(session, (int64_t)start + c0 + 2 * (int64_t)n);
+      device_engine_->RegisterAhead(session, (int64_t)start + c0 + 3 * (int64_t)n);
       register_ms += ms_since(t_register);
       issue_ms += ms_since(t_issue);
       const auto t_wait = Clock::now();
