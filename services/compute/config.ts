@@ -29,6 +29,9 @@ export const computeConfigSchema = z.object({
   FREEKV_GEMM_AUTOTUNE: nativeFlag(),
   /** FREEKV_BACKEND=cuda: threads that commit and pin a session's host store as it grows. */
   FREEKV_REGISTER_THREADS: intInRange(8, 1, 64),
+  // Read by the addon (CudaEngine.cu, CudaSession.cu); an empty value is the default there too.
+  FREEKV_PREFILL_OFFLOAD: z.enum(["copy", "kernel"], { message: 'must be "copy" or "kernel"' }).default("copy"),
+  FREEKV_REGISTER_AHEAD: z.enum(["thread", "inline"], { message: 'must be "thread" or "inline"' }).default("thread"),
   FREEKV_MALLOC_MMAP_THRESHOLD: mallocMmapThreshold(),
   /** FREEKV_BACKEND=cuda: device memory the prompts being prefilled keep resident (each layer's whole context between chunks); 0 = a quarter of the device. */
   FREEKV_PREFILL_CONTEXT_BYTES: nonNegativeInt(0),

@@ -25,6 +25,11 @@ describe("config", () => {
     expect(parseConfig(computeConfigSchema, { FREEKV_PREFILL_PROFILE: "1", FREEKV_GEMM_AUTOTUNE: "0" })).toMatchObject({ FREEKV_PREFILL_PROFILE: true, FREEKV_GEMM_AUTOTUNE: false });
     expect(() => parseConfig(computeConfigSchema, { FREEKV_PREFILL_PROFILE: "off" })).toThrow(/FREEKV_PREFILL_PROFILE="off".*any other value would switch it on/);
     expect(c.FREEKV_REGISTER_THREADS).toBe(8);
+    expect(c.FREEKV_PREFILL_OFFLOAD).toBe("copy");
+    expect(c.FREEKV_REGISTER_AHEAD).toBe("thread");
+    expect(parseConfig(computeConfigSchema, { FREEKV_PREFILL_OFFLOAD: "kernel", FREEKV_REGISTER_AHEAD: "inline" })).toMatchObject({ FREEKV_PREFILL_OFFLOAD: "kernel", FREEKV_REGISTER_AHEAD: "inline" });
+    expect(() => parseConfig(computeConfigSchema, { FREEKV_PREFILL_OFFLOAD: "dma" })).toThrow(/FREEKV_PREFILL_OFFLOAD="dma"/);
+    expect(() => parseConfig(computeConfigSchema, { FREEKV_REGISTER_AHEAD: "later" })).toThrow(/FREEKV_REGISTER_AHEAD="later"/);
     expect(() => parseConfig(computeConfigSchema, { FREEKV_REGISTER_THREADS: "0" })).toThrow(/FREEKV_REGISTER_THREADS="0"/);
     expect(k.FREEKV_MALLOC_MMAP_THRESHOLD).toBe(262144);
     for (const schema of [computeConfigSchema, kvstoreConfigSchema]) expect(() => parseConfig(schema, { FREEKV_MALLOC_MMAP_THRESHOLD: "lots" })).toThrow(/FREEKV_MALLOC_MMAP_THRESHOLD="lots"/);

@@ -15,7 +15,10 @@
 // Streams. PrefillDevice only queues work on the main stream (the runner's stream). Pages that
 // fill are summarised on the main stream and offloaded to the host store (HND) on offload_,
 // after the `appended_` event, so the PCIe writes overlap the next layers' GEMMs and attention;
-// offload_done_ follows each offload. FinishDevicePrefill waits for both streams and only then
+// offload_done_ follows each offload. By default (QueueOffload, FREEKV_PREFILL_OFFLOAD=copy) the
+// main stream transposes the pages into a device staging slot and offload_ moves the slot with DMA
+// copies (no SM waits on PCIe: 0.21 s less on a 128K prompt at 8B shapes than the offload kernel
+// writing mapped memory, bench/results/gpu-visit-20261204-1859/). FinishDevicePrefill waits for both streams and only then
 // writes the manifests, so the store never claims pages that are not written. Hazards: the
 // offload reads full pages of pctx that later runs never write (they append after them), and
 // pctx is only reallocated or freed after both streams are idle; the shared scratch of the
