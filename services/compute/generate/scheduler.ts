@@ -85,11 +85,18 @@ const SLICE_FIRST_TOKENS = 64;
 export class PrefillCostModel {
   private readonly obs: { n: number; c: number; ms: number }[] = [];
   private coef: [number, number, number] | null = null;
+  private seen = 0;
 
   constructor(private readonly keep = 64) {}
 
+  /**
+   * One chunk's time. The first chunk after start is not kept: it pays one-time costs (on the H200
+   * 79 ms for a 64-token prompt against ~6 ms for the pass over the weights), and a single such
+   * point fixed the fitted fixed part near its time.
+   */
   observe(n: number, c: number, ms: number): void {
     if (!(n > 0) || !(ms >= 0) || !Number.isFinite(ms)) return;
+    if (this.seen++ === 0) return;
     this.obs.push({ n, c, ms });
     if (this.obs.length > this.keep) this.obs.shift();
     this.coef = this.fit();
@@ -102,9 +109,16 @@ export class PrefillCostModel {
     return a + n * (b + d * (c + n / 2));
   }
 
-  /** The predicted fixed part of a chunk (ms); null before the model can predict. */
+  /**
+   * The predicted fixed part of a chunk (ms); null before the model can predict, and while the
+   * chunks seen do not tell it apart from the per-token part (their sizes within a factor of 2: a
+   * prompt read alone in whole chunks of one size puts any share of their time there).
+   */
   fixedMs(): number | null {
-    return this.coef ? this.coef[0] : null;
+    if (!this.coef) return null;
+    let lo = Infinity, hi = 0;
+    for (const o of this.obs) (lo = Math.min(lo, o.n)), (hi = Math.max(hi, o.n));
+    return hi >= 2 * lo ? this.coef[0] : null;
   }
 
   /** The most tokens in [1, max] whose predicted time after context c stays within ms (at least 1); null before the model can predict. */
