@@ -91,7 +91,7 @@ try {
         });
         kms.push(performance.now() - t0);
         const kv = new KvStoreServiceClient(kvc.address, credentials.createInsecure());
-        await new Promise((res) => kv.releaseSession({ sessionId: id }, (e) => res(e)));
+        await new Promise((res) => kv.releaseSession({ sessionId: id, creationToken: "" }, (e) => res(e)));
         kv.close();
         src.close();
         dst.close();

@@ -60,7 +60,7 @@ export class KvStoreClient {
   }
 
   attach(req: Partial<AttachSessionRequest> & { sessionId: string }, signal?: AbortSignal): Promise<AttachSessionResponse> {
-    const full: AttachSessionRequest = { geometry: undefined, retrieval: undefined, maxContextTokens: 0, metadata: Buffer.alloc(0), callerCommits: false, ...req };
+    const full: AttachSessionRequest = { geometry: undefined, retrieval: undefined, maxContextTokens: 0, metadata: Buffer.alloc(0), callerCommits: false, creationToken: "", createOnly: false, ...req };
     return this.call(this.raw.attachSession as Unary<AttachSessionRequest, AttachSessionResponse>, full, signal);
   }
   commit(req: CommitPagesRequest, signal?: AbortSignal): Promise<CommitPagesResponse> {
@@ -70,8 +70,9 @@ export class KvStoreClient {
   reserve(sessionId: string, tokens: number, signal?: AbortSignal, callerCommits = false): Promise<ReserveContextResponse> {
     return this.call(this.raw.reserveContext as Unary<ReserveContextRequest, ReserveContextResponse>, { sessionId, tokens, callerCommits }, signal);
   }
-  release(sessionId: string, signal?: AbortSignal): Promise<ReleaseSessionResponse> {
-    return this.call(this.raw.releaseSession as Unary<{ sessionId: string }, ReleaseSessionResponse>, { sessionId }, signal);
+  /** `creationToken`: release only the session that an attach with this token created, if nobody opened it since (ReleaseSessionRequest). */
+  release(sessionId: string, signal?: AbortSignal, creationToken = ""): Promise<ReleaseSessionResponse> {
+    return this.call(this.raw.releaseSession as Unary<{ sessionId: string; creationToken: string }, ReleaseSessionResponse>, { sessionId, creationToken }, signal);
   }
   stats(signal?: AbortSignal): Promise<GetStatsResponse> {
     return this.call(this.raw.getStats as Unary<object, GetStatsResponse>, {}, signal);

@@ -11,7 +11,7 @@ export function kvstoreService(store: KvStore, log: Logger): KvStoreServiceServe
     // the session's lock (store.attach).
     attachSession: unary(log, "AttachSession", (req, signal) => store.attach(req, signal)),
     commitPages: unary(log, "CommitPages", (req) => store.commitPages(req)),
-    releaseSession: unary(log, "ReleaseSession", async (req) => ({ released: await store.release(req.sessionId) })),
+    releaseSession: unary(log, "ReleaseSession", async (req) => ({ released: await store.release(req.sessionId, req.creationToken) })),
     getStats: unary(log, "GetStats", async () => store.stats()),
     listSessions: unary(log, "ListSessions", async () => ({ sessionIds: store.list() })),
     reserveContext: unary(log, "ReserveContext", (req) => store.reserve(req.sessionId, req.tokens, req.callerCommits)),

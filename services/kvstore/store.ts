@@ -40,7 +40,14 @@ interface Live {
   background?: Promise<void>;
   /** Set when a committed page changed after its commit: every call on the session gets it (DATA_LOSS). */
   corrupt?: ServiceError;
+  /** AttachSessionRequest.creation_token of the call that created it (in memory only: none after a restart). */
+  creationToken?: string;
+  /** An AttachSession other than a create_only one was answered with it since its creation. */
+  openedAgain?: boolean;
 }
+
+/** Longest AttachSessionRequest / ReleaseSessionRequest creation_token, in UTF-8 bytes. */
+export const MAX_CREATION_TOKEN_BYTES = 128;
 
 /** A session being imported (transfer.ts): its segments, record and bytes. */
 export type ImportReservation = Live;
@@ -52,6 +59,11 @@ const recordReservedTokens = (r: SessionRecord) => r.reservedTokens ?? r.maxCont
 export const DEFAULT_EXTENT_TOKENS = 2048;
 /** Largest session metadata, at attach, commit and import (compute's generation state: the token history of a long session is a few MB of JSON). */
 export const MAX_METADATA_BYTES = 32 << 20;
+function checkCreationToken(token: string | undefined): void {
+  if (token && Buffer.byteLength(token) > MAX_CREATION_TOKEN_BYTES)
+    throw invalidArgument("creation_token", `must be at most ${MAX_CREATION_TOKEN_BYTES} bytes, got ${Buffer.byteLength(token)}`);
+}
+
 const checkMetadata = (m: Uint8Array | undefined, field: string) => {
   if (m && m.length > MAX_METADATA_BYTES) throw invalidArgument(field, `must be at most ${MAX_METADATA_BYTES} bytes, got ${m.length}`);
 };
@@ -229,10 +241,14 @@ export class KvStore implements ScrubHost {
    * attach of the same id (a retry) then finds no session and makes its own, instead of being
    * answered with a session the first call's clean-up removes after it.
    */
-  attach(req: Omit<AttachSessionRequest, "callerCommits"> & { callerCommits?: boolean }, signal?: AbortSignal): Promise<AttachSessionResponse> {
+  attach(
+    req: Omit<AttachSessionRequest, "callerCommits" | "creationToken" | "createOnly"> & { callerCommits?: boolean; creationToken?: string; createOnly?: boolean },
+    signal?: AbortSignal,
+  ): Promise<AttachSessionResponse> {
     if (!SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
     // A session's metadata must fit an import too (a session that attaches but can never move).
     checkMetadata(req.metadata, "metadata");
+    checkCreationToken(req.creationToken);
     return this.withLock(req.sessionId, async () => {
       if (this.importing.has(req.sessionId)) throw failedPrecondition(`session ${req.sessionId} is being imported; attach it once the import ended`);
       const existing = this.live.get(req.sessionId);
@@ -242,11 +258,14 @@ export class KvStore implements ScrubHost {
           throw failedPrecondition(`session ${req.sessionId} exists with a different geometry`);
         }
         if (req.reserveTokens !== undefined) await this.grow(existing, req.reserveTokens, "reserve_tokens", req.callerCommits);
+        if (!req.createOnly) existing.openedAgain = true;
         return this.response(existing, false);
       }
       const geometry = resolveGeometry(req.geometry);
       const retrieval: RetrievalConfig = resolveRetrieval(req.retrieval, geometry.layers, "retrieval", req.maxContextTokens);
       const r = await this.create(req.sessionId, geometry, retrieval, req.maxContextTokens, req.metadata, req.reserveTokens, req.callerCommits);
+      const made = this.live.get(req.sessionId);
+      if (made && req.creationToken) made.creationToken = req.creationToken;
       if (signal?.aborted) {
         await this.releaseLocked(req.sessionId).catch((e: Error) => this.log.error({ session: req.sessionId, err: e.message }, "cannot release the session of a cancelled AttachSession"));
         this.log.warn({ session: req.sessionId }, "AttachSession cancelled by its caller: the session it created is released");
@@ -628,8 +647,23 @@ export class KvStore implements ScrubHost {
     });
   }
 
-  release(id: string): Promise<boolean> {
-    return this.withLock(id, () => this.releaseLocked(id));
+  /**
+   * ReleaseSession. With `creationToken`: only a session that an AttachSession carrying that token
+   * created, and that no AttachSession has opened since (create_only calls aside), is released;
+   * another is FAILED_PRECONDITION and stays. An unknown id is false either way.
+   */
+  release(id: string, creationToken = ""): Promise<boolean> {
+    checkCreationToken(creationToken);
+    return this.withLock(id, async () => {
+      if (creationToken) {
+        const l = this.live.get(id);
+        if (!l) return false;
+        if (l.creationToken !== creationToken)
+          throw failedPrecondition(`session ${quoteId(id)} was not created with this creation_token; it stays`);
+        if (l.openedAgain) throw failedPrecondition(`session ${quoteId(id)} was opened again since its creation; it stays`);
+      }
+      return this.releaseLocked(id);
+    });
   }
 
   /** release's work, with the session's lock already held. */

@@ -59,6 +59,31 @@ describe("KvStore", () => {
     }
   });
 
+  it("a release with a creation token frees only the session its creation made, while nobody opened it since", async () => {
+    const s = new KvStore(new MemoryDirectory(), 1 << 30, log);
+    stores.push(s);
+    const made = await s.attach({ ...req("t1"), creationToken: "tok-1", createOnly: true });
+    expect(made.created).toBe(true);
+    // Another token, or none recorded: kept.
+    await expect(s.release("t1", "tok-2")).rejects.toMatchObject({ code: status.FAILED_PRECONDITION, message: expect.stringMatching(/not created with this creation_token/) });
+    // A CreateSession retry (create_only) answered with the existing session does not open it.
+    expect((await s.attach({ ...req("t1"), creationToken: "tok-3", createOnly: true })).created).toBe(false);
+    expect(await s.release("t1", "tok-1")).toBe(true);
+    expect(s.list()).toEqual([]);
+    expect(shmSegments().has(made.store!.name)).toBe(false);
+    // Opened since (a re-attach that is not create_only): kept, and releasable without a token.
+    await s.attach({ ...req("t2"), creationToken: "tok-4", createOnly: true });
+    await s.attach({ sessionId: "t2" } as never);
+    await expect(s.release("t2", "tok-4")).rejects.toMatchObject({ code: status.FAILED_PRECONDITION, message: expect.stringMatching(/opened again/) });
+    expect(s.list()).toEqual(["t2"]);
+    expect(await s.release("t2")).toBe(true);
+    // An unknown id: nothing to do; an oversized token: INVALID_ARGUMENT before anything.
+    expect(await s.release("t3", "tok-5")).toBe(false);
+    expect(() => s.release("t1", "x".repeat(129))).toThrow(expect.objectContaining({ code: status.INVALID_ARGUMENT }));
+    expect(() => s.attach({ ...req("t4"), creationToken: "x".repeat(129) })).toThrow(expect.objectContaining({ code: status.INVALID_ARGUMENT }));
+    expect(s.list()).toEqual([]);
+  });
+
   it("metadata past the import limit is refused at attach and commit (a session that could never move)", async () => {
     const s = new KvStore(new MemoryDirectory(), 1 << 30, log);
     stores.push(s);

@@ -88,9 +88,12 @@ export class SessionManager {
    * Sessions this process gave up that the kvstore may still hold: a release that failed (the
    * kvstore unreachable, the call timed out), or a fresh session whose AttachSession ended
    * without an answer. Their memory stays counted there until released, so each is released
-   * again every releaseRetryMs until the kvstore answers (NOT_FOUND counts as done).
+   * again every releaseRetryMs until the kvstore answers (NOT_FOUND counts as done). The value:
+   * for a named session whose creation went unanswered, the creation token it was attached with
+   * (released only if that call made it and nobody opened it since: FAILED_PRECONDITION is done
+   * too, the session then being someone's); otherwise "".
    */
-  private readonly pendingReleases = new Set<string>();
+  private readonly pendingReleases = new Map<string, string>();
   private releaseTimer: NodeJS.Timeout | undefined;
   private readonly now: () => number;
 
@@ -217,25 +220,36 @@ export class SessionManager {
       if (tenant) metadata.tenant = tenant;
       if (ephemeral) metadata.ephemeral = true;
       const reserve = kind === SessionKind.SESSION_KIND_ATTENTION ? undefined : Math.min(maxContextTokens, Math.max(0, reserveTokens));
+      // A name the client chose may be its own session already: this call opens it only if it
+      // creates it (create_only), and the token lets a lost creation be undone without touching
+      // a session someone else has opened since.
+      const creationToken = req.sessionId ? randomUUID() : "";
       const t0 = performance.now();
       let attach: AttachSessionResponse;
       try {
         attach = await this.opts.kvstore.attach(
-          { sessionId: id, geometry, retrieval, maxContextTokens, metadata: Buffer.from(JSON.stringify(metadata)), reserveTokens: reserve, callerCommits: this.callerCommits },
+          {
+            sessionId: id,
+            geometry,
+            retrieval,
+            maxContextTokens,
+            metadata: Buffer.from(JSON.stringify(metadata)),
+            reserveTokens: reserve,
+            callerCommits: this.callerCommits,
+            creationToken,
+            createOnly: true,
+          },
           signal,
         );
       } catch (e) {
         // No answer (cancelled, past its deadline, the kvstore unreachable): it may have created
-        // the session. One with an id made here is nobody else's: released, now or later. (The
-        // kvstore also drops what a cancelled AttachSession created, when it sees the cancel.)
+        // the session. One with an id made here is nobody else's: released, now or later. A named
+        // one is released only if this call made it and nobody opened it since (its token). (The
+        // kvstore also drops what a cancelled AttachSession created, when it sees the cancel in
+        // time; an answer lost after that is what this covers.)
         const code = (e as { code?: number }).code;
         const unanswered = code === status.CANCELLED || code === status.DEADLINE_EXCEEDED || code === status.UNAVAILABLE;
-        if (!req.sessionId && unanswered) this.releaseLater(id, e as Error);
-        else if (unanswered) {
-          // A name the client chose may be its own session elsewhere: not released from here. Said,
-          // so that an ALREADY_EXISTS on the retry can be traced to it.
-          this.opts.log.warn({ session: id, err: (e as Error).message }, "the kvstore did not answer a session's creation: it may hold it (a retry then gets ALREADY_EXISTS; ReleaseSession at the kvstore frees it)");
-        }
+        if (unanswered) this.releaseLater(id, e as Error, creationToken);
         throw e;
       }
       if (!attach.created) throw alreadyExists(`session ${quoteId(id)} already exists at the kvstore`);
@@ -833,10 +847,10 @@ export class SessionManager {
   }
 
   /** Releases `id` at the kvstore in the background until it answers (see pendingReleases); logged and counted. */
-  private releaseLater(id: string, why: Error): void {
+  private releaseLater(id: string, why: Error, creationToken = ""): void {
     this.opts.onReleaseFailure?.();
     if (this.pendingReleases.has(id)) return;
-    this.pendingReleases.add(id);
+    this.pendingReleases.set(id, creationToken);
     this.opts.log.warn({ session: id, err: why.message }, "releasing the session at the kvstore failed; retried in the background");
     if (this.releaseTimer) return;
     this.releaseTimer = setInterval(() => void this.retryReleases(), this.opts.releaseRetryMs ?? 2000);
@@ -848,16 +862,23 @@ export class SessionManager {
     if (this.retrying) return;
     this.retrying = true;
     try {
-      for (const id of [...this.pendingReleases]) {
+      for (const [id, token] of [...this.pendingReleases]) {
         // Open or being made here again (a client reused the name since): not ours to release.
         if (this.sessions.has(id) || this.creating.has(id)) {
           this.pendingReleases.delete(id);
           continue;
         }
         try {
-          await this.opts.kvstore.release(id);
+          await this.opts.kvstore.release(id, undefined, token);
         } catch (e) {
-          if ((e as { code?: number }).code !== status.NOT_FOUND) continue;
+          const code = (e as { code?: number }).code;
+          if (token && code === status.FAILED_PRECONDITION) {
+            // Not made by the lost call, or opened by someone since: theirs, kept.
+            this.pendingReleases.delete(id);
+            this.opts.log.info({ session: id, reason: (e as { details?: string }).details ?? (e as Error).message }, "a session whose creation went unanswered is kept: it is someone's");
+            continue;
+          }
+          if (code !== status.NOT_FOUND) continue;
         }
         this.pendingReleases.delete(id);
         this.opts.log.info({ session: id }, "session released at the kvstore after an earlier failure");
@@ -944,7 +965,7 @@ export class SessionManager {
       await this.retryReleases();
       if (this.releaseTimer) clearInterval(this.releaseTimer);
       this.releaseTimer = undefined;
-      for (const id of this.pendingReleases) this.opts.log.error({ session: id }, "session left unreleased at the kvstore at shutdown");
+      for (const id of this.pendingReleases.keys()) this.opts.log.error({ session: id }, "session left unreleased at the kvstore at shutdown");
     }
     for (const s of this.sessions.values()) {
       await s.lock.run(async () => {

@@ -102,6 +102,17 @@ export interface AttachSessionRequest {
    * Unset: the memory is committed before the answer.
    */
   callerCommits: boolean;
+  /**
+   * A token of the caller's choosing (at most 128 bytes), kept with a session this call creates:
+   * a caller that lost the answer to its creation releases it with ReleaseSessionRequest's
+   * creation_token, which leaves it alone once anyone else has opened it.
+   */
+  creationToken: string;
+  /**
+   * The caller opens the session only if this call creates it (a CreateSession): answered for an
+   * existing session (created false), the call does not count as opening it.
+   */
+  createOnly: boolean;
 }
 
 /** Byte layout of the segments. All offsets are in bytes. */
@@ -176,6 +187,13 @@ export interface CommitPagesResponse {
 
 export interface ReleaseSessionRequest {
   sessionId: string;
+  /**
+   * Set: release the session only if the AttachSession that created it carried this token and
+   * no AttachSession since (other than create_only ones) was answered with it; otherwise
+   * FAILED_PRECONDITION and the session stays. A session this kvstore adopted at its start carries
+   * no token. Unset: release unconditionally.
+   */
+  creationToken: string;
 }
 
 export interface ReleaseSessionResponse {
@@ -320,6 +338,8 @@ function createBaseAttachSessionRequest(): AttachSessionRequest {
     metadata: Buffer.alloc(0),
     reserveTokens: undefined,
     callerCommits: false,
+    creationToken: "",
+    createOnly: false,
   };
 }
 
@@ -345,6 +365,12 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
     }
     if (message.callerCommits !== false) {
       writer.uint32(56).bool(message.callerCommits);
+    }
+    if (message.creationToken !== "") {
+      writer.uint32(66).string(message.creationToken);
+    }
+    if (message.createOnly !== false) {
+      writer.uint32(72).bool(message.createOnly);
     }
     return writer;
   },
@@ -418,6 +444,22 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
             message.callerCommits = reader.bool();
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.creationToken = reader.string();
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.createOnly = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -455,6 +497,16 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
         : isSet(object.caller_commits)
         ? globalThis.Boolean(object.caller_commits)
         : false,
+      creationToken: isSet(object.creationToken)
+        ? globalThis.String(object.creationToken)
+        : isSet(object.creation_token)
+        ? globalThis.String(object.creation_token)
+        : "",
+      createOnly: isSet(object.createOnly)
+        ? globalThis.Boolean(object.createOnly)
+        : isSet(object.create_only)
+        ? globalThis.Boolean(object.create_only)
+        : false,
     };
   },
 
@@ -481,6 +533,12 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
     if (message.callerCommits !== false) {
       obj.callerCommits = message.callerCommits;
     }
+    if (message.creationToken !== "") {
+      obj.creationToken = message.creationToken;
+    }
+    if (message.createOnly !== false) {
+      obj.createOnly = message.createOnly;
+    }
     return obj;
   },
 
@@ -500,6 +558,8 @@ export const AttachSessionRequest: MessageFns<AttachSessionRequest> = {
     message.metadata = object.metadata ?? Buffer.alloc(0);
     message.reserveTokens = object.reserveTokens ?? undefined;
     message.callerCommits = object.callerCommits ?? false;
+    message.creationToken = object.creationToken ?? "";
+    message.createOnly = object.createOnly ?? false;
     return message;
   },
 };
@@ -1487,13 +1547,16 @@ export const CommitPagesResponse: MessageFns<CommitPagesResponse> = {
 };
 
 function createBaseReleaseSessionRequest(): ReleaseSessionRequest {
-  return { sessionId: "" };
+  return { sessionId: "", creationToken: "" };
 }
 
 export const ReleaseSessionRequest: MessageFns<ReleaseSessionRequest> = {
   encode(message: ReleaseSessionRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.sessionId !== "") {
       writer.uint32(10).string(message.sessionId);
+    }
+    if (message.creationToken !== "") {
+      writer.uint32(18).string(message.creationToken);
     }
     return writer;
   },
@@ -1519,6 +1582,14 @@ export const ReleaseSessionRequest: MessageFns<ReleaseSessionRequest> = {
             message.sessionId = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.creationToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1538,6 +1609,11 @@ export const ReleaseSessionRequest: MessageFns<ReleaseSessionRequest> = {
         : isSet(object.session_id)
         ? globalThis.String(object.session_id)
         : "",
+      creationToken: isSet(object.creationToken)
+        ? globalThis.String(object.creationToken)
+        : isSet(object.creation_token)
+        ? globalThis.String(object.creation_token)
+        : "",
     };
   },
 
@@ -1545,6 +1621,9 @@ export const ReleaseSessionRequest: MessageFns<ReleaseSessionRequest> = {
     const obj: any = {};
     if (message.sessionId !== "") {
       obj.sessionId = message.sessionId;
+    }
+    if (message.creationToken !== "") {
+      obj.creationToken = message.creationToken;
     }
     return obj;
   },
@@ -1555,6 +1634,7 @@ export const ReleaseSessionRequest: MessageFns<ReleaseSessionRequest> = {
   fromPartial<I extends Exact<DeepPartial<ReleaseSessionRequest>, I>>(object: I): ReleaseSessionRequest {
     const message = createBaseReleaseSessionRequest();
     message.sessionId = object.sessionId ?? "";
+    message.creationToken = object.creationToken ?? "";
     return message;
   },
 };
