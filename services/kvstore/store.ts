@@ -257,8 +257,11 @@ export class KvStore implements ScrubHost {
         if (req.geometry && req.geometry.layers !== 0 && !sameGeometry(resolveGeometry(req.geometry), existing.record.geometry)) {
           throw failedPrecondition(`session ${req.sessionId} exists with a different geometry`);
         }
+        // A create_only call is answered ALREADY_EXISTS by its caller: it neither opens the session
+        // nor grows its reservation.
+        if (req.createOnly) return this.response(existing, false);
         if (req.reserveTokens !== undefined) await this.grow(existing, req.reserveTokens, "reserve_tokens", req.callerCommits);
-        if (!req.createOnly) existing.openedAgain = true;
+        existing.openedAgain = true;
         return this.response(existing, false);
       }
       const geometry = resolveGeometry(req.geometry);

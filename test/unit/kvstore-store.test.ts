@@ -62,12 +62,17 @@ describe("KvStore", () => {
   it("a release with a creation token frees only the session its creation made, while nobody opened it since", async () => {
     const s = new KvStore(new MemoryDirectory(), 1 << 30, log);
     stores.push(s);
-    const made = await s.attach({ ...req("t1"), creationToken: "tok-1", createOnly: true });
+    const made = await s.attach({ ...req("t1", 65536), reserveTokens: 16, creationToken: "tok-1", createOnly: true });
     expect(made.created).toBe(true);
     // Another token, or none recorded: kept.
     await expect(s.release("t1", "tok-2")).rejects.toMatchObject({ code: status.FAILED_PRECONDITION, message: expect.stringMatching(/not created with this creation_token/) });
-    // A CreateSession retry (create_only) answered with the existing session does not open it.
-    expect((await s.attach({ ...req("t1"), creationToken: "tok-3", createOnly: true })).created).toBe(false);
+    // A CreateSession retry (create_only) answered with the existing session neither opens it nor
+    // grows its reservation.
+    const before = s.stats().segmentBytes;
+    const again = await s.attach({ ...req("t1", 65536), creationToken: "tok-3", createOnly: true, reserveTokens: 65536 });
+    expect(again.created).toBe(false);
+    expect(again.reservedTokens).toBe(made.reservedTokens);
+    expect(s.stats().segmentBytes).toBe(before);
     expect(await s.release("t1", "tok-1")).toBe(true);
     expect(s.list()).toEqual([]);
     expect(shmSegments().has(made.store!.name)).toBe(false);

@@ -29,16 +29,23 @@ afterEach(async () => {
 function setup() {
   const store = new KvStore(new MemoryDirectory(), 1 << 30, log);
   stores.push(store);
-  const lose = { next: true };
+  // next: the next attach's answer is lost; before: the kvstore never sees that call; gate: the
+  // next attach waits for it first (a slow kvstore).
+  const lose: { next: boolean; before?: boolean; gate?: Promise<void> } = { next: true };
   const releases: { id: string; token: string }[] = [];
   const kvstore = {
     async attach(req: Parameters<KvStore["attach"]>[0]) {
-      const r = await store.attach(req);
+      const gate = lose.gate;
+      lose.gate = undefined;
+      if (gate) await gate;
+      const dropBefore = lose.next && lose.before;
+      const r = dropBefore ? undefined : await store.attach(req);
       if (lose.next) {
         lose.next = false;
+        lose.before = false;
         throw Object.assign(new Error("4 DEADLINE_EXCEEDED: Deadline exceeded"), { code: status.DEADLINE_EXCEEDED, details: "Deadline exceeded" });
       }
-      return r;
+      return r!;
     },
     async release(id: string, _signal?: AbortSignal, token = "") {
       releases.push({ id, token });
@@ -101,5 +108,36 @@ describe("a named session whose creation answer was lost", () => {
     await settle();
     expect(mgr.releasesPending).toBe(0);
     expect(store.list().sort()).toEqual(["held", "lost-2"]);
+  });
+
+  it("is still released after a retry of the same name was answered ALREADY_EXISTS while the release waited", async () => {
+    const { store, mgr, lose, create, settle } = setup();
+    await expect(create("lost-3")).rejects.toMatchObject({ code: status.DEADLINE_EXCEEDED });
+    // The client retries at once; the kvstore is slow, so background rounds run meanwhile.
+    let open!: () => void;
+    lose.gate = new Promise<void>((r) => (open = r));
+    const retry = create("lost-3");
+    await new Promise((r) => setTimeout(r, 100));
+    expect(mgr.releasesPending).toBe(1);
+    expect(store.list()).toEqual(["lost-3"]);
+    open();
+    await expect(retry).rejects.toMatchObject({ code: status.ALREADY_EXISTS });
+    await settle();
+    expect(mgr.releasesPending).toBe(0);
+    expect(store.list()).toEqual([]);
+  });
+
+  it("tries the token of every lost creation: the one whose call made the session releases it", async () => {
+    const { store, mgr, lose, releases, create, settle } = setup();
+    // The first call never reached the kvstore; the retry made the session and lost its answer too.
+    lose.before = true;
+    await expect(create("lost-4")).rejects.toMatchObject({ code: status.DEADLINE_EXCEEDED });
+    lose.next = true;
+    await expect(create("lost-4")).rejects.toMatchObject({ code: status.DEADLINE_EXCEEDED });
+    expect(store.list()).toEqual(["lost-4"]);
+    await settle();
+    expect(mgr.releasesPending).toBe(0);
+    expect(store.list()).toEqual([]);
+    expect(new Set(releases.map((r) => r.token)).size).toBe(2);
   });
 });

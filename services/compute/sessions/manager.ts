@@ -89,11 +89,12 @@ export class SessionManager {
    * kvstore unreachable, the call timed out), or a fresh session whose AttachSession ended
    * without an answer. Their memory stays counted there until released, so each is released
    * again every releaseRetryMs until the kvstore answers (NOT_FOUND counts as done). The value:
-   * for a named session whose creation went unanswered, the creation token it was attached with
-   * (released only if that call made it and nobody opened it since: FAILED_PRECONDITION is done
-   * too, the session then being someone's); otherwise "".
+   * how: "" is an unconditional release (it wins over the rest); a named session whose creation
+   * went unanswered adds the creation token it was attached with (released only if that call made
+   * it and nobody opened it since; FAILED_PRECONDITION drops that token, the session then being
+   * someone's or another token's). Every token of several lost creations is tried.
    */
-  private readonly pendingReleases = new Map<string, string>();
+  private readonly pendingReleases = new Map<string, Set<string>>();
   private releaseTimer: NodeJS.Timeout | undefined;
   private readonly now: () => number;
 
@@ -849,8 +850,12 @@ export class SessionManager {
   /** Releases `id` at the kvstore in the background until it answers (see pendingReleases); logged and counted. */
   private releaseLater(id: string, why: Error, creationToken = ""): void {
     this.opts.onReleaseFailure?.();
-    if (this.pendingReleases.has(id)) return;
-    this.pendingReleases.set(id, creationToken);
+    const pending = this.pendingReleases.get(id);
+    if (pending) {
+      pending.add(creationToken);
+      return;
+    }
+    this.pendingReleases.set(id, new Set([creationToken]));
     this.opts.log.warn({ session: id, err: why.message }, "releasing the session at the kvstore failed; retried in the background");
     if (this.releaseTimer) return;
     this.releaseTimer = setInterval(() => void this.retryReleases(), this.opts.releaseRetryMs ?? 2000);
@@ -862,26 +867,42 @@ export class SessionManager {
     if (this.retrying) return;
     this.retrying = true;
     try {
-      for (const [id, token] of [...this.pendingReleases]) {
-        // Open or being made here again (a client reused the name since): not ours to release.
-        if (this.sessions.has(id) || this.creating.has(id)) {
+      for (const [id, tokens] of [...this.pendingReleases]) {
+        const unconditional = tokens.has("");
+        // Open here again (a client reused the name since): not ours to release.
+        if (this.sessions.has(id)) {
           this.pendingReleases.delete(id);
           continue;
         }
-        try {
-          await this.opts.kvstore.release(id, undefined, token);
-        } catch (e) {
-          const code = (e as { code?: number }).code;
-          if (token && code === status.FAILED_PRECONDITION) {
-            // Not made by the lost call, or opened by someone since: theirs, kept.
-            this.pendingReleases.delete(id);
-            this.opts.log.info({ session: id, reason: (e as { details?: string }).details ?? (e as Error).message }, "a session whose creation went unanswered is kept: it is someone's");
-            continue;
-          }
-          if (code !== status.NOT_FOUND) continue;
+        if (this.creating.has(id)) {
+          // Being made here again: an unconditional release would remove the new session. A
+          // token-guarded one waits for that call to end (a CreateSession's attach is create_only:
+          // it does not open the lost session, which stays releasable).
+          if (unconditional) this.pendingReleases.delete(id);
+          continue;
         }
-        this.pendingReleases.delete(id);
-        this.opts.log.info({ session: id }, "session released at the kvstore after an earlier failure");
+        for (const token of unconditional ? [""] : [...tokens]) {
+          try {
+            await this.opts.kvstore.release(id, undefined, token);
+            tokens.clear();
+            this.opts.log.info({ session: id }, "session released at the kvstore after an earlier failure");
+            break;
+          } catch (e) {
+            const code = (e as { code?: number }).code;
+            if (code === status.NOT_FOUND) {
+              tokens.clear();
+              break;
+            }
+            if (token && code === status.FAILED_PRECONDITION) {
+              // Not made by that lost call, or opened by someone since: kept.
+              tokens.delete(token);
+              this.opts.log.info({ session: id, reason: (e as { details?: string }).details ?? (e as Error).message }, "a session whose creation went unanswered is kept: it is someone's");
+              continue;
+            }
+            break; // the kvstore did not answer: the next round tries again
+          }
+        }
+        if (tokens.size === 0) this.pendingReleases.delete(id);
       }
     } finally {
       this.retrying = false;

@@ -145,7 +145,8 @@ struct Session {
   // RegisterAhead's registration in the background (FREEKV_REGISTER_AHEAD=thread, the default):
   // pages [0, ahead_pages) once `ahead` is ready. While it runs it alone touches store_regs and
   // store_cover; everything else that does (EnsureRegistered, the destructor) waits for it first
-  // (WaitAhead), and its error, if any, is thrown there.
+  // (WaitAhead). A failed job leaves registered_pages as it was: the pages are registered inline
+  // when needed, which throws the error then current.
   std::future<void> ahead;
   int ahead_pages = 0;
   // Where this session's registrations of the store begin (sorted): a DMA copy into the store must

@@ -234,7 +234,12 @@ void CudaEngine::QueueOffload(Session& s, int layer, const bf16* pages, int firs
       LaunchOffloadHnd(pages, count, dst, s.layout.page_bytes, Hkv, D, P, offload_->get());
       break;
     }
-    FKV_CUDA_CHECK(e);
+    if (e != cudaSuccess) {
+      // The copies queued so far still read the slot: its next user waits for them.
+      cudaEventRecord(stage_free_[slot]->get(), offload_->get());
+      cudaEventRecord(offload_done_->get(), offload_->get());
+      FKV_CUDA_CHECK(e);
+    }
     at = to;
   }
   FKV_CUDA_CHECK(cudaEventRecord(stage_free_[slot]->get(), offload_->get()));

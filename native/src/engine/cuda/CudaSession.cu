@@ -198,8 +198,17 @@ void RegisterStore(Session& s, int reserved_pages) {
 void WaitAhead(Session& s) {
   if (!s.ahead.valid()) return;
   std::future<void> job = std::move(s.ahead);
-  job.get();  // rethrows the registration's error
-  s.registered_pages = std::max(s.registered_pages, s.ahead_pages);
+  try {
+    job.get();
+    s.registered_pages = std::max(s.registered_pages, s.ahead_pages);
+  } catch (...) {
+    // Not thrown from here: a prompt's last job reaches past the prompt, so its pages may never
+    // be needed, and a decode step that needs them must not fail its whole batch on an earlier
+    // error. registered_pages stays where it was, so the caller (EnsureRegistered) registers what
+    // it needs itself, which throws the error as it stands then; the next RegisterAhead tries again.
+    // What the failed job did register is in store_cover and store_regs (RegisterStore records
+    // every piece it registered), so nothing is registered twice or left behind.
+  }
 }
 
 void EnsureRegistered(Session& s, int pages) {
