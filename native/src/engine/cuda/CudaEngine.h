@@ -301,6 +301,7 @@ class CudaEngine final : public Engine, public DeviceEngine {
   // offload kernel writes the mapped host store from the SMs on the copy stream.
   bool offload_by_copy_ = true;
   static constexpr int kStageSlots = 4;
+  static constexpr size_t kMaxStageBytes = size_t(64) << 20;
   DeviceArray<uint8_t> stage_[kStageSlots];
   std::unique_ptr<Event> stage_free_[kStageSlots];  // recorded after the slot's copy to the host
   int stage_next_ = 0;

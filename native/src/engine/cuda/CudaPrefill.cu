@@ -186,7 +186,9 @@ void CudaEngine::QueueOffload(Session& s, int layer, const bf16* pages, int firs
   const size_t bytes = (size_t)count * s.layout.page_bytes;
   // The copy is cut where a registration of the store begins (a DMA copy may not span two).
   std::vector<uintptr_t> cuts;
-  bool by_copy = offload_by_copy_;
+  // A run larger than a staging slot may be (a long k/v-only Prefill of an attention session, say)
+  // goes by the kernel, so the four slots stay small (2048 tokens of an 8B model: 8 MiB each).
+  bool by_copy = offload_by_copy_ && bytes <= kMaxStageBytes;
   if (by_copy) {
     std::lock_guard<std::mutex> g(s.reg_mu);
     by_copy = !s.foreign_reg && !s.dma_refused;
