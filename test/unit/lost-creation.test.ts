@@ -22,7 +22,7 @@ const stores: KvStore[] = [];
 const managers: SessionManager[] = [];
 
 afterEach(async () => {
-  for (const m of managers.splice(0)) await m.shutdown?.().catch(() => undefined);
+  for (const m of managers.splice(0)) await m.shutdown();
   for (const s of stores.splice(0)) await s.shutdown(false);
 });
 
