@@ -74,6 +74,9 @@ function sameGeometry(a: ModelGeometry, b: ModelGeometry) {
   return a.layers === b.layers && a.queryHeads === b.queryHeads && a.kvHeads === b.kvHeads && a.headDim === b.headDim && a.kvDtype === b.kvDtype;
 }
 
+/** What GetStats says this kvstore honours (GetStatsResponse.features in kvstore.proto). */
+export const KVSTORE_FEATURES = ["creation_token"] as const;
+
 export class KvStore implements ScrubHost {
   private readonly live = new Map<string, Live>();
   /** Checks committed pages (scrubber.ts); attached by the process (kvstore/main.ts). */
@@ -744,6 +747,7 @@ export class KvStore implements ScrubHost {
       reservedBytes: this.usedBytes,
       allocatedBytes: this.allocatedBytes(),
       apparentBytes: this.apparentBytes(),
+      features: [...KVSTORE_FEATURES],
     };
   }
 

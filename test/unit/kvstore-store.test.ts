@@ -62,6 +62,8 @@ describe("KvStore", () => {
   it("a release with a creation token frees only the session its creation made, while nobody opened it since", async () => {
     const s = new KvStore(new MemoryDirectory(), 1 << 30, log);
     stores.push(s);
+    // What compute checks before it relies on a token-guarded release.
+    expect(s.stats().features).toContain("creation_token");
     const made = await s.attach({ ...req("t1", 65536), reserveTokens: 16, creationToken: "tok-1", createOnly: true });
     expect(made.created).toBe(true);
     // Another token, or none recorded: kept.

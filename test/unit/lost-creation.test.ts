@@ -31,7 +31,8 @@ function setup() {
   stores.push(store);
   // next: the next attach's answer is lost; before: the kvstore never sees that call; gate: the
   // next attach waits for it first (a slow kvstore).
-  const lose: { next: boolean; before?: boolean; gate?: Promise<void> } = { next: true };
+  // old: GetStats answers as a kvstore older than creation tokens (no features).
+  const lose: { next: boolean; before?: boolean; gate?: Promise<void>; old?: boolean } = { next: true };
   const releases: { id: string; token: string }[] = [];
   const kvstore = {
     async attach(req: Parameters<KvStore["attach"]>[0]) {
@@ -46,6 +47,10 @@ function setup() {
         throw Object.assign(new Error("4 DEADLINE_EXCEEDED: Deadline exceeded"), { code: status.DEADLINE_EXCEEDED, details: "Deadline exceeded" });
       }
       return r!;
+    },
+    async stats() {
+      const st = store.stats();
+      return lose.old ? { ...st, features: [] } : st;
     },
     async release(id: string, _signal?: AbortSignal, token = "") {
       releases.push({ id, token });
@@ -125,6 +130,18 @@ describe("a named session whose creation answer was lost", () => {
     await settle();
     expect(mgr.releasesPending).toBe(0);
     expect(store.list()).toEqual([]);
+  });
+
+  it("is kept, with no release sent, when the kvstore does not honour creation tokens", async () => {
+    const { store, mgr, lose, releases, create, settle } = setup();
+    lose.old = true;
+    await expect(create("lost-5")).rejects.toMatchObject({ code: status.DEADLINE_EXCEEDED });
+    expect(mgr.releasesPending).toBe(1);
+    await settle();
+    expect(mgr.releasesPending).toBe(0);
+    // Such a kvstore would have ignored the token and freed the session whoever used it since.
+    expect(releases).toEqual([]);
+    expect(store.list()).toEqual(["lost-5"]);
   });
 
   it("tries the token of every lost creation: the one whose call made the session releases it", async () => {

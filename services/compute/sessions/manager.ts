@@ -862,6 +862,12 @@ export class SessionManager {
     this.releaseTimer.unref();
   }
 
+  /** Whether the kvstore honours creation tokens (GetStats' features); throws when it does not answer. */
+  private async kvstoreHonoursTokens(): Promise<boolean> {
+    const { features } = await this.opts.kvstore.stats();
+    return (features ?? []).includes("creation_token");
+  }
+
   private retrying = false;
   private async retryReleases(): Promise<void> {
     if (this.retrying) return;
@@ -879,6 +885,21 @@ export class SessionManager {
           // token-guarded one waits for that call to end (a CreateSession's attach is create_only:
           // it does not open the lost session, which stays releasable).
           if (unconditional) this.pendingReleases.delete(id);
+          continue;
+        }
+        let honours = true;
+        if (!unconditional) {
+          try {
+            honours = await this.kvstoreHonoursTokens();
+          } catch {
+            continue; // the kvstore did not answer: the next round asks again
+          }
+        }
+        if (!honours) {
+          // A kvstore older than creation tokens would ignore the token and free the session
+          // whoever opened it since: kept instead (it is still listed, and can be released by hand).
+          this.pendingReleases.delete(id);
+          this.opts.log.warn({ session: id }, "a session whose creation went unanswered is kept: the kvstore does not honour creation tokens (upgrade it with compute); release it by hand if nobody uses it");
           continue;
         }
         for (const token of unconditional ? [""] : [...tokens]) {

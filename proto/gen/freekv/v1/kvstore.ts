@@ -220,6 +220,13 @@ export interface GetStatsResponse {
   allocatedBytes: number;
   /** Apparent (virtual) size of all segments: each store at its full max context. */
   apparentBytes: number;
+  /**
+   * Behaviours a client may rely on beyond the first release of this API. "creation_token":
+   * AttachSessionRequest.creation_token and create_only, and ReleaseSessionRequest.creation_token,
+   * are honoured (a kvstore without it ignores them, and a token-guarded release would free the
+   * session unconditionally).
+   */
+  features: string[];
 }
 
 export interface ListSessionsRequest {
@@ -1767,6 +1774,7 @@ function createBaseGetStatsResponse(): GetStatsResponse {
     reservedBytes: 0,
     allocatedBytes: 0,
     apparentBytes: 0,
+    features: [],
   };
 }
 
@@ -1792,6 +1800,9 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
     }
     if (message.apparentBytes !== 0) {
       writer.uint32(56).uint64(message.apparentBytes);
+    }
+    for (const v of message.features) {
+      writer.uint32(66).string(v!);
     }
     return writer;
   },
@@ -1865,6 +1876,14 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
             message.apparentBytes = longToNumber(reader.uint64());
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.features.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1910,6 +1929,9 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
         : isSet(object.apparent_bytes)
         ? globalThis.Number(object.apparent_bytes)
         : 0,
+      features: globalThis.Array.isArray(object?.features)
+        ? object.features.map((e: any) => globalThis.String(e))
+        : [],
     };
   },
 
@@ -1936,6 +1958,9 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
     if (message.apparentBytes !== 0) {
       obj.apparentBytes = Math.round(message.apparentBytes);
     }
+    if (message.features?.length) {
+      obj.features = message.features;
+    }
     return obj;
   },
 
@@ -1951,6 +1976,7 @@ export const GetStatsResponse: MessageFns<GetStatsResponse> = {
     message.reservedBytes = object.reservedBytes ?? 0;
     message.allocatedBytes = object.allocatedBytes ?? 0;
     message.apparentBytes = object.apparentBytes ?? 0;
+    message.features = object.features?.map((e) => e) || [];
     return message;
   },
 };
