@@ -325,6 +325,13 @@ export interface Model {
   readonly attention: "engine" | "dense";
   /** Where the layers run: "cuda" (the GPU runner, with a CUDA engine) or "cpu". */
   readonly device: "cpu" | "cuda";
+  /**
+   * Prompt tokens whose prefill attention fills every SM of the device once (the GPU runner's
+   * tensor-core kernel: one CTA per 128 query-head rows of one KV head); a prefill chunk of a
+   * multiple of it leaves no SM idle in its last wave. 1 where it does not matter (the CPU).
+   * Optional for test doubles: unset means 1.
+   */
+  readonly prefillWaveTokens?: number;
 }
 
 export interface ModelStatic {

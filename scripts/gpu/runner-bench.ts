@@ -51,7 +51,7 @@
  *                              [--modes freekv,oracle,dense] [--steps 16] [--out DIR]
  *                              [--hbm-gbps 4290] [--profile-steps N] [--side-timing]
  *                              [--prefill 8192,32768] [--prefill-chunk 512,2048] [--prefill-gathered 8192]
- *                              [--profile-prefill-chunk K]
+ *                              [--profile-prefill-chunk K] [--prefill-env "A=1;A=2"] [--prefill-rounds N]
  *                              [--sweep freekv@0.5,freekv@0.8,...] [--match-cosine 0.68 --calibrated freekv,dense]
  * --sweep: modes run at the first point before the others; --match-cosine C --calibrated MODES:
  * the sweep's band whose measured mean adjacent-query cosine is nearest C (e.g. the trained
@@ -65,6 +65,8 @@
  * attention, offload), with the model FLOPs achieved; --prefill-gathered L also times prompts up
  * to L tokens on an engine that reads the earlier context back from the host store at every
  * chunk (prefillContextBytes 1), the path every prefill took before the context stayed resident.
+ * --prefill-env: each prefill point once per environment (settings the addon reads at every call,
+ * e.g. FREEKV_PREFILL_GATE_UP), --prefill-rounds N times over (ABAB): an A/B in one process.
  */
 import { execSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, statfsSync, writeFileSync } from "node:fs";
@@ -102,6 +104,10 @@ const { values: args } = parseArgs({
     prefill: { type: "string", default: "" },
     /** Tokens per Model.prefill call, as Generate feeds a prompt (FREEKV_PREFILL_CHUNK_TOKENS' default). */
     "prefill-chunk": { type: "string", default: "512" },
+    /** Environments the --prefill points run in, ';' between them, NAME=VALUE pairs separated by spaces (e.g. "FREEKV_PREFILL_GATE_UP=f32;FREEKV_PREFILL_GATE_UP=bf16"): every point once per environment, the addon reading them at each call. */
+    "prefill-env": { type: "string", default: "" },
+    /** Rounds over the --prefill points and environments (ABAB, so a drift between them shows). */
+    "prefill-rounds": { type: "string", default: "1" },
     /** Prompts up to this length are also timed with the prefill context read back from the host at every chunk. */
     "prefill-gathered": { type: "string", default: "0" },
     /** The Model.prefill call of this chunk index (of the first --prefill length and chunk) inside a profiler range (ncu --profile-from-start off). */
@@ -466,7 +472,7 @@ const sideTiming = args["side-timing"]!;
 const engine = new addon.Engine({ backend: BACKEND, sideTiming });
 const t1 = performance.now();
 const model = await addon.Model.load({ config: spec.native, tensors: collectTensorRefs(args.dir!, spec.native), engine });
-log(`Model.load: ${((performance.now() - t1) / 1000).toFixed(1)} s; device ${model.device}`);
+log(`Model.load: ${((performance.now() - t1) / 1000).toFixed(1)} s; device ${model.device}; a prefill wave is ${model.prefillWaveTokens ?? 1} tokens`);
 // "-direct" modes: a second engine with graphs off and the model loaded on it (when asked for).
 let direct: { engine: Engine; model: Model } | undefined;
 if (modes.some((m) => m.split("@")[0].endsWith("-direct"))) {
@@ -474,7 +480,7 @@ if (modes.some((m) => m.split("@")[0].endsWith("-direct"))) {
   direct = { engine: e, model: await addon.Model.load({ config: spec.native, tensors: collectTensorRefs(args.dir!, spec.native), engine: e }) };
 }
 
-interface PrefillPoint { tokens: number; chunk: number; resident: boolean; ms: number; tokensPerS: number; tflops: number; error?: string }
+interface PrefillPoint { tokens: number; chunk: number; resident: boolean; ms: number; tokensPerS: number; tflops: number; env?: string; error?: string }
 const prefillPoints: PrefillPoint[] = [];
 const chunks = args["prefill-chunk"].split(",").map(Number);
 if (!chunks.every((c) => Number.isInteger(c) && c >= 1)) throw new RangeError(`--prefill-chunk takes positive integers (got ${args["prefill-chunk"]})`);
@@ -485,8 +491,25 @@ const gatheredUpTo = Number(args["prefill-gathered"]);
 const profilePrefillChunk = args["profile-prefill-chunk"] === "" ? -1 : Number(args["profile-prefill-chunk"]);
 let prefillProfiled = false;
 let gatheredModel: { engine: Engine; model: Model } | null = null;
-for (const t of args.prefill ? args.prefill.split(",").map(Number) : []) {
+const prefillEnvs = args["prefill-env"].split(";").map((e) =>
+  e.trim().split(/\s+/).filter(Boolean).map((kv) => {
+    const at = kv.indexOf("=");
+    if (at < 1) throw new RangeError(`--prefill-env takes NAME=VALUE pairs (got ${kv})`);
+    return [kv.slice(0, at), kv.slice(at + 1)] as const;
+  }),
+);
+const prefillRounds = Number(args["prefill-rounds"]);
+if (!Number.isInteger(prefillRounds) || prefillRounds < 1) throw new RangeError(`--prefill-rounds takes a positive integer (got ${args["prefill-rounds"]})`);
+const savedEnv = new Map<string, string | undefined>();
+for (const env of prefillEnvs) for (const [k] of env) savedEnv.set(k, process.env[k]);
+const prefillRuns: { t: number; env: (typeof prefillEnvs)[number] }[] = [];
+for (let round = 0; round < prefillRounds; round++)
+  for (const t of args.prefill ? args.prefill.split(",").map(Number) : []) for (const env of prefillEnvs) prefillRuns.push({ t, env });
+for (const { t, env } of prefillRuns) {
   if (!Number.isInteger(t) || t < 1) throw new RangeError(`--prefill takes prompt lengths (got ${args.prefill})`);
+  for (const [k, v] of savedEnv) if (v === undefined) delete process.env[k]; else process.env[k] = v;
+  for (const [k, v] of env) process.env[k] = v;
+  const envLabel = env.length ? ` [${env.map(([k, v]) => `${k}=${v}`).join(" ")}]` : "";
   const geo = { layers: LAYERS, qHeads: HQ, kvHeads: HKV, headDim: D, kvDtype: DType.D_TYPE_BFLOAT16 };
   const variants: boolean[] = t <= gatheredUpTo ? [true, false] : [true];
   for (const chunk of chunks)
@@ -497,7 +520,7 @@ for (const t of args.prefill ? args.prefill.split(",").map(Number) : []) {
       }
       const [eng, mdl] = resident ? [engine, model] : [gatheredModel!.engine, gatheredModel!.model];
       const s = createLocalSession(eng, geo, retrieval("freekv"), t + 64);
-      const label = `prefill ${t} tokens in chunks of ${chunk}${resident ? "" : " (context read back from the host every chunk)"}`;
+      const label = `prefill ${t} tokens in chunks of ${chunk}${resident ? "" : " (context read back from the host every chunk)"}${envLabel}`;
       try {
         let seed = 7 + t;
         const tokens = Int32Array.from({ length: t }, () => (seed = (seed * 1103515245 + 12345) >>> 0) % V);
@@ -513,16 +536,18 @@ for (const t of args.prefill ? args.prefill.split(",").map(Number) : []) {
         }
         const ms = performance.now() - t0;
         const tflops = prefillFlops(t) / (ms / 1000) / 1e12;
-        prefillPoints.push({ tokens: t, chunk, resident, ms, tokensPerS: (t / ms) * 1000, tflops });
+        prefillPoints.push({ tokens: t, chunk, resident, ms, tokensPerS: (t / ms) * 1000, tflops, env: envLabel.trim() || undefined });
         log(`${label}: ${ms.toFixed(0)} ms (${((t / ms) * 1000).toFixed(0)} tokens/s, ${tflops.toFixed(0)} model TFLOP/s)`);
       } catch (e) {
-        prefillPoints.push({ tokens: t, chunk, resident, ms: NaN, tokensPerS: NaN, tflops: NaN, error: (e as Error).message });
+        prefillPoints.push({ tokens: t, chunk, resident, ms: NaN, tokensPerS: NaN, tflops: NaN, env: envLabel.trim() || undefined, error: (e as Error).message });
         log(`${label}: error: ${(e as Error).message}`);
       } finally {
         await s.close();
       }
     }
 }
+
+for (const [k, v] of savedEnv) if (v === undefined) delete process.env[k]; else process.env[k] = v;
 
 // ---- --grow: long sessions, hierarchical selection off and on ----------------------------------
 

@@ -32,6 +32,8 @@ export const computeConfigSchema = z.object({
   // Read by the addon (CudaEngine.cu, CudaSession.cu); an empty value is the default there too.
   FREEKV_PREFILL_OFFLOAD: z.enum(["copy", "kernel"], { message: 'must be "copy" or "kernel"' }).default("copy"),
   FREEKV_REGISTER_AHEAD: z.enum(["thread", "inline"], { message: 'must be "thread" or "inline"' }).default("thread"),
+  /** FREEKV_BACKEND=cuda, bf16 weights: the output type of a prefill's gate/up GEMM (forward_cuda.cu). */
+  FREEKV_PREFILL_GATE_UP: z.enum(["bf16", "f32"], { message: 'must be "bf16" or "f32"' }).default("bf16"),
   FREEKV_MALLOC_MMAP_THRESHOLD: mallocMmapThreshold(),
   /** FREEKV_BACKEND=cuda: device memory the prompts being prefilled keep resident (each layer's whole context between chunks); 0 = a quarter of the device. */
   FREEKV_PREFILL_CONTEXT_BYTES: nonNegativeInt(0),

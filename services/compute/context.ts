@@ -329,9 +329,11 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
             metrics.modelStepBatchSize.observe(size);
             metrics.modelStepSeconds.observe(ms / 1000);
           },
-          onPrefill(tokens, ms) {
+          onPrefill(tokens, ms, chunk) {
             metrics.prefillTokens.inc(tokens);
             metrics.prefillChunkSeconds.observe(ms / 1000);
+            // The model's idle time before the chunk: Generate's own overhead between two chunks of a prompt.
+            log.debug({ engineSession: chunk.session, start: chunk.start, tokens, ms: Math.round(ms * 100) / 100, gapMs: chunk.gapMs === undefined ? undefined : Math.round(chunk.gapMs * 100) / 100 }, "prefill chunk");
           },
         }),
       onLoad(seconds) {

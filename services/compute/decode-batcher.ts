@@ -19,6 +19,8 @@ import { ServiceError } from "../common/errors.js";
 export interface BatchInfo {
   size: number;
   ms: number;
+  /** Time from the end of the previous call to the start of this one (ms; undefined for the first): what the native side sat idle between them, when work was waiting. */
+  gapMs?: number;
 }
 
 export interface BatchItem<R> {
@@ -79,6 +81,8 @@ export interface BatchPolicy<I extends BatchItem<R>, R> {
 export class DecodeBatcher<I extends BatchItem<R>, R> {
   private queue: I[] = [];
   private running = false;
+  /** When the latest call returned (performance.now()). */
+  private lastCallEnd: number | undefined;
   private scheduled = false;
   /** Sessions of the last batch that have not submitted their next item yet (eager policy). */
   private awaited = new Set<string | number>();
@@ -191,16 +195,19 @@ export class DecodeBatcher<I extends BatchItem<R>, R> {
     try {
       if (!items.length) return;
       const t0 = performance.now();
+      const gapMs = this.lastCallEnd === undefined ? undefined : t0 - this.lastCallEnd;
       let results: R[];
       try {
         results = await this.policy.call(items);
       } catch (e) {
+        this.lastCallEnd = performance.now();
         this.awaited.clear();
         if (this.policy.failed) this.policy.failed(items, e);
         else for (const it of items) it.reject(e);
         return;
       }
-      const batch: BatchInfo = { size: items.length, ms: performance.now() - t0 };
+      this.lastCallEnd = performance.now();
+      const batch: BatchInfo = { size: items.length, ms: this.lastCallEnd - t0, gapMs };
       this.batches++;
       this.policy.observe?.(items, batch);
       if (this.policy.eager) this.awaited = new Set(items.map((it) => it.session));

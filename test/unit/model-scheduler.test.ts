@@ -255,6 +255,32 @@ describe("ModelScheduler", () => {
   });
 });
 
+describe("ModelScheduler time slices in whole waves", () => {
+  it("rounds a slice up to a multiple of the model's prefillWaveTokens, and not a whole chunk", async () => {
+    // A GPU-like chunk time: a part of a wave takes a whole wave's time (waves of `wave` tokens).
+    const rand = prng((Date.now() ^ 0x5eed) >>> 0);
+    const wave = 24 + Math.floor(rand() * 40);
+    const chunkMs = (n: number, c: number) => 1 + Math.ceil(n / wave) * wave * 1e-4 * (c + n / 2);
+    const { model, chunks } = timedModel(chunkMs, 8);
+    (model as { prefillWaveTokens?: number }).prefillWaveTokens = wave;
+    const sch = new ModelScheduler(model, { prefillChunkTokens: 16 * wave, prefillSlice: 1 });
+    let decoding = true;
+    const decoder = (async () => {
+      for (let pos = 0; decoding; pos++) await sch.step(2, 5, pos, true);
+    })();
+    await sch.step(3, 0, 0, true);
+    const n = 40 * wave + Math.floor(rand() * wave);
+    await feedPrompt(sch, 4, n);
+    decoding = false;
+    await decoder;
+    const sliced = chunks.filter((c) => c.n < 16 * wave);
+    expect(sliced.length).toBeGreaterThan(2);
+    // Every chunk but the prompt's last is whole waves; the slices did cut the prompt.
+    for (const c of chunks.slice(0, -1)) expect(c.n % wave, `chunk of ${c.n} at ${c.c} (wave ${wave})`).toBe(0);
+    expect(chunks.reduce((a, c) => a + c.n, 0)).toBe(n);
+  });
+});
+
 describe("ModelScheduler time slices with a large fixed part", () => {
   it("keeps chunks efficient and a decoding session's mean time per token near (1 + slice) x alone", async () => {
     // A chunk has a fixed part (the pass over the weights) three times a decode step: slices of one

@@ -81,8 +81,15 @@ class DeviceEngine {
   // would be by a later conversion (the same bits), so the model's next GEMM reads it directly and
   // the fp32 output, its write and the conversion's pass are skipped. Returns whether it did; when
   // false, `out` holds the output as usual.
+  // q_bf16 (optional, device memory of n * q_heads * head_dim bf16, only where
+  // PrefillTakesBf16Queries): the queries already rounded to bf16 (nearest even), which the
+  // tensor-core kernel reads instead of converting q; q then needs only its last row (kept for the
+  // first decode step's speculative selection).
   virtual bool PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n,
-                             float* out, bool tensor_cores, void* out_bf16) = 0;
+                             float* out, bool tensor_cores, void* out_bf16, const void* q_bf16 = nullptr) = 0;
+  // Whether PrefillDevice with tensor_cores runs the tensor-core kernel for this head dimension
+  // (and so takes q_bf16).
+  virtual bool PrefillTakesBf16Queries(int head_dim) const = 0;
   virtual void FinishDevicePrefill(int session) = 0;
   // Registers the session's host store for the device up to `tokens` of context (within its
   // reservation), ahead of need: the runner calls it while the device runs a prefill chunk, for

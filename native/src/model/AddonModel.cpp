@@ -226,7 +226,8 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
                         InstanceMethod("releaseSession", &AddonModel::ReleaseSession),
                         InstanceAccessor("vocabSize", &AddonModel::VocabSize, nullptr),
                         InstanceAccessor("attention", &AddonModel::AttentionKind, nullptr),
-                        InstanceAccessor("device", &AddonModel::Device, nullptr)});
+                        InstanceAccessor("device", &AddonModel::Device, nullptr),
+                        InstanceAccessor("prefillWaveTokens", &AddonModel::PrefillWaveTokens, nullptr)});
   }
 
   // new Model(options) maps and converts synchronously; Model.load(options) does that work off the
@@ -360,6 +361,9 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     return Napi::String::New(info.Env(), dense_ ? "dense" : "engine");
   }
   Napi::Value Device(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), forward_->device()); }
+  Napi::Value PrefillWaveTokens(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), forward_->prefill_wave_tokens());
+  }
 
   int threads_ = 0;
   std::unique_ptr<DenseAttention> dense_;

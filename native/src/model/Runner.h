@@ -78,6 +78,9 @@ class Runner {
   virtual const ModelConfig& config() const = 0;
   // Where the layers run: "cpu" or "cuda".
   virtual std::string device() const = 0;
+  // Prompt tokens of a prefill chunk whose attention fills the device once (binding.ts
+  // Model.prefillWaveTokens); 1 where chunk sizes do not matter that way.
+  virtual int prefill_wave_tokens() const { return 1; }
 };
 
 // Input checks shared by the runners. context(session) gives the tokens already cached.

@@ -28,6 +28,14 @@
  *   prompt advances in chunks that use the device well. (On the CPU, where 16-token slices cost
  *   several decode steps, a session decoding beside a 3K prompt ran at ~10x its median time per
  *   token alone before, 1.1-1.5x after: bench/results/ttft-cpu-20261203-slices.md.)
+ * - Whole waves: on the GPU a slice is rounded up to a multiple of Model.prefillWaveTokens, the
+ *   tokens whose attention fills every SM once. Deep in a long prompt the slices are a few hundred
+ *   tokens, less than a wave (512 at 8B shapes on an H200), and a part of a wave takes nearly a
+ *   whole wave's time: at 121,606 tokens of context 264 tokens took 60.6 ms where a whole
+ *   8192-token chunk took 72.7 ms a wave. A 128K prompt read beside a decoding session took 247
+ *   slices and 14.4 s of device time (11.1 s alone), its first token after 25.7 s; in whole waves
+ *   180 slices, 10.95 s and 19.6 s, the session's median pace unchanged (1.02-1.05x alone)
+ *   (bench/results/gpu-visit-20261204-2109/, -2126/).
  */
 import type { Model } from "../../../native/binding.js";
 import { addonFn, type SampleDraw } from "./sampling.js";
@@ -245,8 +253,8 @@ export interface ModelSchedulerOptions {
   prefillOrder?: "arrival" | "turns";
   /** After each decode step: its batch size and native time. */
   onStep?: (size: number, ms: number) => void;
-  /** After each prefill chunk: its tokens and native time. */
-  onPrefill?: (tokens: number, ms: number) => void;
+  /** After each prefill chunk: its tokens and native time, its session and first position, and the model's idle time before it (BatchInfo.gapMs). */
+  onPrefill?: (tokens: number, ms: number, chunk: { session: number; start: number; gapMs?: number }) => void;
 }
 
 const EMPTY = new Float32Array(0);
@@ -294,7 +302,7 @@ export class ModelScheduler {
           const n = w.took ?? w.tokens.length;
           this.prefillCost.observe(n, w.start, b.ms);
           this.prefillDebtMs = w.sliced ? this.prefillDebtMs + b.ms : 0;
-          opts.onPrefill?.(n, b.ms);
+          opts.onPrefill?.(n, b.ms, { session: w.session, start: w.start, gapMs: b.gapMs });
         } else {
           this.decodeMs = this.decodeMs === undefined ? b.ms : 0.8 * this.decodeMs + 0.2 * b.ms;
           this.prefillDebtMs = Math.max(0, this.prefillDebtMs - this.prefillSlice * b.ms);
@@ -380,6 +388,8 @@ export class ModelScheduler {
       const efficient =
         fixed === null ? null : this.prefillCost.tokensWithin(Math.min(fixed / SLICE_FIXED_SHARE, SLICE_MAX_STEPS * this.decodeMs), c.start, n);
       n = Math.min(n, Math.max(within ?? SLICE_FIRST_TOKENS, efficient ?? 0, SLICE_MIN_TOKENS));
+      const wave = this.model.prefillWaveTokens ?? 1;
+      if (wave > 1) n = Math.min(c.tokens.length, Math.ceil(n / wave) * wave);
       c.sliced = true;
     }
     return n;

@@ -35,6 +35,7 @@ CudaEngine::CudaEngine(const CudaEngineOptions& options)
   main_ = std::make_unique<Stream>();
   side_ = std::make_unique<Stream>();
   offload_ = std::make_unique<Stream>();
+  init_ = std::make_unique<Stream>();
   offload_done_ = std::make_unique<Event>();
   appended_ = std::make_unique<Event>();
   for (auto& e : stage_free_) e = std::make_unique<Event>();

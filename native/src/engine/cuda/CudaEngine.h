@@ -206,7 +206,8 @@ class CudaEngine final : public Engine, public DeviceEngine {
   void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
                      float* out) override;
   bool PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
-                     bool tensor_cores, void* out_bf16) override;
+                     bool tensor_cores, void* out_bf16, const void* q_bf16 = nullptr) override;
+  bool PrefillTakesBf16Queries(int head_dim) const override;
   void FinishDevicePrefill(int session) override;
   void RegisterAhead(int session, int64_t tokens) override;
   void Decode(int layer, const std::vector<DecodeItem>& items) override;
@@ -264,8 +265,9 @@ class CudaEngine final : public Engine, public DeviceEngine {
   // and nothing waits (the manifest is left pending); otherwise host pointers, and the call
   // returns with out written and the manifest committed.
   // out_bf16 (device_io only): PrefillDevice's; returns whether the output went there.
+  // q_bf16 (device_io only): PrefillDevice's.
   bool DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n, float* out,
-                 bool tensor_cores, bool device_io, void* out_bf16 = nullptr);
+                 bool tensor_cores, bool device_io, void* out_bf16 = nullptr, const void* q_bf16 = nullptr);
   // Queues the HND offload of `count` full NHD pages at `pages` to the store's pages from `first`
   // on offload_ (after what main has queued so far), as offload_by_copy_ says.
   void QueueOffload(Session& s, int layer, const bf16* pages, int first, int count);
@@ -291,6 +293,9 @@ class CudaEngine final : public Engine, public DeviceEngine {
   std::map<int, std::unique_ptr<Session>> sessions_;
   int next_id_ = 1;
   std::unique_ptr<Stream> main_, side_;
+  // A new session's initial device contents (CreateSession): waited for on their own, not behind
+  // the work other sessions have queued on main_ (a prompt's chunk: up to a second at 128K).
+  std::unique_ptr<Stream> init_;
   // Prefill offload (HND pages to the host store) of device prefills, overlapping the next
   // layers' work on the main stream; offload_done_ is recorded after each.
   std::unique_ptr<Stream> offload_;

@@ -80,15 +80,19 @@ void CudaEngine::PrefillAttend(int session, int layer, const float* q, const flo
   WriteQueryRecord(s, layer, q + (size_t)(n - 1) * s.geo.q_heads * s.geo.head_dim);
 }
 
+bool CudaEngine::PrefillTakesBf16Queries(int head_dim) const { return FlashPrefillSupports(head_dim); }
+
 bool CudaEngine::PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n,
-                               float* out, bool tensor_cores, void* out_bf16) {
+                               float* out, bool tensor_cores, void* out_bf16, const void* q_bf16) {
   auto lock = LockOutsideStep("prefillDevice");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   Session& s = Find(session);
   CheckLayer(s, layer);
   if (n < 1) throw std::invalid_argument("n must be >= 1");
   if (!q || !k || !v || !out) throw std::invalid_argument("q, k, v and out must not be null");
-  const bool wrote_bf16 = DoPrefill(s, layer, q, k, v, n, out, tensor_cores, true, out_bf16);
+  if (q_bf16 && !(tensor_cores && FlashPrefillSupports(s.geo.head_dim)))
+    throw std::invalid_argument("prefillDevice: bf16 queries need the tensor-core kernel (PrefillTakesBf16Queries)");
+  const bool wrote_bf16 = DoPrefill(s, layer, q, k, v, n, out, tensor_cores, true, out_bf16, q_bf16);
   LayerTier& L = *s.layers[layer];
   L.has_q = true;
   L.first_decode = true;
@@ -249,7 +253,7 @@ void CudaEngine::QueueOffload(Session& s, int layer, const bf16* pages, int firs
 }
 
 bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n,
-                           float* out, bool tensor_cores, bool device_io, void* out_bf16) {
+                           float* out, bool tensor_cores, bool device_io, void* out_bf16, const void* q_bf16) {
   LayerTier& L = *s.layers[layer];
   const int P = s.P, Hkv = s.geo.kv_heads, D = s.geo.head_dim, Hq = s.geo.q_heads;
   if ((L.tokens + n) / P > s.host.capacity_pages)
@@ -304,7 +308,8 @@ bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
   // fp32 inputs and output (host callers: copied through the scratch), then (flash kernel) q
   // rounded to bf16: qn bf16 = qn / 2 floats, 16-byte aligned.
   const size_t staged = device_io ? 0 : 2 * kvn + 2 * qn;
-  const size_t q16_floats = flash ? (qn / 2 + 4) : 0;
+  const bool q_given = flash && device_io && q_bf16 != nullptr;  // no conversion pass
+  const size_t q16_floats = flash && !q_given ? (qn / 2 + 4) : 0;
   if (staged + q16_floats > prefill_f32_.size()) {
     FKV_CUDA_CHECK(cudaStreamSynchronize(st));
     prefill_f32_.Resize(staged + q16_floats);
@@ -359,13 +364,22 @@ bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
   }
   // Place the run's pages in their working slots (every page of a dense layer; sink pages; the
   // window pages of the new context).
+  // Pages whose slots follow one another (the sink pages; the window's ring up to its wrap; every
+  // page of a dense layer) go in one copy: a 2048-token run of a 512-token window is 2 copies
+  // instead of 17.
   const Ranges r = RangesFor(s, t_new);
-  for (int p = first; p <= last; ++p) {
-    const bool keep = L.dense || p < s.SP || p >= r.window_begin;
-    if (!keep) continue;
-    FKV_CUDA_CHECK(cudaMemcpyAsync(L.pool.get() + (size_t)s.WorkingSlot(L, p) * s.page_elems,
-                                   newp + (size_t)(p - first) * s.page_elems, s.page_elems * sizeof(bf16),
+  for (int p = first; p <= last;) {
+    if (!(L.dense || p < s.SP || p >= r.window_begin)) {
+      ++p;
+      continue;
+    }
+    const int slot = s.WorkingSlot(L, p);
+    int e = p + 1;
+    while (e <= last && (L.dense || e < s.SP || e >= r.window_begin) && s.WorkingSlot(L, e) == slot + (e - p)) ++e;
+    FKV_CUDA_CHECK(cudaMemcpyAsync(L.pool.get() + (size_t)slot * s.page_elems,
+                                   newp + (size_t)(p - first) * s.page_elems, (size_t)(e - p) * s.page_elems * sizeof(bf16),
                                    cudaMemcpyDeviceToDevice, st));
+    p = e;
   }
   if (q) {
     // Earlier full pages not on the device come back from the host store (HND -> NHD).
@@ -391,8 +405,12 @@ bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
       FKV_CUDA_CHECK(cudaMemsetAsync(dout, 0xff, qn * sizeof(float), st));
     if (flash) {
       // Tensor cores (attention_prefill_flash.cuh): q rounded to bf16 like the K/V it meets.
-      auto* dq16 = reinterpret_cast<bf16*>(scratch);
-      LaunchQueriesToBf16(dq, qn, dq16, st);
+      const bf16* dq16 = static_cast<const bf16*>(q_bf16);
+      if (!q_given) {
+        bf16* conv = reinterpret_cast<bf16*>(scratch);
+        LaunchQueriesToBf16(dq, qn, conv, st);
+        dq16 = conv;
+      }
       FlashPrefillParams fp;
       fp.q = dq16;
       fp.pages = pages;

@@ -297,9 +297,12 @@ int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const
   s->tail_dev = RegisterMapped(h.tail, h.tail_bytes, s->tail_registered, "cudaHostRegister(host.tail)");
   s->manifest_dev =
       RegisterMapped(h.manifest, h.manifest_bytes, s->manifest_registered, "cudaHostRegister(host.manifest)");
-  // Initial contents are written on the main stream (the legacy default stream does not order
-  // against the engine's non-blocking streams), then waited for once.
-  cudaStream_t st = main_->get();
+  // Initial contents are written on a stream of their own (the legacy default stream does not order
+  // against the engine's non-blocking streams), then waited for once: the session is nobody's
+  // until this returns, so nothing else needs to order after them, and the wait is not behind
+  // other sessions' queued work (the engine lock is held meanwhile, and a prompt prefilling
+  // beside would stop being issued).
+  cudaStream_t st = init_->get();
   s->counters.Resize((size_t)g.layers * kLayerWords);
   FKV_CUDA_CHECK(cudaMemsetAsync(s->counters.get(), 0, s->counters.bytes(), st));
   const int Hkv = g.kv_heads, D = g.head_dim, cap = h.capacity_pages, K = s->K;
@@ -356,12 +359,31 @@ int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const
 }
 
 void CudaEngine::CloseSession(int session) {
-  auto lock = LockOutsideStep("closeSession");
-  FKV_CUDA_CHECK(cudaSetDevice(device_));
-  EndPrefill(Find(session));
-  // Queued work may still use the session's memory and registered segments.
-  SyncStreams();
-  sessions_.erase(session);
+  // Work queued so far may still use the session's memory and registered segments: it is waited
+  // for, and the session destroyed (its store unregistered: ~0.1 s per 4 GB; its device memory
+  // freed), outside the engine lock: under it, the wait and the destruction held off every other
+  // session (a prompt prefilling beside stopped being issued, and the device drained). That was
+  // not what made a prompt's first chunk slow after another request (PERF.md, "A prompt among other
+  // requests"): the same visit after this change measured the same first-chunk times.
+  std::unique_ptr<Session> closing;
+  Event fences[3];
+  {
+    auto lock = LockOutsideStep("closeSession");
+    FKV_CUDA_CHECK(cudaSetDevice(device_));
+    auto it = sessions_.find(session);
+    if (it == sessions_.end()) throw std::invalid_argument("session " + to_string(session) + " is not open");
+    EndPrefill(*it->second);
+    const Stream* streams[3] = {main_.get(), side_.get(), offload_.get()};
+    for (int i = 0; i < 3; ++i) FKV_CUDA_CHECK(cudaEventRecord(fences[i].get(), streams[i]->get()));
+    closing = std::move(it->second);
+    sessions_.erase(it);
+  }
+  try {
+    for (auto& f : fences) FKV_CUDA_CHECK(cudaEventSynchronize(f.get()));
+  } catch (...) {
+    cudaDeviceSynchronize();  // whatever failed, nothing may still use the session when it goes
+    throw;
+  }
 }
 
 }  // namespace freekv::cuda

@@ -304,6 +304,27 @@ void LaunchQueriesToBf16(const float* x, size_t n, __nv_bfloat16* y, cudaStream_
   FKV_CUDA_CHECK(cudaGetLastError());
 }
 
+int FlashPrefillWaveTokens(int q_heads, int kv_heads, int head_dim) {
+  if (q_heads <= 0 || kv_heads <= 0 || q_heads % kv_heads || !FlashPrefillSupports(head_dim)) return 1;
+  int dev = 0, sms = 0, per_sm = 0, rows = 0;
+  FKV_CUDA_CHECK(cudaGetDevice(&dev));
+  FKV_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  if (head_dim == 128 && FlashPrefillWgmmaAvailable()) {
+    per_sm = FlashPrefillWgmmaCtasPerSm();
+    rows = kFlashWgmmaBlockM;
+  } else {
+    const size_t smem = head_dim == 64 ? SmemBytes<64>() : SmemBytes<128>();
+    auto* kernel = head_dim == 64 ? FlashPrefillKernel<64> : FlashPrefillKernel<128>;
+    FKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    FKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    rows = BM;
+  }
+  // Whole row tiles of every KV head: the CTAs of one wave, rounded down to whole tiles per head.
+  const long long tiles = (long long)sms * std::max(per_sm, 1) / kv_heads;
+  const long long tokens = tiles * rows / (q_heads / kv_heads);
+  return (int)std::max<long long>(1, tokens);
+}
+
 void LaunchFlashPrefillAttention(const FlashPrefillParams& in, cudaStream_t stream) {
   Require(in.n > 0 && in.start >= 0, "flash prefill attention: n must be > 0 and start >= 0");
   Require(in.kv_heads > 0 && in.q_heads > 0 && in.q_heads % in.kv_heads == 0,

@@ -59,6 +59,12 @@ void LaunchQueriesToBf16(const float* x, size_t n, __nv_bfloat16* y, cudaStream_
 // Head dims the kernel takes (others use the per-row kernel of attention_prefill.cuh).
 constexpr bool FlashPrefillSupports(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
+// Query tokens of a launch whose CTAs fill the current device's SMs once (as many CTAs per SM as
+// fit, whole row tiles of one KV head each, the kernel this head dimension gets here): a prefill
+// chunk of a multiple of it leaves no SM idle in its last wave, where a part of a wave costs
+// nearly a whole wave's time. At least 1.
+int FlashPrefillWaveTokens(int q_heads, int kv_heads, int head_dim);
+
 // Rows of (query, head) per CTA and tokens per K/V tile of the mma.sync kernel (for callers sizing
 // work; the sm_90a kernel uses 128 x 128).
 constexpr int kFlashPrefillBlockM = 128;

@@ -443,6 +443,14 @@ bool FlashPrefillWgmmaAvailable() {
   return major == 9 && minor == 0;
 }
 
+int FlashPrefillWgmmaCtasPerSm() {
+  auto* kernel = kDefaultVariant == 2 ? FlashPrefillWgmmaKernel<2> : kDefaultVariant == 1 ? FlashPrefillWgmmaKernel<1> : FlashPrefillWgmmaKernel<0>;
+  FKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes)));
+  int n = 0;
+  FKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, kSmemBytes));
+  return n;
+}
+
 void LaunchFlashPrefillWgmma(const FlashPrefillParams& p, int m_tiles, cudaStream_t stream) {
   Require(p.head_dim == D, "flash prefill attention (sm_90a): head_dim must be 128");
   const int variant = p.variant < 0 ? kDefaultVariant : p.variant;

@@ -13,6 +13,8 @@ bool FlashPrefillWgmmaAvailable();
 
 // Head dim 128 only; p already checked (and p.scale resolved) by the caller.
 void LaunchFlashPrefillWgmma(const FlashPrefillParams& p, int m_tiles, cudaStream_t stream);
+// CTAs of that kernel resident on one SM at once (its shared memory allows one).
+int FlashPrefillWgmmaCtasPerSm();
 
 // (query, head) rows per CTA and tokens per K/V tile of the sm_90a kernel.
 constexpr int kFlashWgmmaBlockM = 128;

@@ -3,12 +3,14 @@
 // Per layer, for M rows (a decode batch or a prefill chunk), on the engine's stream:
 //   h   = RMSNorm(x)                                  (operand type T: bf16 or fp32)
 //   qkv = h Wqkv^T (+ bias)                           one GEMM over the fused [q|k|v] weight, fp32 out
-//   q, k, v = RoPE(split(qkv))                        fp32, what the engine takes
+//   q, k, v = RoPE(split(qkv))                        fp32, what the engine takes (a bf16 prefill:
+//                                                     q in bf16 for the tensor-core kernel)
 //   a   = attention                                   decode: engine DecodeDevice; prefill: engine
 //                                                     PrefillDevice (on tensor cores for bf16
 //                                                     weights); both on device pointers
 //   x  += T(a) Wo^T                                   GEMM with beta = 1 into the fp32 residual
-//   h   = RMSNorm(x);  gu = h Wgu^T                   fused [gate|up] weight
+//   h   = RMSNorm(x);  gu = h Wgu^T                   fused [gate|up] weight (fp32 out; a prefill's
+//                                                     bf16 by default, FREEKV_PREFILL_GATE_UP)
 //   x  += T(silu(gate) * up) Wdown^T                  beta = 1 again
 // then logits = T(RMSNorm(x)) Wlm^T (fp32) and one copy of the logits to the host.
 //
@@ -38,6 +40,7 @@
 #include "model_kernels.cuh"
 #include "cuda/step_graph.cuh"
 #include "engine/DeviceEngine.h"
+#include "engine/cuda/attention_prefill_flash.cuh"
 
 namespace freekv::model {
 namespace {
@@ -60,6 +63,13 @@ struct DevMatrix {
 // the engine's finish that waits for the offload and writes the manifests). Totals from the
 // session's token 0 are carried so the last line of a prompt is its whole breakdown. Off by
 // default: the events cost a few microseconds per layer.
+// FREEKV_PREFILL_GATE_UP: "bf16" (the default) or "f32", the gate/up GEMM's output type in a
+// prefill (decode steps keep fp32). The services validate it at start.
+bool PrefillGateUpBf16() {
+  const char* e = std::getenv("FREEKV_PREFILL_GATE_UP");
+  return !(e && std::strcmp(e, "f32") == 0);
+}
+
 class PrefillProfile {
  public:
   static bool On() {
@@ -171,6 +181,10 @@ class CudaRunner final : public Runner {
     if ((int)c_.rope_inv_freq.size() != c_.head_dim / 2)
       throw std::invalid_argument("config.ropeInvFreq must hold headDim / 2 values");
     Upload(std::move(w));
+    // bf16 runners prefill on the tensor-core kernel (PrefillDevice's tensor_cores), fp32 ones on
+    // the exact per-row kernel, where chunk sizes do not matter that way.
+    if (bf16_ && cuda::FlashPrefillSupports(c_.head_dim))
+      wave_tokens_ = cuda::FlashPrefillWaveTokens(c_.q_heads, c_.kv_heads, c_.head_dim);
   }
 
   ~CudaRunner() override {
@@ -180,6 +194,7 @@ class CudaRunner final : public Runner {
 
   const ModelConfig& config() const override { return c_; }
   std::string device() const override { return "cuda"; }
+  int prefill_wave_tokens() const override { return wave_tokens_; }
 
   std::vector<float> Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits,
                              int chunk) override;
@@ -288,6 +303,7 @@ class CudaRunner final : public Runner {
     v_.Resize(M * K);
     attn_.Resize(M * Q);
     gu_.Resize(M * 2 * I);
+    if (bf16_) q16_.Resize(M * Q * 2);
     ids_.Resize(2 * (size_t)M);
     ids_pin_.Resize(2 * (size_t)M * sizeof(int));
     rows_ = M;
@@ -317,7 +333,9 @@ class CudaRunner final : public Runner {
   }
 
   // The layer before attention: q_, k_, v_ for M rows.
-  void PreAttention(const Layer& L, int M) {
+  // q16: the rotated queries in bf16 there (all rows) and in q_ only the last row (see
+  // LaunchBiasRopeSplit), for the engine's tensor-core prefill.
+  void PreAttention(const Layer& L, int M, void* q16 = nullptr) {
     const int H = c_.hidden_size, Q = c_.q_dim(), K = c_.kv_dim();
     Op(cuda::LaunchRmsNorm, static_cast<const float*>(x_.get()), static_cast<const float*>(L.in_norm.get()), M, H,
        c_.rms_norm_eps, static_cast<void*>(op_.get()), bf16_);
@@ -326,12 +344,14 @@ class CudaRunner final : public Runner {
     Op(cuda::LaunchBiasRopeSplit, static_cast<const float*>(qkv_.get()),
        static_cast<const float*>(L.bias ? L.bqkv.get() : nullptr), static_cast<const int*>(ids_.get() + M),
        static_cast<const float*>(inv_freq_.get()), M, c_.q_heads, c_.kv_heads, c_.head_dim, q_.get(), k_.get(),
-       v_.get());
+       v_.get(), q16);
   }
 
   // The layer after attention (attn_ holds it): o_proj and the MLP, both added into x_.
   // attn_in_op: the attention's output is already in op_ as bf16 (PrefillDevice wrote it there).
-  void PostAttention(const Layer& L, int M, bool attn_in_op = false) {
+  // gu_bf16: the gate/up GEMM writes bf16 (half the bytes written and read back by SwiGLU; the
+  // values PyTorch's bf16 Linear layers give) instead of fp32 (FREEKV_PREFILL_GATE_UP).
+  void PostAttention(const Layer& L, int M, bool attn_in_op = false, bool gu_bf16 = false) {
     const int H = c_.hidden_size, I = c_.intermediate_size, Q = c_.q_dim();
     const void* a = attn_in_op ? static_cast<const void*>(op_.get()) : static_cast<const void*>(attn_.get());
     if (bf16_ && !attn_in_op) {
@@ -341,9 +361,15 @@ class CudaRunner final : public Runner {
     Op(GemmOp, a, L.wo.get(), static_cast<void*>(x_.get()), M, H, Q, OperandType(), GemmType::F32, 1.f, 1.f);
     Op(cuda::LaunchRmsNorm, static_cast<const float*>(x_.get()), static_cast<const float*>(L.post_norm.get()), M, H,
        c_.rms_norm_eps, static_cast<void*>(op_.get()), bf16_);
-    Op(GemmOp, static_cast<const void*>(op_.get()), L.wgu.get(), static_cast<void*>(gu_.get()), M, 2 * I, H,
-       OperandType(), GemmType::F32, 1.f, 0.f);
-    Op(cuda::LaunchSwiGlu, static_cast<const float*>(gu_.get()), M, I, static_cast<void*>(op_.get()), bf16_);
+    if (gu_bf16 && bf16_) {
+      Op(GemmOp, static_cast<const void*>(op_.get()), L.wgu.get(), static_cast<void*>(gu_.get()), M, 2 * I, H,
+         GemmType::BF16, GemmType::BF16, 1.f, 0.f);
+      Op(cuda::LaunchSwiGluBf16, static_cast<const void*>(gu_.get()), M, I, static_cast<void*>(op_.get()), true);
+    } else {
+      Op(GemmOp, static_cast<const void*>(op_.get()), L.wgu.get(), static_cast<void*>(gu_.get()), M, 2 * I, H,
+         OperandType(), GemmType::F32, 1.f, 0.f);
+      Op(cuda::LaunchSwiGlu, static_cast<const float*>(gu_.get()), M, I, static_cast<void*>(op_.get()), bf16_);
+    }
     Op(GemmOp, static_cast<const void*>(op_.get()), L.wdown.get(), static_cast<void*>(x_.get()), M, H, I,
        OperandType(), GemmType::F32, 1.f, 1.f);
   }
@@ -371,6 +397,7 @@ class CudaRunner final : public Runner {
   // stream and the engine's step op list (the binding runs them on worker threads).
   std::mutex run_mu_;
   bool bf16_;
+  int wave_tokens_ = 1;
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
   std::vector<Layer> layers_;
@@ -379,6 +406,7 @@ class CudaRunner final : public Runner {
   int rows_ = 0, logit_rows_ = 0;
   DeviceArray<float> x_, qkv_, q_, k_, v_, attn_, gu_, logits_;
   DeviceArray<uint8_t> op_;  // GEMM operand rows: [M][max(H, I, Q)] of the operand type
+  DeviceArray<uint8_t> q16_; // bf16 runners: a prefill pass's rotated queries [M][Q] in bf16
   DeviceArray<int> ids_;     // tokens [M] | positions [M]
   PinnedBuffer ids_pin_, logits_pin_;
   PrefillProfile profile_;  // FREEKV_PREFILL_PROFILE only
@@ -454,6 +482,10 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
     if (prof) prof->Mark(stream_, part);
   };
   double issue_ms = 0, register_ms = 0, wait_ms = 0;
+  // Read at every call, so that a benchmark can time both in one process.
+  const bool gu_bf16 = bf16_ && c_.intermediate_size % 8 == 0 && PrefillGateUpBf16();
+  // The queries go to the engine in bf16 straight from RoPE where its tensor-core kernel takes them.
+  const bool q_direct = bf16_ && device_engine_->PrefillTakesBf16Queries(c_.head_dim);
   Size(std::min(chunk, total));
   SizeLogits(all_logits ? std::min(chunk, total) : 1);
   try {
@@ -466,16 +498,17 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
       Embed(tokens.data() + c0, pos.data(), n);
       mark(PrefillProfile::kEmbed);
       for (int l = 0; l < c_.layers; ++l) {
-        PreAttention(layers_[l], n);
+        PreAttention(layers_[l], n, q_direct ? q16_.get() : nullptr);
         mark(PrefillProfile::kPre);
         // The engine keeps the context on the device and offloads filled pages on its copy stream;
         // bf16 weights: the attention on tensor cores too; fp32 models keep exact fp32 attention.
         // bf16 weights: the output straight into op_ in bf16 where the tensor-core kernel runs (op_
         // is free between the q/k/v GEMM and o_proj), skipping an fp32 pass and its conversion.
         const bool in_op = device_engine_->PrefillDevice(session, l, q_.get(), k_.get(), v_.get(), n, attn_.get(),
-                                                         bf16_, bf16_ ? static_cast<void*>(op_.get()) : nullptr);
+                                                         bf16_, bf16_ ? static_cast<void*>(op_.get()) : nullptr,
+                                                         q_direct ? q16_.get() : nullptr);
         mark(PrefillProfile::kAttn);
-        PostAttention(layers_[l], n, in_op);
+        PostAttention(layers_[l], n, in_op, gu_bf16);
         mark(PrefillProfile::kPost);
       }
       const bool last = c0 + n == total;

@@ -1,6 +1,7 @@
 // See model_kernels.cuh.
 #include <cuda_bf16.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -55,8 +56,11 @@ __global__ void RmsNormKernel(const float* x, const float* w, int H, float eps, 
 }
 
 // grid (M, Hq + 2 Hkv), block D/2: thread i handles the rotary pair (i, i + D/2) of one head.
+// Q16: the queries go to q16 in bf16 (round to nearest even) for every row, and to q in fp32 for
+// the last row only (last_row).
+template <bool Q16>
 __global__ void BiasRopeSplitKernel(const float* qkv, const float* bias, const int* positions, const float* inv_freq,
-                                    int Hq, int Hkv, int D, float* q, float* k, float* v) {
+                                    int Hq, int Hkv, int D, float* q, float* k, float* v, bf16* q16, int last_row) {
   const int m = blockIdx.x, head = blockIdx.y, i = threadIdx.x, half = D / 2;
   const int W = (Hq + 2 * Hkv) * D;
   const float* src = qkv + (size_t)m * W + (size_t)head * D;
@@ -74,6 +78,12 @@ __global__ void BiasRopeSplitKernel(const float* qkv, const float* bias, const i
     const float r0 = a * c - b * s, r1 = b * c + a * s;
     a = r0;
     b = r1;
+    if (Q16 && head < Hq) {
+      bf16* d16 = q16 + ((size_t)m * Hq + head) * D;
+      d16[i] = __float2bfloat16_rn(a);
+      d16[i + half] = __float2bfloat16_rn(b);
+      if (m != last_row) return;
+    }
     dst = head < Hq ? q + ((size_t)m * Hq + head) * D : k + ((size_t)m * Hkv + (head - Hq)) * D;
   } else {
     dst = v + ((size_t)m * Hkv + (head - Hq - Hkv)) * D;
@@ -88,6 +98,34 @@ __global__ void SwiGluKernel(const float* gu, int I, void* act) {
   for (int f = blockIdx.x * blockDim.x + threadIdx.x; f < I; f += gridDim.x * blockDim.x) {
     const float g = gu[(size_t)m * 2 * I + f], u = gu[(size_t)m * 2 * I + I + f];
     Store<B>(act, (size_t)m * I + f, g / (1.f + expf(-g)) * u);
+  }
+}
+
+// gu [M][gate I | up I] in bf16 (the GEMM's rounded output), 8 features a thread (I % 8 == 0).
+template <bool B>
+__global__ void SwiGluBf16Kernel(const bf16* gu, int I, void* act) {
+  const int m = blockIdx.y;
+  const bf16* g = gu + (size_t)m * 2 * I;
+  for (int f = (blockIdx.x * blockDim.x + threadIdx.x) * 8; f < I; f += gridDim.x * blockDim.x * 8) {
+    const uint4 gv = *reinterpret_cast<const uint4*>(g + f), uv = *reinterpret_cast<const uint4*>(g + I + f);
+    const bf16* gh = reinterpret_cast<const bf16*>(&gv);
+    const bf16* uh = reinterpret_cast<const bf16*>(&uv);
+    float r[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float x = __bfloat162float(gh[j]), u = __bfloat162float(uh[j]);
+      r[j] = x / (1.f + expf(-x)) * u;
+    }
+    if constexpr (B) {
+      uint4 o;
+      bf16* oh = reinterpret_cast<bf16*>(&o);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) oh[j] = __float2bfloat16(r[j]);
+      *reinterpret_cast<uint4*>(static_cast<bf16*>(act) + (size_t)m * I + f) = o;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) static_cast<float*>(act)[(size_t)m * I + f + j] = r[j];
+    }
   }
 }
 
@@ -168,10 +206,27 @@ void LaunchRmsNorm(const float* x, const float* w, int M, int H, float eps, void
 }
 
 void LaunchBiasRopeSplit(const float* qkv, const float* bias, const int* positions, const float* inv_freq, int M,
-                         int Hq, int Hkv, int D, float* q, float* k, float* v, cudaStream_t s) {
+                         int Hq, int Hkv, int D, float* q, float* k, float* v, void* q16, cudaStream_t s) {
   if (M <= 0) return;
   if (D % 2 || D > 2048) throw std::invalid_argument("rope: head_dim must be even and <= 2048");
-  BiasRopeSplitKernel<<<dim3(M, Hq + 2 * Hkv), D / 2, 0, s>>>(qkv, bias, positions, inv_freq, Hq, Hkv, D, q, k, v);
+  const dim3 grid(M, Hq + 2 * Hkv);
+  if (q16)
+    BiasRopeSplitKernel<true><<<grid, D / 2, 0, s>>>(qkv, bias, positions, inv_freq, Hq, Hkv, D, q, k, v,
+                                                     static_cast<bf16*>(q16), M - 1);
+  else
+    BiasRopeSplitKernel<false><<<grid, D / 2, 0, s>>>(qkv, bias, positions, inv_freq, Hq, Hkv, D, q, k, v, nullptr, -1);
+  FKV_CUDA_CHECK(cudaGetLastError());
+}
+
+void LaunchSwiGluBf16(const void* gu, int M, int I, void* act, bool act_bf16, cudaStream_t s) {
+  if (M <= 0) return;
+  if (I % 8 || reinterpret_cast<uintptr_t>(gu) % 16 || reinterpret_cast<uintptr_t>(act) % 16)
+    throw std::invalid_argument("swiglu (bf16 input): the intermediate size must be a multiple of 8 and the buffers 16-byte aligned");
+  dim3 grid(Blocks(I / 8, 256, 128), M);
+  if (act_bf16)
+    SwiGluBf16Kernel<true><<<grid, 256, 0, s>>>(static_cast<const bf16*>(gu), I, act);
+  else
+    SwiGluBf16Kernel<false><<<grid, 256, 0, s>>>(static_cast<const bf16*>(gu), I, act);
   FKV_CUDA_CHECK(cudaGetLastError());
 }
 
