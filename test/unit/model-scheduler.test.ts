@@ -263,7 +263,9 @@ describe("ModelScheduler time slices in whole waves", () => {
     const chunkMs = (n: number, c: number) => 1 + Math.ceil(n / wave) * wave * 1e-4 * (c + n / 2);
     const { model, chunks } = timedModel(chunkMs, 8);
     (model as { prefillWaveTokens?: number }).prefillWaveTokens = wave;
-    const sch = new ModelScheduler(model, { prefillChunkTokens: 16 * wave, prefillSlice: 1 });
+    // The chunk bound is not a multiple of the wave: a rounded slice never passes it.
+    const most = 16 * wave - 5;
+    const sch = new ModelScheduler(model, { prefillChunkTokens: most, prefillSlice: 1 });
     let decoding = true;
     const decoder = (async () => {
       for (let pos = 0; decoding; pos++) await sch.step(2, 5, pos, true);
@@ -273,11 +275,35 @@ describe("ModelScheduler time slices in whole waves", () => {
     await feedPrompt(sch, 4, n);
     decoding = false;
     await decoder;
-    const sliced = chunks.filter((c) => c.n < 16 * wave);
+    const sliced = chunks.filter((c) => c.n < most);
     expect(sliced.length).toBeGreaterThan(2);
-    // Every chunk but the prompt's last is whole waves; the slices did cut the prompt.
-    for (const c of chunks.slice(0, -1)) expect(c.n % wave, `chunk of ${c.n} at ${c.c} (wave ${wave})`).toBe(0);
+    for (const c of chunks) expect(c.n).toBeLessThanOrEqual(most);
+    // Every slice but the prompt's last is whole waves; the slices did cut the prompt.
+    for (const c of sliced.slice(0, -1)) expect(c.n % wave, `chunk of ${c.n} at ${c.c} (wave ${wave})`).toBe(0);
     expect(chunks.reduce((a, c) => a + c.n, 0)).toBe(n);
+  });
+});
+
+describe("ModelScheduler whole-wave slices and the chunk bound", () => {
+  it("never rounds a slice past prefillChunkTokens", async () => {
+    // Chunks so cheap that a slice's time allows a whole chunk: rounded up to waves it would pass
+    // a bound that is not a multiple of the wave.
+    const rand = prng((Date.now() ^ 0xb0b) >>> 0);
+    const wave = 10 + Math.floor(rand() * 20);
+    const most = 5 * wave - 1 - Math.floor(rand() * (wave - 2));
+    const { model, chunks } = timedModel(() => 0.5, 8);
+    (model as { prefillWaveTokens?: number }).prefillWaveTokens = wave;
+    const sch = new ModelScheduler(model, { prefillChunkTokens: most, prefillSlice: 1 });
+    let decoding = true;
+    const decoder = (async () => {
+      for (let pos = 0; decoding; pos++) await sch.step(2, 5, pos, true);
+    })();
+    await sch.step(3, 0, 0, true);
+    await feedPrompt(sch, 4, 20 * wave);
+    decoding = false;
+    await decoder;
+    for (const c of chunks) expect(c.n, `chunk at ${c.c} (wave ${wave}, bound ${most})`).toBeLessThanOrEqual(most);
+    expect(chunks.some((c) => c.n === most)).toBe(true);
   });
 });
 

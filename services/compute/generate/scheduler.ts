@@ -389,7 +389,7 @@ export class ModelScheduler {
         fixed === null ? null : this.prefillCost.tokensWithin(Math.min(fixed / SLICE_FIXED_SHARE, SLICE_MAX_STEPS * this.decodeMs), c.start, n);
       n = Math.min(n, Math.max(within ?? SLICE_FIRST_TOKENS, efficient ?? 0, SLICE_MIN_TOKENS));
       const wave = this.model.prefillWaveTokens ?? 1;
-      if (wave > 1) n = Math.min(c.tokens.length, Math.ceil(n / wave) * wave);
+      if (wave > 1) n = Math.min(c.tokens.length, this.prefillChunkTokens, Math.ceil(n / wave) * wave);
       c.sliced = true;
     }
     return n;
