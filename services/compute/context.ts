@@ -332,7 +332,8 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
           onPrefill(tokens, ms, chunk) {
             metrics.prefillTokens.inc(tokens);
             metrics.prefillChunkSeconds.observe(ms / 1000);
-            // The model's idle time before the chunk: Generate's own overhead between two chunks of a prompt.
+            // gapMs: the time since the previous model call ended (it counts time with nothing queued too);
+            // between two chunks of a prompt read alone, Generate's own overhead.
             log.debug({ engineSession: chunk.session, start: chunk.start, tokens, ms: Math.round(ms * 100) / 100, gapMs: chunk.gapMs === undefined ? undefined : Math.round(chunk.gapMs * 100) / 100 }, "prefill chunk");
           },
         }),

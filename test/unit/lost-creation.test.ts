@@ -32,7 +32,8 @@ function setup() {
   // next: the next attach's answer is lost; before: the kvstore never sees that call; gate: the
   // next attach waits for it first (a slow kvstore).
   // old: GetStats answers as a kvstore older than creation tokens (no features).
-  const lose: { next: boolean; before?: boolean; gate?: Promise<void>; old?: boolean } = { next: true };
+  // statsDown: GetStats does not answer.
+  const lose: { next: boolean; before?: boolean; gate?: Promise<void>; old?: boolean; statsDown?: boolean } = { next: true };
   const releases: { id: string; token: string }[] = [];
   const kvstore = {
     async attach(req: Parameters<KvStore["attach"]>[0]) {
@@ -49,6 +50,7 @@ function setup() {
       return r!;
     },
     async stats() {
+      if (lose.statsDown) throw Object.assign(new Error("14 UNAVAILABLE: No connection established"), { code: status.UNAVAILABLE });
       const st = store.stats();
       return lose.old ? { ...st, features: [] } : st;
     },
@@ -142,6 +144,20 @@ describe("a named session whose creation answer was lost", () => {
     // Such a kvstore would have ignored the token and freed the session whoever used it since.
     expect(releases).toEqual([]);
     expect(store.list()).toEqual(["lost-5"]);
+  });
+
+  it("waits while the kvstore cannot say whether it honours creation tokens, then releases it", async () => {
+    const { store, mgr, lose, releases, create, settle } = setup();
+    lose.statsDown = true;
+    await expect(create("lost-6")).rejects.toMatchObject({ code: status.DEADLINE_EXCEEDED });
+    await new Promise((r) => setTimeout(r, 120)); // several rounds of 20 ms
+    expect(mgr.releasesPending).toBe(1);
+    expect(releases).toEqual([]);
+    expect(store.list()).toEqual(["lost-6"]);
+    lose.statsDown = false;
+    await settle();
+    expect(mgr.releasesPending).toBe(0);
+    expect(store.list()).toEqual([]);
   });
 
   it("tries the token of every lost creation: the one whose call made the session releases it", async () => {

@@ -873,6 +873,8 @@ export class SessionManager {
     if (this.retrying) return;
     this.retrying = true;
     try {
+      // Whether the kvstore honours creation tokens: undefined until asked, null when it did not answer.
+      let honours: boolean | null | undefined;
       for (const [id, tokens] of [...this.pendingReleases]) {
         const unconditional = tokens.has("");
         // Open here again (a client reused the name since): not ours to release.
@@ -887,15 +889,21 @@ export class SessionManager {
           if (unconditional) this.pendingReleases.delete(id);
           continue;
         }
-        let honours = true;
-        if (!unconditional) {
+        // Asked once a round, before the first token-guarded release.
+        if (!unconditional && honours === undefined) {
           try {
             honours = await this.kvstoreHonoursTokens();
-          } catch {
-            continue; // the kvstore did not answer: the next round asks again
+          } catch (e) {
+            const code = (e as { code?: number }).code;
+            if (code === status.UNIMPLEMENTED) honours = false;
+            else {
+              honours = null;
+              this.opts.log.warn({ err: (e as Error).message }, "cannot ask the kvstore whether it honours creation tokens; token-guarded releases wait for the next round");
+            }
           }
         }
-        if (!honours) {
+        if (!unconditional && honours === null) continue; // no answer: the next round asks again
+        if (!unconditional && !honours) {
           // A kvstore older than creation tokens would ignore the token and free the session
           // whoever opened it since: kept instead (it is still listed, and can be released by hand).
           this.pendingReleases.delete(id);

@@ -365,11 +365,13 @@ void CudaEngine::CloseSession(int session) {
   // session (a prompt prefilling beside stopped being issued, and the device drained). That was
   // not what made a prompt's first chunk slow after another request (PERF.md, "A prompt among other
   // requests"): the same visit after this change measured the same first-chunk times.
+  // The calling thread's device first: the fences are made on it (a pool thread of the binding
+  // may have none current yet, and events of device 0 cannot be recorded on device_'s streams).
+  FKV_CUDA_CHECK(cudaSetDevice(device_));
   std::unique_ptr<Session> closing;
   Event fences[3];
   {
     auto lock = LockOutsideStep("closeSession");
-    FKV_CUDA_CHECK(cudaSetDevice(device_));
     auto it = sessions_.find(session);
     if (it == sessions_.end()) throw std::invalid_argument("session " + to_string(session) + " is not open");
     EndPrefill(*it->second);
@@ -378,12 +380,14 @@ void CudaEngine::CloseSession(int session) {
     closing = std::move(it->second);
     sessions_.erase(it);
   }
-  try {
-    for (auto& f : fences) FKV_CUDA_CHECK(cudaEventSynchronize(f.get()));
-  } catch (...) {
-    cudaDeviceSynchronize();  // whatever failed, nothing may still use the session when it goes
-    throw;
-  }
+  // The session is no longer the engine's: it goes whatever the wait says, and the close
+  // succeeds, so that the binding lets go of its segments. A failed wait is an earlier
+  // asynchronous error, which is sticky: the next call on the device reports it.
+  for (auto& f : fences)
+    if (cudaEventSynchronize(f.get()) != cudaSuccess) {
+      cudaDeviceSynchronize();  // nothing may still use the session when it goes
+      break;
+    }
 }
 
 }  // namespace freekv::cuda

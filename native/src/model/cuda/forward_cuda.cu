@@ -67,7 +67,9 @@ struct DevMatrix {
 // prefill (decode steps keep fp32). The services validate it at start.
 bool PrefillGateUpBf16() {
   const char* e = std::getenv("FREEKV_PREFILL_GATE_UP");
-  return !(e && std::strcmp(e, "f32") == 0);
+  if (!e || !*e || std::strcmp(e, "bf16") == 0) return true;
+  if (std::strcmp(e, "f32") == 0) return false;
+  throw std::invalid_argument(std::string("FREEKV_PREFILL_GATE_UP must be bf16 or f32, got '") + e + "'");
 }
 
 class PrefillProfile {
