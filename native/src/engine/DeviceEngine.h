@@ -90,6 +90,9 @@ class DeviceEngine {
   // Whether PrefillDevice with tensor_cores runs the tensor-core kernel for this head dimension
   // (and so takes q_bf16).
   virtual bool PrefillTakesBf16Queries(int head_dim) const = 0;
+  // Prompt tokens whose tensor-core prefill attention fills the device's SMs once (whole row tiles
+  // of every KV head); 1 where PrefillTakesBf16Queries is false.
+  virtual int PrefillWaveTokens(int q_heads, int kv_heads, int head_dim) const = 0;
   virtual void FinishDevicePrefill(int session) = 0;
   // Registers the session's host store for the device up to `tokens` of context (within its
   // reservation), ahead of need: the runner calls it while the device runs a prefill chunk, for

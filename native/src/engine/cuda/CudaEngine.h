@@ -208,6 +208,7 @@ class CudaEngine final : public Engine, public DeviceEngine {
   bool PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
                      bool tensor_cores, void* out_bf16, const void* q_bf16 = nullptr) override;
   bool PrefillTakesBf16Queries(int head_dim) const override;
+  int PrefillWaveTokens(int q_heads, int kv_heads, int head_dim) const override;
   void FinishDevicePrefill(int session) override;
   void RegisterAhead(int session, int64_t tokens) override;
   void Decode(int layer, const std::vector<DecodeItem>& items) override;

@@ -82,6 +82,10 @@ void CudaEngine::PrefillAttend(int session, int layer, const float* q, const flo
 
 bool CudaEngine::PrefillTakesBf16Queries(int head_dim) const { return FlashPrefillSupports(head_dim); }
 
+int CudaEngine::PrefillWaveTokens(int q_heads, int kv_heads, int head_dim) const {
+  return PrefillTakesBf16Queries(head_dim) ? FlashPrefillWaveTokens(q_heads, kv_heads, head_dim) : 1;
+}
+
 bool CudaEngine::PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n,
                                float* out, bool tensor_cores, void* out_bf16, const void* q_bf16) {
   auto lock = LockOutsideStep("prefillDevice");

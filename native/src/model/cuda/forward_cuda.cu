@@ -40,7 +40,6 @@
 #include "model_kernels.cuh"
 #include "cuda/step_graph.cuh"
 #include "engine/DeviceEngine.h"
-#include "engine/cuda/attention_prefill_flash.cuh"
 
 namespace freekv::model {
 namespace {
@@ -185,8 +184,7 @@ class CudaRunner final : public Runner {
     Upload(std::move(w));
     // bf16 runners prefill on the tensor-core kernel (PrefillDevice's tensor_cores), fp32 ones on
     // the exact per-row kernel, where chunk sizes do not matter that way.
-    if (bf16_ && cuda::FlashPrefillSupports(c_.head_dim))
-      wave_tokens_ = cuda::FlashPrefillWaveTokens(c_.q_heads, c_.kv_heads, c_.head_dim);
+    if (bf16_) wave_tokens_ = device_engine_->PrefillWaveTokens(c_.q_heads, c_.kv_heads, c_.head_dim);
   }
 
   ~CudaRunner() override {
@@ -485,7 +483,7 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
   };
   double issue_ms = 0, register_ms = 0, wait_ms = 0;
   // Read at every call, so that a benchmark can time both in one process.
-  const bool gu_bf16 = bf16_ && c_.intermediate_size % 8 == 0 && PrefillGateUpBf16();
+  const bool gu_bf16 = bf16_ && PrefillGateUpBf16();  // bf16 runners have I % 8 == 0 (constructor)
   // The queries go to the engine in bf16 straight from RoPE where its tensor-core kernel takes them.
   const bool q_direct = bf16_ && device_engine_->PrefillTakesBf16Queries(c_.head_dim);
   Size(std::min(chunk, total));
