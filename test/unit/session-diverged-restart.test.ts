@@ -165,6 +165,12 @@ async function open(id: string): Promise<Session> {
   const st = new AttentionStream(compute);
   for (let l = 0; l < G.layers; l++) await st.prefill(id, l, ...prefillOf(20 + Math.floor(rand() * 60)));
   expect(await st.close()).toBeUndefined();
+  // The prefill's pages are committed in the background: a test that makes the kvstore refuse
+  // commits next must not catch this one (the session would be degraded, and its decode refused
+  // with UNAVAILABLE before it reached the engine).
+  const s = ctx.sessions.get(id);
+  await s.commitChain;
+  expect(s.commitError).toBeUndefined();
   return session;
 }
 
