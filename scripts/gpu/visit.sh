@@ -11,6 +11,7 @@
 # writes the model folder the next step serves), OVERHEAD_S=150 both services on the GPU under
 # bench:overhead (16 greedy Generate streams), BENCH_S=90 the CUDA benchmark program's kernels
 # (BENCH_SECTIONS, default ceilings,attention,recall,prefill; the decode step is the runner step's).
+# CHECKS2_ENV: the checks and parity steps again in that environment (checks2, parity2).
 # SKIP="parity,bench" leaves steps out. NSYS_ARGS: a runner process under Nsight Systems (below). RUNNER_ENV (e.g. FREEKV_PREFILL_PROFILE=1) is the runner
 # step's environment.
 # ANCHOR_S=100 transformers' prefill of ANCHOR_PREFILL prompt lengths (bench/anchor/hf_anchor.py),
@@ -62,6 +63,12 @@ step() {  # step NAME SECONDS COMMAND...: runs with OUT=$work/NAME, records rc a
 
 step checks "${CHECKS_S:-80}" bash .gpu/run.sh
 step parity "${PARITY_S:-60}" bash scripts/gpu/parity.sh
+# CHECKS2_ENV (e.g. FREEKV_PREFILL_CONTEXT_MEMORY=pool): the engine cases and parity once more in
+# that environment, for a setting the addon reads that is not the default.
+if [ -n "${CHECKS2_ENV:-}" ]; then
+  step checks2 "${CHECKS_S:-80}" env ${CHECKS2_ENV} bash .gpu/run.sh
+  step parity2 "${PARITY_S:-60}" env ${CHECKS2_ENV} bash scripts/gpu/parity.sh
+fi
 # GROW_ARGS (e.g. "--grow 1:32768/1048576 --grow-band 0.95"): long sessions at Qwen2.5-7B shapes
 # (runner-bench --shape qwen7b, its own model folder), GROW_S seconds.
 [ -n "${GROW_ARGS:-}" ] && step grow "${GROW_S:-200}" bash scripts/gpu/runner-bench.sh --timeout-s "${GROW_S:-200}" --shape qwen7b --steps "${GROW_STEPS:-8}" ${GROW_ARGS}

@@ -35,6 +35,8 @@ export const computeConfigSchema = z.object({
   /** FREEKV_BACKEND=cuda, bf16 weights: the output type of a prefill's gate/up GEMM (forward_cuda.cu). */
   FREEKV_PREFILL_GATE_UP: z.enum(["bf16", "f32"], { message: 'must be "bf16" or "f32"' }).default("bf16"),
   FREEKV_MALLOC_MMAP_THRESHOLD: mallocMmapThreshold(),
+  /** FREEKV_BACKEND=cuda: where the prompts' resident contexts come from (CudaEngine.cu): cudaMalloc, or a memory pool that keeps freed memory for the next prompt. */
+  FREEKV_PREFILL_CONTEXT_MEMORY: z.enum(["malloc", "pool"], { message: 'must be "malloc" or "pool"' }).default("malloc"),
   /** FREEKV_BACKEND=cuda: device memory the prompts being prefilled keep resident (each layer's whole context between chunks); 0 = a quarter of the device. */
   FREEKV_PREFILL_CONTEXT_BYTES: nonNegativeInt(0),
   /** Page selection through the hierarchical page summaries (the engine option hierarchicalSelection). */

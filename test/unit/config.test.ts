@@ -33,6 +33,9 @@ describe("config", () => {
     expect(c.FREEKV_PREFILL_GATE_UP).toBe("bf16");
     expect(parseConfig(computeConfigSchema, { FREEKV_PREFILL_GATE_UP: "f32" }).FREEKV_PREFILL_GATE_UP).toBe("f32");
     expect(() => parseConfig(computeConfigSchema, { FREEKV_PREFILL_GATE_UP: "fp32" })).toThrow(/FREEKV_PREFILL_GATE_UP="fp32"/);
+    expect(c.FREEKV_PREFILL_CONTEXT_MEMORY).toBe("malloc");
+    expect(parseConfig(computeConfigSchema, { FREEKV_PREFILL_CONTEXT_MEMORY: "pool" }).FREEKV_PREFILL_CONTEXT_MEMORY).toBe("pool");
+    expect(() => parseConfig(computeConfigSchema, { FREEKV_PREFILL_CONTEXT_MEMORY: "cache" })).toThrow(/FREEKV_PREFILL_CONTEXT_MEMORY="cache"/);
     expect(() => parseConfig(computeConfigSchema, { FREEKV_REGISTER_THREADS: "0" })).toThrow(/FREEKV_REGISTER_THREADS="0"/);
     expect(k.FREEKV_MALLOC_MMAP_THRESHOLD).toBe(262144);
     for (const schema of [computeConfigSchema, kvstoreConfigSchema]) expect(() => parseConfig(schema, { FREEKV_MALLOC_MMAP_THRESHOLD: "lots" })).toThrow(/FREEKV_MALLOC_MMAP_THRESHOLD="lots"/);

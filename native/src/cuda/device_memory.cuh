@@ -52,6 +52,65 @@ class DeviceArray {
   size_t n_ = 0;
 };
 
+// Device memory from a stream-ordered memory pool (cudaMallocFromPoolAsync / cudaFreeAsync on
+// `stream`) when `pool` is set: a pool whose release threshold keeps freed memory gives it to the
+// next allocation of that stream without returning it to the driver. Without a pool it is a
+// DeviceArray (cudaMalloc / cudaFree). The caller makes sure no queued work of another stream
+// still uses an allocation it frees.
+template <class T>
+class PoolArray {
+ public:
+  PoolArray() = default;
+  PoolArray(cudaMemPool_t pool, cudaStream_t stream) : pool_(pool), stream_(stream) {}
+  ~PoolArray() { Free(); }
+  PoolArray(const PoolArray&) = delete;
+  PoolArray& operator=(const PoolArray&) = delete;
+  PoolArray(PoolArray&& o) noexcept
+      : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)), pool_(o.pool_), stream_(o.stream_) {}
+  PoolArray& operator=(PoolArray&& o) noexcept {
+    if (this != &o) {
+      Free();
+      p_ = std::exchange(o.p_, nullptr);
+      n_ = std::exchange(o.n_, 0);
+      pool_ = o.pool_;
+      stream_ = o.stream_;
+    }
+    return *this;
+  }
+  // Reallocates (contents lost) when n exceeds the capacity (in stream order from a pool).
+  void Resize(size_t n) {
+    if (n <= n_ && p_) return;
+    Free();
+    const size_t bytes = std::max<size_t>(n, 1) * sizeof(T);
+    if (pool_) {
+      FKV_CUDA_CHECK(cudaMallocFromPoolAsync(reinterpret_cast<void**>(&p_), bytes, pool_, stream_));
+    } else {
+      FKV_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p_), bytes));
+    }
+    n_ = n;
+  }
+  T* get() const { return p_; }
+  size_t size() const { return n_; }
+  size_t bytes() const { return n_ * sizeof(T); }
+
+ private:
+  void Free() {
+    if (p_) {
+      if (pool_) {
+        cudaFreeAsync(p_, stream_);
+      } else {
+        cudaFree(p_);
+      }
+    }
+    p_ = nullptr;
+    n_ = 0;
+  }
+  T* p_ = nullptr;
+  size_t n_ = 0;
+  cudaMemPool_t pool_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+};
+
 class PinnedBuffer {
  public:
   PinnedBuffer() = default;

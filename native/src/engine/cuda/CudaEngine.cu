@@ -51,6 +51,17 @@ CudaEngine::CudaEngine(const CudaEngineOptions& options)
     FKV_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     pctx_limit_ = total_b / 4;
   }
+  if (const char* e = std::getenv("FREEKV_PREFILL_CONTEXT_MEMORY"); e && *e && std::string(e) != "malloc") {
+    if (std::string(e) != "pool")
+      throw std::runtime_error("FREEKV_PREFILL_CONTEXT_MEMORY must be malloc or pool, got '" + std::string(e) + "'");
+    cudaMemPoolProps props = {};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = device_;
+    FKV_CUDA_CHECK(cudaMemPoolCreate(&pctx_pool_, &props));
+    uint64_t keep = pctx_limit_;
+    FKV_CUDA_CHECK(cudaMemPoolSetAttribute(pctx_pool_, cudaMemPoolAttrReleaseThreshold, &keep));
+  }
   outputs_ = std::make_unique<Event>();
   attended_direct_ = std::make_unique<Event>();
 }
@@ -61,6 +72,10 @@ CudaEngine::~CudaEngine() {
   if (side_) cudaStreamSynchronize(side_->get());
   if (offload_) cudaStreamSynchronize(offload_->get());
   sessions_.clear();
+  if (pctx_pool_) {
+    if (main_) cudaStreamSynchronize(main_->get());  // the contexts' frees, queued there
+    cudaMemPoolDestroy(pctx_pool_);
+  }
 }
 
 Session& CudaEngine::Find(int session) const {

@@ -113,7 +113,7 @@ struct LayerTier {
   // chunk attends to the earlier ones without gathering them back from the host store. Released
   // when the session decodes or closes, or when the engine's prefill-context budget is short.
   // pctx_tokens < 0: not held (or not valid).
-  DeviceArray<bf16> pctx;
+  PoolArray<bf16> pctx;  // from the engine's pctx_pool_ when it has one, in main_'s order
   int64_t pctx_tokens = -1;
   // Device prefill (PrefillDevice): the manifest (tokens, query record) waits for the offload of
   // the layer's filled pages; FinishDevicePrefill writes it with q_last, the last prefilled query
@@ -227,6 +227,8 @@ class CudaEngine final : public Engine, public DeviceEngine {
 
  private:
   Session& Find(int session) const;
+  // CreateSession's work, under the engine lock.
+  int CreateSessionLocked(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach);
   static void CheckLayer(const Session& s, int layer);
   static uint64_t Context(const Session& s);
   // Waits for both streams' queued work (CudaEngine.cu).
@@ -313,6 +315,15 @@ class CudaEngine final : public Engine, public DeviceEngine {
   int stage_next_ = 0;
   // The resident prefill contexts of every session (bytes), and their budget.
   size_t pctx_bytes_ = 0, pctx_limit_ = 0;
+  // Where the resident contexts come from with FREEKV_PREFILL_CONTEXT_MEMORY=pool (opt-in, not
+  // yet measured on the H200; the default `malloc` is cudaMalloc/cudaFree as before): a memory
+  // pool that keeps up to pctx_limit_ of freed memory, so a prompt after a prompt reuses its
+  // predecessor's context memory, and a session creation short of memory trims it and tries once
+  // more. Meant for the first-chunk penalty of a prompt after another request (0.7-1.1 s instead
+  // of ~0.35 s at 8B shapes, bench/results/gpu-visit-20261204-2126/), whose cause, the 17 GB
+  // cudaFree of the previous 128K prompt's contexts and the next one's cudaMalloc, is not
+  // confirmed; PERF.md says how it is measured.
+  cudaMemPool_t pctx_pool_ = nullptr;
   std::unique_ptr<Event> outputs_;
   // Recorded on the main stream right after an attention of a direct (not graphed) decode; the
   // side stream's speculative work of that call waits for it.

@@ -138,7 +138,7 @@ void CudaEngine::EndPrefill(Session& s) {
 void CudaEngine::ReleaseContext(LayerTier& L) {
   // Callers make sure no queued work reads it (both streams idle, or the memory is unused).
   pctx_bytes_ -= L.pctx.bytes();
-  L.pctx = DeviceArray<bf16>();
+  L.pctx = PoolArray<bf16>();
   L.pctx_tokens = -1;
 }
 
@@ -165,7 +165,7 @@ bf16* CudaEngine::ResidentContext(Session& s, LayerTier& L, int pages) {
     ReleaseContext(L);
     return nullptr;
   }
-  DeviceArray<bf16> grown;
+  PoolArray<bf16> grown(pctx_pool_, main_->get());
   try {
     grown.Resize(want * s.page_elems);
   } catch (const std::runtime_error&) {

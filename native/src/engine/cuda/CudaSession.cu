@@ -270,6 +270,21 @@ void CudaEngine::RegisterAhead(int session, int64_t tokens) {
 int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) {
   auto lock = LockOutsideStep("createSession");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
+  if (!pctx_pool_) return CreateSessionLocked(g, c, h, reattach);
+  try {
+    return CreateSessionLocked(g, c, h, reattach);
+  } catch (const std::runtime_error& e) {
+    if (!std::strstr(e.what(), "out of memory")) throw;
+    // The prefill contexts' pool keeps freed memory (up to their budget) for the next prompt; a
+    // session that needs it gets it back, and its creation is tried once more.
+    cudaGetLastError();
+    FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));  // the contexts' frees are queued there
+    FKV_CUDA_CHECK(cudaMemPoolTrimTo(pctx_pool_, 0));
+    return CreateSessionLocked(g, c, h, reattach);
+  }
+}
+
+int CudaEngine::CreateSessionLocked(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) {
   Validate(g, c, h);
   auto s = std::make_unique<Session>();
   s->geo = g;
