@@ -206,6 +206,12 @@ export interface Engine {
    * op (direct). All zero on the CPU backend. EngineOptions.cudaGraphs = false turns graphs off.
    */
   deviceStepStats(): DeviceStepStats;
+  /**
+   * Failures of the engine's background work that no call was answered with, since the last call
+   * (the newest 64; an entry of session -1 counts those not kept): a registration of a prompt's
+   * host store ahead of its chunks (CUDA), a speculative recall of a session that closed.
+   */
+  takeBackgroundFailures(): Array<{ session: number; message: string }>;
   contextTokens(session: number): number;
   /** Switches hierarchical page selection (EngineOptions.hierarchicalSelection) for the selections from now on. */
   setHierarchicalSelection(mode: "auto" | "on" | "off"): void;
@@ -304,6 +310,12 @@ export interface ModelOptions {
   deviceWeights?: "auto" | "bf16" | "f32";
 }
 
+/**
+ * A Model call rejects with an Error. When its input checks failed before anything was appended
+ * (a token out of range, a position that is not the session's context, a session made for another
+ * model's shapes), the error has `refused: true` and the sessions are as they were; any other
+ * error may have come after some layers appended to every session of the call.
+ */
 export interface Model {
   /**
    * Runs a prompt chunk through all layers (prefill attention is exact and causal over the

@@ -52,8 +52,10 @@ export interface ComputeMetrics {
   sessionsLost: Counter;
   /** Sessions closed for being idle (FREEKV_SESSION_IDLE_TIMEOUT_S). */
   sessionsExpired: Counter;
-  /** Sessions marked diverged by this process's decodes: a failed decode may have appended to them (sessions/diverged.ts); a re-attach that restores a saved mark does not count. */
+  /** Sessions marked diverged by this process's decodes and Generate model calls: a failed one may have appended to them (sessions/diverged.ts); a re-attach that restores a saved mark does not count. */
   sessionsDiverged: Counter;
+  /** Failures of the engine's background work that no call was answered with (engine.takeBackgroundFailures). */
+  engineBackgroundFailures: Counter;
   /** Open sessions marked diverged, re-attached ones included (read from the open sessions at scrape time: closing one takes it off). */
   divergedSessions: Gauge;
 }
@@ -185,7 +187,12 @@ function createMetrics(registry: Registry, sessions: () => SessionManager | unde
     }),
     sessionsDiverged: new Counter({
       name: "freekv_compute_sessions_diverged_total",
-      help: "Sessions a failed Attention decode in this process may have appended a token to (their context is no longer known): their calls get DATA_LOSS until closed. Sessions re-attached already diverged are not counted again",
+      help: "Sessions a failed Attention decode or Generate model call in this process may have appended to (their context is no longer known): their calls get DATA_LOSS until closed. Sessions re-attached already diverged are not counted again",
+      registers: [registry],
+    }),
+    engineBackgroundFailures: new Counter({
+      name: "freekv_compute_engine_background_failures_total",
+      help: "Failures of the engine's background work that no call was answered with (a registration of a prompt's host store ahead of its chunks, a speculative recall of a session that closed); each is logged at warn",
       registers: [registry],
     }),
     divergedSessions: new Gauge({
@@ -317,6 +324,15 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
   const kvstore = new KvStoreClient(config.FREEKV_KVSTORE_ADDR, config.FREEKV_KVSTORE_TIMEOUT_MS, kvstoreCredentials);
   let mgr: SessionManager | undefined;
   const metrics = createMetrics(registry, () => mgr, () => exchanges);
+  // After every model call (the background work a prompt's chunks start ends by the next one) and
+  // every session close: logged and counted, never left in the engine.
+  const reportBackgroundFailures = (closed?: { id: string; engineSession: number }): void => {
+    for (const f of engine.takeBackgroundFailures()) {
+      metrics.engineBackgroundFailures.inc(f.session < 0 ? Number(/^\d+/.exec(f.message)?.[0] ?? 1) : 1);
+      const session = closed && f.session === closed.engineSession ? closed.id : undefined;
+      log.warn({ session, engineSession: f.session < 0 ? undefined : f.session, err: f.message }, "background work of the engine failed");
+    }
+  };
   const served = new ServedModel(
     {
       log,
@@ -328,8 +344,10 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
           onStep(size, ms) {
             metrics.modelStepBatchSize.observe(size);
             metrics.modelStepSeconds.observe(ms / 1000);
+            reportBackgroundFailures();
           },
           onPrefill(tokens, ms, chunk) {
+            reportBackgroundFailures();
             metrics.prefillTokens.inc(tokens);
             metrics.prefillChunkSeconds.observe(ms / 1000);
             // gapMs: the time since the previous model call ended (it counts time with nothing queued too);
@@ -378,6 +396,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
     modelGeometry: () => served.geometry(),
     backend: config.FREEKV_BACKEND,
     defaultKvDtype: kvDtype,
+    onEngineClosed: (s) => reportBackgroundFailures(s),
     onChange: (n) => {
       metrics.sessions.set(n);
       // A closed session may have freed what a waiting request needs.

@@ -7,7 +7,7 @@
  */
 import { describe, expect, it } from "vitest";
 import type { Model } from "../../native/binding.js";
-import { defaultPrefillChunkTokens, ModelScheduler, PREFILL_CHUNK_TOKENS, PREFILL_SLICE, PrefillCostModel } from "../../services/compute/generate/scheduler.js";
+import { defaultPrefillChunkTokens, ModelCallFailed, ModelScheduler, PREFILL_CHUNK_TOKENS, PREFILL_SLICE, PrefillCostModel } from "../../services/compute/generate/scheduler.js";
 import { parseConfig } from "../../services/common/config.js";
 import { computeConfigSchema } from "../../services/compute/config.js";
 import { prng } from "../helpers/prng.js";
@@ -193,6 +193,48 @@ describe("ModelScheduler", () => {
     expect(await chunk).toBe("client went away");
     await sch.step(1, 0, 1, true);
     expect(calls.some((c) => c.op === "prefill")).toBe(false);
+  });
+
+  it("runs a batched step refused by the model's checks again, each session alone; any other failure fails every step of the call once, as ModelCallFailed", async () => {
+    for (const refused of [true, false]) {
+      const { model, calls } = recordingModel();
+      const real = model.decodeArgmax.bind(model);
+      let fail = true;
+      Object.defineProperty(model, "decodeArgmax", {
+        value: async (s: Int32Array, t: Int32Array, p: Int32Array) => {
+          const out = await real(s, t, p);
+          if (fail && s.length > 1) {
+            fail = false;
+            throw Object.assign(new Error("the call failed"), refused ? { refused: true } : {});
+          }
+          return out;
+        },
+      });
+      const sch = new ModelScheduler(model, { prefillChunkTokens: 8 });
+      const busy = sch.step(9, 0, 0, true); // occupies the model: the three steps below wait and run as one batch
+      await new Promise((r) => setImmediate(r));
+      const steps = [1, 2, 3].map((s) =>
+        sch.step(s, 0, 4, true).then(
+          () => undefined,
+          (e: unknown) => e,
+        ),
+      );
+      await busy;
+      const errors = await Promise.all(steps);
+      const batches = calls.filter((c) => c.op === "decode").map((c) => (c as { sessions: number[] }).sessions);
+      expect(batches[1], `refused ${refused}`).toEqual([1, 2, 3]);
+      if (refused) {
+        expect(errors).toEqual([undefined, undefined, undefined]);
+        expect(batches.slice(2)).toEqual([[1], [2], [3]]);
+      } else {
+        for (const e of errors) {
+          expect(e).toBeInstanceOf(ModelCallFailed);
+          expect((e as ModelCallFailed).what).toBe("a decode step");
+          expect(((e as ModelCallFailed).cause as Error).message).toBe("the call failed");
+        }
+        expect(batches).toHaveLength(2); // never run again: it may have appended
+      }
+    }
   });
 
   it("bounds the chunk size, in the scheduler and in FREEKV_PREFILL_CHUNK_TOKENS", async () => {

@@ -174,6 +174,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
                         InstanceMethod("decode", &AddonEngine::Decode), InstanceMethod("sync", &AddonEngine::Sync),
                         InstanceMethod("stats", &AddonEngine::GetStats),
                         InstanceMethod("deviceStepStats", &AddonEngine::GetDeviceStepStats),
+                        InstanceMethod("takeBackgroundFailures", &AddonEngine::TakeBackgroundFailures),
                         InstanceMethod("contextTokens", &AddonEngine::ContextTokens),
                         InstanceMethod("setHierarchicalSelection", &AddonEngine::SetHierarchicalSelection),
                         InstanceMethod("filledPages", &AddonEngine::FilledPages),
@@ -423,6 +424,20 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     auto p = w->Promise();
     w->Queue();
     return p;
+  }
+
+  // Failures of the engine's background work since the last call: [{ session, message }].
+  Napi::Value TakeBackgroundFailures(const Napi::CallbackInfo& info) {
+    auto env = info.Env();
+    const auto list = engine_->TakeBackgroundFailures();
+    auto a = Napi::Array::New(env, list.size());
+    for (uint32_t i = 0; i < list.size(); ++i) {
+      auto o = Napi::Object::New(env);
+      o.Set("session", Napi::Number::New(env, list[i].session));
+      o.Set("message", Napi::String::New(env, list[i].what));
+      a.Set(i, o);
+    }
+    return a;
   }
 
   Napi::Value GetDeviceStepStats(const Napi::CallbackInfo& info) {

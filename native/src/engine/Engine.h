@@ -9,7 +9,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -110,6 +112,50 @@ struct DecodeItem {
   float* out = nullptr;      // [q_heads][head_dim]
 };
 
+// An input check of a model call that failed before anything was appended to any session (the
+// binding marks its error `refused`: the call may run again, and the sessions are as they were).
+// Any other error of a model call may have come after some layers appended.
+class Refused : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+// A failure of an engine's background work that no call was answered with (a registration ahead
+// of a prompt whose pages were never needed, a recall of a session that closed): kept until the
+// binding takes it (Engine.takeBackgroundFailures), so that the service logs and counts it.
+struct BackgroundFailure {
+  int session = -1;
+  std::string what;
+};
+
+// The engines' record of those failures: the newest kMax are kept, the others only counted.
+class BackgroundFailures {
+ public:
+  static constexpr size_t kMax = 64;
+  void Add(int session, std::string what) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (list_.size() == kMax) {
+      list_.pop_front();
+      ++dropped_;
+    }
+    list_.push_back({session, std::move(what)});
+  }
+  // The failures since the last call; a last entry of session -1 counts those not kept.
+  std::vector<BackgroundFailure> Take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<BackgroundFailure> out(list_.begin(), list_.end());
+    list_.clear();
+    if (dropped_) out.push_back({-1, std::to_string(dropped_) + " more background failures, not kept"});
+    dropped_ = 0;
+    return out;
+  }
+
+ private:
+  std::mutex mu_;
+  std::deque<BackgroundFailure> list_;
+  uint64_t dropped_ = 0;
+};
+
 class Engine {
  public:
   virtual ~Engine() = default;
@@ -155,10 +201,17 @@ class Engine {
 
   virtual Stats GetStats(int session) const = 0;
   virtual uint64_t ContextTokens(int session) const = 0;
+  // The geometry the session was created with (a model call checks it against the model's).
+  virtual Geometry SessionGeometry(int session) const = 0;
+  // Failures of background work since the last call (BackgroundFailures).
+  virtual std::vector<BackgroundFailure> TakeBackgroundFailures() { return failures_.Take(); }
 
   // For tests and the fidelity harness: for (layer, kv head), the token positions attended at the
   // most recent decode step (sink + selected + window, sorted).
   virtual std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const = 0;
+
+ protected:
+  BackgroundFailures failures_;
 };
 
 // Factories. `threads` <= 0 means all cores but one (the CPU engine's background recall thread

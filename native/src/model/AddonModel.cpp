@@ -169,6 +169,9 @@ class ForwardWorker : public Napi::AsyncWorker {
     try {
       if (threads_ > 0) omp_set_num_threads(threads_);
       out_ = fn_();
+    } catch (const Refused& e) {
+      refused_ = true;
+      SetError(e.what());
     } catch (const std::exception& e) {
       SetError(e.what());
     } catch (...) {
@@ -176,10 +179,16 @@ class ForwardWorker : public Napi::AsyncWorker {
     }
   }
   void OnOK() override { deferred_.Resolve(ToJs(Env(), std::move(out_))); }
-  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+  void OnError(const Napi::Error& e) override {
+    Napi::Object err = e.Value();
+    // An input check failed before anything was appended: the caller may run the call again.
+    if (refused_) err.Set("refused", Napi::Boolean::New(Env(), true));
+    deferred_.Reject(err);
+  }
 
  private:
   Napi::Promise::Deferred deferred_;
+  bool refused_ = false;
   int threads_;
   std::function<R()> fn_;
   Napi::ObjectReference keep_;  // the Model stays alive while its work runs

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "engine/Engine.h"
@@ -18,6 +19,9 @@ class AttentionBackend {
   virtual ~AttentionBackend() = default;
   // Tokens already in the session's cache (the position of the next token).
   virtual uint64_t ContextTokens(int session) const = 0;
+  // The session's geometry where it has its own (an engine session); none where the cache is
+  // shaped by the model itself.
+  virtual std::optional<Geometry> SessionGeometry(int) const { return std::nullopt; }
   // Appends n tokens' post-RoPE k/v to a layer and returns exact causal attention of q.
   virtual void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) = 0;
   // One decode step of one layer for a batch (each item appends its k/v first).
@@ -28,6 +32,7 @@ class EngineAttention final : public AttentionBackend {
  public:
   explicit EngineAttention(Engine* engine) : engine_(engine) {}
   uint64_t ContextTokens(int session) const override { return engine_->ContextTokens(session); }
+  std::optional<Geometry> SessionGeometry(int session) const override { return engine_->SessionGeometry(session); }
   void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) override {
     engine_->PrefillAttend(session, layer, q, k, v, n, out);
   }

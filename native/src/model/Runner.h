@@ -83,11 +83,16 @@ class Runner {
   virtual int prefill_wave_tokens() const { return 1; }
 };
 
-// Input checks shared by the runners. context(session) gives the tokens already cached.
+// Input checks shared by the runners, before anything is appended: they throw freekv::Refused
+// (engine/Engine.h). context(session) gives the tokens already cached.
 void CheckTokens(const ModelConfig& c, const std::vector<int>& tokens, const char* what);
 void CheckPrefill(const ModelConfig& c, const std::vector<int>& tokens, int start, uint64_t context);
 void CheckDecode(const ModelConfig& c, const std::vector<int>& sessions, const std::vector<int>& tokens,
                  const std::vector<int>& positions, const std::function<uint64_t(int)>& context);
+// The engine session was made for this model's shapes: the runner's buffers are sized by the
+// model, the engine reads and writes them by the session's geometry (a session made for another
+// model, re-attached under this one, would read and write past them).
+void CheckGeometry(const ModelConfig& c, int session, const Geometry& g);
 
 #ifdef FREEKV_WITH_CUDA
 // The GPU runner over a CUDA engine (engine->device() non-null). Weights are uploaded once:

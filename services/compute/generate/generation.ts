@@ -18,7 +18,7 @@
 import type { Model } from "../../../native/binding.js";
 import type { TextCodec } from "../model/tokenizer.js";
 import { Sampler, sampleWith, validateSampling, type SampleDraw, type SamplingOptions } from "./sampling.js";
-import type { ModelScheduler } from "./scheduler.js";
+import { ModelCallFailed, type ModelScheduler } from "./scheduler.js";
 import { StopMatcher } from "./stop.js";
 
 export type FinishReason = "length" | "stop_token" | "stop_string" | "context_full" | "cancelled";
@@ -153,8 +153,9 @@ export async function* generate(
       logits = r.logits;
       took = r.tokens;
     } catch (e) {
-      // Dropped from the queue by the cancellation: it never ran.
-      if (p.signal?.aborted) {
+      // Dropped from the queue by the cancellation: it never ran. (A chunk that ran and failed is
+      // reported whatever the signal says: it may have appended.)
+      if (p.signal?.aborted && !(e instanceof ModelCallFailed)) {
         final.finishReason = "cancelled";
         return final;
       }

@@ -40,6 +40,9 @@ import { SHORT_OF_MEMORY, type Admitted } from "./admission.js";
 import { generateMetrics } from "./metrics.js";
 import { stopProblem } from "./stop.js";
 import { resolveRetrieval } from "../../common/retrieval.js";
+import { ModelCallFailed } from "./scheduler.js";
+import { SAVE_WAIT_MS } from "../attention/batcher.js";
+import { divergedError, markDiverged } from "../sessions/diverged.js";
 import { checkPromptFits, generate, GenerateError, isProgress, validateParams, type FinishReason as Finish, type GenerateFinalOut, type GenerationSession } from "./generation.js";
 
 const FINISH: Record<Exclude<Finish, "cancelled">, FinishReason> = {
@@ -115,6 +118,29 @@ interface RequestRecord {
   firstTokenAt?: number;
   lastTokenAt?: number;
   final?: GenerateFinalOut;
+}
+
+/**
+ * A model call of this turn failed after it may have appended to the session (ModelCallFailed):
+ * the session is marked diverged (its calls get DATA_LOSS until it is closed,
+ * sessions/diverged.ts), counted and logged, and a named session's mark is saved at the kvstore
+ * before the answer (the wait bounded as the Attention stream's). Returns the call's error.
+ */
+async function diverged(ctx: ComputeContext, s: ComputeSession, e: ModelCallFailed, fresh: boolean): Promise<ServiceError> {
+  const marked = markDiverged(s, e.what, e.cause);
+  const error = marked ?? divergedError(s)!;
+  if (!marked) return error;
+  ctx.metrics.sessionsDiverged.inc();
+  ctx.log.warn(
+    { session: s.id, contextTokens: s.contextTokens, err: e.cause instanceof Error ? e.cause.message : String(e.cause) },
+    `session diverged: ${e.what} of Generate failed in the model after it may have appended to the session; its calls get DATA_LOSS until it is closed`,
+  );
+  if (!fresh) {
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([ctx.sessions.saveDataLoss(s), new Promise((r) => (timer = setTimeout(r, SAVE_WAIT_MS)))]);
+    clearTimeout(timer);
+  }
+  return error;
 }
 
 export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<GenerateRequest, GenerateResponse> {
@@ -230,6 +256,14 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
               // A session whose context is lost or unknown (diverged) answers DATA_LOSS to every call, Generate included.
               ctx.sessions.checkLost(named);
               if (named.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(named.id)} is an attention session; Generate needs a model session`);
+              // Made for another model (re-attached after FREEKV_MODEL changed): its cache has other shapes.
+              const served = ctx.served.geometry();
+              const g = named.geometry;
+              if (g.layers !== served.layers || g.queryHeads !== served.queryHeads || g.kvHeads !== served.kvHeads || g.headDim !== served.headDim) {
+                throw failedPrecondition(
+                  `session ${JSON.stringify(named.id)} was made for a model of ${g.layers} layers, ${g.queryHeads} query heads, ${g.kvHeads} KV heads, head dim ${g.headDim}; this compute serves ${served.layers}, ${served.queryHeads}, ${served.kvHeads}, ${served.headDim}`,
+                );
+              }
               const need = turnReach(named, prompt.length, req.maxTokens);
               try {
                 await ctx.sessions.reserve(named, need, signal);
@@ -356,6 +390,8 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
           signal,
         );
         call.end();
+      } catch (e) {
+        throw e instanceof ModelCallFailed ? await diverged(ctx, s, e, fresh) : e;
       } finally {
         // The KV cache holds every token but the last sampled one, also after an error or a
         // cancellation between steps: the next request on the session feeds it first.

@@ -55,6 +55,26 @@ import { DecodeBatcher, type BatchItem } from "../decode-batcher.js";
  */
 export const PREFILL_CHUNK_TOKENS = { default: 512, cuda: 8192, min: 1, max: 16384 } as const;
 
+/** A model call's error that its input checks raised before anything was appended (binding.ts Model). */
+export function isRefused(e: unknown): boolean {
+  return typeof e === "object" && e !== null && (e as { refused?: unknown }).refused === true;
+}
+
+/**
+ * A model call (or the sampling after it) failed after it may have appended to its sessions: their
+ * contexts in the engine may no longer be what the service counts. `what` names the call, `cause`
+ * is its error.
+ */
+export class ModelCallFailed extends Error {
+  constructor(
+    readonly what: "a prompt chunk" | "a decode step",
+    readonly cause: unknown,
+  ) {
+    super(`${what} failed in the model (${cause instanceof Error ? cause.message : String(cause)})`);
+    this.name = "ModelCallFailed";
+  }
+}
+
 /** The chunk size a backend uses when FREEKV_PREFILL_CHUNK_TOKENS is unset. */
 export function defaultPrefillChunkTokens(backend: "cpu" | "cuda"): number {
   return backend === "cuda" ? PREFILL_CHUNK_TOKENS.cuda : PREFILL_CHUNK_TOKENS.default;
@@ -455,10 +475,18 @@ export class ModelScheduler {
   }
 
   /**
-   * One bad step fails the whole native call: the others run again, each alone, through the
-   * queue (still one model call at a time), unaffected.
+   * A failed model call. Refused by its input checks (the binding marks the error `refused`:
+   * nothing was appended): one bad step fails the whole call, so the others run again, each alone,
+   * through the queue (still one model call at a time), unaffected. Any other failure may have come
+   * after some layers appended the step's token (or the chunk's tokens) to every session of the
+   * call: running it again would append them twice, so each is answered with a ModelCallFailed,
+   * and its session is marked diverged by the Generate handler.
    */
   private isolate(work: Work[], e: unknown): void {
+    if (!isRefused(e)) {
+      for (const w of work) w.reject(new ModelCallFailed(w.kind === "prefill" ? "a prompt chunk" : "a decode step", e));
+      return;
+    }
     if (work.length === 1) return work[0].reject(e);
     for (const p of work as Step[]) this.batcher.submit({ ...p, retry: true });
   }

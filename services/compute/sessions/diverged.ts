@@ -36,15 +36,18 @@ export function checkDiverged(s: ComputeSession): void {
 }
 
 /**
- * Marks `s` diverged: a decode of `layer` failed in the engine (`cause`) after it may have
- * appended the token. Returns the DATA_LOSS error its later calls get when this call marked it,
- * undefined when it was marked already (the first cause is kept).
+ * Marks `s` diverged: a decode of `layer` (the Attention stream), or `what` (a model call of
+ * Generate: "a decode step", "a prompt chunk"), failed in the engine (`cause`) after it may have
+ * appended the token (or the chunk's tokens). Returns the DATA_LOSS error its later calls get when
+ * this call marked it, undefined when it was marked already (the first cause is kept).
  */
-export function markDiverged(s: ComputeSession, layer: number, cause: unknown): ServiceError | undefined {
+export function markDiverged(s: ComputeSession, layer: number | string, cause: unknown): ServiceError | undefined {
   if (diverged.has(s)) return undefined;
   let why = cause instanceof Error ? cause.message : String(cause);
+  const what = typeof layer === "number" ? `a decode of layer ${layer}` : `${layer} of the model`;
+  const appended = what.startsWith("a prompt chunk") ? "its tokens" : "the token";
   const message = (w: string) =>
-    `session ${quoteId(s.id)}: a decode of layer ${layer} failed in the engine (${w}) after it may have appended the token; the session's context is no longer known. Close it and start a new session`;
+    `session ${quoteId(s.id)}: ${what} failed in the engine (${w}) after it may have appended ${appended}; the session's context is no longer known. Close it and start a new session`;
   // The engine's message is shortened so that the whole one fits MAX_DATA_LOSS_CHARS.
   const over = message(why).length - MAX_DATA_LOSS_CHARS;
   if (over > 0) why = `${why.slice(0, Math.max(0, why.length - over - 1))}…`;

@@ -46,6 +46,8 @@ export interface SessionManagerOptions {
   /** KV storage type of sessions that leave it unspecified (and of model sessions): the backend's. */
   defaultKvDtype: DType;
   onChange?: (sessions: number) => void;
+  /** After the engine closed a session (its background work's failures are taken then). */
+  onEngineClosed?: (s: ComputeSession) => void;
   /** A commit to the kvstore failed (freekv_compute_commit_failures_total). */
   onCommitFailure?: () => void;
   /** The kvstore no longer holds a session this process has open (freekv_compute_sessions_lost_total). */
@@ -990,6 +992,7 @@ export class SessionManager {
     } catch (e) {
       this.opts.log.warn({ session: s.id, err: (e as Error).message }, "engine closeSession failed");
     }
+    this.opts.onEngineClosed?.(s);
     if (!s.host) return;
     const unmaps = await Promise.allSettled(
       [s.host.store, s.host.staging, s.host.tail, s.host.manifest].map((seg) => {

@@ -114,11 +114,14 @@ void CpuEngine::ReserveStore(int session, int reserved_pages) {
 void CpuEngine::CloseSession(int session) {
   std::lock_guard<std::mutex> lock(mu_);
   auto s = Find(session);
-  for (auto& L : s->layers) {
+  for (size_t l = 0; l < s->layers.size(); ++l) {
     try {
-      L->recall.Wait();
+      s->layers[l]->recall.Wait();
+    } catch (const std::exception& e) {
+      // A failed background recall does not keep a session from closing; it is reported.
+      failures_.Add(session, "the speculative recall of layer " + to_string(l) + " failed before the session closed: " + e.what());
     } catch (...) {
-      // a failed background recall does not keep a session from closing
+      failures_.Add(session, "the speculative recall of layer " + to_string(l) + " failed before the session closed");
     }
   }
   std::lock_guard<std::mutex> l(map_mu_);
@@ -567,6 +570,8 @@ Stats CpuEngine::GetStats(int session) const {
 }
 
 uint64_t CpuEngine::ContextTokens(int session) const { return Find(session)->counters.context_tokens; }
+
+Geometry CpuEngine::SessionGeometry(int session) const { return Find(session)->geo; }
 
 std::vector<int> CpuEngine::LastAttendedTokens(int session, int layer, int kv_head) const {
   auto s = Find(session);

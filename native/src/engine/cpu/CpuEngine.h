@@ -33,6 +33,7 @@ class CpuEngine : public Engine {
   void Sync(int session) override;
   Stats GetStats(int session) const override;
   uint64_t ContextTokens(int session) const override;
+  Geometry SessionGeometry(int session) const override;
   std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const override;
 
  private:

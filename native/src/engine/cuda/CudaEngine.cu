@@ -158,6 +158,11 @@ uint64_t CudaEngine::ContextTokens(int session) const {
   return Context(Find(session));
 }
 
+Geometry CudaEngine::SessionGeometry(int session) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return Find(session).geo;
+}
+
 std::vector<int> CudaEngine::LastAttendedTokens(int session, int layer, int kv_head) const {
   std::lock_guard<std::mutex> lock(mu_);
   FKV_CUDA_CHECK(cudaSetDevice(device_));

@@ -215,6 +215,7 @@ class CudaEngine final : public Engine, public DeviceEngine {
   void Sync(int session) override;
   Stats GetStats(int session) const override;
   uint64_t ContextTokens(int session) const override;
+  Geometry SessionGeometry(int session) const override;
   std::vector<int> LastAttendedTokens(int session, int layer, int kv_head) const override;
 
   // DeviceEngine (CudaDeviceStep.cu).

@@ -261,9 +261,17 @@ void CudaEngine::RegisterAhead(int session, int64_t tokens) {
   const int device = device_;
   Session* sp = &s;
   s.ahead_pages = pages;
-  s.ahead = std::async(std::launch::async, [sp, pages, device] {
-    FKV_CUDA_CHECK(cudaSetDevice(device));
-    RegisterStore(*sp, pages);
+  BackgroundFailures* failures = &failures_;
+  s.ahead = std::async(std::launch::async, [sp, pages, device, session, failures] {
+    try {
+      FKV_CUDA_CHECK(cudaSetDevice(device));
+      RegisterStore(*sp, pages);
+    } catch (const std::exception& e) {
+      // Reported here, once: WaitAhead keeps it from the calls (see there), and pages that are
+      // needed later are registered inline, which throws the error as it stands then.
+      failures->Add(session, "registering the host store ahead to page " + to_string(pages) + " failed: " + e.what());
+      throw;
+    }
   });
 }
 

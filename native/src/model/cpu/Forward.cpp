@@ -18,17 +18,17 @@ Forward::Forward(ModelConfig config, Weights weights, AttentionBackend* attentio
 void CheckTokens(const ModelConfig& c, const std::vector<int>& tokens, const char* what) {
   for (size_t i = 0; i < tokens.size(); i++)
     if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
-      throw std::invalid_argument(std::string(what) + "[" + std::to_string(i) + "] = " + std::to_string(tokens[i]) +
-                                  " is out of range [0, " + std::to_string(c.vocab_size) + ")");
+      throw Refused(std::string(what) + "[" + std::to_string(i) + "] = " + std::to_string(tokens[i]) +
+                    " is out of range [0, " + std::to_string(c.vocab_size) + ")");
 }
 
 void CheckPrefill(const ModelConfig& c, const std::vector<int>& tokens, int start, uint64_t context) {
-  if (tokens.empty()) throw std::invalid_argument("tokens must not be empty");
+  if (tokens.empty()) throw Refused("tokens must not be empty");
   CheckTokens(c, tokens, "tokens");
-  if (start < 0) throw std::invalid_argument("startPosition must be >= 0");
+  if (start < 0) throw Refused("startPosition must be >= 0");
   if (context != static_cast<uint64_t>(start))
-    throw std::invalid_argument("startPosition " + std::to_string(start) + " does not match the session's context of " +
-                                std::to_string(context) + " tokens");
+    throw Refused("startPosition " + std::to_string(start) + " does not match the session's context of " +
+                  std::to_string(context) + " tokens");
 }
 
 void ParallelCopy(float* dst, const float* src, size_t n) {
@@ -45,19 +45,28 @@ void ParallelCopy(float* dst, const float* src, size_t n) {
 void CheckDecode(const ModelConfig& c, const std::vector<int>& sessions, const std::vector<int>& tokens,
                  const std::vector<int>& positions, const std::function<uint64_t(int)>& context) {
   const size_t B = sessions.size();
-  if (B == 0) throw std::invalid_argument("sessions must not be empty");
+  if (B == 0) throw Refused("sessions must not be empty");
   if (tokens.size() != B || positions.size() != B)
-    throw std::invalid_argument("sessions, tokens and positions must have the same length");
+    throw Refused("sessions, tokens and positions must have the same length");
   CheckTokens(c, tokens, "tokens");
   std::set<int> seen;
   for (size_t b = 0; b < B; b++) {
     if (!seen.insert(sessions[b]).second)
-      throw std::invalid_argument("sessions[" + std::to_string(b) + "] appears twice in one decode step");
+      throw Refused("sessions[" + std::to_string(b) + "] appears twice in one decode step");
     const uint64_t ctx = context(sessions[b]);
     if (positions[b] < 0 || ctx != static_cast<uint64_t>(positions[b]))
-      throw std::invalid_argument("positions[" + std::to_string(b) + "] = " + std::to_string(positions[b]) +
-                                  " does not match the session's context of " + std::to_string(ctx) + " tokens");
+      throw Refused("positions[" + std::to_string(b) + "] = " + std::to_string(positions[b]) +
+                    " does not match the session's context of " + std::to_string(ctx) + " tokens");
   }
+}
+
+void CheckGeometry(const ModelConfig& c, int session, const Geometry& g) {
+  if (g.layers != c.layers || g.q_heads != c.q_heads || g.kv_heads != c.kv_heads || g.head_dim != c.head_dim)
+    throw Refused("session " + std::to_string(session) + " was made for another model: geometry " +
+                  std::to_string(g.layers) + " layers, " + std::to_string(g.q_heads) + " query heads, " +
+                  std::to_string(g.kv_heads) + " KV heads, head dim " + std::to_string(g.head_dim) + "; this model has " +
+                  std::to_string(c.layers) + ", " + std::to_string(c.q_heads) + ", " + std::to_string(c.kv_heads) +
+                  ", " + std::to_string(c.head_dim));
 }
 
 template <typename Attend>
@@ -96,6 +105,7 @@ void Forward::Head(const float* x, int n, float* logits) {
 
 std::vector<float> Forward::Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits, int chunk) {
   CheckPrefill(config_, tokens, start, attention_->ContextTokens(session));
+  if (auto g = attention_->SessionGeometry(session)) CheckGeometry(config_, session, *g);
   if (chunk <= 0) chunk = 256;
   const int H = config_.hidden_size, V = config_.vocab_size, total = static_cast<int>(tokens.size());
   std::vector<float> logits(static_cast<size_t>(all_logits ? total : 1) * V);
@@ -122,6 +132,8 @@ std::vector<float> Forward::Prefill(int session, const std::vector<int>& tokens,
 Logits Forward::Decode(const std::vector<int>& sessions, const std::vector<int>& tokens,
                        const std::vector<int>& positions) {
   CheckDecode(config_, sessions, tokens, positions, [this](int s) { return attention_->ContextTokens(s); });
+  for (int s : sessions)
+    if (auto g = attention_->SessionGeometry(s)) CheckGeometry(config_, s, *g);
   const int B = static_cast<int>(sessions.size());
   const int H = config_.hidden_size, Q = config_.q_dim(), K = config_.kv_dim();
   std::vector<float> x(static_cast<size_t>(B) * H);

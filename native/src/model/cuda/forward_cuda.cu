@@ -416,6 +416,7 @@ template <class Read>
 void CudaRunner::Step(const std::vector<int>& sessions, const std::vector<int>& tokens,
                       const std::vector<int>& positions, Read read) {
   CheckDecode(c_, sessions, tokens, positions, [this](int s) { return engine_->ContextTokens(s); });
+  for (int s : sessions) CheckGeometry(c_, s, engine_->SessionGeometry(s));
   std::lock_guard<std::mutex> lock(run_mu_);
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   const int B = (int)sessions.size();
@@ -466,6 +467,7 @@ std::vector<int> CudaRunner::DecodeArgmax(const std::vector<int>& sessions, cons
 std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits,
                                        int chunk) {
   CheckPrefill(c_, tokens, start, engine_->ContextTokens(session));
+  CheckGeometry(c_, session, engine_->SessionGeometry(session));
   std::lock_guard<std::mutex> lock(run_mu_);
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   const int V = c_.vocab_size, total = (int)tokens.size();
