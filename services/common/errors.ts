@@ -81,6 +81,13 @@ export function toStatus(err: unknown, log: Logger, method: string, signal?: Abo
 function statusOf(err: unknown, log: Logger, method: string, signal?: AbortSignal): StatusObject {
   if (signal?.aborted) {
     const reason = signal.reason;
+    // The caller is gone or past its deadline, so it gets that status; an error of the service's
+    // own that came meanwhile (not the abort itself, nor a status meant for the caller) is still logged.
+    // (Node's own errors, with a string code such as ERR_STREAM_DESTROYED, are the cancellation's consequences.)
+    const consequence = err === reason || err instanceof ServiceError || isGrpcClientError(err) || (err instanceof Error && (err.name === "AbortError" || typeof (err as { code?: unknown }).code === "string"));
+    if (!consequence) {
+      log.error({ err: err instanceof Error ? err : new Error(String(err)), method }, "internal error after the call was cancelled");
+    }
     if (reason instanceof ServiceError) return { code: reason.code, details: reason.message, metadata: new Metadata() };
     return { code: status.CANCELLED, details: "call cancelled", metadata: new Metadata() };
   }

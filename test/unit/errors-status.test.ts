@@ -3,6 +3,8 @@
  * own, a peer's actionable status passed through, a full /dev/shm met by the engine as
  * RESOURCE_EXHAUSTED, anything else INTERNAL; details bounded; a cancelled call's reason first.
  */
+import { Writable } from "node:stream";
+import { pino } from "pino";
 import { describe, expect, it } from "vitest";
 import { status } from "@grpc/grpc-js";
 import { MAX_DETAILS_CHARS, ServiceError, toStatus } from "../../services/common/errors.js";
@@ -30,5 +32,28 @@ describe("toStatus", () => {
     const ac = new AbortController();
     ac.abort(new ServiceError(status.DEADLINE_EXCEEDED, "deadline"));
     expect(toStatus(shm, log, "M", ac.signal)).toMatchObject({ code: status.DEADLINE_EXCEEDED });
+  });
+
+  it("answers a cancelled call with its reason, and still logs an error of the service's own that came meanwhile", () => {
+    const lines: Array<Record<string, unknown>> = [];
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, done) {
+        for (const l of String(chunk).split("\n")) if (l.trim()) lines.push(JSON.parse(l) as Record<string, unknown>);
+        done();
+      },
+    });
+    const logged = pino({ level: "warn", formatters: { level: (label) => ({ level: label }) } }, sink);
+    const ac = new AbortController();
+    const reason = new ServiceError(status.CANCELLED, "client went away");
+    ac.abort(reason);
+    const own = new Error(`the model failed (${Math.random()})`);
+    expect(toStatus(own, logged, "Generate", ac.signal)).toMatchObject({ code: status.CANCELLED, details: "client went away" });
+    // The cancellation itself and its consequences are not errors of the service.
+    const destroyed = Object.assign(new Error("Cannot call write after a stream was destroyed"), { code: "ERR_STREAM_DESTROYED" });
+    for (const e of [reason, new ServiceError(status.UNAVAILABLE, "x"), destroyed]) expect(toStatus(e, logged, "Generate", ac.signal).code).toBe(status.CANCELLED);
+    const errors = lines.filter((l) => l.level === "error");
+    expect(errors).toHaveLength(1);
+    expect((errors[0].err as { message: string }).message).toBe(own.message);
+    expect(errors[0].method).toBe("Generate");
   });
 });
