@@ -238,6 +238,34 @@ describe(`admission (seed ${seed})`, () => {
     }
   }, 60_000);
 
+  it("turns waiting for their session's earlier turns count as waiting requests: past FREEKV_QUEUE_MAX_REQUESTS they are refused at once", async () => {
+    const two = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_THREADS: "1", FREEKV_QUEUE_MAX_REQUESTS: "2" } });
+    const c = computeClient(two.compute.address);
+    try {
+      const sid = `bounded-turns-${seed}`;
+      await unary(c, "createSession", { sessionId: sid, kind: 1, maxContextTokens: 4096 });
+      const first = collect(start(c, { sessionId: sid, prompt: randomPrompt(8), maxTokens: 2000, sampling: greedy }));
+      await until("the first turn running", async () => (metricValue(await fetchMetrics(two.compute.metricsPort), "vllm:num_requests_running") ?? 0) >= 1);
+      const extra = 3 + Math.floor(rand() * 4);
+      const t0 = Date.now();
+      const turns = Array.from({ length: extra }, () => collect(start(c, { sessionId: sid, prompt: randomPrompt(4), maxTokens: 2, sampling: greedy })));
+      const refused = turns.map((t) => failure(t));
+      await until("two turns waiting", async () => metricValue(await fetchMetrics(two.compute.metricsPort), "vllm:num_requests_waiting") === 2);
+      const all = await Promise.all(refused);
+      const exhausted = all.filter((e) => e?.code === status.RESOURCE_EXHAUSTED);
+      expect(exhausted, all.map((e) => e?.code).join(",")).toHaveLength(extra - 2);
+      for (const e of exhausted) expect(e?.details).toMatch(/the request queue is full: 2 requests wait \(FREEKV_QUEUE_MAX_REQUESTS 2\)/);
+      expect(all.filter((e) => e === undefined)).toHaveLength(2);
+      expect((await first).final?.usage?.completionTokens).toBeGreaterThan(0);
+      expect(Date.now() - t0).toBeLessThan(50_000);
+      expect(metricValue(await fetchMetrics(two.compute.metricsPort), "vllm:num_requests_waiting")).toBe(0);
+      await unary(c, "closeSession", { sessionId: sid });
+    } finally {
+      c.close();
+      await two.stop();
+    }
+  }, 60_000);
+
   it("one running slot, a queue of two: a third waiting request is refused, a cancelled one leaves at once", async () => {
     // A request that holds the running slot for seconds: a long prompt prefilled one token per
     // model call (FREEKV_PREFILL_CHUNK_TOKENS=1 here); cancelled at the end.

@@ -150,6 +150,23 @@ export class AdmissionQueue {
     return this.runningCount;
   }
 
+  /**
+   * Runs `wait`, a request's wait before it enters (a named session's turn waiting for the turns
+   * before it on that session), counted as a waiting request: refused as enter() refuses when the
+   * queue is full, so that no wait of a request is unbounded.
+   */
+  async waitBefore<T>(wait: () => Promise<T>): Promise<T> {
+    if (this.waitingCount >= this.opts.maxWaiting) {
+      throw resourceExhausted(`the request queue is full: ${this.waitingCount} requests wait (FREEKV_QUEUE_MAX_REQUESTS ${this.opts.maxWaiting})`);
+    }
+    this.waitingCount++;
+    try {
+      return await wait();
+    } finally {
+      this.waitingCount--;
+    }
+  }
+
   /** Waits for admission; rejects when the queue is full, the signal aborts or the attempt refuses the request. */
   enter<T>(r: AdmissionRequest<T>): Promise<Admitted<T>> {
     if (r.signal?.aborted) return Promise.reject(r.signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled"));

@@ -231,8 +231,8 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     }
     // A named turn first waits for the turns before it on its session, holding nothing: it takes a
     // running slot only when its session is free for it (else many turns on one session hold every
-    // slot while they wait for its lock).
-    const turnDone = known ? await known.turnLock.acquire(signal) : undefined;
+    // slot while they wait for its lock). It counts as a waiting request (FREEKV_QUEUE_MAX_REQUESTS).
+    const turnDone = known ? await ctx.admission.waitBefore(() => known.turnLock.acquire(signal)) : undefined;
     try {
       const needsMemory = fresh || (known !== undefined && turnReach(known, prompt.length, req.maxTokens) > known.reservedTokens);
       // The request waits its turn: a running slot, and its memory at the kvstore (a fresh session's

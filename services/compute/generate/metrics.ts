@@ -32,7 +32,7 @@ export function generateMetrics(registry: Registry, admission: AdmissionQueue, k
 
   new Gauge({
     name: "vllm:num_requests_waiting",
-    help: "Generate requests waiting in the admission queue (for a running slot or host KV memory)",
+    help: "Generate requests waiting in the admission queue (for a running slot or host KV memory), or for the earlier turns on their session",
     registers: [registry],
     collect() {
       this.set(admission.waiting);
