@@ -3,12 +3,11 @@
  * own, a peer's actionable status passed through, a full /dev/shm met by the engine as
  * RESOURCE_EXHAUSTED, anything else INTERNAL; details bounded; a cancelled call's reason first.
  */
-import { Writable } from "node:stream";
-import { pino } from "pino";
 import { describe, expect, it } from "vitest";
 import { status } from "@grpc/grpc-js";
 import { MAX_DETAILS_CHARS, ServiceError, toStatus } from "../../services/common/errors.js";
 import { createLogger } from "../../services/common/log.js";
+import { capturedLogger } from "../helpers/log.js";
 
 const log = createLogger("test", "silent");
 
@@ -36,13 +35,7 @@ describe("toStatus", () => {
 
   it("answers a cancelled call with its reason, and still logs an error of the service's own that came meanwhile", () => {
     const lines: Array<Record<string, unknown>> = [];
-    const sink = new Writable({
-      write(chunk: Buffer, _enc, done) {
-        for (const l of String(chunk).split("\n")) if (l.trim()) lines.push(JSON.parse(l) as Record<string, unknown>);
-        done();
-      },
-    });
-    const logged = pino({ level: "warn", formatters: { level: (label) => ({ level: label }) } }, sink);
+    const logged = capturedLogger(lines, "test");
     const ac = new AbortController();
     const reason = new ServiceError(status.CANCELLED, "client went away");
     ac.abort(reason);

@@ -12,10 +12,8 @@
  * - a failure of the engine's background work is logged and counted after the next model call.
  */
 import { join } from "node:path";
-import { Writable } from "node:stream";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
-import { pino } from "pino";
 import type { Registry } from "prom-client";
 import type { Model } from "../../native/binding.js";
 import { GenerateRequest, type GenerateResponse, type GetSessionResponse, type Session } from "../../proto/gen/freekv/v1/compute.js";
@@ -26,6 +24,7 @@ import { createRegistry } from "../../services/common/metrics.js";
 import { computeConfigSchema } from "../../services/compute/config.js";
 import { createContext, loadServedModel, type ComputeContext } from "../../services/compute/context.js";
 import { createComputeServer, type ComputeServer } from "../../services/compute/server.js";
+import { capturedLogger } from "../helpers/log.js";
 import { prng } from "../helpers/prng.js";
 import { QUIET, computeClient, kvstoreClient, registryValue, startService, unary, type ServiceProcess } from "../helpers/services.js";
 
@@ -49,13 +48,7 @@ const calls: Array<{ op: string; sessions: number[] }> = [];
 beforeAll(async () => {
   kvstore = await startService("kvstore", { env: { ...QUIET, FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_METRICS_PORT: "0" } });
   kv = kvstoreClient(kvstore.address);
-  const sink = new Writable({
-    write(chunk: Buffer, _enc, done) {
-      for (const l of String(chunk).split("\n")) if (l.trim()) lines.push(JSON.parse(l) as Record<string, unknown>);
-      done();
-    },
-  });
-  const log = pino({ name: "compute", level: "warn", base: { service: "compute" }, formatters: { level: (label) => ({ level: label }) } }, sink);
+  const log = capturedLogger(lines);
   const config = parseConfig(computeConfigSchema, { FREEKV_KVSTORE_ADDR: kvstore.address, FREEKV_MODEL: MODEL, FREEKV_THREADS: "2" });
   registry = createRegistry("compute");
   ctx = createContext(config, log, registry);

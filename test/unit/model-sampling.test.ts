@@ -204,7 +204,8 @@ describe("decode scheduler", () => {
       decode: async (s: Int32Array, t: Int32Array, p: Int32Array) => {
         calls.push(Array.from(s));
         await new Promise((r) => setTimeout(r, 5));
-        if (failOn !== undefined && s.includes(failOn)) throw new Error(`session ${failOn} is bad`);
+        // As the binding marks an input check's error (nothing was appended).
+        if (failOn !== undefined && s.includes(failOn)) throw Object.assign(new Error(`session ${failOn} is bad`), { refused: true });
         const out = new Float32Array(3 * s.length);
         s.forEach((x, i) => out.set([x, t[i], p[i]], 3 * i));
         return out;
@@ -318,7 +319,7 @@ describe("decode scheduler", () => {
     expect(Array.from(mixed[1].logits)).toEqual([3, 8, 0]);
   });
 
-  it("a failing request does not fail the others of its batch", async () => {
+  it("a request the model refuses by its checks does not fail the others of its batch", async () => {
     const { model } = fakeModel(99);
     const sch = new ModelScheduler(model);
     const [a, bad, b] = await Promise.allSettled([sch.step(1, 5, 0), sch.step(99, 5, 0), sch.step(2, 6, 0)]);

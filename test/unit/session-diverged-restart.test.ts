@@ -23,10 +23,8 @@
  *   metadata (a healthy attention session), not a crash.
  */
 import { join } from "node:path";
-import { Writable } from "node:stream";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { credentials, Metadata, status, type ServiceError } from "@grpc/grpc-js";
-import { pino } from "pino";
 import type { Registry } from "prom-client";
 import type { DecodeInput } from "../../native/binding.js";
 import type { Tensor } from "../../proto/gen/freekv/v1/common.js";
@@ -40,6 +38,7 @@ import { createContext, loadServedModel, type ComputeContext } from "../../servi
 import { createComputeServer, type ComputeServer } from "../../services/compute/server.js";
 import { divergedError, MAX_DATA_LOSS_CHARS } from "../../services/compute/sessions/diverged.js";
 import { AttentionStream, f32Tensor } from "../helpers/attention-stream.js";
+import { capturedLogger } from "../helpers/log.js";
 import { prng, randomF32 } from "../helpers/prng.js";
 import { ATTENTION, QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, registryValue, startService, unary, type ServiceProcess } from "../helpers/services.js";
 
@@ -81,13 +80,7 @@ const made: string[] = [];
 /** An in-process compute over the test's kvstore, logging warn and above into `lines`. */
 function inProcessCompute(): { ctx: ComputeContext; registry: Registry; lines: Array<Record<string, unknown>> } {
   const lines: Array<Record<string, unknown>> = [];
-  const sink = new Writable({
-    write(chunk: Buffer, _enc, done) {
-      for (const l of String(chunk).split("\n")) if (l.trim()) lines.push(JSON.parse(l) as Record<string, unknown>);
-      done();
-    },
-  });
-  const log = pino({ name: "compute", level: "warn", base: { service: "compute" }, formatters: { level: (label) => ({ level: label }) } }, sink);
+  const log = capturedLogger(lines);
   const config = parseConfig(computeConfigSchema, { FREEKV_KVSTORE_ADDR: kvstore.address, FREEKV_MODEL: MODEL, FREEKV_THREADS: "2" });
   const registry = createRegistry("compute");
   return { ctx: createContext(config, log, registry), registry, lines };

@@ -12,10 +12,8 @@
  * - the drain's hand-off offers it to no peer and leaves it in place, with its reason logged.
  */
 import { join } from "node:path";
-import { Writable } from "node:stream";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { credentials, Metadata, Server, status, type ServiceError } from "@grpc/grpc-js";
-import { pino } from "pino";
 import type { Registry } from "prom-client";
 import type { DecodeInput } from "../../native/binding.js";
 import type { Tensor } from "../../proto/gen/freekv/v1/common.js";
@@ -29,6 +27,7 @@ import { createComputeServer, type ComputeServer } from "../../services/compute/
 import { divergedError } from "../../services/compute/sessions/diverged.js";
 import { handOffSessions } from "../../services/compute/sessions/handoff.js";
 import { AttentionStream, f32Tensor } from "../helpers/attention-stream.js";
+import { capturedLogger } from "../helpers/log.js";
 import { prng, randomF32 } from "../helpers/prng.js";
 import { ATTENTION, QUIET, computeClient, kvstoreClient, registryValue, startService, unary, unaryError, type ServiceProcess } from "../helpers/services.js";
 
@@ -59,14 +58,7 @@ const failure = `engine failure after the append (seed ${seed})`;
 
 beforeAll(async () => {
   kvstore = await startService("kvstore", { env: { ...QUIET, FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_METRICS_PORT: "0" } });
-  const sink = new Writable({
-    write(chunk: Buffer, _enc, done) {
-      for (const l of String(chunk).split("\n")) if (l.trim()) lines.push(JSON.parse(l) as Record<string, unknown>);
-      done();
-    },
-  });
-  // As common/log.ts formats it: string levels.
-  const log = pino({ name: "compute", level: "warn", base: { service: "compute" }, formatters: { level: (label) => ({ level: label }) } }, sink);
+  const log = capturedLogger(lines);
   const config = parseConfig(computeConfigSchema, { FREEKV_KVSTORE_ADDR: kvstore.address, FREEKV_MODEL: MODEL, FREEKV_THREADS: "2", FREEKV_DRAIN_HANDOFF_TIMEOUT_MS: "10000" });
   registry = createRegistry("compute");
   ctx = createContext(config, log, registry);
