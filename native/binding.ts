@@ -207,11 +207,11 @@ export interface Engine {
    */
   deviceStepStats(): DeviceStepStats;
   /**
-   * Failures of the engine's background work that no call was answered with, since the last call
-   * (the newest 64; an entry of session -1 counts those not kept): a registration of a prompt's
-   * host store ahead of its chunks (CUDA), a speculative recall of a session that closed.
+   * Failures of the engine's background work that no call was answered with, since the last call:
+   * the newest 64, and how many more were not kept. A registration of a prompt's host store ahead
+   * of its chunks (CUDA), a speculative recall of a session that closed.
    */
-  takeBackgroundFailures(): Array<{ session: number; message: string }>;
+  takeBackgroundFailures(): { failures: Array<{ session: number; message: string }>; dropped: number };
   contextTokens(session: number): number;
   /** Switches hierarchical page selection (EngineOptions.hierarchicalSelection) for the selections from now on. */
   setHierarchicalSelection(mode: "auto" | "on" | "off"): void;

@@ -327,10 +327,15 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
   // After every model call (the background work a prompt's chunks start ends by the next one) and
   // every session close: logged and counted, never left in the engine.
   const reportBackgroundFailures = (closed?: { id: string; engineSession: number }): void => {
-    for (const f of engine.takeBackgroundFailures()) {
-      metrics.engineBackgroundFailures.inc(f.session < 0 ? Number(/^\d+/.exec(f.message)?.[0] ?? 1) : 1);
+    const { failures, dropped } = engine.takeBackgroundFailures();
+    for (const f of failures) {
+      metrics.engineBackgroundFailures.inc();
       const session = closed && f.session === closed.engineSession ? closed.id : undefined;
-      log.warn({ session, engineSession: f.session < 0 ? undefined : f.session, err: f.message }, "background work of the engine failed");
+      log.warn({ session, engineSession: f.session, err: f.message }, "background work of the engine failed");
+    }
+    if (dropped > 0) {
+      metrics.engineBackgroundFailures.inc(dropped);
+      log.warn({ failures: dropped }, "background work of the engine failed more times than the engine keeps: these were counted, not kept");
     }
   };
   const served = new ServedModel(

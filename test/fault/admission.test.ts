@@ -238,6 +238,28 @@ describe(`admission (seed ${seed})`, () => {
     }
   }, 60_000);
 
+  it("a turn whose session is free does not wait: with FREEKV_QUEUE_MAX_REQUESTS 0 it runs, and one behind it is refused", async () => {
+    const none = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_THREADS: "1", FREEKV_QUEUE_MAX_REQUESTS: "0" } });
+    const c = computeClient(none.compute.address);
+    try {
+      const sid = `no-queue-${seed}`;
+      await unary(c, "createSession", { sessionId: sid, kind: 1, maxContextTokens: 4096 });
+      const first = collect(start(c, { sessionId: sid, prompt: randomPrompt(6), maxTokens: 2000, sampling: greedy }));
+      await until("the turn running", async () => (metricValue(await fetchMetrics(none.compute.metricsPort), "vllm:num_requests_running") ?? 0) >= 1);
+      const behind = await failure(collect(start(c, { sessionId: sid, prompt: randomPrompt(3), maxTokens: 2, sampling: greedy })));
+      expect(behind?.code).toBe(status.RESOURCE_EXHAUSTED);
+      expect(behind?.details).toMatch(/FREEKV_QUEUE_MAX_REQUESTS 0/);
+      expect((await first).final?.usage?.completionTokens).toBeGreaterThan(0);
+      // The session is free again: the next turn runs.
+      const next = await collect(start(c, { sessionId: sid, prompt: randomPrompt(3), maxTokens: 2, sampling: greedy }));
+      expect(next.final?.usage?.completionTokens).toBeGreaterThan(0);
+      await unary(c, "closeSession", { sessionId: sid });
+    } finally {
+      c.close();
+      await none.stop();
+    }
+  }, 60_000);
+
   it("turns waiting for their session's earlier turns count as waiting requests: past FREEKV_QUEUE_MAX_REQUESTS they are refused at once", async () => {
     const two = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_THREADS: "1", FREEKV_QUEUE_MAX_REQUESTS: "2" } });
     const c = computeClient(two.compute.address);

@@ -9,6 +9,7 @@
  *   alone, and every request completes with the tokens it gets unbatched;
  * - a named session made for another model's shapes (re-attached after FREEKV_MODEL changed) gets
  *   FAILED_PRECONDITION from Generate, before the model runs;
+ * - a request's own session (no name) whose model call fails that way gets INTERNAL, logged as such;
  * - a failure of the engine's background work is logged and counted after the next model call.
  */
 import { join } from "node:path";
@@ -143,6 +144,17 @@ describe(`Generate's failed model calls (seed ${seed})`, () => {
     });
   }
 
+  it("a request's own session whose model call fails after it appended: INTERNAL, logged as an internal error, no session marked", async () => {
+    const before = await metric("freekv_compute_sessions_diverged_total");
+    failNext = { op: rand() < 0.5 ? "decode" : "prefill", after: true };
+    const r = await generate({ prompt: { $case: "tokens", value: { ids: ids(4 + Math.floor(rand() * 10)) } }, maxTokens: 3 });
+    expect(failNext).toBeUndefined();
+    expect(r.error?.code).toBe(status.INTERNAL);
+    expect(r.error?.details).toMatch(/failed in the model \(the model failed after its layers ran/);
+    expect(lines.some((l) => l.level === "error" && l.msg === "internal error" && /failed in the model/.test(String((l.err as { message?: string })?.message)))).toBe(true);
+    expect(await metric("freekv_compute_sessions_diverged_total")).toBe(before);
+  });
+
   it("a batched step refused by the model's checks runs again, each session alone, and every request completes as unbatched", async () => {
     const prompts = [ids(6 + Math.floor(rand() * 10)), ids(6 + Math.floor(rand() * 10)), ids(6 + Math.floor(rand() * 10))];
     const alone = [];
@@ -188,12 +200,14 @@ describe(`Generate's failed model calls (seed ${seed})`, () => {
     const engine = ctx.engine;
     const take = engine.takeBackgroundFailures.bind(engine);
     const message = `registering the host store ahead failed (seed ${seed})`;
-    let pending = [{ session: 12345, message }];
+    const dropped = 2 + Math.floor(rand() * 5);
+    let pending = { failures: [{ session: 12345, message }], dropped };
     Object.defineProperty(engine, "takeBackgroundFailures", {
       configurable: true,
       value: () => {
-        const out = [...pending, ...take()];
-        pending = [];
+        const real = take();
+        const out = { failures: [...pending.failures, ...real.failures], dropped: pending.dropped + real.dropped };
+        pending = { failures: [], dropped: 0 };
         return out;
       },
     });
@@ -201,8 +215,9 @@ describe(`Generate's failed model calls (seed ${seed})`, () => {
       const before = await metric("freekv_compute_engine_background_failures_total");
       const r = await generate({ prompt: { $case: "tokens", value: { ids: ids(5) } }, maxTokens: 2 });
       expect(r.error).toBeUndefined();
-      expect(await metric("freekv_compute_engine_background_failures_total")).toBe(before + 1);
+      expect(await metric("freekv_compute_engine_background_failures_total")).toBe(before + 1 + dropped);
       expect(lines.filter((l) => l.level === "warn" && l.err === message && l.engineSession === 12345)).toHaveLength(1);
+      expect(lines.filter((l) => l.level === "warn" && l.failures === dropped && /counted, not kept/.test(String(l.msg)))).toHaveLength(1);
     } finally {
       Object.defineProperty(engine, "takeBackgroundFailures", { configurable: true, value: take });
     }

@@ -426,18 +426,22 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     return p;
   }
 
-  // Failures of the engine's background work since the last call: [{ session, message }].
+  // Failures of the engine's background work since the last call:
+  // { failures: [{ session, message }], dropped }.
   Napi::Value TakeBackgroundFailures(const Napi::CallbackInfo& info) {
     auto env = info.Env();
-    const auto list = engine_->TakeBackgroundFailures();
-    auto a = Napi::Array::New(env, list.size());
-    for (uint32_t i = 0; i < list.size(); ++i) {
+    const auto taken = engine_->TakeBackgroundFailures();
+    auto a = Napi::Array::New(env, taken.failures.size());
+    for (uint32_t i = 0; i < taken.failures.size(); ++i) {
       auto o = Napi::Object::New(env);
-      o.Set("session", Napi::Number::New(env, list[i].session));
-      o.Set("message", Napi::String::New(env, list[i].what));
+      o.Set("session", Napi::Number::New(env, taken.failures[i].session));
+      o.Set("message", Napi::String::New(env, taken.failures[i].what));
       a.Set(i, o);
     }
-    return a;
+    auto out = Napi::Object::New(env);
+    out.Set("failures", a);
+    out.Set("dropped", Napi::Number::New(env, static_cast<double>(taken.dropped)));
+    return out;
   }
 
   Napi::Value GetDeviceStepStats(const Napi::CallbackInfo& info) {

@@ -128,6 +128,12 @@ struct BackgroundFailure {
   std::string what;
 };
 
+// What BackgroundFailures::Take returns: the failures kept, and how many more were not kept.
+struct BackgroundFailureList {
+  std::vector<BackgroundFailure> failures;
+  uint64_t dropped = 0;
+};
+
 // The engines' record of those failures: the newest kMax are kept, the others only counted.
 class BackgroundFailures {
  public:
@@ -140,12 +146,11 @@ class BackgroundFailures {
     }
     list_.push_back({session, std::move(what)});
   }
-  // The failures since the last call; a last entry of session -1 counts those not kept.
-  std::vector<BackgroundFailure> Take() {
+  // The failures since the last call.
+  BackgroundFailureList Take() {
     std::lock_guard<std::mutex> lock(mu_);
-    std::vector<BackgroundFailure> out(list_.begin(), list_.end());
+    BackgroundFailureList out{{list_.begin(), list_.end()}, dropped_};
     list_.clear();
-    if (dropped_) out.push_back({-1, std::to_string(dropped_) + " more background failures, not kept"});
     dropped_ = 0;
     return out;
   }
@@ -204,7 +209,7 @@ class Engine {
   // The geometry the session was created with (a model call checks it against the model's).
   virtual Geometry SessionGeometry(int session) const = 0;
   // Failures of background work since the last call (BackgroundFailures).
-  virtual std::vector<BackgroundFailure> TakeBackgroundFailures() { return failures_.Take(); }
+  virtual BackgroundFailureList TakeBackgroundFailures() { return failures_.Take(); }
 
   // For tests and the fidelity harness: for (layer, kv head), the token positions attended at the
   // most recent decode step (sink + selected + window, sorted).

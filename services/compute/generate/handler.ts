@@ -121,12 +121,13 @@ interface RequestRecord {
 }
 
 /**
- * A model call of this turn failed after it may have appended to the session (ModelCallFailed):
- * the session is marked diverged (its calls get DATA_LOSS until it is closed,
- * sessions/diverged.ts), counted and logged, and a named session's mark is saved at the kvstore
- * before the answer (the wait bounded as the Attention stream's). Returns the call's error.
+ * A model call of this turn failed after it may have appended to the named session
+ * (ModelCallFailed): the session is marked diverged (its calls get DATA_LOSS until it is closed,
+ * sessions/diverged.ts), counted and logged, and its mark is saved at the kvstore before the
+ * answer (the wait bounded as the Attention stream's). Returns the call's error. (A request's own
+ * session is closed at its end: its failure is an internal error, logged as such.)
  */
-async function diverged(ctx: ComputeContext, s: ComputeSession, e: ModelCallFailed, fresh: boolean): Promise<ServiceError> {
+async function diverged(ctx: ComputeContext, s: ComputeSession, e: ModelCallFailed): Promise<ServiceError> {
   const marked = markDiverged(s, e.what, e.cause);
   const error = marked ?? divergedError(s)!;
   if (!marked) return error;
@@ -135,11 +136,9 @@ async function diverged(ctx: ComputeContext, s: ComputeSession, e: ModelCallFail
     { session: s.id, contextTokens: s.contextTokens, err: e.cause instanceof Error ? e.cause.message : String(e.cause) },
     `session diverged: ${e.what} of Generate failed in the model after it may have appended to the session; its calls get DATA_LOSS until it is closed`,
   );
-  if (!fresh) {
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([ctx.sessions.saveDataLoss(s), new Promise((r) => (timer = setTimeout(r, SAVE_WAIT_MS)))]);
-    clearTimeout(timer);
-  }
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([ctx.sessions.saveDataLoss(s), new Promise((r) => (timer = setTimeout(r, SAVE_WAIT_MS)))]);
+  clearTimeout(timer);
   return error;
 }
 
@@ -231,8 +230,9 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     }
     // A named turn first waits for the turns before it on its session, holding nothing: it takes a
     // running slot only when its session is free for it (else many turns on one session hold every
-    // slot while they wait for its lock). It counts as a waiting request (FREEKV_QUEUE_MAX_REQUESTS).
-    const turnDone = known ? await ctx.admission.waitBefore(() => known.turnLock.acquire(signal)) : undefined;
+    // slot while they wait for its lock). A turn that has to wait counts as a waiting request
+    // (FREEKV_QUEUE_MAX_REQUESTS).
+    const turnDone = known ? await (known.turnLock.busy ? ctx.admission.waitBefore(() => known.turnLock.acquire(signal)) : known.turnLock.acquire(signal)) : undefined;
     try {
       const needsMemory = fresh || (known !== undefined && turnReach(known, prompt.length, req.maxTokens) > known.reservedTokens);
       // The request waits its turn: a running slot, and its memory at the kvstore (a fresh session's
@@ -391,7 +391,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
         );
         call.end();
       } catch (e) {
-        throw e instanceof ModelCallFailed ? await diverged(ctx, s, e, fresh) : e;
+        throw e instanceof ModelCallFailed && !fresh ? await diverged(ctx, s, e) : e;
       } finally {
         // The KV cache holds every token but the last sampled one, also after an error or a
         // cancellation between steps: the next request on the session feeds it first.
