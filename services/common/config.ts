@@ -90,4 +90,10 @@ export const mallocMmapThreshold = () => intInRange(256 * 1024, 0, 32 << 20);
 
 export const logLevel = () => z.enum(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info");
 
+/**
+ * FREEKV_WRITE_STALL_MS of both services: how long a server stream waits for a client that stopped
+ * reading (its transport full) before the call ends with DEADLINE_EXCEEDED (common/streams.ts); 0: no limit.
+ */
+export const writeStallMs = () => nonNegativeInt(30_000);
+
 export const host = (dflt: string) => z.string().min(1).default(dflt);

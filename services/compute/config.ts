@@ -1,6 +1,6 @@
 /** The compute service's environment variables (see the README's configuration table). */
 import { z } from "zod";
-import { flag, host, intInRange, logLevel, mallocMmapThreshold, nativeFlag, nonNegativeInt, numberInRange, optionalIntInRange, optionalPort, port, positiveInt } from "../common/config.js";
+import { flag, host, intInRange, logLevel, mallocMmapThreshold, nativeFlag, nonNegativeInt, numberInRange, optionalIntInRange, optionalPort, port, positiveInt, writeStallMs } from "../common/config.js";
 import { PREFILL_CHUNK_TOKENS, PREFILL_SLICE } from "./generate/scheduler.js";
 
 export const computeConfigSchema = z.object({
@@ -43,6 +43,8 @@ export const computeConfigSchema = z.object({
   FREEKV_HIERARCHICAL_SELECTION: z.enum(["auto", "on", "off"], { message: 'must be "auto", "on" or "off"' }).default("auto"),
   /** Weight type of the GPU model runner (FREEKV_BACKEND=cuda): auto = bf16 unless the checkpoint is all F32. */
   FREEKV_DEVICE_WEIGHTS: z.enum(["auto", "bf16", "f32"], { message: 'must be "auto", "bf16" or "f32"' }).default("auto"),
+  /** How long a Generate or Attention stream waits for a client that stopped reading before it ends the call (DEADLINE_EXCEEDED); 0: no limit. */
+  FREEKV_WRITE_STALL_MS: writeStallMs(),
   /** Default max context of a session when the request leaves it 0. */
   FREEKV_MAX_CONTEXT_TOKENS: positiveInt(32768),
   /** Upper bound a request may ask for. */

@@ -61,6 +61,7 @@ export function createComputeServer(ctx: ComputeContext, peer: { credentials?: C
       generate: generateHandler(ctx),
       attention: attentionHandler({
         auth: () => ctx.auth,
+        writeStallMs: ctx.config.FREEKV_WRITE_STALL_MS,
         sessions,
         batcher,
         log,

@@ -2,7 +2,7 @@
 import { readFileSync, statfsSync } from "node:fs";
 import { totalmem } from "node:os";
 import { z } from "zod";
-import { flag, host, logLevel, mallocMmapThreshold, nonNegativeInt, port, positiveInt } from "../common/config.js";
+import { flag, host, logLevel, mallocMmapThreshold, nonNegativeInt, port, positiveInt, writeStallMs } from "../common/config.js";
 
 export const kvstoreConfigSchema = z.object({
   FREEKV_KVSTORE_HOST: host("127.0.0.1"),
@@ -44,6 +44,8 @@ export const kvstoreConfigSchema = z.object({
   FREEKV_SCRUB_BYTES_PER_S: nonNegativeInt(256 << 20),
   /** Read by the addon itself when it loads (getenv); validated here so that a bad value fails at start. */
   FREEKV_MALLOC_MMAP_THRESHOLD: mallocMmapThreshold(),
+  /** How long a session export waits for a peer that stopped reading before it ends the call (DEADLINE_EXCEEDED); 0: no limit. */
+  FREEKV_WRITE_STALL_MS: writeStallMs(),
   FREEKV_SHUTDOWN_GRACE_MS: positiveInt(10_000),
   FREEKV_LOG_LEVEL: logLevel(),
 });

@@ -77,7 +77,7 @@ async function main(): Promise<void> {
   const server = new Server({ "grpc.max_receive_message_length": 64 << 20 });
   const service = rejectMalformed(KvStoreServiceService, kvstoreService(store, log));
   server.addService(service.definition, service.implementation);
-  const transfer = rejectMalformed(KvStoreTransferServiceService, transferService(store, log, createTransferMetrics(registry)));
+  const transfer = rejectMalformed(KvStoreTransferServiceService, transferService(store, log, createTransferMetrics(registry), { writeStallMs: config.FREEKV_WRITE_STALL_MS }));
   server.addService(transfer.definition, transfer.implementation);
   const health = new Health([KVSTORE_SERVICE]);
   health.addToServer(server);

@@ -214,6 +214,8 @@ export async function exportSession(
 export interface SessionImportOptions {
   /** Bytes the digest checksums per call (crc32cPiecewise); DIGEST_PIECE_BYTES when left out. */
   digestPieceBytes?: number;
+  /** How long an export waits for a peer that stopped reading (FREEKV_WRITE_STALL_MS; 0 or left out: no limit). */
+  writeStallMs?: number;
 }
 
 /**
@@ -358,7 +360,7 @@ export function transferService(store: KvStore, log: Logger, metrics?: TransferM
     exportSession(call: ServerWritableStream<ExportSessionRequest, ExportSessionResponse>) {
       const scope = callScope(call);
       const t0 = performance.now();
-      exportSession(store, call.request, (m) => send(call, m, scope.signal))
+      exportSession(store, call.request, (m) => send(call, m, scope.signal, options.writeStallMs))
         .then(
           ({ dataBytes, chunks }) => {
             metrics?.transfers.inc({ op: "export", result: "ok" });

@@ -42,6 +42,11 @@ describe("config", () => {
     expect(() => parseConfig(kvstoreConfigSchema, { FREEKV_MALLOC_MMAP_THRESHOLD: String(64 << 20) })).toThrow(/FREEKV_MALLOC_MMAP_THRESHOLD/);
     expect(parseConfig(computeConfigSchema, { FREEKV_QUEUE_ATTEMPTS: "16" }).FREEKV_QUEUE_ATTEMPTS).toBe(16);
     for (const bad of ["0", "65", "2.5"]) expect(() => parseConfig(computeConfigSchema, { FREEKV_QUEUE_ATTEMPTS: bad })).toThrow(new RegExp(`FREEKV_QUEUE_ATTEMPTS="${bad.replace(".", "\\.")}"`));
+    for (const schema of [computeConfigSchema, kvstoreConfigSchema]) {
+      expect(parseConfig(schema, {}).FREEKV_WRITE_STALL_MS).toBe(30_000);
+      expect(parseConfig(schema, { FREEKV_WRITE_STALL_MS: "0" }).FREEKV_WRITE_STALL_MS).toBe(0);
+      expect(() => parseConfig(schema, { FREEKV_WRITE_STALL_MS: "-1" })).toThrow(/FREEKV_WRITE_STALL_MS="-1"/);
+    }
   });
 
   it("coerces numbers and flags, and treats empty values as unset", () => {

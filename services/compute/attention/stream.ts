@@ -12,10 +12,10 @@
  * past the process's total (FREEKV_EXCHANGE_CAPACITY_BYTES) or /dev/shm's free space ends the
  * stream with RESOURCE_EXHAUSTED.
  */
-import { once } from "node:events";
 import type { ServerDuplexStream, handleBidiStreamingCall } from "@grpc/grpc-js";
 import type { AttentionRequest, AttentionResponse } from "../../../proto/gen/freekv/v1/compute.js";
-import { callScope, raceAbort } from "../../common/cancellation.js";
+import { callScope } from "../../common/cancellation.js";
+import { send } from "../../common/streams.js";
 import { invalidArgument, toStatus } from "../../common/errors.js";
 import type { Logger } from "../../common/log.js";
 import type { SessionManager } from "../sessions/manager.js";
@@ -60,6 +60,8 @@ export function attentionHandler(deps: {
   exchanges: ExchangeBudget;
   /** Per-tenant tokens (FREEKV_AUTH_TOKENS_FILE): a session is then its tenant's only. */
   auth?: () => TenantAuth | undefined;
+  /** How long a response waits for a client that stopped reading (FREEKV_WRITE_STALL_MS; 0 or left out: no limit). */
+  writeStallMs?: number;
 }): handleBidiStreamingCall<AttentionRequest, AttentionResponse> {
   const { sessions, batcher, log, observer, exchanges } = deps;
   return (call: ServerDuplexStream<AttentionRequest, AttentionResponse>) => {
@@ -161,7 +163,7 @@ export function attentionHandler(deps: {
         }
         const res = await handle(m);
         if (scope.signal.aborted) return;
-        if (!call.write(res)) await raceAbort(once(call, "drain"), scope.signal);
+        await send(call, res, scope.signal, deps.writeStallMs);
       }
       call.end();
     };

@@ -28,6 +28,7 @@ import {
   type GenerateResponse,
 } from "../../../proto/gen/freekv/v1/compute.js";
 import { callScope } from "../../common/cancellation.js";
+import { send, WriteStalled } from "../../common/streams.js";
 import { tenantOf } from "../sessions/tenant.js";
 import { localSession } from "../sessions/owners.js";
 import { checkTenant } from "../auth.js";
@@ -83,21 +84,6 @@ function promptTokens(req: GenerateRequest, loaded: LoadedModel, continuing: boo
   return codec.encodeChat(p.value.messages, continuing);
 }
 
-async function write(call: ServerWritableStream<GenerateRequest, GenerateResponse>, msg: GenerateResponse, signal: AbortSignal): Promise<void> {
-  if (signal.aborted) throw signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled");
-  if (call.write(msg)) return;
-  await new Promise<void>((resolve) => {
-    const done = () => {
-      call.removeListener("drain", done);
-      signal.removeEventListener("abort", done);
-      resolve();
-    };
-    call.on("drain", done);
-    signal.addEventListener("abort", done, { once: true });
-  });
-  if (signal.aborted) throw signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled");
-}
-
 /** The request metadata header naming the tenant, for fair queueing (round-robin between tenants). */
 export { TENANT_HEADER } from "../sessions/tenant.js";
 
@@ -144,6 +130,7 @@ async function diverged(ctx: ComputeContext, s: ComputeSession, e: ModelCallFail
 
 export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<GenerateRequest, GenerateResponse> {
   const metrics = generateMetrics(ctx.metrics.registry, ctx.admission, ctx.kvstore);
+  const stallMs = ctx.config.FREEKV_WRITE_STALL_MS;
 
   return (call) => {
     const scope = callScope(call);
@@ -154,7 +141,8 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       .catch((e: unknown) => {
         const err = e instanceof GenerateError ? (e.kind === "invalid_argument" ? new ServiceError(status.INVALID_ARGUMENT, e.message) : failedPrecondition(e.message)) : e;
         const st = toStatus(err, ctx.log, "Generate", signal);
-        metrics.requests.inc({ finish: status[st.code]?.toLowerCase() ?? String(st.code) });
+        // A client that stopped reading is told apart from one whose own deadline passed.
+        metrics.requests.inc({ finish: e instanceof WriteStalled ? "write_stalled" : (status[st.code]?.toLowerCase() ?? String(st.code)) });
         finished(rec, st.code, st.details);
         call.emit("error", st);
       })
@@ -347,7 +335,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
           const msg: GenerateResponse = isProgress(c)
             ? { event: { $case: "progress", value: { prefilledTokens: c.prefilledTokens, promptTokens: c.promptTokens } } }
             : { event: { $case: "chunk", value: { tokenIds: c.tokenIds, text: c.text, stepMs: c.stepMs, batchSize: c.batchSize } } };
-          pending = new Promise<void>((resolve, reject) => setImmediate(() => write(call, msg, signal).then(resolve, reject)));
+          pending = new Promise<void>((resolve, reject) => setImmediate(() => send(call, msg, signal, stallMs).then(resolve, reject)));
           pending.catch(() => {}); // observed by the next await; never an unhandled rejection
         }
         await pending;
@@ -366,7 +354,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
           saved = true;
           await ctx.sessions.commitMetadata(s).catch((e: Error) => ctx.log.warn({ session: s.id, err: e.message }, "committing the session's metadata failed"));
         }
-        await write(
+        await send(
           call,
           {
             event: {

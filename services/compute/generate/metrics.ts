@@ -68,7 +68,7 @@ export function generateMetrics(registry: Registry, admission: AdmissionQueue, k
   });
 
   return {
-    requests: new Counter({ name: "freekv_generate_requests_total", help: "Generate calls by how they ended (a finish reason, or the status code of a failed call)", labelNames: ["finish"], registers: [registry] }),
+    requests: new Counter({ name: "freekv_generate_requests_total", help: "Generate calls by how they ended (a finish reason, the status code of a failed call, or write_stalled: the client stopped reading, FREEKV_WRITE_STALL_MS)", labelNames: ["finish"], registers: [registry] }),
     tokens: new Counter({ name: "freekv_generate_tokens_total", help: "Tokens through Generate: kind=prompt (prompt tokens) and kind=completion (generated tokens)", labelNames: ["kind"], registers: [registry] }),
     queueSeconds: new Histogram({ name: "freekv_generate_queue_seconds", help: "Time a Generate request waited in the admission queue", buckets: LATENCY, registers: [registry] }),
     timeToFirstToken: new Histogram({

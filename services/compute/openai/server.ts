@@ -248,6 +248,12 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
       if (!opened && typeof owner === "string")
         return sendError(res, new HttpError(421, err.message, null, "session_elsewhere"), { ...headers, [SESSION_OWNER_KEY]: owner });
       if (!opened) return sendError(res, err, headers);
+      // A client that stopped reading (the call ended for FREEKV_WRITE_STALL_MS) would never read
+      // the error either: its connection is closed, not left holding what was written.
+      if (res.writableNeedDrain) {
+        res.destroy();
+        return;
+      }
       // Mid-stream: the status line is gone; the error is the stream's last event.
       sse(err.body());
       res.end();
