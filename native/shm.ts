@@ -22,7 +22,9 @@ export interface ShmSegment {
   readonly size: number;
   /**
    * The whole mapping as an ArrayBuffer (no copy), or bytes [offset, offset + length) of it (how a
-   * segment over 4 GiB, more than one ArrayBuffer covers, is read). Detached by close().
+   * segment over 4 GiB, more than one ArrayBuffer covers, is read). Detached by close(). A buffer
+   * holds its segment object: a segment that was never closed is unmapped only once it and every
+   * buffer it handed out are collected.
    */
   buffer(offset?: number, length?: number): ArrayBuffer;
   /** Unmaps; buffers handed out are detached. The name stays until unlink(). */

@@ -3,7 +3,9 @@
  * clear errors, and no unmapping under a live engine session.
  */
 import { describe, expect, it } from "vitest";
+import { spawnSync } from "node:child_process";
 import { existsSync, statSync } from "node:fs";
+import { join } from "node:path";
 import v8 from "node:v8";
 import vm from "node:vm";
 import { loadAddon } from "../../native/binding.js";
@@ -52,6 +54,43 @@ describe("ShmSegment", () => {
     seg.close();
     for (const h of held) expect(h.byteLength).toBe(0);
     addon.ShmSegment.unlink(name);
+  });
+
+  it("a segment dropped without close() stays mapped while a buffer of it is held, and is collected after", () => {
+    // In a child process: without the fix the buffer's bytes are unmapped under it and the
+    // process dies of SIGSEGV.
+    const name = uniqueName();
+    const shm = join(import.meta.dirname, "..", "..", "native", "shm.ts");
+    const script = `
+      import { loadShm } from ${JSON.stringify(shm)};
+      const { ShmSegment } = loadShm();
+      const name = ${JSON.stringify(name)};
+      let collected = false;
+      const registry = new FinalizationRegistry(() => { collected = true; });
+      let view;
+      (() => {
+        const seg = ShmSegment.create(name, 1 << 20);
+        registry.register(seg, 0);
+        view = new Float64Array(seg.buffer(4096, 8192));
+      })();
+      const settle = async () => { for (let i = 0; i < 8; i++) { gc(); await new Promise((r) => setImmediate(r)); } };
+      await settle();
+      const collectedWhileHeld = collected;
+      const values = Array.from({ length: view.length }, (_, i) => Math.sin(${rng.int(1e6)} + i));
+      view.set(values);
+      const other = ShmSegment.open(name);
+      const seen = Array.from(new Float64Array(other.buffer(4096, 8192)));
+      other.close();
+      view = undefined;
+      await settle();
+      ShmSegment.unlink(name);
+      console.log(JSON.stringify({ collectedWhileHeld, shared: seen.every((v, i) => v === values[i]), collectedAfter: collected }));
+    `;
+    const r = spawnSync(process.execPath, ["--expose-gc", "--import", "tsx", "--input-type=module", "-e", script], { encoding: "utf8", timeout: 60_000 });
+    addon.ShmSegment.unlink(name);
+    expect(r.signal, r.stderr).toBeNull();
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout.trim().split("\n").pop()!)).toEqual({ collectedWhileHeld: false, shared: true, collectedAfter: true });
   });
 
   it("names the problem on bad arguments", () => {

@@ -248,7 +248,19 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
       if (off > seg_->size() || len > seg_->size() - off)
         throw Napi::RangeError::New(info.Env(), "[offset, offset + length) runs past the end of the segment");
     }
-    auto ab = Napi::ArrayBuffer::New(info.Env(), static_cast<uint8_t*>(seg_->data()) + off, len);
+    // The buffer holds this segment object (a strong reference, let go when the buffer is
+    // collected): a segment collected without close() would unmap the bytes under a buffer still
+    // in use. close() detaches the buffers, so it unmaps at once whatever they hold.
+    auto* owner = new Napi::ObjectReference(Napi::Persistent(Value()));
+    Napi::ArrayBuffer ab;
+    try {
+      ab = Napi::ArrayBuffer::New(
+          info.Env(), static_cast<uint8_t*>(seg_->data()) + off, len,
+          [](Napi::Env, void*, Napi::ObjectReference* ref) { delete ref; }, owner);
+    } catch (...) {
+      delete owner;
+      throw;
+    }
     // Weak: a buffer nobody holds any more is collected (a strong reference kept every buffer
     // ever handed out until close: a session exported 20,000 times grew the process by 385 MiB).
     // The dead entries are dropped when the list has doubled since the last sweep.
