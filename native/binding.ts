@@ -315,6 +315,9 @@ export interface ModelOptions {
  * (a token out of range, a position that is not the session's context, a session made for another
  * model's shapes), the error has `refused: true` and the sessions are as they were; any other
  * error may have come after some layers appended to every session of the call.
+ *
+ * The calls on one session run one at a time: a call that names a session whose earlier call has
+ * not settled throws at once ("has a model call in flight"), and claims none of its sessions.
  */
 export interface Model {
   /**
@@ -330,7 +333,10 @@ export interface Model {
    * the GPU runner the pick happens on the device and only the ids come back.
    */
   decodeArgmax(sessions: Int32Array, tokens: Int32Array, positions: Int32Array): Promise<Int32Array>;
-  /** Dense fallback only: forgets a session's KV cache (false when there was none or with an engine). */
+  /**
+   * Dense fallback only: forgets a session's KV cache (false when there was none or with an
+   * engine). Throws while a call on the session is in flight.
+   */
   releaseSession(session: number): boolean;
   readonly vocabSize: number;
   /** "engine" (FreeKV engine sessions) or "dense" (the model's own KV cache). */

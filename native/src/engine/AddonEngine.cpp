@@ -78,7 +78,7 @@ class PromiseWorker : public Napi::AsyncWorker {
 class PrefillWorker : public PromiseWorker {
  public:
   PrefillWorker(Napi::Env env, Napi::Object self, std::shared_ptr<Engine> e, int s, int l, std::vector<float> q, std::vector<float> k,
-                std::vector<float> v, int n, int out_floats, bool attend)
+                std::vector<float> v, int n, size_t out_floats, bool attend)
       : PromiseWorker(env, self, std::move(e)), s_(s), l_(l), n_(n), attend_(attend), q_(std::move(q)), k_(std::move(k)),
         v_(std::move(v)), out_(attend ? out_floats : 0) {}
 
@@ -141,11 +141,15 @@ class SyncWorker : public PromiseWorker {
 // the segments go.
 class CloseWorker : public PromiseWorker {
  public:
-  CloseWorker(Napi::Env env, Napi::Object self, std::shared_ptr<Engine> e, int s, std::function<void()> done)
-      : PromiseWorker(env, self, std::move(e)), s_(s), done_(std::move(done)) {}
+  CloseWorker(Napi::Env env, Napi::Object self, std::shared_ptr<Engine> e, int s, std::function<void()> done, std::function<void()> failed)
+      : PromiseWorker(env, self, std::move(e)), s_(s), done_(std::move(done)), failed_(std::move(failed)) {}
   void OnOK() override {
     done_();
     PromiseWorker::OnOK();
+  }
+  void OnError(const Napi::Error& e) override {
+    failed_();
+    PromiseWorker::OnError(e);
   }
 
  protected:
@@ -153,7 +157,7 @@ class CloseWorker : public PromiseWorker {
 
  private:
   int s_;
-  std::function<void()> done_;
+  std::function<void()> done_, failed_;
 };
 
 }  // namespace
@@ -314,19 +318,27 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
   // a long CUDA session unregisters its host store (16 GiB at 128K tokens of an 8B model) and
   // waits for the device; on the JS thread that held the event loop, so every other request's
   // RPCs and steps, for as long. The session takes no more calls meanwhile; its segments stay
-  // pinned until the engine let them go (a failure leaves them pinned: they cannot be unmapped
-  // under a live engine session).
+  // pinned until the engine let them go (a failure leaves them pinned, and the session open, so
+  // the close can be tried again: they cannot be unmapped under a live engine session).
   Napi::Value CloseSessionAsync(const Napi::CallbackInfo& info) {
     const int s = IntArg(info, 0, "session", 0, 1 << 30);
     auto it = sessions_.find(s);
     if (it == sessions_.end() || it->second.closing) throw Napi::Error::New(info.Env(), "session " + to_string(s) + " is not open");
     it->second.closing = true;
-    auto* w = new CloseWorker(info.Env(), info.This().As<Napi::Object>(), engine_, s, [this, s] {
-      auto i = sessions_.find(s);
-      if (i == sessions_.end()) return;
-      for (auto& r : i->second.segments) PinShm(r.Value(), -1);
-      sessions_.erase(i);
-    });
+    auto* w = new CloseWorker(
+        info.Env(), info.This().As<Napi::Object>(), engine_, s,
+        [this, s] {
+          auto i = sessions_.find(s);
+          if (i == sessions_.end()) return;
+          for (auto& r : i->second.segments) PinShm(r.Value(), -1);
+          sessions_.erase(i);
+        },
+        // The engine kept the session (its close failed before letting go of it): it stays open
+        // here too, so that the close can be tried again, rather than "closing" for ever.
+        [this, s] {
+          auto i = sessions_.find(s);
+          if (i != sessions_.end()) i->second.closing = false;
+        });
     auto p = w->Promise();
     w->Queue();
     return p;
@@ -367,18 +379,19 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
   // prefill(session, layer, k, v, n) / prefillAttend(session, layer, q, k, v, n)
   Napi::Value PrefillCommon(const Napi::CallbackInfo& info, bool attend) {
     auto env = info.Env();
-    const auto& si = SessionArg(info, 0);
+    // A copy of the geometry: converting the arguments below may run JS that closes the session.
+    const Geometry geo = SessionArg(info, 0).geo;
     const int s = info[0].As<Napi::Number>().Int32Value();
-    const int layer = LayerArg(info, 1, si.geo);
+    const int layer = LayerArg(info, 1, geo);
     const size_t a = attend ? 3 : 2;
     const int n = IntArg(info, a + 2, "n", 1, 1 << 24);
-    const size_t kvf = static_cast<size_t>(n) * si.geo.kv_heads * si.geo.head_dim;
-    const size_t qf = static_cast<size_t>(n) * si.geo.q_heads * si.geo.head_dim;
+    const size_t kvf = static_cast<size_t>(n) * geo.kv_heads * geo.head_dim;
+    const size_t qf = static_cast<size_t>(n) * geo.q_heads * geo.head_dim;
     std::vector<float> q;
     if (attend) q = FloatsArg(env, info[2], "q", qf);
     auto k = FloatsArg(env, info[a], "k", kvf);
     auto v = FloatsArg(env, info[a + 1], "v", kvf);
-    auto* w = new PrefillWorker(env, info.This().As<Napi::Object>(), engine_, s, layer, std::move(q), std::move(k), std::move(v), n, static_cast<int>(qf), attend);
+    auto* w = new PrefillWorker(env, info.This().As<Napi::Object>(), engine_, s, layer, std::move(q), std::move(k), std::move(v), n, qf, attend);
     auto p = w->Promise();
     w->Queue();
     return p;
@@ -401,7 +414,8 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
       if (it == sessions_.end() || it->second.closing) throw Napi::Error::New(env, at + ".session " + to_string(s) + " is not open");
       if (seen[s]) throw Napi::RangeError::New(env, at + ".session " + to_string(s) + " appears twice in the batch");
       seen[s] = true;
-      const auto& g = it->second.geo;
+      // A copy: reading q/k/v below may run JS (a getter) that closes the session and frees its entry.
+      const Geometry g = it->second.geo;
       if (layer >= g.layers)
         throw Napi::RangeError::New(env, "layer " + to_string(layer) + " is out of range [0, " + to_string(g.layers) + ") for " + at);
       DecodeCopy d;

@@ -7,6 +7,7 @@
 
 #include <cstring>
 #include <functional>
+#include <unordered_set>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -161,9 +162,9 @@ Napi::Value ToJs(Napi::Env env, const std::vector<int>& v) {
 template <class R>
 class ForwardWorker : public Napi::AsyncWorker {
  public:
-  ForwardWorker(Napi::Env env, int threads, std::function<R()> fn, Napi::ObjectReference keep)
+  ForwardWorker(Napi::Env env, int threads, std::function<R()> fn, Napi::ObjectReference keep, std::function<void()> done)
       : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), threads_(threads), fn_(std::move(fn)),
-        keep_(std::move(keep)) {}
+        keep_(std::move(keep)), done_(std::move(done)) {}
   Napi::Promise Promise() { return deferred_.Promise(); }
   void Execute() override {
     try {
@@ -178,8 +179,12 @@ class ForwardWorker : public Napi::AsyncWorker {
       SetError("unknown native error in the model runner");
     }
   }
-  void OnOK() override { deferred_.Resolve(ToJs(Env(), std::move(out_))); }
+  void OnOK() override {
+    done_();
+    deferred_.Resolve(ToJs(Env(), std::move(out_)));
+  }
   void OnError(const Napi::Error& e) override {
+    done_();
     Napi::Object err = e.Value();
     // An input check failed before anything was appended: the caller may run the call again.
     if (refused_) err.Set("refused", Napi::Boolean::New(Env(), true));
@@ -192,6 +197,7 @@ class ForwardWorker : public Napi::AsyncWorker {
   int threads_;
   std::function<R()> fn_;
   Napi::ObjectReference keep_;  // the Model stays alive while its work runs
+  std::function<void()> done_;   // on the JS thread, before the promise settles
   R out_;
 };
 
@@ -319,9 +325,10 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     int start = info[2].As<Napi::Number>().Int32Value();
     bool all = info[3].ToBoolean();
     model::Runner* f = forward_.get();
+    auto done = Claim(env, {session});
     auto* w = new ForwardWorker<std::vector<float>>(env, threads_, [f, session, tokens = std::move(tokens), start, all]() {
       return f->Prefill(session, tokens, start, all);
-    }, Napi::Persistent(Value()));
+    }, Napi::Persistent(Value()), std::move(done));
     auto p = w->Promise();
     w->Queue();
     return p;
@@ -342,6 +349,7 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     if (tokens.size() != sessions.size() || positions.size() != sessions.size())
       throw Napi::RangeError::New(env, "sessions, tokens and positions must have the same length");
     model::Runner* f = forward_.get();
+    const std::vector<int> sessions_of_call = sessions;
     using R = std::conditional_t<std::is_same_v<T, float>, model::Logits, std::vector<int>>;
     std::function<R()> fn;
     if constexpr (std::is_same_v<T, float>)
@@ -350,16 +358,34 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
       fn = [f, s = std::move(sessions), t = std::move(tokens), p = std::move(positions)]() {
         return f->DecodeArgmax(s, t, p);
       };
-    auto* w = new ForwardWorker<R>(env, threads_, std::move(fn), Napi::Persistent(Value()));
+    auto done = Claim(env, sessions_of_call);
+    auto* w = new ForwardWorker<R>(env, threads_, std::move(fn), Napi::Persistent(Value()), std::move(done));
     auto p = w->Promise();
     w->Queue();
     return p;
   }
 
+  // Calls on one session run one at a time (a call's layers append to the session's cache in
+  // order; two calls interleaved would append each other's tokens between them): a call naming a
+  // session whose earlier call has not settled is refused at once. The scheduler never makes one.
+  // Returns what the worker runs, on the JS thread, as the call settles. The JS thread's only.
+  std::function<void()> Claim(Napi::Env env, const std::vector<int>& sessions) {
+    for (int s : sessions)
+      if (busy_.count(s))
+        throw Napi::Error::New(env, "session " + std::to_string(s) + " has a model call in flight: the calls on one session run one at a time");
+    for (int s : sessions) busy_.insert(s);
+    return [this, sessions] {
+      for (int s : sessions) busy_.erase(s);
+    };
+  }
+
   // Dense fallback only: forgets a session's KV cache. With an engine, close the engine session.
   Napi::Value ReleaseSession(const Napi::CallbackInfo& info) {
     if (info.Length() < 1 || !info[0].IsNumber()) throw Napi::TypeError::New(info.Env(), "session must be a number");
-    bool r = dense_ ? dense_->Release(info[0].As<Napi::Number>().Int32Value()) : false;
+    const int session = info[0].As<Napi::Number>().Int32Value();
+    if (busy_.count(session))
+      throw Napi::Error::New(info.Env(), "session " + std::to_string(session) + " has a model call in flight: release it once the call settled");
+    bool r = dense_ ? dense_->Release(session) : false;
     return Napi::Boolean::New(info.Env(), r);
   }
 
@@ -381,6 +407,7 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
   AttentionBackend* backend_ = nullptr;
   Napi::ObjectReference engine_ref_;
   std::unique_ptr<model::Runner> forward_;
+  std::unordered_set<int> busy_;  // sessions with a call in flight (Claim)
 };
 
 // Model.load(): maps and converts the weights on a worker thread, then constructs the Model.

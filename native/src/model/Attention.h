@@ -53,14 +53,18 @@ class DenseAttention final : public AttentionBackend {
   bool Release(int session);
 
  private:
+  // One session's cache. Its own lock serialises the calls on the session (a layer's append and
+  // attention read the same vectors); a Release() meanwhile drops the map's reference only, so a
+  // call in flight finishes on the cache it holds.
   struct Cache {
+    std::mutex mu;
     std::vector<std::vector<float>> k, v;  // per layer [tokens][kv_heads][head_dim]
     std::vector<uint64_t> tokens;          // per layer
   };
-  Cache& Get(int session);
+  std::shared_ptr<Cache> Get(int session);
   int layers_, q_heads_, kv_heads_, head_dim_;
-  mutable std::mutex mu_;
-  std::map<int, std::unique_ptr<Cache>> caches_;
+  mutable std::mutex mu_;  // the map only
+  std::map<int, std::shared_ptr<Cache>> caches_;
 };
 
 }  // namespace freekv::model

@@ -987,12 +987,23 @@ export class SessionManager {
    */
   private async detach(s: ComputeSession): Promise<void> {
     s.detached = true;
-    try {
-      await this.opts.engine.closeSessionAsync(s.engineSession);
-    } catch (e) {
-      this.opts.log.warn({ session: s.id, err: (e as Error).message }, "engine closeSession failed");
+    // A failed close leaves the engine session open (the binding keeps it so): tried once more.
+    // One that fails again keeps its segments mapped (they cannot be unmapped under an engine
+    // session): logged as an error, for as long as the process lives.
+    let closed = false;
+    for (let attempt = 1; attempt <= 2 && !closed; attempt++) {
+      try {
+        await this.opts.engine.closeSessionAsync(s.engineSession);
+        closed = true;
+      } catch (e) {
+        this.opts.log.warn({ session: s.id, attempt, err: (e as Error).message }, "engine closeSession failed");
+      }
     }
     this.opts.onEngineClosed?.(s);
+    if (!closed) {
+      this.opts.log.error({ session: s.id }, "the engine session could not be closed: its memory stays mapped in this process");
+      return;
+    }
     if (!s.host) return;
     const unmaps = await Promise.allSettled(
       [s.host.store, s.host.staging, s.host.tail, s.host.manifest].map((seg) => {

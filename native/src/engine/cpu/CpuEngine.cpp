@@ -380,8 +380,16 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
                                   ReservationExceeded(ss[i]->host.reserved_pages, ss[i]->host.capacity_pages));
   }
   // 1. The layer's speculative recall (issued at the previous step) must be complete.
-  for (int i = 0; i < n; ++i)
-    if (ss[i]->layers[layer]->recall.Wait()) ss[i]->counters.recall_waits += 1;
+  // A failed recall is its session's: the error names the item (nothing of this layer was
+  // appended yet).
+  for (int i = 0; i < n; ++i) {
+    try {
+      if (ss[i]->layers[layer]->recall.Wait()) ss[i]->counters.recall_waits += 1;
+    } catch (const std::exception& e) {
+      throw std::runtime_error("items[" + to_string(i) + "]: session " + to_string(items[i].session) + ": the speculative recall of layer " +
+                               to_string(layer) + " failed: " + e.what());
+    }
+  }
   // 2. Append the new key/value (offload on page fill).
   for (int i = 0; i < n; ++i) Append(*ss[i], layer, items[i].k, items[i].v, 1);
   // 3. Blocking selections: first decode after prefill, oracle, and corrections.

@@ -6,22 +6,28 @@
 
 namespace freekv::model {
 
-DenseAttention::Cache& DenseAttention::Get(int session) {
+std::shared_ptr<DenseAttention::Cache> DenseAttention::Get(int session) {
   std::lock_guard<std::mutex> lock(mu_);
   auto& c = caches_[session];
   if (!c) {
-    c = std::make_unique<Cache>();
+    c = std::make_shared<Cache>();
     c->k.resize(layers_);
     c->v.resize(layers_);
     c->tokens.assign(layers_, 0);
   }
-  return *c;
+  return c;
 }
 
 uint64_t DenseAttention::ContextTokens(int session) const {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto it = caches_.find(session);
-  return it == caches_.end() ? 0 : it->second->tokens.back();
+  std::shared_ptr<Cache> c;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = caches_.find(session);
+    if (it == caches_.end()) return 0;
+    c = it->second;
+  }
+  std::lock_guard<std::mutex> lock(c->mu);
+  return c->tokens.back();
 }
 
 bool DenseAttention::Release(int session) {
@@ -31,12 +37,13 @@ bool DenseAttention::Release(int session) {
 
 void DenseAttention::PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) {
   if (layer < 0 || layer >= layers_) throw std::invalid_argument("layer " + std::to_string(layer) + " out of range");
-  Cache& c = Get(session);
+  const auto c = Get(session);
+  std::lock_guard<std::mutex> lock(c->mu);
   const size_t row = static_cast<size_t>(kv_heads_) * head_dim_;
-  c.k[layer].insert(c.k[layer].end(), k, k + n * row);
-  c.v[layer].insert(c.v[layer].end(), v, v + n * row);
-  c.tokens[layer] += n;
-  CausalAttention(q, n, c.k[layer].data(), c.v[layer].data(), static_cast<int>(c.tokens[layer]), q_heads_, kv_heads_,
+  c->k[layer].insert(c->k[layer].end(), k, k + n * row);
+  c->v[layer].insert(c->v[layer].end(), v, v + n * row);
+  c->tokens[layer] += n;
+  CausalAttention(q, n, c->k[layer].data(), c->v[layer].data(), static_cast<int>(c->tokens[layer]), q_heads_, kv_heads_,
                   head_dim_, out);
 }
 
