@@ -129,4 +129,33 @@ describe(`re-attach continues with identical outputs (seed ${seed})`, () => {
       await host.dispose();
     }
   });
+
+  it("refuses a manifest with more committed pages than the session's reservation", async () => {
+    const addon = loadAddon();
+    const rng = new Prng(seed);
+    const c: PolicyConfig = {
+      qHeads: 4, kvHeads: 2, headDim: 16, pageSize: 4, sinkTokens: 4, windowTokens: 8, selectTokens: 8,
+      tau: 0.9, summary: "maxmin", combine: "softmax_mean", mode: "freekv", dtype: "f32",
+    };
+    const g = geometryOf(c, 2);
+    const r = retrievalOf(c);
+    const host = createHost(g, r, 16);
+    const e = new addon.Engine({ backend: "cpu" });
+    const pages = 3 + rng.int(6);
+    const n = pages * c.pageSize + rng.int(c.pageSize);
+    const kv = () => rng.normals(n * c.kvHeads * c.headDim);
+    try {
+      const s = e.createSession(g, r, host.segments, false);
+      for (let l = 0; l < 2; l++) await e.prefill(s, l, kv(), kv(), n);
+      e.closeSession(s);
+      // Its own reservation re-attaches; one page short of what the manifest says was committed does not.
+      const again = e.createSession(g, r, { ...host.segments, reservedPages: pages }, true);
+      e.closeSession(again);
+      expect(() => e.createSession(g, r, { ...host.segments, reservedPages: pages - 1 }, true)).toThrow(
+        new RegExp(`has ${pages} committed pages, more than the session's reservation of ${pages - 1}`),
+      );
+    } finally {
+      await host.dispose();
+    }
+  });
 });

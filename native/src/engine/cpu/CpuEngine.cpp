@@ -624,6 +624,10 @@ void CpuEngine::Reattach(CpuSession& s) {
     const uint32_t* w = s.manifest->layer_words(l);
     if (w[0] > static_cast<uint32_t>(s.host.capacity_pages) || w[1] >= static_cast<uint32_t>(pg.P))
       throw std::invalid_argument("host.manifest layer " + to_string(l) + " is inconsistent with the layout");
+    // Only the reserved pages are backed (as the CUDA backend registers only those).
+    if (w[0] > static_cast<uint32_t>(s.host.reserved_pages))
+      throw std::invalid_argument("host.manifest layer " + to_string(l) + " has " + to_string(w[0]) +
+                                  " committed pages, more than the session's reservation of " + to_string(s.host.reserved_pages));
     ctx = std::min<int64_t>(ctx, static_cast<int64_t>(w[0]) * pg.P + w[1]);
   }
   const size_t per = SummaryFloatsPerPage(pg);

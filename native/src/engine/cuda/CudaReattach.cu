@@ -40,6 +40,11 @@ void CudaEngine::Reattach(Session& s) {
     const uint32_t* w = LayerWords(s, l);
     if (w[0] > (uint32_t)s.host.capacity_pages || w[1] >= (uint32_t)P)
       throw std::invalid_argument("host.manifest layer " + to_string(l) + " is inconsistent with the layout");
+    // Only the reserved pages are backed and registered: a page past them would be read from
+    // host memory the device may not touch.
+    if (w[0] > (uint32_t)s.host.reserved_pages)
+      throw std::invalid_argument("host.manifest layer " + to_string(l) + " has " + to_string(w[0]) +
+                                  " committed pages, more than the session's reservation of " + to_string(s.host.reserved_pages));
     ctx = std::min<int64_t>(ctx, (int64_t)w[0] * P + w[1]);
   }
   cudaStream_t st = main_->get();
