@@ -374,7 +374,10 @@ export interface Addon extends Contract {
   sampleF32(values: Float32Array, offset: number, n: number, temperature: number, topK: number, topP: number, u: number): number;
   /**
    * sampleF32 of rows of a batch's logits [batch][vocab], off the main thread and over several
-   * threads: params holds [temperature, topK, topP, u] per row. Resolves to the tokens.
+   * threads: params holds [temperature, topK, topP, u] per row. Resolves to the tokens. The rows
+   * are read in place, not copied (a batch's logits are megabytes): the logits' buffer must not be
+   * transferred (postMessage, structuredClone with transfer) until the promise settles; the array
+   * itself is kept alive meanwhile.
    */
   sampleRowsAsync(logits: Float32Array, vocab: number, rows: Int32Array, params: Float64Array): Promise<Int32Array>;
 }
