@@ -53,7 +53,10 @@ async function main(): Promise<void> {
   // Before the capacity is read, so their space counts as free.
   // A directory that cannot be read now may name any of them: nothing is removed then.
   setDirectoryKind(config.FREEKV_DIRECTORY === "memory" ? "memory" : "persistent", directoryTag(config.FREEKV_DIRECTORY, config.FREEKV_DIRECTORY_PREFIX));
-  const keep = await directorySegmentNames(directory).catch(() => undefined);
+  const keep = await directorySegmentNames(directory).catch((e: Error) => {
+    log.warn({ err: e.message }, "the session directory cannot be read at start: segments left by a kvstore that is gone are not swept this time");
+    return undefined;
+  });
   const swept = keep ? sweepStaleSegments(keep) : [];
   if (swept.length) log.info({ removed: swept.length, segments: swept }, "removed session segments left by a kvstore process that is gone");
   // A capacity left to the default follows the free space of /dev/shm, measured here, before the

@@ -84,6 +84,8 @@ export class KvStore implements ScrubHost {
   private readonly locks = new Map<string, Promise<unknown>>();
   /** Sessions being imported (transfer.ts): their segments exist and count, but they are not visible yet. */
   private readonly importing = new Map<string, Live>();
+  /** Imports whose memory is being committed (reserveImport), before they join `importing`: counted by the limits too. */
+  private readonly committingImports = new Set<Live>();
   private usedBytes = 0;
   /** Sessions being created (counted, not live yet). */
   private readonly creatingLive = new Set<Live>();
@@ -117,7 +119,7 @@ export class KvStore implements ScrubHost {
 
   /** RESOURCE_EXHAUSTED naming the limit when one more session would pass maxSessions. */
   private checkSessionCount(sessionId: string): void {
-    const held = this.live.size + this.creatingLive.size + this.importing.size;
+    const held = this.live.size + this.creatingLive.size + this.importing.size + this.committingImports.size;
     if (held < this.maxSessions) return;
     this.metrics?.rejected.inc({ reason: "sessions" });
     throw resourceExhausted(`session ${quoteId(sessionId)}: this kvstore holds ${held} sessions, its limit (FREEKV_KVSTORE_MAX_SESSIONS=${this.maxSessions})`);
@@ -253,6 +255,8 @@ export class KvStore implements ScrubHost {
     checkMetadata(req.metadata, "metadata");
     checkCreationToken(req.creationToken);
     return this.withLock(req.sessionId, async () => {
+      // A caller that gave up while this call waited for the id's lock: nothing is made for it.
+      if (signal?.aborted) throw signal.reason;
       if (this.importing.has(req.sessionId)) throw failedPrecondition(`session ${req.sessionId} is being imported; attach it once the import ended`);
       const existing = this.live.get(req.sessionId);
       if (existing?.corrupt) throw existing.corrupt;
@@ -347,6 +351,9 @@ export class KvStore implements ScrubHost {
     // sessions of huge contexts and no reservation could map the process's whole address space
     // (47 bits) and fail its other allocations. The sessions together map at most MAX_MAPPED_BYTES.
     const mapping = totalBytes(layout);
+    // Alone past the limit: no release will ever make room (not a RESOURCE_EXHAUSTED to retry).
+    if (mapping > MAX_MAPPED_BYTES)
+      throw invalidArgument("max_context_tokens", `${maxContextTokens} tokens map ${mapping} bytes, more than the ${MAX_MAPPED_BYTES} bytes (2^45) the sessions here may map together: it can never fit`);
     const mapped = this.mappedBytes();
     if (mapped + mapping > MAX_MAPPED_BYTES) {
       this.metrics?.rejected.inc({ reason: "capacity" });
@@ -784,10 +791,16 @@ export class KvStore implements ScrubHost {
   // Hooks of session transfer (transfer.ts): export under the session's lock, import into
   // segments that are made and counted first and become a visible session only at the end.
 
-  /** Bytes the live sessions' segments map (their whole stores, reserved or not). */
+  /**
+   * Bytes the sessions' segments map (their whole stores, reserved or not): live ones, and those
+   * being created or imported (mapped already, while their memory is committed or their stream runs).
+   */
   private mappedBytes(): number {
     let n = 0;
     for (const l of this.live.values()) n += totalBytes(l.layout);
+    for (const l of this.creatingLive) n += totalBytes(l.layout);
+    for (const l of this.importing.values()) n += totalBytes(l.layout);
+    for (const l of this.committingImports) n += totalBytes(l.layout);
     return n;
   }
 
@@ -817,7 +830,12 @@ export class KvStore implements ScrubHost {
       if (this.live.has(id) || this.importing.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists at this kvstore`);
       if (await this.dir("get", id, () => this.directory.get(id))) throw alreadyExists(`session ${quoteId(id)} is in this kvstore's directory`);
       const l = this.createLive(id, geometry, retrieval, maxContextTokens, metadata, Math.min(maxContextTokens, Math.max(0, reserveTokens)));
-      await this.commitLive(l);
+      this.committingImports.add(l);
+      try {
+        await this.commitLive(l);
+      } finally {
+        this.committingImports.delete(l);
+      }
       this.importing.set(id, l);
       return l;
     });
@@ -854,7 +872,12 @@ export class KvStore implements ScrubHost {
     this.importing.clear();
     for (const [id, l] of this.live) {
       closeSegments(l.segments, !persist);
-      if (!persist) await this.directory.delete(id).catch(() => undefined);
+      if (!persist)
+        await this.directory.delete(id).catch((e: Error) => {
+          // Its record stays, naming segments that are gone: the next start finds it stale.
+          this.metrics?.directoryFailures.inc({ op: "delete" });
+          this.log.warn({ session: id, err: e.message }, "could not remove the session's directory record at shutdown");
+        });
     }
     this.log.info({ sessions: this.live.size, persist }, persist ? "segments kept for re-attach" : "segments removed");
     this.live.clear();

@@ -199,6 +199,17 @@ describe(`kvstore reservations (seed ${seed})`, () => {
     await s.release("w2");
     await s.attach({ ...huge, sessionId: "w4", geometry: wide, retrieval: R, maxContextTokens: tokens });
     for (const id of ["w1", "w3", "w4"]) await s.release(id);
+    // Asked for at once: the sessions still being made count toward the bound too.
+    const ids = ["c1", "c2", "c3", "c4", "c5"];
+    const together = await Promise.allSettled(ids.map((id) => s.attach({ ...huge, sessionId: id, geometry: wide, retrieval: R, maxContextTokens: tokens })));
+    expect(together.filter((r) => r.status === "fulfilled").length).toBe(3);
+    for (const r of together) if (r.status === "rejected") expect(r.reason).toMatchObject({ code: status.RESOURCE_EXHAUSTED });
+    for (const [i, r] of together.entries()) if (r.status === "fulfilled") await s.release(ids[i]);
+    // One alone past the bound can never fit: the request's problem, not a shortage to wait out.
+    await expect(s.attach({ ...huge, sessionId: "w5", geometry: wide, retrieval: R, maxContextTokens: Math.ceil((1.05 * MAX_MAPPED_BYTES) / perToken) })).rejects.toMatchObject({
+      code: status.INVALID_ARGUMENT,
+      message: expect.stringMatching(/^max_context_tokens: .*can never fit/),
+    });
     expect(s.stats().sessions).toBe(1);
     // Re-attach with reserve_tokens grows the reservation like ReserveContext.
     expect((await s.attach({ sessionId: "p", geometry: undefined, retrieval: undefined, maxContextTokens: 0, metadata: Buffer.alloc(0), reserveTokens: 1000 })).reservedTokens).toBe(1024);
