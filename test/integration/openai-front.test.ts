@@ -355,6 +355,23 @@ describe("the OpenAI front: errors in OpenAI's shape", () => {
     expect((await openai.completions.create({ model: MODEL, prompt: "x", max_tokens: 1, temperature: 0 })).choices).toHaveLength(1);
   });
 
+  it("answers 400 for a header it cannot pass on, and for a malformed session header", async () => {
+    const post = (headers: Record<string, string>) =>
+      fetch(`${base}/v1/completions`, { method: "POST", headers: { "content-type": "application/json", ...headers }, body: JSON.stringify({ model: MODEL, prompt: "x", max_tokens: 1 }) });
+    for (const [headers, code, param] of [
+      [{ "x-freekv-trace-bin": "1" }, "invalid_header", null],
+      [{ "x-freekv-tenant": "caf\u00e9" }, "invalid_header", null],
+      [{ "x-freekv-session-id": "no spaces allowed" }, null, "session_id"],
+      [{ "x-freekv-session-id": "s".repeat(129) }, null, "session_id"],
+    ] as const) {
+      const r = await post(headers as Record<string, string>);
+      expect(r.status, JSON.stringify(headers)).toBe(400);
+      expect(((await r.json()) as { error: { code: string | null; param: string | null } }).error).toMatchObject({ code, param });
+    }
+    // The server still serves.
+    expect((await post({})).status).toBe(200);
+  });
+
   it("answers 404 for an unknown path and 405 for a wrong method", async () => {
     const r = await fetch(`${base}/v1/embeddings`, { method: "POST", body: "{}" });
     expect(r.status).toBe(404);

@@ -81,6 +81,17 @@ describe("tenant authentication (FREEKV_AUTH_TOKENS_FILE)", () => {
       const models = await fetch(`${base}/v1/models`, { headers: { authorization: `Bearer ${tokens.alpha}` } });
       const model = ((await models.json()) as { data: { id: string }[] }).data[0].id;
       expect((await fetch(`${base}/v1/completions`, { method: "POST", headers: { "content-type": "application/json" }, body: body(model) })).status).toBe(401);
+      // Without a token nothing is said about the request before the 401: not the served model's
+      // name (a wrong one would be 404 naming it), not a body's errors.
+      for (const [url, b] of [
+        ["/v1/completions", body("another-model")],
+        ["/v1/chat/completions", "{not json"],
+        ["/v1/completions", JSON.stringify({ model, prompt: "hi", max_tokens: -1 })],
+      ]) {
+        const r = await fetch(`${base}${url}`, { method: "POST", headers: { "content-type": "application/json", authorization: "Bearer wrong\ttoken" }, body: b });
+        expect(r.status, `${url} ${b}`).toBe(401);
+        expect(await r.text()).not.toContain(model);
+      }
       const ok = await fetch(`${base}/v1/completions`, { method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${tokens.alpha}` }, body: body(model) });
       expect(ok.status).toBe(200);
       const other = await fetch(`${base}/v1/completions`, { method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${tokens.beta}`, "x-freekv-session-id": sid }, body: body(model) });

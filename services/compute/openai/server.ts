@@ -21,6 +21,7 @@ import { Metadata as GrpcMetadata } from "@grpc/grpc-js";
 import type { TenantAuth } from "../auth.js";
 import { SESSION_OWNER_KEY } from "../sessions/owners.js";
 import { readRequest, show, type Endpoint, type OpenAIRequest } from "./requests.js";
+import { SESSION_ID_RE } from "../sessions/manager.js";
 
 export const SESSION_HEADER = "x-freekv-session-id";
 export const TIMEOUT_HEADER = "x-freekv-timeout-ms";
@@ -79,7 +80,8 @@ function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
       if (!over) parts.push(b);
     });
     req.on("end", () => (over ? reject(tooLarge()) : resolve(Buffer.concat(parts))));
-    req.on("error", reject);
+    // The client went away before its body was read (aborted, reset): its problem, not ours.
+    req.on("error", (e: Error) => reject(new HttpError(400, `the request body could not be read: ${e.message}`, null, "client_closed")));
   });
 }
 
@@ -95,6 +97,10 @@ function parseJson(body: Buffer): unknown {
     throw badRequest(null, `the request body is not valid JSON: ${(e as Error).message}`, "invalid_json");
   }
 }
+
+/** gRPC metadata as text (grpc-js refuses anything else): key and value. */
+const METADATA_KEY = /^[0-9a-z_.-]+$/;
+const METADATA_VALUE = /^[\x20-\x7e]*$/;
 
 function header(req: IncomingMessage, name: string): string | undefined {
   const v = req.headers[name];
@@ -117,10 +123,13 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
       const up = opts.serving();
       return sendJson(res, up ? 200 : 503, { status: up ? "ok" : "not_serving" });
     }
-    if (opts.auth && path.startsWith("/v1/models")) {
+    // With tenant tokens, every /v1 call shows its token before anything is read or said (the
+    // served model's name, a load failure, a body's errors). The generation itself authenticates
+    // again in the Generate handler, which names the tenant.
+    if (opts.auth && path.startsWith("/v1/")) {
       const md = new GrpcMetadata();
-      if (typeof req.headers.authorization === "string") md.set("authorization", req.headers.authorization);
       try {
+        if (typeof req.headers.authorization === "string") md.set("authorization", req.headers.authorization);
         opts.auth.authenticate(md);
       } catch (e) {
         throw new HttpError(401, (e as Error).message, null, "unauthenticated");
@@ -154,6 +163,7 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
     const fromHeader = header(req, SESSION_HEADER);
     if (fromHeader !== undefined && r.sessionId !== undefined && fromHeader !== r.sessionId)
       throw badRequest("session_id", `the ${SESSION_HEADER} header (${show(fromHeader)}) and the body's session_id (${show(r.sessionId)}) name different sessions`);
+    if (fromHeader && !SESSION_ID_RE.test(fromHeader)) throw badRequest("session_id", `the ${SESSION_HEADER} header must match [A-Za-z0-9._-]{1,128}, got ${show(fromHeader)}`);
     const sessionId = fromHeader || r.sessionId || "";
     let deadline: number | undefined;
     const timeout = header(req, TIMEOUT_HEADER);
@@ -164,7 +174,13 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
     }
     // The service's own x-freekv-* request headers reach the handler as the gRPC metadata they are there.
     const metadata: Record<string, string> = {};
-    for (const [k, v] of Object.entries(req.headers)) if ((k.startsWith("x-freekv-") || k === "authorization") && typeof v === "string") metadata[k] = v;
+    for (const [k, v] of Object.entries(req.headers)) {
+      if (!(k.startsWith("x-freekv-") || k === "authorization") || typeof v !== "string") continue;
+      // What gRPC metadata can carry as text: a header it would refuse is the request's problem.
+      if (!METADATA_KEY.test(k) || k.endsWith("-bin")) throw badRequest(null, `the ${k} header cannot be passed on as gRPC metadata (its name must match [0-9a-z_.-]+ and not end in -bin)`, "invalid_header");
+      if (!METADATA_VALUE.test(v)) throw badRequest(null, `the ${k} header holds characters gRPC metadata cannot carry (printable ASCII only)`, "invalid_header");
+      metadata[k] = v;
+    }
     await serveGeneration(r, sessionId, deadline, metadata, res);
   }
 
