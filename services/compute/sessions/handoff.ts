@@ -14,7 +14,7 @@
  */
 import type { ComputeContext } from "../context.js";
 import { divergedError } from "./diverged.js";
-import type { SessionMover } from "./move.js";
+import { moveOutcomeUnknown, type SessionMover } from "./move.js";
 
 /** The peers of a FREEKV_DRAIN_HANDOFF list, without this pod's own address ("owners": found at the drain instead). */
 export function handoffPeers(setting: string | undefined, self: string | undefined): string[] {
@@ -54,6 +54,11 @@ export async function handOffSessions(ctx: ComputeContext, mover: SessionMover, 
         done = true;
       } catch (e) {
         reasons.push(`${peer}: ${(e as Error).message}`);
+        // Nobody could tell whether that peer took it: offered to another, it could be held twice.
+        if (moveOutcomeUnknown(e)) {
+          reasons.push(`not offered to another peer: ${peer} may hold it`);
+          break;
+        }
       }
     }
     if (!done) {

@@ -490,7 +490,8 @@ export class SessionManager {
    * stays open here, intact.
    */
   async handOver<T>(s: ComputeSession, target: string, transfer: () => Promise<T>, signal?: AbortSignal): Promise<T> {
-    const release = await s.lock.acquire();
+    // `signal` also ends the wait for the session's turn (a move's deadline, its caller gone).
+    const release = await s.lock.acquire(signal);
     let result: T;
     try {
       if (s.closed) throw this.goneError(s.id);

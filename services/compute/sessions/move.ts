@@ -52,7 +52,7 @@ import {
   type SessionMoveServiceServer,
 } from "../../../proto/gen/freekv/v1/compute.js";
 import type { ExportSessionResponse, SessionTransferHeader } from "../../../proto/gen/freekv/v1/kvstore.js";
-import { callScope } from "../../common/cancellation.js";
+import { callScope, MAX_TIMER_MS } from "../../common/cancellation.js";
 import { ServiceError, failedPrecondition, invalidArgument, quoteId, toStatus } from "../../common/errors.js";
 import { resolveGeometry } from "../../common/geometry.js";
 import { unary } from "../../common/handlers.js";
@@ -78,6 +78,12 @@ const AMBIGUOUS = new Set<number>([status.UNAVAILABLE, status.DEADLINE_EXCEEDED,
 
 /** How long a source whose answer was lost keeps asking the target where the session stands. */
 export const SETTLE_MS = 10_000;
+
+/** Errors of moves whose outcome nobody could tell (the target may hold the session too). */
+const UNKNOWN_OUTCOMES = new WeakSet<object>();
+
+/** Whether a move failed without anyone able to tell whether the target took the session: it must not be offered to another pod. */
+export const moveOutcomeUnknown = (e: unknown): boolean => typeof e === "object" && e !== null && UNKNOWN_OUTCOMES.has(e);
 /** The deadline of each of those questions. */
 const SETTLE_CALL_MS = 3_000;
 
@@ -131,6 +137,17 @@ export class SessionMover {
     if (!ADDRESS_RE.test(target)) throw invalidArgument("target", `must be host:port, got ${quoteId(target)}`);
     if (target === ctx.config.FREEKV_ADVERTISE_ADDRESS) throw failedPrecondition(`target ${target} is this pod (FREEKV_ADVERTISE_ADDRESS)`);
     let contextTokens = 0;
+    // The wait for the session's turn (a Generate may hold it for minutes) and what comes before
+    // the streams honour the move's deadline and its caller's cancellation; the streams carry the
+    // deadline themselves.
+    const waiting = new AbortController();
+    const onAbort = () => waiting.abort(opts.signal!.reason);
+    if (opts.signal?.aborted) onAbort();
+    else opts.signal?.addEventListener("abort", onAbort, { once: true });
+    const timer = setTimeout(
+      () => waiting.abort(new ServiceError(status.DEADLINE_EXCEEDED, `the move's deadline passed before the session's turn came (it is busy); it stays on this pod`)),
+      Math.max(0, Math.min(opts.deadline - Date.now(), MAX_TIMER_MS)),
+    );
     try {
       const res = await ctx.sessions.handOver(
         s,
@@ -139,7 +156,7 @@ export class SessionMover {
           contextTokens = s.contextTokens;
           return this.stream(s.id, target, opts);
         },
-        opts.signal,
+        waiting.signal,
       );
       this.count("out", undefined);
       this.metrics.bytes.inc({ role: "out" }, res.dataBytes);
@@ -150,6 +167,9 @@ export class SessionMover {
       this.count("out", e);
       ctx.log.warn({ session: s.id, target, err: (e as Error).message }, "session move failed; the session stays on this pod");
       throw e;
+    } finally {
+      clearTimeout(timer);
+      opts.signal?.removeEventListener("abort", onAbort);
     }
   }
 
@@ -199,6 +219,7 @@ export class SessionMover {
           return { dataBytes: 0, chunks: 0 };
         }
         if (outcome === "unknown") {
+          if (typeof e === "object" && e !== null) UNKNOWN_OUTCOMES.add(e);
           this.metrics.outcomeUnknown.inc();
           ctx.log.error({ session: id, target, err: (e as Error).message }, "the target's answer was lost and neither it nor the session-owners directory tells whether it took the session: it stays on this pod, and the target may hold it too (close one copy)");
         }
@@ -244,7 +265,13 @@ export class SessionMover {
       wait = Math.min(wait * 2, 500);
     }
     if (!ctx.owners) return "unknown";
-    return (await ctx.owners.elsewhere(id)) === target ? "held" : "absent";
+    // A directory that does not answer tells nothing either (not "absent": the target may hold it).
+    try {
+      return (await ctx.owners.ownerOf(id)) === target ? "held" : "absent";
+    } catch (e) {
+      ctx.log.warn({ session: id, target, err: (e as Error).message }, "the session-owners directory does not answer either");
+      return "unknown";
+    }
   }
 
   /** The receiving side of a move: the stream goes on to this pod's kvstore; the session is opened and claimed here. */

@@ -84,6 +84,16 @@ export class SessionOwners {
     }
   }
 
+  /** The address the directory records for `id` (this pod's own included); rejects when the directory does not answer. */
+  async ownerOf(id: string): Promise<string | undefined> {
+    try {
+      return (await this.redis.hget(this.key, id)) ?? undefined;
+    } catch (e) {
+      this.onFailure();
+      throw e;
+    }
+  }
+
   /** The address of the pod holding `id`, if another pod does. */
   async elsewhere(id: string): Promise<string | undefined> {
     try {
