@@ -718,6 +718,11 @@ export class KvStore implements ScrubHost {
     return new ServiceError(status.DATA_LOSS, `session ${quoteId(id)} is corrupt: ${why}; its context cannot be trusted. Release it and start a new session`);
   }
 
+  /** Why the session is corrupt, if the kvstore found it so (the scrubber can mark it while a call holds its lock). */
+  corruption(id: string): ServiceError | undefined {
+    return this.live.get(id)?.corrupt;
+  }
+
   /** The live sessions whose committed pages the scrubber checks (corrupt ones are left out). */
   scrubSessions(): ScrubSession[] {
     const out: ScrubSession[] = [];

@@ -133,15 +133,32 @@ export const DIGEST_PIECE_BYTES = 64 << 20;
  * piece is mapped on its own (ShmSegment.buffer(offset, length)); an ArrayBuffer's is a view.
  */
 export function crc32cPiecewise(source: ArrayBuffer | ShmSegment, base: number, bytes: number, seed = 0, pieceBytes = DIGEST_PIECE_BYTES): number {
-  if (!Number.isSafeInteger(pieceBytes) || pieceBytes < 1 || pieceBytes > MAX_RANGE) throw new RangeError(`pieceBytes must be an integer in [1, ${MAX_RANGE}], got ${pieceBytes}`);
-  if (!Number.isSafeInteger(base) || base < 0 || !Number.isSafeInteger(bytes) || bytes < 0) throw new RangeError(`base and bytes must be integers >= 0, got ${base} and ${bytes}`);
   let crc = seed >>> 0;
-  for (let off = 0; off < bytes; off += pieceBytes) {
-    const n = Math.min(pieceBytes, bytes - off);
-    const piece = isSegment(source) ? new Uint8Array(source.buffer(base + off, n)) : new Uint8Array(source, base + off, n);
+  for (const piece of pieces(source, base, bytes, pieceBytes)) crc = crc32c(piece, crc);
+  return crc;
+}
+
+/**
+ * crc32cPiecewise, letting the event loop run between two pieces: the import's digest reads the
+ * whole session (17 GB at 128K tokens of an 8B model, seconds), during which the kvstore answers
+ * its other calls (commits, health) instead of holding them.
+ */
+export async function crc32cPiecewiseAsync(source: ArrayBuffer | ShmSegment, base: number, bytes: number, seed = 0, pieceBytes = DIGEST_PIECE_BYTES): Promise<number> {
+  let crc = seed >>> 0;
+  for (const piece of pieces(source, base, bytes, pieceBytes)) {
     crc = crc32c(piece, crc);
+    await new Promise((r) => setImmediate(r));
   }
   return crc;
+}
+
+function* pieces(source: ArrayBuffer | ShmSegment, base: number, bytes: number, pieceBytes: number): Generator<Uint8Array> {
+  if (!Number.isSafeInteger(pieceBytes) || pieceBytes < 1 || pieceBytes > MAX_RANGE) throw new RangeError(`pieceBytes must be an integer in [1, ${MAX_RANGE}], got ${pieceBytes}`);
+  if (!Number.isSafeInteger(base) || base < 0 || !Number.isSafeInteger(bytes) || bytes < 0) throw new RangeError(`base and bytes must be integers >= 0, got ${base} and ${bytes}`);
+  for (let off = 0; off < bytes; off += pieceBytes) {
+    const n = Math.min(pieceBytes, bytes - off);
+    yield isSegment(source) ? new Uint8Array(source.buffer(base + off, n)) : new Uint8Array(source, base + off, n);
+  }
 }
 
 const view = (r: Region, offset: number, n: number): Uint8Array => {
@@ -206,6 +223,10 @@ export async function exportSession(
         await emit({ item: { $case: "chunk", value: { part: r.part, layer: r.layer, offset: off, data, crc32c: crc } } });
       }
     }
+    // The scrubber may have found a page changed while the chunks went out (it does not take the
+    // session's lock): no digest then, so the copy is never published.
+    const corrupt = store.corruption(rec.sessionId);
+    if (corrupt) throw corrupt;
     await emit({ item: { $case: "digest", value: { crc32c: digest, dataBytes, chunks } } });
     return { dataBytes, chunks };
   });
@@ -313,7 +334,7 @@ export class SessionImport {
     }
   }
 
-  private digest(d: { crc32c: number; dataBytes: number; chunks: number }): void {
+  private async digest(d: { crc32c: number; dataBytes: number; chunks: number }): Promise<void> {
     if (this.at < this.plan.length) {
       const r = this.plan[this.at];
       throw invalidArgument("digest", `before all data: ${partName(r.part)}${r.part === SessionPart.SESSION_PART_STORE ? ` layer ${r.layer}` : ""} has ${this.offset} of ${r.bytes} bytes`);
@@ -322,10 +343,11 @@ export class SessionImport {
     // Recomputed from the segments: what this kvstore holds now, not what it was sent; a region at a
     // time and each in pieces (a layer's pages can be more than one ArrayBuffer holds).
     let crc = crc32c(this.header!.metadata);
-    for (const r of this.plan) crc = crc32cPiecewise(r.buffer, r.base, r.bytes, crc, this.options.digestPieceBytes);
+    for (const r of this.plan) crc = await crc32cPiecewiseAsync(r.buffer, r.base, r.bytes, crc, this.options.digestPieceBytes);
     if (crc !== d.crc32c >>> 0) throw dataLoss(`digest: the session's CRC32C is ${crc.toString(16)} here, ${(d.crc32c >>> 0).toString(16)} at the sender; nothing was imported`);
     const h = this.header!;
     const m = loadShm().readManifest(this.plan[this.plan.length - 1].buffer as ArrayBuffer, h.exportedPages.length);
+    if (m.corrupt) throw dataLoss("manifest: the sender's kvstore marked the session corrupt (a committed page changed after its commit); nothing was imported");
     if (!m.valid) throw invalidArgument("manifest", "the session's manifest is not a FreeKV manifest for its layers");
     m.committedPages.forEach((p, l) => {
       if (p > h.exportedPages[l]) throw invalidArgument("manifest", `layer ${l} has ${p} pages in its manifest, only ${h.exportedPages[l]} were sent`);

@@ -27,7 +27,7 @@ import { createLogger } from "../../services/common/log.js";
 import { rejectMalformed } from "../../services/common/malformed.js";
 import { MemoryDirectory } from "../../services/kvstore/directory.js";
 import { KvStore } from "../../services/kvstore/store.js";
-import { DIGEST_PIECE_BYTES, MIN_CHUNK_BYTES, SessionImport, crc32cPiecewise, exportSession, transferService } from "../../services/kvstore/transfer.js";
+import { DIGEST_PIECE_BYTES, MIN_CHUNK_BYTES, SessionImport, crc32cPiecewise, crc32cPiecewiseAsync, exportSession, transferService } from "../../services/kvstore/transfer.js";
 import { prng, randomBytes } from "../helpers/prng.js";
 import { shmSegments } from "../helpers/services.js";
 
@@ -51,7 +51,7 @@ function nonDividing(n: number, lo: number, hi: number): number {
 }
 
 describe("crc32cPiecewise", () => {
-  it("equals one pass over the range for any piece size, and maps no more than a piece at a time", () => {
+  it("equals one pass over the range for any piece size, and maps no more than a piece at a time", async () => {
     const { ShmSegment } = loadShm();
     const n = int(3 << 20, 5 << 20) | 1; // odd: no power of two divides it
     const base = int(1, 1 << 16);
@@ -95,6 +95,23 @@ describe("crc32cPiecewise", () => {
     expect(crc32cPiecewise(seg, base, n, seedCrc)).toBe(whole);
     expect(crc32cPiecewise(seg, base, 0, seedCrc, 4096)).toBe(seedCrc);
     for (const bad of [0, -1, 1.5, NaN, 2 ** 31 + 1]) expect(() => crc32cPiecewise(seg, base, n, 0, bad), String(bad)).toThrow(RangeError);
+
+    // The import's digest: the same value, with the event loop turning between pieces (other
+    // calls are answered meanwhile).
+    const p = nonDividing(n, 4097, 1 << 18);
+    let turns = 0;
+    let ticking = true;
+    const tick = () => {
+      if (!ticking) return;
+      turns++;
+      setImmediate(tick);
+    };
+    setImmediate(tick);
+    const asyncCrc = await crc32cPiecewiseAsync(seg, base, n, seedCrc, p);
+    ticking = false;
+    expect(asyncCrc).toBe(whole);
+    expect(turns).toBeGreaterThanOrEqual(Math.ceil(n / p) - 1);
+    await expect(crc32cPiecewiseAsync(seg, base, n, 0, 0)).rejects.toThrow(RangeError);
   });
 });
 
@@ -196,6 +213,49 @@ function nothingLeft(store: KvStore, before: Set<string>): void {
   expect(store.stats().reservedBytes).toBe(0);
   expect([...shmSegments()].filter((n) => !before.has(n) && n.startsWith(mine))).toEqual([]);
 }
+
+describe("a session found corrupt while it moves", () => {
+  it("an import whose manifest carries the corrupt marker is DATA_LOSS; an export during which the scrubber marks the session sends no digest", async () => {
+    const src = new KvStore(new MemoryDirectory(), 1 << 30, log);
+    cleanups.push(() => src.shutdown(false));
+    const s = await makeSource(src, `corrupt-${int(0, 1e9)}`);
+    const dst = await serveImports(DIGEST_PIECE_BYTES);
+    const before = shmSegments();
+    // The manifest as a kvstore that marked the session corrupt holds it, every CRC32C recomputed:
+    // only the marker tells.
+    const msgs = structuredClone(s.exported) as ImportSessionRequest[];
+    const first = msgs.findIndex((m) => m.item?.$case === "chunk" && m.item.value.part === SessionPart.SESSION_PART_MANIFEST && m.item.value.offset === 0);
+    expect(first).toBeGreaterThan(0);
+    const c = (msgs[first].item as { value: { data: Uint8Array; crc32c: number } }).value;
+    const marked = new Uint8Array(c.data);
+    loadShm().markManifestCorrupt(marked.buffer);
+    c.data = marked;
+    c.crc32c = crc32cJs(marked);
+    const header = msgs[0].item as { value: { metadata: Uint8Array } };
+    let digest = crc32cJs(header.value.metadata);
+    for (const m of msgs) if (m.item?.$case === "chunk") digest = crc32cJs(m.item.value.data, digest);
+    (msgs[msgs.length - 1].item as { value: { crc32c: number } }).value.crc32c = digest;
+    const r = await importAll(dst.address, msgs);
+    expect(isErr(r) ? status[r.code] : "imported").toBe("DATA_LOSS");
+    expect((r as ServiceError).details).toMatch(/marked the session corrupt/);
+    nothingLeft(dst.store, before);
+
+    // The scrubber finds a page changed while the chunks go out: the export fails DATA_LOSS
+    // before its digest, so the copy can never be published.
+    const sent: ExportSessionResponse[] = [];
+    const layer = int(0, G.layers - 1);
+    const failed = await exportSession(src, { sessionId: s.id, chunkBytes: MIN_CHUNK_BYTES }, async (m) => {
+      sent.push(m);
+      if (sent.length === 2) src.markCorrupt(s.id, layer, int(0, s.pages[layer] - 1), 1, 2);
+    }).then(
+      () => undefined,
+      (e: ServiceError) => e,
+    );
+    expect(failed?.code).toBe(status.DATA_LOSS);
+    expect(failed?.message).toMatch(/is corrupt/);
+    expect(sent.some((m) => m.item?.$case === "digest")).toBe(false);
+  });
+});
 
 describe("an import whose digest is read in small pieces", () => {
   it("verifies and publishes the session over gRPC; a byte changed in a later piece of a re-checksummed chunk is DATA_LOSS", async () => {
