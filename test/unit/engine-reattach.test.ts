@@ -12,6 +12,11 @@ import { createHost, geometryOf, retrievalOf, type Host } from "./reference/harn
 
 const seed = testSeed();
 const layers = 3;
+// A small freekv session (pages of 4 tokens) for the refusals.
+const SMALL: PolicyConfig = {
+  qHeads: 4, kvHeads: 2, headDim: 16, pageSize: 4, sinkTokens: 4, windowTokens: 8, selectTokens: 8,
+  tau: 0.9, summary: "maxmin", combine: "softmax_mean", mode: "freekv", dtype: "f32",
+};
 
 interface Step {
   q: Float32Array;
@@ -110,10 +115,7 @@ describe(`re-attach continues with identical outputs (seed ${seed})`, () => {
 
   it("refuses segments that hold no session", async () => {
     const addon = loadAddon();
-    const c: PolicyConfig = {
-      qHeads: 4, kvHeads: 2, headDim: 16, pageSize: 4, sinkTokens: 4, windowTokens: 8, selectTokens: 8,
-      tau: 0.9, summary: "maxmin", combine: "softmax_mean", mode: "freekv", dtype: "f32",
-    };
+    const c = SMALL;
     const g = geometryOf(c, 2);
     const r = retrievalOf(c);
     const host = createHost(g, r, 16);
@@ -133,10 +135,7 @@ describe(`re-attach continues with identical outputs (seed ${seed})`, () => {
   it("refuses a manifest with more committed pages than the session's reservation", async () => {
     const addon = loadAddon();
     const rng = new Prng(seed);
-    const c: PolicyConfig = {
-      qHeads: 4, kvHeads: 2, headDim: 16, pageSize: 4, sinkTokens: 4, windowTokens: 8, selectTokens: 8,
-      tau: 0.9, summary: "maxmin", combine: "softmax_mean", mode: "freekv", dtype: "f32",
-    };
+    const c = SMALL;
     const g = geometryOf(c, 2);
     const r = retrievalOf(c);
     const host = createHost(g, r, 16);

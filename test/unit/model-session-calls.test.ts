@@ -5,29 +5,17 @@
  * (its context then exactly as after that call). The same for a Model without an engine (its own
  * dense cache), whose releaseSession is refused while the session's call runs.
  */
-import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { loadAddon, type Engine } from "../../native/binding.js";
-import { RETRIEVAL_NAMES } from "../../services/common/retrieval.js";
 import { loadModel } from "../../services/compute/model/loader.js";
 import { createLocalSession, modelGeometry, type LocalSession } from "../../services/compute/model/localHost.js";
 import { prng } from "../helpers/prng.js";
+import { SMALL_RETRIEVAL, TINY_LLAMA } from "../helpers/tiny-model.js";
 
 const seed = (Date.now() ^ (process.pid << 7)) >>> 0;
 const rand = prng(seed);
-const MODEL = join(import.meta.dirname, "..", "fixtures", "models", "tiny-llama3");
-const RETRIEVAL = {
-  pageSize: 8,
-  sinkTokens: 8,
-  windowTokens: 8,
-  selectTokens: 16,
-  tau: 0.9,
-  summary: RETRIEVAL_NAMES.summary.max_min,
-  combine: RETRIEVAL_NAMES.combine.softmax_mean,
-  mode: RETRIEVAL_NAMES.mode.freekv,
-  recall: RETRIEVAL_NAMES.recall.gather,
-  denseLayers: [],
-};
+const MODEL = TINY_LLAMA;
+const RETRIEVAL = SMALL_RETRIEVAL;
 
 const engine: Engine = new (loadAddon().Engine)({ backend: "cpu", threads: 2 });
 const withEngine = loadModel(MODEL, { engine });
