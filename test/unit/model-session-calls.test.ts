@@ -58,7 +58,7 @@ describe(`calls on one session of a Model (seed ${seed})`, () => {
     expect(lb.length).toBe(la.length);
   });
 
-  it("without an engine (dense cache): the same, and releaseSession waits for the call to settle", async () => {
+  it("without an engine (dense cache): the same, and releaseSession is refused until the call settled", async () => {
     const { model } = dense;
     expect(model.attention).toBe("dense");
     const V = model.vocabSize;
