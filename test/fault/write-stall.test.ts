@@ -9,15 +9,14 @@
  * gets what was sent and then DEADLINE_EXCEEDED naming the setting. A client that reads in bursts
  * with pauses shorter than the limit is not cut off.
  */
-import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { rmSync } from "node:fs";
 import { connect, type ClientHttp2Session, type ClientHttp2Stream } from "node:http2";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { status } from "@grpc/grpc-js";
 import { GenerateRequest, GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
 import { QUIET, fetchMetrics, metricValue, startTiers, type Tiers } from "../helpers/services.js";
 import { prng } from "../helpers/prng.js";
+import { tinyModelWithoutEos } from "../helpers/tiny-model.js";
 
 const seed = Number(process.env.FREEKV_TEST_SEED) || (Date.now() ^ (process.pid << 12)) >>> 0;
 const rand = prng(seed);
@@ -30,18 +29,8 @@ let tiers: Tiers;
 let h2: ClientHttp2Session;
 let modelDir: string;
 
-/** The fixture's weights, with no EOS (a generation ends at max_tokens) and room for the long answers. */
-function modelWithoutEos(): string {
-  const from = join(import.meta.dirname, "..", "fixtures", "models", "tiny-qwen2");
-  const dir = mkdtempSync(join(tmpdir(), "freekv-stall-model-"));
-  const cfg = JSON.parse(readFileSync(join(from, "config.json"), "utf8"));
-  writeFileSync(join(dir, "config.json"), JSON.stringify({ ...cfg, eos_token_id: [], max_position_embeddings: 32768 }));
-  copyFileSync(join(from, "model.safetensors"), join(dir, "model.safetensors"));
-  return dir;
-}
-
 beforeAll(async () => {
-  modelDir = modelWithoutEos();
+  modelDir = tinyModelWithoutEos("freekv-stall-model-");
   tiers = await startTiers({
     kvstoreEnv: QUIET,
     computeEnv: { ...QUIET, FREEKV_MODEL: modelDir, FREEKV_THREADS: "1", FREEKV_MAX_RUNNING_REQUESTS: "1", FREEKV_WRITE_STALL_MS: String(STALL_MS), FREEKV_MAX_CONTEXT_TOKENS: "16384" },
