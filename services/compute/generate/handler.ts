@@ -376,6 +376,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
             },
           },
           signal,
+          stallMs,
         );
         call.end();
       } catch (e) {
