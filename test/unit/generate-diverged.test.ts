@@ -12,7 +12,6 @@
  * - a request's own session (no name) whose model call fails that way gets INTERNAL, logged as such;
  * - a failure of the engine's background work is logged and counted after the next model call.
  */
-import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 import type { Registry } from "prom-client";
@@ -27,11 +26,12 @@ import { createContext, loadServedModel, type ComputeContext } from "../../servi
 import { createComputeServer, type ComputeServer } from "../../services/compute/server.js";
 import { capturedLogger } from "../helpers/log.js";
 import { prng } from "../helpers/prng.js";
+import { TINY_LLAMA } from "../helpers/tiny-model.js";
 import { QUIET, computeClient, kvstoreClient, registryValue, startService, unary, type ServiceProcess } from "../helpers/services.js";
 
 const seed = (Date.now() ^ (process.pid << 9)) >>> 0;
 const rand = prng(seed);
-const MODEL = join(import.meta.dirname, "..", "fixtures", "models", "tiny-llama3");
+const MODEL = TINY_LLAMA;
 const MODEL_KIND = 1; // SessionKind.SESSION_KIND_MODEL
 
 let kvstore: ServiceProcess;

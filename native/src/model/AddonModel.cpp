@@ -349,7 +349,7 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     if (tokens.size() != sessions.size() || positions.size() != sessions.size())
       throw Napi::RangeError::New(env, "sessions, tokens and positions must have the same length");
     model::Runner* f = forward_.get();
-    const std::vector<int> sessions_of_call = sessions;
+    auto done = Claim(env, sessions);
     using R = std::conditional_t<std::is_same_v<T, float>, model::Logits, std::vector<int>>;
     std::function<R()> fn;
     if constexpr (std::is_same_v<T, float>)
@@ -358,7 +358,6 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
       fn = [f, s = std::move(sessions), t = std::move(tokens), p = std::move(positions)]() {
         return f->DecodeArgmax(s, t, p);
       };
-    auto done = Claim(env, sessions_of_call);
     auto* w = new ForwardWorker<R>(env, threads_, std::move(fn), Napi::Persistent(Value()), std::move(done));
     auto p = w->Promise();
     w->Queue();
