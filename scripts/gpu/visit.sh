@@ -17,7 +17,7 @@
 # ANCHOR_S=100 transformers' prefill of ANCHOR_PREFILL prompt lengths (bench/anchor/hf_anchor.py),
 # TTFT_S=150 time to first token through Generate for TTFT_PROMPTS with the runner step's 8B folder,
 # and a decoding session's pace while a TTFT_BACKGROUND-token prompt prefills (bench/ttft.ts; empty:
-# none), in the environment TTFT_ENV; TTFT2_ENV repeats the first part in a second environment.
+# none), in the environment TTFT_ENV; TTFT2_ENV and TTFT3_ENV repeat it in other environments.
 # SERVING_S=300 open-loop load through Generate with the runner step's 8B folder (bench/serving.ts):
 # SERVING_RATES requests/s for SERVING_DURATION_S each, prompts 1K-32K, 64-512 new tokens.
 # EVAL_S=480 `freekv eval` of the trained model on the CUDA backend (scripts/gpu/eval.sh; needs
@@ -112,10 +112,15 @@ if [ -f .gpu/services.tar.xz ]; then
     node dist/bench/ttft.js --prompts "${TTFT_PROMPTS:-8192,32768,131072}" --runs "${TTFT_RUNS:-1}" --max-tokens 4 \
     --background "${TTFT_BACKGROUND-32768}" --background-tokens 400 --background-deadline-s "${TTFT_BACKGROUND_DEADLINE_S:-90}" \
     --log-level "${TTFT_LOG_LEVEL:-info}" --hf "$work/anchor/anchor.json" --out "$work/ttft/ttft.json"
-  # TTFT2_ENV: the same time-to-first-token run again in another environment (an A/B), no background session.
-  [ -f /tmp/freekv-8b/config.json ] && [ -n "${TTFT2_ENV:-}" ] && step ttft2 "${TTFT2_S:-120}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b ${TTFT2_ENV} \
-    node dist/bench/ttft.js --prompts "${TTFT2_PROMPTS:-${TTFT_PROMPTS:-8192,32768,131072}}" --runs "${TTFT_RUNS:-1}" --max-tokens 4 \
-    --log-level "${TTFT_LOG_LEVEL:-info}" --hf "$work/anchor/anchor.json" --out "$work/ttft2/ttft.json"
+  # TTFT2_ENV, TTFT3_ENV: the same time-to-first-token run again in other environments (A/B), with a
+  # background session of TTFT2_BACKGROUND / TTFT3_BACKGROUND tokens (empty, the default: none).
+  for n in 2 3; do
+    envv=TTFT${n}_ENV prompts=TTFT${n}_PROMPTS bg=TTFT${n}_BACKGROUND limit=TTFT${n}_S
+    [ -f /tmp/freekv-8b/config.json ] && [ -n "${!envv:-}" ] && step ttft$n "${!limit:-120}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b ${!envv} \
+      node dist/bench/ttft.js --prompts "${!prompts:-${TTFT_PROMPTS:-8192,32768,131072}}" --runs "${TTFT_RUNS:-1}" --max-tokens 4 \
+      --background "${!bg:-}" --background-tokens 400 --background-deadline-s "${TTFT_BACKGROUND_DEADLINE_S:-90}" \
+      --log-level "${TTFT_LOG_LEVEL:-info}" --hf "$work/anchor/anchor.json" --out "$work/ttft$n/ttft.json"
+  done
   [ -f /tmp/freekv-8b/config.json ] && step serving "${SERVING_S:-300}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b \
     node dist/bench/serving.js --rates "${SERVING_RATES:-0.5,1,2}" --duration-s "${SERVING_DURATION_S:-45}" \
     --prompt-min 1024 --prompt-max 32768 --new-min 64 --new-max 512 --drain-s "${SERVING_DRAIN_S:-60}" --out "$work/serving/serving.json"

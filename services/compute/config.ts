@@ -1,7 +1,7 @@
 /** The compute service's environment variables (see the README's configuration table). */
 import { z } from "zod";
 import { flag, host, intInRange, logLevel, mallocMmapThreshold, nativeFlag, nonNegativeInt, numberInRange, optionalIntInRange, optionalPort, port, positiveInt, writeStallMs } from "../common/config.js";
-import { PREFILL_CHUNK_TOKENS, PREFILL_SLICE } from "./generate/scheduler.js";
+import { PREFILL_CHUNK_TOKENS, PREFILL_SLICE, PREFILL_UNPAID_SLICES } from "./generate/scheduler.js";
 
 export const computeConfigSchema = z.object({
   FREEKV_COMPUTE_HOST: host("127.0.0.1"),
@@ -57,6 +57,8 @@ export const computeConfigSchema = z.object({
   FREEKV_PREFILL_CHUNK_TOKENS: optionalIntInRange(PREFILL_CHUNK_TOKENS.min, PREFILL_CHUNK_TOKENS.max),
   /** While sessions decode, a prefill chunk's predicted time at most this times the recent decode step (0: whole chunks always). */
   FREEKV_PREFILL_SLICE: numberInRange(PREFILL_SLICE.default, PREFILL_SLICE.min, PREFILL_SLICE.max),
+  /** Slices of sliced chunks' time that may be unpaid by decode steps when the next sliced chunk starts. */
+  FREEKV_PREFILL_UNPAID_SLICES: numberInRange(PREFILL_UNPAID_SLICES.default, PREFILL_UNPAID_SLICES.min, PREFILL_UNPAID_SLICES.max),
   /** The order of several prompts' prefill chunks (ModelScheduler): arrival, or turns. */
   FREEKV_PREFILL_ORDER: z.enum(["arrival", "turns"], { message: 'must be "arrival" or "turns"' }).default("turns"),
   /** Generate requests that may wait for a running slot or memory; one more is refused (RESOURCE_EXHAUSTED). */

@@ -346,6 +346,7 @@ export function createContext(config: ComputeConfig, log: Logger, registry: Regi
           prefillChunkTokens: config.FREEKV_PREFILL_CHUNK_TOKENS ?? defaultPrefillChunkTokens(config.FREEKV_BACKEND),
           prefillSlice: config.FREEKV_PREFILL_SLICE,
           prefillOrder: config.FREEKV_PREFILL_ORDER,
+          prefillUnpaidSlices: config.FREEKV_PREFILL_UNPAID_SLICES,
           onStep(size, ms) {
             metrics.modelStepBatchSize.observe(size);
             metrics.modelStepSeconds.observe(ms / 1000);

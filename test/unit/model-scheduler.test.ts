@@ -7,7 +7,7 @@
  */
 import { describe, expect, it } from "vitest";
 import type { Model } from "../../native/binding.js";
-import { defaultPrefillChunkTokens, ModelCallFailed, ModelScheduler, PREFILL_CHUNK_TOKENS, PREFILL_SLICE, PrefillCostModel } from "../../services/compute/generate/scheduler.js";
+import { defaultPrefillChunkTokens, ModelCallFailed, ModelScheduler, PREFILL_CHUNK_TOKENS, PREFILL_SLICE, PREFILL_UNPAID_SLICES, PrefillCostModel } from "../../services/compute/generate/scheduler.js";
 import { parseConfig } from "../../services/common/config.js";
 import { computeConfigSchema } from "../../services/compute/config.js";
 import { prng } from "../helpers/prng.js";
@@ -62,6 +62,8 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 function timedModel(chunkMs: (n: number, c: number) => number, stepMs: number) {
   const chunks: { n: number; c: number; at: number; ms: number }[] = [];
   const steps: number[] = [];
+  /** Each decode step's own time, in the order of `steps`. */
+  const stepTimes: number[] = [];
   const model = {
     vocabSize: 2,
     prefill: async (_s: number, tokens: Int32Array, start: number) => {
@@ -71,13 +73,15 @@ function timedModel(chunkMs: (n: number, c: number) => number, stepMs: number) {
       return new Float32Array(2);
     },
     decodeArgmax: async (s: Int32Array) => {
+      const t0 = performance.now();
       await sleep(stepMs);
       steps.push(performance.now());
+      stepTimes.push(steps[steps.length - 1] - t0);
       return new Int32Array(s.length);
     },
     decode: async (s: Int32Array) => (await sleep(stepMs), new Float32Array(2 * s.length)),
   } as unknown as Model;
-  return { model, chunks, steps };
+  return { model, chunks, steps, stepTimes };
 }
 
 /** A whole prompt fed as Generate feeds it: each call takes the tokens the scheduler gives it. */
@@ -394,6 +398,44 @@ describe("ModelScheduler time slices with a large fixed part", () => {
     // And most steps run back to back: the median is near the time alone.
     const median = [...during].sort((a, b) => a - b)[Math.floor(during.length / 2)];
     expect(median / mean(alone)).toBeLessThan(1.6);
+  });
+});
+
+describe("ModelScheduler time slices paid in full (prefillUnpaidSlices 0)", () => {
+  it("starts a sliced chunk only once the decode steps since the previous one took as long as it did", async () => {
+    // As above: chunk 15 + 0.05 n ms, decode step 5 ms, slice 1. With one slice unpaid allowed (the
+    // default), a chunk may start after steps worth one step less than the chunk before it.
+    const { model, chunks, steps, stepTimes } = timedModel((n) => 15 + 0.05 * n, 5);
+    const sch = new ModelScheduler(model, { prefillChunkTokens: 256, prefillSlice: 1, prefillUnpaidSlices: 0 });
+    expect(sch.prefillUnpaidSlices).toBe(0);
+    await feedPrompt(sch, 1, 700);
+    await feedPrompt(sch, 5, 300);
+    chunks.length = 0;
+    let decoding = true;
+    const decoder = (async () => {
+      for (let pos = 0; decoding; pos++) await sch.step(2, 5, pos, true);
+    })();
+    await sleep(60);
+    await feedPrompt(sch, 4, 1536);
+    decoding = false;
+    await decoder;
+    expect(chunks.length).toBeGreaterThan(4);
+    // The scheduler's own measure of a call is a little longer than the model's: a small allowance.
+    for (let i = 1; i < chunks.length; i++) {
+      const from = chunks[i - 1].at + chunks[i - 1].ms, to = chunks[i].at;
+      const paid = steps.reduce((sum, end, j) => (end > from && end <= to ? sum + stepTimes[j] : sum), 0);
+      expect(paid, `steps between chunk ${i - 1} (${chunks[i - 1].ms.toFixed(1)} ms) and chunk ${i}`).toBeGreaterThanOrEqual(0.95 * chunks[i - 1].ms - 0.5);
+    }
+  });
+
+  it("bounds prefillUnpaidSlices, in the scheduler and in FREEKV_PREFILL_UNPAID_SLICES", () => {
+    const { model } = recordingModel();
+    expect(new ModelScheduler(model).prefillUnpaidSlices).toBe(PREFILL_UNPAID_SLICES.default);
+    for (const bad of [-1, PREFILL_UNPAID_SLICES.max + 1, Number.NaN]) expect(() => new ModelScheduler(model, { prefillUnpaidSlices: bad })).toThrow(/prefillUnpaidSlices/);
+    expect(parseConfig(computeConfigSchema, {}).FREEKV_PREFILL_UNPAID_SLICES).toBe(PREFILL_UNPAID_SLICES.default);
+    expect(parseConfig(computeConfigSchema, { FREEKV_PREFILL_UNPAID_SLICES: "0" }).FREEKV_PREFILL_UNPAID_SLICES).toBe(0);
+    for (const bad of ["-1", String(PREFILL_UNPAID_SLICES.max + 1), "some"])
+      expect(() => parseConfig(computeConfigSchema, { FREEKV_PREFILL_UNPAID_SLICES: bad })).toThrow(/FREEKV_PREFILL_UNPAID_SLICES/);
   });
 });
 

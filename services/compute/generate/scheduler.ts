@@ -87,6 +87,15 @@ export function defaultPrefillChunkTokens(backend: "cpu" | "cuda"): number {
  */
 export const PREFILL_SLICE = { default: 1, min: 0, max: 64 } as const;
 
+/**
+ * How many slices of sliced chunks' time may be unpaid when the next sliced chunk starts
+ * (FREEKV_PREFILL_UNPAID_SLICES). At 1, a 128K prompt read beside a session decoding at batch 1
+ * on the H200 left that session at 2.4x its time per token alone where the slices aim at 2x: its
+ * 180 chunks took 10.9 s and the decode steps between them 8.6 s (bench/results/gpu-visit-20261204-2126/).
+ * At 0 a chunk waits until the decode steps have paid all of it.
+ */
+export const PREFILL_UNPAID_SLICES = { default: 1, min: 0, max: 16 } as const;
+
 /** A time-sliced chunk holds at least this many tokens (the prompt always advances). */
 const SLICE_MIN_TOKENS = 16;
 /** A time-sliced chunk's predicted fixed part (the model's `a`) is at most this share of its time. */
@@ -271,6 +280,8 @@ export interface ModelSchedulerOptions {
    * arrival TTFT p50 2.4-2.6 s, TPOT p99 17-19 ms (bench/results/serving-cpu-20261203.md).
    */
   prefillOrder?: "arrival" | "turns";
+  /** Slices of sliced chunks' time that may be unpaid when the next sliced chunk starts (PREFILL_UNPAID_SLICES). */
+  prefillUnpaidSlices?: number;
   /** After each decode step: its batch size and native time. */
   onStep?: (size: number, ms: number) => void;
   /** After each prefill chunk: its tokens and native time, its session and first position, and the model's idle time before it (BatchInfo.gapMs). */
@@ -284,6 +295,7 @@ export class ModelScheduler {
   readonly prefillChunkTokens: number;
   readonly prefillSlice: number;
   readonly prefillOrder: "arrival" | "turns";
+  readonly prefillUnpaidSlices: number;
   /** Chunk times, for the time slices. */
   readonly prefillCost = new PrefillCostModel();
   /** Recent decode step time (ms, exponential average), and when each session's latest step ended. */
@@ -305,6 +317,10 @@ export class ModelScheduler {
       throw new RangeError(`prefillSlice: must be a number in [${PREFILL_SLICE.min}, ${PREFILL_SLICE.max}], got ${slice}`);
     this.prefillSlice = slice;
     this.prefillOrder = opts.prefillOrder ?? "turns";
+    const unpaid = opts.prefillUnpaidSlices ?? PREFILL_UNPAID_SLICES.default;
+    if (!Number.isFinite(unpaid) || unpaid < PREFILL_UNPAID_SLICES.min || unpaid > PREFILL_UNPAID_SLICES.max)
+      throw new RangeError(`prefillUnpaidSlices: must be a number in [${PREFILL_UNPAID_SLICES.min}, ${PREFILL_UNPAID_SLICES.max}], got ${unpaid}`);
+    this.prefillUnpaidSlices = unpaid;
     this.batcher = new DecodeBatcher<Work, Row>({
       maxBatch: opts.maxBatch ?? 64,
       windowUs: 0,
@@ -416,12 +432,12 @@ export class ModelScheduler {
   }
 
   /**
-   * Whether a chunk of `session` waits: more than one slice of sliced chunks' time is not paid off
-   * yet and others still decode (the debt lapses once they stop). Chunks that fit a slice so
-   * alternate with decode steps as before; a longer one is followed by as many steps as it took.
+   * Whether a chunk of `session` waits: more than prefillUnpaidSlices slices of sliced chunks' time
+   * are not paid off yet and others still decode (the debt lapses once they stop). At 1, chunks that
+   * fit a slice alternate with decode steps; a longer one is followed by as many steps as it took.
    */
   private holdChunk(session: number): boolean {
-    if (this.prefillSlice <= 0 || this.prefillDebtMs <= this.prefillSlice * (this.decodeMs ?? 0)) return false;
+    if (this.prefillSlice <= 0 || this.prefillDebtMs <= this.prefillUnpaidSlices * this.prefillSlice * (this.decodeMs ?? 0)) return false;
     if (this.othersDecoding(session)) return true;
     this.prefillDebtMs = 0;
     return false;
