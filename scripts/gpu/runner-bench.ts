@@ -291,7 +291,32 @@ async function fillContext(engine: Engine, session: number, n: number, seed: num
     }
 }
 
-interface Point { batch: number; context: number; mode: string; floorMs?: number; stepMs?: number; minMs?: number; drainMs?: number; throughputMs?: number; sameAs?: string; correctionRate?: number; recallMBPerStep?: number; graph?: string; error?: string; ts?: Record<string, number>; dynamics?: Dynamics }
+interface Point { batch: number; context: number; mode: string; floorMs?: number; stepMs?: number; minMs?: number; drainMs?: number; throughputMs?: number; sameAs?: string; correctionRate?: number; recallMBPerStep?: number; graph?: string; error?: string; ts?: Record<string, number>; dynamics?: Dynamics; memory?: PointMemory }
+
+/**
+ * What a point's sessions hold once filled: device memory (nvidia-smi's used, the whole device's)
+ * and /dev/shm bytes, each as the rise over the same reading before the sessions were made, per
+ * session; and how many such sessions the free device memory and the free /dev/shm left at the
+ * start would hold (the concurrency a node of this machine's sizes allows, KV on the host against
+ * KV resident on the device).
+ */
+interface PointMemory { deviceMiBPerSession: number; shmMiBPerSession: number; deviceFreeMiB: number; shmFreeMiB: number; sessionsByDevice: number; sessionsByHost: number }
+
+/** Device memory in use and free, MiB (nvidia-smi; null where it cannot be read). */
+function deviceMiB(): { used: number; free: number } | null {
+  try {
+    const [used, free] = execSync("nvidia-smi --query-gpu=memory.used,memory.free --format=csv,noheader,nounits -i 0").toString().trim().split(",").map(Number);
+    return Number.isFinite(used) && Number.isFinite(free) ? { used, free } : null;
+  } catch {
+    return null;
+  }
+}
+
+function shmMiB(): { used: number; free: number } {
+  const st = statfsSync("/dev/shm");
+  return { used: ((st.blocks - st.bfree) * st.bsize) / 2 ** 20, free: (st.bavail * st.bsize) / 2 ** 20 };
+}
+
 
 /** What the engine measured of the queries (sessions[0]'s per-layer statistics over all its steps). */
 interface Dynamics {
@@ -335,6 +360,7 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
   const base = direct || serial ? modeName.replace(/-(direct|serial)$/, "") : modeName;
   const point: Point = { batch, context, mode, floorMs: floorMs(batch, context, base) };
   try {
+    const dev0 = BACKEND === "cuda" ? deviceMiB() : null, shm0 = shmMiB();
     for (let b = 0; b < batch; b++) {
       const s = createLocalSession(engine, geo, retrieval(base), context + STEPS + 64);
       sessions.push(s);
@@ -378,6 +404,19 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     for (const s of sessions) await engine.sync(s.session);
     point.drainMs = performance.now() - d0;
     point.throughputMs = (times.reduce((a, b) => a + b, 0) + point.drainMs) / times.length;
+    // After the steps: what the sessions hold, their step buffers included.
+    const dev1 = dev0 ? deviceMiB() : null, shm1 = shmMiB();
+    if (dev0 && dev1) {
+      const perDev = (dev1.used - dev0.used) / batch, perShm = (shm1.used - shm0.used) / batch;
+      point.memory = {
+        deviceMiBPerSession: perDev,
+        shmMiBPerSession: perShm,
+        deviceFreeMiB: dev0.free,
+        shmFreeMiB: shm0.free,
+        sessionsByDevice: perDev > 0 ? Math.floor(dev0.free / perDev) : Infinity,
+        sessionsByHost: perShm > 0 ? Math.floor(shm0.free / perShm) : Infinity,
+      };
+    }
     // The same point and base mode run before: every timed step's logits must be identical.
     const key = `${batch}:${context}:${base}${bandText === undefined ? "" : "@" + bandText}`;
     const prev = logitsOf.get(key);
@@ -718,7 +757,10 @@ for (let i = 0; i < plan.length; i++) {
   log(
     `b${r.batch} ctx ${r.context} ${r.mode}: ` +
       (r.error ? `error: ${r.error}` : `${r.stepMs!.toFixed(2)} ms/step (min ${r.minMs!.toFixed(2)}; with the final drain of ${r.drainMs!.toFixed(2)} ms, ${r.throughputMs!.toFixed(2)} ms a step)${r.sameAs ? `, logits ${r.sameAs}` : ""}, corrections ${(100 * r.correctionRate!).toFixed(1)}%, query cosine ${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(1)}% below tau), top-k overlap ${r.dynamics!.overlapPct.toFixed(1)}%, recall ${r.recallMBPerStep!.toFixed(1)} MB/step; ${r.graph}`) +
-      (r.ts ? `; Generate TS: ${r.ts.tsMs.toFixed(2)} ms of ${r.ts.wallMs.toFixed(2)} ms (${r.ts.sharePct.toFixed(2)}%)` : ""),
+      (r.ts ? `; Generate TS: ${r.ts.tsMs.toFixed(2)} ms of ${r.ts.wallMs.toFixed(2)} ms (${r.ts.sharePct.toFixed(2)}%)` : "") +
+      (r.memory
+        ? `; memory per session: device ${r.memory.deviceMiBPerSession.toFixed(0)} MiB, host (/dev/shm) ${r.memory.shmMiBPerSession.toFixed(0)} MiB; sessions that fit: ${r.memory.sessionsByDevice} by the free device memory (${(r.memory.deviceFreeMiB / 1024).toFixed(1)} GiB), ${r.memory.sessionsByHost} by the free /dev/shm (${(r.memory.shmFreeMiB / 1024).toFixed(1)} GiB)`
+        : ""),
   );
   // The sweep is done: choose the band nearest the target cosine and queue the calibrated modes.
   const sweepEnd = args.sweep ? args.sweep.split(",").length : 0;
