@@ -161,6 +161,13 @@ export interface EngineOptions {
    * before reading them, so a recall that did not wait for attention would overwrite them.
    */
   debugAttendDelayMs?: number;
+  /**
+   * Tests only (CPU backend): every this-many-th background recall fails after planning its slots
+   * and before writing them (0: none). The decode that meets such a failure makes the selection
+   * itself and recalls it, blocking (the same pages attended); the failure is reported through
+   * takeBackgroundFailures.
+   */
+  debugRecallFailEvery?: number;
 }
 
 /**
@@ -209,7 +216,9 @@ export interface Engine {
   /**
    * Failures of the engine's background work that no call was answered with, since the last call:
    * the newest 64, and how many more were not kept. A registration of a prompt's host store ahead
-   * of its chunks (CUDA), a speculative recall of a session that closed.
+   * of its chunks (CUDA), a speculative recall of a session that closed, a speculative recall that
+   * failed (CPU: the next decode, sync or prefill of that layer forgets the layer's slots, and a
+   * decode makes the same selection itself and recalls it, blocking, so its output is unchanged).
    */
   takeBackgroundFailures(): { failures: Array<{ session: number; message: string }>; dropped: number };
   contextTokens(session: number): number;

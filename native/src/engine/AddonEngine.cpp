@@ -205,6 +205,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     }
     const int delay_ms = IntField(o, "debugRecallDelayMs", "options", 0, 60000, true, 0);
     const int attend_delay_ms = IntField(o, "debugAttendDelayMs", "options", 0, 60000, true, 0);
+    const int recall_fail_every = IntField(o, "debugRecallFailEvery", "options", 0, 1 << 30, true, 0);
     // Hierarchical page selection (engine/Hierarchy.h): "auto" (default), "on" or "off".
     HierarchicalSelection hier = HierarchicalSelection::Auto;
     {
@@ -219,7 +220,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     }
     cuda.hierarchical = hier;
     if (backend_ == "cpu") {
-      engine_ = std::shared_ptr<Engine>(MakeCpuEngine(threads, delay_ms * 1000, attend_delay_ms * 1000, hier));
+      engine_ = std::shared_ptr<Engine>(MakeCpuEngine(threads, delay_ms * 1000, attend_delay_ms * 1000, hier, recall_fail_every));
     } else if (backend_ == "cuda") {
 #ifdef FREEKV_WITH_CUDA
       try {

@@ -223,10 +223,12 @@ class Engine {
 // selects and recalls on that one). Test hooks: `debug_recall_delay_us`
 // makes every background recall sleep before it writes the slots (so the next step finds it in
 // flight); `debug_attend_delay_us` makes every decode sleep while it holds its layer's slots,
-// before reading them (so a recall that did not wait would overwrite them under attention).
+// before reading them (so a recall that did not wait would overwrite them under attention);
+// `debug_recall_fail_every` k > 0: every k-th background recall fails after it planned its slots
+// and before it wrote them (the state a recall that failed half-way leaves).
 // `hier`: hierarchical page selection (engine/Hierarchy.h).
 std::unique_ptr<Engine> MakeCpuEngine(int threads, int debug_recall_delay_us = 0, int debug_attend_delay_us = 0,
-                                      HierarchicalSelection hier = HierarchicalSelection::Auto);
+                                      HierarchicalSelection hier = HierarchicalSelection::Auto, int debug_recall_fail_every = 0);
 // MakeCudaEngine: DeviceEngine.h.
 
 }  // namespace freekv

@@ -23,8 +23,8 @@
 
 namespace freekv {
 std::unique_ptr<Engine> MakeCpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us,
-                                      HierarchicalSelection hier) {
-  return std::make_unique<cpu::CpuEngine>(threads, debug_recall_delay_us, debug_attend_delay_us, hier);
+                                      HierarchicalSelection hier, int debug_recall_fail_every) {
+  return std::make_unique<cpu::CpuEngine>(threads, debug_recall_delay_us, debug_attend_delay_us, hier, debug_recall_fail_every);
 }
 }  // namespace freekv
 
@@ -32,12 +32,14 @@ namespace freekv::cpu {
 
 using std::to_string;
 
-CpuEngine::CpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us, HierarchicalSelection hier)
+CpuEngine::CpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us, HierarchicalSelection hier,
+                     int debug_recall_fail_every)
     // By default one core is left to the background recall thread (selection + recall run there
     // while the calling thread's attention runs on the others).
     : threads_(threads > 0 ? threads : std::max(1, omp_get_num_procs() - 1)),
       debug_recall_delay_us_(std::max(0, debug_recall_delay_us)),
       debug_attend_delay_us_(std::max(0, debug_attend_delay_us)),
+      debug_recall_fail_every_(std::max(0, debug_recall_fail_every)),
       hier_(hier),
       worker_(std::make_unique<SpeculativeWorker>()) {}
 
@@ -114,16 +116,8 @@ void CpuEngine::ReserveStore(int session, int reserved_pages) {
 void CpuEngine::CloseSession(int session) {
   std::lock_guard<std::mutex> lock(mu_);
   auto s = Find(session);
-  for (size_t l = 0; l < s->layers.size(); ++l) {
-    try {
-      s->layers[l]->recall.Wait();
-    } catch (const std::exception& e) {
-      // A failed background recall does not keep a session from closing; it is reported.
-      failures_.Add(session, "the speculative recall of layer " + to_string(l) + " failed before the session closed: " + e.what());
-    } catch (...) {
-      failures_.Add(session, "the speculative recall of layer " + to_string(l) + " failed before the session closed");
-    }
-  }
+  // A failed background recall does not keep a session from closing; it is reported.
+  for (size_t l = 0; l < s->layers.size(); ++l) WaitRecall(*s, static_cast<int>(l), "before the session closed");
   std::lock_guard<std::mutex> l(map_mu_);
   sessions_.erase(session);
 }
@@ -131,7 +125,7 @@ void CpuEngine::CloseSession(int session) {
 void CpuEngine::Sync(int session) {
   std::lock_guard<std::mutex> lock(mu_);
   auto s = Find(session);
-  for (auto& L : s->layers) L->recall.Wait();
+  for (size_t l = 0; l < s->layers.size(); ++l) WaitRecall(*s, static_cast<int>(l), "the next selection recalls the layer's pages again");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -272,7 +266,29 @@ void CpuEngine::SpeculativeJob(CpuSession& s, int layer, const std::vector<float
   if (debug_recall_delay_us_ > 0) std::this_thread::sleep_for(std::chrono::microseconds(debug_recall_delay_us_));
   std::vector<RecallOp> ops;
   for (int h = 0; h < H; ++h) ApplySelection(s, L, h, chosen[h], ops);
+  if (debug_recall_fail_every_ > 0 && ++recalls_run_ % debug_recall_fail_every_ == 0)
+    throw std::runtime_error("injected recall failure (debugRecallFailEvery)");
   RunRecall(s, layer, ops);
+}
+
+bool CpuEngine::WaitRecall(CpuSession& s, int layer, const char* where, bool* waited) {
+  LayerState& L = *s.layers[layer];
+  std::string what;
+  try {
+    const bool w = L.recall.Wait();
+    if (waited) *waited = w;
+    return false;
+  } catch (const std::exception& e) {
+    what = e.what();
+  } catch (...) {
+    what = "unknown error";
+  }
+  failures_.Add(s.id, "the speculative recall of layer " + to_string(layer) + " failed (" + where + "): " + what);
+  for (auto& row : L.slot_page) std::fill(row.begin(), row.end(), -1);
+  for (auto& sel : L.selected) sel.clear();
+  L.selected_count = 0;
+  L.reselect = true;
+  return true;
 }
 
 void CpuEngine::QueueSpeculative(const std::shared_ptr<CpuSession>& s, int layer, const float* q) {
@@ -295,7 +311,7 @@ void CpuEngine::Prefill(int session, int layer, const float* k, const float* v, 
                                 to_string(s->host.capacity_pages) + " pages");
   if ((L.tokens + n) / s->pg.P > s->host.reserved_pages)
     throw std::invalid_argument(ReservationExceeded(s->host.reserved_pages, s->host.capacity_pages));
-  L.recall.Wait();
+  WaitRecall(*s, layer, "the next selection recalls the layer's pages again");
   Append(*s, layer, k, v, n);
   L.has_q = false;
   L.first_decode = true;
@@ -315,7 +331,7 @@ void CpuEngine::PrefillAttend(int session, int layer, const float* q, const floa
                                 to_string(s->host.capacity_pages) + " pages");
   if ((L.tokens + n) / pg.P > s->host.reserved_pages)
     throw std::invalid_argument(ReservationExceeded(s->host.reserved_pages, s->host.capacity_pages));
-  L.recall.Wait();
+  WaitRecall(*s, layer, "the next selection recalls the layer's pages again");
   const int start = static_cast<int>(L.tokens);
   Append(*s, layer, k, v, n);
   const int T = static_cast<int>(L.tokens);
@@ -379,20 +395,22 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
       throw std::invalid_argument(at + ": session " + to_string(it.session) + ": " +
                                   ReservationExceeded(ss[i]->host.reserved_pages, ss[i]->host.capacity_pages));
   }
-  // 1. The layer's speculative recall (issued at the previous step) must be complete.
-  // A failed recall is its session's: the error names the item (nothing of this layer was
-  // appended yet).
+  // 1. The layer's speculative recall (issued at the previous step) must be complete. A failed
+  // one is its session's alone: the session's earlier layers of this step are already appended,
+  // and so are every other session's, so failing the call would leave every session of the batch
+  // half a step ahead. The layer's slots are forgotten and step 3 makes the same speculative
+  // selection itself and recalls every page it picks, blocking: the step attends exactly what it
+  // would have. The failure is reported through the engine's background failures; only a failure
+  // of that blocking recall fails the call.
   for (int i = 0; i < n; ++i) {
-    try {
-      if (ss[i]->layers[layer]->recall.Wait()) ss[i]->counters.recall_waits += 1;
-    } catch (const std::exception& e) {
-      throw std::runtime_error("items[" + to_string(i) + "]: session " + to_string(items[i].session) + ": the speculative recall of layer " +
-                               to_string(layer) + " failed: " + e.what());
-    }
+    bool waited = false;
+    WaitRecall(*ss[i], layer, "this step made the speculative selection again and recalled its pages, blocking", &waited);
+    if (waited) ss[i]->counters.recall_waits += 1;
   }
   // 2. Append the new key/value (offload on page fill).
   for (int i = 0; i < n; ++i) Append(*ss[i], layer, items[i].k, items[i].v, 1);
-  // 3. Blocking selections: first decode after prefill, oracle, and corrections.
+  // 3. Blocking selections: first decode after prefill, oracle, corrections, and the selection of
+  // a speculative recall that failed.
   struct SelTask {
     int item, head;
     const float* q;
@@ -427,13 +445,15 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
         sel.push_back({i, h, items[i].q});
       } else if (L.first_decode) {
         sel.push_back({i, h, L.has_q ? L.q_prev.data() : items[i].q});
-      } else if (s.cfg.mode == Mode::FreeKV) {
-        if (NeedsCorrection(cosine.empty() ? 0.f : cosine[h], s.cfg.tau)) {
-          sel.push_back({i, h, items[i].q});
-          L.counters.corrections += 1;
-        }
+      } else if (s.cfg.mode == Mode::FreeKV && NeedsCorrection(cosine.empty() ? 0.f : cosine[h], s.cfg.tau)) {
+        sel.push_back({i, h, items[i].q});
+        L.counters.corrections += 1;
+      } else if (L.reselect) {
+        // The failed speculative recall's selection, made here (WaitRecall).
+        sel.push_back({i, h, L.q_prev.data()});
       }
     }
+    L.reselect = false;
   }
   if (!sel.empty()) {
     std::vector<std::vector<RecallOp>> ops(sel.size());

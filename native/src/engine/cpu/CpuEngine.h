@@ -20,7 +20,7 @@ namespace freekv::cpu {
 class CpuEngine : public Engine {
  public:
   CpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us,
-            HierarchicalSelection hier = HierarchicalSelection::Auto);
+            HierarchicalSelection hier = HierarchicalSelection::Auto, int debug_recall_fail_every = 0);
   ~CpuEngine() override;
   void SetHierarchicalSelection(HierarchicalSelection mode) override { hier_.store(mode); }
   std::string backend() const override { return "cpu"; }
@@ -59,12 +59,19 @@ class CpuEngine : public Engine {
   // current attention released the layer's slots) residency and recall.
   void SpeculativeJob(CpuSession& s, int layer, const std::vector<float>& q);
   void QueueSpeculative(const std::shared_ptr<CpuSession>& s, int layer, const float* q);
-  void WaitLayer(CpuSession& s, LayerState& L);
+  // Waits for a layer's speculative recall (`waited`: whether it was still running). A failed one
+  // is the session's alone and is not thrown: it is reported through the background failures
+  // (`where` says what came of it) and the layer forgets which pages its slots hold (the recall
+  // may have planned slots it never wrote), so the next selection recalls every page it picks.
+  // Returns true after such a failure.
+  bool WaitRecall(CpuSession& s, int layer, const char* where, bool* waited = nullptr);
   void Reattach(CpuSession& s);
 
   int threads_;
   int debug_recall_delay_us_;
   int debug_attend_delay_us_;
+  int debug_recall_fail_every_;
+  std::atomic<uint64_t> recalls_run_{0};
   std::atomic<HierarchicalSelection> hier_;
   std::mutex mu_;                 // serialises the engine's calls
   mutable std::mutex map_mu_;     // guards sessions_ (short lookups)

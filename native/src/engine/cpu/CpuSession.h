@@ -47,6 +47,9 @@ struct LayerState {
   std::vector<float> q_prev;
   bool has_q = false;
   bool first_decode = true;
+  // The layer's speculative recall failed and its slots were forgotten: the next decode makes the
+  // speculative selection itself (with q_prev), blocking, where no correction replaces it.
+  bool reselect = false;
   uint32_t record_seq = 0;
   uint64_t decodes = 0;
   // What the latest decode attended (guarded by CpuSession::attended_mu).

@@ -1,0 +1,83 @@
+/**
+ * A speculative recall that fails in the background is its session's alone: the decode that
+ * meets it (or a sync before it) reports it through takeBackgroundFailures, forgets the layer's
+ * slots (the recall planned slots it never wrote), makes the same selection itself and recalls
+ * it, blocking. Every session of the batch then attends exactly what it would have: the outputs
+ * and attended tokens equal the float64 policy reference's at every step, and no call fails.
+ * Injected with the CPU engine's debugRecallFailEvery (every k-th background recall fails after it
+ * planned its slots, before writing them: the selection's new pages are in the slot map, not in
+ * the slots).
+ */
+import { describe, expect, it } from "vitest";
+import { loadAddon } from "../../native/binding.js";
+import { relError } from "../../tools/reference/attention.js";
+import { ReferenceLayer, type PolicyConfig } from "../../tools/reference/policy.js";
+import { Prng, testSeed } from "./reference/prng.js";
+import { createHost, geometryOf, quantised, retrievalOf } from "./reference/harness.js";
+
+const seed = testSeed();
+
+describe(`a failed speculative recall (seed ${seed})`, () => {
+  it("is reported, recalled again by the decode that meets it or after a sync, and changes no output of the batch", async () => {
+    const rng = new Prng(seed);
+    const addon = loadAddon();
+    // Three sessions of two layers queue 6 recalls a step: every 4th fails, each session's and
+    // layer's in turn.
+    const EVERY = 4;
+    const engine = new addon.Engine({ backend: "cpu", threads: 2, debugRecallFailEvery: EVERY });
+    const P = 4;
+    const base = { qHeads: 8, kvHeads: 2, headDim: 16, pageSize: P, sinkTokens: P, windowTokens: 2 * P, selectTokens: 3 * P, tau: 0.9, summary: "maxmin", combine: "softmax_mean", dtype: "f32" } as const;
+    const configs: PolicyConfig[] = [
+      { ...base, mode: "freekv" },
+      { ...base, mode: "speculative" }, // recalls through the double buffer (below)
+      { ...base, mode: "freekv", tau: -2 }, // never corrects: every step attends the speculative selection
+    ];
+    const layers = 2;
+    const hosts = configs.map((c, i) => createHost(geometryOf(c, layers), retrievalOf(c, { recall: i === 1 ? 2 : 1 }), 64));
+    const sessions = configs.map((c, i) => engine.createSession(geometryOf(c, layers), retrievalOf(c, { recall: i === 1 ? 2 : 1 }), hosts[i].segments, false));
+    const refs = configs.map((c) => Array.from({ length: layers }, () => new ReferenceLayer(c)));
+    try {
+      const qn = base.qHeads * base.headDim,
+        kvn = base.kvHeads * base.headDim;
+      const n = 12 * P + 1;
+      for (const [i, s] of sessions.entries())
+        for (let l = 0; l < layers; l++) {
+          const k = quantised(rng, n * kvn),
+            v = quantised(rng, n * kvn);
+          await engine.prefill(s, l, k, v, n);
+          refs[i][l].prefill(k, v, n);
+        }
+      const reported: Array<{ session: number; message: string }> = [];
+      const STEPS = 16;
+      for (let t = 0; t < STEPS; t++) {
+        for (let l = 0; l < layers; l++) {
+          const items = sessions.map((session) => ({ session, q: quantised(rng, qn), k: quantised(rng, kvn), v: quantised(rng, kvn) }));
+          const outs = await engine.decode(l, items);
+          for (const [i, s] of sessions.entries()) {
+            const want = refs[i][l].decode(items[i].q, items[i].k, items[i].v);
+            for (let h = 0; h < base.kvHeads; h++) expect(Array.from(engine.lastAttendedTokens(s, l, h)), `session ${i} step ${t} layer ${l} head ${h}`).toEqual(want.attended[h]);
+            expect(relError(outs[i], want.out), `session ${i} step ${t} layer ${l}`).toBeLessThan(1e-5);
+          }
+        }
+        // Every third step, a sync of every session meets the failures pending then.
+        if (t % 3 === 1) for (const s of sessions) await engine.sync(s);
+        reported.push(...engine.takeBackgroundFailures().failures);
+      }
+      for (const s of sessions) await engine.sync(s);
+      reported.push(...engine.takeBackgroundFailures().failures);
+      expect(reported).toHaveLength(Math.floor((STEPS * layers * sessions.length) / EVERY));
+      for (const f of reported) expect(f.message).toMatch(/^the speculative recall of layer [01] failed \(.*\): injected recall failure/);
+      for (const s of sessions) expect(reported.some((f) => f.session === s), `session ${s}`).toBe(true);
+      expect(reported.some((f) => /this step made the speculative selection again/.test(f.message))).toBe(true);
+      expect(reported.some((f) => /the next selection recalls/.test(f.message))).toBe(true);
+      // The recalled pages: the reference counts a speculative recall's pages once; a blocking
+      // recall after a failure recalls every selected page again, so the engine recalled more.
+      const recalled = sessions.map((s) => engine.stats(s).pagesRecalled);
+      const refRecalled = refs.map((r) => r.reduce((a, x) => a + x.counters.pagesRecalled, 0));
+      expect(recalled.reduce((a, b) => a + b, 0)).toBeGreaterThan(refRecalled.reduce((a, b) => a + b, 0));
+    } finally {
+      for (const s of sessions) engine.closeSession(s);
+      for (const h of hosts) await h.dispose();
+    }
+  });
+});
