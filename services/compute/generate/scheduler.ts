@@ -23,8 +23,9 @@
  *   least the tokens that make that part a quarter of its time (SLICE_FIXED_SHARE). Such a chunk
  *   can take longer than the slice, so the time sliced chunks take is kept as a debt that every
  *   decode step pays off by prefillSlice times its own time, and the next sliced chunk waits (held
- *   in the batcher) until at most one slice of it is left: the decoding sessions' mean time per
- *   token stays near (1 + prefillSlice) times alone, most of their steps run back to back, and the
+ *   in the batcher) until it is paid (up to prefillUnpaidSlices slices may be left): the decoding
+ *   sessions' mean time per token stays near (1 + prefillSlice) times alone, most of their steps
+ *   run back to back, and the
  *   prompt advances in chunks that use the device well. (On the CPU, where 16-token slices cost
  *   several decode steps, a session decoding beside a 3K prompt ran at ~10x its median time per
  *   token alone before, 1.1-1.5x after: bench/results/ttft-cpu-20261203-slices.md.)
@@ -82,19 +83,26 @@ export function defaultPrefillChunkTokens(backend: "cpu" | "cuda"): number {
 
 /**
  * A prefill chunk's time while sessions decode, as a multiple of the recent decode step: the
- * default (a decoding session then runs at about twice its time per token alone), and the range
- * FREEKV_PREFILL_SLICE may take (0: chunks of prefillChunkTokens always).
+ * default, and the range FREEKV_PREFILL_SLICE may take (0: chunks of prefillChunkTokens always).
+ * A decoding session then runs at about (1 + slice) times its time per token alone on average,
+ * a little more in practice (the calls' own gaps are nobody's). Measured on the H200, a session
+ * decoding at batch 1 while a 131,072-token prompt prefilled (8B shapes; its mean ms/token during
+ * the prefill over its mean alone; the prompt's first token): slice 1 and all paid (below) 1.91x
+ * twice, 19.9-21.5 s; slice 0.8, 1.72x, 22.0-22.1 s (bench/results/gpu-visit-20261205/). 0.8 keeps
+ * the decoding sessions within 2x with room to spare, for ~10% on the long prompt's first token.
  */
-export const PREFILL_SLICE = { default: 1, min: 0, max: 64 } as const;
+export const PREFILL_SLICE = { default: 0.8, min: 0, max: 64 } as const;
 
 /**
  * How many slices of sliced chunks' time may be unpaid when the next sliced chunk starts
- * (FREEKV_PREFILL_UNPAID_SLICES). At 1, a 128K prompt read beside a session decoding at batch 1
- * on the H200 left that session at 2.4x its time per token alone where the slices aim at 2x: its
- * 180 chunks took 10.9 s and the decode steps between them 8.6 s (bench/results/gpu-visit-20261204-2126/).
- * At 0 a chunk waits until the decode steps have paid all of it.
+ * (FREEKV_PREFILL_UNPAID_SLICES). At 0 (the default) a chunk waits until the decode steps have
+ * paid all of the sliced chunks' time before it. At 1 a chunk starts while up to one slice is
+ * still owed, so the prompt gets a slice more than its share at every chunk: with slice 1 a
+ * session decoding beside a 128K prompt on the H200 ran at 1.98x its time alone (twice) against
+ * 1.91x (twice) all paid, and 2.4x at 1 in an earlier visit (bench/results/gpu-visit-20261205/,
+ * gpu-visit-20261204-2126/).
  */
-export const PREFILL_UNPAID_SLICES = { default: 1, min: 0, max: 16 } as const;
+export const PREFILL_UNPAID_SLICES = { default: 0, min: 0, max: 16 } as const;
 
 /** A time-sliced chunk holds at least this many tokens (the prompt always advances). */
 const SLICE_MIN_TOKENS = 16;
