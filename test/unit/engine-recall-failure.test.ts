@@ -21,9 +21,9 @@ describe(`a failed speculative recall (seed ${seed})`, () => {
   it("is reported, recalled again by the decode that meets it or after a sync, and changes no output of the batch", async () => {
     const rng = new Prng(seed);
     const addon = loadAddon();
-    // Three sessions of two layers queue 6 recalls a step: every 4th fails, each session's and
+    // Four sessions of two layers queue 8 recalls a step: every 3rd fails, each session's and
     // layer's in turn.
-    const EVERY = 4;
+    const EVERY = 3;
     const engine = new addon.Engine({ backend: "cpu", threads: 2, debugRecallFailEvery: EVERY });
     const P = 4;
     const base = { qHeads: 8, kvHeads: 2, headDim: 16, pageSize: P, sinkTokens: P, windowTokens: 2 * P, selectTokens: 3 * P, tau: 0.9, summary: "maxmin", combine: "softmax_mean", dtype: "f32" } as const;
@@ -31,6 +31,8 @@ describe(`a failed speculative recall (seed ${seed})`, () => {
       { ...base, mode: "freekv" },
       { ...base, mode: "speculative" }, // recalls through the double buffer (below)
       { ...base, mode: "freekv", tau: -2 }, // never corrects: every step attends the speculative selection
+      // A one-page window: the page a step's token fills is not among the speculative candidates.
+      { ...base, mode: "freekv", tau: -2, windowTokens: P },
     ];
     const layers = 2;
     const hosts = configs.map((c, i) => createHost(geometryOf(c, layers), retrievalOf(c, { recall: i === 1 ? 2 : 1 }), 64));
@@ -48,7 +50,7 @@ describe(`a failed speculative recall (seed ${seed})`, () => {
           refs[i][l].prefill(k, v, n);
         }
       const reported: Array<{ session: number; message: string }> = [];
-      const STEPS = 16;
+      const STEPS = 24;
       for (let t = 0; t < STEPS; t++) {
         for (let l = 0; l < layers; l++) {
           const items = sessions.map((session) => ({ session, q: quantised(rng, qn), k: quantised(rng, kvn), v: quantised(rng, kvn) }));

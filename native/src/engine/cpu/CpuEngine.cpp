@@ -249,7 +249,7 @@ void CpuEngine::RunRecall(CpuSession& s, int layer, const std::vector<RecallOp>&
   }
 }
 
-void CpuEngine::SpeculativeJob(CpuSession& s, int layer, const std::vector<float>& q) {
+void CpuEngine::SpeculativeJob(CpuSession& s, int layer, const std::vector<float>& q, bool background) {
   LayerState& L = *s.layers[layer];
   const int H = s.pg.Hkv;
   // The pages selectable at the next step: its middle range, among the pages full now.
@@ -266,7 +266,7 @@ void CpuEngine::SpeculativeJob(CpuSession& s, int layer, const std::vector<float
   if (debug_recall_delay_us_ > 0) std::this_thread::sleep_for(std::chrono::microseconds(debug_recall_delay_us_));
   std::vector<RecallOp> ops;
   for (int h = 0; h < H; ++h) ApplySelection(s, L, h, chosen[h], ops);
-  if (debug_recall_fail_every_ > 0 && ++recalls_run_ % debug_recall_fail_every_ == 0)
+  if (background && debug_recall_fail_every_ > 0 && ++recalls_run_ % debug_recall_fail_every_ == 0)
     throw std::runtime_error("injected recall failure (debugRecallFailEvery)");
   RunRecall(s, layer, ops);
 }
@@ -284,17 +284,22 @@ bool CpuEngine::WaitRecall(CpuSession& s, int layer, const char* where, bool* wa
     what = "unknown error";
   }
   failures_.Add(s.id, "the speculative recall of layer " + to_string(layer) + " failed (" + where + "): " + what);
+  ForgetSlots(L);
+  UpdateResident(s);
+  return true;
+}
+
+void CpuEngine::ForgetSlots(LayerState& L) {
   for (auto& row : L.slot_page) std::fill(row.begin(), row.end(), -1);
   for (auto& sel : L.selected) sel.clear();
   L.selected_count = 0;
   L.reselect = true;
-  return true;
 }
 
 void CpuEngine::QueueSpeculative(const std::shared_ptr<CpuSession>& s, int layer, const float* q) {
   LayerState& L = *s->layers[layer];
   std::vector<float> qv(q, q + static_cast<size_t>(s->pg.Hq) * s->pg.D);
-  worker_->Submit(&L.recall, [this, s, layer, qv = std::move(qv)] { SpeculativeJob(*s, layer, qv); });
+  worker_->Submit(&L.recall, [this, s, layer, qv = std::move(qv)] { SpeculativeJob(*s, layer, qv, true); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -414,6 +419,7 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
   struct SelTask {
     int item, head;
     const float* q;
+    bool speculative = false;  // the selection of a failed speculative recall, over its range
   };
   std::vector<SelTask> sel;
   for (int i = 0; i < n; ++i) {
@@ -450,7 +456,7 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
         L.counters.corrections += 1;
       } else if (L.reselect) {
         // The failed speculative recall's selection, made here (WaitRecall).
-        sel.push_back({i, h, L.q_prev.data()});
+        sel.push_back({i, h, L.q_prev.data(), true});
       }
     }
     L.reselect = false;
@@ -461,12 +467,25 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
       CpuSession& s = *ss[sel[t].item];
       LayerState& L = *s.layers[layer];
       const auto r = RangesFor(s.pg, L.tokens);
-      SelectHead(s, L, sel[t].head, sel[t].q, r.sink_end, r.window_begin, ops[t]);
+      // The speculative job chose among the pages full before this step's token (SpeculativeJob):
+      // with a one-page window the page this token filled is not among them.
+      const int c1 = sel[t].speculative ? std::min(r.window_begin, RangesFor(s.pg, L.tokens - 1).full) : r.window_begin;
+      SelectHead(s, L, sel[t].head, sel[t].q, r.sink_end, c1, ops[t]);
     });
     std::vector<std::vector<RecallOp>> per_item(n);
     for (size_t t = 0; t < sel.size(); ++t)
       per_item[sel[t].item].insert(per_item[sel[t].item].end(), ops[t].begin(), ops[t].end());
-    ParallelFor(n, threads_, [&](int i) { RunRecall(*ss[i], layer, per_item[i]); });
+    try {
+      ParallelFor(n, threads_, [&](int i) { RunRecall(*ss[i], layer, per_item[i]); });
+    } catch (...) {
+      // The call fails; the slots it planned may be unwritten: the next decode selects again.
+      for (int i = 0; i < n; ++i)
+        if (!per_item[i].empty()) {
+          ForgetSlots(*ss[i]->layers[layer]);
+          UpdateResident(*ss[i]);
+        }
+      throw;
+    }
   }
   // 4. Attention over sink + selected + window (or every page of a dense layer), per KV head.
   std::vector<int> task_item, task_head;

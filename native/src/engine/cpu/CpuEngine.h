@@ -57,7 +57,8 @@ class CpuEngine : public Engine {
   void RunRecall(CpuSession& s, int layer, const std::vector<RecallOp>& ops);
   // The speculative job: selection with q for the step after the current one, then (once the
   // current attention released the layer's slots) residency and recall.
-  void SpeculativeJob(CpuSession& s, int layer, const std::vector<float>& q);
+  // `background`: run by the worker (debugRecallFailEvery applies only there).
+  void SpeculativeJob(CpuSession& s, int layer, const std::vector<float>& q, bool background = false);
   void QueueSpeculative(const std::shared_ptr<CpuSession>& s, int layer, const float* q);
   // Waits for a layer's speculative recall (`waited`: whether it was still running). A failed one
   // is the session's alone and is not thrown: it is reported through the background failures
@@ -65,6 +66,9 @@ class CpuEngine : public Engine {
   // may have planned slots it never wrote), so the next selection recalls every page it picks.
   // Returns true after such a failure.
   bool WaitRecall(CpuSession& s, int layer, const char* where, bool* waited = nullptr);
+  // Forgets which pages a layer's slots hold and marks its selection to be made again (reselect):
+  // after a recall that may have planned slots it never wrote.
+  static void ForgetSlots(LayerState& L);
   void Reattach(CpuSession& s);
 
   int threads_;
