@@ -11,9 +11,9 @@
 import { describe, expect, it } from "vitest";
 import { loadAddon } from "../../native/binding.js";
 import { relError } from "../../tools/reference/attention.js";
-import { ReferenceLayer, type PolicyConfig } from "../../tools/reference/policy.js";
+import type { PolicyConfig } from "../../tools/reference/policy.js";
 import { Prng, testSeed } from "./reference/prng.js";
-import { createHost, geometryOf, quantised, retrievalOf } from "./reference/harness.js";
+import { prefilledSessions, quantised } from "./reference/harness.js";
 
 const seed = testSeed();
 
@@ -35,20 +35,10 @@ describe(`a failed speculative recall (seed ${seed})`, () => {
       { ...base, mode: "freekv", tau: -2, windowTokens: P },
     ];
     const layers = 2;
-    const hosts = configs.map((c, i) => createHost(geometryOf(c, layers), retrievalOf(c, { recall: i === 1 ? 2 : 1 }), 64));
-    const sessions = configs.map((c, i) => engine.createSession(geometryOf(c, layers), retrievalOf(c, { recall: i === 1 ? 2 : 1 }), hosts[i].segments, false));
-    const refs = configs.map((c) => Array.from({ length: layers }, () => new ReferenceLayer(c)));
+    const { sessions, refs, close } = await prefilledSessions(engine, configs, layers, rng, 12 * P + 1, (i) => ({ recall: i === 1 ? 2 : 1 }));
     try {
       const qn = base.qHeads * base.headDim,
         kvn = base.kvHeads * base.headDim;
-      const n = 12 * P + 1;
-      for (const [i, s] of sessions.entries())
-        for (let l = 0; l < layers; l++) {
-          const k = quantised(rng, n * kvn),
-            v = quantised(rng, n * kvn);
-          await engine.prefill(s, l, k, v, n);
-          refs[i][l].prefill(k, v, n);
-        }
       const reported: Array<{ session: number; message: string }> = [];
       const STEPS = 24;
       for (let t = 0; t < STEPS; t++) {
@@ -78,8 +68,7 @@ describe(`a failed speculative recall (seed ${seed})`, () => {
       const refRecalled = refs.map((r) => r.reduce((a, x) => a + x.counters.pagesRecalled, 0));
       expect(recalled.reduce((a, b) => a + b, 0)).toBeGreaterThan(refRecalled.reduce((a, b) => a + b, 0));
     } finally {
-      for (const s of sessions) engine.closeSession(s);
-      for (const h of hosts) await h.dispose();
+      await close();
     }
   });
 });

@@ -6,7 +6,7 @@
 import { loadAddon, type Engine, type Geometry, type HostSegments, type Retrieval } from "../../../native/binding.js";
 import { RETRIEVAL_NAMES as N } from "../../../services/common/retrieval.js";
 import { attachLocalHost } from "../../../services/compute/model/localHost.js";
-import type { PolicyConfig } from "../../../tools/reference/policy.js";
+import { ReferenceLayer, type PolicyConfig } from "../../../tools/reference/policy.js";
 import type { SummaryKindName } from "../../../tools/reference/summary.js";
 
 /** The reference's summary and dtype names (its own spelling) to the binding's enums. */
@@ -82,4 +82,41 @@ export function quantised(rng: { normal(): number }, n: number, scale = 1): Floa
   const a = new Float32Array(n);
   for (let i = 0; i < n; i++) a[i] = Math.round(rng.normal() * 4 * scale) / 4;
   return a;
+}
+
+/**
+ * One session per config on `engine` (`layers` layers, its own host), each beside float64
+ * reference layers, every layer prefilled with the same `tokens` random quantised K/V as its
+ * reference. `retrieval(i)`: extra retrieval fields of config i (e.g. its recall path).
+ */
+export async function prefilledSessions(
+  engine: Engine,
+  configs: PolicyConfig[],
+  layers: number,
+  rng: { normal(): number },
+  tokens: number,
+  retrieval: (i: number) => Partial<Retrieval> = () => ({}),
+): Promise<{ sessions: number[]; refs: ReferenceLayer[][]; close(): Promise<void> }> {
+  const hosts = configs.map((c, i) => createHost(geometryOf(c, layers), retrievalOf(c, retrieval(i)), 64));
+  const sessions: number[] = [];
+  const close = async () => {
+    for (const s of sessions) engine.closeSession(s);
+    for (const h of hosts) await h.dispose();
+  };
+  try {
+    configs.forEach((c, i) => sessions.push(engine.createSession(geometryOf(c, layers), retrievalOf(c, retrieval(i)), hosts[i].segments, false)));
+    const refs = configs.map((c) => Array.from({ length: layers }, () => new ReferenceLayer(c)));
+    for (const [i, s] of sessions.entries())
+      for (let l = 0; l < layers; l++) {
+        const kvn = configs[i].kvHeads * configs[i].headDim;
+        const k = quantised(rng, tokens * kvn),
+          v = quantised(rng, tokens * kvn);
+        await engine.prefill(s, l, k, v, tokens);
+        refs[i][l].prefill(k, v, tokens);
+      }
+    return { sessions, refs, close };
+  } catch (e) {
+    await close();
+    throw e;
+  }
 }
