@@ -498,8 +498,7 @@ if (BACKEND === "cuda" && !info.cuda.available) {
 try {
   log(execSync("nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader").toString().trim());
 } catch {}
-const shm = statfsSync("/dev/shm");
-log(`/dev/shm free ${((shm.bavail * shm.bsize) / 2 ** 30).toFixed(1)} GiB; RAM ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB`);
+log(`/dev/shm free ${(shmMiB().free / 1024).toFixed(1)} GiB; RAM ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB`);
 
 const t0 = performance.now();
 if (!existsSync(join(args.dir!, "config.json"))) {
@@ -636,10 +635,7 @@ async function grow(engine: Engine, model: Model, spec: string): Promise<{ point
   const tpl = growTemplates(chunk, args["grow-keys"] === "iid");
   const geo = { layers: LAYERS, qHeads: HQ, kvHeads: HKV, headDim: D, kvDtype: DType.D_TYPE_BFLOAT16 };
   const r = { ...retrieval("freekv"), combine: RETRIEVAL_NAMES.combine.mean };
-  const shmUsed = () => {
-    const s = statfsSync("/dev/shm");
-    return (s.blocks - s.bfree) * s.bsize;
-  };
+  const shmUsed = () => shmMiB().used * 2 ** 20;
   for (const part of spec.split(",")) {
     const [bs, cs] = part.split(":");
     const batch = Number(bs), contexts = cs.split("/").map(Number);
