@@ -361,6 +361,7 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
   const point: Point = { batch, context, mode, floorMs: floorMs(batch, context, base) };
   try {
     const dev0 = BACKEND === "cuda" ? deviceMiB() : null, shm0 = shmMiB();
+    if (BACKEND === "cuda" && !dev0) log(`b${batch} ctx ${context} ${mode}: nvidia-smi could not be read; no memory per session for this point`);
     for (let b = 0; b < batch; b++) {
       const s = createLocalSession(engine, geo, retrieval(base), context + STEPS + 64);
       sessions.push(s);
