@@ -4,7 +4,7 @@
  *
  *   npm run build:ts && npm run bench:ttft [-- --prompts 8192,32768 --runs 2 --max-tokens 4
  *                                          --background 32768 --background-tokens 600
- *                                          --hf anchor.json --out FILE.json]
+ *                                          --gap-ms 0 --hf anchor.json --out FILE.json]
  *
  * The services run as configured by the environment (FREEKV_BACKEND, FREEKV_MODEL, …; the built-in
  * model on the CPU by default); FREEKV_MAX_CONTEXT_TOKENS defaults to the longest prompt plus
@@ -51,6 +51,8 @@ const { values: args } = parseArgs({
     "timeout-s": { type: "string", default: "600" },
     /** The long prompt's Generate deadline in the --background run: past it the prompt is cancelled and the pace measured so far reported. */
     "background-deadline-s": { type: "string", default: "120" },
+    /** A pause before each timed prompt (ms): whether a prompt that follows another pays for its predecessor's teardown (the previous session's close runs after its stream ends). */
+    "gap-ms": { type: "string", default: "0" },
     /** The services' log level; their output is written beside --out as <out>.services.log. */
     "log-level": { type: "string", default: "warn" },
   },
@@ -61,6 +63,8 @@ const runs = Number(args.runs);
 const maxTokens = Number(args["max-tokens"]);
 const background = args.background ? Number(args.background) : 0;
 const bgTokens = Number(args["background-tokens"]);
+const gapMs = Number(args["gap-ms"]);
+if (!Number.isInteger(gapMs) || gapMs < 0) throw new RangeError(`--gap-ms must be an integer >= 0 (got ${args["gap-ms"]})`);
 for (const [k, v] of Object.entries({ prompts: Math.min(...prompts), runs, "max-tokens": maxTokens, "background-tokens": bgTokens }))
   if (!Number.isInteger(v) || v < 1) throw new RangeError(`--${k} must hold positive integers`);
 if (background && (!Number.isInteger(background) || background < 1)) throw new RangeError("--background must be a positive integer");
@@ -156,6 +160,7 @@ function writeResults(complete: boolean): void {
     env: freekvEnv(),
     model: modelDir,
     maxContextTokens: Number(maxContext),
+    gapMs,
     servicesReadyMs: readyMs,
     transformers: hf ? { version: hf.transformers, gpu: hf.gpu, prefill: hf.prefill } : null,
     results,
@@ -173,7 +178,10 @@ try {
   const table = ["| prompt tokens | TTFT ms (median) | queue_ms | prefill_ms | prompt tokens/s | transformers prefill ms |", "| ---: | ---: | ---: | ---: | ---: | ---: |"];
   for (const n of prompts) {
     const calls: Call[] = [];
-    for (let r = 0; r < runs; r++) calls.push(await generate(client, randomTokens(n, 100 + r), maxTokens, deadlineS));
+    for (let r = 0; r < runs; r++) {
+      if (gapMs) await new Promise((resolve) => setTimeout(resolve, gapMs));
+      calls.push(await generate(client, randomTokens(n, 100 + r), maxTokens, deadlineS));
+    }
     const ttft = quantiles(calls.map((c) => c.ttftMs));
     const prefill = quantiles(calls.map((c) => c.prefillMs));
     const queue = quantiles(calls.map((c) => c.queueMs));

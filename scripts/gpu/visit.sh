@@ -17,9 +17,11 @@
 # ANCHOR_S=100 transformers' prefill of ANCHOR_PREFILL prompt lengths (bench/anchor/hf_anchor.py),
 # TTFT_S=150 time to first token through Generate for TTFT_PROMPTS with the runner step's 8B folder,
 # and a decoding session's pace while a TTFT_BACKGROUND-token prompt prefills (bench/ttft.ts; empty:
-# none), in the environment TTFT_ENV; TTFT2_ENV and TTFT3_ENV repeat it in other environments.
+# none), in the environment TTFT_ENV, with TTFT_GAP_MS of pause before each prompt; TTFT2_ENV and
+# TTFT3_ENV repeat it in other environments (TTFT2_GAP_MS, TTFT3_GAP_MS).
 # SERVING_S=300 open-loop load through Generate with the runner step's 8B folder (bench/serving.ts):
-# SERVING_RATES requests/s for SERVING_DURATION_S each, prompts 1K-32K, 64-512 new tokens.
+# SERVING_RATES requests/s for SERVING_DURATION_S each, prompts 1K-32K, 64-512 new tokens, in the
+# environment SERVING_ENV; SERVING2_ENV runs it again in another (A/B).
 # EVAL_S=480 `freekv eval` of the trained model on the CUDA backend (scripts/gpu/eval.sh; needs
 # the task files of .gpu/eval/, made here as that script says).
 # PROFILE=1 adds PROFILE_S=150 one step's kernels under Nsight Compute (see below).
@@ -111,19 +113,23 @@ if [ -f .gpu/services.tar.xz ]; then
   [ -f /tmp/freekv-8b/config.json ] && step ttft "${TTFT_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b ${TTFT_ENV:-} \
     node dist/bench/ttft.js --prompts "${TTFT_PROMPTS:-8192,32768,131072}" --runs "${TTFT_RUNS:-1}" --max-tokens 4 \
     --background "${TTFT_BACKGROUND-32768}" --background-tokens 400 --background-deadline-s "${TTFT_BACKGROUND_DEADLINE_S:-90}" \
-    --log-level "${TTFT_LOG_LEVEL:-info}" --hf "$work/anchor/anchor.json" --out "$work/ttft/ttft.json"
+    --log-level "${TTFT_LOG_LEVEL:-info}" --gap-ms "${TTFT_GAP_MS:-0}" --hf "$work/anchor/anchor.json" --out "$work/ttft/ttft.json"
   # TTFT2_ENV, TTFT3_ENV: the same time-to-first-token run again in other environments (A/B), with a
   # background session of TTFT2_BACKGROUND / TTFT3_BACKGROUND tokens (empty, the default: none).
   for n in 2 3; do
-    envv=TTFT${n}_ENV prompts=TTFT${n}_PROMPTS bg=TTFT${n}_BACKGROUND limit=TTFT${n}_S
+    envv=TTFT${n}_ENV prompts=TTFT${n}_PROMPTS bg=TTFT${n}_BACKGROUND limit=TTFT${n}_S gap=TTFT${n}_GAP_MS
     [ -f /tmp/freekv-8b/config.json ] && [ -n "${!envv:-}" ] && step ttft$n "${!limit:-120}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b ${!envv} \
       node dist/bench/ttft.js --prompts "${!prompts:-${TTFT_PROMPTS:-8192,32768,131072}}" --runs "${TTFT_RUNS:-1}" --max-tokens 4 \
       --background "${!bg:-}" --background-tokens 400 --background-deadline-s "${TTFT_BACKGROUND_DEADLINE_S:-90}" \
-      --log-level "${TTFT_LOG_LEVEL:-info}" --hf "$work/anchor/anchor.json" --out "$work/ttft$n/ttft.json"
+      --log-level "${TTFT_LOG_LEVEL:-info}" --gap-ms "${!gap:-${TTFT_GAP_MS:-0}}" --hf "$work/anchor/anchor.json" --out "$work/ttft$n/ttft.json"
   done
-  [ -f /tmp/freekv-8b/config.json ] && step serving "${SERVING_S:-300}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b \
+  [ -f /tmp/freekv-8b/config.json ] && step serving "${SERVING_S:-300}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b ${SERVING_ENV:-} \
     node dist/bench/serving.js --rates "${SERVING_RATES:-0.5,1,2}" --duration-s "${SERVING_DURATION_S:-45}" \
     --prompt-min 1024 --prompt-max 32768 --new-min 64 --new-max 512 --drain-s "${SERVING_DRAIN_S:-60}" --out "$work/serving/serving.json"
+  # SERVING2_ENV: the same load again with the services in that environment (A/B).
+  [ -f /tmp/freekv-8b/config.json ] && [ -n "${SERVING2_ENV:-}" ] && step serving2 "${SERVING_S:-300}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b ${SERVING2_ENV} \
+    node dist/bench/serving.js --rates "${SERVING_RATES:-0.5,1,2}" --duration-s "${SERVING_DURATION_S:-45}" \
+    --prompt-min 1024 --prompt-max 32768 --new-min 64 --new-max 512 --drain-s "${SERVING_DRAIN_S:-60}" --out "$work/serving2/serving.json"
   [ -f /tmp/freekv-8b/config.json ] && step overhead "${OVERHEAD_S:-150}" env FREEKV_BACKEND=cuda FREEKV_MODEL=/tmp/freekv-8b FREEKV_MAX_CONTEXT_TOKENS=4096 \
     node dist/bench/overhead.js --commit "$(sed -n 's/.*at commit \([0-9a-f]*\).*/\1/p' .gpu/services-build.txt)" \
     --skip attention --gen-tokens 80 --out "$work/overhead/overhead.json"

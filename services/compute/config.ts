@@ -37,6 +37,8 @@ export const computeConfigSchema = z.object({
   FREEKV_MALLOC_MMAP_THRESHOLD: mallocMmapThreshold(),
   /** FREEKV_BACKEND=cuda: where the prompts' resident contexts come from (CudaEngine.cu): cudaMalloc, or a memory pool that keeps freed memory for the next prompt. */
   FREEKV_PREFILL_CONTEXT_MEMORY: z.enum(["malloc", "pool"], { message: 'must be "malloc" or "pool"' }).default("malloc"),
+  /** FREEKV_BACKEND=cuda: where a session's device arrays come from (CudaEngine.cu): cudaMalloc / cudaFree per array (each a device-wide synchronisation), or a stream-ordered pool. */
+  FREEKV_SESSION_DEVICE_MEMORY: z.enum(["malloc", "pool"], { message: 'must be "malloc" or "pool"' }).default("malloc"),
   /** FREEKV_BACKEND=cuda: device memory the prompts being prefilled keep resident (each layer's whole context between chunks); 0 = a quarter of the device. */
   FREEKV_PREFILL_CONTEXT_BYTES: nonNegativeInt(0),
   /** Page selection through the hierarchical page summaries (the engine option hierarchicalSelection). */

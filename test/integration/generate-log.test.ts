@@ -95,6 +95,11 @@ describe(`the request log (seed ${seed})`, () => {
         expect(JSON.stringify(l), name).not.toMatch(/\/freekv-/);
       }
     }
+    // A named session's close says where its time went (engine, unmapping, the kvstore's release).
+    const closed = lines(tiers.compute.output).filter((l) => l.msg === "session closed" && l.session === `log-${seed}`);
+    expect(closed).toHaveLength(1);
+    for (const k of ["closeMs", "engineCloseMs", "unmapMs", "releaseMs"]) expect(closed[0][k], k).toEqual(expect.any(Number));
+    expect(Number(closed[0].closeMs)).toBeGreaterThanOrEqual(Number(closed[0].releaseMs));
     // The request's own session leaves no info line of its own on compute: the request line says it.
     const unnamed = String(first.session);
     expect(lines(tiers.compute.output).filter((l) => l.level === "info" && l.session === unnamed)).toHaveLength(1);

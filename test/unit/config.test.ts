@@ -36,6 +36,9 @@ describe("config", () => {
     expect(c.FREEKV_PREFILL_CONTEXT_MEMORY).toBe("malloc");
     expect(parseConfig(computeConfigSchema, { FREEKV_PREFILL_CONTEXT_MEMORY: "pool" }).FREEKV_PREFILL_CONTEXT_MEMORY).toBe("pool");
     expect(() => parseConfig(computeConfigSchema, { FREEKV_PREFILL_CONTEXT_MEMORY: "cache" })).toThrow(/FREEKV_PREFILL_CONTEXT_MEMORY="cache"/);
+    expect(c.FREEKV_SESSION_DEVICE_MEMORY).toBe("malloc");
+    expect(parseConfig(computeConfigSchema, { FREEKV_SESSION_DEVICE_MEMORY: "pool" }).FREEKV_SESSION_DEVICE_MEMORY).toBe("pool");
+    expect(() => parseConfig(computeConfigSchema, { FREEKV_SESSION_DEVICE_MEMORY: "arena" })).toThrow(/FREEKV_SESSION_DEVICE_MEMORY="arena"/);
     expect(() => parseConfig(computeConfigSchema, { FREEKV_REGISTER_THREADS: "0" })).toThrow(/FREEKV_REGISTER_THREADS="0"/);
     expect(k.FREEKV_MALLOC_MMAP_THRESHOLD).toBe(262144);
     for (const schema of [computeConfigSchema, kvstoreConfigSchema]) expect(() => parseConfig(schema, { FREEKV_MALLOC_MMAP_THRESHOLD: "lots" })).toThrow(/FREEKV_MALLOC_MMAP_THRESHOLD="lots"/);

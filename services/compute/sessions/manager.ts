@@ -66,6 +66,12 @@ export interface SessionManagerOptions {
   now?: () => number;
 }
 
+/** Where a detach's time went (ms): the engine's close, then the segments' unmapping. */
+interface DetachTimes {
+  engineCloseMs: number;
+  unmapMs: number;
+}
+
 export class SessionManager {
   /**
    * The CUDA engine commits each range of a session's store itself (MADV_POPULATE_WRITE, which
@@ -952,6 +958,8 @@ export class SessionManager {
 
   async close(id: string, signal?: AbortSignal): Promise<boolean> {
     const s = this.get(id);
+    const t0 = performance.now();
+    let times: DetachTimes | undefined;
     // The wait for the session's lock (a Generate may hold it) ends with the caller's deadline.
     await s.lock.run(async () => {
       if (s.closed) throw this.goneError(id);
@@ -961,20 +969,28 @@ export class SessionManager {
       this.moved.delete(id);
       this.opts.onChange?.(this.sessions.size);
       await s.commitChain;
-      if (!s.detached) await this.detach(s);
+      if (!s.detached) times = await this.detach(s);
     }, signal);
     // A lost session is unknown to the kvstore (its segments went with the old kvstore process)
     // or known as corrupt (its segments are still there): released where it is held, and a
     // failure to reach the kvstore does not keep it open here.
     // The session is gone here whatever the kvstore answers: a release that fails is retried in
     // the background (its memory is counted there until then) and the caller still gets the error.
+    const t1 = performance.now();
     try {
       await this.opts.kvstore.release(id, signal);
     } catch (e) {
       this.releaseLater(id, e as Error);
       if (!s.lost) throw e;
     }
-    this.opts.log[s.unnamed ? "debug" : "info"]({ session: id, lost: s.lost ? true : undefined }, "session closed");
+    // Where a close's time goes (a long session's teardown runs beside the next requests):
+    // engineCloseMs, the engine's wait for queued work and its unregistration and frees;
+    // unmapMs, the segments' unmapping; releaseMs, the kvstore's release; closeMs, all of it.
+    const t2 = performance.now();
+    this.opts.log[s.unnamed ? "debug" : "info"](
+      { session: id, lost: s.lost ? true : undefined, closeMs: Math.round(t2 - t0), ...times, releaseMs: Math.round(t2 - t1) },
+      "session closed",
+    );
     return true;
   }
 
@@ -986,8 +1002,10 @@ export class SessionManager {
    * and steps, for as long (the likely cause of the 0.6 s queue time measured after a 128K
    * prompt on the H200; not re-measured yet).
    */
-  private async detach(s: ComputeSession): Promise<void> {
+  private async detach(s: ComputeSession): Promise<DetachTimes> {
     s.detached = true;
+    const t0 = performance.now();
+    const times: DetachTimes = { engineCloseMs: 0, unmapMs: 0 };
     // A failed close leaves the engine session open (the binding keeps it so): tried once more.
     // One that fails again keeps its segments mapped (they cannot be unmapped under an engine
     // session): logged as an error, for as long as the process lives.
@@ -1001,11 +1019,13 @@ export class SessionManager {
       }
     }
     this.opts.onEngineClosed?.(s);
+    const t1 = performance.now();
+    times.engineCloseMs = Math.round(t1 - t0);
     if (!closed) {
       this.opts.log.error({ session: s.id }, "the engine session could not be closed: its memory stays mapped in this process");
-      return;
+      return times;
     }
-    if (!s.host) return;
+    if (!s.host) return times;
     const unmaps = await Promise.allSettled(
       [s.host.store, s.host.staging, s.host.tail, s.host.manifest].map((seg) => {
         try {
@@ -1016,6 +1036,8 @@ export class SessionManager {
       }),
     );
     for (const u of unmaps) if (u.status === "rejected") this.opts.log.error({ session: s.id, err: (u.reason as Error).message }, "a segment of the session could not be unmapped");
+    times.unmapMs = Math.round(performance.now() - t1);
+    return times;
   }
 
   /** At shutdown: finish commits, close engine sessions and mappings; the kvstore keeps the pages. */

@@ -79,18 +79,18 @@ struct LayerTier {
   bool dense = false;
   int64_t tokens = 0;
   int pool_slots = 0;
-  DeviceArray<bf16> pool;         // NHD [pool_slots][2][P][Hkv][D]
-  DeviceArray<__nv_bfloat16> summaries;  // [capacity][Hkv][2][D] (bf16 values: summary.cuh)
-  DeviceArray<__nv_bfloat16> groups;     // [ceil(capacity / 32)][Hkv][2][D] group bounds (hierarchical selection)
-  DeviceArray<unsigned long long> sel_ws;  // selection workspace (SelectionWorkspaceBytes at capacity)
-  DeviceArray<int> selected;      // [Hkv][K]
-  DeviceArray<int> selected_slot; // [Hkv][K]
-  DeviceArray<int> resident;      // [Hkv][K]
-  DeviceArray<int> flags;         // [Hkv]
-  DeviceArray<float> scratch;     // selection scratch
-  DeviceArray<RecallJob> jobs;    // [Hkv * K]
-  DeviceArray<int> job_count;     // [1 + Hkv]: [0] the per-item path's total, [1 + h] the batched path's per head
-  DeviceArray<float> q[2];        // [Hq][D]: q[cur] = latest query
+  PoolArray<bf16> pool;         // NHD [pool_slots][2][P][Hkv][D]
+  PoolArray<__nv_bfloat16> summaries;  // [capacity][Hkv][2][D] (bf16 values: summary.cuh)
+  PoolArray<__nv_bfloat16> groups;     // [ceil(capacity / 32)][Hkv][2][D] group bounds (hierarchical selection)
+  PoolArray<unsigned long long> sel_ws;  // selection workspace (SelectionWorkspaceBytes at capacity)
+  PoolArray<int> selected;      // [Hkv][K]
+  PoolArray<int> selected_slot; // [Hkv][K]
+  PoolArray<int> resident;      // [Hkv][K]
+  PoolArray<int> flags;         // [Hkv]
+  PoolArray<float> scratch;     // selection scratch
+  PoolArray<RecallJob> jobs;    // [Hkv * K]
+  PoolArray<int> job_count;     // [1 + Hkv]: [0] the per-item path's total, [1 + h] the batched path's per head
+  PoolArray<float> q[2];        // [Hq][D]: q[cur] = latest query
   int qcur = 0;
   bool has_q = false;
   bool first_decode = true;
@@ -99,14 +99,14 @@ struct LayerTier {
   int last_candidates = 0;
   // The attention table of the latest decode (introspection: LastAttendedTokens).
   int table_rows = 0;
-  DeviceArray<int> t_slot, t_tokens, t_id, t_num;
+  PoolArray<int> t_slot, t_tokens, t_id, t_num;
   bool attended_valid = false;
   bool recall_pending = false;    // speculative recall queued (done when the engine's spec_done_[layer] is)
   uint64_t decodes = 0;
   uint64_t selections = 0;        // host-known per-layer counter (LayerStats::selections)
   // The selection attention read at the previous decode ([Hkv][K], written by the attention table
   // kernel), for the top-k overlap; valid when that decode attended a selection.
-  DeviceArray<int> prev_selected;
+  PoolArray<int> prev_selected;
   bool prev_selected_valid = false;
   // Resident prefill context (CudaPrefill.cu): while a prompt is prefilled chunk by chunk, the
   // layer's whole context stays on the device as NHD pages [0, ceil(pctx_tokens / P)), so each
@@ -117,9 +117,21 @@ struct LayerTier {
   int64_t pctx_tokens = -1;
   // Device prefill (PrefillDevice): the manifest (tokens, query record) waits for the offload of
   // the layer's filled pages; FinishDevicePrefill writes it with q_last, the last prefilled query
-  // [Hq][D] copied to pinned memory.
+  // [Hq][D] copied to pinned memory (the layer's row of Session::q_last).
   bool manifest_pending = false;
-  PinnedBuffer q_last;
+  float* q_last = nullptr;
+  // Every device array above from `pool` in `stream`'s order (Session::BindPool).
+  void BindPool(cudaMemPool_t mem, cudaStream_t stream) {
+    for (auto* a : {&selected, &selected_slot, &resident, &flags, &job_count, &t_slot, &t_tokens, &t_id, &t_num, &prev_selected})
+      *a = PoolArray<int>(mem, stream);
+    pool = PoolArray<bf16>(mem, stream);
+    summaries = PoolArray<__nv_bfloat16>(mem, stream);
+    groups = PoolArray<__nv_bfloat16>(mem, stream);
+    sel_ws = PoolArray<unsigned long long>(mem, stream);
+    scratch = PoolArray<float>(mem, stream);
+    jobs = PoolArray<RecallJob>(mem, stream);
+    for (auto& x : q) x = PoolArray<float>(mem, stream);
+  }
 };
 
 struct Session {
@@ -159,11 +171,33 @@ struct Session {
   bool foreign_reg = false;
   bool dma_refused = false;
   std::vector<std::unique_ptr<LayerTier>> layers;
-  DeviceArray<unsigned long long> counters;  // [layers][kLayerWords] (layer_counters.cuh)
+  PoolArray<unsigned long long> counters;  // [layers][kLayerWords] (layer_counters.cuh)
   Stats host_stats;                          // host-known counters
   std::unique_ptr<DoubleBufferRecall> db;
+  // The last prefilled query of every layer ([layers][Hq][D] floats, pinned; LayerTier::q_last
+  // points at the layer's row), allocated at the first device prefill: one pinned allocation a
+  // session instead of one a layer (each is an implicit synchronisation of the device).
+  PinnedBuffer q_last;
+  // FREEKV_SESSION_DEVICE_MEMORY=pool: the device arrays come from the engine's session pool in
+  // free_stream's order (CudaEngine::session_pool_), and go back to it in that order when the
+  // session is destroyed, after the work queued by then on free_after's streams (events, no host
+  // wait): cudaFree synchronises the whole device, so a session's ~20 arrays a layer, freed one by
+  // one, stalled every other session's queued work, as their cudaMalloc did at creation.
+  cudaStream_t free_stream = nullptr;
+  std::vector<cudaStream_t> free_after;
   ~Session() {
     if (ahead.valid()) ahead.wait();  // its error goes with the session: nothing used those pages
+    if (free_stream)
+      for (cudaStream_t st : free_after) {
+        cudaEvent_t e = nullptr;
+        if (cudaEventCreateWithFlags(&e, cudaEventDisableTiming) != cudaSuccess) {
+          cudaStreamSynchronize(st);  // no event: the host waits instead, before anything is freed
+          continue;
+        }
+        cudaEventRecord(e, st);
+        cudaStreamWaitEvent(free_stream, e, 0);
+        cudaEventDestroy(e);
+      }
     for (uint8_t* p : store_regs) cudaHostUnregister(p);
     if (tail_registered) cudaHostUnregister(host.tail);
     if (manifest_registered) cudaHostUnregister(host.manifest);
@@ -325,6 +359,12 @@ class CudaEngine final : public Engine, public DeviceEngine {
   // cudaFree of the previous 128K prompt's contexts and the next one's cudaMalloc, is not
   // confirmed; PERF.md says how it is measured.
   cudaMemPool_t pctx_pool_ = nullptr;
+  // FREEKV_SESSION_DEVICE_MEMORY=pool (opt-in until measured on the H200; `malloc`, the default, is
+  // cudaMalloc / cudaFree per array as before): every session's device arrays (Session::free_stream)
+  // come from this pool in init_'s order and go back to it without a device-wide synchronisation;
+  // it keeps up to 1/32 of the device's memory of closed sessions' arrays for the next ones, and a
+  // session creation short of memory trims it and tries once more.
+  cudaMemPool_t session_pool_ = nullptr;
   std::unique_ptr<Event> outputs_;
   // Recorded on the main stream right after an attention of a direct (not graphed) decode; the
   // side stream's speculative work of that call waits for it.

@@ -120,7 +120,7 @@ void CudaEngine::FlushPrefill(Session& s) {
     LayerTier& L = *s.layers[l];
     if (!L.manifest_pending) continue;
     L.manifest_pending = false;
-    WriteQueryRecord(s, l, reinterpret_cast<const float*>(L.q_last.get()));
+    WriteQueryRecord(s, l, L.q_last);
     WriteManifest(s, l);
   }
 }
@@ -453,8 +453,11 @@ bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
   L.attended_valid = false;
   if (device_io) {
     // The manifest waits for FinishDevicePrefill (the offload may still be running).
-    L.q_last.Resize(qs * sizeof(float));
-    FKV_CUDA_CHECK(cudaMemcpyAsync(L.q_last.get(), dq + (size_t)(n - 1) * qs, qs * sizeof(float),
+    if (!L.q_last) {
+      s.q_last.Resize((size_t)s.geo.layers * qs * sizeof(float));
+      L.q_last = reinterpret_cast<float*>(s.q_last.get()) + (size_t)layer * qs;
+    }
+    FKV_CUDA_CHECK(cudaMemcpyAsync(L.q_last, dq + (size_t)(n - 1) * qs, qs * sizeof(float),
                                    cudaMemcpyDeviceToHost, st));
     L.manifest_pending = true;
     return direct_bf16;

@@ -278,16 +278,23 @@ void CudaEngine::RegisterAhead(int session, int64_t tokens) {
 int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) {
   auto lock = LockOutsideStep("createSession");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
-  if (!pctx_pool_) return CreateSessionLocked(g, c, h, reattach);
+  if (!pctx_pool_ && !session_pool_) return CreateSessionLocked(g, c, h, reattach);
   try {
     return CreateSessionLocked(g, c, h, reattach);
   } catch (const std::runtime_error& e) {
     if (!std::strstr(e.what(), "out of memory")) throw;
-    // The prefill contexts' pool keeps freed memory (up to their budget) for the next prompt; a
-    // session that needs it gets it back, and its creation is tried once more.
+    // The pools keep freed memory (the prefill contexts' up to their budget, for the next prompt;
+    // closed sessions' arrays, for the next sessions); a session that needs it gets it back, and
+    // its creation is tried once more.
     cudaGetLastError();
-    FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));  // the contexts' frees are queued there
-    FKV_CUDA_CHECK(cudaMemPoolTrimTo(pctx_pool_, 0));
+    if (pctx_pool_) {
+      FKV_CUDA_CHECK(cudaStreamSynchronize(main_->get()));  // the contexts' frees are queued there
+      FKV_CUDA_CHECK(cudaMemPoolTrimTo(pctx_pool_, 0));
+    }
+    if (session_pool_) {
+      FKV_CUDA_CHECK(cudaStreamSynchronize(init_->get()));  // the sessions' frees are queued there
+      FKV_CUDA_CHECK(cudaMemPoolTrimTo(session_pool_, 0));
+    }
     return CreateSessionLocked(g, c, h, reattach);
   }
 }
@@ -326,11 +333,20 @@ int CudaEngine::CreateSessionLocked(const Geometry& g, const RetrievalConfig& c,
   // other sessions' queued work (the engine lock is held meanwhile, and a prompt prefilling
   // beside would stop being issued).
   cudaStream_t st = init_->get();
+  if (session_pool_) {
+    // From here on the session's arrays come from the pool in st's order (valid on every stream
+    // once st is waited for, below), and a destruction frees them there after the engine's queued
+    // work (Session::free_after).
+    s->free_stream = st;
+    s->free_after = {main_->get(), side_->get(), offload_->get()};
+    s->counters = PoolArray<unsigned long long>(session_pool_, st);
+  }
   s->counters.Resize((size_t)g.layers * kLayerWords);
   FKV_CUDA_CHECK(cudaMemsetAsync(s->counters.get(), 0, s->counters.bytes(), st));
   const int Hkv = g.kv_heads, D = g.head_dim, cap = h.capacity_pages, K = s->K;
   for (int l = 0; l < g.layers; ++l) {
     auto L = std::make_unique<LayerTier>();
+    if (session_pool_) L->BindPool(session_pool_, st);
     L->dense = c.mode == Mode::Dense ||
                std::find(c.dense_layers.begin(), c.dense_layers.end(), l) != c.dense_layers.end();
     L->pool_slots = L->dense ? cap + 1 : s->SP + s->WP + K;
