@@ -71,4 +71,46 @@ describe(`a failed speculative recall (seed ${seed})`, () => {
       await close();
     }
   });
+
+  it("counts only the pages that were copied, and a wait for a recall that then failed as a wait", async () => {
+    const rng = new Prng(seed ^ 0x5bd1e995);
+    const addon = loadAddon();
+    // Every background recall fails, after planning its slots, and runs 20 ms first: each decode
+    // after the first waits for its layer's recall, which fails, and then selects and recalls
+    // itself, blocking, every page of its selection (the slots were forgotten).
+    const engine = new addon.Engine({ backend: "cpu", threads: 2, debugRecallFailEvery: 1, debugRecallDelayMs: 20 });
+    const P = 4;
+    const base = { qHeads: 4, kvHeads: 2, headDim: 16, pageSize: P, sinkTokens: P, windowTokens: 2 * P, selectTokens: 3 * P, tau: 0.9, summary: "maxmin", combine: "mean", dtype: "f32", mode: "speculative" } as const;
+    const K = base.selectTokens / P;
+    const layers = 2;
+    // 12 full pages: 9 or more candidates between the sink and the window at every step, so each
+    // selection picks K pages of each KV head.
+    const { sessions, refs, close } = await prefilledSessions(engine, [base, base], layers, rng, 12 * P + 1, (i) => ({ recall: i === 1 ? 2 : 1 }));
+    try {
+      const qn = base.qHeads * base.headDim,
+        kvn = base.kvHeads * base.headDim;
+      const STEPS = 5;
+      for (let t = 0; t < STEPS; t++)
+        for (let l = 0; l < layers; l++) {
+          const items = sessions.map((session) => ({ session, q: quantised(rng, qn), k: quantised(rng, kvn), v: quantised(rng, kvn) }));
+          const outs = await engine.decode(l, items);
+          for (const [i] of sessions.entries()) expect(relError(outs[i], refs[i][l].decode(items[i].q, items[i].k, items[i].v).out)).toBeLessThan(1e-5);
+        }
+      const failures = engine.takeBackgroundFailures().failures;
+      expect(failures.length).toBeGreaterThanOrEqual((STEPS - 1) * layers * sessions.length);
+      for (const s of sessions) {
+        const st = engine.stats(s);
+        // What was copied: K pages per KV head and layer at every decode (the first decode's
+        // blocking selection, then each failed recall's selection made again), nothing of the
+        // recalls that failed; the planned pages of a failed recall were counted before.
+        expect(st.pagesRecalled, `session ${s}`).toBe(STEPS * layers * base.kvHeads * K);
+        expect(st.pagesHit).toBe(0);
+        expect(st.pagesSelected).toBe(st.pagesHit + st.pagesRecalled);
+        // Every decode after the first waited for its layer's recall, which then failed.
+        expect(st.recallWaits, `session ${s}`).toBe((STEPS - 1) * layers);
+      }
+    } finally {
+      await close();
+    }
+  });
 });

@@ -68,7 +68,8 @@ struct Stats {
   // attention used (speculative, blocking or corrected); correction_rate = corrections / selections.
   uint64_t selections = 0;
   uint64_t corrections = 0;  // of which re-selected with q_t and recalled synchronously
-  // Every selection performed (speculative ones included): pages chosen = hits + recalled.
+  // Every selection performed (speculative ones included): pages chosen = hits + recalled. A
+  // selection whose recall failed counts none (its pages were not copied; it is made again).
   uint64_t pages_selected = 0;
   uint64_t pages_hit = 0;
   uint64_t pages_recalled = 0;
@@ -79,7 +80,8 @@ struct Stats {
   // Resident head-pages of the device tier right now, summed over layers and KV heads
   // (sink + window + selected slots in use; every page of a dense layer).
   uint64_t resident_pages = 0;
-  // Decode calls whose attention had to wait for its layer's in-flight speculative recall.
+  // Decode calls whose attention had to wait for its layer's in-flight speculative recall (one
+  // that then failed included).
   uint64_t recall_waits = 0;
   // Speculative recalls that had to wait for the current attention to release the slots before
   // writing them (the selection runs during that attention; the writes may not).

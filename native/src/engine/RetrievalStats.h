@@ -58,7 +58,8 @@ FKV_HOST_DEVICE inline int CosineBucket(float c) {
 struct LayerStats {
   // Selections attention used (one per KV head of a retrieval layer per decode), of which
   // corrected, and every selection performed (speculative ones included): pages chosen = hits +
-  // recalled. Engine.h's Stats holds their sums over layers.
+  // recalled (a selection whose recall failed counts none). Engine.h's Stats holds their sums over
+  // layers.
   uint64_t selections = 0;
   uint64_t corrections = 0;
   uint64_t pages_selected = 0;

@@ -214,11 +214,19 @@ HeadSelection CpuEngine::Select(CpuSession& s, LayerState& L, int h, const float
   return cpu::SelectHead(s.pg, s.cfg.combine, L.summaries[h].data(), hier ? L.group_summaries[h].data() : nullptr, h, q, c0, c1, hier);
 }
 
-void CpuEngine::SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops) {
-  ApplySelection(s, L, h, Select(s, L, h, q, c0, c1), ops);
+void CpuEngine::SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops,
+                           SelectionCounts& counts) {
+  ApplySelection(s, L, h, Select(s, L, h, q, c0, c1), ops, counts);
 }
 
-void CpuEngine::ApplySelection(CpuSession& s, LayerState& L, int h, const HeadSelection& selection, std::vector<RecallOp>& ops) {
+void CpuEngine::Count(LayerState& L, const SelectionCounts& c) {
+  L.counters.pages_selected += c.selected;
+  L.counters.pages_hit += c.hit;
+  L.counters.pages_recalled += c.recalled;
+}
+
+void CpuEngine::ApplySelection(CpuSession& s, LayerState& L, int h, const HeadSelection& selection, std::vector<RecallOp>& ops,
+                               SelectionCounts& counts) {
   auto& slot_page = L.slot_page[h];
   const auto& chosen = selection.chosen;
   const auto plan = PlanResidency(slot_page, chosen, [&](int p) { return selection.Score(p); });
@@ -232,9 +240,9 @@ void CpuEngine::ApplySelection(CpuSession& s, LayerState& L, int h, const HeadSe
   for (int p : chosen) sel.push_back({p, where.at(p)});
   std::sort(sel.begin(), sel.end(), [](const SelectedPage& a, const SelectedPage& b) { return a.page < b.page; });
   L.selected_count += static_cast<int>(sel.size()) - before;
-  L.counters.pages_selected += chosen.size();
-  L.counters.pages_hit += plan.hits;
-  L.counters.pages_recalled += plan.misses.size();
+  counts.selected += chosen.size();
+  counts.hit += plan.hits;
+  counts.recalled += plan.misses.size();
 }
 
 void CpuEngine::RunRecall(CpuSession& s, int layer, const std::vector<RecallOp>& ops) {
@@ -265,17 +273,25 @@ void CpuEngine::SpeculativeJob(CpuSession& s, int layer, const std::vector<float
   if (L.recall.WaitNoReaders()) s.counters.guard_waits += 1;
   if (debug_recall_delay_us_ > 0) std::this_thread::sleep_for(std::chrono::microseconds(debug_recall_delay_us_));
   std::vector<RecallOp> ops;
-  for (int h = 0; h < H; ++h) ApplySelection(s, L, h, chosen[h], ops);
+  SelectionCounts counts;
+  for (int h = 0; h < H; ++h) ApplySelection(s, L, h, chosen[h], ops, counts);
   if (background && debug_recall_fail_every_ > 0 && ++recalls_run_ % debug_recall_fail_every_ == 0)
     throw std::runtime_error("injected recall failure (debugRecallFailEvery)");
   RunRecall(s, layer, ops);
+  Count(L, counts);
 }
 
 bool CpuEngine::WaitRecall(CpuSession& s, int layer, const char* where, bool* waited) {
   LayerState& L = *s.layers[layer];
   std::string what;
   try {
-    const bool w = L.recall.Wait();
+    bool w = false;
+    try {
+      w = L.recall.Wait(&w);
+    } catch (...) {
+      if (waited) *waited = w;  // a failed recall the call had to wait for is a wait too
+      throw;
+    }
     if (waited) *waited = w;
     return false;
   } catch (const std::exception& e) {
@@ -463,6 +479,7 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
   }
   if (!sel.empty()) {
     std::vector<std::vector<RecallOp>> ops(sel.size());
+    std::vector<SelectionCounts> counts(sel.size());
     ParallelFor(static_cast<int>(sel.size()), threads_, [&](int t) {
       CpuSession& s = *ss[sel[t].item];
       LayerState& L = *s.layers[layer];
@@ -470,7 +487,7 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
       // The speculative job chose among the pages full before this step's token (SpeculativeJob):
       // with a one-page window the page this token filled is not among them.
       const int c1 = sel[t].speculative ? std::min(r.window_begin, RangesFor(s.pg, L.tokens - 1).full) : r.window_begin;
-      SelectHead(s, L, sel[t].head, sel[t].q, r.sink_end, c1, ops[t]);
+      SelectHead(s, L, sel[t].head, sel[t].q, r.sink_end, c1, ops[t], counts[t]);
     });
     std::vector<std::vector<RecallOp>> per_item(n);
     for (size_t t = 0; t < sel.size(); ++t)
@@ -486,6 +503,7 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
         }
       throw;
     }
+    for (size_t t = 0; t < sel.size(); ++t) Count(*ss[sel[t].item]->layers[layer], counts[t]);
   }
   // 4. Attention over sink + selected + window (or every page of a dense layer), per KV head.
   std::vector<int> task_item, task_head;

@@ -17,6 +17,11 @@
 
 namespace freekv::cpu {
 
+// The pages of one selection (chosen = hit + recalled), counted once its recall is done.
+struct SelectionCounts {
+  uint64_t selected = 0, hit = 0, recalled = 0;
+};
+
 class CpuEngine : public Engine {
  public:
   CpuEngine(int threads, int debug_recall_delay_us, int debug_attend_delay_us,
@@ -49,9 +54,14 @@ class CpuEngine : public Engine {
   void WriteQueryRecord(CpuSession& s, int layer);
   // Selects head h's pages with q ([Hq][D]) among pages [c0, c1) and plans the residency;
   // appends the misses to ops. Counts pages_selected/hit/recalled.
-  void SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops);
+  void SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops,
+                  SelectionCounts& counts);
   // Makes the chosen pages of head h resident (hits reused, misses planned into slots).
-  void ApplySelection(CpuSession& s, LayerState& L, int h, const HeadSelection& sel, std::vector<RecallOp>& ops);
+  void ApplySelection(CpuSession& s, LayerState& L, int h, const HeadSelection& sel, std::vector<RecallOp>& ops,
+                      SelectionCounts& counts);
+  // Adds a selection's pages to the layer's counters once its recall has been written: a recall
+  // that failed counts none of its pages (its slots are forgotten, and the selection is made again).
+  static void Count(LayerState& L, const SelectionCounts& c);
   // Head h's selection among pages [c0, c1): flat or through the group bounds (hier_).
   HeadSelection Select(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1) const;
   void RunRecall(CpuSession& s, int layer, const std::vector<RecallOp>& ops);

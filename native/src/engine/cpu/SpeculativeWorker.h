@@ -54,10 +54,12 @@ struct LayerRecall {
     }
     cv.notify_all();
   }
-  // Waits for the in-flight recall; rethrows its failure. Returns true if it had to wait.
-  bool Wait() {
+  // Waits for the in-flight recall; rethrows its failure. Returns true if it had to wait (also
+  // written to *waited first, so that a wait for a recall that failed is known to the caller).
+  bool Wait(bool* waited_out = nullptr) {
     std::unique_lock<std::mutex> l(mu);
     const bool waited = pending;
+    if (waited_out) *waited_out = waited;
     cv.wait(l, [&] { return !pending; });
     if (error) {
       auto e = error;
