@@ -19,6 +19,25 @@ namespace freekv::cuda {
 
 using std::to_string;
 
+namespace {
+// A stream-ordered pool of device memory on `device` that keeps up to `keep` bytes of freed memory
+// (the release threshold) for the next allocations instead of returning it to the driver.
+cudaMemPool_t MakeDevicePool(int device, uint64_t keep) {
+  cudaMemPoolProps props = {};
+  props.allocType = cudaMemAllocationTypePinned;
+  props.location.type = cudaMemLocationTypeDevice;
+  props.location.id = device;
+  cudaMemPool_t pool = nullptr;
+  FKV_CUDA_CHECK(cudaMemPoolCreate(&pool, &props));
+  const cudaError_t e = cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+  if (e != cudaSuccess) {
+    cudaMemPoolDestroy(pool);
+    FKV_CUDA_CHECK(e);
+  }
+  return pool;
+}
+}  // namespace
+
 CudaEngine::CudaEngine(const CudaEngineOptions& options)
     : device_(options.device), graphs_(options.graphs), hier_(options.hierarchical), graph_(options.side_timing) {
   int n = 0;
@@ -54,26 +73,14 @@ CudaEngine::CudaEngine(const CudaEngineOptions& options)
   if (const char* e = std::getenv("FREEKV_PREFILL_CONTEXT_MEMORY"); e && *e && std::string(e) != "malloc") {
     if (std::string(e) != "pool")
       throw std::runtime_error("FREEKV_PREFILL_CONTEXT_MEMORY must be malloc or pool, got '" + std::string(e) + "'");
-    cudaMemPoolProps props = {};
-    props.allocType = cudaMemAllocationTypePinned;
-    props.location.type = cudaMemLocationTypeDevice;
-    props.location.id = device_;
-    FKV_CUDA_CHECK(cudaMemPoolCreate(&pctx_pool_, &props));
-    uint64_t keep = pctx_limit_;
-    FKV_CUDA_CHECK(cudaMemPoolSetAttribute(pctx_pool_, cudaMemPoolAttrReleaseThreshold, &keep));
+    pctx_pool_ = MakeDevicePool(device_, pctx_limit_);
   }
   if (const char* e = std::getenv("FREEKV_SESSION_DEVICE_MEMORY"); e && *e && std::string(e) != "malloc") {
     if (std::string(e) != "pool")
       throw std::runtime_error("FREEKV_SESSION_DEVICE_MEMORY must be malloc or pool, got '" + std::string(e) + "'");
-    cudaMemPoolProps props = {};
-    props.allocType = cudaMemAllocationTypePinned;
-    props.location.type = cudaMemLocationTypeDevice;
-    props.location.id = device_;
-    FKV_CUDA_CHECK(cudaMemPoolCreate(&session_pool_, &props));
     size_t free_b = 0, total_b = 0;
     FKV_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-    uint64_t keep = total_b / 32;  // closed sessions' arrays kept for the next ones (4.4 GB on an H200)
-    FKV_CUDA_CHECK(cudaMemPoolSetAttribute(session_pool_, cudaMemPoolAttrReleaseThreshold, &keep));
+    session_pool_ = MakeDevicePool(device_, total_b / 32);  // closed sessions' arrays kept for the next ones (4.4 GB on an H200)
   }
   outputs_ = std::make_unique<Event>();
   attended_direct_ = std::make_unique<Event>();
