@@ -23,6 +23,11 @@
  *   a prompt still prefilling then is cancelled and A's pace up to that moment is reported, with
  *   how far B got (its PrefillProgress events).
  *
+ * - with --log-level debug: each session's creation (kvstore and open times) beside the close of the
+ *   session before it (engine, unmapping, kvstore release) and how much of that close still ran
+ *   after the creation began; --gap-ms N pauses before each timed prompt, so that the close has
+ *   ended (whether a prompt pays for its predecessor's teardown).
+ *
  * Writes JSON (machine, commit, date, environment, results) to --out, or
  * bench/results/ttft-<date>.json, and the services' log (--log-level) beside it.
  */
@@ -117,6 +122,42 @@ function generate(client: ComputeServiceClient, prompt: GenerateRequest["prompt"
       const u = usage as { prefillMs: number; queueMs: number; promptTokens: number };
       resolve({ ttftMs: chunks[0].at - startedAt, totalMs: performance.now() - startedAt, prefillMs: u.prefillMs, queueMs: u.queueMs, promptTokens: u.promptTokens, chunks, startedAt });
     });
+  });
+}
+
+/**
+ * From compute's log (debug level): each session's creation (kvstoreMs, openMs) beside the close
+ * of the session created before it (closeMs: engineCloseMs, unmapMs, releaseMs), with how much of
+ * that close ran while the new session was being created: whether a prompt pays for its
+ * predecessor's teardown. Times are the log lines' (written at the end of each operation).
+ */
+function sessionTimeline(lines: string[]) {
+  type Line = { msg?: string; time?: number; session?: string; [k: string]: unknown };
+  const parsed: Line[] = [];
+  for (const l of lines) {
+    try {
+      const o = JSON.parse(l) as Omit<Line, "time"> & { time?: unknown };
+      // The services log ISO times (services/common/log.ts); a number is taken as epoch ms.
+      const time = typeof o.time === "number" ? o.time : typeof o.time === "string" ? Date.parse(o.time) : NaN;
+      if (typeof o.msg === "string" && Number.isFinite(time)) parsed.push({ ...o, time });
+    } catch {
+      // not a log line
+    }
+  }
+  const closed = new Map(parsed.filter((l) => l.msg === "session closed").map((l) => [String(l.session), l]));
+  const created = parsed.filter((l) => l.msg === "session created" && typeof l.openMs === "number");
+  const num = (x: unknown) => (typeof x === "number" ? x : null);
+  return created.map((c, i) => {
+    const createStart = c.time! - (num(c.kvstoreMs) ?? 0) - (num(c.openMs) ?? 0);
+    const prev = i > 0 ? closed.get(String(created[i - 1].session)) : undefined;
+    const prevClose = prev
+      ? {
+          closeMs: num(prev.closeMs), engineCloseMs: num(prev.engineCloseMs), unmapMs: num(prev.unmapMs), releaseMs: num(prev.releaseMs),
+          // How long the previous close ran after this session's creation began (0: it had ended).
+          overlapMs: Math.max(0, prev.time! - createStart),
+        }
+      : null;
+    return { session: c.session, kvstoreMs: num(c.kvstoreMs), openMs: num(c.openMs), reservedTokens: num(c.reservedTokens), previousClose: prevClose };
   });
 }
 
@@ -239,6 +280,18 @@ try {
       `ratio of medians ${(qd.median / qa.median).toFixed(2)}; mean ${qd.mean.toFixed(1)} against ${qa.mean.toFixed(1)} alone, ratio of means ${(qd.mean / qa.mean).toFixed(2)} (of the mean to the median alone ${(qd.mean / qa.median).toFixed(2)}: a stall before the prompt moves the mean alone)`);
   }
   console.log(table.join("\n"));
+  // Closes are logged after their streams end: the last one a moment later.
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  const timeline = sessionTimeline(tiers.compute.output);
+  results.sessions = timeline;
+  if (timeline.some((t) => t.previousClose)) {
+    const t2 = ["| session | kvstore ms | open ms | previous session's close: ms (engine, unmap, kvstore release) | of it after this creation began |", "| --- | ---: | ---: | --- | ---: |"];
+    for (const t of timeline) {
+      const p = t.previousClose;
+      t2.push(`| ${t.session} | ${t.kvstoreMs ?? ""} | ${t.openMs ?? ""} | ${p ? `${p.closeMs} (${p.engineCloseMs}, ${p.unmapMs}, ${p.releaseMs})` : ""} | ${p ? p.overlapMs : ""} |`);
+    }
+    console.log(t2.join("\n"));
+  } else if (args["log-level"] !== "debug") log("(--log-level debug adds each session's creation beside its predecessor's close)");
   completed = true;
 } finally {
   writeResults(completed);
