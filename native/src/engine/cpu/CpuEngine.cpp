@@ -285,14 +285,8 @@ bool CpuEngine::WaitRecall(CpuSession& s, int layer, const char* where, bool* wa
   LayerState& L = *s.layers[layer];
   std::string what;
   try {
-    bool w = false;
-    try {
-      w = L.recall.Wait(&w);
-    } catch (...) {
-      if (waited) *waited = w;  // a failed recall the call had to wait for is a wait too
-      throw;
-    }
-    if (waited) *waited = w;
+    // Wait writes *waited before it rethrows: a failed recall the call had to wait for is a wait too.
+    L.recall.Wait(waited);
     return false;
   } catch (const std::exception& e) {
     what = e.what();

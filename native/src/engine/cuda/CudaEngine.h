@@ -189,14 +189,13 @@ struct Session {
     if (ahead.valid()) ahead.wait();  // its error goes with the session: nothing used those pages
     if (free_stream)
       for (cudaStream_t st : free_after) {
+        // The frees are queued after st's work through an event; where that cannot be arranged,
+        // the host waits for st instead, before anything is freed.
         cudaEvent_t e = nullptr;
-        if (cudaEventCreateWithFlags(&e, cudaEventDisableTiming) != cudaSuccess) {
-          cudaStreamSynchronize(st);  // no event: the host waits instead, before anything is freed
-          continue;
-        }
-        cudaEventRecord(e, st);
-        cudaStreamWaitEvent(free_stream, e, 0);
-        cudaEventDestroy(e);
+        const bool ordered = cudaEventCreateWithFlags(&e, cudaEventDisableTiming) == cudaSuccess &&
+                             cudaEventRecord(e, st) == cudaSuccess && cudaStreamWaitEvent(free_stream, e, 0) == cudaSuccess;
+        if (e) cudaEventDestroy(e);
+        if (!ordered) cudaStreamSynchronize(st);
       }
     for (uint8_t* p : store_regs) cudaHostUnregister(p);
     if (tail_registered) cudaHostUnregister(host.tail);
