@@ -53,6 +53,11 @@
  *                              [--prefill 8192,32768] [--prefill-chunk 512,2048] [--prefill-gathered 8192]
  *                              [--profile-prefill-chunk K] [--prefill-env "A=1;A=2"] [--prefill-rounds N]
  *                              [--sweep freekv@0.5,freekv@0.8,...] [--match-cosine 0.68 --calibrated freekv,dense]
+ * --modes: retrieval modes (freekv, oracle, dense, speculative, sink_window, resident_sparse: every
+ * page on the GPU, the current query's selection read in place, the GPU-resident sparse attention
+ * FreeKV is measured against), each optionally -direct (graphs off), -serial (both streams waited
+ * for inside the step), -pagecopy (recall one head-page per cudaMemcpyAsync: oracle-pagecopy is the
+ * ArkVale-style baseline), @band (calibration band).
  * --sweep: modes run at the first point before the others; --match-cosine C --calibrated MODES:
  * the sweep's band whose measured mean adjacent-query cosine is nearest C (e.g. the trained
  * model's, from `freekv eval`) is chosen and MODES run at every point on it (as MODE@band).
@@ -253,8 +258,8 @@ function writeModel(dir: string): void {
 
 // ---- 2. timing ------------------------------------------------------------------------------
 
-function retrieval(mode: string) {
-  return { ...retrievalDefaults(), mode: RETRIEVAL_NAMES.mode[mode as ModeName] };
+function retrieval(mode: string, pageCopy = false) {
+  return { ...retrievalDefaults(), mode: RETRIEVAL_NAMES.mode[mode as ModeName], ...(pageCopy ? { recall: RETRIEVAL_NAMES.recall.double_buffer } : {}) };
 }
 
 function median(xs: number[]): number {
@@ -355,15 +360,20 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
   const band = bandText === undefined ? undefined : bandStart(Number(bandText));
   let bandSeed = 12345;
   const bandToken = () => band! + (((bandSeed = (Math.imul(bandSeed, 1103515245) + 12345) >>> 0) >>> 16) % BAND_ROWS);
+  // "<mode>-pagecopy": the same mode recalling with one cudaMemcpyAsync per head-page through the
+  // double buffers (recall double_buffer, the paper's and ArkVale's method; its job list goes
+  // through the host, so its steps are not graphed): oracle-pagecopy is the ArkVale-style
+  // baseline, the current query's pages recalled page by page before every step.
   const serial = modeName.endsWith("-serial");
   const direct = modeName.endsWith("-direct");
-  const base = direct || serial ? modeName.replace(/-(direct|serial)$/, "") : modeName;
+  const pageCopy = modeName.endsWith("-pagecopy");
+  const base = modeName.replace(/-(direct|serial|pagecopy)$/, "");
   const point: Point = { batch, context, mode, floorMs: floorMs(batch, context, base) };
   try {
     const dev0 = BACKEND === "cuda" ? deviceMiB() : null, shm0 = shmMiB();
     if (BACKEND === "cuda" && !dev0) log(`b${batch} ctx ${context} ${mode}: nvidia-smi could not be read; no memory per session for this point`);
     for (let b = 0; b < batch; b++) {
-      const s = createLocalSession(engine, geo, retrieval(base), context + STEPS + 64);
+      const s = createLocalSession(engine, geo, retrieval(base, pageCopy), context + STEPS + 64);
       sessions.push(s);
       await fillContext(engine, s.session, context, 1000 + b);
     }
@@ -483,7 +493,7 @@ const modes = args.modes!.split(",");
 // none, e.g. `--modes=` with --sweep and --calibrated alone).
 for (const m of [...modes, ...(args.sweep ? args.sweep.split(",") : []), ...(args.calibrated ? args.calibrated.split(",") : [])]) {
   if (m === "") continue;
-  const name = m.split("@")[0].replace(/-(direct|serial)$/, "");
+  const name = m.split("@")[0].replace(/-(direct|serial|pagecopy)$/, "");
   if (!(name in RETRIEVAL_NAMES.mode)) throw new RangeError(`unknown mode ${JSON.stringify(m)} (modes: ${Object.keys(RETRIEVAL_NAMES.mode).join(", ")}, each optionally @band)`);
   if (m.includes("@")) bandStart(Number(m.split("@")[1]));
 }

@@ -19,6 +19,7 @@ export const RETRIEVAL_NAMES = {
     oracle: RetrievalMode.RETRIEVAL_MODE_ORACLE,
     speculative: RetrievalMode.RETRIEVAL_MODE_SPECULATIVE,
     sink_window: RetrievalMode.RETRIEVAL_MODE_SINK_WINDOW,
+    resident_sparse: RetrievalMode.RETRIEVAL_MODE_RESIDENT_SPARSE,
   },
   recall: { gather: RecallMode.RECALL_MODE_GATHER, double_buffer: RecallMode.RECALL_MODE_DOUBLE_BUFFER },
 } as const;

@@ -337,6 +337,23 @@ export const CASES: CaseSpec[] = [
     cpuHierarchical: "off",
     keys: "walk",
   },
+  // resident_sparse keeps every page in the pool and reads the current query's selection in place
+  // (no residency diff, no recall): beside oracle sessions in one batch, with a dense layer, a
+  // double-buffer recall asked for (which it ignores), and a re-attach midway.
+  {
+    name: "resident sparse beside oracle and freekv, dense layer 1, re-attach and cross re-attach",
+    geometry: { layers: 2, qHeads: 16, kvHeads: 4, headDim: 128 },
+    retrieval: { mode: 6 },
+    perSession: [{}, { mode: 3 }, { recall: 2, summary: 2, combine: 2, denseLayers: [1] }, { mode: 1 }],
+    prompts: [1400, 1400, 903, 700],
+    firstChunk: 600,
+    attendPrompt: true,
+    steps: 40,
+    capacityPages: 64,
+    seed: 1001,
+    reattachAt: 21,
+    crossReattach: true,
+  },
 ];
 
 // ---------------------------------------------------------------------------------------------

@@ -123,6 +123,32 @@ describe(`engine mode invariants (seed ${seed})`, () => {
       expect(retrieval.attended.at(-1)![0].length).toBeLessThan(prefill.length + steps.length);
     });
 
+    it(`resident_sparse attends and outputs what oracle does, reading every page in place: ${tag}`, async () => {
+      const rng = new Prng(seed + 50 + si);
+      const P = shape.pageSize;
+      const prefill = makeSteps(rng, config(shape, "oracle"), 12 * P + 1, "drift");
+      const steps = makeSteps(rng, config(shape, "oracle"), 3 * P + 2, "drift");
+      for (const dtype of ["f32", "bf16"] as const) {
+        const oracle = await run(config(shape, "oracle", { dtype }), prefill, steps, { layers: 2 }, 1);
+        const resident = await run(config(shape, "resident_sparse", { dtype }), prefill, steps, { layers: 2 }, 1);
+        expect(resident.attended).toEqual(oracle.attended);
+        resident.outs.forEach((o, t) => expect(Array.from(o), `${dtype} step ${t}`).toEqual(Array.from(oracle.outs[t])));
+        // It attends a selection, not the whole context.
+        expect(resident.attended.at(-1)![0].length).toBeLessThan(prefill.length + steps.length);
+        // The same selections, every selected page a hit: nothing recalled.
+        expect(resident.stats.selections).toBe(oracle.stats.selections);
+        expect(resident.stats.pagesSelected).toBe(oracle.stats.pagesSelected);
+        expect(resident.stats.pagesHit).toBe(resident.stats.pagesSelected);
+        expect(resident.stats.pagesRecalled).toBe(0);
+        expect(resident.stats.recallBytes).toBe(0);
+        expect(oracle.stats.pagesRecalled).toBeGreaterThan(0);
+        // Every page of both layers stays in the device tier, as in dense mode.
+        const tokens = prefill.length + steps.length;
+        expect(resident.stats.residentPages).toBe(2 * shape.kvHeads * Math.ceil(tokens / P));
+        expect(oracle.stats.residentPages).toBeLessThan(resident.stats.residentPages);
+      }
+    });
+
     it(`constant query: speculative attends and outputs what oracle does: ${tag}`, async () => {
       const rng = new Prng(seed + 10 + si);
       const P = shape.pageSize;

@@ -27,7 +27,7 @@ const shapes: Case[] = [
   { qHeads: 8, kvHeads: 2, headDim: 16, pageSize: 4, summary: "maxmin", combine: "max" },
   { qHeads: 8, kvHeads: 2, headDim: 64, pageSize: 16, summary: "maxmin", combine: "softmax_mean" },
 ];
-const modes: ModeName[] = ["freekv", "oracle", "speculative", "sink_window", "dense"];
+const modes: ModeName[] = ["freekv", "oracle", "speculative", "sink_window", "dense", "resident_sparse"];
 
 /** A query that drifts (each step a small random turn) and jumps to a new direction every 7th step. */
 function* queries(rng: Prng, n: number, drift: number): Generator<Float32Array> {

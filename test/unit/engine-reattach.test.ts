@@ -38,6 +38,7 @@ describe(`re-attach continues with identical outputs (seed ${seed})`, () => {
     { mode: "oracle", dtype: "f32", recall: 1, cut: "mid-tail" },
     { mode: "sink_window", dtype: "bf16", recall: 1, cut: "between" },
     { mode: "dense", dtype: "f32", recall: 1, cut: "mid-page" },
+    { mode: "resident_sparse", dtype: "bf16", recall: 2, cut: "mid-page" },
   ];
   for (const [ci, cs] of cases.entries())
     it(`${cs.mode} ${cs.dtype} recall=${cs.recall === 1 ? "gather" : "double_buffer"} cut ${cs.cut}`, async () => {

@@ -9,7 +9,7 @@ import { roundStored } from "./kv.js";
 import { combineGroup, topK, type CombineName } from "./selection.js";
 import { scorePage, summarise, type PageSummary, type SummaryKindName } from "./summary.js";
 
-export type ModeName = "freekv" | "dense" | "oracle" | "speculative" | "sink_window";
+export type ModeName = "freekv" | "dense" | "oracle" | "speculative" | "sink_window" | "resident_sparse";
 
 export interface PolicyConfig {
   qHeads: number;
@@ -152,7 +152,8 @@ export class ReferenceLayer {
     const combined = this.combinedScores(h, q, c0, c1);
     const chosen = topK(combined, this.c.selectTokens / this.c.pageSize).map((i) => i + c0);
     let hits = 0;
-    for (const p of chosen) if (this.resident[h].has(p)) hits++;
+    // resident_sparse keeps every page where attention reads it: every selected page is a hit.
+    for (const p of chosen) if (this.c.mode === "resident_sparse" || this.resident[h].has(p)) hits++;
     this.counters.pagesSelected += chosen.length;
     this.counters.pagesHit += hits;
     this.counters.pagesRecalled += chosen.length - hits;
@@ -191,7 +192,7 @@ export class ReferenceLayer {
     if (this.retrieves) {
       this.counters.selections += H;
       for (let h = 0; h < H; h++) {
-        if (this.c.mode === "oracle") this.selectHead(h, q, r.sinkEnd, r.windowBegin);
+        if (this.c.mode === "oracle" || this.c.mode === "resident_sparse") this.selectHead(h, q, r.sinkEnd, r.windowBegin);
         else if (this.firstDecode) this.selectHead(h, this.qPrev ?? q, r.sinkEnd, r.windowBegin);
         else if (this.c.mode === "freekv" && this.cosine(q, h) < this.c.tau) {
           this.selectHead(h, q, r.sinkEnd, r.windowBegin);

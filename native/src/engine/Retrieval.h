@@ -13,7 +13,10 @@ namespace freekv {
 enum class DType : int { F32 = 1, BF16 = 2, F16 = 3 };
 enum class SummaryKind : int { MaxMin = 1, CuboidMean = 2 };
 enum class GroupCombine : int { SoftmaxMean = 1, Mean = 2, Max = 3 };
-enum class Mode : int { FreeKV = 1, Dense = 2, Oracle = 3, Speculative = 4, SinkWindow = 5 };
+// ResidentSparse: every page stays in the device tier (as Dense) and each step attends what
+// Oracle attends, read in place with no recall: the GPU-resident sparse attention FreeKV is
+// measured against (proto/freekv/v1/common.proto).
+enum class Mode : int { FreeKV = 1, Dense = 2, Oracle = 3, Speculative = 4, SinkWindow = 5, ResidentSparse = 6 };
 enum class RecallMode : int { Gather = 1, DoubleBuffer = 2 };
 
 inline size_t DTypeBytes(DType t) { return t == DType::F32 ? 4 : 2; }
@@ -32,11 +35,11 @@ struct EnumTable {
 inline constexpr EnumName kDTypeNames[] = {{"float32", 1}, {"bfloat16", 2}, {"float16", 3}};
 inline constexpr EnumName kSummaryNames[] = {{"max_min", 1}, {"cuboid_mean", 2}};
 inline constexpr EnumName kCombineNames[] = {{"softmax_mean", 1}, {"mean", 2}, {"max", 3}};
-inline constexpr EnumName kModeNames[] = {{"freekv", 1}, {"dense", 2}, {"oracle", 3}, {"speculative", 4}, {"sink_window", 5}};
+inline constexpr EnumName kModeNames[] = {{"freekv", 1}, {"dense", 2}, {"oracle", 3}, {"speculative", 4}, {"sink_window", 5}, {"resident_sparse", 6}};
 inline constexpr EnumName kRecallNames[] = {{"gather", 1}, {"double_buffer", 2}};
 inline constexpr EnumTable kEnumTables[] = {
     {"kvDtype", kDTypeNames, 3}, {"summary", kSummaryNames, 2}, {"combine", kCombineNames, 3},
-    {"mode", kModeNames, 5},     {"recall", kRecallNames, 2},
+    {"mode", kModeNames, 6},     {"recall", kRecallNames, 2},
 };
 
 struct Geometry {

@@ -79,6 +79,7 @@ int CpuEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const 
   for (int l = 0; l < g.layers; ++l) {
     auto L = std::make_unique<LayerState>();
     L->dense = c.mode == Mode::Dense || std::find(c.dense_layers.begin(), c.dense_layers.end(), l) != c.dense_layers.end();
+    L->keeps_all = L->dense || c.mode == Mode::ResidentSparse;
     if (!L->dense) {
       L->ring.assign(pg.window_pages * pg.nhd_page_bytes, 0);
       L->sink.assign(pg.sink_pages * pg.nhd_page_bytes, 0);
@@ -190,7 +191,7 @@ void CpuEngine::UpdateResident(CpuSession& s) {
   for (auto& L : s.layers) {
     const auto r = RangesFor(s.pg, L->tokens);
     const uint64_t partial = r.partial > 0 ? 1 : 0;
-    if (L->dense) {
+    if (L->keeps_all) {
       total += static_cast<uint64_t>(s.pg.Hkv) * (r.full + partial);
     } else {
       total += static_cast<uint64_t>(s.pg.Hkv) * (r.sink_end + (r.full - r.window_begin) + partial);
@@ -227,8 +228,20 @@ void CpuEngine::Count(LayerState& L, const SelectionCounts& c) {
 
 void CpuEngine::ApplySelection(CpuSession& s, LayerState& L, int h, const HeadSelection& selection, std::vector<RecallOp>& ops,
                                SelectionCounts& counts) {
-  auto& slot_page = L.slot_page[h];
   const auto& chosen = selection.chosen;
+  if (L.keeps_all) {
+    // Every page is already here: the selection is read in place (every page a hit, no recall).
+    auto& sel = L.selected[h];
+    const int before = static_cast<int>(sel.size());
+    sel.clear();
+    for (int p : chosen) sel.push_back({p, -1});
+    std::sort(sel.begin(), sel.end(), [](const SelectedPage& a, const SelectedPage& b) { return a.page < b.page; });
+    L.selected_count += static_cast<int>(sel.size()) - before;
+    counts.selected += chosen.size();
+    counts.hit += chosen.size();
+    return;
+  }
+  auto& slot_page = L.slot_page[h];
   const auto plan = PlanResidency(slot_page, chosen, [&](int p) { return selection.Score(p); });
   for (const auto& m : plan.misses) ops.push_back({h, m.page, m.slot});
   std::unordered_map<int, int> where;
@@ -457,7 +470,7 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     if (!s.Retrieves(L)) continue;
     L.counters.selections += s.pg.Hkv;
     for (int h = 0; h < s.pg.Hkv; ++h) {
-      if (s.cfg.mode == Mode::Oracle) {
+      if (s.SelectsCurrent()) {
         sel.push_back({i, h, items[i].q});
       } else if (L.first_decode) {
         sel.push_back({i, h, L.has_q ? L.q_prev.data() : items[i].q});
@@ -543,7 +556,9 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
           }
           prev.clear();
           for (const auto& sp : L.selected[h]) {
-            pages.push_back({sp.page, L.slots.data() + static_cast<size_t>(sp.slot) * pg.nhd_page_bytes, pg.P});
+            const uint8_t* data = L.keeps_all ? L.dense_pages[sp.page].get()
+                                              : L.slots.data() + static_cast<size_t>(sp.slot) * pg.nhd_page_bytes;
+            pages.push_back({sp.page, data, pg.P});
             prev.push_back(sp.page);
           }
         }
@@ -688,18 +703,24 @@ void CpuEngine::Reattach(CpuSession& s) {
     const auto r = RangesFor(pg, ctx);
     const uint8_t* store = s.StoreLayer(l);
     std::vector<uint16_t> all_pages(L.dense ? 0 : static_cast<size_t>(r.full) * per);
-    if (L.dense) s.WorkingPage(L, r.full);  // allocates every dense page up to the partial one
+    if (L.keeps_all) s.WorkingPage(L, r.full);  // allocates every kept page up to the partial one
     ParallelFor(r.full, threads_, [&](int p) {
       const uint8_t* sp = store + static_cast<size_t>(p) * pg.hnd_page_bytes;
-      if (L.dense) {
+      if (L.keeps_all) {
         LoadStorePage(pg, sp, L.dense_pages[p].get(), pg.P);
-        return;
+        if (L.dense) return;
       }
-      std::vector<uint8_t> page(pg.nhd_page_bytes);
-      LoadStorePage(pg, sp, page.data(), pg.P);
-      SummarisePage(pg, s.cfg.summary, page.data(), all_pages.data() + static_cast<size_t>(p) * per);
-      if (p < pg.sink_pages) std::memcpy(L.sink.data() + static_cast<size_t>(p) * pg.nhd_page_bytes, page.data(), pg.nhd_page_bytes);
-      if (p >= r.window_begin) std::memcpy(L.ring.data() + static_cast<size_t>(p % pg.window_pages) * pg.nhd_page_bytes, page.data(), pg.nhd_page_bytes);
+      std::vector<uint8_t> loaded;
+      const uint8_t* page = L.keeps_all ? L.dense_pages[p].get() : nullptr;
+      if (!page) {
+        loaded.resize(pg.nhd_page_bytes);
+        LoadStorePage(pg, sp, loaded.data(), pg.P);
+        page = loaded.data();
+      }
+      SummarisePage(pg, s.cfg.summary, page, all_pages.data() + static_cast<size_t>(p) * per);
+      if (p < pg.sink_pages) std::memcpy(L.sink.data() + static_cast<size_t>(p) * pg.nhd_page_bytes, page, pg.nhd_page_bytes);
+      if (p >= r.window_begin && !L.keeps_all)
+        std::memcpy(L.ring.data() + static_cast<size_t>(p % pg.window_pages) * pg.nhd_page_bytes, page, pg.nhd_page_bytes);
     });
     if (!L.dense) {
       L.summaries.assign(pg.Hkv, {});

@@ -36,7 +36,7 @@ void ValidateSession(const Geometry& g, const RetrievalConfig& c, const HostStor
 }
 
 uint8_t* CpuSession::WorkingPage(LayerState& L, int page) {
-  if (L.dense) {
+  if (L.keeps_all) {
     while (static_cast<int>(L.dense_pages.size()) <= page) {
       L.dense_pages.emplace_back(new uint8_t[pg.nhd_page_bytes]());
     }

@@ -1,7 +1,8 @@
 // One session of the CPU backend: its geometry, host store, and per-layer device tier.
 //   Device tier of a layer (host memory standing in for GPU memory, the CUDA backend's layout):
 //   sink slots, the window ring (the partial page + the most recent full pages), the selected
-//   slots per KV head, and the summaries of every full page. A dense layer keeps every page.
+//   slots per KV head, and the summaries of every full page. A dense layer keeps every page; so
+//   does a layer of a resident_sparse session (it attends a selection of them, read in place).
 #pragma once
 
 #include <atomic>
@@ -31,10 +32,11 @@ struct LayerCounters {
 };
 
 struct LayerState {
-  bool dense = false;
+  bool dense = false;      // attends every page
+  bool keeps_all = false;  // keeps every page in dense_pages (dense, or resident_sparse)
   int64_t tokens = 0;
   // Device tier.
-  std::vector<std::unique_ptr<uint8_t[]>> dense_pages;  // dense layer: every page, NHD
+  std::vector<std::unique_ptr<uint8_t[]>> dense_pages;  // keeps_all: every page, NHD
   std::vector<uint8_t> ring;                             // window_pages NHD pages; page p at p % window_pages
   std::vector<uint8_t> sink;                             // sink_pages NHD pages
   std::vector<uint8_t> slots;                            // select_pages NHD pages (per head: slot_page)
@@ -91,6 +93,8 @@ struct CpuSession {
   bool Speculates(const LayerState& L) const {
     return !L.dense && (cfg.mode == Mode::FreeKV || cfg.mode == Mode::Speculative);
   }
+  // Selects with the current query at every decode (nothing speculated).
+  bool SelectsCurrent() const { return cfg.mode == Mode::Oracle || cfg.mode == Mode::ResidentSparse; }
   // The NHD page that holds page `page` while it is the partial (or a window) page.
   uint8_t* WorkingPage(LayerState& L, int page);
 };

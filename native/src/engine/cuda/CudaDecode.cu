@@ -120,6 +120,12 @@ void CudaEngine::QueueSelectAndRecall(Session& s, int layer, const float* q, int
   const int num_candidates = std::max(0, c1 - c0);
   L.last_candidates = num_candidates;
   L.selection_valid = true;
+  if (L.keeps_all) {
+    // Every page is in its slot: the selection is all (the attention table reads it in place).
+    (speculative ? t.spec_select : t.select)
+        .Add(SelectionFor(s, L, q, c0, num_candidates, head_mask, Hierarchical(s, num_candidates)));
+    return;
+  }
   if (s.cfg.recall != RecallMode::Gather) {
     per_item.push_back(PerItemSelect{&s, q, c0, c1, head_mask});
     return;
@@ -370,7 +376,7 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     unsigned long long* cosine_stats = L.has_q && !L.first_decode ? lc : nullptr;
     if (s.Retrieves(L)) {
       L.selections += Hkv;
-      if (s.cfg.mode == Mode::Oracle) {
+      if (s.SelectsCurrent()) {
         QueueSelectAndRecall(s, layer, L.q[qnew].get(), r.sink_end, r.window_begin, nullptr, t, false, per_item);
       } else if (L.first_decode || !L.selection_valid) {
         QueueSelectAndRecall(s, layer, L.has_q ? L.q[L.qcur].get() : L.q[qnew].get(), r.sink_end, r.window_begin,
@@ -397,8 +403,9 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     tp.selected_base = s.SP + s.WP;
     const bool sel = s.Retrieves(L) && L.selection_valid;
     tp.k = sel ? s.K : 0;
+    tp.in_place = L.keeps_all && !L.dense;
     tp.selected = sel ? L.selected.get() : nullptr;
-    tp.selected_slot = sel ? L.selected_slot.get() : nullptr;
+    tp.selected_slot = sel && !tp.in_place ? L.selected_slot.get() : nullptr;
     tp.max_pages = rows;
     tp.page_slot = tb_slot + (size_t)i * Hkv * rows;
     tp.page_tokens = tb_tokens + (size_t)i * Hkv * rows;
@@ -408,6 +415,8 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     attends_selection[i] = sel;
     tp.prev_selected = sel ? L.prev_selected.get() : nullptr;
     tp.overlap = sel && !L.first_decode && L.prev_selected_valid ? lc + kOverlapPages : nullptr;
+    static_assert(kHits == kSelected + 1, "the in-place table counts selected and hit pages as a pair");
+    tp.hits = sel && tp.in_place ? lc + kSelected : nullptr;
     tp.max_pages = L.table_rows;
     tp.page_slot = L.t_slot.get();
     tp.page_tokens = L.t_tokens.get();

@@ -54,7 +54,8 @@ void CudaEngine::BeginDeviceStep(const std::vector<int>& sessions) {
     }
   // Graphed unless turned off or a session's recall needs the host inside the step (double buffer).
   bool graphed = graphs_;
-  for (const Session* s : ss) graphed = graphed && s->cfg.recall == RecallMode::Gather;
+  for (const Session* s : ss)
+    graphed = graphed && (s->cfg.recall == RecallMode::Gather || s->cfg.mode == Mode::ResidentSparse);
   graph_.Begin(graphed, st);
   graph_.Op(st, MemcpyOp, static_cast<void*>(step_ptrs_.get()), static_cast<const void*>(step_ptrs_pin_.get()),
             (size_t)2 * NL * B * sizeof(void*), cudaMemcpyHostToDevice);

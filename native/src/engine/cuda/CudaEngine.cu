@@ -166,7 +166,7 @@ Stats CudaEngine::GetStats(int session) const {
   for (const auto& L : s.layers) {
     const Ranges r = RangesFor(s, L->tokens);
     const uint64_t partial = r.partial > 0 ? 1 : 0;
-    if (L->dense) {
+    if (L->keeps_all) {
       resident += (uint64_t)s.geo.kv_heads * (r.full + partial);
     } else {
       resident += (uint64_t)s.geo.kv_heads * (r.sink_end + (r.full - r.window_begin) + partial);

@@ -76,7 +76,8 @@ using bf16 = __nv_bfloat16;
 constexpr int kGatherBlocks = 8;  // SMs the recall uses (8 of 132 reach the PCIe link)
 
 struct LayerTier {
-  bool dense = false;
+  bool dense = false;      // attends every page
+  bool keeps_all = false;  // every page in its pool slot p (dense, or resident_sparse)
   int64_t tokens = 0;
   int pool_slots = 0;
   PoolArray<bf16> pool;         // NHD [pool_slots][2][P][Hkv][D]
@@ -210,7 +211,10 @@ struct Session {
   uint8_t* StoreLayerDev(int l) const { return store_dev + layout.layer_stride * l; }
   uint8_t* TailLayerDev(int l) const { return tail_dev + layout.tail_layer_bytes * l; }
   // Pool slot of page p while it is a sink or window (partial included) page.
-  int WorkingSlot(const LayerTier& L, int p) const { return L.dense || p < SP ? p : SP + p % WP; }
+  // (A layer that keeps every page holds page p in slot p.)
+  int WorkingSlot(const LayerTier& L, int p) const { return L.keeps_all || p < SP ? p : SP + p % WP; }
+  // Selects with the current query at every decode (nothing speculated).
+  bool SelectsCurrent() const { return cfg.mode == Mode::Oracle || cfg.mode == Mode::ResidentSparse; }
   RecallGeometry Recall() const {
     RecallGeometry g;
     g.kv_heads = geo.kv_heads;

@@ -366,20 +366,20 @@ bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
     s.host_stats.pages_offloaded += nfull;
     s.host_stats.offload_bytes += (uint64_t)nfull * s.layout.page_bytes;
   }
-  // Place the run's pages in their working slots (every page of a dense layer; sink pages; the
+  // Place the run's pages in their working slots (every page of a layer that keeps all; sink pages; the
   // window pages of the new context).
   // Pages whose slots follow one another (the sink pages; the window's ring up to its wrap; every
   // page of a dense layer) go in one copy: a 2048-token run of a 512-token window is 2 copies
   // instead of 17.
   const Ranges r = RangesFor(s, t_new);
   for (int p = first; p <= last;) {
-    if (!(L.dense || p < s.SP || p >= r.window_begin)) {
+    if (!(L.keeps_all || p < s.SP || p >= r.window_begin)) {
       ++p;
       continue;
     }
     const int slot = s.WorkingSlot(L, p);
     int e = p + 1;
-    while (e <= last && (L.dense || e < s.SP || e >= r.window_begin) && s.WorkingSlot(L, e) == slot + (e - p)) ++e;
+    while (e <= last && (L.keeps_all || e < s.SP || e >= r.window_begin) && s.WorkingSlot(L, e) == slot + (e - p)) ++e;
     FKV_CUDA_CHECK(cudaMemcpyAsync(L.pool.get() + (size_t)slot * s.page_elems,
                                    newp + (size_t)(p - first) * s.page_elems, (size_t)(e - p) * s.page_elems * sizeof(bf16),
                                    cudaMemcpyDeviceToDevice, st));

@@ -124,7 +124,7 @@ void CudaEngine::Reattach(Session& s) {
     }
     const int last = r.partial > 0 ? r.full : r.full - 1;
     for (int p = 0; p <= last; ++p) {
-      if (!(L.dense || p < s.SP || p >= r.window_begin)) continue;
+      if (!(L.keeps_all || p < s.SP || p >= r.window_begin)) continue;
       FKV_CUDA_CHECK(cudaMemcpyAsync(L.pool.get() + (size_t)s.WorkingSlot(L, p) * s.page_elems,
                                      pages + (size_t)p * s.page_elems, s.page_elems * sizeof(bf16),
                                      cudaMemcpyDeviceToDevice, st));

@@ -349,7 +349,8 @@ int CudaEngine::CreateSessionLocked(const Geometry& g, const RetrievalConfig& c,
     if (session_pool_) L->BindPool(session_pool_, st);
     L->dense = c.mode == Mode::Dense ||
                std::find(c.dense_layers.begin(), c.dense_layers.end(), l) != c.dense_layers.end();
-    L->pool_slots = L->dense ? cap + 1 : s->SP + s->WP + K;
+    L->keeps_all = L->dense || c.mode == Mode::ResidentSparse;
+    L->pool_slots = L->keeps_all ? cap + 1 : s->SP + s->WP + K;
     L->pool.Resize(std::max(1, L->pool_slots) * s->page_elems);
     if (!L->dense) {
       L->summaries.Resize((size_t)cap * Hkv * 2 * D);
@@ -383,7 +384,7 @@ int CudaEngine::CreateSessionLocked(const Geometry& g, const RetrievalConfig& c,
     L->t_num.Resize(Hkv);
     s->layers.push_back(std::move(L));
   }
-  if (c.recall == RecallMode::DoubleBuffer)
+  if (c.recall == RecallMode::DoubleBuffer && c.mode != Mode::ResidentSparse)  // (which recalls nothing)
     s->db = std::make_unique<DoubleBufferRecall>(s->Recall().HeadPageBytes(), DoubleBufferRecall::kMaxChunk);
   FKV_CUDA_CHECK(cudaStreamSynchronize(st));
   if (reattach) {

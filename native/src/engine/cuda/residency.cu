@@ -123,13 +123,17 @@ __global__ void AttendTableKernel(const AttendTableParams p0, const AttendTableP
     for (int i = 0; i < p.k; ++i) {
       const int pg = p.selected[(size_t)h * p.k + i];
       if (pg < 0) continue;
-      slot[r] = p.selected_slot[(size_t)h * p.k + i];
+      slot[r] = p.in_place ? pg : p.selected_slot[(size_t)h * p.k + i];
       toks[r] = P;
       ids[r] = pg;
       ++r;
     }
     nsel = r - nsink;
     common = 0;
+    if (p.hits && r > nsink) {
+      atomicAdd(&p.hits[0], (unsigned long long)(r - nsink));
+      atomicAdd(&p.hits[1], (unsigned long long)(r - nsink));
+    }
   }
   __syncthreads();
   if (p.prev_selected && p.k > 0) {
@@ -156,7 +160,7 @@ __global__ void AttendTableKernel(const AttendTableParams p0, const AttendTableP
   const int r0 = nsink + nsel;
   for (int w = threadIdx.x; w < nwin; w += blockDim.x) {
     const int pg = wfirst + w;
-    slot[r0 + w] = p.window_base + pg % p.window_pages;
+    slot[r0 + w] = p.in_place ? pg : p.window_base + pg % p.window_pages;
     toks[r0 + w] = tokens_of(pg);
     ids[r0 + w] = pg;
   }
@@ -174,7 +178,8 @@ void CheckAttendTable(const AttendTableParams& p) {
   Require(p.page_size > 0 && p.kv_heads > 0 && p.max_pages > 0, "attend table: bad geometry");
   Require(p.dense || p.window_pages >= 1, "attend table: window_pages must be >= 1");
   Require(p.page_slot && p.page_tokens && p.page_id && p.num_pages, "attend table: a device pointer is null");
-  Require(p.k == 0 || (p.selected && p.selected_slot), "attend table: selected arrays are null");
+  Require(p.k == 0 || (p.selected && (p.in_place || p.selected_slot)), "attend table: selected arrays are null");
+  Require(!p.hits || p.in_place, "attend table: hits are counted for an in-place table only");
   Require(p.dense || p.sink_pages + p.k + p.window_pages <= p.max_pages, "attend table: max_pages too small");
 }
 }  // namespace

@@ -13,7 +13,8 @@
 // recall job per miss. Nothing leaves the device.
 //
 // AttendTable: the attention table of a step (sink + selected + window, or every page in dense
-// mode) with each page's slot, valid tokens and page id.
+// mode) with each page's slot, valid tokens and page id. A layer that keeps every page (page p in
+// slot p) but attends a selection is `in_place`: no residency diff, no recall.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -46,9 +47,12 @@ struct AttendTableParams {
   int page_size = 0, sink_pages = 0, window_pages = 0;
   int kv_heads = 0;
   bool dense = false;  // every page p in slot p
+  // Not dense, but every page p in slot p (a layer that keeps all its pages: resident_sparse):
+  // the selected and window pages are read where they are (selected_slot is not read).
+  bool in_place = false;
   int window_base = 0, selected_base = 0;
   const int* selected = nullptr;       // [kv_heads][k] or null when k == 0
-  const int* selected_slot = nullptr;  // [kv_heads][k]
+  const int* selected_slot = nullptr;  // [kv_heads][k] (unless in_place)
   int k = 0;
   int max_pages = 0;                   // row length of the outputs
   int* page_slot = nullptr;            // [kv_heads][max_pages]
@@ -60,6 +64,9 @@ struct AttendTableParams {
   // overlap[0] += |selected & prev_selected| and overlap[1] += |selected| per head.
   int* prev_selected = nullptr;
   unsigned long long* overlap = nullptr;
+  // Optional, in_place only: hits[0] += |selected| and hits[1] += |selected| per head (the layer's
+  // selected and hit pages: kept pages are all hits, and no residency diff counts them).
+  unsigned long long* hits = nullptr;
 };
 
 // Rows needed by the attention table: sink + k + window pages, or every page when dense.

@@ -161,6 +161,13 @@ export enum RetrievalMode {
   RETRIEVAL_MODE_SPECULATIVE = 4,
   /** RETRIEVAL_MODE_SINK_WINDOW - Sink and window pages only. */
   RETRIEVAL_MODE_SINK_WINDOW = 5,
+  /**
+   * RETRIEVAL_MODE_RESIDENT_SPARSE - Every page kept in device memory as in dense (nothing offloaded for attention, nothing
+   * recalled); each step attends the sink, the window and the pages the current query selects,
+   * read in place: the GPU-resident sparse attention (Quest's) that FreeKV is measured against.
+   * Attends what oracle attends; holds the device memory dense holds.
+   */
+  RETRIEVAL_MODE_RESIDENT_SPARSE = 6,
   UNRECOGNIZED = -1,
 }
 
@@ -184,6 +191,9 @@ export function retrievalModeFromJSON(object: any): RetrievalMode {
     case 5:
     case "RETRIEVAL_MODE_SINK_WINDOW":
       return RetrievalMode.RETRIEVAL_MODE_SINK_WINDOW;
+    case 6:
+    case "RETRIEVAL_MODE_RESIDENT_SPARSE":
+      return RetrievalMode.RETRIEVAL_MODE_RESIDENT_SPARSE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -205,6 +215,8 @@ export function retrievalModeToJSON(object: RetrievalMode): string {
       return "RETRIEVAL_MODE_SPECULATIVE";
     case RetrievalMode.RETRIEVAL_MODE_SINK_WINDOW:
       return "RETRIEVAL_MODE_SINK_WINDOW";
+    case RetrievalMode.RETRIEVAL_MODE_RESIDENT_SPARSE:
+      return "RETRIEVAL_MODE_RESIDENT_SPARSE";
     case RetrievalMode.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
