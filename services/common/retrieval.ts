@@ -28,7 +28,7 @@ export type ModeName = keyof typeof RETRIEVAL_NAMES.mode;
 export type RecallName = keyof typeof RETRIEVAL_NAMES.recall;
 export const MODE_NAMES = Object.keys(RETRIEVAL_NAMES.mode) as ModeName[];
 
-/** Largest sink, window or selection a request may ask for (the default FREEKV_MAX_CONTEXT_LIMIT). */
+/** Largest sink, window or selection a request may ask for (the default FREEKV_MAX_CONTEXT_LIMIT; the native validator's kMaxRetrievalTokens, native/src/engine/Retrieval.h). */
 export const MAX_RETRIEVAL_TOKENS = 1 << 20;
 
 let defaults: Readonly<Retrieval> | undefined;

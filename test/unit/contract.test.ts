@@ -46,7 +46,8 @@ describe("contract", () => {
     expect(v({ pageSize: 8, windowTokens: 4 })?.field).toBe("windowTokens");
     expect(v({ pageSize: 8, selectTokens: -8 })?.field).toBe("selectTokens");
     expect(v({ tau: Number.NaN })?.field).toBe("tau");
-    expect(v({ mode: 6 })?.field).toBe("mode");
+    expect(v({ pageSize: 8, sinkTokens: 2 ** 20 + 8 })?.field).toBe("sinkTokens");
+    expect(v({ mode: 7 })?.field).toBe("mode");
     expect(v({ recall: 3 })?.field).toBe("recall");
     expect(v({ denseLayers: [1, 4] })?.field).toBe("denseLayers[1]");
     expect(v({ denseLayers: [2, 2] })).toEqual({ field: "denseLayers[1]", message: "layer 2 listed twice" });

@@ -3,6 +3,7 @@
 // on the JS thread; the work runs in AsyncWorkers that resolve promises. A session keeps JS
 // references to its four shared-memory segments while it lives.
 #include "engine/AddonEngine.h"
+#include "AddonClasses.h"
 
 #include <cmath>
 #include <cstring>
@@ -164,7 +165,7 @@ class CloseWorker : public PromiseWorker {
 
 class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
  public:
-  static Napi::FunctionReference* ctor;
+  static Napi::FunctionReference& Ctor(Napi::Env env) { return Classes(env).engine; }
 
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "Engine",
@@ -283,9 +284,14 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     SessionInfo si;
     si.geo = g;
     const char* names[4] = {"store", "staging", "tail", "manifest"};
+    // Every value is read before any is unwrapped: a getter runs JavaScript, which could close a
+    // segment already unwrapped into a raw pointer. From the unwrapping on, no JavaScript runs
+    // until the segments are pinned.
+    Napi::Value vals[4];
+    for (int i = 0; i < 4; ++i) vals[i] = ho.Get(names[i]);
     ShmSegment* segs[4];
     for (int i = 0; i < 4; ++i) {
-      auto v = ho.Get(names[i]);
+      auto v = vals[i];
       try {
         segs[i] = UnwrapShm(v);
       } catch (const Napi::Error& e) {
@@ -584,17 +590,15 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
   std::map<int, SessionInfo> sessions_;
 };
 
-Napi::FunctionReference* AddonEngine::ctor = nullptr;
-
 std::shared_ptr<freekv::Engine> UnwrapEngine(Napi::Value v) {
-  if (!v.IsObject() || !AddonEngine::ctor || !v.As<Napi::Object>().InstanceOf(AddonEngine::ctor->Value()))
+  if (!v.IsObject() || AddonEngine::Ctor(v.Env()).IsEmpty() || !v.As<Napi::Object>().InstanceOf(AddonEngine::Ctor(v.Env()).Value()))
     throw Napi::TypeError::New(v.Env(), "expected an Engine");
   return AddonEngine::Unwrap(v.As<Napi::Object>())->engine();
 }
 
 void InitEngine(Napi::Env env, Napi::Object exports) {
   auto fn = AddonEngine::Define(env);
-  AddonEngine::ctor = new Napi::FunctionReference(Napi::Persistent(fn));
+  AddonEngine::Ctor(env) = Napi::Persistent(fn);
   exports.Set("Engine", fn);
 }
 

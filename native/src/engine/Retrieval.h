@@ -65,6 +65,8 @@ struct RetrievalConfig {
 };
 
 constexpr int kMaxPageSize = 4096;
+// Largest sink, window or selection (tokens): services/common/retrieval.ts MAX_RETRIEVAL_TOKENS.
+constexpr int kMaxRetrievalTokens = 1 << 20;
 
 // What is wrong with a retrieval config: the field as the binding names it ("windowTokens",
 // "denseLayers[2]") and what is wrong with it ("must be a multiple of the page size (32), got 6").

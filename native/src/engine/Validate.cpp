@@ -37,6 +37,8 @@ std::optional<RetrievalError> ValidateRetrieval(const RetrievalConfig& c, int la
   for (const Tokens& t : {Tokens{"sinkTokens", c.sink_tokens, 0}, Tokens{"windowTokens", c.window_tokens, P},
                           Tokens{"selectTokens", c.select_tokens, 0}}) {
     if (t.value < t.min) return RetrievalError{t.field, "must be an integer >= " + to_string(t.min) + ", got " + to_string(t.value)};
+    if (t.value > kMaxRetrievalTokens)
+      return RetrievalError{t.field, "must be <= " + to_string(kMaxRetrievalTokens) + ", got " + to_string(t.value)};
     if (t.value % P != 0)
       return RetrievalError{t.field, "must be a multiple of the page size (" + to_string(P) + "), got " + to_string(t.value)};
   }

@@ -5,6 +5,7 @@
 #include <napi.h>
 #include <omp.h>
 
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <unordered_set>
@@ -14,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "AddonClasses.h"
 #include "engine/AddonEngine.h"
 #include "model/Attention.h"
 #include "model/cpu/Forward.h"
@@ -232,7 +234,7 @@ std::unique_ptr<model::Runner> MakeRunner(PreparedModel& p, Engine* engine, Atte
 
 class AddonModel : public Napi::ObjectWrap<AddonModel> {
  public:
-  static Napi::FunctionReference* ctor;
+  static Napi::FunctionReference& Ctor(Napi::Env env) { return Classes(env).model; }
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "Model",
                        {StaticMethod("load", &AddonModel::Load),
@@ -275,7 +277,13 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     p->config = ParseConfig(opts.Get("config").As<Napi::Object>());
     p->tensors = ParseTensors(opts.Get("tensors"));
     auto th = opts.Get("threads");
-    if (th.IsNumber()) p->threads = th.As<Napi::Number>().Int32Value();
+    if (!th.IsUndefined()) {
+      const double t = th.IsNumber() ? th.As<Napi::Number>().DoubleValue() : -1;
+      // The engine's bound (0: the machine's cores).
+      if (!(t >= 0 && t <= 1024) || std::floor(t) != t)
+        throw Napi::RangeError::New(env, "options.threads must be an integer in [0, 1024]");
+      p->threads = static_cast<int>(t);
+    }
     auto dw = opts.Get("deviceWeights");
     if (!dw.IsUndefined()) {
       if (!dw.IsString()) throw Napi::TypeError::New(env, "options.deviceWeights must be 'auto', 'bf16' or 'f32'");
@@ -324,6 +332,7 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     if (tokens.empty()) throw Napi::RangeError::New(env, "tokens must not be empty");
     int start = info[2].As<Napi::Number>().Int32Value();
     bool all = info[3].ToBoolean();
+    CheckLogitsBytes(env, all ? tokens.size() : 1, "prefill with allLogits: call it on fewer tokens at a time");
     model::Runner* f = forward_.get();
     auto done = Claim(env, {session});
     auto* w = new ForwardWorker<std::vector<float>>(env, threads_, [f, session, tokens = std::move(tokens), start, all]() {
@@ -348,6 +357,7 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     if (sessions.empty()) throw Napi::RangeError::New(env, "sessions must not be empty");
     if (tokens.size() != sessions.size() || positions.size() != sessions.size())
       throw Napi::RangeError::New(env, "sessions, tokens and positions must have the same length");
+    if constexpr (std::is_same_v<T, float>) CheckLogitsBytes(env, sessions.size(), "decode: use a smaller batch");
     model::Runner* f = forward_.get();
     auto done = Claim(env, sessions);
     using R = std::conditional_t<std::is_same_v<T, float>, model::Logits, std::vector<int>>;
@@ -362,6 +372,16 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
     auto p = w->Promise();
     w->Queue();
     return p;
+  }
+
+  // Logits come back in one Float32Array, which holds at most 4 GiB (Node's limit for one
+  // external buffer; past it Node fails after the work is done): refused before any work.
+  void CheckLogitsBytes(Napi::Env env, size_t rows, const char* hint) const {
+    const double bytes = static_cast<double>(rows) * forward_->config().vocab_size * sizeof(float);
+    if (bytes > 4294967296.0)
+      throw Napi::RangeError::New(env, std::to_string(rows) + " rows of " + std::to_string(forward_->config().vocab_size) +
+                                           " logits take " + std::to_string(static_cast<uint64_t>(bytes)) +
+                                           " bytes, more than one array's 4 GiB: " + hint);
   }
 
   // Calls on one session run one at a time (a call's layers append to the session's cache in
@@ -435,7 +455,7 @@ class LoadWorker : public Napi::AsyncWorker {
     Napi::Env env = Env();
     try {
       auto ext = Napi::External<PreparedModel>::New(env, p_.release());
-      deferred_.Resolve(AddonModel::ctor->New({ext, engine_.IsEmpty() ? env.Undefined() : engine_.Value()}));
+      deferred_.Resolve(AddonModel::Ctor(env).New({ext, engine_.IsEmpty() ? env.Undefined() : engine_.Value()}));
     } catch (const Napi::Error& e) {
       deferred_.Reject(e.Value());
     }
@@ -449,8 +469,6 @@ class LoadWorker : public Napi::AsyncWorker {
   std::shared_ptr<Engine> engine_ptr_;
 };
 
-Napi::FunctionReference* AddonModel::ctor = nullptr;
-
 Napi::Value AddonModel::Load(const Napi::CallbackInfo& info) {
   auto p = Parse(info);
   auto* w = new LoadWorker(info.Env(), std::move(p), info[0].As<Napi::Object>().Get("engine"));
@@ -463,7 +481,7 @@ Napi::Value AddonModel::Load(const Napi::CallbackInfo& info) {
 
 void InitModel(Napi::Env env, Napi::Object exports) {
   auto fn = AddonModel::Define(env);
-  AddonModel::ctor = new Napi::FunctionReference(Napi::Persistent(fn));
+  AddonModel::Ctor(env) = Napi::Persistent(fn);
   exports.Set("Model", fn);
 }
 

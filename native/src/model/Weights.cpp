@@ -165,6 +165,18 @@ void ValidateConfig(const ModelConfig& c) {
   positive(c.q_heads, "qHeads");
   positive(c.kv_heads, "kvHeads");
   positive(c.head_dim, "headDim");
+  // Upper bounds: the engine's geometry limits (engine/Validate.cpp), and sizes whose products
+  // (q_dim, kv_dim, a row of the vocabulary) stay far inside int.
+  auto at_most = [](int v, int max, const char* name) {
+    if (v > max) throw std::invalid_argument(std::string("config.") + name + " must be <= " + std::to_string(max) + ", got " + std::to_string(v));
+  };
+  at_most(c.layers, 4096, "layers");
+  at_most(c.q_heads, 1024, "qHeads");
+  at_most(c.kv_heads, 1024, "kvHeads");
+  at_most(c.head_dim, 1024, "headDim");
+  at_most(c.hidden_size, 1 << 20, "hiddenSize");
+  at_most(c.intermediate_size, 1 << 22, "intermediateSize");
+  at_most(c.vocab_size, 1 << 24, "vocabSize");
   if (c.head_dim % 2) throw std::invalid_argument("config.headDim must be even (rotary pairs)");
   if (c.q_heads % c.kv_heads) throw std::invalid_argument("config.qHeads must be a multiple of config.kvHeads");
   if (static_cast<int>(c.rope_inv_freq.size()) != c.head_dim / 2)

@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "AddonClasses.h"
 #include "AddonModules.h"
 #include "shm/Crc32c.h"
 #include "shm/ShmSegment.h"
@@ -166,7 +167,7 @@ class UnmapWorker : public Napi::AsyncWorker {
 
 class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
  public:
-  static Napi::FunctionReference* ctor;
+  static Napi::FunctionReference& Ctor(Napi::Env env) { return Classes(env).shm_segment; }
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "ShmSegment",
                        {StaticMethod("create", &AddonShmSegment::Create), StaticMethod("open", &AddonShmSegment::Open),
@@ -190,7 +191,7 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
   ShmSegment* segment() const { return seg_.get(); }
 
  private:
-  static Napi::Value Wrap(Napi::Env env, ShmSegment* s) { return ctor->New({Napi::External<ShmSegment>::New(env, s)}); }
+  static Napi::Value Wrap(Napi::Env env, ShmSegment* s) { return Ctor(env).New({Napi::External<ShmSegment>::New(env, s)}); }
   static std::string NameArg(const Napi::CallbackInfo& info) {
     if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(info.Env(), "name must be a string");
     std::string n = info[0].As<Napi::String>();
@@ -228,6 +229,8 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
   void Check(Napi::Env env) const {
     if (!seg_) throw Napi::Error::New(env, "segment is closed");
   }
+  // The largest ArrayBuffer buffer() hands out (Node's limit for one Buffer on 64-bit Node 20).
+  static constexpr size_t kMaxBufferBytes = size_t{1} << 32;
   Napi::Value Name(const Napi::CallbackInfo& info) {
     Check(info.Env());
     return Napi::String::New(info.Env(), seg_->name());
@@ -248,19 +251,20 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
       if (off > seg_->size() || len > seg_->size() - off)
         throw Napi::RangeError::New(info.Env(), "[offset, offset + length) runs past the end of the segment");
     }
+    // Node refuses larger external buffers, and on the way out runs the finalizer itself, which
+    // would free the owner below twice (an abort, not an exception): refuse them here first.
+    if (len > kMaxBufferBytes)
+      throw Napi::RangeError::New(info.Env(), "a buffer covers at most 4 GiB of the segment (asked for " + std::to_string(len) +
+                                                  " bytes): pass an offset and a length");
     // The buffer holds this segment object (a strong reference, let go when the buffer is
     // collected): a segment collected without close() would unmap the bytes under a buffer still
     // in use. close() detaches the buffers, so it unmaps at once whatever they hold.
     auto* owner = new Napi::ObjectReference(Napi::Persistent(Value()));
-    Napi::ArrayBuffer ab;
-    try {
-      ab = Napi::ArrayBuffer::New(
-          info.Env(), static_cast<uint8_t*>(seg_->data()) + off, len,
-          [](Napi::Env, void*, Napi::ObjectReference* ref) { delete ref; }, owner);
-    } catch (...) {
-      delete owner;
-      throw;
-    }
+    // (No delete of `owner` when New throws: where Node has already run the finalizer, that would
+    // be a second delete; a failure this rare may keep one reference instead.)
+    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(
+        info.Env(), static_cast<uint8_t*>(seg_->data()) + off, len,
+        [](Napi::Env, void*, Napi::ObjectReference* ref) { delete ref; }, owner);
     // Weak: a buffer nobody holds any more is collected (a strong reference kept every buffer
     // ever handed out until close: a session exported 20,000 times grew the process by 385 MiB).
     // The dead entries are dropped when the list has doubled since the last sweep.
@@ -310,6 +314,8 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
     if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(info.Env(), "ranges must be an array of [offset, length] pairs");
     auto a = info[0].As<Napi::Array>();
     if (a.Length() > 65536) throw Napi::RangeError::New(info.Env(), "at most 65536 ranges");
+    // The numbers are read first (a getter or a proxy runs JavaScript, which may close this
+    // segment), then checked against the segment as it is after them.
     std::vector<std::pair<size_t, size_t>> ranges;
     for (uint32_t i = 0; i < a.Length(); ++i) {
       Napi::Value r = a.Get(i);
@@ -320,10 +326,7 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
       if (!(od >= 0) || !(nd >= 0) || od > 9007199254740991.0 || nd > 9007199254740991.0 ||
           od != static_cast<double>(static_cast<uint64_t>(od)) || nd != static_cast<double>(static_cast<uint64_t>(nd)))
         throw Napi::RangeError::New(info.Env(), "offsets and lengths must be integers >= 0");
-      const size_t off = static_cast<size_t>(od), len = static_cast<size_t>(nd);
-      if (off > seg_->size() || len > seg_->size() - off)
-        throw Napi::RangeError::New(info.Env(), "[offset, offset + length) runs past the end of the segment");
-      ranges.emplace_back(off, len);
+      ranges.emplace_back(static_cast<size_t>(od), static_cast<size_t>(nd));
     }
     unsigned threads = 0;
     if (info.Length() > 1 && !info[1].IsUndefined()) {
@@ -338,7 +341,12 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
       if (!info[2].IsBoolean()) throw Napi::TypeError::New(info.Env(), "rollback must be a boolean");
       rollback = info[2].As<Napi::Boolean>().Value();
     }
-    auto* w = new AllocateWorker(info.Env(), seg_, cancel_, std::move(ranges), threads, rollback);
+    Check(info.Env());
+    const std::shared_ptr<ShmSegment> seg = seg_;
+    for (const auto& r : ranges)
+      if (r.first > seg->size() || r.second > seg->size() - r.first)
+        throw Napi::RangeError::New(info.Env(), "[offset, offset + length) runs past the end of the segment");
+    auto* w = new AllocateWorker(info.Env(), seg, cancel_, std::move(ranges), threads, rollback);
     auto promise = w->Promise();
     w->Queue();
     return promise;
@@ -440,13 +448,13 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
   size_t sweep_at_ = 64;
 };
 
-Napi::FunctionReference* AddonShmSegment::ctor = nullptr;
 
 // Lets other modules (engine) get the mapping behind a JS ShmSegment.
 ShmSegment* UnwrapShm(Napi::Value v) {
   if (!v.IsObject()) throw Napi::TypeError::New(v.Env(), "expected a ShmSegment");
   auto obj = v.As<Napi::Object>();
-  if (!obj.InstanceOf(AddonShmSegment::ctor->Value())) throw Napi::TypeError::New(v.Env(), "expected a ShmSegment");
+  if (AddonShmSegment::Ctor(v.Env()).IsEmpty() || !obj.InstanceOf(AddonShmSegment::Ctor(v.Env()).Value()))
+    throw Napi::TypeError::New(v.Env(), "expected a ShmSegment");
   auto* s = AddonShmSegment::Unwrap(obj)->segment();
   if (!s) throw Napi::Error::New(v.Env(), "segment is closed");
   return s;
@@ -456,7 +464,7 @@ ShmSegment* UnwrapShm(Napi::Value v) {
 void PinShm(Napi::Value v, int delta) {
   if (!v.IsObject()) return;
   auto obj = v.As<Napi::Object>();
-  if (!obj.InstanceOf(AddonShmSegment::ctor->Value())) return;
+  if (AddonShmSegment::Ctor(v.Env()).IsEmpty() || !obj.InstanceOf(AddonShmSegment::Ctor(v.Env()).Value())) return;
   auto* s = AddonShmSegment::Unwrap(obj);
   s->pins_ = std::max(0, s->pins_ + delta);
 }
@@ -480,7 +488,7 @@ void InitShm(Napi::Env env, Napi::Object exports) {
   }
 #endif
   auto fn = AddonShmSegment::Define(env);
-  AddonShmSegment::ctor = new Napi::FunctionReference(Napi::Persistent(fn));
+  AddonShmSegment::Ctor(env) = Napi::Persistent(fn);
   exports.Set("ShmSegment", fn);
   InitCrc32c(env, exports);
 }

@@ -81,10 +81,15 @@ int CpuEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const 
     L->dense = c.mode == Mode::Dense || std::find(c.dense_layers.begin(), c.dense_layers.end(), l) != c.dense_layers.end();
     L->keeps_all = L->dense || c.mode == Mode::ResidentSparse;
     if (!L->dense) {
-      L->ring.assign(pg.window_pages * pg.nhd_page_bytes, 0);
-      L->sink.assign(pg.sink_pages * pg.nhd_page_bytes, 0);
-      L->slots.assign(pg.select_pages * pg.nhd_page_bytes, 0);
-      L->slot_page.assign(pg.Hkv, std::vector<int>(pg.select_pages, -1));
+      // A budget larger than the store is never filled past it (page indices stay <= capacity,
+      // so page % window_pages is the page itself there): the tier holds no more pages than the
+      // store can, whatever sink, window and selection were asked for.
+      const size_t cap = static_cast<size_t>(h.capacity_pages);
+      L->ring.assign(std::min<size_t>(pg.window_pages, cap + 1) * pg.nhd_page_bytes, 0);
+      L->sink.assign(std::min<size_t>(pg.sink_pages, cap + 1) * pg.nhd_page_bytes, 0);
+      const int slot_pages = std::min(pg.select_pages, h.capacity_pages);
+      L->slots.assign(static_cast<size_t>(slot_pages) * pg.nhd_page_bytes, 0);
+      L->slot_page.assign(pg.Hkv, std::vector<int>(slot_pages, -1));
       L->selected.assign(pg.Hkv, {});
       L->prev_selected.assign(pg.Hkv, {});
     }
