@@ -4,14 +4,15 @@
  *   the generated id, so nobody could close it);
  * - a Generate waiting for a busy session's lock, and a CloseSession waiting behind a Generate,
  *   end at their deadlines instead of when the lock frees;
- * - a named session's turn that cannot fit its context is refused before its reservation grows.
+ * - a named session's turn that cannot fit its context is refused before its reservation grows;
+ * - a request cancelled as its answer ends is counted once among the requests, not twice.
  * (test/unit/call-ends.test.ts has the same ends at the unit level, where the timing is exact.)
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 import { GenerateRequest, type ComputeServiceClient, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
 import { prng } from "../helpers/prng.js";
-import { QUIET, computeClient, kvstoreClient, startTiers, unary, type Tiers } from "../helpers/services.js";
+import { QUIET, computeClient, fetchMetrics, kvstoreClient, startTiers, unary, type Tiers } from "../helpers/services.js";
 
 const VOCAB = 512; // the built-in model's
 const R = { pageSize: 16, sinkTokens: 32, windowTokens: 64, selectTokens: 128 };
@@ -127,4 +128,45 @@ describe("call ends", () => {
     expect(got.session.sessionId).toBe(id);
     await unary(client, "closeSession", { sessionId: id });
   }, 180_000);
+
+  it("a request cancelled as its answer ends is counted once in freekv_generate_requests_total", async () => {
+    const rand = prng(0xc0a7);
+    const created = await unary<{ session: { sessionId: string } }>(client, "createSession", { maxContextTokens: 4096, retrieval: R });
+    const id = created.session.sessionId;
+    const total = async () => {
+      const text = await fetchMetrics(tiers.compute.metricsPort);
+      return text
+        .split("\n")
+        .filter((l) => l.startsWith("freekv_generate_requests_total{"))
+        .reduce((a, l) => a + Number(l.slice(l.lastIndexOf(" ") + 1)), 0);
+    };
+    const before = await total();
+    const N = 6,
+      calls = 6;
+    const outcomes: string[] = [];
+    for (let i = 0; i < calls; i++) {
+      // Cancelled right after its last chunk: while the turn's end is committed and its final
+      // event is sent (counted then as cancelled), or after it is out (counted by its reason).
+      const r = await new Promise<string>((resolve) => {
+        let got = 0;
+        const call = client.generate(
+          GenerateRequest.fromPartial({ sessionId: id, prompt: { $case: "tokens", value: { ids: randomTokens(4, rand) } }, maxTokens: N, stopTokenIds: [] }),
+          new Metadata(),
+          { deadline: Date.now() + 30_000 },
+        );
+        call.on("data", (m: GenerateResponse) => {
+          if (m.event?.$case === "chunk" && (got += m.event.value.tokenIds.length) >= N) call.cancel();
+        });
+        call.on("error", (e: ServiceError) => resolve(status[e.code]));
+        call.on("end", () => resolve("final"));
+      });
+      outcomes.push(r);
+    }
+    // Every request is counted, once (its count lands as its call ends on the server).
+    const deadline = Date.now() + 10_000;
+    while ((await total()) < before + calls && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    await new Promise((r) => setTimeout(r, 300));
+    expect(await total(), `outcomes ${outcomes.join(",")}`).toBe(before + calls);
+    await unary(client, "closeSession", { sessionId: id });
+  }, 120_000);
 });

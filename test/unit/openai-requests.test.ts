@@ -56,6 +56,8 @@ describe("OpenAI request bodies", () => {
     expect(refused("completions", { prompt: "x", best_of: 3 }).param).toBe("best_of");
     expect(refused("completions", { prompt: "x", echo: true }).param).toBe("echo");
     expect(refused("completions", { prompt: "x", logprobs: 2 }).param).toBe("logprobs");
+    // 0 still asks for the sampled tokens' log probabilities (the completions API's meaning).
+    expect(refused("completions", { prompt: "x", logprobs: 0 }).param).toBe("logprobs");
     expect(refused("completions", { prompt: ["a", "b"] }).param).toBe("prompt");
     expect(refused("completions", { prompt: "x", presence_penalty: 0.5 }).param).toBe("presence_penalty");
     expect(refused("chat", { messages: [{ role: "user", content: "x" }], tools: [{ type: "function" }] }).param).toBe("tools");

@@ -345,7 +345,6 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
         if (final.finishReason === "cancelled" || signal.aborted) throw signal.reason ?? new ServiceError(status.CANCELLED, "call cancelled");
         metrics.prefillSeconds.observe(final.prefillMs / 1000);
         if (final.prefillMs > 0) metrics.prefillTokensPerSecond.observe(final.prefilledTokens / (final.prefillMs / 1000));
-        metrics.requests.inc({ finish: final.finishReason });
         // The turn's end (the pending token) reaches the kvstore before the client hears of it: a
         // compute that dies right after the answer leaves a session that continues exactly. A
         // failed commit is logged and retried with the session's pages (it stays degraded meanwhile).
@@ -378,6 +377,9 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
           signal,
           stallMs,
         );
+        // Counted once the answer is out: a final event that cannot be sent counts as the failure
+        // it becomes (cancelled, deadline_exceeded, write_stalled), not as both.
+        metrics.requests.inc({ finish: final.finishReason });
         call.end();
       } catch (e) {
         throw e instanceof ModelCallFailed && !fresh ? await diverged(ctx, s, e) : e;

@@ -155,7 +155,8 @@ export function readRequest(endpoint: Endpoint, body: unknown, defaultMaxTokens:
   if (endpoint === "completions") {
     unsupported(body, "best_of", (v) => v === 1, "best_of > 1");
     unsupported(body, "echo", (v) => v === false, "echo");
-    unsupported(body, "logprobs", (v) => v === 0, "logprobs");
+    // (logprobs: 0 still asks for the sampled tokens' log probabilities in the completions API.)
+    unsupported(body, "logprobs", () => false, "logprobs");
     unsupported(body, "suffix", (v) => v === "", "suffix");
   } else {
     unsupported(body, "logprobs", (v) => v === false, "logprobs");

@@ -123,7 +123,7 @@ export class SessionManager {
 
   /**
    * Closes every session no call has used for longer than idleTimeoutMs (one in use, its lock
-   * held, is not idle): engine session, mappings and the kvstore's segments. Logged and counted.
+   * or its turn lock held, is not idle): engine session, mappings and the kvstore's segments. Logged and counted.
    * Returns the ids closed.
    */
   async expireIdle(): Promise<string[]> {
@@ -132,7 +132,8 @@ export class SessionManager {
     const now = this.now();
     const closed: string[] = [];
     for (const s of [...this.sessions.values()]) {
-      if (s.closed || s.lock.busy || now - s.lastUsed <= idle) continue;
+      // A turn waiting for admission holds the session's turn lock, not yet its lock: not idle.
+      if (s.closed || s.lock.busy || s.turnLock.busy || now - s.lastUsed <= idle) continue;
       const idleS = Math.round((now - s.lastUsed) / 1000);
       try {
         await this.close(s.id);
