@@ -10,7 +10,8 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { loadAddon, type ShmSegment } from "../../native/binding.js";
+import { loadAddon, type Geometry, type Retrieval, type ShmSegment } from "../../native/binding.js";
+import { loadShm } from "../../native/shm.js";
 import { Prng, testSeed } from "./reference/prng.js";
 
 const addon = loadAddon();
@@ -24,10 +25,10 @@ function segment(bytes: number): ShmSegment {
   return s;
 }
 
-const GEO = { layers: 2, qHeads: 2, kvHeads: 1, headDim: 8 };
-const RET = { pageSize: 4, sinkTokens: 4, windowTokens: 8, selectTokens: 8 };
+const GEO: Geometry = { layers: 2, qHeads: 2, kvHeads: 1, headDim: 8, kvDtype: 1 };
+const RET: Retrieval = { ...loadShm().retrievalDefaults(), pageSize: 4, sinkTokens: 4, windowTokens: 8, selectTokens: 8 };
 
-function host(geo: typeof GEO, ret: typeof RET, capacityPages: number) {
+function host(geo: Geometry, ret: Retrieval, capacityPages: number) {
   const l = addon.layout(geo, ret, capacityPages);
   const segs = { store: segment(l.storeBytes), staging: segment(2 * l.stagingBufferBytes), tail: segment(l.tailBytes), manifest: segment(l.manifestBytes) };
   addon.initManifest(segs.manifest.buffer(), geo.layers);
@@ -50,15 +51,15 @@ describe("addon bounds", () => {
   });
 
   it("a layout whose manifest would pass 1 GiB, or a budget past 2^20 tokens, is refused by name", () => {
-    expect(() => addon.layout({ layers: 1024, qHeads: 1024, kvHeads: 1, headDim: 1024 }, RET, 1)).toThrow(/manifest.*more than 1 GiB/);
+    expect(() => addon.layout({ layers: 1024, qHeads: 1024, kvHeads: 1, headDim: 1024, kvDtype: 1 }, RET, 1)).toThrow(/manifest.*more than 1 GiB/);
     expect(() => addon.layout(GEO, { ...RET, windowTokens: 2 ** 21 }, 1)).toThrow(/windowTokens must be <= 1048576/);
     expect(() => addon.layout(GEO, { ...RET, selectTokens: 2 ** 22 }, 1)).toThrow(/selectTokens must be <= 1048576/);
   });
 
   it("a session's device tier holds no more pages than its store, whatever budget it asks for", () => {
     // 2^16 window tokens of 8 KV heads x 64 dims would be 256 MiB a layer if allocated in full.
-    const geo = { layers: 1, qHeads: 8, kvHeads: 8, headDim: 64 };
-    const ret = { pageSize: 4, sinkTokens: 4 * 4096, windowTokens: 2 ** 16, selectTokens: 2 ** 16 };
+    const geo: Geometry = { layers: 1, qHeads: 8, kvHeads: 8, headDim: 64, kvDtype: 1 };
+    const ret: Retrieval = { ...RET, sinkTokens: 4 * 4096, windowTokens: 2 ** 16, selectTokens: 2 ** 16 };
     const segs = host(geo, ret, 2);
     const e = new addon.Engine({ backend: "cpu", threads: 1 });
     const before = process.memoryUsage().rss;
