@@ -222,7 +222,7 @@ function writeModel(dir: string): void {
     rms_norm_eps: 1e-5, max_position_embeddings: SHAPE.llama3Rope ? 131072 : 1048576 + 4096, tie_word_embeddings: false, attention_bias: false,
     rope_theta: SHAPE.ropeTheta,
     ...(SHAPE.llama3Rope ? { rope_scaling: { rope_type: "llama3", factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 } } : {}),
-    bos_token_id: 128000, eos_token_id: 128001, torch_dtype: "bfloat16",
+    bos_token_id: Math.min(128000, V - 2), eos_token_id: Math.min(128001, V - 1), torch_dtype: "bfloat16",
   };
   const weightMap: Record<string, string> = {};
   const ones = (n: number) => new Uint16Array(n).fill(0x3f80);

@@ -243,3 +243,89 @@ describe("the built-in model", () => {
     for (const f of readdirSync(dir)) expect(readFileSync(join(again, f)).equals(readFileSync(join(dir, f)))).toBe(true);
   });
 });
+
+describe("a model folder that would load and then misbehave is refused, naming what is wrong", () => {
+  const builtin = () => copyFolder(join(import.meta.dirname, "..", "..", "models", "builtin"));
+
+  /** Rewrites the header of a single-file folder's weights (the data bytes kept as they are). */
+  function editHeader(dir: string, edit: (h: Record<string, { dtype: string; shape: number[]; data_offsets: number[] }>) => unknown): void {
+    const file = join(dir, "model.safetensors");
+    const buf = readFileSync(file);
+    const n = Number(buf.readBigUInt64LE(0));
+    const header = JSON.parse(buf.subarray(8, 8 + n).toString("utf8"));
+    const replaced = edit(header);
+    let json = JSON.stringify(replaced === undefined ? header : replaced);
+    while (Buffer.byteLength(json) < n) json += " ";
+    if (Buffer.byteLength(json) !== n) throw new Error("the edited header must not grow");
+    writeFileSync(file, Buffer.concat([buf.subarray(0, 8), Buffer.from(json), buf.subarray(8 + n)]));
+  }
+
+  it("tensors that share bytes in the file (each would be its own copy in memory)", () => {
+    const dir = builtin();
+    editHeader(dir, (h) => {
+      const names = Object.keys(h).filter((k) => k.endsWith("post_attention_layernorm.weight"));
+      const a = h[names[0]], b = h[names[1]];
+      b.data_offsets = [...a.data_offsets];
+    });
+    expect(() => readModelFolder(dir)).toThrow(/overlap in the file/);
+  });
+
+  it("a header that is not an object, and a dtype named like an Object property", () => {
+    const dir = builtin();
+    editHeader(dir, () => null);
+    expect(() => readModelFolder(dir)).toThrow(/header is not a JSON object/);
+    const dir2 = builtin();
+    editHeader(dir2, (h) => {
+      h[Object.keys(h).find((k) => k !== "__metadata__")!].dtype = "toString";
+    });
+    expect(() => readModelFolder(dir2)).toThrow(/unsupported dtype toString/);
+  });
+
+  it("rotary frequencies that are not positive finite float32s, and rms_norm_eps out of (0, 1)", () => {
+    const cases: Array<[(c: Record<string, unknown>) => void, RegExp]> = [
+      [(c) => (c.rope_theta = 1e-40), /rope_theta must be > 1/],
+      [(c) => (c.rope_theta = 1e300), /rotary frequency 1 = 0/],
+      [(c) => (c.rope_scaling = { rope_type: "linear", factor: 1e-40 }), /linear scaling .* gives rotary frequency 0 = Infinity/],
+      [(c) => (c.rms_norm_eps = 1e39), /rms_norm_eps must be in \(0, 1\)/],
+      [(c) => (c.rms_norm_eps = 1e-50), /rms_norm_eps must be in \(0, 1\) and representable/],
+    ];
+    for (const [edit, want] of cases) {
+      const dir = builtin();
+      editConfig(dir, edit);
+      expect(() => readModelFolder(dir), String(want)).toThrow(want);
+    }
+  });
+
+  it("token ids outside vocab_size: the tokenizer's, BOS and EOS", () => {
+    const small = builtin();
+    editConfig(small, (c) => (c.vocab_size = 256));
+    expect(() => readModelFolder(small)).toThrow(/tokenizer\.json has token id 511, outside config\.json's vocab_size 256/);
+    const eos = builtin();
+    editConfig(eos, (c) => (c.eos_token_id = [508, 600]));
+    writeFileSync(join(eos, "generation_config.json"), JSON.stringify({ eos_token_id: [508, 600] }));
+    expect(() => readModelFolder(eos)).toThrow(/eos_token_id 600 is outside/);
+  });
+
+  it("reads the chat template from chat_template.jinja and from a list of named templates", () => {
+    const ref = readModelFolder(builtin()).codec!;
+    const messages = [{ role: "user", content: "Where is the needle?" }];
+    const want = ref.encodeChat(messages);
+    const cfgOf = (dir: string) => JSON.parse(readFileSync(join(dir, "tokenizer_config.json"), "utf8"));
+    const listed = builtin();
+    const c = cfgOf(listed);
+    c.chat_template = [{ name: "tool_use", template: "{{ 'other' }}" }, { name: "default", template: c.chat_template }];
+    writeFileSync(join(listed, "tokenizer_config.json"), JSON.stringify(c));
+    expect(readModelFolder(listed).codec!.encodeChat(messages)).toEqual(want);
+    const jinja = builtin();
+    const c2 = cfgOf(jinja);
+    writeFileSync(join(jinja, "chat_template.jinja"), c2.chat_template);
+    delete c2.chat_template;
+    writeFileSync(join(jinja, "tokenizer_config.json"), JSON.stringify(c2));
+    expect(readModelFolder(jinja).codec!.encodeChat(messages)).toEqual(want);
+    const bad = builtin();
+    const c3 = cfgOf(bad);
+    c3.chat_template = 42;
+    writeFileSync(join(bad, "tokenizer_config.json"), JSON.stringify(c3));
+    expect(() => readModelFolder(bad)).toThrow(/chat_template must be a string or a list/);
+  });
+});

@@ -142,6 +142,23 @@ describe("stop conditions", () => {
     expect(run([0, 8, 9, 2], [], ["STOP"])).toEqual({ text: "he", stop: "stop_string", at: 3 });
   });
 
+  it("a long run of tokens that decode to nothing is not decoded again at every step", () => {
+    let decoded = 0;
+    const m = new StopMatcher(new Set(), ["STOP"], (ids) => {
+      decoded += ids.length;
+      return ids.map((i) => (i === 99 ? "" : pieces[i])).join("");
+    });
+    const seq = [0];
+    let text = m.push(seq).text;
+    const n = 3000;
+    for (let i = 0; i < n; i++) text += m.push([...seq, ...Array<number>(i + 1).fill(99)]).text;
+    seq.push(...Array<number>(n).fill(99), 1, 2);
+    text += m.push(seq.slice(0, -1)).text + m.push(seq).text + m.flush(seq);
+    expect(text).toBe(decode([0, 1, 2]));
+    // Linear in the run (a few context tokens a step), not quadratic (n^2 / 2 = 4.5M ids).
+    expect(decoded).toBeLessThan(20 * n);
+  });
+
   it("a tail that could start a stop string is held back, then released when it does not", () => {
     const m = new StopMatcher(new Set(), ["STOP"], decode);
     expect(m.push([0, 8]).text).toBe("he"); // "ST" held back

@@ -1,5 +1,6 @@
 #include "model/Weights.h"
 
+#include <cmath>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -181,7 +182,9 @@ void ValidateConfig(const ModelConfig& c) {
   if (c.q_heads % c.kv_heads) throw std::invalid_argument("config.qHeads must be a multiple of config.kvHeads");
   if (static_cast<int>(c.rope_inv_freq.size()) != c.head_dim / 2)
     throw std::invalid_argument("config.ropeInvFreq must hold headDim / 2 values");
-  if (!(c.rms_norm_eps > 0)) throw std::invalid_argument("config.rmsNormEps must be > 0");
+  if (!(c.rms_norm_eps > 0 && c.rms_norm_eps < 1)) throw std::invalid_argument("config.rmsNormEps must be in (0, 1)");
+  for (float f : c.rope_inv_freq)
+    if (!(std::isfinite(f) && f > 0)) throw std::invalid_argument("config.ropeInvFreq must hold positive finite values");
 }
 
 Weights LoadWeights(const ModelConfig& c, const std::vector<TensorRef>& refs) {

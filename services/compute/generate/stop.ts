@@ -26,6 +26,9 @@ export function stopProblem(stopStrings: readonly string[], stopTokenIds: readon
   return undefined;
 }
 
+/** Tokens whose text may be held back waiting for the rest of a character (a UTF-8 character is at most 4 bytes). */
+const MAX_HELD_TOKENS = 16;
+
 export class StopMatcher {
   /** Text decoded so far (complete characters only). */
   private text = "";
@@ -47,8 +50,13 @@ export class StopMatcher {
     if (!this.decode) return;
     const before = this.decode(ids.slice(this.prefix, this.read));
     const after = this.decode(ids.slice(this.prefix));
-    if (after.length > before.length && !after.endsWith("\uFFFD")) {
-      this.text += after.slice(before.length);
+    const grew = after.length > before.length;
+    // Held back while the last character may be incomplete, but not for ever: a run of tokens that
+    // decode to nothing (skipped special tokens) or to bytes that never complete a character would
+    // otherwise be decoded again whole at every step (quadratic in the run's length).
+    const incomplete = after.endsWith("\uFFFD") && ids.length - this.read <= MAX_HELD_TOKENS;
+    if (grew && !incomplete) this.text += after.slice(before.length);
+    if ((grew && !incomplete) || (!grew && !after.endsWith("\uFFFD")) || ids.length - this.read > MAX_HELD_TOKENS) {
       this.prefix = Math.max(this.read, ids.length - 4);
       this.read = ids.length;
     }

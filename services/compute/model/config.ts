@@ -86,6 +86,29 @@ function ids(v: unknown): number[] {
   return [];
 }
 
+/** rms_norm_eps in (0, 1), and a positive float32 (a value that rounds to 0 or to infinity is refused). */
+function normEps(v: number): number {
+  if (!(v > 0 && v < 1) || !(Math.fround(v) > 0)) throw new ModelConfigError(`config.json: rms_norm_eps must be in (0, 1) and representable in float32, got ${v}`);
+  return v;
+}
+
+/** The rotary frequencies, each a positive finite float32: parameters that pass one by one can still give infinities or zeros. */
+function checkedInvFreq(headDim: number, theta: number, scaling?: RopeScaling): Float32Array {
+  let inv: Float32Array;
+  try {
+    inv = ropeInvFreq(headDim, theta, scaling);
+  } catch (e) {
+    throw new ModelConfigError(`config.json: ${(e as Error).message}`);
+  }
+  if (!(theta > 1)) throw new ModelConfigError(`config.json: rope_theta must be > 1, got ${theta}`);
+  const bad = inv.findIndex((x) => !(Number.isFinite(x) && x > 0));
+  if (bad >= 0)
+    throw new ModelConfigError(
+      `config.json: rope_theta ${theta}${scaling ? ` with ${scaling.type} scaling (factor ${scaling.factor})` : ""} gives rotary frequency ${bad} = ${inv[bad]}: the theta and the scaling factor must keep every frequency a positive float32`,
+    );
+  return inv;
+}
+
 /** Rope theta and scaling from either spelling. */
 export function parseRope(cfg: Json): { theta: number; scaling?: RopeScaling } {
   const params = (cfg.rope_parameters ?? undefined) as Json | undefined;
@@ -120,6 +143,7 @@ export function parseModelConfig(cfg: Json, generationConfig?: Json): ModelSpec 
   const kvHeads = int(cfg, "num_key_value_heads", qHeads);
   const headDim = cfg.head_dim == null ? hiddenSize / qHeads : int(cfg, "head_dim");
   if (!Number.isInteger(headDim)) throw new ModelConfigError("config.json: hidden_size is not a multiple of num_attention_heads and head_dim is absent");
+  if (headDim % 2) throw new ModelConfigError(`config.json: the head dimension (head_dim, or hidden_size / num_attention_heads) must be even for rotary embeddings, got ${headDim}`);
   if (qHeads % kvHeads) throw new ModelConfigError(`config.json: num_attention_heads (${qHeads}) is not a multiple of num_key_value_heads (${kvHeads})`);
   if (cfg.mlp_bias === true) throw new ModelConfigError("config.json: mlp_bias is not supported");
   if (cfg.hidden_act != null && cfg.hidden_act !== "silu") throw new ModelConfigError(`config.json: hidden_act '${String(cfg.hidden_act)}' is not supported (silu)`);
@@ -145,10 +169,10 @@ export function parseModelConfig(cfg: Json, generationConfig?: Json): ModelSpec 
       qHeads,
       kvHeads,
       headDim,
-      rmsNormEps: num(cfg.rms_norm_eps ?? 1e-6, "rms_norm_eps"),
+      rmsNormEps: normEps(num(cfg.rms_norm_eps ?? 1e-6, "rms_norm_eps")),
       ropeTheta: theta,
       ropeScaling: scaling,
-      ropeInvFreq: ropeInvFreq(headDim, theta, scaling),
+      ropeInvFreq: checkedInvFreq(headDim, theta, scaling),
       tieWordEmbeddings: cfg.tie_word_embeddings === true,
       attentionBias,
     },

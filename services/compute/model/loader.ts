@@ -30,8 +30,16 @@ export function readModelFolder(dir: string): ModelFolder {
   const gen = existsSync(genFile) ? readJsonFile(genFile) : undefined;
   if (gen !== undefined && (!gen || typeof gen !== "object" || Array.isArray(gen))) throw new ModelConfigError(`${genFile}: not a JSON object`);
   const spec = parseModelConfig(cfg as Record<string, unknown>, gen as Record<string, unknown> | undefined);
+  const codec = loadTextCodec(abs);
+  // Token ids the model cannot embed would fail every text request as if its client had sent them.
+  const vocab = spec.native.vocabSize;
+  if (codec && codec.maxTokenId >= vocab)
+    throw new ModelConfigError(`${abs}: tokenizer.json has token id ${codec.maxTokenId}, outside config.json's vocab_size ${vocab}`);
+  for (const [what, id] of [["bos_token_id", spec.bosTokenId], ...spec.eosTokenIds.map((e) => ["eos_token_id", e] as const)] as const)
+    if (id !== undefined && !(Number.isInteger(id) && id >= 0 && id < vocab))
+      throw new ModelConfigError(`${abs}: ${what} ${id} is outside config.json's vocab_size ${vocab}`);
   const tensors = collectTensorRefs(abs, spec.native);
-  return { dir: abs, spec, tensors, codec: loadTextCodec(abs) };
+  return { dir: abs, spec, tensors, codec };
 }
 
 export interface LoadedModel extends ModelFolder {

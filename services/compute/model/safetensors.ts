@@ -55,6 +55,7 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
     } catch (e) {
       throw new SafetensorsError(file, `header is not JSON (${(e as Error).message})`);
     }
+    if (json === null || typeof json !== "object" || Array.isArray(json)) throw new SafetensorsError(file, "header is not a JSON object");
     const base = 8 + n;
     const tensors = new Map<string, TensorInfo>();
     let metadata: Record<string, string> = {};
@@ -64,7 +65,7 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
         continue;
       }
       const t = raw as { dtype?: string; shape?: unknown; data_offsets?: unknown };
-      if (!t || typeof t.dtype !== "string" || !(t.dtype in DTYPE_BYTES))
+      if (!t || typeof t.dtype !== "string" || !Object.hasOwn(DTYPE_BYTES, t.dtype))
         throw new SafetensorsError(file, `tensor '${name}' has unsupported dtype ${String(t?.dtype)}`);
       if (!Array.isArray(t.shape) || !t.shape.every((d) => Number.isInteger(d) && d >= 0))
         throw new SafetensorsError(file, `tensor '${name}' has a bad shape`);
@@ -79,6 +80,12 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
       if (base + off[1] > size) throw new SafetensorsError(file, `tensor '${name}' runs past the end of the file`);
       tensors.set(name, { name, dtype, shape: t.shape as number[], offset: base + off[0], byteLength });
     }
+    // Tensors may not share bytes (the format lays them out one after another): each would become
+    // its own float copy, so aliases of one region would multiply the memory a small file takes.
+    const spans = [...tensors.values()].filter((t) => t.byteLength > 0).sort((a, b) => a.offset - b.offset);
+    for (let i = 1; i < spans.length; i++)
+      if (spans[i].offset < spans[i - 1].offset + spans[i - 1].byteLength)
+        throw new SafetensorsError(file, `tensors '${spans[i - 1].name}' and '${spans[i].name}' overlap in the file (data_offsets)`);
     return { file, tensors, metadata };
   } finally {
     closeSync(fd);

@@ -34,9 +34,11 @@ export class TextCodec {
   constructor(
     private readonly tokenizer: Tokenizer,
     private readonly config: Record<string, unknown>,
+    chatTemplate?: string,
+    /** The largest token id the tokenizer can produce (its vocabulary and added tokens). */
+    readonly maxTokenId = -1,
   ) {
-    const t = config.chat_template;
-    if (typeof t === "string") this.template = new Template(t);
+    if (chatTemplate !== undefined) this.template = new Template(chatTemplate);
   }
 
   get hasChatTemplate(): boolean {
@@ -93,15 +95,47 @@ function tokenText(v: unknown): string {
   return "";
 }
 
+/**
+ * The folder's chat template, where transformers looks for it: `chat_template.jinja` (what
+ * recent versions save), else tokenizer_config.json's `chat_template` as a string, or as a list of
+ * named templates (the one named "default").
+ */
+function chatTemplateOf(dir: string, config: Record<string, unknown>): string | undefined {
+  const jinja = join(dir, "chat_template.jinja");
+  if (existsSync(jinja)) return readFileSync(jinja, "utf8");
+  const t = config.chat_template;
+  if (t === undefined || t === null) return undefined;
+  if (typeof t === "string") return t;
+  if (Array.isArray(t)) {
+    const named = t.find((x) => x && typeof x === "object" && (x as { name?: unknown }).name === "default") as { template?: unknown } | undefined;
+    if (named && typeof named.template === "string") return named.template;
+    if (t.length === 0) return undefined;
+  }
+  throw new ModelConfigError(`${join(dir, "tokenizer_config.json")}: chat_template must be a string or a list of {name, template} with one named "default"`);
+}
+
+/** The largest id of a tokenizer.json's vocabulary (a map of pieces to ids, or a list of pieces) and added tokens. */
+function maxTokenIdOf(tokenizerJson: Record<string, unknown>): number {
+  let max = -1;
+  const vocab = (tokenizerJson.model as { vocab?: unknown } | undefined)?.vocab;
+  if (Array.isArray(vocab)) max = vocab.length - 1;
+  else if (vocab && typeof vocab === "object") for (const id of Object.values(vocab)) if (typeof id === "number" && id > max) max = id;
+  const added = tokenizerJson.added_tokens;
+  if (Array.isArray(added)) for (const t of added) if (t && typeof t.id === "number" && t.id > max) max = t.id;
+  return max;
+}
+
 /** Loads the folder's tokenizer, or undefined when it has no tokenizer.json. */
 export function loadTextCodec(dir: string): TextCodec | undefined {
   const file = join(dir, "tokenizer.json");
   if (!existsSync(file)) return undefined;
-  const tokenizerJson = readJsonFile(file) as object;
+  const tokenizerJson = readJsonFile(file) as Record<string, unknown>;
+  if (!tokenizerJson || typeof tokenizerJson !== "object" || Array.isArray(tokenizerJson)) throw new ModelConfigError(`${file}: not a JSON object`);
   const cfgFile = join(dir, "tokenizer_config.json");
   const config = (existsSync(cfgFile) ? readJsonFile(cfgFile) : {}) as Record<string, unknown>;
+  const template = chatTemplateOf(dir, config);
   try {
-    return new TextCodec(new Tokenizer(tokenizerJson as never, config as never), config as never);
+    return new TextCodec(new Tokenizer(tokenizerJson as never, config as never), config as never, template, maxTokenIdOf(tokenizerJson));
   } catch (e) {
     throw new ModelConfigError(`${file}: cannot build the tokenizer (${(e as Error).message})`);
   }
