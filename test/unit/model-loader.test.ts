@@ -134,6 +134,14 @@ describe("weights", () => {
     const dir = copyFolder(LLAMA);
     rmSync(join(dir, "model-00002-of-00003.safetensors"));
     expect(() => readModelFolder(dir)).toThrow(/model-00002-of-00003.safetensors/);
+    // Shard names that are not plain file names: a number, the folder itself, its parent.
+    for (const bad of [7, "", "..", "."]) {
+      const d = copyFolder(LLAMA);
+      const index = JSON.parse(readFileSync(join(d, "model.safetensors.index.json"), "utf8"));
+      index.weight_map[Object.keys(index.weight_map)[0]] = bad;
+      writeFileSync(join(d, "model.safetensors.index.json"), JSON.stringify(index));
+      expect(() => readModelFolder(d), JSON.stringify(bad)).toThrow(/must be a plain file name/);
+    }
   });
 
   it("names a missing tensor and a mis-shaped one", () => {

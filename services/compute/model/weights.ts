@@ -4,7 +4,7 @@
  * file, absolute offset, dtype, shape. Only the headers are read here; the native side maps the
  * files. Missing or mis-shaped tensors are reported by name before any native work.
  */
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { ModelConfigNative, TensorRef } from "../../../native/binding.js";
 import { readSafetensorsHeader, type TensorInfo } from "./safetensors.js";
@@ -55,9 +55,10 @@ export function weightFiles(dir: string): string[] {
     }
     if (!json.weight_map || typeof json.weight_map !== "object") throw new ModelWeightsError(`${index}: weight_map is missing`);
     const files = [...new Set(Object.values(json.weight_map))].sort();
-    for (const f of files) {
-      if (f.includes("/") || f.includes("\\")) throw new ModelWeightsError(`${index}: shard name '${f}' must be a plain file name`);
-      if (!existsSync(join(dir, f))) throw new ModelWeightsError(`${index} lists '${f}', which is not in ${dir}`);
+    for (const f of files as unknown[]) {
+      if (typeof f !== "string" || f === "" || f === "." || f === ".." || f.includes("/") || f.includes("\\"))
+        throw new ModelWeightsError(`${index}: shard name ${JSON.stringify(f)} must be a plain file name`);
+      if (!existsSync(join(dir, f)) || !statSync(join(dir, f)).isFile()) throw new ModelWeightsError(`${index} lists '${f}', which is not a file in ${dir}`);
     }
     return files.map((f) => resolve(dir, f));
   }
