@@ -65,6 +65,12 @@ struct RetrievalConfig {
 };
 
 constexpr int kMaxPageSize = 4096;
+// What a mode does, read by both backends.
+// Selects with the current query at every decode (nothing speculated).
+inline bool SelectsCurrent(Mode m) { return m == Mode::Oracle || m == Mode::ResidentSparse; }
+// Every layer keeps all its pages in the device tier (a dense layer of another mode does too).
+inline bool KeepsAllPages(Mode m) { return m == Mode::Dense || m == Mode::ResidentSparse; }
+
 // Largest sink, window or selection (tokens): services/common/retrieval.ts MAX_RETRIEVAL_TOKENS.
 constexpr int kMaxRetrievalTokens = 1 << 20;
 

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "AddonClasses.h"
+#include "AddonModules.h"
 #include "engine/AddonEngine.h"
 #include "model/Attention.h"
 #include "model/cpu/Forward.h"
@@ -378,7 +379,7 @@ class AddonModel : public Napi::ObjectWrap<AddonModel> {
   // external buffer; past it Node fails after the work is done): refused before any work.
   void CheckLogitsBytes(Napi::Env env, size_t rows, const char* hint) const {
     const double bytes = static_cast<double>(rows) * forward_->config().vocab_size * sizeof(float);
-    if (bytes > 4294967296.0)
+    if (bytes > static_cast<double>(kMaxExternalBufferBytes))
       throw Napi::RangeError::New(env, std::to_string(rows) + " rows of " + std::to_string(forward_->config().vocab_size) +
                                            " logits take " + std::to_string(static_cast<uint64_t>(bytes)) +
                                            " bytes, more than one array's 4 GiB: " + hint);

@@ -229,8 +229,6 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
   void Check(Napi::Env env) const {
     if (!seg_) throw Napi::Error::New(env, "segment is closed");
   }
-  // The largest ArrayBuffer buffer() hands out (Node's limit for one Buffer on 64-bit Node 20).
-  static constexpr size_t kMaxBufferBytes = size_t{1} << 32;
   Napi::Value Name(const Napi::CallbackInfo& info) {
     Check(info.Env());
     return Napi::String::New(info.Env(), seg_->name());
@@ -253,7 +251,7 @@ class AddonShmSegment : public Napi::ObjectWrap<AddonShmSegment> {
     }
     // Node refuses larger external buffers, and on the way out runs the finalizer itself, which
     // would free the owner below twice (an abort, not an exception): refuse them here first.
-    if (len > kMaxBufferBytes)
+    if (len > kMaxExternalBufferBytes)
       throw Napi::RangeError::New(info.Env(), "a buffer covers at most 4 GiB of the segment (asked for " + std::to_string(len) +
                                                   " bytes): pass an offset and a length");
     // The buffer holds this segment object (a strong reference, let go when the buffer is

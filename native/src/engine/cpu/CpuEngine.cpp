@@ -79,7 +79,7 @@ int CpuEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const 
   for (int l = 0; l < g.layers; ++l) {
     auto L = std::make_unique<LayerState>();
     L->dense = c.mode == Mode::Dense || std::find(c.dense_layers.begin(), c.dense_layers.end(), l) != c.dense_layers.end();
-    L->keeps_all = L->dense || c.mode == Mode::ResidentSparse;
+    L->keeps_all = L->dense || KeepsAllPages(c.mode);
     if (!L->dense) {
       // A budget larger than the store is never filled past it (page indices stay <= capacity,
       // so page % window_pages is the page itself there): the tier holds no more pages than the
@@ -475,7 +475,7 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     if (!s.Retrieves(L)) continue;
     L.counters.selections += s.pg.Hkv;
     for (int h = 0; h < s.pg.Hkv; ++h) {
-      if (s.SelectsCurrent()) {
+      if (SelectsCurrent(s.cfg.mode)) {
         sel.push_back({i, h, items[i].q});
       } else if (L.first_decode) {
         sel.push_back({i, h, L.has_q ? L.q_prev.data() : items[i].q});

@@ -93,8 +93,6 @@ struct CpuSession {
   bool Speculates(const LayerState& L) const {
     return !L.dense && (cfg.mode == Mode::FreeKV || cfg.mode == Mode::Speculative);
   }
-  // Selects with the current query at every decode (nothing speculated).
-  bool SelectsCurrent() const { return cfg.mode == Mode::Oracle || cfg.mode == Mode::ResidentSparse; }
   // The NHD page that holds page `page` while it is the partial (or a window) page.
   uint8_t* WorkingPage(LayerState& L, int page);
 };

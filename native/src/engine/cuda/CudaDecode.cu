@@ -376,7 +376,7 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     unsigned long long* cosine_stats = L.has_q && !L.first_decode ? lc : nullptr;
     if (s.Retrieves(L)) {
       L.selections += Hkv;
-      if (s.SelectsCurrent()) {
+      if (SelectsCurrent(s.cfg.mode)) {
         QueueSelectAndRecall(s, layer, L.q[qnew].get(), r.sink_end, r.window_begin, nullptr, t, false, per_item);
       } else if (L.first_decode || !L.selection_valid) {
         QueueSelectAndRecall(s, layer, L.has_q ? L.q[L.qcur].get() : L.q[qnew].get(), r.sink_end, r.window_begin,

@@ -213,8 +213,6 @@ struct Session {
   // Pool slot of page p while it is a sink or window (partial included) page.
   // (A layer that keeps every page holds page p in slot p.)
   int WorkingSlot(const LayerTier& L, int p) const { return L.keeps_all || p < SP ? p : SP + p % WP; }
-  // Selects with the current query at every decode (nothing speculated).
-  bool SelectsCurrent() const { return cfg.mode == Mode::Oracle || cfg.mode == Mode::ResidentSparse; }
   RecallGeometry Recall() const {
     RecallGeometry g;
     g.kv_heads = geo.kv_heads;

@@ -349,7 +349,7 @@ int CudaEngine::CreateSessionLocked(const Geometry& g, const RetrievalConfig& c,
     if (session_pool_) L->BindPool(session_pool_, st);
     L->dense = c.mode == Mode::Dense ||
                std::find(c.dense_layers.begin(), c.dense_layers.end(), l) != c.dense_layers.end();
-    L->keeps_all = L->dense || c.mode == Mode::ResidentSparse;
+    L->keeps_all = L->dense || KeepsAllPages(c.mode);
     L->pool_slots = L->keeps_all ? cap + 1 : s->SP + s->WP + K;
     L->pool.Resize(std::max(1, L->pool_slots) * s->page_elems);
     if (!L->dense) {
