@@ -6,13 +6,17 @@
  * kvstore commits memory with fallocate, so a full tmpfs is an error code, not a later SIGBUS),
  * counted; both processes keep serving, a session made before keeps generating exactly as a fresh
  * run, and what the refused session had taken is given back (a smaller session fits afterwards).
+ * A tensor exchange is committed when it is opened, so /dev/shm filling up afterwards cannot turn
+ * compute's write of an output into SIGBUS.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { closeSync, openSync, rmSync, writeSync } from "node:fs";
 import { afterAll, describe, expect, it } from "vitest";
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 import { GenerateRequest, type ComputeServiceClient, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
 import { healthCheck } from "../helpers/grpc-probes.js";
-import { prng } from "../helpers/prng.js";
+import { AttentionStream, f32Tensor } from "../helpers/attention-stream.js";
+import { prng, randomF32 } from "../helpers/prng.js";
 import { ATTENTION, QUIET, computeClient, fetchMetrics, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
 
 const canUnshare = spawnSync("unshare", ["-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], { stdio: "ignore" }).status === 0;
@@ -85,6 +89,53 @@ describe.skipIf(!canUnshare)("/dev/shm full under the kvstore", () => {
     // The refused session's partial allocation was given back: 1024 tokens (16 MiB) fit.
     await unary(client, "createSession", { sessionId: "fits", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 1024 });
     await unary(client, "closeSession", { sessionId: "fits" });
+    client.close();
+  }, 120_000);
+
+  it("commits a tensor exchange when it is opened: /dev/shm filling up afterwards cannot kill compute", async () => {
+    const holder = await namespaceWithSmallShm(32);
+    cleanup.push(() => holder.kill("SIGKILL"));
+    const wrap = ["nsenter", "-t", String(holder.pid), "-m", `--wd=${process.cwd()}`, "--"];
+    const tiers: Tiers = await startTiers({ wrap, kvstoreEnv: { ...QUIET, FREEKV_KVSTORE_CAPACITY_BYTES: String(1 << 30) }, computeEnv: { ...QUIET, FREEKV_THREADS: "2" } });
+    cleanup.push(() => tiers.stop());
+    const client = computeClient(tiers.compute.address);
+    const g = { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 32, kvDtype: 1 };
+    await unary(client, "createSession", { sessionId: "xch", kind: ATTENTION, geometry: g, retrieval: R, maxContextTokens: 64 });
+    const s = new AttentionStream(client);
+    const kv = (n: number) => f32Tensor(randomF32(n * g.kvHeads * g.headDim, rand), n === 1 ? [g.kvHeads, g.headDim] : [n, g.kvHeads, g.headDim]);
+    for (let l = 0; l < g.layers; l++) await s.send({ op: { $case: "prefill", value: { sessionId: "xch", layer: l, k: kv(20), v: kv(20) } } });
+    const size = 4 << 20;
+    const opened = await s.send({ op: { $case: "openExchange", value: { sizeBytes: size } } });
+    if (opened.result?.$case !== "exchange") throw new Error("expected an exchange");
+    // The segment as the namespace sees it: the client's q goes in its first page.
+    const root = `/proc/${holder.pid}/root/dev/shm`;
+    const fd = openSync(`${root}${opened.result.value.segmentName}`, "r+");
+    const q = randomF32(g.queryHeads * g.headDim, rand);
+    writeSync(fd, new Uint8Array(q.buffer), 0, q.byteLength, 0);
+    closeSync(fd);
+    // Anything else on the node takes the rest of /dev/shm.
+    const filler = openSync(`${root}/filler`, "w");
+    const block = Buffer.alloc(1 << 16, 7);
+    let full = false;
+    try {
+      for (;;) writeSync(filler, block);
+    } catch (e) {
+      full = (e as { code?: string }).code === "ENOSPC";
+    } finally {
+      closeSync(filler);
+    }
+    expect(full).toBe(true);
+    // An output written near the end of the exchange, into pages nobody has touched.
+    const r = await s.send({ op: { $case: "decode", value: { layer: 0, items: [{ sessionId: "xch", qRef: { offset: 0, dtype: 1, shape: [g.queryHeads, g.headDim] }, k: kv(1), v: kv(1), outputOffset: size - (64 << 10) }] } } });
+    expect(r.result?.$case === "decode" && r.result.value.outputOffsets).toEqual([size - (64 << 10)]);
+    expect(tiers.compute.child.exitCode).toBeNull();
+    expect(tiers.compute.child.signalCode).toBeNull();
+    // Another exchange does not fit now: refused, not a crash.
+    const s2 = new AttentionStream(client);
+    const e = await s2.send({ op: { $case: "openExchange", value: { sizeBytes: 1 << 20 } } }).catch((x: ServiceError) => x);
+    expect((e as ServiceError).code).toBe(status.RESOURCE_EXHAUSTED);
+    rmSync(`${root}/filler`);
+    expect(await healthCheck(tiers.compute.address)).toBe("SERVING");
     client.close();
   }, 120_000);
 });

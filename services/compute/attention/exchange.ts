@@ -13,8 +13,9 @@
  * Exchanges are counted: a stream has at most one, and all of this process's together at most
  * the ExchangeBudget's capacity (FREEKV_EXCHANGE_CAPACITY_BYTES). A tmpfs segment is sized
  * without being allocated, so one larger than what /dev/shm has free would only fail when written
- * (SIGBUS, the process dies): the free space is checked before each one is made, and an exchange
- * that does not fit is refused (RESOURCE_EXHAUSTED) instead.
+ * (SIGBUS, the process dies): the free space is checked before each one is made, and the segment
+ * is committed (fallocate) before the stream may use it, so an exchange that does not fit, or whose
+ * space was taken meanwhile, is refused (RESOURCE_EXHAUSTED) instead.
  */
 import { randomBytes } from "node:crypto";
 import { readdirSync, statfsSync } from "node:fs";
@@ -160,14 +161,31 @@ export class TensorExchange {
     const size = Math.ceil(want / PAGE) * PAGE;
     budget.reserve(size);
     const name = `/freekv-xch-${ownerTag}-${randomBytes(16).toString("hex")}`;
+    const { ShmSegment } = loadAddon();
     let seg: ShmSegment;
     try {
-      seg = loadAddon().ShmSegment.create(name, size);
+      seg = ShmSegment.create(name, size);
     } catch (e) {
       budget.release(size);
       throw e;
     }
     track(name);
+    // Committed now: the free space checked above may be taken by the kvstore or anyone else
+    // before the first write, and a write to an unbacked tmpfs page is SIGBUS, not an error.
+    try {
+      seg.allocate(0, size);
+    } catch (e) {
+      try {
+        seg.close();
+      } finally {
+        ShmSegment.unlink(name);
+        live.delete(name);
+        budget.release(size);
+      }
+      const err = e as Error & { code?: string };
+      if (err.code === "ENOSPC") throw resourceExhausted(`open_exchange: /dev/shm is full: cannot commit ${size} bytes for the exchange`);
+      throw e;
+    }
     return new TensorExchange(seg, budget);
   }
 
