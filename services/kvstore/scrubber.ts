@@ -15,11 +15,18 @@
  *   at the start of every turn and which makes any re-attach fail; compute then answers DATA_LOSS
  *   for the session (never a generation over the bad page), logs it and counts it.
  *
+ * Checksums are kept per layer as a prefix [0, known) that the passes compare, and commits past
+ * that prefix (a session adopted after a restart or imported, whose earlier pages the first pass
+ * has not reached yet) wait beside it until the pass reaches their pages and compares them there:
+ * a commit's checksum is never dropped. An export verifies the pages it sent (`verify`), and an
+ * import records the checksums of what it verified, so a moved session is compared from its
+ * first pass on the new kvstore.
+ *
  * What this does not cover, and says so: the window between a corruption and the scrubber's next
  * pass over that page (a full pass over B bytes of committed pages takes B / rate seconds:
  * freekv_kvstore_scrub_pass_seconds); the partial page of each layer (the tail segment, rewritten
- * at every step); and sessions a restarted kvstore adopted (their checksums are not persisted: the
- * first pass records them, later passes compare).
+ * at every step); and the pages a restarted kvstore adopted (their checksums are not persisted:
+ * the first pass records them, later passes compare).
  */
 import type { ShmSegment } from "../../native/shm.js";
 import type { Logger } from "../common/log.js";
@@ -45,6 +52,16 @@ interface Sums {
   /** Per layer, the checksums of pages [0, known[layer]). */
   sums: Uint32Array[];
   known: number[];
+  /** Per layer, commits' checksums of pages at or past known[layer] (page -> CRC32C). */
+  ahead: Map<number, number>[];
+}
+
+/** A page whose bytes no longer match the checksum taken at its commit. */
+export interface Mismatch {
+  layer: number;
+  page: number;
+  got: number;
+  expected: number;
 }
 
 export class Scrubber {
@@ -64,22 +81,76 @@ export class Scrubber {
   record(id: string, layers: number, layer: number, firstPage: number, sums: Uint32Array): void {
     let s = this.sessions.get(id);
     if (!s) {
-      s = { sums: Array.from({ length: layers }, () => new Uint32Array(0)), known: new Array<number>(layers).fill(0) };
+      s = { sums: Array.from({ length: layers }, () => new Uint32Array(0)), known: new Array<number>(layers).fill(0), ahead: Array.from({ length: layers }, () => new Map()) };
       this.sessions.set(id, s);
     }
-    // Pages are committed in order without gaps; a commit may repeat pages already known (a
-    // retried commit): those keep the first checksums.
-    if (firstPage > s.known[layer]) return;
+    const known = s.known[layer];
+    const ahead = s.ahead[layer];
+    // Past the prefix (an adopted or imported session the pass has not reached): kept aside, and
+    // compared when the pass reaches those pages. A page's first checksum wins (a retried commit).
+    if (firstPage > known) {
+      sums.forEach((c, k) => {
+        if (!ahead.has(firstPage + k)) ahead.set(firstPage + k, c);
+      });
+      return;
+    }
     const end = firstPage + sums.length;
-    if (end <= s.known[layer]) return;
+    if (end <= known) return;
     let arr = s.sums[layer];
     if (arr.length < end) {
       const grown = new Uint32Array(Math.max(end, arr.length * 2, 64));
-      grown.set(arr.subarray(0, s.known[layer]));
+      grown.set(arr.subarray(0, known));
       arr = s.sums[layer] = grown;
     }
-    arr.set(sums.subarray(s.known[layer] - firstPage), s.known[layer]);
+    for (let p = known; p < end; p++) {
+      const first = ahead.get(p);
+      arr[p] = first ?? sums[p - firstPage];
+      if (first !== undefined) ahead.delete(p);
+    }
     s.known[layer] = end;
+    // Pages kept aside that now continue the prefix join it.
+    for (let p = end; ahead.has(p); p++) {
+      if (arr.length <= p) {
+        const grown = new Uint32Array(Math.max(p + 1, arr.length * 2));
+        grown.set(arr.subarray(0, p));
+        arr = s.sums[layer] = grown;
+      }
+      arr[p] = ahead.get(p)!;
+      ahead.delete(p);
+      s.known[layer] = p + 1;
+    }
+  }
+
+  /** The checksum a commit gave page `page` of a layer, if one is kept. */
+  private expected(s: Sums | undefined, layer: number, page: number): number | undefined {
+    if (!s) return undefined;
+    return page < s.known[layer] ? s.sums[layer][page] : s.ahead[layer].get(page);
+  }
+
+  /**
+   * Compares the checksums of pages [firstPage, firstPage + got.length) of a layer, read now, with
+   * those kept for them; the first page that differs is reported as the scrubber reports one
+   * (logged, counted, the session marked corrupt) and returned. Pages without a kept checksum are
+   * not compared.
+   */
+  verify(id: string, layer: number, firstPage: number, got: Uint32Array): Mismatch | undefined {
+    const s = this.sessions.get(id);
+    for (let k = 0; k < got.length; k++) {
+      const expected = this.expected(s, layer, firstPage + k);
+      if (expected !== undefined && expected !== got[k]) {
+        const m = { layer, page: firstPage + k, got: got[k], expected };
+        this.corrupt(id, m);
+        return m;
+      }
+    }
+    return undefined;
+  }
+
+  private corrupt(id: string, m: Mismatch): void {
+    this.opts.metrics?.corruptPages.inc();
+    this.opts.log.error({ session: id, layer: m.layer, page: m.page, crc: m.got.toString(16), expected: m.expected.toString(16) }, "scrubber: a committed page no longer matches its checksum");
+    this.host.markCorrupt(id, m.layer, m.page, m.got, m.expected);
+    this.sessions.delete(id);
   }
 
   forget(id: string): void {
@@ -144,14 +215,11 @@ export class Scrubber {
       const sums = this.sessions.get(s.id);
       const known = sums ? sums.known[layer] : 0;
       let bad = false;
-      for (let k = 0; k < count && page + k < known; k++) {
-        const expected = sums!.sums[layer][page + k];
-        if (got[k] !== expected) {
+      for (let k = 0; k < count; k++) {
+        const expected = this.expected(sums, layer, page + k);
+        if (expected !== undefined && got[k] !== expected) {
           bad = true;
-          this.opts.metrics?.corruptPages.inc();
-          this.opts.log.error({ session: s.id, layer, page: page + k, crc: got[k].toString(16), expected: expected.toString(16) }, "scrubber: a committed page no longer matches its checksum");
-          this.host.markCorrupt(s.id, layer, page + k, got[k], expected);
-          this.sessions.delete(s.id);
+          this.corrupt(s.id, { layer, page: page + k, got: got[k], expected });
           this.cursor = { id: s.id, layer: s.committed.length, page: 0 };
           break;
         }

@@ -847,7 +847,7 @@ export class KvStore implements ScrubHost {
   }
 
   /** Makes an imported session visible (directory first; a failed write leaves it reserved, for dropImport). */
-  publishImport(r: ImportReservation, committedPages: number[], contextTokens: number): Promise<void> {
+  publishImport(r: ImportReservation, committedPages: number[], contextTokens: number, sums: Uint32Array[] = []): Promise<void> {
     const id = r.record.sessionId;
     return this.withLock(id, async () => {
       const record: SessionRecord = { ...r.record, committedPages: [...committedPages], contextTokens, createdAt: new Date().toISOString() };
@@ -855,6 +855,10 @@ export class KvStore implements ScrubHost {
       r.record = record;
       this.importing.delete(id);
       this.live.set(id, r);
+      // The committed pages' checksums (taken right after the import verified them) for the scrubber.
+      sums.forEach((c, layer) => {
+        if (c.length > 0) this.scrubber?.record(id, committedPages.length, layer, 0, c);
+      });
       this.updateGauges();
       this.log.info({ session: id, bytes: r.bytes, committedPages, contextTokens }, "session imported");
     });

@@ -7,8 +7,11 @@
  * then the bytes in chunks of at most 4 MiB, each with its CRC32C: per layer the store pages
  * [0, exported_pages) (the pages the engine wrote per the session's manifest, which includes dense
  * layers the compute tier does not commit; never the rest of the segment), then the whole tail,
- * then the whole manifest; and last a digest, the CRC32C of the metadata followed by every chunk's
- * data in order.
+ * then the whole manifest; and last a digest, the CRC32C of the header's protobuf encoding followed
+ * by every chunk's data in order (so the page counts and context the receiver publishes are covered
+ * too). Before the digest, the committed pages just sent are checksummed again and compared with
+ * the checksums taken at their commits (Scrubber.verify): a page changed since its commit is
+ * DATA_LOSS, never a copy that the receiver would take as good.
  *
  * ImportSession checks the header before any memory is touched (the id, the geometry and
  * retrieval, the layout it computes itself from them, every page count against the capacity, the
@@ -16,8 +19,9 @@
  * each chunk where the stream order says it goes (a chunk out of order, out of bounds or of the
  * wrong size is INVALID_ARGUMENT; a chunk whose CRC32C differs is DATA_LOSS), and at the digest
  * recomputes it from the bytes now in its own segments, read in pieces of DIGEST_PIECE_BYTES (a
- * layer can be more than one ArrayBuffer holds; DATA_LOSS when it differs) and checks the
- * manifest against the pages sent. The session becomes visible (directory, ListSessions,
+ * layer can be more than one ArrayBuffer holds; DATA_LOSS when it differs), checks the
+ * manifest against the pages sent, and checksums the committed pages it now holds for its own
+ * scrubber, which compares them from its first pass. The session becomes visible (directory, ListSessions,
  * AttachSession) only when the stream ends after a verified digest; an error, a cancelled stream,
  * a deadline, a stream that ends early or sends anything after the digest removes the segments.
  */
@@ -31,7 +35,7 @@ import type {
   SessionTransferHeader,
   KvStoreTransferServiceServer,
 } from "../../proto/gen/freekv/v1/kvstore.js";
-import { SessionPart } from "../../proto/gen/freekv/v1/kvstore.js";
+import { SessionPart, SessionTransferHeader as HeaderCodec } from "../../proto/gen/freekv/v1/kvstore.js";
 import { loadShm, type ShmSegment } from "../../native/shm.js";
 import { callScope } from "../common/cancellation.js";
 import { consume, send } from "../common/streams.js";
@@ -173,6 +177,9 @@ const view = (r: Region, offset: number, n: number): Uint8Array => {
 
 const partName = (p: SessionPart) => SessionPart[p] ?? String(p);
 
+/** Where a transfer's digest starts: the CRC32C of the header's protobuf encoding (both sides encode the same fields). */
+const headerSeed = (h: SessionTransferHeader): number => crc32c(HeaderCodec.encode(h).finish());
+
 /** The export of one session, sent through `emit` (header, chunks, digest). Returns bytes and chunks sent. */
 export async function exportSession(
   store: KvStore,
@@ -208,7 +215,7 @@ export async function exportSession(
     await emit({ item: { $case: "header", value: header } });
     // Chained chunk by chunk: no read here covers more than a chunk (a region past MAX_RANGE is
     // mapped a chunk at a time by view), whatever the size of a layer.
-    let digest = crc32c(rec.metadata);
+    let digest = headerSeed(header);
     let dataBytes = 0;
     let chunks = 0;
     for (const r of regions(maps, layout.layerStride, layout.pageBytes, exported, layout.tailBytes, layout.manifestBytes)) {
@@ -223,8 +230,16 @@ export async function exportSession(
         await emit({ item: { $case: "chunk", value: { part: r.part, layer: r.layer, offset: off, data, crc32c: crc } } });
       }
     }
-    // The scrubber may have found a page changed while the chunks went out (it does not take the
-    // session's lock): no digest then, so the copy is never published.
+    // The committed pages, checksummed after they were copied out, against their commits'
+    // checksums: a page changed since its commit and before the scrubber's next pass over it went
+    // out as it is now, so it is reported here (logged, counted, the session marked corrupt).
+    for (const [layer, committed] of rec.committedPages.entries()) {
+      if (committed === 0 || !store.scrubber) continue;
+      const got = await segments.store.crc32cPagesAsync(layer * layout.layerStride, layout.pageBytes, committed);
+      if (store.scrubber.verify(rec.sessionId, layer, 0, got)) break;
+    }
+    // The scrubber may also have found a page changed while the chunks went out (it does not take
+    // the session's lock): no digest then, so the copy is never published.
     const corrupt = store.corruption(rec.sessionId);
     if (corrupt) throw corrupt;
     await emit({ item: { $case: "digest", value: { crc32c: digest, dataBytes, chunks } } });
@@ -253,6 +268,10 @@ export class SessionImport {
   private dataBytes = 0;
   private chunks = 0;
   private digested = false;
+  private pageBytes = 0;
+  private layerStride = 0;
+  /** Per layer, the CRC32C of each committed page as written here (taken after the digest). */
+  private sums: Uint32Array[] = [];
 
   constructor(
     private readonly store: KvStore,
@@ -308,6 +327,8 @@ export class SessionImport {
     const reach = Math.max(Number(h.contextTokens), Math.max(0, ...h.exportedPages) * retrieval.pageSize);
     this.reservation = await this.store.reserveImport(h.sessionId, geometry, retrieval, h.maxContextTokens, h.metadata, Math.min(reach, h.maxContextTokens));
     this.header = h;
+    this.pageBytes = layout.pageBytes;
+    this.layerStride = layout.layerStride;
     this.plan = regions(mappings(this.reservation.segments), layout.layerStride, layout.pageBytes, h.exportedPages, layout.tailBytes, layout.manifestBytes);
   }
 
@@ -342,7 +363,7 @@ export class SessionImport {
     if (d.dataBytes !== this.dataBytes || d.chunks !== this.chunks) throw dataLoss(`digest: the sender sent ${d.dataBytes} bytes in ${d.chunks} chunks, ${this.dataBytes} bytes in ${this.chunks} chunks arrived`);
     // Recomputed from the segments: what this kvstore holds now, not what it was sent; a region at a
     // time and each in pieces (a layer's pages can be more than one ArrayBuffer holds).
-    let crc = crc32c(this.header!.metadata);
+    let crc = headerSeed(this.header!);
     for (const r of this.plan) crc = await crc32cPiecewiseAsync(r.buffer, r.base, r.bytes, crc, this.options.digestPieceBytes);
     if (crc !== d.crc32c >>> 0) throw dataLoss(`digest: the session's CRC32C is ${crc.toString(16)} here, ${(d.crc32c >>> 0).toString(16)} at the sender; nothing was imported`);
     const h = this.header!;
@@ -352,6 +373,9 @@ export class SessionImport {
     m.committedPages.forEach((p, l) => {
       if (p > h.exportedPages[l]) throw invalidArgument("manifest", `layer ${l} has ${p} pages in its manifest, only ${h.exportedPages[l]} were sent`);
     });
+    // The committed pages' checksums for this kvstore's scrubber: what was verified just now.
+    const store = this.reservation!.segments.store;
+    this.sums = await Promise.all(h.committedPages.map((c, l) => (c > 0 ? store.crc32cPagesAsync(l * this.layerStride, this.pageBytes, c) : Promise.resolve(new Uint32Array(0)))));
     this.digested = true;
   }
 
@@ -359,7 +383,7 @@ export class SessionImport {
   async finish(): Promise<ImportSessionResponse> {
     if (!this.header) throw invalidArgument("header", "the stream ended without one");
     if (!this.digested) throw invalidArgument("digest", "the stream ended before the digest; nothing was imported");
-    await this.store.publishImport(this.reservation!, this.header.committedPages, this.header.contextTokens);
+    await this.store.publishImport(this.reservation!, this.header.committedPages, this.header.contextTokens, this.sums);
     this.reservation = undefined;
     return { sessionId: this.header.sessionId, dataBytes: this.dataBytes, chunks: this.chunks };
   }

@@ -21,7 +21,7 @@ import {
   type GetStatsResponse,
   type ImportSessionRequest,
   type ImportSessionResponse,
-  type SessionTransferHeader,
+  SessionTransferHeader,
 } from "../../proto/gen/freekv/v1/kvstore.js";
 import { loadShm } from "../../native/shm.js";
 import { computeLayout, capacityPages } from "../../services/kvstore/layout.js";
@@ -200,17 +200,26 @@ describe("session transfer between kvstores", () => {
     const last = exported.at(-1)!.item;
     expect(last?.$case).toBe("digest");
     const d = last!.$case === "digest" ? last!.value : undefined;
-    expect(d!.crc32c).toBe(crcRef([h!.metadata, ...chunks.map((c) => c!.data)]));
+    expect(d!.crc32c).toBe(crcRef([SessionTransferHeader.encode(h!).finish(), ...chunks.map((c) => c!.data)]));
     expect(d!.chunks).toBe(chunks.length);
     expect(d!.dataBytes).toBe(chunks.reduce((s, c) => s + c!.data.length, 0));
   });
 
-  it("refuses a corrupted chunk or digest with DATA_LOSS and imports nothing; the source stays intact", async () => {
+  it("refuses a corrupted chunk, digest or header with DATA_LOSS and imports nothing; the source stays intact", async () => {
     const baseline = await stats(b!.address);
     const segments = shmSegments();
-    for (let trial = 0; trial < 4; trial++) {
+    for (let trial = 0; trial < 6; trial++) {
       const msgs = structuredClone(exported) as ImportSessionRequest[];
-      if (trial < 3) {
+      const h = msgs[0].item?.$case === "header" ? msgs[0].item.value : undefined;
+      if (trial === 4) {
+        // A header changed on the way, still inside every bound: fewer committed pages in a layer.
+        const layers = h!.committedPages.flatMap((c, l) => (c > 0 ? [l] : []));
+        const l = layers[Math.floor(rand() * layers.length)];
+        h!.committedPages[l] = Math.floor(rand() * h!.committedPages[l]);
+      } else if (trial === 5) {
+        // ... or another context length.
+        h!.contextTokens = Math.floor(rand() * Number(h!.contextTokens));
+      } else if (trial < 3) {
         // A flipped bit in a random chunk's data, its checksum left as sent.
         const k = 1 + Math.floor(rand() * (msgs.length - 2));
         const c = msgs[k].item!.$case === "chunk" ? msgs[k].item!.value : undefined;

@@ -2,7 +2,10 @@
  * The kvstore's integrity checks in process: commits checksum their pages, the scrubber re-reads
  * committed pages and finds a flipped bit in any of them, the session then answers DATA_LOSS and
  * its manifest carries the corrupt marker; pages not yet committed are never judged; a scrubber
- * that starts without checksums (an adopted session) records them on its first pass.
+ * that starts without checksums (an adopted session) records them on its first pass, and keeps
+ * the checksums of what is committed meanwhile. A session moved between kvstores keeps its
+ * checks: the export compares what it sent with the commits' checksums, and the importing
+ * kvstore compares its copy from its first pass.
  */
 import { afterEach, describe, expect, it } from "vitest";
 import { status } from "@grpc/grpc-js";
@@ -12,6 +15,8 @@ import { MemoryDirectory } from "../../services/kvstore/directory.js";
 import { createKvStoreMetrics } from "../../services/kvstore/metrics.js";
 import { Scrubber } from "../../services/kvstore/scrubber.js";
 import { KvStore } from "../../services/kvstore/store.js";
+import { SessionImport, exportSession } from "../../services/kvstore/transfer.js";
+import type { ExportSessionResponse } from "../../proto/gen/freekv/v1/kvstore.js";
 import { loadShm } from "../../native/shm.js";
 import { crc32cJs } from "../../services/common/crc32c.js";
 import { prng } from "../helpers/prng.js";
@@ -110,6 +115,28 @@ describe("kvstore scrubber", () => {
     t.close();
   });
 
+  it("an adopted session's later commits keep their checksums until the first pass reaches them", async () => {
+    const pages = 2 + Math.floor(rand() * 4);
+    const t = await setup(pages, false);
+    const fresh = new Scrubber(t.store, { bytesPerSecond: 0, log, metrics: t.metrics });
+    t.store.scrubber = fresh;
+    // Two more pages of every layer, committed before any pass: past what the scrubber knows.
+    for (let layer = 0; layer < G.layers; layer++)
+      for (let i = 0; i < 2 * t.pageBytes; i++) t.bytes[layer * t.stride + (pages + 1) * t.pageBytes + i] = Math.floor(rand() * 256);
+    await t.store.commitPages({
+      sessionId: "s", layer: 0, firstPage: 0, count: 0, checksums: [], contextTokens: (pages + 3) * 16, metadata: Buffer.alloc(0),
+      layers: Array.from({ length: G.layers }, (_, layer) => ({ layer, firstPage: pages, count: 3, checksums: [] })),
+    });
+    // One of them changes before the first pass gets there.
+    const layer = Math.floor(rand() * G.layers), page = pages + Math.floor(rand() * 3);
+    t.bytes[layer * t.stride + page * t.pageBytes + Math.floor(rand() * t.pageBytes)] ^= 1 << Math.floor(rand() * 8);
+    const total = G.layers * (pages + 3) * t.pageBytes;
+    for (let i = 0; i < 3; i++) fresh.scrub(total);
+    expect((await t.metrics.corruptPages.get()).values[0].value, why).toBe(1);
+    await expect(t.store.reserve("s", 16)).rejects.toMatchObject({ code: status.DATA_LOSS, message: expect.stringMatching(new RegExp(`page ${page} of layer ${layer} changed`)) });
+    t.close();
+  });
+
   it("a commit whose checksums do not match the store is refused (FAILED_PRECONDITION) and records nothing", async () => {
     const t = await setup(2);
     const bad = crc32cJs(t.bytes.subarray(2 * t.pageBytes, 3 * t.pageBytes)) ^ 1;
@@ -117,6 +144,48 @@ describe("kvstore scrubber", () => {
       t.store.commitPages({ sessionId: "s", layer: 0, firstPage: 2, count: 1, checksums: [bad], contextTokens: 48, metadata: Buffer.alloc(0), layers: [] }),
     ).rejects.toMatchObject({ code: status.FAILED_PRECONDITION });
     expect(t.store.record("s")!.committedPages[0]).toBe(2);
+    t.close();
+  });
+});
+
+describe("checksums across a move", () => {
+  it("an export compares the pages it sent with their commits' checksums: a page changed since is DATA_LOSS, with no digest", async () => {
+    const pages = 2 + Math.floor(rand() * 6);
+    const t = await setup(pages);
+    const layer = Math.floor(rand() * G.layers), page = Math.floor(rand() * pages);
+    t.bytes[layer * t.stride + page * t.pageBytes + Math.floor(rand() * t.pageBytes)] ^= 1 << Math.floor(rand() * 8);
+    const sent: ExportSessionResponse[] = [];
+    const e = await exportSession(t.store, { sessionId: "s", chunkBytes: 4096 }, async (m) => void sent.push(m)).catch((x: { code: number; message: string }) => x);
+    expect(e, why).toMatchObject({ code: status.DATA_LOSS, message: expect.stringMatching(new RegExp(`page ${page} of layer ${layer} changed`)) });
+    expect(sent.some((m) => m.item?.$case === "digest")).toBe(false);
+    expect((await t.metrics.corruptPages.get()).values[0].value).toBe(1);
+    expect(loadShm().manifestCorrupt(t.manifest.buffer())).toBe(true);
+    t.close();
+  });
+
+  it("an imported session is compared from the importing kvstore's first pass", async () => {
+    const pages = 2 + Math.floor(rand() * 6);
+    const t = await setup(pages);
+    const sent: ExportSessionResponse[] = [];
+    await exportSession(t.store, { sessionId: "s", chunkBytes: 4096 }, async (m) => void sent.push(m));
+    await t.store.release("s");
+    const metrics = createKvStoreMetrics(new Registry());
+    const dst = new KvStore(new MemoryDirectory(), 1 << 30, log, metrics);
+    stores.push(dst);
+    const scrubber = new Scrubber(dst, { bytesPerSecond: 0, log, metrics });
+    dst.scrubber = scrubber;
+    const imp = new SessionImport(dst);
+    for (const m of sent) await imp.take(m);
+    await imp.finish();
+    // A page of the copy changes before the importing kvstore's scrubber has read it once.
+    const a = await dst.attach({ sessionId: "s" } as never);
+    const seg = loadShm().ShmSegment.open(a.store!.name);
+    const bytes = new Uint8Array(seg.buffer());
+    const layer = Math.floor(rand() * G.layers), page = Math.floor(rand() * pages);
+    bytes[layer * t.stride + page * t.pageBytes + Math.floor(rand() * t.pageBytes)] ^= 1 << Math.floor(rand() * 8);
+    for (let i = 0; i < 3; i++) scrubber.scrub(G.layers * pages * t.pageBytes);
+    expect((await metrics.corruptPages.get()).values[0].value, why).toBe(1);
+    seg.close();
     t.close();
   });
 });

@@ -16,6 +16,7 @@ import {
   KvStoreTransferServiceClient,
   KvStoreTransferServiceService,
   SessionPart,
+  SessionTransferHeader,
   type AttachSessionResponse,
   type ExportSessionResponse,
   type ImportSessionRequest,
@@ -231,8 +232,8 @@ describe("a session found corrupt while it moves", () => {
     loadShm().markManifestCorrupt(marked.buffer);
     c.data = marked;
     c.crc32c = crc32cJs(marked);
-    const header = msgs[0].item as { value: { metadata: Uint8Array } };
-    let digest = crc32cJs(header.value.metadata);
+    const header = msgs[0].item as { value: SessionTransferHeader };
+    let digest = crc32cJs(SessionTransferHeader.encode(header.value).finish());
     for (const m of msgs) if (m.item?.$case === "chunk") digest = crc32cJs(m.item.value.data, digest);
     (msgs[msgs.length - 1].item as { value: { crc32c: number } }).value.crc32c = digest;
     const r = await importAll(dst.address, msgs);

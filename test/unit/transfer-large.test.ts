@@ -19,7 +19,7 @@ import { createLogger } from "../../services/common/log.js";
 import { MemoryDirectory } from "../../services/kvstore/directory.js";
 import { KvStore } from "../../services/kvstore/store.js";
 import { MAX_CHUNK_BYTES, SessionImport, exportSession } from "../../services/kvstore/transfer.js";
-import { SessionPart, type ExportSessionResponse, type ImportSessionRequest, type SessionTransferHeader } from "../../proto/gen/freekv/v1/kvstore.js";
+import { SessionPart, type ExportSessionResponse, type ImportSessionRequest, SessionTransferHeader } from "../../proto/gen/freekv/v1/kvstore.js";
 import { prng } from "../helpers/prng.js";
 
 const seed = Number(process.env.FREEKV_TEST_SEED ?? Date.now() % 1e9);
@@ -100,7 +100,7 @@ describe("moving a session with a store over 4 GiB", () => {
     /** Streams the session into `imp`; `beforeDigest` runs after the last chunk. Returns the digest's outcome. */
     const run = async (imp: SessionImport, beforeDigest: () => void) => {
       await imp.take({ item: { $case: "header", value: header } });
-      let digest = crc32c(header.metadata);
+      let digest = crc32c(SessionTransferHeader.encode(header).finish());
       let chunks = 0;
       const send = async (part: SessionPart, offset: number, data: Buffer) => {
         digest = crc32c(data, digest);

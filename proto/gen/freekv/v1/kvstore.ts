@@ -284,8 +284,10 @@ export interface SessionTransferChunk {
 }
 
 /**
- * Ends the stream: the CRC32C of the header's metadata followed by every chunk's data in stream
- * order; the receiver recomputes it from what it wrote into its segments.
+ * Ends the stream: the CRC32C of the header's protobuf encoding followed by every chunk's data in
+ * stream order; the receiver encodes the header it received and recomputes the rest from what it
+ * wrote into its segments. (Both sides must know the same header fields: a peer of another
+ * build's header is refused with DATA_LOSS, and the session stays where it was.)
  */
 export interface SessionTransferDigest {
   crc32c: number;
