@@ -6,6 +6,7 @@
  * a missing or unreadable file stops the process with the setting's name.
  */
 import { readFileSync } from "node:fs";
+import type { ServerOptions as HttpsOptions } from "node:https";
 import { credentials, ServerCredentials, type ChannelCredentials } from "@grpc/grpc-js";
 
 function read(setting: string, path: string): Buffer {
@@ -28,6 +29,17 @@ export function serverCredentials(prefix: string, tls: ServerTls): ServerCredent
   if (!tls.cert || !tls.key) throw new Error(`${prefix}_TLS_CERT_FILE and ${prefix}_TLS_KEY_FILE go together`);
   const ca = tls.clientCa ? read(`${prefix}_TLS_CLIENT_CA_FILE`, tls.clientCa) : null;
   return ServerCredentials.createSsl(ca, [{ cert_chain: read(`${prefix}_TLS_CERT_FILE`, tls.cert), private_key: read(`${prefix}_TLS_KEY_FILE`, tls.key) }], !!ca);
+}
+
+/**
+ * The same settings for an HTTPS server (the OpenAI front beside the gRPC port): undefined without
+ * them (plaintext); with a client CA, client certificates are required and checked.
+ */
+export function httpsOptions(prefix: string, tls: ServerTls): HttpsOptions | undefined {
+  if (!tls.cert && !tls.key && !tls.clientCa) return undefined;
+  if (!tls.cert || !tls.key) throw new Error(`${prefix}_TLS_CERT_FILE and ${prefix}_TLS_KEY_FILE go together`);
+  const ca = tls.clientCa ? read(`${prefix}_TLS_CLIENT_CA_FILE`, tls.clientCa) : undefined;
+  return { cert: read(`${prefix}_TLS_CERT_FILE`, tls.cert), key: read(`${prefix}_TLS_KEY_FILE`, tls.key), ...(ca ? { ca, requestCert: true, rejectUnauthorized: true } : {}) };
 }
 
 export interface ClientTls {

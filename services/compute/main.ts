@@ -4,7 +4,7 @@
  * the kvstore still holds, listens (NOT_SERVING), then loads the served model and turns SERVING
  * once it is ready (a failed load leaves it NOT_SERVING, with the reason logged).
  */
-import { channelCredentials, serverCredentials } from "../common/tls.js";
+import { channelCredentials, httpsOptions, serverCredentials } from "../common/tls.js";
 import { readFileSync } from "node:fs";
 import { basename, resolve } from "node:path";
 import { loadConfigOrExit } from "../common/config.js";
@@ -85,8 +85,11 @@ async function main(): Promise<void> {
   const peers = handoffPeers(config.FREEKV_DRAIN_HANDOFF, config.FREEKV_ADVERTISE_ADDRESS);
   const { server, health, generate, mover, upstream: kvstoreServing } = createComputeServer(ctx, { credentials: peerCredentials, token: peerToken });
   let creds;
+  let frontTls;
   try {
-    creds = serverCredentials("FREEKV_COMPUTE", { cert: config.FREEKV_COMPUTE_TLS_CERT_FILE, key: config.FREEKV_COMPUTE_TLS_KEY_FILE, clientCa: config.FREEKV_COMPUTE_TLS_CLIENT_CA_FILE });
+    const tls = { cert: config.FREEKV_COMPUTE_TLS_CERT_FILE, key: config.FREEKV_COMPUTE_TLS_KEY_FILE, clientCa: config.FREEKV_COMPUTE_TLS_CLIENT_CA_FILE };
+    creds = serverCredentials("FREEKV_COMPUTE", tls);
+    frontTls = httpsOptions("FREEKV_COMPUTE", tls);
   } catch (e) {
     process.stderr.write(`compute: ${(e as Error).message}\n`);
     process.exit(2);
@@ -103,6 +106,8 @@ async function main(): Promise<void> {
       modelName: config.FREEKV_MODEL === NO_MODEL ? undefined : (config.FREEKV_MODEL_NAME ?? basename(resolve(config.FREEKV_MODEL || builtinModelDir()))),
       maxBodyBytes: config.FREEKV_OPENAI_MAX_BODY_BYTES,
       defaultMaxTokens: config.FREEKV_MAX_CONTEXT_TOKENS,
+      tls: frontTls,
+      writeStallMs: config.FREEKV_WRITE_STALL_MS,
       log,
     });
     openaiPort = await openai.listen(config.FREEKV_OPENAI_HOST ?? config.FREEKV_COMPUTE_HOST, config.FREEKV_OPENAI_PORT);
@@ -119,7 +124,8 @@ async function main(): Promise<void> {
   // At the end of the drain: sessions committed and unmapped (the kvstore keeps their pages).
   // With FREEKV_DRAIN_HANDOFF, the named sessions first move to the peers (sessions/handoff.ts).
   const cleanup = async () => {
-    await openai?.close();
+    // Responses still being flushed to slow readers get up to 5 s (or FREEKV_WRITE_STALL_MS, when shorter) to finish.
+    await openai?.close(config.FREEKV_WRITE_STALL_MS > 0 ? Math.min(5_000, config.FREEKV_WRITE_STALL_MS) : 5_000);
     await ctx.owners?.leave();
     const to = config.FREEKV_DRAIN_HANDOFF === "owners" ? ((await ctx.owners?.livePeers()) ?? []) : peers;
     // Without a peer, each session is still logged and counted as not handed off.

@@ -3,9 +3,13 @@
  * client's certificates. The kvstore requires client certificates (mutual TLS) and compute presents
  * its own; compute serves TLS. A client that trusts the CA generates through it; a plaintext
  * client cannot; a compute without a client certificate cannot reach the kvstore and stops at start.
+ * The OpenAI front beside a compute with mutual TLS serves HTTPS and requires a client certificate
+ * too: neither plaintext HTTP nor a client without a certificate gets an answer.
  */
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { request as httpRequest } from "node:http";
+import { request as httpsRequest, type RequestOptions } from "node:https";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -74,5 +78,52 @@ describe.skipIf(!openssl)("TLS between the tiers and to compute", () => {
       tls.close();
       plain.close();
     }
+  });
+
+  it("the OpenAI front of a compute with mutual TLS serves HTTPS only, to clients with a certificate", { timeout: 120_000 }, async () => {
+    if (!existsSync(f("ca.crt"))) makeCerts();
+    const kvstore = await startService("kvstore", { env: { ...QUIET, FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_METRICS_PORT: "0" } });
+    procs.push(kvstore);
+    const compute = await startService("compute", {
+      env: {
+        ...QUIET,
+        FREEKV_THREADS: "1",
+        FREEKV_COMPUTE_PORT: "0",
+        FREEKV_COMPUTE_METRICS_PORT: "0",
+        FREEKV_OPENAI_PORT: "0",
+        FREEKV_KVSTORE_ADDR: kvstore.address,
+        FREEKV_COMPUTE_TLS_CERT_FILE: f("compute.crt"),
+        FREEKV_COMPUTE_TLS_KEY_FILE: f("compute.key"),
+        FREEKV_COMPUTE_TLS_CLIENT_CA_FILE: f("ca.crt"),
+      },
+      serving: false,
+    });
+    procs.push(compute);
+    const port = compute.openaiPort!;
+    type Outcome = { status?: number; error?: string };
+    const settle = (req: ReturnType<typeof httpRequest>): Promise<Outcome> =>
+      new Promise((resolve) => {
+        req.setTimeout(10_000, () => req.destroy(new Error("timed out")));
+        req.on("response", (res) => {
+          res.resume();
+          resolve({ status: res.statusCode });
+        });
+        req.on("error", (e) => resolve({ error: e.message }));
+        req.end();
+      });
+    const https = (extra: RequestOptions) => settle(httpsRequest({ host: "127.0.0.1", port, path: "/health", ca: readFileSync(f("ca.crt")), ...extra }));
+    // Plaintext HTTP: no answer.
+    const plain = await settle(httpRequest({ host: "127.0.0.1", port, path: "/health" }));
+    expect(plain.status, "plain HTTP").toBeUndefined();
+    // HTTPS without a client certificate: the handshake is refused.
+    const anonymous = await https({});
+    expect(anonymous.status, "HTTPS without a certificate").toBeUndefined();
+    // With one: the front answers (503 until the model is loaded, then 200).
+    let withCert: Outcome = {};
+    for (let i = 0; i < 100 && withCert.status !== 200; i++) {
+      withCert = await https({ cert: readFileSync(f("client.crt")), key: readFileSync(f("client.key")) });
+      if (withCert.status !== 200) await new Promise((r) => setTimeout(r, 200));
+    }
+    expect(withCert).toEqual({ status: 200 });
   });
 });

@@ -9,9 +9,18 @@
  * continue; the response carries the header back. A client that goes away cancels the
  * generation; `x-freekv-timeout-ms` gives it a deadline. The body is bounded
  * (FREEKV_OPENAI_MAX_BODY_BYTES) before it is parsed; errors are OpenAI's JSON shape (errors.ts).
+ *
+ * With compute's TLS settings the front serves HTTPS with the same certificate, and with a client
+ * CA it requires client certificates as the gRPC port does: the front is never a plaintext way
+ * around them. An error after a stream started is always its last event, written behind what the
+ * client has not read yet; a response whose client stops reading is closed once it has not been
+ * flushed for FREEKV_WRITE_STALL_MS. At the drain, responses still being flushed to slow readers
+ * finish (for up to `close`'s wait) before the connections are closed.
  */
 import { randomUUID } from "node:crypto";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import { createServer as createHttpsServer, type ServerOptions as HttpsOptions } from "node:https";
+import type { Socket } from "node:net";
 import { FinishReason, type GenerateFinal, type GenerateRequest, type GenerateResponse } from "../../../proto/gen/freekv/v1/compute.js";
 import type { Logger } from "../../common/log.js";
 import { startGenerate, type GenerateHandler } from "./call.js";
@@ -41,14 +50,21 @@ export interface OpenAIFrontOptions {
   defaultMaxTokens: number;
   /** Per-tenant tokens (FREEKV_AUTH_TOKENS_FILE): the model list needs one too (generation is checked by the handler). */
   auth?: TenantAuth;
+  /** HTTPS instead of HTTP (compute's certificate, key and client CA: see tls.ts httpsOptions). */
+  tls?: HttpsOptions;
+  /** How long an ended response may wait for a client that stopped reading before it is closed (FREEKV_WRITE_STALL_MS; 0: no limit). */
+  writeStallMs?: number;
   log: Logger;
 }
 
 export interface OpenAIFront {
   readonly server: Server;
   listen(host: string, port: number): Promise<number>;
-  /** Stops accepting and closes every connection (at the end of the drain). */
-  close(): Promise<void>;
+  /**
+   * Stops accepting, closes idle connections, lets responses still being flushed finish for up
+   * to `waitMs` (default 5 s), then closes every connection (at the end of the drain).
+   */
+  close(waitMs?: number): Promise<void>;
 }
 
 const CREATED = Math.floor(Date.now() / 1000);
@@ -264,13 +280,9 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
       if (!opened && typeof owner === "string")
         return sendError(res, new HttpError(421, err.message, null, "session_elsewhere"), { ...headers, [SESSION_OWNER_KEY]: owner });
       if (!opened) return sendError(res, err, headers);
-      // A client that stopped reading (the call ended for FREEKV_WRITE_STALL_MS) would never read
-      // the error either: its connection is closed, not left holding what was written.
-      if (res.writableNeedDrain) {
-        res.destroy();
-        return;
-      }
-      // Mid-stream: the status line is gone; the error is the stream's last event.
+      // Mid-stream: the status line is gone; the error is the stream's last event, behind what
+      // the client has not read yet (a client that never reads again is closed by the flush
+      // guard after FREEKV_WRITE_STALL_MS, see guardFlush).
       sse(err.body());
       res.end();
       return;
@@ -294,17 +306,56 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
     res.end("data: [DONE]\n\n");
   }
 
-  const server = createServer((req, res) => {
-    route(req, res).catch((e: unknown) => {
-      const err = e instanceof HttpError ? e : new HttpError(500, `internal error: ${(e as Error).message}`);
-      if (!(e instanceof HttpError)) log.error({ err: e, url: req.url }, "OpenAI front: internal error");
-      if (res.headersSent) {
-        res.destroy();
-        return;
-      }
-      sendError(res, err);
-    });
-  });
+  /**
+   * Responses not yet closed, and the sockets requests came on: the drain lets them flush before
+   * it closes their connections (a response is finished once its last bytes are handed to its
+   * socket, which may still hold them for a slow reader).
+   */
+  const responses = new Set<ServerResponse>();
+  const sockets = new Set<Socket>();
+
+  /**
+   * An ended response that the client has not read to its end is closed if it is still not
+   * flushed after FREEKV_WRITE_STALL_MS: a reader that stopped does not hold its socket and
+   * buffers forever.
+   */
+  const guardFlush = (res: ServerResponse): void => {
+    const stallMs = opts.writeStallMs ?? 0;
+    if (stallMs <= 0 || res.writableFinished || res.destroyed) return;
+    const timer = setTimeout(() => {
+      if (res.writableFinished) return;
+      log.info({ stallMs }, "OpenAI front: a client stopped reading the end of its response; closed");
+      res.destroy();
+    }, stallMs);
+    timer.unref();
+    const clear = () => clearTimeout(timer);
+    res.once("finish", clear);
+    res.once("close", clear);
+  };
+
+  const handle = (req: IncomingMessage, res: ServerResponse): void => {
+    responses.add(res);
+    res.once("close", () => responses.delete(res));
+    const socket = req.socket;
+    if (!sockets.has(socket)) {
+      sockets.add(socket);
+      socket.once("close", () => sockets.delete(socket));
+    }
+    route(req, res).then(
+      () => guardFlush(res),
+      (e: unknown) => {
+        const err = e instanceof HttpError ? e : new HttpError(500, `internal error: ${(e as Error).message}`);
+        if (!(e instanceof HttpError)) log.error({ err: e, url: req.url }, "OpenAI front: internal error");
+        if (res.headersSent) {
+          res.destroy();
+          return;
+        }
+        sendError(res, err);
+        guardFlush(res);
+      },
+    );
+  };
+  const server: Server = opts.tls ? createHttpsServer(opts.tls, handle) : createServer(handle);
 
   return {
     server,
@@ -323,11 +374,18 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
         });
       });
     },
-    close() {
-      return new Promise((resolve) => {
-        server.close(() => resolve());
-        server.closeAllConnections();
-      });
+    async close(waitMs = 5_000) {
+      // Waited for before server.close(), which closes connections it deems idle: one whose
+      // response is finished but still in its socket's buffer would lose its tail. New requests
+      // meanwhile get 503 (the service no longer serves).
+      const flushing = () => [...responses].filter((r) => !r.writableFinished).length + [...sockets].filter((k) => !k.destroyed && k.writableLength > 0).length;
+      const t0 = Date.now();
+      while (flushing() > 0 && Date.now() - t0 < waitMs) await new Promise((r) => setTimeout(r, 20));
+      const left = flushing();
+      if (left > 0) log.warn({ waitedMs: Date.now() - t0, responses: left }, "OpenAI front: responses still unread by their clients are cut at the drain");
+      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      server.closeAllConnections();
+      await closed;
     },
   };
 }
