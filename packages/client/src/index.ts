@@ -17,7 +17,12 @@
  *   key `x-freekv-session-owner`, and the client then sends the call there (and remembers the
  *   session's address for its next calls). When a remembered pod no longer answers
  *   (UNAVAILABLE: it drained and handed its sessions off), the call goes to the configured
- *   address again, which redirects it to the session's new pod;
+ *   address again, which redirects it to the session's new pod. A session that a pod answers
+ *   NOT_FOUND for (it expired, or another client closed it) is forgotten, and the client remembers
+ *   at most `maxRememberedSessions` sessions (the least recently used go first);
+ * - flow control: a Generate stream is read only as fast as its events are consumed (the client
+ *   reads a few dozen messages ahead at most, see `STREAM_BUFFER_MESSAGES`), so a consumer that
+ *   stops pulling holds the server back instead of making the client buffer the whole answer;
  * - `moveSession()`: moves a session to another pod (SessionMoveService.MoveSession).
  * It needs neither the native addon nor the service's code: only gRPC and the generated messages.
  */
@@ -62,6 +67,12 @@ export interface ClientOptions {
   maxRedirects?: number;
   /** Extra gRPC channel options. */
   channelOptions?: Record<string, unknown>;
+  /**
+   * How many sessions' pod addresses the client remembers (default 100,000); past that, the
+   * least recently used are forgotten (their next call goes to the configured address, which
+   * redirects it). Bounds the memory of a long-lived client that sees many sessions.
+   */
+  maxRememberedSessions?: number;
 }
 
 export interface CallOptions {
@@ -78,6 +89,14 @@ export type GenerateEvent =
   | { type: "final"; final: NonNullable<Extract<GenerateResponse["event"], { $case: "final" }>>["value"] };
 
 const DEFAULT_RETRY: RetryOptions = { maxAttempts: 4, initialBackoffMs: 100, maxBackoffMs: 2000, multiplier: 2 };
+
+/**
+ * How many messages of a Generate stream the client queues ahead of its consumer (the gRPC stream
+ * reads as many again ahead of that queue): at this many the call is paused (gRPC then stops reading, HTTP/2 flow control holds the server back, and a
+ * server that waits too long for a reader ends the call), and it is resumed once the consumer has
+ * taken half of them.
+ */
+export const STREAM_BUFFER_MESSAGES = 16;
 
 /** The wait before attempt `n` (1-based retry count): exponential with full jitter. */
 export function backoffMs(retry: RetryOptions, n: number, random: () => number = Math.random): number {
@@ -109,11 +128,12 @@ const ownerOf = (e: unknown): string | undefined => {
 export class FreeKvClient {
   private readonly channels = new Map<string, ComputeServiceClient>();
   private readonly moveChannels = new Map<string, SessionMoveServiceClient>();
-  /** The pod address a session was last found on. */
+  /** The pod address a session was last found on, least recently used first (see `remember`). */
   private readonly sessionAddress = new Map<string, string>();
   private readonly retry: RetryOptions;
   private readonly defaultDeadlineMs: number;
   private readonly maxRedirects: number;
+  private readonly maxRememberedSessions: number;
 
   constructor(
     private readonly address: string,
@@ -123,13 +143,38 @@ export class FreeKvClient {
     if (!(this.retry.maxAttempts >= 1)) throw new RangeError("retry.maxAttempts must be >= 1");
     this.defaultDeadlineMs = options.defaultDeadlineMs ?? 60_000;
     this.maxRedirects = options.maxRedirects ?? 2;
+    this.maxRememberedSessions = options.maxRememberedSessions ?? 100_000;
+    if (!(Number.isInteger(this.maxRememberedSessions) && this.maxRememberedSessions >= 0)) throw new RangeError("maxRememberedSessions must be an integer >= 0");
   }
 
-  /** The stub for an address (one channel per address, reused). */
+  /**
+   * Records that `sessionId` is on `address`, as its most recently used entry (a Map keeps
+   * insertion order: deleting and setting again moves it to the end), and forgets the least
+   * recently used sessions past `maxRememberedSessions`.
+   */
+  private remember(sessionId: string, address: string): void {
+    this.sessionAddress.delete(sessionId);
+    if (this.maxRememberedSessions === 0) return;
+    this.sessionAddress.set(sessionId, address);
+    while (this.sessionAddress.size > this.maxRememberedSessions) this.sessionAddress.delete(this.sessionAddress.keys().next().value!);
+  }
+
+  /**
+   * Forgets a session that the pod answered NOT_FOUND for (it expired there, or another client
+   * closed it): nothing else would ever remove its entry.
+   */
+  private forgetIfGone(sessionId: string | undefined, e: unknown): void {
+    if (sessionId && (e as ServiceError | undefined)?.code === status.NOT_FOUND) this.sessionAddress.delete(sessionId);
+  }
+
+  /**
+   * The stub for an address (one channel per address, reused). Each gets its own copy of
+   * `channelOptions`: gRPC takes `interceptors` out of the object it is given.
+   */
   private stub(address: string): ComputeServiceClient {
     let c = this.channels.get(address);
     if (!c) {
-      c = new ComputeServiceClient(address, this.options.credentials ?? grpcCredentials.createInsecure(), this.options.channelOptions);
+      c = new ComputeServiceClient(address, this.options.credentials ?? grpcCredentials.createInsecure(), { ...this.options.channelOptions });
       this.channels.set(address, c);
     }
     return c;
@@ -139,7 +184,7 @@ export class FreeKvClient {
   private moveStub(address: string): SessionMoveServiceClient {
     let c = this.moveChannels.get(address);
     if (!c) {
-      c = new SessionMoveServiceClient(address, this.options.credentials ?? grpcCredentials.createInsecure(), this.options.channelOptions);
+      c = new SessionMoveServiceClient(address, this.options.credentials ?? grpcCredentials.createInsecure(), { ...this.options.channelOptions });
       this.moveChannels.set(address, c);
     }
     return c;
@@ -157,9 +202,11 @@ export class FreeKvClient {
     return this.address;
   }
 
-  /** Where calls on `sessionId` go: its last known pod, else the configured address. */
+  /** Where calls on `sessionId` go: its last known pod (now its most recently used), else the configured address. */
   addressFor(sessionId: string | undefined): string {
-    return (sessionId && this.sessionAddress.get(sessionId)) || this.address;
+    const known = sessionId ? this.sessionAddress.get(sessionId) : undefined;
+    if (sessionId && known) this.remember(sessionId, known);
+    return known || this.address;
   }
 
   close(): void {
@@ -177,7 +224,7 @@ export class FreeKvClient {
   async moveSession(request: DeepPartial<MoveSessionRequest>, opts: CallOptions = {}): Promise<MoveSessionResponse> {
     const req = MoveSessionRequest.fromPartial(request);
     const res = await this.unary<MoveSessionResponse, SessionMoveServiceClient>((a) => this.moveStub(a), (s, md, o, cb) => s.moveSession(req, md, o, cb), req.sessionId, opts, undefined, 1);
-    this.sessionAddress.set(req.sessionId, res.target);
+    if (req.sessionId) this.remember(req.sessionId, res.target);
     return res;
   }
 
@@ -202,6 +249,12 @@ export class FreeKvClient {
   /**
    * Generate as an async iterator of events. Retried on UNAVAILABLE (with backoff) and redirected
    * to the session's owner only before the first event; breaking out of the loop cancels the call.
+   * The stream is read as the events are consumed (see `STREAM_BUFFER_MESSAGES`): when the call
+   * fails, every event the client received comes before the error, but gRPC lets an error status
+   * overtake messages still in the transport, so a consumer that lags may not see the last events
+   * the server sent before it failed. An aborted signal starts no call (an already aborted one
+   * included), and ends the iteration at once with its reason: events received but not yet
+   * consumed are dropped.
    */
   async *generate(request: DeepPartial<GenerateRequest>, opts: CallOptions = {}): AsyncGenerator<GenerateEvent, void, undefined> {
     const req = GenerateRequest.fromPartial(request);
@@ -209,25 +262,29 @@ export class FreeKvClient {
     let address = this.addressFor(req.sessionId);
     let redirects = 0;
     for (let attempt = 1; ; attempt++) {
+      if (opts.signal?.aborted) throw opts.signal.reason;
       const call = this.stub(address).generate(req, opts.metadata ?? new Metadata(), { deadline });
       const onAbort = () => call.cancel();
       opts.signal?.addEventListener("abort", onAbort, { once: true });
       let delivered = false;
       try {
         for await (const m of iterate(call)) {
+          // The caller gave up: what is still buffered is not handed out ahead of the abort.
+          if (opts.signal?.aborted) throw opts.signal.reason;
           delivered = true;
           const e = toEvent(m);
-          if (e?.type === "final" && e.final.sessionId && req.sessionId) this.sessionAddress.set(req.sessionId, address);
+          if (e?.type === "final" && e.final.sessionId && req.sessionId) this.remember(req.sessionId, address);
           if (e) yield e;
         }
         return;
       } catch (e) {
         if (opts.signal?.aborted) throw opts.signal.reason ?? e;
+        this.forgetIfGone(req.sessionId, e);
         const owner = ownerOf(e);
         if (!delivered && owner && owner !== address && redirects < this.maxRedirects) {
           redirects++;
           address = owner;
-          if (req.sessionId) this.sessionAddress.set(req.sessionId, owner);
+          if (req.sessionId) this.remember(req.sessionId, owner);
           attempt--; // a redirect is not a failed attempt
           continue;
         }
@@ -290,10 +347,11 @@ export class FreeKvClient {
           opts.signal?.addEventListener("abort", onAbort, { once: true });
         });
         const id = learned?.(res) ?? sessionId;
-        if (id) this.sessionAddress.set(id, address);
+        if (id) this.remember(id, address);
         return res;
       } catch (e) {
         if (opts.signal?.aborted) throw opts.signal.reason ?? e;
+        this.forgetIfGone(sessionId, e);
         const owner = ownerOf(e);
         if (owner && owner !== address && redirects < this.maxRedirects) {
           redirects++;
@@ -332,17 +390,30 @@ function toEvent(m: GenerateResponse): GenerateEvent | undefined {
   }
 }
 
-/** A server stream as an async iterable that rejects with the call's error status. */
+/**
+ * A server stream as an async iterable that rejects with the call's error status. It reads ahead
+ * of its consumer by at most `STREAM_BUFFER_MESSAGES` messages: at that many the call is paused
+ * (it no longer takes messages from gRPC, which stops reading from the server), and it is resumed
+ * once the consumer has taken half of them.
+ */
 async function* iterate<T>(call: ClientReadableStream<T>): AsyncGenerator<T> {
   const queue: T[] = [];
+  let paused = false;
   let done = false;
   let error: unknown;
   let wake: (() => void) | undefined;
   call.on("data", (m: T) => {
     queue.push(m);
+    if (!paused && queue.length >= STREAM_BUFFER_MESSAGES) {
+      paused = true;
+      call.pause();
+    }
     wake?.();
   });
   call.on("error", (e) => {
+    // A paused stream may still hold messages that gRPC handed up before the status (it reads a
+    // few ahead): they are taken now (each one a 'data' event), so none the client received is lost behind the error.
+    while (call.read() !== null);
     error = e;
     done = true;
     wake?.();
@@ -353,7 +424,12 @@ async function* iterate<T>(call: ClientReadableStream<T>): AsyncGenerator<T> {
   });
   for (;;) {
     if (queue.length) {
-      yield queue.shift()!;
+      const m = queue.shift()!;
+      if (paused && !done && queue.length <= STREAM_BUFFER_MESSAGES / 2) {
+        paused = false;
+        call.resume();
+      }
+      yield m;
       continue;
     }
     if (done) {
