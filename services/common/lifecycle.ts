@@ -72,12 +72,16 @@ export function installDrain(opts: DrainOptions): Drainer {
       if (!clean) {
         opts.log.warn({ inflight: inflightCalls() }, "grace period over: cancelling in-flight calls");
         abortAllCalls();
-        opts.server.forceShutdown();
         // The cancelled handlers end their own way (a stateless request releases its session at
-        // the kvstore): waited for, briefly, before the cleanup and the exit cut them short.
+        // the kvstore) and send their status, UNAVAILABLE, which clients retry elsewhere: waited
+        // for, briefly, before forceShutdown resets whatever is left (the client would see
+        // CANCELLED, which it does not retry) and before the cleanup and the exit.
         const t = Date.now();
         while (inflightCalls() > 0 && Date.now() - t < CANCELLED_CALLS_WAIT_MS) await new Promise((r) => setTimeout(r, 10));
         if (inflightCalls() > 0) opts.log.warn({ inflight: inflightCalls(), waitedMs: CANCELLED_CALLS_WAIT_MS }, "cancelled calls still running at the cleanup");
+        // A moment for the statuses just written to leave before the transports are reset.
+        await new Promise((r) => setTimeout(r, 50));
+        opts.server.forceShutdown();
       }
       try {
         await opts.cleanup?.();

@@ -147,9 +147,11 @@ export function attentionHandler(deps: {
       };
     };
 
+    // An aborted call ends with its reason as the status (a drain's UNAVAILABLE, a deadline),
+    // written by the catch below; a client that cancelled gets nothing more.
     const pump = async () => {
       for (;;) {
-        if (scope.signal.aborted) return;
+        if (scope.signal.aborted) throw scope.signal.reason;
         const m = queue.shift();
         if (m === undefined) {
           if (ended) break;
@@ -162,7 +164,7 @@ export function attentionHandler(deps: {
           call.resume();
         }
         const res = await handle(m);
-        if (scope.signal.aborted) return;
+        if (scope.signal.aborted) throw scope.signal.reason;
         await send(call, res, scope.signal, deps.writeStallMs);
       }
       call.end();
