@@ -43,7 +43,10 @@ async function main(): Promise<void> {
     process.exit(2);
   }
   const swept = sweepStaleExchanges();
-  if (swept.length) log.info({ segments: swept }, "removed tensor exchanges left by a compute process that is gone");
+  if (swept.length) {
+    log.info({ count: swept.length }, "removed tensor exchanges left by a compute process that is gone");
+    log.debug({ segments: swept }, "removed tensor exchanges");
+  }
   if (config.FREEKV_SESSION_OWNERS) {
     if (!config.FREEKV_ADVERTISE_ADDRESS) {
       process.stderr.write("compute: FREEKV_SESSION_OWNERS needs FREEKV_ADVERTISE_ADDRESS (host:port at which other pods reach this compute)\n");
