@@ -163,12 +163,7 @@ export class Scrubber {
       try {
         this.scrub(Math.max(1, Math.floor(this.opts.bytesPerSecond / 10)));
       } catch (e) {
-        // Reported once a minute at most (a slice runs ten times a second).
-        const now = Date.now();
-        if (now - this.lastErrorAt > 60_000) {
-          this.lastErrorAt = now;
-          this.opts.log.error({ err: (e as Error).message }, "scrubber slice failed");
-        }
+        this.sliceFailed(e);
       }
     }, 100);
     this.timer.unref();
@@ -210,7 +205,16 @@ export class Scrubber {
         continue;
       }
       const count = Math.max(1, Math.min(end - page, Math.floor((budget - read) / s.pageBytes)));
-      const got = s.store.crc32cPages(layer * s.layerStride + page * s.pageBytes, s.pageBytes, count);
+      let got: Uint32Array;
+      try {
+        got = s.store.crc32cPages(layer * s.layerStride + page * s.pageBytes, s.pageBytes, count);
+      } catch (e) {
+        // This session cannot be read now (released meanwhile, its segment closed): the pass goes
+        // on with the next one instead of stopping at it forever.
+        this.sliceFailed(e, s.id);
+        this.cursor = { id: s.id, layer: s.committed.length, page: 0 };
+        continue;
+      }
       read += count * s.pageBytes;
       const sums = this.sessions.get(s.id);
       const known = sums ? sums.known[layer] : 0;
@@ -230,6 +234,14 @@ export class Scrubber {
     this.passBytes += read;
     this.opts.metrics?.scrubbedBytes.inc(read);
     return read;
+  }
+
+  /** Reported once a minute at most (a slice runs ten times a second). */
+  private sliceFailed(e: unknown, session?: string): void {
+    const now = Date.now();
+    if (now - this.lastErrorAt <= 60_000) return;
+    this.lastErrorAt = now;
+    this.opts.log.error({ err: (e as Error).message, session }, "scrubber slice failed");
   }
 
   private passDone(): void {

@@ -137,6 +137,23 @@ describe("kvstore scrubber", () => {
     t.close();
   });
 
+  it("a session that cannot be read does not stop the pass: the others are still checked", async () => {
+    const pages = 2 + Math.floor(rand() * 4);
+    const t = await setup(pages);
+    // A session sorted before "s" whose reads fail (its segment closed under the scrubber).
+    const broken = { id: "a-broken", committed: [3, 3, 3], pageBytes: t.pageBytes, layerStride: t.stride, store: { crc32cPages: () => { throw new Error("segment closed"); } } };
+    const host = { scrubSessions: () => [broken, ...t.store.scrubSessions()], markCorrupt: (...a: Parameters<KvStore["markCorrupt"]>) => t.store.markCorrupt(...a) };
+    const scrubber = new Scrubber(host, { bytesPerSecond: 0, log, metrics: t.metrics });
+    t.store.scrubber = scrubber;
+    const layer = Math.floor(rand() * G.layers), page = Math.floor(rand() * pages);
+    const total = G.layers * pages * t.pageBytes;
+    expect(scrubber.scrub(total), why).toBe(total);
+    t.bytes[layer * t.stride + page * t.pageBytes] ^= 0x40;
+    for (let i = 0; i < 3; i++) scrubber.scrub(total);
+    expect((await t.metrics.corruptPages.get()).values[0].value, why).toBe(1);
+    t.close();
+  });
+
   it("a commit whose checksums do not match the store is refused (FAILED_PRECONDITION) and records nothing", async () => {
     const t = await setup(2);
     const bad = crc32cJs(t.bytes.subarray(2 * t.pageBytes, 3 * t.pageBytes)) ^ 1;
