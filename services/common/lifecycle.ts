@@ -5,6 +5,7 @@
  * abort what is still running and forceShutdown; then the service's own cleanup, then exit 0.
  * A second signal during the drain skips the rest of the grace period.
  */
+import { isIPv6 } from "node:net";
 import { Server, ServerCredentials } from "@grpc/grpc-js";
 import { abortAllCalls, inflightCalls } from "./cancellation.js";
 import type { Health } from "./health.js";
@@ -13,10 +14,16 @@ import { stopLogRetries, type Logger } from "./log.js";
 /** How long the drain waits for the calls it cancelled to end before its cleanup. */
 const CANCELLED_CALLS_WAIT_MS = 2_000;
 
+/** `host:port` as gRPC reads it: an IPv6 host (`::`, `fd00::5`) in brackets. */
+export function joinHostPort(host: string, port: number): string {
+  return isIPv6(host) ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
 export async function bindServer(server: Server, host: string, port: number, creds: ServerCredentials = ServerCredentials.createInsecure()): Promise<number> {
+  const address = joinHostPort(host, port);
   return new Promise((resolve, reject) => {
-    server.bindAsync(`${host}:${port}`, creds, (err, actual) => {
-      if (err) reject(new Error(`cannot listen on ${host}:${port}: ${err.message}`));
+    server.bindAsync(address, creds, (err, actual) => {
+      if (err) reject(new Error(`cannot listen on ${address}: ${err.message}`));
       else resolve(actual);
     });
   });

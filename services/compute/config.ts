@@ -1,7 +1,10 @@
 /** The compute service's environment variables (see the README's configuration table). */
 import { z } from "zod";
-import { flag, host, intInRange, logLevel, mallocMmapThreshold, nativeFlag, nonNegativeInt, numberInRange, optionalIntInRange, optionalPort, port, positiveInt, writeStallMs } from "../common/config.js";
+import { flag, host, hostPort, hostPortList, intInRange, logLevel, mallocMmapThreshold, nativeFlag, nonNegativeInt, numberInRange, optionalIntInRange, optionalPort, optionalPositiveInt, port, positiveInt, seconds, serviceSchema, writeStallMs } from "../common/config.js";
 import { PREFILL_CHUNK_TOKENS, PREFILL_SLICE, PREFILL_UNPAID_SLICES } from "./generate/scheduler.js";
+// The kvstore's variables are known here too (a pod's two containers may share one ConfigMap):
+// its schema declares them (serviceSchema) when its module loads.
+import "../kvstore/config.js";
 
 export const computeConfigSchema = z.object({
   FREEKV_COMPUTE_HOST: host("127.0.0.1"),
@@ -9,11 +12,8 @@ export const computeConfigSchema = z.object({
   FREEKV_COMPUTE_METRICS_PORT: port(9091),
   /** Address of the metrics (and /livez) HTTP server; unset: FREEKV_COMPUTE_HOST. */
   FREEKV_COMPUTE_METRICS_HOST: z.string().min(1).optional(),
-  /** host:port of the kvstore's gRPC server. */
-  FREEKV_KVSTORE_ADDR: z
-    .string()
-    .regex(/^[^\s:]+:\d{1,5}$/, "must be host:port")
-    .default("127.0.0.1:50052"),
+  /** host:port of the kvstore's gRPC server ([v6 address]:port for IPv6). */
+  FREEKV_KVSTORE_ADDR: hostPort().default("127.0.0.1:50052"),
   FREEKV_BACKEND: z.enum(["cpu", "cuda"], { message: 'must be "cpu" or "cuda"' }).default("cpu"),
   /** CPU worker threads of the engine; 0 = all cores. */
   FREEKV_THREADS: nonNegativeInt(0),
@@ -27,7 +27,11 @@ export const computeConfigSchema = z.object({
   FREEKV_PREFILL_PROFILE: nativeFlag(),
   /** FREEKV_BACKEND=cuda: time cuBLASLt's candidate algorithms once per prefill GEMM shape. */
   FREEKV_GEMM_AUTOTUNE: nativeFlag(),
-  /** FREEKV_BACKEND=cuda: threads that commit and pin a session's host store as it grows. */
+  /**
+   * FREEKV_BACKEND=cuda: threads that commit and pin a session's host store as it grows. Decimal
+   * digits 1..64, the addon's own reading (CudaSession.cu), which otherwise throws at the first
+   * CUDA session instead of at start.
+   */
   FREEKV_REGISTER_THREADS: intInRange(8, 1, 64),
   // Read by the addon (CudaEngine.cu, CudaSession.cu); an empty value is the default there too.
   FREEKV_PREFILL_OFFLOAD: z.enum(["copy", "kernel"], { message: 'must be "copy" or "kernel"' }).default("copy"),
@@ -82,11 +86,8 @@ export const computeConfigSchema = z.object({
     .regex(/^rediss?:\/\/.+$/, "must be a redis:// URL")
     .optional(),
   FREEKV_SESSION_OWNERS_PREFIX: z.string().min(1).default("freekv:"),
-  /** host:port at which other pods and clients reach this compute (required with FREEKV_SESSION_OWNERS). */
-  FREEKV_ADVERTISE_ADDRESS: z
-    .string()
-    .regex(/^[^\s:]+:\d{1,5}$/, "must be host:port")
-    .optional(),
+  /** host:port at which other pods and clients reach this compute (required with FREEKV_SESSION_OWNERS; [v6 address]:port for IPv6). */
+  FREEKV_ADVERTISE_ADDRESS: hostPort().optional(),
   /** Name the OpenAI-compatible front serves the model under; unset: the model folder's name. */
   FREEKV_MODEL_NAME: z.string().regex(/^\S+$/, "must be a name without spaces").optional(),
   /** Port of the OpenAI-compatible HTTP front (/v1/completions, /v1/chat/completions); unset: off, 0: ephemeral. */
@@ -96,9 +97,9 @@ export const computeConfigSchema = z.object({
   /** Largest request body the front reads (bytes); a larger one is refused (413) before it is parsed. */
   FREEKV_OPENAI_MAX_BODY_BYTES: intInRange(8 << 20, 1024, 1 << 30),
   /** Bytes of Attention tensor exchanges this process may hold at once; unset: 1/8 of /dev/shm's size. */
-  FREEKV_EXCHANGE_CAPACITY_BYTES: z.coerce.number().int("must be an integer").positive("must be > 0").optional(),
+  FREEKV_EXCHANGE_CAPACITY_BYTES: optionalPositiveInt(),
   /** Sessions no call used for this many seconds are closed and their memory released; 0: never. */
-  FREEKV_SESSION_IDLE_TIMEOUT_S: z.coerce.number("must be a number").min(0, "must be >= 0").max(31_536_000, "must be <= 31536000 (a year)").default(0),
+  FREEKV_SESSION_IDLE_TIMEOUT_S: seconds(0, 31_536_000, "a year"),
   /** Open sessions one tenant (x-freekv-tenant) may have from CreateSession; 0: no limit. */
   FREEKV_MAX_SESSIONS_PER_TENANT: nonNegativeInt(0),
   FREEKV_KVSTORE_TIMEOUT_MS: positiveInt(10_000),
@@ -112,10 +113,7 @@ export const computeConfigSchema = z.object({
   FREEKV_KVSTORE_TLS_CLIENT_KEY_FILE: z.string().min(1).optional(),
   FREEKV_SHUTDOWN_GRACE_MS: positiveInt(10_000),
   /** Where a draining compute moves its named sessions (sessions/handoff.ts): host:port[,host:port...], or "owners" (the live pods of FREEKV_SESSION_OWNERS); unset: nowhere, they stay in this pod's kvstore. */
-  FREEKV_DRAIN_HANDOFF: z
-    .string()
-    .regex(/^(owners|\s*[^\s:,]+:\d{1,5}\s*(,\s*[^\s:,]+:\d{1,5}\s*)*)$/, 'must be host:port[,host:port...] or "owners"')
-    .optional(),
+  FREEKV_DRAIN_HANDOFF: hostPortList("owners").optional(),
   /** How long the drain's hand-off may take in all, after the in-flight calls ended (ms). */
   FREEKV_DRAIN_HANDOFF_TIMEOUT_MS: positiveInt(30_000),
   /** Deadline of a MoveSession whose caller set none (ms). */
@@ -130,5 +128,7 @@ export const computeConfigSchema = z.object({
   FREEKV_PEER_TLS_CLIENT_KEY_FILE: z.string().min(1).optional(),
   FREEKV_LOG_LEVEL: logLevel(),
 });
+// Known to both services' check for misspelt variable names.
+serviceSchema(computeConfigSchema);
 
 export type ComputeConfig = z.infer<typeof computeConfigSchema>;

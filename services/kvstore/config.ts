@@ -2,7 +2,10 @@
 import { readFileSync, statfsSync } from "node:fs";
 import { totalmem } from "node:os";
 import { z } from "zod";
-import { flag, host, logLevel, mallocMmapThreshold, nonNegativeInt, port, positiveInt, writeStallMs } from "../common/config.js";
+import { flag, host, intInRange, logLevel, mallocMmapThreshold, nonNegativeInt, port, positiveInt, serviceSchema, writeStallMs } from "../common/config.js";
+// The compute's variables are known here too (a pod's two containers may share one ConfigMap):
+// its schema declares them (serviceSchema) when its module loads.
+import "../compute/config.js";
 
 export const kvstoreConfigSchema = z.object({
   FREEKV_KVSTORE_HOST: host("127.0.0.1"),
@@ -29,7 +32,7 @@ export const kvstoreConfigSchema = z.object({
    * segments here and in its compute, whatever its size: past ~16K the process's memory maps
    * (vm.max_map_count, 65530 by default) run out and every allocation fails.
    */
-  FREEKV_KVSTORE_MAX_SESSIONS: z.coerce.number().int("must be an integer").min(1, "must be >= 1").max(16384, "must be <= 16384").default(4096),
+  FREEKV_KVSTORE_MAX_SESSIONS: intInRange(4096, 1, 16384),
   /** Tokens of context a session's memory grows by (its reservation is a multiple, capped by its max context). */
   FREEKV_KVSTORE_EXTENT_TOKENS: positiveInt(2048),
   /**
@@ -37,7 +40,7 @@ export const kvstoreConfigSchema = z.object({
    * pages are zeroed at their first touch), N = write faults through the kvstore's mapping from N
    * threads (allocated and zeroed in parallel).
    */
-  FREEKV_KVSTORE_COMMIT_THREADS: z.coerce.number().int("must be an integer").min(0, "must be >= 0").max(64, "must be <= 64").default(0),
+  FREEKV_KVSTORE_COMMIT_THREADS: intInRange(0, 0, 64),
   /** Keep live sessions' segments at shutdown (so a restarted compute can re-attach). */
   FREEKV_KVSTORE_PERSIST: flag(false),
   /** Rate at which the scrubber re-reads committed pages to check their CRC32C (0: off). */
@@ -49,6 +52,8 @@ export const kvstoreConfigSchema = z.object({
   FREEKV_SHUTDOWN_GRACE_MS: positiveInt(10_000),
   FREEKV_LOG_LEVEL: logLevel(),
 });
+// Known to both services' check for misspelt variable names.
+serviceSchema(kvstoreConfigSchema);
 
 export type KvStoreConfig = z.infer<typeof kvstoreConfigSchema>;
 

@@ -5,7 +5,7 @@
 import { serverCredentials } from "../common/tls.js";
 import { Server } from "@grpc/grpc-js";
 import { KvStoreServiceService } from "../../proto/gen/freekv/v1/kvstore.js";
-import { loadConfigOrExit } from "../common/config.js";
+import { loadConfigOrExit, redactCredentials } from "../common/config.js";
 import { Health } from "../common/health.js";
 import { rejectMalformed } from "../common/malformed.js";
 import { bindServer, installDrain } from "../common/lifecycle.js";
@@ -43,8 +43,9 @@ async function main(): Promise<void> {
   let allocatedSource: () => number = () => 0;
   const metrics = createKvStoreMetrics(registry, () => allocatedSource());
   const directory = await openDirectory(config.FREEKV_DIRECTORY, config.FREEKV_DIRECTORY_PREFIX).catch((e: Error) => {
-    log.fatal({ err: e.message }, "FREEKV_DIRECTORY: cannot open the session directory");
-    process.stderr.write(`kvstore: FREEKV_DIRECTORY=${config.FREEKV_DIRECTORY}: ${e.message}\n`);
+    // The URL carries the Redis password: printed masked.
+    log.fatal({ err: redactCredentials(e.message) }, "FREEKV_DIRECTORY: cannot open the session directory");
+    process.stderr.write(`kvstore: FREEKV_DIRECTORY=${redactCredentials(config.FREEKV_DIRECTORY)}: ${redactCredentials(e.message)}\n`);
     process.exit(2);
   });
   // Segments left by a kvstore that was killed (no shutdown ran): with the in-memory directory

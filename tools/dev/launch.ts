@@ -11,6 +11,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createInterface } from "node:readline";
 import { healthCheck } from "./health-probe.js";
+import { joinHostPort } from "../../services/common/lifecycle.js";
 
 export type ServiceName = "kvstore" | "compute";
 
@@ -115,7 +116,7 @@ export async function startService(name: ServiceName, opts: StartOptions = {}): 
   const host = info.host === "0.0.0.0" ? "127.0.0.1" : info.host;
   if (opts.serving !== false) {
     try {
-      await waitServing(`${host}:${info.grpcPort}`, opts.timeoutMs ?? 30000, exited);
+      await waitServing(joinHostPort(host, info.grpcPort), opts.timeoutMs ?? 30000, exited);
     } catch (e) {
       child.kill("SIGKILL");
       throw new Error(`${name}: ${(e as Error).message}:\n${output.join("\n")}`);
@@ -129,7 +130,7 @@ export async function startService(name: ServiceName, opts: StartOptions = {}): 
     grpcPort: info.grpcPort,
     metricsPort: info.metricsPort,
     openaiPort: info.openaiPort,
-    address: `${host}:${info.grpcPort}`,
+    address: joinHostPort(host, info.grpcPort),
     output,
     exited,
     async stop(signal: NodeJS.Signals = "SIGTERM", timeoutMs = 30000) {
