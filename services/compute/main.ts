@@ -7,7 +7,7 @@
 import { channelCredentials, httpsOptions, serverCredentials } from "../common/tls.js";
 import { readFileSync } from "node:fs";
 import { basename, resolve } from "node:path";
-import { loadConfigOrExit } from "../common/config.js";
+import { loadConfigOrExit, redactCredentials } from "../common/config.js";
 import { bindServer, installDrain } from "../common/lifecycle.js";
 import { createLogger } from "../common/log.js";
 import { createRegistry, startMetricsServer } from "../common/metrics.js";
@@ -57,7 +57,7 @@ async function main(): Promise<void> {
         ctx.metrics.ownerFailures.inc(),
       );
     } catch (e) {
-      process.stderr.write(`compute: FREEKV_SESSION_OWNERS: not reachable: ${(e as Error).message}\n`);
+      process.stderr.write(`compute: FREEKV_SESSION_OWNERS: not reachable: ${redactCredentials((e as Error).message)}\n`);
       process.exit(2);
     }
     // Announced live for the hand-offs of draining pods (FREEKV_DRAIN_HANDOFF=owners).
