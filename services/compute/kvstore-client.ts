@@ -81,9 +81,9 @@ export class KvStoreClient {
     return this.call(this.raw.listSessions as Unary<object, ListSessionsResponse>, {}, signal);
   }
 
-  /** The session's export stream (header, chunks, digest), ending by `deadline` (ms since the epoch). */
-  exportSession(sessionId: string, chunkBytes: number, deadline: number): ClientReadableStream<ExportSessionResponse> {
-    return this.transfer.exportSession({ sessionId, chunkBytes }, new Metadata(), { deadline });
+  /** The session's export stream (header, chunks, digest), ending by `deadline` (ms since the epoch); `moveId` goes into its header. */
+  exportSession(sessionId: string, chunkBytes: number, deadline: number, moveId?: string): ClientReadableStream<ExportSessionResponse> {
+    return this.transfer.exportSession({ sessionId, chunkBytes, moveId }, new Metadata(), { deadline });
   }
 
   /** An import stream; `done` settles with the kvstore's answer once the stream ended (or failed). */

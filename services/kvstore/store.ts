@@ -20,7 +20,7 @@ import { ServiceError, alreadyExists, failedPrecondition, invalidArgument, notFo
 import type { Logger } from "../common/log.js";
 import { loadShm } from "../../native/shm.js";
 import type { ScrubHost, ScrubSession, Scrubber } from "./scrubber.js";
-import type { SessionDirectory, SessionRecord } from "./directory.js";
+import { UnreadableRecordError, type SessionDirectory, type SessionRecord } from "./directory.js";
 import { computeLayout, requestLayout, extentTokens, offsetLengths, rangeBytes, rangesAdded, reservedBytes, reservedPagesOf, storeRanges, toSegmentLayout, totalBytes, type ByteRange, type Layout } from "./layout.js";
 import type { KvStoreMetrics } from "./metrics.js";
 import { SEGMENT_KINDS, closeSegments, closeSegmentsAsync, createSegments, openSegments, refsOf, unlinkNames, type SessionSegments } from "./segments.js";
@@ -44,6 +44,8 @@ interface Live {
   creationToken?: string;
   /** An AttachSession other than a create_only one was answered with it since its creation. */
   openedAgain?: boolean;
+  /** Its segments were removed by a shutdown while it was being created or imported (see shutdown): never made live. */
+  abandoned?: boolean;
 }
 
 /** Longest AttachSessionRequest / ReleaseSessionRequest creation_token, in UTF-8 bytes. */
@@ -54,6 +56,14 @@ export type ImportReservation = Live;
 
 /** The reservation a record holds; records written before reservations existed reserved everything. */
 const recordReservedTokens = (r: SessionRecord) => r.reservedTokens ?? r.maxContextTokens;
+
+/**
+ * How long a shutdown waits for the sessions still being created or imported (their memory being
+ * committed, their record being written) before it removes their segments, and then for the
+ * directory's writes (a non-persistent shutdown's deletes, and its close): a directory that does
+ * not answer must not keep the process from exiting.
+ */
+export const SHUTDOWN_WAIT_MS = 5_000;
 
 /** Default extent of a reservation, in tokens (FREEKV_KVSTORE_EXTENT_TOKENS). */
 export const DEFAULT_EXTENT_TOKENS = 2048;
@@ -89,6 +99,13 @@ export class KvStore implements ScrubHost {
   private usedBytes = 0;
   /** Sessions being created (counted, not live yet). */
   private readonly creatingLive = new Set<Live>();
+  /** Set when shutdown starts: new sessions are refused (UNAVAILABLE), so none is made that it would not see. */
+  private shuttingDown = false;
+
+  /** UNAVAILABLE once the kvstore is shutting down (a create or import then would outlive the shutdown's cleanup). */
+  private checkOpen(sessionId: string): void {
+    if (this.shuttingDown) throw new ServiceError(status.UNAVAILABLE, `session ${quoteId(sessionId)}: the kvstore is shutting down`);
+  }
 
   /** Bytes all sessions may hold (see capacityBytes). */
   private capacity: number;
@@ -180,7 +197,19 @@ export class KvStore implements ScrubHost {
     let adopted = 0;
     let adoptedBytes = 0;
     for (const id of await this.directory.list()) {
-      const rec = await this.directory.get(id);
+      let rec: SessionRecord | undefined;
+      try {
+        rec = await this.directory.get(id);
+      } catch (e) {
+        if (!(e instanceof UnreadableRecordError)) throw e;
+        // One bad record must not keep the kvstore from starting with the others: it is set aside
+        // (RedisDirectory.setAside: kept for inspection under a quarantine key, never listed
+        // again), logged and counted; the sessions of the other records are adopted.
+        this.metrics?.directoryFailures.inc({ op: "decode" });
+        this.log.error({ session: id, err: e.message }, "a session directory record cannot be read: it is set aside and the session is not adopted");
+        await this.directory.setAside(id).catch((err: Error) => this.log.error({ session: id, err: err.message }, "could not set an unreadable directory record aside; it is skipped again at the next start"));
+        continue;
+      }
       if (!rec) continue;
       let segments: SessionSegments | undefined;
       try {
@@ -400,6 +429,8 @@ export class KvStore implements ScrubHost {
       if (callerCommits) this.commitInBackground(l, ranges);
       else await segments.store.allocateAsync(offsetLengths(ranges), this.commitThreads);
     } catch (e) {
+      // A shutdown that removed the segments meanwhile made the allocation fail: already closed.
+      if (l.abandoned) throw new ServiceError(status.UNAVAILABLE, `session ${quoteId(record.sessionId)}: the kvstore shut down while its memory was committed`);
       this.usedBytes -= l.bytes;
       closeSegments(segments, true);
       this.updateGauges();
@@ -542,10 +573,12 @@ export class KvStore implements ScrubHost {
 
   /** Creates a new session's segments and record; the caller holds the session's lock. */
   private async create(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array | undefined, reserveTokens: number | undefined, callerCommits = false): Promise<AttachSessionResponse> {
+    this.checkOpen(sessionId);
     const l = this.createLive(sessionId, geometry, retrieval, maxContextTokens, metadata, reserveTokens);
     const t0 = performance.now();
     let commitMs: number;
-    // Known while it is made: a background commit that fails meanwhile is reported, not taken for a release.
+    // Known while it is made: a background commit that fails meanwhile is reported, not taken for
+    // a release, and a shutdown waits for it (or removes its segments).
     this.creatingLive.add(l);
     try {
       await this.commitLive(l, callerCommits);
@@ -553,14 +586,18 @@ export class KvStore implements ScrubHost {
       try {
         await this.dir("put", sessionId, () => this.directory.put(l.record));
       } catch (e) {
-        this.usedBytes -= l.bytes;
-        closeSegments(l.segments, true);
-        this.updateGauges();
+        if (!l.abandoned) {
+          this.usedBytes -= l.bytes;
+          closeSegments(l.segments, true);
+          this.updateGauges();
+        }
         throw e;
       }
     } finally {
       this.creatingLive.delete(l);
     }
+    // The shutdown removed its segments while its record was written: nothing to make live.
+    if (l.abandoned) throw new ServiceError(status.UNAVAILABLE, `session ${quoteId(sessionId)}: the kvstore shut down while it was created`);
     return this.admit(l, commitMs);
   }
 
@@ -832,14 +869,25 @@ export class KvStore implements ScrubHost {
   reserveImport(id: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array, reserveTokens: number): Promise<ImportReservation> {
     if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
     return this.withLock(id, async () => {
+      this.checkOpen(id);
       if (this.live.has(id) || this.importing.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists at this kvstore`);
       if (await this.dir("get", id, () => this.directory.get(id))) throw alreadyExists(`session ${quoteId(id)} is in this kvstore's directory`);
+      this.checkOpen(id);
       const l = this.createLive(id, geometry, retrieval, maxContextTokens, metadata, Math.min(maxContextTokens, Math.max(0, reserveTokens)));
       this.committingImports.add(l);
       try {
         await this.commitLive(l);
       } finally {
         this.committingImports.delete(l);
+      }
+      // The shutdown removed its segments while its memory was committed (or is under way: it
+      // would not see an import that joins now).
+      if (l.abandoned || this.shuttingDown) {
+        if (!l.abandoned) {
+          l.abandoned = true;
+          closeSegments(l.segments, true);
+        }
+        throw new ServiceError(status.UNAVAILABLE, `session ${quoteId(id)}: the kvstore is shutting down`);
       }
       this.importing.set(id, l);
       return l;
@@ -874,24 +922,54 @@ export class KvStore implements ScrubHost {
     this.updateGauges();
   }
 
-  /** At shutdown: keep (persist) or remove every session's segments, then close the directory. */
+  /**
+   * At shutdown: keep (persist) or remove every session's segments, then close the directory. New
+   * sessions are refused from the start (UNAVAILABLE). Sessions still being created or imported
+   * get SHUTDOWN_WAIT_MS to finish (a create becomes live, and so persisted or removed below, or
+   * fails and removes its own segments); what is left then was never answered nor visible: its
+   * segments are removed, persisted or not, and the call fails. The directory's deletes (without
+   * persistence, all at once) and then its close get SHUTDOWN_WAIT_MS each at most (each command
+   * also fails after DIRECTORY_COMMAND_TIMEOUT_MS): a record left behind names segments that are
+   * gone, and the next start drops it as stale.
+   */
   async shutdown(persist: boolean): Promise<void> {
+    this.shuttingDown = true;
+    const until = Date.now() + SHUTDOWN_WAIT_MS;
+    while ((this.creatingLive.size > 0 || this.committingImports.size > 0) && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
+    for (const l of [...this.creatingLive, ...this.committingImports]) {
+      l.abandoned = true;
+      closeSegments(l.segments, true);
+      this.log.warn({ session: l.record.sessionId }, "a session still being created or imported at shutdown: its segments are removed");
+    }
+    this.creatingLive.clear();
+    this.committingImports.clear();
     // Imports still under way were never visible: their segments go, persisted or not.
     for (const l of this.importing.values()) closeSegments(l.segments, true);
     this.importing.clear();
+    const deletes: Promise<void>[] = [];
     for (const [id, l] of this.live) {
       closeSegments(l.segments, !persist);
       if (!persist)
-        await this.directory.delete(id).catch((e: Error) => {
-          // Its record stays, naming segments that are gone: the next start finds it stale.
-          this.metrics?.directoryFailures.inc({ op: "delete" });
-          this.log.warn({ session: id, err: e.message }, "could not remove the session's directory record at shutdown");
-        });
+        deletes.push(
+          this.directory.delete(id).catch((e: Error) => {
+            // Its record stays, naming segments that are gone: the next start finds it stale.
+            this.metrics?.directoryFailures.inc({ op: "delete" });
+            this.log.warn({ session: id, err: e.message }, "could not remove the session's directory record at shutdown");
+          }),
+        );
     }
     this.log.info({ sessions: this.live.size, persist }, persist ? "segments kept for re-attach" : "segments removed");
     this.live.clear();
     this.usedBytes = 0;
-    await this.directory.close();
+    const bounded = async (what: string, p: Promise<unknown>) => {
+      let timer: NodeJS.Timeout | undefined;
+      const late = new Promise<boolean>((r) => (timer = setTimeout(r, SHUTDOWN_WAIT_MS, false)));
+      const done = await Promise.race([p.then(() => true), late]);
+      clearTimeout(timer);
+      if (!done) this.log.warn({ waitedMs: SHUTDOWN_WAIT_MS }, `the session directory did not answer at shutdown: ${what} given up`);
+    };
+    await bounded("removing the records", Promise.all(deletes));
+    await bounded("closing it", this.directory.close().catch((e: Error) => this.log.warn({ err: e.message }, "closing the session directory failed")));
   }
 }
 

@@ -3,7 +3,8 @@
  * one pod to another for drains and rebalancing.
  *
  * ExportSession streams, under the session's lock, a header (geometry, retrieval, layout, max
- * context, metadata, the pages the kvstore acknowledged, the pages that follow, context tokens),
+ * context, metadata, the pages the kvstore acknowledged, the pages that follow, context tokens,
+ * and the mover's id of the transfer when it gave one),
  * then the bytes in chunks of at most 4 MiB, each with its CRC32C: per layer the store pages
  * [0, exported_pages) (the pages the engine wrote per the session's manifest, which includes dense
  * layers the compute tier does not commit; never the rest of the segment), then the whole tail,
@@ -177,6 +178,9 @@ const view = (r: Region, offset: number, n: number): Uint8Array => {
 
 const partName = (p: SessionPart) => SessionPart[p] ?? String(p);
 
+/** Longest ExportSessionRequest.move_id (copied into the header), in UTF-8 bytes. */
+export const MAX_MOVE_ID_BYTES = 128;
+
 /** Where a transfer's digest starts: the CRC32C of the header's protobuf encoding (both sides encode the same fields). */
 const headerSeed = (h: SessionTransferHeader): number => crc32c(HeaderCodec.encode(h).finish());
 
@@ -191,6 +195,7 @@ export async function exportSession(
   if (!Number.isInteger(chunkBytes) || chunkBytes < MIN_CHUNK_BYTES || chunkBytes > MAX_CHUNK_BYTES) {
     throw invalidArgument("chunk_bytes", `must be 0 (1 MiB) or in [${MIN_CHUNK_BYTES}, ${MAX_CHUNK_BYTES}], got ${req.chunkBytes}`);
   }
+  if (req.moveId !== undefined && Buffer.byteLength(req.moveId) > MAX_MOVE_ID_BYTES) throw invalidArgument("move_id", `must be at most ${MAX_MOVE_ID_BYTES} bytes, got ${Buffer.byteLength(req.moveId)}`);
   return store.exclusive(req.sessionId, async (rec, segments, reservedPages) => {
     const layout = computeLayout(rec.geometry, rec.retrieval, rec.capacityPages);
     const maps = mappings(segments);
@@ -211,6 +216,8 @@ export async function exportSession(
       contextTokens: Math.max(rec.contextTokens, manifest.valid ? manifest.contextTokens : 0),
       tailBytes: layout.tailBytes,
       manifestBytes: layout.manifestBytes,
+      // The mover's id of this transfer, covered by the digest (headerSeed); absent when none was asked.
+      ...(req.moveId !== undefined ? { moveId: req.moveId } : {}),
     };
     await emit({ item: { $case: "header", value: header } });
     // Chained chunk by chunk: no read here covers more than a chunk (a region past MAX_RANGE is

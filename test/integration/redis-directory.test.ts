@@ -12,6 +12,7 @@ import { Redis } from "ioredis";
 import { ATTENTION, QUIET, computeClient, kvstoreClient, shmSegments, startService, unary, unaryError, type ServiceProcess } from "../helpers/services.js";
 import { status } from "@grpc/grpc-js";
 import { loadAddon } from "../../native/binding.js";
+import { prng } from "../helpers/prng.js";
 
 const REDIS = "redis://127.0.0.1:6379/0";
 
@@ -130,6 +131,60 @@ describe.skipIf(!up)("Redis session directory", () => {
     expect(await kv2.stop()).toEqual({ code: 0, signal: null });
     for (const n of made.filter((x) => x !== foreign && x !== legacy)) expect(shmSegments().has(n)).toBe(false);
     expect(await redis.smembers(`${prefix}sessions`)).toEqual([]);
+    await redis.quit();
+  });
+
+  it("sets unreadable records aside at start (kept under a quarantine key, counted) and adopts the others", async () => {
+    const pfx = `${prefix}bad-records:`;
+    const kvEnv = { ...QUIET, FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_METRICS_PORT: "0", FREEKV_DIRECTORY: REDIS, FREEKV_DIRECTORY_PREFIX: pfx, FREEKV_KVSTORE_PERSIST: "1" };
+    const kv1 = await startService("kvstore", { env: kvEnv });
+    procs.push(kv1);
+    const good = `good-${randomBytes(4).toString("hex")}`;
+    const c1 = kvstoreClient(kv1.address);
+    const a = await unary<Record<string, { name: string }>>(c1, "attachSession", { sessionId: good, geometry: G, retrieval: R, maxContextTokens: 300 });
+    made.push(a.store.name, a.staging.name, a.tail.name, a.manifest.name);
+    c1.close();
+    await kv1.stop();
+    const redis = new Redis(REDIS);
+    const valid = JSON.parse((await redis.get(`${pfx}session:${good}`))!) as Record<string, unknown>;
+    const seed = Number(process.env.FREEKV_TEST_SEED) || (Date.now() ^ (process.pid << 9)) >>> 0;
+    const rand = prng(seed);
+    // Records no kvstore could adopt: not JSON, not an object, or a field missing or wrong.
+    const kinds: Array<(id: string) => string> = [
+      () => `{${Math.floor(rand() * 1e9).toString(36)}`,
+      () => "null",
+      () => JSON.stringify([1, 2, 3]),
+      (id) => JSON.stringify({ ...valid, sessionId: id, segments: undefined }),
+      (id) => JSON.stringify({ ...valid, sessionId: id, segments: { ...(valid.segments as object), tail: { sizeBytes: 4096 } } }),
+      (id) => JSON.stringify({ ...valid, sessionId: id, committedPages: "7" }),
+      (id) => JSON.stringify({ ...valid, sessionId: id, maxContextTokens: -1 }),
+      (id) => JSON.stringify({ ...valid, sessionId: `${id}-other` }),
+      (id) => JSON.stringify({ ...valid, sessionId: id, geometry: undefined }),
+    ];
+    const picked = kinds.filter(() => rand() < 0.5);
+    if (picked.length === 0) picked.push(kinds[Math.floor(rand() * kinds.length)]);
+    const bad = new Map<string, string>();
+    for (const [i, kind] of picked.entries()) {
+      const id = `bad-${i}-${randomBytes(3).toString("hex")}`;
+      bad.set(id, kind(id));
+      await redis.multi().set(`${pfx}session:${id}`, bad.get(id)!).sadd(`${pfx}sessions`, id).exec();
+    }
+    const kv2 = await startService("kvstore", { env: { ...kvEnv, FREEKV_KVSTORE_PERSIST: "0" } });
+    procs.push(kv2);
+    const c2 = kvstoreClient(kv2.address);
+    expect((await unary<{ sessionIds: string[] }>(c2, "listSessions", {})).sessionIds, `seed ${seed}`).toEqual([good]);
+    c2.close();
+    expect(await redis.smembers(`${pfx}sessions`)).toEqual([good]);
+    for (const [id, text] of bad) {
+      expect(await redis.get(`${pfx}session:${id}`)).toBeNull();
+      expect(await redis.get(`${pfx}quarantine:${id}`)).toBe(text);
+    }
+    const m = await (await fetch(`http://127.0.0.1:${kv2.metricsPort}/metrics`)).text();
+    expect(m).toContain(`freekv_kvstore_directory_failures_total{op="decode",service="kvstore"} ${bad.size}`);
+    expect(kv2.output.filter((l) => l.includes("a session directory record cannot be read")).length).toBe(bad.size);
+    // Without persistence this kvstore removes the adopted session at shutdown.
+    expect(await kv2.stop()).toEqual({ code: 0, signal: null });
+    for (const n of [a.store.name, a.staging.name, a.tail.name, a.manifest.name]) expect(shmSegments().has(n)).toBe(false);
     await redis.quit();
   });
 });

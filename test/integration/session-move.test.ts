@@ -11,7 +11,7 @@
  * the peer refuses is logged and counted.
  * Skipped, saying so, without Redis.
  */
-import { connect, createServer } from "node:net";
+import { connect, createServer, type Socket } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 import { Redis } from "ioredis";
@@ -137,29 +137,42 @@ describe.skipIf(!up)("moving sessions between two pods", () => {
       const sid = `mvf-${Math.floor(rand() * 1e9)}`;
       await toA.createSession({ sessionId: sid, kind: 1, retrieval: RETRIEVAL, maxContextTokens: 1024 });
       await toA.generateText({ sessionId: sid, prompt: tokens(120), maxTokens: 4, sampling: GREEDY });
-      const nobody = `127.0.0.1:${await freePort()}`;
-      const refusals: Array<[object, number]> = [
+      const free = await freePort();
+      const nobody = `127.0.0.1:${free}`;
+      // Ports outside 1-65535 and ids no session can have are the caller's mistakes, named by field.
+      const badPort = [0, 65536 + Math.floor(rand() * 30000), 100000 + Math.floor(rand() * 900000)][Math.floor(rand() * 3)];
+      const badId = ["bad id!", "x".repeat(129 + Math.floor(rand() * 5000)), "../x", "a/b"][Math.floor(rand() * 4)];
+      const refusals: Array<[object, number, string?]> = [
         [{ sessionId: sid, target: nobody }, status.UNAVAILABLE],
+        // An IPv6 address in brackets is a target (nobody listens there either).
+        [{ sessionId: sid, target: `[::1]:${free}` }, status.UNAVAILABLE],
         [{ sessionId: sid, target: a.compute.address }, status.FAILED_PRECONDITION],
-        [{ sessionId: sid, target: "no-port" }, status.INVALID_ARGUMENT],
-        [{ sessionId: sid, target: "" }, status.INVALID_ARGUMENT],
-        [{ sessionId: "", target: bAddress }, status.INVALID_ARGUMENT],
+        [{ sessionId: sid, target: "no-port" }, status.INVALID_ARGUMENT, "target"],
+        [{ sessionId: sid, target: "" }, status.INVALID_ARGUMENT, "target"],
+        [{ sessionId: sid, target: `127.0.0.1:${badPort}` }, status.INVALID_ARGUMENT, "target"],
+        [{ sessionId: sid, target: "[::1:80" }, status.INVALID_ARGUMENT, "target"],
+        [{ sessionId: "", target: bAddress }, status.INVALID_ARGUMENT, "session_id"],
+        [{ sessionId: badId, target: bAddress }, status.INVALID_ARGUMENT, "session_id"],
         [{ sessionId: "no-such-session", target: bAddress }, status.NOT_FOUND],
-        [{ sessionId: sid, target: bAddress, chunkBytes: 10 }, status.INVALID_ARGUMENT],
+        [{ sessionId: sid, target: bAddress, chunkBytes: 10 }, status.INVALID_ARGUMENT, "chunk_bytes"],
       ];
-      for (const [req, code] of refusals) {
+      for (const [req, code, field] of refusals) {
         const e = await move(req, 20_000);
-        expect(e ? status[e.code] : "OK", `${JSON.stringify(req)}: ${e?.details}`).toBe(status[code]);
+        expect(e ? status[e.code] : "OK", `${JSON.stringify(req).slice(0, 200)}: ${e?.details}`).toBe(status[code]);
+        if (field) expect(e?.details).toMatch(new RegExp(`^${field}: `));
       }
       expect(await kvSessions(a)).toContain(sid);
       expect(await kvSessions(b)).not.toContain(sid);
-      // Where a session stands on a pod (what a source whose answer was lost asks the target).
-      const arrival = (c: SessionMoveServiceClient, id: string) =>
-        new Promise<string>((resolve) => c.getArrival({ sessionId: id }, new Metadata(), { deadline: Date.now() + 5000 }, (e, r) => resolve(e ? status[e.code] : ArrivalState[r!.state])));
+      // Where a move stands on a pod (what a source whose answer was lost asks the target): a
+      // session created there did not arrive by any move.
+      const arrival = (c: SessionMoveServiceClient, id: string, moveId?: string) =>
+        new Promise<string>((resolve) => c.getArrival({ sessionId: id, moveId }, new Metadata(), { deadline: Date.now() + 5000 }, (e, r) => resolve(e ? status[e.code] : ArrivalState[r!.state])));
       const atB = new SessionMoveServiceClient(bAddress, credentials.createInsecure());
-      expect(await arrival(mover, sid)).toBe("ARRIVAL_STATE_HELD");
-      expect(await arrival(atB, sid)).toBe("ARRIVAL_STATE_ABSENT");
-      expect(await arrival(atB, "../x")).toBe("INVALID_ARGUMENT");
+      const someMove = `m-${Math.floor(rand() * 1e9)}`;
+      expect(await arrival(mover, sid, someMove)).toBe("ARRIVAL_STATE_ABSENT");
+      expect(await arrival(atB, sid, someMove)).toBe("ARRIVAL_STATE_ABSENT");
+      expect(await arrival(atB, "../x", someMove)).toBe("INVALID_ARGUMENT");
+      expect(await arrival(mover, sid)).toBe("INVALID_ARGUMENT");
       atB.close();
       // Callers that give up after a few milliseconds, at different points of the move: afterwards
       // exactly one pod holds the session, and it answers through the client.
@@ -252,9 +265,18 @@ describe.skipIf(!up)("moving sessions between two pods", () => {
         ["past the context limit", [{ item: { $case: "header", value: { ...header(), maxContextTokens: 9000 } } }], status.FAILED_PRECONDITION],
         ["bad id", [{ item: { $case: "header", value: { ...header(), sessionId: "../x" } } }], status.INVALID_ARGUMENT],
       ];
+      // Metadata that is not a JSON object (compute always saves one) is the sender's mistake,
+      // named by field, whatever follows it.
+      const notObjects = ["null", "[]", `[${Math.floor(rand() * 100)}]`, String(Math.floor(rand() * 1e6)), '"text"', "true", "{not json"];
+      for (const text of notObjects) {
+        const msgs = structuredClone(exported) as ReceiveSessionRequest[];
+        (msgs[0].item as { value: SessionTransferHeader }).value.metadata = Buffer.from(text);
+        cases.push([`metadata ${text}`, rand() < 0.5 ? msgs : msgs.slice(0, 1), status.INVALID_ARGUMENT]);
+      }
       for (const [name, msgs, code] of cases) {
         const e = await receive(msgs);
         expect(e ? `${name}: ${status[e.code]}` : `${name}: OK`, e?.details).toBe(`${name}: ${status[code]}`);
+        if (name.startsWith("metadata ")) expect(e?.details).toMatch(/^header\.metadata: /);
         expect(await kvSessions(b)).toEqual(before);
       }
       // Bytes that do not decode.
@@ -301,24 +323,33 @@ describe.skipIf(!up)("moving sessions between two pods", () => {
     const r = new Redis(REDIS);
     const moves = async (result: string) => metricValue(await fetchMetrics(a.compute.metricsPort), "freekv_compute_session_moves_total", `role="out",result="${result}"`) ?? 0;
     const outcomes = async () => (await moves("ok")) + (await moves("deadline_exceeded"));
+    const unknown = async () => metricValue(await fetchMetrics(a.compute.metricsPort), "freekv_compute_move_outcome_unknown_total") ?? 0;
     const m0 = await moves("ok");
+    // The target as it records itself in the directory, which need not be how the caller named it
+    // (a DNS name, a Service, a proxy in front of it).
+    const advertised = `10.${Math.floor(rand() * 250)}.${Math.floor(rand() * 250)}.${1 + Math.floor(rand() * 250)}:${1024 + Math.floor(rand() * 60000)}`;
     try {
-      const cases: Array<[string, Array<ArrivalState | "unimplemented">, string | undefined, boolean]> = [
-        // [name, GetArrival's answers, the owners record, does the session leave A]
+      const cases: Array<[string, Array<ArrivalState | "unimplemented">, string | null | undefined, boolean, boolean?]> = [
+        // [name, GetArrival's answers, the owners record (undefined: A's own, null: none), does the session leave A, is the outcome unknown]
         ["still receiving, then held", [ArrivalState.ARRIVAL_STATE_RECEIVING, ArrivalState.ARRIVAL_STATE_RECEIVING, ArrivalState.ARRIVAL_STATE_HELD], undefined, true],
         ["absent", [ArrivalState.ARRIVAL_STATE_RECEIVING, ArrivalState.ARRIVAL_STATE_ABSENT], undefined, false],
         ["cannot ask, the directory names the target", ["unimplemented"], target, true],
-        ["cannot ask, no record", ["unimplemented"], undefined, false],
+        ["cannot ask, the directory names the target by its own address", ["unimplemented"], advertised, true],
+        ["cannot ask, the record still names this pod", ["unimplemented"], undefined, false],
+        ["cannot ask, no record", ["unimplemented"], null, false, true],
       ];
-      for (const [name, answers, record, leaves] of cases) {
+      for (const [name, answers, record, leaves, unknownOutcome] of cases) {
         const sid = `lost-${Math.floor(rand() * 1e9)}`;
         await toA.createSession({ sessionId: sid, kind: 1, retrieval: RETRIEVAL, maxContextTokens: 1024 });
         await toA.generateText({ sessionId: sid, prompt: tokens(60), maxTokens: 3, sampling: GREEDY });
         const before = await outcomes();
+        const unknownBefore = await unknown();
         script = answers;
         asked = 0;
         const digests = received;
+        expect(await r.hget(`${prefix}owners`, sid)).toBe(a.compute.address);
         if (record) await r.hset(`${prefix}owners`, sid, record);
+        if (record === null) await r.hdel(`${prefix}owners`, sid);
         const e = await new Promise<ServiceError | null>((resolve) =>
           mover.moveSession(MoveSessionRequest.fromPartial({ sessionId: sid, target, chunkBytes: 4096 }), new Metadata(), { deadline: Date.now() + 1500 }, (err) => resolve(err)),
         );
@@ -329,14 +360,15 @@ describe.skipIf(!up)("moving sessions between two pods", () => {
         while ((await outcomes()) === before && Date.now() - t0 < 10_000) await new Promise((res) => setTimeout(res, 50));
         expect(await outcomes(), name).toBe(before + 1);
         expect((await kvSessions(a)).includes(sid), name).toBe(!leaves);
+        expect((await unknown()) - unknownBefore, `${name}: unknown outcomes`).toBe(unknownOutcome ? 1 : 0);
         expect(asked, `${name}: GetArrival calls`).toBeGreaterThanOrEqual(answers[0] === "unimplemented" ? 1 : answers.length);
         if (leaves) {
-          // A redirects its calls to the target.
+          // A redirects its calls to the target (as the directory names it, when it does).
           const stub = computeClient(a.compute.address);
           const err = await unaryError(stub, "getSession", { sessionId: sid });
           stub.close();
           expect(err.code, name).toBe(status.FAILED_PRECONDITION);
-          expect(err.metadata.get(SESSION_OWNER_KEY), name).toEqual([target]);
+          expect(err.metadata.get(SESSION_OWNER_KEY), name).toEqual([record ?? target]);
           await r.hdel(`${prefix}owners`, sid);
         } else {
           // Still A's, whole.
@@ -345,7 +377,7 @@ describe.skipIf(!up)("moving sessions between two pods", () => {
           await toA.closeSession({ sessionId: sid });
         }
       }
-      expect((await moves("ok")) - m0).toBe(2);
+      expect((await moves("ok")) - m0).toBe(3);
     } finally {
       r.disconnect();
       mover.close();
@@ -353,6 +385,122 @@ describe.skipIf(!up)("moving sessions between two pods", () => {
       server.forceShutdown();
     }
   }, 120_000);
+
+  it("answers GetArrival about a move, not about an id: HELD only for the move whose header brought the session", async () => {
+    const sid = `arr-${Math.floor(rand() * 1e9)}`;
+    const moveId = `move-${Math.floor(rand() * 1e12).toString(36)}`;
+    const toA = new FreeKvClient(a.compute.address);
+    const transfer = new KvStoreTransferServiceClient(a.kvstore.address, credentials.createInsecure(), { "grpc.max_receive_message_length": 64 << 20 });
+    const atB = new SessionMoveServiceClient(b.compute.address, credentials.createInsecure(), { "grpc.max_send_message_length": 64 << 20 });
+    const arrival = (id: string, move?: string) =>
+      new Promise<string>((resolve) => atB.getArrival({ sessionId: id, moveId: move }, new Metadata(), { deadline: Date.now() + 5000 }, (e, r) => resolve(e ? status[e.code] : ArrivalState[r!.state])));
+    const stubB = computeClient(b.compute.address);
+    try {
+      await toA.createSession({ sessionId: sid, kind: 1, retrieval: RETRIEVAL, maxContextTokens: 1024 });
+      await toA.generateText({ sessionId: sid, prompt: tokens(70), maxTokens: 3, sampling: GREEDY });
+      // A's kvstore writes the move's id into the header (covered by the digest); B keeps it.
+      const exported = await new Promise<ExportSessionResponse[]>((resolve, reject) => {
+        const out: ExportSessionResponse[] = [];
+        const call = transfer.exportSession({ sessionId: sid, chunkBytes: 4096, moveId }, new Metadata(), { deadline: Date.now() + 20_000 });
+        call.on("data", (m: ExportSessionResponse) => out.push(m));
+        call.on("error", reject);
+        call.on("end", () => resolve(out));
+      });
+      expect((exported[0].item as { value: SessionTransferHeader }).value.moveId).toBe(moveId);
+      expect(await arrival(sid, moveId)).toBe("ARRIVAL_STATE_ABSENT");
+      const e = await new Promise<ServiceError | undefined>((resolve) => {
+        const call = atB.receiveSession(new Metadata(), { deadline: Date.now() + 20_000 }, (err) => resolve(err ?? undefined));
+        for (const m of exported) call.write(m);
+        call.end();
+      });
+      expect(e?.details).toBeUndefined();
+      expect(await arrival(sid, moveId)).toBe("ARRIVAL_STATE_HELD");
+      // Any other move of this id did not bring the session B holds.
+      for (let i = 0; i < 3; i++) expect(await arrival(sid, `${moveId}${Math.floor(rand() * 1e6)}`)).toBe("ARRIVAL_STATE_ABSENT");
+      expect(await arrival(sid, moveId.slice(0, -1))).toBe("ARRIVAL_STATE_ABSENT");
+      expect(await arrival(sid)).toBe("INVALID_ARGUMENT");
+      // Both copies go (this test made the second one by hand).
+      await unary(stubB, "closeSession", { sessionId: sid });
+      expect(await arrival(sid, moveId)).toBe("ARRIVAL_STATE_ABSENT");
+      await toA.closeSession({ sessionId: sid });
+    } finally {
+      stubB.close();
+      atB.close();
+      transfer.close();
+      toA.close();
+    }
+  }, 60_000);
+
+  it("keeps the session at the source when its move's answer is lost and the target holds another session of that id", async () => {
+    // B holds its own session of the id (here: A's owner record was lost, so B's create took the
+    // name). A moves its session to B through a proxy that delays B's answers and cuts the
+    // connection once A has sent everything: B refused the move (ALREADY_EXISTS), but A never
+    // hears it and asks GetArrival, which must not mistake B's session for the one A sent.
+    const sid = `twice-${Math.floor(rand() * 1e9)}`;
+    const r = new Redis(REDIS);
+    const toA = new FreeKvClient(a.compute.address, { retry: { maxAttempts: 1 } });
+    const stubA = computeClient(a.compute.address);
+    const stubB = computeClient(b.compute.address);
+    const mover = new SessionMoveServiceClient(a.compute.address, credentials.createInsecure());
+    let connections = 0;
+    let cut = false;
+    const sockets = new Set<Socket>();
+    const proxy = createServer((c) => {
+      const n = ++connections;
+      const upstream = connect(Number(bAddress.split(":")[1]), "127.0.0.1");
+      sockets.add(c).add(upstream);
+      let bytes = 0;
+      let last = Date.now();
+      c.on("data", (d) => {
+        bytes += d.length;
+        last = Date.now();
+        upstream.write(d);
+      });
+      upstream.on("data", (d) => setTimeout(() => c.destroyed || c.write(d), 800));
+      const end = () => (c.destroy(), upstream.destroy());
+      for (const s of [c, upstream]) s.on("error", end).on("close", end);
+      if (n === 1) {
+        const watch = setInterval(() => {
+          if (bytes > 2000 && Date.now() - last > 150) {
+            clearInterval(watch);
+            cut = true;
+            end();
+          }
+        }, 10);
+        c.on("close", () => clearInterval(watch));
+      }
+    });
+    const proxyPort = await new Promise<number>((resolve) => proxy.listen(0, "127.0.0.1", () => resolve((proxy.address() as { port: number }).port)));
+    try {
+      await toA.createSession({ sessionId: sid, kind: 1, retrieval: RETRIEVAL, maxContextTokens: 1024 });
+      const onA = await toA.generateText({ sessionId: sid, prompt: tokens(140), maxTokens: 5, sampling: GREEDY });
+      await r.hdel(`${prefix}owners`, sid);
+      await unary(stubB, "createSession", { sessionId: sid, kind: 1, retrieval: RETRIEVAL, maxContextTokens: 1024 });
+      const e = await new Promise<ServiceError | null>((resolve) =>
+        mover.moveSession(MoveSessionRequest.fromPartial({ sessionId: sid, target: `127.0.0.1:${proxyPort}`, chunkBytes: 4096 }), new Metadata(), { deadline: Date.now() + 30_000 }, (err) => resolve(err)),
+      );
+      expect(cut, "the proxy cut the move's connection").toBe(true);
+      expect(connections, "A asked B again after the answer was lost").toBeGreaterThanOrEqual(2);
+      expect(e?.code, e?.details).toBe(status.UNAVAILABLE);
+      // A's session is still A's, whole; B's is untouched.
+      expect(await kvSessions(a)).toContain(sid);
+      const got = await unary<{ session: { contextTokens: number } }>(stubA, "getSession", { sessionId: sid });
+      expect(Number(got.session.contextTokens)).toBe(onA.final.usage!.contextTokens);
+      const theirs = await unary<{ session: { contextTokens: number } }>(stubB, "getSession", { sessionId: sid });
+      expect(Number(theirs.session.contextTokens)).toBe(0);
+      await unary(stubA, "closeSession", { sessionId: sid });
+      await unary(stubB, "closeSession", { sessionId: sid });
+    } finally {
+      proxy.close();
+      for (const s of sockets) s.destroy();
+      await r.hdel(`${prefix}owners`, sid);
+      r.disconnect();
+      mover.close();
+      stubA.close();
+      stubB.close();
+      toA.close();
+    }
+  }, 90_000);
 
   it("hands the sessions of a draining pod off to its peer; the client follows; a refused one is logged and counted", async () => {
     const sid = `drain-${Math.floor(rand() * 1e9)}`;

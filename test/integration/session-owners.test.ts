@@ -109,6 +109,63 @@ describe.skipIf(!up)("session owners across two pods (Redis)", () => {
     }
   });
 
+  it("redirects a CreateSession of an id another live pod holds, or one this pod moved away, and takes over the record of a pod that is gone", async () => {
+    const rand = prng(Number(process.env.FREEKV_TEST_SEED ?? 4242) ^ process.pid);
+    const run = `${process.pid}-${Math.floor(rand() * 1e9)}`;
+    const [held, moved, orphan] = [`held-${run}`, `moved-${run}`, `orphan-${run}`];
+    const r = new Redis(REDIS);
+    const toA = new FreeKvClient(a.compute.address);
+    const rawA = computeClient(a.compute.address);
+    const rawB = computeClient(b.compute.address);
+    const kvA = kvstoreClient(a.kvstore.address);
+    const kvB = kvstoreClient(b.kvstore.address);
+    const listed = async (kv: typeof kvA) => (await unary<{ sessionIds: string[] }>(kv, "listSessions", {})).sessionIds;
+    const createError = (stub: typeof rawA, sessionId: string) =>
+      new Promise<ServiceError | null>((resolve) => stub.createSession({ sessionId, kind: 1, maxContextTokens: 512 } as never, (e: ServiceError | null) => resolve(e)));
+    try {
+      // Held by A (live): B redirects the create to A and makes nothing.
+      await toA.createSession({ sessionId: held, kind: 1, maxContextTokens: 512 });
+      const turn = await toA.generateText({ sessionId: held, prompt: { $case: "tokens", value: { ids: Array.from({ length: 20 + Math.floor(rand() * 40) }, () => 3 + Math.floor(rand() * 400)) } }, maxTokens: 3 });
+      let e = await createError(rawB, held);
+      expect(e?.code, e?.details).toBe(status.FAILED_PRECONDITION);
+      expect(e?.metadata.get(SESSION_OWNER_KEY)).toEqual([a.compute.address]);
+      expect(await r.hget(`${prefix}owners`, held)).toBe(a.compute.address);
+      expect(await listed(kvB)).not.toContain(held);
+      // The client package follows the redirect: the session is A's, with its context.
+      const viaB = new FreeKvClient(b.compute.address);
+      await expect(viaB.createSession({ sessionId: held, kind: 1, maxContextTokens: 512 })).rejects.toMatchObject({ code: status.ALREADY_EXISTS });
+      viaB.close();
+      expect(Number((await toA.getSession({ sessionId: held })).session!.contextTokens)).toBe(turn.final.usage!.contextTokens);
+
+      // Moved from A to B: A redirects a create of its id to B, with or without B's record.
+      await toA.createSession({ sessionId: moved, kind: 1, maxContextTokens: 512 });
+      await toA.moveSession({ sessionId: moved, target: b.compute.address });
+      expect(await r.hget(`${prefix}owners`, moved)).toBe(b.compute.address);
+      for (const record of [true, false]) {
+        if (!record) await r.hdel(`${prefix}owners`, moved);
+        e = await createError(rawA, moved);
+        expect(e?.code, e?.details).toBe(status.FAILED_PRECONDITION);
+        expect(e?.metadata.get(SESSION_OWNER_KEY)).toEqual([b.compute.address]);
+        expect(await listed(kvA)).not.toContain(moved);
+      }
+      expect(await listed(kvB)).toContain(moved);
+
+      // Recorded for a pod that is gone (no live key): B's create takes the record over.
+      await r.hset(`${prefix}owners`, orphan, `127.0.0.1:${1 + Math.floor(rand() * 1000)}`);
+      e = await createError(rawB, orphan);
+      expect(e?.details).toBeUndefined();
+      expect(await r.hget(`${prefix}owners`, orphan)).toBe(b.compute.address);
+
+      await toA.closeSession({ sessionId: held });
+      for (const id of [moved, orphan]) await unary(rawB, "closeSession", { sessionId: id });
+    } finally {
+      for (const c of [rawA, rawB, kvA, kvB]) c.close();
+      toA.close();
+      await r.hdel(`${prefix}owners`, held, moved, orphan);
+      r.disconnect();
+    }
+  }, 60_000);
+
   it("a restarted compute releases the copies another live pod owns (moved there) and takes over those of a pod that is gone", async () => {
     const port = await freePort();
     const env = { ...QUIET, FREEKV_THREADS: "1", FREEKV_LOG_LEVEL: "info", FREEKV_COMPUTE_PORT: String(port), FREEKV_SESSION_OWNERS: REDIS, FREEKV_SESSION_OWNERS_PREFIX: prefix, FREEKV_ADVERTISE_ADDRESS: `127.0.0.1:${port}` };

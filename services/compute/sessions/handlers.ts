@@ -13,7 +13,8 @@ import { invalidArgument } from "../../common/errors.js";
 import { unary } from "../../common/handlers.js";
 import type { Logger } from "../../common/log.js";
 import type { SessionManager } from "./manager.js";
-import { localSession, type SessionOwners } from "./owners.js";
+import { heldElsewhere, localSession, type SessionOwners } from "./owners.js";
+import { SESSION_ID_RE } from "./manager.js";
 import { tenantOf } from "./tenant.js";
 
 export interface SessionHandlers {
@@ -30,9 +31,22 @@ export function sessionHandlers(sessions: SessionManager, log: Logger, owners?: 
   };
   return {
     createSession: unary(log, "CreateSession", async (req: CreateSessionRequest, signal: AbortSignal, call: ServerUnaryCall<CreateSessionRequest, CreateSessionResponse>) => {
+      const directory = owners?.();
+      // A name another live pod holds is that pod's session: the call is redirected there (the
+      // trailer x-freekv-session-owner), never answered with a second, empty session of that id.
+      if (directory && req.sessionId && SESSION_ID_RE.test(req.sessionId)) {
+        const other = await directory.liveOwnerElsewhere(req.sessionId);
+        if (other) throw heldElsewhere(req.sessionId, other);
+      }
       // The tenant (x-freekv-tenant; with authentication, the token's) is saved with the session.
       const s = await sessions.create(req, signal, tenantOf(call.metadata));
-      await owners?.()?.claim(s.id);
+      // Claimed only if no other live pod claimed the id meanwhile (two creates of one name at
+      // once): the one that lost gives its copy up and redirects to the other.
+      const other = await directory?.claimNew(s.id);
+      if (other) {
+        await sessions.close(s.id).catch((e: unknown) => log.warn({ err: e, session: s.id }, "could not close a session another live pod claimed first"));
+        throw heldElsewhere(s.id, other);
+      }
       if (signal.aborted) {
         // The caller gets CANCELLED or DEADLINE_EXCEEDED and never learns a generated id: the session
         // made after its deadline is closed, not left holding its reservation.

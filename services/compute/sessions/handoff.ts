@@ -48,7 +48,7 @@ export async function handOffSessions(ctx: ComputeContext, mover: SessionMover, 
       }
       const peer = peers[(next + i) % peers.length];
       try {
-        await mover.move(s, peer, { deadline });
+        await mover.move(s, peer, { deadline, drain: true });
         moved++;
         next = (next + i + 1) % peers.length;
         done = true;

@@ -9,8 +9,9 @@
  * A session the kvstore lost frees its engine session and mappings at once (markLost). A session a
  * failed decode left diverged (diverged.ts) has its mark saved with its metadata (saveDataLoss),
  * and a re-attach marks it again from there.
- * Bounds: at most FREEKV_MAX_SESSIONS_PER_TENANT open sessions per tenant, and sessions idle
- * longer than FREEKV_SESSION_IDLE_TIMEOUT_S are closed.
+ * Bounds: at most FREEKV_MAX_SESSIONS_PER_TENANT open sessions per tenant, created here or
+ * arrived by a move (a drain's hand-off aside: move.ts), and sessions idle longer than
+ * FREEKV_SESSION_IDLE_TIMEOUT_S are closed.
  */
 import { randomUUID } from "node:crypto";
 import { totalmem } from "node:os";
@@ -89,8 +90,10 @@ export class SessionManager {
   private readonly creating = new Set<string>();
   /** Sessions moved to another pod: id -> its compute address (bounded, see remember). */
   private readonly moved = new Map<string, string>();
-  /** Sessions being created per tenant (counted by the quota until they are open). */
+  /** Sessions being created or received per tenant (counted by the quota until they are open). */
   private readonly creatingTenants = new Map<string, number>();
+  /** Sessions being received from another pod: id -> the move's id (SessionTransferHeader.move_id). */
+  private readonly arriving = new Map<string, string>();
   private expiryTimer: NodeJS.Timeout | undefined;
   /**
    * Sessions this process gave up that the kvstore may still hold: a release that failed (the
@@ -199,6 +202,10 @@ export class SessionManager {
     const id = req.sessionId || `s-${randomUUID()}`;
     if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
     if (this.sessions.has(id) || this.creating.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists`);
+    // A session this pod moved away lives on at its target: a create of its name here would make a
+    // second, empty session of that id (and take its owner record over), so it is redirected there.
+    const movedTo = this.moved.get(id);
+    if (movedTo) throw heldElsewhere(id, movedTo);
     const kind = req.kind === SessionKind.SESSION_KIND_UNSPECIFIED ? SessionKind.SESSION_KIND_MODEL : req.kind;
     if (kind !== SessionKind.SESSION_KIND_MODEL && kind !== SessionKind.SESSION_KIND_ATTENTION) throw invalidArgument("kind", `unknown session kind ${req.kind}`);
     let geometry: ModelGeometry;
@@ -216,15 +223,9 @@ export class SessionManager {
     }
     const retrieval = resolveRetrieval(req.retrieval, geometry.layers, "retrieval", maxContextTokens);
     this.checkEngineMemory(geometry, retrieval);
-    const quota = this.opts.maxSessionsPerTenant ?? 0;
-    if (tenant !== undefined && quota > 0) {
-      const open = this.tenantSessions(tenant);
-      if (open >= quota) {
-        throw resourceExhausted(`tenant ${quoteId(tenant)} has ${open} open sessions, the most FREEKV_MAX_SESSIONS_PER_TENANT=${quota} allows; close one first`);
-      }
-    }
+    if (tenant !== undefined) this.checkQuota(tenant);
     this.creating.add(id);
-    if (tenant !== undefined) this.creatingTenants.set(tenant, (this.creatingTenants.get(tenant) ?? 0) + 1);
+    if (tenant !== undefined) this.countCreating(tenant, 1);
     try {
       const metadata: SessionMetadata = { kind: kindName(kind) };
       if (tenant) metadata.tenant = tenant;
@@ -280,12 +281,27 @@ export class SessionManager {
       }
     } finally {
       this.creating.delete(id);
-      if (tenant !== undefined) {
-        const n = (this.creatingTenants.get(tenant) ?? 1) - 1;
-        if (n > 0) this.creatingTenants.set(tenant, n);
-        else this.creatingTenants.delete(tenant);
-      }
+      if (tenant !== undefined) this.countCreating(tenant, -1);
     }
+  }
+
+  /**
+   * RESOURCE_EXHAUSTED when `tenant` already has FREEKV_MAX_SESSIONS_PER_TENANT sessions open or
+   * being created or received here (a create's check, and an arriving move's: see reserveArrival).
+   */
+  private checkQuota(tenant: string): void {
+    const quota = this.opts.maxSessionsPerTenant ?? 0;
+    if (quota <= 0) return;
+    const open = this.tenantSessions(tenant);
+    if (open >= quota) {
+      throw resourceExhausted(`tenant ${quoteId(tenant)} has ${open} open sessions, the most FREEKV_MAX_SESSIONS_PER_TENANT=${quota} allows; close one first`);
+    }
+  }
+
+  private countCreating(tenant: string, delta: 1 | -1): void {
+    const n = (this.creatingTenants.get(tenant) ?? 0) + delta;
+    if (n > 0) this.creatingTenants.set(tenant, n);
+    else this.creatingTenants.delete(tenant);
   }
 
   /** Maps the segments and creates the engine session (when the engine exists). */
@@ -359,9 +375,9 @@ export class SessionManager {
    * call can see it: its calls get that DATA_LOSS, as they did in the process that marked it.
    * (A move never carries the mark: handOver refuses a diverged session.)
    */
-  async reattach(id: string): Promise<ComputeSession>;
+  async reattach(id: string, opts?: { arrivedBy: string }): Promise<ComputeSession>;
   async reattach(id: string, opts: { releaseEphemeral: true }): Promise<ComputeSession | undefined>;
-  async reattach(id: string, opts?: { releaseEphemeral: true }): Promise<ComputeSession | undefined> {
+  async reattach(id: string, opts?: { releaseEphemeral?: true; arrivedBy?: string }): Promise<ComputeSession | undefined> {
     const attach = await this.opts.kvstore.attach({ sessionId: id });
     let metadata: SessionMetadata = { kind: "attention" };
     try {
@@ -398,6 +414,7 @@ export class SessionManager {
       delete metadata.generate;
     }
     s.metadataContextTokens = held;
+    s.arrivedBy = opts?.arrivedBy;
     this.sessions.set(id, s);
     this.moved.delete(id);
     this.opts.onChange?.(this.sessions.size);
@@ -467,24 +484,41 @@ export class SessionManager {
   }
 
   /**
-   * Where `id` stands here, for a source that lost a move's answer (move.ts): open here ("held"),
-   * still being received or created ("receiving"), or neither ("absent"). With `tenant` (tenant
-   * authentication on) a held session of another tenant is PERMISSION_DENIED.
+   * Where the move `moveId` of `id` stands here, for a source that lost that move's answer
+   * (move.ts): its stream still being received or its session being opened ("receiving"), the
+   * session it brought open here ("held"), or neither ("absent"). The move is told by its id, not
+   * the session's: another session of that id here (one created here, or brought by another move)
+   * is "absent" for this move, so that its source keeps its own copy instead of closing it. With
+   * `tenant` (tenant authentication on) a held session of another tenant is PERMISSION_DENIED.
    */
-  arrivalState(id: string, tenant?: string): "held" | "receiving" | "absent" {
+  arrivalState(id: string, moveId: string, tenant?: string): "held" | "receiving" | "absent" {
+    if (this.arriving.get(id) === moveId) return "receiving";
     const s = this.sessions.get(id);
-    if (s) {
+    if (s && s.arrivedBy === moveId) {
       checkTenant(s.metadata.tenant, tenant, id);
       return "held";
     }
-    return this.creating.has(id) ? "receiving" : "absent";
+    return "absent";
   }
 
-  /** Reserves `id` for a session arriving from another pod; ALREADY_EXISTS when it is open or being created here. */
-  reserveArrival(id: string): () => void {
+  /**
+   * Reserves `id` for a session arriving from another pod by the move `moveId` (its header's
+   * move_id); ALREADY_EXISTS when it is open or being created here. With `tenant` (the arriving
+   * session's), it counts against FREEKV_MAX_SESSIONS_PER_TENANT like a create (RESOURCE_EXHAUSTED
+   * at the limit) until the returned function ends the reservation; without it (a drain's
+   * hand-off, see SessionMover.receive) the quota is not checked.
+   */
+  reserveArrival(id: string, moveId: string, tenant?: string): () => void {
     if (this.sessions.has(id) || this.creating.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists on this pod`);
+    if (tenant !== undefined) this.checkQuota(tenant);
     this.creating.add(id);
-    return () => this.creating.delete(id);
+    this.arriving.set(id, moveId);
+    if (tenant !== undefined) this.countCreating(tenant, 1);
+    return () => {
+      this.creating.delete(id);
+      this.arriving.delete(id);
+      if (tenant !== undefined) this.countCreating(tenant, -1);
+    };
   }
 
   /**
@@ -893,10 +927,11 @@ export class SessionManager {
           continue;
         }
         if (this.creating.has(id)) {
-          // Being made here again: an unconditional release would remove the new session. A
-          // token-guarded one waits for that call to end (a CreateSession's attach is create_only:
-          // it does not open the lost session, which stays releasable).
-          if (unconditional) this.pendingReleases.delete(id);
+          // Being made (or received) here again: the release waits for that call to end, and the
+          // next round decides. A CreateSession's attach is create_only: it neither opens nor takes
+          // over the session still held at the kvstore (it is answered ALREADY_EXISTS while that
+          // one is there), so the session this release is owed stays releasable; one that the
+          // call did make is open here by then, and the round drops the release (above).
           continue;
         }
         // Asked once a round, before the first token-guarded release.

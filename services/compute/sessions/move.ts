@@ -14,21 +14,23 @@
  * sent (SessionManager.handOver). A cancellation or deadline before the digest was passed on
  * cancels both streams (the target kvstore removes what it had written); once the digest went
  * out, the answer is awaited so the outcome is known. When that answer is lost (the caller's
- * deadline passed on both sides, the transport broke), the source asks the target where the
- * session stands (GetArrival, each try with its own short deadline, for up to SETTLE_MS): held
- * there means the move happened and the session is closed here; absent means it did not, and
- * the session stays here; still receiving means ask again. A target that cannot be asked leaves
- * the session-owners directory to decide (the target records itself as the owner only once it
- * holds the session); when neither answers, the session stays here and the unknown outcome is
- * logged as an error and counted (freekv_compute_move_outcome_unknown_total): both pods may then
- * hold it.
+ * deadline passed on both sides, the transport broke), the source asks the target where this
+ * move stands (GetArrival with the move's random id, which the header carried: each try with its
+ * own short deadline, for up to SETTLE_MS): held there means the move happened and the session is
+ * closed here; absent means it did not (another session of the same id there is not this move's),
+ * and the session stays here; still receiving means ask again. A target that cannot be asked
+ * leaves the session-owners directory to decide by whether its record still names this pod (the
+ * target records itself as the owner only once it holds the session); when neither answers, the
+ * session stays here and the unknown outcome is logged as an error and counted
+ * (freekv_compute_move_outcome_unknown_total): both pods may then hold it.
  *
  * Target (ReceiveSession): the header is checked first (the id is free here, the caller may
- * move the session's tenant, a model session's geometry is the served model's, its context within
- * FREEKV_MAX_CONTEXT_LIMIT); the messages go on to this pod's kvstore ImportSession, which checks
- * every chunk, the digest, and every size against its capacity. If the caller is gone by then
- * (cancelled, or its deadline passed), the imported copy is released and nothing is opened: the
- * session stays the source's. Otherwise the session is re-attached from the imported segments
+ * move the session's tenant, its metadata is a JSON object, its tenant has room under
+ * FREEKV_MAX_SESSIONS_PER_TENANT (a drain's hand-off aside: see receive), a model session's
+ * geometry is the served model's, its context within FREEKV_MAX_CONTEXT_LIMIT); the messages go
+ * on to this pod's kvstore ImportSession, which checks every chunk, the digest, and every size
+ * against its capacity. If the caller is gone by then (cancelled, or its deadline passed), the
+ * imported copy is released and nothing is opened: the session stays the source's. Otherwise the session is re-attached from the imported segments
  * (the engine continues it exactly as after a restart; from here on the move is done, whether or
  * not the answer arrives) and this pod is recorded as its owner; if the re-attach fails, the
  * imported copy is released and the error returned, so the source keeps it.
@@ -38,6 +40,7 @@
  * (the drain, which has no caller, presents FREEKV_PEER_TOKEN_FILE's), over TLS when
  * FREEKV_PEER_TLS_* name the files (common/tls.ts).
  */
+import { randomUUID } from "node:crypto";
 import { Metadata, status, type ChannelCredentials, type ServiceError as GrpcError, type ServerReadableStream, type ServerUnaryCall, type sendUnaryData } from "@grpc/grpc-js";
 import { Counter } from "prom-client";
 import {
@@ -60,11 +63,30 @@ import { assertDecoded } from "../../common/malformed.js";
 import { consume, sendUpstream } from "../../common/streams.js";
 import { checkTenant } from "../auth.js";
 import type { ComputeContext } from "../context.js";
+import { MAX_CHUNK_BYTES, MAX_MOVE_ID_BYTES, MIN_CHUNK_BYTES } from "../../kvstore/transfer.js";
 import { localSession } from "./owners.js";
 import { SESSION_ID_RE } from "./manager.js";
 import type { ComputeSession, SessionMetadata } from "./session.js";
 
-const ADDRESS_RE = /^[^\s:,/]{1,253}:\d{1,5}$/;
+/**
+ * A move's target: host:port, the host a DNS name or IPv4 address ([A-Za-z0-9._-]) or an IPv6
+ * address in brackets ([addr]:port, with an optional %zone), the port in 1-65535.
+ */
+const ADDRESS_RE = /^(?:[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]{2,45}(?:%[A-Za-z0-9._-]{1,64})?\]):(\d{1,5})$/;
+
+/** INVALID_ARGUMENT naming `field` unless `target` is host:port (ADDRESS_RE) with a port in 1-65535. */
+export function checkTarget(target: string, field = "target"): void {
+  const m = ADDRESS_RE.exec(target);
+  const port = m ? Number(m[1]) : 0;
+  if (!m || port < 1 || port > 65535) throw invalidArgument(field, `must be host:port or [ipv6]:port with a port in 1-65535, got ${quoteId(target)}`);
+}
+
+/**
+ * Request metadata with which a draining compute marks its hand-offs (value "drain"). The target
+ * exempts them from FREEKV_MAX_SESSIONS_PER_TENANT when the caller may move any tenant's sessions
+ * (FREEKV_MOVE_ADMIN_TENANT with authentication on, anyone without it): see SessionMover.receive.
+ */
+export const MOVE_REASON_KEY = "x-freekv-move-reason";
 
 /** A downstream call's failure with its own status code, saying who answered it. */
 function relayed(e: unknown, who: string): unknown {
@@ -86,6 +108,18 @@ const UNKNOWN_OUTCOMES = new WeakSet<object>();
 export const moveOutcomeUnknown = (e: unknown): boolean => typeof e === "object" && e !== null && UNKNOWN_OUTCOMES.has(e);
 /** The deadline of each of those questions. */
 const SETTLE_CALL_MS = 3_000;
+
+export interface MoveOptions {
+  chunkBytes?: number;
+  /** Ms since the epoch: bounds both streams. */
+  deadline: number;
+  /** Cancels the move until its digest went out. */
+  signal?: AbortSignal;
+  /** The caller's authorization, passed on to the target. */
+  authorization?: string;
+  /** A draining pod's hand-off (handoff.ts): marked with MOVE_REASON_KEY (see SessionMover.receive). */
+  drain?: boolean;
+}
 
 export interface MoveResult {
   sessionId: string;
@@ -131,10 +165,10 @@ export class SessionMover {
    * the target; `deadline` (ms since the epoch) bounds both streams; `signal` cancels the move
    * until its digest went out.
    */
-  async move(s: ComputeSession, target: string, opts: { chunkBytes?: number; deadline: number; signal?: AbortSignal; authorization?: string }): Promise<MoveResult> {
+  async move(s: ComputeSession, target: string, opts: MoveOptions): Promise<MoveResult> {
     const { ctx } = this;
     const t0 = performance.now();
-    if (!ADDRESS_RE.test(target)) throw invalidArgument("target", `must be host:port, got ${quoteId(target)}`);
+    checkTarget(target);
     if (target === ctx.config.FREEKV_ADVERTISE_ADDRESS) throw failedPrecondition(`target ${target} is this pod (FREEKV_ADVERTISE_ADDRESS)`);
     let contextTokens = 0;
     // The wait for the session's turn (a Generate may hold it for minutes) and what comes before
@@ -173,14 +207,23 @@ export class SessionMover {
     }
   }
 
-  /** This kvstore's export, passed on to the target's ReceiveSession; resolves with the target's answer. */
-  private async stream(id: string, target: string, opts: { chunkBytes?: number; deadline: number; signal?: AbortSignal; authorization?: string }): Promise<{ dataBytes: number; chunks: number }> {
+  /**
+   * This kvstore's export, passed on to the target's ReceiveSession; resolves with the target's
+   * answer. Each move has a random id, which this kvstore writes into the header (covered by the
+   * digest): the target keeps it with the session it opens, and a source whose answer was lost
+   * asks the target about that move, not about whatever session of the id it holds (settle).
+   */
+  private async stream(id: string, target: string, opts: MoveOptions): Promise<{ dataBytes: number; chunks: number }> {
     const { ctx } = this;
     const md = new Metadata();
     const auth = opts.authorization ?? (this.peerToken ? `Bearer ${this.peerToken}` : undefined);
     if (auth) md.set("authorization", auth);
+    if (opts.drain) md.set(MOVE_REASON_KEY, "drain");
+    const moveId = randomUUID();
+    // Whether the header went out with this move's id (a kvstore older than move ids leaves it out).
+    let carried = false;
     const peer = new SessionMoveServiceClient(target, this.peerCredentials, { "grpc.max_send_message_length": 64 << 20, "grpc.max_receive_message_length": 64 << 20 });
-    const exp = ctx.kvstore.exportSession(id, opts.chunkBytes ?? 0, opts.deadline);
+    const exp = ctx.kvstore.exportSession(id, opts.chunkBytes ?? 0, opts.deadline, moveId);
     let out!: ReturnType<SessionMoveServiceClient["receiveSession"]>;
     const done = new Promise<ReceiveSessionResponse>((resolve, reject) => {
       out = peer.receiveSession(md, { deadline: opts.deadline }, (err, res) => (err ? reject(relayed(err, `target ${target}`)) : resolve(res!)));
@@ -197,6 +240,7 @@ export class SessionMover {
       try {
         for await (const m of exp as AsyncIterable<ExportSessionResponse>) {
           if (opts.signal?.aborted) throw opts.signal.reason;
+          if (m.item?.$case === "header") carried = m.item.value.moveId === moveId;
           await sendUpstream(out, m as ReceiveSessionRequest, done);
           if (m.item?.$case === "digest") digestSent = true;
         }
@@ -213,7 +257,7 @@ export class SessionMover {
       } catch (e) {
         const code = (e as { code?: number }).code;
         if (!digestSent || code === undefined || !AMBIGUOUS.has(code)) throw e;
-        const outcome = await this.settle(id, target, peer, md);
+        const outcome = await this.settle(id, target, peer, md, carried ? moveId : undefined);
         if (outcome === "held") {
           ctx.log.warn({ session: id, target, err: (e as Error).message }, "the target's answer was lost, but it holds the session: the move happened");
           return { dataBytes: 0, chunks: 0 };
@@ -236,19 +280,48 @@ export class SessionMover {
   }
 
   /**
-   * Where the session stands at the target after its answer was lost: asks GetArrival until it
-   * says held or absent (SETTLE_MS at most). A target that cannot be asked (three failures, or
-   * one that will not pass) leaves the session-owners directory to tell: a record naming the
-   * target means it took the session, none that it did not. Without a directory it is unknown.
+   * Where the session stands at the target after its answer was lost: asks GetArrival about this
+   * move (`moveId`) until it says held or absent (SETTLE_MS at most). A target that cannot be
+   * asked (three failures, or one that will not pass), or a move whose header carried no id (a
+   * kvstore older than move ids), leaves the session-owners directory to tell, by whether its
+   * record still names this pod: the target records itself only once it holds the session, so a
+   * record naming this pod means it did not take it ("absent"), one naming another pod that it did
+   * ("held": the record names the target as it advertises itself, which need not be the caller's
+   * spelling of it), and no record tells nothing ("unknown"). Without a directory it is unknown.
    */
-  private async settle(id: string, target: string, peer: SessionMoveServiceClient, md: Metadata): Promise<"held" | "absent" | "unknown"> {
+  private async settle(id: string, target: string, peer: SessionMoveServiceClient, md: Metadata, moveId: string | undefined): Promise<"held" | "absent" | "unknown"> {
+    const { ctx } = this;
+    if (moveId !== undefined) {
+      const state = await this.askArrival(id, target, peer, md, moveId);
+      if (state) return state;
+    } else {
+      ctx.log.warn({ session: id, target }, "this pod's kvstore sent the move without its id, so the target cannot be asked about it; the session-owners directory decides");
+    }
+    if (!ctx.owners) return "unknown";
+    // A directory that does not answer tells nothing either (not "absent": the target may hold it).
+    let owner: string | undefined;
+    try {
+      owner = await ctx.owners.ownerOf(id);
+    } catch (e) {
+      ctx.log.warn({ session: id, target, err: (e as Error).message }, "the session-owners directory does not answer either");
+      return "unknown";
+    }
+    if (owner === undefined) {
+      ctx.log.warn({ session: id, target }, "the session-owners directory has no record of the session");
+      return "unknown";
+    }
+    return owner === ctx.owners.self ? "absent" : "held";
+  }
+
+  /** GetArrival about move `moveId`, asked again while the target is receiving; undefined when the target cannot tell (see settle). */
+  private async askArrival(id: string, target: string, peer: SessionMoveServiceClient, md: Metadata, moveId: string): Promise<"held" | "absent" | undefined> {
     const { ctx } = this;
     const until = Date.now() + SETTLE_MS;
     let wait = 20;
     let failures = 0;
     for (;;) {
       const r = await new Promise<{ state?: ArrivalState; err?: GrpcError }>((resolve) =>
-        peer.getArrival({ sessionId: id }, md, { deadline: Date.now() + SETTLE_CALL_MS }, (err, res) => resolve(err ? { err } : { state: res!.state })),
+        peer.getArrival({ sessionId: id, moveId }, md, { deadline: Date.now() + SETTLE_CALL_MS }, (err, res) => resolve(err ? { err } : { state: res!.state })),
       );
       if (r.state === ArrivalState.ARRIVAL_STATE_HELD) return "held";
       if (r.state === ArrivalState.ARRIVAL_STATE_ABSENT) return "absent";
@@ -264,20 +337,27 @@ export class SessionMover {
       await new Promise((res) => setTimeout(res, wait));
       wait = Math.min(wait * 2, 500);
     }
-    if (!ctx.owners) return "unknown";
-    // A directory that does not answer tells nothing either (not "absent": the target may hold it).
-    try {
-      return (await ctx.owners.ownerOf(id)) === target ? "held" : "absent";
-    } catch (e) {
-      ctx.log.warn({ session: id, target, err: (e as Error).message }, "the session-owners directory does not answer either");
-      return "unknown";
-    }
+    return undefined;
   }
 
-  /** The receiving side of a move: the stream goes on to this pod's kvstore; the session is opened and claimed here. */
+  /**
+   * The receiving side of a move: the stream goes on to this pod's kvstore; the session is opened
+   * and claimed here, and keeps the move's id (its header's) for GetArrival.
+   *
+   * The arriving session counts against its tenant's FREEKV_MAX_SESSIONS_PER_TENANT here like a
+   * create (RESOURCE_EXHAUSTED at the limit, before the kvstore is asked for memory), so moves
+   * cannot gather more sessions of a tenant on one pod than it could create there. A drain's
+   * hand-off (marked with MOVE_REASON_KEY) made by a caller that may move any tenant's sessions
+   * (FREEKV_MOVE_ADMIN_TENANT with authentication on; anyone without authentication, where the
+   * tenant is the caller's own header anyway) is exempt: a pod that stops must be able to hand
+   * off every session it holds, and a refusal would leave the session in a kvstore that is about
+   * to go away.
+   */
   async receive(call: ServerReadableStream<ReceiveSessionRequest, ReceiveSessionResponse>, signal: AbortSignal): Promise<ReceiveSessionResponse> {
     const { ctx } = this;
     const tenant = ctx.auth ? ctx.auth.authenticate(call.metadata) : undefined;
+    const admin = tenant === undefined || tenant === ctx.config.FREEKV_MOVE_ADMIN_TENANT;
+    const drain = admin && call.metadata.get(MOVE_REASON_KEY)[0] === "drain";
     const deadline = deadlineOf(call, ctx.config.FREEKV_MOVE_TIMEOUT_MS);
     let kv: ReturnType<ComputeContext["kvstore"]["importSession"]> | undefined;
     let unreserve: (() => void) | undefined;
@@ -288,8 +368,8 @@ export class SessionMover {
         if (!header) {
           if (m.item?.$case !== "header") throw invalidArgument("item", "the first message must be the header");
           header = m.item.value;
-          this.admit(header, tenant);
-          unreserve = ctx.sessions.reserveArrival(header.sessionId);
+          const meta = this.admit(header, tenant);
+          unreserve = ctx.sessions.reserveArrival(header.sessionId, header.moveId ?? "", drain ? undefined : typeof meta.tenant === "string" ? meta.tenant : "");
           kv = ctx.kvstore.importSession(deadline);
         }
         try {
@@ -324,7 +404,7 @@ export class SessionMover {
       }
       let s: ComputeSession;
       try {
-        s = await ctx.sessions.reattach(id);
+        s = await ctx.sessions.reattach(id, { arrivedBy: header.moveId ?? "" });
       } catch (e) {
         await ctx.kvstore.release(id).catch((r: Error) => ctx.log.error({ session: id, err: r.message }, "an imported session could not be opened nor released; release it (ReleaseSession)"));
         throw new ServiceError(status.FAILED_PRECONDITION, `session ${quoteId(id)} was imported but cannot be opened here: ${(e as Error).message}`);
@@ -343,15 +423,29 @@ export class SessionMover {
     }
   }
 
-  /** What this pod checks of an arriving session before its kvstore is asked for memory. */
-  private admit(h: SessionTransferHeader, tenant: string | undefined): void {
+  /**
+   * What this pod checks of an arriving session before its kvstore is asked for memory; returns
+   * its metadata. The metadata is compute's (a source saves it before the export: handOver), so
+   * anything but a JSON object, or a tenant that is not a string, is refused (INVALID_ARGUMENT
+   * naming header.metadata); none at all is an attention session, as a re-attach takes it.
+   */
+  private admit(h: SessionTransferHeader, tenant: string | undefined): SessionMetadata {
     const { ctx } = this;
     if (!SESSION_ID_RE.test(h.sessionId)) throw invalidArgument("header.session_id", "must match [A-Za-z0-9._-]{1,128}");
+    if (h.moveId !== undefined && Buffer.byteLength(h.moveId) > MAX_MOVE_ID_BYTES) throw invalidArgument("header.move_id", `must be at most ${MAX_MOVE_ID_BYTES} bytes, got ${Buffer.byteLength(h.moveId)}`);
     let meta: SessionMetadata = { kind: "attention" };
-    try {
-      if (h.metadata.length) meta = JSON.parse(Buffer.from(h.metadata).toString("utf8")) as SessionMetadata;
-    } catch {
-      /* foreign metadata: an attention session, as a re-attach takes it */
+    if (h.metadata.length) {
+      let parsed: unknown;
+      try {
+        parsed = JSON.parse(Buffer.from(h.metadata).toString("utf8"));
+      } catch (e) {
+        throw invalidArgument("header.metadata", `must be a JSON object (the session's metadata as compute saves it): ${(e as Error).message}`);
+      }
+      if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) {
+        throw invalidArgument("header.metadata", `must be a JSON object (the session's metadata as compute saves it), got ${parsed === null ? "null" : Array.isArray(parsed) ? "an array" : typeof parsed}`);
+      }
+      meta = parsed as SessionMetadata;
+      if (meta.tenant !== undefined && typeof meta.tenant !== "string") throw invalidArgument("header.metadata", `its tenant must be a string, got ${typeof meta.tenant}`);
     }
     if (tenant !== undefined && tenant !== ctx.config.FREEKV_MOVE_ADMIN_TENANT) checkTenant(meta.tenant, tenant, h.sessionId);
     if (h.maxContextTokens > ctx.config.FREEKV_MAX_CONTEXT_LIMIT) {
@@ -364,6 +458,7 @@ export class SessionMover {
         throw failedPrecondition(`session ${quoteId(h.sessionId)} is a model session of geometry ${JSON.stringify(g)}; this pod serves ${JSON.stringify(served)}`);
       }
     }
+    return meta;
   }
 }
 
@@ -380,8 +475,13 @@ export function sessionMoveService(ctx: ComputeContext, mover: SessionMover): Se
     moveSession: unary(log, "MoveSession", async (req: MoveSessionRequest, signal: AbortSignal, call: ServerUnaryCall<MoveSessionRequest, MoveSessionResponse>): Promise<MoveSessionResponse> => {
       const tenant = ctx.auth ? ctx.auth.authenticate(call.metadata) : undefined;
       if (!req.sessionId) throw invalidArgument("session_id", "is required");
+      if (!SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
       if (!req.target) throw invalidArgument("target", "is required (host:port of the receiving compute)");
-      if (!ADDRESS_RE.test(req.target)) throw invalidArgument("target", `must be host:port, got ${quoteId(req.target)}`);
+      checkTarget(req.target);
+      // Refused here, before the session's turn is waited for (the export would refuse it too).
+      if (req.chunkBytes !== 0 && (req.chunkBytes < MIN_CHUNK_BYTES || req.chunkBytes > MAX_CHUNK_BYTES)) {
+        throw invalidArgument("chunk_bytes", `must be 0 (1 MiB) or in [${MIN_CHUNK_BYTES}, ${MAX_CHUNK_BYTES}], got ${req.chunkBytes}`);
+      }
       const s = await localSession(ctx.sessions, ctx.owners, req.sessionId, tenant !== undefined && tenant !== ctx.config.FREEKV_MOVE_ADMIN_TENANT ? tenant : undefined);
       const authorization = call.metadata.get("authorization")[0];
       const r = await mover.move(s, req.target, {
@@ -395,7 +495,10 @@ export function sessionMoveService(ctx: ComputeContext, mover: SessionMover): Se
     getArrival: unary(log, "GetArrival", async (req: GetArrivalRequest, _signal: AbortSignal, call: ServerUnaryCall<GetArrivalRequest, GetArrivalResponse>): Promise<GetArrivalResponse> => {
       const tenant = ctx.auth ? ctx.auth.authenticate(call.metadata) : undefined;
       if (!SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
-      const state = ctx.sessions.arrivalState(req.sessionId, tenant !== undefined && tenant !== ctx.config.FREEKV_MOVE_ADMIN_TENANT ? tenant : undefined);
+      // Without the move's id the answer could only be about the id, which another session may hold.
+      if (!req.moveId) throw invalidArgument("move_id", "is required (the move_id of the move's header)");
+      if (Buffer.byteLength(req.moveId) > MAX_MOVE_ID_BYTES) throw invalidArgument("move_id", `must be at most ${MAX_MOVE_ID_BYTES} bytes`);
+      const state = ctx.sessions.arrivalState(req.sessionId, req.moveId, tenant !== undefined && tenant !== ctx.config.FREEKV_MOVE_ADMIN_TENANT ? tenant : undefined);
       const states = { held: ArrivalState.ARRIVAL_STATE_HELD, receiving: ArrivalState.ARRIVAL_STATE_RECEIVING, absent: ArrivalState.ARRIVAL_STATE_ABSENT } as const;
       return { state: states[state] };
     }),

@@ -5,9 +5,12 @@
  * `x-freekv-session-owner` (the client package, packages/client, follows it; a gateway can route
  * by it). The owners are a Redis hash shared by the pods (`FREEKV_SESSION_OWNERS`, the key
  * `<prefix>owners`: session id -> the compute address other pods and clients reach it at,
- * `FREEKV_ADVERTISE_ADDRESS`). A pod claims a session when it creates or re-attaches it and
- * releases it when it closes it. Failures to record an owner are logged and counted, never fatal
- * to the call: the session still works on its own pod, only redirects to it are lost.
+ * `FREEKV_ADVERTISE_ADDRESS`). A pod claims a session when it creates, receives or re-attaches it
+ * and releases it when it closes it. A create or a re-attach never takes a record that names
+ * another live pod: a CreateSession for an id another live pod holds is redirected there like any
+ * other call for it. Failures to record an owner are logged and counted, never fatal to the call:
+ * the session still works on its own pod, only redirects to it are lost. Every command is bounded
+ * by OWNERS_COMMAND_TIMEOUT_MS, so a Redis that stops answering fails like one that is down.
  */
 import { Redis } from "ioredis";
 // The trailing metadata key naming the pod (host:port) that holds a session: the client package's, which follows it.
@@ -22,6 +25,25 @@ import type { ComputeSession } from "./session.js";
 
 export { SESSION_OWNER_KEY };
 
+/**
+ * How long one command to the owners' Redis may take before it fails (ioredis commandTimeout). A
+ * Redis that stops answering without closing the connection (frozen, or cut off by a network
+ * partition that drops packets) would otherwise hold every call that waits for it: a create's
+ * claim, a close's release, a drain's leave(). Past it the command fails like an unreachable
+ * Redis: logged and counted, never fatal to the call.
+ */
+export const OWNERS_COMMAND_TIMEOUT_MS = 2_000;
+
+/**
+ * Lua: claims session ARGV[1] for pod ARGV[2] unless the record names another pod whose live key
+ * (ARGV[3] .. address) exists; returns that pod's address, or false once claimed.
+ */
+const CLAIM_UNLESS_LIVE =
+  "local o = redis.call('HGET', KEYS[1], ARGV[1]) if o and o ~= ARGV[2] and redis.call('EXISTS', ARGV[3] .. o) == 1 then return o end redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return false";
+
+/** Lua: the address of the other live pod the record of ARGV[1] names (as CLAIM_UNLESS_LIVE), else false; writes nothing. */
+const LIVE_OWNER_ELSEWHERE = "local o = redis.call('HGET', KEYS[1], ARGV[1]) if o and o ~= ARGV[2] and redis.call('EXISTS', ARGV[3] .. o) == 1 then return o end return false";
+
 export class SessionOwners {
   private constructor(
     private readonly redis: Redis,
@@ -32,13 +54,16 @@ export class SessionOwners {
   ) {}
 
   static async connect(url: string, prefix: string, self: string, log: Logger, onFailure: () => void = () => {}): Promise<SessionOwners> {
-    const redis = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 2, enableOfflineQueue: false, connectTimeout: 3000 });
+    const redis = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 2, enableOfflineQueue: false, connectTimeout: 3000, commandTimeout: OWNERS_COMMAND_TIMEOUT_MS });
     redis.on("error", () => {}); // reported per operation below
     await redis.connect();
     return new SessionOwners(redis, `${prefix}owners`, self, log, onFailure);
   }
 
-  /** This pod holds `id` now. */
+  /**
+   * This pod holds `id` now, whoever the record named: a move's target takes the session over
+   * from its source (the record names the source, live, until this write).
+   */
   async claim(id: string): Promise<void> {
     try {
       await this.redis.hset(this.key, id, this.self);
@@ -57,19 +82,45 @@ export class SessionOwners {
    * nothing (logged and counted): the session is served here as without a directory.
    */
   async claimAtStart(id: string): Promise<string | undefined> {
+    return this.claimUnlessLive(id);
+  }
+
+  /**
+   * For a session this pod has just created: claims it unless another live pod owns it, in one
+   * step (CLAIM_UNLESS_LIVE): the record is set when there is none, when it names this pod, or
+   * when the pod it names is gone (its live key expired). Returns the live owner's address when
+   * there is one: two pods created the id at once, and the other one's claim came first; the
+   * caller gives its copy up. A directory that does not answer claims nothing and says nothing
+   * (logged and counted): the session is served here as without a directory.
+   */
+  async claimNew(id: string): Promise<string | undefined> {
+    return this.claimUnlessLive(id);
+  }
+
+  private async claimUnlessLive(id: string): Promise<string | undefined> {
     try {
-      const other = await this.redis.eval(
-        "local o = redis.call('HGET', KEYS[1], ARGV[1]) if o and o ~= ARGV[2] and redis.call('EXISTS', ARGV[3] .. o) == 1 then return o end redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return false",
-        1,
-        this.key,
-        id,
-        this.self,
-        this.podKey(""),
-      );
+      const other = await this.redis.eval(CLAIM_UNLESS_LIVE, 1, this.key, id, this.self, this.podKey(""));
       return typeof other === "string" ? other : undefined;
     } catch (e) {
       this.onFailure();
       this.log.error({ err: e, session: id }, "could not record this pod as the session's owner: other pods will not redirect to it");
+      return undefined;
+    }
+  }
+
+  /**
+   * The address of another pod that holds `id` and is live (its live key exists), as a create
+   * checks before it makes a session of that id; undefined when no other live pod does, or when
+   * the directory does not answer (logged and counted: the create goes on as without a
+   * directory, and claimNew settles a race).
+   */
+  async liveOwnerElsewhere(id: string): Promise<string | undefined> {
+    try {
+      const other = await this.redis.eval(LIVE_OWNER_ELSEWHERE, 1, this.key, id, this.self, this.podKey(""));
+      return typeof other === "string" ? other : undefined;
+    } catch (e) {
+      this.onFailure();
+      this.log.warn({ err: e, session: id }, "could not look up the session's owner");
       return undefined;
     }
   }
@@ -129,7 +180,11 @@ export class SessionOwners {
     this.heartbeatTimer.unref();
   }
 
-  /** This pod takes no sessions any more (it drains): its live key goes now, not at its expiry. */
+  /**
+   * This pod takes no sessions any more (it drains): its live key goes now, not at its expiry. A
+   * Redis that does not answer fails it within OWNERS_COMMAND_TIMEOUT_MS (logged and counted), so
+   * the drain goes on; the key then expires by itself after POD_TTL_MS.
+   */
   async leave(): Promise<void> {
     if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
     this.heartbeatTimer = undefined;

@@ -92,6 +92,12 @@ export class ComputeSession {
    * with the session's life.
    */
   manifestView: ArrayBuffer | undefined;
+  /**
+   * The id of the move that brought the session to this pod (SessionTransferHeader.move_id), kept
+   * in memory only: GetArrival answers HELD for that move alone (SessionManager.arrivalState).
+   * Undefined for a session created or re-attached here.
+   */
+  arrivedBy: string | undefined;
 
   constructor(
     readonly id: string,

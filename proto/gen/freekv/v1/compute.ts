@@ -128,11 +128,14 @@ export function finishReasonToJSON(object: FinishReason): string {
 
 export enum ArrivalState {
   ARRIVAL_STATE_UNSPECIFIED = 0,
-  /** ARRIVAL_STATE_HELD - The session is open on this pod. */
+  /** ARRIVAL_STATE_HELD - The session is open on this pod, and it arrived by the move asked about. */
   ARRIVAL_STATE_HELD = 1,
   /** ARRIVAL_STATE_RECEIVING - A ReceiveSession for it is still in progress here: ask again. */
   ARRIVAL_STATE_RECEIVING = 2,
-  /** ARRIVAL_STATE_ABSENT - Neither: a move to this pod did not happen (or the session was closed here since). */
+  /**
+   * ARRIVAL_STATE_ABSENT - Neither: that move to this pod did not happen (or the session was closed here since); a
+   * session of the same id that did not arrive by it is ABSENT too.
+   */
   ARRIVAL_STATE_ABSENT = 3,
   UNRECOGNIZED = -1,
 }
@@ -436,7 +439,10 @@ export interface AttentionResponse {
 
 export interface MoveSessionRequest {
   sessionId: string;
-  /** host:port of the receiving compute (its gRPC address, as FREEKV_ADVERTISE_ADDRESS names it). */
+  /**
+   * host:port of the receiving compute (its gRPC address, as FREEKV_ADVERTISE_ADDRESS names it;
+   * an IPv6 address in brackets, [addr]:port; the port in 1-65535).
+   */
   target: string;
   /** Largest data chunk in bytes [1 MiB]; at most 4 MiB. */
   chunkBytes: number;
@@ -467,6 +473,11 @@ export interface ReceiveSessionResponse {
 
 export interface GetArrivalRequest {
   sessionId: string;
+  /**
+   * The move asked about (SessionTransferHeader.move_id of its stream): HELD only when the session
+   * open here arrived by that move. Required.
+   */
+  moveId?: string | undefined;
 }
 
 export interface GetArrivalResponse {
@@ -4262,13 +4273,16 @@ export const ReceiveSessionResponse: MessageFns<ReceiveSessionResponse> = {
 };
 
 function createBaseGetArrivalRequest(): GetArrivalRequest {
-  return { sessionId: "" };
+  return { sessionId: "", moveId: undefined };
 }
 
 export const GetArrivalRequest: MessageFns<GetArrivalRequest> = {
   encode(message: GetArrivalRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.sessionId !== "") {
       writer.uint32(10).string(message.sessionId);
+    }
+    if (message.moveId !== undefined) {
+      writer.uint32(18).string(message.moveId);
     }
     return writer;
   },
@@ -4294,6 +4308,14 @@ export const GetArrivalRequest: MessageFns<GetArrivalRequest> = {
             message.sessionId = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.moveId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4313,6 +4335,11 @@ export const GetArrivalRequest: MessageFns<GetArrivalRequest> = {
         : isSet(object.session_id)
         ? globalThis.String(object.session_id)
         : "",
+      moveId: isSet(object.moveId)
+        ? globalThis.String(object.moveId)
+        : isSet(object.move_id)
+        ? globalThis.String(object.move_id)
+        : undefined,
     };
   },
 
@@ -4320,6 +4347,9 @@ export const GetArrivalRequest: MessageFns<GetArrivalRequest> = {
     const obj: any = {};
     if (message.sessionId !== "") {
       obj.sessionId = message.sessionId;
+    }
+    if (message.moveId !== undefined) {
+      obj.moveId = message.moveId;
     }
     return obj;
   },
@@ -4330,6 +4360,7 @@ export const GetArrivalRequest: MessageFns<GetArrivalRequest> = {
   fromPartial<I extends Exact<DeepPartial<GetArrivalRequest>, I>>(object: I): GetArrivalRequest {
     const message = createBaseGetArrivalRequest();
     message.sessionId = object.sessionId ?? "";
+    message.moveId = object.moveId ?? undefined;
     return message;
   },
 };
@@ -4575,9 +4606,11 @@ export const SessionMoveServiceService = {
     responseDeserialize: (value: Buffer): ReceiveSessionResponse => ReceiveSessionResponse.decode(value),
   },
   /**
-   * Whether this pod holds a session, is still receiving it, or has neither (called by a source
-   * whose ReceiveSession answer was lost after the digest went out, to learn the move's outcome:
-   * a ReceiveSession whose caller is gone before the session was opened here leaves nothing).
+   * Whether this pod holds a session that arrived by a given move, is still receiving it, or has
+   * neither (called by a source whose ReceiveSession answer was lost after the digest went out, to
+   * learn the move's outcome: a ReceiveSession whose caller is gone before the session was opened
+   * here leaves nothing). The move is named by its id (GetArrivalRequest.move_id), not the
+   * session's: another session of the same id here is not the one that move carried.
    */
   getArrival: {
     path: "/freekv.v1.SessionMoveService/GetArrival" as const,
@@ -4604,9 +4637,11 @@ export interface SessionMoveServiceServer extends UntypedServiceImplementation {
    */
   receiveSession: handleClientStreamingCall<ReceiveSessionRequest, ReceiveSessionResponse>;
   /**
-   * Whether this pod holds a session, is still receiving it, or has neither (called by a source
-   * whose ReceiveSession answer was lost after the digest went out, to learn the move's outcome:
-   * a ReceiveSession whose caller is gone before the session was opened here leaves nothing).
+   * Whether this pod holds a session that arrived by a given move, is still receiving it, or has
+   * neither (called by a source whose ReceiveSession answer was lost after the digest went out, to
+   * learn the move's outcome: a ReceiveSession whose caller is gone before the session was opened
+   * here leaves nothing). The move is named by its id (GetArrivalRequest.move_id), not the
+   * session's: another session of the same id here is not the one that move carried.
    */
   getArrival: handleUnaryCall<GetArrivalRequest, GetArrivalResponse>;
 }
@@ -4654,9 +4689,11 @@ export interface SessionMoveServiceClient extends Client {
     callback: (error: ServiceError | null, response: ReceiveSessionResponse) => void,
   ): ClientWritableStream<ReceiveSessionRequest>;
   /**
-   * Whether this pod holds a session, is still receiving it, or has neither (called by a source
-   * whose ReceiveSession answer was lost after the digest went out, to learn the move's outcome:
-   * a ReceiveSession whose caller is gone before the session was opened here leaves nothing).
+   * Whether this pod holds a session that arrived by a given move, is still receiving it, or has
+   * neither (called by a source whose ReceiveSession answer was lost after the digest went out, to
+   * learn the move's outcome: a ReceiveSession whose caller is gone before the session was opened
+   * here leaves nothing). The move is named by its id (GetArrivalRequest.move_id), not the
+   * session's: another session of the same id here is not the one that move carried.
    */
   getArrival(
     request: GetArrivalRequest,

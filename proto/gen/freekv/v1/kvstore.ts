@@ -240,6 +240,11 @@ export interface ExportSessionRequest {
   sessionId: string;
   /** Largest data chunk in bytes [1 MiB]; at most 4 MiB. */
   chunkBytes: number;
+  /**
+   * Copied into the header (SessionTransferHeader.move_id): the moving compute's id of this
+   * transfer, at most 128 bytes. Unset: the header carries none.
+   */
+  moveId?: string | undefined;
 }
 
 /**
@@ -265,6 +270,12 @@ export interface SessionTransferHeader {
   /** Bytes of the tail and manifest segments that follow (the layout's, whole). */
   tailBytes: number;
   manifestBytes: number;
+  /**
+   * The moving compute's random id of this transfer (ExportSessionRequest.move_id), covered by the
+   * digest like every header field: the receiving compute keeps it with the session it opens, so
+   * that GetArrival tells this transfer's arrival from another session of the same id.
+   */
+  moveId?: string | undefined;
 }
 
 /**
@@ -2109,7 +2120,7 @@ export const ListSessionsResponse: MessageFns<ListSessionsResponse> = {
 };
 
 function createBaseExportSessionRequest(): ExportSessionRequest {
-  return { sessionId: "", chunkBytes: 0 };
+  return { sessionId: "", chunkBytes: 0, moveId: undefined };
 }
 
 export const ExportSessionRequest: MessageFns<ExportSessionRequest> = {
@@ -2119,6 +2130,9 @@ export const ExportSessionRequest: MessageFns<ExportSessionRequest> = {
     }
     if (message.chunkBytes !== 0) {
       writer.uint32(16).uint32(message.chunkBytes);
+    }
+    if (message.moveId !== undefined) {
+      writer.uint32(26).string(message.moveId);
     }
     return writer;
   },
@@ -2152,6 +2166,14 @@ export const ExportSessionRequest: MessageFns<ExportSessionRequest> = {
             message.chunkBytes = reader.uint32();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.moveId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2176,6 +2198,11 @@ export const ExportSessionRequest: MessageFns<ExportSessionRequest> = {
         : isSet(object.chunk_bytes)
         ? globalThis.Number(object.chunk_bytes)
         : 0,
+      moveId: isSet(object.moveId)
+        ? globalThis.String(object.moveId)
+        : isSet(object.move_id)
+        ? globalThis.String(object.move_id)
+        : undefined,
     };
   },
 
@@ -2187,6 +2214,9 @@ export const ExportSessionRequest: MessageFns<ExportSessionRequest> = {
     if (message.chunkBytes !== 0) {
       obj.chunkBytes = Math.round(message.chunkBytes);
     }
+    if (message.moveId !== undefined) {
+      obj.moveId = message.moveId;
+    }
     return obj;
   },
 
@@ -2197,6 +2227,7 @@ export const ExportSessionRequest: MessageFns<ExportSessionRequest> = {
     const message = createBaseExportSessionRequest();
     message.sessionId = object.sessionId ?? "";
     message.chunkBytes = object.chunkBytes ?? 0;
+    message.moveId = object.moveId ?? undefined;
     return message;
   },
 };
@@ -2214,6 +2245,7 @@ function createBaseSessionTransferHeader(): SessionTransferHeader {
     contextTokens: 0,
     tailBytes: 0,
     manifestBytes: 0,
+    moveId: undefined,
   };
 }
 
@@ -2259,6 +2291,9 @@ export const SessionTransferHeader: MessageFns<SessionTransferHeader> = {
     }
     if (message.manifestBytes !== 0) {
       writer.uint32(88).uint64(message.manifestBytes);
+    }
+    if (message.moveId !== undefined) {
+      writer.uint32(98).string(message.moveId);
     }
     return writer;
   },
@@ -2384,6 +2419,14 @@ export const SessionTransferHeader: MessageFns<SessionTransferHeader> = {
             message.manifestBytes = longToNumber(reader.uint64());
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.moveId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2437,6 +2480,11 @@ export const SessionTransferHeader: MessageFns<SessionTransferHeader> = {
         : isSet(object.manifest_bytes)
         ? globalThis.Number(object.manifest_bytes)
         : 0,
+      moveId: isSet(object.moveId)
+        ? globalThis.String(object.moveId)
+        : isSet(object.move_id)
+        ? globalThis.String(object.move_id)
+        : undefined,
     };
   },
 
@@ -2475,6 +2523,9 @@ export const SessionTransferHeader: MessageFns<SessionTransferHeader> = {
     if (message.manifestBytes !== 0) {
       obj.manifestBytes = Math.round(message.manifestBytes);
     }
+    if (message.moveId !== undefined) {
+      obj.moveId = message.moveId;
+    }
     return obj;
   },
 
@@ -2500,6 +2551,7 @@ export const SessionTransferHeader: MessageFns<SessionTransferHeader> = {
     message.contextTokens = object.contextTokens ?? 0;
     message.tailBytes = object.tailBytes ?? 0;
     message.manifestBytes = object.manifestBytes ?? 0;
+    message.moveId = object.moveId ?? undefined;
     return message;
   },
 };
