@@ -11,7 +11,6 @@
  * - ReserveContext fuzzed with random sessions and sizes answers only allowed statuses, never
  *   commits more than the capacity, and keeps counted and allocated bytes equal.
  */
-import { connect } from "node:net";
 import { randomBytes } from "node:crypto";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Redis } from "ioredis";
@@ -20,7 +19,7 @@ import { GenerateRequest, type ComputeServiceClient, type GenerateFinal, type Ge
 import { DType, type ModelGeometry } from "../../proto/gen/freekv/v1/common.js";
 import { builtinModelDir, readModelFolder } from "../../services/compute/model/loader.js";
 import { modelSessionBytes } from "../../services/compute/sessions/footprint.js";
-import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startService, startTiers, unary, type ServiceProcess, type Tiers } from "../helpers/services.js";
+import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startService, startTiers, unary, type ServiceProcess, type Tiers, redisUp } from "../helpers/services.js";
 import { prng } from "../helpers/prng.js";
 
 const seed = Number(process.env.FREEKV_TEST_SEED) || (Date.now() ^ (process.pid << 8)) >>> 0;
@@ -97,22 +96,6 @@ const nextTurn = () => ({ prompt: tokens(12 + Math.floor(rand() * 28)), maxToken
 /** The reference: the same turns on a kvstore that reserves the whole context at once. */
 let reference: Turn[] = [];
 
-async function redisUp(): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = connect(6379, "127.0.0.1");
-    s.setTimeout(1000);
-    s.once("connect", () => s.write("PING\r\n"));
-    s.once("data", (d) => {
-      resolve(String(d).startsWith("+PONG"));
-      s.destroy();
-    });
-    s.once("error", () => resolve(false));
-    s.once("timeout", () => {
-      resolve(false);
-      s.destroy();
-    });
-  });
-}
 
 const up = await redisUp();
 if (!up) console.warn("the reservation restart test is skipped: no Redis answers PING at 127.0.0.1:6379");

@@ -22,16 +22,9 @@ import { Redis } from "ioredis";
 import { loadAddon } from "../../native/binding.js";
 import { AttachSessionRequest } from "../../proto/gen/freekv/v1/kvstore.js";
 import { prng } from "../helpers/prng.js";
-import { ATTENTION, QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startService, startTiers, unary, type ServiceProcess, type Tiers } from "../helpers/services.js";
+import { ATTENTION, QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startService, startTiers, unary, type ServiceProcess, type Tiers, redisUp } from "../helpers/services.js";
 
-const up = await new Promise<boolean>((resolve) => {
-  const s = connect(6379, "127.0.0.1");
-  s.setTimeout(1000);
-  s.once("connect", () => s.write("PING\r\n"));
-  s.once("data", (d) => (resolve(String(d).startsWith("+PONG")), s.destroy()));
-  s.once("error", () => resolve(false));
-  s.once("timeout", () => (resolve(false), s.destroy()));
-});
+const up = await redisUp();
 if (!up) console.warn("directory-unanswered tests skipped: no Redis answers PING at 127.0.0.1:6379");
 
 const seed = Number(process.env.FREEKV_TEST_SEED) || (Date.now() ^ (process.pid << 9)) >>> 0;

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { credentials, Metadata, status, type Client, type ServiceError } from "@grpc/grpc-js";
 import { CreateSessionRequest, MoveSessionRequest, SessionMoveServiceClient } from "../../proto/gen/freekv/v1/compute.js";
 import { prng } from "../helpers/prng.js";
-import { QUIET, computeClient, kvstoreClient, startTiers, unary, type Tiers } from "../helpers/services.js";
+import { QUIET, computeClient, startTiers, unary, type Tiers, kvstoreSessions } from "../helpers/services.js";
 
 const seed = Number(process.env.FREEKV_TEST_SEED) || (Date.now() ^ (process.pid << 9)) >>> 0;
 const rand = prng(seed);
@@ -38,14 +38,7 @@ function call(client: Client, method: string, req: object, tenant?: string): Pro
   return new Promise((resolve) => (client as unknown as Record<string, (...x: unknown[]) => void>)[method].call(client, req, md, { deadline: Date.now() + 20_000 }, (e: ServiceError | null) => resolve(e)));
 }
 
-async function kvSessions(t: Tiers): Promise<string[]> {
-  const c = kvstoreClient(t.kvstore.address);
-  try {
-    return (await unary<{ sessionIds: string[] }>(c, "listSessions", {})).sessionIds;
-  } finally {
-    c.close();
-  }
-}
+const kvSessions = (t: Tiers): Promise<string[]> => kvstoreSessions(t.kvstore.address);
 
 describe(`the per-tenant session quota and moves (seed ${seed}, quota ${QUOTA})`, () => {
   it("refuses a move past the target's quota (the session stays whole at the source); a drain's hand-off is exempt", async () => {

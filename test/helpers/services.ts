@@ -3,6 +3,7 @@
  * ephemeral ports) and small promise wrappers for their gRPC clients.
  */
 import { readdirSync } from "node:fs";
+import { connect } from "node:net";
 import type { Registry } from "prom-client";
 import { credentials, Metadata, type Client, type ServiceError } from "@grpc/grpc-js";
 import * as computeMessages from "../../proto/gen/freekv/v1/compute.js";
@@ -86,3 +87,31 @@ export async function registryValue(reg: Registry, name: string, labels: Record<
 }
 
 export const ATTENTION = 2; // SessionKind.SESSION_KIND_ATTENTION
+
+/** Whether a Redis answers PING at 127.0.0.1:`port` (the tests that need one are skipped otherwise). */
+export function redisUp(port = 6379): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(port, "127.0.0.1");
+    s.setTimeout(1000);
+    s.once("connect", () => s.write("PING\r\n"));
+    s.once("data", (d) => {
+      resolve(String(d).startsWith("+PONG"));
+      s.destroy();
+    });
+    s.once("error", () => resolve(false));
+    s.once("timeout", () => {
+      resolve(false);
+      s.destroy();
+    });
+  });
+}
+
+/** The session ids the kvstore at `address` holds (ListSessions). */
+export async function kvstoreSessions(address: string): Promise<string[]> {
+  const c = kvstoreClient(address);
+  try {
+    return (await unary<{ sessionIds: string[] }>(c, "listSessions", {})).sessionIds;
+  } finally {
+    c.close();
+  }
+}

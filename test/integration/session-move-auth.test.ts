@@ -15,7 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Metadata, status } from "@grpc/grpc-js";
 import { FreeKvClient } from "../../packages/client/src/index.js";
 import { prng } from "../helpers/prng.js";
-import { QUIET, kvstoreClient, startTiers, unary, type Tiers } from "../helpers/services.js";
+import { QUIET, startTiers, unary, type Tiers, kvstoreSessions } from "../helpers/services.js";
 
 const dir = mkdtempSync(join(tmpdir(), "freekv-move-auth-"));
 const token = (t: string) => `${t}-${randomBytes(18).toString("hex")}`;
@@ -39,14 +39,7 @@ const freePort = () =>
     });
   });
 
-async function kvSessions(t: Tiers): Promise<string[]> {
-  const c = kvstoreClient(t.kvstore.address);
-  try {
-    return (await unary<{ sessionIds: string[] }>(c, "listSessions", {})).sessionIds;
-  } finally {
-    c.close();
-  }
-}
+const kvSessions = (t: Tiers): Promise<string[]> => kvstoreSessions(t.kvstore.address);
 
 describe("session moves with tenant tokens", () => {
   const rand = prng(Number(process.env.FREEKV_TEST_SEED ?? 5150));

@@ -20,17 +20,10 @@ import { ArrivalState, GenerateRequest, MoveSessionRequest, SessionMoveServiceCl
 import { KvStoreTransferServiceClient, type ExportSessionResponse, type SessionTransferHeader } from "../../proto/gen/freekv/v1/kvstore.js";
 import { credentials, Server, ServerCredentials } from "@grpc/grpc-js";
 import { prng } from "../helpers/prng.js";
-import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, unaryError, type Tiers } from "../helpers/services.js";
+import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, unaryError, type Tiers, redisUp, kvstoreSessions } from "../helpers/services.js";
 
 const REDIS = "redis://127.0.0.1:6379/0";
-const up = await new Promise<boolean>((resolve) => {
-  const s = connect(6379, "127.0.0.1");
-  s.setTimeout(1000);
-  s.once("connect", () => s.write("PING\r\n"));
-  s.once("data", (d) => (resolve(String(d).startsWith("+PONG")), s.destroy()));
-  s.once("error", () => resolve(false));
-  s.once("timeout", () => (resolve(false), s.destroy()));
-});
+const up = await redisUp();
 if (!up) console.warn("session-move tests skipped: no Redis answers PING at 127.0.0.1:6379");
 
 const freePort = () =>
@@ -47,14 +40,7 @@ const GREEDY = { temperature: 0, topP: 0, topK: 0, seed: 0 };
 // A budget smaller than the context: selection, speculation and correction state travel with the session.
 const RETRIEVAL = { pageSize: 16, sinkTokens: 16, windowTokens: 32, selectTokens: 32, tau: 0.9, tauSet: true };
 
-async function kvSessions(t: Tiers): Promise<string[]> {
-  const c = kvstoreClient(t.kvstore.address);
-  try {
-    return (await unary<{ sessionIds: string[] }>(c, "listSessions", {})).sessionIds;
-  } finally {
-    c.close();
-  }
-}
+const kvSessions = (t: Tiers): Promise<string[]> => kvstoreSessions(t.kvstore.address);
 
 describe.skipIf(!up)("moving sessions between two pods", () => {
   const prefix = `freekv-move-${process.pid}-${Date.now()}:`;

@@ -6,24 +6,17 @@
  * follows it, and the turns give the same greedy tokens as the same turns sent to A directly on a
  * twin session. Once A closes the session, B answers NOT_FOUND. Skipped, saying so, without Redis.
  */
-import { connect, createServer } from "node:net";
+import { createServer } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 import { Redis } from "ioredis";
 import { FreeKvClient, SESSION_OWNER_KEY } from "../../packages/client/src/index.js";
 import { GenerateRequest, type GenerateResponse } from "../../proto/gen/freekv/v1/compute.js";
 import { prng } from "../helpers/prng.js";
-import { QUIET, computeClient, kvstoreClient, startService, startTiers, unary, type ServiceProcess, type Tiers } from "../helpers/services.js";
+import { QUIET, computeClient, kvstoreClient, startService, startTiers, unary, type ServiceProcess, type Tiers, redisUp } from "../helpers/services.js";
 
 const REDIS = "redis://127.0.0.1:6379/0";
-const up = await new Promise<boolean>((resolve) => {
-  const s = connect(6379, "127.0.0.1");
-  s.setTimeout(1000);
-  s.once("connect", () => s.write("PING\r\n"));
-  s.once("data", (d) => (resolve(String(d).startsWith("+PONG")), s.destroy()));
-  s.once("error", () => resolve(false));
-  s.once("timeout", () => (resolve(false), s.destroy()));
-});
+const up = await redisUp();
 if (!up) console.warn("session-owners tests skipped: no Redis answers PING at 127.0.0.1:6379");
 
 const freePort = () =>

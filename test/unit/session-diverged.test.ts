@@ -29,7 +29,7 @@ import { handOffSessions } from "../../services/compute/sessions/handoff.js";
 import { AttentionStream, f32Tensor } from "../helpers/attention-stream.js";
 import { capturedLogger } from "../helpers/log.js";
 import { prng, randomF32 } from "../helpers/prng.js";
-import { ATTENTION, QUIET, computeClient, kvstoreClient, registryValue, startService, unary, unaryError, type ServiceProcess } from "../helpers/services.js";
+import { ATTENTION, QUIET, computeClient, registryValue, startService, unary, unaryError, type ServiceProcess, kvstoreSessions } from "../helpers/services.js";
 
 const seed = (Date.now() ^ (process.pid << 7)) >>> 0;
 const rand = prng(seed);
@@ -174,14 +174,7 @@ function generateError(sessionId: string): Promise<ServiceError> {
   });
 }
 
-async function kvSessions(): Promise<string[]> {
-  const c = kvstoreClient(kvstore.address);
-  try {
-    return (await unary<{ sessionIds: string[] }>(c, "listSessions", {})).sessionIds;
-  } finally {
-    c.close();
-  }
-}
+const kvSessions = (): Promise<string[]> => kvstoreSessions(kvstore.address);
 
 let nextId = 0;
 const newId = () => `dv-${seed}-${nextId++}`;
