@@ -3,37 +3,18 @@
  * kvstore restarted with persisted segments adopts them, so a compute started after it
  * re-attaches the sessions. Skipped, saying why, when nothing answers at 127.0.0.1:6379.
  */
-import { connect } from "node:net";
 import { randomBytes } from "node:crypto";
 import { readdirSync } from "node:fs";
 import { directoryTag } from "../../services/kvstore/segments.js";
 import { afterAll, describe, expect, it } from "vitest";
 import { Redis } from "ioredis";
-import { ATTENTION, QUIET, computeClient, kvstoreClient, shmSegments, startService, unary, unaryError, type ServiceProcess } from "../helpers/services.js";
+import { ATTENTION, QUIET, computeClient, kvstoreClient, redisUp, shmSegments, startService, unary, unaryError, type ServiceProcess } from "../helpers/services.js";
 import { status } from "@grpc/grpc-js";
 import { loadAddon } from "../../native/binding.js";
 import { prng } from "../helpers/prng.js";
 
 const REDIS = "redis://127.0.0.1:6379/0";
 
-async function redisUp(): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = connect(6379, "127.0.0.1");
-    s.setTimeout(1000);
-    s.once("connect", () => {
-      s.write("PING\r\n");
-    });
-    s.once("data", (d) => {
-      resolve(String(d).startsWith("+PONG"));
-      s.destroy();
-    });
-    s.once("error", () => resolve(false));
-    s.once("timeout", () => {
-      resolve(false);
-      s.destroy();
-    });
-  });
-}
 
 const up = await redisUp();
 if (!up) console.warn("redis-directory tests skipped: no Redis answers PING at 127.0.0.1:6379");
