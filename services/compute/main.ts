@@ -69,7 +69,7 @@ async function main(): Promise<void> {
   const reattached = await ctx.sessions.reattachAll();
   ctx.sessions.startExpiry();
   for (const s of ctx.sessions.list()) {
-    const owner = await ctx.owners?.claimAtStart(s.id);
+    const owner = await ctx.owners?.claimUnlessLive(s.id);
     if (owner) await ctx.sessions.dropStale(s.id, owner);
   }
   // How this compute reaches other computes when it moves a session to them.

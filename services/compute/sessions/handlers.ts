@@ -42,7 +42,7 @@ export function sessionHandlers(sessions: SessionManager, log: Logger, owners?: 
       const s = await sessions.create(req, signal, tenantOf(call.metadata));
       // Claimed only if no other live pod claimed the id meanwhile (two creates of one name at
       // once): the one that lost gives its copy up and redirects to the other.
-      const other = await directory?.claimNew(s.id);
+      const other = await directory?.claimUnlessLive(s.id);
       if (other) {
         await sessions.close(s.id).catch((e: unknown) => log.warn({ err: e, session: s.id }, "could not close a session another live pod claimed first"));
         throw heldElsewhere(s.id, other);

@@ -458,7 +458,7 @@ export class SessionManager {
   // where it went; the receiving side reserves the id while the pages arrive.
 
   /**
-   * A session re-attached at start that another live pod owns (SessionOwners.claimAtStart): this
+   * A session re-attached at start that another live pod owns (SessionOwners.claimUnlessLive): this
    * copy is stale, so it is closed and released here (its calls are redirected to `owner`), never
    * served beside the other. Failures are logged (a release is retried in the background).
    */

@@ -35,14 +35,12 @@ export { SESSION_OWNER_KEY };
 export const OWNERS_COMMAND_TIMEOUT_MS = 2_000;
 
 /**
- * Lua: claims session ARGV[1] for pod ARGV[2] unless the record names another pod whose live key
- * (ARGV[3] .. address) exists; returns that pod's address, or false once claimed.
+ * Lua: the address of the other live pod (its live key ARGV[3] .. address exists) the record of
+ * session ARGV[1] names, else false; with ARGV[4] = "claim" and no such pod, the record is set to
+ * this pod (ARGV[2]) in the same step.
  */
-const CLAIM_UNLESS_LIVE =
-  "local o = redis.call('HGET', KEYS[1], ARGV[1]) if o and o ~= ARGV[2] and redis.call('EXISTS', ARGV[3] .. o) == 1 then return o end redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return false";
-
-/** Lua: the address of the other live pod the record of ARGV[1] names (as CLAIM_UNLESS_LIVE), else false; writes nothing. */
-const LIVE_OWNER_ELSEWHERE = "local o = redis.call('HGET', KEYS[1], ARGV[1]) if o and o ~= ARGV[2] and redis.call('EXISTS', ARGV[3] .. o) == 1 then return o end return false";
+const LIVE_OWNER_ELSEWHERE =
+  "local o = redis.call('HGET', KEYS[1], ARGV[1]) if o and o ~= ARGV[2] and redis.call('EXISTS', ARGV[3] .. o) == 1 then return o end if ARGV[4] == 'claim' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return false";
 
 export class SessionOwners {
   private constructor(
@@ -74,53 +72,39 @@ export class SessionOwners {
   }
 
   /**
-   * At start, for a session this pod's kvstore still holds: claims it unless another pod that is
-   * live (its heartbeat key exists) owns it, in one step. Returns that pod's address when it does:
-   * the session moved there (this copy's release was cut short by a crash), or this pod imported
-   * it and died before it answered (the source kept it), so this copy is stale. A record naming a
-   * pod that is gone is taken over. A directory that does not answer claims nothing and says
-   * nothing (logged and counted): the session is served here as without a directory.
+   * Claims `id` unless another pod that is live (its heartbeat key exists) owns it, in one step:
+   * the record is set when there is none, when it names this pod, or when the pod it names is
+   * gone. Returns the live owner's address when there is one, and the caller gives its copy up:
+   * - at start, for a session this pod's kvstore still holds: the session moved there (this copy's
+   *   release was cut short by a crash), or this pod imported it and died before it answered (the
+   *   source kept it), so this copy is stale;
+   * - for a session this pod has just created: two pods created the id at once, and the other
+   *   one's claim came first.
+   * A directory that does not answer claims nothing and says nothing (logged and counted): the
+   * session is served here as without a directory.
    */
-  async claimAtStart(id: string): Promise<string | undefined> {
-    return this.claimUnlessLive(id);
+  claimUnlessLive(id: string): Promise<string | undefined> {
+    return this.liveOwner(id, true, "could not record this pod as the session's owner: other pods will not redirect to it");
   }
 
   /**
-   * For a session this pod has just created: claims it unless another live pod owns it, in one
-   * step (CLAIM_UNLESS_LIVE): the record is set when there is none, when it names this pod, or
-   * when the pod it names is gone (its live key expired). Returns the live owner's address when
-   * there is one: two pods created the id at once, and the other one's claim came first; the
-   * caller gives its copy up. A directory that does not answer claims nothing and says nothing
-   * (logged and counted): the session is served here as without a directory.
+   * The address of another pod that holds `id` and is live, as a create checks before it makes
+   * a session of that id; undefined when no other live pod does, or when the directory does not
+   * answer (logged and counted: the create goes on as without a directory, and claimUnlessLive
+   * settles a race).
    */
-  async claimNew(id: string): Promise<string | undefined> {
-    return this.claimUnlessLive(id);
+  liveOwnerElsewhere(id: string): Promise<string | undefined> {
+    return this.liveOwner(id, false, "could not look up the session's owner");
   }
 
-  private async claimUnlessLive(id: string): Promise<string | undefined> {
+  private async liveOwner(id: string, claim: boolean, failure: string): Promise<string | undefined> {
     try {
-      const other = await this.redis.eval(CLAIM_UNLESS_LIVE, 1, this.key, id, this.self, this.podKey(""));
+      const other = await this.redis.eval(LIVE_OWNER_ELSEWHERE, 1, this.key, id, this.self, this.podKey(""), claim ? "claim" : "look");
       return typeof other === "string" ? other : undefined;
     } catch (e) {
       this.onFailure();
-      this.log.error({ err: e, session: id }, "could not record this pod as the session's owner: other pods will not redirect to it");
-      return undefined;
-    }
-  }
-
-  /**
-   * The address of another pod that holds `id` and is live (its live key exists), as a create
-   * checks before it makes a session of that id; undefined when no other live pod does, or when
-   * the directory does not answer (logged and counted: the create goes on as without a
-   * directory, and claimNew settles a race).
-   */
-  async liveOwnerElsewhere(id: string): Promise<string | undefined> {
-    try {
-      const other = await this.redis.eval(LIVE_OWNER_ELSEWHERE, 1, this.key, id, this.self, this.podKey(""));
-      return typeof other === "string" ? other : undefined;
-    } catch (e) {
-      this.onFailure();
-      this.log.warn({ err: e, session: id }, "could not look up the session's owner");
+      if (claim) this.log.error({ err: e, session: id }, failure);
+      else this.log.warn({ err: e, session: id }, failure);
       return undefined;
     }
   }
