@@ -72,18 +72,18 @@ try {
         bytes = res.dataBytes;
         at = to;
       }
-      // The kvstore alone: export from the pod holding it, import into a third kvstore under another id.
+      // The kvstore alone: export from the pod holding it, import into a third kvstore under the
+      // same id (the digest covers the header, id included), released there after each copy.
       const kms: number[] = [];
       for (let r = 0; r < repeat; r++) {
         const src = new KvStoreTransferServiceClient(at.kvstore.address, credentials.createInsecure(), opt);
         const dst = new KvStoreTransferServiceClient(kvc.address, credentials.createInsecure(), opt);
         const t0 = performance.now();
-        const id = `${sid}-copy-${chunk}-${r}`;
+        const id = sid;
         await new Promise<ImportSessionResponse>((resolve, reject) => {
           const imp = dst.importSession(new Metadata(), {}, (e, res) => (e ? reject(e) : resolve(res!)));
           const exp = src.exportSession({ sessionId: sid, chunkBytes: chunk }, new Metadata(), {});
           exp.on("data", (m: ExportSessionResponse) => {
-            if (m.item?.$case === "header") m.item.value.sessionId = id;
             if (!imp.write(m)) exp.pause(), imp.once("drain", () => exp.resume());
           });
           exp.on("end", () => imp.end());
