@@ -43,6 +43,8 @@
  * --grow-band RHO feeds seeded tokens of calibration band RHO instead of the argmax (queries that
  * move as the trained model's do, where the argmax of random weights corrects ~90% of the groups
  * at every step); a list (argmax,0.95) times every feed at every checkpoint, on the same sessions.
+ * --grow-hier picks the hierarchical settings timed (default off,on); --grow-env "A=0;A=1" times
+ * every checkpoint in each environment, and --grow-rounds N repeats the lot (ABAB, so drift shows).
  * --layers N (fewer than the shape's) writes and loads its own folder (<dir>-<N>l): the per-layer
  * step at a host memory per token the machine can hold for larger batches. Beside
  * each checkpoint: /dev/shm bytes per token, the process's page tables (VmPTE) and RSS.
@@ -99,6 +101,12 @@ const { values: args } = parseArgs({
     "grow-keys": { type: "string", default: "structured" },
     /** --grow fed with tokens of this calibration band (e.g. 0.95) instead of the argmax: queries that move as a trained model's do. */
     "grow-band": { type: "string", default: "" },
+    /** --grow: the hierarchical selection settings timed at every checkpoint (off, on, auto). */
+    "grow-hier": { type: "string", default: "off,on" },
+    /** --grow: environments every checkpoint is timed in (as --prefill-env: ';' between them; settings the addon reads at every decode, e.g. FREEKV_SPEC_REUSE). */
+    "grow-env": { type: "string", default: "" },
+    /** --grow: rounds over the feeds, settings and environments at every checkpoint (ABAB). */
+    "grow-rounds": { type: "string", default: "1" },
     points: { type: "string", default: "1:32768,4:32768,16:8192" },
     modes: { type: "string", default: "freekv,oracle,dense" },
     steps: { type: "string", default: "16" },
@@ -537,16 +545,20 @@ if (!chunks.every((c) => Number.isInteger(c) && c >= 1)) throw new RangeError(`-
 const prefillFlops = (t: number) => 2 * t * LAYERS * (H * (HQ + 2 * HKV) * D + HQ * D * H + 3 * H * I) + 2 * H * V + LAYERS * 2 * 2 * HQ * D * (t * (t + 1)) / 2;
 /** The same prompt with the prefill context read back from the host store at every chunk (the engine's fallback), for the longest --prefill-gathered lengths. */
 const gatheredUpTo = Number(args["prefill-gathered"]);
+/** "A=1 B=2;A=3": environments, each a list of NAME=VALUE pairs ("" is one empty environment). */
+function parseEnvs(text: string, flag: string): (readonly (readonly [string, string])[])[] {
+  return text.split(";").map((e) =>
+    e.trim().split(/\s+/).filter(Boolean).map((kv) => {
+      const at = kv.indexOf("=");
+      if (at < 1) throw new RangeError(`${flag} takes NAME=VALUE pairs (got ${kv})`);
+      return [kv.slice(0, at), kv.slice(at + 1)] as const;
+    }),
+  );
+}
 const profilePrefillChunk = args["profile-prefill-chunk"] === "" ? -1 : Number(args["profile-prefill-chunk"]);
 let prefillProfiled = false;
 let gatheredModel: { engine: Engine; model: Model } | null = null;
-const prefillEnvs = args["prefill-env"].split(";").map((e) =>
-  e.trim().split(/\s+/).filter(Boolean).map((kv) => {
-    const at = kv.indexOf("=");
-    if (at < 1) throw new RangeError(`--prefill-env takes NAME=VALUE pairs (got ${kv})`);
-    return [kv.slice(0, at), kv.slice(at + 1)] as const;
-  }),
-);
+const prefillEnvs = parseEnvs(args["prefill-env"], "--prefill-env");
 const prefillRounds = Number(args["prefill-rounds"]);
 if (!Number.isInteger(prefillRounds) || prefillRounds < 1) throw new RangeError(`--prefill-rounds takes a positive integer (got ${args["prefill-rounds"]})`);
 const savedEnv = new Map<string, string | undefined>();
@@ -600,7 +612,7 @@ for (const [k, v] of savedEnv) if (v === undefined) delete process.env[k]; else 
 
 // ---- --grow: long sessions, hierarchical selection off and on ----------------------------------
 
-interface GrowPoint { batch: number; context: number; feed: string; hierarchical: string; stepMs?: number; minMs?: number; maxMs?: number; drainMs?: number; recallMBPerStep?: number; corrections?: number; error?: string }
+interface GrowPoint { batch: number; context: number; feed: string; hierarchical: string; env?: string; round?: number; stepMs?: number; minMs?: number; maxMs?: number; drainMs?: number; recallMBPerStep?: number; corrections?: number; error?: string }
 interface GrowMemory { batch: number; context: number; fillS: number; shmUsedGiB: number; shmBytesPerToken: number; vmPteKiB: number; rssGiB: number }
 
 function procStatusKiB(field: string): number {
@@ -639,6 +651,18 @@ function growTemplates(chunk: number, iid: boolean): Float32Array[] {
 /** --grow-band: the feeds timed at every checkpoint, "argmax" or a calibration band (checked here, before any fill). */
 const growFeeds = (args["grow-band"] || "argmax").split(",").map((f) => f.trim());
 for (const f of growFeeds) if (f !== "argmax") bandStart(Number(f));
+const growHier = args["grow-hier"].split(",").map((h) => h.trim()) as ("off" | "on" | "auto")[];
+for (const h of growHier) if (h !== "off" && h !== "on" && h !== "auto") throw new RangeError(`--grow-hier takes off, on and auto (got ${h})`);
+const growEnvs = parseEnvs(args["grow-env"], "--grow-env");
+const growRounds = Number(args["grow-rounds"]);
+if (!Number.isInteger(growRounds) || growRounds < 1) throw new RangeError(`--grow-rounds takes a positive integer (got ${args["grow-rounds"]})`);
+const growSaved = new Map<string, string | undefined>();
+for (const env of growEnvs) for (const [k] of env) growSaved.set(k, process.env[k]);
+/** Puts the environment back as it was at start, then sets `env` (process.env reaches the addon's getenv). */
+function applyEnv(saved: Map<string, string | undefined>, env: readonly (readonly [string, string])[]): void {
+  for (const [k, v] of saved) if (v === undefined) delete process.env[k]; else process.env[k] = v;
+  for (const [k, v] of env) process.env[k] = v;
+}
 
 async function grow(engine: Engine, model: Model, spec: string): Promise<{ points: GrowPoint[]; memory: GrowMemory[] }> {
   const points: GrowPoint[] = [], memory: GrowMemory[] = [];
@@ -651,7 +675,7 @@ async function grow(engine: Engine, model: Model, spec: string): Promise<{ point
     const [bs, cs] = part.split(":");
     const batch = Number(bs), contexts = cs.split("/").map(Number);
     if (!Number.isInteger(batch) || batch < 1 || !contexts.every((c) => Number.isInteger(c) && c > 0)) throw new RangeError(`--grow: bad part ${part}`);
-    const perCheckpoint = growFeeds.length * 2 * (3 + STEPS) + 8;
+    const perCheckpoint = growRounds * growEnvs.length * growFeeds.length * growHier.length * (3 + STEPS) + 8;
     const capacity = Math.max(...contexts) + perCheckpoint * contexts.length + 64;
     const sessions: LocalSession[] = [];
     const shm0 = shmUsed();
@@ -681,10 +705,15 @@ async function grow(engine: Engine, model: Model, spec: string): Promise<{ point
         const mem: GrowMemory = { batch, context: ctx, fillS, shmUsedGiB: used / 2 ** 30, shmBytesPerToken: used / (batch * ctx), vmPteKiB: procStatusKiB("VmPTE"), rssGiB: procStatusKiB("VmRSS") / 2 ** 20 };
         memory.push(mem);
         log(`grow b${batch} filled to ${ctx} in ${fillS.toFixed(1)} s: /dev/shm +${mem.shmUsedGiB.toFixed(2)} GiB (${mem.shmBytesPerToken.toFixed(0)} B/token), VmPTE ${mem.vmPteKiB} KiB, RSS ${mem.rssGiB.toFixed(2)} GiB`);
-        for (const [feed, hier] of growFeeds.flatMap((f) => (["off", "on"] as const).map((h) => [f, h] as const))) {
+        const runs: { round: number; feed: string; hier: (typeof growHier)[number]; env: (typeof growEnvs)[number] }[] = [];
+        for (let round = 0; round < growRounds; round++)
+          for (const feed of growFeeds) for (const hier of growHier) for (const env of growEnvs) runs.push({ round, feed, hier, env });
+        for (const { round, feed, hier, env } of runs) {
           const growBand = feed === "argmax" ? undefined : bandStart(Number(feed));
-          const gp: GrowPoint = { batch, context: ctx, feed, hierarchical: hier };
+          const envLabel = env.map(([k, v]) => `${k}=${v}`).join(" ");
+          const gp: GrowPoint = { batch, context: ctx, feed, hierarchical: hier, env: envLabel || undefined, round: growRounds > 1 ? round : undefined };
           try {
+            applyEnv(growSaved, env);
             engine.setHierarchicalSelection(hier);
             const ids = Int32Array.from(sessions.map((s) => s.session));
             const s0 = engine.stats(sessions[0].session);
@@ -720,9 +749,10 @@ async function grow(engine: Engine, model: Model, spec: string): Promise<{ point
             gp.error = (e as Error).message;
           }
           points.push(gp);
-          log(`grow b${batch} ctx ${ctx} ${feed === "argmax" ? "argmax" : "band " + feed} hierarchical ${hier}: ` + (gp.error ? `error: ${gp.error}` : `${gp.stepMs!.toFixed(2)} ms/step (min ${gp.minMs!.toFixed(2)}, max ${gp.maxMs!.toFixed(2)}), drain ${gp.drainMs!.toFixed(2)} ms, recall ${gp.recallMBPerStep!.toFixed(1)} MB/step, corrections ${(100 * gp.corrections!).toFixed(1)}%`));
+          log(`grow b${batch} ctx ${ctx} ${feed === "argmax" ? "argmax" : "band " + feed} hierarchical ${hier}${envLabel ? " " + envLabel : ""}: ` + (gp.error ? `error: ${gp.error}` : `${gp.stepMs!.toFixed(2)} ms/step (min ${gp.minMs!.toFixed(2)}, max ${gp.maxMs!.toFixed(2)}), drain ${gp.drainMs!.toFixed(2)} ms, recall ${gp.recallMBPerStep!.toFixed(1)} MB/step, corrections ${(100 * gp.corrections!).toFixed(1)}%`));
         }
         engine.setHierarchicalSelection("auto");
+        applyEnv(growSaved, []);
         writeFileSync(join(args.out!, "runner-grow.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, layers: LAYERS, steps: STEPS, keys: args["grow-keys"], feeds: growFeeds, points, memory }, null, 2));
       }
     } catch (e) {
@@ -738,11 +768,21 @@ async function grow(engine: Engine, model: Model, spec: string): Promise<{ point
 if (args.grow) {
   const g = await grow(engine, model, args.grow);
   log("");
-  log("| batch | context | flat ms / step | hierarchical ms / step | hier / flat |");
-  log("| --- | --- | --- | --- | --- |");
-  for (const p of g.points.filter((p) => p.hierarchical === "off")) {
-    const on = g.points.find((q) => q.batch === p.batch && q.context === p.context && q.hierarchical === "on");
-    log(`| ${p.batch} | ${p.context} | ${p.stepMs?.toFixed(2) ?? p.error} | ${on?.stepMs?.toFixed(2) ?? on?.error} | ${p.stepMs && on?.stepMs ? (on.stepMs / p.stepMs).toFixed(2) : ""} |`);
+  // One row per checkpoint, feed and environment: the median over the rounds of each setting.
+  log(`| batch | context | feed | environment | ${growHier.map((h) => `hierarchical ${h} ms / step`).join(" | ")} |`);
+  log(`| --- | --- | --- | --- | ${growHier.map(() => "---").join(" | ")} |`);
+  const rows = new Map<string, GrowPoint[]>();
+  for (const p of g.points) {
+    const key = `${p.batch}|${p.context}|${p.feed}|${p.env ?? ""}`;
+    rows.set(key, [...(rows.get(key) ?? []), p]);
+  }
+  for (const [key, ps] of rows) {
+    const [b, c, feed, env] = key.split("|");
+    const cells = growHier.map((h) => {
+      const ms = ps.filter((p) => p.hierarchical === h && p.stepMs !== undefined).map((p) => p.stepMs!);
+      return ms.length ? median(ms).toFixed(2) + (ms.length > 1 ? ` (${ms.map((m) => m.toFixed(2)).join(", ")})` : "") : (ps.find((p) => p.hierarchical === h)?.error ?? "");
+    });
+    log(`| ${b} | ${c} | ${feed} | ${env || "-"} | ${cells.join(" | ")} |`);
   }
   writeFileSync(join(args.out!, "runner-grow.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, layers: LAYERS, steps: STEPS, keys: args["grow-keys"], feeds: growFeeds, ...g }, null, 2));
   process.exit(0);

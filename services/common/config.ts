@@ -158,6 +158,7 @@ export function unknownVariableMessage(u: { name: string; closest: string[] }): 
 export const NATIVE_VARIABLES: ReadonlySet<string> = new Set([
   "FREEKV_PREFILL_PROFILE",
   "FREEKV_GEMM_AUTOTUNE",
+  "FREEKV_SPEC_REUSE",
   "FREEKV_REGISTER_THREADS",
   "FREEKV_REGISTER_AHEAD",
   "FREEKV_PREFILL_OFFLOAD",

@@ -27,6 +27,8 @@ export const computeConfigSchema = z.object({
   FREEKV_PREFILL_PROFILE: nativeFlag(),
   /** FREEKV_BACKEND=cuda: time cuBLASLt's candidate algorithms once per prefill GEMM shape. */
   FREEKV_GEMM_AUTOTUNE: nativeFlag(),
+  /** FREEKV_BACKEND=cuda: the speculative selection leaves out the groups the step's correction just selected with the same query (CudaDecode.cu). */
+  FREEKV_SPEC_REUSE: nativeFlag(),
   /**
    * FREEKV_BACKEND=cuda: threads that commit and pin a session's host store as it grows. Decimal
    * digits 1..64, the addon's own reading (CudaSession.cu), which otherwise throws at the first

@@ -6,10 +6,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "CudaBudget.h"
@@ -29,6 +31,14 @@ namespace freekv::cuda {
 using std::to_string;
 
 namespace {
+
+// FREEKV_SPEC_REUSE, read at every decode (checked when the engine is made): "1" leaves out of the
+// speculative selection the groups that the step's correction has just selected with the same
+// query and candidates; "0" (the default until it is measured on the device) scores them again.
+bool ReuseCorrectedSelections() {
+  const char* e = std::getenv("FREEKV_SPEC_REUSE");
+  return e && std::strcmp(e, "1") == 0;
+}
 
 // The selection of a layer's candidates [c0, c0 + n) with query q (all heads, or `head_mask`'s);
 // through the layer's group bounds when `hier`.
@@ -115,7 +125,8 @@ struct CudaEngine::PerItemSelect {
 };
 
 void CudaEngine::QueueSelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
-                                      DescTable& t, bool speculative, std::vector<PerItemSelect>& per_item) {
+                                      DescTable& t, bool speculative, std::vector<PerItemSelect>& per_item,
+                                      const int* reuse_heads) {
   LayerTier& L = *s.layers[layer];
   const int num_candidates = std::max(0, c1 - c0);
   L.last_candidates = num_candidates;
@@ -130,8 +141,13 @@ void CudaEngine::QueueSelectAndRecall(Session& s, int layer, const float* q, int
     per_item.push_back(PerItemSelect{&s, q, c0, c1, head_mask});
     return;
   }
-  (speculative ? t.spec_select : t.select)
-      .Add(SelectionFor(s, L, q, c0, num_candidates, head_mask, Hierarchical(s, num_candidates)));
+  SelectionParams sp = SelectionFor(s, L, q, c0, num_candidates, head_mask, Hierarchical(s, num_candidates));
+  if (reuse_heads) {
+    if (head_mask) throw std::logic_error("decode: a selection cannot both mask and reuse heads");
+    sp.head_mask = reuse_heads;
+    sp.invert_mask = 1;
+  }
+  (speculative ? t.spec_select : t.select).Add(sp);
   ResidencyParams rp;
   rp.selected = L.selected.get();
   rp.resident = L.resident.get();
@@ -325,6 +341,10 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
   DescTable t(B, host_region, dev_region);
   std::vector<PerItemSelect> per_item, per_item_spec;
   std::vector<char> attends_selection(B, 0);
+  // Items whose flagged groups this step re-select with the new query (the correction): its
+  // candidate range, else {-1, -1}.
+  std::vector<std::pair<int, int>> corrected_range(B, {-1, -1});
+  const bool reuse_corrected = ReuseCorrectedSelections();
 
   int* tb_slot = batch_table_.get();
   int* tb_tokens = tb_slot + (size_t)B * Hkv * rows;
@@ -387,6 +407,7 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
         cosine_stats = nullptr;  // sampled by this check
         QueueSelectAndRecall(s, layer, L.q[qnew].get(), r.sink_end, r.window_begin, L.flags.get(), t, false,
                              per_item);
+        corrected_range[i] = {r.sink_end, r.window_begin};
       }
     }
     if (cosine_stats) t.correction.Add(CorrectionItem{L.q[qnew].get(), L.q[L.qcur].get(), nullptr, nullptr, cosine_stats, s.cfg.tau, 0});
@@ -431,8 +452,13 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     LayerTier& L = *s.layers[layer];
     if (!s.Speculates(L)) continue;
     const Ranges now = RangesFor(s, L.tokens + 1), next = RangesFor(s, L.tokens + 2);
-    QueueSelectAndRecall(s, layer, L.q[1 - L.qcur].get(), next.sink_end, std::min(next.window_begin, now.full),
-                         nullptr, t, true, per_item_spec);
+    const int c0 = next.sink_end, c1 = std::min(next.window_begin, now.full);
+    // A group the correction re-selected this step already holds this selection: the same query
+    // (the new one) over the same candidates, unless the window moved past a page. Its scoring
+    // is left out; the residency diff and recall still run for every group (they find its pages
+    // resident), so the pages, the counters and the outputs are the same either way.
+    const int* reuse = reuse_corrected && corrected_range[i] == std::make_pair(c0, c1) ? L.flags.get() : nullptr;
+    QueueSelectAndRecall(s, layer, L.q[1 - L.qcur].get(), c0, c1, nullptr, t, true, per_item_spec, reuse);
     L.recall_pending = true;
     speculate = true;
   }

@@ -297,8 +297,12 @@ class CudaEngine final : public Engine, public DeviceEngine {
   struct PerItemSelect;
   // Queues a selection (heads_mask or all heads, query q, candidates [c0, c1)) with its residency
   // diff and recall into the batched lists, or, for a double-buffer session, into `per_item`.
+  // `reuse_heads`: heads whose rows of `selected` already hold this very selection (the step's
+  // correction, same query and candidates): the selection leaves them out; the residency diff and
+  // recall still cover every head (batched lists only).
   void QueueSelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
-                                   DescTable& t, bool speculative, std::vector<PerItemSelect>& per_item);
+                            DescTable& t, bool speculative, std::vector<PerItemSelect>& per_item,
+                            const int* reuse_heads = nullptr);
 
   // One prefill run of a layer (CudaPrefill.cu). device_io: q, k, v and out are device pointers
   // and nothing waits (the manifest is left pending); otherwise host pointers, and the call

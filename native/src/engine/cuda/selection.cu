@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kScoreThreads)
     SelectionScoreKernel(const SelectionParams p0, const SelectionParams* items) {
   const SelectionParams p = kBatch ? items[blockIdx.z] : p0;
   const int h = blockIdx.y;
-  if (p.head_mask && p.head_mask[h] == 0) return;
+  if (SkipsHead(p, h)) return;
   if (PASS != kPassPages && !p.groups) return;
   const ScoreView view = ViewOf<PASS>(p, h);
   const int G = p.q_heads / p.kv_heads, D = p.head_dim, M = view.M, D4 = D / 4;
@@ -544,7 +544,7 @@ __device__ __forceinline__ bool ChunkJob(const SelectionParams& p0, const Select
   j.p = kBatch ? items[blockIdx.z] : p0;
   const SelectionParams& p = j.p;
   j.h = blockIdx.y;
-  if (!Chunked(p) || (p.head_mask && p.head_mask[j.h] == 0)) return false;
+  if (!Chunked(p) || SkipsHead(p, j.h)) return false;
   if (stats && CombineOf(p) != kCombineSoftmaxMean) return false;
   j.w = CarveWorkspace(p);
   j.G = p.q_heads / p.kv_heads;
@@ -653,7 +653,7 @@ __global__ void __launch_bounds__(kTopThreads)
     SelectionTopKKernel(const SelectionParams p0, const SelectionParams* items) {
   const SelectionParams p = kBatch ? items[blockIdx.y] : p0;
   const int h = blockIdx.x;
-  if (p.head_mask && p.head_mask[h] == 0) return;
+  if (SkipsHead(p, h)) return;
   if (kBatch && min(p.k, p.num_candidates) > kRankSortMax) return;
   const Workspace w = CarveWorkspace(p);
   const bool listed = p.groups != nullptr, chunked = Chunked(p);
@@ -733,7 +733,7 @@ template <bool kBatch>
 __global__ void __launch_bounds__(kTopThreads) HierSeedKernel(const SelectionParams p0, const SelectionParams* items) {
   const SelectionParams p = kBatch ? items[blockIdx.y] : p0;
   const int h = blockIdx.x;
-  if (!p.groups || (p.head_mask && p.head_mask[h] == 0)) return;
+  if (!p.groups || SkipsHead(p, h)) return;
   const Workspace w = CarveWorkspace(p);
   const int M = p.num_candidates, G = p.q_heads / p.kv_heads;
   if (M == 0) {
@@ -782,7 +782,7 @@ template <bool kBatch>
 __global__ void __launch_bounds__(kTopThreads) HierPruneKernel(const SelectionParams p0, const SelectionParams* items) {
   const SelectionParams p = kBatch ? items[blockIdx.y] : p0;
   const int h = blockIdx.x;
-  if (!p.groups || (p.head_mask && p.head_mask[h] == 0)) return;
+  if (!p.groups || SkipsHead(p, h)) return;
   const Workspace w = CarveWorkspace(p);
   const int M = p.num_candidates, G = p.q_heads / p.kv_heads;
   if (M == 0) {
@@ -846,7 +846,7 @@ __global__ void __launch_bounds__(kTopThreads)
     SelectionSortKernel(const SelectionParams p0, int np, const SelectionParams* items) {
   const SelectionParams p = kBatch ? items[blockIdx.y] : p0;
   const int h = blockIdx.x;
-  if (p.head_mask && p.head_mask[h] == 0) return;
+  if (SkipsHead(p, h)) return;
   const int M = p.num_candidates;
   if (kBatch) {
     if (min(p.k, M) <= kRankSortMax) return;

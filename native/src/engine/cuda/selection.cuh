@@ -50,6 +50,7 @@ struct SelectionParams {
   int combine = kCombineSoftmaxMean;
   const int* head_mask = nullptr;    // [kv_heads] optional: only heads with mask != 0 are selected,
                                      // the others' rows of `selected` are left as they are
+  int invert_mask = 0;               // 1: the reverse, only heads with mask == 0 are selected
   float* scratch = nullptr;          // SelectionScratchBytes(params) bytes
   int* selected = nullptr;           // [kv_heads][k] page ids, -1 where fewer candidates than k
   // Hierarchical selection: the layer's group bounds [groups][kv_heads][2 (hi, lo)][head_dim] fp32,
@@ -73,6 +74,11 @@ size_t SelectionWorkspaceBytes(const SelectionParams& p);
 // Whether the combine allows the hierarchical selection (see above).
 inline bool HierarchicalCombine(int combine, int q_heads, int kv_heads) {
   return combine == kCombineMean || combine == kCombineMax || q_heads == kv_heads;
+}
+
+// Whether head h is left out (head_mask and invert_mask).
+__host__ __device__ inline bool SkipsHead(const SelectionParams& p, int h) {
+  return p.head_mask && ((p.head_mask[h] != 0) == (p.invert_mask != 0));
 }
 
 void LaunchSelection(const SelectionParams& p, cudaStream_t stream);
