@@ -380,10 +380,14 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
   try {
     const dev0 = BACKEND === "cuda" ? deviceMiB() : null, shm0 = shmMiB();
     if (BACKEND === "cuda" && !dev0) log(`b${batch} ctx ${context} ${mode}: nvidia-smi could not be read; no memory per session for this point`);
+    const f0 = performance.now();
     for (let b = 0; b < batch; b++) {
       const s = createLocalSession(engine, geo, retrieval(base, pageCopy), context + STEPS + 64);
       sessions.push(s);
       await fillContext(engine, s.session, context, 1000 + b);
+      // Many sessions take minutes to fill: the pace, so that a run cut off still says how far it got.
+      if (batch >= 8 && ((b + 1) % 4 === 0 || b + 1 === batch))
+        log(`b${batch} ctx ${context} ${mode}: ${b + 1} sessions filled in ${((performance.now() - f0) / 1000).toFixed(1)} s; /dev/shm free ${(shmMiB().free / 1024).toFixed(1)} GiB`);
     }
     const ids = Int32Array.from(sessions.map((s) => s.session));
     let tokens = Int32Array.from(sessions.map((_, b) => (band === undefined ? (b * 7919 + 13) % V : bandToken())));
