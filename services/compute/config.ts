@@ -27,7 +27,7 @@ export const computeConfigSchema = z.object({
   FREEKV_PREFILL_PROFILE: nativeFlag(),
   /** FREEKV_BACKEND=cuda: time cuBLASLt's candidate algorithms once per prefill GEMM shape. */
   FREEKV_GEMM_AUTOTUNE: nativeFlag(),
-  /** FREEKV_BACKEND=cuda: the speculative selection leaves out the groups the step's correction just selected with the same query (CudaDecode.cu). */
+  /** The speculative selection takes the selection of the groups the step's correction just selected with the same query (engine/Retrieval.h; both backends). */
   FREEKV_SPEC_REUSE: nativeFlag(),
   /**
    * FREEKV_BACKEND=cuda: threads that commit and pin a session's host store as it grows. Decimal

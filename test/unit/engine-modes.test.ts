@@ -13,6 +13,7 @@ import { roundStored } from "../../tools/reference/kv.js";
 import type { ModeName, PolicyConfig } from "../../tools/reference/policy.js";
 import { Prng, testSeed } from "./reference/prng.js";
 import { openSession, type EngineSession } from "./reference/harness.js";
+import { loadAddon } from "../../native/binding.js";
 
 const seed = testSeed();
 const shapes = [
@@ -184,6 +185,36 @@ describe(`engine mode invariants (seed ${seed})`, () => {
       const mid = await run(config(shape, "freekv", { tau: 0.9 }), prefill, steps);
       expect(mid.stats.corrections).toBeGreaterThan(0);
       expect(mid.stats.corrections).toBeLessThan(always.stats.corrections);
+    });
+
+    it(`FREEKV_SPEC_REUSE=1: the speculative selection takes the correction's, with the same pages, outputs and counters: ${tag}`, async () => {
+      const rng = new Prng(seed + 60 + si);
+      const P = shape.pageSize;
+      // Long enough for the window to move past several pages (the steps where the two ranges differ).
+      const prefill = makeSteps(rng, config(shape, "freekv"), 14 * P + 3, "drift");
+      const steps = makeSteps(rng, config(shape, "freekv"), 3 * P + 2, "drift");
+      const saved = process.env.FREEKV_SPEC_REUSE;
+      try {
+        for (const hierarchicalSelection of ["off", "on"] as const) {
+          const runWith = async (reuse: string) => {
+            process.env.FREEKV_SPEC_REUSE = reuse;
+            const engine = new (loadAddon().Engine)({ backend: "cpu", threads: 2, hierarchicalSelection });
+            return run(config(shape, "freekv"), prefill, steps, { layers: 2, engine }, 1);
+          };
+          const off = await runWith("0");
+          const on = await runWith("1");
+          // Some groups corrected and some not, so both ways of the speculative job ran.
+          expect(off.stats.corrections).toBeGreaterThan(0);
+          expect(off.stats.corrections).toBeLessThan(off.stats.selections);
+          expect(on.attended, hierarchicalSelection).toEqual(off.attended);
+          on.outs.forEach((o, t) => expect(Array.from(o), `${hierarchicalSelection} step ${t}`).toEqual(Array.from(off.outs[t])));
+          const det = (s: typeof on.stats) => ({ ...s, recallWaits: 0, guardWaits: 0 });
+          expect(det(on.stats)).toEqual(det(off.stats));
+        }
+      } finally {
+        if (saved === undefined) delete process.env.FREEKV_SPEC_REUSE;
+        else process.env.FREEKV_SPEC_REUSE = saved;
+      }
     });
 
     it(`gather and double-buffered recall agree: ${tag}`, async () => {

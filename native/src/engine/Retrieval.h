@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <vector>
@@ -70,6 +71,16 @@ constexpr int kMaxPageSize = 4096;
 inline bool SelectsCurrent(Mode m) { return m == Mode::Oracle || m == Mode::ResidentSparse; }
 // Every layer keeps all its pages in the device tier (a dense layer of another mode does too).
 inline bool KeepsAllPages(Mode m) { return m == Mode::Dense || m == Mode::ResidentSparse; }
+
+// FREEKV_SPEC_REUSE, read by both backends at every decode: "1" lets a FreeKV step's speculative
+// selection (with q_t, for step t+1) take, for a group the step's correction has just selected
+// with the same q_t over the same candidates, that selection instead of scoring the group again
+// (same pages, counters and outputs). Any other value: every group is scored again. The services
+// validate the variable at start (services/compute/config.ts), the CUDA engine when it is made.
+inline bool ReuseCorrectedSelections() {
+  const char* e = std::getenv("FREEKV_SPEC_REUSE");
+  return e && e[0] == '1' && e[1] == 0;
+}
 
 // Largest sink, window or selection (tokens): services/common/retrieval.ts MAX_RETRIEVAL_TOKENS.
 constexpr int kMaxRetrievalTokens = 1 << 20;

@@ -97,6 +97,8 @@ int CpuEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const 
     L->summaries.assign(pg.Hkv, {});
     L->group_summaries.assign(pg.Hkv, {});
     L->q_prev.assign(static_cast<size_t>(pg.Hq) * pg.D, 0.f);
+    L->reused.assign(pg.Hkv, {});
+    L->reused_range.assign(pg.Hkv, {-1, -1});
     L->attended_pages.assign(pg.Hkv, {});
     s->layers.push_back(std::move(L));
   }
@@ -220,11 +222,6 @@ HeadSelection CpuEngine::Select(CpuSession& s, LayerState& L, int h, const float
   return cpu::SelectHead(s.pg, s.cfg.combine, L.summaries[h].data(), hier ? L.group_summaries[h].data() : nullptr, h, q, c0, c1, hier);
 }
 
-void CpuEngine::SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops,
-                           SelectionCounts& counts) {
-  ApplySelection(s, L, h, Select(s, L, h, q, c0, c1), ops, counts);
-}
-
 void CpuEngine::Count(LayerState& L, const SelectionCounts& c) {
   L.counters.pages_selected += c.selected;
   L.counters.pages_hit += c.hit;
@@ -285,7 +282,17 @@ void CpuEngine::SpeculativeJob(CpuSession& s, int layer, const std::vector<float
   // 1. Selection with q_t. It reads only the summaries, so it runs while this step's attention
   //    still reads the slots (heads in parallel: with a single layer it is on the critical path).
   std::vector<HeadSelection> chosen(H);
-  ParallelFor(H, threads_, [&](int h) { chosen[h] = Select(s, L, h, q.data(), c0, c1); });
+  const int group = s.pg.Hq / H;
+  ParallelFor(H, threads_, [&](int h) {
+    if (L.reused_range[h] == std::make_pair(c0, c1)) {
+      // The correction's selection of this step: the same query over the same candidates.
+      chosen[h] = std::move(L.reused[h]);
+      chosen[h].q = q.data() + static_cast<size_t>(h) * group * s.pg.D;  // the same values, kept by this job
+    } else {
+      chosen[h] = Select(s, L, h, q.data(), c0, c1);
+    }
+    L.reused_range[h] = {-1, -1};
+  });
   // 2. Residency and recall write the slots: only once no attention reads this layer's slots.
   //    The decode that queued this job holds a read of the layer until its attention returned.
   if (L.recall.WaitNoReaders()) s.counters.guard_waits += 1;
@@ -448,7 +455,9 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     int item, head;
     const float* q;
     bool speculative = false;  // the selection of a failed speculative recall, over its range
+    bool correction = false;   // a corrected head (kept for the speculative job: FREEKV_SPEC_REUSE)
   };
+  const bool reuse = ReuseCorrectedSelections();
   std::vector<SelTask> sel;
   for (int i = 0; i < n; ++i) {
     CpuSession& s = *ss[i];
@@ -480,7 +489,7 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
       } else if (L.first_decode) {
         sel.push_back({i, h, L.has_q ? L.q_prev.data() : items[i].q});
       } else if (s.cfg.mode == Mode::FreeKV && NeedsCorrection(cosine.empty() ? 0.f : cosine[h], s.cfg.tau)) {
-        sel.push_back({i, h, items[i].q});
+        sel.push_back({i, h, items[i].q, false, reuse});
         L.counters.corrections += 1;
       } else if (L.reselect) {
         // The failed speculative recall's selection, made here (WaitRecall).
@@ -499,7 +508,12 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
       // The speculative job chose among the pages full before this step's token (SpeculativeJob):
       // with a one-page window the page this token filled is not among them.
       const int c1 = sel[t].speculative ? std::min(r.window_begin, RangesFor(s.pg, L.tokens - 1).full) : r.window_begin;
-      SelectHead(s, L, sel[t].head, sel[t].q, r.sink_end, c1, ops[t], counts[t]);
+      HeadSelection hs = Select(s, L, sel[t].head, sel[t].q, r.sink_end, c1);
+      ApplySelection(s, L, sel[t].head, hs, ops[t], counts[t]);
+      if (sel[t].correction) {
+        L.reused[sel[t].head] = std::move(hs);
+        L.reused_range[sel[t].head] = {r.sink_end, c1};
+      }
     });
     std::vector<std::vector<RecallOp>> per_item(n);
     for (size_t t = 0; t < sel.size(); ++t)

@@ -52,10 +52,6 @@ class CpuEngine : public Engine {
   void UpdateContext(CpuSession& s);
   void UpdateResident(CpuSession& s);
   void WriteQueryRecord(CpuSession& s, int layer);
-  // Selects head h's pages with q ([Hq][D]) among pages [c0, c1) and plans the residency;
-  // appends the misses to ops. Counts pages_selected/hit/recalled.
-  void SelectHead(CpuSession& s, LayerState& L, int h, const float* q, int c0, int c1, std::vector<RecallOp>& ops,
-                  SelectionCounts& counts);
   // Makes the chosen pages of head h resident (hits reused, misses planned into slots).
   void ApplySelection(CpuSession& s, LayerState& L, int h, const HeadSelection& sel, std::vector<RecallOp>& ops,
                       SelectionCounts& counts);

@@ -8,10 +8,12 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "engine/Engine.h"
 #include "engine/Manifest.h"
+#include "engine/cpu/HierSelection.h"
 #include "engine/cpu/PageGeometry.h"
 #include "engine/cpu/SpeculativeWorker.h"
 
@@ -52,6 +54,13 @@ struct LayerState {
   // The layer's speculative recall failed and its slots were forgotten: the next decode makes the
   // speculative selection itself (with q_prev), blocking, where no correction replaces it.
   bool reselect = false;
+  // The heads this step's correction selected with q_t, kept for the speculative job of the same
+  // step, which selects with the same q_t: where its candidates are the correction's (the window
+  // did not move past a page) it takes them instead of scoring again (FREEKV_SPEC_REUSE).
+  // reused_range[h] = {c0, c1} of reused[h]; {-1, -1}: none. Written by the decode before the job
+  // is queued, read by the job; the next decode of the layer waits for the job first.
+  std::vector<HeadSelection> reused;
+  std::vector<std::pair<int, int>> reused_range;
   uint32_t record_seq = 0;
   uint64_t decodes = 0;
   // What the latest decode attended (guarded by CpuSession::attended_mu).

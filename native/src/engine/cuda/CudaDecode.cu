@@ -32,14 +32,6 @@ using std::to_string;
 
 namespace {
 
-// FREEKV_SPEC_REUSE, read at every decode (checked when the engine is made): "1" leaves out of the
-// speculative selection the groups that the step's correction has just selected with the same
-// query and candidates; "0" (the default until it is measured on the device) scores them again.
-bool ReuseCorrectedSelections() {
-  const char* e = std::getenv("FREEKV_SPEC_REUSE");
-  return e && std::strcmp(e, "1") == 0;
-}
-
 // The selection of a layer's candidates [c0, c0 + n) with query q (all heads, or `head_mask`'s);
 // through the layer's group bounds when `hier`.
 SelectionParams SelectionFor(const Session& s, const LayerTier& L, const float* q, int c0, int n, const int* head_mask,
