@@ -572,8 +572,7 @@ for (let round = 0; round < prefillRounds; round++)
   for (const t of args.prefill ? args.prefill.split(",").map(Number) : []) for (const env of prefillEnvs) prefillRuns.push({ t, env });
 for (const { t, env } of prefillRuns) {
   if (!Number.isInteger(t) || t < 1) throw new RangeError(`--prefill takes prompt lengths (got ${args.prefill})`);
-  for (const [k, v] of savedEnv) if (v === undefined) delete process.env[k]; else process.env[k] = v;
-  for (const [k, v] of env) process.env[k] = v;
+  applyEnv(savedEnv, env);
   const envLabel = env.length ? ` [${env.map(([k, v]) => `${k}=${v}`).join(" ")}]` : "";
   const geo = { layers: LAYERS, qHeads: HQ, kvHeads: HKV, headDim: D, kvDtype: DType.D_TYPE_BFLOAT16 };
   const variants: boolean[] = t <= gatheredUpTo ? [true, false] : [true];
@@ -612,7 +611,7 @@ for (const { t, env } of prefillRuns) {
     }
 }
 
-for (const [k, v] of savedEnv) if (v === undefined) delete process.env[k]; else process.env[k] = v;
+applyEnv(savedEnv, []);
 
 // ---- --grow: long sessions, hierarchical selection off and on ----------------------------------
 
