@@ -211,6 +211,9 @@ describe(`engine mode invariants (seed ${seed})`, () => {
           const det = (s: typeof on.stats) => ({ ...s, recallWaits: 0, guardWaits: 0 });
           expect(det(on.stats)).toEqual(det(off.stats));
         }
+        // Any other value is refused when the engine is made, not read as off.
+        process.env.FREEKV_SPEC_REUSE = "yes";
+        expect(() => new (loadAddon().Engine)({ backend: "cpu", threads: 1 })).toThrow(/FREEKV_SPEC_REUSE must be 0 or 1, got 'yes'/);
       } finally {
         if (saved === undefined) delete process.env.FREEKV_SPEC_REUSE;
         else process.env.FREEKV_SPEC_REUSE = saved;

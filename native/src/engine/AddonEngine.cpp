@@ -220,6 +220,12 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
       }
     }
     cuda.hierarchical = hier;
+    // Settings both engines read from the environment at every decode: checked once here.
+    try {
+      CheckReuseCorrectedSelections();
+    } catch (const std::exception& e) {
+      throw Napi::RangeError::New(env, e.what());
+    }
     if (backend_ == "cpu") {
       engine_ = std::shared_ptr<Engine>(MakeCpuEngine(threads, delay_ms * 1000, attend_delay_ms * 1000, hier, recall_fail_every));
     } else if (backend_ == "cuda") {

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdlib>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -75,11 +76,17 @@ inline bool KeepsAllPages(Mode m) { return m == Mode::Dense || m == Mode::Reside
 // FREEKV_SPEC_REUSE, read by both backends at every decode: "1" lets a FreeKV step's speculative
 // selection (with q_t, for step t+1) take, for a group the step's correction has just selected
 // with the same q_t over the same candidates, that selection instead of scoring the group again
-// (same pages, counters and outputs). Any other value: every group is scored again. The services
-// validate the variable at start (services/compute/config.ts), the CUDA engine when it is made.
+// (same pages, counters and outputs); "0" or unset: every group is scored again. The services
+// validate the variable at start (services/compute/config.ts), the addon when it makes an engine
+// and the CUDA engine itself (CheckReuseCorrectedSelections: any other value throws, naming it).
 inline bool ReuseCorrectedSelections() {
   const char* e = std::getenv("FREEKV_SPEC_REUSE");
   return e && e[0] == '1' && e[1] == 0;
+}
+inline void CheckReuseCorrectedSelections() {
+  const char* e = std::getenv("FREEKV_SPEC_REUSE");
+  if (e && *e && std::string(e) != "0" && std::string(e) != "1")
+    throw std::invalid_argument("FREEKV_SPEC_REUSE must be 0 or 1, got '" + std::string(e) + "'");
 }
 
 // Largest sink, window or selection (tokens): services/common/retrieval.ts MAX_RETRIEVAL_TOKENS.

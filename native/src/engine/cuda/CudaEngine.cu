@@ -64,8 +64,7 @@ CudaEngine::CudaEngine(const CudaEngineOptions& options)
       throw std::runtime_error("FREEKV_PREFILL_OFFLOAD must be copy or kernel, got '" + v + "'");
     offload_by_copy_ = v == "copy";
   }
-  if (const char* e = std::getenv("FREEKV_SPEC_REUSE"); e && *e && std::string(e) != "0" && std::string(e) != "1")
-    throw std::runtime_error("FREEKV_SPEC_REUSE must be 0 or 1, got '" + std::string(e) + "'");
+  CheckReuseCorrectedSelections();
   pctx_limit_ = options.prefill_context_bytes;
   if (pctx_limit_ == 0) {
     size_t free_b = 0, total_b = 0;
