@@ -225,7 +225,7 @@ describe(`admission (seed ${seed})`, () => {
       await unary(c, "createSession", { sessionId: sid, kind: 1, maxContextTokens: 2048 });
       // Four turns on one session at once, each long enough to keep the next ones waiting.
       const order: string[] = [];
-      const turns = Array.from({ length: 4 }, (_, i) => collect(start(c, { sessionId: sid, prompt: randomPrompt(8), maxTokens: 120, sampling: greedy })).then(() => order.push(`turn${i}`)));
+      const turns = Array.from({ length: 4 }, (_, i) => collect(start(c, { sessionId: sid, prompt: randomPrompt(8), maxTokens: 120, sampling: greedy, ignoreEos: true })).then(() => order.push(`turn${i}`)));
       await until("the first turn running", async () => (metricValue(await fetchMetrics(two.compute.metricsPort), "vllm:num_requests_running") ?? 0) >= 1);
       // A request of no session of theirs: the second running slot is free for it.
       const other = collect(start(c, { prompt: randomPrompt(8), maxTokens: 4, sampling: greedy })).then(() => order.push("other"));
@@ -244,7 +244,7 @@ describe(`admission (seed ${seed})`, () => {
     try {
       const sid = `no-queue-${seed}`;
       await unary(c, "createSession", { sessionId: sid, kind: 1, maxContextTokens: 4096 });
-      const first = collect(start(c, { sessionId: sid, prompt: randomPrompt(6), maxTokens: 2000, sampling: greedy }));
+      const first = collect(start(c, { sessionId: sid, prompt: randomPrompt(6), maxTokens: 2000, sampling: greedy, ignoreEos: true }));
       await until("the turn running", async () => (metricValue(await fetchMetrics(none.compute.metricsPort), "vllm:num_requests_running") ?? 0) >= 1);
       const behind = await failure(collect(start(c, { sessionId: sid, prompt: randomPrompt(3), maxTokens: 2, sampling: greedy })));
       expect(behind?.code).toBe(status.RESOURCE_EXHAUSTED);
@@ -266,7 +266,7 @@ describe(`admission (seed ${seed})`, () => {
     try {
       const sid = `bounded-turns-${seed}`;
       await unary(c, "createSession", { sessionId: sid, kind: 1, maxContextTokens: 4096 });
-      const first = collect(start(c, { sessionId: sid, prompt: randomPrompt(8), maxTokens: 2000, sampling: greedy }));
+      const first = collect(start(c, { sessionId: sid, prompt: randomPrompt(8), maxTokens: 2000, sampling: greedy, ignoreEos: true }));
       await until("the first turn running", async () => (metricValue(await fetchMetrics(two.compute.metricsPort), "vllm:num_requests_running") ?? 0) >= 1);
       const extra = 3 + Math.floor(rand() * 4);
       const t0 = Date.now();

@@ -185,7 +185,7 @@ describe("durable commits", () => {
     expect(t1.error).toBeUndefined();
     const before2 = [...p1, ...t1.tokens];
     const p2 = randomTokens(9, rand);
-    const t2 = await generate(client, { sessionId: id, prompt: { $case: "tokens", value: { ids: p2 } }, maxTokens: 400 }, (n) => {
+    const t2 = await generate(client, { sessionId: id, prompt: { $case: "tokens", value: { ids: p2 } }, maxTokens: 400, ignoreEos: true }, (n) => {
       if (n === 6) tiers.compute.child.kill("SIGKILL");
     });
     expect(t2.error).toBeDefined();

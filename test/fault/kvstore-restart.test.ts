@@ -83,7 +83,7 @@ describe("kvstore restart with the in-memory directory", () => {
       return names.filter((n) => maps.includes(`/dev/shm${n}`));
     };
     expect(mapped()).toEqual(names);
-    const t1 = await generate(client, { sessionId: session.sessionId, prompt: { $case: "tokens", value: { ids: tokens(40) } }, maxTokens: 200 }, (n) => {
+    const t1 = await generate(client, { sessionId: session.sessionId, prompt: { $case: "tokens", value: { ids: tokens(40) } }, maxTokens: 200, ignoreEos: true }, (n) => {
       if (n === 4) tiers.kvstore.child.kill("SIGKILL");
     });
     expect(t1.tokens.length).toBeGreaterThanOrEqual(4);

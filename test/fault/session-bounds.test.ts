@@ -90,7 +90,7 @@ describe("session bounds", () => {
     await create("queued-1");
     const first = await run({ sessionId: "queued-1", prompt: tokens(4), maxTokens: 3 });
     expect(first.final).toBeDefined();
-    const long = run({ prompt: tokens(1200), maxTokens: 2000 }, 120_000);
+    const long = run({ prompt: tokens(1200), maxTokens: 2000, ignoreEos: true }, 120_000);
     await new Promise((r) => setTimeout(r, 300));
     const turn = await run({ sessionId: "queued-1", prompt: tokens(2), maxTokens: 3 }, 120_000);
     // It did wait past the timeout (else this test shows nothing), and kept its session.

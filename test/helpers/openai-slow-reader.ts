@@ -67,7 +67,7 @@ let result: Record<string, unknown>;
 try {
   if (mode === "error") {
     // Stops reading for 6 s (less than FREEKV_WRITE_STALL_MS) while its 3 s deadline passes, then reads on.
-    const r = await complete(port, { prompt, max_tokens: 12000, temperature: 0, stream: true }, { "x-freekv-timeout-ms": "3000" }, (take) => {
+    const r = await complete(port, { prompt, max_tokens: 12000, temperature: 0, stream: true, ignore_eos: true }, { "x-freekv-timeout-ms": "3000" }, (take) => {
       void (async () => {
         await sleep(6000);
         for (;;) {
@@ -82,7 +82,7 @@ try {
     // generation takes); the service is stopped 1 s in and finishes the generations meanwhile.
     let stop = false;
     const readings = [0, 1, 2, 3].map((k) =>
-      complete(port, { prompt: prompt.map((t) => 3 + ((t + k * 31) % 400)), max_tokens: 600, temperature: 0, stream: true, stream_options: { include_usage: true } }, {}, (take) => {
+      complete(port, { prompt: prompt.map((t) => 3 + ((t + k * 31) % 400)), max_tokens: 600, temperature: 0, ignore_eos: true, stream: true, stream_options: { include_usage: true } }, {}, (take) => {
         void (async () => {
           while (!stop) {
             take();

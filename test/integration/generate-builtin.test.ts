@@ -14,6 +14,7 @@ import { GenerateRequest, type GenerateFinal, type GenerateResponse } from "../.
 import { readModelFolder } from "../../services/compute/model/loader.js";
 import type { TextCodec } from "../../services/compute/model/tokenizer.js";
 import { QUIET, computeClient, startTiers, type Tiers } from "../helpers/services.js";
+import { prng } from "../helpers/prng.js";
 
 let tiers: Tiers;
 let client: ReturnType<typeof computeClient>;
@@ -94,6 +95,34 @@ describe("Generate with the built-in model", () => {
     const r = await run({ prompt: { $case: "text", value: "Hello world" }, maxTokens: 30, stopStrings: [stop] });
     expect(r.final?.finishReason).toBe(3); // STOP_STRING
     expect(r.text).toBe(full.slice(0, full.indexOf(stop)));
+  });
+
+  it("ends at the model's EOS, and with ignore_eos runs past it to max_tokens", async () => {
+    // Greedy from random prompts: the built-in model's output reaches one of its EOS ids within
+    // 200 tokens from about a third of them. The first prompt that does is the case.
+    const seed = Number(process.env.FREEKV_TEST_SEED) || Date.now() >>> 0;
+    const rand = prng(seed);
+    const eos = readModelFolder(dir).spec.eosTokenIds;
+    const greedy = { temperature: 0, topP: 0, topK: 0, seed: 0 };
+    let stopped: { ids: number[]; r: Result } | undefined;
+    for (let i = 0; i < 60 && !stopped; i++) {
+      const ids = Array.from({ length: 6 }, () => Math.floor(rand() * 500));
+      const r = await run({ prompt: { $case: "tokens", value: { ids } }, maxTokens: 200, sampling: greedy });
+      if (r.final?.finishReason === 2) stopped = { ids, r };
+    }
+    expect(stopped, "no random prompt reached EOS within 200 tokens").toBeDefined();
+    const { ids, r } = stopped!;
+    // The EOS id ends the answer as its last token (streamed and counted, as other servers do).
+    const n = r.tokens.length;
+    expect(r.final?.usage?.completionTokens).toBe(n);
+    expect(n).toBeLessThan(200);
+    expect(eos, `seed ${seed}, prompt ${ids.join(",")}`).toContain(r.tokens[n - 1]);
+    expect(r.tokens.slice(0, n - 1).some((t) => eos.includes(t))).toBe(false);
+    // With ignore_eos the same answer runs on past it.
+    const through = await run({ prompt: { $case: "tokens", value: { ids } }, maxTokens: n + 8, sampling: greedy, ignoreEos: true });
+    expect(through.final?.finishReason).toBe(1); // LENGTH
+    expect(through.tokens).toHaveLength(n + 8);
+    expect(through.tokens.slice(0, n)).toEqual(r.tokens);
   });
 
   it("generates after a long prompt with FreeKV selection and recall active", async () => {

@@ -41,6 +41,10 @@ describe("OpenAI request bodies", () => {
     // temperature 1 and top_p 1 (off) as OpenAI's; top_p 0 keeps the most likely token only.
     expect(d.sampling).toEqual({ temperature: 1, topP: 0, topK: 0, seed: 0 });
     expect(readRequest("completions", { prompt: "x", top_p: 0, temperature: 0.7 }, 1000).sampling.temperature).toBe(0);
+    // vLLM's ignore_eos, off unless given.
+    expect(d.ignoreEos).toBe(false);
+    expect(readRequest("completions", { prompt: "x", ignore_eos: true }, 1000).ignoreEos).toBe(true);
+    expect(readRequest("chat", { messages: [{ role: "user", content: "x" }], ignore_eos: false }, 1000).ignoreEos).toBe(false);
   });
 
   it("maps a chat's messages and max_completion_tokens; its default max_tokens is the given one", () => {
@@ -77,6 +81,7 @@ describe("OpenAI request bodies", () => {
     expect(refused("completions", { prompt: "x", temperature: 3 }).param).toBe("temperature");
     expect(refused("completions", { prompt: "x", top_p: "1" }).param).toBe("top_p");
     expect(refused("completions", { prompt: "x", stop: [1] }).param).toBe("stop");
+    expect(refused("completions", { prompt: "x", ignore_eos: "true" }).param).toBe("ignore_eos");
     expect(refused("completions", { prompt: "x", stream_options: { include_usage: true } }).param).toBe("stream_options");
     expect(refused("completions", { prompt: "x", model: 3 }).param).toBe("model");
     expect(refused("chat", { messages: [] }).param).toBe("messages");

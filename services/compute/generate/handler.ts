@@ -304,8 +304,9 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
           prompt,
           maxTokens: req.maxTokens,
           sampling,
-          // The model's EOS ids always end a generation, as in other servers.
-          stopTokenIds: [...new Set([...req.stopTokenIds, ...loaded.spec.eosTokenIds.filter((t) => t < loaded.model.vocabSize)])],
+          // The model's EOS ids end a generation, as in other servers, unless the request sets
+          // ignore_eos.
+          stopTokenIds: [...new Set([...req.stopTokenIds, ...(req.ignoreEos ? [] : loaded.spec.eosTokenIds.filter((t) => t < loaded.model.vocabSize))])],
           stopStrings: req.stopStrings,
           signal,
           progressMinTokens: req.prefillProgressMinTokens,

@@ -2,7 +2,7 @@
  * OpenAI request bodies (`/v1/completions`, `/v1/chat/completions`) read into a Generate request.
  * What the API has and Generate does too is mapped (prompt text or token ids, chat messages,
  * max_tokens / max_completion_tokens, temperature, top_p, seed, stop, stream and
- * stream_options.include_usage, plus top_k as vLLM takes it); what would change the answer and is
+ * stream_options.include_usage, plus top_k and ignore_eos as vLLM takes them); what would change the answer and is
  * not served (n > 1, best_of > 1, echo, logprobs, penalties, logit_bias, suffix, tools, a
  * response_format other than text, batched prompts) is a 400 naming the field, never silently
  * ignored. Fields without effect on the output (user, metadata, store, ...) are ignored.
@@ -38,6 +38,8 @@ export interface OpenAIRequest {
   maxTokens: number;
   sampling: SamplingParams;
   stopStrings: string[];
+  /** vLLM's ignore_eos: the model's EOS ids do not end the generation. */
+  ignoreEos: boolean;
   stream: boolean;
   includeUsage: boolean;
   /** Named session from the body's session_id. */
@@ -178,6 +180,7 @@ export function readRequest(endpoint: Endpoint, body: unknown, defaultMaxTokens:
   if (topP === 0) temperature = 0;
   const topK = optionalInt(body, "top_k", -1) ?? 0;
   const seed = optionalInt(body, "seed", 0) ?? 0;
+  const ignoreEos = optionalBool(body, "ignore_eos") ?? false;
 
   const stream = optionalBool(body, "stream") ?? false;
   let includeUsage = false;
@@ -202,6 +205,7 @@ export function readRequest(endpoint: Endpoint, body: unknown, defaultMaxTokens:
     maxTokens,
     sampling: { temperature, topP: topP === 1 ? 0 : topP, topK: Math.max(0, topK), seed },
     stopStrings: stopStrings(body),
+    ignoreEos,
     stream,
     includeUsage,
     sessionId,

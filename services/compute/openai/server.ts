@@ -210,6 +210,7 @@ export function createOpenAIFront(opts: OpenAIFrontOptions): OpenAIFront {
       stopStrings: r.stopStrings,
       retrieval: undefined,
       prefillProgressMinTokens: 0,
+      ignoreEos: r.ignoreEos,
     };
     const chat = r.endpoint === "chat";
     const id = `${chat ? "chatcmpl" : "cmpl"}-${randomUUID().replaceAll("-", "")}`;

@@ -283,6 +283,12 @@ export interface GenerateRequest {
    * event follows each prefill chunk (the server's FREEKV_PREFILL_CHUNK_TOKENS). 0: none.
    */
   prefillProgressMinTokens: number;
+  /**
+   * The model's EOS ids do not end the generation (vLLM's ignore_eos): it runs to max_tokens, a
+   * stop_token_ids or stop_strings match, or the context's end. For load tests and benchmarks that
+   * need a known number of output tokens.
+   */
+  ignoreEos: boolean;
 }
 
 export interface GenerateChunk {
@@ -1581,6 +1587,7 @@ function createBaseGenerateRequest(): GenerateRequest {
     stopStrings: [],
     retrieval: undefined,
     prefillProgressMinTokens: 0,
+    ignoreEos: false,
   };
 }
 
@@ -1621,6 +1628,9 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     }
     if (message.prefillProgressMinTokens !== 0) {
       writer.uint32(80).uint32(message.prefillProgressMinTokens);
+    }
+    if (message.ignoreEos !== false) {
+      writer.uint32(88).bool(message.ignoreEos);
     }
     return writer;
   },
@@ -1728,6 +1738,14 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
             message.prefillProgressMinTokens = reader.uint32();
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.ignoreEos = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1776,6 +1794,11 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
         : isSet(object.prefill_progress_min_tokens)
         ? globalThis.Number(object.prefill_progress_min_tokens)
         : 0,
+      ignoreEos: isSet(object.ignoreEos)
+        ? globalThis.Boolean(object.ignoreEos)
+        : isSet(object.ignore_eos)
+        ? globalThis.Boolean(object.ignore_eos)
+        : false,
     };
   },
 
@@ -1808,6 +1831,9 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     }
     if (message.prefillProgressMinTokens !== 0) {
       obj.prefillProgressMinTokens = Math.round(message.prefillProgressMinTokens);
+    }
+    if (message.ignoreEos !== false) {
+      obj.ignoreEos = message.ignoreEos;
     }
     return obj;
   },
@@ -1848,6 +1874,7 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
       ? RetrievalConfig.fromPartial(object.retrieval)
       : undefined;
     message.prefillProgressMinTokens = object.prefillProgressMinTokens ?? 0;
+    message.ignoreEos = object.ignoreEos ?? false;
     return message;
   },
 };
