@@ -10,7 +10,8 @@
  * - Arrivals: exponential gaps of mean 1/rate for --duration-s; each request is a stateless
  *   Generate of random token ids, its length log-uniform in [--prompt-min, --prompt-max], its
  *   max_tokens uniform in [--new-min, --new-max], sampled at temperature 1 (seeded per request, so
- *   a stop token is rare and the two builds see the same workload).
+ *   the two builds see the same workload) with ignore_eos, so each runs to its max_tokens (a build
+ *   without ignore_eos ignores the field; its outputs may then end early at an EOS).
  * - Per rate: completed, rejected (with the status) and failed requests; output tokens per second
  *   over the span from the first arrival to the last completion; TTFT (client: call to first
  *   chunk, so queue time included), TPOT (first to last chunk over the tokens after the first) and
@@ -133,7 +134,7 @@ function call(client: ComputeServiceClient, q: Req, signal?: AbortSignal): Promi
     let first: number | undefined, last: number | undefined;
     let out = 0;
     let usage: { queueMs?: number; prefillMs?: number; promptTokens?: number } | undefined;
-    const req = GenerateRequest.fromPartial({ prompt: { $case: "tokens", value: { ids: tokens(q.prompt, q.seed) } }, maxTokens: q.maxTokens, sampling: { temperature: 1, seed: q.seed } });
+    const req = GenerateRequest.fromPartial({ prompt: { $case: "tokens", value: { ids: tokens(q.prompt, q.seed) } }, maxTokens: q.maxTokens, ignoreEos: true, sampling: { temperature: 1, seed: q.seed } });
     const stream = client.generate(req, { deadline: Date.now() + deadlineS * 1000 });
     // One drain signal serves every request of a rate: each call removes its listener when it ends.
     const onAbort = () => stream.cancel();

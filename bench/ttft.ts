@@ -104,7 +104,7 @@ function generate(client: ComputeServiceClient, prompt: GenerateRequest["prompt"
     const chunks: Call["chunks"] = [];
     let streamed = 0;
     let usage: { prefillMs: number; queueMs: number; promptTokens: number } | null = null;
-    const req = GenerateRequest.fromPartial({ prompt, maxTokens: max, sampling: { temperature: 0 }, ...(progress ? { prefillProgressMinTokens: 1 } : {}) });
+    const req = GenerateRequest.fromPartial({ prompt, maxTokens: max, ignoreEos: true, sampling: { temperature: 0 }, ...(progress ? { prefillProgressMinTokens: 1 } : {}) });
     const stream = client.generate(req, { deadline: Date.now() + deadlineS * 1000 });
     stream.on("data", (m: GenerateResponse) => {
       const at = performance.now();
