@@ -273,11 +273,11 @@ export const flag = (dflt: boolean) =>
  * A switch read by native code itself (getenv): on for any value but "0", so only "0" and "1" are
  * taken here, where "off" would otherwise pass as false and then switch it on.
  */
-export const nativeFlag = () =>
+export const nativeFlag = (defaultOn = false) =>
   z
     .enum(["0", "1"], { message: 'must be "0" or "1" (read by native code: any other value would switch it on)' })
     .optional()
-    .transform((v) => v === "1");
+    .transform((v) => (v === undefined ? defaultOn : v === "1"));
 
 /**
  * glibc's mmap threshold, set by the addon when it loads (native/src/shm/AddonShm.cpp) from the

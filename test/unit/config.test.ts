@@ -24,6 +24,9 @@ describe("config", () => {
     expect(c.FREEKV_PREFILL_PROFILE).toBe(false);
     expect(parseConfig(computeConfigSchema, { FREEKV_PREFILL_PROFILE: "1", FREEKV_GEMM_AUTOTUNE: "0" })).toMatchObject({ FREEKV_PREFILL_PROFILE: true, FREEKV_GEMM_AUTOTUNE: false });
     expect(() => parseConfig(computeConfigSchema, { FREEKV_PREFILL_PROFILE: "off" })).toThrow(/FREEKV_PREFILL_PROFILE="off".*any other value would switch it on/);
+    // On unless "0" (the addon reads it so too).
+    expect(c.FREEKV_SPEC_REUSE).toBe(true);
+    expect(parseConfig(computeConfigSchema, { FREEKV_SPEC_REUSE: "0" }).FREEKV_SPEC_REUSE).toBe(false);
     expect(c.FREEKV_REGISTER_THREADS).toBe(8);
     expect(c.FREEKV_PREFILL_OFFLOAD).toBe("copy");
     expect(c.FREEKV_REGISTER_AHEAD).toBe("thread");
