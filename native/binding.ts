@@ -375,6 +375,8 @@ export interface Addon extends Contract {
   /** Opens (true) or closes a CUDA profiler collection range (for `ncu --profile-from-start off`); false without a CUDA device. */
   profilerRange(on: boolean): boolean;
   ShmSegment: ShmSegmentStatic;
+  /** As in native/shm.ts: what closed sessions' teardowns waited for this process's foreground work. */
+  teardownStats(): { waitedMs: number; piecesWaited: number; foreground: number };
   Engine: EngineStatic;
   Model: ModelStatic;
   /** Index (relative to offset) of the first largest of values[offset .. offset + n). */

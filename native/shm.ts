@@ -178,6 +178,12 @@ export interface ShmAddon extends Contract {
   crc32cPages(bytes: ArrayBuffer | ArrayBufferView, byteOffset: number, pageBytes: number, count: number): Uint32Array;
   /** Whether the checksums run on the CPU's crc32 instruction. */
   readonly crc32cHardware: boolean;
+  /**
+   * Since the process started: how long closed sessions' unmaps and store unregistrations waited
+   * for this process's session openings and store registrations (FREEKV_TEARDOWN_YIELD_MS), the
+   * pieces that waited, and the foreground work in progress now.
+   */
+  teardownStats(): { waitedMs: number; piecesWaited: number; foreground: number };
 }
 
 let cached: ShmAddon | undefined;

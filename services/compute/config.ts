@@ -45,6 +45,13 @@ export const computeConfigSchema = z.object({
   FREEKV_PREFILL_CONTEXT_MEMORY: z.enum(["malloc", "pool"], { message: 'must be "malloc" or "pool"' }).default("malloc"),
   /** FREEKV_BACKEND=cuda: where a session's device arrays come from (CudaEngine.cu): cudaMalloc / cudaFree per array (each a device-wide synchronisation), or a stream-ordered pool. */
   FREEKV_SESSION_DEVICE_MEMORY: z.enum(["malloc", "pool"], { message: 'must be "malloc" or "pool"' }).default("malloc"),
+  /**
+   * How long, in ms, a closed session's teardown in this process (the unmap of its segments, the
+   * unregistration of its host store) may wait in all, between its 64 MiB pieces, while another
+   * session is being opened or its store committed and pinned (native/src/shm/TeardownGate.h);
+   * 0 never waits. Decimal 0..60000, the addon's own reading.
+   */
+  FREEKV_TEARDOWN_YIELD_MS: intInRange(0, 0, 60000),
   /** FREEKV_BACKEND=cuda: device memory the prompts being prefilled keep resident (each layer's whole context between chunks); 0 = a quarter of the device. */
   FREEKV_PREFILL_CONTEXT_BYTES: nonNegativeInt(0),
   /** Page selection through the hierarchical page summaries (the engine option hierarchicalSelection). */

@@ -43,6 +43,10 @@ describe("config", () => {
     expect(parseConfig(computeConfigSchema, { FREEKV_SESSION_DEVICE_MEMORY: "pool" }).FREEKV_SESSION_DEVICE_MEMORY).toBe("pool");
     expect(() => parseConfig(computeConfigSchema, { FREEKV_SESSION_DEVICE_MEMORY: "arena" })).toThrow(/FREEKV_SESSION_DEVICE_MEMORY="arena"/);
     expect(() => parseConfig(computeConfigSchema, { FREEKV_REGISTER_THREADS: "0" })).toThrow(/FREEKV_REGISTER_THREADS="0"/);
+    expect(c.FREEKV_TEARDOWN_YIELD_MS).toBe(0);
+    expect(parseConfig(computeConfigSchema, { FREEKV_TEARDOWN_YIELD_MS: "3000" }).FREEKV_TEARDOWN_YIELD_MS).toBe(3000);
+    expect(() => parseConfig(computeConfigSchema, { FREEKV_TEARDOWN_YIELD_MS: "60001" })).toThrow(/FREEKV_TEARDOWN_YIELD_MS="60001"/);
+    expect(() => parseConfig(computeConfigSchema, { FREEKV_TEARDOWN_YIELD_MS: "1.5" })).toThrow(/FREEKV_TEARDOWN_YIELD_MS="1.5"/);
     expect(k.FREEKV_MALLOC_MMAP_THRESHOLD).toBe(262144);
     for (const schema of [computeConfigSchema, kvstoreConfigSchema]) expect(() => parseConfig(schema, { FREEKV_MALLOC_MMAP_THRESHOLD: "lots" })).toThrow(/FREEKV_MALLOC_MMAP_THRESHOLD="lots"/);
     expect(() => parseConfig(kvstoreConfigSchema, { FREEKV_MALLOC_MMAP_THRESHOLD: String(64 << 20) })).toThrow(/FREEKV_MALLOC_MMAP_THRESHOLD/);

@@ -210,6 +210,60 @@ describe("ShmSegment", () => {
     other.close();
   });
 
+  it("a closed segment's unmap waits between pieces while this process commits another (FREEKV_TEARDOWN_YIELD_MS), within its budget", () => {
+    // In a child process per budget (the addon reads the setting once): segment A (512 MiB,
+    // touched: 8 pieces to unmap) is closed while segment B (1 GiB) is being committed from one
+    // thread, the work a teardown steps aside for. Run under 0 (never waits), a budget longer
+    // than B's commit (waits until it ends) and a short one (waits that long, then goes on).
+    const shm = join(import.meta.dirname, "..", "..", "native", "shm.ts");
+    const run = (budgetMs: number) => {
+      const a = uniqueName(), b = uniqueName();
+      const script = `
+        import { loadShm } from ${JSON.stringify(shm)};
+        const addon = loadShm();
+        const { ShmSegment } = addon;
+        const A = ShmSegment.create(${JSON.stringify(a)}, 512 << 20);
+        const bytes = new Uint8Array(A.buffer());
+        for (let i = 0; i < bytes.length; i += 4096) bytes[i] = 1 + (i % 251);
+        const B = ShmSegment.create(${JSON.stringify(b)}, 1024 ** 3);
+        ShmSegment.unlink(${JSON.stringify(a)});
+        ShmSegment.unlink(${JSON.stringify(b)});
+        const t0 = performance.now();
+        let committed = -1, closed = -1;
+        const commit = B.allocateAsync([[0, 1024 ** 3]], 1).then(() => { committed = performance.now() - t0; });
+        await new Promise((r) => setTimeout(r, 30));
+        const close = A.closeAsync().then(() => { closed = performance.now() - t0; });
+        await Promise.all([commit, close]);
+        const stats = addon.teardownStats();
+        B.close();
+        console.log(JSON.stringify({ committed, closed, ...stats }));
+      `;
+      const r = spawnSync(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
+        encoding: "utf8",
+        timeout: 120_000,
+        env: { ...process.env, FREEKV_TEARDOWN_YIELD_MS: String(budgetMs) },
+      });
+      addon.ShmSegment.unlink(a);
+      addon.ShmSegment.unlink(b);
+      expect(r.signal, r.stderr).toBeNull();
+      expect(r.status, r.stderr).toBe(0);
+      return JSON.parse(r.stdout.trim().split("\n").pop()!) as { committed: number; closed: number; waitedMs: number; piecesWaited: number; foreground: number };
+    };
+    const never = run(0);
+    expect(never.waitedMs).toBe(0);
+    expect(never.piecesWaited).toBe(0);
+    expect(never.closed).toBeLessThan(never.committed); // the unmap ran beside the commit
+    const long = run(60_000);
+    expect(long.piecesWaited).toBeGreaterThanOrEqual(1);
+    expect(long.waitedMs).toBeGreaterThan(0);
+    expect(long.closed).toBeGreaterThanOrEqual(long.committed); // the rest of the unmap waited for the commit
+    expect(long.foreground).toBe(0);
+    const short = run(40);
+    expect(short.piecesWaited).toBeGreaterThanOrEqual(1);
+    expect(short.waitedMs).toBeGreaterThanOrEqual(35);
+    expect(short.waitedMs).toBeLessThan(40 + 25); // the budget is the whole teardown's, not a piece's
+  });
+
   it("refuses to close a segment that an engine session maps", async () => {
     const c = {
       qHeads: 4, kvHeads: 2, headDim: 8, pageSize: 4, sinkTokens: 4, windowTokens: 8, selectTokens: 8,

@@ -24,6 +24,7 @@
 #include "AddonModules.h"
 #include "shm/Crc32c.h"
 #include "shm/ShmSegment.h"
+#include "shm/TeardownGate.h"
 
 namespace freekv::addon {
 
@@ -154,7 +155,15 @@ class UnmapWorker : public Napi::AsyncWorker {
   Napi::Promise Promise() const { return deferred_.Promise(); }
 
  protected:
-  void Execute() override { seg_.reset(); }
+  void Execute() override {
+    // The last holder unmaps, stepping aside for this process's foreground work (TeardownGate.h);
+    // where checksums still run on the segment, the last of them unmaps it, unpaced.
+    if (seg_.use_count() == 1) {
+      teardown::Pacer pacer;
+      seg_->Unmap(&pacer);
+    }
+    seg_.reset();
+  }
   void OnOK() override { deferred_.Resolve(Env().Undefined()); }
   void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
 
@@ -489,6 +498,15 @@ void InitShm(Napi::Env env, Napi::Object exports) {
   AddonShmSegment::Ctor(env) = Napi::Persistent(fn);
   exports.Set("ShmSegment", fn);
   InitCrc32c(env, exports);
+  // teardownStats(): what closed sessions' teardowns waited for this process's foreground work
+  // (TeardownGate.h), since it started.
+  exports.Set("teardownStats", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
+    auto o = Napi::Object::New(info.Env());
+    o.Set("waitedMs", Napi::Number::New(info.Env(), static_cast<double>(teardown::TotalWaitedUs()) / 1000.0));
+    o.Set("piecesWaited", Napi::Number::New(info.Env(), static_cast<double>(teardown::PiecesWaited())));
+    o.Set("foreground", Napi::Number::New(info.Env(), teardown::ForegroundCount()));
+    return o;
+  }, "teardownStats"));
 }
 
 }  // namespace freekv::addon

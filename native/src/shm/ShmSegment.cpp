@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "Parallel.h"
+#include "shm/TeardownGate.h"
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
@@ -108,6 +109,7 @@ void ShmSegment::Allocate(size_t offset, size_t length) const {
 void ShmSegment::Populate(size_t offset, size_t length, unsigned threads) const {
   CheckRange(*this, offset, length);
   if (length == 0) return;
+  teardown::Foreground foreground;  // other sessions' teardowns wait (TeardownGate.h)
   static const size_t os_page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   if (offset % os_page != 0) throw std::invalid_argument("populate: offset must be a multiple of the OS page");
   constexpr size_t kPiece = size_t(64) << 20;
@@ -159,12 +161,19 @@ size_t ShmSegment::AllocatedBytes() const {
 // the page tables of its whole range, and every thread that maps, unmaps or faults in memory
 // meanwhile waits, the event loop included (V8's heap): closing a 2 GiB session from a worker
 // thread in one call still held compute's event loop ~100 ms (bench:session-close). Piece by
-// piece the lock is let go between pieces.
-ShmSegment::~ShmSegment() {
+// piece the lock is let go between pieces, and with a pacer the unmap waits there while the
+// process opens a session or commits and pins a store (TeardownGate.h).
+void ShmSegment::Unmap(teardown::Pacer* pacer) {
   if (!data_) return;
   constexpr size_t kPiece = size_t{64} << 20;
   char* p = static_cast<char*>(data_);
-  for (size_t off = 0; off < size_; off += kPiece) munmap(p + off, std::min(kPiece, size_ - off));
+  for (size_t off = 0; off < size_; off += kPiece) {
+    if (pacer && off > 0) pacer->BetweenPieces();
+    munmap(p + off, std::min(kPiece, size_ - off));
+  }
+  data_ = nullptr;
 }
+
+ShmSegment::~ShmSegment() { Unmap(nullptr); }
 
 }  // namespace freekv

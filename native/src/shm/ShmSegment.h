@@ -5,6 +5,10 @@
 
 namespace freekv {
 
+namespace teardown {
+class Pacer;
+}
+
 // One mapped segment. Owns the mapping (not the name: unlink() removes the name).
 class ShmSegment {
  public:
@@ -29,6 +33,9 @@ class ShmSegment {
   void Punch(size_t offset, size_t length) const;
   // Bytes of memory the segment's file really holds (st_blocks * 512).
   size_t AllocatedBytes() const;
+  // Unmaps the segment now, in pieces; with a pacer, waiting between pieces while the process
+  // has foreground work (TeardownGate.h). data() is null after.
+  void Unmap(teardown::Pacer* pacer);
   ~ShmSegment();
   void* data() const { return data_; }
   size_t size() const { return size_; }

@@ -67,10 +67,15 @@ export interface SessionManagerOptions {
   now?: () => number;
 }
 
-/** Where a detach's time went (ms): the engine's close, then the segments' unmapping. */
+/**
+ * Where a detach's time went (ms): the engine's close, then the segments' unmapping; of both, how
+ * long the teardown waited for this process's session openings and store registrations
+ * (FREEKV_TEARDOWN_YIELD_MS; where closes overlap, theirs is counted too).
+ */
 interface DetachTimes {
   engineCloseMs: number;
   unmapMs: number;
+  teardownWaitMs?: number;
 }
 
 export class SessionManager {
@@ -1021,7 +1026,8 @@ export class SessionManager {
     }
     // Where a close's time goes (a long session's teardown runs beside the next requests):
     // engineCloseMs, the engine's wait for queued work and its unregistration and frees;
-    // unmapMs, the segments' unmapping; releaseMs, the kvstore's release; closeMs, all of it.
+    // unmapMs, the segments' unmapping; teardownWaitMs, of those two, the wait for other sessions'
+    // openings and registrations; releaseMs, the kvstore's release; closeMs, all of it.
     const t2 = performance.now();
     this.opts.log[s.unnamed ? "debug" : "info"](
       { session: id, lost: s.lost ? true : undefined, closeMs: Math.round(t2 - t0), ...times, releaseMs: Math.round(t2 - t1) },
@@ -1042,6 +1048,8 @@ export class SessionManager {
     s.detached = true;
     const t0 = performance.now();
     const times: DetachTimes = { engineCloseMs: 0, unmapMs: 0 };
+    const addon = loadAddon();
+    const waited0 = addon.teardownStats().waitedMs;
     // A failed close leaves the engine session open (the binding keeps it so): tried once more.
     // One that fails again keeps its segments mapped (they cannot be unmapped under an engine
     // session): logged as an error, for as long as the process lives.
@@ -1073,6 +1081,8 @@ export class SessionManager {
     );
     for (const u of unmaps) if (u.status === "rejected") this.opts.log.error({ session: s.id, err: (u.reason as Error).message }, "a segment of the session could not be unmapped");
     times.unmapMs = Math.round(performance.now() - t1);
+    const waited = addon.teardownStats().waitedMs - waited0;
+    if (waited > 0) times.teardownWaitMs = Math.round(waited);
     return times;
   }
 

@@ -68,6 +68,7 @@
 #include "engine/Engine.h"
 #include "layer_counters.cuh"
 #include "recall.cuh"
+#include "shm/TeardownGate.h"
 
 namespace freekv::cuda {
 
@@ -198,9 +199,23 @@ struct Session {
         if (e) cudaEventDestroy(e);
         if (!ordered) cudaStreamSynchronize(st);
       }
-    for (uint8_t* p : store_regs) cudaHostUnregister(p);
+    UnregisterStore(nullptr);
+  }
+  // Unregisters the session's host memory, its store a registration (<= 64 MiB) at a time; with a
+  // pacer (CloseSession) waiting between registrations while the process opens a session or
+  // registers a store (shm/TeardownGate.h). Nothing may use the memory any more.
+  void UnregisterStore(teardown::Pacer* pacer) {
+    if (ahead.valid()) ahead.wait();
+    for (uint8_t* p : store_regs) {
+      if (pacer) pacer->BetweenPieces();
+      cudaHostUnregister(p);
+    }
+    store_regs.clear();
+    store_cover.clear();
+    registered_pages = 0;
     if (tail_registered) cudaHostUnregister(host.tail);
     if (manifest_registered) cudaHostUnregister(host.manifest);
+    tail_registered = manifest_registered = false;
   }
   bool Retrieves(const LayerTier& L) const { return !L.dense && cfg.mode != Mode::SinkWindow && K > 0; }
   bool Speculates(const LayerTier& L) const {

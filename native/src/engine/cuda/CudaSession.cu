@@ -84,6 +84,7 @@ int RegisterThreads() {
 }  // namespace
 
 void RegisterStore(Session& s, int reserved_pages) {
+  teardown::Foreground foreground;  // closed sessions' teardowns wait meanwhile (shm/TeardownGate.h)
   static const uintptr_t os_page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   const uintptr_t base = reinterpret_cast<uintptr_t>(s.host.store);
   const uintptr_t limit = base + s.host.store_bytes;
@@ -276,6 +277,7 @@ void CudaEngine::RegisterAhead(int session, int64_t tokens) {
 }
 
 int CudaEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const HostStore& h, bool reattach) {
+  teardown::Foreground foreground;  // closed sessions' teardowns wait meanwhile (shm/TeardownGate.h)
   auto lock = LockOutsideStep("createSession");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   if (!pctx_pool_ && !session_pool_) return CreateSessionLocked(g, c, h, reattach);
@@ -428,6 +430,11 @@ void CudaEngine::CloseSession(int session) {
       cudaDeviceSynchronize();  // nothing may still use the session when it goes
       break;
     }
+  // The store is unregistered a registration at a time, stepping aside while another session is
+  // being opened or its store registered (FREEKV_TEARDOWN_YIELD_MS; shm/TeardownGate.h); then the
+  // session's device memory is freed.
+  teardown::Pacer pacer;
+  closing->UnregisterStore(&pacer);
 }
 
 }  // namespace freekv::cuda
