@@ -187,6 +187,12 @@ struct Session {
   // one, stalled every other session's queued work, as their cudaMalloc did at creation.
   cudaStream_t free_stream = nullptr;
   std::vector<cudaStream_t> free_after;
+  // A fresh session's opening, from its creation to the end of its first prefill call (the first
+  // chunk allocates every layer's resident context), its first decode step or its close
+  // (FlushPrefill): other sessions' teardowns step aside meanwhile (shm/TeardownGate.h). Measured
+  // on an H100: with only the creation marked, a previous 128K session's unregistration moved into
+  // the next prompt's first chunk and made it 1.75 s instead of 0.38 (PERF.md).
+  std::unique_ptr<teardown::Foreground> opening;
   ~Session() {
     if (ahead.valid()) ahead.wait();  // its error goes with the session: nothing used those pages
     if (free_stream)

@@ -111,6 +111,7 @@ void CudaEngine::FinishDevicePrefill(int session) {
 }
 
 void CudaEngine::FlushPrefill(Session& s) {
+  s.opening.reset();  // its first prefill call (or its first step, or its close) ends its opening
   bool pending = false;
   for (const auto& L : s.layers) pending = pending || L->manifest_pending;
   if (!pending) return;

@@ -323,6 +323,7 @@ int CudaEngine::CreateSessionLocked(const Geometry& g, const RetrievalConfig& c,
                                "extent and addressed from one host pointer");
   }
   s->store_dev = h.store;
+  if (!reattach) s->opening = std::make_unique<teardown::Foreground>();
   // A re-attached session's committed pages are read back at once: its whole reservation is
   // registered. A fresh one registers its first pages; the rest as its context grows.
   EnsureRegistered(*s, reattach ? h.reserved_pages : kRegisterAheadPages);
