@@ -7,8 +7,10 @@
 // session's creation; MADV_POPULATE_WRITE and cudaHostRegister of its store ahead of each chunk)
 // needs the same. On an H100, a 128K prompt that followed another's close opened its session in
 // 418 ms instead of 75 and ran its first chunk in 1107 ms instead of 365 (native/src/engine/cuda/
-// PERF.md, "A prompt that follows another"). A teardown that only runs in the gaps between that
-// work costs the new prompt one piece at most (~4 ms of unmap, ~2 ms of unregistration).
+// PERF.md, "A prompt that follows another"). Run in the gaps between that work instead (the CUDA
+// engine counts a fresh session as opening until its first prefill call ends), the second 128K
+// prompt took 11.53 s against 12.35 s on an H200 (PERF.md, "A teardown that steps aside"); what
+// is left is the unregistration's own cost beside the prompt's later chunks.
 //
 // Process-wide: Foreground marks the work that has priority (it nests, and may be held on any
 // thread); a Pacer belongs to one teardown and waits at BetweenPieces() while any Foreground is
