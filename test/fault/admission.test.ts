@@ -12,7 +12,7 @@ import { GenerateRequest, type GenerateFinal, type GenerateResponse } from "../.
 import { DType, type ModelGeometry } from "../../proto/gen/freekv/v1/common.js";
 import { builtinModelDir, readModelFolder } from "../../services/compute/model/loader.js";
 import { modelSessionBytes } from "../../services/compute/sessions/footprint.js";
-import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
+import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, unaryError, type Tiers } from "../helpers/services.js";
 import { prng } from "../helpers/prng.js";
 
 const seed = Number(process.env.FREEKV_TEST_SEED) || (Date.now() ^ (process.pid << 12)) >>> 0;
@@ -287,6 +287,50 @@ describe(`admission (seed ${seed})`, () => {
       await two.stop();
     }
   }, 60_000);
+
+  it("with the only running slot held, what the request alone makes invalid is refused at once, not queued to its deadline", async () => {
+    const m = async () => fetchMetrics(narrow.compute.metricsPort);
+    const attention = `att-${seed.toString(36)}`;
+    await unary(narrowClient, "createSession", { sessionId: attention, kind: 2, geometry: { layers: 1, queryHeads: 2, kvHeads: 1, headDim: 64 } });
+    const running = start(narrowClient, { prompt: randomPrompt(8000), maxTokens: 1, sampling: greedy }, "x");
+    const runningDone = collect(running);
+    await until("the held request to run", async () => metricValue(await m(), "vllm:num_requests_running") === 1);
+    const refusedAtOnce = async (req: Partial<GenerateRequest>) => {
+      const t0 = Date.now();
+      const e = await failure(collect(start(narrowClient, req, "y", 20_000)));
+      return { code: e?.code, details: e?.details, ms: Date.now() - t0 };
+    };
+    // A fresh session's retrieval settings that no session can have.
+    const pageSize = 3 + 2 * Math.floor(rand() * 5);
+    const badRetrieval = await refusedAtOnce({ prompt: randomPrompt(8), maxTokens: 4, retrieval: { pageSize } as GenerateRequest["retrieval"] });
+    expect(badRetrieval.code, badRetrieval.details).toBe(status.INVALID_ARGUMENT);
+    expect(badRetrieval.details).toMatch(/^retrieval\./);
+    expect(badRetrieval.ms).toBeLessThan(5_000);
+    // A session that can never serve Generate.
+    const attentionTurn = await refusedAtOnce({ sessionId: attention, prompt: randomPrompt(4), maxTokens: 2 });
+    expect(attentionTurn.code, attentionTurn.details).toBe(status.FAILED_PRECONDITION);
+    expect(attentionTurn.details).toMatch(/attention session/);
+    expect(attentionTurn.ms).toBeLessThan(5_000);
+    // Session ids CreateSession would refuse: refused alike, before any lookup.
+    for (const id of ["a b", "x".repeat(129 + Math.floor(rand() * 1000))]) {
+      const turn = await refusedAtOnce({ sessionId: id, prompt: randomPrompt(4), maxTokens: 2 });
+      expect(turn.code, turn.details).toBe(status.INVALID_ARGUMENT);
+      expect(turn.details).toMatch(/^session_id: must match/);
+      for (const method of ["getSession", "closeSession"]) {
+        const e = await unaryError(narrowClient, method, { sessionId: id });
+        expect(e.code, `${method}: ${e.details}`).toBe(status.INVALID_ARGUMENT);
+      }
+    }
+    expect(metricValue(await m(), "vllm:num_requests_waiting")).toBe(0);
+    running.cancel();
+    expect((await failure(runningDone))?.code).toBe(status.CANCELLED);
+    await unary(narrowClient, "closeSession", { sessionId: attention });
+    // The held request has left its slot before the next test uses this compute.
+    await until("the slot to be free", async () => {
+      const t = await m();
+      return metricValue(t, "vllm:num_requests_waiting") === 0 && metricValue(t, "vllm:num_requests_running") === 0;
+    });
+  });
 
   it("one running slot, a queue of two: a third waiting request is refused, a cancelled one leaves at once", async () => {
     // A request that holds the running slot for seconds: a long prompt prefilled one token per

@@ -24,6 +24,7 @@ import { status, type handleServerStreamingCall, type ServerWritableStream } fro
 import {
   FinishReason,
   SessionKind,
+  type CreateSessionRequest,
   type GenerateRequest,
   type GenerateResponse,
 } from "../../../proto/gen/freekv/v1/compute.js";
@@ -37,6 +38,7 @@ import type { ComputeContext } from "../context.js";
 import type { LoadedModel } from "../model/loader.js";
 import { modelSessionBytes } from "../sessions/footprint.js";
 import type { ComputeSession } from "../sessions/session.js";
+import { SESSION_ID_RE } from "../sessions/manager.js";
 import { SHORT_OF_MEMORY, type Admitted } from "./admission.js";
 import { generateMetrics } from "./metrics.js";
 import { stopProblem } from "./stop.js";
@@ -180,6 +182,21 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     );
   }
 
+  /** Whether a named session can serve Generate at all: DATA_LOSS or FAILED_PRECONDITION if not. */
+  function checkModelSession(named: ComputeSession): void {
+    // A session whose context is lost or unknown (diverged) answers DATA_LOSS to every call, Generate included.
+    ctx.sessions.checkLost(named);
+    if (named.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(named.id)} is an attention session; Generate needs a model session`);
+    // Made for another model (re-attached after FREEKV_MODEL changed): its cache has other shapes.
+    const served = ctx.served.geometry();
+    const g = named.geometry;
+    if (g.layers !== served.layers || g.queryHeads !== served.queryHeads || g.kvHeads !== served.kvHeads || g.headDim !== served.headDim) {
+      throw failedPrecondition(
+        `session ${JSON.stringify(named.id)} was made for a model of ${g.layers} layers, ${g.queryHeads} query heads, ${g.kvHeads} KV heads, head dim ${g.headDim}; this compute serves ${served.layers}, ${served.queryHeads}, ${served.kvHeads}, ${served.headDim}`,
+      );
+    }
+  }
+
   async function serve(call: ServerWritableStream<GenerateRequest, GenerateResponse>, signal: AbortSignal, rec: RequestRecord): Promise<void> {
     const req = call.request;
     rec.tenant = tenantOf(call.metadata);
@@ -188,6 +205,8 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     const stops = stopProblem(req.stopStrings, req.stopTokenIds);
     if (stops) throw invalidArgument(stops.field, stops.why);
     const fresh = !req.sessionId;
+    // Checked before any lookup (a directory's, with the id) or queueing, as CreateSession does.
+    if (!fresh && !SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
     if (!fresh && req.retrieval) throw invalidArgument("retrieval", "is for a fresh session only (create the session with it instead)");
     // A fresh session is empty; a named one is tokenized again under its lock, where its context is known.
     let prompt = promptTokens(req, loaded, false);
@@ -197,6 +216,10 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     const reach = Math.min(ctx.config.FREEKV_MAX_CONTEXT_TOKENS, prompt.length + req.maxTokens);
     // Before the session's segments are made (sized by its context).
     if (fresh) checkPromptFits(prompt.length, 0, ctx.config.FREEKV_MAX_CONTEXT_TOKENS);
+    // The fresh session's retrieval settings (and what the engine can hold of them): refused now,
+    // not at the request's deadline behind a busy server; created with the same request below.
+    const freshSession: CreateSessionRequest = { sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: reach, geometry: undefined };
+    if (fresh) ctx.sessions.resolveNew(freshSession);
     // What the request alone decides (token ids, sampling, stop ids) is checked before it queues or
     // anything is reserved; generate() checks it again with the session's state under its lock.
     const sp = req.sampling ?? { temperature: 0, topP: 0, topK: 0, seed: 0 };
@@ -209,6 +232,9 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     const known = fresh ? undefined : ctx.sessions.peek(req.sessionId);
     // Another tenant's session is refused before anything about it is said (its context length).
     if (known && ctx.auth) checkTenant(known.metadata.tenant, rec.tenant, req.sessionId);
+    // A session that can never serve this call (lost, an attention session, another model's) is
+    // refused before it queues; one not held here yet is checked once found, in the attempt.
+    if (known) checkModelSession(known);
     // A turn that cannot fit the named session's context is refused before its reservation grows
     // (the context only grows, so the check under the lock can only agree).
     if (known) {
@@ -232,7 +258,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
         attempt: fresh
           ? async () => {
               try {
-                return await ctx.sessions.create({ sessionId: "", kind: SessionKind.SESSION_KIND_MODEL, retrieval: req.retrieval, maxContextTokens: reach, geometry: undefined }, signal, undefined, reach, true);
+                return await ctx.sessions.create(freshSession, signal, undefined, reach, true);
               } catch (e) {
                 if (!isResourceExhausted(e) || signal.aborted) throw e;
                 await refuseIfNeverFits(req, reach);
@@ -241,17 +267,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
             }
           : async () => {
               const named = await localSession(ctx.sessions, ctx.owners, req.sessionId, ctx.auth ? rec.tenant : undefined);
-              // A session whose context is lost or unknown (diverged) answers DATA_LOSS to every call, Generate included.
-              ctx.sessions.checkLost(named);
-              if (named.kind !== SessionKind.SESSION_KIND_MODEL) throw failedPrecondition(`session ${JSON.stringify(named.id)} is an attention session; Generate needs a model session`);
-              // Made for another model (re-attached after FREEKV_MODEL changed): its cache has other shapes.
-              const served = ctx.served.geometry();
-              const g = named.geometry;
-              if (g.layers !== served.layers || g.queryHeads !== served.queryHeads || g.kvHeads !== served.kvHeads || g.headDim !== served.headDim) {
-                throw failedPrecondition(
-                  `session ${JSON.stringify(named.id)} was made for a model of ${g.layers} layers, ${g.queryHeads} query heads, ${g.kvHeads} KV heads, head dim ${g.headDim}; this compute serves ${served.layers}, ${served.queryHeads}, ${served.kvHeads}, ${served.headDim}`,
-                );
-              }
+              checkModelSession(named);
               const need = turnReach(named, prompt.length, req.maxTokens);
               try {
                 await ctx.sessions.reserve(named, need, signal);

@@ -28,6 +28,8 @@ export function sessionHandlers(sessions: SessionManager, log: Logger, owners?: 
   const authTenant = (md: Metadata): string | undefined => authenticatedTenant(auth?.(), md);
   const needId = (id: string) => {
     if (!id) throw invalidArgument("session_id", "is required");
+    // Checked before any lookup (a directory's, with the id), as CreateSession does.
+    if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
   };
   return {
     createSession: unary(log, "CreateSession", async (req: CreateSessionRequest, signal: AbortSignal, call: ServerUnaryCall<CreateSessionRequest, CreateSessionResponse>) => {

@@ -196,21 +196,12 @@ export class SessionManager {
   }
 
   /**
-   * Creates a session. `tenant` (CreateSession's `x-freekv-tenant`) counts it against
-   * FREEKV_MAX_SESSIONS_PER_TENANT; a stateless Generate's own session passes none (the request
-   * queue bounds those). `reserveTokens`: context a model session gets memory for now (a stateless
-   * Generate: prompt + max_tokens; CreateSession: none, its turns reserve); an attention session
-   * always reserves its whole max context.
+   * What a new session of `req` would be (kind, geometry, context, retrieval), or the error its
+   * creation would answer for the request alone (INVALID_ARGUMENT, FAILED_PRECONDITION): a
+   * stateless Generate checks it before it queues, so bad input is refused at once rather than
+   * at its deadline behind a busy server.
    */
-  /** `ephemeral`: the session of one request (a stateless Generate), released rather than re-attached by a restarted compute (SessionMetadata.ephemeral). */
-  async create(req: CreateSessionRequest, signal?: AbortSignal, tenant?: string, reserveTokens = 0, ephemeral = false): Promise<ComputeSession> {
-    const id = req.sessionId || `s-${randomUUID()}`;
-    if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
-    if (this.sessions.has(id) || this.creating.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists`);
-    // A session this pod moved away lives on at its target: a create of its name here would make a
-    // second, empty session of that id (and take its owner record over), so it is redirected there.
-    const movedTo = this.moved.get(id);
-    if (movedTo) throw heldElsewhere(id, movedTo);
+  resolveNew(req: CreateSessionRequest): { kind: SessionKind; geometry: ModelGeometry; maxContextTokens: number; retrieval: RetrievalConfig } {
     const kind = req.kind === SessionKind.SESSION_KIND_UNSPECIFIED ? SessionKind.SESSION_KIND_MODEL : req.kind;
     if (kind !== SessionKind.SESSION_KIND_MODEL && kind !== SessionKind.SESSION_KIND_ATTENTION) throw invalidArgument("kind", `unknown session kind ${req.kind}`);
     let geometry: ModelGeometry;
@@ -228,6 +219,26 @@ export class SessionManager {
     }
     const retrieval = resolveRetrieval(req.retrieval, geometry.layers, "retrieval", maxContextTokens);
     this.checkEngineMemory(geometry, retrieval);
+    return { kind, geometry, maxContextTokens, retrieval };
+  }
+
+  /**
+   * Creates a session. `tenant` (CreateSession's `x-freekv-tenant`) counts it against
+   * FREEKV_MAX_SESSIONS_PER_TENANT; a stateless Generate's own session passes none (the request
+   * queue bounds those). `reserveTokens`: context a model session gets memory for now (a stateless
+   * Generate: prompt + max_tokens; CreateSession: none, its turns reserve); an attention session
+   * always reserves its whole max context.
+   */
+  /** `ephemeral`: the session of one request (a stateless Generate), released rather than re-attached by a restarted compute (SessionMetadata.ephemeral). */
+  async create(req: CreateSessionRequest, signal?: AbortSignal, tenant?: string, reserveTokens = 0, ephemeral = false): Promise<ComputeSession> {
+    const id = req.sessionId || `s-${randomUUID()}`;
+    if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+    if (this.sessions.has(id) || this.creating.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists`);
+    // A session this pod moved away lives on at its target: a create of its name here would make a
+    // second, empty session of that id (and take its owner record over), so it is redirected there.
+    const movedTo = this.moved.get(id);
+    if (movedTo) throw heldElsewhere(id, movedTo);
+    const { kind, geometry, maxContextTokens, retrieval } = this.resolveNew(req);
     if (tenant !== undefined) this.checkQuota(tenant);
     this.creating.add(id);
     if (tenant !== undefined) this.countCreating(tenant, 1);
@@ -831,7 +842,8 @@ export class SessionManager {
       const err = e as Error & { code?: number; details?: string };
       if (err.code === status.NOT_FOUND || err.code === status.DATA_LOSS) {
         this.markLost(s, `the kvstore answered a reservation with: ${err.details || err.message}`);
-        throw s.lost!;
+        // Closed meanwhile (markLost leaves a closed session as it is): gone, not lost.
+        throw s.lost ?? this.goneError(s.id);
       }
       throw e;
     }
