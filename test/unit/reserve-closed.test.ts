@@ -50,4 +50,32 @@ describe(`a reservation for a session closed meanwhile (seed ${seed})`, () => {
       expect(e.message).toContain(id);
     });
   }
+
+  it("moved to another pod while the reservation was answered: the redirect there, not NOT_FOUND", async () => {
+    const id = `s-${Math.floor(rand() * 1e9).toString(36)}`;
+    const reserved = 64 + Math.floor(rand() * 1000);
+    const kvstore = { reserve: async () => ({ reservedTokens: reserved }) } as unknown as KvStoreClient;
+    const mgr = new SessionManager({
+      log: createLogger("test", "silent"),
+      kvstore,
+      engine: {} as unknown as Engine,
+      defaultMaxContextTokens: 4096,
+      maxContextLimit: 4096,
+      commitChecksums: false,
+      backend: "cpu",
+      defaultKvDtype: 1 as never,
+    });
+    const retrieval = resolveRetrieval({ pageSize: 8, sinkTokens: 8, windowTokens: 8, selectTokens: 16 } as never, 2);
+    const s = new ComputeSession(id, 1 as never, { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 } as never, retrieval, 4096, { committedPages: [] } as unknown as AttachSessionResponse, undefined, 7, { kind: "model" });
+    // What a finished move leaves: the session closed here, its new owner remembered.
+    s.closed = true;
+    const owner = `10.0.0.${1 + Math.floor(rand() * 250)}:50051`;
+    (mgr as unknown as { moved: Map<string, string> }).moved.set(id, owner);
+    const err = (await mgr.reserve(s, reserved).then(
+      () => undefined,
+      (e: unknown) => e,
+    )) as (Error & { code?: number }) | undefined;
+    expect(err?.code).toBe(status.FAILED_PRECONDITION);
+    expect(err?.message).toContain(owner);
+  });
 });

@@ -847,7 +847,8 @@ export class SessionManager {
       }
       throw e;
     }
-    if (s.closed || s.detached) throw notFound(`session ${quoteId(s.id)} was closed`);
+    // Closed meanwhile: NOT_FOUND, or, where it was moved to another pod, the redirect there.
+    if (s.closed || s.detached) throw this.moved.has(s.id) ? this.goneError(s.id) : notFound(`session ${quoteId(s.id)} was closed`);
     // Concurrent reservations may answer out of order; the engine's bound only grows.
     if (reservedTokens > s.reservedTokens) {
       this.opts.engine.reserveStore(s.engineSession, reservedPagesOf(reservedTokens, s.retrieval.pageSize, s.attach.layout!.capacityPages));
