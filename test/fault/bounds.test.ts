@@ -47,17 +47,20 @@ describe("bounds", () => {
     client.close();
   });
 
-  it("an unknown session id of 128 KB gets a short NOT_FOUND from compute and the kvstore", async () => {
+  it("a session id of 128 KB gets a short INVALID_ARGUMENT from compute (as CreateSession) and a short NOT_FOUND from the kvstore", async () => {
     const rand = prng(0x1d);
     const id = randomId(128 << 10, rand);
     const client = computeClient(tiers.compute.address);
     const kv = kvstoreClient(tiers.kvstore.address);
-    for (const [c, method] of [[client, "getSession"], [client, "closeSession"], [kv, "commitPages"]] as const) {
+    for (const [c, method] of [[client, "createSession"], [client, "getSession"], [client, "closeSession"]] as const) {
       const e = await unaryError(c, method, { sessionId: id });
-      expect(e.code, method).toBe(status.NOT_FOUND);
-      expect(e.details.length).toBeLessThan(400);
-      expect(e.details).toContain(id.slice(0, 64));
+      expect(e.code, method).toBe(status.INVALID_ARGUMENT);
+      expect(e.details).toMatch(/^session_id: must match/);
     }
+    const e = await unaryError(kv, "commitPages", { sessionId: id });
+    expect(e.code).toBe(status.NOT_FOUND);
+    expect(e.details.length).toBeLessThan(400);
+    expect(e.details).toContain(id.slice(0, 64));
     client.close();
     kv.close();
   });
