@@ -17,28 +17,36 @@ import { prng } from "../helpers/prng.js";
 const seed = Number(process.env.FREEKV_TEST_SEED) || (Date.now() ^ (process.pid << 12)) >>> 0;
 const rand = prng(seed);
 
+/** A manager over `kvstore` (nothing else is reached by a reservation), and a model session `id` of pages of `P`. */
+function setup(kvstore: object, id: string, P: number) {
+  const mgr = new SessionManager({
+    log: createLogger("test", "silent"),
+    kvstore: kvstore as unknown as KvStoreClient,
+    engine: {} as unknown as Engine,
+    defaultMaxContextTokens: 4096,
+    maxContextLimit: 4096,
+    commitChecksums: false,
+    backend: "cpu",
+    defaultKvDtype: 1 as never,
+  });
+  const retrieval = resolveRetrieval({ pageSize: P, sinkTokens: P, windowTokens: P, selectTokens: 2 * P } as never, 2);
+  const s = new ComputeSession(id, 1 as never, { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 } as never, retrieval, 4096, { committedPages: [] } as unknown as AttachSessionResponse, undefined, 7, { kind: "model" });
+  return { mgr, s };
+}
+
 describe(`a reservation for a session closed meanwhile (seed ${seed})`, () => {
   for (const closed of [true, false]) {
     it(closed ? "closed: rejects with NOT_FOUND naming the session" : "not closed: the session is marked lost (DATA_LOSS)", async () => {
       const id = `s-${Math.floor(rand() * 1e9).toString(36)}`;
-      const kvstore = {
-        async reserve(): Promise<never> {
-          throw Object.assign(new Error(`5 NOT_FOUND: session "${id}" is not attached`), { code: status.NOT_FOUND, details: `session "${id}" is not attached` });
+      const { mgr, s } = setup(
+        {
+          async reserve(): Promise<never> {
+            throw Object.assign(new Error(`5 NOT_FOUND: session "${id}" is not attached`), { code: status.NOT_FOUND, details: `session "${id}" is not attached` });
+          },
         },
-      } as unknown as KvStoreClient;
-      const mgr = new SessionManager({
-        log: createLogger("test", "silent"),
-        kvstore,
-        engine: {} as unknown as Engine,
-        defaultMaxContextTokens: 4096,
-        maxContextLimit: 4096,
-        commitChecksums: false,
-        backend: "cpu",
-        defaultKvDtype: 1 as never,
-      });
-      const P = 8 << Math.floor(rand() * 3);
-      const retrieval = resolveRetrieval({ pageSize: P, sinkTokens: P, windowTokens: P, selectTokens: 2 * P } as never, 2);
-      const s = new ComputeSession(id, 1 as never, { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 } as never, retrieval, 4096, { committedPages: [] } as unknown as AttachSessionResponse, undefined, 7, { kind: "model" });
+        id,
+        8 << Math.floor(rand() * 3),
+      );
       s.closed = closed;
       const err = await mgr.reserve(s, 64 + Math.floor(rand() * 1000)).then(
         () => undefined,
@@ -54,19 +62,7 @@ describe(`a reservation for a session closed meanwhile (seed ${seed})`, () => {
   it("moved to another pod while the reservation was answered: the redirect there, not NOT_FOUND", async () => {
     const id = `s-${Math.floor(rand() * 1e9).toString(36)}`;
     const reserved = 64 + Math.floor(rand() * 1000);
-    const kvstore = { reserve: async () => ({ reservedTokens: reserved }) } as unknown as KvStoreClient;
-    const mgr = new SessionManager({
-      log: createLogger("test", "silent"),
-      kvstore,
-      engine: {} as unknown as Engine,
-      defaultMaxContextTokens: 4096,
-      maxContextLimit: 4096,
-      commitChecksums: false,
-      backend: "cpu",
-      defaultKvDtype: 1 as never,
-    });
-    const retrieval = resolveRetrieval({ pageSize: 8, sinkTokens: 8, windowTokens: 8, selectTokens: 16 } as never, 2);
-    const s = new ComputeSession(id, 1 as never, { layers: 2, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 } as never, retrieval, 4096, { committedPages: [] } as unknown as AttachSessionResponse, undefined, 7, { kind: "model" });
+    const { mgr, s } = setup({ reserve: async () => ({ reservedTokens: reserved }) }, id, 8);
     // What a finished move leaves: the session closed here, its new owner remembered.
     s.closed = true;
     const owner = `10.0.0.${1 + Math.floor(rand() * 250)}:50051`;
