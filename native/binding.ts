@@ -8,7 +8,7 @@
  * the CPU backend; when it was built with nvcc it also has the CUDA backend, which reports
  * "no CUDA device" cleanly on machines without one (`backendInfo().cuda.reason`).
  */
-import { loadNative, type Contract, type Geometry, type Retrieval, type ShmSegment, type ShmSegmentStatic } from "./shm.js";
+import { loadNative, type Contract, type Geometry, type Retrieval, type ShmSegment, type ShmSegmentStatic, type TeardownStats } from "./shm.js";
 
 // ---------------------------------------------------------------------------------------------
 // Device probe
@@ -376,7 +376,7 @@ export interface Addon extends Contract {
   profilerRange(on: boolean): boolean;
   ShmSegment: ShmSegmentStatic;
   /** As in native/shm.ts: what closed sessions' teardowns waited for this process's foreground work. */
-  teardownStats(): { waitedMs: number; piecesWaited: number; foreground: number };
+  teardownStats(): TeardownStats;
   Engine: EngineStatic;
   Model: ModelStatic;
   /** Index (relative to offset) of the first largest of values[offset .. offset + n). */

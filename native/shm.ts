@@ -183,7 +183,14 @@ export interface ShmAddon extends Contract {
    * for this process's session openings and store registrations (FREEKV_TEARDOWN_YIELD_MS), the
    * pieces that waited, and the foreground work in progress now.
    */
-  teardownStats(): { waitedMs: number; piecesWaited: number; foreground: number };
+  teardownStats(): TeardownStats;
+}
+
+/** What closed sessions' teardowns waited for this process's foreground work (native/src/shm/TeardownGate.h). */
+export interface TeardownStats {
+  waitedMs: number;
+  piecesWaited: number;
+  foreground: number;
 }
 
 let cached: ShmAddon | undefined;

@@ -25,8 +25,8 @@ import { computeLayout, requestLayout, extentTokens, offsetLengths, rangeBytes, 
 import type { KvStoreMetrics } from "./metrics.js";
 import { SEGMENT_KINDS, closeSegments, closeSegmentsAsync, createSegments, openSegments, refsOf, unlinkNames, type SessionSegments } from "./segments.js";
 import type { ShmSegment } from "../../native/shm.js";
+import { checkSessionId } from "../common/session-id.js";
 
-export const SESSION_ID_RE = /^[A-Za-z0-9._-]{1,128}$/;
 
 interface Live {
   record: SessionRecord;
@@ -279,7 +279,7 @@ export class KvStore implements ScrubHost {
     req: Omit<AttachSessionRequest, "callerCommits" | "creationToken" | "createOnly"> & { callerCommits?: boolean; creationToken?: string; createOnly?: boolean },
     signal?: AbortSignal,
   ): Promise<AttachSessionResponse> {
-    if (!SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+    checkSessionId(req.sessionId);
     // A session's metadata must fit an import too (a session that attaches but can never move).
     checkMetadata(req.metadata, "metadata");
     checkCreationToken(req.creationToken);
@@ -322,7 +322,7 @@ export class KvStore implements ScrubHost {
    */
   attachLocal(sessionId: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number): AttachSessionResponse {
     if (this.directory.kind !== "memory") throw new Error("attachLocal needs the in-memory directory");
-    if (!SESSION_ID_RE.test(sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+    checkSessionId(sessionId);
     if (this.live.has(sessionId) || this.locks.has(sessionId)) throw failedPrecondition(`session ${sessionId} is already attached`);
     const g = resolveGeometry(geometry);
     const e = validateRetrieval(toNativeRetrieval(retrieval), g.layers);
@@ -489,7 +489,7 @@ export class KvStore implements ScrubHost {
    * Returns the reservation and the bytes the session holds.
    */
   reserve(sessionId: string, tokens: number, callerCommits = false): Promise<{ reservedTokens: number; reservedBytes: number }> {
-    if (!SESSION_ID_RE.test(sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+    checkSessionId(sessionId);
     if (!Number.isInteger(tokens) || tokens < 0) throw invalidArgument("tokens", `must be an integer >= 0, got ${tokens}`);
     return this.withLock(sessionId, async () => {
       const l = this.live.get(sessionId);
@@ -867,7 +867,7 @@ export class KvStore implements ScrubHost {
    * directory. Not visible until publishImport; dropImport removes them.
    */
   reserveImport(id: string, geometry: ModelGeometry, retrieval: RetrievalConfig, maxContextTokens: number, metadata: Uint8Array, reserveTokens: number): Promise<ImportReservation> {
-    if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+    checkSessionId(id);
     return this.withLock(id, async () => {
       this.checkOpen(id);
       if (this.live.has(id) || this.importing.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists at this kvstore`);

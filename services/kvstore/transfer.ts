@@ -48,7 +48,8 @@ import { assertDecoded } from "../common/malformed.js";
 import { resolveRetrieval } from "../common/retrieval.js";
 import { computeLayout, requestLayout, toSegmentLayout } from "./layout.js";
 import type { SessionSegments } from "./segments.js";
-import { MAX_METADATA_BYTES, SESSION_ID_RE, type ImportReservation, type KvStore } from "./store.js";
+import { MAX_METADATA_BYTES, type ImportReservation, type KvStore } from "./store.js";
+import { checkSessionId } from "../common/session-id.js";
 
 /** Largest data chunk (bytes); receivers take messages up to 64 MiB, so a chunk and its framing always fit. */
 export const MAX_CHUNK_BYTES = 4 << 20;
@@ -190,7 +191,7 @@ export async function exportSession(
   req: ExportSessionRequest,
   emit: (m: ExportSessionResponse) => Promise<void>,
 ): Promise<{ dataBytes: number; chunks: number }> {
-  if (!SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+  checkSessionId(req.sessionId);
   const chunkBytes = req.chunkBytes || DEFAULT_CHUNK_BYTES;
   if (!Number.isInteger(chunkBytes) || chunkBytes < MIN_CHUNK_BYTES || chunkBytes > MAX_CHUNK_BYTES) {
     throw invalidArgument("chunk_bytes", `must be 0 (1 MiB) or in [${MIN_CHUNK_BYTES}, ${MAX_CHUNK_BYTES}], got ${req.chunkBytes}`);
@@ -302,7 +303,7 @@ export class SessionImport {
 
   private async begin(h: SessionTransferHeader): Promise<void> {
     if (this.header) throw invalidArgument("header", "a second header: a stream carries one session");
-    if (!SESSION_ID_RE.test(h.sessionId)) throw invalidArgument("header.session_id", "must match [A-Za-z0-9._-]{1,128}");
+    checkSessionId(h.sessionId, "header.session_id");
     const geometry = resolveGeometry(h.geometry, "header.geometry");
     if (!h.retrieval) throw invalidArgument("header.retrieval", "is required");
     if (!Number.isInteger(h.maxContextTokens) || h.maxContextTokens < 1) throw invalidArgument("header.max_context_tokens", `must be >= 1, got ${h.maxContextTokens}`);

@@ -38,7 +38,6 @@ import type { ComputeContext } from "../context.js";
 import type { LoadedModel } from "../model/loader.js";
 import { modelSessionBytes } from "../sessions/footprint.js";
 import type { ComputeSession } from "../sessions/session.js";
-import { SESSION_ID_RE } from "../sessions/manager.js";
 import { SHORT_OF_MEMORY, type Admitted } from "./admission.js";
 import { generateMetrics } from "./metrics.js";
 import { stopProblem } from "./stop.js";
@@ -47,6 +46,7 @@ import { ModelCallFailed } from "./scheduler.js";
 import { SAVE_WAIT_MS } from "../attention/batcher.js";
 import { divergedError, markDiverged } from "../sessions/diverged.js";
 import { checkPromptFits, generate, GenerateError, isProgress, validateParams, type FinishReason as Finish, type GenerateFinalOut, type GenerationSession } from "./generation.js";
+import { checkSessionId } from "../../common/session-id.js";
 
 const FINISH: Record<Exclude<Finish, "cancelled">, FinishReason> = {
   length: FinishReason.FINISH_REASON_LENGTH,
@@ -206,7 +206,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     if (stops) throw invalidArgument(stops.field, stops.why);
     const fresh = !req.sessionId;
     // Checked before any lookup (a directory's, with the id) or queueing, as CreateSession does.
-    if (!fresh && !SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+    if (!fresh) checkSessionId(req.sessionId);
     if (!fresh && req.retrieval) throw invalidArgument("retrieval", "is for a fresh session only (create the session with it instead)");
     // A fresh session is empty; a named one is tokenized again under its lock, where its context is known.
     let prompt = promptTokens(req, loaded, false);

@@ -11,7 +11,7 @@ import type { GenerateRequest, SamplingParams } from "../../../proto/gen/freekv/
 import { badRequest } from "./errors.js";
 import { stopProblem } from "../generate/stop.js";
 import { MAX_CHAT_MESSAGES } from "../model/tokenizer.js";
-import { SESSION_ID_RE } from "../sessions/manager.js";
+import { SESSION_ID_RE } from "../../common/session-id.js";
 
 /**
  * A client's value in an error message: JSON, cut to 120 characters; one that JSON cannot show (a

@@ -30,7 +30,7 @@ import { Metadata as GrpcMetadata } from "@grpc/grpc-js";
 import type { TenantAuth } from "../auth.js";
 import { SESSION_OWNER_KEY } from "../sessions/owners.js";
 import { readRequest, show, type Endpoint, type OpenAIRequest } from "./requests.js";
-import { SESSION_ID_RE } from "../sessions/manager.js";
+import { SESSION_ID_RE } from "../../common/session-id.js";
 
 export const SESSION_HEADER = "x-freekv-session-id";
 export const TIMEOUT_HEADER = "x-freekv-timeout-ms";

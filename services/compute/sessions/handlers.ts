@@ -14,8 +14,8 @@ import { unary } from "../../common/handlers.js";
 import type { Logger } from "../../common/log.js";
 import type { SessionManager } from "./manager.js";
 import { heldElsewhere, localSession, type SessionOwners } from "./owners.js";
-import { SESSION_ID_RE } from "./manager.js";
 import { tenantOf } from "./tenant.js";
+import { SESSION_ID_RE, checkSessionId } from "../../common/session-id.js";
 
 export interface SessionHandlers {
   createSession: handleUnaryCall<CreateSessionRequest, CreateSessionResponse>;
@@ -29,7 +29,7 @@ export function sessionHandlers(sessions: SessionManager, log: Logger, owners?: 
   const needId = (id: string) => {
     if (!id) throw invalidArgument("session_id", "is required");
     // Checked before any lookup (a directory's, with the id), as CreateSession does.
-    if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+    checkSessionId(id);
   };
   return {
     createSession: unary(log, "CreateSession", async (req: CreateSessionRequest, signal: AbortSignal, call: ServerUnaryCall<CreateSessionRequest, CreateSessionResponse>) => {

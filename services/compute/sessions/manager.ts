@@ -31,8 +31,8 @@ import { retrievalStats } from "./stats.js";
 import { heldElsewhere } from "./owners.js";
 import { checkTenant } from "../auth.js";
 import { status } from "@grpc/grpc-js";
+import { checkSessionId } from "../../common/session-id.js";
 
-export const SESSION_ID_RE = /^[A-Za-z0-9._-]{1,128}$/;
 
 export interface SessionManagerOptions {
   log: Logger;
@@ -232,7 +232,7 @@ export class SessionManager {
   /** `ephemeral`: the session of one request (a stateless Generate), released rather than re-attached by a restarted compute (SessionMetadata.ephemeral). */
   async create(req: CreateSessionRequest, signal?: AbortSignal, tenant?: string, reserveTokens = 0, ephemeral = false): Promise<ComputeSession> {
     const id = req.sessionId || `s-${randomUUID()}`;
-    if (!SESSION_ID_RE.test(id)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+    checkSessionId(id);
     if (this.sessions.has(id) || this.creating.has(id)) throw alreadyExists(`session ${quoteId(id)} already exists`);
     // A session this pod moved away lives on at its target: a create of its name here would make a
     // second, empty session of that id (and take its owner record over), so it is redirected there.

@@ -65,8 +65,8 @@ import { checkTenant } from "../auth.js";
 import type { ComputeContext } from "../context.js";
 import { MAX_CHUNK_BYTES, MAX_MOVE_ID_BYTES, MIN_CHUNK_BYTES } from "../../kvstore/transfer.js";
 import { localSession } from "./owners.js";
-import { SESSION_ID_RE } from "./manager.js";
 import type { ComputeSession, SessionMetadata } from "./session.js";
+import { checkSessionId } from "../../common/session-id.js";
 
 /**
  * A move's target: host:port, the host a DNS name or IPv4 address ([A-Za-z0-9._-]) or an IPv6
@@ -431,7 +431,7 @@ export class SessionMover {
    */
   private admit(h: SessionTransferHeader, tenant: string | undefined): SessionMetadata {
     const { ctx } = this;
-    if (!SESSION_ID_RE.test(h.sessionId)) throw invalidArgument("header.session_id", "must match [A-Za-z0-9._-]{1,128}");
+    checkSessionId(h.sessionId, "header.session_id");
     if (h.moveId !== undefined && Buffer.byteLength(h.moveId) > MAX_MOVE_ID_BYTES) throw invalidArgument("header.move_id", `must be at most ${MAX_MOVE_ID_BYTES} bytes, got ${Buffer.byteLength(h.moveId)}`);
     let meta: SessionMetadata = { kind: "attention" };
     if (h.metadata.length) {
@@ -475,7 +475,7 @@ export function sessionMoveService(ctx: ComputeContext, mover: SessionMover): Se
     moveSession: unary(log, "MoveSession", async (req: MoveSessionRequest, signal: AbortSignal, call: ServerUnaryCall<MoveSessionRequest, MoveSessionResponse>): Promise<MoveSessionResponse> => {
       const tenant = ctx.auth ? ctx.auth.authenticate(call.metadata) : undefined;
       if (!req.sessionId) throw invalidArgument("session_id", "is required");
-      if (!SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+      checkSessionId(req.sessionId);
       if (!req.target) throw invalidArgument("target", "is required (host:port of the receiving compute)");
       checkTarget(req.target);
       // Refused here, before the session's turn is waited for (the export would refuse it too).
@@ -494,7 +494,7 @@ export function sessionMoveService(ctx: ComputeContext, mover: SessionMover): Se
     }),
     getArrival: unary(log, "GetArrival", async (req: GetArrivalRequest, _signal: AbortSignal, call: ServerUnaryCall<GetArrivalRequest, GetArrivalResponse>): Promise<GetArrivalResponse> => {
       const tenant = ctx.auth ? ctx.auth.authenticate(call.metadata) : undefined;
-      if (!SESSION_ID_RE.test(req.sessionId)) throw invalidArgument("session_id", "must match [A-Za-z0-9._-]{1,128}");
+      checkSessionId(req.sessionId);
       // Without the move's id the answer could only be about the id, which another session may hold.
       if (!req.moveId) throw invalidArgument("move_id", "is required (the move_id of the move's header)");
       if (Buffer.byteLength(req.moveId) > MAX_MOVE_ID_BYTES) throw invalidArgument("move_id", `must be at most ${MAX_MOVE_ID_BYTES} bytes`);
