@@ -227,6 +227,7 @@ describe(`AdmissionQueue (seed ${seed})`, () => {
     const take = (size: number) => async () => (size <= free ? ((free -= size), size) : SHORT_OF_MEMORY);
     const fits = (size: number) => async () => {
       if (size > capacity) throw resourceExhausted(`needs ${size} > capacity ${capacity}: it can never fit`);
+      return true;
     };
     // A request short of memory now (it fits the capacity: it waits) ...
     let waiterIn = false;
@@ -258,6 +259,53 @@ describe(`AdmissionQueue (seed ${seed})`, () => {
     }
     expect((await waiter).value).toBe(capacity);
     expect(outcomes).toEqual(sizes.map((x) => (x > capacity ? "RESOURCE_EXHAUSTED" : "admitted")));
+  });
+
+  it("keeps a request waiting while its fits check cannot tell, checks it again, and refuses it once it can tell", async () => {
+    const timers = new FakeTimers();
+    const q = new AdmissionQueue({ maxWaiting: 100, maxRunning: 0, timers, retryMs: 100 });
+    const capacity = 10 + pick(20);
+    let free = 0;
+    const running = await q.enter({ tenant: "", needsMemory: true, attempt: async () => ((free = 0), 0) });
+    const take = (size: number) => async () => (size <= free ? ((free -= size), size) : SHORT_OF_MEMORY);
+    // The capacity cannot be read for the first `blind` checks (the kvstore does not answer).
+    const blind = 2 + pick(4);
+    let checks = 0;
+    const fits = (size: number) => async () => {
+      if (++checks <= blind) return false;
+      if (size > capacity) throw resourceExhausted(`needs ${size} > capacity ${capacity}: it can never fit`);
+      return true;
+    };
+    const waiter = q.enter({ tenant: "a", needsMemory: true, attempt: take(capacity), fits: async () => true });
+    let outcome = "waiting";
+    const never = q
+      .enter({ tenant: "b", needsMemory: true, attempt: take(capacity + 1 + pick(9)), fits: fits(capacity + 5) })
+      .then(
+        () => (outcome = "admitted"),
+        (e: ServiceError) => (outcome = status[e.code]),
+      );
+    await settle();
+    // Undecided: it waits (not refused with the error of a failed read) ...
+    expect(outcome).toBe("waiting");
+    expect(q.waiting).toBe(2);
+    // ... and is checked again each time memory comes back short, until the check can tell.
+    for (let k = 0; k < 50 && outcome === "waiting"; k++) {
+      timers.advance(100);
+      await settle();
+    }
+    expect(checks).toBe(blind + 1);
+    expect(outcome).toBe("RESOURCE_EXHAUSTED");
+    // Memory comes back: the waiter, which could fit all along, is admitted.
+    running.release();
+    let waiterIn = false;
+    void waiter.then(() => (waiterIn = true));
+    for (let k = 0; k < 50 && !waiterIn; k++) {
+      free = capacity;
+      timers.advance(100);
+      await settle();
+    }
+    expect((await waiter).value).toBe(capacity);
+    await never;
   });
 
   it("sets up to maxAttempts requests at once, never more than the free running slots, and never over-commits", async () => {

@@ -78,10 +78,12 @@ export interface AdmissionRequest<T> {
   /** Takes what the request needs; SHORT_OF_MEMORY to wait; a throw refuses the request. */
   attempt(): Promise<T | typeof SHORT_OF_MEMORY>;
   /**
-   * Takes nothing; throws when the request can never fit (it is refused with that error). Run
-   * once, when a request that needs memory has to wait behind one short of it.
+   * Takes nothing; throws when the request can never fit (it is refused with that error), resolves
+   * true when it could fit, false when it could not tell (the capacity could not be read: the
+   * request keeps waiting and is checked again the next time memory comes back short). Run when a
+   * request that needs memory has to wait behind one short of it.
    */
-  fits?(): Promise<void>;
+  fits?(): Promise<boolean>;
 }
 
 export interface Admitted<T> {
@@ -98,8 +100,8 @@ interface Entry {
   enteredAt: number;
   signal?: AbortSignal;
   attempt(): Promise<unknown>;
-  fits?(): Promise<void>;
-  /** Its `fits` check has been started. */
+  fits?(): Promise<boolean>;
+  /** Its `fits` check has been started (and did not come back undecided). */
   checked: boolean;
   /** When an attempt of it first came back short of memory. */
   shortAt?: number;
@@ -228,14 +230,17 @@ export class AdmissionQueue {
       for (const e of q) {
         if (this.attempting.has(e) || !e.needsMemory || !e.fits || e.checked) continue;
         e.checked = true;
-        let check: Promise<void>;
+        let check: Promise<boolean>;
         try {
           check = e.fits();
         } catch (err) {
           check = Promise.reject(err);
         }
         check.then(
-          () => undefined,
+          (decided) => {
+            // Undecided (the capacity could not be read): it keeps its place and is checked again.
+            if (!decided) e.checked = false;
+          },
           (err: unknown) => {
             // Being attempted: refused if that attempt comes back short. Gone (admitted or
             // aborted meanwhile): nothing to do. Still waiting: refused now.

@@ -261,7 +261,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
                 return await ctx.sessions.create(freshSession, signal, undefined, reach, true);
               } catch (e) {
                 if (!isResourceExhausted(e) || signal.aborted) throw e;
-                await refuseIfNeverFits(req, reach);
+                await refuseIfNeverFits(req, reach, signal);
                 return SHORT_OF_MEMORY;
               }
             }
@@ -273,14 +273,18 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
                 await ctx.sessions.reserve(named, need, signal);
               } catch (e) {
                 if (!isResourceExhausted(e) || signal.aborted) throw e;
-                await refuseNamedIfNeverFits(named, need);
+                await refuseNamedIfNeverFits(named, need, signal);
                 return SHORT_OF_MEMORY;
               }
               return named;
             },
         // Checked while it waits behind a request short of memory: one that can never fit is refused
         // then, not at its deadline.
-        fits: fresh ? () => refuseIfNeverFits(req, reach) : known ? () => refuseNamedIfNeverFits(known, turnReach(known, prompt.length, req.maxTokens)) : undefined,
+        fits: fresh
+          ? () => refuseIfNeverFits(req, reach, signal)
+          : known
+            ? () => refuseNamedIfNeverFits(known, turnReach(known, prompt.length, req.maxTokens), signal)
+            : undefined,
       });
       rec.queuedMs = admitted.queuedMs;
       metrics.queueSeconds.observe(admitted.queuedMs / 1000);
@@ -419,30 +423,51 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
   }
 
   /**
+   * The kvstore's whole capacity in bytes, or undefined when it could not be read (the kvstore did
+   * not answer): whether a request can ever fit is then unknown, and it keeps waiting (bounded by
+   * its deadline) instead of failing with the kvstore's error. A cancelled call still ends.
+   */
+  async function kvstoreCapacity(signal: AbortSignal, what: string): Promise<number | undefined> {
+    try {
+      return (await ctx.kvstore.stats(signal)).capacityBytes;
+    } catch (e) {
+      if (signal.aborted) throw signal.reason ?? e;
+      ctx.log.warn({ err: (e as Error).message }, `reading the kvstore's capacity failed: whether ${what} can ever fit is unknown, it waits for memory`);
+      return undefined;
+    }
+  }
+
+  /**
    * A named session whose turn the kvstore could not reserve: RESOURCE_EXHAUSTED now when the
    * session at that reservation is bigger than the kvstore's whole capacity, else the caller waits.
+   * Resolves false when the capacity could not be read (undecided).
    */
-  async function refuseNamedIfNeverFits(s: ComputeSession, need: number): Promise<void> {
+  async function refuseNamedIfNeverFits(s: ComputeSession, need: number, signal: AbortSignal): Promise<boolean> {
     const bytes = modelSessionBytes(s.geometry, s.geometry.kvDtype, s.retrieval, s.maxContextTokens, need);
-    const { capacityBytes } = await ctx.kvstore.stats();
+    const capacityBytes = await kvstoreCapacity(signal, `session ${JSON.stringify(s.id)}'s turn`);
+    if (capacityBytes === undefined) return false;
     if (bytes > capacityBytes)
       throw neverFits(
         `session ${JSON.stringify(s.id)} needs ${bytes} bytes of host KV memory for ${need} tokens (its context + prompt + max_tokens), more than the kvstore's whole capacity of ${capacityBytes} bytes: it can never fit`,
       );
+    return true;
   }
 
   /**
    * A fresh session the kvstore refused for capacity: RESOURCE_EXHAUSTED now when it is bigger
-   * than the kvstore's whole capacity (it would wait forever), else the caller waits.
+   * than the kvstore's whole capacity (it would wait forever), else the caller waits. Resolves
+   * false when the capacity could not be read (undecided).
    */
-  async function refuseIfNeverFits(req: GenerateRequest, reach: number): Promise<void> {
+  async function refuseIfNeverFits(req: GenerateRequest, reach: number, signal: AbortSignal): Promise<boolean> {
     const geometry = ctx.served.geometry();
     ctx.sessions.checkEngineMemory({ ...geometry, kvDtype: ctx.kvDtype }, resolveRetrieval(req.retrieval, geometry.layers, "retrieval", reach));
     const need = modelSessionBytes(geometry, ctx.kvDtype, req.retrieval, reach);
-    const { capacityBytes } = await ctx.kvstore.stats();
+    const capacityBytes = await kvstoreCapacity(signal, "the request's session");
+    if (capacityBytes === undefined) return false;
     if (need > capacityBytes)
       throw neverFits(
         `the request's session needs ${need} bytes of host KV memory for ${reach} tokens (prompt + max_tokens), more than the kvstore's whole capacity of ${capacityBytes} bytes: it can never fit`,
       );
+    return true;
   }
 }
