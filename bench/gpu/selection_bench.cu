@@ -12,7 +12,11 @@
 // Group bounds by LaunchGroupBounds, checked against a host fold. Before timing, every case's
 // hierarchical selection must equal the flat one exactly (same pages, same order), for the mean
 // and the max combine; the timed figure is the median of 30 single-layer selections (CUDA
-// events), with the pages the hierarchical selection scored.
+// events), with the pages the hierarchical selection scored. "mean-folded" is the mean combine with
+// SelectionParams::fold_mean (the group's 7 query heads folded into 2 score rows): checked like the
+// others against its own raw scores, hierarchical, one block and a warp per 4 pages, and reported
+// beside the per-head mean (pages of one selection missing from the other: rounding near the k-th
+// place only).
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -90,8 +94,9 @@ struct Dev {
 // The selection a host computes from the device's raw scores ([Hq][M] after a flat launch): the
 // group combine in double (the engine's order of operations), then the k best per KV head, ties to
 // the lower page. An independent check of the combine and the top-k (one block or chunked).
-std::vector<int> HostSelect(const std::vector<float>& raw, int M, int combine, int first_page) {
-  const int G = kHq / kHkv;
+// raw: [Hkv][rows][M] (rows: the query heads per KV head, or 2 folded).
+std::vector<int> HostSelect(const std::vector<float>& raw, int M, int combine, int first_page, int rows) {
+  const int G = rows;
   std::vector<int> out((size_t)kHkv * kK, -1);
   std::vector<double> v(M);
   std::vector<int> idx(M);
@@ -123,8 +128,8 @@ std::vector<int> HostSelect(const std::vector<float>& raw, int M, int combine, i
   return out;
 }
 
-const char* CombineName(int c) {
-  return c == fc::kCombineMean ? "mean" : c == fc::kCombineMax ? "max" : "softmax-mean";
+const char* CombineName(int c, int fold = 0) {
+  return c == fc::kCombineMean ? (fold ? "mean-folded" : "mean") : c == fc::kCombineMax ? "max" : "softmax-mean";
 }
 }  // namespace
 
@@ -199,8 +204,12 @@ void RunSelection(Bench& B) {
           sel_grid((size_t)kHkv * kK);
       p.scratch = scratch.p;
       p.workspace = ws.p;
-      for (int combine : {fc::kCombineSoftmaxMean, fc::kCombineMean, fc::kCombineMax}) {
+      std::vector<int> mean_pages;  // the per-head mean's flat selection (beside the folded one)
+      for (const auto [combine, fold] : {std::pair{fc::kCombineSoftmaxMean, 0}, std::pair{fc::kCombineMean, 0},
+                                         std::pair{fc::kCombineMean, 1}, std::pair{fc::kCombineMax, 0}}) {
         p.combine = combine;
+        p.fold_mean = fold;
+        const int rows = fc::SelectionRows(p);
         const bool hier = combine != fc::kCombineSoftmaxMean;  // softmax-mean over 7 heads: flat only
         fc::SelectionParams pf = p, ph = p, po = p, pg = p;
         pf.selected = sel_flat.p;
@@ -214,10 +223,23 @@ void RunSelection(Bench& B) {
         CK(cudaMemsetAsync(sel_hier.p, 0x7e, sizeof(int) * kHkv * kK, B.stream));
         CK(cudaMemsetAsync(sel_one.p, 0x7d, sizeof(int) * kHkv * kK, B.stream));
         fc::LaunchSelection(pf, B.stream);
-        std::vector<float> raw((size_t)kHq * M);
+        std::vector<float> raw((size_t)kHkv * rows * M);
         CK(cudaMemcpyAsync(raw.data(), scratch.p, raw.size() * 4, cudaMemcpyDeviceToHost, B.stream));
         CK(cudaStreamSynchronize(B.stream));
-        const std::vector<int> a = fetch(sel_flat.p), ref = HostSelect(raw, M, combine, kEdge);
+        const std::vector<int> a = fetch(sel_flat.p), ref = HostSelect(raw, M, combine, kEdge, rows);
+        // Folded against per-head: pages of one selection missing from the other, per KV head.
+        int fold_missing = -1;
+        if (combine == fc::kCombineMean && !fold) mean_pages = a;
+        if (fold && !mean_pages.empty()) {
+          fold_missing = 0;
+          for (int h = 0; h < kHkv; ++h)
+            for (int i = 0; i < kK; ++i) {
+              const int pg = a[(size_t)h * kK + i];
+              bool found = false;
+              for (int j = 0; j < kK; ++j) found = found || mean_pages[(size_t)h * kK + j] == pg;
+              fold_missing += !found;
+            }
+        }
         // The scoring launched a warp per 4 pages (score_grid 1): the same raw scores bit for bit.
         fc::LaunchSelection(pg, B.stream);
         std::vector<float> raw_grid(raw.size());
@@ -252,20 +274,22 @@ void RunSelection(Bench& B) {
           if (hier) hier_us = 1e3 * MedianMs(B.stream, 3, 30, [&] { fc::LaunchSelection(ph, B.stream); });
         }
         Json j = Json::Obj();
-        j.Set("context", ctx).Set("candidates", M).Set("summaries", kind).Set("combine", CombineName(combine))
+        j.Set("context", ctx).Set("candidates", M).Set("summaries", kind).Set("combine", CombineName(combine, fold))
             .Set("groups_match_host", Json::Bool(groups_ok)).Set("hier_differ", diff)
             .Set("single_block_differ", diff_one).Set("host_reference_differ", diff_ref)
             .Set("warp_per_4_pages_differ", diff_grid)
             .Set("flat_selection_sane", Json::Bool(sane));
         if (hier) j.Set("hier_pages_scored_per_head", (double)scored / kHkv);
+        if (fold_missing >= 0) j.Set("pages_not_in_per_head_mean", fold_missing);
         if (timed) {
           j.Set("flat_us", flat_us).Set("single_block_us", one_us).Set("warp_per_4_pages_us", grid_us);
           if (hier) j.Set("hier_us", hier_us);
         }
         sec.Push(j);
         std::printf("selection ctx %7d %-8s %-12s: groups %s, differ hier %d / one-block %d / host %d / grid %d%s",
-                    ctx, kind.c_str(), CombineName(combine), groups_ok ? "ok" : "BAD", diff, diff_one, diff_ref, diff_grid,
-                    sane ? "" : " (flat result not sane)");
+                    ctx, kind.c_str(), CombineName(combine, fold), groups_ok ? "ok" : "BAD", diff, diff_one, diff_ref,
+                    diff_grid, sane ? "" : " (flat result not sane)");
+        if (fold_missing >= 0) std::printf(", %d of %d pages not in the per-head mean's", fold_missing, kHkv * kK);
         if (hier) std::printf(", hier scored %.0f of %d pages/head", (double)scored / kHkv, M);
         if (timed)
           std::printf("; flat %.1f us, one block %.1f us, warp per 4 pages %.1f us, hier %.1f us", flat_us, one_us,
@@ -273,7 +297,7 @@ void RunSelection(Bench& B) {
         std::printf("\n");
         std::fflush(stdout);
         if (timed)
-          B.AddRow({"selection", "ctx " + std::to_string(ctx) + " " + kind + " " + CombineName(combine) + ": us", "us",
+          B.AddRow({"selection", "ctx " + std::to_string(ctx) + " " + kind + " " + CombineName(combine, fold) + ": us", "us",
                     flat_us, 0,
                     "one block " + std::to_string(one_us) + " us, warp per 4 pages " + std::to_string(grid_us) + " us" +
                         (hier ? ", hier " + std::to_string(hier_us) + " us" : std::string())});
@@ -292,6 +316,7 @@ void RunSelection(Bench& B) {
           it.num_candidates = lens[i];
           it.first_page = kEdge + (M - lens[i]) / 3;
           it.combine = combs[i];
+          it.fold_mean = i == 2;  // folded rows beside per-head ones in one launch
           it.groups = i == 3 ? dg.p : nullptr;
           scr.emplace_back(new Dev<float>(fc::SelectionScratchBytes(it) / 4));
           wss.emplace_back(new Dev<unsigned long long>(fc::SelectionWorkspaceBytes(it) / 8 + 1));

@@ -214,9 +214,14 @@ describe(`engine mode invariants (seed ${seed})`, () => {
         // Any other value is refused when the engine is made, not read as off.
         process.env.FREEKV_SPEC_REUSE = "yes";
         expect(() => new (loadAddon().Engine)({ backend: "cpu", threads: 1 })).toThrow(/FREEKV_SPEC_REUSE must be 0 or 1, got 'yes'/);
+        // So is FREEKV_MEAN_FOLD's (read by the CUDA engine; checked for every backend).
+        delete process.env.FREEKV_SPEC_REUSE;
+        process.env.FREEKV_MEAN_FOLD = "on";
+        expect(() => new (loadAddon().Engine)({ backend: "cpu", threads: 1 })).toThrow(/FREEKV_MEAN_FOLD must be 0 or 1, got 'on'/);
       } finally {
         if (saved === undefined) delete process.env.FREEKV_SPEC_REUSE;
         else process.env.FREEKV_SPEC_REUSE = saved;
+        delete process.env.FREEKV_MEAN_FOLD;
       }
     });
 

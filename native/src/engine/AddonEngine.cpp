@@ -223,6 +223,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     // Settings both engines read from the environment at every decode: checked once here.
     try {
       CheckReuseCorrectedSelections();
+      CheckFoldMeanSelection();
     } catch (const std::exception& e) {
       throw Napi::RangeError::New(env, e.what());
     }

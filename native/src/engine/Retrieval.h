@@ -91,6 +91,21 @@ inline void CheckReuseCorrectedSelections() {
     throw std::invalid_argument("FREEKV_SPEC_REUSE must be 0 or 1, got '" + std::string(e) + "'");
 }
 
+// FREEKV_MEAN_FOLD, read by the CUDA engine at every decode: "1" folds, for the Mean combine, a
+// KV group's query heads into two score rows before its pages are scored (cuda/selection.cuh,
+// SelectionParams::fold_mean: the same ranking up to rounding, from 2 rows instead of G); "0" or
+// unset (the default) scores every query head. The CPU engine scores per head either way. Checked
+// like FREEKV_SPEC_REUSE (the services at start, the addon and the CUDA engine when made).
+inline bool FoldMeanSelection() {
+  const char* e = std::getenv("FREEKV_MEAN_FOLD");
+  return e && e[0] == '1' && e[1] == 0;
+}
+inline void CheckFoldMeanSelection() {
+  const char* e = std::getenv("FREEKV_MEAN_FOLD");
+  if (e && *e && std::string(e) != "0" && std::string(e) != "1")
+    throw std::invalid_argument("FREEKV_MEAN_FOLD must be 0 or 1, got '" + std::string(e) + "'");
+}
+
 // Largest sink, window or selection (tokens): services/common/retrieval.ts MAX_RETRIEVAL_TOKENS.
 constexpr int kMaxRetrievalTokens = 1 << 20;
 

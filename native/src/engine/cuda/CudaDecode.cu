@@ -35,7 +35,7 @@ namespace {
 // The selection of a layer's candidates [c0, c0 + n) with query q (all heads, or `head_mask`'s);
 // through the layer's group bounds when `hier`.
 SelectionParams SelectionFor(const Session& s, const LayerTier& L, const float* q, int c0, int n, const int* head_mask,
-                             bool hier) {
+                             bool hier, bool fold_mean) {
   SelectionParams sp;
   sp.q = q;
   sp.summaries = L.summaries.get();
@@ -51,6 +51,7 @@ SelectionParams SelectionFor(const Session& s, const LayerTier& L, const float* 
   sp.selected = L.selected.get();
   sp.groups = hier ? L.groups.get() : nullptr;
   sp.workspace = L.sel_ws.get();
+  sp.fold_mean = fold_mean ? 1 : 0;
   return sp;
 }
 
@@ -126,14 +127,14 @@ void CudaEngine::QueueSelectAndRecall(Session& s, int layer, const float* q, int
   if (L.keeps_all) {
     // Every page is in its slot: the selection is all (the attention table reads it in place).
     (speculative ? t.spec_select : t.select)
-        .Add(SelectionFor(s, L, q, c0, num_candidates, head_mask, Hierarchical(s, num_candidates)));
+        .Add(SelectionFor(s, L, q, c0, num_candidates, head_mask, Hierarchical(s, num_candidates), fold_mean_));
     return;
   }
   if (s.cfg.recall != RecallMode::Gather) {
     per_item.push_back(PerItemSelect{&s, q, c0, c1, head_mask});
     return;
   }
-  SelectionParams sp = SelectionFor(s, L, q, c0, num_candidates, head_mask, Hierarchical(s, num_candidates));
+  SelectionParams sp = SelectionFor(s, L, q, c0, num_candidates, head_mask, Hierarchical(s, num_candidates), fold_mean_);
   if (reuse_heads) {
     if (head_mask) throw std::logic_error("decode: a selection cannot both mask and reuse heads");
     sp.head_mask = reuse_heads;
@@ -167,7 +168,7 @@ void CudaEngine::SelectAndRecall(Session& s, int layer, const float* q, int c0, 
                                  cudaStream_t stream) {
   LayerTier& L = *s.layers[layer];
   const int n = std::max(0, c1 - c0);
-  const SelectionParams sp = SelectionFor(s, L, q, c0, n, head_mask, Hierarchical(s, n));
+  const SelectionParams sp = SelectionFor(s, L, q, c0, n, head_mask, Hierarchical(s, n), fold_mean_);
   LaunchSelection(sp, stream);
   L.last_candidates = sp.num_candidates;
   ResidencyParams rp;
@@ -337,6 +338,7 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
   // candidate range, else {-1, -1}.
   std::vector<std::pair<int, int>> corrected_range(B, {-1, -1});
   const bool reuse_corrected = ReuseCorrectedSelections();
+  fold_mean_ = FoldMeanSelection();
 
   int* tb_slot = batch_table_.get();
   int* tb_tokens = tb_slot + (size_t)B * Hkv * rows;

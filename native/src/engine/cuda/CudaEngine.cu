@@ -65,6 +65,8 @@ CudaEngine::CudaEngine(const CudaEngineOptions& options)
     offload_by_copy_ = v == "copy";
   }
   CheckReuseCorrectedSelections();
+  CheckFoldMeanSelection();
+  fold_mean_ = FoldMeanSelection();
   teardown::YieldBudgetMs();  // a malformed FREEKV_TEARDOWN_YIELD_MS is an error here, not a silent 0
   pctx_limit_ = options.prefill_context_bytes;
   if (pctx_limit_ == 0) {

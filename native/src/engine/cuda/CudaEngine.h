@@ -369,6 +369,8 @@ class CudaEngine final : public Engine, public DeviceEngine {
   // copy stream moves the slot with one DMA copy, so no SM waits on PCIe writes; kernel: the
   // offload kernel writes the mapped host store from the SMs on the copy stream.
   bool offload_by_copy_ = true;
+  // FREEKV_MEAN_FOLD as the current decode read it (SelectionParams::fold_mean).
+  bool fold_mean_ = false;
   static constexpr int kStageSlots = 4;
   static constexpr size_t kMaxStageBytes = size_t(64) << 20;
   DeviceArray<uint8_t> stage_[kStageSlots];

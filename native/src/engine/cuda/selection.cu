@@ -134,7 +134,7 @@ struct ScoreView {
 
 template <int PASS>
 __device__ __forceinline__ ScoreView ViewOf(const SelectionParams& p, int h) {
-  const int G = p.q_heads / p.kv_heads;
+  const int G = SelectionRows(p);
   ScoreView v{p.summaries, p.first_page, nullptr, p.num_candidates, p.num_candidates, nullptr};
   if (PASS == kPassPages) {
     v.raw = p.scratch + (size_t)h * G * v.stride;
@@ -208,6 +208,23 @@ __device__ __forceinline__ void LoadGroup(const ScoreView& view, int kv_heads, i
   }
 }
 
+// fold_mean's rows for 4 channels: the sum over the group's Gq query heads (in head order) of
+// max(q, 0) (`positive`) or min(q, 0). A NaN query channel stays NaN, as the unfolded score's would.
+__device__ __forceinline__ float FoldPart(float x, bool positive) {
+  return (positive ? x >= 0.f : x <= 0.f) || x != x ? x : 0.f;
+}
+__device__ __forceinline__ float4 FoldedQuery(const float* q, int Gq, int D, int d4, bool positive) {
+  float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int g = 0; g < Gq; ++g) {
+    const float4 x = reinterpret_cast<const float4*>(q + (size_t)g * D)[d4];
+    a.x += FoldPart(x.x, positive);
+    a.y += FoldPart(x.y, positive);
+    a.z += FoldPart(x.z, positive);
+    a.w += FoldPart(x.w, positive);
+  }
+  return a;
+}
+
 template <int NCH, int MAXG, bool kBatch, int PASS>
 __global__ void __launch_bounds__(kScoreThreads)
     SelectionScoreKernel(const SelectionParams p0, const SelectionParams* items) {
@@ -216,7 +233,9 @@ __global__ void __launch_bounds__(kScoreThreads)
   if (SkipsHead(p, h)) return;
   if (PASS != kPassPages && !p.groups) return;
   const ScoreView view = ViewOf<PASS>(p, h);
-  const int G = p.q_heads / p.kv_heads, D = p.head_dim, M = view.M, D4 = D / 4;
+  // G score rows: the query heads, or the two folded rows (fold_mean).
+  const int Gq = p.q_heads / p.kv_heads, G = SelectionRows(p), D = p.head_dim, M = view.M, D4 = D / 4;
+  const bool fold = G != Gq;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int groups = (M + kPagesPerWarp - 1) / kPagesPerWarp;
   const int first = blockIdx.x * kScoreWarps + warp, step = gridDim.x * kScoreWarps;
@@ -229,9 +248,9 @@ __global__ void __launch_bounds__(kScoreThreads)
 #pragma unroll
       for (int c = 0; c < NCH; ++c) {
         const int d4 = lane + 32 * c;
-        q[g][c] = g0 + g < G && d4 < D4
-                      ? reinterpret_cast<const float4*>(p.q + ((size_t)h * G + g0 + g) * D)[d4]
-                      : make_float4(0.f, 0.f, 0.f, 0.f);
+        q[g][c] = !(g0 + g < G && d4 < D4) ? make_float4(0.f, 0.f, 0.f, 0.f)
+                  : fold ? FoldedQuery(p.q + (size_t)h * Gq * D, Gq, D, d4, g0 + g == 0)
+                         : reinterpret_cast<const float4*>(p.q + ((size_t)h * G + g0 + g) * D)[d4];
       }
     PageRows<NCH> cur;
     LoadGroup<NCH>(view, p.kv_heads, h, D4, lane, first, groups, cur);
@@ -336,7 +355,7 @@ __host__ __device__ inline int CombineOf(const SelectionParams& p) {
 // raw: [G][stride] of the M candidates. `combine`: CombineOf(p).
 __device__ void CombineToKeys(const SelectionParams& p, int combine, const float* raw, int M, int stride,
                               unsigned long long* keys, double* red_d, float* red_f) {
-  const int G = p.q_heads / p.kv_heads;
+  const int G = SelectionRows(p);
   double* acc = reinterpret_cast<double*>(keys);
   for (int m = threadIdx.x; m < M; m += kTopThreads) acc[m] = 0.0;
   if (combine == kCombineMax || combine == kCombineMean) {
@@ -547,7 +566,7 @@ __device__ __forceinline__ bool ChunkJob(const SelectionParams& p0, const Select
   if (!Chunked(p) || SkipsHead(p, j.h)) return false;
   if (stats && CombineOf(p) != kCombineSoftmaxMean) return false;
   j.w = CarveWorkspace(p);
-  j.G = p.q_heads / p.kv_heads;
+  j.G = SelectionRows(p);
   j.M = ListedCount(p, j.w, j.h);
   j.c = blockIdx.x;
   j.m0 = j.c * TopChunk(p.k);
@@ -657,7 +676,7 @@ __global__ void __launch_bounds__(kTopThreads)
   if (kBatch && min(p.k, p.num_candidates) > kRankSortMax) return;
   const Workspace w = CarveWorkspace(p);
   const bool listed = p.groups != nullptr, chunked = Chunked(p);
-  const int G = p.q_heads / p.kv_heads;
+  const int G = SelectionRows(p);
   const int Mh = ListedCount(p, w, h);
   const int M = chunked ? NumChunks(Mh, p.k) * p.k : Mh;  // the keys ranked
   const int kk = min(p.k, Mh);
@@ -735,7 +754,7 @@ __global__ void __launch_bounds__(kTopThreads) HierSeedKernel(const SelectionPar
   const int h = blockIdx.x;
   if (!p.groups || SkipsHead(p, h)) return;
   const Workspace w = CarveWorkspace(p);
-  const int M = p.num_candidates, G = p.q_heads / p.kv_heads;
+  const int M = p.num_candidates, G = SelectionRows(p);
   if (M == 0) {
     if (threadIdx.x == 0) w.seed_count[h] = 0;
     return;
@@ -784,7 +803,7 @@ __global__ void __launch_bounds__(kTopThreads) HierPruneKernel(const SelectionPa
   const int h = blockIdx.x;
   if (!p.groups || SkipsHead(p, h)) return;
   const Workspace w = CarveWorkspace(p);
-  const int M = p.num_candidates, G = p.q_heads / p.kv_heads;
+  const int M = p.num_candidates, G = SelectionRows(p);
   if (M == 0) {
     if (threadIdx.x == 0) w.list_count[h] = 0;
     return;
@@ -858,7 +877,7 @@ __global__ void __launch_bounds__(kTopThreads)
   __shared__ double red_d[32 * kCombineChunk];
   __shared__ float red_f[32 * kCombineChunk];
   if (M > 0)
-    CombineToKeys(p, p.combine, p.scratch + (size_t)h * (p.q_heads / p.kv_heads) * M, M, M, keys, red_d, red_f);
+    CombineToKeys(p, p.combine, p.scratch + (size_t)h * SelectionRows(p) * M, M, M, keys, red_d, red_f);
   for (int m = threadIdx.x; m < np; m += blockDim.x) {
     if (m >= M) keys[m] = 0;  // below every real key (OrderedKey(x) > 0 for non-NaN x)
     idx[m] = m;
@@ -894,6 +913,7 @@ struct ScoreLaunch {
   int count = 1;
   int m = 0;
   int pass = kPassPages;
+  int rows = 0;  // score rows per pass (SelectionBatchShape::score_rows)
   template <int NCH, int MAXG, int PASS>
   void Launch() const {
     const int needed = (m + kPagesPerBlock - 1) / kPagesPerBlock;
@@ -945,7 +965,7 @@ struct ScoreLaunch {
   }
   void Run() const {
     if (m <= 0) return;
-    const int G = p.q_heads / p.kv_heads;
+    const int G = rows;
     if (p.head_dim <= 128) ByG<1>(G);
     else if (p.head_dim <= 256) ByG<2>(G);
     else ByG<4>(G);
@@ -1020,7 +1040,7 @@ void LaunchAll(const SelectionParams* items, const SelectionParams* host, int co
   const bool batch = items != nullptr;
   const int B = batch ? count : 1;
   if (sh.group_m > 0) {
-    ScoreLaunch{p0, stream, items, B, sh.group_m, kPassGroups}.Run();
+    ScoreLaunch{p0, stream, items, B, sh.group_m, kPassGroups, sh.score_rows}.Run();
     const size_t seed_smem = (size_t)sh.group_m * 8;
     if (batch) {
       EnsureDynamicSmem(reinterpret_cast<const void*>(HierSeedKernel<true>), 4, seed_smem);
@@ -1030,7 +1050,7 @@ void LaunchAll(const SelectionParams* items, const SelectionParams* host, int co
       HierSeedKernel<false><<<p0.kv_heads, kTopThreads, seed_smem, stream>>>(p0, nullptr);
     }
     FKV_CUDA_CHECK_LAUNCH("HierSeedKernel");
-    ScoreLaunch{p0, stream, items, B, sh.seed_m, kPassSeeds}.Run();
+    ScoreLaunch{p0, stream, items, B, sh.seed_m, kPassSeeds, sh.score_rows}.Run();
     const size_t prune_smem = (size_t)sh.seed_m * 8;
     if (batch) {
       EnsureDynamicSmem(reinterpret_cast<const void*>(HierPruneKernel<true>), 6, prune_smem);
@@ -1041,7 +1061,7 @@ void LaunchAll(const SelectionParams* items, const SelectionParams* host, int co
     }
     FKV_CUDA_CHECK_LAUNCH("HierPruneKernel");
   }
-  ScoreLaunch{p0, stream, items, B, sh.score_m, kPassPages}.Run();
+  ScoreLaunch{p0, stream, items, B, sh.score_m, kPassPages, sh.score_rows}.Run();
   if (sh.chunk_n > 0) {
     const dim3 grid(sh.chunk_n, p0.kv_heads, B);
     if (sh.chunk_stats) {
@@ -1090,13 +1110,14 @@ void LaunchAll(const SelectionParams* items, const SelectionParams* host, int co
 // Exact (unrounded) shape of one selection.
 SelectionBatchShape ShapeOf(const SelectionParams* host_items, int count, bool round) {
   SelectionBatchShape sh;
-  int max_m = 0, max_topk_m = -1, max_sort_np = 0, max_g = 0, max_s = 0, max_chunks = 0, stats = 0;
+  int max_m = 0, max_topk_m = -1, max_sort_np = 0, max_g = 0, max_s = 0, max_chunks = 0, stats = 0, rows = 0;
   auto up = [&](int m) {
     return round ? std::min((m + kShapeQuantum - 1) / kShapeQuantum * kShapeQuantum, kMaxSelectionCandidates) : m;
   };
   for (int i = 0; i < count; ++i) {
     const SelectionParams& p = host_items[i];
     max_m = std::max(max_m, p.num_candidates);
+    rows = std::max(rows, SelectionRows(p));
     if (Chunked(p)) {
       // Rounded like the scoring (an item keeps its chunk count's bound for 256 pages of growth).
       max_chunks = std::max(max_chunks, NumChunks(up(p.num_candidates), p.k));
@@ -1114,6 +1135,7 @@ SelectionBatchShape ShapeOf(const SelectionParams* host_items, int count, bool r
   // so that a graphed step keeps its shape for 256 pages of context growth.
   sh.chunk_n = max_chunks;
   sh.chunk_stats = stats;
+  sh.score_rows = rows;
   sh.score_m = max_m > 0 ? up(max_m) : 0;
   sh.topk_m = max_topk_m > 0 ? up(max_topk_m) : max_topk_m;
   sh.sort_np = max_sort_np;

@@ -66,7 +66,21 @@ struct SelectionParams {
   // 1: the scoring launches a warp per 4 pages instead of one wave of the device whose warps loop
   // over the pages (benchmarks compare the two; the scores are the same bit for bit).
   int score_grid = 0;
+  // 1 (the Mean combine with more than 2 query heads per KV head): the group's query heads are
+  // folded into two rows before scoring, A = sum_g max(q_g, 0) and B = sum_g min(q_g, 0) per
+  // channel. Since hi >= lo, max(q hi, q lo) = max(q, 0) hi + min(q, 0) lo, so the mean of the G
+  // heads' scores is (score(A) + score(B)) / G: the same ranking from 2 rows instead of G
+  // (SelectionRows). Rounding differs from the per-head sum in the last bits, so pages within an
+  // ulp of the k-th place may differ from the unfolded selection; the hierarchical selection
+  // scores its group bounds with the same rows, so it still equals the flat scan exactly.
+  int fold_mean = 0;
 };
+
+// Raw score rows per KV head: 2 where fold_mean applies (above), else the query heads per KV head.
+__host__ __device__ inline int SelectionRows(const SelectionParams& p) {
+  const int G = p.kv_heads > 0 ? p.q_heads / p.kv_heads : 0;
+  return p.fold_mean && p.combine == kCombineMean && G > 2 ? 2 : G;
+}
 
 size_t SelectionScratchBytes(const SelectionParams& p);
 // For num_candidates and k of p (a layer sizes it once for its capacity and budget).
@@ -107,6 +121,7 @@ struct SelectionBatchShape {
   int seed_m = 0;    // hierarchical items: seed pages the seed scoring covers
   int chunk_n = 0;   // items ranked in chunks: the most chunks of one item (0: none)
   int chunk_stats = 0;  // 1: such an item combines by softmax-mean (its maxima and sums first)
+  int score_rows = 0;   // the most raw score rows per KV head of an item (SelectionRows): the scoring's heads per pass
 };
 SelectionBatchShape SelectionBatchShapeOf(const SelectionParams* host_items, int count);
 
