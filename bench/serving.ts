@@ -31,6 +31,7 @@
  * JSON (machine, commit, date, environment, results) to --out, or
  * bench/results/serving-<date>.json.
  */
+import { setMaxListeners } from "node:events";
 import { mkdirSync, readFileSync, statfsSync, writeFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -259,6 +260,9 @@ try {
     const sampler = setInterval(() => (peak = Math.max(peak, memNow())), 100);
     const start = performance.now();
     const drain = new AbortController();
+    // Every request in flight listens to it (and removes its listener when it ends): many at once
+    // is the point, not a leak.
+    setMaxListeners(Infinity, drain.signal);
     const drainTimer = Number.isFinite(drainS) ? setTimeout(() => drain.abort(), (durationS + drainS) * 1000) : undefined;
     const outcomes = await Promise.all(
       reqs.map(

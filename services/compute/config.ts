@@ -30,7 +30,7 @@ export const computeConfigSchema = z.object({
   /** The speculative selection takes the selection of the groups the step's correction just selected with the same query (engine/Retrieval.h; both backends). */
   FREEKV_SPEC_REUSE: nativeFlag(true),
   /** FREEKV_BACKEND=cuda: the mean combine scores a KV group's query heads folded into two rows (engine/Retrieval.h, cuda/selection.cuh). */
-  FREEKV_MEAN_FOLD: nativeFlag(false),
+  FREEKV_MEAN_FOLD: nativeFlag(true),
   /**
    * FREEKV_BACKEND=cuda: threads that commit and pin a session's host store as it grows. Decimal
    * digits 1..64, the addon's own reading (CudaSession.cu), which otherwise throws at the first

@@ -27,9 +27,8 @@ describe("config", () => {
     // On unless "0" (the addon reads it so too).
     expect(c.FREEKV_SPEC_REUSE).toBe(true);
     expect(parseConfig(computeConfigSchema, { FREEKV_SPEC_REUSE: "0" }).FREEKV_SPEC_REUSE).toBe(false);
-    // Off unless "1".
-    expect(c.FREEKV_MEAN_FOLD).toBe(false);
-    expect(parseConfig(computeConfigSchema, { FREEKV_MEAN_FOLD: "1" }).FREEKV_MEAN_FOLD).toBe(true);
+    expect(c.FREEKV_MEAN_FOLD).toBe(true);
+    expect(parseConfig(computeConfigSchema, { FREEKV_MEAN_FOLD: "0" }).FREEKV_MEAN_FOLD).toBe(false);
     expect(() => parseConfig(computeConfigSchema, { FREEKV_MEAN_FOLD: "yes" })).toThrow(/FREEKV_MEAN_FOLD="yes"/);
     expect(c.FREEKV_REGISTER_THREADS).toBe(8);
     expect(c.FREEKV_PREFILL_OFFLOAD).toBe("copy");
