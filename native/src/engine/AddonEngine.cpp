@@ -222,8 +222,7 @@ class AddonEngine : public Napi::ObjectWrap<AddonEngine> {
     cuda.hierarchical = hier;
     // Settings both engines read from the environment at every decode: checked once here.
     try {
-      CheckReuseCorrectedSelections();
-      CheckFoldMeanSelection();
+      CheckEngineSwitches();
     } catch (const std::exception& e) {
       throw Napi::RangeError::New(env, e.what());
     }

@@ -73,39 +73,42 @@ inline bool SelectsCurrent(Mode m) { return m == Mode::Oracle || m == Mode::Resi
 // Every layer keeps all its pages in the device tier (a dense layer of another mode does too).
 inline bool KeepsAllPages(Mode m) { return m == Mode::Dense || m == Mode::ResidentSparse; }
 
-// FREEKV_SPEC_REUSE, read by both backends at every decode: "1" or unset (the default) lets a
-// FreeKV step's speculative selection (with q_t, for step t+1) take, for a group the step's
-// correction has just selected with the same q_t over the same candidates, that selection instead
-// of scoring the group again (same pages, counters and outputs); "0": every group is scored again.
-// Measured on an H100 (cuda/PERF.md, "The speculative selection of a corrected group"): the 1M
-// step 1.0-1.1 ms faster at batch 1 and 4, 32K unchanged. The services validate the variable at
-// start (services/compute/config.ts), the addon when it makes an engine and the CUDA engine
-// itself (CheckReuseCorrectedSelections: any other value throws, naming it).
-inline bool ReuseCorrectedSelections() {
-  const char* e = std::getenv("FREEKV_SPEC_REUSE");
+// A 0/1 switch the engines read from the environment (at every decode, so that a benchmark can
+// time both settings in one process), on unless "0". The services validate it at start
+// (services/compute/config.ts), the addon when it makes an engine and the CUDA engine itself
+// (CheckEnvSwitch: any value but "", "0" and "1" throws, naming the variable).
+inline bool EnvSwitchOn(const char* name) {
+  const char* e = std::getenv(name);
   return !(e && e[0] == '0' && e[1] == 0);
 }
-inline void CheckReuseCorrectedSelections() {
-  const char* e = std::getenv("FREEKV_SPEC_REUSE");
+inline void CheckEnvSwitch(const char* name) {
+  const char* e = std::getenv(name);
   if (e && *e && std::string(e) != "0" && std::string(e) != "1")
-    throw std::invalid_argument("FREEKV_SPEC_REUSE must be 0 or 1, got '" + std::string(e) + "'");
+    throw std::invalid_argument(std::string(name) + " must be 0 or 1, got '" + std::string(e) + "'");
 }
 
-// FREEKV_MEAN_FOLD, read by the CUDA engine at every decode: "1" or unset (the default) folds, for
-// the Mean combine, a KV group's query heads into two score rows before its pages are scored
+// FREEKV_SPEC_REUSE, read by both backends: "1" or unset (the default) lets a FreeKV step's
+// speculative selection (with q_t, for step t+1) take, for a group the step's correction has just
+// selected with the same q_t over the same candidates, that selection instead of scoring the group
+// again (same pages, counters and outputs); "0": every group is scored again. Measured on an H100
+// (cuda/PERF.md, "The speculative selection of a corrected group"): the 1M step 1.0-1.1 ms faster
+// at batch 1 and 4, 32K unchanged.
+constexpr const char* kSpecReuseVariable = "FREEKV_SPEC_REUSE";
+inline bool ReuseCorrectedSelections() { return EnvSwitchOn(kSpecReuseVariable); }
+
+// FREEKV_MEAN_FOLD, read by the CUDA engine: "1" or unset (the default) folds, for the Mean
+// combine, a KV group's query heads into two score rows before its pages are scored
 // (cuda/selection.cuh, SelectionParams::fold_mean: the same ranking up to rounding, from 2 rows
 // instead of G); "0" scores every query head. Measured on an H100 (cuda/PERF.md, "Folding the mean
 // combine"): the 1M selection 17-21% shorter, the batch-4 1M step 0.75 ms shorter (8 layers), 32K
 // unchanged, the same pages in every benchmark case. The CPU engine scores per head either way.
-// Checked like FREEKV_SPEC_REUSE (the services at start, the addon and the CUDA engine when made).
-inline bool FoldMeanSelection() {
-  const char* e = std::getenv("FREEKV_MEAN_FOLD");
-  return !(e && e[0] == '0' && e[1] == 0);
-}
-inline void CheckFoldMeanSelection() {
-  const char* e = std::getenv("FREEKV_MEAN_FOLD");
-  if (e && *e && std::string(e) != "0" && std::string(e) != "1")
-    throw std::invalid_argument("FREEKV_MEAN_FOLD must be 0 or 1, got '" + std::string(e) + "'");
+constexpr const char* kMeanFoldVariable = "FREEKV_MEAN_FOLD";
+inline bool FoldMeanSelection() { return EnvSwitchOn(kMeanFoldVariable); }
+
+// Every switch above, checked when an engine is made.
+inline void CheckEngineSwitches() {
+  CheckEnvSwitch(kSpecReuseVariable);
+  CheckEnvSwitch(kMeanFoldVariable);
 }
 
 // Largest sink, window or selection (tokens): services/common/retrieval.ts MAX_RETRIEVAL_TOKENS.

@@ -64,8 +64,7 @@ CudaEngine::CudaEngine(const CudaEngineOptions& options)
       throw std::runtime_error("FREEKV_PREFILL_OFFLOAD must be copy or kernel, got '" + v + "'");
     offload_by_copy_ = v == "copy";
   }
-  CheckReuseCorrectedSelections();
-  CheckFoldMeanSelection();
+  CheckEngineSwitches();
   fold_mean_ = FoldMeanSelection();
   teardown::YieldBudgetMs();  // a malformed FREEKV_TEARDOWN_YIELD_MS is an error here, not a silent 0
   pctx_limit_ = options.prefill_context_bytes;
