@@ -27,7 +27,6 @@ import { SEGMENT_KINDS, closeSegments, closeSegmentsAsync, createSegments, openS
 import type { ShmSegment } from "../../native/shm.js";
 import { checkSessionId } from "../common/session-id.js";
 
-
 interface Live {
   record: SessionRecord;
   segments: SessionSegments;

@@ -41,7 +41,6 @@ import type { ComputeSession } from "../sessions/session.js";
 import { SHORT_OF_MEMORY, type Admitted } from "./admission.js";
 import { generateMetrics } from "./metrics.js";
 import { stopProblem } from "./stop.js";
-import { resolveRetrieval } from "../../common/retrieval.js";
 import { ModelCallFailed } from "./scheduler.js";
 import { SAVE_WAIT_MS } from "../attention/batcher.js";
 import { divergedError, markDiverged } from "../sessions/diverged.js";
@@ -456,11 +455,11 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
   /**
    * A fresh session the kvstore refused for capacity: RESOURCE_EXHAUSTED now when it is bigger
    * than the kvstore's whole capacity (it would wait forever), else the caller waits. Resolves
-   * false when the capacity could not be read (undecided).
+   * false when the capacity could not be read (undecided). (What the engine can hold of it was
+   * checked before it queued: SessionManager.resolveNew.)
    */
   async function refuseIfNeverFits(req: GenerateRequest, reach: number, signal: AbortSignal): Promise<boolean> {
     const geometry = ctx.served.geometry();
-    ctx.sessions.checkEngineMemory({ ...geometry, kvDtype: ctx.kvDtype }, resolveRetrieval(req.retrieval, geometry.layers, "retrieval", reach));
     const need = modelSessionBytes(geometry, ctx.kvDtype, req.retrieval, reach);
     const capacityBytes = await kvstoreCapacity(signal, "the request's session");
     if (capacityBytes === undefined) return false;

@@ -33,7 +33,6 @@ import { checkTenant } from "../auth.js";
 import { status } from "@grpc/grpc-js";
 import { checkSessionId } from "../../common/session-id.js";
 
-
 export interface SessionManagerOptions {
   log: Logger;
   kvstore: KvStoreClient;
@@ -227,9 +226,9 @@ export class SessionManager {
    * FREEKV_MAX_SESSIONS_PER_TENANT; a stateless Generate's own session passes none (the request
    * queue bounds those). `reserveTokens`: context a model session gets memory for now (a stateless
    * Generate: prompt + max_tokens; CreateSession: none, its turns reserve); an attention session
-   * always reserves its whole max context.
+   * always reserves its whole max context. `ephemeral`: the session of one request (a stateless
+   * Generate), released rather than re-attached by a restarted compute (SessionMetadata.ephemeral).
    */
-  /** `ephemeral`: the session of one request (a stateless Generate), released rather than re-attached by a restarted compute (SessionMetadata.ephemeral). */
   async create(req: CreateSessionRequest, signal?: AbortSignal, tenant?: string, reserveTokens = 0, ephemeral = false): Promise<ComputeSession> {
     const id = req.sessionId || `s-${randomUUID()}`;
     checkSessionId(id);
