@@ -410,6 +410,55 @@ async function chunkParity(addon: Addon, engine: Engine, build: ModelBuild, g: G
 }
 
 /**
+ * A prompt longer than the GPU runner's 2048-row pass, read in one call for its last row's logits
+ * only: the runner then attends and runs o_proj and the MLP of the last layer for that one row,
+ * and for no row of the call's other passes, whose k and v must still reach the cache. Against the
+ * same prompt read for every row's logits (the last layer whole) on the same engine, and against
+ * the CPU engine (the decode steps in dense mode only): the last row's logits and 8 greedy decode
+ * steps after it (which attend to the last layer's k and v of every pass) within the logit tolerance.
+ */
+async function lastRowParity(addon: Addon, cpu: Engine, engine: Engine, build: ModelBuild, g: Golden, r: Retrieval, kvDtype: Geometry["kvDtype"], name: string, V: number, tol: number) {
+  const c = build.native;
+  // 2 whole passes and a ragged third; the golden prompt repeated (random-looking, never constant).
+  const n = 2 * 2048 + 301;
+  const prompt = Array.from({ length: n }, (_, i) => g.prompt[(i * 7 + Math.floor(i / g.prompt.length)) % g.prompt.length]);
+  const steps = 8;
+  const run = async (e: Engine, allLogits: boolean) => {
+    const model = new addon.Model({ config: c, tensors: build.tensors, engine: e });
+    const local = createLocalSession(e, { layers: c.layers, qHeads: c.qHeads, kvHeads: c.kvHeads, headDim: c.headDim, kvDtype }, r, n + steps + 16);
+    try {
+      const out = await model.prefill(local.session, Int32Array.from(prompt), 0, allLogits);
+      const logits: Float32Array[] = [out.slice(out.length - V)];
+      const tokens: number[] = [argmax(logits[0], 0, V)];
+      for (let s = 1; s < steps; s++) {
+        logits.push(await model.decode(Int32Array.of(local.session), Int32Array.of(tokens[s - 1]), Int32Array.of(n + s - 1)));
+        tokens.push(argmax(logits[s], 0, V));
+      }
+      return { logits, tokens };
+    } finally {
+      await local.close();
+    }
+  };
+  const tail = await run(engine, false);
+  const whole = await run(engine, true);
+  const ref = await run(cpu, false);
+  let vsWhole = 0, vsCpu = 0;
+  const fails: string[] = [];
+  for (let s = 0; s < steps; s++) {
+    // Compared while the continuations agree (a divergence changes the next inputs).
+    if (tail.tokens.slice(0, s).join() === whole.tokens.slice(0, s).join()) vsWhole = Math.max(vsWhole, maxAbs(tail.logits[s], 0, whole.logits[s], 0, V));
+    // Against the CPU the decode steps only where attention is dense: a retrieval mode's selection
+    // over ~280 pages may break a near-tie the other way on the other backend.
+    if ((s === 0 || r.mode === MODE_DENSE) && tail.tokens.slice(0, s).join() === ref.tokens.slice(0, s).join()) vsCpu = Math.max(vsCpu, maxAbs(tail.logits[s], 0, ref.logits[s], 0, V));
+  }
+  if (!(vsWhole <= tol)) fails.push(`last-row vs all-rows prefill ${vsWhole.toExponential(2)} > ${tol.toExponential(2)}`);
+  if (!(vsCpu <= tol)) fails.push(`vs cpu ${vsCpu.toExponential(2)} > ${tol.toExponential(2)}`);
+  if (tail.logits.some((x) => x.some((v) => !Number.isFinite(v)))) fails.push("non-finite logits");
+  check(`${name}: a ${n}-token prompt in one call, last row's logits only (last layer: 1 row attended), then ${steps} steps`, fails.length === 0,
+    fails.join("; ") || `max |diff| vs all rows ${vsWhole.toExponential(2)}, vs cpu ${vsCpu.toExponential(2)} (tolerance ${tol.toExponential(2)}); tokens ${tail.tokens.join(",")}`);
+}
+
+/**
  * The manifests' query records after decode steps (on CUDA: written by the device into the mapped
  * manifest, their headers by the host after the step's wait) against the CPU engine's. Two
  * sessions with different prompts decode the golden continuation together (teacher-forced, so
@@ -628,6 +677,7 @@ async function modelParity(addon: Addon, cpu: Engine, cand: Engine, candName: st
         const d = compareRuns(a, b, V);
         const logitTol = LOGIT_ABS + Math.min(BF16_REL * d.logitScale, bf16Effect / 4);
         if (candName === "cuda" && label !== "dense") await chunkParity(addon, cand, wide, g, r, candKv, `${name} ${label}`, b, V, logitTol);
+        if (candName !== "cpu-f32" && label !== "freekv (budget >= context)") await lastRowParity(addon, cpu, cand, wide, g, r, candKv, `${name} ${label}`, V, logitTol);
         const hfA = compareGolden(a, g, V);
         const hfB = compareGolden(b, g, V);
         const fails: string[] = [];

@@ -85,8 +85,13 @@ class DeviceEngine {
   // PrefillTakesBf16Queries): the queries already rounded to bf16 (nearest even), which the
   // tensor-core kernel reads instead of converting q; q then needs only its last row (kept for the
   // first decode step's speculative selection).
+  // attend_rows (-1: all n): only the run's last attend_rows queries are attended, and only those
+  // rows of the output are written; every token's k and v are appended, summarised and offloaded
+  // as always. A model's last layer needs the attention of no row but the one whose logits are
+  // read (its other rows' outputs feed nothing), so a prompt's pass over it attends 1 row or 0.
   virtual bool PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n,
-                             float* out, bool tensor_cores, void* out_bf16, const void* q_bf16 = nullptr) = 0;
+                             float* out, bool tensor_cores, void* out_bf16, const void* q_bf16 = nullptr,
+                             int attend_rows = -1) = 0;
   // Whether PrefillDevice with tensor_cores runs the tensor-core kernel for this head dimension
   // (and so takes q_bf16).
   virtual bool PrefillTakesBf16Queries(int head_dim) const = 0;

@@ -262,7 +262,8 @@ class CudaEngine final : public Engine, public DeviceEngine {
   void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
                      float* out) override;
   bool PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
-                     bool tensor_cores, void* out_bf16, const void* q_bf16 = nullptr) override;
+                     bool tensor_cores, void* out_bf16, const void* q_bf16 = nullptr,
+                     int attend_rows = -1) override;
   bool PrefillTakesBf16Queries(int head_dim) const override;
   int PrefillWaveTokens(int q_heads, int kv_heads, int head_dim) const override;
   void FinishDevicePrefill(int session) override;
@@ -329,9 +330,10 @@ class CudaEngine final : public Engine, public DeviceEngine {
   // and nothing waits (the manifest is left pending); otherwise host pointers, and the call
   // returns with out written and the manifest committed.
   // out_bf16 (device_io only): PrefillDevice's; returns whether the output went there.
-  // q_bf16 (device_io only): PrefillDevice's.
+  // q_bf16, attend_rows (device_io only): PrefillDevice's.
   bool DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n, float* out,
-                 bool tensor_cores, bool device_io, void* out_bf16 = nullptr, const void* q_bf16 = nullptr);
+                 bool tensor_cores, bool device_io, void* out_bf16 = nullptr, const void* q_bf16 = nullptr,
+                 int attend_rows = -1);
   // Queues the HND offload of `count` full NHD pages at `pages` to the store's pages from `first`
   // on offload_ (after what main has queued so far), as offload_by_copy_ says.
   void QueueOffload(Session& s, int layer, const bf16* pages, int first, int count);

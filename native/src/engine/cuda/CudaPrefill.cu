@@ -87,7 +87,7 @@ int CudaEngine::PrefillWaveTokens(int q_heads, int kv_heads, int head_dim) const
 }
 
 bool CudaEngine::PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n,
-                               float* out, bool tensor_cores, void* out_bf16, const void* q_bf16) {
+                               float* out, bool tensor_cores, void* out_bf16, const void* q_bf16, int attend_rows) {
   auto lock = LockOutsideStep("prefillDevice");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   Session& s = Find(session);
@@ -96,7 +96,9 @@ bool CudaEngine::PrefillDevice(int session, int layer, const float* q, const flo
   if (!q || !k || !v || !out) throw std::invalid_argument("q, k, v and out must not be null");
   if (q_bf16 && !(tensor_cores && FlashPrefillSupports(s.geo.head_dim)))
     throw std::invalid_argument("prefillDevice: bf16 queries need the tensor-core kernel (PrefillTakesBf16Queries)");
-  const bool wrote_bf16 = DoPrefill(s, layer, q, k, v, n, out, tensor_cores, true, out_bf16, q_bf16);
+  if (attend_rows < -1 || attend_rows > n)
+    throw std::invalid_argument("prefillDevice: attend_rows must be -1 (all) or in [0, n], got " + to_string(attend_rows));
+  const bool wrote_bf16 = DoPrefill(s, layer, q, k, v, n, out, tensor_cores, true, out_bf16, q_bf16, attend_rows);
   LayerTier& L = *s.layers[layer];
   L.has_q = true;
   L.first_decode = true;
@@ -258,7 +260,8 @@ void CudaEngine::QueueOffload(Session& s, int layer, const bf16* pages, int firs
 }
 
 bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k, const float* v, int n,
-                           float* out, bool tensor_cores, bool device_io, void* out_bf16, const void* q_bf16) {
+                           float* out, bool tensor_cores, bool device_io, void* out_bf16, const void* q_bf16,
+                           int attend_rows) {
   LayerTier& L = *s.layers[layer];
   const int P = s.P, Hkv = s.geo.kv_heads, D = s.geo.head_dim, Hq = s.geo.q_heads;
   if ((L.tokens + n) / P > s.host.capacity_pages)
@@ -278,6 +281,9 @@ bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
   const size_t qs = (size_t)Hq * D;
   const bool flash = q && tensor_cores && FlashPrefillSupports(D);
   const bool direct_bf16 = flash && device_io && out_bf16 != nullptr;
+  // The queries attended: rows [n - m, n) of the run (PrefillDevice's attend_rows).
+  const int m = attend_rows < 0 ? n : attend_rows;
+  const size_t skip = (size_t)(n - m) * Hq * D;  // elements of q and out before the first attended row
 
   // Where the run's pages go: the layer's resident context (attention runs), or the scratch.
   if (!q && L.pctx.get()) {  // a k/v-only prefill does not keep it
@@ -314,7 +320,7 @@ bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
   // rounded to bf16: qn bf16 = qn / 2 floats, 16-byte aligned.
   const size_t staged = device_io ? 0 : 2 * kvn + 2 * qn;
   const bool q_given = flash && device_io && q_bf16 != nullptr;  // no conversion pass
-  const size_t q16_floats = flash && !q_given ? (qn / 2 + 4) : 0;
+  const size_t q16_floats = flash && !q_given ? ((qn - skip) / 2 + 4) : 0;
   if (staged + q16_floats > prefill_f32_.size()) {
     FKV_CUDA_CHECK(cudaStreamSynchronize(st));
     prefill_f32_.Resize(staged + q16_floats);
@@ -404,27 +410,31 @@ bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
       LaunchRecallGather(s.StoreLayerDev(layer), s.Recall(), prefill_jobs_.get(), prefill_job_count_.get(), njobs,
                          pages, 32, st);
     }
-    if (direct_bf16)
-      FKV_CUDA_CHECK(cudaMemsetAsync(out_bf16, 0xff, qn * sizeof(bf16), st));  // poison: NaN
-    else
-      FKV_CUDA_CHECK(cudaMemsetAsync(dout, 0xff, qn * sizeof(float), st));
-    if (flash) {
+    // The attended rows' output is poisoned (NaN) first, so a row the kernel missed cannot pass
+    // for a result; rows before them are left as they are (nobody reads them).
+    if (m > 0 && direct_bf16)
+      FKV_CUDA_CHECK(cudaMemsetAsync(static_cast<bf16*>(out_bf16) + skip, 0xff, (qn - skip) * sizeof(bf16), st));
+    else if (m > 0)
+      FKV_CUDA_CHECK(cudaMemsetAsync(dout + skip, 0xff, (qn - skip) * sizeof(float), st));
+    if (m == 0) {
+      // No query attended (a model's last layer outside the row whose logits are read).
+    } else if (flash) {
       // Tensor cores (attention_prefill_flash.cuh): q rounded to bf16 like the K/V it meets.
-      const bf16* dq16 = static_cast<const bf16*>(q_bf16);
+      const bf16* dq16 = q_given ? static_cast<const bf16*>(q_bf16) + skip : nullptr;
       if (!q_given) {
         bf16* conv = reinterpret_cast<bf16*>(scratch);
-        LaunchQueriesToBf16(dq, qn, conv, st);
+        LaunchQueriesToBf16(dq + skip, qn - skip, conv, st);
         dq16 = conv;
       }
       FlashPrefillParams fp;
       fp.q = dq16;
       fp.pages = pages;
       if (direct_bf16)
-        fp.out_bf16 = static_cast<bf16*>(out_bf16);
+        fp.out_bf16 = static_cast<bf16*>(out_bf16) + skip;
       else
-        fp.out_f32 = dout;
-      fp.n = n;
-      fp.start = (int)c;
+        fp.out_f32 = dout + skip;
+      fp.n = m;
+      fp.start = (int)(c + n - m);
       fp.q_heads = Hq;
       fp.kv_heads = Hkv;
       fp.head_dim = D;
@@ -433,11 +443,11 @@ bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
       LaunchFlashPrefillAttention(fp, st);
     } else {
       PrefillAttentionParams pp;
-      pp.q = dq;
-      pp.out = dout;
+      pp.q = dq + skip;
+      pp.out = dout + skip;
       pp.pages = pages;
-      pp.n = n;
-      pp.start = (int)c;
+      pp.n = m;
+      pp.start = (int)(c + n - m);
       pp.q_heads = Hq;
       pp.kv_heads = Hkv;
       pp.head_dim = D;

@@ -351,15 +351,21 @@ class CudaRunner final : public Runner {
   // attn_in_op: the attention's output is already in op_ as bf16 (PrefillDevice wrote it there).
   // gu_bf16: the gate/up GEMM writes bf16 (half the bytes written and read back by SwiGLU; the
   // values PyTorch's bf16 Linear layers give) instead of fp32 (FREEKV_PREFILL_GATE_UP).
-  void PostAttention(const Layer& L, int M, bool attn_in_op = false, bool gu_bf16 = false) {
+  // r0: the rows are [r0, r0 + M) of the attention output and of x_ (the intermediates use rows
+  // from 0): a prompt's last layer runs only the row whose logits are read.
+  void PostAttention(const Layer& L, int M, bool attn_in_op = false, bool gu_bf16 = false, int r0 = 0) {
     const int H = c_.hidden_size, I = c_.intermediate_size, Q = c_.q_dim();
-    const void* a = attn_in_op ? static_cast<const void*>(op_.get()) : static_cast<const void*>(attn_.get());
+    const size_t op_row = (size_t)Q * (bf16_ ? 2 : 4);  // bytes of one attention row in op_
+    const void* a = attn_in_op ? static_cast<const void*>(op_.get() + r0 * op_row)
+                               : static_cast<const void*>(attn_.get() + (size_t)r0 * Q);
     if (bf16_ && !attn_in_op) {
-      Op(cuda::LaunchToBf16, static_cast<const float*>(attn_.get()), (size_t)M * Q, static_cast<void*>(op_.get()));
+      Op(cuda::LaunchToBf16, static_cast<const float*>(attn_.get() + (size_t)r0 * Q), (size_t)M * Q,
+         static_cast<void*>(op_.get()));
       a = op_.get();
     }
-    Op(GemmOp, a, L.wo.get(), static_cast<void*>(x_.get()), M, H, Q, OperandType(), GemmType::F32, 1.f, 1.f);
-    Op(cuda::LaunchRmsNorm, static_cast<const float*>(x_.get()), static_cast<const float*>(L.post_norm.get()), M, H,
+    float* x = x_.get() + (size_t)r0 * H;
+    Op(GemmOp, a, L.wo.get(), static_cast<void*>(x), M, H, Q, OperandType(), GemmType::F32, 1.f, 1.f);
+    Op(cuda::LaunchRmsNorm, static_cast<const float*>(x), static_cast<const float*>(L.post_norm.get()), M, H,
        c_.rms_norm_eps, static_cast<void*>(op_.get()), bf16_);
     if (gu_bf16 && bf16_) {
       Op(GemmOp, static_cast<const void*>(op_.get()), L.wgu.get(), static_cast<void*>(gu_.get()), M, 2 * I, H,
@@ -370,7 +376,7 @@ class CudaRunner final : public Runner {
          OperandType(), GemmType::F32, 1.f, 0.f);
       Op(cuda::LaunchSwiGlu, static_cast<const float*>(gu_.get()), M, I, static_cast<void*>(op_.get()), bf16_);
     }
-    Op(GemmOp, static_cast<const void*>(op_.get()), L.wdown.get(), static_cast<void*>(x_.get()), M, H, I,
+    Op(GemmOp, static_cast<const void*>(op_.get()), L.wdown.get(), static_cast<void*>(x), M, H, I,
        OperandType(), GemmType::F32, 1.f, 1.f);
   }
 
@@ -499,21 +505,30 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
       mark(-1);
       Embed(tokens.data() + c0, pos.data(), n);
       mark(PrefillProfile::kEmbed);
+      const bool last = c0 + n == total;
       for (int l = 0; l < c_.layers; ++l) {
         PreAttention(layers_[l], n, q_direct ? q16_.get() : nullptr);
         mark(PrefillProfile::kPre);
+        // The last layer's output feeds only the logits, so where only the last row's are read, that
+        // layer attends and runs o_proj and the MLP for that one row of the call's last pass, and
+        // for no row of its other passes: its k and v still go to the cache. At 8B shapes that is
+        // 1/32 of a long prompt's attention and MLP (bench/results, PERF.md "The last layer").
+        const bool tail = !all_logits && l == c_.layers - 1;
+        const int attend = tail ? (last ? 1 : 0) : -1;
         // The engine keeps the context on the device and offloads filled pages on its copy stream;
         // bf16 weights: the attention on tensor cores too; fp32 models keep exact fp32 attention.
         // bf16 weights: the output straight into op_ in bf16 where the tensor-core kernel runs (op_
         // is free between the q/k/v GEMM and o_proj), skipping an fp32 pass and its conversion.
         const bool in_op = device_engine_->PrefillDevice(session, l, q_.get(), k_.get(), v_.get(), n, attn_.get(),
                                                          bf16_, bf16_ ? static_cast<void*>(op_.get()) : nullptr,
-                                                         q_direct ? q16_.get() : nullptr);
+                                                         q_direct ? q16_.get() : nullptr, attend);
         mark(PrefillProfile::kAttn);
-        PostAttention(layers_[l], n, in_op, gu_bf16);
+        if (!tail)
+          PostAttention(layers_[l], n, in_op, gu_bf16);
+        else if (last)
+          PostAttention(layers_[l], 1, in_op, gu_bf16, n - 1);
         mark(PrefillProfile::kPost);
       }
-      const bool last = c0 + n == total;
       const int r0 = all_logits ? 0 : n - 1, rows = all_logits ? n : 1;
       if (all_logits || last) {
         Head(r0, rows);
