@@ -313,6 +313,37 @@ for (const [label, shape, style, seed] of [
       expect(next[0]).toBe(next[1]);
     });
 
+    // The runner reads a long prompt in chunks (256 rows on the CPU); where only the last row's
+    // logits are read, the last layer attends and runs its MLP for that row of the last chunk and
+    // for no row of the others, while its k and v of every chunk must still reach the cache.
+    it("a prompt of several chunks read for its last row only matches the reference, and so do the steps after it", async () => {
+      const V = shape.vocab;
+      const r2 = prng(seed + 200);
+      const long = Array.from({ length: 600 }, () => Math.floor(r2() * V));
+      const ref2 = new Reference(shape, weights);
+      const want = [...long, ...cont].map((t) => ref2.step(t));
+      const run = async (model: ReturnType<typeof loadModel>["model"], session: number) => {
+        const last = await model.prefill(session, Int32Array.from(long), 0, false);
+        expect(last.length).toBe(V);
+        let worst = relErr(last, 0, want[long.length - 1]);
+        for (let i = 0; i < cont.length; i++) {
+          const l = await model.decode(Int32Array.of(session), Int32Array.of(cont[i]), Int32Array.of(long.length + i));
+          worst = Math.max(worst, relErr(l, 0, want[long.length + i]));
+        }
+        return worst;
+      };
+      expect(await run(loadModel(dir).model, 60)).toBeLessThan(2e-5);
+      const addon = loadAddon();
+      const engine = new addon.Engine({ backend: "cpu", threads: 2 });
+      const { model, spec } = loadModel(dir, { engine });
+      const local = createLocalSession(engine, modelGeometry(spec.native), { pageSize: 8, sinkTokens: 8, windowTokens: 8, selectTokens: 8, tau: 0.9, summary: RETRIEVAL_NAMES.summary.max_min, combine: RETRIEVAL_NAMES.combine.softmax_mean, mode: RETRIEVAL_NAMES.mode.dense, recall: RETRIEVAL_NAMES.recall.gather, denseLayers: [] }, 640);
+      try {
+        expect(await run(model, local.session)).toBeLessThan(2e-5);
+      } finally {
+        await local.close();
+      }
+    });
+
     it.skipIf(typeof (loadAddon() as { Engine?: unknown }).Engine !== "function")("through the engine (dense mode) it matches the reference too", async () => {
       const addon = loadAddon();
       const engine = new addon.Engine({ backend: "cpu", threads: 2 });

@@ -189,8 +189,11 @@ class Engine {
   // Like Prefill, and also computes exact causal attention for the n new queries over the whole
   // context (earlier tokens included): q, out are [n][q_heads][head_dim]. Scale 1/sqrt(head_dim).
   // The last query is kept for the first decode step's blocking selection.
+  // attend_rows (-1: all n): only the last attend_rows queries are attended and only those rows of
+  // out are written; every token's k and v are appended as always (a model's last layer needs the
+  // attention of no row but the one whose logits are read).
   virtual void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
-                             float* out) = 0;
+                             float* out, int attend_rows = -1) = 0;
 
   // One decode step of one layer for a batch of sessions (each appears at most once). Appends
   // each item's k/v, then attends with the session's mode; in freekv/speculative modes it starts

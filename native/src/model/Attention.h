@@ -22,8 +22,10 @@ class AttentionBackend {
   // The session's geometry where it has its own (an engine session); none where the cache is
   // shaped by the model itself.
   virtual std::optional<Geometry> SessionGeometry(int) const { return std::nullopt; }
-  // Appends n tokens' post-RoPE k/v to a layer and returns exact causal attention of q.
-  virtual void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) = 0;
+  // Appends n tokens' post-RoPE k/v to a layer and returns exact causal attention of q: of its
+  // last attend_rows rows only where that is not -1 (Engine::PrefillAttend).
+  virtual void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
+                             int attend_rows = -1) = 0;
   // One decode step of one layer for a batch (each item appends its k/v first).
   virtual void Decode(int layer, const std::vector<DecodeItem>& items) = 0;
 };
@@ -33,8 +35,9 @@ class EngineAttention final : public AttentionBackend {
   explicit EngineAttention(Engine* engine) : engine_(engine) {}
   uint64_t ContextTokens(int session) const override { return engine_->ContextTokens(session); }
   std::optional<Geometry> SessionGeometry(int session) const override { return engine_->SessionGeometry(session); }
-  void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) override {
-    engine_->PrefillAttend(session, layer, q, k, v, n, out);
+  void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
+                     int attend_rows = -1) override {
+    engine_->PrefillAttend(session, layer, q, k, v, n, out, attend_rows);
   }
   void Decode(int layer, const std::vector<DecodeItem>& items) override { engine_->Decode(layer, items); }
 
@@ -47,7 +50,8 @@ class DenseAttention final : public AttentionBackend {
   DenseAttention(int layers, int q_heads, int kv_heads, int head_dim)
       : layers_(layers), q_heads_(q_heads), kv_heads_(kv_heads), head_dim_(head_dim) {}
   uint64_t ContextTokens(int session) const override;
-  void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) override;
+  void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
+                     int attend_rows = -1) override;
   void Decode(int layer, const std::vector<DecodeItem>& items) override;
   // Forgets a session's cache; returns false when there was none.
   bool Release(int session);

@@ -359,12 +359,16 @@ void CpuEngine::Prefill(int session, int layer, const float* k, const float* v, 
   UpdateResident(*s);
 }
 
-void CpuEngine::PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) {
+void CpuEngine::PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
+                              int attend_rows) {
   std::lock_guard<std::mutex> lock(mu_);
   auto s = Find(session);
   LayerState& L = CheckLayer(*s, layer);
   if (n < 1) throw std::invalid_argument("n must be >= 1");
   if (!q || !k || !v || !out) throw std::invalid_argument("q, k, v and out must not be null");
+  if (attend_rows < -1 || attend_rows > n)
+    throw std::invalid_argument("attend_rows must be -1 (all) or in [0, n], got " + to_string(attend_rows));
+  const int m = attend_rows < 0 ? n : attend_rows;  // rows [n - m, n) are attended
   const auto& pg = s->pg;
   if ((L.tokens + n) / pg.P > s->host.capacity_pages)
     throw std::invalid_argument("prefill of " + to_string(n) + " tokens would exceed the store's capacity of " +
@@ -378,15 +382,17 @@ void CpuEngine::PrefillAttend(int session, int layer, const float* q, const floa
   const auto r = RangesFor(pg, T);
   const int group = pg.Hq / pg.Hkv;
   const size_t qs = static_cast<size_t>(pg.Hq) * pg.D;
-  std::vector<float> K(static_cast<size_t>(T) * pg.D), V(static_cast<size_t>(T) * pg.D);
+  const size_t ctx = m > 0 ? static_cast<size_t>(T) * pg.D : 0;  // nothing to read when no row is attended
+  std::vector<float> K(ctx), V(ctx);
   const uint8_t* store = s->StoreLayer(layer);
   const uint8_t* partial = s->WorkingPage(L, r.full);
   // Row tiles: each task runs a tile of query rows (all heads of the group) against the context in
   // key tiles (AttendPrefillGroup), so a larger tile reads K and V fewer times; small enough that
   // there are several tiles per thread on short chunks, and the heavy (late, causal) tiles first.
-  const int rows_per_task = std::clamp(n / (4 * std::max(1, threads_)), 8, 64);
-  const int blocks = (n + rows_per_task - 1) / rows_per_task;
-  for (int h = 0; h < pg.Hkv; ++h) {
+  const int rows_per_task = std::clamp(m / (4 * std::max(1, threads_)), 8, 64);
+  const int blocks = (m + rows_per_task - 1) / rows_per_task;
+  const int skip = n - m;
+  for (int h = 0; h < pg.Hkv && m > 0; ++h) {
     // The whole context of head h: full pages from the host store (HND rows are contiguous per
     // head), the partial page from the device tier.
     ParallelFor(r.full, threads_, [&](int p) {
@@ -400,7 +406,7 @@ void CpuEngine::PrefillAttend(int session, int layer, const float* q, const floa
       LoadRow(pg.dtype, partial + pg.NhdV(i, h), V.data() + t * pg.D, pg.D);
     }
     ParallelFor(blocks, threads_, [&](int b) {
-      const int i0 = (blocks - 1 - b) * rows_per_task, cnt = std::min(rows_per_task, n - i0);
+      const int i0 = skip + (blocks - 1 - b) * rows_per_task, cnt = std::min(rows_per_task, n - i0);
       const size_t head_off = static_cast<size_t>(h) * group * pg.D;
       AttendPrefillGroup(pg.D, group, K.data(), V.data(), start + i0, cnt, q + i0 * qs + head_off, qs, out + i0 * qs + head_off, qs);
     });

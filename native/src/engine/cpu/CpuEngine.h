@@ -33,7 +33,8 @@ class CpuEngine : public Engine {
   void CloseSession(int session) override;
   void ReserveStore(int session, int reserved_pages) override;
   void Prefill(int session, int layer, const float* k, const float* v, int n) override;
-  void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) override;
+  void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
+                     int attend_rows = -1) override;
   void Decode(int layer, const std::vector<DecodeItem>& items) override;
   void Sync(int session) override;
   Stats GetStats(int session) const override;

@@ -260,7 +260,7 @@ class CudaEngine final : public Engine, public DeviceEngine {
   void ReserveStore(int session, int reserved_pages) override;
   void Prefill(int session, int layer, const float* k, const float* v, int n) override;
   void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
-                     float* out) override;
+                     float* out, int attend_rows = -1) override;
   bool PrefillDevice(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
                      bool tensor_cores, void* out_bf16, const void* q_bf16 = nullptr,
                      int attend_rows = -1) override;

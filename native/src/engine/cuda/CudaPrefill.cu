@@ -64,15 +64,17 @@ void CudaEngine::Prefill(int session, int layer, const float* k, const float* v,
 }
 
 void CudaEngine::PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
-                               float* out) {
+                               float* out, int attend_rows) {
   auto lock = LockOutsideStep("prefillAttend");
   FKV_CUDA_CHECK(cudaSetDevice(device_));
   Session& s = Find(session);
   CheckLayer(s, layer);
   if (n < 1) throw std::invalid_argument("n must be >= 1");
   if (!q || !k || !v || !out) throw std::invalid_argument("q, k, v and out must not be null");
+  if (attend_rows < -1 || attend_rows > n)
+    throw std::invalid_argument("attend_rows must be -1 (all) or in [0, n], got " + to_string(attend_rows));
   FlushPrefill(s);
-  DoPrefill(s, layer, q, k, v, n, out, false, false);
+  DoPrefill(s, layer, q, k, v, n, out, false, false, nullptr, nullptr, attend_rows);
   LayerTier& L = *s.layers[layer];
   L.has_q = true;
   L.first_decode = true;
@@ -473,7 +475,8 @@ bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
     L.manifest_pending = true;
     return direct_bf16;
   }
-  if (q) FKV_CUDA_CHECK(cudaMemcpyAsync(out, dout, qn * sizeof(float), cudaMemcpyDeviceToHost, st));
+  if (q && qn > skip)  // the attended rows only: the others were not written
+    FKV_CUDA_CHECK(cudaMemcpyAsync(out + skip, dout + skip, (qn - skip) * sizeof(float), cudaMemcpyDeviceToHost, st));
   FKV_CUDA_CHECK(cudaStreamSynchronize(offload_->get()));
   FKV_CUDA_CHECK(cudaStreamSynchronize(st));
   WriteManifest(s, layer);

@@ -35,16 +35,22 @@ bool DenseAttention::Release(int session) {
   return caches_.erase(session) > 0;
 }
 
-void DenseAttention::PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out) {
+void DenseAttention::PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
+                                   int attend_rows) {
   if (layer < 0 || layer >= layers_) throw std::invalid_argument("layer " + std::to_string(layer) + " out of range");
+  if (attend_rows < -1 || attend_rows > n)
+    throw std::invalid_argument("attend_rows must be -1 (all) or in [0, n], got " + std::to_string(attend_rows));
+  const int m = attend_rows < 0 ? n : attend_rows;  // rows [n - m, n) are attended
+  const size_t skip = static_cast<size_t>(n - m) * q_heads_ * head_dim_;
   const auto c = Get(session);
   std::lock_guard<std::mutex> lock(c->mu);
   const size_t row = static_cast<size_t>(kv_heads_) * head_dim_;
   c->k[layer].insert(c->k[layer].end(), k, k + n * row);
   c->v[layer].insert(c->v[layer].end(), v, v + n * row);
   c->tokens[layer] += n;
-  CausalAttention(q, n, c->k[layer].data(), c->v[layer].data(), static_cast<int>(c->tokens[layer]), q_heads_, kv_heads_,
-                  head_dim_, out);
+  if (m > 0)
+    CausalAttention(q + skip, m, c->k[layer].data(), c->v[layer].data(), static_cast<int>(c->tokens[layer]), q_heads_,
+                    kv_heads_, head_dim_, out + skip);
 }
 
 void DenseAttention::Decode(int layer, const std::vector<DecodeItem>& items) {

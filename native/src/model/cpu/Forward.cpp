@@ -70,7 +70,7 @@ void CheckGeometry(const ModelConfig& c, int session, const Geometry& g) {
 }
 
 template <typename Attend>
-void Forward::Layers(float* x, int n, const int* positions, Attend attend) {
+void Forward::Layers(float* x, int n, const int* positions, Attend attend, int last_rows) {
   const ModelConfig& c = config_;
   const int H = c.hidden_size, I = c.intermediate_size, Q = c.q_dim(), K = c.kv_dim();
   std::vector<float> h(static_cast<size_t>(n) * H), q(static_cast<size_t>(n) * Q), k(static_cast<size_t>(n) * K),
@@ -84,15 +84,20 @@ void Forward::Layers(float* x, int n, const int* positions, Attend attend) {
     Linear(h.data(), n, H, L.wv.data(), L.bv.empty() ? nullptr : L.bv.data(), K, v.data());
     Rope(q.data(), n, c.q_heads, c.head_dim, positions, c.rope_inv_freq.data());
     Rope(k.data(), n, c.kv_heads, c.head_dim, positions, c.rope_inv_freq.data());
-    attend(l, q.data(), k.data(), v.data(), a.data());
-    Linear(a.data(), n, Q, L.wo.data(), nullptr, H, o.data());
-    AddInPlace(x, o.data(), static_cast<long>(n) * H);
-    RmsNorm(x, n, H, L.post_attention_norm.data(), c.rms_norm_eps, h.data());
-    Linear(h.data(), n, H, L.w_gate.data(), nullptr, I, g.data());
-    Linear(h.data(), n, H, L.w_up.data(), nullptr, I, u.data());
-    SwiGlu(g.data(), u.data(), static_cast<long>(n) * I);
-    Linear(g.data(), n, I, L.w_down.data(), nullptr, H, o.data());
-    AddInPlace(x, o.data(), static_cast<long>(n) * H);
+    // The rows carried on: all, or in the last layer the last last_rows (none: nothing reads it).
+    const int m = l == c.layers - 1 && last_rows >= 0 ? last_rows : n;
+    attend(l, q.data(), k.data(), v.data(), a.data(), m == n ? -1 : m);
+    if (m == 0) continue;
+    const size_t r0 = static_cast<size_t>(n - m);
+    float* xr = x + r0 * H;
+    Linear(a.data() + r0 * Q, m, Q, L.wo.data(), nullptr, H, o.data());
+    AddInPlace(xr, o.data(), static_cast<long>(m) * H);
+    RmsNorm(xr, m, H, L.post_attention_norm.data(), c.rms_norm_eps, h.data());
+    Linear(h.data(), m, H, L.w_gate.data(), nullptr, I, g.data());
+    Linear(h.data(), m, H, L.w_up.data(), nullptr, I, u.data());
+    SwiGlu(g.data(), u.data(), static_cast<long>(m) * I);
+    Linear(g.data(), m, I, L.w_down.data(), nullptr, H, o.data());
+    AddInPlace(xr, o.data(), static_cast<long>(m) * H);
   }
 }
 
@@ -117,12 +122,15 @@ std::vector<float> Forward::Prefill(int session, const std::vector<int>& tokens,
       pos[i] = start + c0 + i;
       std::memcpy(&x[static_cast<size_t>(i) * H], &w_.embed[static_cast<size_t>(tokens[c0 + i]) * H], H * sizeof(float));
     }
-    Layers(x.data(), n, pos.data(), [&](int layer, const float* q, const float* k, const float* v, float* out) {
-      attention_->PrefillAttend(session, layer, q, k, v, n, out);
-    });
+    // Where only the prompt's last row's logits are read, the last layer runs that row of the
+    // last chunk and no row of the others (Layers' last_rows).
+    const bool last = c0 + n == total;
+    Layers(x.data(), n, pos.data(), [&](int layer, const float* q, const float* k, const float* v, float* out, int rows) {
+      attention_->PrefillAttend(session, layer, q, k, v, n, out, rows);
+    }, all_logits ? -1 : (last ? 1 : 0));
     if (all_logits) {
       Head(x.data(), n, &logits[static_cast<size_t>(c0) * V]);
-    } else if (c0 + n == total) {
+    } else if (last) {
       Head(&x[static_cast<size_t>(n - 1) * H], 1, logits.data());
     }
   }
@@ -140,7 +148,7 @@ Logits Forward::Decode(const std::vector<int>& sessions, const std::vector<int>&
   for (int b = 0; b < B; b++)
     std::memcpy(&x[static_cast<size_t>(b) * H], &w_.embed[static_cast<size_t>(tokens[b]) * H], H * sizeof(float));
   std::vector<DecodeItem> items(B);
-  Layers(x.data(), B, positions.data(), [&](int layer, const float* q, const float* k, const float* v, float* out) {
+  Layers(x.data(), B, positions.data(), [&](int layer, const float* q, const float* k, const float* v, float* out, int) {
     for (int b = 0; b < B; b++) {
       items[b].session = sessions[b];
       items[b].q = q + static_cast<size_t>(b) * Q;

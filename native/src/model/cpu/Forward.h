@@ -26,9 +26,12 @@ class Forward final : public Runner {
   std::string device() const override { return "cpu"; }
 
  private:
-  // x[n][hidden] through every layer; positions[n]; attend(layer, q, k, v, out) does attention.
+  // x[n][hidden] through every layer; positions[n]; attend(layer, q, k, v, out, attend_rows) does
+  // attention (attend_rows: Engine::PrefillAttend's, -1 for all rows).
+  // last_rows (-1: all n): the last layer attends and runs o_proj and the MLP for the last
+  // last_rows rows only (their x is what the logits read); its k and v still go to the cache.
   template <typename Attend>
-  void Layers(float* x, int n, const int* positions, Attend attend);
+  void Layers(float* x, int n, const int* positions, Attend attend, int last_rows = -1);
   void Head(const float* x, int n, float* logits);
 
   ModelConfig config_;
