@@ -52,7 +52,8 @@ class Runner {
   // attends to the whole context before it; 0: the runner's own size, 256 rows on the CPU, whose
   // activations then stay in cache, 2048 on the GPU, where larger GEMMs run nearer the tensor
   // cores' peak). Returns logits of the last position [vocab], or of every position [n][vocab]
-  // with all_logits. Throws std::invalid_argument on bad input.
+  // with all_logits; without it the last layer attends and runs its MLP for the last position
+  // only (every position's k and v are cached). Throws std::invalid_argument on bad input.
   virtual std::vector<float> Prefill(int session, const std::vector<int>& tokens, int start, bool all_logits,
                                      int chunk = 0) = 0;
   // One decode step for a batch: tokens[b] at positions[b] of sessions[b]. Logits [batch][vocab].

@@ -12,7 +12,9 @@
 //   h   = RMSNorm(x);  gu = h Wgu^T                   fused [gate|up] weight (fp32 out; a prefill's
 //                                                     bf16 by default, FREEKV_PREFILL_GATE_UP)
 //   x  += T(silu(gate) * up) Wdown^T                  beta = 1 again
-// then logits = T(RMSNorm(x)) Wlm^T (fp32) and one copy of the logits to the host.
+// then logits = T(RMSNorm(x)) Wlm^T (fp32) and one copy of the logits to the host. A prompt read for
+// its last row's logits only runs the last layer's attention, o_proj and MLP for that row (its k
+// and v for every row): nothing else reads the last layer's output.
 //
 // A decode step is BeginDeviceStep, the layers, the logits copy and EndDeviceStep: the host waits
 // once per step, for the logits, never inside it. Every stream operation goes through the engine's
