@@ -62,7 +62,9 @@ step() {  # step NAME SECONDS COMMAND...: runs with OUT=$work/NAME, records rc a
   local rc=$?
   # A process cut off at its limit (or killed for memory) leaves its sessions' segments, tens of
   # GiB, in /dev/shm; nothing else runs between the steps, so they go before the next one.
-  pkill -f '\.gpu/runner-bench\.mjs' 2>/dev/null; rm -f /dev/shm/freekv-* 2>/dev/null
+  # Only node processes running the bundle: a pattern that any command line naming the file matches
+  # would end the shell that started this visit when its own command names it (an xz of it, say).
+  pkill -f '^(timeout [0-9]+ )?node --max-old-space-size=[0-9]+ [^ ]*runner-bench\.mjs' 2>/dev/null; rm -f /dev/shm/freekv-* 2>/dev/null
   echo "$name: rc=$rc in $((SECONDS - t0)) s (limit $limit)$( [ $rc -eq 124 ] && echo ', cut off at its limit')" >> "$summary"
   grep -a -h -E "\[eval\]|^prefill [0-9]|^all |\[anchor\] prefill|^\| [0-9]|while a |first request|demo finished|  FAIL|backend|cases pass|parity checks pass|ms/step|TS\+gRPC|^Generate |decode attention: max rel|\[run\] .* exit" "$work/$name/stdout.log" 2>/dev/null |
     tr -d '\000' | head -30 | sed "s/^/  $name: /" >> "$summary"
