@@ -105,7 +105,12 @@ describe(`admission (seed ${seed})`, () => {
     expect(metricValue(after, "freekv_kvstore_capacity_bytes")).toBe(Math.floor(2.5 * perSession));
     // A request's slot and memory go back after its stream ended (the fresh session's close runs
     // then): the gauges settle to zero shortly after the last answer, and stay there.
-    await until("every running slot released", async () => metricValue(await fetchMetrics(small.compute.metricsPort), "vllm:num_requests_running") === 0);
+    // The kvstore's release follows the close, after the stream ended: the usage settles after the
+    // running count does, so both are waited for (a session never released times this out).
+    await until("every running slot and its memory released", async () => {
+      const g = await fetchMetrics(small.compute.metricsPort);
+      return metricValue(g, "vllm:num_requests_running") === 0 && metricValue(g, "vllm:kv_cache_usage_perc") === 0;
+    });
     const m = await fetchMetrics(small.compute.metricsPort);
     expect(metricValue(m, "freekv_generate_queue_seconds_count")).toBeGreaterThanOrEqual(2 * n);
     expect(metricValue(m, "freekv_generate_queue_seconds_sum")).toBeGreaterThan(0);
