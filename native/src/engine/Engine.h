@@ -194,6 +194,13 @@ class Engine {
   // attention of no row but the one whose logits are read).
   virtual void PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n,
                              float* out, int attend_rows = -1) = 0;
+  // The rows a call of n queries attends for attend_rows (the last m); std::invalid_argument when it
+  // is neither -1 nor in [0, n]. Every implementation of PrefillAttend / PrefillDevice uses it.
+  static int AttendedRows(int attend_rows, int n) {
+    if (attend_rows < -1 || attend_rows > n)
+      throw std::invalid_argument("attend_rows must be -1 (all) or in [0, n], got " + std::to_string(attend_rows));
+    return attend_rows < 0 ? n : attend_rows;
+  }
 
   // One decode step of one layer for a batch of sessions (each appears at most once). Appends
   // each item's k/v, then attends with the session's mode; in freekv/speculative modes it starts

@@ -366,9 +366,7 @@ void CpuEngine::PrefillAttend(int session, int layer, const float* q, const floa
   LayerState& L = CheckLayer(*s, layer);
   if (n < 1) throw std::invalid_argument("n must be >= 1");
   if (!q || !k || !v || !out) throw std::invalid_argument("q, k, v and out must not be null");
-  if (attend_rows < -1 || attend_rows > n)
-    throw std::invalid_argument("attend_rows must be -1 (all) or in [0, n], got " + to_string(attend_rows));
-  const int m = attend_rows < 0 ? n : attend_rows;  // rows [n - m, n) are attended
+  const int m = AttendedRows(attend_rows, n);  // rows [n - m, n) are attended
   const auto& pg = s->pg;
   if ((L.tokens + n) / pg.P > s->host.capacity_pages)
     throw std::invalid_argument("prefill of " + to_string(n) + " tokens would exceed the store's capacity of " +

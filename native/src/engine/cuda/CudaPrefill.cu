@@ -71,8 +71,7 @@ void CudaEngine::PrefillAttend(int session, int layer, const float* q, const flo
   CheckLayer(s, layer);
   if (n < 1) throw std::invalid_argument("n must be >= 1");
   if (!q || !k || !v || !out) throw std::invalid_argument("q, k, v and out must not be null");
-  if (attend_rows < -1 || attend_rows > n)
-    throw std::invalid_argument("attend_rows must be -1 (all) or in [0, n], got " + to_string(attend_rows));
+  AttendedRows(attend_rows, n);  // checked before anything is written
   FlushPrefill(s);
   DoPrefill(s, layer, q, k, v, n, out, false, false, nullptr, nullptr, attend_rows);
   LayerTier& L = *s.layers[layer];
@@ -98,8 +97,7 @@ bool CudaEngine::PrefillDevice(int session, int layer, const float* q, const flo
   if (!q || !k || !v || !out) throw std::invalid_argument("q, k, v and out must not be null");
   if (q_bf16 && !(tensor_cores && FlashPrefillSupports(s.geo.head_dim)))
     throw std::invalid_argument("prefillDevice: bf16 queries need the tensor-core kernel (PrefillTakesBf16Queries)");
-  if (attend_rows < -1 || attend_rows > n)
-    throw std::invalid_argument("prefillDevice: attend_rows must be -1 (all) or in [0, n], got " + to_string(attend_rows));
+  AttendedRows(attend_rows, n);  // checked before anything is written
   const bool wrote_bf16 = DoPrefill(s, layer, q, k, v, n, out, tensor_cores, true, out_bf16, q_bf16, attend_rows);
   LayerTier& L = *s.layers[layer];
   L.has_q = true;
@@ -284,7 +282,7 @@ bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
   const bool flash = q && tensor_cores && FlashPrefillSupports(D);
   const bool direct_bf16 = flash && device_io && out_bf16 != nullptr;
   // The queries attended: rows [n - m, n) of the run (PrefillDevice's attend_rows).
-  const int m = attend_rows < 0 ? n : attend_rows;
+  const int m = AttendedRows(attend_rows, n);
   const size_t skip = (size_t)(n - m) * Hq * D;  // elements of q and out before the first attended row
 
   // Where the run's pages go: the layer's resident context (attention runs), or the scratch.

@@ -38,9 +38,7 @@ bool DenseAttention::Release(int session) {
 void DenseAttention::PrefillAttend(int session, int layer, const float* q, const float* k, const float* v, int n, float* out,
                                    int attend_rows) {
   if (layer < 0 || layer >= layers_) throw std::invalid_argument("layer " + std::to_string(layer) + " out of range");
-  if (attend_rows < -1 || attend_rows > n)
-    throw std::invalid_argument("attend_rows must be -1 (all) or in [0, n], got " + std::to_string(attend_rows));
-  const int m = attend_rows < 0 ? n : attend_rows;  // rows [n - m, n) are attended
+  const int m = Engine::AttendedRows(attend_rows, n);  // rows [n - m, n) are attended
   const size_t skip = static_cast<size_t>(n - m) * q_heads_ * head_dim_;
   const auto c = Get(session);
   std::lock_guard<std::mutex> lock(c->mu);

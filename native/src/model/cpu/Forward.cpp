@@ -78,14 +78,18 @@ void Forward::Layers(float* x, int n, const int* positions, Attend attend, int l
       g(static_cast<size_t>(n) * I), u(static_cast<size_t>(n) * I);
   for (int l = 0; l < c.layers; l++) {
     const LayerWeights& L = w_.layers[l];
-    RmsNorm(x, n, H, L.input_norm.data(), c.rms_norm_eps, h.data());
-    Linear(h.data(), n, H, L.wq.data(), L.bq.empty() ? nullptr : L.bq.data(), Q, q.data());
-    Linear(h.data(), n, H, L.wk.data(), L.bk.empty() ? nullptr : L.bk.data(), K, k.data());
-    Linear(h.data(), n, H, L.wv.data(), L.bv.empty() ? nullptr : L.bv.data(), K, v.data());
-    Rope(q.data(), n, c.q_heads, c.head_dim, positions, c.rope_inv_freq.data());
-    Rope(k.data(), n, c.kv_heads, c.head_dim, positions, c.rope_inv_freq.data());
     // The rows carried on: all, or in the last layer the last last_rows (none: nothing reads it).
     const int m = l == c.layers - 1 && last_rows >= 0 ? last_rows : n;
+    // Queries of those rows only, and at least of the last (the engine keeps it for the first
+    // decode step); every row's k and v.
+    const size_t q0 = static_cast<size_t>(n - std::max(m, 1));
+    RmsNorm(x, n, H, L.input_norm.data(), c.rms_norm_eps, h.data());
+    Linear(h.data() + q0 * H, n - static_cast<int>(q0), H, L.wq.data(), L.bq.empty() ? nullptr : L.bq.data(), Q,
+           q.data() + q0 * Q);
+    Linear(h.data(), n, H, L.wk.data(), L.bk.empty() ? nullptr : L.bk.data(), K, k.data());
+    Linear(h.data(), n, H, L.wv.data(), L.bv.empty() ? nullptr : L.bv.data(), K, v.data());
+    Rope(q.data() + q0 * Q, n - static_cast<int>(q0), c.q_heads, c.head_dim, positions + q0, c.rope_inv_freq.data());
+    Rope(k.data(), n, c.kv_heads, c.head_dim, positions, c.rope_inv_freq.data());
     attend(l, q.data(), k.data(), v.data(), a.data(), m == n ? -1 : m);
     if (m == 0) continue;
     const size_t r0 = static_cast<size_t>(n - m);

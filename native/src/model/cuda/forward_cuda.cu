@@ -514,7 +514,7 @@ std::vector<float> CudaRunner::Prefill(int session, const std::vector<int>& toke
         // The last layer's output feeds only the logits, so where only the last row's are read, that
         // layer attends and runs o_proj and the MLP for that one row of the call's last pass, and
         // for no row of its other passes: its k and v still go to the cache. At 8B shapes that is
-        // 1/32 of a long prompt's attention and MLP (bench/results, PERF.md "The last layer").
+        // 1/32 of a long prompt's attention and MLP (PERF.md "The last layer of a prompt").
         const bool tail = !all_logits && l == c_.layers - 1;
         const int attend = tail ? (last ? 1 : 0) : -1;
         // The engine keeps the context on the device and offloads filled pages on its copy stream;
