@@ -80,9 +80,9 @@ import { existsSync, mkdirSync, readFileSync, statfsSync, writeFileSync } from "
 import os from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { loadAddon, type DeviceStepStats, type Engine, type Model } from "../../native/binding.js";
+import { loadAddon, type DeviceStepStats, type Engine, type Model, type Retrieval } from "../../native/binding.js";
 import { DType } from "../../proto/gen/freekv/v1/common.js";
-import { RETRIEVAL_NAMES, retrievalDefaults, type ModeName } from "../../services/common/retrieval.js";
+import { RETRIEVAL_NAMES, retrievalDefaults, validateRetrieval, type ModeName } from "../../services/common/retrieval.js";
 import { ModelScheduler } from "../../services/compute/generate/scheduler.js";
 import { Sampler } from "../../services/compute/generate/sampling.js";
 import { parseModelConfig } from "../../services/compute/model/config.js";
@@ -135,6 +135,10 @@ const { values: args } = parseArgs({
      */
     "match-cosine": { type: "string", default: "" },
     calibrated: { type: "string", default: "" },
+    /** The correction threshold of every session (the engine's default when empty). */
+    tau: { type: "string", default: "" },
+    /** Layers every session keeps dense (comma-separated, e.g. 0), as `freekv eval --dense-layers`. */
+    "dense-layers": { type: "string", default: "" },
   },
 });
 const SHAPES = {
@@ -266,8 +270,23 @@ function writeModel(dir: string): void {
 
 // ---- 2. timing ------------------------------------------------------------------------------
 
-function retrieval(mode: string, pageCopy = false) {
-  return { ...retrievalDefaults(), mode: RETRIEVAL_NAMES.mode[mode as ModeName], ...(pageCopy ? { recall: RETRIEVAL_NAMES.recall.double_buffer } : {}) };
+/** --tau and --dense-layers, checked once by the engine's own validator before any session is made. */
+const SESSION_OVERRIDES: Partial<Retrieval> = {
+  ...(args.tau ? { tau: Number(args.tau) } : {}),
+  ...(args["dense-layers"] ? { denseLayers: args["dense-layers"].split(",").map(Number) } : {}),
+};
+{
+  const bad = validateRetrieval({ ...retrievalDefaults(), ...SESSION_OVERRIDES }, LAYERS);
+  if (bad) throw new RangeError(`--${bad.field === "tau" ? "tau" : "dense-layers"}: ${bad.message}`);
+}
+
+function retrieval(mode: string, pageCopy = false): Retrieval {
+  return {
+    ...retrievalDefaults(),
+    ...SESSION_OVERRIDES,
+    mode: RETRIEVAL_NAMES.mode[mode as ModeName],
+    ...(pageCopy ? { recall: RETRIEVAL_NAMES.recall.double_buffer } : {}),
+  };
 }
 
 function median(xs: number[]): number {
@@ -277,14 +296,17 @@ function median(xs: number[]): number {
 
 /**
  * The step's floor: the bytes a step must read from HBM (every layer's weights and the LM head in
- * bf16, plus the K/V each sequence attends: the 2048-token budget, the whole context when dense,
- * sink + window only in sink_window) over the HBM bandwidth of --hbm-gbps (default: the H200's
+ * bf16, plus the K/V each sequence attends: the sessions' budget (512 + 1024 + 512 tokens by
+ * default), the whole context when dense and in the --dense-layers, sink + window only in sink_window) over the HBM bandwidth of --hbm-gbps (default: the H200's
  * measured copy bandwidth, 4.29 TB/s, bench/results/gpu-*.json ceilings).
  */
 function floorMs(batch: number, context: number, mode: string): number {
   const weights = 2 * (LAYERS * (H * (HQ + 2 * HKV) * D + HQ * D * H + 3 * H * I) + V * H);
-  const attended = mode === "dense" ? context : mode === "sink_window" ? 1024 : Math.min(context, 2048);
-  const kv = batch * LAYERS * HKV * attended * D * 2 * 2;
+  const r = retrieval("freekv");
+  const budget = r.sinkTokens + r.selectTokens + r.windowTokens;
+  const sparse = mode === "sink_window" ? Math.min(context, r.sinkTokens + r.windowTokens) : Math.min(context, budget);
+  const denseLayers = mode === "dense" ? LAYERS : r.denseLayers.length;
+  const kv = batch * HKV * D * 2 * 2 * (denseLayers * context + (LAYERS - denseLayers) * sparse);
   return ((weights + kv) / (HBM_GBPS * 1e9)) * 1e3;
 }
 
@@ -827,6 +849,7 @@ for (let i = 0; i < plan.length; i++) {
 }
 
 log("");
+log(`sessions: budget ${retrieval("freekv").sinkTokens}+${retrieval("freekv").selectTokens}+${retrieval("freekv").windowTokens}, pages of ${retrieval("freekv").pageSize}, tau ${retrieval("freekv").tau}, dense layers [${retrieval("freekv").denseLayers.join(",")}]`);
 log("| batch | context | mode | ms / step (median) | HBM floor ms | x floor | corrections | query cosine (below tau) | top-k overlap | recall MB / step |");
 log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
 for (const r of results)
@@ -834,5 +857,5 @@ for (const r of results)
     `| ${r.batch} | ${r.context} | ${r.mode} | ${r.error ? "error" : r.stepMs!.toFixed(2)} | ${r.floorMs!.toFixed(2)} | ${r.error ? "" : (r.stepMs! / r.floorMs!).toFixed(1)} | ` +
       `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? "" : `${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(0)}%)`} | ${r.error ? "" : r.dynamics!.overlapPct.toFixed(1) + "%"} | ${r.error ? r.error : r.recallMBPerStep!.toFixed(1)} |`,
   );
-writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
+writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, retrieval: retrieval("freekv"), hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
 process.exit(0);
