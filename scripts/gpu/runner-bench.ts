@@ -55,6 +55,9 @@
  *                              [--prefill 8192,32768] [--prefill-chunk 512,2048] [--prefill-gathered 8192]
  *                              [--profile-prefill-chunk K] [--prefill-env "A=1;A=2"] [--prefill-rounds N]
  *                              [--sweep freekv@0.5,freekv@0.8,...] [--match-cosine 0.68 --calibrated freekv,dense]
+ *                              [--tau 0.9] [--dense-layers 0]
+ * --tau, --dense-layers: every session's correction threshold and dense layers (the engine's
+ * defaults otherwise), e.g. the setting `freekv eval` shows the trained model keeps its accuracy at.
  * --modes: retrieval modes (freekv, oracle, dense, speculative, sink_window, resident_sparse: every
  * page on the GPU, the current query's selection read in place, the GPU-resident sparse attention
  * FreeKV is measured against), each optionally -direct (graphs off), -serial (both streams waited
