@@ -3,7 +3,10 @@
  * - a budget that covers the whole context gives the dense output (fp32, rel. error <= 1e-6),
  *   also for a dense layer of a retrieval session;
  * - with a constant query, speculative retrieval attends what the oracle attends;
- * - tau = -1 never corrects (freekv = speculative); tau > 1 always corrects (freekv = oracle);
+ * - the first decode after a prefill (each turn's) selects with its own query in freekv, as the
+ *   oracle does, and with the prompt's last query in speculative;
+ * - tau = -1 never corrects (freekv = speculative after the first decode); tau > 1 always
+ *   corrects (freekv = oracle);
  * - gather and double-buffered recall give the same outputs and counters;
  * - bf16 storage stays within bf16 tolerance of float32.
  */
@@ -173,18 +176,64 @@ describe(`engine mode invariants (seed ${seed})`, () => {
       const never = await run(config(shape, "freekv", { tau: -1 }), prefill, steps);
       expect(never.stats.corrections).toBe(0);
       const spec = await run(config(shape, "speculative"), prefill, steps);
-      expect(never.attended).toEqual(spec.attended);
+      const oracle = await run(config(shape, "oracle"), prefill, steps);
+      // The first decode after a prefill selects with its own query in freekv (as the oracle
+      // does), with the prompt's last query in speculative; from the second on, never correcting
+      // is speculating.
+      expect(never.attended[0]).toEqual(oracle.attended[0]);
+      expect(never.attended.slice(1)).toEqual(spec.attended.slice(1));
       const always = await run(config(shape, "freekv", { tau: 1.5 }), prefill, steps);
       // Every (step, KV head) but the first step's blocking selection is a correction.
       expect(always.stats.selections).toBe(steps.length * shape.kvHeads);
       expect(always.stats.corrections).toBe((steps.length - 1) * shape.kvHeads);
-      const oracle = await run(config(shape, "oracle"), prefill, steps);
-      // The first step selects with the last prefill query, the oracle with q_0.
-      expect(always.attended.slice(1)).toEqual(oracle.attended.slice(1));
-      always.outs.slice(1).forEach((o, t) => expect(relError(o, oracle.outs[t + 1])).toBeLessThanOrEqual(1e-6));
+      expect(always.attended).toEqual(oracle.attended);
+      always.outs.forEach((o, t) => expect(relError(o, oracle.outs[t])).toBeLessThanOrEqual(1e-6));
       const mid = await run(config(shape, "freekv", { tau: 0.9 }), prefill, steps);
       expect(mid.stats.corrections).toBeGreaterThan(0);
       expect(mid.stats.corrections).toBeLessThan(always.stats.corrections);
+    });
+
+    it(`the first decode after a prefill: freekv selects with its own query, speculative with the prompt's last: ${tag}`, async () => {
+      const rng = new Prng(seed + 60 + si);
+      const P = shape.pageSize;
+      const prefill = makeSteps(rng, config(shape, "freekv"), 12 * P, "drift");
+      const steps = makeSteps(rng, config(shape, "freekv"), 4, "drift");
+      // The answer's first query points elsewhere than the prompt's last (a new direction).
+      steps[0] = { ...steps[0], q: rng.normals(shape.qHeads * shape.headDim) };
+      const oracle = await run(config(shape, "oracle"), prefill, steps);
+      const spec = await run(config(shape, "speculative"), prefill, steps);
+      // What the prompt's last query selects: the oracle's first decode with that query.
+      const lastQuery = await run(config(shape, "oracle"), prefill, [{ ...steps[0], q: prefill[prefill.length - 1].q }]);
+      expect(spec.attended[0]).toEqual(lastQuery.attended[0]);
+      expect(spec.attended[0]).not.toEqual(oracle.attended[0]);
+      for (const tau of [-1, 0.9, 1.5]) {
+        const freekv = await run(config(shape, "freekv", { tau }), prefill, steps);
+        expect(freekv.attended[0], `tau ${tau}`).toEqual(oracle.attended[0]);
+        expect(relError(freekv.outs[0], oracle.outs[0])).toBeLessThanOrEqual(1e-6);
+      }
+      // A second prompt (another prefill of the same session) is a first decode again.
+      const es = openSession(config(shape, "freekv", { tau: -1 }), { capacityPages: 64 });
+      const es2 = openSession(config(shape, "oracle"), { capacityPages: 64 });
+      try {
+        const cat = (xs: Step[], f: (s: Step) => Float32Array) => {
+          const a = new Float32Array(xs.length * f(xs[0]).length);
+          xs.forEach((s, i) => a.set(f(s), i * f(s).length));
+          return a;
+        };
+        const turn2 = makeSteps(rng, config(shape, "freekv"), 2 * P + 1, "drift");
+        const jump = { ...steps[1], q: rng.normals(shape.qHeads * shape.headDim) };
+        const attendedAfter = async (x: typeof es) => {
+          await x.engine.prefillAttend(x.session, 0, cat(prefill, (s) => s.q), cat(prefill, (s) => s.k), cat(prefill, (s) => s.v), prefill.length);
+          await x.engine.decode(0, [{ session: x.session, q: steps[0].q, k: steps[0].k, v: steps[0].v }]);
+          await x.engine.prefillAttend(x.session, 0, cat(turn2, (s) => s.q), cat(turn2, (s) => s.k), cat(turn2, (s) => s.v), turn2.length);
+          await x.engine.decode(0, [{ session: x.session, q: jump.q, k: jump.k, v: jump.v }]);
+          return Array.from({ length: shape.kvHeads }, (_, h) => Array.from(x.engine.lastAttendedTokens(x.session, 0, h)));
+        };
+        expect(await attendedAfter(es)).toEqual(await attendedAfter(es2));
+      } finally {
+        await es.close();
+        await es2.close();
+      }
     });
 
     it(`FREEKV_SPEC_REUSE=1: the speculative selection takes the correction's, with the same pages, outputs and counters: ${tag}`, async () => {

@@ -75,10 +75,12 @@ describe(`a failed speculative recall (seed ${seed})`, () => {
   it("counts only the pages that were copied, and a wait for a recall that then failed as a wait", async () => {
     const rng = new Prng(seed ^ 0x5bd1e995);
     const addon = loadAddon();
-    // Every background recall fails, after planning its slots, and runs 20 ms first: each decode
+    // Every background recall fails, after planning its slots, and runs 250 ms first: each decode
     // after the first waits for its layer's recall, which fails, and then selects and recalls
-    // itself, blocking, every page of its selection (the slots were forgotten).
-    const engine = new addon.Engine({ backend: "cpu", threads: 2, debugRecallFailEvery: 1, debugRecallDelayMs: 20 });
+    // itself, blocking, every page of its selection (the slots were forgotten). The delay is long
+    // enough that the next decode of the layer arrives while the recall still runs on a loaded
+    // machine too (with 20 ms, a recall sometimes failed before its decode came: 7 waits of 8).
+    const engine = new addon.Engine({ backend: "cpu", threads: 2, debugRecallFailEvery: 1, debugRecallDelayMs: 250 });
     const P = 4;
     const base = { qHeads: 4, kvHeads: 2, headDim: 16, pageSize: P, sinkTokens: P, windowTokens: 2 * P, selectTokens: 3 * P, tau: 0.9, summary: "maxmin", combine: "mean", dtype: "f32", mode: "speculative" } as const;
     const K = base.selectTokens / P;

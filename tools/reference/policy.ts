@@ -193,7 +193,9 @@ export class ReferenceLayer {
       this.counters.selections += H;
       for (let h = 0; h < H; h++) {
         if (this.c.mode === "oracle" || this.c.mode === "resident_sparse") this.selectHead(h, q, r.sinkEnd, r.windowBegin);
-        else if (this.firstDecode) this.selectHead(h, this.qPrev ?? q, r.sinkEnd, r.windowBegin);
+        // The first decode after a prefill blocks in every mode: freekv selects with its own
+        // query, speculative with the prompt's last (native/src/engine/Retrieval.h, SelectsCurrentAt).
+        else if (this.firstDecode) this.selectHead(h, this.c.mode === "freekv" ? q : (this.qPrev ?? q), r.sinkEnd, r.windowBegin);
         else if (this.c.mode === "freekv" && this.cosine(q, h) < this.c.tau) {
           this.selectHead(h, q, r.sinkEnd, r.windowBegin);
           this.counters.corrections++;

@@ -188,7 +188,8 @@ class Engine {
 
   // Like Prefill, and also computes exact causal attention for the n new queries over the whole
   // context (earlier tokens included): q, out are [n][q_heads][head_dim]. Scale 1/sqrt(head_dim).
-  // The last query is kept for the first decode step's blocking selection.
+  // The last query is kept for the first decode step's blocking selection in speculative mode
+  // (freekv makes it with the decode's own query: Retrieval.h, SelectsCurrentAt).
   // attend_rows (-1: all n): only the last attend_rows queries are attended and only those rows of
   // out are written; every token's k and v are appended as always (a model's last layer needs the
   // attention of no row but the one whose logits are read).

@@ -70,6 +70,17 @@ constexpr int kMaxPageSize = 4096;
 // What a mode does, read by both backends.
 // Selects with the current query at every decode (nothing speculated).
 inline bool SelectsCurrent(Mode m) { return m == Mode::Oracle || m == Mode::ResidentSparse; }
+// Whether a retrieving layer's blocking selection at this decode uses the current query: every
+// decode in oracle and resident_sparse, and in freekv the first decode after a prefill. That
+// decode has no speculative recall to attend, so its selection blocks in every mode; the paper
+// (and DESIGN.md section 2) makes it with the prompt's last query, which costs the same as the
+// current one but misses where the first answer token's query has moved from the prompt's: with
+// the trained model (models/retrieval-8m, 8K single-needle tasks, budget 64 + 256 + 64) freekv
+// wrote a wrong digit where oracle did not, and with every group corrected from the second
+// decode on (tau above 1) still did; with the current query at the first decode it answered
+// (bench/results/eval-retrieval-8m-20261205-first-decode.md). speculative keeps the prompt's
+// last query: it is the ablation without correction.
+inline bool SelectsCurrentAt(Mode m, bool first_decode) { return SelectsCurrent(m) || (first_decode && m == Mode::FreeKV); }
 // Every layer keeps all its pages in the device tier (a dense layer of another mode does too).
 inline bool KeepsAllPages(Mode m) { return m == Mode::Dense || m == Mode::ResidentSparse; }
 

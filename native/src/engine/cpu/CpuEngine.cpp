@@ -453,8 +453,9 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
   }
   // 2. Append the new key/value (offload on page fill).
   for (int i = 0; i < n; ++i) Append(*ss[i], layer, items[i].k, items[i].v, 1);
-  // 3. Blocking selections: first decode after prefill, oracle, corrections, and the selection of
-  // a speculative recall that failed.
+  // 3. Blocking selections: first decode after prefill (freekv with the current query, speculative
+  // with the prompt's last: SelectsCurrentAt), oracle, corrections, and the selection of a
+  // speculative recall that failed.
   struct SelTask {
     int item, head;
     const float* q;
@@ -488,7 +489,7 @@ void CpuEngine::Decode(int layer, const std::vector<DecodeItem>& items) {
     if (!s.Retrieves(L)) continue;
     L.counters.selections += s.pg.Hkv;
     for (int h = 0; h < s.pg.Hkv; ++h) {
-      if (SelectsCurrent(s.cfg.mode)) {
+      if (SelectsCurrentAt(s.cfg.mode, L.first_decode)) {
         sel.push_back({i, h, items[i].q});
       } else if (L.first_decode) {
         sel.push_back({i, h, L.has_q ? L.q_prev.data() : items[i].q});

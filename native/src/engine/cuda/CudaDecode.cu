@@ -383,14 +383,15 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
     }
     const int64_t t_new = c + 1;
     const Ranges r = RangesFor(s, t_new);
-    // Blocking selections: the first decode after a prefill, oracle, and corrections. Every
+    // Blocking selections: the first decode after a prefill (freekv with the current query,
+    // speculative with the prompt's last: SelectsCurrentAt), oracle, and corrections. Every
     // decode but the first after a prefill samples the group cosines (engine/RetrievalStats.h):
     // with the correction check on a correcting layer, else with a check that flags nothing.
     unsigned long long* lc = s.LayerCounters(layer);
     unsigned long long* cosine_stats = L.has_q && !L.first_decode ? lc : nullptr;
     if (s.Retrieves(L)) {
       L.selections += Hkv;
-      if (SelectsCurrent(s.cfg.mode)) {
+      if (SelectsCurrentAt(s.cfg.mode, L.first_decode)) {
         QueueSelectAndRecall(s, layer, L.q[qnew].get(), r.sink_end, r.window_begin, nullptr, t, false, per_item);
       } else if (L.first_decode || !L.selection_valid) {
         QueueSelectAndRecall(s, layer, L.has_q ? L.q[L.qcur].get() : L.q[qnew].get(), r.sink_end, r.window_begin,

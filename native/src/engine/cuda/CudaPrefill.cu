@@ -455,7 +455,7 @@ bool CudaEngine::DoPrefill(Session& s, int layer, const float* q, const float* k
       pp.scale = 1.f / std::sqrt((float)D);
       LaunchPrefillAttention(pp, st);
     }
-    // The latest query, for the first decode's speculative selection.
+    // The latest query, for the first decode's selection in speculative mode (SelectsCurrentAt).
     FKV_CUDA_CHECK(cudaMemcpyAsync(L.q[L.qcur].get(), dq + (size_t)(n - 1) * qs, qs * sizeof(float),
                                    cudaMemcpyDeviceToDevice, st));
   }

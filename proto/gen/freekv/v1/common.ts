@@ -151,13 +151,19 @@ export function groupCombineToJSON(object: GroupCombine): string {
 
 export enum RetrievalMode {
   RETRIEVAL_MODE_UNSPECIFIED = 0,
-  /** RETRIEVAL_MODE_FREEKV - Speculative retrieval with fine-grained correction. Default. */
+  /**
+   * RETRIEVAL_MODE_FREEKV - Speculative retrieval with fine-grained correction. Default. The first decode after a
+   * prefill, which has nothing speculated, selects with its own query.
+   */
   RETRIEVAL_MODE_FREEKV = 1,
   /** RETRIEVAL_MODE_DENSE - Full attention over the whole context, nothing offloaded. */
   RETRIEVAL_MODE_DENSE = 2,
   /** RETRIEVAL_MODE_ORACLE - Select with the current query every step (no speculation). */
   RETRIEVAL_MODE_ORACLE = 3,
-  /** RETRIEVAL_MODE_SPECULATIVE - Select with the previous step's query, never corrected. */
+  /**
+   * RETRIEVAL_MODE_SPECULATIVE - Select with the previous step's query (the prompt's last at the first decode after a
+   * prefill), never corrected.
+   */
   RETRIEVAL_MODE_SPECULATIVE = 4,
   /** RETRIEVAL_MODE_SINK_WINDOW - Sink and window pages only. */
   RETRIEVAL_MODE_SINK_WINDOW = 5,
