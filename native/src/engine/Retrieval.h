@@ -78,7 +78,7 @@ inline bool SelectsCurrent(Mode m) { return m == Mode::Oracle || m == Mode::Resi
 // the trained model (models/retrieval-8m, 8K single-needle tasks, budget 64 + 256 + 64) freekv
 // wrote a wrong digit where oracle did not, and with every group corrected from the second
 // decode on (tau above 1) still did; with the current query at the first decode it answered
-// (bench/results/eval-retrieval-8m-20261205-first-decode.md). speculative keeps the prompt's
+// (bench/results/eval-retrieval-8m-20261205/README.md). speculative keeps the prompt's
 // last query: it is the ablation without correction.
 inline bool SelectsCurrentAt(Mode m, bool first_decode) { return SelectsCurrent(m) || (first_decode && m == Mode::FreeKV); }
 // Every layer keeps all its pages in the device tier (a dense layer of another mode does too).
