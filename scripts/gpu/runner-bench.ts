@@ -291,6 +291,8 @@ function retrieval(mode: string, pageCopy = false): Retrieval {
     ...(pageCopy ? { recall: RETRIEVAL_NAMES.recall.double_buffer } : {}),
   };
 }
+/** The budget, tau and dense layers every session of the run shares (printed, written, and in the floor). */
+const SESSION = retrieval("freekv");
 
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -300,12 +302,13 @@ function median(xs: number[]): number {
 /**
  * The step's floor: the bytes a step must read from HBM (every layer's weights and the LM head in
  * bf16, plus the K/V each sequence attends: the sessions' budget (512 + 1024 + 512 tokens by
- * default), the whole context when dense and in the --dense-layers, sink + window only in sink_window) over the HBM bandwidth of --hbm-gbps (default: the H200's
- * measured copy bandwidth, 4.29 TB/s, bench/results/gpu-*.json ceilings).
+ * default), the whole context when dense and in the --dense-layers, sink + window only in
+ * sink_window) over the HBM bandwidth of --hbm-gbps (default: the H200's measured copy bandwidth,
+ * 4.29 TB/s, bench/results/gpu-*.json ceilings).
  */
 function floorMs(batch: number, context: number, mode: string): number {
   const weights = 2 * (LAYERS * (H * (HQ + 2 * HKV) * D + HQ * D * H + 3 * H * I) + V * H);
-  const r = retrieval("freekv");
+  const r = SESSION;
   const budget = r.sinkTokens + r.selectTokens + r.windowTokens;
   const sparse = mode === "sink_window" ? Math.min(context, r.sinkTokens + r.windowTokens) : Math.min(context, budget);
   const denseLayers = mode === "dense" ? LAYERS : r.denseLayers.length;
@@ -852,7 +855,7 @@ for (let i = 0; i < plan.length; i++) {
 }
 
 log("");
-log(`sessions: budget ${retrieval("freekv").sinkTokens}+${retrieval("freekv").selectTokens}+${retrieval("freekv").windowTokens}, pages of ${retrieval("freekv").pageSize}, tau ${retrieval("freekv").tau}, dense layers [${retrieval("freekv").denseLayers.join(",")}]`);
+log(`sessions: budget ${SESSION.sinkTokens}+${SESSION.selectTokens}+${SESSION.windowTokens}, pages of ${SESSION.pageSize}, tau ${SESSION.tau}, dense layers [${SESSION.denseLayers.join(",")}]`);
 log("| batch | context | mode | ms / step (median) | HBM floor ms | x floor | corrections | query cosine (below tau) | top-k overlap | recall MB / step |");
 log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
 for (const r of results)
@@ -860,5 +863,5 @@ for (const r of results)
     `| ${r.batch} | ${r.context} | ${r.mode} | ${r.error ? "error" : r.stepMs!.toFixed(2)} | ${r.floorMs!.toFixed(2)} | ${r.error ? "" : (r.stepMs! / r.floorMs!).toFixed(1)} | ` +
       `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? "" : `${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(0)}%)`} | ${r.error ? "" : r.dynamics!.overlapPct.toFixed(1) + "%"} | ${r.error ? r.error : r.recallMBPerStep!.toFixed(1)} |`,
   );
-writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, retrieval: retrieval("freekv"), hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
+writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, retrieval: SESSION, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
 process.exit(0);
