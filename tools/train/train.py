@@ -432,6 +432,7 @@ def main(argv=None):
                             lr=a.lr, betas=(0.9, 0.95), eps=1e-8, **opt_kw)
 
     step, tokens_seen, prior_seconds, resumed = 0, 0, 0.0, None
+    prev_longest = 0  # the longest sequences the resumed model was trained on (0: unknown)
     if a.resume:
         if os.path.isdir(a.resume):
             from safetensors.torch import load_file
@@ -442,6 +443,7 @@ def main(argv=None):
             if os.path.exists(curve_file):
                 prev = json.load(open(curve_file))
                 step, tokens_seen, prior_seconds = prev.get("steps", 0), prev.get("tokens", 0), prev.get("train_seconds", 0.0)
+                prev_longest = max((c.get("seq_len", 0) for c in prev.get("curve", [])), default=0)
         else:
             ck = torch.load(a.resume, map_location=device, weights_only=False)
             model.load_state_dict(ck["model"])
@@ -470,7 +472,14 @@ def main(argv=None):
     curve = []
     train_start = time.time()
     last_log, wait_s, stage_i, stage_steps = train_start, 0.0, 0, 0
-    first_stage = 0 if not resumed else len(stages) - 1  # a continued run stays on the longest sequences
+    # A continued run skips the stages shorter than the longest sequences its model already saw (all
+    # but the last stage when that is unknown), so `--resume DIR --stages 16384:0.4,32768:0.6` extends
+    # a 16K model to 32K while still training on 16K first.
+    first_stage = 0
+    if resumed:
+        first_stage = len(stages) - 1
+        if prev_longest:
+            first_stage = next((i for i, (L, _) in enumerate(stages) if L >= prev_longest), len(stages) - 1)
     start_producers(first_stage)
     model.train()
     dev_type = device.split(":")[0]
