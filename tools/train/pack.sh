@@ -20,11 +20,7 @@ cp tools/train/{train.py,tokenizer.py,run.sh} "$DEST/"
 cp "$CORPUS/corpus.json" "$DEST/"
 xz -T2 -6 -c "$CORPUS/corpus.txt" > "$DEST/corpus.txt.xz"
 
-NODE_BIN=$(command -v node)
-if [ ! -f .gpu/node.xz ] || [ "$(cat .gpu/node.xz.src 2>/dev/null)" != "$NODE_BIN $(node --version)" ]; then
-  xz -T2 -6 -c "$NODE_BIN" > .gpu/node.xz
-  echo "$NODE_BIN $(node --version)" > .gpu/node.xz.src
-fi
+bash scripts/gpu/pack-node.sh > /dev/null
 cp .gpu/node.xz "$DEST/node.xz"
 
 if python3 -c "import tokenizers" 2>/dev/null; then

@@ -15,7 +15,7 @@ flock /tmp/freekv-native.lock node native/build.mjs >/tmp/freekv-gpu-demo-build.
 node -e 'const a=require("./native/build/Release/freekv.node"); if(!a.backendInfo().cudaBuilt){console.error("the addon has no CUDA backend (nvcc missing?)"); process.exit(1)}'
 rm -rf tmp/gpu tmp/proto
 mkdir -p tmp/gpu/lib tmp/proto/health/v1 tmp/proto/grpc/reflection tmp/gpu/node_modules/grpc-health-check
-if [ -f .gpu/node.xz ]; then cp .gpu/node.xz tmp/gpu/node.xz; else bash ../shared/gpu/pack-node.sh >/dev/null && cp .gpu/node.xz tmp/gpu/node.xz; fi
+if [ -f .gpu/node.xz ]; then cp .gpu/node.xz tmp/gpu/node.xz; else bash scripts/gpu/pack-node.sh >/dev/null && cp .gpu/node.xz tmp/gpu/node.xz; fi
 cp native/build/Release/freekv.node tmp/gpu/
 gomp=$(ldd native/build/Release/freekv.node | awk '/libgomp/ {print $3}')
 [ -n "$gomp" ] && cp -L "$gomp" tmp/gpu/lib/
