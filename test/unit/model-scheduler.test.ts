@@ -292,7 +292,14 @@ describe("ModelScheduler", () => {
     const late = sliced.filter((c) => c.c >= 2000);
     expect(late.length).toBeGreaterThan(0);
     expect(Math.max(...late.map((c) => c.n))).toBeLessThan(256);
-    expect(sliced[sliced.length - 1].n).toBeLessThan(sliced[0].n);
+    // Shrinking, judged on medians: one early slice can come out small when a busy machine's timer
+    // overshoot inflates the first fitted costs (2 cores under the whole suite: 16 then 23 tokens).
+    // The cost model predicts about 100 tokens before 1K of context and 30 after 2K; with a cost
+    // that does not grow with the context the medians stay within a few percent of each other.
+    const med = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+    const early = sliced.filter((c) => c.c < 1000);
+    expect(early.length).toBeGreaterThan(0);
+    expect(med(late.map((c) => c.n))).toBeLessThan(0.75 * med(early.map((c) => c.n)));
     // Predicted within one decode step; measured within a loose bound: timers overshoot on a busy
     // machine (17.6 ms was seen beside the rest of the suite on 2 cores), while chunks left whole
     // would take 30-60 ms this far into the prompt.
