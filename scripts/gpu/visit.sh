@@ -108,7 +108,9 @@ if [ -n "${NSYS_ARGS:-}" ]; then
   step nsys "${NSYS_S:-150}" bash -c 'nsys profile -t cuda,osrt --sample=none --cpuctxsw=none -f true -o "$OUT/runner" \
       node --max-old-space-size=8192 .gpu/runner-bench.mjs --out "$OUT" '"${NSYS_ARGS}"' > "$OUT/runner.log" 2>&1;
     nsys stats -q --report cuda_api_sum,osrt_sum --format csv -o "$OUT/stats" "$OUT/runner.nsys-rep" > /dev/null 2>&1;
-    ls "$OUT"; head -30 "$OUT"/stats*cuda_api_sum*.csv'
+    nsys export --type sqlite -f true -o "$OUT/runner.sqlite" "$OUT/runner.nsys-rep" > /dev/null 2>&1 &&
+      python3 scripts/gpu/nsys-step.py "$OUT/runner.sqlite" --json "$OUT/nsys-step.json" > "$OUT/nsys-step.txt" 2>&1;
+    rm -f "$OUT/runner.sqlite"; cat "$OUT/nsys-step.txt"; ls "$OUT"; head -30 "$OUT"/stats*cuda_api_sum*.csv'
 fi
 py=python3
 [ -x /opt/torch/.venv/bin/python3 ] && py=/opt/torch/.venv/bin/python3
