@@ -124,6 +124,21 @@ export interface CaseSpec {
    * repeats: whole groups tie, so the lower page must win every tie).
    */
   keys?: "iid" | "walk" | "tied";
+  /** FREEKV_RESIDENT_FACTOR while both engines make (and re-attach) the sessions. */
+  residentFactor?: number;
+}
+
+/** fn() with FREEKV_RESIDENT_FACTOR set as the case asks (the engines read it when a session is made). */
+function withResidentFactor<T>(spec: CaseSpec, fn: () => T): T {
+  if (!spec.residentFactor) return fn();
+  const saved = process.env.FREEKV_RESIDENT_FACTOR;
+  process.env.FREEKV_RESIDENT_FACTOR = String(spec.residentFactor);
+  try {
+    return fn();
+  } finally {
+    if (saved === undefined) delete process.env.FREEKV_RESIDENT_FACTOR;
+    else process.env.FREEKV_RESIDENT_FACTOR = saved;
+  }
 }
 
 const BASE: Retrieval = {
@@ -354,6 +369,24 @@ export const CASES: CaseSpec[] = [
     reattachAt: 21,
     crossReattach: true,
   },
+  // FREEKV_RESIDENT_FACTOR 3: a group's pool keeps three selections' worth of pages (the page
+  // chosen longest ago leaves first, engine/ResidentPool.h); the same pages attended, and the hit
+  // and recall counters equal to the CPU engine's (both apply the same rule). Candidates (about 60
+  // pages a session) outnumber the 24 slots, so pages are evicted.
+  {
+    name: "freekv and oracle with three selections' worth of resident pages, batch 3, re-attach",
+    geometry: { layers: 2, qHeads: 8, kvHeads: 2, headDim: 128 },
+    retrieval: { selectTokens: 256 },
+    perSession: [{}, { mode: 3 }, { recall: 2 }],
+    prompts: [2100, 1900, 1500],
+    firstChunk: 700,
+    attendPrompt: true,
+    steps: 48,
+    capacityPages: 96,
+    seed: 1103,
+    reattachAt: 30,
+    residentFactor: 3,
+  },
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -563,11 +596,11 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
         const h = createHost(geometry, R(b), spec.capacityPages);
         hosts.push(h);
         hostOf[be].push(h);
-        sessions[be].push(engines[be].createSession(geometry, R(b), h.segments, false));
+        sessions[be].push(withResidentFactor(spec, () => engines[be].createSession(geometry, R(b), h.segments, false)));
       }
     const hist = inputs.map(() => Array.from({ length: layers }, () => new History(kn)));
     // Float64 policy references (keys and page summaries only), to judge selection differences.
-    const refs = inputs.map((_, b) => Array.from({ length: layers }, (_, l) => new ReferenceLayer(policyConfigOf(spec.geometry, R(b), l))));
+    const refs = inputs.map((_, b) => Array.from({ length: layers }, (_, l) => new ReferenceLayer({ ...policyConfigOf(spec.geometry, R(b), l), residentFactor: spec.residentFactor })));
     // Sessions whose selection differed by a near-tie: their hit/recall counters may differ.
     const diverged = new Set<number>();
     const judge = (where: string, b: number, l: number, h: number, got: number[], want: number[], qNow: Float32Array, qPrev: Float32Array | null): boolean => {
@@ -630,7 +663,7 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
         for (let b = 0; b < B; b++) {
           await engines.cuda.sync(sessions.cuda[b]);
           engines.cuda.closeSession(sessions.cuda[b]);
-          sessions.cuda[b] = fresh.createSession(geometry, R(b), hostOf.cuda[b].segments, true);
+          sessions.cuda[b] = withResidentFactor(spec, () => fresh.createSession(geometry, R(b), hostOf.cuda[b].segments, true));
           if (fresh.contextTokens(sessions.cuda[b]) !== spec.prompts[b] + t) fail(`re-attach b${b}: context ${fresh.contextTokens(sessions.cuda[b])}`);
         }
         engines.cuda = fresh;
@@ -764,7 +797,7 @@ export async function runCase(spec: CaseSpec, log: (line: string) => void = () =
         await engines.cuda.sync(sessions.cuda[b]);
         const h = createHost(geometry, R(b), spec.capacityPages, hostOf.cuda[b]);
         hosts.push(h);
-        cs.push(other.createSession(geometry, R(b), h.segments, true));
+        cs.push(withResidentFactor(spec, () => other.createSession(geometry, R(b), h.segments, true)));
       }
       for (let l = 0; l < layers; l++) {
         const og = await engines.cuda.decode(l, extra.map((x, b) => ({ session: sessions.cuda[b], ...x[l] })));

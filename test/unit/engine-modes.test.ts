@@ -267,10 +267,17 @@ describe(`engine mode invariants (seed ${seed})`, () => {
         delete process.env.FREEKV_SPEC_REUSE;
         process.env.FREEKV_MEAN_FOLD = "on";
         expect(() => new (loadAddon().Engine)({ backend: "cpu", threads: 1 })).toThrow(/FREEKV_MEAN_FOLD must be 0 or 1, got 'on'/);
+        // And FREEKV_RESIDENT_FACTOR's (an integer 1..8).
+        delete process.env.FREEKV_MEAN_FOLD;
+        for (const bad of ["0", "9", "2.5", "x"]) {
+          process.env.FREEKV_RESIDENT_FACTOR = bad;
+          expect(() => new (loadAddon().Engine)({ backend: "cpu", threads: 1 })).toThrow(new RegExp(`FREEKV_RESIDENT_FACTOR must be an integer from 1 to 8, got '${bad.replace(".", "\\.")}'`));
+        }
       } finally {
         if (saved === undefined) delete process.env.FREEKV_SPEC_REUSE;
         else process.env.FREEKV_SPEC_REUSE = saved;
         delete process.env.FREEKV_MEAN_FOLD;
+        delete process.env.FREEKV_RESIDENT_FACTOR;
       }
     });
 

@@ -43,72 +43,100 @@ function* queries(rng: Prng, n: number, drift: number): Generator<Float32Array> 
   }
 }
 
+/** One case: prefill, decode, a second turn; every step against the reference, then the counters. */
+async function runCase(si: number, shape: Case, mode: ModeName, residentFactor: number): Promise<void> {
+  const rng = new Prng(seed + si * 101 + modes.indexOf(mode) + 1009 * (residentFactor - 1));
+  const P = shape.pageSize;
+  const c: PolicyConfig = {
+    ...shape,
+    sinkTokens: P,
+    windowTokens: 2 * P,
+    selectTokens: 4 * P,
+    tau: 0.9,
+    mode,
+    dtype: "f32",
+    residentFactor,
+  };
+  const ref = new ReferenceLayer(c);
+  // The same steps with one selection's worth of slots: what the extra slots save.
+  const one = residentFactor > 1 ? new ReferenceLayer({ ...c, residentFactor: 1 }) : undefined;
+  // Read when the session is made.
+  if (residentFactor > 1) process.env.FREEKV_RESIDENT_FACTOR = String(residentFactor);
+  let es: ReturnType<typeof openSession>;
+  try {
+    es = openSession(c, { capacityPages: 128 });
+  } finally {
+    delete process.env.FREEKV_RESIDENT_FACTOR;
+  }
+  try {
+    const { engine, session } = es;
+    const qn = c.qHeads * c.headDim,
+      kvn = c.kvHeads * c.headDim;
+    // Prefill with attention: exact causal attention over the chunk, in two chunks.
+    const n0 = 13 * P + 3;
+    for (const n of [Math.floor(n0 / 2), n0 - Math.floor(n0 / 2)]) {
+      const q = quantised(rng, n * qn),
+        k = quantised(rng, n * kvn),
+        v = quantised(rng, n * kvn);
+      const out = await engine.prefillAttend(session, 0, q, k, v, n);
+      ref.prefill(k, v, n, q.subarray((n - 1) * qn));
+      one?.prefill(k, v, n, q.subarray((n - 1) * qn));
+      expect(relError(out, ref.prefillAttention(q, n))).toBeLessThan(1e-5);
+    }
+    const qs = queries(rng, qn, 0.3);
+    const decodeSteps = async (steps: number, turn: number) => {
+      for (let t = 0; t < steps; t++) {
+        const q = qs.next().value as Float32Array;
+        const k = quantised(rng, kvn),
+          v = quantised(rng, kvn);
+        const [out] = await engine.decode(0, [{ session, q, k, v }]);
+        const want = ref.decode(q, k, v);
+        one?.decode(q, k, v);
+        for (let h = 0; h < c.kvHeads; h++)
+          expect(Array.from(engine.lastAttendedTokens(session, 0, h)), `turn ${turn} step ${t} head ${h}`).toEqual(want.attended[h]);
+        expect(relError(out, want.out), `turn ${turn} step ${t}`).toBeLessThan(1e-5);
+      }
+    };
+    await decodeSteps(3 * P + 5, 1);
+    // A second turn: a prefill chunk without queries in the middle of decoding (the next
+    // decode selects with its own query), then more steps.
+    const n1 = 2 * P + 1;
+    const k1 = quantised(rng, n1 * kvn),
+      v1 = quantised(rng, n1 * kvn);
+    await engine.prefill(session, 0, k1, v1, n1);
+    ref.prefill(k1, v1, n1);
+    one?.prefill(k1, v1, n1);
+    await decodeSteps(P + 2, 2);
+    await engine.sync(session);
+    const st = engine.stats(session);
+    expect(st.selections).toBe(ref.counters.selections);
+    expect(st.corrections).toBe(ref.counters.corrections);
+    expect(st.pagesSelected).toBe(ref.counters.pagesSelected);
+    expect(st.pagesHit).toBe(ref.counters.pagesHit);
+    expect(st.pagesRecalled).toBe(ref.counters.pagesRecalled);
+    expect(st.recallBytes).toBe(ref.counters.pagesRecalled * 2 * P * c.headDim * 4);
+    expect(st.contextTokens).toBe(ref.tokens);
+    if (mode === "freekv") expect(st.corrections).toBeGreaterThan(0);
+    if (mode === "freekv" || mode === "speculative") expect(st.pagesHit).toBeGreaterThan(0);
+    if (one) {
+      // Same pages attended (checked every step above), fewer recalled.
+      expect(one.counters.pagesSelected).toBe(ref.counters.pagesSelected);
+      expect(st.pagesRecalled).toBeLessThan(one.counters.pagesRecalled);
+    }
+  } finally {
+    await es.close();
+  }
+}
+
 describe(`engine vs float64 policy reference (seed ${seed})`, () => {
   for (const [si, shape] of shapes.entries())
     for (const mode of modes)
-      it(`${mode} Hq=${shape.qHeads} Hkv=${shape.kvHeads} D=${shape.headDim} P=${shape.pageSize} ${shape.summary} ${shape.combine}`, async () => {
-        const rng = new Prng(seed + si * 101 + modes.indexOf(mode));
-        const P = shape.pageSize;
-        const c: PolicyConfig = {
-          ...shape,
-          sinkTokens: P,
-          windowTokens: 2 * P,
-          selectTokens: 4 * P,
-          tau: 0.9,
-          mode,
-          dtype: "f32",
-        };
-        const ref = new ReferenceLayer(c);
-        const es = openSession(c, { capacityPages: 128 });
-        try {
-          const { engine, session } = es;
-          const qn = c.qHeads * c.headDim,
-            kvn = c.kvHeads * c.headDim;
-          // Prefill with attention: exact causal attention over the chunk, in two chunks.
-          const n0 = 13 * P + 3;
-          for (const n of [Math.floor(n0 / 2), n0 - Math.floor(n0 / 2)]) {
-            const q = quantised(rng, n * qn),
-              k = quantised(rng, n * kvn),
-              v = quantised(rng, n * kvn);
-            const out = await engine.prefillAttend(session, 0, q, k, v, n);
-            ref.prefill(k, v, n, q.subarray((n - 1) * qn));
-            expect(relError(out, ref.prefillAttention(q, n))).toBeLessThan(1e-5);
-          }
-          const qs = queries(rng, qn, 0.3);
-          const decodeSteps = async (steps: number, turn: number) => {
-            for (let t = 0; t < steps; t++) {
-              const q = qs.next().value as Float32Array;
-              const k = quantised(rng, kvn),
-                v = quantised(rng, kvn);
-              const [out] = await engine.decode(0, [{ session, q, k, v }]);
-              const want = ref.decode(q, k, v);
-              for (let h = 0; h < c.kvHeads; h++)
-                expect(Array.from(engine.lastAttendedTokens(session, 0, h)), `turn ${turn} step ${t} head ${h}`).toEqual(want.attended[h]);
-              expect(relError(out, want.out), `turn ${turn} step ${t}`).toBeLessThan(1e-5);
-            }
-          };
-          await decodeSteps(3 * P + 5, 1);
-          // A second turn: a prefill chunk without queries in the middle of decoding (the next
-          // decode selects with its own query), then more steps.
-          const n1 = 2 * P + 1;
-          const k1 = quantised(rng, n1 * kvn),
-            v1 = quantised(rng, n1 * kvn);
-          await engine.prefill(session, 0, k1, v1, n1);
-          ref.prefill(k1, v1, n1);
-          await decodeSteps(P + 2, 2);
-          await engine.sync(session);
-          const st = engine.stats(session);
-          expect(st.selections).toBe(ref.counters.selections);
-          expect(st.corrections).toBe(ref.counters.corrections);
-          expect(st.pagesSelected).toBe(ref.counters.pagesSelected);
-          expect(st.pagesHit).toBe(ref.counters.pagesHit);
-          expect(st.pagesRecalled).toBe(ref.counters.pagesRecalled);
-          expect(st.recallBytes).toBe(ref.counters.pagesRecalled * 2 * P * c.headDim * 4);
-          expect(st.contextTokens).toBe(ref.tokens);
-          if (mode === "freekv") expect(st.corrections).toBeGreaterThan(0);
-          if (mode === "freekv" || mode === "speculative") expect(st.pagesHit).toBeGreaterThan(0);
-        } finally {
-          await es.close();
-        }
-      });
+      it(`${mode} Hq=${shape.qHeads} Hkv=${shape.kvHeads} D=${shape.headDim} P=${shape.pageSize} ${shape.summary} ${shape.combine}`, () =>
+        runCase(si, shape, mode, 1));
+  // FREEKV_RESIDENT_FACTOR: a group keeps 2 or 3 selections' worth of pages; the pages chosen
+  // longest ago leave first. The same pages are attended; the counters follow the reference's pool.
+  for (const [si, shape] of shapes.entries())
+    for (const mode of ["freekv", "oracle", "speculative"] as const)
+      it(`${mode} Hq=${shape.qHeads} Hkv=${shape.kvHeads} P=${shape.pageSize}, resident factor ${2 + (si % 2)}`, () =>
+        runCase(si, shape, mode, 2 + (si % 2)));
 });

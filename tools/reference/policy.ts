@@ -26,6 +26,12 @@ export interface PolicyConfig {
   dtype: "f32" | "bf16";
   /** A dense layer of a non-dense session. */
   denseLayer?: boolean;
+  /**
+   * Pages a KV group keeps resident, in selections (FREEKV_RESIDENT_FACTOR; default 1). With more
+   * than one, the pages chosen longest ago leave first (then the lowest page), as
+   * native/src/engine/ResidentPool.h says; the store is taken to hold at least that many pages.
+   */
+  residentFactor?: number;
 }
 
 export interface Ranges {
@@ -65,6 +71,8 @@ export class ReferenceLayer {
   readonly values: Float64Array[][] = [];
   private summaries: PageSummary[][] = []; // [page][kvHead]
   private resident: Set<number>[];
+  /** Per KV head, with residentFactor > 1: resident page -> selections since it was last chosen. */
+  private ages: Map<number, number>[];
   private selected: number[][];
   private qPrev: Float64Array | null = null;
   private firstDecode = true;
@@ -72,6 +80,7 @@ export class ReferenceLayer {
 
   constructor(readonly c: PolicyConfig) {
     this.resident = Array.from({ length: c.kvHeads }, () => new Set<number>());
+    this.ages = Array.from({ length: c.kvHeads }, () => new Map<number, number>());
     this.selected = Array.from({ length: c.kvHeads }, () => []);
   }
 
@@ -158,8 +167,20 @@ export class ReferenceLayer {
     this.counters.pagesHit += hits;
     this.counters.pagesRecalled += chosen.length - hits;
     // Misses replace resident pages that were not chosen; with as many slots as the selection
-    // can hold, the resident set becomes the chosen set.
-    this.resident[h] = new Set(chosen);
+    // can hold, the resident set becomes the chosen set. With more, the oldest leave first.
+    const k = this.c.selectTokens / this.c.pageSize;
+    const slots = Math.min(k * (this.c.residentFactor ?? 1), 1024);
+    if (slots <= k) {
+      this.resident[h] = new Set(chosen);
+    } else {
+      const ages = this.ages[h];
+      const want = new Set(chosen);
+      for (const [p, a] of ages) ages.set(p, want.has(p) ? 0 : a + 1);
+      for (const p of chosen) ages.set(p, 0);
+      const leave = [...ages.keys()].filter((p) => !want.has(p)).sort((a, b) => ages.get(b)! - ages.get(a)! || a - b);
+      for (let i = 0; ages.size > slots; i++) ages.delete(leave[i]);
+      this.resident[h] = new Set(ages.keys());
+    }
     this.selected[h] = [...chosen].sort((a, b) => a - b);
   }
 

@@ -3,6 +3,7 @@
 // table of defaults, DESIGN.md section 2) and the one validator of those settings.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdlib>
 #include <optional>
@@ -116,10 +117,41 @@ inline bool ReuseCorrectedSelections() { return EnvSwitchOn(kSpecReuseVariable);
 constexpr const char* kMeanFoldVariable = "FREEKV_MEAN_FOLD";
 inline bool FoldMeanSelection() { return EnvSwitchOn(kMeanFoldVariable); }
 
+// FREEKV_RESIDENT_FACTOR, read by both backends when a session is made (or re-attached): how many
+// pages a KV group of a retrieving layer keeps on the device, in multiples of its selection (1, the
+// default and the paper's method, to 8). The attention still reads only the selected pages; the
+// extra slots keep pages selected earlier, so a page the query selects again is a hit instead of a
+// recall over the link. On the trained model's own queries (bench/results/resident-pool-20261206/)
+// a group recalls 36-46% of its selection a step with 1, 13-29% with 2 and 4-13% with 4.
+// Eviction (ResidentVictimOrder): with extra slots, empty slots first, then the page chosen longest
+// ago, then the lowest slot; without, the lowest slot not chosen (as before the option).
+constexpr const char* kResidentFactorVariable = "FREEKV_RESIDENT_FACTOR";
+constexpr int kMaxResidentFactor = 8;
+// Most slots a group's pool may have (the CUDA residency kernel holds them in shared memory).
+constexpr int kMaxResidentSlots = 1024;
+inline int ResidentFactor() {
+  const char* e = std::getenv(kResidentFactorVariable);
+  if (!e || !*e) return 1;
+  const std::string v(e);
+  int f = 0;
+  bool digits = true;
+  for (char ch : v) digits = digits && ch >= '0' && ch <= '9', f = std::min(1000, f * 10 + (ch - '0'));
+  if (digits && f >= 1 && f <= kMaxResidentFactor) return f;
+  throw std::invalid_argument(std::string(kResidentFactorVariable) + " must be an integer from 1 to " +
+                              std::to_string(kMaxResidentFactor) + ", got '" + v + "'");
+}
+// Slots of a group's pool for a selection of k pages, a store of capacity_pages and the factor:
+// at least k (the selection always fits), at most k * factor, the store and kMaxResidentSlots.
+inline int ResidentSlots(int k, int capacity_pages, int factor) {
+  if (k <= 0 || factor <= 1) return k;
+  return std::max(k, std::min({k * factor, capacity_pages, kMaxResidentSlots}));
+}
+
 // Every switch above, checked when an engine is made.
 inline void CheckEngineSwitches() {
   CheckEnvSwitch(kSpecReuseVariable);
   CheckEnvSwitch(kMeanFoldVariable);
+  ResidentFactor();
 }
 
 // Largest sink, window or selection (tokens): services/common/retrieval.ts MAX_RETRIEVAL_TOKENS.

@@ -76,6 +76,7 @@ int CpuEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const 
   s->pg = MakePageGeometry(g, c);
   s->manifest = std::make_unique<Manifest>(h.manifest, layout, g.layers, g.q_heads * g.head_dim);
   const auto& pg = s->pg;
+  const int resident_factor = ResidentFactor();  // throws on a bad FREEKV_RESIDENT_FACTOR
   for (int l = 0; l < g.layers; ++l) {
     auto L = std::make_unique<LayerState>();
     L->dense = c.mode == Mode::Dense || std::find(c.dense_layers.begin(), c.dense_layers.end(), l) != c.dense_layers.end();
@@ -87,9 +88,10 @@ int CpuEngine::CreateSession(const Geometry& g, const RetrievalConfig& c, const 
       const size_t cap = static_cast<size_t>(h.capacity_pages);
       L->ring.assign(std::min<size_t>(pg.window_pages, cap + 1) * pg.nhd_page_bytes, 0);
       L->sink.assign(std::min<size_t>(pg.sink_pages, cap + 1) * pg.nhd_page_bytes, 0);
-      const int slot_pages = std::min(pg.select_pages, h.capacity_pages);
+      const int slot_pages = std::min(ResidentSlots(pg.select_pages, h.capacity_pages, resident_factor), h.capacity_pages);
       L->slots.assign(static_cast<size_t>(slot_pages) * pg.nhd_page_bytes, 0);
       L->slot_page.assign(pg.Hkv, std::vector<int>(slot_pages, -1));
+      L->slot_age.assign(pg.Hkv, std::vector<int>(slot_pages, 0));
       L->selected.assign(pg.Hkv, {});
       L->prev_selected.assign(pg.Hkv, {});
     }
@@ -244,7 +246,7 @@ void CpuEngine::ApplySelection(CpuSession& s, LayerState& L, int h, const HeadSe
     return;
   }
   auto& slot_page = L.slot_page[h];
-  const auto plan = PlanResidency(slot_page, chosen, [&](int p) { return selection.Score(p); });
+  const auto plan = PlanResidency(slot_page, L.slot_age[h], chosen, s.pg.select_pages);
   for (const auto& m : plan.misses) ops.push_back({h, m.page, m.slot});
   std::unordered_map<int, int> where;
   for (int slot = 0; slot < static_cast<int>(slot_page.size()); ++slot)
@@ -326,6 +328,7 @@ bool CpuEngine::WaitRecall(CpuSession& s, int layer, const char* where, bool* wa
 
 void CpuEngine::ForgetSlots(LayerState& L) {
   for (auto& row : L.slot_page) std::fill(row.begin(), row.end(), -1);
+  for (auto& row : L.slot_age) std::fill(row.begin(), row.end(), 0);
   for (auto& sel : L.selected) sel.clear();
   L.selected_count = 0;
   L.reselect = true;

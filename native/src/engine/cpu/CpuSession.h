@@ -41,8 +41,11 @@ struct LayerState {
   std::vector<std::unique_ptr<uint8_t[]>> dense_pages;  // keeps_all: every page, NHD
   std::vector<uint8_t> ring;                             // window_pages NHD pages; page p at p % window_pages
   std::vector<uint8_t> sink;                             // sink_pages NHD pages
-  std::vector<uint8_t> slots;                            // select_pages NHD pages (per head: slot_page)
-  std::vector<std::vector<int>> slot_page;               // [Hkv][select_pages] page held, -1 = empty
+  // The selected pages' slots: select_pages NHD pages, or more with FREEKV_RESIDENT_FACTOR
+  // (engine/Retrieval.h ResidentSlots), per head: slot_page.
+  std::vector<uint8_t> slots;
+  std::vector<std::vector<int>> slot_page;               // [Hkv][slots] page held, -1 = empty
+  std::vector<std::vector<int>> slot_age;                // [Hkv][slots] selections since last chosen (engine/ResidentPool.h)
   std::vector<std::vector<SelectedPage>> selected;       // [Hkv] current selection, by page
   std::atomic<int> selected_count{0};                    // sum of selected[h].size()
   std::vector<std::vector<uint16_t>> summaries;          // [Hkv][full pages][2][D] bf16 (Summary.h)

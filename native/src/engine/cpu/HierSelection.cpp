@@ -68,23 +68,6 @@ double Combiner::operator()(const float* s) const {
   return acc / group;
 }
 
-double HeadSelection::Score(int page) const {
-  if (page < c0 || page >= c1) return -std::numeric_limits<double>::infinity();
-  if (!hierarchical) return combined[page - c0];
-  const int group = g->Hq / g->Hkv;
-  float s[64];
-  std::vector<float> big;
-  float* sp = s;
-  if (group > 64) {
-    big.resize(group);
-    sp = big.data();
-  }
-  const size_t per = SummaryRow(*g);
-  const uint16_t* hi = summaries + static_cast<size_t>(page) * per;
-  simd::Get().score_pages_bf16(q, group, hi, per, 1, g->D, sp);
-  return combiner(sp);
-}
-
 HeadSelection SelectPagesHierarchical(const PageGeometry& g, GroupCombine how, const uint16_t* summaries,
                                       const uint16_t* groups, int h, const float* q, int c0, int c1) {
   HeadSelection r;

@@ -54,12 +54,10 @@ struct Combiner {
   double operator()(const float* s) const;
 };
 
-// One KV head's selection and the combined score of any candidate page (for the residency's
-// choice of which resident page a miss replaces).
+// One KV head's selection, with what it was made from.
 struct HeadSelection {
   std::vector<int> chosen;        // best first; ties to the lower page
-  // Flat: every candidate's combined score (combined[p - c0]). Hierarchical: empty, Score()
-  // scores the page on demand with the selection's combine.
+  // Flat: every candidate's combined score (combined[p - c0]). Hierarchical: empty.
   std::vector<double> combined;
   bool hierarchical = false;
   Combiner combiner;
@@ -68,7 +66,6 @@ struct HeadSelection {
   const float* q = nullptr;  // the group's query heads [group][D]
   int h = 0, c0 = 0, c1 = 0;
   int groups_scored = 0, pages_scored = 0;
-  double Score(int page) const;  // -inf outside [c0, c1)
 };
 
 // The whole selection of KV head h among pages [c0, c1), flat or hierarchical (`hier`), from the

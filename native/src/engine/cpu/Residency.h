@@ -1,7 +1,9 @@
 // Residency of the selected slots of one (layer, KV head): which page each slot holds.
 // A new selection reuses the pages already resident (hits) and recalls only the misses; each miss
-// goes to an empty slot or else replaces the lowest-scoring resident page that was not chosen.
-// Sink and window pages live in their own slots and never take part.
+// replaces a slot whose page was not chosen, in the order of ResidentVictimOrder (engine/Residency.h
+// has the rule, shared with the CUDA engine). With as many slots as the selection (the default)
+// every page not chosen leaves; with more (FREEKV_RESIDENT_FACTOR) the pages chosen longest ago
+// leave first. Sink and window pages live in their own slots and never take part.
 #pragma once
 
 #include <vector>
@@ -19,11 +21,9 @@ struct ResidencyPlan {
 };
 
 // Updates slot_page (page per slot, -1 = empty) so that every page of `chosen` is resident and
-// returns the misses to recall. `score(page)` gives the new combined score of a resident page
-// (pages outside the candidate range score lowest).
-template <typename ScoreFn>
-ResidencyPlan PlanResidency(std::vector<int>& slot_page, const std::vector<int>& chosen, ScoreFn score);
+// returns the misses to recall. slot_age (per slot: selections of this head since its page was
+// last chosen) is updated too. `k` is the selection's size: with more slots than k the victims
+// are the oldest pages.
+ResidencyPlan PlanResidency(std::vector<int>& slot_page, std::vector<int>& slot_age, const std::vector<int>& chosen, int k);
 
 }  // namespace freekv::cpu
-
-#include "engine/cpu/Residency.inl"

@@ -144,6 +144,8 @@ void CudaEngine::QueueSelectAndRecall(Session& s, int layer, const float* q, int
   ResidencyParams rp;
   rp.selected = L.selected.get();
   rp.resident = L.resident.get();
+  rp.age = L.slot_age.get();
+  rp.slots = s.R;
   rp.selected_slot = L.selected_slot.get();
   rp.jobs = L.jobs.get();
   rp.job_count = L.job_count.get() + 1;  // per head (LaunchResidencyDiffBatch)
@@ -174,6 +176,8 @@ void CudaEngine::SelectAndRecall(Session& s, int layer, const float* q, int c0, 
   ResidencyParams rp;
   rp.selected = L.selected.get();
   rp.resident = L.resident.get();
+  rp.age = L.slot_age.get();
+  rp.slots = s.R;
   rp.selected_slot = L.selected_slot.get();
   rp.jobs = L.jobs.get();
   rp.job_count = L.job_count.get();

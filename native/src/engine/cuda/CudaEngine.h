@@ -81,13 +81,14 @@ struct LayerTier {
   bool keeps_all = false;  // every page in its pool slot p (dense, or resident_sparse)
   int64_t tokens = 0;
   int pool_slots = 0;
-  PoolArray<bf16> pool;         // NHD [pool_slots][2][P][Hkv][D]
+  PoolArray<bf16> pool;         // NHD [pool_slots][2][P][Hkv][D]: sink, window, then R selected slots
   PoolArray<__nv_bfloat16> summaries;  // [capacity][Hkv][2][D] (bf16 values: summary.cuh)
   PoolArray<__nv_bfloat16> groups;     // [ceil(capacity / 32)][Hkv][2][D] group bounds (hierarchical selection)
   PoolArray<unsigned long long> sel_ws;  // selection workspace (SelectionWorkspaceBytes at capacity)
   PoolArray<int> selected;      // [Hkv][K]
   PoolArray<int> selected_slot; // [Hkv][K]
-  PoolArray<int> resident;      // [Hkv][K]
+  PoolArray<int> resident;      // [Hkv][R]: the page in each selected slot (-1: empty)
+  PoolArray<int> slot_age;      // [Hkv][R]: selections since the slot's page was last chosen (engine/ResidentPool.h)
   PoolArray<int> flags;         // [Hkv]
   PoolArray<float> scratch;     // selection scratch
   PoolArray<RecallJob> jobs;    // [Hkv * K]
@@ -124,7 +125,7 @@ struct LayerTier {
   float* q_last = nullptr;
   // Every device array above from `pool` in `stream`'s order (Session::BindPool).
   void BindPool(cudaMemPool_t mem, cudaStream_t stream) {
-    for (auto* a : {&selected, &selected_slot, &resident, &flags, &job_count, &t_slot, &t_tokens, &t_id, &t_num, &prev_selected})
+    for (auto* a : {&selected, &selected_slot, &resident, &slot_age, &flags, &job_count, &t_slot, &t_tokens, &t_id, &t_num, &prev_selected})
       *a = PoolArray<int>(mem, stream);
     pool = PoolArray<bf16>(mem, stream);
     summaries = PoolArray<__nv_bfloat16>(mem, stream);
@@ -142,6 +143,8 @@ struct Session {
   HostStore host;
   Layout layout;
   int P = 0, SP = 0, WP = 0, K = 0;
+  // Selected slots of a group's pool: K, or more with FREEKV_RESIDENT_FACTOR (engine/Retrieval.h).
+  int R = 0;
   size_t page_elems = 0;  // bf16 elements of one NHD page
   uint8_t* store_dev = nullptr;
   uint8_t* tail_dev = nullptr;

@@ -312,6 +312,7 @@ int CudaEngine::CreateSessionLocked(const Geometry& g, const RetrievalConfig& c,
   s->SP = c.sink_tokens / c.page_size;
   s->WP = c.window_tokens / c.page_size;
   s->K = c.select_tokens / c.page_size;
+  s->R = ResidentSlots(s->K, h.capacity_pages, ResidentFactor());
   s->page_elems = (size_t)2 * s->P * g.kv_heads * g.head_dim;
   {
     int same_address = 0;
@@ -353,7 +354,7 @@ int CudaEngine::CreateSessionLocked(const Geometry& g, const RetrievalConfig& c,
     L->dense = c.mode == Mode::Dense ||
                std::find(c.dense_layers.begin(), c.dense_layers.end(), l) != c.dense_layers.end();
     L->keeps_all = L->dense || KeepsAllPages(c.mode);
-    L->pool_slots = L->keeps_all ? cap + 1 : s->SP + s->WP + K;
+    L->pool_slots = L->keeps_all ? cap + 1 : s->SP + s->WP + s->R;
     L->pool.Resize(std::max(1, L->pool_slots) * s->page_elems);
     if (!L->dense) {
       L->summaries.Resize((size_t)cap * Hkv * 2 * D);
@@ -362,8 +363,10 @@ int CudaEngine::CreateSessionLocked(const Geometry& g, const RetrievalConfig& c,
     if (s->Retrieves(*L)) {
       L->selected.Resize((size_t)Hkv * K);
       L->selected_slot.Resize((size_t)Hkv * K);
-      L->resident.Resize((size_t)Hkv * K);
+      L->resident.Resize((size_t)Hkv * s->R);
       FKV_CUDA_CHECK(cudaMemsetAsync(L->resident.get(), 0xff, L->resident.bytes(), st));  // -1: empty
+      L->slot_age.Resize((size_t)Hkv * s->R);
+      FKV_CUDA_CHECK(cudaMemsetAsync(L->slot_age.get(), 0, L->slot_age.bytes(), st));
       FKV_CUDA_CHECK(cudaMemsetAsync(L->selected.get(), 0xff, L->selected.bytes(), st));
       FKV_CUDA_CHECK(cudaMemsetAsync(L->selected_slot.get(), 0xff, L->selected_slot.bytes(), st));
       L->prev_selected.Resize((size_t)Hkv * K);

@@ -3,13 +3,18 @@
 #include "cuda/cuda_check.cuh"
 #include "residency.cuh"
 
+#include "engine/ResidentPool.h"
+#include "engine/Retrieval.h"
+
 namespace freekv::cuda {
 namespace {
 
 constexpr int kMaxK = 1024;
+constexpr int kMaxSlots = kMaxResidentSlots;
 
-// One block per KV head: threads test selected entries against the resident set in parallel,
-// thread 0 hands out the free slots in order.
+// One block per KV head: threads test selected entries against the resident set in parallel and
+// rank the slots not kept in the eviction order (engine/ResidentPool.h); thread 0 hands the misses
+// the slots in that order. Selected entries are k, slots R = p.slots (>= k).
 // Batched (item blockIdx.y of `items`): head h writes its jobs to jobs[h * k ..] and their number
 // to job_count[h] (0 for a masked head), so no count needs zeroing before the launch.
 template <bool kBatch>
@@ -20,20 +25,23 @@ __global__ void ResidencyKernel(const ResidencyParams p0, const ResidencyParams*
     if (kBatch && threadIdx.x == 0) p.job_count[h] = 0;
     return;
   }
-  __shared__ int sel[kMaxK], res[kMaxK], hit_slot[kMaxK];
-  __shared__ unsigned char kept[kMaxK];
-  __shared__ int miss[kMaxK];
+  __shared__ int sel[kMaxK], hit_slot[kMaxK], miss[kMaxK];
+  __shared__ int res[kMaxSlots], age[kMaxSlots], victim[kMaxSlots];
+  __shared__ unsigned char kept[kMaxSlots];
   const int k = p.k;
-  for (int j = threadIdx.x; j < k; j += blockDim.x) {
-    sel[j] = p.selected[(size_t)h * k + j];
-    res[j] = p.resident[(size_t)h * k + j];
+  const int R = p.slots > 0 ? p.slots : k;
+  const bool extra = R > k;
+  for (int j = threadIdx.x; j < k; j += blockDim.x) sel[j] = p.selected[(size_t)h * k + j];
+  for (int j = threadIdx.x; j < R; j += blockDim.x) {
+    res[j] = p.resident[(size_t)h * R + j];
+    age[j] = p.age ? p.age[(size_t)h * R + j] : 0;
     kept[j] = 0;
   }
   __syncthreads();
   for (int i = threadIdx.x; i < k; i += blockDim.x) {
     int s = -1;
     if (sel[i] >= 0)
-      for (int j = 0; j < k; ++j)
+      for (int j = 0; j < R; ++j)
         if (res[j] == sel[i]) {
           s = j;
           break;
@@ -44,8 +52,18 @@ __global__ void ResidencyKernel(const ResidencyParams p0, const ResidencyParams*
   for (int i = threadIdx.x; i < k; i += blockDim.x)
     if (hit_slot[i] >= 0) kept[hit_slot[i]] = 1;
   __syncthreads();
+  // The slots not kept, in eviction order: victim[r] is the slot of rank r. Without extra slots
+  // the order is the slot index (as a scan for the first slot not kept would find them).
+  for (int j = threadIdx.x; j < R; j += blockDim.x) {
+    if (kept[j]) continue;
+    int rank = 0;
+    for (int o = 0; o < R; ++o)
+      if (!kept[o] && ResidentVictimBefore(res[o], age[o], o, res[j], age[j], j, extra)) ++rank;
+    victim[rank] = j;
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
-    int free_j = 0, nsel = 0, nhit = 0, nmiss = 0;
+    int next = 0, nsel = 0, nhit = 0, nmiss = 0;
     for (int i = 0; i < k; ++i) {
       if (sel[i] < 0) continue;
       ++nsel;
@@ -53,10 +71,10 @@ __global__ void ResidencyKernel(const ResidencyParams p0, const ResidencyParams*
         ++nhit;
         continue;
       }
-      while (kept[free_j]) ++free_j;  // a free slot exists: #misses <= #slots not kept
-      kept[free_j] = 1;
-      res[free_j] = sel[i];
-      hit_slot[i] = free_j;
+      const int j = victim[next++];  // a free slot exists: #misses <= #slots not kept
+      kept[j] = 1;
+      res[j] = sel[i];
+      hit_slot[i] = j;
       miss[nmiss++] = i;
     }
     int base;
@@ -81,10 +99,12 @@ __global__ void ResidencyKernel(const ResidencyParams p0, const ResidencyParams*
     }
   }
   __syncthreads();
-  for (int j = threadIdx.x; j < k; j += blockDim.x) {
-    p.resident[(size_t)h * k + j] = res[j];
-    p.selected_slot[(size_t)h * k + j] = sel[j] >= 0 ? p.selected_base + hit_slot[j] : -1;
+  for (int j = threadIdx.x; j < R; j += blockDim.x) {
+    p.resident[(size_t)h * R + j] = res[j];
+    if (p.age) p.age[(size_t)h * R + j] = ResidentAgeAfter(res[j], age[j], kept[j] != 0);
   }
+  for (int j = threadIdx.x; j < k; j += blockDim.x)
+    p.selected_slot[(size_t)h * k + j] = sel[j] >= 0 ? p.selected_base + hit_slot[j] : -1;
 }
 
 // One block per KV head. Rows: sink pages, then selected pages, then window pages. Batched: table
@@ -172,6 +192,7 @@ __global__ void AttendTableKernel(const AttendTableParams p0, const AttendTableP
 namespace {
 void CheckResidency(const ResidencyParams& p) {
   Require(p.kv_heads > 0 && p.k > 0 && p.k <= kMaxK, "residency: k must be in [1, 1024]");
+  Require(p.slots == 0 || (p.slots >= p.k && p.slots <= kMaxSlots), "residency: slots must be 0 or in [k, 1024]");
   Require(p.selected && p.resident && p.selected_slot && p.jobs && p.job_count, "residency: a device pointer is null");
 }
 void CheckAttendTable(const AttendTableParams& p) {

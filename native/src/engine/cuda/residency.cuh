@@ -4,13 +4,14 @@
 //   sink slots     [sink_base, sink_base + sink_pages): page p < sink_pages lives in slot p;
 //   window slots   [window_base, window_base + window_pages): a ring, page p in slot p % window_pages
 //                  while it is in the window (the partial page plus window_pages - 1 full pages);
-//   selected slots [selected_base, selected_base + k): per KV head, the selected middle pages;
-//                  resident[h][j] is the page whose head-h K/V is in selected slot j (-1: none).
+//   selected slots [selected_base, selected_base + R): per KV head, the selected middle pages
+//                  and (R > k, FREEKV_RESIDENT_FACTOR) pages selected before; resident[h][j] is
+//                  the page whose head-h K/V is in selected slot j (-1: none).
 //
 // ResidencyDiff: given the new selection per KV head, reuses slots already holding a selected
-// page (hits), assigns each miss a slot whose page is no longer selected (with k slots and top-k
-// selection, exactly the evicted pages are the lowest-scoring resident ones), and appends a
-// recall job per miss. Nothing leaves the device.
+// page (hits), assigns each miss a slot whose page is not selected, in the eviction order of
+// engine/ResidentPool.h (with R = k every page no longer selected leaves; with more slots the page
+// chosen longest ago), and appends a recall job per miss. Nothing leaves the device.
 //
 // AttendTable: the attention table of a step (sink + selected + window, or every page in dense
 // mode) with each page's slot, valid tokens and page id. A layer that keeps every page (page p in
@@ -24,11 +25,13 @@ namespace freekv::cuda {
 
 struct ResidencyParams {
   const int* selected = nullptr;  // [kv_heads][k] pages, -1 = none
-  int* resident = nullptr;        // [kv_heads][k] updated in place
+  int* resident = nullptr;        // [kv_heads][slots] updated in place
+  int* age = nullptr;             // optional [kv_heads][slots]: selections since last chosen, updated in place
   int* selected_slot = nullptr;   // [kv_heads][k] out: slot (selected_base + j) of each selected page, -1 = none
   RecallJob* jobs = nullptr;      // out: one per miss (capacity kv_heads * k)
   int* job_count = nullptr;       // out: number of jobs (zeroed by the launcher first)
   int kv_heads = 0, k = 0, selected_base = 0;
+  int slots = 0;                  // R, the selected slots per head (0: k)
   const int* head_mask = nullptr;           // optional [kv_heads]: only heads with mask != 0
   unsigned long long* counters = nullptr;   // optional [3]: += selected pages, hits, misses
 };
