@@ -17,7 +17,14 @@ query's own top-k (the oracle's):
   prevsel   the previous step's oracle pages themselves (a selection reused, not re-ranked)
 
 and reports per layer the top-k overlap with the oracle and the share of the current query's
-candidate mass that the predictor's pages hold. The generated tokens are written beside the
+candidate mass that the predictor's pages hold.
+
+`--cache 1,2,4` also counts, per layer, the pages each step would recall over the link if a KV
+group's device pool held C x k pages instead of k: the pool keeps the most recently selected
+pages (each step's oracle pages are marked used and the least recently used beyond C x k leave),
+and a page the current query selects that is not in the pool is a miss. C = 1 is the engine as it
+is (the pool holds the last selection); the miss share is the recall volume relative to k pages a
+step, whichever of the speculative or the corrected path brings the page. The generated tokens are written beside the
 figures so they can be compared with the service's output on the same tasks (`--check EVAL_JSON`).
 
   node tools/study/encode-tasks.mjs --model models/retrieval-8m --tasks TASKS.jsonl --count 12 > ids.jsonl
@@ -156,7 +163,9 @@ def main():
     ap.add_argument("--select", type=int, default=1024)
     ap.add_argument("--page", type=int, default=32)
     ap.add_argument("--count", type=int, default=0)
+    ap.add_argument("--cache", default="", help="pool sizes in multiples of k (e.g. 1,1.5,2,4): misses per step")
     a = ap.parse_args()
+    caches = [float(c) for c in a.cache.split(",") if c]
     m = Llama(a.model)
     eos = m.cfg.get("eos_token_id")
     P, k = a.page, a.select // a.page
@@ -166,6 +175,8 @@ def main():
     # per layer and predictor: sums of overlap and mass share, and the count of (step, group) samples
     acc = {l: {p: [0.0, 0.0, 0] for p in preds} for l in range(m.L)}
     cos_acc = {l: [0.0, 0] for l in range(m.L)}
+    # per layer and pool size: summed misses / k, and the (step, group) samples counted
+    miss_acc = {l: {c: [0.0, 0] for c in caches} for l in range(m.L)}
     tasks = [json.loads(x) for x in open(a.ids) if x.strip()]
     if a.count:
         tasks = tasks[:a.count]
@@ -177,6 +188,8 @@ def main():
         logits, _ = m.forward(ids, cache, 0)
         out, qhist = [], []  # qhist: per step, per layer, the [Hq, D] query
         prev_sel = [[None] * m.Hkv for _ in range(m.L)]
+        # per layer, group and pool size: page -> the step it was last selected at
+        pools = [[{c: {} for c in caches} for _ in range(m.Hkv)] for _ in range(m.L)]
         pos = len(ids)
         for step in range(t["max_tokens"]):
             tok = int(np.argmax(logits))
@@ -226,6 +239,18 @@ def main():
                         r[1] += sum(cur[i] for i in sel) / total
                         r[2] += 1
                     prev_sel[l][h] = oracle
+                    for c in caches:
+                        pool = pools[l][h][c]
+                        if pool:  # the first selection fills an empty pool: not a step's recall
+                            r = miss_acc[l][c]
+                            r[0] += sum(1 for i in oracle if i not in pool) / k
+                            r[1] += 1
+                        for i in oracle:
+                            pool[i] = step
+                        cap = max(k, int(c * k))
+                        if len(pool) > cap:
+                            for i in sorted(pool, key=pool.get)[:len(pool) - cap]:
+                                del pool[i]
         gens.append({"id": t["id"], "family": t["family"], "ids": out})
         print(f"[study] {ti + 1}/{len(tasks)} {t['id']}: {len(ids)} prompt tokens, {len(out)} generated, "
               f"{time.time() - t0:.0f} s", file=sys.stderr)
@@ -236,6 +261,8 @@ def main():
                             **{p: {"topk_overlap": v[0] / v[2] if v[2] else None,
                                    "mass_share": v[1] / v[2] if v[2] else None, "samples": v[2]}
                                for p, v in acc[l].items()}}
+        if caches:
+            res["layers"][l]["pool_miss_share"] = {str(c): (v[0] / v[1] if v[1] else None) for c, v in miss_acc[l].items()}
     if a.check:
         op = lzma.open if a.check.endswith(".xz") else open
         ev = json.load(op(a.check, "rt"))
@@ -250,6 +277,12 @@ def main():
             o, s = r[p]["topk_overlap"], r[p]["mass_share"]
             cells.append(f"{(o if o is not None else float('nan')):12.3f} {(s if s is not None else float('nan')):12.3f}")
         print(f"{l:>5} {r['adjacent_cosine']:6.3f} " + " ".join(cells))
+    if caches:
+        print("pages recalled a step per group, share of k, by pool size (x k):")
+        print(f"{'layer':>5} " + " ".join(f"{c:>8g}" for c in caches))
+        for l in range(m.L):
+            v = res["layers"][l]["pool_miss_share"]
+            print(f"{l:>5} " + " ".join(f"{(v[str(c)] if v[str(c)] is not None else float('nan')):8.3f}" for c in caches))
 
 
 if __name__ == "__main__":
