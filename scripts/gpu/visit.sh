@@ -99,9 +99,12 @@ for kp in ${KPROF:-}; do
   step "kprof-${kp%%:*}" "${KPROF_S:-120}" bash scripts/gpu/kernel-profile.sh "$work/kprof-${kp%%:*}" "${kp%%:*}" "${kp#*:}"
 done
 step runner "${RUNNER_S:-240}" env ${RUNNER_ENV:-} bash scripts/gpu/runner-bench.sh ${RUNNER_ARGS:---points 1:32768,4:32768,16:8192 --modes freekv,speculative,dense --steps 8}
-# RUNNER2_ARGS: a second runner process (its own environment RUNNER2_ENV, e.g. FREEKV_GEMM_AUTOTUNE=1),
-# reusing the first one's model folder.
-[ -n "${RUNNER2_ARGS:-}" ] && step runner2 "${RUNNER2_S:-120}" env ${RUNNER2_ENV:-} bash scripts/gpu/runner-bench.sh ${RUNNER2_ARGS}
+# RUNNER2_ARGS, RUNNER3_ARGS: more runner processes (each its own environment RUNNER2_ENV,
+# RUNNER3_ENV, e.g. FREEKV_RESIDENT_FACTOR=4), reusing the first one's model folder.
+for n in 2 3; do
+  a=RUNNER${n}_ARGS e=RUNNER${n}_ENV t=RUNNER${n}_S
+  [ -n "${!a:-}" ] && step runner$n "${!t:-120}" env ${!e:-} bash scripts/gpu/runner-bench.sh ${!a}
+done
 # NSYS_ARGS: one runner process under Nsight Systems (CUDA API and OS runtime traced), NSYS_S
 # seconds, and the CUDA API summary as text: where the host's time goes (e.g. a prefill's issue).
 if [ -n "${NSYS_ARGS:-}" ]; then
