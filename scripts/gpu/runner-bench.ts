@@ -155,6 +155,9 @@ const SHAPES = {
   attn8b: { layers: 32, H: 4096, I: 4096, HQ: 32, HKV: 8, D: 128, V: 8192, dir: "/tmp/freekv-attn8b", ropeTheta: 500000.0, llama3Rope: true },
   small: { layers: 4, H: 1024, I: 2816, HQ: 16, HKV: 4, D: 64, V: 32768, dir: "/tmp/freekv-small", ropeTheta: 500000.0, llama3Rope: false },
 } as const;
+/** The FREEKV_* settings of this process (e.g. FREEKV_RESIDENT_FACTOR), written beside the figures. */
+const FREEKV_ENV = Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith("FREEKV_")).sort());
+if (Object.keys(FREEKV_ENV).length) console.log(`environment: ${Object.entries(FREEKV_ENV).map(([k, v]) => `${k}=${v}`).join(" ")}`);
 if (args.backend !== "cuda" && args.backend !== "cpu") throw new RangeError(`--backend must be cuda or cpu (got ${args.backend})`);
 const BACKEND = args.backend as "cuda" | "cpu";
 if (!(args.shape! in SHAPES)) throw new RangeError(`--shape must be one of ${Object.keys(SHAPES).join(", ")} (got ${args.shape})`);
@@ -863,5 +866,5 @@ for (const r of results)
     `| ${r.batch} | ${r.context} | ${r.mode} | ${r.error ? "error" : r.stepMs!.toFixed(2)} | ${r.floorMs!.toFixed(2)} | ${r.error ? "" : (r.stepMs! / r.floorMs!).toFixed(1)} | ` +
       `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? "" : `${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(0)}%)`} | ${r.error ? "" : r.dynamics!.overlapPct.toFixed(1) + "%"} | ${r.error ? r.error : r.recallMBPerStep!.toFixed(1)} |`,
   );
-writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, retrieval: SESSION, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
+writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, environment: FREEKV_ENV, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, retrieval: SESSION, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
 process.exit(0);
