@@ -85,6 +85,7 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { loadAddon, type DeviceStepStats, type Engine, type Model, type Retrieval } from "../../native/binding.js";
 import { DType } from "../../proto/gen/freekv/v1/common.js";
+import { nativeSettings } from "../../services/common/config.js";
 import { RETRIEVAL_NAMES, retrievalDefaults, validateRetrieval, type ModeName } from "../../services/common/retrieval.js";
 import { ModelScheduler } from "../../services/compute/generate/scheduler.js";
 import { Sampler } from "../../services/compute/generate/sampling.js";
@@ -155,8 +156,8 @@ const SHAPES = {
   attn8b: { layers: 32, H: 4096, I: 4096, HQ: 32, HKV: 8, D: 128, V: 8192, dir: "/tmp/freekv-attn8b", ropeTheta: 500000.0, llama3Rope: true },
   small: { layers: 4, H: 1024, I: 2816, HQ: 16, HKV: 4, D: 64, V: 32768, dir: "/tmp/freekv-small", ropeTheta: 500000.0, llama3Rope: false },
 } as const;
-/** The FREEKV_* settings of this process (e.g. FREEKV_RESIDENT_FACTOR), written beside the figures. */
-const FREEKV_ENV = Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith("FREEKV_")).sort());
+/** The addon's settings in this process's environment (e.g. FREEKV_RESIDENT_FACTOR), written beside the figures. */
+const FREEKV_ENV = nativeSettings();
 if (Object.keys(FREEKV_ENV).length) console.log(`environment: ${Object.entries(FREEKV_ENV).map(([k, v]) => `${k}=${v}`).join(" ")}`);
 if (args.backend !== "cuda" && args.backend !== "cpu") throw new RangeError(`--backend must be cuda or cpu (got ${args.backend})`);
 const BACKEND = args.backend as "cuda" | "cpu";

@@ -171,6 +171,11 @@ export const NATIVE_VARIABLES: ReadonlySet<string> = new Set([
   "FREEKV_MALLOC_MMAP_THRESHOLD",
 ]);
 
+/** The addon's own settings (NATIVE_VARIABLES) set in `env`, by name: what a benchmark writes beside its figures (none is a secret). */
+export function nativeSettings(env: NodeJS.ProcessEnv = process.env): Record<string, string> {
+  return Object.fromEntries([...NATIVE_VARIABLES].filter((k) => env[k] !== undefined && env[k] !== "").sort().map((k) => [k, env[k]!]));
+}
+
 /**
  * Removes from `env` the empty variables of `schema` that the addon reads itself, so that the addon
  * (loaded after the configuration) finds them unset, as the schema did. Any other value it reads

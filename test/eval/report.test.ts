@@ -224,6 +224,11 @@ describe("JSON writer", () => {
   it("writes machine, commit, date, model, command, settings, cells and every result", () => {
     const file = join(dir, "sub", "run.json");
     const startedAt = new Date();
+    // The addon's settings in the environment go beside the figures; other FREEKV_* variables
+    // (which may hold credentials) do not.
+    const saved = { f: process.env.FREEKV_RESIDENT_FACTOR, d: process.env.FREEKV_DIRECTORY };
+    process.env.FREEKV_RESIDENT_FACTOR = "3";
+    process.env.FREEKV_DIRECTORY = "redis://user:secret@host:6379";
     const doc = toJson(
       {
         command: ["freekv", "eval", "--tasks", "x.jsonl"],
@@ -239,6 +244,10 @@ describe("JSON writer", () => {
       summary,
       results,
     );
+    for (const [k, v] of [["FREEKV_RESIDENT_FACTOR", saved.f], ["FREEKV_DIRECTORY", saved.d]] as const) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
     writeJson(file, doc);
     const back = JSON.parse(readFileSync(file, "utf8"));
     expect(back.tool).toBe("freekv eval");
@@ -253,6 +262,8 @@ describe("JSON writer", () => {
     expect(back.cells).toHaveLength(summary.cells.length);
     expect(back.modes.map((m: { mode: string }) => m.mode)).toEqual(MODES);
     expect(back.not_exposed).toEqual(NOT_EXPOSED);
+    expect(back.native_settings.FREEKV_RESIDENT_FACTOR).toBe("3");
+    expect(JSON.stringify(back)).not.toContain("secret");
   });
 });
 

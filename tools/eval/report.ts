@@ -9,6 +9,7 @@ import os from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { RetrievalConfig } from "../../proto/gen/freekv/v1/common.js";
+import { nativeSettings } from "../../services/common/config.js";
 import { RETRIEVAL_NAMES } from "../../services/common/retrieval.js";
 import type { TaskResult } from "./run.js";
 import type { Cell, Summary } from "./summary.js";
@@ -173,6 +174,9 @@ export function toJson(info: RunInfo, s: Summary, results: readonly TaskResult[]
     backend: info.backend,
     tasks: { file: info.tasksFile, count: new Set(results.map((r) => r.id)).size },
     settings: info.settings,
+    // The addon's settings in this process's environment: those of the services it started (with
+    // --target, the remote service's own are not known here).
+    native_settings: nativeSettings(),
     concurrency: info.concurrency,
     scoring:
       "correct = every expected answer is a substring of the generated text; for multi_query, ordered_retrieval and multi_value each after the previous one found; answer_fraction = found / expected",
