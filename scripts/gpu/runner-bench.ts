@@ -336,7 +336,7 @@ async function fillContext(engine: Engine, session: number, n: number, seed: num
     }
 }
 
-interface Point { batch: number; context: number; mode: string; floorMs?: number; stepMs?: number; minMs?: number; drainMs?: number; throughputMs?: number; sameAs?: string; correctionRate?: number; recallMBPerStep?: number; graph?: string; error?: string; ts?: Record<string, number>; dynamics?: Dynamics; memory?: PointMemory }
+interface Point { batch: number; context: number; mode: string; floorMs?: number; stepMs?: number; minMs?: number; drainMs?: number; throughputMs?: number; sameAs?: string; correctionRate?: number; recallMBPerStep?: number; batchRecallMBPerStep?: number; graph?: string; error?: string; ts?: Record<string, number>; dynamics?: Dynamics; memory?: PointMemory }
 
 /**
  * What a point's sessions hold once filled: device memory (nvidia-smi's used, the whole device's)
@@ -491,6 +491,8 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     const steps = Number(st.decodeSteps) || 1;
     point.correctionRate = Number(st.selections) ? Number(st.corrections) / Number(st.selections) : 0;
     point.recallMBPerStep = Number(st.recallBytes) / steps / 1e6;
+    // The link carries every session's recall: the batch's total beside the first session's.
+    point.batchRecallMBPerStep = sessions.reduce((a, s) => a + Number(engine.stats(s.session).recallBytes), 0) / steps / 1e6;
     point.dynamics = dynamicsOf(st);
 
     // 3. The TypeScript of a Generate step (scheduler + greedy sampling), same sessions.
@@ -838,7 +840,7 @@ for (let i = 0; i < plan.length; i++) {
   results.push(r);
   log(
     `b${r.batch} ctx ${r.context} ${r.mode}: ` +
-      (r.error ? `error: ${r.error}` : `${r.stepMs!.toFixed(2)} ms/step (min ${r.minMs!.toFixed(2)}; with the final drain of ${r.drainMs!.toFixed(2)} ms, ${r.throughputMs!.toFixed(2)} ms a step)${r.sameAs ? `, logits ${r.sameAs}` : ""}, corrections ${(100 * r.correctionRate!).toFixed(1)}%, query cosine ${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(1)}% below tau), top-k overlap ${r.dynamics!.overlapPct.toFixed(1)}%, recall ${r.recallMBPerStep!.toFixed(1)} MB/step; ${r.graph}`) +
+      (r.error ? `error: ${r.error}` : `${r.stepMs!.toFixed(2)} ms/step (min ${r.minMs!.toFixed(2)}; with the final drain of ${r.drainMs!.toFixed(2)} ms, ${r.throughputMs!.toFixed(2)} ms a step)${r.sameAs ? `, logits ${r.sameAs}` : ""}, corrections ${(100 * r.correctionRate!).toFixed(1)}%, query cosine ${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(1)}% below tau), top-k overlap ${r.dynamics!.overlapPct.toFixed(1)}%, recall ${r.recallMBPerStep!.toFixed(1)} MB/step a session (${r.batchRecallMBPerStep!.toFixed(1)} MB the batch); ${r.graph}`) +
       (r.ts ? `; Generate TS: ${r.ts.tsMs.toFixed(2)} ms of ${r.ts.wallMs.toFixed(2)} ms (${r.ts.sharePct.toFixed(2)}%)` : "") +
       (r.memory
         ? `; memory per session: device ${r.memory.deviceMiBPerSession.toFixed(0)} MiB, host (/dev/shm) ${r.memory.shmMiBPerSession.toFixed(0)} MiB; sessions that fit: ${r.memory.sessionsByDevice} by the free device memory (${(r.memory.deviceFreeMiB / 1024).toFixed(1)} GiB), ${r.memory.sessionsByHost} by the free /dev/shm (${(r.memory.shmFreeMiB / 1024).toFixed(1)} GiB)`
@@ -860,12 +862,12 @@ for (let i = 0; i < plan.length; i++) {
 
 log("");
 log(`sessions: budget ${SESSION.sinkTokens}+${SESSION.selectTokens}+${SESSION.windowTokens}, pages of ${SESSION.pageSize}, tau ${SESSION.tau}, dense layers [${SESSION.denseLayers.join(",")}]`);
-log("| batch | context | mode | ms / step (median) | HBM floor ms | x floor | corrections | query cosine (below tau) | top-k overlap | recall MB / step |");
+log("| batch | context | mode | ms / step (median) | HBM floor ms | x floor | corrections | query cosine (below tau) | top-k overlap | recall MB / step (a session; the batch) |");
 log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
 for (const r of results)
   log(
     `| ${r.batch} | ${r.context} | ${r.mode} | ${r.error ? "error" : r.stepMs!.toFixed(2)} | ${r.floorMs!.toFixed(2)} | ${r.error ? "" : (r.stepMs! / r.floorMs!).toFixed(1)} | ` +
-      `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? "" : `${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(0)}%)`} | ${r.error ? "" : r.dynamics!.overlapPct.toFixed(1) + "%"} | ${r.error ? r.error : r.recallMBPerStep!.toFixed(1)} |`,
+      `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? "" : `${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(0)}%)`} | ${r.error ? "" : r.dynamics!.overlapPct.toFixed(1) + "%"} | ${r.error ? r.error : `${r.recallMBPerStep!.toFixed(1)}; ${r.batchRecallMBPerStep!.toFixed(1)}`} |`,
   );
 writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, environment: FREEKV_ENV, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, retrieval: SESSION, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
 process.exit(0);
