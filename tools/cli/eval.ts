@@ -9,6 +9,7 @@
  * error is in the JSON) or anything else went wrong; 2 bad options or a malformed task file.
  */
 import { resolve } from "node:path";
+import { nativeSettings } from "../../services/common/config.js";
 import { MODE_NAMES, RETRIEVAL_NAMES, type ModeName } from "../../services/common/retrieval.js";
 import { ModelConfigError } from "../../services/compute/model/config.js";
 import { builtinModelDir, readModelFolder } from "../../services/compute/model/loader.js";
@@ -155,6 +156,8 @@ async function evaluate(argv: string[]): Promise<number> {
   if (session?.geometry && session.geometry.layers !== folder.spec.native.layers)
     process.stderr.write(`freekv eval: warning: the target serves a ${session.geometry.layers}-layer model but ${modelDir} has ${folder.spec.native.layers}: the prompts were encoded with another model's tokenizer\n`);
   process.stdout.write(toTable(summary));
+  const native = Object.entries(nativeSettings());
+  if (native.length && !target) process.stdout.write(`\nengine settings of the services started here: ${native.map(([k, x]) => `${k}=${x}`).join(" ")}\n`);
   const errors = results.filter((r) => r.error !== undefined);
   for (const r of errors.slice(0, 5)) process.stderr.write(`freekv eval: ${r.id} (${r.mode}) failed: ${r.error}\n`);
   if (errors.length > 5) process.stderr.write(`freekv eval: ... ${errors.length - 5} more failed requests (see --json)\n`);
