@@ -157,8 +157,8 @@ const SHAPES = {
   small: { layers: 4, H: 1024, I: 2816, HQ: 16, HKV: 4, D: 64, V: 32768, dir: "/tmp/freekv-small", ropeTheta: 500000.0, llama3Rope: false },
 } as const;
 /** The addon's settings in this process's environment (e.g. FREEKV_RESIDENT_FACTOR), written beside the figures. */
-const FREEKV_ENV = nativeSettings();
-if (Object.keys(FREEKV_ENV).length) console.log(`environment: ${Object.entries(FREEKV_ENV).map(([k, v]) => `${k}=${v}`).join(" ")}`);
+const addonSettings = nativeSettings();
+if (Object.keys(addonSettings).length) console.log(`environment: ${Object.entries(addonSettings).map(([k, v]) => `${k}=${v}`).join(" ")}`);
 if (args.backend !== "cuda" && args.backend !== "cpu") throw new RangeError(`--backend must be cuda or cpu (got ${args.backend})`);
 const BACKEND = args.backend as "cuda" | "cpu";
 if (!(args.shape! in SHAPES)) throw new RangeError(`--shape must be one of ${Object.keys(SHAPES).join(", ")} (got ${args.shape})`);
@@ -869,5 +869,5 @@ for (const r of results)
     `| ${r.batch} | ${r.context} | ${r.mode} | ${r.error ? "error" : r.stepMs!.toFixed(2)} | ${r.floorMs!.toFixed(2)} | ${r.error ? "" : (r.stepMs! / r.floorMs!).toFixed(1)} | ` +
       `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? "" : `${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(0)}%)`} | ${r.error ? "" : r.dynamics!.overlapPct.toFixed(1) + "%"} | ${r.error ? r.error : `${r.recallMBPerStep!.toFixed(1)}; ${r.batchRecallMBPerStep!.toFixed(1)}`} |`,
   );
-writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, environment: FREEKV_ENV, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, retrieval: SESSION, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
+writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, environment: addonSettings, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, retrieval: SESSION, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
 process.exit(0);
