@@ -67,7 +67,7 @@ export interface EngineStats {
   pagesOffloaded: number;
   offloadBytes: number;
   contextTokens: number;
-  /** Resident head-pages of the device tier (sink + window + selected; every page of a dense layer). */
+  /** Resident head-pages of the device tier that the attention reads (sink + window + selected; every page of a dense layer); pages kept in the extra slots of FREEKV_RESIDENT_FACTOR are not counted. */
   residentPages: number;
   /** Decode calls whose attention waited for its layer's in-flight speculative recall. */
   recallWaits: number;
