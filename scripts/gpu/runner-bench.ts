@@ -62,7 +62,8 @@
  * page on the GPU, the current query's selection read in place, the GPU-resident sparse attention
  * FreeKV is measured against), each optionally -direct (graphs off), -serial (both streams waited
  * for inside the step), -pagecopy (recall one head-page per cudaMemcpyAsync: oracle-pagecopy is the
- * ArkVale-style baseline), @band (calibration band).
+ * ArkVale-style baseline), then -pool<N> (sessions made with FREEKV_RESIDENT_FACTOR=N), then @band
+ * (calibration band).
  * --sweep: modes run at the first point before the others; --match-cosine C --calibrated MODES:
  * the sweep's band whose measured mean adjacent-query cosine is nearest C (e.g. the trained
  * model's, from `freekv eval`) is chosen and MODES run at every point on it (as MODE@band).
@@ -404,17 +405,30 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
   // double buffers (recall double_buffer, the paper's and ArkVale's method; its job list goes
   // through the host, so its steps are not graphed): oracle-pagecopy is the ArkVale-style
   // baseline, the current query's pages recalled page by page before every step.
-  const serial = modeName.endsWith("-serial");
-  const direct = modeName.endsWith("-direct");
-  const pageCopy = modeName.endsWith("-pagecopy");
-  const base = modeName.replace(/-(direct|serial|pagecopy)$/, "");
+  // "<mode>-pool<N>" (last, before any @band): the sessions made with FREEKV_RESIDENT_FACTOR=N
+  // (a group's device pool of N selections' worth of pages), so one process times the settings
+  // side by side on the same warm device.
+  const pool = /-pool([1-8])$/.exec(modeName)?.[1];
+  const unpooled = modeName.replace(/-pool[1-8]$/, "");
+  const serial = unpooled.endsWith("-serial");
+  const direct = unpooled.endsWith("-direct");
+  const pageCopy = unpooled.endsWith("-pagecopy");
+  const base = unpooled.replace(/-(direct|serial|pagecopy)$/, "");
   const point: Point = { batch, context, mode, floorMs: floorMs(batch, context, base) };
   try {
     const dev0 = BACKEND === "cuda" ? deviceMiB() : null, shm0 = shmMiB();
     if (BACKEND === "cuda" && !dev0) log(`b${batch} ctx ${context} ${mode}: nvidia-smi could not be read; no memory per session for this point`);
     const f0 = performance.now();
     for (let b = 0; b < batch; b++) {
-      const s = createLocalSession(engine, geo, retrieval(base, pageCopy), context + STEPS + 64);
+      const saved = process.env.FREEKV_RESIDENT_FACTOR;
+      if (pool) process.env.FREEKV_RESIDENT_FACTOR = pool;
+      let s: LocalSession;
+      try {
+        s = createLocalSession(engine, geo, retrieval(base, pageCopy), context + STEPS + 64);
+      } finally {
+        if (saved === undefined) delete process.env.FREEKV_RESIDENT_FACTOR;
+        else process.env.FREEKV_RESIDENT_FACTOR = saved;
+      }
       sessions.push(s);
       await fillContext(engine, s.session, context, 1000 + b);
       // Many sessions take minutes to fill: the pace, so that a run cut off still says how far it got.
@@ -539,8 +553,8 @@ const modes = args.modes!.split(",");
 // none, e.g. `--modes=` with --sweep and --calibrated alone).
 for (const m of [...modes, ...(args.sweep ? args.sweep.split(",") : []), ...(args.calibrated ? args.calibrated.split(",") : [])]) {
   if (m === "") continue;
-  const name = m.split("@")[0].replace(/-(direct|serial|pagecopy)$/, "");
-  if (!(name in RETRIEVAL_NAMES.mode)) throw new RangeError(`unknown mode ${JSON.stringify(m)} (modes: ${Object.keys(RETRIEVAL_NAMES.mode).join(", ")}, each optionally @band)`);
+  const name = m.split("@")[0].replace(/-pool[1-8]$/, "").replace(/-(direct|serial|pagecopy)$/, "");
+  if (!(name in RETRIEVAL_NAMES.mode)) throw new RangeError(`unknown mode ${JSON.stringify(m)} (modes: ${Object.keys(RETRIEVAL_NAMES.mode).join(", ")}, each optionally -direct, -serial or -pagecopy, then -pool1..-pool8, then @band)`);
   if (m.includes("@")) bandStart(Number(m.split("@")[1]));
 }
 for (const m of args.calibrated ? args.calibrated.split(",") : []) if (m.includes("@")) throw new RangeError(`--calibrated takes plain modes (got ${m})`);
@@ -570,7 +584,7 @@ const model = await addon.Model.load({ config: spec.native, tensors: collectTens
 log(`Model.load: ${((performance.now() - t1) / 1000).toFixed(1)} s; device ${model.device}; a prefill wave is ${model.prefillWaveTokens ?? 1} tokens`);
 // "-direct" modes: a second engine with graphs off and the model loaded on it (when asked for).
 let direct: { engine: Engine; model: Model } | undefined;
-if (modes.some((m) => m.split("@")[0].endsWith("-direct"))) {
+if (modes.some((m) => m.split("@")[0].replace(/-pool[1-8]$/, "").endsWith("-direct"))) {
   const e = new addon.Engine({ backend: BACKEND, cudaGraphs: false, sideTiming });
   direct = { engine: e, model: await addon.Model.load({ config: spec.native, tensors: collectTensorRefs(args.dir!, spec.native), engine: e }) };
 }
@@ -835,7 +849,7 @@ if (args.calibrated && !(Number.isFinite(matchCosine) && args.sweep)) throw new 
 let chosen: { band: string; cosMean: number } | undefined;
 for (let i = 0; i < plan.length; i++) {
   const { p, mode } = plan[i];
-  const on = mode.split("@")[0].endsWith("-direct") ? direct! : { engine, model };
+  const on = mode.split("@")[0].replace(/-pool[1-8]$/, "").endsWith("-direct") ? direct! : { engine, model };
   const r = await timePoint(addon, on.engine, on.model, p.batch, p.context, mode);
   results.push(r);
   log(
