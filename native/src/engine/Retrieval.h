@@ -123,8 +123,9 @@ inline bool FoldMeanSelection() { return EnvSwitchOn(kMeanFoldVariable); }
 // extra slots keep pages selected earlier, so a page the query selects again is a hit instead of a
 // recall over the link. On the trained model's own queries (bench/results/resident-pool-20261206/)
 // a group recalls 36-46% of its selection a step with 1, 13-29% with 2 and 4-13% with 4.
-// Eviction (ResidentVictimOrder): with extra slots, empty slots first, then the page chosen longest
-// ago, then the lowest slot; without, the lowest slot not chosen (as before the option).
+// Eviction (engine/ResidentPool.h, ResidentVictimBefore): with extra slots, empty slots first, then
+// the page chosen longest ago, then the lowest page; without, the lowest slot not chosen (as before
+// the option).
 constexpr const char* kResidentFactorVariable = "FREEKV_RESIDENT_FACTOR";
 constexpr int kMaxResidentFactor = 8;
 // Most slots a group's pool may have (the CUDA residency kernel holds them in shared memory).

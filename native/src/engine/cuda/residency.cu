@@ -12,9 +12,10 @@ namespace {
 constexpr int kMaxK = 1024;
 constexpr int kMaxSlots = kMaxResidentSlots;
 
-// One block per KV head: threads test selected entries against the resident set in parallel and
-// rank the slots not kept in the eviction order (engine/ResidentPool.h); thread 0 hands the misses
-// the slots in that order. Selected entries are k, slots R = p.slots (>= k).
+// One block per KV head: threads test selected entries against the resident set in parallel;
+// thread 0 hands the misses the slots not kept, in order of slot without extra slots (R == k),
+// else in the eviction order of engine/ResidentPool.h, which the threads rank first. Selected
+// entries are k, slots R = p.slots (>= k).
 // Batched (item blockIdx.y of `items`): head h writes its jobs to jobs[h * k ..] and their number
 // to job_count[h] (0 for a masked head), so no count needs zeroing before the launch.
 template <bool kBatch>
@@ -34,7 +35,7 @@ __global__ void ResidencyKernel(const ResidencyParams p0, const ResidencyParams*
   for (int j = threadIdx.x; j < k; j += blockDim.x) sel[j] = p.selected[(size_t)h * k + j];
   for (int j = threadIdx.x; j < R; j += blockDim.x) {
     res[j] = p.resident[(size_t)h * R + j];
-    age[j] = p.age ? p.age[(size_t)h * R + j] : 0;
+    if (extra) age[j] = p.age ? p.age[(size_t)h * R + j] : 0;
     kept[j] = 0;
   }
   __syncthreads();
@@ -52,18 +53,21 @@ __global__ void ResidencyKernel(const ResidencyParams p0, const ResidencyParams*
   for (int i = threadIdx.x; i < k; i += blockDim.x)
     if (hit_slot[i] >= 0) kept[hit_slot[i]] = 1;
   __syncthreads();
-  // The slots not kept, in eviction order: victim[r] is the slot of rank r. Without extra slots
-  // the order is the slot index (as a scan for the first slot not kept would find them).
-  for (int j = threadIdx.x; j < R; j += blockDim.x) {
-    if (kept[j]) continue;
-    int rank = 0;
-    for (int o = 0; o < R; ++o)
-      if (!kept[o] && ResidentVictimBefore(res[o], age[o], o, res[j], age[j], j, extra)) ++rank;
-    victim[rank] = j;
+  // With extra slots, the slots not kept in eviction order: victim[r] is the slot of rank r.
+  // Without, the order is the slot index, which thread 0's scan below finds (the kernel's path
+  // before the option, unchanged: no ages are read or kept).
+  if (extra) {
+    for (int j = threadIdx.x; j < R; j += blockDim.x) {
+      if (kept[j]) continue;
+      int rank = 0;
+      for (int o = 0; o < R; ++o)
+        if (!kept[o] && ResidentVictimBefore(res[o], age[o], o, res[j], age[j], j, true)) ++rank;
+      victim[rank] = j;
+    }
+    __syncthreads();
   }
-  __syncthreads();
   if (threadIdx.x == 0) {
-    int next = 0, nsel = 0, nhit = 0, nmiss = 0;
+    int next = 0, free_j = 0, nsel = 0, nhit = 0, nmiss = 0;
     for (int i = 0; i < k; ++i) {
       if (sel[i] < 0) continue;
       ++nsel;
@@ -71,7 +75,10 @@ __global__ void ResidencyKernel(const ResidencyParams p0, const ResidencyParams*
         ++nhit;
         continue;
       }
-      const int j = victim[next++];  // a free slot exists: #misses <= #slots not kept
+      // A free slot exists: #misses <= #slots not kept.
+      if (!extra)
+        while (kept[free_j]) ++free_j;
+      const int j = extra ? victim[next++] : free_j;
       kept[j] = 1;
       res[j] = sel[i];
       hit_slot[i] = j;
@@ -101,7 +108,7 @@ __global__ void ResidencyKernel(const ResidencyParams p0, const ResidencyParams*
   __syncthreads();
   for (int j = threadIdx.x; j < R; j += blockDim.x) {
     p.resident[(size_t)h * R + j] = res[j];
-    if (p.age) p.age[(size_t)h * R + j] = ResidentAgeAfter(res[j], age[j], kept[j] != 0);
+    if (extra && p.age) p.age[(size_t)h * R + j] = ResidentAgeAfter(res[j], age[j], kept[j] != 0);
   }
   for (int j = threadIdx.x; j < k; j += blockDim.x)
     p.selected_slot[(size_t)h * k + j] = sel[j] >= 0 ? p.selected_base + hit_slot[j] : -1;
