@@ -87,6 +87,7 @@ import { parseArgs } from "node:util";
 import { loadAddon, type DeviceStepStats, type Engine, type Model, type Retrieval } from "../../native/binding.js";
 import { DType } from "../../proto/gen/freekv/v1/common.js";
 import { nativeSettings } from "../../services/common/config.js";
+import { withEnv } from "../../test/helpers/env.js";
 import { RETRIEVAL_NAMES, retrievalDefaults, validateRetrieval, type ModeName } from "../../services/common/retrieval.js";
 import { ModelScheduler } from "../../services/compute/generate/scheduler.js";
 import { Sampler } from "../../services/compute/generate/sampling.js";
@@ -420,15 +421,7 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     if (BACKEND === "cuda" && !dev0) log(`b${batch} ctx ${context} ${mode}: nvidia-smi could not be read; no memory per session for this point`);
     const f0 = performance.now();
     for (let b = 0; b < batch; b++) {
-      const saved = process.env.FREEKV_RESIDENT_FACTOR;
-      if (pool) process.env.FREEKV_RESIDENT_FACTOR = pool;
-      let s: LocalSession;
-      try {
-        s = createLocalSession(engine, geo, retrieval(base, pageCopy), context + STEPS + 64);
-      } finally {
-        if (saved === undefined) delete process.env.FREEKV_RESIDENT_FACTOR;
-        else process.env.FREEKV_RESIDENT_FACTOR = saved;
-      }
+      const s = withEnv("FREEKV_RESIDENT_FACTOR", pool, () => createLocalSession(engine, geo, retrieval(base, pageCopy), context + STEPS + 64));
       sessions.push(s);
       await fillContext(engine, s.session, context, 1000 + b);
       // Many sessions take minutes to fill: the pace, so that a run cut off still says how far it got.

@@ -22,6 +22,7 @@ import {
   type Geometry,
   type Retrieval,
 } from "../../native/binding.js";
+import { withEnv } from "../helpers/env.js";
 import { prng } from "../helpers/prng.js";
 import { ranges, ReferenceLayer, type ModeName, type PolicyConfig } from "../../tools/reference/policy.js";
 import { sameTopK, type CombineName } from "../../tools/reference/selection.js";
@@ -129,17 +130,8 @@ export interface CaseSpec {
 }
 
 /** fn() with FREEKV_RESIDENT_FACTOR set as the case asks (the engines read it when a session is made). */
-function withResidentFactor<T>(spec: CaseSpec, fn: () => T): T {
-  if (!spec.residentFactor) return fn();
-  const saved = process.env.FREEKV_RESIDENT_FACTOR;
-  process.env.FREEKV_RESIDENT_FACTOR = String(spec.residentFactor);
-  try {
-    return fn();
-  } finally {
-    if (saved === undefined) delete process.env.FREEKV_RESIDENT_FACTOR;
-    else process.env.FREEKV_RESIDENT_FACTOR = saved;
-  }
-}
+const withResidentFactor = <T>(spec: CaseSpec, fn: () => T): T =>
+  withEnv("FREEKV_RESIDENT_FACTOR", spec.residentFactor ? String(spec.residentFactor) : undefined, fn);
 
 const BASE: Retrieval = {
   pageSize: 32,

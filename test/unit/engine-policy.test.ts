@@ -5,6 +5,7 @@
  */
 import { describe, expect, it } from "vitest";
 import { relError } from "../../tools/reference/attention.js";
+import { withEnv } from "../helpers/env.js";
 import { ReferenceLayer, type ModeName, type PolicyConfig } from "../../tools/reference/policy.js";
 import { Prng, testSeed } from "./reference/prng.js";
 import { openSession, quantised } from "./reference/harness.js";
@@ -61,13 +62,7 @@ async function runCase(si: number, shape: Case, mode: ModeName, residentFactor: 
   // The same steps with one selection's worth of slots: what the extra slots save.
   const one = residentFactor > 1 ? new ReferenceLayer({ ...c, residentFactor: 1 }) : undefined;
   // Read when the session is made.
-  if (residentFactor > 1) process.env.FREEKV_RESIDENT_FACTOR = String(residentFactor);
-  let es: ReturnType<typeof openSession>;
-  try {
-    es = openSession(c, { capacityPages: 128 });
-  } finally {
-    delete process.env.FREEKV_RESIDENT_FACTOR;
-  }
+  const es = withEnv("FREEKV_RESIDENT_FACTOR", residentFactor > 1 ? String(residentFactor) : undefined, () => openSession(c, { capacityPages: 128 }));
   try {
     const { engine, session } = es;
     const qn = c.qHeads * c.headDim,
