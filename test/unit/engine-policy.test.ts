@@ -6,7 +6,7 @@
 import { describe, expect, it } from "vitest";
 import { relError } from "../../tools/reference/attention.js";
 import { withEnv } from "../helpers/env.js";
-import { ReferenceLayer, type ModeName, type PolicyConfig } from "../../tools/reference/policy.js";
+import { DEFAULT_RESIDENT_FACTOR, ReferenceLayer, type ModeName, type PolicyConfig } from "../../tools/reference/policy.js";
 import { Prng, testSeed } from "./reference/prng.js";
 import { openSession, quantised } from "./reference/harness.js";
 import type { CombineName } from "../../tools/reference/selection.js";
@@ -44,8 +44,22 @@ function* queries(rng: Prng, n: number, drift: number): Generator<Float32Array> 
   }
 }
 
+/** fn() with FREEKV_RESIDENT_FACTOR absent from the environment, restored after. */
+function withoutResidentFactor<T>(fn: () => T): T {
+  const saved = process.env.FREEKV_RESIDENT_FACTOR;
+  delete process.env.FREEKV_RESIDENT_FACTOR;
+  try {
+    return fn();
+  } finally {
+    if (saved !== undefined) process.env.FREEKV_RESIDENT_FACTOR = saved;
+  }
+}
+
 /** One case: prefill, decode, a second turn; every step against the reference, then the counters. */
-async function runCase(si: number, shape: Case, mode: ModeName, residentFactor: number): Promise<void> {
+async function runCase(si: number, shape: Case, mode: ModeName, factor: number | "unset"): Promise<void> {
+  // "unset": FREEKV_RESIDENT_FACTOR absent, so the engine's own default; the reference's default
+  // (DEFAULT_RESIDENT_FACTOR) must be the same pool for the counters to agree.
+  const residentFactor = factor === "unset" ? DEFAULT_RESIDENT_FACTOR : factor;
   const rng = new Prng(seed + si * 101 + modes.indexOf(mode) + 1009 * (residentFactor - 1));
   const P = shape.pageSize;
   const c: PolicyConfig = {
@@ -56,13 +70,14 @@ async function runCase(si: number, shape: Case, mode: ModeName, residentFactor: 
     tau: 0.9,
     mode,
     dtype: "f32",
-    residentFactor,
+    residentFactor: factor === "unset" ? undefined : factor,
   };
   const ref = new ReferenceLayer(c);
   // The same steps with one selection's worth of slots: what the extra slots save.
   const one = residentFactor > 1 ? new ReferenceLayer({ ...c, residentFactor: 1 }) : undefined;
   // Read when the session is made.
-  const es = withEnv("FREEKV_RESIDENT_FACTOR", residentFactor > 1 ? String(residentFactor) : undefined, () => openSession(c, { capacityPages: 128 }));
+  const open = () => openSession(c, { capacityPages: 128 });
+  const es = factor === "unset" ? withoutResidentFactor(open) : withEnv("FREEKV_RESIDENT_FACTOR", String(factor), open);
   try {
     const { engine, session } = es;
     const qn = c.qHeads * c.headDim,
@@ -134,4 +149,8 @@ describe(`engine vs float64 policy reference (seed ${seed})`, () => {
     for (const mode of ["freekv", "oracle", "speculative"] as const)
       it(`${mode} Hq=${shape.qHeads} Hkv=${shape.kvHeads} P=${shape.pageSize}, resident factor ${2 + (si % 2)}`, () =>
         runCase(si, shape, mode, 2 + (si % 2)));
+  // Unset, the engine's default pool: two selections' worth, as the reference's default says
+  // (an engine still at one selection recalls more than the reference counts).
+  it(`freekv Hq=${shapes[3].qHeads} Hkv=${shapes[3].kvHeads} P=${shapes[3].pageSize}, FREEKV_RESIDENT_FACTOR unset (default ${DEFAULT_RESIDENT_FACTOR})`, () =>
+    runCase(3, shapes[3], "freekv", "unset"));
 });

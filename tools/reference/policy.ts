@@ -9,6 +9,9 @@ import { roundStored } from "./kv.js";
 import { combineGroup, topK, type CombineName } from "./selection.js";
 import { scorePage, summarise, type PageSummary, type SummaryKindName } from "./summary.js";
 
+/** The engines' FREEKV_RESIDENT_FACTOR when it is unset (native/src/engine/Retrieval.h, kDefaultResidentFactor). */
+export const DEFAULT_RESIDENT_FACTOR = 2;
+
 export type ModeName = "freekv" | "dense" | "oracle" | "speculative" | "sink_window" | "resident_sparse";
 
 export interface PolicyConfig {
@@ -27,7 +30,8 @@ export interface PolicyConfig {
   /** A dense layer of a non-dense session. */
   denseLayer?: boolean;
   /**
-   * Pages a KV group keeps resident, in selections (FREEKV_RESIDENT_FACTOR; default 1). With more
+   * Pages a KV group keeps resident, in selections (FREEKV_RESIDENT_FACTOR; default 2, as the
+   * engines'; 1 is the paper's pool of one selection). With more
    * than one, the pages chosen longest ago leave first (then the lowest page), as
    * native/src/engine/ResidentPool.h says; the store is taken to hold at least that many pages.
    */
@@ -169,7 +173,7 @@ export class ReferenceLayer {
     // Misses replace resident pages that were not chosen; with as many slots as the selection
     // can hold, the resident set becomes the chosen set. With more, the oldest leave first.
     const k = this.c.selectTokens / this.c.pageSize;
-    const slots = Math.min(k * (this.c.residentFactor ?? 1), 1024);
+    const slots = Math.min(k * (this.c.residentFactor ?? DEFAULT_RESIDENT_FACTOR), 1024);
     if (slots <= k) {
       this.resident[h] = new Set(chosen);
     } else {

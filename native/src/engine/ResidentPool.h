@@ -2,7 +2,7 @@
 // (cpu/Residency.cpp and the CUDA residency kernel, cuda/residency.cu).
 //
 // A new selection keeps the slots that hold one of its pages (hits); each miss takes a slot that
-// does not. Which one: with as many slots as the selection (FREEKV_RESIDENT_FACTOR 1, the default),
+// does not. Which one: with as many slots as the selection (FREEKV_RESIDENT_FACTOR 1, the paper's method),
 // the lowest slot not kept; every page not chosen leaves, so the order only decides where the new
 // pages land. With extra slots: an empty slot first (the lowest), then the page chosen longest ago
 // (its age: selections of the group since it was last chosen), then the lowest page. Which pages
