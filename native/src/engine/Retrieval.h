@@ -124,7 +124,7 @@ inline bool FoldMeanSelection() { return EnvSwitchOn(kMeanFoldVariable); }
 // recall over the link. On the trained model's own queries (bench/results/resident-pool-20261206/)
 // a group recalls 36-46% of its selection a step with 1, 13-29% with 2 and 4-13% with 4. Why 2 by
 // default (bench/results/resident-pool-gpu-20261206/, an H100, 8B shapes, calibrated queries): the
-// same logits, the step 7% shorter at 1 x 32K, 19% at 4 x 32K, 30% at 16 x 32K and 42% at 16 x 8K,
+// same logits, the step 7% shorter at 1 x 32K, 19% at 4 x 32K, 27-30% at 16 x 32K and 42% at 16 x 8K,
 // for ~120 MiB more device memory a session; 4 gains 1-7% more there, and at 16 x 8K its extra
 // memory would let fewer sessions fit on the device than in host memory.
 // Eviction (engine/ResidentPool.h, ResidentVictimBefore): with extra slots, empty slots first, then
