@@ -44,17 +44,6 @@ function* queries(rng: Prng, n: number, drift: number): Generator<Float32Array> 
   }
 }
 
-/** fn() with FREEKV_RESIDENT_FACTOR absent from the environment, restored after. */
-function withoutResidentFactor<T>(fn: () => T): T {
-  const saved = process.env.FREEKV_RESIDENT_FACTOR;
-  delete process.env.FREEKV_RESIDENT_FACTOR;
-  try {
-    return fn();
-  } finally {
-    if (saved !== undefined) process.env.FREEKV_RESIDENT_FACTOR = saved;
-  }
-}
-
 /** One case: prefill, decode, a second turn; every step against the reference, then the counters. */
 async function runCase(si: number, shape: Case, mode: ModeName, factor: number | "unset"): Promise<void> {
   // "unset": FREEKV_RESIDENT_FACTOR absent, so the engine's own default; the reference's default
@@ -77,7 +66,7 @@ async function runCase(si: number, shape: Case, mode: ModeName, factor: number |
   const one = residentFactor > 1 ? new ReferenceLayer({ ...c, residentFactor: 1 }) : undefined;
   // Read when the session is made.
   const open = () => openSession(c, { capacityPages: 128 });
-  const es = factor === "unset" ? withoutResidentFactor(open) : withEnv("FREEKV_RESIDENT_FACTOR", String(factor), open);
+  const es = withEnv("FREEKV_RESIDENT_FACTOR", factor === "unset" ? null : String(factor), open);
   try {
     const { engine, session } = es;
     const qn = c.qHeads * c.headDim,

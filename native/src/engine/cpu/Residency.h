@@ -1,7 +1,7 @@
 // Residency of the selected slots of one (layer, KV head): which page each slot holds.
 // A new selection reuses the pages already resident (hits) and recalls only the misses; each miss
 // replaces a slot whose page was not chosen, in the order of ResidentVictimBefore
-// (engine/ResidentPool.h has the rule, shared with the CUDA engine). With as many slots as the selection (the default)
+// (engine/ResidentPool.h has the rule, shared with the CUDA engine). With as many slots as the selection (FREEKV_RESIDENT_FACTOR 1)
 // every page not chosen leaves; with more (FREEKV_RESIDENT_FACTOR) the pages chosen longest ago
 // leave first. Sink and window pages live in their own slots and never take part.
 #pragma once
