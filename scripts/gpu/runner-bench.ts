@@ -50,7 +50,7 @@
  * each checkpoint: /dev/shm bytes per token, the process's page tables (VmPTE) and RSS.
  *
  *   node .gpu/runner-bench.mjs [--dir /tmp/freekv-8b] [--layers 32] [--points 1:32768,4:32768,16:8192]
- *                              [--modes freekv,oracle,dense] [--steps 16] [--out DIR]
+ *                              [--modes freekv,oracle,dense] [--steps 16] [--warmup 3] [--out DIR]
  *                              [--hbm-gbps 4290] [--profile-steps N] [--side-timing]
  *                              [--prefill 8192,32768] [--prefill-chunk 512,2048] [--prefill-gathered 8192]
  *                              [--profile-prefill-chunk K] [--prefill-env "A=1;A=2"] [--prefill-rounds N]
@@ -117,6 +117,8 @@ const { values: args } = parseArgs({
     points: { type: "string", default: "1:32768,4:32768,16:8192" },
     modes: { type: "string", default: "freekv,oracle,dense" },
     steps: { type: "string", default: "16" },
+    /** Steps run before the timed ones at every point: a pool larger than the selection (-pool<N>) fills over tens of steps, so its steady state needs more than the default. */
+    warmup: { type: "string", default: "3" },
     out: { type: "string", default: "." },
     "hbm-gbps": { type: "string", default: "4290" },
     "profile-steps": { type: "string", default: "0" },
@@ -170,9 +172,10 @@ const LAYERS = args.layers ? Number(args.layers) : SHAPE.layers;
 // A folder per layer count: a folder written with other layers would load with its own count.
 args.dir ||= LAYERS === SHAPE.layers ? SHAPE.dir : `${SHAPE.dir}-${LAYERS}l`;
 const STEPS = Number(args.steps);
+const WARMUP = Number(args.warmup);
 const HBM_GBPS = Number(args["hbm-gbps"]);
 const profileSteps = Number(args["profile-steps"]);
-for (const [name, v] of [["--layers", LAYERS], ["--steps", STEPS], ["--hbm-gbps", HBM_GBPS], ["--profile-steps", profileSteps]] as const)
+for (const [name, v] of [["--layers", LAYERS], ["--steps", STEPS], ["--warmup", WARMUP], ["--hbm-gbps", HBM_GBPS], ["--profile-steps", profileSteps]] as const)
   if (!Number.isFinite(v) || v < 0 || (name !== "--profile-steps" && v === 0)) throw new RangeError(`${name} must be a positive number (got ${v})`);
 // Timed steps' logits of the first run of each (batch, context, base mode), for the comparisons.
 const logitsOf = new Map<string, { mode: string; logits: Float32Array[] }>();
@@ -422,7 +425,7 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     if (BACKEND === "cuda" && !dev0) log(`b${batch} ctx ${context} ${mode}: nvidia-smi could not be read; no memory per session for this point`);
     const f0 = performance.now();
     for (let b = 0; b < batch; b++) {
-      const s = withEnv("FREEKV_RESIDENT_FACTOR", pool, () => createLocalSession(engine, geo, retrieval(base, pageCopy), context + STEPS + 64));
+      const s = withEnv("FREEKV_RESIDENT_FACTOR", pool, () => createLocalSession(engine, geo, retrieval(base, pageCopy), context + WARMUP + STEPS + 64));
       sessions.push(s);
       await fillContext(engine, s.session, context, 1000 + b);
       // Many sessions take minutes to fill: the pace, so that a run cut off still says how far it got.
@@ -434,12 +437,19 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     let pos = context;
     const times: number[] = [];
     const stepLogits: Float32Array[] = [];
-    const warm = 3;
+    const warm = WARMUP;
     const g0 = engine.deviceStepStats();
+    // The recall counters at the first timed step: the figures below are the timed steps' own
+    // (the first decode after the fill recalls a whole selection, and a pool fills over the warm-up).
+    let r0 = sessions.map(() => 0), s0 = 0;
     // --profile-steps n: the first n timed steps of the first point inside a profiler range.
     const profile = profileSteps > 0 && !profiled;
     for (let step = 0; step < warm + STEPS; step++) {
-      if (step === warm) Object.assign(g0, engine.deviceStepStats());
+      if (step === warm) {
+        Object.assign(g0, engine.deviceStepStats());
+        r0 = sessions.map((x) => Number(engine.stats(x.session).recallBytes));
+        s0 = Number(engine.stats(sessions[0].session).decodeSteps);
+      }
       if (profile && step === warm) addon.profilerRange(true);
       const t0 = performance.now();
       const logits = await model.decode(ids, tokens, Int32Array.from(sessions.map(() => pos)));
@@ -496,11 +506,12 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     point.stepMs = median(times);
     point.minMs = Math.min(...times);
     const st = engine.stats(sessions[0].session);
-    const steps = Number(st.decodeSteps) || 1;
+    const steps = Number(st.decodeSteps) - s0 || 1;
     point.correctionRate = Number(st.selections) ? Number(st.corrections) / Number(st.selections) : 0;
-    point.recallMBPerStep = Number(st.recallBytes) / steps / 1e6;
+    // Over the timed steps only.
+    point.recallMBPerStep = (Number(st.recallBytes) - r0[0]) / steps / 1e6;
     // The link carries every session's recall: the batch's total beside the first session's.
-    point.batchRecallMBPerStep = sessions.reduce((a, s) => a + Number(engine.stats(s.session).recallBytes), 0) / steps / 1e6;
+    point.batchRecallMBPerStep = sessions.reduce((a, s, b) => a + Number(engine.stats(s.session).recallBytes) - r0[b], 0) / steps / 1e6;
     point.dynamics = dynamicsOf(st);
 
     // 3. The TypeScript of a Generate step (scheduler + greedy sampling), same sessions.
@@ -877,5 +888,5 @@ for (const r of results)
     `| ${r.batch} | ${r.context} | ${r.mode} | ${r.error ? "error" : r.stepMs!.toFixed(2)} | ${r.floorMs!.toFixed(2)} | ${r.error ? "" : (r.stepMs! / r.floorMs!).toFixed(1)} | ` +
       `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? "" : `${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(0)}%)`} | ${r.error ? "" : r.dynamics!.overlapPct.toFixed(1) + "%"} | ${r.error ? r.error : `${r.recallMBPerStep!.toFixed(1)}; ${r.batchRecallMBPerStep!.toFixed(1)}`} |`,
   );
-writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, environment: addonSettings, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, retrieval: SESSION, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
+writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, environment: addonSettings, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, warmup: WARMUP, retrieval: SESSION, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
 process.exit(0);
