@@ -63,7 +63,7 @@
  * FreeKV is measured against), each optionally -direct (graphs off), -serial (both streams waited
  * for inside the step), -pagecopy (recall one head-page per cudaMemcpyAsync: oracle-pagecopy is the
  * ArkVale-style baseline), then -pool<N> (sessions made with FREEKV_RESIDENT_FACTOR=N; without it,
- * the process's setting or the default, 2; -pool1 is the paper's pool of one selection), then @band
+ * the process's setting or the default, 4; -pool1 is the paper's pool of one selection), then @band
  * (calibration band).
  * --sweep: modes run at the first point before the others; --match-cosine C --calibrated MODES:
  * the sweep's band whose measured mean adjacent-query cosine is nearest C (e.g. the trained

@@ -32,7 +32,7 @@ export const computeConfigSchema = z.object({
   /** FREEKV_BACKEND=cuda: the mean combine scores a KV group's query heads folded into two rows (engine/Retrieval.h, cuda/selection.cuh). */
   FREEKV_MEAN_FOLD: nativeFlag(true),
   /** Both backends: the pages a KV group keeps on the device, in selections (engine/Retrieval.h, engine/ResidentPool.h); read when a session is made. */
-  FREEKV_RESIDENT_FACTOR: intInRange(2, 1, 8),
+  FREEKV_RESIDENT_FACTOR: intInRange(4, 1, 8),
   /**
    * FREEKV_BACKEND=cuda: threads that commit and pin a session's host store as it grows. Decimal
    * digits 1..64, the addon's own reading (CudaSession.cu), which otherwise throws at the first

@@ -259,7 +259,7 @@ export const CASES: CaseSpec[] = [
     capacityPages: 96,
     seed: 909,
     // One selection's worth of slots (the paper's pool, FREEKV_RESIDENT_FACTOR 1): the residency
-    // kernel's path without extra slots, every mode; the other cases run at the default (2).
+    // kernel's path without extra slots, every mode; the other cases run at the default (4).
     residentFactor: 1,
   },
   {

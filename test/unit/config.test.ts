@@ -30,8 +30,8 @@ describe("config", () => {
     expect(c.FREEKV_MEAN_FOLD).toBe(true);
     expect(parseConfig(computeConfigSchema, { FREEKV_MEAN_FOLD: "0" }).FREEKV_MEAN_FOLD).toBe(false);
     expect(() => parseConfig(computeConfigSchema, { FREEKV_MEAN_FOLD: "yes" })).toThrow(/FREEKV_MEAN_FOLD="yes"/);
-    expect(c.FREEKV_RESIDENT_FACTOR).toBe(2);
-    expect(parseConfig(computeConfigSchema, { FREEKV_RESIDENT_FACTOR: "4" }).FREEKV_RESIDENT_FACTOR).toBe(4);
+    expect(c.FREEKV_RESIDENT_FACTOR).toBe(4);
+    expect(parseConfig(computeConfigSchema, { FREEKV_RESIDENT_FACTOR: "2" }).FREEKV_RESIDENT_FACTOR).toBe(2);
     expect(() => parseConfig(computeConfigSchema, { FREEKV_RESIDENT_FACTOR: "9" })).toThrow(/FREEKV_RESIDENT_FACTOR="9"/);
     expect(() => parseConfig(computeConfigSchema, { FREEKV_RESIDENT_FACTOR: "1.5" })).toThrow(/FREEKV_RESIDENT_FACTOR="1.5"/);
     expect(c.FREEKV_REGISTER_THREADS).toBe(8);

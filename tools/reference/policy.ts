@@ -10,7 +10,7 @@ import { combineGroup, topK, type CombineName } from "./selection.js";
 import { scorePage, summarise, type PageSummary, type SummaryKindName } from "./summary.js";
 
 /** The engines' FREEKV_RESIDENT_FACTOR when it is unset (native/src/engine/Retrieval.h, kDefaultResidentFactor). */
-export const DEFAULT_RESIDENT_FACTOR = 2;
+export const DEFAULT_RESIDENT_FACTOR = 4;
 
 export type ModeName = "freekv" | "dense" | "oracle" | "speculative" | "sink_window" | "resident_sparse";
 
@@ -30,7 +30,7 @@ export interface PolicyConfig {
   /** A dense layer of a non-dense session. */
   denseLayer?: boolean;
   /**
-   * Pages a KV group keeps resident, in selections (FREEKV_RESIDENT_FACTOR; default 2, as the
+   * Pages a KV group keeps resident, in selections (FREEKV_RESIDENT_FACTOR; default 4, as the
    * engines'; 1 is the paper's pool of one selection). With more
    * than one, the pages chosen longest ago leave first (then the lowest page), as
    * native/src/engine/ResidentPool.h says; the store is taken to hold at least that many pages.

@@ -119,20 +119,22 @@ inline bool FoldMeanSelection() { return EnvSwitchOn(kMeanFoldVariable); }
 
 // FREEKV_RESIDENT_FACTOR, read by both backends when a session is made (or re-attached): how many
 // pages a KV group of a retrieving layer keeps on the device, in multiples of its selection (1, the
-// paper's method, to 8; default 2). The attention still reads only the selected pages; the extra
+// paper's method, to 8; default 4). The attention still reads only the selected pages; the extra
 // slots keep pages selected earlier, so a page the query selects again is a hit instead of a
 // recall over the link. On the trained model's own queries (bench/results/resident-pool-20261206/)
-// a group recalls 36-46% of its selection a step with 1, 13-29% with 2 and 4-13% with 4. Why 2 by
-// default (bench/results/resident-pool-gpu-20261206/, an H100, 8B shapes, calibrated queries): the
-// same logits, the step 7% shorter at 1 x 32K, 19% at 4 x 32K, 27-30% at 16 x 32K and 42% at 16 x 8K,
-// for ~120 MiB more device memory a session; 4 gains 1-7% more there, and at 16 x 8K its extra
-// memory would let fewer sessions fit on the device than in host memory.
+// a group recalls 36-46% of its selection a step with 1, 13-29% with 2 and 4-13% with 4. Why 4 by
+// default (bench/results/resident-pool-gpu-20261206/, an H100, 8B shapes, calibrated queries, the
+// pool filled over 32 steps before 16 timed): the same logits, the step 7% shorter than 1 at 1 x 32K,
+// 25% at 4 x 32K, 5-7% at 1 x 128K and 48% at 16 x 8K (2: 4%, 13%, 2%, 37%), for ~390 MiB more
+// device memory a session than 1. Only at short contexts does that move the limit: 16 x 8K sessions
+// of 716 MiB let 91 fit on the 80 GB card where host memory holds 124 (2: 144); at 32K and beyond
+// host memory stays the limit (31 sessions of 32K, 76 by the device).
 // Eviction (engine/ResidentPool.h, ResidentVictimBefore): with extra slots, empty slots first, then
 // the page chosen longest ago, then the lowest page; without, the lowest slot not chosen (as before
 // the option).
 constexpr const char* kResidentFactorVariable = "FREEKV_RESIDENT_FACTOR";
 constexpr int kMaxResidentFactor = 8;
-constexpr int kDefaultResidentFactor = 2;
+constexpr int kDefaultResidentFactor = 4;
 // Most slots a group's pool may have (the CUDA residency kernel holds them in shared memory).
 constexpr int kMaxResidentSlots = 1024;
 inline int ResidentFactor() {
