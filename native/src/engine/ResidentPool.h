@@ -18,15 +18,23 @@
 
 namespace freekv {
 
+// The largest age a slot reaches (ResidentAgeAfter stops counting there).
+constexpr int kResidentAgeMax = 1 << 30;
+
+// A slot's place in the order misses take slots, as one unsigned key (smaller first): with extra
+// slots an empty slot first (the lowest), then the page chosen longest ago, then the lowest page;
+// without, the lowest slot. Keys of different slots differ (pages in a pool are distinct), so the
+// CUDA residency kernel ranks slots by counting smaller keys.
+FREEKV_HOST_DEVICE inline unsigned long long ResidentVictimKey(int page, int age, int slot, bool extra_slots) {
+  if (!extra_slots || page < 0) return (unsigned long long)(unsigned)slot;
+  const int a = age < 0 ? 0 : (age > kResidentAgeMax ? kResidentAgeMax : age);
+  return (1ull << 63) | ((unsigned long long)(unsigned)(kResidentAgeMax - a) << 32) | (unsigned)page;
+}
+
 // Whether slot a (page_a, -1 = empty; age_a) is taken by a miss before slot b; neither is kept.
 FREEKV_HOST_DEVICE inline bool ResidentVictimBefore(int page_a, int age_a, int slot_a, int page_b, int age_b, int slot_b,
                                                     bool extra_slots) {
-  if (extra_slots) {
-    const bool ea = page_a < 0, eb = page_b < 0;
-    if (ea != eb) return ea;
-    if (!ea) return age_a != age_b ? age_a > age_b : page_a < page_b;
-  }
-  return slot_a < slot_b;
+  return ResidentVictimKey(page_a, age_a, slot_a, extra_slots) < ResidentVictimKey(page_b, age_b, slot_b, extra_slots);
 }
 
 // A slot's age after a selection: 0 when the selection chose its page (a hit or a miss placed
@@ -34,7 +42,7 @@ FREEKV_HOST_DEVICE inline bool ResidentVictimBefore(int page_a, int age_a, int s
 FREEKV_HOST_DEVICE inline int ResidentAgeAfter(int page, int age, bool chosen) {
   if (chosen) return 0;
   if (page < 0) return age;
-  return age < (1 << 30) ? age + 1 : age;
+  return age < kResidentAgeMax ? age + 1 : age;
 }
 
 }  // namespace freekv

@@ -1,3 +1,4 @@
+#include <climits>
 #include <string>
 
 #include "cuda/cuda_check.cuh"
@@ -12,106 +13,136 @@ namespace {
 constexpr int kMaxK = 1024;
 constexpr int kMaxSlots = kMaxResidentSlots;
 
-// One block per KV head: threads test selected entries against the resident set in parallel;
-// thread 0 hands the misses the slots not kept, in order of slot without extra slots (R == k),
-// else in the eviction order of engine/ResidentPool.h, which the threads rank first. Selected
-// entries are k, slots R = p.slots (>= k).
-// Batched (item blockIdx.y of `items`): head h writes its jobs to jobs[h * k ..] and their number
-// to job_count[h] (0 for a masked head), so no count needs zeroing before the launch.
+constexpr int kResidencyThreads = 128;  // a multiple of 32 (the miss scan works warp by warp)
+
+// One block per KV head, every phase spread over the block's threads (no thread walks the
+// selection alone): a hit is a slot whose page the selection lists, each thread testing its slots
+// against the selection; the misses are numbered in selection order by a block-wide scan; the slots
+// not kept are ranked by their ResidentVictimKey (engine/ResidentPool.h: with extra slots empty
+// first, then the page chosen longest ago, then the lowest page; without, the lowest slot) by
+// counting smaller keys, and miss m takes the slot of rank m. The pages kept, the slots the misses
+// land in and the job order are those of the rule applied miss by miss in selection order, as the
+// CPU engine does (cpu/Residency.cpp); the GPU engine cases compare the two exactly. A group
+// whose selection has no miss skips the ranking.
+// Selected entries are k, slots R = p.slots (>= k). Batched (item blockIdx.y of `items`): head h
+// writes its jobs to jobs[h * k ..] and their number to job_count[h] (0 for a masked head), so no
+// count needs zeroing before the launch.
 template <bool kBatch>
-__global__ void ResidencyKernel(const ResidencyParams p0, const ResidencyParams* items) {
+__global__ void __launch_bounds__(kResidencyThreads) ResidencyKernel(const ResidencyParams p0, const ResidencyParams* items) {
   const ResidencyParams p = kBatch ? items[blockIdx.y] : p0;
   const int h = blockIdx.x;
   if (p.head_mask && p.head_mask[h] == 0) {
     if (kBatch && threadIdx.x == 0) p.job_count[h] = 0;
     return;
   }
-  __shared__ int sel[kMaxK], hit_slot[kMaxK], miss[kMaxK];
+  __shared__ int sel[kMaxK], hit_slot[kMaxK], miss_rank[kMaxK];
   __shared__ int res[kMaxSlots], age[kMaxSlots], victim[kMaxSlots];
+  __shared__ unsigned long long key[kMaxSlots];
   __shared__ unsigned char kept[kMaxSlots];
+  __shared__ int warp_count[kResidencyThreads / 32];
+  __shared__ int n_sel, n_hit, n_miss, job_base;
   const int k = p.k;
   const int R = p.slots > 0 ? p.slots : k;
   const bool extra = R > k;
-  for (int j = threadIdx.x; j < k; j += blockDim.x) sel[j] = p.selected[(size_t)h * k + j];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0) n_sel = 0, n_hit = 0, n_miss = 0;
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    sel[j] = p.selected[(size_t)h * k + j];
+    hit_slot[j] = INT_MAX;
+    miss_rank[j] = -1;
+  }
   for (int j = threadIdx.x; j < R; j += blockDim.x) {
     res[j] = p.resident[(size_t)h * R + j];
-    if (extra) age[j] = p.age ? p.age[(size_t)h * R + j] : 0;
+    age[j] = extra && p.age ? p.age[(size_t)h * R + j] : 0;
     kept[j] = 0;
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < k; i += blockDim.x) {
-    int s = -1;
-    if (sel[i] >= 0)
-      for (int j = 0; j < R; ++j)
-        if (res[j] == sel[i]) {
-          s = j;
-          break;
-        }
-    hit_slot[i] = s;
+  // Hits: entry i's slot is the lowest that holds its page.
+  for (int j = threadIdx.x; j < R; j += blockDim.x) {
+    const int page = res[j];
+    if (page < 0) continue;
+    for (int i = 0; i < k; ++i)
+      if (sel[i] == page) atomicMin(&hit_slot[i], j);
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < k; i += blockDim.x)
-    if (hit_slot[i] >= 0) kept[hit_slot[i]] = 1;
+  int my_sel = 0, my_hit = 0;
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    if (hit_slot[i] == INT_MAX || sel[i] < 0) hit_slot[i] = -1;
+    if (sel[i] >= 0) ++my_sel;
+    if (hit_slot[i] >= 0) ++my_hit, kept[hit_slot[i]] = 1;
+  }
+  if (my_sel) atomicAdd(&n_sel, my_sel);
+  if (my_hit) atomicAdd(&n_hit, my_hit);
   __syncthreads();
-  // With extra slots, the slots not kept in eviction order: victim[r] is the slot of rank r.
-  // Without, the order is the slot index, which thread 0's scan below finds (the kernel's path
-  // before the option, unchanged: no ages are read or kept).
-  if (extra) {
-    for (int j = threadIdx.x; j < R; j += blockDim.x) {
-      if (kept[j]) continue;
-      int rank = 0;
-      for (int o = 0; o < R; ++o)
-        if (!kept[o] && ResidentVictimBefore(res[o], age[o], o, res[j], age[j], j, true)) ++rank;
-      victim[rank] = j;
-    }
+  // Misses (selected, not resident) numbered in selection order: a scan, blockDim entries at a time.
+  for (int c = 0; c < k; c += blockDim.x) {
+    const int i = c + threadIdx.x;
+    const bool is_miss = i < k && sel[i] >= 0 && hit_slot[i] < 0;
+    const unsigned bits = __ballot_sync(0xffffffffu, is_miss);
+    if (lane == 0) warp_count[warp] = __popc(bits);
+    __syncthreads();
+    int before = n_miss;
+    for (int w = 0; w < warp; ++w) before += warp_count[w];
+    if (is_miss) miss_rank[i] = before + __popc(bits & ((1u << lane) - 1u));
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int w = 0; w < (int)(blockDim.x >> 5); ++w) n_miss += warp_count[w];
     __syncthreads();
   }
-  if (threadIdx.x == 0) {
-    int next = 0, free_j = 0, nsel = 0, nhit = 0, nmiss = 0;
-    for (int i = 0; i < k; ++i) {
-      if (sel[i] < 0) continue;
-      ++nsel;
-      if (hit_slot[i] >= 0) {
-        ++nhit;
-        continue;
-      }
-      // A free slot exists: #misses <= #slots not kept.
-      if (!extra)
-        while (kept[free_j]) ++free_j;
-      const int j = extra ? victim[next++] : free_j;
+  const int nmiss = n_miss;
+  if (nmiss > 0) {
+    // The slots not kept, in the order misses take them: victim[r] is the slot of rank r.
+    for (int j = threadIdx.x; j < R; j += blockDim.x)
+      key[j] = kept[j] ? ~0ull : ResidentVictimKey(res[j], age[j], j, extra);
+    __syncthreads();
+    for (int j = threadIdx.x; j < R; j += blockDim.x) {
+      const unsigned long long mine = key[j];
+      if (mine == ~0ull) continue;
+      int rank = 0;
+      for (int o = 0; o < R; ++o) rank += key[o] < mine ? 1 : 0;
+      if (rank < nmiss) victim[rank] = j;
+    }
+    __syncthreads();
+    // Miss m takes victim[m] (#misses <= #slots not kept, as R >= k).
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+      if (miss_rank[i] < 0) continue;
+      const int j = victim[miss_rank[i]];
       kept[j] = 1;
       res[j] = sel[i];
       hit_slot[i] = j;
-      miss[nmiss++] = i;
     }
-    int base;
+  }
+  if (threadIdx.x == 0) {
     if (kBatch) {
-      base = h * k;
+      job_base = h * k;
       p.job_count[h] = nmiss;
     } else {
-      base = nmiss ? atomicAdd(p.job_count, nmiss) : 0;
-    }
-    for (int m = 0; m < nmiss; ++m) {
-      RecallJob jb;
-      jb.page = sel[miss[m]];
-      jb.head = h;
-      jb.slot = p.selected_base + hit_slot[miss[m]];
-      jb.pad = 0;
-      p.jobs[base + m] = jb;
+      job_base = nmiss ? atomicAdd(p.job_count, nmiss) : 0;
     }
     if (p.counters) {
-      atomicAdd(&p.counters[0], (unsigned long long)nsel);
-      atomicAdd(&p.counters[1], (unsigned long long)nhit);
+      atomicAdd(&p.counters[0], (unsigned long long)n_sel);
+      atomicAdd(&p.counters[1], (unsigned long long)n_hit);
       atomicAdd(&p.counters[2], (unsigned long long)nmiss);
     }
   }
   __syncthreads();
+  // The jobs in miss order, each entry's slot, and the pool's pages and ages.
+  const int base = job_base;
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    if (miss_rank[i] >= 0) {
+      RecallJob jb;
+      jb.page = sel[i];
+      jb.head = h;
+      jb.slot = p.selected_base + hit_slot[i];
+      jb.pad = 0;
+      p.jobs[base + miss_rank[i]] = jb;
+    }
+    p.selected_slot[(size_t)h * k + i] = sel[i] >= 0 ? p.selected_base + hit_slot[i] : -1;
+  }
   for (int j = threadIdx.x; j < R; j += blockDim.x) {
     p.resident[(size_t)h * R + j] = res[j];
     if (extra && p.age) p.age[(size_t)h * R + j] = ResidentAgeAfter(res[j], age[j], kept[j] != 0);
   }
-  for (int j = threadIdx.x; j < k; j += blockDim.x)
-    p.selected_slot[(size_t)h * k + j] = sel[j] >= 0 ? p.selected_base + hit_slot[j] : -1;
 }
 
 // One block per KV head. Rows: sink pages, then selected pages, then window pages. Batched: table
@@ -215,7 +246,7 @@ void CheckAttendTable(const AttendTableParams& p) {
 void LaunchResidencyDiff(const ResidencyParams& p, cudaStream_t stream) {
   CheckResidency(p);
   FKV_CUDA_CHECK(cudaMemsetAsync(p.job_count, 0, sizeof(int), stream));
-  ResidencyKernel<false><<<p.kv_heads, 128, 0, stream>>>(p, nullptr);
+  ResidencyKernel<false><<<p.kv_heads, kResidencyThreads, 0, stream>>>(p, nullptr);
   FKV_CUDA_CHECK_LAUNCH("ResidencyKernel");
 }
 
@@ -227,7 +258,7 @@ void LaunchResidencyDiffBatch(const ResidencyParams* items, const ResidencyParam
     CheckResidency(host_items[i]);
     Require(host_items[i].kv_heads == host_items[0].kv_heads, "residency batch: the items' kv_heads differ");
   }
-  ResidencyKernel<true><<<dim3(host_items[0].kv_heads, count), 128, 0, stream>>>(host_items[0], items);
+  ResidencyKernel<true><<<dim3(host_items[0].kv_heads, count), kResidencyThreads, 0, stream>>>(host_items[0], items);
   FKV_CUDA_CHECK_LAUNCH("ResidencyKernel(batch)");
 }
 
