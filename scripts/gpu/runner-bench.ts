@@ -50,7 +50,7 @@
  * each checkpoint: /dev/shm bytes per token, the process's page tables (VmPTE) and RSS.
  *
  *   node .gpu/runner-bench.mjs [--dir /tmp/freekv-8b] [--layers 32] [--points 1:32768,4:32768,16:8192]
- *                              [--modes freekv,oracle,dense] [--steps 16] [--warmup 3] [--out DIR]
+ *                              [--modes freekv,oracle,dense] [--steps 16] [--warmup 32] [--out DIR]
  *                              [--hbm-gbps 4290] [--profile-steps N] [--side-timing]
  *                              [--prefill 8192,32768] [--prefill-chunk 512,2048] [--prefill-gathered 8192]
  *                              [--profile-prefill-chunk K] [--prefill-env "A=1;A=2"] [--prefill-rounds N]
@@ -117,8 +117,8 @@ const { values: args } = parseArgs({
     points: { type: "string", default: "1:32768,4:32768,16:8192" },
     modes: { type: "string", default: "freekv,oracle,dense" },
     steps: { type: "string", default: "16" },
-    /** Steps run before the timed ones at every point: a pool larger than the selection (-pool<N>) fills over tens of steps, so its steady state needs more than the default. */
-    warmup: { type: "string", default: "3" },
+    /** Steps run before the timed ones at every point: a pool of several selections (the default four, or -pool<N>) fills over tens of steps, and its steady state is what a long generation sees. */
+    warmup: { type: "string", default: "32" },
     out: { type: "string", default: "." },
     "hbm-gbps": { type: "string", default: "4290" },
     "profile-steps": { type: "string", default: "0" },
