@@ -382,6 +382,23 @@ export const CASES: CaseSpec[] = [
     reattachAt: 30,
     residentFactor: 3,
   },
+  // The default pool (four selections) over a selection of 160 pages: 640 slots a group, so the
+  // residency diff's block of 128 threads numbers the misses over two chunks of the selection
+  // (the first decode recalls all 160) and ranks the slots five to a thread; the walk keys make
+  // the later selections move a few pages a step, and 1100+ candidate pages evict.
+  {
+    name: "default pool over a selection of 160 pages (640 slots a group), walk keys, batch 2",
+    geometry: { layers: 1, qHeads: 4, kvHeads: 2, headDim: 64 },
+    retrieval: { pageSize: 8, sinkTokens: 32, windowTokens: 64, selectTokens: 1280 },
+    perSession: [{}, { mode: 3 }],
+    prompts: [9000, 7100],
+    firstChunk: 2500,
+    attendPrompt: false,
+    steps: 64,
+    capacityPages: 1200,
+    seed: 1301,
+    keys: "walk",
+  },
 ];
 
 // ---------------------------------------------------------------------------------------------
