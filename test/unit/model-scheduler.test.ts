@@ -455,7 +455,7 @@ describe("ModelScheduler time slices after whole chunks of one size", () => {
     // decode step 2 ms.
     let calls = 0;
     const chunkMs = (n: number, c: number) => 2 + n * (0.02 + 2e-6 * (c + n / 2)) + (calls++ === 0 ? 40 : 0);
-    const { model, chunks } = timedModel(chunkMs, 2);
+    const { model, chunks, stepTimes } = timedModel(chunkMs, 2);
     const sch = new ModelScheduler(model, { prefillChunkTokens: 2048, prefillSlice: 1 });
     await feedPrompt(sch, 1, 64);
     await feedPrompt(sch, 5, 8192);
@@ -473,12 +473,18 @@ describe("ModelScheduler time slices after whole chunks of one size", () => {
     // Cut to slices whose fixed part is a quarter of their time (~8 ms, ~170 tokens this far into
     // the prompt) once the fit, having seen chunks of other sizes, tells the fixed part apart: far
     // below whole 2048-token chunks (~45-60 ms), and below the 8-step bound alone (~16 ms, ~400
-    // tokens). Timers that overshoot on a loaded machine only make slices smaller here; the time
-    // bound is on the median.
+    // tokens). On a loaded machine every timer overshoots by about the same time, which the fit
+    // sees as a larger fixed part (and the steps as longer): the slices then grow by four times
+    // that overshoot's worth of tokens (~0.036 ms a token here), which the bounds allow, measured
+    // from the decode steps' own overshoot; whole chunks stay out of bounds either way.
+    const sortedSteps = [...stepTimes].sort((a, b) => a - b);
+    const overshootMs = Math.max(0, sortedSteps[Math.floor(sortedSteps.length / 2)] - 2);
     expect(chunks.length).toBeGreaterThan(8);
-    expect(Math.max(...chunks.slice(-5, -1).map((c) => c.n))).toBeLessThan(300);
+    const late = Math.max(...chunks.slice(-5, -1).map((c) => c.n));
+    expect(late).toBeLessThan(2048);
+    expect(late).toBeLessThan(300 + (4 * overshootMs) / 0.036);
     const times = chunks.map((c) => c.ms).sort((a, b) => a - b);
-    expect(times[Math.floor(times.length / 2)]).toBeLessThan(25);
+    expect(times[Math.floor(times.length / 2)]).toBeLessThan(25 + 5 * overshootMs);
   });
 });
 
