@@ -15,6 +15,7 @@ import { summarize } from "../../tools/eval/summary.js";
 import { FAMILIES, parseTasks, TaskError } from "../../tools/eval/tasks.js";
 import { wilsonInterval } from "../../tools/eval/wilson.js";
 import { Prng, testSeed } from "../unit/reference/prng.js";
+import { withEnv } from "../helpers/env.js";
 
 const seed = testSeed();
 const rng = new Prng(seed);
@@ -226,10 +227,7 @@ describe("JSON writer", () => {
     const startedAt = new Date();
     // The addon's settings in the environment go beside the figures; other FREEKV_* variables
     // (which may hold credentials) do not.
-    const saved = { f: process.env.FREEKV_RESIDENT_FACTOR, d: process.env.FREEKV_DIRECTORY };
-    process.env.FREEKV_RESIDENT_FACTOR = "3";
-    process.env.FREEKV_DIRECTORY = "redis://user:secret@host:6379";
-    const doc = toJson(
+    const doc = withEnv("FREEKV_RESIDENT_FACTOR", "3", () => withEnv("FREEKV_DIRECTORY", "redis://user:secret@host:6379", () => toJson(
       {
         command: ["freekv", "eval", "--tasks", "x.jsonl"],
         tasksFile: "/abs/x.jsonl",
@@ -243,11 +241,7 @@ describe("JSON writer", () => {
       },
       summary,
       results,
-    );
-    for (const [k, v] of [["FREEKV_RESIDENT_FACTOR", saved.f], ["FREEKV_DIRECTORY", saved.d]] as const) {
-      if (v === undefined) delete process.env[k];
-      else process.env[k] = v;
-    }
+    )));
     writeJson(file, doc);
     const back = JSON.parse(readFileSync(file, "utf8"));
     expect(back.tool).toBe("freekv eval");
