@@ -176,7 +176,8 @@ const WARMUP = Number(args.warmup);
 const HBM_GBPS = Number(args["hbm-gbps"]);
 const profileSteps = Number(args["profile-steps"]);
 for (const [name, v] of [["--layers", LAYERS], ["--steps", STEPS], ["--warmup", WARMUP], ["--hbm-gbps", HBM_GBPS], ["--profile-steps", profileSteps]] as const)
-  if (!Number.isFinite(v) || v < 0 || (name !== "--profile-steps" && v === 0)) throw new RangeError(`${name} must be a positive number (got ${v})`);
+  if (!Number.isFinite(v) || v < 0 || (name !== "--profile-steps" && v === 0) || (name !== "--hbm-gbps" && !Number.isInteger(v)))
+    throw new RangeError(`${name} must be a positive ${name === "--hbm-gbps" ? "number" : "integer"} (got ${v})`);
 // Timed steps' logits of the first run of each (batch, context, base mode), for the comparisons.
 const logitsOf = new Map<string, { mode: string; logits: Float32Array[] }>();
 let profiled = false;
