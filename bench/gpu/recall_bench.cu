@@ -8,6 +8,10 @@
 //   gather          LaunchRecallGather: a kernel on `blocks` SMs reading the mapped store
 //   double_buffer   DoubleBufferRecall: one cudaMemcpyAsync per head-page into two staging
 //                   buffers, each scattered while the other fills (the paper's method)
+//   in_diff         the decode's own path: LaunchResidencyDiffBatch with the recall fused
+//                   (residency.cuh, ResidencyParams::pool), batch 1, 4 and 16 of 8 KV heads
+//                   selecting 32 pages each, two disjoint selections alternating so that every
+//                   launch misses every page (the most a step can recall)
 // Before timing, each mode recalls a job list into a poisoned pool and every byte of every
 // recalled head-page is compared with the store; untouched slots must still hold the poison.
 #include <sys/mman.h>
@@ -18,6 +22,7 @@
 
 #include "bench.cuh"
 #include "recall.cuh"
+#include "residency.cuh"
 
 namespace fkbench {
 namespace fc = freekv::cuda;
@@ -165,6 +170,99 @@ void RunRecall(Bench& B) {
     dm.Set("GBps", gbs).Set("jobs", n).Set("chunk", 64).Set("checked_head_pages", double(checked));
     modes.Set("double_buffer", dm);
     B.AddRow({"recall", "double buffer: memcpy per head-page + scatter", "GB/s", gbs, B.pcie_gbs, "paper's method"});
+  }
+  // --- in the residency diff: what the batched decode runs
+  {
+    constexpr int K = 32, kMaxItems = 16;
+    const size_t per_item = size_t(kH) * K;
+    bf16* pools;
+    int *sel, *res, *sslot, *counts;
+    fc::RecallJob* rjobs;
+    CK(cudaMalloc(&pools, size_t(kMaxItems) * K * kPage));
+    CK(cudaMalloc(&sel, sizeof(int) * 2 * kMaxItems * per_item));
+    CK(cudaMalloc(&res, sizeof(int) * kMaxItems * per_item));
+    CK(cudaMalloc(&sslot, sizeof(int) * kMaxItems * per_item));
+    CK(cudaMalloc(&rjobs, sizeof(fc::RecallJob) * kMaxItems * per_item));
+    CK(cudaMalloc(&counts, sizeof(int) * kMaxItems * kH));
+    // Per (item, head): 2K distinct random pages, the first K selection A, the rest B.
+    std::vector<int> hsel(2 * kMaxItems * per_item);
+    std::mt19937_64 rng(31);
+    std::vector<int> pages(store_pages);
+    std::iota(pages.begin(), pages.end(), 0);
+    for (int i = 0; i < kMaxItems; ++i)
+      for (int h = 0; h < kH; ++h) {
+        for (int j = 0; j < 2 * K; ++j) std::swap(pages[j], pages[j + rng() % (store_pages - j)]);
+        for (int set = 0; set < 2; ++set)
+          for (int j = 0; j < K; ++j) hsel[(size_t(set) * kMaxItems + i) * per_item + size_t(h) * K + j] = pages[set * K + j];
+      }
+    CK(cudaMemcpy(sel, hsel.data(), sizeof(int) * hsel.size(), cudaMemcpyHostToDevice));
+    std::vector<fc::ResidencyParams> items[2];
+    fc::ResidencyParams* ditems[2];
+    for (int set = 0; set < 2; ++set) {
+      items[set].resize(kMaxItems);
+      for (int i = 0; i < kMaxItems; ++i) {
+        fc::ResidencyParams& p = items[set][i];
+        p.selected = sel + (size_t(set) * kMaxItems + i) * per_item;
+        p.resident = res + i * per_item;
+        p.slots = K;
+        p.selected_slot = sslot + i * per_item;
+        p.jobs = rjobs + i * per_item;
+        p.job_count = counts + i * kH;
+        p.kv_heads = kH;
+        p.k = K;
+        p.selected_base = 0;
+        p.src = store_dev;
+        p.src_page_stride = kPage;
+        p.pool = pools + size_t(i) * K * (kPage / sizeof(bf16));
+        p.head_dim = kD;
+        p.page_size = kP;
+      }
+      CK(cudaMalloc(&ditems[set], sizeof(fc::ResidencyParams) * kMaxItems));
+      CK(cudaMemcpy(ditems[set], items[set].data(), sizeof(fc::ResidencyParams) * kMaxItems, cudaMemcpyHostToDevice));
+    }
+    // Check: an empty pool poisoned, selection A for every item; each item's pool then holds, in
+    // the slot the diff reports for each selected page, that page's head-page, and nothing else.
+    const uint8_t poison = 0x5A;
+    CK(cudaMemset(res, 0xff, sizeof(int) * kMaxItems * per_item));
+    CK(cudaMemset(pools, poison, size_t(kMaxItems) * K * kPage));
+    fc::LaunchResidencyDiffBatch(ditems[0], items[0].data(), kMaxItems, s);
+    CK(cudaStreamSynchronize(s));
+    std::vector<int> hslot(kMaxItems * per_item);
+    CK(cudaMemcpy(hslot.data(), sslot, sizeof(int) * hslot.size(), cudaMemcpyDeviceToHost));
+    std::vector<uint8_t> item_pool(size_t(K) * kPage);
+    long bad = 0;
+    for (int i = 0; i < kMaxItems; ++i) {
+      std::vector<fc::RecallJob> done;
+      for (int h = 0; h < kH; ++h)
+        for (int j = 0; j < K; ++j)
+          done.push_back(fc::RecallJob{hsel[size_t(i) * per_item + size_t(h) * K + j], h, hslot[size_t(i) * per_item + size_t(h) * K + j], 0});
+      CK(cudaMemcpy(item_pool.data(), reinterpret_cast<const uint8_t*>(pools) + size_t(i) * K * kPage, item_pool.size(),
+                    cudaMemcpyDeviceToHost));
+      bad += CheckPool(store, done, item_pool, K, poison);
+    }
+    if (bad) throw std::runtime_error("recall in_diff: " + std::to_string(bad) + " head-pages wrong");
+    Json dm = Json::Obj();
+    dm.Set("checked_head_pages", double(kMaxItems * per_item)).Set("pages_per_head", K);
+    for (int batch : {1, 4, 16}) {
+      int set = 1;  // A is resident now: B misses every page, then A, ...
+      const double ms = MedianMs(s, 2, 9, [&] {
+        fc::LaunchResidencyDiffBatch(ditems[set], items[set].data(), batch, s);
+        set ^= 1;
+      });
+      const double gbs = double(batch) * per_item * kHeadPage / ms / 1e6;
+      dm.Set("batch_" + std::to_string(batch) + "_GBps", gbs).Set("batch_" + std::to_string(batch) + "_us", ms * 1e3);
+      B.AddRow({"recall", "in the residency diff (decode), batch " + std::to_string(batch) + ": " +
+                              std::to_string(batch * kH) + " blocks, " + std::to_string(batch * per_item) + " head-pages",
+                "GB/s", gbs, B.pcie_gbs, "every page a miss"});
+    }
+    modes.Set("in_diff", dm);
+    for (int set = 0; set < 2; ++set) CK(cudaFree(ditems[set]));
+    CK(cudaFree(pools));
+    CK(cudaFree(sel));
+    CK(cudaFree(res));
+    CK(cudaFree(sslot));
+    CK(cudaFree(rjobs));
+    CK(cudaFree(counts));
   }
   // --- contiguous reference: the same bytes as one copy
   {

@@ -33,7 +33,7 @@ KINDS = [
     ("attention", ("DecodeAttention", "DecodeCombine")),
     ("gather", ("RecallGather",)),
     ("selection", ("Selection", "ChunkMax", "ChunkSum", "ChunkTopK", "HierSeed", "HierPrune")),
-    ("residency", ("Residency",)),
+    ("residency", ("Residency",)),  # the batched decode's recall runs inside ResidencyKernel
     ("correction", ("Correction",)),
     ("table", ("AttendTable",)),
     ("engine_small", ("CopyBatch", "Append", "PageSummary", "GroupBounds", "OffloadHnd", "ScatterRows", "Scatter")),

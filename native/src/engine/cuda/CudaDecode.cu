@@ -81,7 +81,6 @@ struct CudaEngine::DescTable {
   DescList<CorrectionItem> correction;
   DescList<SelectionParams> select, spec_select;
   DescList<ResidencyParams> residency, spec_residency;
-  DescList<RecallBatchItem> recall, spec_recall;
   DescList<AttendTableParams> table;  // two per item: the batch's rows and the layer's own
   size_t bytes = 0;
 
@@ -101,11 +100,9 @@ struct CudaEngine::DescTable {
     place(correction, B);
     place(select, B);
     place(residency, B);
-    place(recall, B);
     place(table, 2 * B);
     place(spec_select, B);
     place(spec_residency, B);
-    place(spec_recall, B);
   }
 };
 
@@ -154,16 +151,15 @@ void CudaEngine::QueueSelectAndRecall(Session& s, int layer, const float* q, int
   rp.selected_base = s.SP + s.WP;
   rp.head_mask = head_mask;
   rp.counters = s.LayerCounters(layer);
+  // The recall in the diff's own launch: each (item, head) block copies its misses once its diff
+  // is done (cuda/residency.cuh), instead of a gather launch that reads the job lists back.
+  const RecallGeometry rg = s.Recall();
+  rp.src = s.StoreLayerDev(layer);
+  rp.src_page_stride = rg.src_page_stride;
+  rp.pool = L.pool.get();
+  rp.head_dim = rg.head_dim;
+  rp.page_size = rg.page_size;
   (speculative ? t.spec_residency : t.residency).Add(rp);
-  RecallBatchItem ri;
-  ri.src = s.StoreLayerDev(layer);
-  ri.src_page_stride = s.Recall().src_page_stride;
-  ri.jobs = L.jobs.get();
-  ri.head_counts = L.job_count.get() + 1;
-  ri.pool = L.pool.get();
-  ri.k = s.K;
-  ri.pad = 0;
-  (speculative ? t.spec_recall : t.recall).Add(ri);
 }
 
 void CudaEngine::SelectAndRecall(Session& s, int layer, const float* q, int c0, int c1, const int* head_mask,
@@ -300,8 +296,8 @@ void CudaEngine::SizeDescTables(int B, int layers, int pinned_regions) {
 // written: the caller does that once the main stream has completed the work.
 // Every operation is one launch for the whole batch (items listed in the layer's DescTable), in
 // this order on the main stream: table copy, query copy, append, summary, offload, correction,
-// selection, residency diff, recall, attention tables, attention; then on the side stream the
-// speculative selection, residency diff and recall. Items are independent (each has its own pool,
+// selection, residency diff with the recall, attention tables, attention; then on the side stream
+// the speculative selection and residency diff with its recall. Items are independent (each has its own pool,
 // tables, scratch and counters), so grouping by operation changes no result. Double-buffer sessions
 // still select and recall item by item (their job lists go through the host).
 void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const float* dq, const float* dk,
@@ -479,7 +475,6 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
   G.Op(st, LaunchSelectionBatch, t.select.dev, static_cast<const SelectionParams*>(t.select.host), t.select.n);
   G.Op(st, LaunchResidencyDiffBatch, t.residency.dev, static_cast<const ResidencyParams*>(t.residency.host),
        t.residency.n);
-  G.Op(st, LaunchRecallGatherBatch, t.recall.dev, t.recall.n, Hkv, D, P, kGatherBlocks);
   if (graphed && !(per_item.empty() && per_item_spec.empty()))
     throw std::logic_error("decode: a graphed step cannot hold double-buffer sessions");
   for (const PerItemSelect& x : per_item) SelectAndRecall(*x.s, layer, x.q, x.c0, x.c1, x.head_mask, st);
@@ -516,7 +511,6 @@ void CudaEngine::DecodeCore(int layer, const std::vector<Session*>& ss, const fl
          t.spec_select.n);
     G.Op(side, LaunchResidencyDiffBatch, t.spec_residency.dev,
          static_cast<const ResidencyParams*>(t.spec_residency.host), t.spec_residency.n);
-    G.Op(side, LaunchRecallGatherBatch, t.spec_recall.dev, t.spec_recall.n, Hkv, D, P, kGatherBlocks);
     for (const PerItemSelect& x : per_item_spec) SelectAndRecall(*x.s, layer, x.q, x.c0, x.c1, x.head_mask, side);
     G.Op(side, RecordOp, spec_done_[layer]->get());
     spec_recorded_[layer] = 1;

@@ -74,7 +74,7 @@ namespace freekv::cuda {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kGatherBlocks = 8;  // SMs the recall uses (8 of 132 reach the PCIe link)
+constexpr int kGatherBlocks = 8;  // SMs an item-by-item recall uses (8 of 132 reach the PCIe link); the batched decode's recall runs in its residency diff
 
 struct LayerTier {
   bool dense = false;      // attends every page

@@ -8,17 +8,12 @@
 namespace freekv::cuda {
 namespace {
 
-// Position of 16-byte vector `w` of an HND head-page ([2][P][D/8]) in the NHD pool.
 __device__ __forceinline__ size_t NhdOffset(int slot, int head, int w, int kv_heads, int head_dim, int page_size) {
-  const int vpr = head_dim / kVec;
-  const int c = w % vpr;
-  const int t = (w / vpr) % page_size;
-  const int kv = w / (vpr * page_size);
-  return (((size_t)slot * 2 + kv) * page_size + t) * kv_heads * head_dim + (size_t)head * head_dim + c * kVec;
+  return RecallNhdOffset(slot, head, w, kv_heads, head_dim, page_size);
 }
+static_assert(kRecallVec == kVec, "the recall's vector is the bf16 helpers' 16-byte vector");
 
 constexpr int kGatherUnroll = 4;
-constexpr size_t kMaxGatherBatchEntries = 8192;  // (item, head) counts per batched launch (32 KiB of prefix)
 
 // Grid-stride over all 16-byte vectors of all jobs; each thread issues kGatherUnroll loads from
 // host memory before its stores, so enough reads are in flight to fill PCIe from a few SMs.
@@ -56,89 +51,6 @@ __global__ void __launch_bounds__(1024) RecallGatherKernel(const uint8_t* src, s
   }
 }
 
-// Batched gather: the jobs of every (item, KV head) in one grid-stride loop. Each block first
-// turns the per-head job counts into an exclusive prefix over (item, head) in shared memory
-// (pre[e], e = item * kv_heads + head; pre[n] = all jobs), then maps each vector to its job by a
-// binary search of that prefix. Same unrolled loads as RecallGatherKernel.
-__global__ void __launch_bounds__(1024) RecallGatherBatchKernel(const RecallBatchItem* items, int count, int kv_heads,
-                                                                int head_dim, int page_size) {
-  extern __shared__ int pre[];  // [count * kv_heads + 1]
-  __shared__ int warp_sum[32];
-  const int n = count * kv_heads;
-  auto jobs_of = [&](int e) {
-    const RecallBatchItem& it = items[e / kv_heads];
-    return min(max(it.head_counts[e % kv_heads], 0), it.k);
-  };
-  // Block-wide exclusive scan: each thread sums a run of `per` entries, the run totals are scanned.
-  const int per = (n + blockDim.x - 1) / blockDim.x;
-  const int lo = min(n, (int)threadIdx.x * per), hi = min(n, lo + per);
-  int run = 0;
-  for (int e = lo; e < hi; ++e) run += jobs_of(e);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int incl = run;
-  for (int off = 1; off < 32; off <<= 1) {
-    const int o = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += o;
-  }
-  if (lane == 31) warp_sum[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    const int nw = blockDim.x >> 5;
-    int w = lane < nw ? warp_sum[lane] : 0;
-    for (int off = 1; off < 32; off <<= 1) {
-      const int o = __shfl_up_sync(0xffffffffu, w, off);
-      if (lane >= off) w += o;
-    }
-    if (lane < nw) warp_sum[lane] = w;  // inclusive over warps
-  }
-  __syncthreads();
-  int excl = incl - run + (warp > 0 ? warp_sum[warp - 1] : 0);
-  for (int e = lo; e < hi; ++e) {
-    pre[e] = excl;
-    excl += jobs_of(e);
-  }
-  if (threadIdx.x == blockDim.x - 1) pre[n] = warp_sum[(blockDim.x >> 5) - 1];
-  __syncthreads();
-
-  const int vpj = 2 * page_size * head_dim / kVec;  // vectors per job
-  const size_t hp_bytes = (size_t)vpj * 16;
-  const long long total = (long long)pre[n] * vpj;
-  const long long stride = (long long)gridDim.x * blockDim.x;
-  for (long long base = blockIdx.x * (long long)blockDim.x + threadIdx.x; base < total;
-       base += stride * kGatherUnroll) {
-    uint4 v[kGatherUnroll];
-    RecallJob jb[kGatherUnroll];
-    __nv_bfloat16* pool[kGatherUnroll];
-#pragma unroll
-    for (int u = 0; u < kGatherUnroll; ++u) {
-      const long long x = base + u * stride;
-      if (x < total) {
-        const int j = (int)(x / vpj), w = (int)(x % vpj);
-        int a = 0, b = n - 1;  // the last e with pre[e] <= j (empty heads share their pre value)
-        while (a < b) {
-          const int m = (a + b + 1) >> 1;
-          if (pre[m] <= j) a = m;
-          else b = m - 1;
-        }
-        const RecallBatchItem& it = items[a / kv_heads];
-        jb[u] = it.jobs[(size_t)(a % kv_heads) * it.k + (j - pre[a])];
-        pool[u] = it.pool;
-        v[u] = *reinterpret_cast<const uint4*>(it.src + (size_t)jb[u].page * it.src_page_stride +
-                                               jb[u].head * hp_bytes + (size_t)w * 16);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kGatherUnroll; ++u) {
-      const long long x = base + u * stride;
-      if (x < total) {
-        const int w = (int)(x % vpj);
-        *reinterpret_cast<uint4*>(pool[u] + NhdOffset(jb[u].slot, jb[u].head, w, kv_heads, head_dim, page_size)) =
-            v[u];
-      }
-    }
-  }
-}
-
 struct ChunkJobs {
   RecallJob j[DoubleBufferRecall::kMaxChunk];
 };
@@ -164,22 +76,6 @@ void LaunchRecallGather(const uint8_t* src, const RecallGeometry& g, const Recal
   RecallGatherKernel<<<blocks, 1024, 0, stream>>>(src, g.src_page_stride, jobs, job_count, max_jobs, pool, g.kv_heads,
                                                   g.head_dim, g.page_size);
   FKV_CUDA_CHECK_LAUNCH("RecallGatherKernel");
-}
-
-void LaunchRecallGatherBatch(const RecallBatchItem* items, int count, int kv_heads, int head_dim, int page_size,
-                             int blocks, cudaStream_t stream) {
-  if (count == 0) return;
-  Require(items && count > 0 && kv_heads > 0, "recall gather batch: bad items, count or kv_heads");
-  Require(head_dim % kVec == 0 && page_size > 0, "recall gather batch: bad geometry");
-  Require(blocks > 0, "recall gather batch: blocks must be > 0");
-  // The prefix over (item, head) lives in shared memory: launch in chunks of items that fit.
-  const int max_items = std::max(1, (int)(kMaxGatherBatchEntries / kv_heads));
-  for (int first = 0; first < count; first += max_items) {
-    const int m = std::min(max_items, count - first);
-    const size_t smem = ((size_t)m * kv_heads + 1) * sizeof(int);
-    RecallGatherBatchKernel<<<blocks, 1024, smem, stream>>>(items + first, m, kv_heads, head_dim, page_size);
-    FKV_CUDA_CHECK_LAUNCH("RecallGatherBatchKernel");
-  }
 }
 
 DoubleBufferRecall::DoubleBufferRecall(size_t head_page_bytes, int chunk)

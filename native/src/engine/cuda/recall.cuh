@@ -21,6 +21,20 @@
 
 namespace freekv::cuda {
 
+#ifdef __CUDACC__
+constexpr int kRecallVec = 8;  // bf16 elements per 16-byte vector
+
+// Position of 16-byte vector `w` of an HND head-page ([2][P][D/8]) in the NHD pool.
+__device__ __forceinline__ size_t RecallNhdOffset(int slot, int head, int w, int kv_heads, int head_dim,
+                                                  int page_size) {
+  const int vpr = head_dim / kRecallVec;
+  const int c = w % vpr;
+  const int t = (w / vpr) % page_size;
+  const int kv = w / (vpr * page_size);
+  return (((size_t)slot * 2 + kv) * page_size + t) * kv_heads * head_dim + (size_t)head * head_dim + c * kRecallVec;
+}
+#endif
+
 struct RecallJob {
   int page;  // page index in the store's layer
   int head;  // KV head
@@ -39,24 +53,9 @@ struct RecallGeometry {
 void LaunchRecallGather(const uint8_t* src, const RecallGeometry& g, const RecallJob* jobs, const int* job_count,
                         int max_jobs, __nv_bfloat16* pool, int blocks, cudaStream_t stream);
 
-// One batch item of a batched gather: its store (device pointer of the mapped store at the layer's
-// first page), its jobs kept per KV head (head h's at jobs[h * k ..], their number in
-// head_counts[h], as LaunchResidencyDiffBatch writes them) and its pool.
-struct RecallBatchItem {
-  const uint8_t* src;
-  size_t src_page_stride;
-  const RecallJob* jobs;
-  const int* head_counts;  // [kv_heads]
-  __nv_bfloat16* pool;
-  int k;
-  int pad;
-};
-
-// Batched gather: every job of `count` items (device array) in one grid-stride loop over `blocks`
-// blocks, so the link sees the same number of loads in flight as one item's LaunchRecallGather.
-// The items share kv_heads, head_dim and page_size.
-void LaunchRecallGatherBatch(const RecallBatchItem* items, int count, int kv_heads, int head_dim, int page_size,
-                             int blocks, cudaStream_t stream);
+// The batched decode's recall runs inside its residency diff (LaunchResidencyDiffBatch with
+// ResidencyParams::pool, cuda/residency.cuh): one block per (item, KV head) copies that head's
+// misses as soon as its diff has chosen their slots.
 
 // Double-buffered streamed recall: owns two device staging buffers of `chunk` head-pages, a copy
 // stream, a scatter stream and the events that order them:

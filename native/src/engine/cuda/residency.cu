@@ -14,6 +14,10 @@ constexpr int kMaxK = 1024;
 constexpr int kMaxSlots = kMaxResidentSlots;
 
 constexpr int kResidencyThreads = 128;  // a multiple of 32 (the miss scan works warp by warp)
+// With the recall fused in: more threads, so that a block keeps enough 16-byte reads in flight
+// over PCIe (512 x kFusedUnroll x 16 B = 32 KiB a block).
+constexpr int kFusedResidencyThreads = 512;
+constexpr int kFusedUnroll = 4;
 
 // One block per KV head, every phase spread over the block's threads (no thread walks the
 // selection alone): a hit is a slot whose page the selection lists, each thread testing its slots
@@ -26,9 +30,10 @@ constexpr int kResidencyThreads = 128;  // a multiple of 32 (the miss scan works
 // whose selection has no miss skips the ranking.
 // Selected entries are k, slots R = p.slots (>= k). Batched (item blockIdx.y of `items`): head h
 // writes its jobs to jobs[h * k ..] and their number to job_count[h] (0 for a masked head), so no
-// count needs zeroing before the launch.
-template <bool kBatch>
-__global__ void __launch_bounds__(kResidencyThreads) ResidencyKernel(const ResidencyParams p0, const ResidencyParams* items) {
+// count needs zeroing before the launch. With p.pool set, the block then copies its misses' head-pages
+// (the recall fused in: no job list read back, no second launch).
+template <bool kBatch, int kThreads>
+__global__ void __launch_bounds__(kThreads) ResidencyKernel(const ResidencyParams p0, const ResidencyParams* items) {
   const ResidencyParams p = kBatch ? items[blockIdx.y] : p0;
   const int h = blockIdx.x;
   if (p.head_mask && p.head_mask[h] == 0) {
@@ -39,7 +44,7 @@ __global__ void __launch_bounds__(kResidencyThreads) ResidencyKernel(const Resid
   __shared__ int res[kMaxSlots], age[kMaxSlots], victim[kMaxSlots];
   __shared__ unsigned long long key[kMaxSlots];
   __shared__ unsigned char kept[kMaxSlots];
-  __shared__ int warp_count[kResidencyThreads / 32];
+  __shared__ int warp_count[kThreads / 32];
   __shared__ int n_sel, n_hit, n_miss, job_base;
   const int k = p.k;
   const int R = p.slots > 0 ? p.slots : k;
@@ -126,10 +131,12 @@ __global__ void __launch_bounds__(kResidencyThreads) ResidencyKernel(const Resid
     }
   }
   __syncthreads();
-  // The jobs in miss order, each entry's slot, and the pool's pages and ages.
+  // The jobs in miss order, each entry's slot, and the pool's pages and ages. (victim[] is free
+  // again: it now maps a miss to its entry for the fused recall.)
   const int base = job_base;
   for (int i = threadIdx.x; i < k; i += blockDim.x) {
     if (miss_rank[i] >= 0) {
+      victim[miss_rank[i]] = i;
       RecallJob jb;
       jb.page = sel[i];
       jb.head = h;
@@ -142,6 +149,34 @@ __global__ void __launch_bounds__(kResidencyThreads) ResidencyKernel(const Resid
   for (int j = threadIdx.x; j < R; j += blockDim.x) {
     p.resident[(size_t)h * R + j] = res[j];
     if (extra && p.age) p.age[(size_t)h * R + j] = ResidentAgeAfter(res[j], age[j], kept[j] != 0);
+  }
+  if (!p.pool || nmiss == 0) return;
+  __syncthreads();
+  // The recall: every 16-byte vector of the misses' head-pages, kFusedUnroll loads in flight per
+  // thread before their stores (the gather kernel's loop, for one head).
+  const int D = p.head_dim, P = p.page_size;
+  const int vpj = 2 * P * D / kRecallVec;
+  const size_t hp_bytes = (size_t)vpj * 16;
+  const int total = nmiss * vpj;
+  const uint8_t* src = p.src + (size_t)h * hp_bytes;
+  for (int x0 = threadIdx.x; x0 < total; x0 += blockDim.x * kFusedUnroll) {
+    uint4 v[kFusedUnroll];
+    int dst_slot[kFusedUnroll];
+#pragma unroll
+    for (int u = 0; u < kFusedUnroll; ++u) {
+      const int x = x0 + u * blockDim.x;
+      if (x < total) {
+        const int i = victim[x / vpj];
+        dst_slot[u] = p.selected_base + hit_slot[i];
+        v[u] = *reinterpret_cast<const uint4*>(src + (size_t)sel[i] * p.src_page_stride + (size_t)(x % vpj) * 16);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kFusedUnroll; ++u) {
+      const int x = x0 + u * blockDim.x;
+      if (x < total)
+        *reinterpret_cast<uint4*>(p.pool + RecallNhdOffset(dst_slot[u], h, x % vpj, p.kv_heads, D, P)) = v[u];
+    }
   }
 }
 
@@ -175,22 +210,37 @@ __global__ void AttendTableKernel(const AttendTableParams p0, const AttendTableP
     toks[pg] = tokens_of(pg);
     ids[pg] = pg;
   }
-  __shared__ int nsel, common;
-  if (threadIdx.x == 0) {
-    int r = nsink;
-    for (int i = 0; i < p.k; ++i) {
-      const int pg = p.selected[(size_t)h * p.k + i];
-      if (pg < 0) continue;
+  // The selected pages (entries >= 0) in selection order, numbered by a block-wide scan,
+  // blockDim entries at a time (not one thread walking the selection: its dependent loads and
+  // stores cost 8-10 us a launch on an H100).
+  __shared__ int nsel, common, placed;
+  __shared__ int warp_count[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0) placed = 0, common = 0;
+  __syncthreads();
+  for (int c = 0; c < p.k; c += blockDim.x) {
+    const int i = c + threadIdx.x;
+    const int pg = i < p.k ? p.selected[(size_t)h * p.k + i] : -1;
+    const unsigned bits = __ballot_sync(0xffffffffu, pg >= 0);
+    if (lane == 0) warp_count[warp] = __popc(bits);
+    __syncthreads();
+    if (pg >= 0) {
+      int r = nsink + placed + __popc(bits & ((1u << lane) - 1u));
+      for (int w = 0; w < warp; ++w) r += warp_count[w];
       slot[r] = p.in_place ? pg : p.selected_slot[(size_t)h * p.k + i];
       toks[r] = P;
       ids[r] = pg;
-      ++r;
     }
-    nsel = r - nsink;
-    common = 0;
-    if (p.hits && r > nsink) {
-      atomicAdd(&p.hits[0], (unsigned long long)(r - nsink));
-      atomicAdd(&p.hits[1], (unsigned long long)(r - nsink));
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int w = 0; w < (int)(blockDim.x >> 5); ++w) placed += warp_count[w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    nsel = placed;
+    if (p.hits && placed > 0) {
+      atomicAdd(&p.hits[0], (unsigned long long)placed);
+      atomicAdd(&p.hits[1], (unsigned long long)placed);
     }
   }
   __syncthreads();
@@ -198,11 +248,16 @@ __global__ void AttendTableKernel(const AttendTableParams p0, const AttendTableP
     const int* cur = p.selected + (size_t)h * p.k;
     int* prev = p.prev_selected + (size_t)h * p.k;
     if (p.overlap) {
+      // The previous selection staged in shared memory first: each thread compares its entries
+      // with all of it, and k dependent global loads a thread cost several us a launch.
+      __shared__ int prev_s[kMaxK];
+      for (int j = threadIdx.x; j < p.k; j += blockDim.x) prev_s[j] = prev[j];
+      __syncthreads();
       for (int i = threadIdx.x; i < p.k; i += blockDim.x) {
         const int pg = cur[i];
         if (pg < 0) continue;
         for (int j = 0; j < p.k; ++j)
-          if (prev[j] == pg) {
+          if (prev_s[j] == pg) {
             atomicAdd(&common, 1);
             break;
           }
@@ -232,9 +287,13 @@ void CheckResidency(const ResidencyParams& p) {
   Require(p.kv_heads > 0 && p.k > 0 && p.k <= kMaxK, "residency: k must be in [1, 1024]");
   Require(p.slots == 0 || (p.slots >= p.k && p.slots <= kMaxSlots), "residency: slots must be 0 or in [k, 1024]");
   Require(p.selected && p.resident && p.selected_slot && p.jobs && p.job_count, "residency: a device pointer is null");
+  Require(!p.pool || (p.src && p.head_dim > 0 && p.head_dim % kRecallVec == 0 && p.page_size > 0 &&
+                      p.src_page_stride >= (size_t)p.kv_heads * 2 * p.page_size * p.head_dim * sizeof(__nv_bfloat16)),
+          "residency: a fused recall needs src, head_dim (a multiple of 8), page_size and the store's page stride");
 }
 void CheckAttendTable(const AttendTableParams& p) {
   Require(p.page_size > 0 && p.kv_heads > 0 && p.max_pages > 0, "attend table: bad geometry");
+  Require(p.k >= 0 && p.k <= kMaxK, "attend table: k must be in [0, 1024]");
   Require(p.dense || p.window_pages >= 1, "attend table: window_pages must be >= 1");
   Require(p.page_slot && p.page_tokens && p.page_id && p.num_pages, "attend table: a device pointer is null");
   Require(p.k == 0 || (p.selected && (p.in_place || p.selected_slot)), "attend table: selected arrays are null");
@@ -245,8 +304,9 @@ void CheckAttendTable(const AttendTableParams& p) {
 
 void LaunchResidencyDiff(const ResidencyParams& p, cudaStream_t stream) {
   CheckResidency(p);
+  Require(!p.pool, "residency: the recall is fused only into batched diffs");
   FKV_CUDA_CHECK(cudaMemsetAsync(p.job_count, 0, sizeof(int), stream));
-  ResidencyKernel<false><<<p.kv_heads, kResidencyThreads, 0, stream>>>(p, nullptr);
+  ResidencyKernel<false, kResidencyThreads><<<p.kv_heads, kResidencyThreads, 0, stream>>>(p, nullptr);
   FKV_CUDA_CHECK_LAUNCH("ResidencyKernel");
 }
 
@@ -257,9 +317,17 @@ void LaunchResidencyDiffBatch(const ResidencyParams* items, const ResidencyParam
   for (int i = 0; i < count; ++i) {
     CheckResidency(host_items[i]);
     Require(host_items[i].kv_heads == host_items[0].kv_heads, "residency batch: the items' kv_heads differ");
+    Require((host_items[i].pool != nullptr) == (host_items[0].pool != nullptr),
+            "residency batch: the recall is fused for every item or for none");
   }
-  ResidencyKernel<true><<<dim3(host_items[0].kv_heads, count), kResidencyThreads, 0, stream>>>(host_items[0], items);
-  FKV_CUDA_CHECK_LAUNCH("ResidencyKernel(batch)");
+  const dim3 grid(host_items[0].kv_heads, count);
+  if (host_items[0].pool) {
+    ResidencyKernel<true, kFusedResidencyThreads><<<grid, kFusedResidencyThreads, 0, stream>>>(host_items[0], items);
+    FKV_CUDA_CHECK_LAUNCH("ResidencyKernel(batch, recall)");
+  } else {
+    ResidencyKernel<true, kResidencyThreads><<<grid, kResidencyThreads, 0, stream>>>(host_items[0], items);
+    FKV_CUDA_CHECK_LAUNCH("ResidencyKernel(batch)");
+  }
 }
 
 int AttendTableRows(int context, int page_size, int sink_pages, int window_pages, int k, bool dense) {

@@ -34,6 +34,14 @@ struct ResidencyParams {
   int slots = 0;                  // R, the selected slots per head (0: k)
   const int* head_mask = nullptr;           // optional [kv_heads]: only heads with mask != 0
   unsigned long long* counters = nullptr;   // optional [3]: += selected pages, hits, misses
+  // Optional, the recall in the same launch (batched diffs only; every item or none): each block
+  // copies its head's misses itself once its diff is done, from `src` (the store layer's HND pages,
+  // device-mapped host memory, pages src_page_stride bytes apart) into the NHD `pool`, as
+  // LaunchRecallGather would from the job list (still written). Null: no copy.
+  const uint8_t* src = nullptr;
+  size_t src_page_stride = 0;
+  __nv_bfloat16* pool = nullptr;
+  int head_dim = 0, page_size = 0;
 };
 
 void LaunchResidencyDiff(const ResidencyParams& p, cudaStream_t stream);
@@ -41,7 +49,8 @@ void LaunchResidencyDiff(const ResidencyParams& p, cudaStream_t stream);
 // `count` diffs in one launch (grid kv_heads x count); items: device array, host_items: the same
 // on the host (checks). Same resident/selected_slot/counter results as LaunchResidencyDiff, but
 // the job list is kept per head: head h's jobs at jobs[h * k ..], their number in job_count[h]
-// (job_count is [kv_heads] here), which is what LaunchRecallGatherBatch reads.
+// (job_count is [kv_heads] here). With `pool` set (every item) the recall runs in the same
+// launch, one block per (item, head) copying its misses.
 void LaunchResidencyDiffBatch(const ResidencyParams* items, const ResidencyParams* host_items, int count,
                               cudaStream_t stream);
 
