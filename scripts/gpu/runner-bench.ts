@@ -55,7 +55,10 @@
  *                              [--prefill 8192,32768] [--prefill-chunk 512,2048] [--prefill-gathered 8192]
  *                              [--profile-prefill-chunk K] [--prefill-env "A=1;A=2"] [--prefill-rounds N]
  *                              [--sweep freekv@0.5,freekv@0.8,...] [--match-cosine 0.68 --calibrated freekv,dense]
- *                              [--tau 0.9] [--dense-layers 0]
+ *                              [--tau 0.9] [--dense-layers 0] [--keys iid|topics]
+ * --keys: the decode points' context keys, independent (iid, the default: every published figure
+ * so far) or drawn around 64 topics a layer (topics: pages that share content, whose pages come
+ * back as the trained model's do; see fillContext).
  * --tau, --dense-layers: every session's correction threshold and dense layers (the engine's
  * defaults otherwise), e.g. the setting `freekv eval` shows the trained model keeps its accuracy at.
  * --modes: retrieval modes (freekv, oracle, dense, speculative, sink_window, resident_sparse: every
@@ -106,6 +109,8 @@ const { values: args } = parseArgs({
     backend: { type: "string", default: "cuda" },
     grow: { type: "string", default: "" },
     "grow-keys": { type: "string", default: "structured" },
+    /** The decode points' context keys: iid (independent), or topics (pages that share content; see fillContext). */
+    keys: { type: "string", default: "iid" },
     /** --grow fed with tokens of this calibration band (e.g. 0.95) instead of the argmax: queries that move as a trained model's do. */
     "grow-band": { type: "string", default: "" },
     /** --grow: the hierarchical selection settings timed at every checkpoint (off, on, auto). */
@@ -168,6 +173,8 @@ if (args.backend !== "cuda" && args.backend !== "cpu") throw new RangeError(`--b
 const BACKEND = args.backend as "cuda" | "cpu";
 if (!(args.shape! in SHAPES)) throw new RangeError(`--shape must be one of ${Object.keys(SHAPES).join(", ")} (got ${args.shape})`);
 const SHAPE = SHAPES[args.shape as keyof typeof SHAPES];
+if (args.keys !== "iid" && args.keys !== "topics") throw new RangeError(`--keys must be iid or topics (got ${args.keys})`);
+const KEYS = args.keys as "iid" | "topics";
 const LAYERS = args.layers ? Number(args.layers) : SHAPE.layers;
 // A folder per layer count: a folder written with other layers would load with its own count.
 args.dir ||= LAYERS === SHAPE.layers ? SHAPE.dir : `${SHAPE.dir}-${LAYERS}l`;
@@ -327,19 +334,43 @@ function floorMs(batch: number, context: number, mode: string): number {
   return ((weights + kv) / (HBM_GBPS * 1e9)) * 1e3;
 }
 
-/** Random K/V for `n` tokens of every layer, through the engine's prefill (no model pass). */
-async function fillContext(engine: Engine, session: number, n: number, seed: number): Promise<void> {
+/** --keys topics: the number of topics a layer's pages are drawn from, and the page length they follow. */
+const KEY_TOPICS = 64, TOPIC_PAGE = 32;
+
+/**
+ * Random K/V for `n` tokens of every layer, through the engine's prefill (no model pass).
+ * keys "iid": every key uniform(-1, 1) and independent. "topics": each 32-token page of a layer
+ * belongs to one of KEY_TOPICS topics (by a hash of page and layer, so a topic's pages are spread
+ * over the context and recur), and its keys are the topic's centre (uniform(-1.5, 1.5) per channel)
+ * plus half the independent noise: pages that share content, as a trained model's do. With iid
+ * keys the pages a query leaves come back far more often than the trained model's (README, "How
+ * far the pooled figures carry"); with topics, on the CPU engine's small shape, the recall a step
+ * at pools 1 and 4 is the trained model's at 8K (bench/results/feed-return-rate-cpu-20261206/).
+ */
+async function fillContext(engine: Engine, session: number, n: number, seed: number, keys: "iid" | "topics"): Promise<void> {
   const chunk = 4096, row = HKV * D;
   const pool = new Float32Array(chunk * row * 2 + 7919);
   let x = seed >>> 0 || 1;
-  for (let i = 0; i < pool.length; i++) {
+  const u = () => {
     x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
-    pool[i] = (x / 4294967296) * 2 - 1;
-  }
+    return (x / 4294967296) * 2 - 1;
+  };
+  for (let i = 0; i < pool.length; i++) pool[i] = u();
+  const centres = new Float32Array(keys === "topics" ? KEY_TOPICS * row : 0);
+  for (let i = 0; i < centres.length; i++) centres[i] = 1.5 * u();
+  const k = new Float32Array(keys === "topics" ? chunk * row : 0);
   for (let l = 0; l < LAYERS; l++)
     for (let t = 0; t < n; t += chunk) {
       const m = Math.min(chunk, n - t), off = (l * 31 + t / chunk) % 7919;
-      await engine.prefill(session, l, pool.subarray(off, off + m * row), pool.subarray(off + chunk * row, off + chunk * row + m * row), m);
+      let kc = pool.subarray(off, off + m * row);
+      if (keys === "topics") {
+        for (let i = 0; i < m; i++) {
+          const page = Math.floor((t + i) / TOPIC_PAGE), c = (Math.imul(page + l * 7919, 2654435761) >>> 0) % KEY_TOPICS;
+          for (let j = 0; j < row; j++) k[i * row + j] = centres[c * row + j] + 0.5 * kc[i * row + j];
+        }
+        kc = k.subarray(0, m * row);
+      }
+      await engine.prefill(session, l, kc, pool.subarray(off + chunk * row, off + chunk * row + m * row), m);
     }
 }
 
@@ -428,7 +459,7 @@ async function timePoint(addon: ReturnType<typeof loadAddon>, engine: Engine, mo
     for (let b = 0; b < batch; b++) {
       const s = withEnv("FREEKV_RESIDENT_FACTOR", pool, () => createLocalSession(engine, geo, retrieval(base, pageCopy), context + WARMUP + STEPS + 64));
       sessions.push(s);
-      await fillContext(engine, s.session, context, 1000 + b);
+      await fillContext(engine, s.session, context, 1000 + b, KEYS);
       // Many sessions take minutes to fill: the pace, so that a run cut off still says how far it got.
       if (batch >= 8 && ((b + 1) % 4 === 0 || b + 1 === batch))
         log(`b${batch} ctx ${context} ${mode}: ${b + 1} sessions filled in ${((performance.now() - f0) / 1000).toFixed(1)} s; /dev/shm free ${(shmMiB().free / 1024).toFixed(1)} GiB`);
@@ -889,5 +920,5 @@ for (const r of results)
     `| ${r.batch} | ${r.context} | ${r.mode} | ${r.error ? "error" : r.stepMs!.toFixed(2)} | ${r.floorMs!.toFixed(2)} | ${r.error ? "" : (r.stepMs! / r.floorMs!).toFixed(1)} | ` +
       `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? "" : `${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(0)}%)`} | ${r.error ? "" : r.dynamics!.overlapPct.toFixed(1) + "%"} | ${r.error ? r.error : `${r.recallMBPerStep!.toFixed(1)}; ${r.batchRecallMBPerStep!.toFixed(1)}`} |`,
   );
-writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, environment: addonSettings, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, warmup: WARMUP, retrieval: SESSION, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
+writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, environment: addonSettings, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, keys: KEYS, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, warmup: WARMUP, retrieval: SESSION, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
 process.exit(0);

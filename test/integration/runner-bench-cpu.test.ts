@@ -6,7 +6,7 @@
  * cosines must follow their embedding correlation, and no two rows of a weight matrix may be equal
  * (a template whose length divided the rows made the 8B shape's projections rank 16).
  */
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
@@ -77,5 +77,39 @@ describe("runner-bench on the CPU backend", () => {
     const nearest = ["freekv@0.3", "freekv@0.9", "freekv@0.99"].reduce((a, b) => (Math.abs(cos(b) - 0.8) < Math.abs(cos(a) - 0.8) ? b : a));
     expect(json.calibration?.band).toBe(nearest.split("@")[1]);
     expect(by.has(`dense@${json.calibration!.band}`)).toBe(true);
+  });
+
+  // The pages a query leaves come back, in the trained model, at a rate the device pool turns into
+  // hits; the independent keys of the fill make them come back far more often (README, "How far
+  // the pooled figures carry"). With --keys topics the pool-4 recall over the pool-1 recall must be
+  // the trained model's own (its `freekv eval` at 8K, factors 1 and 4, the engine's counters), and
+  // with iid keys well below it.
+  it("with --keys topics a pooled session recalls, against an unpooled one, what the trained model does", { timeout: 240_000 }, () => {
+    const bundle = join(dir, "runner-bench.mjs");
+    expect(existsSync(bundle), "the first test bundles the runner").toBe(true);
+    const evalRecall = (f: number) => {
+      const r = spawnSync("xz", ["-dc", join(root, `bench/results/resident-pool-20261206/eval-factor${f}.json.xz`)], { encoding: "utf8", maxBuffer: 1 << 28 });
+      expect(r.status, r.stderr).toBe(0);
+      return (JSON.parse(r.stdout) as { modes: { retrieval: { pages_recalled_per_step: number } }[] }).modes[0].retrieval.pages_recalled_per_step;
+    };
+    const modelRatio = evalRecall(4) / evalRecall(1);
+    expect(modelRatio).toBeGreaterThan(0);
+    const ratio: Record<string, number> = {};
+    for (const keys of ["iid", "topics"]) {
+      const out = join(dir, `keys-${keys}`);
+      const r = spawnSync(
+        process.execPath,
+        [bundle, "--backend", "cpu", "--shape", "small", "--dir", join(dir, "model"), "--keys", keys, "--points", "1:8192", "--modes", "freekv-pool1@0.95,freekv-pool4@0.95", "--warmup", "32", "--steps", "16", "--out", out],
+        { encoding: "utf8", timeout: 200_000, env: { ...process.env, FREEKV_ADDON: join(root, "native/build/Release/freekv.node") } },
+      );
+      expect(r.status, `${r.stdout}\n${r.stderr}`).toBe(0);
+      const json = JSON.parse(readFileSync(join(out, "runner-bench.json"), "utf8")) as { keys: string; results: (Result & { recallMBPerStep: number })[] };
+      expect(json.keys).toBe(keys);
+      const mb = (m: string) => json.results.find((p) => p.mode === m)!.recallMBPerStep;
+      expect(mb("freekv-pool1@0.95")).toBeGreaterThan(0);
+      ratio[keys] = mb("freekv-pool4@0.95") / mb("freekv-pool1@0.95");
+    }
+    expect(Math.abs(ratio.topics - modelRatio), `topics ${ratio.topics}, model ${modelRatio}`).toBeLessThan(0.35 * modelRatio);
+    expect(ratio.iid, `iid ${ratio.iid}, model ${modelRatio}`).toBeLessThan(0.5 * modelRatio);
   });
 });
