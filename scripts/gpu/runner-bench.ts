@@ -55,9 +55,9 @@
  *                              [--prefill 8192,32768] [--prefill-chunk 512,2048] [--prefill-gathered 8192]
  *                              [--profile-prefill-chunk K] [--prefill-env "A=1;A=2"] [--prefill-rounds N]
  *                              [--sweep freekv@0.5,freekv@0.8,...] [--match-cosine 0.68 --calibrated freekv,dense]
- *                              [--tau 0.9] [--dense-layers 0] [--keys iid|topics]
+ *                              [--tau 0.9] [--dense-layers 0] [--keys iid|topics[:A]]
  * --keys: the decode points' context keys, independent (iid, the default: every published figure
- * so far) or drawn around 64 topics a layer (topics: pages that share content, whose pages come
+ * so far) or drawn around 64 topics a layer (topics[:A], A the centres' amplitude, 0.2 by default: pages that share content, whose pages come
  * back as the trained model's do; see fillContext).
  * --tau, --dense-layers: every session's correction threshold and dense layers (the engine's
  * defaults otherwise), e.g. the setting `freekv eval` shows the trained model keeps its accuracy at.
@@ -173,8 +173,17 @@ if (args.backend !== "cuda" && args.backend !== "cpu") throw new RangeError(`--b
 const BACKEND = args.backend as "cuda" | "cpu";
 if (!(args.shape! in SHAPES)) throw new RangeError(`--shape must be one of ${Object.keys(SHAPES).join(", ")} (got ${args.shape})`);
 const SHAPE = SHAPES[args.shape as keyof typeof SHAPES];
-if (args.keys !== "iid" && args.keys !== "topics") throw new RangeError(`--keys must be iid or topics (got ${args.keys})`);
-const KEYS = args.keys as "iid" | "topics";
+// --keys topics[:A]: A is the topics' centre amplitude (uniform(-A, A) per channel, beside the
+// keys' own uniform(-0.5, 0.5)); 0 is iid keys.
+const keysMatch = /^(iid|topics)(?::([0-9]*\.?[0-9]+))?$/.exec(args.keys!);
+if (!keysMatch || (keysMatch[1] === "iid" && keysMatch[2] !== undefined)) throw new RangeError(`--keys must be iid, topics or topics:A (got ${args.keys})`);
+const KEYS = keysMatch[1] as "iid" | "topics";
+// 0.2 by default: at the 8B shapes (attn8b on the CPU engine, band 0.95, 1 x 8K) it recalls 0.54 /
+// 0.092 of a selection a step at pools 1 / 4 with a top-k overlap of 47%, against the trained
+// model's 0.42 / 0.08 and 56% (iid keys: 0.35 / 0.018, 66%; 0.1: 0.48 / 0.056, 52%; 1.5: 0.61 /
+// 0.15, 39%; bench/results/feed-return-rate-cpu-20261206/). No amplitude matches all three: this
+// one matches what the default pool recalls.
+const TOPIC_AMPLITUDE = keysMatch[2] === undefined ? 0.2 : Number(keysMatch[2]);
 const LAYERS = args.layers ? Number(args.layers) : SHAPE.layers;
 // A folder per layer count: a folder written with other layers would load with its own count.
 args.dir ||= LAYERS === SHAPE.layers ? SHAPE.dir : `${SHAPE.dir}-${LAYERS}l`;
@@ -341,11 +350,11 @@ const KEY_TOPICS = 64, TOPIC_PAGE = 32;
  * Random K/V for `n` tokens of every layer, through the engine's prefill (no model pass).
  * keys "iid": every key uniform(-1, 1) and independent. "topics": each 32-token page of a layer
  * belongs to one of KEY_TOPICS topics (by a hash of page and layer, so a topic's pages are spread
- * over the context and recur), and its keys are the topic's centre (uniform(-1.5, 1.5) per channel)
- * plus half the independent noise: pages that share content, as a trained model's do. With iid
- * keys the pages a query leaves come back far more often than the trained model's (README, "How
- * far the pooled figures carry"); with topics, on the CPU engine's small shape, the recall a step
- * at pools 1 and 4 is the trained model's at 8K (bench/results/feed-return-rate-cpu-20261206/).
+ * over the context and recur), and its keys are the topic's centre (uniform(-A, A) per channel,
+ * TOPIC_AMPLITUDE) plus half the independent noise: pages that share content, as a trained
+ * model's do. With iid keys the pages a query leaves come back far more often than the trained
+ * model's (README, "How far the pooled figures carry"); with topics they come back about as often
+ * (bench/results/feed-return-rate-cpu-20261206/).
  */
 async function fillContext(engine: Engine, session: number, n: number, seed: number, keys: "iid" | "topics"): Promise<void> {
   const chunk = 4096, row = HKV * D;
@@ -357,7 +366,7 @@ async function fillContext(engine: Engine, session: number, n: number, seed: num
   };
   for (let i = 0; i < pool.length; i++) pool[i] = u();
   const centres = new Float32Array(keys === "topics" ? KEY_TOPICS * row : 0);
-  for (let i = 0; i < centres.length; i++) centres[i] = 1.5 * u();
+  for (let i = 0; i < centres.length; i++) centres[i] = TOPIC_AMPLITUDE * u();
   const k = new Float32Array(keys === "topics" ? chunk * row : 0);
   for (let l = 0; l < LAYERS; l++)
     for (let t = 0; t < n; t += chunk) {
@@ -920,5 +929,5 @@ for (const r of results)
     `| ${r.batch} | ${r.context} | ${r.mode} | ${r.error ? "error" : r.stepMs!.toFixed(2)} | ${r.floorMs!.toFixed(2)} | ${r.error ? "" : (r.stepMs! / r.floorMs!).toFixed(1)} | ` +
       `${r.error ? "" : (100 * r.correctionRate!).toFixed(1) + "%"} | ${r.error ? "" : `${r.dynamics!.cosMean.toFixed(3)} (${r.dynamics!.belowTauPct.toFixed(0)}%)`} | ${r.error ? "" : r.dynamics!.overlapPct.toFixed(1) + "%"} | ${r.error ? r.error : `${r.recallMBPerStep!.toFixed(1)}; ${r.batchRecallMBPerStep!.toFixed(1)}`} |`,
   );
-writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, environment: addonSettings, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, keys: KEYS, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, warmup: WARMUP, retrieval: SESSION, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
+writeFileSync(join(args.out!, "runner-bench.json"), JSON.stringify({ date: new Date().toISOString(), shape: args.shape, backend: BACKEND, environment: addonSettings, calibrationBands: { rho: CALIBRATION_BANDS, rows: BAND_ROWS }, keys: args.keys, calibration: chosen ? { matchCosine, ...chosen } : null, layers: LAYERS, steps: STEPS, warmup: WARMUP, retrieval: SESSION, hbmGBps: HBM_GBPS, backendInfo: info, prefill: prefillPoints, results }, null, 2));
 process.exit(0);
