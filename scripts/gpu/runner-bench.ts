@@ -182,7 +182,8 @@ const KEYS = keysMatch[1] as "iid" | "topics";
 // 0.092 of a selection a step at pools 1 / 4 with a top-k overlap of 47%, against the trained
 // model's 0.42 / 0.08 and 56% (iid keys: 0.35 / 0.018, 66%; 0.1: 0.48 / 0.056, 52%; 1.5: 0.61 /
 // 0.15, 39%; bench/results/feed-return-rate-cpu-20261206/). No amplitude matches all three: this
-// one matches what the default pool recalls.
+// one matches what the default pool recalls at 8K. At 32K its pages move far more than the model's
+// can be expected to (0.40 of a selection at pool 4): a worst case there, as iid keys are the best.
 const TOPIC_AMPLITUDE = keysMatch[2] === undefined ? 0.2 : Number(keysMatch[2]);
 const LAYERS = args.layers ? Number(args.layers) : SHAPE.layers;
 // A folder per layer count: a folder written with other layers would load with its own count.
