@@ -211,11 +211,20 @@ const log = (s: string) => console.log(s);
 
 // ---- 1. the model folder -------------------------------------------------------------------
 
+/** A xorshift32 stream of uniform(-1, 1) numbers from `seed` (0 starts at 1): every random input here. */
+function uniformStream(seed: number): () => number {
+  let x = seed >>> 0 || 1;
+  return () => {
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    return (x / 4294967296) * 2 - 1;
+  };
+}
+
 /** Uniform(-a, a) bf16 words from a xorshift stream; never exactly zero. */
 function randomBf16(n: number, a: number, seed: number): Uint16Array {
   const out = new Uint16Array(n);
   const f = new Float32Array(1), u = new Uint32Array(f.buffer);
-  let x = (seed * 2654435761) >>> 0 || 1;
+  const next = uniformStream((seed * 2654435761) >>> 0);
   // A template of T words repeated (writing 8 billion fresh values would take minutes). T is
   // prime, so the rows of a matrix (a power-of-two or other multiple-of-64 length) start at
   // distinct offsets of it and no two rows are equal. With T = 65536, a 4096-wide matrix had only
@@ -225,8 +234,7 @@ function randomBf16(n: number, a: number, seed: number): Uint16Array {
   // (bench/results/runner-bands-cpu-20261203). Timing never depended on it; the dynamics do.
   const T = 65521, tpl = new Uint16Array(T);
   for (let i = 0; i < T; i++) {
-    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
-    f[0] = ((x / 4294967296) * 2 - 1) * a || a / 2;
+    f[0] = next() * a || a / 2;
     tpl[i] = u[0] >>> 16;
   }
   for (let i = 0; i < n; i += T) out.set(tpl.subarray(0, Math.min(T, n - i)), i);
@@ -240,11 +248,7 @@ function randomBf16(n: number, a: number, seed: number): Uint16Array {
  */
 function writeCalibrationBands(embed: Uint16Array): void {
   const f = new Float32Array(1), u = new Uint32Array(f.buffer);
-  let x = 0x9e3779b9;
-  const next = () => {
-    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
-    return (x / 4294967296) * 2 - 1;
-  };
+  const next = uniformStream(0x9e3779b9);
   const c = new Float32Array(H);
   for (const rho of CALIBRATION_BANDS) {
     for (let j = 0; j < H; j++) c[j] = next();
@@ -360,11 +364,7 @@ const KEY_TOPICS = 64, TOPIC_PAGE = 32;
 async function fillContext(engine: Engine, session: number, n: number, seed: number, keys: "iid" | "topics"): Promise<void> {
   const chunk = 4096, row = HKV * D;
   const pool = new Float32Array(chunk * row * 2 + 7919);
-  let x = seed >>> 0 || 1;
-  const u = () => {
-    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
-    return (x / 4294967296) * 2 - 1;
-  };
+  const u = uniformStream(seed);
   for (let i = 0; i < pool.length; i++) pool[i] = u();
   const centres = new Float32Array(keys === "topics" ? KEY_TOPICS * row : 0);
   for (let i = 0; i < centres.length; i++) centres[i] = TOPIC_AMPLITUDE * u();
@@ -731,11 +731,7 @@ function procStatusKiB(field: string): number {
 function growTemplates(chunk: number, iid: boolean): Float32Array[] {
   const row = HKV * D, n = iid ? 1 : 16;
   const out: Float32Array[] = [];
-  let x = 12345;
-  const u = () => {
-    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
-    return (x / 4294967296) * 2 - 1;
-  };
+  const u = uniformStream(12345);
   for (let j = 0; j < n; j++) {
     const centre = new Float32Array(row);
     if (!iid) for (let c = 0; c < row; c++) centre[c] = 1.5 * u();
