@@ -87,11 +87,33 @@ void RunRecall(Bench& B) {
   const int jobs_n = B.quick ? 4096 : 16384;  // 256 MiB per recall (64 MiB quick)
 
   double t0 = WallSeconds();
-  void* map = mmap(nullptr, store_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  if (map == MAP_FAILED) throw std::runtime_error("recall: mmap of the host store failed");
+  // FKB_STORE_PAGES: how the store's host memory is mapped. "shared" (the default: a MAP_SHARED
+  // mapping of 4 KiB pages, as the kvstore's /dev/shm segments are), "thp" (private anonymous
+  // memory with madvise(MADV_HUGEPAGE): 2 MiB pages where the kernel's THP allows) or "hugetlb"
+  // (MAP_HUGETLB: reserved 2 MiB pages). The GPU reads the store through the host's IOMMU, whose
+  // translations cover one page each, so the page size can set the SMs' read rate.
+  const char* pages_env = std::getenv("FKB_STORE_PAGES");
+  const std::string store_pages_mode = pages_env && *pages_env ? pages_env : "shared";
+  int map_flags = MAP_SHARED | MAP_ANONYMOUS;
+  if (store_pages_mode == "thp") map_flags = MAP_PRIVATE | MAP_ANONYMOUS;
+  else if (store_pages_mode == "hugetlb") map_flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB;
+  else if (store_pages_mode != "shared") throw std::runtime_error("FKB_STORE_PAGES must be shared, thp or hugetlb");
+  void* map = mmap(nullptr, store_bytes, PROT_READ | PROT_WRITE, map_flags, -1, 0);
+  if (map == MAP_FAILED) throw std::runtime_error("recall: mmap of the host store failed (FKB_STORE_PAGES=" + store_pages_mode + ")");
+  if (store_pages_mode == "thp" && madvise(map, store_bytes, MADV_HUGEPAGE) != 0)
+    throw std::runtime_error("recall: madvise(MADV_HUGEPAGE) failed");
   uint8_t* store = static_cast<uint8_t*>(map);
   FillHostBytes(store, store_bytes, 21);
   double t_fill = WallSeconds() - t0;
+  // How much of the process's anonymous memory the kernel backs with huge pages now (kB).
+  double anon_huge_kb = -1;
+  if (FILE* f = std::fopen("/proc/self/smaps_rollup", "r")) {
+    char line[256];
+    while (std::fgets(line, sizeof line, f))
+      if (std::sscanf(line, "AnonHugePages: %lf kB", &anon_huge_kb) == 1) break;
+    std::fclose(f);
+  }
+  std::printf("[bench] recall store: %s pages, AnonHugePages %.0f kB\n", store_pages_mode.c_str(), anon_huge_kb);
   t0 = WallSeconds();
   CK(cudaHostRegister(store, store_bytes, cudaHostRegisterMapped));
   double t_reg = WallSeconds() - t0;
@@ -111,6 +133,7 @@ void RunRecall(Bench& B) {
   g.src_page_stride = kPage;
 
   Json sec = Json::Obj(), modes = Json::Obj();
+  sec.Set("store_pages", store_pages_mode).Set("anon_huge_pages_kB", anon_huge_kb);
   sec.Set("store_GiB", store_bytes / double(1 << 30)).Set("store_fill_s", t_fill).Set("cudaHostRegister_s", t_reg);
   sec.Set("head_page_bytes", double(kHeadPage)).Set("jobs_per_recall", jobs_n).Set("bytes_per_recall", double(jobs_n) * kHeadPage);
 
@@ -243,17 +266,48 @@ void RunRecall(Bench& B) {
     if (bad) throw std::runtime_error("recall in_diff: " + std::to_string(bad) + " head-pages wrong");
     Json dm = Json::Obj();
     dm.Set("checked_head_pages", double(kMaxItems * per_item)).Set("pages_per_head", K);
-    for (int batch : {1, 4, 16}) {
-      int set = 1;  // A is resident now: B misses every page, then A, ...
+    // Every launch misses every page: A is resident after the check, so B, then A, ...
+    int set = 1;
+    for (int batch : {1, 2, 4, 8, 12, 16}) {
       const double ms = MedianMs(s, 2, 9, [&] {
         fc::LaunchResidencyDiffBatch(ditems[set], items[set].data(), batch, s);
         set ^= 1;
       });
       const double gbs = double(batch) * per_item * kHeadPage / ms / 1e6;
       dm.Set("batch_" + std::to_string(batch) + "_GBps", gbs).Set("batch_" + std::to_string(batch) + "_us", ms * 1e3);
-      B.AddRow({"recall", "in the residency diff (decode), batch " + std::to_string(batch) + ": " +
-                              std::to_string(batch * kH) + " blocks, " + std::to_string(batch * per_item) + " head-pages",
-                "GB/s", gbs, B.pcie_gbs, "every page a miss"});
+      if (batch == 1 || batch == 4 || batch == 16)
+        B.AddRow({"recall", "in the residency diff (decode), batch " + std::to_string(batch) + ": " +
+                                std::to_string(batch * kH) + " blocks, " + std::to_string(batch * per_item) + " head-pages",
+                  "GB/s", gbs, B.pcie_gbs, "every page a miss"});
+    }
+    // Batch 16 as four launches of 4 items on the stream (fewer blocks copying at once), and the
+    // diff alone (no pool: the same misses numbered and written as jobs, nothing copied): where a
+    // batch-16 launch loses against batch 4, these say whether the blocks' concurrency or the diff does.
+    {
+      const double ms = MedianMs(s, 2, 9, [&] {
+        for (int q = 0; q < kMaxItems; q += 4) fc::LaunchResidencyDiffBatch(ditems[set] + q, items[set].data() + q, 4, s);
+        set ^= 1;
+      });
+      const double gbs = double(kMaxItems) * per_item * kHeadPage / ms / 1e6;
+      dm.Set("batch_16_as_4x4_GBps", gbs).Set("batch_16_as_4x4_us", ms * 1e3);
+      B.AddRow({"recall", "in the residency diff, batch 16 as 4 launches of 4", "GB/s", gbs, B.pcie_gbs, "every page a miss"});
+    }
+    {
+      std::vector<fc::ResidencyParams> bare[2];
+      fc::ResidencyParams* dbare[2];
+      for (int b = 0; b < 2; ++b) {
+        bare[b] = items[b];
+        for (auto& p : bare[b]) p.pool = nullptr;
+        CK(cudaMalloc(&dbare[b], sizeof(fc::ResidencyParams) * kMaxItems));
+        CK(cudaMemcpy(dbare[b], bare[b].data(), sizeof(fc::ResidencyParams) * kMaxItems, cudaMemcpyHostToDevice));
+      }
+      const double ms = MedianMs(s, 2, 9, [&] {
+        fc::LaunchResidencyDiffBatch(dbare[set], bare[set].data(), kMaxItems, s);
+        set ^= 1;
+      });
+      dm.Set("batch_16_diff_only_us", ms * 1e3);
+      B.AddRow({"recall", "the residency diff alone (no copy), batch 16", "us", ms * 1e3, 0, "every page a miss"});
+      for (int b = 0; b < 2; ++b) CK(cudaFree(dbare[b]));
     }
     modes.Set("in_diff", dm);
     for (int set = 0; set < 2; ++set) CK(cudaFree(ditems[set]));
