@@ -56,9 +56,12 @@
  *                              [--profile-prefill-chunk K] [--prefill-env "A=1;A=2"] [--prefill-rounds N]
  *                              [--sweep freekv@0.5,freekv@0.8,...] [--match-cosine 0.68 --calibrated freekv,dense]
  *                              [--tau 0.9] [--dense-layers 0] [--keys iid|topics[:A]]
- * --keys: the decode points' context keys, independent (iid, the default: every published figure
- * so far) or drawn around 64 topics a layer (topics[:A], A the centres' amplitude, 0.2 by default: pages that share content, whose pages come
- * back as the trained model's do; see fillContext).
+ * --keys: the decode points' context keys, drawn around 64 topics a layer (topics[:A], the default;
+ * A the centres' amplitude, 0.2 by default: pages that share content, which a query leaves and
+ * comes back to about as often as the trained model's at 8K and less often at 32K and beyond, the
+ * device pool's worst case there; see fillContext) or independent (iid: the pages a query leaves
+ * come back far more often than the model's, the pool's best case; the workload of the figures
+ * before bench/results/topics-gpu-20261206/).
  * --tau, --dense-layers: every session's correction threshold and dense layers (the engine's
  * defaults otherwise), e.g. the setting `freekv eval` shows the trained model keeps its accuracy at.
  * --modes: retrieval modes (freekv, oracle, dense, speculative, sink_window, resident_sparse: every
@@ -110,7 +113,7 @@ const { values: args } = parseArgs({
     grow: { type: "string", default: "" },
     "grow-keys": { type: "string", default: "structured" },
     /** The decode points' context keys: iid (independent), or topics (pages that share content; see fillContext). */
-    keys: { type: "string", default: "iid" },
+    keys: { type: "string", default: "topics" },
     /** --grow fed with tokens of this calibration band (e.g. 0.95) instead of the argmax: queries that move as a trained model's do. */
     "grow-band": { type: "string", default: "" },
     /** --grow: the hierarchical selection settings timed at every checkpoint (off, on, auto). */
