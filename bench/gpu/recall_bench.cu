@@ -90,8 +90,11 @@ void RunRecall(Bench& B) {
   // FKB_STORE_PAGES: how the store's host memory is mapped. "shared" (the default: a MAP_SHARED
   // mapping of 4 KiB pages, as the kvstore's /dev/shm segments are), "thp" (private anonymous
   // memory with madvise(MADV_HUGEPAGE): 2 MiB pages where the kernel's THP allows) or "hugetlb"
-  // (MAP_HUGETLB: reserved 2 MiB pages). The GPU reads the store through the host's IOMMU, whose
-  // translations cover one page each, so the page size can set the SMs' read rate.
+  // (MAP_HUGETLB: reserved 2 MiB pages, which need vm.nr_hugepages). Where an IOMMU translates the
+  // GPU's reads page by page, the page size could set the SMs' read rate; on an H100 whose SMs
+  // already read host memory at 51 GB/s all three gave the same rates to within 2%, and only the
+  // fill was faster (bench/results/topics-gpu-20261206/1356-host-pages/). A machine whose SMs stop
+  // near 30 GB/s is where it is still to be tried.
   const char* pages_env = std::getenv("FKB_STORE_PAGES");
   const std::string store_pages_mode = pages_env && *pages_env ? pages_env : "shared";
   int map_flags = MAP_SHARED | MAP_ANONYMOUS;
