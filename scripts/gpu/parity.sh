@@ -46,6 +46,7 @@ if [[ " $* " != *" --candidate cpu"* ]] || ! command -v node >/dev/null; then
   export PATH=/tmp/nodebin:$PATH
   export LD_LIBRARY_PATH=$PWD/.gpu/lib:${LD_LIBRARY_PATH:-}
 fi
+bash scripts/gpu/unpack.sh || exit 2  # what scripts/gpu/squeeze.sh compressed
 export FREEKV_ADDON=${FREEKV_ADDON:-$PWD/.gpu/freekv.node}
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>/dev/null || true
 [ -f .gpu/parity-build.txt ] && cp .gpu/parity-build.txt "$OUT/parity-build.txt" && cat .gpu/parity-build.txt

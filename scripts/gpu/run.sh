@@ -4,6 +4,8 @@
 # Unpacks Node.js, then runs every CUDA correctness case; log + JSON under $OUT. When a case
 # fails, the smallest case runs again under compute-sanitizer (memcheck) to name a bad access.
 set -uo pipefail
+# What scripts/gpu/squeeze.sh compressed (where the tree is here beside .gpu/).
+if [ -f scripts/gpu/unpack.sh ]; then bash scripts/gpu/unpack.sh || exit 2; fi
 mkdir -p /tmp/nodebin
 xz -dc .gpu/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node
 export PATH=/tmp/nodebin:$PATH

@@ -12,6 +12,7 @@ limit=400
 if [ "${1:-}" = --timeout-s ]; then limit=$2; shift 2; fi
 export OUT=${OUT:-$PWD/.gpu/out}
 mkdir -p "$OUT"
+bash scripts/gpu/unpack.sh || exit 2  # what scripts/gpu/squeeze.sh compressed
 if [ -f .gpu/runner-bench.mjs ]; then
   mkdir -p /tmp/nodebin
   [ -x /tmp/nodebin/node ] || { xz -dc .gpu/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node; }

@@ -36,9 +36,10 @@ work=/tmp/freekv-visit
 rm -rf "$work"
 mkdir -p "$OUT" "$work" /tmp/nodebin
 [ -x /tmp/nodebin/node ] || { xz -dc .gpu/node.xz > /tmp/nodebin/node && chmod +x /tmp/nodebin/node; }
-# The addon travels compressed (xz) when the pack was squeezed under the transfer limit; each call's
-# copy of .gpu/ replaces the one unpacked by the call before, so it is unpacked on every visit.
-[ -f .gpu/freekv.node ] || { [ -f .gpu/freekv.node.xz ] && xz -dc .gpu/freekv.node.xz > .gpu/freekv.node && chmod +x .gpu/freekv.node; }
+# The addons, bundles and benchmark binary travel compressed when the pack was squeezed under the
+# transfer limit (scripts/gpu/squeeze.sh); each call's copy of .gpu/ replaces the one unpacked by
+# the call before, so they are unpacked on every visit.
+bash scripts/gpu/unpack.sh || { echo "visit: unpacking .gpu/ failed" >&2; exit 2; }
 export PATH=/tmp/nodebin:$PATH
 export LD_LIBRARY_PATH=$root/.gpu/lib:${LD_LIBRARY_PATH:-}
 export FREEKV_ADDON=$root/.gpu/freekv.node FREEKV_SHM_ADDON=$root/.gpu/freekv_shm.node
