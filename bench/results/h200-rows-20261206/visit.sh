@@ -1,8 +1,8 @@
 # The machine's recall rows (the benchmark's ceilings and recall sections), then runner points on
 # the topics feed (--keys topics --warmup 32 --steps 16), one runner process an argument:
 #   bash bench/results/h200-rows-20261206/visit.sh 'NAME|MIN_SECONDS|RUNNER ARGUMENTS' ...
-# A process starts only where MIN_SECONDS are left of the command's 585; everything lands in
-# $OUT/summary.txt and $OUT/r.tar.xz.
+# A process starts only where MIN_SECONDS are left of the command's VISIT_S (585 unless set);
+# everything lands in $OUT/summary.txt and $OUT/r.tar.xz.
 set -u
 bash scripts/gpu/unpack.sh || exit 2
 R=$OUT/r; mkdir -p $R; S=$OUT/summary.txt
@@ -14,7 +14,7 @@ echo "bench rc=$? at $((SECONDS-t0))s" >> $S
 grep -a -E 'gather|residency diff|H2D|D2H' $R/bench.txt | cut -c1-150 | head -16 >> $S
 for spec in "$@"; do
   IFS='|' read -r name need args <<< "$spec"
-  left=$((585 - (SECONDS-t0)))
+  left=$((${VISIT_S:-585} - (SECONDS-t0)))
   [ $left -lt $need ] && { echo "$name skipped ($left s left)" >> $S; continue; }
   # shellcheck disable=SC2086  # the runner arguments split on spaces
   OUT=$R/$name bash scripts/gpu/runner-bench.sh --timeout-s $left $args --keys topics --warmup 32 --steps 16 > $R/$name.txt 2>&1
