@@ -1,9 +1,13 @@
-# The machine's recall rows (the benchmark's ceilings and recall sections), then runner points on
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root with .gpu carried (bench/gpu/build.sh, then
+# scripts/gpu/squeeze.sh): the machine's recall rows (the benchmark's ceilings and recall sections), then runner points on
 # the topics feed (--keys topics --warmup 32 --steps 16), one runner process an argument:
-#   bash bench/results/h200-rows-20261206/visit.sh 'NAME|MIN_SECONDS|RUNNER ARGUMENTS' ...
+#   bash scripts/gpu/points.sh 'NAME|MIN_SECONDS|RUNNER ARGUMENTS' ...
 # A process starts only where MIN_SECONDS are left of the command's VISIT_S (585 unless set);
 # everything lands in $OUT/summary.txt and $OUT/r.tar.xz.
 set -u
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/.gpu/out}
 bash scripts/gpu/unpack.sh || exit 2
 R=$OUT/r; mkdir -p $R; S=$OUT/summary.txt
 cp .gpu/parity-build.txt $R/
