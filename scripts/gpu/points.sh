@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root with .gpu carried (bench/gpu/build.sh, then
 # scripts/gpu/squeeze.sh): the machine's recall rows (the benchmark's ceilings and recall sections), then runner points on
-# the topics feed (--keys topics --warmup 32 --steps 16), one runner process an argument:
+# the topics feed (--keys topics --warmup 32 --steps 16 unless an argument says otherwise), one
+# runner process an argument:
 #   bash scripts/gpu/points.sh 'NAME|MIN_SECONDS|RUNNER ARGUMENTS' ...
 # A process starts only where MIN_SECONDS are left of the command's VISIT_S (585 unless set);
 # everything lands in $OUT/summary.txt and $OUT/r.tar.xz.
@@ -21,7 +22,7 @@ for spec in "$@"; do
   left=$((${VISIT_S:-585} - (SECONDS-t0)))
   [ $left -lt $need ] && { echo "$name skipped ($left s left)" >> $S; continue; }
   # shellcheck disable=SC2086  # the runner arguments split on spaces
-  OUT=$R/$name bash scripts/gpu/runner-bench.sh --timeout-s $left $args --keys topics --warmup 32 --steps 16 > $R/$name.txt 2>&1
+  OUT=$R/$name bash scripts/gpu/runner-bench.sh --timeout-s $left --keys topics --warmup 32 --steps 16 $args > $R/$name.txt 2>&1
   echo "$name rc=$? at $((SECONDS-t0))s" >> $S
   grep -a -E 'ms/step|Model.load|wrote|sessions filled' $R/$name.txt | cut -c1-260 >> $S
 done
