@@ -372,9 +372,6 @@ async function fillContext(engine: Engine, session: number, n: number, seed: num
   const centres = new Float32Array(keys === "topics" ? KEY_TOPICS * row : 0);
   for (let i = 0; i < centres.length; i++) centres[i] = TOPIC_AMPLITUDE * u();
   const k = new Float32Array(keys === "topics" ? chunk * row : 0);
-  // The addon copies its inputs when called, so the next chunk is drawn while the engine takes the
-  // previous one (calls of a layer still go in order: each is issued after the one before ends).
-  let pending: Promise<void> | undefined;
   for (let l = 0; l < LAYERS; l++)
     for (let t = 0; t < n; t += chunk) {
       const m = Math.min(chunk, n - t), off = (l * 31 + t / chunk) % 7919;
@@ -386,10 +383,8 @@ async function fillContext(engine: Engine, session: number, n: number, seed: num
         }
         kc = k.subarray(0, m * row);
       }
-      await pending;
-      pending = engine.prefill(session, l, kc, pool.subarray(off + chunk * row, off + chunk * row + m * row), m);
+      await engine.prefill(session, l, kc, pool.subarray(off + chunk * row, off + chunk * row + m * row), m);
     }
-  await pending;
 }
 
 interface Point { batch: number; context: number; mode: string; floorMs?: number; stepMs?: number; minMs?: number; drainMs?: number; throughputMs?: number; sameAs?: string; correctionRate?: number; recallMBPerStep?: number; batchRecallMBPerStep?: number; graph?: string; error?: string; ts?: Record<string, number>; dynamics?: Dynamics; memory?: PointMemory }
