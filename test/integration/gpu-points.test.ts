@@ -31,6 +31,8 @@ describe("the GPU points script", () => {
     expect(summary).toMatch(/^iid rc=0 at \d+s$/m);
     expect(summary).toMatch(/^late skipped \(\d+ s left\)$/m);
     expect(summary.match(/^b1 ctx 1024 freekv: [\d.]+ ms\/step/gm)?.length).toBe(2);
+    // No bench here (no GPU): the floors fall back to the runner's default, and the summary says so.
+    expect(summary).toMatch(/^floors at 4290 GB\/s \(runner-bench's default; no measured copy rate\)$/m);
 
     const x = join(dir, "x");
     spawnSync("mkdir", ["-p", x]);
@@ -40,6 +42,7 @@ describe("the GPU points script", () => {
     const first = run("first"), iid = run("iid");
     expect([first.keys, first.steps, first.warmup]).toEqual(["topics", 3, 2]);
     expect([iid.keys, iid.steps]).toEqual(["iid", 2]);
+    expect([first.hbmGBps, iid.hbmGBps]).toEqual([4290, 4290]);
     expect(first.results[0].stepMs).toBeGreaterThan(0);
     expect(() => readFileSync(join(x, "r", "late", "runner-bench.json"))).toThrow();
   });
