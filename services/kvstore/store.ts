@@ -702,6 +702,7 @@ export class KvStore implements ScrubHost {
    * another is FAILED_PRECONDITION and stays. An unknown id is false either way.
    */
   release(id: string, creationToken = ""): Promise<boolean> {
+    checkSessionId(id);
     checkCreationToken(creationToken);
     return this.withLock(id, async () => {
       if (creationToken) {

@@ -87,6 +87,9 @@ describe("KvStore", () => {
     // An unknown id: nothing to do; an oversized token: INVALID_ARGUMENT before anything.
     expect(await s.release("t3", "tok-5")).toBe(false);
     expect(() => s.release("t1", "x".repeat(129))).toThrow(expect.objectContaining({ code: status.INVALID_ARGUMENT }));
+    // An id no session can have (empty, too long, a path): INVALID_ARGUMENT, before the directory is asked.
+    for (const bad of ["", "x".repeat(129), "../t2", "a/b", "t\n1"])
+      expect(() => s.release(bad), JSON.stringify(bad)).toThrow(expect.objectContaining({ code: status.INVALID_ARGUMENT, message: expect.stringMatching(/^session_id: /) }));
     expect(() => s.attach({ ...req("t4"), creationToken: "x".repeat(129) })).toThrow(expect.objectContaining({ code: status.INVALID_ARGUMENT }));
     expect(s.list()).toEqual([]);
   });
