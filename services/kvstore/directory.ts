@@ -90,6 +90,9 @@ const isCount = (v: unknown): v is number => typeof v === "number" && Number.isS
  * The record stored for `id`, checked field by field before anything uses it (an adoption maps
  * the segments it names and counts the bytes it gives): UnreadableRecordError saying what is wrong.
  */
+/** What a segment name in a record must look like (the native module's rule for shm_open names). */
+const SEGMENT_NAME_RE = /^\/[^/\0]{1,249}$/;
+
 function decode(id: string, s: string): SessionRecord {
   let o: unknown;
   try {
@@ -111,6 +114,9 @@ function decode(id: string, s: string): SessionRecord {
   for (const k of ["store", "staging", "tail", "manifest"] as const) {
     const r = segs[k];
     if (!isObject(r) || typeof r.name !== "string" || !r.name || !isCount(r.sizeBytes)) throw bad(`segments.${k} is not a segment (name, sizeBytes)`);
+    // The shared-memory name rule (native/src/shm: '/name', no other slash, at most 250 characters):
+    // a record holding another name could neither be opened nor unlinked.
+    if (!SEGMENT_NAME_RE.test(r.name)) throw bad(`segments.${k}.name ${JSON.stringify(r.name.slice(0, 80))} is not a shared-memory segment name`);
   }
   try {
     return {

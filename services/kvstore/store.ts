@@ -235,10 +235,19 @@ export class KvStore implements ScrubHost {
       } catch (e) {
         // A session that cannot be adopted whole is dropped whole: the segments that survive are
         // unmapped and unlinked too (their names are not the cleanup sweep's), not left in /dev/shm.
-        if (segments && !this.live.has(id)) closeSegments(segments, false);
-        if (!this.live.has(id)) unlinkNames(rec.segments);
+        // A failure of this cleanup is logged and counted; it must not stop the start (the next
+        // start's sweep and this loop meet what it left).
+        try {
+          if (segments && !this.live.has(id)) closeSegments(segments, false);
+          if (!this.live.has(id)) unlinkNames(rec.segments);
+        } catch (err) {
+          this.log.error({ session: id, err: (err as Error).message }, "could not remove the segments of a session that is not adopted");
+        }
         this.log.warn({ session: id, err: (e as Error).message }, "dropping a directory entry whose segments are gone or unreadable");
-        await this.directory.delete(id);
+        await this.directory.delete(id).catch((err: Error) => {
+          this.metrics?.directoryFailures.inc({ op: "delete" });
+          this.log.error({ session: id, err: err.message }, "could not delete the directory entry of a session that is not adopted; it is met again at the next start");
+        });
       }
     }
     if (capacityFor) {
