@@ -18,6 +18,7 @@ import { Redis } from "ioredis";
 import { FreeKvClient, SESSION_OWNER_KEY } from "../../packages/client/src/index.js";
 import { ArrivalState, GenerateRequest, MoveSessionRequest, SessionMoveServiceClient, SessionMoveServiceService, type GenerateResponse, type ReceiveSessionRequest } from "../../proto/gen/freekv/v1/compute.js";
 import { KvStoreTransferServiceClient, type ExportSessionResponse, type SessionTransferHeader } from "../../proto/gen/freekv/v1/kvstore.js";
+import { MAX_METADATA_BYTES } from "../../services/kvstore/store.js";
 import { credentials, Server, ServerCredentials } from "@grpc/grpc-js";
 import { prng } from "../helpers/prng.js";
 import { QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, unaryError, type Tiers, redisUp, kvstoreSessions } from "../helpers/services.js";
@@ -259,10 +260,18 @@ describe.skipIf(!up)("moving sessions between two pods", () => {
         (msgs[0].item as { value: SessionTransferHeader }).value.metadata = Buffer.from(text);
         cases.push([`metadata ${text}`, rand() < 0.5 ? msgs : msgs.slice(0, 1), status.INVALID_ARGUMENT]);
       }
+      {
+        // Metadata past the kvstore's import limit is refused by size before it is parsed (a JSON
+        // text of hundreds of MB would hold the event loop for seconds).
+        const msgs = structuredClone(exported.slice(0, 1)) as ReceiveSessionRequest[];
+        (msgs[0].item as { value: SessionTransferHeader }).value.metadata = Buffer.from(`[${"1,".repeat(MAX_METADATA_BYTES / 2)}1]`);
+        cases.push(["metadata past the limit", msgs, status.INVALID_ARGUMENT]);
+      }
       for (const [name, msgs, code] of cases) {
         const e = await receive(msgs);
         expect(e ? `${name}: ${status[e.code]}` : `${name}: OK`, e?.details).toBe(`${name}: ${status[code]}`);
         if (name.startsWith("metadata ")) expect(e?.details).toMatch(/^header\.metadata: /);
+        if (name === "metadata past the limit") expect(e?.details).toMatch(/^header\.metadata: must be at most 33554432 bytes/);
         expect(await kvSessions(b)).toEqual(before);
       }
       // Bytes that do not decode.

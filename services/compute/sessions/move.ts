@@ -64,6 +64,7 @@ import { consume, sendUpstream } from "../../common/streams.js";
 import { checkTenant } from "../auth.js";
 import type { ComputeContext } from "../context.js";
 import { MAX_CHUNK_BYTES, MAX_MOVE_ID_BYTES, MIN_CHUNK_BYTES } from "../../kvstore/transfer.js";
+import { MAX_METADATA_BYTES } from "../../kvstore/store.js";
 import { localSession } from "./owners.js";
 import type { ComputeSession, SessionMetadata } from "./session.js";
 import { checkSessionId } from "../../common/session-id.js";
@@ -433,6 +434,8 @@ export class SessionMover {
     const { ctx } = this;
     checkSessionId(h.sessionId, "header.session_id");
     if (h.moveId !== undefined && Buffer.byteLength(h.moveId) > MAX_MOVE_ID_BYTES) throw invalidArgument("header.move_id", `must be at most ${MAX_MOVE_ID_BYTES} bytes, got ${Buffer.byteLength(h.moveId)}`);
+    // Bounded before it is parsed: this is a client stream, past the per-request byte cap.
+    if (h.metadata.length > MAX_METADATA_BYTES) throw invalidArgument("header.metadata", `must be at most ${MAX_METADATA_BYTES} bytes, got ${h.metadata.length}`);
     let meta: SessionMetadata = { kind: "attention" };
     if (h.metadata.length) {
       let parsed: unknown;
