@@ -60,9 +60,11 @@ const randomTokens = (n: number, rand: () => number) => Array.from({ length: n }
 /**
  * The tokens a session holds after a turn: the previous turn's last token (pending), the prompt,
  * and the completion; the completion's last token stays pending when the call ended normally (a
- * call failed at a commit point had appended every token it streamed).
+ * call failed at a commit point after writing, ABORTED, had appended every token it streamed; one
+ * refused UNAVAILABLE had written nothing).
  */
 function advance(held: number[], pending: number | undefined, prompt: number[], run: Run): { held: number[]; pending: number | undefined } {
+  if (run.error?.code === status.UNAVAILABLE) return { held, pending };
   const next = [...held, ...(pending === undefined ? [] : [pending]), ...prompt];
   if (run.error) return { held: [...next, ...run.tokens], pending: undefined };
   return { held: [...next, ...run.tokens.slice(0, -1)], pending: run.tokens.at(-1) };
@@ -98,15 +100,24 @@ describe("durable commits", () => {
     cleanup.push(() => stopped && tiers.kvstore.child.kill("SIGCONT"));
     const p2 = randomTokens(12, rand);
     const t2 = await generate(client, { sessionId: id, prompt: { $case: "tokens", value: { ids: p2 } }, maxTokens: 40 });
-    if (t2.error) expect(t2.error.code).toBe(status.UNAVAILABLE);
+    const heldBefore2 = st.held.length;
     st = advance(st.held, st.pending, p2, t2);
+    if (t2.error) {
+      // Failed at a commit point after the turn had written into the session: ABORTED, which no
+      // client retries as a call that did nothing, saying how many tokens the session kept.
+      expect(t2.error.code, t2.error.details).toBe(status.ABORTED);
+      expect(t2.error.details).toMatch(/kvstore did not take its pages/);
+      expect(t2.error.details).toContain(`had already written ${st.held.length - heldBefore2} tokens into session`);
+    }
     await waitFor("a counted commit failure", async () => (metricValue(await fetchMetrics(tiers.compute.metricsPort), "freekv_compute_commit_failures_total") ?? 0) >= 1);
 
-    // The session is degraded: a call that appends to it is told so.
+    // The session is degraded: a call that appends to it is told so before it writes anything
+    // (UNAVAILABLE, which clients retry: the retry writes the prompt once).
     const p3 = randomTokens(5, rand);
     const t3 = await generate(client, { sessionId: id, prompt: { $case: "tokens", value: { ids: p3 } }, maxTokens: 10 });
     expect(t3.error?.code).toBe(status.UNAVAILABLE);
     expect(t3.error?.details).toMatch(/kvstore did not take its pages/);
+    expect(t3.tokens).toEqual([]);
     st = advance(st.held, st.pending, p3, t3);
     const { session: during } = await unary<{ session: { contextTokens: number } }>(client, "getSession", { sessionId: id });
     expect(during.contextTokens).toBe(st.held.length);
@@ -125,6 +136,44 @@ describe("durable commits", () => {
     const heldBefore4 = [...st.held, ...(st.pending === undefined ? [] : [st.pending]), ...p4];
     expect(t4.tokens).toEqual(await reference(client, heldBefore4, t4.tokens.length));
     kv.close();
+    client.close();
+  }, 120_000);
+
+  it("a commit that fails during a turn ends it ABORTED, saying how many tokens the session kept; the session then continues exactly", async () => {
+    const tiers: Tiers = await startTiers({ kvstoreEnv: QUIET, computeEnv: { ...QUIET, FREEKV_THREADS: "2", FREEKV_KVSTORE_TIMEOUT_MS: "200" } });
+    cleanup.push(() => tiers.stop());
+    const client = computeClient(tiers.compute.address);
+    const rand = prng(0x5eed04);
+    const { session } = await unary<{ session: { sessionId: string } }>(client, "createSession", { retrieval: R, maxContextTokens: MAX_CONTEXT });
+    const id = session.sessionId;
+    let st = { held: [] as number[], pending: undefined as number | undefined };
+    const p1 = randomTokens(20 + Math.floor(rand() * 20), rand);
+    const t1 = await generate(client, { sessionId: id, prompt: { $case: "tokens", value: { ids: p1 } }, maxTokens: 4 });
+    expect(t1.error).toBeUndefined();
+    st = advance(st.held, st.pending, p1, t1);
+
+    // The kvstore stops while a long turn runs: its pages' commit times out after 200 ms and the
+    // turn's next commit point fails it, long after its prompt went into the session.
+    tiers.kvstore.child.kill("SIGSTOP");
+    let stopped = true;
+    cleanup.push(() => stopped && tiers.kvstore.child.kill("SIGCONT"));
+    const p2 = randomTokens(40, rand);
+    const before = st.held.length;
+    const t2 = await generate(client, { sessionId: id, prompt: { $case: "tokens", value: { ids: p2 } }, maxTokens: MAX_CONTEXT - before - p2.length - 8 });
+    expect(t2.error?.code, t2.error?.details ?? "the turn ended without an error").toBe(status.ABORTED);
+    expect(t2.error?.details).toMatch(/kvstore did not take its pages/);
+    st = advance(st.held, st.pending, p2, t2);
+    expect(t2.error?.details).toContain(`had already written ${st.held.length - before} tokens into session`);
+    const { session: after } = await unary<{ session: { contextTokens: number } }>(client, "getSession", { sessionId: id });
+    expect(after.contextTokens).toBe(st.held.length);
+
+    tiers.kvstore.child.kill("SIGCONT");
+    stopped = false;
+    await waitFor("no degraded session", async () => metricValue(await fetchMetrics(tiers.compute.metricsPort), "freekv_compute_degraded_sessions") === 0);
+    const p3 = randomTokens(6, rand);
+    const t3 = await generate(client, { sessionId: id, prompt: { $case: "tokens", value: { ids: p3 } }, maxTokens: 8 });
+    expect(t3.error).toBeUndefined();
+    expect(t3.tokens).toEqual(await reference(client, [...st.held, ...(st.pending === undefined ? [] : [st.pending]), ...p3], t3.tokens.length));
     client.close();
   }, 120_000);
 

@@ -33,7 +33,7 @@ import { send, WriteStalled } from "../../common/streams.js";
 import { tenantOf } from "../sessions/tenant.js";
 import { localSession } from "../sessions/owners.js";
 import { checkTenant } from "../auth.js";
-import { ServiceError, failedPrecondition, invalidArgument, neverFits, toStatus } from "../../common/errors.js";
+import { ServiceError, failedPrecondition, invalidArgument, neverFits, quoteId, toStatus } from "../../common/errors.js";
 import type { ComputeContext } from "../context.js";
 import type { LoadedModel } from "../model/loader.js";
 import { modelSessionBytes } from "../sessions/footprint.js";
@@ -294,11 +294,14 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
       let gs: GenerationSession | undefined;
       let state: GenerateState | undefined;
       let saved = false; // the turn's metadata went to the kvstore before the final answer
+      let startTokens: number | undefined; // the session's context when the turn began writing
       try {
         release = await s.lock.acquire(signal);
         // Closed meanwhile, or moved to another pod (then the call is redirected there).
         if (s.closed) throw ctx.sessions.goneError(s.id);
-        ctx.sessions.checkLost(s);
+        // Lost (DATA_LOSS), or degraded by a commit the kvstore did not take (UNAVAILABLE): refused
+        // before anything is written, so that a retry of this call writes its prompt once.
+        ctx.sessions.checkCommits(s);
         state = (s.metadata.generate as GenerateState | undefined) ?? {};
         s.metadata.generate = state;
         // An empty named session (CreateSession, then its first Generate) starts like a fresh one:
@@ -309,6 +312,7 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
         // writing past the memory the kvstore committed.
         if (!fresh) await ctx.sessions.reserve(s, turnReach(s, prompt.length, req.maxTokens), signal);
         const session = s;
+        startTokens = s.contextTokens;
         gs = {
           session: s.engineSession,
           contextTokens: s.contextTokens,
@@ -402,7 +406,8 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
         metrics.requests.inc({ finish: final.finishReason });
         call.end();
       } catch (e) {
-        throw e instanceof ModelCallFailed && !fresh ? await diverged(ctx, s, e) : e;
+        if (e instanceof ModelCallFailed && !fresh) throw await diverged(ctx, s, e);
+        throw !fresh && startTokens !== undefined ? writtenThenUnavailable(s.id, e, s.contextTokens - startTokens) : e;
       } finally {
         // The KV cache holds every token but the last sampled one, also after an error or a
         // cancellation between steps: the next request on the session feeds it first.
@@ -470,3 +475,19 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
     return true;
   }
 }
+
+/**
+ * A continued session's turn that failed UNAVAILABLE (a commit the kvstore did not take) after it
+ * had written tokens into the session: ABORTED instead, which no client retries as if nothing had
+ * happened (the retry would write the prompt a second time). The session keeps those tokens and
+ * stays usable; the message says how many and how to go on.
+ */
+function writtenThenUnavailable(id: string, e: unknown, written: number): unknown {
+  if (written <= 0 || !(e instanceof ServiceError) || e.code !== status.UNAVAILABLE) return e;
+  return new ServiceError(
+    status.ABORTED,
+    `${e.message}; this turn had already written ${written} tokens into session ${quoteId(id)}, which keeps them: continue the session (GetSession gives its context) rather than send the turn again`,
+    e.trailers,
+  );
+}
+
