@@ -28,9 +28,27 @@ export function setDirectoryKind(kind: "memory" | "persistent", tag?: string): v
   directoryKind = kind === "memory" ? "m" : `p${tag ?? ""}`;
 }
 
-/** A persistent directory's tag in its segments' names: 12 hex digits of a hash of its URL and key prefix. */
+/**
+ * A persistent directory's tag in its segments' names: 12 hex digits of a hash of the database its
+ * URL names (host, port, database number; not the credentials, the scheme or the options, which
+ * an operator may change between two starts: a rotated password must not hide the segments a
+ * killed kvstore left from the next start's sweep) and its key prefix.
+ */
 export function directoryTag(url: string, prefix: string): string {
-  return createHash("sha256").update(`${url}\0${prefix}`).digest("hex").slice(0, 12);
+  return createHash("sha256").update(`${directoryIdentity(url)}\0${prefix}`).digest("hex").slice(0, 12);
+}
+
+/** "host:port/db" of a redis:// or rediss:// URL (port 6379 and database 0 when left out); another text as it is. */
+export function directoryIdentity(url: string): string {
+  let u: URL;
+  try {
+    u = new URL(url);
+  } catch {
+    return url;
+  }
+  if (u.protocol !== "redis:" && u.protocol !== "rediss:") return url;
+  const db = u.pathname.replace(/^\/+|\/+$/g, "") || "0";
+  return `${u.hostname.toLowerCase()}:${u.port || "6379"}/${db}`;
 }
 
 /**
