@@ -17,7 +17,7 @@ import { GenerateRequest, type ComputeServiceClient, type GenerateResponse } fro
 import { healthCheck } from "../helpers/grpc-probes.js";
 import { AttentionStream, f32Tensor } from "../helpers/attention-stream.js";
 import { prng, randomF32 } from "../helpers/prng.js";
-import { ATTENTION, QUIET, computeClient, fetchMetrics, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
+import { ATTENTION, QUIET, computeClient, fetchMetrics, kvstoreClient, metricValue, startTiers, unary, type Tiers } from "../helpers/services.js";
 
 const canUnshare = spawnSync("unshare", ["-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], { stdio: "ignore" }).status === 0;
 const cleanup: (() => Promise<unknown> | unknown)[] = [];
@@ -90,6 +90,32 @@ describe.skipIf(!canUnshare)("/dev/shm full under the kvstore", () => {
     await unary(client, "createSession", { sessionId: "fits", kind: ATTENTION, geometry: G, retrieval: R, maxContextTokens: 1024 });
     await unary(client, "closeSession", { sessionId: "fits" });
     client.close();
+  }, 120_000);
+
+  it("a reservation that does not fit, committed by threads, gives back every page it had filled", async () => {
+    // FREEKV_KVSTORE_COMMIT_THREADS commits memory by write faults in 64 MiB pieces: the piece that
+    // meets the full tmpfs is filled part-way when it fails, and must go with the rest.
+    const holder = await namespaceWithSmallShm(48);
+    cleanup.push(() => holder.kill("SIGKILL"));
+    const wrap = ["nsenter", "-t", String(holder.pid), "-m", `--wd=${process.cwd()}`, "--"];
+    const used = () => {
+      const r = spawnSync("nsenter", ["-t", String(holder.pid), "-m", "--", "df", "-B1", "--output=used", "/dev/shm"], { encoding: "utf8" });
+      expect(r.status, r.stderr).toBe(0);
+      return Number(r.stdout.trim().split("\n").at(-1));
+    };
+    const threads = 1 + Math.floor(rand() * 3);
+    const tiers: Tiers = await startTiers({ wrap, kvstoreEnv: { ...QUIET, FREEKV_KVSTORE_CAPACITY_BYTES: String(1 << 30), FREEKV_KVSTORE_COMMIT_THREADS: String(threads), FREEKV_KVSTORE_EXTENT_TOKENS: "256" } });
+    cleanup.push(() => tiers.stop());
+    const kv = kvstoreClient(tiers.kvstore.address);
+    await unary(kv, "attachSession", { sessionId: "grows", geometry: G, retrieval: R, maxContextTokens: 8192, reserveTokens: 256 });
+    const before = used();
+    // 8192 tokens of K/V (128 MiB) cannot be committed in 48 MiB.
+    const e = await unary(kv, "reserveContext", { sessionId: "grows", tokens: 8192 }).catch((x: ServiceError) => x);
+    expect((e as ServiceError).code, `threads ${threads}, seed ${seed}`).toBe(status.RESOURCE_EXHAUSTED);
+    expect(used(), `threads ${threads}, seed ${seed}: /dev/shm bytes in use after the refused reservation`).toBe(before);
+    // And the space is there again: a reservation that fits in what is free succeeds.
+    await unary(kv, "reserveContext", { sessionId: "grows", tokens: 1024 });
+    kv.close();
   }, 120_000);
 
   it("commits a tensor exchange when it is opened: /dev/shm filling up afterwards cannot kill compute", async () => {

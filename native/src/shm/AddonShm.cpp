@@ -108,8 +108,10 @@ class AllocateWorker : public Napi::AsyncWorker {
       const auto* se = dynamic_cast<const std::system_error*>(&e);
       errno_ = se ? se->code().value() : 0;
       message_ = e.what();
-      // Without rollback the ranges done stay: they may hold pages written meanwhile.
-      for (size_t i = 0; rollback_ && i < done; ++i) {
+      // Without rollback the ranges done stay: they may hold pages written meanwhile. With it, the
+      // range that failed part-way goes too: populating threads may have filled some of its pieces
+      // (fallocate undoes its own failure, populate does not).
+      for (size_t i = 0; rollback_ && i <= done && i < ranges_.size(); ++i) {
         try {
           seg_->Punch(ranges_[i].first, ranges_[i].second);
         } catch (...) {
