@@ -79,13 +79,32 @@ export async function sendUpstream<T>(stream: ClientWritableStream<T>, msg: T, d
   if (signal?.aborted) throw signal.reason;
 }
 
-/** Takes every message of a client stream through `each`, in order, racing the call's signal (cancel, deadline, drain). */
-export async function consume<T>(call: ServerReadableStream<T, unknown>, signal: AbortSignal, each: (m: T) => Promise<void> | void): Promise<void> {
+/**
+ * Takes every message of a client stream through `each`, in order, racing the call's signal
+ * (cancel, deadline, drain). `idleMs` > 0 (FREEKV_WRITE_STALL_MS): a client that sends nothing for
+ * that long while the stream is open ends the call with DEADLINE_EXCEEDED, so that a peer without a
+ * deadline cannot hold what its stream reserved until its connection drops; the time `each` takes
+ * (this side's own waits) does not count.
+ */
+export async function consume<T>(call: ServerReadableStream<T, unknown>, signal: AbortSignal, each: (m: T) => Promise<void> | void, idleMs = 0): Promise<void> {
   const it = (call as unknown as AsyncIterable<T>)[Symbol.asyncIterator]();
   const aborted = whenAborted(signal);
   aborted.catch(() => {});
+  const ms = Math.min(idleMs, MAX_TIMER_MS);
   for (;;) {
-    const r = await Promise.race([it.next(), aborted]);
+    let timer: NodeJS.Timeout | undefined;
+    const idle =
+      ms > 0
+        ? new Promise<never>((_, reject) => {
+            timer = setTimeout(() => reject(new ServiceError(status.DEADLINE_EXCEEDED, `the client sent nothing for ${ms} ms in the middle of its stream (FREEKV_WRITE_STALL_MS)`)), ms);
+          })
+        : undefined;
+    let r: IteratorResult<T>;
+    try {
+      r = await Promise.race(idle ? [it.next(), aborted, idle] : [it.next(), aborted]);
+    } finally {
+      clearTimeout(timer);
+    }
     if (r.done) return;
     await each(r.value);
     if (signal.aborted) throw signal.reason;

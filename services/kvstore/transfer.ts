@@ -258,7 +258,7 @@ export async function exportSession(
 export interface SessionImportOptions {
   /** Bytes the digest checksums per call (crc32cPiecewise); DIGEST_PIECE_BYTES when left out. */
   digestPieceBytes?: number;
-  /** How long an export waits for a peer that stopped reading (FREEKV_WRITE_STALL_MS; 0 or left out: no limit). */
+  /** How long an export waits for a peer that stopped reading, and an import for one that stopped sending (FREEKV_WRITE_STALL_MS; 0 or left out: no limit). */
   writeStallMs?: number;
 }
 
@@ -435,7 +435,7 @@ export function transferService(store: KvStore, log: Logger, metrics?: TransferM
       const scope = callScope(call);
       const imp = new SessionImport(store, options);
       const t0 = performance.now();
-      consume(call, scope.signal, (m) => imp.take(m))
+      consume(call, scope.signal, (m) => imp.take(m), options.writeStallMs)
         .then(() => imp.finish())
         .then(async (res) => {
           // The caller gave up while the import was verified and published: it is told CANCELLED or

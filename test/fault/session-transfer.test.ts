@@ -41,6 +41,8 @@ function crcRef(chunks: Uint8Array[]): number {
 const G = { layers: 3, queryHeads: 4, kvHeads: 2, headDim: 16, kvDtype: 1 };
 const R = { pageSize: 16, sinkTokens: 16, windowTokens: 32, selectTokens: 32, tau: 0.9, tauSet: true };
 const MAX = 512;
+/** The importing kvstore's FREEKV_WRITE_STALL_MS. */
+const STALL_MS = 1500;
 const env = (extra: Record<string, string> = {}) => ({ env: { ...QUIET, FREEKV_KVSTORE_PORT: "0", FREEKV_KVSTORE_METRICS_PORT: "0", ...extra } });
 
 let a: ServiceProcess | undefined;
@@ -176,7 +178,7 @@ describe("session transfer between kvstores", () => {
   let exported: ExportSessionResponse[];
   beforeAll(async () => {
     a = await startService("kvstore", env());
-    b = await startService("kvstore", env({ FREEKV_KVSTORE_CAPACITY_BYTES: String(8 << 20) }));
+    b = await startService("kvstore", env({ FREEKV_KVSTORE_CAPACITY_BYTES: String(8 << 20), FREEKV_WRITE_STALL_MS: String(STALL_MS) }));
     src = await makeSource(`moved-${Math.floor(rand() * 1e9)}`, rand);
     exported = await exportAll(a.address, src.id, 4096);
   }, 60_000);
@@ -250,6 +252,20 @@ describe("session transfer between kvstores", () => {
     await nothingLeft(baseline, segments, src.id);
     const early = await importAll(b!.address, exported.slice(0, -1) as ImportSessionRequest[]);
     expect(isErr(early) && early.code).toBe(status.INVALID_ARGUMENT);
+    await nothingLeft(baseline, segments, src.id);
+  });
+
+  it("ends an import whose sender stops sending in the middle (no deadline of its own) after FREEKV_WRITE_STALL_MS, leaving nothing", async () => {
+    const baseline = await stats(b!.address);
+    const segments = shmSegments();
+    const part = exported.slice(0, 1 + Math.floor(rand() * (exported.length - 2))) as ImportSessionRequest[];
+    const t0 = Date.now();
+    const stalled = await importAll(b!.address, part, { end: false });
+    const ms = Date.now() - t0;
+    expect(isErr(stalled) && stalled.code, isErr(stalled) ? stalled.details : "answered").toBe(status.DEADLINE_EXCEEDED);
+    expect(isErr(stalled) && stalled.details).toMatch(new RegExp(`sent nothing for ${STALL_MS} ms`));
+    expect(ms).toBeGreaterThanOrEqual(STALL_MS - 50);
+    expect(ms).toBeLessThan(15_000); // the call's own deadline is 20 s
     await nothingLeft(baseline, segments, src.id);
   });
 

@@ -379,7 +379,7 @@ export class SessionMover {
           // The kvstore answered while this message waited for room: its status, as it gave it.
           throw relayed(e, "this pod's kvstore (import)");
         }
-      });
+      }, ctx.config.FREEKV_WRITE_STALL_MS);
       if (!header || !kv) throw invalidArgument("header", "the stream ended without one");
       kv.stream.end();
       let imported;
