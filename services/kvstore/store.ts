@@ -432,7 +432,9 @@ export class KvStore implements ScrubHost {
     this.usedBytes += l.bytes;
     this.updateGauges();
     try {
-      for (const k of ["staging", "tail", "manifest"] as const) segments[k].allocate(0, segments[k].size);
+      // Off the event loop too: their sizes follow the client's geometry (the tail is a page a
+      // layer, gigabytes for large but valid shapes), and fallocate on tmpfs takes that long.
+      for (const k of ["staging", "tail", "manifest"] as const) await segments[k].allocateAsync([[0, segments[k].size]], 0);
       const ranges = storeRanges(layout, record.geometry.layers, l.reservedPages);
       if (callerCommits) this.commitInBackground(l, ranges);
       else await segments.store.allocateAsync(offsetLengths(ranges), this.commitThreads);
