@@ -84,15 +84,14 @@ export class UnreadableRecordError extends Error {
 }
 
 const isObject = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
+/** What a segment name in a record must look like (the native module's rule for shm_open names). */
+const SEGMENT_NAME_RE = /^\/[^/\0]{1,249}$/;
 const isCount = (v: unknown): v is number => typeof v === "number" && Number.isSafeInteger(v) && v >= 0;
 
 /**
  * The record stored for `id`, checked field by field before anything uses it (an adoption maps
  * the segments it names and counts the bytes it gives): UnreadableRecordError saying what is wrong.
  */
-/** What a segment name in a record must look like (the native module's rule for shm_open names). */
-const SEGMENT_NAME_RE = /^\/[^/\0]{1,249}$/;
-
 function decode(id: string, s: string): SessionRecord {
   let o: unknown;
   try {

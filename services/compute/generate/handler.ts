@@ -38,6 +38,7 @@ import type { ComputeContext } from "../context.js";
 import type { LoadedModel } from "../model/loader.js";
 import { modelSessionBytes } from "../sessions/footprint.js";
 import type { ComputeSession } from "../sessions/session.js";
+import { CommitFailed } from "../sessions/manager.js";
 import { SHORT_OF_MEMORY, type Admitted } from "./admission.js";
 import { generateMetrics } from "./metrics.js";
 import { stopProblem } from "./stop.js";
@@ -483,7 +484,8 @@ export function generateHandler(ctx: ComputeContext): handleServerStreamingCall<
  * stays usable; the message says how many and how to go on.
  */
 function writtenThenUnavailable(id: string, e: unknown, written: number): unknown {
-  if (written <= 0 || !(e instanceof ServiceError) || e.code !== status.UNAVAILABLE) return e;
+  // Only a commit's failure: a drain's UNAVAILABLE keeps its meaning (README, "SIGTERM drains").
+  if (written <= 0 || !(e instanceof CommitFailed) || e.code !== status.UNAVAILABLE) return e;
   return new ServiceError(
     status.ABORTED,
     `${e.message}; this turn had already written ${written} tokens into session ${quoteId(id)}, which keeps them: continue the session (GetSession gives its context) rather than send the turn again`,

@@ -77,6 +77,9 @@ interface DetachTimes {
   teardownWaitMs?: number;
 }
 
+/** A commit the kvstore did not take (or that could not be prepared): the error a degraded session's calls get. */
+export class CommitFailed extends ServiceError {}
+
 export class SessionManager {
   /**
    * The CUDA engine commits each range of a session's store itself (MADV_POPULATE_WRITE, which
@@ -709,7 +712,7 @@ export class SessionManager {
       // Preparing the commit failed here (not at the kvstore): the session is degraded, its calls
       // are told, and the process keeps serving every other session.
       const why = (e as Error).message;
-      s.commitError = new ServiceError(status.INTERNAL, `session ${quoteId(s.id)}: its pages could not be prepared for commit (${why})`);
+      s.commitError = new CommitFailed(status.INTERNAL, `session ${quoteId(s.id)}: its pages could not be prepared for commit (${why})`);
       s.commitFailures++;
       this.opts.onCommitFailure?.();
       this.opts.log.error({ session: s.id, err: why }, "preparing a commit failed; the session is degraded");
@@ -741,7 +744,7 @@ export class SessionManager {
       return;
     }
     const transport = err.code === undefined || err.code === status.UNAVAILABLE || err.code === status.DEADLINE_EXCEEDED || err.code === status.CANCELLED;
-    s.commitError = new ServiceError(
+    s.commitError = new CommitFailed(
       transport ? status.UNAVAILABLE : status.INTERNAL,
       `session ${quoteId(s.id)}: the kvstore did not take its pages (${why}); they are kept and committed again once it does`,
     );
