@@ -56,8 +56,7 @@ fi
 
 if [ "$runner_s" != 0 ]; then
   # The floors at this run's measured HBM copy bandwidth (the runner's default when the program did not run).
-  hbm=$($py -c 'import json,sys; print(json.load(open(sys.argv[1]))["ceilings"]["d2d_copy_GBps_read_plus_write"])' \
-    "$out/bench.json" 2>/dev/null || echo 4290)
+  hbm=$(bash bench/gpu/hbm-rate.sh "$out/bench.json" || echo 4290)
   # shellcheck disable=SC2086  # runner_args is a list of flags
   OUT=$out bash scripts/gpu/runner-bench.sh --timeout-s "$runner_s" --hbm-gbps "$hbm" $runner_args
   echo "[run] runner-bench exit $?"

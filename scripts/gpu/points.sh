@@ -19,7 +19,7 @@ echo "bench rc=$? at $((SECONDS-t0))s" >> $S
 grep -a -E 'gather|residency diff|H2D|D2H' $R/bench.txt | cut -c1-150 | head -16 >> $S
 # The runners' HBM floors at this machine's measured copy bandwidth (as bench/gpu/run.sh does), else
 # at runner-bench's default (the H200's), said so.
-hbm=$(node -e 'try { const c = require(process.argv[1]).ceilings.d2d_copy_GBps_read_plus_write; if (!(c > 0)) throw 0; process.stdout.write(String(c)); } catch { process.exit(1); }' "$R/bench/bench.json" 2>/dev/null) \
+hbm=$(bash bench/gpu/hbm-rate.sh "$R/bench/bench.json") \
   && echo "floors at the measured HBM copy rate, $hbm GB/s" >> $S \
   || { hbm=4290; echo "floors at $hbm GB/s (runner-bench's default; no measured copy rate)" >> $S; }
 for spec in "$@"; do

@@ -5,7 +5,7 @@
  * said so, every point's step line must reach the summary, and the archive must hold each
  * process's own JSON. (The benchmark's sections need a GPU: here their failure must be reported.)
  */
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
@@ -16,6 +16,22 @@ const dir = mkdtempSync(join(tmpdir(), "freekv-points-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 describe("the GPU points script", () => {
+  it("takes the floors' HBM rate from the kernel program's JSON, and says when there is none", () => {
+    const dir2 = mkdtempSync(join(tmpdir(), "freekv-hbm-"));
+    try {
+      const rate = 1000 + Math.floor(Math.random() * 4000) + 0.25;
+      const f = join(dir2, "bench.json");
+      writeFileSync(f, JSON.stringify({ ceilings: { d2d_copy_GBps_read_plus_write: rate } }));
+      const ok = spawnSync("bash", ["bench/gpu/hbm-rate.sh", f], { cwd: root, encoding: "utf8" });
+      expect([ok.status, ok.stdout]).toEqual([0, String(rate)]);
+      writeFileSync(f, JSON.stringify({ ceilings: {} }));
+      expect(spawnSync("bash", ["bench/gpu/hbm-rate.sh", f], { cwd: root, encoding: "utf8" }).status).toBe(1);
+      expect(spawnSync("bash", ["bench/gpu/hbm-rate.sh", join(dir2, "missing.json")], { cwd: root, encoding: "utf8" }).status).toBe(1);
+    } finally {
+      rmSync(dir2, { recursive: true, force: true });
+    }
+  });
+
   it("runs one runner a point, skips what its time does not allow and archives each run's JSON", { timeout: 240_000 }, () => {
     const out = join(dir, "out");
     const runner = `--backend cpu --shape small --dir ${join(dir, "model")} --points 1:1024 --modes freekv --warmup 2`;

@@ -13,7 +13,7 @@ import { describe, expect, it } from "vitest";
 const ROOT = join(import.meta.dirname, "..", "..");
 const TOP = ["bench", "native", "scripts", "services", "tools", "test", "deploy", "proto", "models", "packages"];
 
-/** The repository paths named in a Markdown text: code spans that start with a top-level folder, without a `:line` or `#anchor` tail; spans with patterns or placeholders are left out. */
+/** The repository paths named in a Markdown text: code spans that start with a top-level folder, without a `:line` or `#anchor` tail; spans holding a pattern (`*`) or a `<name>` to fill in are left out. */
 export function namedPaths(markdown: string): string[] {
   const out = new Set<string>();
   for (const m of markdown.matchAll(/`([^`\s]+)`/g)) {
